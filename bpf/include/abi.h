@@ -1,0 +1,173 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The kernel/user ABI of ebpfsvc: every struct that lives in a BPF map and is
+ * read or written from Python is defined here, once.
+ *
+ * Python gets the same layout two ways and a test (tests/bpf/test_abi.py)
+ * checks they agree: cffi parses this file (ebpfsvc/abi.py), and bcc builds
+ * ctypes Key/Leaf types from the compiled program.  Nothing is copied by hand.
+ *
+ * Rules for this file:
+ *  - plain fixed-width types only (__u8.. __u64, __be16, __be32), no pointers;
+ *  - explicit padding, so no compiler ever inserts its own;
+ *  - IPv4 structs are named lb4_* / ct4_*; IPv6 twins (lb6_* / ct6_*) will sit
+ *    beside them with the same field order, as in Cilium.
+ *
+ * The preprocessor lines are kept to #ifndef/#define/#endif of constants so that
+ * ebpfsvc/abi.py can read them without a C preprocessor.
+ */
+#ifndef EBPFSVC_ABI_H
+#define EBPFSVC_ABI_H
+
+/* ---- Limits: the loader overrides these with -D, so map sizes are config. ---- */
+#ifndef LB_FRONTENDS_MAX
+#define LB_FRONTENDS_MAX 65536        /* (address, port, proto, scope) entries */
+#endif
+#ifndef LB_SERVICES_MAX
+#define LB_SERVICES_MAX 65536         /* service ports (namespace/name:port) */
+#endif
+#ifndef LB_BACKENDS_MAX
+#define LB_BACKENDS_MAX 65536         /* distinct (address, port, proto) backends */
+#endif
+#ifndef LB_MAGLEV_SLOTS_MAX
+#define LB_MAGLEV_SLOTS_MAX 4194304   /* all Maglev tables together, in slots */
+#endif
+#ifndef CT_ENTRIES_MAX
+#define CT_ENTRIES_MAX 262144         /* LRU: tracked flows, two entries each */
+#endif
+#ifndef AFFINITY_ENTRIES_MAX
+#define AFFINITY_ENTRIES_MAX 65536    /* LRU: (service, client) session affinity */
+#endif
+#ifndef FRAG_ENTRIES_MAX
+#define FRAG_ENTRIES_MAX 8192         /* LRU: datagrams whose first fragment was seen */
+#endif
+
+/* ---- Frontend scope: which side of the node a packet came from. ---- */
+#define LB_SCOPE_EXTERNAL 0   /* entered from outside the cluster (externalTrafficPolicy) */
+#define LB_SCOPE_INTERNAL 1   /* sent by a pod on this node (internalTrafficPolicy) */
+
+/* ---- lb4_service.flags ---- */
+#define LB_SVC_F_AFFINITY   0x0001  /* sessionAffinity=ClientIP */
+#define LB_SVC_F_RANDOM     0x0002  /* backend by random slot, not by 5-tuple hash */
+#define LB_SVC_F_LOCAL_ONLY 0x0004  /* traffic policy Local: drop, don't reject, when empty */
+#define LB_SVC_F_NODEPORT   0x0008  /* frontend is NodeIP:nodePort */
+#define LB_SVC_F_EXTERNAL_IP 0x0010 /* frontend is a spec.externalIPs address */
+#define LB_SVC_F_LOADBALANCER 0x0020 /* frontend is a status.loadBalancer.ingress address */
+
+/* ---- lb4_backend.flags ---- */
+#define LB_BE_F_TERMINATING 0x01    /* serving but terminating: keeps flows, gets no new ones */
+#define LB_BE_F_LOCAL       0x02    /* runs on this node */
+
+/* ---- ct4_key.dir ---- */
+#define CT_DIR_FORWARD 0      /* client -> frontend, as the client sent it */
+#define CT_DIR_REPLY   1      /* backend -> client, as the backend sends it */
+
+/* ---- ct4_entry.flags ---- */
+#define CT_F_SEEN_SYN      0x01
+#define CT_F_SEEN_FIN_FWD  0x02
+#define CT_F_SEEN_FIN_REV  0x04
+#define CT_F_SEEN_RST      0x08
+#define CT_F_ESTABLISHED   0x10   /* a packet was seen in the reply direction */
+
+/* ---- Drop and verdict counters: index into lb_drops / metrics label. ---- */
+#define REASON_NO_BACKEND        0  /* frontend with no usable backend: rejected (RST / ICMP) */
+#define REASON_BACKEND_GONE      1  /* tracked TCP flow whose backend was removed: reset */
+#define REASON_MALFORMED         2  /* truncated or inconsistent L3/L4 header */
+#define REASON_FRAG_UNTRACKED    3  /* non-first fragment of a datagram whose first was not seen */
+#define REASON_NO_LOCAL_BACKEND  4  /* traffic policy Local and no backend on this node */
+#define REASON_SOURCE_RANGE      5  /* loadBalancerSourceRanges refused the client */
+#define REASON_CT_CREATE_FAILED  6  /* conntrack insert failed: fail closed */
+#define REASON_MAX               8
+
+/* Frontend: what a packet's destination is matched against. */
+struct lb4_key {
+	__be32 address;        /* ClusterIP, node IP, externalIP or LB ingress IP */
+	__be16 port;           /* service port, or nodePort */
+	__u8   proto;          /* IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP */
+	__u8   scope;          /* LB_SCOPE_* */
+};
+
+/* What a frontend resolves to. Written whole by the control plane; the Maglev
+ * range is switched by writing a new range first, then this entry. */
+struct lb4_service {
+	__u32 service_id;       /* service port id: affinity key and lb_service_names key */
+	__u32 frontend_id;      /* index into lb_frontend_stats */
+	__u32 maglev_offset;    /* first slot of this frontend's table in lb_maglev */
+	__u32 maglev_size;      /* prime table size M; 0 when backend_count is 0 */
+	__u32 backend_count;    /* usable backends behind the table */
+	__u32 affinity_timeout; /* sessionAffinityConfig.clientIP.timeoutSeconds; 0 = off */
+	__u16 flags;            /* LB_SVC_F_* */
+	__u16 pad0;
+	__u32 pad1;
+};
+
+/* A backend (endpoint address + target port), keyed by backend id (__u32). */
+struct lb4_backend {
+	__be32 address;         /* endpoint address */
+	__be16 port;            /* resolved targetPort */
+	__u8   proto;
+	__u8   flags;           /* LB_BE_F_* */
+};
+
+/* Name of a service port, for inspection and for stable ids across restarts;
+ * keyed by service id (__u32). */
+struct lb_service_name {
+	char name[128];         /* "namespace/name:portname" (portname may be empty) */
+};
+
+/* Conntrack key: the 5-tuple as seen on the wire in one direction. */
+struct ct4_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8   proto;
+	__u8   dir;             /* CT_DIR_* */
+	__u16  pad0;
+};
+
+/* Conntrack entry. The forward entry remembers the backend; the reply entry
+ * remembers the frontend to restore as the reply's source. */
+struct ct4_entry {
+	__u64  last_seen_ns;    /* bpf_ktime_get_ns() of the last packet either way */
+	__u32  backend_id;      /* forward: chosen backend; reply: the same backend */
+	__u32  service_id;
+	__be32 frontend_addr;   /* reply: address to restore as source (the VIP) */
+	__be16 frontend_port;   /* reply: port to restore as source */
+	__u8   flags;           /* CT_F_* */
+	__u8   pad0;
+};
+
+/* Session affinity: one entry per (service port, client address). */
+struct lb4_affinity_key {
+	__be32 client_addr;
+	__u32  service_id;
+};
+
+struct lb_affinity_val {
+	__u64 last_used_ns;     /* refreshed on every new flow; entry stale after the timeout */
+	__u32 backend_id;
+	__u32 pad0;
+};
+
+/* Fragment tracking: ports of a datagram, from its first fragment. */
+struct frag4_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8   proto;
+	__u8   pad0;
+};
+
+struct frag4_ports {
+	__be16 sport;
+	__be16 dport;
+};
+
+/* Per-CPU traffic counters (per frontend id, per backend id). */
+struct lb_traffic {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif /* EBPFSVC_ABI_H */

@@ -1,0 +1,22 @@
+"""The `ebpfsvc` command: one click group; each concern adds its own subcommands."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from ebpfsvc import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ebpfsvc")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """eBPF Kubernetes Service data plane: a kube-proxy replacement."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    main()

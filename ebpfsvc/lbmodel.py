@@ -1,0 +1,145 @@
+"""The load-balancer state the datapath serves, in names rather than map ids.
+
+This is the contract between the control plane and the map writer:
+
+    Services + EndpointSlices --(ebpfsvc.desired, pure)--> LBState --(ebpfsvc.datapath.writer)--> BPF maps
+
+An LBState says, for every frontend (address, port, protocol, scope) this node
+must answer, which backends are usable *after* every Kubernetes rule was applied
+(traffic policies, endpoint conditions, topology hints), how to choose among
+them and how long client affinity lasts.  It knows nothing of map ids, Maglev
+slots or byte layouts: the writer derives those, so this stays easy to build in
+unit tests and to compare.
+
+All types are frozen and hashable, so two states compare with ==, and diffs are
+set operations.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+
+class Protocol(str, enum.Enum):
+    """L4 protocols a Service port may use (v1 ServicePort.protocol)."""
+
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+    @property
+    def number(self) -> int:
+        """IANA protocol number, as in the IP header."""
+        return {"TCP": 6, "UDP": 17, "SCTP": 132}[self.value]
+
+
+class Scope(enum.IntEnum):
+    """Which side of the node a packet came from (bpf/include/abi.h LB_SCOPE_*).
+
+    A Service with a Local traffic policy has different backend sets for traffic
+    from pods on this node (internalTrafficPolicy) and traffic from outside
+    (externalTrafficPolicy), so each address:port can have one frontend per scope.
+    """
+
+    EXTERNAL = 0
+    INTERNAL = 1
+
+
+class Algorithm(str, enum.Enum):
+    """How a new flow picks a backend."""
+
+    MAGLEV = "maglev"   # consistent hash of the 5-tuple over the Maglev table
+    RANDOM = "random"   # a random slot of the same table (kube-proxy's iptables behaviour)
+
+
+class FrontendKind(str, enum.Enum):
+    """Where a frontend address comes from in the Service object."""
+
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    EXTERNAL_IP = "ExternalIP"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+@dataclass(frozen=True, order=True)
+class ServicePortName:
+    """One port of one Service: the unit that owns a backend set (kube-proxy's ServicePortName)."""
+
+    namespace: str
+    name: str
+    port: str = ""          # the ServicePort's name; "" for a single unnamed port
+    protocol: Protocol = Protocol.TCP
+
+    def __str__(self) -> str:
+        base = f"{self.namespace}/{self.name}"
+        return f"{base}:{self.port}" if self.port else base
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    """One endpoint address with its resolved target port.
+
+    `terminating` backends keep their established flows but get no new ones
+    unless no other backend is left (kube-proxy's terminating fallback, decided
+    upstream: a terminating backend in an LBState is meant to be used).
+    """
+
+    address: ipaddress.IPv4Address
+    port: int
+    protocol: Protocol = Protocol.TCP
+    terminating: bool = False
+    local: bool = False     # the endpoint runs on this node
+    node: str = ""          # endpoint nodeName, for display
+    zone: str = ""
+
+    @property
+    def name(self) -> str:
+        """Stable name Maglev sorts and hashes by, so every node builds the same table."""
+        return f"{self.address}:{self.port}/{self.protocol.value}"
+
+
+@dataclass(frozen=True, order=True)
+class FrontendKey:
+    """What a packet's destination is matched against (struct lb4_key)."""
+
+    address: ipaddress.IPv4Address
+    port: int
+    protocol: Protocol = Protocol.TCP
+    scope: Scope = Scope.INTERNAL
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """A frontend and everything the datapath needs to serve it (struct lb4_service)."""
+
+    key: FrontendKey
+    service: ServicePortName
+    kind: FrontendKind = FrontendKind.CLUSTER_IP
+    backends: tuple[Backend, ...] = ()       # usable backends; empty = reject new flows
+    algorithm: Algorithm = Algorithm.MAGLEV
+    affinity_timeout: int = 0                # seconds; 0 = sessionAffinity None
+    local_only: bool = False                 # traffic policy Local: drop, don't reject, when empty
+    source_ranges: tuple[ipaddress.IPv4Network, ...] = ()  # loadBalancerSourceRanges; () = all
+    app_protocol: str = ""                   # carried through for display
+
+
+@dataclass(frozen=True)
+class LBState:
+    """Every frontend this node serves. The writer makes the maps equal to this."""
+
+    frontends: dict[FrontendKey, Frontend] = field(default_factory=dict)
+
+    def __hash__(self) -> int:  # dict field: hash by content, for caching
+        return hash(frozenset(self.frontends.items()))
+
+    @classmethod
+    def of(cls, frontends) -> "LBState":
+        """Build a state from an iterable of Frontend; a repeated key is a bug upstream."""
+        out: dict[FrontendKey, Frontend] = {}
+        for fe in frontends:
+            if fe.key in out:
+                raise ValueError(f"duplicate frontend {fe.key} ({fe.service} and {out[fe.key].service})")
+            out[fe.key] = fe
+        return cls(out)
