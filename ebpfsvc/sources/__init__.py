@@ -1,0 +1,1 @@
+"""Where Kubernetes objects come from: the API server (kube.py) or a manifest directory (manifests.py)."""
