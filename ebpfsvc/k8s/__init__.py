@@ -1,0 +1,23 @@
+"""Kubernetes API objects as validated, frozen dataclasses: only what the data plane uses.
+
+    fields.py         path-aware field reading, Invalid / Problem (every error names its field)
+    service.py        v1 Service
+    endpointslice.py  discovery.k8s.io/v1 EndpointSlice
+    endpoints.py      v1 Endpoints, converted to the EndpointSlice form (manual Endpoints)
+    node.py           v1 Node (zone, addresses)
+    endpointmerge.py  all slices of a Service -> endpoints per ServicePortName (endpointslicecache)
+    topology.py       which endpoints this node uses (conditions, traffic policy, zone hints)
+"""
+
+from ebpfsvc.k8s.endpointmerge import Endpoint, merge_endpoint_slices
+from ebpfsvc.k8s.endpoints import Endpoints, parse_endpoints
+from ebpfsvc.k8s.endpointslice import EndpointPort, EndpointSlice, SliceEndpoint, parse_endpoint_slice
+from ebpfsvc.k8s.fields import Invalid, Problem
+from ebpfsvc.k8s.node import Node, parse_node
+from ebpfsvc.k8s.service import Service, ServicePort, ServiceType, TrafficPolicy, parse_service
+
+__all__ = [
+    "Endpoint", "EndpointPort", "EndpointSlice", "Endpoints", "Invalid", "Node", "Problem", "Service",
+    "ServicePort", "ServiceType", "SliceEndpoint", "TrafficPolicy", "merge_endpoint_slices",
+    "parse_endpoint_slice", "parse_endpoints", "parse_node", "parse_service",
+]

@@ -1,0 +1,59 @@
+"""Merge every EndpointSlice of a Service into one endpoint list per service port.
+
+The model is kube-proxy's endpointslicecache: a Service's endpoints are spread
+over many slices (100 endpoints each, plus overlap while the controller moves
+endpoints between slices), and each slice carries, per Service port *name*,
+the port number its endpoints listen on (that is where a named targetPort is
+resolved).  So endpoints are grouped by ServicePortName (service, port name,
+protocol), each with the port number of its own slice, and an address that
+appears in two slices counts once: a ready copy wins over a not-ready one,
+otherwise the first slice by name, so the result does not depend on event order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable
+
+from ebpfsvc.k8s.endpointslice import EndpointSlice
+from ebpfsvc.lbmodel import ServicePortName
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One endpoint of one service port, with its resolved port (kube-proxy's Endpoint)."""
+
+    address: ipaddress.IPv4Address
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+    zone: str = ""
+    zone_hints: frozenset[str] = frozenset()
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (int(self.address), self.port)
+
+
+def merge_endpoint_slices(namespace: str, service_name: str,
+                          slices: Iterable[EndpointSlice]) -> dict[ServicePortName, tuple[Endpoint, ...]]:
+    """Endpoints per ServicePortName of one Service, deduplicated and sorted by (address, port)."""
+    merged: dict[ServicePortName, dict[tuple, Endpoint]] = {}
+    for sl in sorted(slices, key=lambda s: s.name):
+        if sl.address_type != "IPv4":
+            continue
+        for port in sl.ports:
+            if port.port is None:
+                continue        # "all ports" is not something a Service can forward to; kube-proxy skips it too
+            spn = ServicePortName(namespace, service_name, port.name, port.protocol)
+            by_addr = merged.setdefault(spn, {})
+            for ep in sl.endpoints:
+                key = (ep.address, port.port)
+                if key in by_addr and (by_addr[key].ready or not ep.ready):
+                    continue
+                by_addr[key] = Endpoint(ep.address, port.port, ep.ready, ep.serving, ep.terminating,
+                                        ep.node_name, ep.zone, ep.zone_hints)
+    return {spn: tuple(sorted(eps.values(), key=lambda e: e.sort_key)) for spn, eps in merged.items()}

@@ -1,0 +1,58 @@
+"""v1 Endpoints -> the same EndpointSlice form, for selectorless Services with manual Endpoints.
+
+Kubernetes mirrors a hand-written Endpoints object into EndpointSlices (the
+EndpointSliceMirroring controller): one slice per subset, `addresses` ready,
+`notReadyAddresses` not ready.  We do the same conversion ourselves, so manual
+Endpoints work even from a manifest directory or a cluster with mirroring off,
+and everything downstream sees one endpoint form.  When a Service has real
+EndpointSlices too, those win (the tracker decides; see ClusterState).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ebpfsvc.k8s.endpointslice import (MAX_ENDPOINTS, MAX_PORTS, EndpointSlice, SliceEndpoint,
+                                       parse_endpoint_port)
+from ebpfsvc.k8s.fields import Fields, Invalid, parse_ipv4, read_meta
+
+MAX_SUBSETS = 100
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    namespace: str
+    name: str                                # = the Service's name
+    slices: tuple[EndpointSlice, ...] = ()   # one per subset, as the mirroring controller makes them
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+def parse_endpoints(obj: dict) -> Endpoints:
+    """Validate a v1 Endpoints; raises Invalid naming the first bad field."""
+    top, meta = read_meta(obj, "Endpoints", ("v1",))
+    slices = []
+    total = 0
+    for i, subset in enumerate(top.objects("subsets", MAX_SUBSETS)):
+        ports = tuple(parse_endpoint_port(p) for p in subset.objects("ports", MAX_PORTS))
+        endpoints = []
+        for field, ready in (("addresses", True), ("notReadyAddresses", False)):
+            for addr in subset.objects(field, MAX_ENDPOINTS):
+                endpoints.append(_endpoint(addr, ready))
+        total += len(endpoints)
+        if total > MAX_ENDPOINTS:
+            raise Invalid("subsets", f"hold more than {MAX_ENDPOINTS} addresses")
+        slices.append(EndpointSlice(meta.namespace, f"{meta.name}/subsets[{i}]", meta.name, "IPv4",
+                                    ports, tuple(endpoints)))
+    return Endpoints(meta.namespace, meta.name, tuple(slices))
+
+
+def _endpoint(addr: Fields, ready: bool) -> SliceEndpoint:
+    ip = addr.raw("ip")
+    if ip is None:
+        raise Invalid(f"{addr.path}.ip", "is required")
+    # notReadyAddresses are neither ready nor serving: v1 Endpoints cannot say "terminating".
+    return SliceEndpoint(address=parse_ipv4(ip, f"{addr.path}.ip"), ready=ready, serving=ready,
+                         terminating=False, node_name=addr.str("nodeName"), hostname=addr.str("hostname"))

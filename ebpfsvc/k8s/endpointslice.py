@@ -1,0 +1,117 @@
+"""discovery.k8s.io/v1 EndpointSlice -> a validated, frozen EndpointSlice.
+
+EndpointSlices are where Kubernetes resolves a Service's targetPort: the
+EndpointSlice controller writes, per Service port name, the port number the
+selected Pods really listen on.  So a slice's ports are authoritative for its
+endpoints, exactly as in kube-proxy.
+
+Only IPv4 slices are read: this data plane is IPv4-only, so IPv6 and FQDN
+slices are kept as empty placeholders (valid, just nothing to program), not
+reported as errors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ebpfsvc.k8s.fields import Fields, Invalid, read_meta, parse_ipv4
+from ebpfsvc.lbmodel import Protocol
+
+LABEL_SERVICE_NAME = "kubernetes.io/service-name"
+MAX_ENDPOINTS = 1000      # the API allows 1000 per slice; the controller writes at most 100
+MAX_PORTS = 100           # the API's limit per slice
+MAX_ADDRESSES = 100
+MAX_ZONE_HINTS = 8        # the API's limit on hints.forZones
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    name: str                   # matches a ServicePort's name
+    protocol: Protocol
+    port: int | None            # None: the API allows it, kube-proxy ignores such ports
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
+class SliceEndpoint:
+    """One endpoint of a slice, with its conditions decoded as the API defines them."""
+
+    address: ipaddress.IPv4Address   # addresses[0]: the API says consumers use the first
+    ready: bool = True               # unset = ready
+    serving: bool = True             # unset = serving (discovery/v1)
+    terminating: bool = False        # unset = not terminating
+    node_name: str = ""
+    zone: str = ""
+    zone_hints: frozenset[str] = frozenset()
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service_name: str               # label kubernetes.io/service-name; "" = belongs to no Service
+    address_type: str = "IPv4"
+    ports: tuple[EndpointPort, ...] = ()
+    endpoints: tuple[SliceEndpoint, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def service_key(self) -> tuple[str, str] | None:
+        return (self.namespace, self.service_name) if self.service_name else None
+
+
+def parse_endpoint_slice(obj: dict) -> EndpointSlice:
+    """Validate an EndpointSlice; raises Invalid naming the first bad field."""
+    top, meta = read_meta(obj, "EndpointSlice", ("discovery.k8s.io/v1",))
+    address_type = top.str("addressType", "", ("IPv4", "IPv6", "FQDN"))
+    if not address_type:
+        raise Invalid("addressType", "is required")
+    service_name = meta.labels.get(LABEL_SERVICE_NAME, "")
+    if address_type != "IPv4":
+        return EndpointSlice(meta.namespace, meta.name, service_name, address_type)
+    ports = tuple(parse_endpoint_port(p) for p in top.objects("ports", MAX_PORTS))
+    _check_unique_ports(ports, "ports")
+    endpoints = tuple(_endpoint(e) for e in top.objects("endpoints", MAX_ENDPOINTS))
+    return EndpointSlice(meta.namespace, meta.name, service_name, address_type, ports, endpoints)
+
+
+def parse_endpoint_port(p: Fields) -> EndpointPort:
+    """A port of an EndpointSlice or of a v1 Endpoints subset (same shape)."""
+    protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
+    return EndpointPort(p.str("name"), protocol, p.int("port", 1, 65535), p.str("appProtocol"))
+
+
+def _check_unique_ports(ports: tuple[EndpointPort, ...], path: str) -> None:
+    seen = set()
+    for i, port in enumerate(ports):
+        if (port.name, port.protocol) in seen:
+            raise Invalid(f"{path}[{i}].name", f"{port.name!r}/{port.protocol.value} appears twice")
+        seen.add((port.name, port.protocol))
+
+
+def _endpoint(e: Fields) -> SliceEndpoint:
+    addresses = e.list("addresses", MAX_ADDRESSES)
+    if not addresses:
+        raise Invalid(f"{e.path}.addresses", "needs at least one address")
+    path, first = addresses[0]
+    address = parse_ipv4(first, path)
+    for path, other in addresses[1:]:
+        parse_ipv4(other, path)
+    cond = e.obj("conditions")
+    ready = cond.bool("ready", True)
+    hints = frozenset(z.str("name") for z in e.obj("hints").objects("forZones", MAX_ZONE_HINTS)) - {""}
+    return SliceEndpoint(
+        address=address,
+        ready=ready,
+        serving=cond.bool("serving", True),
+        terminating=cond.bool("terminating", False),
+        node_name=e.str("nodeName"),
+        zone=e.str("zone"),
+        zone_hints=hints,
+        hostname=e.str("hostname"),
+    )

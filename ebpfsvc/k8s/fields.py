@@ -1,0 +1,203 @@
+"""Typed, path-aware reading of raw API objects, so every validation error names its field.
+
+The API server never stores an object that fails its own validation, but our
+objects also come from hand-written manifests, where `port: "80"` or
+`protocol: http` are ordinary typos.  Every parser in this package reads its
+object through `Fields`, which knows the path it is at (`spec.ports[1]`), so an
+error says exactly where the bad value is:
+
+    Service default/web: spec.ports[1].port: 70000 is out of range 1-65535
+
+A parser raises `Invalid` at the first bad field; the tracker turns it into a
+`Problem` (kind, namespace/name, field, message), skips the object and keeps
+the last good version in force.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+
+class Invalid(ValueError):
+    """A field of an API object failed validation."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """A validation problem with one object, as shown in logs and metrics."""
+
+    kind: str
+    namespace: str
+    name: str
+    field: str
+    message: str
+
+    @property
+    def object_ref(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    def __str__(self) -> str:
+        where = f"{self.field}: " if self.field else ""
+        return f"{self.kind} {self.object_ref}: {where}{self.message}"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Fields:
+    """One mapping inside an API object, with the path that leads to it."""
+
+    def __init__(self, data: Any, path: str = ""):
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise Invalid(path, f"must be an object, not {_describe(data)}")
+        self._data = data
+        self.path = path
+
+    def _sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        value = self._data.get(key)
+        return default if value is None else value
+
+    def has(self, key: str) -> bool:
+        return self._data.get(key) is not None
+
+    def obj(self, key: str) -> "Fields":
+        return Fields(self._data.get(key), self._sub(key))
+
+    def str(self, key: str, default: str = "", choices: tuple[str, ...] = ()) -> str:
+        value = self._data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise Invalid(self._sub(key), f"must be a string, not {_describe(value)}")
+        if choices and value not in choices:
+            raise Invalid(self._sub(key), f"{_describe(value)} is not one of {', '.join(choices)}")
+        return value
+
+    def int(self, key: str, lo: int, hi: int, default: int | None = None) -> int | None:
+        value = self._data.get(key)
+        if value is None:
+            return default
+        return check_int(value, self._sub(key), lo, hi)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self._data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise Invalid(self._sub(key), f"must be true or false, not {_describe(value)}")
+        return value
+
+    def list(self, key: str, limit: int) -> list[tuple[str, Any]]:
+        """Items of a list field with their paths; absent = empty; more than `limit` is refused."""
+        value = self._data.get(key)
+        if value is None:
+            return []
+        path = self._sub(key)
+        if not isinstance(value, list):
+            raise Invalid(path, f"must be a list, not {_describe(value)}")
+        if len(value) > limit:
+            raise Invalid(path, f"has {len(value)} items, more than the limit of {limit}")
+        return [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+
+    def objects(self, key: str, limit: int) -> Iterator["Fields"]:
+        for path, item in self.list(key, limit):
+            yield Fields(item, path)
+
+    def string_map(self, key: str) -> dict[str, str]:
+        """labels / annotations / selector: a map of strings."""
+        path = self._sub(key)
+        out = {}
+        for k, v in self.obj(key)._data.items():
+            if not isinstance(v, str):
+                raise Invalid(f"{path}[{k}]", f"must be a string, not {_describe(v)}")
+            out[str(k)] = v
+        return out
+
+
+def check_int(value: Any, path: str, lo: int, hi: int) -> int:
+    # bool is an int in Python; `port: true` is a typo, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(path, f"must be an integer, not {_describe(value)}")
+    if not lo <= value <= hi:
+        raise Invalid(path, f"{value} is out of range {lo}-{hi}")
+    return value
+
+
+def _parse_text(value: Any, path: str, parse: Callable[[str], Any], what: str) -> Any:
+    if not isinstance(value, str):
+        raise Invalid(path, f"must be {what} string, not {_describe(value)}")
+    try:
+        return parse(value.strip())
+    except ValueError:
+        raise Invalid(path, f"{_describe(value)} is not {what}") from None
+
+
+def parse_ip(value: Any, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address of either family (callers decide what IPv6 means for them)."""
+    return _parse_text(value, path, ipaddress.ip_address, "an IP address")
+
+
+def parse_ipv4(value: Any, path: str) -> ipaddress.IPv4Address:
+    addr = parse_ip(value, path)
+    if not isinstance(addr, ipaddress.IPv4Address):
+        raise Invalid(path, f"{value} is not an IPv4 address")
+    return addr
+
+
+def parse_cidr(value: Any, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    # strict=False like the API server: "10.0.0.1/8" means 10.0.0.0/8.
+    return _parse_text(value, path, lambda text: ipaddress.ip_network(text, strict=False), "a CIDR")
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """The parts of metadata the data plane uses (resourceVersion etc. deliberately left out,
+    so that an update touching only those compares equal and wakes nobody)."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+
+
+def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bool = True) -> tuple[Fields, ObjectMeta]:
+    """Check kind/apiVersion and read metadata; returns the object's top-level Fields."""
+    top = Fields(obj)
+    got_kind = top.str("kind", kind)
+    if got_kind != kind:
+        raise Invalid("kind", f"{got_kind!r} is not {kind}")
+    version = top.str("apiVersion", api_versions[0])
+    if version not in api_versions:
+        raise Invalid("apiVersion", f"{version!r} is not supported for {kind} (want {' or '.join(api_versions)})")
+    meta = top.obj("metadata")
+    name = meta.str("name")
+    if not name:
+        raise Invalid("metadata.name", "is required")
+    # kubectl defaults an absent namespace to "default"; manifests rely on that.
+    namespace = (meta.str("namespace") or "default") if namespaced else ""
+    return top, ObjectMeta(namespace, name, meta.string_map("labels"), meta.string_map("annotations"))
+
+
+def object_key(kind: str, obj: Any) -> tuple[str, str]:
+    """(namespace, name) of a raw object, defaulted like read_meta, for indexing even invalid objects."""
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}
+    name = meta.get("name") if isinstance(meta.get("name"), str) else ""
+    if kind == "Node":
+        return ("", name)
+    ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
+    return (ns or "default", name)

@@ -1,0 +1,37 @@
+"""v1 Node -> the little the data plane needs: its zone (for topology hints) and addresses."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ebpfsvc.k8s.fields import parse_ip, read_meta
+
+LABEL_ZONE = "topology.kubernetes.io/zone"
+LABEL_ZONE_BETA = "failure-domain.beta.kubernetes.io/zone"   # still set by some older clusters
+MAX_ADDRESSES = 100
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    zone: str = ""
+    addresses: tuple[tuple[str, ipaddress.IPv4Address], ...] = ()   # (type, address), IPv4 only
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return ("", self.name)
+
+
+def parse_node(obj: dict) -> Node:
+    """Validate a v1 Node; raises Invalid naming the first bad field."""
+    top, meta = read_meta(obj, "Node", ("v1",), namespaced=False)
+    zone = meta.labels.get(LABEL_ZONE) or meta.labels.get(LABEL_ZONE_BETA, "")
+    addresses = []
+    for a in top.obj("status").objects("addresses", MAX_ADDRESSES):
+        if a.str("type") in ("Hostname", "InternalDNS", "ExternalDNS"):
+            continue
+        addr = parse_ip(a.str("address"), f"{a.path}.address")
+        if addr.version == 4:
+            addresses.append((a.str("type"), addr))
+    return Node(meta.name, zone, tuple(addresses))

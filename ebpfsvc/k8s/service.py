@@ -1,0 +1,266 @@
+"""v1 Service -> a validated, frozen Service holding only what the data plane uses.
+
+Fields the data plane ignores (resourceVersion, selector contents, most
+annotations) are left out on purpose: two versions of a Service that differ
+only there compare equal, so the change tracker drops the update.
+
+Things the API server would allocate (clusterIP, nodePort) must be present:
+here they can only be missing because a manifest left them out, and guessing
+one would program an address nobody asked for.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+from ebpfsvc.config import NodeConfig
+from ebpfsvc.k8s.fields import Fields, Invalid, ObjectMeta, check_int, parse_cidr, parse_ip, read_meta
+from ebpfsvc.lbmodel import Algorithm, Protocol
+
+MAX_PORTS = 100                 # far above any real Service; a bigger list is a generator gone wrong
+MAX_EXTERNAL_IPS = 100
+MAX_SOURCE_RANGES = 1000
+DEFAULT_AFFINITY_TIMEOUT = 10800  # v1.DefaultClientIPServiceAffinitySeconds (3 hours)
+MAX_AFFINITY_TIMEOUT = 86400      # v1.MaxClientIPServiceAffinitySeconds (1 day)
+
+LABEL_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
+LABEL_HEADLESS = "service.kubernetes.io/headless"
+ANNOTATION_TOPOLOGY_MODE = "service.kubernetes.io/topology-mode"
+ANNOTATION_TOPOLOGY_HINTS = "service.kubernetes.io/topology-aware-hints"   # before Kubernetes 1.27
+ANNOTATION_SOURCE_RANGES = "service.beta.kubernetes.io/load-balancer-source-ranges"
+ANNOTATION_ALGORITHM = "ebpfsvc.io/lb-algorithm"
+
+
+class ServiceType(str, enum.Enum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+    EXTERNAL_NAME = "ExternalName"
+
+
+class TrafficPolicy(str, enum.Enum):
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str                       # "" for a single unnamed port
+    protocol: Protocol
+    port: int
+    target_port: int | str          # a number, or the name of a container port (resolved by EndpointSlices)
+    node_port: int = 0              # 0 = none
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    type: ServiceType = ServiceType.CLUSTER_IP
+    cluster_ip: ipaddress.IPv4Address | None = None   # None: headless, ExternalName or IPv6-only
+    headless: bool = False                            # clusterIP: None
+    ports: tuple[ServicePort, ...] = ()
+    has_selector: bool = False
+    external_ips: tuple[ipaddress.IPv4Address, ...] = ()
+    load_balancer_ips: tuple[ipaddress.IPv4Address, ...] = ()   # status.loadBalancer.ingress[].ip (ipMode VIP)
+    source_ranges: tuple[ipaddress.IPv4Network, ...] = ()
+    affinity_timeout: int = 0                         # seconds of ClientIP affinity; 0 = sessionAffinity None
+    external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    publish_not_ready_addresses: bool = False
+    topology_aware: bool = False                      # topology-mode: Auto (or the older hints annotation)
+    algorithm: Algorithm | None = None                # None = the node's default
+    proxy_name: str = ""                              # value of service.kubernetes.io/service-proxy-name
+    headless_label: bool = False                      # service.kubernetes.io/headless present
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def skip_reason(self, node: NodeConfig) -> str:
+        """Why this node programs nothing for the Service ("" = it does), like kube-proxy's ShouldSkipService."""
+        if self.type is ServiceType.EXTERNAL_NAME:
+            return "ExternalName (DNS only)"
+        if self.headless or self.headless_label:
+            return "headless"
+        if self.proxy_name != node.proxy_name:
+            return f"service-proxy-name {self.proxy_name!r} is not ours ({node.proxy_name!r})"
+        if self.cluster_ip is None:
+            return "no IPv4 clusterIP"
+        return ""
+
+
+def parse_service(obj: dict, config: NodeConfig) -> Service:
+    """Validate a v1 Service; raises Invalid naming the first bad field."""
+    top, meta = read_meta(obj, "Service", ("v1",))
+    spec = top.obj("spec")
+    svc_type = ServiceType(spec.str("type", "ClusterIP", tuple(t.value for t in ServiceType)))
+    cluster_ip, headless = _cluster_ip(spec, svc_type, config)
+    ports = _ports(spec, svc_type, config)
+    lb_ips = _load_balancer_ips(top) if svc_type is ServiceType.LOAD_BALANCER else ()
+    return Service(
+        namespace=meta.namespace,
+        name=meta.name,
+        type=svc_type,
+        cluster_ip=cluster_ip,
+        headless=headless,
+        ports=ports,
+        has_selector=bool(spec.string_map("selector")),
+        external_ips=_external_ips(spec),
+        load_balancer_ips=lb_ips,
+        source_ranges=_source_ranges(spec, meta),
+        affinity_timeout=_affinity_timeout(spec),
+        external_traffic_policy=_policy(spec, "externalTrafficPolicy"),
+        internal_traffic_policy=_policy(spec, "internalTrafficPolicy"),
+        publish_not_ready_addresses=spec.bool("publishNotReadyAddresses", False),
+        topology_aware=_topology_aware(spec, meta),
+        algorithm=_algorithm(meta),
+        proxy_name=meta.labels.get(LABEL_PROXY_NAME, ""),
+        headless_label=LABEL_HEADLESS in meta.labels,
+    )
+
+
+def _cluster_ip(spec: Fields, svc_type: ServiceType, config: NodeConfig):
+    if svc_type is ServiceType.EXTERNAL_NAME:
+        if not spec.str("externalName"):
+            raise Invalid("spec.externalName", "is required for type ExternalName")
+        return None, False
+    value = spec.str("clusterIP")
+    field = "spec.clusterIP"
+    if not value:
+        # Dual-stack objects may carry only clusterIPs; the first one is the primary family.
+        ips = spec.list("clusterIPs", 2)
+        if ips:
+            field, value = ips[0][0], ips[0][1]
+    if value == "None":
+        return None, True
+    if not value:
+        raise Invalid("spec.clusterIP", "is required (the API server allocates it; a manifest must set it, "
+                      "or None for a headless Service)")
+    addr = parse_ip(value, field)
+    if addr.version == 6:
+        return None, False      # an IPv4 data plane has nothing to program for an IPv6 Service
+    if addr not in config.service_cidr:
+        raise Invalid(field, f"{addr} is outside the service CIDR {config.service_cidr}")
+    return addr, False
+
+
+def _ports(spec: Fields, svc_type: ServiceType, config: NodeConfig) -> tuple[ServicePort, ...]:
+    ports = []
+    seen: dict[tuple[int, Protocol], str] = {}
+    names: dict[str, str] = {}
+    items = list(spec.objects("ports", MAX_PORTS))
+    for p in items:
+        name = p.str("name")
+        protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
+        port = p.int("port", 1, 65535)
+        if port is None:
+            raise Invalid(f"{p.path}.port", "is required")
+        if len(items) > 1 and not name:
+            raise Invalid(f"{p.path}.name", "is required when a Service has more than one port")
+        if name in names:
+            raise Invalid(f"{p.path}.name", f"{name!r} duplicates {names[name]}")
+        if (port, protocol) in seen:
+            raise Invalid(p.path, f"port {port}/{protocol.value} duplicates {seen[port, protocol]}")
+        names[name] = seen[port, protocol] = p.path
+        node_port = _node_port(p, svc_type, config)
+        ports.append(ServicePort(name, protocol, port, _target_port(p, port), node_port, p.str("appProtocol")))
+    return tuple(ports)
+
+
+def _target_port(p: Fields, port: int) -> int | str:
+    value = p.raw("targetPort")
+    if value is None or value == 0:
+        return port                      # the API defaults targetPort to port
+    if isinstance(value, str):
+        if value.isdigit():              # IntOrString "8080" from YAML quoting is still a number
+            return check_int(int(value), f"{p.path}.targetPort", 1, 65535)
+        if not value or len(value) > 15:
+            raise Invalid(f"{p.path}.targetPort", f"{value!r} is not a valid port name (1-15 characters)")
+        return value
+    return check_int(value, f"{p.path}.targetPort", 1, 65535)
+
+
+def _node_port(p: Fields, svc_type: ServiceType, config: NodeConfig) -> int:
+    lo, hi = config.nodeport_range
+    if svc_type not in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER):
+        if p.has("nodePort"):
+            raise Invalid(f"{p.path}.nodePort", f"is only allowed for type NodePort or LoadBalancer")
+        return 0
+    node_port = p.int("nodePort", lo, hi)
+    if node_port is None:
+        if svc_type is ServiceType.NODE_PORT:
+            raise Invalid(f"{p.path}.nodePort", "is required for type NodePort (the API server allocates it; "
+                          "a manifest must set it)")
+        return 0                         # LoadBalancer with allocateLoadBalancerNodePorts: false
+    return node_port
+
+
+def _external_ips(spec: Fields) -> tuple[ipaddress.IPv4Address, ...]:
+    out = []
+    for path, value in spec.list("externalIPs", MAX_EXTERNAL_IPS):
+        addr = parse_ip(value, path)
+        if addr.version == 4 and addr not in out:
+            out.append(addr)
+    return tuple(out)
+
+
+def _load_balancer_ips(top: Fields) -> tuple[ipaddress.IPv4Address, ...]:
+    out = []
+    for ing in top.obj("status").obj("loadBalancer").objects("ingress", MAX_EXTERNAL_IPS):
+        if not ing.str("ip"):
+            continue                     # hostname-only ingress: the cloud LB is reached by name, nothing to program
+        addr = parse_ip(ing.str("ip"), f"{ing.path}.ip")
+        # ipMode Proxy: the load balancer rewrites the destination to the node itself, so
+        # kube-proxy must not capture the LB IP (KEP-1860).
+        if ing.str("ipMode", "VIP", ("VIP", "Proxy")) == "VIP" and addr.version == 4 and addr not in out:
+            out.append(addr)
+    return tuple(out)
+
+
+def _source_ranges(spec: Fields, meta: ObjectMeta) -> tuple[ipaddress.IPv4Network, ...]:
+    items = spec.list("loadBalancerSourceRanges", MAX_SOURCE_RANGES)
+    if not items and meta.annotations.get(ANNOTATION_SOURCE_RANGES, "").strip():
+        # The older annotation counts only when the field is empty (as in the API's validation).
+        field = f"metadata.annotations[{ANNOTATION_SOURCE_RANGES}]"
+        items = [(field, part) for part in meta.annotations[ANNOTATION_SOURCE_RANGES].split(",")]
+    nets = []
+    for path, value in items:
+        net = parse_cidr(value, path)
+        if net.version == 4 and net not in nets:
+            nets.append(net)
+    return tuple(nets)
+
+
+def _affinity_timeout(spec: Fields) -> int:
+    if spec.str("sessionAffinity", "None", ("None", "ClientIP")) == "None":
+        return 0
+    client_ip = spec.obj("sessionAffinityConfig").obj("clientIP")
+    return client_ip.int("timeoutSeconds", 1, MAX_AFFINITY_TIMEOUT, DEFAULT_AFFINITY_TIMEOUT)
+
+
+def _policy(spec: Fields, field: str) -> TrafficPolicy:
+    # "Local"/"Cluster"; the pre-1.14 spellings OnlyLocal/Global were removed from the API.
+    return TrafficPolicy(spec.str(field, "Cluster", ("Cluster", "Local")))
+
+
+def _topology_aware(spec: Fields, meta: ObjectMeta) -> bool:
+    # As kube-proxy: topology-mode, else the older annotation when it is empty; only Auto/auto turns
+    # hints on ("Disabled" and anything else leave them off).  spec.trafficDistribution: PreferClose
+    # (Kubernetes 1.31+) asks for the same zone-hint routing.
+    mode = meta.annotations.get(ANNOTATION_TOPOLOGY_MODE) or meta.annotations.get(ANNOTATION_TOPOLOGY_HINTS, "")
+    return mode in ("Auto", "auto") or spec.str("trafficDistribution") == "PreferClose"
+
+
+def _algorithm(meta: ObjectMeta) -> Algorithm | None:
+    value = meta.annotations.get(ANNOTATION_ALGORITHM)
+    if value is None:
+        return None
+    try:
+        return Algorithm(value.strip().lower())
+    except ValueError:
+        choices = "|".join(a.value for a in Algorithm)
+        raise Invalid(f"metadata.annotations[{ANNOTATION_ALGORITHM}]", f"{value!r} is not one of {choices}") from None

@@ -1,0 +1,283 @@
+"""Cluster state as the data plane sees it: validated objects, change tracking, merged endpoints.
+
+ClusterState is the Sink every source delivers to.  It is the counterpart of
+kube-proxy's ServiceChangeTracker + EndpointsChangeTracker:
+
+- every raw object is parsed and validated (ebpfsvc.k8s); a bad object is
+  reported once (log line + on_invalid callback) and skipped, and if an earlier
+  version was good that one stays in force.  The API server never stores an
+  invalid object, so a bad one comes from a manifest typo: dropping the
+  Service would turn a typo into an outage, keeping the last good version
+  does not;
+- per object it keeps {previous, current} until the next snapshot() and drops
+  changes that net to nothing (an update that only bumps resourceVersion, or an
+  add followed by a delete), so such events never wake the agent;
+- a Service's endpoints are merged from all its EndpointSlices, or from its v1
+  Endpoints when it has no slice (selectorless Services with manual Endpoints);
+- nothing should be programmed before Services and EndpointSlices have both
+  synced once (`synced`), or the first sync would briefly drop every backend
+  that has not been listed yet.
+
+Thread-safe: sources call in from their own threads, the agent takes snapshots.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Generic, Hashable, Mapping, TypeVar
+
+from ebpfsvc.config import NodeConfig
+from ebpfsvc.k8s.endpointmerge import Endpoint, merge_endpoint_slices
+from ebpfsvc.k8s.endpoints import Endpoints, parse_endpoints
+from ebpfsvc.k8s.endpointslice import EndpointSlice, parse_endpoint_slice
+from ebpfsvc.k8s.fields import Invalid, Problem, object_key
+from ebpfsvc.k8s.node import Node, parse_node
+from ebpfsvc.k8s.service import Service, parse_service
+from ebpfsvc.lbmodel import ServicePortName
+from ebpfsvc.sources.base import Event, EventType
+
+log = logging.getLogger(__name__)
+
+ServiceKey = tuple[str, str]        # (namespace, name)
+T = TypeVar("T")
+
+# Programming may start once these kinds have been listed in full (kube-proxy waits for the
+# Service and EndpointSlice informers).  Endpoints and Node sync are reported but not waited for:
+# not every source serves them.
+REQUIRED_KINDS = frozenset({"Service", "EndpointSlice"})
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """An immutable view of the cluster for one desired-state computation."""
+
+    services: Mapping[ServiceKey, Service] = field(default_factory=lambda: MappingProxyType({}))
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    nodes: Mapping[str, Node] = field(default_factory=lambda: MappingProxyType({}))
+    synced: bool = False
+    changed: frozenset[ServiceKey] = frozenset()   # Services whose object or endpoints changed since the last snapshot
+
+    @classmethod
+    def of(cls, services=(), endpoints=None, nodes=(), synced=True) -> "ClusterSnapshot":
+        """Build a snapshot directly (tests, the lab): services/nodes as iterables, endpoints by ServicePortName."""
+        return cls(MappingProxyType({s.key: s for s in services}), MappingProxyType(dict(endpoints or {})),
+                   MappingProxyType({n.name: n for n in nodes}), synced)
+
+
+class ChangeTracker(Generic[T]):
+    """Current objects of one kind plus {previous, current} per object changed since the last take()."""
+
+    def __init__(self) -> None:
+        self.current: dict[Hashable, T] = {}
+        self._pending: dict[Hashable, tuple[T | None, T | None]] = {}
+
+    def update(self, key: Hashable, obj: T | None) -> None:
+        """Set (obj) or delete (None) an object; a change back to what was last taken is dropped."""
+        previous = self.current.get(key)
+        if obj is None:
+            self.current.pop(key, None)
+        else:
+            self.current[key] = obj
+        first = self._pending[key][0] if key in self._pending else previous
+        if first == obj:
+            self._pending.pop(key, None)
+        else:
+            self._pending[key] = (first, obj)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def take(self) -> dict[Hashable, tuple[T | None, T | None]]:
+        pending, self._pending = self._pending, {}
+        return pending
+
+
+class ClusterState:
+    """Implements sources.base.Sink.  See the module docstring."""
+
+    def __init__(self, config: NodeConfig | None = None,
+                 on_invalid: Callable[[Problem], None] | None = None):
+        # Validation needs the cluster's service CIDR and NodePort range, which come from the node config.
+        self.config = config or NodeConfig(node_name="")
+        self.on_invalid = on_invalid
+        self._parsers: dict[str, Callable[[dict], Any]] = {
+            "Service": lambda obj: parse_service(obj, self.config),
+            "EndpointSlice": parse_endpoint_slice,
+            "Endpoints": parse_endpoints,
+            "Node": parse_node,
+        }
+        self._services: ChangeTracker[Service] = ChangeTracker()
+        self._slices: ChangeTracker[EndpointSlice] = ChangeTracker()
+        self._endpoints_objs: ChangeTracker[Endpoints] = ChangeTracker()
+        self._nodes: ChangeTracker[Node] = ChangeTracker()
+        self._trackers = {"Service": self._services, "EndpointSlice": self._slices,
+                          "Endpoints": self._endpoints_objs, "Node": self._nodes}
+        self._slices_by_service: dict[ServiceKey, set[Hashable]] = {}
+        self._merged: dict[ServiceKey, dict[ServicePortName, tuple[Endpoint, ...]]] = {}
+        self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        self._problems: dict[tuple[str, str, str], Problem] = {}
+        self._synced_kinds: set[str] = set()
+        self._sync_news = False          # `synced` became true and no snapshot has shown it yet
+        self._cond = threading.Condition()
+
+    # --- Sink -------------------------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        new_problems: list[Problem] = []
+        with self._cond:
+            if self._known(event.kind):
+                if event.type is EventType.DELETED:
+                    self._delete(event.kind, object_key(event.kind, event.obj))
+                else:
+                    self._upsert(event.kind, event.obj, new_problems)
+                self._notify()
+        self._report(new_problems)
+
+    def on_synced(self, kind: str) -> None:
+        with self._cond:
+            was = self._is_synced()
+            self._synced_kinds.add(kind)
+            if not was and self._is_synced():
+                self._sync_news = True
+                self._notify()
+
+    def on_relist(self, kind: str, objects: list[dict[str, Any]]) -> None:
+        new_problems: list[Problem] = []
+        with self._cond:
+            if self._known(kind):
+                seen = {object_key(kind, obj) for obj in objects}
+                for obj in objects:
+                    self._upsert(kind, obj, new_problems)
+                for key in [k for k in self._trackers[kind].current if k not in seen]:
+                    self._delete(kind, key)
+                for pkey in [p for p in self._problems if p[0] == kind and p[1:] not in seen]:
+                    del self._problems[pkey]
+                self._notify()
+        self._report(new_problems)
+
+    # --- agent side -------------------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        """Services AND EndpointSlices have been listed in full at least once."""
+        with self._cond:
+            return self._is_synced()
+
+    @property
+    def synced_kinds(self) -> frozenset[str]:
+        with self._cond:
+            return frozenset(self._synced_kinds)
+
+    @property
+    def problems(self) -> list[Problem]:
+        """Current validation problems, one per object, sorted."""
+        with self._cond:
+            return sorted(self._problems.values())
+
+    def wait_changed(self, timeout: float) -> bool:
+        """Block until something relevant changed since the last snapshot(); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(self._has_changes, timeout)
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The current state; also marks every change so far as seen (see wait_changed)."""
+        with self._cond:
+            changed = set(self._services.take())
+            dirty: set[ServiceKey] = set()
+            for prev, cur in self._slices.take().values():
+                dirty.update(s.service_key for s in (prev, cur) if s is not None and s.service_key)
+            dirty.update(self._endpoints_objs.take())
+            self._nodes.take()
+            for svc in dirty:
+                if self._remerge(svc):
+                    changed.add(svc)
+            self._sync_news = False
+            return ClusterSnapshot(
+                services=MappingProxyType(dict(self._services.current)),
+                endpoints=MappingProxyType(dict(self._endpoints)),
+                nodes=MappingProxyType({key[1]: n for key, n in self._nodes.current.items()}),
+                synced=self._is_synced(),
+                changed=frozenset(changed),
+            )
+
+    # --- internals (called with the lock held) ------------------------------------------------
+
+    def _known(self, kind: str) -> bool:
+        if kind not in self._trackers:
+            log.debug("ignoring object of kind %r: not used by the data plane", kind)
+            return False
+        return True
+
+    def _is_synced(self) -> bool:
+        return REQUIRED_KINDS <= self._synced_kinds
+
+    def _has_changes(self) -> bool:
+        return self._sync_news or any(t.pending for t in self._trackers.values())
+
+    def _notify(self) -> None:
+        if self._has_changes():
+            self._cond.notify_all()
+
+    def _upsert(self, kind: str, obj: Any, new_problems: list[Problem]) -> None:
+        key = object_key(kind, obj)
+        pkey = (kind, *key)
+        try:
+            parsed = self._parsers[kind](obj)
+        except Invalid as err:
+            problem = Problem(kind, key[0], key[1], err.field, err.message)
+            if self._problems.get(pkey) != problem:
+                self._problems[pkey] = problem
+                new_problems.append(problem)
+            return          # the last good version (if any) stays in force
+        self._problems.pop(pkey, None)
+        self._set(kind, key, parsed)
+
+    def _delete(self, kind: str, key: tuple[str, str]) -> None:
+        self._problems.pop((kind, *key), None)
+        self._set(kind, key, None)
+
+    def _set(self, kind: str, key: tuple[str, str], obj: Any) -> None:
+        if kind == "EndpointSlice":
+            old = self._slices.current.get(key)
+            if old is not None and old.service_key:
+                self._slices_by_service.get(old.service_key, set()).discard(key)
+            if obj is not None and obj.service_key:
+                self._slices_by_service.setdefault(obj.service_key, set()).add(key)
+        self._trackers[kind].update(key, obj)
+
+    def _remerge(self, svc: ServiceKey) -> bool:
+        """Recompute a Service's endpoints; True if they changed."""
+        slice_keys = self._slices_by_service.get(svc)
+        if slice_keys:
+            # EndpointSlices win over v1 Endpoints: with mirroring on, both describe the same endpoints.
+            slices = [self._slices.current[k] for k in slice_keys]
+        else:
+            self._slices_by_service.pop(svc, None)
+            manual = self._endpoints_objs.current.get(svc)
+            slices = list(manual.slices) if manual else []
+        merged = merge_endpoint_slices(svc[0], svc[1], slices)
+        old = self._merged.get(svc, {})
+        if merged == old:
+            return False
+        for spn in old:
+            self._endpoints.pop(spn, None)
+        self._endpoints.update(merged)
+        if merged:
+            self._merged[svc] = merged
+        else:
+            self._merged.pop(svc, None)
+        return True
+
+    def _report(self, problems: list[Problem]) -> None:
+        # Outside the lock: the callback may well read `problems`.
+        for problem in problems:
+            log.warning("skipping invalid object (last good version stays in force): %s", problem)
+            if self.on_invalid is not None:
+                try:
+                    self.on_invalid(problem)
+                except Exception:  # a broken metrics hook must not stop event delivery
+                    log.exception("on_invalid callback failed for %s", problem)
