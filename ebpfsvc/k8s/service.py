@@ -100,6 +100,8 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
     svc_type = ServiceType(spec.str("type", "ClusterIP", tuple(t.value for t in ServiceType)))
     cluster_ip, headless = _cluster_ip(spec, svc_type, config)
     ports = _ports(spec, svc_type, config)
+    if not ports and not headless and svc_type is not ServiceType.EXTERNAL_NAME:
+        raise Invalid("spec.ports", "is required: a Service with a clusterIP needs at least one port")
     lb_ips = _load_balancer_ips(top) if svc_type is ServiceType.LOAD_BALANCER else ()
     return Service(
         namespace=meta.namespace,
