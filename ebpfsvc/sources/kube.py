@@ -123,13 +123,18 @@ class _Reflector:
                 self._watch()
             except _Stopping:
                 break
-            except _Failure as failure:
+            except Exception as error:
                 if self._stopping.is_set():
                     break
-                need_list = need_list or failure.relist
+                if not isinstance(error, _Failure):
+                    # A malformed response we did not foresee must not kill the thread
+                    # (the kind would silently freeze); trust nothing and re-list.
+                    log.exception("%s reflector: unexpected error", self.kind)
+                    error = _Failure(f"unexpected {error!r}", relist=True)
+                need_list = need_list or error.relist
                 delay = self._backoff.next_delay()
-                self._source._record_error(self.kind, str(failure))
-                log.warning("%s reflector: %s; %s in %.2fs", self.kind, failure,
+                self._source._record_error(self.kind, str(error))
+                log.warning("%s reflector: %s; %s in %.2fs", self.kind, error,
                             "re-list" if need_list else "watch again", delay)
                 self._stopping.wait(delay)
         log.debug("%s reflector stopped", self.kind)
@@ -240,6 +245,8 @@ class _Reflector:
             event_type, obj = event["type"], event["object"]
         except (ValueError, KeyError, TypeError) as e:
             raise _Failure(f"watch: undecodable event {line[:200]!r}", relist=True) from e
+        if not isinstance(obj, dict):
+            raise _Failure(f"watch: event without an object {line[:200]!r}", relist=True)
         if event_type in ("ADDED", "MODIFIED", "DELETED"):
             obj.setdefault("kind", self.kind)
             obj.setdefault("apiVersion", self.api_version)

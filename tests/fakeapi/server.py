@@ -59,7 +59,7 @@ class Request:
 class _Watcher:
     kind: str
     bookmarks: bool
-    # ("event", dict) | ("close",) | ("hang",) | ("kill",)
+    # ("event", dict) | ("raw", bytes) | ("close",) | ("hang",) | ("kill",)
     inbox: queue.Queue = field(default_factory=queue.Queue)
     killed: threading.Event = field(default_factory=threading.Event)
 
@@ -281,6 +281,10 @@ class FakeApiServer:
         self._push(kind, ("event", {"type": "ERROR", "object": _status(code, reason, message)}))
         self._push(kind, ("close",))
 
+    def send_raw(self, kind: str, line: bytes) -> None:
+        """Any bytes as one line of the stream: for clients facing a broken server or proxy."""
+        self._push(kind, ("raw", line))
+
     def close_watches(self, kind: str | None = None) -> None:
         """End open watch streams normally (terminating chunk), as on timeoutSeconds."""
         self._push(kind, ("close",))
@@ -402,6 +406,8 @@ class FakeApiServer:
                     continue
                 if message[0] == "event":
                     h.write_chunk(json.dumps(message[1]).encode() + b"\n")
+                elif message[0] == "raw":
+                    h.write_chunk(message[1] + b"\n")
                 elif message[0] == "close":
                     break
                 elif message[0] == "hang":
