@@ -1,0 +1,418 @@
+"""Parsing and validation of Service, EndpointSlice, Endpoints and Node (ebpfsvc.k8s).
+
+Valid objects come from the seed examples (examples/); invalid ones are tables of
+one-field mutations, each with the exact field path and message we promise.
+"""
+
+from __future__ import annotations
+
+import copy
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ebpfsvc.config import NodeConfig
+from ebpfsvc.k8s import (Invalid, ServiceType, TrafficPolicy, parse_endpoint_slice, parse_endpoints,
+                         parse_node, parse_service)
+from ebpfsvc.k8s.schema import unknown_fields
+from ebpfsvc.lbmodel import Algorithm, Protocol
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+INVALID = Path(__file__).parent / "manifests" / "invalid"
+CONFIG = NodeConfig("node-1")
+
+
+def example(file: str, kind: str = "Service", index: int = 0) -> dict:
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / file).read_text()) if d and d["kind"] == kind]
+    return docs[index]
+
+
+def service(**spec) -> dict:
+    base = {"clusterIP": "198.19.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    base.update(spec)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+            "spec": base}
+
+
+def error_of(parse, obj) -> str:
+    with pytest.raises(Invalid) as err:
+        parse(obj)
+    return str(err.value)
+
+
+# --- Service: the seed examples --------------------------------------------------------------
+
+def test_basic_service_defaults():
+    svc = parse_service(example("01-my-service.yaml"), CONFIG)
+    assert svc.key == ("default", "my-service")       # namespace defaulted like kubectl
+    assert svc.type is ServiceType.CLUSTER_IP
+    assert svc.cluster_ip == IPv4Address("198.19.0.10")
+    assert svc.has_selector
+    (port,) = svc.ports
+    assert (port.name, port.protocol, port.port, port.target_port, port.node_port) == ("", Protocol.TCP, 80, 9376, 0)
+    assert svc.affinity_timeout == 0
+    assert svc.external_traffic_policy is svc.internal_traffic_policy is TrafficPolicy.CLUSTER
+
+
+def test_named_target_port_is_kept_as_a_name():
+    (port,) = parse_service(example("02-nginx-service.yaml"), CONFIG).ports
+    assert port.name == "name-of-service-port"
+    assert port.target_port == "http-web-svc"
+
+
+def test_target_port_defaults_to_port():
+    (port,) = parse_service(example("20-mwish-bot-nodeport.yaml"), CONFIG).ports
+    assert (port.port, port.target_port, port.node_port) == (6379, 6379, 31234)
+
+
+def test_app_protocol_is_carried():
+    (port,) = parse_service(example("03-app-protocol.yaml"), CONFIG).ports
+    assert port.app_protocol == "HTTP"
+
+
+def test_load_balancer_with_local_policy_and_status():
+    svc = parse_service(example("07-service-python-loadbalancer.yaml"), CONFIG)
+    assert svc.type is ServiceType.LOAD_BALANCER
+    assert svc.external_traffic_policy is TrafficPolicy.LOCAL
+    assert svc.load_balancer_ips == (IPv4Address("198.18.200.10"),)
+    assert svc.ports[0].node_port == 30081
+
+
+def test_external_ips():
+    svc = parse_service(example("10-my-service-external-ips.yaml"), CONFIG)
+    assert svc.external_ips == (IPv4Address("198.18.200.32"),)
+
+
+def test_headless_and_external_name_are_parsed_but_skipped():
+    headless = parse_service(example("11-mysql-balance-svc-headless.yaml"), CONFIG)
+    assert headless.key == ("mysql-space", "mysql-balance-svc")
+    assert headless.headless and headless.cluster_ip is None
+    assert headless.skip_reason(CONFIG) == "headless"
+    external_name = parse_service(example("09-service-python-externalname.yaml"), CONFIG)
+    assert external_name.type is ServiceType.EXTERNAL_NAME
+    assert "ExternalName" in external_name.skip_reason(CONFIG)
+
+
+@pytest.mark.parametrize("file,timeout", [
+    ("19-mwish-bot-session-affinity.yaml", 10800),     # default timeout
+    ("22-myapp-session-affinity.yaml", 10800),         # explicit
+])
+def test_session_affinity(file, timeout):
+    assert parse_service(example(file), CONFIG).affinity_timeout == timeout
+
+
+def test_every_example_service_is_valid():
+    count = 0
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            parse = {"Service": lambda d: parse_service(d, CONFIG), "Endpoints": parse_endpoints,
+                     "EndpointSlice": parse_endpoint_slice}[doc["kind"]]
+            parse(doc)
+            assert unknown_fields(doc["kind"], doc) == [], path.name
+            count += 1
+    assert count >= 25
+
+
+# --- Service: labels and annotations -----------------------------------------------------------
+
+@pytest.mark.parametrize("annotations,expected", [
+    ({}, False),
+    ({"service.kubernetes.io/topology-mode": "Auto"}, True),
+    ({"service.kubernetes.io/topology-mode": "auto"}, True),
+    ({"service.kubernetes.io/topology-aware-hints": "auto"}, True),
+    ({"service.kubernetes.io/topology-mode": "Disabled", "service.kubernetes.io/topology-aware-hints": "auto"}, False),
+    ({"service.kubernetes.io/topology-mode": "", "service.kubernetes.io/topology-aware-hints": "Auto"}, True),
+    ({"service.kubernetes.io/topology-aware-hints": "PreferZone"}, False),
+])
+def test_topology_annotations(annotations, expected):
+    obj = service()
+    obj["metadata"]["annotations"] = annotations
+    assert parse_service(obj, CONFIG).topology_aware is expected
+
+
+def test_traffic_distribution_prefer_close_means_hints():
+    assert parse_service(service(trafficDistribution="PreferClose"), CONFIG).topology_aware
+
+
+@pytest.mark.parametrize("value,expected", [("maglev", Algorithm.MAGLEV), ("Random", Algorithm.RANDOM)])
+def test_algorithm_annotation(value, expected):
+    obj = service()
+    obj["metadata"]["annotations"] = {"ebpfsvc.io/lb-algorithm": value}
+    assert parse_service(obj, CONFIG).algorithm is expected
+
+
+def test_proxy_name_and_headless_labels():
+    obj = service()
+    obj["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other-proxy"}
+    svc = parse_service(obj, CONFIG)
+    assert "service-proxy-name 'other-proxy'" in svc.skip_reason(CONFIG)
+    assert svc.skip_reason(NodeConfig("n", proxy_name="other-proxy")) == ""
+    assert parse_service(service(), CONFIG).skip_reason(NodeConfig("n", proxy_name="ebpfsvc")) != ""
+    obj["metadata"]["labels"] = {"service.kubernetes.io/headless": ""}
+    assert parse_service(obj, CONFIG).skip_reason(CONFIG) == "headless"
+
+
+def test_source_ranges_from_field_or_legacy_annotation():
+    svc = parse_service(service(type="LoadBalancer", loadBalancerSourceRanges=["198.18.0.0/24", "203.0.113.7/32"],
+                                ports=[{"port": 80, "nodePort": 30001}]), CONFIG)
+    assert svc.source_ranges == (IPv4Network("198.18.0.0/24"), IPv4Network("203.0.113.7/32"))
+    obj = service(type="LoadBalancer", ports=[{"port": 80, "nodePort": 30001}])
+    obj["metadata"]["annotations"] = {"service.beta.kubernetes.io/load-balancer-source-ranges": "198.18.0.0/24, 10.1.2.3/8"}
+    assert parse_service(obj, CONFIG).source_ranges == (IPv4Network("198.18.0.0/24"), IPv4Network("10.0.0.0/8"))
+
+
+def test_load_balancer_ingress_proxy_mode_and_hostname_are_not_captured():
+    obj = service(type="LoadBalancer", ports=[{"port": 80, "nodePort": 30001}])
+    obj["status"] = {"loadBalancer": {"ingress": [{"ip": "198.18.200.1", "ipMode": "Proxy"},
+                                                  {"hostname": "lb.example.com"},
+                                                  {"ip": "198.18.200.2", "ipMode": "VIP"}]}}
+    assert parse_service(obj, CONFIG).load_balancer_ips == (IPv4Address("198.18.200.2"),)
+
+
+def test_ipv6_cluster_ip_is_not_an_error_but_not_programmed():
+    svc = parse_service(service(clusterIP="fd00::10"), CONFIG)
+    assert svc.cluster_ip is None and svc.skip_reason(CONFIG) == "no IPv4 clusterIP"
+
+
+def test_irrelevant_fields_do_not_change_the_parsed_service():
+    a = service()
+    b = copy.deepcopy(a)
+    b["metadata"].update(resourceVersion="42", uid="x", annotations={"kubectl.kubernetes.io/last-applied": "{}"})
+    b["spec"]["selector"] = {"app": "web"}
+    a["spec"]["selector"] = {"app": "web", "tier": "front"}
+    assert parse_service(a, CONFIG) == parse_service(b, CONFIG)
+
+
+# --- Service: validation errors ---------------------------------------------------------------
+
+def _ports(*ports):
+    return {"ports": list(ports)}
+
+
+INVALID_SERVICES = [
+    ("port out of range",
+     _ports({"name": "a", "port": 80}, {"name": "b", "port": 70000}),
+     "spec.ports[1].port: 70000 is out of range 1-65535"),
+    ("port is a string", _ports({"port": "80"}), "spec.ports[0].port: must be an integer, not '80'"),
+    ("port is a bool", _ports({"port": True}), "spec.ports[0].port: must be an integer, not True"),
+    ("port missing", _ports({"name": "a"}), "spec.ports[0].port: is required"),
+    ("unknown protocol", _ports({"port": 80, "protocol": "http"}),
+     "spec.ports[0].protocol: 'http' is not one of TCP, UDP, SCTP"),
+    ("duplicate port/protocol", _ports({"name": "a", "port": 80}, {"name": "b", "port": 80}),
+     "spec.ports[1]: port 80/TCP duplicates spec.ports[0]"),
+    ("duplicate port name", _ports({"name": "a", "port": 80}, {"name": "a", "port": 81}),
+     "spec.ports[1].name: 'a' duplicates spec.ports[0]"),
+    ("unnamed port among several", _ports({"name": "a", "port": 80}, {"port": 81}),
+     "spec.ports[1].name: is required when a Service has more than one port"),
+    ("too many ports", _ports(*({"name": f"p{i}", "port": i + 1} for i in range(101))),
+     "spec.ports: has 101 items, more than the limit of 100"),
+    ("no ports", {"ports": []}, "spec.ports: is required"),
+    ("target port out of range", _ports({"port": 80, "targetPort": 65536}),
+     "spec.ports[0].targetPort: 65536 is out of range 1-65535"),
+    ("target port name too long", _ports({"port": 80, "targetPort": "a-very-long-port-name"}),
+     "spec.ports[0].targetPort: 'a-very-long-port-name' is not a valid port name"),
+    ("clusterIP outside the service CIDR", {"clusterIP": "10.96.0.10"},
+     "spec.clusterIP: 10.96.0.10 is outside the service CIDR 198.19.0.0/16"),
+    ("clusterIP not an address", {"clusterIP": "198.19.0.300"}, "spec.clusterIP: '198.19.0.300' is not an IP address"),
+    ("clusterIP missing", {"clusterIP": None}, "spec.clusterIP: is required"),
+    ("unknown type", {"type": "Internal"}, "spec.type: 'Internal' is not one of ClusterIP, NodePort"),
+    ("nodePort outside the range", {"type": "NodePort", "ports": [{"port": 80, "nodePort": 8080}]},
+     "spec.ports[0].nodePort: 8080 is out of range 30000-32767"),
+    ("nodePort missing on NodePort", {"type": "NodePort", "ports": [{"port": 80}]},
+     "spec.ports[0].nodePort: is required for type NodePort"),
+    ("nodePort on ClusterIP", {"ports": [{"port": 80, "nodePort": 30001}]},
+     "spec.ports[0].nodePort: is only allowed for type NodePort or LoadBalancer"),
+    ("externalIP not an address", {"externalIPs": ["198.18.200.1", "nope"]},
+     "spec.externalIPs[1]: 'nope' is not an IP address"),
+    ("bad source range", {"loadBalancerSourceRanges": ["198.18.0.0/33"]},
+     "spec.loadBalancerSourceRanges[0]: '198.18.0.0/33' is not a CIDR"),
+    ("unknown session affinity", {"sessionAffinity": "Cookie"},
+     "spec.sessionAffinity: 'Cookie' is not one of None, ClientIP"),
+    ("affinity timeout 0", {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}},
+     "spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is out of range 1-86400"),
+    ("affinity timeout too long",
+     {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}}},
+     "spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is out of range 1-86400"),
+    ("unknown traffic policy", {"externalTrafficPolicy": "OnlyLocal"},
+     "spec.externalTrafficPolicy: 'OnlyLocal' is not one of Cluster, Local"),
+    ("publishNotReadyAddresses not a bool", {"publishNotReadyAddresses": "yes"},
+     "spec.publishNotReadyAddresses: must be true or false, not 'yes'"),
+    ("ports not a list", {"ports": {"port": 80}}, "spec.ports: must be a list"),
+    ("ExternalName without a name", {"type": "ExternalName"}, "spec.externalName: is required for type ExternalName"),
+]
+
+
+@pytest.mark.parametrize("spec,message", [c[1:] for c in INVALID_SERVICES], ids=[c[0] for c in INVALID_SERVICES])
+def test_invalid_service(spec, message):
+    assert message in error_of(lambda o: parse_service(o, CONFIG), service(**spec))
+
+
+def test_invalid_algorithm_annotation_names_the_annotation():
+    obj = service()
+    obj["metadata"]["annotations"] = {"ebpfsvc.io/lb-algorithm": "round-robin"}
+    assert error_of(lambda o: parse_service(o, CONFIG), obj) == \
+        "metadata.annotations[ebpfsvc.io/lb-algorithm]: 'round-robin' is not one of maglev|random"
+
+
+def test_invalid_kind_version_and_name():
+    obj = service()
+    obj["apiVersion"] = "v2"
+    assert "apiVersion: 'v2' is not supported for Service" in error_of(lambda o: parse_service(o, CONFIG), obj)
+    obj = service()
+    del obj["metadata"]["name"]
+    assert error_of(lambda o: parse_service(o, CONFIG), obj) == "metadata.name: is required"
+
+
+def test_node_config_limits_apply():
+    narrow = NodeConfig("n", service_cidr="198.19.5.0/24", nodeport_range=(31000, 31999))
+    assert "outside the service CIDR 198.19.5.0/24" in error_of(lambda o: parse_service(o, narrow), service())
+    obj = service(clusterIP="198.19.5.1", type="NodePort", ports=[{"port": 80, "nodePort": 30080}])
+    assert "30080 is out of range 31000-31999" in error_of(lambda o: parse_service(o, narrow), obj)
+
+
+# --- the seeds' own invalid examples ----------------------------------------------------------
+
+@pytest.mark.parametrize("file,message", [
+    ("seed001-protocol-http.yaml", "spec.ports[0].protocol: 'http' is not one of TCP, UDP, SCTP"),
+    ("seed003-port-typo.yaml", "spec.ports: is required"),
+    ("seed003-template.yaml", "metadata.labels: must be an object"),
+])
+def test_seed_originals_are_rejected_by_the_parser(file, message):
+    doc = yaml.safe_load((INVALID / file).read_text())
+    assert message in error_of(lambda o: parse_service(o, CONFIG), doc)
+
+
+@pytest.mark.parametrize("file,fields", [
+    ("seed003-port-typo.yaml", ["spec.port"]),
+    ("seed003-affinity-shape.yaml", ["spec.sessionAffinityConfig.ClientIP"]),
+    ("seed003-template.yaml", ["metadata.annatations", "spec.clusterIp", "spec.status"]),
+])
+def test_seed_originals_have_unknown_fields(file, fields):
+    doc = yaml.safe_load((INVALID / file).read_text())
+    assert unknown_fields("Service", doc) == fields
+
+
+# --- EndpointSlice ---------------------------------------------------------------------------
+
+def test_endpoint_slice_from_the_seed():
+    sl = parse_endpoint_slice(example("13-example-endpointslice.yaml", "EndpointSlice"))
+    assert (sl.namespace, sl.name, sl.service_name, sl.address_type) == ("default", "example-abc", "example", "IPv4")
+    (port,) = sl.ports
+    assert (port.name, port.protocol, port.port) == ("http", Protocol.TCP, 80)
+    (ep,) = sl.endpoints
+    assert ep.address == IPv4Address("198.18.1.3")
+    assert (ep.ready, ep.serving, ep.terminating, ep.node_name, ep.zone, ep.hostname) == \
+        (True, True, False, "node-1", "zone-a", "pod-1")
+
+
+def test_endpoint_slice_hints():
+    sl = parse_endpoint_slice(example("14-topology-aware-hints.yaml", "EndpointSlice"))
+    assert [ep.zone_hints for ep in sl.endpoints] == [frozenset({"zone-a"}), frozenset({"zone-b"})]
+
+
+def slice_obj(endpoints, ports=({"name": "http", "port": 8080},), address_type="IPv4"):
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": address_type, "ports": list(ports), "endpoints": list(endpoints)}
+
+
+@pytest.mark.parametrize("conditions,expected", [
+    ({}, (True, True, False)),                                       # unset = ready, serving, not terminating
+    ({"ready": False}, (False, True, False)),
+    ({"ready": False, "serving": True, "terminating": True}, (False, True, True)),
+    ({"ready": False, "serving": False, "terminating": True}, (False, False, True)),
+])
+def test_endpoint_conditions_defaults(conditions, expected):
+    sl = parse_endpoint_slice(slice_obj([{"addresses": ["198.18.1.5"], "conditions": conditions}]))
+    ep = sl.endpoints[0]
+    assert (ep.ready, ep.serving, ep.terminating) == expected
+
+
+def test_ipv6_and_fqdn_slices_are_ignored_not_errors():
+    for address_type, address in (("IPv6", "fd00::5"), ("FQDN", "db.example.com")):
+        sl = parse_endpoint_slice(slice_obj([{"addresses": [address]}], address_type=address_type))
+        assert sl.endpoints == () and sl.address_type == address_type
+
+
+INVALID_SLICES = [
+    ("IPv6 address in an IPv4 slice", slice_obj([{"addresses": ["198.18.1.5"]}, {"addresses": ["fd00::1"]}]),
+     "endpoints[1].addresses[0]: fd00::1 is not an IPv4 address"),
+    ("not an address", slice_obj([{"addresses": ["pod-1"]}]), "endpoints[0].addresses[0]: 'pod-1' is not an IP address"),
+    ("no address", slice_obj([{"addresses": []}]), "endpoints[0].addresses: needs at least one address"),
+    ("too many endpoints", slice_obj([{"addresses": ["198.18.1.5"]}] * 1001),
+     "endpoints: has 1001 items, more than the limit of 1000"),
+    ("port out of range", slice_obj([], ports=[{"name": "http", "port": 0}]), "ports[0].port: 0 is out of range 1-65535"),
+    ("unknown protocol", slice_obj([], ports=[{"name": "http", "port": 80, "protocol": "ICMP"}]),
+     "ports[0].protocol: 'ICMP' is not one of TCP, UDP, SCTP"),
+    ("duplicate port name", slice_obj([], ports=[{"name": "http", "port": 80}, {"name": "http", "port": 81}]),
+     "ports[1].name: 'http'/TCP appears twice"),
+    ("ready is a string", slice_obj([{"addresses": ["198.18.1.5"], "conditions": {"ready": "true"}}]),
+     "endpoints[0].conditions.ready: must be true or false, not 'true'"),
+    ("unknown address type", slice_obj([], address_type="IPv5"), "addressType: 'IPv5' is not one of IPv4, IPv6, FQDN"),
+]
+
+
+@pytest.mark.parametrize("obj,message", [c[1:] for c in INVALID_SLICES], ids=[c[0] for c in INVALID_SLICES])
+def test_invalid_endpoint_slice(obj, message):
+    assert error_of(parse_endpoint_slice, obj) == message
+
+
+def test_a_thousand_endpoints_are_fine():
+    sl = parse_endpoint_slice(slice_obj([{"addresses": [f"198.18.{1 + i // 250}.{1 + i % 250}"]} for i in range(1000)]))
+    assert len(sl.endpoints) == 1000
+
+
+# --- Endpoints (manual, selectorless Services) ------------------------------------------------
+
+def test_manual_endpoints_become_slices():
+    eps = parse_endpoints(example("12-plat-dev-manual-endpoints.yaml", "Endpoints"))
+    assert eps.key == ("default", "plat-dev")
+    (sl,) = eps.slices
+    assert sl.service_name == "plat-dev"
+    assert [(p.name, p.protocol, p.port) for p in sl.ports] == [("", Protocol.TCP, 3306)]
+    assert [(e.address, e.ready) for e in sl.endpoints] == [(IPv4Address("198.18.1.109"), True)]
+
+
+def test_not_ready_addresses_are_not_ready_nor_serving():
+    obj = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "db"},
+           "subsets": [{"addresses": [{"ip": "198.18.1.1", "nodeName": "node-1"}],
+                        "notReadyAddresses": [{"ip": "198.18.2.1"}], "ports": [{"port": 5432}]},
+                       {"addresses": [{"ip": "198.18.1.2"}], "ports": [{"name": "metrics", "port": 9187}]}]}
+    eps = parse_endpoints(obj)
+    assert len(eps.slices) == 2
+    first = eps.slices[0].endpoints
+    assert [(str(e.address), e.ready, e.serving, e.node_name) for e in first] == \
+        [("198.18.1.1", True, True, "node-1"), ("198.18.2.1", False, False, "")]
+
+
+@pytest.mark.parametrize("subsets,message", [
+    ([{"addresses": [{"ip": "11.11.11"}], "ports": [{"port": 6379}]}], "subsets[0].addresses[0].ip: '11.11.11' is not an IP address"),
+    ([{"addresses": [{"hostname": "a"}], "ports": [{"port": 6379}]}], "subsets[0].addresses[0].ip: is required"),
+    ([{"addresses": [{"ip": "198.18.1.1"}], "ports": [{"port": 99999}]}], "subsets[0].ports[0].port: 99999 is out of range"),
+    ([{"addresses": [{"ip": "198.18.1.1"}] * 600}] * 2, "subsets: hold more than 1000 addresses"),
+])
+def test_invalid_endpoints(subsets, message):
+    obj = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "db"}, "subsets": subsets}
+    assert message in error_of(parse_endpoints, obj)
+
+
+# --- Node ------------------------------------------------------------------------------------
+
+def test_node_zone_and_addresses():
+    node = parse_node({"apiVersion": "v1", "kind": "Node",
+                       "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+                       "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.11"},
+                                                {"type": "Hostname", "address": "node-1"},
+                                                {"type": "InternalIP", "address": "fd00::11"}]}})
+    assert (node.name, node.zone) == ("node-1", "zone-a")
+    assert node.addresses == (("InternalIP", IPv4Address("198.18.0.11")),)
+
+
+def test_node_beta_zone_label_and_bad_address():
+    node = parse_node({"kind": "Node", "metadata": {"name": "n", "labels": {"failure-domain.beta.kubernetes.io/zone": "z"}}})
+    assert node.zone == "z"
+    bad = {"kind": "Node", "metadata": {"name": "n"}, "status": {"addresses": [{"type": "InternalIP", "address": "x"}]}}
+    assert error_of(parse_node, bad) == "status.addresses[0].address: 'x' is not an IP address"
