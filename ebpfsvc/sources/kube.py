@@ -319,12 +319,13 @@ class KubeSource:
 
     def __init__(self, sink: Sink, *, kubeconfig: str | None = None, in_cluster: bool | None = None,
                  api_client: k8s_client.ApiClient | None = None, kinds: tuple[str, ...] = KINDS,
-                 request_timeout: tuple[float, float] = (5, 60), watch_timeout_seconds: int = 300,
+                 request_timeout: tuple[float, float] | float = (5, 60), watch_timeout_seconds: int = 300,
                  backoff_initial: float = 0.2, backoff_max: float = 30.0,
                  list_page_size: int = 500) -> None:
-        """request_timeout is (connect, read) seconds for every request. The read timeout
-        is how long a watch may stay silent before we call the connection dead and watch
-        again; keep it above the server's bookmark interval (about a minute)."""
+        """request_timeout is (connect, read) seconds for every request, or one number for
+        both. The read timeout is how long a watch may stay silent before we call the
+        connection dead and watch again; keep it above the server's bookmark interval
+        (about a minute)."""
         unknown = set(kinds) - set(_RESOURCES)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}; known: {sorted(_RESOURCES)}")
@@ -332,6 +333,8 @@ class KubeSource:
         self._sink = sink
         self._own_client = api_client is None
         self._api_client = api_client if api_client is not None else _load_api_client(kubeconfig, in_cluster)
+        if isinstance(request_timeout, (int, float)):
+            request_timeout = (request_timeout, request_timeout)
         self._request_timeout = tuple(request_timeout)
         self._watch_timeout_seconds = int(watch_timeout_seconds)
         self._backoff_initial, self._backoff_max = backoff_initial, backoff_max

@@ -18,7 +18,7 @@ from kubernetes import client
 from ebpfsvc.sources.backoff import Backoff
 from ebpfsvc.sources.base import KINDS, Event, EventType
 from ebpfsvc.sources.kube import KubeSource
-from tests.fakeapi import FakeApiServer
+from fakeapi import FakeApiServer  # tests/ is on sys.path: pytest adds the folder of tests/conftest.py
 
 WAIT = 10.0   # upper bound for any wait; a healthy run needs a fraction of a second
 
