@@ -42,6 +42,21 @@
 #define FRAG_ENTRIES_MAX 8192         /* LRU: datagrams whose first fragment was seen */
 #endif
 
+/* ---- Conntrack lifetimes in seconds (-D overridable). An entry older than its
+ * lifetime is treated as absent; LRU eviction reclaims the memory later. ---- */
+#ifndef CT_TIMEOUT_TCP_SYN_S
+#define CT_TIMEOUT_TCP_SYN_S 60       /* TCP, no reply seen yet: half-open, keep it short */
+#endif
+#ifndef CT_TIMEOUT_TCP_ESTABLISHED_S
+#define CT_TIMEOUT_TCP_ESTABLISHED_S 21600 /* TCP, reply seen: 6 h, idle keepalive-less flows */
+#endif
+#ifndef CT_TIMEOUT_TCP_CLOSE_S
+#define CT_TIMEOUT_TCP_CLOSE_S 10     /* TCP after RST or FIN both ways: only stragglers left */
+#endif
+#ifndef CT_TIMEOUT_OTHER_S
+#define CT_TIMEOUT_OTHER_S 60         /* UDP, SCTP: no state to follow, idle timeout only */
+#endif
+
 /* ---- Frontend scope: which side of the node a packet came from. ---- */
 #define LB_SCOPE_EXTERNAL 0   /* entered from outside the cluster (externalTrafficPolicy) */
 #define LB_SCOPE_INTERNAL 1   /* sent by a pod on this node (internalTrafficPolicy) */
@@ -53,6 +68,7 @@
 #define LB_SVC_F_NODEPORT   0x0008  /* frontend is NodeIP:nodePort */
 #define LB_SVC_F_EXTERNAL_IP 0x0010 /* frontend is a spec.externalIPs address */
 #define LB_SVC_F_LOADBALANCER 0x0020 /* frontend is a status.loadBalancer.ingress address */
+#define LB_SVC_F_ADDRESS    0x0040  /* port-0 marker: "this address is a frontend", never balanced */
 
 /* ---- lb4_backend.flags ---- */
 #define LB_BE_F_TERMINATING 0x01    /* serving but terminating: keeps flows, gets no new ones */
@@ -68,6 +84,7 @@
 #define CT_F_SEEN_FIN_REV  0x04
 #define CT_F_SEEN_RST      0x08
 #define CT_F_ESTABLISHED   0x10   /* a packet was seen in the reply direction */
+#define CT_F_HAIRPIN       0x20   /* client == backend: source was SNATed to HAIRPIN_ADDR */
 
 /* ---- Drop and verdict counters: index into lb_drops / metrics label. ---- */
 #define REASON_NO_BACKEND        0  /* frontend with no usable backend: rejected (RST / ICMP) */
@@ -77,6 +94,7 @@
 #define REASON_NO_LOCAL_BACKEND  4  /* traffic policy Local and no backend on this node */
 #define REASON_SOURCE_RANGE      5  /* loadBalancerSourceRanges refused the client */
 #define REASON_CT_CREATE_FAILED  6  /* conntrack insert failed: fail closed */
+#define REASON_REJECT_FAILED     7  /* could not build the RST / ICMP reject: dropped instead */
 #define REASON_MAX               8
 
 /* Frontend: what a packet's destination is matched against. */
@@ -112,7 +130,7 @@ struct lb4_backend {
 /* Name of a service port, for inspection and for stable ids across restarts;
  * keyed by service id (__u32). */
 struct lb_service_name {
-	char name[128];         /* "namespace/name:portname" (portname may be empty) */
+	char name[128];         /* "namespace/name:portname/PROTO" (portname may be empty), NUL-padded */
 };
 
 /* Conntrack key: the 5-tuple as seen on the wire in one direction. */
@@ -126,16 +144,22 @@ struct ct4_key {
 	__u16  pad0;
 };
 
-/* Conntrack entry. The forward entry remembers the backend; the reply entry
- * remembers the frontend to restore as the reply's source. */
+/* Conntrack entry. Both entries of a flow carry the same values, so either
+ * one finds the other: the forward entry's key is (client, frontend), the reply
+ * entry's key is (backend, client, or HAIRPIN_ADDR for a hairpin flow). */
 struct ct4_entry {
-	__u64  last_seen_ns;    /* bpf_ktime_get_ns() of the last packet either way */
-	__u32  backend_id;      /* forward: chosen backend; reply: the same backend */
-	__u32  service_id;
-	__be32 frontend_addr;   /* reply: address to restore as source (the VIP) */
-	__be16 frontend_port;   /* reply: port to restore as source */
+	__u64  last_seen_ns;    /* bpf_ktime_get_ns() of the last packet in this entry's direction */
+	__u32  backend_id;      /* chosen backend: a flow keeps it whatever the tables say now */
+	__u32  service_id;      /* service port, for affinity */
+	__u32  frontend_id;     /* index into lb_frontend_stats for packets of this flow */
+	__be32 frontend_addr;   /* the address the client sent to (VIP): restored on replies */
+	__be32 backend_addr;    /* the DNAT target: to find the reply entry from the forward one */
+	__be16 frontend_port;
+	__be16 backend_port;
 	__u8   flags;           /* CT_F_* */
 	__u8   pad0;
+	__u16  pad1;
+	__u32  pad2;
 };
 
 /* Session affinity: one entry per (service port, client address). */

@@ -1,0 +1,38 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * sessionAffinity: ClientIP. A new flow from a client that used a backend of
+ * this service less than timeoutSeconds ago goes to the same backend, as
+ * kube-proxy's "recent" match does. The timestamp is refreshed by every new
+ * flow (not every packet), which is kube-proxy's semantics too.
+ */
+#ifndef EBPFSVC_AFFINITY_H
+#define EBPFSVC_AFFINITY_H
+
+/* Backend id remembered for (client, service), 0 when none or stale. */
+static __always_inline __u32 lb4_affinity_backend(const struct lb4_service *svc, __be32 client, __u64 now)
+{
+	struct lb4_affinity_key key = { .client_addr = client, .service_id = svc->service_id };
+	struct lb_affinity_val *val;
+
+	if (!(svc->flags & LB_SVC_F_AFFINITY) || !svc->affinity_timeout)
+		return 0;
+	val = lb4_affinity.lookup(&key);
+	if (!val)
+		return 0;
+	if (now - val->last_used_ns >= (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC)
+		return 0;
+	return val->backend_id;
+}
+
+static __always_inline void lb4_affinity_update(const struct lb4_service *svc, __be32 client,
+						__u32 backend_id, __u64 now)
+{
+	struct lb4_affinity_key key = { .client_addr = client, .service_id = svc->service_id };
+	struct lb_affinity_val val = { .last_used_ns = now, .backend_id = backend_id };
+
+	if (!(svc->flags & LB_SVC_F_AFFINITY) || !svc->affinity_timeout)
+		return;
+	lb4_affinity.update(&key, &val);
+}
+
+#endif /* EBPFSVC_AFFINITY_H */

@@ -1,0 +1,164 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Conntrack for load-balanced flows.
+ *
+ * A flow has two entries with identical values: FORWARD keyed by the 5-tuple
+ * the client sends (client -> VIP), REPLY keyed by the 5-tuple the backend
+ * sends (backend -> client). The forward entry pins the backend, so an
+ * established flow is unaffected by Maglev table changes; the reply entry gives
+ * the VIP to restore as the reply's source.
+ *
+ * Lifetimes follow the TCP state seen so far (CT_TIMEOUT_* in abi.h). An
+ * expired entry is treated as absent; the LRU reclaims its memory later, so
+ * there is no garbage collector to run.
+ */
+#ifndef EBPFSVC_CT_H
+#define EBPFSVC_CT_H
+
+#define LB_NSEC_PER_SEC 1000000000ULL
+
+static __always_inline void ct4_key_forward(struct ct4_key *k, const struct lb4_pkt *p)
+{
+	k->saddr = p->saddr;
+	k->daddr = p->daddr;
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+	k->dir = CT_DIR_FORWARD;
+	k->pad0 = 0;
+}
+
+/* The key of a packet as it is on the wire, looked up as a reply (backend -> client). */
+static __always_inline void ct4_key_reply(struct ct4_key *k, const struct lb4_pkt *p)
+{
+	ct4_key_forward(k, p);
+	k->dir = CT_DIR_REPLY;
+}
+
+/* The key a reply of this flow will carry: backend -> client (or -> HAIRPIN_ADDR). */
+static __always_inline void ct4_key_reply_of(struct ct4_key *k, const struct ct4_entry *e,
+					     __be32 client_addr, __be16 client_port, __u8 proto)
+{
+	k->saddr = e->backend_addr;
+	k->daddr = client_addr;
+	k->sport = e->backend_port;
+	k->dport = client_port;
+	k->proto = proto;
+	k->dir = CT_DIR_REPLY;
+	k->pad0 = 0;
+}
+
+/* The forward key of a flow, rebuilt from a reply packet and its entry. */
+static __always_inline void ct4_key_forward_of(struct ct4_key *k, const struct ct4_entry *e,
+					       __be32 client_addr, __be16 client_port, __u8 proto)
+{
+	k->saddr = client_addr;
+	k->daddr = e->frontend_addr;
+	k->sport = client_port;
+	k->dport = e->frontend_port;
+	k->proto = proto;
+	k->dir = CT_DIR_FORWARD;
+	k->pad0 = 0;
+}
+
+static __always_inline int ct4_closing(__u8 flags)
+{
+	return (flags & CT_F_SEEN_RST) ||
+	       ((flags & CT_F_SEEN_FIN_FWD) && (flags & CT_F_SEEN_FIN_REV));
+}
+
+static __always_inline __u64 ct4_lifetime_ns(__u8 proto, __u8 flags)
+{
+	if (proto != IPPROTO_TCP)
+		return CT_TIMEOUT_OTHER_S * LB_NSEC_PER_SEC;
+	if (ct4_closing(flags))
+		return CT_TIMEOUT_TCP_CLOSE_S * LB_NSEC_PER_SEC;
+	if (flags & CT_F_ESTABLISHED)
+		return CT_TIMEOUT_TCP_ESTABLISHED_S * LB_NSEC_PER_SEC;
+	return CT_TIMEOUT_TCP_SYN_S * LB_NSEC_PER_SEC;
+}
+
+static __always_inline int ct4_expired(const struct ct4_entry *e, __u8 proto, __u64 now)
+{
+	return now - e->last_seen_ns > ct4_lifetime_ns(proto, e->flags);
+}
+
+/* Look up an entry, treating an expired one as absent. */
+static __always_inline struct ct4_entry *ct4_lookup(struct ct4_key *k, __u64 now)
+{
+	struct ct4_entry *e = ct4.lookup(k);
+
+	if (e && ct4_expired(e, k->proto, now))
+		return 0;
+	return e;
+}
+
+/* CT_F_* bits a TCP segment adds, seen in direction `dir`. */
+static __always_inline __u8 ct4_tcp_flags(const struct lb4_pkt *p, __u8 dir)
+{
+	__u8 f = 0;
+
+	if (p->proto != IPPROTO_TCP)
+		return 0;
+	if (p->tcp_flags & LB_TCP_SYN)
+		f |= CT_F_SEEN_SYN;
+	if (p->tcp_flags & LB_TCP_RST)
+		f |= CT_F_SEEN_RST;
+	if (p->tcp_flags & LB_TCP_FIN)
+		f |= dir == CT_DIR_FORWARD ? CT_F_SEEN_FIN_FWD : CT_F_SEEN_FIN_REV;
+	return f;
+}
+
+/* Remove both entries of a flow, given its forward key and entry. */
+static __always_inline void ct4_delete_flow(struct ct4_key *fwd, const struct ct4_entry *e)
+{
+	struct ct4_key rk;
+	__be32 client = (e->flags & CT_F_HAIRPIN) ? HAIRPIN_ADDR : fwd->saddr;
+
+	ct4_key_reply_of(&rk, e, client, fwd->sport, fwd->proto);
+	ct4.delete(&rk);
+	ct4.delete(fwd);
+}
+
+/*
+ * Create both entries of a new flow. Fail closed: if either insert fails the
+ * caller drops the packet (REASON_CT_CREATE_FAILED), because a translated flow
+ * whose replies cannot be reverse-NATed is worse than a retransmission.
+ */
+static __always_inline int ct4_create(struct ct4_key *fwd, struct ct4_entry *e, __be32 reply_daddr)
+{
+	struct ct4_key rk;
+
+	ct4_key_reply_of(&rk, e, reply_daddr, fwd->sport, fwd->proto);
+	if (ct4.update(fwd, e))
+		return -1;
+	if (ct4.update(&rk, e)) {
+		ct4.delete(fwd);
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * A reply was seen: mark the flow established / closing in the reply entry
+ * and, when its state changed, in the forward entry too (whose lifetime the
+ * client side checks). Only state changes pay for the second lookup.
+ */
+static __always_inline void ct4_note_reply(struct ct4_entry *re, const struct lb4_pkt *p,
+					   __be32 client_addr, __be16 client_port, __u64 now)
+{
+	__u8 flags = re->flags | CT_F_ESTABLISHED | ct4_tcp_flags(p, CT_DIR_REPLY);
+	struct ct4_key fk;
+	struct ct4_entry *fe;
+
+	re->last_seen_ns = now;
+	if (flags == re->flags)
+		return;
+	re->flags = flags;
+	ct4_key_forward_of(&fk, re, client_addr, client_port, p->proto);
+	fe = ct4.lookup(&fk);
+	if (fe)
+		fe->flags |= flags;
+}
+
+#endif /* EBPFSVC_CT_H */

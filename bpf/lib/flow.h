@@ -1,0 +1,216 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The ClusterIP packet path of the pod-facing hooks, built from the other
+ * headers:
+ *
+ *   lb4_from_pod: pod -> world. An established flow keeps its backend (CT
+ *     forward entry); otherwise a frontend (scope INTERNAL) starts a flow:
+ *     reject if it has no backends, else pick one (affinity, Maglev or random),
+ *     create conntrack (fail closed), DNAT. Anything else passes untouched.
+ *   lb4_to_pod: world -> pod. A reply of a tracked flow gets the frontend back
+ *     as its source; an ICMP error about a tracked flow is translated back.
+ */
+#ifndef EBPFSVC_FLOW_H
+#define EBPFSVC_FLOW_H
+
+/* Verdict for what the parser refused: pass what is not ours (ARP, IPv6...), drop
+ * what is broken, since offsets from a lying header would make us write blind. */
+static __always_inline int lb4_unparsed(int ret)
+{
+	return ret == LB_PARSE_PASS ? TC_ACT_OK : lb_drop(REASON_MALFORMED);
+}
+
+/* Translate a client packet of flow `e` towards its backend. */
+static __always_inline int lb4_forward_xlate(struct __sk_buff *skb, struct lb4_pkt *p,
+					     const struct ct4_entry *e)
+{
+	__u32 bytes = skb->len;
+
+	frag4_record(p);
+	if ((e->flags & CT_F_HAIRPIN) && lb4_rewrite_src(skb, p, HAIRPIN_ADDR, p->sport))
+		return lb_drop(REASON_MALFORMED);
+	if (lb4_rewrite_dst(skb, p, e->backend_addr, e->backend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
+/* No flow yet: balance a packet to a frontend, or let it pass. */
+static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt *p,
+					   struct ct4_key *fk, __u64 now)
+{
+	struct lb4_service *svc;
+	struct lb4_backend *be = 0;
+	struct ct4_entry e = {};
+	__be32 reply_daddr = p->saddr;
+	__u32 id;
+
+	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
+	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
+		return TC_ACT_OK;                       /* not a Service: not ours */
+	if (p->frag == LB_FRAG_LATER)
+		return lb_drop(REASON_FRAG_UNTRACKED);  /* a later fragment cannot start a flow */
+	if (!svc->backend_count || !svc->maglev_size) {
+		if (svc->flags & LB_SVC_F_LOCAL_ONLY)
+			return lb_drop(REASON_NO_LOCAL_BACKEND);
+		return lb4_reject(skb, p, REASON_NO_BACKEND);
+	}
+
+	id = lb4_affinity_backend(svc, p->saddr, now);
+	if (id) {
+		be = lb4_backends.lookup(&id);
+		if (be && (be->flags & LB_BE_F_TERMINATING))
+			be = 0;                         /* affinity never outlives termination */
+	}
+	if (!be)
+		be = lb4_select_backend(svc, p, &id);
+	if (!be)
+		return lb_drop(REASON_NO_BACKEND);      /* table names a missing backend: writer bug */
+
+	e.last_seen_ns = now;
+	e.backend_id = id;
+	e.service_id = svc->service_id;
+	e.frontend_id = svc->frontend_id;
+	e.frontend_addr = p->daddr;
+	e.frontend_port = p->dport;
+	e.backend_addr = be->address;
+	e.backend_port = be->port;
+	e.flags = ct4_tcp_flags(p, CT_DIR_FORWARD);
+	if (HAIRPIN_ADDR && be->address == p->saddr) {
+		e.flags |= CT_F_HAIRPIN;
+		reply_daddr = HAIRPIN_ADDR;
+	}
+	if (ct4_create(fk, &e, reply_daddr))
+		return lb_drop(REASON_CT_CREATE_FAILED);
+	lb4_affinity_update(svc, p->saddr, id, now);
+	return lb4_forward_xlate(skb, p, &e);
+}
+
+/* A packet of a tracked flow from the client side. */
+static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4_pkt *p,
+					       struct ct4_key *fk, struct ct4_entry *e, __u64 now)
+{
+	__u8 flags;
+
+	if (!lb4_backends.lookup(&e->backend_id)) {
+		/* The backend was removed. A TCP connection cannot move to another
+		 * backend (it would answer with RST anyway): reset it now rather
+		 * than let the client time out. A datagram flow has no state on
+		 * the backend: balance it again. */
+		ct4_delete_flow(fk, e);
+		if (p->proto == IPPROTO_TCP)
+			return lb4_reject(skb, p, REASON_BACKEND_GONE);
+		if (p->frag == LB_FRAG_LATER)
+			return lb_drop(REASON_BACKEND_GONE);
+		return lb4_forward_new(skb, p, fk, now);
+	}
+
+	e->last_seen_ns = now;
+	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
+	if (flags != e->flags) {
+		struct ct4_key rk;
+		struct ct4_entry *re;
+
+		e->flags = flags;
+		ct4_key_reply_of(&rk, e, (flags & CT_F_HAIRPIN) ? HAIRPIN_ADDR : p->saddr, p->sport, p->proto);
+		re = ct4.lookup(&rk);
+		if (re)
+			re->flags |= flags;
+	}
+	return lb4_forward_xlate(skb, p, e);
+}
+
+/* A hairpin reply (backend -> HAIRPIN_ADDR) leaves the pod that is also the
+ * client: restore VIP:port as source and the pod itself as destination. */
+static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	struct ct4_key rk;
+	struct ct4_entry *e;
+	__u32 bytes = skb->len;
+
+	ct4_key_reply(&rk, p);
+	e = ct4_lookup(&rk, now);
+	if (!e || !(e->flags & CT_F_HAIRPIN))
+		return TC_ACT_OK;
+	ct4_note_reply(e, p, p->saddr, p->dport, now);
+	if (lb4_rewrite_dst(skb, p, p->saddr, p->dport) ||
+	    lb4_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
+static __always_inline int lb4_from_pod(struct __sk_buff *skb)
+{
+	struct lb4_pkt p = {};
+	struct ct4_key fk;
+	struct ct4_entry *e;
+	__u64 now;
+	int ret;
+
+	ret = lb4_parse(skb, &p);
+	if (ret != LB_PARSE_OK)
+		return lb4_unparsed(ret);
+	if (!lb4_proto_has_ports(p.proto))
+		return TC_ACT_OK;
+	if (p.frag == LB_FRAG_LATER && frag4_lookup_ports(&p)) {
+		if (lb4_is_frontend_address(p.daddr, p.proto, LB_SCOPE_INTERNAL))
+			return lb_drop(REASON_FRAG_UNTRACKED);
+		return TC_ACT_OK;
+	}
+
+	now = bpf_ktime_get_ns();
+	ct4_key_forward(&fk, &p);
+	e = ct4.lookup(&fk);
+	if (e) {
+		if (ct4_expired(e, p.proto, now) ||
+		    /* port reuse: a fresh SYN on a closed flow starts a new one */
+		    (p.proto == IPPROTO_TCP && ct4_closing(e->flags) &&
+		     (p.tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN)) {
+			ct4_delete_flow(&fk, e);
+			e = 0;
+		}
+	}
+	if (e)
+		return lb4_forward_tracked(skb, &p, &fk, e, now);
+	if (HAIRPIN_ADDR && p.daddr == HAIRPIN_ADDR)
+		return lb4_hairpin_reply(skb, &p, now);
+	return lb4_forward_new(skb, &p, &fk, now);
+}
+
+static __always_inline int lb4_to_pod(struct __sk_buff *skb)
+{
+	struct lb4_pkt p = {};
+	struct ct4_key rk;
+	struct ct4_entry *e;
+	__u64 now;
+	__u32 bytes = skb->len;
+	int ret;
+
+	ret = lb4_parse(skb, &p);
+	if (ret != LB_PARSE_OK)
+		return lb4_unparsed(ret);
+	now = bpf_ktime_get_ns();
+	if (p.proto == IPPROTO_ICMP) {
+		if (lb4_icmp_error_rev_nat(skb, &p, now) < 0)
+			return lb_drop(REASON_MALFORMED);
+		return TC_ACT_OK;
+	}
+	if (!lb4_proto_has_ports(p.proto))
+		return TC_ACT_OK;
+	if (p.frag == LB_FRAG_LATER && frag4_lookup_ports(&p))
+		return TC_ACT_OK;                       /* cannot tell whose: leave it */
+
+	ct4_key_reply(&rk, &p);
+	e = ct4_lookup(&rk, now);
+	if (!e)
+		return TC_ACT_OK;
+	ct4_note_reply(e, &p, p.daddr, p.dport, now);
+	frag4_record(&p);
+	if (lb4_rewrite_src(skb, &p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
+#endif /* EBPFSVC_FLOW_H */

@@ -1,0 +1,253 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * ICMP and TCP control packets the load balancer sends or translates:
+ *  - the reject of a frontend without backends, built in place of the
+ *    client's packet and sent back out the interface it came from, as
+ *    kube-proxy's REJECT rule does: TCP RST from VIP:port, otherwise an ICMP
+ *    port unreachable from the VIP quoting the client's IP header + 8 bytes;
+ *  - ICMP errors about a translated flow (destination unreachable incl.
+ *    fragmentation needed, time exceeded, parameter problem), rewritten so the
+ *    client sees them about the VIP it talked to, not the backend.
+ */
+#ifndef EBPFSVC_ICMP_H
+#define EBPFSVC_ICMP_H
+
+#define LB_REPLY_TTL 64
+#define LB_ICMP_TOS  0xc0          /* IPTOS_PREC_INTERNETCONTROL, as Linux's icmp_send */
+#define LB_ICMP_QUOTE_MAX (60 + 8) /* largest IP header + the 8 L4 bytes RFC 792 asks for */
+
+/* TCP pseudo-header + header, summed in one csum_diff. */
+struct lb4_tcp_csum_buf {
+	__be32 saddr;
+	__be32 daddr;
+	__u8   zero;
+	__u8   proto;
+	__be16 len;
+	struct tcphdr th;
+};
+
+/* ICMP header + quote, zero padded so the sum covers a fixed size. */
+struct lb4_icmp_buf {
+	struct icmphdr ih;
+	__u8 quote[LB_ICMP_QUOTE_MAX];
+};
+
+static __always_inline void lb4_reply_ip(struct iphdr *ip, __u8 tos, __u16 tot_len, __u8 proto,
+					 __be32 saddr, __be32 daddr)
+{
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = tos;
+	ip->tot_len = lb_htons(tot_len);
+	ip->id = 0;
+	ip->frag_off = 0;
+	ip->ttl = LB_REPLY_TTL;
+	ip->protocol = proto;
+	ip->check = 0;
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	ip->check = lb4_ip_hdr_csum(ip);
+}
+
+/* Resize the packet to `len` and write Ethernet (MACs swapped) + IPv4 header. */
+static __always_inline int lb4_reply_l2l3(struct __sk_buff *skb, __u32 len, struct iphdr *ip)
+{
+	__u8 mac[2 * ETH_ALEN];
+	__u8 swapped[2 * ETH_ALEN];
+	int i;
+
+	if (bpf_skb_load_bytes(skb, 0, mac, sizeof(mac)))
+		return -1;
+#pragma unroll
+	for (i = 0; i < ETH_ALEN; i++) {
+		swapped[i] = mac[ETH_ALEN + i];
+		swapped[ETH_ALEN + i] = mac[i];
+	}
+	if (bpf_skb_change_tail(skb, len, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, ip, sizeof(*ip), 0))
+		return -1;
+	return 0;
+}
+
+/*
+ * Turn a TCP segment to VIP:port into the RST the VIP would answer with
+ * (RFC 793 reset generation, as Linux's tcp_v4_send_reset): if the segment had
+ * ACK, the RST takes its sequence number from that ACK; otherwise it ACKs the
+ * segment (SYN and FIN count one). The caller never answers an RST.
+ */
+static __always_inline int lb4_build_tcp_rst(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	struct lb4_tcp_csum_buf b = {};
+	struct iphdr ip = {};
+	__u8 *th = (__u8 *)&b.th;
+	__u32 seglen;
+
+	b.saddr = p->daddr;
+	b.daddr = p->saddr;
+	b.proto = IPPROTO_TCP;
+	b.len = lb_htons(sizeof(struct tcphdr));
+	b.th.source = p->dport;
+	b.th.dest = p->sport;
+	th[12] = (sizeof(struct tcphdr) / 4) << 4;     /* data offset: 5 words, no options */
+	if (p->tcp_flags & LB_TCP_ACK) {
+		b.th.seq = lb_htonl(p->tcp_ack_seq);
+		th[13] = LB_TCP_RST;
+	} else {
+		seglen = p->ip_len - p->ihl - p->tcp_doff;
+		if (p->tcp_flags & LB_TCP_SYN)
+			seglen++;
+		if (p->tcp_flags & LB_TCP_FIN)
+			seglen++;
+		b.th.ack_seq = lb_htonl(p->tcp_seq + seglen);
+		th[13] = LB_TCP_RST | LB_TCP_ACK;
+	}
+	b.th.check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&b, sizeof(b), 0));
+
+	lb4_reply_ip(&ip, 0, sizeof(ip) + sizeof(b.th), IPPROTO_TCP, p->daddr, p->saddr);
+	if (lb4_reply_l2l3(skb, ETH_HLEN + sizeof(ip) + sizeof(b.th), &ip))
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &b.th, sizeof(b.th), 0))
+		return -1;
+	return 0;
+}
+
+/* Turn a datagram to the VIP into the ICMP port unreachable the VIP would send. */
+static __always_inline int lb4_build_icmp_port_unreach(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	struct lb4_icmp_buf b = {};
+	struct iphdr ip = {};
+	__u32 qlen = (p->ihl & 0x3c) + 8;
+
+	if (qlen > LB_ICMP_QUOTE_MAX || qlen < 8)
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, b.quote, qlen))
+		return -1;
+	b.ih.type = ICMP_DEST_UNREACH;
+	b.ih.code = ICMP_PORT_UNREACH;
+	b.ih.checksum = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&b, sizeof(b), 0));
+
+	lb4_reply_ip(&ip, LB_ICMP_TOS, sizeof(ip) + sizeof(b.ih) + qlen, IPPROTO_ICMP, p->daddr, p->saddr);
+	if (lb4_reply_l2l3(skb, ETH_HLEN + sizeof(ip) + sizeof(b.ih) + qlen, &ip))
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &b, sizeof(b.ih) + qlen, 0))
+		return -1;
+	return 0;
+}
+
+/*
+ * Reject a packet to a frontend: build the answer and send it back out the
+ * interface it came from. Counted under `reason`; an RST is never answered and
+ * a later fragment never rejected (only dropped).
+ */
+static __always_inline int lb4_reject(struct __sk_buff *skb, const struct lb4_pkt *p, __u32 reason)
+{
+	int err;
+
+	if (p->frag == LB_FRAG_LATER)
+		return lb_drop(reason);
+	if (p->proto == IPPROTO_TCP) {
+		if (p->tcp_flags & LB_TCP_RST)
+			return lb_drop(reason);
+		err = lb4_build_tcp_rst(skb, p);
+	} else {
+		err = lb4_build_icmp_port_unreach(skb, p);
+	}
+	if (err)
+		return lb_drop(REASON_REJECT_FAILED);
+	lb_count_drop(reason);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+static __always_inline int lb4_icmp_is_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+/* Replace 2 or 4 bytes inside an ICMP message, keeping the ICMP checksum right. */
+static __always_inline int lb4_icmp_store(struct __sk_buff *skb, __u32 icmp_csum_off, __u32 off,
+					  __be32 old, __be32 new, __u32 size)
+{
+	if (bpf_l4_csum_replace(skb, icmp_csum_off, old, new, size) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, size, 0) < 0 ? -1 : 0;
+}
+
+/*
+ * An ICMP error going to a client about a packet the client sent to a VIP
+ * (the embedded packet is client -> backend after our DNAT): make it about
+ * client -> VIP again. Rewrites the embedded destination address and port,
+ * the embedded IP checksum, the embedded L4 checksum when it was quoted, the
+ * outer source when the backend itself sent the error, and the ICMP checksum
+ * for all of it. Returns 1 when translated, 0 when not ours, -1 on failure.
+ */
+static __always_inline int lb4_icmp_error_rev_nat(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
+	__u32 in_off = p->l4_off + sizeof(struct icmphdr);
+	__u32 in_l4, l4c;
+	struct iphdr in;
+	__be16 ports[2];
+	__u16 old_csum = 0, new_csum = 0;
+	struct ct4_key k;
+	struct ct4_entry *e;
+	__be32 vip;
+	__be16 vport;
+
+	if (!lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+		return 0;
+	if (bpf_skb_load_bytes(skb, in_off, &in, sizeof(in)))
+		return 0;
+	if (in.version != 4 || in.ihl < 5 || !lb4_proto_has_ports(in.protocol))
+		return 0;
+	in_l4 = in_off + in.ihl * 4;
+	if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)))
+		return 0;
+
+	/* The embedded packet went client -> backend: its reply key is backend -> client. */
+	k.saddr = in.daddr;
+	k.daddr = in.saddr;
+	k.sport = ports[1];
+	k.dport = ports[0];
+	k.proto = in.protocol;
+	k.dir = CT_DIR_REPLY;
+	k.pad0 = 0;
+	e = ct4_lookup(&k, now);
+	if (!e || (e->flags & CT_F_HAIRPIN))
+		return 0;
+	vip = e->frontend_addr;
+	vport = e->frontend_port;
+
+	/* Embedded L4 checksum first, while its old value is still in place. */
+	l4c = lb4_l4_csum_off(in.protocol);
+	if (l4c && in_l4 + l4c + 2 <= skb->len &&
+	    !bpf_skb_load_bytes(skb, in_l4 + l4c, &old_csum, 2) &&
+	    !(in.protocol == IPPROTO_UDP && old_csum == 0)) {
+		if (bpf_l4_csum_replace(skb, in_l4 + l4c, in.daddr, vip, sizeof(vip)) < 0 ||
+		    bpf_l4_csum_replace(skb, in_l4 + l4c, ports[1], vport, sizeof(vport)) < 0 ||
+		    bpf_skb_load_bytes(skb, in_l4 + l4c, &new_csum, 2) ||
+		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
+			return -1;
+	}
+	if (ports[1] != vport &&
+	    lb4_icmp_store(skb, icmp_csum, in_l4 + 2, ports[1], vport, sizeof(vport)))
+		return -1;
+
+	/* Embedded destination address and the embedded IP header checksum. */
+	old_csum = in.check;
+	if (bpf_l3_csum_replace(skb, in_off + IP_CSUM_OFF, in.daddr, vip, sizeof(vip)) < 0 ||
+	    bpf_skb_load_bytes(skb, in_off + IP_CSUM_OFF, &new_csum, 2) ||
+	    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0 ||
+	    lb4_icmp_store(skb, icmp_csum, in_off + IP_DADDR_OFF, in.daddr, vip, sizeof(vip)))
+		return -1;
+
+	/* The backend itself answered (e.g. port unreachable): it speaks as the VIP. */
+	if (p->saddr == in.daddr &&
+	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_SADDR_OFF, p->saddr, vip, 0, 0))
+		return -1;
+	return 1;
+}
+
+#endif /* EBPFSVC_ICMP_H */

@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Frontend lookup and backend selection for new flows.
+ *
+ * A frontend's Maglev table is the range [maglev_offset, maglev_offset +
+ * maglev_size) of the flat lb_maglev array. A new flow takes the slot
+ * hash(5-tuple) % size (consistent: every packet of a flow, and every node,
+ * picks the same slot), or a random slot with LB_SVC_F_RANDOM (kube-proxy's
+ * iptables probability rules, spread without stickiness).
+ */
+#ifndef EBPFSVC_LB_H
+#define EBPFSVC_LB_H
+
+#ifndef LB_HASH_SEED
+#define LB_HASH_SEED 0x5eed1e55       /* same on every node, so tables and hashes agree */
+#endif
+#ifndef LB_TERMINATING_PROBES
+#define LB_TERMINATING_PROBES 4       /* slots tried past a terminating backend */
+#endif
+
+#define lb_rol32(x, k) (((x) << (k)) | ((x) >> (32 - (k))))
+
+/* Bob Jenkins' lookup3 final mix over three words (the kernel's jhash_3words).
+ * ebpfsvc/datapath/ids.py has the Python twin, so tests can predict a slot. */
+static __always_inline __u32 lb_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
+{
+	a += 0xdeadbeef + (3 << 2) + initval;
+	b += 0xdeadbeef + (3 << 2) + initval;
+	c += 0xdeadbeef + (3 << 2) + initval;
+	c ^= b; c -= lb_rol32(b, 14);
+	a ^= c; a -= lb_rol32(c, 11);
+	b ^= a; b -= lb_rol32(a, 25);
+	c ^= b; c -= lb_rol32(b, 16);
+	a ^= c; a -= lb_rol32(c, 4);
+	b ^= a; b -= lb_rol32(a, 14);
+	c ^= b; c -= lb_rol32(b, 24);
+	return c;
+}
+
+/* Hash of a flow's 5-tuple as the client sent it (wire byte order words). */
+static __always_inline __u32 lb4_flow_hash(const struct lb4_pkt *p)
+{
+	return lb_jhash_3words(p->saddr, p->daddr, ((__u32)p->sport << 16) | p->dport,
+			       LB_HASH_SEED ^ p->proto);
+}
+
+static __always_inline struct lb4_service *lb4_lookup_frontend(__be32 addr, __be16 port, __u8 proto, __u8 scope)
+{
+	struct lb4_key key = {
+		.address = addr,
+		.port = port,
+		.proto = proto,
+		.scope = scope,
+	};
+
+	return lb4_frontends.lookup(&key);
+}
+
+/* Is `addr` a frontend address at all (the writer's port-0 marker entry)? */
+static __always_inline int lb4_is_frontend_address(__be32 addr, __u8 proto, __u8 scope)
+{
+	struct lb4_service *svc = lb4_lookup_frontend(addr, 0, proto, scope);
+
+	return svc && (svc->flags & LB_SVC_F_ADDRESS);
+}
+
+/*
+ * Pick a backend for a new flow from the frontend's table.
+ *
+ * A terminating backend gets no new flows while another one is usable: the
+ * writer leaves terminating backends out of a table unless nothing else is
+ * left, but a backend can turn terminating before its table is rebuilt, so the
+ * next few slots are tried. If every probe is terminating, the first one is
+ * used (kube-proxy's terminating fallback).
+ */
+static __always_inline struct lb4_backend *lb4_select_backend(const struct lb4_service *svc,
+							     const struct lb4_pkt *p, __u32 *backend_id)
+{
+	struct lb4_backend *fallback = 0, *be;
+	__u32 fallback_id = 0, size = svc->maglev_size, slot, idx, i;
+	__u32 *id;
+
+	if (!size)
+		return 0;
+	if (svc->flags & LB_SVC_F_RANDOM)
+		slot = bpf_get_prandom_u32() % size;
+	else
+		slot = lb4_flow_hash(p) % size;
+
+#pragma unroll
+	for (i = 0; i < LB_TERMINATING_PROBES; i++) {
+		idx = svc->maglev_offset + slot;
+		id = lb_maglev.lookup(&idx);
+		if (!id)
+			break;
+		be = lb4_backends.lookup(id);
+		if (be) {
+			if (!(be->flags & LB_BE_F_TERMINATING)) {
+				*backend_id = *id;
+				return be;
+			}
+			if (!fallback) {
+				fallback = be;
+				fallback_id = *id;
+			}
+		}
+		slot = slot + 1 == size ? 0 : slot + 1;
+	}
+	*backend_id = fallback_id;
+	return fallback;
+}
+
+#endif /* EBPFSVC_LB_H */

@@ -1,0 +1,38 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Every map of the datapath, one comment line each.
+ *
+ * All maps are pinned under LB_PIN_DIR (a loader -D, one directory per node),
+ * so that a restarted agent finds the same frontends, backends, Maglev tables,
+ * flows and counters, and established connections survive the restart.
+ * bcc reuses a pinned map when the path exists and creates + pins it otherwise.
+ */
+#ifndef EBPFSVC_MAPS_H
+#define EBPFSVC_MAPS_H
+
+#ifndef LB_PIN_DIR
+#define LB_PIN_DIR "/sys/fs/bpf/ebpfsvc"
+#endif
+
+/* (VIP, port, proto, scope) -> service entry: what a new flow is balanced by. */
+BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, lb4_frontends, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb4_frontends");
+/* backend id -> endpoint address, target port and state. */
+BPF_TABLE_PINNED("hash", __u32, struct lb4_backend, lb4_backends, LB_BACKENDS_MAX, LB_PIN_DIR "/lb4_backends");
+/* Maglev slot -> backend id; one flat array, each frontend owns [offset, offset + size). */
+BPF_TABLE_PINNED("array", __u32, __u32, lb_maglev, LB_MAGLEV_SLOTS_MAX, LB_PIN_DIR "/lb_maglev");
+/* 5-tuple + direction -> flow: forward entry (client -> VIP) and reply entry (backend -> client). */
+BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct ct4_entry, ct4, CT_ENTRIES_MAX, LB_PIN_DIR "/ct4");
+/* (client address, service id) -> last backend, for sessionAffinity=ClientIP. */
+BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb_affinity_val, lb4_affinity, AFFINITY_ENTRIES_MAX, LB_PIN_DIR "/lb4_affinity");
+/* (saddr, daddr, IP id, proto) -> L4 ports, learnt from a datagram's first fragment. */
+BPF_TABLE_PINNED("lru_hash", struct frag4_key, struct frag4_ports, frag4, FRAG_ENTRIES_MAX, LB_PIN_DIR "/frag4");
+/* service id -> "namespace/name:port/PROTO": owner of stable ids, read back on agent start. */
+BPF_TABLE_PINNED("hash", __u32, struct lb_service_name, lb_service_names, LB_SERVICES_MAX, LB_PIN_DIR "/lb_service_names");
+/* frontend id -> packets/bytes DNATed towards that frontend (per CPU). */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lb_traffic, lb_frontend_stats, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb_frontend_stats");
+/* backend id -> packets/bytes sent to that backend (per CPU). */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lb_traffic, lb_backend_stats, LB_BACKENDS_MAX, LB_PIN_DIR "/lb_backend_stats");
+/* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
+
+#endif /* EBPFSVC_MAPS_H */

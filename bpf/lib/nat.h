@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Address and port rewrites: DNAT towards the backend, reverse NAT of replies
+ * back to the frontend, and the hairpin SNAT.
+ *
+ * A later fragment carries no L4 header: only its IP header is rewritten (the
+ * L4 checksum, in the first fragment, already covers the new pseudo-header).
+ */
+#ifndef EBPFSVC_NAT_H
+#define EBPFSVC_NAT_H
+
+/* Hairpin: a pod reaching itself through a Service. Without SNAT the packet
+ * would come back into the pod with source == destination and be dropped as a
+ * martian, so, like kube-proxy's masquerade, its source becomes this node-owned
+ * address (__be32 as a number, 0 = hairpin SNAT off). */
+#ifndef HAIRPIN_ADDR
+#define HAIRPIN_ADDR 0
+#endif
+
+/* Absolute offset of the L4 checksum to fix, 0 when this packet has none. */
+static __always_inline __u32 lb4_pkt_csum_off(const struct lb4_pkt *p)
+{
+	__u32 off = lb4_l4_csum_off(p->proto);
+
+	if (!off || p->frag == LB_FRAG_LATER)
+		return 0;
+	return p->l4_off + off;
+}
+
+/*
+ * Rewrite one side (source or destination) of a packet: the address at
+ * `addr_off` from the IP header and the port at `port_off` from the L4 header
+ * (port: not in later fragments). `cur_addr` / `cur_port` point into `p` and
+ * are updated, so chained rewrites keep using the packet's current values.
+ */
+static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct lb4_pkt *p, __u32 addr_off, __u32 port_off,
+				       __be32 *cur_addr, __be16 *cur_port, __be32 addr, __be16 port)
+{
+	__u32 csum_off = lb4_pkt_csum_off(p);
+	__u64 flags = lb4_l4_csum_flags(p->proto);
+
+	if (*cur_addr != addr) {
+		if (lb4_csum_store_addr(skb, p->l3_off, p->l3_off + addr_off, *cur_addr, addr, csum_off, flags))
+			return -1;
+		*cur_addr = addr;
+	}
+	if (p->frag != LB_FRAG_LATER && *cur_port != port) {
+		if (lb4_csum_store_port(skb, p->l4_off + port_off, *cur_port, port, csum_off, flags))
+			return -1;
+		*cur_port = port;
+	}
+	return 0;
+}
+
+/* DNAT side: destination address and port. */
+static __always_inline int lb4_rewrite_dst(struct __sk_buff *skb, struct lb4_pkt *p, __be32 addr, __be16 port)
+{
+	return lb4_rewrite(skb, p, IP_DADDR_OFF, 2, &p->daddr, &p->dport, addr, port);
+}
+
+/* Reverse NAT / SNAT side: source address and port. */
+static __always_inline int lb4_rewrite_src(struct __sk_buff *skb, struct lb4_pkt *p, __be32 addr, __be16 port)
+{
+	return lb4_rewrite(skb, p, IP_SADDR_OFF, 0, &p->saddr, &p->sport, addr, port);
+}
+
+#endif /* EBPFSVC_NAT_H */

@@ -1,0 +1,79 @@
+"""The kernel/user ABI (bpf/include/abi.h) as seen from Python.
+
+cffi parses the header itself, so there is one definition of every struct that
+lives in a BPF map: the preprocessor lines are stripped (abi.h keeps them to
+`#ifndef X / #define X value / #endif`), the struct declarations are handed to
+`ffi.cdef`, and every `#define NAME <integer>` becomes a module constant.
+
+tests/bpf/test_abi.py checks this layout against the one bcc derives from the
+compiled program (its ctypes Key/Leaf types), map by map.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cffi
+
+ABI_H = Path(__file__).resolve().parent.parent / "bpf" / "include" / "abi.h"
+
+_DEFINE = re.compile(r"^\s*#\s*define\s+([A-Z][A-Z0-9_]*)\s+(0x[0-9a-fA-F]+|\d+)\b")
+_TYPEDEFS = """
+typedef uint8_t __u8;
+typedef uint16_t __u16;
+typedef uint32_t __u32;
+typedef uint64_t __u64;
+typedef uint16_t __be16;
+typedef uint32_t __be32;
+"""
+
+
+def _parse(text: str) -> tuple[dict[str, int], str]:
+    constants: dict[str, int] = {}
+    body: list[str] = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            m = _DEFINE.match(line)
+            if m:
+                # First definition wins: the #ifndef guard makes it the default.
+                constants.setdefault(m.group(1), int(m.group(2), 0))
+            continue
+        body.append(line)
+    # cffi's cdef does not take comments inside declarations well: drop them.
+    source = re.sub(r"/\*.*?\*/", "", "\n".join(body), flags=re.S)
+    source = re.sub(r"//[^\n]*", "", source)
+    return constants, source
+
+
+CONSTANTS, _CDEF = _parse(ABI_H.read_text())
+ffi = cffi.FFI()
+ffi.cdef(_TYPEDEFS + _CDEF)
+
+# Every constant as a module attribute: abi.LB_SVC_F_AFFINITY, abi.REASON_MAX, ...
+globals().update(CONSTANTS)
+
+#: REASON_* value -> lower-case name, for metrics labels and the CLI.
+REASONS: dict[int, str] = {
+    v: k[len("REASON_"):].lower() for k, v in CONSTANTS.items() if k.startswith("REASON_") and k != "REASON_MAX"
+}
+
+#: The struct each map holds: map name -> (key C type, value C type).
+MAP_TYPES: dict[str, tuple[str, str]] = {
+    "lb4_frontends": ("struct lb4_key", "struct lb4_service"),
+    "lb4_backends": ("__u32", "struct lb4_backend"),
+    "lb_maglev": ("__u32", "__u32"),
+    "ct4": ("struct ct4_key", "struct ct4_entry"),
+    "lb4_affinity": ("struct lb4_affinity_key", "struct lb_affinity_val"),
+    "frag4": ("struct frag4_key", "struct frag4_ports"),
+    "lb_service_names": ("__u32", "struct lb_service_name"),
+    "lb_frontend_stats": ("__u32", "struct lb_traffic"),
+    "lb_backend_stats": ("__u32", "struct lb_traffic"),
+    "lb_drops": ("__u32", "__u64"),
+}
+
+
+def struct_fields(ctype: str) -> dict[str, tuple[int, int]]:
+    """Field name -> (offset, size) of a struct type, for layout checks."""
+    t = ffi.typeof(ctype)
+    return {name: (f.offset, ffi.sizeof(f.type)) for name, f in t.fields}

@@ -1,0 +1,15 @@
+"""The kernel datapath from Python: compile and load (loader), attach to TC
+(tc), keep the maps equal to the desired state (writer), run programs on test
+packets (testrun).
+
+    from ebpfsvc.datapath import load, MapWriter, tc
+    dp = load(pin_dir, hairpin_addr="198.18.0.1")
+    MapWriter(dp.maps).apply(state)
+    tc.attach(ifindex, dp.programs["from_pod"].fd, "from_pod", tc.INGRESS, netns="node1")
+    tc.attach(ifindex, dp.programs["to_pod"].fd, "to_pod", tc.EGRESS, netns="node1")
+"""
+
+from ebpfsvc.datapath.loader import Datapath, Limits, load, unpin
+from ebpfsvc.datapath.writer import ApplyStats, MapWriter
+
+__all__ = ["Datapath", "Limits", "load", "unpin", "ApplyStats", "MapWriter"]

@@ -1,0 +1,41 @@
+"""Python twin of the datapath's flow hash (bpf/lib/lb.h lb4_flow_hash).
+
+Lets tests and tools predict which Maglev slot, hence which backend, a new flow
+gets: slot = flow_hash(...) % maglev_size. Words are the packet's bytes read as
+native-endian u32 / u16, exactly as the BPF program reads them.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+LB_HASH_SEED = 0x5EED1E55
+_M = 0xFFFFFFFF
+
+
+def _rol(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _M
+
+
+def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
+    a = (a + 0xDEADBEEF + (3 << 2) + initval) & _M
+    b = (b + 0xDEADBEEF + (3 << 2) + initval) & _M
+    c = (c + 0xDEADBEEF + (3 << 2) + initval) & _M
+    c ^= b; c = (c - _rol(b, 14)) & _M  # noqa: E702
+    a ^= c; a = (a - _rol(c, 11)) & _M  # noqa: E702
+    b ^= a; b = (b - _rol(a, 25)) & _M  # noqa: E702
+    c ^= b; c = (c - _rol(b, 16)) & _M  # noqa: E702
+    a ^= c; a = (a - _rol(c, 4)) & _M  # noqa: E702
+    b ^= a; b = (b - _rol(a, 14)) & _M  # noqa: E702
+    c ^= b; c = (c - _rol(b, 24)) & _M  # noqa: E702
+    return c
+
+
+def flow_hash(saddr: str, daddr: str, sport: int, dport: int, proto: int, seed: int = LB_HASH_SEED) -> int:
+    """Hash of a client's 5-tuple (addresses dotted, ports host order)."""
+    a = struct.unpack("=I", socket.inet_aton(saddr))[0]
+    b = struct.unpack("=I", socket.inet_aton(daddr))[0]
+    sp = struct.unpack("=H", struct.pack("!H", sport))[0]
+    dp = struct.unpack("=H", struct.pack("!H", dport))[0]
+    return jhash_3words(a, b, (sp << 16) | dp, seed ^ proto)

@@ -1,0 +1,199 @@
+"""Compile and load the ClusterIP datapath (bpf/lb_pod.c) with bcc.
+
+    dp = load("/sys/fs/bpf/ebpfsvc/node1", hairpin_addr="198.18.0.1")
+    dp.programs["from_pod"].fd   # SCHED_CLS program fds, for tc.attach()
+    dp.maps["lb4_frontends"]     # bcc tables, for MapWriter
+
+Maps are pinned under the pin directory (one per node) and reused by the next
+load, so flows and ids survive an agent restart.
+
+Why the loader inlines the project's headers instead of passing -I: bcc only
+rewrites map operations (`map.lookup(&k)`) written in the main translation
+unit; in an #include'd file they would compile to invalid calls. The
+`#include "x.h"` lines of bpf/ are therefore expanded here, with #line markers
+so compiler messages still name the right file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import shutil
+import socket
+import struct
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ebpfsvc import abi
+
+BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+SOURCE = BPF_DIR / "lb_pod.c"
+INCLUDE_DIRS = (BPF_DIR / "include", BPF_DIR / "lib")
+DEFAULT_KERNEL_SOURCE = "/var/lib/ebpfsvc/kernel-headers"
+PROGRAMS = ("from_pod", "to_pod")
+MAPS = tuple(abi.MAP_TYPES)
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Map sizes and conntrack lifetimes, passed to the compiler as -D (abi.h)."""
+
+    frontends: int = abi.LB_FRONTENDS_MAX
+    services: int = abi.LB_SERVICES_MAX
+    backends: int = abi.LB_BACKENDS_MAX
+    maglev_slots: int = abi.LB_MAGLEV_SLOTS_MAX
+    ct_entries: int = abi.CT_ENTRIES_MAX
+    affinity_entries: int = abi.AFFINITY_ENTRIES_MAX
+    frag_entries: int = abi.FRAG_ENTRIES_MAX
+    ct_tcp_syn_s: int = abi.CT_TIMEOUT_TCP_SYN_S
+    ct_tcp_established_s: int = abi.CT_TIMEOUT_TCP_ESTABLISHED_S
+    ct_tcp_close_s: int = abi.CT_TIMEOUT_TCP_CLOSE_S
+    ct_other_s: int = abi.CT_TIMEOUT_OTHER_S
+
+    _MACROS = {
+        "frontends": "LB_FRONTENDS_MAX",
+        "services": "LB_SERVICES_MAX",
+        "backends": "LB_BACKENDS_MAX",
+        "maglev_slots": "LB_MAGLEV_SLOTS_MAX",
+        "ct_entries": "CT_ENTRIES_MAX",
+        "affinity_entries": "AFFINITY_ENTRIES_MAX",
+        "frag_entries": "FRAG_ENTRIES_MAX",
+        "ct_tcp_syn_s": "CT_TIMEOUT_TCP_SYN_S",
+        "ct_tcp_established_s": "CT_TIMEOUT_TCP_ESTABLISHED_S",
+        "ct_tcp_close_s": "CT_TIMEOUT_TCP_CLOSE_S",
+        "ct_other_s": "CT_TIMEOUT_OTHER_S",
+    }
+
+    def defines(self) -> dict[str, int]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value <= 0:
+                raise ValueError(f"limit {f.name} must be positive, got {value}")
+            out[self._MACROS[f.name]] = value
+        return out
+
+
+def be32(addr) -> int:
+    """An IPv4 address as the u32 the datapath compares with (network byte order in memory)."""
+    return struct.unpack("=I", socket.inet_aton(str(ipaddress.IPv4Address(addr))))[0]
+
+
+def expand_source(path: Path = SOURCE) -> str:
+    """The translation unit bcc compiles: `path` with the project's headers inlined."""
+    seen: set[Path] = set()
+
+    def expand(p: Path) -> list[str]:
+        out = [f'#line 1 "{p}"']
+        for lineno, line in enumerate(p.read_text().splitlines(), 1):
+            m = _LOCAL_INCLUDE.match(line)
+            if not m:
+                out.append(line)
+                continue
+            header = _find_header(m.group(1))
+            if header not in seen:      # headers are guarded; inline once
+                seen.add(header)
+                out.extend(expand(header))
+            out.append(f'#line {lineno + 1} "{p}"')
+        return out
+
+    return "\n".join(expand(path)) + "\n"
+
+
+def _find_header(name: str) -> Path:
+    for d in INCLUDE_DIRS:
+        if (d / name).is_file():
+            return (d / name).resolve()
+    raise FileNotFoundError(f"#include \"{name}\": not in {', '.join(map(str, INCLUDE_DIRS))}")
+
+
+@dataclass
+class Datapath:
+    """A loaded datapath: bcc object, program fds and the (pinned) maps."""
+
+    bpf: object
+    pin_dir: Path
+    cflags: tuple[str, ...]
+    programs: dict = field(default_factory=dict)
+    maps: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Release the program and map fds (pins, and attached filters, stay)."""
+        _CACHE.pop(self._cache_key, None) if hasattr(self, "_cache_key") else None
+        self.bpf.cleanup()
+
+
+_CACHE: dict[tuple, Datapath] = {}
+
+
+def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None) -> list[str]:
+    flags = [f"-I{d}" for d in INCLUDE_DIRS]
+    flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
+    flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
+    if hairpin_addr is not None:
+        flags.append(f"-DHAIRPIN_ADDR={be32(hairpin_addr):#x}U")
+    return flags
+
+
+def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True) -> Datapath:
+    """Compile (or reuse from this process's cache) and load the datapath.
+
+    `pin_dir` is created if needed; maps already pinned there are reused, so a
+    second load (another process, or cache=False) sees the same contents.
+    `hairpin_addr` is a node-owned IPv4 address used as the source of hairpin
+    flows (pod -> Service -> same pod); None disables hairpin SNAT.
+    """
+    from bcc import BPF  # imported late: unit tests import this module without bcc
+
+    pin_dir = Path(pin_dir)
+    limits = limits or Limits()
+    text = expand_source()
+    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr))
+    key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
+    if cache and key in _CACHE:
+        return _CACHE[key]
+
+    os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    bpf = BPF(text=text, cflags=list(cflags))
+    dp = Datapath(bpf=bpf, pin_dir=pin_dir, cflags=cflags)
+    for name in PROGRAMS:
+        dp.programs[name] = bpf.load_func(name.encode(), BPF.SCHED_CLS)
+    for name in MAPS:
+        dp.maps[name] = bpf.get_table(name.encode())
+    if cache:
+        dp._cache_key = key
+        _CACHE[key] = dp
+    return dp
+
+
+def unpin(pin_dir) -> None:
+    """Remove the pinned maps of a pin directory, and the directory itself.
+
+    Only what the datapath pins is removed; an unexpected file makes this fail
+    rather than delete something that is not ours.
+    """
+    pin_dir = Path(pin_dir)
+    if not pin_dir.exists():
+        return
+    for name in MAPS:
+        (pin_dir / name).unlink(missing_ok=True)
+    for key, dp in list(_CACHE.items()):
+        if dp.pin_dir == pin_dir:
+            _CACHE.pop(key)
+            dp.bpf.cleanup()
+    pin_dir.rmdir()
+
+
+def drop_cache() -> None:
+    """Forget every cached Datapath (and close it)."""
+    for dp in list(_CACHE.values()):
+        dp.bpf.cleanup()
+    _CACHE.clear()
+
+
+__all__ = ["Datapath", "Limits", "load", "unpin", "expand_source", "be32", "PROGRAMS", "MAPS"]

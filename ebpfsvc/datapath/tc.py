@@ -1,0 +1,108 @@
+"""Attach datapath programs to an interface's TC hooks (clsact), with pyroute2.
+
+Programs are attached in direct-action mode (the program's return value is the
+verdict) at a fixed priority and handle, so that re-attaching after an agent
+restart or an upgrade REPLACES the filter in one netlink request: the old
+program serves packets until the new one takes over, there is no window
+without a program (never detach first).
+
+Interfaces are named by ifindex, in the current network namespace or in the
+one given by `netns` (a name under /var/run/netns, or a path).
+"""
+
+from __future__ import annotations
+
+import errno
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+INGRESS = "ingress"
+EGRESS = "egress"
+_PARENT = {INGRESS: 0xFFFFFFF2, EGRESS: 0xFFFFFFF3}   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_{INGRESS,EGRESS})
+_DIRECTION = {v: k for k, v in _PARENT.items()}
+
+#: Our filters' priority and handle: fixed, so a re-attach replaces in place.
+PRIO = 0xE5
+HANDLE = 0xE5
+
+
+@dataclass(frozen=True)
+class TcFilter:
+    ifindex: int
+    direction: str      # INGRESS / EGRESS
+    prio: int
+    handle: int
+    name: str           # program name as given at attach time
+    prog_id: int        # kernel BPF program id (0 if not reported)
+
+
+@contextmanager
+def _ipr(netns=None):
+    ipr = IPRoute(netns=netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def ensure_clsact(ifindex: int, netns=None) -> None:
+    """Add the clsact qdisc to the interface unless it has one."""
+    with _ipr(netns) as ipr:
+        try:
+            ipr.tc("add", "clsact", ifindex)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+
+
+def attach(ifindex: int, prog_fd: int, name: str, direction: str, netns=None) -> None:
+    """Attach (or atomically replace) our filter at `direction` with program `prog_fd`."""
+    ensure_clsact(ifindex, netns)
+    with _ipr(netns) as ipr:
+        ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=prog_fd, name=name,
+               parent=_PARENT[direction], prio=PRIO, protocol=0x0003,   # ETH_P_ALL
+               direct_action=True)
+
+
+def detach(ifindex: int, direction: str, netns=None) -> bool:
+    """Remove our filter from `direction`; False if there was none."""
+    with _ipr(netns) as ipr:
+        try:
+            ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=_PARENT[direction],
+                   prio=PRIO, protocol=0x0003)
+        except NetlinkError as e:
+            if e.code in (errno.ENOENT, errno.EINVAL):
+                return False
+            raise
+    return True
+
+
+def list_filters(ifindex: int, netns=None) -> list[TcFilter]:
+    """BPF filters on the interface's clsact hooks (ours and anyone else's)."""
+    out: list[TcFilter] = []
+    with _ipr(netns) as ipr:
+        for direction, parent in _PARENT.items():
+            try:
+                msgs = list(ipr.get_filters(index=ifindex, parent=parent))
+            except NetlinkError as e:
+                if e.code in (errno.ENOENT, errno.EINVAL):
+                    continue
+                raise
+            for msg in msgs:
+                if msg.get_attr("TCA_KIND") != "bpf":
+                    continue
+                opts = msg.get_attr("TCA_OPTIONS")
+                if opts is None:
+                    continue
+                out.append(TcFilter(
+                    ifindex=ifindex,
+                    direction=direction,
+                    prio=(msg["info"] >> 16) & 0xFFFF,
+                    handle=msg["handle"],
+                    name=opts.get_attr("TCA_BPF_NAME") or "",
+                    prog_id=opts.get_attr("TCA_BPF_ID") or 0,
+                ))
+    return out

@@ -1,0 +1,406 @@
+"""The map writer: makes the (pinned) BPF maps equal to a desired LBState.
+
+    writer = MapWriter(datapath.maps)     # reads what the maps hold now
+    stats = writer.apply(state)           # writes only the difference
+
+Ids are small and dense so per-CPU stats arrays can be indexed by them, and
+stable across agent restarts without a state file: service ids live in
+lb_service_names (id -> name), backend ids are the keys of lb4_backends
+(one per address, port, protocol), frontend ids and Maglev ranges are fields of
+the lb4_frontends entries. A new MapWriter rebuilds all of it from the maps, so
+an unchanged LBState after a restart writes nothing.
+
+Write order, so that no packet ever sees a reference to something missing:
+backends and service names first, then Maglev tables (each changed table
+into a NEW range of lb_maglev), then frontend entries (the single write that
+switches a frontend to its new table); deletes go the other way: frontends,
+then their old ranges are released, then backends and names nobody uses.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import hashlib
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+
+from ebpfsvc import abi, maglev
+from ebpfsvc.datapath.ids import IdAllocator, SlotRanges
+from ebpfsvc.lbmodel import Backend, Frontend, FrontendKind, LBState, ServicePortName
+
+_NAME_MAX = 127      # lb_service_name.name is 128 bytes, NUL-terminated
+
+_KIND_FLAGS = {
+    FrontendKind.CLUSTER_IP: 0,
+    FrontendKind.NODE_PORT: abi.LB_SVC_F_NODEPORT,
+    FrontendKind.EXTERNAL_IP: abi.LB_SVC_F_EXTERNAL_IP,
+    FrontendKind.LOAD_BALANCER: abi.LB_SVC_F_LOADBALANCER,
+}
+
+
+@dataclass
+class ApplyStats:
+    """What one apply() wrote: entries written or deleted per map (0s = no-op)."""
+
+    backends_written: int = 0
+    backends_deleted: int = 0
+    services_written: int = 0
+    services_deleted: int = 0
+    tables_written: int = 0       # Maglev tables written into a new range
+    slots_written: int = 0        # lb_maglev entries written
+    frontends_written: int = 0    # lb4_frontends entries written (incl. address markers)
+    frontends_deleted: int = 0
+    stats_zeroed: int = 0         # per-CPU stats slots reset for a (re)allocated id
+
+    @property
+    def writes(self) -> int:
+        """Every map entry written or deleted."""
+        return sum(getattr(self, f.name) for f in fields(self) if f.name != "tables_written")
+
+    def __bool__(self) -> bool:
+        return self.writes > 0
+
+
+def _raw_be32(addr: ipaddress.IPv4Address) -> int:
+    return struct.unpack("=I", addr.packed)[0]
+
+
+def _raw_be16(port: int) -> int:
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def service_name(spn: ServicePortName) -> str:
+    """Name stored in lb_service_names: "namespace/name:port/PROTO" (hashed when too long)."""
+    name = f"{spn}/{spn.protocol.value}"
+    if len(name.encode()) > _NAME_MAX:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = name.encode()[: _NAME_MAX - 17].decode(errors="ignore") + "#" + digest
+    return name
+
+
+# Map-level tuples the writer compares: raw values exactly as stored.
+FeKey = tuple  # (address, port, proto, scope), address/port in wire order as u32/u16
+FeVal = tuple  # (service_id, frontend_id, maglev_offset, maglev_size, backend_count, affinity_timeout, flags)
+BeKey = tuple  # (address, port, proto)
+
+_MARKER_VAL = (0, 0, 0, 0, 0, 0, abi.LB_SVC_F_ADDRESS)
+
+
+class MapWriter:
+    """Diff-and-apply writer over a loaded datapath's maps (ebpfsvc.datapath.loader.Datapath.maps)."""
+
+    def __init__(self, maps: Mapping[str, Any]):
+        self.frontends_map = maps["lb4_frontends"]
+        self.backends_map = maps["lb4_backends"]
+        self.maglev_map = maps["lb_maglev"]
+        self.names_map = maps["lb_service_names"]
+        self.fe_stats_map = maps["lb_frontend_stats"]
+        self.be_stats_map = maps["lb_backend_stats"]
+        self._load()
+
+    # ---- state read back from the maps -------------------------------------------------
+
+    def _load(self) -> None:
+        self._svc_id: dict[str, int] = {}
+        for k, v in self.names_map.items():
+            self._svc_id[v.name.decode(errors="replace")] = k.value
+        self._be_val: dict[int, tuple] = {}
+        self._be_id: dict[BeKey, int] = {}
+        for k, v in self.backends_map.items():
+            self._be_val[k.value] = (v.address, v.port, v.proto, v.flags)
+            self._be_id[(v.address, v.port, v.proto)] = k.value
+        self._fe: dict[FeKey, FeVal] = {}
+        for k, v in self.frontends_map.items():
+            self._fe[(k.address, k.port, k.proto, k.scope)] = (
+                v.service_id, v.frontend_id, v.maglev_offset, v.maglev_size,
+                v.backend_count, v.affinity_timeout, v.flags)
+
+        capacity = self.maglev_map.max_entries
+        ranges = [(v[2], v[3]) for v in self._fe.values() if v[3] > 0]
+        self._ranges = SlotRanges(capacity, ranges)
+        high = max((off + size for off, size in ranges), default=0)
+        slots = _read_u32_array(self.maglev_map, high)
+        # Table contents as they are now, to compare with what a state wants.
+        self._table: dict[FeKey, np.ndarray] = {
+            k: slots[v[2]: v[2] + v[3]] for k, v in self._fe.items() if v[3] > 0}
+        # (backend names and ids, size) each table was last built from: skips
+        # rebuilding a table whose inputs did not change.
+        self._table_src: dict[FeKey, tuple] = {}
+
+        self._svc_ids = IdAllocator(self.names_map.max_entries, self._svc_id.values())
+        self._be_ids = IdAllocator(self.be_stats_map.max_entries, self._be_val)
+        self._fe_ids = IdAllocator(self.fe_stats_map.max_entries,
+                                   (v[1] for v in self._fe.values() if v[1]))
+
+    # ---- the public operation --------------------------------------------------------
+
+    def apply(self, state: LBState) -> ApplyStats:
+        """Make the maps hold exactly `state`; return what was written."""
+        stats = ApplyStats()
+        want_be, want_svc, want_fe, want_markers = self._desired(state)
+
+        # 1. Backends (new ids get zeroed stats before anything can count on them).
+        be_writes = []
+        for bkey, flags in want_be.items():
+            ident = self._be_id.get(bkey)
+            if ident is None:
+                ident = self._be_ids.allocate()
+                self._be_id[bkey] = ident
+                _zero_percpu(self.be_stats_map, ident)
+                stats.stats_zeroed += 1
+            val = bkey + (flags,)
+            if self._be_val.get(ident) != val:
+                be_writes.append((ident, val))
+        _update_batch(self.backends_map, [
+            (self.backends_map.Key(i), self.backends_map.Leaf(*v)) for i, v in be_writes])
+        for ident, val in be_writes:
+            self._be_val[ident] = val
+        stats.backends_written = len(be_writes)
+
+        # 2. Service names (their ids are what affinity and CT entries carry).
+        name_writes = []
+        for name in sorted(want_svc - self._svc_id.keys()):
+            ident = self._svc_ids.allocate()
+            self._svc_id[name] = ident
+            name_writes.append((ident, name))
+        _update_batch(self.names_map, [
+            (self.names_map.Key(i), self.names_map.Leaf(n.encode())) for i, n in name_writes])
+        stats.services_written = len(name_writes)
+
+        # 3. Maglev tables into new ranges, then frontend entries (the switch).
+        fe_writes: list[tuple[FeKey, FeVal]] = []
+        slot_keys: list[np.ndarray] = []
+        slot_vals: list[np.ndarray] = []
+        retired: list[tuple[int, int]] = []
+        new_tables: dict[FeKey, np.ndarray] = {}
+        for key, (fe, table_backends) in want_fe.items():
+            old = self._fe.get(key)
+            if old is not None and old[1]:
+                fid = old[1]
+            else:
+                fid = self._fe_ids.allocate()
+                _zero_percpu(self.fe_stats_map, fid)
+                stats.stats_zeroed += 1
+            names = [b.name for b in table_backends]
+            ids = [self._be_id[_backend_key(b)] for b in table_backends]
+            size = maglev.table_size(len(names))
+            src = (tuple(zip(names, ids)), size)
+            offset = 0
+            if size:
+                if old is not None and old[3] == size and self._table_src.get(key) == src:
+                    offset = old[2]
+                else:
+                    table = np.asarray(ids, dtype=np.uint32)[maglev.build_table(names, size)]
+                    current = self._table.get(key)
+                    if old is not None and current is not None and old[3] == size \
+                            and np.array_equal(current, table):
+                        offset = old[2]
+                    else:
+                        offset = self._ranges.allocate(size)
+                        slot_keys.append(np.arange(offset, offset + size, dtype=np.uint32))
+                        slot_vals.append(table)
+                        new_tables[key] = table
+                        stats.tables_written += 1
+                        if old is not None and old[3]:
+                            retired.append((old[2], old[3]))
+                    self._table_src[key] = src
+            elif old is not None and old[3]:
+                retired.append((old[2], old[3]))
+            val = (self._svc_id[service_name(fe.service)], fid, offset, size, len(ids),
+                   fe.affinity_timeout, _service_flags(fe))
+            if old != val:
+                fe_writes.append((key, val))
+        for key in want_markers:
+            if self._fe.get(key) != _MARKER_VAL:
+                fe_writes.append((key, _MARKER_VAL))
+
+        if slot_keys:
+            keys = np.concatenate(slot_keys)
+            vals = np.concatenate(slot_vals)
+            _update_u32_array(self.maglev_map, keys, vals)
+            stats.slots_written = int(keys.size)
+        self._table.update(new_tables)
+        _update_batch(self.frontends_map, [
+            (self.frontends_map.Key(*k), self.frontends_map.Leaf(*v)) for k, v in fe_writes])
+        for key, val in fe_writes:
+            self._fe[key] = val
+        stats.frontends_written = len(fe_writes)
+
+        # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
+        stale_fe = [k for k in self._fe if k not in want_fe and k not in want_markers]
+        _delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in stale_fe])
+        for key in stale_fe:
+            val = self._fe.pop(key)
+            if val[3]:
+                retired.append((val[2], val[3]))
+            if val[1]:
+                self._fe_ids.release(val[1])
+            self._table.pop(key, None)
+            self._table_src.pop(key, None)
+        stats.frontends_deleted = len(stale_fe)
+        for off, size in retired:
+            self._ranges.release(off, size)
+
+        stale_be = [i for i, v in self._be_val.items() if v[:3] not in want_be]
+        _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale_be])
+        for ident in stale_be:
+            val = self._be_val.pop(ident)
+            del self._be_id[val[:3]]
+            self._be_ids.release(ident)
+        stats.backends_deleted = len(stale_be)
+
+        stale_svc = [n for n in self._svc_id if n not in want_svc]
+        _delete_batch(self.names_map, [self.names_map.Key(self._svc_id[n]) for n in stale_svc])
+        for name in stale_svc:
+            self._svc_ids.release(self._svc_id.pop(name))
+        stats.services_deleted = len(stale_svc)
+        return stats
+
+    # ---- ids, for inspection and tests ------------------------------------------------
+
+    def service_id(self, spn: ServicePortName) -> int | None:
+        return self._svc_id.get(service_name(spn))
+
+    def backend_id(self, backend: Backend) -> int | None:
+        return self._be_id.get(_backend_key(backend))
+
+    def frontend_id(self, fe: Frontend) -> int | None:
+        val = self._fe.get(_frontend_key(fe))
+        return val[1] if val else None
+
+    def free_slots(self) -> int:
+        return self._ranges.free_slots
+
+    # ---- desired state in map terms ---------------------------------------------------
+
+    def _desired(self, state: LBState):
+        want_be: dict[BeKey, int] = {}
+        want_svc: set[str] = set()
+        want_fe: dict[FeKey, tuple[Frontend, list[Backend]]] = {}
+        want_markers: set[FeKey] = set()
+        for fe in state.frontends.values():
+            if fe.key.port <= 0 or fe.key.port > 65535:
+                raise ValueError(f"frontend {fe.key}: port must be 1..65535")
+            key = _frontend_key(fe)
+            want_svc.add(service_name(fe.service))
+            unique: dict[BeKey, Backend] = {}
+            for b in fe.backends:
+                bkey = _backend_key(b)
+                flags = (abi.LB_BE_F_TERMINATING if b.terminating else 0) | \
+                        (abi.LB_BE_F_LOCAL if b.local else 0)
+                # One entry per (address, port, proto): a backend terminating
+                # or local in any frontend is so in all of them.
+                want_be[bkey] = want_be.get(bkey, 0) | flags
+                unique.setdefault(bkey, b)
+            # Terminating backends take new flows only when nothing else is left.
+            serving = [b for b in unique.values() if not b.terminating]
+            table_backends = sorted(serving or unique.values(), key=lambda b: b.name)
+            want_fe[key] = (fe, table_backends)
+            want_markers.add((key[0], 0, key[2], key[3]))
+        return want_be, want_svc, want_fe, want_markers
+
+
+def _frontend_key(fe: Frontend) -> FeKey:
+    k = fe.key
+    return (_raw_be32(k.address), _raw_be16(k.port), k.protocol.number, int(k.scope))
+
+
+def _backend_key(b: Backend) -> BeKey:
+    return (_raw_be32(b.address), _raw_be16(b.port), b.protocol.number)
+
+
+def _service_flags(fe: Frontend) -> int:
+    flags = _KIND_FLAGS[fe.kind]
+    if fe.affinity_timeout > 0:
+        flags |= abi.LB_SVC_F_AFFINITY
+    if fe.algorithm.value == "random":
+        flags |= abi.LB_SVC_F_RANDOM
+    if fe.local_only:
+        flags |= abi.LB_SVC_F_LOCAL_ONLY
+    return flags
+
+
+# ---- batched map access (bcc tables); per-item fallback when the kernel refuses -------
+
+def _lib():
+    from bcc.libbcc import lib
+    return lib
+
+
+def _update_batch(table, items: list) -> None:
+    if not items:
+        return
+    n = len(items)
+    keys = (table.Key * n)(*(k for k, _ in items))
+    vals = (table.Leaf * n)(*(v for _, v in items))
+    count = ct.c_uint32(n)
+    if _lib().bpf_update_batch(table.map_fd, ct.byref(keys), ct.byref(vals), ct.byref(count)) == 0:
+        return
+    for k, v in items:          # e.g. a kernel without batch ops for this map type
+        table[k] = v
+
+
+def _delete_batch(table, keys: list) -> None:
+    if not keys:
+        return
+    n = len(keys)
+    arr = (table.Key * n)(*keys)
+    count = ct.c_uint32(n)
+    if _lib().bpf_delete_batch(table.map_fd, ct.byref(arr), ct.byref(count)) == 0:
+        return
+    for k in keys:
+        try:
+            del table[k]
+        except KeyError:
+            pass                # already gone: the goal is reached
+
+
+def _update_u32_array(table, keys: np.ndarray, vals: np.ndarray) -> None:
+    keys = np.ascontiguousarray(keys, dtype=np.uint32)
+    vals = np.ascontiguousarray(vals, dtype=np.uint32)
+    count = ct.c_uint32(int(keys.size))
+    if _lib().bpf_update_batch(table.map_fd, keys.ctypes.data, vals.ctypes.data, ct.byref(count)) == 0:
+        return
+    for k, v in zip(keys.tolist(), vals.tolist()):
+        table[table.Key(k)] = table.Leaf(v)
+
+
+def _read_u32_array(table, n: int) -> np.ndarray:
+    """Entries [0, n) of a u32 -> u32 ARRAY map, by batch lookup where possible."""
+    out = np.zeros(n, dtype=np.uint32)
+    if n == 0:
+        return out
+    chunk = min(n, 1 << 16)
+    keys = np.zeros(chunk, dtype=np.uint32)
+    vals = np.zeros(chunk, dtype=np.uint32)
+    lib = _lib()
+    token = ct.c_uint32(0)
+    next_token = ct.c_uint32(0)
+    pos = 0
+    first = True
+    while pos < n:
+        count = ct.c_uint32(min(chunk, n - pos))
+        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token), ct.byref(next_token),
+                                   keys.ctypes.data, vals.ctypes.data, ct.byref(count))
+        got = count.value
+        if res != 0 and got == 0:
+            if pos == 0:        # no batch support: read element by element
+                for i in range(n):
+                    out[i] = table[table.Key(i)].value
+            break
+        idx = keys[:got]
+        sel = idx < n
+        out[idx[sel]] = vals[:got][sel]
+        pos += got
+        token.value = next_token.value
+        first = False
+    return out
+
+
+def _zero_percpu(table, ident: int) -> None:
+    table[table.Key(ident)] = table.Leaf()

@@ -1,0 +1,41 @@
+"""Fixtures for datapath tests: a freshly compiled datapath per test, pinned
+under /sys/fs/bpf/<unique_prefix> and removed afterwards (also on failure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ebpfsvc.datapath import loader
+from ebpfsvc.datapath.writer import MapWriter
+
+from .packets import HAIRPIN
+
+# Small maps: each test compiles its own datapath, and LRU maps preallocate.
+TEST_LIMITS = loader.Limits(
+    frontends=1024, services=1024, backends=1024, maglev_slots=1 << 16,
+    ct_entries=4096, affinity_entries=1024, frag_entries=256,
+)
+
+
+@pytest.fixture
+def pin_dir(unique_prefix):
+    path = Path("/sys/fs/bpf") / unique_prefix
+    yield path
+    loader.unpin(path)
+
+
+@pytest.fixture
+def datapath(pin_dir):
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False)
+    try:
+        yield dp
+    finally:
+        dp.close()
+
+
+@pytest.fixture
+def writer(datapath):
+    return MapWriter(datapath.maps)
+

@@ -1,0 +1,128 @@
+"""Packet fixtures for the datapath tests: addresses, packet builders, and the
+table-row type the fixture runner understands.
+
+Every address is from 198.18.0.0/15 (RFC 2544): clients 198.18.1.x, backends
+198.18.2.x, ClusterIPs 198.19.0.x, the node's hairpin address 198.18.0.1.
+Expected packets are built by scapy with their own checksums, so a wrong
+incremental checksum update shows up as a byte difference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet, Raw
+
+from ebpfsvc.datapath.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, prog_test_run
+from ebpfsvc.lbmodel import (
+    Algorithm, Backend, Frontend, FrontendKey, LBState, Protocol, ServicePortName,
+)
+
+POD_MAC = "02:00:00:00:01:05"     # the client pod's eth0
+HOST_MAC = "02:00:00:00:00:fe"    # the host side of its veth
+CLIENT = "198.18.1.5"
+CLIENT2 = "198.18.1.6"
+VIP = "198.19.0.10"
+VIP2 = "198.19.0.11"
+BACKEND1 = "198.18.2.1"
+BACKEND2 = "198.18.2.2"
+BACKEND3 = "198.18.2.3"
+HAIRPIN = "198.18.0.1"
+OTHER = "198.18.3.9"              # some non-Service destination
+
+__all__ = [
+    "OK", "SHOT", "REDIRECT", "Case", "run", "check", "from_pod", "to_pod",
+    "tcp", "udp", "frontend", "state", "be", "A",
+]
+
+OK, SHOT, REDIRECT = TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT
+A = ipaddress.IPv4Address
+
+
+def from_pod(l3: Packet) -> Packet:
+    """A packet as the pod sends it: pod MAC -> host veth MAC."""
+    return Ether(src=POD_MAC, dst=HOST_MAC) / l3
+
+
+def to_pod(l3: Packet) -> Packet:
+    """A packet going into the pod: host veth MAC -> pod MAC."""
+    return Ether(src=HOST_MAC, dst=POD_MAC) / l3
+
+
+def tcp(src, dst, sport, dport, flags="S", seq=1000, ack=0, payload=b"", ip_id=1, options=None, **ipkw):
+    ip = IP(src=src, dst=dst, id=ip_id, **({"options": options} if options else {}), **ipkw)
+    pkt = ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack)
+    return pkt / Raw(payload) if payload else pkt
+
+
+def udp(src, dst, sport, dport, payload=b"hello", ip_id=1, options=None, **ipkw):
+    ip = IP(src=src, dst=dst, id=ip_id, **({"options": options} if options else {}), **ipkw)
+    return ip / UDP(sport=sport, dport=dport) / Raw(payload)
+
+
+def be(addr, port=8080, proto=Protocol.TCP, **kw) -> Backend:
+    return Backend(A(addr), port, proto, **kw)
+
+
+def frontend(vip=VIP, port=80, backends=(), proto=Protocol.TCP, name="web", **kw) -> Frontend:
+    return Frontend(
+        key=FrontendKey(A(vip), port, proto),
+        service=ServicePortName("default", name, "", proto),
+        backends=tuple(backends),
+        **kw,
+    )
+
+
+def state(*frontends: Frontend) -> LBState:
+    return LBState.of(frontends)
+
+
+@dataclass
+class Case:
+    """One fixture row: a packet in, the packet and verdict expected out."""
+
+    desc: str
+    prog: str                    # "from_pod" / "to_pod"
+    packet: Packet
+    verdict: int
+    expect: Packet | None = None  # None: the packet must come out unchanged
+
+
+def run(dp, prog: str, packet: Packet | bytes):
+    return prog_test_run(dp.programs[prog].fd, bytes(packet))
+
+
+def check(dp, case: Case):
+    """Run a fixture row and compare verdict and exact output bytes."""
+    res = run(dp, case.prog, case.packet)
+    want = bytes(case.expect if case.expect is not None else case.packet)
+    assert res.verdict == {OK: "TC_ACT_OK", SHOT: "TC_ACT_SHOT", REDIRECT: "TC_ACT_REDIRECT"}[case.verdict], \
+        f"{case.desc}: verdict {res.verdict}"
+    if case.verdict != SHOT:
+        assert res.data == want, f"{case.desc}:\n got  {Ether(res.data)!r}\n want {Ether(want)!r}"
+    return res
+
+
+def expected_backend(fe: Frontend, client: str, sport: int) -> str:
+    """The backend address a new flow gets by Maglev, predicted in Python.
+
+    Mirrors the writer (table over non-terminating backends, sorted by name)
+    and the datapath (slot = flow hash % table size), so a fixture can name its
+    expected output packet exactly.
+    """
+    from ebpfsvc import maglev
+    from ebpfsvc.datapath.flowhash import flow_hash
+
+    usable = [b for b in fe.backends if not b.terminating] or list(fe.backends)
+    usable = sorted(set(usable), key=lambda b: b.name)
+    size = maglev.table_size(len(usable))
+    table = maglev.build_table([b.name for b in usable], size)
+    slot = flow_hash(client, str(fe.key.address), sport, fe.key.port, fe.key.protocol.number) % size
+    return str(usable[table[slot]].address)
+
+
+def backend_port(fe: Frontend, addr: str) -> int:
+    return next(b.port for b in fe.backends if str(b.address) == addr)

@@ -1,0 +1,126 @@
+"""ClusterIP translation through BPF_PROG_TEST_RUN: DNAT of new and tracked
+flows, reverse NAT of replies, and everything that must pass untouched.
+
+Maps are filled only through MapWriter.apply(LBState); each row names its
+input packet, the exact expected output packet and the verdict.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import ICMP, IP, IPOption_NOP, IPOption_RR, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Ether
+
+from .packets import (
+    BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, OK, OTHER, VIP, VIP2, Case, be, check,
+    expected_backend, from_pod, frontend, state, tcp, to_pod, udp,
+)
+from ebpfsvc.lbmodel import Protocol
+
+pytestmark = pytest.mark.root
+
+WEB = frontend(VIP, 80, [be(BACKEND1), be(BACKEND2), be(BACKEND3)])
+DNS = frontend(VIP, 53, [be(BACKEND1, 5353, Protocol.UDP), be(BACKEND2, 5353, Protocol.UDP)],
+               proto=Protocol.UDP, name="dns")
+
+
+def test_tcp_flow_dnat_and_reply_rev_nat(datapath, writer):
+    writer.apply(state(WEB))
+    b = expected_backend(WEB, CLIENT, 40000)
+    rows = [
+        Case("SYN to ClusterIP:80 is DNATed to the Maglev backend's :8080", "from_pod",
+             from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
+             from_pod(tcp(CLIENT, b, 40000, 8080, "S"))),
+        Case("SYN-ACK from the backend gets VIP:80 back as its source", "to_pod",
+             to_pod(tcp(b, CLIENT, 8080, 40000, "SA", seq=7000, ack=1001)), OK,
+             to_pod(tcp(VIP, CLIENT, 80, 40000, "SA", seq=7000, ack=1001))),
+        Case("a later segment with payload follows the tracked flow", "from_pod",
+             from_pod(tcp(CLIENT, VIP, 40000, 80, "PA", seq=1001, ack=7001, payload=b"GET / HTTP/1.1\r\n\r\n")), OK,
+             from_pod(tcp(CLIENT, b, 40000, 8080, "PA", seq=1001, ack=7001, payload=b"GET / HTTP/1.1\r\n\r\n"))),
+        Case("the reply with payload is reverse-NATed", "to_pod",
+             to_pod(tcp(b, CLIENT, 8080, 40000, "PA", seq=7001, ack=1019, payload=b"HTTP/1.1 200 OK\r\n")), OK,
+             to_pod(tcp(VIP, CLIENT, 80, 40000, "PA", seq=7001, ack=1019, payload=b"HTTP/1.1 200 OK\r\n"))),
+    ]
+    for row in rows:
+        check(datapath, row)
+
+
+def test_second_flow_from_same_client_is_balanced_on_its_own(datapath, writer):
+    writer.apply(state(WEB))
+    # Find a source port whose flow hashes to a different backend than port 40000.
+    first = expected_backend(WEB, CLIENT, 40000)
+    sport = next(p for p in range(40001, 41000) if expected_backend(WEB, CLIENT, p) != first)
+    second = expected_backend(WEB, CLIENT, sport)
+    check(datapath, Case("first flow", "from_pod", from_pod(tcp(CLIENT, VIP, 40000, 80)), OK,
+                         from_pod(tcp(CLIENT, first, 40000, 8080))))
+    check(datapath, Case("second flow, other backend", "from_pod", from_pod(tcp(CLIENT, VIP, sport, 80)), OK,
+                         from_pod(tcp(CLIENT, second, sport, 8080))))
+    # Each reply finds its own flow.
+    check(datapath, Case("reply of the first", "to_pod", to_pod(tcp(first, CLIENT, 8080, 40000, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "SA"))))
+    check(datapath, Case("reply of the second", "to_pod", to_pod(tcp(second, CLIENT, 8080, sport, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, sport, "SA"))))
+
+
+def test_udp_dnat_and_reply(datapath, writer):
+    writer.apply(state(DNS))
+    b = expected_backend(DNS, CLIENT2, 5000)
+    check(datapath, Case("UDP datagram to ClusterIP:53", "from_pod",
+                         from_pod(udp(CLIENT2, VIP, 5000, 53, b"query")), OK,
+                         from_pod(udp(CLIENT2, b, 5000, 5353, b"query"))))
+    check(datapath, Case("UDP answer reverse-NATed", "to_pod",
+                         to_pod(udp(b, CLIENT2, 5353, 5000, b"answer")), OK,
+                         to_pod(udp(VIP, CLIENT2, 53, 5000, b"answer"))))
+
+
+def test_udp_without_checksum_keeps_zero_checksum(datapath, writer):
+    writer.apply(state(DNS))
+    b = expected_backend(DNS, CLIENT2, 5001)
+    pkt = from_pod(udp(CLIENT2, VIP, 5001, 53, b"query"))
+    pkt[UDP].chksum = 0
+    want = from_pod(udp(CLIENT2, b, 5001, 5353, b"query"))
+    want[UDP].chksum = 0
+    check(datapath, Case("UDP checksum 0 means none: it stays 0", "from_pod", pkt, OK, want))
+
+
+@pytest.mark.parametrize("options", [
+    [IPOption_NOP(), IPOption_NOP(), IPOption_NOP(), IPOption_NOP()],            # IHL 6
+    [IPOption_RR(routers=["198.18.9.%d" % i for i in range(1, 10)])],            # IHL 15, the maximum
+], ids=["ihl6", "ihl15"])
+def test_ip_options_shift_l4_header(datapath, writer, options):
+    writer.apply(state(WEB))
+    b = expected_backend(WEB, CLIENT, 40100)
+    pkt = from_pod(tcp(CLIENT, VIP, 40100, 80, "S", options=options))
+    assert pkt[IP].ihl is None or pkt[IP].ihl > 5
+    check(datapath, Case("SYN with IP options", "from_pod", pkt, OK,
+                         from_pod(tcp(CLIENT, b, 40100, 8080, "S", options=options))))
+    check(datapath, Case("reply with IP options", "to_pod",
+                         to_pod(tcp(b, CLIENT, 8080, 40100, "SA", options=options)), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40100, "SA", options=options))))
+
+
+UNTOUCHED = [
+    Case("TCP to a non-Service address", "from_pod", from_pod(tcp(CLIENT, OTHER, 40000, 80)), OK),
+    Case("TCP to the ClusterIP on a port that is not a Service port", "from_pod",
+         from_pod(tcp(CLIENT, VIP, 40000, 81)), OK),
+    Case("UDP to a ClusterIP:port that is TCP only", "from_pod", from_pod(udp(CLIENT, VIP, 40000, 80)), OK),
+    Case("TCP to a second address with no Service", "from_pod", from_pod(tcp(CLIENT, VIP2, 40000, 80)), OK),
+    Case("ICMP echo to the ClusterIP", "from_pod", from_pod(IP(src=CLIENT, dst=VIP) / ICMP()), OK),
+    Case("ARP request", "from_pod",
+         Ether(src="02:00:00:00:01:05", dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=CLIENT, pdst=VIP), OK),
+    Case("IPv6 TCP", "from_pod", Ether(src="02:00:00:00:01:05", dst="02:00:00:00:00:fe") /
+         IPv6(src="2001:2::5", dst="2001:2::10") / TCP(sport=40000, dport=80), OK),
+    Case("a packet into the pod that is no reply of a tracked flow", "to_pod",
+         to_pod(tcp(BACKEND1, CLIENT, 8080, 40000, "SA")), OK),
+    Case("IPv6 into the pod", "to_pod", Ether(src="02:00:00:00:00:fe", dst="02:00:00:00:01:05") /
+         IPv6(src="2001:2::10", dst="2001:2::5") / TCP(sport=80, dport=40000), OK),
+    Case("ARP reply into the pod", "to_pod",
+         Ether(src="02:00:00:00:00:fe", dst="02:00:00:00:01:05") / ARP(op=2, psrc=VIP, pdst=CLIENT), OK),
+]
+
+
+@pytest.mark.parametrize("case", UNTOUCHED, ids=[c.desc for c in UNTOUCHED])
+def test_untouched(datapath, writer, case):
+    writer.apply(state(WEB))
+    check(datapath, case)
