@@ -196,10 +196,7 @@ def load_manifest_file(path: Path) -> tuple[dict[ObjectKey, dict[str, Any]], dic
         else:
             docs = list(yaml.safe_load_all(text))
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(err.problem or err.context or "syntax error").split())
-        raise ManifestError(f"{path}{line}: YAML syntax error: {problem}") from None
+        raise ManifestError(f"{path}{_yaml_error(err)}") from None
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: YAML error: {' '.join(str(err).split())}") from None
     except json.JSONDecodeError as err:
@@ -222,6 +219,17 @@ def load_manifest_file(path: Path) -> tuple[dict[ObjectKey, dict[str, Any]], dic
             rejected.pop(key, None)
             objects[key] = obj
     return objects, rejected
+
+
+def _yaml_error(err: yaml.MarkedYAMLError) -> str:
+    """':LINE: YAML syntax error: ...' on one line. The line is where the broken construct starts
+    (an unclosed [ is reported by PyYAML at the end of the file, which helps nobody)."""
+    mark = err.context_mark or err.problem_mark
+    where = f":{mark.line + 1}" if mark is not None else ""
+    text = ", ".join(str(part) for part in (err.context, err.problem) if part) or "syntax error"
+    if err.context_mark and err.problem_mark and err.problem_mark.line != err.context_mark.line:
+        text += f" (line {err.problem_mark.line + 1})"
+    return f"{where}: YAML syntax error: {' '.join(text.split())}"
 
 
 def _expand(doc: Any, path: Path, index: int) -> Iterable[dict[str, Any]]:
