@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 
 from ebpfsvc.sources.backoff import Backoff
 from ebpfsvc.sources.base import KINDS, Event, EventType
@@ -440,6 +440,31 @@ def test_unknown_kind_is_rejected_up_front(sink):
     """Proves: a typo in `kinds` fails at construction, not silently in a thread."""
     with pytest.raises(ValueError, match="Pod"):
         KubeSource(sink, api_client=client.ApiClient(client.Configuration()), kinds=("Pod",))
+
+
+def test_fake_api_server_satisfies_the_stock_client(api):
+    """Proves the fake is faithful where the tests lean on it: the stock client's typed list and
+    its own Watch helper (not our code) parse its answers, including a 410 ERROR event."""
+    configuration = client.Configuration()
+    configuration.host = api.url
+    core = client.CoreV1Api(client.ApiClient(configuration))
+    api.create("Service", svc("web", port=443))
+    listed = core.list_service_for_all_namespaces()
+    assert listed.metadata.resource_version == str(api.resource_version)
+    assert listed.items[0].spec.ports[0].port == 443
+
+    api.create("Service", svc("db"))
+    stream = watch.Watch().stream(core.list_service_for_all_namespaces, timeout_seconds=5,
+                                  resource_version=listed.metadata.resource_version)
+    event = next(stream)
+    assert (event["type"], event["object"].metadata.name) == ("ADDED", "db")
+    stream.close()
+
+    api.compact()
+    with pytest.raises(client.ApiException) as gone:
+        list(watch.Watch().stream(core.list_service_for_all_namespaces, timeout_seconds=5,
+                                  resource_version=listed.metadata.resource_version))
+    assert gone.value.status == 410
 
 
 # ---- backoff ---------------------------------------------------------------------------------
