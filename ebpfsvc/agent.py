@@ -1,0 +1,150 @@
+"""The node agent: Kubernetes objects in, BPF maps out.
+
+    source (API server | manifest dir) -> ClusterState (trackers) -> desired_state() (pure)
+        -> MapWriter.apply() (diff, batched writes) -> pinned BPF maps <- TC programs on pod veths
+
+One sync computes the whole desired state and lets the writer find the (usually
+tiny) difference; the BoundedFrequencyRunner coalesces bursts of events into
+one such sync.  Nothing is written before Services and EndpointSlices have both
+synced once, because a partial view would delete live frontends.
+
+Restart safety: maps are pinned, programs are replaced in place (never detached
+first), and stopping the agent leaves everything attached, so established and
+new connections keep being served while the agent is down or upgrading.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from ebpfsvc.config import NodeConfig
+from ebpfsvc.desired import desired_state
+from ebpfsvc.interfaces import InterfaceWatcher
+from ebpfsvc.lbmodel import LBState
+from ebpfsvc.runner import BoundedFrequencyRunner
+from ebpfsvc.tracker import ClusterState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: NodeConfig
+    pin_dir: str = "/sys/fs/bpf/ebpfsvc"
+    manifests: str | None = None             # a manifest directory instead of the API server
+    kubeconfig: str | None = None
+    in_cluster: bool = False
+    pod_interfaces: tuple[str, ...] = ("lxc*",)
+    uplinks: tuple[str, ...] = ()
+    hairpin_address: IPv4Address | None = None
+    min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
+    sync_period: float = 30.0                # periodic full resync (repairs any drift)
+    limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.state = ClusterState(config.node, on_invalid=self._invalid)
+        self.datapath = None
+        self.writer = None
+        self.source = None
+        self.watcher: InterfaceWatcher | None = None
+        self.runner = BoundedFrequencyRunner("sync", self.sync, min_interval=config.min_sync_interval,
+                                             max_interval=config.sync_period)
+        self.last_applied: LBState | None = None
+        self.synced_once = threading.Event()
+        self._stopped = threading.Event()
+        self.syncs = 0
+        self.invalid_objects = 0
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        from ebpfsvc.datapath import loader
+        from ebpfsvc.datapath.writer import MapWriter
+
+        cfg = self.config
+        t0 = time.monotonic()
+        self.datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
+                                    hairpin_addr=cfg.hairpin_address)
+        self.writer = MapWriter(self.datapath.maps)
+        log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
+
+        # Attach to pod interfaces as they come; attaching replaces in place.
+        self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
+        self.watcher.start()
+
+        self.source = self._make_source()
+        self.runner.start()
+        threading.Thread(target=self._forward_changes, name="changes", daemon=True).start()
+        self.source.start()
+
+    def _forward_changes(self) -> None:
+        # The tracker drops changes that net to nothing; whatever is left wakes the runner.
+        while not self._stopped.is_set():
+            if self.state.wait_changed(timeout=0.5):
+                self.runner.run()
+                self._stopped.wait(max(self.config.min_sync_interval, 0.01))
+
+    def _make_source(self):
+        cfg = self.config
+        if cfg.manifests:
+            from ebpfsvc.sources.manifests import ManifestSource
+            return ManifestSource(cfg.manifests, self.state)
+        from ebpfsvc.sources.kube import KubeSource
+        return KubeSource(self.state, kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None)
+
+    def stop(self) -> None:
+        """Stop watching and syncing. The datapath stays attached and keeps forwarding."""
+        self._stopped.set()
+        if self.source:
+            self.source.stop()
+        self.runner.stop()
+        if self.watcher:
+            self.watcher.stop()
+
+    def run_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopped.set())
+        self.start()
+        self._stopped.wait()
+        log.info("stopping; the datapath stays attached")
+        self.stop()
+
+    # -- interfaces ------------------------------------------------------------
+    def _attach_pod(self, ifindex: int, ifname: str) -> None:
+        from ebpfsvc.datapath import tc
+
+        # Leaving the pod = ingress of the host side; into the pod = its egress.
+        progs = self.datapath.programs
+        tc.attach(ifindex, progs["from_pod"].fd, "from_pod", tc.INGRESS)
+        tc.attach(ifindex, progs["to_pod"].fd, "to_pod", tc.EGRESS)
+        log.info("attached to pod interface %s (ifindex %d)", ifname, ifindex)
+
+    def _detach_pod(self, ifindex: int, ifname: str) -> None:
+        log.info("pod interface %s (ifindex %d) is gone", ifname, ifindex)
+
+    def _invalid(self, problem) -> None:
+        # The tracker has logged it; keep a count for the metrics endpoint.
+        self.invalid_objects += 1
+
+    # -- sync ------------------------------------------------------------------
+    def sync(self) -> None:
+        if not self.state.synced:
+            log.debug("not synced yet: Services and EndpointSlices must both have listed once")
+            return
+        t0 = time.monotonic()
+        desired = desired_state(self.state.snapshot(), self.config.node)
+        if desired == self.last_applied:
+            return
+        stats = self.writer.apply(desired)
+        self.last_applied = desired
+        self.syncs += 1
+        self.synced_once.set()
+        log.info("synced %d frontends in %.1f ms: %s", len(desired.frontends),
+                 (time.monotonic() - t0) * 1000, stats)

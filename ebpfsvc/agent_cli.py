@@ -1,0 +1,87 @@
+"""`ebpfsvc agent`: the node agent's command line, with kube-proxy's flag names where the meaning is the same."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+
+import click
+import yaml
+
+from ebpfsvc.agent import Agent, AgentConfig
+from ebpfsvc.config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+
+def _load_config_file(ctx: click.Context, _param, path: str | None):
+    """--config FILE: a YAML mapping of flag names (with - or _) to values; flags given on the
+    command line win, as with kube-proxy's --config."""
+    if not path:
+        return None
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a mapping of option names to values", param_hint="--config")
+    ctx.default_map = {k.replace("-", "_"): v for k, v in data.items()}
+    return path
+
+
+def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Address, ...]:
+    """kube-proxy --nodeport-addresses: this node's interface addresses inside any of the CIDRs."""
+    from pyroute2 import IPRoute
+
+    nets = [ipaddress.IPv4Network(c) for c in cidrs]
+    with IPRoute() as ipr:
+        addrs = [ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]
+    return tuple(a for a in addrs if any(a in n for n in nets) and not a.is_loopback)
+
+
+@click.command("agent")
+@click.option("--config", callback=_load_config_file, is_eager=True, expose_value=False,
+              type=click.Path(exists=True, dir_okay=False), help="YAML file with any of these options.")
+@click.option("--node-name", envvar="NODE_NAME", default=socket.gethostname, show_default="hostname",
+              help="This node's name (endpoints with this nodeName are local).")
+@click.option("--manifests", type=click.Path(file_okay=False),
+              help="Read Services/EndpointSlices from this directory instead of the API server.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig; default: in-cluster.")
+@click.option("--pin-dir", default="/sys/fs/bpf/ebpfsvc", show_default=True, help="bpffs directory for pinned maps.")
+@click.option("--node-address", "node_addresses", multiple=True, help="A NodePort address (repeatable).")
+@click.option("--nodeport-addresses", multiple=True,
+              help="CIDRs: serve NodePorts on this node's addresses inside them (kube-proxy's flag).")
+@click.option("--zone", default="", help="topology.kubernetes.io/zone; default: from the Node object.")
+@click.option("--service-cidr", default="198.19.0.0/16", show_default=True)
+@click.option("--cluster-cidr", default="", help="Pod CIDR of the cluster (informational for now).")
+@click.option("--service-node-port-range", default="30000-32767", show_default=True)
+@click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")
+@click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
+@click.option("--pod-interfaces", multiple=True, default=("lxc*",), show_default=True,
+              help="Name patterns of the host side of pod veths (followed as they come and go).")
+@click.option("--uplink", "uplinks", multiple=True, help="Node uplink interface for NodePort/external traffic.")
+@click.option("--hairpin-address", default=None, help="Node-owned address pods see when they reach themselves via a Service.")
+@click.option("--min-sync-period", default=0.05, show_default=True, type=float, help="Seconds between syncs, at least.")
+@click.option("--sync-period", default=30.0, show_default=True, type=float, help="Full resync every this many seconds.")
+def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
+          cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
+          hairpin_address, min_sync_period, sync_period):
+    """Run the node agent: program this node's Service data plane and keep it in sync."""
+    try:
+        lo, hi = (int(x) for x in service_node_port_range.split("-"))
+    except ValueError:
+        raise click.BadParameter(f"{service_node_port_range!r} is not LOW-HIGH", param_hint="--service-node-port-range")
+    addrs = tuple(ipaddress.IPv4Address(a) for a in node_addresses)
+    if nodeport_addresses:
+        addrs += select_nodeport_addresses(tuple(nodeport_addresses))
+    node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
+                      service_cidr=service_cidr, nodeport_range=(lo, hi), proxy_name=proxy_name,
+                      default_algorithm=lb_algorithm)
+    cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
+                      in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
+                      uplinks=tuple(uplinks),
+                      hairpin_address=ipaddress.IPv4Address(hairpin_address) if hairpin_address else None,
+                      min_sync_interval=min_sync_period, sync_period=sync_period)
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    log.info("ebpfsvc agent on node %s (pid %d)", node_name, os.getpid())
+    Agent(cfg).run_forever()
