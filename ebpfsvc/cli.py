@@ -17,6 +17,8 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+from ebpfsvc.lab.cli import lab  # noqa: E402 - the local lab's commands (ebpfsvc/lab/)
+main.add_command(lab)
 
 if __name__ == "__main__":
     main()

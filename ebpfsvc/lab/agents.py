@@ -1,0 +1,38 @@
+"""Node agents in the lab: the one command line that starts an agent inside a node.
+
+Each lab node runs its own `ebpfsvc agent` inside its namespace, reading the
+lab's manifests/ and pinning its maps under /sys/fs/bpf/<prefix>/<node>, so a
+restart finds its maps again.  The command line is built here and nowhere
+else: when the agent's options change, this is the one place to adjust.
+The controller starts and stops agents (it is their parent and reaps them).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ebpfsvc.lab import names
+from ebpfsvc.lab.labfile import LabSpec
+from ebpfsvc.lab.network import UPLINK
+from ebpfsvc.lab.store import State
+
+
+def command(state: State, spec: LabSpec, node_name: str) -> list[str]:
+    node = spec.node(node_name)
+    return [
+        sys.executable, "-m", "ebpfsvc.cli", "agent",
+        "--node-name", node.name,
+        "--manifests", str(state.manifests),
+        "--pin-dir", str(names.pin_dir(state.prefix, node.name)),
+        "--node-address", str(node.address),
+        "--zone", node.zone,
+        "--service-cidr", str(spec.service_cidr),
+        "--pod-interfaces", f"{names.POD_LINK_PREFIX}*",
+        "--uplink", UPLINK,
+        "--hairpin-address", str(node.gateway),
+    ]
+
+
+def record_name(node_name: str) -> str:
+    """Name of the agent's pid record and log in the state dir (agent-<node>.pid/.log)."""
+    return f"agent-{node_name}"

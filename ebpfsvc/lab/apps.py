@@ -1,0 +1,122 @@
+"""Test apps for lab pods: `python -m ebpfsvc.lab.apps {http-echo,udp-echo,tcp-echo} --port P`.
+
+Each app says who answered and what it saw, so a test can tell which backend a
+Service picked and whether the client address survived (no NAT) or not:
+
+- http-echo: every HTTP request -> JSON {pod, podIP, client, clientPort, localPort}
+- udp-echo:  every datagram     -> the same JSON, as one datagram back
+- tcp-echo:  line echo, each line prefixed with "<pod>: "; connections stay open,
+             for long-lived stream tests (a flow must keep its backend)
+
+The pod name comes from POD_NAME and the IP from POD_IP, which the lab sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def identity(client: tuple[str, int], local_port: int) -> dict:
+    return {"pod": os.environ.get("POD_NAME", socket.gethostname()),
+            "podIP": os.environ.get("POD_IP", ""),
+            "client": client[0], "clientPort": client[1], "localPort": local_port}
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps(identity(self.client_address, self.server.server_address[1])).encode() + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+    def log_message(self, fmt: str, *args: object) -> None:  # one line per request on stdout
+        print(f"{self.client_address[0]}:{self.client_address[1]} {fmt % args}", flush=True)
+
+
+def http_echo(port: int) -> None:
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer(("0.0.0.0", port), _EchoHandler)
+    server.daemon_threads = True
+    print(f"http-echo listening on :{port}", flush=True)
+    server.serve_forever()
+
+
+def udp_echo(port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    print(f"udp-echo listening on :{port}", flush=True)
+    while True:
+        _, client = sock.recvfrom(65535)
+        sock.sendto(json.dumps(identity(client, port)).encode() + b"\n", client)
+
+
+class _LineEchoHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        name = os.environ.get("POD_NAME", socket.gethostname()).encode()
+        for line in self.rfile:
+            self.wfile.write(name + b": " + line)
+            self.wfile.flush()
+
+
+def tcp_echo(port: int) -> None:
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    socketserver.ThreadingTCPServer.daemon_threads = True
+    server = socketserver.ThreadingTCPServer(("0.0.0.0", port), _LineEchoHandler)
+    print(f"tcp-echo listening on :{port}", flush=True)
+    server.serve_forever()
+
+
+APPS = {"http-echo": http_echo, "udp-echo": udp_echo, "tcp-echo": tcp_echo}
+
+
+def pod(name: str, app: str, port: int, node: str | None = None, labels: dict[str, str] | None = None,
+        port_name: str = "serve", probe: bool = True, namespace: str = "default",
+        grace_seconds: int | None = None) -> dict:
+    """A v1 Pod manifest running one of these apps (for tests and demos).
+
+    The container port is named `port_name`, so Services can use a named targetPort;
+    TCP apps get a tcpSocket readiness probe on it unless `probe` is False.
+    """
+    protocol = "UDP" if app == "udp-echo" else "TCP"
+    container = {"name": app, "command": ["python", "-m", "ebpfsvc.lab.apps", app, "--port", str(port)],
+                 "ports": [{"name": port_name, "containerPort": port, "protocol": protocol}]}
+    if probe and protocol == "TCP":
+        container["readinessProbe"] = {"tcpSocket": {"port": port_name}, "periodSeconds": 1}
+    spec: dict = {"containers": [container]}
+    if node:
+        spec["nodeName"] = node
+    if grace_seconds is not None:
+        spec["terminationGracePeriodSeconds"] = grace_seconds
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": name}},
+            "spec": spec}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ebpfsvc.lab.apps", description=__doc__.splitlines()[0])
+    parser.add_argument("app", choices=sorted(APPS))
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        APPS[args.app](args.port)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

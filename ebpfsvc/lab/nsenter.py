@@ -1,0 +1,93 @@
+"""Entering a lab's network namespaces: for a thread, a child process, or one socket.
+
+A network namespace is a property of a thread (setns(2) moves only the caller),
+so everything here either runs in a short-lived thread that enters the namespace
+and exits, or in a freshly forked child before exec.  The caller's own thread
+never changes namespace, which keeps the root namespace safe from a lab that
+misroutes: code that forgot to come back cannot exist.
+
+Python 3.11 has no os.setns, hence the libc call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+NETNS_RUN_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def netns_path(name: str) -> Path:
+    return NETNS_RUN_DIR / name
+
+
+def exists(name: str) -> bool:
+    return netns_path(name).exists()
+
+
+def setns(name: str) -> None:
+    """Move the calling thread into network namespace `name` (never creates one)."""
+    fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def run_in(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run fn(*args) in a throw-away thread inside namespace `name`; return or raise its result."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            setns(name)
+            result.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name=f"netns-{name}", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def write_sysctls(name: str, values: dict[str, str | int]) -> None:
+    """Write /proc/sys entries as seen from namespace `name` (net.* sysctls are per namespace).
+
+    /proc/sys/net resolves to the namespace of the thread that opens it, so the
+    writes happen in a thread that has entered `name`.
+    """
+    def write() -> None:
+        for key, value in values.items():
+            Path("/proc/sys", *key.split(".")).write_text(f"{value}\n")
+
+    run_in(name, write)
+
+
+def socket_in(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket that lives in namespace `name` (a socket keeps the namespace it was created in)."""
+    return run_in(name, socket.socket, family, kind)
+
+
+def preexec(name: str, new_session: bool = False) -> Callable[[], None]:
+    """A subprocess preexec_fn: enter `name` (and optionally start a session) before exec."""
+    def enter() -> None:
+        if new_session:
+            os.setsid()
+        setns(name)
+
+    return enter

@@ -1,0 +1,28 @@
+"""End-to-end fixtures: a real lab (namespaces, veths, processes) that always comes down.
+
+    @pytest.mark.root
+    def test_x(lab): ...                                   # agents started (the default)
+
+    @pytest.mark.parametrize("lab", [{"agents": False}], indirect=True)
+    def test_y(lab): ...                                   # no agents: plain routing
+
+The lab uses the `unique_prefix` of the test, so parallel runs never share
+namespaces, state dirs or pin dirs, and `lab.down()` runs even when the test
+fails (or its setup half-fails: Lab.up tears down what it built before raising).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ebpfsvc.lab import Lab
+
+
+@pytest.fixture
+def lab(request, unique_prefix):
+    params = getattr(request, "param", None) or {}
+    instance = Lab.up(params.get("labfile"), prefix=unique_prefix, agents=params.get("agents", True))
+    try:
+        yield instance
+    finally:
+        instance.down()

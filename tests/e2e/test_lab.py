@@ -1,0 +1,327 @@
+"""The local lab itself: topology, plain pod routing, the EndpointSlice controller, clean-up.
+
+These run without node agents: they check the lab the Service tests stand on.
+Traffic is real (echo apps in pod namespaces, curl and Python sockets); every
+loop is bounded in count and time, and every lab comes down in a finally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ebpfsvc.lab import Lab, LabError, apps, labfile, names, nsenter, processes
+from ebpfsvc.lab.endpointslices import MAX_ENDPOINTS_PER_SLICE
+from ebpfsvc.lab.pods import READY_ANNOTATION
+
+NO_AGENTS = pytest.mark.parametrize("lab", [{"agents": False}], indirect=True)
+
+UDP_ASK = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); "
+           "s.sendto(b'hi', (sys.argv[1], int(sys.argv[2]))); print(s.recvfrom(4096)[0].decode())")
+
+
+def curl_json(run, url: str) -> dict:
+    result = run(["curl", "-sS", "--max-time", "5", url])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def lab_leftovers(prefix: str) -> list[str]:
+    """Everything of lab `prefix` that still exists on the machine."""
+    left = [f"netns {n}" for n in os.listdir(nsenter.NETNS_RUN_DIR) if n.startswith(prefix + "-")] \
+        if nsenter.NETNS_RUN_DIR.exists() else []
+    if names.state_dir(prefix).exists():
+        left.append(f"state dir {names.state_dir(prefix)}")
+    if names.pin_root(prefix).exists():
+        left.append(f"pin dir {names.pin_root(prefix)}")
+    return left
+
+
+def lab_processes(lab: Lab) -> list[processes.ProcRecord]:
+    """Records of the controller and of every pod process."""
+    recs = [lab.state.read_pid("controller")]
+    recs += [processes.ProcRecord.from_dict(p["status"]["lab"].get("process")) for p in lab.pods()]
+    return [r for r in recs if r]
+
+
+# -- topology and routing ------------------------------------------------------------------
+
+
+@pytest.mark.root
+@NO_AGENTS
+def test_topology(lab):
+    """Nodes route, pods have eth0 with a /32 behind an lxc* veth, nothing leaks to the root netns."""
+    assert {n.name for n in lab.spec.nodes} == {"node-1", "node-2"}
+    lab.apply([apps.pod("web-1", "http-echo", 8080, node="node-1")])
+    pod_if = lab.exec("web-1", ["ip", "-o", "-4", "addr", "show", "eth0"])
+    assert f"{lab.pod_ip('web-1')}/32" in pod_if.stdout
+    assert "198.18.1.1" in lab.exec("web-1", ["ip", "route", "show", "default"]).stdout
+    node_links = lab.node_exec("node-1", ["ip", "-o", "link", "show"]).stdout
+    assert names.pod_host_link("default", "web-1") in node_links
+    assert lab.node_exec("node-1", ["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip() == "1"
+    assert lab.node_exec("node-1", ["cat", "/proc/sys/net/ipv4/conf/all/rp_filter"]).stdout.strip() == "0"
+    routes = lab.node_exec("node-1", ["ip", "route"]).stdout
+    assert "198.18.2.0/24 via 198.18.0.12 dev eth0" in routes
+    root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert names.pod_host_link("default", "web-1") not in root_links
+    assert "198.18." not in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.root
+@NO_AGENTS
+@pytest.mark.parametrize("server_node", ["node-1", "node-2"], ids=["same-node", "cross-node"])
+def test_pod_to_pod_tcp_and_udp(lab, server_node):
+    """Plain routing, no NAT: the echo sees the client pod's own address."""
+    lab.apply([
+        apps.pod("caller", "http-echo", 9000, node="node-1"),
+        apps.pod("web", "http-echo", 8080, node=server_node),
+        apps.pod("dns", "udp-echo", 5353, node=server_node),
+    ])
+    lab.wait_ready(["caller", "web"], timeout=20)
+    client_ip = lab.pod_ip("caller")
+
+    answer = curl_json(lambda argv: lab.exec("caller", argv), f"http://{lab.pod_ip('web')}:8080/")
+    assert answer["pod"] == "web"
+    assert answer["client"] == client_ip
+    assert answer["localPort"] == 8080
+
+    for _ in range(3):   # the UDP app may still be binding: a few bounded tries
+        udp = lab.exec("caller", ["python", "-c", UDP_ASK, lab.pod_ip("dns"), "5353"], timeout=10)
+        if udp.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert udp.returncode == 0, udp.stderr
+    answer = json.loads(udp.stdout)
+    assert answer["pod"] == "dns"
+    assert answer["client"] == client_ip
+
+
+@pytest.mark.root
+@NO_AGENTS
+def test_external_client_reaches_nodes_not_pods(lab):
+    """The external client is outside the cluster: node addresses yes, pod IPs no."""
+    lab.apply([apps.pod("web", "http-echo", 8080, node="node-2")])
+    server = lab.node_popen("node-2", ["python", "-m", "ebpfsvc.lab.apps", "http-echo", "--port", "8081"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            result = lab.external_exec("client", ["curl", "-sS", "--max-time", "3", "http://198.18.0.12:8081/"])
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["client"] == "198.18.0.100"
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+    to_pod = lab.external_exec("client", ["curl", "-sS", "--max-time", "2", f"http://{lab.pod_ip('web')}:8080/"])
+    assert to_pod.returncode != 0
+    assert "198.18.200.0/24 via 198.18.0.11" in lab.external_exec("client", ["ip", "route"]).stdout
+
+
+# -- API-server and EndpointSlice emulation -------------------------------------------------
+
+WEB_SERVICE = {
+    "apiVersion": "v1", "kind": "Service",
+    "metadata": {"name": "web", "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
+    "spec": {"selector": {"app": "web"},
+             "ports": [{"name": "http", "port": 80, "targetPort": "serve"},
+                       {"name": "metrics", "port": 9090, "targetPort": 9090}]},
+}
+
+
+def endpoints_by_pod(lab: Lab, service: str) -> dict[str, dict]:
+    return {e["targetRef"]["name"]: e for s in lab.endpoint_slices(service) for e in s["endpoints"]}
+
+
+@pytest.mark.root
+@NO_AGENTS
+def test_endpointslices_follow_readiness_and_deletion(lab):
+    lab.apply([
+        apps.pod("web-1", "http-echo", 8080, node="node-1", labels={"app": "web"}, grace_seconds=3),
+        apps.pod("web-2", "http-echo", 8080, node="node-2", labels={"app": "web"}),
+        # Probe port 8181 is closed (the app listens on 8080): never ready.
+        {**apps.pod("web-3", "http-echo", 8080, node="node-2", labels={"app": "web"}),
+         "spec": {"nodeName": "node-2", "containers": [{
+             "name": "c", "command": ["python", "-m", "ebpfsvc.lab.apps", "http-echo", "--port", "8080"],
+             "ports": [{"name": "serve", "containerPort": 8080}, {"name": "other", "containerPort": 8181}],
+             "readinessProbe": {"tcpSocket": {"port": "other"}}}]}},
+        apps.pod("other", "http-echo", 8080, node="node-1", labels={"app": "other"}),
+        WEB_SERVICE,
+    ])
+    lab.wait_ready(["web-1", "web-2"], timeout=20)
+    time.sleep(1.5)   # a few probe rounds for web-3, which must stay unready
+    slices = lab.endpoint_slices("web")
+    assert len(slices) == 1
+    assert slices[0]["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
+    assert sorted((p["name"], p["port"]) for p in slices[0]["ports"]) == [("http", 8080), ("metrics", 9090)]
+    eps = endpoints_by_pod(lab, "web")
+    assert set(eps) == {"web-1", "web-2", "web-3"}
+    assert eps["web-1"]["conditions"] == {"ready": True, "serving": True, "terminating": False}
+    assert eps["web-3"]["conditions"] == {"ready": False, "serving": False, "terminating": False}
+    assert eps["web-1"]["nodeName"] == "node-1" and eps["web-1"]["zone"] == "zone-a"
+    assert eps["web-2"]["hints"] == {"forZones": [{"name": "zone-b"}]}
+    assert eps["web-1"]["addresses"] == [lab.pod_ip("web-1")]
+
+    lab.delete_object("pod", "web-1")
+    eps = endpoints_by_pod(lab, "web")
+    assert eps["web-1"]["conditions"] == {"ready": False, "serving": True, "terminating": True}
+    # Terminating pods still serve: the app answers during the grace period.
+    answer = curl_json(lambda argv: lab.exec("web-2", argv), f"http://{lab.pod_ip('web-1')}:8080/")
+    assert answer["pod"] == "web-1"
+    lab.wait_gone(["web-1"], timeout=20)
+    assert set(endpoints_by_pod(lab, "web")) == {"web-2", "web-3"}
+    assert not nsenter.exists(names.pod_netns(lab.prefix, "default", "web-1"))
+
+    # Re-applying with other labels is an update: web-2 leaves the Service.
+    lab.apply([apps.pod("web-2", "http-echo", 8080, node="node-2", labels={"app": "moved"})])
+    assert set(endpoints_by_pod(lab, "web")) == {"web-3"}
+
+
+@pytest.mark.root
+@NO_AGENTS
+def test_more_than_100_endpoints_split_into_slices(lab):
+    """Pods without a command have no process; their readiness comes from an annotation."""
+    count = 150
+    pods = [{"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": f"bulk-{i:03d}", "labels": {"app": "bulk"},
+                          "annotations": {READY_ANNOTATION: "false" if i % 10 == 0 else "true"}},
+             "spec": {"containers": [{"name": "none", "ports": [{"name": "serve", "containerPort": 7000}]}]}}
+            for i in range(count)]
+    lab.apply(pods + [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bulk"},
+                       "spec": {"selector": {"app": "bulk"}, "ports": [{"port": 80, "targetPort": "serve"}]}}])
+    slices = lab.endpoint_slices("bulk")
+    sizes = sorted(len(s["endpoints"]) for s in slices)
+    assert sizes == [count - MAX_ENDPOINTS_PER_SLICE, MAX_ENDPOINTS_PER_SLICE]
+    endpoints = [e for s in slices for e in s["endpoints"]]
+    assert len({e["addresses"][0] for e in endpoints}) == count
+    assert sum(e["conditions"]["ready"] for e in endpoints) == count - count // 10
+    # Unpinned pods are spread over the nodes (fewest pods first).
+    assert {e["nodeName"] for e in endpoints} == {"node-1", "node-2"}
+    assert all(s["ports"] == [{"name": "", "protocol": "TCP", "port": 7000}] for s in slices)
+
+
+@pytest.mark.root
+@NO_AGENTS
+def test_service_defaults_and_load_balancer_status(lab):
+    [svc] = lab.apply([{"apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": "lb", "annotations": {"lab.ebpfsvc.io/lb-ip": "198.18.200.7"}},
+                        "spec": {"type": "LoadBalancer", "selector": {"app": "lb"}, "ports": [{"port": 80}]}}])
+    spec = svc["spec"]
+    assert spec["clusterIP"].startswith("198.19.")
+    assert 30000 <= spec["ports"][0]["nodePort"] <= 32767
+    assert spec["ports"][0]["targetPort"] == 80
+    manifest = (lab.manifests / "service.default.lb.yaml").read_text()
+    assert "198.18.200.7" in manifest and "loadBalancer" in manifest
+    # Re-apply keeps what was allocated, as the API server does.
+    [again] = lab.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lb"},
+                          "spec": {"type": "NodePort", "selector": {"app": "lb"}, "ports": [{"port": 80}]}}])
+    assert again["spec"]["clusterIP"] == spec["clusterIP"]
+    assert again["spec"]["ports"][0]["nodePort"] == spec["ports"][0]["nodePort"]
+    assert "loadBalancer" not in (lab.manifests / "service.default.lb.yaml").read_text()
+    assert {p.name for p in lab.manifests.glob("node.*.yaml")} == {"node.node-1.yaml", "node.node-2.yaml"}
+    with pytest.raises(LabError, match="clusterIP"):
+        lab.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad"},
+                    "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}}])
+
+
+# -- life cycle -------------------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_up_down_leaves_nothing(unique_prefix):
+    lab = Lab.up(prefix=unique_prefix, agents=False)
+    try:
+        lab.apply([apps.pod("web", "http-echo", 8080, node="node-1"),
+                   apps.pod("echo", "tcp-echo", 7000, node="node-2")])
+        lab.wait_ready(["web", "echo"], timeout=20)
+        long_lived = lab.popen("echo", ["sleep", "300"])   # a stray exec the test forgets
+        recs = lab_processes(lab)
+        assert len(recs) == 3 and all(processes.alive(r) for r in recs)
+        assert lab_leftovers(unique_prefix)
+    finally:
+        lab.down()
+    long_lived.wait(timeout=5)
+    assert lab_leftovers(unique_prefix) == []
+    assert not any(processes.alive(r) for r in recs)
+
+
+@pytest.mark.root
+def test_down_after_controller_crash(unique_prefix):
+    lab = Lab.up(prefix=unique_prefix, agents=False)
+    try:
+        lab.apply([apps.pod("web", "http-echo", 8080, node="node-1")])
+        recs = lab_processes(lab)
+        controller = lab.state.read_pid("controller")
+        os.kill(controller.pid, signal.SIGKILL)
+        lab._controller.wait(timeout=5)
+        with pytest.raises(Exception, match="does not answer"):
+            lab.apply([apps.pod("web-2", "http-echo", 8080, node="node-1")])
+    finally:
+        # What a user runs after a crash: the CLI, in a fresh process.
+        down = subprocess.run([sys.executable, "-m", "ebpfsvc.cli", "lab", "down", "--prefix", unique_prefix],
+                              capture_output=True, text=True, timeout=60)
+        if lab_leftovers(unique_prefix):
+            lab.down()
+    assert down.returncode == 0, down.stderr
+    assert lab_leftovers(unique_prefix) == []
+    assert not any(processes.alive(r) for r in recs)
+
+
+@pytest.mark.root
+def test_cli_round_trip(unique_prefix, tmp_path):
+    cli = [sys.executable, "-m", "ebpfsvc.cli", "lab"]
+    env = {**os.environ, "EBPFSVC_LAB_PREFIX": unique_prefix}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60, env=env)
+
+    manifest = tmp_path / "pods.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  nodeName: node-2\n  containers:\n"
+        "  - {name: c, command: [python, -m, ebpfsvc.lab.apps, http-echo, --port, '8080']}\n"
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
+        "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
+    try:
+        assert run("up", "--no-agents").returncode == 0
+        applied = run("apply", "-f", str(manifest))
+        assert applied.returncode == 0, applied.stderr
+        assert run("exec", "web", "--", "sh", "-c", "exit 7").returncode == 7
+        status = run("status")
+        assert status.returncode == 0 and "web" in status.stdout and "198.18.2.2" in status.stdout
+        missing = run("exec", "nope", "--", "true")
+        assert missing.returncode == 1 and "no Pod" in missing.stderr
+        assert run("delete", "pod", "web", "--grace-period", "0").returncode == 0
+        assert "web " not in run("status").stdout.split("pods")[1].split("services")[0]
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stderr
+    assert lab_leftovers(unique_prefix) == []
+
+
+# -- lab file validation (no root needed) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"serviceCIDR": "10.96.0.0/12"}, "serviceCIDR"),
+    ({"nodes": [{"name": "node-1", "address": "198.18.0.11", "podCIDR": "198.18.1.0/24"},
+                {"name": "b", "address": "198.18.0.12", "podCIDR": "198.18.1.128/25"}]}, r"nodes\[1\].podCIDR"),
+    ({"nodes": [{"name": "node-1", "address": "192.168.0.11", "podCIDR": "198.18.1.0/24"}]},
+     r"nodes\[0\].address"),
+    ({"nodes": [{"name": "node-1", "address": "198.18.0.100", "podCIDR": "198.18.1.0/24"}]},
+     r"external\[0\].address"),
+    ({"external": [{"name": "c", "address": "198.18.0.100", "routes": [{"to": "198.18.200.0/24",
+                                                                          "via": "node-9"}]}]}, r"routes\[0\].via"),
+])
+def test_labfile_errors_name_the_field(change, field):
+    doc = labfile.load().to_dict()
+    doc.update(change)
+    with pytest.raises(labfile.LabFileError, match=field):
+        labfile.parse(doc)
