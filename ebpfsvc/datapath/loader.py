@@ -159,7 +159,7 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
 
     os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
     pin_dir.mkdir(parents=True, exist_ok=True)
-    bpf = BPF(text=text, cflags=list(cflags))
+    bpf = BPF(text=text.encode(), cflags=list(cflags))
     dp = Datapath(bpf=bpf, pin_dir=pin_dir, cflags=cflags)
     for name in PROGRAMS:
         dp.programs[name] = bpf.load_func(name.encode(), BPF.SCHED_CLS)

@@ -39,3 +39,18 @@ def datapath(pin_dir):
 def writer(datapath):
     return MapWriter(datapath.maps)
 
+
+
+def age(dp, map_name: str, field: str, seconds: float) -> int:
+    """Make every entry of a datapath-owned LRU map (ct4, lb4_affinity) look
+    `seconds` older, instead of sleeping: bpf_ktime_get_ns() is CLOCK_MONOTONIC,
+    so the entries' timestamps are simply moved back. The subtraction wraps
+    modulo 2**64 like the datapath's `now - last_seen` does, so an age longer
+    than the machine's uptime still reads as that age. Returns entries aged."""
+    table = dp.maps[map_name]
+    n = 0
+    for k, v in list(table.items()):
+        setattr(v, field, (getattr(v, field) - int(seconds * 1e9)) % (1 << 64))
+        table[k] = v
+        n += 1
+    return n

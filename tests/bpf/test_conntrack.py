@@ -1,0 +1,172 @@
+"""Conntrack: an established flow keeps its backend whatever the tables say
+now; removed backends reset TCP and re-balance UDP; lifetimes follow TCP state;
+terminating backends keep their flows but get no new ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from ebpfsvc import abi
+from ebpfsvc.datapath import stats
+from ebpfsvc.lbmodel import Protocol
+
+from .conftest import age
+from .packets import (
+    BACKEND1, BACKEND2, BACKEND3, CLIENT, OK, REDIRECT, VIP, Case, be, check, expected_backend,
+    from_pod, frontend, state, tcp, to_pod, udp,
+)
+from scapy.layers.inet import IP, TCP
+
+pytestmark = pytest.mark.root
+
+B1, B2, B3 = be(BACKEND1), be(BACKEND2), be(BACKEND3)
+WEB2 = frontend(VIP, 80, [B1, B2])
+WEB3 = frontend(VIP, 80, [B1, B2, B3])
+
+
+def ct_flows(dp):
+    """Conntrack entries by direction: {dir: [(key, entry)]}."""
+    out = {abi.CT_DIR_FORWARD: [], abi.CT_DIR_REPLY: []}
+    for k, v in dp.maps["ct4"].items():
+        out[k.dir].append((k, v))
+    return out
+
+
+def dnat(client, b, sport, flags="A", seq=1001, ack=7001, port=8080, **kw):
+    return (from_pod(tcp(client, VIP, sport, 80, flags, seq=seq, ack=ack, **kw)),
+            from_pod(tcp(client, b, sport, port, flags, seq=seq, ack=ack, **kw)))
+
+
+def flow(pair):
+    """(input, expected) -> the Case fields (input, verdict OK, expected)."""
+    return pair[0], OK, pair[1]
+
+
+def test_established_flow_keeps_backend_after_table_change(datapath, writer):
+    writer.apply(state(WEB2))
+    # A flow that the 3-backend table would send elsewhere, so the test can tell.
+    sport = next(p for p in range(40000, 42000)
+                 if expected_backend(WEB3, CLIENT, p) != expected_backend(WEB2, CLIENT, p))
+    old_b = expected_backend(WEB2, CLIENT, sport)
+    new_b = expected_backend(WEB3, CLIENT, sport)
+    syn, syn_out = dnat(CLIENT, old_b, sport, "S", seq=1000, ack=0)
+    check(datapath, Case("SYN balanced by the 2-backend table", "from_pod", syn, OK, syn_out))
+    check(datapath, Case("SYN-ACK", "to_pod", to_pod(tcp(old_b, CLIENT, 8080, sport, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, sport, "SA"))))
+
+    st = writer.apply(state(WEB3))
+    assert st.tables_written == 1
+    seg, seg_out = dnat(CLIENT, old_b, sport)
+    check(datapath, Case("tracked flow ignores the new table", "from_pod", seg, OK, seg_out))
+    # The same 5-tuple, were it new, would go elsewhere now: prove it by forgetting the flow.
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_TCP_ESTABLISHED_S + 1)
+    syn2, syn2_out = dnat(CLIENT, new_b, sport, "S", seq=1000, ack=0)
+    check(datapath, Case("after expiry the flow is new and follows the new table", "from_pod",
+                         syn2, OK, syn2_out))
+
+
+def test_removed_backend_resets_tcp(datapath, writer):
+    writer.apply(state(WEB3))
+    b = expected_backend(WEB3, CLIENT, 40000)
+    syn, syn_out = dnat(CLIENT, b, 40000, "S", seq=1000, ack=0)
+    check(datapath, Case("SYN", "from_pod", syn, OK, syn_out))
+    remaining = [x for x in (B1, B2, B3) if str(x.address) != b]
+    writer.apply(state(frontend(VIP, 80, remaining)))
+
+    seg = from_pod(tcp(CLIENT, VIP, 40000, 80, "PA", seq=1001, ack=7001, payload=b"data"))
+    reset = to_pod(IP(src=VIP, dst=CLIENT, id=0, ttl=64) /
+                   TCP(sport=80, dport=40000, flags="R", seq=7001, ack=0, window=0))
+    check(datapath, Case("segment of a flow whose backend is gone: RST from the VIP", "from_pod",
+                         seg, REDIRECT, reset))
+    assert stats.drops(datapath.maps)["backend_gone"] == 1
+    flows = ct_flows(datapath)
+    assert flows[abi.CT_DIR_FORWARD] == [] and flows[abi.CT_DIR_REPLY] == [], "both CT entries deleted"
+
+
+def test_removed_backend_rebalances_udp(datapath, writer):
+    B = [be(a, 5353, Protocol.UDP) for a in (BACKEND1, BACKEND2, BACKEND3)]
+    dns3 = frontend(VIP, 53, B, proto=Protocol.UDP, name="dns")
+    writer.apply(state(dns3))
+    b = expected_backend(dns3, CLIENT, 5000)
+    check(datapath, Case("first datagram", "from_pod", from_pod(udp(CLIENT, VIP, 5000, 53)), OK,
+                         from_pod(udp(CLIENT, b, 5000, 5353))))
+    dns2 = frontend(VIP, 53, [x for x in B if str(x.address) != b], proto=Protocol.UDP, name="dns")
+    writer.apply(state(dns2))
+    nb = expected_backend(dns2, CLIENT, 5000)
+    check(datapath, Case("next datagram goes to a live backend", "from_pod",
+                         from_pod(udp(CLIENT, VIP, 5000, 53)), OK, from_pod(udp(CLIENT, nb, 5000, 5353))))
+    check(datapath, Case("its answer is reverse-NATed", "to_pod", to_pod(udp(nb, CLIENT, 5353, 5000)), OK,
+                         to_pod(udp(VIP, CLIENT, 53, 5000))))
+    assert stats.drops(datapath.maps)["backend_gone"] == 0
+    flows = ct_flows(datapath)
+    assert len(flows[abi.CT_DIR_FORWARD]) == 1
+    assert flows[abi.CT_DIR_FORWARD][0][1].backend_id == writer.backend_id(be(nb, 5353, Protocol.UDP))
+
+
+def test_tcp_state_and_lifetimes(datapath, writer):
+    writer.apply(state(WEB2))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    check(datapath, Case("SYN", "from_pod", *flow(dnat(CLIENT, b, 40000, "S", seq=1000, ack=0))))
+    fwd = ct_flows(datapath)[abi.CT_DIR_FORWARD][0][1]
+    assert fwd.flags & abi.CT_F_SEEN_SYN and not fwd.flags & abi.CT_F_ESTABLISHED
+
+    # Half-open: gone after the SYN lifetime.
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_TCP_SYN_S + 1)
+    check(datapath, Case("reply after the SYN lifetime: not translated", "to_pod",
+                         to_pod(tcp(b, CLIENT, 8080, 40000, "SA")), OK))
+
+    check(datapath, Case("SYN again", "from_pod", *flow(dnat(CLIENT, b, 40000, "S", seq=1000, ack=0))))
+    check(datapath, Case("SYN-ACK establishes", "to_pod", to_pod(tcp(b, CLIENT, 8080, 40000, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "SA"))))
+    flows = ct_flows(datapath)
+    for d in (abi.CT_DIR_FORWARD, abi.CT_DIR_REPLY):
+        assert flows[d][0][1].flags & abi.CT_F_ESTABLISHED, "both entries know the flow is established"
+    # Established flows outlive the SYN lifetime by far.
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_TCP_SYN_S * 10)
+    check(datapath, Case("established flow still tracked", "from_pod", *flow(dnat(CLIENT, b, 40000))))
+
+    check(datapath, Case("client FIN", "from_pod", *flow(dnat(CLIENT, b, 40000, "FA"))))
+    check(datapath, Case("server FIN", "to_pod", to_pod(tcp(b, CLIENT, 8080, 40000, "FA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "FA"))))
+    fwd = ct_flows(datapath)[abi.CT_DIR_FORWARD][0][1]
+    assert fwd.flags & abi.CT_F_SEEN_FIN_FWD and fwd.flags & abi.CT_F_SEEN_FIN_REV
+    check(datapath, Case("last ACK within the close lifetime", "from_pod", *flow(dnat(CLIENT, b, 40000))))
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_TCP_CLOSE_S + 1)
+    check(datapath, Case("after the close lifetime the reply is no longer ours", "to_pod",
+                         to_pod(tcp(b, CLIENT, 8080, 40000, "A")), OK))
+
+
+def test_syn_reusing_a_closed_flow_starts_a_new_one(datapath, writer):
+    writer.apply(state(WEB2))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    check(datapath, Case("SYN", "from_pod", *flow(dnat(CLIENT, b, 40000, "S", seq=1000, ack=0))))
+    check(datapath, Case("client RST closes", "from_pod", *flow(dnat(CLIENT, b, 40000, "R"))))
+    assert ct_flows(datapath)[abi.CT_DIR_FORWARD][0][1].flags & abi.CT_F_SEEN_RST
+    before = ct_flows(datapath)[abi.CT_DIR_FORWARD][0][1].last_seen_ns
+    check(datapath, Case("new SYN on the same 5-tuple", "from_pod",
+                         *flow(dnat(CLIENT, b, 40000, "S", seq=5000, ack=0))))
+    fwd = ct_flows(datapath)[abi.CT_DIR_FORWARD][0][1]
+    assert not fwd.flags & abi.CT_F_SEEN_RST and fwd.last_seen_ns >= before
+
+
+def test_terminating_backend_keeps_flows_gets_no_new_ones(datapath, writer):
+    writer.apply(state(WEB3))
+    sport = next(p for p in range(40000, 42000) if expected_backend(WEB3, CLIENT, p) == BACKEND1)
+    check(datapath, Case("flow to backend 1", "from_pod", *flow(dnat(CLIENT, BACKEND1, sport, "S", seq=1, ack=0))))
+    draining = frontend(VIP, 80, [be(BACKEND1, terminating=True), B2, B3])
+    writer.apply(state(draining))
+    check(datapath, Case("its flow continues to the terminating backend", "from_pod",
+                         *flow(dnat(CLIENT, BACKEND1, sport))))
+    for p in range(41000, 41040):
+        res_b = expected_backend(draining, CLIENT, p)
+        assert res_b != BACKEND1
+        check(datapath, Case("new flow avoids it", "from_pod", *flow(dnat(CLIENT, res_b, p, "S", seq=1, ack=0))))
+
+
+def test_all_terminating_backends_are_used(datapath, writer):
+    # kube-proxy's fallback: when only terminating endpoints are left, use them.
+    only = frontend(VIP, 80, [be(BACKEND1, terminating=True), be(BACKEND2, terminating=True)])
+    writer.apply(state(only))
+    b = expected_backend(only, CLIENT, 40000)
+    check(datapath, Case("new flow to a terminating backend", "from_pod",
+                         *flow(dnat(CLIENT, b, 40000, "S", seq=1, ack=0))))
