@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ebpfsvc.config import NodeConfig
+from ebpfsvc.k8s.endpointmerge import Endpoint
 from ebpfsvc.k8s.fields import Problem
 from ebpfsvc.k8s.service import Service, ServicePort, TrafficPolicy
 from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints
@@ -41,6 +42,13 @@ _KIND_FIELD = {
 }
 
 
+# The previous call's frontends per service port, with the inputs they were built from.  A sync
+# usually follows a change to one Service among thousands; reusing the frontends of the others
+# (same Service and endpoints objects, same node context) makes it proportional to the change.
+# Only a cache: the result is exactly what a fresh computation would give, so the function stays pure.
+_memo: tuple[object, dict[ServicePortName, tuple]] = (None, {})
+
+
 @dataclass(frozen=True)
 class DesiredState:
     state: LBState
@@ -54,7 +62,12 @@ def desired_state(snapshot: ClusterSnapshot, node: NodeConfig) -> LBState:
 
 def build_desired_state(snapshot: ClusterSnapshot, node: NodeConfig) -> DesiredState:
     """desired_state() plus the frontend conflicts it had to resolve."""
+    global _memo
     zone = node_zone(snapshot, node)
+    # Everything a service port's frontends depend on besides its Service and endpoints.
+    context = (node, zone, tuple(sorted((name, n.zone) for name, n in snapshot.nodes.items())))
+    previous = _memo[1] if _memo[0] == context else {}
+    reused: dict[ServicePortName, tuple] = {}
     frontends: dict[FrontendKey, Frontend] = {}
     conflicts: list[Problem] = []
     for key in sorted(snapshot.services):
@@ -62,12 +75,21 @@ def build_desired_state(snapshot: ClusterSnapshot, node: NodeConfig) -> DesiredS
         if svc.skip_reason(node):
             continue
         for i, port in enumerate(svc.ports):
-            for fe in _port_frontends(snapshot, node, zone, svc, port):
+            spn = ServicePortName(svc.namespace, svc.name, port.name, port.protocol)
+            endpoints = snapshot.endpoints.get(spn, ())
+            hit = previous.get(spn)
+            if hit and (hit[0] is svc or hit[0] == svc) and (hit[1] is endpoints or hit[1] == endpoints):
+                port_frontends = hit[2]
+            else:
+                port_frontends = tuple(_port_frontends(snapshot, node, zone, svc, port, spn, endpoints))
+            reused[spn] = (svc, endpoints, port_frontends)
+            for fe in port_frontends:
                 holder = frontends.get(fe.key)
                 if holder is None:
                     frontends[fe.key] = fe
                 elif holder.service.namespace != svc.namespace or holder.service.name != svc.name:
                     conflicts.append(_conflict(svc, i, fe, holder))
+    _memo = (context, reused)     # one assignment: concurrent callers never see a half-built memo
     return DesiredState(LBState(frontends), tuple(sorted(set(conflicts))))
 
 
@@ -79,21 +101,23 @@ def node_zone(snapshot: ClusterSnapshot, node: NodeConfig) -> str:
     return me.zone if me else ""
 
 
-def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str,
-                    svc: Service, port: ServicePort) -> Iterator[Frontend]:
-    spn = ServicePortName(svc.namespace, svc.name, port.name, port.protocol)
-    sets = categorize_endpoints(snapshot.endpoints.get(spn, ()), node_name=node.node_name, zone=zone,
+def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc: Service, port: ServicePort,
+                    spn: ServicePortName, endpoints: tuple[Endpoint, ...]) -> Iterator[Frontend]:
+    sets = categorize_endpoints(endpoints, node_name=node.node_name, zone=zone,
                                 topology_aware=svc.topology_aware,
                                 publish_not_ready=svc.publish_not_ready_addresses)
     itp_local = svc.internal_traffic_policy is TrafficPolicy.LOCAL
     etp_local = svc.external_traffic_policy is TrafficPolicy.LOCAL
+    # Each set becomes Backends once, however many frontends share it.
+    cluster = _backends(snapshot, node, sets.cluster, port)
+    local = _backends(snapshot, node, sets.local, port) if itp_local or etp_local else ()
 
-    def frontend(addr, number, scope, kind, chosen: EndpointSet, local_only: bool, ranges=()) -> Frontend:
+    def frontend(addr, number, scope, kind, backends, local_only: bool, ranges=()) -> Frontend:
         return Frontend(
             key=FrontendKey(addr, number, port.protocol, scope),
             service=spn,
             kind=kind,
-            backends=_backends(snapshot, node, chosen, port),
+            backends=backends,
             algorithm=svc.algorithm or node.default_algorithm,
             affinity_timeout=svc.affinity_timeout,
             local_only=local_only,
@@ -101,13 +125,11 @@ def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str,
             app_protocol=port.app_protocol,
         )
 
-    internal = sets.local if itp_local else sets.cluster
-    yield frontend(svc.cluster_ip, port.port, Scope.INTERNAL, FrontendKind.CLUSTER_IP, internal, itp_local)
-
+    yield frontend(svc.cluster_ip, port.port, Scope.INTERNAL, FrontendKind.CLUSTER_IP,
+                   local if itp_local else cluster, itp_local)
     for addr, number, kind, ranges in _external_addresses(svc, port, node):
-        external = sets.local if etp_local else sets.cluster
-        yield frontend(addr, number, Scope.EXTERNAL, kind, external, etp_local, ranges)
-        yield frontend(addr, number, Scope.INTERNAL, kind, sets.cluster, False, ranges)
+        yield frontend(addr, number, Scope.EXTERNAL, kind, local if etp_local else cluster, etp_local, ranges)
+        yield frontend(addr, number, Scope.INTERNAL, kind, cluster, False, ranges)
 
 
 def _external_addresses(svc: Service, port: ServicePort, node: NodeConfig

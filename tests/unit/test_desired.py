@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from ebpfsvc.config import NodeConfig
+from ebpfsvc import desired
 from ebpfsvc.desired import build_desired_state, desired_state, node_zone
 from ebpfsvc.lbmodel import Algorithm, FrontendKey, FrontendKind, LBState, Protocol, Scope, ServicePortName
 from ebpfsvc.sources.base import Event, EventType
@@ -318,3 +319,36 @@ def test_every_example_together_on_both_nodes():
         # pure: the same input gives an equal (and equally hashed) state
         again = desired_state(snap, node)
         assert again == result.state and hash(again) == hash(result.state)
+
+
+# --- reuse between calls ------------------------------------------------------------------------------
+
+def fresh(snapshot, node) -> LBState:
+    """desired_state without anything remembered from earlier calls."""
+    desired._memo = (None, {})
+    return desired_state(snapshot, node)
+
+
+def test_reuse_between_calls_gives_what_a_fresh_computation_gives():
+    state = ClusterState(NodeConfig("any"))
+    for doc in documents("01-my-service.yaml", "my-service-slices.yaml", "14-topology-aware-hints.yaml",
+                         "18-mwish-bot-svc-redis.yaml", "nodes.yaml"):
+        state.on_event(Event(doc["kind"], EventType.ADDED, doc))
+    first = state.snapshot()
+    node = NodeConfig("node-1", node_addresses=("198.18.0.11",))       # zone from the Node object
+    assert desired_state(first, node) == fresh(first, node)
+    desired_state(first, node)
+    # One slice loses an endpoint, and node-1 moves to zone-b: both must show in the next result.
+    changed = documents("my-service-slices.yaml")[1]
+    changed["endpoints"] = []
+    state.on_event(Event("EndpointSlice", EventType.MODIFIED, changed))
+    moved = documents("nodes.yaml")[0]
+    moved["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-b"
+    state.on_event(Event("Node", EventType.MODIFIED, moved))
+    second = state.snapshot()
+    reused = desired_state(second, node)
+    assert reused == fresh(second, node)
+    assert [b.name for b in frontend(reused, "198.19.0.10", 80, Scope.INTERNAL).backends] == ["198.18.1.10:9376/TCP"]
+    assert [b.name for b in frontend(reused, "198.19.0.32", 80, Scope.INTERNAL).backends] == ["198.18.2.4:80/TCP"]
+    # Another node's view is computed for that node, not reused from node-1's.
+    assert desired_state(second, NODE2) == fresh(second, NODE2)
