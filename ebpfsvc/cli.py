@@ -17,7 +17,13 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+
+# Each concern owns its commands; they are registered here. None imports bcc at
+# import time, so `ebpfsvc --help` works anywhere.
+from ebpfsvc.agent_cli import agent  # noqa: E402
 from ebpfsvc.lab.cli import lab  # noqa: E402 - the local lab's commands (ebpfsvc/lab/)
+
+main.add_command(agent)
 main.add_command(lab)
 
 if __name__ == "__main__":
