@@ -416,3 +416,21 @@ def test_node_beta_zone_label_and_bad_address():
     assert node.zone == "z"
     bad = {"kind": "Node", "metadata": {"name": "n"}, "status": {"addresses": [{"type": "InternalIP", "address": "x"}]}}
     assert error_of(parse_node, bad) == "status.addresses[0].address: 'x' is not an IP address"
+
+
+# --- NodeConfig ----------------------------------------------------------------------------------
+
+def test_node_config_normalises_its_inputs():
+    cfg = NodeConfig("node-1", node_addresses=["198.18.0.11"], service_cidr="198.19.0.0/16", default_algorithm="random")
+    assert cfg.node_addresses == (IPv4Address("198.18.0.11"),)
+    assert cfg.service_cidr == IPv4Network("198.19.0.0/16")
+    assert cfg.default_algorithm is Algorithm.RANDOM
+    assert hash(cfg) == hash(NodeConfig("node-1", node_addresses=(IPv4Address("198.18.0.11"),),
+                                        default_algorithm=Algorithm.RANDOM))
+
+
+@pytest.mark.parametrize("kwargs", [{"nodeport_range": (32767, 30000)}, {"nodeport_range": (0, 10)},
+                                    {"node_addresses": ["node-1"]}, {"service_cidr": "198.19.0.1/16"}])
+def test_node_config_rejects_nonsense(kwargs):
+    with pytest.raises(ValueError):
+        NodeConfig("node-1", **kwargs)

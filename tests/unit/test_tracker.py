@@ -12,7 +12,7 @@ from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s import Problem
 from ebpfsvc.lbmodel import Protocol, ServicePortName
 from ebpfsvc.sources.base import Event, EventType
-from ebpfsvc.tracker import ChangeTracker, ClusterState
+from ebpfsvc.tracker import ChangeTracker, ClusterSnapshot, ClusterState
 
 ADDED, MODIFIED, DELETED = EventType.ADDED, EventType.MODIFIED, EventType.DELETED
 WEB_HTTP = ServicePortName("default", "web", "http", Protocol.TCP)
@@ -364,3 +364,12 @@ def test_concurrent_sources_and_snapshots():
     expected = {ServicePortName("default", f"s{k}-{i}", "http", Protocol.TCP): [(f"198.18.{k + 1}.{i}", 8080, True)]
                 for k in range(3) for i in range(200)}
     assert {spn: addresses(snap, spn) for spn in snap.endpoints} == expected
+
+
+def test_snapshot_can_be_built_directly_for_tests_and_the_lab():
+    from ebpfsvc.k8s import merge_endpoint_slices, parse_endpoint_slice, parse_service
+    svc = parse_service(service(), NodeConfig("n"))
+    endpoints = merge_endpoint_slices("default", "web", [parse_endpoint_slice(slice_("web-1", endpoint("198.18.1.10")))])
+    snap = ClusterSnapshot.of([svc], endpoints)
+    assert snap.synced and snap.services == {("default", "web"): svc}
+    assert addresses(snap) == [("198.18.1.10", 8080, True)]
