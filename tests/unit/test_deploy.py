@@ -545,3 +545,48 @@ def test_hostgw_routes_in_a_namespace(netns):
         nat = subprocess.run(ns + ["iptables", "-w", "-t", "nat", "-S", "POSTROUTING"], capture_output=True,
                              text=True, check=True).stdout
         assert nat.count("MASQUERADE") == 1, nat
+
+
+# --- what the provisioning scripts write, rendered without a VM --------------------------------------
+
+def _heredoc(script: Path, opener: str, env: dict[str, str]) -> str:
+    """The body of the unquoted here-document on the line containing `opener`, variables expanded."""
+    lines = script.read_text().splitlines()
+    (start,) = [i for i, line in enumerate(lines) if opener in line and "<<CONF" in line]
+    end = lines.index("CONF", start + 1)
+    body = "\n".join(lines[start + 1:end])
+    assert "`" not in body, "a backtick in an unquoted here-document runs a command"
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], body)
+
+
+def test_kubeadm_init_config_skips_kube_proxy_with_cidrs_in_the_benchmarking_range():
+    env = {"KUBEADM_TOKEN": "abcdef.0123456789abcdef", "NODE_IP": "198.18.0.10", "NODE_NAME": "cp",
+           "version": "v1.31.0", "CLUSTER_CIDR": "198.18.128.0/17", "SERVICE_CIDR": "198.19.0.0/16"}
+    init, cluster = yaml.safe_load_all(_heredoc(VAGRANT / "provision" / "control-plane.sh", "kubeadm-init.yaml", env))
+    assert init["kind"] == "InitConfiguration" and cluster["kind"] == "ClusterConfiguration"
+    assert init["apiVersion"] == cluster["apiVersion"] == "kubeadm.k8s.io/v1beta4"
+    assert "addon/kube-proxy" in init["skipPhases"]
+    assert cluster["proxy"] == {"disabled": True}
+    bench = ipaddress.IPv4Network("198.18.0.0/15")
+    pods = ipaddress.IPv4Network(cluster["networking"]["podSubnet"])
+    services = ipaddress.IPv4Network(cluster["networking"]["serviceSubnet"])
+    assert pods.subnet_of(bench) and services.subnet_of(bench) and not pods.overlaps(services)
+    # The Vagrantfile's per-node /24s sit in the pod CIDR, and nodes outside it.
+    text = (VAGRANT / "Vagrantfile").read_text()
+    assert f'CLUSTER_CIDR = "{pods}"' in text and f'SERVICE_CIDR = "{services}"' in text
+    for ip, cidr in re.findall(r'ip: "([\d.]+)", pod_cidr: "([\d./]+)"', text):
+        assert ipaddress.IPv4Network(cidr).subnet_of(pods) and ipaddress.IPv4Address(ip) not in pods
+
+
+def test_cni_config_is_a_host_gw_bridge():
+    import json
+
+    conf = json.loads(_heredoc(VAGRANT / "provision" / "node.sh", "10-ebpfsvc-hostgw.conflist",
+                               {"POD_CIDR": "198.18.129.0/24"}))
+    bridge = conf["plugins"][0]
+    assert bridge["type"] == "bridge" and bridge["isGateway"] and bridge["hairpinMode"]
+    assert bridge["ipam"]["type"] == "host-local"
+    assert bridge["ipam"]["ranges"] == [[{"subnet": "198.18.129.0/24"}]]
+    # The overlay tells the agent the bridge plugin's veth names.
+    (cm,) = load_docs(VAGRANT / "ebpfsvc" / "config.yaml")
+    assert yaml.safe_load(cm["data"]["config.yaml"])["pod-interfaces"] == ["veth*"]

@@ -30,6 +30,10 @@ apiVersion: kubeadm.k8s.io/v1beta4
 kind: ClusterConfiguration
 kubernetesVersion: "$version"
 controlPlaneEndpoint: "$NODE_IP:6443"
+# Kept in the cluster's kubeadm-config, so kubeadm upgrade does not bring kube-proxy back
+# (skipping the phase sets it too; written out for the reader).
+proxy:
+  disabled: true
 networking:
   podSubnet: "$CLUSTER_CIDR"
   serviceSubnet: "$SERVICE_CIDR"
