@@ -4,14 +4,14 @@ No I/O and no clock: the same snapshot gives the same LBState on every call and
 (apart from node-local choices) on every node, so it is unit-tested without a
 kernel and diffed by the map writer.
 
-Per Service port it emits (kube-proxy's rules, one frontend per address:port:protocol:scope):
+Per Service port it emits kube-proxy's rules, one frontend per address:port/protocol and scope:
 
-    ClusterIP:port                       INTERNAL   internalTrafficPolicy decides the backends
-    <node address>:nodePort              EXTERNAL   externalTrafficPolicy decides the backends
-                                         INTERNAL   cluster-wide backends (pod -> external address
-    externalIPs[]:port                   EXTERNAL    is short-circuited like kube-proxy does, so a
-                                         INTERNAL    pod on a node without a local endpoint is
-    status.loadBalancer.ingress[].ip:port  both      still served)
+    frontend                                  scope      backends
+    clusterIP:port                            INTERNAL   per internalTrafficPolicy (Local: this node's)
+    <node address>:nodePort,                  EXTERNAL   per externalTrafficPolicy (Local: this node's)
+    externalIPs[]:port,                       INTERNAL   cluster-wide: kube-proxy short-circuits pod ->
+    status.loadBalancer.ingress[].ip:port                external-address traffic, so a pod on a node
+                                                         without a local endpoint is still served
 
 Two Services claiming the same frontend (a duplicated externalIP, a clusterIP typo) cannot both
 be served: the first by namespace/name keeps it, so every node agrees, and the loser is reported

@@ -190,7 +190,7 @@ def _node_port(p: Fields, svc_type: ServiceType, config: NodeConfig) -> int:
     lo, hi = config.nodeport_range
     if svc_type not in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER):
         if p.has("nodePort"):
-            raise Invalid(f"{p.path}.nodePort", f"is only allowed for type NodePort or LoadBalancer")
+            raise Invalid(f"{p.path}.nodePort", "is only allowed for type NodePort or LoadBalancer")
         return 0
     node_port = p.int("nodePort", lo, hi)
     if node_port is None:

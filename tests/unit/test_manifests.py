@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ebpfsvc.config import NodeConfig
-from ebpfsvc.sources.base import Event, EventType
+from ebpfsvc.sources.base import Event
 from ebpfsvc.sources.manifests import ManifestSource
 from ebpfsvc.tracker import ClusterState
 
