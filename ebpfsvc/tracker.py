@@ -229,6 +229,12 @@ class ClusterState:
             parsed = self._parsers[kind](obj)
         except Invalid as err:
             problem = Problem(kind, key[0], key[1], err.field, err.message)
+        except Exception as err:  # a parser bug must cost one object, not the event stream
+            log.exception("parsing %s %s/%s failed", kind, *key)
+            problem = Problem(kind, key[0], key[1], "", f"cannot be parsed ({type(err).__name__}: {err})")
+        else:
+            problem = None
+        if problem is not None:
             if self._problems.get(pkey) != problem:
                 self._problems[pkey] = problem
                 new_problems.append(problem)

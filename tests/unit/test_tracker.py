@@ -373,3 +373,19 @@ def test_snapshot_can_be_built_directly_for_tests_and_the_lab():
     snap = ClusterSnapshot.of([svc], endpoints)
     assert snap.synced and snap.services == {("default", "web"): svc}
     assert addresses(snap) == [("198.18.1.10", 8080, True)]
+
+
+def test_a_parser_bug_costs_one_object_not_the_stream(state, caplog):
+    real = state._parsers["Service"]
+
+    def flaky(obj):
+        if obj["metadata"]["name"] == "boom":
+            raise KeyError("surprise")
+        return real(obj)
+
+    state._parsers["Service"] = flaky
+    with caplog.at_level(logging.ERROR, logger="ebpfsvc.tracker"):
+        send(state, ADDED, service("boom", "198.19.0.9"))
+    send(state, ADDED, service())
+    assert [(p.name, p.message) for p in state.problems] == [("boom", "cannot be parsed (KeyError: 'surprise')")]
+    assert list(state.snapshot().services) == [("default", "web")]
