@@ -1,0 +1,90 @@
+"""sessionAffinity: ClientIP: a client's new flows follow its last backend while
+the entry is fresh, then Maglev again; a terminating backend loses affinity."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import age
+from .packets import (
+    BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, OK, VIP, Case, be, check, expected_backend,
+    from_pod, frontend, state, tcp,
+)
+
+pytestmark = pytest.mark.root
+
+TIMEOUT = 10800
+STICKY = frontend(VIP, 80, [be(BACKEND1), be(BACKEND2), be(BACKEND3)], affinity_timeout=TIMEOUT)
+
+
+def syn(client, sport, b):
+    return Case(f"SYN {client}:{sport} -> {b}", "from_pod", from_pod(tcp(client, VIP, sport, 80, "S")), OK,
+                from_pod(tcp(client, b, sport, 8080, "S")))
+
+
+def _port_hashing_elsewhere(fe, client, avoid):
+    return next(p for p in range(41000, 45000) if expected_backend(fe, client, p) != avoid)
+
+
+def test_affinity_hit_then_expiry(datapath, writer):
+    writer.apply(state(STICKY))
+    first = expected_backend(STICKY, CLIENT, 40000)
+    check(datapath, syn(CLIENT, 40000, first))
+    other = _port_hashing_elsewhere(STICKY, CLIENT, first)
+    check(datapath, syn(CLIENT, other, first))           # affinity beats the hash
+    # Another client is balanced on its own.
+    c2 = expected_backend(STICKY, CLIENT2, other)
+    check(datapath, syn(CLIENT2, other, c2))
+
+    assert age(datapath, "lb4_affinity", "last_used_ns", TIMEOUT + 1) == 2
+    late = _port_hashing_elsewhere(STICKY, CLIENT, first)
+    late = next(p for p in range(late + 1, 46000) if expected_backend(STICKY, CLIENT, p) != first)
+    check(datapath, syn(CLIENT, late, expected_backend(STICKY, CLIENT, late)))
+
+
+def test_affinity_within_timeout_is_refreshed_by_new_flows(datapath, writer):
+    writer.apply(state(STICKY))
+    first = expected_backend(STICKY, CLIENT, 40000)
+    check(datapath, syn(CLIENT, 40000, first))
+    age(datapath, "lb4_affinity", "last_used_ns", TIMEOUT - 60)
+    p1 = _port_hashing_elsewhere(STICKY, CLIENT, first)
+    check(datapath, syn(CLIENT, p1, first))              # still fresh: hit, and refreshed
+    age(datapath, "lb4_affinity", "last_used_ns", TIMEOUT - 60)
+    p2 = next(p for p in range(p1 + 1, 46000) if expected_backend(STICKY, CLIENT, p) != first)
+    check(datapath, syn(CLIENT, p2, first))              # fresh again thanks to the refresh
+
+
+def test_no_affinity_without_the_flag(datapath, writer):
+    plain = frontend(VIP, 80, [be(BACKEND1), be(BACKEND2), be(BACKEND3)])
+    writer.apply(state(plain))
+    first = expected_backend(plain, CLIENT, 40000)
+    check(datapath, syn(CLIENT, 40000, first))
+    other = _port_hashing_elsewhere(plain, CLIENT, first)
+    check(datapath, syn(CLIENT, other, expected_backend(plain, CLIENT, other)))
+    assert len(list(datapath.maps["lb4_affinity"].items())) == 0
+
+
+def test_affinity_skips_terminating_backend(datapath, writer):
+    writer.apply(state(STICKY))
+    sport = next(p for p in range(40000, 42000) if expected_backend(STICKY, CLIENT, p) == BACKEND1)
+    check(datapath, syn(CLIENT, sport, BACKEND1))
+    draining = frontend(VIP, 80, [be(BACKEND1, terminating=True), be(BACKEND2), be(BACKEND3)],
+                        affinity_timeout=TIMEOUT)
+    writer.apply(state(draining))
+    p = sport + 1
+    b = expected_backend(draining, CLIENT, p)
+    assert b != BACKEND1
+    check(datapath, syn(CLIENT, p, b))
+    # ... and the new backend becomes the client's affinity.
+    q = next(x for x in range(p + 1, 46000) if expected_backend(draining, CLIENT, x) != b)
+    check(datapath, syn(CLIENT, q, b))
+
+
+def test_affinity_to_removed_backend_falls_back_to_table(datapath, writer):
+    writer.apply(state(STICKY))
+    first = expected_backend(STICKY, CLIENT, 40000)
+    check(datapath, syn(CLIENT, 40000, first))
+    rest = frontend(VIP, 80, [be(a) for a in (BACKEND1, BACKEND2, BACKEND3) if a != first],
+                    affinity_timeout=TIMEOUT)
+    writer.apply(state(rest))
+    check(datapath, syn(CLIENT, 40001, expected_backend(rest, CLIENT, 40001)))
