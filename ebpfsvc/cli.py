@@ -21,10 +21,12 @@ def main(verbose: int) -> None:
 # Each concern owns its commands; they are registered here. None imports bcc at
 # import time, so `ebpfsvc --help` works anywhere.
 from ebpfsvc.agent_cli import agent  # noqa: E402
+from ebpfsvc.demo import demo  # noqa: E402
 from ebpfsvc.lab.cli import lab  # noqa: E402 - the local lab's commands (ebpfsvc/lab/)
 
 main.add_command(agent)
 main.add_command(lab)
+main.add_command(demo)
 
 if __name__ == "__main__":
     main()
