@@ -583,3 +583,51 @@ def test_cni_config_is_a_host_gw_bridge():
     # The overlay tells the agent the bridge plugin's veth names.
     (cm,) = load_docs(VAGRANT / "ebpfsvc" / "config.yaml")
     assert yaml.safe_load(cm["data"]["config.yaml"])["pod-interfaces"] == ["veth*"]
+
+
+def test_containerfile_copies_what_exists_and_installs_debian_bcc():
+    text = (DEPLOY / "Containerfile").read_text()
+    assert re.search(r"^FROM docker\.io/library/debian:bookworm", text, re.M)
+    assert "python3-bpfcc" in text and "--system-site-packages" in text
+    assert not re.search(r"pip install[^\n]*\bbcc\b", text), "the PyPI `bcc` is an unrelated project"
+    for m in re.finditer(r"^COPY (.+) \S+$", text, re.M):
+        for src in m.group(1).split():
+            assert (ROOT / src).exists(), f"Containerfile copies {src}, which does not exist"
+    # The scripts the DaemonSet runs are where the image puts them.
+    spec = pod_spec()
+    (headers,) = [c for c in spec["initContainers"] if c["name"] == "kernel-headers"]
+    assert f"/usr/local/bin/{Path(headers['command'][0]).name}" in text
+    assert 'ENTRYPOINT ["/usr/local/bin/ebpfsvc-entrypoint"]' in text
+    # Every Debian package it installs exists in bookworm (checked where apt knows the archive).
+    packages = _apt_install_packages(text)
+    assert "python3-bpfcc" in packages
+    _assert_in_debian(packages)
+
+
+def _apt_install_packages(text: str) -> list[str]:
+    """The packages of the (first) multi-line `apt-get install ... \\` command in a script."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.search(r"apt-get install .*\\$", line))
+    packages = []
+    for line in lines[start + 1:]:
+        if line.lstrip().startswith("&&"):
+            break
+        packages += [w for w in line.strip(" \\").split() if not w.startswith(">")]
+        if not line.rstrip().endswith("\\"):
+            break
+    assert packages and all(re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", p) for p in packages), packages
+    return packages
+
+
+def _assert_in_debian(packages: list[str]) -> None:
+    if not shutil.which("apt-cache"):
+        return
+    for pkg in packages:
+        r = subprocess.run(["apt-cache", "show", "--no-all-versions", pkg], capture_output=True, text=True)
+        assert r.returncode == 0, f"Debian has no package {pkg}: {r.stderr}"
+
+
+def test_vagrant_node_packages_are_debian_packages():
+    packages = _apt_install_packages((VAGRANT / "provision" / "node.sh").read_text())
+    assert {"containerd", "buildah"} <= set(packages)
+    _assert_in_debian(packages)
