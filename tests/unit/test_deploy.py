@@ -652,3 +652,39 @@ def test_vagrant_node_packages_are_debian_packages():
     packages = _apt_install_packages((VAGRANT / "provision" / "node.sh").read_text())
     assert {"containerd", "buildah"} <= set(packages)
     _assert_in_debian(packages)
+
+
+@pytest.mark.root
+def test_kernel_headers_init_with_no_capability_yields_a_tree_bcc_compiles_the_datapath_with(tmp_path, unique_prefix):
+    """The init container's path on a Debian node, for real: this machine's Debian headers laid out
+    as /lib/modules/R/{build,source}, merged by kernel-headers.sh with every capability dropped (as
+    the init container runs), then the real datapath compiled and loaded against the result."""
+    pytest.importorskip("bcc")
+    pytest.importorskip("ebpfsvc.datapath.loader")
+    commons = sorted(Path("/usr/src").glob("linux-headers-*-common"))
+    if not commons or not shutil.which("setpriv"):
+        pytest.skip("needs Debian's linux-headers (scripts/setup.sh installs them) and setpriv")
+    common = commons[-1]
+    release = common.name.removeprefix("linux-headers-").removesuffix("-common") + "-amd64"
+    arch = Path("/usr/src") / f"linux-headers-{release}"
+    if not arch.is_dir():
+        pytest.skip(f"no {arch}")
+    mod = tmp_path / "modules" / release
+    mod.mkdir(parents=True)
+    (mod / "build").symlink_to(arch)
+    (mod / "source").symlink_to(common)
+    env = _headers_env(tmp_path, EBPFSVC_KERNEL_RELEASE=release)
+    subprocess.run(["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--no-new-privs",
+                    "bash", str(DEPLOY / "image" / "kernel-headers.sh")], env=env, check=True, capture_output=True)
+    tree = tmp_path / "state" / "kernel-headers" / release
+    assert (tree / ".ebpfsvc-from").read_text().strip() == f"{common} + {arch}"
+
+    probe = ("import sys; from ebpfsvc.datapath import loader; "
+             "dp = loader.load(sys.argv[1], cache=False); print(sorted(dp.programs)); loader.unpin(sys.argv[1])")
+    pins = Path("/sys/fs/bpf") / unique_prefix
+    try:
+        r = subprocess.run([sys.executable, "-c", probe, str(pins)], capture_output=True, text=True, timeout=240,
+                           env=dict(os.environ, BCC_KERNEL_SOURCE=str(tree), PYTHONPATH=str(ROOT)), cwd=tmp_path)
+        assert r.returncode == 0 and "from_pod" in r.stdout, r.stderr[-2000:]
+    finally:
+        shutil.rmtree(pins, ignore_errors=True)
