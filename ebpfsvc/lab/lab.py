@@ -101,6 +101,7 @@ class Lab:
         """
         stored = []
         with self.state.lock():
+            pods = self.state.list("Pod")   # kept current below: one read per apply, not per Pod
             for doc in docs:
                 kind = doc.get("kind")
                 if kind not in APPLY_KINDS:
@@ -113,7 +114,9 @@ class Lab:
                 obj["metadata"]["uid"] = (previous or {}).get("metadata", {}).get("uid") or str(uuid.uuid4())
                 try:
                     if kind == "Pod":
-                        obj = self._admit_pod(obj, previous)
+                        obj = self._admit_pod(obj, previous, pods)
+                        if previous is None:
+                            pods.append(obj)
                     elif kind == "Service":
                         others = [s for s in self.state.list("Service") if object_key(s) != object_key(obj)]
                         obj = services.admit(obj, previous, others, self.spec)
@@ -124,7 +127,8 @@ class Lab:
         self._reconcile()
         return stored
 
-    def _admit_pod(self, pod: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    def _admit_pod(self, pod: dict[str, Any], previous: dict[str, Any] | None,
+                   existing: list[dict[str, Any]]) -> dict[str, Any]:
         namespace, name = podlib.key(pod)
         if previous is not None:
             # Like the API server: a Pod's spec is immutable; labels and annotations are not.
@@ -138,7 +142,6 @@ class Lab:
         taken.add(names.fabric_netns(self.prefix))
         if names.pod_netns(self.prefix, namespace, name) in taken:
             raise LabError(f"Pod {podlib.label(pod)}: metadata.name clashes with a lab node or client name")
-        existing = self.state.list("Pod")
         node = podlib.schedule(pod, self.spec, existing)
         used = {ipaddress.IPv4Address(p["status"]["podIP"]) for p in existing
                 if (p.get("status") or {}).get("podIP")}

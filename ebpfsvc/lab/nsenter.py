@@ -66,16 +66,18 @@ def run_in(name: str, fn: Callable[..., T], *args: Any) -> T:
 
 
 def write_sysctls(name: str, values: dict[str, str | int]) -> None:
-    """Write /proc/sys entries as seen from namespace `name` (net.* sysctls are per namespace).
+    """Write /proc/sys entries as seen from namespace `name` (net.* sysctls are per namespace)."""
+    run_in(name, write_own_sysctls, values)
 
-    /proc/sys/net resolves to the namespace of the thread that opens it, so the
-    writes happen in a thread that has entered `name`.
+
+def write_own_sysctls(values: dict[str, str | int]) -> None:
+    """Write /proc/sys entries of the calling thread's namespace.
+
+    /proc/sys/net resolves to the namespace of the thread that opens it, so call
+    this from a thread that has entered the namespace (run_in).
     """
-    def write() -> None:
-        for key, value in values.items():
-            Path("/proc/sys", *key.split(".")).write_text(f"{value}\n")
-
-    run_in(name, write)
+    for key, value in values.items():
+        Path("/proc/sys", *key.split(".")).write_text(f"{value}\n")
 
 
 def socket_in(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:

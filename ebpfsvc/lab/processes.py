@@ -153,17 +153,24 @@ def kill_in_netns(paths: Iterable[Path]) -> int:
     return killed
 
 
+class SpawnError(RuntimeError):
+    pass
+
+
 def spawn(argv: list[str], netns: str, log_path: Path, env: dict[str, str]) -> ProcRecord:
     """fork + exec `argv` in its own session inside `netns`, output appended to `log_path`.
 
-    A plain fork (not subprocess) so that this process stays the parent and the
-    child's pid is known at once; safe because the controller is single-threaded.
+    A plain fork (not subprocess) so that this process stays the parent; safe
+    because the controller is single-threaded.  Returns once the exec happened
+    (a close-on-exec pipe reports a failure instead), so /proc/PID shows `argv`.
     """
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     devnull = os.open(os.devnull, os.O_RDONLY)
+    err_r, err_w = os.pipe()     # both close-on-exec (PEP 446)
     pid = os.fork()
     if pid == 0:  # child: never return into the controller's code
         try:
+            os.close(err_r)
             os.setsid()
             nsenter.setns(netns)
             os.dup2(devnull, 0)
@@ -171,11 +178,17 @@ def spawn(argv: list[str], netns: str, log_path: Path, env: dict[str, str]) -> P
             os.dup2(log_fd, 2)
             os.execvpe(argv[0], argv, env)
         except BaseException as exc:  # noqa: BLE001
-            os.write(2, f"lab: cannot start {argv!r}: {exc}\n".encode())
+            os.write(err_w, f"{type(exc).__name__}: {exc}".encode())
         finally:
             os._exit(127)
+    os.close(err_w)
     os.close(log_fd)
     os.close(devnull)
+    with os.fdopen(err_r, "rb") as pipe:
+        failure = pipe.read()
+    if failure:
+        os.waitpid(pid, 0)
+        raise SpawnError(f"cannot start {argv!r}: {failure.decode(errors='replace')}")
     rec = ProcRecord.of(pid)
     assert rec is not None, "a child we have not reaped always has a /proc entry"
     return rec

@@ -5,7 +5,7 @@ Layout of /run/ebpfsvc-lab/<prefix>/ (see docs/lab.md):
     lab.yaml              the lab spec the lab was built from
     namespaces            every netns the lab created, one per line, recorded BEFORE creation
     lock                  flock: one writer at a time (CLI processes and the controller)
-    objects/<Kind>/<namespace>/<name>.yaml
+    objects/<Kind>/<namespace>/<name>.json
                           what was applied, with API-server defaults (clusterIP, ...) and,
                           for Pods, the lab's status (podIP, readiness, process record)
     manifests/            what the node agents read: a pure rendering of objects/ (manifests.py)
@@ -19,6 +19,7 @@ together with the lists of what to remove.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -60,8 +61,13 @@ def api_time(offset: float = 0.0) -> str:
     return datetime.fromtimestamp(time.time() + offset, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# libyaml when present: manifests/ is re-rendered on every change, for hundreds of objects.
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def dump(obj: Any) -> str:
-    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)
+    """YAML for people and agents (lab.yaml, manifests/)."""
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def object_key(obj: dict[str, Any]) -> tuple[str, str, str]:
@@ -114,28 +120,31 @@ class State:
 
     # -- objects -------------------------------------------------------------------------
 
+    # The store is JSON (a subset of YAML): parsing it is fast enough to re-read every
+    # object on each 0.5 s controller pass, which keeps the files the only truth.
+
     def _object_path(self, kind: str, namespace: str, name: str) -> Path:
-        return self.objects / kind / namespace / f"{name}.yaml"
+        return self.objects / kind / namespace / f"{name}.json"
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return yaml.safe_load(self._object_path(kind, namespace, name).read_text())
+            return json.loads(self._object_path(kind, namespace, name).read_text())
         except FileNotFoundError:
             return None
 
     def put(self, obj: dict[str, Any]) -> None:
         path = self._object_path(*object_key(obj))
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, dump(obj))
+        atomic_write(path, json.dumps(obj, indent=1))
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self._object_path(kind, namespace, name).unlink(missing_ok=True)
 
     def list(self, kind: str) -> list[dict[str, Any]]:
         out = []
-        for path in sorted((self.objects / kind).glob("*/*.yaml")):
+        for path in sorted((self.objects / kind).glob("*/*.json")):
             try:
-                out.append(yaml.safe_load(path.read_text()))
+                out.append(json.loads(path.read_text()))
             except FileNotFoundError:   # deleted while listing
                 continue
         return out

@@ -232,6 +232,24 @@ def test_service_defaults_and_load_balancer_status(lab):
                     "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}}])
 
 
+@pytest.mark.root
+@NO_AGENTS
+def test_bad_pods_are_refused_whole(lab):
+    """A pod that cannot start is reported by apply and leaves nothing half-made."""
+    broken = apps.pod("web", "http-echo", 8080, node="node-1")
+    broken["spec"]["containers"][0]["command"] = ["/nonexistent/program"]
+    with pytest.raises(LabError, match="cannot start"):
+        lab.apply([broken])
+    assert lab.pods() == []
+    assert not nsenter.exists(names.pod_netns(lab.prefix, "default", "web"))
+    lab.apply([apps.pod("web", "http-echo", 8080, node="node-1")])   # the same name works again
+    lab.wait_ready(["web"], timeout=20)
+    with pytest.raises(LabError, match="clashes"):
+        lab.apply([apps.pod("client", "http-echo", 8080)])   # the external client's name
+    with pytest.raises(LabError, match="nodeName"):
+        lab.apply([apps.pod("lost", "http-echo", 8080, node="node-9")])
+
+
 # -- life cycle -------------------------------------------------------------------------------
 
 
@@ -325,3 +343,58 @@ def test_labfile_errors_name_the_field(change, field):
     doc.update(change)
     with pytest.raises(labfile.LabFileError, match=field):
         labfile.parse(doc)
+
+
+# -- agents and --all ---------------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_agents_start_restart_and_pins_go(unique_prefix):
+    """One agent per node, inside the node, with the lab's command line; restart replaces it."""
+    lab = Lab.up(prefix=unique_prefix, agents=True)
+    try:
+        first = {n.name: lab.agent_record(n.name) for n in lab.spec.nodes}
+        assert all(processes.alive(r) for r in first.values())
+        node1 = first["node-1"]
+        cmdline = (f"/proc/{node1.pid}/cmdline")
+        with open(cmdline, "rb") as f:
+            argv = f.read().decode().split("\0")
+        assert argv[argv.index("--pin-dir") + 1] == str(names.pin_dir(unique_prefix, "node-1"))
+        assert argv[argv.index("--hairpin-address") + 1] == "198.18.1.1"
+        assert os.stat(f"/proc/{node1.pid}/ns/net").st_ino == \
+            os.stat(nsenter.netns_path(lab.node_netns("node-1"))).st_ino
+        assert names.pin_dir(unique_prefix, "node-1").is_dir()
+
+        lab.agent("restart", "node-1")
+        second = lab.agent_record("node-1")
+        assert second != node1 and processes.alive(second) and not processes.alive(node1)
+        assert processes.alive(first["node-2"])    # the other node's agent is untouched
+        lab.agent("stop", "node-2")
+        assert lab.agent_record("node-2") is None and not processes.alive(first["node-2"])
+    finally:
+        lab.down()
+    assert lab_leftovers(unique_prefix) == []
+    assert not any(processes.alive(r) for r in [*first.values(), second])
+
+
+@pytest.mark.root
+def test_down_all_removes_every_lab(unique_prefix, tmp_path):
+    """--all walks the state root; a private root keeps other engineers' labs out of reach."""
+    env = {**os.environ, "EBPFSVC_LAB_ROOT": str(tmp_path)}
+    prefixes = [f"{unique_prefix}-a", f"{unique_prefix}-b"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ebpfsvc.cli", "lab", *args],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    try:
+        for prefix in prefixes:
+            up = run("up", "--prefix", prefix, "--no-agents")
+            assert up.returncode == 0, up.stderr
+        assert all(nsenter.exists(f"{p}-fabric") for p in prefixes)
+    finally:
+        down = run("down", "--all")
+    assert down.returncode == 0, down.stderr
+    assert all(p in down.stdout for p in prefixes)
+    assert list(tmp_path.iterdir()) == []
+    assert not any(n.startswith(unique_prefix) for n in os.listdir(nsenter.NETNS_RUN_DIR))
