@@ -27,6 +27,13 @@ from ebpfsvc.lab.cli import lab  # noqa: E402 - the local lab's commands (ebpfsv
 main.add_command(agent)
 main.add_command(lab)
 main.add_command(demo)
+from ebpfsvc import inspect_cli  # noqa: E402 - inspection: service/bpf/maglev/why/drift/cleanup
+main.add_command(inspect_cli.service)
+main.add_command(inspect_cli.bpf)
+main.add_command(inspect_cli.maglev)
+main.add_command(inspect_cli.why)
+main.add_command(inspect_cli.drift)
+main.add_command(inspect_cli.cleanup)
 
 if __name__ == "__main__":
     main()

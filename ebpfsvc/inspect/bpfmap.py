@@ -1,0 +1,290 @@
+"""Pinned BPF maps opened by path and read with bpf(2): no compiler, no bcc.
+
+Why not ebpfsvc.datapath.loader.load(pin_dir) for inspection: load() compiles
+the datapath (about a second, and it needs kernel headers), and it CREATES and
+pins empty maps when the pin directory is wrong or the agent has not run yet,
+so a typo in --pin-dir would quietly print an empty node and leave new pins
+behind. Opening the pins with BPF_OBJ_GET (read-only) fails loudly instead,
+needs only CAP_BPF, costs microseconds, and is what the metrics collector uses
+at every scrape too. Entries are decoded with the cffi layouts of
+ebpfsvc/abi.py, which tests/bpf/test_abi.py checks against the compiled object;
+map key and value sizes are checked against them when a map is opened.
+
+    m = PinnedMap.open("/sys/fs/bpf/ebpfsvc/lb4_frontends")
+    for key, value in m.items(): ...          # raw bytes, by BPF_MAP_LOOKUP_BATCH
+    m.count()                                 # the kernel's entry count (fill level)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+# bpf(2) commands (include/uapi/linux/bpf.h)
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_GET = 7
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+
+BPF_F_RDONLY = 1 << 3
+
+# Map types we read (enum bpf_map_type)
+MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash"}
+PERCPU_TYPES = {"percpu_hash", "percpu_array", "lru_percpu_hash"}
+ARRAY_TYPES = {"array", "percpu_array"}
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64), ("keys", ctypes.c_uint64),
+                ("values", ctypes.c_uint64), ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32),
+                ("path_fd", ctypes.c_int32), ("_pad", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info: all we need."""
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown for {platform.machine()}")
+    # Pass a zero-padded copy as big as the kernel's union, so unknown trailing fields read 0.
+    buf = ctypes.create_string_buffer(max(ctypes.sizeof(attr), 128))
+    ctypes.memmove(buf, ctypes.addressof(attr), ctypes.sizeof(attr))
+    ret = _libc.syscall(nr, cmd, buf, ctypes.sizeof(buf))
+    err = ctypes.get_errno()
+    ctypes.memmove(ctypes.addressof(attr), buf, ctypes.sizeof(attr))
+    if ret < 0:
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+@lru_cache(maxsize=1)
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds per key: the kernel's possible CPUs, not the online ones."""
+    text = open("/sys/devices/system/cpu/possible").read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: str
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+class PinnedMap:
+    """One pinned map, opened read-only. Keys and values are bytes; per-CPU values are lists of bytes."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd = fd
+        self.path = path
+        raw = _MapInfo()
+        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(raw), info=ctypes.addressof(raw))
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+        self.info = MapInfo(MAP_TYPES.get(raw.type, str(raw.type)), raw.id, raw.key_size, raw.value_size,
+                            raw.max_entries, raw.name.decode(errors="replace"))
+        self.percpu = self.info.type in PERCPU_TYPES
+        # Per-CPU values come back as one 8-byte aligned slot per possible CPU.
+        self._slot = (self.info.value_size + 7) & ~7 if self.percpu else self.info.value_size
+        self._ncpu = possible_cpus() if self.percpu else 1
+        self._batch_ok = True
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "PinnedMap":
+        p = os.fsencode(str(path)) + b"\0"
+        buf = ctypes.create_string_buffer(p, len(p))
+        attr = _ObjAttr(pathname=ctypes.addressof(buf), file_flags=BPF_F_RDONLY)
+        try:
+            fd = _bpf(BPF_OBJ_GET, attr)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot open pinned map {path}: {e.strerror}") from None
+        try:
+            return cls(fd, str(path))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "PinnedMap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def max_entries(self) -> int:
+        return self.info.max_entries
+
+    @property
+    def value_bytes(self) -> int:
+        return self._slot * self._ncpu
+
+    def _split(self, value: bytes):
+        if not self.percpu:
+            return value
+        vs = self.info.value_size
+        return [value[i * self._slot: i * self._slot + vs] for i in range(self._ncpu)]
+
+    # ---- single lookups ----------------------------------------------------------------
+
+    def lookup(self, key: bytes):
+        """The value of `key`, or None when absent."""
+        if len(key) != self.info.key_size:
+            raise ValueError(f"{self.path}: key is {len(key)} bytes, the map's are {self.info.key_size}")
+        kbuf = ctypes.create_string_buffer(bytes(key), len(key))
+        vbuf = ctypes.create_string_buffer(self.value_bytes)
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
+        try:
+            _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return self._split(vbuf.raw)
+
+    def keys(self) -> Iterator[bytes]:
+        """Every key, by BPF_MAP_GET_NEXT_KEY (entries may change meanwhile; each key at most once)."""
+        ks = self.info.key_size
+        cur = None
+        nxt = ctypes.create_string_buffer(ks)
+        while True:
+            attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(cur) if cur is not None else 0,
+                             value=ctypes.addressof(nxt))
+            try:
+                _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise
+            yield nxt.raw
+            cur = ctypes.create_string_buffer(nxt.raw, ks)
+
+    # ---- whole-map reads -----------------------------------------------------------------
+
+    def items(self, chunk: int = 4096) -> list[tuple[bytes, object]]:
+        """Every (key, value): BPF_MAP_LOOKUP_BATCH, or key by key where the kernel refuses batches."""
+        if self._batch_ok:
+            try:
+                return list(self._batch(None, chunk))
+            except OSError as e:
+                if e.errno not in _NO_BATCH:
+                    raise
+                self._batch_ok = False
+        out = []
+        for k in self.keys():
+            v = self.lookup(k)
+            if v is not None:
+                out.append((k, v))
+        return out
+
+    def _batch(self, start: bytes | None, chunk: int, limit: int | None = None):
+        """Batches of (key, value) after key `start` (None: from the beginning), at most `limit` entries."""
+        ks, vb = self.info.key_size, self.value_bytes
+        chunk = max(1, min(chunk, self.info.max_entries))
+        keys = ctypes.create_string_buffer(ks * chunk)
+        vals = ctypes.create_string_buffer(vb * chunk)
+        token_in = ctypes.create_string_buffer(max(ks, 8))
+        token_out = ctypes.create_string_buffer(max(ks, 8))
+        if start is not None:
+            ctypes.memmove(token_in, start, len(start))
+        first = start is None
+        left = limit
+        while left is None or left > 0:
+            want = chunk if left is None else min(chunk, left)
+            attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(token_in),
+                              out_batch=ctypes.addressof(token_out), keys=ctypes.addressof(keys),
+                              values=ctypes.addressof(vals), count=want, map_fd=self.fd)
+            done = False
+            try:
+                _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+            except OSError as e:
+                # ENOENT: the last batch, attr.count says how many came with it. (ENOSPC, a hash
+                # bucket bigger than the chunk, is left to the caller's key-by-key fallback.)
+                if e.errno != errno.ENOENT:
+                    raise
+                done = True
+            raw_k, raw_v = keys.raw, vals.raw
+            for i in range(attr.count):
+                yield raw_k[i * ks:(i + 1) * ks], self._split(raw_v[i * vb:(i + 1) * vb])
+            if done:
+                return
+            if left is not None:
+                left -= attr.count
+            ctypes.memmove(token_in, token_out, len(token_out.raw))
+            first = False
+
+    def count(self) -> int:
+        """Entries present now, as the kernel sees them (an ARRAY always holds max_entries)."""
+        if self.info.type in ARRAY_TYPES:
+            return self.info.max_entries
+        if self._batch_ok:
+            try:
+                return sum(1 for _ in self._batch(None, 4096))
+            except OSError as e:
+                if e.errno not in _NO_BATCH:
+                    raise
+                self._batch_ok = False
+        return sum(1 for _ in self.keys())
+
+    def read_u32_range(self, offset: int, size: int) -> list[int]:
+        """Values [offset, offset + size) of a u32 -> u32 ARRAY (a Maglev table), in one batch."""
+        if size <= 0:
+            return []
+        start = None if offset == 0 else _u32(offset - 1)
+        try:
+            got = dict(self._batch(start, min(size, 1 << 16), limit=size))
+            return [_from_u32(got.get(_u32(i), bytes(4))) for i in range(offset, offset + size)]
+        except OSError as e:
+            if e.errno not in _NO_BATCH:
+                raise
+        return [_from_u32(self.lookup(_u32(i)) or bytes(4)) for i in range(offset, offset + size)]
+
+
+_NO_BATCH = {errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, 524}     # 524: the kernel's ENOTSUPP
+_BYTEORDER = "little" if bytes(ctypes.c_uint16(1))[0] == 1 else "big"
+
+
+def _u32(v: int) -> bytes:
+    return v.to_bytes(4, _BYTEORDER)
+
+
+def _from_u32(b: bytes) -> int:
+    return int.from_bytes(b, _BYTEORDER)

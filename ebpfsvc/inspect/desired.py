@@ -1,0 +1,35 @@
+"""The desired state `ebpfsvc drift` compares the maps with: one list of the
+cluster (manifest directory or API server) through the agent's own trackers
+and desired_state(), so both sides are computed exactly as the agent does."""
+
+from __future__ import annotations
+
+import time
+
+from ebpfsvc.config import NodeConfig
+from ebpfsvc.desired import desired_state
+from ebpfsvc.lbmodel import LBState
+from ebpfsvc.tracker import ClusterState
+
+
+def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: str | None = None,
+                 in_cluster: bool = False, timeout: float = 30.0) -> LBState:
+    state = ClusterState(node)
+    if manifests:
+        from ebpfsvc.sources.manifests import ManifestSource
+        ManifestSource(manifests, state).resync_now()     # one synchronous scan, no poller thread
+    else:
+        from ebpfsvc.sources.kube import KubeSource
+        source = KubeSource(state, kubeconfig=kubeconfig, in_cluster=in_cluster or None)
+        source.start()
+        try:
+            deadline = time.monotonic() + timeout
+            while not state.synced:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Services and EndpointSlices not listed within {timeout:.0f}s")
+                state.wait_changed(0.2)
+        finally:
+            source.stop()
+    if not state.synced:
+        raise ValueError("the source did not list Services and EndpointSlices")
+    return desired_state(state.snapshot(), node)

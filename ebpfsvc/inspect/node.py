@@ -1,0 +1,389 @@
+"""A node's live datapath state, read from its pinned maps and decoded into rows.
+
+    with NodeMaps.open("/sys/fs/bpf/ebpfsvc") as node:
+        node.frontends()      # [Frontend row], with the service port name
+        node.backends()       # {id: Backend row}
+        node.ct()             # [CtEntry], with age
+        node.traffic("frontend", fid)   # (packets, bytes) summed over CPUs
+
+Everything here is read-only and reads the kernel's current values at call
+time: the CLI and the metrics collector (ebpfsvc/metrics.py) share it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ebpfsvc import abi
+from ebpfsvc.inspect.bpfmap import PinnedMap
+
+ffi = abi.ffi
+PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
+PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
+SCOPES = {abi.LB_SCOPE_EXTERNAL: "external", abi.LB_SCOPE_INTERNAL: "internal"}
+
+_SVC_FLAGS = [
+    (abi.LB_SVC_F_AFFINITY, "affinity"), (abi.LB_SVC_F_RANDOM, "random"),
+    (abi.LB_SVC_F_LOCAL_ONLY, "local-only"), (abi.LB_SVC_F_NODEPORT, "nodeport"),
+    (abi.LB_SVC_F_EXTERNAL_IP, "external-ip"), (abi.LB_SVC_F_LOADBALANCER, "loadbalancer"),
+    (abi.LB_SVC_F_ADDRESS, "address"),
+]
+_CT_FLAGS = [
+    (abi.CT_F_SEEN_SYN, "SYN"), (abi.CT_F_SEEN_FIN_FWD, "FIN-fwd"), (abi.CT_F_SEEN_FIN_REV, "FIN-rev"),
+    (abi.CT_F_SEEN_RST, "RST"), (abi.CT_F_ESTABLISHED, "established"), (abi.CT_F_HAIRPIN, "hairpin"),
+]
+
+
+def flag_names(value: int, table) -> list[str]:
+    names = [n for bit, n in table if value & bit]
+    rest = value & ~sum(bit for bit, _ in table)
+    return names + ([f"{rest:#x}"] if rest else [])
+
+
+def ip_str(raw_be32: int) -> str:
+    """A __be32 field as cffi reads it (native-endian int of network-order bytes) -> dotted quad."""
+    return socket.inet_ntoa(struct.pack("=I", raw_be32))
+
+
+def port_int(raw_be16: int) -> int:
+    return struct.unpack("!H", struct.pack("=H", raw_be16))[0]
+
+
+def raw_ip(addr) -> int:
+    return struct.unpack("=I", ipaddress.IPv4Address(str(addr)).packed)[0]
+
+
+def raw_port(port: int) -> int:
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def _decode(ctype: str, data: bytes):
+    obj = ffi.new(ctype + " *")
+    ffi.memmove(obj, data, ffi.sizeof(ctype))
+    return obj
+
+
+def _encode(obj) -> bytes:
+    return bytes(ffi.buffer(obj))
+
+
+def monotonic_ns() -> int:
+    """bpf_ktime_get_ns() is CLOCK_MONOTONIC: comparable with the maps' timestamps."""
+    return time.monotonic_ns()
+
+
+@dataclass(frozen=True)
+class Frontend:
+    address: str
+    port: int
+    proto: str
+    scope: str
+    service_id: int
+    frontend_id: int
+    maglev_offset: int
+    maglev_size: int
+    backend_count: int
+    affinity_timeout: int
+    flags: int
+    service: str = ""            # lb_service_names[service_id]: "namespace/name:port/PROTO"
+
+    @property
+    def is_marker(self) -> bool:
+        """The writer's port-0 entry that only says "this address is a frontend"."""
+        return bool(self.flags & abi.LB_SVC_F_ADDRESS)
+
+    @property
+    def kind(self) -> str:
+        if self.flags & abi.LB_SVC_F_NODEPORT:
+            return "NodePort"
+        if self.flags & abi.LB_SVC_F_EXTERNAL_IP:
+            return "ExternalIP"
+        if self.flags & abi.LB_SVC_F_LOADBALANCER:
+            return "LoadBalancer"
+        return "ClusterIP"
+
+    @property
+    def algorithm(self) -> str:
+        return "random" if self.flags & abi.LB_SVC_F_RANDOM else "maglev"
+
+    @property
+    def flag_names(self) -> list[str]:
+        return flag_names(self.flags, _SVC_FLAGS)
+
+    @property
+    def name(self) -> str:
+        return f"{self.address}:{self.port}/{self.proto}"
+
+    def key_bytes(self) -> bytes:
+        k = ffi.new("struct lb4_key *", {"address": raw_ip(self.address), "port": raw_port(self.port),
+                                         "proto": PROTO_NUMBERS[self.proto],
+                                         "scope": {v: k for k, v in SCOPES.items()}[self.scope]})
+        return _encode(k)
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: int
+    address: str
+    port: int
+    proto: str
+    flags: int
+
+    @property
+    def terminating(self) -> bool:
+        return bool(self.flags & abi.LB_BE_F_TERMINATING)
+
+    @property
+    def local(self) -> bool:
+        return bool(self.flags & abi.LB_BE_F_LOCAL)
+
+    @property
+    def state(self) -> str:
+        return "terminating" if self.terminating else "active"
+
+    @property
+    def name(self) -> str:
+        return f"{self.address}:{self.port}/{self.proto}"
+
+
+@dataclass(frozen=True)
+class CtEntry:
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    proto: str
+    direction: str               # "forward" (client -> frontend) / "reply" (backend -> client)
+    last_seen_ns: int
+    backend_id: int
+    service_id: int
+    frontend_id: int
+    frontend: str                # "VIP:port"
+    backend: str                 # "address:port"
+    flags: int
+    age_s: float = 0.0
+    expired: bool = False        # older than its lifetime: the datapath treats it as absent
+
+    @property
+    def flag_names(self) -> list[str]:
+        return flag_names(self.flags, _CT_FLAGS)
+
+
+@dataclass(frozen=True)
+class Affinity:
+    client: str
+    service_id: int
+    backend_id: int
+    last_used_ns: int
+    age_s: float = 0.0
+
+
+def ct_lifetime_s(proto: str, flags: int) -> int:
+    """bpf/lib/ct.h ct4_lifetime_ns, with abi.h's default lifetimes."""
+    if proto != "TCP":
+        return abi.CT_TIMEOUT_OTHER_S
+    if (flags & abi.CT_F_SEEN_RST) or ((flags & abi.CT_F_SEEN_FIN_FWD) and (flags & abi.CT_F_SEEN_FIN_REV)):
+        return abi.CT_TIMEOUT_TCP_CLOSE_S
+    if flags & abi.CT_F_ESTABLISHED:
+        return abi.CT_TIMEOUT_TCP_ESTABLISHED_S
+    return abi.CT_TIMEOUT_TCP_SYN_S
+
+
+def ct_closing(flags: int) -> bool:
+    return bool((flags & abi.CT_F_SEEN_RST) or
+                ((flags & abi.CT_F_SEEN_FIN_FWD) and (flags & abi.CT_F_SEEN_FIN_REV)))
+
+
+def _age_s(now_ns: int, then_ns: int) -> float:
+    # The datapath computes now - then modulo 2**64; so do we (an entry aged by a test can lie).
+    return ((now_ns - then_ns) % (1 << 64)) / 1e9
+
+
+@dataclass
+class NodeMaps:
+    """The pinned maps of one node (one pin directory), opened read-only."""
+
+    pin_dir: Path
+    maps: dict[str, PinnedMap] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, pin_dir, names=None) -> "NodeMaps":
+        pin_dir = Path(pin_dir)
+        if not pin_dir.is_dir():
+            raise FileNotFoundError(f"{pin_dir}: no such pin directory (is the agent running with this --pin-dir?)")
+        node = cls(pin_dir)
+        try:
+            for name in names or abi.MAP_TYPES:
+                m = PinnedMap.open(pin_dir / name)
+                key_t, val_t = abi.MAP_TYPES[name]
+                if (m.info.key_size, m.info.value_size) != (ffi.sizeof(key_t), ffi.sizeof(val_t)):
+                    raise ValueError(f"{pin_dir / name}: key/value size {m.info.key_size}/{m.info.value_size}, "
+                                     f"abi.h says {ffi.sizeof(key_t)}/{ffi.sizeof(val_t)}: "
+                                     "the agent runs another datapath version")
+                node.maps[name] = m
+        except BaseException:
+            node.close()
+            raise
+        return node
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+
+    def __enter__(self) -> "NodeMaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- control-plane maps --------------------------------------------------------------
+
+    def service_names(self) -> dict[int, str]:
+        out = {}
+        for k, v in self.maps["lb_service_names"].items():
+            name = _decode("struct lb_service_name", v)
+            out[_decode("__u32", k)[0]] = ffi.string(name.name).decode(errors="replace")
+        return out
+
+    def frontends(self, names: dict[int, str] | None = None) -> list[Frontend]:
+        names = self.service_names() if names is None else names
+        out = []
+        for k, v in self.maps["lb4_frontends"].items():
+            out.append(self._frontend(k, v, names))
+        return sorted(out, key=lambda f: (f.service, ipaddress.IPv4Address(f.address), f.port, f.proto, f.scope))
+
+    def frontend(self, address: str, port: int, proto: str, scope: str) -> Frontend | None:
+        probe = Frontend(address, port, proto, scope, 0, 0, 0, 0, 0, 0, 0)
+        key = probe.key_bytes()
+        v = self.maps["lb4_frontends"].lookup(key)
+        if v is None:
+            return None
+        sid = _decode("struct lb4_service", v).service_id
+        raw = self.maps["lb_service_names"].lookup(_encode(ffi.new("__u32 *", sid)))
+        names = {sid: ffi.string(_decode("struct lb_service_name", raw).name).decode()} if raw else {}
+        return self._frontend(key, v, names)
+
+    @staticmethod
+    def _frontend(k: bytes, v: bytes, names: dict[int, str]) -> Frontend:
+        key = _decode("struct lb4_key", k)
+        val = _decode("struct lb4_service", v)
+        return Frontend(
+            address=ip_str(key.address), port=port_int(key.port),
+            proto=PROTO_NAMES.get(key.proto, str(key.proto)), scope=SCOPES.get(key.scope, str(key.scope)),
+            service_id=val.service_id, frontend_id=val.frontend_id, maglev_offset=val.maglev_offset,
+            maglev_size=val.maglev_size, backend_count=val.backend_count,
+            affinity_timeout=val.affinity_timeout, flags=val.flags,
+            service=names.get(val.service_id, "") if not val.flags & abi.LB_SVC_F_ADDRESS else "")
+
+    def backends(self) -> dict[int, Backend]:
+        out = {}
+        for k, v in self.maps["lb4_backends"].items():
+            ident = _decode("__u32", k)[0]
+            b = _decode("struct lb4_backend", v)
+            out[ident] = Backend(ident, ip_str(b.address), port_int(b.port),
+                                 PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
+        return dict(sorted(out.items()))
+
+    def backend(self, ident: int) -> Backend | None:
+        v = self.maps["lb4_backends"].lookup(_encode(ffi.new("__u32 *", ident)))
+        if v is None:
+            return None
+        b = _decode("struct lb4_backend", v)
+        return Backend(ident, ip_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
+
+    def maglev_table(self, fe: Frontend) -> list[int]:
+        """Backend id per slot of a frontend's Maglev table."""
+        return self.maps["lb_maglev"].read_u32_range(fe.maglev_offset, fe.maglev_size)
+
+    # ---- datapath-owned maps ---------------------------------------------------------------
+
+    def ct(self, now_ns: int | None = None) -> list[CtEntry]:
+        now_ns = monotonic_ns() if now_ns is None else now_ns
+        return sorted((self._ct(k, v, now_ns) for k, v in self.maps["ct4"].items()),
+                      key=lambda e: (e.age_s, e.saddr, e.sport, e.direction))
+
+    def ct_lookup(self, saddr: str, daddr: str, sport: int, dport: int, proto: str, direction: str,
+                  now_ns: int | None = None) -> CtEntry | None:
+        key = ffi.new("struct ct4_key *", {
+            "saddr": raw_ip(saddr), "daddr": raw_ip(daddr), "sport": raw_port(sport), "dport": raw_port(dport),
+            "proto": PROTO_NUMBERS[proto],
+            "dir": abi.CT_DIR_FORWARD if direction == "forward" else abi.CT_DIR_REPLY})
+        v = self.maps["ct4"].lookup(_encode(key))
+        return None if v is None else self._ct(_encode(key), v, monotonic_ns() if now_ns is None else now_ns)
+
+    @staticmethod
+    def _ct(k: bytes, v: bytes, now_ns: int) -> CtEntry:
+        key = _decode("struct ct4_key", k)
+        e = _decode("struct ct4_entry", v)
+        proto = PROTO_NAMES.get(key.proto, str(key.proto))
+        age = _age_s(now_ns, e.last_seen_ns)
+        return CtEntry(
+            saddr=ip_str(key.saddr), daddr=ip_str(key.daddr), sport=port_int(key.sport),
+            dport=port_int(key.dport), proto=proto,
+            direction="forward" if key.dir == abi.CT_DIR_FORWARD else "reply",
+            last_seen_ns=e.last_seen_ns, backend_id=e.backend_id, service_id=e.service_id,
+            frontend_id=e.frontend_id, frontend=f"{ip_str(e.frontend_addr)}:{port_int(e.frontend_port)}",
+            backend=f"{ip_str(e.backend_addr)}:{port_int(e.backend_port)}", flags=e.flags,
+            age_s=age, expired=age > ct_lifetime_s(proto, e.flags))
+
+    def affinity(self, client: str, service_id: int, now_ns: int | None = None) -> Affinity | None:
+        key = ffi.new("struct lb4_affinity_key *", {"client_addr": raw_ip(client), "service_id": service_id})
+        v = self.maps["lb4_affinity"].lookup(_encode(key))
+        if v is None:
+            return None
+        val = _decode("struct lb_affinity_val", v)
+        now_ns = monotonic_ns() if now_ns is None else now_ns
+        return Affinity(client, service_id, val.backend_id, val.last_used_ns, _age_s(now_ns, val.last_used_ns))
+
+    def affinities(self, now_ns: int | None = None) -> list[Affinity]:
+        now_ns = monotonic_ns() if now_ns is None else now_ns
+        out = []
+        for k, v in self.maps["lb4_affinity"].items():
+            key = _decode("struct lb4_affinity_key", k)
+            val = _decode("struct lb_affinity_val", v)
+            out.append(Affinity(ip_str(key.client_addr), key.service_id, val.backend_id, val.last_used_ns,
+                                _age_s(now_ns, val.last_used_ns)))
+        return out
+
+    # ---- counters ---------------------------------------------------------------------------
+
+    def traffic(self, kind: str, ident: int) -> tuple[int, int]:
+        """(packets, bytes) of frontend or backend `ident`, summed over CPUs."""
+        m = self.maps["lb_frontend_stats" if kind == "frontend" else "lb_backend_stats"]
+        vals = m.lookup(_encode(ffi.new("__u32 *", ident)))
+        if vals is None:
+            return 0, 0
+        pk = by = 0
+        for raw in vals:
+            t = _decode("struct lb_traffic", raw)
+            pk += t.packets
+            by += t.bytes
+        return int(pk), int(by)
+
+    def drops(self) -> dict[str, int]:
+        m = self.maps["lb_drops"]
+        out = {}
+        for code, name in sorted(abi.REASONS.items()):
+            vals = m.lookup(_encode(ffi.new("__u32 *", code))) or []
+            out[name] = int(sum(_decode("__u64", raw)[0] for raw in vals))
+        return out
+
+    def fill(self, frontends: list[Frontend] | None = None) -> dict[str, tuple[int, int]]:
+        """Map -> (entries in use, max_entries), the kernel's count (Maglev: slots owned by frontends;
+        per-CPU stats arrays are indexed by ids and have no fill level of their own)."""
+        out = {}
+        for name, m in self.maps.items():
+            if name in ("lb_frontend_stats", "lb_backend_stats", "lb_drops"):
+                continue
+            if name == "lb_maglev":
+                fes = self.frontends(names={}) if frontends is None else frontends
+                out[name] = (sum(f.maglev_size for f in fes), m.max_entries)
+            else:
+                out[name] = (m.count(), m.max_entries)
+        return out

@@ -1,0 +1,294 @@
+"""What the inspection commands show, as plain data (dicts and lists, JSON-ready).
+
+Each function takes an open NodeMaps and returns rows; ebpfsvc/inspect_cli.py
+renders them as tables or JSON, tests compare them with the traffic they sent.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ebpfsvc import abi
+from ebpfsvc.datapath.flowhash import flow_hash
+from ebpfsvc.inspect.node import (PROTO_NUMBERS, Backend, CtEntry, Frontend, NodeMaps, ct_closing,
+                                  monotonic_ns)
+
+# bpf/lib/lb.h LB_TERMINATING_PROBES: slots tried past a terminating backend.
+TERMINATING_PROBES = 4
+
+
+def _backend_row(b: Backend | None, ident: int) -> dict:
+    if b is None:
+        return {"id": ident, "backend": None, "state": "missing", "local": False}
+    return {"id": ident, "backend": b.name, "state": b.state, "local": b.local}
+
+
+def _frontend_row(fe: Frontend) -> dict:
+    return {"frontend": fe.name, "scope": fe.scope, "kind": fe.kind, "flags": fe.flag_names,
+            "algorithm": fe.algorithm, "affinity_timeout": fe.affinity_timeout, "id": fe.frontend_id,
+            "service_id": fe.service_id, "backend_count": fe.backend_count, "maglev_size": fe.maglev_size,
+            "maglev_offset": fe.maglev_offset}
+
+
+def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
+    """Per service port: its frontends with counters, each with its backends (from the Maglev table,
+    plus backends no longer in the table that still carry tracked flows of this frontend)."""
+    fes = [f for f in node.frontends() if not f.is_marker]
+    backends = node.backends()
+    flows: dict[int, Counter] = {}
+    if with_ct:
+        for e in node.ct():
+            if e.direction == "forward" and not e.expired:
+                flows.setdefault(e.frontend_id, Counter())[e.backend_id] += 1
+    services: dict[str, dict] = {}
+    for fe in fes:
+        svc = services.setdefault(fe.service or f"<unnamed service id {fe.service_id}>",
+                                  {"service": fe.service, "service_id": fe.service_id, "frontends": [],
+                                   "packets": 0, "bytes": 0})
+        row = _frontend_row(fe)
+        row["packets"], row["bytes"] = node.traffic("frontend", fe.frontend_id)
+        svc["packets"] += row["packets"]
+        svc["bytes"] += row["bytes"]
+        slots = Counter(node.maglev_table(fe)) if fe.maglev_size else Counter()
+        fe_flows = flows.get(fe.frontend_id, Counter())
+        rows = []
+        for ident in sorted(set(slots) | set(fe_flows)):
+            r = _backend_row(backends.get(ident), ident)
+            r["slots"] = slots.get(ident, 0)
+            r["flows"] = fe_flows.get(ident, 0)
+            if not r["slots"] and r["state"] == "active":
+                r["state"] = "draining"       # out of the table, flows still tracked
+            # Per-backend counters count every frontend's packets to that backend.
+            r["packets"], r["bytes"] = node.traffic("backend", ident)
+            rows.append(r)
+        row["backends"] = rows
+        svc["frontends"].append(row)
+    return list(services.values())
+
+
+def lb_list(node: NodeMaps) -> list[dict]:
+    """Raw frontend -> backends, one row per lb4_frontends entry (markers included)."""
+    backends = node.backends()
+    out = []
+    for fe in node.frontends():
+        row = _frontend_row(fe)
+        row["service"] = fe.service
+        ids = sorted(set(node.maglev_table(fe))) if fe.maglev_size else []
+        row["backends"] = [_backend_row(backends.get(i), i) for i in ids]
+        out.append(row)
+    return out
+
+
+def ct_list(node: NodeMaps, *, include_expired: bool = True) -> list[dict]:
+    out = []
+    for e in node.ct():
+        if e.expired and not include_expired:
+            continue
+        out.append({"direction": e.direction, "proto": e.proto, "src": f"{e.saddr}:{e.sport}",
+                    "dst": f"{e.daddr}:{e.dport}", "frontend": e.frontend, "backend": e.backend,
+                    "backend_id": e.backend_id, "service_id": e.service_id, "frontend_id": e.frontend_id,
+                    "flags": e.flag_names, "age_s": round(e.age_s, 3), "expired": e.expired})
+    return out
+
+
+def find_frontends(node: NodeMaps, service: str) -> list[Frontend]:
+    """Frontends of a service port, by name: "ns/name[:port][/PROTO]", or a frontend "addr:port[/PROTO]"."""
+    fes = [f for f in node.frontends() if not f.is_marker]
+    exact = [f for f in fes if f.service == service or f.name == service]
+    if exact:
+        return exact
+    # Prefix forms: "ns/name" matches every port; "addr:port" matches every protocol.
+    return [f for f in fes if f.service.startswith(service + ":") or f.service.startswith(service + "/")
+            or f.name.startswith(service + "/")]
+
+
+def maglev_show(node: NodeMaps, fe: Frontend, *, first: int = 32) -> dict:
+    table = node.maglev_table(fe)
+    backends = node.backends()
+    counts = Counter(table)
+    size = len(table)
+    rows = []
+    for ident, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        r = _backend_row(backends.get(ident), ident)
+        r["slots"] = n
+        r["share"] = round(n / size, 4) if size else 0.0
+        rows.append(r)
+    return {"service": fe.service, "frontend": fe.name, "scope": fe.scope, "table_size": size,
+            "maglev_offset": fe.maglev_offset, "backend_count": fe.backend_count, "backends": rows,
+            "first_slots": table[:first]}
+
+
+# ---- why: one flow walked like the datapath walks it -------------------------------------------
+
+def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int | None = None,
+        scope: str = "internal", now_ns: int | None = None) -> dict:
+    """Follow a new packet (the first of a connection: a SYN for TCP) from `src` to dst:dport/proto
+    through bpf/lib/flow.h lb4_from_pod: conntrack, frontend (scope), traffic policy, affinity,
+    Maglev slot. Returns the steps and the outcome: verdict, backend and reason."""
+    now_ns = monotonic_ns() if now_ns is None else now_ns
+    proto = proto.upper()
+    steps: list[dict] = []
+
+    def step(name: str, outcome: str, **detail) -> None:
+        steps.append({"step": name, "outcome": outcome, **detail})
+
+    def result(verdict: str, reason: str, backend: Backend | None = None, backend_id: int = 0) -> dict:
+        return {"flow": f"{src}:{sport if sport is not None else '*'} -> {dst}:{dport}/{proto}",
+                "scope": scope, "steps": steps, "verdict": verdict, "reason": reason,
+                "backend": backend.name if backend else None, "backend_id": backend_id or None}
+
+    if proto not in PROTO_NUMBERS:
+        step("parse", f"{proto} has no ports: passes untouched")
+        return result("pass", "not load-balanced protocol")
+
+    # 1. Conntrack: an established flow keeps its backend whatever the tables say now.
+    if sport is None:
+        step("conntrack", "skipped: no --sport, a flow is identified by its 5-tuple")
+    else:
+        e = node.ct_lookup(src, dst, sport, dport, proto, "forward", now_ns)
+        if e is None:
+            step("conntrack", "no entry: a new flow")
+        elif e.expired:
+            step("conntrack", f"entry expired ({e.age_s:.1f}s old): deleted, a new flow", entry=_ct_brief(e))
+        elif proto == "TCP" and ct_closing(e.flags):
+            step("conntrack", "entry is closing (FIN both ways or RST): a new SYN starts a new flow",
+                 entry=_ct_brief(e))
+        else:
+            be = node.backend(e.backend_id)
+            if be is not None:
+                step("conntrack", f"tracked flow ({', '.join(e.flag_names) or 'no flags'}, "
+                     f"{e.age_s:.1f}s idle) pinned to backend {e.backend_id}", entry=_ct_brief(e))
+                return result("dnat", "conntrack", be, e.backend_id)
+            if proto == "TCP":
+                step("conntrack", f"tracked flow, but backend {e.backend_id} was removed: reset",
+                     entry=_ct_brief(e))
+                return result("reject", "backend_gone")
+            step("conntrack", f"tracked flow, backend {e.backend_id} removed: balanced again",
+                 entry=_ct_brief(e))
+
+    # 2. Frontend, in the scope of where the packet comes from.
+    fe = node.frontend(dst, dport, proto, scope)
+    if fe is None or fe.is_marker:
+        marker = node.frontend(dst, 0, proto, scope)
+        what = "a frontend address, but not this port" if marker is not None else "not a frontend"
+        step("frontend", f"{dst}:{dport}/{proto} ({scope}) is {what}: passes untouched")
+        return result("pass", "not a service")
+    step("frontend", f"{fe.name} ({fe.scope}, {fe.kind}) of {fe.service or 'service ' + str(fe.service_id)}",
+         flags=fe.flag_names, backend_count=fe.backend_count, maglev_size=fe.maglev_size)
+
+    # 3. Traffic policy: the backend set was filtered by the control plane; empty means no service.
+    if not fe.backend_count or not fe.maglev_size:
+        if fe.flags & abi.LB_SVC_F_LOCAL_ONLY:
+            step("traffic policy", "Local and no backend on this node: dropped")
+            return result("drop", "no_local_backend")
+        step("traffic policy", "no usable backend: rejected (TCP RST / ICMP port unreachable)")
+        return result("reject", "no_backend")
+    policy = "Local: node-local backends only" if fe.flags & abi.LB_SVC_F_LOCAL_ONLY else "Cluster"
+    step("traffic policy", f"{policy}: {fe.backend_count} usable backends")
+
+    # 4. Session affinity.
+    if fe.flags & abi.LB_SVC_F_AFFINITY and fe.affinity_timeout:
+        a = node.affinity(src, fe.service_id, now_ns)
+        if a is None:
+            step("affinity", f"ClientIP ({fe.affinity_timeout}s): no entry for {src}")
+        elif a.age_s >= fe.affinity_timeout:
+            step("affinity", f"ClientIP: entry for backend {a.backend_id} is stale "
+                 f"({a.age_s:.1f}s >= {fe.affinity_timeout}s)")
+        else:
+            be = node.backend(a.backend_id)
+            if be is None:
+                step("affinity", f"ClientIP: backend {a.backend_id} of the fresh entry is gone")
+            elif be.terminating:
+                step("affinity", f"ClientIP: backend {a.backend_id} is terminating: affinity ignored")
+            else:
+                step("affinity", f"ClientIP: fresh entry ({a.age_s:.1f}s < {fe.affinity_timeout}s) "
+                     f"-> backend {a.backend_id}")
+                return result("dnat", "affinity", be, a.backend_id)
+    else:
+        step("affinity", "sessionAffinity None")
+
+    # 5. The Maglev slot (or a random one).
+    table = node.maglev_table(fe)
+    if fe.flags & abi.LB_SVC_F_RANDOM:
+        ids = sorted(set(table))
+        step("maglev", f"algorithm random: a random slot of {fe.maglev_size}, any of backends {ids}")
+        return result("dnat", "random", None, 0)
+    if sport is None:
+        ids = sorted(set(table))
+        step("maglev", f"the slot depends on the source port: one of backends {ids}")
+        return result("dnat", "maglev (source port unknown)")
+    h = flow_hash(src, dst, sport, dport, PROTO_NUMBERS[proto])
+    slot = h % fe.maglev_size
+    fallback: tuple[int, Backend] | None = None
+    for i in range(TERMINATING_PROBES):
+        ident = table[slot]
+        be = node.backend(ident)
+        if be is not None:
+            if not be.terminating:
+                step("maglev", f"hash {h:#010x} % {fe.maglev_size} = slot {slot} -> backend {ident}"
+                     + (f" (after {i} terminating)" if i else ""), slot=slot, hash=h)
+                return result("dnat", "maglev", be, ident)
+            if fallback is None:
+                fallback = (ident, be)
+        slot = 0 if slot + 1 == fe.maglev_size else slot + 1
+    if fallback is not None:
+        step("maglev", f"every probed slot is terminating: backend {fallback[0]} (terminating fallback)")
+        return result("dnat", "maglev (terminating fallback)", fallback[1], fallback[0])
+    step("maglev", "the table names a missing backend: dropped")
+    return result("drop", "no_backend")
+
+
+def _ct_brief(e: CtEntry) -> dict:
+    return {"backend_id": e.backend_id, "backend": e.backend, "flags": e.flag_names, "age_s": round(e.age_s, 3)}
+
+
+# ---- drift: desired state against the maps ---------------------------------------------------------
+
+def drift(desired, node: NodeMaps) -> list[dict]:
+    """Differences between an LBState (what the control plane wants) and the maps: frontends missing
+    or unexpected, and frontends whose service, flags or backend set differ. [] = no drift."""
+    from ebpfsvc.datapath.writer import service_name
+
+    have = {(f.address, f.port, f.proto, f.scope): f for f in node.frontends()}
+    backends = node.backends()
+    out: list[dict] = []
+    want_keys = set()
+    for key, fe in desired.frontends.items():
+        k = (str(key.address), key.port, key.protocol.value, "internal" if int(key.scope) else "external")
+        want_keys.add(k)
+        want_keys.add((k[0], 0, k[2], k[3]))          # its address marker
+        name = f"{k[0]}:{k[1]}/{k[2]} ({k[3]})"
+        got = have.get(k)
+        if got is None:
+            out.append({"frontend": name, "service": str(fe.service), "problem": "missing from the maps"})
+            continue
+        problems = []
+        if got.service != service_name(fe.service):
+            problems.append(f"service {got.service!r}, want {service_name(fe.service)!r}")
+        if got.affinity_timeout != fe.affinity_timeout:
+            problems.append(f"affinity timeout {got.affinity_timeout}, want {fe.affinity_timeout}")
+        if got.algorithm != fe.algorithm.value:
+            problems.append(f"algorithm {got.algorithm}, want {fe.algorithm.value}")
+        if bool(got.flags & abi.LB_SVC_F_LOCAL_ONLY) != fe.local_only:
+            problems.append(f"local-only {bool(got.flags & abi.LB_SVC_F_LOCAL_ONLY)}, want {fe.local_only}")
+        if got.kind != fe.kind.value:
+            problems.append(f"kind {got.kind}, want {fe.kind.value}")
+        # The table holds the serving backends, or every backend when all are terminating.
+        unique = {b.name: b for b in fe.backends}
+        serving = [b for b in unique.values() if not b.terminating]
+        want = {b.name for b in (serving or unique.values())}
+        table_ids = set(node.maglev_table(got)) if got.maglev_size else set()
+        have_names = {backends[i].name if i in backends else f"<missing id {i}>" for i in table_ids}
+        if have_names != want:
+            problems.append(f"backends: missing {sorted(want - have_names)}, unexpected {sorted(have_names - want)}")
+        if got.backend_count != len(want):
+            problems.append(f"backend count {got.backend_count}, want {len(want)}")
+        if problems:
+            out.append({"frontend": name, "service": str(fe.service), "problem": "; ".join(problems)})
+    for k, f in have.items():
+        if k not in want_keys:
+            out.append({"frontend": f"{k[0]}:{k[1]}/{k[2]} ({k[3]})", "service": f.service,
+                        "problem": "in the maps, not desired"})
+    return sorted(out, key=lambda d: d["frontend"])
+
+
