@@ -70,6 +70,8 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_frontend_stats": ("__u32", "struct lb_traffic"),
     "lb_backend_stats": ("__u32", "struct lb_traffic"),
     "lb_drops": ("__u32", "__u64"),
+    "lb4_snat": ("struct ct4_key", "struct snat4_entry"),
+    "lb4_source_ranges": ("struct lb4_src_range_key", "__u32"),
 }
 
 

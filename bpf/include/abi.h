@@ -41,6 +41,25 @@
 #ifndef FRAG_ENTRIES_MAX
 #define FRAG_ENTRIES_MAX 8192         /* LRU: datagrams whose first fragment was seen */
 #endif
+#ifndef SNAT_ENTRIES_MAX
+#define SNAT_ENTRIES_MAX 131072       /* LRU: north-south SNAT, two entries per SNATed flow */
+#endif
+#ifndef SOURCE_RANGES_MAX
+#define SOURCE_RANGES_MAX 16384       /* (frontend, prefix) pairs of loadBalancerSourceRanges */
+#endif
+
+/* ---- North-south SNAT source ports (externalTrafficPolicy Cluster, remote
+ * backend): above the kernel's default ephemeral range (32768-60999), so a
+ * node process's own connection never shares a tuple with a SNATed flow. ---- */
+#ifndef SNAT_PORT_MIN
+#define SNAT_PORT_MIN 61000
+#endif
+#ifndef SNAT_PORT_MAX
+#define SNAT_PORT_MAX 65535
+#endif
+#ifndef SNAT_PORT_PROBES
+#define SNAT_PORT_PROBES 16           /* ports tried (hash, then linear) before giving up */
+#endif
 
 /* ---- Conntrack lifetimes in seconds (-D overridable). An entry older than its
  * lifetime is treated as absent; LRU eviction reclaims the memory later. ---- */
@@ -69,6 +88,7 @@
 #define LB_SVC_F_EXTERNAL_IP 0x0010 /* frontend is a spec.externalIPs address */
 #define LB_SVC_F_LOADBALANCER 0x0020 /* frontend is a status.loadBalancer.ingress address */
 #define LB_SVC_F_ADDRESS    0x0040  /* port-0 marker: "this address is a frontend", never balanced */
+#define LB_SVC_F_SOURCE_RANGES 0x0080 /* loadBalancerSourceRanges enforced: client must match lb4_source_ranges */
 
 /* ---- lb4_backend.flags ---- */
 #define LB_BE_F_TERMINATING 0x01    /* serving but terminating: keeps flows, gets no new ones */
@@ -85,6 +105,8 @@
 #define CT_F_SEEN_RST      0x08
 #define CT_F_ESTABLISHED   0x10   /* a packet was seen in the reply direction */
 #define CT_F_HAIRPIN       0x20   /* client == backend: source was SNATed to HAIRPIN_ADDR */
+#define CT_F_NODEPORT      0x40   /* north-south flow, created by the uplink program (lb_node.c) */
+#define CT_F_SNAT          0x80   /* north-south, remote backend: source SNATed to the node (lb4_snat) */
 
 /* ---- Drop and verdict counters: index into lb_drops / metrics label. ---- */
 #define REASON_NO_BACKEND        0  /* frontend with no usable backend: rejected (RST / ICMP) */
@@ -95,7 +117,9 @@
 #define REASON_SOURCE_RANGE      5  /* loadBalancerSourceRanges refused the client */
 #define REASON_CT_CREATE_FAILED  6  /* conntrack insert failed: fail closed */
 #define REASON_REJECT_FAILED     7  /* could not build the RST / ICMP reject: dropped instead */
-#define REASON_MAX               8
+#define REASON_SNAT_EXHAUSTED    8  /* no free SNAT source port for this backend: dropped */
+#define REASON_FIB_LOOKUP        9  /* no route / neighbour towards a SNATed flow's next hop */
+#define REASON_MAX               10
 
 /* Frontend: what a packet's destination is matched against. */
 struct lb4_key {
@@ -186,6 +210,26 @@ struct frag4_key {
 struct frag4_ports {
 	__be16 sport;
 	__be16 dport;
+};
+
+/* North-south SNAT (lb4_snat), keyed by struct ct4_key. Two entries per
+ * SNATed flow, like conntrack: CT_DIR_FORWARD keyed (client -> frontend) holds
+ * the node address and source port the flow was given; CT_DIR_REPLY keyed
+ * (backend -> node address:port), the post-NAT tuple, holds the client's
+ * address and port. The reply entry is what makes a port taken. */
+struct snat4_entry {
+	__be32 address;
+	__be16 port;
+	__u16  pad0;
+};
+
+/* loadBalancerSourceRanges (LPM trie): prefixlen = 32 + the range's prefix
+ * length, so the frontend id always matches whole and the client address by
+ * the range. The value is unused (1). */
+struct lb4_src_range_key {
+	__u32  prefixlen;
+	__u32  frontend_id;     /* matched whole (the first 32 bits of the prefix) */
+	__be32 address;
 };
 
 /* Per-CPU traffic counters (per frontend id, per backend id). */

@@ -32,6 +32,11 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_service_name, lb_service_names, LB_SER
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_traffic, lb_frontend_stats, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb_frontend_stats");
 /* backend id -> packets/bytes sent to that backend (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_traffic, lb_backend_stats, LB_BACKENDS_MAX, LB_PIN_DIR "/lb_backend_stats");
+/* North-south SNAT: (client -> frontend) -> node address:port given, and
+ * (backend -> node address:port) -> client address:port (struct snat4_entry). */
+BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct snat4_entry, lb4_snat, SNAT_ENTRIES_MAX, LB_PIN_DIR "/lb4_snat");
+/* (frontend id, client prefix) -> 1: loadBalancerSourceRanges of frontends flagged LB_SVC_F_SOURCE_RANGES. */
+BPF_TABLE_PINNED("lpm_trie", struct lb4_src_range_key, __u32, lb4_source_ranges, SOURCE_RANGES_MAX, LB_PIN_DIR "/lb4_source_ranges", BPF_F_NO_PREALLOC);
 /* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
 

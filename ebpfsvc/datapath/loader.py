@@ -33,6 +33,10 @@ SOURCE = BPF_DIR / "lb_pod.c"
 INCLUDE_DIRS = (BPF_DIR / "include", BPF_DIR / "lib")
 DEFAULT_KERNEL_SOURCE = "/var/lib/ebpfsvc/kernel-headers"
 PROGRAMS = ("from_pod", "to_pod")
+#: The uplink (north-south) datapath, bpf/lb_node.c: load(..., source=NODE_SOURCE, programs=NODE_PROGRAMS).
+NODE_SOURCE = BPF_DIR / "lb_node.c"
+NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink")
+_PROGRAM_TYPES = {"xdp_uplink": "XDP"}     # everything else is SCHED_CLS (TC)
 MAPS = tuple(abi.MAP_TYPES)
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
@@ -49,6 +53,8 @@ class Limits:
     ct_entries: int = abi.CT_ENTRIES_MAX
     affinity_entries: int = abi.AFFINITY_ENTRIES_MAX
     frag_entries: int = abi.FRAG_ENTRIES_MAX
+    snat_entries: int = abi.SNAT_ENTRIES_MAX
+    source_ranges: int = abi.SOURCE_RANGES_MAX
     ct_tcp_syn_s: int = abi.CT_TIMEOUT_TCP_SYN_S
     ct_tcp_established_s: int = abi.CT_TIMEOUT_TCP_ESTABLISHED_S
     ct_tcp_close_s: int = abi.CT_TIMEOUT_TCP_CLOSE_S
@@ -62,6 +68,8 @@ class Limits:
         "ct_entries": "CT_ENTRIES_MAX",
         "affinity_entries": "AFFINITY_ENTRIES_MAX",
         "frag_entries": "FRAG_ENTRIES_MAX",
+        "snat_entries": "SNAT_ENTRIES_MAX",
+        "source_ranges": "SOURCE_RANGES_MAX",
         "ct_tcp_syn_s": "CT_TIMEOUT_TCP_SYN_S",
         "ct_tcp_established_s": "CT_TIMEOUT_TCP_ESTABLISHED_S",
         "ct_tcp_close_s": "CT_TIMEOUT_TCP_CLOSE_S",
@@ -130,29 +138,35 @@ class Datapath:
 _CACHE: dict[tuple, Datapath] = {}
 
 
-def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None) -> list[str]:
+def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None) -> list[str]:
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
     if hairpin_addr is not None:
         flags.append(f"-DHAIRPIN_ADDR={be32(hairpin_addr):#x}U")
+    if snat_addr is not None:
+        flags.append(f"-DNODE_SNAT_ADDR={be32(snat_addr):#x}U")
     return flags
 
 
-def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True) -> Datapath:
+def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
+         source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
     second load (another process, or cache=False) sees the same contents.
     `hairpin_addr` is a node-owned IPv4 address used as the source of hairpin
     flows (pod -> Service -> same pod); None disables hairpin SNAT.
+    `source`/`programs` select the object (NODE_SOURCE/NODE_PROGRAMS: the uplink
+    programs, sharing the same pinned maps); `snat_addr` is the node address
+    north-south flows to remote backends are SNATed to.
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
     pin_dir = Path(pin_dir)
     limits = limits or Limits()
-    text = expand_source()
-    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr))
+    text = expand_source(source)
+    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]
@@ -161,8 +175,8 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     pin_dir.mkdir(parents=True, exist_ok=True)
     bpf = BPF(text=text.encode(), cflags=list(cflags))
     dp = Datapath(bpf=bpf, pin_dir=pin_dir, cflags=cflags)
-    for name in PROGRAMS:
-        dp.programs[name] = bpf.load_func(name.encode(), BPF.SCHED_CLS)
+    for name in programs:
+        dp.programs[name] = bpf.load_func(name.encode(), getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS")))
     for name in MAPS:
         dp.maps[name] = bpf.get_table(name.encode())
     if cache:
@@ -196,4 +210,5 @@ def drop_cache() -> None:
     _CACHE.clear()
 
 
-__all__ = ["Datapath", "Limits", "load", "unpin", "expand_source", "be32", "PROGRAMS", "MAPS"]
+__all__ = ["Datapath", "Limits", "load", "unpin", "expand_source", "be32", "PROGRAMS", "MAPS",
+           "NODE_SOURCE", "NODE_PROGRAMS"]
