@@ -124,6 +124,8 @@ class Agent:
         progs = self.datapath.programs
         tc.attach(ifindex, progs["from_pod"].fd, "from_pod", tc.INGRESS)
         tc.attach(ifindex, progs["to_pod"].fd, "to_pod", tc.EGRESS)
+        if self.config.hairpin_address is not None:
+            _accept_local(ifname)
         log.info("attached to pod interface %s (ifindex %d)", ifname, ifindex)
 
     def _detach_pod(self, ifindex: int, ifname: str) -> None:
@@ -148,3 +150,18 @@ class Agent:
         self.synced_once.set()
         log.info("synced %d frontends in %.1f ms: %s", len(desired.frontends),
                  (time.monotonic() - t0) * 1000, stats)
+
+
+def _accept_local(ifname: str) -> None:
+    """Let a pod interface accept packets whose source is a node-local address.
+
+    Hairpin flows (a pod reaching itself through a Service) leave from_pod with their source
+    rewritten to the hairpin address, a node-owned address; the kernel's source validation
+    drops such "martian" packets arriving on an interface unless accept_local is set on it.
+    """
+    path = f"/proc/sys/net/ipv4/conf/{ifname}/accept_local"
+    try:
+        with open(path, "w") as f:
+            f.write("1\n")
+    except OSError as exc:     # the interface went away meanwhile: nothing to serve
+        log.warning("cannot set %s: %s (hairpin traffic from this pod will be dropped)", path, exc)
