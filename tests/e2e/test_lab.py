@@ -398,3 +398,34 @@ def test_down_all_removes_every_lab(unique_prefix, tmp_path):
     assert all(p in down.stdout for p in prefixes)
     assert list(tmp_path.iterdir()) == []
     assert not any(n.startswith(unique_prefix) for n in os.listdir(nsenter.NETNS_RUN_DIR))
+
+
+# -- the EndpointSlice generator alone (pure, no root) -------------------------------------------
+
+
+def _pod(name: str, port: int, ready: bool = True, ip: str = "198.18.1.9") -> dict:
+    pod = apps.pod(name, "http-echo", port, node="node-1", labels={"app": "web"})
+    pod["status"] = {"phase": "Running", "podIP": ip,
+                     "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    return pod
+
+
+def test_generator_groups_pods_by_resolved_ports():
+    from ebpfsvc.lab.endpointslices import for_service
+    svc = {"metadata": {"name": "web", "namespace": "default"},
+           "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "serve"}]}}
+    slices = for_service(svc, [_pod("a", 8080), _pod("b", 9090, ip="198.18.1.10"), _pod("c", 8080, ready=False,
+                                                                                           ip="198.18.1.11")],
+                         {"node-1": "zone-a"})
+    by_port = {s["ports"][0]["port"]: [e["targetRef"]["name"] for e in s["endpoints"]] for s in slices}
+    assert by_port == {8080: ["a", "c"], 9090: ["b"]}
+    assert all("hints" not in e for s in slices for e in s["endpoints"])   # no topology annotation
+
+    svc["spec"]["publishNotReadyAddresses"] = True
+    eps = {e["targetRef"]["name"]: e for s in for_service(svc, [_pod("c", 8080, ready=False)], {})
+           for e in s["endpoints"]}
+    assert eps["c"]["conditions"] == {"ready": True, "serving": False, "terminating": False}
+
+    [empty] = for_service({**svc, "spec": {**svc["spec"], "selector": {"app": "none"}}}, [_pod("a", 8080)], {})
+    assert empty["endpoints"] == [] and empty["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
+    assert for_service({**svc, "spec": {"type": "ExternalName", "externalName": "x.example"}}, [], {}) == []
