@@ -13,6 +13,8 @@ fails (or its setup half-fails: Lab.up tears down what it built before raising).
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from ebpfsvc.lab import Lab
@@ -22,6 +24,17 @@ from ebpfsvc.lab import Lab
 def lab(request, unique_prefix):
     params = getattr(request, "param", None) or {}
     instance = Lab.up(params.get("labfile"), prefix=unique_prefix, agents=params.get("agents", True))
+    try:
+        yield instance
+    finally:
+        instance.down()
+
+
+@pytest.fixture(scope="module")
+def shared_lab():
+    """One lab (with agents) for all tests of a module that do not interfere: each test uses its
+    own pods and Services.  Its own prefix, so it never meets the per-test `lab` fixture's."""
+    instance = Lab.up(prefix="es" + uuid.uuid4().hex[:6], agents=True)
     try:
         yield instance
     finally:

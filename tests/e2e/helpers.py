@@ -1,0 +1,296 @@
+"""Helpers for the Service e2e tests: manifests, clients in pod namespaces, bounded polls, map reads.
+
+Clients are real sockets created inside a pod's network namespace from the test
+process (ebpfsvc.lab.nsenter.socket_in): the kernel treats them exactly like a
+program running in the pod, the packets cross the pod's veth and the node's TC
+programs, and the test needs no helper process per connection.
+
+The pinned maps of a node's agent are read read-only (ebpfsvc.inspect, the
+same reader as `ebpfsvc inspect`): tests use them to wait until an agent has programmed a change (instead of sleeping) and
+to prove that something was *not* programmed. Behaviour itself is always
+checked on the wire.
+
+Every loop here is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import struct
+import time
+from collections import Counter
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from ebpfsvc.inspect.node import Frontend, NodeMaps
+from ebpfsvc.lab import Lab, names, nsenter
+
+T = TypeVar("T")
+
+# -- manifests --------------------------------------------------------------------------------
+
+
+def service(name: str, ports: list[dict], selector: dict | None = None, **spec: Any) -> dict:
+    """A v1 Service; `selector=None` makes it selectorless. Extra keyword args go into spec."""
+    body: dict[str, Any] = {"ports": ports, **spec}
+    if selector is not None:
+        body["selector"] = selector
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": body}
+
+
+def bare_pod(name: str, node: str, labels: dict | None = None, command: list[str] | None = None,
+             ports: list[dict] | None = None, ready: bool | None = None) -> dict:
+    """A Pod running `command` (or nothing: a namespace with an IP, e.g. a pure client)."""
+    container: dict[str, Any] = {"name": "c"}
+    if command:
+        container["command"] = command
+    if ports:
+        container["ports"] = ports
+    meta: dict[str, Any] = {"name": name, "labels": labels or {"app": name}}
+    if ready is not None:
+        meta["annotations"] = {"lab.ebpfsvc.io/ready": "true" if ready else "false"}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+            "spec": {"nodeName": node, "containers": [container]}}
+
+
+# -- bounded waiting ---------------------------------------------------------------------------
+
+
+def wait_for(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> T:
+    """Call `check` until it returns something truthy (returned), at most `timeout` seconds.
+
+    Exceptions from `check` count as "not yet" until the deadline, then the last one is raised
+    with the description; so does a last falsy value.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    for _ in range(int(timeout / max(interval, 0.01)) + 2):
+        try:
+            last = check()
+            if last:
+                return last
+        except (OSError, AssertionError, ValueError, KeyError) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    if isinstance(last, BaseException):
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}: {last!r}") from last
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}: last value {last!r}")
+
+
+# -- clients inside pods ----------------------------------------------------------------------
+
+
+def netns_of(lab: Lab, pod: str) -> str:
+    return lab.pod_netns(pod)
+
+
+def _linger_rst(sock: socket.socket) -> None:
+    # close() then sends RST instead of FIN: the client keeps no TIME_WAIT, so a test can
+    # reuse a source port at once (the datapath starts a new flow on a fresh SYN).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def tcp_socket(lab: Lab, pod: str, sport: int | None = None, timeout: float = 5.0) -> socket.socket:
+    sock = nsenter.socket_in(netns_of(lab, pod), socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    if sport is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", sport))
+    return sock
+
+
+def exchange(lab: Lab, pod: str, host: str, port: int, request: bytes = b"", sport: int | None = None,
+             timeout: float = 5.0) -> bytes:
+    """A new TCP connection from `pod`: send `request`, read until the server closes, reset."""
+    sock = tcp_socket(lab, pod, sport, timeout)
+    try:
+        sock.connect((host, port))
+        if request:
+            sock.sendall(request)
+        data = b""
+        for _ in range(1000):                    # reads until the server closes
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        _linger_rst(sock)
+    finally:
+        sock.close()
+    return data
+
+
+def http_get(lab: Lab, pod: str, host: str, port: int, sport: int | None = None,
+             timeout: float = 5.0) -> dict:
+    """One HTTP request on a new connection from `pod`; the http-echo JSON answer."""
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    data = exchange(lab, pod, host, port, request, sport, timeout)
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0]:
+        raise ValueError(f"bad HTTP answer from {host}:{port}: {data[:200]!r}")
+    return json.loads(body)
+
+
+def line_get(lab: Lab, pod: str, host: str, port: int, timeout: float = 5.0) -> str:
+    """What a one-shot TCP server (socat ... EXEC:...) sends on a new connection."""
+    return exchange(lab, pod, host, port, timeout=timeout).decode().strip()
+
+
+def connect_outcome(lab: Lab, pod: str, host: str, port: int, timeout: float = 3.0) -> str:
+    """'connected', 'refused' (RST), 'timeout' (no answer: dropped) or another errno name."""
+    sock = tcp_socket(lab, pod, None, timeout)
+    try:
+        sock.connect((host, port))
+        _linger_rst(sock)
+        return "connected"
+    except ConnectionRefusedError:
+        return "refused"
+    except socket.timeout:
+        return "timeout"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc))
+    finally:
+        sock.close()
+
+
+def udp_socket(lab: Lab, pod: str, timeout: float = 3.0) -> socket.socket:
+    sock = nsenter.socket_in(netns_of(lab, pod), socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    sock.bind(("0.0.0.0", 0))
+    return sock
+
+
+def udp_ask(sock: socket.socket, host: str, port: int, payload: bytes = b"hi") -> dict:
+    """One datagram to host:port on `sock`'s flow; the udp-echo JSON answer."""
+    sock.sendto(payload, (host, port))
+    data, source = sock.recvfrom(65535)
+    # The answer must come from the address the client sent to (reverse NAT), or the
+    # client's socket could not tell it from an unrelated datagram.
+    if source != (host, port):
+        raise ValueError(f"answer from {source}, expected {(host, port)}")
+    return json.loads(data)
+
+
+def udp_ask_once(lab: Lab, pod: str, host: str, port: int, timeout: float = 3.0) -> dict:
+    sock = udp_socket(lab, pod, timeout)
+    try:
+        return udp_ask(sock, host, port)
+    finally:
+        sock.close()
+
+
+class TcpStream:
+    """A long-lived connection to a tcp-echo server: every line comes back prefixed by the pod name."""
+
+    def __init__(self, lab: Lab, pod: str, host: str, port: int, timeout: float = 5.0):
+        self.sock = tcp_socket(lab, pod, None, timeout)
+        self.sock.connect((host, port))
+        self.local = self.sock.getsockname()
+        self._buf = b""
+
+    def ask(self, text: str) -> str:
+        """Send one line, return the echo 'pod: text'. Raises on reset, close or timeout."""
+        self.sock.sendall(text.encode() + b"\n")
+        for _ in range(1000):
+            if b"\n" in self._buf:
+                break
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"stream from {self.local} closed by the peer")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
+
+    def backend(self) -> str:
+        return self.ask("who").split(":", 1)[0]
+
+    def close(self) -> None:
+        try:
+            _linger_rst(self.sock)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def backends_seen(answers: Iterable[dict]) -> Counter:
+    return Counter(a["pod"] for a in answers)
+
+
+# -- the agents' pinned maps (read-only, through ebpfsvc.inspect) ---------------------------
+
+
+@contextmanager
+def node_maps(lab: Lab, node: str) -> Iterator[NodeMaps]:
+    """The pinned maps of `node`'s agent, opened read-only."""
+    with NodeMaps.open(names.pin_dir(lab.prefix, node)) as maps:
+        yield maps
+
+
+def frontend(lab: Lab, node: str, address: str, port: int, proto: str = "TCP") -> Frontend | None:
+    """The pod-facing (internal scope) frontend address:port/proto on `node`, or None."""
+    with node_maps(lab, node) as maps:
+        return maps.frontend(address, port, proto, "internal")
+
+
+def table_backends(lab: Lab, node: str, fe: Frontend) -> set[tuple[str, int]]:
+    """(address, port) of every backend in a frontend's Maglev table on `node`."""
+    with node_maps(lab, node) as maps:
+        backends = maps.backends()
+        return {(backends[i].address, backends[i].port) for i in set(maps.maglev_table(fe)) if i in backends}
+
+
+def drops(lab: Lab, node: str) -> dict[str, int]:
+    """The datapath's drop / reject counters on `node`, by reason."""
+    with node_maps(lab, node) as maps:
+        return maps.drops()
+
+
+def programmed_services(lab: Lab, node: str) -> set[str]:
+    """Names ("namespace/name:port/PROTO") of the service ports `node`'s agent has frontends for."""
+    with node_maps(lab, node) as maps:
+        return {fe.service for fe in maps.frontends() if fe.service}
+
+
+def cluster_ip(lab: Lab, svc: str) -> str:
+    return lab.service(svc)["spec"]["clusterIP"]
+
+
+def wait_programmed(lab: Lab, svc: str, port: int, backends: int, nodes: Iterable[str] | None = None,
+                    proto: str = "TCP", timeout: float = 30.0) -> None:
+    """Wait until every node's agent serves svc's clusterIP:port with `backends` backends in its table."""
+    vip = cluster_ip(lab, svc)
+    for node in nodes or [n.name for n in lab.spec.nodes]:
+        def done() -> bool:
+            fe = frontend(lab, node, vip, port, proto)
+            return fe is not None and fe.backend_count == backends
+
+        wait_for(done, timeout, what=f"{node}: {svc} {vip}:{port}/{proto} with {backends} backends")
+
+
+def wait_affinity(lab: Lab, svc: str, port: int, seconds: int, nodes: Iterable[str] | None = None,
+                  timeout: float = 30.0) -> None:
+    vip = cluster_ip(lab, svc)
+    for node in nodes or [n.name for n in lab.spec.nodes]:
+        def done() -> bool:
+            fe = frontend(lab, node, vip, port)
+            return fe is not None and fe.affinity_timeout == seconds
+
+        wait_for(done, timeout, what=f"{node}: {svc} affinity timeout {seconds}")
+
+
+def wait_agents_attached(lab: Lab, pods: Iterable[str], timeout: float = 30.0) -> None:
+    """Wait until each pod's veth has the agent's TC programs (ingress and egress)."""
+    for pod in pods:
+        obj = lab.pod(pod)
+        link = names.pod_host_link(obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
+        node = obj["spec"]["nodeName"]
+
+        def attached() -> bool:
+            out = lab.node_exec(node, ["tc", "filter", "show", "dev", link, "ingress"]).stdout + \
+                lab.node_exec(node, ["tc", "filter", "show", "dev", link, "egress"]).stdout
+            return out.count("from_pod") >= 1 and out.count("to_pod") >= 1
+
+        wait_for(attached, timeout, interval=0.3, what=f"TC programs on {link} ({pod})")
