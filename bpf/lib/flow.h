@@ -35,6 +35,42 @@ static __always_inline int lb4_forward_xlate(struct __sk_buff *skb, struct lb4_p
 	return TC_ACT_OK;
 }
 
+/*
+ * Pick the backend of a new flow to `svc` (a fresh affinity entry first, then
+ * the frontend's table) and describe the flow in `e` (flags: the TCP state
+ * seen so far). 0 when the table names a missing backend. Shared by the pod
+ * (flow.h) and uplink (nodeport.h) hooks, so both balance alike.
+ */
+static __always_inline struct lb4_backend *lb4_flow_begin(const struct lb4_service *svc,
+							  const struct lb4_pkt *p, __u64 now,
+							  struct ct4_entry *e)
+{
+	struct lb4_backend *be = 0;
+	__u32 id;
+
+	id = lb4_affinity_backend(svc, p->saddr, now);
+	if (id) {
+		be = lb4_backends.lookup(&id);
+		if (be && (be->flags & LB_BE_F_TERMINATING))
+			be = 0;                         /* affinity never outlives termination */
+	}
+	if (!be)
+		be = lb4_select_backend(svc, p, &id);
+	if (!be)
+		return 0;
+
+	e->last_seen_ns = now;
+	e->backend_id = id;
+	e->service_id = svc->service_id;
+	e->frontend_id = svc->frontend_id;
+	e->frontend_addr = p->daddr;
+	e->frontend_port = p->dport;
+	e->backend_addr = be->address;
+	e->backend_port = be->port;
+	e->flags = ct4_tcp_flags(p, CT_DIR_FORWARD);
+	return be;
+}
+
 /* No flow yet: balance a packet to a frontend, or let it pass. */
 static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt *p,
 					   struct ct4_key *fk, __u64 now)
@@ -56,26 +92,10 @@ static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 		return lb4_reject(skb, p, REASON_NO_BACKEND);
 	}
 
-	id = lb4_affinity_backend(svc, p->saddr, now);
-	if (id) {
-		be = lb4_backends.lookup(&id);
-		if (be && (be->flags & LB_BE_F_TERMINATING))
-			be = 0;                         /* affinity never outlives termination */
-	}
-	if (!be)
-		be = lb4_select_backend(svc, p, &id);
+	be = lb4_flow_begin(svc, p, now, &e);
 	if (!be)
 		return lb_drop(REASON_NO_BACKEND);      /* table names a missing backend: writer bug */
-
-	e.last_seen_ns = now;
-	e.backend_id = id;
-	e.service_id = svc->service_id;
-	e.frontend_id = svc->frontend_id;
-	e.frontend_addr = p->daddr;
-	e.frontend_port = p->dport;
-	e.backend_addr = be->address;
-	e.backend_port = be->port;
-	e.flags = ct4_tcp_flags(p, CT_DIR_FORWARD);
+	id = e.backend_id;
 	if (HAIRPIN_ADDR && be->address == p->saddr) {
 		e.flags |= CT_F_HAIRPIN;
 		reply_daddr = HAIRPIN_ADDR;
