@@ -3,6 +3,7 @@
     client ns            router ns                         server ns
     eth0 198.18.1.2 ---- c0 198.18.1.1   s0 198.18.2.1 ---- eth0 198.18.2.11, .12, .13
     default via .1.1     ip_forward=1, baselines loaded here   default via .2.1
+                         up0 198.18.3.1 (veth to nobody), default via .3.2
 
 The router stands in for a node running kube-proxy: a packet from the client to a
 ClusterIP (198.19.0.0/16, routed nowhere) is DNATed in its PREROUTING to one of
@@ -61,6 +62,15 @@ def _build(t: Topology) -> None:
     with NetNS(t.router) as ns:
         _link_up(ns, "c0", ["198.18.1.1"])
         _link_up(ns, "s0", ["198.18.2.1"])
+        # A node routes everything it has no better route for to its upstream,
+        # ClusterIPs included: so a packet to a service without endpoints is
+        # routed, reaches the FORWARD hook and is rejected there, as on a node.
+        # Here the upstream is a veth whose peer, in the same namespace, has no
+        # address: nobody answers behind it.
+        ns.link("add", ifname="up0", kind="veth", peer={"ifname": "up1"})
+        _link_up(ns, "up0", ["198.18.3.1"])
+        _link_up(ns, "up1", [])
+        ns.route("add", dst="default", gateway="198.18.3.2")
     for address in (CLIENT, *t.backends):
         assert ipaddress.IPv4Address(address) in ipaddress.IPv4Network("198.18.0.0/15")
 

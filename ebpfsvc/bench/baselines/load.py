@@ -15,7 +15,10 @@ from __future__ import annotations
 import subprocess
 import time
 
+from ebpfsvc.bench.baselines.iptables import iptables_restore_payload
+from ebpfsvc.bench.baselines.nftables import nft_script
 from ebpfsvc.lab import nsenter
+from ebpfsvc.lbmodel import LBState
 
 IPTABLES_RESTORE = {"nft": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}
 _EMPTY_TABLES = "*filter\nCOMMIT\n*nat\nCOMMIT\n"
@@ -57,3 +60,30 @@ def clear(netns: str, *, timeout: float = 300) -> None:
                             preexec_fn=nsenter.preexec(netns))
     if legacy.stdout.strip():
         _run(netns, [IPTABLES_RESTORE["legacy"]], _EMPTY_TABLES, timeout)
+
+
+# The baselines a benchmark can name, and how each is rendered and loaded.
+KINDS = ("iptables", "iptables-legacy", "nftables")
+
+
+def load_baseline(netns: str, kind: str, state: LBState, **render) -> dict:
+    """Render `state` as baseline `kind` and load it into `netns` (replacing what that tool holds there).
+
+    Returns the seconds spent rendering (Python, ours) and loading (the tool's
+    run, what kube-proxy's sync pays), and the payload size.  `render` goes to
+    the renderer (cluster_cidr, node_addresses, masquerade_all).
+    """
+    start = time.perf_counter()
+    if kind == "nftables":
+        text = nft_script(state, replace=True, **render)
+    elif kind in ("iptables", "iptables-legacy"):
+        text = iptables_restore_payload(state, **render)
+    else:
+        raise ValueError(f"unknown baseline {kind!r}; one of {', '.join(KINDS)}")
+    rendered = time.perf_counter() - start
+    if kind == "nftables":
+        seconds = load_nft(netns, text)
+    else:
+        seconds = load_iptables(netns, text, variant="legacy" if kind == "iptables-legacy" else "nft")
+    return {"baseline": kind, "services": len(state.frontends), "render_seconds": rendered,
+            "load_seconds": seconds, "payload_bytes": len(text), "payload_lines": text.count("\n")}
