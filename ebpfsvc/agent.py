@@ -45,6 +45,8 @@ class AgentConfig:
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
     limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
+    healthz_bind_address: str = "0.0.0.0:10256"   # /healthz, /livez ("" = off); kube-proxy's default
+    metrics_bind_address: str = "127.0.0.1:10249"  # /metrics ("" = off); kube-proxy's default
 
 
 class Agent:
@@ -62,6 +64,8 @@ class Agent:
         self._stopped = threading.Event()
         self.syncs = 0
         self.invalid_objects = 0
+        from ebpfsvc.metrics import Telemetry
+        self.telemetry = Telemetry(self)     # metrics, /healthz, /livez, healthCheckNodePorts
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -69,6 +73,7 @@ class Agent:
         from ebpfsvc.datapath.writer import MapWriter
 
         cfg = self.config
+        self.telemetry.start()      # /healthz answers 503 "starting" until the first sync
         t0 = time.monotonic()
         self.datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
                                     hairpin_addr=cfg.hairpin_address)
@@ -88,6 +93,7 @@ class Agent:
         # The tracker drops changes that net to nothing; whatever is left wakes the runner.
         while not self._stopped.is_set():
             if self.state.wait_changed(timeout=0.5):
+                self.telemetry.queued()
                 self.runner.run()
                 self._stopped.wait(max(self.config.min_sync_interval, 0.01))
 
@@ -95,18 +101,20 @@ class Agent:
         cfg = self.config
         if cfg.manifests:
             from ebpfsvc.sources.manifests import ManifestSource
-            return ManifestSource(cfg.manifests, self.state)
+            return ManifestSource(cfg.manifests, self.telemetry.sink(self.state))
         from ebpfsvc.sources.kube import KubeSource
-        return KubeSource(self.state, kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None)
+        return KubeSource(self.telemetry.sink(self.state), kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None)
 
     def stop(self) -> None:
         """Stop watching and syncing. The datapath stays attached and keeps forwarding."""
         self._stopped.set()
+        self.telemetry.stop()       # /healthz 503 at once: load balancers drain the node
         if self.source:
             self.source.stop()
         self.runner.stop()
         if self.watcher:
             self.watcher.stop()
+        self.telemetry.close()
 
     def run_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,13 +149,16 @@ class Agent:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")
             return
         t0 = time.monotonic()
+        self.telemetry.sync_started()
         desired = desired_state(self.state.snapshot(), self.config.node)
         if desired == self.last_applied:
+            self.telemetry.sync_done(time.monotonic() - t0)
             return
         stats = self.writer.apply(desired)
         self.last_applied = desired
         self.syncs += 1
         self.synced_once.set()
+        self.telemetry.sync_done(time.monotonic() - t0, stats)
         log.info("synced %d frontends in %.1f ms: %s", len(desired.frontends),
                  (time.monotonic() - t0) * 1000, stats)
 

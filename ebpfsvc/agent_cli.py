@@ -63,9 +63,13 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
 @click.option("--hairpin-address", default=None, help="Node-owned address pods see when they reach themselves via a Service.")
 @click.option("--min-sync-period", default=0.05, show_default=True, type=float, help="Seconds between syncs, at least.")
 @click.option("--sync-period", default=30.0, show_default=True, type=float, help="Full resync every this many seconds.")
+@click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
+              help="/healthz and /livez (kube-proxy's meaning); empty to disable.")
+@click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True,
+              help="Prometheus /metrics; empty to disable.")
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
-          hairpin_address, min_sync_period, sync_period):
+          hairpin_address, min_sync_period, sync_period, healthz_bind_address, metrics_bind_address):
     """Run the node agent: program this node's Service data plane and keep it in sync."""
     try:
         lo, hi = (int(x) for x in service_node_port_range.split("-"))
@@ -81,7 +85,8 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks),
                       hairpin_address=ipaddress.IPv4Address(hairpin_address) if hairpin_address else None,
-                      min_sync_interval=min_sync_period, sync_period=sync_period)
+                      min_sync_interval=min_sync_period, sync_period=sync_period,
+                      healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address)
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     log.info("ebpfsvc agent on node %s (pid %d)", node_name, os.getpid())
     Agent(cfg).run_forever()

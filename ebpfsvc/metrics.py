@@ -1,0 +1,400 @@
+"""Prometheus metrics of the node agent, and the glue that feeds metrics and health from it.
+
+Everything is in one CollectorRegistry of our own (no process-global state, so
+tests and several agents in one process do not mix). Two kinds of metrics:
+
+- read at scrape time from the live pinned maps (DatapathCollector): traffic per
+  service port, frontend and backend, drops by reason, map fill levels (the
+  kernel's entry count against max_entries), and drift between the last state
+  the agent applied and what the maps hold. Counters are the datapath's per-CPU
+  counters summed, so they are exactly the packets and bytes translated;
+- observed by the agent as it works (Metrics): sync duration and network
+  programming latency histograms with kube-proxy's names and buckets, last sync
+  timestamps, map writes, and the API source's watch statistics (read at scrape
+  time from KubeSource.stats), invalid objects, probe counts.
+
+Metric names (prefix ebpfsvc_ where kube-proxy has kubeproxy_):
+
+  ebpfsvc_sync_proxy_rules_duration_seconds            histogram
+  ebpfsvc_network_programming_duration_seconds          histogram
+  ebpfsvc_sync_proxy_rules_last_timestamp_seconds       gauge
+  ebpfsvc_sync_proxy_rules_last_queued_timestamp_seconds gauge
+  ebpfsvc_sync_proxy_rules_map_writes_total             counter
+  ebpfsvc_sync_proxy_rules_failures_total               counter
+  ebpfsvc_service_packets_total / _bytes_total          {service_port}
+  ebpfsvc_frontend_packets_total / _bytes_total         {service_port, frontend, scope, kind}
+  ebpfsvc_backend_packets_total / _bytes_total          {backend}
+  ebpfsvc_drops_total                                   {reason}
+  ebpfsvc_map_entries / ebpfsvc_map_max_entries         {map}
+  ebpfsvc_drift_frontends                               gauge (0 = maps equal the applied state)
+  ebpfsvc_watch_{lists,relists,restarts,errors,events}_total {kind}
+  ebpfsvc_invalid_objects_total / ebpfsvc_invalid_objects
+  ebpfsvc_proxy_healthz_total / ebpfsvc_proxy_livez_total {code}
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# kube-proxy's buckets: sync durations exponential from 1 ms; programming latency 0.25 s .. 5 min.
+SYNC_BUCKETS = tuple(0.001 * 2 ** i for i in range(15))
+PROGRAMMING_BUCKETS = (0.25, 0.5) + tuple(range(1, 60)) + tuple(range(60, 120, 5)) + tuple(range(120, 330, 30))
+
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+class Metrics:
+    """What the agent observes as it works."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sync_duration = Histogram("ebpfsvc_sync_proxy_rules_duration_seconds",
+                                       "Duration of one sync: desired state computed and the map difference "
+                                       "written.", buckets=SYNC_BUCKETS, registry=r)
+        self.programming_latency = Histogram(
+            "ebpfsvc_network_programming_duration_seconds",
+            "From a Service/EndpointSlice change (its last-change-trigger-time annotation, else when the agent "
+            "received it) to the maps serving it.", buckets=PROGRAMMING_BUCKETS, registry=r)
+        self.last_sync = Gauge("ebpfsvc_sync_proxy_rules_last_timestamp_seconds",
+                               "Unix time of the last completed sync.", registry=r)
+        self.last_queued = Gauge("ebpfsvc_sync_proxy_rules_last_queued_timestamp_seconds",
+                                 "Unix time a change last asked for a sync.", registry=r)
+        self.map_writes = Counter("ebpfsvc_sync_proxy_rules_map_writes",
+                                  "Map entries written or deleted by syncs.", registry=r)
+        self.healthz = Counter("ebpfsvc_proxy_healthz", "/healthz answers by HTTP code.", ["code"], registry=r)
+        self.livez = Counter("ebpfsvc_proxy_livez", "/livez answers by HTTP code.", ["code"], registry=r)
+
+    def on_probe(self, path: str, code: int) -> None:
+        if path == "/healthz":
+            self.healthz.labels(str(code)).inc()
+        elif path == "/livez":
+            self.livez.labels(str(code)).inc()
+
+
+class DatapathCollector(Collector):
+    """Reads the node's pinned maps at every scrape.
+
+    `applied` returns the LBState the agent last wrote (None before the first
+    sync), for the drift gauge; drift is computed at most every
+    `drift_interval` seconds, since it reads every Maglev table."""
+
+    def __init__(self, pin_dir, applied: Callable[[], Any] | None = None, drift_interval: float = 10.0):
+        self.pin_dir = pin_dir
+        self.applied = applied
+        self.drift_interval = drift_interval
+        self._node = None
+        self._lock = threading.Lock()
+        self._drift: tuple[float, Any, int] | None = None    # (when, state it was computed for, value)
+
+    def _maps(self):
+        from ebpfsvc.inspect.node import NodeMaps
+        if self._node is None:
+            self._node = NodeMaps.open(self.pin_dir)    # lazily: the agent pins its maps at start
+        return self._node
+
+    def close(self) -> None:
+        with self._lock:
+            if self._node is not None:
+                self._node.close()
+                self._node = None
+
+    def describe(self):
+        return []       # read at scrape time; no fixed set to announce at registration
+
+    def collect(self):
+        with self._lock:
+            try:
+                node = self._maps()
+            except (OSError, ValueError) as e:
+                log.debug("no datapath maps to collect from yet: %s", e)
+                return
+            yield from self._collect(node)
+
+    def _collect(self, node):
+        from ebpfsvc.inspect.views import drift
+
+        names = node.service_names()
+        fes = node.frontends(names)
+        svc_p = CounterMetricFamily("ebpfsvc_service_packets", "Packets translated for a service port "
+                                    "(both directions, all its frontends).", labels=["service_port"])
+        svc_b = CounterMetricFamily("ebpfsvc_service_bytes", "Bytes translated for a service port.",
+                                    labels=["service_port"])
+        fe_p = CounterMetricFamily("ebpfsvc_frontend_packets", "Packets translated for a frontend.",
+                                   labels=["service_port", "frontend", "scope", "kind"])
+        fe_b = CounterMetricFamily("ebpfsvc_frontend_bytes", "Bytes translated for a frontend.",
+                                   labels=["service_port", "frontend", "scope", "kind"])
+        per_service: dict[str, list[int]] = {}
+        for fe in fes:
+            if fe.is_marker:
+                continue
+            pk, by = node.traffic("frontend", fe.frontend_id)
+            labels = [fe.service, fe.name, fe.scope, fe.kind]
+            fe_p.add_metric(labels, pk)
+            fe_b.add_metric(labels, by)
+            acc = per_service.setdefault(fe.service, [0, 0])
+            acc[0] += pk
+            acc[1] += by
+        for svc, (pk, by) in sorted(per_service.items()):
+            svc_p.add_metric([svc], pk)
+            svc_b.add_metric([svc], by)
+        yield from (svc_p, svc_b, fe_p, fe_b)
+
+        be_p = CounterMetricFamily("ebpfsvc_backend_packets", "Packets translated to or from a backend.",
+                                   labels=["backend"])
+        be_b = CounterMetricFamily("ebpfsvc_backend_bytes", "Bytes translated to or from a backend.",
+                                   labels=["backend"])
+        for ident, b in node.backends().items():
+            pk, by = node.traffic("backend", ident)
+            be_p.add_metric([b.name], pk)
+            be_b.add_metric([b.name], by)
+        yield from (be_p, be_b)
+
+        drops = CounterMetricFamily("ebpfsvc_drops", "Packets dropped, rejected or reset by the datapath, "
+                                    "by reason.", labels=["reason"])
+        for reason, n in node.drops().items():
+            drops.add_metric([reason], n)
+        yield drops
+
+        used = GaugeMetricFamily("ebpfsvc_map_entries", "Entries in a BPF map now (the kernel's count; "
+                                 "lb_maglev: slots owned by frontends).", labels=["map"])
+        limit = GaugeMetricFamily("ebpfsvc_map_max_entries", "max_entries of a BPF map.", labels=["map"])
+        for name, (n, cap) in sorted(node.fill(fes).items()):
+            used.add_metric([name], n)
+            limit.add_metric([name], cap)
+        yield from (used, limit)
+
+        if self.applied is not None:
+            state = self.applied()
+            if state is not None:
+                now = time.monotonic()
+                cached = self._drift
+                if cached is None or cached[1] is not state or now - cached[0] >= self.drift_interval:
+                    cached = self._drift = (now, state, len(drift(state, node)))
+                g = GaugeMetricFamily("ebpfsvc_drift_frontends", "Frontends whose map entries differ from "
+                                      "the state the agent last applied (0 = none).")
+                g.add_metric([], cached[2])
+                yield g
+
+
+class AgentCollector(Collector):
+    """The agent's source statistics and object validation, read at scrape time."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        stats = getattr(self.agent.source, "stats", None)
+        if isinstance(stats, dict):
+            for counter, help_text in (("lists", "Successful lists"), ("relists", "Lists after the first (410 "
+                                       "Gone, broken watches)"), ("restarts", "Watches resumed without a "
+                                       "re-list"), ("errors", "Failed list or watch attempts"),
+                                       ("events", "Watch events received")):
+                m = CounterMetricFamily(f"ebpfsvc_watch_{counter}", f"{help_text}, per kind.", labels=["kind"])
+                for kind, values in sorted(stats.items()):
+                    m.add_metric([kind], values.get(counter, 0))
+                yield m
+        total = CounterMetricFamily("ebpfsvc_invalid_objects", "Objects rejected by validation (the last good "
+                                    "version stays in force).")
+        total.add_metric([], getattr(self.agent, "invalid_objects", 0))
+        yield total
+        state = getattr(self.agent, "state", None)
+        if state is not None:
+            g = GaugeMetricFamily("ebpfsvc_invalid_objects_current", "Objects whose current version is invalid.")
+            g.add_metric([], len(state.problems))
+            yield g
+        runner = getattr(self.agent, "runner", None)
+        if runner is not None:
+            f = CounterMetricFamily("ebpfsvc_sync_proxy_rules_failures", "Syncs that raised (retried).")
+            f.add_metric([], runner.failures)
+            yield f
+
+
+def serve(registry: CollectorRegistry, host: str, port: int):
+    """/metrics of `registry` on host:port in a daemon thread; returns (server, thread)."""
+    from prometheus_client import start_http_server
+    return start_http_server(port, addr=host, registry=registry)
+
+
+# ---- glue: what the agent calls ------------------------------------------------------------------
+
+def _trigger_time(obj: dict) -> float | None:
+    value = ((obj.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class SourceTap:
+    """A Sink in front of ClusterState: passes everything on, and notes what the model does not keep:
+    spec.healthCheckNodePort of externalTrafficPolicy=Local Services, and when each change was
+    triggered (EndpointSlice last-change-trigger-time annotation, else arrival time)."""
+
+    def __init__(self, sink, clock: Callable[[], float] = time.time):
+        self.sink = sink
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.health_check_ports: dict[tuple[str, str], int] = {}
+        self._pending: list[float] = []
+        # Like kube-proxy, changes triggered before we started are not ours to time.
+        self._since = clock()
+
+    def __getattr__(self, name):
+        return getattr(self.sink, name)
+
+    def _note(self, obj: dict, kind: str, deleted: bool = False, listed: bool = False) -> None:
+        if kind in ("Service", "EndpointSlice", "Endpoints"):
+            t = _trigger_time(obj) if kind != "Service" else None
+            if t is None and not listed:
+                t = self.clock()            # no annotation: from when we received the change
+            if t is not None and t >= self._since:
+                self._pending.append(t)
+        if kind != "Service":
+            return
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "default", meta.get("name") or "")
+        spec = obj.get("spec") or {}
+        port = spec.get("healthCheckNodePort")
+        if (not deleted and spec.get("type") == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local"
+                and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
+            self.health_check_ports[key] = port
+        else:
+            self.health_check_ports.pop(key, None)
+
+    def on_event(self, event) -> None:
+        from ebpfsvc.sources.base import EventType
+        with self._lock:
+            if isinstance(event.obj, dict):
+                self._note(event.obj, event.kind, deleted=event.type is EventType.DELETED)
+        self.sink.on_event(event)
+
+    def on_relist(self, kind: str, objects: list) -> None:
+        with self._lock:
+            if kind == "Service":
+                self.health_check_ports.clear()
+            for obj in objects:
+                if isinstance(obj, dict):
+                    self._note(obj, kind, listed=True)
+        self.sink.on_relist(kind, objects)
+
+    def on_synced(self, kind: str) -> None:
+        self.sink.on_synced(kind)
+
+    def take_triggers(self) -> list[float]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+    def ports(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self.health_check_ports)
+
+
+class Telemetry:
+    """Metrics, /metrics, /healthz, /livez and healthCheckNodePort servers of one agent.
+
+    The agent calls: start() / stop(), sink(state) around its source's sink,
+    queued() when a change asks for a sync, sync_started() and sync_done(...)."""
+
+    def __init__(self, agent, *, clock: Callable[[], float] = time.time):
+        from ebpfsvc.health import ProxierHealth
+
+        self.agent = agent
+        self.clock = clock
+        cfg = agent.config
+        self.metrics = Metrics()
+        self.health = ProxierHealth(timeout=2 * cfg.sync_period, clock=clock)
+        self.tap: SourceTap | None = None
+        self.datapath_collector = DatapathCollector(cfg.pin_dir, applied=lambda: agent.last_applied)
+        self.metrics.registry.register(self.datapath_collector)
+        self.metrics.registry.register(AgentCollector(agent))
+        self.healthz_server = None
+        self.metrics_server = None
+        self.service_health = None
+        self._triggers: list[float] = []
+
+    # -- lifecycle
+    def start(self) -> None:
+        from ebpfsvc.health import HealthServer, ServiceHealthServers, parse_bind_address
+
+        cfg = self.agent.config
+        if getattr(cfg, "healthz_bind_address", ""):
+            host, port = parse_bind_address(cfg.healthz_bind_address, 10256)
+            self.healthz_server = HealthServer(self.health, self.alive, host, port, details=self.details,
+                                               on_request=self.metrics.on_probe)
+            self.service_health = ServiceHealthServers(host, proxy_healthy=lambda: self.health.status()[0])
+            log.info("healthz on %s:%d", host, self.healthz_server.port)
+        if getattr(cfg, "metrics_bind_address", ""):
+            host, port = parse_bind_address(cfg.metrics_bind_address, 10249)
+            self.metrics_server = serve(self.metrics.registry, host, port)
+            log.info("metrics on %s:%d", host, self.metrics_server[0].server_address[1])
+
+    def stop(self) -> None:
+        """Fail /healthz at once (load balancers drain the node); close the servers."""
+        self.health.set_stopping()
+
+    def close(self) -> None:
+        for server in (self.healthz_server, self.service_health):
+            if server is not None:
+                server.close()
+        if self.metrics_server is not None:
+            self.metrics_server[0].shutdown()
+            self.metrics_server[0].server_close()
+        self.datapath_collector.close()
+
+    def alive(self) -> bool:
+        thread = getattr(self.agent.runner, "_thread", None)
+        return not self.health.stopping and thread is not None and thread.is_alive()
+
+    def details(self) -> dict:
+        stats = getattr(self.agent.source, "stats", None)
+        if not isinstance(stats, dict):
+            return {}
+        return {"source": {kind: {"synced": v.get("synced"), "errors": v.get("errors"),
+                                  "lastError": v.get("last_error")} for kind, v in sorted(stats.items())}}
+
+    # -- hooks
+    def sink(self, state):
+        self.tap = SourceTap(state, clock=self.clock)
+        return self.tap
+
+    def queued(self) -> None:
+        self.health.queued()
+        self.metrics.last_queued.set(self.clock())
+
+    def sync_started(self) -> None:
+        # Changes received so far are in the snapshot this sync is about to take.
+        if self.tap is not None:
+            self._triggers.extend(self.tap.take_triggers())
+
+    def sync_done(self, duration: float, stats=None) -> None:
+        """A sync completed (stats: the writer's ApplyStats, None when nothing had to change)."""
+        now = self.clock()
+        self.metrics.sync_duration.observe(duration)
+        self.metrics.last_sync.set(now)
+        if stats is not None:
+            self.metrics.map_writes.inc(stats.writes)
+        for t in self._triggers:
+            self.metrics.programming_latency.observe(max(0.0, now - t))
+        self._triggers = []
+        self.health.updated()
+        if self.service_health is not None and self.tap is not None:
+            from ebpfsvc.health import local_endpoint_counts
+            applied = self.agent.last_applied
+            self.service_health.sync(self.tap.ports(), local_endpoint_counts(applied) if applied else {})
