@@ -1,0 +1,47 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * North-south datapath on a node's uplink (NodePort, externalIPs,
+ * LoadBalancer ingress addresses), replacing kube-proxy for traffic from
+ * outside the cluster:
+ *
+ *   from_uplink  TC ingress: new flows to EXTERNAL frontends (DNAT, plus SNAT
+ *                when the backend is on another node), tracked flows, replies
+ *                of SNATed flows, ICMP errors about them.
+ *   to_uplink    TC egress: replies of source-preserving flows (local backend)
+ *                get the frontend back as their source.
+ *   xdp_uplink   XDP: the same translations for the common case, earlier;
+ *                whatever it does not handle it passes to from_uplink.
+ *
+ * Shares every pinned map with lb_pod.c (ebpfsvc/datapath/loader.py loads it
+ * with NODE_SOURCE, passing NODE_SNAT_ADDR as -D). See docs/northsouth.md.
+ */
+#include "abi.h"
+#include "parse.h"
+#include "maps.h"
+#include "stats.h"
+#include "csum.h"
+#include "nat.h"
+#include "ct.h"
+#include "frag.h"
+#include "lb.h"
+#include "affinity.h"
+#include "icmp.h"
+#include "flow.h"
+#include "srcrange.h"
+#include "nodeport.h"
+#include "nodeport_xdp.h"
+
+int from_uplink(struct __sk_buff *skb)
+{
+	return np4_from_uplink(skb);
+}
+
+int to_uplink(struct __sk_buff *skb)
+{
+	return np4_to_uplink(skb);
+}
+
+int xdp_uplink(struct xdp_md *ctx)
+{
+	return np4_xdp_uplink(ctx);
+}

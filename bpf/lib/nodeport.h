@@ -1,0 +1,447 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * North-south: traffic that enters a node from outside the cluster, to a
+ * NodePort (node address:nodePort), an externalIP or a LoadBalancer ingress
+ * address (frontends of scope EXTERNAL), handled on the node's uplink.
+ *
+ *   np4_from_uplink  TC ingress. Tracked flows keep their backend; replies
+ *     of SNATed flows are translated back and sent to the client; a packet to
+ *     an EXTERNAL frontend (exactly its address, port and protocol) starts a
+ *     flow: source ranges, Local policy, backend choice, then
+ *       - backend on this node, or externalTrafficPolicy Local: DNAT only, the
+ *         backend sees the client's address, the kernel delivers it to the pod;
+ *       - backend on another node (Cluster policy): SNAT to NODE_SNAT_ADDR with
+ *         a source port of our own (np4_snat_alloc) + DNAT, sent out directly
+ *         (np4_redirect): the kernel would refuse to forward a packet whose
+ *         source is one of its own addresses (martian source).
+ *     Anything else passes untouched.
+ *   np4_to_uplink  TC egress. Replies of source-preserving flows (the local
+ *     backend answered the client directly) get the frontend back as source;
+ *     ICMP errors the backend sends about such flows are translated too.
+ *
+ * Conntrack entries are those of the pod side (ct.h) with CT_F_NODEPORT, and
+ * CT_F_SNAT for SNATed flows, whose reply entry is keyed by the post-NAT tuple
+ * (backend -> node address:SNAT port); lb4_snat holds the two SNAT halves.
+ */
+#ifndef EBPFSVC_NODEPORT_H
+#define EBPFSVC_NODEPORT_H
+
+/* The node address SNATed flows leave with (__be32 as a number; a loader -D).
+ * 0: none configured, and a flow that would need SNAT is dropped
+ * (REASON_SNAT_EXHAUSTED) rather than sent with a source replies cannot follow. */
+#ifndef NODE_SNAT_ADDR
+#define NODE_SNAT_ADDR 0
+#endif
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+#define NP4_SNAT_PORTS (SNAT_PORT_MAX - SNAT_PORT_MIN + 1)
+
+/* bcc 0.26 declares bpf_redirect_neigh with three arguments; the kernel's has
+ * four (ifindex, params, plen, flags) and the verifier wants all of them set. */
+static long (*np4_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
+/*
+ * Send a translated packet straight to its next hop: FIB lookup for the
+ * egress interface and MACs; when the neighbour is not resolved yet, let the
+ * kernel resolve it (bpf_redirect_neigh). Used where the kernel's forwarding
+ * would refuse the packet (its source is a node address) or route it wrong.
+ */
+static __always_inline int np4_redirect(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	fib.family = AF_INET;
+	fib.l4_protocol = p->proto;
+	fib.sport = p->sport;
+	fib.dport = p->dport;
+	fib.tot_len = p->ip_len;
+	fib.ipv4_src = p->saddr;
+	fib.ipv4_dst = p->daddr;
+	fib.ifindex = skb->ifindex;
+
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
+			return lb_drop(REASON_MALFORMED);
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return np4_redirect_neigh(fib.ifindex, 0, 0, 0);
+	return lb_drop(REASON_FIB_LOOKUP);
+}
+
+/* The SNAT reply key of a flow: backend -> node address:port, as the backend answers. */
+static __always_inline void np4_snat_reply_key(struct ct4_key *k, const struct ct4_entry *e,
+					       const struct snat4_entry *nat, __u8 proto)
+{
+	ct4_key_reply_of(k, e, nat->address, nat->port, proto);
+}
+
+/*
+ * Give a new flow to backend `e` a source port on NODE_SNAT_ADDR that no live
+ * flow to the same backend address:port holds: start at a hash of the client's
+ * tuple, probe linearly. A port is claimed by inserting the reply half of
+ * lb4_snat with BPF_NOEXIST (atomic: two CPUs never get the same port); a port
+ * whose flow's conntrack entry has expired is taken back. On success `rk` is
+ * the flow's reply key and `nat` its SNAT address and port.
+ */
+static __always_inline int np4_snat_alloc(const struct lb4_pkt *p, const struct ct4_entry *e,
+					  struct ct4_key *rk, struct snat4_entry *nat, __u64 now)
+{
+	struct snat4_entry client = { .address = p->saddr, .port = p->sport };
+	__u32 off = lb4_flow_hash(p) % NP4_SNAT_PORTS;
+	int i;
+
+	nat->address = NODE_SNAT_ADDR;
+	nat->pad0 = 0;
+#pragma unroll
+	for (i = 0; i < SNAT_PORT_PROBES; i++) {
+		nat->port = lb_htons(SNAT_PORT_MIN + off);
+		np4_snat_reply_key(rk, e, nat, p->proto);
+		if (!lb4_snat.insert(rk, &client))
+			return 0;
+		if (!ct4_lookup(rk, now)) {
+			/* Held by a flow that is over: reclaim it, still first come first served. */
+			lb4_snat.delete(rk);
+			if (!lb4_snat.insert(rk, &client))
+				return 0;
+		}
+		off = off + 1 == NP4_SNAT_PORTS ? 0 : off + 1;
+	}
+	return -1;
+}
+
+/* Remove every entry of a north-south flow, given its forward key and entry. */
+static __always_inline void np4_delete_flow(struct ct4_key *fk, const struct ct4_entry *e)
+{
+	struct snat4_entry *nat;
+	struct ct4_key rk;
+
+	if (!(e->flags & CT_F_SNAT)) {
+		ct4_delete_flow(fk, e);
+		return;
+	}
+	nat = lb4_snat.lookup(fk);
+	if (nat) {
+		np4_snat_reply_key(&rk, e, nat, fk->proto);
+		ct4.delete(&rk);
+		lb4_snat.delete(&rk);
+	}
+	lb4_snat.delete(fk);
+	ct4.delete(fk);
+}
+
+/* Translate a client packet of flow `e` towards its backend: DNAT, plus SNAT to `nat` when given. */
+static __always_inline int np4_forward_xlate(struct __sk_buff *skb, struct lb4_pkt *p,
+					     const struct ct4_entry *e, const struct snat4_entry *nat)
+{
+	__u32 bytes = skb->len;
+
+	frag4_record(p);
+	if (nat && lb4_rewrite_src(skb, p, nat->address, nat->port))
+		return lb_drop(REASON_MALFORMED);
+	if (lb4_rewrite_dst(skb, p, e->backend_addr, e->backend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return nat ? np4_redirect(skb, p) : TC_ACT_OK;
+}
+
+/* A new flow to an EXTERNAL frontend, or a packet that is not ours (passes). */
+static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt *p,
+					   struct ct4_key *fk, __u64 now)
+{
+	struct lb4_service *svc;
+	struct lb4_backend *be;
+	struct ct4_entry e = {};
+	struct snat4_entry nat;
+	struct ct4_key rk;
+
+	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_EXTERNAL);
+	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
+		return TC_ACT_OK;                       /* another port of a node address: the node's own */
+	if (p->frag == LB_FRAG_LATER)
+		return lb_drop(REASON_FRAG_UNTRACKED);
+	if (!lb4_source_allowed(svc, p->saddr))
+		return lb_drop(REASON_SOURCE_RANGE);
+	if (!svc->backend_count || !svc->maglev_size) {
+		if (svc->flags & LB_SVC_F_LOCAL_ONLY)
+			return lb_drop(REASON_NO_LOCAL_BACKEND);
+		return lb4_reject(skb, p, REASON_NO_BACKEND);
+	}
+
+	be = lb4_flow_begin(svc, p, now, &e);
+	if (!be)
+		return lb_drop(REASON_NO_BACKEND);
+	e.flags |= CT_F_NODEPORT;
+
+	if ((be->flags & LB_BE_F_LOCAL) || (svc->flags & LB_SVC_F_LOCAL_ONLY)) {
+		/* Source-preserving: the reply leaves through to_uplink, which restores the frontend. */
+		if (ct4_create(fk, &e, p->saddr))
+			return lb_drop(REASON_CT_CREATE_FAILED);
+		lb4_affinity_update(svc, p->saddr, e.backend_id, now);
+		return np4_forward_xlate(skb, p, &e, 0);
+	}
+
+	if (!NODE_SNAT_ADDR)
+		return lb_drop(REASON_SNAT_EXHAUSTED);
+	e.flags |= CT_F_SNAT;
+	if (np4_snat_alloc(p, &e, &rk, &nat, now))
+		return lb_drop(REASON_SNAT_EXHAUSTED);
+	/* Fail closed, as ct4_create: a flow whose replies cannot be translated is dropped. */
+	if (lb4_snat.update(fk, &nat) || ct4.update(fk, &e) || ct4.update(&rk, &e)) {
+		ct4.delete(fk);
+		lb4_snat.delete(fk);
+		lb4_snat.delete(&rk);
+		return lb_drop(REASON_CT_CREATE_FAILED);
+	}
+	lb4_affinity_update(svc, p->saddr, e.backend_id, now);
+	return np4_forward_xlate(skb, p, &e, &nat);
+}
+
+/* A packet of a tracked north-south flow from the client side. */
+static __always_inline int np4_forward_tracked(struct __sk_buff *skb, struct lb4_pkt *p,
+					       struct ct4_key *fk, struct ct4_entry *e, __u64 now)
+{
+	struct snat4_entry *nat = 0;
+	struct ct4_entry *re;
+	struct ct4_key rk;
+	__u8 flags;
+
+	if (!lb4_backends.lookup(&e->backend_id)) {
+		/* Backend removed: as on the pod side, reset TCP, re-balance datagrams. */
+		np4_delete_flow(fk, e);
+		if (p->proto == IPPROTO_TCP)
+			return lb4_reject(skb, p, REASON_BACKEND_GONE);
+		if (p->frag == LB_FRAG_LATER)
+			return lb_drop(REASON_BACKEND_GONE);
+		return np4_forward_new(skb, p, fk, now);
+	}
+	if (e->flags & CT_F_SNAT) {
+		nat = lb4_snat.lookup(fk);
+		if (!nat) {
+			/* Half a flow (LRU evicted the SNAT entry): start over. */
+			np4_delete_flow(fk, e);
+			return np4_forward_new(skb, p, fk, now);
+		}
+	}
+
+	e->last_seen_ns = now;
+	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
+	if (flags != e->flags) {
+		e->flags = flags;
+		if (nat)
+			np4_snat_reply_key(&rk, e, nat, p->proto);
+		else
+			ct4_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
+		re = ct4.lookup(&rk);
+		if (re)
+			re->flags |= flags;
+	}
+	return np4_forward_xlate(skb, p, e, nat);
+}
+
+/* A backend's reply to a SNATed flow (backend -> node address:SNAT port):
+ * back to client <- frontend, and out towards the client. */
+static __always_inline int np4_snat_reply(struct __sk_buff *skb, struct lb4_pkt *p,
+					  struct ct4_entry *e, struct ct4_key *rk, __u64 now)
+{
+	struct snat4_entry *client = lb4_snat.lookup(rk);
+	__u32 bytes = skb->len;
+
+	if (!client)
+		return TC_ACT_OK;
+	ct4_note_reply(e, p, client->address, client->port, now);
+	frag4_record(p);
+	if (lb4_rewrite_dst(skb, p, client->address, client->port) ||
+	    lb4_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return np4_redirect(skb, p);
+}
+
+/*
+ * Rewrite one end of the packet quoted in an ICMP error (source: address at
+ * IP_SADDR_OFF, port at L4 offset 0; destination: IP_DADDR_OFF, 2), keeping the
+ * quoted IP checksum, the quoted L4 checksum (when it is quoted) and the ICMP
+ * checksum right, as lb4_icmp_error_rev_nat does for the destination alone.
+ */
+static __always_inline int np4_icmp_quote_rewrite(struct __sk_buff *skb, __u32 icmp_csum, __u32 in_off,
+						  __u32 in_l4, __u8 in_proto, __u32 addr_off, __u32 port_off,
+						  __be32 old_addr, __be32 new_addr, __be16 old_port, __be16 new_port)
+{
+	__u32 l4c = lb4_l4_csum_off(in_proto);
+	__u16 old_csum = 0, new_csum = 0;
+
+	if (l4c && in_l4 + l4c + 2 <= skb->len &&
+	    !bpf_skb_load_bytes(skb, in_l4 + l4c, &old_csum, 2) &&
+	    !(in_proto == IPPROTO_UDP && old_csum == 0)) {
+		if (bpf_l4_csum_replace(skb, in_l4 + l4c, old_addr, new_addr, sizeof(new_addr)) < 0 ||
+		    bpf_l4_csum_replace(skb, in_l4 + l4c, old_port, new_port, sizeof(new_port)) < 0 ||
+		    bpf_skb_load_bytes(skb, in_l4 + l4c, &new_csum, 2) ||
+		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
+			return -1;
+	}
+	if (old_port != new_port &&
+	    lb4_icmp_store(skb, icmp_csum, in_l4 + port_off, old_port, new_port, sizeof(new_port)))
+		return -1;
+	if (bpf_skb_load_bytes(skb, in_off + IP_CSUM_OFF, &old_csum, 2) ||
+	    bpf_l3_csum_replace(skb, in_off + IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0 ||
+	    bpf_skb_load_bytes(skb, in_off + IP_CSUM_OFF, &new_csum, 2) ||
+	    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0 ||
+	    lb4_icmp_store(skb, icmp_csum, in_off + addr_off, old_addr, new_addr, sizeof(new_addr)))
+		return -1;
+	return 0;
+}
+
+/*
+ * An ICMP error arriving for a SNATed flow, about a packet we sent to the
+ * backend as node address:port -> backend (e.g. fragmentation needed on the
+ * way, or the backend's port unreachable): make it the error the client would
+ * get about its own packet to the frontend, and send it to the client.
+ * Returns a verdict, or -1 when the error is not about such a flow.
+ */
+static __always_inline int np4_icmp_error_snat(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
+	__u32 in_off = p->l4_off + sizeof(struct icmphdr);
+	struct snat4_entry *client;
+	struct ct4_entry *e;
+	struct ct4_key k;
+	struct iphdr in;
+	__be16 ports[2];
+	__u32 in_l4;
+
+	if (!NODE_SNAT_ADDR || p->daddr != NODE_SNAT_ADDR ||
+	    !lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+		return -1;
+	if (bpf_skb_load_bytes(skb, in_off, &in, sizeof(in)))
+		return -1;
+	if (in.version != 4 || in.ihl < 5 || !lb4_proto_has_ports(in.protocol) || in.saddr != NODE_SNAT_ADDR)
+		return -1;
+	in_l4 = in_off + in.ihl * 4;
+	if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)))
+		return -1;
+
+	/* The quoted packet went node:port -> backend; its flow's reply key is the reverse. */
+	k.saddr = in.daddr;
+	k.daddr = in.saddr;
+	k.sport = ports[1];
+	k.dport = ports[0];
+	k.proto = in.protocol;
+	k.dir = CT_DIR_REPLY;
+	k.pad0 = 0;
+	e = ct4_lookup(&k, now);
+	if (!e || !(e->flags & CT_F_SNAT))
+		return -1;
+	client = lb4_snat.lookup(&k);
+	if (!client)
+		return -1;
+
+	if (np4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_SADDR_OFF, 0,
+				   in.saddr, client->address, ports[0], client->port) ||
+	    np4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_DADDR_OFF, 2,
+				   in.daddr, e->frontend_addr, ports[1], e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	/* Outer header: to the client; from the frontend when the backend itself complained. */
+	if (lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_DADDR_OFF, p->daddr, client->address, 0, 0))
+		return lb_drop(REASON_MALFORMED);
+	p->daddr = client->address;
+	if (p->saddr == in.daddr) {
+		if (lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_SADDR_OFF, p->saddr, e->frontend_addr, 0, 0))
+			return lb_drop(REASON_MALFORMED);
+		p->saddr = e->frontend_addr;
+	}
+	return np4_redirect(skb, p);
+}
+
+static __always_inline int np4_from_uplink(struct __sk_buff *skb)
+{
+	struct lb4_pkt p = {};
+	struct ct4_key fk, rk;
+	struct ct4_entry *e;
+	__u64 now;
+	int ret;
+
+	ret = lb4_parse(skb, &p);
+	if (ret != LB_PARSE_OK)
+		return lb4_unparsed(ret);
+	now = bpf_ktime_get_ns();
+	if (p.proto == IPPROTO_ICMP) {
+		ret = np4_icmp_error_snat(skb, &p, now);
+		return ret < 0 ? TC_ACT_OK : ret;
+	}
+	if (!lb4_proto_has_ports(p.proto))
+		return TC_ACT_OK;
+	if (p.frag == LB_FRAG_LATER && frag4_lookup_ports(&p)) {
+		if (lb4_is_frontend_address(p.daddr, p.proto, LB_SCOPE_EXTERNAL))
+			return lb_drop(REASON_FRAG_UNTRACKED);
+		return TC_ACT_OK;
+	}
+
+	ct4_key_forward(&fk, &p);
+	e = ct4.lookup(&fk);
+	if (e && !(e->flags & CT_F_NODEPORT))
+		e = 0;                                  /* a pod-side flow: not ours */
+	if (e) {
+		if (ct4_expired(e, p.proto, now) ||
+		    (p.proto == IPPROTO_TCP && ct4_closing(e->flags) &&
+		     (p.tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN)) {
+			np4_delete_flow(&fk, e);
+			e = 0;
+		}
+	}
+	if (e)
+		return np4_forward_tracked(skb, &p, &fk, e, now);
+
+	if (NODE_SNAT_ADDR && p.daddr == NODE_SNAT_ADDR) {
+		ct4_key_reply(&rk, &p);
+		e = ct4_lookup(&rk, now);
+		if (e && (e->flags & CT_F_SNAT))
+			return np4_snat_reply(skb, &p, e, &rk, now);
+	}
+	return np4_forward_new(skb, &p, &fk, now);
+}
+
+static __always_inline int np4_to_uplink(struct __sk_buff *skb)
+{
+	struct lb4_pkt p = {};
+	struct ct4_key rk;
+	struct ct4_entry *e;
+	__u32 bytes = skb->len;
+	__u64 now;
+	int ret;
+
+	ret = lb4_parse(skb, &p);
+	if (ret != LB_PARSE_OK)
+		return lb4_unparsed(ret);
+	now = bpf_ktime_get_ns();
+	if (p.proto == IPPROTO_ICMP) {
+		/* A local backend's error about a source-preserving flow: about the frontend. */
+		if (lb4_icmp_error_rev_nat(skb, &p, now) < 0)
+			return lb_drop(REASON_MALFORMED);
+		return TC_ACT_OK;
+	}
+	if (!lb4_proto_has_ports(p.proto))
+		return TC_ACT_OK;
+	if (p.frag == LB_FRAG_LATER && frag4_lookup_ports(&p))
+		return TC_ACT_OK;
+
+	ct4_key_reply(&rk, &p);
+	e = ct4_lookup(&rk, now);
+	if (!e || (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) != CT_F_NODEPORT)
+		return TC_ACT_OK;
+	ct4_note_reply(e, &p, p.daddr, p.dport, now);
+	frag4_record(&p);
+	if (lb4_rewrite_src(skb, &p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
+#endif /* EBPFSVC_NODEPORT_H */

@@ -1,0 +1,31 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * loadBalancerSourceRanges: which clients may use a LoadBalancer frontend.
+ *
+ * A frontend whose entry carries LB_SVC_F_SOURCE_RANGES admits a new flow only
+ * when the client address falls in one of its prefixes in lb4_source_ranges
+ * (LPM trie keyed by frontend id + client prefix). The flag lives in the
+ * frontend entry, which the writer switches last: ranges are written before
+ * the flag is set and removed only after it is cleared, so a change of ranges
+ * never leaves the frontend enforcing nothing (see docs/northsouth.md).
+ * Established flows are not re-checked (as kube-proxy: the filter is on new
+ * connections, conntrack lets the rest through).
+ */
+#ifndef EBPFSVC_SRCRANGE_H
+#define EBPFSVC_SRCRANGE_H
+
+/* May `client` start a flow to `svc`? */
+static __always_inline int lb4_source_allowed(const struct lb4_service *svc, __be32 client)
+{
+	struct lb4_src_range_key key = {
+		.prefixlen = 64,                /* frontend id (32) + the full client address (32) */
+		.frontend_id = svc->frontend_id,
+		.address = client,
+	};
+
+	if (!(svc->flags & LB_SVC_F_SOURCE_RANGES))
+		return 1;
+	return lb4_source_ranges.lookup(&key) != 0;
+}
+
+#endif /* EBPFSVC_SRCRANGE_H */

@@ -1,0 +1,152 @@
+"""Fixtures for the north-south (uplink) datapath tests: bpf/lb_node.c.
+
+The uplink programs send SNATed packets to their next hop themselves
+(bpf_fib_lookup + bpf_redirect), so what they write depends on routes and
+neighbours. Each test therefore runs its programs inside a private network
+namespace, `<prefix>-np`, that looks like node-1 of the lab: an uplink with
+198.18.0.11/24 and a fixed MAC, permanent neighbours for node-2 and the
+external client, a route to node-2's pod CIDR. BPF_PROG_TEST_RUN resolves
+routes in the caller's namespace, so the run happens on a thread inside it
+(ebpfsvc.lab.nsenter.run_in); nothing touches the root namespace.
+
+Address plan (198.18.0.0/15 only): node 198.18.0.11 (uplink, NodePort and SNAT
+address), node-2 198.18.0.12, external client 198.18.0.100 (second client
+.101), local pods 198.18.1.x, node-2's pods 198.18.2.x, LB/external IPs
+198.18.200.x.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from pyroute2 import NetNS, netns
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet
+
+from ebpfsvc import abi
+from ebpfsvc.datapath import loader
+from ebpfsvc.datapath.flowhash import flow_hash
+from ebpfsvc.datapath.testrun import prog_test_run
+from ebpfsvc.datapath.writer import MapWriter
+from ebpfsvc.lab import nsenter
+from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName
+
+from .conftest import TEST_LIMITS
+from .packets import HAIRPIN, OK, REDIRECT, SHOT
+
+NODE = "198.18.0.11"
+NODE2 = "198.18.0.12"
+CLIENT = "198.18.0.100"
+CLIENT2 = "198.18.0.101"
+LOCAL_BE = "198.18.1.2"
+LOCAL_BE2 = "198.18.1.3"
+REMOTE_BE = "198.18.2.2"
+REMOTE_BE2 = "198.18.2.3"
+LB_IP = "198.18.200.10"
+EXT_IP = "198.18.200.32"
+
+NODE_MAC = "02:00:00:00:00:11"
+NODE2_MAC = "02:00:00:00:00:12"
+CLIENT_MAC = "02:00:00:00:01:00"
+CLIENT2_MAC = "02:00:00:00:01:01"
+
+A = ipaddress.IPv4Address
+LIMITS = loader.Limits(**{**TEST_LIMITS.__dict__, "snat_entries": 4096, "source_ranges": 256})
+
+__all__ = ["OK", "SHOT", "REDIRECT"]
+
+
+def ext_frontend(addr=NODE, port=30080, backends=(), proto=Protocol.TCP, kind=FrontendKind.NODE_PORT,
+                 name="web", **kw) -> Frontend:
+    return Frontend(key=FrontendKey(A(addr), port, proto, Scope.EXTERNAL),
+                    service=ServicePortName("default", name, "", proto), kind=kind,
+                    backends=tuple(backends), **kw)
+
+
+def be(addr, port=8080, proto=Protocol.TCP, local=False, **kw) -> Backend:
+    return Backend(A(addr), port, proto, local=local, **kw)
+
+
+def snat_port(client: str, frontend: str, sport: int, dport: int, proto: int = 6, probe: int = 0) -> int:
+    """The SNAT source port the datapath gives a new flow (np4_snat_alloc, `probe` ports taken)."""
+    n = abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN + 1
+    return abi.SNAT_PORT_MIN + (flow_hash(client, frontend, sport, dport, proto) + probe) % n
+
+
+def from_client(l3: Packet, mac: str = CLIENT_MAC) -> Packet:
+    return Ether(src=mac, dst=NODE_MAC) / l3
+
+
+def to_client(l3: Packet, mac: str = CLIENT_MAC) -> Packet:
+    return Ether(src=NODE_MAC, dst=mac) / l3
+
+
+def from_node2(l3: Packet) -> Packet:
+    return Ether(src=NODE2_MAC, dst=NODE_MAC) / l3
+
+
+def to_node2(l3: Packet) -> Packet:
+    return Ether(src=NODE_MAC, dst=NODE2_MAC) / l3
+
+
+def build_netns(name: str) -> None:
+    """node-1's view of the fabric, with everything the FIB lookups need resolved."""
+    netns.create(name)
+    try:
+        with NetNS(name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            ns.link("add", ifname="eth0", kind="veth", peer={"ifname": "peer0"})
+            idx = ns.link_lookup(ifname="eth0")[0]
+            peer = ns.link_lookup(ifname="peer0")[0]
+            ns.link("set", index=idx, address=NODE_MAC)
+            ns.addr("add", index=idx, address=NODE, prefixlen=24)
+            ns.link("set", index=peer, state="up")
+            ns.link("set", index=idx, state="up")
+            for addr, mac in ((NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC), (CLIENT2, CLIENT2_MAC)):
+                ns.neigh("add", dst=addr, lladdr=mac, ifindex=idx, state=0x80)   # NUD_PERMANENT
+            ns.route("add", dst="198.18.2.0/24", gateway=NODE2, oif=idx)
+        nsenter.write_sysctls(name, {"net.ipv4.ip_forward": 1})
+    except BaseException:
+        netns.remove(name)
+        raise
+
+
+class Uplink:
+    """The loaded uplink programs, their maps' writer, and a runner inside the test namespace."""
+
+    def __init__(self, dp, netns_name: str):
+        self.dp = dp
+        self.netns = netns_name
+        self.writer = MapWriter(dp.maps)
+
+    def run(self, prog: str, packet):
+        fd = self.dp.programs[prog].fd
+        return nsenter.run_in(self.netns, prog_test_run, fd, bytes(packet))
+
+    def check(self, desc: str, prog: str, packet, verdict: int, expect=None):
+        res = self.run(prog, packet)
+        names = {OK: "TC_ACT_OK", SHOT: "TC_ACT_SHOT", REDIRECT: "TC_ACT_REDIRECT"}
+        assert res.verdict == names[verdict], f"{desc}: verdict {res.verdict}"
+        if verdict != SHOT:
+            want = bytes(expect if expect is not None else packet)
+            assert res.data == want, f"{desc}:\n got  {Ether(res.data)!r}\n want {Ether(want)!r}"
+        return res
+
+    def drops(self, reason: int) -> int:
+        return sum(self.dp.maps["lb_drops"][self.dp.maps["lb_drops"].Key(reason)])
+
+
+@pytest.fixture
+def uplink(pin_dir, unique_prefix):
+    name = f"{unique_prefix}-np"
+    build_netns(name)
+    dp = None
+    try:
+        dp = loader.load(pin_dir, limits=LIMITS, hairpin_addr=HAIRPIN, cache=False,
+                         source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=NODE)
+        yield Uplink(dp, name)
+    finally:
+        if dp is not None:
+            dp.close()
+        netns.remove(name)

@@ -1,0 +1,175 @@
+"""North-south translation on the uplink (bpf/lb_node.c, TC) through BPF_PROG_TEST_RUN:
+NodePort to a local and a remote backend, SNAT and its reverse, Local policy,
+externalIPs, SNAT port collisions, ICMP errors, and what must pass untouched.
+
+Maps are filled through MapWriter.apply(LBState) only; every row names its input
+packet, the exact output packet (MACs from the test namespace's neighbours when
+the program redirects) and the verdict.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.packet import Raw
+
+from ebpfsvc import abi
+from ebpfsvc.lbmodel import FrontendKind, LBState, Protocol
+
+from .northsouth import (  # noqa: F401  (uplink is a fixture)
+    CLIENT, CLIENT2, CLIENT2_MAC, EXT_IP, LOCAL_BE, LOCAL_BE2, NODE, NODE2, OK, REDIRECT, REMOTE_BE, SHOT,
+    be, ext_frontend, from_client, from_node2, snat_port, to_client, to_node2, uplink,
+)
+from .packets import expected_backend, tcp, udp
+
+pytestmark = pytest.mark.root
+
+REMOTE = ext_frontend(NODE, 30080, [be(REMOTE_BE)])
+LOCAL = ext_frontend(NODE, 30081, [be(LOCAL_BE, local=True)], name="local")
+MIXED_LOCAL_POLICY = ext_frontend(NODE, 30082, [be(LOCAL_BE, local=True), be(LOCAL_BE2, local=True)],
+                                  local_only=True, name="etp-local")
+EMPTY_LOCAL_POLICY = ext_frontend(NODE, 30083, [], local_only=True, name="etp-local-empty")
+EMPTY_CLUSTER = ext_frontend(NODE, 30084, [], name="empty")
+EXTERNAL_IP = ext_frontend(EXT_IP, 80, [be(LOCAL_BE, local=True)], kind=FrontendKind.EXTERNAL_IP, name="ext")
+DNS = ext_frontend(NODE, 30053, [be(REMOTE_BE, 5353, Protocol.UDP)], proto=Protocol.UDP, name="dns")
+
+
+def state(*fes) -> LBState:
+    return LBState.of(fes)
+
+
+def test_nodeport_remote_backend_is_snated_and_the_reply_reversed(uplink):
+    uplink.writer.apply(state(REMOTE))
+    port = snat_port(CLIENT, NODE, 40000, 30080)
+    uplink.check("SYN to NodePort, backend on node-2: SNAT to the node + DNAT, sent to node-2", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+    uplink.check("SYN-ACK from the backend to the SNAT port: back to the client from NodeIP:nodePort",
+                 "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), REDIRECT,
+                 to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
+    payload = b"GET / HTTP/1.1\r\n\r\n"
+    uplink.check("a later segment keeps its SNAT port and backend", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30080, "PA", seq=1001, ack=7001, payload=payload)), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, ack=7001, payload=payload)))
+    uplink.check("the egress program leaves SNATed packets alone", "to_uplink",
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "A")), OK)
+
+
+def test_nodeport_udp_snat(uplink):
+    uplink.writer.apply(state(DNS))
+    port = snat_port(CLIENT, NODE, 5000, 30053, 17)
+    uplink.check("UDP to NodePort, remote backend", "from_uplink",
+                 from_client(udp(CLIENT, NODE, 5000, 30053, b"query")), REDIRECT,
+                 to_node2(udp(NODE, REMOTE_BE, port, 5353, b"query")))
+    uplink.check("UDP answer", "from_uplink", from_node2(udp(REMOTE_BE, NODE, 5353, port, b"answer")), REDIRECT,
+                 to_client(udp(NODE, CLIENT, 30053, 5000, b"answer")))
+
+
+def test_nodeport_local_backend_keeps_the_client_address(uplink):
+    uplink.writer.apply(state(LOCAL))
+    uplink.check("SYN to NodePort, backend on this node: DNAT only, the kernel delivers it", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30081, "S")), OK,
+                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S")))
+    uplink.check("the pod's reply leaving the uplink gets NodeIP:nodePort back", "to_uplink",
+                 to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "SA")), OK,
+                 to_client(tcp(NODE, CLIENT, 30081, 40000, "SA")))
+    uplink.check("the next client segment follows the flow", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30081, "A", seq=1001)), OK,
+                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "A", seq=1001)))
+
+
+def test_local_policy_balances_over_local_backends_only(uplink):
+    uplink.writer.apply(state(MIXED_LOCAL_POLICY))
+    for sport in (41000, 41001, 41002, 41003):
+        b = expected_backend(MIXED_LOCAL_POLICY, CLIENT, sport)
+        uplink.check(f"Local policy, flow {sport}: DNAT to {b}, client kept", "from_uplink",
+                     from_client(tcp(CLIENT, NODE, sport, 30082, "S")), OK,
+                     from_client(tcp(CLIENT, b, sport, 8080, "S")))
+
+
+def test_local_policy_without_local_backend_drops_and_counts(uplink):
+    uplink.writer.apply(state(EMPTY_LOCAL_POLICY))
+    before = uplink.drops(abi.REASON_NO_LOCAL_BACKEND)
+    uplink.check("Local policy, no backend on this node: dropped, not forwarded, not rejected", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30083, "S")), SHOT)
+    assert uplink.drops(abi.REASON_NO_LOCAL_BACKEND) == before + 1
+
+
+def test_cluster_policy_without_backends_is_rejected(uplink):
+    uplink.writer.apply(state(EMPTY_CLUSTER))
+    uplink.check("no endpoints at all: RST from NodeIP:nodePort, back out the uplink", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30084, "S", seq=5)), REDIRECT,
+                 to_client(IP(src=NODE, dst=CLIENT, id=0) / TCP(sport=30084, dport=40000, flags="RA", seq=0, ack=6,
+                                                                 window=0)))
+
+
+def test_external_ip(uplink):
+    uplink.writer.apply(state(EXTERNAL_IP))
+    uplink.check("TCP to an externalIP:port: DNAT to the backend", "from_uplink",
+                 from_client(tcp(CLIENT, EXT_IP, 40000, 80, "S")), OK,
+                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S")))
+    uplink.check("the reply leaves from the externalIP", "to_uplink",
+                 to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "SA")), OK,
+                 to_client(tcp(EXT_IP, CLIENT, 80, 40000, "SA")))
+
+
+def test_two_clients_never_share_a_snat_port(uplink):
+    uplink.writer.apply(state(REMOTE))
+    first = snat_port(CLIENT, NODE, 40000, 30080)
+    # A second client whose flow hashes to the same first SNAT port.
+    sport = next(p for p in range(1024, 65536) if snat_port(CLIENT2, NODE, p, 30080) == first)
+    uplink.check("first client takes the port its hash names", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
+    second = snat_port(CLIENT2, NODE, sport, 30080, probe=1)
+    assert second != first
+    uplink.check("second client, same hash: the next free port", "from_uplink",
+                 from_client(tcp(CLIENT2, NODE, sport, 30080, "S"), mac=CLIENT2_MAC), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, second, 8080, "S")))
+    uplink.check("each reply finds its own client (first)", "from_uplink",
+                 from_node2(tcp(REMOTE_BE, NODE, 8080, first, "SA")), REDIRECT,
+                 to_client(tcp(NODE, CLIENT, 30080, 40000, "SA")))
+    uplink.check("each reply finds its own client (second)", "from_uplink",
+                 from_node2(tcp(REMOTE_BE, NODE, 8080, second, "SA")), REDIRECT,
+                 to_client(tcp(NODE, CLIENT2, 30080, sport, "SA"), mac=CLIENT2_MAC))
+
+
+def _frag_needed(src, quoted):
+    return IP(src=src, dst=NODE, id=9) / ICMP(type=3, code=4, nexthopmtu=1400) / Raw(bytes(quoted))
+
+
+@pytest.mark.parametrize("sender", ["router", "backend"])
+def test_icmp_error_about_a_snated_flow_reaches_the_client(uplink, sender):
+    uplink.writer.apply(state(REMOTE))
+    port = snat_port(CLIENT, NODE, 40000, 30080)
+    uplink.check("SYN", "from_uplink", from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+    payload = b"x" * 64
+    src = NODE2 if sender == "router" else REMOTE_BE
+    quoted_sent = tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, payload=payload)
+    quoted_client = tcp(CLIENT, NODE, 40000, 30080, "PA", seq=1001, payload=payload)
+    out_src = NODE2 if sender == "router" else NODE
+    want = IP(src=out_src, dst=CLIENT, id=9) / ICMP(type=3, code=4, nexthopmtu=1400) / Raw(bytes(quoted_client))
+    uplink.check(f"fragmentation needed from the {sender}: about client -> NodePort, sent to the client",
+                 "from_uplink", from_node2(_frag_needed(src, quoted_sent)), REDIRECT, to_client(want))
+
+
+UNTOUCHED = [
+    ("TCP to another port of the node address (ssh)", "from_uplink", from_client(tcp(CLIENT, NODE, 40000, 22, "S"))),
+    ("UDP to the NodePort number of a TCP-only frontend", "from_uplink",
+     from_client(udp(CLIENT, NODE, 40000, 30080))),
+    ("TCP to a node address port that is a nodePort of nobody", "from_uplink",
+     from_client(tcp(CLIENT, NODE, 40000, 30999, "S"))),
+    ("ICMP echo to the node", "from_uplink", from_client(IP(src=CLIENT, dst=NODE) / ICMP())),
+    ("a packet to the SNAT port range with no flow", "from_uplink",
+     from_node2(tcp(REMOTE_BE, NODE, 8080, 61234, "SA"))),
+    ("pod-to-pod traffic arriving from node-2", "from_uplink", from_node2(tcp(REMOTE_BE, LOCAL_BE, 8080, 40000))),
+    ("the node's own traffic leaving", "to_uplink", to_client(tcp(NODE, CLIENT, 22, 40000, "SA"))),
+]
+
+
+@pytest.mark.parametrize("row", UNTOUCHED, ids=[r[0] for r in UNTOUCHED])
+def test_untouched(uplink, row):
+    uplink.writer.apply(state(REMOTE, LOCAL))
+    desc, prog, pkt = row
+    uplink.check(desc, prog, pkt, OK)
