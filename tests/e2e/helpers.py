@@ -29,6 +29,11 @@ from ebpfsvc.lab import Lab, names, nsenter
 
 T = TypeVar("T")
 
+# Generous bounds: the suite shares two cores with whatever else runs; these are upper limits
+# for something that normally takes a second, never a timing assertion.
+READY_TIMEOUT = 90.0          # pods started and probed ready
+SYNC_TIMEOUT = 60.0           # an agent programs an applied change
+
 # -- manifests --------------------------------------------------------------------------------
 
 
@@ -58,7 +63,7 @@ def bare_pod(name: str, node: str, labels: dict | None = None, command: list[str
 # -- bounded waiting ---------------------------------------------------------------------------
 
 
-def wait_for(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> T:
+def wait_for(check: Callable[[], T], timeout: float = SYNC_TIMEOUT, interval: float = 0.2, what: str = "") -> T:
     """Call `check` until it returns something truthy (returned), at most `timeout` seconds.
 
     Exceptions from `check` count as "not yet" until the deadline, then the last one is raised
@@ -94,7 +99,7 @@ def _linger_rst(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def tcp_socket(lab: Lab, pod: str, sport: int | None = None, timeout: float = 5.0) -> socket.socket:
+def tcp_socket(lab: Lab, pod: str, sport: int | None = None, timeout: float = 10.0) -> socket.socket:
     sock = nsenter.socket_in(netns_of(lab, pod), socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     if sport is not None:
@@ -104,7 +109,7 @@ def tcp_socket(lab: Lab, pod: str, sport: int | None = None, timeout: float = 5.
 
 
 def exchange(lab: Lab, pod: str, host: str, port: int, request: bytes = b"", sport: int | None = None,
-             timeout: float = 5.0) -> bytes:
+             timeout: float = 10.0) -> bytes:
     """A new TCP connection from `pod`: send `request`, read until the server closes, reset."""
     sock = tcp_socket(lab, pod, sport, timeout)
     try:
@@ -124,7 +129,7 @@ def exchange(lab: Lab, pod: str, host: str, port: int, request: bytes = b"", spo
 
 
 def http_get(lab: Lab, pod: str, host: str, port: int, sport: int | None = None,
-             timeout: float = 5.0) -> dict:
+             timeout: float = 10.0) -> dict:
     """One HTTP request on a new connection from `pod`; the http-echo JSON answer."""
     request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
     data = exchange(lab, pod, host, port, request, sport, timeout)
@@ -134,7 +139,7 @@ def http_get(lab: Lab, pod: str, host: str, port: int, sport: int | None = None,
     return json.loads(body)
 
 
-def line_get(lab: Lab, pod: str, host: str, port: int, timeout: float = 5.0) -> str:
+def line_get(lab: Lab, pod: str, host: str, port: int, timeout: float = 10.0) -> str:
     """What a one-shot TCP server (socat ... EXEC:...) sends on a new connection."""
     return exchange(lab, pod, host, port, timeout=timeout).decode().strip()
 
@@ -156,7 +161,7 @@ def connect_outcome(lab: Lab, pod: str, host: str, port: int, timeout: float = 3
         sock.close()
 
 
-def udp_socket(lab: Lab, pod: str, timeout: float = 3.0) -> socket.socket:
+def udp_socket(lab: Lab, pod: str, timeout: float = 5.0) -> socket.socket:
     sock = nsenter.socket_in(netns_of(lab, pod), socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(timeout)
     sock.bind(("0.0.0.0", 0))
@@ -174,7 +179,7 @@ def udp_ask(sock: socket.socket, host: str, port: int, payload: bytes = b"hi") -
     return json.loads(data)
 
 
-def udp_ask_once(lab: Lab, pod: str, host: str, port: int, timeout: float = 3.0) -> dict:
+def udp_ask_once(lab: Lab, pod: str, host: str, port: int, timeout: float = 5.0) -> dict:
     sock = udp_socket(lab, pod, timeout)
     try:
         return udp_ask(sock, host, port)
@@ -185,7 +190,7 @@ def udp_ask_once(lab: Lab, pod: str, host: str, port: int, timeout: float = 3.0)
 class TcpStream:
     """A long-lived connection to a tcp-echo server: every line comes back prefixed by the pod name."""
 
-    def __init__(self, lab: Lab, pod: str, host: str, port: int, timeout: float = 5.0):
+    def __init__(self, lab: Lab, pod: str, host: str, port: int, timeout: float = 10.0):
         self.sock = tcp_socket(lab, pod, None, timeout)
         self.sock.connect((host, port))
         self.local = self.sock.getsockname()
@@ -259,7 +264,7 @@ def cluster_ip(lab: Lab, svc: str) -> str:
 
 
 def wait_programmed(lab: Lab, svc: str, port: int, backends: int, nodes: Iterable[str] | None = None,
-                    proto: str = "TCP", timeout: float = 30.0) -> None:
+                    proto: str = "TCP", timeout: float = SYNC_TIMEOUT) -> None:
     """Wait until every node's agent serves svc's clusterIP:port with `backends` backends in its table."""
     vip = cluster_ip(lab, svc)
     for node in nodes or [n.name for n in lab.spec.nodes]:
@@ -271,7 +276,7 @@ def wait_programmed(lab: Lab, svc: str, port: int, backends: int, nodes: Iterabl
 
 
 def wait_affinity(lab: Lab, svc: str, port: int, seconds: int, nodes: Iterable[str] | None = None,
-                  timeout: float = 30.0) -> None:
+                  timeout: float = SYNC_TIMEOUT) -> None:
     vip = cluster_ip(lab, svc)
     for node in nodes or [n.name for n in lab.spec.nodes]:
         def done() -> bool:
@@ -281,7 +286,7 @@ def wait_affinity(lab: Lab, svc: str, port: int, seconds: int, nodes: Iterable[s
         wait_for(done, timeout, what=f"{node}: {svc} affinity timeout {seconds}")
 
 
-def wait_agents_attached(lab: Lab, pods: Iterable[str], timeout: float = 30.0) -> None:
+def wait_agents_attached(lab: Lab, pods: Iterable[str], timeout: float = SYNC_TIMEOUT) -> None:
     """Wait until each pod's veth has the agent's TC programs (ingress and egress)."""
     for pod in pods:
         obj = lab.pod(pod)
@@ -294,3 +299,7 @@ def wait_agents_attached(lab: Lab, pods: Iterable[str], timeout: float = 30.0) -
             return out.count("from_pod") >= 1 and out.count("to_pod") >= 1
 
         wait_for(attached, timeout, interval=0.3, what=f"TC programs on {link} ({pod})")
+
+
+def wait_ready(lab: Lab, pods: Iterable[str]) -> None:
+    lab.wait_ready(list(pods), timeout=READY_TIMEOUT)

@@ -15,8 +15,9 @@ import pytest
 
 from ebpfsvc.lab import Lab, apps
 
-from .helpers import (bare_pod, cluster_ip, connect_outcome, drops, http_get, programmed_services, service,
-                      udp_ask, udp_ask_once, udp_socket, wait_agents_attached, wait_for, wait_programmed)
+from .helpers import (bare_pod, cluster_ip, connect_outcome, drops, http_get, programmed_services,
+                      service, udp_ask, udp_ask_once, udp_socket, wait_agents_attached, wait_for,
+                      wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
 
@@ -61,7 +62,7 @@ def test_clusterip_reaches_backend_without_snat(lab, client_node):
     backend = f"basic-be-{client_node}"
     lab.apply([echo(backend, "node-1"),
                service(svc, [{"port": 80, "targetPort": 8080}], selector={"pod": backend})])
-    lab.wait_ready([backend])
+    wait_ready(lab, [backend])
     wait_programmed(lab, svc, 80, backends=1)
     client = CLIENTS[client_node]
 
@@ -79,7 +80,7 @@ def test_named_target_port_resolves_per_endpoint(lab):
     pods = [apps.pod("named-a", "http-echo", 8081, node="node-1", labels={"app": "named"}, port_name="http"),
             apps.pod("named-b", "http-echo", 9091, node="node-2", labels={"app": "named"}, port_name="http")]
     lab.apply(pods + [service("named", [{"port": 80, "targetPort": "http"}], selector={"app": "named"})])
-    lab.wait_ready(["named-a", "named-b"])
+    wait_ready(lab, ["named-a", "named-b"])
     wait_programmed(lab, "named", 80, backends=2)
     vip = cluster_ip(lab, "named")
 
@@ -102,12 +103,12 @@ def test_multi_port_service_maps_each_port_to_its_target(lab):
     lab.apply([pod, service("multi", [{"name": "web", "port": 80, "targetPort": "web"},
                                       {"name": "admin", "port": 81, "targetPort": 9090}],
                             selector={"app": "multi"})])
-    lab.wait_ready(["multi-be"])
+    wait_ready(lab, ["multi-be"])
     wait_programmed(lab, "multi", 80, backends=1)
     wait_programmed(lab, "multi", 81, backends=1)
     vip = cluster_ip(lab, "multi")
 
-    web = wait_for(lambda: http_get(lab, "cl-1", vip, 80), 10, what="port 80 (8080 may still be starting)")
+    web = wait_for(lambda: http_get(lab, "cl-1", vip, 80), what="port 80 (8080 may still be starting)")
     admin = http_get(lab, "cl-1", vip, 81)
 
     assert (web["pod"], web["localPort"]) == ("multi-be", 8080)
@@ -120,12 +121,13 @@ def test_udp_service(lab):
     pods = [echo("dns-a", "node-1", 5353, "udp-echo", app="dns"), echo("dns-b", "node-2", 5353, "udp-echo", app="dns")]
     lab.apply(pods + [service("dns", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
                               selector={"app": "dns"})])
-    lab.wait_ready(["dns-a", "dns-b"])       # no probe for UDP: ready once started
+    wait_ready(lab, ["dns-a", "dns-b"])       # no probe for UDP: ready once started
     wait_programmed(lab, "dns", 53, backends=2, proto="UDP")
     vip = cluster_ip(lab, "dns")
 
-    # The apps may still be binding: the first answer is polled.
-    wait_for(lambda: udp_ask_once(lab, "cl-2", vip, 53, timeout=1), 15, what="a first UDP answer")
+    # Ready means started for a UDP app (no probe): wait until each one answers directly.
+    for pod in ("dns-a", "dns-b"):
+        wait_for(lambda: udp_ask_once(lab, "cl-2", lab.pod_ip(pod), 5353, timeout=1), what=f"{pod} bound")
     # A new socket per flow: 60 flows all on one of two ~equal halves: probability < 1e-17.
     seen = answers_until_all(lambda: udp_ask_once(lab, "cl-2", vip, 53), {"dns-a", "dns-b"}, tries=60)
 
@@ -149,7 +151,7 @@ def test_service_created_before_its_pods(lab):
     assert connect_outcome(lab, "cl-1", vip, 80) == "refused"
 
     lab.apply([echo("late-1", "node-2", app="late")])
-    lab.wait_ready(["late-1"])
+    wait_ready(lab, ["late-1"])
     wait_programmed(lab, "late", 80, backends=1)
     assert http_get(lab, "cl-1", vip, 80)["pod"] == "late-1"
 
@@ -166,7 +168,7 @@ def test_selectorless_service_with_manual_endpoints_redis(lab):
                      ports=[{"name": "redis", "containerPort": 6379}])
     redis["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": 6379}}
     lab.apply([redis])
-    lab.wait_ready(["redis-manual"])
+    wait_ready(lab, ["redis-manual"])
     lab.apply([service("redis-svc", [{"name": "redis-port", "port": 6379, "targetPort": 6379}]),
                {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "redis-svc"},
                 "subsets": [{"addresses": [{"ip": lab.pod_ip("redis-manual"), "nodeName": "node-2"}],
@@ -190,7 +192,7 @@ def test_selectorless_service_with_manual_endpointslice(lab):
     """A selectorless Service and a hand-written EndpointSlice bound by kubernetes.io/service-name;
     the slice's port (8080) is the target, whatever the Service says."""
     lab.apply([echo("slice-be", "node-1")])
-    lab.wait_ready(["slice-be"])
+    wait_ready(lab, ["slice-be"])
     lab.apply([service("slice-svc", [{"name": "http", "port": 80}]),
                {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": "slice-svc-manual", "labels": {"kubernetes.io/service-name": "slice-svc"}},
@@ -217,7 +219,7 @@ def test_hairpin_pod_reaches_itself_through_its_service(lab):
     """
     lab.apply([echo("hairpin", "node-1"),
                service("hairpin", [{"port": 80, "targetPort": 8080}], selector={"pod": "hairpin"})])
-    lab.wait_ready(["hairpin"])
+    wait_ready(lab, ["hairpin"])
     wait_programmed(lab, "hairpin", 80, backends=1)
 
     answer = http_get(lab, "hairpin", cluster_ip(lab, "hairpin"), 80)
@@ -234,7 +236,7 @@ def test_internal_traffic_policy_local(lab):
                        internalTrafficPolicy="Local"),
                service("itp-only-b", [{"port": 80, "targetPort": 8080}], selector={"pod": "itp-b"},
                        internalTrafficPolicy="Local")])
-    lab.wait_ready(["itp-a", "itp-b"])
+    wait_ready(lab, ["itp-a", "itp-b"])
     wait_programmed(lab, "itp", 80, backends=1)                  # each node: its own pod only
     wait_programmed(lab, "itp-only-b", 80, backends=0, nodes=["node-1"])
     wait_programmed(lab, "itp-only-b", 80, backends=1, nodes=["node-2"])
@@ -260,7 +262,7 @@ def test_headless_and_externalname_are_not_programmed(lab):
                service("headless", [{"port": 80, "targetPort": 8080}], selector={"app": "hl"}, clusterIP="None"),
                service("extname", [{"port": 80, "targetPort": 8080}], type="ExternalName",
                        externalName="db.example.test")])
-    lab.wait_ready(["hl-be"])
+    wait_ready(lab, ["hl-be"])
     # A sentinel applied after them: once agents serve it, they have read the two above.
     lab.apply([service("sentinel", [{"port": 80, "targetPort": 8080}], selector={"app": "hl"})])
     wait_programmed(lab, "sentinel", 80, backends=1)
