@@ -674,8 +674,9 @@ def test_kernel_headers_init_with_no_capability_yields_a_tree_bcc_compiles_the_d
     (mod / "build").symlink_to(arch)
     (mod / "source").symlink_to(common)
     env = _headers_env(tmp_path, EBPFSVC_KERNEL_RELEASE=release)
-    subprocess.run(["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--no-new-privs",
-                    "bash", str(DEPLOY / "image" / "kernel-headers.sh")], env=env, check=True, capture_output=True)
+    r = subprocess.run(["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--no-new-privs",
+                        "bash", str(DEPLOY / "image" / "kernel-headers.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     tree = tmp_path / "state" / "kernel-headers" / release
     assert (tree / ".ebpfsvc-from").read_text().strip() == f"{common} + {arch}"
 
