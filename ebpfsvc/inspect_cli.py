@@ -173,9 +173,9 @@ def maglev_show(service_name, pin_dir, output, first) -> None:
         return _json(rows)
     con = _console()
     for r in rows:
-        t = _table("BACKEND", "STATE", "SLOTS", "SHARE",
-                   title=f"{r['service']} {r['frontend']} ({r['scope']}): table size {r['table_size']} "
-                         f"at offset {r['maglev_offset']}")
+        con.print(f"[bold]{r['service']} {r['frontend']} ({r['scope']})[/bold]: table size {r['table_size']} "
+                  f"at offset {r['maglev_offset']}")
+        t = _table("BACKEND", "STATE", "SLOTS", "SHARE")
         for b in r["backends"]:
             t.add_row(f"{b['id']}) {b['backend']}", b["state"] + (", local" if b["local"] else ""),
                       str(b["slots"]), f"{b['share']:.2%}")
