@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ebpfsvc.lab import agents, manifests, names, network, pods as podlib, probes, processes, rpc
-from ebpfsvc.lab.processes import ProcRecord, base_env, spawn
+from ebpfsvc.lab.processes import base_env, spawn
 from ebpfsvc.lab.store import State, api_time
 
 log = logging.getLogger("ebpfsvc.lab.controller")
@@ -46,6 +46,7 @@ class Controller:
         self.state = state
         self.spec = state.spec()
         self.exit_codes: dict[int, int] = {}   # reaped pid -> exit code (negative: killed by signal)
+        self.probe_streaks: dict[tuple[str, str], int] = {}   # pod key -> +successes / -failures in a row
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -113,7 +114,11 @@ class Controller:
         results = self._probe() if probe else {}
         errors = []
         with self.state.lock():
-            for pod in self.state.list("Pod"):
+            pods = self.state.list("Pod")
+            # Stop the processes of every Pod whose grace period is over in one go, so a
+            # Pod that ignores SIGTERM delays the others by its 2 s once, not each in turn.
+            processes.stop([r for p in pods if self._grace_over(p) and (r := podlib.process(p))], grace=2.0)
+            for pod in pods:
                 try:
                     if self._reconcile_pod(pod, results):
                         self.state.put(pod)
@@ -125,11 +130,11 @@ class Controller:
 
     def _reconcile_pod(self, pod: dict[str, Any], probe_results: dict) -> bool:
         """Move one Pod towards its desired state; True if its stored object must be updated."""
-        status = pod.setdefault("status", {})
-        lab = status.setdefault("lab", {})
-        if podlib.is_terminating(pod) and time.time() >= lab.get("deleteAfter", 0):
+        if self._grace_over(pod):
             self._remove_pod(pod)
             return False
+        status = pod.setdefault("status", {})
+        lab = status.setdefault("lab", {})
         changed = False
         if not lab.get("realized"):
             try:
@@ -139,7 +144,7 @@ class Controller:
                 self._remove_pod(pod)
                 raise
             changed = True
-        proc = ProcRecord.from_dict(lab.get("process"))
+        proc = podlib.process(pod)
         if proc and status.get("phase") == "Running" and not processes.alive(proc):
             code = self.exit_codes.get(proc.pid)
             status["phase"] = "Succeeded" if code == 0 else "Failed"
@@ -151,6 +156,11 @@ class Controller:
             changed |= podlib.set_ready(pod, ready, api_time())
         return changed
 
+    @staticmethod
+    def _grace_over(pod: dict[str, Any]) -> bool:
+        deadline = ((pod.get("status") or {}).get("lab") or {}).get("deleteAfter", 0)
+        return podlib.is_terminating(pod) and time.time() >= deadline
+
     def _readiness(self, pod: dict[str, Any], probe_results: dict) -> bool | None:
         """Ready per annotation, else per probe (None: no result yet), else running = ready."""
         if pod["status"].get("phase") != "Running":
@@ -158,9 +168,24 @@ class Controller:
         override = podlib.ready_override(pod)
         if override is not None:
             return override
-        if podlib.probe_port(pod) is not None:
-            return probe_results.get(podlib.key(pod))
-        return True
+        if podlib.probe_port(pod) is None:
+            return True
+        key = podlib.key(pod)
+        if key not in probe_results:
+            return None
+        # Consecutive results, as kubelet counts them: +n successes, -n failures.
+        streak = self.probe_streaks.get(key, 0)
+        if probe_results[key]:
+            streak = streak + 1 if streak > 0 else 1
+        else:
+            streak = streak - 1 if streak < 0 else -1
+        self.probe_streaks[key] = streak
+        successes, failures = podlib.probe_thresholds(pod)
+        if streak >= successes:
+            return True
+        if -streak >= failures or not podlib.is_ready(pod):
+            return False
+        return None     # a failure below the threshold: keep the current state
 
     def _realize(self, pod: dict[str, Any]) -> None:
         namespace, name = podlib.key(pod)
@@ -191,8 +216,7 @@ class Controller:
 
     def _remove_pod(self, pod: dict[str, Any]) -> None:
         namespace, name = podlib.key(pod)
-        lab = (pod.get("status") or {}).get("lab") or {}
-        proc = ProcRecord.from_dict(lab.get("process"))
+        proc = podlib.process(pod)
         if proc:
             processes.stop([proc], grace=2.0)
         node = (pod.get("spec") or {}).get("nodeName")
@@ -200,6 +224,7 @@ class Controller:
             network.remove_link(names.member_netns(self.state.prefix, node), names.pod_host_link(namespace, name))
         network.remove_namespace(names.pod_netns(self.state.prefix, namespace, name))
         self.state.delete("Pod", namespace, name)
+        self.probe_streaks.pop((namespace, name), None)
         log.info("pod %s removed", podlib.label(pod))
 
     def _probe(self) -> dict:
@@ -248,10 +273,7 @@ class Controller:
     def shutdown(self) -> None:
         """Stop every agent and pod process (SIGTERM, then SIGKILL), all in parallel."""
         records = [r for n in self.spec.nodes if (r := self.state.read_pid(agents.record_name(n.name)))]
-        for pod in self.state.list("Pod"):
-            rec = ProcRecord.from_dict(((pod.get("status") or {}).get("lab") or {}).get("process"))
-            if rec:
-                records.append(rec)
+        records += [r for p in self.state.list("Pod") if (r := podlib.process(p))]
         processes.stop(records, grace=3.0)
         log.info("controller of lab %s stopped %d processes", self.state.prefix, len(records))
 

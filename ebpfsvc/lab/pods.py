@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from ebpfsvc.lab.labfile import LabSpec, NodeSpec
+from ebpfsvc.lab.processes import ProcRecord
 
 # Annotation that fixes a pod's readiness by hand: for pods without a process (the
 # EndpointSlice scale tests need hundreds of endpoints, not hundreds of processes).
@@ -89,6 +90,16 @@ def probe_port(pod: dict[str, Any]) -> int | None:
     return port
 
 
+def probe_thresholds(pod: dict[str, Any]) -> tuple[int, int]:
+    """(successThreshold, failureThreshold) of the readiness probe; Kubernetes defaults 1 and 3.
+
+    A single lost probe on a loaded machine must not flap an endpoint, as in a cluster.
+    """
+    containers = _containers(pod)
+    probe = (containers[0].get("readinessProbe") or {}) if containers else {}
+    return max(1, int(probe.get("successThreshold") or 1)), max(1, int(probe.get("failureThreshold") or 3))
+
+
 def grace_seconds(pod: dict[str, Any]) -> float:
     value = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
     return float(DEFAULT_GRACE_SECONDS if value is None else value)
@@ -117,6 +128,11 @@ def set_ready(pod: dict[str, Any], ready: bool, now: str) -> bool:
     status["conditions"] = [{"type": t, "status": value, "lastTransitionTime": now}
                             for t in ("Ready", "ContainersReady")]
     return True
+
+
+def process(pod: dict[str, Any]) -> ProcRecord | None:
+    """The record of the Pod's process (status.lab.process), if it has one."""
+    return ProcRecord.from_dict(((pod.get("status") or {}).get("lab") or {}).get("process"))
 
 
 def is_terminating(pod: dict[str, Any]) -> bool:

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from ebpfsvc.lab import names, network, nsenter, processes, rpc
-from ebpfsvc.lab.processes import ProcRecord
+from ebpfsvc.lab.pods import process as pod_process
 from ebpfsvc.lab.store import State
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def _stop_processes(state: State) -> None:
         except (rpc.ControllerError, OSError) as exc:
             log.warning("controller of %s did not shut down cleanly: %s", state.prefix, exc)
     # Whatever is still running (controller hung or dead): by record.
-    records = [r for r in state.pid_records()]
-    for pod in state.list("Pod") if state.objects.exists() else []:
-        rec = ProcRecord.from_dict(((pod.get("status") or {}).get("lab") or {}).get("process"))
-        if rec:
-            records.append(rec)
+    records = state.pid_records()
+    if state.objects.exists():
+        records += [r for p in state.list("Pod") if (r := pod_process(p))]
     processes.stop(records, grace=2.0)

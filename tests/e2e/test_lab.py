@@ -18,12 +18,16 @@ import pytest
 
 from ebpfsvc.lab import Lab, LabError, apps, labfile, names, nsenter, processes
 from ebpfsvc.lab.endpointslices import MAX_ENDPOINTS_PER_SLICE
-from ebpfsvc.lab.pods import READY_ANNOTATION
+from ebpfsvc.lab.pods import READY_ANNOTATION, process as pod_process
 
 NO_AGENTS = pytest.mark.parametrize("lab", [{"agents": False}], indirect=True)
 
 UDP_ASK = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); "
            "s.sendto(b'hi', (sys.argv[1], int(sys.argv[2]))); print(s.recvfrom(4096)[0].decode())")
+
+TCP_TWO_LINES = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3); "
+                 "f=s.makefile('rwb'); f.write(b'one\\n'); f.flush(); print(f.readline().decode().strip()); "
+                 "f.write(b'two\\n'); f.flush(); print(f.readline().decode().strip())")
 
 
 def curl_json(run, url: str) -> dict:
@@ -46,7 +50,7 @@ def lab_leftovers(prefix: str) -> list[str]:
 def lab_processes(lab: Lab) -> list[processes.ProcRecord]:
     """Records of the controller and of every pod process."""
     recs = [lab.state.read_pid("controller")]
-    recs += [processes.ProcRecord.from_dict(p["status"]["lab"].get("process")) for p in lab.pods()]
+    recs += [pod_process(p) for p in lab.pods()]
     return [r for r in recs if r]
 
 
@@ -82,14 +86,20 @@ def test_pod_to_pod_tcp_and_udp(lab, server_node):
         apps.pod("caller", "http-echo", 9000, node="node-1"),
         apps.pod("web", "http-echo", 8080, node=server_node),
         apps.pod("dns", "udp-echo", 5353, node=server_node),
+        apps.pod("echo", "tcp-echo", 7000, node=server_node, namespace="team"),
     ])
-    lab.wait_ready(["caller", "web"], timeout=20)
+    lab.wait_ready(["caller", "web", "team/echo"], timeout=20)
     client_ip = lab.pod_ip("caller")
 
     answer = curl_json(lambda argv: lab.exec("caller", argv), f"http://{lab.pod_ip('web')}:8080/")
     assert answer["pod"] == "web"
     assert answer["client"] == client_ip
     assert answer["localPort"] == 8080
+
+    # tcp-echo keeps one connection open over several lines.
+    tcp = lab.exec("caller", ["python", "-c", TCP_TWO_LINES, lab.pod_ip("team/echo"), "7000"], timeout=10)
+    assert tcp.returncode == 0, tcp.stderr
+    assert tcp.stdout.splitlines() == ["echo: one", "echo: two"]
 
     for _ in range(3):   # the UDP app may still be binding: a few bounded tries
         udp = lab.exec("caller", ["python", "-c", UDP_ASK, lab.pod_ip("dns"), "5353"], timeout=10)
@@ -145,7 +155,7 @@ def endpoints_by_pod(lab: Lab, service: str) -> dict[str, dict]:
 @NO_AGENTS
 def test_endpointslices_follow_readiness_and_deletion(lab):
     lab.apply([
-        apps.pod("web-1", "http-echo", 8080, node="node-1", labels={"app": "web"}, grace_seconds=3),
+        apps.pod("web-1", "http-echo", 8080, node="node-1", labels={"app": "web"}, grace_seconds=8),
         apps.pod("web-2", "http-echo", 8080, node="node-2", labels={"app": "web"}),
         # Probe port 8181 is closed (the app listens on 8080): never ready.
         {**apps.pod("web-3", "http-echo", 8080, node="node-2", labels={"app": "web"}),
@@ -176,13 +186,35 @@ def test_endpointslices_follow_readiness_and_deletion(lab):
     # Terminating pods still serve: the app answers during the grace period.
     answer = curl_json(lambda argv: lab.exec("web-2", argv), f"http://{lab.pod_ip('web-1')}:8080/")
     assert answer["pod"] == "web-1"
-    lab.wait_gone(["web-1"], timeout=20)
+    lab.wait_gone(["web-1"], timeout=40)
     assert set(endpoints_by_pod(lab, "web")) == {"web-2", "web-3"}
     assert not nsenter.exists(names.pod_netns(lab.prefix, "default", "web-1"))
 
     # Re-applying with other labels is an update: web-2 leaves the Service.
     lab.apply([apps.pod("web-2", "http-echo", 8080, node="node-2", labels={"app": "moved"})])
     assert set(endpoints_by_pod(lab, "web")) == {"web-3"}
+
+
+@pytest.mark.root
+@NO_AGENTS
+def test_readiness_follows_the_probe_both_ways(lab):
+    """The probe port is served by a process the test owns: start it, ready; kill it, unready."""
+    pod = apps.pod("flip", "tcp-echo", 7070, node="node-2", labels={"app": "flip"})
+    pod["spec"]["containers"][0]["command"] = ["sleep", "300"]
+    lab.apply([pod, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "flip"},
+                     "spec": {"selector": {"app": "flip"}, "ports": [{"port": 70, "targetPort": "serve"}]}}])
+    lab.wait_ready(["flip"], ready=False, timeout=10)
+    listener = lab.popen("flip", ["python", "-m", "ebpfsvc.lab.apps", "tcp-echo", "--port", "7070"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lab.wait_ready(["flip"], timeout=20)
+        assert endpoints_by_pod(lab, "flip")["flip"]["conditions"]["ready"] is True
+    finally:
+        listener.kill()
+        listener.wait(timeout=5)
+    lab.wait_ready(["flip"], ready=False, timeout=20)
+    assert endpoints_by_pod(lab, "flip")["flip"]["conditions"] == {"ready": False, "serving": False,
+                                                                    "terminating": False}
 
 
 @pytest.mark.root
