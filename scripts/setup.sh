@@ -16,7 +16,8 @@ venv=${VENV:-$here/.venv}
 headers=${EBPFSVC_HEADERS:-/var/lib/ebpfsvc/kernel-headers}
 
 apt_packages=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip
-              iproute2 iperf3 iptables nftables redis-server redis-tools socat curl ethtool procps)
+              iproute2 iperf3 iptables nftables redis-server redis-tools socat curl ethtool procps
+              shellcheck ruby vagrant)   # the last three check deploy/ and vagrant/ (tests/unit/test_deploy.py)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
