@@ -57,6 +57,9 @@ _FIXED_CHAINS = {
 }
 
 
+_FILTER_TARGET = {"reject": "REJECT", "drop": "DROP"}
+
+
 def probability(n: int) -> str:
     """The statistic match for "this endpoint, out of the n still left": kube-proxy's %0.10f of 1/n."""
     return f"{1.0 / n:0.10f}"
@@ -138,8 +141,7 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
     chains = names.service_chains(spn)
     svc, svl, ext, fw = chains
     internal_chain = svl if view.internal_local else svc
-    uses_ext = view.has_endpoints and view.externally_accessible
-    uses_fw = bool(view.load_balancer_ips and view.source_ranges)
+    uses_ext, uses_fw = view.uses_external_chain, view.uses_firewall
     # Declarations first (iptables-restore needs a chain before a rule jumps to it).
     if view.uses_cluster_chain:
         t.chain("nat", svc)
@@ -154,12 +156,8 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
     for sep in seps.values():
         t.chain("nat", sep)
 
-    if not view.has_endpoints:
-        reject = "REJECT"
-        internal_filter, external_filter = reject, reject
-    else:
-        internal_filter = None if view.has_internal_endpoints else "DROP"
-        external_filter = None if view.has_external_endpoints else "DROP"
+    internal_filter = _FILTER_TARGET.get(view.internal_no_endpoints)
+    external_filter = _FILTER_TARGET.get(view.external_no_endpoints)
     no_eps = "has no endpoints" if not view.has_endpoints else "has no local endpoints"
 
     for address, port in view.cluster_ips:

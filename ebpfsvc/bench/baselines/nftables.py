@@ -65,6 +65,9 @@ _MAPS = [
 ]
 
 
+_VERDICT = {"reject": "goto reject-chain", "drop": "drop"}
+
+
 class _Script:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -143,8 +146,7 @@ def _service_port(s: _Script, view: ServicePortView, cluster_cidr: str | None, m
     ext_chain, fw_chain = f"external-{base}", f"firewall-{base}"
     internal_chain = local_chain if view.internal_local else cluster_chain
     external_policy_chain = local_chain if view.external_local else cluster_chain
-    uses_ext = view.has_endpoints and view.externally_accessible
-    uses_fw = bool(view.load_balancer_ips and view.source_ranges)
+    uses_ext, uses_fw = view.uses_external_chain, view.uses_firewall
     bases = {b: names.nft_endpoint_base(view.name, b) for b in view.endpoints_in_use()}
     for ep_base in bases.values():
         s.chain(f"endpoint-{ep_base}")
@@ -155,11 +157,8 @@ def _service_port(s: _Script, view: ServicePortView, cluster_cidr: str | None, m
     if uses_ext:
         s.chain(ext_chain)
 
-    if not view.has_endpoints:
-        internal_verdict = external_verdict = "goto reject-chain"
-    else:
-        internal_verdict = None if view.has_internal_endpoints else "drop"
-        external_verdict = None if view.has_external_endpoints else "drop"
+    internal_verdict = _VERDICT.get(view.internal_no_endpoints)
+    external_verdict = _VERDICT.get(view.external_no_endpoints)
 
     for address, port in view.cluster_ips:
         key = f"{address} . {proto} . {port}"

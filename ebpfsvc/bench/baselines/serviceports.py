@@ -91,6 +91,30 @@ class ServicePortView:
         return bool(self.local) and (self.internal_local or
                                      (self.external_local and self.externally_accessible))
 
+    @property
+    def uses_external_chain(self) -> bool:
+        return self.has_endpoints and self.externally_accessible
+
+    @property
+    def uses_firewall(self) -> bool:
+        """loadBalancerSourceRanges apply (only to load-balancer IPs, never to NodePorts)."""
+        return bool(self.load_balancer_ips and self.source_ranges)
+
+    def _no_endpoints(self, has_them: bool) -> str | None:
+        if not self.has_endpoints:
+            return "reject"     # nothing anywhere: tell the client at once
+        return None if has_them else "drop"   # Local policy, none here: others may still serve
+
+    @property
+    def internal_no_endpoints(self) -> str | None:
+        """What the filter does with new ClusterIP connections: None (let them through), "reject" or "drop"."""
+        return self._no_endpoints(self.has_internal_endpoints)
+
+    @property
+    def external_no_endpoints(self) -> str | None:
+        """The same for NodePort, externalIPs and load-balancer IPs."""
+        return self._no_endpoints(self.has_external_endpoints)
+
     def endpoints_in_use(self) -> tuple[Backend, ...]:
         """Every endpoint some chain of this port selects, each once, in order."""
         seen: dict[Backend, None] = {}
