@@ -70,8 +70,13 @@ class Controller:
                 if readable and not self._serve(server):
                     break
                 if time.monotonic() >= next_probe:
-                    for error in self.reconcile(probe=True):
-                        log.error("%s", error)
+                    try:
+                        for error in self.reconcile(probe=True):
+                            log.error("%s", error)
+                    except Exception:  # noqa: BLE001 - a lab without its controller is worse
+                        if not self.state.path.exists():
+                            break      # torn down under our feet (`lab down --all`)
+                        log.exception("reconcile failed; retrying")
                     next_probe = time.monotonic() + PROBE_INTERVAL
         finally:
             if os.getpid() == owner:
@@ -146,6 +151,7 @@ class Controller:
             changed = True
         proc = podlib.process(pod)
         if proc and status.get("phase") == "Running" and not processes.alive(proc):
+            self._reap()      # it may have finished since this pass began
             code = self.exit_codes.get(proc.pid)
             status["phase"] = "Succeeded" if code == 0 else "Failed"
             status["containerStatuses"] = [{"name": "main", "ready": False,
@@ -194,8 +200,8 @@ class Controller:
         lab = status["lab"]
         netns = names.pod_netns(self.state.prefix, namespace, name)
         host_link = names.pod_host_link(namespace, name)
-        lab.update({"netns": netns, "hostLink": host_link})
-        self.state.record_namespace(netns)   # before creating: a crash must not orphan it
+        self.state.claim_namespace(netns)   # before creating: a crash must not orphan it
+        lab.update({"netns": netns, "hostLink": host_link})    # from now on, ours to remove
         network.create_namespace(netns)
         network.add_pod(names.member_netns(self.state.prefix, node.name), netns, host_link,
                         status["podIP"], node.gateway)
@@ -219,10 +225,11 @@ class Controller:
         proc = podlib.process(pod)
         if proc:
             processes.stop([proc], grace=2.0)
-        node = (pod.get("spec") or {}).get("nodeName")
-        if node:
-            network.remove_link(names.member_netns(self.state.prefix, node), names.pod_host_link(namespace, name))
-        network.remove_namespace(names.pod_netns(self.state.prefix, namespace, name))
+        lab = (pod.get("status") or {}).get("lab") or {}
+        if lab.get("netns"):     # only what _realize claimed: never a namespace it refused
+            node = names.member_netns(self.state.prefix, pod["spec"]["nodeName"])
+            network.remove_link(node, lab["hostLink"])
+            network.remove_namespace(lab["netns"])
         self.state.delete("Pod", namespace, name)
         self.probe_streaks.pop((namespace, name), None)
         log.info("pod %s removed", podlib.label(pod))

@@ -299,19 +299,19 @@ def _popen(netns: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
 def _build(state: State, spec: labfile.LabSpec) -> None:
     """Fabric, nodes, external clients; each namespace recorded before it is created."""
     fabric = names.fabric_netns(state.prefix)
-    state.record_namespace(fabric)
+    state.claim_namespace(fabric)
     network.build_fabric(fabric)
     prefixlen = labfile.FABRIC_CIDR.prefixlen
     for node in spec.nodes:
         netns = names.member_netns(state.prefix, node.name)
-        state.record_namespace(netns)
+        state.claim_namespace(netns)
         network.create_namespace(netns, forwarding=True)
         network.plug_into_fabric(fabric, netns, names.fabric_port(node.name), node.address, prefixlen)
         network.add_pod_gateway(netns, node.gateway)
         network.add_routes_via(netns, [(peer.pod_cidr, peer.address) for peer in spec.nodes if peer != node])
     for ext in spec.external:
         netns = names.member_netns(state.prefix, ext.name)
-        state.record_namespace(netns)
+        state.claim_namespace(netns)
         network.create_namespace(netns)
         network.plug_into_fabric(fabric, netns, names.fabric_port(ext.name), ext.address, prefixlen)
         network.add_routes_via(netns, [(r.to, spec.node(r.via).address) for r in ext.routes])

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from ebpfsvc.lab import labfile, names
+from ebpfsvc.lab import labfile, names, nsenter
 from ebpfsvc.lab.processes import ProcRecord
 
 KINDS = ("Pod", "Service", "Endpoints", "EndpointSlice")
@@ -151,7 +151,15 @@ class State:
 
     # -- registries ----------------------------------------------------------------------
 
-    def record_namespace(self, name: str) -> None:
+    def claim_namespace(self, name: str) -> None:
+        """Record a namespace the lab is about to create; refuse one that exists already.
+
+        Recorded before creation, so a crash cannot orphan it; refused if present, so
+        `lab down` can never remove a namespace this lab did not make.
+        """
+        if nsenter.exists(name):
+            raise FileExistsError(f"network namespace {name} exists already (left over by another "
+                                  f"lab?); not touching it")
         with open(self.path / "namespaces", "a") as f:
             f.write(name + "\n")
 
