@@ -41,6 +41,7 @@ class AgentConfig:
     in_cluster: bool = False
     pod_interfaces: tuple[str, ...] = ("lxc*",)
     uplinks: tuple[str, ...] = ()
+    uplink_mode: str = "tc"                   # "tc" | "xdp": programs on the uplinks (datapath/uplink.py)
     hairpin_address: IPv4Address | None = None
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
@@ -54,6 +55,7 @@ class Agent:
         self.config = config
         self.state = ClusterState(config.node, on_invalid=self._invalid)
         self.datapath = None
+        self.uplink_datapath = None     # bpf/lb_node.c, when there are uplinks
         self.writer = None
         self.source = None
         self.watcher: InterfaceWatcher | None = None
@@ -79,6 +81,8 @@ class Agent:
                                     hairpin_addr=cfg.hairpin_address)
         self.writer = MapWriter(self.datapath.maps)
         log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
+        if cfg.uplinks:
+            self._attach_uplinks()
 
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
@@ -135,6 +139,25 @@ class Agent:
         if self.config.hairpin_address is not None:
             _accept_local(ifname)
         log.info("attached to pod interface %s (ifindex %d)", ifname, ifindex)
+
+    def _attach_uplinks(self) -> None:
+        """North-south programs on every uplink; SNAT address: the first uplink's address."""
+        from ebpfsvc.datapath import loader, uplink
+
+        cfg = self.config
+        snat = uplink.interface_address(cfg.uplinks[0])
+        if snat is None and cfg.node.node_addresses:
+            snat = cfg.node.node_addresses[0]
+        self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
+                                           hairpin_addr=cfg.hairpin_address)
+        for name in cfg.uplinks:
+            ifindex = uplink.ifindex_of(name)
+            if ifindex is None:
+                log.warning("uplink %s not found: NodePort/external traffic on it is not served", name)
+                continue
+            uplink.attach(self.uplink_datapath, ifindex, cfg.uplink_mode)
+            log.info("attached to uplink %s (ifindex %d, mode %s, SNAT address %s)", name, ifindex,
+                     cfg.uplink_mode, snat)
 
     def _detach_pod(self, ifindex: int, ifname: str) -> None:
         log.info("pod interface %s (ifindex %d) is gone", ifname, ifindex)

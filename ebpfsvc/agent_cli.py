@@ -60,6 +60,8 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
 @click.option("--pod-interfaces", multiple=True, default=("lxc*",), show_default=True,
               help="Name patterns of the host side of pod veths (followed as they come and go).")
 @click.option("--uplink", "uplinks", multiple=True, help="Node uplink interface for NodePort/external traffic.")
+@click.option("--uplink-mode", type=click.Choice(["tc", "xdp"]), default="tc", show_default=True,
+              help="Uplink programs: TC only, or XDP (native) in front of TC (docs/northsouth.md).")
 @click.option("--hairpin-address", default=None, help="Node-owned address pods see when they reach themselves via a Service.")
 @click.option("--min-sync-period", default=0.05, show_default=True, type=float, help="Seconds between syncs, at least.")
 @click.option("--sync-period", default=30.0, show_default=True, type=float, help="Full resync every this many seconds.")
@@ -69,6 +71,7 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
               help="Prometheus /metrics; empty to disable.")
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
+          uplink_mode,
           hairpin_address, min_sync_period, sync_period, healthz_bind_address, metrics_bind_address):
     """Run the node agent: program this node's Service data plane and keep it in sync."""
     try:
@@ -83,7 +86,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       default_algorithm=lb_algorithm)
     cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
-                      uplinks=tuple(uplinks),
+                      uplinks=tuple(uplinks), uplink_mode=uplink_mode,
                       hairpin_address=ipaddress.IPv4Address(hairpin_address) if hairpin_address else None,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address)

@@ -1,0 +1,148 @@
+"""The north-south programs (bpf/lb_node.c) on a node's uplinks: load, attach, detach.
+
+    dp = uplink.load(pin_dir, snat_addr="198.18.0.11")        # shares the pod datapath's pinned maps
+    uplink.attach(dp, ifindex, mode="tc")                       # TC ingress + egress
+    uplink.attach(dp, ifindex, mode="xdp")                      # + XDP (native) in front of TC ingress
+
+Modes (the agent's --uplink-mode):
+- "tc": from_uplink at TC ingress, to_uplink at TC egress. Works on any device.
+- "xdp": the same TC programs, plus xdp_uplink in native (driver) mode. XDP does
+  the common translations before an skb exists and passes everything else
+  (ICMP, fragments, rejects, unresolved neighbours) up to the TC program, which
+  stays the complete path. Replies of source-preserving flows leave through TC
+  egress in both modes (XDP has no egress hook).
+
+Attaching replaces in place (a TC filter by fixed prio/handle, an XDP program by
+writing the new fd), so an agent restart never leaves the uplink bare. Switching
+to "tc" removes an XDP program only if it is ours (named xdp_uplink).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from contextlib import contextmanager
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ebpfsvc.datapath import loader, tc
+
+MODES = ("tc", "xdp")
+XDP_FLAGS_DRV_MODE = 1 << 2      # include/uapi/linux/if_link.h: native XDP, fail rather than fall back
+XDP_PROG_NAME = "xdp_uplink"
+
+
+def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_addr=None, cache: bool = True):
+    """Compile and load bpf/lb_node.c against the maps pinned in `pin_dir`."""
+    return loader.load(pin_dir, limits=limits, hairpin_addr=hairpin_addr, cache=cache,
+                       source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=snat_addr)
+
+
+@contextmanager
+def _ipr(netns=None):
+    ipr = IPRoute(netns=netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def ifindex_of(ifname: str, netns=None) -> int | None:
+    with _ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def interface_address(ifname: str, netns=None) -> ipaddress.IPv4Address | None:
+    """The first IPv4 address of an interface: the SNAT address of flows leaving through it."""
+    with _ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return None
+        for msg in ipr.get_addr(family=socket.AF_INET, index=found[0]):
+            return ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS"))
+    return None
+
+
+def attach(dp, ifindex: int, mode: str = "tc", netns=None) -> None:
+    """Attach the uplink programs of `dp` to interface `ifindex` in `mode` ("tc" or "xdp")."""
+    if mode not in MODES:
+        raise ValueError(f"uplink mode {mode!r}: one of {', '.join(MODES)}")
+    progs = dp.programs
+    tc.attach(ifindex, progs["from_uplink"].fd, "from_uplink", tc.INGRESS, netns)
+    tc.attach(ifindex, progs["to_uplink"].fd, "to_uplink", tc.EGRESS, netns)
+    if mode == "xdp":
+        attach_xdp(ifindex, progs[XDP_PROG_NAME].fd, netns)
+    elif xdp_program(ifindex, netns) == XDP_PROG_NAME:
+        detach_xdp(ifindex, netns)
+
+
+def detach(ifindex: int, netns=None) -> None:
+    """Remove the uplink programs (TC filters, and our XDP program if attached)."""
+    tc.detach(ifindex, tc.INGRESS, netns)
+    tc.detach(ifindex, tc.EGRESS, netns)
+    if xdp_program(ifindex, netns) == XDP_PROG_NAME:
+        detach_xdp(ifindex, netns)
+
+
+def attach_xdp(ifindex: int, prog_fd: int, netns=None) -> None:
+    """Attach (or replace) the XDP program of an interface, native mode only."""
+    with _ipr(netns) as ipr:
+        ipr.link("set", index=ifindex, xdp_fd=prog_fd, xdp_flags=XDP_FLAGS_DRV_MODE)
+
+
+def detach_xdp(ifindex: int, netns=None) -> None:
+    with _ipr(netns) as ipr:
+        try:
+            ipr.link("set", index=ifindex, xdp_fd=-1, xdp_flags=XDP_FLAGS_DRV_MODE)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.EINVAL):
+                raise
+
+
+def xdp_prog_id(ifindex: int, netns=None) -> int:
+    """Id of the XDP program attached to the interface, 0 when none."""
+    with _ipr(netns) as ipr:
+        link = ipr.get_links(ifindex)[0]
+    xdp = link.get_attr("IFLA_XDP")
+    if xdp is None:
+        return 0
+    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+
+
+def xdp_program(ifindex: int, netns=None) -> str | None:
+    """Name of the XDP program attached to the interface (kernel name, 15 chars), None when none."""
+    prog_id = xdp_prog_id(ifindex, netns)
+    if not prog_id:
+        return None
+    return _prog_name(prog_id)
+
+
+def _prog_name(prog_id: int) -> str:
+    """bpf(BPF_PROG_GET_FD_BY_ID) + BPF_OBJ_GET_INFO_BY_FD: the program's name."""
+    import ctypes
+    import os
+    import platform
+
+    from ebpfsvc.datapath.testrun import _SYS_BPF
+
+    nr = _SYS_BPF[platform.machine()]
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint8 * 128)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = prog_id
+    fd = libc.syscall(nr, 13, attr, 128)             # BPF_PROG_GET_FD_BY_ID
+    if fd < 0:
+        return ""
+    try:
+        info = (ctypes.c_uint8 * 256)()               # struct bpf_prog_info; name at offset 64
+        iattr = (ctypes.c_uint8 * 128)()
+        ctypes.c_uint32.from_buffer(iattr, 0).value = fd
+        ctypes.c_uint32.from_buffer(iattr, 4).value = 256
+        ctypes.c_uint64.from_buffer(iattr, 8).value = ctypes.addressof(info)
+        if libc.syscall(nr, 15, iattr, 128) != 0:     # BPF_OBJ_GET_INFO_BY_FD
+            return ""
+        return bytes(info[64:80]).split(b"\0", 1)[0].decode()
+    finally:
+        os.close(fd)
