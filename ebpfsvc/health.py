@@ -6,11 +6,13 @@ Services probe it to decide whether to send traffic to the node, so it turns
 503 (kube-proxy's ProxierHealthServer rules, plus two of our own):
 
   - before the first successful sync (nothing programmed from the API yet);
-  - when an update has been queued (a change seen) and no sync completed for
-    longer than the timeout (2 x --sync-period, kube-proxy's factor);
-  - when no sync at all completed for longer than the timeout: the periodic
-    resync has stopped (kube-proxy only looks at queued updates; a silent
-    stall would otherwise look healthy forever);
+  - when no sync completed for longer than the timeout (2 x --sync-period,
+    kube-proxy's factor). kube-proxy only fails when a QUEUED update waits
+    that long; since our runner completes a sync at least every sync period
+    even without changes, "no sync within the timeout" covers that case (a
+    queued update cannot wait longer than the last sync is old) and also
+    catches a silent stall with nothing queued, which kube-proxy would call
+    healthy forever;
   - once the agent is stopping, so load balancers drain the node first.
 
 Losing the API server is NOT unhealthy by itself: the periodic resync keeps
@@ -100,10 +102,9 @@ class ProxierHealth:
             healthy, state, reason = False, STOPPING, "the agent is shutting down"
         elif last is None:
             healthy, state, reason = False, STARTING, "no sync has completed yet"
-        elif queued is not None and now - queued >= self.timeout:
-            healthy, state, reason = False, STALE, f"an update has been queued for {now - queued:.1f}s"
         elif now - last >= self.timeout:
-            healthy, state, reason = False, STALE, f"no sync for {now - last:.1f}s"
+            healthy, state, reason = False, STALE, f"no sync for {now - last:.1f}s" + (
+                f", an update queued {now - queued:.1f}s ago is not programmed" if queued is not None else "")
         else:
             healthy, state, reason = True, SYNCED, ""
         body = {"lastUpdated": _iso(last), "currentTime": _iso(now), "state": state}
