@@ -156,12 +156,14 @@ class Lab:
     def delete(self, docs: Iterable[dict[str, Any]], grace: float | None = None) -> None:
         """Delete objects. A Pod terminates: serving but not ready for its grace period
         (spec.terminationGracePeriodSeconds, or `grace`), then its process is killed."""
+        missing = []
         with self.state.lock():
             for doc in docs:
                 kind, namespace, name = object_key(doc)
                 stored = self.state.get(kind, namespace, name)
                 if stored is None:
-                    raise LabError(f"{kind} {namespace}/{name} not found")
+                    missing.append(f"{kind} {namespace}/{name}")   # like kubectl: go on, report at the end
+                    continue
                 if kind != "Pod":
                     self.state.delete(kind, namespace, name)
                     continue
@@ -175,6 +177,8 @@ class Lab:
                 stored["metadata"]["deletionGracePeriodSeconds"] = int(seconds)
                 self.state.put(stored)
         self._reconcile()
+        if missing:
+            raise LabError(f"not found: {', '.join(missing)}")
 
     def delete_object(self, kind: str, name: str, grace: float | None = None) -> None:
         namespace, name = podlib.parse_ref(name)

@@ -72,6 +72,13 @@ def test_topology(lab):
     assert lab.node_exec("node-1", ["cat", "/proc/sys/net/ipv4/conf/all/rp_filter"]).stdout.strip() == "0"
     routes = lab.node_exec("node-1", ["ip", "route"]).stdout
     assert "198.18.2.0/24 via 198.18.0.12 dev eth0" in routes
+    # status.podIP in a manifest is honoured when it is a pod address of the node.
+    fixed = apps.pod("fixed", "http-echo", 8080, node="node-2")
+    lab.apply([{**fixed, "status": {"podIP": "198.18.2.50"}}])
+    assert lab.pod_ip("fixed") == "198.18.2.50"
+    assert "198.18.2.50/32" in lab.exec("fixed", ["ip", "-o", "-4", "addr", "show", "eth0"]).stdout
+    with pytest.raises(LabError, match="status.podIP"):
+        lab.apply([{**apps.pod("wrong", "http-echo", 8080, node="node-2"), "status": {"podIP": "198.18.1.50"}}])
     root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert names.pod_host_link("default", "web-1") not in root_links
     assert "198.18." not in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
@@ -350,6 +357,9 @@ def test_cli_round_trip(unique_prefix, tmp_path):
         assert missing.returncode == 1 and "no Pod" in missing.stderr
         assert run("delete", "pod", "web", "--grace-period", "0").returncode == 0
         assert "web " not in run("status").stdout.split("pods")[1].split("services")[0]
+        deleted = run("delete", "-f", str(manifest))   # the pod is gone already: reported, service deleted
+        assert deleted.returncode == 1 and "not found: Pod default/web" in deleted.stderr
+        assert "web" not in run("status").stdout.split("services")[1]
     finally:
         down = run("down")
     assert down.returncode == 0, down.stderr
