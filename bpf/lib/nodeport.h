@@ -59,7 +59,8 @@ static __always_inline int np4_redirect(struct __sk_buff *skb, const struct lb4_
 	fib.l4_protocol = p->proto;
 	fib.sport = p->sport;
 	fib.dport = p->dport;
-	fib.tot_len = p->ip_len;
+	/* tot_len left 0: the kernel then checks the skb against the egress MTU
+	 * itself, GSO-aware (a GRO'd 64k skb is forwardable, its IP length is not). */
 	fib.ipv4_src = p->saddr;
 	fib.ipv4_dst = p->daddr;
 	fib.ifindex = skb->ifindex;

@@ -1,0 +1,163 @@
+"""North-south on the wire: the lab's external client (198.18.0.100, outside the cluster)
+reaches NodePort, externalIP and LoadBalancer frontends through the node agents' uplink
+programs (bpf/lb_node.c), and the backends say who they saw.
+
+One lab for the module; every test brings its own pods and Services. The client routes
+198.18.200.0/24 (LB / external IPs) via node-1; a test that needs another node for such an
+address adds a /32 route in the client's namespace (a lab namespace, never the root one).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from ebpfsvc.lab import Lab, apps
+
+from .helpers import drops, node_maps, service, wait_for, wait_ready
+
+pytestmark = pytest.mark.root
+
+NODES = {"node-1": "198.18.0.11", "node-2": "198.18.0.12"}
+CLIENT = "198.18.0.100"
+
+
+@pytest.fixture(scope="module")
+def lab(shared_lab: Lab) -> Lab:
+    return shared_lab
+
+
+def echo(name: str, node: str, port: int = 8080) -> dict:
+    return apps.pod(name, "http-echo", port, node=node, labels={"pod": name})
+
+
+def curl(lab: Lab, url: str, timeout: float = 3.0) -> dict | None:
+    """One HTTP GET from the external client (new connection); the http-echo answer, None if none."""
+    out = lab.external_exec("client", ["curl", "-sS", "--max-time", str(timeout), url], timeout=timeout + 10)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout)
+
+
+def wait_external(lab: Lab, node: str, address: str, port: int, backends: int, proto: str = "TCP") -> None:
+    """Wait until `node`'s agent serves address:port (EXTERNAL scope) with `backends` backends."""
+    def done() -> bool:
+        with node_maps(lab, node) as maps:
+            fe = maps.frontend(address, port, proto, "external")
+        return fe is not None and fe.backend_count == backends
+
+    wait_for(done, what=f"{node}: external frontend {address}:{port}/{proto} with {backends} backends")
+
+
+def test_nodeport_cluster_policy_through_every_node(lab):
+    """Backend on node-2 only. Through node-2: DNAT only, the client address survives.
+    Through node-1: SNAT to node-1 (the reply must come back through it), answered from
+    node-1:nodePort all the same."""
+    lab.apply([echo("np-c", "node-2"),
+               service("np-c", [{"port": 80, "targetPort": 8080, "nodePort": 30180}], selector={"pod": "np-c"},
+                       type="NodePort")])
+    wait_ready(lab, ["np-c"])
+    for node in NODES:
+        wait_external(lab, node, NODES[node], 30180, backends=1)
+
+    via_2 = wait_for(lambda: curl(lab, "http://198.18.0.12:30180/"), what="answer through node-2")
+    assert via_2["pod"] == "np-c" and via_2["client"] == CLIENT and via_2["localPort"] == 8080
+
+    via_1 = wait_for(lambda: curl(lab, "http://198.18.0.11:30180/"), what="answer through node-1")
+    assert via_1["pod"] == "np-c"
+    assert via_1["client"] == NODES["node-1"]          # SNAT: the backend is on another node
+    assert 61000 <= via_1["clientPort"] <= 65535       # a SNAT port from the configured range
+
+    # Twenty connections through node-1: each its own SNAT port, all answered.
+    ports = set()
+    for _ in range(20):
+        answer = curl(lab, "http://198.18.0.11:30180/")
+        assert answer is not None
+        ports.add(answer["clientPort"])
+    assert len(ports) == 20
+
+    # Other ports of the node address are not captured: nothing listens on 30181 -> refused by the node.
+    out = lab.external_exec("client", ["curl", "-sS", "--max-time", "3", "http://198.18.0.11:30181/"])
+    assert out.returncode == 7, out.stderr    # curl: connection refused (the node's own RST)
+
+
+def test_nodeport_local_policy_keeps_client_and_drops_without_local_backend(lab):
+    lab.apply([echo("np-l", "node-1"),
+               service("np-l", [{"port": 80, "targetPort": 8080, "nodePort": 30182}], selector={"pod": "np-l"},
+                       type="NodePort", externalTrafficPolicy="Local")])
+    wait_ready(lab, ["np-l"])
+    wait_external(lab, "node-1", NODES["node-1"], 30182, backends=1)
+    wait_external(lab, "node-2", NODES["node-2"], 30182, backends=0)
+
+    answer = wait_for(lambda: curl(lab, "http://198.18.0.11:30182/"), what="answer through node-1")
+    assert answer["pod"] == "np-l" and answer["client"] == CLIENT
+
+    before = drops(lab, "node-2").get("no_local_backend", 0)
+    assert curl(lab, "http://198.18.0.12:30182/", timeout=2) is None     # dropped: no answer at all
+    assert drops(lab, "node-2").get("no_local_backend", 0) > before
+
+
+def test_external_ip_and_load_balancer(lab):
+    lab.apply([echo("ext", "node-2"),
+               service("ext", [{"port": 80, "targetPort": 8080}], selector={"pod": "ext"},
+                       externalIPs=["198.18.200.32"]),
+               echo("lb", "node-1"),
+               {**service("lb", [{"port": 3000, "targetPort": 8080}], selector={"pod": "lb"},
+                          type="LoadBalancer", externalTrafficPolicy="Local"),
+                "metadata": {"name": "lb", "annotations": {"lab.ebpfsvc.io/lb-ip": "198.18.200.10"}}}])
+    wait_ready(lab, ["ext", "lb"])
+    wait_external(lab, "node-1", "198.18.200.32", 80, backends=1)
+    wait_external(lab, "node-1", "198.18.200.10", 3000, backends=1)
+
+    ext = wait_for(lambda: curl(lab, "http://198.18.200.32/"), what="externalIP answer")
+    assert ext["pod"] == "ext" and ext["client"] == NODES["node-1"]      # Cluster, remote backend: SNAT
+    lb = wait_for(lambda: curl(lab, "http://198.18.200.10:3000/"), what="LoadBalancer answer")
+    assert lb["pod"] == "lb" and lb["client"] == CLIENT                  # Local: source preserved
+
+    # The same externalIP through node-2 (a /32 route in the client's namespace): backend local there.
+    lab.external_exec("client", ["ip", "route", "replace", "198.18.200.32/32", "via", "198.18.0.12"])
+    try:
+        wait_external(lab, "node-2", "198.18.200.32", 80, backends=1)
+        via_2 = wait_for(lambda: curl(lab, "http://198.18.200.32/"), what="externalIP through node-2")
+        assert via_2["pod"] == "ext" and via_2["client"] == CLIENT
+    finally:
+        lab.external_exec("client", ["ip", "route", "del", "198.18.200.32/32"])
+
+
+def _iperf3(lab: Lab, pod: str, target: str, port: int, seconds: int = 3) -> dict:
+    """iperf3 from the external client to target:port, server in `pod` (one test, then it exits)."""
+    server = lab.popen(pod, ["iperf3", "-s", "-1", "-p", "5201"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    try:
+        result = None
+        for _ in range(20):                      # the server needs a moment to listen
+            out = lab.external_exec("client", ["iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J"],
+                                    timeout=seconds + 30)
+            result = json.loads(out.stdout) if out.stdout.strip().startswith("{") else {"error": out.stderr}
+            if "error" not in result:
+                return result
+            time.sleep(0.3)
+        return result
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+
+
+@pytest.mark.parametrize("node", ["node-1", "node-2"], ids=["snat", "local"])
+def test_iperf3_through_nodeport(lab, node):
+    """A long transfer through NodePort: node-1 SNATs to node-2's pod, node-2 delivers locally."""
+    name = f"perf-{node}"
+    lab.apply([apps.pod(name, "http-echo", 8080, node="node-2", labels={"pod": name}),
+               service(name, [{"port": 5201, "targetPort": 5201, "nodePort": 30201 + int(node[-1])}],
+                       selector={"pod": name}, type="NodePort")])
+    wait_ready(lab, [name])
+    port = 30201 + int(node[-1])
+    wait_external(lab, node, NODES[node], port, backends=1)
+    result = _iperf3(lab, name, NODES[node], port)
+    assert "error" not in result, result
+    received = result["end"]["sum_received"]
+    assert received["bytes"] > 1_000_000
+    assert result["end"]["sum_sent"]["retransmits"] is not None
