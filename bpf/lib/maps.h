@@ -14,8 +14,9 @@
 #define LB_PIN_DIR "/sys/fs/bpf/ebpfsvc"
 #endif
 
-/* (VIP, port, proto, scope) -> service entry: what a new flow is balanced by. */
-BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, lb4_frontends, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb4_frontends");
+/* (VIP, port, proto, scope) -> service entry: what a new flow is balanced by.
+ * Twice the frontends: room for the port-0 address marker of each (at most one per frontend). */
+BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, lb4_frontends, 2 * LB_FRONTENDS_MAX, LB_PIN_DIR "/lb4_frontends");
 /* backend id -> endpoint address, target port and state. */
 BPF_TABLE_PINNED("hash", __u32, struct lb4_backend, lb4_backends, LB_BACKENDS_MAX, LB_PIN_DIR "/lb4_backends");
 /* Maglev slot -> backend id; one flat array, each frontend owns [offset, offset + size). */

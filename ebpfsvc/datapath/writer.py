@@ -56,6 +56,8 @@ class ApplyStats:
     frontends_written: int = 0    # lb4_frontends entries written (incl. address markers)
     frontends_deleted: int = 0
     stats_zeroed: int = 0         # per-CPU stats slots reset for a (re)allocated id
+    ranges_written: int = 0       # lb4_source_ranges entries written (loadBalancerSourceRanges)
+    ranges_deleted: int = 0
 
     @property
     def writes(self) -> int:
@@ -101,6 +103,7 @@ class MapWriter:
         self.names_map = maps["lb_service_names"]
         self.fe_stats_map = maps["lb_frontend_stats"]
         self.be_stats_map = maps["lb_backend_stats"]
+        self.src_ranges_map = maps.get("lb4_source_ranges")   # loadBalancerSourceRanges (LPM trie)
         self._load()
 
     # ---- state read back from the maps -------------------------------------------------
@@ -136,11 +139,30 @@ class MapWriter:
         self._be_ids = IdAllocator(self.be_stats_map.max_entries, self._be_val)
         self._fe_ids = IdAllocator(self.fe_stats_map.max_entries,
                                    (v[1] for v in self._fe.values() if v[1]))
+        # (frontend id, LPM prefix length, address) of every loadBalancerSourceRanges entry.
+        self._src_ranges: set[tuple[int, int, int]] = set()
+        if self.src_ranges_map is not None:
+            for k in self.src_ranges_map.keys():
+                self._src_ranges.add((k.frontend_id, k.prefixlen, k.address))
 
     # ---- the public operation --------------------------------------------------------
 
     def apply(self, state: LBState) -> ApplyStats:
-        """Make the maps hold exactly `state`; return what was written."""
+        """Make the maps hold exactly `state`; return what was written.
+
+        If a write fails (a map is full, the kernel refuses), the exception
+        propagates after the writer re-reads the maps, so its view matches what
+        was actually written and the next apply() diffs from there. The write
+        order guarantees that a partial apply never leaves a frontend pointing
+        at missing backends or slots.
+        """
+        try:
+            return self._apply(state)
+        except Exception:
+            self._load()
+            raise
+
+    def _apply(self, state: LBState) -> ApplyStats:
         stats = ApplyStats()
         want_be, want_svc, want_fe, want_markers = self._desired(state)
 
@@ -225,6 +247,11 @@ class MapWriter:
             _update_u32_array(self.maglev_map, keys, vals)
             stats.slots_written = int(keys.size)
         self._table.update(new_tables)
+        # Source ranges before the frontend entries that enforce them (bpf/lib/srcrange.h).
+        fids = {k: v[1] for k, v in self._fe.items()}
+        fids.update((k, v[1]) for k, v in fe_writes)
+        want_src = _source_ranges(want_fe, fids)
+        self._write_source_ranges(want_src, stats)
         _update_batch(self.frontends_map, [
             (self.frontends_map.Key(*k), self.frontends_map.Leaf(*v)) for k, v in fe_writes])
         for key, val in fe_writes:
@@ -245,6 +272,8 @@ class MapWriter:
         stats.frontends_deleted = len(stale_fe)
         for off, size in retired:
             self._ranges.release(off, size)
+        # Ranges no frontend enforces any more: only now that the frontends stopped using them.
+        self._prune_source_ranges(want_src, stats)
 
         stale_be = [i for i, v in self._be_val.items() if v[:3] not in want_be]
         _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale_be])
@@ -260,6 +289,32 @@ class MapWriter:
             self._svc_ids.release(self._svc_id.pop(name))
         stats.services_deleted = len(stale_svc)
         return stats
+
+    # ---- loadBalancerSourceRanges -----------------------------------------------------
+    # Never open to everyone by accident: a frontend's flag (LB_SVC_F_SOURCE_RANGES, in its
+    # entry) is set only after its prefixes are in the map, and prefixes are removed only after
+    # the entries that name them were switched (changed ranges: old and new are both admitted
+    # for the moment between; removed ranges: the flag goes first, as the user asked).
+
+    def _write_source_ranges(self, want: set[tuple[int, int, int]], stats: "ApplyStats") -> None:
+        new = sorted(want - self._src_ranges)
+        if not new:
+            return
+        if self.src_ranges_map is None:
+            raise RuntimeError("loadBalancerSourceRanges wanted but the datapath has no lb4_source_ranges map")
+        m = self.src_ranges_map
+        _update_batch(m, [(m.Key(plen, fid, addr), m.Leaf(1)) for fid, plen, addr in new])
+        self._src_ranges.update(new)
+        stats.ranges_written += len(new)
+
+    def _prune_source_ranges(self, want: set[tuple[int, int, int]], stats: "ApplyStats") -> None:
+        stale = sorted(self._src_ranges - want)
+        if not stale or self.src_ranges_map is None:
+            return
+        m = self.src_ranges_map
+        _delete_batch(m, [m.Key(plen, fid, addr) for fid, plen, addr in stale])
+        self._src_ranges.difference_update(stale)
+        stats.ranges_deleted += len(stale)
 
     # ---- ids, for inspection and tests ------------------------------------------------
 
@@ -314,8 +369,20 @@ def _backend_key(b: Backend) -> BeKey:
     return (_raw_be32(b.address), _raw_be16(b.port), b.protocol.number)
 
 
+def _source_ranges(want_fe: dict, fids: dict) -> set[tuple[int, int, int]]:
+    """(frontend id, LPM prefix length, address) for every source range of every frontend."""
+    out = set()
+    for key, (fe, _) in want_fe.items():
+        for net in fe.source_ranges:
+            net = ipaddress.IPv4Network(net, strict=False)
+            out.add((fids[key], 32 + net.prefixlen, _raw_be32(net.network_address)))
+    return out
+
+
 def _service_flags(fe: Frontend) -> int:
     flags = _KIND_FLAGS[fe.kind]
+    if fe.source_ranges:
+        flags |= abi.LB_SVC_F_SOURCE_RANGES
     if fe.affinity_timeout > 0:
         flags |= abi.LB_SVC_F_AFFINITY
     if fe.algorithm.value == "random":
