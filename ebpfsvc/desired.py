@@ -146,14 +146,18 @@ def _external_addresses(svc: Service, port: ServicePort, node: NodeConfig
 
 def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
               port: ServicePort) -> tuple[Backend, ...]:
+    # Draining endpoints are listed as terminating backends: the writer keeps them out of the
+    # Maglev table while others serve, but keeps them in the backends map, so the datapath
+    # does not reset their established flows as flows to a removed backend.
     backends = []
-    for ep in chosen.endpoints:
+    for ep, terminating in [*((ep, chosen.terminating) for ep in chosen.endpoints),
+                            *((ep, True) for ep in chosen.draining)]:
         known = snapshot.nodes.get(ep.node_name)
         backends.append(Backend(
             address=ep.address,
             port=ep.port,
             protocol=port.protocol,
-            terminating=chosen.terminating,
+            terminating=terminating,
             local=bool(ep.node_name) and ep.node_name == node.node_name,
             node=ep.node_name,
             zone=ep.zone or (known.zone if known else ""),

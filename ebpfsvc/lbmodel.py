@@ -81,9 +81,11 @@ class ServicePortName:
 class Backend:
     """One endpoint address with its resolved target port.
 
-    `terminating` backends keep their established flows but get no new ones
-    unless no other backend is left (kube-proxy's terminating fallback, decided
-    upstream: a terminating backend in an LBState is meant to be used).
+    `terminating` backends (serving but terminating endpoints) keep their
+    established flows but get no new ones unless no other backend is left
+    (kube-proxy's terminating fallback): the writer builds the Maglev table from
+    the non-terminating backends when there are any, from the terminating ones
+    otherwise, and keeps all of them in the backends map.
     """
 
     address: ipaddress.IPv4Address

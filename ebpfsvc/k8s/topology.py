@@ -9,7 +9,9 @@ The model is kube-proxy's CategorizeEndpoints (pkg/proxy/topology.go):
 - "local" endpoints serve Local traffic policies: the usable ones on this node, never narrowed
   by hints (Local already is the tightest topology);
 - when a set is empty, endpoints that are serving but terminating fill it, so connections
-  drain to Pods that are shutting down instead of failing outright (KEP-1669).
+  drain to Pods that are shutting down instead of failing outright (KEP-1669);
+- otherwise those endpoints are the set's `draining` ones: no new connections, but their
+  established ones carry on (kube-proxy leaves their conntrack entries alone).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from ebpfsvc.k8s.endpointmerge import Endpoint
 class EndpointSet:
     endpoints: tuple[Endpoint, ...] = ()
     terminating: bool = False      # filled from the serving-terminating fallback
+    # Serving+terminating endpoints left out of `endpoints` because ready ones exist: they get
+    # no new connections, but their established ones must go on until the pod is gone.
+    draining: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,9 @@ def categorize_endpoints(endpoints: Iterable[Endpoint], *, node_name: str, zone:
 def _select(endpoints: tuple[Endpoint, ...], usable: Callable[[Endpoint], bool],
             where: Callable[[Endpoint], bool]) -> EndpointSet:
     chosen = tuple(ep for ep in endpoints if usable(ep))
-    if chosen:
-        return EndpointSet(chosen)
     draining = tuple(ep for ep in endpoints if ep.serving and ep.terminating and where(ep))
+    if chosen:
+        return EndpointSet(chosen, draining=tuple(ep for ep in draining if ep not in chosen))
     return EndpointSet(draining, terminating=bool(draining))
 
 

@@ -172,6 +172,21 @@ SCENARIOS = [
         "198.18.0.13:30400/TCP internal": ["198.18.1.80:8080/TCP terminating", "198.18.2.80:8080/TCP terminating"],
         "198.19.1.4:80/TCP internal": ["198.18.1.80:8080/TCP terminating", "198.18.2.80:8080/TCP terminating"],
     }),
+    # ready and serving+terminating endpoints together: the terminating ones drain (kept, marked)
+    ("draining beside ready ones on node-1", ("draining.yaml",), NODE1, {
+        "198.18.0.11:30410/TCP external local-only": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating"],
+        "198.18.0.11:30410/TCP internal": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating",
+                                           "198.18.2.85:8080/TCP terminating"],
+        "198.19.1.40:80/TCP internal": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating",
+                                        "198.18.2.85:8080/TCP terminating"],
+    }),
+    ("draining beside ready ones on node-2", ("draining.yaml",), NODE2, {
+        "198.18.0.12:30410/TCP external local-only": ["198.18.2.85:8080/TCP terminating"],
+        "198.18.0.12:30410/TCP internal": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating",
+                                           "198.18.2.85:8080/TCP terminating"],
+        "198.19.1.40:80/TCP internal": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating",
+                                        "198.18.2.85:8080/TCP terminating"],
+    }),
     ("publishNotReadyAddresses", ("publish-not-ready.yaml",), NODE1, {
         "198.19.1.5:7946/TCP internal": ["198.18.1.90:7946/TCP", "198.18.2.90:7946/TCP"],
     }),
