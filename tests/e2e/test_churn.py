@@ -1,0 +1,286 @@
+"""Backends coming and going under traffic, and agents restarting under traffic.
+
+Long-lived TCP streams (tcp-echo: each line comes back prefixed by the pod that holds the
+connection) and UDP flows (one socket = one 5-tuple) are opened through a Service, then pods
+are deleted, added or put into termination while the streams stay open.  A conntrack entry pins
+a flow to its backend, so table changes must not move established flows; flows to a backend that
+is gone must fail fast (TCP) or move on (UDP).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from ebpfsvc.lab import Lab, apps, names
+
+from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, service, udp_ask, udp_socket,
+                      wait_agents_attached, wait_for, wait_programmed, wait_ready)
+
+pytestmark = pytest.mark.root
+
+CLIENT = "churn-client"
+
+
+@pytest.fixture(scope="module")
+def lab(shared_lab: Lab) -> Lab:
+    shared_lab.apply([bare_pod(CLIENT, "node-1")])
+    wait_agents_attached(shared_lab, [CLIENT])
+    return shared_lab
+
+
+def pods_of(app: str, kind: str, port: int, nodes: list[str], **kw) -> list[dict]:
+    return [apps.pod(f"{app}-{i}", kind, port, node=node, labels={"app": app}, **kw)
+            for i, node in enumerate(nodes, 1)]
+
+
+def streams_to_each(lab: Lab, vip: str, port: int, backends: set[str], limit: int = 60) -> dict[str, TcpStream]:
+    """Open streams until each backend holds one (extras are closed); at most `limit` connections.
+
+    With k backends of ~1/k of the table each, missing one after 60 connections has probability
+    below k * (1 - 1/k)^60: 1e-10 for k = 3.
+    """
+    held: dict[str, TcpStream] = {}
+    for _ in range(limit):
+        stream = TcpStream(lab, CLIENT, vip, port)
+        who = stream.backend()
+        if who in held:
+            stream.close()
+        else:
+            held[who] = stream
+        if set(held) >= backends:
+            break
+    assert set(held) == backends, f"streams reached only {sorted(held)}"
+    return held
+
+
+def close_all(streams) -> None:
+    for s in streams:
+        s.close()
+
+
+def new_connections(lab: Lab, vip: str, port: int, count: int) -> set[str]:
+    """The backends `count` new connections reach."""
+    seen = set()
+    for _ in range(count):
+        stream = TcpStream(lab, CLIENT, vip, port)
+        try:
+            seen.add(stream.backend())
+        finally:
+            stream.close()
+    return seen
+
+
+def test_scale_down_and_up_under_tcp_traffic(lab):
+    """Remove one of three backends, then add one, while a stream to each is open.
+
+    Streams to surviving backends carry on untouched; the stream to the removed one fails at
+    once (reset, no hang); new connections never reach the removed backend and do reach the
+    added one.
+    """
+    lab.apply(pods_of("scale", "tcp-echo", 7000, ["node-1", "node-2", "node-2"])
+              + [service("scale", [{"port": 7000}], selector={"app": "scale"})])
+    wait_ready(lab, ["scale-1", "scale-2", "scale-3"])
+    wait_programmed(lab, "scale", 7000, backends=3)
+    vip = cluster_ip(lab, "scale")
+    streams = streams_to_each(lab, vip, 7000, {"scale-1", "scale-2", "scale-3"})
+    try:
+        lab.delete_object("pod", "scale-3", grace=0)
+        lab.wait_gone(["scale-3"])
+        wait_programmed(lab, "scale", 7000, backends=2)
+
+        for who in ("scale-1", "scale-2"):
+            assert streams[who].ask("still there") == f"{who}: still there"
+        with pytest.raises(ConnectionError):
+            streams["scale-3"].ask("gone?")
+        # 30 new connections over the two survivors' ~halves; the removed one must never answer.
+        assert new_connections(lab, vip, 7000, 30) == {"scale-1", "scale-2"}
+
+        lab.apply(pods_of("scale", "tcp-echo", 7000, ["node-1", "node-2", "node-2", "node-1"])[3:])
+        wait_ready(lab, ["scale-4"])
+        wait_programmed(lab, "scale", 7000, backends=3)
+        for who in ("scale-1", "scale-2"):   # the table changed; established flows did not move
+            assert streams[who].ask("after scale-up") == f"{who}: after scale-up"
+        seen: set[str] = set()
+        for _ in range(60):                  # scale-4 owns ~1/3: missing it 60 times: < 1e-10
+            seen |= new_connections(lab, vip, 7000, 1)
+            if "scale-4" in seen:
+                break
+        assert "scale-4" in seen and "scale-3" not in seen
+    finally:
+        close_all(streams.values())
+
+
+def test_udp_flow_to_removed_backend_moves_on(lab):
+    """A UDP flow (same socket, same 5-tuple) whose backend is deleted is answered by another
+    backend from the next datagram on; a flow to the surviving backend keeps it."""
+    lab.apply(pods_of("uflow", "udp-echo", 5353, ["node-1", "node-2"])
+              + [service("uflow", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
+                         selector={"app": "uflow"})])
+    wait_ready(lab, ["uflow-1", "uflow-2"])
+    for pod in ("uflow-1", "uflow-2"):     # ready = started for UDP apps: wait until bound
+        probe = udp_socket(lab, CLIENT, timeout=1)
+        try:
+            wait_for(lambda: udp_ask(probe, lab.pod_ip(pod), 5353), what=f"{pod} bound")
+        finally:
+            probe.close()
+    wait_programmed(lab, "uflow", 53, backends=2, proto="UDP")
+    vip = cluster_ip(lab, "uflow")
+
+    flows: dict[str, socket.socket] = {}
+    for _ in range(60):                    # one flow per backend; missing one 60 times: < 1e-17
+        sock = udp_socket(lab, CLIENT)
+        who = udp_ask(sock, vip, 53)["pod"]
+        if who in flows:
+            sock.close()
+        else:
+            flows[who] = sock
+        if len(flows) == 2:
+            break
+    try:
+        assert set(flows) == {"uflow-1", "uflow-2"}
+        lab.delete_object("pod", "uflow-2", grace=0)
+        lab.wait_gone(["uflow-2"])
+        wait_programmed(lab, "uflow", 53, backends=1, proto="UDP")
+
+        moved = udp_ask(flows["uflow-2"], vip, 53)
+        assert moved["pod"] == "uflow-1"
+        assert moved["client"] == lab.pod_ip(CLIENT)
+        assert udp_ask(flows["uflow-1"], vip, 53)["pod"] == "uflow-1"
+    finally:
+        for sock in flows.values():
+            sock.close()
+
+
+def test_terminating_backend_keeps_its_connections_and_gets_no_new_ones(lab):
+    """A pod deleted with a grace period is terminating (serving, not ready): its established
+    stream carries on, while every new connection goes to the other backend."""
+    lab.apply(pods_of("term", "tcp-echo", 7000, ["node-1", "node-2"], grace_seconds=120)
+              + [service("term", [{"port": 7000}], selector={"app": "term"})])
+    wait_ready(lab, ["term-1", "term-2"])
+    wait_programmed(lab, "term", 7000, backends=2)
+    vip = cluster_ip(lab, "term")
+    streams = streams_to_each(lab, vip, 7000, {"term-1", "term-2"})
+    try:
+        lab.delete_object("pod", "term-2")          # 120 s grace: terminating for the whole test
+        wait_for(lambda: any(e["conditions"].get("terminating") for s in lab.endpoint_slices("term")
+                             for e in s["endpoints"]), what="term-2 terminating in its EndpointSlice")
+        wait_programmed(lab, "term", 7000, backends=1)
+
+        assert streams["term-2"].ask("draining") == "term-2: draining"
+        assert new_connections(lab, vip, 7000, 30) == {"term-1"}
+        assert streams["term-2"].ask("still draining") == "term-2: still draining"
+        assert streams["term-1"].ask("ready one") == "term-1: ready one"
+    finally:
+        close_all(streams.values())
+        lab.delete_object("pod", "term-2", grace=0)
+
+
+def test_no_endpoints_left_refuses_at_once(lab):
+    """Scaled to zero: a new TCP connection is refused (RST), not left to time out, and a UDP
+    client gets port unreachable (ECONNREFUSED on its connected socket)."""
+    lab.apply(pods_of("zero", "http-echo", 8080, ["node-2"])
+              + [service("zero", [{"name": "tcp", "port": 80, "targetPort": 8080},
+                                  {"name": "udp", "port": 53, "protocol": "UDP"}], selector={"app": "zero"})])
+    wait_ready(lab, ["zero-1"])
+    wait_programmed(lab, "zero", 80, backends=1)
+    vip = cluster_ip(lab, "zero")
+    assert connect_outcome(lab, CLIENT, vip, 80) == "connected"
+
+    lab.delete_object("pod", "zero-1", grace=0)
+    lab.wait_gone(["zero-1"])
+    wait_programmed(lab, "zero", 80, backends=0)
+    wait_programmed(lab, "zero", 53, backends=0, proto="UDP")
+
+    assert connect_outcome(lab, CLIENT, vip, 80) == "refused"
+    sock = udp_socket(lab, CLIENT)
+    try:
+        sock.connect((vip, 53))
+        sock.send(b"anyone?")
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(100)
+    finally:
+        sock.close()
+
+
+# -- agent restart (own lab: restarting agents must not disturb other tests) ----------------------
+
+
+def _tc_program_ids(lab: Lab, node: str, link: str) -> str:
+    return lab.node_exec(node, ["tc", "filter", "show", "dev", link, "ingress"]).stdout
+
+
+class Chatter(threading.Thread):
+    """Keeps a TCP stream and a UDP flow busy (one exchange every 20 ms) until stopped.
+
+    Records who answered each exchange and the first error; bounded in count and time.
+    """
+
+    def __init__(self, stream: TcpStream, udp, vip: str, udp_port: int, max_seconds: float = 300):
+        super().__init__(daemon=True, name="chatter")
+        self.stream, self.udp, self.vip, self.udp_port = stream, udp, vip, udp_port
+        self.stop = threading.Event()
+        self.tcp_answers: list[str] = []
+        self.udp_answers: list[str] = []
+        self.error: BaseException | None = None
+        self.deadline = time.monotonic() + max_seconds
+
+    def run(self) -> None:
+        try:
+            for i in range(100_000):
+                if self.stop.is_set() or time.monotonic() > self.deadline:
+                    return
+                self.tcp_answers.append(self.stream.ask(f"line {i}").split(":", 1)[0])
+                self.udp_answers.append(udp_ask(self.udp, self.vip, self.udp_port)["pod"])
+                self.stop.wait(0.02)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+@pytest.mark.parametrize("node", ["node-1", "node-2"], ids=["client-node", "backend-node"])
+def test_agent_restart_keeps_streams(unique_prefix, node):
+    """Restart an agent while a TCP stream and a UDP flow run through a Service: no reset, no
+    lost exchange, same backend; the new agent serves changes afterwards."""
+    with Lab.up(prefix=unique_prefix, agents=True) as lab:
+        lab.apply([bare_pod(CLIENT, "node-1"),
+                   apps.pod("rs-tcp", "tcp-echo", 7000, node="node-2", labels={"app": "rs-tcp"}),
+                   apps.pod("rs-udp", "udp-echo", 5353, node="node-2", labels={"app": "rs-udp"}),
+                   service("rs-tcp", [{"port": 7000}], selector={"app": "rs-tcp"}),
+                   service("rs-udp", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
+                           selector={"app": "rs-udp"})])
+        wait_ready(lab, ["rs-tcp", "rs-udp"])
+        wait_programmed(lab, "rs-tcp", 7000, backends=1)
+        wait_programmed(lab, "rs-udp", 53, backends=1, proto="UDP")
+        tcp_vip, udp_vip = cluster_ip(lab, "rs-tcp"), cluster_ip(lab, "rs-udp")
+        stream = wait_for(lambda: TcpStream(lab, CLIENT, tcp_vip, 7000), what="a stream")
+        udp = udp_socket(lab, CLIENT, timeout=1)
+        wait_for(lambda: udp_ask(udp, udp_vip, 53), what="a UDP answer (app binding)")
+        udp.settimeout(5)
+        chatter = Chatter(stream, udp, udp_vip, 53)
+        pod = lab.pod("rs-tcp" if node == "node-2" else CLIENT)
+        link = names.pod_host_link("default", pod["metadata"]["name"])
+        before = _tc_program_ids(lab, node, link)
+        old_agent = lab.agent_record(node)
+        try:
+            chatter.start()
+            wait_for(lambda: len(chatter.tcp_answers) >= 5, what="traffic before the restart")
+            lab.agent("restart", node)
+            assert lab.agent_record(node) != old_agent
+            # The new agent has replaced the programs on the veth (new program ids) ...
+            wait_for(lambda: _tc_program_ids(lab, node, link) != before, what="programs replaced")
+            # ... and syncs changes: a new Service gets programmed.
+            lab.apply([service("rs-after", [{"port": 7000}], selector={"app": "rs-tcp"})])
+            wait_programmed(lab, "rs-after", 7000, backends=1, nodes=[node])
+            count = len(chatter.tcp_answers)
+            wait_for(lambda: len(chatter.tcp_answers) >= count + 5 or chatter.error, what="traffic after")
+        finally:
+            chatter.stop.set()
+            chatter.join(timeout=30)
+            stream.close()
+            udp.close()
+        assert chatter.error is None, repr(chatter.error)
+        assert set(chatter.tcp_answers) == {"rs-tcp"} and set(chatter.udp_answers) == {"rs-udp"}
+        assert len(chatter.tcp_answers) >= count + 5
