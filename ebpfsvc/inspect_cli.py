@@ -283,7 +283,7 @@ def cleanup(pin_dir, netns, dry_run) -> None:
         raise click.ClickException(str(e))
     verb = "would remove" if dry_run else "removed"
     for f in report.filters:
-        click.echo(f"{verb} tc filter {f}")
+        click.echo(f"{verb} {f}")
     for p in report.pins:
         click.echo(f"{verb} pin {p}")
     if not report.filters and not report.pins:

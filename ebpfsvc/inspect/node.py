@@ -32,11 +32,12 @@ _SVC_FLAGS = [
     (abi.LB_SVC_F_LOCAL_ONLY, "local-only"), (abi.LB_SVC_F_NODEPORT, "nodeport"),
     (abi.LB_SVC_F_EXTERNAL_IP, "external-ip"), (abi.LB_SVC_F_LOADBALANCER, "loadbalancer"),
     (abi.LB_SVC_F_ADDRESS, "address"),
-]
+] + ([(abi.LB_SVC_F_SOURCE_RANGES, "source-ranges")] if hasattr(abi, "LB_SVC_F_SOURCE_RANGES") else [])
 _CT_FLAGS = [
     (abi.CT_F_SEEN_SYN, "SYN"), (abi.CT_F_SEEN_FIN_FWD, "FIN-fwd"), (abi.CT_F_SEEN_FIN_REV, "FIN-rev"),
     (abi.CT_F_SEEN_RST, "RST"), (abi.CT_F_ESTABLISHED, "established"), (abi.CT_F_HAIRPIN, "hairpin"),
-]
+] + [(getattr(abi, name), label) for name, label in (("CT_F_NODEPORT", "nodeport"), ("CT_F_SNAT", "snat"))
+     if hasattr(abi, name)]
 
 
 def flag_names(value: int, table) -> list[str]:
@@ -350,6 +351,28 @@ class NodeMaps:
             out.append(Affinity(ip_str(key.client_addr), key.service_id, val.backend_id, val.last_used_ns,
                                 _age_s(now_ns, val.last_used_ns)))
         return out
+
+    def source_allowed(self, fe: Frontend, client: str) -> bool:
+        """bpf/lib/srcrange.h lb4_source_allowed: may `client` start a flow to `fe`?"""
+        flag = getattr(abi, "LB_SVC_F_SOURCE_RANGES", 0)
+        if not flag or not fe.flags & flag or "lb4_source_ranges" not in self.maps:
+            return True
+        key = ffi.new("struct lb4_src_range_key *", {"prefixlen": 64, "frontend_id": fe.frontend_id,
+                                                      "address": raw_ip(client)})
+        return self.maps["lb4_source_ranges"].lookup(_encode(key)) is not None
+
+    def snat_entry(self, saddr: str, daddr: str, sport: int, dport: int, proto: str) -> tuple[str, int] | None:
+        """The node address:port a SNATed north-south flow (forward key) was given, None when absent."""
+        if "lb4_snat" not in self.maps:
+            return None
+        key = ffi.new("struct ct4_key *", {
+            "saddr": raw_ip(saddr), "daddr": raw_ip(daddr), "sport": raw_port(sport), "dport": raw_port(dport),
+            "proto": PROTO_NUMBERS[proto], "dir": abi.CT_DIR_FORWARD})
+        v = self.maps["lb4_snat"].lookup(_encode(key))
+        if v is None:
+            return None
+        e = _decode("struct snat4_entry", v)
+        return ip_str(e.address), port_int(e.port)
 
     # ---- counters ---------------------------------------------------------------------------
 

@@ -123,16 +123,26 @@ def maglev_show(node: NodeMaps, fe: Frontend, *, first: int = 32) -> dict:
 def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int | None = None,
         scope: str = "internal", now_ns: int | None = None) -> dict:
     """Follow a new packet (the first of a connection: a SYN for TCP) from `src` to dst:dport/proto
-    through bpf/lib/flow.h lb4_from_pod: conntrack, frontend (scope), traffic policy, affinity,
-    Maglev slot. Returns the steps and the outcome: verdict, backend and reason."""
+    through the datapath: scope "internal" is a pod's packet (bpf/lib/flow.h lb4_from_pod), scope
+    "external" one entering from an uplink (bpf/lib/nodeport.h np4_from_uplink: north-south flows
+    only, loadBalancerSourceRanges, SNAT to the node for a remote backend). Steps: conntrack,
+    frontend, source ranges, traffic policy, affinity, Maglev slot. Returns the steps and the
+    outcome: verdict, backend and reason."""
+    external = scope == "external"
     now_ns = monotonic_ns() if now_ns is None else now_ns
     proto = proto.upper()
     steps: list[dict] = []
+    fe_flags = [0]          # the matched frontend's flags, once known
 
     def step(name: str, outcome: str, **detail) -> None:
         steps.append({"step": name, "outcome": outcome, **detail})
 
     def result(verdict: str, reason: str, backend: Backend | None = None, backend_id: int = 0) -> dict:
+        if external and verdict == "dnat" and backend is not None and reason != "conntrack":
+            if backend.local or fe_flags[0] & abi.LB_SVC_F_LOCAL_ONLY:
+                step("source", "local backend (or policy Local): the client address is kept")
+            else:
+                step("source", "remote backend: source SNATed to the node, so the reply comes back here")
         return {"flow": f"{src}:{sport if sport is not None else '*'} -> {dst}:{dport}/{proto}",
                 "scope": scope, "steps": steps, "verdict": verdict, "reason": reason,
                 "backend": backend.name if backend else None, "backend_id": backend_id or None}
@@ -146,8 +156,16 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         step("conntrack", "skipped: no --sport, a flow is identified by its 5-tuple")
     else:
         e = node.ct_lookup(src, dst, sport, dport, proto, "forward", now_ns)
+        if e is not None and external and not e.flags & getattr(abi, "CT_F_NODEPORT", 0):
+            step("conntrack", "an entry of a pod-side flow: not the uplink's, ignored", entry=_ct_brief(e))
+            e = None
+        elif e is not None and external and e.flags & getattr(abi, "CT_F_SNAT", 0) and not e.expired \
+                and node.snat_entry(src, dst, sport, dport, proto) is None:
+            step("conntrack", "SNATed flow without its SNAT entry (evicted): started over", entry=_ct_brief(e))
+            e = None
         if e is None:
-            step("conntrack", "no entry: a new flow")
+            if not steps or steps[-1]["step"] != "conntrack":
+                step("conntrack", "no entry: a new flow")
         elif e.expired:
             step("conntrack", f"entry expired ({e.age_s:.1f}s old): deleted, a new flow", entry=_ct_brief(e))
         elif proto == "TCP" and ct_closing(e.flags):
@@ -175,6 +193,12 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         return result("pass", "not a service")
     step("frontend", f"{fe.name} ({fe.scope}, {fe.kind}) of {fe.service or 'service ' + str(fe.service_id)}",
          flags=fe.flag_names, backend_count=fe.backend_count, maglev_size=fe.maglev_size)
+    fe_flags[0] = fe.flags
+    if external and fe.flags & getattr(abi, "LB_SVC_F_SOURCE_RANGES", 0):
+        if not node.source_allowed(fe, src):
+            step("source ranges", f"{src} is outside loadBalancerSourceRanges: dropped")
+            return result("drop", "source_range")
+        step("source ranges", f"{src} is inside loadBalancerSourceRanges")
 
     # 3. Traffic policy: the backend set was filtered by the control plane; empty means no service.
     if not fe.backend_count or not fe.maglev_size:

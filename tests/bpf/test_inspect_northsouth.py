@@ -1,0 +1,68 @@
+"""`ebpfsvc why --scope external` against the real uplink program (bpf/lb_node.c
+from_uplink, run in the north-south test namespace): the backend it names is
+where the packet goes, the SNAT decision matches the packet's new source, and
+loadBalancerSourceRanges refusals match the program's drop."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+from click.testing import CliRunner
+from scapy.layers.inet import IP
+from scapy.layers.l2 import Ether
+
+from ebpfsvc.cli import main
+from ebpfsvc.inspect.node import NodeMaps
+from ebpfsvc.lbmodel import FrontendKind, LBState
+
+from .northsouth import (  # noqa: F401  (uplink is a fixture)
+    CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, NODE, REMOTE_BE, REMOTE_BE2, be, ext_frontend, from_client,
+    uplink,
+)
+from .packets import tcp
+
+pytestmark = pytest.mark.root
+
+MIXED = ext_frontend(NODE, 30090, [be(LOCAL_BE, local=True), be(REMOTE_BE), be(REMOTE_BE2)], name="mixed")
+GUARDED = ext_frontend(LB_IP, 443, [be(LOCAL_BE, local=True)], kind=FrontendKind.LOAD_BALANCER, name="lb",
+                       source_ranges=(ipaddress.IPv4Network(f"{CLIENT}/32"),))
+
+
+def why(pin_dir, src, dst, sport):
+    res = CliRunner().invoke(main, ["why", src, dst, "--sport", str(sport), "--scope", "external",
+                                    "--pin-dir", str(pin_dir), "-o", "json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def test_why_external_names_the_backend_and_the_snat_decision(uplink, pin_dir):
+    uplink.writer.apply(LBState.of([MIXED, GUARDED]))
+    seen = set()
+    for sport in range(42000, 42030):
+        w = why(pin_dir, CLIENT, f"{NODE}:30090/TCP", sport)
+        assert w["verdict"] == "dnat" and w["reason"] == "maglev"
+        res = uplink.run("from_uplink", from_client(tcp(CLIENT, NODE, sport, 30090, "S")))
+        out = Ether(res.data)[IP]
+        assert w["backend"] == f"{out.dst}:8080/TCP"
+        (src_step,) = [s for s in w["steps"] if s["step"] == "source"]
+        if out.dst == LOCAL_BE:
+            assert res.verdict == "TC_ACT_OK" and out.src == CLIENT and "kept" in src_step["outcome"]
+        else:
+            assert res.verdict == "TC_ACT_REDIRECT" and out.src == NODE and "SNAT" in src_step["outcome"]
+        seen.add(out.dst)
+        again = why(pin_dir, CLIENT, f"{NODE}:30090/TCP", sport)
+        assert (again["reason"], again["backend"]) == ("conntrack", w["backend"])
+    assert seen == {LOCAL_BE, REMOTE_BE, REMOTE_BE2}     # both SNAT and source-preserving paths checked
+
+    # loadBalancerSourceRanges: the client inside gets through, the one outside is dropped.
+    w = why(pin_dir, CLIENT, f"{LB_IP}:443/TCP", 43000)
+    assert w["verdict"] == "dnat" and any(s["step"] == "source ranges" for s in w["steps"])
+    assert uplink.run("from_uplink", from_client(tcp(CLIENT, LB_IP, 43000, 443, "S"))).verdict == "TC_ACT_OK"
+    w = why(pin_dir, CLIENT2, f"{LB_IP}:443/TCP", 43000)
+    assert (w["verdict"], w["reason"]) == ("drop", "source_range")
+    res = uplink.run("from_uplink", from_client(tcp(CLIENT2, LB_IP, 43000, 443, "S"), mac=CLIENT2_MAC))
+    assert res.verdict == "TC_ACT_SHOT"
+    with NodeMaps.open(pin_dir) as node:
+        assert node.drops()["source_range"] == 1
