@@ -88,9 +88,14 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
 @lru_cache(maxsize=1)
 def possible_cpus() -> int:
     """How many values a per-CPU map holds per key: the kernel's possible CPUs, not the online ones."""
-    text = open("/sys/devices/system/cpu/possible").read().strip()
+    with open("/sys/devices/system/cpu/possible") as f:
+        return count_cpu_list(f.read())
+
+
+def count_cpu_list(text: str) -> int:
+    """CPUs in a kernel CPU list such as "0-3,8-11" or "0"."""
     n = 0
-    for part in text.split(","):
+    for part in text.strip().split(","):
         lo, _, hi = part.partition("-")
         n += int(hi or lo) - int(lo) + 1
     return n

@@ -266,3 +266,29 @@ def test_views_drift_against_the_applied_state(datapath, writer, pin_dir):
     # The UDP frontend and its address marker are left over.
     assert extra == {f"{VIP}:53/UDP (internal)": "in the maps, not desired",
                      f"{VIP}:0/UDP (internal)": "in the maps, not desired"}
+
+
+def test_why_with_terminating_backends(datapath, writer, pin_dir):
+    # Every backend terminating: the table holds them all and the first probed slot serves (fallback).
+    draining = frontend(VIP, 80, [be(BACKEND1, terminating=True), be(BACKEND2, terminating=True)])
+    writer.apply(state(draining))
+    for sport in (48000, 48001, 48002):
+        w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", sport)
+        assert w["reason"] == "maglev (terminating fallback)"
+        assert w["backend"] == f"{dnat_target(datapath, from_pod(tcp(CLIENT, VIP, sport, 80, 'S')))}:8080/TCP"
+
+    # Affinity to a backend that turns terminating is ignored; Maglev picks among the others.
+    sticky = [be(BACKEND1), be(BACKEND2), be(BACKEND3)]
+    writer.apply(state(frontend(VIP, 81, sticky, affinity_timeout=300, name="sticky")))
+    first = dnat_target(datapath, from_pod(tcp(CLIENT2, VIP, 48100, 81, "S")))
+    writer.apply(state(frontend(VIP, 81, [b if str(b.address) != first else be(first, terminating=True)
+                                          for b in sticky], affinity_timeout=300, name="sticky")))
+    w = why(pin_dir, CLIENT2, f"{VIP}:81/TCP", 48101)
+    assert any(s["step"] == "affinity" and "terminating" in s["outcome"] for s in w["steps"])
+    assert w["reason"] == "maglev" and w["backend"] != f"{first}:8080/TCP"
+    assert w["backend"] == f"{dnat_target(datapath, from_pod(tcp(CLIENT2, VIP, 48101, 81, 'S')))}:8080/TCP"
+    # service list shows the terminating backend as draining its one tracked flow.
+    (svc,) = cli_json(pin_dir, "service", "list")
+    rows = {b["backend"]: b for b in svc["frontends"][0]["backends"]}
+    assert rows[f"{first}:8080/TCP"]["state"] == "terminating" and rows[f"{first}:8080/TCP"]["slots"] == 0
+    assert rows[f"{first}:8080/TCP"]["flows"] == 1

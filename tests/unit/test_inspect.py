@@ -1,0 +1,78 @@
+"""Inspection pieces that need no kernel: decoding helpers against abi.h, the
+CLI's argument handling, and the conntrack lifetimes it mirrors from ct.h."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ebpfsvc import abi
+from ebpfsvc.cli import main
+from ebpfsvc.inspect import bpfmap
+from ebpfsvc.inspect.node import (Frontend, ct_closing, ct_lifetime_s, flag_names, ip_str, port_int, raw_ip,
+                                  raw_port, _SVC_FLAGS, _CT_FLAGS)
+
+CT_H = Path(abi.__file__).resolve().parent.parent / "bpf" / "lib" / "ct.h"
+LB_H = Path(abi.__file__).resolve().parent.parent / "bpf" / "lib" / "lb.h"
+
+
+def test_wire_order_round_trips():
+    assert ip_str(raw_ip("198.19.0.10")) == "198.19.0.10"
+    assert port_int(raw_port(30080)) == 30080
+    # A __be32 holds the address bytes in network order, whatever the host's byte order.
+    assert raw_ip("1.2.3.4").to_bytes(4, bpfmap._BYTEORDER) == bytes([1, 2, 3, 4])
+
+
+def test_every_abi_flag_has_a_name():
+    svc_bits = {v for k, v in abi.CONSTANTS.items() if k.startswith("LB_SVC_F_")}
+    ct_bits = {v for k, v in abi.CONSTANTS.items() if k.startswith("CT_F_")}
+    assert {b for b, _ in _SVC_FLAGS} == svc_bits
+    assert {b for b, _ in _CT_FLAGS} == ct_bits
+    assert flag_names(abi.CT_F_SEEN_SYN | abi.CT_F_ESTABLISHED, _CT_FLAGS) == ["SYN", "established"]
+    assert flag_names(0x8000, _SVC_FLAGS) == ["0x8000"]          # an unknown bit is shown, not hidden
+
+
+def test_frontend_kind_and_algorithm_from_flags():
+    def fe(flags):
+        return Frontend("198.19.0.10", 80, "TCP", "internal", 1, 1, 0, 251, 2, 0, flags)
+    assert (fe(0).kind, fe(0).algorithm) == ("ClusterIP", "maglev")
+    assert fe(abi.LB_SVC_F_NODEPORT | abi.LB_SVC_F_RANDOM).kind == "NodePort"
+    assert fe(abi.LB_SVC_F_RANDOM).algorithm == "random"
+    assert fe(abi.LB_SVC_F_LOADBALANCER).kind == "LoadBalancer"
+    assert fe(abi.LB_SVC_F_ADDRESS).is_marker
+
+
+def test_ct_lifetimes_follow_ct_h():
+    # The order of decisions in ct4_lifetime_ns: non-TCP, closing, established, half-open.
+    body = CT_H.read_text()
+    fn = body[body.index("ct4_lifetime_ns"):]
+    order = [m.group(1) for m in re.finditer(r"return (CT_TIMEOUT_\w+)", fn)][:4]
+    assert order == ["CT_TIMEOUT_OTHER_S", "CT_TIMEOUT_TCP_CLOSE_S", "CT_TIMEOUT_TCP_ESTABLISHED_S",
+                     "CT_TIMEOUT_TCP_SYN_S"]
+    assert ct_lifetime_s("UDP", abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_OTHER_S
+    assert ct_lifetime_s("TCP", abi.CT_F_SEEN_RST | abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_TCP_CLOSE_S
+    assert ct_lifetime_s("TCP", abi.CT_F_SEEN_FIN_FWD | abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_TCP_ESTABLISHED_S
+    assert ct_lifetime_s("TCP", abi.CT_F_SEEN_SYN) == abi.CT_TIMEOUT_TCP_SYN_S
+    assert ct_closing(abi.CT_F_SEEN_FIN_FWD | abi.CT_F_SEEN_FIN_REV) and not ct_closing(abi.CT_F_SEEN_FIN_FWD)
+
+
+def test_terminating_probes_match_lb_h():
+    from ebpfsvc.inspect.views import TERMINATING_PROBES
+    m = re.search(r"#define LB_TERMINATING_PROBES (\d+)", LB_H.read_text())
+    assert m and int(m.group(1)) == TERMINATING_PROBES
+
+
+
+def test_cpu_lists():
+    assert [bpfmap.count_cpu_list(t) for t in ("0", "0-1\n", "0,2-3", "0-3,8-11")] == [1, 2, 3, 8]
+
+
+def test_cli_argument_errors():
+    r = CliRunner().invoke(main, ["why", "198.18.1.5", "not-an-address:80/TCP", "--pin-dir", "/nonexistent"])
+    assert r.exit_code == 2 and "ADDRESS:PORT[/PROTO]" in r.output
+    r = CliRunner().invoke(main, ["drift", "--node-name", "n", "--pin-dir", "/nonexistent"])
+    assert r.exit_code == 2 and "exactly one of --manifests" in r.output
+    r = CliRunner().invoke(main, ["bpf", "ct", "list", "--pin-dir", "/nonexistent/pins"])
+    assert r.exit_code == 1 and "no such pin directory" in r.output
