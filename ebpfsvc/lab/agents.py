@@ -31,8 +31,3 @@ def command(state: State, spec: LabSpec, node_name: str) -> list[str]:
         "--uplink", UPLINK,
         "--hairpin-address", str(node.gateway),
     ]
-
-
-def record_name(node_name: str) -> str:
-    """Name of the agent's pid record and log in the state dir (agent-<node>.pid/.log)."""
-    return f"agent-{node_name}"

@@ -183,6 +183,24 @@ def down(prefix: str | None, all_: bool) -> None:
         click.echo(f"no lab {prefix} (nothing in {names.state_dir(prefix)})")
 
 
+@lab.command()
+@click.argument("name")
+@prefix_option
+def logs(name: str, prefix: str | None) -> None:
+    """Print a log: a pod's (NAME or namespace/NAME), `agent/NODE`, or `controller`."""
+    lab_ = _open(prefix)
+    if name == "controller":
+        path = lab_.state.log_path(names.CONTROLLER)
+    elif name.startswith("agent/"):
+        path = lab_.state.log_path(names.agent_record(name.split("/", 1)[1]))
+    else:
+        namespace, pod = podlib.key(lab_.pod(name))
+        path = lab_.state.log_path(names.pod_record(namespace, pod))
+    if not path.exists():
+        raise click.ClickException(f"no log {path}")
+    click.echo(path.read_text(errors="replace"), nl=False)
+
+
 @lab.command(name="manifests")
 @prefix_option
 def manifests_dir(prefix: str | None) -> None:

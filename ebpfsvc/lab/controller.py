@@ -213,7 +213,7 @@ class Controller:
             for var in (pod["spec"]["containers"][0].get("env") or []):
                 if "value" in var:
                     env[var["name"]] = str(var["value"])
-            log_path = self.state.log_path(f"pod-{namespace}-{name}")
+            log_path = self.state.log_path(names.pod_record(namespace, name))
             lab["process"] = spawn(argv, netns, log_path, env).to_dict()
             lab["log"] = str(log_path)
         status.update({"phase": "Running", "startTime": api_time()})
@@ -258,28 +258,28 @@ class Controller:
     def agent(self, action: str, node_name: str) -> None:
         self.spec.node(node_name)   # KeyError names the nodes there are
         if action in ("stop", "restart"):
-            rec = self.state.read_pid(agents.record_name(node_name))
+            rec = self.state.read_pid(names.agent_record(node_name))
             if rec:
                 processes.stop([rec], grace=5.0)
-                self.state.clear_pid(agents.record_name(node_name))
+                self.state.clear_pid(names.agent_record(node_name))
         if action in ("start", "restart"):
-            rec = self.state.read_pid(agents.record_name(node_name))
+            rec = self.state.read_pid(names.agent_record(node_name))
             if processes.alive(rec):
                 return
             names.pin_dir(self.state.prefix, node_name).mkdir(parents=True, exist_ok=True)
             argv = agents.command(self.state, self.spec, node_name)
-            log_path = self.state.log_path(agents.record_name(node_name))
+            log_path = self.state.log_path(names.agent_record(node_name))
             env = dict(os.environ)
             env.update(base_env())
             rec = spawn(argv, names.member_netns(self.state.prefix, node_name), log_path, env)
-            self.state.write_pid(agents.record_name(node_name), rec)
+            self.state.write_pid(names.agent_record(node_name), rec)
             log.info("agent on %s started (pid %d)", node_name, rec.pid)
         elif action not in ("stop", "restart"):
             raise ValueError(f"unknown agent action {action!r} (start, stop, restart)")
 
     def shutdown(self) -> None:
         """Stop every agent and pod process (SIGTERM, then SIGKILL), all in parallel."""
-        records = [r for n in self.spec.nodes if (r := self.state.read_pid(agents.record_name(n.name)))]
+        records = [r for n in self.spec.nodes if (r := self.state.read_pid(names.agent_record(n.name)))]
         records += [r for p in self.state.list("Pod") if (r := podlib.process(p))]
         processes.stop(records, grace=3.0)
         log.info("controller of lab %s stopped %d processes", self.state.prefix, len(records))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from ebpfsvc.lab import agents, labfile, names, network, nsenter, pods as podlib, rpc, services, teardown
+from ebpfsvc.lab import labfile, names, network, nsenter, pods as podlib, rpc, services, teardown
 from ebpfsvc.lab.processes import ProcRecord, base_env
 from ebpfsvc.lab.store import State, api_time, object_key
 
@@ -284,7 +284,7 @@ class Lab:
         rpc.call(self.state.path, {"op": "agent", "action": action, "node": node})
 
     def agent_record(self, node: str) -> ProcRecord | None:
-        return self.state.read_pid(agents.record_name(node))
+        return self.state.read_pid(names.agent_record(node))
 
 
 def _run(netns: str, argv: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
@@ -322,13 +322,13 @@ def _build(state: State, spec: labfile.LabSpec) -> None:
 
 
 def _start_controller(state: State) -> subprocess.Popen:
-    with open(state.log_path(teardown.CONTROLLER), "ab") as log:
+    with open(state.log_path(names.CONTROLLER), "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "ebpfsvc.lab.controller", str(state.path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=base_env())
     rec = ProcRecord.of(proc.pid)
     if rec:
-        state.write_pid(teardown.CONTROLLER, rec)
+        state.write_pid(names.CONTROLLER, rec)
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -336,7 +336,7 @@ def _start_controller(state: State) -> subprocess.Popen:
             return proc
         except rpc.ControllerError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise LabError(f"the lab controller did not start; see {state.log_path(teardown.CONTROLLER)}")
+                raise LabError(f"the lab controller did not start; see {state.log_path(names.CONTROLLER)}")
             time.sleep(0.05)
 
 

@@ -57,3 +57,15 @@ def pin_root(prefix: str) -> Path:
 
 def pin_dir(prefix: str, node: str) -> Path:
     return pin_root(prefix) / node
+
+
+# Names of pid records and logs in the state dir (<name>.pid, <name>.log).
+CONTROLLER = "controller"
+
+
+def agent_record(node: str) -> str:
+    return f"agent-{node}"
+
+
+def pod_record(namespace: str, name: str) -> str:
+    return f"pod-{namespace}-{name}"

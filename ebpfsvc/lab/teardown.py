@@ -21,9 +21,6 @@ from ebpfsvc.lab.store import State
 
 log = logging.getLogger(__name__)
 
-CONTROLLER = "controller"
-
-
 def down(prefix: str, root: Path | None = None) -> bool:
     """Tear down lab `prefix`; False if there was nothing to tear down."""
     state = State(prefix, root)
@@ -55,7 +52,7 @@ def down_all(root: Path | None = None) -> list[str]:
 
 
 def _stop_processes(state: State) -> None:
-    controller = state.read_pid(CONTROLLER)
+    controller = state.read_pid(names.CONTROLLER)
     if processes.alive(controller):
         try:
             # The controller stops its pods and agents itself, and reaps them.

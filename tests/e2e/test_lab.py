@@ -49,7 +49,7 @@ def lab_leftovers(prefix: str) -> list[str]:
 
 def lab_processes(lab: Lab) -> list[processes.ProcRecord]:
     """Records of the controller and of every pod process."""
-    recs = [lab.state.read_pid("controller")]
+    recs = [lab.state.read_pid(names.CONTROLLER)]
     recs += [pod_process(p) for p in lab.pods()]
     return [r for r in recs if r]
 
@@ -316,7 +316,7 @@ def test_down_after_controller_crash(unique_prefix):
     try:
         lab.apply([apps.pod("web", "http-echo", 8080, node="node-1")])
         recs = lab_processes(lab)
-        controller = lab.state.read_pid("controller")
+        controller = lab.state.read_pid(names.CONTROLLER)
         os.kill(controller.pid, signal.SIGKILL)
         lab._controller.wait(timeout=5)
         with pytest.raises(Exception, match="does not answer"):
@@ -353,6 +353,11 @@ def test_cli_round_trip(unique_prefix, tmp_path):
         assert run("exec", "web", "--", "sh", "-c", "exit 7").returncode == 7
         status = run("status")
         assert status.returncode == 0 and "web" in status.stdout and "198.18.2.2" in status.stdout
+        for _ in range(40):     # the app logs once its interpreter is up: bounded wait
+            if "http-echo listening on :8080" in run("logs", "web").stdout:
+                break
+            time.sleep(0.25)
+        assert "http-echo listening on :8080" in run("logs", "web").stdout
         missing = run("exec", "nope", "--", "true")
         assert missing.returncode == 1 and "no Pod" in missing.stderr
         assert run("delete", "pod", "web", "--grace-period", "0").returncode == 0
