@@ -11,6 +11,7 @@ at whichever comes first, and its process is killed if it overruns them.
     tcp_request_response  one connection, 1-byte ping-pong: p50/p99 latency, transactions/s
     tcp_connect_rate      connect, one request, close, repeated: connections/s, latency
     backend_spread        short connections asking "which backend are you?": counts
+    BackendWatch          from an endpoint change to the first connection reaching the new backend
 
 The servers to measure against run in the backend namespaces: `echo_server`
 (this module's own, for all but throughput) and `iperf3_server`.  iperf3 opens a
@@ -332,6 +333,67 @@ def run_udp(address: str, port: int, count: int, duration: float, size: int) -> 
             "received_packets": received}
 
 
+def run_watch(address: str, port: int, backend: str, duration: float) -> dict:
+    """Short "who" connections back to back until `backend` answers; when it first did (CLOCK_MONOTONIC)."""
+    attempts, others, errors = 0, Counter(), Counter()
+    deadline = time.monotonic() + duration
+    print("watching", flush=True)
+    while time.monotonic() < deadline:
+        attempts += 1
+        try:
+            reply = _one_short_connection(address, port, OP_WHO).decode(errors="replace")
+        except OSError as exc:
+            errors[type(exc).__name__] += 1
+            time.sleep(0.0005)      # a refused or unreachable target answers at once: do not spin
+            continue
+        if reply == backend:
+            return {"seen_at": time.monotonic(), "attempts": attempts, "before": dict(others), "errors": dict(errors)}
+        others[reply] += 1
+    return {"seen_at": None, "attempts": attempts, "before": dict(others), "errors": dict(errors)}
+
+
+class BackendWatch:
+    """Time from a change to the first new connection that reaches `backend`, seen on the wire.
+
+        with BackendWatch(client_ns, cluster_ip, 80, "198.18.2.12") as watch:
+            changed_at = time.monotonic()
+            ...apply the endpoint change...
+        watch.result()["seen_at"] - changed_at
+
+    The watcher connects back to back from the client namespace (every attempt
+    a new connection, so each is balanced afresh), from before the change until
+    `backend` answers or `duration` runs out.  CLOCK_MONOTONIC is the same
+    clock in every process, so the child's timestamp compares with the caller's.
+    """
+
+    def __init__(self, client_netns: str, address: str, port: int, backend: str, *, duration: float = 10.0):
+        argv = [sys.executable, "-m", "ebpfsvc.bench.traffic", "client", "watch", address, str(port),
+                "--backend", backend, "--count", "0", "--duration", str(duration)]
+        self.duration = duration
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=nsenter.preexec(client_netns))
+        if "watching" not in self.proc.stdout.readline():
+            self.proc.kill()
+            raise RuntimeError(f"backend watch did not start: {self.proc.stderr.read()[:500]}")
+        self._result: dict | None = None
+
+    def result(self) -> dict:
+        if self._result is None:
+            out, err = self.proc.communicate(timeout=self.duration + _CLIENT_SLACK)
+            if self.proc.returncode != 0:
+                raise RuntimeError(f"backend watch failed: {err.strip()[-500:]}")
+            self._result = json.loads(out)
+        return self._result
+
+    def __enter__(self) -> "BackendWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
 def _client(client_netns: str, args: list[str], duration: float) -> dict:
     argv = [sys.executable, "-m", "ebpfsvc.bench.traffic", "client", *args]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + _CLIENT_SLACK,
@@ -451,17 +513,20 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--address", default="0.0.0.0")
     serve.add_argument("--port", type=int, required=True)
     client = sub.add_parser("client", help="one bounded client run, JSON on stdout")
-    client.add_argument("mode", choices=["rr", "crr", "who", "udp"])
+    client.add_argument("mode", choices=["rr", "crr", "who", "udp", "watch"])
     client.add_argument("address")
     client.add_argument("port", type=int)
     client.add_argument("--count", type=int, required=True)
     client.add_argument("--duration", type=float, required=True)
     client.add_argument("--size", type=int, default=1)
+    client.add_argument("--backend", help="watch: the backend address to wait for")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         serve_echo(args.address, args.port)
     elif args.mode == "rr":
         print(json.dumps(run_rr(args.address, args.port, args.count, args.duration, max(1, args.size))))
+    elif args.mode == "watch":
+        print(json.dumps(run_watch(args.address, args.port, args.backend, args.duration)))
     elif args.mode == "udp":
         print(json.dumps(run_udp(args.address, args.port, args.count, args.duration, max(1, args.size))))
     else:

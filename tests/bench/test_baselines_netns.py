@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import subprocess
+import time
 
 import pytest
 
@@ -118,3 +119,21 @@ def test_load_n_services_and_reach_the_probe(topology, echo, kind, services, rec
     if others:
         r = traffic.backend_spread(topology.client, str(others[-1].key.address), 80, count=3, duration=30)
         assert sum(r["backends"].values()) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_endpoint_change_is_seen_on_the_wire(topology, echo, kind):
+    # The probe moves from backend .11 to .12 by reloading the whole baseline
+    # (kube-proxy's full sync); the watcher, already connecting, sees .12 answer.
+    pool = [(b, ECHO_PORT) for b in topology.backends]
+    before = synthetic_state(1000, 3, pool, probes=[probe(topology.backends[:1])])
+    after = synthetic_state(1000, 3, pool, probes=[probe(topology.backends[1:2])])
+    load_baseline(topology.router, kind, before)
+    with traffic.BackendWatch(topology.client, PROBE_IP, 80, topology.backends[1], duration=30) as watch:
+        changed_at = time.monotonic()
+        loaded = load_baseline(topology.router, kind, after)
+    r = watch.result()
+    assert r["seen_at"] is not None, r
+    assert r["before"] and set(r["before"]) == {topology.backends[0]}    # the old backend served until then
+    print(f"\n{kind}: endpoint change on the wire after {1000 * (r['seen_at'] - changed_at):.1f} ms "
+          f"(reload {1000 * loaded['load_seconds']:.1f} ms, {r['attempts']} connections)")
