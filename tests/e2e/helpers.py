@@ -303,3 +303,10 @@ def wait_agents_attached(lab: Lab, pods: Iterable[str], timeout: float = SYNC_TI
 
 def wait_ready(lab: Lab, pods: Iterable[str]) -> None:
     lab.wait_ready(list(pods), timeout=READY_TIMEOUT)
+
+
+def add_clients(lab: Lab, clients: dict[str, str]) -> Lab:
+    """Process-less client pods {name: node}, returned once the agents' programs are on their veths."""
+    lab.apply([bare_pod(name, node) for name, node in clients.items()])
+    wait_agents_attached(lab, clients)
+    return lab

@@ -17,8 +17,8 @@ import pytest
 
 from ebpfsvc.lab import Lab, apps
 
-from .helpers import (bare_pod, cluster_ip, frontend, http_get, service, table_backends,
-                      wait_affinity, wait_agents_attached, wait_for, wait_programmed, wait_ready)
+from .helpers import (add_clients, cluster_ip, frontend, http_get, service, table_backends,
+                      wait_affinity, wait_for, wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
 
@@ -27,9 +27,7 @@ CLIENT = "bal-client"
 
 @pytest.fixture(scope="module")
 def lab(shared_lab: Lab) -> Lab:
-    shared_lab.apply([bare_pod(CLIENT, "node-1")])
-    wait_agents_attached(shared_lab, [CLIENT])
-    return shared_lab
+    return add_clients(shared_lab, {CLIENT: "node-1"})
 
 
 def three_backends(lab: Lab, app: str) -> list[str]:

@@ -17,8 +17,8 @@ import pytest
 
 from ebpfsvc.lab import Lab, apps, names
 
-from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, service, udp_ask, udp_socket,
-                      wait_agents_attached, wait_for, wait_programmed, wait_ready)
+from .helpers import (TcpStream, add_clients, bare_pod, cluster_ip, connect_outcome, service, udp_ask,
+                      udp_socket, wait_for, wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
 
@@ -27,9 +27,7 @@ CLIENT = "churn-client"
 
 @pytest.fixture(scope="module")
 def lab(shared_lab: Lab) -> Lab:
-    shared_lab.apply([bare_pod(CLIENT, "node-1")])
-    wait_agents_attached(shared_lab, [CLIENT])
-    return shared_lab
+    return add_clients(shared_lab, {CLIENT: "node-1"})
 
 
 def pods_of(app: str, kind: str, port: int, nodes: list[str], **kw) -> list[dict]:

@@ -15,8 +15,8 @@ import pytest
 
 from ebpfsvc.lab import Lab, apps
 
-from .helpers import (bare_pod, cluster_ip, connect_outcome, drops, http_get, programmed_services,
-                      service, udp_ask, udp_ask_once, udp_socket, wait_agents_attached, wait_for,
+from .helpers import (add_clients, bare_pod, cluster_ip, connect_outcome, drops, http_get,
+                      programmed_services, service, udp_ask, udp_ask_once, udp_socket, wait_for,
                       wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
@@ -27,9 +27,7 @@ CLIENTS = {"node-1": "cl-1", "node-2": "cl-2"}   # process-less pods: a namespac
 @pytest.fixture(scope="module")
 def lab(shared_lab: Lab) -> Lab:
     """The shared lab with one client pod per node and the agents' programs on their veths."""
-    shared_lab.apply([bare_pod(name, node) for node, name in CLIENTS.items()])
-    wait_agents_attached(shared_lab, CLIENTS.values())
-    return shared_lab
+    return add_clients(shared_lab, {name: node for node, name in CLIENTS.items()})
 
 
 def echo(name: str, node: str, port: int = 8080, kind: str = "http-echo", **labels: str) -> dict:
