@@ -100,32 +100,40 @@ class Lab:
         Returns once the controller has realized new Pods and manifests/ is current.
         """
         stored = []
-        with self.state.lock():
-            pods = self.state.list("Pod")   # kept current below: one read per apply, not per Pod
-            for doc in docs:
-                kind = doc.get("kind")
-                if kind not in APPLY_KINDS:
-                    raise LabError(f"kind {kind!r} cannot be applied in the lab (only {', '.join(APPLY_KINDS)})")
-                if not (doc.get("metadata") or {}).get("name"):
-                    raise LabError(f"{kind}: metadata.name is required")
-                obj = copy.deepcopy(doc)
-                obj["metadata"].setdefault("namespace", "default")
-                previous = self.state.get(*object_key(obj))
-                obj["metadata"]["uid"] = (previous or {}).get("metadata", {}).get("uid") or str(uuid.uuid4())
-                try:
-                    if kind == "Pod":
-                        obj = self._admit_pod(obj, previous, pods)
-                        if previous is None:
-                            pods.append(obj)
-                    elif kind == "Service":
-                        others = [s for s in self.state.list("Service") if object_key(s) != object_key(obj)]
-                        obj = services.admit(obj, previous, others, self.spec)
-                except (podlib.PodError, services.ServiceError) as exc:
-                    raise LabError(str(exc)) from None
-                self.state.put(obj)
-                stored.append(obj)
-        self._reconcile()
+        try:
+            with self.state.lock():
+                pods = self.state.list("Pod")   # kept current below: one read per apply, not per Pod
+                for doc in docs:
+                    obj = self._admit(doc, pods)
+                    self.state.put(obj)
+                    stored.append(obj)
+        finally:
+            # Like kubectl, what was admitted before an error stays applied: realize it now.
+            self._reconcile()
         return stored
+
+    def _admit(self, doc: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
+        """Validate and default one object, as the API server would (caller holds the lock)."""
+        kind = doc.get("kind")
+        if kind not in APPLY_KINDS:
+            raise LabError(f"kind {kind!r} cannot be applied in the lab (only {', '.join(APPLY_KINDS)})")
+        if not (doc.get("metadata") or {}).get("name"):
+            raise LabError(f"{kind}: metadata.name is required")
+        obj = copy.deepcopy(doc)
+        obj["metadata"].setdefault("namespace", "default")
+        previous = self.state.get(*object_key(obj))
+        obj["metadata"]["uid"] = (previous or {}).get("metadata", {}).get("uid") or str(uuid.uuid4())
+        try:
+            if kind == "Pod":
+                obj = self._admit_pod(obj, previous, pods)
+                if previous is None:
+                    pods.append(obj)
+            elif kind == "Service":
+                others = [s for s in self.state.list("Service") if object_key(s) != object_key(obj)]
+                obj = services.admit(obj, previous, others, self.spec)
+        except (podlib.PodError, services.ServiceError) as exc:
+            raise LabError(str(exc)) from None
+        return obj
 
     def _admit_pod(self, pod: dict[str, Any], previous: dict[str, Any] | None,
                    existing: list[dict[str, Any]]) -> dict[str, Any]:
