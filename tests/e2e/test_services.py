@@ -9,6 +9,7 @@ bounded poll), then proves the behaviour with traffic.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -51,7 +52,7 @@ def answers_until_all(ask, wanted: set[str], tries: int) -> dict[str, dict]:
 
 @pytest.mark.parametrize("client_node", ["node-1", "node-2"], ids=["same-node", "cross-node"])
 def test_clusterip_reaches_backend_without_snat(lab, client_node):
-    """A pod reaches a ClusterIP whose only backend is on node-1, from node-1 and from node-2.
+    """A pod reaches a ClusterIP whose only backend is on node-1, from node-1 and from node-2 (curl).
 
     The backend names itself, and sees the client pod's own address: no SNAT for pod traffic.
     Service port 80 -> targetPort 8080: the backend is reached on 8080, the client talks to :80.
@@ -64,7 +65,9 @@ def test_clusterip_reaches_backend_without_snat(lab, client_node):
     wait_programmed(lab, svc, 80, backends=1)
     client = CLIENTS[client_node]
 
-    answer = http_get(lab, client, cluster_ip(lab, svc), 80)
+    curl = lab.exec(client, ["curl", "-sS", "--max-time", "10", f"http://{cluster_ip(lab, svc)}/"])
+    assert curl.returncode == 0, curl.stderr
+    answer = json.loads(curl.stdout)
 
     assert answer["pod"] == backend
     assert answer["client"] == lab.pod_ip(client)
