@@ -118,6 +118,53 @@ static __always_inline int np4_snat_alloc(const struct lb4_pkt *p, const struct 
 	return -1;
 }
 
+/*
+ * Make flow `e` (client -> frontend, to a remote backend) a SNATed one: a
+ * source port (np4_snat_alloc), both SNAT halves, both conntrack entries.
+ * Fail closed, as ct4_create: 0, or the REASON_* to drop the packet with.
+ */
+static __always_inline __u32 np4_snat_create(const struct lb4_pkt *p, struct ct4_key *fk, struct ct4_entry *e,
+					     struct snat4_entry *nat, __u64 now)
+{
+	struct ct4_key rk;
+
+	if (!NODE_SNAT_ADDR)
+		return REASON_SNAT_EXHAUSTED;
+	e->flags |= CT_F_SNAT;
+	if (np4_snat_alloc(p, e, &rk, nat, now))
+		return REASON_SNAT_EXHAUSTED;
+	if (lb4_snat.update(fk, nat) || ct4.update(fk, e) || ct4.update(&rk, e)) {
+		ct4.delete(fk);
+		lb4_snat.delete(fk);
+		lb4_snat.delete(&rk);
+		return REASON_CT_CREATE_FAILED;
+	}
+	return 0;
+}
+
+/* A client packet of tracked flow `e` was seen: refresh it, and carry new TCP
+ * state to the reply entry too (whose key depends on SNAT). */
+static __always_inline void np4_note_forward(const struct lb4_pkt *p, struct ct4_entry *e,
+					     const struct snat4_entry *nat, __u64 now)
+{
+	struct ct4_entry *re;
+	struct ct4_key rk;
+	__u8 flags;
+
+	e->last_seen_ns = now;
+	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
+	if (flags == e->flags)
+		return;
+	e->flags = flags;
+	if (nat)
+		np4_snat_reply_key(&rk, e, nat, p->proto);
+	else
+		ct4_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
+	re = ct4.lookup(&rk);
+	if (re)
+		re->flags |= flags;
+}
+
 /* Remove every entry of a north-south flow, given its forward key and entry. */
 static __always_inline void np4_delete_flow(struct ct4_key *fk, const struct ct4_entry *e)
 {
@@ -161,7 +208,7 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 	struct lb4_backend *be;
 	struct ct4_entry e = {};
 	struct snat4_entry nat;
-	struct ct4_key rk;
+	int ret;
 
 	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_EXTERNAL);
 	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
@@ -189,18 +236,9 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 		return np4_forward_xlate(skb, p, &e, 0);
 	}
 
-	if (!NODE_SNAT_ADDR)
-		return lb_drop(REASON_SNAT_EXHAUSTED);
-	e.flags |= CT_F_SNAT;
-	if (np4_snat_alloc(p, &e, &rk, &nat, now))
-		return lb_drop(REASON_SNAT_EXHAUSTED);
-	/* Fail closed, as ct4_create: a flow whose replies cannot be translated is dropped. */
-	if (lb4_snat.update(fk, &nat) || ct4.update(fk, &e) || ct4.update(&rk, &e)) {
-		ct4.delete(fk);
-		lb4_snat.delete(fk);
-		lb4_snat.delete(&rk);
-		return lb_drop(REASON_CT_CREATE_FAILED);
-	}
+	ret = np4_snat_create(p, fk, &e, &nat, now);
+	if (ret)
+		return lb_drop(ret);
 	lb4_affinity_update(svc, p->saddr, e.backend_id, now);
 	return np4_forward_xlate(skb, p, &e, &nat);
 }
@@ -210,9 +248,6 @@ static __always_inline int np4_forward_tracked(struct __sk_buff *skb, struct lb4
 					       struct ct4_key *fk, struct ct4_entry *e, __u64 now)
 {
 	struct snat4_entry *nat = 0;
-	struct ct4_entry *re;
-	struct ct4_key rk;
-	__u8 flags;
 
 	if (!lb4_backends.lookup(&e->backend_id)) {
 		/* Backend removed: as on the pod side, reset TCP, re-balance datagrams. */
@@ -232,18 +267,7 @@ static __always_inline int np4_forward_tracked(struct __sk_buff *skb, struct lb4
 		}
 	}
 
-	e->last_seen_ns = now;
-	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
-	if (flags != e->flags) {
-		e->flags = flags;
-		if (nat)
-			np4_snat_reply_key(&rk, e, nat, p->proto);
-		else
-			ct4_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
-		re = ct4.lookup(&rk);
-		if (re)
-			re->flags |= flags;
-	}
+	np4_note_forward(p, e, nat, now);
 	return np4_forward_xlate(skb, p, e, nat);
 }
 

@@ -1,10 +1,277 @@
 /* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The north-south fast path at XDP, in front of the TC program (nodeport.h).
+ *
+ * XDP translates the common case before the kernel builds an skb, with the
+ * same maps and the same decisions as TC (lb4_flow_begin, np4_snat_create,
+ * np4_note_forward), and passes everything else up, untouched, to
+ * from_uplink, which stays the complete path:
+ *   - what it handles: plain IPv4 (no options, not a fragment) TCP/UDP to an
+ *     EXTERNAL frontend (new and tracked flows), replies of SNATed flows;
+ *     refused source ranges are dropped here already;
+ *   - what it passes: ICMP, fragments, IP options, SCTP, frontends without
+ *     backends (reject / Local drop), flows to restart (expired, port reuse,
+ *     backend gone), and any packet whose next hop the FIB cannot give with
+ *     a resolved neighbour (TC then resolves it with bpf_redirect_neigh).
+ * A flow XDP created is "tracked" for TC, so a packet passed up half way (e.g.
+ * unresolved neighbour) gets the same translation there.
+ *
+ * Checksums are updated incrementally in place: RFC 1624 over the changed
+ * 32-bit words (bpf_csum_diff), pseudo-header included for TCP/UDP.
+ */
 #ifndef EBPFSVC_NODEPORT_XDP_H
 #define EBPFSVC_NODEPORT_XDP_H
 
+/* ~fold(~check + diff): the checksum after words summing to `diff` changed (RFC 1624 eqn 3). */
+static __always_inline __u16 np4_csum_add(__u16 check, __s64 diff)
+{
+	__u64 s = (__u64)(__u16)~check + (__u32)diff;
+
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* Plain IPv4 TCP/UDP into `p`; -1 for anything XDP leaves to TC. */
+static __always_inline int np4_xdp_parse(struct xdp_md *ctx, struct lb4_pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = data + ETH_HLEN;
+	void *l4 = data + ETH_HLEN + sizeof(struct iphdr);
+
+	if ((void *)(iph + 1) > data_end || eth->h_proto != lb_htons(ETH_P_IP))
+		return -1;
+	if (iph->version != 4 || iph->ihl != 5)
+		return -1;                      /* IP options: TC's parser handles them */
+	if (iph->frag_off & lb_htons(LB_IP_MF | LB_IP_OFFSET))
+		return -1;                      /* fragments need frag4: TC */
+	p->ip_len = lb_ntohs(iph->tot_len);
+	if (p->ip_len < sizeof(*iph) || data + ETH_HLEN + p->ip_len > data_end)
+		return -1;
+	p->l3_off = ETH_HLEN;
+	p->l4_off = ETH_HLEN + sizeof(*iph);
+	p->ihl = sizeof(*iph);
+	p->saddr = iph->saddr;
+	p->daddr = iph->daddr;
+	p->proto = iph->protocol;
+	p->ip_id = iph->id;
+	p->frag = LB_FRAG_NONE;
+	if (p->proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > data_end || th->doff < 5 || sizeof(*iph) + th->doff * 4 > p->ip_len)
+			return -1;
+		p->sport = th->source;
+		p->dport = th->dest;
+		p->tcp_doff = th->doff * 4;
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_seq = lb_ntohl(th->seq);
+		p->tcp_ack_seq = lb_ntohl(th->ack_seq);
+		return 0;
+	}
+	if (p->proto == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+
+		if ((void *)(uh + 1) > data_end || sizeof(*iph) + sizeof(*uh) > p->ip_len)
+			return -1;
+		p->sport = uh->source;
+		p->dport = uh->dest;
+		return 0;
+	}
+	return -1;
+}
+
+/* Rewrite addresses and ports in place (what np4_xdp_parse accepted only). */
+static __always_inline int np4_xdp_rewrite(struct xdp_md *ctx, struct lb4_pkt *p, __be32 saddr, __be32 daddr,
+					   __be16 sport, __be16 dport)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	void *l4 = data + ETH_HLEN + sizeof(struct iphdr);
+	__be32 from[3] = { p->saddr, p->daddr, 0 };
+	__be32 to[3] = { saddr, daddr, 0 };
+	__s64 ip_diff, l4_diff;
+
+	__builtin_memcpy(&from[2], &p->sport, 2);
+	__builtin_memcpy((__u8 *)&from[2] + 2, &p->dport, 2);
+	__builtin_memcpy(&to[2], &sport, 2);
+	__builtin_memcpy((__u8 *)&to[2] + 2, &dport, 2);
+	ip_diff = bpf_csum_diff(from, 8, to, 8, 0);
+	l4_diff = bpf_csum_diff(from, 12, to, 12, 0);
+
+	if ((void *)(iph + 1) > data_end)
+		return -1;
+	if (p->proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > data_end)
+			return -1;
+		th->source = sport;
+		th->dest = dport;
+		th->check = np4_csum_add(th->check, l4_diff);
+	} else {
+		struct udphdr *uh = l4;
+
+		if ((void *)(uh + 1) > data_end)
+			return -1;
+		uh->source = sport;
+		uh->dest = dport;
+		if (uh->check) {                /* 0: no checksum, and it stays so */
+			__u16 c = np4_csum_add(uh->check, l4_diff);
+
+			uh->check = c ? c : 0xffff;
+		}
+	}
+	iph->saddr = saddr;
+	iph->daddr = daddr;
+	iph->check = np4_csum_add(iph->check, ip_diff);
+	p->saddr = saddr;
+	p->daddr = daddr;
+	p->sport = sport;
+	p->dport = dport;
+	return 0;
+}
+
+/* The next hop of a packet we are about to send as saddr:sport -> daddr:dport. */
+static __always_inline int np4_xdp_fib(struct xdp_md *ctx, const struct lb4_pkt *p, struct bpf_fib_lookup *fib,
+				       __be32 saddr, __be32 daddr, __be16 sport, __be16 dport)
+{
+	fib->family = AF_INET;
+	fib->l4_protocol = p->proto;
+	fib->sport = sport;
+	fib->dport = dport;
+	fib->tot_len = p->ip_len;
+	fib->ipv4_src = saddr;
+	fib->ipv4_dst = daddr;
+	fib->ifindex = ctx->ingress_ifindex;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
+/* Send a rewritten frame to the FIB's next hop: back out (XDP_TX) or to another device. */
+static __always_inline int np4_xdp_tx(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_DROP;
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib->ifindex, 0);
+}
+
+/* Translate a client packet of flow `e` (DNAT, plus SNAT to `nat`); XDP_PASS untouched when the next hop is unknown. */
+static __always_inline int np4_xdp_forward(struct xdp_md *ctx, struct lb4_pkt *p, const struct ct4_entry *e,
+					   const struct snat4_entry *nat)
+{
+	struct bpf_fib_lookup fib = {};
+	__u32 bytes = ctx->data_end - ctx->data;
+	__be32 saddr = nat ? nat->address : p->saddr;
+	__be16 sport = nat ? nat->port : p->sport;
+
+	if (nat && np4_xdp_fib(ctx, p, &fib, saddr, e->backend_addr, sport, e->backend_port) !=
+		   BPF_FIB_LKUP_RET_SUCCESS)
+		return XDP_PASS;
+	if (np4_xdp_rewrite(ctx, p, saddr, e->backend_addr, sport, e->backend_port))
+		return XDP_PASS;
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return nat ? np4_xdp_tx(ctx, &fib) : XDP_PASS;   /* local backend: the kernel delivers it */
+}
+
+static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, struct ct4_key *fk, __u64 now)
+{
+	struct lb4_service *svc;
+	struct lb4_backend *be;
+	struct ct4_entry e = {};
+	struct snat4_entry nat;
+
+	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_EXTERNAL);
+	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
+		return XDP_PASS;
+	if (!lb4_source_allowed(svc, p->saddr)) {
+		lb_count_drop(REASON_SOURCE_RANGE);
+		return XDP_DROP;
+	}
+	if (!svc->backend_count || !svc->maglev_size)
+		return XDP_PASS;                        /* reject or Local drop: TC */
+	be = lb4_flow_begin(svc, p, now, &e);
+	if (!be)
+		return XDP_PASS;
+	e.flags |= CT_F_NODEPORT;
+	if ((be->flags & LB_BE_F_LOCAL) || (svc->flags & LB_SVC_F_LOCAL_ONLY)) {
+		if (ct4_create(fk, &e, p->saddr))
+			return XDP_PASS;                /* TC tries again, and counts a failure */
+		lb4_affinity_update(svc, p->saddr, e.backend_id, now);
+		return np4_xdp_forward(ctx, p, &e, 0);
+	}
+	if (np4_snat_create(p, fk, &e, &nat, now))
+		return XDP_PASS;
+	lb4_affinity_update(svc, p->saddr, e.backend_id, now);
+	return np4_xdp_forward(ctx, p, &e, &nat);
+}
+
+static __always_inline int np4_xdp_snat_reply(struct xdp_md *ctx, struct lb4_pkt *p, struct ct4_entry *e,
+					      struct ct4_key *rk, __u64 now)
+{
+	struct bpf_fib_lookup fib = {};
+	struct snat4_entry *client = lb4_snat.lookup(rk);
+	__u32 bytes = ctx->data_end - ctx->data;
+
+	if (!client)
+		return XDP_PASS;
+	if (np4_xdp_fib(ctx, p, &fib, e->frontend_addr, client->address, e->frontend_port, client->port) !=
+	    BPF_FIB_LKUP_RET_SUCCESS)
+		return XDP_PASS;
+	ct4_note_reply(e, p, client->address, client->port, now);
+	if (np4_xdp_rewrite(ctx, p, e->frontend_addr, client->address, e->frontend_port, client->port))
+		return XDP_PASS;
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return np4_xdp_tx(ctx, &fib);
+}
+
 static __always_inline int np4_xdp_uplink(struct xdp_md *ctx)
 {
-	return XDP_PASS;
+	struct lb4_pkt p = {};
+	struct snat4_entry *nat = 0;
+	struct ct4_key fk, rk;
+	struct ct4_entry *e;
+	__u64 now;
+
+	if (np4_xdp_parse(ctx, &p))
+		return XDP_PASS;
+	now = bpf_ktime_get_ns();
+	ct4_key_forward(&fk, &p);
+	e = ct4.lookup(&fk);
+	if (e) {
+		if (!(e->flags & CT_F_NODEPORT))
+			return XDP_PASS;
+		if (ct4_expired(e, p.proto, now) ||
+		    (p.proto == IPPROTO_TCP && ct4_closing(e->flags) &&
+		     (p.tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN) ||
+		    !lb4_backends.lookup(&e->backend_id))
+			return XDP_PASS;                /* the flow restarts or ends: TC decides how */
+		if (e->flags & CT_F_SNAT) {
+			nat = lb4_snat.lookup(&fk);
+			if (!nat)
+				return XDP_PASS;
+		}
+		np4_note_forward(&p, e, nat, now);
+		return np4_xdp_forward(ctx, &p, e, nat);
+	}
+	if (NODE_SNAT_ADDR && p.daddr == NODE_SNAT_ADDR) {
+		ct4_key_reply(&rk, &p);
+		e = ct4_lookup(&rk, now);
+		if (e && (e->flags & CT_F_SNAT))
+			return np4_xdp_snat_reply(ctx, &p, e, &rk, now);
+	}
+	return np4_xdp_new(ctx, &p, &fk, now);
 }
 
 #endif /* EBPFSVC_NODEPORT_XDP_H */

@@ -54,7 +54,10 @@ CLIENT2_MAC = "02:00:00:00:01:01"
 A = ipaddress.IPv4Address
 LIMITS = loader.Limits(**{**TEST_LIMITS.__dict__, "snat_entries": 4096, "source_ranges": 256})
 
-__all__ = ["OK", "SHOT", "REDIRECT"]
+XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
+XDP_NAMES = {1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
+
+__all__ = ["OK", "SHOT", "REDIRECT", "XDP_DROP", "XDP_PASS", "XDP_TX", "XDP_REDIRECT"]
 
 
 def ext_frontend(addr=NODE, port=30080, backends=(), proto=Protocol.TCP, kind=FrontendKind.NODE_PORT,
@@ -129,6 +132,16 @@ class Uplink:
         names = {OK: "TC_ACT_OK", SHOT: "TC_ACT_SHOT", REDIRECT: "TC_ACT_REDIRECT"}
         assert res.verdict == names[verdict], f"{desc}: verdict {res.verdict}"
         if verdict != SHOT:
+            want = bytes(expect if expect is not None else packet)
+            assert res.data == want, f"{desc}:\n got  {Ether(res.data)!r}\n want {Ether(want)!r}"
+        return res
+
+    def check_xdp(self, desc: str, packet, action: int, expect=None):
+        """Run xdp_uplink: `action` is XDP_* (numbers below); output compared unless dropped."""
+        res = self.run("xdp_uplink", packet)
+        assert res.retval == action, f"{desc}: XDP action {XDP_NAMES.get(res.retval, res.retval)}, " \
+                                     f"want {XDP_NAMES[action]}"
+        if action != XDP_DROP:
             want = bytes(expect if expect is not None else packet)
             assert res.data == want, f"{desc}:\n got  {Ether(res.data)!r}\n want {Ether(want)!r}"
         return res

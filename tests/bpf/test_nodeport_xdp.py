@@ -1,0 +1,114 @@
+"""The XDP uplink program (xdp_uplink) through BPF_PROG_TEST_RUN: the same translations as
+TC for the common case, the same bytes out, and everything else passed up untouched to the TC
+program (which the rows then run, to show the two together make the complete path).
+
+In the test namespace the XDP "ingress" device is lo, so a frame for the uplink is
+XDP_REDIRECT here; on the real uplink (the same device) it is XDP_TX.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import ICMP, IP, IPOption_NOP, TCP
+
+from ebpfsvc import abi
+from ebpfsvc.lbmodel import FrontendKind, LBState
+
+from .northsouth import (  # noqa: F401  (uplink is a fixture)
+    CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, NODE, OK, REDIRECT, REMOTE_BE, SHOT, XDP_DROP, XDP_PASS,
+    XDP_REDIRECT, be, ext_frontend, from_client, from_node2, snat_port, to_client, to_node2, uplink,
+)
+from .packets import expected_backend, tcp, udp
+from .test_nodeport import DNS, EMPTY_LOCAL_POLICY, LOCAL, MIXED_LOCAL_POLICY, REMOTE
+
+pytestmark = pytest.mark.root
+N = __import__("ipaddress").IPv4Network
+
+
+def test_snat_flow_both_ways(uplink):
+    uplink.writer.apply(LBState.of([REMOTE]))
+    port = snat_port(CLIENT, NODE, 40000, 30080)
+    uplink.check_xdp("SYN to NodePort, remote backend: SNAT + DNAT at XDP, out to node-2",
+                     from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), XDP_REDIRECT,
+                     to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+    uplink.check_xdp("SYN-ACK from the backend: back to the client from NodeIP:nodePort",
+                     from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), XDP_REDIRECT,
+                     to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
+    payload = b"y" * 300
+    uplink.check_xdp("data segment", from_client(tcp(CLIENT, NODE, 40000, 30080, "PA", seq=1001, payload=payload)),
+                     XDP_REDIRECT, to_node2(tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, payload=payload)))
+    # TC continues the flow XDP created: same port, same backend.
+    uplink.check("TC on a packet XDP passed up (e.g. unresolved neighbour)", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30080, "A", seq=1301)), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "A", seq=1301)))
+
+
+def test_udp_snat(uplink):
+    uplink.writer.apply(LBState.of([DNS]))
+    port = snat_port(CLIENT, NODE, 5000, 30053, 17)
+    uplink.check_xdp("UDP to NodePort", from_client(udp(CLIENT, NODE, 5000, 30053, b"query")), XDP_REDIRECT,
+                     to_node2(udp(NODE, REMOTE_BE, port, 5353, b"query")))
+    pkt = from_node2(udp(REMOTE_BE, NODE, 5353, port, b"answer"))
+    pkt[IP].payload.chksum = 0
+    want = to_client(udp(NODE, CLIENT, 30053, 5000, b"answer"))
+    want[IP].payload.chksum = 0
+    uplink.check_xdp("UDP answer without checksum: stays without", pkt, XDP_REDIRECT, want)
+
+
+def test_local_backend_dnat_then_kernel(uplink):
+    uplink.writer.apply(LBState.of([LOCAL, MIXED_LOCAL_POLICY]))
+    uplink.check_xdp("local backend: DNAT at XDP, passed to the kernel to deliver",
+                     from_client(tcp(CLIENT, NODE, 40000, 30081, "S")), XDP_PASS,
+                     from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S")))
+    uplink.check("the reply is TC egress's, as in TC mode", "to_uplink",
+                 to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "SA")), OK,
+                 to_client(tcp(NODE, CLIENT, 30081, 40000, "SA")))
+    b = expected_backend(MIXED_LOCAL_POLICY, CLIENT, 41000)
+    uplink.check_xdp("Local policy: the same Maglev choice as TC",
+                     from_client(tcp(CLIENT, NODE, 41000, 30082, "S")), XDP_PASS,
+                     from_client(tcp(CLIENT, b, 41000, 8080, "S")))
+
+
+def test_collision_same_as_tc(uplink):
+    uplink.writer.apply(LBState.of([REMOTE]))
+    first = snat_port(CLIENT, NODE, 40000, 30080)
+    sport = next(p for p in range(1024, 65536) if snat_port(CLIENT2, NODE, p, 30080) == first)
+    uplink.check_xdp("first", from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), XDP_REDIRECT,
+                     to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
+    uplink.check_xdp("second client, same hash: next port",
+                     from_client(tcp(CLIENT2, NODE, sport, 30080, "S"), mac=CLIENT2_MAC), XDP_REDIRECT,
+                     to_node2(tcp(NODE, REMOTE_BE, snat_port(CLIENT2, NODE, sport, 30080, probe=1), 8080, "S")))
+
+
+def test_source_range_refused_at_xdp(uplink):
+    fe = ext_frontend(LB_IP, 443, [be(LOCAL_BE, local=True)], kind=FrontendKind.LOAD_BALANCER, name="lb",
+                      source_ranges=(N("198.18.0.100/32"),))
+    uplink.writer.apply(LBState.of([fe]))
+    before = uplink.drops(abi.REASON_SOURCE_RANGE)
+    uplink.check_xdp("outside the ranges: dropped before an skb exists",
+                     from_client(tcp(CLIENT2, LB_IP, 40000, 443, "S"), mac=CLIENT2_MAC), XDP_DROP)
+    assert uplink.drops(abi.REASON_SOURCE_RANGE) == before + 1
+    uplink.check_xdp("inside: DNAT", from_client(tcp(CLIENT, LB_IP, 40000, 443, "S")), XDP_PASS,
+                     from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S")))
+
+
+def test_passed_up_untouched_then_tc(uplink):
+    uplink.writer.apply(LBState.of([REMOTE, LOCAL, EMPTY_LOCAL_POLICY]))
+    before = uplink.drops(abi.REASON_NO_LOCAL_BACKEND)
+    pkt = from_client(tcp(CLIENT, NODE, 40000, 30083, "S"))
+    uplink.check_xdp("Local policy without local backend: left to TC", pkt, XDP_PASS)
+    uplink.check("... which drops and counts it", "from_uplink", pkt, SHOT)
+    assert uplink.drops(abi.REASON_NO_LOCAL_BACKEND) == before + 1
+
+    opts = from_client(tcp(CLIENT, NODE, 40001, 30081, "S", options=[IPOption_NOP()] * 4))
+    uplink.check_xdp("IP options: left to TC", opts, XDP_PASS)
+    uplink.check("... which translates it", "from_uplink", opts, OK,
+                 from_client(tcp(CLIENT, LOCAL_BE, 40001, 8080, "S", options=[IPOption_NOP()] * 4)))
+
+    for desc, pkt in [
+        ("another port of the node address", from_client(tcp(CLIENT, NODE, 40000, 22, "S"))),
+        ("ICMP echo", from_client(IP(src=CLIENT, dst=NODE) / ICMP())),
+        ("first fragment", from_client(IP(src=CLIENT, dst=NODE, flags="MF", id=7) / TCP(sport=1, dport=30080))),
+        ("pod traffic from node-2", from_node2(tcp(REMOTE_BE, LOCAL_BE, 8080, 40000))),
+    ]:
+        uplink.check_xdp(f"{desc}: untouched", pkt, XDP_PASS)
