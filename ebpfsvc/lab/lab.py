@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
 import re
 import subprocess
 import sys
@@ -333,7 +334,9 @@ def _start_controller(state: State) -> subprocess.Popen:
     with open(state.log_path(names.CONTROLLER), "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "ebpfsvc.lab.controller", str(state.path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=base_env())
+                                # The caller's whole environment: agents inherit it from the
+                                # controller (BCC_KERNEL_SOURCE and the like).
+                                start_new_session=True, env={**os.environ, **base_env()})
     rec = ProcRecord.of(proc.pid)
     if rec:
         state.write_pid(names.CONTROLLER, rec)
