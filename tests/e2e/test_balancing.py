@@ -64,7 +64,7 @@ def test_connections_spread_evenly(lab):
 def test_session_affinity_client_ip(lab):
     """ClientIP affinity: sticky over many connections, re-balanced once the timeout passes
     unused, and gone when switched off, each checked against the learnt port -> backend map."""
-    timeout = 3
+    timeout = 5
     three_backends(lab, "aff")
     svc = service("aff", [{"port": 80, "targetPort": 8080}], selector={"app": "aff"})
     lab.apply([svc])

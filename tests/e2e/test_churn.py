@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Callable
 
 import pytest
 
@@ -72,8 +73,48 @@ def new_connections(lab: Lab, vip: str, port: int, count: int) -> set[str]:
     return seen
 
 
+class Chatter(threading.Thread):
+    """Runs exchanges over open flows in a loop (a round every 20 ms) until halted: traffic that
+    goes on while the test changes things.  Records who answered each exchange and the first
+    error (a reset, a close, a lost datagram); bounded in rounds and time."""
+
+    def __init__(self, exchanges: dict[str, Callable[[], str]], max_seconds: float = 300):
+        super().__init__(daemon=True, name="chatter")
+        self.exchanges = exchanges
+        self.answers: dict[str, list[str]] = {name: [] for name in exchanges}
+        self.rounds = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+
+    def run(self) -> None:
+        try:
+            for _ in range(100_000):
+                if self._halt.is_set() or time.monotonic() > self._deadline:
+                    return
+                for name, exchange in self.exchanges.items():
+                    self.answers[name].append(exchange())
+                self.rounds += 1
+                self._halt.wait(0.02)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def wait_rounds(self, more: int) -> None:
+        """Wait until `more` further rounds went through (or an error stopped them)."""
+        target = self.rounds + more
+        wait_for(lambda: self.rounds >= target or self.error, what=f"{more} more rounds of traffic")
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+    def who_answered(self) -> dict[str, set[str]]:
+        return {name: set(a) for name, a in self.answers.items()}
+
+
 def test_scale_down_and_up_under_tcp_traffic(lab):
-    """Remove one of three backends, then add one, while a stream to each is open.
+    """Remove one of three backends, then add one, while a stream to each is open and the
+    streams to the two others keep exchanging lines all along.
 
     Streams to surviving backends carry on untouched; the stream to the removed one fails at
     once (reset, no hang); new connections never reach the removed backend and do reach the
@@ -85,32 +126,36 @@ def test_scale_down_and_up_under_tcp_traffic(lab):
     wait_programmed(lab, "scale", 7000, backends=3)
     vip = cluster_ip(lab, "scale")
     streams = streams_to_each(lab, vip, 7000, {"scale-1", "scale-2", "scale-3"})
+    survivors = ("scale-1", "scale-2")
+    chatter = Chatter({who: streams[who].backend for who in survivors})
     try:
+        chatter.start()
+        chatter.wait_rounds(3)
+
         lab.delete_object("pod", "scale-3", grace=0)
         lab.wait_gone(["scale-3"])
         wait_programmed(lab, "scale", 7000, backends=2)
-
-        for who in ("scale-1", "scale-2"):
-            assert streams[who].ask("still there") == f"{who}: still there"
         with pytest.raises(ConnectionError):
             streams["scale-3"].ask("gone?")
         # 30 new connections: the removed backend must never answer, and both survivors do
         # (each owns ~half the table: one missing from 30 has probability 2 * 2^-30 < 1e-8).
-        assert new_connections(lab, vip, 7000, 30) == {"scale-1", "scale-2"}
+        assert new_connections(lab, vip, 7000, 30) == set(survivors)
 
         lab.apply(pods_of("scale", "tcp-echo", 7000, ["node-1", "node-2", "node-2", "node-1"])[3:])
         wait_ready(lab, ["scale-4"])
         wait_programmed(lab, "scale", 7000, backends=3)
-        for who in ("scale-1", "scale-2"):   # the table changed; established flows did not move
-            assert streams[who].ask("after scale-up") == f"{who}: after scale-up"
         seen: set[str] = set()
         for _ in range(60):                  # scale-4 owns ~1/3: missing it 60 times: < 1e-10
             seen |= new_connections(lab, vip, 7000, 1)
             if "scale-4" in seen:
                 break
         assert "scale-4" in seen and "scale-3" not in seen
+        chatter.wait_rounds(3)               # the table changed twice; established flows did not move
     finally:
+        chatter.halt()
         close_all(streams.values())
+    assert chatter.error is None, repr(chatter.error)
+    assert chatter.who_answered() == {who: {who} for who in survivors}
 
 
 def test_udp_flow_to_removed_backend_moves_on(lab):
@@ -212,33 +257,6 @@ def _tc_program_ids(lab: Lab, node: str, link: str) -> str:
     return lab.node_exec(node, ["tc", "filter", "show", "dev", link, "ingress"]).stdout
 
 
-class Chatter(threading.Thread):
-    """Keeps a TCP stream and a UDP flow busy (one exchange every 20 ms) until stopped.
-
-    Records who answered each exchange and the first error; bounded in count and time.
-    """
-
-    def __init__(self, stream: TcpStream, udp, vip: str, udp_port: int, max_seconds: float = 300):
-        super().__init__(daemon=True, name="chatter")
-        self.stream, self.udp, self.vip, self.udp_port = stream, udp, vip, udp_port
-        self.stop = threading.Event()
-        self.tcp_answers: list[str] = []
-        self.udp_answers: list[str] = []
-        self.error: BaseException | None = None
-        self.deadline = time.monotonic() + max_seconds
-
-    def run(self) -> None:
-        try:
-            for i in range(100_000):
-                if self.stop.is_set() or time.monotonic() > self.deadline:
-                    return
-                self.tcp_answers.append(self.stream.ask(f"line {i}").split(":", 1)[0])
-                self.udp_answers.append(udp_ask(self.udp, self.vip, self.udp_port)["pod"])
-                self.stop.wait(0.02)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-
 @pytest.mark.parametrize("node", ["node-1", "node-2"], ids=["client-node", "backend-node"])
 def test_agent_restart_keeps_streams(unique_prefix, node):
     """Restart an agent while a TCP stream and a UDP flow run through a Service: no reset, no
@@ -258,14 +276,14 @@ def test_agent_restart_keeps_streams(unique_prefix, node):
         udp = udp_socket(lab, CLIENT, timeout=1)
         wait_for(lambda: udp_ask(udp, udp_vip, 53), what="a UDP answer (app binding)")
         udp.settimeout(5)
-        chatter = Chatter(stream, udp, udp_vip, 53)
+        chatter = Chatter({"tcp": stream.backend, "udp": lambda: udp_ask(udp, udp_vip, 53)["pod"]})
         pod = lab.pod("rs-tcp" if node == "node-2" else CLIENT)
         link = names.pod_host_link("default", pod["metadata"]["name"])
         before = _tc_program_ids(lab, node, link)
         old_agent = lab.agent_record(node)
         try:
             chatter.start()
-            wait_for(lambda: len(chatter.tcp_answers) >= 5, what="traffic before the restart")
+            chatter.wait_rounds(5)
             lab.agent("restart", node)
             assert lab.agent_record(node) != old_agent
             # The new agent has replaced the programs on the veth (new program ids) ...
@@ -273,13 +291,10 @@ def test_agent_restart_keeps_streams(unique_prefix, node):
             # ... and syncs changes: a new Service gets programmed.
             lab.apply([service("rs-after", [{"port": 7000}], selector={"app": "rs-tcp"})])
             wait_programmed(lab, "rs-after", 7000, backends=1, nodes=[node])
-            count = len(chatter.tcp_answers)
-            wait_for(lambda: len(chatter.tcp_answers) >= count + 5 or chatter.error, what="traffic after")
+            chatter.wait_rounds(5)
         finally:
-            chatter.stop.set()
-            chatter.join(timeout=30)
+            chatter.halt()
             stream.close()
             udp.close()
         assert chatter.error is None, repr(chatter.error)
-        assert set(chatter.tcp_answers) == {"rs-tcp"} and set(chatter.udp_answers) == {"rs-udp"}
-        assert len(chatter.tcp_answers) >= count + 5
+        assert chatter.who_answered() == {"tcp": {"rs-tcp"}, "udp": {"rs-udp"}}
