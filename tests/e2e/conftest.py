@@ -13,11 +13,24 @@ fails (or its setup half-fails: Lab.up tears down what it built before raising).
 
 from __future__ import annotations
 
+import signal
 import uuid
 
 import pytest
 
 from ebpfsvc.lab import Lab
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # `timeout`, a cancelled CI job or a plain kill send SIGTERM, which ends pytest at once and
+    # leaves labs behind (namespaces, processes, pins).  As a KeyboardInterrupt it makes pytest
+    # run every fixture finalizer first, so the labs come down.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture
