@@ -126,6 +126,9 @@ class DatapathCollector(Collector):
 
         names = node.service_names()
         fes = node.frontends(names)
+        backends = node.backends()
+        fe_traffic = node.traffic_all("frontend", max((f.frontend_id for f in fes), default=0))
+        be_traffic = node.traffic_all("backend", max(backends, default=0))
         svc_p = CounterMetricFamily("ebpfsvc_service_packets", "Packets translated for a service port "
                                     "(both directions, all its frontends).", labels=["service_port"])
         svc_b = CounterMetricFamily("ebpfsvc_service_bytes", "Bytes translated for a service port.",
@@ -138,7 +141,7 @@ class DatapathCollector(Collector):
         for fe in fes:
             if fe.is_marker:
                 continue
-            pk, by = node.traffic("frontend", fe.frontend_id)
+            pk, by = fe_traffic.get(fe.frontend_id, (0, 0))
             labels = [fe.service, fe.name, fe.scope, fe.kind]
             fe_p.add_metric(labels, pk)
             fe_b.add_metric(labels, by)
@@ -154,8 +157,8 @@ class DatapathCollector(Collector):
                                    labels=["backend"])
         be_b = CounterMetricFamily("ebpfsvc_backend_bytes", "Bytes translated to or from a backend.",
                                    labels=["backend"])
-        for ident, b in node.backends().items():
-            pk, by = node.traffic("backend", ident)
+        for ident, b in backends.items():
+            pk, by = be_traffic.get(ident, (0, 0))
             be_p.add_metric([b.name], pk)
             be_b.add_metric([b.name], by)
         yield from (be_p, be_b)
@@ -180,7 +183,7 @@ class DatapathCollector(Collector):
                 now = time.monotonic()
                 cached = self._drift
                 if cached is None or cached[1] is not state or now - cached[0] >= self.drift_interval:
-                    cached = self._drift = (now, state, len(drift(state, node)))
+                    cached = self._drift = (now, state, len(drift(state, node, fes, backends)))
                 g = GaugeMetricFamily("ebpfsvc_drift_frontends", "Frontends whose map entries differ from "
                                       "the state the agent last applied (0 = none).")
                 g.add_metric([], cached[2])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from array import array
 import os
 import platform
 from dataclasses import dataclass
@@ -220,7 +221,7 @@ class PinnedMap:
                 out.append((k, v))
         return out
 
-    def _batch(self, start: bytes | None, chunk: int, limit: int | None = None):
+    def _batch(self, start: bytes | None, chunk: int, limit: int | None = None, decode: bool = True):
         """Batches of (key, value) after key `start` (None: from the beginning), at most `limit` entries."""
         ks, vb = self.info.key_size, self.value_bytes
         chunk = max(1, min(chunk, self.info.max_entries))
@@ -246,9 +247,12 @@ class PinnedMap:
                 if e.errno != errno.ENOENT:
                     raise
                 done = True
-            raw_k, raw_v = keys.raw, vals.raw
-            for i in range(attr.count):
-                yield raw_k[i * ks:(i + 1) * ks], self._split(raw_v[i * vb:(i + 1) * vb])
+            if not decode:
+                yield attr.count            # count() only: no per-entry copies
+            else:
+                raw_k, raw_v = keys.raw, vals.raw
+                for i in range(attr.count):
+                    yield raw_k[i * ks:(i + 1) * ks], self._split(raw_v[i * vb:(i + 1) * vb])
             if done:
                 return
             if left is not None:
@@ -262,25 +266,69 @@ class PinnedMap:
             return self.info.max_entries
         if self._batch_ok:
             try:
-                return sum(1 for _ in self._batch(None, 4096))
+                return sum(self._batch(None, 4096, decode=False))
             except OSError as e:
                 if e.errno not in _NO_BATCH:
                     raise
                 self._batch_ok = False
         return sum(1 for _ in self.keys())
 
-    def read_u32_range(self, offset: int, size: int) -> list[int]:
-        """Values [offset, offset + size) of a u32 -> u32 ARRAY (a Maglev table), in one batch."""
+    def read_array(self, offset: int, size: int) -> bytes:
+        """Raw values of keys [offset, offset + size) of an ARRAY map (per-CPU: every CPU's slot in
+        turn), by batches of up to 64k entries; key by key where the kernel refuses batches."""
+        vb = self.value_bytes
+        out = bytearray(vb * max(size, 0))
         if size <= 0:
-            return []
-        start = None if offset == 0 else _u32(offset - 1)
-        try:
-            got = dict(self._batch(start, min(size, 1 << 16), limit=size))
-            return [_from_u32(got.get(_u32(i), bytes(4))) for i in range(offset, offset + size)]
-        except OSError as e:
-            if e.errno not in _NO_BATCH:
-                raise
-        return [_from_u32(self.lookup(_u32(i)) or bytes(4)) for i in range(offset, offset + size)]
+            return bytes(out)
+        if self._batch_ok:
+            try:
+                # An ARRAY's batches come in key order, from the key after `in_batch`.
+                pos = 0
+                chunk = min(size, 1 << 16)
+                keys = ctypes.create_string_buffer(4 * chunk)
+                vals = ctypes.create_string_buffer(vb * chunk)
+                token_in = ctypes.create_string_buffer(_u32(offset - 1) if offset else bytes(4), 8)
+                token_out = ctypes.create_string_buffer(8)
+                while pos < size:
+                    want = min(chunk, size - pos)
+                    attr = _BatchAttr(in_batch=0 if offset + pos == 0 else ctypes.addressof(token_in),
+                                      out_batch=ctypes.addressof(token_out), keys=ctypes.addressof(keys),
+                                      values=ctypes.addressof(vals), count=want, map_fd=self.fd)
+                    done = False
+                    try:
+                        _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+                    except OSError as e:
+                        if e.errno != errno.ENOENT:
+                            raise
+                        done = True
+                    if attr.count and _from_u32(keys.raw[:4]) != offset + pos:
+                        raise OSError(errno.EINVAL, "array batch not in key order")
+                    out[pos * vb:(pos + attr.count) * vb] = vals.raw[:attr.count * vb]
+                    pos += attr.count
+                    if done or not attr.count:
+                        break
+                    ctypes.memmove(token_in, token_out, 8)
+                return bytes(out)
+            except OSError as e:
+                if e.errno not in _NO_BATCH:
+                    raise
+                self._batch_ok = False
+        for i in range(size):
+            kbuf = ctypes.create_string_buffer(_u32(offset + i), 4)
+            vbuf = ctypes.create_string_buffer(vb)
+            attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
+            try:
+                _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                continue
+            out[i * vb:(i + 1) * vb] = vbuf.raw
+        return bytes(out)
+
+    def read_u32_range(self, offset: int, size: int) -> array:
+        """Values [offset, offset + size) of a u32 -> u32 ARRAY (Maglev slots)."""
+        return array("I", self.read_array(offset, size))
 
 
 _NO_BATCH = {errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, 524}     # 524: the kernel's ENOTSUPP

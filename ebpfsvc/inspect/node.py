@@ -64,9 +64,8 @@ def raw_port(port: int) -> int:
 
 
 def _decode(ctype: str, data: bytes):
-    obj = ffi.new(ctype + " *")
-    ffi.memmove(obj, data, ffi.sizeof(ctype))
-    return obj
+    """A struct view of raw map bytes: no copy, and the view keeps `data` alive."""
+    return ffi.from_buffer(ctype + " *", data)
 
 
 def _encode(obj) -> bytes:
@@ -211,6 +210,9 @@ class NodeMaps:
 
     pin_dir: Path
     maps: dict[str, PinnedMap] = field(default_factory=dict)
+    # Maglev slots read by prefetch_maglev(); dropped whenever frontends are read again, so a
+    # copy never outlives the view that made it.
+    _slots: object = None
 
     @classmethod
     def open(cls, pin_dir, names=None) -> "NodeMaps":
@@ -254,12 +256,14 @@ class NodeMaps:
 
     def frontends(self, names: dict[int, str] | None = None) -> list[Frontend]:
         names = self.service_names() if names is None else names
+        self._slots = None
         out = []
         for k, v in self.maps["lb4_frontends"].items():
             out.append(self._frontend(k, v, names))
         return sorted(out, key=lambda f: (f.service, ipaddress.IPv4Address(f.address), f.port, f.proto, f.scope))
 
     def frontend(self, address: str, port: int, proto: str, scope: str) -> Frontend | None:
+        self._slots = None
         probe = Frontend(address, port, proto, scope, 0, 0, 0, 0, 0, 0, 0)
         key = probe.key_bytes()
         v = self.maps["lb4_frontends"].lookup(key)
@@ -299,8 +303,16 @@ class NodeMaps:
         return Backend(ident, ip_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
 
     def maglev_table(self, fe: Frontend) -> list[int]:
-        """Backend id per slot of a frontend's Maglev table."""
-        return self.maps["lb_maglev"].read_u32_range(fe.maglev_offset, fe.maglev_size)
+        """Backend id per slot of a frontend's Maglev table (from prefetch_maglev's copy when it has one)."""
+        slots = self._slots
+        if slots is not None and fe.maglev_offset + fe.maglev_size <= len(slots):
+            return slots[fe.maglev_offset:fe.maglev_offset + fe.maglev_size].tolist()
+        return self.maps["lb_maglev"].read_u32_range(fe.maglev_offset, fe.maglev_size).tolist()
+
+    def prefetch_maglev(self, fes: list[Frontend]) -> None:
+        """Read every slot the frontends own in one pass, for commands that look at all tables."""
+        high = max((f.maglev_offset + f.maglev_size for f in fes), default=0)
+        self._slots = self.maps["lb_maglev"].read_u32_range(0, high)
 
     # ---- datapath-owned maps ---------------------------------------------------------------
 
@@ -388,6 +400,21 @@ class NodeMaps:
             pk += t.packets
             by += t.bytes
         return int(pk), int(by)
+
+    def traffic_all(self, kind: str, high: int) -> dict[int, tuple[int, int]]:
+        """(packets, bytes) of every id in [0, high], summed over CPUs, in one batched read."""
+        m = self.maps["lb_frontend_stats" if kind == "frontend" else "lb_backend_stats"]
+        size = min(high + 1, m.max_entries)
+        ncpu = m.value_bytes // ffi.sizeof("struct lb_traffic")    # per-CPU slots are 8-aligned: 16 bytes
+        vals = ffi.from_buffer("struct lb_traffic[]", m.read_array(0, size))
+        out = {}
+        for ident in range(size):
+            pk = by = 0
+            for cpu in range(ident * ncpu, (ident + 1) * ncpu):
+                pk += vals[cpu].packets
+                by += vals[cpu].bytes
+            out[ident] = (int(pk), int(by))
+        return out
 
     def drops(self) -> dict[str, int]:
         m = self.maps["lb_drops"]

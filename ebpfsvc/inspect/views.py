@@ -34,19 +34,22 @@ def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
     """Per service port: its frontends with counters, each with its backends (from the Maglev table,
     plus backends no longer in the table that still carry tracked flows of this frontend)."""
     fes = [f for f in node.frontends() if not f.is_marker]
+    node.prefetch_maglev(fes)
     backends = node.backends()
     flows: dict[int, Counter] = {}
     if with_ct:
         for e in node.ct():
             if e.direction == "forward" and not e.expired:
                 flows.setdefault(e.frontend_id, Counter())[e.backend_id] += 1
+    fe_traffic = node.traffic_all("frontend", max((f.frontend_id for f in fes), default=0))
+    be_traffic = node.traffic_all("backend", max(backends, default=0))
     services: dict[str, dict] = {}
     for fe in fes:
         svc = services.setdefault(fe.service or f"<unnamed service id {fe.service_id}>",
                                   {"service": fe.service, "service_id": fe.service_id, "frontends": [],
                                    "packets": 0, "bytes": 0})
         row = _frontend_row(fe)
-        row["packets"], row["bytes"] = node.traffic("frontend", fe.frontend_id)
+        row["packets"], row["bytes"] = fe_traffic.get(fe.frontend_id, (0, 0))
         svc["packets"] += row["packets"]
         svc["bytes"] += row["bytes"]
         slots = Counter(node.maglev_table(fe)) if fe.maglev_size else Counter()
@@ -59,7 +62,7 @@ def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
             if not r["slots"] and r["state"] == "active":
                 r["state"] = "draining"       # out of the table, flows still tracked
             # Per-backend counters count every frontend's packets to that backend.
-            r["packets"], r["bytes"] = node.traffic("backend", ident)
+            r["packets"], r["bytes"] = be_traffic.get(ident, (0, 0))
             rows.append(r)
         row["backends"] = rows
         svc["frontends"].append(row)
@@ -70,7 +73,9 @@ def lb_list(node: NodeMaps) -> list[dict]:
     """Raw frontend -> backends, one row per lb4_frontends entry (markers included)."""
     backends = node.backends()
     out = []
-    for fe in node.frontends():
+    fes = node.frontends()
+    node.prefetch_maglev(fes)
+    for fe in fes:
         row = _frontend_row(fe)
         row["service"] = fe.service
         ids = sorted(set(node.maglev_table(fe))) if fe.maglev_size else []
@@ -268,13 +273,17 @@ def _ct_brief(e: CtEntry) -> dict:
 
 # ---- drift: desired state against the maps ---------------------------------------------------------
 
-def drift(desired, node: NodeMaps) -> list[dict]:
+def drift(desired, node: NodeMaps, fes: list[Frontend] | None = None,
+          backends: dict[int, Backend] | None = None) -> list[dict]:
     """Differences between an LBState (what the control plane wants) and the maps: frontends missing
-    or unexpected, and frontends whose service, flags or backend set differ. [] = no drift."""
+    or unexpected, and frontends whose service, flags or backend set differ. [] = no drift.
+    `fes` and `backends`, when given, are the maps' contents just read (saves reading them again)."""
     from ebpfsvc.datapath.writer import service_name
 
-    have = {(f.address, f.port, f.proto, f.scope): f for f in node.frontends()}
-    backends = node.backends()
+    fes = node.frontends() if fes is None else fes
+    node.prefetch_maglev(fes)
+    have = {(f.address, f.port, f.proto, f.scope): f for f in fes}
+    backends = node.backends() if backends is None else backends
     out: list[dict] = []
     want_keys = set()
     for key, fe in desired.frontends.items():

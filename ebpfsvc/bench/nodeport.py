@@ -1,0 +1,179 @@
+"""North-south measurements: iperf3 throughput and TCP connection rate from the lab's
+external client, through NodePort with the TC uplink programs, with XDP in front of
+them, and direct (no Service, plain forwarding), on this machine.
+
+    sudo .venv/bin/python -m ebpfsvc.bench.nodeport [--seconds 5] [--conns 3000] [--json FILE]
+
+Every path enters the cluster at node-1 (198.18.0.11):
+
+    remote  backend pod on node-2: NodePort 30301 is SNAT + DNAT at node-1 (externalTrafficPolicy
+            Cluster, backend elsewhere); direct = the client routes the pod's /32 via node-1.
+    local   backend pod on node-1: NodePort 30311 is DNAT only; direct = the pod's /32 via node-1.
+
+Modes:
+    direct  to the pod IP (the uplink programs are attached but match nothing);
+    tc      the agents as the lab starts them (--uplink-mode tc);
+    xdp     + xdp_uplink on node-1's eth0 in native mode, as --uplink-mode xdp attaches it,
+            and an XDP_PASS program on eth0's veth peer in the fabric: a veth only accepts
+            XDP_TX frames when its peer runs XDP (or has GRO on). Veth XDP also turns off
+            GSO on the peer, so every frame is MTU-sized: the cost this measures.
+
+One lab (a unique prefix), torn down at the end even on failure; every client run is bounded
+in count and time (ebpfsvc.bench.traffic). Numbers are for comparing modes on this machine:
+the Python connect-rate client and two shared cores bound them, not the datapath alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+
+from pyroute2 import NetNS
+
+from ebpfsvc.bench import traffic
+from ebpfsvc.datapath import uplink
+from ebpfsvc.inspect.node import NodeMaps
+from ebpfsvc.lab import Lab, names
+
+NODE1 = "198.18.0.11"
+PATHS = {   # path -> (pod, node it runs on, nodePort for iperf3, nodePort for connect rate)
+    "remote": ("np-remote", "node-2", 30301, 30302),
+    "local": ("np-local", "node-1", 30311, 30312),
+}
+IPERF_PORT, CRR_PORT = 5201, 7000
+MODES = ("direct", "tc", "xdp")
+
+XDP_PASS_SRC = b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }"
+
+
+def _pod(name: str, node: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"pod": name}, "annotations": {"lab.ebpfsvc.io/ready": "true"}},
+            "spec": {"nodeName": node, "containers": [{"name": "c"}]}}
+
+
+def _service(name: str, iperf_np: int, crr_np: int) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"type": "NodePort", "selector": {"pod": name},
+                     "ports": [{"name": "iperf", "port": IPERF_PORT, "targetPort": IPERF_PORT, "nodePort": iperf_np},
+                               {"name": "crr", "port": CRR_PORT, "targetPort": CRR_PORT, "nodePort": crr_np}]}}
+
+
+def _wait_programmed(lab: Lab, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    want = [(np, 1) for _, _, a, b in PATHS.values() for np in (a, b)]
+    while True:
+        try:
+            with NodeMaps.open(names.pin_dir(lab.prefix, "node-1")) as maps:
+                fes = [maps.frontend(NODE1, port, "TCP", "external") for port, _ in want]
+            if all(fe is not None and fe.backend_count == n for fe, (_, n) in zip(fes, want)):
+                return
+        except OSError:
+            pass                            # the agent has not pinned its maps yet
+        if time.monotonic() > deadline:
+            raise TimeoutError("node-1's agent did not program the NodePorts")
+        time.sleep(0.2)
+
+
+class XdpMode:
+    """xdp_uplink on node-1's eth0 (sharing the agent's pinned maps) + XDP_PASS on its fabric peer."""
+
+    def __init__(self, lab: Lab):
+        from bcc import BPF
+
+        self.node_ns = lab.node_netns("node-1")
+        self.fabric_ns = names.fabric_netns(lab.prefix)
+        self.dp = uplink.load(names.pin_dir(lab.prefix, "node-1"), snat_addr=NODE1, cache=False)
+        self.passer = BPF(text=XDP_PASS_SRC)
+        self.pass_fn = self.passer.load_func(b"xdp_pass", BPF.XDP)
+        self.eth0 = uplink.ifindex_of("eth0", self.node_ns)
+        self.peer = uplink.ifindex_of(names.fabric_port("node-1"), self.fabric_ns)
+
+    def __enter__(self) -> "XdpMode":
+        try:
+            uplink.attach_xdp(self.peer, self.pass_fn.fd, self.fabric_ns)
+            uplink.attach_xdp(self.eth0, self.dp.programs[uplink.XDP_PROG_NAME].fd, self.node_ns)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ifindex, ns in ((self.eth0, self.node_ns), (self.peer, self.fabric_ns)):
+            try:
+                uplink.detach_xdp(ifindex, ns)
+            except Exception:               # the namespace may already be gone
+                pass
+        self.dp.close()
+        self.passer.cleanup()
+
+
+def measure(lab: Lab, seconds: float, conns: int) -> dict:
+    client_ns = lab.external_netns("client")
+    servers = []
+    results: dict = {}
+    try:
+        lab.apply([_pod(pod, node) for pod, node, _, _ in PATHS.values()] +
+                  [_service(pod, a, b) for pod, _, a, b in PATHS.values()])
+        lab.wait_ready([pod for pod, *_ in PATHS.values()], timeout=60)
+        for pod, *_ in PATHS.values():
+            ns = lab.pod_netns(pod)
+            servers.append(traffic.iperf3_server(ns, IPERF_PORT))
+            servers.append(traffic.echo_server(ns, CRR_PORT))
+        with NetNS(client_ns) as ns:         # "direct": the pods' /32 via node-1, like an upstream router
+            idx = ns.link_lookup(ifname="eth0")[0]
+            for pod, *_ in PATHS.values():
+                ns.route("replace", dst=f"{lab.pod_ip(pod)}/32", gateway=NODE1, oif=idx)
+        _wait_programmed(lab)
+
+        for mode in MODES:
+            ctx = XdpMode(lab) if mode == "xdp" else None
+            if ctx:
+                ctx.__enter__()
+            try:
+                for path, (pod, _, iperf_np, crr_np) in PATHS.items():
+                    if mode == "direct":
+                        target, ports = lab.pod_ip(pod), (IPERF_PORT, CRR_PORT)
+                    else:
+                        target, ports = NODE1, (iperf_np, crr_np)
+                    tput = traffic.tcp_throughput(client_ns, target, ports[0], duration=seconds)
+                    crr = traffic.tcp_connect_rate(client_ns, target, ports[1], count=conns, duration=seconds)
+                    results[f"{path}/{mode}"] = {"throughput": tput, "connect_rate": crr}
+                    print(f"{path:6} {mode:6} {tput['gbit_per_s']:7.2f} Gbit/s  "
+                          f"retr {tput['retransmits']:5}  {tput['cpu_seconds_per_gb']:6.2f} CPU s/GB  "
+                          f"{crr['connections_per_s']:8.0f} conn/s  p99 {crr.get('p99_us', float('nan')):7.0f} us  "
+                          f"errors {crr['errors']}", flush=True)
+            finally:
+                if ctx:
+                    ctx.__exit__()
+    finally:
+        for server in servers:
+            server.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ebpfsvc.bench.nodeport", description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement (each is also count-bounded)")
+    ap.add_argument("--conns", type=int, default=3000, help="at most this many connections per connect-rate run")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    lab = Lab.up(prefix="np" + uuid.uuid4().hex[:6], agents=True)
+    try:
+        results = measure(lab, args.seconds, args.conns)
+    finally:
+        lab.down()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    json.dump({k: {"gbit_per_s": round(v["throughput"]["gbit_per_s"], 3),
+                   "connections_per_s": round(v["connect_rate"]["connections_per_s"])}
+               for k, v in results.items()}, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
