@@ -27,7 +27,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 DIRECT = "direct"
 KUBE_PROXY_MODES = ("iptables", "iptables-legacy", "nftables")
@@ -76,6 +76,12 @@ class Summary:
 
 
 Key = tuple[str, str, int]     # (metric, datapath, services)
+
+
+def records(datapath: str, services: int, metrics: dict[str, float], **extra: Any) -> list[dict]:
+    """Result records for one measurement of several metrics (e.g. traffic.measure_suite's dict)."""
+    return [{"datapath": datapath, "metric": m, "services": services, "value": v, **extra}
+            for m, v in metrics.items()]
 
 
 def load_results(path: str | Path) -> tuple[dict, list[dict]]:

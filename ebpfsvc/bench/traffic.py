@@ -504,6 +504,44 @@ def udp_packet_rate(client_netns: str, address: str, port: int, *, count: int = 
     return r
 
 
+# --- the data-plane suite, in the report's metric names ------------------------------------
+
+# (seconds, count) bounds per driver: full and quick (`make bench-quick`).
+SUITE_BOUNDS = {
+    "full": {"throughput": 5.0, "rr": (5.0, 200_000), "crr": (5.0, 20_000), "udp": (3.0, 3_000_000)},
+    "quick": {"throughput": 1.0, "rr": (1.0, 50_000), "crr": (1.0, 5_000), "udp": (1.0, 1_000_000)},
+}
+
+
+def measure_suite(client_netns: str, echo: tuple[str, int], iperf: tuple[str, int], *,
+                  server_netns: str | None = None, quick: bool = False) -> dict[str, float]:
+    """Every data-plane metric once, keyed by ebpfsvc.bench.report's metric names.
+
+    `echo` and `iperf` are the (address, port) to measure through: a ClusterIP
+    for a datapath, the pod address itself for direct.  Both should lead to a
+    single backend (see the module note on iperf3).  With `server_netns` (the
+    echo server's), the UDP figure is what reached that namespace.
+    """
+    b = SUITE_BOUNDS["quick" if quick else "full"]
+    out: dict[str, float] = {}
+    r = tcp_throughput(client_netns, *iperf, duration=b["throughput"])
+    out["tcp_throughput_gbps"] = r["gbit_per_s"]
+    out["cpu_s_per_gb"] = r["cpu_seconds_per_gb"]
+    seconds, count = b["rr"]
+    r = tcp_request_response(client_netns, *echo, count=count, duration=seconds)
+    out["tcp_rr_p50_us"], out["tcp_rr_p99_us"] = r["latency_p50_us"], r["latency_p99_us"]
+    out["tcp_rr_tps"] = r["transactions_per_s"]
+    seconds, count = b["crr"]
+    r = tcp_connect_rate(client_netns, *echo, count=count, duration=seconds)
+    if r["errors"]:
+        raise RuntimeError(f"connections failed through {echo}: {r['errors']}")
+    out["tcp_crr_cps"] = r["connections_per_s"]
+    seconds, count = b["udp"]
+    r = udp_packet_rate(client_netns, *echo, count=count, duration=seconds, server_netns=server_netns)
+    out["udp_pps"] = r.get("arrived_packets_per_s", r.get("received_packets_per_s", 0.0))
+    return out
+
+
 # --- command line (what the child processes run) ---------------------------------------
 
 def main(argv: list[str] | None = None) -> None:

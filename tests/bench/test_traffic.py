@@ -90,3 +90,16 @@ def test_cpu_times_advance():
     sum(i * i for i in range(2_000_000))
     busy = traffic.busy_seconds(before, traffic.cpu_times())
     assert busy["total"] > 0 and busy["user"] > 0
+
+
+def test_measure_suite_gives_every_report_metric(topology, echo, iperf):
+    from ebpfsvc.bench import report
+
+    m = traffic.measure_suite(topology.client, (topology.backends[0], ECHO_PORT), (topology.backends[0], IPERF_PORT),
+                              server_netns=topology.server, quick=True)
+    assert set(m) == {"tcp_throughput_gbps", "cpu_s_per_gb", "tcp_rr_p50_us", "tcp_rr_p99_us", "tcp_rr_tps",
+                      "tcp_crr_cps", "udp_pps"}
+    assert set(m) <= set(report.METRICS) and all(v > 0 for v in m.values())
+    recs = report.records("direct", 0, m, repeat=0)
+    assert {r["metric"] for r in recs} == set(m) and all(r["repeat"] == 0 for r in recs)
+    print("suite direct:", {k: round(v, 2) for k, v in m.items()})
