@@ -17,15 +17,23 @@ log = logging.getLogger(__name__)
 
 
 def _load_config_file(ctx: click.Context, _param, path: str | None):
-    """--config FILE: a YAML mapping of flag names (with - or _) to values; flags given on the
-    command line win, as with kube-proxy's --config."""
+    """--config FILE: a YAML mapping of long flag names (`service-cidr`, `uplink`, ...) to values,
+    lists for repeatable flags; flags given on the command line win, as with kube-proxy's --config.
+    An unknown key is an error, so a typo cannot silently leave a setting at its default."""
     if not path:
         return None
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path}: expected a mapping of option names to values", param_hint="--config")
-    ctx.default_map = {k.replace("-", "_"): v for k, v in data.items()}
+    # Flag name -> click parameter name (e.g. `uplink` -> `uplinks`, `node-address` -> `node_addresses`).
+    by_flag = {opt.lstrip("-"): p.name for p in ctx.command.params for opt in p.opts if opt.startswith("--")}
+    by_flag.pop("config", None)
+    unknown = sorted(str(k) for k in data if str(k).replace("_", "-") not in by_flag)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}; "
+                                 f"known: {', '.join(sorted(by_flag))}", param_hint="--config")
+    ctx.default_map = {by_flag[str(k).replace("_", "-")]: v for k, v in data.items()}
     return path
 
 

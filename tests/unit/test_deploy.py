@@ -288,8 +288,6 @@ def _run_agent(cli, args, monkeypatch):
     return captured["cfg"]
 
 
-# The two markers below wait on ebpfsvc/agent_cli.py (issue 7): remove each once it passes (XPASS).
-@pytest.mark.xfail(reason="ebpfsvc agent has no --healthz-bind-address/--metrics-bind-address yet", strict=False)
 def test_agent_accepts_the_daemonset_command_line(tmp_path, monkeypatch):
     cli = _agent_command()
     (cm,) = load_docs(DEPLOY / "configmap.yaml")
@@ -306,8 +304,6 @@ def test_agent_accepts_the_daemonset_command_line(tmp_path, monkeypatch):
     assert cfg.in_cluster and cfg.pin_dir == "/sys/fs/bpf/ebpfsvc"
 
 
-@pytest.mark.xfail(reason="--config maps keys to click parameter names: `uplink` (--uplink, dest uplinks) is "
-                          "dropped silently", strict=False)
 @pytest.mark.parametrize("configmap", [DEPLOY / "configmap.yaml", VAGRANT / "ebpfsvc" / "config.yaml"],
                          ids=["deploy", "vagrant"])
 def test_agent_config_file_reaches_the_agent(configmap, tmp_path, monkeypatch):
