@@ -137,3 +137,50 @@ def test_endpoint_change_is_seen_on_the_wire(topology, echo, kind):
     assert r["before"] and set(r["before"]) == {topology.backends[0]}    # the old backend served until then
     print(f"\n{kind}: endpoint change on the wire after {1000 * (r['seen_at'] - changed_at):.1f} ms "
           f"(reload {1000 * loaded['load_seconds']:.1f} ms, {r['attempts']} connections)")
+
+
+def every_feature(backends) -> LBState:
+    """One state using every branch of the renderers: the kernel must accept all of it."""
+    from ebpfsvc.lbmodel import FrontendKind, Protocol, Scope
+
+    eps = tuple(Backend(ipaddress.IPv4Address(b), ECHO_PORT) for b in backends)
+    local = tuple(Backend(b.address, b.port, local=True) for b in eps[:1])
+    web = ServicePortName("bench", "web", "http")
+    lb = ServicePortName("bench", "lb", "")
+    dns = ServicePortName("bench", "dns", "dns", Protocol.UDP)
+    A = ipaddress.IPv4Address
+    return LBState.of([
+        Frontend(FrontendKey(A(PROBE_IP), 80), web, backends=eps, affinity_timeout=30),
+        Frontend(FrontendKey(A("198.18.1.1"), 30080, scope=Scope.EXTERNAL), web, kind=FrontendKind.NODE_PORT,
+                 backends=eps, affinity_timeout=30),
+        Frontend(FrontendKey(A("198.18.100.1"), 80, scope=Scope.EXTERNAL), web, kind=FrontendKind.EXTERNAL_IP,
+                 backends=eps, affinity_timeout=30),
+        Frontend(FrontendKey(A("198.19.0.3"), 80), lb, backends=eps),
+        Frontend(FrontendKey(A("198.18.1.1"), 30081, scope=Scope.EXTERNAL), lb, kind=FrontendKind.NODE_PORT,
+                 backends=local, local_only=True),
+        Frontend(FrontendKey(A("198.18.200.1"), 80, scope=Scope.EXTERNAL), lb, kind=FrontendKind.LOAD_BALANCER,
+                 backends=local, local_only=True, source_ranges=(ipaddress.IPv4Network("198.18.1.0/24"),)),
+        Frontend(FrontendKey(A("198.19.0.10"), 53, Protocol.UDP), dns,
+                 backends=tuple(Backend(b.address, 53, Protocol.UDP) for b in eps)),
+        no_endpoints(),
+        Frontend(FrontendKey(A("198.18.1.1"), 30082, scope=Scope.EXTERNAL), ServicePortName("bench", "empty", "http"),
+                 kind=FrontendKind.NODE_PORT),
+    ])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_feature_loads_and_nodeports_answer(topology, echo, kind):
+    # Pods only on the server side: the client counts as outside the cluster, so
+    # a Local policy applies to it (a pod would be short-circuited to all endpoints).
+    load_baseline(topology.router, kind, every_feature(topology.backends), cluster_cidr="198.18.2.0/24")
+    # NodePort on the router's own address, Cluster policy: masqueraded, any backend.
+    r = traffic.backend_spread(topology.client, "198.18.1.1", 30080, count=30, duration=30)
+    assert r["errors"] == {} and sum(r["backends"].values()) == 30
+    # NodePort with a Local policy: only the local endpoint.
+    r = traffic.backend_spread(topology.client, "198.18.1.1", 30081, count=10, duration=30)
+    assert r["backends"] == {topology.backends[0]: 10}
+    # Affinity: one client keeps its backend.
+    r = traffic.backend_spread(topology.client, PROBE_IP, 80, count=20, duration=30)
+    assert len(r["backends"]) == 1 and sum(r["backends"].values()) == 20
+    # A NodePort without endpoints is refused.
+    assert connect_error(topology.client, "198.18.1.1", 30082) == "ECONNREFUSED"

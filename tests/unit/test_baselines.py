@@ -349,3 +349,19 @@ def test_fifty_thousand_services_render_completely():
     assert sum(1 for c in chains_of(script) if c.startswith("endpoint-")) == 150_000
     print(f"50,000 services: iptables {len(payload) / 1e6:.0f} MB, nft {len(script) / 1e6:.0f} MB, "
           f"rendered in {elapsed:.1f} s")
+
+
+def test_an_endpoint_in_both_the_cluster_and_the_local_set_has_one_chain():
+    # Same address and port, flagged local only in the Local-policy set.
+    local = (be("198.18.2.11", local=True),)
+    state = LBState.of([
+        cluster_ip(SVC3, "198.19.0.3", EPS),
+        node_port(SVC3, "198.18.0.2", 30080, local, local_only=True),
+    ])
+    payload = iptables_restore_payload(state)
+    sep = names.sep_chain(SVC3, EPS[0])
+    assert payload.count(f":{sep} - [0:0]") == 1 and len(rules(payload, sep)) == 2
+    assert f"-j {sep}" in "\n".join(rules(payload, names.svl_chain(SVC3)))
+    script = nft_script(state)
+    chain = f"endpoint-{names.nft_endpoint_base(SVC3, EPS[0])}"
+    assert list(chains_of(script)).count(chain) == 1 and len(nft_rules(script, chain)) == 2

@@ -90,17 +90,17 @@ class _Tables:
 
 
 def _endpoint_selection(t: _Tables, view: ServicePortView, chain: str, endpoints: Sequence[Backend],
-                        seps: dict[Backend, str]) -> None:
+                        seps: dict[tuple, str]) -> None:
     if view.affinity_timeout:
         # sessionAffinity ClientIP: a client seen recently goes back to its endpoint.
         for b in endpoints:
-            sep = seps[b]
+            sep = seps[b.address, b.port]
             t.add("nat", chain, f"-m comment --comment \"{view.label} -> {names.endpoint_string(b)}\" "
                   f"-m recent --name {sep} --mask 255.255.255.255 --rsource --rcheck "
                   f"--seconds {view.affinity_timeout} --reap -j {sep}")
     n = len(endpoints)
     for i, b in enumerate(endpoints):
-        sep = seps[b]
+        sep = seps[b.address, b.port]
         stat = "" if i == n - 1 else f"-m statistic --mode random --probability {probability(n - i)} "
         t.add("nat", chain, f"-m comment --comment \"{view.label} -> {names.endpoint_string(b)}\" {stat}-j {sep}")
 
@@ -152,7 +152,8 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
     if uses_fw and view.has_endpoints:
         t.chain("nat", fw)
     endpoints = view.endpoints_in_use()
-    seps = {b: names.sep_chain(spn, b) for b in endpoints}
+    # Keyed by (address, port): the cluster and local sets may hold the same endpoint with other flags.
+    seps = {(b.address, b.port): names.sep_chain(spn, b) for b in endpoints}
     for sep in seps.values():
         t.chain("nat", sep)
 
@@ -216,8 +217,8 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
         _endpoint_selection(t, view, svc, view.cluster, seps)
     if view.uses_local_chain:
         _endpoint_selection(t, view, svl, view.local, seps)
-    for b, sep in seps.items():
-        _endpoint_chain(t, view, b, sep)
+    for b in endpoints:
+        _endpoint_chain(t, view, b, seps[b.address, b.port])
 
 
 def _fixed_rules(t: _Tables) -> None:

@@ -123,11 +123,12 @@ def _setup(s: _Script, node_addresses: Sequence[str] | None) -> None:
 
 
 def _endpoint_selection(s: _Script, view: ServicePortView, chain: str, endpoints: Sequence[Backend],
-                        bases: dict[Backend, str]) -> None:
+                        bases: dict[tuple, str]) -> None:
     if view.affinity_timeout:
         for b in endpoints:
-            s.rule(chain, f"ip saddr @affinity-{bases[b]} goto endpoint-{bases[b]}")
-    targets = " , ".join(f"{i} : goto endpoint-{bases[b]}" for i, b in enumerate(endpoints))
+            base = bases[b.address, b.port]
+            s.rule(chain, f"ip saddr @affinity-{base} goto endpoint-{base}")
+    targets = " , ".join(f"{i} : goto endpoint-{bases[b.address, b.port]}" for i, b in enumerate(endpoints))
     s.rule(chain, f"numgen random mod {len(endpoints)} vmap {{ {targets} }}")
 
 
@@ -147,7 +148,9 @@ def _service_port(s: _Script, view: ServicePortView, cluster_cidr: str | None, m
     internal_chain = local_chain if view.internal_local else cluster_chain
     external_policy_chain = local_chain if view.external_local else cluster_chain
     uses_ext, uses_fw = view.uses_external_chain, view.uses_firewall
-    bases = {b: names.nft_endpoint_base(view.name, b) for b in view.endpoints_in_use()}
+    # Keyed by (address, port): the cluster and local sets may hold the same endpoint with other flags.
+    endpoints = view.endpoints_in_use()
+    bases = {(b.address, b.port): names.nft_endpoint_base(view.name, b) for b in endpoints}
     for ep_base in bases.values():
         s.chain(f"endpoint-{ep_base}")
     if view.uses_cluster_chain:
@@ -219,8 +222,8 @@ def _service_port(s: _Script, view: ServicePortView, cluster_cidr: str | None, m
         _endpoint_selection(s, view, cluster_chain, view.cluster, bases)
     if view.uses_local_chain:
         _endpoint_selection(s, view, local_chain, view.local, bases)
-    for b, ep_base in bases.items():
-        _endpoint_chain(s, view, b, ep_base)
+    for b in endpoints:
+        _endpoint_chain(s, view, b, bases[b.address, b.port])
 
 
 def nft_script(state: LBState, *, cluster_cidr: str | None = "198.18.0.0/16",

@@ -116,13 +116,15 @@ class ServicePortView:
         return self._no_endpoints(self.has_external_endpoints)
 
     def endpoints_in_use(self) -> tuple[Backend, ...]:
-        """Every endpoint some chain of this port selects, each once, in order."""
-        seen: dict[Backend, None] = {}
-        for b in (self.cluster if self.uses_cluster_chain else ()):
-            seen.setdefault(b)
-        for b in (self.local if self.uses_local_chain else ()):
-            seen.setdefault(b)
-        return tuple(seen)
+        """Every endpoint some chain of this port selects, each once, in order.
+
+        Once per address and port: the same endpoint may appear in the cluster
+        and the local set with different flags, but it has one endpoint chain.
+        """
+        seen: dict[tuple, Backend] = {}
+        for b in (self.cluster if self.uses_cluster_chain else ()) + (self.local if self.uses_local_chain else ()):
+            seen.setdefault((b.address, b.port), b)
+        return tuple(seen.values())
 
 
 def _set_endpoints(view: ServicePortView, attr: str, backends: tuple[Backend, ...]) -> None:
