@@ -177,12 +177,17 @@ def test_nodeport_goes_through_kube_nodeports_and_kube_ext():
     assert rules(limited, "KUBE-SERVICES")[-1].endswith("-d 198.18.0.2 -j KUBE-NODEPORTS")
 
 
+def local_nodeport_state(local_endpoints) -> LBState:
+    """SVC3: ClusterIP over EPS, NodePort with externalTrafficPolicy Local over `local_endpoints`."""
+    return LBState.of([
+        cluster_ip(SVC3, "198.19.0.3", EPS),
+        node_port(SVC3, "198.18.0.2", 30080, local_endpoints, local_only=True),
+    ])
+
+
 def test_external_local_policy_uses_local_endpoints_and_short_circuits():
     local = (be("198.18.2.11", local=True),)
-    state = LBState.of([
-        cluster_ip(SVC3, "198.19.0.3", EPS),
-        node_port(SVC3, "198.18.0.2", 30080, local, local_only=True),
-    ])
+    state = local_nodeport_state(local)
     payload = iptables_restore_payload(state)
     chains = names.service_chains(SVC3)
     assert rules(payload, chains.ext) == [
@@ -199,10 +204,7 @@ def test_external_local_policy_uses_local_endpoints_and_short_circuits():
 
 
 def test_external_local_policy_without_local_endpoints_drops():
-    state = LBState.of([
-        cluster_ip(SVC3, "198.19.0.3", EPS),
-        node_port(SVC3, "198.18.0.2", 30080, (), local_only=True),
-    ])
+    state = local_nodeport_state(())
     payload = iptables_restore_payload(state)
     assert rules(payload, "KUBE-EXTERNAL-SERVICES") == [
         '-m comment --comment "ns3/svc3 has no local endpoints" -m addrtype --dst-type LOCAL '
@@ -353,11 +355,7 @@ def test_fifty_thousand_services_render_completely():
 
 def test_an_endpoint_in_both_the_cluster_and_the_local_set_has_one_chain():
     # Same address and port, flagged local only in the Local-policy set.
-    local = (be("198.18.2.11", local=True),)
-    state = LBState.of([
-        cluster_ip(SVC3, "198.19.0.3", EPS),
-        node_port(SVC3, "198.18.0.2", 30080, local, local_only=True),
-    ])
+    state = local_nodeport_state((be("198.18.2.11", local=True),))
     payload = iptables_restore_payload(state)
     sep = names.sep_chain(SVC3, EPS[0])
     assert payload.count(f":{sep} - [0:0]") == 1 and len(rules(payload, sep)) == 2
