@@ -353,12 +353,15 @@ class Telemetry:
         self.health.set_stopping()
 
     def close(self) -> None:
+        """Close every server (idempotent: the agent may be stopped twice)."""
         for server in (self.healthz_server, self.service_health):
             if server is not None:
                 server.close()
+        self.healthz_server = self.service_health = None
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
             self.metrics_server[0].server_close()
+            self.metrics_server = None
         self.datapath_collector.close()
 
     def alive(self) -> bool:
