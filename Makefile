@@ -32,7 +32,7 @@ bench-quick: setup
 	$(PY) -m ebpfsvc.cli bench --quick
 
 lint: setup
-	$(PY) -m pyflakes ebpfsvc tests 2>/dev/null || true
+	$(PY) -m pyflakes ebpfsvc tests
 
 clean:
 	-$(PY) -m ebpfsvc.cli lab down --all 2>/dev/null

@@ -60,9 +60,9 @@ fi
 # pip is quick when everything is already installed.
 if ! "$venv/bin/python" -c 'import ebpfsvc, pyroute2, kubernetes, numpy, cffi, scapy, pytest' 2>/dev/null \
    || [ "$here/pyproject.toml" -nt "$venv/.ebpfsvc-installed" ]; then
-  step "pip install -e .[test]"
+  step "pip install -e .[test,bench]"
   "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -e "$here[test]"
+  "$venv/bin/pip" install -q -e "$here[test,bench]"
   touch "$venv/.ebpfsvc-installed"
 fi
 
