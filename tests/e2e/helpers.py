@@ -6,9 +6,9 @@ program running in the pod, the packets cross the pod's veth and the node's TC
 programs, and the test needs no helper process per connection.
 
 The pinned maps of a node's agent are read read-only (ebpfsvc.inspect, the
-same reader as `ebpfsvc inspect`): tests use them to wait until an agent has programmed a change (instead of sleeping) and
-to prove that something was *not* programmed. Behaviour itself is always
-checked on the wire.
+same reader as `ebpfsvc inspect`): tests use them to wait until an agent has
+programmed a change (instead of sleeping) and to prove that something was *not*
+programmed. Behaviour itself is always checked on the wire.
 
 Every loop here is bounded in count and in time.
 """
@@ -20,7 +20,6 @@ import json
 import socket
 import struct
 import time
-from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -34,6 +33,7 @@ T = TypeVar("T")
 READY_TIMEOUT = 90.0          # pods started and probed ready
 SYNC_TIMEOUT = 60.0           # an agent programs an applied change
 
+
 # -- manifests --------------------------------------------------------------------------------
 
 
@@ -46,16 +46,17 @@ def service(name: str, ports: list[dict], selector: dict | None = None, **spec: 
 
 
 def bare_pod(name: str, node: str, labels: dict | None = None, command: list[str] | None = None,
-             ports: list[dict] | None = None, ready: bool | None = None) -> dict:
-    """A Pod running `command` (or nothing: a namespace with an IP, e.g. a pure client)."""
+             ports: list[dict] | None = None) -> dict:
+    """A Pod running `command` (or nothing: a namespace with an IP, e.g. a pure client).
+
+    Without a readinessProbe the lab counts it ready once started.
+    """
     container: dict[str, Any] = {"name": "c"}
     if command:
         container["command"] = command
     if ports:
         container["ports"] = ports
     meta: dict[str, Any] = {"name": name, "labels": labels or {"app": name}}
-    if ready is not None:
-        meta["annotations"] = {"lab.ebpfsvc.io/ready": "true" if ready else "false"}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
             "spec": {"nodeName": node, "containers": [container]}}
 
@@ -89,10 +90,6 @@ def wait_for(check: Callable[[], T], timeout: float = SYNC_TIMEOUT, interval: fl
 # -- clients inside pods ----------------------------------------------------------------------
 
 
-def netns_of(lab: Lab, pod: str) -> str:
-    return lab.pod_netns(pod)
-
-
 def _linger_rst(sock: socket.socket) -> None:
     # close() then sends RST instead of FIN: the client keeps no TIME_WAIT, so a test can
     # reuse a source port at once (the datapath starts a new flow on a fresh SYN).
@@ -100,7 +97,7 @@ def _linger_rst(sock: socket.socket) -> None:
 
 
 def tcp_socket(lab: Lab, pod: str, sport: int | None = None, timeout: float = 10.0) -> socket.socket:
-    sock = nsenter.socket_in(netns_of(lab, pod), socket.AF_INET, socket.SOCK_STREAM)
+    sock = nsenter.socket_in(lab.pod_netns(pod), socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     if sport is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -162,7 +159,7 @@ def connect_outcome(lab: Lab, pod: str, host: str, port: int, timeout: float = 3
 
 
 def udp_socket(lab: Lab, pod: str, timeout: float = 5.0) -> socket.socket:
-    sock = nsenter.socket_in(netns_of(lab, pod), socket.AF_INET, socket.SOCK_DGRAM)
+    sock = nsenter.socket_in(lab.pod_netns(pod), socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(timeout)
     sock.bind(("0.0.0.0", 0))
     return sock
@@ -218,10 +215,6 @@ class TcpStream:
         except OSError:
             pass
         self.sock.close()
-
-
-def backends_seen(answers: Iterable[dict]) -> Counter:
-    return Counter(a["pod"] for a in answers)
 
 
 # -- the agents' pinned maps (read-only, through ebpfsvc.inspect) ---------------------------
