@@ -182,18 +182,15 @@ class HealthServer:
                 except Exception:
                     log.exception("healthz details failed")
             code = 200 if healthy else 503
-            reply(req, code, body)
         elif path == "/livez":
-            alive = self.alive()
-            _, state, _, body = self.health.status()
-            body["state"] = state
-            code = 200 if alive else 503
-            reply(req, code, body)
+            _, _, _, body = self.health.status()
+            code = 200 if self.alive() else 503
         else:
-            code = 404
-            reply(req, code, {"error": f"{path} not found; try /healthz or /livez"})
+            code, body = 404, {"error": f"{path} not found; try /healthz or /livez"}
+        # Counted before answering: whoever got the answer can already see it counted.
         if self.on_request is not None:
             self.on_request(path, code)
+        reply(req, code, body)
 
     def close(self) -> None:
         self._server.close()
