@@ -119,6 +119,14 @@ def test_clusterip_with_three_endpoints_exact_rules():
         assert f"\n:{target} - [0:0]" in nat, target
 
 
+def test_draining_endpoints_get_rules_only_when_nothing_else_is_left():
+    draining = be("198.18.2.19", terminating=True)
+    mixed = iptables_restore_payload(LBState.of([cluster_ip(SVC1, "198.19.0.1", (*EPS, draining))]))
+    assert mixed == iptables_restore_payload(LBState.of([cluster_ip(SVC1, "198.19.0.1", EPS)]))
+    only = iptables_restore_payload(LBState.of([cluster_ip(SVC1, "198.19.0.1", (draining,))]))
+    assert "--to-destination 198.18.2.19:8080" in only
+
+
 def test_masquerade_plumbing_and_base_chain_jumps():
     payload = iptables_restore_payload(LBState.of([cluster_ip(SVC1, "198.19.0.1", EPS)]))
     assert rules(payload, "PREROUTING") == ['-m comment --comment "kubernetes service portals" -j KUBE-SERVICES']

@@ -162,6 +162,10 @@ def service_ports(state: LBState) -> list[ServicePortView]:
                 view.source_ranges = tuple(str(n) for n in fe.source_ranges)
         if fe.kind is not FrontendKind.CLUSTER_IP and fe.local_only and fe.key.scope is Scope.EXTERNAL:
             view.external_local = True
-        _set_endpoints(view, "local_endpoints" if fe.local_only else "cluster_endpoints", fe.backends)
+        # Terminating backends beside serving ones only drain their established flows: kube-proxy
+        # writes rules for them only when nothing else is left (as the map writer builds tables).
+        serving = tuple(b for b in fe.backends if not b.terminating)
+        _set_endpoints(view, "local_endpoints" if fe.local_only else "cluster_endpoints",
+                       serving or fe.backends)
         view.affinity_timeout = max(view.affinity_timeout, fe.affinity_timeout)
     return list(views.values())
