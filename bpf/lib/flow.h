@@ -20,6 +20,15 @@ static __always_inline int lb4_unparsed(int ret)
 	return ret == LB_PARSE_PASS ? TC_ACT_OK : lb_drop(REASON_MALFORMED);
 }
 
+/* ICMP on a pod hook: errors about our flows are translated (`dir`: whose
+ * conntrack entry the quoted packet is looked up in), the rest passes. */
+static __always_inline int lb4_icmp(struct __sk_buff *skb, struct lb4_pkt *p, __u8 dir)
+{
+	if (lb4_icmp_error_xlate(skb, p, bpf_ktime_get_ns(), dir) < 0)
+		return lb_drop(REASON_MALFORMED);
+	return TC_ACT_OK;
+}
+
 /* Translate a client packet of flow `e` towards its backend. */
 static __always_inline int lb4_forward_xlate(struct __sk_buff *skb, struct lb4_pkt *p,
 					     const struct ct4_entry *e)
@@ -171,6 +180,8 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
+	if (p.proto == IPPROTO_ICMP)
+		return lb4_icmp(skb, &p, CT_DIR_FORWARD);
 	if (!lb4_proto_has_ports(p.proto))
 		return TC_ACT_OK;
 	if (p.frag == LB_FRAG_LATER && frag4_lookup_ports(&p)) {
@@ -210,12 +221,9 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
+	if (p.proto == IPPROTO_ICMP)
+		return lb4_icmp(skb, &p, CT_DIR_REPLY);
 	now = bpf_ktime_get_ns();
-	if (p.proto == IPPROTO_ICMP) {
-		if (lb4_icmp_error_rev_nat(skb, &p, now) < 0)
-			return lb_drop(REASON_MALFORMED);
-		return TC_ACT_OK;
-	}
 	if (!lb4_proto_has_ports(p.proto))
 		return TC_ACT_OK;
 	if (p.frag == LB_FRAG_LATER && frag4_lookup_ports(&p))

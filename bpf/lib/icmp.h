@@ -176,25 +176,66 @@ static __always_inline int lb4_icmp_store(struct __sk_buff *skb, __u32 icmp_csum
 }
 
 /*
- * An ICMP error going to a client about a packet the client sent to a VIP
- * (the embedded packet is client -> backend after our DNAT): make it about
- * client -> VIP again. Rewrites the embedded destination address and port,
- * the embedded IP checksum, the embedded L4 checksum when it was quoted, the
- * outer source when the backend itself sent the error, and the ICMP checksum
- * for all of it. Returns 1 when translated, 0 when not ours, -1 on failure.
+ * Rewrite one end of the packet quoted in an ICMP error (source: address at
+ * IP_SADDR_OFF, port at L4 offset 0; destination: IP_DADDR_OFF, 2), keeping
+ * the quoted L4 checksum (when it was quoted), the quoted IP checksum and the
+ * ICMP checksum right. The quoted L4 checksum goes first, while its old value
+ * is still in place to be read.
  */
-static __always_inline int lb4_icmp_error_rev_nat(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+static __always_inline int lb4_icmp_quote_rewrite(struct __sk_buff *skb, __u32 icmp_csum, __u32 in_off,
+						  __u32 in_l4, __u8 in_proto, __u32 addr_off, __u32 port_off,
+						  __be32 old_addr, __be32 new_addr, __be16 old_port, __be16 new_port)
+{
+	__u32 l4c = lb4_l4_csum_off(in_proto);
+	__u16 old_csum = 0, new_csum = 0;
+
+	if (l4c && in_l4 + l4c + 2 <= skb->len &&
+	    !bpf_skb_load_bytes(skb, in_l4 + l4c, &old_csum, 2) &&
+	    !(in_proto == IPPROTO_UDP && old_csum == 0)) {
+		if (bpf_l4_csum_replace(skb, in_l4 + l4c, old_addr, new_addr, sizeof(new_addr)) < 0 ||
+		    bpf_l4_csum_replace(skb, in_l4 + l4c, old_port, new_port, sizeof(new_port)) < 0 ||
+		    bpf_skb_load_bytes(skb, in_l4 + l4c, &new_csum, 2) ||
+		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
+			return -1;
+	}
+	if (old_port != new_port &&
+	    lb4_icmp_store(skb, icmp_csum, in_l4 + port_off, old_port, new_port, sizeof(new_port)))
+		return -1;
+	if (bpf_skb_load_bytes(skb, in_off + IP_CSUM_OFF, &old_csum, 2) ||
+	    bpf_l3_csum_replace(skb, in_off + IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0 ||
+	    bpf_skb_load_bytes(skb, in_off + IP_CSUM_OFF, &new_csum, 2) ||
+	    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0 ||
+	    lb4_icmp_store(skb, icmp_csum, in_off + addr_off, old_addr, new_addr, sizeof(new_addr)))
+		return -1;
+	return 0;
+}
+
+/*
+ * ICMP errors about translated flows, in both directions:
+ *
+ *  - CT_DIR_REPLY (to_pod): an error going to a client about a packet the
+ *    client sent to a VIP. The quoted packet is client -> backend (after our
+ *    DNAT); it becomes client -> VIP again, and the outer source too when the
+ *    backend itself sent the error (e.g. its port unreachable).
+ *  - CT_DIR_FORWARD (from_pod): an error a client sends about a reply it got
+ *    from the VIP (e.g. port unreachable once its socket closed). The quoted
+ *    packet is VIP -> client (after our reverse NAT); it becomes backend ->
+ *    client, and the outer destination the backend, so the backend learns.
+ *
+ * Returns 1 when translated, 0 when not ours, -1 on failure.
+ */
+static __always_inline int lb4_icmp_error_xlate(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now, __u8 dir)
 {
 	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
 	__u32 in_off = p->l4_off + sizeof(struct icmphdr);
-	__u32 in_l4, l4c;
+	__u32 in_l4, in_addr_off, in_port_off, outer_off;
 	struct iphdr in;
 	__be16 ports[2];
-	__u16 old_csum = 0, new_csum = 0;
 	struct ct4_key k;
 	struct ct4_entry *e;
-	__be32 vip;
-	__be16 vport;
+	__be32 from_addr, to_addr, outer;
+	__be16 from_port, to_port;
+	int reply;
 
 	if (!lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
 		return 0;
@@ -206,48 +247,42 @@ static __always_inline int lb4_icmp_error_rev_nat(struct __sk_buff *skb, struct 
 	if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)))
 		return 0;
 
-	/* The embedded packet went client -> backend: its reply key is backend -> client. */
+	/* The quoted packet travelled the other way: its reverse is our key. */
 	k.saddr = in.daddr;
 	k.daddr = in.saddr;
 	k.sport = ports[1];
 	k.dport = ports[0];
 	k.proto = in.protocol;
-	k.dir = CT_DIR_REPLY;
+	k.dir = dir;
 	k.pad0 = 0;
 	e = ct4_lookup(&k, now);
 	if (!e || (e->flags & CT_F_HAIRPIN))
 		return 0;
-	vip = e->frontend_addr;
-	vport = e->frontend_port;
 
-	/* Embedded L4 checksum first, while its old value is still in place. */
-	l4c = lb4_l4_csum_off(in.protocol);
-	if (l4c && in_l4 + l4c + 2 <= skb->len &&
-	    !bpf_skb_load_bytes(skb, in_l4 + l4c, &old_csum, 2) &&
-	    !(in.protocol == IPPROTO_UDP && old_csum == 0)) {
-		if (bpf_l4_csum_replace(skb, in_l4 + l4c, in.daddr, vip, sizeof(vip)) < 0 ||
-		    bpf_l4_csum_replace(skb, in_l4 + l4c, ports[1], vport, sizeof(vport)) < 0 ||
-		    bpf_skb_load_bytes(skb, in_l4 + l4c, &new_csum, 2) ||
-		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
-			return -1;
-	}
-	if (ports[1] != vport &&
-	    lb4_icmp_store(skb, icmp_csum, in_l4 + 2, ports[1], vport, sizeof(vport)))
+	/* REPLY: quoted client -> backend becomes client -> VIP, outer source.
+	 * FORWARD: quoted VIP -> client becomes backend -> client, outer destination. */
+	reply = dir == CT_DIR_REPLY;
+	from_addr = reply ? in.daddr : in.saddr;
+	from_port = reply ? ports[1] : ports[0];
+	to_addr = reply ? e->frontend_addr : e->backend_addr;
+	to_port = reply ? e->frontend_port : e->backend_port;
+	in_addr_off = reply ? IP_DADDR_OFF : IP_SADDR_OFF;
+	in_port_off = reply ? 2 : 0;
+	outer_off = reply ? IP_SADDR_OFF : IP_DADDR_OFF;
+	outer = reply ? p->saddr : p->daddr;
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, in_addr_off, in_port_off,
+				   from_addr, to_addr, from_port, to_port))
 		return -1;
-
-	/* Embedded destination address and the embedded IP header checksum. */
-	old_csum = in.check;
-	if (bpf_l3_csum_replace(skb, in_off + IP_CSUM_OFF, in.daddr, vip, sizeof(vip)) < 0 ||
-	    bpf_skb_load_bytes(skb, in_off + IP_CSUM_OFF, &new_csum, 2) ||
-	    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0 ||
-	    lb4_icmp_store(skb, icmp_csum, in_off + IP_DADDR_OFF, in.daddr, vip, sizeof(vip)))
-		return -1;
-
-	/* The backend itself answered (e.g. port unreachable): it speaks as the VIP. */
-	if (p->saddr == in.daddr &&
-	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_SADDR_OFF, p->saddr, vip, 0, 0))
+	if (outer == from_addr &&
+	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + outer_off, outer, to_addr, 0, 0))
 		return -1;
 	return 1;
+}
+
+/* The to_pod direction, under the name the uplink programs use too. */
+static __always_inline int lb4_icmp_error_rev_nat(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	return lb4_icmp_error_xlate(skb, p, now, CT_DIR_REPLY);
 }
 
 #endif /* EBPFSVC_ICMP_H */

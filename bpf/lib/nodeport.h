@@ -291,40 +291,6 @@ static __always_inline int np4_snat_reply(struct __sk_buff *skb, struct lb4_pkt 
 }
 
 /*
- * Rewrite one end of the packet quoted in an ICMP error (source: address at
- * IP_SADDR_OFF, port at L4 offset 0; destination: IP_DADDR_OFF, 2), keeping the
- * quoted IP checksum, the quoted L4 checksum (when it is quoted) and the ICMP
- * checksum right, as lb4_icmp_error_rev_nat does for the destination alone.
- */
-static __always_inline int np4_icmp_quote_rewrite(struct __sk_buff *skb, __u32 icmp_csum, __u32 in_off,
-						  __u32 in_l4, __u8 in_proto, __u32 addr_off, __u32 port_off,
-						  __be32 old_addr, __be32 new_addr, __be16 old_port, __be16 new_port)
-{
-	__u32 l4c = lb4_l4_csum_off(in_proto);
-	__u16 old_csum = 0, new_csum = 0;
-
-	if (l4c && in_l4 + l4c + 2 <= skb->len &&
-	    !bpf_skb_load_bytes(skb, in_l4 + l4c, &old_csum, 2) &&
-	    !(in_proto == IPPROTO_UDP && old_csum == 0)) {
-		if (bpf_l4_csum_replace(skb, in_l4 + l4c, old_addr, new_addr, sizeof(new_addr)) < 0 ||
-		    bpf_l4_csum_replace(skb, in_l4 + l4c, old_port, new_port, sizeof(new_port)) < 0 ||
-		    bpf_skb_load_bytes(skb, in_l4 + l4c, &new_csum, 2) ||
-		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
-			return -1;
-	}
-	if (old_port != new_port &&
-	    lb4_icmp_store(skb, icmp_csum, in_l4 + port_off, old_port, new_port, sizeof(new_port)))
-		return -1;
-	if (bpf_skb_load_bytes(skb, in_off + IP_CSUM_OFF, &old_csum, 2) ||
-	    bpf_l3_csum_replace(skb, in_off + IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0 ||
-	    bpf_skb_load_bytes(skb, in_off + IP_CSUM_OFF, &new_csum, 2) ||
-	    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0 ||
-	    lb4_icmp_store(skb, icmp_csum, in_off + addr_off, old_addr, new_addr, sizeof(new_addr)))
-		return -1;
-	return 0;
-}
-
-/*
  * An ICMP error arriving for a SNATed flow, about a packet we sent to the
  * backend as node address:port -> backend (e.g. fragmentation needed on the
  * way, or the backend's port unreachable): make it the error the client would
@@ -368,9 +334,9 @@ static __always_inline int np4_icmp_error_snat(struct __sk_buff *skb, struct lb4
 	if (!client)
 		return -1;
 
-	if (np4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_SADDR_OFF, 0,
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_SADDR_OFF, 0,
 				   in.saddr, client->address, ports[0], client->port) ||
-	    np4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_DADDR_OFF, 2,
+	    lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_DADDR_OFF, 2,
 				   in.daddr, e->frontend_addr, ports[1], e->frontend_port))
 		return lb_drop(REASON_MALFORMED);
 	/* Outer header: to the client; from the frontend when the backend itself complained. */

@@ -128,10 +128,12 @@ class Datapath:
     cflags: tuple[str, ...]
     programs: dict = field(default_factory=dict)
     maps: dict = field(default_factory=dict)
+    cache_key: tuple | None = None      # set when this process's load cache holds it
 
     def close(self) -> None:
         """Release the program and map fds (pins, and attached filters, stay)."""
-        _CACHE.pop(self._cache_key, None) if hasattr(self, "_cache_key") else None
+        if self.cache_key is not None:
+            _CACHE.pop(self.cache_key, None)
         self.bpf.cleanup()
 
 
@@ -180,7 +182,7 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     for name in MAPS:
         dp.maps[name] = bpf.get_table(name.encode())
     if cache:
-        dp._cache_key = key
+        dp.cache_key = key
         _CACHE[key] = dp
     return dp
 

@@ -73,3 +73,25 @@ def test_icmp_error_about_unknown_flow_is_untouched(datapath, tcp_flow):
 
 def test_icmp_echo_reply_is_untouched(datapath, tcp_flow):
     check(datapath, Case("echo reply", "to_pod", to_pod(IP(src=BACKEND1, dst=CLIENT) / ICMP(type=0)), OK))
+
+
+def client_error(dst, type_, code, inner):
+    """An ICMP error the client pod sends (leaving the pod)."""
+    return from_pod(IP(src=CLIENT, dst=dst, id=9) / ICMP(type=type_, code=code) / inner)
+
+
+def test_client_port_unreachable_about_a_reply_reaches_the_backend(datapath, udp_flow):
+    # The reply came from VIP:53 (after reverse NAT); the client's socket is gone.
+    inner_in = IP(src=VIP, dst=CLIENT, id=3) / UDP(sport=53, dport=5000) / Raw(b"answer")
+    inner_out = IP(src=BACKEND1, dst=CLIENT, id=3) / UDP(sport=5353, dport=5000) / Raw(b"answer")
+    check(datapath, Case("client's port unreachable about VIP:53 -> backend:5353", "from_pod",
+                         client_error(VIP, 3, 3, inner_in), OK, client_error(BACKEND1, 3, 3, inner_out)))
+
+
+def test_client_error_about_unknown_reply_is_untouched(datapath, udp_flow):
+    inner = IP(src=VIP, dst=CLIENT) / UDP(sport=53, dport=5999) / Raw(b"answer")
+    check(datapath, Case("no such flow", "from_pod", client_error(VIP, 3, 3, inner), OK))
+
+
+def test_client_echo_request_to_vip_is_untouched(datapath, udp_flow):
+    check(datapath, Case("ping to the VIP", "from_pod", from_pod(IP(src=CLIENT, dst=VIP) / ICMP()), OK))
