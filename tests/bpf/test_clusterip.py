@@ -12,11 +12,12 @@ from scapy.layers.inet import ICMP, IP, IPOption_NOP, IPOption_RR, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
+from ebpfsvc.lbmodel import Algorithm, Frontend, FrontendKey, Protocol, Scope, ServicePortName
+
 from .packets import (
-    BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, OK, OTHER, VIP, VIP2, Case, be, check,
-    expected_backend, from_pod, frontend, state, tcp, to_pod, udp,
+    A, BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, OK, OTHER, VIP, VIP2, Case, be, check,
+    expected_backend, from_pod, frontend, run, state, tcp, to_pod, udp,
 )
-from ebpfsvc.lbmodel import Protocol
 
 pytestmark = pytest.mark.root
 
@@ -124,3 +125,40 @@ UNTOUCHED = [
 def test_untouched(datapath, writer, case):
     writer.apply(state(WEB))
     check(datapath, case)
+
+
+def test_random_algorithm_spreads_and_sticks(datapath, writer):
+    rnd = frontend(VIP, 80, [be(BACKEND1), be(BACKEND2), be(BACKEND3)], algorithm=Algorithm.RANDOM)
+    writer.apply(state(rnd))
+    chosen = {}
+    for sport in range(42000, 42060):
+        res = run(datapath, "from_pod", from_pod(tcp(CLIENT, VIP, sport, 80, "S")))
+        assert res.verdict == "TC_ACT_OK"
+        chosen[sport] = Ether(res.data)[IP].dst
+    assert set(chosen.values()) <= {BACKEND1, BACKEND2, BACKEND3}
+    # 60 flows on one backend out of three by chance: p = 3 * 3**-60.
+    assert len(set(chosen.values())) > 1
+    for sport, b in chosen.items():       # every flow keeps its random pick
+        check(datapath, Case("tracked random flow", "from_pod", from_pod(tcp(CLIENT, VIP, sport, 80, "A")), OK,
+                             from_pod(tcp(CLIENT, b, sport, 8080, "A"))))
+
+
+def test_external_scope_frontend_is_not_used_for_pod_traffic(datapath, writer):
+    ext = Frontend(key=FrontendKey(A(VIP), 80, Protocol.TCP, Scope.EXTERNAL),
+                   service=ServicePortName("default", "web"), backends=(be(BACKEND1),))
+    writer.apply(state(ext))
+    check(datapath, Case("only the INTERNAL scope serves pods", "from_pod",
+                         from_pod(tcp(CLIENT, VIP, 40000, 80)), OK))
+
+
+def test_sctp_address_translation_keeps_crc_valid(datapath, writer):
+    from scapy.layers.sctp import SCTP, SCTPChunkInit
+    assoc = frontend(VIP, 3868, [be(BACKEND1, 3868, Protocol.SCTP)], proto=Protocol.SCTP, name="diameter")
+    writer.apply(state(assoc))
+    init = SCTPChunkInit(init_tag=7, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+    check(datapath, Case("SCTP INIT: address DNAT, CRC32c (no pseudo-header) still valid", "from_pod",
+                         from_pod(IP(src=CLIENT, dst=VIP) / SCTP(sport=3000, dport=3868) / init), OK,
+                         from_pod(IP(src=CLIENT, dst=BACKEND1) / SCTP(sport=3000, dport=3868) / init)))
+    check(datapath, Case("SCTP reply reverse-NATed", "to_pod",
+                         to_pod(IP(src=BACKEND1, dst=CLIENT) / SCTP(sport=3868, dport=3000) / init), OK,
+                         to_pod(IP(src=VIP, dst=CLIENT) / SCTP(sport=3868, dport=3000) / init)))
