@@ -427,6 +427,11 @@ static __always_inline int np4_to_uplink(struct __sk_buff *skb)
 	e = ct4_lookup(&rk, now);
 	if (!e || (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) != CT_F_NODEPORT)
 		return TC_ACT_OK;
+	/* A SYN-ACK on a flow that is over answers a connection that did not come
+	 * through the frontend (its SYN would have restarted the flow), e.g. the
+	 * client reaching the pod directly with the same ports: not ours. */
+	if (p.proto == IPPROTO_TCP && ct4_closing(e->flags) && (p.tcp_flags & LB_TCP_SYN))
+		return TC_ACT_OK;
 	ct4_note_reply(e, &p, p.daddr, p.dport, now);
 	frag4_record(&p);
 	if (lb4_rewrite_src(skb, &p, e->frontend_addr, e->frontend_port))

@@ -9,7 +9,8 @@
  *   - what it handles: plain IPv4 (no options, not a fragment) TCP/UDP to an
  *     EXTERNAL frontend (new and tracked flows), replies of SNATed flows;
  *     refused source ranges are dropped here already;
- *   - what it passes: ICMP, fragments, IP options, SCTP, frontends without
+ *   - what it passes: ICMP, fragments, IP options, SCTP, packets whose L4
+ *     checksum is still partial (np4_csum_partial), frontends without
  *     backends (reject / Local drop), flows to restart (expired, port reuse,
  *     backend gone), and any packet whose next hop the FIB cannot give with
  *     a resolved neighbour (TC then resolves it with bpf_redirect_neigh).
@@ -31,6 +32,25 @@ static __always_inline __u16 np4_csum_add(__u16 check, __s64 diff)
 	s = (s & 0xffff) + (s >> 16);
 	s = (s & 0xffff) + (s >> 16);
 	return (__u16)~s;
+}
+
+/*
+ * Does this L4 checksum field hold only the pseudo-header sum, i.e. was the
+ * packet sent with checksum offload (CHECKSUM_PARTIAL) and never completed?
+ * That happens on veth, where a local socket's packet keeps its partial sum
+ * end to end. XDP cannot see ip_summed, and a frame it transmits (XDP_TX)
+ * loses it: such a packet goes to TC, whose csum helpers know the skb's state.
+ * A full checksum equals the folded pseudo-header sum by chance 1 in 65536
+ * times: that packet goes to TC too, which is always correct, only slower.
+ */
+static __always_inline int np4_csum_partial(__be32 saddr, __be32 daddr, __u8 proto, __u16 l4_len, __u16 check)
+{
+	__u32 s = (saddr >> 16) + (saddr & 0xffff) + (daddr >> 16) + (daddr & 0xffff) +
+		  lb_htons((__u16)proto) + lb_htons(l4_len);
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s == check;
 }
 
 /* Plain IPv4 TCP/UDP into `p`; -1 for anything XDP leaves to TC. */
@@ -64,6 +84,8 @@ static __always_inline int np4_xdp_parse(struct xdp_md *ctx, struct lb4_pkt *p)
 
 		if ((void *)(th + 1) > data_end || th->doff < 5 || sizeof(*iph) + th->doff * 4 > p->ip_len)
 			return -1;
+		if (np4_csum_partial(iph->saddr, iph->daddr, IPPROTO_TCP, p->ip_len - sizeof(*iph), th->check))
+			return -1;
 		p->sport = th->source;
 		p->dport = th->dest;
 		p->tcp_doff = th->doff * 4;
@@ -76,6 +98,9 @@ static __always_inline int np4_xdp_parse(struct xdp_md *ctx, struct lb4_pkt *p)
 		struct udphdr *uh = l4;
 
 		if ((void *)(uh + 1) > data_end || sizeof(*iph) + sizeof(*uh) > p->ip_len)
+			return -1;
+		if (uh->check && np4_csum_partial(iph->saddr, iph->daddr, IPPROTO_UDP, p->ip_len - sizeof(*iph),
+						  uh->check))
 			return -1;
 		p->sport = uh->source;
 		p->dport = uh->dest;

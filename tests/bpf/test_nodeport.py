@@ -173,3 +173,18 @@ def test_untouched(uplink, row):
     uplink.writer.apply(state(REMOTE, LOCAL))
     desc, prog, pkt = row
     uplink.check(desc, prog, pkt, OK)
+
+
+def test_a_direct_connection_reusing_a_closed_flows_ports_is_not_translated(uplink):
+    """The client reaches the pod directly (routed) with the ports of a NodePort flow that has
+    closed: the pod's SYN-ACK matches the old flow's reply entry but must leave untouched."""
+    uplink.writer.apply(state(LOCAL))
+    steps = [
+        ("from_uplink", from_client(tcp(CLIENT, NODE, 40000, 30081, "S")), from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S"))),
+        ("to_uplink", to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "FA")), to_client(tcp(NODE, CLIENT, 30081, 40000, "FA"))),
+        ("from_uplink", from_client(tcp(CLIENT, NODE, 40000, 30081, "FA")), from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "FA"))),
+    ]
+    for prog, pkt, want in steps:
+        uplink.check("NodePort flow, closed with FIN both ways", prog, pkt, OK, want)
+    uplink.check("SYN-ACK of a direct connection with the same ports: untouched", "to_uplink",
+                 to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "SA")), OK)

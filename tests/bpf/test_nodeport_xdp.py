@@ -112,3 +112,23 @@ def test_passed_up_untouched_then_tc(uplink):
         ("pod traffic from node-2", from_node2(tcp(REMOTE_BE, LOCAL_BE, 8080, 40000))),
     ]:
         uplink.check_xdp(f"{desc}: untouched", pkt, XDP_PASS)
+
+
+def test_partial_checksum_goes_to_tc(uplink):
+    """A segment sent with checksum offload on veth carries only the pseudo-header sum:
+    XDP cannot complete it (a transmitted frame loses the skb's checksum state), TC can."""
+    import struct
+
+    from ebpfsvc.datapath.loader import be32
+
+    uplink.writer.apply(LBState.of([REMOTE]))
+    pkt = from_client(tcp(CLIENT, NODE, 40000, 30080, "S"))
+    raw = bytearray(bytes(pkt))
+    s = 0
+    for word in struct.unpack("!4H", struct.pack("=II", be32(CLIENT), be32(NODE))):
+        s += word
+    s += 6 + 20                                  # proto, TCP length (header only)
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    raw[14 + 20 + 16: 14 + 20 + 18] = struct.pack("!H", s)   # what the sender's offload would leave
+    uplink.check_xdp("partial checksum: passed up untouched", bytes(raw), XDP_PASS)
