@@ -35,6 +35,10 @@
 #define IPPROTO_SCTP 132
 #endif
 
+/* Bytes the parser reads at most: Ethernet, IPv4 with the longest options, and
+ * the fixed TCP header (the longest L4 header it reads). */
+#define LB_PULL_LEN (ETH_HLEN + 60 + 20)
+
 #define LB_IP_MF     0x2000   /* more fragments, host order */
 #define LB_IP_OFFSET 0x1fff   /* fragment offset in 8-byte units, host order */
 
@@ -100,10 +104,21 @@ static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_pkt *p)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
+	struct ethhdr *eth;
 	struct iphdr *iph;
-	__u32 ihl, frag_off;
+	__u32 ihl, frag_off, want;
 
+	/* Direct packet access sees only the linear part of the skb. Headers are
+	 * normally there, but not always (GRO, header split): make them linear
+	 * rather than mistake a non-linear packet for a truncated one. */
+	want = skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN;
+	if (data + want > data_end) {
+		if (bpf_skb_pull_data(skb, want))
+			return LB_PARSE_MALFORMED;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	eth = data;
 	if (data + ETH_HLEN > data_end)
 		return LB_PARSE_PASS;           /* cannot even tell the ethertype */
 	if (eth->h_proto != lb_htons(ETH_P_IP))

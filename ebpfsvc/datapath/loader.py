@@ -16,8 +16,10 @@ so compiler messages still name the right file and line.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 import shutil
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ebpfsvc import abi
+
+log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 SOURCE = BPF_DIR / "lb_pod.c"
@@ -176,6 +180,23 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
     pin_dir.mkdir(parents=True, exist_ok=True)
     bpf = BPF(text=text.encode(), cflags=list(cflags))
+    stale = stale_pins(bpf, pin_dir)
+    if stale:
+        # bcc reuses a pinned map without comparing it with the declaration, so
+        # after a limits or ABI change the program would run on maps of the old
+        # shape. Start clean instead: the maps are rebuilt from the next
+        # LBState; established TCP flows mostly keep their backend (a mid-stream
+        # packet creates a flow again, and Maglev picks the same backend when
+        # the backend set is unchanged); UDP flows are balanced again.
+        log.warning("pinned maps in %s do not match the program (%s): recreating all of them",
+                    pin_dir, ", ".join(stale))
+        bpf.cleanup()
+        _remove_pins(pin_dir)
+        bpf = BPF(text=text.encode(), cflags=list(cflags))
+        still = stale_pins(bpf, pin_dir)
+        if still:
+            bpf.cleanup()
+            raise RuntimeError(f"pinned maps in {pin_dir} still differ after recreating them: {still}")
     dp = Datapath(bpf=bpf, pin_dir=pin_dir, cflags=cflags)
     for name in programs:
         dp.programs[name] = bpf.load_func(name.encode(), getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS")))
@@ -187,6 +208,30 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     return dp
 
 
+def stale_pins(bpf, pin_dir: Path) -> list[str]:
+    """Maps of `bpf` whose pinned object differs from the program's declaration
+    (type, key size, value size, max entries)."""
+    from ebpfsvc.inspect.bpfmap import MAP_TYPES as KERNEL_MAP_TYPES, PinnedMap
+
+    stale = []
+    for name in MAPS:
+        table = bpf.get_table(name.encode())
+        leaf = getattr(table, "sLeaf", table.Leaf)          # per-CPU maps: one CPU's value
+        declared = (KERNEL_MAP_TYPES.get(table.ttype, str(table.ttype)), ctypes.sizeof(table.Key),
+                    ctypes.sizeof(leaf), table.max_entries)
+        with PinnedMap.open(pin_dir / name) as pinned:
+            info = pinned.info
+            actual = (info.type, info.key_size, info.value_size, info.max_entries)
+        if actual != declared:
+            stale.append(f"{name}: pinned {actual}, declared {declared}")
+    return stale
+
+
+def _remove_pins(pin_dir: Path) -> None:
+    for name in MAPS:
+        (pin_dir / name).unlink(missing_ok=True)
+
+
 def unpin(pin_dir) -> None:
     """Remove the pinned maps of a pin directory, and the directory itself.
 
@@ -196,8 +241,7 @@ def unpin(pin_dir) -> None:
     pin_dir = Path(pin_dir)
     if not pin_dir.exists():
         return
-    for name in MAPS:
-        (pin_dir / name).unlink(missing_ok=True)
+    _remove_pins(pin_dir)
     for key, dp in list(_CACHE.items()):
         if dp.pin_dir == pin_dir:
             _CACHE.pop(key)

@@ -1,0 +1,73 @@
+"""Loader: compile cache, source expansion, pinned maps reused across loads and
+recreated when they no longer match the program (bcc itself reuses a pinned map
+of any shape)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ebpfsvc import maglev
+from ebpfsvc.datapath import loader
+from ebpfsvc.datapath.writer import ApplyStats, MapWriter
+
+from .conftest import TEST_LIMITS
+from .packets import BACKEND1, CLIENT, VIP, be, from_pod, frontend, run, state, tcp
+
+pytestmark = pytest.mark.root
+
+
+def test_expanded_source_has_no_local_includes():
+    text = loader.expand_source()
+    assert '#include "' not in text
+    assert f'#line 1 "{loader.BPF_DIR / "lib" / "flow.h"}"' in text
+
+
+def test_cache_returns_the_loaded_object(pin_dir):
+    a = loader.load(pin_dir, limits=TEST_LIMITS)
+    try:
+        assert loader.load(pin_dir, limits=TEST_LIMITS) is a
+    finally:
+        a.close()
+    b = loader.load(pin_dir, limits=TEST_LIMITS)
+    try:
+        assert b is not a          # closing dropped it from the cache
+    finally:
+        b.close()
+
+
+def test_pins_survive_a_reload(pin_dir):
+    a = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+    try:
+        MapWriter(a.maps).apply(state(frontend(VIP, 80, [be(BACKEND1)])))
+        assert run(a, "from_pod", from_pod(tcp(CLIENT, VIP, 40000, 80))).verdict == "TC_ACT_OK"
+    finally:
+        a.close()
+    b = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+    try:
+        assert len(list(b.maps["ct4"].items())) == 2, "the flow survived"
+        assert MapWriter(b.maps).apply(state(frontend(VIP, 80, [be(BACKEND1)]))) == ApplyStats()
+    finally:
+        b.close()
+
+
+def test_pins_of_other_limits_are_recreated(pin_dir, caplog):
+    a = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+    try:
+        MapWriter(a.maps).apply(state(frontend(VIP, 80, [be(BACKEND1)])))
+    finally:
+        a.close()
+    bigger = loader.Limits(**{**TEST_LIMITS.__dict__, "maglev_slots": TEST_LIMITS.maglev_slots * 2})
+    with caplog.at_level(logging.WARNING, logger="ebpfsvc.datapath.loader"):
+        b = loader.load(pin_dir, limits=bigger, cache=False)
+    try:
+        assert "lb_maglev" in caplog.text
+        assert loader.stale_pins(b.bpf, pin_dir) == []
+        assert list(b.maps["lb4_frontends"].items()) == [], "recreated empty"
+        w = MapWriter(b.maps)
+        assert w.free_slots() == bigger.maglev_slots
+        w.apply(state(frontend(VIP, 80, [be(BACKEND1)])))
+        assert w.free_slots() == bigger.maglev_slots - maglev.table_size(1)
+    finally:
+        b.close()
