@@ -221,8 +221,9 @@ class PinnedMap:
                 out.append((k, v))
         return out
 
-    def _batch(self, start: bytes | None, chunk: int, limit: int | None = None, decode: bool = True):
-        """Batches of (key, value) after key `start` (None: from the beginning), at most `limit` entries."""
+    def _raw_batches(self, start: bytes | None, chunk: int, limit: int | None = None):
+        """BPF_MAP_LOOKUP_BATCH from the key after `start` (None: from the beginning), at most `limit`
+        entries: yields (count, keys bytes, values bytes) per call."""
         ks, vb = self.info.key_size, self.value_bytes
         chunk = max(1, min(chunk, self.info.max_entries))
         keys = ctypes.create_string_buffer(ks * chunk)
@@ -247,18 +248,20 @@ class PinnedMap:
                 if e.errno != errno.ENOENT:
                     raise
                 done = True
-            if not decode:
-                yield attr.count            # count() only: no per-entry copies
-            else:
-                raw_k, raw_v = keys.raw, vals.raw
-                for i in range(attr.count):
-                    yield raw_k[i * ks:(i + 1) * ks], self._split(raw_v[i * vb:(i + 1) * vb])
-            if done:
+            n = attr.count
+            yield n, keys.raw[:n * ks], vals.raw[:n * vb]
+            if done or not n:
                 return
             if left is not None:
-                left -= attr.count
+                left -= n
             ctypes.memmove(token_in, token_out, len(token_out.raw))
             first = False
+
+    def _batch(self, start: bytes | None, chunk: int):
+        ks, vb = self.info.key_size, self.value_bytes
+        for n, raw_k, raw_v in self._raw_batches(start, chunk):
+            for i in range(n):
+                yield raw_k[i * ks:(i + 1) * ks], self._split(raw_v[i * vb:(i + 1) * vb])
 
     def count(self) -> int:
         """Entries present now, as the kernel sees them (an ARRAY always holds max_entries)."""
@@ -266,7 +269,7 @@ class PinnedMap:
             return self.info.max_entries
         if self._batch_ok:
             try:
-                return sum(self._batch(None, 4096, decode=False))
+                return sum(n for n, _, _ in self._raw_batches(None, 4096))
             except OSError as e:
                 if e.errno not in _NO_BATCH:
                     raise
@@ -282,32 +285,14 @@ class PinnedMap:
             return bytes(out)
         if self._batch_ok:
             try:
-                # An ARRAY's batches come in key order, from the key after `in_batch`.
+                # An ARRAY's batches come in key order, from the key after the start token.
                 pos = 0
-                chunk = min(size, 1 << 16)
-                keys = ctypes.create_string_buffer(4 * chunk)
-                vals = ctypes.create_string_buffer(vb * chunk)
-                token_in = ctypes.create_string_buffer(_u32(offset - 1) if offset else bytes(4), 8)
-                token_out = ctypes.create_string_buffer(8)
-                while pos < size:
-                    want = min(chunk, size - pos)
-                    attr = _BatchAttr(in_batch=0 if offset + pos == 0 else ctypes.addressof(token_in),
-                                      out_batch=ctypes.addressof(token_out), keys=ctypes.addressof(keys),
-                                      values=ctypes.addressof(vals), count=want, map_fd=self.fd)
-                    done = False
-                    try:
-                        _bpf(BPF_MAP_LOOKUP_BATCH, attr)
-                    except OSError as e:
-                        if e.errno != errno.ENOENT:
-                            raise
-                        done = True
-                    if attr.count and _from_u32(keys.raw[:4]) != offset + pos:
+                for n, raw_k, raw_v in self._raw_batches(_u32(offset - 1) if offset else None,
+                                                          min(size, 1 << 16), limit=size):
+                    if n and _from_u32(raw_k[:4]) != offset + pos:
                         raise OSError(errno.EINVAL, "array batch not in key order")
-                    out[pos * vb:(pos + attr.count) * vb] = vals.raw[:attr.count * vb]
-                    pos += attr.count
-                    if done or not attr.count:
-                        break
-                    ctypes.memmove(token_in, token_out, 8)
+                    out[pos * vb:(pos + n) * vb] = raw_v
+                    pos += n
                 return bytes(out)
             except OSError as e:
                 if e.errno not in _NO_BATCH:
