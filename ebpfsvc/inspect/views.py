@@ -148,6 +148,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
                 step("source", "local backend (or policy Local): the client address is kept")
             else:
                 step("source", "remote backend: source SNATed to the node, so the reply comes back here")
+        elif verdict == "dnat" and backend is not None and backend.address == src and reason != "conntrack":
+            step("source", "hairpin: the client is the backend; its source becomes the node's hairpin "
+                 "address (if the agent has one), so the reply returns through the datapath")
         return {"flow": f"{src}:{sport if sport is not None else '*'} -> {dst}:{dport}/{proto}",
                 "scope": scope, "steps": steps, "verdict": verdict, "reason": reason,
                 "backend": backend.name if backend else None, "backend_id": backend_id or None}
