@@ -292,3 +292,14 @@ def test_why_with_terminating_backends(datapath, writer, pin_dir):
     rows = {b["backend"]: b for b in svc["frontends"][0]["backends"]}
     assert rows[f"{first}:8080/TCP"]["state"] == "terminating" and rows[f"{first}:8080/TCP"]["slots"] == 0
     assert rows[f"{first}:8080/TCP"]["flows"] == 1
+
+
+def test_why_names_the_hairpin_case(datapath, writer, pin_dir):
+    from .packets import HAIRPIN
+    writer.apply(state(frontend(VIP, 80, [be(CLIENT)], name="self")))
+    w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", 49000)
+    assert w["backend"] == f"{CLIENT}:8080/TCP"
+    assert any(s["step"] == "source" and "hairpin" in s["outcome"] for s in w["steps"])
+    res = run(datapath, "from_pod", from_pod(tcp(CLIENT, VIP, 49000, 80, "S")))
+    out = Ether(res.data)[IP]
+    assert (out.src, out.dst) == (HAIRPIN, CLIENT)
