@@ -6,9 +6,9 @@ them, and direct (no Service, plain forwarding), on this machine.
 
 Every path enters the cluster at node-1 (198.18.0.11):
 
-    remote  backend pod on node-2: NodePort 30301 is SNAT + DNAT at node-1 (externalTrafficPolicy
+    remote  backend pod on node-2: NodePort is SNAT + DNAT at node-1 (externalTrafficPolicy
             Cluster, backend elsewhere); direct = the client routes the pod's /32 via node-1.
-    local   backend pod on node-1: NodePort 30311 is DNAT only; direct = the pod's /32 via node-1.
+    local   backend pod on node-1: NodePort is DNAT only; direct = the pod's /32 via node-1.
 
 Modes:
     direct  to the pod IP (the uplink programs are attached but match nothing);
@@ -17,6 +17,10 @@ Modes:
             and an XDP_PASS program on eth0's veth peer in the fabric: a veth only accepts
             XDP_TX frames when its peer runs XDP (or has GRO on). Veth XDP also turns off
             GSO on the peer, so every frame is MTU-sized: the cost this measures.
+    *-csum  the same with TX checksum offload off on the client's and the pods' eth0, so
+            packets carry full checksums, as from a real NIC: only then can XDP translate a
+            veth packet itself (a partial checksum goes to TC, see nodeport_xdp.h). Checksum
+            offload off also means no TSO: compare -csum modes with each other.
 
 One lab (a unique prefix), torn down at the end even on failure; every client run is bounded
 in count and time (ebpfsvc.bench.traffic). Numbers are for comparing modes on this machine:
@@ -36,15 +40,22 @@ from pyroute2 import NetNS
 from ebpfsvc.bench import traffic
 from ebpfsvc.datapath import uplink
 from ebpfsvc.inspect.node import NodeMaps
-from ebpfsvc.lab import Lab, names
+from ebpfsvc.lab import Lab, names, nsenter
 
 NODE1 = "198.18.0.11"
-PATHS = {   # path -> (pod, node it runs on, nodePort for iperf3, nodePort for connect rate)
-    "remote": ("np-remote", "node-2", 30301, 30302),
-    "local": ("np-local", "node-1", 30311, 30312),
-}
-IPERF_PORT, CRR_PORT = 5201, 7000
-MODES = ("direct", "tc", "xdp")
+PATHS = {"remote": ("np-remote", "node-2"), "local": ("np-local", "node-1")}   # path -> (pod, its node)
+MODES = ("direct", "tc", "xdp", "direct-csum", "tc-csum", "xdp-csum")
+
+
+def ports(path: str, mode: str) -> tuple[int, int, int, int]:
+    """(iperf3 port, connect-rate port, their nodePorts) of one measurement.
+
+    Every mode has servers and nodePorts of its own, so no measurement meets the sockets
+    (TIME_WAIT under another ISN) or conntrack entries another one left behind.
+    """
+    i, j = MODES.index(mode), list(PATHS).index(path)
+    return 5201 + i, 7000 + i, 30300 + 100 * j + 2 * i, 30301 + 100 * j + 2 * i
+
 
 XDP_PASS_SRC = b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }"
 
@@ -55,27 +66,49 @@ def _pod(name: str, node: str) -> dict:
             "spec": {"nodeName": node, "containers": [{"name": "c"}]}}
 
 
-def _service(name: str, iperf_np: int, crr_np: int) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-            "spec": {"type": "NodePort", "selector": {"pod": name},
-                     "ports": [{"name": "iperf", "port": IPERF_PORT, "targetPort": IPERF_PORT, "nodePort": iperf_np},
-                               {"name": "crr", "port": CRR_PORT, "targetPort": CRR_PORT, "nodePort": crr_np}]}}
+def _service(path: str) -> dict:
+    pod = PATHS[path][0]
+    spec_ports = []
+    for mode in MODES:
+        iperf, crr, iperf_np, crr_np = ports(path, mode)
+        spec_ports += [{"name": f"iperf-{MODES.index(mode)}", "port": iperf, "targetPort": iperf, "nodePort": iperf_np},
+                       {"name": f"crr-{MODES.index(mode)}", "port": crr, "targetPort": crr, "nodePort": crr_np}]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": pod},
+            "spec": {"type": "NodePort", "selector": {"pod": pod}, "ports": spec_ports}}
 
 
 def _wait_programmed(lab: Lab, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    want = [(np, 1) for _, _, a, b in PATHS.values() for np in (a, b)]
+    want = [np for path in PATHS for mode in MODES for np in ports(path, mode)[2:]]
     while True:
         try:
             with NodeMaps.open(names.pin_dir(lab.prefix, "node-1")) as maps:
-                fes = [maps.frontend(NODE1, port, "TCP", "external") for port, _ in want]
-            if all(fe is not None and fe.backend_count == n for fe, (_, n) in zip(fes, want)):
+                fes = [maps.frontend(NODE1, port, "TCP", "external") for port in want]
+            if all(fe is not None and fe.backend_count == 1 for fe in fes):
                 return
         except OSError:
             pass                            # the agent has not pinned its maps yet
         if time.monotonic() > deadline:
             raise TimeoutError("node-1's agent did not program the NodePorts")
         time.sleep(0.2)
+
+
+def _tx_checksum(netns: str, ifname: str, enable: bool) -> None:
+    """ethtool -K IFNAME tx on|off, inside `netns` (pyroute2's ethtool ioctls act on the caller's namespace)."""
+    from pyroute2.ethtool import Ethtool
+
+    def set_() -> None:
+        eth = Ethtool()
+        try:
+            features = eth.get_features(ifname)
+            for name, feature in features.features.items():
+                if name.startswith("tx-checksum"):
+                    feature.enable = enable
+            eth.set_features(ifname, features)
+        finally:
+            eth.close()
+
+    nsenter.run_in(netns, set_)
 
 
 class XdpMode:
@@ -111,40 +144,63 @@ class XdpMode:
         self.passer.cleanup()
 
 
-def measure(lab: Lab, seconds: float, conns: int) -> dict:
+def _drops(lab: Lab) -> dict[str, int]:
+    with NodeMaps.open(names.pin_dir(lab.prefix, "node-1")) as maps:
+        return {k: v for k, v in maps.drops().items() if v}
+
+
+def _throughput(lab: Lab, client_ns: str, target: str, port: int, seconds: float) -> dict:
+    """iperf3, tried twice: a failed first attempt is kept in the result (with node-1's drop counters)."""
+    try:
+        return traffic.tcp_throughput(client_ns, target, port, duration=seconds)
+    except RuntimeError as exc:
+        failed = {"error": str(exc)[-300:], "node1_drops": _drops(lab)}
+        print(f"  first attempt failed: {failed}", flush=True)
+        time.sleep(1)
+    result = traffic.tcp_throughput(client_ns, target, port, duration=seconds)
+    result["first_attempt"] = failed
+    return result
+
+
+def measure(lab: Lab, seconds: float, conns: int, modes=MODES) -> dict:
     client_ns = lab.external_netns("client")
     servers = []
     results: dict = {}
     try:
-        lab.apply([_pod(pod, node) for pod, node, _, _ in PATHS.values()] +
-                  [_service(pod, a, b) for pod, _, a, b in PATHS.values()])
-        lab.wait_ready([pod for pod, *_ in PATHS.values()], timeout=60)
-        for pod, *_ in PATHS.values():
-            ns = lab.pod_netns(pod)
-            servers.append(traffic.iperf3_server(ns, IPERF_PORT))
-            servers.append(traffic.echo_server(ns, CRR_PORT))
+        lab.apply([_pod(pod, node) for pod, node in PATHS.values()] + [_service(path) for path in PATHS])
+        lab.wait_ready([pod for pod, _ in PATHS.values()], timeout=60)
+        for path, (pod, _) in PATHS.items():
+            for mode in modes:
+                iperf, crr, _, _ = ports(path, mode)
+                servers.append(traffic.iperf3_server(lab.pod_netns(pod), iperf))
+                servers.append(traffic.echo_server(lab.pod_netns(pod), crr))
         with NetNS(client_ns) as ns:         # "direct": the pods' /32 via node-1, like an upstream router
             idx = ns.link_lookup(ifname="eth0")[0]
-            for pod, *_ in PATHS.values():
+            for pod, _ in PATHS.values():
                 ns.route("replace", dst=f"{lab.pod_ip(pod)}/32", gateway=NODE1, oif=idx)
         _wait_programmed(lab)
 
-        for mode in MODES:
-            ctx = XdpMode(lab) if mode == "xdp" else None
+        senders = [(client_ns, "eth0")] + [(lab.pod_netns(pod), "eth0") for pod, _ in PATHS.values()]
+        for mode in modes:
+            if mode.endswith("-csum"):
+                for ns, ifname in senders:
+                    _tx_checksum(ns, ifname, False)
+            ctx = XdpMode(lab) if mode.startswith("xdp") else None
             if ctx:
                 ctx.__enter__()
             try:
-                for path, (pod, _, iperf_np, crr_np) in PATHS.items():
-                    if mode == "direct":
-                        target, ports = lab.pod_ip(pod), (IPERF_PORT, CRR_PORT)
+                for path, (pod, _) in PATHS.items():
+                    iperf, crr_port, iperf_np, crr_np = ports(path, mode)
+                    if mode.startswith("direct"):
+                        target, tport, cport = lab.pod_ip(pod), iperf, crr_port
                     else:
-                        target, ports = NODE1, (iperf_np, crr_np)
-                    tput = traffic.tcp_throughput(client_ns, target, ports[0], duration=seconds)
-                    crr = traffic.tcp_connect_rate(client_ns, target, ports[1], count=conns, duration=seconds)
+                        target, tport, cport = NODE1, iperf_np, crr_np
+                    tput = _throughput(lab, client_ns, target, tport, seconds)
+                    crr = traffic.tcp_connect_rate(client_ns, target, cport, count=conns, duration=seconds)
                     results[f"{path}/{mode}"] = {"throughput": tput, "connect_rate": crr}
-                    print(f"{path:6} {mode:6} {tput['gbit_per_s']:7.2f} Gbit/s  "
+                    print(f"{path:6} {mode:11} {tput['gbit_per_s']:7.2f} Gbit/s  "
                           f"retr {tput['retransmits']:5}  {tput['cpu_seconds_per_gb']:6.2f} CPU s/GB  "
-                          f"{crr['connections_per_s']:8.0f} conn/s  p99 {crr.get('p99_us', float('nan')):7.0f} us  "
+                          f"{crr['connections_per_s']:8.0f} conn/s  p50 {crr.get('latency_p50_us', float('nan')):5.0f} us  "
                           f"errors {crr['errors']}", flush=True)
             finally:
                 if ctx:
@@ -160,10 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement (each is also count-bounded)")
     ap.add_argument("--conns", type=int, default=3000, help="at most this many connections per connect-rate run")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     args = ap.parse_args(argv)
     lab = Lab.up(prefix="np" + uuid.uuid4().hex[:6], agents=True)
     try:
-        results = measure(lab, args.seconds, args.conns)
+        results = measure(lab, args.seconds, args.conns, tuple(args.modes.split(",")))
     finally:
         lab.down()
     if args.json:
