@@ -72,6 +72,9 @@
 #ifndef CT_TIMEOUT_TCP_CLOSE_S
 #define CT_TIMEOUT_TCP_CLOSE_S 10     /* TCP after RST or FIN both ways: only stragglers left */
 #endif
+#ifndef FRAG_TIMEOUT_S
+#define FRAG_TIMEOUT_S 30             /* Linux's ipfrag_time: a datagram's fragments come within it */
+#endif
 #ifndef CT_TIMEOUT_OTHER_S
 #define CT_TIMEOUT_OTHER_S 60         /* UDP, SCTP: no state to follow, idle timeout only */
 #endif
@@ -208,8 +211,10 @@ struct frag4_key {
 };
 
 struct frag4_ports {
+	__u64  first_seen_ns;   /* when the first fragment passed: older than FRAG_TIMEOUT_S = absent */
 	__be16 sport;
 	__be16 dport;
+	__u32  pad0;
 };
 
 /* North-south SNAT (lb4_snat), keyed by struct ct4_key. Two entries per

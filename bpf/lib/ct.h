@@ -17,6 +17,13 @@
 
 #define LB_NSEC_PER_SEC 1000000000ULL
 
+/* How stale last_seen_ns may get before a packet rewrites it. Lifetimes are
+ * 10 s and more, so a second of slack costs nothing, and most packets then
+ * leave the entry's cache line clean instead of bouncing it between CPUs. */
+#ifndef CT_REFRESH_NS
+#define CT_REFRESH_NS LB_NSEC_PER_SEC
+#endif
+
 static __always_inline void ct4_key_forward(struct ct4_key *k, const struct lb4_pkt *p)
 {
 	k->saddr = p->saddr;
@@ -59,6 +66,13 @@ static __always_inline void ct4_key_forward_of(struct ct4_key *k, const struct c
 	k->proto = proto;
 	k->dir = CT_DIR_FORWARD;
 	k->pad0 = 0;
+}
+
+/* A packet was seen in this entry's direction. */
+static __always_inline void ct4_touch(struct ct4_entry *e, __u64 now)
+{
+	if (now - e->last_seen_ns > CT_REFRESH_NS)
+		e->last_seen_ns = now;
 }
 
 static __always_inline int ct4_closing(__u8 flags)
@@ -151,7 +165,7 @@ static __always_inline void ct4_note_reply(struct ct4_entry *re, const struct lb
 	struct ct4_key fk;
 	struct ct4_entry *fe;
 
-	re->last_seen_ns = now;
+	ct4_touch(re, now);
 	if (flags == re->flags)
 		return;
 	re->flags = flags;

@@ -134,7 +134,7 @@ static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4
 		return lb4_forward_new(skb, p, fk, now);
 	}
 
-	e->last_seen_ns = now;
+	ct4_touch(e, now);
 	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
 	if (flags != e->flags) {
 		struct ct4_key rk;

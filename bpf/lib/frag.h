@@ -31,11 +31,14 @@ static __always_inline void frag4_record(const struct lb4_pkt *p)
 
 	if (p->frag != LB_FRAG_FIRST)
 		return;
+	ports.first_seen_ns = bpf_ktime_get_ns();
 	frag4_key_of(&k, p);
 	frag4.update(&k, &ports);
 }
 
-/* Later fragment: fill in the ports of its datagram; -1 when unknown. */
+/* Later fragment: fill in the ports of its datagram; -1 when unknown. An entry
+ * older than the reassembly timeout belongs to an earlier datagram that had the
+ * same IP id (ids wrap after 65536 datagrams): never borrow its ports. */
 static __always_inline int frag4_lookup_ports(struct lb4_pkt *p)
 {
 	struct frag4_key k;
@@ -43,7 +46,7 @@ static __always_inline int frag4_lookup_ports(struct lb4_pkt *p)
 
 	frag4_key_of(&k, p);
 	ports = frag4.lookup(&k);
-	if (!ports)
+	if (!ports || bpf_ktime_get_ns() - ports->first_seen_ns > FRAG_TIMEOUT_S * LB_NSEC_PER_SEC)
 		return -1;
 	p->sport = ports->sport;
 	p->dport = ports->dport;

@@ -84,3 +84,18 @@ def test_first_fragment_to_empty_frontend_is_rejected_later_ones_dropped(datapat
                                       Raw(bytes(ins[0])[:28]))))
     assert res.verdict == "TC_ACT_REDIRECT"
     check(datapath, Case("later fragment: dropped", "from_pod", from_pod(ins[1]), SHOT))
+
+
+def test_fragment_entry_older_than_reassembly_timeout_is_not_borrowed(datapath, writer):
+    from ebpfsvc import abi
+    from .conftest import age
+
+    writer.apply(state(DNS))
+    b = expected_backend(DNS, CLIENT, 5000)
+    check(datapath, Case("first fragment", "from_pod", from_pod(frags(CLIENT, VIP, 5000, 53, 9)[0]), OK,
+                         from_pod(frags(CLIENT, b, 5000, 5353, 9)[0])))
+    # Long after, a later fragment with the same IP id (ids wrap) is another datagram's.
+    assert age(datapath, "frag4", "first_seen_ns", abi.FRAG_TIMEOUT_S + 1) == 1
+    check(datapath, Case("later fragment after the reassembly timeout", "from_pod",
+                         from_pod(frags(CLIENT, VIP, 5000, 53, 9)[1]), SHOT))
+    assert stats.drops(datapath.maps)["frag_untracked"] == 1
