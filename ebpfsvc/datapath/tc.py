@@ -24,6 +24,22 @@ EGRESS = "egress"
 _PARENT = {INGRESS: 0xFFFFFFF2, EGRESS: 0xFFFFFFF3}   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_{INGRESS,EGRESS})
 _DIRECTION = {v: k for k, v in _PARENT.items()}
 
+def _decode_bpf_prog_ids() -> None:
+    """Teach pyroute2 the cls_bpf attributes after TCA_BPF_FLAGS (uapi pkt_cls.h:
+    TCA_BPF_FLAGS_GEN = 9, TCA_BPF_TAG = 10, TCA_BPF_ID = 11), which 0.9 leaves
+    undecoded, so a listing can say which program a filter runs. Positional:
+    entry i of nla_map decodes attribute type i. Done at import, before any
+    filter dump compiles the table."""
+    from pyroute2.netlink.rtnl.tcmsg import sched_bpf
+
+    names = [name for name, _ in sched_bpf.options.nla_map]
+    if names[-1] == "TCA_BPF_FLAGS" and len(names) == 9:
+        sched_bpf.options.nla_map = sched_bpf.options.nla_map + (
+            ("TCA_BPF_FLAGS_GEN", "uint32"), ("TCA_BPF_TAG", "hex"), ("TCA_BPF_ID", "uint32"))
+
+
+_decode_bpf_prog_ids()
+
 #: Our filters' priority and handle: fixed, so a re-attach replaces in place.
 PRIO = 0xE5
 HANDLE = 0xE5
@@ -36,7 +52,7 @@ class TcFilter:
     prio: int
     handle: int
     name: str           # program name as given at attach time
-    prog_id: int        # kernel BPF program id (0 if not reported)
+    prog_id: int        # kernel BPF program id (0 if the kernel did not report it)
 
 
 @contextmanager

@@ -32,13 +32,17 @@ def test_attach_replace_detach(datapath, veth):
     from_pod, to_pod = datapath.programs["from_pod"], datapath.programs["to_pod"]
     tc.attach(idx, from_pod.fd, "from_pod", tc.INGRESS, netns=ns)
     tc.attach(idx, to_pod.fd, "to_pod", tc.EGRESS, netns=ns)
-    got = {(f.direction, f.name, f.prio, f.handle) for f in tc.list_filters(idx, netns=ns)}
+    first = tc.list_filters(idx, netns=ns)
+    got = {(f.direction, f.name, f.prio, f.handle) for f in first}
+    assert len({f.prog_id for f in first}) == 2, "two programs, two ids"
     assert got == {(tc.INGRESS, "from_pod", tc.PRIO, tc.HANDLE), (tc.EGRESS, "to_pod", tc.PRIO, tc.HANDLE)}
 
     # Re-attach replaces in place: still exactly one filter per hook.
     tc.attach(idx, to_pod.fd, "to_pod_v2", tc.INGRESS, netns=ns)
     filters = tc.list_filters(idx, netns=ns)
     assert sorted((f.direction, f.name) for f in filters) == [(tc.EGRESS, "to_pod"), (tc.INGRESS, "to_pod_v2")]
+    # Both hooks now run the same program: the kernel reports one program id.
+    assert len({f.prog_id for f in filters}) == 1 and filters[0].prog_id > 0
 
     assert tc.detach(idx, tc.INGRESS, netns=ns) is True
     assert tc.detach(idx, tc.INGRESS, netns=ns) is False
