@@ -188,3 +188,18 @@ def test_a_direct_connection_reusing_a_closed_flows_ports_is_not_translated(upli
         uplink.check("NodePort flow, closed with FIN both ways", prog, pkt, OK, want)
     uplink.check("SYN-ACK of a direct connection with the same ports: untouched", "to_uplink",
                  to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "SA")), OK)
+
+
+def test_icmp_error_from_a_local_backend_leaves_about_the_frontend(uplink):
+    """The local pod answers a datagram with port unreachable: the error leaves the uplink
+    from NodeIP, about the client's datagram to NodeIP:nodePort (lb4_icmp_error_rev_nat)."""
+    fe = ext_frontend(NODE, 30054, [be(LOCAL_BE, 5353, Protocol.UDP, local=True)], proto=Protocol.UDP, name="dns-l")
+    uplink.writer.apply(state(fe))
+    uplink.check("datagram to NodePort, local backend", "from_uplink",
+                 from_client(udp(CLIENT, NODE, 5000, 30054, b"q")), OK,
+                 from_client(udp(CLIENT, LOCAL_BE, 5000, 5353, b"q")))
+    quoted = bytes(udp(CLIENT, LOCAL_BE, 5000, 5353, b"q"))
+    quoted_client = bytes(udp(CLIENT, NODE, 5000, 30054, b"q"))
+    uplink.check("port unreachable from the pod", "to_uplink",
+                 to_client(IP(src=LOCAL_BE, dst=CLIENT, id=3) / ICMP(type=3, code=3) / Raw(quoted)), OK,
+                 to_client(IP(src=NODE, dst=CLIENT, id=3) / ICMP(type=3, code=3) / Raw(quoted_client)))
