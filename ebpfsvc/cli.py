@@ -34,6 +34,8 @@ main.add_command(inspect_cli.maglev)
 main.add_command(inspect_cli.why)
 main.add_command(inspect_cli.drift)
 main.add_command(inspect_cli.cleanup)
+from ebpfsvc.bench.cli import bench  # noqa: E402 - make bench / bench-quick (ebpfsvc/bench/run.py)
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

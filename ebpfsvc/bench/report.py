@@ -53,6 +53,8 @@ METRICS: dict[str, Metric] = {
     "cpu_s_per_gb": Metric("CPU time per GB transferred", "s/GB", False),
     "program_seconds": Metric("Time to program N services from nothing", "s", False),
     "endpoint_change_ms": Metric("Endpoint change effective on the wire", "ms", False),
+    "bpf_bytes_per_service": Metric("BPF map entries written per service port", "bytes", False),
+    "bpf_memlock_mib": Metric("Kernel memory locked by the BPF maps", "MiB", False),
 }
 
 

@@ -514,15 +514,17 @@ SUITE_BOUNDS = {
 
 
 def measure_suite(client_netns: str, echo: tuple[str, int], iperf: tuple[str, int], *,
-                  server_netns: str | None = None, quick: bool = False) -> dict[str, float]:
+                  server_netns: str | None = None, quick: bool = False,
+                  bounds: dict | None = None) -> dict[str, float]:
     """Every data-plane metric once, keyed by ebpfsvc.bench.report's metric names.
 
     `echo` and `iperf` are the (address, port) to measure through: a ClusterIP
     for a datapath, the pod address itself for direct.  Both should lead to a
     single backend (see the module note on iperf3).  With `server_netns` (the
-    echo server's), the UDP figure is what reached that namespace.
+    echo server's), the UDP figure is what reached that namespace.  `bounds`
+    (same keys as SUITE_BOUNDS' entries) overrides the full / quick ones.
     """
-    b = SUITE_BOUNDS["quick" if quick else "full"]
+    b = bounds or SUITE_BOUNDS["quick" if quick else "full"]
     out: dict[str, float] = {}
     r = tcp_throughput(client_netns, *iperf, duration=b["throughput"])
     out["tcp_throughput_gbps"] = r["gbit_per_s"]
