@@ -22,7 +22,6 @@ import ipaddress
 import logging
 import os
 import re
-import shutil
 import socket
 import struct
 from dataclasses import dataclass, field, fields

@@ -20,9 +20,10 @@ then their old ranges are released, then backends and names nobody uses.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import hashlib
 import ipaddress
-import socket
+import os
 import struct
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -454,16 +455,20 @@ def _read_u32_array(table, n: int) -> np.ndarray:
         count = ct.c_uint32(min(chunk, n - pos))
         res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token), ct.byref(next_token),
                                    keys.ctypes.data, vals.ctypes.data, ct.byref(count))
-        got = count.value
-        if res != 0 and got == 0:
+        err = ct.get_errno()
+        if res != 0 and err != errno.ENOENT:
             if pos == 0:        # no batch support: read element by element
                 for i in range(n):
                     out[i] = table[table.Key(i)].value
-            break
+                return out
+            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        got = count.value
         idx = keys[:got]
         sel = idx < n
         out[idx[sel]] = vals[:got][sel]
         pos += got
+        if res != 0 or got == 0:   # ENOENT: the end of the map
+            break
         token.value = next_token.value
         first = False
     return out

@@ -12,13 +12,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from ebpfsvc.datapath.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, prog_test_run
 from ebpfsvc.lbmodel import (
-    Algorithm, Backend, Frontend, FrontendKey, LBState, Protocol, ServicePortName,
+    Backend, Frontend, FrontendKey, LBState, Protocol, ServicePortName,
 )
 
 POD_MAC = "02:00:00:00:01:05"     # the client pod's eth0

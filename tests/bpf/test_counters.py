@@ -8,7 +8,7 @@ from ebpfsvc.datapath import stats
 from ebpfsvc.lbmodel import Protocol
 
 from .packets import (
-    BACKEND1, BACKEND2, CLIENT, OK, VIP, VIP2, Case, be, check, expected_backend, from_pod, frontend,
+    BACKEND1, BACKEND2, CLIENT, VIP, VIP2, be, expected_backend, from_pod, frontend,
     run, state, tcp, to_pod, udp,
 )
 

@@ -16,7 +16,7 @@ from ebpfsvc.datapath import stats
 from ebpfsvc.lbmodel import Protocol
 
 from .packets import (
-    BACKEND1, CLIENT, HOST_MAC, OK, POD_MAC, SHOT, VIP, Case, be, check, expected_backend, from_pod,
+    BACKEND1, CLIENT, HOST_MAC, OK, POD_MAC, SHOT, VIP, Case, be, check, from_pod,
     frontend, run, state, tcp, udp,
 )
 

@@ -6,7 +6,7 @@ interface (TC_ACT_REDIRECT). Counted as no_backend."""
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import ICMP, IP, IPOption_NOP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, IPOption_NOP, TCP
 from scapy.packet import Raw
 
 from ebpfsvc.datapath import stats

@@ -3,7 +3,6 @@ restarts, stale entries removed, Maglev tables switched through new ranges."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from ebpfsvc import abi, maglev
@@ -12,7 +11,7 @@ from ebpfsvc.datapath.writer import ApplyStats, MapWriter, service_name
 from ebpfsvc.lbmodel import Algorithm, FrontendKind, Protocol
 
 from .conftest import TEST_LIMITS
-from .packets import CLIENT, OK, VIP, be, from_pod, frontend, run, state, tcp
+from .packets import CLIENT, VIP, be, from_pod, frontend, run, state, tcp
 
 pytestmark = pytest.mark.root
 
