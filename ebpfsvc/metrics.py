@@ -365,8 +365,7 @@ class Telemetry:
         self.datapath_collector.close()
 
     def alive(self) -> bool:
-        thread = getattr(self.agent.runner, "_thread", None)
-        return not self.health.stopping and thread is not None and thread.is_alive()
+        return not self.health.stopping and self.agent.runner.alive
 
     def details(self) -> dict:
         stats = getattr(self.agent.source, "stats", None)

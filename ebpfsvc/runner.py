@@ -37,6 +37,11 @@ class BoundedFrequencyRunner:
         self.runs = 0
         self.failures = 0
 
+    @property
+    def alive(self) -> bool:
+        """The sync loop is running (what /livez reports)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def run(self) -> None:
         """Ask for a sync soon. Cheap and safe to call from any thread, as often as you like."""
         self._pending.set()
