@@ -178,6 +178,10 @@ class FakeRunner:
         self._thread = threading.Thread(target=threading.Event().wait, daemon=True)
         self.failures = 0
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
 
 @dataclass
 class FakeSource:
