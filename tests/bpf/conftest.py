@@ -40,6 +40,13 @@ def writer(datapath):
     return MapWriter(datapath.maps)
 
 
+@pytest.fixture
+def uplink(pin_dir, unique_prefix):
+    """The north-south programs (bpf/lb_node.c) in a private namespace: tests/bpf/northsouth.py."""
+    from .northsouth import uplink_fixture
+    yield from uplink_fixture(pin_dir, unique_prefix)
+
+
 
 def age(dp, map_name: str, field: str, seconds: float) -> int:
     """Make every entry of a datapath-owned LRU map (ct4, lb4_affinity) look
