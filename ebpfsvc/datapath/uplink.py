@@ -23,6 +23,7 @@ import errno
 import ipaddress
 import socket
 from contextlib import contextmanager
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -32,6 +33,7 @@ from ebpfsvc.datapath import loader, tc
 MODES = ("tc", "xdp")
 XDP_FLAGS_DRV_MODE = 1 << 2      # include/uapi/linux/if_link.h: native XDP, fail rather than fall back
 XDP_PROG_NAME = "xdp_uplink"
+NETNS_RUN_DIR = Path("/run/netns")
 
 
 def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_addr=None, cache: bool = True):
@@ -42,6 +44,10 @@ def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_add
 
 @contextmanager
 def _ipr(netns=None):
+    # pyroute2 creates a named namespace that does not exist: never let a typo or a
+    # namespace removed under us leave an empty one behind.
+    if netns and "/" not in str(netns) and not (NETNS_RUN_DIR / str(netns)).exists():
+        raise FileNotFoundError(f"network namespace {netns} does not exist")
     ipr = IPRoute(netns=netns) if netns else IPRoute()
     try:
         yield ipr

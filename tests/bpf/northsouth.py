@@ -150,8 +150,8 @@ class Uplink:
         return sum(self.dp.maps["lb_drops"][self.dp.maps["lb_drops"].Key(reason)])
 
 
-@pytest.fixture
-def uplink(pin_dir, unique_prefix):
+def uplink_fixture(pin_dir, unique_prefix):
+    """The `uplink` fixture (registered in conftest.py): programs loaded, test namespace built, both removed after."""
     name = f"{unique_prefix}-np"
     build_netns(name)
     dp = None
@@ -163,3 +163,7 @@ def uplink(pin_dir, unique_prefix):
         if dp is not None:
             dp.close()
         netns.remove(name)
+
+
+# Also importable as a fixture (`from .northsouth import uplink`); conftest.py registers it for every module.
+uplink = pytest.fixture(uplink_fixture, name="uplink")

@@ -10,15 +10,15 @@ the program redirects) and the verdict.
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.packet import Raw
 
 from ebpfsvc import abi
 from ebpfsvc.lbmodel import FrontendKind, LBState, Protocol
 
-from .northsouth import (  # noqa: F401  (uplink is a fixture)
+from .northsouth import (
     CLIENT, CLIENT2, CLIENT2_MAC, EXT_IP, LOCAL_BE, LOCAL_BE2, NODE, NODE2, OK, REDIRECT, REMOTE_BE, SHOT,
-    be, ext_frontend, from_client, from_node2, snat_port, to_client, to_node2, uplink,
+    be, ext_frontend, from_client, from_node2, snat_port, to_client, to_node2,
 )
 from .packets import expected_backend, tcp, udp
 

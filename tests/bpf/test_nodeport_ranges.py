@@ -14,8 +14,8 @@ from ebpfsvc import abi
 from ebpfsvc.datapath import writer as writer_mod
 from ebpfsvc.lbmodel import FrontendKind, LBState
 
-from .northsouth import (  # noqa: F401  (uplink is a fixture)
-    CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, OK, SHOT, be, ext_frontend, from_client, uplink,
+from .northsouth import (
+    CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, OK, SHOT, be, ext_frontend, from_client,
 )
 from .packets import tcp
 

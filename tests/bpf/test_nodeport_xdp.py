@@ -14,9 +14,9 @@ from scapy.layers.inet import ICMP, IP, IPOption_NOP, TCP
 from ebpfsvc import abi
 from ebpfsvc.lbmodel import FrontendKind, LBState
 
-from .northsouth import (  # noqa: F401  (uplink is a fixture)
+from .northsouth import (
     CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, NODE, OK, REDIRECT, REMOTE_BE, SHOT, XDP_DROP, XDP_PASS,
-    XDP_REDIRECT, be, ext_frontend, from_client, from_node2, snat_port, to_client, to_node2, uplink,
+    XDP_REDIRECT, be, ext_frontend, from_client, from_node2, snat_port, to_client, to_node2,
 )
 from .packets import expected_backend, tcp, udp
 from .test_nodeport import DNS, EMPTY_LOCAL_POLICY, LOCAL, MIXED_LOCAL_POLICY, REMOTE

@@ -161,3 +161,27 @@ def test_iperf3_through_nodeport(lab, node):
     received = result["end"]["sum_received"]
     assert received["bytes"] > 1_000_000
     assert result["end"]["sum_sent"]["retransmits"] is not None
+
+
+@pytest.mark.parametrize("backend_node", ["node-2", "node-1"], ids=["snat", "local"])
+def test_iperf3_and_curl_through_nodeport_with_xdp(lab, backend_node):
+    """--uplink-mode xdp's program on node-1's uplink (plus XDP_PASS on its veth peer, which veth
+    needs for XDP_TX): the same answers, and a long transfer, through NodePort on node-1."""
+    from ebpfsvc.bench.nodeport import XdpMode
+
+    name = f"xdp-{backend_node}"
+    port = 30211 + int(backend_node[-1])
+    lab.apply([apps.pod(name, "http-echo", 8080, node=backend_node, labels={"pod": name}),
+               service(name, [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": port},
+                              {"name": "perf", "port": 5201, "targetPort": 5201, "nodePort": port + 10}],
+                       selector={"pod": name}, type="NodePort")])
+    wait_ready(lab, [name])
+    wait_external(lab, "node-1", NODES["node-1"], port, backends=1)
+    wait_external(lab, "node-1", NODES["node-1"], port + 10, backends=1)
+    with XdpMode(lab):
+        answer = wait_for(lambda: curl(lab, f"http://198.18.0.11:{port}/"), what="answer with XDP")
+        assert answer["pod"] == name
+        assert answer["client"] == (NODES["node-1"] if backend_node == "node-2" else CLIENT)
+        result = _iperf3(lab, name, NODES["node-1"], port + 10)
+    assert "error" not in result, result
+    assert result["end"]["sum_received"]["bytes"] > 1_000_000
