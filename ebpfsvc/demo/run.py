@@ -179,7 +179,8 @@ class Demo:
             ("198.18.0.12:30080", "service-python-nodeport", "node-2's NodePort"),
             ("198.18.200.10:3000", "service-python-lb (LoadBalancer, externalTrafficPolicy Local)",
              "LB address routed via node-1"),
-            ("198.18.200.32:80", "my-service-external-ips (externalIPs)", ""),
+            ("198.18.200.32:80", "my-service-external-ips (externalIPs)",
+             "no Pod is labelled MyApp: refused (RST), as kube-proxy rejects"),
         ]
         for target, svc, note in cases:
             out = self.requests("client", f"http://{target}/", 1)
@@ -187,7 +188,7 @@ class Demo:
                 a = out["answers"][0]
                 t.add_row(target, svc, f'{a["pod"]} ({self.pod_node(a["pod"])})', a["client"], note)
             else:
-                t.add_row(target, svc, "[red]no answer[/]", "", (out["errors"] or [""])[0][:50])
+                t.add_row(target, svc, "[red]no answer[/]", "", note or (out["errors"] or [""])[0][:50])
         self.console.print(t)
         self.console.print("")
 
