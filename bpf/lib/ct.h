@@ -97,6 +97,15 @@ static __always_inline int ct4_expired(const struct ct4_entry *e, __u8 proto, __
 	return now - e->last_seen_ns > ct4_lifetime_ns(proto, e->flags);
 }
 
+/* Is a client packet the end of tracked flow `e`: the entry expired, or a
+ * fresh SYN on a closed TCP flow (port reuse: it starts a new one)? */
+static __always_inline int ct4_flow_over(const struct ct4_entry *e, const struct lb4_pkt *p, __u64 now)
+{
+	return ct4_expired(e, p->proto, now) ||
+	       (p->proto == IPPROTO_TCP && ct4_closing(e->flags) &&
+		(p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN);
+}
+
 /* Look up an entry, treating an expired one as absent. */
 static __always_inline struct ct4_entry *ct4_lookup(struct ct4_key *k, __u64 now)
 {
