@@ -379,13 +379,9 @@ static __always_inline int np4_from_uplink(struct __sk_buff *skb)
 	e = ct4.lookup(&fk);
 	if (e && !(e->flags & CT_F_NODEPORT))
 		e = 0;                                  /* a pod-side flow: not ours */
-	if (e) {
-		if (ct4_expired(e, p.proto, now) ||
-		    (p.proto == IPPROTO_TCP && ct4_closing(e->flags) &&
-		     (p.tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN)) {
-			np4_delete_flow(&fk, e);
-			e = 0;
-		}
+	if (e && ct4_flow_over(e, &p, now)) {
+		np4_delete_flow(&fk, e);
+		e = 0;
 	}
 	if (e)
 		return np4_forward_tracked(skb, &p, &fk, e, now);
