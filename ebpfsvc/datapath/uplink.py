@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ebpfsvc.datapath import loader, tc
+
+log = logging.getLogger(__name__)
 
 MODES = ("tc", "xdp")
 XDP_FLAGS_DRV_MODE = 1 << 2      # include/uapi/linux/if_link.h: native XDP, fail rather than fall back
@@ -80,6 +83,9 @@ def attach(dp, ifindex: int, mode: str = "tc", netns=None) -> None:
     tc.attach(ifindex, progs["from_uplink"].fd, "from_uplink", tc.INGRESS, netns)
     tc.attach(ifindex, progs["to_uplink"].fd, "to_uplink", tc.EGRESS, netns)
     if mode == "xdp":
+        if link_kind(ifindex, netns) == "veth":
+            log.warning("XDP on veth (ifindex %d): slower than TC here (docs/northsouth.md), and XDP_TX "
+                        "needs the veth peer to run XDP or have GRO on", ifindex)
         attach_xdp(ifindex, progs[XDP_PROG_NAME].fd, netns)
     elif xdp_program(ifindex, netns) == XDP_PROG_NAME:
         detach_xdp(ifindex, netns)
@@ -91,6 +97,14 @@ def detach(ifindex: int, netns=None) -> None:
     tc.detach(ifindex, tc.EGRESS, netns)
     if xdp_program(ifindex, netns) == XDP_PROG_NAME:
         detach_xdp(ifindex, netns)
+
+
+def link_kind(ifindex: int, netns=None) -> str:
+    """The link's kind ("veth", "bridge", ...), "" for a physical device."""
+    with _ipr(netns) as ipr:
+        link = ipr.get_links(ifindex)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    return (info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
 
 
 def attach_xdp(ifindex: int, prog_fd: int, netns=None) -> None:
