@@ -351,6 +351,67 @@ static __always_inline int np4_icmp_error_snat(struct __sk_buff *skb, struct lb4
 	return np4_redirect(skb, p);
 }
 
+/*
+ * An ICMP error from outside about a reply we sent to a client (quoted:
+ * frontend -> client), e.g. fragmentation needed on the way to the client or
+ * the client's port unreachable: the backend must learn it. A source-preserving
+ * flow gets the pod side's translation (quoted source and outer destination
+ * become the backend) and the kernel delivers it; a SNATed flow's error becomes
+ * one about backend -> node:port, from the node to the backend, and is sent there.
+ * Returns a verdict, or -1 when the error is not about such a flow.
+ */
+static __always_inline int np4_icmp_error_reply(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
+	__u32 in_off = p->l4_off + sizeof(struct icmphdr);
+	struct snat4_entry *nat;
+	struct ct4_entry *e;
+	struct ct4_key k;
+	struct iphdr in;
+	__be16 ports[2];
+	__u32 in_l4;
+
+	if (!lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+		return -1;
+	if (bpf_skb_load_bytes(skb, in_off, &in, sizeof(in)))
+		return -1;
+	if (in.version != 4 || in.ihl < 5 || !lb4_proto_has_ports(in.protocol))
+		return -1;
+	in_l4 = in_off + in.ihl * 4;
+	if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)))
+		return -1;
+
+	/* The quoted reply went frontend -> client: the flow's forward key is the reverse. */
+	k.saddr = in.daddr;
+	k.daddr = in.saddr;
+	k.sport = ports[1];
+	k.dport = ports[0];
+	k.proto = in.protocol;
+	k.dir = CT_DIR_FORWARD;
+	k.pad0 = 0;
+	e = ct4_lookup(&k, now);
+	if (!e || !(e->flags & CT_F_NODEPORT))
+		return -1;
+	if (!(e->flags & CT_F_SNAT)) {
+		if (lb4_icmp_error_xlate(skb, p, now, CT_DIR_FORWARD) < 0)
+			return lb_drop(REASON_MALFORMED);
+		return TC_ACT_OK;
+	}
+	nat = lb4_snat.lookup(&k);
+	if (!nat)
+		return -1;
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_SADDR_OFF, 0,
+				   in.saddr, e->backend_addr, ports[0], e->backend_port) ||
+	    lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_DADDR_OFF, 2,
+				   in.daddr, nat->address, ports[1], nat->port) ||
+	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_DADDR_OFF, p->daddr, e->backend_addr, 0, 0) ||
+	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_SADDR_OFF, p->saddr, nat->address, 0, 0))
+		return lb_drop(REASON_MALFORMED);
+	p->daddr = e->backend_addr;
+	p->saddr = nat->address;
+	return np4_redirect(skb, p);
+}
+
 static __always_inline int np4_from_uplink(struct __sk_buff *skb)
 {
 	struct lb4_pkt p = {};
@@ -365,6 +426,8 @@ static __always_inline int np4_from_uplink(struct __sk_buff *skb)
 	now = bpf_ktime_get_ns();
 	if (p.proto == IPPROTO_ICMP) {
 		ret = np4_icmp_error_snat(skb, &p, now);
+		if (ret < 0)
+			ret = np4_icmp_error_reply(skb, &p, now);
 		return ret < 0 ? TC_ACT_OK : ret;
 	}
 	if (!lb4_proto_has_ports(p.proto))

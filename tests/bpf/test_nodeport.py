@@ -203,3 +203,32 @@ def test_icmp_error_from_a_local_backend_leaves_about_the_frontend(uplink):
     uplink.check("port unreachable from the pod", "to_uplink",
                  to_client(IP(src=LOCAL_BE, dst=CLIENT, id=3) / ICMP(type=3, code=3) / Raw(quoted)), OK,
                  to_client(IP(src=NODE, dst=CLIENT, id=3) / ICMP(type=3, code=3) / Raw(quoted_client)))
+
+
+def test_icmp_error_about_a_reply_reaches_a_local_backend(uplink):
+    """Fragmentation needed on the way back to the client, about a reply that left as
+    NodeIP:nodePort -> client: the pod must see it about its own packet, addressed to it."""
+    uplink.writer.apply(state(LOCAL))
+    uplink.check("SYN", "from_uplink", from_client(tcp(CLIENT, NODE, 40000, 30081, "S")), OK,
+                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S")))
+    reply = tcp(NODE, CLIENT, 30081, 40000, "PA", seq=9, payload=b"z" * 64)
+    err = IP(src="198.18.0.1", dst=NODE, id=5) / ICMP(type=3, code=4, nexthopmtu=1280) / Raw(bytes(reply))
+    want = IP(src="198.18.0.1", dst=LOCAL_BE, id=5) / ICMP(type=3, code=4, nexthopmtu=1280) / \
+        Raw(bytes(tcp(LOCAL_BE, CLIENT, 8080, 40000, "PA", seq=9, payload=b"z" * 64)))
+    uplink.check("frag needed about the reply: to the pod, about the pod's packet", "from_uplink",
+                 from_client(err), OK, from_client(want))
+
+
+def test_icmp_error_about_a_reply_reaches_a_remote_backend(uplink):
+    """The same for a SNATed flow: the error goes to node-2's backend, from this node, about
+    backend -> node:SNAT port (the packet the backend sent)."""
+    uplink.writer.apply(state(REMOTE))
+    port = snat_port(CLIENT, NODE, 40000, 30080)
+    uplink.check("SYN", "from_uplink", from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+    reply = tcp(NODE, CLIENT, 30080, 40000, "PA", seq=9, payload=b"z" * 64)
+    err = IP(src=CLIENT, dst=NODE, id=5) / ICMP(type=3, code=3) / Raw(bytes(reply))
+    want = IP(src=NODE, dst=REMOTE_BE, id=5) / ICMP(type=3, code=3) / \
+        Raw(bytes(tcp(REMOTE_BE, NODE, 8080, port, "PA", seq=9, payload=b"z" * 64)))
+    uplink.check("port unreachable from the client about the reply: to node-2's backend", "from_uplink",
+                 from_client(err), REDIRECT, to_node2(want))
