@@ -10,6 +10,10 @@
  * ebpfsvc/datapath/loader.py compiles this file with bcc, passing limits,
  * LB_PIN_DIR and HAIRPIN_ADDR as -D.
  */
+
+/* SCTP service port != targetPort: keep the CRC32c right (lib/csum.h). */
+#define LB_SCTP_PORT_CRC 1
+
 #include "abi.h"
 #include "parse.h"
 #include "maps.h"

@@ -9,9 +9,10 @@
 #ifndef EBPFSVC_CSUM_H
 #define EBPFSVC_CSUM_H
 
-/* Offset of the L4 checksum from the L4 header, 0 when there is none we keep.
- * SCTP's CRC32c covers no pseudo-header, so an address rewrite keeps it valid;
- * a port rewrite does not, and is left to CRC offload (see docs/datapath.md). */
+/* Offset of the L4 checksum from the L4 header, 0 when there is none we keep
+ * with the Internet checksum helpers. SCTP's CRC32c covers no pseudo-header,
+ * so an address rewrite keeps it valid; a port rewrite is compensated by
+ * lb4_sctp_crc_port_update below. */
 static __always_inline __u32 lb4_l4_csum_off(__u8 proto)
 {
 	if (proto == IPPROTO_TCP)
@@ -62,10 +63,89 @@ static __always_inline int lb4_csum_store_port(struct __sk_buff *skb, __u32 off,
 	if (l4_csum_off &&
 	    bpf_l4_csum_replace(skb, l4_csum_off, old, new, l4_flags | sizeof(new)) < 0)
 		return -1;
-	if (bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0) < 0)
+	/* Without an Internet checksum to compensate (SCTP), a CHECKSUM_COMPLETE
+	 * skb's csum must follow the change. */
+	if (bpf_skb_store_bytes(skb, off, &new, sizeof(new), l4_csum_off ? 0 : BPF_F_RECOMPUTE_CSUM) < 0)
 		return -1;
 	return 0;
 }
+
+/*
+ * SCTP CRC32c, updated for a port change without reading the payload.
+ * Feature gate LB_SCTP_PORT_CRC (an entry program defines it before the
+ * includes); programs without it get the stub below.
+ *
+ * CRC32c is linear over GF(2): changing bytes 0..3 of an L-byte packet by
+ * `delta` changes its CRC by crc(delta, then L-4 zero bytes) with zero
+ * init and final xor, that is crc0(delta) * x^(8(L-4)) mod P. The factor
+ * x^(8n) mod P depends on the length only: the loader tabulates it in
+ * lb_sctp_crc_shift (ebpfsvc/datapath/loader.py), so a packet pays one lookup
+ * and 64 shift-xor steps, and the verifier walks short loops. Polynomials are
+ * in the reflected representation (x^0 is bit 31), as the CRC is computed
+ * LSB first. The CRC is stored little-endian; reading it, and the delta word,
+ * as native u32 assumes a little-endian host (x86-64, arm64).
+ */
+#ifdef LB_SCTP_PORT_CRC
+#define LB_CRC32C_POLY 0x82f63b78     /* Castagnoli, reflected */
+
+/* a * b mod P, branch free. */
+static __always_inline __u32 lb_crc32c_mul(__u32 a, __u32 b)
+{
+	__u32 p = 0;
+	int i;
+
+	/* Kept a loop: unrolled, every rewrite site would carry ~300 insns. */
+#pragma clang loop unroll(disable)
+	for (i = 31; i >= 0; i--) {
+		p ^= b & -((a >> i) & 1);
+		b = (b >> 1) ^ (LB_CRC32C_POLY & -(b & 1));
+	}
+	return p;
+}
+
+/* CRC of 4 bytes (read as a little-endian word) with zero init and final xor. */
+static __always_inline __u32 lb_crc32c_word(__u32 w)
+{
+	int i;
+
+#pragma clang loop unroll(disable)
+	for (i = 0; i < 32; i++)
+		w = (w >> 1) ^ (LB_CRC32C_POLY & -(w & 1));
+	return w;
+}
+
+/*
+ * Fix the CRC32c of an SCTP packet whose port at `port_off` (0: source,
+ * 2: destination) changes from `old` to `new`. Packets longer than the table
+ * (GSO: their CRC is computed after us, on offload) are left as they are; so
+ * are fragments (the caller does not call): a fragment's CRC covers the whole
+ * datagram, whose length the first fragment does not tell.
+ */
+static __always_inline int lb4_sctp_crc_port_update(struct __sk_buff *skb, __u32 l4_off, __u32 sctp_len,
+						    __u32 port_off, __be16 old, __be16 new)
+{
+	__u32 crc, delta, zeros;
+	__u32 *shift;
+
+	if (sctp_len < 12)
+		return -1;
+	zeros = sctp_len - 4;
+	shift = lb_sctp_crc_shift.lookup(&zeros);
+	if (!shift)
+		return 0;
+	if (bpf_skb_load_bytes(skb, l4_off + 8, &crc, sizeof(crc)))
+		return -1;
+	delta = (__u32)(__u16)(old ^ new) << (8 * (port_off & 2));
+	crc ^= lb_crc32c_mul(*shift, lb_crc32c_word(delta));
+	return bpf_skb_store_bytes(skb, l4_off + 8, &crc, sizeof(crc), BPF_F_RECOMPUTE_CSUM) < 0 ? -1 : 0;
+}
+#else
+static __always_inline int lb4_sctp_crc_port_update(struct __sk_buff *skb, __u32 l4_off, __u32 sctp_len,
+						    __u32 port_off, __be16 old, __be16 new)
+{
+	return 0;
+}
+#endif /* LB_SCTP_PORT_CRC */
 
 /* Checksum of a 20-byte IPv4 header built on the stack (check field zero). */
 static __always_inline __u16 lb4_ip_hdr_csum(struct iphdr *iph)

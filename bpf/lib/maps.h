@@ -41,4 +41,13 @@ BPF_TABLE_PINNED("lpm_trie", struct lb4_src_range_key, __u32, lb4_source_ranges,
 /* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
 
+#ifdef LB_SCTP_PORT_CRC
+#ifndef LB_SCTP_CRC_MAX_LEN
+#define LB_SCTP_CRC_MAX_LEN 16384     /* longest SCTP packet whose CRC we fix (jumbo MTU fits) */
+#endif
+/* n -> x^(8n) mod P (CRC32c): what n zero bytes do to a CRC. Not pinned: the
+ * loader fills it at every load (derived data, no state). */
+BPF_ARRAY(lb_sctp_crc_shift, __u32, LB_SCTP_CRC_MAX_LEN);
+#endif
+
 #endif /* EBPFSVC_MAPS_H */

@@ -47,6 +47,9 @@ static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct lb4_pkt *p,
 	if (p->frag != LB_FRAG_LATER && *cur_port != port) {
 		if (lb4_csum_store_port(skb, p->l4_off + port_off, *cur_port, port, csum_off, flags))
 			return -1;
+		if (p->proto == IPPROTO_SCTP && p->frag == LB_FRAG_NONE &&
+		    lb4_sctp_crc_port_update(skb, p->l4_off, p->ip_len - p->ihl, port_off, *cur_port, port))
+			return -1;
 		*cur_port = port;
 	}
 	return 0;

@@ -27,7 +27,10 @@ import struct
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 from ebpfsvc import abi
+from ebpfsvc.datapath.batch import update_u32_array
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +204,39 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
         dp.programs[name] = bpf.load_func(name.encode(), getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS")))
     for name in MAPS:
         dp.maps[name] = bpf.get_table(name.encode())
+    _fill_sctp_crc_shift(bpf)
     if cache:
         dp.cache_key = key
         _CACHE[key] = dp
     return dp
+
+
+def crc32c_shift_table(n: int) -> np.ndarray:
+    """x^(8i) mod P for i < n (CRC32c, reflected: x^0 is bit 31): the factor by
+    which i zero bytes multiply a CRC. Each entry is the previous one put
+    through one CRC step of a zero byte (a multiplication by x^8)."""
+    step = np.zeros(256, dtype=np.uint32)
+    for b in range(256):
+        c = b
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        step[b] = c
+    out = np.empty(n, dtype=np.uint32)
+    v = 1 << 31
+    for i in range(n):
+        out[i] = v
+        v = (v >> 8) ^ int(step[v & 0xFF])
+    return out
+
+
+def _fill_sctp_crc_shift(bpf) -> None:
+    """Fill lb_sctp_crc_shift (bpf/lib/maps.h) in programs built with LB_SCTP_PORT_CRC."""
+    try:
+        table = bpf.get_table(b"lb_sctp_crc_shift")
+    except KeyError:
+        return
+    n = table.max_entries
+    update_u32_array(table, np.arange(n, dtype=np.uint32), crc32c_shift_table(n))
 
 
 def stale_pins(bpf, pin_dir: Path) -> list[str]:

@@ -19,11 +19,8 @@ then their old ranges are released, then backends and names nobody uses.
 
 from __future__ import annotations
 
-import ctypes as ct
-import errno
 import hashlib
 import ipaddress
-import os
 import struct
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -31,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ebpfsvc import abi, maglev
+from ebpfsvc.datapath.batch import delete_batch, read_u32_array, update_batch, update_u32_array, zero_percpu
 from ebpfsvc.datapath.ids import IdAllocator, SlotRanges
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKind, LBState, ServicePortName
 
@@ -128,7 +126,7 @@ class MapWriter:
         ranges = [(v[2], v[3]) for v in self._fe.values() if v[3] > 0]
         self._ranges = SlotRanges(capacity, ranges)
         high = max((off + size for off, size in ranges), default=0)
-        slots = _read_u32_array(self.maglev_map, high)
+        slots = read_u32_array(self.maglev_map, high)
         # Table contents as they are now, to compare with what a state wants.
         self._table: dict[FeKey, np.ndarray] = {
             k: slots[v[2]: v[2] + v[3]] for k, v in self._fe.items() if v[3] > 0}
@@ -174,12 +172,12 @@ class MapWriter:
             if ident is None:
                 ident = self._be_ids.allocate()
                 self._be_id[bkey] = ident
-                _zero_percpu(self.be_stats_map, ident)
+                zero_percpu(self.be_stats_map, ident)
                 stats.stats_zeroed += 1
             val = bkey + (flags,)
             if self._be_val.get(ident) != val:
                 be_writes.append((ident, val))
-        _update_batch(self.backends_map, [
+        update_batch(self.backends_map, [
             (self.backends_map.Key(i), self.backends_map.Leaf(*v)) for i, v in be_writes])
         for ident, val in be_writes:
             self._be_val[ident] = val
@@ -191,7 +189,7 @@ class MapWriter:
             ident = self._svc_ids.allocate()
             self._svc_id[name] = ident
             name_writes.append((ident, name))
-        _update_batch(self.names_map, [
+        update_batch(self.names_map, [
             (self.names_map.Key(i), self.names_map.Leaf(n.encode())) for i, n in name_writes])
         stats.services_written = len(name_writes)
 
@@ -207,7 +205,7 @@ class MapWriter:
                 fid = old[1]
             else:
                 fid = self._fe_ids.allocate()
-                _zero_percpu(self.fe_stats_map, fid)
+                zero_percpu(self.fe_stats_map, fid)
                 stats.stats_zeroed += 1
             names = [b.name for b in table_backends]
             ids = [self._be_id[_backend_key(b)] for b in table_backends]
@@ -245,7 +243,7 @@ class MapWriter:
         if slot_keys:
             keys = np.concatenate(slot_keys)
             vals = np.concatenate(slot_vals)
-            _update_u32_array(self.maglev_map, keys, vals)
+            update_u32_array(self.maglev_map, keys, vals)
             stats.slots_written = int(keys.size)
         self._table.update(new_tables)
         # Source ranges before the frontend entries that enforce them (bpf/lib/srcrange.h).
@@ -253,7 +251,7 @@ class MapWriter:
         fids.update((k, v[1]) for k, v in fe_writes)
         want_src = _source_ranges(want_fe, fids)
         self._write_source_ranges(want_src, stats)
-        _update_batch(self.frontends_map, [
+        update_batch(self.frontends_map, [
             (self.frontends_map.Key(*k), self.frontends_map.Leaf(*v)) for k, v in fe_writes])
         for key, val in fe_writes:
             self._fe[key] = val
@@ -261,7 +259,7 @@ class MapWriter:
 
         # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
         stale_fe = [k for k in self._fe if k not in want_fe and k not in want_markers]
-        _delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in stale_fe])
+        delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in stale_fe])
         for key in stale_fe:
             val = self._fe.pop(key)
             if val[3]:
@@ -277,7 +275,7 @@ class MapWriter:
         self._prune_source_ranges(want_src, stats)
 
         stale_be = [i for i, v in self._be_val.items() if v[:3] not in want_be]
-        _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale_be])
+        delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale_be])
         for ident in stale_be:
             val = self._be_val.pop(ident)
             del self._be_id[val[:3]]
@@ -285,7 +283,7 @@ class MapWriter:
         stats.backends_deleted = len(stale_be)
 
         stale_svc = [n for n in self._svc_id if n not in want_svc]
-        _delete_batch(self.names_map, [self.names_map.Key(self._svc_id[n]) for n in stale_svc])
+        delete_batch(self.names_map, [self.names_map.Key(self._svc_id[n]) for n in stale_svc])
         for name in stale_svc:
             self._svc_ids.release(self._svc_id.pop(name))
         stats.services_deleted = len(stale_svc)
@@ -304,7 +302,7 @@ class MapWriter:
         if self.src_ranges_map is None:
             raise RuntimeError("loadBalancerSourceRanges wanted but the datapath has no lb4_source_ranges map")
         m = self.src_ranges_map
-        _update_batch(m, [(m.Key(plen, fid, addr), m.Leaf(1)) for fid, plen, addr in new])
+        update_batch(m, [(m.Key(plen, fid, addr), m.Leaf(1)) for fid, plen, addr in new])
         self._src_ranges.update(new)
         stats.ranges_written += len(new)
 
@@ -313,7 +311,7 @@ class MapWriter:
         if not stale or self.src_ranges_map is None:
             return
         m = self.src_ranges_map
-        _delete_batch(m, [m.Key(plen, fid, addr) for fid, plen, addr in stale])
+        delete_batch(m, [m.Key(plen, fid, addr) for fid, plen, addr in stale])
         self._src_ranges.difference_update(stale)
         stats.ranges_deleted += len(stale)
 
@@ -391,88 +389,3 @@ def _service_flags(fe: Frontend) -> int:
     if fe.local_only:
         flags |= abi.LB_SVC_F_LOCAL_ONLY
     return flags
-
-
-# ---- batched map access (bcc tables); per-item fallback when the kernel refuses -------
-
-def _lib():
-    from bcc.libbcc import lib
-    return lib
-
-
-def _update_batch(table, items: list) -> None:
-    if not items:
-        return
-    n = len(items)
-    keys = (table.Key * n)(*(k for k, _ in items))
-    vals = (table.Leaf * n)(*(v for _, v in items))
-    count = ct.c_uint32(n)
-    if _lib().bpf_update_batch(table.map_fd, ct.byref(keys), ct.byref(vals), ct.byref(count)) == 0:
-        return
-    for k, v in items:          # e.g. a kernel without batch ops for this map type
-        table[k] = v
-
-
-def _delete_batch(table, keys: list) -> None:
-    if not keys:
-        return
-    n = len(keys)
-    arr = (table.Key * n)(*keys)
-    count = ct.c_uint32(n)
-    if _lib().bpf_delete_batch(table.map_fd, ct.byref(arr), ct.byref(count)) == 0:
-        return
-    for k in keys:
-        try:
-            del table[k]
-        except KeyError:
-            pass                # already gone: the goal is reached
-
-
-def _update_u32_array(table, keys: np.ndarray, vals: np.ndarray) -> None:
-    keys = np.ascontiguousarray(keys, dtype=np.uint32)
-    vals = np.ascontiguousarray(vals, dtype=np.uint32)
-    count = ct.c_uint32(int(keys.size))
-    if _lib().bpf_update_batch(table.map_fd, keys.ctypes.data, vals.ctypes.data, ct.byref(count)) == 0:
-        return
-    for k, v in zip(keys.tolist(), vals.tolist()):
-        table[table.Key(k)] = table.Leaf(v)
-
-
-def _read_u32_array(table, n: int) -> np.ndarray:
-    """Entries [0, n) of a u32 -> u32 ARRAY map, by batch lookup where possible."""
-    out = np.zeros(n, dtype=np.uint32)
-    if n == 0:
-        return out
-    chunk = min(n, 1 << 16)
-    keys = np.zeros(chunk, dtype=np.uint32)
-    vals = np.zeros(chunk, dtype=np.uint32)
-    lib = _lib()
-    token = ct.c_uint32(0)
-    next_token = ct.c_uint32(0)
-    pos = 0
-    first = True
-    while pos < n:
-        count = ct.c_uint32(min(chunk, n - pos))
-        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token), ct.byref(next_token),
-                                   keys.ctypes.data, vals.ctypes.data, ct.byref(count))
-        err = ct.get_errno()
-        if res != 0 and err != errno.ENOENT:
-            if pos == 0:        # no batch support: read element by element
-                for i in range(n):
-                    out[i] = table[table.Key(i)].value
-                return out
-            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-        got = count.value
-        idx = keys[:got]
-        sel = idx < n
-        out[idx[sel]] = vals[:got][sel]
-        pos += got
-        if res != 0 or got == 0:   # ENOENT: the end of the map
-            break
-        token.value = next_token.value
-        first = False
-    return out
-
-
-def _zero_percpu(table, ident: int) -> None:
-    table[table.Key(ident)] = table.Leaf()

@@ -151,14 +151,19 @@ def test_external_scope_frontend_is_not_used_for_pod_traffic(datapath, writer):
                          from_pod(tcp(CLIENT, VIP, 40000, 80)), OK))
 
 
-def test_sctp_address_translation_keeps_crc_valid(datapath, writer):
-    from scapy.layers.sctp import SCTP, SCTPChunkInit
-    assoc = frontend(VIP, 3868, [be(BACKEND1, 3868, Protocol.SCTP)], proto=Protocol.SCTP, name="diameter")
+
+@pytest.mark.parametrize("target_port", [3868, 13868], ids=["same-port", "port-translated"])
+def test_sctp_translation_keeps_crc32c_valid(datapath, writer, target_port):
+    """SCTP's CRC32c covers no pseudo-header: an address rewrite keeps it valid, a
+    port rewrite is compensated (scapy computes the expected CRC of each packet)."""
+    from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit
+    assoc = frontend(VIP, 3868, [be(BACKEND1, target_port, Protocol.SCTP)], proto=Protocol.SCTP, name="diameter")
     writer.apply(state(assoc))
     init = SCTPChunkInit(init_tag=7, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
-    check(datapath, Case("SCTP INIT: address DNAT, CRC32c (no pseudo-header) still valid", "from_pod",
+    check(datapath, Case("SCTP INIT to the service port", "from_pod",
                          from_pod(IP(src=CLIENT, dst=VIP) / SCTP(sport=3000, dport=3868) / init), OK,
-                         from_pod(IP(src=CLIENT, dst=BACKEND1) / SCTP(sport=3000, dport=3868) / init)))
-    check(datapath, Case("SCTP reply reverse-NATed", "to_pod",
-                         to_pod(IP(src=BACKEND1, dst=CLIENT) / SCTP(sport=3868, dport=3000) / init), OK,
-                         to_pod(IP(src=VIP, dst=CLIENT) / SCTP(sport=3868, dport=3000) / init)))
+                         from_pod(IP(src=CLIENT, dst=BACKEND1) / SCTP(sport=3000, dport=target_port) / init)))
+    data = SCTPChunkData(tsn=2, stream_id=0, stream_seq=0, proto_id=46, data=bytes(range(256)) * 4)
+    check(datapath, Case("SCTP reply with 1 KiB of data: the service port restored", "to_pod",
+                         to_pod(IP(src=BACKEND1, dst=CLIENT) / SCTP(sport=target_port, dport=3000) / data), OK,
+                         to_pod(IP(src=VIP, dst=CLIENT) / SCTP(sport=3868, dport=3000) / data)))

@@ -1,4 +1,4 @@
-"""The writer's batch helpers fall back to per-entry operations when the
+"""The batch helpers (ebpfsvc.datapath.batch) fall back to per-entry operations when the
 kernel refuses a batch (no root: a map fd of -1 makes every batch fail)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import ctypes
 
 import numpy as np
 
-from ebpfsvc.datapath import writer
+from ebpfsvc.datapath import batch
 
 
 class FakeTable(dict):
@@ -29,26 +29,26 @@ class FakeTable(dict):
 
 def test_update_falls_back_per_entry():
     t = FakeTable()
-    writer._update_batch(t, [(t.Key(1), t.Leaf(10)), (t.Key(2), t.Leaf(20))])
+    batch.update_batch(t, [(t.Key(1), t.Leaf(10)), (t.Key(2), t.Leaf(20))])
     assert dict(t) == {1: 10, 2: 20}
 
 
 def test_delete_falls_back_and_ignores_missing():
     t = FakeTable({1: 10, 2: 20})
-    writer._delete_batch(t, [t.Key(1), t.Key(3)])
+    batch.delete_batch(t, [t.Key(1), t.Key(3)])
     assert dict(t) == {2: 20}
 
 
 def test_array_update_and_read_fall_back():
     t = FakeTable()
-    writer._update_u32_array(t, np.array([5, 6, 7], dtype=np.uint32), np.array([50, 60, 70], dtype=np.uint32))
+    batch.update_u32_array(t, np.array([5, 6, 7], dtype=np.uint32), np.array([50, 60, 70], dtype=np.uint32))
     assert dict(t) == {5: 50, 6: 60, 7: 70}
     t.update({i: 0 for i in range(5)})
-    assert writer._read_u32_array(t, 8).tolist() == [0, 0, 0, 0, 0, 50, 60, 70]
+    assert batch.read_u32_array(t, 8).tolist() == [0, 0, 0, 0, 0, 50, 60, 70]
 
 
 def test_empty_batches_touch_nothing():
     t = FakeTable()
-    writer._update_batch(t, [])
-    writer._delete_batch(t, [])
-    assert writer._read_u32_array(t, 0).size == 0 and dict(t) == {}
+    batch.update_batch(t, [])
+    batch.delete_batch(t, [])
+    assert batch.read_u32_array(t, 0).size == 0 and dict(t) == {}
