@@ -20,9 +20,10 @@ by build_desired_state().
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s.endpointmerge import Endpoint
@@ -31,7 +32,7 @@ from ebpfsvc.k8s.service import Service, ServicePort, TrafficPolicy
 from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints
 from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, LBState, Scope,
                              ServicePortName)
-from ebpfsvc.tracker import ClusterSnapshot
+from ebpfsvc.tracker import ClusterSnapshot, ServiceKey
 
 # The field a frontend comes from, to name it when two Services collide.
 _KIND_FIELD = {
@@ -42,17 +43,21 @@ _KIND_FIELD = {
 }
 
 
-# The previous call's frontends per service port, with the inputs they were built from.  A sync
-# usually follows a change to one Service among thousands; reusing the frontends of the others
-# (same Service and endpoints objects, same node context) makes it proportional to the change.
-# Only a cache: the result is exactly what a fresh computation would give, so the function stays pure.
-_memo: tuple[object, dict[ServicePortName, tuple]] = (None, {})
+@dataclass(frozen=True)
+class LBDelta:
+    """How a state differs from an earlier one: only the frontends at `keys` may differ from `base`'s
+    (added, removed or changed).  MapWriter.apply(state, delta=...) uses it when `base` is the very
+    state it applied last, and otherwise finds the difference itself."""
+
+    base: LBState
+    keys: frozenset[FrontendKey]
 
 
 @dataclass(frozen=True)
 class DesiredState:
     state: LBState
     conflicts: tuple[Problem, ...] = ()    # frontends not served because another Service holds them
+    delta: LBDelta | None = field(default=None, compare=False)   # vs the builder's previous result
 
 
 def desired_state(snapshot: ClusterSnapshot, node: NodeConfig) -> LBState:
@@ -61,36 +66,158 @@ def desired_state(snapshot: ClusterSnapshot, node: NodeConfig) -> LBState:
 
 
 def build_desired_state(snapshot: ClusterSnapshot, node: NodeConfig) -> DesiredState:
-    """desired_state() plus the frontend conflicts it had to resolve."""
-    global _memo
-    zone = node_zone(snapshot, node)
-    # Everything a service port's frontends depend on besides its Service and endpoints.
-    context = (node, zone, tuple(sorted((name, n.zone) for name, n in snapshot.nodes.items())))
-    previous = _memo[1] if _memo[0] == context else {}
-    reused: dict[ServicePortName, tuple] = {}
-    frontends: dict[FrontendKey, Frontend] = {}
-    conflicts: list[Problem] = []
-    for key in sorted(snapshot.services):
-        svc = snapshot.services[key]
-        if svc.skip_reason(node):
-            continue
-        for i, port in enumerate(svc.ports):
-            spn = ServicePortName(svc.namespace, svc.name, port.name, port.protocol)
-            endpoints = snapshot.endpoints.get(spn, ())
-            hit = previous.get(spn)
-            if hit and (hit[0] is svc or hit[0] == svc) and (hit[1] is endpoints or hit[1] == endpoints):
-                port_frontends = hit[2]
-            else:
-                port_frontends = tuple(_port_frontends(snapshot, node, zone, svc, port, spn, endpoints))
-            reused[spn] = (svc, endpoints, port_frontends)
-            for fe in port_frontends:
-                holder = frontends.get(fe.key)
-                if holder is None:
-                    frontends[fe.key] = fe
-                elif holder.service.namespace != svc.namespace or holder.service.name != svc.name:
-                    conflicts.append(_conflict(svc, i, fe, holder))
-    _memo = (context, reused)     # one assignment: concurrent callers never see a half-built memo
-    return DesiredState(LBState(frontends), tuple(sorted(set(conflicts))))
+    """desired_state() plus the frontend conflicts it had to resolve (computed afresh)."""
+    return DesiredStateBuilder(node).build(snapshot)
+
+
+# One Service's contribution: the Service object and, per port, the inputs and the frontends built
+# from them.  A skipped Service (headless, ExternalName, another proxy's) contributes no ports.
+_PortResult = tuple[ServicePortName, tuple[Endpoint, ...], tuple[Frontend, ...]]
+# A claim on a frontend key: (order, frontend, Service).  The order (Service key, port index,
+# position) is the order the full computation meets the claims in: the first one wins.
+_Claim = tuple[tuple[ServiceKey, int, int], Frontend, Service]
+
+
+class DesiredStateBuilder:
+    """desired_state() for one node, kept up to date from one snapshot to the next.
+
+    A sync usually follows a change to one Service among thousands.  The builder remembers each
+    Service's frontends and every claim on every frontend key, so a new snapshot costs what
+    changed in it: the Services it names in `changed` (when it directly follows the snapshot the
+    builder saw last, from the same ClusterState), else the Services whose objects or endpoints
+    differ from the ones remembered.  A change of node context (this node's zone, any Node's zone)
+    recomputes everything.  build() returns exactly what a fresh computation returns
+    (tests/unit/test_desired_incremental.py checks it over random change sequences), with an
+    LBDelta naming the frontend keys that changed since the previous result; an unchanged
+    snapshot returns the previous DesiredState object itself.
+    """
+
+    def __init__(self, node: NodeConfig):
+        self.node = node
+        self._snapshot: ClusterSnapshot | None = None
+        self._context: tuple | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._result: DesiredState | None = None
+        self._services: dict[ServiceKey, tuple[Service, tuple[_PortResult, ...]]] = {}
+        self._claims: dict[FrontendKey, list[_Claim]] = {}
+        self._frontends: dict[FrontendKey, Frontend] = {}          # the winning claim per key
+        self._conflicts: dict[FrontendKey, tuple[Problem, ...]] = {}
+
+    @property
+    def result(self) -> DesiredState | None:
+        """The last build()'s result."""
+        return self._result
+
+    def build(self, snapshot: ClusterSnapshot) -> DesiredState:
+        prev = self._snapshot
+        if prev is not None and snapshot.nodes is prev.nodes:
+            context, zone = self._context, self._context[1]
+        else:
+            zone = node_zone(snapshot, self.node)
+            context = (self.node, zone, tuple(sorted((name, n.zone) for name, n in snapshot.nodes.items())))
+        if self._result is None or context != self._context:
+            self._reset()
+            todo: Iterable[ServiceKey] = snapshot.services
+        elif (snapshot.origin is not None and snapshot.origin is prev.origin
+              and snapshot.generation == prev.generation + 1):
+            todo = snapshot.changed
+        else:
+            todo = self._differing(snapshot)
+        self._snapshot, self._context = snapshot, context
+        # Claims must be met in the full computation's order, so that a tie is broken the same way.
+        todo = sorted(todo)
+        touched: set[FrontendKey] = set()
+        for key in todo:
+            self._update_service(snapshot, zone, key, touched)
+        changed: set[FrontendKey] = set()
+        conflicts_touched = False
+        for fkey in touched:
+            claims = self._claims.get(fkey)
+            old = self._frontends.get(fkey)
+            if not claims:
+                self._claims.pop(fkey, None)
+                self._frontends.pop(fkey, None)
+                conflicts_touched |= self._conflicts.pop(fkey, None) is not None
+                if old is not None:
+                    changed.add(fkey)
+                continue
+            (holder_order, holder, _), *losers = claims
+            if old is not holder:
+                self._frontends[fkey] = holder
+                changed.add(fkey)
+            problems = tuple(_conflict(svc, order[1], fe, holder)
+                             for order, fe, svc in losers if order[0] != holder_order[0])
+            if problems or fkey in self._conflicts:
+                conflicts_touched |= self._conflicts.get(fkey) != problems
+                if problems:
+                    self._conflicts[fkey] = problems
+                else:
+                    del self._conflicts[fkey]
+        last = self._result
+        if last is not None and not changed and not conflicts_touched:
+            return last
+        conflicts = (tuple(sorted({p for ps in self._conflicts.values() for p in ps}))
+                     if conflicts_touched or last is None else last.conflicts)
+        state = LBState(dict(self._frontends)) if changed or last is None else last.state
+        delta = LBDelta(last.state, frozenset(changed)) if last is not None else None
+        self._result = DesiredState(state, conflicts, delta)
+        return self._result
+
+    def _differing(self, snapshot: ClusterSnapshot) -> set[ServiceKey]:
+        """Services whose object or endpoints differ from what the last build used (or that came or went)."""
+        out = set(self._services.keys() - snapshot.services.keys())
+        endpoints = snapshot.endpoints
+        for key, svc in snapshot.services.items():
+            known = self._services.get(key)
+            if known is None or not (known[0] is svc or known[0] == svc):
+                out.add(key)
+                continue
+            for spn, eps, _ in known[1]:
+                now = endpoints.get(spn, ())
+                if not (now is eps or now == eps):
+                    out.add(key)
+                    break
+        return out
+
+    def _update_service(self, snapshot: ClusterSnapshot, zone: str, key: ServiceKey,
+                        touched: set[FrontendKey]) -> None:
+        old = self._services.pop(key, None)
+        old_ports = {r[0]: r for r in old[1]} if old is not None else {}
+        if old is not None:
+            for _, _, fes in old[1]:
+                for fe in fes:
+                    claims = self._claims.get(fe.key)
+                    if claims:
+                        claims[:] = [c for c in claims if c[0][0] != key]
+                    touched.add(fe.key)
+        svc = snapshot.services.get(key)
+        if svc is None:
+            return
+        ports: list[_PortResult] = []
+        if not svc.skip_reason(self.node):
+            same_svc = old is not None and old[0] is svc
+            for i, port in enumerate(svc.ports):
+                spn = ServicePortName(svc.namespace, svc.name, port.name, port.protocol)
+                endpoints = snapshot.endpoints.get(spn, ())
+                hit = old_ports.get(spn)
+                if same_svc and hit is not None and (hit[1] is endpoints or hit[1] == endpoints):
+                    fes = hit[2]
+                else:
+                    fes = tuple(_port_frontends(snapshot, self.node, zone, svc, port, spn, endpoints))
+                    if hit is not None and hit[2] == fes:
+                        fes = hit[2]        # equal: keep the old objects, so consumers compare by identity
+                ports.append((spn, endpoints, fes))
+                for j, fe in enumerate(fes):
+                    claim = ((key, i, j), fe, svc)
+                    claims = self._claims.setdefault(fe.key, [])
+                    if not claims or claims[-1][0] < claim[0]:
+                        claims.append(claim)
+                    else:
+                        bisect.insort(claims, claim, key=lambda c: c[0])
+                    touched.add(fe.key)
+        self._services[key] = (svc, tuple(ports))
 
 
 def node_zone(snapshot: ClusterSnapshot, node: NodeConfig) -> str:

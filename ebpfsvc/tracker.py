@@ -59,6 +59,11 @@ class ClusterSnapshot:
     nodes: Mapping[str, Node] = field(default_factory=lambda: MappingProxyType({}))
     synced: bool = False
     changed: frozenset[ServiceKey] = frozenset()   # Services whose object or endpoints changed since the last snapshot
+    # Which ClusterState took the snapshot, and its count: `changed` is relative to the snapshot of
+    # generation - 1 of the same origin.  A consumer that saw exactly that one (DesiredStateBuilder)
+    # may look at `changed` only; any other must compare the objects.  0/None: a standalone snapshot.
+    origin: object | None = field(default=None, compare=False, repr=False)
+    generation: int = field(default=0, compare=False)
 
     @classmethod
     def of(cls, services=(), endpoints=None, nodes=(), synced=True) -> "ClusterSnapshot":
@@ -122,6 +127,11 @@ class ClusterState:
         self._problems: dict[tuple[str, str, str], Problem] = {}
         self._synced_kinds: set[str] = set()
         self._sync_news = False          # `synced` became true and no snapshot has shown it yet
+        self._generation = 0             # snapshots taken so far
+        # The read-only copies the last snapshot handed out, reused while nothing in them changed:
+        # an endpoint change then copies the endpoints only, and a consumer can tell an unchanged
+        # mapping (node zones) by identity.
+        self._views: dict[str, Mapping] = {}
         self._cond = threading.Condition()
 
     # --- Sink -------------------------------------------------------------------------------
@@ -186,22 +196,30 @@ class ClusterState:
     def snapshot(self) -> ClusterSnapshot:
         """The current state; also marks every change so far as seen (see wait_changed)."""
         with self._cond:
-            changed = set(self._services.take())
+            services_changed = set(self._services.take())
             dirty: set[ServiceKey] = set()
             for prev, cur in self._slices.take().values():
                 dirty.update(s.service_key for s in (prev, cur) if s is not None and s.service_key)
             dirty.update(self._endpoints_objs.take())
-            self._nodes.take()
-            for svc in dirty:
-                if self._remerge(svc):
-                    changed.add(svc)
+            remerged = {svc for svc in dirty if self._remerge(svc)}
+            changed = services_changed | remerged
+            views = self._views
+            if services_changed or "services" not in views:
+                views["services"] = MappingProxyType(dict(self._services.current))
+            if remerged or "endpoints" not in views:
+                views["endpoints"] = MappingProxyType(dict(self._endpoints))
+            if self._nodes.take() or "nodes" not in views:
+                views["nodes"] = MappingProxyType({key[1]: n for key, n in self._nodes.current.items()})
             self._sync_news = False
+            self._generation += 1
             return ClusterSnapshot(
-                services=MappingProxyType(dict(self._services.current)),
-                endpoints=MappingProxyType(dict(self._endpoints)),
-                nodes=MappingProxyType({key[1]: n for key, n in self._nodes.current.items()}),
+                services=views["services"],
+                endpoints=views["endpoints"],
+                nodes=views["nodes"],
                 synced=self._is_synced(),
                 changed=frozenset(changed),
+                origin=self,
+                generation=self._generation,
             )
 
     # --- internals (called with the lock held) ------------------------------------------------

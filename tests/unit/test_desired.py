@@ -340,7 +340,6 @@ def test_every_example_together_on_both_nodes():
 
 def fresh(snapshot, node) -> LBState:
     """desired_state without anything remembered from earlier calls."""
-    desired._memo = (None, {})
     return desired_state(snapshot, node)
 
 
@@ -351,8 +350,8 @@ def test_reuse_between_calls_gives_what_a_fresh_computation_gives():
         state.on_event(Event(doc["kind"], EventType.ADDED, doc))
     first = state.snapshot()
     node = NodeConfig("node-1", node_addresses=("198.18.0.11",))       # zone from the Node object
-    assert desired_state(first, node) == fresh(first, node)
-    desired_state(first, node)
+    builder = desired.DesiredStateBuilder(node)
+    assert builder.build(first).state == fresh(first, node)
     # One slice loses an endpoint, and node-1 moves to zone-b: both must show in the next result.
     changed = documents("my-service-slices.yaml")[1]
     changed["endpoints"] = []
@@ -361,9 +360,9 @@ def test_reuse_between_calls_gives_what_a_fresh_computation_gives():
     moved["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-b"
     state.on_event(Event("Node", EventType.MODIFIED, moved))
     second = state.snapshot()
-    reused = desired_state(second, node)
+    reused = builder.build(second).state
     assert reused == fresh(second, node)
     assert [b.name for b in frontend(reused, "198.19.0.10", 80, Scope.INTERNAL).backends] == ["198.18.1.10:9376/TCP"]
     assert [b.name for b in frontend(reused, "198.19.0.32", 80, Scope.INTERNAL).backends] == ["198.18.2.4:80/TCP"]
     # Another node's view is computed for that node, not reused from node-1's.
-    assert desired_state(second, NODE2) == fresh(second, NODE2)
+    assert desired.DesiredStateBuilder(NODE2).build(second).state == fresh(second, NODE2)
