@@ -294,7 +294,6 @@ class Run:
     def cell(self, dp: datapaths.Datapath, n: int, repeat: int) -> None:
         services = service_count(n)
         cfg = self.cfg
-        client = self.ns[CLIENT]
         if dp.translates:
             predicted = self.predicted_program_seconds(dp.name, services)
             if predicted is not None and predicted > cfg.max_program_seconds:
@@ -305,6 +304,7 @@ class Run:
                           f"programming {how} {predicted:.0f} s > max_program_seconds {cfg.max_program_seconds:.0f} s")
                 return
         state, changed = self._states[n]
+        client = self.ns[CLIENT]
         line = f"  {dp.name:9}"
         try:
             info = dp.activate(state)
@@ -336,9 +336,7 @@ class Run:
                 if repeat == 0 or info["program_seconds"] < cfg.change_every_repeat_below:
                     ms = self.endpoint_change(dp, services, repeat, changed, info["program_seconds"])
                     line += f" | change {ms:8.1f} ms" if ms is not None else " | change not seen"
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:
+        except Exception as exc:        # recorded, and the run goes on (Ctrl-C is not an Exception)
             self.data["errors"].append({"datapath": dp.name, "services": services, "repeat": repeat,
                                         "error": f"{type(exc).__name__}: {exc}",
                                         "traceback": traceback.format_exc(limit=6)})
@@ -475,8 +473,8 @@ def notes(data: dict, note: str = "") -> str:
     return "; ".join(parts)
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return report._table(header, [[str(c) for c in row] for row in rows])
+def _table(header: list[str], rows: list[list], align: str = "---:") -> list[str]:
+    return report._table(header, [[str(c) for c in row] for row in rows], align=align)
 
 
 def extra_sections(data: dict) -> str:
@@ -509,7 +507,8 @@ def extra_sections(data: dict) -> str:
     if data.get("skipped"):
         lines += ["Skipped points:", ""]
         lines += _table(["datapath", "services", "repeat", "reason"],
-                        [[s["datapath"], f"{s['services']:,}", s["repeat"] + 1, s["reason"]] for s in data["skipped"]])
+                        [[s["datapath"], f"{s['services']:,}", s["repeat"] + 1, s["reason"]] for s in data["skipped"]],
+                        align=":---")
         lines.append("")
 
     if data.get("memory"):
@@ -580,7 +579,7 @@ def extra_sections(data: dict) -> str:
             counts = s["backends"]
             rows.append([s["datapath"], f"{s['services']:,}", s["repeat"] + 1,
                          ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))])
-        lines += _table(["datapath", "services", "repeat", "connections per backend"], rows)
+        lines += _table(["datapath", "services", "repeat", "connections per backend"], rows, align=":---")
         lines.append("")
     if data.get("errors"):
         lines += ["## Errors", ""]

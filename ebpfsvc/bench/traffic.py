@@ -429,7 +429,9 @@ def backend_spread(client_netns: str, address: str, port: int, *, count: int = 3
 def _iperf3(client_netns: str, args: list[str], duration: float) -> tuple[dict, dict[str, float]]:
     """Run an iperf3 client; its JSON result and the machine's busy CPU seconds meanwhile."""
     before = cpu_times()
-    proc = subprocess.run(["iperf3", *args, "-t", str(duration), "-J"], capture_output=True, text=True,
+    # iperf3 reads -t as whole seconds, and 0 means "forever": never pass less than 1.
+    seconds = str(max(1, round(duration)))
+    proc = subprocess.run(["iperf3", *args, "-t", seconds, "-J"], capture_output=True, text=True,
                           timeout=duration + _CLIENT_SLACK, preexec_fn=nsenter.preexec(client_netns))
     cpu = busy_seconds(before, cpu_times())
     try:
