@@ -10,6 +10,15 @@ lb_service_names (id -> name), backend ids are the keys of lb4_backends
 the lb4_frontends entries. A new MapWriter rebuilds all of it from the maps, so
 an unchanged LBState after a restart writes nothing.
 
+Incremental: apply() looks only at the frontends whose Frontend object (then value) changed since
+the last apply -- the caller may name them (an LBDelta from DesiredStateBuilder), else the writer
+compares the two states by identity -- and keeps reference counts (frontends per backend, per
+backend flag, per service name, per address marker), so the backends and names nobody uses any
+more are found without a scan.  One endpoint change at 10,000 Services costs the entries it
+affects.  The first apply after a (re)load, and apply(state, full=True) (the agent's periodic
+resync), recompute everything from the state and also remove what nothing wants any more,
+e.g. entries a previous agent run left behind.
+
 Write order, so that no packet ever sees a reference to something missing:
 backends and service names first, then Maglev tables (each changed table
 into a NEW range of lb_maglev), then frontend entries (the single write that
@@ -23,14 +32,19 @@ import hashlib
 import ipaddress
 import struct
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
 from ebpfsvc import abi, maglev
-from ebpfsvc.datapath.batch import delete_batch, read_u32_array, update_batch, update_u32_array, zero_percpu
+# Module-level names, looked up at each call: tests probe every write by patching them.
+from ebpfsvc.datapath.batch import delete_batch as _delete_batch
+from ebpfsvc.datapath.batch import read_u32_array as _read_u32_array
+from ebpfsvc.datapath.batch import update_batch as _update_batch
+from ebpfsvc.datapath.batch import update_u32_array as _update_u32_array
+from ebpfsvc.datapath.batch import zero_percpu as _zero_percpu
 from ebpfsvc.datapath.ids import IdAllocator, SlotRanges
-from ebpfsvc.lbmodel import Backend, Frontend, FrontendKind, LBState, ServicePortName
+from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, LBState, ServicePortName
 
 _NAME_MAX = 127      # lb_service_name.name is 128 bytes, NUL-terminated
 
@@ -91,6 +105,21 @@ BeKey = tuple  # (address, port, proto)
 
 _MARKER_VAL = (0, 0, 0, 0, 0, 0, abi.LB_SVC_F_ADDRESS)
 
+# Incremental applies sort the changed frontends (deterministic id allocation) up to this many;
+# past it they go in the state's order, which costs no comparisons.
+_SORT_CHANGED_MAX = 1024
+
+
+class _FeWant(NamedTuple):
+    """One frontend in map terms: what its entries need, and what it holds references on."""
+
+    fe: Frontend
+    key: FeKey
+    marker: FeKey                   # the address marker (port 0) it needs
+    name: str                       # its service name in lb_service_names
+    be_flags: dict                  # BeKey -> LB_BE_F_* wanted by this frontend
+    table: list                     # the backends its Maglev table is built from, sorted by name
+
 
 class MapWriter:
     """Diff-and-apply writer over a loaded datapath's maps (ebpfsvc.datapath.loader.Datapath.maps)."""
@@ -126,7 +155,7 @@ class MapWriter:
         ranges = [(v[2], v[3]) for v in self._fe.values() if v[3] > 0]
         self._ranges = SlotRanges(capacity, ranges)
         high = max((off + size for off, size in ranges), default=0)
-        slots = read_u32_array(self.maglev_map, high)
+        slots = _read_u32_array(self.maglev_map, high)
         # Table contents as they are now, to compare with what a state wants.
         self._table: dict[FeKey, np.ndarray] = {
             k: slots[v[2]: v[2] + v[3]] for k, v in self._fe.items() if v[3] > 0}
@@ -138,6 +167,7 @@ class MapWriter:
         self._be_ids = IdAllocator(self.be_stats_map.max_entries, self._be_val)
         self._fe_ids = IdAllocator(self.fe_stats_map.max_entries,
                                    (v[1] for v in self._fe.values() if v[1]))
+        self._reset_refs()          # the next apply is a full one
         # (frontend id, LPM prefix length, address) of every loadBalancerSourceRanges entry.
         self._src_ranges: set[tuple[int, int, int]] = set()
         if self.src_ranges_map is not None:
@@ -146,38 +176,109 @@ class MapWriter:
 
     # ---- the public operation --------------------------------------------------------
 
-    def apply(self, state: LBState) -> ApplyStats:
+    def apply(self, state: LBState, *, full: bool = False, delta=None) -> ApplyStats:
         """Make the maps hold exactly `state`; return what was written.
+
+        Looks at the frontends that changed since the last apply only: the keys of `delta`
+        (an ebpfsvc.desired.LBDelta, used when its `base` is the state applied last), else
+        those whose Frontend object differs.  `full` (and the first apply after a (re)load)
+        recomputes everything from the state and deletes whatever nothing wants.
 
         If a write fails (a map is full, the kernel refuses), the exception
         propagates after the writer re-reads the maps, so its view matches what
-        was actually written and the next apply() diffs from there. The write
+        was actually written and the next apply() diffs from there (in full). The write
         order guarantees that a partial apply never leaves a frontend pointing
         at missing backends or slots.
         """
         try:
-            return self._apply(state)
+            return self._apply(state, full or self._state is None, delta)
         except Exception:
             self._load()
             raise
 
-    def _apply(self, state: LBState) -> ApplyStats:
+    def _reset_refs(self) -> None:
+        self._state: LBState | None = None             # the state applied last; None: next apply is full
+        self._want: dict[FeKey, _FeWant] = {}
+        self._be_refs: dict[BeKey, list[int]] = {}      # [frontends, of which terminating, of which local]
+        self._svc_refs: dict[str, int] = {}
+        self._marker_refs: dict[FeKey, int] = {}
+        self._fe_src: dict[FeKey, set[tuple[int, int, int]]] = {}   # source-range entries per frontend
+
+    def _changes(self, state: LBState, delta) -> tuple[list[Frontend], list[Frontend]]:
+        """(old, new) Frontend objects of the frontends that differ from the last applied state."""
+        before, after = self._state.frontends, state.frontends
+        if delta is not None and getattr(delta, "base", None) is self._state:
+            keys: Iterable[FrontendKey] = delta.keys
+            if len(keys) <= _SORT_CHANGED_MAX:
+                keys = sorted(keys)
+        elif after == before:        # in C, by identity first: the usual "nothing changed"
+            return [], []
+        else:
+            keys = [k for k, fe in after.items() if before.get(k) is not fe]
+            keys += before.keys() - after.keys()
+        old, new = [], []
+        for key in keys:
+            a, b = before.get(key), after.get(key)
+            if a is b or (a is not None and b is not None and a == b):
+                continue
+            if a is not None:
+                old.append(a)
+            if b is not None:
+                new.append(b)
+        return old, new
+
+    def _apply(self, state: LBState, full: bool, delta) -> ApplyStats:
         stats = ApplyStats()
-        want_be, want_svc, want_fe, want_markers = self._desired(state)
+        if full:
+            self._reset_refs()
+            old: list[Frontend] = []
+            new = list(state.frontends.values())
+        elif state is self._state:
+            return stats
+        else:
+            old, new = self._changes(state, delta)
+        wants = [_frontend_want(fe) for fe in new]      # raises on a bad frontend before any write
+
+        # Reference counts: drop the old frontends' references, take the new ones'.  Everything
+        # whose count moved is "touched": only those entries can need a write or a delete.
+        touched_be: dict[BeKey, None] = {}
+        touched_names: set[str] = set()
+        touched_fe: dict[FeKey, None] = {}
+        for fe in old:
+            w = self._want.pop(_frontend_key(fe))
+            self._count(w, -1, touched_be, touched_names)
+            touched_fe[w.key] = None
+            touched_fe[w.marker] = None
+        for w in wants:
+            self._want[w.key] = w
+            self._count(w, 1, touched_be, touched_names)
+            touched_fe[w.key] = None
+            touched_fe[w.marker] = None
+        if full:
+            # Whatever the maps hold is a candidate too: a previous run's leftovers go now.
+            touched_be.update(dict.fromkeys(self._be_id))
+            touched_names.update(self._svc_id)
+            touched_fe.update(dict.fromkeys(self._fe))
 
         # 1. Backends (new ids get zeroed stats before anything can count on them).
         be_writes = []
-        for bkey, flags in want_be.items():
+        stale_be = []
+        for bkey in touched_be:
+            refs = self._be_refs.get(bkey)
             ident = self._be_id.get(bkey)
+            if refs is None:
+                if ident is not None:
+                    stale_be.append(ident)
+                continue
             if ident is None:
                 ident = self._be_ids.allocate()
                 self._be_id[bkey] = ident
-                zero_percpu(self.be_stats_map, ident)
+                _zero_percpu(self.be_stats_map, ident)
                 stats.stats_zeroed += 1
-            val = bkey + (flags,)
+            val = bkey + ((abi.LB_BE_F_TERMINATING if refs[1] else 0) | (abi.LB_BE_F_LOCAL if refs[2] else 0),)
             if self._be_val.get(ident) != val:
                 be_writes.append((ident, val))
-        update_batch(self.backends_map, [
+        _update_batch(self.backends_map, [
             (self.backends_map.Key(i), self.backends_map.Leaf(*v)) for i, v in be_writes])
         for ident, val in be_writes:
             self._be_val[ident] = val
@@ -185,11 +286,11 @@ class MapWriter:
 
         # 2. Service names (their ids are what affinity and CT entries carry).
         name_writes = []
-        for name in sorted(want_svc - self._svc_id.keys()):
+        for name in sorted(n for n in touched_names if n in self._svc_refs and n not in self._svc_id):
             ident = self._svc_ids.allocate()
             self._svc_id[name] = ident
             name_writes.append((ident, name))
-        update_batch(self.names_map, [
+        _update_batch(self.names_map, [
             (self.names_map.Key(i), self.names_map.Leaf(n.encode())) for i, n in name_writes])
         stats.services_written = len(name_writes)
 
@@ -199,13 +300,25 @@ class MapWriter:
         slot_vals: list[np.ndarray] = []
         retired: list[tuple[int, int]] = []
         new_tables: dict[FeKey, np.ndarray] = {}
-        for key, (fe, table_backends) in want_fe.items():
-            old = self._fe.get(key)
-            if old is not None and old[1]:
-                fid = old[1]
+        src_add: set[tuple[int, int, int]] = set()
+        src_drop: set[tuple[int, int, int]] = set()
+        stale_fe: list[FeKey] = []
+        for key in touched_fe:
+            w = self._want.get(key)
+            if w is None:
+                if key in self._marker_refs:
+                    if self._fe.get(key) != _MARKER_VAL:
+                        fe_writes.append((key, _MARKER_VAL))
+                elif key in self._fe:
+                    stale_fe.append(key)
+                continue
+            fe, table_backends = w.fe, w.table
+            old_val = self._fe.get(key)
+            if old_val is not None and old_val[1]:
+                fid = old_val[1]
             else:
                 fid = self._fe_ids.allocate()
-                zero_percpu(self.fe_stats_map, fid)
+                _zero_percpu(self.fe_stats_map, fid)
                 stats.stats_zeroed += 1
             names = [b.name for b in table_backends]
             ids = [self._be_id[_backend_key(b)] for b in table_backends]
@@ -213,53 +326,58 @@ class MapWriter:
             src = (tuple(zip(names, ids)), size)
             offset = 0
             if size:
-                if old is not None and old[3] == size and self._table_src.get(key) == src:
-                    offset = old[2]
+                if old_val is not None and old_val[3] == size and self._table_src.get(key) == src:
+                    offset = old_val[2]
                 else:
                     table = np.asarray(ids, dtype=np.uint32)[maglev.build_table(names, size)]
                     current = self._table.get(key)
-                    if old is not None and current is not None and old[3] == size \
+                    if old_val is not None and current is not None and old_val[3] == size \
                             and np.array_equal(current, table):
-                        offset = old[2]
+                        offset = old_val[2]
                     else:
                         offset = self._ranges.allocate(size)
                         slot_keys.append(np.arange(offset, offset + size, dtype=np.uint32))
                         slot_vals.append(table)
                         new_tables[key] = table
                         stats.tables_written += 1
-                        if old is not None and old[3]:
-                            retired.append((old[2], old[3]))
+                        if old_val is not None and old_val[3]:
+                            retired.append((old_val[2], old_val[3]))
                     self._table_src[key] = src
-            elif old is not None and old[3]:
-                retired.append((old[2], old[3]))
-            val = (self._svc_id[service_name(fe.service)], fid, offset, size, len(ids),
+            elif old_val is not None and old_val[3]:
+                retired.append((old_val[2], old_val[3]))
+            val = (self._svc_id[w.name], fid, offset, size, len(ids),
                    fe.affinity_timeout, _service_flags(fe))
-            if old != val:
+            if old_val != val:
                 fe_writes.append((key, val))
-        for key in want_markers:
-            if self._fe.get(key) != _MARKER_VAL:
-                fe_writes.append((key, _MARKER_VAL))
+            ranges = _source_ranges(fe, fid)
+            was = self._fe_src.get(key, set())
+            if ranges != was:
+                src_add |= ranges - self._src_ranges
+                src_drop |= was - ranges
+                if ranges:
+                    self._fe_src[key] = ranges
+                else:
+                    del self._fe_src[key]
 
         if slot_keys:
             keys = np.concatenate(slot_keys)
             vals = np.concatenate(slot_vals)
-            update_u32_array(self.maglev_map, keys, vals)
+            _update_u32_array(self.maglev_map, keys, vals)
             stats.slots_written = int(keys.size)
         self._table.update(new_tables)
         # Source ranges before the frontend entries that enforce them (bpf/lib/srcrange.h).
-        fids = {k: v[1] for k, v in self._fe.items()}
-        fids.update((k, v[1]) for k, v in fe_writes)
-        want_src = _source_ranges(want_fe, fids)
-        self._write_source_ranges(want_src, stats)
-        update_batch(self.frontends_map, [
+        if full:
+            want_src = set().union(*self._fe_src.values())
+            src_add, src_drop = want_src - self._src_ranges, self._src_ranges - want_src
+        self._write_source_ranges(src_add, stats)
+        _update_batch(self.frontends_map, [
             (self.frontends_map.Key(*k), self.frontends_map.Leaf(*v)) for k, v in fe_writes])
         for key, val in fe_writes:
             self._fe[key] = val
         stats.frontends_written = len(fe_writes)
 
         # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
-        stale_fe = [k for k in self._fe if k not in want_fe and k not in want_markers]
-        delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in stale_fe])
+        _delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in stale_fe])
         for key in stale_fe:
             val = self._fe.pop(key)
             if val[3]:
@@ -268,26 +386,54 @@ class MapWriter:
                 self._fe_ids.release(val[1])
             self._table.pop(key, None)
             self._table_src.pop(key, None)
+            src_drop |= self._fe_src.pop(key, set())
         stats.frontends_deleted = len(stale_fe)
         for off, size in retired:
             self._ranges.release(off, size)
         # Ranges no frontend enforces any more: only now that the frontends stopped using them.
-        self._prune_source_ranges(want_src, stats)
+        self._prune_source_ranges(src_drop & self._src_ranges, stats)
 
-        stale_be = [i for i, v in self._be_val.items() if v[:3] not in want_be]
-        delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale_be])
+        _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale_be])
         for ident in stale_be:
             val = self._be_val.pop(ident)
             del self._be_id[val[:3]]
             self._be_ids.release(ident)
         stats.backends_deleted = len(stale_be)
 
-        stale_svc = [n for n in self._svc_id if n not in want_svc]
-        delete_batch(self.names_map, [self.names_map.Key(self._svc_id[n]) for n in stale_svc])
+        stale_svc = [n for n in touched_names if n not in self._svc_refs and n in self._svc_id]
+        _delete_batch(self.names_map, [self.names_map.Key(self._svc_id[n]) for n in stale_svc])
         for name in stale_svc:
             self._svc_ids.release(self._svc_id.pop(name))
         stats.services_deleted = len(stale_svc)
+        self._state = state
         return stats
+
+    def _count(self, w: _FeWant, sign: int, touched_be: dict, touched_names: set) -> None:
+        """Add (sign 1) or drop (-1) the references one frontend holds."""
+        refs = self._be_refs
+        for bkey, flags in w.be_flags.items():
+            r = refs.get(bkey)
+            if r is None:
+                r = refs[bkey] = [0, 0, 0]
+            r[0] += sign
+            if flags & abi.LB_BE_F_TERMINATING:
+                r[1] += sign
+            if flags & abi.LB_BE_F_LOCAL:
+                r[2] += sign
+            if not r[0]:
+                del refs[bkey]
+            touched_be[bkey] = None
+        n = self._svc_refs.get(w.name, 0) + sign
+        if n:
+            self._svc_refs[w.name] = n
+        else:
+            del self._svc_refs[w.name]
+        touched_names.add(w.name)
+        n = self._marker_refs.get(w.marker, 0) + sign
+        if n:
+            self._marker_refs[w.marker] = n
+        else:
+            del self._marker_refs[w.marker]
 
     # ---- loadBalancerSourceRanges -----------------------------------------------------
     # Never open to everyone by accident: a frontend's flag (LB_SVC_F_SOURCE_RANGES, in its
@@ -295,23 +441,23 @@ class MapWriter:
     # the entries that name them were switched (changed ranges: old and new are both admitted
     # for the moment between; removed ranges: the flag goes first, as the user asked).
 
-    def _write_source_ranges(self, want: set[tuple[int, int, int]], stats: "ApplyStats") -> None:
-        new = sorted(want - self._src_ranges)
+    def _write_source_ranges(self, new: set[tuple[int, int, int]], stats: "ApplyStats") -> None:
+        new = sorted(new)
         if not new:
             return
         if self.src_ranges_map is None:
             raise RuntimeError("loadBalancerSourceRanges wanted but the datapath has no lb4_source_ranges map")
         m = self.src_ranges_map
-        update_batch(m, [(m.Key(plen, fid, addr), m.Leaf(1)) for fid, plen, addr in new])
+        _update_batch(m, [(m.Key(plen, fid, addr), m.Leaf(1)) for fid, plen, addr in new])
         self._src_ranges.update(new)
         stats.ranges_written += len(new)
 
-    def _prune_source_ranges(self, want: set[tuple[int, int, int]], stats: "ApplyStats") -> None:
-        stale = sorted(self._src_ranges - want)
+    def _prune_source_ranges(self, stale: set[tuple[int, int, int]], stats: "ApplyStats") -> None:
+        stale = sorted(stale)
         if not stale or self.src_ranges_map is None:
             return
         m = self.src_ranges_map
-        delete_batch(m, [m.Key(plen, fid, addr) for fid, plen, addr in stale])
+        _delete_batch(m, [m.Key(plen, fid, addr) for fid, plen, addr in stale])
         self._src_ranges.difference_update(stale)
         stats.ranges_deleted += len(stale)
 
@@ -330,35 +476,6 @@ class MapWriter:
     def free_slots(self) -> int:
         return self._ranges.free_slots
 
-    # ---- desired state in map terms ---------------------------------------------------
-
-    def _desired(self, state: LBState):
-        want_be: dict[BeKey, int] = {}
-        want_svc: set[str] = set()
-        want_fe: dict[FeKey, tuple[Frontend, list[Backend]]] = {}
-        want_markers: set[FeKey] = set()
-        for fe in state.frontends.values():
-            if fe.key.port <= 0 or fe.key.port > 65535:
-                raise ValueError(f"frontend {fe.key}: port must be 1..65535")
-            key = _frontend_key(fe)
-            want_svc.add(service_name(fe.service))
-            unique: dict[BeKey, Backend] = {}
-            for b in fe.backends:
-                bkey = _backend_key(b)
-                flags = (abi.LB_BE_F_TERMINATING if b.terminating else 0) | \
-                        (abi.LB_BE_F_LOCAL if b.local else 0)
-                # One entry per (address, port, proto): a backend terminating
-                # or local in any frontend is so in all of them.
-                want_be[bkey] = want_be.get(bkey, 0) | flags
-                unique.setdefault(bkey, b)
-            # Terminating backends take new flows only when nothing else is left.
-            serving = [b for b in unique.values() if not b.terminating]
-            table_backends = sorted(serving or unique.values(), key=lambda b: b.name)
-            want_fe[key] = (fe, table_backends)
-            want_markers.add((key[0], 0, key[2], key[3]))
-        return want_be, want_svc, want_fe, want_markers
-
-
 def _frontend_key(fe: Frontend) -> FeKey:
     k = fe.key
     return (_raw_be32(k.address), _raw_be16(k.port), k.protocol.number, int(k.scope))
@@ -368,13 +485,31 @@ def _backend_key(b: Backend) -> BeKey:
     return (_raw_be32(b.address), _raw_be16(b.port), b.protocol.number)
 
 
-def _source_ranges(want_fe: dict, fids: dict) -> set[tuple[int, int, int]]:
-    """(frontend id, LPM prefix length, address) for every source range of every frontend."""
+def _frontend_want(fe: Frontend) -> _FeWant:
+    if fe.key.port <= 0 or fe.key.port > 65535:
+        raise ValueError(f"frontend {fe.key}: port must be 1..65535")
+    key = _frontend_key(fe)
+    be_flags: dict[BeKey, int] = {}
+    unique: dict[BeKey, Backend] = {}
+    for b in fe.backends:
+        bkey = _backend_key(b)
+        flags = (abi.LB_BE_F_TERMINATING if b.terminating else 0) | (abi.LB_BE_F_LOCAL if b.local else 0)
+        # One entry per (address, port, proto): a backend terminating
+        # or local in any frontend is so in all of them.
+        be_flags[bkey] = be_flags.get(bkey, 0) | flags
+        unique.setdefault(bkey, b)
+    # Terminating backends take new flows only when nothing else is left.
+    serving = [b for b in unique.values() if not b.terminating]
+    table = sorted(serving or unique.values(), key=lambda b: b.name)
+    return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags, table)
+
+
+def _source_ranges(fe: Frontend, fid: int) -> set[tuple[int, int, int]]:
+    """(frontend id, LPM prefix length, address) for every source range of a frontend."""
     out = set()
-    for key, (fe, _) in want_fe.items():
-        for net in fe.source_ranges:
-            net = ipaddress.IPv4Network(net, strict=False)
-            out.add((fids[key], 32 + net.prefixlen, _raw_be32(net.network_address)))
+    for net in fe.source_ranges:
+        net = ipaddress.IPv4Network(net, strict=False)
+        out.add((fid, 32 + net.prefixlen, _raw_be32(net.network_address)))
     return out
 
 
