@@ -23,7 +23,6 @@ import errno
 import ipaddress
 import logging
 import socket
-from contextlib import contextmanager
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -45,34 +44,46 @@ def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_add
                        source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=snat_addr)
 
 
-@contextmanager
-def _ipr(netns=None):
-    # pyroute2 creates a named namespace that does not exist: never let a typo or a
-    # namespace removed under us leave an empty one behind.
-    if netns and "/" not in str(netns) and not (NETNS_RUN_DIR / str(netns)).exists():
+def _netlink(netns, fn):
+    """fn(IPRoute) on a netlink socket of namespace `netns` (None: this one).
+
+    Not IPRoute(netns=...): pyroute2 forks a helper for that and ends it with
+    SIGTERM, and a forked copy of a caller that turns SIGTERM into an exception
+    (pytest's e2e conftest, the benchmark) would run the caller's cleanup in the
+    child. A thread that setns()es (ebpfsvc.lab.nsenter.run_in) forks nothing.
+    Also, pyroute2 would create a named namespace that does not exist: refused here.
+    """
+    def work():
+        ipr = IPRoute()
+        try:
+            return fn(ipr)
+        finally:
+            ipr.close()
+
+    if not netns:
+        return work()
+    if "/" not in str(netns) and not (NETNS_RUN_DIR / str(netns)).exists():
         raise FileNotFoundError(f"network namespace {netns} does not exist")
-    ipr = IPRoute(netns=netns) if netns else IPRoute()
-    try:
-        yield ipr
-    finally:
-        ipr.close()
+    from ebpfsvc.lab import nsenter
+    return nsenter.run_in(str(netns), work)
 
 
 def ifindex_of(ifname: str, netns=None) -> int | None:
-    with _ipr(netns) as ipr:
-        found = ipr.link_lookup(ifname=ifname)
+    found = _netlink(netns, lambda ipr: ipr.link_lookup(ifname=ifname))
     return found[0] if found else None
 
 
 def interface_address(ifname: str, netns=None) -> ipaddress.IPv4Address | None:
     """The first IPv4 address of an interface: the SNAT address of flows leaving through it."""
-    with _ipr(netns) as ipr:
+    def first(ipr):
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             return None
         for msg in ipr.get_addr(family=socket.AF_INET, index=found[0]):
             return ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS"))
-    return None
+        return None
+
+    return _netlink(netns, first)
 
 
 def attach(dp, ifindex: int, mode: str = "tc", netns=None) -> None:
@@ -101,31 +112,27 @@ def detach(ifindex: int, netns=None) -> None:
 
 def link_kind(ifindex: int, netns=None) -> str:
     """The link's kind ("veth", "bridge", ...), "" for a physical device."""
-    with _ipr(netns) as ipr:
-        link = ipr.get_links(ifindex)[0]
+    link = _netlink(netns, lambda ipr: ipr.get_links(ifindex)[0])
     info = link.get_attr("IFLA_LINKINFO")
     return (info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
 
 
 def attach_xdp(ifindex: int, prog_fd: int, netns=None) -> None:
     """Attach (or replace) the XDP program of an interface, native mode only."""
-    with _ipr(netns) as ipr:
-        ipr.link("set", index=ifindex, xdp_fd=prog_fd, xdp_flags=XDP_FLAGS_DRV_MODE)
+    _netlink(netns, lambda ipr: ipr.link("set", index=ifindex, xdp_fd=prog_fd, xdp_flags=XDP_FLAGS_DRV_MODE))
 
 
 def detach_xdp(ifindex: int, netns=None) -> None:
-    with _ipr(netns) as ipr:
-        try:
-            ipr.link("set", index=ifindex, xdp_fd=-1, xdp_flags=XDP_FLAGS_DRV_MODE)
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.EINVAL):
-                raise
+    try:
+        _netlink(netns, lambda ipr: ipr.link("set", index=ifindex, xdp_fd=-1, xdp_flags=XDP_FLAGS_DRV_MODE))
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EINVAL):
+            raise
 
 
 def xdp_prog_id(ifindex: int, netns=None) -> int:
     """Id of the XDP program attached to the interface, 0 when none."""
-    with _ipr(netns) as ipr:
-        link = ipr.get_links(ifindex)[0]
+    link = _netlink(netns, lambda ipr: ipr.get_links(ifindex)[0])
     xdp = link.get_attr("IFLA_XDP")
     if xdp is None:
         return 0
