@@ -15,7 +15,7 @@ from .packets import HAIRPIN
 # Small maps: each test compiles its own datapath, and LRU maps preallocate.
 TEST_LIMITS = loader.Limits(
     frontends=1024, services=1024, backends=1024, maglev_slots=1 << 16,
-    ct_entries=4096, affinity_entries=1024, frag_entries=256,
+    ct_entries=4096, affinity_entries=1024, frag_entries=256, snat_entries=4096, source_ranges=256,
 )
 
 
