@@ -29,7 +29,7 @@ three pods.  N counts every service port in the tables, probes included; the
 smallest point holds the probes alone.
 
 Order: for each repeat, for each N, each datapath in turn (ebpfsvc, iptables,
-nftables, direct): activate = program the whole state from nothing (timed),
+nftables, direct; rotated by one each repeat): activate = program the whole state from nothing (timed),
 measure, change an endpoint (timed on the wire), deactivate.  So each repeat
 is a fresh program-from-nothing too, and a slow minute of the machine spreads
 over every datapath and size.  A (datapath, N) point whose programming is
@@ -93,6 +93,7 @@ class Config:
     endpoints_per_service: int = 2        # of the synthetic services (2 backends: one 251-slot Maglev table)
     max_program_seconds: float = 150.0    # skip a (datapath, N) point whose programming takes longer
     change_every_repeat_below: float = 20.0   # endpoint change in every repeat if programming is faster
+    settle_seconds: float = 1.0           # pause after programming: the kernel frees what the previous one left
     spread_connections: int = 300
     packet_cost: bool = True              # ns/packet through BPF_PROG_TEST_RUN (bench/datapath.py)
     packet_cost_args: dict = field(default_factory=lambda: {"repeat": 1_000_000, "samples": 20_000,
@@ -109,7 +110,7 @@ class Config:
 
     @classmethod
     def quick_run(cls, **overrides) -> "Config":
-        base = cls(services=(1, 1_000), repeats=1, quick=True, bounds=dict(QUICK_BOUNDS),
+        base = cls(services=(1, 1_000), repeats=1, quick=True, bounds=dict(QUICK_BOUNDS), settle_seconds=0.2,
                    packet_cost_args={"repeat": 100_000, "samples": 2_000, "services": (1, 1_000)},
                    maglev_backends=(3, 100), nodeport=False)
         return replace(base, **overrides)
@@ -312,6 +313,7 @@ class Run:
                 self.data["programming"].append({"datapath": dp.name, "services": services, "repeat": repeat, **info})
                 self.record(dp.name, services, {"program_seconds": info["program_seconds"]}, repeat)
                 line += f" program {info['program_seconds']:7.2f} s |"
+            time.sleep(cfg.settle_seconds)
             t = self.targets(dp)
             m = traffic.measure_suite(client, t["echo"], t["iperf-local"], server_netns=self.ns["srv-a"],
                                       bounds=cfg.bounds)
@@ -375,7 +377,7 @@ class Run:
             for n in cfg.services:
                 self.log(f"[repeat {repeat + 1}/{cfg.repeats}, {service_count(n):,} services, "
                          f"{time.monotonic() - self.started:5.0f} s]")
-                for name in cfg.datapaths:
+                for name in order(cfg.datapaths, repeat):
                     self.cell(self.datapaths[name], n, repeat)
                     self.save()
 
@@ -430,6 +432,14 @@ class Run:
         self.data["meta"]["notes"] = notes(self.data, self.cfg.note)
         self.save()
         return write(self.data, self.out)
+
+
+def order(names: tuple[str, ...], repeat: int) -> list[str]:
+    """The datapaths of one repeat: rotated by one each repeat, so none is always measured first
+    or right after the same other one; iptables-legacy stays last (its xtables hooks outlive it)."""
+    rest = [n for n in names if n != "iptables-legacy"]
+    k = repeat % len(rest) if rest else 0
+    return rest[k:] + rest[:k] + [n for n in names if n == "iptables-legacy"]
 
 
 def run_nodeport(seconds: float) -> dict:
@@ -495,7 +505,8 @@ def extra_sections(data: dict) -> str:
         f"- Services: N service ports in the tables, probes included ({cfg.get('endpoints_per_service')} "
         "endpoints per synthetic service, on the three real server pods); the smallest point is the 6 probes alone.",
         f"- Repeats: {cfg.get('repeats')}, interleaved (each repeat: every N, every datapath in turn: "
-        f"{', '.join(cfg.get('datapaths', []))}); each activation programs from nothing.",
+        f"{', '.join(cfg.get('datapaths', []))}, the order rotated by one each repeat); each activation "
+        "programs from nothing.",
         f"- Bounds per measurement: {cfg.get('bounds')}.",
         "- Programming time: ebpfsvc `MapWriter.apply` into empty maps (the BPF compile/load at agent start is "
         "not included: see load_seconds in results.json); iptables / nftables: the `iptables-restore` / "

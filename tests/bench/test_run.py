@@ -124,3 +124,10 @@ def test_a_tiny_run_measures_all_four_datapaths_and_writes_the_report(tmp_path):
     assert not any(p.name.startswith(prefix) for p in nsenter.NETNS_RUN_DIR.iterdir())
     assert not names.pin_root(prefix).exists()
     assert not Path(names.state_dir(prefix)).exists()
+
+
+def test_the_order_rotates_and_keeps_iptables_legacy_last():
+    names = ("ebpfsvc", "iptables", "nftables", "direct", "iptables-legacy")
+    assert run.order(names, 0) == list(names)
+    assert run.order(names, 1) == ["iptables", "nftables", "direct", "ebpfsvc", "iptables-legacy"]
+    assert run.order(names, 4) == list(names)
