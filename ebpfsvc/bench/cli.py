@@ -39,12 +39,22 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--no-nodeport", is_flag=True, help="Leave out NodePort TC vs XDP (a second lab, with agents).")
 @click.option("--no-packet-cost", is_flag=True, help="Leave out ns/packet through BPF_PROG_TEST_RUN.")
 @click.option("--note", default="", help="Free text for the report's notes, e.g. what else ran on the machine.")
+@click.option("--report-only", "results_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Measure nothing: write report.md and the plots again from this results.json (into its folder).")
 def bench(quick: bool, out_dir: str | None, services: str | None, repeats: int | None, datapaths: str | None,
-          max_program_seconds: float | None, no_nodeport: bool, no_packet_cost: bool, note: str) -> None:
+          max_program_seconds: float | None, no_nodeport: bool, no_packet_cost: bool, note: str,
+          results_file: str | None) -> None:
     """Benchmark ebpfsvc against kube-proxy's iptables and nftables modes and direct pod IPs."""
+    from pathlib import Path
+
     from ebpfsvc.bench import run
     from ebpfsvc.bench.datapaths import NAMES
 
+    if results_file:
+        data = json.loads(Path(results_file).read_text())
+        click.echo(run.key_ratios(data))
+        click.echo(f"report: {run.write(data, Path(results_file).parent)}")
+        return
     if os.geteuid() != 0:
         raise click.ClickException("the benchmark needs root (network namespaces, BPF): sudo make bench")
     overrides: dict = {"command": run.command_line(), "note": note}

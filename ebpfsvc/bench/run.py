@@ -492,7 +492,8 @@ def extra_sections(data: dict) -> str:
     ns/packet, NodePort, backend spread."""
     cfg = data["meta"].get("config", {})
     lab = data["meta"].get("lab", {})
-    lines = ["## Setup", ""]
+    lines = ["## Summary", "", "Medians; e = ebpfsvc, ipt = iptables, nft = nftables, – = not measured.", "",
+             summary(data), "", "## Setup", ""]
     lines += [
         f"- Lab: `{lab.get('prefix', '?')}` (no agents). Client pod `cli` and server pod `srv-a` on node-1, "
         "`srv-b` and `srv-c` on node-2; each server runs echo servers (TCP+UDP; :8080 for direct, :8081-8083 "
@@ -597,6 +598,31 @@ def extra_sections(data: dict) -> str:
         for e in data["errors"]:
             lines += [f"- {e['datapath']} at {e['services']:,} services, repeat {e['repeat'] + 1}: {e['error']}"]
         lines.append("")
+    return "\n".join(lines)
+
+
+def summary(data: dict) -> str:
+    """Two compact tables of medians (data plane, control plane) per N: the README's figures."""
+    s = report.summarize(data["results"])
+    order = ("ebpfsvc", "iptables", "nftables", "direct")
+
+    def cells(metric: str, n: int, names=order) -> list[str]:
+        return [report.fmt(s[(metric, d, n)].median) if (metric, d, n) in s else "–" for d in names]
+
+    sizes = sorted({n for (_, _, n) in s})
+    short = "e / ipt / nft / direct"
+    lines = _table(["services", f"Gbit/s same node ({short})", f"Gbit/s cross node ({short})",
+                    f"conn/s ({short})", f"rr p50 µs ({short})"],
+                   [[f"{n:,}"] + [" / ".join(cells(m, n)) for m in (
+                       "tcp_throughput_gbps", "tcp_throughput_cross_node_gbps", "tcp_crr_cps", "tcp_rr_p50_us")]
+                    for n in sizes])
+    lines.append("")
+    kp = ("ebpfsvc", "iptables", "nftables")
+    lines += _table(["services", "program s (e / ipt / nft)", "endpoint change ms (e / ipt / nft)",
+                     "BPF entry bytes / service"],
+                    [[f"{n:,}", " / ".join(cells("program_seconds", n, kp)),
+                      " / ".join(cells("endpoint_change_ms", n, kp)),
+                      cells("bpf_bytes_per_service", n, ("ebpfsvc",))[0]] for n in sizes])
     return "\n".join(lines)
 
 

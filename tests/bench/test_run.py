@@ -79,7 +79,7 @@ def test_report_from_results_has_the_extra_sections(tmp_path):
             "programming": [], "endpoint_change": [], "memory": [], "spread": [], "errors": [],
             "maglev": [], "packet_cost": {"skipped": "not requested"}, "nodeport": {"skipped": "quick"}}
     text = run.write(data, tmp_path).read_text()
-    for heading in ("## Targets", "## Setup", "## NodePort", "## ns/packet"):
+    for heading in ("## Targets", "## Summary", "## Setup", "## NodePort", "## ns/packet"):
         assert heading in text
     assert "predicted 300 s" in text
     ratios = run.key_ratios(data)
