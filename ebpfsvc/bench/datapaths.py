@@ -8,7 +8,7 @@
 Every datapath has the same life cycle, driven by ebpfsvc.bench.run:
 
     dp.activate(state)  -> {"program_seconds": ...}   program `state` from nothing, timed
-    dp.change(state2)   -> {"change_seconds": ...}    apply an endpoint change the datapath's own way
+    dp.change(state2, keys) -> {"change_seconds": ...} apply an endpoint change the datapath's own way
     dp.deactivate()                                   remove every trace from the node
 
 "From nothing" is literal: deactivate() leaves the node as direct found it
@@ -22,9 +22,11 @@ reported beside it), for ebpfsvc MapWriter.apply into empty maps.  Compiling
 and loading the BPF object happens once at agent start, not per sync: it is
 reported separately (load_seconds).
 
-An endpoint change is applied as each does it: ebpfsvc diffs the new state
-against the maps and writes the difference; the baselines reload the whole
-rule set, as kube-proxy's full sync does (its partial syncs are not modelled).
+An endpoint change is applied as each does it: ebpfsvc as the agent does,
+MapWriter.apply with the LBDelta the desired-state builder hands it (the keys
+of the frontends that changed), writing only what differs; the baselines
+reload the whole rule set, as kube-proxy's full sync does (its partial syncs
+are not modelled).
 
 The datapath lives on one node (the client's).  ebpfsvc attaches to every pod
 veth on that node, as the agent does; the baselines cover the whole node.
@@ -56,7 +58,8 @@ class Datapath:
     def activate(self, state: LBState) -> dict:
         raise NotImplementedError
 
-    def change(self, state: LBState) -> dict:
+    def change(self, state: LBState, keys: frozenset = frozenset()) -> dict:
+        """Apply `state`, which differs from the active one at frontends `keys` only."""
         raise NotImplementedError
 
     def deactivate(self) -> None:
@@ -80,7 +83,7 @@ class Direct(Datapath):
         clear(self.netns)           # nothing of another datapath may linger
         return {}
 
-    def change(self, state: LBState) -> dict:
+    def change(self, state: LBState, keys: frozenset = frozenset()) -> dict:
         raise NotImplementedError("direct has no endpoints to change")
 
     def deactivate(self) -> None:
@@ -104,7 +107,7 @@ class KubeProxy(Datapath):
         r = self._load(state)
         return {"program_seconds": r["tool_seconds"], **r}
 
-    def change(self, state: LBState) -> dict:
+    def change(self, state: LBState, keys: frozenset = frozenset()) -> dict:
         r = self._load(state)      # a full sync: kube-proxy's first, and its fallback
         return {"change_seconds": r["render_seconds"] + r["tool_seconds"], **r}
 
@@ -156,6 +159,7 @@ class Ebpfsvc(Datapath):
         self.attached: list[int] = []
         self.limits = None
         self.last_apply = None
+        self.applied: LBState | None = None
         self.frontends = 0
 
     def activate(self, state: LBState) -> dict:
@@ -174,6 +178,7 @@ class Ebpfsvc(Datapath):
             start = time.perf_counter()
             self.last_apply = self.writer.apply(state)
             program_seconds = time.perf_counter() - start
+            self.applied = state
             self.frontends = len(state.frontends)
             for link in self.pod_links:
                 ifindex = uplink.ifindex_of(link, self.netns)
@@ -189,10 +194,15 @@ class Ebpfsvc(Datapath):
         return {"program_seconds": program_seconds, "load_seconds": load_seconds,
                 "entries_written": self.last_apply.writes, "maglev_slots_limit": self.limits.maglev_slots}
 
-    def change(self, state: LBState) -> dict:
+    def change(self, state: LBState, keys: frozenset = frozenset()) -> dict:
+        from ebpfsvc.desired import LBDelta
+
+        delta = LBDelta(base=self.applied, keys=frozenset(keys)) if keys else None
         start = time.perf_counter()
-        stats = self.writer.apply(state)
-        return {"change_seconds": time.perf_counter() - start, "entries_written": stats.writes}
+        stats = self.writer.apply(state, delta=delta)
+        seconds = time.perf_counter() - start
+        self.applied = state
+        return {"change_seconds": seconds, "entries_written": stats.writes}
 
     def deactivate(self) -> None:
         from ebpfsvc.datapath import loader, tc

@@ -136,12 +136,19 @@ def probes(ips: dict[str, str], watch: str = "srv-a") -> list[Frontend]:
     ]
 
 
-def states(n: int, ips: dict[str, str], k: int) -> tuple[LBState, LBState]:
-    """The state at N service ports, and the same after the watch probe's endpoint moved srv-a -> srv-b."""
+def states(n: int, ips: dict[str, str], k: int) -> tuple[LBState, LBState, frozenset]:
+    """The state at N service ports; the same after the watch probe's endpoint moved srv-a -> srv-b;
+    the keys of the frontends that differ.
+
+    The second state shares every unchanged Frontend object with the first, as the
+    agent's desired-state builder hands the writer a new state: what a datapath may
+    do with that (ebpfsvc: look at the changed frontends only) is its own business.
+    """
     pool = [(ips[p], ECHO_PORT) for p in SERVERS]
-    before, after = probes(ips, "srv-a"), probes(ips, "srv-b")
-    n = max(n, len(before))
-    return synthetic_state(n, k, pool, probes=before), synthetic_state(n, k, pool, probes=after)
+    before = synthetic_state(max(n, len(probes(ips))), k, pool, probes=probes(ips, "srv-a"))
+    moved = {fe.key: fe for fe in probes(ips, "srv-b") if fe.service.name == "watch"}
+    after = LBState.of(moved.get(key, fe) for key, fe in before.frontends.items())
+    return before, after, frozenset(moved)
 
 
 def service_count(n: int) -> int:
@@ -304,7 +311,7 @@ class Run:
                 self.skip(dp.name, services, repeat,
                           f"programming {how} {predicted:.0f} s > max_program_seconds {cfg.max_program_seconds:.0f} s")
                 return
-        state, changed = self._states[n]
+        state, changed, changed_keys = self._states[n]
         client = self.ns[CLIENT]
         line = f"  {dp.name:9}"
         try:
@@ -336,7 +343,8 @@ class Run:
                         "bpf_bytes_per_service": memory["entry_bytes_per_service"],
                         "bpf_memlock_mib": memory["memlock_bytes"] / 2**20}, repeat)
                 if repeat == 0 or info["program_seconds"] < cfg.change_every_repeat_below:
-                    ms = self.endpoint_change(dp, services, repeat, changed, info["program_seconds"])
+                    ms = self.endpoint_change(dp, services, repeat, changed, changed_keys,
+                                              info["program_seconds"])
                     line += f" | change {ms:8.1f} ms" if ms is not None else " | change not seen"
         except Exception as exc:        # recorded, and the run goes on (Ctrl-C is not an Exception)
             self.data["errors"].append({"datapath": dp.name, "services": services, "repeat": repeat,
@@ -348,14 +356,14 @@ class Run:
         self.log(line)
 
     def endpoint_change(self, dp: datapaths.Datapath, services: int, repeat: int, changed: LBState,
-                        program_seconds: float) -> float | None:
+                        changed_keys: frozenset, program_seconds: float) -> float | None:
         """The watch probe's endpoint moves srv-a -> srv-b: ms until a new connection reaches srv-b."""
         duration = max(10.0, 3 * program_seconds + 10)
         with traffic.BackendWatch(self.ns[CLIENT], VIP["watch"], SERVICE_PORT, self.ips["srv-b"],
                                   duration=duration) as watch:
             time.sleep(0.2)             # connections reach srv-a meanwhile: the watch works
             changed_at = time.monotonic()
-            info = dp.change(changed)
+            info = dp.change(changed, changed_keys)
             result = watch.result()
         entry = {"datapath": dp.name, "services": services, "repeat": repeat, **info,
                  "attempts": result["attempts"], "before": result["before"], "errors": result["errors"]}

@@ -27,14 +27,14 @@ IPS = {"cli": "198.18.1.2", "srv-a": "198.18.1.3", "srv-b": "198.18.2.2", "srv-c
 # --- no root ---------------------------------------------------------------------------------
 
 def test_states_hold_n_service_ports_and_the_watch_probe_moves():
-    before, after = run.states(1000, IPS, 2)
+    before, after, keys = run.states(1000, IPS, 2)
     assert len(before.frontends) == len(after.frontends) == 1000
-    changed = [k for k in before.frontends if before.frontends[k] != after.frontends[k]]
-    assert [str(k.address) for k in changed] == [run.VIP["watch"]]
+    changed = [k for k in before.frontends if before.frontends[k] is not after.frontends[k]]
+    assert changed == list(keys) and [str(k.address) for k in changed] == [run.VIP["watch"]]
     (key,) = changed
     assert [str(b.address) for b in after.frontends[key].backends] == [IPS["srv-b"]]
     # The smallest point holds the probes alone.
-    small, _ = run.states(1, IPS, 2)
+    small, _, _ = run.states(1, IPS, 2)
     assert len(small.frontends) == run.service_count(1) == len(run.probes(IPS))
 
 
