@@ -519,7 +519,8 @@ def extra_sections(data: dict) -> str:
         f"- Bounds per measurement: {cfg.get('bounds')}.",
         "- Programming time: ebpfsvc `MapWriter.apply` into empty maps (the BPF compile/load at agent start is "
         "not included: see load_seconds in results.json); iptables / nftables: the `iptables-restore` / "
-        "`nft -f` run (rendering not included). Endpoint change: ebpfsvc applies the diff, the baselines "
+        "`nft -f` run (rendering not included). Endpoint change: ebpfsvc as its agent does (MapWriter.apply "
+        "with the LBDelta naming the changed frontend: only that is looked at and written), the baselines "
         "reload everything (kube-proxy's full sync; its partial syncs are not modelled); timed from the "
         "start of the change until a new connection reaches the new backend (render included).",
         "",
@@ -550,7 +551,7 @@ def extra_sections(data: dict) -> str:
 
     if data.get("endpoint_change"):
         lines += ["## Endpoint change, details", "",
-                  "`control s`: the datapath's own time for the change (ebpfsvc: MapWriter.apply of the new state; "
+                  "`control s`: the datapath's own time for the change (ebpfsvc: MapWriter.apply with the delta; "
                   "baselines: render + full reload). `wire ms`: until the first new connection reached the new "
                   "backend.", ""]
         rows = []
