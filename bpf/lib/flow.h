@@ -193,14 +193,9 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 	now = bpf_ktime_get_ns();
 	ct4_key_forward(&fk, &p);
 	e = ct4.lookup(&fk);
-	if (e) {
-		if (ct4_expired(e, p.proto, now) ||
-		    /* port reuse: a fresh SYN on a closed flow starts a new one */
-		    (p.proto == IPPROTO_TCP && ct4_closing(e->flags) &&
-		     (p.tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN)) {
-			ct4_delete_flow(&fk, e);
-			e = 0;
-		}
+	if (e && ct4_flow_over(e, &p, now)) {
+		ct4_delete_flow(&fk, e);
+		e = 0;
 	}
 	if (e)
 		return lb4_forward_tracked(skb, &p, &fk, e, now);
