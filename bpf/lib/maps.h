@@ -29,9 +29,9 @@ BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb_affinity_val, lb
 BPF_TABLE_PINNED("lru_hash", struct frag4_key, struct frag4_ports, frag4, FRAG_ENTRIES_MAX, LB_PIN_DIR "/frag4");
 /* service id -> "namespace/name:port/PROTO": owner of stable ids, read back on agent start. */
 BPF_TABLE_PINNED("hash", __u32, struct lb_service_name, lb_service_names, LB_SERVICES_MAX, LB_PIN_DIR "/lb_service_names");
-/* frontend id -> packets/bytes DNATed towards that frontend (per CPU). */
+/* frontend id -> packets/bytes of its translated flows, both directions (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_traffic, lb_frontend_stats, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb_frontend_stats");
-/* backend id -> packets/bytes sent to that backend (per CPU). */
+/* backend id -> packets/bytes of the flows it serves, both directions (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_traffic, lb_backend_stats, LB_BACKENDS_MAX, LB_PIN_DIR "/lb_backend_stats");
 /* North-south SNAT: (client -> frontend) -> node address:port given, and
  * (backend -> node address:port) -> client address:port (struct snat4_entry). */
