@@ -13,6 +13,7 @@ fails (or its setup half-fails: Lab.up tears down what it built before raising).
 
 from __future__ import annotations
 
+import os
 import signal
 import uuid
 
@@ -21,7 +22,15 @@ import pytest
 from ebpfsvc.lab import Lab
 
 
+_OWNER = os.getpid()
+
+
 def _interrupt(signum, frame):
+    if os.getpid() != _OWNER:
+        # A forked copy of this session (pyroute2 forks helpers for IPRoute(netns=...) and ends
+        # them with SIGTERM): it must just exit, not run the session's finalizers, which would
+        # tear down the labs and namespaces the real session is still using.
+        os._exit(0)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
