@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from pyroute2 import NetNS, netns
+from pyroute2 import IPRoute, netns
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
@@ -97,22 +97,28 @@ def build_netns(name: str) -> None:
     """node-1's view of the fabric, with everything the FIB lookups need resolved."""
     netns.create(name)
     try:
-        with NetNS(name) as ns:
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            ns.link("add", ifname="eth0", kind="veth", peer={"ifname": "peer0"})
-            idx = ns.link_lookup(ifname="eth0")[0]
-            peer = ns.link_lookup(ifname="peer0")[0]
-            ns.link("set", index=idx, address=NODE_MAC)
-            ns.addr("add", index=idx, address=NODE, prefixlen=24)
-            ns.link("set", index=peer, state="up")
-            ns.link("set", index=idx, state="up")
-            for addr, mac in ((NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC), (CLIENT2, CLIENT2_MAC)):
-                ns.neigh("add", dst=addr, lladdr=mac, ifindex=idx, state=0x80)   # NUD_PERMANENT
-            ns.route("add", dst="198.18.2.0/24", gateway=NODE2, oif=idx)
+        nsenter.run_in(name, _configure_netns)
         nsenter.write_sysctls(name, {"net.ipv4.ip_forward": 1})
     except BaseException:
         netns.remove(name)
         raise
+
+
+def _configure_netns() -> None:
+    # Run on a thread inside the namespace (nsenter.run_in): pyroute2's NetNS(name) would fork a
+    # helper, and a forked copy of pytest must never reach the cleanup above.
+    with IPRoute() as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        ns.link("add", ifname="eth0", kind="veth", peer={"ifname": "peer0"})
+        idx = ns.link_lookup(ifname="eth0")[0]
+        peer = ns.link_lookup(ifname="peer0")[0]
+        ns.link("set", index=idx, address=NODE_MAC)
+        ns.addr("add", index=idx, address=NODE, prefixlen=24)
+        ns.link("set", index=peer, state="up")
+        ns.link("set", index=idx, state="up")
+        for addr, mac in ((NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC), (CLIENT2, CLIENT2_MAC)):
+            ns.neigh("add", dst=addr, lladdr=mac, ifindex=idx, state=0x80)   # NUD_PERMANENT
+        ns.route("add", dst="198.18.2.0/24", gateway=NODE2, oif=idx)
 
 
 class Uplink:
