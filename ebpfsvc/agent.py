@@ -3,10 +3,14 @@
     source (API server | manifest dir) -> ClusterState (trackers) -> desired_state() (pure)
         -> MapWriter.apply() (diff, batched writes) -> pinned BPF maps <- TC programs on pod veths
 
-One sync computes the whole desired state and lets the writer find the (usually
-tiny) difference; the BoundedFrequencyRunner coalesces bursts of events into
-one such sync.  Nothing is written before Services and EndpointSlices have both
-synced once, because a partial view would delete live frontends.
+One sync costs what changed: the snapshot names the Services that changed, the
+DesiredStateBuilder recomputes only those and names the frontends that changed, and the
+writer writes only their entries.  The first sync, and then one every sync_period, is a
+full apply instead: the writer re-derives every entry from the state rather than trusting
+its incremental bookkeeping, and removes whatever nothing wants (a previous run's leftovers).
+The BoundedFrequencyRunner coalesces bursts of events into one sync.  Nothing is written
+before Services and EndpointSlices have both synced once, because a partial view would
+delete live frontends.
 
 Restart safety: maps are pinned, programs are replaced in place (never detached
 first), and stopping the agent leaves everything attached, so established and
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from ebpfsvc.config import NodeConfig
-from ebpfsvc.desired import desired_state
+from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.interfaces import InterfaceWatcher
 from ebpfsvc.lbmodel import LBState
 from ebpfsvc.runner import BoundedFrequencyRunner
@@ -62,6 +66,8 @@ class Agent:
         self.runner = BoundedFrequencyRunner("sync", self.sync, min_interval=config.min_sync_interval,
                                              max_interval=config.sync_period)
         self.last_applied: LBState | None = None
+        self.desired = DesiredStateBuilder(config.node)   # keeps the last result; sync() feeds it snapshots
+        self._next_full_apply = 0.0                       # monotonic time of the next full (verifying) apply
         self.synced_once = threading.Event()
         self._stopped = threading.Event()
         self.syncs = 0
@@ -173,17 +179,23 @@ class Agent:
             return
         t0 = time.monotonic()
         self.telemetry.sync_started()
-        desired = desired_state(self.state.snapshot(), self.config.node)
-        if desired == self.last_applied:
+        result = self.desired.build(self.state.snapshot())
+        desired = result.state
+        # On the first apply and then every sync_period the writer recomputes everything instead
+        # of trusting its incremental bookkeeping (and deletes whatever nothing wants).
+        full = t0 >= self._next_full_apply
+        if desired is self.last_applied and not full:
             self.telemetry.sync_done(time.monotonic() - t0)
             return
-        stats = self.writer.apply(desired)
+        stats = self.writer.apply(desired, full=full, delta=result.delta)
+        if full:
+            self._next_full_apply = t0 + self.config.sync_period
         self.last_applied = desired
         self.syncs += 1
         self.synced_once.set()
         self.telemetry.sync_done(time.monotonic() - t0, stats)
-        log.info("synced %d frontends in %.1f ms: %s", len(desired.frontends),
-                 (time.monotonic() - t0) * 1000, stats)
+        log.info("synced %d frontends in %.1f ms%s: %s", len(desired.frontends),
+                 (time.monotonic() - t0) * 1000, " (full)" if full else "", stats)
 
 
 def _accept_local(ifname: str) -> None:

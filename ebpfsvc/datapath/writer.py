@@ -118,7 +118,8 @@ class _FeWant(NamedTuple):
     marker: FeKey                   # the address marker (port 0) it needs
     name: str                       # its service name in lb_service_names
     be_flags: dict                  # BeKey -> LB_BE_F_* wanted by this frontend
-    table: list                     # the backends its Maglev table is built from, sorted by name
+    table_names: tuple              # the backends its Maglev table is built from: names, sorted,
+    table_keys: tuple               # and their BeKeys
 
 
 class MapWriter:
@@ -203,6 +204,10 @@ class MapWriter:
         self._svc_refs: dict[str, int] = {}
         self._marker_refs: dict[FeKey, int] = {}
         self._fe_src: dict[FeKey, set[tuple[int, int, int]]] = {}   # source-range entries per frontend
+        # id(Frontend) -> its _FeWant, for every frontend in _want: what a Frontend needs never
+        # changes (it is frozen), so a full apply re-derives only new objects (the _FeWant holds
+        # its Frontend, so the id cannot be reused while it is here).
+        self._by_fe: dict[int, _FeWant] = {}
 
     def _changes(self, state: LBState, delta) -> tuple[list[Frontend], list[Frontend]]:
         """(old, new) Frontend objects of the frontends that differ from the last applied state."""
@@ -230,14 +235,17 @@ class MapWriter:
     def _apply(self, state: LBState, full: bool, delta) -> ApplyStats:
         stats = ApplyStats()
         if full:
+            known = self._by_fe
             self._reset_refs()
             old: list[Frontend] = []
             new = list(state.frontends.values())
         elif state is self._state:
             return stats
         else:
+            known = self._by_fe
             old, new = self._changes(state, delta)
-        wants = [_frontend_want(fe) for fe in new]      # raises on a bad frontend before any write
+        # Derived before anything changes: a bad frontend raises before any write.
+        wants = [w if (w := known.get(id(fe))) is not None and w.fe is fe else _frontend_want(fe) for fe in new]
 
         # Reference counts: drop the old frontends' references, take the new ones'.  Everything
         # whose count moved is "touched": only those entries can need a write or a delete.
@@ -246,11 +254,13 @@ class MapWriter:
         touched_fe: dict[FeKey, None] = {}
         for fe in old:
             w = self._want.pop(_frontend_key(fe))
+            del self._by_fe[id(w.fe)]
             self._count(w, -1, touched_be, touched_names)
             touched_fe[w.key] = None
             touched_fe[w.marker] = None
         for w in wants:
             self._want[w.key] = w
+            self._by_fe[id(w.fe)] = w
             self._count(w, 1, touched_be, touched_names)
             touched_fe[w.key] = None
             touched_fe[w.marker] = None
@@ -312,7 +322,7 @@ class MapWriter:
                 elif key in self._fe:
                     stale_fe.append(key)
                 continue
-            fe, table_backends = w.fe, w.table
+            fe, names = w.fe, w.table_names
             old_val = self._fe.get(key)
             if old_val is not None and old_val[1]:
                 fid = old_val[1]
@@ -320,10 +330,9 @@ class MapWriter:
                 fid = self._fe_ids.allocate()
                 _zero_percpu(self.fe_stats_map, fid)
                 stats.stats_zeroed += 1
-            names = [b.name for b in table_backends]
-            ids = [self._be_id[_backend_key(b)] for b in table_backends]
+            ids = [self._be_id[k] for k in w.table_keys]
             size = maglev.table_size(len(names))
-            src = (tuple(zip(names, ids)), size)
+            src = (names, tuple(ids), size)
             offset = 0
             if size:
                 if old_val is not None and old_val[3] == size and self._table_src.get(key) == src:
@@ -499,9 +508,10 @@ def _frontend_want(fe: Frontend) -> _FeWant:
         be_flags[bkey] = be_flags.get(bkey, 0) | flags
         unique.setdefault(bkey, b)
     # Terminating backends take new flows only when nothing else is left.
-    serving = [b for b in unique.values() if not b.terminating]
-    table = sorted(serving or unique.values(), key=lambda b: b.name)
-    return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags, table)
+    serving = [(k, b) for k, b in unique.items() if not b.terminating] or list(unique.items())
+    table = sorted((b.name, k) for k, b in serving)
+    return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags,
+                   tuple(n for n, _ in table), tuple(k for _, k in table))
 
 
 def _source_ranges(fe: Frontend, fid: int) -> set[tuple[int, int, int]]:
