@@ -117,6 +117,30 @@ def test_endpoint_change_marks_its_service_changed(state):
     assert addresses(snap) == [("198.18.1.10", 8080, True), ("198.18.2.10", 8080, True)]
 
 
+def test_snapshots_are_numbered_and_share_what_did_not_change(state):
+    send(state, ADDED, service())
+    send(state, ADDED, slice_("web-1", endpoint("198.18.1.10")))
+    first = state.snapshot()
+    assert first.origin is state and first.generation == 1
+    send(state, MODIFIED, slice_("web-1", endpoint("198.18.1.11")))
+    second = state.snapshot()
+    assert second.origin is state and second.generation == 2 and second.changed == {("default", "web")}
+    # Only the endpoints changed: the Services and Nodes mappings are the very same objects ...
+    assert second.services is first.services and second.nodes is first.nodes
+    assert second.endpoints is not first.endpoints
+    # ... and an earlier snapshot never sees a later change.
+    assert addresses(first) == [("198.18.1.10", 8080, True)]
+    assert addresses(second) == [("198.18.1.11", 8080, True)]
+    send(state, MODIFIED, service(port=81))
+    third = state.snapshot()
+    assert third.services is not second.services and third.endpoints is second.endpoints
+    assert second.services["default", "web"].ports[0].port == 80
+    # Nothing new: the same mappings again, and nothing named as changed.
+    again = state.snapshot()
+    assert again.generation == 4 and again.changed == frozenset()
+    assert (again.services, again.endpoints, again.nodes) == (third.services, third.endpoints, third.nodes)
+
+
 # --- validation: skip, report once, keep the last good version -----------------------------------
 
 def test_invalid_add_is_skipped_and_reported_once(caplog):
