@@ -124,3 +124,38 @@ def test_a_failed_apply_is_followed_by_a_full_one(datapath, writer):
         writer.apply(LBState({**bad.frontends, broken.key: broken}))
     assert writer.apply(bad).frontends_written == 2             # the new frontend and its marker
     assert maps_agree(datapath, bad)
+
+
+def _cluster_generator():
+    """The random cluster events of tests/unit/test_desired_incremental.py (one generator for both tiers)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "unit" / "test_desired_incremental.py"
+    spec = importlib.util.spec_from_file_location("_desired_incremental_events", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_events_to_maps_as_the_agent_syncs(datapath, writer, seed):
+    """ClusterState -> DesiredStateBuilder -> MapWriter(delta), as Agent.sync chains them: after
+    every sync the maps hold exactly the fresh desired state of the same snapshot."""
+    from ebpfsvc.config import NodeConfig
+    from ebpfsvc.desired import DesiredStateBuilder, desired_state
+    from ebpfsvc.tracker import ClusterState
+
+    gen = _cluster_generator()
+    rng = random.Random(seed)
+    cluster = ClusterState(NodeConfig("any"))
+    builder = DesiredStateBuilder(gen.NODE)
+    for i in range(40):
+        for _ in range(rng.randint(1, 4)):
+            cluster.on_event(gen.random_event(rng))
+        snap = cluster.snapshot()
+        result = builder.build(snap)
+        writer.apply(result.state, delta=result.delta)
+        if i % 4 == 3:
+            assert maps_agree(datapath, desired_state(snap, gen.NODE))
+    assert writer.apply(builder.result.state, full=True) == ApplyStats()
