@@ -120,6 +120,7 @@ class _FeWant(NamedTuple):
     be_flags: dict                  # BeKey -> LB_BE_F_* wanted by this frontend
     table_names: tuple              # the backends its Maglev table is built from: names, sorted,
     table_keys: tuple               # and their BeKeys
+    table_size: int                 # maglev.table_size(len(table_names))
 
 
 class MapWriter:
@@ -331,7 +332,7 @@ class MapWriter:
                 _zero_percpu(self.fe_stats_map, fid)
                 stats.stats_zeroed += 1
             ids = [self._be_id[k] for k in w.table_keys]
-            size = maglev.table_size(len(names))
+            size = w.table_size
             src = (names, tuple(ids), size)
             offset = 0
             if size:
@@ -511,7 +512,7 @@ def _frontend_want(fe: Frontend) -> _FeWant:
     serving = [(k, b) for k, b in unique.items() if not b.terminating] or list(unique.items())
     table = sorted((b.name, k) for k, b in serving)
     return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags,
-                   tuple(n for n, _ in table), tuple(k for _, k in table))
+                   tuple(n for n, _ in table), tuple(k for _, k in table), maglev.table_size(len(table)))
 
 
 def _source_ranges(fe: Frontend, fid: int) -> set[tuple[int, int, int]]:
