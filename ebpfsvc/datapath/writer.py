@@ -201,7 +201,11 @@ class MapWriter:
     def _reset_refs(self) -> None:
         self._state: LBState | None = None             # the state applied last; None: next apply is full
         self._want: dict[FeKey, _FeWant] = {}
-        self._be_refs: dict[BeKey, list[int]] = {}      # [frontends, of which terminating, of which local]
+        # Frontends per backend, and of those the ones that want it terminating / local (plain
+        # ints: no container per backend for the garbage collector to walk).
+        self._be_refs: dict[BeKey, int] = {}
+        self._be_terminating: dict[BeKey, int] = {}
+        self._be_local: dict[BeKey, int] = {}
         self._svc_refs: dict[str, int] = {}
         self._marker_refs: dict[FeKey, int] = {}
         self._fe_src: dict[FeKey, set[tuple[int, int, int]]] = {}   # source-range entries per frontend
@@ -286,7 +290,8 @@ class MapWriter:
                 self._be_id[bkey] = ident
                 _zero_percpu(self.be_stats_map, ident)
                 stats.stats_zeroed += 1
-            val = bkey + ((abi.LB_BE_F_TERMINATING if refs[1] else 0) | (abi.LB_BE_F_LOCAL if refs[2] else 0),)
+            val = bkey + ((abi.LB_BE_F_TERMINATING if bkey in self._be_terminating else 0)
+                          | (abi.LB_BE_F_LOCAL if bkey in self._be_local else 0),)
             if self._be_val.get(ident) != val:
                 be_writes.append((ident, val))
         _update_batch(self.backends_map, [
@@ -420,30 +425,16 @@ class MapWriter:
 
     def _count(self, w: _FeWant, sign: int, touched_be: dict, touched_names: set) -> None:
         """Add (sign 1) or drop (-1) the references one frontend holds."""
-        refs = self._be_refs
         for bkey, flags in w.be_flags.items():
-            r = refs.get(bkey)
-            if r is None:
-                r = refs[bkey] = [0, 0, 0]
-            r[0] += sign
+            _add(self._be_refs, bkey, sign)
             if flags & abi.LB_BE_F_TERMINATING:
-                r[1] += sign
+                _add(self._be_terminating, bkey, sign)
             if flags & abi.LB_BE_F_LOCAL:
-                r[2] += sign
-            if not r[0]:
-                del refs[bkey]
+                _add(self._be_local, bkey, sign)
             touched_be[bkey] = None
-        n = self._svc_refs.get(w.name, 0) + sign
-        if n:
-            self._svc_refs[w.name] = n
-        else:
-            del self._svc_refs[w.name]
+        _add(self._svc_refs, w.name, sign)
         touched_names.add(w.name)
-        n = self._marker_refs.get(w.marker, 0) + sign
-        if n:
-            self._marker_refs[w.marker] = n
-        else:
-            del self._marker_refs[w.marker]
+        _add(self._marker_refs, w.marker, sign)
 
     # ---- loadBalancerSourceRanges -----------------------------------------------------
     # Never open to everyone by accident: a frontend's flag (LB_SVC_F_SOURCE_RANGES, in its
@@ -485,6 +476,15 @@ class MapWriter:
 
     def free_slots(self) -> int:
         return self._ranges.free_slots
+
+def _add(counts: dict, key, sign: int) -> None:
+    """Move a reference count; a count of 0 leaves the dict (absent = unreferenced)."""
+    n = counts.get(key, 0) + sign
+    if n:
+        counts[key] = n
+    else:
+        del counts[key]
+
 
 def _frontend_key(fe: Frontend) -> FeKey:
     k = fe.key
