@@ -16,6 +16,10 @@ Per Service port it emits kube-proxy's rules, one frontend per address:port/prot
 Two Services claiming the same frontend (a duplicated externalIP, a clusterIP typo) cannot both
 be served: the first by namespace/name keeps it, so every node agrees, and the loser is reported
 by build_desired_state().
+
+desired_state() / build_desired_state() compute from nothing; the agent keeps a
+DesiredStateBuilder, which gives exactly the same result from one snapshot to the next at the
+cost of what changed in between, and says which frontends changed (LBDelta) for the map writer.
 """
 
 from __future__ import annotations
@@ -126,7 +130,8 @@ class DesiredStateBuilder:
         else:
             todo = self._differing(snapshot)
         self._snapshot, self._context = snapshot, context
-        # Claims must be met in the full computation's order, so that a tie is broken the same way.
+        # Sorted, so a full build meets the claims in order and appends them (claim lists stay
+        # sorted either way: the first claim of a key is the full computation's winner).
         todo = sorted(todo)
         touched: set[FrontendKey] = set()
         for key in todo:
