@@ -463,19 +463,24 @@ def run_nodeport(seconds: float) -> dict:
         lab = Lab.up(prefix="bnp-" + uuid.uuid4().hex[:6], agents=True)
     except Exception as exc:
         return {"skipped": f"lab with agents did not come up: {exc}"}
+    rows, failed = {}, {}
     try:
-        raw = nodeport.measure(lab, seconds, 3000)
-    except Exception as exc:
-        return {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:500]}"}
+        for mode in getattr(nodeport, "MODES", ("direct", "tc", "xdp")):
+            try:                    # one mode at a time: a failing mode keeps the others' figures
+                raw = nodeport.measure(lab, seconds, 3000, (mode,))
+            except Exception as exc:
+                failed[mode] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            for key, value in raw.items():
+                t, c = value["throughput"], value["connect_rate"]
+                rows[key] = {"gbit_per_s": t["gbit_per_s"], "cpu_s_per_gb": t["cpu_seconds_per_gb"],
+                             "retransmits": t["retransmits"], "connections_per_s": c["connections_per_s"],
+                             "connect_p50_us": c.get("latency_p50_us"), "errors": c["errors"]}
     finally:
         lab.down()
-    rows = {}
-    for key, value in raw.items():
-        t, c = value["throughput"], value["connect_rate"]
-        rows[key] = {"gbit_per_s": t["gbit_per_s"], "cpu_s_per_gb": t["cpu_seconds_per_gb"],
-                     "retransmits": t["retransmits"], "connections_per_s": c["connections_per_s"],
-                     "connect_p50_us": c.get("latency_p50_us"), "errors": c["errors"]}
-    return {"seconds": seconds, "rows": rows}
+    if not rows:
+        return {"skipped": "failed: " + "; ".join(f"{m}: {e}" for m, e in failed.items())}
+    return {"seconds": seconds, "rows": rows, "failed": failed}
 
 
 # --- notes, report ---------------------------------------------------------------------------
@@ -590,6 +595,10 @@ def extra_sections(data: dict) -> str:
                  f"{r['connections_per_s']:,.0f}"] for k, r in np_["rows"].items()]
         lines += _table(["path/mode", "Gbit/s", "CPU s/GB", "retransmits", "conn/s"], rows)
         lines.append("")
+        for mode, error in (np_.get("failed") or {}).items():
+            lines.append(f"- mode `{mode}` failed: {error}")
+        if np_.get("failed"):
+            lines.append("")
     else:
         lines += [f"Not measured: {np_.get('skipped', 'not run')}.", ""]
 
