@@ -19,6 +19,7 @@ new connections keep being served while the agent is down or upgrading.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -190,6 +191,11 @@ class Agent:
         stats = self.writer.apply(desired, full=full, delta=result.delta)
         if full:
             self._next_full_apply = t0 + self.config.sync_period
+            if self.last_applied is None:
+                # The first full state is a large, long-lived heap (10k Services: millions of
+                # objects). Freezing it keeps Python's full garbage collections, which would walk it
+                # every time, from adding hundreds of milliseconds to an endpoint change.
+                gc.freeze()
         self.last_applied = desired
         self.syncs += 1
         self.synced_once.set()
