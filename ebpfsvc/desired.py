@@ -270,7 +270,7 @@ def _external_addresses(svc: Service, port: ServicePort, node: NodeConfig
         for addr in node.node_addresses:
             yield addr, port.node_port, FrontendKind.NODE_PORT, ()
     for addr in svc.external_ips:
-        yield addr, port.port, FrontendKind.EXTERNAL_IP, ()
+        yield addr, port.port, FrontendKind.EXTERNAL_IP, svc.source_ranges if svc.external_ip_source_ranges else ()
     for addr in svc.load_balancer_ips:
         # loadBalancerSourceRanges guard the load balancer's address only (kube-proxy's KUBE-FW chain).
         yield addr, port.port, FrontendKind.LOAD_BALANCER, svc.source_ranges

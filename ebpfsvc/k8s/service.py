@@ -31,6 +31,9 @@ ANNOTATION_TOPOLOGY_MODE = "service.kubernetes.io/topology-mode"
 ANNOTATION_TOPOLOGY_HINTS = "service.kubernetes.io/topology-aware-hints"   # before Kubernetes 1.27
 ANNOTATION_SOURCE_RANGES = "service.beta.kubernetes.io/load-balancer-source-ranges"
 ANNOTATION_ALGORITHM = "ebpfsvc.io/lb-algorithm"
+# Opt-in: loadBalancerSourceRanges also guard the Service's externalIPs. kube-proxy applies them to
+# load balancer addresses only; an operator exposing a Service on externalIPs may want the same fence.
+ANNOTATION_EXTERNAL_IP_SOURCE_RANGES = "ebpfsvc.io/external-ips-source-ranges"
 
 
 class ServiceType(str, enum.Enum):
@@ -73,6 +76,7 @@ class Service:
     publish_not_ready_addresses: bool = False
     topology_aware: bool = False                      # topology-mode: Auto (or the older hints annotation)
     algorithm: Algorithm | None = None                # None = the node's default
+    external_ip_source_ranges: bool = False           # ANNOTATION_EXTERNAL_IP_SOURCE_RANGES: "true"
     proxy_name: str = ""                              # value of service.kubernetes.io/service-proxy-name
     headless_label: bool = False                      # service.kubernetes.io/headless present
 
@@ -120,6 +124,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         publish_not_ready_addresses=spec.bool("publishNotReadyAddresses", False),
         topology_aware=_topology_aware(spec, meta),
         algorithm=_algorithm(meta),
+        external_ip_source_ranges=_opt_in(meta, ANNOTATION_EXTERNAL_IP_SOURCE_RANGES),
         proxy_name=meta.labels.get(LABEL_PROXY_NAME, ""),
         headless_label=LABEL_HEADLESS in meta.labels,
     )
@@ -255,6 +260,15 @@ def _topology_aware(spec: Fields, meta: ObjectMeta) -> bool:
     # (Kubernetes 1.31+) asks for the same zone-hint routing.
     mode = meta.annotations.get(ANNOTATION_TOPOLOGY_MODE) or meta.annotations.get(ANNOTATION_TOPOLOGY_HINTS, "")
     return mode in ("Auto", "auto") or spec.str("trafficDistribution") == "PreferClose"
+
+
+def _opt_in(meta: ObjectMeta, annotation: str) -> bool:
+    value = meta.annotations.get(annotation)
+    if value is None:
+        return False
+    if value.strip().lower() not in ("true", "false"):
+        raise Invalid(f"metadata.annotations[{annotation}]", f"{value!r} is not \"true\" or \"false\"")
+    return value.strip().lower() == "true"
 
 
 def _algorithm(meta: ObjectMeta) -> Algorithm | None:

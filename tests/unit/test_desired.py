@@ -366,3 +366,23 @@ def test_reuse_between_calls_gives_what_a_fresh_computation_gives():
     assert [b.name for b in frontend(reused, "198.19.0.32", 80, Scope.INTERNAL).backends] == ["198.18.2.4:80/TCP"]
     # Another node's view is computed for that node, not reused from node-1's.
     assert desired.DesiredStateBuilder(NODE2).build(second).state == fresh(second, NODE2)
+
+
+def test_external_ips_are_fenced_by_source_ranges_only_on_opt_in():
+    lb = desired_state(load("external-ip-source-ranges.yaml"), NODE1)
+    for scope in Scope:
+        assert frontend(lb, "198.18.200.61", 80, scope).source_ranges == (IPv4Network("198.18.0.100/32"),)
+        assert frontend(lb, "198.18.200.62", 80, scope).source_ranges == ()
+    assert frontend(lb, "198.19.1.7", 80, Scope.INTERNAL).source_ranges == ()
+
+
+def test_external_ip_source_ranges_annotation_must_be_a_boolean():
+    doc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "bad", "namespace": "default",
+                        "annotations": {"ebpfsvc.io/external-ips-source-ranges": "yes please"}},
+           "spec": {"clusterIP": "198.19.1.9", "ports": [{"port": 80}]}}
+    state = ClusterState(NodeConfig("any"))
+    state.on_event(Event("Service", EventType.ADDED, doc))
+    (problem,) = state.problems
+    assert problem.field == "metadata.annotations[ebpfsvc.io/external-ips-source-ranges]"
+    assert "Service default/bad" in str(problem)
