@@ -97,6 +97,7 @@ static __always_inline int np4_snat_alloc(const struct lb4_pkt *p, const struct 
 {
 	struct snat4_entry client = { .address = p->saddr, .port = p->sport };
 	__u32 off = lb4_flow_hash(p) % NP4_SNAT_PORTS;
+	struct ct4_entry *held;
 	int i;
 
 	nat->address = NODE_SNAT_ADDR;
@@ -107,8 +108,13 @@ static __always_inline int np4_snat_alloc(const struct lb4_pkt *p, const struct 
 		np4_snat_reply_key(rk, e, nat, p->proto);
 		if (!lb4_snat.insert(rk, &client))
 			return 0;
-		if (!ct4_lookup(rk, now)) {
-			/* Held by a flow that is over: reclaim it, still first come first served. */
+		held = ct4_lookup(rk, now);
+		if (!held || ct4_closing(held->flags)) {
+			/* Held by a flow that is over (expired, or closed by FIN both ways or RST and
+			 * only waiting out its stragglers): reclaim it, still first come first served.
+			 * Waiting for closed flows to expire would cap a busy NodePort at
+			 * ports / CT_TIMEOUT_TCP_CLOSE_S new connections per second per backend; the
+			 * backend's TIME_WAIT accepts the new SYN, as with Linux's own NAT. */
 			lb4_snat.delete(rk);
 			if (!lb4_snat.insert(rk, &client))
 				return 0;
