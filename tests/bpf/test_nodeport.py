@@ -134,7 +134,8 @@ def test_two_clients_never_share_a_snat_port(uplink):
                  to_client(tcp(NODE, CLIENT2, 30080, sport, "SA"), mac=CLIENT2_MAC))
 
 
-def test_a_closed_flows_snat_port_is_reused_at_once(uplink):
+@pytest.mark.parametrize("close", ["reset by the backend", "FIN both ways"])
+def test_a_closed_flows_snat_port_is_reused_at_once(uplink, close):
     """A busy NodePort must not wait CT_TIMEOUT_TCP_CLOSE_S for each closed flow's port."""
     uplink.writer.apply(state(REMOTE))
     first = snat_port(CLIENT, NODE, 40000, 30080)
@@ -142,9 +143,17 @@ def test_a_closed_flows_snat_port_is_reused_at_once(uplink):
     uplink.check("first client takes the port its hash names", "from_uplink",
                  from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
-    uplink.check("the backend resets it", "from_uplink",
-                 from_node2(tcp(REMOTE_BE, NODE, 8080, first, "R")), REDIRECT,
-                 to_client(tcp(NODE, CLIENT, 30080, 40000, "R")))
+    uplink.check("SYN-ACK", "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, first, "SA")), REDIRECT,
+                 to_client(tcp(NODE, CLIENT, 30080, 40000, "SA")))
+    if close == "reset by the backend":
+        uplink.check("the backend resets it", "from_uplink",
+                     from_node2(tcp(REMOTE_BE, NODE, 8080, first, "R")), REDIRECT,
+                     to_client(tcp(NODE, CLIENT, 30080, 40000, "R")))
+    else:
+        uplink.check("client FIN", "from_uplink", from_client(tcp(CLIENT, NODE, 40000, 30080, "FA")), REDIRECT,
+                     to_node2(tcp(NODE, REMOTE_BE, first, 8080, "FA")))
+        uplink.check("backend FIN", "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, first, "FA")), REDIRECT,
+                     to_client(tcp(NODE, CLIENT, 30080, 40000, "FA")))
     uplink.check("a second client hashing to that port gets it: the flow holding it is closed",
                  "from_uplink", from_client(tcp(CLIENT2, NODE, sport, 30080, "S"), mac=CLIENT2_MAC), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
