@@ -115,6 +115,24 @@ static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 	return lb4_forward_xlate(skb, p, &e);
 }
 
+#define LB_REBALANCE (-1000)  /* not a TC verdict (those are -1..8): "balance this flow again" */
+
+/*
+ * A tracked flow whose backend was removed (its flow entries already deleted).
+ * A TCP connection cannot move to another backend (it would answer with RST
+ * anyway): reset it now rather than let the client time out. A datagram flow
+ * has no state on the backend: LB_REBALANCE tells the caller to balance it
+ * again, unless this is a later fragment, which cannot start a flow.
+ */
+static __always_inline int lb4_backend_gone(struct __sk_buff *skb, struct lb4_pkt *p)
+{
+	if (p->proto == IPPROTO_TCP)
+		return lb4_reject(skb, p, REASON_BACKEND_GONE);
+	if (p->frag == LB_FRAG_LATER)
+		return lb_drop(REASON_BACKEND_GONE);
+	return LB_REBALANCE;
+}
+
 /* A packet of a tracked flow from the client side. */
 static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4_pkt *p,
 					       struct ct4_key *fk, struct ct4_entry *e, __u64 now)
@@ -122,16 +140,11 @@ static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4
 	__u8 flags;
 
 	if (!lb4_backends.lookup(&e->backend_id)) {
-		/* The backend was removed. A TCP connection cannot move to another
-		 * backend (it would answer with RST anyway): reset it now rather
-		 * than let the client time out. A datagram flow has no state on
-		 * the backend: balance it again. */
+		int ret;
+
 		ct4_delete_flow(fk, e);
-		if (p->proto == IPPROTO_TCP)
-			return lb4_reject(skb, p, REASON_BACKEND_GONE);
-		if (p->frag == LB_FRAG_LATER)
-			return lb_drop(REASON_BACKEND_GONE);
-		return lb4_forward_new(skb, p, fk, now);
+		ret = lb4_backend_gone(skb, p);
+		return ret == LB_REBALANCE ? lb4_forward_new(skb, p, fk, now) : ret;
 	}
 
 	ct4_touch(e, now);

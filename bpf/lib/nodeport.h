@@ -257,12 +257,11 @@ static __always_inline int np4_forward_tracked(struct __sk_buff *skb, struct lb4
 
 	if (!lb4_backends.lookup(&e->backend_id)) {
 		/* Backend removed: as on the pod side, reset TCP, re-balance datagrams. */
+		int ret;
+
 		np4_delete_flow(fk, e);
-		if (p->proto == IPPROTO_TCP)
-			return lb4_reject(skb, p, REASON_BACKEND_GONE);
-		if (p->frag == LB_FRAG_LATER)
-			return lb_drop(REASON_BACKEND_GONE);
-		return np4_forward_new(skb, p, fk, now);
+		ret = lb4_backend_gone(skb, p);
+		return ret == LB_REBALANCE ? np4_forward_new(skb, p, fk, now) : ret;
 	}
 	if (e->flags & CT_F_SNAT) {
 		nat = lb4_snat.lookup(fk);

@@ -86,12 +86,7 @@ static __always_inline int np4_xdp_parse(struct xdp_md *ctx, struct lb4_pkt *p)
 			return -1;
 		if (np4_csum_partial(iph->saddr, iph->daddr, IPPROTO_TCP, p->ip_len - sizeof(*iph), th->check))
 			return -1;
-		p->sport = th->source;
-		p->dport = th->dest;
-		p->tcp_doff = th->doff * 4;
-		p->tcp_flags = ((__u8 *)th)[13];
-		p->tcp_seq = lb_ntohl(th->seq);
-		p->tcp_ack_seq = lb_ntohl(th->ack_seq);
+		lb4_pkt_set_tcp(p, th);
 		return 0;
 	}
 	if (p->proto == IPPROTO_UDP) {

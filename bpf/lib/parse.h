@@ -88,6 +88,17 @@ struct lb4_pkt {
 	__u32  tcp_ack_seq;
 };
 
+/* Record a bounds-checked TCP header's ports and state in `p` (TC parser and XDP fast path). */
+static __always_inline void lb4_pkt_set_tcp(struct lb4_pkt *p, const struct tcphdr *th)
+{
+	p->sport = th->source;
+	p->dport = th->dest;
+	p->tcp_doff = th->doff * 4;
+	p->tcp_flags = ((const __u8 *)th)[13];
+	p->tcp_seq = lb_ntohl(th->seq);
+	p->tcp_ack_seq = lb_ntohl(th->ack_seq);
+}
+
 /* Has L4 ports the load balancer translates. */
 static __always_inline int lb4_proto_has_ports(__u8 proto)
 {
@@ -169,12 +180,7 @@ static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_pkt *p)
 			return LB_PARSE_MALFORMED;
 		if (th->doff < 5 || ihl + th->doff * 4 > p->ip_len)
 			return LB_PARSE_MALFORMED;
-		p->sport = th->source;
-		p->dport = th->dest;
-		p->tcp_doff = th->doff * 4;
-		p->tcp_flags = ((__u8 *)th)[13];
-		p->tcp_seq = lb_ntohl(th->seq);
-		p->tcp_ack_seq = lb_ntohl(th->ack_seq);
+		lb4_pkt_set_tcp(p, th);
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = l4;
 

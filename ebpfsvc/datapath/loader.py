@@ -48,39 +48,28 @@ MAPS = tuple(abi.MAP_TYPES)
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
+def _limit(macro: str):
+    """A limit field: its abi.h macro (the -D name) once, its default read from abi.h."""
+    return field(default=getattr(abi, macro), metadata={"macro": macro})
+
+
 @dataclass(frozen=True)
 class Limits:
     """Map sizes and conntrack lifetimes, passed to the compiler as -D (abi.h)."""
 
-    frontends: int = abi.LB_FRONTENDS_MAX
-    services: int = abi.LB_SERVICES_MAX
-    backends: int = abi.LB_BACKENDS_MAX
-    maglev_slots: int = abi.LB_MAGLEV_SLOTS_MAX
-    ct_entries: int = abi.CT_ENTRIES_MAX
-    affinity_entries: int = abi.AFFINITY_ENTRIES_MAX
-    frag_entries: int = abi.FRAG_ENTRIES_MAX
-    snat_entries: int = abi.SNAT_ENTRIES_MAX
-    source_ranges: int = abi.SOURCE_RANGES_MAX
-    ct_tcp_syn_s: int = abi.CT_TIMEOUT_TCP_SYN_S
-    ct_tcp_established_s: int = abi.CT_TIMEOUT_TCP_ESTABLISHED_S
-    ct_tcp_close_s: int = abi.CT_TIMEOUT_TCP_CLOSE_S
-    ct_other_s: int = abi.CT_TIMEOUT_OTHER_S
-
-    _MACROS = {
-        "frontends": "LB_FRONTENDS_MAX",
-        "services": "LB_SERVICES_MAX",
-        "backends": "LB_BACKENDS_MAX",
-        "maglev_slots": "LB_MAGLEV_SLOTS_MAX",
-        "ct_entries": "CT_ENTRIES_MAX",
-        "affinity_entries": "AFFINITY_ENTRIES_MAX",
-        "frag_entries": "FRAG_ENTRIES_MAX",
-        "snat_entries": "SNAT_ENTRIES_MAX",
-        "source_ranges": "SOURCE_RANGES_MAX",
-        "ct_tcp_syn_s": "CT_TIMEOUT_TCP_SYN_S",
-        "ct_tcp_established_s": "CT_TIMEOUT_TCP_ESTABLISHED_S",
-        "ct_tcp_close_s": "CT_TIMEOUT_TCP_CLOSE_S",
-        "ct_other_s": "CT_TIMEOUT_OTHER_S",
-    }
+    frontends: int = _limit("LB_FRONTENDS_MAX")
+    services: int = _limit("LB_SERVICES_MAX")
+    backends: int = _limit("LB_BACKENDS_MAX")
+    maglev_slots: int = _limit("LB_MAGLEV_SLOTS_MAX")
+    ct_entries: int = _limit("CT_ENTRIES_MAX")
+    affinity_entries: int = _limit("AFFINITY_ENTRIES_MAX")
+    frag_entries: int = _limit("FRAG_ENTRIES_MAX")
+    snat_entries: int = _limit("SNAT_ENTRIES_MAX")
+    source_ranges: int = _limit("SOURCE_RANGES_MAX")
+    ct_tcp_syn_s: int = _limit("CT_TIMEOUT_TCP_SYN_S")
+    ct_tcp_established_s: int = _limit("CT_TIMEOUT_TCP_ESTABLISHED_S")
+    ct_tcp_close_s: int = _limit("CT_TIMEOUT_TCP_CLOSE_S")
+    ct_other_s: int = _limit("CT_TIMEOUT_OTHER_S")
 
     def defines(self) -> dict[str, int]:
         out = {}
@@ -88,7 +77,7 @@ class Limits:
             value = getattr(self, f.name)
             if value <= 0:
                 raise ValueError(f"limit {f.name} must be positive, got {value}")
-            out[self._MACROS[f.name]] = value
+            out[f.metadata["macro"]] = value
         return out
 
 
