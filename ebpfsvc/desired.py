@@ -278,18 +278,21 @@ def _external_addresses(svc: Service, port: ServicePort, node: NodeConfig
 
 def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
               port: ServicePort) -> tuple[Backend, ...]:
-    # Draining endpoints are listed as terminating backends: the writer keeps them out of the
-    # Maglev table while others serve, but keeps them in the backends map, so the datapath
-    # does not reset their established flows as flows to a removed backend.
+    # Draining endpoints are listed as terminating backends and not-ready ones as not ready:
+    # the writer keeps them out of the Maglev table (draining ones while others serve), but
+    # keeps them in the backends map, so the datapath does not reset their established flows
+    # as flows to a removed backend.
     backends = []
-    for ep, terminating in [*((ep, chosen.terminating) for ep in chosen.endpoints),
-                            *((ep, True) for ep in chosen.draining)]:
+    for ep, terminating, not_ready in [*((ep, chosen.terminating, False) for ep in chosen.endpoints),
+                                       *((ep, True, False) for ep in chosen.draining),
+                                       *((ep, False, True) for ep in chosen.not_ready)]:
         known = snapshot.nodes.get(ep.node_name)
         backends.append(Backend(
             address=ep.address,
             port=ep.port,
             protocol=port.protocol,
             terminating=terminating,
+            not_ready=not_ready,
             local=bool(ep.node_name) and ep.node_name == node.node_name,
             node=ep.node_name,
             zone=ep.zone or (known.zone if known else ""),

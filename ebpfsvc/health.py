@@ -253,5 +253,5 @@ def local_endpoint_counts(state) -> dict[tuple[str, str], int]:
     for fe in state.frontends.values():
         key = (fe.service.namespace, fe.service.name)
         addrs = seen.setdefault(key, set())
-        addrs.update(b.address for b in fe.backends if b.local and not b.terminating)
+        addrs.update(b.address for b in fe.backends if b.local and not b.terminating and not b.not_ready)
     return {k: len(v) for k, v in seen.items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Iterable
 
 
 class Protocol(str, enum.Enum):
@@ -83,15 +84,19 @@ class Backend:
 
     `terminating` backends (serving but terminating endpoints) keep their
     established flows but get no new ones unless no other backend is left
-    (kube-proxy's terminating fallback): the writer builds the Maglev table from
-    the non-terminating backends when there are any, from the terminating ones
-    otherwise, and keeps all of them in the backends map.
+    (kube-proxy's terminating fallback). `not_ready` backends (endpoints whose
+    readiness fails, or terminating and no longer serving) never get new flows;
+    they are listed only so that their established TCP connections carry on, as
+    kube-proxy leaves their conntrack entries alone (UDP flows move on). The
+    writer builds the Maglev table from `table_backends` and keeps every backend
+    in the backends map.
     """
 
     address: ipaddress.IPv4Address
     port: int
     protocol: Protocol = Protocol.TCP
     terminating: bool = False
+    not_ready: bool = False
     local: bool = False     # the endpoint runs on this node
     node: str = ""          # endpoint nodeName, for display
     zone: str = ""
@@ -100,6 +105,14 @@ class Backend:
     def name(self) -> str:
         """Stable name Maglev sorts and hashes by, so every node builds the same table."""
         return f"{self.address}:{self.port}/{self.protocol.value}"
+
+
+def table_backends(backends: Iterable[Backend]) -> list[Backend]:
+    """The backends new flows may reach, which a frontend's Maglev table is built from: the
+    ready ones, or the serving-but-terminating ones when none is ready (KEP-1669's fallback);
+    never the not-ready ones."""
+    usable = [b for b in backends if not b.not_ready]
+    return [b for b in usable if not b.terminating] or usable
 
 
 @dataclass(frozen=True, order=True)

@@ -96,6 +96,7 @@
 /* ---- lb4_backend.flags ---- */
 #define LB_BE_F_TERMINATING 0x01    /* serving but terminating: keeps flows, gets no new ones */
 #define LB_BE_F_LOCAL       0x02    /* runs on this node */
+#define LB_BE_F_NOT_READY   0x04    /* not ready: no new flows; TCP flows kept, UDP flows move on */
 
 /* ---- ct4_key.dir ---- */
 #define CT_DIR_FORWARD 0      /* client -> frontend, as the client sent it */

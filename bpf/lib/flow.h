@@ -60,8 +60,8 @@ static __always_inline struct lb4_backend *lb4_flow_begin(const struct lb4_servi
 	id = lb4_affinity_backend(svc, p->saddr, now);
 	if (id) {
 		be = lb4_backends.lookup(&id);
-		if (be && (be->flags & LB_BE_F_TERMINATING))
-			be = 0;                         /* affinity never outlives termination */
+		if (be && (be->flags & LB_BE_F_NO_NEW_FLOWS))
+			be = 0;         /* affinity never outlives termination or readiness */
 	}
 	if (!be)
 		be = lb4_select_backend(svc, p, &id);
@@ -118,7 +118,8 @@ static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 #define LB_REBALANCE (-1000)  /* not a TC verdict (those are -1..8): "balance this flow again" */
 
 /*
- * A tracked flow whose backend was removed (its flow entries already deleted).
+ * A tracked flow whose backend was removed, or a UDP flow whose backend is not
+ * ready (lb4_flow_keeps_backend; its flow entries already deleted).
  * A TCP connection cannot move to another backend (it would answer with RST
  * anyway): reset it now rather than let the client time out. A datagram flow
  * has no state on the backend: LB_REBALANCE tells the caller to balance it
@@ -139,7 +140,7 @@ static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4
 {
 	__u8 flags;
 
-	if (!lb4_backends.lookup(&e->backend_id)) {
+	if (!lb4_flow_keeps_backend(e->backend_id, p->proto)) {
 		int ret;
 
 		ct4_delete_flow(fk, e);

@@ -64,14 +64,32 @@ static __always_inline int lb4_is_frontend_address(__be32 addr, __u8 proto, __u8
 	return svc && (svc->flags & LB_SVC_F_ADDRESS);
 }
 
+/* Backends that take no new flows: terminating (unless nothing else is left)
+ * and not ready (never). */
+#define LB_BE_F_NO_NEW_FLOWS (LB_BE_F_TERMINATING | LB_BE_F_NOT_READY)
+
+/*
+ * May an established flow of protocol `proto` stay on backend `id`? Not when
+ * the backend was removed; not for a UDP flow when the backend is not ready
+ * (kube-proxy clears a not-ready endpoint's UDP conntrack entries, so the next
+ * datagram is balanced again, while TCP connections carry on).
+ */
+static __always_inline int lb4_flow_keeps_backend(__u32 id, __u8 proto)
+{
+	struct lb4_backend *be = lb4_backends.lookup(&id);
+
+	return be && !(proto == IPPROTO_UDP && (be->flags & LB_BE_F_NOT_READY));
+}
+
 /*
  * Pick a backend for a new flow from the frontend's table.
  *
- * A terminating backend gets no new flows while another one is usable: the
- * writer leaves terminating backends out of a table unless nothing else is
- * left, but a backend can turn terminating before its table is rebuilt, so the
- * next few slots are tried. If every probe is terminating, the first one is
- * used (kube-proxy's terminating fallback).
+ * A terminating or not-ready backend gets no new flows while another one is
+ * usable: the writer leaves them out of a table (terminating ones unless
+ * nothing else is left), but a backend can change before its table is
+ * rebuilt, so the next few slots are tried. If every probe is terminating, the
+ * first one is used (kube-proxy's terminating fallback); a not-ready backend
+ * is never a fallback.
  */
 static __always_inline struct lb4_backend *lb4_select_backend(const struct lb4_service *svc,
 							     const struct lb4_pkt *p, __u32 *backend_id)
@@ -95,11 +113,11 @@ static __always_inline struct lb4_backend *lb4_select_backend(const struct lb4_s
 			break;
 		be = lb4_backends.lookup(id);
 		if (be) {
-			if (!(be->flags & LB_BE_F_TERMINATING)) {
+			if (!(be->flags & LB_BE_F_NO_NEW_FLOWS)) {
 				*backend_id = *id;
 				return be;
 			}
-			if (!fallback) {
+			if (!fallback && !(be->flags & LB_BE_F_NOT_READY)) {
 				fallback = be;
 				fallback_id = *id;
 			}

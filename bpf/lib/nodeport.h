@@ -255,8 +255,8 @@ static __always_inline int np4_forward_tracked(struct __sk_buff *skb, struct lb4
 {
 	struct snat4_entry *nat = 0;
 
-	if (!lb4_backends.lookup(&e->backend_id)) {
-		/* Backend removed: as on the pod side, reset TCP, re-balance datagrams. */
+	if (!lb4_flow_keeps_backend(e->backend_id, p->proto)) {
+		/* As on the pod side: backend removed -> reset TCP, re-balance datagrams. */
 		int ret;
 
 		np4_delete_flow(fk, e);

@@ -272,7 +272,7 @@ static __always_inline int np4_xdp_uplink(struct xdp_md *ctx)
 	if (e) {
 		if (!(e->flags & CT_F_NODEPORT))
 			return XDP_PASS;
-		if (ct4_flow_over(e, &p, now) || !lb4_backends.lookup(&e->backend_id))
+		if (ct4_flow_over(e, &p, now) || !lb4_flow_keeps_backend(e->backend_id, p.proto))
 			return XDP_PASS;                /* the flow restarts or ends: TC decides how */
 		if (e->flags & CT_F_SNAT) {
 			nat = lb4_snat.lookup(&fk);

@@ -44,7 +44,7 @@ from ebpfsvc.datapath.batch import update_batch as _update_batch
 from ebpfsvc.datapath.batch import update_u32_array as _update_u32_array
 from ebpfsvc.datapath.batch import zero_percpu as _zero_percpu
 from ebpfsvc.datapath.ids import IdAllocator, SlotRanges
-from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, LBState, ServicePortName
+from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, LBState, ServicePortName, table_backends
 
 _NAME_MAX = 127      # lb_service_name.name is 128 bytes, NUL-terminated
 
@@ -206,6 +206,9 @@ class MapWriter:
         self._be_refs: dict[BeKey, int] = {}
         self._be_terminating: dict[BeKey, int] = {}
         self._be_local: dict[BeKey, int] = {}
+        # Not ready only when every frontend listing it says so: one Service may publish a
+        # not-ready address (publishNotReadyAddresses) that another one holds back.
+        self._be_not_ready: dict[BeKey, int] = {}
         self._svc_refs: dict[str, int] = {}
         self._marker_refs: dict[FeKey, int] = {}
         self._fe_src: dict[FeKey, set[tuple[int, int, int]]] = {}   # source-range entries per frontend
@@ -291,7 +294,8 @@ class MapWriter:
                 _zero_percpu(self.be_stats_map, ident)
                 stats.stats_zeroed += 1
             val = bkey + ((abi.LB_BE_F_TERMINATING if bkey in self._be_terminating else 0)
-                          | (abi.LB_BE_F_LOCAL if bkey in self._be_local else 0),)
+                          | (abi.LB_BE_F_LOCAL if bkey in self._be_local else 0)
+                          | (abi.LB_BE_F_NOT_READY if self._be_not_ready.get(bkey) == refs else 0),)
             if self._be_val.get(ident) != val:
                 be_writes.append((ident, val))
         _update_batch(self.backends_map, [
@@ -431,6 +435,8 @@ class MapWriter:
                 _add(self._be_terminating, bkey, sign)
             if flags & abi.LB_BE_F_LOCAL:
                 _add(self._be_local, bkey, sign)
+            if flags & abi.LB_BE_F_NOT_READY:
+                _add(self._be_not_ready, bkey, sign)
             touched_be[bkey] = None
         _add(self._svc_refs, w.name, sign)
         touched_names.add(w.name)
@@ -503,14 +509,13 @@ def _frontend_want(fe: Frontend) -> _FeWant:
     unique: dict[BeKey, Backend] = {}
     for b in fe.backends:
         bkey = _backend_key(b)
-        flags = (abi.LB_BE_F_TERMINATING if b.terminating else 0) | (abi.LB_BE_F_LOCAL if b.local else 0)
-        # One entry per (address, port, proto): a backend terminating
-        # or local in any frontend is so in all of them.
+        flags = ((abi.LB_BE_F_TERMINATING if b.terminating else 0) | (abi.LB_BE_F_LOCAL if b.local else 0)
+                 | (abi.LB_BE_F_NOT_READY if b.not_ready else 0))
+        # One entry per (address, port, proto): a backend terminating or local in any
+        # frontend is so in all of them (not ready only if so in all: _count).
         be_flags[bkey] = be_flags.get(bkey, 0) | flags
         unique.setdefault(bkey, b)
-    # Terminating backends take new flows only when nothing else is left.
-    serving = [(k, b) for k, b in unique.items() if not b.terminating] or list(unique.items())
-    table = sorted((b.name, k) for k, b in serving)
+    table = sorted((b.name, _backend_key(b)) for b in table_backends(unique.values()))
     return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags,
                    tuple(n for n, _ in table), tuple(k for _, k in table), maglev.table_size(len(table)))
 

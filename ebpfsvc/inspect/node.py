@@ -143,8 +143,17 @@ class Backend:
         return bool(self.flags & abi.LB_BE_F_LOCAL)
 
     @property
+    def not_ready(self) -> bool:
+        return bool(self.flags & abi.LB_BE_F_NOT_READY)
+
+    @property
+    def takes_new_flows(self) -> bool:
+        """bpf/lib/lb.h LB_BE_F_NO_NEW_FLOWS: neither terminating nor not ready."""
+        return not (self.terminating or self.not_ready)
+
+    @property
     def state(self) -> str:
-        return "terminating" if self.terminating else "active"
+        return "not-ready" if self.not_ready else "terminating" if self.terminating else "active"
 
     @property
     def name(self) -> str:

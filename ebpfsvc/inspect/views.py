@@ -12,6 +12,7 @@ from ebpfsvc import abi
 from ebpfsvc.datapath.flowhash import flow_hash
 from ebpfsvc.inspect.node import (PROTO_NUMBERS, Backend, CtEntry, Frontend, NodeMaps, ct_closing,
                                   monotonic_ns)
+from ebpfsvc.lbmodel import table_backends
 
 # bpf/lib/lb.h LB_TERMINATING_PROBES: slots tried past a terminating backend.
 TERMINATING_PROBES = 4
@@ -181,16 +182,21 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
                  entry=_ct_brief(e))
         else:
             be = node.backend(e.backend_id)
-            if be is not None:
+            if be is not None and proto == "UDP" and be.not_ready:
+                # lb4_flow_keeps_backend: a not-ready backend keeps its TCP flows only.
+                step("conntrack", f"tracked UDP flow, backend {e.backend_id} is not ready: balanced again",
+                     entry=_ct_brief(e))
+            elif be is not None:
                 step("conntrack", f"tracked flow ({', '.join(e.flag_names) or 'no flags'}, "
                      f"{e.age_s:.1f}s idle) pinned to backend {e.backend_id}", entry=_ct_brief(e))
                 return result("dnat", "conntrack", be, e.backend_id)
-            if proto == "TCP":
+            elif proto == "TCP":
                 step("conntrack", f"tracked flow, but backend {e.backend_id} was removed: reset",
                      entry=_ct_brief(e))
                 return result("reject", "backend_gone")
-            step("conntrack", f"tracked flow, backend {e.backend_id} removed: balanced again",
-                 entry=_ct_brief(e))
+            else:
+                step("conntrack", f"tracked flow, backend {e.backend_id} removed: balanced again",
+                     entry=_ct_brief(e))
 
     # 2. Frontend, in the scope of where the packet comes from.
     fe = node.frontend(dst, dport, proto, scope)
@@ -230,8 +236,8 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
             be = node.backend(a.backend_id)
             if be is None:
                 step("affinity", f"ClientIP: backend {a.backend_id} of the fresh entry is gone")
-            elif be.terminating:
-                step("affinity", f"ClientIP: backend {a.backend_id} is terminating: affinity ignored")
+            elif not be.takes_new_flows:
+                step("affinity", f"ClientIP: backend {a.backend_id} is {be.state}: affinity ignored")
             else:
                 step("affinity", f"ClientIP: fresh entry ({a.age_s:.1f}s < {fe.affinity_timeout}s) "
                      f"-> backend {a.backend_id}")
@@ -256,11 +262,11 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         ident = table[slot]
         be = node.backend(ident)
         if be is not None:
-            if not be.terminating:
+            if be.takes_new_flows:
                 step("maglev", f"hash {h:#010x} % {fe.maglev_size} = slot {slot} -> backend {ident}"
-                     + (f" (after {i} terminating)" if i else ""), slot=slot, hash=h)
+                     + (f" (after {i} terminating or not ready)" if i else ""), slot=slot, hash=h)
                 return result("dnat", "maglev", be, ident)
-            if fallback is None:
+            if fallback is None and not be.not_ready:
                 fallback = (ident, be)
         slot = 0 if slot + 1 == fe.maglev_size else slot + 1
     if fallback is not None:
@@ -309,10 +315,8 @@ def drift(desired, node: NodeMaps, fes: list[Frontend] | None = None,
             problems.append(f"local-only {bool(got.flags & abi.LB_SVC_F_LOCAL_ONLY)}, want {fe.local_only}")
         if got.kind != fe.kind.value:
             problems.append(f"kind {got.kind}, want {fe.kind.value}")
-        # The table holds the serving backends, or every backend when all are terminating.
         unique = {b.name: b for b in fe.backends}
-        serving = [b for b in unique.values() if not b.terminating]
-        want = {b.name for b in (serving or unique.values())}
+        want = {b.name for b in table_backends(unique.values())}
         table_ids = set(node.maglev_table(got)) if got.maglev_size else set()
         have_names = {backends[i].name if i in backends else f"<missing id {i}>" for i in table_ids}
         if have_names != want:

@@ -11,7 +11,10 @@ The model is kube-proxy's CategorizeEndpoints (pkg/proxy/topology.go):
 - when a set is empty, endpoints that are serving but terminating fill it, so connections
   drain to Pods that are shutting down instead of failing outright (KEP-1669);
 - otherwise those endpoints are the set's `draining` ones: no new connections, but their
-  established ones carry on (kube-proxy leaves their conntrack entries alone).
+  established ones carry on (kube-proxy leaves their conntrack entries alone);
+- endpoints that are not ready (a failing readiness probe, or terminating and no longer
+  serving) are the set's `not_ready` ones: never a new connection, but kube-proxy leaves
+  their TCP conntrack entries alone too, so a readiness blip does not cut every connection.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class EndpointSet:
     # Serving+terminating endpoints left out of `endpoints` because ready ones exist: they get
     # no new connections, but their established ones must go on until the pod is gone.
     draining: tuple[Endpoint, ...] = ()
+    # Present but not ready (and not draining): their established TCP connections carry on.
+    not_ready: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,19 +53,22 @@ def categorize_endpoints(endpoints: Iterable[Endpoint], *, node_name: str, zone:
 
     use_hints = topology_aware and _can_use_hints([ep for ep in endpoints if ready(ep)], zone)
     cluster = _select(endpoints, lambda ep: ready(ep) and (not use_hints or zone in ep.zone_hints),
-                      lambda ep: True)
+                      lambda ep: True, ready)
     local = _select(endpoints, lambda ep: ready(ep) and ep.node_name == node_name,
-                    lambda ep: ep.node_name == node_name)
+                    lambda ep: ep.node_name == node_name, ready)
     return CategorizedEndpoints(cluster, local, use_hints)
 
 
 def _select(endpoints: tuple[Endpoint, ...], usable: Callable[[Endpoint], bool],
-            where: Callable[[Endpoint], bool]) -> EndpointSet:
+            where: Callable[[Endpoint], bool], ready: Callable[[Endpoint], bool]) -> EndpointSet:
     chosen = tuple(ep for ep in endpoints if usable(ep))
     draining = tuple(ep for ep in endpoints if ep.serving and ep.terminating and where(ep))
+    not_ready = tuple(ep for ep in endpoints
+                      if not ready(ep) and not (ep.serving and ep.terminating) and where(ep))
     if chosen:
-        return EndpointSet(chosen, draining=tuple(ep for ep in draining if ep not in chosen))
-    return EndpointSet(draining, terminating=bool(draining))
+        return EndpointSet(chosen, draining=tuple(ep for ep in draining if ep not in chosen),
+                           not_ready=not_ready)
+    return EndpointSet(draining, terminating=bool(draining), not_ready=not_ready)
 
 
 def _can_use_hints(usable: list[Endpoint], zone: str) -> bool:

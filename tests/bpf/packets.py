@@ -109,15 +109,16 @@ def check(dp, case: Case):
 def expected_backend(fe: Frontend, client: str, sport: int) -> str:
     """The backend address a new flow gets by Maglev, predicted in Python.
 
-    Mirrors the writer (table over non-terminating backends, sorted by name)
+    Mirrors the writer (table over lbmodel.table_backends, sorted by name)
     and the datapath (slot = flow hash % table size), so a fixture can name its
     expected output packet exactly.
     """
     from ebpfsvc import maglev
     from ebpfsvc.datapath.flowhash import flow_hash
 
-    usable = [b for b in fe.backends if not b.terminating] or list(fe.backends)
-    usable = sorted(set(usable), key=lambda b: b.name)
+    from ebpfsvc.lbmodel import table_backends
+
+    usable = sorted(set(table_backends(fe.backends)), key=lambda b: b.name)
     size = maglev.table_size(len(usable))
     table = maglev.build_table([b.name for b in usable], size)
     slot = flow_hash(client, str(fe.key.address), sport, fe.key.port, fe.key.protocol.number) % size

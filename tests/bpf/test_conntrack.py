@@ -1,6 +1,7 @@
 """Conntrack: an established flow keeps its backend whatever the tables say
 now; removed backends reset TCP and re-balance UDP; lifetimes follow TCP state;
-terminating backends keep their flows but get no new ones."""
+terminating backends keep their flows but get no new ones; not-ready backends
+keep their TCP flows, lose their UDP ones, and are never a fallback."""
 
 from __future__ import annotations
 
@@ -83,13 +84,20 @@ def test_removed_backend_resets_tcp(datapath, writer):
     assert flows[abi.CT_DIR_FORWARD] == [] and flows[abi.CT_DIR_REPLY] == [], "both CT entries deleted"
 
 
-def test_removed_backend_rebalances_udp(datapath, writer):
+def udp_flow_to_one_of_three(datapath, writer):
+    """A DNS-like Service with three UDP backends and one flow (client port 5000) through it:
+    (the backends, the address of the one the flow reached)."""
     B = [be(a, 5353, Protocol.UDP) for a in (BACKEND1, BACKEND2, BACKEND3)]
     dns3 = frontend(VIP, 53, B, proto=Protocol.UDP, name="dns")
     writer.apply(state(dns3))
     b = expected_backend(dns3, CLIENT, 5000)
     check(datapath, Case("first datagram", "from_pod", from_pod(udp(CLIENT, VIP, 5000, 53)), OK,
                          from_pod(udp(CLIENT, b, 5000, 5353))))
+    return B, b
+
+
+def test_removed_backend_rebalances_udp(datapath, writer):
+    B, b = udp_flow_to_one_of_three(datapath, writer)
     dns2 = frontend(VIP, 53, [x for x in B if str(x.address) != b], proto=Protocol.UDP, name="dns")
     writer.apply(state(dns2))
     nb = expected_backend(dns2, CLIENT, 5000)
@@ -170,3 +178,55 @@ def test_all_terminating_backends_are_used(datapath, writer):
     b = expected_backend(only, CLIENT, 40000)
     check(datapath, Case("new flow to a terminating backend", "from_pod",
                          *flow(dnat(CLIENT, b, 40000, "S", seq=1, ack=0))))
+
+
+def test_not_ready_backend_keeps_tcp_flows_gets_no_new_ones(datapath, writer):
+    """A readiness blip (kube-proxy keeps the TCP conntrack of a not-ready endpoint): the
+    established connection carries on, new ones go elsewhere, affinity does not apply."""
+    writer.apply(state(WEB3))
+    sport = next(p for p in range(40000, 42000) if expected_backend(WEB3, CLIENT, p) == BACKEND1)
+    check(datapath, Case("flow to backend 1", "from_pod", *flow(dnat(CLIENT, BACKEND1, sport, "S", seq=1, ack=0))))
+    blip = frontend(VIP, 80, [be(BACKEND1, not_ready=True), B2, B3])
+    writer.apply(state(blip))
+    assert datapath.maps["lb4_backends"][datapath.maps["lb4_backends"].Key(
+        writer.backend_id(B1))].flags & abi.LB_BE_F_NOT_READY
+    check(datapath, Case("its TCP flow continues to the not-ready backend", "from_pod",
+                         *flow(dnat(CLIENT, BACKEND1, sport))))
+    check(datapath, Case("and its replies are reverse-NATed", "to_pod",
+                         to_pod(tcp(BACKEND1, CLIENT, 8080, sport, "A", seq=7001, ack=1001)), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, sport, "A", seq=7001, ack=1001))))
+    for p in range(41000, 41040):
+        res_b = expected_backend(blip, CLIENT, p)
+        assert res_b != BACKEND1
+        check(datapath, Case("new flow avoids it", "from_pod", *flow(dnat(CLIENT, res_b, p, "S", seq=1, ack=0))))
+    assert stats.drops(datapath.maps)["backend_gone"] == 0
+
+
+def test_udp_flow_to_not_ready_backend_moves_on(datapath, writer):
+    """kube-proxy clears a not-ready endpoint's UDP conntrack: the next datagram is balanced again."""
+    B, b = udp_flow_to_one_of_three(datapath, writer)
+    blip = frontend(VIP, 53, [be(x.address, 5353, Protocol.UDP, not_ready=str(x.address) == b) for x in B],
+                    proto=Protocol.UDP, name="dns")
+    writer.apply(state(blip))
+    nb = expected_backend(blip, CLIENT, 5000)
+    assert nb != b
+    check(datapath, Case("next datagram goes to a ready backend", "from_pod",
+                         from_pod(udp(CLIENT, VIP, 5000, 53)), OK, from_pod(udp(CLIENT, nb, 5000, 5353))))
+    flows = ct_flows(datapath)
+    assert [e.backend_id for _, e in flows[abi.CT_DIR_FORWARD]] == [writer.backend_id(be(nb, 5353, Protocol.UDP))]
+
+
+def test_only_not_ready_backends_reject_new_flows_keep_tcp_ones(datapath, writer):
+    """No ready endpoint and no serving-terminating one: not-ready endpoints are never a
+    fallback, so a new connection is refused at once, while the established one goes on."""
+    writer.apply(state(WEB2))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    check(datapath, Case("SYN", "from_pod", *flow(dnat(CLIENT, b, 40000, "S", seq=1000, ack=0))))
+    down = frontend(VIP, 80, [be(BACKEND1, not_ready=True), be(BACKEND2, not_ready=True)])
+    writer.apply(state(down))
+    check(datapath, Case("established flow carries on", "from_pod", *flow(dnat(CLIENT, b, 40000))))
+    reset = to_pod(IP(src=VIP, dst=CLIENT, id=0, ttl=64) /
+                   TCP(sport=80, dport=40001, flags="RA", seq=0, ack=1001, window=0))
+    check(datapath, Case("new SYN: RST from the VIP", "from_pod",
+                         from_pod(tcp(CLIENT, VIP, 40001, 80, "S", seq=1000)), REDIRECT, reset))
+    assert stats.drops(datapath.maps)["no_backend"] == 1

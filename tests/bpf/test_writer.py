@@ -100,6 +100,23 @@ def test_endpoint_turning_terminating(datapath, writer):
     assert tid not in slots and v.backend_count == 2
 
 
+def test_endpoint_not_ready_in_every_service_using_it(datapath, writer):
+    """A backend is flagged not ready only when every frontend listing it says so: a Service with
+    publishNotReadyAddresses keeps using the same address:port as a ready backend."""
+    b = datapath.maps["lb4_backends"]
+    blip = be("198.18.2.1", not_ready=True)
+    writer.apply(state(frontend("198.19.0.1", 80, [blip, be("198.18.2.2")], name="web1"),
+                       frontend("198.19.0.2", 80, [be("198.18.2.1")], name="peers")))
+    tid = writer.backend_id(be("198.18.2.1"))
+    assert not b[b.Key(tid)].flags & abi.LB_BE_F_NOT_READY
+    v, slots = table_of(datapath, frontend("198.19.0.1", 80, [blip, be("198.18.2.2")], name="web1"))
+    assert tid not in slots and v.backend_count == 1          # web1 never balances to it
+
+    st = writer.apply(state(frontend("198.19.0.1", 80, [blip, be("198.18.2.2")], name="web1")))
+    assert st.backends_written == 1 and st.backends_deleted == 0
+    assert b[b.Key(tid)].flags & abi.LB_BE_F_NOT_READY
+
+
 def test_restart_renumbers_nothing_and_writes_nothing(datapath, writer, pin_dir):
     s = state(web(1, [1, 2]), web(2, [2, 3]), frontend(VIP, 53, [be("198.18.2.9", 53, Protocol.UDP)],
                                                        proto=Protocol.UDP, name="dns"))

@@ -17,6 +17,7 @@ from typing import Callable
 import pytest
 
 from ebpfsvc.lab import Lab, apps, names
+from ebpfsvc.lab.pods import READY_ANNOTATION
 
 from .helpers import (TcpStream, add_clients, bare_pod, cluster_ip, connect_outcome, service, udp_ask,
                       udp_socket, wait_for, wait_programmed, wait_ready)
@@ -221,6 +222,52 @@ def test_terminating_backend_keeps_its_connections_and_gets_no_new_ones(lab):
     finally:
         close_all(streams.values())
         lab.delete_object("pod", "term-2", grace=0)
+
+
+def test_not_ready_backend_keeps_its_connections_and_gets_no_new_ones(lab):
+    """A failing readiness probe (not terminating): the EndpointSlice says ready=false, and, as
+    with kube-proxy, the established TCP stream carries on while new connections avoid the pod
+    and its UDP flow moves on; once ready again, it gets new connections."""
+    tcp_pods = pods_of("blip", "tcp-echo", 7000, ["node-1", "node-2"])
+    udp_pods = pods_of("ublip", "udp-echo", 5353, ["node-1", "node-2"])
+    lab.apply(tcp_pods + udp_pods
+              + [service("blip", [{"port": 7000}], selector={"app": "blip"}),
+                 service("ublip", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
+                         selector={"app": "ublip"})])
+    wait_ready(lab, ["blip-1", "blip-2", "ublip-1", "ublip-2"])
+    wait_programmed(lab, "blip", 7000, backends=2)
+    wait_programmed(lab, "ublip", 53, backends=2, proto="UDP")
+    vip, uvip = cluster_ip(lab, "blip"), cluster_ip(lab, "ublip")
+    streams = streams_to_each(lab, vip, 7000, {"blip-1", "blip-2"})
+    flow = udp_socket(lab, CLIENT)
+    try:
+        wait_for(lambda: udp_ask(flow, uvip, 53), what="a UDP answer through the Service")
+        held = udp_ask(flow, uvip, 53)["pod"]                  # this 5-tuple's backend
+        other = "ublip-1" if held == "ublip-2" else "ublip-2"
+
+        def readiness(pods: list[dict], name: str, ready: str) -> list[dict]:
+            pod = next(p for p in pods if p["metadata"]["name"] == name)
+            pod["metadata"]["annotations"] = {READY_ANNOTATION: ready}
+            return [pod]
+
+        lab.apply(readiness(tcp_pods, "blip-2", "false") + readiness(udp_pods, held, "false"))
+        lab.wait_ready(["blip-2", held], ready=False)
+        wait_programmed(lab, "blip", 7000, backends=1)
+        wait_programmed(lab, "ublip", 53, backends=1, proto="UDP")
+
+        assert streams["blip-2"].ask("not ready") == "blip-2: not ready"
+        assert new_connections(lab, vip, 7000, 30) == {"blip-1"}
+        assert streams["blip-2"].ask("still open") == "blip-2: still open"
+        assert udp_ask(flow, uvip, 53)["pod"] == other       # UDP conntrack is not kept
+
+        lab.apply(readiness(tcp_pods, "blip-2", "true"))
+        lab.wait_ready(["blip-2"])
+        wait_programmed(lab, "blip", 7000, backends=2)
+        assert new_connections(lab, vip, 7000, 60) == {"blip-1", "blip-2"}   # missing one: < 1e-17
+        assert streams["blip-2"].ask("ready again") == "blip-2: ready again"
+    finally:
+        flow.close()
+        close_all(streams.values())
 
 
 def test_no_endpoints_left_refuses_at_once(lab):

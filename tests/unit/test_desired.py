@@ -51,11 +51,16 @@ def table(lb: LBState) -> dict[str, list[str]]:
     for key, fe in sorted(lb.frontends.items()):
         label = f"{key.address}:{key.port}/{key.protocol.value} {key.scope.name.lower()}"
         label += " local-only" if fe.local_only else ""
-        out[label] = [b.name + (" terminating" if b.terminating else "") for b in fe.backends]
+        out[label] = [b.name + (" terminating" if b.terminating else "") + (" not-ready" if b.not_ready else "")
+                      for b in fe.backends]
     return out
 
 
 BOTH_PY = ["198.18.1.30:443/TCP", "198.18.2.30:443/TCP"]
+TERMINATING_FALLBACK = ["198.18.1.80:8080/TCP terminating", "198.18.1.82:8080/TCP not-ready",
+                        "198.18.2.80:8080/TCP terminating", "198.18.2.81:8080/TCP not-ready"]
+DRAINING = ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating", "198.18.2.85:8080/TCP terminating",
+            "198.18.2.86:8080/TCP not-ready"]
 
 SCENARIOS = [
     # --- seed 000 §2.1: ClusterIP, endpoints merged from two slices
@@ -147,7 +152,8 @@ SCENARIOS = [
         "198.19.0.32:80/TCP internal": ["198.18.2.4:80/TCP"],
     }),
     ("hints: one usable endpoint without hints -> all", ("partial-hints.yaml",), NODE1, {
-        "198.19.1.1:80/TCP internal": ["198.18.1.60:8080/TCP", "198.18.2.60:8080/TCP"],
+        "198.19.1.1:80/TCP internal": ["198.18.1.60:8080/TCP", "198.18.2.60:8080/TCP",
+                                       "198.18.2.61:8080/TCP not-ready"],
     }),
     ("hints without the annotation are ignored", ("hints-ignored-without-annotation.yaml",), NODE1, {
         "198.19.1.2:80/TCP internal": ["198.18.1.62:8080/TCP", "198.18.2.62:8080/TCP"],
@@ -162,30 +168,29 @@ SCENARIOS = [
         "198.19.1.3:53/UDP internal local-only": [],
     }),
     # --- endpoint conditions: serving+terminating fallback, cluster-wide and per node
+    # (not ready, or terminating and not serving: listed only so their TCP connections carry on)
     ("terminating fallback on node-1", ("terminating.yaml",), NODE1, {
-        "198.18.0.11:30400/TCP external local-only": ["198.18.1.80:8080/TCP terminating"],
-        "198.18.0.11:30400/TCP internal": ["198.18.1.80:8080/TCP terminating", "198.18.2.80:8080/TCP terminating"],
-        "198.19.1.4:80/TCP internal": ["198.18.1.80:8080/TCP terminating", "198.18.2.80:8080/TCP terminating"],
+        "198.18.0.11:30400/TCP external local-only": ["198.18.1.80:8080/TCP terminating",
+                                                      "198.18.1.82:8080/TCP not-ready"],
+        "198.18.0.11:30400/TCP internal": TERMINATING_FALLBACK,
+        "198.19.1.4:80/TCP internal": TERMINATING_FALLBACK,
     }),
     ("terminating fallback on node-3", ("terminating.yaml",), NODE3, {
         "198.18.0.13:30400/TCP external local-only": [],
-        "198.18.0.13:30400/TCP internal": ["198.18.1.80:8080/TCP terminating", "198.18.2.80:8080/TCP terminating"],
-        "198.19.1.4:80/TCP internal": ["198.18.1.80:8080/TCP terminating", "198.18.2.80:8080/TCP terminating"],
+        "198.18.0.13:30400/TCP internal": TERMINATING_FALLBACK,
+        "198.19.1.4:80/TCP internal": TERMINATING_FALLBACK,
     }),
     # ready and serving+terminating endpoints together: the terminating ones drain (kept, marked)
     ("draining beside ready ones on node-1", ("draining.yaml",), NODE1, {
         "198.18.0.11:30410/TCP external local-only": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating"],
-        "198.18.0.11:30410/TCP internal": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating",
-                                           "198.18.2.85:8080/TCP terminating"],
-        "198.19.1.40:80/TCP internal": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating",
-                                        "198.18.2.85:8080/TCP terminating"],
+        "198.18.0.11:30410/TCP internal": DRAINING,
+        "198.19.1.40:80/TCP internal": DRAINING,
     }),
     ("draining beside ready ones on node-2", ("draining.yaml",), NODE2, {
-        "198.18.0.12:30410/TCP external local-only": ["198.18.2.85:8080/TCP terminating"],
-        "198.18.0.12:30410/TCP internal": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating",
-                                           "198.18.2.85:8080/TCP terminating"],
-        "198.19.1.40:80/TCP internal": ["198.18.1.85:8080/TCP", "198.18.1.86:8080/TCP terminating",
-                                        "198.18.2.85:8080/TCP terminating"],
+        "198.18.0.12:30410/TCP external local-only": ["198.18.2.85:8080/TCP terminating",
+                                                      "198.18.2.86:8080/TCP not-ready"],
+        "198.18.0.12:30410/TCP internal": DRAINING,
+        "198.19.1.40:80/TCP internal": DRAINING,
     }),
     ("publishNotReadyAddresses", ("publish-not-ready.yaml",), NODE1, {
         "198.19.1.5:7946/TCP internal": ["198.18.1.90:7946/TCP", "198.18.2.90:7946/TCP"],
