@@ -49,8 +49,14 @@
 #endif
 
 /* ---- North-south SNAT source ports (externalTrafficPolicy Cluster, remote
- * backend): above the kernel's default ephemeral range (32768-60999), so a
- * node process's own connection never shares a tuple with a SNATed flow. ---- */
+ * backend). A TCP flow keeps the client's port when it is at least
+ * SNAT_KEEP_PORT_MIN and no flow or node socket to the same backend holds it
+ * (bpf/lib/nodeport.h np4_snat_alloc says why); otherwise it gets a port of
+ * SNAT_PORT_MIN..MAX, above the kernel's default ephemeral range (32768-60999),
+ * so a node process's own connection never shares a tuple with it. ---- */
+#ifndef SNAT_KEEP_PORT_MIN
+#define SNAT_KEEP_PORT_MIN 1024
+#endif
 #ifndef SNAT_PORT_MIN
 #define SNAT_PORT_MIN 61000
 #endif

@@ -85,40 +85,86 @@ static __always_inline void np4_snat_reply_key(struct ct4_key *k, const struct c
 }
 
 /*
- * Give a new flow to backend `e` a source port on NODE_SNAT_ADDR that no live
- * flow to the same backend address:port holds: start at a hash of the client's
- * tuple, probe linearly. A port is claimed by inserting the reply half of
- * lb4_snat with BPF_NOEXIST (atomic: two CPUs never get the same port); a port
- * whose flow's conntrack entry has expired is taken back. On success `rk` is
- * the flow's reply key and `nat` its SNAT address and port.
+ * Claim SNAT port `nat->port` for flow `e` (client `client`): insert the reply
+ * half of lb4_snat with BPF_NOEXIST (atomic: two CPUs never get the same port),
+ * or take the port back from a flow that is over (expired, or closed by FIN
+ * both ways or RST and only waiting out its stragglers), still first come
+ * first served. Waiting for closed flows to expire would cap a busy NodePort at
+ * ports / CT_TIMEOUT_TCP_CLOSE_S new connections per second per backend. On
+ * success (0) `rk` is the flow's reply key.
  */
-static __always_inline int np4_snat_alloc(const struct lb4_pkt *p, const struct ct4_entry *e,
+static __always_inline int np4_snat_claim(const struct ct4_entry *e, struct ct4_key *rk,
+					  const struct snat4_entry *nat, struct snat4_entry *client,
+					  __u8 proto, __u64 now)
+{
+	struct ct4_entry *held;
+
+	np4_snat_reply_key(rk, e, nat, proto);
+	if (!lb4_snat.insert(rk, client))
+		return 0;
+	held = ct4_lookup(rk, now);
+	if (held && !ct4_closing(held->flags))
+		return -1;
+	lb4_snat.delete(rk);
+	return lb4_snat.insert(rk, client) ? -1 : 0;
+}
+
+/*
+ * May a TCP flow to backend `e` keep the client's source port on the node
+ * address? Only if no socket of the node itself is connected to the backend
+ * from that port (a listener does not count: the flow's replies are ours before
+ * the stack sees them).
+ */
+static __always_inline int np4_snat_port_is_free(void *ctx, const struct ct4_entry *e, __be16 port)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	int free;
+
+	t.ipv4.saddr = e->backend_addr;         /* as the backend's replies arrive */
+	t.ipv4.daddr = NODE_SNAT_ADDR;
+	t.ipv4.sport = e->backend_port;
+	t.ipv4.dport = port;
+	sk = bpf_skc_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 1;
+	free = sk->state == BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return free;
+}
+
+/*
+ * Give a new flow to backend `e` a source port on NODE_SNAT_ADDR that no live
+ * flow to the same backend address:port holds. A TCP flow first tries the
+ * client's own port, as Linux NAT does: the backend then sees one client
+ * connection per (node address, port), so when the backend closes first and
+ * keeps TIME_WAIT, the client's next connection from that port carries that
+ * connection's own timestamp clock (Linux offsets TCP timestamps per 4-tuple)
+ * and is accepted; a port from a shared range meets TIME_WAIT sockets left by
+ * other client ports, whose timestamps are unrelated, and PAWS drops about half
+ * of those SYNs. Otherwise (and for UDP/SCTP) a port of SNAT_PORT_MIN..MAX:
+ * start at a hash of the client's tuple, probe linearly. On success `rk` is the
+ * flow's reply key and `nat` its SNAT address and port.
+ */
+static __always_inline int np4_snat_alloc(void *ctx, const struct lb4_pkt *p, const struct ct4_entry *e,
 					  struct ct4_key *rk, struct snat4_entry *nat, __u64 now)
 {
 	struct snat4_entry client = { .address = p->saddr, .port = p->sport };
 	__u32 off = lb4_flow_hash(p) % NP4_SNAT_PORTS;
-	struct ct4_entry *held;
 	int i;
 
 	nat->address = NODE_SNAT_ADDR;
 	nat->pad0 = 0;
+	nat->port = p->sport;
+	if (p->proto == IPPROTO_TCP && lb_ntohs(p->sport) >= SNAT_KEEP_PORT_MIN &&
+	    np4_snat_port_is_free(ctx, e, p->sport) &&
+	    !np4_snat_claim(e, rk, nat, &client, p->proto, now))
+		return 0;
 #pragma unroll
 	for (i = 0; i < SNAT_PORT_PROBES; i++) {
 		nat->port = lb_htons(SNAT_PORT_MIN + off);
-		np4_snat_reply_key(rk, e, nat, p->proto);
-		if (!lb4_snat.insert(rk, &client))
+		if (!np4_snat_claim(e, rk, nat, &client, p->proto, now))
 			return 0;
-		held = ct4_lookup(rk, now);
-		if (!held || ct4_closing(held->flags)) {
-			/* Held by a flow that is over (expired, or closed by FIN both ways or RST and
-			 * only waiting out its stragglers): reclaim it, still first come first served.
-			 * Waiting for closed flows to expire would cap a busy NodePort at
-			 * ports / CT_TIMEOUT_TCP_CLOSE_S new connections per second per backend; the
-			 * backend's TIME_WAIT accepts the new SYN, as with Linux's own NAT. */
-			lb4_snat.delete(rk);
-			if (!lb4_snat.insert(rk, &client))
-				return 0;
-		}
 		off = off + 1 == NP4_SNAT_PORTS ? 0 : off + 1;
 	}
 	return -1;
@@ -129,15 +175,15 @@ static __always_inline int np4_snat_alloc(const struct lb4_pkt *p, const struct 
  * source port (np4_snat_alloc), both SNAT halves, both conntrack entries.
  * Fail closed, as ct4_create: 0, or the REASON_* to drop the packet with.
  */
-static __always_inline __u32 np4_snat_create(const struct lb4_pkt *p, struct ct4_key *fk, struct ct4_entry *e,
-					     struct snat4_entry *nat, __u64 now)
+static __always_inline __u32 np4_snat_create(void *ctx, const struct lb4_pkt *p, struct ct4_key *fk,
+					     struct ct4_entry *e, struct snat4_entry *nat, __u64 now)
 {
 	struct ct4_key rk;
 
 	if (!NODE_SNAT_ADDR)
 		return REASON_SNAT_EXHAUSTED;
 	e->flags |= CT_F_SNAT;
-	if (np4_snat_alloc(p, e, &rk, nat, now))
+	if (np4_snat_alloc(ctx, p, e, &rk, nat, now))
 		return REASON_SNAT_EXHAUSTED;
 	if (lb4_snat.update(fk, nat) || ct4.update(fk, e) || ct4.update(&rk, e)) {
 		ct4.delete(fk);
@@ -242,7 +288,7 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 		return np4_forward_xlate(skb, p, &e, 0);
 	}
 
-	ret = np4_snat_create(p, fk, &e, &nat, now);
+	ret = np4_snat_create(skb, p, fk, &e, &nat, now);
 	if (ret)
 		return lb_drop(ret);
 	lb4_affinity_update(svc, p->saddr, e.backend_id, now);

@@ -71,8 +71,14 @@ def be(addr, port=8080, proto=Protocol.TCP, local=False, **kw) -> Backend:
     return Backend(A(addr), port, proto, local=local, **kw)
 
 
-def snat_port(client: str, frontend: str, sport: int, dport: int, proto: int = 6, probe: int = 0) -> int:
-    """The SNAT source port the datapath gives a new flow (np4_snat_alloc, `probe` ports taken)."""
+def snat_port(client: str, frontend: str, sport: int, dport: int, proto: int = 6, probe: int | None = None) -> int:
+    """The SNAT source port the datapath gives a new flow (np4_snat_alloc). `probe` None: its
+    first choice, a TCP client's own port (from SNAT_KEEP_PORT_MIN) or else the range port its
+    hash names; `probe` k: the range port k past that hash (the ports before were taken)."""
+    if probe is None:
+        if proto == 6 and sport >= abi.SNAT_KEEP_PORT_MIN:
+            return sport
+        probe = 0
     n = abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN + 1
     return abi.SNAT_PORT_MIN + (flow_hash(client, frontend, sport, dport, proto) + probe) % n
 

@@ -113,25 +113,49 @@ def test_external_ip(uplink):
                  to_client(tcp(EXT_IP, CLIENT, 80, 40000, "SA")))
 
 
-def test_two_clients_never_share_a_snat_port(uplink):
+def test_a_tcp_flow_keeps_the_client_port_and_two_clients_never_share_it(uplink):
+    """The first client keeps its own source port (so the backend's TIME_WAIT for that port
+    belongs to this client's earlier connection, whose timestamps it continues); a second
+    client from the same port cannot have it and gets the range port its hash names."""
     uplink.writer.apply(state(REMOTE))
-    first = snat_port(CLIENT, NODE, 40000, 30080)
-    # A second client whose flow hashes to the same first SNAT port.
-    sport = next(p for p in range(1024, 65536) if snat_port(CLIENT2, NODE, p, 30080) == first)
-    uplink.check("first client takes the port its hash names", "from_uplink",
+    second = snat_port(CLIENT2, NODE, 40000, 30080, probe=0)
+    assert abi.SNAT_PORT_MIN <= second <= abi.SNAT_PORT_MAX
+    uplink.check("first client keeps port 40000", "from_uplink",
                  from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
-                 to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
-    second = snat_port(CLIENT2, NODE, sport, 30080, probe=1)
-    assert second != first
-    uplink.check("second client, same hash: the next free port", "from_uplink",
-                 from_client(tcp(CLIENT2, NODE, sport, 30080, "S"), mac=CLIENT2_MAC), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, 40000, 8080, "S")))
+    uplink.check("second client, same port: a port of the SNAT range", "from_uplink",
+                 from_client(tcp(CLIENT2, NODE, 40000, 30080, "S"), mac=CLIENT2_MAC), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, second, 8080, "S")))
     uplink.check("each reply finds its own client (first)", "from_uplink",
-                 from_node2(tcp(REMOTE_BE, NODE, 8080, first, "SA")), REDIRECT,
+                 from_node2(tcp(REMOTE_BE, NODE, 8080, 40000, "SA")), REDIRECT,
                  to_client(tcp(NODE, CLIENT, 30080, 40000, "SA")))
     uplink.check("each reply finds its own client (second)", "from_uplink",
                  from_node2(tcp(REMOTE_BE, NODE, 8080, second, "SA")), REDIRECT,
-                 to_client(tcp(NODE, CLIENT2, 30080, sport, "SA"), mac=CLIENT2_MAC))
+                 to_client(tcp(NODE, CLIENT2, 30080, 40000, "SA"), mac=CLIENT2_MAC))
+    uplink.check("a client port below SNAT_KEEP_PORT_MIN is never kept", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 1023, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, snat_port(CLIENT, NODE, 1023, 30080), 8080, "S")))
+
+
+def test_two_clients_never_share_a_range_port(uplink):
+    """Datagram flows take range ports by hash: two that hash alike get different ports."""
+    uplink.writer.apply(state(DNS))
+    first = snat_port(CLIENT, NODE, 5000, 30053, 17)
+    sport = next(p for p in range(1024, 65536) if snat_port(CLIENT2, NODE, p, 30053, 17) == first)
+    uplink.check("first client takes the port its hash names", "from_uplink",
+                 from_client(udp(CLIENT, NODE, 5000, 30053, b"q1")), REDIRECT,
+                 to_node2(udp(NODE, REMOTE_BE, first, 5353, b"q1")))
+    second = snat_port(CLIENT2, NODE, sport, 30053, 17, probe=1)
+    assert second != first
+    uplink.check("second client, same hash: the next free port", "from_uplink",
+                 from_client(udp(CLIENT2, NODE, sport, 30053, b"q2"), mac=CLIENT2_MAC), REDIRECT,
+                 to_node2(udp(NODE, REMOTE_BE, second, 5353, b"q2")))
+    uplink.check("each answer finds its own client (first)", "from_uplink",
+                 from_node2(udp(REMOTE_BE, NODE, 5353, first, b"a1")), REDIRECT,
+                 to_client(udp(NODE, CLIENT, 30053, 5000, b"a1")))
+    uplink.check("each answer finds its own client (second)", "from_uplink",
+                 from_node2(udp(REMOTE_BE, NODE, 5353, second, b"a2")), REDIRECT,
+                 to_client(udp(NODE, CLIENT2, 30053, sport, b"a2"), mac=CLIENT2_MAC))
 
 
 @pytest.mark.parametrize("close", ["reset by the backend", "FIN both ways"])
@@ -139,8 +163,8 @@ def test_a_closed_flows_snat_port_is_reused_at_once(uplink, close):
     """A busy NodePort must not wait CT_TIMEOUT_TCP_CLOSE_S for each closed flow's port."""
     uplink.writer.apply(state(REMOTE))
     first = snat_port(CLIENT, NODE, 40000, 30080)
-    sport = next(p for p in range(1024, 65536) if snat_port(CLIENT2, NODE, p, 30080) == first)
-    uplink.check("first client takes the port its hash names", "from_uplink",
+    sport = 40000                    # the second client wants the same port
+    uplink.check("first client keeps its port", "from_uplink",
                  from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
     uplink.check("SYN-ACK", "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, first, "SA")), REDIRECT,
@@ -154,7 +178,7 @@ def test_a_closed_flows_snat_port_is_reused_at_once(uplink, close):
                      to_node2(tcp(NODE, REMOTE_BE, first, 8080, "FA")))
         uplink.check("backend FIN", "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, first, "FA")), REDIRECT,
                      to_client(tcp(NODE, CLIENT, 30080, 40000, "FA")))
-    uplink.check("a second client hashing to that port gets it: the flow holding it is closed",
+    uplink.check("a second client from that port gets it: the flow holding it is closed",
                  "from_uplink", from_client(tcp(CLIENT2, NODE, sport, 30080, "S"), mac=CLIENT2_MAC), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
     uplink.check("and the reply on that port finds the second client", "from_uplink",

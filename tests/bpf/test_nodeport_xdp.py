@@ -71,13 +71,18 @@ def test_local_backend_dnat_then_kernel(uplink):
 
 def test_collision_same_as_tc(uplink):
     uplink.writer.apply(LBState.of([REMOTE]))
-    first = snat_port(CLIENT, NODE, 40000, 30080)
-    sport = next(p for p in range(1024, 65536) if snat_port(CLIENT2, NODE, p, 30080) == first)
-    uplink.check_xdp("first", from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), XDP_REDIRECT,
+    uplink.check_xdp("first client keeps its port", from_client(tcp(CLIENT, NODE, 40000, 30080, "S")),
+                     XDP_REDIRECT, to_node2(tcp(NODE, REMOTE_BE, 40000, 8080, "S")))
+    uplink.check_xdp("second client, same port: the range port its hash names",
+                     from_client(tcp(CLIENT2, NODE, 40000, 30080, "S"), mac=CLIENT2_MAC), XDP_REDIRECT,
+                     to_node2(tcp(NODE, REMOTE_BE, snat_port(CLIENT2, NODE, 40000, 30080, probe=0), 8080, "S")))
+    first = snat_port(CLIENT, NODE, 1000, 30080)          # below SNAT_KEEP_PORT_MIN: a range port
+    sport = next(p for p in range(1024, 65536) if snat_port(CLIENT2, NODE, p, 30080, probe=0) == first)
+    uplink.check_xdp("a range port by hash", from_client(tcp(CLIENT, NODE, 1000, 30080, "S")), XDP_REDIRECT,
                      to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
-    uplink.check_xdp("second client, same hash: next port",
+    uplink.check_xdp("a client holding that port itself keeps it: the hash is only the fallback",
                      from_client(tcp(CLIENT2, NODE, sport, 30080, "S"), mac=CLIENT2_MAC), XDP_REDIRECT,
-                     to_node2(tcp(NODE, REMOTE_BE, snat_port(CLIENT2, NODE, sport, 30080, probe=1), 8080, "S")))
+                     to_node2(tcp(NODE, REMOTE_BE, sport, 8080, "S")))
 
 
 def test_source_range_refused_at_xdp(uplink):

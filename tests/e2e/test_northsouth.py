@@ -29,13 +29,24 @@ def lab(shared_lab: Lab) -> Lab:
     return shared_lab
 
 
+# A node process's own connection to a backend, held open (bounded: 60 s).
+NODE_CONNECTION = """
+import socket, time
+s = socket.socket()
+s.bind(("{node}", {port}))
+s.connect(("{backend}", 8080))
+time.sleep(60)
+"""
+
+
 def echo(name: str, node: str, port: int = 8080) -> dict:
     return apps.pod(name, "http-echo", port, node=node, labels={"pod": name})
 
 
-def curl(lab: Lab, url: str, timeout: float = 3.0) -> dict | None:
+def curl(lab: Lab, url: str, timeout: float = 3.0, local_port: int | None = None) -> dict | None:
     """One HTTP GET from the external client (new connection); the http-echo answer, None if none."""
-    out = lab.external_exec("client", ["curl", "-sS", "--max-time", str(timeout), url], timeout=timeout + 10)
+    port = ["--local-port", str(local_port)] if local_port else []
+    out = lab.external_exec("client", ["curl", "-sS", "--max-time", str(timeout), *port, url], timeout=timeout + 10)
     if out.returncode != 0:
         return None
     return json.loads(out.stdout)
@@ -65,10 +76,10 @@ def test_nodeport_cluster_policy_through_every_node(lab):
     via_2 = wait_for(lambda: curl(lab, "http://198.18.0.12:30180/"), what="answer through node-2")
     assert via_2["pod"] == "np-c" and via_2["client"] == CLIENT and via_2["localPort"] == 8080
 
-    via_1 = wait_for(lambda: curl(lab, "http://198.18.0.11:30180/"), what="answer through node-1")
+    via_1 = wait_for(lambda: curl(lab, "http://198.18.0.11:30180/", local_port=42001), what="answer through node-1")
     assert via_1["pod"] == "np-c"
     assert via_1["client"] == NODES["node-1"]          # SNAT: the backend is on another node
-    assert 61000 <= via_1["clientPort"] <= 65535       # a SNAT port from the configured range
+    assert via_1["clientPort"] == 42001                # a free client port is kept, as Linux NAT does
 
     # Twenty connections through node-1: each its own SNAT port, all answered.
     ports = set()
@@ -77,6 +88,21 @@ def test_nodeport_cluster_policy_through_every_node(lab):
         assert answer is not None
         ports.add(answer["clientPort"])
     assert len(ports) == 20
+
+    # node-1 itself holds a connection to the backend from port 42002: a client coming from
+    # 42002 cannot keep it (the backend would see one tuple for two connections) and gets a
+    # port of the SNAT range instead.
+    holder = lab.node_popen("node-1", ["python3", "-c", NODE_CONNECTION.format(
+        node=NODES["node-1"], port=42002, backend=lab.pod_ip("np-c"))], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: lab.node_exec("node-1", ["ss", "-Hnt", "state", "established", "sport = :42002"]).stdout,
+                 what="node-1's own connection from port 42002")
+        answer = curl(lab, "http://198.18.0.11:30180/", local_port=42002)
+        assert answer is not None and answer["client"] == NODES["node-1"]
+        assert 61000 <= answer["clientPort"] <= 65535, answer
+    finally:
+        holder.kill()
+        holder.wait(timeout=5)
 
     # Other ports of the node address are not captured: nothing listens on 30181 -> refused by the node.
     out = lab.external_exec("client", ["curl", "-sS", "--max-time", "3", "http://198.18.0.11:30181/"])
