@@ -19,7 +19,7 @@ static __always_inline __u32 lb4_affinity_backend(const struct lb4_service *svc,
 	val = lb4_affinity.lookup(&key);
 	if (!val)
 		return 0;
-	if (now - val->last_used_ns >= (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC)
+	if (lb_age_ns(now, val->last_used_ns) >= (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC)
 		return 0;
 	return val->backend_id;
 }

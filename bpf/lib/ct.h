@@ -17,6 +17,23 @@
 
 #define LB_NSEC_PER_SEC 1000000000ULL
 
+/*
+ * Nanoseconds from `then` to `now`; 0 when `then` is later. A packet reads the
+ * clock, then finds an entry another CPU stamped a moment after that read (the
+ * other direction of the flow, or its next segment): an unsigned `now - then`
+ * would wrap to "ages ago", and a busy established flow would be taken for
+ * expired and started over mid-stream (seen: iperf3 through a SNATed NodePort
+ * reset within a second once packets were MTU-sized). The difference is taken
+ * modulo 2^64 and read as signed, so a stamp from before boot (the clock is
+ * CLOCK_MONOTONIC; tests age entries that way) is still that old.
+ */
+static __always_inline __u64 lb_age_ns(__u64 now, __u64 then)
+{
+	__s64 d = (__s64)(now - then);
+
+	return d > 0 ? (__u64)d : 0;
+}
+
 /* How stale last_seen_ns may get before a packet rewrites it. Lifetimes are
  * 10 s and more, so a second of slack costs nothing, and most packets then
  * leave the entry's cache line clean instead of bouncing it between CPUs. */
@@ -71,7 +88,7 @@ static __always_inline void ct4_key_forward_of(struct ct4_key *k, const struct c
 /* A packet was seen in this entry's direction. */
 static __always_inline void ct4_touch(struct ct4_entry *e, __u64 now)
 {
-	if (now - e->last_seen_ns > CT_REFRESH_NS)
+	if (lb_age_ns(now, e->last_seen_ns) > CT_REFRESH_NS)
 		e->last_seen_ns = now;
 }
 
@@ -94,7 +111,7 @@ static __always_inline __u64 ct4_lifetime_ns(__u8 proto, __u8 flags)
 
 static __always_inline int ct4_expired(const struct ct4_entry *e, __u8 proto, __u64 now)
 {
-	return now - e->last_seen_ns > ct4_lifetime_ns(proto, e->flags);
+	return lb_age_ns(now, e->last_seen_ns) > ct4_lifetime_ns(proto, e->flags);
 }
 
 /* Is a client packet the end of tracked flow `e`: the entry expired, or a

@@ -46,7 +46,7 @@ static __always_inline int frag4_lookup_ports(struct lb4_pkt *p)
 
 	frag4_key_of(&k, p);
 	ports = frag4.lookup(&k);
-	if (!ports || bpf_ktime_get_ns() - ports->first_seen_ns > FRAG_TIMEOUT_S * LB_NSEC_PER_SEC)
+	if (!ports || lb_age_ns(bpf_ktime_get_ns(), ports->first_seen_ns) > FRAG_TIMEOUT_S * LB_NSEC_PER_SEC)
 		return -1;
 	p->sport = ports->sport;
 	p->dport = ports->dport;

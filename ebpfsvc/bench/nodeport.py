@@ -93,7 +93,7 @@ def _wait_programmed(lab: Lab, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def _tx_checksum(netns: str, ifname: str, enable: bool) -> None:
+def tx_checksum(netns: str, ifname: str, enable: bool) -> None:
     """ethtool -K IFNAME tx on|off, inside `netns` (pyroute2's ethtool ioctls act on the caller's namespace)."""
     from pyroute2.ethtool import Ethtool
 
@@ -102,7 +102,7 @@ def _tx_checksum(netns: str, ifname: str, enable: bool) -> None:
         try:
             features = eth.get_features(ifname)
             for name, feature in features.features.items():
-                if name.startswith("tx-checksum"):
+                if name.startswith("tx-checksum") and feature.available:   # fixed ones refuse a change
                     feature.enable = enable
             eth.set_features(ifname, features)
         finally:
@@ -184,7 +184,7 @@ def measure(lab: Lab, seconds: float, conns: int, modes=MODES) -> dict:
         for mode in modes:
             if mode.endswith("-csum"):
                 for ns, ifname in senders:
-                    _tx_checksum(ns, ifname, False)
+                    tx_checksum(ns, ifname, False)
             ctx = XdpMode(lab) if mode.startswith("xdp") else None
             if ctx:
                 ctx.__enter__()

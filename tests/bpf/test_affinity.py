@@ -54,6 +54,16 @@ def test_affinity_within_timeout_is_refreshed_by_new_flows(datapath, writer):
     check(datapath, syn(CLIENT, p2, first))              # fresh again thanks to the refresh
 
 
+def test_affinity_stamped_after_the_packet_read_the_clock_is_fresh(datapath, writer):
+    """Another CPU may use the entry between this packet's clock read and its lookup: a stamp
+    a little in the future is fresh, not (by an unsigned wrap) ages old."""
+    writer.apply(state(STICKY))
+    first = expected_backend(STICKY, CLIENT, 40000)
+    check(datapath, syn(CLIENT, 40000, first))
+    age(datapath, "lb4_affinity", "last_used_ns", -5)
+    check(datapath, syn(CLIENT, _port_hashing_elsewhere(STICKY, CLIENT, first), first))
+
+
 def test_no_affinity_without_the_flag(datapath, writer):
     plain = frontend(VIP, 80, [be(BACKEND1), be(BACKEND2), be(BACKEND3)])
     writer.apply(state(plain))

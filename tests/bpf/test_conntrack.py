@@ -157,6 +157,23 @@ def test_syn_reusing_a_closed_flow_starts_a_new_one(datapath, writer):
     assert not fwd.flags & abi.CT_F_SEEN_RST and fwd.last_seen_ns >= before
 
 
+def test_an_entry_stamped_after_the_packet_read_the_clock_is_fresh(datapath, writer):
+    """Another CPU may refresh a flow's entry between this packet's clock read and its lookup.
+    That entry is fresh: an unsigned `now - last_seen` wrapped to ages ago and restarted busy
+    flows mid-stream (a random-algorithm flow would even have moved to another backend)."""
+    writer.apply(state(WEB2))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    check(datapath, Case("SYN", "from_pod", *flow(dnat(CLIENT, b, 40000, "S", seq=1000, ack=0))))
+    check(datapath, Case("SYN-ACK", "to_pod", to_pod(tcp(b, CLIENT, 8080, 40000, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "SA"))))
+    assert age(datapath, "ct4", "last_seen_ns", -5) == 2            # stamped 5 s "later"
+    stamped = ct_flows(datapath)[abi.CT_DIR_FORWARD][0][1].last_seen_ns
+    check(datapath, Case("next segment", "from_pod", *flow(dnat(CLIENT, b, 40000))))
+    fwd = ct_flows(datapath)[abi.CT_DIR_FORWARD][0][1]
+    assert fwd.flags & abi.CT_F_SEEN_SYN and fwd.flags & abi.CT_F_ESTABLISHED, "the flow was not started over"
+    assert fwd.last_seen_ns == stamped
+
+
 def test_terminating_backend_keeps_flows_gets_no_new_ones(datapath, writer):
     writer.apply(state(WEB3))
     sport = next(p for p in range(40000, 42000) if expected_backend(WEB3, CLIENT, p) == BACKEND1)

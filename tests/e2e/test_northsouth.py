@@ -178,17 +178,31 @@ def _iperf3(lab: Lab, pod: str, target: str, port: int, seconds: int = 3) -> dic
         server.wait(timeout=5)
 
 
-@pytest.mark.parametrize("node", ["node-1", "node-2"], ids=["snat", "local"])
-def test_iperf3_through_nodeport(lab, node):
-    """A long transfer through NodePort: node-1 SNATs to node-2's pod, node-2 delivers locally."""
-    name = f"perf-{node}"
+@pytest.mark.parametrize("node,full_checksums", [("node-1", False), ("node-2", False), ("node-1", True)],
+                         ids=["snat", "local", "snat-full-checksums"])
+def test_iperf3_through_nodeport(lab, node, full_checksums):
+    """A long transfer through NodePort: node-1 SNATs to node-2's pod, node-2 delivers locally.
+    With checksum offload off (as from a real NIC: full checksums, no TSO) the packets are
+    MTU-sized and both CPUs handle the flow at once, which once restarted it mid-stream."""
+    from ebpfsvc.bench.nodeport import tx_checksum
+
+    name = f"perf-{node}" + ("-csum" if full_checksums else "")
+    port = 30201 + int(node[-1]) + (30 if full_checksums else 0)
     lab.apply([apps.pod(name, "http-echo", 8080, node="node-2", labels={"pod": name}),
-               service(name, [{"port": 5201, "targetPort": 5201, "nodePort": 30201 + int(node[-1])}],
+               service(name, [{"port": 5201, "targetPort": 5201, "nodePort": port}],
                        selector={"pod": name}, type="NodePort")])
     wait_ready(lab, [name])
-    port = 30201 + int(node[-1])
     wait_external(lab, node, NODES[node], port, backends=1)
-    result = _iperf3(lab, name, NODES[node], port)
+    senders = [lab.external_netns("client"), lab.pod_netns(name)]
+    try:
+        if full_checksums:
+            for netns in senders:
+                tx_checksum(netns, "eth0", False)
+        result = _iperf3(lab, name, NODES[node], port)
+    finally:
+        if full_checksums:
+            for netns in senders:
+                tx_checksum(netns, "eth0", True)
     assert "error" not in result, result["error"]
     assert len(result["failed_attempts"]) <= 1, result["failed_attempts"]
     received = result["end"]["sum_received"]
