@@ -129,7 +129,8 @@
 #define REASON_REJECT_FAILED     7  /* could not build the RST / ICMP reject: dropped instead */
 #define REASON_SNAT_EXHAUSTED    8  /* no free SNAT source port for this backend: dropped */
 #define REASON_FIB_LOOKUP        9  /* no route / neighbour towards a SNATed flow's next hop */
-#define REASON_MAX               10
+#define REASON_TTL_EXCEEDED     10  /* a packet we forward ourselves arrived with TTL 1: not forwarded */
+#define REASON_MAX               11
 
 /* Frontend: what a packet's destination is matched against. */
 struct lb4_key {

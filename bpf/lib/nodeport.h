@@ -45,15 +45,44 @@ static long (*np4_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 f
 	(void *)BPF_FUNC_redirect_neigh;
 
 /*
+ * The hop a router owes a packet it forwards, which bpf_redirect skips
+ * (the kernel's ip_forward would do it): a packet that arrived with TTL 1 is not
+ * forwarded, so routing loops end (the kernel would also answer "time
+ * exceeded"; we drop and count), and the rest leave with TTL - 1, the header
+ * checksum adjusted for the TTL/protocol word. 0, or the REASON_* to drop with.
+ */
+static __always_inline __u32 np4_hop(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	__u8 ttl;
+
+	if (bpf_skb_load_bytes(skb, p->l3_off + IP_TTL_OFF, &ttl, 1))
+		return REASON_MALFORMED;
+	if (ttl <= 1)
+		return REASON_TTL_EXCEEDED;
+	if (bpf_l3_csum_replace(skb, p->l3_off + IP_CSUM_OFF, lb_htons(ttl << 8), lb_htons((ttl - 1) << 8), 2))
+		return REASON_MALFORMED;
+	ttl--;
+	if (bpf_skb_store_bytes(skb, p->l3_off + IP_TTL_OFF, &ttl, 1, 0))
+		return REASON_MALFORMED;
+	return 0;
+}
+
+/*
  * Send a translated packet straight to its next hop: FIB lookup for the
  * egress interface and MACs; when the neighbour is not resolved yet, let the
  * kernel resolve it (bpf_redirect_neigh). Used where the kernel's forwarding
- * would refuse the packet (its source is a node address) or route it wrong.
+ * would refuse the packet (its source is a node address) or route it wrong;
+ * so the hop (np4_hop) is ours too.
  */
 static __always_inline int np4_redirect(struct __sk_buff *skb, const struct lb4_pkt *p)
 {
 	struct bpf_fib_lookup fib = {};
+	__u32 reason;
 	int rc;
+
+	reason = np4_hop(skb, p);
+	if (reason)
+		return lb_drop(reason);
 
 	fib.family = AF_INET;
 	fib.l4_protocol = p->proto;

@@ -172,14 +172,35 @@ static __always_inline int np4_xdp_fib(struct xdp_md *ctx, const struct lb4_pkt 
 }
 
 /* Send a rewritten frame to the FIB's next hop: back out (XDP_TX) or to another device. */
+/* Will forwarding this packet ourselves need a hop it has no TTL left for?
+ * Asked before anything is rewritten, so TC gets the packet as it came and
+ * drops and counts it there (np4_hop). */
+static __always_inline int np4_xdp_ttl_spent(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+
+	return (void *)(iph + 1) > data_end || iph->ttl <= 1;
+}
+
+/* Out towards `fib`'s next hop, with the hop a router owes the packet: TTL - 1
+ * (np4_xdp_ttl_spent said there is one left) and the header checksum adjusted
+ * for it, as the kernel's ip_decrease_ttl does. */
 static __always_inline int np4_xdp_tx(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
+	struct iphdr *iph = data + ETH_HLEN;
+	__u32 check;
 
-	if ((void *)(eth + 1) > data_end)
+	if ((void *)(iph + 1) > data_end)
 		return XDP_DROP;
+	check = iph->check;
+	check += lb_htons(0x0100);
+	iph->check = (__u16)(check + (check >= 0xFFFF));
+	iph->ttl--;
 	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
 	if (fib->ifindex == ctx->ingress_ifindex)
@@ -196,8 +217,9 @@ static __always_inline int np4_xdp_forward(struct xdp_md *ctx, struct lb4_pkt *p
 	__be32 saddr = nat ? nat->address : p->saddr;
 	__be16 sport = nat ? nat->port : p->sport;
 
-	if (nat && np4_xdp_fib(ctx, p, &fib, saddr, e->backend_addr, sport, e->backend_port) !=
-		   BPF_FIB_LKUP_RET_SUCCESS)
+	if (nat && (np4_xdp_ttl_spent(ctx) ||
+		    np4_xdp_fib(ctx, p, &fib, saddr, e->backend_addr, sport, e->backend_port) !=
+		    BPF_FIB_LKUP_RET_SUCCESS))
 		return XDP_PASS;
 	if (np4_xdp_rewrite(ctx, p, saddr, e->backend_addr, sport, e->backend_port))
 		return XDP_PASS;
@@ -244,7 +266,7 @@ static __always_inline int np4_xdp_snat_reply(struct xdp_md *ctx, struct lb4_pkt
 	struct snat4_entry *client = lb4_snat.lookup(rk);
 	__u32 bytes = ctx->data_end - ctx->data;
 
-	if (!client)
+	if (!client || np4_xdp_ttl_spent(ctx))
 		return XDP_PASS;
 	if (np4_xdp_fib(ctx, p, &fib, e->frontend_addr, client->address, e->frontend_port, client->port) !=
 	    BPF_FIB_LKUP_RET_SUCCESS)

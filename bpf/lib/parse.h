@@ -49,6 +49,7 @@
 #define LB_TCP_ACK 0x10
 
 /* Offsets of the fields we rewrite, relative to the L3 / L4 header. */
+#define IP_TTL_OFF   8
 #define IP_CSUM_OFF  10
 #define IP_SADDR_OFF 12
 #define IP_DADDR_OFF 16

@@ -21,6 +21,7 @@ import ipaddress
 
 import pytest
 from pyroute2 import IPRoute, netns
+from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
@@ -87,8 +88,21 @@ def from_client(l3: Packet, mac: str = CLIENT_MAC) -> Packet:
     return Ether(src=mac, dst=NODE_MAC) / l3
 
 
+def hop(l3: Packet) -> Packet:
+    """`l3` after a router's hop: TTL - 1 (scapy recomputes the header checksum)."""
+    out = l3.copy()
+    out[IP].ttl -= 1
+    del out[IP].chksum
+    return out
+
+
 def to_client(l3: Packet, mac: str = CLIENT_MAC) -> Packet:
     return Ether(src=NODE_MAC, dst=mac) / l3
+
+
+def forwarded_to_client(l3: Packet, mac: str = CLIENT_MAC) -> Packet:
+    """A packet we forward to the client ourselves (np4_redirect / XDP_TX): one hop less."""
+    return to_client(hop(l3), mac)
 
 
 def from_node2(l3: Packet) -> Packet:
@@ -96,7 +110,8 @@ def from_node2(l3: Packet) -> Packet:
 
 
 def to_node2(l3: Packet) -> Packet:
-    return Ether(src=NODE_MAC, dst=NODE2_MAC) / l3
+    """A packet we forward to node-2 ourselves (np4_redirect / XDP_TX): one hop less."""
+    return Ether(src=NODE_MAC, dst=NODE2_MAC) / hop(l3)
 
 
 def build_netns(name: str) -> None:

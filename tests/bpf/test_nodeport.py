@@ -18,7 +18,7 @@ from ebpfsvc.lbmodel import FrontendKind, LBState, Protocol
 
 from .northsouth import (
     CLIENT, CLIENT2, CLIENT2_MAC, EXT_IP, LOCAL_BE, LOCAL_BE2, NODE, NODE2, OK, REDIRECT, REMOTE_BE, SHOT,
-    be, ext_frontend, from_client, from_node2, snat_port, to_client, to_node2,
+    be, ext_frontend, forwarded_to_client, from_client, from_node2, snat_port, to_client, to_node2,
 )
 from .packets import expected_backend, tcp, udp
 
@@ -46,7 +46,7 @@ def test_nodeport_remote_backend_is_snated_and_the_reply_reversed(uplink):
                  to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
     uplink.check("SYN-ACK from the backend to the SNAT port: back to the client from NodeIP:nodePort",
                  "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), REDIRECT,
-                 to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
+                 forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
     payload = b"GET / HTTP/1.1\r\n\r\n"
     uplink.check("a later segment keeps its SNAT port and backend", "from_uplink",
                  from_client(tcp(CLIENT, NODE, 40000, 30080, "PA", seq=1001, ack=7001, payload=payload)), REDIRECT,
@@ -62,7 +62,7 @@ def test_nodeport_udp_snat(uplink):
                  from_client(udp(CLIENT, NODE, 5000, 30053, b"query")), REDIRECT,
                  to_node2(udp(NODE, REMOTE_BE, port, 5353, b"query")))
     uplink.check("UDP answer", "from_uplink", from_node2(udp(REMOTE_BE, NODE, 5353, port, b"answer")), REDIRECT,
-                 to_client(udp(NODE, CLIENT, 30053, 5000, b"answer")))
+                 forwarded_to_client(udp(NODE, CLIENT, 30053, 5000, b"answer")))
 
 
 def test_nodeport_local_backend_keeps_the_client_address(uplink):
@@ -128,10 +128,10 @@ def test_a_tcp_flow_keeps_the_client_port_and_two_clients_never_share_it(uplink)
                  to_node2(tcp(NODE, REMOTE_BE, second, 8080, "S")))
     uplink.check("each reply finds its own client (first)", "from_uplink",
                  from_node2(tcp(REMOTE_BE, NODE, 8080, 40000, "SA")), REDIRECT,
-                 to_client(tcp(NODE, CLIENT, 30080, 40000, "SA")))
+                 forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "SA")))
     uplink.check("each reply finds its own client (second)", "from_uplink",
                  from_node2(tcp(REMOTE_BE, NODE, 8080, second, "SA")), REDIRECT,
-                 to_client(tcp(NODE, CLIENT2, 30080, 40000, "SA"), mac=CLIENT2_MAC))
+                 forwarded_to_client(tcp(NODE, CLIENT2, 30080, 40000, "SA"), mac=CLIENT2_MAC))
     uplink.check("a client port below SNAT_KEEP_PORT_MIN is never kept", "from_uplink",
                  from_client(tcp(CLIENT, NODE, 1023, 30080, "S")), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, snat_port(CLIENT, NODE, 1023, 30080), 8080, "S")))
@@ -152,10 +152,10 @@ def test_two_clients_never_share_a_range_port(uplink):
                  to_node2(udp(NODE, REMOTE_BE, second, 5353, b"q2")))
     uplink.check("each answer finds its own client (first)", "from_uplink",
                  from_node2(udp(REMOTE_BE, NODE, 5353, first, b"a1")), REDIRECT,
-                 to_client(udp(NODE, CLIENT, 30053, 5000, b"a1")))
+                 forwarded_to_client(udp(NODE, CLIENT, 30053, 5000, b"a1")))
     uplink.check("each answer finds its own client (second)", "from_uplink",
                  from_node2(udp(REMOTE_BE, NODE, 5353, second, b"a2")), REDIRECT,
-                 to_client(udp(NODE, CLIENT2, 30053, sport, b"a2"), mac=CLIENT2_MAC))
+                 forwarded_to_client(udp(NODE, CLIENT2, 30053, sport, b"a2"), mac=CLIENT2_MAC))
 
 
 @pytest.mark.parametrize("close", ["reset by the backend", "FIN both ways"])
@@ -168,22 +168,36 @@ def test_a_closed_flows_snat_port_is_reused_at_once(uplink, close):
                  from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
     uplink.check("SYN-ACK", "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, first, "SA")), REDIRECT,
-                 to_client(tcp(NODE, CLIENT, 30080, 40000, "SA")))
+                 forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "SA")))
     if close == "reset by the backend":
         uplink.check("the backend resets it", "from_uplink",
                      from_node2(tcp(REMOTE_BE, NODE, 8080, first, "R")), REDIRECT,
-                     to_client(tcp(NODE, CLIENT, 30080, 40000, "R")))
+                     forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "R")))
     else:
         uplink.check("client FIN", "from_uplink", from_client(tcp(CLIENT, NODE, 40000, 30080, "FA")), REDIRECT,
                      to_node2(tcp(NODE, REMOTE_BE, first, 8080, "FA")))
         uplink.check("backend FIN", "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, first, "FA")), REDIRECT,
-                     to_client(tcp(NODE, CLIENT, 30080, 40000, "FA")))
+                     forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "FA")))
     uplink.check("a second client from that port gets it: the flow holding it is closed",
                  "from_uplink", from_client(tcp(CLIENT2, NODE, sport, 30080, "S"), mac=CLIENT2_MAC), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, first, 8080, "S")))
     uplink.check("and the reply on that port finds the second client", "from_uplink",
                  from_node2(tcp(REMOTE_BE, NODE, 8080, first, "SA")), REDIRECT,
-                 to_client(tcp(NODE, CLIENT2, 30080, sport, "SA"), mac=CLIENT2_MAC))
+                 forwarded_to_client(tcp(NODE, CLIENT2, 30080, sport, "SA"), mac=CLIENT2_MAC))
+
+
+def test_a_packet_we_forward_loses_a_hop_and_one_without_hops_left_is_dropped(uplink):
+    """bpf_redirect skips the kernel's ip_forward, so the datapath does its TTL work: every
+    packet it sends on itself leaves with TTL - 1 (checked above: to_node2 / forwarded_to_client);
+    one that arrived with TTL 1 is not forwarded (routing loops end) and is counted."""
+    uplink.writer.apply(state(REMOTE))
+    before = uplink.drops(abi.REASON_TTL_EXCEEDED)
+    uplink.check("TTL 1 to a SNATed NodePort: not forwarded", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30080, "S", ttl=1)), SHOT)
+    assert uplink.drops(abi.REASON_TTL_EXCEEDED) == before + 1
+    uplink.check("TTL 2: forwarded with TTL 1", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40001, 30080, "S", ttl=2)), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, 40001, 8080, "S", ttl=2)))
 
 
 def _frag_needed(src, quoted):
@@ -203,7 +217,7 @@ def test_icmp_error_about_a_snated_flow_reaches_the_client(uplink, sender):
     out_src = NODE2 if sender == "router" else NODE
     want = IP(src=out_src, dst=CLIENT, id=9) / ICMP(type=3, code=4, nexthopmtu=1400) / Raw(bytes(quoted_client))
     uplink.check(f"fragmentation needed from the {sender}: about client -> NodePort, sent to the client",
-                 "from_uplink", from_node2(_frag_needed(src, quoted_sent)), REDIRECT, to_client(want))
+                 "from_uplink", from_node2(_frag_needed(src, quoted_sent)), REDIRECT, forwarded_to_client(want))
 
 
 UNTOUCHED = [

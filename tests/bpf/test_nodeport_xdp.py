@@ -16,7 +16,7 @@ from ebpfsvc.lbmodel import FrontendKind, LBState
 
 from .northsouth import (
     CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, NODE, OK, REDIRECT, REMOTE_BE, SHOT, XDP_DROP, XDP_PASS,
-    XDP_REDIRECT, be, ext_frontend, from_client, from_node2, snat_port, to_client, to_node2,
+    XDP_REDIRECT, be, ext_frontend, forwarded_to_client, from_client, from_node2, snat_port, to_client, to_node2,
 )
 from .packets import expected_backend, tcp, udp
 from .test_nodeport import DNS, EMPTY_LOCAL_POLICY, LOCAL, MIXED_LOCAL_POLICY, REMOTE
@@ -33,7 +33,7 @@ def test_snat_flow_both_ways(uplink):
                      to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
     uplink.check_xdp("SYN-ACK from the backend: back to the client from NodeIP:nodePort",
                      from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), XDP_REDIRECT,
-                     to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
+                     forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
     payload = b"y" * 300
     uplink.check_xdp("data segment", from_client(tcp(CLIENT, NODE, 40000, 30080, "PA", seq=1001, payload=payload)),
                      XDP_REDIRECT, to_node2(tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, payload=payload)))
@@ -50,7 +50,7 @@ def test_udp_snat(uplink):
                      to_node2(udp(NODE, REMOTE_BE, port, 5353, b"query")))
     pkt = from_node2(udp(REMOTE_BE, NODE, 5353, port, b"answer"))
     pkt[IP].payload.chksum = 0
-    want = to_client(udp(NODE, CLIENT, 30053, 5000, b"answer"))
+    want = forwarded_to_client(udp(NODE, CLIENT, 30053, 5000, b"answer"))
     want[IP].payload.chksum = 0
     uplink.check_xdp("UDP answer without checksum: stays without", pkt, XDP_REDIRECT, want)
 
@@ -83,6 +83,16 @@ def test_collision_same_as_tc(uplink):
     uplink.check_xdp("a client holding that port itself keeps it: the hash is only the fallback",
                      from_client(tcp(CLIENT2, NODE, sport, 30080, "S"), mac=CLIENT2_MAC), XDP_REDIRECT,
                      to_node2(tcp(NODE, REMOTE_BE, sport, 8080, "S")))
+
+
+def test_ttl_at_xdp(uplink):
+    """XDP_TX forwards with TTL - 1, like TC; a packet without a hop left goes to TC untouched,
+    which drops and counts it."""
+    uplink.writer.apply(LBState.of([REMOTE]))
+    uplink.check_xdp("TTL 1: passed up untouched", from_client(tcp(CLIENT, NODE, 40000, 30080, "S", ttl=1)),
+                     XDP_PASS, from_client(tcp(CLIENT, NODE, 40000, 30080, "S", ttl=1)))
+    uplink.check_xdp("TTL 9: forwarded with TTL 8", from_client(tcp(CLIENT, NODE, 40002, 30080, "S", ttl=9)),
+                     XDP_REDIRECT, to_node2(tcp(NODE, REMOTE_BE, 40002, 8080, "S", ttl=9)))
 
 
 def test_source_range_refused_at_xdp(uplink):
