@@ -48,6 +48,7 @@ class AgentConfig:
     uplinks: tuple[str, ...] = ()
     uplink_mode: str = "tc"                   # "tc" | "xdp": programs on the uplinks (datapath/uplink.py)
     hairpin_address: IPv4Address | None = None
+    snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
     limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
@@ -156,7 +157,8 @@ class Agent:
         if snat is None and cfg.node.node_addresses:
             snat = cfg.node.node_addresses[0]
         self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
-                                           hairpin_addr=cfg.hairpin_address)
+                                           hairpin_addr=cfg.hairpin_address,
+                                           snat_keep_client_port=cfg.snat_keep_client_port)
         for name in cfg.uplinks:
             ifindex = uplink.ifindex_of(name)
             if ifindex is None:

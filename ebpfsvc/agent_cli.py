@@ -71,6 +71,9 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
 @click.option("--uplink-mode", type=click.Choice(["tc", "xdp"]), default="tc", show_default=True,
               help="Uplink programs: TC only, or XDP (native) in front of TC (docs/northsouth.md).")
 @click.option("--hairpin-address", default=None, help="Node-owned address pods see when they reach themselves via a Service.")
+@click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
+              help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
+                   "docs/northsouth.md); off: always a port of 61000-65535.")
 @click.option("--min-sync-period", default=0.05, show_default=True, type=float, help="Seconds between syncs, at least.")
 @click.option("--sync-period", default=30.0, show_default=True, type=float, help="Full resync every this many seconds.")
 @click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
@@ -79,8 +82,7 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
               help="Prometheus /metrics; empty to disable.")
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
-          uplink_mode,
-          hairpin_address, min_sync_period, sync_period, healthz_bind_address, metrics_bind_address):
+          uplink_mode, hairpin_address, nodeport_snat_keep_client_port, min_sync_period, sync_period, healthz_bind_address, metrics_bind_address):
     """Run the node agent: program this node's Service data plane and keep it in sync."""
     try:
         lo, hi = (int(x) for x in service_node_port_range.split("-"))
@@ -96,6 +98,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks), uplink_mode=uplink_mode,
                       hairpin_address=ipaddress.IPv4Address(hairpin_address) if hairpin_address else None,
+                      snat_keep_client_port=nodeport_snat_keep_client_port,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address)
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))

@@ -135,7 +135,8 @@ class Datapath:
 _CACHE: dict[tuple, Datapath] = {}
 
 
-def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None) -> list[str]:
+def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
+               snat_keep_client_port: bool = True) -> list[str]:
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
@@ -143,11 +144,14 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None)
         flags.append(f"-DHAIRPIN_ADDR={be32(hairpin_addr):#x}U")
     if snat_addr is not None:
         flags.append(f"-DNODE_SNAT_ADDR={be32(snat_addr):#x}U")
+    if not snat_keep_client_port:
+        flags.append("-DSNAT_KEEP_PORT_MIN=65536")      # no port is that high: always the range
     return flags
 
 
 def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
-         source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None) -> Datapath:
+         source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
+         snat_keep_client_port: bool = True) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -156,14 +160,15 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     flows (pod -> Service -> same pod); None disables hairpin SNAT.
     `source`/`programs` select the object (NODE_SOURCE/NODE_PROGRAMS: the uplink
     programs, sharing the same pinned maps); `snat_addr` is the node address
-    north-south flows to remote backends are SNATed to.
+    north-south flows to remote backends are SNATed to; `snat_keep_client_port`
+    False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h).
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
     pin_dir = Path(pin_dir)
     limits = limits or Limits()
     text = expand_source(source)
-    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr))
+    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr, snat_keep_client_port))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]

@@ -38,10 +38,12 @@ XDP_PROG_NAME = "xdp_uplink"
 NETNS_RUN_DIR = Path("/run/netns")
 
 
-def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_addr=None, cache: bool = True):
+def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_addr=None, cache: bool = True,
+         snat_keep_client_port: bool = True):
     """Compile and load bpf/lb_node.c against the maps pinned in `pin_dir`."""
     return loader.load(pin_dir, limits=limits, hairpin_addr=hairpin_addr, cache=cache,
-                       source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=snat_addr)
+                       source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=snat_addr,
+                       snat_keep_client_port=snat_keep_client_port)
 
 
 def _netlink(netns, fn):

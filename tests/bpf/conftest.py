@@ -41,10 +41,11 @@ def writer(datapath):
 
 
 @pytest.fixture
-def uplink(pin_dir, unique_prefix):
-    """The north-south programs (bpf/lb_node.c) in a private namespace: tests/bpf/northsouth.py."""
+def uplink(request, pin_dir, unique_prefix):
+    """The north-south programs (bpf/lb_node.c) in a private namespace: tests/bpf/northsouth.py.
+    Indirect parameters (a dict) go to uplink_fixture, e.g. {"snat_keep_client_port": False}."""
     from .northsouth import uplink_fixture
-    yield from uplink_fixture(pin_dir, unique_prefix)
+    yield from uplink_fixture(pin_dir, unique_prefix, **(getattr(request, "param", None) or {}))
 
 
 

@@ -177,14 +177,15 @@ class Uplink:
         return sum(self.dp.maps["lb_drops"][self.dp.maps["lb_drops"].Key(reason)])
 
 
-def uplink_fixture(pin_dir, unique_prefix):
+def uplink_fixture(pin_dir, unique_prefix, snat_keep_client_port: bool = True):
     """The `uplink` fixture (registered in conftest.py): programs loaded, test namespace built, both removed after."""
     name = f"{unique_prefix}-np"
     build_netns(name)
     dp = None
     try:
         dp = loader.load(pin_dir, limits=LIMITS, hairpin_addr=HAIRPIN, cache=False,
-                         source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=NODE)
+                         source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=NODE,
+                         snat_keep_client_port=snat_keep_client_port)
         yield Uplink(dp, name)
     finally:
         if dp is not None:
@@ -193,4 +194,8 @@ def uplink_fixture(pin_dir, unique_prefix):
 
 
 # Also importable as a fixture (`from .northsouth import uplink`); conftest.py registers it for every module.
-uplink = pytest.fixture(uplink_fixture, name="uplink")
+def _uplink(pin_dir, unique_prefix):
+    yield from uplink_fixture(pin_dir, unique_prefix)
+
+
+uplink = pytest.fixture(_uplink, name="uplink")

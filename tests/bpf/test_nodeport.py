@@ -137,6 +137,20 @@ def test_a_tcp_flow_keeps_the_client_port_and_two_clients_never_share_it(uplink)
                  to_node2(tcp(NODE, REMOTE_BE, snat_port(CLIENT, NODE, 1023, 30080), 8080, "S")))
 
 
+@pytest.mark.parametrize("uplink", [{"snat_keep_client_port": False}], indirect=True)
+def test_keeping_the_client_port_can_be_turned_off(uplink):
+    """--no-nodeport-snat-keep-client-port: every SNATed flow gets a port of the range."""
+    uplink.writer.apply(state(REMOTE))
+    port = snat_port(CLIENT, NODE, 40000, 30080, probe=0)
+    assert port != 40000
+    uplink.check("SYN: a range port although 40000 is free", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+    uplink.check("its reply finds the client", "from_uplink",
+                 from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA")), REDIRECT,
+                 forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "SA")))
+
+
 def test_two_clients_never_share_a_range_port(uplink):
     """Datagram flows take range ports by hash: two that hash alike get different ports."""
     uplink.writer.apply(state(DNS))
