@@ -51,6 +51,7 @@ def test_why_external_names_the_backend_and_the_snat_decision(uplink, pin_dir):
             assert res.verdict == "TC_ACT_OK" and out.src == CLIENT and "kept" in src_step["outcome"]
         else:
             assert res.verdict == "TC_ACT_REDIRECT" and out.src == NODE and "SNAT" in src_step["outcome"]
+            assert out.sport == sport and f"the port stays {sport}" in src_step["outcome"]
         seen.add(out.dst)
         again = why(pin_dir, CLIENT, f"{NODE}:30090/TCP", sport)
         assert (again["reason"], again["backend"]) == ("conntrack", w["backend"])
