@@ -147,16 +147,13 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         if external and verdict == "dnat" and backend is not None and reason != "conntrack":
             if backend.local or fe_flags[0] & abi.LB_SVC_F_LOCAL_ONLY:
                 step("source", "local backend (or policy Local): the client address is kept")
-            elif proto == "TCP" and (sport is None or sport >= abi.SNAT_KEEP_PORT_MIN):
-                kept = sport if sport is not None else "the client's"
-                step("source", "remote backend: source SNATed to the node, so the reply comes back here; "
-                     f"the port stays {kept} unless another flow "
-                     f"or a node socket to this backend holds it, then one of "
-                     f"{abi.SNAT_PORT_MIN}-{abi.SNAT_PORT_MAX} (unless the agent runs with "
-                     "--no-nodeport-snat-keep-client-port)")
             else:
-                step("source", "remote backend: source SNATed to the node, so the reply comes back here; "
-                     f"source port: one of {abi.SNAT_PORT_MIN}-{abi.SNAT_PORT_MAX}")
+                ports = f"one of {abi.SNAT_PORT_MIN}-{abi.SNAT_PORT_MAX}"
+                if proto == "TCP" and (sport is None or sport >= abi.SNAT_KEEP_PORT_MIN):
+                    kept = sport if sport is not None else "the client's"
+                    ports = (f"the port stays {kept} unless another flow or a node socket to this backend "
+                             f"holds it, then {ports} (always {ports} with --no-nodeport-snat-keep-client-port)")
+                step("source", f"remote backend: source SNATed to the node, so the reply comes back here; {ports}")
         elif verdict == "dnat" and backend is not None and backend.address == src and reason != "conntrack":
             step("source", "hairpin: the client is the backend; its source becomes the node's hairpin "
                  "address (if the agent has one), so the reply returns through the datapath")
