@@ -11,6 +11,8 @@
  *                get the frontend back as their source.
  *   xdp_uplink   XDP: the same translations for the common case, earlier;
  *                whatever it does not handle it passes to from_uplink.
+ *   from_host    TC egress of the agent's dummy device: clients in the node's
+ *                own namespace to ClusterIPs (host.h).
  *
  * Shares every pinned map with lb_pod.c (ebpfsvc/datapath/loader.py loads it
  * with NODE_SOURCE, passing NODE_SNAT_ADDR as -D). See docs/northsouth.md.
@@ -30,6 +32,7 @@
 #include "srcrange.h"
 #include "nodeport.h"
 #include "nodeport_xdp.h"
+#include "host.h"
 
 int from_uplink(struct __sk_buff *skb)
 {
@@ -44,4 +47,9 @@ int to_uplink(struct __sk_buff *skb)
 int xdp_uplink(struct xdp_md *ctx)
 {
 	return np4_xdp_uplink(ctx);
+}
+
+int from_host(struct __sk_buff *skb)
+{
+	return hs4_from_host(skb);
 }

@@ -49,6 +49,7 @@ class AgentConfig:
     uplink_mode: str = "tc"                   # "tc" | "xdp": programs on the uplinks (datapath/uplink.py)
     hairpin_address: IPv4Address | None = None
     snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
+    host_clients: bool = True                # node-namespace clients to ClusterIPs (datapath/hostpath.py)
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
     limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
@@ -85,8 +86,12 @@ class Agent:
         cfg = self.config
         self.telemetry.start()      # /healthz answers 503 "starting" until the first sync
         t0 = time.monotonic()
+        # With node clients served, local backends' replies to them are translated on the pod
+        # veths too (bpf/lib/flow.h), which need the node address.
+        self.node_address = self._node_address() if cfg.uplinks else None
         self.datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
-                                    hairpin_addr=cfg.hairpin_address)
+                                    hairpin_addr=cfg.hairpin_address,
+                                    snat_addr=self.node_address if cfg.host_clients else None)
         self.writer = MapWriter(self.datapath.maps)
         log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
         if cfg.uplinks:
@@ -148,14 +153,22 @@ class Agent:
             _accept_local(ifname)
         log.info("attached to pod interface %s (ifindex %d)", ifname, ifindex)
 
+    def _node_address(self):
+        """The node's address: the first uplink's, else the first NodePort address. SNATed flows
+        leave with it, and node clients to ClusterIPs use it as their source."""
+        from ebpfsvc.datapath import uplink
+
+        address = uplink.interface_address(self.config.uplinks[0])
+        if address is None and self.config.node.node_addresses:
+            address = self.config.node.node_addresses[0]
+        return address
+
     def _attach_uplinks(self) -> None:
-        """North-south programs on every uplink; SNAT address: the first uplink's address."""
+        """North-south programs on every uplink, and the node clients' path (hostpath.py)."""
         from ebpfsvc.datapath import loader, uplink
 
         cfg = self.config
-        snat = uplink.interface_address(cfg.uplinks[0])
-        if snat is None and cfg.node.node_addresses:
-            snat = cfg.node.node_addresses[0]
+        snat = self.node_address
         self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
                                            hairpin_addr=cfg.hairpin_address,
                                            snat_keep_client_port=cfg.snat_keep_client_port)
@@ -167,6 +180,9 @@ class Agent:
             uplink.attach(self.uplink_datapath, ifindex, cfg.uplink_mode)
             log.info("attached to uplink %s (ifindex %d, mode %s, SNAT address %s)", name, ifindex,
                      cfg.uplink_mode, snat)
+        if cfg.host_clients and snat is not None:
+            from ebpfsvc.datapath import hostpath
+            hostpath.setup(self.uplink_datapath, cfg.node.service_cidr, snat)
 
     def _detach_pod(self, ifindex: int, ifname: str) -> None:
         log.info("pod interface %s (ifindex %d) is gone", ifname, ifindex)

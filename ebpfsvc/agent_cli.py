@@ -71,6 +71,9 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
 @click.option("--uplink-mode", type=click.Choice(["tc", "xdp"]), default="tc", show_default=True,
               help="Uplink programs: TC only, or XDP (native) in front of TC (docs/northsouth.md).")
 @click.option("--hairpin-address", default=None, help="Node-owned address pods see when they reach themselves via a Service.")
+@click.option("--host-clients/--no-host-clients", default=True, show_default=True,
+              help="Serve ClusterIPs to clients in the node's own namespace (hostNetwork pods): route the "
+                   "service CIDR to a dummy device, ebpfsvc0 (needs --uplink).")
 @click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
               help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
                    "docs/northsouth.md); off: always a port of 61000-65535.")
@@ -82,7 +85,7 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
               help="Prometheus /metrics; empty to disable.")
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
-          uplink_mode, hairpin_address, nodeport_snat_keep_client_port, min_sync_period, sync_period, healthz_bind_address, metrics_bind_address):
+          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, min_sync_period, sync_period, healthz_bind_address, metrics_bind_address):
     """Run the node agent: program this node's Service data plane and keep it in sync."""
     try:
         lo, hi = (int(x) for x in service_node_port_range.split("-"))
@@ -98,7 +101,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks), uplink_mode=uplink_mode,
                       hairpin_address=ipaddress.IPv4Address(hairpin_address) if hairpin_address else None,
-                      snat_keep_client_port=nodeport_snat_keep_client_port,
+                      snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address)
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))

@@ -160,6 +160,21 @@ static __always_inline void ct4_delete_flow(struct ct4_key *fwd, const struct ct
 	ct4.delete(fwd);
 }
 
+/* The tracked flow a client packet belongs to (its forward key in `fk`), or 0:
+ * none, or one that is over, whose entries are then deleted. */
+static __always_inline struct ct4_entry *ct4_flow_of(struct ct4_key *fk, const struct lb4_pkt *p, __u64 now)
+{
+	struct ct4_entry *e;
+
+	ct4_key_forward(fk, p);
+	e = ct4.lookup(fk);
+	if (e && ct4_flow_over(e, p, now)) {
+		ct4_delete_flow(fk, e);
+		return 0;
+	}
+	return e;
+}
+
 /*
  * Create both entries of a new flow. Fail closed: if either insert fails the
  * caller drops the packet (REASON_CT_CREATE_FAILED), because a translated flow

@@ -13,6 +13,15 @@
 #ifndef EBPFSVC_FLOW_H
 #define EBPFSVC_FLOW_H
 
+/* The node's address (__be32 as a number; a loader -D): the source SNATed
+ * north-south flows leave with, and the one clients in the node's own
+ * namespace use (host.h). 0: none configured, and a flow that would need SNAT
+ * is dropped (REASON_SNAT_EXHAUSTED) rather than sent with a source replies
+ * cannot follow. */
+#ifndef NODE_SNAT_ADDR
+#define NODE_SNAT_ADDR 0
+#endif
+
 /* Verdict for what the parser refused: pass what is not ours (ARP, IPv6...), drop
  * what is broken, since offsets from a lying header would make us write blind. */
 static __always_inline int lb4_unparsed(int ret)
@@ -134,12 +143,53 @@ static __always_inline int lb4_backend_gone(struct __sk_buff *skb, struct lb4_pk
 	return LB_REBALANCE;
 }
 
+/* A client packet of tracked flow `e` was seen: refresh it, and carry new TCP
+ * state to the reply entry too. */
+static __always_inline void lb4_note_forward(const struct lb4_pkt *p, struct ct4_entry *e, __u64 now)
+{
+	struct ct4_key rk;
+	struct ct4_entry *re;
+	__u8 flags;
+
+	ct4_touch(e, now);
+	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
+	if (flags == e->flags)
+		return;
+	e->flags = flags;
+	ct4_key_reply_of(&rk, e, (flags & CT_F_HAIRPIN) ? HAIRPIN_ADDR : p->saddr, p->sport, p->proto);
+	re = ct4.lookup(&rk);
+	if (re)
+		re->flags |= flags;
+}
+
+/*
+ * A backend's reply to a client in the node's own namespace (a flow host.h
+ * made: node address -> ClusterIP), whose reply entry `e` was found: the
+ * frontend back as source, and the kernel delivers it to the client's socket.
+ */
+static __always_inline int lb4_host_reply(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
+					  __u64 now)
+{
+	__u32 bytes = skb->len;
+
+	ct4_note_reply(e, p, p->daddr, p->dport, now);
+	if (lb4_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
+/* Is `e`, found by a reply key addressed to the node, a host.h flow? Pod-side
+ * flows answer pods (or HAIRPIN_ADDR); north-south ones carry CT_F_NODEPORT. */
+static __always_inline int lb4_is_host_flow(const struct ct4_entry *e)
+{
+	return !(e->flags & (CT_F_NODEPORT | CT_F_HAIRPIN));
+}
+
 /* A packet of a tracked flow from the client side. */
 static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4_pkt *p,
 					       struct ct4_key *fk, struct ct4_entry *e, __u64 now)
 {
-	__u8 flags;
-
 	if (!lb4_flow_keeps_backend(e->backend_id, p->proto)) {
 		int ret;
 
@@ -148,18 +198,7 @@ static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4
 		return ret == LB_REBALANCE ? lb4_forward_new(skb, p, fk, now) : ret;
 	}
 
-	ct4_touch(e, now);
-	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
-	if (flags != e->flags) {
-		struct ct4_key rk;
-		struct ct4_entry *re;
-
-		e->flags = flags;
-		ct4_key_reply_of(&rk, e, (flags & CT_F_HAIRPIN) ? HAIRPIN_ADDR : p->saddr, p->sport, p->proto);
-		re = ct4.lookup(&rk);
-		if (re)
-			re->flags |= flags;
-	}
+	lb4_note_forward(p, e, now);
 	return lb4_forward_xlate(skb, p, e);
 }
 
@@ -205,16 +244,19 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 	}
 
 	now = bpf_ktime_get_ns();
-	ct4_key_forward(&fk, &p);
-	e = ct4.lookup(&fk);
-	if (e && ct4_flow_over(e, &p, now)) {
-		ct4_delete_flow(&fk, e);
-		e = 0;
-	}
+	e = ct4_flow_of(&fk, &p, now);
 	if (e)
 		return lb4_forward_tracked(skb, &p, &fk, e, now);
 	if (HAIRPIN_ADDR && p.daddr == HAIRPIN_ADDR)
 		return lb4_hairpin_reply(skb, &p, now);
+	if (NODE_SNAT_ADDR && p.daddr == NODE_SNAT_ADDR) {
+		/* A local backend answering a client in the node's namespace (host.h)? */
+		ct4_key_reply(&fk, &p);
+		e = ct4_lookup(&fk, now);
+		if (e && lb4_is_host_flow(e))
+			return lb4_host_reply(skb, &p, e, now);
+		ct4_key_forward(&fk, &p);
+	}
 	return lb4_forward_new(skb, &p, &fk, now);
 }
 

@@ -138,11 +138,14 @@ static __always_inline int lb4_build_icmp_port_unreach(struct __sk_buff *skb, co
 }
 
 /*
- * Reject a packet to a frontend: build the answer and send it back out the
- * interface it came from. Counted under `reason`; an RST is never answered and
- * a later fragment never rejected (only dropped).
+ * Reject a packet to a frontend: build the answer in place and redirect it on
+ * the interface it came from (`redirect_flags` 0: back out towards the sender;
+ * BPF_F_INGRESS: into this host, for a sender in the node's own namespace).
+ * Counted under `reason`; an RST is never answered and a later fragment never
+ * rejected (only dropped).
  */
-static __always_inline int lb4_reject(struct __sk_buff *skb, const struct lb4_pkt *p, __u32 reason)
+static __always_inline int lb4_reject_via(struct __sk_buff *skb, const struct lb4_pkt *p, __u32 reason,
+					  __u64 redirect_flags)
 {
 	int err;
 
@@ -158,7 +161,13 @@ static __always_inline int lb4_reject(struct __sk_buff *skb, const struct lb4_pk
 	if (err)
 		return lb_drop(REASON_REJECT_FAILED);
 	lb_count_drop(reason);
-	return bpf_redirect(skb->ifindex, 0);
+	return bpf_redirect(skb->ifindex, redirect_flags);
+}
+
+/* Reject back out of the interface the packet came from (to the client). */
+static __always_inline int lb4_reject(struct __sk_buff *skb, const struct lb4_pkt *p, __u32 reason)
+{
+	return lb4_reject_via(skb, p, reason, 0);
 }
 
 static __always_inline int lb4_icmp_is_error(__u8 type)

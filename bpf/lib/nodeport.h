@@ -26,13 +26,6 @@
 #ifndef EBPFSVC_NODEPORT_H
 #define EBPFSVC_NODEPORT_H
 
-/* The node address SNATed flows leave with (__be32 as a number; a loader -D).
- * 0: none configured, and a flow that would need SNAT is dropped
- * (REASON_SNAT_EXHAUSTED) rather than sent with a source replies cannot follow. */
-#ifndef NODE_SNAT_ADDR
-#define NODE_SNAT_ADDR 0
-#endif
-
 #ifndef AF_INET
 #define AF_INET 2
 #endif
@@ -70,19 +63,12 @@ static __always_inline __u32 np4_hop(struct __sk_buff *skb, const struct lb4_pkt
 /*
  * Send a translated packet straight to its next hop: FIB lookup for the
  * egress interface and MACs; when the neighbour is not resolved yet, let the
- * kernel resolve it (bpf_redirect_neigh). Used where the kernel's forwarding
- * would refuse the packet (its source is a node address) or route it wrong;
- * so the hop (np4_hop) is ours too.
+ * kernel resolve it (bpf_redirect_neigh).
  */
-static __always_inline int np4_redirect(struct __sk_buff *skb, const struct lb4_pkt *p)
+static __always_inline int np4_send(struct __sk_buff *skb, const struct lb4_pkt *p)
 {
 	struct bpf_fib_lookup fib = {};
-	__u32 reason;
 	int rc;
-
-	reason = np4_hop(skb, p);
-	if (reason)
-		return lb_drop(reason);
 
 	fib.family = AF_INET;
 	fib.l4_protocol = p->proto;
@@ -104,6 +90,18 @@ static __always_inline int np4_redirect(struct __sk_buff *skb, const struct lb4_
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return np4_redirect_neigh(fib.ifindex, 0, 0, 0);
 	return lb_drop(REASON_FIB_LOOKUP);
+}
+
+/*
+ * Forward a translated packet ourselves (np4_send) where the kernel's
+ * forwarding would refuse it (its source is a node address) or route it wrong;
+ * so the hop (np4_hop) is ours too.
+ */
+static __always_inline int np4_redirect(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	__u32 reason = np4_hop(skb, p);
+
+	return reason ? lb_drop(reason) : np4_send(skb, p);
 }
 
 /* The SNAT reply key of a flow: backend -> node address:port, as the backend answers. */
@@ -534,6 +532,8 @@ static __always_inline int np4_from_uplink(struct __sk_buff *skb)
 		e = ct4_lookup(&rk, now);
 		if (e && (e->flags & CT_F_SNAT))
 			return np4_snat_reply(skb, &p, e, &rk, now);
+		if (e && lb4_is_host_flow(e))           /* a remote backend answering a node client */
+			return lb4_host_reply(skb, &p, e, now);
 	}
 	return np4_forward_new(skb, &p, &fk, now);
 }

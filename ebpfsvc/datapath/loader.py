@@ -41,7 +41,7 @@ DEFAULT_KERNEL_SOURCE = "/var/lib/ebpfsvc/kernel-headers"
 PROGRAMS = ("from_pod", "to_pod")
 #: The uplink (north-south) datapath, bpf/lb_node.c: load(..., source=NODE_SOURCE, programs=NODE_PROGRAMS).
 NODE_SOURCE = BPF_DIR / "lb_node.c"
-NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink")
+NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink", "from_host")
 _PROGRAM_TYPES = {"xdp_uplink": "XDP"}     # everything else is SCHED_CLS (TC)
 MAPS = tuple(abi.MAP_TYPES)
 

@@ -4,7 +4,8 @@ Our TC filters are recognised by the fixed priority and handle the datapath
 attaches with (ebpfsvc/datapath/tc.py PRIO / HANDLE), on every interface of the
 namespace, so interfaces that no longer match the agent's patterns are cleaned
 too; filters of anyone else (other priorities or handles) are left alone, and
-so is the clsact qdisc unless nothing is left on it. An XDP program is removed
+so is the clsact qdisc unless nothing is left on it. The dummy device of node
+clients (ebpfsvc/datapath/hostpath.py) goes, and its route with it. An XDP program is removed
 only when it is ours by name (ebpfsvc/datapath/uplink.py XDP_PROG_NAME). Pins are removed by
 loader.unpin(), which refuses to delete anything it does not know.
 """
@@ -63,6 +64,12 @@ def cleanup(pin_dir, *, netns=None, dry_run: bool = False) -> CleanupReport:
     if not dry_run:
         for ifindex in touched:
             _drop_empty_clsact(ifindex, netns)
+    from ebpfsvc.datapath import hostpath
+
+    if hostpath.DEVICE in {name for _, name in _links(netns)}:
+        report.filters.append(f"device {hostpath.DEVICE} (the service CIDR's route for node clients)")
+        if not dry_run:
+            hostpath.teardown(netns)
     pin_dir = Path(pin_dir)
     if pin_dir.exists():
         report.pins = [str(pin_dir / n) for n in loader.MAPS if (pin_dir / n).exists()]

@@ -142,6 +142,52 @@ def test_udp_service(lab):
         sock.close()
 
 
+# The UDP query a hostNetwork client sends (a Python one-liner in node-1's namespace).
+NODE_UDP_QUERY = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"from the node")
+print(s.recv(65535).decode())
+"""
+
+
+def test_node_clients_reach_clusterips(lab):
+    """A process in node-1's own namespace (a hostNetwork pod, a node daemon) reaches ClusterIPs
+    through the dummy device the agent routes the service CIDR to: TCP to a backend on node-1
+    and one on node-2, UDP, and an empty Service refused at once. Backends see the node address."""
+    lab.apply([echo("host-be-1", "node-1"), echo("host-be-2", "node-2"),
+               echo("host-dns", "node-2", 5353, "udp-echo"),
+               service("host-1", [{"port": 80, "targetPort": 8080}], selector={"pod": "host-be-1"}),
+               service("host-2", [{"port": 80, "targetPort": 8080}], selector={"pod": "host-be-2"}),
+               service("host-dns", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
+                       selector={"pod": "host-dns"}),
+               service("host-none", [{"port": 80, "targetPort": 8080}], selector={"pod": "nobody"})])
+    wait_ready(lab, ["host-be-1", "host-be-2", "host-dns"])
+    for name in ("host-1", "host-2"):
+        wait_programmed(lab, name, 80, backends=1)
+    wait_programmed(lab, "host-dns", 53, backends=1, proto="UDP")
+    wait_programmed(lab, "host-none", 80, backends=0)
+    node1 = str(lab.spec.node("node-1").address)
+
+    for name, backend in (("host-1", "host-be-1"), ("host-2", "host-be-2")):
+        url = f"http://{cluster_ip(lab, name)}/"
+        out = lab.node_exec("node-1", ["curl", "-sS", "--max-time", "5", url])
+        assert out.returncode == 0, (name, out.stderr)
+        answer = json.loads(out.stdout)
+        assert (answer["pod"], answer["client"], answer["localPort"]) == (backend, node1, 8080)
+
+    query = lambda: lab.node_exec("node-1", [sys.executable, "-c", NODE_UDP_QUERY,  # noqa: E731
+                                             cluster_ip(lab, "host-dns"), "53"])
+    out = wait_for(lambda: (r := query()).returncode == 0 and r, what="a UDP answer from node-1")
+    answer = json.loads(out.stdout)
+    assert answer["pod"] == "host-dns" and answer["client"] == node1
+
+    refused = lab.node_exec("node-1", ["curl", "-sS", "--max-time", "5", f"http://{cluster_ip(lab, 'host-none')}/"])
+    assert refused.returncode == 7, refused.stderr          # connection refused, not a timeout
+
+
 def test_service_created_before_its_pods(lab):
     """Loose coupling: a Service without pods refuses at once (RST, not a timeout); it serves as
     soon as a matching pod is ready, with nothing else re-applied."""

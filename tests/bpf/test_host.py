@@ -1,0 +1,90 @@
+"""Clients in the node's own namespace (hostNetwork pods, node daemons) to ClusterIPs: bpf/lib/host.h.
+
+from_host runs at the egress of the agent's dummy device, where the node routes the service
+CIDR: it DNATs and sends the packet on itself (no hop: the packet is the node's own). Replies
+come back addressed to the node, through the uplink (remote backend) or a pod veth (local
+backend), and get the ClusterIP back as their source.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from ebpfsvc import abi
+from ebpfsvc.datapath import loader
+from ebpfsvc.lbmodel import LBState, Protocol
+
+from .northsouth import LIMITS, NODE, NODE2_MAC, NODE_MAC, OK, REDIRECT, REMOTE_BE, SHOT, from_node2
+from .packets import HAIRPIN, VIP, be, frontend, from_pod, tcp, udp
+
+pytestmark = pytest.mark.root
+
+DUMMY_MAC = "02:00:00:00:00:99"        # the dummy device's own address: both ends of its frames
+WEB = frontend(VIP, 80, [be(REMOTE_BE)])
+DNS = frontend(VIP, 53, [be(REMOTE_BE, 5353, Protocol.UDP)], proto=Protocol.UDP, name="dns")
+
+
+def from_host(l3):
+    return Ether(src=DUMMY_MAC, dst=DUMMY_MAC) / l3
+
+
+def out_to_node2(l3):
+    """Sent on by the program itself, TTL untouched (the node's own packet, not a forwarded one)."""
+    return Ether(src=NODE_MAC, dst=NODE2_MAC) / l3
+
+
+def test_a_node_client_reaches_a_remote_backend_and_gets_the_clusterip_back(uplink):
+    uplink.writer.apply(LBState.of([WEB]))
+    uplink.check("SYN from the node to the ClusterIP: DNAT, straight to node-2", "from_host",
+                 from_host(tcp(NODE, VIP, 45000, 80, "S")), REDIRECT,
+                 out_to_node2(tcp(NODE, REMOTE_BE, 45000, 8080, "S")))
+    uplink.check("SYN-ACK from the backend, on the uplink: the ClusterIP as source, for the node's socket",
+                 "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, 45000, "SA", seq=7000, ack=1001)), OK,
+                 from_node2(tcp(VIP, NODE, 80, 45000, "SA", seq=7000, ack=1001)))
+    uplink.check("the next segment keeps its backend", "from_host",
+                 from_host(tcp(NODE, VIP, 45000, 80, "A", seq=1001, ack=7001)), REDIRECT,
+                 out_to_node2(tcp(NODE, REMOTE_BE, 45000, 8080, "A", seq=1001, ack=7001)))
+    flows = {k.dir: v for k, v in uplink.dp.maps["ct4"].items()}
+    assert flows[abi.CT_DIR_FORWARD].flags & abi.CT_F_ESTABLISHED
+    assert not flows[abi.CT_DIR_FORWARD].flags & abi.CT_F_NODEPORT
+
+
+def test_a_node_client_udp_flow(uplink):
+    uplink.writer.apply(LBState.of([DNS]))
+    uplink.check("query", "from_host", from_host(udp(NODE, VIP, 45001, 53, b"q")), REDIRECT,
+                 out_to_node2(udp(NODE, REMOTE_BE, 45001, 5353, b"q")))
+    uplink.check("answer", "from_uplink", from_node2(udp(REMOTE_BE, NODE, 5353, 45001, b"a")), OK,
+                 from_node2(udp(VIP, NODE, 53, 45001, b"a")))
+
+
+def test_no_backend_is_refused_into_the_host(uplink):
+    uplink.writer.apply(LBState.of([frontend(VIP, 80, [])]))
+    before = uplink.drops(abi.REASON_NO_BACKEND)
+    uplink.check("SYN: RST from the ClusterIP, redirected into the host", "from_host",
+                 from_host(tcp(NODE, VIP, 45002, 80, "S", seq=1000)), REDIRECT,
+                 from_host(IP(src=VIP, dst=NODE, id=0, ttl=64) /
+                           TCP(sport=80, dport=45002, flags="RA", seq=0, ack=1001, window=0)))
+    assert uplink.drops(abi.REASON_NO_BACKEND) == before + 1
+    uplink.check("an address of the service CIDR that is no Service: dropped", "from_host",
+                 from_host(tcp(NODE, "198.19.0.99", 45003, 80, "S")), SHOT)
+
+
+def test_a_local_backend_answers_through_its_veth(uplink, pin_dir):
+    """The reply of a backend on this node arrives on its pod veth (from_pod), addressed to the node."""
+    pod_side = loader.load(pin_dir, limits=LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE, cache=False)
+    try:
+        uplink.writer.apply(LBState.of([WEB]))
+        uplink.check("SYN", "from_host", from_host(tcp(NODE, VIP, 45004, 80, "S")), REDIRECT,
+                     out_to_node2(tcp(NODE, REMOTE_BE, 45004, 8080, "S")))
+        from ebpfsvc.datapath.testrun import prog_test_run
+        res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(from_pod(tcp(REMOTE_BE, NODE, 8080, 45004, "SA"))))
+        assert res.verdict == "TC_ACT_OK"
+        assert res.data == bytes(from_pod(tcp(VIP, NODE, 80, 45004, "SA")))
+        # A pod's packet to the node that belongs to no such flow passes untouched (kubelet probes...).
+        probe = from_pod(tcp(REMOTE_BE, NODE, 8080, 45999, "SA"))
+        res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(probe))
+        assert (res.verdict, res.data) == ("TC_ACT_OK", bytes(probe))
+    finally:
+        pod_side.close()
