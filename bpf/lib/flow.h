@@ -251,11 +251,12 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 		return lb4_hairpin_reply(skb, &p, now);
 	if (NODE_SNAT_ADDR && p.daddr == NODE_SNAT_ADDR) {
 		/* A local backend answering a client in the node's namespace (host.h)? */
-		ct4_key_reply(&fk, &p);
-		e = ct4_lookup(&fk, now);
+		struct ct4_key rk;
+
+		ct4_key_reply(&rk, &p);
+		e = ct4_lookup(&rk, now);
 		if (e && lb4_is_host_flow(e))
 			return lb4_host_reply(skb, &p, e, now);
-		ct4_key_forward(&fk, &p);
 	}
 	return lb4_forward_new(skb, &p, &fk, now);
 }

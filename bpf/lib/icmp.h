@@ -219,6 +219,43 @@ static __always_inline int lb4_icmp_quote_rewrite(struct __sk_buff *skb, __u32 i
 	return 0;
 }
 
+/* The packet an ICMP error is about, as the error quotes it. */
+struct lb4_icmp_quote {
+	struct iphdr ip;        /* its IP header */
+	__be16 ports[2];        /* its source and destination ports */
+	__u32 off;              /* offset of the quoted IP header */
+	__u32 l4_off;           /* offset of the quoted ports */
+};
+
+/*
+ * Read what ICMP error `p` quotes, and the conntrack key of the quoted packet's
+ * flow in direction `dir`: the quoted packet travelled the other way, so the
+ * key is its tuple reversed. 0, or -1 when `p` is not an (unfragmented) error
+ * about a packet with ports.
+ */
+static __always_inline int lb4_icmp_quote(struct __sk_buff *skb, const struct lb4_pkt *p, __u8 dir,
+					  struct lb4_icmp_quote *q, struct ct4_key *k)
+{
+	if (!lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+		return -1;
+	q->off = p->l4_off + sizeof(struct icmphdr);
+	if (bpf_skb_load_bytes(skb, q->off, &q->ip, sizeof(q->ip)))
+		return -1;
+	if (q->ip.version != 4 || q->ip.ihl < 5 || !lb4_proto_has_ports(q->ip.protocol))
+		return -1;
+	q->l4_off = q->off + q->ip.ihl * 4;
+	if (bpf_skb_load_bytes(skb, q->l4_off, q->ports, sizeof(q->ports)))
+		return -1;
+	k->saddr = q->ip.daddr;
+	k->daddr = q->ip.saddr;
+	k->sport = q->ports[1];
+	k->dport = q->ports[0];
+	k->proto = q->ip.protocol;
+	k->dir = dir;
+	k->pad0 = 0;
+	return 0;
+}
+
 /*
  * ICMP errors about translated flows, in both directions:
  *
@@ -235,35 +272,17 @@ static __always_inline int lb4_icmp_quote_rewrite(struct __sk_buff *skb, __u32 i
  */
 static __always_inline int lb4_icmp_error_xlate(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now, __u8 dir)
 {
+	struct lb4_icmp_quote q;
 	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
-	__u32 in_off = p->l4_off + sizeof(struct icmphdr);
-	__u32 in_l4, in_addr_off, in_port_off, outer_off;
-	struct iphdr in;
-	__be16 ports[2];
+	__u32 in_addr_off, in_port_off, outer_off;
 	struct ct4_key k;
 	struct ct4_entry *e;
 	__be32 from_addr, to_addr, outer;
 	__be16 from_port, to_port;
 	int reply;
 
-	if (!lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+	if (lb4_icmp_quote(skb, p, dir, &q, &k))
 		return 0;
-	if (bpf_skb_load_bytes(skb, in_off, &in, sizeof(in)))
-		return 0;
-	if (in.version != 4 || in.ihl < 5 || !lb4_proto_has_ports(in.protocol))
-		return 0;
-	in_l4 = in_off + in.ihl * 4;
-	if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)))
-		return 0;
-
-	/* The quoted packet travelled the other way: its reverse is our key. */
-	k.saddr = in.daddr;
-	k.daddr = in.saddr;
-	k.sport = ports[1];
-	k.dport = ports[0];
-	k.proto = in.protocol;
-	k.dir = dir;
-	k.pad0 = 0;
 	e = ct4_lookup(&k, now);
 	if (!e || (e->flags & CT_F_HAIRPIN))
 		return 0;
@@ -271,15 +290,15 @@ static __always_inline int lb4_icmp_error_xlate(struct __sk_buff *skb, struct lb
 	/* REPLY: quoted client -> backend becomes client -> VIP, outer source.
 	 * FORWARD: quoted VIP -> client becomes backend -> client, outer destination. */
 	reply = dir == CT_DIR_REPLY;
-	from_addr = reply ? in.daddr : in.saddr;
-	from_port = reply ? ports[1] : ports[0];
+	from_addr = reply ? q.ip.daddr : q.ip.saddr;
+	from_port = reply ? q.ports[1] : q.ports[0];
 	to_addr = reply ? e->frontend_addr : e->backend_addr;
 	to_port = reply ? e->frontend_port : e->backend_port;
 	in_addr_off = reply ? IP_DADDR_OFF : IP_SADDR_OFF;
 	in_port_off = reply ? 2 : 0;
 	outer_off = reply ? IP_SADDR_OFF : IP_DADDR_OFF;
 	outer = reply ? p->saddr : p->daddr;
-	if (lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, in_addr_off, in_port_off,
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, in_addr_off, in_port_off,
 				   from_addr, to_addr, from_port, to_port))
 		return -1;
 	if (outer == from_addr &&

@@ -378,33 +378,15 @@ static __always_inline int np4_snat_reply(struct __sk_buff *skb, struct lb4_pkt 
 static __always_inline int np4_icmp_error_snat(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
 {
 	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
-	__u32 in_off = p->l4_off + sizeof(struct icmphdr);
+	struct lb4_icmp_quote q;
 	struct snat4_entry *client;
 	struct ct4_entry *e;
 	struct ct4_key k;
-	struct iphdr in;
-	__be16 ports[2];
-	__u32 in_l4;
-
-	if (!NODE_SNAT_ADDR || p->daddr != NODE_SNAT_ADDR ||
-	    !lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
-		return -1;
-	if (bpf_skb_load_bytes(skb, in_off, &in, sizeof(in)))
-		return -1;
-	if (in.version != 4 || in.ihl < 5 || !lb4_proto_has_ports(in.protocol) || in.saddr != NODE_SNAT_ADDR)
-		return -1;
-	in_l4 = in_off + in.ihl * 4;
-	if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)))
-		return -1;
 
 	/* The quoted packet went node:port -> backend; its flow's reply key is the reverse. */
-	k.saddr = in.daddr;
-	k.daddr = in.saddr;
-	k.sport = ports[1];
-	k.dport = ports[0];
-	k.proto = in.protocol;
-	k.dir = CT_DIR_REPLY;
-	k.pad0 = 0;
+	if (!NODE_SNAT_ADDR || p->daddr != NODE_SNAT_ADDR || lb4_icmp_quote(skb, p, CT_DIR_REPLY, &q, &k) ||
+	    q.ip.saddr != NODE_SNAT_ADDR)
+		return -1;
 	e = ct4_lookup(&k, now);
 	if (!e || !(e->flags & CT_F_SNAT))
 		return -1;
@@ -412,16 +394,16 @@ static __always_inline int np4_icmp_error_snat(struct __sk_buff *skb, struct lb4
 	if (!client)
 		return -1;
 
-	if (lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_SADDR_OFF, 0,
-				   in.saddr, client->address, ports[0], client->port) ||
-	    lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_DADDR_OFF, 2,
-				   in.daddr, e->frontend_addr, ports[1], e->frontend_port))
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, IP_SADDR_OFF, 0,
+				   q.ip.saddr, client->address, q.ports[0], client->port) ||
+	    lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, IP_DADDR_OFF, 2,
+				   q.ip.daddr, e->frontend_addr, q.ports[1], e->frontend_port))
 		return lb_drop(REASON_MALFORMED);
 	/* Outer header: to the client; from the frontend when the backend itself complained. */
 	if (lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_DADDR_OFF, p->daddr, client->address, 0, 0))
 		return lb_drop(REASON_MALFORMED);
 	p->daddr = client->address;
-	if (p->saddr == in.daddr) {
+	if (p->saddr == q.ip.daddr) {
 		if (lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_SADDR_OFF, p->saddr, e->frontend_addr, 0, 0))
 			return lb_drop(REASON_MALFORMED);
 		p->saddr = e->frontend_addr;
@@ -441,32 +423,14 @@ static __always_inline int np4_icmp_error_snat(struct __sk_buff *skb, struct lb4
 static __always_inline int np4_icmp_error_reply(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
 {
 	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
-	__u32 in_off = p->l4_off + sizeof(struct icmphdr);
+	struct lb4_icmp_quote q;
 	struct snat4_entry *nat;
 	struct ct4_entry *e;
 	struct ct4_key k;
-	struct iphdr in;
-	__be16 ports[2];
-	__u32 in_l4;
-
-	if (!lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
-		return -1;
-	if (bpf_skb_load_bytes(skb, in_off, &in, sizeof(in)))
-		return -1;
-	if (in.version != 4 || in.ihl < 5 || !lb4_proto_has_ports(in.protocol))
-		return -1;
-	in_l4 = in_off + in.ihl * 4;
-	if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)))
-		return -1;
 
 	/* The quoted reply went frontend -> client: the flow's forward key is the reverse. */
-	k.saddr = in.daddr;
-	k.daddr = in.saddr;
-	k.sport = ports[1];
-	k.dport = ports[0];
-	k.proto = in.protocol;
-	k.dir = CT_DIR_FORWARD;
-	k.pad0 = 0;
+	if (lb4_icmp_quote(skb, p, CT_DIR_FORWARD, &q, &k))
+		return -1;
 	e = ct4_lookup(&k, now);
 	if (!e || !(e->flags & CT_F_NODEPORT))
 		return -1;
@@ -478,10 +442,10 @@ static __always_inline int np4_icmp_error_reply(struct __sk_buff *skb, struct lb
 	nat = lb4_snat.lookup(&k);
 	if (!nat)
 		return -1;
-	if (lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_SADDR_OFF, 0,
-				   in.saddr, e->backend_addr, ports[0], e->backend_port) ||
-	    lb4_icmp_quote_rewrite(skb, icmp_csum, in_off, in_l4, in.protocol, IP_DADDR_OFF, 2,
-				   in.daddr, nat->address, ports[1], nat->port) ||
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, IP_SADDR_OFF, 0,
+				   q.ip.saddr, e->backend_addr, q.ports[0], e->backend_port) ||
+	    lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, IP_DADDR_OFF, 2,
+				   q.ip.daddr, nat->address, q.ports[1], nat->port) ||
 	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_DADDR_OFF, p->daddr, e->backend_addr, 0, 0) ||
 	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_SADDR_OFF, p->saddr, nat->address, 0, 0))
 		return lb_drop(REASON_MALFORMED);

@@ -25,8 +25,8 @@ from ebpfsvc.cli import main
 from ebpfsvc.lab import Lab, apps, names, nsenter
 from ebpfsvc.metrics import DatapathCollector
 
-from e2e.helpers import (add_clients, cluster_ip, service, udp_ask, udp_socket, wait_for,  # noqa: I001
-                         wait_programmed, wait_ready)
+from e2e.helpers import (add_clients, cluster_ip, service,  # noqa: I001
+                         wait_programmed, wait_ready, wait_udp_bound)
 
 pytestmark = pytest.mark.root
 
@@ -55,12 +55,7 @@ def test_cli_and_metrics_match_real_udp_traffic(lab):
     lab.apply(pods + [service("insp", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
                               selector={"app": "insp"})])
     wait_ready(lab, ["insp-1", "insp-2"])
-    for pod in ("insp-1", "insp-2"):        # bound before we count on them (probes go to pod IPs)
-        probe = udp_socket(lab, CLIENT, timeout=1)
-        try:
-            wait_for(lambda: udp_ask(probe, lab.pod_ip(pod), 5353), what=f"{pod} bound")
-        finally:
-            probe.close()
+    wait_udp_bound(lab, CLIENT, ["insp-1", "insp-2"], 5353)
     wait_programmed(lab, "insp", 53, backends=2, proto="UDP")
     vip = cluster_ip(lab, "insp")
     client_ip = lab.pod_ip(CLIENT)

@@ -184,6 +184,17 @@ def udp_ask_once(lab: Lab, pod: str, host: str, port: int, timeout: float = 5.0)
         sock.close()
 
 
+def wait_udp_bound(lab: Lab, client: str, pods, port: int) -> None:
+    """Wait until each udp-echo pod answers on its own address: "ready" means only started for a
+    UDP app (no probe), and a flow that reaches it before it binds gets port unreachable."""
+    for pod in pods:
+        probe = udp_socket(lab, client, timeout=1)
+        try:
+            wait_for(lambda: udp_ask(probe, lab.pod_ip(pod), port), what=f"{pod} bound")
+        finally:
+            probe.close()
+
+
 class TcpStream:
     """A long-lived connection to a tcp-echo server: every line comes back prefixed by the pod name."""
 

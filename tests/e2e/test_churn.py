@@ -20,7 +20,7 @@ from ebpfsvc.lab import Lab, apps, names
 from ebpfsvc.lab.pods import READY_ANNOTATION
 
 from .helpers import (TcpStream, add_clients, bare_pod, cluster_ip, connect_outcome, service, udp_ask,
-                      udp_socket, wait_for, wait_programmed, wait_ready)
+                      udp_socket, wait_for, wait_programmed, wait_ready, wait_udp_bound)
 
 pytestmark = pytest.mark.root
 
@@ -166,12 +166,7 @@ def test_udp_flow_to_removed_backend_moves_on(lab):
               + [service("uflow", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
                          selector={"app": "uflow"})])
     wait_ready(lab, ["uflow-1", "uflow-2"])
-    for pod in ("uflow-1", "uflow-2"):     # ready = started for UDP apps: wait until bound
-        probe = udp_socket(lab, CLIENT, timeout=1)
-        try:
-            wait_for(lambda: udp_ask(probe, lab.pod_ip(pod), 5353), what=f"{pod} bound")
-        finally:
-            probe.close()
+    wait_udp_bound(lab, CLIENT, ["uflow-1", "uflow-2"], 5353)
     wait_programmed(lab, "uflow", 53, backends=2, proto="UDP")
     vip = cluster_ip(lab, "uflow")
 
