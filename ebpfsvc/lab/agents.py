@@ -1,9 +1,17 @@
-"""Node agents in the lab: the one command line that starts an agent inside a node.
+"""Node agents in the lab: deploy/'s command line, run inside each node's namespace.
 
-Each lab node runs its own `ebpfsvc agent` inside its namespace, reading the
-lab's manifests/ and pinning its maps under /sys/fs/bpf/<prefix>/<node>, so a
-restart finds its maps again.  The command line is built here and nowhere
-else: when the agent's options change, this is the one place to adjust.
+Each lab node runs its own `ebpfsvc agent` with exactly the configuration an operator
+installs: the DaemonSet's arguments and the ConfigMap's config.yaml, nothing per node.
+Only what a container gets from its pod spec is mapped to the lab's files:
+
+    --config=/etc/ebpfsvc/config.yaml   the ConfigMap's config.yaml, copied to the state dir
+    $(NODE_NAME)                        the node's name (the DaemonSet's fieldRef)
+    --pin-dir                           /sys/fs/bpf/<prefix>/<node>: one bpffs serves every lab
+                                        node, where each real node has its own
+    --kubeconfig                        the API server's fabric address and a token of deploy/'s
+                                        ServiceAccount (in a pod: KUBERNETES_SERVICE_HOST and the
+                                        mounted token)
+
 The controller starts and stops agents (it is their parent and reaps them).
 """
 
@@ -11,23 +19,39 @@ from __future__ import annotations
 
 import sys
 
-from ebpfsvc.lab import names
+from ebpfsvc.lab import controlplane, names
 from ebpfsvc.lab.labfile import LabSpec
-from ebpfsvc.lab.network import UPLINK
 from ebpfsvc.lab.store import State
+
+CONFIG_FILE = "agent-config.yaml"
+
+
+def write_config(state: State) -> None:
+    """The ConfigMap's config.yaml, as the DaemonSet mounts it."""
+    configmap = next(d for d in controlplane.deploy_documents("configmap.yaml") if d.get("kind") == "ConfigMap")
+    (state.path / CONFIG_FILE).write_text(configmap["data"]["config.yaml"])
+
+
+def deploy_args() -> list[str]:
+    daemonset = next(d for d in controlplane.deploy_documents("daemonset.yaml") if d.get("kind") == "DaemonSet")
+    agent = next(c for c in daemonset["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+    return [str(a) for a in agent["args"]]
 
 
 def command(state: State, spec: LabSpec, node_name: str) -> list[str]:
     node = spec.node(node_name)
-    return [
-        sys.executable, "-m", "ebpfsvc.cli", "agent",
-        "--node-name", node.name,
-        "--manifests", str(state.manifests),
-        "--pin-dir", str(names.pin_dir(state.prefix, node.name)),
-        "--node-address", str(node.address),
-        "--zone", node.zone,
-        "--service-cidr", str(spec.service_cidr),
-        "--pod-interfaces", f"{names.POD_LINK_PREFIX}*",
-        "--uplink", UPLINK,
-        "--hairpin-address", str(node.gateway),
-    ]
+    paths = controlplane.Paths(state.path)
+    mapped = {
+        "--config": str(state.path / CONFIG_FILE),
+        "--pin-dir": str(names.pin_dir(state.prefix, node.name)),
+    }
+    argv = [sys.executable, "-m", "ebpfsvc.cli"]
+    for arg in deploy_args():
+        flag, sep, _ = arg.partition("=")
+        if sep and flag in mapped:
+            arg = f"{flag}={mapped[flag]}"
+        argv.append(arg.replace("$(NODE_NAME)", node.name))
+    return argv + [f"--kubeconfig={paths.agent_kubeconfig(node.name)}",
+                   # TRANSITION: until the agent finds these itself
+                   "--node-address", str(node.address), "--zone", node.zone, "--service-cidr", str(spec.service_cidr),
+                   "--hairpin-address", str(node.gateway)]

@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ebpfsvc.lab import labfile, names, pods as podlib, processes, teardown
+from ebpfsvc.lab import controlplane, labfile, names, pods as podlib, processes, teardown
 from ebpfsvc.lab.lab import Lab, LabError, load_documents
 from ebpfsvc.lab.rpc import ControllerError
 from ebpfsvc.lab.store import LabNotFound
@@ -58,9 +58,10 @@ def lab() -> None:
 @prefix_option
 @click.option("--no-agents", is_flag=True, help="Do not start node agents.")
 def up(labfile_path: str | None, prefix: str | None, no_agents: bool) -> None:
-    """Create the fabric, nodes and external clients; start the controller and agents."""
+    """Create the fabric, nodes, external clients and the control plane; start the kubelet and agents."""
     lab_ = Lab.up(labfile_path, prefix or os.environ.get("EBPFSVC_LAB_PREFIX"), agents=not no_agents)
-    click.echo(f"lab {lab_.prefix} is up: state in {lab_.state.path}, manifests in {lab_.manifests}")
+    click.echo(f"lab {lab_.prefix} is up: state in {lab_.state.path}\n"
+               f"kubectl: export KUBECONFIG={lab_.kubeconfig}")
 
 
 @lab.command()
@@ -145,7 +146,7 @@ def status(prefix: str | None) -> None:
     svcs = Table(title="services")
     for col in ("service", "type", "cluster IP", "ports", "endpoints (ready/all)"):
         svcs.add_column(col)
-    for svc in lab_.state.list("Service"):
+    for svc in lab_.api.list("Service"):
         spec = svc.get("spec") or {}
         ports = ", ".join(f"{p.get('name') or '-'} {p.get('port')}/{p.get('protocol', 'TCP')}"
                           + (f" node {p['nodePort']}" if p.get("nodePort") else "")
@@ -187,10 +188,13 @@ def down(prefix: str | None, all_: bool) -> None:
 @click.argument("name")
 @prefix_option
 def logs(name: str, prefix: str | None) -> None:
-    """Print a log: a pod's (NAME or namespace/NAME), `agent/NODE`, or `controller`."""
+    """Print a log: a pod's (NAME or namespace/NAME), `agent/NODE`, `controller`, or a control-plane
+    component's (etcd, kube-apiserver, kube-controller-manager, apiproxy)."""
     lab_ = _open(prefix)
     if name == "controller":
         path = lab_.state.log_path(names.CONTROLLER)
+    elif name in controlplane.COMPONENTS:
+        path = lab_.state.log_path(name)
     elif name.startswith("agent/"):
         path = lab_.state.log_path(names.agent_record(name.split("/", 1)[1]))
     else:
@@ -201,9 +205,9 @@ def logs(name: str, prefix: str | None) -> None:
     click.echo(path.read_text(errors="replace"), nl=False)
 
 
-@lab.command(name="manifests")
+@lab.command()
 @prefix_option
-def manifests_dir(prefix: str | None) -> None:
-    """Print the manifests directory the agents read."""
-    click.echo(str(_open(prefix).manifests))
+def kubeconfig(prefix: str | None) -> None:
+    """Print the path of the lab's admin kubeconfig (for kubectl, from the host)."""
+    click.echo(str(_open(prefix).kubeconfig))
 

@@ -1,25 +1,32 @@
-"""The lab controller: kubelet, CNI and EndpointSlice controller of one lab, in one process.
+"""The lab controller: the node-side half of a lab, in one process.
 
 Started detached by `lab up` (`python -m ebpfsvc.lab.controller STATE_DIR`), it:
 
-- realizes Pods written to the object store: namespace, veth, routes (network.py),
-  and the first container's command as a process in the pod namespace;
-- probes tcpSocket readiness every 0.5 s from the pod's node (probes.py) and keeps
-  each Pod's Ready condition;
-- finishes deletions: a deleted Pod stays terminating (serving, not ready) for its
-  grace period, then its process group is killed and its namespace removed;
-- starts, stops and restarts the node agents;
-- re-renders manifests/ whenever any of that changed what agents should see.
+- starts the lab's real control plane (etcd, kube-apiserver, kube-controller-manager:
+  controlplane.py) in the cp namespace, and the loopback API proxy for the host;
+- is the kubelet and CNI of every lab node: it realizes the API's Pods bound to a lab
+  node (namespace, veth, routes: network.py, and the first container's command as a
+  process in the pod namespace), and reports their status (podIP, phase, Ready) to the
+  API, where the real EndpointSlice controller picks them up;
+- probes tcpSocket readiness every 0.5 s from the pod's node (probes.py);
+- finishes deletions: a deleted Pod stays terminating (serving, not ready) until its
+  deletionTimestamp, then its process group is killed, its namespace removed, and the
+  Pod object deleted for good;
+- is the scheduler for Pods created without a node, and the cloud controller for
+  LoadBalancer Services (status.loadBalancer from the lab.ebpfsvc.io/lb-ip annotation);
+- starts, stops and restarts the node agents.
 
-It is the parent of every pod and agent process (and a child subreaper), so it
-reaps them: the lab's PID 1 may not.  Everything runs in one thread, so fork()
-for new processes is safe; requests (rpc.py) are served between probe rounds.
+It is the parent of every lab process (and a child subreaper), so it reaps them:
+the lab's PID 1 may not.  Everything runs in one thread, so fork() for new processes
+is safe; requests (rpc.py) are served between probe rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
+import ipaddress
 import json
 import logging
 import os
@@ -31,13 +38,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebpfsvc.lab import agents, manifests, names, network, pods as podlib, probes, processes, rpc
+from ebpfsvc.lab import agents, controlplane, names, network, pods as podlib, probes, processes, rpc
+from ebpfsvc.lab.api import APIError, LabAPI, path_of as api_path
 from ebpfsvc.lab.processes import base_env, spawn
-from ebpfsvc.lab.store import State, api_time
+from ebpfsvc.lab.store import State, api_time, parse_api_time
 
 log = logging.getLogger("ebpfsvc.lab.controller")
 
 PROBE_INTERVAL = 0.5
+# The address a LoadBalancer Service gets from the lab's "cloud" (externalTrafficPolicy and
+# loadBalancerSourceRanges tests route an external client to it).
+LB_IP_ANNOTATION = "lab.ebpfsvc.io/lb-ip"
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -47,6 +58,7 @@ class Controller:
         self.spec = state.spec()
         self.exit_codes: dict[int, int] = {}   # reaped pid -> exit code (negative: killed by signal)
         self.probe_streaks: dict[tuple[str, str], int] = {}   # pod key -> +successes / -failures in a row
+        self.api: LabAPI | None = None                          # set by start_control_plane()
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -63,6 +75,7 @@ class Controller:
         # child, unwinding into this loop's `finally` would delete the live socket.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0) if os.getpid() == owner else os._exit(0))
         log.info("controller of lab %s running (pid %d)", self.state.prefix, os.getpid())
+        self.start_control_plane()
         next_probe = 0.0
         try:
             while self.state.path.exists():
@@ -111,15 +124,74 @@ class Controller:
                 pass
         return keep_running
 
-    # -- pods ----------------------------------------------------------------------------
+    # -- control plane -------------------------------------------------------------------
+
+    def start_control_plane(self) -> None:
+        """etcd, kube-apiserver, kube-controller-manager and the API proxy, in the cp namespace.
+
+        The proxy's listening socket is made here, in the root namespace, on loopback, and
+        inherited by the proxy process, which itself runs inside the lab (apiproxy.py).
+        """
+        paths = controlplane.Paths(self.state.path)
+        cp = self.spec.control_plane
+        netns = names.member_netns(self.state.prefix, names.CONTROL_PLANE)
+        env = base_env()
+        for component, argv in controlplane.commands(paths, cp.address, self.spec.service_cidr).items():
+            self._start(component, argv, netns, env)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.set_inheritable(True)
+        port = listener.getsockname()[1]
+        self._start(controlplane.API_PROXY, [sys.executable, "-m", "ebpfsvc.lab.apiproxy", str(listener.fileno()),
+                                             f"{cp.address}:{controlplane.API_PORT}"], netns, env)
+        listener.close()
+        token = paths.admin_token.read_text().strip()
+        controlplane.write_kubeconfig(paths.kubeconfig, f"https://127.0.0.1:{port}", paths.ca, token,
+                                      controlplane.ADMIN_USER)
+        self.api = LabAPI(str(paths.kubeconfig))
+
+    def _start(self, component: str, argv: list[str], netns: str, env: dict[str, str]) -> None:
+        rec = spawn(argv, netns, self.state.log_path(component), env)
+        self.state.write_pid(component, rec)
+        log.info("%s started (pid %d)", component, rec.pid)
+
+    # -- pods: the kubelet and CNI of every lab node ---------------------------------------
 
     def reconcile(self, probe: bool) -> list[str]:
-        """One pass over every Pod, then manifests/; returns errors (the Pods failed are gone)."""
+        """One pass over the API's Pods (and LoadBalancer Services); returns errors.
+
+        The API server holds the Pods; the state dir keeps, per Pod, what only this node
+        knows (namespace, veth, process: `status.lab`) and the status it reported.
+        """
         self._reap()
+        try:
+            api_pods = self.api.list("Pod")
+            self._load_balancers()
+        except APIError as exc:
+            return [f"API server: {exc}"]
         results = self._probe() if probe else {}
         errors = []
+        nodes = {n.name for n in self.spec.nodes}
         with self.state.lock():
-            pods = self.state.list("Pod")
+            local = {podlib.key(p): p for p in self.state.list("Pod")}
+            current = {}
+            for api_pod in api_pods:
+                if not (api_pod.get("spec") or {}).get("nodeName"):
+                    try:
+                        api_pod = self._bind(api_pod, api_pods)
+                    except (APIError, podlib.PodError) as exc:
+                        errors.append(f"Pod {podlib.label(api_pod)}: {exc}")
+                        continue
+                if api_pod["spec"]["nodeName"] in nodes:
+                    current[podlib.key(api_pod)] = api_pod
+            # Gone from the API (force-deleted) or replaced by a namesake: stop the old one.
+            for key, rec in local.items():
+                api_pod = current.get(key)
+                if api_pod is None or api_pod["metadata"]["uid"] != rec["metadata"].get("uid"):
+                    self._remove_pod(rec)
+            pods = [_with_local_status(p, local.get(k)) for k, p in current.items()]
             # Stop the processes of every Pod whose grace period is over in one go, so a
             # Pod that ignores SIGTERM delays the others by its 2 s once, not each in turn.
             processes.stop([r for p in pods if self._grace_over(p) and (r := podlib.process(p))], grace=2.0)
@@ -127,26 +199,61 @@ class Controller:
                 try:
                     if self._reconcile_pod(pod, results):
                         self.state.put(pod)
+                        self._report(pod)
                 except Exception as exc:  # noqa: BLE001 - one bad Pod must not stop the others
                     log.exception("pod %s", podlib.label(pod))
                     errors.append(f"Pod {podlib.label(pod)}: {exc}")
-            manifests.sync(self.state)
         return errors
 
+    def _bind(self, pod: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
+        """The scheduler's part: bind an unscheduled Pod to the lab node with fewest pods."""
+        node = podlib.schedule(pod, self.spec, pods)
+        namespace, name = podlib.key(pod)
+        self.api.request("POST", api_path("Pod", namespace, name, "binding"),
+                         {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+                          "target": {"apiVersion": "v1", "kind": "Node", "name": node.name}})
+        pod["spec"]["nodeName"] = node.name
+        return pod
+
+    def _report(self, pod: dict[str, Any]) -> None:
+        """The Pod's status as kubelet reports it (the lab's own bookkeeping stays here)."""
+        status = {k: v for k, v in pod["status"].items() if k != "lab"}
+        namespace, name = podlib.key(pod)
+        try:
+            self.api.patch_status("Pod", namespace, name, status)
+        except APIError as exc:
+            if exc.status != 404:    # deleted meanwhile: nothing to report to
+                raise
+
+    def _load_balancers(self) -> None:
+        """The cloud controller's part: a LoadBalancer Service gets its lab.ebpfsvc.io/lb-ip."""
+        for svc in self.api.list("Service"):
+            wanted = _load_balancer_status(svc)
+            if wanted is not None and (svc.get("status") or {}).get("loadBalancer") != wanted:
+                meta = svc["metadata"]
+                self.api.patch_status("Service", meta["namespace"], meta["name"], {"loadBalancer": wanted})
+
     def _reconcile_pod(self, pod: dict[str, Any], probe_results: dict) -> bool:
-        """Move one Pod towards its desired state; True if its stored object must be updated."""
+        """Move one Pod towards its desired state; True if its status changed."""
         if self._grace_over(pod):
             self._remove_pod(pod)
+            namespace, name = podlib.key(pod)
+            self.api.delete("Pod", namespace, name, grace=0, uid=pod["metadata"]["uid"])
             return False
-        status = pod.setdefault("status", {})
-        lab = status.setdefault("lab", {})
+        status = pod["status"]
+        lab = status["lab"]
         changed = False
-        if not lab.get("realized"):
+        if not lab.get("realized") and not lab.get("failed"):
             try:
                 self._realize(pod)
-            except Exception:
-                # Undo the half-made pod, so that applying it again starts from scratch.
-                self._remove_pod(pod)
+            except Exception as exc:
+                # Undo the half-made pod and report it failed, as kubelet does a container
+                # that cannot run; it is not tried again (delete it and apply it anew).
+                self._stop_pod(pod)
+                pod["status"] = {"phase": "Failed", "reason": "ContainerCannotRun", "message": str(exc),
+                                 "lab": {"failed": True}}
+                self.state.put(pod)
+                self._report(pod)
                 raise
             changed = True
         proc = podlib.process(pod)
@@ -154,18 +261,21 @@ class Controller:
             self._reap()      # it may have finished since this pass began
             code = self.exit_codes.get(proc.pid)
             status["phase"] = "Succeeded" if code == 0 else "Failed"
-            status["containerStatuses"] = [{"name": "main", "ready": False,
-                                            "state": {"terminated": {"exitCode": code}}}]
+            status["containerStatuses"] = [_container_status(pod, False, {"terminated": {"exitCode": code}})]
             changed = True
         ready = self._readiness(pod, probe_results)
-        if ready is not None:
-            changed |= podlib.set_ready(pod, ready, api_time())
+        if ready is not None and podlib.set_ready(pod, ready, api_time()):
+            if status.get("phase") == "Running":
+                status["containerStatuses"] = [_container_status(pod, ready, {"running": {
+                    "startedAt": status.get("startTime")}})]
+            changed = True
         return changed
 
     @staticmethod
     def _grace_over(pod: dict[str, Any]) -> bool:
-        deadline = ((pod.get("status") or {}).get("lab") or {}).get("deleteAfter", 0)
-        return podlib.is_terminating(pod) and time.time() >= deadline
+        """Deleted, and its grace period (the API's deletionTimestamp) is over."""
+        deadline = (pod.get("metadata") or {}).get("deletionTimestamp")
+        return bool(deadline) and time.time() >= parse_api_time(deadline)
 
     def _readiness(self, pod: dict[str, Any], probe_results: dict) -> bool | None:
         """Ready per annotation, else per probe (None: no result yet), else running = ready."""
@@ -198,18 +308,22 @@ class Controller:
         node = self.spec.node(pod["spec"]["nodeName"])
         status = pod["status"]
         lab = status["lab"]
+        used = {ipaddress.IPv4Address(p["status"]["podIP"]) for p in self.state.list("Pod")
+                if p["spec"].get("nodeName") == node.name and p["status"].get("podIP")}
+        ip = str(podlib.allocate_ip(pod, node, used))
         netns = names.pod_netns(self.state.prefix, namespace, name)
         host_link = names.pod_host_link(namespace, name)
         self.state.claim_namespace(netns)   # before creating: a crash must not orphan it
         lab.update({"netns": netns, "hostLink": host_link})    # from now on, ours to remove
+        status.update({"podIP": ip, "podIPs": [{"ip": ip}], "hostIP": str(node.address),
+                       "hostIPs": [{"ip": str(node.address)}]})
+        self.state.put(pod)
         network.create_namespace(netns)
-        network.add_pod(names.member_netns(self.state.prefix, node.name), netns, host_link,
-                        status["podIP"], node.gateway)
+        network.add_pod(names.member_netns(self.state.prefix, node.name), netns, host_link, ip, node.gateway)
         argv = podlib.command(pod)
         if argv:
             env = base_env()
-            env.update({"POD_NAME": name, "POD_NAMESPACE": namespace, "POD_IP": status["podIP"],
-                        "NODE_NAME": node.name})
+            env.update({"POD_NAME": name, "POD_NAMESPACE": namespace, "POD_IP": ip, "NODE_NAME": node.name})
             for var in (pod["spec"]["containers"][0].get("env") or []):
                 if "value" in var:
                     env[var["name"]] = str(var["value"])
@@ -217,11 +331,19 @@ class Controller:
             lab["process"] = spawn(argv, netns, log_path, env).to_dict()
             lab["log"] = str(log_path)
         status.update({"phase": "Running", "startTime": api_time()})
+        status["conditions"] = [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}]
         lab["realized"] = True
-        log.info("pod %s running on %s with IP %s", podlib.label(pod), node.name, status["podIP"])
+        log.info("pod %s running on %s with IP %s", podlib.label(pod), node.name, ip)
 
     def _remove_pod(self, pod: dict[str, Any]) -> None:
+        self._stop_pod(pod)
         namespace, name = podlib.key(pod)
+        self.state.delete("Pod", namespace, name)
+        self.probe_streaks.pop((namespace, name), None)
+        log.info("pod %s removed", podlib.label(pod))
+
+    def _stop_pod(self, pod: dict[str, Any]) -> None:
+        """End the pod's process, remove its veth and namespace."""
         proc = podlib.process(pod)
         if proc:
             processes.stop([proc], grace=2.0)
@@ -230,9 +352,6 @@ class Controller:
             node = names.member_netns(self.state.prefix, pod["spec"]["nodeName"])
             network.remove_link(node, lab["hostLink"])
             network.remove_namespace(lab["netns"])
-        self.state.delete("Pod", namespace, name)
-        self.probe_streaks.pop((namespace, name), None)
-        log.info("pod %s removed", podlib.label(pod))
 
     def _probe(self) -> dict:
         targets = {}
@@ -281,7 +400,33 @@ class Controller:
         records = [r for n in self.spec.nodes if (r := self.state.read_pid(names.agent_record(n.name)))]
         records += [r for p in self.state.list("Pod") if (r := podlib.process(p))]
         processes.stop(records, grace=3.0)
-        log.info("controller of lab %s stopped %d processes", self.state.prefix, len(records))
+        # The control plane last, so nothing above saw its API vanish while stopping.
+        control_plane = [r for c in reversed(controlplane.COMPONENTS) if (r := self.state.read_pid(c))]
+        processes.stop(control_plane, grace=3.0)
+        log.info("controller of lab %s stopped %d processes", self.state.prefix, len(records) + len(control_plane))
+
+
+def _load_balancer_status(svc: dict[str, Any]) -> dict[str, Any] | None:
+    lb_ip = ((svc.get("metadata") or {}).get("annotations") or {}).get(LB_IP_ANNOTATION)
+    if (svc.get("spec") or {}).get("type") != "LoadBalancer" or not lb_ip:
+        return None
+    return {"ingress": [{"ip": lb_ip, "ipMode": "VIP"}]}
+
+
+def _with_local_status(api_pod: dict[str, Any], local: dict[str, Any] | None) -> dict[str, Any]:
+    """The API's Pod (metadata, spec) with the status this kubelet keeps for it."""
+    pod = copy.deepcopy(api_pod)
+    if local is not None and local["metadata"].get("uid") == api_pod["metadata"]["uid"]:
+        pod["status"] = local["status"]
+    else:
+        pod["status"] = {"phase": "Pending", "lab": {}}
+    return pod
+
+
+def _container_status(pod: dict[str, Any], ready: bool, state: dict[str, Any]) -> dict[str, Any]:
+    container = pod["spec"]["containers"][0]
+    return {"name": container["name"], "image": container.get("image", ""), "imageID": "",
+            "ready": ready, "restartCount": 0, "started": "running" in state, "state": state}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,31 +5,34 @@
         lab.wait_ready(["web-1"])
         out = lab.exec("client", ["curl", "-s", f"http://{lab.pod_ip('web-1')}:8080/"])
 
-`Lab.up` builds the fabric, nodes and external clients (network.py) and starts
-the controller, which from then on realizes Pods and renders manifests/.  This
-class plays the API server: it validates and defaults what is applied (pod IPs,
-clusterIPs, nodePorts), writes the object store and asks the controller to act.
-The CLI (`ebpfsvc lab ...`) is a thin shell over the same calls.
+`Lab.up` builds the fabric, nodes, external clients and the control plane's namespace
+(network.py), starts the controller, which runs the real etcd, kube-apiserver and
+kube-controller-manager (controlplane.py) and acts as every node's kubelet, registers the
+Nodes, installs deploy/'s ServiceAccount and RBAC, and starts one agent per node with
+deploy/'s configuration (agents.py).  From then on the API server is the only store of
+objects: `apply` sends them there (server-side apply), so defaulting, validation and
+allocation are the real ones, and the real EndpointSlice controller makes the slices the
+agents watch.  The CLI (`ebpfsvc lab ...`) is a thin shell over the same calls, and
+`kubectl --kubeconfig $(ebpfsvc lab kubeconfig)` works against the same lab.
 """
 
 from __future__ import annotations
 
 import copy
-import ipaddress
 import os
 import re
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import yaml
 
-from ebpfsvc.lab import labfile, names, network, nsenter, pods as podlib, rpc, services, teardown
+from ebpfsvc.lab import agents as agentlib, controlplane, labfile, names, network, nsenter, pods as podlib, rpc, teardown
+from ebpfsvc.lab.api import APIError, LabAPI
 from ebpfsvc.lab.processes import ProcRecord, base_env
-from ebpfsvc.lab.store import State, api_time, object_key
+from ebpfsvc.lab.store import State, object_key
 
 PREFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
 APPLY_KINDS = ("Pod", "Service", "Endpoints", "EndpointSlice")
@@ -56,6 +59,19 @@ class Lab:
         self.spec = state.spec()
         self.prefix = state.prefix
         self._controller = controller   # set when this process started it, so it can reap it
+        self._api: LabAPI | None = None
+        self._namespaces: set[str] = set()
+
+    @property
+    def kubeconfig(self) -> Path:
+        """The admin kubeconfig: `kubectl --kubeconfig` this, from the host."""
+        return controlplane.Paths(self.state.path).kubeconfig
+
+    @property
+    def api(self) -> LabAPI:
+        if self._api is None:
+            self._api = LabAPI(str(self.kubeconfig))
+        return self._api
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -69,7 +85,13 @@ class Lab:
         state = State.create(prefix, spec)
         try:
             _build(state, spec)
+            paths = controlplane.Paths(state.path)
+            controlplane.make_pki(paths, spec.control_plane.address, spec.service_cidr.network_address + 1)
             lab = cls(state, _start_controller(state))
+            controlplane.wait_ready(lab.api, log_hint=f"; see {state.path}/kube-apiserver.log")
+            controlplane.register_nodes(lab.api, spec)
+            controlplane.install_agent_identity(lab.api, paths, spec, spec.control_plane.address)
+            agentlib.write_config(state)
             if agents:
                 for node in spec.nodes:
                     lab.agent("start", node.name)
@@ -83,6 +105,8 @@ class Lab:
         return cls(State.open(prefix))
 
     def down(self) -> None:
+        if self._api is not None:
+            self._api.close()
         teardown.down(self.prefix, self.state.path.parent)
         if self._controller is not None:
             self._controller.wait(timeout=10)
@@ -96,95 +120,60 @@ class Lab:
     # -- objects -------------------------------------------------------------------------
 
     def apply(self, docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Create or update Pods, Services, Endpoints, EndpointSlices; returns them as stored.
+        """Apply objects to the API server (server-side apply); returns them as stored.
 
-        Returns once the controller has realized new Pods and manifests/ is current.
+        Returns once the lab's kubelet has realized new Pods.  Like kubectl, what was
+        applied before an error stays applied.
         """
         stored = []
         try:
-            with self.state.lock():
-                pods = self.state.list("Pod")   # kept current below: one read per apply, not per Pod
-                for doc in docs:
-                    obj = self._admit(doc, pods)
-                    self.state.put(obj)
-                    stored.append(obj)
+            for doc in docs:
+                obj = self._admit(doc)
+                self._ensure_namespace(obj)
+                try:
+                    stored.append(self.api.apply(obj))
+                except APIError as exc:
+                    raise LabError(str(exc)) from None
         finally:
-            # Like kubectl, what was admitted before an error stays applied: realize it now.
             self._reconcile()
         return stored
 
-    def _admit(self, doc: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
-        """Validate and default one object, as the API server would (caller holds the lock)."""
+    def _admit(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The lab's own checks before the API server's: what a lab pod can be."""
         kind = doc.get("kind")
         if kind not in APPLY_KINDS:
-            raise LabError(f"kind {kind!r} cannot be applied in the lab (only {', '.join(APPLY_KINDS)})")
+            raise LabError(f"kind {kind!r} cannot be applied with `lab apply` (only {', '.join(APPLY_KINDS)}); "
+                           f"use kubectl --kubeconfig {self.kubeconfig}")
         if not (doc.get("metadata") or {}).get("name"):
             raise LabError(f"{kind}: metadata.name is required")
         obj = copy.deepcopy(doc)
         obj["metadata"].setdefault("namespace", "default")
-        previous = self.state.get(*object_key(obj))
-        obj["metadata"]["uid"] = (previous or {}).get("metadata", {}).get("uid") or str(uuid.uuid4())
-        try:
-            if kind == "Pod":
-                obj = self._admit_pod(obj, previous, pods)
-                if previous is None:
-                    pods.append(obj)
-            elif kind == "Service":
-                others = [s for s in self.state.list("Service") if object_key(s) != object_key(obj)]
-                obj = services.admit(obj, previous, others, self.spec)
-        except (podlib.PodError, services.ServiceError) as exc:
-            raise LabError(str(exc)) from None
+        if kind == "Pod":
+            try:
+                obj = podlib.admit(obj, self.prefix, self.spec)
+            except podlib.PodError as exc:
+                raise LabError(str(exc)) from None
         return obj
 
-    def _admit_pod(self, pod: dict[str, Any], previous: dict[str, Any] | None,
-                   existing: list[dict[str, Any]]) -> dict[str, Any]:
-        namespace, name = podlib.key(pod)
-        if previous is not None:
-            # Like the API server: a Pod's spec is immutable; labels and annotations are not.
-            if (pod.get("spec") or {}).get("containers") != previous["spec"].get("containers"):
-                raise LabError(f"Pod {podlib.label(pod)}: spec is immutable; delete the Pod and apply it again")
-            previous["metadata"]["labels"] = pod["metadata"].get("labels") or {}
-            previous["metadata"]["annotations"] = pod["metadata"].get("annotations") or {}
-            return previous
-        taken = {names.member_netns(self.prefix, n) for n in
-                 [*(x.name for x in self.spec.nodes), *(x.name for x in self.spec.external)]}
-        taken.add(names.fabric_netns(self.prefix))
-        if names.pod_netns(self.prefix, namespace, name) in taken:
-            raise LabError(f"Pod {podlib.label(pod)}: metadata.name clashes with a lab node or client name")
-        node = podlib.schedule(pod, self.spec, existing)
-        used = {ipaddress.IPv4Address(p["status"]["podIP"]) for p in existing
-                if (p.get("status") or {}).get("podIP")}
-        ip = str(podlib.allocate_ip(pod, node, used))
-        podlib.probe_port(pod)   # a probe naming no container port is an error now, not later
-        pod.setdefault("spec", {})["nodeName"] = node.name
-        pod["metadata"]["creationTimestamp"] = api_time()
-        pod["status"] = {"phase": "Pending", "podIP": ip, "podIPs": [{"ip": ip}],
-                         "hostIP": str(node.address), "lab": {}}
-        return pod
+    def _ensure_namespace(self, obj: dict[str, Any]) -> None:
+        """The lab creates a namespace on first use (kubectl would ask for it first)."""
+        namespace = obj["metadata"]["namespace"]
+        if namespace not in self._namespaces:
+            if self.api.get("Namespace", None, namespace) is None:
+                self.api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            self._namespaces.add(namespace)
 
     def delete(self, docs: Iterable[dict[str, Any]], grace: float | None = None) -> None:
         """Delete objects. A Pod terminates: serving but not ready for its grace period
         (spec.terminationGracePeriodSeconds, or `grace`), then its process is killed."""
         missing = []
-        with self.state.lock():
-            for doc in docs:
-                kind, namespace, name = object_key(doc)
-                stored = self.state.get(kind, namespace, name)
-                if stored is None:
+        for doc in docs:
+            kind, namespace, name = object_key(doc)
+            try:
+                if not self.api.delete(kind, namespace, name, grace=grace if kind == "Pod" else None):
                     missing.append(f"{kind} {namespace}/{name}")   # like kubectl: go on, report at the end
-                    continue
-                if kind != "Pod":
-                    self.state.delete(kind, namespace, name)
-                    continue
-                seconds = podlib.grace_seconds(stored) if grace is None else grace
-                lab = stored.setdefault("status", {}).setdefault("lab", {})
-                delete_after = time.time() + seconds
-                if podlib.is_terminating(stored) and lab.get("deleteAfter", delete_after) <= delete_after:
-                    continue    # already terminating, sooner
-                lab["deleteAfter"] = delete_after
-                stored["metadata"]["deletionTimestamp"] = api_time(seconds)
-                stored["metadata"]["deletionGracePeriodSeconds"] = int(seconds)
-                self.state.put(stored)
+            except APIError as exc:
+                raise LabError(str(exc)) from None
         self._reconcile()
         if missing:
             raise LabError(f"not found: {', '.join(missing)}")
@@ -201,9 +190,9 @@ class Lab:
     # -- reading -------------------------------------------------------------------------
 
     def get(self, kind: str, ref: str) -> dict[str, Any]:
-        """A stored object by kind and 'name' or 'namespace/name' (Pods with their status)."""
+        """An object from the API server by kind and 'name' or 'namespace/name'."""
         namespace, name = podlib.parse_ref(ref)
-        obj = self.state.get(kind, namespace, name)
+        obj = self.api.get(kind, namespace, name)
         if obj is None:
             raise LabError(f"no {kind} {ref!r} in lab {self.prefix}")
         return obj
@@ -212,36 +201,30 @@ class Lab:
         return self.get("Pod", ref)
 
     def pods(self) -> list[dict[str, Any]]:
-        return self.state.list("Pod")
+        return self.api.list("Pod")
 
     def pod_ip(self, ref: str) -> str:
-        return self.pod(ref)["status"]["podIP"]
+        ip = (self.pod(ref).get("status") or {}).get("podIP")
+        if not ip:
+            raise LabError(f"Pod {ref!r} has no IP yet")
+        return ip
 
     def service(self, ref: str) -> dict[str, Any]:
         return self.get("Service", ref)
 
-    @property
-    def manifests(self) -> Path:
-        return self.state.manifests
-
     def endpoint_slices(self, service: str) -> list[dict[str, Any]]:
-        """The EndpointSlices of a Service as agents see them in manifests/ (applied or generated)."""
+        """The EndpointSlices of a Service, from the API server (the controller's and any applied)."""
         namespace, name = podlib.parse_ref(service)
-        out = []
-        for path in sorted(self.manifests.glob(f"endpointslice.{namespace}.*.yaml")):
-            obj = yaml.safe_load(path.read_text())
-            if ((obj.get("metadata") or {}).get("labels") or {}).get("kubernetes.io/service-name") == name:
-                out.append(obj)
-        return out
+        return self.api.list("EndpointSlice", namespace, label_selector=f"kubernetes.io/service-name={name}")
 
     def wait_ready(self, refs: Iterable[str], timeout: float = 30.0, ready: bool = True) -> None:
-        """Wait until every pod's Ready condition is `ready` (the controller probes every 0.5 s)."""
+        """Wait until every pod's Ready condition is `ready` (the kubelet probes every 0.5 s)."""
         self._wait(refs, lambda ref: podlib.is_ready(self.pod(ref)) == ready, timeout,
                    "ready" if ready else "unready")
 
     def wait_gone(self, refs: Iterable[str], timeout: float = 60.0) -> None:
         """Wait until deleted pods have finished terminating and are removed."""
-        self._wait(refs, lambda ref: self.state.get("Pod", *podlib.parse_ref(ref)) is None, timeout, "gone")
+        self._wait(refs, lambda ref: self.api.get("Pod", *podlib.parse_ref(ref)) is None, timeout, "gone")
 
     @staticmethod
     def _wait(refs: Iterable[str], done: Callable[[str], bool], timeout: float, what: str) -> None:
@@ -322,6 +305,12 @@ def _build(state: State, spec: labfile.LabSpec) -> None:
         network.plug_into_fabric(fabric, netns, names.fabric_port(node.name), node.address, prefixlen)
         network.add_pod_gateway(netns, node.gateway)
         network.add_routes_via(netns, [(peer.pod_cidr, peer.address) for peer in spec.nodes if peer != node])
+    cp = names.member_netns(state.prefix, names.CONTROL_PLANE)
+    state.claim_namespace(cp)
+    network.create_namespace(cp)
+    network.plug_into_fabric(fabric, cp, names.fabric_port(names.CONTROL_PLANE), spec.control_plane.address, prefixlen)
+    # Pods reach the API server through the `kubernetes` Service, so it must route back to them.
+    network.add_routes_via(cp, [(node.pod_cidr, node.address) for node in spec.nodes])
     for ext in spec.external:
         netns = names.member_netns(state.prefix, ext.name)
         state.claim_namespace(netns)

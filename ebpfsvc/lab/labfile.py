@@ -60,11 +60,18 @@ class ExternalSpec:
 
 
 @dataclass(frozen=True)
+class ControlPlaneSpec:
+    """Where the lab's API server sits on the fabric (its namespace is `<prefix>-cp`)."""
+    address: ipaddress.IPv4Address = ipaddress.IPv4Address("198.18.0.2")
+
+
+@dataclass(frozen=True)
 class LabSpec:
     name: str
     service_cidr: ipaddress.IPv4Network
     nodes: tuple[NodeSpec, ...]
     external: tuple[ExternalSpec, ...] = field(default=())
+    control_plane: ControlPlaneSpec = field(default_factory=ControlPlaneSpec)
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -83,6 +90,7 @@ class LabSpec:
         return {
             "name": self.name,
             "serviceCIDR": str(self.service_cidr),
+            "controlPlane": {"address": str(self.control_plane.address)},
             "nodes": [{"name": n.name, "address": str(n.address), "podCIDR": str(n.pod_cidr),
                        "zone": n.zone} for n in self.nodes],
             "external": [{"name": e.name, "address": str(e.address),
@@ -122,9 +130,14 @@ def parse(doc: Any) -> LabSpec:
         raise LabFileError("external: must be a list")
     node_names = {n.name for n in nodes}
     external = tuple(_external(raw, f"external[{i}]", node_names) for i, raw in enumerate(raw_ext))
-    _check_unique(nodes, external)
+    raw_cp = doc.get("controlPlane") or {}
+    if not isinstance(raw_cp, dict):
+        raise LabFileError("controlPlane: must be a mapping with address")
+    control_plane = ControlPlaneSpec(_fabric_address(raw_cp.get("address", str(ControlPlaneSpec.address)),
+                                                     "controlPlane.address"))
+    _check_unique(nodes, external, control_plane)
     _check_no_overlap(service_cidr, nodes)
-    return LabSpec(name, service_cidr, nodes, external)
+    return LabSpec(name, service_cidr, nodes, external, control_plane)
 
 
 def _node(raw: Any, where: str) -> NodeSpec:
@@ -188,9 +201,10 @@ def _fabric_address(value: Any, where: str) -> ipaddress.IPv4Address:
     return addr
 
 
-def _check_unique(nodes: tuple[NodeSpec, ...], external: tuple[ExternalSpec, ...]) -> None:
-    seen_names: dict[str, str] = {"fabric": "the fabric namespace"}
-    seen_addrs: dict[ipaddress.IPv4Address, str] = {}
+def _check_unique(nodes: tuple[NodeSpec, ...], external: tuple[ExternalSpec, ...],
+                  control_plane: ControlPlaneSpec) -> None:
+    seen_names: dict[str, str] = {"fabric": "the fabric namespace", "cp": "the control plane's namespace"}
+    seen_addrs: dict[ipaddress.IPv4Address, str] = {control_plane.address: "controlPlane.address"}
     members = [(f"nodes[{i}]", n.name, n.address) for i, n in enumerate(nodes)]
     members += [(f"external[{i}]", e.name, e.address) for i, e in enumerate(external)]
     for where, name, addr in members:

@@ -61,6 +61,8 @@ def pin_dir(prefix: str, node: str) -> Path:
 
 # Names of pid records and logs in the state dir (<name>.pid, <name>.log).
 CONTROLLER = "controller"
+# The control plane's namespace is the member namespace of this name (`<prefix>-cp`).
+CONTROL_PLANE = "cp"
 
 
 def agent_record(node: str) -> str:

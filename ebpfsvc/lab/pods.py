@@ -18,6 +18,11 @@ from ebpfsvc.lab.processes import ProcRecord
 # Annotation that fixes a pod's readiness by hand: for pods without a process (the
 # EndpointSlice scale tests need hundreds of endpoints, not hundreds of processes).
 READY_ANNOTATION = "lab.ebpfsvc.io/ready"
+# A fixed pod IP (manual Endpoints name pods by address); `status.podIP` in a lab manifest
+# becomes this annotation, since the API server ignores status on apply.
+POD_IP_ANNOTATION = "lab.ebpfsvc.io/pod-ip"
+# Lab pods run a command in a namespace: no image is pulled, but the API requires a name.
+LAB_IMAGE = "lab.ebpfsvc.io/process"
 DEFAULT_GRACE_SECONDS = 30
 
 
@@ -160,20 +165,41 @@ def schedule(pod: dict[str, Any], spec: LabSpec, existing: list[dict[str, Any]])
     return min(spec.nodes, key=lambda n: counts[n.name])
 
 
+def admit(pod: dict[str, Any], prefix: str, spec: LabSpec) -> dict[str, Any]:
+    """What the lab needs of a Pod before the API server sees it (the caller's copy is changed):
+    an image, a fixed IP as the annotation, a name that is not a lab node's, a probe that names
+    a port, and a nodeName that is a lab node."""
+    from ebpfsvc.lab import names
+
+    namespace, name = key(pod)
+    members = [*(n.name for n in spec.nodes), *(e.name for e in spec.external), names.CONTROL_PLANE, "fabric"]
+    if names.pod_netns(prefix, namespace, name) in {names.member_netns(prefix, m) for m in members}:
+        raise PodError(f"Pod {label(pod)}: metadata.name clashes with a lab node or client name")
+    wanted = (pod.pop("status", None) or {}).get("podIP")
+    if wanted:
+        pod["metadata"].setdefault("annotations", {})[POD_IP_ANNOTATION] = str(wanted)
+    for container in _containers(pod):
+        container.setdefault("image", LAB_IMAGE)
+    probe_port(pod)
+    if (pod.get("spec") or {}).get("nodeName"):
+        schedule(pod, spec, [])
+    return pod
+
+
 def allocate_ip(pod: dict[str, Any], node: NodeSpec, used: set[ipaddress.IPv4Address]) -> ipaddress.IPv4Address:
-    """status.podIP if the manifest sets one (it must be in the node's pod CIDR), else the
-    lowest free address from .2 up (.1 is the node's gateway)."""
-    wanted = (pod.get("status") or {}).get("podIP")
+    """The lab.ebpfsvc.io/pod-ip annotation if the manifest sets one (it must be in the node's
+    pod CIDR), else the lowest free address from .2 up (.1 is the node's gateway)."""
+    wanted = ((pod.get("metadata") or {}).get("annotations") or {}).get(POD_IP_ANNOTATION)
     if wanted:
         try:
             ip = ipaddress.IPv4Address(wanted)
         except ValueError:
-            raise PodError(f"Pod {label(pod)}: status.podIP: {wanted!r} is not an IPv4 address") from None
+            raise PodError(f"Pod {label(pod)}: {POD_IP_ANNOTATION}: {wanted!r} is not an IPv4 address") from None
         if ip not in node.pod_cidr or ip in (node.gateway, node.pod_cidr.broadcast_address):
-            raise PodError(f"Pod {label(pod)}: status.podIP: {ip} is not a pod address of "
+            raise PodError(f"Pod {label(pod)}: {POD_IP_ANNOTATION}: {ip} is not a pod address of "
                            f"node {node.name} ({node.pod_cidr})")
         if ip in used:
-            raise PodError(f"Pod {label(pod)}: status.podIP: {ip} is already in use")
+            raise PodError(f"Pod {label(pod)}: {POD_IP_ANNOTATION}: {ip} is already in use")
         return ip
     for ip in node.pod_cidr.hosts():
         if ip != node.gateway and ip not in used:

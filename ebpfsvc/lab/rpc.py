@@ -1,9 +1,9 @@
 """Talking to a lab's controller: one JSON request line, one JSON reply line, over a Unix socket.
 
 The controller owns every long-lived lab process (it is their parent, so it can
-reap them) and the pods' networking; CLI commands and the Python API write the
-object store and then ask the controller to act on it, synchronously, so that
-`lab apply` returns only once pods exist and manifests/ is up to date.
+reap them) and the pods' networking; CLI commands and the Python API write objects
+to the API server and then ask the controller to act on them, synchronously, so
+that `lab apply` returns only once new pods run.
 """
 
 from __future__ import annotations

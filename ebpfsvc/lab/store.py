@@ -1,15 +1,17 @@
-"""A lab's state dir: its API-like object store, the manifests view, registries, locks.
+"""A lab's state dir: the kubelet's pod records, the control plane's files, registries, locks.
 
 Layout of /run/ebpfsvc-lab/<prefix>/ (see docs/lab.md):
 
     lab.yaml              the lab spec the lab was built from
     namespaces            every netns the lab created, one per line, recorded BEFORE creation
     lock                  flock: one writer at a time (CLI processes and the controller)
-    objects/<Kind>/<namespace>/<name>.json
-                          what was applied, with API-server defaults (clusterIP, ...) and,
-                          for Pods, the lab's status (podIP, readiness, process record)
-    manifests/            what the node agents read: a pure rendering of objects/ (manifests.py)
-    controller.pid/.sock/.log, agent-<node>.pid/.log, pod-<namespace>-<name>.log
+    objects/Pod/<namespace>/<name>.json
+                          the kubelet's record of each Pod it runs: the API's Pod with the
+                          status it reported and its own facts (status.lab: netns, veth, process)
+    pki/, etcd/, kubeconfig, kubeconfig.cp, agent-<node>.kubeconfig, agent-config.yaml
+                          the control plane's (controlplane.py) and the agents' (agents.py) files
+    controller.pid/.sock/.log, agent-<node>.pid/.log, pod-<namespace>-<name>.log,
+    etcd/kube-apiserver/kube-controller-manager/apiproxy.pid/.log
 
 The state dir is also the registry `lab down --all` walks: it is created first
 by `lab up` and removed last by `lab down`, so a crash in between leaves it behind
@@ -34,7 +36,7 @@ import yaml
 from ebpfsvc.lab import labfile, names, nsenter
 from ebpfsvc.lab.processes import ProcRecord
 
-KINDS = ("Pod", "Service", "Endpoints", "EndpointSlice")
+KINDS = ("Pod",)   # the kubelet's records; every other object lives in the API server
 
 
 class LabNotFound(RuntimeError):
@@ -61,12 +63,16 @@ def api_time(offset: float = 0.0) -> str:
     return datetime.fromtimestamp(time.time() + offset, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-# libyaml when present: manifests/ is re-rendered on every change, for hundreds of objects.
+def parse_api_time(text: str) -> float:
+    """An API timestamp (RFC 3339, UTC) as seconds since the epoch."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+
+
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def dump(obj: Any) -> str:
-    """YAML for people and agents (lab.yaml, manifests/)."""
+    """YAML for people (lab.yaml)."""
     return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
@@ -80,7 +86,6 @@ class State:
         self.prefix = prefix
         self.path = (root or names.STATE_ROOT) / prefix
         self.objects = self.path / "objects"
-        self.manifests = self.path / "manifests"
 
     # -- the directory itself ------------------------------------------------------------
 
@@ -90,7 +95,6 @@ class State:
         if state.path.exists():
             raise FileExistsError(f"lab {prefix!r} already exists ({state.path}); run `lab down` first")
         state.path.mkdir(parents=True)
-        state.manifests.mkdir()
         for kind in KINDS:
             (state.objects / kind).mkdir(parents=True)
         atomic_write(state.path / "lab.yaml", dump(spec.to_dict()))

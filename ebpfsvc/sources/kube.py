@@ -74,7 +74,7 @@ class _Stopping(Exception):
     """stop() was called: unwind without recording an error."""
 
 
-def _load_api_client(kubeconfig: str | None, in_cluster: bool | None) -> k8s_client.ApiClient:
+def load_api_client(kubeconfig: str | None, in_cluster: bool | None) -> k8s_client.ApiClient:
     # A private Configuration, so two sources (or a test) never share global client state.
     configuration = k8s_client.Configuration()
     if in_cluster is None:
@@ -332,7 +332,7 @@ class KubeSource:
         Backoff(backoff_initial, backoff_max)   # validate early, not in a thread
         self._sink = sink
         self._own_client = api_client is None
-        self._api_client = api_client if api_client is not None else _load_api_client(kubeconfig, in_cluster)
+        self._api_client = api_client if api_client is not None else load_api_client(kubeconfig, in_cluster)
         if isinstance(request_timeout, (int, float)):
             request_timeout = (request_timeout, request_timeout)
         self._request_timeout = tuple(request_timeout)

@@ -16,9 +16,13 @@ import time
 
 import pytest
 
-from ebpfsvc.lab import Lab, LabError, apps, labfile, names, nsenter, processes
-from ebpfsvc.lab.endpointslices import MAX_ENDPOINTS_PER_SLICE
+from ebpfsvc.lab import Lab, LabError, apps, controlplane, labfile, names, nsenter, processes
 from ebpfsvc.lab.pods import READY_ANNOTATION, process as pod_process
+
+from .helpers import wait_for
+
+# kube-controller-manager's --max-endpoints-per-slice default.
+MAX_ENDPOINTS_PER_SLICE = 100
 
 NO_AGENTS = pytest.mark.parametrize("lab", [{"agents": False}], indirect=True)
 
@@ -48,9 +52,9 @@ def lab_leftovers(prefix: str) -> list[str]:
 
 
 def lab_processes(lab: Lab) -> list[processes.ProcRecord]:
-    """Records of the controller and of every pod process."""
-    recs = [lab.state.read_pid(names.CONTROLLER)]
-    recs += [pod_process(p) for p in lab.pods()]
+    """Records of the controller, the control plane and every pod process (the kubelet's records)."""
+    recs = [lab.state.read_pid(name) for name in (names.CONTROLLER, *controlplane.COMPONENTS)]
+    recs += [pod_process(p) for p in lab.state.list("Pod")]
     return [r for r in recs if r]
 
 
@@ -250,6 +254,7 @@ def test_more_than_100_endpoints_split_into_slices(lab):
 @pytest.mark.root
 @NO_AGENTS
 def test_service_defaults_and_load_balancer_status(lab):
+    """The real API server defaults and allocates; the lab's cloud part fills status.loadBalancer."""
     [svc] = lab.apply([{"apiVersion": "v1", "kind": "Service",
                         "metadata": {"name": "lb", "annotations": {"lab.ebpfsvc.io/lb-ip": "198.18.200.7"}},
                         "spec": {"type": "LoadBalancer", "selector": {"app": "lb"}, "ports": [{"port": 80}]}}])
@@ -257,15 +262,17 @@ def test_service_defaults_and_load_balancer_status(lab):
     assert spec["clusterIP"].startswith("198.19.")
     assert 30000 <= spec["ports"][0]["nodePort"] <= 32767
     assert spec["ports"][0]["targetPort"] == 80
-    manifest = (lab.manifests / "service.default.lb.yaml").read_text()
-    assert "198.18.200.7" in manifest and "loadBalancer" in manifest
+    assert spec["externalTrafficPolicy"] == "Cluster" and spec["sessionAffinity"] == "None"
+    wait_for(lambda: lab.service("lb").get("status", {}).get("loadBalancer", {}).get("ingress"),
+             what="status.loadBalancer")
+    assert lab.service("lb")["status"]["loadBalancer"]["ingress"][0]["ip"] == "198.18.200.7"
     # Re-apply keeps what was allocated, as the API server does.
     [again] = lab.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lb"},
                           "spec": {"type": "NodePort", "selector": {"app": "lb"}, "ports": [{"port": 80}]}}])
     assert again["spec"]["clusterIP"] == spec["clusterIP"]
     assert again["spec"]["ports"][0]["nodePort"] == spec["ports"][0]["nodePort"]
-    assert "loadBalancer" not in (lab.manifests / "service.default.lb.yaml").read_text()
-    assert {p.name for p in lab.manifests.glob("node.*.yaml")} == {"node.node-1.yaml", "node.node-2.yaml"}
+    assert not (lab.service("lb").get("status") or {}).get("loadBalancer", {}).get("ingress")
+    assert {n["metadata"]["name"] for n in lab.api.list("Node")} == {"node-1", "node-2"}
     with pytest.raises(LabError, match="clusterIP"):
         lab.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad"},
                     "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}}])
@@ -273,14 +280,17 @@ def test_service_defaults_and_load_balancer_status(lab):
 
 @pytest.mark.root
 @NO_AGENTS
-def test_bad_pods_are_refused_whole(lab):
-    """A pod that cannot start is reported by apply and leaves nothing half-made."""
+def test_bad_pods_fail_and_leave_nothing_half_made(lab):
+    """A pod that cannot start fails (as kubelet reports a container that cannot run), and
+    leaves no namespace behind; deleted, its name can be used again."""
     broken = apps.pod("web", "http-echo", 8080, node="node-1")
     broken["spec"]["containers"][0]["command"] = ["/nonexistent/program"]
     with pytest.raises(LabError, match="cannot start"):
         lab.apply([broken])
-    assert lab.pods() == []
+    assert lab.pod("web")["status"]["phase"] == "Failed"
     assert not nsenter.exists(names.pod_netns(lab.prefix, "default", "web"))
+    lab.delete_object("pod", "web", grace=0)
+    lab.wait_gone(["web"], timeout=10)
     lab.apply([apps.pod("web", "http-echo", 8080, node="node-1")])   # the same name works again
     lab.wait_ready(["web"], timeout=20)
     with pytest.raises(LabError, match="clashes"):
@@ -301,7 +311,8 @@ def test_up_down_leaves_nothing(unique_prefix):
         lab.wait_ready(["web", "echo"], timeout=20)
         long_lived = lab.popen("echo", ["sleep", "300"])   # a stray exec the test forgets
         recs = lab_processes(lab)
-        assert len(recs) == 3 and all(processes.alive(r) for r in recs)
+        # The controller, etcd, kube-apiserver, kube-controller-manager, the API proxy, two pods.
+        assert len(recs) == 7 and all(processes.alive(r) for r in recs)
         assert lab_leftovers(unique_prefix)
     finally:
         lab.down()
@@ -446,33 +457,3 @@ def test_down_all_removes_every_lab(unique_prefix, tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert not any(n.startswith(unique_prefix) for n in os.listdir(nsenter.NETNS_RUN_DIR))
 
-
-# -- the EndpointSlice generator alone (pure, no root) -------------------------------------------
-
-
-def _pod(name: str, port: int, ready: bool = True, ip: str = "198.18.1.9") -> dict:
-    pod = apps.pod(name, "http-echo", port, node="node-1", labels={"app": "web"})
-    pod["status"] = {"phase": "Running", "podIP": ip,
-                     "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
-    return pod
-
-
-def test_generator_groups_pods_by_resolved_ports():
-    from ebpfsvc.lab.endpointslices import for_service
-    svc = {"metadata": {"name": "web", "namespace": "default"},
-           "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "serve"}]}}
-    slices = for_service(svc, [_pod("a", 8080), _pod("b", 9090, ip="198.18.1.10"), _pod("c", 8080, ready=False,
-                                                                                           ip="198.18.1.11")],
-                         {"node-1": "zone-a"})
-    by_port = {s["ports"][0]["port"]: [e["targetRef"]["name"] for e in s["endpoints"]] for s in slices}
-    assert by_port == {8080: ["a", "c"], 9090: ["b"]}
-    assert all("hints" not in e for s in slices for e in s["endpoints"])   # no topology annotation
-
-    svc["spec"]["publishNotReadyAddresses"] = True
-    eps = {e["targetRef"]["name"]: e for s in for_service(svc, [_pod("c", 8080, ready=False)], {})
-           for e in s["endpoints"]}
-    assert eps["c"]["conditions"] == {"ready": True, "serving": False, "terminating": False}
-
-    [empty] = for_service({**svc, "spec": {**svc["spec"], "selector": {"app": "none"}}}, [_pod("a", 8080)], {})
-    assert empty["endpoints"] == [] and empty["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
-    assert for_service({**svc, "spec": {"type": "ExternalName", "externalName": "x.example"}}, [], {}) == []
