@@ -200,6 +200,9 @@ class Controller:
                     if self._reconcile_pod(pod, results):
                         self.state.put(pod)
                         self._report(pod)
+                except podlib.PodError as exc:     # its message names the Pod
+                    log.error("%s", exc)
+                    errors.append(str(exc))
                 except Exception as exc:  # noqa: BLE001 - one bad Pod must not stop the others
                     log.exception("pod %s", podlib.label(pod))
                     errors.append(f"Pod {podlib.label(pod)}: {exc}")

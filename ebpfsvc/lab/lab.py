@@ -30,12 +30,12 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from ebpfsvc.lab import agents as agentlib, controlplane, labfile, names, network, nsenter, pods as podlib, rpc, teardown
-from ebpfsvc.lab.api import APIError, LabAPI
+from ebpfsvc.lab.api import RESOURCES, APIError, LabAPI
 from ebpfsvc.lab.processes import ProcRecord, base_env
 from ebpfsvc.lab.store import State, object_key
 
 PREFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
-APPLY_KINDS = ("Pod", "Service", "Endpoints", "EndpointSlice")
+APPLY_KINDS = ("Namespace", "Pod", "Service", "Endpoints", "EndpointSlice")
 
 
 class LabError(RuntimeError):
@@ -129,7 +129,6 @@ class Lab:
         try:
             for doc in docs:
                 obj = self._admit(doc)
-                self._ensure_namespace(obj)
                 try:
                     stored.append(self.api.apply(obj))
                 except APIError as exc:
@@ -147,7 +146,9 @@ class Lab:
         if not (doc.get("metadata") or {}).get("name"):
             raise LabError(f"{kind}: metadata.name is required")
         obj = copy.deepcopy(doc)
-        obj["metadata"].setdefault("namespace", "default")
+        if RESOURCES[kind][2]:      # namespaced
+            obj["metadata"].setdefault("namespace", "default")
+            self._ensure_namespace(obj)
         if kind == "Pod":
             try:
                 obj = podlib.admit(obj, self.prefix, self.spec)

@@ -279,6 +279,18 @@ def wait_programmed(lab: Lab, svc: str, port: int, backends: int, nodes: Iterabl
         wait_for(done, timeout, what=f"{node}: {svc} {vip}:{port}/{proto} with {backends} backends")
 
 
+def wait_backend_gone(lab: Lab, address: str, nodes: Iterable[str] | None = None,
+                      timeout: float = SYNC_TIMEOUT) -> None:
+    """Wait until no node's backends map holds `address` (the writer deletes a backend after the
+    frontends that used it, so a frontend's count can drop a moment before)."""
+    for node in nodes or [n.name for n in lab.spec.nodes]:
+        def done() -> bool:
+            with node_maps(lab, node) as maps:
+                return all(b.address != address for b in maps.backends().values())
+
+        wait_for(done, timeout, what=f"{node}: backend {address} removed")
+
+
 def wait_affinity(lab: Lab, svc: str, port: int, seconds: int, nodes: Iterable[str] | None = None,
                   timeout: float = SYNC_TIMEOUT) -> None:
     vip = cluster_ip(lab, svc)

@@ -20,7 +20,7 @@ from ebpfsvc.lab import Lab, apps, names
 from ebpfsvc.lab.pods import READY_ANNOTATION
 
 from .helpers import (TcpStream, add_clients, bare_pod, cluster_ip, connect_outcome, service, udp_ask,
-                      udp_socket, wait_for, wait_programmed, wait_ready, wait_udp_bound)
+                      udp_socket, wait_backend_gone, wait_for, wait_programmed, wait_ready, wait_udp_bound)
 
 pytestmark = pytest.mark.root
 
@@ -182,9 +182,11 @@ def test_udp_flow_to_removed_backend_moves_on(lab):
             break
     try:
         assert set(flows) == {"uflow-1", "uflow-2"}
+        gone = lab.pod_ip("uflow-2")
         lab.delete_object("pod", "uflow-2", grace=0)
         lab.wait_gone(["uflow-2"])
         wait_programmed(lab, "uflow", 53, backends=1, proto="UDP")
+        wait_backend_gone(lab, gone)
 
         moved = udp_ask(flows["uflow-2"], vip, 53)
         assert moved["pod"] == "uflow-1"
