@@ -15,6 +15,7 @@ from ebpfsvc.agent import Agent, AgentConfig
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPv4Address, IPv4Network,
                            OneLineErrors, PortRange, format_duration)
+from ebpfsvc.health import BindError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,9 @@ def _lifetime_option(flag: str, macro: str, what: str):
               help="/healthz and /livez (kube-proxy's meaning); empty to disable.")
 @click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True, type=BindAddress(10249),
               help="Prometheus /metrics; empty to disable.")
+@click.option("--bind-address-hard-fail", is_flag=True,
+              help="Exit when a healthz or metrics address is taken, instead of retrying it in the background "
+                   "every 5s (kube-proxy's flag and default; docs/deploy.md, migrating from kube-proxy).")
 @click.option("--conntrack-max-per-core", default=32768, show_default=True, type=click.IntRange(min=0),
               help="Flows tracked per CPU (0: leave the datapath's table size and ignore --conntrack-min).")
 @click.option("--conntrack-min", default=131072, show_default=True, type=click.IntRange(min=0),
@@ -122,7 +126,7 @@ def _lifetime_option(flag: str, macro: str, what: str):
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
           uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, min_sync_period, sync_period,
-          healthz_bind_address, metrics_bind_address, conntrack_max_per_core, conntrack_min,
+          healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
           conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
           conntrack_udp_timeout_stream):
     """Run the node agent: program this node's Service data plane and keep it in sync."""
@@ -141,10 +145,14 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
+                      bind_address_hard_fail=bind_address_hard_fail,
                       limits=conntrack_limits(max_per_core=conntrack_max_per_core, minimum=conntrack_min,
                                               tcp_established=conntrack_tcp_timeout_established,
                                               tcp_close_wait=conntrack_tcp_timeout_close_wait,
                                               udp=conntrack_udp_timeout, udp_stream=conntrack_udp_timeout_stream))
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     log.info("ebpfsvc agent on node %s (pid %d)", node_name, os.getpid())
-    Agent(cfg).run_forever()
+    try:
+        Agent(cfg).run_forever()
+    except BindError as e:
+        raise AgentError(str(e)) from None

@@ -25,6 +25,8 @@ import sys
 import click
 from click.core import ParameterSource
 
+from ebpfsvc.health import parse_bind_address
+
 PROG = "ebpfsvc agent"
 
 class _Checked(click.ParamType):
@@ -150,17 +152,13 @@ class BindAddress(_Checked):
         text = str(value).strip()
         if not text:
             return ""
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, str(self.default_port)
         try:
-            if host:
-                ipaddress.IPv4Address(host)
-            number = int(port)
+            host, port = parse_bind_address(text, self.default_port)
+            ipaddress.IPv4Address(host)
         except ValueError:
             self.fail(f"{value}: not IP:PORT (like 0.0.0.0:{self.default_port})", param, ctx)
-        if not 0 <= number <= 65535:
-            self.fail(f"{value}: port {number} is not 0-65535", param, ctx)
+        if not 0 <= port <= 65535:
+            self.fail(f"{value}: port {port} is not 0-65535", param, ctx)
         return text
 
 

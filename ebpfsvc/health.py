@@ -36,13 +36,15 @@ service health server, same JSON body and X-Load-Balancing-Endpoint-Weight).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,93 @@ def parse_bind_address(value: str, default_port: int) -> tuple[str, int]:
     if not sep:
         return value or "0.0.0.0", default_port
     return host or "0.0.0.0", int(port)
+
+
+# ---- binding the agent's servers -------------------------------------------------------------------
+
+#: kube-proxy's retry period for its healthz and metrics servers (server.go: wait.Until(..., 5*time.Second)).
+BIND_RETRY_INTERVAL = 5.0
+
+
+class BindError(RuntimeError):
+    """A server's address cannot be bound and --bind-address-hard-fail says that is fatal.
+    str() is the one line for the operator."""
+
+
+def bind_problem(what: str, err: OSError) -> str:
+    """`WHAT: address already in use (is kube-proxy still running?)`; WHAT names the flag and
+    address (`--healthz-bind-address 0.0.0.0:10256`) or the Service and port."""
+    reason = os.strerror(err.errno).lower() if err.errno else str(err)
+    hint = {errno.EADDRINUSE: " (is kube-proxy still running?)",
+            errno.EADDRNOTAVAIL: " (not an address of this node)"}.get(err.errno, "")
+    return f"{what}: {reason}{hint}"
+
+
+class Listener:
+    """One of the agent's servers on its configured address (--healthz-bind-address,
+    --metrics-bind-address): bound at start or, when the address is taken, retried in the
+    background every BIND_RETRY_INTERVAL seconds.
+
+    That is kube-proxy's own behaviour (it logs and retries both servers every 5 s unless
+    --bind-address-hard-fail makes a failed bind fatal), and the one a migration needs: the
+    DaemonSet keeps kube-proxy's ports 10256 and 10249, so that load balancers' health checks
+    (which probe :10256/healthz) keep working once ebpfsvc has taken over. While kube-proxy still
+    runs it holds those ports; an agent that died over them would crash-loop until kube-proxy is
+    removed, and would not be programming Services meanwhile. Retrying, it programs the datapath
+    at once and answers on the ports the moment kube-proxy lets go. The problem is logged once
+    (one line), shown in the /healthz body while it lasts, and logged again when it is over.
+
+    `serve(host, port)` starts the server and returns it (anything with .port and .close())."""
+
+    def __init__(self, flag: str, address: str, default_port: int, serve: Callable[[str, int], Any], *,
+                 hard_fail: bool = False, retry_interval: float | None = None):
+        self.flag = flag
+        self.address = address
+        self.host, self._port = parse_bind_address(address, default_port)
+        self._serve = serve
+        self.retry_interval = BIND_RETRY_INTERVAL if retry_interval is None else retry_interval
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self.server: Any = None
+        self.error: str | None = None
+        try:
+            self.server = serve(self.host, self._port)
+        except OSError as e:
+            self.error = bind_problem(f"{flag} {address}", e)
+            if hard_fail:
+                raise BindError(f"{self.error}; stop what holds it, choose another address, or run without "
+                                "--bind-address-hard-fail to retry in the background as kube-proxy does") from None
+            log.warning("%s; retrying every %gs in the background, as kube-proxy does", self.error,
+                        self.retry_interval)
+            threading.Thread(target=self._retry, name=f"bind{flag}", daemon=True).start()
+
+    @property
+    def port(self) -> int | None:
+        """The bound port (the real one when 0 was asked for); None while not bound."""
+        server = self.server
+        return server.port if server is not None else None
+
+    def _retry(self) -> None:
+        while not self._closed.wait(self.retry_interval):
+            try:
+                server = self._serve(self.host, self._port)
+            except OSError as e:
+                self.error = bind_problem(f"{self.flag} {self.address}", e)
+                continue
+            with self._lock:
+                if self._closed.is_set():
+                    server.close()
+                    return
+                self.server, self.error = server, None
+            log.info("%s %s: bound now", self.flag, self.address)
+            return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            server, self.server = self.server, None
+        if server is not None:
+            server.close()
 
 
 def _iso(ts: float | None) -> str:
@@ -197,7 +286,11 @@ class HealthServer:
 
 
 class ServiceHealthServers:
-    """One HTTP server per healthCheckNodePort, answering by local endpoint count."""
+    """One HTTP server per healthCheckNodePort, answering by local endpoint count.
+
+    A port that cannot be bound (another process holds it) costs that Service's health check
+    only: one line naming the Service and the port, retried at every sync (a sync comes at least
+    every --sync-period), logged again only if the problem changes and once when it is over."""
 
     def __init__(self, host: str = "0.0.0.0", proxy_healthy: Callable[[], bool] = lambda: True):
         self.host = host
@@ -205,6 +298,7 @@ class ServiceHealthServers:
         self._lock = threading.Lock()
         self._servers: dict[tuple[str, str], tuple[int, _Server]] = {}
         self._endpoints: dict[tuple[str, str], int] = {}
+        self._failed: dict[tuple[str, str], tuple[int, str]] = {}     # Service -> (port, problem)
 
     def sync(self, ports: dict[tuple[str, str], int], local_endpoints: dict[tuple[str, str], int]) -> None:
         """ports: (namespace, name) -> healthCheckNodePort; local_endpoints: (namespace, name) -> count."""
@@ -214,16 +308,30 @@ class ServiceHealthServers:
                 if ports.get(svc) != port:
                     server.close()
                     del self._servers[svc]
+            for svc in [s for s, (port, _) in self._failed.items() if ports.get(s) != port]:
+                del self._failed[svc]
             for svc, port in sorted(ports.items()):
                 if svc in self._servers:
                     continue
                 try:
                     server = _Server(self.host, port, lambda req, svc=svc: self._handle(req, svc),
                                      f"healthcheck:{svc[0]}/{svc[1]}:{port}")
-                except OSError as e:      # port taken: log and retry at the next sync
-                    log.warning("cannot serve healthCheckNodePort %d of %s/%s: %s", port, *svc, e)
+                except OSError as e:
+                    problem = bind_problem(f"healthCheckNodePort {port} of Service {svc[0]}/{svc[1]}", e)
+                    if self._failed.get(svc) != (port, problem):
+                        log.warning("%s; its load balancer health check fails on this node, retried at every "
+                                    "sync", problem)
+                    self._failed[svc] = (port, problem)
                     continue
+                if self._failed.pop(svc, None) is not None:
+                    log.info("healthCheckNodePort %d of Service %s/%s: serving now", port, *svc)
                 self._servers[svc] = (port, server)
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """"namespace/name" -> why its healthCheckNodePort is not served."""
+        with self._lock:
+            return {f"{ns}/{name}": problem for (ns, name), (_, problem) in sorted(self._failed.items())}
 
     def _handle(self, req: BaseHTTPRequestHandler, svc: tuple[str, str]) -> None:
         with self._lock:

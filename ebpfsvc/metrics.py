@@ -226,10 +226,17 @@ class AgentCollector(Collector):
             yield f
 
 
-def serve(registry: CollectorRegistry, host: str, port: int):
-    """/metrics of `registry` on host:port in a daemon thread; returns (server, thread)."""
-    from prometheus_client import start_http_server
-    return start_http_server(port, addr=host, registry=registry)
+class MetricsServer:
+    """/metrics of `registry` on host:port, in a daemon thread (port 0: a free one, see .port)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        from prometheus_client import start_http_server
+        self.httpd, self.thread = start_http_server(port, addr=host, registry=registry)
+        self.port = self.httpd.server_address[1]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 # ---- glue: what the agent calls ------------------------------------------------------------------
@@ -334,19 +341,29 @@ class Telemetry:
 
     # -- lifecycle
     def start(self) -> None:
-        from ebpfsvc.health import HealthServer, ServiceHealthServers, parse_bind_address
+        """Bind /healthz and /metrics. A taken address is retried in the background (health.Listener
+        says why), or raises health.BindError with --bind-address-hard-fail."""
+        from ebpfsvc.health import HealthServer, Listener, ServiceHealthServers
 
         cfg = self.agent.config
+        hard_fail = getattr(cfg, "bind_address_hard_fail", False)
         if getattr(cfg, "healthz_bind_address", ""):
-            host, port = parse_bind_address(cfg.healthz_bind_address, 10256)
-            self.healthz_server = HealthServer(self.health, self.alive, host, port, details=self.details,
-                                               on_request=self.metrics.on_probe)
-            self.service_health = ServiceHealthServers(host, proxy_healthy=lambda: self.health.status()[0])
-            log.info("healthz on %s:%d", host, self.healthz_server.port)
+            self.healthz_server = Listener(
+                "--healthz-bind-address", cfg.healthz_bind_address, 10256, hard_fail=hard_fail,
+                serve=lambda host, port: HealthServer(self.health, self.alive, host, port, details=self.details,
+                                                      on_request=self.metrics.on_probe))
+            self.service_health = ServiceHealthServers(self.healthz_server.host,
+                                                       proxy_healthy=lambda: self.health.status()[0])
+            log.info("healthz on %s (port %s)", cfg.healthz_bind_address, self.healthz_server.port)
         if getattr(cfg, "metrics_bind_address", ""):
-            host, port = parse_bind_address(cfg.metrics_bind_address, 10249)
-            self.metrics_server = serve(self.metrics.registry, host, port)
-            log.info("metrics on %s:%d", host, self.metrics_server[0].server_address[1])
+            try:
+                self.metrics_server = Listener(
+                    "--metrics-bind-address", cfg.metrics_bind_address, 10249, hard_fail=hard_fail,
+                    serve=lambda host, port: MetricsServer(self.metrics.registry, host, port))
+            except Exception:
+                self.close()
+                raise
+            log.info("metrics on %s (port %s)", cfg.metrics_bind_address, self.metrics_server.port)
 
     def stop(self) -> None:
         """Fail /healthz at once (load balancers drain the node); close the servers."""
@@ -354,25 +371,30 @@ class Telemetry:
 
     def close(self) -> None:
         """Close every server (idempotent: the agent may be stopped twice)."""
-        for server in (self.healthz_server, self.service_health):
+        for server in (self.healthz_server, self.service_health, self.metrics_server):
             if server is not None:
                 server.close()
-        self.healthz_server = self.service_health = None
-        if self.metrics_server is not None:
-            self.metrics_server[0].shutdown()
-            self.metrics_server[0].server_close()
-            self.metrics_server = None
+        self.healthz_server = self.service_health = self.metrics_server = None
         self.datapath_collector.close()
 
     def alive(self) -> bool:
         return not self.health.stopping and self.agent.runner.alive
 
     def details(self) -> dict:
+        """Operator information in the /healthz body: the API source's state, and addresses the agent
+        could not bind (its own servers', healthCheckNodePorts)."""
+        out: dict = {}
         stats = getattr(self.agent.source, "stats", None)
-        if not isinstance(stats, dict):
-            return {}
-        return {"source": {kind: {"synced": v.get("synced"), "errors": v.get("errors"),
-                                  "lastError": v.get("last_error")} for kind, v in sorted(stats.items())}}
+        if isinstance(stats, dict):
+            out["source"] = {kind: {"synced": v.get("synced"), "errors": v.get("errors"),
+                                    "lastError": v.get("last_error")} for kind, v in sorted(stats.items())}
+        unbound = [listener.error for listener in (self.healthz_server, self.metrics_server)
+                   if listener is not None and listener.error]
+        if unbound:
+            out["bindErrors"] = unbound
+        if self.service_health is not None and self.service_health.problems:
+            out["healthCheckNodePortErrors"] = self.service_health.problems
+        return out
 
     # -- hooks
     def sink(self, state):

@@ -125,7 +125,7 @@ def agent(tmp_path, pin_dir, unique_prefix):
 
 def test_agent_health_metrics_health_check_port_and_drift(agent, pin_dir):
     healthz = f"http://127.0.0.1:{agent.telemetry.healthz_server.port}"
-    metrics = f"http://127.0.0.1:{agent.telemetry.metrics_server[0].server_address[1]}/metrics"
+    metrics = f"http://127.0.0.1:{agent.telemetry.metrics_server.port}/metrics"
     wait_for(agent.synced_once.is_set, "the first sync")
     code, body = get(healthz + "/healthz")
     assert code == 200 and json.loads(body)["state"] == "synced"

@@ -171,6 +171,7 @@ class FakeConfig:
     sync_period: float = 30.0
     healthz_bind_address: str = "127.0.0.1:0"
     metrics_bind_address: str = ""
+    bind_address_hard_fail: bool = False
 
 
 class FakeRunner:
@@ -246,3 +247,128 @@ def test_agent_states_starting_synced_api_lost_stale_stopping():
         assert get(port, "/livez")[0] == 503
     finally:
         t.close()
+
+
+# ---- addresses already taken (kube-proxy still running) ---------------------------------------
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ebpfsvc import health  # noqa: E402
+from ebpfsvc.health import BindError  # noqa: E402
+
+
+def hold_port() -> socket.socket:
+    """A listening socket on a free 127.0.0.1 port, as kube-proxy holds 10256 and 10249."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def eventually(pred, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_taken_addresses_are_retried_in_the_background_not_fatal(monkeypatch, caplog):
+    monkeypatch.setattr(health, "BIND_RETRY_INTERVAL", 0.05)
+    healthz, metrics = hold_port(), hold_port()
+    hport, mport = healthz.getsockname()[1], metrics.getsockname()[1]
+    agent = FakeAgent(config=FakeConfig(healthz_bind_address=f"127.0.0.1:{hport}",
+                                        metrics_bind_address=f"127.0.0.1:{mport}"))
+    t = Telemetry(agent, clock=FakeClock())
+    caplog.set_level(logging.INFO, logger="ebpfsvc.health")
+    try:
+        t.start()                                    # no exception: the agent goes on and programs Services
+        assert t.healthz_server.port is None and t.metrics_server.port is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [
+            f"--healthz-bind-address 127.0.0.1:{hport}: address already in use (is kube-proxy still running?); "
+            "retrying every 0.05s in the background, as kube-proxy does",
+            f"--metrics-bind-address 127.0.0.1:{mport}: address already in use (is kube-proxy still running?); "
+            "retrying every 0.05s in the background, as kube-proxy does"]
+        # kube-proxy lets go of its healthz port: ours is served at once, and says metrics is still taken.
+        healthz.close()
+        eventually(lambda: t.healthz_server.port == hport)
+        code, body, _ = get(hport, "/healthz")
+        assert code == 503 and body["bindErrors"] == [
+            f"--metrics-bind-address 127.0.0.1:{mport}: address already in use (is kube-proxy still running?)"]
+        metrics.close()
+        eventually(lambda: t.metrics_server.port == mport)
+        assert "bindErrors" not in get(hport, "/healthz")[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+            assert r.status == 200
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2, "each problem logged once"
+    finally:
+        t.close()
+        healthz.close()
+        metrics.close()
+
+
+def test_bind_address_hard_fail_is_one_clear_error():
+    held = hold_port()
+    port = held.getsockname()[1]
+    agent = FakeAgent(config=FakeConfig(healthz_bind_address=f"127.0.0.1:{port}", bind_address_hard_fail=True))
+    t = Telemetry(agent, clock=FakeClock())
+    try:
+        with pytest.raises(BindError) as err:
+            t.start()
+        assert str(err.value).startswith(f"--healthz-bind-address 127.0.0.1:{port}: address already in use "
+                                         "(is kube-proxy still running?); ")
+    finally:
+        t.close()
+        held.close()
+
+
+def test_the_agent_with_hard_fail_exits_with_one_line(tmp_path):
+    """`ebpfsvc agent --bind-address-hard-fail` beside a kube-proxy holding its port: one line, exit 1."""
+    repo = Path(__file__).resolve().parents[2]
+    held = hold_port()
+    port = held.getsockname()[1]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "ebpfsvc.cli", "agent", "--node-name=n1", f"--manifests={tmp_path}",
+             f"--pin-dir={tmp_path / 'pins'}", f"--healthz-bind-address=127.0.0.1:{port}",
+             "--metrics-bind-address=", "--bind-address-hard-fail"],
+            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if " INFO " not in line]   # the start-up log line
+    assert lines == [f"ebpfsvc agent: --healthz-bind-address 127.0.0.1:{port}: address already in use "
+                     "(is kube-proxy still running?); stop what holds it, choose another address, or run "
+                     "without --bind-address-hard-fail to retry in the background as kube-proxy does"], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_taken_health_check_node_port_is_one_line_naming_the_service(caplog):
+    servers = ServiceHealthServers("127.0.0.1")
+    held = hold_port()
+    port = held.getsockname()[1]
+    web = ("default", "web")
+    caplog.set_level(logging.INFO, logger="ebpfsvc.health")
+    try:
+        for _ in range(3):                               # every sync retries; the problem is logged once
+            servers.sync({web: port}, {web: 1})
+        assert servers.ports == {}
+        assert [r.getMessage() for r in caplog.records] == [
+            f"healthCheckNodePort {port} of Service default/web: address already in use (is kube-proxy still "
+            "running?); its load balancer health check fails on this node, retried at every sync"]
+        assert servers.problems == {"default/web": f"healthCheckNodePort {port} of Service default/web: "
+                                                   "address already in use (is kube-proxy still running?)"}
+        held.close()
+        servers.sync({web: port}, {web: 1})
+        assert servers.ports == {web: port} and servers.problems == {}
+        assert get(port, "/")[0] == 200
+        assert caplog.records[-1].getMessage() == f"healthCheckNodePort {port} of Service default/web: serving now"
+    finally:
+        servers.close()
+        held.close()

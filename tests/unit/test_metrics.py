@@ -140,7 +140,7 @@ def test_metrics_endpoint_serves_the_registry_on_the_bind_address():
     t = Telemetry(agent)
     t.start()
     try:
-        port = t.metrics_server[0].server_address[1]
+        port = t.metrics_server.port
         t.sync_done(0.02)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert "ebpfsvc_sync_proxy_rules_duration_seconds_count 1.0" in text
