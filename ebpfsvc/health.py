@@ -13,19 +13,28 @@ Services probe it to decide whether to send traffic to the node, so it turns
     queued update cannot wait longer than the last sync is old) and also
     catches a silent stall with nothing queued, which kube-proxy would call
     healthy forever;
-  - once the agent is stopping, so load balancers drain the node first.
+  - once the agent is stopping, so load balancers drain the node first;
+  - when this node is not eligible, as kube-proxy 1.28+ decides: its Node
+    object is being deleted or is tainted ToBeDeletedByClusterAutoscaler
+    (ProxierHealth.node_changed, fed with our own Node's events);
+  - when the configuration leaves the node serving nothing it should: Services
+    rejected and nothing served, or NodePort Services and no NodePort address
+    (serving_problems). A load balancer should skip such a node, and its
+    operator sees why in the body instead of a 200 over an empty data plane.
 
 Losing the API server is NOT unhealthy by itself: the periodic resync keeps
 completing with the last known state, exactly like kube-proxy, and failing
 every node at once during an API outage would turn it into a data-plane
 outage. The body says what the source is doing, for operators.
 
-The body is kube-proxy's JSON: {"lastUpdated": ..., "currentTime": ...} (plus
-our "state" and "reason"), content type application/json.
+The body is kube-proxy's JSON: {"lastUpdated": ..., "currentTime": ...,
+"nodeEligible": ...} (plus our "state", "reason", the API source's state and the
+addresses not bound), content type application/json.
 
 /livez: 200 while the agent's loops run (the sync runner thread is alive and
-not stopping), regardless of sync freshness: restarting a process whose
-loops are fine but whose API is slow would not help.
+not stopping), regardless of sync freshness and of the Node: restarting a
+process whose loops are fine but whose API is slow would not help. Its body
+has no nodeEligible, as kube-proxy's.
 
 ServiceHealthServers: for every externalTrafficPolicy=Local Service with a
 healthCheckNodePort, an HTTP server on that port answering 200 with the number
@@ -52,6 +61,8 @@ STARTING = "starting"
 SYNCED = "synced"
 STALE = "stale"
 STOPPING = "stopping"
+INELIGIBLE = "node-ineligible"      # kube-proxy's nodeEligible false
+NOT_SERVING = "not-serving"         # the configuration leaves the node serving nothing it should
 
 
 def parse_bind_address(value: str, default_port: int) -> tuple[str, int]:
@@ -156,15 +167,23 @@ def _iso(ts: float | None) -> str:
 
 
 class ProxierHealth:
-    """The sync-freshness state behind /healthz. Times are wall-clock seconds from `clock`."""
+    """The state behind /healthz: sync freshness, this node's eligibility, and what the
+    configuration leaves served. Times are wall-clock seconds from `clock`.
 
-    def __init__(self, timeout: float, clock: Callable[[], float] = time.time):
+    `serving`, when set, returns the reasons the node serves nothing it should (empty: none);
+    it is asked only when everything else is healthy."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.time,
+                 serving: Callable[[], list[str]] | None = None):
         self.timeout = timeout
         self.clock = clock
+        self.serving = serving
         self._lock = threading.Lock()
         self.last_updated: float | None = None
         self.oldest_queued: float | None = None
         self.stopping = False
+        # kube-proxy: eligible while starting and until a Node event says otherwise.
+        self.ineligible = ""
 
     def queued(self) -> None:
         """A change was seen and a sync requested (kube-proxy's QueuedUpdate)."""
@@ -182,24 +201,103 @@ class ProxierHealth:
         with self._lock:
             self.stopping = True
 
+    def node_changed(self, node: dict | None) -> None:
+        """This node's own v1 Node object was added or changed (None: deleted); kube-proxy's SyncNode.
+        Called by whatever watches the Node (metrics.SourceTap does, for the agent's source)."""
+        reason = node_ineligible(node)
+        with self._lock:
+            changed, self.ineligible = reason != self.ineligible, reason
+        if changed:
+            log.log(logging.WARNING if reason else logging.INFO, "/healthz: node %s",
+                    f"not eligible for load-balancer traffic: {reason}" if reason else "eligible again")
+
+    @property
+    def node_eligible(self) -> bool:
+        return not self.ineligible
+
+    def proxier_healthy(self) -> bool:
+        """kube-proxy's IsHealthy: the data plane is kept in sync (and we are not stopping), whatever
+        the Node says. What healthCheckNodePort servers report as serviceProxyHealthy."""
+        with self._lock:
+            now = self.clock()
+            return self._sync_state(now, self.last_updated, self.oldest_queued, self.stopping)[0]
+
+    def _sync_state(self, now: float, last: float | None, queued: float | None, stopping: bool
+                    ) -> tuple[bool, str, str]:
+        if stopping:
+            return False, STOPPING, "the agent is shutting down"
+        if last is None:
+            return False, STARTING, "no sync has completed yet"
+        if now - last >= self.timeout:
+            return False, STALE, f"no sync for {now - last:.1f}s" + (
+                f", an update queued {now - queued:.1f}s ago is not programmed" if queued is not None else "")
+        return True, SYNCED, ""
+
     def status(self) -> tuple[bool, str, str, dict]:
         """(healthy, state, reason, body)."""
         with self._lock:
             now = self.clock()
-            last, queued, stopping = self.last_updated, self.oldest_queued, self.stopping
-        if stopping:
-            healthy, state, reason = False, STOPPING, "the agent is shutting down"
-        elif last is None:
-            healthy, state, reason = False, STARTING, "no sync has completed yet"
-        elif now - last >= self.timeout:
-            healthy, state, reason = False, STALE, f"no sync for {now - last:.1f}s" + (
-                f", an update queued {now - queued:.1f}s ago is not programmed" if queued is not None else "")
-        else:
-            healthy, state, reason = True, SYNCED, ""
-        body = {"lastUpdated": _iso(last), "currentTime": _iso(now), "state": state}
+            last, queued, stopping, ineligible = self.last_updated, self.oldest_queued, self.stopping, self.ineligible
+        healthy, state, reason = self._sync_state(now, last, queued, stopping)
+        if ineligible and state != STOPPING:
+            healthy, state, reason = False, INELIGIBLE, ineligible
+        elif healthy and self.serving is not None:
+            problems = self.serving()
+            if problems:
+                healthy, state, reason = False, NOT_SERVING, "; ".join(problems)
+        body = {"lastUpdated": _iso(last), "currentTime": _iso(now), "nodeEligible": not ineligible,
+                "state": state}
         if reason:
             body["reason"] = reason
         return healthy, state, reason, body
+
+
+#: The taint the cluster autoscaler puts on a node it is about to delete (kube-proxy's ToBeDeletedTaint).
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+def node_ineligible(node: dict | None) -> str:
+    """Why this node should get no load-balancer traffic, from its v1 Node ("" = it should): it is
+    being deleted or is tainted ToBeDeletedByClusterAutoscaler, as kube-proxy's SyncNode decides.
+    A deleted Node (None) counts as being deleted: kube-proxy looks at the last state it had, which
+    for a Node deleted without a grace period carries no deletionTimestamp, but a node whose object
+    is gone is on its way out either way."""
+    if node is None:
+        return "its Node object is deleted"
+    if (node.get("metadata") or {}).get("deletionTimestamp"):
+        return "its Node object is being deleted"
+    for taint in (node.get("spec") or {}).get("taints") or ():
+        if isinstance(taint, dict) and taint.get("key") == TO_BE_DELETED_TAINT:
+            return f"tainted {TO_BE_DELETED_TAINT} (the cluster autoscaler is removing it)"
+    return ""
+
+
+# ---- a configuration that leaves the node serving nothing it should ---------------------------------
+
+def nodeport_services(services, node) -> int:
+    """How many Services this node answers for (not skipped: ExternalName, headless, another
+    proxy's) have a NodePort: each needs NodePort addresses on the node."""
+    return sum(1 for svc in services if not svc.skip_reason(node) and any(p.node_port for p in svc.ports))
+
+
+def serving_problems(*, frontends: int, rejected: list, nodeport_services: int, node_addresses) -> list[str]:
+    """Why a synced node serves nothing it should: reasons that make /healthz fail, because a load
+    balancer should not send traffic to such a node, and its operator should see it there.
+
+    - Services were rejected and nothing at all is served: the node's configuration disagrees with
+      the cluster (a wrong service CIDR or NodePort range rejects every Service), not one bad object;
+    - Services have NodePorts but the node has no NodePort address: --nodeport-addresses (or
+      --node-address) selects none of its addresses, and no NodePort, and no load balancer that
+      sends to NodePorts, works here.
+
+    `rejected`: the Services' validation problems (ebpfsvc.k8s.fields.Problem), first one named."""
+    out = []
+    if rejected and not frontends:
+        out.append(f"nothing is served: {len(rejected)} Service(s) rejected, e.g. {rejected[0]}")
+    if nodeport_services and not node_addresses:
+        out.append(f"{nodeport_services} Service(s) have a NodePort but this node has no NodePort address "
+                   "(--nodeport-addresses / --node-address select none of its addresses)")
+    return out
 
 
 class _Server:
@@ -273,6 +371,7 @@ class HealthServer:
             code = 200 if healthy else 503
         elif path == "/livez":
             _, _, _, body = self.health.status()
+            body.pop("nodeEligible", None)       # kube-proxy's /livez body has no nodeEligible
             code = 200 if self.alive() else 503
         else:
             code, body = 404, {"error": f"{path} not found; try /healthz or /livez"}

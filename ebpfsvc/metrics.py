@@ -253,12 +253,17 @@ def _trigger_time(obj: dict) -> float | None:
 
 class SourceTap:
     """A Sink in front of ClusterState: passes everything on, and notes what the model does not keep:
-    spec.healthCheckNodePort of externalTrafficPolicy=Local Services, and when each change was
-    triggered (EndpointSlice last-change-trigger-time annotation, else arrival time)."""
+    spec.healthCheckNodePort of externalTrafficPolicy=Local Services, when each change was
+    triggered (EndpointSlice last-change-trigger-time annotation, else arrival time), and this
+    node's own Node object as it changes (`on_node(obj)`, None when deleted: /healthz nodeEligible;
+    a re-list without it changes nothing, as kube-proxy keeps the last state it saw)."""
 
-    def __init__(self, sink, clock: Callable[[], float] = time.time):
+    def __init__(self, sink, clock: Callable[[], float] = time.time, node_name: str | None = None,
+                 on_node: Callable[[dict | None], None] | None = None):
         self.sink = sink
         self.clock = clock
+        self.node_name = node_name
+        self.on_node = on_node
         self._lock = threading.Lock()
         self.health_check_ports: dict[tuple[str, str], int] = {}
         self._pending: list[float] = []
@@ -269,6 +274,10 @@ class SourceTap:
         return getattr(self.sink, name)
 
     def _note(self, obj: dict, kind: str, deleted: bool = False, listed: bool = False) -> None:
+        if kind == "Node":
+            if self.on_node is not None and (obj.get("metadata") or {}).get("name") == self.node_name:
+                self.on_node(None if deleted else obj)
+            return
         if kind in ("Service", "EndpointSlice", "Endpoints"):
             t = _trigger_time(obj) if kind != "Service" else None
             if t is None and not listed:
@@ -329,7 +338,7 @@ class Telemetry:
         self.clock = clock
         cfg = agent.config
         self.metrics = Metrics()
-        self.health = ProxierHealth(timeout=2 * cfg.sync_period, clock=clock)
+        self.health = ProxierHealth(timeout=2 * cfg.sync_period, clock=clock, serving=self.serving_problems)
         self.tap: SourceTap | None = None
         self.datapath_collector = DatapathCollector(cfg.pin_dir, applied=lambda: agent.last_applied)
         self.metrics.registry.register(self.datapath_collector)
@@ -338,6 +347,9 @@ class Telemetry:
         self.metrics_server = None
         self.service_health = None
         self._triggers: list[float] = []
+        self._serving_lock = threading.Lock()
+        self._nodeports: tuple[Any, Any, int] | None = None   # (services view, node config, NodePort Services)
+        self._serving_logged: list[str] = []
 
     # -- lifecycle
     def start(self) -> None:
@@ -353,7 +365,7 @@ class Telemetry:
                 serve=lambda host, port: HealthServer(self.health, self.alive, host, port, details=self.details,
                                                       on_request=self.metrics.on_probe))
             self.service_health = ServiceHealthServers(self.healthz_server.host,
-                                                       proxy_healthy=lambda: self.health.status()[0])
+                                                       proxy_healthy=self.health.proxier_healthy)
             log.info("healthz on %s (port %s)", cfg.healthz_bind_address, self.healthz_server.port)
         if getattr(cfg, "metrics_bind_address", ""):
             try:
@@ -396,9 +408,41 @@ class Telemetry:
             out["healthCheckNodePortErrors"] = self.service_health.problems
         return out
 
+    def serving_problems(self) -> list[str]:
+        """health.serving_problems for the state the last sync computed and applied; asked at each
+        /healthz, so the count of NodePort Services is kept while the Services view and the node
+        configuration are the same objects (an endpoint change costs nothing here)."""
+        from ebpfsvc.health import nodeport_services, serving_problems
+
+        agent = self.agent
+        builder = getattr(agent, "desired", None)
+        snapshot = getattr(builder, "snapshot", None)
+        applied = agent.last_applied
+        if snapshot is None or applied is None:
+            return []
+        node = builder.node
+        state = getattr(agent, "state", None)
+        rejected = [p for p in state.problems if p.kind == "Service"] if state is not None else []
+        with self._serving_lock:
+            cached = self._nodeports
+            if cached is None or cached[0] is not snapshot.services or cached[1] is not node:
+                cached = self._nodeports = (snapshot.services, node,
+                                            nodeport_services(snapshot.services.values(), node))
+            problems = serving_problems(frontends=len(applied.frontends), rejected=rejected,
+                                        nodeport_services=cached[2], node_addresses=node.node_addresses)
+            changed, self._serving_logged = problems != self._serving_logged, problems
+        if changed:
+            if problems:
+                log.warning("/healthz fails: %s", "; ".join(problems))
+            else:
+                log.info("/healthz: the node serves what it should again")
+        return problems
+
     # -- hooks
     def sink(self, state):
-        self.tap = SourceTap(state, clock=self.clock)
+        node = getattr(self.agent.config, "node", None)
+        self.tap = SourceTap(state, clock=self.clock, node_name=getattr(node, "node_name", None),
+                             on_node=self.health.node_changed)
         return self.tap
 
     def queued(self) -> None:

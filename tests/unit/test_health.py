@@ -172,6 +172,7 @@ class FakeConfig:
     healthz_bind_address: str = "127.0.0.1:0"
     metrics_bind_address: str = ""
     bind_address_hard_fail: bool = False
+    node: object = None
 
 
 class FakeRunner:
@@ -197,6 +198,7 @@ class FakeAgent:
     last_applied: LBState | None = None
     invalid_objects: int = 0
     state: object = None
+    desired: object = None
 
 
 def test_agent_states_starting_synced_api_lost_stale_stopping():
@@ -372,3 +374,126 @@ def test_a_taken_health_check_node_port_is_one_line_naming_the_service(caplog):
     finally:
         servers.close()
         held.close()
+
+
+# ---- nodeEligible (kube-proxy 1.28+) and a node that serves nothing it should ------------------------
+
+from ebpfsvc.config import NodeConfig  # noqa: E402
+from ebpfsvc.desired import DesiredStateBuilder  # noqa: E402
+from ebpfsvc.health import serving_problems  # noqa: E402
+from ebpfsvc.k8s.fields import Problem  # noqa: E402
+from ebpfsvc.sources.base import Event, EventType  # noqa: E402
+from ebpfsvc.tracker import ClusterState  # noqa: E402
+
+
+def node_obj(name="node-a", *, deleting=False, taints=()):
+    meta = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-22T03:00:00Z"
+    return {"apiVersion": "v1", "kind": "Node", "metadata": meta, "spec": {"taints": list(taints)}}
+
+
+TO_BE_DELETED = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1732244400", "effect": "NoSchedule"}
+
+
+def test_node_eligible_follows_the_node_as_kube_proxy_decides():
+    h = ProxierHealth(timeout=60, clock=FakeClock())
+    h.updated()
+    ok, state, _, body = h.status()
+    assert ok and body["nodeEligible"] is True                 # eligible until a Node event says otherwise
+    h.node_changed(node_obj(taints=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]))
+    assert h.status()[0] is True                               # cordoned is still eligible
+    h.node_changed(node_obj(taints=[TO_BE_DELETED]))
+    ok, state, reason, body = h.status()
+    assert (ok, state, body["nodeEligible"]) == (False, "node-ineligible", False)
+    assert reason == "tainted ToBeDeletedByClusterAutoscaler (the cluster autoscaler is removing it)"
+    assert h.proxier_healthy() is True                         # serviceProxyHealthy ignores the Node
+    h.node_changed(node_obj())
+    assert h.status()[0] is True and h.status()[3]["nodeEligible"] is True
+    h.node_changed(node_obj(deleting=True))
+    assert h.status()[2] == "its Node object is being deleted"
+    h.node_changed(None)
+    assert h.status()[2] == "its Node object is deleted"
+    h.set_stopping()
+    assert h.status()[1] == "stopping"
+
+
+def test_healthz_body_carries_node_eligible_and_the_node_events_reach_it():
+    agent = FakeAgent(config=FakeConfig(node=NodeConfig(node_name="node-a")))
+    t = Telemetry(agent, clock=FakeClock())
+    tap = t.sink(ClusterState())
+    t.start()
+    port = t.healthz_server.port
+    try:
+        agent.runner._thread.start()
+        t.sync_done(0.001)
+        code, body, _ = get(port, "/healthz")
+        assert code == 200 and body["nodeEligible"] is True
+        tap.on_relist("Node", [node_obj("node-b", taints=[TO_BE_DELETED]), node_obj("node-a")])
+        assert get(port, "/healthz")[0] == 200                 # another node's taint is not ours
+        tap.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a", taints=[TO_BE_DELETED])))
+        code, body, _ = get(port, "/healthz")
+        assert (code, body["nodeEligible"], body["state"]) == (503, False, "node-ineligible")
+        code, body, _ = get(port, "/livez")
+        assert code == 200 and "nodeEligible" not in body     # kube-proxy's /livez: alive, whatever the Node
+        tap.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a")))
+        assert get(port, "/healthz")[0] == 200
+        tap.on_event(Event("Node", EventType.DELETED, node_obj("node-a")))
+        assert get(port, "/healthz")[1]["nodeEligible"] is False
+    finally:
+        t.close()
+
+
+def test_serving_problems_rules():
+    bad = Problem("Service", "default", "kubernetes", "spec.clusterIP", "10.96.0.1 is outside the service CIDR "
+                  "198.19.0.0/16")
+    assert serving_problems(frontends=0, rejected=[], nodeport_services=0, node_addresses=()) == []
+    assert serving_problems(frontends=4, rejected=[bad], nodeport_services=0, node_addresses=()) == []
+    assert serving_problems(frontends=0, rejected=[bad, bad], nodeport_services=0, node_addresses=()) == [
+        "nothing is served: 2 Service(s) rejected, e.g. Service default/kubernetes: spec.clusterIP: 10.96.0.1 is "
+        "outside the service CIDR 198.19.0.0/16"]
+    assert serving_problems(frontends=4, rejected=[], nodeport_services=3, node_addresses=()) == [
+        "3 Service(s) have a NodePort but this node has no NodePort address (--nodeport-addresses / "
+        "--node-address select none of its addresses)"]
+    assert serving_problems(frontends=4, rejected=[], nodeport_services=3, node_addresses=(A("198.18.0.2"),)) == []
+
+
+def service(name, cluster_ip, *, node_port=None):
+    spec = {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": cluster_ip,
+            "ports": [{"port": 80, "protocol": "TCP", **({"nodePort": node_port} if node_port else {})}]}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "default", "name": name}, "spec": spec}
+
+
+def synced_telemetry(node: NodeConfig, services: list[dict]):
+    """A Telemetry over a real tracker and desired-state builder, the Services listed and synced once."""
+    agent = FakeAgent(config=FakeConfig(node=node), state=ClusterState(node), desired=DesiredStateBuilder(node))
+    t = Telemetry(agent, clock=FakeClock())
+    tap = t.sink(agent.state)
+    tap.on_relist("Service", services)
+    agent.last_applied = agent.desired.build(agent.state.snapshot()).state
+    t.sync_done(0.001)
+    return t
+
+
+def test_every_service_rejected_makes_healthz_fail_with_the_reason():
+    # The lab's default service CIDR on a cluster whose Services live in 10.96.0.0/12 (issue 10).
+    t = synced_telemetry(NodeConfig(node_name="node-a"), [service("kubernetes", "10.96.0.1"),
+                                                          service("dns", "10.96.0.10")])
+    ok, state, reason, body = t.health.status()
+    assert (ok, state) == (False, "not-serving")
+    assert reason == ("nothing is served: 2 Service(s) rejected, e.g. Service default/dns: spec.clusterIP: "
+                      "10.96.0.10 is outside the service CIDR 198.19.0.0/16")
+    fine = synced_telemetry(NodeConfig(node_name="node-a", service_cidr="10.96.0.0/12"),
+                            [service("kubernetes", "10.96.0.1"), service("dns", "10.96.0.10")])
+    assert fine.health.status()[:2] == (True, "synced")
+
+
+def test_nodeport_services_without_a_nodeport_address_make_healthz_fail():
+    services = [service("web", "198.19.0.10", node_port=30080), service("api", "198.19.0.11")]
+    t = synced_telemetry(NodeConfig(node_name="node-a"), services)
+    ok, state, reason, _ = t.health.status()
+    assert (ok, state) == (False, "not-serving")
+    assert reason.startswith("1 Service(s) have a NodePort but this node has no NodePort address")
+    assert t.health.proxier_healthy() is True      # healthCheckNodePorts still answer by local endpoints
+    served = synced_telemetry(NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",)), services)
+    assert served.health.status()[:2] == (True, "synced")
