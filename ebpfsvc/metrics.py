@@ -8,17 +8,23 @@ tests and several agents in one process do not mix). Two kinds of metrics:
   kernel's entry count against max_entries), and drift between the last state
   the agent applied and what the maps hold. Counters are the datapath's per-CPU
   counters summed, so they are exactly the packets and bytes translated;
-- observed by the agent as it works (Metrics): sync duration and network
-  programming latency histograms with kube-proxy's names and buckets, last sync
-  timestamps, map writes, and the API source's watch statistics (read at scrape
-  time from KubeSource.stats), invalid objects, probe counts.
+- observed by the agent as it works (Metrics): kube-proxy's metrics, with its
+  names, buckets and meaning, so kube-proxy's dashboards and alerts keep
+  working; our own (ebpfsvc_*) where kube-proxy has nothing of the kind: map
+  writes, failed syncs, the API source's watch statistics (read at scrape time
+  from KubeSource.stats), invalid objects; and the process (prometheus_client's
+  process, platform and GC collectors, as kube-proxy exports Go's).
 
-Metric names (prefix ebpfsvc_ where kube-proxy has kubeproxy_):
+Metric names:
 
-  ebpfsvc_sync_proxy_rules_duration_seconds            histogram
-  ebpfsvc_network_programming_duration_seconds          histogram
-  ebpfsvc_sync_proxy_rules_last_timestamp_seconds       gauge
-  ebpfsvc_sync_proxy_rules_last_queued_timestamp_seconds gauge
+  kubeproxy_sync_proxy_rules_duration_seconds            histogram: one sync
+  kubeproxy_network_programming_duration_seconds         histogram: change -> maps serving it
+  kubeproxy_sync_proxy_rules_last_timestamp_seconds      gauge: last completed sync
+  kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge: last change asking for a sync
+  kubeproxy_sync_proxy_rules_{service,endpoint}_changes_total   counter: objects received
+  kubeproxy_sync_proxy_rules_{service,endpoint}_changes_pending gauge: net changes not yet synced
+  kubeproxy_proxy_healthz_total / kubeproxy_proxy_livez_total {code}
+  process_* , python_gc_*, python_info
   ebpfsvc_sync_proxy_rules_map_writes_total             counter
   ebpfsvc_sync_proxy_rules_failures_total               counter
   ebpfsvc_service_packets_total / _bytes_total          {service_port}
@@ -29,7 +35,6 @@ Metric names (prefix ebpfsvc_ where kube-proxy has kubeproxy_):
   ebpfsvc_drift_frontends                               gauge (0 = maps equal the applied state)
   ebpfsvc_watch_{lists,relists,restarts,errors,events}_total {kind}
   ebpfsvc_invalid_objects_total / ebpfsvc_invalid_objects
-  ebpfsvc_proxy_healthz_total / ebpfsvc_proxy_livez_total {code}
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ import time
 from datetime import datetime
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,26 +60,45 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 class Metrics:
-    """What the agent observes as it works."""
+    """What the agent observes as it works (kube-proxy's pkg/proxy/metrics where the meaning is the same)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.sync_duration = Histogram("ebpfsvc_sync_proxy_rules_duration_seconds",
-                                       "Duration of one sync: desired state computed and the map difference "
-                                       "written.", buckets=SYNC_BUCKETS, registry=r)
+        self.sync_duration = Histogram("kubeproxy_sync_proxy_rules_duration_seconds",
+                                       "SyncProxyRules latency in seconds: desired state computed and the map "
+                                       "difference written.", buckets=SYNC_BUCKETS, registry=r)
         self.programming_latency = Histogram(
-            "ebpfsvc_network_programming_duration_seconds",
-            "From a Service/EndpointSlice change (its last-change-trigger-time annotation, else when the agent "
-            "received it) to the maps serving it.", buckets=PROGRAMMING_BUCKETS, registry=r)
-        self.last_sync = Gauge("ebpfsvc_sync_proxy_rules_last_timestamp_seconds",
-                               "Unix time of the last completed sync.", registry=r)
-        self.last_queued = Gauge("ebpfsvc_sync_proxy_rules_last_queued_timestamp_seconds",
-                                 "Unix time a change last asked for a sync.", registry=r)
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds: from a Service/EndpointSlice change (its "
+            "last-change-trigger-time annotation, else when the agent received it) to the maps serving it.",
+            buckets=PROGRAMMING_BUCKETS, registry=r)
+        self.last_sync = Gauge("kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                               "The last time proxy rules were successfully synced.", registry=r)
+        self.last_queued = Gauge("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                                 "The last time a sync of proxy rules was queued.", registry=r)
+        self.service_changes = Counter("kubeproxy_sync_proxy_rules_service_changes",
+                                       "Cumulative proxy rules Service changes (Services received).", registry=r)
+        self.endpoint_changes = Counter("kubeproxy_sync_proxy_rules_endpoint_changes",
+                                        "Cumulative proxy rules Endpoint changes (EndpointSlices and Endpoints "
+                                        "received).", registry=r)
         self.map_writes = Counter("ebpfsvc_sync_proxy_rules_map_writes",
                                   "Map entries written or deleted by syncs.", registry=r)
-        self.healthz = Counter("ebpfsvc_proxy_healthz", "/healthz answers by HTTP code.", ["code"], registry=r)
-        self.livez = Counter("ebpfsvc_proxy_livez", "/livez answers by HTTP code.", ["code"], registry=r)
+        self.healthz = Counter("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status.", ["code"],
+                               registry=r)
+        self.livez = Counter("kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status.", ["code"], registry=r)
+        # The process, as kube-proxy exports its Go runtime's: CPU, memory, fds, start time; GC; version.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+    def changed(self, kind: str) -> None:
+        """A Service, EndpointSlice or Endpoints object was received (kube-proxy counts every update
+        its change trackers see, a re-list's included)."""
+        if kind == "Service":
+            self.service_changes.inc()
+        elif kind in ("EndpointSlice", "Endpoints"):
+            self.endpoint_changes.inc()
 
     def on_probe(self, path: str, code: int) -> None:
         if path == "/healthz":
@@ -219,6 +244,13 @@ class AgentCollector(Collector):
             g = GaugeMetricFamily("ebpfsvc_invalid_objects_current", "Objects whose current version is invalid.")
             g.add_metric([], len(state.problems))
             yield g
+            services, endpoints = state.pending_changes()
+            for what, n in (("service", services), ("endpoint", endpoints)):
+                g = GaugeMetricFamily(f"kubeproxy_sync_proxy_rules_{what}_changes_pending",
+                                      f"Pending proxy rules {what.capitalize()} changes: objects changed since "
+                                      "the last sync began, changes that net to nothing left out.")
+                g.add_metric([], n)
+                yield g
         runner = getattr(self.agent, "runner", None)
         if runner is not None:
             f = CounterMetricFamily("ebpfsvc_sync_proxy_rules_failures", "Syncs that raised (retried).")
@@ -259,11 +291,13 @@ class SourceTap:
     a re-list without it changes nothing, as kube-proxy keeps the last state it saw)."""
 
     def __init__(self, sink, clock: Callable[[], float] = time.time, node_name: str | None = None,
-                 on_node: Callable[[dict | None], None] | None = None):
+                 on_node: Callable[[dict | None], None] | None = None,
+                 on_change: Callable[[str], None] | None = None):
         self.sink = sink
         self.clock = clock
         self.node_name = node_name
         self.on_node = on_node
+        self.on_change = on_change          # kind of every object received (change counters)
         self._lock = threading.Lock()
         self.health_check_ports: dict[tuple[str, str], int] = {}
         self._pending: list[float] = []
@@ -279,6 +313,8 @@ class SourceTap:
                 self.on_node(None if deleted else obj)
             return
         if kind in ("Service", "EndpointSlice", "Endpoints"):
+            if self.on_change is not None:
+                self.on_change(kind)
             t = _trigger_time(obj) if kind != "Service" else None
             if t is None and not listed:
                 t = self.clock()            # no annotation: from when we received the change
@@ -442,7 +478,7 @@ class Telemetry:
     def sink(self, state):
         node = getattr(self.agent.config, "node", None)
         self.tap = SourceTap(state, clock=self.clock, node_name=getattr(node, "node_name", None),
-                             on_node=self.health.node_changed)
+                             on_node=self.health.node_changed, on_change=self.metrics.changed)
         return self.tap
 
     def queued(self) -> None:
