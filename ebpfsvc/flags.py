@@ -29,6 +29,7 @@ from ebpfsvc.health import parse_bind_address
 
 PROG = "ebpfsvc agent"
 
+
 class _Checked(click.ParamType):
     """Our types: their messages start with the value (`VALUE: problem`), to follow the flag."""
 
@@ -39,26 +40,21 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0
 _TERM = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
+_NOT_A_DURATION = "not a duration (like 30s, 1m0s, 500ms, or seconds)"
+
+
 def parse_duration(value) -> float:
     """A Go duration (`1h2m3.5s`, `500ms`) or a plain number of seconds -> seconds (>= 0)."""
     if isinstance(value, bool):
-        raise ValueError("not a duration")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            pos, seconds = 0, 0.0
-            while pos < len(text):
-                m = _TERM.match(text, pos)
-                if not m:
-                    raise ValueError("not a duration (like 30s, 1m0s, 500ms, or seconds)") from None
-                seconds += float(m.group(1)) * _UNITS[m.group(2)]
-                pos = m.end()
-            if not text:
-                raise ValueError("not a duration (like 30s, 1m0s, 500ms, or seconds)") from None
+        raise ValueError(_NOT_A_DURATION)
+    text = str(value).strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        terms = list(_TERM.finditer(text))
+        if not text or "".join(m.group(0) for m in terms) != text:
+            raise ValueError(_NOT_A_DURATION) from None
+        seconds = sum(float(m.group(1)) * _UNITS[m.group(2)] for m in terms)
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError("not a duration: must be 0 or more")
     return seconds
