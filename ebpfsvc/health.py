@@ -211,10 +211,6 @@ class ProxierHealth:
             log.log(logging.WARNING if reason else logging.INFO, "/healthz: node %s",
                     f"not eligible for load-balancer traffic: {reason}" if reason else "eligible again")
 
-    @property
-    def node_eligible(self) -> bool:
-        return not self.ineligible
-
     def proxier_healthy(self) -> bool:
         """kube-proxy's IsHealthy: the data plane is kept in sync (and we are not stopping), whatever
         the Node says. What healthCheckNodePort servers report as serviceProxyHealthy."""
