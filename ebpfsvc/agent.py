@@ -55,6 +55,7 @@ class AgentConfig:
     limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
     healthz_bind_address: str = "0.0.0.0:10256"   # /healthz, /livez ("" = off); kube-proxy's default
     metrics_bind_address: str = "127.0.0.1:10249"  # /metrics ("" = off); kube-proxy's default
+    bind_address_hard_fail: bool = False      # a taken address is fatal, not retried (health.Listener)
 
 
 class Agent:

@@ -10,8 +10,12 @@ import socket
 import click
 import yaml
 
+from ebpfsvc import abi
 from ebpfsvc.agent import Agent, AgentConfig
 from ebpfsvc.config import NodeConfig
+from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPv4Address, IPv4Network,
+                           OneLineErrors, PortRange, format_duration)
+from ebpfsvc.health import BindError
 
 log = logging.getLogger(__name__)
 
@@ -22,22 +26,37 @@ def _load_config_file(ctx: click.Context, _param, path: str | None):
     An unknown key is an error, so a typo cannot silently leave a setting at its default."""
     if not path:
         return None
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    ctx.meta[CONFIG_META] = path
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise AgentError(f"--config {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        raise AgentError(f"--config {path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
-        raise click.BadParameter(f"{path}: expected a mapping of option names to values", param_hint="--config")
+        raise AgentError(f"--config {path}: expected a mapping of option names to values, "
+                         f"got {type(data).__name__}")
     # Flag name -> click parameter name (e.g. `uplink` -> `uplinks`, `node-address` -> `node_addresses`).
     by_flag = {opt.lstrip("-"): p.name for p in ctx.command.params for opt in p.opts if opt.startswith("--")}
     by_flag.pop("config", None)
     unknown = sorted(str(k) for k in data if str(k).replace("_", "-") not in by_flag)
     if unknown:
-        raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(sorted(by_flag))}", param_hint="--config")
+        raise AgentError(f"--config {path}: unknown option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(by_flag))}")
     ctx.default_map = {by_flag[str(k).replace("_", "-")]: v for k, v in data.items()}
     return path
 
 
-def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Address, ...]:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and where (line, column)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(what).split())
+
+
+def select_nodeport_addresses(cidrs) -> tuple[ipaddress.IPv4Address, ...]:
     """kube-proxy --nodeport-addresses: this node's interface addresses inside any of the CIDRs."""
     from pyroute2 import IPRoute
 
@@ -47,7 +66,13 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
     return tuple(a for a in addrs if any(a in n for n in nets) and not a.is_loopback)
 
 
-@click.command("agent")
+def _lifetime_option(flag: str, macro: str, what: str):
+    """A --conntrack-*-timeout flag (kube-proxy's): whole seconds as a duration; default abi.h's `macro`."""
+    return click.option(flag, default=format_duration(getattr(abi, macro)), show_default=True,
+                        type=Duration(whole=True), help=f"Idle lifetime of {what} (0: the datapath's default).")
+
+
+@click.command("agent", cls=OneLineErrors)
 @click.option("--config", callback=_load_config_file, is_eager=True, expose_value=False,
               type=click.Path(exists=True, dir_okay=False), help="YAML file with any of these options.")
 @click.option("--node-name", envvar="NODE_NAME", default=socket.gethostname, show_default="hostname",
@@ -56,13 +81,14 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
               help="Read Services/EndpointSlices from this directory instead of the API server.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig; default: in-cluster.")
 @click.option("--pin-dir", default="/sys/fs/bpf/ebpfsvc", show_default=True, help="bpffs directory for pinned maps.")
-@click.option("--node-address", "node_addresses", multiple=True, help="A NodePort address (repeatable).")
-@click.option("--nodeport-addresses", multiple=True,
+@click.option("--node-address", "node_addresses", multiple=True, type=IPv4Address(),
+              help="A NodePort address (repeatable).")
+@click.option("--nodeport-addresses", multiple=True, type=IPv4Network(),
               help="CIDRs: serve NodePorts on this node's addresses inside them (kube-proxy's flag).")
 @click.option("--zone", default="", help="topology.kubernetes.io/zone; default: from the Node object.")
-@click.option("--service-cidr", default="198.19.0.0/16", show_default=True)
-@click.option("--cluster-cidr", default="", help="Pod CIDR of the cluster (informational for now).")
-@click.option("--service-node-port-range", default="30000-32767", show_default=True)
+@click.option("--service-cidr", default="198.19.0.0/16", show_default=True, type=IPv4Network())
+@click.option("--cluster-cidr", default=None, type=IPv4Network(), help="Pod CIDR of the cluster (informational for now).")
+@click.option("--service-node-port-range", default="30000-32767", show_default=True, type=PortRange())
 @click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--pod-interfaces", multiple=True, default=("lxc*",), show_default=True,
@@ -70,40 +96,63 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
 @click.option("--uplink", "uplinks", multiple=True, help="Node uplink interface for NodePort/external traffic.")
 @click.option("--uplink-mode", type=click.Choice(["tc", "xdp"]), default="tc", show_default=True,
               help="Uplink programs: TC only, or XDP (native) in front of TC (docs/northsouth.md).")
-@click.option("--hairpin-address", default=None, help="Node-owned address pods see when they reach themselves via a Service.")
+@click.option("--hairpin-address", default=None, type=IPv4Address(), help="Node-owned address pods see when they reach themselves via a Service.")
 @click.option("--host-clients/--no-host-clients", default=True, show_default=True,
               help="Serve ClusterIPs to clients in the node's own namespace (hostNetwork pods): route the "
                    "service CIDR to a dummy device, ebpfsvc0 (needs --uplink).")
 @click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
               help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
                    "docs/northsouth.md); off: always a port of 61000-65535.")
-@click.option("--min-sync-period", default=0.05, show_default=True, type=float, help="Seconds between syncs, at least.")
-@click.option("--sync-period", default=30.0, show_default=True, type=float, help="Full resync every this many seconds.")
-@click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
+@click.option("--min-sync-period", default=format_duration(0.05), show_default=True, type=Duration(),
+              help="Time between syncs, at least (a Go duration like 50ms, or seconds).")
+@click.option("--sync-period", default=format_duration(30.0), show_default=True, type=Duration(positive=True),
+              help="A full resync at least this often (a Go duration like 30s, or seconds).")
+@click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True, type=BindAddress(10256),
               help="/healthz and /livez (kube-proxy's meaning); empty to disable.")
-@click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True,
+@click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True, type=BindAddress(10249),
               help="Prometheus /metrics; empty to disable.")
+@click.option("--bind-address-hard-fail", is_flag=True,
+              help="Exit when a healthz or metrics address is taken, instead of retrying it in the background "
+                   "every 5s (kube-proxy's flag and default; docs/deploy.md, migrating from kube-proxy).")
+@click.option("--conntrack-max-per-core", default=32768, show_default=True, type=click.IntRange(min=0),
+              help="Flows tracked per CPU (0: leave the datapath's table size and ignore --conntrack-min).")
+@click.option("--conntrack-min", default=131072, show_default=True, type=click.IntRange(min=0),
+              help="Flows tracked at least, whatever the CPU count.")
+@_lifetime_option("--conntrack-tcp-timeout-established", "CT_TIMEOUT_TCP_ESTABLISHED_S", "an established TCP flow")
+@_lifetime_option("--conntrack-tcp-timeout-close-wait", "CT_TIMEOUT_TCP_CLOSE_WAIT_S",
+                  "a TCP flow closed in one direction")
+@_lifetime_option("--conntrack-udp-timeout", "CT_TIMEOUT_UDP_S", "a UDP flow with no reply yet")
+@_lifetime_option("--conntrack-udp-timeout-stream", "CT_TIMEOUT_UDP_STREAM_S", "a UDP flow that had a reply")
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
-          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, min_sync_period, sync_period, healthz_bind_address, metrics_bind_address):
+          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, min_sync_period, sync_period,
+          healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
+          conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
+          conntrack_udp_timeout_stream):
     """Run the node agent: program this node's Service data plane and keep it in sync."""
-    try:
-        lo, hi = (int(x) for x in service_node_port_range.split("-"))
-    except ValueError:
-        raise click.BadParameter(f"{service_node_port_range!r} is not LOW-HIGH", param_hint="--service-node-port-range")
-    addrs = tuple(ipaddress.IPv4Address(a) for a in node_addresses)
+    from ebpfsvc.datapath.loader import conntrack_limits
+
+    addrs = tuple(node_addresses)
     if nodeport_addresses:
         addrs += select_nodeport_addresses(tuple(nodeport_addresses))
     node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
-                      service_cidr=service_cidr, nodeport_range=(lo, hi), proxy_name=proxy_name,
+                      service_cidr=service_cidr, nodeport_range=service_node_port_range, proxy_name=proxy_name,
                       default_algorithm=lb_algorithm)
     cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks), uplink_mode=uplink_mode,
-                      hairpin_address=ipaddress.IPv4Address(hairpin_address) if hairpin_address else None,
+                      hairpin_address=hairpin_address,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
-                      healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address)
+                      healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
+                      bind_address_hard_fail=bind_address_hard_fail,
+                      limits=conntrack_limits(max_per_core=conntrack_max_per_core, minimum=conntrack_min,
+                                              tcp_established=conntrack_tcp_timeout_established,
+                                              tcp_close_wait=conntrack_tcp_timeout_close_wait,
+                                              udp=conntrack_udp_timeout, udp_stream=conntrack_udp_timeout_stream))
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     log.info("ebpfsvc agent on node %s (pid %d)", node_name, os.getpid())
-    Agent(cfg).run_forever()
+    try:
+        Agent(cfg).run_forever()
+    except BindError as e:
+        raise AgentError(str(e)) from None

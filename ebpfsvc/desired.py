@@ -114,6 +114,11 @@ class DesiredStateBuilder:
         """The last build()'s result."""
         return self._result
 
+    @property
+    def snapshot(self) -> ClusterSnapshot | None:
+        """The snapshot the last build() computed from."""
+        return self._snapshot
+
     def build(self, snapshot: ClusterSnapshot) -> DesiredState:
         prev = self._snapshot
         if prev is not None and snapshot.nodes is prev.nodes:

@@ -13,19 +13,28 @@ Services probe it to decide whether to send traffic to the node, so it turns
     queued update cannot wait longer than the last sync is old) and also
     catches a silent stall with nothing queued, which kube-proxy would call
     healthy forever;
-  - once the agent is stopping, so load balancers drain the node first.
+  - once the agent is stopping, so load balancers drain the node first;
+  - when this node is not eligible, as kube-proxy 1.28+ decides: its Node
+    object is being deleted or is tainted ToBeDeletedByClusterAutoscaler
+    (ProxierHealth.node_changed, fed with our own Node's events);
+  - when the configuration leaves the node serving nothing it should: Services
+    rejected and nothing served, or NodePort Services and no NodePort address
+    (serving_problems). A load balancer should skip such a node, and its
+    operator sees why in the body instead of a 200 over an empty data plane.
 
 Losing the API server is NOT unhealthy by itself: the periodic resync keeps
 completing with the last known state, exactly like kube-proxy, and failing
 every node at once during an API outage would turn it into a data-plane
 outage. The body says what the source is doing, for operators.
 
-The body is kube-proxy's JSON: {"lastUpdated": ..., "currentTime": ...} (plus
-our "state" and "reason"), content type application/json.
+The body is kube-proxy's JSON: {"lastUpdated": ..., "currentTime": ...,
+"nodeEligible": ...} (plus our "state", "reason", the API source's state and the
+addresses not bound), content type application/json.
 
 /livez: 200 while the agent's loops run (the sync runner thread is alive and
-not stopping), regardless of sync freshness: restarting a process whose
-loops are fine but whose API is slow would not help.
+not stopping), regardless of sync freshness and of the Node: restarting a
+process whose loops are fine but whose API is slow would not help. Its body
+has no nodeEligible, as kube-proxy's.
 
 ServiceHealthServers: for every externalTrafficPolicy=Local Service with a
 healthCheckNodePort, an HTTP server on that port answering 200 with the number
@@ -36,13 +45,15 @@ service health server, same JSON body and X-Load-Balancing-Endpoint-Weight).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,8 @@ STARTING = "starting"
 SYNCED = "synced"
 STALE = "stale"
 STOPPING = "stopping"
+INELIGIBLE = "node-ineligible"      # kube-proxy's nodeEligible false
+NOT_SERVING = "not-serving"         # the configuration leaves the node serving nothing it should
 
 
 def parse_bind_address(value: str, default_port: int) -> tuple[str, int]:
@@ -60,6 +73,93 @@ def parse_bind_address(value: str, default_port: int) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+# ---- binding the agent's servers -------------------------------------------------------------------
+
+#: kube-proxy's retry period for its healthz and metrics servers (server.go: wait.Until(..., 5*time.Second)).
+BIND_RETRY_INTERVAL = 5.0
+
+
+class BindError(RuntimeError):
+    """A server's address cannot be bound and --bind-address-hard-fail says that is fatal.
+    str() is the one line for the operator."""
+
+
+def bind_problem(what: str, err: OSError) -> str:
+    """`WHAT: address already in use (is kube-proxy still running?)`; WHAT names the flag and
+    address (`--healthz-bind-address 0.0.0.0:10256`) or the Service and port."""
+    reason = os.strerror(err.errno).lower() if err.errno else str(err)
+    hint = {errno.EADDRINUSE: " (is kube-proxy still running?)",
+            errno.EADDRNOTAVAIL: " (not an address of this node)"}.get(err.errno, "")
+    return f"{what}: {reason}{hint}"
+
+
+class Listener:
+    """One of the agent's servers on its configured address (--healthz-bind-address,
+    --metrics-bind-address): bound at start or, when the address is taken, retried in the
+    background every BIND_RETRY_INTERVAL seconds.
+
+    That is kube-proxy's own behaviour (it logs and retries both servers every 5 s unless
+    --bind-address-hard-fail makes a failed bind fatal), and the one a migration needs: the
+    DaemonSet keeps kube-proxy's ports 10256 and 10249, so that load balancers' health checks
+    (which probe :10256/healthz) keep working once ebpfsvc has taken over. While kube-proxy still
+    runs it holds those ports; an agent that died over them would crash-loop until kube-proxy is
+    removed, and would not be programming Services meanwhile. Retrying, it programs the datapath
+    at once and answers on the ports the moment kube-proxy lets go. The problem is logged once
+    (one line), shown in the /healthz body while it lasts, and logged again when it is over.
+
+    `serve(host, port)` starts the server and returns it (anything with .port and .close())."""
+
+    def __init__(self, flag: str, address: str, default_port: int, serve: Callable[[str, int], Any], *,
+                 hard_fail: bool = False, retry_interval: float | None = None):
+        self.flag = flag
+        self.address = address
+        self.host, self._port = parse_bind_address(address, default_port)
+        self._serve = serve
+        self.retry_interval = BIND_RETRY_INTERVAL if retry_interval is None else retry_interval
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self.server: Any = None
+        self.error: str | None = None
+        try:
+            self.server = serve(self.host, self._port)
+        except OSError as e:
+            self.error = bind_problem(f"{flag} {address}", e)
+            if hard_fail:
+                raise BindError(f"{self.error}; stop what holds it, choose another address, or run without "
+                                "--bind-address-hard-fail to retry in the background as kube-proxy does") from None
+            log.warning("%s; retrying every %gs in the background, as kube-proxy does", self.error,
+                        self.retry_interval)
+            threading.Thread(target=self._retry, name=f"bind{flag}", daemon=True).start()
+
+    @property
+    def port(self) -> int | None:
+        """The bound port (the real one when 0 was asked for); None while not bound."""
+        server = self.server
+        return server.port if server is not None else None
+
+    def _retry(self) -> None:
+        while not self._closed.wait(self.retry_interval):
+            try:
+                server = self._serve(self.host, self._port)
+            except OSError as e:
+                self.error = bind_problem(f"{self.flag} {self.address}", e)
+                continue
+            with self._lock:
+                if self._closed.is_set():
+                    server.close()
+                    return
+                self.server, self.error = server, None
+            log.info("%s %s: bound now", self.flag, self.address)
+            return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            server, self.server = self.server, None
+        if server is not None:
+            server.close()
+
+
 def _iso(ts: float | None) -> str:
     if ts is None:
         return "0001-01-01T00:00:00Z"     # Go's zero time.Time, as kube-proxy prints it
@@ -67,15 +167,23 @@ def _iso(ts: float | None) -> str:
 
 
 class ProxierHealth:
-    """The sync-freshness state behind /healthz. Times are wall-clock seconds from `clock`."""
+    """The state behind /healthz: sync freshness, this node's eligibility, and what the
+    configuration leaves served. Times are wall-clock seconds from `clock`.
 
-    def __init__(self, timeout: float, clock: Callable[[], float] = time.time):
+    `serving`, when set, returns the reasons the node serves nothing it should (empty: none);
+    it is asked only when everything else is healthy."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.time,
+                 serving: Callable[[], list[str]] | None = None):
         self.timeout = timeout
         self.clock = clock
+        self.serving = serving
         self._lock = threading.Lock()
         self.last_updated: float | None = None
         self.oldest_queued: float | None = None
         self.stopping = False
+        # kube-proxy: eligible while starting and until a Node event says otherwise.
+        self.ineligible = ""
 
     def queued(self) -> None:
         """A change was seen and a sync requested (kube-proxy's QueuedUpdate)."""
@@ -93,24 +201,99 @@ class ProxierHealth:
         with self._lock:
             self.stopping = True
 
+    def node_changed(self, node: dict | None) -> None:
+        """This node's own v1 Node object was added or changed (None: deleted); kube-proxy's SyncNode.
+        Called by whatever watches the Node (metrics.SourceTap does, for the agent's source)."""
+        reason = node_ineligible(node)
+        with self._lock:
+            changed, self.ineligible = reason != self.ineligible, reason
+        if changed:
+            log.log(logging.WARNING if reason else logging.INFO, "/healthz: node %s",
+                    f"not eligible for load-balancer traffic: {reason}" if reason else "eligible again")
+
+    def proxier_healthy(self) -> bool:
+        """kube-proxy's IsHealthy: the data plane is kept in sync (and we are not stopping), whatever
+        the Node says. What healthCheckNodePort servers report as serviceProxyHealthy."""
+        with self._lock:
+            now = self.clock()
+            return self._sync_state(now, self.last_updated, self.oldest_queued, self.stopping)[0]
+
+    def _sync_state(self, now: float, last: float | None, queued: float | None, stopping: bool
+                    ) -> tuple[bool, str, str]:
+        if stopping:
+            return False, STOPPING, "the agent is shutting down"
+        if last is None:
+            return False, STARTING, "no sync has completed yet"
+        if now - last >= self.timeout:
+            return False, STALE, f"no sync for {now - last:.1f}s" + (
+                f", an update queued {now - queued:.1f}s ago is not programmed" if queued is not None else "")
+        return True, SYNCED, ""
+
     def status(self) -> tuple[bool, str, str, dict]:
         """(healthy, state, reason, body)."""
         with self._lock:
             now = self.clock()
-            last, queued, stopping = self.last_updated, self.oldest_queued, self.stopping
-        if stopping:
-            healthy, state, reason = False, STOPPING, "the agent is shutting down"
-        elif last is None:
-            healthy, state, reason = False, STARTING, "no sync has completed yet"
-        elif now - last >= self.timeout:
-            healthy, state, reason = False, STALE, f"no sync for {now - last:.1f}s" + (
-                f", an update queued {now - queued:.1f}s ago is not programmed" if queued is not None else "")
-        else:
-            healthy, state, reason = True, SYNCED, ""
-        body = {"lastUpdated": _iso(last), "currentTime": _iso(now), "state": state}
+            last, queued, stopping, ineligible = self.last_updated, self.oldest_queued, self.stopping, self.ineligible
+        healthy, state, reason = self._sync_state(now, last, queued, stopping)
+        if ineligible and state != STOPPING:
+            healthy, state, reason = False, INELIGIBLE, ineligible
+        elif healthy and self.serving is not None:
+            problems = self.serving()
+            if problems:
+                healthy, state, reason = False, NOT_SERVING, "; ".join(problems)
+        body = {"lastUpdated": _iso(last), "currentTime": _iso(now), "nodeEligible": not ineligible,
+                "state": state}
         if reason:
             body["reason"] = reason
         return healthy, state, reason, body
+
+
+#: The taint the cluster autoscaler puts on a node it is about to delete (kube-proxy's ToBeDeletedTaint).
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+def node_ineligible(node: dict | None) -> str:
+    """Why this node should get no load-balancer traffic, from its v1 Node ("" = it should): it is
+    being deleted or is tainted ToBeDeletedByClusterAutoscaler, as kube-proxy's SyncNode decides.
+    A deleted Node (None) counts as being deleted: kube-proxy looks at the last state it had, which
+    for a Node deleted without a grace period carries no deletionTimestamp, but a node whose object
+    is gone is on its way out either way."""
+    if node is None:
+        return "its Node object is deleted"
+    if (node.get("metadata") or {}).get("deletionTimestamp"):
+        return "its Node object is being deleted"
+    for taint in (node.get("spec") or {}).get("taints") or ():
+        if isinstance(taint, dict) and taint.get("key") == TO_BE_DELETED_TAINT:
+            return f"tainted {TO_BE_DELETED_TAINT} (the cluster autoscaler is removing it)"
+    return ""
+
+
+# ---- a configuration that leaves the node serving nothing it should ---------------------------------
+
+def nodeport_services(services, node) -> int:
+    """How many Services this node answers for (not skipped: ExternalName, headless, another
+    proxy's) have a NodePort: each needs NodePort addresses on the node."""
+    return sum(1 for svc in services if not svc.skip_reason(node) and any(p.node_port for p in svc.ports))
+
+
+def serving_problems(*, frontends: int, rejected: list, nodeport_services: int, node_addresses) -> list[str]:
+    """Why a synced node serves nothing it should: reasons that make /healthz fail, because a load
+    balancer should not send traffic to such a node, and its operator should see it there.
+
+    - Services were rejected and nothing at all is served: the node's configuration disagrees with
+      the cluster (a wrong service CIDR or NodePort range rejects every Service), not one bad object;
+    - Services have NodePorts but the node has no NodePort address: --nodeport-addresses (or
+      --node-address) selects none of its addresses, and no NodePort, and no load balancer that
+      sends to NodePorts, works here.
+
+    `rejected`: the Services' validation problems (ebpfsvc.k8s.fields.Problem), first one named."""
+    out = []
+    if rejected and not frontends:
+        out.append(f"nothing is served: {len(rejected)} Service(s) rejected, e.g. {rejected[0]}")
+    if nodeport_services and not node_addresses:
+        out.append(f"{nodeport_services} Service(s) have a NodePort but this node has no NodePort address "
+                   "(--nodeport-addresses / --node-address select none of its addresses)")
+    return out
 
 
 class _Server:
@@ -184,6 +367,7 @@ class HealthServer:
             code = 200 if healthy else 503
         elif path == "/livez":
             _, _, _, body = self.health.status()
+            body.pop("nodeEligible", None)       # kube-proxy's /livez body has no nodeEligible
             code = 200 if self.alive() else 503
         else:
             code, body = 404, {"error": f"{path} not found; try /healthz or /livez"}
@@ -197,7 +381,11 @@ class HealthServer:
 
 
 class ServiceHealthServers:
-    """One HTTP server per healthCheckNodePort, answering by local endpoint count."""
+    """One HTTP server per healthCheckNodePort, answering by local endpoint count.
+
+    A port that cannot be bound (another process holds it) costs that Service's health check
+    only: one line naming the Service and the port, retried at every sync (a sync comes at least
+    every --sync-period), logged again only if the problem changes and once when it is over."""
 
     def __init__(self, host: str = "0.0.0.0", proxy_healthy: Callable[[], bool] = lambda: True):
         self.host = host
@@ -205,6 +393,7 @@ class ServiceHealthServers:
         self._lock = threading.Lock()
         self._servers: dict[tuple[str, str], tuple[int, _Server]] = {}
         self._endpoints: dict[tuple[str, str], int] = {}
+        self._failed: dict[tuple[str, str], tuple[int, str]] = {}     # Service -> (port, problem)
 
     def sync(self, ports: dict[tuple[str, str], int], local_endpoints: dict[tuple[str, str], int]) -> None:
         """ports: (namespace, name) -> healthCheckNodePort; local_endpoints: (namespace, name) -> count."""
@@ -214,16 +403,30 @@ class ServiceHealthServers:
                 if ports.get(svc) != port:
                     server.close()
                     del self._servers[svc]
+            for svc in [s for s, (port, _) in self._failed.items() if ports.get(s) != port]:
+                del self._failed[svc]
             for svc, port in sorted(ports.items()):
                 if svc in self._servers:
                     continue
                 try:
                     server = _Server(self.host, port, lambda req, svc=svc: self._handle(req, svc),
                                      f"healthcheck:{svc[0]}/{svc[1]}:{port}")
-                except OSError as e:      # port taken: log and retry at the next sync
-                    log.warning("cannot serve healthCheckNodePort %d of %s/%s: %s", port, *svc, e)
+                except OSError as e:
+                    problem = bind_problem(f"healthCheckNodePort {port} of Service {svc[0]}/{svc[1]}", e)
+                    if self._failed.get(svc) != (port, problem):
+                        log.warning("%s; its load balancer health check fails on this node, retried at every "
+                                    "sync", problem)
+                    self._failed[svc] = (port, problem)
                     continue
+                if self._failed.pop(svc, None) is not None:
+                    log.info("healthCheckNodePort %d of Service %s/%s: serving now", port, *svc)
                 self._servers[svc] = (port, server)
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """"namespace/name" -> why its healthCheckNodePort is not served."""
+        with self._lock:
+            return {f"{ns}/{name}": problem for (ns, name), (_, problem) in sorted(self._failed.items())}
 
     def _handle(self, req: BaseHTTPRequestHandler, svc: tuple[str, str]) -> None:
         with self._lock:

@@ -8,17 +8,23 @@ tests and several agents in one process do not mix). Two kinds of metrics:
   kernel's entry count against max_entries), and drift between the last state
   the agent applied and what the maps hold. Counters are the datapath's per-CPU
   counters summed, so they are exactly the packets and bytes translated;
-- observed by the agent as it works (Metrics): sync duration and network
-  programming latency histograms with kube-proxy's names and buckets, last sync
-  timestamps, map writes, and the API source's watch statistics (read at scrape
-  time from KubeSource.stats), invalid objects, probe counts.
+- observed by the agent as it works (Metrics): kube-proxy's metrics, with its
+  names, buckets and meaning, so kube-proxy's dashboards and alerts keep
+  working; our own (ebpfsvc_*) where kube-proxy has nothing of the kind: map
+  writes, failed syncs, the API source's watch statistics (read at scrape time
+  from KubeSource.stats), invalid objects; and the process (prometheus_client's
+  process, platform and GC collectors, as kube-proxy exports Go's).
 
-Metric names (prefix ebpfsvc_ where kube-proxy has kubeproxy_):
+Metric names:
 
-  ebpfsvc_sync_proxy_rules_duration_seconds            histogram
-  ebpfsvc_network_programming_duration_seconds          histogram
-  ebpfsvc_sync_proxy_rules_last_timestamp_seconds       gauge
-  ebpfsvc_sync_proxy_rules_last_queued_timestamp_seconds gauge
+  kubeproxy_sync_proxy_rules_duration_seconds            histogram: one sync
+  kubeproxy_network_programming_duration_seconds         histogram: change -> maps serving it
+  kubeproxy_sync_proxy_rules_last_timestamp_seconds      gauge: last completed sync
+  kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge: last change asking for a sync
+  kubeproxy_sync_proxy_rules_{service,endpoint}_changes_total   counter: objects received
+  kubeproxy_sync_proxy_rules_{service,endpoint}_changes_pending gauge: net changes not yet synced
+  kubeproxy_proxy_healthz_total / kubeproxy_proxy_livez_total {code}
+  process_* , python_gc_*, python_info
   ebpfsvc_sync_proxy_rules_map_writes_total             counter
   ebpfsvc_sync_proxy_rules_failures_total               counter
   ebpfsvc_service_packets_total / _bytes_total          {service_port}
@@ -29,7 +35,6 @@ Metric names (prefix ebpfsvc_ where kube-proxy has kubeproxy_):
   ebpfsvc_drift_frontends                               gauge (0 = maps equal the applied state)
   ebpfsvc_watch_{lists,relists,restarts,errors,events}_total {kind}
   ebpfsvc_invalid_objects_total / ebpfsvc_invalid_objects
-  ebpfsvc_proxy_healthz_total / ebpfsvc_proxy_livez_total {code}
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ import time
 from datetime import datetime
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,26 +60,45 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 class Metrics:
-    """What the agent observes as it works."""
+    """What the agent observes as it works (kube-proxy's pkg/proxy/metrics where the meaning is the same)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.sync_duration = Histogram("ebpfsvc_sync_proxy_rules_duration_seconds",
-                                       "Duration of one sync: desired state computed and the map difference "
-                                       "written.", buckets=SYNC_BUCKETS, registry=r)
+        self.sync_duration = Histogram("kubeproxy_sync_proxy_rules_duration_seconds",
+                                       "SyncProxyRules latency in seconds: desired state computed and the map "
+                                       "difference written.", buckets=SYNC_BUCKETS, registry=r)
         self.programming_latency = Histogram(
-            "ebpfsvc_network_programming_duration_seconds",
-            "From a Service/EndpointSlice change (its last-change-trigger-time annotation, else when the agent "
-            "received it) to the maps serving it.", buckets=PROGRAMMING_BUCKETS, registry=r)
-        self.last_sync = Gauge("ebpfsvc_sync_proxy_rules_last_timestamp_seconds",
-                               "Unix time of the last completed sync.", registry=r)
-        self.last_queued = Gauge("ebpfsvc_sync_proxy_rules_last_queued_timestamp_seconds",
-                                 "Unix time a change last asked for a sync.", registry=r)
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds: from a Service/EndpointSlice change (its "
+            "last-change-trigger-time annotation, else when the agent received it) to the maps serving it.",
+            buckets=PROGRAMMING_BUCKETS, registry=r)
+        self.last_sync = Gauge("kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                               "The last time proxy rules were successfully synced.", registry=r)
+        self.last_queued = Gauge("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                                 "The last time a sync of proxy rules was queued.", registry=r)
+        self.service_changes = Counter("kubeproxy_sync_proxy_rules_service_changes",
+                                       "Cumulative proxy rules Service changes (Services received).", registry=r)
+        self.endpoint_changes = Counter("kubeproxy_sync_proxy_rules_endpoint_changes",
+                                        "Cumulative proxy rules Endpoint changes (EndpointSlices and Endpoints "
+                                        "received).", registry=r)
         self.map_writes = Counter("ebpfsvc_sync_proxy_rules_map_writes",
                                   "Map entries written or deleted by syncs.", registry=r)
-        self.healthz = Counter("ebpfsvc_proxy_healthz", "/healthz answers by HTTP code.", ["code"], registry=r)
-        self.livez = Counter("ebpfsvc_proxy_livez", "/livez answers by HTTP code.", ["code"], registry=r)
+        self.healthz = Counter("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status.", ["code"],
+                               registry=r)
+        self.livez = Counter("kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status.", ["code"], registry=r)
+        # The process, as kube-proxy exports its Go runtime's: CPU, memory, fds, start time; GC; version.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+    def changed(self, kind: str) -> None:
+        """A Service, EndpointSlice or Endpoints object was received (kube-proxy counts every update
+        its change trackers see, a re-list's included)."""
+        if kind == "Service":
+            self.service_changes.inc()
+        elif kind in ("EndpointSlice", "Endpoints"):
+            self.endpoint_changes.inc()
 
     def on_probe(self, path: str, code: int) -> None:
         if path == "/healthz":
@@ -219,6 +244,13 @@ class AgentCollector(Collector):
             g = GaugeMetricFamily("ebpfsvc_invalid_objects_current", "Objects whose current version is invalid.")
             g.add_metric([], len(state.problems))
             yield g
+            services, endpoints = state.pending_changes()
+            for what, n in (("service", services), ("endpoint", endpoints)):
+                g = GaugeMetricFamily(f"kubeproxy_sync_proxy_rules_{what}_changes_pending",
+                                      f"Pending proxy rules {what.capitalize()} changes: objects changed since "
+                                      "the last sync began, changes that net to nothing left out.")
+                g.add_metric([], n)
+                yield g
         runner = getattr(self.agent, "runner", None)
         if runner is not None:
             f = CounterMetricFamily("ebpfsvc_sync_proxy_rules_failures", "Syncs that raised (retried).")
@@ -226,10 +258,17 @@ class AgentCollector(Collector):
             yield f
 
 
-def serve(registry: CollectorRegistry, host: str, port: int):
-    """/metrics of `registry` on host:port in a daemon thread; returns (server, thread)."""
-    from prometheus_client import start_http_server
-    return start_http_server(port, addr=host, registry=registry)
+class MetricsServer:
+    """/metrics of `registry` on host:port, in a daemon thread (port 0: a free one, see .port)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        from prometheus_client import start_http_server
+        self.httpd, self.thread = start_http_server(port, addr=host, registry=registry)
+        self.port = self.httpd.server_address[1]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 # ---- glue: what the agent calls ------------------------------------------------------------------
@@ -246,12 +285,19 @@ def _trigger_time(obj: dict) -> float | None:
 
 class SourceTap:
     """A Sink in front of ClusterState: passes everything on, and notes what the model does not keep:
-    spec.healthCheckNodePort of externalTrafficPolicy=Local Services, and when each change was
-    triggered (EndpointSlice last-change-trigger-time annotation, else arrival time)."""
+    spec.healthCheckNodePort of externalTrafficPolicy=Local Services, when each change was
+    triggered (EndpointSlice last-change-trigger-time annotation, else arrival time), and this
+    node's own Node object as it changes (`on_node(obj)`, None when deleted: /healthz nodeEligible;
+    a re-list without it changes nothing, as kube-proxy keeps the last state it saw)."""
 
-    def __init__(self, sink, clock: Callable[[], float] = time.time):
+    def __init__(self, sink, clock: Callable[[], float] = time.time, node_name: str | None = None,
+                 on_node: Callable[[dict | None], None] | None = None,
+                 on_change: Callable[[str], None] | None = None):
         self.sink = sink
         self.clock = clock
+        self.node_name = node_name
+        self.on_node = on_node
+        self.on_change = on_change          # kind of every object received (change counters)
         self._lock = threading.Lock()
         self.health_check_ports: dict[tuple[str, str], int] = {}
         self._pending: list[float] = []
@@ -262,7 +308,13 @@ class SourceTap:
         return getattr(self.sink, name)
 
     def _note(self, obj: dict, kind: str, deleted: bool = False, listed: bool = False) -> None:
+        if kind == "Node":
+            if self.on_node is not None and (obj.get("metadata") or {}).get("name") == self.node_name:
+                self.on_node(None if deleted else obj)
+            return
         if kind in ("Service", "EndpointSlice", "Endpoints"):
+            if self.on_change is not None:
+                self.on_change(kind)
             t = _trigger_time(obj) if kind != "Service" else None
             if t is None and not listed:
                 t = self.clock()            # no annotation: from when we received the change
@@ -322,7 +374,7 @@ class Telemetry:
         self.clock = clock
         cfg = agent.config
         self.metrics = Metrics()
-        self.health = ProxierHealth(timeout=2 * cfg.sync_period, clock=clock)
+        self.health = ProxierHealth(timeout=2 * cfg.sync_period, clock=clock, serving=self.serving_problems)
         self.tap: SourceTap | None = None
         self.datapath_collector = DatapathCollector(cfg.pin_dir, applied=lambda: agent.last_applied)
         self.metrics.registry.register(self.datapath_collector)
@@ -331,22 +383,35 @@ class Telemetry:
         self.metrics_server = None
         self.service_health = None
         self._triggers: list[float] = []
+        self._serving_lock = threading.Lock()
+        self._nodeports: tuple[Any, Any, int] | None = None   # (services view, node config, NodePort Services)
+        self._serving_logged: list[str] = []
 
     # -- lifecycle
     def start(self) -> None:
-        from ebpfsvc.health import HealthServer, ServiceHealthServers, parse_bind_address
+        """Bind /healthz and /metrics. A taken address is retried in the background (health.Listener
+        says why), or raises health.BindError with --bind-address-hard-fail."""
+        from ebpfsvc.health import HealthServer, Listener, ServiceHealthServers
 
         cfg = self.agent.config
+        hard_fail = getattr(cfg, "bind_address_hard_fail", False)
         if getattr(cfg, "healthz_bind_address", ""):
-            host, port = parse_bind_address(cfg.healthz_bind_address, 10256)
-            self.healthz_server = HealthServer(self.health, self.alive, host, port, details=self.details,
-                                               on_request=self.metrics.on_probe)
-            self.service_health = ServiceHealthServers(host, proxy_healthy=lambda: self.health.status()[0])
-            log.info("healthz on %s:%d", host, self.healthz_server.port)
+            self.healthz_server = Listener(
+                "--healthz-bind-address", cfg.healthz_bind_address, 10256, hard_fail=hard_fail,
+                serve=lambda host, port: HealthServer(self.health, self.alive, host, port, details=self.details,
+                                                      on_request=self.metrics.on_probe))
+            self.service_health = ServiceHealthServers(self.healthz_server.host,
+                                                       proxy_healthy=self.health.proxier_healthy)
+            log.info("healthz on %s (port %s)", cfg.healthz_bind_address, self.healthz_server.port)
         if getattr(cfg, "metrics_bind_address", ""):
-            host, port = parse_bind_address(cfg.metrics_bind_address, 10249)
-            self.metrics_server = serve(self.metrics.registry, host, port)
-            log.info("metrics on %s:%d", host, self.metrics_server[0].server_address[1])
+            try:
+                self.metrics_server = Listener(
+                    "--metrics-bind-address", cfg.metrics_bind_address, 10249, hard_fail=hard_fail,
+                    serve=lambda host, port: MetricsServer(self.metrics.registry, host, port))
+            except Exception:
+                self.close()
+                raise
+            log.info("metrics on %s (port %s)", cfg.metrics_bind_address, self.metrics_server.port)
 
     def stop(self) -> None:
         """Fail /healthz at once (load balancers drain the node); close the servers."""
@@ -354,29 +419,66 @@ class Telemetry:
 
     def close(self) -> None:
         """Close every server (idempotent: the agent may be stopped twice)."""
-        for server in (self.healthz_server, self.service_health):
+        for server in (self.healthz_server, self.service_health, self.metrics_server):
             if server is not None:
                 server.close()
-        self.healthz_server = self.service_health = None
-        if self.metrics_server is not None:
-            self.metrics_server[0].shutdown()
-            self.metrics_server[0].server_close()
-            self.metrics_server = None
+        self.healthz_server = self.service_health = self.metrics_server = None
         self.datapath_collector.close()
 
     def alive(self) -> bool:
         return not self.health.stopping and self.agent.runner.alive
 
     def details(self) -> dict:
+        """Operator information in the /healthz body: the API source's state, and addresses the agent
+        could not bind (its own servers', healthCheckNodePorts)."""
+        out: dict = {}
         stats = getattr(self.agent.source, "stats", None)
-        if not isinstance(stats, dict):
-            return {}
-        return {"source": {kind: {"synced": v.get("synced"), "errors": v.get("errors"),
-                                  "lastError": v.get("last_error")} for kind, v in sorted(stats.items())}}
+        if isinstance(stats, dict):
+            out["source"] = {kind: {"synced": v.get("synced"), "errors": v.get("errors"),
+                                    "lastError": v.get("last_error")} for kind, v in sorted(stats.items())}
+        unbound = [listener.error for listener in (self.healthz_server, self.metrics_server)
+                   if listener is not None and listener.error]
+        if unbound:
+            out["bindErrors"] = unbound
+        if self.service_health is not None and self.service_health.problems:
+            out["healthCheckNodePortErrors"] = self.service_health.problems
+        return out
+
+    def serving_problems(self) -> list[str]:
+        """health.serving_problems for the state the last sync computed and applied; asked at each
+        /healthz, so the count of NodePort Services is kept while the Services view and the node
+        configuration are the same objects (an endpoint change costs nothing here)."""
+        from ebpfsvc.health import nodeport_services, serving_problems
+
+        agent = self.agent
+        builder = getattr(agent, "desired", None)
+        snapshot = getattr(builder, "snapshot", None)
+        applied = agent.last_applied
+        if snapshot is None or applied is None:
+            return []
+        node = builder.node
+        state = getattr(agent, "state", None)
+        rejected = [p for p in state.problems if p.kind == "Service"] if state is not None else []
+        with self._serving_lock:
+            cached = self._nodeports
+            if cached is None or cached[0] is not snapshot.services or cached[1] is not node:
+                cached = self._nodeports = (snapshot.services, node,
+                                            nodeport_services(snapshot.services.values(), node))
+            problems = serving_problems(frontends=len(applied.frontends), rejected=rejected,
+                                        nodeport_services=cached[2], node_addresses=node.node_addresses)
+            changed, self._serving_logged = problems != self._serving_logged, problems
+        if changed:
+            if problems:
+                log.warning("/healthz fails: %s", "; ".join(problems))
+            else:
+                log.info("/healthz: the node serves what it should again")
+        return problems
 
     # -- hooks
     def sink(self, state):
-        self.tap = SourceTap(state, clock=self.clock)
+        node = getattr(self.agent.config, "node", None)
+        self.tap = SourceTap(state, clock=self.clock, node_name=getattr(node, "node_name", None),
+                             on_node=self.health.node_changed, on_change=self.metrics.changed)
         return self.tap
 
     def queued(self) -> None:

@@ -96,6 +96,10 @@ class ChangeTracker(Generic[T]):
     def pending(self) -> bool:
         return bool(self._pending)
 
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
     def take(self) -> dict[Hashable, tuple[T | None, T | None]]:
         pending, self._pending = self._pending, {}
         return pending
@@ -187,6 +191,13 @@ class ClusterState:
         """Current validation problems, one per object, sorted."""
         with self._cond:
             return sorted(self._problems.values())
+
+    def pending_changes(self) -> tuple[int, int]:
+        """(Services, EndpointSlices and Endpoints) changed since the last snapshot(), changes that
+        net to nothing left out: kube-proxy's sync_proxy_rules_{service,endpoint}_changes_pending."""
+        with self._cond:
+            return (self._services.pending_count,
+                    self._slices.pending_count + self._endpoints_objs.pending_count)
 
     def wait_changed(self, timeout: float) -> bool:
         """Block until something relevant changed since the last snapshot(); False on timeout."""

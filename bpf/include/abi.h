@@ -67,13 +67,17 @@
 #define SNAT_PORT_PROBES 16           /* ports tried (hash, then linear) before giving up */
 #endif
 
-/* ---- Conntrack lifetimes in seconds (-D overridable). An entry older than its
- * lifetime is treated as absent; LRU eviction reclaims the memory later. ---- */
+/* ---- Conntrack lifetimes in seconds (-D overridable: the agent's --conntrack-* flags, with
+ * kube-proxy's names and defaults, ebpfsvc/datapath/loader.py conntrack_limits). An entry older
+ * than its lifetime is treated as absent; LRU eviction reclaims the memory later. ---- */
 #ifndef CT_TIMEOUT_TCP_SYN_S
 #define CT_TIMEOUT_TCP_SYN_S 60       /* TCP, no reply seen yet: half-open, keep it short */
 #endif
 #ifndef CT_TIMEOUT_TCP_ESTABLISHED_S
-#define CT_TIMEOUT_TCP_ESTABLISHED_S 21600 /* TCP, reply seen: 6 h, idle keepalive-less flows */
+#define CT_TIMEOUT_TCP_ESTABLISHED_S 86400 /* TCP, reply seen: kube-proxy's --conntrack-tcp-timeout-established (24h) */
+#endif
+#ifndef CT_TIMEOUT_TCP_CLOSE_WAIT_S
+#define CT_TIMEOUT_TCP_CLOSE_WAIT_S 3600 /* TCP, FIN one way only (half-closed): --conntrack-tcp-timeout-close-wait (1h) */
 #endif
 #ifndef CT_TIMEOUT_TCP_CLOSE_S
 #define CT_TIMEOUT_TCP_CLOSE_S 10     /* TCP after RST or FIN both ways: only stragglers left */
@@ -81,8 +85,14 @@
 #ifndef FRAG_TIMEOUT_S
 #define FRAG_TIMEOUT_S 30             /* Linux's ipfrag_time: a datagram's fragments come within it */
 #endif
+#ifndef CT_TIMEOUT_UDP_S
+#define CT_TIMEOUT_UDP_S 30           /* UDP, no reply seen yet: --conntrack-udp-timeout (nf_conntrack's 30 s) */
+#endif
+#ifndef CT_TIMEOUT_UDP_STREAM_S
+#define CT_TIMEOUT_UDP_STREAM_S 120   /* UDP, a reply seen: --conntrack-udp-timeout-stream (nf_conntrack's 120 s) */
+#endif
 #ifndef CT_TIMEOUT_OTHER_S
-#define CT_TIMEOUT_OTHER_S 60         /* UDP, SCTP: no state to follow, idle timeout only */
+#define CT_TIMEOUT_OTHER_S 60         /* SCTP: no state followed, idle timeout only */
 #endif
 
 /* ---- Frontend scope: which side of the node a packet came from. ---- */

@@ -8,9 +8,10 @@
  * established flow is unaffected by Maglev table changes; the reply entry gives
  * the VIP to restore as the reply's source.
  *
- * Lifetimes follow the TCP state seen so far (CT_TIMEOUT_* in abi.h). An
- * expired entry is treated as absent; the LRU reclaims its memory later, so
- * there is no garbage collector to run.
+ * Lifetimes follow the state seen so far (CT_TIMEOUT_* in abi.h): for TCP
+ * half-open, established, half-closed (close-wait) or closing; for UDP whether
+ * a reply was seen (a stream). An expired entry is treated as absent; the LRU
+ * reclaims its memory later, so there is no garbage collector to run.
  */
 #ifndef EBPFSVC_CT_H
 #define EBPFSVC_CT_H
@@ -100,10 +101,14 @@ static __always_inline int ct4_closing(__u8 flags)
 
 static __always_inline __u64 ct4_lifetime_ns(__u8 proto, __u8 flags)
 {
+	if (proto == IPPROTO_UDP)	/* a reply seen makes it a stream, as in nf_conntrack */
+		return (flags & CT_F_ESTABLISHED ? CT_TIMEOUT_UDP_STREAM_S : CT_TIMEOUT_UDP_S) * LB_NSEC_PER_SEC;
 	if (proto != IPPROTO_TCP)
 		return CT_TIMEOUT_OTHER_S * LB_NSEC_PER_SEC;
 	if (ct4_closing(flags))
 		return CT_TIMEOUT_TCP_CLOSE_S * LB_NSEC_PER_SEC;
+	if (flags & (CT_F_SEEN_FIN_FWD | CT_F_SEEN_FIN_REV))
+		return CT_TIMEOUT_TCP_CLOSE_WAIT_S * LB_NSEC_PER_SEC;
 	if (flags & CT_F_ESTABLISHED)
 		return CT_TIMEOUT_TCP_ESTABLISHED_S * LB_NSEC_PER_SEC;
 	return CT_TIMEOUT_TCP_SYN_S * LB_NSEC_PER_SEC;

@@ -68,7 +68,10 @@ class Limits:
     source_ranges: int = _limit("SOURCE_RANGES_MAX")
     ct_tcp_syn_s: int = _limit("CT_TIMEOUT_TCP_SYN_S")
     ct_tcp_established_s: int = _limit("CT_TIMEOUT_TCP_ESTABLISHED_S")
+    ct_tcp_close_wait_s: int = _limit("CT_TIMEOUT_TCP_CLOSE_WAIT_S")
     ct_tcp_close_s: int = _limit("CT_TIMEOUT_TCP_CLOSE_S")
+    ct_udp_s: int = _limit("CT_TIMEOUT_UDP_S")
+    ct_udp_stream_s: int = _limit("CT_TIMEOUT_UDP_STREAM_S")
     ct_other_s: int = _limit("CT_TIMEOUT_OTHER_S")
 
     def defines(self) -> dict[str, int]:
@@ -79,6 +82,28 @@ class Limits:
                 raise ValueError(f"limit {f.name} must be positive, got {value}")
             out[f.metadata["macro"]] = value
         return out
+
+
+def conntrack_limits(*, max_per_core: int = 0, minimum: int = 0, tcp_established: float = 0,
+                     tcp_close_wait: float = 0, udp: float = 0, udp_stream: float = 0,
+                     cpus: int | None = None) -> dict[str, int]:
+    """kube-proxy's --conntrack-* flags as Limits fields (only the ones they change).
+
+    kube-proxy sizes the kernel's table to max(max_per_core x CPUs, minimum) flows, and leaves it
+    alone when max_per_core is 0; here that is the ct4 map, two entries per flow. A timeout of 0
+    leaves the datapath's default (abi.h), as 0 leaves the kernel's sysctl with kube-proxy.
+    Timeouts are whole seconds (the datapath's unit; kube-proxy's sysctls are seconds too)."""
+    out: dict[str, int] = {}
+    if max_per_core < 0 or minimum < 0:
+        raise ValueError("conntrack sizes must be 0 or more")
+    if max_per_core:
+        cpus = cpus or len(os.sched_getaffinity(0))      # Go's runtime.NumCPU() counts the same CPUs
+        out["ct_entries"] = 2 * max(max_per_core * cpus, minimum)
+    for name, seconds in (("ct_tcp_established_s", tcp_established), ("ct_tcp_close_wait_s", tcp_close_wait),
+                          ("ct_udp_s", udp), ("ct_udp_stream_s", udp_stream)):
+        if seconds:
+            out[name] = int(seconds)
+    return out
 
 
 def be32(addr) -> int:
@@ -281,5 +306,5 @@ def drop_cache() -> None:
     _CACHE.clear()
 
 
-__all__ = ["Datapath", "Limits", "load", "unpin", "expand_source", "be32", "PROGRAMS", "MAPS",
+__all__ = ["Datapath", "Limits", "conntrack_limits", "load", "unpin", "expand_source", "be32", "PROGRAMS", "MAPS",
            "NODE_SOURCE", "NODE_PROGRAMS"]

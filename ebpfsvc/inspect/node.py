@@ -194,10 +194,14 @@ class Affinity:
 
 def ct_lifetime_s(proto: str, flags: int) -> int:
     """bpf/lib/ct.h ct4_lifetime_ns, with abi.h's default lifetimes."""
+    if proto == "UDP":
+        return abi.CT_TIMEOUT_UDP_STREAM_S if flags & abi.CT_F_ESTABLISHED else abi.CT_TIMEOUT_UDP_S
     if proto != "TCP":
         return abi.CT_TIMEOUT_OTHER_S
-    if (flags & abi.CT_F_SEEN_RST) or ((flags & abi.CT_F_SEEN_FIN_FWD) and (flags & abi.CT_F_SEEN_FIN_REV)):
+    if ct_closing(flags):
         return abi.CT_TIMEOUT_TCP_CLOSE_S
+    if flags & (abi.CT_F_SEEN_FIN_FWD | abi.CT_F_SEEN_FIN_REV):
+        return abi.CT_TIMEOUT_TCP_CLOSE_WAIT_S
     if flags & abi.CT_F_ESTABLISHED:
         return abi.CT_TIMEOUT_TCP_ESTABLISHED_S
     return abi.CT_TIMEOUT_TCP_SYN_S

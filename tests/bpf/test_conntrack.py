@@ -1,5 +1,6 @@
 """Conntrack: an established flow keeps its backend whatever the tables say
-now; removed backends reset TCP and re-balance UDP; lifetimes follow TCP state;
+now; removed backends reset TCP and re-balance UDP; lifetimes follow TCP state
+and UDP replies, and the agent's --conntrack-* lifetimes change them;
 terminating backends keep their flows but get no new ones; not-ready backends
 keep their TCP flows, lose their UDP ones, and are never a fallback."""
 
@@ -8,12 +9,13 @@ from __future__ import annotations
 import pytest
 
 from ebpfsvc import abi
-from ebpfsvc.datapath import stats
+from ebpfsvc.datapath import loader, stats
+from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lbmodel import Protocol
 
-from .conftest import age
+from .conftest import TEST_LIMITS, age
 from .packets import (
-    BACKEND1, BACKEND2, BACKEND3, CLIENT, OK, REDIRECT, VIP, Case, be, check, expected_backend,
+    BACKEND1, BACKEND2, BACKEND3, CLIENT, HAIRPIN, OK, REDIRECT, VIP, Case, be, check, expected_backend,
     from_pod, frontend, state, tcp, to_pod, udp,
 )
 from scapy.layers.inet import IP, TCP
@@ -142,6 +144,77 @@ def test_tcp_state_and_lifetimes(datapath, writer):
     age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_TCP_CLOSE_S + 1)
     check(datapath, Case("after the close lifetime the reply is no longer ours", "to_pod",
                          to_pod(tcp(b, CLIENT, 8080, 40000, "A")), OK))
+
+
+def test_udp_lifetimes_follow_replies(datapath, writer):
+    B, b = udp_flow_to_one_of_three(datapath, writer)
+    reply, reply_out = to_pod(udp(b, CLIENT, 5353, 5000)), to_pod(udp(VIP, CLIENT, 53, 5000))
+    # No reply yet: the short lifetime (nf_conntrack's udp_timeout).
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_UDP_S + 1)
+    check(datapath, Case("unreplied flow expired: its late answer is not ours", "to_pod", reply, OK))
+    check(datapath, Case("datagram again", "from_pod", from_pod(udp(CLIENT, VIP, 5000, 53)), OK,
+                         from_pod(udp(CLIENT, b, 5000, 5353))))
+    check(datapath, Case("an answer makes it a stream", "to_pod", reply, OK, reply_out))
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_UDP_S + 1)
+    check(datapath, Case("a stream outlives the unreplied lifetime", "to_pod", reply, OK, reply_out))
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_UDP_STREAM_S + 1)
+    check(datapath, Case("and expires after the stream lifetime", "to_pod", reply, OK))
+
+
+@pytest.fixture
+def tuned(pin_dir):
+    """A datapath compiled with lifetimes set the way the agent's --conntrack-* flags set them:
+    --conntrack-udp-timeout 5s, --conntrack-udp-timeout-stream 20s, --conntrack-tcp-timeout-close-wait 9s,
+    --conntrack-tcp-timeout-established 40s (each far below abi.h's default)."""
+    changed = loader.conntrack_limits(udp=5, udp_stream=20, tcp_close_wait=9, tcp_established=40)
+    dp = loader.load(pin_dir, limits=loader.Limits(**{**TEST_LIMITS.__dict__, **changed}), hairpin_addr=HAIRPIN,
+                     cache=False)
+    try:
+        yield dp, MapWriter(dp.maps)
+    finally:
+        dp.close()
+
+
+def test_configured_lifetimes_take_effect(tuned):
+    datapath, writer = tuned
+    assert abi.CT_TIMEOUT_UDP_S > 6 and abi.CT_TIMEOUT_UDP_STREAM_S > 21 and abi.CT_TIMEOUT_TCP_CLOSE_WAIT_S > 10
+    B, b = udp_flow_to_one_of_three(datapath, writer)
+    reply, reply_out = to_pod(udp(b, CLIENT, 5353, 5000)), to_pod(udp(VIP, CLIENT, 53, 5000))
+    age(datapath, "ct4", "last_seen_ns", 6)
+    check(datapath, Case("6 s without a reply > --conntrack-udp-timeout 5s: expired", "to_pod", reply, OK))
+    check(datapath, Case("datagram again", "from_pod", from_pod(udp(CLIENT, VIP, 5000, 53)), OK,
+                         from_pod(udp(CLIENT, b, 5000, 5353))))
+    check(datapath, Case("answered: a stream", "to_pod", reply, OK, reply_out))
+    age(datapath, "ct4", "last_seen_ns", 19)
+    check(datapath, Case("19 s < --conntrack-udp-timeout-stream 20s: tracked", "to_pod", reply, OK, reply_out))
+    age(datapath, "ct4", "last_seen_ns", 21)
+    check(datapath, Case("21 s > 20s: expired", "to_pod", reply, OK))
+
+    writer.apply(state(WEB2))
+    tb = expected_backend(WEB2, CLIENT, 40000)
+    check(datapath, Case("SYN", "from_pod", *flow(dnat(CLIENT, tb, 40000, "S", seq=1000, ack=0))))
+    check(datapath, Case("SYN-ACK", "to_pod", to_pod(tcp(tb, CLIENT, 8080, 40000, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "SA"))))
+    # Each entry ages with the packets of its own direction: both directions idle 39 s.
+    age(datapath, "ct4", "last_seen_ns", 39)
+    check(datapath, Case("established, idle 39 s < --conntrack-tcp-timeout-established 40s: tracked",
+                         "from_pod", *flow(dnat(CLIENT, tb, 40000))))
+    check(datapath, Case("and its reply", "to_pod", to_pod(tcp(tb, CLIENT, 8080, 40000, "A")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "A"))))
+    check(datapath, Case("client FIN: half-closed", "from_pod", *flow(dnat(CLIENT, tb, 40000, "FA"))))
+    age(datapath, "ct4", "last_seen_ns", 8)
+    check(datapath, Case("half-closed, idle 8 s < --conntrack-tcp-timeout-close-wait 9s: the server's data "
+                         "still comes back", "to_pod", to_pod(tcp(tb, CLIENT, 8080, 40000, "PA", payload=b"x")),
+                         OK, to_pod(tcp(VIP, CLIENT, 80, 40000, "PA", payload=b"x"))))
+    age(datapath, "ct4", "last_seen_ns", 10)
+    check(datapath, Case("idle 10 s > 9s: expired", "to_pod", to_pod(tcp(tb, CLIENT, 8080, 40000, "A")), OK))
+
+    tb = expected_backend(WEB2, CLIENT, 40001)
+    check(datapath, Case("another flow", "from_pod", *flow(dnat(CLIENT, tb, 40001, "S", seq=1000, ack=0))))
+    check(datapath, Case("established", "to_pod", to_pod(tcp(tb, CLIENT, 8080, 40001, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40001, "SA"))))
+    age(datapath, "ct4", "last_seen_ns", 41)
+    check(datapath, Case("idle 41 s > 40s: expired", "to_pod", to_pod(tcp(tb, CLIENT, 8080, 40001, "A")), OK))
 
 
 def test_syn_reusing_a_closed_flow_starts_a_new_one(datapath, writer):

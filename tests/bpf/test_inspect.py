@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
 
-from ebpfsvc import maglev
+from ebpfsvc import abi, maglev
 from ebpfsvc.cli import main
 from ebpfsvc.inspect import views
 from ebpfsvc.inspect.node import NodeMaps
@@ -124,7 +124,7 @@ def test_lb_list_and_ct_list_show_the_maps(datapath, writer, pin_dir):
     ct = cli_json(pin_dir, "bpf", "ct", "list")
     assert all(e["flags"] == ["SYN", "established"] for e in ct)
     assert all(100 <= e["age_s"] < 200 and not e["expired"] for e in ct)
-    age(datapath, "ct4", "last_seen_ns", 21600)
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_TCP_ESTABLISHED_S)
     assert all(e["expired"] for e in cli_json(pin_dir, "bpf", "ct", "list"))
     assert cli_json(pin_dir, "bpf", "ct", "list", "--no-expired") == []
     assert "established" in cli(pin_dir, "bpf", "ct", "list")

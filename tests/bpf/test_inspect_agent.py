@@ -125,7 +125,7 @@ def agent(tmp_path, pin_dir, unique_prefix):
 
 def test_agent_health_metrics_health_check_port_and_drift(agent, pin_dir):
     healthz = f"http://127.0.0.1:{agent.telemetry.healthz_server.port}"
-    metrics = f"http://127.0.0.1:{agent.telemetry.metrics_server[0].server_address[1]}/metrics"
+    metrics = f"http://127.0.0.1:{agent.telemetry.metrics_server.port}/metrics"
     wait_for(agent.synced_once.is_set, "the first sync")
     code, body = get(healthz + "/healthz")
     assert code == 200 and json.loads(body)["state"] == "synced"
@@ -147,8 +147,8 @@ def test_agent_health_metrics_health_check_port_and_drift(agent, pin_dir):
     assert metric(text, 'ebpfsvc_service_packets_total{service_port="default/web:http/TCP"}') == 5
     assert metric(text, 'ebpfsvc_service_bytes_total{service_port="default/web:http/TCP"}') == sent
     assert metric(text, "ebpfsvc_drift_frontends") == 0
-    assert metric(text, "ebpfsvc_sync_proxy_rules_duration_seconds_count") >= 1
-    assert metric(text, "ebpfsvc_network_programming_duration_seconds_count") >= 1
+    assert metric(text, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1
+    assert metric(text, "kubeproxy_network_programming_duration_seconds_count") >= 1
 
     # `ebpfsvc drift` with the agent's own inputs: none.
     args = ["drift", "--pin-dir", str(pin_dir), "--manifests", str(agent.manifest_dir), "--node-name", NODE,

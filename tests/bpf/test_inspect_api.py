@@ -100,7 +100,7 @@ def test_agent_stays_healthy_when_the_api_is_lost(api, kubeconfig, pin_dir, uniq
     try:
         agent.start()
         healthz = f"http://127.0.0.1:{agent.telemetry.healthz_server.port}/healthz"
-        metrics = f"http://127.0.0.1:{agent.telemetry.metrics_server[0].server_address[1]}/metrics"
+        metrics = f"http://127.0.0.1:{agent.telemetry.metrics_server.port}/metrics"
         wait_for(agent.synced_once.is_set, "first sync from the API")
         assert get(healthz)[0] == 200
 

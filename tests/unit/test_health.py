@@ -171,6 +171,8 @@ class FakeConfig:
     sync_period: float = 30.0
     healthz_bind_address: str = "127.0.0.1:0"
     metrics_bind_address: str = ""
+    bind_address_hard_fail: bool = False
+    node: object = None
 
 
 class FakeRunner:
@@ -196,6 +198,7 @@ class FakeAgent:
     last_applied: LBState | None = None
     invalid_objects: int = 0
     state: object = None
+    desired: object = None
 
 
 def test_agent_states_starting_synced_api_lost_stale_stopping():
@@ -246,3 +249,251 @@ def test_agent_states_starting_synced_api_lost_stale_stopping():
         assert get(port, "/livez")[0] == 503
     finally:
         t.close()
+
+
+# ---- addresses already taken (kube-proxy still running) ---------------------------------------
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ebpfsvc import health  # noqa: E402
+from ebpfsvc.health import BindError  # noqa: E402
+
+
+def hold_port() -> socket.socket:
+    """A listening socket on a free 127.0.0.1 port, as kube-proxy holds 10256 and 10249."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def eventually(pred, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_taken_addresses_are_retried_in_the_background_not_fatal(monkeypatch, caplog):
+    monkeypatch.setattr(health, "BIND_RETRY_INTERVAL", 0.05)
+    healthz, metrics = hold_port(), hold_port()
+    hport, mport = healthz.getsockname()[1], metrics.getsockname()[1]
+    agent = FakeAgent(config=FakeConfig(healthz_bind_address=f"127.0.0.1:{hport}",
+                                        metrics_bind_address=f"127.0.0.1:{mport}"))
+    t = Telemetry(agent, clock=FakeClock())
+    caplog.set_level(logging.INFO, logger="ebpfsvc.health")
+    try:
+        t.start()                                    # no exception: the agent goes on and programs Services
+        assert t.healthz_server.port is None and t.metrics_server.port is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [
+            f"--healthz-bind-address 127.0.0.1:{hport}: address already in use (is kube-proxy still running?); "
+            "retrying every 0.05s in the background, as kube-proxy does",
+            f"--metrics-bind-address 127.0.0.1:{mport}: address already in use (is kube-proxy still running?); "
+            "retrying every 0.05s in the background, as kube-proxy does"]
+        # kube-proxy lets go of its healthz port: ours is served at once, and says metrics is still taken.
+        healthz.close()
+        eventually(lambda: t.healthz_server.port == hport)
+        code, body, _ = get(hport, "/healthz")
+        assert code == 503 and body["bindErrors"] == [
+            f"--metrics-bind-address 127.0.0.1:{mport}: address already in use (is kube-proxy still running?)"]
+        metrics.close()
+        eventually(lambda: t.metrics_server.port == mport)
+        assert "bindErrors" not in get(hport, "/healthz")[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+            assert r.status == 200
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2, "each problem logged once"
+    finally:
+        t.close()
+        healthz.close()
+        metrics.close()
+
+
+def test_bind_address_hard_fail_is_one_clear_error():
+    held = hold_port()
+    port = held.getsockname()[1]
+    agent = FakeAgent(config=FakeConfig(healthz_bind_address=f"127.0.0.1:{port}", bind_address_hard_fail=True))
+    t = Telemetry(agent, clock=FakeClock())
+    try:
+        with pytest.raises(BindError) as err:
+            t.start()
+        assert str(err.value).startswith(f"--healthz-bind-address 127.0.0.1:{port}: address already in use "
+                                         "(is kube-proxy still running?); ")
+    finally:
+        t.close()
+        held.close()
+
+
+def test_the_agent_with_hard_fail_exits_with_one_line(tmp_path):
+    """`ebpfsvc agent --bind-address-hard-fail` beside a kube-proxy holding its port: one line, exit 1."""
+    repo = Path(__file__).resolve().parents[2]
+    held = hold_port()
+    port = held.getsockname()[1]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "ebpfsvc.cli", "agent", "--node-name=n1", f"--manifests={tmp_path}",
+             f"--pin-dir={tmp_path / 'pins'}", f"--healthz-bind-address=127.0.0.1:{port}",
+             "--metrics-bind-address=", "--bind-address-hard-fail"],
+            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if " INFO " not in line]   # the start-up log line
+    assert lines == [f"ebpfsvc agent: --healthz-bind-address 127.0.0.1:{port}: address already in use "
+                     "(is kube-proxy still running?); stop what holds it, choose another address, or run "
+                     "without --bind-address-hard-fail to retry in the background as kube-proxy does"], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_taken_health_check_node_port_is_one_line_naming_the_service(caplog):
+    servers = ServiceHealthServers("127.0.0.1")
+    held = hold_port()
+    port = held.getsockname()[1]
+    web = ("default", "web")
+    caplog.set_level(logging.INFO, logger="ebpfsvc.health")
+    try:
+        for _ in range(3):                               # every sync retries; the problem is logged once
+            servers.sync({web: port}, {web: 1})
+        assert servers.ports == {}
+        assert [r.getMessage() for r in caplog.records] == [
+            f"healthCheckNodePort {port} of Service default/web: address already in use (is kube-proxy still "
+            "running?); its load balancer health check fails on this node, retried at every sync"]
+        assert servers.problems == {"default/web": f"healthCheckNodePort {port} of Service default/web: "
+                                                   "address already in use (is kube-proxy still running?)"}
+        held.close()
+        servers.sync({web: port}, {web: 1})
+        assert servers.ports == {web: port} and servers.problems == {}
+        assert get(port, "/")[0] == 200
+        assert caplog.records[-1].getMessage() == f"healthCheckNodePort {port} of Service default/web: serving now"
+    finally:
+        servers.close()
+        held.close()
+
+
+# ---- nodeEligible (kube-proxy 1.28+) and a node that serves nothing it should ------------------------
+
+from ebpfsvc.config import NodeConfig  # noqa: E402
+from ebpfsvc.desired import DesiredStateBuilder  # noqa: E402
+from ebpfsvc.health import serving_problems  # noqa: E402
+from ebpfsvc.k8s.fields import Problem  # noqa: E402
+from ebpfsvc.sources.base import Event, EventType  # noqa: E402
+from ebpfsvc.tracker import ClusterState  # noqa: E402
+
+
+def node_obj(name="node-a", *, deleting=False, taints=()):
+    meta = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-22T03:00:00Z"
+    return {"apiVersion": "v1", "kind": "Node", "metadata": meta, "spec": {"taints": list(taints)}}
+
+
+TO_BE_DELETED = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1732244400", "effect": "NoSchedule"}
+
+
+def test_node_eligible_follows_the_node_as_kube_proxy_decides():
+    h = ProxierHealth(timeout=60, clock=FakeClock())
+    h.updated()
+    ok, state, _, body = h.status()
+    assert ok and body["nodeEligible"] is True                 # eligible until a Node event says otherwise
+    h.node_changed(node_obj(taints=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]))
+    assert h.status()[0] is True                               # cordoned is still eligible
+    h.node_changed(node_obj(taints=[TO_BE_DELETED]))
+    ok, state, reason, body = h.status()
+    assert (ok, state, body["nodeEligible"]) == (False, "node-ineligible", False)
+    assert reason == "tainted ToBeDeletedByClusterAutoscaler (the cluster autoscaler is removing it)"
+    assert h.proxier_healthy() is True                         # serviceProxyHealthy ignores the Node
+    h.node_changed(node_obj())
+    assert h.status()[0] is True and h.status()[3]["nodeEligible"] is True
+    h.node_changed(node_obj(deleting=True))
+    assert h.status()[2] == "its Node object is being deleted"
+    h.node_changed(None)
+    assert h.status()[2] == "its Node object is deleted"
+    h.set_stopping()
+    assert h.status()[1] == "stopping"
+
+
+def test_healthz_body_carries_node_eligible_and_the_node_events_reach_it():
+    agent = FakeAgent(config=FakeConfig(node=NodeConfig(node_name="node-a")))
+    t = Telemetry(agent, clock=FakeClock())
+    tap = t.sink(ClusterState())
+    t.start()
+    port = t.healthz_server.port
+    try:
+        agent.runner._thread.start()
+        t.sync_done(0.001)
+        code, body, _ = get(port, "/healthz")
+        assert code == 200 and body["nodeEligible"] is True
+        tap.on_relist("Node", [node_obj("node-b", taints=[TO_BE_DELETED]), node_obj("node-a")])
+        assert get(port, "/healthz")[0] == 200                 # another node's taint is not ours
+        tap.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a", taints=[TO_BE_DELETED])))
+        code, body, _ = get(port, "/healthz")
+        assert (code, body["nodeEligible"], body["state"]) == (503, False, "node-ineligible")
+        code, body, _ = get(port, "/livez")
+        assert code == 200 and "nodeEligible" not in body     # kube-proxy's /livez: alive, whatever the Node
+        tap.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a")))
+        assert get(port, "/healthz")[0] == 200
+        tap.on_event(Event("Node", EventType.DELETED, node_obj("node-a")))
+        assert get(port, "/healthz")[1]["nodeEligible"] is False
+    finally:
+        t.close()
+
+
+def test_serving_problems_rules():
+    bad = Problem("Service", "default", "kubernetes", "spec.clusterIP", "10.96.0.1 is outside the service CIDR "
+                  "198.19.0.0/16")
+    assert serving_problems(frontends=0, rejected=[], nodeport_services=0, node_addresses=()) == []
+    assert serving_problems(frontends=4, rejected=[bad], nodeport_services=0, node_addresses=()) == []
+    assert serving_problems(frontends=0, rejected=[bad, bad], nodeport_services=0, node_addresses=()) == [
+        "nothing is served: 2 Service(s) rejected, e.g. Service default/kubernetes: spec.clusterIP: 10.96.0.1 is "
+        "outside the service CIDR 198.19.0.0/16"]
+    assert serving_problems(frontends=4, rejected=[], nodeport_services=3, node_addresses=()) == [
+        "3 Service(s) have a NodePort but this node has no NodePort address (--nodeport-addresses / "
+        "--node-address select none of its addresses)"]
+    assert serving_problems(frontends=4, rejected=[], nodeport_services=3, node_addresses=(A("198.18.0.2"),)) == []
+
+
+def service(name, cluster_ip, *, node_port=None):
+    spec = {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": cluster_ip,
+            "ports": [{"port": 80, "protocol": "TCP", **({"nodePort": node_port} if node_port else {})}]}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "default", "name": name}, "spec": spec}
+
+
+def synced_telemetry(node: NodeConfig, services: list[dict]):
+    """A Telemetry over a real tracker and desired-state builder, the Services listed and synced once."""
+    agent = FakeAgent(config=FakeConfig(node=node), state=ClusterState(node), desired=DesiredStateBuilder(node))
+    t = Telemetry(agent, clock=FakeClock())
+    tap = t.sink(agent.state)
+    tap.on_relist("Service", services)
+    agent.last_applied = agent.desired.build(agent.state.snapshot()).state
+    t.sync_done(0.001)
+    return t
+
+
+def test_every_service_rejected_makes_healthz_fail_with_the_reason():
+    # The lab's default service CIDR on a cluster whose Services live in 10.96.0.0/12 (issue 10).
+    t = synced_telemetry(NodeConfig(node_name="node-a"), [service("kubernetes", "10.96.0.1"),
+                                                          service("dns", "10.96.0.10")])
+    ok, state, reason, body = t.health.status()
+    assert (ok, state) == (False, "not-serving")
+    assert reason == ("nothing is served: 2 Service(s) rejected, e.g. Service default/dns: spec.clusterIP: "
+                      "10.96.0.10 is outside the service CIDR 198.19.0.0/16")
+    fine = synced_telemetry(NodeConfig(node_name="node-a", service_cidr="10.96.0.0/12"),
+                            [service("kubernetes", "10.96.0.1"), service("dns", "10.96.0.10")])
+    assert fine.health.status()[:2] == (True, "synced")
+
+
+def test_nodeport_services_without_a_nodeport_address_make_healthz_fail():
+    services = [service("web", "198.19.0.10", node_port=30080), service("api", "198.19.0.11")]
+    t = synced_telemetry(NodeConfig(node_name="node-a"), services)
+    ok, state, reason, _ = t.health.status()
+    assert (ok, state) == (False, "not-serving")
+    assert reason.startswith("1 Service(s) have a NodePort but this node has no NodePort address")
+    assert t.health.proxier_healthy() is True      # healthCheckNodePorts still answer by local endpoints
+    served = synced_telemetry(NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",)), services)
+    assert served.health.status()[:2] == (True, "synced")

@@ -45,15 +45,19 @@ def test_frontend_kind_and_algorithm_from_flags():
 
 
 def test_ct_lifetimes_follow_ct_h():
-    # The order of decisions in ct4_lifetime_ns: non-TCP, closing, established, half-open.
+    # The order of decisions in ct4_lifetime_ns: UDP (stream or not), other non-TCP, closing,
+    # half-closed, established, half-open.
     body = CT_H.read_text()
     fn = body[body.index("ct4_lifetime_ns"):]
-    order = [m.group(1) for m in re.finditer(r"return (CT_TIMEOUT_\w+)", fn)][:4]
-    assert order == ["CT_TIMEOUT_OTHER_S", "CT_TIMEOUT_TCP_CLOSE_S", "CT_TIMEOUT_TCP_ESTABLISHED_S",
-                     "CT_TIMEOUT_TCP_SYN_S"]
-    assert ct_lifetime_s("UDP", abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_OTHER_S
+    order = re.findall(r"\b(CT_TIMEOUT_\w+)", fn[:fn.index("\n}")])
+    assert order == ["CT_TIMEOUT_UDP_STREAM_S", "CT_TIMEOUT_UDP_S", "CT_TIMEOUT_OTHER_S", "CT_TIMEOUT_TCP_CLOSE_S",
+                     "CT_TIMEOUT_TCP_CLOSE_WAIT_S", "CT_TIMEOUT_TCP_ESTABLISHED_S", "CT_TIMEOUT_TCP_SYN_S"]
+    assert ct_lifetime_s("UDP", abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_UDP_STREAM_S
+    assert ct_lifetime_s("UDP", 0) == abi.CT_TIMEOUT_UDP_S
+    assert ct_lifetime_s("SCTP", abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_OTHER_S
     assert ct_lifetime_s("TCP", abi.CT_F_SEEN_RST | abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_TCP_CLOSE_S
-    assert ct_lifetime_s("TCP", abi.CT_F_SEEN_FIN_FWD | abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_TCP_ESTABLISHED_S
+    assert ct_lifetime_s("TCP", abi.CT_F_SEEN_FIN_FWD | abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_TCP_CLOSE_WAIT_S
+    assert ct_lifetime_s("TCP", abi.CT_F_ESTABLISHED) == abi.CT_TIMEOUT_TCP_ESTABLISHED_S
     assert ct_lifetime_s("TCP", abi.CT_F_SEEN_SYN) == abi.CT_TIMEOUT_TCP_SYN_S
     assert ct_closing(abi.CT_F_SEEN_FIN_FWD | abi.CT_F_SEEN_FIN_REV) and not ct_closing(abi.CT_F_SEEN_FIN_FWD)
 

@@ -94,22 +94,22 @@ def test_sync_and_programming_latency_histograms():
     t.sync_done(0.003, Stats(writes=7))
     m = samples(t.metrics.registry)
     # Sync done at 22:13:26: 3.5 s after the annotated trigger, 1.0 s after the unannotated arrival.
-    assert v(m, "ebpfsvc_network_programming_duration_seconds_count") == 2
-    assert v(m, "ebpfsvc_network_programming_duration_seconds_sum") == 4.5
-    assert v(m, "ebpfsvc_network_programming_duration_seconds_bucket", le="1.0") == 1
-    assert v(m, "ebpfsvc_network_programming_duration_seconds_bucket", le="4.0") == 2
-    assert v(m, "ebpfsvc_sync_proxy_rules_duration_seconds_count") == 1
-    assert v(m, "ebpfsvc_sync_proxy_rules_duration_seconds_bucket", le="0.004") == 1
-    assert v(m, "ebpfsvc_sync_proxy_rules_duration_seconds_bucket", le="0.002") == 0
-    assert v(m, "ebpfsvc_sync_proxy_rules_last_timestamp_seconds") == clock.t
-    assert v(m, "ebpfsvc_sync_proxy_rules_last_queued_timestamp_seconds") == clock.t - 0.5
+    assert v(m, "kubeproxy_network_programming_duration_seconds_count") == 2
+    assert v(m, "kubeproxy_network_programming_duration_seconds_sum") == 4.5
+    assert v(m, "kubeproxy_network_programming_duration_seconds_bucket", le="1.0") == 1
+    assert v(m, "kubeproxy_network_programming_duration_seconds_bucket", le="4.0") == 2
+    assert v(m, "kubeproxy_sync_proxy_rules_duration_seconds_count") == 1
+    assert v(m, "kubeproxy_sync_proxy_rules_duration_seconds_bucket", le="0.004") == 1
+    assert v(m, "kubeproxy_sync_proxy_rules_duration_seconds_bucket", le="0.002") == 0
+    assert v(m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") == clock.t
+    assert v(m, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") == clock.t - 0.5
     assert v(m, "ebpfsvc_sync_proxy_rules_map_writes_total") == 7
     # A no-op periodic sync: a duration, no programming latency (nothing was pending).
     t.sync_started()
     t.sync_done(0.0005)
     m = samples(t.metrics.registry)
-    assert v(m, "ebpfsvc_sync_proxy_rules_duration_seconds_count") == 2
-    assert v(m, "ebpfsvc_network_programming_duration_seconds_count") == 2
+    assert v(m, "kubeproxy_sync_proxy_rules_duration_seconds_count") == 2
+    assert v(m, "kubeproxy_network_programming_duration_seconds_count") == 2
     t.close()
 
 
@@ -140,13 +140,58 @@ def test_metrics_endpoint_serves_the_registry_on_the_bind_address():
     t = Telemetry(agent)
     t.start()
     try:
-        port = t.metrics_server[0].server_address[1]
+        port = t.metrics_server.port
         t.sync_done(0.02)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert "ebpfsvc_sync_proxy_rules_duration_seconds_count 1.0" in text
+        assert "kubeproxy_sync_proxy_rules_duration_seconds_count 1.0" in text
         hport = t.healthz_server.port
         urllib.request.urlopen(f"http://127.0.0.1:{hport}/healthz", timeout=5)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'ebpfsvc_proxy_healthz_total{code="200"} 1.0' in text
+        assert 'kubeproxy_proxy_healthz_total{code="200"} 1.0' in text
     finally:
         t.close()
+
+
+def test_kube_proxy_change_counters_and_pending_gauges():
+    """kube-proxy's sync_proxy_rules_{service,endpoint}_changes_total count every object received (a
+    re-list's too); _pending counts the net changes a sync has not taken yet."""
+    agent = FakeAgent(config=FakeConfig(healthz_bind_address=""))
+    agent.state = ClusterState()
+    t = Telemetry(agent)
+    tap = t.sink(agent.state)
+    tap.on_relist("Service", [svc("web"), svc("api")])
+    tap.on_event(Event("EndpointSlice", EventType.ADDED, eps("web")))
+    tap.on_event(Event("Service", EventType.MODIFIED, svc("web", etp="Cluster")))
+    m = samples(t.metrics.registry)
+    assert v(m, "kubeproxy_sync_proxy_rules_service_changes_total") == 3
+    assert v(m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 1
+    assert v(m, "kubeproxy_sync_proxy_rules_service_changes_pending") == 2
+    assert v(m, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 1
+    agent.state.snapshot()                                     # what a sync takes
+    tap.on_event(Event("EndpointSlice", EventType.DELETED, eps("web")))
+    tap.on_event(Event("EndpointSlice", EventType.ADDED, eps("web")))   # nets to nothing: not pending
+    m = samples(t.metrics.registry)
+    assert v(m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 3
+    assert v(m, "kubeproxy_sync_proxy_rules_service_changes_pending") == 0
+    assert v(m, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0
+    t.close()
+
+
+def test_kube_proxy_metric_names_and_process_metrics_are_exported():
+    t = Telemetry(FakeAgent(config=FakeConfig(healthz_bind_address="")))
+    t.sync_done(0.01)
+    names = {fam.name for fam in text_string_to_metric_families(generate_latest(t.metrics.registry).decode())}
+    # prometheus_client drops _total from counter family names; kube-proxy's full names are below.
+    assert {"kubeproxy_sync_proxy_rules_duration_seconds", "kubeproxy_network_programming_duration_seconds",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_service_changes", "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "kubeproxy_proxy_healthz", "kubeproxy_proxy_livez",
+            "process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds",
+            "ebpfsvc_sync_proxy_rules_map_writes"} <= names
+    text = generate_latest(t.metrics.registry).decode()
+    for line in ("kubeproxy_sync_proxy_rules_service_changes_total 0.0",
+                 "kubeproxy_sync_proxy_rules_endpoint_changes_total 0.0",
+                 "kubeproxy_sync_proxy_rules_duration_seconds_count 1.0"):
+        assert line in text.splitlines()
+    t.close()
