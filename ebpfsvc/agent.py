@@ -180,7 +180,7 @@ class Agent:
             uplink.attach(self.uplink_datapath, ifindex, cfg.uplink_mode)
             log.info("attached to uplink %s (ifindex %d, mode %s, SNAT address %s)", name, ifindex,
                      cfg.uplink_mode, snat)
-        if cfg.host_clients and snat is not None:
+        if cfg.host_clients and snat is not None and cfg.node.service_cidr is not None:
             from ebpfsvc.datapath import hostpath
             hostpath.setup(self.uplink_datapath, cfg.node.service_cidr, snat)
 

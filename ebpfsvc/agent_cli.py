@@ -60,7 +60,9 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
 @click.option("--nodeport-addresses", multiple=True,
               help="CIDRs: serve NodePorts on this node's addresses inside them (kube-proxy's flag).")
 @click.option("--zone", default="", help="topology.kubernetes.io/zone; default: from the Node object.")
-@click.option("--service-cidr", default="198.19.0.0/16", show_default=True)
+@click.option("--service-cidr", default=None,
+              help="Optional: refuse clusterIPs outside it, and route it for node clients when the API has "
+                   "no ServiceCIDR objects. Default: every valid clusterIP is served.")
 @click.option("--cluster-cidr", default="", help="Pod CIDR of the cluster (informational for now).")
 @click.option("--service-node-port-range", default="30000-32767", show_default=True)
 @click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")

@@ -231,7 +231,7 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @click.option("--in-cluster", is_flag=True, help="Desired state from the API server, in-cluster config.")
 @click.option("--node-name", envvar="NODE_NAME", required=True, help="This node's name (the agent's).")
 @click.option("--node-address", "node_addresses", multiple=True, help="A NodePort address (as given to the agent).")
-@click.option("--service-cidr", default="198.19.0.0/16", show_default=True)
+@click.option("--service-cidr", default=None, help="As given to the agent, if it was.")
 @click.option("--service-node-port-range", default="30000-32767", show_default=True)
 @click.option("--proxy-name", default="")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)

@@ -29,3 +29,9 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, monkeypatch):
     result, cfg = _run(tmp_path, monkeypatch, "uplinks: [eth1]\n", "--node-name=n1")
     assert result.exit_code != 0 and cfg is None
     assert "unknown option(s) uplinks" in result.output
+
+
+def test_service_cidr_is_optional(tmp_path, monkeypatch):
+    result, cfg = _run(tmp_path, monkeypatch, "{}\n", "--node-name=n1")
+    assert result.exit_code == 0, result.output
+    assert cfg.node.service_cidr is None

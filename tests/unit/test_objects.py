@@ -214,8 +214,10 @@ INVALID_SERVICES = [
      "spec.ports[0].targetPort: 65536 is out of range 1-65535"),
     ("target port name too long", _ports({"port": 80, "targetPort": "a-very-long-port-name"}),
      "spec.ports[0].targetPort: 'a-very-long-port-name' is not a valid port name"),
-    ("clusterIP outside the service CIDR", {"clusterIP": "10.96.0.10"},
-     "spec.clusterIP: 10.96.0.10 is outside the service CIDR 198.19.0.0/16"),
+    ("clusterIP loopback", {"clusterIP": "127.0.0.10"},
+     "spec.clusterIP: 127.0.0.10 cannot be a clusterIP (loopback, link-local, multicast or reserved)"),
+    ("clusterIP multicast", {"clusterIP": "224.0.0.10"}, "spec.clusterIP: 224.0.0.10 cannot be a clusterIP"),
+    ("clusterIP unspecified", {"clusterIP": "0.0.0.0"}, "spec.clusterIP: 0.0.0.0 cannot be a clusterIP"),
     ("clusterIP not an address", {"clusterIP": "198.19.0.300"}, "spec.clusterIP: '198.19.0.300' is not an IP address"),
     ("clusterIP missing", {"clusterIP": None}, "spec.clusterIP: is required"),
     ("unknown type", {"type": "Internal"}, "spec.type: 'Internal' is not one of ClusterIP, NodePort"),
@@ -264,6 +266,13 @@ def test_invalid_kind_version_and_name():
     obj = service()
     del obj["metadata"]["name"]
     assert error_of(lambda o: parse_service(o, CONFIG), obj) == "metadata.name: is required"
+
+
+def test_no_service_cidr_serves_every_valid_cluster_ip():
+    """kube-proxy has no service CIDR flag, and a cluster can have several ServiceCIDRs: with none
+    configured, a clusterIP from any range is served (issue 10: every Service was refused)."""
+    for ip in ("10.96.0.10", "172.20.3.4", "198.19.0.10"):
+        assert parse_service(service(clusterIP=ip), CONFIG).cluster_ip == IPv4Address(ip)
 
 
 def test_node_config_limits_apply():
@@ -426,7 +435,9 @@ def test_node_config_normalises_its_inputs():
     assert cfg.service_cidr == IPv4Network("198.19.0.0/16")
     assert cfg.default_algorithm is Algorithm.RANDOM
     assert hash(cfg) == hash(NodeConfig("node-1", node_addresses=(IPv4Address("198.18.0.11"),),
+                                        service_cidr=IPv4Network("198.19.0.0/16"),
                                         default_algorithm=Algorithm.RANDOM))
+    assert NodeConfig("node-1").service_cidr is None
 
 
 @pytest.mark.parametrize("kwargs", [{"nodeport_range": (32767, 30000)}, {"nodeport_range": (0, 10)},

@@ -164,7 +164,7 @@ def test_invalid_update_keeps_last_good_version(state):
     send(state, ADDED, service())
     state.snapshot()
     bad = service()
-    bad["spec"]["clusterIP"] = "10.0.0.1"
+    bad["spec"]["clusterIP"] = "127.0.0.1"
     send(state, MODIFIED, bad)
     assert state.wait_changed(0.01) is False
     assert state.snapshot().services["default", "web"].cluster_ip == IPv4Address("198.19.0.10")
@@ -231,7 +231,7 @@ def test_relist_with_nothing_new_does_not_wake(state):
 
 def test_relist_keeps_last_good_of_an_invalid_object_and_forgets_problems_of_gone_ones(state):
     send(state, ADDED, service())
-    bad_other = service("other", "1.2.3.4")
+    bad_other = service("other", "224.1.2.3")
     send(state, ADDED, bad_other)
     assert len(state.problems) == 1
     bad = service()
