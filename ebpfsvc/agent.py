@@ -120,7 +120,9 @@ class Agent:
             from ebpfsvc.sources.manifests import ManifestSource
             return ManifestSource(cfg.manifests, self.telemetry.sink(self.state))
         from ebpfsvc.sources.kube import KubeSource
-        return KubeSource(self.telemetry.sink(self.state), kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None)
+        # Services, EndpointSlices, this node's Node and ServiceCIDRs: what kube-proxy watches.
+        return KubeSource(self.telemetry.sink(self.state), kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None,
+                          node_name=cfg.node.node_name)
 
     def stop(self) -> None:
         """Stop watching and syncing. The datapath stays attached and keeps forwarding."""

@@ -20,7 +20,7 @@ def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: 
         ManifestSource(manifests, state).resync_now()     # one synchronous scan, no poller thread
     else:
         from ebpfsvc.sources.kube import KubeSource
-        source = KubeSource(state, kubeconfig=kubeconfig, in_cluster=in_cluster or None)
+        source = KubeSource(state, kubeconfig=kubeconfig, in_cluster=in_cluster or None, node_name=node.node_name)
         source.start()
         try:
             deadline = time.monotonic() + timeout

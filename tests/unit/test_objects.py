@@ -17,6 +17,7 @@ from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s import (Invalid, ServiceType, TrafficPolicy, parse_endpoint_slice, parse_endpoints,
                          parse_node, parse_service)
 from ebpfsvc.k8s.schema import unknown_fields
+from ebpfsvc.k8s.servicecidr import parse_service_cidr
 from ebpfsvc.lbmodel import Algorithm, Protocol
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -425,6 +426,28 @@ def test_node_beta_zone_label_and_bad_address():
     assert node.zone == "z"
     bad = {"kind": "Node", "metadata": {"name": "n"}, "status": {"addresses": [{"type": "InternalIP", "address": "x"}]}}
     assert error_of(parse_node, bad) == "status.addresses[0].address: 'x' is not an IP address"
+
+
+# --- ServiceCIDR ---------------------------------------------------------------------------------
+
+def service_cidr(*cidrs, name="kubernetes"):
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": name},
+            "spec": {"cidrs": list(cidrs)}}
+
+
+def test_service_cidr_keeps_its_ipv4_ranges():
+    parsed = parse_service_cidr(service_cidr("10.96.0.0/12", "fd00:10:96::/112"))
+    assert parsed.key == ("", "kubernetes") and parsed.cidrs == (IPv4Network("10.96.0.0/12"),)
+    assert unknown_fields("ServiceCIDR", service_cidr("10.96.0.0/12")) == []
+
+
+@pytest.mark.parametrize("cidrs,message", [
+    (("10.96.0.0/33",), "spec.cidrs[0]: '10.96.0.0/33' is not a CIDR"),
+    (("0.0.0.0/0",), "spec.cidrs[0]: 0.0.0.0/0 would route every address to the node-client device"),
+    (("10.96.0.0/12", "10.100.0.0/16", "fd00::/112"), "spec.cidrs: has 3 items, more than the limit of 2"),
+])
+def test_invalid_service_cidr_names_the_field(cidrs, message):
+    assert error_of(parse_service_cidr, service_cidr(*cidrs)) == message
 
 
 # --- NodeConfig ----------------------------------------------------------------------------------

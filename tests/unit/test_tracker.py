@@ -195,6 +195,17 @@ def test_broken_callback_does_not_stop_delivery(caplog):
     assert ("default", "ok") in state.snapshot().services
 
 
+def test_service_cidrs_are_tracked_by_name(state):
+    cidr = {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": ["10.96.0.0/12"]}}
+    send(state, ADDED, cidr)
+    assert [str(c) for c in state.snapshot().service_cidrs["kubernetes"].cidrs] == ["10.96.0.0/12"]
+    send(state, MODIFIED, cidr)                       # unchanged: wakes nobody
+    assert state.wait_changed(0.01) is False
+    send(state, DELETED, cidr)
+    assert state.wait_changed(0.01) is True and state.snapshot().service_cidrs == {}
+
+
 def test_unknown_kinds_are_ignored(state):
     state.on_event(Event("Pod", ADDED, {"kind": "Pod", "metadata": {"name": "p"}}))
     assert state.wait_changed(0.01) is False
