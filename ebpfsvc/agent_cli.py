@@ -12,6 +12,7 @@ import yaml
 
 from ebpfsvc.agent import Agent, AgentConfig
 from ebpfsvc.config import NodeConfig
+from ebpfsvc.nodeinfo import parse_nodeport_addresses
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,11 @@ def _load_config_file(ctx: click.Context, _param, path: str | None):
     return path
 
 
-def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Address, ...]:
-    """kube-proxy --nodeport-addresses: this node's interface addresses inside any of the CIDRs."""
-    from pyroute2 import IPRoute
-
-    nets = [ipaddress.IPv4Network(c) for c in cidrs]
-    with IPRoute() as ipr:
-        addrs = [ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]
-    return tuple(a for a in addrs if any(a in n for n in nets) and not a.is_loopback)
+def _nodeport_addresses(_ctx, _param, values):
+    try:
+        return parse_nodeport_addresses(values or ())
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--nodeport-addresses") from None
 
 
 @click.command("agent")
@@ -56,9 +54,11 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
               help="Read Services/EndpointSlices from this directory instead of the API server.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig; default: in-cluster.")
 @click.option("--pin-dir", default="/sys/fs/bpf/ebpfsvc", show_default=True, help="bpffs directory for pinned maps.")
-@click.option("--node-address", "node_addresses", multiple=True, help="A NodePort address (repeatable).")
-@click.option("--nodeport-addresses", multiple=True,
-              help="CIDRs: serve NodePorts on this node's addresses inside them (kube-proxy's flag).")
+@click.option("--node-address", "node_addresses", multiple=True,
+              help="A NodePort address (repeatable); alone, it replaces the node's own (an override).")
+@click.option("--nodeport-addresses", multiple=True, callback=_nodeport_addresses,
+              help="kube-proxy's: CIDRs (NodePorts on this node's addresses inside them), `primary` (its Node's "
+                   "first InternalIP); default: every node address (its Node's status.addresses on this node).")
 @click.option("--zone", default="", help="topology.kubernetes.io/zone; default: from the Node object.")
 @click.option("--service-cidr", default=None,
               help="Optional: refuse clusterIPs outside it, and route it for node clients when the API has "
@@ -69,13 +69,17 @@ def select_nodeport_addresses(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Add
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--pod-interfaces", multiple=True, default=("lxc*",), show_default=True,
               help="Name patterns of the host side of pod veths (followed as they come and go).")
-@click.option("--uplink", "uplinks", multiple=True, help="Node uplink interface for NodePort/external traffic.")
+@click.option("--uplink", "uplinks", multiple=True,
+              help="Node uplink interface for NodePort/external traffic (repeatable); default: the interfaces "
+                   "that carry the node addresses. One that does not exist makes /healthz fail.")
 @click.option("--uplink-mode", type=click.Choice(["tc", "xdp"]), default="tc", show_default=True,
               help="Uplink programs: TC only, or XDP (native) in front of TC (docs/northsouth.md).")
-@click.option("--hairpin-address", default=None, help="Node-owned address pods see when they reach themselves via a Service.")
+@click.option("--hairpin-address", default=None,
+              help="Node-owned address pods see when they reach themselves via a Service; default: the node's "
+                   "primary address.")
 @click.option("--host-clients/--no-host-clients", default=True, show_default=True,
               help="Serve ClusterIPs to clients in the node's own namespace (hostNetwork pods): route the "
-                   "service CIDR to a dummy device, ebpfsvc0 (needs --uplink).")
+                   "service addresses to a device, ebpfsvc0 (needs an uplink).")
 @click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
               help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
                    "docs/northsouth.md); off: always a port of 61000-65535.")
@@ -94,14 +98,12 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
     except ValueError:
         raise click.BadParameter(f"{service_node_port_range!r} is not LOW-HIGH", param_hint="--service-node-port-range")
     addrs = tuple(ipaddress.IPv4Address(a) for a in node_addresses)
-    if nodeport_addresses:
-        addrs += select_nodeport_addresses(tuple(nodeport_addresses))
     node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
                       service_cidr=service_cidr, nodeport_range=(lo, hi), proxy_name=proxy_name,
                       default_algorithm=lb_algorithm)
     cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
-                      uplinks=tuple(uplinks), uplink_mode=uplink_mode,
+                      uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
                       hairpin_address=ipaddress.IPv4Address(hairpin_address) if hairpin_address else None,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       min_sync_interval=min_sync_period, sync_period=sync_period,

@@ -13,7 +13,9 @@ Services probe it to decide whether to send traffic to the node, so it turns
     queued update cannot wait longer than the last sync is old) and also
     catches a silent stall with nothing queued, which kube-proxy would call
     healthy forever;
-  - once the agent is stopping, so load balancers drain the node first.
+  - once the agent is stopping, so load balancers drain the node first;
+  - while a fault is set (set_fault): a configuration the node cannot serve, e.g. an --uplink
+    that does not exist, which would otherwise only show as NodePorts that silently fail.
 
 Losing the API server is NOT unhealthy by itself: the periodic resync keeps
 completing with the last known state, exactly like kube-proxy, and failing
@@ -50,6 +52,7 @@ STARTING = "starting"
 SYNCED = "synced"
 STALE = "stale"
 STOPPING = "stopping"
+FAULT = "fault"
 
 
 def parse_bind_address(value: str, default_port: int) -> tuple[str, int]:
@@ -76,6 +79,15 @@ class ProxierHealth:
         self.last_updated: float | None = None
         self.oldest_queued: float | None = None
         self.stopping = False
+        self.faults: dict[str, str] = {}      # name -> reason: what keeps the node from serving
+
+    def set_fault(self, name: str, reason: str | None) -> None:
+        """Set (reason) or clear (None) a fault; any fault makes /healthz 503 with its reason."""
+        with self._lock:
+            if reason:
+                self.faults[name] = reason
+            else:
+                self.faults.pop(name, None)
 
     def queued(self) -> None:
         """A change was seen and a sync requested (kube-proxy's QueuedUpdate)."""
@@ -98,8 +110,11 @@ class ProxierHealth:
         with self._lock:
             now = self.clock()
             last, queued, stopping = self.last_updated, self.oldest_queued, self.stopping
+            faults = [self.faults[k] for k in sorted(self.faults)]
         if stopping:
             healthy, state, reason = False, STOPPING, "the agent is shutting down"
+        elif faults:
+            healthy, state, reason = False, FAULT, "; ".join(faults)
         elif last is None:
             healthy, state, reason = False, STARTING, "no sync has completed yet"
         elif now - last >= self.timeout:

@@ -8,15 +8,17 @@ backend), and get the ClusterIP back as their source.
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from ebpfsvc import abi
-from ebpfsvc.datapath import loader
+from ebpfsvc.datapath import hostpath, loader
 from ebpfsvc.lbmodel import LBState, Protocol
 
-from .northsouth import LIMITS, NODE, NODE2_MAC, NODE_MAC, OK, REDIRECT, REMOTE_BE, SHOT, from_node2
+from .northsouth import A, LIMITS, NODE, NODE2_MAC, NODE_MAC, OK, REDIRECT, REMOTE_BE, SHOT, from_node2
 from .packets import CLIENT, HAIRPIN, VIP, be, frontend, from_pod, tcp, udp
 
 pytestmark = pytest.mark.root
@@ -123,3 +125,16 @@ def test_with_the_node_address_as_hairpin_source_both_replies_to_the_node_are_to
     finally:
         pod_side.close()
 
+
+def test_node_client_routes_follow_the_wanted_set(uplink):
+    """hostpath: the device, its routes from the node address, a previous run's routes read back,
+    and the ones no longer wanted removed (in the test's namespace)."""
+    ns = uplink.netns
+    hostpath.setup(uplink.dp, A(NODE), netns=ns)
+    assert hostpath.routes(ns) == set()
+    wanted = {ipaddress.IPv4Network("198.19.0.0/16"), ipaddress.IPv4Network("10.96.0.10/32")}
+    installed = hostpath.sync_routes(set(), wanted, A(NODE), ns)
+    assert installed == wanted and hostpath.routes(ns) == wanted           # what a restarted agent finds
+    installed = hostpath.sync_routes(hostpath.routes(ns), {ipaddress.IPv4Network("10.96.0.10/32")}, A(NODE), ns)
+    assert hostpath.routes(ns) == installed == {ipaddress.IPv4Network("10.96.0.10/32")}
+    assert hostpath.teardown(ns) and hostpath.routes(ns) == set()

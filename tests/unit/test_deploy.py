@@ -282,7 +282,6 @@ def _run_agent(cli, args, monkeypatch):
             pass
 
     monkeypatch.setattr(cli, "Agent", FakeAgent)
-    monkeypatch.setattr(cli, "select_nodeport_addresses", lambda cidrs: ())
     result = CliRunner().invoke(cli.agent, args)
     assert result.exit_code == 0, result.output
     return captured["cfg"]

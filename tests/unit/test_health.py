@@ -39,6 +39,25 @@ def get(port: int, path: str) -> tuple[int, dict, dict]:
 
 # ---- ProxierHealth: kube-proxy's rules -------------------------------------------------------------
 
+def test_a_fault_fails_healthz_with_its_reason_until_cleared():
+    """A configuration the node cannot serve (a missing --uplink) is a 503 naming it, not a log
+    line behind a healthy node (issue 10)."""
+    h = ProxierHealth(timeout=60, clock=FakeClock())
+    h.updated()
+    h.set_fault("uplinks", "uplink bond0 not found")
+    ok, state, reason, body = h.status()
+    assert (ok, state, reason) == (False, "fault", "uplink bond0 not found") and body["reason"] == reason
+    server = HealthServer(h, alive=lambda: True, host="127.0.0.1", port=0)
+    try:
+        code, body, _ = get(server.port, "/healthz")
+        assert code == 503 and body["reason"] == "uplink bond0 not found"
+        assert get(server.port, "/livez")[0] == 200            # the loops run: no restart would help
+        h.set_fault("uplinks", None)
+        assert get(server.port, "/healthz")[0] == 200
+    finally:
+        server.close()
+
+
 def test_healthz_states_with_a_fake_clock():
     clock = FakeClock()
     h = ProxierHealth(timeout=60, clock=clock)
