@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from ebpfsvc.lab import Lab, LabError, apps, labfile, names, nsenter, processes
 from ebpfsvc.lab.endpointslices import MAX_ENDPOINTS_PER_SLICE
@@ -266,6 +267,11 @@ def test_service_defaults_and_load_balancer_status(lab):
     assert again["spec"]["ports"][0]["nodePort"] == spec["ports"][0]["nodePort"]
     assert "loadBalancer" not in (lab.manifests / "service.default.lb.yaml").read_text()
     assert {p.name for p in lab.manifests.glob("node.*.yaml")} == {"node.node-1.yaml", "node.node-2.yaml"}
+    node = yaml.safe_load((lab.manifests / "node.node-1.yaml").read_text())
+    assert node["status"]["addresses"][0] == {"type": "InternalIP", "address": "198.18.0.11"}
+    assert node["metadata"]["labels"]["topology.kubernetes.io/zone"] == lab.spec.node("node-1").zone
+    cidr = yaml.safe_load((lab.manifests / "servicecidr.kubernetes.yaml").read_text())
+    assert cidr["spec"]["cidrs"] == [str(lab.spec.service_cidr)]
     with pytest.raises(LabError, match="clusterIP"):
         lab.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad"},
                     "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}}])
@@ -397,7 +403,8 @@ def test_labfile_errors_name_the_field(change, field):
 
 @pytest.mark.root
 def test_agents_start_restart_and_pins_go(unique_prefix):
-    """One agent per node, inside the node, with the lab's command line; restart replaces it."""
+    """One agent per node, inside the node, with the lab's command line (nothing about the node but
+    its name, as from a DaemonSet); restart replaces it."""
     lab = Lab.up(prefix=unique_prefix, agents=True)
     try:
         first = {n.name: lab.agent_record(n.name) for n in lab.spec.nodes}
@@ -407,7 +414,8 @@ def test_agents_start_restart_and_pins_go(unique_prefix):
         with open(cmdline, "rb") as f:
             argv = f.read().decode().split("\0")
         assert argv[argv.index("--pin-dir") + 1] == str(names.pin_dir(unique_prefix, "node-1"))
-        assert argv[argv.index("--hairpin-address") + 1] == "198.18.1.1"
+        per_node = {"--node-address", "--service-cidr", "--uplink", "--hairpin-address", "--zone"}
+        assert per_node.isdisjoint(argv), argv
         assert os.stat(f"/proc/{node1.pid}/ns/net").st_ino == \
             os.stat(nsenter.netns_path(lab.node_netns("node-1"))).st_ino
         assert names.pin_dir(unique_prefix, "node-1").is_dir()
