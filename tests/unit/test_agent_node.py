@@ -248,3 +248,20 @@ def test_a_failed_reconfiguration_is_tried_again_at_the_next_sync(kernel, monkey
         agent.sync()                            # the runner logs it and runs sync() again
     agent.sync()
     assert set(kernel.attached) == {"eth1"} and len(calls) == 2
+
+
+def test_an_address_that_appears_later_serves_nodeports_from_the_next_full_resync(kernel):
+    """Interfaces are read again at every full resync: a Node address that was on no interface
+    (DHCP late, a VIP moved in) starts serving NodePorts, though the Node object is unchanged."""
+    agent = make_agent()
+    agent.read_interfaces = lambda: INTERFACES[:2]            # eth1 not up yet
+    send(agent, node_obj("198.18.0.11", "198.18.9.5"))
+    send(agent, service("np", "10.96.0.20", node_port=30080))
+    list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
+    agent.sync()
+    ports = lambda: {str(k.address) for k in agent.last_applied.frontends if k.port == 30080}  # noqa: E731
+    assert ports() == {"198.18.9.5"}
+    agent.read_interfaces = lambda: INTERFACES
+    agent._next_full_apply = 0.0                              # the periodic full resync is due
+    agent.sync()
+    assert ports() == {"198.18.0.11", "198.18.9.5"}
