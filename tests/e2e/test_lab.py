@@ -409,7 +409,8 @@ def test_labfile_errors_name_the_field(change, field):
 
 @pytest.mark.root
 def test_agents_start_restart_and_pins_go(unique_prefix):
-    """One agent per node, inside the node, with the lab's command line; restart replaces it."""
+    """One agent per node, inside the node, with the lab's command line (nothing about the node but
+    its name, as from a DaemonSet); restart replaces it."""
     lab = Lab.up(prefix=unique_prefix, agents=True)
     try:
         first = {n.name: lab.agent_record(n.name) for n in lab.spec.nodes}
@@ -420,6 +421,8 @@ def test_agents_start_restart_and_pins_go(unique_prefix):
             argv = f.read().decode().split("\0")
         assert f"--pin-dir={names.pin_dir(unique_prefix, 'node-1')}" in argv
         assert "--node-name=node-1" in argv
+        per_node = {"--node-address", "--service-cidr", "--uplink", "--hairpin-address", "--zone"}
+        assert not {a.split("=")[0] for a in argv} & per_node, argv
         assert os.stat(f"/proc/{node1.pid}/ns/net").st_ino == \
             os.stat(nsenter.netns_path(lab.node_netns("node-1"))).st_ino
         assert names.pin_dir(unique_prefix, "node-1").is_dir()
