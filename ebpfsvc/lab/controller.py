@@ -403,9 +403,11 @@ class Controller:
         records = [r for n in self.spec.nodes if (r := self.state.read_pid(names.agent_record(n.name)))]
         records += [r for p in self.state.list("Pod") if (r := podlib.process(p))]
         processes.stop(records, grace=3.0)
-        # The control plane last, so nothing above saw its API vanish while stopping.
+        # The control plane last, so nothing above saw its API vanish while stopping, and one
+        # component at a time: an API server whose etcd went first retries it for minutes.
         control_plane = [r for c in reversed(controlplane.COMPONENTS) if (r := self.state.read_pid(c))]
-        processes.stop(control_plane, grace=3.0)
+        for rec in control_plane:
+            processes.stop([rec], grace=3.0)
         log.info("controller of lab %s stopped %d processes", self.state.prefix, len(records) + len(control_plane))
 
 

@@ -180,6 +180,7 @@ def test_endpointslices_follow_readiness_and_deletion(lab):
     ])
     lab.wait_ready(["web-1", "web-2"], timeout=20)
     time.sleep(1.5)   # a few probe rounds for web-3, which must stay unready
+    wait_for(lambda: len(endpoints_by_pod(lab, "web")) == 3, what="three endpoints in the slice")
     slices = lab.endpoint_slices("web")
     assert len(slices) == 1
     assert slices[0]["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
@@ -193,17 +194,20 @@ def test_endpointslices_follow_readiness_and_deletion(lab):
     assert eps["web-1"]["addresses"] == [lab.pod_ip("web-1")]
 
     lab.delete_object("pod", "web-1")
+    wait_for(lambda: endpoints_by_pod(lab, "web")["web-1"]["conditions"]["terminating"], what="web-1 terminating")
     eps = endpoints_by_pod(lab, "web")
     assert eps["web-1"]["conditions"] == {"ready": False, "serving": True, "terminating": True}
     # Terminating pods still serve: the app answers during the grace period.
     answer = curl_json(lambda argv: lab.exec("web-2", argv), f"http://{lab.pod_ip('web-1')}:8080/")
     assert answer["pod"] == "web-1"
     lab.wait_gone(["web-1"], timeout=40)
+    wait_for(lambda: "web-1" not in endpoints_by_pod(lab, "web"), what="web-1 out of the slice")
     assert set(endpoints_by_pod(lab, "web")) == {"web-2", "web-3"}
     assert not nsenter.exists(names.pod_netns(lab.prefix, "default", "web-1"))
 
     # Re-applying with other labels is an update: web-2 leaves the Service.
     lab.apply([apps.pod("web-2", "http-echo", 8080, node="node-2", labels={"app": "moved"})])
+    wait_for(lambda: "web-2" not in endpoints_by_pod(lab, "web"), what="web-2 out of the slice")
     assert set(endpoints_by_pod(lab, "web")) == {"web-3"}
 
 
@@ -220,11 +224,14 @@ def test_readiness_follows_the_probe_both_ways(lab):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         lab.wait_ready(["flip"], timeout=20)
+        wait_for(lambda: endpoints_by_pod(lab, "flip").get("flip", {}).get("conditions", {}).get("ready"),
+                 what="flip ready in its slice")
         assert endpoints_by_pod(lab, "flip")["flip"]["conditions"]["ready"] is True
     finally:
         listener.kill()
         listener.wait(timeout=5)
     lab.wait_ready(["flip"], ready=False, timeout=20)
+    wait_for(lambda: not endpoints_by_pod(lab, "flip")["flip"]["conditions"]["ready"], what="flip unready in its slice")
     assert endpoints_by_pod(lab, "flip")["flip"]["conditions"] == {"ready": False, "serving": False,
                                                                     "terminating": False}
 
@@ -241,6 +248,9 @@ def test_more_than_100_endpoints_split_into_slices(lab):
             for i in range(count)]
     lab.apply(pods + [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bulk"},
                        "spec": {"selector": {"app": "bulk"}, "ports": [{"port": 80, "targetPort": "serve"}]}}])
+    # The real EndpointSlice controller catches up asynchronously.
+    wait_for(lambda: sum(len(s.get("endpoints") or []) for s in lab.endpoint_slices("bulk")) == count,
+             what=f"{count} endpoints in the slices")
     slices = lab.endpoint_slices("bulk")
     sizes = sorted(len(s["endpoints"]) for s in slices)
     assert sizes == [count - MAX_ENDPOINTS_PER_SLICE, MAX_ENDPOINTS_PER_SLICE]
