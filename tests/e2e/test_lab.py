@@ -450,6 +450,29 @@ def test_agents_start_restart_and_pins_go(unique_prefix):
 
 
 @pytest.mark.root
+@NO_AGENTS
+def test_agents_identity_is_deploys_service_account_and_read_only(lab):
+    """The agents' kubeconfig carries a token of deploy/'s ServiceAccount: deploy/'s ClusterRole lets
+    it read what the agent watches and write nothing (asked of the real API server's RBAC)."""
+    kubeconfig = controlplane.Paths(lab.state.path).agent_kubeconfig("node-1")
+
+    def can(*what: str) -> bool:
+        r = lab.node_exec("node-1", [controlplane.binary("kubectl"), "--kubeconfig", str(kubeconfig),
+                                     "auth", "can-i", *what])
+        assert r.stdout.strip() in ("yes", "no"), r.stderr
+        return r.stdout.strip() == "yes"
+
+    who = lab.node_exec("node-1", [controlplane.binary("kubectl"), "--kubeconfig", str(kubeconfig),
+                                   "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"])
+    assert who.stdout == "system:serviceaccount:kube-system:ebpfsvc", who.stderr
+    for resource in ("services", "endpointslices.discovery.k8s.io", "nodes", "servicecidrs.networking.k8s.io"):
+        assert can("watch", resource, "--all-namespaces"), resource
+    for verb, resource in [("create", "services"), ("update", "endpointslices.discovery.k8s.io"),
+                           ("patch", "nodes"), ("delete", "pods"), ("get", "secrets"), ("list", "pods")]:
+        assert not can(verb, resource, "--all-namespaces"), (verb, resource)
+
+
+@pytest.mark.root
 def test_down_all_removes_every_lab(unique_prefix, tmp_path):
     """--all walks the state root; a private root keeps other engineers' labs out of reach."""
     env = {**os.environ, "EBPFSVC_LAB_ROOT": str(tmp_path)}
