@@ -18,6 +18,7 @@ import json
 import sys
 
 import click
+from click.core import ParameterSource
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpfsvc"
 
@@ -38,7 +39,7 @@ def _open(pin_dir):
 def _console():
     from rich.console import Console
     # Tables are wide; never wrap them to an 80-column pipe.
-    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    return Console(width=None if sys.stdout.isatty() else 1000, highlight=False)
 
 
 def _json(data) -> None:
@@ -227,7 +228,8 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @pin_dir_option
 @output_option
 @click.option("--manifests", type=click.Path(exists=True, file_okay=False), help="Desired state from this directory.")
-@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Desired state from the API server.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), envvar="KUBECONFIG",
+              help="Desired state from the API server ($KUBECONFIG, as kubectl).")
 @click.option("--in-cluster", is_flag=True, help="Desired state from the API server, in-cluster config.")
 @click.option("--node-name", envvar="NODE_NAME", required=True, help="This node's name (the agent's).")
 @click.option("--node-address", "node_addresses", multiple=True, help="A NodePort address (as given to the agent).")
@@ -246,6 +248,9 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
     from ebpfsvc.inspect.desired import load_desired
     from ebpfsvc.nodeinfo import NodeSettings
 
+    if (manifests or in_cluster) and \
+            click.get_current_context().get_parameter_source("kubeconfig") == ParameterSource.ENVIRONMENT:
+        kubeconfig = None       # $KUBECONFIG is a default, not a second choice
     if bool(manifests) + bool(kubeconfig) + bool(in_cluster) != 1:
         raise click.UsageError("give exactly one of --manifests, --kubeconfig, --in-cluster")
     lo, _, hi = service_node_port_range.partition("-")

@@ -18,7 +18,8 @@ from ebpfsvc.tracker import ClusterState
 
 def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: str | None = None,
                  in_cluster: bool = False, timeout: float = 30.0,
-                 settings: nodeinfo.NodeSettings | None = None) -> LBState:
+                 settings: nodeinfo.NodeSettings | None = None, netns: str | None = None) -> LBState:
+    """`netns`: read the node's interfaces there (a lab node's namespace) rather than here."""
     state = ClusterState(node)
     if manifests:
         from ebpfsvc.sources.manifests import ManifestSource
@@ -29,7 +30,9 @@ def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: 
         source.start()
         try:
             deadline = time.monotonic() + timeout
-            while not state.synced:
+            # With `settings`, the NodePort addresses come from the Node: wait for its list too, or a
+            # quick Service list would make every NodePort frontend look unwanted.
+            while not state.synced or (settings is not None and "Node" not in state.synced_kinds):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Services and EndpointSlices not listed within {timeout:.0f}s")
                 state.wait_changed(0.2)
@@ -38,7 +41,7 @@ def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: 
     if not state.synced:
         raise ValueError("the source did not list Services and EndpointSlices")
     if settings is not None:
-        info = nodeinfo.resolve(settings, nodeinfo.read_interfaces(), state.node(node.node_name),
+        info = nodeinfo.resolve(settings, nodeinfo.read_interfaces(netns), state.node(node.node_name),
                                 "Node" in state.synced_kinds)
         node = replace(node, node_addresses=info.nodeport_addresses)
     return desired_state(state.snapshot(), node)

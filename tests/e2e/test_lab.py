@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from ebpfsvc.lab import Lab, LabError, apps, controlplane, labfile, names, nsenter, processes
 from ebpfsvc.lab.pods import READY_ANNOTATION, process as pod_process
@@ -494,3 +495,74 @@ def test_down_all_removes_every_lab(unique_prefix, tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert not any(n.startswith(unique_prefix) for n in os.listdir(nsenter.NETNS_RUN_DIR))
 
+
+
+# -- the CLI as scripts use it ------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_cli_for_scripts(unique_prefix, tmp_path):
+    """`lab up`/`apply` return once the agents serve what was applied; several -f and a directory;
+    status as JSON/YAML and unwrapped when piped; one-line errors; inspection of a node."""
+    cli = [sys.executable, "-m", "ebpfsvc.cli", "lab"]
+    env = {**os.environ, "EBPFSVC_LAB_PREFIX": unique_prefix}
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=180, env=env, input=stdin)
+
+    pods, svcs = tmp_path / "pods", tmp_path / "svc.yaml"
+    pods.mkdir()
+    for name, node in (("web-a", "node-1"), ("web-b", "node-2")):
+        (pods / f"{name}.yaml").write_text(
+            f"apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: web}}}}\n"
+            f"spec:\n  nodeName: {node}\n  containers:\n"
+            "  - {name: c, command: [python, -m, ebpfsvc.lab.apps, http-echo, --port, '8080']}\n")
+    (pods / "notes.txt").write_text("not a manifest: skipped, as kubectl does")
+    long_name = "a-service-name-long-enough-to-wrap-an-eighty-column-table"
+    svcs.write_text(f"apiVersion: v1\nkind: Service\nmetadata: {{name: {long_name}}}\n"
+                    "spec: {type: NodePort, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
+    try:
+        up = run("up")
+        assert up.returncode == 0 and "agents in sync" in up.stdout, up.stderr
+        applied = run("apply", "-f", str(pods), "-f", str(svcs))
+        assert applied.returncode == 0, applied.stderr
+        assert {"pod/web-a applied", "pod/web-b applied", f"service/{long_name} applied", "agents in sync"} \
+            <= set(applied.stdout.splitlines())
+        # In sync means served: the NodePort answers at once, no retry loop.
+        report = json.loads(run("status", "-o", "json").stdout)
+        port = next(s for s in report["services"] if s["service"] == long_name)["ports"][0].split()[-1]
+        assert [n["sync"] for n in report["nodes"] if n["agent"] == "running"] == ["in sync", "in sync"]
+        assert {p["pod"] for p in report["pods"]} == {"web-a", "web-b"}
+        answer = run("node-exec", "client", "--", "curl", "-sS", "--max-time", "3", f"http://198.18.0.11:{port}/")
+        assert answer.returncode == 0 and json.loads(answer.stdout)["pod"] in {"web-a", "web-b"}, answer.stderr
+        assert yaml.safe_load(run("status", "-o", "yaml").stdout)["lab"] == unique_prefix
+        table = run("status").stdout
+        assert any(long_name in line and "NodePort" in line for line in table.splitlines()), table
+        listed = run("inspect", "node-1", "service", "list")
+        assert listed.returncode == 0 and long_name in listed.stdout, listed.stderr
+        assert run("inspect", "node-1", "drift").returncode == 0
+        # One line each, never a traceback.
+        for args, stdin, rc, line in [
+            (("apply", "-f", str(tmp_path / "nope.yaml")), None, 1, "nope.yaml: No such file or directory"),
+            (("apply", "-f", "-"), "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {port: 80}\n",
+             1, ".spec.port: field not declared in schema"),
+            (("exec", "web-a", "--", "no-such-program"), None, 127, "no-such-program: command not found"),
+        ]:
+            r = run(*args, stdin=stdin)
+            assert r.returncode == rc and line in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert run("delete", "pod", "web-a", "--grace-period", "0").stdout.strip() == "deleted"
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stderr
+    assert lab_leftovers(unique_prefix) == []
+
+
+def test_cli_never_guesses_between_several_labs(tmp_path):
+    """Without --prefix and with two labs under the state root, a command asks which."""
+    for name in ("es-one", "es-two"):
+        (tmp_path / name).mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "EBPFSVC_LAB_PREFIX"}
+    r = subprocess.run([sys.executable, "-m", "ebpfsvc.cli", "lab", "status"], capture_output=True, text=True,
+                       timeout=60, env={**env, "EBPFSVC_LAB_ROOT": str(tmp_path)})
+    assert r.returncode == 1
+    assert r.stderr.strip() == "Error: 2 labs run here (es-one, es-two): say which with --prefix or $EBPFSVC_LAB_PREFIX"
