@@ -68,6 +68,10 @@ main() {
     exit 0
   fi
 
+  # CI and cron-like callers may come with a thin environment: Go's default install
+  # place, and a HOME for its caches.
+  PATH=$PATH:/usr/local/go/bin
+  export HOME=${HOME:-/root}
   command -v go >/dev/null || { echo "build-k8s: needs the go command (Go >= the go line of $mod/go.mod)" >&2; exit 1; }
 
   # Under the lock, any other build directory is left from a killed build.
