@@ -189,7 +189,8 @@ def kube_proxy(action: str, node: str, mode: str, prefix: str | None) -> None:
     else:
         result = kubeproxy.cleanup(lab_, node)
         left = kubeproxy.leftovers(lab_, node)
-        click.echo(f"kube-proxy --cleanup on {node}: exit {result.returncode}; left: {', '.join(sorted(left)) or 'nothing'}")
+        click.echo(f"kube-proxy --cleanup on {node}: exit {result.returncode}; "
+                   f"left: {', '.join(sorted(left)) or 'nothing'}")
         if result.returncode != 0:
             click.echo(result.stderr[-2000:], err=True)
             sys.exit(result.returncode)

@@ -84,7 +84,8 @@ def tools_dir(state: "State") -> Path:
         link = path / tool
         target = shutil.which(tool, path=search)
         if target is None:
-            raise KubeProxyError(f"{tool} not found in {search}: kube-proxy needs it (apt-get install iptables nftables)")
+            raise KubeProxyError(f"{tool} not found in {search}: kube-proxy needs it "
+                                 "(apt-get install iptables nftables)")
         if not link.is_symlink():
             link.symlink_to(target)    # its own name: iptables-nft's multi-binary dispatches on it
     return path
