@@ -119,13 +119,29 @@ static __always_inline int ct4_expired(const struct ct4_entry *e, __u8 proto, __
 	return lb_age_ns(now, e->last_seen_ns) > ct4_lifetime_ns(proto, e->flags);
 }
 
+/*
+ * Can a client packet start a flow? Any datagram can; a TCP segment only if it
+ * is a SYN (without ACK). Any other segment that finds no entry belongs to a
+ * connection this datapath never balanced: typically one kube-proxy's rules
+ * translated before ebpfsvc took over. Balancing it now would hand it to a
+ * backend that may not hold the connection, and even the right backend would
+ * see it under another source port (nf_conntrack remaps the new tuple, whose
+ * reply clashes with its own entry's): a reset either way. Left to the kernel,
+ * nf_conntrack's entry keeps translating the connection, also after
+ * `kube-proxy --cleanup`, since entries outlive rules. Calico's eBPF dataplane
+ * does the same ("CT mid-flow miss; fall through to iptables").
+ */
+static __always_inline int ct4_starts_flow(const struct lb4_pkt *p)
+{
+	return p->proto != IPPROTO_TCP || (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
+}
+
 /* Is a client packet the end of tracked flow `e`: the entry expired, or a
  * fresh SYN on a closed TCP flow (port reuse: it starts a new one)? */
 static __always_inline int ct4_flow_over(const struct ct4_entry *e, const struct lb4_pkt *p, __u64 now)
 {
 	return ct4_expired(e, p->proto, now) ||
-	       (p->proto == IPPROTO_TCP && ct4_closing(e->flags) &&
-		(p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN);
+	       (p->proto == IPPROTO_TCP && ct4_closing(e->flags) && ct4_starts_flow(p));
 }
 
 /* Look up an entry, treating an expired one as absent. */

@@ -6,7 +6,9 @@
  *   lb4_from_pod: pod -> world. An established flow keeps its backend (CT
  *     forward entry); otherwise a frontend (scope INTERNAL) starts a flow:
  *     reject if it has no backends, else pick one (affinity, Maglev or random),
- *     create conntrack (fail closed), DNAT. Anything else passes untouched.
+ *     create conntrack (fail closed), DNAT. A TCP segment other than a SYN
+ *     starts nothing (ct4_starts_flow): a connection kube-proxy translated
+ *     stays with the kernel's conntrack. Anything else passes untouched.
  *   lb4_to_pod: world -> pod. A reply of a tracked flow gets the frontend back
  *     as its source; an ICMP error about a tracked flow is translated back.
  */
@@ -109,6 +111,8 @@ static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 			return lb_drop(REASON_NO_LOCAL_BACKEND);
 		return lb4_reject(skb, p, REASON_NO_BACKEND);
 	}
+	if (!ct4_starts_flow(p))
+		return TC_ACT_OK;                       /* mid-stream, not ours: the kernel's (ct.h) */
 
 	be = lb4_flow_begin(svc, p, now, &e);
 	if (!be)

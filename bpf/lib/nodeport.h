@@ -7,7 +7,9 @@
  *   np4_from_uplink  TC ingress. Tracked flows keep their backend; replies
  *     of SNATed flows are translated back and sent to the client; a packet to
  *     an EXTERNAL frontend (exactly its address, port and protocol) starts a
- *     flow: source ranges, Local policy, backend choice, then
+ *     flow, if it can start one (a TCP SYN, any datagram: ct4_starts_flow; a
+ *     connection kube-proxy translated stays the kernel's): source ranges,
+ *     Local policy, backend choice, then
  *       - backend on this node, or externalTrafficPolicy Local: DNAT only, the
  *         backend sees the client's address, the kernel delivers it to the pod;
  *       - backend on another node (Cluster policy): SNAT to NODE_SNAT_ADDR with
@@ -301,6 +303,8 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 			return lb_drop(REASON_NO_LOCAL_BACKEND);
 		return lb4_reject(skb, p, REASON_NO_BACKEND);
 	}
+	if (!ct4_starts_flow(p))
+		return TC_ACT_OK;                       /* mid-stream, not ours: the kernel's (ct.h) */
 
 	be = lb4_flow_begin(svc, p, now, &e);
 	if (!be)

@@ -243,6 +243,8 @@ static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, st
 	}
 	if (!svc->backend_count || !svc->maglev_size)
 		return XDP_PASS;                        /* reject or Local drop: TC */
+	if (!ct4_starts_flow(p))
+		return XDP_PASS;                        /* mid-stream, not ours: TC passes it on too */
 	be = lb4_flow_begin(svc, p, now, &e);
 	if (!be)
 		return XDP_PASS;

@@ -15,13 +15,13 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ebpfsvc.lab import controlplane, labfile, names, pods as podlib, processes, teardown
+from ebpfsvc.lab import controlplane, kubeproxy, labfile, names, pods as podlib, processes, teardown
 from ebpfsvc.lab.lab import Lab, LabError, load_documents
 from ebpfsvc.lab.rpc import ControllerError
 from ebpfsvc.lab.store import LabNotFound
 
 ERRORS = (LabError, LabNotFound, ControllerError, labfile.LabFileError, KeyError, FileExistsError,
-          controlplane.ControlPlaneError)
+          controlplane.ControlPlaneError, kubeproxy.KubeProxyError)
 WAIT_TIMEOUT = 120.0
 
 
@@ -244,6 +244,33 @@ def agent(action: str, node: str, prefix: str | None) -> None:
     click.echo(f"agent {node}: {action} done")
 
 
+@lab.command(name="kube-proxy")
+@click.argument("action", type=click.Choice(["start", "stop", "cleanup"]))
+@click.argument("node")
+@click.option("--mode", type=click.Choice(kubeproxy.MODES), default="iptables", show_default=True,
+              help="kube-proxy's --proxy-mode (start).")
+@prefix_option
+def kube_proxy(action: str, node: str, mode: str, prefix: str | None) -> None:
+    """The real kube-proxy on NODE: start, stop (its rules stay), or `kube-proxy --cleanup` there."""
+    lab_ = _open(prefix)
+    lab_.spec.node(node)
+    if action == "start":
+        rec = kubeproxy.start(lab_, node, mode)
+        click.echo(f"kube-proxy ({mode}) on {node}: running (pid {rec.pid}); log: "
+                   f"ebpfsvc lab logs kube-proxy/{node}")
+    elif action == "stop":
+        kubeproxy.stop(lab_, node)
+        click.echo(f"kube-proxy on {node}: stopped (its rules stay until `lab kube-proxy cleanup {node}`)")
+    else:
+        result = kubeproxy.cleanup(lab_, node)
+        left = kubeproxy.leftovers(lab_, node)
+        click.echo(f"kube-proxy --cleanup on {node}: exit {result.returncode}; "
+                   f"left: {', '.join(sorted(left)) or 'nothing'}")
+        if result.returncode != 0:
+            click.echo(result.stderr[-2000:], err=True)
+            sys.exit(result.returncode)
+
+
 @lab.command()
 @prefix_option
 @click.option("--all", "all_", is_flag=True, help="Tear down every lab on this machine.")
@@ -264,7 +291,7 @@ def down(prefix: str | None, all_: bool) -> None:
 @click.argument("name")
 @prefix_option
 def logs(name: str, prefix: str | None) -> None:
-    """Print a log: a pod's (NAME or namespace/NAME), `agent/NODE`, `controller`, or a control-plane
+    """Print a log: a pod's (NAME or namespace/NAME), `agent/NODE`, `kube-proxy/NODE`, `controller`, or a control-plane
     component's (etcd, kube-apiserver, kube-controller-manager, apiproxy)."""
     lab_ = _open(prefix)
     if name == "controller":
@@ -273,6 +300,8 @@ def logs(name: str, prefix: str | None) -> None:
         path = lab_.state.log_path(name)
     elif name.startswith("agent/"):
         path = lab_.state.log_path(names.agent_record(name.split("/", 1)[1]))
+    elif name.startswith("kube-proxy/"):
+        path = lab_.state.log_path(names.kube_proxy_record(name.split("/", 1)[1]))
     else:
         namespace, pod = podlib.key(lab_.pod(name))
         path = lab_.state.log_path(names.pod_record(namespace, pod))

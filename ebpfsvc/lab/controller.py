@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebpfsvc.lab import agents, controlplane, names, network, pods as podlib, probes, processes, rpc
+from ebpfsvc.lab import agents, controlplane, kubeproxy, names, network, pods as podlib, probes, processes, rpc
 from ebpfsvc.lab.api import APIError, LabAPI, path_of as api_path
 from ebpfsvc.lab.processes import base_env, spawn
 from ebpfsvc.lab.store import State, api_time, parse_api_time
@@ -112,6 +112,9 @@ class Controller:
                     answer["errors"] = self.reconcile(probe=False)
                 elif op == "agent":
                     self.agent(request["action"], request["node"])
+                elif op == "kube-proxy":
+                    self.kube_proxy(request["action"], request["node"], request.get("mode", "iptables"),
+                                    request.get("args") or [])
                 elif op == "shutdown":
                     self.shutdown()
                     keep_running = False
@@ -404,9 +407,30 @@ class Controller:
         elif action not in ("stop", "restart"):
             raise ValueError(f"unknown agent action {action!r} (start, stop, restart)")
 
+    def kube_proxy(self, action: str, node_name: str, mode: str, args: list[str]) -> None:
+        """Start or stop the real kube-proxy in a node's namespace (kubeproxy.py builds its argv)."""
+        self.spec.node(node_name)
+        name = names.kube_proxy_record(node_name)
+        rec = self.state.read_pid(name)
+        if action == "stop":
+            if rec:
+                processes.stop([rec], grace=5.0)
+                self.state.clear_pid(name)
+            return
+        if action != "start":
+            raise ValueError(f"unknown kube-proxy action {action!r} (start, stop)")
+        if processes.alive(rec):
+            return
+        argv = kubeproxy.command(self.state, self.spec, node_name, mode, [str(a) for a in args])
+        rec = spawn(argv, names.member_netns(self.state.prefix, node_name), self.state.log_path(name),
+                    kubeproxy.environment(self.state))
+        self.state.write_pid(name, rec)
+        log.info("kube-proxy (%s) on %s started (pid %d)", mode, node_name, rec.pid)
+
     def shutdown(self) -> None:
-        """Stop every agent and pod process (SIGTERM, then SIGKILL), all in parallel."""
-        records = [r for n in self.spec.nodes if (r := self.state.read_pid(names.agent_record(n.name)))]
+        """Stop every agent, kube-proxy and pod process (SIGTERM, then SIGKILL), all in parallel."""
+        records = [r for n in self.spec.nodes for name in (names.agent_record(n.name), names.kube_proxy_record(n.name))
+                   if (r := self.state.read_pid(name))]
         records += [r for p in self.state.list("Pod") if (r := podlib.process(p))]
         processes.stop(records, grace=3.0)
         # The control plane last, so nothing above saw its API vanish while stopping, and one

@@ -69,5 +69,10 @@ def agent_record(node: str) -> str:
     return f"agent-{node}"
 
 
+def kube_proxy_record(node: str) -> str:
+    """The real kube-proxy on a node (kubeproxy.py): migration test and benchmark."""
+    return f"kube-proxy-{node}"
+
+
 def pod_record(namespace: str, name: str) -> str:
     return f"pod-{namespace}-{name}"

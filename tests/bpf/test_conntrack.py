@@ -320,3 +320,75 @@ def test_only_not_ready_backends_reject_new_flows_keep_tcp_ones(datapath, writer
     check(datapath, Case("new SYN: RST from the VIP", "from_pod",
                          from_pod(tcp(CLIENT, VIP, 40001, 80, "S", seq=1000)), REDIRECT, reset))
     assert stats.drops(datapath.maps)["no_backend"] == 1
+
+
+# ---- connections this datapath never balanced (kube-proxy's, from before the takeover) ---------
+
+STICKY2 = frontend(VIP, 80, [B1, B2], affinity_timeout=10800)
+# Segments of a connection kube-proxy's rules DNATed before ebpfsvc attached: no CT entry here.
+MID_STREAM = [
+    ("ACK", dict(flags="A", seq=1001, ack=7001)),
+    ("data", dict(flags="PA", seq=1001, ack=7001, payload=b"GET / HTTP/1.1\r\n\r\n")),
+    ("FIN", dict(flags="FA", seq=1001, ack=7001)),
+    ("RST", dict(flags="R", seq=1001)),
+    ("SYN-ACK", dict(flags="SA", seq=1000, ack=7001)),      # not a SYN alone: starts nothing either
+]
+
+
+@pytest.mark.parametrize("desc,fields", MID_STREAM, ids=[d for d, _ in MID_STREAM])
+def test_segment_of_a_connection_never_balanced_here_is_left_to_the_kernel(datapath, writer, desc, fields):
+    """A mid-stream segment with no conntrack entry leaves as it came: nf_conntrack, which holds
+    kube-proxy's translation of that connection, goes on translating it (to kube-proxy's backend,
+    which Maglev need not pick). Nothing is tracked, counted or remembered for affinity."""
+    writer.apply(state(STICKY2))
+    check(datapath, Case(f"{desc} without a CT entry: untouched", "from_pod",
+                         from_pod(tcp(CLIENT, VIP, 40000, 80, **fields)), OK))
+    flows = ct_flows(datapath)
+    assert flows[abi.CT_DIR_FORWARD] == [] and flows[abi.CT_DIR_REPLY] == []
+    assert list(datapath.maps["lb4_affinity"].items()) == []
+    assert not any(stats.drops(datapath.maps).values())
+    assert stats.traffic(datapath.maps, "frontend", writer.frontend_id(STICKY2)) == (0, 0)
+    # The backend's answer (kube-proxy's DNAT is undone by the kernel after this hook) is not ours.
+    check(datapath, Case("its reply: untouched", "to_pod", to_pod(tcp(BACKEND1, CLIENT, 8080, 40000, "A")), OK))
+
+
+def test_a_syn_on_the_same_ports_is_balanced_by_ebpfsvc(datapath, writer):
+    """Once kube-proxy's connection is over, the client's next connection from the same port
+    is a new flow: balanced, tracked, translated here."""
+    writer.apply(state(WEB2))
+    check(datapath, Case("old connection's ACK: untouched", "from_pod",
+                         from_pod(tcp(CLIENT, VIP, 40000, 80, "A", seq=1001, ack=7001)), OK))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    check(datapath, Case("SYN: balanced", "from_pod", *flow(dnat(CLIENT, b, 40000, "S", seq=5000, ack=0))))
+    check(datapath, Case("SYN-ACK: reverse NAT", "to_pod", to_pod(tcp(b, CLIENT, 8080, 40000, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "SA"))))
+    check(datapath, Case("its ACK: tracked, translated", "from_pod", *flow(dnat(CLIENT, b, 40000, seq=5001))))
+    assert len(ct_flows(datapath)[abi.CT_DIR_FORWARD]) == 1
+
+
+def test_an_expired_flow_is_not_restarted_mid_stream(datapath, writer):
+    """The same rule for a flow of ours whose entry expired (idle past its lifetime) or was
+    evicted: its next segment is not balanced anew but left to the kernel, whose service-CIDR
+    route to ebpfsvc0 brings it to the node-client hook (host.h), which does balance it."""
+    writer.apply(state(WEB2))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    check(datapath, Case("SYN", "from_pod", *flow(dnat(CLIENT, b, 40000, "S", seq=1000, ack=0))))
+    check(datapath, Case("SYN-ACK", "to_pod", to_pod(tcp(b, CLIENT, 8080, 40000, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "SA"))))
+    age(datapath, "ct4", "last_seen_ns", abi.CT_TIMEOUT_TCP_ESTABLISHED_S + 1)
+    check(datapath, Case("segment after the established lifetime: untouched", "from_pod",
+                         from_pod(tcp(CLIENT, VIP, 40000, 80, "PA", seq=1001, ack=7001, payload=b"x")), OK))
+    flows = ct_flows(datapath)
+    assert flows[abi.CT_DIR_FORWARD] == [] and flows[abi.CT_DIR_REPLY] == [], "the expired entries are gone"
+
+
+def test_mid_stream_segment_to_a_service_without_backends_is_still_rejected(datapath, writer):
+    """No backend anywhere: whatever the kernel holds, there is nothing to reach; the reset is
+    immediate, as before (tests/bpf/test_reject.py's rows, with a tracked-nowhere ACK)."""
+    writer.apply(state(frontend(VIP, 80, [])))
+    res = check(datapath, Case("ACK to an empty Service: RST", "from_pod",
+                               from_pod(tcp(CLIENT, VIP, 40000, 80, "A", seq=1001, ack=7001)), REDIRECT,
+                               to_pod(IP(src=VIP, dst=CLIENT, id=0, ttl=64) /
+                                      TCP(sport=80, dport=40000, flags="R", seq=7001, ack=0, window=0))))
+    assert res.verdict == "TC_ACT_REDIRECT"
+    assert stats.drops(datapath.maps)["no_backend"] == 1

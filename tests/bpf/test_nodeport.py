@@ -312,3 +312,25 @@ def test_icmp_error_about_a_reply_reaches_a_remote_backend(uplink):
         Raw(bytes(tcp(REMOTE_BE, NODE, 8080, port, "PA", seq=9, payload=b"z" * 64)))
     uplink.check("port unreachable from the client about the reply: to node-2's backend", "from_uplink",
                  from_client(err), REDIRECT, to_node2(want))
+
+
+def test_a_connection_kube_proxy_translated_is_left_to_the_kernel(uplink):
+    """A NodePort connection from before the takeover: kube-proxy's rules DNATed (and, for a remote
+    backend, masqueraded) it, nf_conntrack holds that, ebpfsvc has no entry. Its segments pass
+    untouched, to a remote or a local backend alike, and so do the masqueraded replies: the kernel
+    goes on translating both ways. A SYN still starts a flow of ebpfsvc's own."""
+    uplink.writer.apply(state(REMOTE, LOCAL))
+    for desc, pkt in [
+        ("ACK to a NodePort of a remote backend",
+         from_client(tcp(CLIENT, NODE, 40000, 30080, "A", seq=1001, ack=7001))),
+        ("data to a NodePort of a local backend",
+         from_client(tcp(CLIENT, NODE, 40001, 30081, "PA", seq=1001, ack=7001, payload=b"more"))),
+        ("FIN", from_client(tcp(CLIENT, NODE, 40000, 30080, "FA", seq=1005, ack=7001))),
+        ("the backend's reply to kube-proxy's masquerade port", from_node2(tcp(REMOTE_BE, NODE, 8080, 40000, "A"))),
+    ]:
+        uplink.check(f"{desc}, no ebpfsvc conntrack: untouched", "from_uplink", pkt, OK)
+    assert list(uplink.dp.maps["ct4"].items()) == [] and list(uplink.dp.maps["lb4_snat"].items()) == []
+    port = snat_port(CLIENT, NODE, 40002, 30080)
+    uplink.check("a SYN: ebpfsvc's flow, SNAT + DNAT", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40002, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))

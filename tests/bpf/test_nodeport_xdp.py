@@ -147,3 +147,14 @@ def test_partial_checksum_goes_to_tc(uplink):
         s = (s & 0xffff) + (s >> 16)
     raw[14 + 20 + 16: 14 + 20 + 18] = struct.pack("!H", s)   # what the sender's offload would leave
     uplink.check_xdp("partial checksum: passed up untouched", bytes(raw), XDP_PASS)
+
+
+def test_mid_stream_without_conntrack_is_passed_up_and_left_to_the_kernel(uplink):
+    """A segment of a NodePort connection kube-proxy translated: XDP passes it up unchanged, and
+    so does TC (test_nodeport.py), to the kernel's conntrack."""
+    uplink.writer.apply(LBState.of([REMOTE, LOCAL]))
+    for pkt in (from_client(tcp(CLIENT, NODE, 40000, 30080, "A", seq=1001, ack=7001)),
+                from_client(tcp(CLIENT, NODE, 40001, 30081, "PA", seq=1001, ack=7001, payload=b"more"))):
+        uplink.check_xdp("mid-stream, no ebpfsvc conntrack: passed up", pkt, XDP_PASS)
+        uplink.check("... and TC leaves it too", "from_uplink", pkt, OK)
+    assert list(uplink.dp.maps["ct4"].items()) == []

@@ -19,6 +19,7 @@ import errno
 import json
 import socket
 import struct
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -196,10 +197,15 @@ def wait_udp_bound(lab: Lab, client: str, pods, port: int) -> None:
 
 
 class TcpStream:
-    """A long-lived connection to a tcp-echo server: every line comes back prefixed by the pod name."""
+    """A long-lived connection to a tcp-echo server: every line comes back prefixed by the pod name.
+    From `pod`, or with external=True from the lab's external client of that name."""
 
-    def __init__(self, lab: Lab, pod: str, host: str, port: int, timeout: float = 10.0):
-        self.sock = tcp_socket(lab, pod, None, timeout)
+    def __init__(self, lab: Lab, pod: str, host: str, port: int, timeout: float = 10.0, external: bool = False):
+        if external:
+            self.sock = nsenter.socket_in(lab.external_netns(pod), socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+        else:
+            self.sock = tcp_socket(lab, pod, None, timeout)
         self.sock.connect((host, port))
         self.local = self.sock.getsockname()
         self._buf = b""
@@ -226,6 +232,45 @@ class TcpStream:
         except OSError:
             pass
         self.sock.close()
+
+
+class Chatter(threading.Thread):
+    """Runs exchanges over open flows in a loop (a round every 20 ms) until halted: traffic that
+    goes on while the test changes things.  Records who answered each exchange and the first
+    error (a reset, a close, a lost datagram); bounded in rounds and time."""
+
+    def __init__(self, exchanges: dict[str, Callable[[], str]], max_seconds: float = 300):
+        super().__init__(daemon=True, name="chatter")
+        self.exchanges = exchanges
+        self.answers: dict[str, list[str]] = {name: [] for name in exchanges}
+        self.rounds = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+
+    def run(self) -> None:
+        try:
+            for _ in range(100_000):
+                if self._halt.is_set() or time.monotonic() > self._deadline:
+                    return
+                for name, exchange in self.exchanges.items():
+                    self.answers[name].append(exchange())
+                self.rounds += 1
+                self._halt.wait(0.02)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def wait_rounds(self, more: int) -> None:
+        """Wait until `more` further rounds went through (or an error stopped them)."""
+        target = self.rounds + more
+        wait_for(lambda: self.rounds >= target or self.error, what=f"{more} more rounds of traffic")
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+    def who_answered(self) -> dict[str, set[str]]:
+        return {name: set(a) for name, a in self.answers.items()}
 
 
 # -- the agents' pinned maps (read-only, through ebpfsvc.inspect) ---------------------------

@@ -10,16 +10,13 @@ is gone must fail fast (TCP) or move on (UDP).
 from __future__ import annotations
 
 import socket
-import threading
-import time
-from typing import Callable
 
 import pytest
 
 from ebpfsvc.lab import Lab, apps, names
 from ebpfsvc.lab.pods import READY_ANNOTATION
 
-from .helpers import (TcpStream, add_clients, bare_pod, cluster_ip, connect_outcome, service, udp_ask,
+from .helpers import (Chatter, TcpStream, add_clients, bare_pod, cluster_ip, connect_outcome, service, udp_ask,
                       udp_socket, wait_backend_gone, wait_for, wait_programmed, wait_ready, wait_udp_bound)
 
 pytestmark = pytest.mark.root
@@ -72,45 +69,6 @@ def new_connections(lab: Lab, vip: str, port: int, count: int) -> set[str]:
         finally:
             stream.close()
     return seen
-
-
-class Chatter(threading.Thread):
-    """Runs exchanges over open flows in a loop (a round every 20 ms) until halted: traffic that
-    goes on while the test changes things.  Records who answered each exchange and the first
-    error (a reset, a close, a lost datagram); bounded in rounds and time."""
-
-    def __init__(self, exchanges: dict[str, Callable[[], str]], max_seconds: float = 300):
-        super().__init__(daemon=True, name="chatter")
-        self.exchanges = exchanges
-        self.answers: dict[str, list[str]] = {name: [] for name in exchanges}
-        self.rounds = 0
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-
-    def run(self) -> None:
-        try:
-            for _ in range(100_000):
-                if self._halt.is_set() or time.monotonic() > self._deadline:
-                    return
-                for name, exchange in self.exchanges.items():
-                    self.answers[name].append(exchange())
-                self.rounds += 1
-                self._halt.wait(0.02)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    def wait_rounds(self, more: int) -> None:
-        """Wait until `more` further rounds went through (or an error stopped them)."""
-        target = self.rounds + more
-        wait_for(lambda: self.rounds >= target or self.error, what=f"{more} more rounds of traffic")
-
-    def halt(self) -> None:
-        self._halt.set()
-        self.join(timeout=30)
-
-    def who_answered(self) -> dict[str, set[str]]:
-        return {name: set(a) for name, a in self.answers.items()}
 
 
 def test_scale_down_and_up_under_tcp_traffic(lab):

@@ -1,0 +1,49 @@
+"""The lab's kube-proxy command line (ebpfsvc/lab/kubeproxy.py): the real binary accepts it, and
+nothing in it lets kube-proxy change a global setting."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ebpfsvc.lab import controlplane, kubeproxy, labfile
+
+
+def _command(tmp_path: Path, mode: str = "iptables", args=()) -> list[str]:
+    return kubeproxy.command(SimpleNamespace(path=tmp_path), labfile.load(), "node-2", mode, args)
+
+
+def _binary() -> str:
+    try:
+        return controlplane.binary("kube-proxy")
+    except controlplane.ControlPlaneError as exc:
+        pytest.skip(str(exc))
+
+
+def test_command_names_the_node_mode_and_its_own_identity(tmp_path, monkeypatch):
+    monkeypatch.setattr(controlplane, "binary", lambda name: f"/k8s/{name}")
+    argv = _command(tmp_path, "nftables", ["--v=4"])
+    assert argv[0] == "/k8s/kube-proxy"
+    assert f"--kubeconfig={tmp_path}/kube-proxy-node-2.kubeconfig" in argv
+    assert "--hostname-override=node-2" in argv and "--proxy-mode=nftables" in argv
+    # nf_conntrack_max and the module's hashsize are global: kube-proxy must not size them.
+    assert "--conntrack-max-per-core=0" in argv
+    assert argv[-1] == "--v=4", "extra args come last, so they win"
+
+
+def test_unknown_mode_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(controlplane, "binary", lambda name: f"/k8s/{name}")
+    with pytest.raises(kubeproxy.KubeProxyError, match="'ipvs'"):
+        _command(tmp_path, "ipvs")
+
+
+@pytest.mark.parametrize("mode", kubeproxy.MODES)
+def test_the_real_kube_proxy_accepts_every_flag(tmp_path, mode):
+    """--version exits after the flags are parsed: an unknown or malformed flag fails first."""
+    _binary()
+    out = subprocess.run([*_command(tmp_path, mode), "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Kubernetes v")
