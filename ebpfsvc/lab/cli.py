@@ -168,6 +168,21 @@ def agent(action: str, node: str, prefix: str | None) -> None:
     click.echo(f"agent {node}: {action} done")
 
 
+@lab.command("control-plane")
+@click.argument("action", type=click.Choice(["start", "stop", "restart"]))
+@click.argument("component", type=click.Choice([controlplane.ETCD, controlplane.APISERVER,
+                                                controlplane.CONTROLLER_MANAGER]))
+@prefix_option
+def control_plane(action: str, component: str, prefix: str | None) -> None:
+    """Start, stop or restart one control-plane component (API-fault tests); waits for /readyz
+    after starting etcd or the API server."""
+    lab_ = _open(prefix)
+    lab_.control_plane(action, component)
+    if action != "stop" and component != controlplane.CONTROLLER_MANAGER:
+        lab_.wait_api_ready()
+    click.echo(f"{component}: {action} done")
+
+
 @lab.command()
 @prefix_option
 @click.option("--all", "all_", is_flag=True, help="Tear down every lab on this machine.")
