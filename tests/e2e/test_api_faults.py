@@ -11,10 +11,11 @@ the Service from a client pod every 0.1 s for the whole test. Then a fault:
 
 Every test shows: no request fails meanwhile (the maps keep the last state), /healthz stays 200
 while the API is away (health.py: losing the API is not unhealthy by itself), and a change made
-once the API is back reaches the wire within a bounded wait. The times from "API ready again" to
-"change on the wire" are printed (`CONVERGENCE ...`, see with `pytest -rP`): for a Service with a
+once the API is back reaches the wire within a bounded wait. Printed (see with `pytest -rP`):
+`CONVERGENCE ...`, the times from "API ready again" to "change on the wire", for a Service with a
 hand-written EndpointSlice (the agents' time alone) and for a new pod (which waits for
-kube-controller-manager's own recovery first).
+kube-controller-manager's own recovery first); `SOURCE ...`, what the agents' API sources went
+through (errors, re-lists, resumed watches).
 """
 
 from __future__ import annotations
@@ -162,6 +163,16 @@ def watch_counters(lab: Lab, node: str) -> dict[tuple[str, str], float]:
     return {(counter, kind): float(value) for counter, kind, value in WATCH_METRIC.findall(body)}
 
 
+def print_source_changes(lab: Lab, before: dict[str, dict], label: str) -> None:
+    """What each agent's API source went through since `before` (watch_counters per node)."""
+    for node in NODES:
+        after = watch_counters(lab, node)
+        changes = [f"{counter}[{kind}] +{after[counter, kind] - before[node].get((counter, kind), 0):g}"
+                   for counter, kind in sorted(after)
+                   if counter != "events" and after[counter, kind] != before[node].get((counter, kind), 0)]
+        print(f"SOURCE {label} {node}: {', '.join(changes) or 'nothing'}")
+
+
 def source_errors(lab: Lab, node: str) -> int:
     """Failed list/watch attempts of the agent's API source, over all kinds (/healthz body)."""
     return sum(kind["errors"] for kind in healthz(lab, node)[1]["source"].values())
@@ -298,6 +309,7 @@ def test_api_server_restart_mid_watch(lab):
     try:
         traffic.wait_answers(5)
         errors = {node: source_errors(lab, node) for node in NODES}
+        counters = {node: watch_counters(lab, node) for node in NODES}
         synced = {node: healthz(lab, node)[1]["lastUpdated"] for node in NODES}
         t_stop = time.monotonic()
         lab.control_plane("stop", "kube-apiserver")
@@ -315,6 +327,7 @@ def test_api_server_restart_mid_watch(lab):
         lab.wait_api_ready()
         t_ready = time.monotonic()
         times = converge_after(lab, traffic, t_ready, "API server restart (65 s outage)")
+        print_source_changes(lab, counters, "API server restart")
     finally:
         traffic.halt()
     assert_no_failures(traffic)
@@ -403,6 +416,7 @@ def test_etcd_restart(lab):
     traffic.start()
     try:
         traffic.wait_answers(5)
+        counters = {node: watch_counters(lab, node) for node in NODES}
         t_stop = time.monotonic()
         lab.control_plane("stop", "etcd")
         wait_for(lambda: not api_ready(lab), 30, 0.5, "the API server to turn not ready without etcd")
@@ -413,6 +427,7 @@ def test_etcd_restart(lab):
         lab.wait_api_ready()
         t_ready = time.monotonic()
         times = converge_after(lab, traffic, t_ready, "etcd restart (20 s outage)")
+        print_source_changes(lab, counters, "etcd restart")
     finally:
         traffic.halt()
     assert_no_failures(traffic)
