@@ -271,6 +271,21 @@ def kube_proxy(action: str, node: str, mode: str, prefix: str | None) -> None:
             sys.exit(result.returncode)
 
 
+@lab.command("control-plane")
+@click.argument("action", type=click.Choice(["start", "stop", "restart"]))
+@click.argument("component", type=click.Choice([controlplane.ETCD, controlplane.APISERVER,
+                                                controlplane.CONTROLLER_MANAGER]))
+@prefix_option
+def control_plane(action: str, component: str, prefix: str | None) -> None:
+    """Start, stop or restart one control-plane component (API-fault tests); waits for /readyz
+    after starting etcd or the API server."""
+    lab_ = _open(prefix)
+    lab_.control_plane(action, component)
+    if action != "stop" and component != controlplane.CONTROLLER_MANAGER:
+        lab_.wait_api_ready()
+    click.echo(f"{component}: {action} done")
+
+
 @lab.command()
 @prefix_option
 @click.option("--all", "all_", is_flag=True, help="Tear down every lab on this machine.")

@@ -336,6 +336,18 @@ class Lab:
     def agent_record(self, node: str) -> ProcRecord | None:
         return self.state.read_pid(names.agent_record(node))
 
+    # -- control plane -------------------------------------------------------------------
+
+    def control_plane(self, action: str, component: str) -> None:
+        """start / stop / restart one control-plane component: etcd, kube-apiserver or
+        kube-controller-manager (API-fault tests). Returns once it is stopped or started,
+        not once it is ready: see wait_api_ready()."""
+        rpc.call(self.state.path, {"op": "control-plane", "action": action, "component": component})
+
+    def wait_api_ready(self, timeout: float = 90.0) -> None:
+        """Until the API server answers /readyz (etcd reachable, bootstrap done)."""
+        controlplane.wait_ready(self.api, timeout, log_hint=f"; see {self.state.path}/kube-apiserver.log")
+
 
 def _run(netns: str, argv: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
     kwargs.setdefault("capture_output", True)

@@ -6,13 +6,15 @@ watch is lost.  The recovery rules (docs/sources.md has the full matrix):
 
 - the server ends a watch normally      -> watch again from the last resourceVersion
 - BOOKMARK                              -> only remember its resourceVersion
-- 410 Gone (ERROR event or HTTP 410)    -> our resourceVersion is compacted: re-list
+- 410 Gone (ERROR event or HTTP 410)    -> our resourceVersion is compacted: re-list after
+                                           the initial backoff (the API answered, it works)
 - any other ERROR / HTTP error          -> back off, re-list
 - 404 on the list of an optional kind   -> the API does not serve it (ServiceCIDR before
   (OPTIONAL_KINDS)                         Kubernetes 1.33): an empty, synced set; asked again
                                            every ABSENT_RETRY_SECONDS, in case of an upgrade
 - API unreachable, broken or silent     -> back off, watch again from the same
-  stream (client read timeout)             resourceVersion (a 410 will say if too old)
+  stream (silent past timeoutSeconds       resourceVersion (a 410 will say if too old)
+  plus the client read timeout)
 
 On failure nothing is delivered: the data plane keeps what it has.  In particular
 an error is never turned into an empty re-list, which would withdraw every service.
@@ -79,6 +81,10 @@ class _Failure(Exception):
         super().__init__(message)
         self.relist = relist
         self.status = status        # the HTTP status, when the server answered with one
+
+
+class _Gone(_Failure):
+    """410 Gone on a watch (ERROR event or HTTP status): our resourceVersion was compacted away."""
 
 
 class _ContinueExpired(_Failure):
@@ -155,6 +161,12 @@ class _Reflector:
                         break
                     continue
                 need_list = need_list or error.relist
+                if isinstance(error, _Gone):
+                    # The server answered, so it works: re-list after the initial backoff, not the one
+                    # an outage built up (an API server that restarted answers every watch older than
+                    # its new watch cache with 410, so every kind would wait up to backoff_max). The
+                    # reconnects that got here are already spread by their own jittered backoff.
+                    self._backoff.reset()
                 delay = self._backoff.next_delay()
                 self._source._record_error(self.kind, str(error))
                 log.warning("%s reflector: %s; %s in %.2fs", self.kind, error,
@@ -250,15 +262,20 @@ class _Reflector:
         source = self._source
         source._count(self.kind, "watches")
         started, received = time.monotonic(), 0
+        # A healthy server ends the stream by timeoutSeconds and may send nothing until then: the
+        # real API server sends a bookmark only once its revision has moved, so the stream of a kind
+        # that does not change stays silent. Only silence beyond that is a dead connection.
+        connect, read = source._request_timeout
+        silent = source._watch_timeout_seconds + read
         try:
             response = self._list_call(
                 watch=True, resource_version=self._resource_version, allow_watch_bookmarks=True,
                 timeout_seconds=source._watch_timeout_seconds, _preload_content=False,
-                _request_timeout=source._request_timeout)
+                _request_timeout=(connect, silent))
         except ApiException as e:
             if e.status == 410:
-                raise _Failure(f"watch: HTTP 410 {e.reason}: resourceVersion "
-                               f"{self._resource_version} is gone", relist=True) from e
+                raise _Gone(f"watch: HTTP 410 {e.reason}: resourceVersion "
+                            f"{self._resource_version} is gone", relist=True) from e
             raise _Failure(f"watch: HTTP {e.status} {e.reason}", relist=True) from e
         except _NETWORK_ERRORS as e:
             raise _Failure(f"watch: API unreachable: {e}", relist=False) from e
@@ -270,8 +287,7 @@ class _Reflector:
                     self._handle(line)
                     received += 1
             except urllib3.exceptions.ReadTimeoutError as e:
-                raise _Failure(f"watch: no data for {source._request_timeout[1]}s (silent "
-                               f"connection)", relist=False) from e
+                raise _Failure(f"watch: no data for {silent:g}s (silent connection)", relist=False) from e
             except _NETWORK_ERRORS as e:
                 raise _Failure(f"watch: stream broken: {e}", relist=False) from e
             finish()
@@ -300,7 +316,7 @@ class _Reflector:
             code = obj.get("code")
             message = f"watch: ERROR event {code} {obj.get('reason')}: {obj.get('message')}"
             # 410: our resourceVersion was compacted away; anything else: state is suspect.
-            raise _Failure(message, relist=True)
+            raise (_Gone if code == 410 else _Failure)(message, relist=True)
         else:
             raise _Failure(f"watch: unknown event type {event_type!r}", relist=True)
 
@@ -366,10 +382,9 @@ class KubeSource:
                  backoff_initial: float = 0.2, backoff_max: float = 30.0,
                  list_page_size: int = 500) -> None:
         """request_timeout is (connect, read) seconds for every request, or one number for
-        both. The read timeout is how long a watch may stay silent before we call the
-        connection dead and watch again; keep it above the server's bookmark interval
-        (about a minute). node_name: watch only that Node (a field selector, as kube-proxy does)
-        rather than every Node of the cluster."""
+        both. A watch may stay silent for watch_timeout_seconds (the server ends it then) plus
+        the read timeout before we call the connection dead and watch again. node_name: watch
+        only that Node (a field selector, as kube-proxy does) rather than every Node of the cluster."""
         unknown = set(kinds) - set(_RESOURCES)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}; known: {sorted(_RESOURCES)}")

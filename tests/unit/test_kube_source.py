@@ -7,7 +7,9 @@ bounded (WAIT seconds) and no test asserts on how long anything took.
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 import threading
 import time
 from typing import Any, Callable
@@ -354,6 +356,27 @@ def test_gone_relists_and_the_relist_drops_objects_deleted_meanwhile(api, sink, 
     assert "410" in source.stats["Service"]["last_error"]
 
 
+def test_gone_after_an_outage_relists_soon_not_after_the_backoff_the_outage_built(api, sink, make_source,
+                                                                                 caplog):
+    """Proves: a 410 when the API comes back after an outage is answered by a re-list after the
+    *initial* backoff, not after the one the outage built up: the 410 is an answer, the API works.
+    Found against the real API server: after a restart it answers every watch older than its new
+    watch cache with 410, so every kind waited up to backoff_max (30 s) before re-listing."""
+    caplog.set_level(logging.WARNING, logger="ebpfsvc.sources.kube")
+    api.create("Service", svc("a"))
+    source = start_synced(make_source, sink, api, kinds=("Service",), backoff_initial=0.02, backoff_max=2.0)
+    api.go_down()
+    wait_until(lambda: source.stats["Service"]["errors"] >= 8, "the backoff to grow to its maximum")
+    api.create("Service", svc("b"))                  # the API server comes back with a new history
+    api.compact()
+    api.come_up()
+
+    sink.wait(lambda: len(sink.relists("Service")) == 2, "re-list")
+    [delay] = [float(m.group(1)) for r in caplog.records
+               if "410" in r.getMessage() and (m := re.search(r"re-list in ([0-9.]+)s", r.getMessage()))]
+    assert delay <= 0.02
+
+
 def test_error_event_backs_off_and_relists(api, sink, make_source):
     """Proves: a non-410 ERROR event (server trouble) is counted and answered with a re-list,
     not ignored and not fatal to the reflector."""
@@ -370,9 +393,11 @@ def test_error_event_backs_off_and_relists(api, sink, make_source):
 
 
 def test_hung_watch_is_noticed_by_the_read_timeout_and_rewatched(api, sink, make_source):
-    """Proves: a connection that stays open but silent (events stop arriving) is abandoned after
-    the client read timeout, and a new watch from the same version recovers the missed events."""
-    source = start_synced(make_source, sink, api, kinds=("Service",), request_timeout=(2, 0.5))
+    """Proves: a connection that stays open but silent (events stop arriving) is abandoned once it is
+    silent past timeoutSeconds (when the server would have ended it) plus the client read timeout,
+    and a new watch from the same version recovers the missed events."""
+    source = start_synced(make_source, sink, api, kinds=("Service",), request_timeout=(2, 0.5),
+                          watch_timeout_seconds=2)
     first = api.requests("Service", "watch")[-1]
     api.hang_watches("Service")
     api.create("Service", svc("during-hang"))        # the hung stream will never carry this
@@ -382,6 +407,18 @@ def test_hung_watch_is_noticed_by_the_read_timeout_and_rewatched(api, sink, make
     assert api.requests("Service", "watch")[-1].params["resourceVersion"] == first.params["resourceVersion"]
     assert api.count("Service", "list") == 1
     assert "no data" in (source.stats["Service"]["last_error"] or "")
+
+
+def test_quiet_watch_is_not_taken_for_a_dead_one(api, sink, make_source):
+    """Proves: a healthy watch on which nothing happens is kept past the read timeout. The real API
+    server sends a bookmark only when its revision has moved, so the stream of a kind that does not
+    change stays silent until timeoutSeconds ends it; found against it: with the 60 s read timeout
+    every quiet watch was dropped as a "silent connection" every minute, with a warning and an error."""
+    source = start_synced(make_source, sink, api, kinds=("Service",), request_timeout=(2, 0.2),
+                          watch_timeout_seconds=5)
+    time.sleep(1.5)                                  # seven read timeouts of silence
+    assert source.stats["Service"]["errors"] == 0, source.stats["Service"]["last_error"]
+    assert api.count("Service", "watch") == 1
 
 
 def test_sink_failure_is_healed_by_a_relist(api, sink, make_source):
