@@ -305,3 +305,35 @@ def test_no_endpoint_behind_an_external_ip_is_refused_into_the_host(uplink):
           Ether(src=CLIENT_MAC, dst=NODE_MAC) / IP(src=EXT_IP, dst=NODE, id=0, ttl=64) /
           TCP(sport=80, dport=45126, flags="RA", seq=0, ack=1001, window=0))
 
+
+# ---- the agent's side: attach, and `ebpfsvc cleanup` -------------------------------------------------
+
+def test_setup_attaches_to_lo_and_cleanup_removes_everything(uplink, pin_dir):
+    """hostpath.setup: from_host on ebpfsvc0, from_loopback on lo's egress, accept_local on lo (set
+    through netlink); `ebpfsvc cleanup` removes the filter, lo's clsact, the device, and sets
+    accept_local back to 0."""
+    from pathlib import Path
+
+    from ebpfsvc.datapath import hostpath, tc
+    from ebpfsvc.inspect.cleanup import cleanup
+
+    ns = uplink.netns
+    lo = uplink.ifindex("lo")
+    accept_local = lambda: nsenter.run_in(ns, Path("/proc/sys/net/ipv4/conf/lo/accept_local").read_text).strip()  # noqa: E731
+    hostpath.setup(uplink.dp, A(NODE), netns=ns)
+    hostpath.setup(uplink.dp, A(NODE), netns=ns)                 # again: replaced in place
+    assert [(f.direction, f.name) for f in tc.list_filters(lo, netns=ns)] == [(tc.EGRESS, "from_loopback")]
+    assert accept_local() == "1"
+
+    report = cleanup(pin_dir, netns=ns)
+    assert any(line.startswith("tc filter lo egress from_loopback") for line in report.filters), report.filters
+    assert any(hostpath.LO_SYSCTL in line for line in report.filters), report.filters
+    assert tc.list_filters(lo, netns=ns) == [] and accept_local() == "0"
+
+    def links_and_lo_qdiscs():
+        with IPRoute() as ipr:
+            return ({link.get_attr("IFLA_IFNAME") for link in ipr.get_links()},
+                    [q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=lo)])
+
+    names, qdiscs = nsenter.run_in(ns, links_and_lo_qdiscs)
+    assert hostpath.DEVICE not in names and "clsact" not in qdiscs
