@@ -163,3 +163,39 @@ def test_the_node_reaches_load_balancer_ips_and_external_ips(lab):
         refused_at_once(lab, "198.18.200.34", 80)
     finally:
         lab.node_exec("node-1", ["ip", "route", "del", EXTERNAL])
+
+
+def test_a_host_network_endpoint_of_the_node_itself(lab):
+    """A hostNetwork endpoint of node-1 (a process in its namespace, so its address is node-1's)
+    behind a ClusterIP and a NodePort: node-1 reaches it through both (the translated packet goes
+    in through lo, the reply is translated on lo's egress), and the external client through
+    node-1's NodePort keeps reaching it."""
+    import subprocess
+
+    from ebpfsvc.lab.processes import base_env
+
+    server = lab.node_popen("node-1", [sys.executable, "-m", "ebpfsvc.lab.apps", "http-echo", "--port", "18080"],
+                            env={**base_env(), "POD_NAME": "node-1-itself"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: lab.node_exec("node-1", ["ss", "-Hltn", "sport = :18080"]).stdout.strip(),
+                 what="the node's own server listening")
+        lab.apply([service("nl-host", [{"name": "http", "port": 80, "targetPort": 18080}], type="NodePort"),
+                   {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "nl-host-manual", "labels": {"kubernetes.io/service-name": "nl-host"}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "protocol": "TCP", "port": 18080}],
+                    "endpoints": [{"addresses": [NODE1], "conditions": {"ready": True}, "nodeName": "node-1"}]}])
+        cluster_ip, port = lab.service("nl-host")["spec"]["clusterIP"], node_port(lab, "nl-host")
+        wait_served(lab, cluster_ip, 80, backends=1)
+        wait_served(lab, NODE1, port, backends=1)
+        wait_served(lab, NODE1, port, backends=1, scope="external")
+
+        for url in (f"http://{cluster_ip}/", f"http://{NODE1}:{port}/"):
+            answer = answer_from_node1(lab, url)
+            assert (answer["pod"], answer["client"], answer["localPort"]) == ("node-1-itself", NODE1, 18080), url
+        out = lab.external_exec("client", ["curl", "-sS", "--max-time", "5", f"http://{NODE1}:{port}/"], timeout=15)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["client"] == ROUTER        # the external client, its address kept
+    finally:
+        server.kill()
+        server.wait(timeout=5)
