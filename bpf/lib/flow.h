@@ -170,9 +170,9 @@ static __always_inline void lb4_note_forward(const struct lb4_pkt *p, struct ct4
  * stack, through lo's ingress. Arriving on any other device it would be a
  * martian (the kernel drops a packet from a local address unless that device
  * has accept_local); lo is where the agent sets accept_local
- * (ebpfsvc/datapath/hostpath.py), and the one device where the kernel's source
- * check also passes such a packet under strict rp_filter. lo's MAC address is
- * all zeros: the frame gets it as destination, so it counts as the host's.
+ * (ebpfsvc/datapath/hostpath.py), and, by the kernel's code, the one device
+ * where such a packet also passes rp_filter. lo's MAC address is all zeros:
+ * the frame gets it as destination, so it counts as the host's.
  */
 static __always_inline int lb4_to_loopback(struct __sk_buff *skb)
 {

@@ -116,10 +116,10 @@ static __always_inline void np4_snat_reply_key(struct ct4_key *k, const struct c
  * half of lb4_snat with BPF_NOEXIST (atomic: two CPUs never get the same port),
  * or take the port back from a flow that is over (expired, or closed by FIN
  * both ways or RST and only waiting out its stragglers), still first come
- * first served. A live conntrack entry on the same reply tuple that is no
- * SNATed flow's (a node client's) keeps the port from being claimed. Waiting for closed flows to expire would cap a busy NodePort at
- * ports / CT_TIMEOUT_TCP_CLOSE_S new connections per second per backend. On
- * success (0) `rk` is the flow's reply key.
+ * first served. Waiting for closed flows to expire would cap a busy NodePort
+ * at ports / CT_TIMEOUT_TCP_CLOSE_S new connections per second per backend. A
+ * live flow on the same reply tuple that is no SNATed one (a node client's,
+ * host.h) keeps the port too. On success (0) `rk` is the flow's reply key.
  */
 static __always_inline int np4_snat_claim(const struct ct4_entry *e, struct ct4_key *rk,
 					  const struct snat4_entry *nat, struct snat4_entry *client,
