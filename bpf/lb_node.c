@@ -8,11 +8,14 @@
  *                when the backend is on another node), tracked flows, replies
  *                of SNATed flows, ICMP errors about them.
  *   to_uplink    TC egress: replies of source-preserving flows (local backend)
- *                get the frontend back as their source.
+ *                get the frontend back as their source; the node's own packets
+ *                to an externalIP or LoadBalancer IP it routes out (host.h).
  *   xdp_uplink   XDP: the same translations for the common case, earlier;
  *                whatever it does not handle it passes to from_uplink.
- *   from_host    TC egress of the agent's dummy device: clients in the node's
- *                own namespace to ClusterIPs (host.h).
+ *   from_host    TC egress of the agent's device ebpfsvc0: clients in the
+ *                node's own namespace to ClusterIPs (host.h).
+ *   from_loopback TC egress of lo: the node's clients to its own address
+ *                (NodePorts on it; host.h).
  *
  * Shares every pinned map with lb_pod.c (ebpfsvc/datapath/loader.py loads it
  * with NODE_SOURCE, passing NODE_SNAT_ADDR as -D). See docs/northsouth.md.
@@ -52,4 +55,9 @@ int xdp_uplink(struct xdp_md *ctx)
 int from_host(struct __sk_buff *skb)
 {
 	return hs4_from_host(skb);
+}
+
+int from_loopback(struct __sk_buff *skb)
+{
+	return hs4_from_loopback(skb);
 }

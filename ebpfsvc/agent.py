@@ -62,7 +62,7 @@ class AgentConfig:
     nodeport_addresses: tuple[str, ...] = ()  # kube-proxy's: () = every node address, CIDRs, ("primary",)
     hairpin_address: IPv4Address | None = None   # None: the node's primary address
     snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
-    host_clients: bool = True                # node-namespace clients to ClusterIPs (datapath/hostpath.py)
+    host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
     limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
@@ -244,7 +244,8 @@ class Agent:
         if reload:
             self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
                                                hairpin_addr=info.hairpin,
-                                               snat_keep_client_port=cfg.snat_keep_client_port)
+                                               snat_keep_client_port=cfg.snat_keep_client_port,
+                                               host_clients=cfg.host_clients)
         for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)
             if ifindex is None:

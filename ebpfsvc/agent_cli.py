@@ -102,8 +102,9 @@ def _lifetime_option(flag: str, macro: str, what: str):
               help="Node-owned address pods see when they reach themselves via a Service; default: the node's "
                    "primary address.")
 @click.option("--host-clients/--no-host-clients", default=True, show_default=True,
-              help="Serve ClusterIPs to clients in the node's own namespace (hostNetwork pods): route the "
-                   "service addresses to a device, ebpfsvc0 (needs an uplink).")
+              help="Serve Services to clients in the node's own namespace (hostNetwork pods): ClusterIPs "
+                   "through a device the service addresses are routed to, ebpfsvc0; the node's own NodePorts "
+                   "through lo; externalIPs and LoadBalancer IPs on the uplink (needs an uplink).")
 @click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
               help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
                    "docs/northsouth.md); off: always a port of 61000-65535.")

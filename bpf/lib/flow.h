@@ -166,20 +166,56 @@ static __always_inline void lb4_note_forward(const struct lb4_pkt *p, struct ct4
 		re->flags |= flags;
 }
 
+/* The loopback device's ifindex: 1 in every network namespace (the kernel's LOOPBACK_IFINDEX). */
+#define LB_LOOPBACK_IFINDEX 1
+
 /*
- * A backend's reply to a client in the node's own namespace (a flow host.h
- * made: node address -> ClusterIP), whose reply entry `e` was found: the
- * frontend back as source, and the kernel delivers it to the client's socket.
+ * Hand a packet whose source is one of the node's own addresses to the local
+ * stack, through lo's ingress. Arriving on any other device it would be a
+ * martian (the kernel drops a packet from a local address unless that device
+ * has accept_local); lo is where the agent sets accept_local
+ * (ebpfsvc/datapath/hostpath.py), and, by the kernel's code, the one device
+ * where such a packet also passes rp_filter. lo's MAC address is all zeros:
+ * the frame gets it as destination, so it counts as the host's.
  */
-static __always_inline int lb4_host_reply(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
-					  __u64 now)
+static __always_inline int lb4_to_loopback(struct __sk_buff *skb)
+{
+	__u8 zero[2 * ETH_ALEN] = {};
+
+	if (bpf_skb_store_bytes(skb, 0, zero, sizeof(zero), 0))
+		return lb_drop(REASON_MALFORMED);
+	return bpf_redirect(LB_LOOPBACK_IFINDEX, BPF_F_INGRESS);
+}
+
+/* Reverse NAT of a backend's reply to a node client (reply entry `e`): the
+ * frontend back as source. 0, or -1 when the packet cannot be rewritten. */
+static __always_inline int lb4_host_reply_xlate(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
+						__u64 now)
 {
 	__u32 bytes = skb->len;
 
 	ct4_note_reply(e, p, p->daddr, p->dport, now);
 	if (lb4_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
-		return lb_drop(REASON_MALFORMED);
+		return -1;
 	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return 0;
+}
+
+/*
+ * A backend's reply to a client in the node's own namespace (a flow host.h
+ * made: node address -> frontend), whose reply entry `e` was found: the
+ * frontend back as source, and the kernel delivers it to the client's socket.
+ * When the frontend is the node's own address (a NodePort the node reached
+ * itself, host.h hs4_from_loopback), source and destination are now both the
+ * node's: in through lo (lb4_to_loopback).
+ */
+static __always_inline int lb4_host_reply(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
+					  __u64 now)
+{
+	if (lb4_host_reply_xlate(skb, p, e, now))
+		return lb_drop(REASON_MALFORMED);
+	if (p->saddr == p->daddr)
+		return lb4_to_loopback(skb);
 	return TC_ACT_OK;
 }
 

@@ -1,71 +1,230 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * Clients in the node's own network namespace (hostNetwork pods, node
- * daemons) reaching ClusterIPs, which kube-proxy serves from iptables' OUTPUT
- * chain. Their packets meet neither a pod veth nor an uplink before routing,
- * so the agent routes the service CIDR to a dummy device (source: the node
- * address, NODE_SNAT_ADDR) and attaches hs4_from_host at its egress:
+ * daemons), which kube-proxy serves from iptables' OUTPUT chain. Their packets
+ * meet neither a pod veth nor an uplink's ingress, so they are met where they
+ * leave, at three places (docs/northsouth.md, "Node clients"):
  *
- *   a tracked flow keeps its backend (a removed backend: TCP reset into the
- *   host, UDP balanced again); otherwise an INTERNAL frontend starts one as on
- *   the pod side (affinity, Maglev or random, conntrack, fail closed); no
- *   backend: rejected into the host (RST / port unreachable). Then DNAT and
- *   out towards the backend (np4_send: FIB lookup, redirect; no hop, the
- *   packet is the node's own).
+ *   hs4_from_host      egress of the agent's device ebpfsvc0, where the agent
+ *                      routes the service CIDRs (source: the node address,
+ *                      NODE_SNAT_ADDR): ClusterIPs;
+ *   hs4_from_loopback  egress of lo: the node's own address, NODE_SNAT_ADDR,
+ *                      from itself (NodePorts on it, an externalIP or
+ *                      LoadBalancer IP that is that address);
+ *   hs4_to_uplink      egress of an uplink (called by np4_to_uplink): the
+ *                      node's packets to an externalIP or LoadBalancer IP that
+ *                      the node routes out, caught on their service port only,
+ *                      as kube-proxy's OUTPUT rules match address and port.
  *
- * Replies come back through a pod veth (local backend: lb4_from_pod) or the
- * uplink (remote backend: np4_from_uplink), addressed to the node; both find
- * the flow by its reply key and restore the frontend as source
- * (lb4_host_reply). Not handled: fragments, and a backend on the node's own
- * address (hostNetwork endpoints of this node), whose replies never leave the
- * host. See docs/northsouth.md.
+ * All three do the same (hs4_forward): a tracked flow keeps its backend (a
+ * removed backend: TCP reset into the host, UDP balanced again); otherwise an
+ * INTERNAL frontend starts one as on the pod side (source ranges, affinity,
+ * Maglev or random, conntrack, fail closed). INTERNAL frontends of NodePorts,
+ * externalIPs and LoadBalancer IPs hold every endpoint of the cluster, so an
+ * externalTrafficPolicy Local Service is served from the node by any endpoint,
+ * as kube-proxy sends node-originated traffic to its cluster chain. No
+ * backend: rejected into the host (RST / port unreachable). Then DNAT, and
+ * out towards the backend (hs4_send: FIB lookup, redirect; no hop, the packet
+ * is the node's own).
+ *
+ * Replies come back through a pod veth (local backend: lb4_from_pod), the
+ * uplink (remote backend: np4_from_uplink) or lo (a backend on the node's own
+ * address), addressed to the node; each finds the flow by its reply key and
+ * restores the frontend as source (lb4_host_reply), handing the packet in
+ * through lo when that source is the node's own address. A backend on the
+ * node address itself (a hostNetwork endpoint of this node) is a local
+ * destination: the packet goes in through lo, and its replies pass lo's egress
+ * (hs4_from_loopback). Not handled: fragments (dropped on ebpfsvc0, passed
+ * elsewhere), clients from another source than the node address.
  */
 #ifndef EBPFSVC_HOST_H
 #define EBPFSVC_HOST_H
 
+/* Feature gate: the agent's --no-host-clients compiles to_uplink with 0, so the
+ * node's own packets to externalIPs and LoadBalancer IPs leave untranslated
+ * (from_host and from_loopback are then simply not attached). */
+#ifndef LB_HOST_CLIENTS
+#define LB_HOST_CLIENTS 1
+#endif
+
+/* Where a node client's packet was met (how to answer and send it). */
+#define HS_HOST_DEVICE 0   /* ebpfsvc0 egress: only service addresses are routed there */
+#define HS_LOOPBACK    1   /* lo egress: the node's packets to its own addresses */
+#define HS_UPLINK      2   /* uplink egress: the node's packets to routed external addresses */
+
+/*
+ * Reject a node client's packet (no backend, backend gone). The answer comes
+ * from the frontend, to the node: on ebpfsvc0 and the uplink it is sent back
+ * in through the same device (its MACs swapped: addressed to that device);
+ * on lo it simply carries on, since lo delivers to the host anyway and the
+ * packet keeps the route the kernel gave it (a local one).
+ */
+static __always_inline int hs4_reject(struct __sk_buff *skb, const struct lb4_pkt *p, __u32 reason, __u8 where)
+{
+	if (where != HS_LOOPBACK)
+		return lb4_reject_via(skb, p, reason, BPF_F_INGRESS);
+	return lb4_reject_build(skb, p, reason) ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+/*
+ * Send a node client's translated packet towards its backend: FIB lookup for
+ * the egress interface and MACs, redirect (the kernel resolves a missing
+ * neighbour: bpf_redirect_neigh); out of the uplink it was met on, it just
+ * carries on. A backend on the node address itself (a hostNetwork endpoint of
+ * this node) is a local destination: on lo the packet carries on (its route is
+ * a local one already); from elsewhere it goes in through lo.
+ */
+static __always_inline int hs4_send(struct __sk_buff *skb, const struct lb4_pkt *p, __u8 where)
+{
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	if (p->daddr == NODE_SNAT_ADDR)
+		return where == HS_LOOPBACK ? TC_ACT_OK : lb4_to_loopback(skb);
+	fib.family = AF_INET;
+	fib.l4_protocol = p->proto;
+	fib.sport = p->sport;
+	fib.dport = p->dport;
+	fib.ipv4_src = p->saddr;
+	fib.ipv4_dst = p->daddr;
+	fib.ifindex = skb->ifindex;     /* tot_len 0: the kernel checks the MTU itself (np4_send) */
+
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
+			return lb_drop(REASON_MALFORMED);
+		if (where == HS_UPLINK && fib.ifindex == skb->ifindex)
+			return TC_ACT_OK;
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return np4_redirect_neigh(fib.ifindex, 0, 0, 0);
+	return lb_drop(REASON_FIB_LOOKUP);
+}
+
+/* No flow yet: a node client's packet to a frontend starts one; anything else
+ * is not ours (dropped on ebpfsvc0, where only service addresses are routed). */
+static __always_inline int hs4_new(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_key *fk, __u64 now,
+				   __u8 where)
+{
+	struct lb4_service *svc;
+	struct ct4_entry e = {};
+	__u32 bytes = skb->len;
+
+	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
+	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
+		return where == HS_HOST_DEVICE ? TC_ACT_SHOT : TC_ACT_OK;
+	/* loadBalancerSourceRanges hold for the node too (kube-proxy's firewall
+	 * chain sees its packets): the node address must be in a range. */
+	if (!lb4_source_allowed(svc, p->saddr))
+		return lb_drop(REASON_SOURCE_RANGE);
+	if (!svc->backend_count || !svc->maglev_size) {
+		if (svc->flags & LB_SVC_F_LOCAL_ONLY)
+			return lb_drop(REASON_NO_LOCAL_BACKEND);
+		return hs4_reject(skb, p, REASON_NO_BACKEND, where);
+	}
+	if (!lb4_flow_begin(svc, p, now, &e))
+		return lb_drop(REASON_NO_BACKEND);
+	if (ct4_create(fk, &e, p->saddr))
+		return lb_drop(REASON_CT_CREATE_FAILED);
+	lb4_affinity_update(svc, p->saddr, e.backend_id, now);
+	if (lb4_rewrite_dst(skb, p, e.backend_addr, e.backend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e.frontend_id, e.backend_id, bytes);
+	return hs4_send(skb, p, where);
+}
+
+/* A packet of tracked node-client flow `e` (forward key `fk`). */
+static __always_inline int hs4_tracked(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_key *fk,
+				       struct ct4_entry *e, __u64 now, __u8 where)
+{
+	__u32 bytes = skb->len;
+
+	if (!lb4_flow_keeps_backend(e->backend_id, p->proto)) {
+		ct4_delete_flow(fk, e);
+		if (p->proto == IPPROTO_TCP)
+			return hs4_reject(skb, p, REASON_BACKEND_GONE, where);
+		return hs4_new(skb, p, fk, now, where);     /* a datagram flow is balanced again */
+	}
+	lb4_note_forward(p, e, now);
+	if (lb4_rewrite_dst(skb, p, e->backend_addr, e->backend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return hs4_send(skb, p, where);
+}
+
+/* A node client's packet: its tracked flow, or a new one. */
+static __always_inline int hs4_forward(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now, __u8 where)
+{
+	struct ct4_entry *e;
+	struct ct4_key fk;
+
+	e = ct4_flow_of(&fk, p, now);
+	if (e)
+		return hs4_tracked(skb, p, &fk, e, now, where);
+	return hs4_new(skb, p, &fk, now, where);
+}
+
+/* ebpfsvc0 egress: only packets to service addresses are routed here. */
 static __always_inline int hs4_from_host(struct __sk_buff *skb)
 {
 	struct lb4_pkt p = {};
-	struct lb4_service *svc;
-	struct ct4_entry *e, fresh = {};
-	struct ct4_key fk;
-	__u32 bytes = skb->len;
-	__u64 now;
 
 	if (lb4_parse(skb, &p) != LB_PARSE_OK || !lb4_proto_has_ports(p.proto))
-		return TC_ACT_SHOT;                     /* the dummy would drop it anyway */
+		return TC_ACT_SHOT;                     /* the device would drop it anyway */
 	if (p.frag != LB_FRAG_NONE)
 		return lb_drop(REASON_FRAG_UNTRACKED);
+	return hs4_forward(skb, &p, bpf_ktime_get_ns(), HS_HOST_DEVICE);
+}
+
+/*
+ * lo egress: every packet the node sends to itself passes here. Only those
+ * from the node address to the node address are looked at (a client's default
+ * source for a local destination is that destination): a backend on the node's
+ * own address answering a node client (its reply stays on lo: the frontend back
+ * as source, and on it goes), or a node client's packet to a frontend there.
+ * The rest (127.0.0.0/8, other addresses) passes at the cost of a comparison.
+ */
+static __always_inline int hs4_from_loopback(struct __sk_buff *skb)
+{
+	struct lb4_pkt p = {};
+	struct ct4_entry *e;
+	struct ct4_key fk, rk;
+	__u64 now;
+	int ret;
+
+	ret = lb4_parse(skb, &p);
+	if (ret != LB_PARSE_OK)
+		return lb4_unparsed(ret);
+	if (!NODE_SNAT_ADDR || p.saddr != NODE_SNAT_ADDR || p.daddr != NODE_SNAT_ADDR ||
+	    !lb4_proto_has_ports(p.proto) || p.frag != LB_FRAG_NONE)
+		return TC_ACT_OK;                       /* lo's MTU is 64k: the node's own datagrams are whole */
 	now = bpf_ktime_get_ns();
 	e = ct4_flow_of(&fk, &p, now);
-	if (e && !lb4_flow_keeps_backend(e->backend_id, p.proto)) {
-		ct4_delete_flow(&fk, e);
-		if (p.proto == IPPROTO_TCP)
-			return lb4_reject_via(skb, &p, REASON_BACKEND_GONE, BPF_F_INGRESS);
-		e = 0;                                  /* a datagram flow is balanced again */
-	}
-	if (e) {
-		lb4_note_forward(&p, e, now);
-	} else {
-		svc = lb4_lookup_frontend(p.daddr, p.dport, p.proto, LB_SCOPE_INTERNAL);
-		if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
-			return TC_ACT_SHOT;             /* an unused service address */
-		if (!svc->backend_count || !svc->maglev_size) {
-			if (svc->flags & LB_SVC_F_LOCAL_ONLY)
-				return lb_drop(REASON_NO_LOCAL_BACKEND);
-			return lb4_reject_via(skb, &p, REASON_NO_BACKEND, BPF_F_INGRESS);
-		}
-		if (!lb4_flow_begin(svc, &p, now, &fresh))
-			return lb_drop(REASON_NO_BACKEND);
-		if (ct4_create(&fk, &fresh, p.saddr))
-			return lb_drop(REASON_CT_CREATE_FAILED);
-		lb4_affinity_update(svc, p.saddr, fresh.backend_id, now);
-		e = &fresh;
-	}
-	if (lb4_rewrite_dst(skb, &p, e->backend_addr, e->backend_port))
-		return lb_drop(REASON_MALFORMED);
-	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
-	return np4_send(skb, &p);
+	if (e)
+		return hs4_tracked(skb, &p, &fk, e, now, HS_LOOPBACK);
+	ct4_key_reply(&rk, &p);
+	e = ct4_lookup(&rk, now);
+	if (e && lb4_is_host_flow(e))
+		return lb4_host_reply_xlate(skb, &p, e, now) ? lb_drop(REASON_MALFORMED) : TC_ACT_OK;
+	return hs4_new(skb, &p, &fk, now, HS_LOOPBACK);
+}
+
+/*
+ * Uplink egress (np4_to_uplink), a packet that is no reply of a north-south
+ * flow: the node's own packet to an address that is an INTERNAL frontend (an
+ * externalIP or LoadBalancer IP the node routes out of this uplink) is a node
+ * client's. Only that address and service port are taken (kube-proxy matches
+ * both), so another port of the same address, maybe a real host's, goes on
+ * untouched. -1: not a node client's packet.
+ */
+static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	if (!LB_HOST_CLIENTS || !NODE_SNAT_ADDR || p->saddr != NODE_SNAT_ADDR || p->frag != LB_FRAG_NONE ||
+	    !lb4_is_frontend_address(p->daddr, p->proto, LB_SCOPE_INTERNAL))
+		return -1;
+	return hs4_forward(skb, p, now, HS_UPLINK);
 }
 
 #endif /* EBPFSVC_HOST_H */

@@ -138,6 +138,32 @@ static __always_inline int lb4_build_icmp_port_unreach(struct __sk_buff *skb, co
 }
 
 /*
+ * Turn a packet to a frontend into the answer a frontend without backends
+ * gives (TCP RST / ICMP port unreachable), in place, counted under `reason`.
+ * 0: built; -1: nothing to answer (an RST, a later fragment) or it could not
+ * be built, the packet is to be dropped (counted too).
+ */
+static __always_inline int lb4_reject_build(struct __sk_buff *skb, const struct lb4_pkt *p, __u32 reason)
+{
+	int err;
+
+	if (p->frag == LB_FRAG_LATER || (p->proto == IPPROTO_TCP && (p->tcp_flags & LB_TCP_RST))) {
+		lb_count_drop(reason);
+		return -1;
+	}
+	if (p->proto == IPPROTO_TCP)
+		err = lb4_build_tcp_rst(skb, p);
+	else
+		err = lb4_build_icmp_port_unreach(skb, p);
+	if (err) {
+		lb_count_drop(REASON_REJECT_FAILED);
+		return -1;
+	}
+	lb_count_drop(reason);
+	return 0;
+}
+
+/*
  * Reject a packet to a frontend: build the answer in place and redirect it on
  * the interface it came from (`redirect_flags` 0: back out towards the sender;
  * BPF_F_INGRESS: into this host, for a sender in the node's own namespace).
@@ -147,20 +173,8 @@ static __always_inline int lb4_build_icmp_port_unreach(struct __sk_buff *skb, co
 static __always_inline int lb4_reject_via(struct __sk_buff *skb, const struct lb4_pkt *p, __u32 reason,
 					  __u64 redirect_flags)
 {
-	int err;
-
-	if (p->frag == LB_FRAG_LATER)
-		return lb_drop(reason);
-	if (p->proto == IPPROTO_TCP) {
-		if (p->tcp_flags & LB_TCP_RST)
-			return lb_drop(reason);
-		err = lb4_build_tcp_rst(skb, p);
-	} else {
-		err = lb4_build_icmp_port_unreach(skb, p);
-	}
-	if (err)
-		return lb_drop(REASON_REJECT_FAILED);
-	lb_count_drop(reason);
+	if (lb4_reject_build(skb, p, reason))
+		return TC_ACT_SHOT;
 	return bpf_redirect(skb->ifindex, redirect_flags);
 }
 

@@ -118,9 +118,10 @@ static __always_inline void np4_snat_reply_key(struct ct4_key *k, const struct c
  * half of lb4_snat with BPF_NOEXIST (atomic: two CPUs never get the same port),
  * or take the port back from a flow that is over (expired, or closed by FIN
  * both ways or RST and only waiting out its stragglers), still first come
- * first served. Waiting for closed flows to expire would cap a busy NodePort at
- * ports / CT_TIMEOUT_TCP_CLOSE_S new connections per second per backend. On
- * success (0) `rk` is the flow's reply key.
+ * first served. Waiting for closed flows to expire would cap a busy NodePort
+ * at ports / CT_TIMEOUT_TCP_CLOSE_S new connections per second per backend. A
+ * live flow on the same reply tuple that is no SNATed one (a node client's,
+ * host.h) keeps the port too. On success (0) `rk` is the flow's reply key.
  */
 static __always_inline int np4_snat_claim(const struct ct4_entry *e, struct ct4_key *rk,
 					  const struct snat4_entry *nat, struct snat4_entry *client,
@@ -129,8 +130,15 @@ static __always_inline int np4_snat_claim(const struct ct4_entry *e, struct ct4_
 	struct ct4_entry *held;
 
 	np4_snat_reply_key(rk, e, nat, proto);
-	if (!lb4_snat.insert(rk, client))
-		return 0;
+	if (!lb4_snat.insert(rk, client)) {
+		/* No SNATed flow has it; a node client's flow (host.h: the node's own
+		 * socket, through a Service, to the same backend) may hold the tuple. */
+		held = ct4_lookup(rk, now);
+		if (!held || ct4_closing(held->flags))
+			return 0;
+		lb4_snat.delete(rk);
+		return -1;
+	}
 	held = ct4_lookup(rk, now);
 	if (held && !ct4_closing(held->flags))
 		return -1;
@@ -506,6 +514,9 @@ static __always_inline int np4_from_uplink(struct __sk_buff *skb)
 	return np4_forward_new(skb, &p, &fk, now);
 }
 
+/* host.h: the node's own packet to an externalIP or LoadBalancer IP it routes out here; -1 if not. */
+static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now);
+
 static __always_inline int np4_to_uplink(struct __sk_buff *skb)
 {
 	struct lb4_pkt p = {};
@@ -532,8 +543,10 @@ static __always_inline int np4_to_uplink(struct __sk_buff *skb)
 
 	ct4_key_reply(&rk, &p);
 	e = ct4_lookup(&rk, now);
-	if (!e || (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) != CT_F_NODEPORT)
-		return TC_ACT_OK;
+	if (!e || (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) != CT_F_NODEPORT) {
+		ret = hs4_to_uplink(skb, &p, now);
+		return ret < 0 ? TC_ACT_OK : ret;
+	}
 	/* A SYN-ACK on a flow that is over answers a connection that did not come
 	 * through the frontend (its SYN would have restarted the flow), e.g. the
 	 * client reaching the pod directly with the same ports: not ours. */

@@ -1,18 +1,27 @@
-"""The node's own clients (hostNetwork pods, node daemons) to ClusterIPs: bpf/lib/host.h.
+"""The node's own clients (hostNetwork pods, node daemons) to Services: bpf/lib/host.h.
 
-kube-proxy catches a node process's packet to a ClusterIP in iptables' OUTPUT chain. Here the
-service addresses are routed to a device of ours, `ebpfsvc0`, with the node address as preferred
-source, and `from_host` runs at its egress: it DNATs the packet and sends it to the backend
-itself. The device is one end of a veth pair (its peer `ebpfsvc1` is never used; a veth rather
-than a dummy because not every kernel has the dummy driver) with ARP off, so packets to service
-addresses reach the egress hook without a neighbour to resolve. It carries no address, so its
-routes cannot capture anything but packets to service addresses, and deleting the pair removes
-the routes with it.
+kube-proxy catches a node process's packet to a Service in iptables' OUTPUT chain. The agent
+meets those packets where they leave instead (docs/northsouth.md, "Node clients"):
 
-Which addresses are routed (NodeClientRoutes): the cluster's service CIDRs (its ServiceCIDR
-objects, else the agent's --service-cidr), plus a /32 for every ClusterIP outside them, so with
-neither known every ClusterIP still gets its own route; they follow the objects and Services as
-they change.
+- ClusterIPs: the service addresses are routed to a device of ours, `ebpfsvc0`, with the node
+  address as preferred source, and `from_host` runs at its egress: it DNATs the packet and sends
+  it to the backend itself. The device is one end of a veth pair (its peer `ebpfsvc1` is never
+  used; a veth rather than a dummy because not every kernel has the dummy driver) with ARP off,
+  so packets to service addresses reach the egress hook without a neighbour to resolve. It
+  carries no address, so its routes cannot capture anything but packets to service addresses,
+  and deleting the pair removes the routes with it.
+- The node's own address (its NodePorts, an externalIP or LoadBalancer IP that is that address):
+  such packets never leave the host; the kernel sends them through `lo`, where `from_loopback`
+  runs at egress. Replies whose source becomes the node's own address again are handed in through
+  lo's ingress, which accepts them only with accept_local set on lo (LO_SYSCTL): a packet from a
+  local address arriving on any device without it is dropped as a martian.
+- externalIPs and LoadBalancer IPs the node routes elsewhere: caught on the uplink's egress by
+  `to_uplink` (uplink.py), on their service ports only; nothing to set up here.
+
+Which addresses are routed to ebpfsvc0 (NodeClientRoutes): the cluster's service CIDRs (its
+ServiceCIDR objects, else the agent's --service-cidr), plus a /32 for every ClusterIP outside
+them, so with neither known every ClusterIP still gets its own route; they follow the objects
+and Services as they change.
 
     index = hostpath.setup(uplink_dp, node_address)             # idempotent
     installed = hostpath.sync_routes(installed, wanted, node_address)
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
@@ -35,13 +45,20 @@ log = logging.getLogger(__name__)
 DEVICE = "ebpfsvc0"
 PEER = "ebpfsvc1"
 PROGRAM = "from_host"
+LOOPBACK = "lo"
+LOOPBACK_PROGRAM = "from_loopback"
+# The node's replies to itself (source and destination both its address) are handed in through lo,
+# which drops packets from a local address unless accept_local is set on it. Only packets injected
+# into lo without a route are affected: the kernel's own loopback traffic keeps its route.
+LO_SYSCTL = "net.ipv4.conf.lo.accept_local"     # set through netlink: set_accept_local()
 _IFF_UP, _IFF_NOARP = 0x1, 0x80
 _SCOPE_LINK = 253
 
 
 def setup(dp, node_address: ipaddress.IPv4Address, netns=None) -> int:
-    """Create the device (if missing) and attach from_host at its egress. Returns its ifindex."""
-    def configure(ipr) -> int:
+    """Create the device (if missing), attach from_host at its egress and from_loopback at lo's
+    egress, and let lo accept the node's replies to itself. Returns the device's ifindex."""
+    def configure(ipr) -> tuple[int, int]:
         found = ipr.link_lookup(ifname=DEVICE)
         if not found:
             ipr.link("add", ifname=DEVICE, kind="veth", peer={"ifname": PEER})
@@ -49,12 +66,54 @@ def setup(dp, node_address: ipaddress.IPv4Address, netns=None) -> int:
         index = found[0]
         ipr.link("set", index=ipr.link_lookup(ifname=PEER)[0], state="up")
         ipr.link("set", index=index, flags=_IFF_UP | _IFF_NOARP, change=_IFF_UP | _IFF_NOARP)
-        return index
+        return index, ipr.link_lookup(ifname=LOOPBACK)[0]
 
-    index = _netlink(netns, configure)
+    index, lo = _netlink(netns, configure)
     tc.attach(index, dp.programs[PROGRAM].fd, PROGRAM, tc.EGRESS, netns)
-    log.info("node clients to ClusterIPs: %s (ifindex %d), from %s", DEVICE, index, node_address)
+    set_accept_local(lo, 1, netns)
+    tc.attach(lo, dp.programs[LOOPBACK_PROGRAM].fd, LOOPBACK_PROGRAM, tc.EGRESS, netns)
+    log.info("node clients: ClusterIPs through %s (ifindex %d), the node's own address through %s, from %s",
+             DEVICE, index, LOOPBACK, node_address)
     return index
+
+
+# include/uapi/linux/ip.h (IPV4_DEVCONF_*), if_link.h (IFLA_AF_SPEC, IFLA_INET_CONF), rtnetlink.h.
+_IPV4_DEVCONF_ACCEPT_LOCAL = 23
+_IFLA_AF_SPEC, _IFLA_INET_CONF, _NLA_F_NESTED = 26, 1, 0x8000
+_RTM_SETLINK, _NLMSG_ERROR, _NLM_F_REQUEST, _NLM_F_ACK = 19, 2, 0x1, 0x4
+
+
+def set_accept_local(ifindex: int, value: int, netns=None) -> None:
+    """Set net.ipv4.conf.<ifindex>.accept_local through netlink (RTM_SETLINK, IFLA_AF_SPEC/AF_INET/
+    IFLA_INET_CONF), which CAP_NET_ADMIN allows, rather than /proc/sys, which the DaemonSet's
+    unprivileged container sees read-only. pyroute2 only decodes that attribute, so it is built here."""
+    import socket
+    import struct
+
+    def nla(kind: int, payload: bytes) -> bytes:
+        size = 4 + len(payload)
+        return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
+
+    conf = nla(_IFLA_INET_CONF | _NLA_F_NESTED, nla(_IPV4_DEVCONF_ACCEPT_LOCAL, struct.pack("=I", value)))
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0) + \
+        nla(_IFLA_AF_SPEC | _NLA_F_NESTED, nla(socket.AF_INET | _NLA_F_NESTED, conf))
+    request = struct.pack("=IHHII", 16 + len(body), _RTM_SETLINK, _NLM_F_REQUEST | _NLM_F_ACK, 1, 0) + body
+
+    def send() -> None:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+            sock.bind((0, 0))
+            sock.send(request)
+            answer = sock.recv(65536)
+        kind, = struct.unpack_from("=H", answer, 4)
+        error, = struct.unpack_from("=i", answer, 16) if kind == _NLMSG_ERROR else (0,)
+        if error:
+            raise OSError(-error, f"accept_local on ifindex {ifindex}: {os.strerror(-error)}")
+
+    if not netns:
+        send()
+    else:
+        from ebpfsvc.lab import nsenter
+        nsenter.run_in(str(netns), send)
 
 
 def routes(netns=None) -> set[IPv4Network]:
@@ -168,12 +227,19 @@ class NodeClientRoutes:
 
 
 def teardown(netns=None) -> bool:
-    """Remove the device pair (its routes and program go with it). False if there was none."""
-    def remove(ipr) -> bool:
+    """Remove the device pair (its routes and program go with it) and from_loopback from lo, and
+    set lo's accept_local back to the kernel's default. False if there was no device."""
+    def remove(ipr) -> tuple[bool, int]:
+        lo = ipr.link_lookup(ifname=LOOPBACK)[0]
         found = ipr.link_lookup(ifname=DEVICE)
         if not found:
-            return False
+            return False, lo
         ipr.link("del", index=found[0])
-        return True
+        return True, lo
 
-    return _netlink(netns, remove)
+    removed, lo = _netlink(netns, remove)
+    if any(f.prio == tc.PRIO and f.handle == tc.HANDLE for f in tc.list_filters(lo, netns) if f.direction == tc.EGRESS):
+        tc.detach(lo, tc.EGRESS, netns)
+        tc.drop_empty_clsact(lo, netns)
+    set_accept_local(lo, 0, netns)
+    return removed

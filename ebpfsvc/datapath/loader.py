@@ -41,7 +41,7 @@ DEFAULT_KERNEL_SOURCE = "/var/lib/ebpfsvc/kernel-headers"
 PROGRAMS = ("from_pod", "to_pod")
 #: The uplink (north-south) datapath, bpf/lb_node.c: load(..., source=NODE_SOURCE, programs=NODE_PROGRAMS).
 NODE_SOURCE = BPF_DIR / "lb_node.c"
-NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink", "from_host")
+NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink", "from_host", "from_loopback")
 _PROGRAM_TYPES = {"xdp_uplink": "XDP"}     # everything else is SCHED_CLS (TC)
 MAPS = tuple(abi.MAP_TYPES)
 
@@ -161,7 +161,7 @@ _CACHE: dict[tuple, Datapath] = {}
 
 
 def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
-               snat_keep_client_port: bool = True) -> list[str]:
+               snat_keep_client_port: bool = True, host_clients: bool = True) -> list[str]:
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
@@ -171,12 +171,14 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
         flags.append(f"-DNODE_SNAT_ADDR={be32(snat_addr):#x}U")
     if not snat_keep_client_port:
         flags.append("-DSNAT_KEEP_PORT_MIN=65536")      # no port is that high: always the range
+    if not host_clients:
+        flags.append("-DLB_HOST_CLIENTS=0")             # to_uplink leaves the node's own packets alone
     return flags
 
 
 def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
-         snat_keep_client_port: bool = True) -> Datapath:
+         snat_keep_client_port: bool = True, host_clients: bool = True) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -186,14 +188,16 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     `source`/`programs` select the object (NODE_SOURCE/NODE_PROGRAMS: the uplink
     programs, sharing the same pinned maps); `snat_addr` is the node address
     north-south flows to remote backends are SNATed to; `snat_keep_client_port`
-    False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h).
+    False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
+    `host_clients` False leaves the node's own packets to externalIPs and
+    LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h).
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
     pin_dir = Path(pin_dir)
     limits = limits or Limits()
     text = expand_source(source)
-    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr, snat_keep_client_port))
+    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr, snat_keep_client_port, host_clients))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]

@@ -96,6 +96,23 @@ def detach(ifindex: int, direction: str, netns=None) -> bool:
     return True
 
 
+def drop_empty_clsact(ifindex: int, netns=None) -> None:
+    """Remove the clsact qdisc if no filter is left on it (anyone else's keeps it)."""
+    with _ipr(netns) as ipr:
+        for parent in _PARENT.values():
+            try:
+                if any(m.get_attr("TCA_KIND") for m in ipr.get_filters(index=ifindex, parent=parent)):
+                    return      # someone else's filters live there: keep their qdisc
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.EINVAL):
+                    raise
+        try:
+            ipr.tc("del", "clsact", ifindex)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.EINVAL):
+                raise
+
+
 def list_filters(ifindex: int, netns=None) -> list[TcFilter]:
     """BPF filters on the interface's clsact hooks (ours and anyone else's)."""
     out: list[TcFilter] = []

@@ -62,8 +62,17 @@ class RunResult:
         return VERDICTS.get(self.retval, str(self.retval))
 
 
-def prog_test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, out_size: int | None = None) -> RunResult:
-    """Run program `prog_fd` once (or `repeat` times) on `packet` (from its Ethernet header)."""
+# struct __sk_buff up to `ifindex` (include/uapi/linux/bpf.h: the 11th __u32); the kernel takes a
+# shorter context as zero-filled, and only a few fields may be non-zero (ifindex is one).
+_SKB_IFINDEX_OFF = 40
+
+
+def prog_test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, out_size: int | None = None,
+                  ifindex: int | None = None) -> RunResult:
+    """Run program `prog_fd` once (or `repeat` times) on `packet` (from its Ethernet header).
+
+    `ifindex`: the device the packet is on (skb->ifindex), an interface of the caller's network
+    namespace; default: the kernel's choice, lo."""
     nr = _SYS_BPF.get(platform.machine())
     if nr is None:
         raise OSError(f"bpf(2) syscall number unknown for {platform.machine()}")
@@ -77,6 +86,11 @@ def prog_test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, out_size: int
     attr.data_in = ctypes.addressof(data_in)
     attr.data_out = ctypes.addressof(data_out)
     attr.repeat = repeat
+    if ifindex is not None:
+        ctx = (ctypes.c_uint8 * (_SKB_IFINDEX_OFF + 4))()
+        ctypes.c_uint32.from_buffer(ctx, _SKB_IFINDEX_OFF).value = ifindex
+        attr.ctx_in = ctypes.addressof(ctx)
+        attr.ctx_size_in = len(ctx)
     ret = _libc.syscall(nr, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret != 0:
         err = ctypes.get_errno()

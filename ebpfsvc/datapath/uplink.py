@@ -37,11 +37,11 @@ NETNS_RUN_DIR = Path("/run/netns")
 
 
 def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_addr=None, cache: bool = True,
-         snat_keep_client_port: bool = True):
+         snat_keep_client_port: bool = True, host_clients: bool = True):
     """Compile and load bpf/lb_node.c against the maps pinned in `pin_dir`."""
     return loader.load(pin_dir, limits=limits, hairpin_addr=hairpin_addr, cache=cache,
                        source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=snat_addr,
-                       snat_keep_client_port=snat_keep_client_port)
+                       snat_keep_client_port=snat_keep_client_port, host_clients=host_clients)
 
 
 def _netlink(netns, fn):

@@ -2,21 +2,20 @@
 
 Our TC filters are recognised by the fixed priority and handle the datapath
 attaches with (ebpfsvc/datapath/tc.py PRIO / HANDLE), on every interface of the
-namespace, so interfaces that no longer match the agent's patterns are cleaned
-too; filters of anyone else (other priorities or handles) are left alone, and
-so is the clsact qdisc unless nothing is left on it. The dummy device of node
-clients (ebpfsvc/datapath/hostpath.py) goes, and its route with it. An XDP program is removed
-only when it is ours by name (ebpfsvc/datapath/uplink.py XDP_PROG_NAME). Pins are removed by
-loader.unpin(), which refuses to delete anything it does not know.
+namespace (lo's `from_loopback` included), so interfaces that no longer match
+the agent's patterns are cleaned too; filters of anyone else (other priorities
+or handles) are left alone, and so is the clsact qdisc unless nothing is left on
+it. The node clients' device (ebpfsvc/datapath/hostpath.py) goes, and its routes
+with it, and lo's accept_local, which the agent sets for the node's replies to
+itself, goes back to the kernel's default (0). An XDP program is removed only
+when it is ours by name (ebpfsvc/datapath/uplink.py XDP_PROG_NAME). Pins are
+removed by loader.unpin(), which refuses to delete anything it does not know.
 """
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from pyroute2.netlink.exceptions import NetlinkError
 
 from ebpfsvc.datapath import tc
 
@@ -56,18 +55,23 @@ def cleanup(pin_dir, *, netns=None, dry_run: bool = False) -> CleanupReport:
             report.filters.append(f"xdp program {uplink.XDP_PROG_NAME} on {ifname}")
             if not dry_run:
                 uplink.detach_xdp(ifindex, netns)
+    from ebpfsvc.datapath import hostpath
+
+    on_lo = False
     for ifname, f in our_filters(netns):
         report.filters.append(f"tc filter {ifname} {f.direction} {f.name or '?'} (prog id {f.prog_id})")
+        on_lo |= ifname == hostpath.LOOPBACK
         if not dry_run:
             tc.detach(f.ifindex, f.direction, netns=netns)
             touched.add(f.ifindex)
     if not dry_run:
         for ifindex in touched:
-            _drop_empty_clsact(ifindex, netns)
-    from ebpfsvc.datapath import hostpath
-
-    if hostpath.DEVICE in {name for _, name in _links(netns)}:
+            tc.drop_empty_clsact(ifindex, netns)
+    device = hostpath.DEVICE in {name for _, name in _links(netns)}
+    if device:
         report.filters.append(f"device {hostpath.DEVICE} (the service CIDR's route for node clients)")
+    if device or on_lo:
+        report.filters.append(f"setting {hostpath.LO_SYSCTL}=1 (for the node's own NodePorts; back to 0)")
         if not dry_run:
             hostpath.teardown(netns)
     pin_dir = Path(pin_dir)
@@ -76,20 +80,3 @@ def cleanup(pin_dir, *, netns=None, dry_run: bool = False) -> CleanupReport:
         if not dry_run:
             loader.unpin(pin_dir)
     return report
-
-
-def _drop_empty_clsact(ifindex: int, netns) -> None:
-    from pyroute2 import IPRoute
-    with (IPRoute(netns=netns) if netns else IPRoute()) as ipr:
-        for parent in (0xFFFFFFF2, 0xFFFFFFF3):         # clsact ingress / egress
-            try:
-                if any(m.get_attr("TCA_KIND") for m in ipr.get_filters(index=ifindex, parent=parent)):
-                    return      # someone else's filters live there: keep their qdisc
-            except NetlinkError as e:
-                if e.code not in (errno.ENOENT, errno.EINVAL):
-                    raise
-        try:
-            ipr.tc("del", "clsact", ifindex)
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.EINVAL):
-                raise

@@ -150,12 +150,20 @@ class Uplink:
         self.netns = netns_name
         self.writer = MapWriter(dp.maps)
 
-    def run(self, prog: str, packet):
+    def run(self, prog: str, packet, ifindex: int | None = None):
         fd = self.dp.programs[prog].fd
-        return nsenter.run_in(self.netns, prog_test_run, fd, bytes(packet))
+        return nsenter.run_in(self.netns, lambda: prog_test_run(fd, bytes(packet), ifindex=ifindex))
 
-    def check(self, desc: str, prog: str, packet, verdict: int, expect=None):
-        res = self.run(prog, packet)
+    def ifindex(self, ifname: str) -> int:
+        """An interface's index in the test namespace (to run a program as if on that device)."""
+        def lookup() -> int:
+            with IPRoute() as ipr:
+                return ipr.link_lookup(ifname=ifname)[0]
+
+        return nsenter.run_in(self.netns, lookup)
+
+    def check(self, desc: str, prog: str, packet, verdict: int, expect=None, ifindex: int | None = None):
+        res = self.run(prog, packet, ifindex)
         names = {OK: "TC_ACT_OK", SHOT: "TC_ACT_SHOT", REDIRECT: "TC_ACT_REDIRECT"}
         assert res.verdict == names[verdict], f"{desc}: verdict {res.verdict}"
         if verdict != SHOT:
