@@ -324,6 +324,17 @@ def wait_programmed(lab: Lab, svc: str, port: int, backends: int, nodes: Iterabl
         wait_for(done, timeout, what=f"{node}: {svc} {vip}:{port}/{proto} with {backends} backends")
 
 
+# The UDP query a hostNetwork client sends (a Python one-liner run in a node's namespace).
+NODE_UDP_QUERY = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"from the node")
+print(s.recv(65535).decode())
+"""
+
+
 def wait_backend_gone(lab: Lab, address: str, nodes: Iterable[str] | None = None,
                       timeout: float = SYNC_TIMEOUT) -> None:
     """Wait until no node's backends map holds `address` (the writer deletes a backend after the

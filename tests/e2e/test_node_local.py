@@ -23,7 +23,7 @@ import pytest
 
 from ebpfsvc.lab import Lab, apps, nsenter
 
-from .helpers import node_maps, service, wait_for, wait_ready
+from .helpers import NODE_UDP_QUERY, node_maps, service, wait_for, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -81,14 +81,6 @@ def refused_at_once(lab: Lab, host: str, port: int) -> None:
         sock.close()
 
 
-NODE_UDP_QUERY = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(3)
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.send(b"from the node")
-print(s.recv(65535).decode())
-"""
 
 
 def test_the_node_reaches_its_own_nodeports_and_node2s(lab):

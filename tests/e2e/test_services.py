@@ -16,7 +16,7 @@ import pytest
 
 from ebpfsvc.lab import Lab, apps
 
-from .helpers import (add_clients, bare_pod, cluster_ip, connect_outcome, drops, http_get,
+from .helpers import (NODE_UDP_QUERY, add_clients, bare_pod, cluster_ip, connect_outcome, drops, http_get,
                       programmed_services, service, udp_ask, udp_ask_once, udp_socket, wait_for,
                       wait_programmed, wait_ready)
 
@@ -142,15 +142,6 @@ def test_udp_service(lab):
         sock.close()
 
 
-# The UDP query a hostNetwork client sends (a Python one-liner in node-1's namespace).
-NODE_UDP_QUERY = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(3)
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.send(b"from the node")
-print(s.recv(65535).decode())
-"""
 
 
 def test_node_clients_reach_clusterips(lab):
