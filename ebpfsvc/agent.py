@@ -15,18 +15,26 @@ delete live frontends.
 Restart safety: maps are pinned, programs are replaced in place (never detached
 first), and stopping the agent leaves everything attached, so established and
 new connections keep being served while the agent is down or upgrading.
+
+Zero configuration: the node's addresses, NodePort addresses, uplinks and the source of its own
+translated traffic come from its Node object and interfaces (ebpfsvc/nodeinfo.py).  The Node may
+arrive after start, or change: every sync checks, and when the result differs the programs that
+compile those addresses in are loaded again and replace the attached ones in place, uplinks are
+attached (or released) and the node-client routes rewritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
+from ebpfsvc import nodeinfo
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.interfaces import InterfaceWatcher
@@ -36,18 +44,23 @@ from ebpfsvc.tracker import ClusterState
 
 log = logging.getLogger(__name__)
 
+# At start, how long to wait for the API's list of this node's Node, so the datapath is compiled
+# once, with the node's addresses; if it takes longer they are configured when it comes.
+NODE_WAIT_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class AgentConfig:
-    node: NodeConfig
+    node: NodeConfig                          # node_addresses: --node-address (always NodePort addresses)
     pin_dir: str = "/sys/fs/bpf/ebpfsvc"
     manifests: str | None = None             # a manifest directory instead of the API server
     kubeconfig: str | None = None
     in_cluster: bool = False
     pod_interfaces: tuple[str, ...] = ("lxc*",)
-    uplinks: tuple[str, ...] = ()
+    uplinks: tuple[str, ...] | None = ()      # None: the interfaces of the node addresses (nodeinfo.py)
     uplink_mode: str = "tc"                   # "tc" | "xdp": programs on the uplinks (datapath/uplink.py)
-    hairpin_address: IPv4Address | None = None
+    nodeport_addresses: tuple[str, ...] = ()  # kube-proxy's: () = every node address, CIDRs, ("primary",)
+    hairpin_address: IPv4Address | None = None   # None: the node's primary address
     snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
     host_clients: bool = True                # node-namespace clients to ClusterIPs (datapath/hostpath.py)
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
@@ -71,6 +84,18 @@ class Agent:
                                              max_interval=config.sync_period)
         self.last_applied: LBState | None = None
         self.desired = DesiredStateBuilder(config.node)   # keeps the last result; sync() feeds it snapshots
+        self.settings = nodeinfo.NodeSettings(
+            node_addresses=config.node.node_addresses, nodeport_addresses=config.nodeport_addresses,
+            uplinks=config.uplinks, hairpin_address=config.hairpin_address, pod_interfaces=config.pod_interfaces)
+        self.read_interfaces = nodeinfo.read_interfaces   # replaceable in tests
+        self.node_info: nodeinfo.NodeInfo | None = None   # what the datapath is (being) configured with
+        self._configured: nodeinfo.NodeInfo | None = None # the last node_info configured in full
+        self._node_seen: tuple | None = None              # (Node object, listed) last resolved
+        self._datapath_lock = threading.RLock()           # pod attaches vs. a reload for new addresses
+        self._pod_snat = None                             # the node address the pod datapath has
+        self._uplinks_attached: dict[str, int] = {}       # name -> ifindex
+        self._host_routes = None                          # hostpath.NodeClientRoutes, once set up
+        self._routed: set = set()                         # destinations routed to the node-client device
         self._next_full_apply = 0.0                       # monotonic time of the next full (verifying) apply
         self.synced_once = threading.Event()
         self._stopped = threading.Event()
@@ -81,31 +106,28 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        from ebpfsvc.datapath import loader
         from ebpfsvc.datapath.writer import MapWriter
 
         cfg = self.config
         self.telemetry.start()      # /healthz answers 503 "starting" until the first sync
+        # The source first: a manifest directory is read at once, and the API's Node list usually
+        # comes within moments, so the datapath is compiled once, with the node's addresses.
+        self.source = self._make_source()
+        self.source.start()
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while "Node" not in self.state.synced_kinds and time.monotonic() < deadline and not self._stopped.is_set():
+            self._stopped.wait(0.05)
         t0 = time.monotonic()
-        # With node clients served, local backends' replies to them are translated on the pod
-        # veths too (bpf/lib/flow.h), which need the node address.
-        self.node_address = self._node_address() if cfg.uplinks else None
-        self.datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
-                                    hairpin_addr=cfg.hairpin_address,
-                                    snat_addr=self.node_address if cfg.host_clients else None)
+        self._refresh_node(force=True)
         self.writer = MapWriter(self.datapath.maps)
         log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
-        if cfg.uplinks:
-            self._attach_uplinks()
 
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
         self.watcher.start()
 
-        self.source = self._make_source()
         self.runner.start()
         threading.Thread(target=self._forward_changes, name="changes", daemon=True).start()
-        self.source.start()
 
     def _forward_changes(self) -> None:
         # The tracker drops changes that net to nothing; whatever is left wakes the runner.
@@ -121,7 +143,9 @@ class Agent:
             from ebpfsvc.sources.manifests import ManifestSource
             return ManifestSource(cfg.manifests, self.telemetry.sink(self.state))
         from ebpfsvc.sources.kube import KubeSource
-        return KubeSource(self.telemetry.sink(self.state), kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None)
+        # Services, EndpointSlices, this node's Node and ServiceCIDRs: what kube-proxy watches.
+        return KubeSource(self.telemetry.sink(self.state), kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None,
+                          node_name=cfg.node.node_name)
 
     def stop(self) -> None:
         """Stop watching and syncing. The datapath stays attached and keeps forwarding."""
@@ -147,43 +171,115 @@ class Agent:
         from ebpfsvc.datapath import tc
 
         # Leaving the pod = ingress of the host side; into the pod = its egress.
-        progs = self.datapath.programs
-        tc.attach(ifindex, progs["from_pod"].fd, "from_pod", tc.INGRESS)
-        tc.attach(ifindex, progs["to_pod"].fd, "to_pod", tc.EGRESS)
-        if self.config.hairpin_address is not None:
-            _accept_local(ifname)
+        with self._datapath_lock:
+            progs = self.datapath.programs
+            tc.attach(ifindex, progs["from_pod"].fd, "from_pod", tc.INGRESS)
+            tc.attach(ifindex, progs["to_pod"].fd, "to_pod", tc.EGRESS)
+            if self.node_info.hairpin is not None:
+                _accept_local(ifname)
         log.info("attached to pod interface %s (ifindex %d)", ifname, ifindex)
 
-    def _node_address(self):
-        """The node's address: the first uplink's, else the first NodePort address. SNATed flows
-        leave with it, and node clients to ClusterIPs use it as their source."""
-        from ebpfsvc.datapath import uplink
+    # -- the node: addresses, uplinks, node clients (nodeinfo.py) ----------------
+    def _refresh_node(self, force: bool = False) -> None:
+        """Resolve this node's addresses and uplinks again if its Node object changed (or
+        `force`: at start and every full resync, for interfaces that changed), and reconfigure
+        the datapath if the result differs."""
+        node = self.state.node(self.config.node.node_name)
+        seen = (node, "Node" in self.state.synced_kinds)
+        if seen == self._node_seen and not force:
+            return
+        interfaces = self.read_interfaces()
+        if node is not None and seen != self._node_seen:
+            problem = nodeinfo.node_problem(node, interfaces)
+            if problem:
+                log.warning("%s", problem)
+        info = nodeinfo.resolve(self.settings, interfaces, *seen)
+        if info != self._configured:
+            self._configure(info)       # raises: the sync fails, and is retried (so is this)
+        self._node_seen = seen
 
-        address = uplink.interface_address(self.config.uplinks[0])
-        if address is None and self.config.node.node_addresses:
-            address = self.config.node.node_addresses[0]
-        return address
+    def _configure(self, info: nodeinfo.NodeInfo) -> None:
+        from ebpfsvc.datapath import loader
 
-    def _attach_uplinks(self) -> None:
+        cfg, old = self.config, self._configured
+        log.info("node %s: %s", cfg.node.node_name, info.describe())
+        # The pod datapath compiles in the hairpin source and, with node clients served, the node
+        # address their replies from local backends are addressed to (bpf/lib/flow.h).
+        snat = info.primary if cfg.host_clients and info.uplinks else None
+        if old is None or (old.hairpin, self._pod_snat) != (info.hairpin, snat):
+            datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
+                                   snat_addr=snat)
+            with self._datapath_lock:       # pods attached from now on get the new programs...
+                self.datapath, self._pod_snat, self.node_info = datapath, snat, info
+                # ...and the ones attached before get them too (replaced in place).
+                for ifindex, ifname in sorted(self.watcher.interfaces.items() if self.watcher else ()):
+                    self._attach_pod(ifindex, ifname)
+        self.node_info = info
+        self._configure_uplinks(info, old)
+        self.telemetry.health.set_fault("uplinks", (
+            f"uplink {', '.join(info.missing_uplinks)} not found: NodePorts, externalIPs, LoadBalancer IPs "
+            f"and node clients are not served on it" if info.missing_uplinks else None))
+        node = replace(cfg.node, node_addresses=info.nodeport_addresses)
+        if node != self.desired.node:
+            self.desired.node = node        # a new node context: the next build recomputes everything
+        self._configured = info
+
+    def _configure_uplinks(self, info: nodeinfo.NodeInfo, old: nodeinfo.NodeInfo | None) -> None:
         """North-south programs on every uplink, and the node clients' path (hostpath.py)."""
         from ebpfsvc.datapath import loader, uplink
 
         cfg = self.config
-        snat = self.node_address
-        self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
-                                           hairpin_addr=cfg.hairpin_address,
-                                           snat_keep_client_port=cfg.snat_keep_client_port)
-        for name in cfg.uplinks:
+        for name in info.missing_uplinks:
+            log.error("uplink %s not found: NodePort and external traffic on it is not served", name)
+        for name, ifindex in list(self._uplinks_attached.items()):
+            if name not in info.uplinks:
+                with contextlib.suppress(Exception):      # gone with its interface
+                    uplink.detach(ifindex)
+                del self._uplinks_attached[name]
+                log.info("released uplink %s (ifindex %d)", name, ifindex)
+        if not info.uplinks:
+            return
+        snat = info.primary
+        reload = old is None or (old.primary, old.hairpin) != (snat, info.hairpin) or self.uplink_datapath is None
+        if reload:
+            self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
+                                               hairpin_addr=info.hairpin,
+                                               snat_keep_client_port=cfg.snat_keep_client_port)
+        for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)
             if ifindex is None:
-                log.warning("uplink %s not found: NodePort/external traffic on it is not served", name)
-                continue
-            uplink.attach(self.uplink_datapath, ifindex, cfg.uplink_mode)
-            log.info("attached to uplink %s (ifindex %d, mode %s, SNAT address %s)", name, ifindex,
-                     cfg.uplink_mode, snat)
-        if cfg.host_clients and snat is not None:
+                continue                  # gone since it was read: the next resolve says so
+            if reload or self._uplinks_attached.get(name) != ifindex:
+                uplink.attach(self.uplink_datapath, ifindex, cfg.uplink_mode)
+                self._uplinks_attached[name] = ifindex
+                log.info("attached to uplink %s (ifindex %d, mode %s, SNAT address %s)", name, ifindex,
+                         cfg.uplink_mode, snat)
+        if cfg.host_clients and snat is not None and reload:
             from ebpfsvc.datapath import hostpath
-            hostpath.setup(self.uplink_datapath, cfg.node.service_cidr, snat)
+            hostpath.setup(self.uplink_datapath, snat)
+            if self._host_routes is None:
+                self._host_routes = hostpath.NodeClientRoutes()
+                self._routed = hostpath.routes()    # a previous run's routes: kept or removed by the diff
+            self._route_node_clients(rewrite=True)
+
+    def _route_node_clients(self, snapshot=None, result=None, rewrite: bool = False) -> None:
+        """Route the service CIDRs (ServiceCIDR objects, else --service-cidr) and every ClusterIP
+        outside them to the node-client device."""
+        from ebpfsvc.datapath import hostpath
+
+        routes = self._host_routes
+        if routes is None or (result is None and not routes.ready):
+            return          # nothing known yet: a previous run's routes stay until the first sync
+        if snapshot is not None:
+            cidrs = [c for obj in snapshot.service_cidrs.values() for c in obj.cidrs]
+            if not cidrs and self.config.node.service_cidr is not None:
+                cidrs = [self.config.node.service_cidr]
+            routes.set_cidrs(cidrs)
+        if result is not None:
+            routes.update(result.state, result.delta)
+        if routes.dirty or rewrite:
+            self._routed = hostpath.sync_routes(self._routed, routes.take_wanted(), self.node_info.primary,
+                                                rewrite=rewrite)
 
     def _detach_pod(self, ifindex: int, ifname: str) -> None:
         log.info("pod interface %s (ifindex %d) is gone", ifname, ifindex)
@@ -194,20 +290,26 @@ class Agent:
 
     # -- sync ------------------------------------------------------------------
     def sync(self) -> None:
+        t0 = time.monotonic()
+        # On the first apply and then every sync_period the writer recomputes everything instead
+        # of trusting its incremental bookkeeping (and deletes whatever nothing wants); the node's
+        # addresses and uplinks are read again then too.
+        full = t0 >= self._next_full_apply
+        if self.node_info is not None:          # start() configured the datapath once
+            self._refresh_node(force=full and self.last_applied is not None)
         if not self.state.synced:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")
             return
-        t0 = time.monotonic()
         self.telemetry.sync_started()
-        result = self.desired.build(self.state.snapshot())
+        snapshot = self.state.snapshot()
+        result = self.desired.build(snapshot)
         desired = result.state
-        # On the first apply and then every sync_period the writer recomputes everything instead
-        # of trusting its incremental bookkeeping (and deletes whatever nothing wants).
-        full = t0 >= self._next_full_apply
         if desired is self.last_applied and not full:
+            self._route_node_clients(snapshot)
             self.telemetry.sync_done(time.monotonic() - t0)
             return
         stats = self.writer.apply(desired, full=full, delta=result.delta)
+        self._route_node_clients(snapshot, result)
         if full:
             self._next_full_apply = t0 + self.config.sync_period
             if self.last_applied is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -14,8 +13,9 @@ from ebpfsvc import abi
 from ebpfsvc.agent import Agent, AgentConfig
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPv4Address, IPv4Network,
-                           OneLineErrors, PortRange, format_duration)
+                           NodePortAddress, OneLineErrors, PortRange, format_duration)
 from ebpfsvc.health import BindError
+from ebpfsvc.nodeinfo import parse_nodeport_addresses
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,11 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return where + " ".join(str(what).split())
 
 
-def select_nodeport_addresses(cidrs) -> tuple[ipaddress.IPv4Address, ...]:
-    """kube-proxy --nodeport-addresses: this node's interface addresses inside any of the CIDRs."""
-    from pyroute2 import IPRoute
-
-    nets = [ipaddress.IPv4Network(c) for c in cidrs]
-    with IPRoute() as ipr:
-        addrs = [ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]
-    return tuple(a for a in addrs if any(a in n for n in nets) and not a.is_loopback)
+def _nodeport_addresses(_ctx, _param, values):
+    try:
+        return parse_nodeport_addresses(values or ())
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--nodeport-addresses") from None
 
 
 def _lifetime_option(flag: str, macro: str, what: str):
@@ -82,24 +79,31 @@ def _lifetime_option(flag: str, macro: str, what: str):
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig; default: in-cluster.")
 @click.option("--pin-dir", default="/sys/fs/bpf/ebpfsvc", show_default=True, help="bpffs directory for pinned maps.")
 @click.option("--node-address", "node_addresses", multiple=True, type=IPv4Address(),
-              help="A NodePort address (repeatable).")
-@click.option("--nodeport-addresses", multiple=True, type=IPv4Network(),
-              help="CIDRs: serve NodePorts on this node's addresses inside them (kube-proxy's flag).")
+              help="A NodePort address (repeatable); alone, it replaces the node's own (an override).")
+@click.option("--nodeport-addresses", multiple=True, type=NodePortAddress(), callback=_nodeport_addresses,
+              help="kube-proxy's: CIDRs (NodePorts on this node's addresses inside them), `primary` (its Node's "
+                   "first InternalIP); default: every node address (its Node's status.addresses on this node).")
 @click.option("--zone", default="", help="topology.kubernetes.io/zone; default: from the Node object.")
-@click.option("--service-cidr", default="198.19.0.0/16", show_default=True, type=IPv4Network())
+@click.option("--service-cidr", default=None, type=IPv4Network(),
+              help="Optional: refuse clusterIPs outside it, and route it for node clients when the API has "
+                   "no ServiceCIDR objects. Default: every valid clusterIP is served.")
 @click.option("--cluster-cidr", default=None, type=IPv4Network(), help="Pod CIDR of the cluster (informational for now).")
 @click.option("--service-node-port-range", default="30000-32767", show_default=True, type=PortRange())
 @click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--pod-interfaces", multiple=True, default=("lxc*",), show_default=True,
               help="Name patterns of the host side of pod veths (followed as they come and go).")
-@click.option("--uplink", "uplinks", multiple=True, help="Node uplink interface for NodePort/external traffic.")
+@click.option("--uplink", "uplinks", multiple=True,
+              help="Node uplink interface for NodePort/external traffic (repeatable); default: the interfaces "
+                   "that carry the node addresses. One that does not exist makes /healthz fail.")
 @click.option("--uplink-mode", type=click.Choice(["tc", "xdp"]), default="tc", show_default=True,
               help="Uplink programs: TC only, or XDP (native) in front of TC (docs/northsouth.md).")
-@click.option("--hairpin-address", default=None, type=IPv4Address(), help="Node-owned address pods see when they reach themselves via a Service.")
+@click.option("--hairpin-address", default=None, type=IPv4Address(),
+              help="Node-owned address pods see when they reach themselves via a Service; default: the node's "
+                   "primary address.")
 @click.option("--host-clients/--no-host-clients", default=True, show_default=True,
               help="Serve ClusterIPs to clients in the node's own namespace (hostNetwork pods): route the "
-                   "service CIDR to a dummy device, ebpfsvc0 (needs --uplink).")
+                   "service addresses to a device, ebpfsvc0 (needs an uplink).")
 @click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
               help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
                    "docs/northsouth.md); off: always a port of 61000-65535.")
@@ -133,14 +137,12 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
     from ebpfsvc.datapath.loader import conntrack_limits
 
     addrs = tuple(node_addresses)
-    if nodeport_addresses:
-        addrs += select_nodeport_addresses(tuple(nodeport_addresses))
     node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
                       service_cidr=service_cidr, nodeport_range=service_node_port_range, proxy_name=proxy_name,
                       default_algorithm=lb_algorithm)
     cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
-                      uplinks=tuple(uplinks), uplink_mode=uplink_mode,
+                      uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
                       hairpin_address=hairpin_address,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       min_sync_interval=min_sync_period, sync_period=sync_period,

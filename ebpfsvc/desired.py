@@ -89,7 +89,8 @@ class DesiredStateBuilder:
     Service's frontends and every claim on every frontend key, so a new snapshot costs what
     changed in it: the Services it names in `changed` (when it directly follows the snapshot the
     builder saw last, from the same ClusterState), else the Services whose objects or endpoints
-    differ from the ones remembered.  A change of node context (this node's zone, any Node's zone)
+    differ from the ones remembered.  A change of node context (this node's zone, any Node's zone,
+    or `node` itself: the agent sets a new NodeConfig when its NodePort addresses change)
     recomputes everything.  build() returns exactly what a fresh computation returns
     (tests/unit/test_desired_incremental.py checks it over random change sequences), with an
     LBDelta naming the frontend keys that changed since the previous result; an unchanged
@@ -121,7 +122,7 @@ class DesiredStateBuilder:
 
     def build(self, snapshot: ClusterSnapshot) -> DesiredState:
         prev = self._snapshot
-        if prev is not None and snapshot.nodes is prev.nodes:
+        if prev is not None and snapshot.nodes is prev.nodes and self._context[0] is self.node:
             context, zone = self._context, self._context[1]
         else:
             zone = node_zone(snapshot, self.node)

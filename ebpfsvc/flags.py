@@ -136,6 +136,24 @@ class IPv4Network(_Checked):
             self.fail(f"{value}: not an IPv4 CIDR", param, ctx)
 
 
+class NodePortAddress(_Checked):
+    """One --nodeport-addresses value: a CIDR (host bits allowed, as kube-proxy reads it; IPv6 ones
+    are accepted and serve nothing yet) or `primary` (nodeinfo.PRIMARY). Stays a string."""
+
+    name = "cidr|primary"
+
+    def convert(self, value, param, ctx):
+        from ebpfsvc.nodeinfo import PRIMARY
+
+        text = str(value).strip()
+        if text == PRIMARY:
+            return text
+        try:
+            return str(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            self.fail(f"{value}: not an IPv4 CIDR", param, ctx)
+
+
 class BindAddress(_Checked):
     """kube-proxy's bind address: IP:PORT, :PORT or IP; "" disables the server. Stays a string."""
 

@@ -21,6 +21,8 @@ Services probe it to decide whether to send traffic to the node, so it turns
     rejected and nothing served, or NodePort Services and no NodePort address
     (serving_problems). A load balancer should skip such a node, and its
     operator sees why in the body instead of a 200 over an empty data plane.
+  - while a fault is set (set_fault): a configuration the node cannot serve, e.g. an --uplink
+    that does not exist, which would otherwise only show as NodePorts that silently fail.
 
 Losing the API server is NOT unhealthy by itself: the periodic resync keeps
 completing with the last known state, exactly like kube-proxy, and failing
@@ -63,6 +65,7 @@ STALE = "stale"
 STOPPING = "stopping"
 INELIGIBLE = "node-ineligible"      # kube-proxy's nodeEligible false
 NOT_SERVING = "not-serving"         # the configuration leaves the node serving nothing it should
+FAULT = "fault"
 
 
 def parse_bind_address(value: str, default_port: int) -> tuple[str, int]:
@@ -184,6 +187,15 @@ class ProxierHealth:
         self.stopping = False
         # kube-proxy: eligible while starting and until a Node event says otherwise.
         self.ineligible = ""
+        self.faults: dict[str, str] = {}      # name -> reason: what keeps the node from serving
+
+    def set_fault(self, name: str, reason: str | None) -> None:
+        """Set (reason) or clear (None) a fault; any fault makes /healthz 503 with its reason."""
+        with self._lock:
+            if reason:
+                self.faults[name] = reason
+            else:
+                self.faults.pop(name, None)
 
     def queued(self) -> None:
         """A change was seen and a sync requested (kube-proxy's QueuedUpdate)."""
@@ -234,13 +246,19 @@ class ProxierHealth:
         with self._lock:
             now = self.clock()
             last, queued, stopping, ineligible = self.last_updated, self.oldest_queued, self.stopping, self.ineligible
+            faults = [self.faults[k] for k in sorted(self.faults)]
         healthy, state, reason = self._sync_state(now, last, queued, stopping)
-        if ineligible and state != STOPPING:
+        # Stopping says it all; then what keeps the node from serving, most basic first.
+        problems = [] if state == STOPPING or faults or ineligible or not healthy or self.serving is None \
+            else self.serving()
+        if state == STOPPING:
+            healthy, state, reason = False, STOPPING, reason
+        elif faults:
+            healthy, state, reason = False, FAULT, "; ".join(faults)
+        elif ineligible:
             healthy, state, reason = False, INELIGIBLE, ineligible
-        elif healthy and self.serving is not None:
-            problems = self.serving()
-            if problems:
-                healthy, state, reason = False, NOT_SERVING, "; ".join(problems)
+        elif problems:
+            healthy, state, reason = False, NOT_SERVING, "; ".join(problems)
         body = {"lastUpdated": _iso(last), "currentTime": _iso(now), "nodeEligible": not ineligible,
                 "state": state}
         if reason:

@@ -18,6 +18,7 @@ import json
 import sys
 
 import click
+from click.core import ParameterSource
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpfsvc"
 
@@ -38,7 +39,7 @@ def _open(pin_dir):
 def _console():
     from rich.console import Console
     # Tables are wide; never wrap them to an 80-column pipe.
-    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    return Console(width=None if sys.stdout.isatty() else 1000, highlight=False)
 
 
 def _json(data) -> None:
@@ -227,30 +228,38 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @pin_dir_option
 @output_option
 @click.option("--manifests", type=click.Path(exists=True, file_okay=False), help="Desired state from this directory.")
-@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Desired state from the API server.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), envvar="KUBECONFIG",
+              help="Desired state from the API server ($KUBECONFIG, as kubectl).")
 @click.option("--in-cluster", is_flag=True, help="Desired state from the API server, in-cluster config.")
 @click.option("--node-name", envvar="NODE_NAME", required=True, help="This node's name (the agent's).")
 @click.option("--node-address", "node_addresses", multiple=True, help="A NodePort address (as given to the agent).")
-@click.option("--service-cidr", default="198.19.0.0/16", show_default=True)
+@click.option("--nodeport-addresses", multiple=True, help="As given to the agent; default: every node address, "
+              "found as the agent finds them (its Node object, this namespace's interfaces).")
+@click.option("--service-cidr", default=None, help="As given to the agent, if it was.")
 @click.option("--service-node-port-range", default="30000-32767", show_default=True)
 @click.option("--proxy-name", default="")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the API lists.")
-def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_addresses, service_cidr,
-          service_node_port_range, proxy_name, lb_algorithm, timeout) -> None:
+def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_addresses, nodeport_addresses,
+          service_cidr, service_node_port_range, proxy_name, lb_algorithm, timeout) -> None:
     """Compare the desired state (manifests or API) with the node's maps; exit 1 on drift."""
     from ebpfsvc.config import NodeConfig
     from ebpfsvc.inspect import views
     from ebpfsvc.inspect.desired import load_desired
+    from ebpfsvc.nodeinfo import NodeSettings
 
+    if (manifests or in_cluster) and \
+            click.get_current_context().get_parameter_source("kubeconfig") == ParameterSource.ENVIRONMENT:
+        kubeconfig = None       # $KUBECONFIG is a default, not a second choice
     if bool(manifests) + bool(kubeconfig) + bool(in_cluster) != 1:
         raise click.UsageError("give exactly one of --manifests, --kubeconfig, --in-cluster")
     lo, _, hi = service_node_port_range.partition("-")
     node_cfg = NodeConfig(node_name=node_name, node_addresses=node_addresses, service_cidr=service_cidr,
                           nodeport_range=(int(lo), int(hi)), proxy_name=proxy_name, default_algorithm=lb_algorithm)
     try:
+        settings = NodeSettings(node_addresses=node_cfg.node_addresses, nodeport_addresses=nodeport_addresses)
         desired = load_desired(node_cfg, manifests=manifests, kubeconfig=kubeconfig, in_cluster=in_cluster,
-                               timeout=timeout)
+                               timeout=timeout, settings=settings)
     except (OSError, TimeoutError, ValueError) as e:
         raise click.ClickException(str(e))
     with _open(pin_dir) as node:

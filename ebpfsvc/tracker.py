@@ -36,6 +36,7 @@ from ebpfsvc.k8s.endpointslice import EndpointSlice, parse_endpoint_slice
 from ebpfsvc.k8s.fields import Invalid, Problem, object_key
 from ebpfsvc.k8s.node import Node, parse_node
 from ebpfsvc.k8s.service import Service, parse_service
+from ebpfsvc.k8s.servicecidr import ServiceCIDR, parse_service_cidr
 from ebpfsvc.lbmodel import ServicePortName
 from ebpfsvc.sources.base import Event, EventType
 
@@ -45,8 +46,8 @@ ServiceKey = tuple[str, str]        # (namespace, name)
 T = TypeVar("T")
 
 # Programming may start once these kinds have been listed in full (kube-proxy waits for the
-# Service and EndpointSlice informers).  Endpoints and Node sync are reported but not waited for:
-# not every source serves them.
+# Service and EndpointSlice informers).  Endpoints, Node and ServiceCIDR sync are reported but not
+# waited for: not every source serves them.
 REQUIRED_KINDS = frozenset({"Service", "EndpointSlice"})
 
 
@@ -58,6 +59,7 @@ class ClusterSnapshot:
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=lambda: MappingProxyType({}))
     nodes: Mapping[str, Node] = field(default_factory=lambda: MappingProxyType({}))
     synced: bool = False
+    service_cidrs: Mapping[str, ServiceCIDR] = field(default_factory=lambda: MappingProxyType({}))
     changed: frozenset[ServiceKey] = frozenset()   # Services whose object or endpoints changed since the last snapshot
     # Which ClusterState took the snapshot, and its count: `changed` is relative to the snapshot of
     # generation - 1 of the same origin.  A consumer that saw exactly that one (DesiredStateBuilder)
@@ -118,13 +120,16 @@ class ClusterState:
             "EndpointSlice": parse_endpoint_slice,
             "Endpoints": parse_endpoints,
             "Node": parse_node,
+            "ServiceCIDR": parse_service_cidr,
         }
         self._services: ChangeTracker[Service] = ChangeTracker()
         self._slices: ChangeTracker[EndpointSlice] = ChangeTracker()
         self._endpoints_objs: ChangeTracker[Endpoints] = ChangeTracker()
         self._nodes: ChangeTracker[Node] = ChangeTracker()
+        self._service_cidrs: ChangeTracker[ServiceCIDR] = ChangeTracker()
         self._trackers = {"Service": self._services, "EndpointSlice": self._slices,
-                          "Endpoints": self._endpoints_objs, "Node": self._nodes}
+                          "Endpoints": self._endpoints_objs, "Node": self._nodes,
+                          "ServiceCIDR": self._service_cidrs}
         self._slices_by_service: dict[ServiceKey, set[Hashable]] = {}
         self._merged: dict[ServiceKey, dict[ServicePortName, tuple[Endpoint, ...]]] = {}
         self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
@@ -199,6 +204,11 @@ class ClusterState:
             return (self._services.pending_count,
                     self._slices.pending_count + self._endpoints_objs.pending_count)
 
+    def node(self, name: str) -> Node | None:
+        """The current (valid) Node object of that name, without taking a snapshot."""
+        with self._cond:
+            return self._nodes.current.get(("", name))
+
     def wait_changed(self, timeout: float) -> bool:
         """Block until something relevant changed since the last snapshot(); False on timeout."""
         with self._cond:
@@ -221,6 +231,8 @@ class ClusterState:
                 views["endpoints"] = MappingProxyType(dict(self._endpoints))
             if self._nodes.take() or "nodes" not in views:
                 views["nodes"] = MappingProxyType({key[1]: n for key, n in self._nodes.current.items()})
+            if self._service_cidrs.take() or "service_cidrs" not in views:
+                views["service_cidrs"] = MappingProxyType({key[1]: c for key, c in self._service_cidrs.current.items()})
             self._sync_news = False
             self._generation += 1
             return ClusterSnapshot(
@@ -228,6 +240,7 @@ class ClusterState:
                 endpoints=views["endpoints"],
                 nodes=views["nodes"],
                 synced=self._is_synced(),
+                service_cidrs=views["service_cidrs"],
                 changed=frozenset(changed),
                 origin=self,
                 generation=self._generation,

@@ -71,4 +71,14 @@ if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
 fi
 
+# Real Kubernetes control-plane binaries (kube-apiserver, kube-controller-manager,
+# kube-proxy, kubectl, etcd) built from the Go modules pinned in tools/k8s/go.mod,
+# cached by version under /var/lib/ebpfsvc/k8s (current -> the bin dir). Needs Go;
+# a cold build is long (tools/k8s/NOTES.md), a cached one a moment.
+# EBPFSVC_K8S_BUILD=0 skips it.
+if [ "${EBPFSVC_K8S_BUILD:-1}" != 0 ] && ! bash "$here/scripts/build-k8s.sh" --check; then
+  step "kubernetes control-plane binaries (scripts/build-k8s.sh)"
+  bash "$here/scripts/build-k8s.sh"
+fi
+
 echo "setup: ok (BCC_KERNEL_SOURCE=$headers, venv=$venv)"

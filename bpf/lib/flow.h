@@ -202,24 +202,48 @@ static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4
 	return lb4_forward_xlate(skb, p, e);
 }
 
-/* A hairpin reply (backend -> HAIRPIN_ADDR) leaves the pod that is also the
- * client: restore VIP:port as source and the pod itself as destination. */
-static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+/* A hairpin reply (backend -> HAIRPIN_ADDR), reply entry `e`, leaves the pod
+ * that is also the client: restore VIP:port as source and the pod itself as
+ * destination. */
+static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
+					     __u64 now)
 {
-	struct ct4_key rk;
-	struct ct4_entry *e;
 	__u32 bytes = skb->len;
 
-	ct4_key_reply(&rk, p);
-	e = ct4_lookup(&rk, now);
-	if (!e || !(e->flags & CT_F_HAIRPIN))
-		return TC_ACT_OK;
 	ct4_note_reply(e, p, p->saddr, p->dport, now);
 	if (lb4_rewrite_dst(skb, p, p->saddr, p->dport) ||
 	    lb4_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
 		return lb_drop(REASON_MALFORMED);
 	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
 	return TC_ACT_OK;
+}
+
+/*
+ * A pod's packet to a node-owned address we translate for: HAIRPIN_ADDR, or the
+ * node address (NODE_SNAT_ADDR), often the same one (the agent's default, as
+ * kube-proxy masquerades hairpin flows to a node address). Its reply entry says
+ * whose reply it is: a hairpin flow's, or a node client's (host.h) to a local
+ * backend. LB_NOT_A_REPLY: neither; the caller goes on (a new connection to a
+ * NodePort on that address, or plain traffic such as a kubelet probe's answer).
+ */
+#define LB_NOT_A_REPLY (-1001)   /* not a TC verdict */
+
+static __always_inline int lb4_reply_to_node(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	struct ct4_key rk;
+	struct ct4_entry *e;
+
+	if (!((HAIRPIN_ADDR && p->daddr == HAIRPIN_ADDR) || (NODE_SNAT_ADDR && p->daddr == NODE_SNAT_ADDR)))
+		return LB_NOT_A_REPLY;
+	ct4_key_reply(&rk, p);
+	e = ct4_lookup(&rk, now);
+	if (!e)
+		return LB_NOT_A_REPLY;
+	if (HAIRPIN_ADDR && p->daddr == HAIRPIN_ADDR && (e->flags & CT_F_HAIRPIN))
+		return lb4_hairpin_reply(skb, p, e, now);
+	if (NODE_SNAT_ADDR && p->daddr == NODE_SNAT_ADDR && lb4_is_host_flow(e))
+		return lb4_host_reply(skb, p, e, now);
+	return LB_NOT_A_REPLY;
 }
 
 static __always_inline int lb4_from_pod(struct __sk_buff *skb)
@@ -247,17 +271,9 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 	e = ct4_flow_of(&fk, &p, now);
 	if (e)
 		return lb4_forward_tracked(skb, &p, &fk, e, now);
-	if (HAIRPIN_ADDR && p.daddr == HAIRPIN_ADDR)
-		return lb4_hairpin_reply(skb, &p, now);
-	if (NODE_SNAT_ADDR && p.daddr == NODE_SNAT_ADDR) {
-		/* A local backend answering a client in the node's namespace (host.h)? */
-		struct ct4_key rk;
-
-		ct4_key_reply(&rk, &p);
-		e = ct4_lookup(&rk, now);
-		if (e && lb4_is_host_flow(e))
-			return lb4_host_reply(skb, &p, e, now);
-	}
+	ret = lb4_reply_to_node(skb, &p, now);
+	if (ret != LB_NOT_A_REPLY)
+		return ret;
 	return lb4_forward_new(skb, &p, &fk, now);
 }
 

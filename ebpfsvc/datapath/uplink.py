@@ -20,9 +20,7 @@ to "tc" removes an XDP program only if it is ours (named xdp_uplink).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
-import socket
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -73,19 +71,6 @@ def _netlink(netns, fn):
 def ifindex_of(ifname: str, netns=None) -> int | None:
     found = _netlink(netns, lambda ipr: ipr.link_lookup(ifname=ifname))
     return found[0] if found else None
-
-
-def interface_address(ifname: str, netns=None) -> ipaddress.IPv4Address | None:
-    """The first IPv4 address of an interface: the SNAT address of flows leaving through it."""
-    def first(ipr):
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            return None
-        for msg in ipr.get_addr(family=socket.AF_INET, index=found[0]):
-            return ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS"))
-        return None
-
-    return _netlink(netns, first)
 
 
 def attach(dp, ifindex: int, mode: str = "tc", netns=None) -> None:

@@ -1,8 +1,9 @@
 """The demo a newcomer runs first: `make demo` (= `ebpfsvc demo`).
 
-It brings up the default two-node lab (one ebpfsvc agent per node), applies
-the Services of the seed documents (examples/) and the pods behind them
-(examples/lab/pods.yaml), sends real traffic from a pod and from the external
+It brings up the default two-node lab (a real kube-apiserver, etcd and
+kube-controller-manager; one ebpfsvc agent per node, configured by deploy/),
+applies the Services of the seed documents (examples/) and the pods behind them
+(examples/lab/pods.yaml) through the API server, sends real traffic from a pod and from the external
 client, and prints what happened as tables: which backend answered, how new
 connections spread, that ClientIP affinity sticks, what the backends saw as
 the client address.  Then it tears the lab down, also on Ctrl-C or failure.
@@ -61,12 +62,16 @@ class Demo:
         c = self.console
         c.rule("[bold]ebpfsvc demo: Kubernetes Services in eBPF, on a two-node lab")
         t0 = time.monotonic()
-        with c.status("Building the lab: fabric, node-1 and node-2 (zones a and b), external client; "
-                      "starting one ebpfsvc agent per node (each compiles its datapath with bcc)..."):
+        with c.status("Building the lab: fabric, node-1 and node-2 (zones a and b), external client, and a real "
+                      "control plane (etcd, kube-apiserver, kube-controller-manager); starting one ebpfsvc agent "
+                      "per node with deploy/'s configuration (each compiles its datapath with bcc)..."):
             self.lab = Lab.up(None, prefix=self.prefix, agents=True)
         try:
-            c.print(f"[green]✓[/] lab up in {time.monotonic() - t0:.1f}s: nodes 198.18.0.11 / 198.18.0.12, "
+            version = self.lab.api.request("GET", "/version").get("gitVersion", "?")
+            c.print(f"[green]✓[/] lab up in {time.monotonic() - t0:.1f}s: kube-apiserver {version} at "
+                    f"{self.lab.spec.control_plane.address}, nodes 198.18.0.11 / 198.18.0.12, "
                     "pod CIDRs 198.18.1.0/24 / 198.18.2.0/24, Services in 198.19.0.0/16")
+            c.print(f"  kubectl works against it meanwhile: export KUBECONFIG={self.lab.kubeconfig}")
             self.apply_examples()
             self.clusterip()
             self.spread()

@@ -1,11 +1,15 @@
 """The desired state `ebpfsvc drift` compares the maps with: one list of the
 cluster (manifest directory or API server) through the agent's own trackers
-and desired_state(), so both sides are computed exactly as the agent does."""
+and desired_state(), so both sides are computed exactly as the agent does,
+NodePort addresses included (from the node's Node object and interfaces, as
+the agent finds them, when `settings` are given)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
+from ebpfsvc import nodeinfo
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.desired import desired_state
 from ebpfsvc.lbmodel import LBState
@@ -13,18 +17,22 @@ from ebpfsvc.tracker import ClusterState
 
 
 def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: str | None = None,
-                 in_cluster: bool = False, timeout: float = 30.0) -> LBState:
+                 in_cluster: bool = False, timeout: float = 30.0,
+                 settings: nodeinfo.NodeSettings | None = None, netns: str | None = None) -> LBState:
+    """`netns`: read the node's interfaces there (a lab node's namespace) rather than here."""
     state = ClusterState(node)
     if manifests:
         from ebpfsvc.sources.manifests import ManifestSource
         ManifestSource(manifests, state).resync_now()     # one synchronous scan, no poller thread
     else:
         from ebpfsvc.sources.kube import KubeSource
-        source = KubeSource(state, kubeconfig=kubeconfig, in_cluster=in_cluster or None)
+        source = KubeSource(state, kubeconfig=kubeconfig, in_cluster=in_cluster or None, node_name=node.node_name)
         source.start()
         try:
             deadline = time.monotonic() + timeout
-            while not state.synced:
+            # With `settings`, the NodePort addresses come from the Node: wait for its list too, or a
+            # quick Service list would make every NodePort frontend look unwanted.
+            while not state.synced or (settings is not None and "Node" not in state.synced_kinds):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Services and EndpointSlices not listed within {timeout:.0f}s")
                 state.wait_changed(0.2)
@@ -32,4 +40,8 @@ def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: 
             source.stop()
     if not state.synced:
         raise ValueError("the source did not list Services and EndpointSlices")
+    if settings is not None:
+        info = nodeinfo.resolve(settings, nodeinfo.read_interfaces(netns), state.node(node.node_name),
+                                "Node" in state.synced_kinds)
+        node = replace(node, node_addresses=info.nodeport_addresses)
     return desired_state(state.snapshot(), node)

@@ -5,6 +5,7 @@
     endpointslice.py  discovery.k8s.io/v1 EndpointSlice
     endpoints.py      v1 Endpoints, converted to the EndpointSlice form (manual Endpoints)
     node.py           v1 Node (zone, addresses)
+    servicecidr.py    networking.k8s.io/v1 ServiceCIDR (the ranges node clients are routed for)
     endpointmerge.py  all slices of a Service -> endpoints per ServicePortName (endpointslicecache)
     topology.py       which endpoints this node uses (conditions, traffic policy, zone hints)
 """
@@ -15,9 +16,11 @@ from ebpfsvc.k8s.endpointslice import EndpointPort, EndpointSlice, SliceEndpoint
 from ebpfsvc.k8s.fields import Invalid, Problem
 from ebpfsvc.k8s.node import Node, parse_node
 from ebpfsvc.k8s.service import Service, ServicePort, ServiceType, TrafficPolicy, parse_service
+from ebpfsvc.k8s.servicecidr import ServiceCIDR, parse_service_cidr
 
 __all__ = [
     "Endpoint", "EndpointPort", "EndpointSlice", "Endpoints", "Invalid", "Node", "Problem", "Service",
-    "ServicePort", "ServiceType", "SliceEndpoint", "TrafficPolicy", "merge_endpoint_slices",
+    "ServiceCIDR", "ServicePort", "ServiceType", "SliceEndpoint", "TrafficPolicy", "merge_endpoint_slices",
     "parse_endpoint_slice", "parse_endpoints", "parse_node", "parse_service",
+    "parse_service_cidr",
 ]

@@ -192,12 +192,16 @@ def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bo
     return top, ObjectMeta(namespace, name, meta.string_map("labels"), meta.string_map("annotations"))
 
 
+# Kinds without a namespace: their key is ("", name).
+CLUSTER_SCOPED = frozenset({"Node", "ServiceCIDR"})
+
+
 def object_key(kind: str, obj: Any) -> tuple[str, str]:
     """(namespace, name) of a raw object, defaulted like read_meta, for indexing even invalid objects."""
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
     meta = meta if isinstance(meta, Mapping) else {}
     name = meta.get("name") if isinstance(meta.get("name"), str) else ""
-    if kind == "Node":
+    if kind in CLUSTER_SCOPED:
         return ("", name)
     ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
     return (ns or "default", name)

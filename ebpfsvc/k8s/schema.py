@@ -20,7 +20,7 @@ from typing import Any
 from kubernetes import client as k8s_client
 
 MODELS = {"Service": "V1Service", "Endpoints": "V1Endpoints",
-          "EndpointSlice": "V1EndpointSlice", "Node": "V1Node"}
+          "EndpointSlice": "V1EndpointSlice", "Node": "V1Node", "ServiceCIDR": "V1ServiceCIDR"}
 
 _LIST = re.compile(r"^List\[(.+)\]$")
 _DICT = re.compile(r"^Dict\[str, (.+)\]$")

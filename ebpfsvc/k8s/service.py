@@ -150,9 +150,18 @@ def _cluster_ip(spec: Fields, svc_type: ServiceType, config: NodeConfig):
     addr = parse_ip(value, field)
     if addr.version == 6:
         return None, False      # an IPv4 data plane has nothing to program for an IPv6 Service
-    if addr not in config.service_cidr:
+    if config.service_cidr is not None and addr not in config.service_cidr:
         raise Invalid(field, f"{addr} is outside the service CIDR {config.service_cidr}")
+    if not _assignable(addr):
+        raise Invalid(field, f"{addr} cannot be a clusterIP (loopback, link-local, multicast or reserved)")
     return addr, False
+
+
+def _assignable(addr) -> bool:
+    """An address the API server could allocate from some service CIDR: a unicast one a packet
+    can carry to another host (kube-apiserver refuses these ranges for ServiceCIDRs)."""
+    return not (addr.is_unspecified or addr.is_loopback or addr.is_link_local or addr.is_multicast
+                or addr.is_reserved)
 
 
 def _ports(spec: Fields, svc_type: ServiceType, config: NodeConfig) -> tuple[ServicePort, ...]:

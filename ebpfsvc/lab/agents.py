@@ -12,6 +12,11 @@ Only what a container gets from its pod spec is mapped to the lab's files:
                                         ServiceAccount (in a pod: KUBERNETES_SERVICE_HOST and the
                                         mounted token)
 
+Like a DaemonSet's agent, it is told nothing about its node but the name: the
+addresses, zone, uplink and hairpin source come from its Node object and the
+namespace's interfaces, and the service CIDRs from the API's ServiceCIDR objects
+(ebpfsvc/nodeinfo.py).
+
 The controller starts and stops agents (it is their parent and reaps them).
 """
 
@@ -51,7 +56,4 @@ def command(state: State, spec: LabSpec, node_name: str) -> list[str]:
         if sep and flag in mapped:
             arg = f"{flag}={mapped[flag]}"
         argv.append(arg.replace("$(NODE_NAME)", node.name))
-    return argv + [f"--kubeconfig={paths.agent_kubeconfig(node.name)}",
-                   # TRANSITION: until the agent finds these itself
-                   "--node-address", str(node.address), "--zone", node.zone, "--service-cidr", str(spec.service_cidr),
-                   "--hairpin-address", str(node.gateway)]
+    return argv + [f"--kubeconfig={paths.agent_kubeconfig(node.name)}"]

@@ -98,7 +98,8 @@ class LabAPI:
         meta = obj.get("metadata") or {}
         path = path_of(obj.get("kind", ""), meta.get("namespace"), meta.get("name"))
         return self.request("PATCH", path, obj, content_type=APPLY_PATCH,
-                            query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
+                            # Strict: an unknown field (`port:` for `ports:`) is refused, not dropped.
+                            query=[("fieldManager", FIELD_MANAGER), ("force", "true"), ("fieldValidation", "Strict")])
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj.get("metadata") or {}

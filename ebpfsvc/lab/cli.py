@@ -6,10 +6,12 @@ the only lab that exists, else the default lab file's name ("demo").
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import click
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -19,14 +21,20 @@ from ebpfsvc.lab.rpc import ControllerError
 from ebpfsvc.lab.store import LabNotFound
 
 ERRORS = (LabError, LabNotFound, ControllerError, labfile.LabFileError, KeyError, FileExistsError,
-          kubeproxy.KubeProxyError)
+          controlplane.ControlPlaneError, kubeproxy.KubeProxyError)
+WAIT_TIMEOUT = 120.0
 
 
 def _default_prefix() -> str:
+    """$EBPFSVC_LAB_PREFIX, else the only lab, else the default name; with several labs, never a guess
+    (it could be another engineer's)."""
     if os.environ.get("EBPFSVC_LAB_PREFIX"):
         return os.environ["EBPFSVC_LAB_PREFIX"]
-    labs = [p.name for p in names.STATE_ROOT.iterdir()] if names.STATE_ROOT.exists() else []
-    return labs[0] if len(labs) == 1 else labfile.load().name
+    labs = sorted(p.name for p in names.STATE_ROOT.iterdir()) if names.STATE_ROOT.exists() else []
+    if len(labs) > 1:
+        raise LabError(f"{len(labs)} labs run here ({', '.join(labs)}): say which with --prefix "
+                       f"or $EBPFSVC_LAB_PREFIX")
+    return labs[0] if labs else labfile.load().name
 
 
 def prefix_option(fn):
@@ -36,6 +44,13 @@ def prefix_option(fn):
 
 def _open(prefix: str | None) -> Lab:
     return Lab.open(prefix or _default_prefix())
+
+
+def wait_option(fn):
+    fn = click.option("--timeout", type=float, default=WAIT_TIMEOUT, show_default=True,
+                      help="Seconds to wait for the agents.")(fn)
+    return click.option("--wait/--no-wait", default=True, show_default=True,
+                        help="Return once every agent serves what the API says (ebpfsvc drift on each node).")(fn)
 
 
 class _Errors(click.Group):
@@ -58,21 +73,32 @@ def lab() -> None:
               help="Lab file (default: the shipped 2-node lab).")
 @prefix_option
 @click.option("--no-agents", is_flag=True, help="Do not start node agents.")
-def up(labfile_path: str | None, prefix: str | None, no_agents: bool) -> None:
-    """Create the fabric, nodes, external clients and the control plane; start the kubelet and agents."""
+@wait_option
+def up(labfile_path: str | None, prefix: str | None, no_agents: bool, wait: bool, timeout: float) -> None:
+    """Create the fabric, nodes, external clients and the control plane; start the kubelet and agents
+    (and wait until they have programmed their nodes)."""
     lab_ = Lab.up(labfile_path, prefix or os.environ.get("EBPFSVC_LAB_PREFIX"), agents=not no_agents)
-    click.echo(f"lab {lab_.prefix} is up: state in {lab_.state.path}\n"
-               f"kubectl: export KUBECONFIG={lab_.kubeconfig}")
+    if wait and not no_agents:
+        lab_.wait_synced(timeout)
+    click.echo(f"lab {lab_.prefix} is up{' and its agents in sync' if wait and not no_agents else ''}: "
+               f"state in {lab_.state.path}\nkubectl: export KUBECONFIG={lab_.kubeconfig}")
 
 
 @lab.command()
-@click.option("-f", "--file", "path", required=True, help="YAML file (multi-document; '-' for stdin).")
+@click.option("-f", "--file", "paths", required=True, multiple=True,
+              help="YAML file (multi-document; '-' for stdin) or directory of them; repeatable.")
 @prefix_option
-def apply(path: str, prefix: str | None) -> None:
-    """Create or update Pods, Services, Endpoints and EndpointSlices."""
-    for obj in _open(prefix).apply(load_documents(path)):
+@wait_option
+def apply(paths: tuple[str, ...], prefix: str | None, wait: bool, timeout: float) -> None:
+    """Create or update Namespaces, Pods, Services, Endpoints and EndpointSlices (server-side apply),
+    then wait until every agent serves them."""
+    lab_ = _open(prefix)
+    for obj in lab_.apply(load_documents(*paths)):
         meta = obj["metadata"]
         click.echo(f"{obj['kind'].lower()}/{meta['name']} applied")
+    if wait:
+        lab_.wait_synced(timeout)
+        click.echo("agents in sync")
 
 
 @lab.command()
@@ -91,7 +117,7 @@ def delete(kind: str | None, name: str | None, path: str | None, grace_period: f
         lab_.delete_object(kind, name, grace_period)
     else:
         raise click.UsageError("give -f FILE or KIND NAME")
-    click.echo("deleted (pods terminate for their grace period)")
+    click.echo("deleted" if grace_period == 0 else "deleted (pods terminate for their grace period)")
 
 
 @lab.command(name="exec", context_settings={"ignore_unknown_options": True})
@@ -99,9 +125,11 @@ def delete(kind: str | None, name: str | None, path: str | None, grace_period: f
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @prefix_option
 def exec_(pod: str, argv: tuple[str, ...], prefix: str | None) -> None:
-    """Run a command in a pod's namespace: `lab exec POD -- CMD...`; exits with its code."""
-    result = _open(prefix).exec(pod, list(argv), timeout=None, capture_output=False, text=False)
-    sys.exit(result.returncode)
+    """Run a command in a pod's namespace: `lab exec POD -- CMD...`; exits with its code.
+    `python`/`python3` is the lab's own interpreter, as in a pod's command."""
+    lab_ = _open(prefix)
+    sys.exit(_run_or_127(lambda: lab_.exec(pod, list(argv), timeout=None, capture_output=False, text=False),
+                         argv[0], f"pod {pod}"))
 
 
 @lab.command(name="node-exec", context_settings={"ignore_unknown_options": True})
@@ -112,51 +140,98 @@ def node_exec(node: str, argv: tuple[str, ...], prefix: str | None) -> None:
     """Run a command in a node's (or external client's) namespace."""
     lab_ = _open(prefix)
     run = lab_.node_exec if node in {n.name for n in lab_.spec.nodes} else lab_.external_exec
-    sys.exit(run(node, list(argv), timeout=None, capture_output=False, text=False).returncode)
+    sys.exit(_run_or_127(lambda: run(node, list(argv), timeout=None, capture_output=False, text=False),
+                         argv[0], node))
+
+
+def _run_or_127(run, program: str, where: str) -> int:
+    """The command's exit code; a program that is not there is one line and 127, as in a shell."""
+    try:
+        return run().returncode
+    except FileNotFoundError:
+        click.echo(f"ebpfsvc lab: {program}: command not found (in {where})", err=True)
+        return 127
+    except PermissionError:
+        click.echo(f"ebpfsvc lab: {program}: permission denied (in {where})", err=True)
+        return 126
 
 
 @lab.command()
 @prefix_option
-def status(prefix: str | None) -> None:
-    """Nodes, pods and services of the lab."""
-    lab_ = _open(prefix)
-    console = Console()
-    nodes = Table(title=f"lab {lab_.prefix}: nodes")
-    for col in ("node", "address", "pod CIDR", "zone", "agent"):
-        nodes.add_column(col)
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def status(prefix: str | None, output: str) -> None:
+    """Nodes (and whether each agent is in sync), pods and services of the lab."""
+    report = _status(_open(prefix))
+    if output == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    if output == "yaml":
+        click.echo(yaml.safe_dump(report, sort_keys=False), nl=False)
+        return
+    # Piped, the tables keep their rows whole instead of wrapping at 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 1000, highlight=False)
+    for title, rows in ((f"lab {report['lab']}: nodes", report["nodes"]), ("pods", report["pods"]),
+                        ("services", report["services"])):
+        table = Table(title=title, title_justify="left")
+        for col in (rows[0] if rows else {"": ""}):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*(", ".join(map(str, v)) if isinstance(v, list) else str(v) for v in row.values()))
+        console.print(table)
+
+
+def _status(lab_: Lab) -> dict:
+    nodes = []
     for n in lab_.spec.nodes:
         rec = lab_.agent_record(n.name)
-        agent = f"running (pid {rec.pid})" if processes.alive(rec) else ("stopped" if rec is None else "exited")
-        nodes.add_row(n.name, str(n.address), str(n.pod_cidr), n.zone, agent)
+        agent = "running" if processes.alive(rec) else ("stopped" if rec is None else "exited")
+        if agent == "running":
+            diffs = lab_.drift(n.name)
+            sync = "in sync" if not diffs else f"{len(diffs)} frontend(s) differ"
+        else:
+            sync = ""
+        nodes.append({"node": n.name, "address": str(n.address), "podCIDR": str(n.pod_cidr), "zone": n.zone,
+                      "agent": agent, "pid": rec.pid if agent == "running" else None, "sync": sync})
     for e in lab_.spec.external:
-        nodes.add_row(f"{e.name} (external)", str(e.address), "", "", "")
-    console.print(nodes)
-
-    pods = Table(title="pods")
-    for col in ("pod", "IP", "node", "phase", "ready"):
-        pods.add_column(col)
+        nodes.append({"node": e.name, "address": str(e.address), "podCIDR": "", "zone": "", "agent": "(external)",
+                      "pid": None, "sync": ""})
+    pods = []
     for pod in lab_.pods():
         status_ = pod.get("status") or {}
-        ready = "yes" if podlib.is_ready(pod) else "no"
-        if podlib.is_terminating(pod):
-            ready += " (terminating)"
-        pods.add_row(podlib.label(pod), status_.get("podIP", ""), pod["spec"].get("nodeName", ""),
-                     status_.get("phase", ""), ready)
-    console.print(pods)
-
-    svcs = Table(title="services")
-    for col in ("service", "type", "cluster IP", "ports", "endpoints (ready/all)"):
-        svcs.add_column(col)
+        pods.append({"pod": podlib.label(pod), "ip": status_.get("podIP", ""),
+                     "node": pod["spec"].get("nodeName", ""), "phase": status_.get("phase", ""),
+                     "ready": podlib.is_ready(pod), "terminating": podlib.is_terminating(pod)})
+    endpoints: dict[tuple[str, str], list[dict]] = {}
+    for eps in lab_.api.list("EndpointSlice"):
+        meta = eps["metadata"]
+        key = (meta["namespace"], (meta.get("labels") or {}).get("kubernetes.io/service-name", ""))
+        endpoints.setdefault(key, []).extend(eps.get("endpoints") or [])
+    services = []
     for svc in lab_.api.list("Service"):
         spec = svc.get("spec") or {}
-        ports = ", ".join(f"{p.get('name') or '-'} {p.get('port')}/{p.get('protocol', 'TCP')}"
-                          + (f" node {p['nodePort']}" if p.get("nodePort") else "")
-                          for p in spec.get("ports") or [])
-        ref = podlib.label(svc)
-        endpoints = [e for s in lab_.endpoint_slices(ref) for e in s.get("endpoints") or []]
-        ready = sum(1 for e in endpoints if (e.get("conditions") or {}).get("ready"))
-        svcs.add_row(ref, spec.get("type", ""), spec.get("clusterIP", ""), ports, f"{ready}/{len(endpoints)}")
-    console.print(svcs)
+        ports = [f"{p.get('name') or '-'} {p.get('port')}/{p.get('protocol', 'TCP')}"
+                 + (f" node {p['nodePort']}" if p.get("nodePort") else "") for p in spec.get("ports") or []]
+        eps = endpoints.get((svc["metadata"]["namespace"], svc["metadata"]["name"]), [])
+        ready = sum(1 for e in eps if (e.get("conditions") or {}).get("ready"))
+        services.append({"service": podlib.label(svc), "type": spec.get("type", ""),
+                         "clusterIP": spec.get("clusterIP", ""), "ports": ports,
+                         "endpoints": f"{ready}/{len(eps)} ready"})
+    return {"lab": lab_.prefix, "nodes": nodes, "pods": pods, "services": services}
+
+
+@lab.command(context_settings={"ignore_unknown_options": True})
+@click.argument("node")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@prefix_option
+def inspect(node: str, argv: tuple[str, ...], prefix: str | None) -> None:
+    """Run an inspection command against a lab node's agent: `lab inspect node-1 service list`,
+    `bpf ct list`, `why ...`, `drift`: in the node's namespace, with its pin dir and kubeconfig."""
+    lab_ = _open(prefix)
+    lab_.spec.node(node)     # KeyError names the nodes there are
+    env = {**processes.base_env(), "EBPFSVC_PIN_DIR": str(names.pin_dir(lab_.prefix, node)),
+           "KUBECONFIG": str(controlplane.Paths(lab_.state.path).agent_kubeconfig(node)), "NODE_NAME": node}
+    sys.exit(lab_.node_exec(node, [sys.executable, "-m", "ebpfsvc.cli", *argv], timeout=None,
+                            capture_output=False, text=False, env=env).returncode)
 
 
 @lab.command()

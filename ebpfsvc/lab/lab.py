@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from ebpfsvc.lab import agents as agentlib, controlplane, labfile, names, network, nsenter, pods as podlib, rpc, teardown
+from ebpfsvc.lab import agents as agentlib, controlplane, labfile, names, network, nsenter, pods as podlib, processes, rpc, teardown
 from ebpfsvc.lab.api import RESOURCES, APIError, LabAPI
 from ebpfsvc.lab.processes import ProcRecord, base_env
 from ebpfsvc.lab.store import State, object_key
@@ -42,14 +42,32 @@ class LabError(RuntimeError):
     pass
 
 
-def load_documents(path: str | Path) -> list[dict[str, Any]]:
-    """The objects of a (multi-document) YAML file; `kind: List` items are flattened."""
-    text = sys.stdin.read() if str(path) == "-" else Path(path).read_text()
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def load_documents(*paths: str | Path) -> list[dict[str, Any]]:
+    """The objects of (multi-document) YAML files, in order; `kind: List` items are flattened.
+    A directory means its *.yaml, *.yml and *.json files in name order (not recursive, as kubectl's
+    -f DIR); "-" is standard input. A missing or unreadable file or bad YAML is a LabError."""
     docs: list[dict[str, Any]] = []
-    for doc in yaml.safe_load_all(text):
-        if not doc:
+    for path in paths:
+        if str(path) != "-" and Path(path).is_dir():
+            files = sorted(p for p in Path(path).iterdir() if p.suffix in MANIFEST_SUFFIXES)
+            docs += load_documents(*files)
             continue
-        docs.extend(doc.get("items") or [] if doc.get("kind") == "List" else [doc])
+        try:
+            text = sys.stdin.read() if str(path) == "-" else Path(path).read_text()
+            loaded = list(yaml.safe_load_all(text))
+        except OSError as exc:
+            raise LabError(f"{path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise LabError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        for doc in loaded:
+            if not doc:
+                continue
+            if not isinstance(doc, dict):
+                raise LabError(f"{path}: a document is not an object: {doc!r:.60}")
+            docs.extend(doc.get("items") or [] if doc.get("kind") == "List" else [doc])
     return docs
 
 
@@ -238,6 +256,45 @@ class Lab:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pods not {what} after {timeout}s: {pending}")
             time.sleep(0.1)
+
+    # -- agents in sync ------------------------------------------------------------------
+
+    def drift(self, node: str) -> list[dict[str, Any]]:
+        """How `node`'s maps differ from what the API server says that node should serve, computed
+        as `ebpfsvc drift` does (the agent's own trackers and desired state): [] = in sync."""
+        from ebpfsvc.config import NodeConfig
+        from ebpfsvc.inspect import views
+        from ebpfsvc.inspect.desired import load_desired
+        from ebpfsvc.inspect.node import NodeMaps
+        from ebpfsvc.nodeinfo import NodeSettings
+
+        desired = load_desired(NodeConfig(node_name=node), kubeconfig=str(self.kubeconfig), settings=NodeSettings(),
+                               netns=self.node_netns(node))
+        try:
+            maps = NodeMaps.open(names.pin_dir(self.prefix, node))
+        except (OSError, ValueError):
+            return [{"frontend": "", "service": "", "problem": "no datapath yet (the agent is starting)"}]
+        with maps:
+            return views.drift(desired, maps)
+
+    def wait_synced(self, timeout: float = 90.0) -> None:
+        """Until every running agent serves exactly what the API says, twice in a row 0.3 s apart
+        (the EndpointSlice controller may still be catching up with the first)."""
+        deadline = time.monotonic() + timeout
+        settled = 0
+        while True:
+            nodes = [n.name for n in self.spec.nodes if processes.alive(self.agent_record(n.name))]
+            behind = {node: diffs for node in nodes if (diffs := self.drift(node))}
+            settled = 0 if behind else settled + 1
+            if settled >= 2:
+                return
+            if time.monotonic() > deadline:
+                node, diffs = next(iter(behind.items()))
+                first = diffs[0]
+                raise LabError(f"agents not in sync after {timeout:.0f}s: {node}: {len(diffs)} frontend(s) differ, "
+                               f"e.g. {first['service'] or first['frontend']}: {first['problem']} "
+                               f"(see `ebpfsvc lab logs agent/{node}`)")
+            time.sleep(0.3)
 
     # -- running things ------------------------------------------------------------------
 

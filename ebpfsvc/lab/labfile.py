@@ -48,7 +48,7 @@ class NodeSpec:
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
-        """The pods' default gateway (and the agent's hairpin address): the CIDR's first host."""
+        """The pods' default gateway: the CIDR's first host."""
         return self.pod_cidr.network_address + 1
 
 

@@ -19,8 +19,9 @@ class EventType(str, enum.Enum):
     DELETED = "DELETED"
 
 
-# The kinds the data plane watches (Endpoints for selectorless Services with manual Endpoints).
-KINDS = ("Service", "EndpointSlice", "Endpoints", "Node")
+# The kinds the data plane reads (Endpoints for selectorless Services with manual Endpoints, in a
+# manifest directory; from the API server, sources/kube.py watches fewer).
+KINDS = ("Service", "EndpointSlice", "Endpoints", "Node", "ServiceCIDR")
 
 
 @dataclass(frozen=True)

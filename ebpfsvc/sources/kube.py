@@ -8,6 +8,9 @@ watch is lost.  The recovery rules (docs/sources.md has the full matrix):
 - BOOKMARK                              -> only remember its resourceVersion
 - 410 Gone (ERROR event or HTTP 410)    -> our resourceVersion is compacted: re-list
 - any other ERROR / HTTP error          -> back off, re-list
+- 404 on the list of an optional kind   -> the API does not serve it (ServiceCIDR before
+  (OPTIONAL_KINDS)                         Kubernetes 1.33): an empty, synced set; asked again
+                                           every ABSENT_RETRY_SECONDS, in case of an upgrade
 - API unreachable, broken or silent     -> back off, watch again from the same
   stream (client read timeout)             resourceVersion (a 410 will say if too old)
 
@@ -22,6 +25,7 @@ API's camelCase dicts, not the client's snake_case model objects.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -37,7 +41,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from .backoff import Backoff
-from .base import KINDS, Event, EventType, Sink
+from .base import Event, EventType, Sink
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,17 @@ _RESOURCES: dict[str, tuple[str, type, str]] = {
     "Node": ("v1", k8s_client.CoreV1Api, "list_node"),
     "EndpointSlice": ("discovery.k8s.io/v1", k8s_client.DiscoveryV1Api,
                       "list_endpoint_slice_for_all_namespaces"),
+    "ServiceCIDR": ("networking.k8s.io/v1", k8s_client.NetworkingV1Api, "list_service_cidr"),
 }
+
+# What a node agent watches, as kube-proxy does: Services, EndpointSlices (v1 Endpoints that an
+# owner writes by hand reach it as EndpointSlices, through the EndpointSlice mirroring
+# controller), its own Node (KubeSource(node_name=...)), and the cluster's ServiceCIDRs.
+AGENT_KINDS = ("Service", "EndpointSlice", "Node", "ServiceCIDR")
+
+# Kinds an API server may not serve at all (404): ServiceCIDR is GA from Kubernetes 1.33.
+OPTIONAL_KINDS = frozenset({"ServiceCIDR"})
+ABSENT_RETRY_SECONDS = 300.0
 
 # A watch that ends normally this quickly without a single event is treated as a
 # failure (client-go's "very short watch"), so a misbehaving server cannot put us
@@ -61,9 +75,10 @@ _NETWORK_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 class _Failure(Exception):
     """One list or watch attempt failed; `relist` says whether our state is suspect."""
 
-    def __init__(self, message: str, *, relist: bool) -> None:
+    def __init__(self, message: str, *, relist: bool, status: int | None = None) -> None:
         super().__init__(message)
         self.relist = relist
+        self.status = status        # the HTTP status, when the server answered with one
 
 
 class _ContinueExpired(_Failure):
@@ -96,7 +111,11 @@ class _Reflector:
     def __init__(self, kind: str, source: "KubeSource") -> None:
         api_version, api_class, method = _RESOURCES[kind]
         self.kind, self.api_version = kind, api_version
-        self._list_call: Callable[..., Any] = getattr(api_class(source._api_client), method)
+        list_call = getattr(api_class(source._api_client), method)
+        selector = source._field_selectors.get(kind)
+        if selector:
+            list_call = functools.partial(list_call, field_selector=selector)
+        self._list_call: Callable[..., Any] = list_call
         self._source = source
         self._sink = source._sink
         self._stopping = source._stopping
@@ -131,6 +150,10 @@ class _Reflector:
                     # (the kind would silently freeze); trust nothing and re-list.
                     log.exception("%s reflector: unexpected error", self.kind)
                     error = _Failure(f"unexpected {error!r}", relist=True)
+                if need_list and error.status == 404 and self.kind in OPTIONAL_KINDS:
+                    if not self._absent():
+                        break
+                    continue
                 need_list = need_list or error.relist
                 delay = self._backoff.next_delay()
                 self._source._record_error(self.kind, str(error))
@@ -138,6 +161,24 @@ class _Reflector:
                             "re-list" if need_list else "watch again", delay)
                 self._stopping.wait(delay)
         log.debug("%s reflector stopped", self.kind)
+
+    def _absent(self) -> bool:
+        """The API server does not serve this optional kind: deliver it as an empty, synced set
+        (the sink then does without it) and ask again later. False when stopping."""
+        if not self._source._absent(self.kind):
+            log.info("%s: not served by this API server (404); asking again every %.0fs",
+                     self.kind, ABSENT_RETRY_SECONDS)
+        try:
+            self._deliver(self._sink.on_relist, self.kind, [])
+            if not self._synced:
+                self._deliver(self._sink.on_synced, self.kind)
+                self._synced = True
+        except _Stopping:
+            return False
+        except _Failure:
+            pass                        # the sink failed: it is told again at the next attempt
+        self._stopping.wait(ABSENT_RETRY_SECONDS)
+        return not self._stopping.is_set()
 
     # ---- list ---------------------------------------------------------------------------------
 
@@ -185,7 +226,7 @@ class _Reflector:
                                        _request_timeout=self._source._request_timeout)
         except ApiException as e:
             failure = _ContinueExpired if token and e.status == 410 else _Failure
-            raise failure(f"list: HTTP {e.status} {e.reason}", relist=True) from e
+            raise failure(f"list: HTTP {e.status} {e.reason}", relist=True, status=e.status) from e
         except _NETWORK_ERRORS as e:
             raise _Failure(f"list: API unreachable: {e}", relist=True) from e
         with self._holding(response) as finish:
@@ -315,17 +356,20 @@ class _Reflector:
 
 
 class KubeSource:
-    """Delivers Services, EndpointSlices, Endpoints and Nodes from the API server to a sink."""
+    """Delivers Services, EndpointSlices, Nodes and ServiceCIDRs (any of _RESOURCES) from the API
+    server to a sink."""
 
     def __init__(self, sink: Sink, *, kubeconfig: str | None = None, in_cluster: bool | None = None,
-                 api_client: k8s_client.ApiClient | None = None, kinds: tuple[str, ...] = KINDS,
+                 api_client: k8s_client.ApiClient | None = None, kinds: tuple[str, ...] = AGENT_KINDS,
+                 node_name: str | None = None,
                  request_timeout: tuple[float, float] | float = (5, 60), watch_timeout_seconds: int = 300,
                  backoff_initial: float = 0.2, backoff_max: float = 30.0,
                  list_page_size: int = 500) -> None:
         """request_timeout is (connect, read) seconds for every request, or one number for
         both. The read timeout is how long a watch may stay silent before we call the
         connection dead and watch again; keep it above the server's bookmark interval
-        (about a minute)."""
+        (about a minute). node_name: watch only that Node (a field selector, as kube-proxy does)
+        rather than every Node of the cluster."""
         unknown = set(kinds) - set(_RESOURCES)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}; known: {sorted(_RESOURCES)}")
@@ -339,12 +383,13 @@ class KubeSource:
         self._watch_timeout_seconds = int(watch_timeout_seconds)
         self._backoff_initial, self._backoff_max = backoff_initial, backoff_max
         self._list_page_size = list_page_size
+        self._field_selectors = {"Node": f"metadata.name={node_name}"} if node_name else {}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._started = self._stopped = False
         self._stats = {kind: {"lists": 0, "relists": 0, "watches": 0, "restarts": 0, "events": 0,
                               "bookmarks": 0, "errors": 0, "last_error": None,
-                              "resource_version": None, "synced": False} for kind in kinds}
+                              "resource_version": None, "synced": False, "absent": False} for kind in kinds}
         self._reflectors = [_Reflector(kind, self) for kind in kinds]
 
     def start(self) -> None:
@@ -393,6 +438,13 @@ class KubeSource:
             self._stats[kind][counter] += 1
             self._stats[kind].update(values)
 
+    def _absent(self, kind: str) -> bool:
+        """Note that the server does not serve `kind`; True if that was known already."""
+        with self._lock:
+            known = self._stats[kind]["absent"]
+            self._stats[kind].update(absent=True, synced=True)
+            return known
+
     def _record_error(self, kind: str, message: str) -> None:
         self._count(kind, "errors", last_error=message)
 
@@ -401,4 +453,4 @@ class KubeSource:
             stats = self._stats[kind]
             stats["lists"] += 1
             stats["relists"] += int(relist)
-            stats.update(synced=True, resource_version=resource_version)
+            stats.update(synced=True, resource_version=resource_version, absent=False)

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from ebpfsvc.k8s.fields import CLUSTER_SCOPED
 from ebpfsvc.k8s.schema import unknown_fields
 
 from .base import KINDS, Event, EventType, Sink
@@ -37,7 +38,7 @@ from .base import KINDS, Event, EventType, Sink
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
-NAMESPACED = frozenset(KINDS) - {"Node"}
+NAMESPACED = frozenset(KINDS) - CLUSTER_SCOPED
 
 ObjectKey = tuple[str, str, str]      # (kind, namespace, name)
 

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from ebpfsvc.lab import Lab, LabError, apps, controlplane, labfile, names, nsenter, processes
 from ebpfsvc.lab.pods import READY_ANNOTATION, process as pod_process
@@ -180,6 +181,7 @@ def test_endpointslices_follow_readiness_and_deletion(lab):
     ])
     lab.wait_ready(["web-1", "web-2"], timeout=20)
     time.sleep(1.5)   # a few probe rounds for web-3, which must stay unready
+    wait_for(lambda: len(endpoints_by_pod(lab, "web")) == 3, what="three endpoints in the slice")
     slices = lab.endpoint_slices("web")
     assert len(slices) == 1
     assert slices[0]["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
@@ -193,17 +195,20 @@ def test_endpointslices_follow_readiness_and_deletion(lab):
     assert eps["web-1"]["addresses"] == [lab.pod_ip("web-1")]
 
     lab.delete_object("pod", "web-1")
+    wait_for(lambda: endpoints_by_pod(lab, "web")["web-1"]["conditions"]["terminating"], what="web-1 terminating")
     eps = endpoints_by_pod(lab, "web")
     assert eps["web-1"]["conditions"] == {"ready": False, "serving": True, "terminating": True}
     # Terminating pods still serve: the app answers during the grace period.
     answer = curl_json(lambda argv: lab.exec("web-2", argv), f"http://{lab.pod_ip('web-1')}:8080/")
     assert answer["pod"] == "web-1"
     lab.wait_gone(["web-1"], timeout=40)
+    wait_for(lambda: "web-1" not in endpoints_by_pod(lab, "web"), what="web-1 out of the slice")
     assert set(endpoints_by_pod(lab, "web")) == {"web-2", "web-3"}
     assert not nsenter.exists(names.pod_netns(lab.prefix, "default", "web-1"))
 
     # Re-applying with other labels is an update: web-2 leaves the Service.
     lab.apply([apps.pod("web-2", "http-echo", 8080, node="node-2", labels={"app": "moved"})])
+    wait_for(lambda: "web-2" not in endpoints_by_pod(lab, "web"), what="web-2 out of the slice")
     assert set(endpoints_by_pod(lab, "web")) == {"web-3"}
 
 
@@ -220,11 +225,14 @@ def test_readiness_follows_the_probe_both_ways(lab):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         lab.wait_ready(["flip"], timeout=20)
+        wait_for(lambda: endpoints_by_pod(lab, "flip").get("flip", {}).get("conditions", {}).get("ready"),
+                 what="flip ready in its slice")
         assert endpoints_by_pod(lab, "flip")["flip"]["conditions"]["ready"] is True
     finally:
         listener.kill()
         listener.wait(timeout=5)
     lab.wait_ready(["flip"], ready=False, timeout=20)
+    wait_for(lambda: not endpoints_by_pod(lab, "flip")["flip"]["conditions"]["ready"], what="flip unready in its slice")
     assert endpoints_by_pod(lab, "flip")["flip"]["conditions"] == {"ready": False, "serving": False,
                                                                     "terminating": False}
 
@@ -241,6 +249,9 @@ def test_more_than_100_endpoints_split_into_slices(lab):
             for i in range(count)]
     lab.apply(pods + [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bulk"},
                        "spec": {"selector": {"app": "bulk"}, "ports": [{"port": 80, "targetPort": "serve"}]}}])
+    # The real EndpointSlice controller catches up asynchronously.
+    wait_for(lambda: sum(len(s.get("endpoints") or []) for s in lab.endpoint_slices("bulk")) == count,
+             what=f"{count} endpoints in the slices")
     slices = lab.endpoint_slices("bulk")
     sizes = sorted(len(s["endpoints"]) for s in slices)
     assert sizes == [count - MAX_ENDPOINTS_PER_SLICE, MAX_ENDPOINTS_PER_SLICE]
@@ -409,7 +420,8 @@ def test_labfile_errors_name_the_field(change, field):
 
 @pytest.mark.root
 def test_agents_start_restart_and_pins_go(unique_prefix):
-    """One agent per node, inside the node, with the lab's command line; restart replaces it."""
+    """One agent per node, inside the node, with the lab's command line (nothing about the node but
+    its name, as from a DaemonSet); restart replaces it."""
     lab = Lab.up(prefix=unique_prefix, agents=True)
     try:
         first = {n.name: lab.agent_record(n.name) for n in lab.spec.nodes}
@@ -420,6 +432,8 @@ def test_agents_start_restart_and_pins_go(unique_prefix):
             argv = f.read().decode().split("\0")
         assert f"--pin-dir={names.pin_dir(unique_prefix, 'node-1')}" in argv
         assert "--node-name=node-1" in argv
+        per_node = {"--node-address", "--service-cidr", "--uplink", "--hairpin-address", "--zone"}
+        assert not {a.split("=")[0] for a in argv} & per_node, argv
         assert os.stat(f"/proc/{node1.pid}/ns/net").st_ino == \
             os.stat(nsenter.netns_path(lab.node_netns("node-1"))).st_ino
         assert names.pin_dir(unique_prefix, "node-1").is_dir()
@@ -434,6 +448,29 @@ def test_agents_start_restart_and_pins_go(unique_prefix):
         lab.down()
     assert lab_leftovers(unique_prefix) == []
     assert not any(processes.alive(r) for r in [*first.values(), second])
+
+
+@pytest.mark.root
+@NO_AGENTS
+def test_agents_identity_is_deploys_service_account_and_read_only(lab):
+    """The agents' kubeconfig carries a token of deploy/'s ServiceAccount: deploy/'s ClusterRole lets
+    it read what the agent watches and write nothing (asked of the real API server's RBAC)."""
+    kubeconfig = controlplane.Paths(lab.state.path).agent_kubeconfig("node-1")
+
+    def can(*what: str) -> bool:
+        r = lab.node_exec("node-1", [controlplane.binary("kubectl"), "--kubeconfig", str(kubeconfig),
+                                     "auth", "can-i", *what])
+        assert r.stdout.strip() in ("yes", "no"), r.stderr
+        return r.stdout.strip() == "yes"
+
+    who = lab.node_exec("node-1", [controlplane.binary("kubectl"), "--kubeconfig", str(kubeconfig),
+                                   "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"])
+    assert who.stdout == "system:serviceaccount:kube-system:ebpfsvc", who.stderr
+    for resource in ("services", "endpointslices.discovery.k8s.io", "nodes", "servicecidrs.networking.k8s.io"):
+        assert can("watch", resource, "--all-namespaces"), resource
+    for verb, resource in [("create", "services"), ("update", "endpointslices.discovery.k8s.io"),
+                           ("patch", "nodes"), ("delete", "pods"), ("get", "secrets"), ("list", "pods")]:
+        assert not can(verb, resource, "--all-namespaces"), (verb, resource)
 
 
 @pytest.mark.root
@@ -458,3 +495,74 @@ def test_down_all_removes_every_lab(unique_prefix, tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert not any(n.startswith(unique_prefix) for n in os.listdir(nsenter.NETNS_RUN_DIR))
 
+
+
+# -- the CLI as scripts use it ------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_cli_for_scripts(unique_prefix, tmp_path):
+    """`lab up`/`apply` return once the agents serve what was applied; several -f and a directory;
+    status as JSON/YAML and unwrapped when piped; one-line errors; inspection of a node."""
+    cli = [sys.executable, "-m", "ebpfsvc.cli", "lab"]
+    env = {**os.environ, "EBPFSVC_LAB_PREFIX": unique_prefix}
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=180, env=env, input=stdin)
+
+    pods, svcs = tmp_path / "pods", tmp_path / "svc.yaml"
+    pods.mkdir()
+    for name, node in (("web-a", "node-1"), ("web-b", "node-2")):
+        (pods / f"{name}.yaml").write_text(
+            f"apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: web}}}}\n"
+            f"spec:\n  nodeName: {node}\n  containers:\n"
+            "  - {name: c, command: [python, -m, ebpfsvc.lab.apps, http-echo, --port, '8080']}\n")
+    (pods / "notes.txt").write_text("not a manifest: skipped, as kubectl does")
+    long_name = "a-service-name-long-enough-to-wrap-an-eighty-column-table"
+    svcs.write_text(f"apiVersion: v1\nkind: Service\nmetadata: {{name: {long_name}}}\n"
+                    "spec: {type: NodePort, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
+    try:
+        up = run("up")
+        assert up.returncode == 0 and "agents in sync" in up.stdout, up.stderr
+        applied = run("apply", "-f", str(pods), "-f", str(svcs))
+        assert applied.returncode == 0, applied.stderr
+        assert {"pod/web-a applied", "pod/web-b applied", f"service/{long_name} applied", "agents in sync"} \
+            <= set(applied.stdout.splitlines())
+        # In sync means served: the NodePort answers at once, no retry loop.
+        report = json.loads(run("status", "-o", "json").stdout)
+        port = next(s for s in report["services"] if s["service"] == long_name)["ports"][0].split()[-1]
+        assert [n["sync"] for n in report["nodes"] if n["agent"] == "running"] == ["in sync", "in sync"]
+        assert {p["pod"] for p in report["pods"]} == {"web-a", "web-b"}
+        answer = run("node-exec", "client", "--", "curl", "-sS", "--max-time", "3", f"http://198.18.0.11:{port}/")
+        assert answer.returncode == 0 and json.loads(answer.stdout)["pod"] in {"web-a", "web-b"}, answer.stderr
+        assert yaml.safe_load(run("status", "-o", "yaml").stdout)["lab"] == unique_prefix
+        table = run("status").stdout
+        assert any(long_name in line and "NodePort" in line for line in table.splitlines()), table
+        listed = run("inspect", "node-1", "service", "list")
+        assert listed.returncode == 0 and long_name in listed.stdout, listed.stderr
+        assert run("inspect", "node-1", "drift").returncode == 0
+        # One line each, never a traceback.
+        for args, stdin, rc, line in [
+            (("apply", "-f", str(tmp_path / "nope.yaml")), None, 1, "nope.yaml: No such file or directory"),
+            (("apply", "-f", "-"), "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {port: 80}\n",
+             1, ".spec.port: field not declared in schema"),
+            (("exec", "web-a", "--", "no-such-program"), None, 127, "no-such-program: command not found"),
+        ]:
+            r = run(*args, stdin=stdin)
+            assert r.returncode == rc and line in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert run("delete", "pod", "web-a", "--grace-period", "0").stdout.strip() == "deleted"
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stderr
+    assert lab_leftovers(unique_prefix) == []
+
+
+def test_cli_never_guesses_between_several_labs(tmp_path):
+    """Without --prefix and with two labs under the state root, a command asks which."""
+    for name in ("es-one", "es-two"):
+        (tmp_path / name).mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "EBPFSVC_LAB_PREFIX"}
+    r = subprocess.run([sys.executable, "-m", "ebpfsvc.cli", "lab", "status"], capture_output=True, text=True,
+                       timeout=60, env={**env, "EBPFSVC_LAB_ROOT": str(tmp_path)})
+    assert r.returncode == 1
+    assert r.stderr.strip() == "Error: 2 labs run here (es-one, es-two): say which with --prefix or $EBPFSVC_LAB_PREFIX"

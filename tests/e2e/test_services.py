@@ -285,8 +285,9 @@ def test_hairpin_pod_reaches_itself_through_its_service(lab):
     """The only backend of a Service calls the Service: the answer comes from itself.
 
     Without hairpin SNAT the backend would answer itself directly (source = its own IP) and the
-    client socket, connected to the VIP, would drop the reply. The backend sees the node's
-    hairpin address (the pod gateway), as with kube-proxy's masquerade for hairpin traffic.
+    client socket, connected to the VIP, would drop the reply. The backend sees the node address,
+    as with kube-proxy's masquerade for hairpin traffic: the agent is given no --hairpin-address
+    (issue 10: a pod calling its own Service hung under deploy/).
     """
     lab.apply([echo("hairpin", "node-1"),
                service("hairpin", [{"port": 80, "targetPort": 8080}], selector={"pod": "hairpin"})])
@@ -296,7 +297,7 @@ def test_hairpin_pod_reaches_itself_through_its_service(lab):
     answer = http_get(lab, "hairpin", cluster_ip(lab, "hairpin"), 80)
 
     assert answer["pod"] == "hairpin"
-    assert answer["client"] == str(lab.spec.node("node-1").gateway)
+    assert answer["client"] == str(lab.spec.node("node-1").address)
 
 
 def test_internal_traffic_policy_local(lab):

@@ -9,6 +9,9 @@ talk to it unmodified, so the source under test runs its production HTTP path:
 - GET <collection>?watch=true&resourceVersion=N: a chunked stream, one JSON event
   per line, starting with every change after N.  allowWatchBookmarks and
   timeoutSeconds are honoured.
+- fieldSelector=metadata.name=NAME on both (the only field selector a node agent sends).
+- a resource the server does not serve (`without=("ServiceCIDR",)`, an API server older than
+  the kind) answers 404, as the real one does for an unknown path.
 
 The test drives it: create/update/delete objects (each bumps one global
 resourceVersion, as etcd does), compact history (older watches get 410 Gone, as
@@ -40,6 +43,7 @@ RESOURCES = {
     "/api/v1/endpoints": ("Endpoints", "v1"),
     "/api/v1/nodes": ("Node", "v1"),
     "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
+    "/apis/networking.k8s.io/v1/servicecidrs": ("ServiceCIDR", "networking.k8s.io/v1"),
 }
 API_VERSION = {kind: api_version for kind, api_version in RESOURCES.values()}
 
@@ -59,15 +63,25 @@ class Request:
 class _Watcher:
     kind: str
     bookmarks: bool
+    name: str | None = None    # fieldSelector metadata.name=NAME: only that object's events
     # ("event", dict) | ("raw", bytes) | ("close",) | ("hang",) | ("kill",)
     inbox: queue.Queue = field(default_factory=queue.Queue)
     killed: threading.Event = field(default_factory=threading.Event)
+
+    def selects(self, event: dict[str, Any]) -> bool:
+        return self.name is None or _key(event["object"])[1] == self.name
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     """A metav1.Status, the body of every API error."""
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": message, "reason": reason, "code": code}
+
+
+def _name_selector(selector: str) -> str | None:
+    """NAME of a `metadata.name=NAME` (or ==) field selector; None for any other selector."""
+    field, _, value = selector.replace("==", "=").partition("=")
+    return value if field == "metadata.name" and value else None
 
 
 def _key(obj: dict[str, Any]) -> Key:
@@ -105,10 +119,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         resource = RESOURCES.get(url.path)
-        if resource is None:
-            self.send_json(404, _status(404, "NotFound", f"the server could not find {url.path}"))
-            return
         api = self.server.api
+        if resource is None or resource[0] in api.without:
+            if resource is not None:
+                api._log(resource[0], "watch" if params.get("watch") in ("true", "1") else "list", params, 404)
+            self.send_json(404, _status(404, "NotFound", "the server could not find the requested resource"))
+            return
+        selector = params.get("fieldSelector", "")
+        if selector and not _name_selector(selector):
+            api._log(resource[0], "list", params, 400)
+            self.send_json(400, _status(400, "BadRequest", f"field selector {selector!r} is not supported"))
+            return
         if params.get("watch") in ("true", "1"):
             api._serve_watch(self, resource[0], params)
         else:
@@ -130,7 +151,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class FakeApiServer:
     """Start with `with FakeApiServer() as api:`; point a client at `api.url`."""
 
-    def __init__(self) -> None:
+    def __init__(self, without: tuple[str, ...] = ()) -> None:
+        self.without = frozenset(without)      # kinds answered with 404
         self._lock = threading.RLock()
         self._requests_changed = threading.Condition(self._lock)
         self._rv = 1
@@ -239,7 +261,10 @@ class FakeApiServer:
         self._history[kind].append((self._rv, key, None if type_ == "DELETED" else obj))
         event = {"type": type_, "object": obj}
         self._events[kind].append((self._rv, event))
-        self._push(kind, ("event", event))
+        with self._lock:
+            for w in self._watchers:
+                if w.kind == kind and w.selects(event):
+                    w.inbox.put(("event", event))
         return copy.deepcopy(obj)
 
     def _snapshot(self, kind: str, rv: int) -> dict[Key, dict[str, Any]]:
@@ -341,7 +366,8 @@ class FakeApiServer:
             else:
                 snapshot_rv, after, page = self._rv, None, 1
                 state = self._objects[kind]
-            keys = sorted(k for k in state if after is None or k > after)
+            name = _name_selector(params.get("fieldSelector", ""))
+            keys = sorted(k for k in state if (after is None or k > after) and (name is None or k[1] == name))
             shown = keys[:limit] if limit else keys
             items = []
             for k in shown:
@@ -362,7 +388,8 @@ class FakeApiServer:
     def _serve_watch(self, h: _Handler, kind: str, params: dict[str, str]) -> None:
         rv_param = params.get("resourceVersion", "")
         timeout = int(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
-        watcher = _Watcher(kind, params.get("allowWatchBookmarks") in ("true", "1"))
+        watcher = _Watcher(kind, params.get("allowWatchBookmarks") in ("true", "1"),
+                           _name_selector(params.get("fieldSelector", "")))
         with self._lock:
             since = int(rv_param) if rv_param not in ("", "0") else None
             if since is not None and since < self._compacted:
@@ -375,11 +402,12 @@ class FakeApiServer:
                 watcher.inbox.put(("close",))
             elif since is None:
                 # No resourceVersion: the current state as synthetic ADDED events first.
-                for _, obj in sorted(self._objects[kind].items()):
-                    watcher.inbox.put(("event", {"type": "ADDED", "object": obj}))
+                for key, obj in sorted(self._objects[kind].items()):
+                    if watcher.name is None or key[1] == watcher.name:
+                        watcher.inbox.put(("event", {"type": "ADDED", "object": obj}))
             else:
                 for event_rv, event in self._events[kind]:
-                    if event_rv > since:
+                    if event_rv > since and watcher.selects(event):
                         watcher.inbox.put(("event", event))
             self._watchers.add(watcher)
         self._log(kind, "watch", params, 200)

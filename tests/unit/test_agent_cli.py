@@ -139,3 +139,9 @@ def test_conntrack_flags_reach_the_datapath_limits(tmp_path, monkeypatch):
     loader.Limits(**cfg.limits).defines()                # and the loader takes them as they are
     result, cfg = _run(tmp_path, monkeypatch, "", "--node-name=n1", "--conntrack-max-per-core=0")
     assert "ct_entries" not in cfg.limits                # 0: leave the table size alone (kube-proxy's meaning)
+
+
+def test_service_cidr_is_optional(tmp_path, monkeypatch):
+    result, cfg = _run(tmp_path, monkeypatch, "{}\n", "--node-name=n1")
+    assert result.exit_code == 0, result.output
+    assert cfg.node.service_cidr is None

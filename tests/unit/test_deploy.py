@@ -282,7 +282,6 @@ def _run_agent(cli, args, monkeypatch):
             pass
 
     monkeypatch.setattr(cli, "Agent", FakeAgent)
-    monkeypatch.setattr(cli, "select_nodeport_addresses", lambda cidrs: ())
     result = CliRunner().invoke(cli.agent, args)
     assert result.exit_code == 0, result.output
     return captured["cfg"]
@@ -304,6 +303,35 @@ def test_agent_accepts_the_daemonset_command_line(tmp_path, monkeypatch):
     assert cfg.in_cluster and cfg.pin_dir == "/sys/fs/bpf/ebpfsvc"
 
 
+def test_the_deploy_configuration_is_all_a_node_needs(tmp_path, monkeypatch):
+    """Issue 10: the ConfigMap + DaemonSet arguments must work on any node. So nothing per node is
+    configured (the addresses, uplinks, hairpin source and service CIDR are found), and the
+    shipped `nodeport-addresses: []` means every node address, as with kube-proxy."""
+    from ebpfsvc.k8s.node import parse_node
+    from ebpfsvc.nodeinfo import Interface, NodeSettings, resolve
+
+    cli = _agent_command()
+    (cm,) = load_docs(DEPLOY / "configmap.yaml")
+    conf = tmp_path / "config.yaml"
+    conf.write_text(cm["data"]["config.yaml"])
+    per_node = {"node-address", "uplink", "hairpin-address", "service-cidr", "zone", "cluster-cidr"}
+    assert per_node.isdisjoint(yaml.safe_load(conf.read_text())), "a per-node (or unused) key in the ConfigMap"
+    assert not [a for a in agent_container()["args"] if a.split("=")[0].lstrip("-") in per_node]
+    args = [a.replace("$(NODE_NAME)", "node-a").replace("/etc/ebpfsvc/config.yaml", str(conf))
+            for a in agent_container()["args"]]
+    cfg = _run_agent(cli, args[1:], monkeypatch)
+    assert cfg.uplinks is None and cfg.hairpin_address is None and cfg.node.service_cidr is None
+    assert cfg.node.node_addresses == () and cfg.nodeport_addresses == ()
+    # What the agent then makes of a node: every node address serves NodePorts.
+    node = parse_node({"kind": "Node", "metadata": {"name": "node-a"}, "status": {"addresses": [
+        {"type": "InternalIP", "address": "10.0.0.5"}, {"type": "ExternalIP", "address": "10.0.1.5"}]}})
+    interfaces = (Interface("lo", ()), Interface("ens5", tuple(map(ipaddress.IPv4Address, ("10.0.0.5", "10.0.1.5")))))
+    info = resolve(NodeSettings(nodeport_addresses=cfg.nodeport_addresses, uplinks=cfg.uplinks,
+                                pod_interfaces=cfg.pod_interfaces), interfaces, node, True)
+    assert [str(a) for a in info.nodeport_addresses] == ["10.0.0.5", "10.0.1.5"]
+    assert info.uplinks == ("ens5",) and str(info.hairpin) == "10.0.0.5"
+
+
 @pytest.mark.parametrize("configmap", [DEPLOY / "configmap.yaml", VAGRANT / "ebpfsvc" / "config.yaml"],
                          ids=["deploy", "vagrant"])
 def test_agent_config_file_reaches_the_agent(configmap, tmp_path, monkeypatch):
@@ -315,9 +343,8 @@ def test_agent_config_file_reaches_the_agent(configmap, tmp_path, monkeypatch):
     known = {opt.lstrip("-") for p in cli.agent.params for opt in p.opts}
     assert set(wanted) <= known, f"not flags of ebpfsvc agent: {set(wanted) - known}"
     cfg = _run_agent(cli, [f"--config={conf}", "--node-name=node-a"], monkeypatch)
-    assert str(cfg.node.service_cidr) == wanted["service-cidr"]
     assert tuple(cfg.pod_interfaces) == tuple(wanted["pod-interfaces"])
-    assert tuple(cfg.uplinks) == tuple(wanted["uplink"]), "config key `uplink` (--uplink) did not reach the agent"
+    assert cfg.nodeport_addresses == tuple(wanted["nodeport-addresses"]), "nodeport-addresses did not reach the agent"
 
 
 # --- RBAC -------------------------------------------------------------------------------------------
@@ -336,8 +363,11 @@ def test_rbac_is_read_only():
                 assert not writes, f"write verbs {writes} on {res}"
             for group in rule["apiGroups"]:
                 granted |= {(group, res, v) for v in rule["verbs"]}
-    for group, res in [("", "services"), ("", "endpoints"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")]:
+    for group, res in [("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices"),
+                       ("networking.k8s.io", "servicecidrs")]:
         assert {(group, res, v) for v in READ_VERBS} <= granted, res
+    # What the agent does not watch from the API is not granted (v1 Endpoints reach it mirrored).
+    assert not {g for g in granted if g[1] == "endpoints"}
     binding = objs[("ClusterRoleBinding", "ebpfsvc")]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ebpfsvc"}
     sa = objs[("ServiceAccount", "ebpfsvc")]

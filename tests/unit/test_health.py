@@ -39,6 +39,25 @@ def get(port: int, path: str) -> tuple[int, dict, dict]:
 
 # ---- ProxierHealth: kube-proxy's rules -------------------------------------------------------------
 
+def test_a_fault_fails_healthz_with_its_reason_until_cleared():
+    """A configuration the node cannot serve (a missing --uplink) is a 503 naming it, not a log
+    line behind a healthy node (issue 10)."""
+    h = ProxierHealth(timeout=60, clock=FakeClock())
+    h.updated()
+    h.set_fault("uplinks", "uplink bond0 not found")
+    ok, state, reason, body = h.status()
+    assert (ok, state, reason) == (False, "fault", "uplink bond0 not found") and body["reason"] == reason
+    server = HealthServer(h, alive=lambda: True, host="127.0.0.1", port=0)
+    try:
+        code, body, _ = get(server.port, "/healthz")
+        assert code == 503 and body["reason"] == "uplink bond0 not found"
+        assert get(server.port, "/livez")[0] == 200            # the loops run: no restart would help
+        h.set_fault("uplinks", None)
+        assert get(server.port, "/healthz")[0] == 200
+    finally:
+        server.close()
+
+
 def test_healthz_states_with_a_fake_clock():
     clock = FakeClock()
     h = ProxierHealth(timeout=60, clock=clock)
@@ -477,8 +496,8 @@ def synced_telemetry(node: NodeConfig, services: list[dict]):
 
 def test_every_service_rejected_makes_healthz_fail_with_the_reason():
     # The lab's default service CIDR on a cluster whose Services live in 10.96.0.0/12 (issue 10).
-    t = synced_telemetry(NodeConfig(node_name="node-a"), [service("kubernetes", "10.96.0.1"),
-                                                          service("dns", "10.96.0.10")])
+    t = synced_telemetry(NodeConfig(node_name="node-a", service_cidr="198.19.0.0/16"),
+                         [service("kubernetes", "10.96.0.1"), service("dns", "10.96.0.10")])
     ok, state, reason, body = t.health.status()
     assert (ok, state) == (False, "not-serving")
     assert reason == ("nothing is served: 2 Service(s) rejected, e.g. Service default/dns: spec.clusterIP: "

@@ -80,3 +80,31 @@ def test_cli_argument_errors():
     assert r.exit_code == 2 and "exactly one of --manifests" in r.output
     r = CliRunner().invoke(main, ["bpf", "ct", "list", "--pin-dir", "/nonexistent/pins"])
     assert r.exit_code == 1 and "no such pin directory" in r.output
+
+
+def test_drift_finds_the_nodeport_addresses_as_the_agent_does(tmp_path, monkeypatch):
+    """With no --node-address, `drift` serves NodePorts on the node addresses the agent found (its
+    Node object on this namespace's interfaces), instead of calling every NodePort frontend of a
+    zero-configuration agent unwanted (issue 10)."""
+    from ipaddress import IPv4Address
+
+    from ebpfsvc import nodeinfo
+    from ebpfsvc.config import NodeConfig
+    from ebpfsvc.inspect.desired import load_desired
+    from ebpfsvc.nodeinfo import Interface, NodeSettings
+
+    (tmp_path / "objects.yaml").write_text("""
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 198.18.0.11}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {type: NodePort, clusterIP: 198.19.0.10, ports: [{port: 80, nodePort: 30080}]}
+""")
+    monkeypatch.setattr(nodeinfo, "read_interfaces",
+                        lambda netns=None: (Interface("eth0", (IPv4Address("198.18.0.11"),)),))
+    state = load_desired(NodeConfig("node-1"), manifests=str(tmp_path), settings=NodeSettings())
+    assert {(str(k.address), k.port) for k in state.frontends} >= {("198.18.0.11", 30080), ("198.19.0.10", 80)}

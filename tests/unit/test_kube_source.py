@@ -17,7 +17,8 @@ from kubernetes import client, watch
 
 from ebpfsvc.sources.backoff import Backoff
 from ebpfsvc.sources.base import KINDS, Event, EventType
-from ebpfsvc.sources.kube import KubeSource
+from ebpfsvc.sources import kube
+from ebpfsvc.sources.kube import AGENT_KINDS, KubeSource
 from fakeapi import FakeApiServer  # tests/ is on sys.path: pytest adds the folder of tests/conftest.py
 
 WAIT = 10.0   # upper bound for any wait; a healthy run needs a fraction of a second
@@ -130,7 +131,7 @@ def start_synced(make_source, sink, api, **overrides) -> KubeSource:
     """Start a source and wait until every kind is listed and watching."""
     source = make_source(sink, **overrides)
     source.start()
-    for kind in overrides.get("kinds", KINDS):
+    for kind in overrides.get("kinds", AGENT_KINDS):
         sink.wait(lambda: sink.synced(kind), f"{kind} synced")
         api.wait_for_request(kind, "watch", 1)
     return source
@@ -150,7 +151,7 @@ def test_initial_list_of_every_kind_then_synced_then_watch_from_list_version(api
     list_rv = str(api.resource_version)
     start_synced(make_source, sink, api, watch_timeout_seconds=123)
 
-    for kind in KINDS:
+    for kind in AGENT_KINDS:
         calls = [c for c in sink.calls if c[1] == kind]
         assert [c[0] for c in calls] == ["relist", "synced"], kind
         assert api.count(kind, "list") == 1
@@ -163,7 +164,63 @@ def test_initial_list_of_every_kind_then_synced_then_watch_from_list_version(api
     assert services[0]["spec"]["clusterIP"] == "198.19.0.10"          # camelCase, as the API sends
     [slices] = sink.relists("EndpointSlice")
     assert slices[0]["apiVersion"] == "discovery.k8s.io/v1" and slices[0]["addressType"] == "IPv4"
-    assert names(sink.relists("Node")[0]) == ["node-1"] and sink.relists("Endpoints") == [[]]
+    assert names(sink.relists("Node")[0]) == ["node-1"]
+
+
+def test_the_agent_watches_what_kube_proxy_watches_and_no_v1_endpoints(api, sink, make_source):
+    """Proves (issue 10): no v1 Endpoints request at all (they reach a cluster's agents as
+    EndpointSlices, through the mirroring controller), and the Node watch asks for this node
+    only (list AND watch carry the field selector), so other Nodes are never delivered."""
+    api.create("Node", {"metadata": {"name": "node-1", "labels": {"zone": "a"}}})
+    api.create("Node", {"metadata": {"name": "node-2"}})
+    start_synced(make_source, sink, api, node_name="node-1")
+
+    assert api.requests("Endpoints") == []
+    assert set(AGENT_KINDS) == {"Service", "EndpointSlice", "Node", "ServiceCIDR"}
+    for request in api.requests("Node"):
+        assert request.params["fieldSelector"] == "metadata.name=node-1", request
+    assert [r.params.get("fieldSelector") for r in api.requests("Service")] == [None, None]
+    assert names(sink.relists("Node")[0]) == ["node-1"]
+
+    api.update("Node", {"metadata": {"name": "node-2", "labels": {"zone": "b"}}})
+    api.update("Node", {"metadata": {"name": "node-1", "labels": {"zone": "c"}}})
+    [event] = sink.wait(lambda: sink.events("Node"), "node-1's update")
+    assert event.key == ("", "node-1") and event.obj["metadata"]["labels"] == {"zone": "c"}
+    api.delete("Node", {"metadata": {"name": "node-2"}})
+    api.send_bookmark("Node")
+    assert [e.key for e in sink.events("Node")] == [("", "node-1")]
+
+
+def test_service_cidrs_are_followed_and_an_api_without_them_is_no_error(sink, make_source, monkeypatch):
+    """Proves: an API server that does not serve ServiceCIDRs (404, before Kubernetes 1.33) gives
+    an empty, synced set and no error (the agent then routes ClusterIPs itself), and the source
+    asks again later and follows them once served."""
+    monkeypatch.setattr(kube, "ABSENT_RETRY_SECONDS", 0.2)
+    with FakeApiServer(without=("ServiceCIDR",)) as old:
+        source = make_source_for(old, sink, make_source)
+        source.start()
+        sink.wait(lambda: sink.synced("ServiceCIDR"), "ServiceCIDR synced although absent")
+        assert sink.relists("ServiceCIDR")[0] == []
+        stats = source.stats["ServiceCIDR"]
+        assert stats["absent"] and stats["errors"] == 0 and stats["synced"]
+        old.wait_for_request("ServiceCIDR", "list", 2)             # asked again
+        assert old.count("ServiceCIDR", "watch") == 0
+
+        old.without = frozenset()                                   # upgraded
+        old.create("ServiceCIDR", {"metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/12"]}})
+        sink.wait(lambda: any(sink.relists("ServiceCIDR")[1:]), "the ServiceCIDR once served")
+        old.wait_for_request("ServiceCIDR", "watch", 1)
+        old.create("ServiceCIDR", {"metadata": {"name": "extra"}, "spec": {"cidrs": ["10.100.0.0/16"]}})
+        [added] = sink.wait(lambda: sink.events("ServiceCIDR"), "a second ServiceCIDR by watch")
+        assert added.obj["spec"]["cidrs"] == ["10.100.0.0/16"]
+        assert source.stats["ServiceCIDR"]["absent"] is False
+        source.stop()
+
+
+def make_source_for(server, sink, make_source):
+    configuration = client.Configuration()
+    configuration.host = server.url
+    return make_source(sink, api_client=client.ApiClient(configuration))
 
 
 def test_pagination_gathers_every_page_into_one_relist(api, sink, make_source):
@@ -368,7 +425,7 @@ def test_api_down_at_start_backs_off_delivers_nothing_then_recovers(api, sink, m
     assert "unreachable" in source.stats["Service"]["last_error"]
 
     api.come_up()
-    for kind in KINDS:
+    for kind in AGENT_KINDS:
         sink.wait(lambda: sink.synced(kind), f"{kind} synced after recovery")
     assert names(sink.relists("Service")[0]) == ["a"]
 

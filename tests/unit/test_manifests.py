@@ -41,7 +41,7 @@ class RecordingSink:
         return calls
 
 
-SYNCED_ALL = [("SYNCED", k) for k in ("Service", "EndpointSlice", "Endpoints", "Node")]
+SYNCED_ALL = [("SYNCED", k) for k in ("Service", "EndpointSlice", "Endpoints", "Node", "ServiceCIDR")]
 
 
 def svc(name: str, ip: str, port: int = 80, namespace: str | None = None) -> str:
@@ -68,12 +68,14 @@ def scan(source: ManifestSource) -> None:
 
 def test_first_scan_adds_everything_then_syncs_every_kind(tmp_path, sink):
     write(tmp_path / "a.yaml", svc("web", "198.19.0.10") + "---\n" + svc("api", "198.19.0.11", namespace="prod"))
-    write(tmp_path / "b.yml", "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n")
+    write(tmp_path / "b.yml", "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n---\n"
+          "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\n"
+          "spec: {cidrs: [198.19.0.0/16]}\n")
     source = ManifestSource(tmp_path, sink)
     source.start()
     source.stop()
     assert sink.take() == [("ADDED", "Node", "", "node-1"), ("ADDED", "Service", "default", "web"),
-                           ("ADDED", "Service", "prod", "api")] + SYNCED_ALL
+                           ("ADDED", "Service", "prod", "api"), ("ADDED", "ServiceCIDR", "", "kubernetes")] + SYNCED_ALL
 
 
 def test_empty_directory_still_syncs(tmp_path, sink):

@@ -17,6 +17,7 @@ from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s import (Invalid, ServiceType, TrafficPolicy, parse_endpoint_slice, parse_endpoints,
                          parse_node, parse_service)
 from ebpfsvc.k8s.schema import unknown_fields
+from ebpfsvc.k8s.servicecidr import parse_service_cidr
 from ebpfsvc.lbmodel import Algorithm, Protocol
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,8 +217,10 @@ INVALID_SERVICES = [
      "spec.ports[0].targetPort: 65536 is out of range 1-65535"),
     ("target port name too long", _ports({"port": 80, "targetPort": "a-very-long-port-name"}),
      "spec.ports[0].targetPort: 'a-very-long-port-name' is not a valid port name"),
-    ("clusterIP outside the service CIDR", {"clusterIP": "10.96.0.10"},
-     "spec.clusterIP: 10.96.0.10 is outside the service CIDR 198.19.0.0/16"),
+    ("clusterIP loopback", {"clusterIP": "127.0.0.10"},
+     "spec.clusterIP: 127.0.0.10 cannot be a clusterIP (loopback, link-local, multicast or reserved)"),
+    ("clusterIP multicast", {"clusterIP": "224.0.0.10"}, "spec.clusterIP: 224.0.0.10 cannot be a clusterIP"),
+    ("clusterIP unspecified", {"clusterIP": "0.0.0.0"}, "spec.clusterIP: 0.0.0.0 cannot be a clusterIP"),
     ("clusterIP not an address", {"clusterIP": "198.19.0.300"}, "spec.clusterIP: '198.19.0.300' is not an IP address"),
     ("clusterIP missing", {"clusterIP": None}, "spec.clusterIP: is required"),
     ("unknown type", {"type": "Internal"}, "spec.type: 'Internal' is not one of ClusterIP, NodePort"),
@@ -266,6 +269,13 @@ def test_invalid_kind_version_and_name():
     obj = service()
     del obj["metadata"]["name"]
     assert error_of(lambda o: parse_service(o, CONFIG), obj) == "metadata.name: is required"
+
+
+def test_no_service_cidr_serves_every_valid_cluster_ip():
+    """kube-proxy has no service CIDR flag, and a cluster can have several ServiceCIDRs: with none
+    configured, a clusterIP from any range is served (issue 10: every Service was refused)."""
+    for ip in ("10.96.0.10", "172.20.3.4", "198.19.0.10"):
+        assert parse_service(service(clusterIP=ip), CONFIG).cluster_ip == IPv4Address(ip)
 
 
 def test_node_config_limits_apply():
@@ -420,6 +430,28 @@ def test_node_beta_zone_label_and_bad_address():
     assert error_of(parse_node, bad) == "status.addresses[0].address: 'x' is not an IP address"
 
 
+# --- ServiceCIDR ---------------------------------------------------------------------------------
+
+def service_cidr(*cidrs, name="kubernetes"):
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": name},
+            "spec": {"cidrs": list(cidrs)}}
+
+
+def test_service_cidr_keeps_its_ipv4_ranges():
+    parsed = parse_service_cidr(service_cidr("10.96.0.0/12", "fd00:10:96::/112"))
+    assert parsed.key == ("", "kubernetes") and parsed.cidrs == (IPv4Network("10.96.0.0/12"),)
+    assert unknown_fields("ServiceCIDR", service_cidr("10.96.0.0/12")) == []
+
+
+@pytest.mark.parametrize("cidrs,message", [
+    (("10.96.0.0/33",), "spec.cidrs[0]: '10.96.0.0/33' is not a CIDR"),
+    (("0.0.0.0/0",), "spec.cidrs[0]: 0.0.0.0/0 would route every address to the node-client device"),
+    (("10.96.0.0/12", "10.100.0.0/16", "fd00::/112"), "spec.cidrs: has 3 items, more than the limit of 2"),
+])
+def test_invalid_service_cidr_names_the_field(cidrs, message):
+    assert error_of(parse_service_cidr, service_cidr(*cidrs)) == message
+
+
 # --- NodeConfig ----------------------------------------------------------------------------------
 
 def test_node_config_normalises_its_inputs():
@@ -428,7 +460,9 @@ def test_node_config_normalises_its_inputs():
     assert cfg.service_cidr == IPv4Network("198.19.0.0/16")
     assert cfg.default_algorithm is Algorithm.RANDOM
     assert hash(cfg) == hash(NodeConfig("node-1", node_addresses=(IPv4Address("198.18.0.11"),),
+                                        service_cidr=IPv4Network("198.19.0.0/16"),
                                         default_algorithm=Algorithm.RANDOM))
+    assert NodeConfig("node-1").service_cidr is None
 
 
 @pytest.mark.parametrize("kwargs", [{"nodeport_range": (32767, 30000)}, {"nodeport_range": (0, 10)},

@@ -164,7 +164,7 @@ def test_invalid_update_keeps_last_good_version(state):
     send(state, ADDED, service())
     state.snapshot()
     bad = service()
-    bad["spec"]["clusterIP"] = "10.0.0.1"
+    bad["spec"]["clusterIP"] = "127.0.0.1"
     send(state, MODIFIED, bad)
     assert state.wait_changed(0.01) is False
     assert state.snapshot().services["default", "web"].cluster_ip == IPv4Address("198.19.0.10")
@@ -193,6 +193,17 @@ def test_broken_callback_does_not_stop_delivery(caplog):
         send(state, ADDED, bad)
     send(state, ADDED, service(name="ok", cluster_ip="198.19.0.11"))
     assert ("default", "ok") in state.snapshot().services
+
+
+def test_service_cidrs_are_tracked_by_name(state):
+    cidr = {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": ["10.96.0.0/12"]}}
+    send(state, ADDED, cidr)
+    assert [str(c) for c in state.snapshot().service_cidrs["kubernetes"].cidrs] == ["10.96.0.0/12"]
+    send(state, MODIFIED, cidr)                       # unchanged: wakes nobody
+    assert state.wait_changed(0.01) is False
+    send(state, DELETED, cidr)
+    assert state.wait_changed(0.01) is True and state.snapshot().service_cidrs == {}
 
 
 def test_unknown_kinds_are_ignored(state):
@@ -231,7 +242,7 @@ def test_relist_with_nothing_new_does_not_wake(state):
 
 def test_relist_keeps_last_good_of_an_invalid_object_and_forgets_problems_of_gone_ones(state):
     send(state, ADDED, service())
-    bad_other = service("other", "1.2.3.4")
+    bad_other = service("other", "224.1.2.3")
     send(state, ADDED, bad_other)
     assert len(state.problems) == 1
     bad = service()

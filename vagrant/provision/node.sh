@@ -52,9 +52,10 @@ else
 fi
 systemctl enable --now containerd >/dev/null
 
-# vagrant/ebpfsvc/config.yaml names eth1 as the uplink (eth0 is the provider's NAT or management link).
+# The agent takes the interface of the Node's InternalIP as its uplink: eth1 (eth0 is the
+# provider's NAT or management link), so --node-ip must be on eth1.
 if ! ip -o -4 addr show dev eth1 2>/dev/null | grep -qF " $NODE_IP/"; then
-  echo "node: $NODE_IP is not on eth1; fix uplink in vagrant/ebpfsvc/config.yaml" >&2
+  echo "node: $NODE_IP is not on eth1; the agent would take another interface as its uplink" >&2
   exit 1
 fi
 

@@ -1,0 +1,197 @@
+"""What this node is, found out as kube-proxy does: no per-node flag is needed.
+
+From the node's own Node object (status.addresses), the addresses its interfaces carry and the
+agent's cluster-wide settings, resolve() derives:
+
+- the node addresses: the Node's InternalIP/ExternalIP (IPv4) that are really on an interface
+  here; without a Node object (a manifest directory that has none, or an API server with no such
+  Node), every non-loopback interface address;
+- the primary address: the Node's first InternalIP (else the first node address). The source of
+  the node's own translated traffic: NodePort SNAT, node clients to ClusterIPs (hostpath.py), and
+  hairpin flows when no --hairpin-address is given, as kube-proxy's masquerade picks a node
+  address;
+- the NodePort addresses (kube-proxy's --nodeport-addresses): empty = every node address; CIDRs =
+  the interface addresses inside them; `primary` = the primary address. Explicit --node-address
+  values are always served, and alone when nodeport-addresses is empty (an override);
+- the uplinks: the interfaces that carry those addresses (never `lo` or a pod interface), unless
+  --uplink names them; a named one that does not exist is reported (`missing_uplinks`), for
+  /healthz.
+
+resolve() is pure, so every rule is unit-tested without a kernel; read_interfaces() is the one
+netlink read. The agent resolves again when its Node changes and at every full resync (an
+address or uplink that appears later), and reconfigures the datapath when the result differs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from ebpfsvc.k8s.node import Node
+
+log = logging.getLogger(__name__)
+
+PRIMARY = "primary"          # --nodeport-addresses primary: the node's primary address only
+LOOPBACK_DEVICE = "lo"
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    addresses: tuple[IPv4Address, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The agent's cluster-wide settings that resolve() applies (flags or --config keys)."""
+
+    node_addresses: tuple[IPv4Address, ...] = ()     # --node-address: NodePort addresses, always served
+    nodeport_addresses: tuple[str, ...] = ()         # --nodeport-addresses: CIDRs, ("primary",) or () = all
+    uplinks: tuple[str, ...] | None = None           # --uplink; None: the interfaces of the node addresses
+    hairpin_address: IPv4Address | None = None       # --hairpin-address; None: the primary address
+    pod_interfaces: tuple[str, ...] = ()             # patterns of pod veths: never uplinks
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "node_addresses", tuple(IPv4Address(a) for a in self.node_addresses))
+        object.__setattr__(self, "nodeport_addresses", parse_nodeport_addresses(self.nodeport_addresses))
+        if self.hairpin_address is not None:
+            object.__setattr__(self, "hairpin_address", IPv4Address(self.hairpin_address))
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Everything resolve() found; equal results mean nothing needs reconfiguring."""
+
+    addresses: tuple[IPv4Address, ...] = ()          # the node's own addresses
+    primary: IPv4Address | None = None               # SNAT / node-client source address
+    nodeport_addresses: tuple[IPv4Address, ...] = ()
+    hairpin: IPv4Address | None = None               # source of hairpin flows
+    uplinks: tuple[str, ...] = ()                    # existing uplink interfaces
+    missing_uplinks: tuple[str, ...] = ()            # --uplink names with no such interface
+    origin: str = ""                                 # where the addresses came from, for logs
+
+    def describe(self) -> str:
+        addrs = ", ".join(map(str, self.addresses)) or "none"
+        nodeports = ", ".join(map(str, self.nodeport_addresses)) or "none"
+        return (f"node addresses {addrs} ({self.origin}); primary {self.primary or 'none'}; "
+                f"NodePorts on {nodeports}; hairpin source {self.hairpin or 'none'}; "
+                f"uplinks {', '.join(self.uplinks) or 'none'}"
+                + (f"; missing uplinks {', '.join(self.missing_uplinks)}" if self.missing_uplinks else ""))
+
+
+def parse_nodeport_addresses(values) -> tuple[str, ...]:
+    """Validate --nodeport-addresses: CIDRs (IPv6 ones accepted and ignored), or `primary` alone.
+    Returns the normalised values; raises ValueError naming the bad one."""
+    values = tuple(str(v).strip() for v in values)
+    if PRIMARY in values:
+        if len(values) > 1:
+            raise ValueError(f"{PRIMARY!r} cannot be combined with CIDRs: {', '.join(values)}")
+        return values
+    out = []
+    for value in values:
+        try:
+            net = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a CIDR (or {PRIMARY!r})") from None
+        out.append(str(net))
+    return tuple(out)
+
+
+def read_interfaces(netns=None) -> tuple[Interface, ...]:
+    """Every interface of this namespace (or `netns`) with its IPv4 addresses, in index order."""
+    from ebpfsvc.datapath.uplink import _netlink
+
+    def read(ipr) -> tuple[Interface, ...]:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        addrs: dict[int, list[IPv4Address]] = {}
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            addrs.setdefault(msg["index"], []).append(IPv4Address(msg.get_attr("IFA_ADDRESS")))
+        return tuple(Interface(names[i], tuple(addrs.get(i, ()))) for i in sorted(names) if names[i])
+
+    return _netlink(netns, read)
+
+
+def resolve(settings: NodeSettings, interfaces: tuple[Interface, ...], node: Node | None,
+            node_listed: bool) -> NodeInfo:
+    """This node's addresses, NodePort addresses and uplinks (module docstring).
+
+    `node`: the node's own Node object, if known; `node_listed`: whether the source has listed
+    Nodes at all (False while the API's first list is pending: the addresses are then left
+    empty rather than guessed from the interfaces, and come with the Node)."""
+    local = {a for i in interfaces for a in i.addresses}
+    addresses: list[IPv4Address] = []
+    primary = None
+    origin = ""
+    if node is not None:
+        addresses = _unique(a for _, a in node.addresses if a in local)
+        internal = [a for t, a in node.addresses if t == "InternalIP" and a in local]
+        primary = internal[0] if internal else (addresses[0] if addresses else None)
+        origin = f"Node {node.name}"
+        if not addresses:
+            origin += (" has no address on this node's interfaces"
+                       if node.addresses else " has no IPv4 address") + "; using the interfaces'"
+    if not addresses and (node is not None or node_listed):
+        addresses = _unique(a for i in interfaces if i.name != LOOPBACK_DEVICE
+                            for a in i.addresses if not a.is_loopback)
+        origin = origin or "no Node object; the interfaces'"
+    if primary is None:
+        primary = _first_explicit(settings, interfaces) or (addresses[0] if addresses else None)
+    if not origin:
+        origin = "the Node is not listed yet"
+
+    nodeports = list(settings.node_addresses)
+    selection = settings.nodeport_addresses
+    if selection == (PRIMARY,):
+        nodeports += [primary] if primary is not None else []
+    elif selection:
+        nets = [ipaddress.ip_network(c) for c in selection]
+        nodeports += [a for a in _unique(a for i in interfaces for a in i.addresses)
+                      if not a.is_loopback and any(a in n for n in nets if n.version == 4)]
+    elif not settings.node_addresses:
+        nodeports += addresses
+
+    if settings.uplinks is not None:
+        names = {i.name for i in interfaces}
+        uplinks = tuple(u for u in settings.uplinks if u in names)
+        missing = tuple(u for u in settings.uplinks if u not in names)
+    else:
+        carried = set(addresses) | set(nodeports)
+        uplinks = tuple(i.name for i in interfaces
+                        if i.name != LOOPBACK_DEVICE and carried.intersection(i.addresses)
+                        and not any(fnmatch.fnmatchcase(i.name, p) for p in settings.pod_interfaces))
+        missing = ()
+    hairpin = settings.hairpin_address if settings.hairpin_address is not None else primary
+    return NodeInfo(tuple(addresses), primary, tuple(_unique(nodeports)), hairpin, uplinks, missing, origin)
+
+
+def _first_explicit(settings: NodeSettings, interfaces: tuple[Interface, ...]) -> IPv4Address | None:
+    """Without a usable Node: the first address of the first named uplink (the address flows
+    leaving through it carry), else the first --node-address."""
+    by_name = {i.name: i for i in interfaces}
+    for name in settings.uplinks or ():
+        iface = by_name.get(name)
+        if iface is not None and iface.addresses:
+            return iface.addresses[0]
+    return settings.node_addresses[0] if settings.node_addresses else None
+
+
+def _unique(items) -> list:
+    return list(dict.fromkeys(items))
+
+
+def node_problem(node: Node, interfaces: tuple[Interface, ...]) -> str:
+    """A line for the log when some of the Node's addresses are on no interface here ("" if none)."""
+    local = {a for i in interfaces for a in i.addresses}
+    away = [f"{t} {a}" for t, a in node.addresses if a not in local and t == "InternalIP"]
+    if not away:
+        return ""
+    return (f"Node {node.name}: status.addresses: {', '.join(away)} is on no interface of this node; "
+            f"not served")
+
+
+__all__ = ["Interface", "NodeInfo", "NodeSettings", "PRIMARY", "node_problem", "parse_nodeport_addresses",
+           "read_interfaces", "resolve"]

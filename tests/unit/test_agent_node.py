@@ -1,0 +1,267 @@
+"""The agent configures itself from its Node object (issue 10: no per-node flag): the datapath pieces
+that need the node address (hairpin and SNAT source, uplinks, node-client routes) are configured
+when the Node arrives, after start, and again when it changes.  The kernel side is faked here: what
+is checked is what the agent asks of it (the bpf and e2e tiers run the real thing)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from types import SimpleNamespace
+
+import pytest
+
+from ebpfsvc.agent import Agent, AgentConfig
+from ebpfsvc.config import NodeConfig
+from ebpfsvc.datapath import hostpath, loader, uplink
+from ebpfsvc.datapath.writer import ApplyStats
+from ebpfsvc.nodeinfo import Interface
+from ebpfsvc.sources.base import Event, EventType
+
+INTERFACES = (Interface("lo", (IPv4Address("127.0.0.1"),)), Interface("eth0", (IPv4Address("198.18.9.5"),)),
+              Interface("eth1", (IPv4Address("198.18.0.11"), IPv4Address("198.18.0.21"))),
+              Interface("lxc1"))
+
+
+def node_obj(*internal, zone="zone-a", bad=False):
+    addresses = [{"type": "InternalIP", "address": a} for a in internal]
+    if bad:
+        addresses.append({"type": "ExternalIP", "address": "198.18.0.300"})
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": zone}},
+            "status": {"addresses": addresses}}
+
+
+def service(name, ip, node_port=None):
+    port = {"port": 80, **({"nodePort": node_port} if node_port else {})}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip, "type": "NodePort" if node_port else "ClusterIP", "ports": [port]}}
+
+
+def service_cidr(*cidrs):
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": list(cidrs)}}
+
+
+@dataclass
+class Kernel:
+    """Records what the agent asks of loader, uplink and hostpath."""
+
+    loads: list = field(default_factory=list)           # ("pod"|"uplink", hairpin, snat)
+    attached: dict = field(default_factory=dict)        # uplink name -> loads index of its programs
+    detached: list = field(default_factory=list)
+    host_setups: list = field(default_factory=list)
+    routes: set = field(default_factory=set)
+    route_sources: set = field(default_factory=set)
+    links: dict = field(default_factory=lambda: {"eth0": 2, "eth1": 3})
+
+    def install(self, monkeypatch):
+        def pod_load(pin_dir, *, limits=None, hairpin_addr=None, snat_addr=None, **_):
+            self.loads.append(("pod", hairpin_addr, snat_addr))
+            return SimpleNamespace(programs={}, maps={}, n=len(self.loads) - 1)
+
+        def uplink_load(pin_dir, *, snat_addr, hairpin_addr=None, **_):
+            self.loads.append(("uplink", hairpin_addr, snat_addr))
+            return SimpleNamespace(programs={}, maps={}, n=len(self.loads) - 1)
+
+        def sync_routes(installed, wanted, node_address, netns=None, rewrite=False):
+            self.routes = set(wanted)
+            self.route_sources.add(node_address)
+            return set(wanted)
+
+        monkeypatch.setattr(loader, "load", pod_load)
+        monkeypatch.setattr(uplink, "load", uplink_load)
+        monkeypatch.setattr(uplink, "ifindex_of", lambda name, netns=None: self.links.get(name))
+        monkeypatch.setattr(uplink, "attach", lambda dp, ifindex, mode="tc", netns=None: self.attached.update(
+            {next(n for n, i in self.links.items() if i == ifindex): dp.n}))
+        monkeypatch.setattr(uplink, "detach", lambda ifindex, netns=None: self.detached.append(ifindex))
+        monkeypatch.setattr(hostpath, "setup", lambda dp, addr, netns=None: self.host_setups.append(addr) or 9)
+        monkeypatch.setattr(hostpath, "routes", lambda netns=None: set())
+        monkeypatch.setattr(hostpath, "sync_routes", sync_routes)
+        return self
+
+
+class FakeWriter:
+    def apply(self, state, *, full=False, delta=None):
+        return ApplyStats()
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    return Kernel().install(monkeypatch)
+
+
+def make_agent(**config):
+    cfg = AgentConfig(node=config.pop("node", NodeConfig("node-1")), uplinks=config.pop("uplinks", None),
+                      pod_interfaces=("lxc*",), healthz_bind_address="", metrics_bind_address="", **config)
+    agent = Agent(cfg)
+    agent.read_interfaces = lambda: INTERFACES
+    agent.writer = FakeWriter()
+    agent._refresh_node(force=True)          # what start() does before anything is listed
+    return agent
+
+
+def send(agent, obj, kind=None, type_=EventType.ADDED):
+    agent.state.on_event(Event(kind or obj["kind"], type_, obj))
+
+
+def list_all(agent, *kinds):
+    for kind in kinds:
+        agent.state.on_synced(kind)
+
+
+def test_the_node_arriving_after_start_configures_hairpin_snat_uplinks_and_nodeports(kernel):
+    agent = make_agent()
+    # API mode, before the Node list: ClusterIPs from pods work, nothing node-specific is guessed.
+    assert kernel.loads == [("pod", None, None)] and kernel.attached == {}
+    assert agent.desired.node.node_addresses == ()
+
+    send(agent, node_obj("198.18.0.11"))
+    list_all(agent, "Node")
+    agent.sync()
+    node = IPv4Address("198.18.0.11")
+    assert kernel.loads[1:] == [("pod", node, node), ("uplink", node, node)]
+    assert kernel.attached == {"eth1": 2} and kernel.host_setups == [node]
+    assert agent.desired.node.node_addresses == (node,)                 # NodePorts: every node address
+    assert agent.datapath.n == 1                                         # pods get the new programs
+
+    agent.sync()                                                         # nothing changed: nothing redone
+    assert len(kernel.loads) == 3
+
+    # The Node's address moves to the other address of eth1 (and a second one joins on eth0).
+    send(agent, node_obj("198.18.0.21", "198.18.9.5"), type_=EventType.MODIFIED)
+    agent.sync()
+    new = IPv4Address("198.18.0.21")
+    assert kernel.loads[3:] == [("pod", new, new), ("uplink", new, new)]
+    assert kernel.attached == {"eth1": 4, "eth0": 4} and kernel.host_setups[-1] == new
+    assert agent.desired.node.node_addresses == (new, IPv4Address("198.18.9.5"))
+
+    send(agent, node_obj("198.18.0.21"), type_=EventType.MODIFIED)       # eth0 is no node address any more
+    agent.sync()
+    assert kernel.detached == [2] and agent._uplinks_attached == {"eth1": 3}
+
+
+def test_a_bad_node_is_one_log_line_and_its_last_good_version_stays(kernel, caplog):
+    agent = make_agent()
+    send(agent, node_obj("198.18.0.11"))
+    list_all(agent, "Node")
+    agent.sync()
+    with caplog.at_level(logging.INFO):
+        send(agent, node_obj("198.18.0.21", bad=True), type_=EventType.MODIFIED)
+        agent.sync()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "skipping invalid object (last good version stays in force): Node node-1: "
+        "status.addresses[1].address: '198.18.0.300' is not an IP address"]
+    assert not any(r.exc_info for r in caplog.records)
+    assert agent.node_info.primary == IPv4Address("198.18.0.11")
+
+
+def test_a_node_address_on_no_interface_is_named_and_the_interfaces_serve(kernel, caplog):
+    agent = make_agent(manifests="/nonexistent")
+    with caplog.at_level(logging.WARNING):
+        send(agent, node_obj("198.18.77.7"))
+        list_all(agent, "Node")
+        agent.sync()
+    assert "Node node-1: status.addresses: InternalIP 198.18.77.7 is on no interface of this node" in caplog.text
+    assert agent.node_info.primary == IPv4Address("198.18.9.5")
+
+
+def test_no_node_object_in_a_manifest_directory_uses_the_interfaces(kernel):
+    agent = make_agent()
+    list_all(agent, "Node", "Service", "EndpointSlice", "Endpoints", "ServiceCIDR")
+    agent.sync()
+    assert agent.node_info.addresses == (IPv4Address("198.18.9.5"), IPv4Address("198.18.0.11"),
+                                         IPv4Address("198.18.0.21"))
+    assert set(kernel.attached) == {"eth0", "eth1"}
+
+
+def test_node_clients_reach_clusterips_without_any_service_cidr_then_the_servicecidrs(kernel):
+    """No --service-cidr and no ServiceCIDR objects (an API before 1.33): each ClusterIP gets its
+    own route; ServiceCIDR objects, once there, replace them, and are followed as they change."""
+    agent = make_agent()
+    send(agent, node_obj("198.18.0.11"))
+    send(agent, service("a", "10.96.0.10"))
+    send(agent, service("b", "172.20.0.5", node_port=30080))
+    list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
+    agent.sync()
+    assert kernel.routes == {IPv4Network("10.96.0.10/32"), IPv4Network("172.20.0.5/32")}
+    assert kernel.route_sources == {IPv4Address("198.18.0.11")}
+
+    send(agent, service("c", "10.96.0.11"))
+    agent.sync()
+    assert IPv4Network("10.96.0.11/32") in kernel.routes
+
+    send(agent, service_cidr("10.96.0.0/12"))
+    agent.sync()
+    assert kernel.routes == {IPv4Network("10.96.0.0/12"), IPv4Network("172.20.0.5/32")}
+    send(agent, service_cidr("10.96.0.0/12", "172.20.0.0/16"), type_=EventType.MODIFIED)
+    agent.sync()
+    assert kernel.routes == {IPv4Network("10.96.0.0/12"), IPv4Network("172.20.0.0/16")}
+    send(agent, service("b", "172.20.0.5", node_port=30080), type_=EventType.DELETED)
+    send(agent, service_cidr(), type_=EventType.DELETED)
+    agent.sync()
+    assert kernel.routes == {IPv4Network("10.96.0.10/32"), IPv4Network("10.96.0.11/32")}
+
+
+def test_the_service_cidr_flag_is_routed_when_the_api_has_no_servicecidrs(kernel):
+    agent = make_agent(node=NodeConfig("node-1", service_cidr="10.96.0.0/12"))
+    send(agent, node_obj("198.18.0.11"))
+    send(agent, service("a", "10.96.0.10"))
+    list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
+    agent.sync()
+    assert kernel.routes == {IPv4Network("10.96.0.0/12")}
+
+
+def test_a_configured_uplink_that_does_not_exist_fails_healthz_naming_it(kernel):
+    agent = make_agent(uplinks=("eth1", "bond0"))
+    send(agent, node_obj("198.18.0.11"))
+    list_all(agent, "Node")
+    agent.sync()
+    assert set(kernel.attached) == {"eth1"}
+    healthy, state, reason, body = agent.telemetry.health.status()
+    assert not healthy and state == "fault" and "uplink bond0 not found" in reason
+    assert body["reason"] == reason
+
+    kernel.links["bond0"] = 7                          # created later: found at the next full resync
+    agent.read_interfaces = lambda: (*INTERFACES, Interface("bond0"))
+    agent._refresh_node(force=True)
+    assert set(kernel.attached) == {"eth1", "bond0"}
+    assert agent.telemetry.health.faults == {}
+
+
+def test_a_failed_reconfiguration_is_tried_again_at_the_next_sync(kernel, monkeypatch):
+    agent = make_agent()
+    real_load, calls = uplink.load, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("compile failed")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(uplink, "load", failing_once)
+    send(agent, node_obj("198.18.0.11"))
+    list_all(agent, "Node")
+    with pytest.raises(RuntimeError):
+        agent.sync()                            # the runner logs it and runs sync() again
+    agent.sync()
+    assert set(kernel.attached) == {"eth1"} and len(calls) == 2
+
+
+def test_an_address_that_appears_later_serves_nodeports_from_the_next_full_resync(kernel):
+    """Interfaces are read again at every full resync: a Node address that was on no interface
+    (DHCP late, a VIP moved in) starts serving NodePorts, though the Node object is unchanged."""
+    agent = make_agent()
+    agent.read_interfaces = lambda: INTERFACES[:2]            # eth1 not up yet
+    send(agent, node_obj("198.18.0.11", "198.18.9.5"))
+    send(agent, service("np", "10.96.0.20", node_port=30080))
+    list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
+    agent.sync()
+    ports = lambda: {str(k.address) for k in agent.last_applied.frontends if k.port == 30080}  # noqa: E731
+    assert ports() == {"198.18.9.5"}
+    agent.read_interfaces = lambda: INTERFACES
+    agent._next_full_apply = 0.0                              # the periodic full resync is due
+    agent.sync()
+    assert ports() == {"198.18.0.11", "198.18.9.5"}
