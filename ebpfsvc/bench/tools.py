@@ -68,6 +68,12 @@ class Proc:
     def stop(self) -> None:
         stop_process(self.proc)
 
+    def __enter__(self) -> "Proc":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 def listening(netns: str, port: int, udp: bool = False) -> bool:
     """Something in `netns` listens on `port` (ss in that namespace)."""
