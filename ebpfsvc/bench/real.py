@@ -77,6 +77,10 @@ class Config:
     datapaths: tuple[str, ...] = NAMES
     seconds: float = 3.0              # per traffic measurement
     changes: int = 2                  # endpoint changes per activation (there and back)
+    # After the probe answers: the agent may still be writing the rest of its first full sync (the
+    # probe can come early in it), and a process that just started still pays its start-up tail
+    # (Python, Go GC): traffic and machine-wide CPU would charge that to the datapath.
+    settle_seconds: float = 2.0
     apply_threads: int = 8
     program_timeout: float = 300.0
     note: str = ""
@@ -342,6 +346,7 @@ class Run:
         self.log(f"  {dp} at {n:,} services (repeat {repeat + 1}), load {load_before[0]:.2f}")
         try:
             prog = self.activate(dp, n)
+            time.sleep(self.cfg.settle_seconds)
             m = dict(prog)
             m.update(self.traffic(dp))
             if dp != "direct":
