@@ -131,14 +131,15 @@ def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-_SYNC_RE = re.compile(r'"SyncProxyRules complete"[^\n]*?elapsed="([\d.]+)(µs|us|ms|s)"')
+# kube-proxy runs one proxier per IP family and logs both; the lab's Services are IPv4.
+_SYNC_RE = re.compile(r'"SyncProxyRules complete" ipFamily="IPv4"[^\n]*?elapsed="([\d.]+)(µs|us|ms|s)"')
 _AGENT_RE = re.compile(r"synced (\d+) frontends in ([\d.]+) ms \(full\)")
 _AGENT_LOAD_RE = re.compile(r"datapath loaded in ([\d.]+)s")
 _UNITS = {"µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def kube_proxy_sync_seconds(log_text: str) -> list[float]:
-    """Every "SyncProxyRules complete" elapsed time in a kube-proxy log, in seconds."""
+    """Every IPv4 "SyncProxyRules complete" elapsed time in a kube-proxy log, in seconds."""
     return [float(v) * _UNITS[u] for v, u in _SYNC_RE.findall(log_text)]
 
 
