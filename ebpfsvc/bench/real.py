@@ -132,15 +132,21 @@ def loadavg() -> list[float]:
 
 
 # kube-proxy runs one proxier per IP family and logs both; the lab's Services are IPv4.
-_SYNC_RE = re.compile(r'"SyncProxyRules complete" ipFamily="IPv4"[^\n]*?elapsed="([\d.]+)(µs|us|ms|s)"')
+_SYNC_RE = re.compile(r'"SyncProxyRules complete" ipFamily="IPv4"[^\n]*?elapsed="([^"]+)"')
+_GO_DURATION = re.compile(r"([\d.]+)(h|m(?!s)|s|ms|µs|us|ns)")
 _AGENT_RE = re.compile(r"synced (\d+) frontends in ([\d.]+) ms \(full\)")
 _AGENT_LOAD_RE = re.compile(r"datapath loaded in ([\d.]+)s")
-_UNITS = {"µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go time.Duration string: "2m46.45s", "45.4ms", "1h0m2s"."""
+    return sum(float(v) * _UNITS[u] for v, u in _GO_DURATION.findall(text))
 
 
 def kube_proxy_sync_seconds(log_text: str) -> list[float]:
     """Every IPv4 "SyncProxyRules complete" elapsed time in a kube-proxy log, in seconds."""
-    return [float(v) * _UNITS[u] for v, u in _SYNC_RE.findall(log_text)]
+    return [go_duration(d) for d in _SYNC_RE.findall(log_text)]
 
 
 def agent_full_sync_ms(log_text: str) -> list[tuple[int, float]]:

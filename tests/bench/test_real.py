@@ -53,8 +53,11 @@ def test_sockperf_percentiles_are_parsed():
 def test_process_logs_give_the_sync_times():
     kp = ('I1202 05:01:01.000001   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv6" elapsed="45.4ms"\n'
           'I1202 05:01:02.000001   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv4" elapsed="77.03ms"\n'
-          'I1202 05:01:03.000001   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv4" elapsed="1.5s"\n')
-    assert real.kube_proxy_sync_seconds(kp) == pytest.approx([0.07703, 1.5])
+          'I1202 05:01:03.000001   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv4" elapsed="1.5s"\n'
+          'I1202 05:03:49.000001   77 proxier.go:649] "SyncProxyRules complete" ipFamily="IPv4" '
+          'elapsed="2m46.454748973s"\n')
+    assert real.kube_proxy_sync_seconds(kp) == pytest.approx([0.07703, 1.5, 166.454748973])
+    assert real.go_duration("1h0m2s") == 3602 and real.go_duration("812µs") == pytest.approx(812e-6)
     agent = "synced 12 frontends in 7.4 ms (full): writes=30\nsynced 12 frontends in 0.3 ms: writes=1\n"
     assert real.agent_full_sync_ms(agent) == [(12, 7.4)]
 
