@@ -171,6 +171,7 @@ class Run:
         self.lab = None
         self.servers: list = []
         self.filled = 0
+        self.watch_at = "srv-a"     # the watch probe's backend now: endpoint changes move it
         self.data: dict = {"meta": {}, "results": [], "points": [], "applies": [], "changes": [],
                            "errors": [], "skipped": []}
 
@@ -270,7 +271,7 @@ class Run:
             return {}
         record = names.kube_proxy_record(NODE) if dp.startswith("kube-proxy") else names.agent_record(NODE)
         offset = self._log_size(record)
-        with traffic.BackendWatch(self.ns["cli"], self.vip["watch"], 80, self.ips["srv-a"],
+        with traffic.BackendWatch(self.ns["cli"], self.vip["watch"], 80, self.ips[self.watch_at],
                                   duration=self.cfg.program_timeout) as watch:
             t0 = time.monotonic()
             if dp.startswith("kube-proxy"):
@@ -324,6 +325,7 @@ class Run:
         with traffic.BackendWatch(self.ns["cli"], self.vip["watch"], 80, self.ips[to], duration=60) as watch:
             t0 = time.monotonic()
             self.lab.api.apply(endpoint_slice("watch", ports, self.ips))
+            self.watch_at = to
             seen = watch.result()["seen_at"]
         if seen is None:
             raise RuntimeError(f"endpoint change to {to}: not seen on the wire within 60 s")
