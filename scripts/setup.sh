@@ -16,7 +16,7 @@ venv=${VENV:-$here/.venv}
 headers=${EBPFSVC_HEADERS:-/var/lib/ebpfsvc/kernel-headers}
 
 apt_packages=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip
-              iproute2 iperf3 iptables nftables redis-server redis-tools socat curl ethtool procps
+              iproute2 iperf3 wrk sockperf nginx-light iptables nftables redis-server redis-tools socat curl ethtool procps
               shellcheck ruby vagrant)   # the last three check deploy/ and vagrant/ (tests/unit/test_deploy.py)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -35,8 +35,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The redis package starts a server on the host; the lab runs its own per pod.
-  systemctl disable --now redis-server >/dev/null 2>&1 || true
+  # The redis and nginx packages start a server on the host; the lab runs its own per pod.
+  systemctl disable --now redis-server nginx >/dev/null 2>&1 || true
 fi
 
 # Merged headers tree: copy -common, then symlink the arch half over it.

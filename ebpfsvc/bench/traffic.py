@@ -73,6 +73,17 @@ def busy_seconds(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 # --- servers -------------------------------------------------------------------------
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM to this one process (by its pid), SIGKILL after 5 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 class Server:
     """A server process this module started in a namespace; stop() ends it (and only it).
 
@@ -98,13 +109,7 @@ class Server:
                 self._ready.set()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         self._stderr.close()
 
     def __enter__(self) -> "Server":

@@ -1,0 +1,167 @@
+"""Load generators in C, from Debian: wrk against nginx, sockperf ping-pong, iperf3 (TCP and UDP).
+
+Each client runs in the client pod's namespace as a child process bounded by its own duration
+(and killed `_SLACK` seconds past it); each returns a dict with the machine's busy CPU seconds
+over the run (/proc/stat, as traffic.busy_seconds: NAT and forwarding run in softirq, in no
+process's rusage).
+
+    wrk_connection_rate   wrk -H "Connection: close" against nginx (keepalive_timeout 0): a new
+                          TCP connection per request; requests/s = connections/s
+    sockperf_latency      sockperf ping-pong on one TCP connection: p50 / p99 in µs (sockperf
+                          reports half the round trip, as every sockperf figure)
+    iperf3_udp            iperf3 -u -b 0 with 64-byte datagrams: packets/s that arrived
+    traffic.tcp_throughput  iperf3, one TCP stream (kept from traffic.py)
+
+Servers: `nginx_server` (a pod process, its config in a temporary directory under the lab's
+state dir, `daemon off;`, no master process, so the pid we hold is the server), `sockperf_server`,
+and traffic.iperf3_server.  Each is stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from ebpfsvc.bench.traffic import busy_seconds, cpu_times, stop_process
+from ebpfsvc.lab import nsenter
+
+_SLACK = 20.0
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_timeout 0;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{servers}
+}}
+"""
+
+
+class Proc:
+    """A server process started in a namespace; stop() ends it, by its pid only."""
+
+    def __init__(self, argv: list[str], netns: str, ready, timeout: float = 10.0, log: Path | None = None):
+        self.argv = argv
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=nsenter.preexec(netns, new_session=True))
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{argv[0]} did not start in {netns}" + (f"; see {log}" if log else ""))
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def __enter__(self) -> "Proc":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def listening(netns: str, port: int, udp: bool = False) -> bool:
+    """Something in `netns` listens on `port` (ss in that namespace)."""
+    out = subprocess.run(["ss", "-Hln", "-u" if udp else "-t", f"sport = :{port}"], capture_output=True, text=True,
+                         timeout=10, preexec_fn=nsenter.preexec(netns))
+    return bool(out.stdout.strip())
+
+
+def nginx_server(netns: str, ports: list[int], state_dir: Path) -> Proc:
+    """nginx listening on `ports` in `netns`, answering every request with 200 "ok" and closing."""
+    workdir = Path(tempfile.mkdtemp(prefix="nginx-", dir=state_dir))
+    servers = "\n".join(f"    server {{ listen {p}; location / {{ return 200 \"ok\\n\"; }} }}" for p in ports)
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, servers=servers))
+    return Proc(["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")], netns,
+                lambda: all(listening(netns, p) for p in ports), log=workdir / "stdout.log")
+
+
+def sockperf_server(netns: str, port: int, state_dir: Path) -> Proc:
+    return Proc(["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", str(port)], netns,
+                lambda: listening(netns, port), log=state_dir / f"sockperf-{port}.log")
+
+
+def _run(netns: str, argv: list[str], duration: float) -> tuple[str, dict]:
+    before = cpu_times()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + _SLACK,
+                          preexec_fn=nsenter.preexec(netns))
+    cpu = busy_seconds(before, cpu_times())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} in {netns}: exit {proc.returncode}: "
+                           f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+    return proc.stdout + proc.stderr, cpu
+
+
+def parse_wrk(text: str) -> dict:
+    """wrk's summary: requests/s, requests, socket errors."""
+    out = {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+           "requests": int(re.search(r"(\d+) requests in", text).group(1))}
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    out["socket_errors"] = sum(int(g) for g in errors.groups()) if errors else 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    out["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
+    return out
+
+
+def wrk_connection_rate(netns: str, address: str, port: int, *, duration: float = 5.0, connections: int = 8,
+                        threads: int = 1) -> dict:
+    """wrk with `Connection: close`: every request a new TCP connection (nginx closes after answering)."""
+    seconds = max(1, round(duration))
+    text, cpu = _run(netns, ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-H", "Connection: close",
+                             f"http://{address}:{port}/"], seconds)
+    out = parse_wrk(text)
+    out["cpu_seconds"] = cpu["total"]
+    out["cpu_us_per_conn"] = cpu["total"] / out["requests"] * 1e6 if out["requests"] else float("nan")
+    return out
+
+
+def parse_sockperf(text: str) -> dict:
+    """sockperf ping-pong's summary: percentiles (µs, half round trip) and observations."""
+    pct = {float(p): float(v) for p, v in re.findall(r"percentile\s+([\d.]+)\s*=\s*([\d.]+)", text)}
+    avg = re.search(r"avg-latency=([\d.]+)", text) or re.search(r"avg-lat=\s*([\d.]+)", text)
+    obs = re.search(r"(\d+) observations", text) or re.search(r"ReceivedMessages=(\d+)", text)
+    if 50.0 not in pct or 99.0 not in pct:
+        raise RuntimeError(f"sockperf: no percentiles in its output: {text[-500:]}")
+    return {"p50_us": pct[50.0], "p99_us": pct[99.0], "avg_us": float(avg.group(1)) if avg else None,
+            "observations": int(obs.group(1)) if obs else None}
+
+
+def sockperf_latency(netns: str, address: str, port: int, *, duration: float = 5.0, size: int = 64) -> dict:
+    seconds = max(1, round(duration))
+    text, cpu = _run(netns, ["sockperf", "ping-pong", "--tcp", "-i", address, "-p", str(port), "-t", str(seconds),
+                             "-m", str(size)], seconds)
+    out = parse_sockperf(text)
+    out["cpu_seconds"] = cpu["total"]
+    return out
+
+
+def iperf3_udp(netns: str, address: str, port: int, *, duration: float = 3.0, size: int = 64) -> dict:
+    """One UDP flow at full speed (-b 0): datagrams/s that arrived at the server (iperf3's own count)."""
+    import json
+
+    seconds = max(1, round(duration))
+    text, cpu = _run(netns, ["iperf3", "-c", address, "-p", str(port), "-u", "-b", "0", "-l", str(size),
+                             "-t", str(seconds), "-J"], seconds)
+    result = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    if result.get("error"):
+        raise RuntimeError(f"iperf3 -u: {result['error']}")
+    s = result["end"]["sum"]
+    arrived = s["packets"] - s.get("lost_packets", 0)
+    return {"arrived_pps": arrived / s["seconds"], "sent_packets": s["packets"], "lost_percent": s.get("lost_percent"),
+            "cpu_seconds": cpu["total"]}

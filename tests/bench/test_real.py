@@ -1,0 +1,161 @@
+"""The benchmark against the real kube-proxy (ebpfsvc/bench/real.py) and its C load generators
+(bench/tools.py): the wiring and the parsing, never the numbers (the machine may be busy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ebpfsvc.bench import real, tools
+from tests.bench.conftest import IPERF_PORT
+
+WRK_OUTPUT = """\
+Running 2s test @ http://198.19.0.10:80/
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   612.11us  300.12us   5.00ms   80.00%
+    Req/Sec    10.91k     1.02k   12.00k    75.00%
+  21822 requests in 2.00s, 3.40MB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+Requests/sec:  10910.50
+Transfer/sec:      1.70MB
+"""
+
+SOCKPERF_OUTPUT = """\
+sockperf: ====> avg-latency=3.735 (std-dev=1.201, mean-ad=0.500, median-ad=0.300, siqr=0.200, cv=0.321)
+sockperf: # dropped messages = 0; # duplicated messages = 0; # out-of-order messages = 0
+sockperf: Summary: Latency is 3.735 usec
+sockperf: Total 250000 observations; each percentile contains 2500.00 observations
+sockperf: ---> <MAX> observation =   50.123
+sockperf: ---> percentile 99.999 =   45.000
+sockperf: ---> percentile 99.000 =   10.250
+sockperf: ---> percentile 50.000 =    3.700
+sockperf: ---> <MIN> observation =    2.900
+"""
+
+
+# --- no root ---------------------------------------------------------------------------------
+
+def test_wrk_summary_is_parsed():
+    out = tools.parse_wrk(WRK_OUTPUT)
+    assert out == {"requests_per_s": 10910.5, "requests": 21822, "socket_errors": 4, "non_2xx": 0}
+
+
+def test_sockperf_percentiles_are_parsed():
+    out = tools.parse_sockperf(SOCKPERF_OUTPUT)
+    assert (out["p50_us"], out["p99_us"], out["avg_us"], out["observations"]) == (3.7, 10.25, 3.735, 250000)
+    with pytest.raises(RuntimeError, match="no percentiles"):
+        tools.parse_sockperf("sockperf: connection refused")
+
+
+def test_process_logs_give_the_sync_times():
+    kp = ('I1202 05:01:01.000001   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv6" elapsed="45.4ms"\n'
+          'I1202 05:01:02.000001   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv4" elapsed="77.03ms"\n'
+          'I1202 05:01:03.000001   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv4" elapsed="1.5s"\n'
+          'I1202 05:03:49.000001   77 proxier.go:649] "SyncProxyRules complete" ipFamily="IPv4" '
+          'elapsed="2m46.454748973s"\n')
+    assert real.kube_proxy_sync_seconds(kp) == pytest.approx([0.07703, 1.5, 166.454748973])
+    assert real.go_duration("1h0m2s") == 3602 and real.go_duration("812µs") == pytest.approx(812e-6)
+    agent = "synced 12 frontends in 7.4 ms (full): writes=30\nsynced 12 frontends in 0.3 ms: writes=1\n"
+    assert real.agent_full_sync_ms(agent) == [(12, 7.4)]
+
+
+def test_the_measured_service_is_found_in_kube_services():
+    save = "\n".join(["*nat", ":KUBE-SERVICES - [0:0]",
+                      "-A KUBE-SERVICES -d 198.19.0.7/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-A",
+                      "-A KUBE-SERVICES -d 198.19.0.9/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-B",
+                      "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS", "COMMIT"])
+    assert real.iptables_position(save, "198.19.0.9") == (2, 3)
+    assert real.iptables_position(save, "198.19.0.1") is None
+
+
+def test_objects_are_a_selectorless_service_and_its_slice():
+    ips = {"srv-a": "198.18.1.3", "srv-b": "198.18.2.2"}
+    ports = real.PROBES["iperf-local"]
+    svc = real.service("iperf-local", ports)
+    assert "selector" not in svc["spec"]
+    assert [(p["protocol"], p["port"]) for p in svc["spec"]["ports"]] == [("TCP", 5201), ("UDP", 5201)]
+    sl = real.endpoint_slice("iperf-local", ports, ips)
+    assert sl["metadata"]["labels"]["kubernetes.io/service-name"] == "iperf-local"
+    assert [p["name"] for p in sl["ports"]] == [p["name"] for p in svc["spec"]["ports"]]
+    assert [e["addresses"] for e in sl["endpoints"]] == [["198.18.1.3"]]
+    fill = real.endpoint_slice(real.filler_name(3), real.filler_ports(), ips)
+    assert [e["nodeName"] for e in fill["endpoints"]] == ["node-1", "node-2"]
+    assert real.filler_name(3) == "svc-00003"
+
+
+def test_the_order_rotates_within_each_repeat():
+    seen = [real.order(real.NAMES, r) for r in range(len(real.NAMES))]
+    assert all(sorted(o) == sorted(real.NAMES) for o in seen)
+    assert len({o[0] for o in seen}) == len(real.NAMES)
+
+
+def _data(values: dict) -> dict:
+    results = [{"datapath": d, "metric": m, "services": n, "values": v} for (d, m, n), v in values.items()]
+    return {"meta": {"baseline": "the real kube-proxy"}, "results": results, "points": [], "applies": [],
+            "changes": [], "errors": [], "skipped": []}
+
+
+def test_targets_are_met_or_missed_with_the_spread():
+    data = _data({("ebpfsvc", "tcp_crr_cps", 10_000): [30.0, 31.0, 32.0],
+                  ("kube-proxy-iptables", "tcp_crr_cps", 10_000): [10.0, 10.0, 11.0],
+                  ("ebpfsvc", "endpoint_change_ms", 10_000): [2.0, 3.0, 4.0],
+                  ("kube-proxy-iptables", "endpoint_change_ms", 10_000): [1000.0, 1000.0, 1000.0],
+                  ("kube-proxy-nftables", "endpoint_change_ms", 10_000): [100.0, 100.0, 100.0],
+                  ("ebpfsvc", "tcp_throughput_gbps", 10_000): [9.0, 9.5, 10.0],
+                  ("direct", "tcp_throughput_gbps", 10_000): [10.0, 10.0, 10.0]})
+    verdicts = {t[0]: (t[1], t[2]) for t in real.targets(data)}
+    assert verdicts["conn/s at 10,000 services: ebpfsvc ≥ 3 × kube-proxy-iptables"] == ("met", "3.100 (2.727–3.200) ×")
+    assert verdicts["endpoint change at 10,000: ebpfsvc ≤ 1/100 of kube-proxy-iptables"][0] == "met"
+    assert verdicts["endpoint change at 10,000: ebpfsvc ≤ 1/100 of kube-proxy-nftables"][0] == "**missed**"
+    assert verdicts["throughput same node: ebpfsvc ≥ 0.97 × direct (median)"][0] == "**missed**"
+    assert verdicts["conn/s at 50,000: flat against 1 service (≤ 3%)"][0] == "not measured"
+
+
+def test_the_report_leads_with_the_summary_and_never_judges_issue_6(tmp_path):
+    data = _data({(d, "tcp_crr_cps", 1): [v] for d, v in zip(real.NAMES, (4.0, 2.0, 3.0, 4.0))})
+    data["points"] = [{"datapath": "ebpfsvc", "services": 1, "repeat": 0, "load_before": [4.5, 4, 4],
+                       "load_after": [5.0, 4, 4], "metrics": {"tcp_crr_cps": 4.0}}]
+    data["applies"] = [{"objects": 12, "seconds": 0.5, "threads": 1}]
+    text = real.write(data, tmp_path).read_text()
+    assert text.index("## Summary") < text.index("## Targets (issue 13)") < text.index("Figures are medians")
+    assert "ebpfsvc ≥ 0.95 × direct" not in text          # issue 6's targets judge the generated rule sets
+    assert "| 4.50 | 5.00 |" in text                        # load average before and after the point
+    assert "ebpfsvc / kube-proxy-iptables" in text         # a ratio column
+
+
+# --- root ------------------------------------------------------------------------------------
+
+@pytest.mark.root
+def test_wrk_sockperf_and_iperf3_udp_against_their_servers(topology, tmp_path):
+    from ebpfsvc.bench import traffic
+
+    server = topology.backends[0]
+    with tools.nginx_server(topology.server, [8090], tmp_path) as _, \
+            tools.sockperf_server(topology.server, 11111, tmp_path) as _, \
+            traffic.iperf3_server(topology.server, IPERF_PORT):
+        w = tools.wrk_connection_rate(topology.client, server, 8090, duration=1)
+        assert w["requests"] > 0 and w["non_2xx"] == 0 and w["cpu_us_per_conn"] > 0
+        p = tools.sockperf_latency(topology.client, server, 11111, duration=1)
+        assert 0 < p["p50_us"] <= p["p99_us"]
+        u = tools.iperf3_udp(topology.client, server, IPERF_PORT, duration=1)
+        assert u["arrived_pps"] > 0
+
+
+@pytest.mark.root
+@pytest.mark.timeout(900)
+def test_a_tiny_run_against_the_real_kube_proxy(tmp_path):
+    cfg = real.Config(services=(1,), repeats=1, seconds=1.0, changes=1, command="pytest tests/bench/test_real.py")
+    report = real.Run(cfg, tmp_path / "out", log=lambda _: None).run()
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["errors"] == [], data["errors"]
+    got = {(r["datapath"], r["metric"]) for r in data["results"]}
+    for dp in real.NAMES:
+        assert {(dp, "tcp_crr_cps"), (dp, "tcp_rr_p99_us"), (dp, "udp_pps")} <= got, dp
+        if dp != "direct":
+            assert {(dp, "program_seconds"), (dp, "endpoint_change_ms")} <= got, dp
+    assert ("ebpfsvc", "map_write_seconds") in got and ("kube-proxy-iptables", "first_sync_seconds") in got
+    assert "## Summary" in report.read_text()
+    assert not Path(f"/run/ebpfsvc-lab/{data['meta']['lab']['prefix']}").exists()
