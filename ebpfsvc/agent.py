@@ -176,7 +176,7 @@ class Agent:
             tc.attach(ifindex, progs["from_pod"].fd, "from_pod", tc.INGRESS)
             tc.attach(ifindex, progs["to_pod"].fd, "to_pod", tc.EGRESS)
             if self.node_info.hairpin is not None:
-                _accept_local(ifname)
+                _accept_local(ifindex, ifname)
         log.info("attached to pod interface %s (ifindex %d)", ifname, ifindex)
 
     # -- the node: addresses, uplinks, node clients (nodeinfo.py) ----------------
@@ -326,16 +326,17 @@ class Agent:
                  (time.monotonic() - t0) * 1000, " (full)" if full else "", stats)
 
 
-def _accept_local(ifname: str) -> None:
+def _accept_local(ifindex: int, ifname: str) -> None:
     """Let a pod interface accept packets whose source is a node-local address.
 
     Hairpin flows (a pod reaching itself through a Service) leave from_pod with their source
     rewritten to the hairpin address, a node-owned address; the kernel's source validation
     drops such "martian" packets arriving on an interface unless accept_local is set on it.
+    Set through netlink, as for lo: the DaemonSet's unprivileged container sees /proc/sys read-only.
     """
-    path = f"/proc/sys/net/ipv4/conf/{ifname}/accept_local"
+    from ebpfsvc.datapath import hostpath
+
     try:
-        with open(path, "w") as f:
-            f.write("1\n")
+        hostpath.set_accept_local(ifindex, 1)
     except OSError as exc:     # the interface went away meanwhile: nothing to serve
-        log.warning("cannot set %s: %s (hairpin traffic from this pod will be dropped)", path, exc)
+        log.warning("cannot set accept_local on %s: %s (hairpin traffic from this pod will be dropped)", ifname, exc)
