@@ -101,10 +101,6 @@ class LabAPI:
                             # Strict: an unknown field (`port:` for `ports:`) is refused, not dropped.
                             query=[("fieldManager", FIELD_MANAGER), ("force", "true"), ("fieldValidation", "Strict")])
 
-    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        meta = obj.get("metadata") or {}
-        return self.request("POST", path_of(obj["kind"], meta.get("namespace")), obj)
-
     def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self.request("GET", path_of(kind, namespace, name))

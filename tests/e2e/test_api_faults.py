@@ -260,6 +260,17 @@ def manual_service(lab: Lab, name: str, pod: str) -> list[dict]:
              "endpoints": [{"addresses": [lab.pod_ip(pod)], "conditions": {"ready": True}}]}]
 
 
+def start_and_converge(lab: Lab, traffic: Traffic, component: str, counters: dict[str, dict],
+                       label: str) -> dict[str, float]:
+    """Start the stopped `component`, wait for /readyz, then converge_after() from that moment;
+    prints what each agent's API source went through meanwhile."""
+    lab.control_plane("start", component)
+    lab.wait_api_ready()
+    times = converge_after(lab, traffic, time.monotonic(), label)
+    print_source_changes(lab, counters, label)
+    return times
+
+
 def converge_after(lab: Lab, traffic: Traffic, t_ready: float, label: str) -> dict[str, float]:
     """Once the API is back: a new Service (selectorless, hand-written slice naming af-1) and a
     third backend af-3 for af (kube-controller-manager's EndpointSlice controller in between).
@@ -323,11 +334,7 @@ def test_api_server_restart_mid_watch(lab):
             assert bodies[node][-1]["state"] == "synced"
         answered_while_down = traffic.answers(since=t_stop)
 
-        lab.control_plane("start", "kube-apiserver")
-        lab.wait_api_ready()
-        t_ready = time.monotonic()
-        times = converge_after(lab, traffic, t_ready, "API server restart (65 s outage)")
-        print_source_changes(lab, counters, "API server restart")
+        times = start_and_converge(lab, traffic, "kube-apiserver", counters, "API server restart (65 s outage)")
     finally:
         traffic.halt()
     assert_no_failures(traffic)
@@ -423,11 +430,7 @@ def test_etcd_restart(lab):
         hold_outage(lab, traffic, 20 - (time.monotonic() - t_stop))
         answered_while_down = traffic.answers(since=t_stop)
 
-        lab.control_plane("start", "etcd")
-        lab.wait_api_ready()
-        t_ready = time.monotonic()
-        times = converge_after(lab, traffic, t_ready, "etcd restart (20 s outage)")
-        print_source_changes(lab, counters, "etcd restart")
+        times = start_and_converge(lab, traffic, "etcd", counters, "etcd restart (20 s outage)")
     finally:
         traffic.halt()
     assert_no_failures(traffic)
