@@ -34,8 +34,14 @@ The body is kube-proxy's JSON: {"lastUpdated": ..., "currentTime": ...,
 addresses not bound), content type application/json.
 
 /livez: 200 while the agent's loops run (the sync runner thread is alive and
-not stopping), regardless of sync freshness and of the Node: restarting a
-process whose loops are fine but whose API is slow would not help. Its body
+not stopping) and its updates are not stale, whatever the Node says: kube-proxy
+(v1.37.2, proxy_health.go livezHandler) answers 503 on /livez exactly when its
+proxier is unhealthy, i.e. an update waited longer than the timeout, so that
+the kubelet restarts a proxy whose sync loop is stuck. Stale here is the same
+"no sync within the timeout" as /healthz (above); while starting (no sync yet)
+/livez stays 200, as kube-proxy's does before its first sync, so a slow first
+sync (bcc compiling, 10,000 Services) is not killed by the startup probe. Losing
+the API server does not make /livez fail (the resync keeps completing). Its body
 has no nodeEligible, as kube-proxy's.
 
 ServiceHealthServers: for every externalTrafficPolicy=Local Service with a
@@ -230,6 +236,15 @@ class ProxierHealth:
             now = self.clock()
             return self._sync_state(now, self.last_updated, self.oldest_queued, self.stopping)[0]
 
+    def stale(self) -> str:
+        """Why updates are stale ("" = they are not): what fails /livez, as kube-proxy's
+        livezHandler fails on its proxier's health. Not while starting nor stopping (those have
+        their own answers)."""
+        with self._lock:
+            now = self.clock()
+            _, state, reason = self._sync_state(now, self.last_updated, self.oldest_queued, self.stopping)
+        return reason if state == STALE else ""
+
     def _sync_state(self, now: float, last: float | None, queued: float | None, stopping: bool
                     ) -> tuple[bool, str, str]:
         if stopping:
@@ -386,7 +401,10 @@ class HealthServer:
         elif path == "/livez":
             _, _, _, body = self.health.status()
             body.pop("nodeEligible", None)       # kube-proxy's /livez body has no nodeEligible
-            code = 200 if self.alive() else 503
+            stale = self.health.stale()
+            code = 200 if self.alive() and not stale else 503
+            if stale:    # say so even when /healthz has a more basic reason (a fault, the Node)
+                body.update(state=STALE, reason=stale)
         else:
             code, body = 404, {"error": f"{path} not found; try /healthz or /livez"}
         # Counted before answering: whoever got the answer can already see it counted.

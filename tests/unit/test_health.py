@@ -90,6 +90,33 @@ def test_healthz_states_with_a_fake_clock():
     assert h.status()[:2] == (False, "stopping")
 
 
+def test_livez_fails_only_on_stale_updates_as_kube_proxy():
+    """kube-proxy v1.37.2's livezHandler answers 503 exactly when its proxier is unhealthy (an update
+    waited past the timeout): not while starting, not for the Node, not for a configuration fault."""
+    clock = FakeClock()
+    h = ProxierHealth(timeout=60, clock=clock)
+    srv = HealthServer(h, alive=lambda: True, host="127.0.0.1", port=0)
+    try:
+        h.queued()
+        clock.advance(600)                                   # a slow first sync is not killed
+        assert get(srv.port, "/livez")[0] == 200 and h.stale() == ""
+        h.updated()
+        h.node_changed(node_obj(taints=[TO_BE_DELETED]))
+        h.set_fault("uplinks", "uplink bond0 not found")
+        assert get(srv.port, "/healthz")[0] == 503
+        assert get(srv.port, "/livez")[0] == 200             # a restart would change neither
+        h.queued()
+        clock.advance(60)
+        code, body, _ = get(srv.port, "/livez")
+        assert (code, body["state"]) == (503, "stale") and "nodeEligible" not in body
+        assert body["reason"] == "no sync for 60.0s, an update queued 60.0s ago is not programmed"
+        assert get(srv.port, "/healthz")[1]["reason"] == "uplink bond0 not found"
+        h.updated()
+        assert get(srv.port, "/livez")[0] == 200
+    finally:
+        srv.close()
+
+
 def test_bind_address_forms():
     assert parse_bind_address("0.0.0.0:10256", 1) == ("0.0.0.0", 10256)
     assert parse_bind_address(":10249", 1) == ("0.0.0.0", 10249)
@@ -114,12 +141,14 @@ def test_health_server_http_answers():
         assert code == 200 and body["source"] == {"Service": {"errors": 2}}
         clock.advance(61)
         assert get(srv.port, "/healthz")[0] == 503
-        assert get(srv.port, "/livez")[0] == 200          # stale but alive: kube-proxy's livez
+        code, body, _ = get(srv.port, "/livez")           # stale: kube-proxy v1.37.2's livez fails too
+        assert (code, body["state"], body["reason"]) == (503, "stale", "no sync for 61.0s")
+        h.updated()                                       # fresh again: the next 503 is the dead loops
         alive.clear()
         assert get(srv.port, "/livez")[0] == 503
         assert get(srv.port, "/nope")[0] == 404
         assert probes == [("/healthz", 503), ("/livez", 200), ("/healthz", 200), ("/healthz", 503),
-                          ("/livez", 200), ("/livez", 503), ("/nope", 404)]
+                          ("/livez", 503), ("/livez", 503), ("/nope", 404)]
     finally:
         srv.close()
 
@@ -256,7 +285,7 @@ def test_agent_states_starting_synced_api_lost_stale_stopping():
         clock.advance(1)
         code, body, _ = get(port, "/healthz")
         assert (code, body["state"]) == (503, "stale")
-        assert get(port, "/livez")[0] == 200
+        assert get(port, "/livez")[0] == 503     # kube-proxy: a stuck sync loop is restarted by the kubelet
         t.sync_started()
         t.sync_done(0.002)
         assert get(port, "/healthz")[0] == 200
