@@ -485,6 +485,16 @@ class ServiceHealthServers:
             self._servers.clear()
 
 
+def served_health_check_ports(ports: dict[tuple[str, str], int], services, node) -> dict[tuple[str, str], int]:
+    """The healthCheckNodePorts this node opens: those of Services it serves (kube-proxy v1.37.2 never
+    sees another proxy's service-proxy-name, a headless or an ExternalName Service, so it opens no
+    port for them: a port opened here would answer a load balancer for a Service this node does not
+    balance). `services`: (namespace, name) -> Service, the snapshot the last sync used; a Service
+    not in it (rejected, or not arrived yet) gets no port until it is."""
+    return {key: port for key, port in ports.items()
+            if (svc := services.get(key)) is not None and not svc.skip_reason(node)}
+
+
 def local_endpoint_counts(state) -> dict[tuple[str, str], int]:
     """(namespace, name) -> distinct node-local, non-terminating backend addresses over all the
     Service's frontends in an LBState: the endpoints a healthCheckNodePort probe counts."""

@@ -545,3 +545,39 @@ def test_nodeport_services_without_a_nodeport_address_make_healthz_fail():
     assert t.health.proxier_healthy() is True      # healthCheckNodePorts still answer by local endpoints
     served = synced_telemetry(NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",)), services)
     assert served.health.status()[:2] == (True, "synced")
+
+
+def lb_local(name, hcnp, labels=None):
+    obj = service(name, "198.19.0.20")
+    obj["metadata"]["labels"] = labels or {}
+    obj["spec"].update(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=hcnp)
+    obj["spec"]["ports"][0]["nodePort"] = 30090
+    return obj
+
+
+def test_health_check_node_ports_only_for_services_this_proxy_serves():
+    """kube-proxy v1.37.2 never sees a Service labelled service-proxy-name (even with an empty value)
+    or headless, so it opens no healthCheckNodePort for them; neither do we."""
+    node = NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",))
+    agent = FakeAgent(config=FakeConfig(node=node, healthz_bind_address="127.0.0.1:0"), state=ClusterState(node),
+                      desired=DesiredStateBuilder(node))
+    t = Telemetry(agent, clock=FakeClock())
+    tap = t.sink(agent.state)
+    t.start()
+    ports = {name: _free_port() for name in ("web", "other", "empty", "headless")}
+    try:
+        tap.on_relist("Service", [
+            lb_local("web", ports["web"]),
+            lb_local("other", ports["other"], {"service.kubernetes.io/service-proxy-name": "other-proxy"}),
+            lb_local("empty", ports["empty"], {"service.kubernetes.io/service-proxy-name": ""}),
+            lb_local("headless", ports["headless"], {"service.kubernetes.io/headless": ""})])
+        assert len(tap.ports()) == 4                        # the tap sees them all ...
+        agent.last_applied = agent.desired.build(agent.state.snapshot()).state
+        t.sync_done(0.001)
+        assert t.service_health.ports == {("default", "web"): ports["web"]}   # ... we serve one
+        assert get(ports["web"], "/")[0] == 503             # no local endpoint
+        for name in ("other", "empty", "headless"):
+            with pytest.raises(urllib.error.URLError):
+                urllib.request.urlopen(f"http://127.0.0.1:{ports[name]}/", timeout=2)
+    finally:
+        t.close()
