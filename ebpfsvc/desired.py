@@ -242,7 +242,6 @@ def node_zone(snapshot: ClusterSnapshot, node: NodeConfig) -> str:
 def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc: Service, port: ServicePort,
                     spn: ServicePortName, endpoints: tuple[Endpoint, ...]) -> Iterator[Frontend]:
     sets = categorize_endpoints(endpoints, node_name=node.node_name, zone=zone,
-                                topology_aware=svc.topology_aware,
                                 publish_not_ready=svc.publish_not_ready_addresses)
     itp_local = svc.internal_traffic_policy is TrafficPolicy.LOCAL
     etp_local = svc.external_traffic_policy is TrafficPolicy.LOCAL

@@ -32,6 +32,7 @@ class Endpoint:
     node_name: str = ""
     zone: str = ""
     zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
 
     @property
     def sort_key(self) -> tuple[int, int]:
@@ -55,5 +56,5 @@ def merge_endpoint_slices(namespace: str, service_name: str,
                 if key in by_addr and (by_addr[key].ready or not ep.ready):
                     continue
                 by_addr[key] = Endpoint(ep.address, port.port, ep.ready, ep.serving, ep.terminating,
-                                        ep.node_name, ep.zone, ep.zone_hints)
+                                        ep.node_name, ep.zone, ep.zone_hints, ep.node_hints)
     return {spn: tuple(sorted(eps.values(), key=lambda e: e.sort_key)) for spn, eps in merged.items()}

@@ -74,7 +74,10 @@ class Service:
     external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
     internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
     publish_not_ready_addresses: bool = False
-    topology_aware: bool = False                      # topology-mode: Auto (or the older hints annotation)
+    # topology-mode: Auto (or the older hints annotation, or trafficDistribution PreferClose): what
+    # the Service asks of the EndpointSlice controller. Routing follows the hints the slices carry,
+    # as kube-proxy's does, not this (k8s/topology.py).
+    topology_aware: bool = False
     algorithm: Algorithm | None = None                # None = the node's default
     external_ip_source_ranges: bool = False           # ANNOTATION_EXTERNAL_IP_SOURCE_RANGES: "true"
     proxy_name: str | None = None                     # value of service.kubernetes.io/service-proxy-name; None: no label

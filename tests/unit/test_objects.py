@@ -343,6 +343,18 @@ def slice_obj(endpoints, ports=({"name": "http", "port": 8080},), address_type="
             "addressType": address_type, "ports": list(ports), "endpoints": list(endpoints)}
 
 
+def test_endpoint_slice_node_hints():
+    """hints.forNodes (trafficDistribution: PreferSameNode), at most 8 as the API allows."""
+    sl = parse_endpoint_slice(slice_obj([
+        {"addresses": ["198.18.1.3"], "hints": {"forNodes": [{"name": "node-1"}], "forZones": [{"name": "zone-a"}]}},
+        {"addresses": ["198.18.1.4"]}]))
+    assert [(ep.node_hints, ep.zone_hints) for ep in sl.endpoints] == [
+        (frozenset({"node-1"}), frozenset({"zone-a"})), (frozenset(), frozenset())]
+    too_many = {"forNodes": [{"name": f"node-{i}"} for i in range(9)]}
+    assert "endpoints[0].hints.forNodes" in error_of(parse_endpoint_slice,
+                                                     slice_obj([{"addresses": ["198.18.1.3"], "hints": too_many}]))
+
+
 @pytest.mark.parametrize("conditions,expected", [
     ({}, (True, True, False)),                                       # unset = ready, serving, not terminating
     ({"ready": False}, (False, True, False)),
