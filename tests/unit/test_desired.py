@@ -184,6 +184,16 @@ SCENARIOS = [
         "198.19.1.3:53/TCP internal local-only": [],
         "198.19.1.3:53/UDP internal local-only": [],
     }),
+    ("Local policies, no endpoint anywhere: reject on node-1", ("local-policy-no-endpoints.yaml",), NODE1, {
+        "198.18.0.11:30420/TCP external": ["198.18.1.67:8080/TCP not-ready"],
+        "198.18.0.11:30420/TCP internal": ["198.18.1.67:8080/TCP not-ready"],
+        "198.19.1.14:80/TCP internal": ["198.18.1.67:8080/TCP not-ready"],
+    }),
+    ("Local policies, no endpoint anywhere: reject on node-2", ("local-policy-no-endpoints.yaml",), NODE2, {
+        "198.18.0.12:30420/TCP external": [],
+        "198.18.0.12:30420/TCP internal": ["198.18.1.67:8080/TCP not-ready"],
+        "198.19.1.14:80/TCP internal": [],
+    }),
     # --- endpoint conditions: serving+terminating fallback, cluster-wide and per node
     # (not ready, or terminating and not serving: listed only so their TCP connections carry on)
     ("terminating fallback on node-1", ("terminating.yaml",), NODE1, {
