@@ -1,0 +1,193 @@
+"""The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
+builds, iptables mode) and with ebpfsvc on the same lab, and the observations compared
+(issue 17). docs/semantics.md, "Differences from kube-proxy", lists what differs on purpose;
+none of these rows does.
+
+One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
+and `kube-proxy --cleanup` removes its rules (docs/deploy.md); the ebpfsvc agents start and
+every row is observed again. An observation is what a client sees: "refused" (a RST or an ICMP
+port unreachable), "timeout" (dropped), an HTTP status and the body fields kube-proxy defines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import pytest
+from pyroute2 import IPRoute
+
+from ebpfsvc.lab import Lab, apps, kubeproxy, nsenter
+from ebpfsvc.lab.network import UPLINK
+
+from .helpers import (bare_pod, cluster_ip, connect_outcome, service, wait_agents_attached, wait_programmed,
+                      wait_ready)
+
+pytestmark = pytest.mark.root
+
+CLIENT = "or-client"             # a client pod on node-1
+EXTERNAL = "client"              # the lab's external client (outside the cluster)
+NODE1 = "198.18.0.11"
+SERVICE_CIDR, UPSTREAM = "198.19.0.0/16", "198.18.0.100"     # the lab's service CIDR; its external client
+TO_BE_DELETED = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1764650000", "effect": "NoSchedule"}
+
+
+def echo(name: str, node: str) -> dict:
+    return apps.pod(name, "http-echo", 8080, node=node, labels={"pod": name})
+
+
+SERVICES = [
+    # Both traffic policies Local, no endpoint anywhere (nothing has this label).
+    service("or-none", [{"port": 80, "targetPort": 8080, "nodePort": 30470}], selector={"pod": "nobody"},
+            type="NodePort", externalTrafficPolicy="Local", internalTrafficPolicy="Local"),
+    # Both traffic policies Local, the only endpoint on node-2.
+    service("or-remote", [{"port": 80, "targetPort": 8080, "nodePort": 30471}], selector={"pod": "or-b"},
+            type="NodePort", externalTrafficPolicy="Local", internalTrafficPolicy="Local"),
+    # healthCheckNodePorts: a LoadBalancer Service with ETP Local and an endpoint on node-1, and the
+    # same labelled service-proxy-name with an empty value (kube-proxy: not its Service).
+    service("or-lb", [{"port": 80, "targetPort": 8080, "nodePort": 30472}], selector={"pod": "or-a"},
+            type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=30473),
+    {**service("or-other", [{"port": 80, "targetPort": 8080, "nodePort": 30474}], selector={"pod": "or-a"},
+               type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=30475),
+     "metadata": {"name": "or-other", "labels": {"service.kubernetes.io/service-proxy-name": ""}}},
+]
+
+# What both proxies must show (kube-proxy v1.37.2's behaviour, checked against it by this test).
+EXPECTED = {
+    "Local policies, no endpoint anywhere: pod -> clusterIP": "refused",
+    "Local policies, no endpoint anywhere: outside -> NodePort": "refused",
+    "Local policies, endpoint on node-2 only: pod on node-1 -> clusterIP": "timeout",
+    "Local policies, endpoint on node-2 only: outside -> node-1's NodePort": "timeout",
+    "healthCheckNodePort, ETP Local, endpoint on node-1": "200 localEndpoints=1",
+    "healthCheckNodePort, service-proxy-name label with an empty value": "refused",
+    "/healthz on node-1": "200 nodeEligible=True",
+    "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
+    "/healthz on node-1, taint removed": "200 nodeEligible=True",
+}
+
+
+def http(lab: Lab, url: str, where: str = "external") -> tuple[int, dict]:
+    """(status, JSON body) of a GET from the external client or, where="node-1", the node itself;
+    (0, {"outcome": ...}) when nothing answers with HTTP."""
+    argv = ["curl", "-s", "--max-time", "3", "-w", "\n%{http_code}", url]
+    out = lab.external_exec(EXTERNAL, argv) if where == "external" else lab.node_exec(where, argv)
+    if out.returncode:
+        return 0, {"outcome": {7: "refused", 28: "timeout"}.get(out.returncode, f"curl exit {out.returncode}")}
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code), json.loads(body or "{}")
+
+
+def outside(lab: Lab, url: str) -> str:
+    code, body = http(lab, url)
+    return body["outcome"] if code == 0 else f"HTTP {code}"
+
+
+def health_check(lab: Lab, port: int) -> str:
+    code, body = http(lab, f"http://{NODE1}:{port}/")
+    return body["outcome"] if code == 0 else f"{code} localEndpoints={body.get('localEndpoints')}"
+
+
+def healthz(lab: Lab) -> str:
+    code, body = http(lab, "http://127.0.0.1:10256/healthz", where="node-1")
+    return body["outcome"] if code == 0 else f"{code} nodeEligible={body.get('nodeEligible')}"
+
+
+def settle(observe: Callable[[], str], want: str, timeout: float = 20.0) -> str:
+    """The observation once it shows `want`, or the last one after `timeout` (a proxy that never
+    reacts shows its own answer in the comparison)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = observe()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def taint(lab: Lab, node: str, taints: list | None) -> None:
+    lab.api.request("PATCH", f"/api/v1/nodes/{node}", {"spec": {"taints": taints}},
+                    content_type="application/merge-patch+json")
+
+
+@contextmanager
+def upstream_route(lab: Lab) -> Iterator[None]:
+    """A real node has a default route to its upstream router, so a pod's packet to a ClusterIP
+    that kube-proxy does not DNAT (no endpoints; a Local policy without one here) is routed and
+    then meets kube-proxy's filter rules (REJECT, DROP). Lab nodes have no default route: the
+    kernel would answer "network unreachable" before kube-proxy's rules see the packet. So, for
+    kube-proxy's turn, the service CIDR is routed to the external client as the nodes' upstream
+    (in the lab's node namespaces); gone before the agents start, which route it to their device."""
+    def route(action: str) -> None:
+        with IPRoute() as ipr:
+            ipr.route(action, dst=SERVICE_CIDR, gateway=UPSTREAM, oif=ipr.link_lookup(ifname=UPLINK)[0])
+
+    nodes = [lab.node_netns(n.name) for n in lab.spec.nodes]
+    for netns in nodes:
+        nsenter.run_in(netns, lambda: route("add"))
+    try:
+        yield
+    finally:
+        for netns in nodes:
+            nsenter.run_in(netns, lambda: route("del"))
+
+
+def observe(lab: Lab) -> dict[str, str]:
+    none_vip, remote_vip = cluster_ip(lab, "or-none"), cluster_ip(lab, "or-remote")
+    got = {
+        "Local policies, no endpoint anywhere: pod -> clusterIP": connect_outcome(lab, CLIENT, none_vip, 80),
+        "Local policies, no endpoint anywhere: outside -> NodePort": outside(lab, f"http://{NODE1}:30470/"),
+        "Local policies, endpoint on node-2 only: pod on node-1 -> clusterIP":
+            connect_outcome(lab, CLIENT, remote_vip, 80, timeout=2),
+        "Local policies, endpoint on node-2 only: outside -> node-1's NodePort": outside(lab, f"http://{NODE1}:30471/"),
+        "healthCheckNodePort, ETP Local, endpoint on node-1":
+            settle(lambda: health_check(lab, 30473), EXPECTED["healthCheckNodePort, ETP Local, endpoint on node-1"]),
+        "healthCheckNodePort, service-proxy-name label with an empty value": health_check(lab, 30475),
+        "/healthz on node-1": settle(lambda: healthz(lab), EXPECTED["/healthz on node-1"]),
+    }
+    try:
+        taint(lab, "node-1", [TO_BE_DELETED])
+        key = "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler"
+        got[key] = settle(lambda: healthz(lab), EXPECTED[key])
+    finally:
+        taint(lab, "node-1", None)
+    key = "/healthz on node-1, taint removed"
+    got[key] = settle(lambda: healthz(lab), EXPECTED[key])
+    return got
+
+
+def table(results: dict[str, dict[str, str]]) -> str:
+    width = max(map(len, EXPECTED))
+    lines = [f"{'scenario':<{width}}  {'kube-proxy':<24} ebpfsvc"]
+    lines += [f"{row:<{width}}  {results['kube-proxy'][row]:<24} {results['ebpfsvc'][row]}" for row in EXPECTED]
+    return "\n".join(lines)
+
+
+def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix):
+    with Lab.up(prefix=unique_prefix, agents=False) as lab:
+        lab.apply([bare_pod(CLIENT, "node-1"), echo("or-a", "node-1"), echo("or-b", "node-2"), *SERVICES])
+        wait_ready(lab, ["or-a", "or-b"])
+        results: dict[str, dict[str, str]] = {}
+
+        began = time.monotonic()
+        for node in ("node-1", "node-2"):
+            kubeproxy.start(lab, node, "iptables")
+        for node in ("node-1", "node-2"):
+            kubeproxy.wait_serving(lab, node, "iptables", cluster_ip(lab, "or-lb"), 80, since=began)
+        with upstream_route(lab):
+            results["kube-proxy"] = observe(lab)
+
+        for node in ("node-1", "node-2"):
+            kubeproxy.stop(lab, node)
+            cleaned = kubeproxy.cleanup(lab, node)
+            assert cleaned.returncode == 0, cleaned.stderr[-2000:]
+            lab.agent("start", node)
+        wait_programmed(lab, "or-lb", 80, backends=1)
+        wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"])
+        wait_agents_attached(lab, [CLIENT, "or-a", "or-b"])
+        results["ebpfsvc"] = observe(lab)
+
+        print("\n" + table(results))
+        assert results["kube-proxy"] == EXPECTED, "kube-proxy v1.37.2 is not what docs/semantics.md says\n" + \
+            table(results)
+        assert results["ebpfsvc"] == results["kube-proxy"], "ebpfsvc differs from kube-proxy\n" + table(results)
