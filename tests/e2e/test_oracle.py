@@ -22,8 +22,8 @@ from pyroute2 import IPRoute
 from ebpfsvc.lab import Lab, apps, kubeproxy, nsenter
 from ebpfsvc.lab.network import UPLINK
 
-from .helpers import (bare_pod, cluster_ip, connect_outcome, service, wait_agents_attached, wait_programmed,
-                      wait_ready)
+from .helpers import (bare_pod, cluster_ip, connect_outcome, http_get, service, wait_agents_attached, wait_for,
+                      wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
 
@@ -35,7 +35,18 @@ TO_BE_DELETED = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1764650000",
 
 
 def echo(name: str, node: str) -> dict:
-    return apps.pod(name, "http-echo", 8080, node=node, labels={"pod": name})
+    return apps.pod(name, "http-echo", 8080, node=node, labels={"pod": name, "app": "or-echo"})
+
+
+def hinted(lab: Lab, svc: str, field: str) -> bool:
+    """The controller has written `field` hints on both of the Service's endpoints."""
+    eps = [ep for sl in lab.endpoint_slices(svc) for ep in sl.get("endpoints") or []]
+    return len(eps) == 2 and all((ep.get("hints") or {}).get(field) for ep in eps)
+
+
+def answering(lab: Lab, svc: str) -> str:
+    vip = cluster_ip(lab, svc)
+    return " ".join(sorted({http_get(lab, CLIENT, vip, 80)["pod"] for _ in range(CONNECTIONS)}))
 
 
 SERVICES = [
@@ -54,6 +65,13 @@ SERVICES = [
      "metadata": {"name": "or-other", "labels": {"service.kubernetes.io/service-proxy-name": ""}}},
 ]
 
+# trafficDistribution: the EndpointSlice controller writes node hints (PreferSameNode) or zone hints
+# (PreferSameZone); both endpoints, or-a on node-1 (zone-a) and or-b on node-2 (zone-b).
+TOPOLOGY = {"or-same-node": ("PreferSameNode", "forNodes"), "or-same-zone": ("PreferSameZone", "forZones")}
+SERVICES += [service(name, [{"port": 80, "targetPort": 8080}], selector={"app": "or-echo"},
+                     trafficDistribution=mode) for name, (mode, _) in TOPOLOGY.items()]
+CONNECTIONS = 12    # a backend of two missed 12 times by plain balancing: 2 * 2^-12
+
 # What both proxies must show (kube-proxy v1.37.2's behaviour, checked against it by this test).
 EXPECTED = {
     "Local policies, no endpoint anywhere: pod -> clusterIP": "refused",
@@ -62,6 +80,8 @@ EXPECTED = {
     "Local policies, endpoint on node-2 only: outside -> node-1's NodePort": "timeout",
     "healthCheckNodePort, ETP Local, endpoint on node-1": "200 localEndpoints=1",
     "healthCheckNodePort, service-proxy-name label with an empty value": "refused",
+    "trafficDistribution PreferSameNode: who answers a pod on node-1": "or-a",
+    "trafficDistribution PreferSameZone: who answers a pod on node-1": "or-a",
     "/healthz on node-1": "200 nodeEligible=True",
     "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
     "/healthz on node-1, taint removed": "200 nodeEligible=True",
@@ -143,6 +163,8 @@ def observe(lab: Lab) -> dict[str, str]:
         "healthCheckNodePort, ETP Local, endpoint on node-1":
             settle(lambda: health_check(lab, 30473), EXPECTED["healthCheckNodePort, ETP Local, endpoint on node-1"]),
         "healthCheckNodePort, service-proxy-name label with an empty value": health_check(lab, 30475),
+        "trafficDistribution PreferSameNode: who answers a pod on node-1": answering(lab, "or-same-node"),
+        "trafficDistribution PreferSameZone: who answers a pod on node-1": answering(lab, "or-same-zone"),
         "/healthz on node-1": settle(lambda: healthz(lab), EXPECTED["/healthz on node-1"]),
     }
     try:
@@ -167,6 +189,8 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix):
     with Lab.up(prefix=unique_prefix, agents=False) as lab:
         lab.apply([bare_pod(CLIENT, "node-1"), echo("or-a", "node-1"), echo("or-b", "node-2"), *SERVICES])
         wait_ready(lab, ["or-a", "or-b"])
+        for svc, (_, field) in TOPOLOGY.items():
+            wait_for(lambda: hinted(lab, svc, field), what=f"{field} hints on {svc}'s endpoints")
         results: dict[str, dict[str, str]] = {}
 
         began = time.monotonic()
@@ -182,6 +206,7 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix):
             cleaned = kubeproxy.cleanup(lab, node)
             assert cleaned.returncode == 0, cleaned.stderr[-2000:]
             lab.agent("start", node)
+        # Every object was there before the agents started: their first sync programs them all.
         wait_programmed(lab, "or-lb", 80, backends=1)
         wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"])
         wait_agents_attached(lab, [CLIENT, "or-a", "or-b"])
