@@ -263,6 +263,7 @@ class ProxierHealth:
             last, queued, stopping, ineligible = self.last_updated, self.oldest_queued, self.stopping, self.ineligible
             faults = [self.faults[k] for k in sorted(self.faults)]
         healthy, state, reason = self._sync_state(now, last, queued, stopping)
+        proxier_healthy = healthy
         # Stopping says it all; then what keeps the node from serving, most basic first.
         problems = [] if state == STOPPING or faults or ineligible or not healthy or self.serving is None \
             else self.serving()
@@ -274,8 +275,9 @@ class ProxierHealth:
             healthy, state, reason = False, INELIGIBLE, ineligible
         elif problems:
             healthy, state, reason = False, NOT_SERVING, "; ".join(problems)
+        # "healthy" as kube-proxy v1.37.2's body: the proxier's sync health alone (not the Node's).
         body = {"lastUpdated": _iso(last), "currentTime": _iso(now), "nodeEligible": not ineligible,
-                "state": state}
+                "healthy": proxier_healthy, "state": state}
         if reason:
             body["reason"] = reason
         return healthy, state, reason, body

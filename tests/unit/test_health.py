@@ -454,6 +454,7 @@ def test_node_eligible_follows_the_node_as_kube_proxy_decides():
     h.node_changed(node_obj(taints=[TO_BE_DELETED]))
     ok, state, reason, body = h.status()
     assert (ok, state, body["nodeEligible"]) == (False, "node-ineligible", False)
+    assert body["healthy"] is True                             # kube-proxy's body: the proxier's health alone
     assert reason == "tainted ToBeDeletedByClusterAutoscaler (the cluster autoscaler is removing it)"
     assert h.proxier_healthy() is True                         # serviceProxyHealthy ignores the Node
     h.node_changed(node_obj())
