@@ -1,6 +1,6 @@
 """The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
-builds, iptables mode) and with ebpfsvc on the same lab, and the observations compared
-(issue 17). docs/semantics.md, "Differences from kube-proxy", lists what differs on purpose;
+builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
+compared (issue 17). docs/semantics.md, "Differences from kube-proxy", lists what differs on purpose;
 none of these rows does.
 
 One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
@@ -185,7 +185,8 @@ def table(results: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix):
+@pytest.mark.parametrize("mode", kubeproxy.MODES)
+def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
     with Lab.up(prefix=unique_prefix, agents=False) as lab:
         lab.apply([bare_pod(CLIENT, "node-1"), echo("or-a", "node-1"), echo("or-b", "node-2"), *SERVICES])
         wait_ready(lab, ["or-a", "or-b"])
@@ -195,9 +196,9 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix):
 
         began = time.monotonic()
         for node in ("node-1", "node-2"):
-            kubeproxy.start(lab, node, "iptables")
+            kubeproxy.start(lab, node, mode)
         for node in ("node-1", "node-2"):
-            kubeproxy.wait_serving(lab, node, "iptables", cluster_ip(lab, "or-lb"), 80, since=began)
+            kubeproxy.wait_serving(lab, node, mode, cluster_ip(lab, "or-lb"), 80, since=began)
         with upstream_route(lab):
             results["kube-proxy"] = observe(lab)
 
@@ -212,7 +213,7 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix):
         wait_agents_attached(lab, [CLIENT, "or-a", "or-b"])
         results["ebpfsvc"] = observe(lab)
 
-        print("\n" + table(results))
+        print(f"\nkube-proxy --proxy-mode={mode}\n" + table(results))
         assert results["kube-proxy"] == EXPECTED, "kube-proxy v1.37.2 is not what docs/semantics.md says\n" + \
             table(results)
         assert results["ebpfsvc"] == results["kube-proxy"], "ebpfsvc differs from kube-proxy\n" + table(results)
