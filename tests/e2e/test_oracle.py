@@ -3,9 +3,11 @@ builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the ob
 compared (issue 17). docs/semantics.md, "Differences from kube-proxy", lists what differs on purpose;
 none of these rows does.
 
-One row differs on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose" #3): an established
-TCP connection whose endpoint leaves the Service (here by a selector change) goes on with
-kube-proxy, and is reset by ebpfsvc.
+Three rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
+TCP connection whose endpoint leaves the Service (a selector change) goes on with kube-proxy and is
+reset by ebpfsvc (#3); the legacy source-ranges annotation, which kube-proxy ignores, fences a
+LoadBalancer IP with ebpfsvc; publishNotReadyAddresses on a hand-written slice that says
+`ready: false`, which kube-proxy leaves to the EndpointSlice controller (#8).
 
 One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
 and `kube-proxy --cleanup` removes its rules (docs/deploy.md); the ebpfsvc agents start and
@@ -83,6 +85,22 @@ def moved(selector: dict) -> dict:
 
 
 SERVICES.append(moved({"pod": "or-c"}))
+LB_IP = "198.18.200.20"          # the lab's external client routes 198.18.200.0/24 via node-1
+SERVICES += [
+    # The legacy annotation only (the field empty), a range without the external client.
+    {**service("or-fenced", [{"port": 80, "targetPort": 8080}], selector={"pod": "or-a"}, type="LoadBalancer"),
+     "metadata": {"name": "or-fenced", "annotations": {
+         "lab.ebpfsvc.io/lb-ip": LB_IP, "service.beta.kubernetes.io/load-balancer-source-ranges": "198.18.0.200/32"}}},
+    # Selectorless: its slice is hand-written (pnr_slice), or-a listed as not ready.
+    service("or-pnr", [{"port": 80, "targetPort": 8080}], publishNotReadyAddresses=True),
+]
+
+
+def pnr_slice(address: str) -> dict:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "or-pnr-1", "labels": {"kubernetes.io/service-name": "or-pnr"}},
+            "addressType": "IPv4", "ports": [{"name": "", "protocol": "TCP", "port": 8080}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": False}, "nodeName": "node-1"}]}
 
 # What both proxies must show (kube-proxy v1.37.2's behaviour, checked against it by this test).
 EXPECTED = {
@@ -95,6 +113,8 @@ EXPECTED = {
     "trafficDistribution PreferSameNode: who answers a pod on node-1": "or-a",
     "trafficDistribution PreferSameZone: who answers a pod on node-1": "or-a",
     "established TCP, its endpoint leaves the Service (selector change)": "survives",
+    "legacy source-ranges annotation without the client: outside -> LoadBalancer IP": "HTTP 200",
+    "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP": "refused",
     "/healthz on node-1": "200 nodeEligible=True",
     "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
     "/healthz on node-1, taint removed": "200 nodeEligible=True",
@@ -104,6 +124,8 @@ EXPECTED = {
 # Where ebpfsvc observes something else on purpose (docs/semantics.md, "Kept on purpose").
 DIFFERENCES = {
     "established TCP, its endpoint leaves the Service (selector change)": "reset",     # item 3
+    "legacy source-ranges annotation without the client: outside -> LoadBalancer IP": "timeout",
+    "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP": "connected",
 }
 
 
@@ -196,9 +218,17 @@ def stream_after_endpoint_left(lab: Lab) -> str:
                  what="or-c back in or-moved")
 
 
-def observe(lab: Lab) -> dict[str, str]:
+def observe(lab: Lab, proxy: str) -> dict[str, str]:
     none_vip, remote_vip = cluster_ip(lab, "or-none"), cluster_ip(lab, "or-remote")
+
+    def expected(row: str) -> str:
+        return DIFFERENCES.get(row, EXPECTED[row]) if proxy == "ebpfsvc" else EXPECTED[row]
+
+    fenced = "legacy source-ranges annotation without the client: outside -> LoadBalancer IP"
+    pnr = "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP"
     got = {
+        fenced: settle(lambda: outside(lab, f"http://{LB_IP}/"), expected(fenced)),
+        pnr: connect_outcome(lab, CLIENT, cluster_ip(lab, "or-pnr"), 80),
         "Local policies, no endpoint anywhere: pod -> clusterIP": connect_outcome(lab, CLIENT, none_vip, 80),
         "Local policies, no endpoint anywhere: outside -> NodePort": outside(lab, f"http://{NODE1}:30470/"),
         "Local policies, endpoint on node-2 only: pod on node-1 -> clusterIP":
@@ -236,6 +266,7 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         lab.apply([bare_pod(CLIENT, "node-1"), echo("or-a", "node-1"), echo("or-b", "node-2"),
                    apps.pod("or-c", "tcp-echo", 7000, node="node-2", labels={"pod": "or-c"}), *SERVICES])
         wait_ready(lab, ["or-a", "or-b", "or-c"])
+        lab.apply([pnr_slice(lab.pod_ip("or-a"))])
         for svc, (_, field) in TOPOLOGY.items():
             wait_for(lambda: hinted(lab, svc, field), what=f"{field} hints on {svc}'s endpoints")
         results: dict[str, dict[str, str]] = {}
@@ -246,7 +277,7 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         for node in ("node-1", "node-2"):
             kubeproxy.wait_serving(lab, node, mode, cluster_ip(lab, "or-lb"), 80, since=began)
         with upstream_route(lab):
-            results["kube-proxy"] = observe(lab)
+            results["kube-proxy"] = observe(lab, "kube-proxy")
 
         for node in ("node-1", "node-2"):
             kubeproxy.stop(lab, node)
@@ -257,7 +288,7 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         wait_programmed(lab, "or-lb", 80, backends=1)
         wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"])
         wait_agents_attached(lab, [CLIENT, "or-a", "or-b", "or-c"])
-        results["ebpfsvc"] = observe(lab)
+        results["ebpfsvc"] = observe(lab, "ebpfsvc")
 
         print(f"\nkube-proxy --proxy-mode={mode}\n" + table(results))
         assert results["kube-proxy"] == EXPECTED, "kube-proxy v1.37.2 is not what docs/semantics.md says\n" + \
