@@ -3,11 +3,12 @@ builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the ob
 compared (issue 17). docs/semantics.md, "Differences from kube-proxy", lists what differs on purpose;
 none of these rows does.
 
-Three rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
+Four rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
 TCP connection whose endpoint leaves the Service (a selector change) goes on with kube-proxy and is
 reset by ebpfsvc (#3); the legacy source-ranges annotation, which kube-proxy ignores, fences a
 LoadBalancer IP with ebpfsvc; publishNotReadyAddresses on a hand-written slice that says
-`ready: false`, which kube-proxy leaves to the EndpointSlice controller (#8).
+`ready: false`, which kube-proxy leaves to the EndpointSlice controller; the client address a
+backend on the receiving node sees with externalTrafficPolicy Cluster (#8).
 
 One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
 and `kube-proxy --cleanup` removes its rules (docs/deploy.md); the ebpfsvc agents start and
@@ -91,6 +92,9 @@ SERVICES += [
     {**service("or-fenced", [{"port": 80, "targetPort": 8080}], selector={"pod": "or-a"}, type="LoadBalancer"),
      "metadata": {"name": "or-fenced", "annotations": {
          "lab.ebpfsvc.io/lb-ip": LB_IP, "service.beta.kubernetes.io/load-balancer-source-ranges": "198.18.0.200/32"}}},
+    # externalTrafficPolicy Cluster, the only endpoint on node-1, reached through node-1's NodePort.
+    service("or-cluster", [{"port": 80, "targetPort": 8080, "nodePort": 30476}], selector={"pod": "or-a"},
+            type="NodePort"),
     # Selectorless: its slice is hand-written (pnr_slice), or-a listed as not ready.
     service("or-pnr", [{"port": 80, "targetPort": 8080}], publishNotReadyAddresses=True),
 ]
@@ -115,6 +119,7 @@ EXPECTED = {
     "established TCP, its endpoint leaves the Service (selector change)": "survives",
     "legacy source-ranges annotation without the client: outside -> LoadBalancer IP": "HTTP 200",
     "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP": "refused",
+    "ETP Cluster, backend on the receiving node: the source it sees": "masqueraded",
     "/healthz on node-1": "200 nodeEligible=True",
     "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
     "/healthz on node-1, taint removed": "200 nodeEligible=True",
@@ -126,6 +131,7 @@ DIFFERENCES = {
     "established TCP, its endpoint leaves the Service (selector change)": "reset",     # item 3
     "legacy source-ranges annotation without the client: outside -> LoadBalancer IP": "timeout",
     "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP": "connected",
+    "ETP Cluster, backend on the receiving node: the source it sees": "the client",
 }
 
 
@@ -138,6 +144,14 @@ def http(lab: Lab, url: str, where: str = "external") -> tuple[int, dict]:
         return 0, {"outcome": {7: "refused", 28: "timeout"}.get(out.returncode, f"curl exit {out.returncode}")}
     body, _, code = out.stdout.rpartition("\n")
     return int(code), json.loads(body or "{}")
+
+
+def source_seen(lab: Lab, url: str) -> str:
+    """Whom the http-echo backend saw as its client, for a GET from the external client."""
+    code, body = http(lab, url)
+    if code != 200:
+        return body.get("outcome", f"HTTP {code}")
+    return "the client" if body["client"] == UPSTREAM else "masqueraded"
 
 
 def outside(lab: Lab, url: str) -> str:
@@ -229,6 +243,7 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
     got = {
         fenced: settle(lambda: outside(lab, f"http://{LB_IP}/"), expected(fenced)),
         pnr: connect_outcome(lab, CLIENT, cluster_ip(lab, "or-pnr"), 80),
+        "ETP Cluster, backend on the receiving node: the source it sees": source_seen(lab, f"http://{NODE1}:30476/"),
         "Local policies, no endpoint anywhere: pod -> clusterIP": connect_outcome(lab, CLIENT, none_vip, 80),
         "Local policies, no endpoint anywhere: outside -> NodePort": outside(lab, f"http://{NODE1}:30470/"),
         "Local policies, endpoint on node-2 only: pod on node-1 -> clusterIP":
