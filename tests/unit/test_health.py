@@ -548,37 +548,30 @@ def test_nodeport_services_without_a_nodeport_address_make_healthz_fail():
     assert served.health.status()[:2] == (True, "synced")
 
 
-def lb_local(name, hcnp, labels=None):
-    obj = service(name, "198.19.0.20")
-    obj["metadata"]["labels"] = labels or {}
-    obj["spec"].update(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=hcnp)
-    obj["spec"]["ports"][0]["nodePort"] = 30090
-    return obj
-
-
 def test_health_check_node_ports_only_for_services_this_proxy_serves():
     """kube-proxy v1.37.2 never sees a Service labelled service-proxy-name (even with an empty value)
-    or headless, so it opens no healthCheckNodePort for them; neither do we."""
+    or headless, so it opens no healthCheckNodePort for them; neither do we (a Service not in the
+    snapshot, e.g. rejected, gets none either). The agent's wiring: tests/e2e/test_oracle.py."""
+    from ebpfsvc.health import served_health_check_ports
+    from ebpfsvc.k8s.service import parse_service
+
     node = NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",))
-    agent = FakeAgent(config=FakeConfig(node=node, healthz_bind_address="127.0.0.1:0"), state=ClusterState(node),
-                      desired=DesiredStateBuilder(node))
-    t = Telemetry(agent, clock=FakeClock())
-    tap = t.sink(agent.state)
-    t.start()
-    ports = {name: _free_port() for name in ("web", "other", "empty", "headless")}
+    labels = {"web": {}, "other": {"service.kubernetes.io/service-proxy-name": "other-proxy"},
+              "empty": {"service.kubernetes.io/service-proxy-name": ""},
+              "headless": {"service.kubernetes.io/headless": ""}}
+    services = {}
+    for name, svc_labels in labels.items():
+        obj = service(name, "198.19.0.20", node_port=30090)
+        obj["metadata"]["labels"] = svc_labels
+        obj["spec"].update(type="LoadBalancer", externalTrafficPolicy="Local")
+        services[("default", name)] = parse_service(obj, node)
+    ports = {("default", name): 31000 + i for i, name in enumerate([*labels, "rejected"])}
+    assert served_health_check_ports(ports, services, node) == {("default", "web"): 31000}
+    servers = ServiceHealthServers("127.0.0.1")
+    port = _free_port()
     try:
-        tap.on_relist("Service", [
-            lb_local("web", ports["web"]),
-            lb_local("other", ports["other"], {"service.kubernetes.io/service-proxy-name": "other-proxy"}),
-            lb_local("empty", ports["empty"], {"service.kubernetes.io/service-proxy-name": ""}),
-            lb_local("headless", ports["headless"], {"service.kubernetes.io/headless": ""})])
-        assert len(tap.ports()) == 4                        # the tap sees them all ...
-        agent.last_applied = agent.desired.build(agent.state.snapshot()).state
-        t.sync_done(0.001)
-        assert t.service_health.ports == {("default", "web"): ports["web"]}   # ... we serve one
-        assert get(ports["web"], "/")[0] == 503             # no local endpoint
-        for name in ("other", "empty", "headless"):
-            with pytest.raises(urllib.error.URLError):
-                urllib.request.urlopen(f"http://127.0.0.1:{ports[name]}/", timeout=2)
+        servers.sync(served_health_check_ports({("default", "web"): port, ("default", "empty"): _free_port()},
+                                               services, node), {})
+        assert servers.ports == {("default", "web"): port} and get(port, "/")[0] == 503
     finally:
-        t.close()
+        servers.close()
