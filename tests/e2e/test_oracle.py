@@ -1,6 +1,7 @@
 """The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
 builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
-compared (issue 17): 15 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same.
+compared (issue 17): 15 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
+for DIFFERENCES.
 
 Four rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
 TCP connection whose endpoint leaves the Service (a selector change) goes on with kube-proxy and is
