@@ -19,14 +19,15 @@ from ebpfsvc.sources.base import Event, EventType
 from ebpfsvc.tracker import ClusterState
 
 from . import northsouth as ns
-from .packets import CLIENT, OK, REDIRECT, SHOT, VIP, Case, check, from_pod, tcp, to_pod
+from .packets import CLIENT, OK, REDIRECT, SHOT, VIP, Case, check, from_pod, tcp, to_pod, udp
+from .test_reject import port_unreachable
 
 pytestmark = pytest.mark.root
 
 NODE_PORT = 30420
 
 
-def snapshot(endpoint_node: str | None):
+def snapshot(endpoint_node: str | None, protocol: str = "TCP"):
     """A NodePort Service with both policies Local; its one endpoint on `endpoint_node` (None: the
     slice lists it not ready, so no usable endpoint anywhere)."""
     ready = endpoint_node is not None
@@ -34,10 +35,10 @@ def snapshot(endpoint_node: str | None):
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
          "spec": {"type": "NodePort", "clusterIP": VIP, "internalTrafficPolicy": "Local",
                   "externalTrafficPolicy": "Local",
-                  "ports": [{"port": 80, "targetPort": 8080, "nodePort": NODE_PORT}]}},
+                  "ports": [{"port": 80, "targetPort": 8080, "nodePort": NODE_PORT, "protocol": protocol}]}},
         {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
          "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
-         "addressType": "IPv4", "ports": [{"name": "", "protocol": "TCP", "port": 8080}],
+         "addressType": "IPv4", "ports": [{"name": "", "protocol": protocol, "port": 8080}],
          "endpoints": [{"addresses": [ns.REMOTE_BE], "conditions": {"ready": ready},
                         "nodeName": endpoint_node or "node-2"}]},
     ]
@@ -66,6 +67,17 @@ def test_internal_policy_local_from_a_pod(datapath, writer):
     check(datapath, Case("itp=Local, the endpoint on node-1: served (not our concern here)", "from_pod",
                          from_pod(tcp(CLIENT, VIP, 40002, 80, "S")), OK,
                          from_pod(tcp(CLIENT, ns.REMOTE_BE, 40002, 8080, "S"))))
+
+
+def test_internal_policy_local_udp_from_a_pod(datapath, writer):
+    writer.apply(desired_state(snapshot(None, "UDP"), NODE1))
+    query = udp(CLIENT, VIP, 5000, 80, b"q" * 16)
+    check(datapath, Case("itp=Local UDP, no endpoint anywhere: ICMP port unreachable from the clusterIP",
+                         "from_pod", from_pod(query), REDIRECT, port_unreachable(query)))
+    writer.apply(desired_state(snapshot("node-2", "UDP"), NODE1))
+    check(datapath, Case("itp=Local UDP, the endpoint on node-2: dropped here", "from_pod",
+                         from_pod(udp(CLIENT, VIP, 5001, 80)), SHOT))
+    assert (stats.drops(datapath.maps)["no_backend"], stats.drops(datapath.maps)["no_local_backend"]) == (1, 1)
 
 
 def test_external_policy_local_at_the_uplink(uplink):
