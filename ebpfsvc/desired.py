@@ -242,10 +242,12 @@ def node_zone(snapshot: ClusterSnapshot, node: NodeConfig) -> str:
 def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc: Service, port: ServicePort,
                     spn: ServicePortName, endpoints: tuple[Endpoint, ...]) -> Iterator[Frontend]:
     sets = categorize_endpoints(endpoints, node_name=node.node_name, zone=zone,
-                                topology_aware=svc.topology_aware,
                                 publish_not_ready=svc.publish_not_ready_addresses)
     itp_local = svc.internal_traffic_policy is TrafficPolicy.LOCAL
     etp_local = svc.external_traffic_policy is TrafficPolicy.LOCAL
+    # A Local policy drops (local_only) only when endpoints exist elsewhere; with none anywhere the
+    # frontend rejects like any Service without endpoints (kube-proxy's hasAnyEndpoints).
+    has_endpoints = bool(sets.cluster.endpoints)
     # Each set becomes Backends once, however many frontends share it.
     cluster = _backends(snapshot, node, sets.cluster, port)
     local = _backends(snapshot, node, sets.local, port) if itp_local or etp_local else ()
@@ -264,9 +266,10 @@ def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc:
         )
 
     yield frontend(svc.cluster_ip, port.port, Scope.INTERNAL, FrontendKind.CLUSTER_IP,
-                   local if itp_local else cluster, itp_local)
+                   local if itp_local else cluster, itp_local and has_endpoints)
     for addr, number, kind, ranges in _external_addresses(svc, port, node):
-        yield frontend(addr, number, Scope.EXTERNAL, kind, local if etp_local else cluster, etp_local, ranges)
+        yield frontend(addr, number, Scope.EXTERNAL, kind, local if etp_local else cluster,
+                       etp_local and has_endpoints, ranges)
         yield frontend(addr, number, Scope.INTERNAL, kind, cluster, False, ranges)
 
 

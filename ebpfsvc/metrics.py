@@ -502,6 +502,10 @@ class Telemetry:
         self._triggers = []
         self.health.updated()
         if self.service_health is not None and self.tap is not None:
-            from ebpfsvc.health import local_endpoint_counts
+            from ebpfsvc.health import local_endpoint_counts, served_health_check_ports
             applied = self.agent.last_applied
-            self.service_health.sync(self.tap.ports(), local_endpoint_counts(applied) if applied else {})
+            builder = getattr(self.agent, "desired", None)
+            snapshot = getattr(builder, "snapshot", None)
+            ports = self.tap.ports() if snapshot is None else \
+                served_health_check_ports(self.tap.ports(), snapshot.services, builder.node)
+            self.service_health.sync(ports, local_endpoint_counts(applied) if applied else {})

@@ -23,6 +23,7 @@ MAX_ENDPOINTS = 1000      # the API allows 1000 per slice; the controller writes
 MAX_PORTS = 100           # the API's limit per slice
 MAX_ADDRESSES = 100
 MAX_ZONE_HINTS = 8        # the API's limit on hints.forZones
+MAX_NODE_HINTS = 8        # the API's limit on hints.forNodes
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SliceEndpoint:
     node_name: str = ""
     zone: str = ""
     zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()     # hints.forNodes (trafficDistribution: PreferSameNode)
     hostname: str = ""
 
 
@@ -105,6 +107,7 @@ def _endpoint(e: Fields) -> SliceEndpoint:
     cond = e.obj("conditions")
     ready = cond.bool("ready", True)
     hints = frozenset(z.str("name") for z in e.obj("hints").objects("forZones", MAX_ZONE_HINTS)) - {""}
+    node_hints = frozenset(n.str("name") for n in e.obj("hints").objects("forNodes", MAX_NODE_HINTS)) - {""}
     return SliceEndpoint(
         address=address,
         ready=ready,
@@ -113,5 +116,6 @@ def _endpoint(e: Fields) -> SliceEndpoint:
         node_name=e.str("nodeName"),
         zone=e.str("zone"),
         zone_hints=hints,
+        node_hints=node_hints,
         hostname=e.str("hostname"),
     )

@@ -74,10 +74,13 @@ class Service:
     external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
     internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
     publish_not_ready_addresses: bool = False
-    topology_aware: bool = False                      # topology-mode: Auto (or the older hints annotation)
+    # topology-mode: Auto (or the older hints annotation, or trafficDistribution PreferClose): what
+    # the Service asks of the EndpointSlice controller. Routing follows the hints the slices carry,
+    # as kube-proxy's does, not this (k8s/topology.py).
+    topology_aware: bool = False
     algorithm: Algorithm | None = None                # None = the node's default
     external_ip_source_ranges: bool = False           # ANNOTATION_EXTERNAL_IP_SOURCE_RANGES: "true"
-    proxy_name: str = ""                              # value of service.kubernetes.io/service-proxy-name
+    proxy_name: str | None = None                     # value of service.kubernetes.io/service-proxy-name; None: no label
     headless_label: bool = False                      # service.kubernetes.io/headless present
 
     @property
@@ -90,8 +93,13 @@ class Service:
             return "ExternalName (DNS only)"
         if self.headless or self.headless_label:
             return "headless"
-        if self.proxy_name != node.proxy_name:
-            return f"service-proxy-name {self.proxy_name!r} is not ours ({node.proxy_name!r})"
+        # kube-proxy watches only Services WITHOUT the label (selection.DoesNotExist), so a label with
+        # an empty value is another proxy's too; --proxy-name NAME serves the label's value NAME.
+        if self.proxy_name != (node.proxy_name or None):
+            ours = f"--proxy-name {node.proxy_name!r}" if node.proxy_name else "unlabelled Services only"
+            label = "no service-proxy-name label" if self.proxy_name is None else \
+                f"service-proxy-name {self.proxy_name!r}"
+            return f"{label}: not ours ({ours})"
         if self.cluster_ip is None:
             return "no IPv4 clusterIP"
         return ""
@@ -125,7 +133,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         topology_aware=_topology_aware(spec, meta),
         algorithm=_algorithm(meta),
         external_ip_source_ranges=_opt_in(meta, ANNOTATION_EXTERNAL_IP_SOURCE_RANGES),
-        proxy_name=meta.labels.get(LABEL_PROXY_NAME, ""),
+        proxy_name=meta.labels.get(LABEL_PROXY_NAME),
         headless_label=LABEL_HEADLESS in meta.labels,
     )
 

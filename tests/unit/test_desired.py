@@ -155,8 +155,25 @@ SCENARIOS = [
         "198.19.1.1:80/TCP internal": ["198.18.1.60:8080/TCP", "198.18.2.60:8080/TCP",
                                        "198.18.2.61:8080/TCP not-ready"],
     }),
-    ("hints without the annotation are ignored", ("hints-ignored-without-annotation.yaml",), NODE1, {
-        "198.19.1.2:80/TCP internal": ["198.18.1.62:8080/TCP", "198.18.2.62:8080/TCP"],
+    ("hints are used without the annotation, as kube-proxy", ("hints-without-annotation.yaml",), NODE1, {
+        "198.19.1.2:80/TCP internal": ["198.18.1.62:8080/TCP"],
+    }),
+    # --- trafficDistribution: PreferSameNode: node hints, then zone hints, then all
+    ("node hints on node-1", ("node-hints.yaml",), NODE1, {
+        "198.19.1.12:80/TCP internal": ["198.18.1.63:8080/TCP"],
+        "198.19.1.13:80/TCP internal": ["198.18.1.65:8080/TCP", "198.18.1.66:8080/TCP"],
+    }),
+    ("node hints on node-2", ("node-hints.yaml",), NODE2, {
+        "198.19.1.12:80/TCP internal": ["198.18.2.63:8080/TCP", "198.18.2.64:8080/TCP"],
+        "198.19.1.13:80/TCP internal": ["198.18.2.65:8080/TCP"],
+    }),
+    ("node hints: none for this node -> zone hints", ("node-hints.yaml",), NODE3, {
+        "198.19.1.12:80/TCP internal": ["198.18.2.64:8080/TCP"],
+        "198.19.1.13:80/TCP internal": ["198.18.1.65:8080/TCP", "198.18.1.66:8080/TCP", "198.18.2.65:8080/TCP"],
+    }),
+    ("node hints: none for this node nor zone -> all", ("node-hints.yaml",), NodeConfig("node-9"), {
+        "198.19.1.12:80/TCP internal": ["198.18.1.63:8080/TCP", "198.18.2.63:8080/TCP", "198.18.2.64:8080/TCP"],
+        "198.19.1.13:80/TCP internal": ["198.18.1.65:8080/TCP", "198.18.1.66:8080/TCP", "198.18.2.65:8080/TCP"],
     }),
     # --- seed 000 §2.4.1: internalTrafficPolicy Local
     ("itp=Local on the node with the endpoint", ("internal-traffic-local.yaml",), NODE1, {
@@ -166,6 +183,16 @@ SCENARIOS = [
     ("itp=Local elsewhere: drop", ("internal-traffic-local.yaml",), NODE2, {
         "198.19.1.3:53/TCP internal local-only": [],
         "198.19.1.3:53/UDP internal local-only": [],
+    }),
+    ("Local policies, no endpoint anywhere: reject on node-1", ("local-policy-no-endpoints.yaml",), NODE1, {
+        "198.18.0.11:30420/TCP external": ["198.18.1.67:8080/TCP not-ready"],
+        "198.18.0.11:30420/TCP internal": ["198.18.1.67:8080/TCP not-ready"],
+        "198.19.1.14:80/TCP internal": ["198.18.1.67:8080/TCP not-ready"],
+    }),
+    ("Local policies, no endpoint anywhere: reject on node-2", ("local-policy-no-endpoints.yaml",), NODE2, {
+        "198.18.0.12:30420/TCP external": [],
+        "198.18.0.12:30420/TCP internal": ["198.18.1.67:8080/TCP not-ready"],
+        "198.19.1.14:80/TCP internal": [],
     }),
     # --- endpoint conditions: serving+terminating fallback, cluster-wide and per node
     # (not ready, or terminating and not serving: listed only so their TCP connections carry on)

@@ -90,6 +90,33 @@ def test_healthz_states_with_a_fake_clock():
     assert h.status()[:2] == (False, "stopping")
 
 
+def test_livez_fails_only_on_stale_updates_as_kube_proxy():
+    """kube-proxy v1.37.2's livezHandler answers 503 exactly when its proxier is unhealthy (an update
+    waited past the timeout): not while starting, not for the Node, not for a configuration fault."""
+    clock = FakeClock()
+    h = ProxierHealth(timeout=60, clock=clock)
+    srv = HealthServer(h, alive=lambda: True, host="127.0.0.1", port=0)
+    try:
+        h.queued()
+        clock.advance(600)                                   # a slow first sync is not killed
+        assert get(srv.port, "/livez")[0] == 200 and h.stale() == ""
+        h.updated()
+        h.node_changed(node_obj(taints=[TO_BE_DELETED]))
+        h.set_fault("uplinks", "uplink bond0 not found")
+        assert get(srv.port, "/healthz")[0] == 503
+        assert get(srv.port, "/livez")[0] == 200             # a restart would change neither
+        h.queued()
+        clock.advance(60)
+        code, body, _ = get(srv.port, "/livez")
+        assert (code, body["state"]) == (503, "stale") and "nodeEligible" not in body
+        assert body["reason"] == "no sync for 60.0s, an update queued 60.0s ago is not programmed"
+        assert get(srv.port, "/healthz")[1]["reason"] == "uplink bond0 not found"
+        h.updated()
+        assert get(srv.port, "/livez")[0] == 200
+    finally:
+        srv.close()
+
+
 def test_bind_address_forms():
     assert parse_bind_address("0.0.0.0:10256", 1) == ("0.0.0.0", 10256)
     assert parse_bind_address(":10249", 1) == ("0.0.0.0", 10249)
@@ -114,12 +141,14 @@ def test_health_server_http_answers():
         assert code == 200 and body["source"] == {"Service": {"errors": 2}}
         clock.advance(61)
         assert get(srv.port, "/healthz")[0] == 503
-        assert get(srv.port, "/livez")[0] == 200          # stale but alive: kube-proxy's livez
+        code, body, _ = get(srv.port, "/livez")           # stale: kube-proxy v1.37.2's livez fails too
+        assert (code, body["state"], body["reason"]) == (503, "stale", "no sync for 61.0s")
+        h.updated()                                       # fresh again: the next 503 is the dead loops
         alive.clear()
         assert get(srv.port, "/livez")[0] == 503
         assert get(srv.port, "/nope")[0] == 404
         assert probes == [("/healthz", 503), ("/livez", 200), ("/healthz", 200), ("/healthz", 503),
-                          ("/livez", 200), ("/livez", 503), ("/nope", 404)]
+                          ("/livez", 503), ("/livez", 503), ("/nope", 404)]
     finally:
         srv.close()
 
@@ -256,7 +285,7 @@ def test_agent_states_starting_synced_api_lost_stale_stopping():
         clock.advance(1)
         code, body, _ = get(port, "/healthz")
         assert (code, body["state"]) == (503, "stale")
-        assert get(port, "/livez")[0] == 200
+        assert get(port, "/livez")[0] == 503     # kube-proxy: a stuck sync loop is restarted by the kubelet
         t.sync_started()
         t.sync_done(0.002)
         assert get(port, "/healthz")[0] == 200
@@ -425,6 +454,7 @@ def test_node_eligible_follows_the_node_as_kube_proxy_decides():
     h.node_changed(node_obj(taints=[TO_BE_DELETED]))
     ok, state, reason, body = h.status()
     assert (ok, state, body["nodeEligible"]) == (False, "node-ineligible", False)
+    assert body["healthy"] is True                             # kube-proxy's body: the proxier's health alone
     assert reason == "tainted ToBeDeletedByClusterAutoscaler (the cluster autoscaler is removing it)"
     assert h.proxier_healthy() is True                         # serviceProxyHealthy ignores the Node
     h.node_changed(node_obj())
@@ -516,3 +546,32 @@ def test_nodeport_services_without_a_nodeport_address_make_healthz_fail():
     assert t.health.proxier_healthy() is True      # healthCheckNodePorts still answer by local endpoints
     served = synced_telemetry(NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",)), services)
     assert served.health.status()[:2] == (True, "synced")
+
+
+def test_health_check_node_ports_only_for_services_this_proxy_serves():
+    """kube-proxy v1.37.2 never sees a Service labelled service-proxy-name (even with an empty value)
+    or headless, so it opens no healthCheckNodePort for them; neither do we (a Service not in the
+    snapshot, e.g. rejected, gets none either). The agent's wiring: tests/e2e/test_oracle.py."""
+    from ebpfsvc.health import served_health_check_ports
+    from ebpfsvc.k8s.service import parse_service
+
+    node = NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",))
+    labels = {"web": {}, "other": {"service.kubernetes.io/service-proxy-name": "other-proxy"},
+              "empty": {"service.kubernetes.io/service-proxy-name": ""},
+              "headless": {"service.kubernetes.io/headless": ""}}
+    services = {}
+    for name, svc_labels in labels.items():
+        obj = service(name, "198.19.0.20", node_port=30090)
+        obj["metadata"]["labels"] = svc_labels
+        obj["spec"].update(type="LoadBalancer", externalTrafficPolicy="Local")
+        services[("default", name)] = parse_service(obj, node)
+    ports = {("default", name): 31000 + i for i, name in enumerate([*labels, "rejected"])}
+    assert served_health_check_ports(ports, services, node) == {("default", "web"): 31000}
+    servers = ServiceHealthServers("127.0.0.1")
+    port = _free_port()
+    try:
+        servers.sync(served_health_check_ports({("default", "web"): port, ("default", "empty"): _free_port()},
+                                               services, node), {})
+        assert servers.ports == {("default", "web"): port} and get(port, "/")[0] == 503
+    finally:
+        servers.close()

@@ -158,6 +158,18 @@ def test_proxy_name_and_headless_labels():
     assert parse_service(obj, CONFIG).skip_reason(CONFIG) == "headless"
 
 
+def test_service_proxy_name_label_with_an_empty_value_is_not_ours():
+    """kube-proxy v1.37.2 watches Services with the label absent (selection.DoesNotExist): present
+    with an empty value is another proxy's Service, for --proxy-name "" and for any name."""
+    obj = service()
+    obj["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": ""}
+    svc = parse_service(obj, CONFIG)
+    assert svc.skip_reason(NodeConfig("n")) == "service-proxy-name '': not ours (unlabelled Services only)"
+    assert svc.skip_reason(NodeConfig("n", proxy_name="ebpfsvc")) == \
+        "service-proxy-name '': not ours (--proxy-name 'ebpfsvc')"
+    assert parse_service(service(), CONFIG).skip_reason(NodeConfig("n")) == ""
+
+
 def test_source_ranges_from_field_or_legacy_annotation():
     svc = parse_service(service(type="LoadBalancer", loadBalancerSourceRanges=["198.18.0.0/24", "203.0.113.7/32"],
                                 ports=[{"port": 80, "nodePort": 30001}]), CONFIG)
@@ -329,6 +341,18 @@ def slice_obj(endpoints, ports=({"name": "http", "port": 8080},), address_type="
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "web-abc", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
             "addressType": address_type, "ports": list(ports), "endpoints": list(endpoints)}
+
+
+def test_endpoint_slice_node_hints():
+    """hints.forNodes (trafficDistribution: PreferSameNode), at most 8 as the API allows."""
+    sl = parse_endpoint_slice(slice_obj([
+        {"addresses": ["198.18.1.3"], "hints": {"forNodes": [{"name": "node-1"}], "forZones": [{"name": "zone-a"}]}},
+        {"addresses": ["198.18.1.4"]}]))
+    assert [(ep.node_hints, ep.zone_hints) for ep in sl.endpoints] == [
+        (frozenset({"node-1"}), frozenset({"zone-a"})), (frozenset(), frozenset())]
+    too_many = {"forNodes": [{"name": f"node-{i}"} for i in range(9)]}
+    assert "endpoints[0].hints.forNodes" in error_of(parse_endpoint_slice,
+                                                     slice_obj([{"addresses": ["198.18.1.3"], "hints": too_many}]))
 
 
 @pytest.mark.parametrize("conditions,expected", [

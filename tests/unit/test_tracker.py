@@ -272,6 +272,20 @@ def test_endpoints_merge_across_slices_dedup_ready_copy_wins(state):
         ("198.18.1.10", 8080, True), ("198.18.1.11", 8080, True), ("198.18.1.12", 8080, False)]
 
 
+def test_duplicate_address_prefers_the_copy_that_is_not_terminating(state):
+    """The pod network reused the address of a pod still terminating for a new pod, not ready yet:
+    as kube-proxy v1.37.2, the new pod's (not terminating) copy counts, whatever the slices' names."""
+    old = endpoint("198.18.1.10", ready=False, node="node-2", serving=True, terminating=True)
+    new = endpoint("198.18.1.10", ready=False, node="node-1")
+    for first, second in (("web-a", "web-b"), ("web-b", "web-a")):
+        send(state, ADDED, slice_(first, old))
+        send(state, ADDED, slice_(second, new))
+        (ep,) = state.snapshot().endpoints[WEB_HTTP]
+        assert (ep.node_name, ep.terminating) == ("node-1", False)
+        send(state, DELETED, slice_(first, old))
+        send(state, DELETED, slice_(second, new))
+
+
 def test_slices_of_other_services_and_namespaces_stay_apart(state):
     send(state, ADDED, slice_("web-1", endpoint("198.18.1.10")))
     send(state, ADDED, slice_("api-1", endpoint("198.18.1.20"), service="api"))
