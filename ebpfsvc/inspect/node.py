@@ -7,7 +7,7 @@
         node.traffic("frontend", fid)   # (packets, bytes) summed over CPUs
 
 Everything here is read-only and reads the kernel's current values at call
-time: the CLI and the metrics collector (ebpfsvc/metrics.py) share it.
+time: the CLI and the metrics collector (ebpfsvc/collectors.py) share it.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ebpfsvc.cli import main
 from ebpfsvc.lab import Lab, apps, names, nsenter
-from ebpfsvc.metrics import DatapathCollector
+from ebpfsvc.collectors import DatapathCollector
 
 from e2e.helpers import (add_clients, cluster_ip, service,  # noqa: I001
                          wait_programmed, wait_ready, wait_udp_bound)
