@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ebpfsvc import abi
-from ebpfsvc.inspect.bpfmap import PinnedMap
+from ebpfsvc.datapath.bpfsys import PinnedMap
 
 ffi = abi.ffi
 PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}

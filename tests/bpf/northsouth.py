@@ -30,7 +30,7 @@ from ebpfsvc.datapath import loader
 from ebpfsvc.datapath.flowhash import flow_hash
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName
 
 from .conftest import TEST_LIMITS

@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from ebpfsvc.inspect.node import Frontend, NodeMaps
-from ebpfsvc.lab import Lab, names, nsenter
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, names
 
 T = TypeVar("T")
 
