@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from ebpfsvc.inspect.node import Frontend, NodeMaps
+from ebpfsvc.inspect.node import FrontendRow, NodeMaps
 from ebpfsvc.datapath import nsenter
 from ebpfsvc.lab import Lab, names
 
@@ -284,13 +284,13 @@ def node_maps(lab: Lab, node: str) -> Iterator[NodeMaps]:
         yield maps
 
 
-def frontend(lab: Lab, node: str, address: str, port: int, proto: str = "TCP") -> Frontend | None:
+def frontend(lab: Lab, node: str, address: str, port: int, proto: str = "TCP") -> FrontendRow | None:
     """The pod-facing (internal scope) frontend address:port/proto on `node`, or None."""
     with node_maps(lab, node) as maps:
         return maps.frontend(address, port, proto, "internal")
 
 
-def table_backends(lab: Lab, node: str, fe: Frontend) -> set[tuple[str, int]]:
+def table_backends(lab: Lab, node: str, fe: FrontendRow) -> set[tuple[str, int]]:
     """(address, port) of every backend in a frontend's Maglev table on `node`."""
     with node_maps(lab, node) as maps:
         backends = maps.backends()

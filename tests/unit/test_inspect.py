@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from ebpfsvc import abi
 from ebpfsvc.cli import main
 from ebpfsvc.datapath import bpfsys
-from ebpfsvc.inspect.node import (Frontend, ct_closing, ct_lifetime_s, flag_names, ip_str, port_int, raw_ip,
+from ebpfsvc.inspect.node import (FrontendRow, ct_closing, ct_lifetime_s, flag_names, ip_str, port_int, raw_ip,
                                   raw_port, _SVC_FLAGS, _CT_FLAGS)
 
 CT_H = Path(abi.__file__).resolve().parent.parent / "bpf" / "lib" / "ct.h"
-LB_H = Path(abi.__file__).resolve().parent.parent / "bpf" / "lib" / "lb.h"
+LB_H = abi.ABI_H      # where bpf/lib/lb.h's LB_TERMINATING_PROBES is defined, for Python to read
 
 
 def test_wire_order_round_trips():
@@ -36,7 +36,7 @@ def test_every_abi_flag_has_a_name():
 
 def test_frontend_kind_and_algorithm_from_flags():
     def fe(flags):
-        return Frontend("198.19.0.10", 80, "TCP", "internal", 1, 1, 0, 251, 2, 0, flags)
+        return FrontendRow("198.19.0.10", 80, "TCP", "internal", 1, 1, 0, 251, 2, 0, flags)
     assert (fe(0).kind, fe(0).algorithm) == ("ClusterIP", "maglev")
     assert fe(abi.LB_SVC_F_NODEPORT | abi.LB_SVC_F_RANDOM).kind == "NodePort"
     assert fe(abi.LB_SVC_F_RANDOM).algorithm == "random"
