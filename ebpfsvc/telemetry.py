@@ -34,7 +34,6 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-
 class Telemetry:
     """Metrics, /metrics, /healthz, /livez and healthCheckNodePort servers of one agent.
 
