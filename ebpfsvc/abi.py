@@ -33,6 +33,8 @@ def _parse(text: str) -> tuple[dict[str, int], str]:
     constants: dict[str, int] = {}
     body: list[str] = []
     for line in text.splitlines():
+        if line.lstrip().startswith("ABI_SIZE("):
+            continue        # the C compiler's size checks: nothing for cffi
         if line.lstrip().startswith("#"):
             m = _DEFINE.match(line)
             if m:

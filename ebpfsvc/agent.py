@@ -73,8 +73,17 @@ class AgentConfig:
 
 class Agent:
     def __init__(self, config: AgentConfig):
+        from ebpfsvc.collectors import AgentReadings
+        from ebpfsvc.telemetry import Telemetry
+
         self.config = config
-        self.state = ClusterState(config.node, on_invalid=self._invalid)
+        # Metrics, /healthz, /livez, healthCheckNodePorts: handed what they read, as they read it.
+        self.telemetry = Telemetry(config, AgentReadings(
+            loops_alive=lambda: self.runner.alive, sync_failures=lambda: self.runner.failures,
+            source_stats=self._source_stats, invalid_objects=lambda: self.invalid_objects,
+            problems=lambda: self.state.problems, pending_changes=lambda: self.state.pending_changes()))
+        self.state = ClusterState(config.node, on_invalid=self._invalid, on_received=self.telemetry.metrics.changed,
+                                  on_node=self.telemetry.health.node_changed)
         self.datapath = None
         self.uplink_datapath = None     # bpf/lb_node.c, when there are uplinks
         self.writer = None
@@ -101,8 +110,6 @@ class Agent:
         self._stopped = threading.Event()
         self.syncs = 0
         self.invalid_objects = 0
-        from ebpfsvc.metrics import Telemetry
-        self.telemetry = Telemetry(self)     # metrics, /healthz, /livez, healthCheckNodePorts
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -141,10 +148,10 @@ class Agent:
         cfg = self.config
         if cfg.manifests:
             from ebpfsvc.sources.manifests import ManifestSource
-            return ManifestSource(cfg.manifests, self.telemetry.sink(self.state))
+            return ManifestSource(cfg.manifests, self.state)
         from ebpfsvc.sources.kube import KubeSource
         # Services, EndpointSlices, this node's Node and ServiceCIDRs: what kube-proxy watches.
-        return KubeSource(self.telemetry.sink(self.state), kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None,
+        return KubeSource(self.state, kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None,
                           node_name=cfg.node.node_name)
 
     def stop(self) -> None:
@@ -285,6 +292,10 @@ class Agent:
     def _detach_pod(self, ifindex: int, ifname: str) -> None:
         log.info("pod interface %s (ifindex %d) is gone", ifname, ifindex)
 
+    def _source_stats(self) -> dict | None:
+        # The API source's watch statistics; a manifest directory keeps none.
+        return getattr(self.source, "stats", None)
+
     def _invalid(self, problem) -> None:
         # The tracker has logged it; keep a count for the metrics endpoint.
         self.invalid_objects += 1
@@ -301,13 +312,14 @@ class Agent:
         if not self.state.synced:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")
             return
-        self.telemetry.sync_started()
         snapshot = self.state.snapshot()
+        self.telemetry.sync_started(snapshot.trigger_times)
         result = self.desired.build(snapshot)
         desired = result.state
         if desired is self.last_applied and not full:
             self._route_node_clients(snapshot)
-            self.telemetry.sync_done(time.monotonic() - t0)
+            self.telemetry.sync_done(time.monotonic() - t0, snapshot=snapshot, node=self.desired.node,
+                                     applied=desired)
             return
         stats = self.writer.apply(desired, full=full, delta=result.delta)
         self._route_node_clients(snapshot, result)
@@ -321,7 +333,8 @@ class Agent:
         self.last_applied = desired
         self.syncs += 1
         self.synced_once.set()
-        self.telemetry.sync_done(time.monotonic() - t0, stats)
+        self.telemetry.sync_done(time.monotonic() - t0, stats, snapshot=snapshot, node=self.desired.node,
+                                 applied=desired)
         log.info("synced %d frontends in %.1f ms%s: %s", len(desired.frontends),
                  (time.monotonic() - t0) * 1000, " (full)" if full else "", stats)
 

@@ -48,6 +48,15 @@
 #define SOURCE_RANGES_MAX 16384       /* (frontend, prefix) pairs of loadBalancerSourceRanges */
 #endif
 
+/* ---- Backend selection (bpf/lib/lb.h); Python reads them too: ebpfsvc/datapath/flowhash.py
+ * predicts a flow's Maglev slot, `ebpfsvc why` walks the probes past terminating backends. ---- */
+#ifndef LB_HASH_SEED
+#define LB_HASH_SEED 0x5eed1e55       /* same on every node, so tables and hashes agree */
+#endif
+#ifndef LB_TERMINATING_PROBES
+#define LB_TERMINATING_PROBES 4       /* slots tried past a terminating backend */
+#endif
+
 /* ---- North-south SNAT source ports (externalTrafficPolicy Cluster, remote
  * backend). A TCP flow keeps the client's port when it is at least
  * SNAT_KEEP_PORT_MIN and no flow or node socket to the same backend holds it
@@ -260,5 +269,14 @@ struct lb_traffic {
 	__u64 packets;
 	__u64 bytes;
 };
+
+/* Every struct's size, checked when a program compiles: a layout change must be meant, and
+ * made in ebpfsvc/abi.py's users too (they decode pinned maps by these layouts). abi.py skips
+ * these lines; tests/unit/test_abi_sizes.py checks they match what cffi reads above. */
+#define ABI_SIZE(name, size) _Static_assert(sizeof(struct name) == (size), "struct " #name " is not " #size " bytes")
+ABI_SIZE(lb4_key, 8); ABI_SIZE(lb4_service, 32); ABI_SIZE(lb4_backend, 8); ABI_SIZE(lb_service_name, 128);
+ABI_SIZE(ct4_key, 16); ABI_SIZE(ct4_entry, 40); ABI_SIZE(lb4_affinity_key, 8); ABI_SIZE(lb_affinity_val, 16);
+ABI_SIZE(frag4_key, 12); ABI_SIZE(frag4_ports, 16); ABI_SIZE(snat4_entry, 8); ABI_SIZE(lb4_src_range_key, 12);
+ABI_SIZE(lb_traffic, 16);
 
 #endif /* EBPFSVC_ABI_H */

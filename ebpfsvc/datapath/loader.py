@@ -265,7 +265,7 @@ def _fill_sctp_crc_shift(bpf) -> None:
 def stale_pins(bpf, pin_dir: Path) -> list[str]:
     """Maps of `bpf` whose pinned object differs from the program's declaration
     (type, key size, value size, max entries)."""
-    from ebpfsvc.inspect.bpfmap import MAP_TYPES as KERNEL_MAP_TYPES, PinnedMap
+    from ebpfsvc.datapath.bpfsys import MAP_TYPES as KERNEL_MAP_TYPES, PinnedMap
 
     stale = []
     for name in MAPS:

@@ -1,6 +1,6 @@
 """What the inspection commands show, as plain data (dicts and lists, JSON-ready).
 
-Each function takes an open NodeMaps and returns rows; ebpfsvc/inspect_cli.py
+Each function takes an open NodeMaps and returns rows; ebpfsvc/cli/inspect.py
 renders them as tables or JSON, tests compare them with the traffic they sent.
 """
 
@@ -10,21 +10,21 @@ from collections import Counter
 
 from ebpfsvc import abi
 from ebpfsvc.datapath.flowhash import flow_hash
-from ebpfsvc.inspect.node import (PROTO_NUMBERS, Backend, CtEntry, Frontend, NodeMaps, ct_closing,
+from ebpfsvc.inspect.node import (PROTO_NUMBERS, BackendRow, CtEntry, FrontendRow, NodeMaps, ct_closing,
                                   monotonic_ns)
 from ebpfsvc.lbmodel import table_backends
 
-# bpf/lib/lb.h LB_TERMINATING_PROBES: slots tried past a terminating backend.
-TERMINATING_PROBES = 4
+# Slots the datapath tries past a terminating backend (bpf/lib/lb.h, defined in abi.h).
+TERMINATING_PROBES = abi.LB_TERMINATING_PROBES
 
 
-def _backend_row(b: Backend | None, ident: int) -> dict:
+def _backend_row(b: BackendRow | None, ident: int) -> dict:
     if b is None:
         return {"id": ident, "backend": None, "state": "missing", "local": False}
     return {"id": ident, "backend": b.name, "state": b.state, "local": b.local}
 
 
-def _frontend_row(fe: Frontend) -> dict:
+def _frontend_row(fe: FrontendRow) -> dict:
     return {"frontend": fe.name, "scope": fe.scope, "kind": fe.kind, "flags": fe.flag_names,
             "algorithm": fe.algorithm, "affinity_timeout": fe.affinity_timeout, "id": fe.frontend_id,
             "service_id": fe.service_id, "backend_count": fe.backend_count, "maglev_size": fe.maglev_size,
@@ -97,7 +97,7 @@ def ct_list(node: NodeMaps, *, include_expired: bool = True) -> list[dict]:
     return out
 
 
-def find_frontends(node: NodeMaps, service: str) -> list[Frontend]:
+def find_frontends(node: NodeMaps, service: str) -> list[FrontendRow]:
     """Frontends of a service port, by name: "ns/name[:port][/PROTO]", or a frontend "addr:port[/PROTO]"."""
     fes = [f for f in node.frontends() if not f.is_marker]
     exact = [f for f in fes if f.service == service or f.name == service]
@@ -108,7 +108,7 @@ def find_frontends(node: NodeMaps, service: str) -> list[Frontend]:
             or f.name.startswith(service + "/")]
 
 
-def maglev_show(node: NodeMaps, fe: Frontend, *, first: int = 32) -> dict:
+def maglev_show(node: NodeMaps, fe: FrontendRow, *, first: int = 32) -> dict:
     table = node.maglev_table(fe)
     backends = node.backends()
     counts = Counter(table)
@@ -143,7 +143,7 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
     def step(name: str, outcome: str, **detail) -> None:
         steps.append({"step": name, "outcome": outcome, **detail})
 
-    def result(verdict: str, reason: str, backend: Backend | None = None, backend_id: int = 0) -> dict:
+    def result(verdict: str, reason: str, backend: BackendRow | None = None, backend_id: int = 0) -> dict:
         if external and verdict == "dnat" and backend is not None and reason != "conntrack":
             if backend.local or fe_flags[0] & abi.LB_SVC_F_LOCAL_ONLY:
                 step("source", "local backend (or policy Local): the client address is kept")
@@ -262,7 +262,7 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         return result("dnat", "maglev (source port unknown)")
     h = flow_hash(src, dst, sport, dport, PROTO_NUMBERS[proto])
     slot = h % fe.maglev_size
-    fallback: tuple[int, Backend] | None = None
+    fallback: tuple[int, BackendRow] | None = None
     for i in range(TERMINATING_PROBES):
         ident = table[slot]
         be = node.backend(ident)
@@ -287,8 +287,8 @@ def _ct_brief(e: CtEntry) -> dict:
 
 # ---- drift: desired state against the maps ---------------------------------------------------------
 
-def drift(desired, node: NodeMaps, fes: list[Frontend] | None = None,
-          backends: dict[int, Backend] | None = None) -> list[dict]:
+def drift(desired, node: NodeMaps, fes: list[FrontendRow] | None = None,
+          backends: dict[int, BackendRow] | None = None) -> list[dict]:
     """Differences between an LBState (what the control plane wants) and the maps: frontends missing
     or unexpected, and frontends whose service, flags or backend set differ. [] = no drift.
     `fes` and `backends`, when given, are the maps' contents just read (saves reading them again)."""

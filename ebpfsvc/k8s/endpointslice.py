@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from datetime import datetime
 
 from ebpfsvc.k8s.fields import Fields, Invalid, read_meta, parse_ipv4
 from ebpfsvc.lbmodel import Protocol
 
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
+# Set by the EndpointSlice and Endpoints controllers: when the change this version carries was
+# triggered (a Pod or Service changed); kube-proxy measures network programming latency from it.
+ANNOTATION_TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 MAX_ENDPOINTS = 1000      # the API allows 1000 per slice; the controller writes at most 100
 MAX_PORTS = 100           # the API's limit per slice
 MAX_ADDRESSES = 100
@@ -119,3 +123,17 @@ def _endpoint(e: Fields) -> SliceEndpoint:
         node_hints=node_hints,
         hostname=e.str("hostname"),
     )
+
+
+def last_change_trigger_time(obj: dict) -> float | None:
+    """ANNOTATION_TRIGGER_TIME of an EndpointSlice or Endpoints as a Unix time; None when absent or
+    unreadable (it only times the change: a bad one costs the measurement, not the object)."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    value = annotations.get(ANNOTATION_TRIGGER_TIME) if isinstance(annotations, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

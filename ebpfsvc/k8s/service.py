@@ -82,6 +82,7 @@ class Service:
     external_ip_source_ranges: bool = False           # ANNOTATION_EXTERNAL_IP_SOURCE_RANGES: "true"
     proxy_name: str | None = None                     # value of service.kubernetes.io/service-proxy-name; None: no label
     headless_label: bool = False                      # service.kubernetes.io/headless present
+    health_check_node_port: int = 0                   # LoadBalancer + externalTrafficPolicy Local; 0 = none
 
     @property
     def key(self) -> tuple[str, str]:
@@ -115,6 +116,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
     if not ports and not headless and svc_type is not ServiceType.EXTERNAL_NAME:
         raise Invalid("spec.ports", "is required: a Service with a clusterIP needs at least one port")
     lb_ips = _load_balancer_ips(top) if svc_type is ServiceType.LOAD_BALANCER else ()
+    external_policy = _policy(spec, "externalTrafficPolicy")
     return Service(
         namespace=meta.namespace,
         name=meta.name,
@@ -127,7 +129,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         load_balancer_ips=lb_ips,
         source_ranges=_source_ranges(spec, meta),
         affinity_timeout=_affinity_timeout(spec),
-        external_traffic_policy=_policy(spec, "externalTrafficPolicy"),
+        external_traffic_policy=external_policy,
         internal_traffic_policy=_policy(spec, "internalTrafficPolicy"),
         publish_not_ready_addresses=spec.bool("publishNotReadyAddresses", False),
         topology_aware=_topology_aware(spec, meta),
@@ -135,6 +137,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         external_ip_source_ranges=_opt_in(meta, ANNOTATION_EXTERNAL_IP_SOURCE_RANGES),
         proxy_name=meta.labels.get(LABEL_PROXY_NAME),
         headless_label=LABEL_HEADLESS in meta.labels,
+        health_check_node_port=_health_check_node_port(spec, svc_type, external_policy),
     )
 
 
@@ -221,6 +224,14 @@ def _node_port(p: Fields, svc_type: ServiceType, config: NodeConfig) -> int:
                           "a manifest must set it)")
         return 0                         # LoadBalancer with allocateLoadBalancerNodePorts: false
     return node_port
+
+
+def _health_check_node_port(spec: Fields, svc_type: ServiceType, policy: TrafficPolicy) -> int:
+    # The API server allocates one only for a LoadBalancer Service that keeps traffic on local
+    # endpoints (and drops it when the Service stops being one): elsewhere a leftover is not served.
+    if svc_type is not ServiceType.LOAD_BALANCER or policy is not TrafficPolicy.LOCAL:
+        return 0
+    return spec.int("healthCheckNodePort", 1, 65535, 0)
 
 
 def _external_ips(spec: Fields) -> tuple[ipaddress.IPv4Address, ...]:

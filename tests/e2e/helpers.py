@@ -1,7 +1,7 @@
 """Helpers for the Service e2e tests: manifests, clients in pod namespaces, bounded polls, map reads.
 
 Clients are real sockets created inside a pod's network namespace from the test
-process (ebpfsvc.lab.nsenter.socket_in): the kernel treats them exactly like a
+process (ebpfsvc.datapath.nsenter.socket_in): the kernel treats them exactly like a
 program running in the pod, the packets cross the pod's veth and the node's TC
 programs, and the test needs no helper process per connection.
 
@@ -24,8 +24,9 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from ebpfsvc.inspect.node import Frontend, NodeMaps
-from ebpfsvc.lab import Lab, names, nsenter
+from ebpfsvc.inspect.node import FrontendRow, NodeMaps
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, names
 
 T = TypeVar("T")
 
@@ -283,13 +284,13 @@ def node_maps(lab: Lab, node: str) -> Iterator[NodeMaps]:
         yield maps
 
 
-def frontend(lab: Lab, node: str, address: str, port: int, proto: str = "TCP") -> Frontend | None:
+def frontend(lab: Lab, node: str, address: str, port: int, proto: str = "TCP") -> FrontendRow | None:
     """The pod-facing (internal scope) frontend address:port/proto on `node`, or None."""
     with node_maps(lab, node) as maps:
         return maps.frontend(address, port, proto, "internal")
 
 
-def table_backends(lab: Lab, node: str, fe: Frontend) -> set[tuple[str, int]]:
+def table_backends(lab: Lab, node: str, fe: FrontendRow) -> set[tuple[str, int]]:
     """(address, port) of every backend in a frontend's Maglev table on `node`."""
     with node_maps(lab, node) as maps:
         backends = maps.backends()

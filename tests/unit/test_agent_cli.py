@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from ebpfsvc import agent_cli
+from ebpfsvc.cli import agent as agent_cli
 
 
 def _run(tmp_path, monkeypatch, text, *args):

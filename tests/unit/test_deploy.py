@@ -264,7 +264,7 @@ def test_only_the_bpffs_mount_runs_privileged():
 # --- the agent's command line and config file, through the real CLI --------------------------------
 
 def _agent_command():
-    cli = pytest.importorskip("ebpfsvc.agent_cli", reason="ebpfsvc agent not there yet")
+    cli = pytest.importorskip("ebpfsvc.cli.agent", reason="ebpfsvc agent not there yet")
     return cli
 
 

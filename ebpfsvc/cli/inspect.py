@@ -8,7 +8,7 @@
     ebpfsvc drift --manifests DIR | --kubeconfig FILE    (exit 1 on drift)
     ebpfsvc cleanup --pin-dir DIR [--netns NAME]
 
-All of them read the pinned maps directly (ebpfsvc/inspect/bpfmap.py): no
+All of them read the pinned maps directly (ebpfsvc/datapath/bpfsys.py): no
 compiler, nothing created, so they are safe to run against a busy node.
 """
 
@@ -285,7 +285,7 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
 def cleanup(pin_dir, netns, dry_run) -> None:
     """Remove what the agent attached (its TC filters, found by their fixed priority and handle) and
     pinned. Established Service connections stop being translated: run it only with the agent gone."""
-    from ebpfsvc.inspect.cleanup import cleanup as do_cleanup
+    from ebpfsvc.datapath.cleanup import cleanup as do_cleanup
     try:
         report = do_cleanup(pin_dir, netns=netns, dry_run=dry_run)
     except (OSError, ValueError) as e:
