@@ -99,7 +99,7 @@ class Service:
 
 def parse_service(obj: dict, config: NodeConfig) -> Service:
     """Validate a v1 Service; raises Invalid naming the first bad field."""
-    top, meta = read_meta(obj, "Service", ("v1",))
+    top, meta = read_meta(obj, "Service", ("v1",), name_rule="dns1035-label")
     spec = top.obj("spec")
     svc_type = ServiceType(spec.str("type", "ClusterIP", tuple(t.value for t in ServiceType)))
     cluster_ip, headless = _cluster_ip(spec, svc_type, config)
@@ -170,7 +170,7 @@ def _ports(spec: Fields, svc_type: ServiceType, config: NodeConfig) -> tuple[Ser
     names: dict[str, str] = {}
     items = list(spec.objects("ports", MAX_PORTS))
     for p in items:
-        name = p.str("name")
+        name = p.name("name", "dns1123-label")
         protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
         port = p.int("port", 1, 65535)
         if port is None:
