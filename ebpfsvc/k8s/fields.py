@@ -15,6 +15,7 @@ the last good version in force.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
@@ -192,6 +193,17 @@ class ObjectMeta:
     name: str
     labels: Mapping[str, str]
     annotations: Mapping[str, str]
+    created: str = ""       # creationTimestamp as UTC "YYYY-MM-DDTHH:MM:SSZ" (sorts by age); "" = absent
+
+
+def parse_timestamp(value: Any, path: str) -> str:
+    """An RFC 3339 time (the API's metav1.Time) as UTC "YYYY-MM-DDTHH:MM:SSZ", so strings sort by time."""
+    def parse(text: str) -> str:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        if when.tzinfo is None:
+            raise ValueError(text)
+        return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _parse_text(value, path, parse, "an RFC 3339 time")
 
 
 def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bool = True,
@@ -215,7 +227,9 @@ def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bo
     namespace = (meta.str("namespace") or "default") if namespaced else ""
     if namespace:
         check_name(namespace, "metadata.namespace", "dns1123-label")
-    return top, ObjectMeta(namespace, name, meta.string_map("labels"), meta.string_map("annotations"))
+    created = meta.raw("creationTimestamp")
+    created = parse_timestamp(created, "metadata.creationTimestamp") if created is not None else ""
+    return top, ObjectMeta(namespace, name, meta.string_map("labels"), meta.string_map("annotations"), created)
 
 
 # Kinds without a namespace: their key is ("", name).

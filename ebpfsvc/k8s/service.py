@@ -79,6 +79,14 @@ class Service:
     external_ip_source_ranges: bool = False           # ANNOTATION_EXTERNAL_IP_SOURCE_RANGES: "true"
     proxy_name: str = ""                              # value of service.kubernetes.io/service-proxy-name
     headless_label: bool = False                      # service.kubernetes.io/headless present
+    created: str = ""                                 # metadata.creationTimestamp (UTC, sortable); "" = absent
+
+    @property
+    def seniority(self) -> tuple[str, str, str]:
+        """Sort key of "oldest first": creationTimestamp, then namespace/name.  Two Services claiming
+        one frontend, or competing for the last room in the maps, are decided by it, the same way on
+        every node (objects without a timestamp, from a manifest directory, go by name)."""
+        return (self.created, self.namespace, self.name)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -127,6 +135,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         external_ip_source_ranges=_opt_in(meta, ANNOTATION_EXTERNAL_IP_SOURCE_RANGES),
         proxy_name=meta.labels.get(LABEL_PROXY_NAME, ""),
         headless_label=LABEL_HEADLESS in meta.labels,
+        created=meta.created,
     )
 
 

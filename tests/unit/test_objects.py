@@ -262,6 +262,10 @@ INVALID_NAMES = [
     ("lone surrogate in the name", {"name": "web\ud800"},
      "metadata.name: 'web\\ud800' is not a DNS-1035 label"),
     ("namespace with a dot", {"namespace": "a.b"}, "metadata.namespace: 'a.b' is not a DNS-1123 label"),
+    ("creationTimestamp not a time", {"creationTimestamp": "yesterday"},
+     "metadata.creationTimestamp: 'yesterday' is not an RFC 3339 time"),
+    ("creationTimestamp without a zone", {"creationTimestamp": "2026-01-01T00:00:00"},
+     "metadata.creationTimestamp: '2026-01-01T00:00:00' is not an RFC 3339 time"),
 ]
 
 
