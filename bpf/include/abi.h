@@ -38,6 +38,9 @@
 #ifndef AFFINITY_ENTRIES_MAX
 #define AFFINITY_ENTRIES_MAX 65536    /* LRU: (service, client) session affinity */
 #endif
+#ifndef AFFINITY_MATCH_MAX
+#define AFFINITY_MATCH_MAX 262144     /* (backend, service) pairs of sessionAffinity=ClientIP services */
+#endif
 #ifndef FRAG_ENTRIES_MAX
 #define FRAG_ENTRIES_MAX 8192         /* LRU: datagrams whose first fragment was seen */
 #endif
@@ -217,6 +220,15 @@ struct lb_affinity_val {
 	__u64 last_used_ns;     /* refreshed on every new flow; entry stale after the timeout */
 	__u32 backend_id;
 	__u32 pad0;
+};
+
+/* A backend that belongs to a service with session affinity (lb4_affinity_match,
+ * value unused: 1). An affinity entry's backend is used only while this pair
+ * exists: a backend that left the service, but still serves another one, must
+ * not keep receiving the first service's clients. */
+struct lb4_affinity_match_key {
+	__u32 backend_id;
+	__u32 service_id;
 };
 
 /* Fragment tracking: ports of a datagram, from its first fragment. */

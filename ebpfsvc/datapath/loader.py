@@ -63,6 +63,7 @@ class Limits:
     maglev_slots: int = _limit("LB_MAGLEV_SLOTS_MAX")
     ct_entries: int = _limit("CT_ENTRIES_MAX")
     affinity_entries: int = _limit("AFFINITY_ENTRIES_MAX")
+    affinity_matches: int = _limit("AFFINITY_MATCH_MAX")
     frag_entries: int = _limit("FRAG_ENTRIES_MAX")
     snat_entries: int = _limit("SNAT_ENTRIES_MAX")
     source_ranges: int = _limit("SOURCE_RANGES_MAX")
