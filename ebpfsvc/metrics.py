@@ -442,6 +442,9 @@ class Telemetry:
             out["bindErrors"] = unbound
         if self.service_health is not None and self.service_health.problems:
             out["healthCheckNodePortErrors"] = self.service_health.problems
+        admission = getattr(self.agent, "admission", None)
+        if admission is not None:
+            out.update(admission.details())      # Services not programmed, maps under pressure
         return out
 
     def serving_problems(self) -> list[str]:

@@ -31,6 +31,8 @@ BPF_TABLE_PINNED("hash", struct lb4_affinity_match_key, __u32, lb4_affinity_matc
 BPF_TABLE_PINNED("lru_hash", struct frag4_key, struct frag4_ports, frag4, FRAG_ENTRIES_MAX, LB_PIN_DIR "/frag4");
 /* service id -> "namespace/name:port/PROTO": owner of stable ids, read back on agent start. */
 BPF_TABLE_PINNED("hash", __u32, struct lb_service_name, lb_service_names, LB_SERVICES_MAX, LB_PIN_DIR "/lb_service_names");
+/* "namespace/name" -> why that Service is not programmed (agent admission; read by `service list`, never by programs). */
+BPF_TABLE_PINNED("hash", struct lb_service_name, struct lb_service_status, lb_service_status, LB_SERVICES_MAX, LB_PIN_DIR "/lb_service_status");
 /* frontend id -> packets/bytes of its translated flows, both directions (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_traffic, lb_frontend_stats, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb_frontend_stats");
 /* backend id -> packets/bytes of the flows it serves, both directions (per CPU). */
