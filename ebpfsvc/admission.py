@@ -21,6 +21,11 @@ per map (ebpfsvc_map_pressure{map}: what the desired state needs over what the m
 reads.  Nothing is retried in a loop: admission runs again when the cluster changes, and at
 every periodic resync.
 
+Last good state across restarts: at start the agent hands admission what the pinned maps hold,
+per Service (datapath/pinned.py).  A Service the maps serve whose current version is invalid (the
+tracker has a problem for it and no good version) keeps those frontends, reported as "kept", until
+it becomes valid or the API says it is gone (then it is no longer listed, and is withdrawn).
+
 The writer replaces a Maglev table by writing the new one into free slots before it releases the
 old one, so MAGLEV_RESERVE of the slots is kept out of admission for tables being replaced.
 """
@@ -42,6 +47,7 @@ MAGLEV_RESERVE = 0.10           # of lb_maglev's slots, for tables being replace
 
 # Reasons a Service is not programmed (metric label values, and lb_service_status codes).
 CONFLICT, CAPACITY, FAILURE = "conflict", "capacity", "failure"
+KEPT = "kept"       # not a loss: an invalid Service's last good version, from the pinned maps
 
 
 # What a frontend needs, per resource; the map each resource lives in, and its --max-* flag.
@@ -142,17 +148,27 @@ class Admission:
         self.last: Admitted | None = None
         self.reported: dict[ServiceKey, tuple[str, str]] = {}     # what was logged, to log changes only
         self.counts: dict[str, int] = {CONFLICT: 0, CAPACITY: 0, FAILURE: 0}   # not-programmed events
+        self.held: dict[ServiceKey, tuple[Frontend, ...]] = {}   # what the pinned maps held at start
 
-    def admit(self, result, services: Mapping[ServiceKey, object], existing) -> Admitted:
+    def hold(self, pinned: Mapping[ServiceKey, tuple[Frontend, ...]]) -> None:
+        """What the pinned maps held at start (datapath/pinned.py), per Service."""
+        self.held = dict(pinned)
+
+    def admit(self, result, services: Mapping[ServiceKey, object], existing,
+              invalid: frozenset[ServiceKey] | set[ServiceKey] = frozenset()) -> Admitted:
         """`result`: a desired.DesiredState; `services`: the snapshot's Services (for their age);
-        `existing(spn)`: whether the maps already serve that service port (MapWriter.service_id)."""
+        `existing(spn)`: whether the maps already serve that service port (MapWriter.service_id);
+        `invalid`: Services whose current version is invalid (the tracker's problems)."""
         desired = result.state
+        kept = self._kept(desired, services, invalid)
+        if kept:
+            desired = LBState({**{fe.key: fe for fes in kept.values() for fe in fes}, **desired.frontends})
         self._update_totals(desired, result.delta)
         demand = self._totals.demand()
         cap = self.capacity
         fits = all(demand[r] <= getattr(cap, r) for r in RESOURCES)
         if fits:
-            state, delta, rejected = desired, result.delta, {}
+            state, delta, rejected = desired, (result.delta if not kept else None), {}
         else:
             state, rejected = self._choose(desired, services, existing)
             delta = None                     # the writer finds the difference itself
@@ -161,10 +177,21 @@ class Admission:
             out.setdefault((problem.namespace, problem.name), (CONFLICT, _detail(problem)))
         for problem in getattr(result, "failures", ()):
             out.setdefault((problem.namespace, problem.name), (FAILURE, _detail(problem)))
+        for key in kept:
+            out.setdefault(key, (KEPT, "its current version is invalid; the last good version, from the pinned "
+                                       "maps, stays in force"))
         self._report(out)
         self._admitted = state
         self.last = Admitted(state, delta, out, demand)
         return self.last
+
+    def _kept(self, desired: LBState, services, invalid) -> dict[ServiceKey, tuple[Frontend, ...]]:
+        """The held Services still to keep; the others are let go for good (valid again, or gone)."""
+        if not self.held:
+            return {}
+        for key in [k for k in self.held if k in services or k not in invalid]:
+            del self.held[key]
+        return {key: tuple(fe for fe in fes if fe.key not in desired.frontends) for key, fes in self.held.items()}
 
     # ---- totals, kept up to date with the frontends that changed ------------------------------
 
@@ -249,6 +276,9 @@ class Admission:
         for key in sorted(now):
             if before.get(key) != now[key]:
                 reason, detail = now[key]
+                if reason == KEPT:
+                    log.warning("Service %s/%s: %s", key[0], key[1], detail)
+                    continue
                 self.counts[reason] += 1
                 log.warning("Service %s/%s not programmed (%s): %s", key[0], key[1], reason, detail)
         for key in sorted(before.keys() - now.keys()):
@@ -300,7 +330,8 @@ class ServiceStatusMap:
     def sync(self, now: Mapping[ServiceKey, tuple[str, str]]) -> None:
         from ebpfsvc import abi
 
-        codes = {CONFLICT: abi.LB_STATUS_CONFLICT, CAPACITY: abi.LB_STATUS_CAPACITY, FAILURE: abi.LB_STATUS_FAILURE}
+        codes = {CONFLICT: abi.LB_STATUS_CONFLICT, CAPACITY: abi.LB_STATUS_CAPACITY, FAILURE: abi.LB_STATUS_FAILURE,
+                 KEPT: abi.LB_STATUS_KEPT}
         want = {_text(f"{ns}/{name}", 127): (codes[reason], _text(detail, 123))
                 for (ns, name), (reason, detail) in now.items()}
         t = self.table
@@ -344,8 +375,8 @@ class _AdmissionCollector:
         current = GaugeMetricFamily("ebpfsvc_services_not_programmed", "Services not in the maps now, by reason.",
                                     labels=["reason"])
         now = list(a.reported.values())
-        for reason in (CONFLICT, CAPACITY, FAILURE):
-            total.add_metric([reason], a.counts[reason])
+        for reason in (CONFLICT, CAPACITY, FAILURE, KEPT):
+            total.add_metric([reason], a.counts.get(reason, 0))
             current.add_metric([reason], sum(1 for r, _ in now if r == reason))
         pressure = GaugeMetricFamily("ebpfsvc_map_pressure", "What the desired state needs of a map over what "
                                      "admission may use of it (above 1: Services are left out).", labels=["map"])

@@ -38,6 +38,7 @@ from ebpfsvc import nodeinfo
 from ebpfsvc.admission import Admission, Capacity, ServiceStatusMap
 from ebpfsvc.config import AgentConfig
 from ebpfsvc.datapath.loader import Limits
+from ebpfsvc.datapath.pinned import pinned_frontends
 from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.interfaces import InterfaceWatcher
 from ebpfsvc.lbmodel import LBState
@@ -104,6 +105,9 @@ class Agent:
         self._refresh_node(force=True)
         self.writer = MapWriter(self.datapath.maps)
         self.admission.status = ServiceStatusMap(self.datapath.maps["lb_service_status"])
+        # The last good state survives restarts: what the maps serve now, for Services that turn
+        # out to be invalid in the first list (admission.py).
+        self.admission.hold(pinned_frontends(self.datapath.maps))
         log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
 
         # Attach to pod interfaces as they come; attaching replaces in place.
@@ -292,7 +296,8 @@ class Agent:
         self.telemetry.sync_started()
         snapshot = self.state.snapshot()
         result = self.desired.build(snapshot)
-        admitted = self.admission.admit(result, snapshot.services, self._served)
+        invalid = {(p.namespace, p.name) for p in self.state.problems if p.kind == "Service"}
+        admitted = self.admission.admit(result, snapshot.services, self._served, invalid)
         desired = admitted.state
         if desired is self.last_applied and not full:
             self._route_node_clients(snapshot)

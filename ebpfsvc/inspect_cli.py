@@ -87,6 +87,8 @@ def service_list(pin_dir, output) -> None:
         return _json(rows)
     t = _table("SERVICE", "FRONTEND", "SCOPE", "KIND", "FLAGS", "ALGO", "AFFINITY", "PKTS", "BYTES", "BACKENDS")
     for svc in rows:
+        if "not_programmed" in svc:
+            t.add_row(svc["service"], "NOT PROGRAMMED", "-", "-", "-", "-", "-", "0", "0", svc["not_programmed"])
         for i, fe in enumerate(svc["frontends"]):
             t.add_row(svc["service"] if i == 0 else "", fe["frontend"], fe["scope"], fe["kind"],
                       ",".join(fe["flags"]) or "-", fe["algorithm"],
@@ -260,12 +262,13 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
                           default_algorithm=lb_algorithm)
     try:
         settings = NodeSettings(node_addresses=node_cfg.node_addresses, nodeport_addresses=nodeport_addresses)
+        problems: list = []
         desired = load_desired(node_cfg, manifests=manifests, kubeconfig=kubeconfig, in_cluster=in_cluster,
-                               timeout=timeout, settings=settings)
+                               timeout=timeout, settings=settings, problems=problems)
     except (OSError, TimeoutError, ValueError) as e:
         raise click.ClickException(str(e))
     with _open(pin_dir) as node:
-        diffs = views.drift(desired, node)
+        diffs = views.drift(desired, node, problems=problems)
     if output == "json":
         _json({"drift": bool(diffs), "frontends": len(desired.frontends), "differences": diffs})
     elif diffs:

@@ -191,6 +191,7 @@ struct lb_service_name {
 #define LB_STATUS_CONFLICT 1    /* another, older Service holds one of its frontends */
 #define LB_STATUS_CAPACITY 2    /* the maps are full (the agent's --max-* flags) */
 #define LB_STATUS_FAILURE  3    /* its frontends could not be computed */
+#define LB_STATUS_KEPT     4    /* current version invalid: the last good one (from these maps) stays */
 
 struct lb_service_status {
 	__u32 reason;           /* LB_STATUS_* */
