@@ -26,8 +26,12 @@ per Service (datapath/pinned.py).  A Service the maps serve whose current versio
 tracker has a problem for it and no good version) keeps those frontends, reported as "kept", until
 it becomes valid or the API says it is gone (then it is no longer listed, and is withdrawn).
 
-The writer replaces a Maglev table by writing the new one into free slots before it releases the
-old one, so MAGLEV_RESERVE of the slots is kept out of admission for tables being replaced.
+The writer writes a new Maglev table into free slots before it releases the old one, and frees
+the tables of removed frontends only after the new ones are written: during one apply the tables
+released by that apply still count.  So MAGLEV_RESERVE of the slots is kept out of admission for
+tables being replaced, and when a sync releases more than that (Services deleted while others
+wait for room), the waiting Services that would not fit beside the released tables are deferred
+to the next sync (Admitted.deferred: the agent asks for it at once), when the room is free.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ MAGLEV_RESERVE = 0.10           # of lb_maglev's slots, for tables being replace
 # Reasons a Service is not programmed (metric label values, and lb_service_status codes).
 CONFLICT, CAPACITY, FAILURE = "conflict", "capacity", "failure"
 KEPT = "kept"       # not a loss: an invalid Service's last good version, from the pinned maps
+_DEFERRED = "waits for the next sync"
 
 
 # What a frontend needs, per resource; the map each resource lives in, and its --max-* flag.
@@ -71,6 +76,7 @@ class Capacity:
     maglev_slots: int
     source_ranges: int
     affinity_backends: int
+    maglev_total: int = 0           # every slot of lb_maglev (maglev_slots is the admitted share)
 
     @classmethod
     def of(cls, limits) -> "Capacity":
@@ -78,7 +84,8 @@ class Capacity:
         return cls(frontends=limits.frontends - 1, service_ports=limits.services - 1,
                    backends=limits.backends - 1,
                    maglev_slots=int(limits.maglev_slots * (1 - MAGLEV_RESERVE)),
-                   source_ranges=limits.source_ranges, affinity_backends=limits.affinity_matches)
+                   source_ranges=limits.source_ranges, affinity_backends=limits.affinity_matches,
+                   maglev_total=limits.maglev_slots)
 
 
 class _Need:
@@ -133,6 +140,7 @@ class Admitted:
     delta: object | None                     # the desired state's LBDelta, for the writer
     not_programmed: Mapping[ServiceKey, tuple[str, str]] = field(default_factory=dict)   # -> (reason, detail)
     demand: Mapping[str, int] = field(default_factory=dict)     # resource -> what the desired state needs
+    deferred: bool = False           # some Service waits for slots this apply releases: sync again after it
 
 
 class Admission:
@@ -166,12 +174,14 @@ class Admission:
         self._update_totals(desired, result.delta)
         demand = self._totals.demand()
         cap = self.capacity
-        fits = all(demand[r] <= getattr(cap, r) for r in RESOURCES)
+        releasing = self._releasing(desired, result.delta)
+        fits = all(demand[r] <= getattr(cap, r) for r in RESOURCES) and self._room(demand["maglev_slots"], releasing)
         if fits:
             state, delta, rejected = desired, (result.delta if not kept else None), {}
         else:
-            state, rejected = self._choose(desired, services, existing)
+            state, rejected = self._choose(desired, services, existing, releasing)
             delta = None                     # the writer finds the difference itself
+        deferred = any(detail.startswith(_DEFERRED) for _, detail in rejected.values())
         out: dict[ServiceKey, tuple[str, str]] = dict(rejected)
         for problem in result.conflicts:
             out.setdefault((problem.namespace, problem.name), (CONFLICT, _detail(problem)))
@@ -182,8 +192,29 @@ class Admission:
                                        "maps, stays in force"))
         self._report(out)
         self._admitted = state
-        self.last = Admitted(state, delta, out, demand)
+        self.last = Admitted(state, delta, out, demand, deferred)
         return self.last
+
+    def _room(self, slots: int, releasing: int) -> bool:
+        """Whether `slots` of tables fit beside the `releasing` ones this apply frees only at its end."""
+        return not self.capacity.maglev_total or slots + releasing <= self.capacity.maglev_total
+
+    def _releasing(self, desired: LBState, delta=None) -> int:
+        """Slots of the tables applied last that this apply replaces or removes (an upper bound)."""
+        last = self._admitted
+        if last is None or last is desired:
+            return 0
+        now, before = desired.frontends, last.frontends
+        # Usually the last admitted state is the desired state the delta is relative to: look at
+        # the frontends it names only.
+        keys = delta.keys if delta is not None and getattr(delta, "base", None) is last else before.keys()
+        out = 0
+        for key in keys:
+            fe = before.get(key)
+            if fe is not None and now.get(key) is not fe:
+                need = self._needs.get(key)
+                out += (need.slots if need is not None and need.fe is fe else _Need(fe).slots)
+        return out
 
     def _kept(self, desired: LBState, services, invalid) -> dict[ServiceKey, tuple[Frontend, ...]]:
         """The held Services still to keep; the others are let go for good (valid again, or gone)."""
@@ -216,7 +247,7 @@ class Admission:
 
     # ---- the slow path: something does not fit ---------------------------------------------------
 
-    def _choose(self, desired: LBState, services, existing) -> tuple[LBState, dict]:
+    def _choose(self, desired: LBState, services, existing, releasing: int = 0) -> tuple[LBState, dict]:
         by_service: dict[ServiceKey, list[Frontend]] = {}
         for fe in desired.frontends.values():
             by_service.setdefault((fe.service.namespace, fe.service.name), []).append(fe)
@@ -236,17 +267,20 @@ class Admission:
         chosen: dict[FrontendKey, Frontend] = {}
         rejected: dict[ServiceKey, tuple[str, str]] = {}
         for key in order:
-            short = self._try(totals, cap, by_service[key], chosen)
+            short = self._try(totals, cap, by_service[key], chosen, releasing)
             if not short:
                 continue
+            if short.startswith(_DEFERRED):
+                rejected[key] = (CAPACITY, short)
+                continue
             old = previous.get(key)
-            if old and old != by_service[key] and not self._try(totals, cap, old, chosen):
+            if old and old != by_service[key] and not self._try(totals, cap, old, chosen, releasing):
                 rejected[key] = (CAPACITY, f"its update does not fit ({short}); its previous version stays")
             else:
                 rejected[key] = (CAPACITY, f"does not fit ({short})")
         return LBState(chosen), rejected
 
-    def _try(self, totals: _Totals, cap: Capacity, fes: list[Frontend], chosen: dict) -> str:
+    def _try(self, totals: _Totals, cap: Capacity, fes: list[Frontend], chosen: dict, releasing: int = 0) -> str:
         """Add `fes` to `totals` and `chosen` if they fit (""), else leave both alone and say what is short."""
         needs = []
         for fe in fes:
@@ -258,12 +292,14 @@ class Admission:
             totals.add(n, 1)
         demand = totals.demand()
         short = [r for r in RESOURCES if demand[r] > getattr(cap, r)]
-        if not short:
+        if not short and self._room(demand["maglev_slots"], releasing):
             for n in needs:
                 chosen[n.fe.key] = n.fe
             return ""
         for n in needs:
             totals.add(n, -1)
+        if not short:
+            return f"{_DEFERRED} ({releasing} slots of lb_maglev are released by this sync)"
         r = short[0]
         return f"{RESOURCES[r][0]}: {getattr(cap, r)} {r.replace('_', ' ')} available, raise {RESOURCES[r][1]}"
 

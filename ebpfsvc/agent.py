@@ -304,6 +304,8 @@ class Agent:
             self.telemetry.sync_done(time.monotonic() - t0)
             return
         stats = self.writer.apply(desired, full=full, delta=admitted.delta)
+        if admitted.deferred:
+            self.runner.run()       # the slots this apply released are free now: admit the waiting ones
         self._route_node_clients(snapshot, result)
         if full:
             self._next_full_apply = t0 + self.config.sync_period
