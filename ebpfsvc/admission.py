@@ -26,12 +26,14 @@ per Service (datapath/pinned.py).  A Service the maps serve whose current versio
 tracker has a problem for it and no good version) keeps those frontends, reported as "kept", until
 it becomes valid or the API says it is gone (then it is no longer listed, and is withdrawn).
 
-The writer writes a new Maglev table into free slots before it releases the old one, and frees
-the tables of removed frontends only after the new ones are written: during one apply the tables
-released by that apply still count.  So MAGLEV_RESERVE of the slots is kept out of admission for
-tables being replaced, and when a sync releases more than that (Services deleted while others
-wait for room), the waiting Services that would not fit beside the released tables are deferred
-to the next sync (Admitted.deferred: the agent asks for it at once), when the room is free.
+The writer writes new entries (ids, a new Maglev table) before it deletes the ones nothing uses
+any more, so that no packet sees a half-done change: during one apply, what that apply releases
+still counts.  MAGLEV_RESERVE of the slots is kept out of admission for tables being replaced,
+and when a sync releases more than the room left (Services deleted while others wait for room),
+the waiting Services that would not fit beside what is being released are deferred to the next
+sync (Admitted.deferred: the agent asks for it at once), when the room is free.  What a sync
+releases is over-estimated (every id and slot of the frontends it removes or changes), so a
+deferral costs at most one more sync, never a map write that fails.
 """
 
 from __future__ import annotations
@@ -175,13 +177,16 @@ class Admission:
         demand = self._totals.demand()
         cap = self.capacity
         releasing = self._releasing(desired, result.delta)
-        fits = all(demand[r] <= getattr(cap, r) for r in RESOURCES) and self._room(demand["maglev_slots"], releasing)
+        fits = all(demand[r] <= getattr(cap, r) for r in RESOURCES) and not self._crowded(demand, releasing)
         if fits:
             state, delta, rejected = desired, (result.delta if not kept else None), {}
         else:
             state, rejected = self._choose(desired, services, existing, releasing)
             delta = None                     # the writer finds the difference itself
-        deferred = any(detail.startswith(_DEFERRED) for _, detail in rejected.values())
+        # Sync again at once only if this apply really frees something the waiting ones need (else
+        # they wait for a change, or the periodic resync: never a loop).
+        deferred = (any(detail.startswith(_DEFERRED) for _, detail in rejected.values())
+                    and bool(self._releasing(state)))
         out: dict[ServiceKey, tuple[str, str]] = dict(rejected)
         for problem in result.conflicts:
             out.setdefault((problem.namespace, problem.name), (CONFLICT, _detail(problem)))
@@ -195,26 +200,42 @@ class Admission:
         self.last = Admitted(state, delta, out, demand, deferred)
         return self.last
 
-    def _room(self, slots: int, releasing: int) -> bool:
-        """Whether `slots` of tables fit beside the `releasing` ones this apply frees only at its end."""
-        return not self.capacity.maglev_total or slots + releasing <= self.capacity.maglev_total
+    def _crowded(self, demand: Mapping[str, int], releasing: Mapping[str, int]) -> str:
+        """The first resource whose `demand` does not fit beside what this apply releases only at its
+        end ("" when all do): ids have no reserve; Maglev slots are bounded by the whole array."""
+        cap = self.capacity
+        for r, n in releasing.items():
+            limit = (cap.maglev_total or float("inf")) if r == "maglev_slots" else getattr(cap, r)
+            if n and demand[r] + n > limit:
+                return r
+        return ""
 
-    def _releasing(self, desired: LBState, delta=None) -> int:
-        """Slots of the tables applied last that this apply replaces or removes (an upper bound)."""
+    def _releasing(self, desired: LBState, delta=None) -> dict[str, int]:
+        """What the state applied last holds that this apply frees only at its end: every id and table
+        of the frontends it removes or changes (an upper bound)."""
         last = self._admitted
         if last is None or last is desired:
-            return 0
+            return {}
         now, before = desired.frontends, last.frontends
         # Usually the last admitted state is the desired state the delta is relative to: look at
         # the frontends it names only.
         keys = delta.keys if delta is not None and getattr(delta, "base", None) is last else before.keys()
-        out = 0
+        # Frontend ids and Maglev tables of the frontends removed or changed; backend and service
+        # port ids only when the desired state no longer has them at all.
+        out = {"frontends": 0, "maglev_slots": 0}
+        ports, backends = set(), set()
         for key in keys:
             fe = before.get(key)
-            if fe is not None and now.get(key) is not fe:
-                need = self._needs.get(key)
-                out += (need.slots if need is not None and need.fe is fe else _Need(fe).slots)
-        return out
+            if fe is None or now.get(key) is fe:
+                continue
+            n = _Need(fe)
+            out["maglev_slots"] += n.slots
+            out["frontends"] += key not in now
+            if fe.service not in self._totals.ports:
+                ports.add(fe.service)
+            backends.update(b for b in n.backends if b not in self._totals.backends)
+        out["service_ports"], out["backends"] = len(ports), len(backends)
+        return {r: v for r, v in out.items() if v > 0}
 
     def _kept(self, desired: LBState, services, invalid) -> dict[ServiceKey, tuple[Frontend, ...]]:
         """The held Services still to keep; the others are let go for good (valid again, or gone)."""
@@ -247,7 +268,7 @@ class Admission:
 
     # ---- the slow path: something does not fit ---------------------------------------------------
 
-    def _choose(self, desired: LBState, services, existing, releasing: int = 0) -> tuple[LBState, dict]:
+    def _choose(self, desired: LBState, services, existing, releasing=None) -> tuple[LBState, dict]:
         by_service: dict[ServiceKey, list[Frontend]] = {}
         for fe in desired.frontends.values():
             by_service.setdefault((fe.service.namespace, fe.service.name), []).append(fe)
@@ -270,17 +291,17 @@ class Admission:
             short = self._try(totals, cap, by_service[key], chosen, releasing)
             if not short:
                 continue
-            if short.startswith(_DEFERRED):
-                rejected[key] = (CAPACITY, short)
-                continue
             old = previous.get(key)
             if old and old != by_service[key] and not self._try(totals, cap, old, chosen, releasing):
-                rejected[key] = (CAPACITY, f"its update does not fit ({short}); its previous version stays")
+                what = short if short.startswith(_DEFERRED) else f"its update does not fit ({short})"
+                rejected[key] = (CAPACITY, f"{what}; its previous version stays")
+            elif short.startswith(_DEFERRED):
+                rejected[key] = (CAPACITY, short)
             else:
                 rejected[key] = (CAPACITY, f"does not fit ({short})")
         return LBState(chosen), rejected
 
-    def _try(self, totals: _Totals, cap: Capacity, fes: list[Frontend], chosen: dict, releasing: int = 0) -> str:
+    def _try(self, totals: _Totals, cap: Capacity, fes: list[Frontend], chosen: dict, releasing=None) -> str:
         """Add `fes` to `totals` and `chosen` if they fit (""), else leave both alone and say what is short."""
         needs = []
         for fe in fes:
@@ -292,14 +313,16 @@ class Admission:
             totals.add(n, 1)
         demand = totals.demand()
         short = [r for r in RESOURCES if demand[r] > getattr(cap, r)]
-        if not short and self._room(demand["maglev_slots"], releasing):
+        crowded = "" if short else self._crowded(demand, releasing or {})
+        if not short and not crowded:
             for n in needs:
                 chosen[n.fe.key] = n.fe
             return ""
         for n in needs:
             totals.add(n, -1)
         if not short:
-            return f"{_DEFERRED} ({releasing} slots of lb_maglev are released by this sync)"
+            return (f"{_DEFERRED} ({RESOURCES[crowded][0]}: {releasing[crowded]} {crowded.replace('_', ' ')} are "
+                    f"released by this sync)")
         r = short[0]
         return f"{RESOURCES[r][0]}: {getattr(cap, r)} {r.replace('_', ' ')} available, raise {RESOURCES[r][1]}"
 

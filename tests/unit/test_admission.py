@@ -140,3 +140,26 @@ def test_default_limits_serve_ten_thousand_services_of_ten_endpoints():
     cap = Capacity.of(Limits())
     assert 10_000 * maglev.table_size(10) <= cap.maglev_slots
     assert 10_000 * 10 <= cap.backends and 10_000 <= cap.frontends and 10_000 <= cap.service_ports
+
+
+def test_what_a_sync_releases_counts_until_it_is_written_so_newcomers_wait_one_sync():
+    """The writer writes new ids before it deletes unused ones: a Service deleted in the same sync as
+    a waiting one gets in still holds its backends during that apply (the bench found it: 'all
+    131071 ids in use').  The waiting Service goes in on the next sync, which is asked for."""
+    c = Cluster(Capacity(frontends=100, service_ports=100, backends=6, maglev_slots=10_000,
+                         source_ranges=10, affinity_backends=10))
+    c.add("a", "198.19.0.1", "2026-01-01T00:00:00Z", base=1)
+    c.add("b", "198.19.0.2", "2026-01-02T00:00:00Z", base=2)
+    c.add("c", "198.19.0.3", "2026-01-03T00:00:00Z", base=3)
+    out = c.sync()
+    assert c.names(out) == ["a", "b"] and not out.deferred
+    c.delete("a")
+    out = c.sync()
+    assert c.names(out) == ["b"] and out.deferred
+    assert out.not_programmed[("default", "c")][1].startswith("waits for the next sync (lb4_backends: 3 backends")
+    out = c.sync()
+    assert c.names(out) == ["b", "c"] and not out.deferred and out.not_programmed == {}
+    # Nothing released and still no room: no sync is asked for (no loop).
+    c.add("d", "198.19.0.4", "2026-01-04T00:00:00Z", base=4)
+    out = c.sync()
+    assert list(out.not_programmed) == [("default", "d")] and not out.deferred
