@@ -195,8 +195,9 @@ class Agent:
         # address their replies from local backends are addressed to (bpf/lib/flow.h).
         snat = info.primary if cfg.host_clients and info.uplinks else None
         if old is None or (old.hairpin, self._pod_snat) != (info.hairpin, snat):
+            # migrate: a limit changed since the maps were pinned: their entries are carried over.
             datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
-                                   snat_addr=snat)
+                                   snat_addr=snat, migrate=True)
             with self._datapath_lock:       # pods attached from now on get the new programs...
                 self.datapath, self._pod_snat, self.node_info = datapath, snat, info
                 # ...and the ones attached before get them too (replaced in place).
