@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ebpfsvc.lab import Lab, apps, names
+from ebpfsvc.lab import Lab, names
 from ebpfsvc.lab.agents import CONFIG_FILE
 
-from .helpers import (Chatter, TcpStream, bare_pod, cluster_ip, service, udp_ask, udp_socket, wait_for,
-                      wait_programmed, wait_ready)
+from .helpers import service, tcp_udp_chatter, wait_programmed
 
 pytestmark = pytest.mark.root
 
@@ -21,21 +20,7 @@ CLIENT = "rz-client"
 
 def test_agent_restart_with_larger_maps_keeps_streams(unique_prefix):
     with Lab.up(prefix=unique_prefix, agents=True) as lab:
-        lab.apply([bare_pod(CLIENT, "node-1"),
-                   apps.pod("rz-tcp", "tcp-echo", 7000, node="node-2", labels={"app": "rz-tcp"}),
-                   apps.pod("rz-udp", "udp-echo", 5353, node="node-2", labels={"app": "rz-udp"}),
-                   service("rz-tcp", [{"port": 7000}], selector={"app": "rz-tcp"}),
-                   service("rz-udp", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
-                           selector={"app": "rz-udp"})])
-        wait_ready(lab, ["rz-tcp", "rz-udp"])
-        wait_programmed(lab, "rz-tcp", 7000, backends=1)
-        wait_programmed(lab, "rz-udp", 53, backends=1, proto="UDP")
-        tcp_vip, udp_vip = cluster_ip(lab, "rz-tcp"), cluster_ip(lab, "rz-udp")
-        stream = wait_for(lambda: TcpStream(lab, CLIENT, tcp_vip, 7000), what="a stream")
-        udp = udp_socket(lab, CLIENT, timeout=1)
-        wait_for(lambda: udp_ask(udp, udp_vip, 53), what="a UDP answer (app binding)")
-        udp.settimeout(5)
-        chatter = Chatter({"tcp": stream.backend, "udp": lambda: udp_ask(udp, udp_vip, 53)["pod"]})
+        chatter, stream, udp = tcp_udp_chatter(lab, "rz", CLIENT)
         # The operator doubles the maps in the ConfigMap; the client node's agent restarts with them.
         config = lab.state.path / CONFIG_FILE
         settings = yaml.safe_load(config.read_text()) or {}
