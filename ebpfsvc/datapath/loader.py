@@ -212,10 +212,12 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     if stale:
         # bcc reuses a pinned map without comparing it with the declaration, so
         # after a limits or ABI change the program would run on maps of the old
-        # shape. Start clean instead: the maps are rebuilt from the next
-        # LBState; established TCP flows mostly keep their backend (a mid-stream
-        # packet creates a flow again, and Maglev picks the same backend when
-        # the backend set is unchanged); UDP flows are balanced again.
+        # shape. Recreate them: with `migrate` their entries are carried over
+        # (datapath/migrate.py: flows, affinity, ids, tables stay); without, the
+        # maps are rebuilt from the next LBState; established TCP flows mostly
+        # keep their backend (a mid-stream packet creates a flow again, and
+        # Maglev picks the same backend when the backend set is unchanged); UDP
+        # flows are balanced again.
         log.warning("pinned maps in %s do not match the program (%s): recreating all of them%s",
                     pin_dir, ", ".join(stale), ", carrying their entries over" if migrate else "")
         bpf.cleanup()
