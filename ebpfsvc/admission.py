@@ -98,10 +98,15 @@ class _Need:
 
     def __init__(self, fe: Frontend):
         self.fe = fe
-        keys = {(b.address, b.port, b.protocol) for b in fe.backends}
-        usable = {(b.address, b.port, b.protocol) for b in table_backends(fe.backends)}
-        self.backends = frozenset(keys)
-        self.slots = maglev.table_size(len(usable)) if usable else 0
+        # A backend as the writer keys it (address, port, protocol); the address as an int, whose
+        # hash is far cheaper than IPv4Address's (this runs for every backend at a full sync).
+        keys = frozenset((int(b.address), b.port, b.protocol) for b in fe.backends)
+        if any(b.terminating or b.not_ready for b in fe.backends):
+            usable = len({(int(b.address), b.port, b.protocol) for b in table_backends(fe.backends)})
+        else:
+            usable = len(keys)
+        self.backends = keys
+        self.slots = maglev.table_size(usable) if usable else 0
         self.ranges = len(fe.source_ranges)
         self.matches = len(keys) if fe.affinity_timeout > 0 else 0
 
