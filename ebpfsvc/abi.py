@@ -74,6 +74,8 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_drops": ("__u32", "__u64"),
     "lb4_snat": ("struct ct4_key", "struct snat4_entry"),
     "lb4_source_ranges": ("struct lb4_src_range_key", "__u32"),
+    "lb4_affinity_match": ("struct lb4_affinity_match_key", "__u32"),
+    "lb_service_status": ("struct lb_service_name", "struct lb_service_status"),
 }
 
 

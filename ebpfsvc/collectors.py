@@ -33,6 +33,7 @@ class AgentReadings:
     problems: Callable[[], list[Problem]] = list             # objects whose current version is invalid
     # ClusterState.pending_changes: (Services, endpoint objects) changed since the last snapshot
     pending_changes: Callable[[], tuple[int, int]] | None = None
+    admission: Callable[[], dict] = dict     # Services not programmed, maps under pressure (admission.py)
 
 
 class DatapathCollector(Collector):

@@ -117,6 +117,7 @@ class Telemetry:
             out["bindErrors"] = unbound
         if self.service_health is not None and self.service_health.problems:
             out["healthCheckNodePortErrors"] = self.service_health.problems
+        out.update(self.readings.admission())
         return out
 
     def serving_problems(self) -> list[str]:

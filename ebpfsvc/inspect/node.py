@@ -371,6 +371,23 @@ class NodeMaps:
         now_ns = monotonic_ns() if now_ns is None else now_ns
         return Affinity(client, service_id, val.backend_id, val.last_used_ns, _age_s(now_ns, val.last_used_ns))
 
+    def affinity_matches(self, backend_id: int, service_id: int) -> bool:
+        """Whether the backend belongs to the (affinity) service: lb4_affinity_match (bpf/lib/affinity.h)."""
+        key = ffi.new("struct lb4_affinity_match_key *", {"backend_id": backend_id, "service_id": service_id})
+        return self.maps["lb4_affinity_match"].lookup(_encode(key)) is not None
+
+    def service_status(self) -> dict[str, tuple[str, str]]:
+        """"namespace/name" -> (reason, detail) of every Service the agent left out of the maps
+        (lb_service_status, written by its admission)."""
+        reasons = {abi.LB_STATUS_CONFLICT: "conflict", abi.LB_STATUS_CAPACITY: "capacity",
+                   abi.LB_STATUS_FAILURE: "failure", abi.LB_STATUS_KEPT: "kept"}
+        out = {}
+        for k, v in self.maps["lb_service_status"].items():
+            name = ffi.string(_decode("struct lb_service_name", k).name).decode(errors="replace")
+            val = _decode("struct lb_service_status", v)
+            out[name] = (reasons.get(val.reason, str(val.reason)), ffi.string(val.detail).decode(errors="replace"))
+        return dict(sorted(out.items()))
+
     def affinities(self, now_ns: int | None = None) -> list[Affinity]:
         now_ns = monotonic_ns() if now_ns is None else now_ns
         out = []

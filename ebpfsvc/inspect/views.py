@@ -67,7 +67,12 @@ def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
             rows.append(r)
         row["backends"] = rows
         svc["frontends"].append(row)
-    return list(services.values())
+    out = list(services.values())
+    # Services the agent left out of the maps (a conflict, full maps, a failure): said, not hidden.
+    for name, (reason, detail) in node.service_status().items():
+        out.append({"service": name, "service_id": 0, "frontends": [], "packets": 0, "bytes": 0,
+                    "not_programmed": f"{reason}: {detail}"})
+    return out
 
 
 def lb_list(node: NodeMaps) -> list[dict]:
@@ -243,6 +248,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
                 step("affinity", f"ClientIP: backend {a.backend_id} of the fresh entry is gone")
             elif not be.takes_new_flows:
                 step("affinity", f"ClientIP: backend {a.backend_id} is {be.state}: affinity ignored")
+            elif not node.affinity_matches(a.backend_id, fe.service_id):
+                step("affinity", f"ClientIP: backend {a.backend_id} is no longer one of this service's: "
+                     f"affinity ignored")
             else:
                 step("affinity", f"ClientIP: fresh entry ({a.age_s:.1f}s < {fe.affinity_timeout}s) "
                      f"-> backend {a.backend_id}")
@@ -288,11 +296,16 @@ def _ct_brief(e: CtEntry) -> dict:
 # ---- drift: desired state against the maps ---------------------------------------------------------
 
 def drift(desired, node: NodeMaps, fes: list[FrontendRow] | None = None,
-          backends: dict[int, BackendRow] | None = None) -> list[dict]:
+          backends: dict[int, BackendRow] | None = None, problems=()) -> list[dict]:
     """Differences between an LBState (what the control plane wants) and the maps: frontends missing
     or unexpected, and frontends whose service, flags or backend set differ. [] = no drift.
-    `fes` and `backends`, when given, are the maps' contents just read (saves reading them again)."""
+    `fes` and `backends`, when given, are the maps' contents just read (saves reading them again).
+    `problems`: validation problems of the listed objects; a frontend in the maps of a Service
+    whose current version is invalid is the last good version the agent keeps, and is said so."""
+    from ebpfsvc.datapath.pinned import parse_service_name
     from ebpfsvc.datapath.writer import service_name
+
+    invalid = {(p.namespace, p.name): p for p in problems if p.kind == "Service"}
 
     fes = node.frontends() if fes is None else fes
     node.prefetch_maglev(fes)
@@ -330,10 +343,20 @@ def drift(desired, node: NodeMaps, fes: list[FrontendRow] | None = None,
             problems.append(f"backend count {got.backend_count}, want {len(want)}")
         if problems:
             out.append({"frontend": name, "service": str(fe.service), "problem": "; ".join(problems)})
+    kept = {}
     for k, f in have.items():
-        if k not in want_keys:
-            out.append({"frontend": f"{k[0]}:{k[1]}/{k[2]} ({k[3]})", "service": f.service,
-                        "problem": "in the maps, not desired"})
+        spn = parse_service_name(f.service) if k not in want_keys else None
+        bad = invalid.get((spn.namespace, spn.name)) if spn is not None else None
+        if bad is not None:
+            kept[k] = bad
+            want_keys.add((k[0], 0, k[2], k[3]))      # its address marker goes with it
+    for k, f in have.items():
+        if k not in want_keys or k in kept:
+            bad = kept.get(k)
+            problem = (f"kept in the maps: the Service's current version is invalid "
+                       f"({bad.field + ': ' if bad.field else ''}{bad.message}); the agent keeps its last good "
+                       f"version" if bad is not None else "in the maps, not desired")
+            out.append({"frontend": f"{k[0]}:{k[1]}/{k[2]} ({k[3]})", "service": f.service, "problem": problem})
     return sorted(out, key=lambda d: d["frontend"])
 
 

@@ -16,7 +16,7 @@ import ipaddress
 from dataclasses import dataclass
 from datetime import datetime
 
-from ebpfsvc.k8s.fields import Fields, Invalid, read_meta, parse_ipv4
+from ebpfsvc.k8s.fields import Fields, Invalid, check_name, read_meta, parse_ipv4
 from ebpfsvc.lbmodel import Protocol
 
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
@@ -78,6 +78,8 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
     if not address_type:
         raise Invalid("addressType", "is required")
     service_name = meta.labels.get(LABEL_SERVICE_NAME, "")
+    if service_name:
+        check_name(service_name, f"metadata.labels[{LABEL_SERVICE_NAME}]", "label-value")
     if address_type != "IPv4":
         return EndpointSlice(meta.namespace, meta.name, service_name, address_type)
     ports = tuple(parse_endpoint_port(p) for p in top.objects("ports", MAX_PORTS))
@@ -89,7 +91,7 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
 def parse_endpoint_port(p: Fields) -> EndpointPort:
     """A port of an EndpointSlice or of a v1 Endpoints subset (same shape)."""
     protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
-    return EndpointPort(p.str("name"), protocol, p.int("port", 1, 65535), p.str("appProtocol"))
+    return EndpointPort(p.name("name", "dns1123-label"), protocol, p.int("port", 1, 65535), p.str("appProtocol"))
 
 
 def _check_unique_ports(ports: tuple[EndpointPort, ...], path: str) -> None:

@@ -83,6 +83,14 @@ class Service:
     proxy_name: str | None = None                     # value of service.kubernetes.io/service-proxy-name; None: no label
     headless_label: bool = False                      # service.kubernetes.io/headless present
     health_check_node_port: int = 0                   # LoadBalancer + externalTrafficPolicy Local; 0 = none
+    created: str = ""                                 # metadata.creationTimestamp (UTC, sortable); "" = absent
+
+    @property
+    def seniority(self) -> tuple[str, str, str]:
+        """Sort key of "oldest first": creationTimestamp, then namespace/name.  Two Services claiming
+        one frontend, or competing for the last room in the maps, are decided by it, the same way on
+        every node (objects without a timestamp, from a manifest directory, go by name)."""
+        return (self.created, self.namespace, self.name)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -108,7 +116,7 @@ class Service:
 
 def parse_service(obj: dict, config: NodeConfig) -> Service:
     """Validate a v1 Service; raises Invalid naming the first bad field."""
-    top, meta = read_meta(obj, "Service", ("v1",))
+    top, meta = read_meta(obj, "Service", ("v1",), name_rule="dns1035-label")
     spec = top.obj("spec")
     svc_type = ServiceType(spec.str("type", "ClusterIP", tuple(t.value for t in ServiceType)))
     cluster_ip, headless = _cluster_ip(spec, svc_type, config)
@@ -138,6 +146,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         proxy_name=meta.labels.get(LABEL_PROXY_NAME),
         headless_label=LABEL_HEADLESS in meta.labels,
         health_check_node_port=_health_check_node_port(spec, svc_type, external_policy),
+        created=meta.created,
     )
 
 
@@ -181,7 +190,7 @@ def _ports(spec: Fields, svc_type: ServiceType, config: NodeConfig) -> tuple[Ser
     names: dict[str, str] = {}
     items = list(spec.objects("ports", MAX_PORTS))
     for p in items:
-        name = p.str("name")
+        name = p.name("name", "dns1123-label")
         protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
         port = p.int("port", 1, 65535)
         if port is None:

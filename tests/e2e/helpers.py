@@ -378,6 +378,29 @@ def wait_ready(lab: Lab, pods: Iterable[str]) -> None:
     lab.wait_ready(list(pods), timeout=READY_TIMEOUT)
 
 
+def tcp_udp_chatter(lab: Lab, prefix: str, client: str) -> tuple["Chatter", "TcpStream", socket.socket]:
+    """Pod `client` on node-1; a TCP echo Service `prefix`-tcp (port 7000) and a UDP echo Service
+    `prefix`-udp (port 53) with their pod on node-2, programmed everywhere; a long-lived TCP stream
+    and a UDP socket from the client to them, and a Chatter over both (not started yet)."""
+    from ebpfsvc.lab import apps
+
+    tcp_app, udp_app = f"{prefix}-tcp", f"{prefix}-udp"
+    lab.apply([bare_pod(client, "node-1"),
+               apps.pod(tcp_app, "tcp-echo", 7000, node="node-2", labels={"app": tcp_app}),
+               apps.pod(udp_app, "udp-echo", 5353, node="node-2", labels={"app": udp_app}),
+               service(tcp_app, [{"port": 7000}], selector={"app": tcp_app}),
+               service(udp_app, [{"port": 53, "targetPort": 5353, "protocol": "UDP"}], selector={"app": udp_app})])
+    wait_ready(lab, [tcp_app, udp_app])
+    wait_programmed(lab, tcp_app, 7000, backends=1)
+    wait_programmed(lab, udp_app, 53, backends=1, proto="UDP")
+    tcp_vip, udp_vip = cluster_ip(lab, tcp_app), cluster_ip(lab, udp_app)
+    stream = wait_for(lambda: TcpStream(lab, client, tcp_vip, 7000), what="a stream")
+    udp = udp_socket(lab, client, timeout=1)
+    wait_for(lambda: udp_ask(udp, udp_vip, 53), what="a UDP answer (app binding)")
+    udp.settimeout(5)
+    return Chatter({"tcp": stream.backend, "udp": lambda: udp_ask(udp, udp_vip, 53)["pod"]}), stream, udp
+
+
 def add_clients(lab: Lab, clients: dict[str, str]) -> Lab:
     """Process-less client pods {name: node}, returned once the agents' programs are on their veths."""
     lab.apply([bare_pod(name, node) for name, node in clients.items()])
