@@ -125,8 +125,9 @@ def test_a_restarted_agent_writes_the_maps_while_its_programs_compile(tmp_path, 
     second = Agent(config(pin_dir, mdir, unique_prefix))
     agents.append(second)
     starting = start_in_background(second)
+    wait_for(held.entered.is_set, "the restarted agent compiling its programs")
     wait_for(second.synced_once.is_set, "the restarted agent's first sync")
-    assert held.entered.is_set() and second.datapath is None, "synced before its programs were loaded"
+    assert second.datapath is None, "synced before its programs were loaded (held until release())"
     # The previous run's programs serve the change already.
     out = Ether(syn_to_new_service(attached))
     assert (out[IP].dst, out[TCP].dport) == (NEW_EP, 8080)
@@ -149,8 +150,9 @@ def test_a_new_node_fills_its_maps_and_is_unhealthy_until_its_programs_load(tmp_
     agent = Agent(config(pin_dir, mdir, unique_prefix))
     agents.append(agent)
     starting = start_in_background(agent)
+    wait_for(held.entered.is_set, "the agent compiling its programs")
     wait_for(agent.synced_once.is_set, "the first sync")
-    assert held.entered.is_set() and agent.datapath is None
+    assert agent.datapath is None
     with PinnedMap.open(pin_dir / "lb4_frontends") as frontends:
         assert frontends.count() > 0                       # the api Service's ClusterIP, written already
     healthz = f"http://127.0.0.1:{agent.telemetry.healthz_server.port}/healthz"
