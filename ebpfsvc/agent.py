@@ -125,14 +125,16 @@ class Agent:
         # comes within moments, so the datapath is compiled once, with the node's addresses.
         self.source = self._make_source()
         self.source.start()
-        deadline = time.monotonic() + NODE_WAIT_SECONDS
-        while "Node" not in self.state.synced_kinds and time.monotonic() < deadline and not self._stopped.is_set():
-            self._stopped.wait(0.05)
-        # The maps before the programs: syncs write them while the programs compile. Pins of another
-        # shape (new limits) are recreated by the programs' load, so then nothing is written before it.
+        # The maps before the programs, opened while the API lists: syncs write them while the programs
+        # compile. Pins of another shape (new limits) are recreated by the programs' load, so then
+        # nothing is written before it.
         t0 = time.monotonic()
         restart = Path(cfg.pin_dir, "lb4_frontends").exists()   # a previous run's programs still serve
         opened = loader.open_maps(cfg.pin_dir, limits=loader.Limits(**cfg.limits))
+        log.info("maps opened in %.2fs", time.monotonic() - t0)
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while "Node" not in self.state.synced_kinds and time.monotonic() < deadline and not self._stopped.is_set():
+            self._stopped.wait(0.05)
         if opened is not None:
             self._maps_bpf, maps = opened
             self.writer = MapWriter(maps)
@@ -142,7 +144,7 @@ class Agent:
             if not restart:     # nothing serves these maps until the programs attach
                 self.telemetry.health.set_fault("programs", "the datapath programs are being compiled")
             self._start_syncing()
-            log.info("maps opened in %.2fs, syncing while the programs compile", time.monotonic() - t0)
+            log.info("syncing while the programs compile (%.2fs since start)", time.monotonic() - started)
         t1 = time.monotonic()
         self._refresh_node(force=True)
         if self.writer is None:
