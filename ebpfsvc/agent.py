@@ -33,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
@@ -118,19 +120,25 @@ class Agent:
         from ebpfsvc.datapath import loader
         from ebpfsvc.datapath.writer import MapWriter
 
-        cfg = self.config
         started = time.monotonic()
+        # bcc changes the process's working directory while it compiles, and it compiles on another
+        # thread below: every path the agent opens must be absolute from here on.
+        self.config = cfg = replace(self.config, pin_dir=os.path.abspath(self.config.pin_dir), **{
+            name: os.path.abspath(getattr(self.config, name))
+            for name in ("manifests", "kubeconfig") if getattr(self.config, name)})
         self.telemetry.start()      # /healthz answers 503 "starting" until the first sync
-        # The source first: a manifest directory is read at once, and the API's Node list usually
-        # comes within moments, so the datapath is compiled once, with the node's addresses.
-        self.source = self._make_source()
-        self.source.start()
-        # The maps before the programs, opened while the API lists: syncs write them while the programs
-        # compile. Pins of another shape (new limits) are recreated by the programs' load, so then
-        # nothing is written before it.
+        # The maps before the programs, opened (a maps-only compile, the GIL released) while the source
+        # is made and lists: syncs write them while the programs compile. Pins of another shape (new
+        # limits) are recreated by the programs' load, so then nothing is written before it.
         t0 = time.monotonic()
         restart = Path(cfg.pin_dir, "lb4_frontends").exists()   # a previous run's programs still serve
-        opened = loader.open_maps(cfg.pin_dir, limits=loader.Limits(**cfg.limits))
+        with ThreadPoolExecutor(1, thread_name_prefix="open-maps") as pool:
+            opening = pool.submit(loader.open_maps, cfg.pin_dir, limits=loader.Limits(**cfg.limits))
+            # The source: a manifest directory is read at once, and the API's Node list usually comes
+            # within moments, so the programs are compiled once, with the node's addresses.
+            self.source = self._make_source()
+            self.source.start()
+            opened = opening.result()
         log.info("maps opened in %.2fs", time.monotonic() - t0)
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         while "Node" not in self.state.synced_kinds and time.monotonic() < deadline and not self._stopped.is_set():
