@@ -263,6 +263,7 @@ class Agent:
             f"and node clients are not served on it" if info.missing_uplinks else None))
         self._set_node_context(info)
         self._configured = info
+        loader.release_compiler_memory()    # LLVM is needed again only for the next compile
 
     def _set_node_context(self, info: nodeinfo.NodeInfo) -> None:
         node = replace(self.config.node, node_addresses=info.nodeport_addresses)

@@ -255,6 +255,15 @@ def open_maps(pin_dir, *, limits: Limits | None = None):
     return bpf, {name: bpf.get_table(name.encode()) for name in MAPS}
 
 
+def release_compiler_memory() -> None:
+    """Give the heap that LLVM freed after compiling back to the system (glibc keeps it otherwise:
+    50-65 MB of an agent's RSS after compiling lb_pod.c and lb_node.c, measured). Not glibc: no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def crc32c_shift_table(n: int) -> np.ndarray:
     """x^(8i) mod P for i < n (CRC32c, reflected: x^0 is bit 31): the factor by
     which i zero bytes multiply a CRC. Each entry is the previous one put
