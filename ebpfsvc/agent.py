@@ -146,6 +146,10 @@ class Agent:
         if opened is not None:
             self._maps_bpf, maps = opened
             self.writer = MapWriter(maps)
+        # Without its Node the node's NodePort addresses are unknown: a sync now would take the NodePorts
+        # the previous run wrote out of the maps the attached programs serve. Then sync after the compile.
+        early = opened is not None and "Node" in self.state.synced_kinds
+        if early:
             node = self.state.node(cfg.node.node_name)
             self._set_node_context(nodeinfo.resolve(self.settings, self.read_interfaces(), node,
                                                     "Node" in self.state.synced_kinds))
@@ -164,7 +168,7 @@ class Agent:
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
         self.watcher.start()
-        if opened is None:
+        if not early:
             self._start_syncing()
 
     def _start_syncing(self) -> None:
