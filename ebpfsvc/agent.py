@@ -17,6 +17,11 @@ Restart safety: maps are pinned, programs are replaced in place (never detached
 first), and stopping the agent leaves everything attached, so established and
 new connections keep being served while the agent is down or upgrading.
 
+A fast start: compiling the programs takes seconds (lb_node.c the most), the maps alone a
+fraction of one (loader.open_maps). So the agent opens the pinned maps first and syncs into them
+while the programs compile: after a restart the programs still attached serve the changes made
+meanwhile within moments, and a new node has its maps written by the time its programs attach.
+
 Zero configuration: the node's addresses, NodePort addresses, uplinks and the source of its own
 translated traffic come from its Node object and interfaces (ebpfsvc/nodeinfo.py).  The Node may
 arrive after start, or change: every sync checks, and when the result differs the programs that
@@ -29,9 +34,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from ebpfsvc import nodeinfo
@@ -85,8 +92,10 @@ class Agent:
         self._datapath_lock = threading.RLock()           # pod attaches vs. a reload for new addresses
         self._pod_snat = None                             # the node address the pod datapath has
         self._uplinks_attached: dict[str, int] = {}       # name -> ifindex
-        self._host_routes = None                          # hostpath.NodeClientRoutes, once set up
-        self._routed: set = set()                         # destinations routed to the node-client device
+        self._host_routes = None                          # hostpath.NodeClientRoutes, fed from the first sync
+        self._routed: set | None = None                   # destinations routed to the node-client device, once set up
+        self._routes_lock = threading.Lock()              # start's setup vs. the first syncs
+        self._maps_bpf = None                             # the maps-only object the writer's tables belong to
         self._next_full_apply = 0.0                       # monotonic time of the next full (verifying) apply
         self.synced_once = threading.Event()
         self._stopped = threading.Event()
@@ -98,30 +107,72 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        from ebpfsvc.datapath.writer import MapWriter
+        from pathlib import Path
 
-        cfg = self.config
+        from ebpfsvc.datapath import loader
+
+        started = time.monotonic()
+        # bcc changes the process's working directory while it compiles, and it compiles on another
+        # thread below: every path the agent opens must be absolute from here on.
+        self.config = cfg = replace(self.config, pin_dir=os.path.abspath(self.config.pin_dir), **{
+            name: os.path.abspath(getattr(self.config, name))
+            for name in ("manifests", "kubeconfig") if getattr(self.config, name)})
         self.telemetry.start()      # /healthz answers 503 "starting" until the first sync
-        # The source first: a manifest directory is read at once, and the API's Node list usually
-        # comes within moments, so the datapath is compiled once, with the node's addresses.
-        self.source = self._make_source()
-        self.source.start()
+        # The maps before the programs, opened (a maps-only compile, the GIL released) while the source
+        # is made and lists: syncs write them while the programs compile. Pins of another shape (new
+        # limits) are recreated by the programs' load, so then nothing is written before it.
+        t0 = time.monotonic()
+        restart = Path(cfg.pin_dir, "lb4_frontends").exists()   # a previous run's programs still serve
+        with ThreadPoolExecutor(1, thread_name_prefix="open-maps") as pool:
+            opening = pool.submit(loader.open_maps, cfg.pin_dir, limits=loader.Limits(**cfg.limits))
+            # The source: a manifest directory is read at once, and the API's Node list usually comes
+            # within moments, so the programs are compiled once, with the node's addresses.
+            self.source = self._make_source()
+            self.source.start()
+            opened = opening.result()
+        log.info("maps opened in %.2fs", time.monotonic() - t0)
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         while "Node" not in self.state.synced_kinds and time.monotonic() < deadline and not self._stopped.is_set():
             self._stopped.wait(0.05)
-        t0 = time.monotonic()
+        if opened is not None:
+            self._maps_bpf, maps = opened
+            self._adopt_maps(maps)
+        # Without its Node the node's NodePort addresses are unknown: a sync now would take the NodePorts
+        # the previous run wrote out of the maps the attached programs serve. Then sync after the compile.
+        early = opened is not None and "Node" in self.state.synced_kinds
+        if early:
+            node = self.state.node(cfg.node.node_name)
+            self._set_node_context(nodeinfo.resolve(self.settings, self.read_interfaces(), node,
+                                                    "Node" in self.state.synced_kinds))
+            if not restart:     # nothing serves these maps until the programs attach
+                self.telemetry.health.set_fault("programs", "the datapath programs are being compiled")
+            self._start_syncing()
+            log.info("syncing while the programs compile (%.2fs since start)", time.monotonic() - started)
+        t1 = time.monotonic()
         self._refresh_node(force=True)
-        self.writer = MapWriter(self.datapath.maps)
-        self.admission.status = ServiceStatusMap(self.datapath.maps["lb_service_status"])
-        # The last good state survives restarts: what the maps serve now, for Services that turn
-        # out to be invalid in the first list (admission.py).
-        self.admission.hold(pinned_frontends(self.datapath.maps))
-        log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
+        if self.writer is None:
+            self._adopt_maps(self.datapath.maps)
+        self.telemetry.health.set_fault("programs", None)
+        log.info("datapath loaded in %.2fs (compiling and attaching %.2fs; %.2fs since start; pins in %s)",
+                 time.monotonic() - t0, time.monotonic() - t1, time.monotonic() - started, cfg.pin_dir)
 
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
         self.watcher.start()
+        if not early:
+            self._start_syncing()
 
+    def _adopt_maps(self, maps) -> None:
+        """Write `maps` from now on: the maps-only object's tables while the programs compile, else the
+        programs' own. Admission reads them first: the last good state survives restarts, what the maps
+        serve now standing for Services that turn out to be invalid in the first list (admission.py)."""
+        from ebpfsvc.datapath.writer import MapWriter
+
+        self.writer = MapWriter(maps)
+        self.admission.status = ServiceStatusMap(maps["lb_service_status"])
+        self.admission.hold(pinned_frontends(maps))
+
+    def _start_syncing(self) -> None:
         self.runner.start()
         threading.Thread(target=self._forward_changes, name="changes", daemon=True).start()
 
@@ -216,10 +267,14 @@ class Agent:
         self.telemetry.health.set_fault("uplinks", (
             f"uplink {', '.join(info.missing_uplinks)} not found: NodePorts, externalIPs, LoadBalancer IPs "
             f"and node clients are not served on it" if info.missing_uplinks else None))
-        node = replace(cfg.node, node_addresses=info.nodeport_addresses)
+        self._set_node_context(info)
+        self._configured = info
+        loader.release_compiler_memory()    # LLVM is needed again only for the next compile
+
+    def _set_node_context(self, info: nodeinfo.NodeInfo) -> None:
+        node = replace(self.config.node, node_addresses=info.nodeport_addresses)
         if node != self.desired.node:
             self.desired.node = node        # a new node context: the next build recomputes everything
-        self._configured = info
 
     def _configure_uplinks(self, info: nodeinfo.NodeInfo, old: nodeinfo.NodeInfo | None) -> None:
         """North-south programs on every uplink, and the node clients' path (hostpath.py)."""
@@ -255,9 +310,9 @@ class Agent:
         if cfg.host_clients and snat is not None and reload:
             from ebpfsvc.datapath import hostpath
             hostpath.setup(self.uplink_datapath, snat)
-            if self._host_routes is None:
-                self._host_routes = hostpath.NodeClientRoutes()
-                self._routed = hostpath.routes()    # a previous run's routes: kept or removed by the diff
+            with self._routes_lock:
+                if self._routed is None:
+                    self._routed = hostpath.routes()    # a previous run's routes: kept or removed by the diff
             self._route_node_clients(rewrite=True)
 
     def _route_node_clients(self, snapshot=None, result=None, rewrite: bool = False) -> None:
@@ -265,19 +320,24 @@ class Agent:
         outside them to the node-client device."""
         from ebpfsvc.datapath import hostpath
 
-        routes = self._host_routes
-        if routes is None or (result is None and not routes.ready):
-            return          # nothing known yet: a previous run's routes stay until the first sync
-        if snapshot is not None:
-            cidrs = [c for obj in snapshot.service_cidrs.values() for c in obj.cidrs]
-            if not cidrs and self.config.node.service_cidr is not None:
-                cidrs = [self.config.node.service_cidr]
-            routes.set_cidrs(cidrs)
-        if result is not None:
-            routes.update(result.state, result.delta)
-        if routes.dirty or rewrite:
-            self._routed = hostpath.sync_routes(self._routed, routes.take_wanted(), self.node_info.primary,
-                                                rewrite=rewrite)
+        if not self.config.host_clients:
+            return
+        with self._routes_lock:     # the first syncs may run while start() sets the device up
+            if self._host_routes is None:
+                self._host_routes = hostpath.NodeClientRoutes()
+            routes = self._host_routes
+            if snapshot is not None:
+                cidrs = [c for obj in snapshot.service_cidrs.values() for c in obj.cidrs]
+                if not cidrs and self.config.node.service_cidr is not None:
+                    cidrs = [self.config.node.service_cidr]
+                routes.set_cidrs(cidrs)
+            if result is not None:
+                routes.update(result.state, result.delta)
+            if self._routed is None or not routes.ready:
+                return      # no device yet, or nothing known yet: a previous run's routes stay until then
+            if routes.dirty or rewrite:
+                self._routed = hostpath.sync_routes(self._routed, routes.take_wanted(), self.node_info.primary,
+                                                    rewrite=rewrite)
 
     def _served(self, spn) -> bool:
         """Whether the maps serve that service port now (admission never evicts such a Service)."""
@@ -301,7 +361,7 @@ class Agent:
         # of trusting its incremental bookkeeping (and deletes whatever nothing wants); the node's
         # addresses and uplinks are read again then too.
         full = t0 >= self._next_full_apply
-        if self.node_info is not None:          # start() configured the datapath once
+        if self._configured is not None:        # start() configured the datapath once (it may be compiling)
             self._refresh_node(force=full and self.last_applied is not None)
         if not self.state.synced:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")

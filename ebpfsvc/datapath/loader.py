@@ -42,6 +42,8 @@ PROGRAMS = ("from_pod", "to_pod")
 #: The uplink (north-south) datapath, bpf/lb_node.c: load(..., source=NODE_SOURCE, programs=NODE_PROGRAMS).
 NODE_SOURCE = BPF_DIR / "lb_node.c"
 NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink", "from_host", "from_loopback")
+#: The maps without programs (bpf/lb_maps.c): open_maps().
+MAPS_SOURCE = BPF_DIR / "lb_maps.c"
 _PROGRAM_TYPES = {"xdp_uplink": "XDP"}     # everything else is SCHED_CLS (TC)
 MAPS = tuple(abi.MAP_TYPES)
 
@@ -242,6 +244,34 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     return dp
 
 
+def open_maps(pin_dir, *, limits: Limits | None = None):
+    """The datapath's pinned maps as bcc tables, without compiling a program (bpf/lb_maps.c:
+    a fraction of a second, where load() takes seconds), so a starting agent can write them
+    while the programs compile. Maps not pinned yet are created and pinned, as load() would.
+    Returns (bpf object, {name: table}), or None when pins of another shape are in the way:
+    load() then recreates them, so nothing must be written before it."""
+    from bcc import BPF
+
+    pin_dir = Path(pin_dir)
+    text = expand_source(MAPS_SOURCE)
+    os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    bpf = BPF(text=text.encode(), cflags=cflags_for(pin_dir, limits or Limits()))
+    if stale_pins(bpf, pin_dir):
+        bpf.cleanup()
+        return None
+    return bpf, {name: bpf.get_table(name.encode()) for name in MAPS}
+
+
+def release_compiler_memory() -> None:
+    """Give the heap that LLVM freed after compiling back to the system (glibc keeps it otherwise:
+    50-65 MB of an agent's RSS after compiling lb_pod.c and lb_node.c, measured). Not glibc: no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def crc32c_shift_table(n: int) -> np.ndarray:
     """x^(8i) mod P for i < n (CRC32c, reflected: x^0 is bit 31): the factor by
     which i zero bytes multiply a CRC. Each entry is the previous one put
@@ -328,5 +358,5 @@ def drop_cache() -> None:
     _CACHE.clear()
 
 
-__all__ = ["Datapath", "Limits", "conntrack_limits", "load", "unpin", "expand_source", "be32", "PROGRAMS", "MAPS",
-           "NODE_SOURCE", "NODE_PROGRAMS"]
+__all__ = ["Datapath", "Limits", "conntrack_limits", "load", "open_maps", "unpin", "expand_source", "be32", "PROGRAMS",
+           "MAPS", "NODE_SOURCE", "NODE_PROGRAMS"]

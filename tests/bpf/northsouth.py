@@ -185,25 +185,22 @@ class Uplink:
         return sum(self.dp.maps["lb_drops"][self.dp.maps["lb_drops"].Key(reason)])
 
 
-def uplink_fixture(pin_dir, unique_prefix, snat_keep_client_port: bool = True):
-    """The `uplink` fixture (registered in conftest.py): programs loaded, test namespace built, both removed after."""
+def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True):
+    """The `uplink` fixture (registered in conftest.py): the run's compiled uplink programs on maps
+    as new (conftest.compiled), and a test namespace built, removed after."""
+    dp = compiled.load(LIMITS, hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
+                       snat_addr=NODE, snat_keep_client_port=snat_keep_client_port)
     name = f"{unique_prefix}-np"
     build_netns(name)
-    dp = None
     try:
-        dp = loader.load(pin_dir, limits=LIMITS, hairpin_addr=HAIRPIN, cache=False,
-                         source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=NODE,
-                         snat_keep_client_port=snat_keep_client_port)
         yield Uplink(dp, name)
     finally:
-        if dp is not None:
-            dp.close()
         netns.remove(name)
 
 
 # Also importable as a fixture (`from .northsouth import uplink`); conftest.py registers it for every module.
-def _uplink(pin_dir, unique_prefix):
-    yield from uplink_fixture(pin_dir, unique_prefix)
+def _uplink(compiled, unique_prefix):
+    yield from uplink_fixture(compiled, unique_prefix)
 
 
 uplink = pytest.fixture(_uplink, name="uplink")

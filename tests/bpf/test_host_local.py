@@ -25,7 +25,6 @@ from scapy.layers.l2 import Ether
 
 from ebpfsvc import abi
 from ebpfsvc.config import NodeConfig
-from ebpfsvc.datapath import loader
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.desired import desired_state
 from ebpfsvc.datapath import nsenter
@@ -94,13 +93,9 @@ def pod_veth(uplink):
 
 
 @pytest.fixture
-def pod_side(pin_dir):
+def pod_side(uplink, compiled):
     """The pod programs (lb_pod.c) on the same maps, compiled with the node address, as the agent does."""
-    dp = loader.load(pin_dir, limits=LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE, cache=False)
-    try:
-        yield dp
-    finally:
-        dp.close()
+    return compiled.load(LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE)
 
 
 def run_from_pod(dp, packet):
