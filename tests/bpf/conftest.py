@@ -24,7 +24,7 @@ import pytest
 
 from ebpfsvc.datapath import batch, loader
 from ebpfsvc.datapath.writer import MapWriter
-from ebpfsvc.inspect.bpfmap import PinnedMap
+from ebpfsvc.datapath.bpfsys import PinnedMap
 
 from .packets import HAIRPIN
 

@@ -20,7 +20,7 @@ from ebpfsvc.agent import Agent, AgentConfig
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.datapath import loader
 from ebpfsvc.datapath.testrun import prog_test_run
-from ebpfsvc.inspect.bpfmap import PinnedMap
+from ebpfsvc.datapath.bpfsys import PinnedMap
 
 from .packets import from_pod, tcp
 from .test_inspect_agent import LIMITS, NODE, NODE_IP, free_port, get, manifests, wait_for
