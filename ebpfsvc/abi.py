@@ -72,6 +72,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_drops": ("__u32", "__u64"),
     "lb4_snat": ("struct ct4_key", "struct snat4_entry"),
     "lb4_source_ranges": ("struct lb4_src_range_key", "__u32"),
+    "lb4_sock_revnat": ("struct lb4_sock_key", "struct lb4_sock_revnat"),
 }
 
 

@@ -47,6 +47,9 @@
 #ifndef SOURCE_RANGES_MAX
 #define SOURCE_RANGES_MAX 16384       /* (frontend, prefix) pairs of loadBalancerSourceRanges */
 #endif
+#ifndef SOCK_REVNAT_ENTRIES_MAX
+#define SOCK_REVNAT_ENTRIES_MAX 65536 /* LRU: (socket, backend) pairs the socket path translated */
+#endif
 
 /* ---- North-south SNAT source ports (externalTrafficPolicy Cluster, remote
  * backend). A TCP flow keeps the client's port when it is at least
@@ -253,6 +256,22 @@ struct lb4_src_range_key {
 	__u32  prefixlen;
 	__u32  frontend_id;     /* matched whole (the first 32 bits of the prefix) */
 	__be32 address;
+};
+
+/* Socket-level load balancing (bpf/lb_sock.c): the Service address a socket
+ * asked for, keyed by the socket and the backend it was sent to instead, so that
+ * getpeername() and recvmsg() on that socket show the Service again. */
+struct lb4_sock_key {
+	__u64  cookie;          /* bpf_get_socket_cookie(): unique per socket, never reused */
+	__be32 address;         /* backend address */
+	__be16 port;            /* backend port */
+	__u16  pad0;
+};
+
+struct lb4_sock_revnat {
+	__be32 address;         /* the frontend (ClusterIP) the application named */
+	__be16 port;
+	__u16  pad0;
 };
 
 /* Per-CPU traffic counters (per frontend id, per backend id). */
