@@ -63,6 +63,7 @@ class AgentConfig:
     hairpin_address: IPv4Address | None = None   # None: the node's primary address
     snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
     host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
+    socket_lb_cgroup: str | None = None      # socket-level LB attached here (datapath/socklb.py); None: off
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
     limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
@@ -77,6 +78,7 @@ class Agent:
         self.state = ClusterState(config.node, on_invalid=self._invalid)
         self.datapath = None
         self.uplink_datapath = None     # bpf/lb_node.c, when there are uplinks
+        self.socket_datapath = None     # bpf/lb_sock.c, with --socket-lb
         self.writer = None
         self.source = None
         self.watcher: InterfaceWatcher | None = None
@@ -121,6 +123,8 @@ class Agent:
         self._refresh_node(force=True)
         self.writer = MapWriter(self.datapath.maps)
         log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
+        if cfg.socket_lb_cgroup:
+            self._start_socket_lb()
 
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
@@ -165,6 +169,23 @@ class Agent:
         self._stopped.wait()
         log.info("stopping; the datapath stays attached")
         self.stop()
+
+    def _start_socket_lb(self) -> None:
+        """Socket-level load balancing on the node's cgroup (docs/socklb.md): the programs share
+        the pinned maps, so the writer feeds them as it feeds TC. They replace a previous run's in
+        place and stay attached when the agent stops, as the TC programs do. If they cannot be
+        attached, the TC path serves every pod as before: logged, not fatal."""
+        from ebpfsvc.datapath import loader, socklb
+
+        cfg = self.config
+        try:
+            self.socket_datapath = socklb.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits))
+            socklb.attach(self.socket_datapath, cfg.socket_lb_cgroup)
+        except Exception as exc:    # noqa: BLE001 - compile, load or attach: the TC path stays
+            log.error("socket-level load balancing not started on cgroup %s: %s (the TC path serves pods)",
+                      cfg.socket_lb_cgroup, exc)
+            return
+        log.info("socket-level load balancing attached to cgroup %s", cfg.socket_lb_cgroup)
 
     # -- interfaces ------------------------------------------------------------
     def _attach_pod(self, ifindex: int, ifname: str) -> None:

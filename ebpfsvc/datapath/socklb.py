@@ -70,13 +70,23 @@ def cgroup2_mount(mountinfo: str | Path = "/proc/self/mountinfo") -> Path:
     raise CgroupError("no cgroup2 file system mounted (/proc/self/mountinfo): socket-level load balancing needs one")
 
 
+def resolve_cgroup(path) -> Path:
+    """A cgroup given as absolute path or relative to the cgroup2 mount, checked as a target."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = cgroup2_mount() / path
+    _check_target(path)
+    return path
+
+
 def _check_target(cgroup: Path) -> None:
     # Programs at the hierarchy's root would serve every process of the machine:
     # only a cgroup the project created below it is a target.
     if cgroup.resolve() == cgroup2_mount().resolve():
         raise CgroupError(f"cgroup {cgroup}: the cgroup2 root; attach to a node's own cgroup below it")
-    if not (cgroup / "cgroup.procs").is_file():
-        raise CgroupError(f"cgroup {cgroup}: not a cgroup v2 directory")
+    mount = cgroup2_mount().resolve()
+    if mount not in cgroup.resolve().parents or not (cgroup / "cgroup.procs").is_file():
+        raise CgroupError(f"cgroup {cgroup}: not a cgroup v2 directory (the cgroup2 mount is {mount})")
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
@@ -149,4 +159,5 @@ def attached(cgroup) -> dict[str, list[int]]:
     return out
 
 
-__all__ = ["HOOKS", "PROGRAMS", "SOURCE", "CgroupError", "load", "attach", "detach", "attached", "cgroup2_mount"]
+__all__ = ["HOOKS", "PROGRAMS", "SOURCE", "CgroupError", "load", "attach", "detach", "attached", "cgroup2_mount",
+           "resolve_cgroup"]

@@ -49,27 +49,37 @@ def join(path: Path, pid: int = 0) -> None:
 def remove(prefix: str, timeout: float = 5.0) -> bool:
     """Remove the lab's cgroup tree, deepest first; False if there was none.
 
-    The lab's processes are stopped before (teardown order); a cgroup whose last
-    process is still exiting reports EBUSY for a moment, so that is retried.
-    Programs attached to a removed cgroup are released by the kernel with it."""
+    The lab's processes are stopped before (teardown order). Programs attached
+    to a removed cgroup are released by the kernel with it."""
     root = lab_root(prefix)
     if not root.is_dir():
         return False
     dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
     for path in [*dirs, root]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                path.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                    log.warning("cannot remove cgroup %s: %s", path, exc)
-                    break
-                time.sleep(0.05)
+        remove_dir(path, timeout)
     return True
 
 
-__all__ = ["lab_root", "node_cgroup", "pod_cgroup", "create", "join", "remove"]
+def remove_dir(path: Path, timeout: float = 5.0) -> None:
+    """rmdir one cgroup whose processes were stopped: one still exiting makes it EBUSY for a
+    moment, so that is retried until `timeout`; then it is left, with a warning."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                log.warning("cannot remove cgroup %s: %s", path, exc)
+                return
+            time.sleep(0.05)
+
+
+def host_cgroup(prefix: str, node: str) -> Path:
+    """The node's own processes (hostNetwork clients run with `lab node-exec`), under the node."""
+    return node_cgroup(prefix, node) / "host"
+
+
+__all__ = ["lab_root", "node_cgroup", "pod_cgroup", "host_cgroup", "create", "join", "remove", "remove_dir"]

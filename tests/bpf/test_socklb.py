@@ -43,36 +43,6 @@ GATEWAY = ipaddress.IPv4Address(HAIRPIN)
 NAMES = {B1: "b1", B2: "b2"}
 ENOTSUPP = 524      # the kernel's own errno for "operation not supported" (no Python name)
 
-# The client: one socket operation per run, its outcome as JSON on stdout.
-CLIENT_SCRIPT = r"""
-import errno, json, socket, sys
-op, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-out = {}
-try:
-    if op == "tcp":
-        s = socket.create_connection((addr, port), timeout=3)
-        out["peer"] = list(s.getpeername())
-        out["data"] = s.recv(64).decode()
-    elif op == "udp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(3)
-        s.sendto(b"ping", (addr, port))
-        data, src = s.recvfrom(64)
-        out["data"], out["src"] = data.decode(), list(src)
-    elif op == "udp-connected":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(3)
-        s.connect((addr, port))
-        out["peer"] = list(s.getpeername())
-        s.send(b"ping")
-        data, src = s.recvfrom(64)
-        out["data"], out["src"] = data.decode(), list(src)
-except OSError as e:
-    out["errno"] = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
-print(json.dumps(out))
-"""
-
-
 class Servers:
     """A TCP and a UDP server in each backend pod, answering with the pod's name."""
 
@@ -100,7 +70,12 @@ class Servers:
             except OSError:
                 return
             with conn:
-                conn.sendall(name.encode())
+                conn.settimeout(3)
+                try:
+                    conn.recv(4096)         # the probe's request
+                    conn.sendall(name.encode())
+                except OSError:
+                    pass
 
     @staticmethod
     def _udp(s, name):
@@ -177,7 +152,8 @@ class _Node:
         self.pod_dp, self.sock_dp = pod_dp, sock_dp
 
     def client(self, op, addr, port, *, in_cgroup=True) -> dict:
-        """Run one client operation in the client pod; in the node's cgroup or outside it."""
+        """One client operation (ebpfsvc/lab/sockprobe.py) in the client pod, a process in the
+        node's cgroup or outside it."""
         cg = cgroups.pod_cgroup(self.prefix, "node-1", "default", "cli") if in_cgroup else None
         ns = self.client_ns
 
@@ -186,7 +162,7 @@ class _Node:
                 cgroups.join(cg)
             nsenter.setns(ns)
 
-        out = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, op, addr, str(port)], preexec_fn=enter,
+        out = subprocess.run([sys.executable, "-m", "ebpfsvc.lab.sockprobe", op, addr, str(port)], preexec_fn=enter,
                              capture_output=True, text=True, timeout=20, check=True)
         return json.loads(out.stdout)
 
