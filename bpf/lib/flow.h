@@ -339,7 +339,7 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 
 	ct4_key_reply(&rk, &p);
 	e = ct4_lookup(&rk, now);
-	if (!e)
+	if (!e || ct4_reply_of_other_flow(e, &p))
 		return TC_ACT_OK;
 	ct4_note_reply(e, &p, p.daddr, p.dport, now);
 	frag4_record(&p);

@@ -33,7 +33,8 @@ from ebpfsvc.lab import cgroups, network, nsenter
 from ebpfsvc.lbmodel import Protocol
 
 from .conftest import TEST_LIMITS
-from .packets import HAIRPIN, be, frontend, state
+from .packets import CLIENT as FIXTURE_CLIENT, HAIRPIN, OK, Case, be, check, expected_backend, from_pod, frontend, \
+    state, tcp, to_pod
 
 pytestmark = pytest.mark.root
 
@@ -243,3 +244,31 @@ def test_detach_leaves_no_program(node):
 def test_the_cgroup2_root_is_refused(node):
     with pytest.raises(socklb.CgroupError, match="cgroup2 root"):
         socklb.attach(node.sock_dp, socklb.cgroup2_mount())
+
+
+# ---- the TC path meets a socket-path connection on a finished flow's ports (BPF_PROG_TEST_RUN) ----
+
+def test_syn_ack_on_a_closed_flow_is_not_translated(datapath, writer):
+    """A client's connection through the TC path closes; the client then connects straight to
+    the backend (socket path) from the same port. The backend's SYN-ACK meets the closed flow's
+    reply entry in to_pod: it must reach the client untranslated, or the client resets it."""
+    web = frontend(VIP, 80, [be(B1), be(B2)])
+    writer.apply(state(web))
+    b = expected_backend(web, FIXTURE_CLIENT, 40000)
+    check(datapath, Case("SYN to the Service", "from_pod", from_pod(tcp(FIXTURE_CLIENT, VIP, 40000, 80, "S")), OK,
+                         from_pod(tcp(FIXTURE_CLIENT, b, 40000, 8080, "S"))))
+    check(datapath, Case("its SYN-ACK: from the Service", "to_pod", to_pod(tcp(b, FIXTURE_CLIENT, 8080, 40000, "SA")),
+                         OK, to_pod(tcp(VIP, FIXTURE_CLIENT, 80, 40000, "SA"))))
+    check(datapath, Case("client RST closes it", "from_pod", from_pod(tcp(FIXTURE_CLIENT, VIP, 40000, 80, "R")), OK,
+                         from_pod(tcp(FIXTURE_CLIENT, b, 40000, 8080, "R"))))
+    check(datapath, Case("SYN straight to the backend: not a Service packet", "from_pod",
+                         from_pod(tcp(FIXTURE_CLIENT, b, 40000, 8080, "S", seq=5000)), OK))
+    check(datapath, Case("its SYN-ACK passes untranslated", "to_pod",
+                         to_pod(tcp(b, FIXTURE_CLIENT, 8080, 40000, "SA", seq=9000, ack=5001)), OK))
+    # A new connection through the Service on the same ports is translated again.
+    check(datapath, Case("new SYN to the Service", "from_pod",
+                         from_pod(tcp(FIXTURE_CLIENT, VIP, 40000, 80, "S", seq=7000)), OK,
+                         from_pod(tcp(FIXTURE_CLIENT, b, 40000, 8080, "S", seq=7000))))
+    check(datapath, Case("its SYN-ACK: from the Service", "to_pod",
+                         to_pod(tcp(b, FIXTURE_CLIENT, 8080, 40000, "SA", seq=9500, ack=7001)), OK,
+                         to_pod(tcp(VIP, FIXTURE_CLIENT, 80, 40000, "SA", seq=9500, ack=7001))))
