@@ -72,6 +72,11 @@ static __always_inline struct lb4_service *lb4_sock_frontend(struct bpf_sock_add
 	svc = lb4_lookup_frontend(ctx->user_ip4, (__be16)ctx->user_port, *proto, LB_SCOPE_INTERNAL);
 	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
 		return 0;
+	/* sessionAffinity ClientIP is keyed by the client's address, which an
+	 * unbound socket does not have yet: such Services stay with the TC path,
+	 * which keeps one affinity per client whichever path it came by. */
+	if (svc->flags & LB_SVC_F_AFFINITY)
+		return 0;
 	return svc;
 }
 

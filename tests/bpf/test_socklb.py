@@ -38,7 +38,7 @@ from .packets import CLIENT as FIXTURE_CLIENT, HAIRPIN, OK, Case, be, check, exp
 
 pytestmark = pytest.mark.root
 
-VIP, EMPTY_VIP, LOCAL_VIP = "198.19.0.10", "198.19.0.11", "198.19.0.12"
+VIP, EMPTY_VIP, LOCAL_VIP, STICKY_VIP = "198.19.0.10", "198.19.0.11", "198.19.0.12", "198.19.0.13"
 CLIENT, B1, B2 = "198.18.1.5", "198.18.2.1", "198.18.2.2"
 GATEWAY = ipaddress.IPv4Address(HAIRPIN)
 NAMES = {B1: "b1", B2: "b2"}
@@ -133,6 +133,7 @@ def node(unique_prefix, pin_dir):
             frontend(EMPTY_VIP, 80, [], name="empty"),
             frontend(EMPTY_VIP, 53, [], proto=Protocol.UDP, name="empty-dns"),
             frontend(LOCAL_VIP, 80, [], name="local", local_only=True),
+            frontend(STICKY_VIP, 80, [be(B1), be(B2)], name="sticky", affinity_timeout=60),
         ))
         yield _Node(unique_prefix, pods[CLIENT], node_cg, pod_dp, sock_dp)
     finally:
@@ -224,6 +225,19 @@ def test_udp_connected(node):
     assert out.get("data") in ("b1", "b2"), out
     assert out["peer"] == [VIP, 53] and out["src"] == [VIP, 53]
     assert node.flows() == 0
+
+
+def test_client_ip_affinity_stays_with_the_tc_path(node):
+    # The socket hooks cannot key affinity by a client address an unbound socket does not have:
+    # they leave such a Service to TC, whose affinity entry then holds for every connection.
+    answers = set()
+    for _ in range(6):
+        out = node.client("tcp", STICKY_VIP, 80)
+        assert out["peer"] == [STICKY_VIP, 80], out
+        answers.add(out["data"])
+    assert len(answers) == 1
+    assert node.flows() >= 2 and len(list(node.sock_dp.maps["lb4_sock_revnat"].keys())) == 0
+    assert [k.client_addr for k in node.pod_dp.maps["lb4_affinity"].keys()] == [loader.be32(CLIENT)]
 
 
 def test_client_outside_the_node_cgroup_still_served_by_tc(node):

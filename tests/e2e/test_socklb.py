@@ -122,6 +122,13 @@ def test_empty_service_refused_at_connect(lab):
     assert probe(lab, "tcp", cluster_ip(lab, "sl-empty"), 80) == {"errno": "ECONNREFUSED"}
 
 
+def test_client_ip_affinity_holds(lab):
+    # Left to the TC path by the socket hooks (docs/socklb.md): one backend for every connection.
+    vip, pods = web(lab, "sl-sticky", sessionAffinity="ClientIP")
+    answers = {http_body(probe(lab, "tcp", vip, 80))["pod"] for _ in range(8)}
+    assert len(answers) == 1 and answers <= set(pods)
+
+
 def test_hairpin_through_the_socket_path(lab):
     vip, pods = web(lab, "sl-hp")
     answers = {http_body(probe(lab, "tcp", vip, 80, pod=pods[0]))["pod"] for _ in range(12)}
