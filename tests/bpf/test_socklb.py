@@ -255,6 +255,17 @@ def test_detach_leaves_no_program(node):
     assert out["peer"] == [VIP, 80] and node.flows() == 2
 
 
+def test_cleanup_detaches_the_socket_programs(node, pin_dir):
+    from ebpfsvc.inspect.cleanup import cleanup
+
+    report = cleanup(pin_dir, netns=f"{node.prefix}-node", dry_run=True, socket_lb_cgroup=node.cgroup)
+    assert sorted(f.split()[2] for f in report.filters if f.startswith("cgroup program")) == sorted(socklb.HOOKS)
+    assert all(socklb.attached(node.cgroup).values()), "a dry run detaches nothing"
+    cleanup(pin_dir, netns=f"{node.prefix}-node", socket_lb_cgroup=node.cgroup)
+    assert all(v == [] for v in socklb.attached(node.cgroup).values())
+    assert not pin_dir.exists()
+
+
 def test_the_cgroup2_root_is_refused(node):
     with pytest.raises(socklb.CgroupError, match="cgroup2 root"):
         socklb.attach(node.sock_dp, socklb.cgroup2_mount())
