@@ -63,7 +63,8 @@ class AgentConfig:
     hairpin_address: IPv4Address | None = None   # None: the node's primary address
     snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
     host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
-    socket_lb_cgroup: str | None = None      # socket-level LB attached here (datapath/socklb.py); None: off
+    socket_lb: bool = False                  # socket-level LB (datapath/socklb.py) on socket_lb_cgroup
+    socket_lb_cgroup: str | None = None      # where; with socket_lb off, a previous run's programs are detached
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
     limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
@@ -123,8 +124,10 @@ class Agent:
         self._refresh_node(force=True)
         self.writer = MapWriter(self.datapath.maps)
         log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
-        if cfg.socket_lb_cgroup:
+        if cfg.socket_lb_cgroup and cfg.socket_lb:
             self._start_socket_lb()
+        elif cfg.socket_lb_cgroup:
+            self._stop_socket_lb()
 
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
@@ -186,6 +189,21 @@ class Agent:
                       cfg.socket_lb_cgroup, exc)
             return
         log.info("socket-level load balancing attached to cgroup %s", cfg.socket_lb_cgroup)
+
+    def _stop_socket_lb(self) -> None:
+        """--no-socket-lb on a cgroup a previous run attached to: off means off (the TC path
+        serves new connections; established ones keep their backend, they need no translation)."""
+        from ebpfsvc.datapath import socklb
+
+        try:
+            detached = socklb.detach(self.config.socket_lb_cgroup)
+        except OSError as exc:
+            log.error("cannot detach socket-level load balancing from cgroup %s: %s",
+                      self.config.socket_lb_cgroup, exc)
+            return
+        if detached:
+            log.info("socket-level load balancing off: detached %s from cgroup %s", ", ".join(detached),
+                     self.config.socket_lb_cgroup)
 
     # -- interfaces ------------------------------------------------------------
     def _attach_pod(self, ifindex: int, ifname: str) -> None:

@@ -167,7 +167,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
                       hairpin_address=hairpin_address,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
-                      socket_lb_cgroup=socket_lb_cgroup if socket_lb else None,
+                      socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
                       bind_address_hard_fail=bind_address_hard_fail,

@@ -164,3 +164,24 @@ def test_agent_stop_keeps_serving(lab):
     finally:
         lab.agent("start", "node-1")
     assert cgroups.lab_root(lab.prefix).is_dir()     # removed by `lab down`: the fixture checks
+
+
+def test_turned_off_the_agent_detaches_and_tc_serves(lab):
+    from ebpfsvc.datapath import socklb
+
+    vip, pods = web(lab, "sl-off")
+    config = lab.state.path / agents.CONFIG_FILE
+    on = config.read_text()
+    cg = cgroups.node_cgroup(lab.prefix, "node-1")
+    try:
+        config.write_text(on.replace("socket-lb: true\n", "socket-lb: false\n"))
+        lab.agent("restart", "node-1")
+        wait_for(lambda: not any(socklb.attached(cg).values()), what=f"socket programs gone from {cg}")
+        result = probe(lab, "tcp", vip, 80)
+        assert result["peer"] == [vip, 80] and http_body(result)["pod"] in pods
+        assert [e for e in flows_from(lab, "node-1", lab.pod_ip(CLIENT)) if e.daddr == vip], \
+            "the TC path took the connection (a flow to the new Service's ClusterIP)"
+    finally:
+        config.write_text(on)
+        lab.agent("restart", "node-1")
+    wait_for(lambda: all(socklb.attached(cg).values()), what=f"socket programs back on {cg}")

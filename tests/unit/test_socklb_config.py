@@ -38,7 +38,7 @@ def _run(monkeypatch, *args):
 def test_off_by_default(monkeypatch):
     result, cfg = _run(monkeypatch)
     assert result.exit_code == 0, result.output
-    assert cfg.socket_lb_cgroup is None
+    assert cfg.socket_lb is False and cfg.socket_lb_cgroup is None
 
 
 def test_on_without_a_cgroup_is_one_line(monkeypatch):
