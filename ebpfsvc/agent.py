@@ -75,6 +75,7 @@ class Agent:
                                   on_node=self.telemetry.health.node_changed)
         self.datapath = None
         self.uplink_datapath = None     # bpf/lb_node.c, when there are uplinks
+        self.socket_datapath = None     # bpf/lb_sock.c, with --socket-lb
         self.writer = None
         self.source = None
         self.watcher: InterfaceWatcher | None = None
@@ -155,6 +156,10 @@ class Agent:
         self.telemetry.health.set_fault("programs", None)
         log.info("datapath loaded in %.2fs (compiling and attaching %.2fs; %.2fs since start; pins in %s)",
                  time.monotonic() - t0, time.monotonic() - t1, time.monotonic() - started, cfg.pin_dir)
+        if cfg.socket_lb_cgroup and cfg.socket_lb:
+            self._start_socket_lb()
+        elif cfg.socket_lb_cgroup:
+            self._stop_socket_lb()
 
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
@@ -212,6 +217,38 @@ class Agent:
         self._stopped.wait()
         log.info("stopping; the datapath stays attached")
         self.stop()
+
+    def _start_socket_lb(self) -> None:
+        """Socket-level load balancing on the node's cgroup (docs/socklb.md): the programs share
+        the pinned maps, so the writer feeds them as it feeds TC. They replace a previous run's in
+        place and stay attached when the agent stops, as the TC programs do. If they cannot be
+        attached, the TC path serves every pod as before: logged, not fatal."""
+        from ebpfsvc.datapath import loader, socklb
+
+        cfg = self.config
+        try:
+            self.socket_datapath = socklb.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits))
+            socklb.attach(self.socket_datapath, cfg.socket_lb_cgroup)
+        except Exception as exc:    # noqa: BLE001 - compile, load or attach: the TC path stays
+            log.error("socket-level load balancing not started on cgroup %s: %s (the TC path serves pods)",
+                      cfg.socket_lb_cgroup, exc)
+            return
+        log.info("socket-level load balancing attached to cgroup %s", cfg.socket_lb_cgroup)
+
+    def _stop_socket_lb(self) -> None:
+        """--no-socket-lb on a cgroup a previous run attached to: off means off (the TC path
+        serves new connections; established ones keep their backend, they need no translation)."""
+        from ebpfsvc.datapath import socklb
+
+        try:
+            detached = socklb.detach(self.config.socket_lb_cgroup)
+        except OSError as exc:
+            log.error("cannot detach socket-level load balancing from cgroup %s: %s",
+                      self.config.socket_lb_cgroup, exc)
+            return
+        if detached:
+            log.info("socket-level load balancing off: detached %s from cgroup %s", ", ".join(detached),
+                     self.config.socket_lb_cgroup)
 
     # -- interfaces ------------------------------------------------------------
     def _attach_pod(self, ifindex: int, ifname: str) -> None:

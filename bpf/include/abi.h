@@ -54,6 +54,9 @@
 #ifndef SOURCE_RANGES_MAX
 #define SOURCE_RANGES_MAX 16384       /* (frontend, prefix) pairs of loadBalancerSourceRanges */
 #endif
+#ifndef SOCK_REVNAT_ENTRIES_MAX
+#define SOCK_REVNAT_ENTRIES_MAX 65536 /* LRU: (socket, backend) pairs the socket path translated */
+#endif
 
 /* ---- Backend selection (bpf/lib/lb.h); Python reads them too: ebpfsvc/datapath/flowhash.py
  * predicts a flow's Maglev slot, `ebpfsvc why` walks the probes past terminating backends. ---- */
@@ -293,6 +296,22 @@ struct lb4_src_range_key {
 	__be32 address;
 };
 
+/* Socket-level load balancing (bpf/lb_sock.c): the Service address a socket
+ * asked for, keyed by the socket and the backend it was sent to instead, so that
+ * getpeername() and recvmsg() on that socket show the Service again. */
+struct lb4_sock_key {
+	__u64  cookie;          /* bpf_get_socket_cookie(): unique per socket, never reused */
+	__be32 address;         /* backend address */
+	__be16 port;            /* backend port */
+	__u16  pad0;
+};
+
+struct lb4_sock_revnat {
+	__be32 address;         /* the frontend (ClusterIP) the application named */
+	__be16 port;
+	__u16  pad0;
+};
+
 /* Per-CPU traffic counters (per frontend id, per backend id). */
 struct lb_traffic {
 	__u64 packets;
@@ -307,5 +326,6 @@ ABI_SIZE(lb4_key, 8); ABI_SIZE(lb4_service, 32); ABI_SIZE(lb4_backend, 8); ABI_S
 ABI_SIZE(ct4_key, 16); ABI_SIZE(ct4_entry, 40); ABI_SIZE(lb4_affinity_key, 8); ABI_SIZE(lb_affinity_val, 16);
 ABI_SIZE(frag4_key, 12); ABI_SIZE(frag4_ports, 16); ABI_SIZE(snat4_entry, 8); ABI_SIZE(lb4_src_range_key, 12);
 ABI_SIZE(lb_traffic, 16); ABI_SIZE(lb4_affinity_match_key, 8); ABI_SIZE(lb_service_status, 128);
+ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8);
 
 #endif /* EBPFSVC_ABI_H */

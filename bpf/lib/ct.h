@@ -144,6 +144,21 @@ static __always_inline int ct4_flow_over(const struct ct4_entry *e, const struct
 	       (p->proto == IPPROTO_TCP && ct4_closing(e->flags) && ct4_starts_flow(p));
 }
 
+/*
+ * Is a packet from a backend, found under reply entry `e`, the answer to another
+ * connection than the one `e` translated? A SYN-ACK on a closed flow is: the
+ * client reused the flow's ports for a new connection straight to the backend
+ * (the socket path, lib/sock.h, or plain pod-to-pod traffic), whose SYN never
+ * met this entry; a new connection through the frontend would have replaced
+ * the entry (ct4_flow_over). Translated, that SYN-ACK would come from the
+ * frontend and the client would answer it with a reset.
+ */
+static __always_inline int ct4_reply_of_other_flow(const struct ct4_entry *e, const struct lb4_pkt *p)
+{
+	return p->proto == IPPROTO_TCP && ct4_closing(e->flags) &&
+	       (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK);
+}
+
 /* Look up an entry, treating an expired one as absent. */
 static __always_inline struct ct4_entry *ct4_lookup(struct ct4_key *k, __u64 now)
 {

@@ -355,7 +355,7 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 
 	ct4_key_reply(&rk, &p);
 	e = ct4_lookup(&rk, now);
-	if (!e)
+	if (!e || ct4_reply_of_other_flow(e, &p))
 		return TC_ACT_OK;
 	return lb4_reply_rev_nat(skb, &p, e, bytes, now);
 }

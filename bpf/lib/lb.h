@@ -77,7 +77,7 @@ static __always_inline int lb4_flow_keeps_backend(__u32 id, __u8 proto)
 }
 
 /*
- * Pick a backend for a new flow from the frontend's table.
+ * Pick a backend for a new flow from the frontend's table, at slot `hash` % size.
  *
  * A terminating or not-ready backend gets no new flows while another one is
  * usable: the writer leaves them out of a table (terminating ones unless
@@ -86,8 +86,8 @@ static __always_inline int lb4_flow_keeps_backend(__u32 id, __u8 proto)
  * first one is used (kube-proxy's terminating fallback); a not-ready backend
  * is never a fallback.
  */
-static __always_inline struct lb4_backend *lb4_select_backend(const struct lb4_service *svc,
-							     const struct lb4_pkt *p, __u32 *backend_id)
+static __always_inline struct lb4_backend *lb4_select_backend_by_hash(const struct lb4_service *svc,
+								     __u32 hash, __u32 *backend_id)
 {
 	struct lb4_backend *fallback = 0, *be;
 	__u32 fallback_id = 0, size = svc->maglev_size, slot, idx, i;
@@ -98,7 +98,7 @@ static __always_inline struct lb4_backend *lb4_select_backend(const struct lb4_s
 	if (svc->flags & LB_SVC_F_RANDOM)
 		slot = bpf_get_prandom_u32() % size;
 	else
-		slot = lb4_flow_hash(p) % size;
+		slot = hash % size;
 
 #pragma unroll
 	for (i = 0; i < LB_TERMINATING_PROBES; i++) {
@@ -121,6 +121,15 @@ static __always_inline struct lb4_backend *lb4_select_backend(const struct lb4_s
 	}
 	*backend_id = fallback_id;
 	return fallback;
+}
+
+/* The same for a packet: the slot of its 5-tuple hash. The socket hooks
+ * (lib/sock.h) key the table by something else, since at connect() the source
+ * port may not be chosen yet. */
+static __always_inline struct lb4_backend *lb4_select_backend(const struct lb4_service *svc,
+							     const struct lb4_pkt *p, __u32 *backend_id)
+{
+	return lb4_select_backend_by_hash(svc, (svc->flags & LB_SVC_F_RANDOM) ? 0 : lb4_flow_hash(p), backend_id);
 }
 
 #endif /* EBPFSVC_LB_H */

@@ -63,6 +63,18 @@ def _nodeport_addresses(_ctx, _param, values):
         raise click.BadParameter(str(e), param_hint="--nodeport-addresses") from None
 
 
+def _socket_lb_cgroup(_ctx, _param, value):
+    """--socket-lb-cgroup: an existing cgroup v2 directory below the mount (read from mountinfo)."""
+    if not value:
+        return ""
+    from ebpfsvc.datapath import socklb
+    try:
+        path = socklb.resolve_cgroup(value)
+    except socklb.CgroupError as e:
+        raise click.BadParameter(str(e), param_hint="--socket-lb-cgroup") from None
+    return str(path)
+
+
 def _lifetime_option(flag: str, macro: str, what: str):
     """A --conntrack-*-timeout flag (kube-proxy's): whole seconds as a duration; default abi.h's `macro`."""
     return click.option(flag, default=format_duration(getattr(abi, macro)), show_default=True,
@@ -137,6 +149,12 @@ def _map_limit_options(fn):
 @click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
               help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
                    "docs/northsouth.md); off: always a port of 61000-65535.")
+@click.option("--socket-lb/--no-socket-lb", default=False, show_default=True,
+              help="Translate ClusterIP connections at the socket (connect/sendmsg hooks on --socket-lb-cgroup) "
+                   "instead of every packet at TC (docs/socklb.md). Off by default for now.")
+@click.option("--socket-lb-cgroup", default="", callback=_socket_lb_cgroup,
+              help="cgroup v2 directory whose processes get the socket path (the kubelet's pods' parent), "
+                   "absolute or relative to the cgroup2 mount; never the hierarchy's root.")
 @click.option("--min-sync-period", default=format_duration(0.05), show_default=True, type=Duration(),
               help="Time between syncs, at least (a Go duration like 50ms, or seconds).")
 @click.option("--sync-period", default=format_duration(30.0), show_default=True, type=Duration(positive=True),
@@ -160,13 +178,16 @@ def _map_limit_options(fn):
 @_map_limit_options
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
-          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, min_sync_period, sync_period,
+          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, socket_lb, socket_lb_cgroup,
+          min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
           conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
           conntrack_udp_timeout_stream, **map_limits):
     """Run the node agent: program this node's Service data plane and keep it in sync."""
     from ebpfsvc.datapath.loader import conntrack_limits
 
+    if socket_lb and not socket_lb_cgroup:
+        raise AgentError("--socket-lb: needs --socket-lb-cgroup (the cgroup v2 directory of the node's pods)")
     addrs = tuple(node_addresses)
     node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
                       service_cidr=service_cidr, nodeport_range=service_node_port_range, proxy_name=proxy_name,
@@ -176,6 +197,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
                       hairpin_address=hairpin_address,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
+                      socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
                       bind_address_hard_fail=bind_address_hard_fail,

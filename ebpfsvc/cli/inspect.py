@@ -287,13 +287,15 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
 @click.option("--pin-dir", required=True, help="The agent's pin directory: its maps are unpinned.")
 @click.option("--netns", default=None, help="Network namespace (name under /var/run/netns) to clean; default: this one.")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
-def cleanup(pin_dir, netns, dry_run) -> None:
+@click.option("--socket-lb-cgroup", default=None,
+              help="The agent's --socket-lb-cgroup: detach the socket programs from it too.")
+def cleanup(pin_dir, netns, dry_run, socket_lb_cgroup) -> None:
     """Remove what the agent attached (its TC filters, found by their fixed priority and handle) and
     pinned. Established Service connections stop being translated: run it only with the agent gone."""
     from ebpfsvc.datapath.cleanup import cleanup as do_cleanup
     try:
-        report = do_cleanup(pin_dir, netns=netns, dry_run=dry_run)
-    except (OSError, ValueError) as e:
+        report = do_cleanup(pin_dir, netns=netns, dry_run=dry_run, socket_lb_cgroup=socket_lb_cgroup)
+    except (OSError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e))
     verb = "would remove" if dry_run else "removed"
     for f in report.filters:

@@ -1,6 +1,7 @@
 """The bpf(2) system call, the one place the project calls it directly (bcc covers the rest):
-pinned maps opened by path and read (PinnedMap), program names by id (prog_name), and programs
-run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py).
+pinned maps opened by path and read (PinnedMap), program names by id (prog_name), programs
+run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py), and cgroup
+programs listed and detached (prog_query, prog_detach: datapath/socklb.py).
 
 Pinned BPF maps are opened by path and read with bpf(2): no compiler, no bcc.
 
@@ -34,9 +35,11 @@ from typing import Iterator
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_GET = 7
+BPF_PROG_DETACH = 9
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
 BPF_MAP_LOOKUP_BATCH = 24
 
 BPF_F_RDONLY = 1 << 3
@@ -114,6 +117,37 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     if ret < 0:
         raise OSError(err, os.strerror(err))
     return ret
+
+
+class _AttachAttr(ctypes.Structure):       # BPF_PROG_DETACH
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32)]
+
+
+class _QueryAttr(ctypes.Structure):        # BPF_PROG_QUERY
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32)]
+
+
+def prog_detach(target_fd: int, attach_type: int) -> bool:
+    """Detach the program (attached without BPF_F_ALLOW_MULTI) on `attach_type` of `target_fd`, a
+    cgroup directory's fd; False when none was attached there."""
+    try:
+        _bpf(BPF_PROG_DETACH, _AttachAttr(target_fd=target_fd, attach_type=attach_type))
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        return False
+    return True
+
+
+def prog_query(target_fd: int, attach_type: int, most: int = 64) -> list[int]:
+    """Ids of the programs attached on `attach_type` of `target_fd` itself (a cgroup directory's fd)."""
+    ids = (ctypes.c_uint32 * most)()
+    attr = _QueryAttr(target_fd=target_fd, attach_type=attach_type, prog_ids=ctypes.addressof(ids), prog_cnt=most)
+    _bpf(BPF_PROG_QUERY, attr)
+    return list(ids[:attr.prog_cnt])
 
 
 def _obj_info(fd: int, info: ctypes.Structure) -> None:

@@ -10,6 +10,7 @@ with it, and lo's accept_local, which the agent sets for the node's replies to
 itself, goes back to the kernel's default (0). An XDP program is removed only
 when it is ours by name (ebpfsvc/datapath/uplink.py XDP_PROG_NAME). Pins are
 removed by loader.unpin(), which refuses to delete anything it does not know.
+With --socket-lb-cgroup, the socket programs on that cgroup (datapath/socklb.py) are detached.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def _links(netns) -> list[tuple[int, str]]:
                                                for link in ipr.get_links()])
 
 
-def cleanup(pin_dir, *, netns=None, dry_run: bool = False) -> CleanupReport:
+def cleanup(pin_dir, *, netns=None, dry_run: bool = False, socket_lb_cgroup=None) -> CleanupReport:
+    """`socket_lb_cgroup`: the agent's --socket-lb-cgroup, whose socket programs are detached too
+    (whichever program sits on their hooks: the hooks are the agent's, attached without
+    BPF_F_ALLOW_MULTI, so nothing else can share them)."""
     from ebpfsvc.datapath import loader
 
     from ebpfsvc.datapath import uplink
@@ -72,6 +76,14 @@ def cleanup(pin_dir, *, netns=None, dry_run: bool = False) -> CleanupReport:
         report.filters.append(f"setting {hostpath.LO_SYSCTL}=1 (for the node's own NodePorts; back to 0)")
         if not dry_run:
             hostpath.teardown(netns)
+    if socket_lb_cgroup:
+        from ebpfsvc.datapath import socklb
+
+        cgroup = socklb.resolve_cgroup(socket_lb_cgroup)
+        for hook, ids in socklb.attached(cgroup).items():
+            report.filters += [f"cgroup program {hook} on {cgroup} (prog id {i})" for i in ids]
+        if not dry_run:
+            socklb.detach(cgroup)
     pin_dir = Path(pin_dir)
     if pin_dir.exists():
         report.pins = [str(pin_dir / n) for n in loader.MAPS if (pin_dir / n).exists()]

@@ -69,6 +69,7 @@ class Limits:
     frag_entries: int = _limit("FRAG_ENTRIES_MAX")
     snat_entries: int = _limit("SNAT_ENTRIES_MAX")
     source_ranges: int = _limit("SOURCE_RANGES_MAX")
+    sock_revnat_entries: int = _limit("SOCK_REVNAT_ENTRIES_MAX")
     ct_tcp_syn_s: int = _limit("CT_TIMEOUT_TCP_SYN_S")
     ct_tcp_established_s: int = _limit("CT_TIMEOUT_TCP_ESTABLISHED_S")
     ct_tcp_close_wait_s: int = _limit("CT_TIMEOUT_TCP_CLOSE_WAIT_S")

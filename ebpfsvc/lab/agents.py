@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 
-from ebpfsvc.lab import controlplane, names
+from ebpfsvc.lab import cgroups, controlplane, names
 from ebpfsvc.lab.labfile import LabSpec
 from ebpfsvc.lab.store import State
 
@@ -56,4 +56,7 @@ def command(state: State, spec: LabSpec, node_name: str) -> list[str]:
         if sep and flag in mapped:
             arg = f"{flag}={mapped[flag]}"
         argv.append(arg.replace("$(NODE_NAME)", node.name))
-    return argv + [f"--kubeconfig={paths.agent_kubeconfig(node.name)}"]
+    # The node's cgroup stands for the host's cgroup root: the lab's pods and node processes are
+    # below it (cgroups.py). It is where the socket path attaches when config.yaml turns it on.
+    return argv + [f"--kubeconfig={paths.agent_kubeconfig(node.name)}",
+                   f"--socket-lb-cgroup={cgroups.node_cgroup(state.prefix, node.name)}"]

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebpfsvc.lab import agents, controlplane, kubeproxy, names, network, pods as podlib, probes, processes, rpc
+from ebpfsvc.lab import agents, cgroups, controlplane, kubeproxy, names, network, pods as podlib, probes, processes, rpc
 from ebpfsvc.lab.api import APIError, LabAPI, path_of as api_path
 from ebpfsvc.lab.processes import base_env, spawn
 from ebpfsvc.lab.store import State, api_time, parse_api_time
@@ -373,7 +373,8 @@ class Controller:
                 if "value" in var:
                     env[var["name"]] = str(var["value"])
             log_path = self.state.log_path(names.pod_record(namespace, name))
-            lab["process"] = spawn(argv, netns, log_path, env).to_dict()
+            cgroup = cgroups.pod_cgroup(self.state.prefix, node.name, namespace, name)
+            lab["process"] = spawn(argv, netns, log_path, env, cgroup=cgroup).to_dict()
             lab["log"] = str(log_path)
         status.update({"phase": "Running", "startTime": api_time()})
         status["conditions"] = [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}]
@@ -397,6 +398,7 @@ class Controller:
             node = names.member_netns(self.state.prefix, pod["spec"]["nodeName"])
             network.remove_link(node, lab["hostLink"])
             network.remove_namespace(lab["netns"])
+            cgroups.remove_dir(cgroups.pod_cgroup(self.state.prefix, pod["spec"]["nodeName"], *podlib.key(pod)))
 
     def _probe(self) -> dict:
         targets = {}
@@ -431,6 +433,7 @@ class Controller:
             if processes.alive(rec):
                 return
             names.pin_dir(self.state.prefix, node_name).mkdir(parents=True, exist_ok=True)
+            cgroups.create(cgroups.node_cgroup(self.state.prefix, node_name))   # --socket-lb-cgroup
             argv = agents.command(self.state, self.spec, node_name)
             log_path = self.state.log_path(names.agent_record(node_name))
             env = {**os.environ, **base_env()}   # the lab's caller's environment (see lab.py)

@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from ebpfsvc.datapath import nsenter
-from ebpfsvc.lab import agents as agentlib, controlplane, labfile, names, network, pods as podlib, processes, rpc, teardown
+from ebpfsvc.lab import (agents as agentlib, cgroups, controlplane, labfile, names, network, pods as podlib, processes,
+                         rpc, teardown)
 from ebpfsvc.lab.api import RESOURCES, APIError, LabAPI
 from ebpfsvc.lab.processes import ProcRecord, base_env
 from ebpfsvc.lab.store import State, object_key
@@ -309,24 +310,34 @@ class Lab:
     def external_netns(self, name: str) -> str:
         return names.member_netns(self.prefix, self.spec.external_client(name).name)
 
+    def pod_cgroup(self, ref: str) -> Path:
+        """The pod's cgroup v2 directory, below its node's (cgroups.py): where its processes run."""
+        pod = self.pod(ref)
+        return cgroups.pod_cgroup(self.prefix, pod["spec"]["nodeName"], *podlib.key(pod))
+
+    def host_cgroup(self, node: str) -> Path:
+        return cgroups.host_cgroup(self.prefix, self.spec.node(node).name)
+
     def exec(self, pod: str, argv: list[str], timeout: float = 30.0, **kwargs: Any) -> subprocess.CompletedProcess:
-        """Run argv in the pod's namespace; output captured as text unless told otherwise."""
-        return _run(self.pod_netns(pod), argv, timeout, **kwargs)
+        """Run argv in the pod's namespace and cgroup, as `kubectl exec` runs in the pod's
+        containers; output captured as text unless told otherwise."""
+        return _run(self.pod_netns(pod), argv, timeout, cgroup=self.pod_cgroup(pod), **kwargs)
 
     def node_exec(self, node: str, argv: list[str], timeout: float = 30.0, **kwargs: Any) -> subprocess.CompletedProcess:
-        return _run(self.node_netns(node), argv, timeout, **kwargs)
+        """Run argv in the node's namespace, in the node's cgroup (its own processes)."""
+        return _run(self.node_netns(node), argv, timeout, cgroup=self.host_cgroup(node), **kwargs)
 
     def external_exec(self, name: str, argv: list[str], timeout: float = 30.0,
                       **kwargs: Any) -> subprocess.CompletedProcess:
         return _run(self.external_netns(name), argv, timeout, **kwargs)
 
     def popen(self, pod: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        """Start argv in the pod's namespace and return at once (the caller waits or kills it)."""
-        return _popen(self.pod_netns(pod), argv, **kwargs)
+        """Start argv in the pod's namespace and cgroup and return at once (the caller waits or kills it)."""
+        return _popen(self.pod_netns(pod), argv, cgroup=self.pod_cgroup(pod), **kwargs)
 
     def node_popen(self, node: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        """Start argv in a node's namespace (a hostNetwork process) and return at once."""
-        return _popen(self.node_netns(node), argv, **kwargs)
+        """Start argv in a node's namespace and cgroup (a hostNetwork process) and return at once."""
+        return _popen(self.node_netns(node), argv, cgroup=self.host_cgroup(node), **kwargs)
 
     # -- agents --------------------------------------------------------------------------
 
@@ -350,17 +361,30 @@ class Lab:
         controlplane.wait_ready(self.api, timeout, log_hint=f"; see {self.state.path}/kube-apiserver.log")
 
 
-def _run(netns: str, argv: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
+def _run(netns: str, argv: list[str], timeout: float, cgroup: Path | None = None,
+         **kwargs: Any) -> subprocess.CompletedProcess:
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
     kwargs.setdefault("env", base_env())
-    return subprocess.run(podlib.interpreter(argv), preexec_fn=nsenter.preexec(netns), timeout=timeout,
+    return subprocess.run(podlib.interpreter(argv), preexec_fn=_enter(netns, cgroup), timeout=timeout,
                           check=False, **kwargs)
 
 
-def _popen(netns: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+def _popen(netns: str, argv: list[str], cgroup: Path | None = None, **kwargs: Any) -> subprocess.Popen:
     kwargs.setdefault("env", base_env())
-    return subprocess.Popen(podlib.interpreter(argv), preexec_fn=nsenter.preexec(netns), **kwargs)
+    return subprocess.Popen(podlib.interpreter(argv), preexec_fn=_enter(netns, cgroup), **kwargs)
+
+
+def _enter(netns: str, cgroup: Path | None):
+    """preexec_fn: join `cgroup` (created if needed), then enter `netns`."""
+    enter_netns = nsenter.preexec(netns)
+
+    def enter() -> None:
+        if cgroup is not None:
+            cgroups.join(cgroup)
+        enter_netns()
+
+    return enter
 
 
 def _build(state: State, spec: labfile.LabSpec) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import cgroups
 
 # The package root, so pods and agents can import ebpfsvc whatever their working directory.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -157,12 +158,13 @@ class SpawnError(RuntimeError):
     pass
 
 
-def spawn(argv: list[str], netns: str, log_path: Path, env: dict[str, str]) -> ProcRecord:
+def spawn(argv: list[str], netns: str, log_path: Path, env: dict[str, str], cgroup: Path | None = None) -> ProcRecord:
     """fork + exec `argv` in its own session inside `netns`, output appended to `log_path`.
 
     A plain fork (not subprocess) so that this process stays the parent; safe
     because the controller is single-threaded.  Returns once the exec happened
     (a close-on-exec pipe reports a failure instead), so /proc/PID shows `argv`.
+    `cgroup`: a cgroup v2 directory the child joins first (cgroups.py), as the kubelet's pods do.
     """
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -172,6 +174,8 @@ def spawn(argv: list[str], netns: str, log_path: Path, env: dict[str, str]) -> P
         try:
             os.close(err_r)
             os.setsid()
+            if cgroup is not None:
+                cgroups.join(cgroup)
             nsenter.setns(netns)
             os.dup2(devnull, 0)
             os.dup2(log_fd, 1)

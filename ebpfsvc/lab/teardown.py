@@ -1,8 +1,9 @@
 """`lab down`: remove everything a lab made, also when its controller or a test crashed.
 
 Order matters.  Processes go first (a namespace with a process inside outlives
-its /run/netns file, with its veths), then namespaces (pods before nodes before
-the fabric), then BPF pins, and the state dir last: it is the registry of what
+its /run/netns file, with its veths; a cgroup with one cannot be removed), then
+namespaces (pods before nodes before the fabric), then BPF pins and the lab's
+cgroups (cgroups.py), and the state dir last: it is the registry of what
 to remove, so a `lab down` interrupted half-way can simply be run again.
 
 Only processes the lab started are signalled: those with a matching pid record
@@ -16,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from ebpfsvc.datapath import nsenter
-from ebpfsvc.lab import names, network, processes, rpc
+from ebpfsvc.lab import cgroups, names, network, processes, rpc
 from ebpfsvc.lab.pods import process as pod_process
 from ebpfsvc.lab.store import State
 
@@ -38,6 +39,7 @@ def down(prefix: str, root: Path | None = None) -> bool:
             log.warning("cannot remove namespace %s: %s", name, exc)
     if pins.exists():
         shutil.rmtree(pins)
+    cgroups.remove(prefix)      # empty now; the socket programs attached to them go with them
     state.remove()
     return True
 

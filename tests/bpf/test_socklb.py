@@ -1,0 +1,300 @@
+"""Socket-level load balancing (bpf/lb_sock.c): real sockets in namespaces and a cgroup.
+
+BPF_PROG_TEST_RUN does not run cgroup sock_addr programs (this kernel, 6.18,
+answers ENOTSUPP: the first test shows it), so these tests make real
+connect(), sendto(), recvfrom() and getpeername() calls from a process in a
+cgroup of the test's own, under the cgroup2 mount:
+
+    node namespace  <prefix>-node: the pod veths' host sides, with the TC
+                    programs (from_pod/to_pod) attached as the agent does
+    pods            <prefix>-cli (client), <prefix>-b1, <prefix>-b2 (backends)
+    cgroup          <cgroup2>/ebpfsvc-<prefix>/node-1, socket programs attached;
+                    the client process joins .../node-1/pods/default_cli
+
+The maps are filled only through the real MapWriter, shared by both paths. A
+client outside the node's cgroup shows the TC path still serving the same Service.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from ebpfsvc.datapath import loader, socklb, tc
+from ebpfsvc.datapath.testrun import prog_test_run
+from ebpfsvc.datapath.writer import MapWriter
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import cgroups, network
+from ebpfsvc.lbmodel import Protocol
+
+from .conftest import TEST_LIMITS
+from .packets import CLIENT as FIXTURE_CLIENT, HAIRPIN, OK, Case, be, check, expected_backend, from_pod, frontend, \
+    state, tcp, to_pod
+
+pytestmark = pytest.mark.root
+
+VIP, EMPTY_VIP, LOCAL_VIP, STICKY_VIP = "198.19.0.10", "198.19.0.11", "198.19.0.12", "198.19.0.13"
+CLIENT, B1, B2 = "198.18.1.5", "198.18.2.1", "198.18.2.2"
+GATEWAY = ipaddress.IPv4Address(HAIRPIN)
+NAMES = {B1: "b1", B2: "b2"}
+ENOTSUPP = 524      # the kernel's own errno for "operation not supported" (no Python name)
+
+class Servers:
+    """A TCP and a UDP server in each backend pod, answering with the pod's name."""
+
+    def __init__(self, netns_of: dict[str, str]):
+        self.sockets = []
+        self.threads = []
+        for addr, ns in netns_of.items():
+            tcp_sock = nsenter.socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+            tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp_sock.bind((addr, 8080))
+            tcp_sock.listen(16)
+            udp_sock = nsenter.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+            udp_sock.bind((addr, 5353))
+            self.sockets += [tcp_sock, udp_sock]
+            for target, s in ((self._tcp, tcp_sock), (self._udp, udp_sock)):
+                t = threading.Thread(target=target, args=(s, NAMES[addr]), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    @staticmethod
+    def _tcp(s, name):
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(3)
+                try:
+                    conn.recv(4096)         # the probe's request
+                    conn.sendall(name.encode())
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _udp(s, name):
+        while True:
+            try:
+                _, src = s.recvfrom(64)
+                if src is None:             # shut down
+                    return
+                s.sendto(name.encode(), src)
+            except OSError:
+                return
+
+    def close(self):
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for t in self.threads:
+            t.join(timeout=2)
+
+
+@pytest.fixture
+def node(unique_prefix, pin_dir):
+    """The node namespace with three pods, TC programs on their veths, socket programs on
+    the node's cgroup; maps written by MapWriter. Everything removed afterwards."""
+    node_ns = f"{unique_prefix}-node"
+    pods = {CLIENT: f"{unique_prefix}-cli", B1: f"{unique_prefix}-b1", B2: f"{unique_prefix}-b2"}
+    made: list[str] = []
+    pod_dp = sock_dp = servers = None
+    node_cg = cgroups.node_cgroup(unique_prefix, "node-1")
+    try:
+        network.create_namespace(node_ns, forwarding=True)
+        made.append(node_ns)
+        network.add_pod_gateway(node_ns, GATEWAY)
+        pod_dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False)
+        sock_dp = socklb.load(pin_dir, limits=TEST_LIMITS, cache=False)
+        for i, (addr, ns) in enumerate(pods.items()):
+            network.create_namespace(ns)
+            made.append(ns)
+            link = f"lxc{unique_prefix[2:]}{i}"
+            network.add_pod(node_ns, ns, link, addr, GATEWAY)
+            idx = nsenter.run_in(node_ns, lambda link=link: socket.if_nametoindex(link))
+            tc.attach(idx, pod_dp.programs["from_pod"].fd, "from_pod", tc.INGRESS, netns=node_ns)
+            tc.attach(idx, pod_dp.programs["to_pod"].fd, "to_pod", tc.EGRESS, netns=node_ns)
+        cgroups.create(node_cg)
+        socklb.attach(sock_dp, node_cg)
+        servers = Servers({B1: pods[B1], B2: pods[B2]})
+        MapWriter(pod_dp.maps).apply(state(
+            frontend(VIP, 80, [be(B1), be(B2)]),
+            frontend(VIP, 53, [be(B1, 5353, Protocol.UDP), be(B2, 5353, Protocol.UDP)], proto=Protocol.UDP,
+                     name="dns"),
+            frontend(EMPTY_VIP, 80, [], name="empty"),
+            frontend(EMPTY_VIP, 53, [], proto=Protocol.UDP, name="empty-dns"),
+            frontend(LOCAL_VIP, 80, [], name="local", local_only=True),
+            frontend(STICKY_VIP, 80, [be(B1), be(B2)], name="sticky", affinity_timeout=60),
+        ))
+        yield _Node(unique_prefix, pods[CLIENT], node_cg, pod_dp, sock_dp)
+    finally:
+        if servers:
+            servers.close()
+        socklb.detach(node_cg)
+        cgroups.remove(unique_prefix)
+        for ns in reversed(made):
+            network.remove_namespace(ns)
+        for dp in (sock_dp, pod_dp):
+            if dp:
+                dp.close()
+
+
+class _Node:
+    def __init__(self, prefix, client_ns, node_cg, pod_dp, sock_dp):
+        self.prefix, self.client_ns, self.cgroup = prefix, client_ns, node_cg
+        self.pod_dp, self.sock_dp = pod_dp, sock_dp
+
+    def client(self, op, addr, port, *, in_cgroup=True) -> dict:
+        """One client operation (ebpfsvc/lab/sockprobe.py) in the client pod, a process in the
+        node's cgroup or outside it."""
+        cg = cgroups.pod_cgroup(self.prefix, "node-1", "default", "cli") if in_cgroup else None
+        ns = self.client_ns
+
+        def enter():
+            if cg is not None:
+                cgroups.join(cg)
+            nsenter.setns(ns)
+
+        out = subprocess.run([sys.executable, "-m", "ebpfsvc.lab.sockprobe", op, addr, str(port)], preexec_fn=enter,
+                             capture_output=True, text=True, timeout=20, check=True)
+        return json.loads(out.stdout)
+
+    def flows(self) -> int:
+        return len(list(self.pod_dp.maps["ct4"].keys()))
+
+
+def test_prog_test_run_does_not_run_sock_addr_programs(node):
+    # Why these tests use real sockets: the kernel refuses to test-run this program type.
+    with pytest.raises(OSError) as exc:
+        prog_test_run(node.sock_dp.programs["connect4"].fd, bytes(64))
+    assert exc.value.errno == ENOTSUPP
+
+
+def test_programs_attached_to_the_node_cgroup_only(node):
+    ids = socklb.attached(node.cgroup)
+    assert set(ids) == set(socklb.HOOKS) and all(len(v) == 1 for v in ids.values())
+    assert all(v == [] for v in socklb.attached(node.cgroup.parent).values())
+
+
+def test_tcp_connect_is_translated_at_the_socket(node):
+    seen = set()
+    for _ in range(12):
+        out = node.client("tcp", VIP, 80)
+        assert "errno" not in out, out
+        assert out["peer"] == [VIP, 80], "getpeername shows the Service, not the backend"
+        seen.add(out["data"])
+    assert seen == {"b1", "b2"}, "sockets spread over both backends by the Maglev table"
+    assert node.flows() == 0, "the TC path saw backend addresses only: no conntrack entry"
+    assert len(list(node.sock_dp.maps["lb4_sock_revnat"].keys())) == 12
+
+
+def test_empty_service_refused_at_connect(node):
+    assert node.client("tcp", EMPTY_VIP, 80) == {"errno": "ECONNREFUSED"}
+    assert node.client("udp-connected", EMPTY_VIP, 53) == {"errno": "ECONNREFUSED"}
+    assert node.flows() == 0
+
+
+def test_local_policy_without_local_endpoint_left_to_tc_which_drops(node):
+    # internalTrafficPolicy Local, no endpoint on this node: kube-proxy drops, so the socket
+    # path does not refuse; the SYN reaches the TC path, which drops it, and connect() times out.
+    assert node.client("tcp", LOCAL_VIP, 80) == {"errno": "TimeoutError"}
+
+
+def test_udp_unconnected_sendto_and_recvfrom_show_the_service(node):
+    seen = set()
+    for _ in range(8):
+        out = node.client("udp", VIP, 53)
+        assert "errno" not in out, out
+        assert out["src"] == [VIP, 53], "recvfrom shows the Service as the reply's source"
+        seen.add(out["data"])
+    assert seen <= {"b1", "b2"} and seen
+    assert node.flows() == 0
+
+
+def test_udp_connected(node):
+    out = node.client("udp-connected", VIP, 53)
+    assert out.get("data") in ("b1", "b2"), out
+    assert out["peer"] == [VIP, 53] and out["src"] == [VIP, 53]
+    assert node.flows() == 0
+
+
+def test_client_ip_affinity_stays_with_the_tc_path(node):
+    # The socket hooks cannot key affinity by a client address an unbound socket does not have:
+    # they leave such a Service to TC, whose affinity entry then holds for every connection.
+    answers = set()
+    for _ in range(6):
+        out = node.client("tcp", STICKY_VIP, 80)
+        assert out["peer"] == [STICKY_VIP, 80], out
+        answers.add(out["data"])
+    assert len(answers) == 1
+    assert node.flows() >= 2 and len(list(node.sock_dp.maps["lb4_sock_revnat"].keys())) == 0
+    assert [k.client_addr for k in node.pod_dp.maps["lb4_affinity"].keys()] == [loader.be32(CLIENT)]
+
+
+def test_client_outside_the_node_cgroup_still_served_by_tc(node):
+    out = node.client("tcp", VIP, 80, in_cgroup=False)
+    assert out.get("data") in ("b1", "b2") and out["peer"] == [VIP, 80], out
+    assert node.flows() == 2, "forward and reply entries of the TC path's flow"
+    assert len(list(node.sock_dp.maps["lb4_sock_revnat"].keys())) == 0
+
+
+def test_detach_leaves_no_program(node):
+    assert sorted(socklb.detach(node.cgroup)) == sorted(socklb.HOOKS)
+    assert all(v == [] for v in socklb.attached(node.cgroup).values())
+    assert socklb.detach(node.cgroup) == []
+    out = node.client("tcp", VIP, 80)       # the TC path takes over
+    assert out["peer"] == [VIP, 80] and node.flows() == 2
+
+
+def test_cleanup_detaches_the_socket_programs(node, pin_dir):
+    from ebpfsvc.inspect.cleanup import cleanup
+
+    report = cleanup(pin_dir, netns=f"{node.prefix}-node", dry_run=True, socket_lb_cgroup=node.cgroup)
+    assert sorted(f.split()[2] for f in report.filters if f.startswith("cgroup program")) == sorted(socklb.HOOKS)
+    assert all(socklb.attached(node.cgroup).values()), "a dry run detaches nothing"
+    cleanup(pin_dir, netns=f"{node.prefix}-node", socket_lb_cgroup=node.cgroup)
+    assert all(v == [] for v in socklb.attached(node.cgroup).values())
+    assert not pin_dir.exists()
+
+
+def test_the_cgroup2_root_is_refused(node):
+    with pytest.raises(socklb.CgroupError, match="cgroup2 root"):
+        socklb.attach(node.sock_dp, socklb.cgroup2_mount())
+
+
+# ---- the TC path meets a socket-path connection on a finished flow's ports (BPF_PROG_TEST_RUN) ----
+
+def test_syn_ack_on_a_closed_flow_is_not_translated(datapath, writer):
+    """A client's connection through the TC path closes; the client then connects straight to
+    the backend (socket path) from the same port. The backend's SYN-ACK meets the closed flow's
+    reply entry in to_pod: it must reach the client untranslated, or the client resets it."""
+    web = frontend(VIP, 80, [be(B1), be(B2)])
+    writer.apply(state(web))
+    b = expected_backend(web, FIXTURE_CLIENT, 40000)
+    check(datapath, Case("SYN to the Service", "from_pod", from_pod(tcp(FIXTURE_CLIENT, VIP, 40000, 80, "S")), OK,
+                         from_pod(tcp(FIXTURE_CLIENT, b, 40000, 8080, "S"))))
+    check(datapath, Case("its SYN-ACK: from the Service", "to_pod", to_pod(tcp(b, FIXTURE_CLIENT, 8080, 40000, "SA")),
+                         OK, to_pod(tcp(VIP, FIXTURE_CLIENT, 80, 40000, "SA"))))
+    check(datapath, Case("client RST closes it", "from_pod", from_pod(tcp(FIXTURE_CLIENT, VIP, 40000, 80, "R")), OK,
+                         from_pod(tcp(FIXTURE_CLIENT, b, 40000, 8080, "R"))))
+    check(datapath, Case("SYN straight to the backend: not a Service packet", "from_pod",
+                         from_pod(tcp(FIXTURE_CLIENT, b, 40000, 8080, "S", seq=5000)), OK))
+    check(datapath, Case("its SYN-ACK passes untranslated", "to_pod",
+                         to_pod(tcp(b, FIXTURE_CLIENT, 8080, 40000, "SA", seq=9000, ack=5001)), OK))
+    # A new connection through the Service on the same ports is translated again.
+    check(datapath, Case("new SYN to the Service", "from_pod",
+                         from_pod(tcp(FIXTURE_CLIENT, VIP, 40000, 80, "S", seq=7000)), OK,
+                         from_pod(tcp(FIXTURE_CLIENT, b, 40000, 8080, "S", seq=7000))))
+    check(datapath, Case("its SYN-ACK: from the Service", "to_pod",
+                         to_pod(tcp(b, FIXTURE_CLIENT, 8080, 40000, "SA", seq=9500, ack=7001)), OK,
+                         to_pod(tcp(VIP, FIXTURE_CLIENT, 80, 40000, "SA", seq=9500, ack=7001))))
