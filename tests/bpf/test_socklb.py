@@ -257,7 +257,7 @@ def test_detach_leaves_no_program(node):
 
 
 def test_cleanup_detaches_the_socket_programs(node, pin_dir):
-    from ebpfsvc.inspect.cleanup import cleanup
+    from ebpfsvc.datapath.cleanup import cleanup
 
     report = cleanup(pin_dir, netns=f"{node.prefix}-node", dry_run=True, socket_lb_cgroup=node.cgroup)
     assert sorted(f.split()[2] for f in report.filters if f.startswith("cgroup program")) == sorted(socklb.HOOKS)
