@@ -25,10 +25,12 @@ cost of what changed in between, and says which frontends changed (LBDelta) for 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s.endpointmerge import Endpoint
 from ebpfsvc.k8s.fields import Problem
@@ -37,6 +39,9 @@ from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints
 from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, LBState, Scope,
                              ServicePortName)
 from ebpfsvc.tracker import ClusterSnapshot, ServiceKey
+
+# Builds that recompute more Services than this pause the cycle collector (ebpfsvc.heap).
+_BULK_SERVICES = 256
 
 # The field a frontend comes from, to name it when two Services collide.
 _KIND_FIELD = {
@@ -140,8 +145,10 @@ class DesiredStateBuilder:
         # sorted either way: the first claim of a key is the full computation's winner).
         todo = sorted(todo)
         touched: set[FrontendKey] = set()
-        for key in todo:
-            self._update_service(snapshot, zone, key, touched)
+        # A full build makes the whole state at once: no cycle collection meanwhile (ebpfsvc.heap).
+        with heap.bulk() if len(todo) > _BULK_SERVICES else contextlib.nullcontext():
+            for key in todo:
+                self._update_service(snapshot, zone, key, touched)
         changed: set[FrontendKey] = set()
         conflicts_touched = False
         for fkey in touched:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Generic, Hashable, Mapping, TypeVar
 
+from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s.endpointmerge import Endpoint, merge_endpoint_slices
 from ebpfsvc.k8s.endpoints import Endpoints, parse_endpoints
@@ -166,7 +167,7 @@ class ClusterState:
 
     def on_relist(self, kind: str, objects: list[dict[str, Any]]) -> None:
         new_problems: list[Problem] = []
-        with self._cond:
+        with self._cond, heap.bulk():
             if self._known(kind):
                 seen = {object_key(kind, obj) for obj in objects}
                 for obj in objects:
