@@ -52,3 +52,13 @@ def test_empty_batches_touch_nothing():
     batch.update_batch(t, [])
     batch.delete_batch(t, [])
     assert batch.read_u32_array(t, 0).size == 0 and dict(t) == {}
+
+
+def test_records_and_zeroed_ids_fall_back_per_entry():
+    t = FakeTable()
+    batch.update_records(t, [1, 2], [10, 20])
+    assert dict(t) == {1: 10, 2: 20}
+    batch.zero_percpu_ids(t, [2, 3])
+    assert dict(t) == {1: 10, 2: 0, 3: 0}
+    batch.update_records(t, [], [])
+    assert dict(t) == {1: 10, 2: 0, 3: 0}
