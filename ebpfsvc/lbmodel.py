@@ -18,7 +18,9 @@ set operations.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -33,7 +35,10 @@ class Protocol(str, enum.Enum):
     @property
     def number(self) -> int:
         """IANA protocol number, as in the IP header."""
-        return {"TCP": 6, "UDP": 17, "SCTP": 132}[self.value]
+        return _PROTOCOL_NUMBERS[self._value_]
+
+
+_PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
 
 class Scope(enum.IntEnum):
@@ -101,10 +106,12 @@ class Backend:
     node: str = ""          # endpoint nodeName, for display
     zone: str = ""
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
-        """Stable name Maglev sorts and hashes by, so every node builds the same table."""
-        return f"{self.address}:{self.port}/{self.protocol.value}"
+        """Stable name Maglev sorts and hashes by, so every node builds the same table.  Computed
+        once per object (desired state sorts by it, the writer hashes it): the dotted quad by
+        inet_ntoa, as str(IPv4Address) writes it, in C."""
+        return f"{socket.inet_ntoa(self.address.packed)}:{self.port}/{self.protocol._value_}"
 
 
 def table_backends(backends: Iterable[Backend]) -> list[Backend]:

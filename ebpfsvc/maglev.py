@@ -81,6 +81,7 @@ def next_prime(n: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=4096, typed=True)     # typed: table_size(True) must still refuse
 def table_size(backend_count: int) -> int:
     """Prime table size M for N backends; 0 for N == 0.
 

@@ -23,6 +23,7 @@ Thread-safe: sources call in from their own threads, the agent takes snapshots.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -223,7 +224,9 @@ class ClusterState:
             for prev, cur in self._slices.take().values():
                 dirty.update(s.service_key for s in (prev, cur) if s is not None and s.service_key)
             dirty.update(self._endpoints_objs.take())
-            remerged = {svc for svc in dirty if self._remerge(svc)}
+            # After a relist every Service is remerged: no cycle collection meanwhile (ebpfsvc.heap).
+            with heap.bulk() if len(dirty) > 256 else contextlib.nullcontext():
+                remerged = {svc for svc in dirty if self._remerge(svc)}
             changed = services_changed | remerged
             views = self._views
             if services_changed or "services" not in views:

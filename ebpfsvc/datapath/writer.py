@@ -618,7 +618,8 @@ def _frontend_want(fe: Frontend) -> _FeWant:
         # frontend is so in all of them (not ready only if so in all: _count).
         be_flags[bkey] = be_flags.get(bkey, 0) | flags
         unique.setdefault(bkey, b)
-    table = sorted((b.name, _backend_key(b)) for b in table_backends(unique.values()))
+    keys = {id(b): k for k, b in unique.items()}
+    table = sorted((b.name, keys[id(b)]) for b in table_backends(unique.values()))
     return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags,
                    tuple(n for n, _ in table), tuple(k for _, k in table), maglev.table_size(len(table)))
 

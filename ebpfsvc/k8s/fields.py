@@ -15,6 +15,7 @@ the last good version in force.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
@@ -59,7 +60,9 @@ class Fields:
     def __init__(self, data: Any, path: str = ""):
         if data is None:
             data = {}
-        if not isinstance(data, Mapping):
+        # A dict (what every source hands in) first: the Mapping check goes through the ABC
+        # machinery, a microsecond per object at 100,000 endpoints.
+        if type(data) is not dict and not isinstance(data, Mapping):
             raise Invalid(path, f"must be an object, not {_describe(data)}")
         self._data = data
         self.path = path
@@ -148,7 +151,12 @@ def _parse_text(value: Any, path: str, parse: Callable[[str], Any], what: str) -
 
 def parse_ip(value: Any, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IP address of either family (callers decide what IPv6 means for them)."""
-    return _parse_text(value, path, ipaddress.ip_address, "an IP address")
+    return _parse_text(value, path, _ip_address, "an IP address")
+
+
+# Endpoint addresses come again with every change of their slice (a slice is re-read whole):
+# parsed once, and equal addresses share one object.
+_ip_address = functools.lru_cache(maxsize=1 << 18)(ipaddress.ip_address)
 
 
 def parse_ipv4(value: Any, path: str) -> ipaddress.IPv4Address:
