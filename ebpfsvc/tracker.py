@@ -53,6 +53,46 @@ T = TypeVar("T")
 REQUIRED_KINDS = frozenset({"Service", "EndpointSlice"})
 
 
+_GONE = object()        # an Overlay's "deleted" value
+_OVERLAY_MAX = 1024     # changed entries an Overlay carries before a new base is copied
+
+
+class Overlay(Mapping):
+    """A read-only mapping: `base` with `changes` on top (a change to _GONE deletes).  Neither is
+    changed after it was handed in; lookups cost two dict probes."""
+
+    __slots__ = ("_base", "_changes")
+
+    def __init__(self, base: Mapping, changes: dict):
+        self._base, self._changes = base, changes
+
+    def __getitem__(self, key):
+        value = self._changes.get(key, self)
+        if value is self:
+            return self._base[key]
+        if value is _GONE:
+            raise KeyError(key)
+        return value
+
+    def get(self, key, default=None):
+        value = self._changes.get(key, self)
+        if value is self:
+            return self._base.get(key, default)
+        return default if value is _GONE else value
+
+    def __contains__(self, key) -> bool:
+        value = self._changes.get(key, self)
+        return key in self._base if value is self else value is not _GONE
+
+    def __iter__(self):
+        changes = self._changes
+        yield from (k for k in self._base if k not in changes)
+        yield from (k for k, v in changes.items() if v is not _GONE)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """An immutable view of the cluster for one desired-state computation."""
@@ -135,6 +175,11 @@ class ClusterState:
         self._slices_by_service: dict[ServiceKey, set[Hashable]] = {}
         self._merged: dict[ServiceKey, dict[ServicePortName, tuple[Endpoint, ...]]] = {}
         self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        # What snapshots hand out for the endpoints: a base copy, shared and never changed again,
+        # plus the service ports remerged since it was taken (an Overlay), so one endpoint change
+        # costs its own entries and not a copy of every Service's.
+        self._endpoints_base: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        self._endpoints_since: set[ServicePortName] = set()
         self._problems: dict[tuple[str, str, str], Problem] = {}
         self._synced_kinds: set[str] = set()
         self._sync_news = False          # `synced` became true and no snapshot has shown it yet
@@ -232,7 +277,7 @@ class ClusterState:
             if services_changed or "services" not in views:
                 views["services"] = MappingProxyType(dict(self._services.current))
             if remerged or "endpoints" not in views:
-                views["endpoints"] = MappingProxyType(dict(self._endpoints))
+                views["endpoints"] = self._endpoints_view()
             if self._nodes.take() or "nodes" not in views:
                 views["nodes"] = MappingProxyType({key[1]: n for key, n in self._nodes.current.items()})
             if self._service_cidrs.take() or "service_cidrs" not in views:
@@ -301,6 +346,17 @@ class ClusterState:
                 self._slices_by_service.setdefault(obj.service_key, set()).add(key)
         self._trackers[kind].update(key, obj)
 
+    def _endpoints_view(self) -> Mapping[ServicePortName, tuple[Endpoint, ...]]:
+        since = self._endpoints_since
+        if len(since) > max(_OVERLAY_MAX, len(self._endpoints_base) // 8):
+            # A new base now and then: its copy costs the same as the overlays it saves, at most 8 per change.
+            self._endpoints_base = dict(self._endpoints)
+            since.clear()
+        if not since:
+            return MappingProxyType(self._endpoints_base)
+        current = self._endpoints
+        return Overlay(self._endpoints_base, {spn: current.get(spn, _GONE) for spn in since})
+
     def _remerge(self, svc: ServiceKey) -> bool:
         """Recompute a Service's endpoints; True if they changed."""
         slice_keys = self._slices_by_service.get(svc)
@@ -318,6 +374,8 @@ class ClusterState:
         for spn in old:
             self._endpoints.pop(spn, None)
         self._endpoints.update(merged)
+        self._endpoints_since.update(old)
+        self._endpoints_since.update(merged)
         if merged:
             self._merged[svc] = merged
         else:
