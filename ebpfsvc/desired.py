@@ -28,7 +28,7 @@ import bisect
 import contextlib
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
@@ -38,7 +38,7 @@ from ebpfsvc.k8s.service import Service, ServicePort, TrafficPolicy
 from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints
 from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, LBState, Scope,
                              ServicePortName)
-from ebpfsvc.tracker import ClusterSnapshot, ServiceKey
+from ebpfsvc.tracker import ClusterSnapshot, ServiceKey, overlay_view
 
 # Builds that recompute more Services than this pause the cycle collector (ebpfsvc.heap).
 _BULK_SERVICES = 256
@@ -113,6 +113,10 @@ class DesiredStateBuilder:
         self._services: dict[ServiceKey, tuple[Service, tuple[_PortResult, ...]]] = {}
         self._claims: dict[FrontendKey, list[_Claim]] = {}
         self._frontends: dict[FrontendKey, Frontend] = {}          # the winning claim per key
+        # What results hand out (LBState.frontends): a base copy, never changed once handed out,
+        # plus the keys changed since (tracker.Overlay): one change costs its keys, not a copy.
+        self._frontends_base: dict[FrontendKey, Frontend] = {}
+        self._frontends_since: set[FrontendKey] = set()
         self._conflicts: dict[FrontendKey, tuple[Problem, ...]] = {}
 
     @property
@@ -178,10 +182,15 @@ class DesiredStateBuilder:
             return last
         conflicts = (tuple(sorted({p for ps in self._conflicts.values() for p in ps}))
                      if conflicts_touched or last is None else last.conflicts)
-        state = LBState(dict(self._frontends)) if changed or last is None else last.state
+        state = LBState(self._frontends_view(changed)) if changed or last is None else last.state
         delta = LBDelta(last.state, frozenset(changed)) if last is not None else None
         self._result = DesiredState(state, conflicts, delta)
         return self._result
+
+    def _frontends_view(self, changed: set[FrontendKey]) -> Mapping[FrontendKey, Frontend]:
+        self._frontends_since |= changed
+        view, self._frontends_base = overlay_view(self._frontends_base, self._frontends, self._frontends_since)
+        return view
 
     def _differing(self, snapshot: ClusterSnapshot) -> set[ServiceKey]:
         """Services whose object or endpoints differ from what the last build used (or that came or went)."""

@@ -93,6 +93,20 @@ class Overlay(Mapping):
         return sum(1 for _ in self)
 
 
+def overlay_view(base: dict, current: dict, since: set) -> tuple[Mapping, dict]:
+    """`current` as a mapping to hand out, without copying it each time: `base` (a copy taken
+    earlier, never changed once handed out) with the keys in `since` (changed after it) on top.
+    When the changes outgrow an eighth of the base, a new base is copied and `since` emptied, so
+    a change costs at most about eight of its own entries.  Returns (mapping, the base to keep);
+    the mapping is the base itself when nothing changed since."""
+    if len(since) > max(_OVERLAY_MAX, len(base) // 8):
+        base = dict(current)
+        since.clear()
+    if not since:
+        return base, base
+    return Overlay(base, {k: current.get(k, _GONE) for k in since}), base
+
+
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """An immutable view of the cluster for one desired-state computation."""
@@ -347,15 +361,8 @@ class ClusterState:
         self._trackers[kind].update(key, obj)
 
     def _endpoints_view(self) -> Mapping[ServicePortName, tuple[Endpoint, ...]]:
-        since = self._endpoints_since
-        if len(since) > max(_OVERLAY_MAX, len(self._endpoints_base) // 8):
-            # A new base now and then: its copy costs the same as the overlays it saves, at most 8 per change.
-            self._endpoints_base = dict(self._endpoints)
-            since.clear()
-        if not since:
-            return MappingProxyType(self._endpoints_base)
-        current = self._endpoints
-        return Overlay(self._endpoints_base, {spn: current.get(spn, _GONE) for spn in since})
+        view, self._endpoints_base = overlay_view(self._endpoints_base, self._endpoints, self._endpoints_since)
+        return MappingProxyType(view) if view is self._endpoints_base else view
 
     def _remerge(self, svc: ServiceKey) -> bool:
         """Recompute a Service's endpoints; True if they changed."""
