@@ -18,7 +18,6 @@ set operations.
 from __future__ import annotations
 
 import enum
-import functools
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -106,12 +105,16 @@ class Backend:
     node: str = ""          # endpoint nodeName, for display
     zone: str = ""
 
-    @functools.cached_property
+    @property
     def name(self) -> str:
         """Stable name Maglev sorts and hashes by, so every node builds the same table.  Computed
-        once per object (desired state sorts by it, the writer hashes it): the dotted quad by
-        inet_ntoa, as str(IPv4Address) writes it, in C."""
-        return f"{socket.inet_ntoa(self.address.packed)}:{self.port}/{self.protocol._value_}"
+        once per object (desired state sorts by it, the writer hashes it; functools.cached_property
+        takes a lock per read), the dotted quad by inet_ntoa, as str(IPv4Address) writes it, in C."""
+        name = self.__dict__.get("_name")
+        if name is None:
+            name = f"{socket.inet_ntoa(self.address.packed)}:{self.port}/{self.protocol._value_}"
+            object.__setattr__(self, "_name", name)     # a cache, not a field: eq, hash, repr ignore it
+        return name
 
 
 def table_backends(backends: Iterable[Backend]) -> list[Backend]:

@@ -277,15 +277,15 @@ class ClusterState:
 
     def snapshot(self) -> ClusterSnapshot:
         """The current state; also marks every change so far as seen (see wait_changed)."""
-        with self._cond:
+        with self._cond, (heap.bulk() if self._slices.pending_count + self._services.pending_count > 256
+                          else contextlib.nullcontext()):
+            # After a relist every Service is remerged: no cycle collection meanwhile (ebpfsvc.heap).
             services_changed = set(self._services.take())
             dirty: set[ServiceKey] = set()
             for prev, cur in self._slices.take().values():
                 dirty.update(s.service_key for s in (prev, cur) if s is not None and s.service_key)
             dirty.update(self._endpoints_objs.take())
-            # After a relist every Service is remerged: no cycle collection meanwhile (ebpfsvc.heap).
-            with heap.bulk() if len(dirty) > 256 else contextlib.nullcontext():
-                remerged = {svc for svc in dirty if self._remerge(svc)}
+            remerged = {svc for svc in dirty if self._remerge(svc)}
             changed = services_changed | remerged
             views = self._views
             if services_changed or "services" not in views:

@@ -176,6 +176,7 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
             if i + 1 < full_repeats:
                 writer.apply(LBState())
                 del writer, state, builder
+                gc.unfreeze()       # heap.bulk froze that state: let this collection free it
                 gc.collect()
         out["full"] = {stage: _spread([f[stage] for f in fulls])
                        for stage in ("total", "cpu", "ingest", "desired", "apply")}

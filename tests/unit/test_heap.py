@@ -54,3 +54,14 @@ def test_bulk_restores_the_collector_when_the_block_raises():
     except KeyError:
         pass
     assert gc.isenabled()
+
+
+def test_what_a_bulk_section_made_is_frozen_when_it_ends():
+    gc.unfreeze()
+    try:
+        with heap.bulk():
+            made = [[i] for i in range(1000)]
+        assert gc.get_freeze_count() >= 1000 and gc.isenabled()
+        assert all(not any(o is m for o in gc.get_objects()) for m in made[:3])
+    finally:
+        gc.unfreeze()
