@@ -117,7 +117,16 @@ def name_hashes(name: str) -> tuple[int, int]:
     """The two 64-bit hashes of a backend name, before reduction to a table size: a backend's
     offset and skip in a table of size M are these modulo M and M - 1 (+1).  Cached: a backend
     is in several tables (one per frontend) and every rebuild of its Service's tables."""
-    return _hash64(name, _OFFSET_PERSON), _hash64(name, _SKIP_PERSON)
+    data = name.encode("utf-8")
+    # Copies of two keyed-up hashers: the same digests as new blake2b objects, at half the cost.
+    off, skip = _OFFSET_HASHER.copy(), _SKIP_HASHER.copy()
+    off.update(data)
+    skip.update(data)
+    return int.from_bytes(off.digest(), "little"), int.from_bytes(skip.digest(), "little")
+
+
+_OFFSET_HASHER = hashlib.blake2b(digest_size=8, person=_OFFSET_PERSON)
+_SKIP_HASHER = hashlib.blake2b(digest_size=8, person=_SKIP_PERSON)
 
 
 def permutation_params(names: Sequence[str], size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -194,3 +194,11 @@ def test_the_c_fill_is_built_into_the_cache_directory_once(monkeypatch, tmp_path
     monkeypatch.setattr(maglev, "_native", maglev._UNSET)
     assert maglev.native() is not None and list(tmp_path.glob("_ebpfsvc_maglev_*.so")) == built
     assert maglev.build_table(list("abcde"), 13).tolist() == GOLDEN_ABCDE_13
+
+
+def test_cached_name_hashes_are_the_two_personalised_blake2b_digests():
+    import hashlib
+    for name in ["a", "198.18.0.1:8080/TCP", "ünï:1/UDP"]:
+        expected = tuple(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8, person=p).digest(), "little")
+                         for p in (b"ebpfsvc/mgl/off", b"ebpfsvc/mgl/skip"))
+        assert maglev.name_hashes(name) == expected
