@@ -377,11 +377,12 @@ class MapWriter:
                 ident = self._be_ids.allocate()
                 self._be_id[bkey] = ident
                 fresh.append(ident)
-            val = BackendEntry(*bkey, (abi.LB_BE_F_TERMINATING if bkey in self._be_terminating else 0)
-                               | (abi.LB_BE_F_LOCAL if bkey in self._be_local else 0)
-                               | (abi.LB_BE_F_NOT_READY if self._be_not_ready.get(bkey) == refs else 0))
+            # A plain tuple to compare (a BackendEntry equals it): the entry object only for a write.
+            val = bkey + ((abi.LB_BE_F_TERMINATING if bkey in self._be_terminating else 0)
+                          | (abi.LB_BE_F_LOCAL if bkey in self._be_local else 0)
+                          | (abi.LB_BE_F_NOT_READY if self._be_not_ready.get(bkey) == refs else 0),)
             if self._be_val.get(ident) != val:
-                be_writes.append((ident, val))
+                be_writes.append((ident, BackendEntry._make(val)))
         _zero_percpu_ids(self.be_stats_map, fresh)
         stats.stats_zeroed += len(fresh)
         _update_records(self.backends_map, [i for i, _ in be_writes], [v for _, v in be_writes])
