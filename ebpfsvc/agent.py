@@ -1,7 +1,8 @@
 """The node agent: Kubernetes objects in, BPF maps out.
 
     source (API server | manifest dir) -> ClusterState (trackers) -> desired_state() (pure)
-        -> MapWriter.apply() (diff, batched writes) -> pinned BPF maps <- TC programs on pod veths
+        -> Admission.admit() (what fits, conflicts told) -> MapWriter.apply() (diff, batched writes)
+        -> pinned BPF maps <- TC programs on pod veths
 
 One sync costs what changed: the snapshot names the Services that changed, the
 DesiredStateBuilder recomputes only those and names the frontends that changed, and the
@@ -31,11 +32,13 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address
+from dataclasses import replace
 
 from ebpfsvc import nodeinfo
-from ebpfsvc.config import NodeConfig
+from ebpfsvc.admission import Admission, Capacity, ServiceStatusMap
+from ebpfsvc.config import AgentConfig
+from ebpfsvc.datapath.loader import Limits
+from ebpfsvc.datapath.pinned import pinned_frontends
 from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.interfaces import InterfaceWatcher
 from ebpfsvc.lbmodel import LBState
@@ -49,32 +52,20 @@ log = logging.getLogger(__name__)
 NODE_WAIT_SECONDS = 5.0
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    node: NodeConfig                          # node_addresses: --node-address (always NodePort addresses)
-    pin_dir: str = "/sys/fs/bpf/ebpfsvc"
-    manifests: str | None = None             # a manifest directory instead of the API server
-    kubeconfig: str | None = None
-    in_cluster: bool = False
-    pod_interfaces: tuple[str, ...] = ("lxc*",)
-    uplinks: tuple[str, ...] | None = ()      # None: the interfaces of the node addresses (nodeinfo.py)
-    uplink_mode: str = "tc"                   # "tc" | "xdp": programs on the uplinks (datapath/uplink.py)
-    nodeport_addresses: tuple[str, ...] = ()  # kube-proxy's: () = every node address, CIDRs, ("primary",)
-    hairpin_address: IPv4Address | None = None   # None: the node's primary address
-    snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
-    host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
-    min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
-    sync_period: float = 30.0                # periodic full resync (repairs any drift)
-    limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
-    healthz_bind_address: str = "0.0.0.0:10256"   # /healthz, /livez ("" = off); kube-proxy's default
-    metrics_bind_address: str = "127.0.0.1:10249"  # /metrics ("" = off); kube-proxy's default
-    bind_address_hard_fail: bool = False      # a taken address is fatal, not retried (health.Listener)
-
-
 class Agent:
     def __init__(self, config: AgentConfig):
+        from ebpfsvc.collectors import AgentReadings
+        from ebpfsvc.telemetry import Telemetry
+
         self.config = config
-        self.state = ClusterState(config.node, on_invalid=self._invalid)
+        # Metrics, /healthz, /livez, healthCheckNodePorts: handed what they read, as they read it.
+        self.telemetry = Telemetry(config, AgentReadings(
+            loops_alive=lambda: self.runner.alive, sync_failures=lambda: self.runner.failures,
+            source_stats=self._source_stats, invalid_objects=lambda: self.invalid_objects,
+            problems=lambda: self.state.problems, pending_changes=lambda: self.state.pending_changes(),
+            admission=lambda: self.admission.details()))
+        self.state = ClusterState(config.node, on_invalid=self._invalid, on_received=self.telemetry.metrics.changed,
+                                  on_node=self.telemetry.health.node_changed)
         self.datapath = None
         self.uplink_datapath = None     # bpf/lb_node.c, when there are uplinks
         self.writer = None
@@ -101,8 +92,9 @@ class Agent:
         self._stopped = threading.Event()
         self.syncs = 0
         self.invalid_objects = 0
-        from ebpfsvc.metrics import Telemetry
-        self.telemetry = Telemetry(self)     # metrics, /healthz, /livez, healthCheckNodePorts
+        # Which Services go into the maps: capacity from the map sizes, conflicts told (admission.py).
+        self.admission = Admission(Capacity.of(Limits(**config.limits)))
+        self.telemetry.metrics.registry.register(self.admission.collector())
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -120,6 +112,10 @@ class Agent:
         t0 = time.monotonic()
         self._refresh_node(force=True)
         self.writer = MapWriter(self.datapath.maps)
+        self.admission.status = ServiceStatusMap(self.datapath.maps["lb_service_status"])
+        # The last good state survives restarts: what the maps serve now, for Services that turn
+        # out to be invalid in the first list (admission.py).
+        self.admission.hold(pinned_frontends(self.datapath.maps))
         log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
 
         # Attach to pod interfaces as they come; attaching replaces in place.
@@ -141,10 +137,10 @@ class Agent:
         cfg = self.config
         if cfg.manifests:
             from ebpfsvc.sources.manifests import ManifestSource
-            return ManifestSource(cfg.manifests, self.telemetry.sink(self.state))
+            return ManifestSource(cfg.manifests, self.state)
         from ebpfsvc.sources.kube import KubeSource
         # Services, EndpointSlices, this node's Node and ServiceCIDRs: what kube-proxy watches.
-        return KubeSource(self.telemetry.sink(self.state), kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None,
+        return KubeSource(self.state, kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None,
                           node_name=cfg.node.node_name)
 
     def stop(self) -> None:
@@ -207,8 +203,9 @@ class Agent:
         # address their replies from local backends are addressed to (bpf/lib/flow.h).
         snat = info.primary if cfg.host_clients and info.uplinks else None
         if old is None or (old.hairpin, self._pod_snat) != (info.hairpin, snat):
+            # migrate: a limit changed since the maps were pinned: their entries are carried over.
             datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
-                                   snat_addr=snat)
+                                   snat_addr=snat, migrate=True)
             with self._datapath_lock:       # pods attached from now on get the new programs...
                 self.datapath, self._pod_snat, self.node_info = datapath, snat, info
                 # ...and the ones attached before get them too (replaced in place).
@@ -282,8 +279,16 @@ class Agent:
             self._routed = hostpath.sync_routes(self._routed, routes.take_wanted(), self.node_info.primary,
                                                 rewrite=rewrite)
 
+    def _served(self, spn) -> bool:
+        """Whether the maps serve that service port now (admission never evicts such a Service)."""
+        return self.writer.service_id(spn) is not None
+
     def _detach_pod(self, ifindex: int, ifname: str) -> None:
         log.info("pod interface %s (ifindex %d) is gone", ifname, ifindex)
+
+    def _source_stats(self) -> dict | None:
+        # The API source's watch statistics; a manifest directory keeps none.
+        return getattr(self.source, "stats", None)
 
     def _invalid(self, problem) -> None:
         # The tracker has logged it; keep a count for the metrics endpoint.
@@ -301,15 +306,20 @@ class Agent:
         if not self.state.synced:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")
             return
-        self.telemetry.sync_started()
         snapshot = self.state.snapshot()
+        self.telemetry.sync_started(snapshot.trigger_times)
         result = self.desired.build(snapshot)
-        desired = result.state
+        invalid = {(p.namespace, p.name) for p in self.state.problems if p.kind == "Service"}
+        admitted = self.admission.admit(result, snapshot.services, self._served, invalid)
+        desired = admitted.state
         if desired is self.last_applied and not full:
             self._route_node_clients(snapshot)
-            self.telemetry.sync_done(time.monotonic() - t0)
+            self.telemetry.sync_done(time.monotonic() - t0, snapshot=snapshot, node=self.desired.node,
+                                     applied=desired)
             return
-        stats = self.writer.apply(desired, full=full, delta=result.delta)
+        stats = self.writer.apply(desired, full=full, delta=admitted.delta)
+        if admitted.deferred:
+            self.runner.run()       # the slots this apply released are free now: admit the waiting ones
         self._route_node_clients(snapshot, result)
         if full:
             self._next_full_apply = t0 + self.config.sync_period
@@ -321,7 +331,8 @@ class Agent:
         self.last_applied = desired
         self.syncs += 1
         self.synced_once.set()
-        self.telemetry.sync_done(time.monotonic() - t0, stats)
+        self.telemetry.sync_done(time.monotonic() - t0, stats, snapshot=snapshot, node=self.desired.node,
+                                 applied=desired)
         log.info("synced %d frontends in %.1f ms%s: %s", len(desired.frontends),
                  (time.monotonic() - t0) * 1000, " (full)" if full else "", stats)
 

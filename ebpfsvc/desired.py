@@ -13,9 +13,11 @@ Per Service port it emits kube-proxy's rules, one frontend per address:port/prot
     status.loadBalancer.ingress[].ip:port                external-address traffic, so a pod on a node
                                                          without a local endpoint is still served
 
-Two Services claiming the same frontend (a duplicated externalIP, a clusterIP typo) cannot both
-be served: the first by namespace/name keeps it, so every node agrees, and the loser is reported
-by build_desired_state().
+Two Services claiming the same frontend (a duplicated NodePort or externalIP, a clusterIP typo)
+cannot both be served: the oldest (creationTimestamp, then namespace/name: Service.seniority) keeps
+it, so every node agrees, and the loser is reported by build_desired_state().  A Service whose
+frontends cannot be computed (a bug meeting an odd object) costs that Service only: it is left out
+and reported in DesiredState.failures.
 
 desired_state() / build_desired_state() compute from nothing; the agent keeps a
 DesiredStateBuilder, which gives exactly the same result from one snapshot to the next at the
@@ -66,6 +68,7 @@ class LBDelta:
 class DesiredState:
     state: LBState
     conflicts: tuple[Problem, ...] = ()    # frontends not served because another Service holds them
+    failures: tuple[Problem, ...] = ()     # Services left out because computing their frontends failed
     delta: LBDelta | None = field(default=None, compare=False)   # vs the builder's previous result
 
 
@@ -82,9 +85,9 @@ def build_desired_state(snapshot: ClusterSnapshot, node: NodeConfig) -> DesiredS
 # One Service's contribution: the Service object and, per port, the inputs and the frontends built
 # from them.  A skipped Service (headless, ExternalName, another proxy's) contributes no ports.
 _PortResult = tuple[ServicePortName, tuple[Endpoint, ...], tuple[Frontend, ...]]
-# A claim on a frontend key: (order, frontend, Service).  The order (Service key, port index,
-# position) is the order the full computation meets the claims in: the first one wins.
-_Claim = tuple[tuple[ServiceKey, int, int], Frontend, Service]
+# A claim on a frontend key: (order, frontend, Service).  The order (Service.seniority, port index,
+# position): the oldest Service's claim wins.
+_Claim = tuple[tuple[tuple[str, str, str], int, int], Frontend, Service]
 
 
 class DesiredStateBuilder:
@@ -118,6 +121,7 @@ class DesiredStateBuilder:
         self._frontends_base: dict[FrontendKey, Frontend] = {}
         self._frontends_since: set[FrontendKey] = set()
         self._conflicts: dict[FrontendKey, tuple[Problem, ...]] = {}
+        self._failures: dict[ServiceKey, Problem] = {}
 
     @property
     def result(self) -> DesiredState | None:
@@ -149,10 +153,20 @@ class DesiredStateBuilder:
         # sorted either way: the first claim of a key is the full computation's winner).
         todo = sorted(todo)
         touched: set[FrontendKey] = set()
+        failures_touched = False
         # A full build makes the whole state at once: no cycle collection meanwhile (ebpfsvc.heap).
         with heap.bulk() if len(todo) > _BULK_SERVICES else contextlib.nullcontext():
             for key in todo:
-                self._update_service(snapshot, zone, key, touched)
+                try:
+                    self._update_service(snapshot, zone, key, touched)
+                except Exception as err:    # one Service's bad luck must not stop the others
+                    self._drop_service(key, touched)
+                    problem = Problem("Service", key[0], key[1], "", f"frontends cannot be computed "
+                                      f"({type(err).__name__}: {err}); not programmed")
+                    failures_touched |= self._failures.get(key) != problem
+                    self._failures[key] = problem
+                else:
+                    failures_touched |= self._failures.pop(key, None) is not None
         changed: set[FrontendKey] = set()
         conflicts_touched = False
         for fkey in touched:
@@ -178,13 +192,14 @@ class DesiredStateBuilder:
                 else:
                     del self._conflicts[fkey]
         last = self._result
-        if last is not None and not changed and not conflicts_touched:
+        if last is not None and not changed and not conflicts_touched and not failures_touched:
             return last
         conflicts = (tuple(sorted({p for ps in self._conflicts.values() for p in ps}))
                      if conflicts_touched or last is None else last.conflicts)
+        failures = tuple(sorted(self._failures.values()))
         state = LBState(self._frontends_view(changed)) if changed or last is None else last.state
         delta = LBDelta(last.state, frozenset(changed)) if last is not None else None
-        self._result = DesiredState(state, conflicts, delta)
+        self._result = DesiredState(state, conflicts, delta=delta, failures=failures)
         return self._result
 
     def _frontends_view(self, changed: set[FrontendKey]) -> Mapping[FrontendKey, Frontend]:
@@ -217,7 +232,7 @@ class DesiredStateBuilder:
                 for fe in fes:
                     claims = self._claims.get(fe.key)
                     if claims:
-                        claims[:] = [c for c in claims if c[0][0] != key]
+                        claims[:] = [c for c in claims if c[2].key != key]
                     touched.add(fe.key)
         svc = snapshot.services.get(key)
         if svc is None:
@@ -237,7 +252,7 @@ class DesiredStateBuilder:
                         fes = hit[2]        # equal: keep the old objects, so consumers compare by identity
                 ports.append((spn, endpoints, fes))
                 for j, fe in enumerate(fes):
-                    claim = ((key, i, j), fe, svc)
+                    claim = ((svc.seniority, i, j), fe, svc)
                     claims = self._claims.setdefault(fe.key, [])
                     if not claims or claims[-1][0] < claim[0]:
                         claims.append(claim)
@@ -245,6 +260,14 @@ class DesiredStateBuilder:
                         bisect.insort(claims, claim, key=lambda c: c[0])
                     touched.add(fe.key)
         self._services[key] = (svc, tuple(ports))
+
+    def _drop_service(self, key: ServiceKey, touched: set[FrontendKey]) -> None:
+        """Forget whatever a failed _update_service(key) left half-done: its claims and its ports."""
+        self._services.pop(key, None)
+        for fkey in touched:
+            claims = self._claims.get(fkey)
+            if claims:
+                claims[:] = [c for c in claims if c[2].key != key]
 
 
 def node_zone(snapshot: ClusterSnapshot, node: NodeConfig) -> str:
@@ -258,10 +281,12 @@ def node_zone(snapshot: ClusterSnapshot, node: NodeConfig) -> str:
 def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc: Service, port: ServicePort,
                     spn: ServicePortName, endpoints: tuple[Endpoint, ...]) -> Iterator[Frontend]:
     sets = categorize_endpoints(endpoints, node_name=node.node_name, zone=zone,
-                                topology_aware=svc.topology_aware,
                                 publish_not_ready=svc.publish_not_ready_addresses)
     itp_local = svc.internal_traffic_policy is TrafficPolicy.LOCAL
     etp_local = svc.external_traffic_policy is TrafficPolicy.LOCAL
+    # A Local policy drops (local_only) only when endpoints exist elsewhere; with none anywhere the
+    # frontend rejects like any Service without endpoints (kube-proxy's hasAnyEndpoints).
+    has_endpoints = bool(sets.cluster.endpoints)
     # Each set becomes Backends once, however many frontends share it.
     cluster = _backends(snapshot, node, sets.cluster, port)
     local = _backends(snapshot, node, sets.local, port) if itp_local or etp_local else ()
@@ -280,9 +305,10 @@ def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc:
         )
 
     yield frontend(svc.cluster_ip, port.port, Scope.INTERNAL, FrontendKind.CLUSTER_IP,
-                   local if itp_local else cluster, itp_local)
+                   local if itp_local else cluster, itp_local and has_endpoints)
     for addr, number, kind, ranges in _external_addresses(svc, port, node):
-        yield frontend(addr, number, Scope.EXTERNAL, kind, local if etp_local else cluster, etp_local, ranges)
+        yield frontend(addr, number, Scope.EXTERNAL, kind, local if etp_local else cluster,
+                       etp_local and has_endpoints, ranges)
         yield frontend(addr, number, Scope.INTERNAL, kind, cluster, False, ranges)
 
 

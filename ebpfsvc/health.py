@@ -34,8 +34,14 @@ The body is kube-proxy's JSON: {"lastUpdated": ..., "currentTime": ...,
 addresses not bound), content type application/json.
 
 /livez: 200 while the agent's loops run (the sync runner thread is alive and
-not stopping), regardless of sync freshness and of the Node: restarting a
-process whose loops are fine but whose API is slow would not help. Its body
+not stopping) and its updates are not stale, whatever the Node says: kube-proxy
+(v1.37.2, proxy_health.go livezHandler) answers 503 on /livez exactly when its
+proxier is unhealthy, i.e. an update waited longer than the timeout, so that
+the kubelet restarts a proxy whose sync loop is stuck. Stale here is the same
+"no sync within the timeout" as /healthz (above); while starting (no sync yet)
+/livez stays 200, as kube-proxy's does before its first sync, so a slow first
+sync (bcc compiling, 10,000 Services) is not killed by the startup probe. Losing
+the API server does not make /livez fail (the resync keeps completing). Its body
 has no nodeEligible, as kube-proxy's.
 
 ServiceHealthServers: for every externalTrafficPolicy=Local Service with a
@@ -56,6 +62,8 @@ import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from ebpfsvc.k8s.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +221,9 @@ class ProxierHealth:
         with self._lock:
             self.stopping = True
 
-    def node_changed(self, node: dict | None) -> None:
-        """This node's own v1 Node object was added or changed (None: deleted); kube-proxy's SyncNode.
-        Called by whatever watches the Node (metrics.SourceTap does, for the agent's source)."""
+    def node_changed(self, node: Node | None) -> None:
+        """This node's own Node was added or changed (None: deleted); kube-proxy's SyncNode.
+        Called by whatever watches the Node (the agent's ClusterState does, through on_node)."""
         reason = node_ineligible(node)
         with self._lock:
             changed, self.ineligible = reason != self.ineligible, reason
@@ -229,6 +237,15 @@ class ProxierHealth:
         with self._lock:
             now = self.clock()
             return self._sync_state(now, self.last_updated, self.oldest_queued, self.stopping)[0]
+
+    def stale(self) -> str:
+        """Why updates are stale ("" = they are not): what fails /livez, as kube-proxy's
+        livezHandler fails on its proxier's health. Not while starting nor stopping (those have
+        their own answers)."""
+        with self._lock:
+            now = self.clock()
+            _, state, reason = self._sync_state(now, self.last_updated, self.oldest_queued, self.stopping)
+        return reason if state == STALE else ""
 
     def _sync_state(self, now: float, last: float | None, queued: float | None, stopping: bool
                     ) -> tuple[bool, str, str]:
@@ -248,6 +265,7 @@ class ProxierHealth:
             last, queued, stopping, ineligible = self.last_updated, self.oldest_queued, self.stopping, self.ineligible
             faults = [self.faults[k] for k in sorted(self.faults)]
         healthy, state, reason = self._sync_state(now, last, queued, stopping)
+        proxier_healthy = healthy
         # Stopping says it all; then what keeps the node from serving, most basic first.
         problems = [] if state == STOPPING or faults or ineligible or not healthy or self.serving is None \
             else self.serving()
@@ -259,8 +277,9 @@ class ProxierHealth:
             healthy, state, reason = False, INELIGIBLE, ineligible
         elif problems:
             healthy, state, reason = False, NOT_SERVING, "; ".join(problems)
+        # "healthy" as kube-proxy v1.37.2's body: the proxier's sync health alone (not the Node's).
         body = {"lastUpdated": _iso(last), "currentTime": _iso(now), "nodeEligible": not ineligible,
-                "state": state}
+                "healthy": proxier_healthy, "state": state}
         if reason:
             body["reason"] = reason
         return healthy, state, reason, body
@@ -270,7 +289,7 @@ class ProxierHealth:
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 
-def node_ineligible(node: dict | None) -> str:
+def node_ineligible(node: Node | None) -> str:
     """Why this node should get no load-balancer traffic, from its v1 Node ("" = it should): it is
     being deleted or is tainted ToBeDeletedByClusterAutoscaler, as kube-proxy's SyncNode decides.
     A deleted Node (None) counts as being deleted: kube-proxy looks at the last state it had, which
@@ -278,11 +297,10 @@ def node_ineligible(node: dict | None) -> str:
     is gone is on its way out either way."""
     if node is None:
         return "its Node object is deleted"
-    if (node.get("metadata") or {}).get("deletionTimestamp"):
+    if node.deleting:
         return "its Node object is being deleted"
-    for taint in (node.get("spec") or {}).get("taints") or ():
-        if isinstance(taint, dict) and taint.get("key") == TO_BE_DELETED_TAINT:
-            return f"tainted {TO_BE_DELETED_TAINT} (the cluster autoscaler is removing it)"
+    if TO_BE_DELETED_TAINT in node.taints:
+        return f"tainted {TO_BE_DELETED_TAINT} (the cluster autoscaler is removing it)"
     return ""
 
 
@@ -386,7 +404,10 @@ class HealthServer:
         elif path == "/livez":
             _, _, _, body = self.health.status()
             body.pop("nodeEligible", None)       # kube-proxy's /livez body has no nodeEligible
-            code = 200 if self.alive() else 503
+            stale = self.health.stale()
+            code = 200 if self.alive() and not stale else 503
+            if stale:    # say so even when /healthz has a more basic reason (a fault, the Node)
+                body.update(state=STALE, reason=stale)
         else:
             code, body = 404, {"error": f"{path} not found; try /healthz or /livez"}
         # Counted before answering: whoever got the answer can already see it counted.
@@ -465,6 +486,16 @@ class ServiceHealthServers:
             for _, server in self._servers.values():
                 server.close()
             self._servers.clear()
+
+
+def served_health_check_ports(ports: dict[tuple[str, str], int], services, node) -> dict[tuple[str, str], int]:
+    """The healthCheckNodePorts this node opens: those of Services it serves (kube-proxy v1.37.2 never
+    sees another proxy's service-proxy-name, a headless or an ExternalName Service, so it opens no
+    port for them: a port opened here would answer a load balancer for a Service this node does not
+    balance). `services`: (namespace, name) -> Service, the snapshot the last sync used; a Service
+    not in it (rejected, or not arrived yet) gets no port until it is."""
+    return {key: port for key, port in ports.items()
+            if (svc := services.get(key)) is not None and not svc.skip_reason(node)}
 
 
 def local_endpoint_counts(state) -> dict[tuple[str, str], int]:

@@ -145,7 +145,7 @@ class Frontend:
     backends: tuple[Backend, ...] = ()       # usable backends; empty = reject new flows
     algorithm: Algorithm = Algorithm.MAGLEV
     affinity_timeout: int = 0                # seconds; 0 = sessionAffinity None
-    local_only: bool = False                 # traffic policy Local: drop, don't reject, when empty
+    local_only: bool = False                 # traffic policy Local with endpoints elsewhere: drop, don't reject, when empty
     source_ranges: tuple[ipaddress.IPv4Network, ...] = ()  # loadBalancerSourceRanges; () = all
     app_protocol: str = ""                   # carried through for display
 

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -81,6 +82,7 @@ class Config:
     # probe can come early in it), and a process that just started still pays its start-up tail
     # (Python, Go GC): traffic and machine-wide CPU would charge that to the datapath.
     settle_seconds: float = 2.0
+    settle_max_seconds: float = 60.0  # then measure anyway (a proxy that never idles is a finding too)
     apply_threads: int = 8
     program_timeout: float = 300.0
     note: str = ""
@@ -152,6 +154,38 @@ def kube_proxy_sync_seconds(log_text: str) -> list[float]:
 def agent_full_sync_ms(log_text: str) -> list[tuple[int, float]]:
     """(frontends, ms) of every full sync in an agent log."""
     return [(int(n), float(ms)) for n, ms in _AGENT_RE.findall(log_text)]
+
+
+# When each sync finished, from the process's own log line, to split an endpoint change into
+# "API write", "proxy synced" and "on the wire". The agent logs Python's asctime (local time, ms);
+# kube-proxy logs klog's header (local time, µs, month and day but no year).
+_AGENT_SYNC_AT = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO ebpfsvc\.agent: synced \d+ frontends in ([\d.]+) ms",
+                            re.M)
+_KLOG_SYNC_AT = re.compile(r'^I(\d{4} \d\d:\d\d:\d\d\.\d+)\s[^\n]*"SyncProxyRules complete" ipFamily="IPv4"[^\n]*?'
+                           r'elapsed="([^"]+)"', re.M)
+
+
+def sync_completions(log_text: str, year: int) -> list[tuple[float, float]]:
+    """(wall-clock time the sync finished, its own duration in ms) of every sync in an agent or
+    kube-proxy log, in the order logged."""
+    out = []
+    for stamp, ms in _AGENT_SYNC_AT.findall(log_text):
+        out.append((dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp(), float(ms)))
+    for stamp, elapsed in _KLOG_SYNC_AT.findall(log_text):
+        at = dt.datetime.strptime(f"{year}{stamp}", "%Y%m%d %H:%M:%S.%f").timestamp()
+        out.append((at, go_duration(elapsed) * 1000))
+    return out
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of one process (all its threads), or None when it is gone."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def iptables_position(save: str, address: str) -> tuple[int, int] | None:
@@ -319,19 +353,77 @@ class Run:
                             str(names.pin_dir(self.lab.prefix, NODE)), "--netns", self.lab.node_netns(NODE)],
                            capture_output=True, text=True, timeout=60, check=True)
 
-    def endpoint_change(self, to: str) -> float:
-        """Move the watch probe's endpoint to pod `to` through the API; ms until a new connection reaches it."""
+    def proxy_pid(self, dp: str) -> int | None:
+        """The pid of the proxy process serving node-1 (the agent or kube-proxy); None for direct."""
+        from ebpfsvc.lab import names
+
+        if dp == "direct":
+            return None
+        record = names.kube_proxy_record(NODE) if dp.startswith("kube-proxy") else names.agent_record(NODE)
+        rec = self.lab.state.read_pid(record)
+        return rec.pid if rec else None
+
+    def settle(self, dp: str) -> float:
+        """Wait until the proxy is idle (under 5% of a core over half a second), at least
+        cfg.settle_seconds and at most cfg.settle_max_seconds; return the seconds waited.
+
+        A proxy that just programmed its first sync still has a start-up tail (the agent's
+        initial watches and Python's first collections, kube-proxy's Go GC and its second sync);
+        measured traffic would charge that work to the datapath."""
+        t0 = time.monotonic()
+        time.sleep(self.cfg.settle_seconds)
+        pid = self.proxy_pid(dp)
+        while time.monotonic() - t0 < self.cfg.settle_max_seconds:
+            before = process_cpu_seconds(pid)
+            time.sleep(0.5)
+            after = process_cpu_seconds(pid)
+            if before is None or after is None or (after - before) / 0.5 < 0.05:
+                break
+        return time.monotonic() - t0
+
+    def endpoint_change(self, dp: str, to: str) -> dict:
+        """Move the watch probe's endpoint to pod `to` through the API. Returns ms until a new
+        connection reaches it (`ms`), and its parts: until the API server acknowledged the write
+        (`api_ms`), until the proxy logged the sync that programmed it (`synced_ms`, None when no
+        sync was logged) and that sync's own duration (`sync_ms`)."""
+        from ebpfsvc.lab import names
+
+        record = names.kube_proxy_record(NODE) if dp.startswith("kube-proxy") else names.agent_record(NODE)
+        offset = self._log_size(record)
         ports = [(pn, port, proto, target, [to]) for pn, port, proto, target, _ in PROBES["watch"]]
         with traffic.BackendWatch(self.ns["cli"], self.vip["watch"], 80, self.ips[to], duration=60) as watch:
-            t0 = time.monotonic()
+            wall0, t0 = time.time(), time.monotonic()
             self.lab.api.apply(endpoint_slice("watch", ports, self.ips))
+            api_ms = (time.monotonic() - t0) * 1000
             self.watch_at = to
             seen = watch.result()["seen_at"]
         if seen is None:
             raise RuntimeError(f"endpoint change to {to}: not seen on the wire within 60 s")
-        return (seen - t0) * 1000
+        out = {"ms": (seen - t0) * 1000, "api_ms": api_ms, "synced_ms": None, "sync_ms": None}
+        # The first sync that began after the write: the one that programmed it (kube-proxy logs a
+        # sync's end after its conntrack cleanup and metrics, so the line may trail the wire).
+        deadline = time.monotonic() + 3
+        while out["synced_ms"] is None and time.monotonic() < deadline:
+            for at, ms in sync_completions(self._log_since(record, offset), dt.date.today().year):
+                if at - ms / 1000 >= wall0 - 0.002:
+                    out["synced_ms"], out["sync_ms"] = (at - wall0) * 1000, ms
+                    break
+            else:
+                time.sleep(0.1)
+        return out
 
     def traffic(self, dp: str) -> dict:
+        """Every traffic metric once, with what the proxy process itself burned meanwhile (it shares
+        the machine's two cores with the load generators: CPU it spends is a rate they lose)."""
+        pid = self.proxy_pid(dp)
+        cpu0, t0 = process_cpu_seconds(pid), time.monotonic()
+        m = self._traffic(dp)
+        cpu1 = process_cpu_seconds(pid)
+        if cpu0 is not None and cpu1 is not None:
+            m["proxy_cpu_pct"] = (cpu1 - cpu0) / (time.monotonic() - t0) * 100
+        return m
+
+    def _traffic(self, dp: str) -> dict:
         cli, s = self.ns["cli"], self.cfg.seconds
         direct = dp == "direct"
         web = (self.ips["srv-a"], NGINX_DIRECT) if direct else (self.vip["web"], 80)
@@ -355,16 +447,27 @@ class Run:
         self.log(f"  {dp} at {n:,} services (repeat {repeat + 1}), load {load_before[0]:.2f}")
         try:
             prog = self.activate(dp, n)
-            time.sleep(self.cfg.settle_seconds)
             m = dict(prog)
+            m["settle_seconds"] = self.settle(dp)
             m.update(self.traffic(dp))
             if dp != "direct":
-                changes = [self.endpoint_change(to) for to in (["srv-b", "srv-a"] * self.cfg.changes)[:self.cfg.changes]]
-                m["endpoint_change_ms"] = statistics.median(changes)
-                self.data["changes"].append({"datapath": dp, "services": n, "repeat": repeat, "ms": changes})
+                # Each change moves the probe to the pod it is not on (an odd count leaves it on srv-b:
+                # the next datapath must still see a real move, not a no-op write).
+                changes = [self.endpoint_change(dp, "srv-b" if self.watch_at == "srv-a" else "srv-a")
+                           for _ in range(self.cfg.changes)]
+                m["endpoint_change_ms"] = statistics.median(c["ms"] for c in changes)
+                m["endpoint_change_api_ms"] = statistics.median(c["api_ms"] for c in changes)
+                synced = [c["synced_ms"] for c in changes if c["synced_ms"] is not None]
+                if synced:
+                    m["endpoint_change_synced_ms"] = statistics.median(synced)
+                self.data["changes"].append({"datapath": dp, "services": n, "repeat": repeat,
+                                             "ms": [c["ms"] for c in changes], "parts": changes})
         except Exception as exc:
-            self.data["errors"].append({"datapath": dp, "services": n, "repeat": repeat, "error": str(exc)[:2000]})
-            self.log(f"    error: {str(exc)[:300]}")
+            # Where it failed, not only what: a bare "Expecting value" names no step.
+            where = traceback.extract_tb(exc.__traceback__)[-3:]
+            error = f"{type(exc).__name__}: {exc} (at {'; '.join(f'{f.name}:{f.lineno}' for f in where)})"
+            self.data["errors"].append({"datapath": dp, "services": n, "repeat": repeat, "error": error[:2000]})
+            self.log(f"    error: {error[:300]}")
             m = None
         finally:
             try:
@@ -416,7 +519,10 @@ SUMMARY_METRICS = (("tcp_crr_cps", "conn/s (wrk)"), ("cpu_us_per_conn", "CPU µs
                    ("tcp_rr_p50_us", "p50 µs"), ("tcp_rr_p99_us", "p99 µs"),
                    ("tcp_throughput_gbps", "Gbit/s same node"), ("tcp_throughput_cross_node_gbps", "Gbit/s cross"),
                    ("cpu_s_per_gb", "CPU s/GB"), ("udp_pps", "UDP pps"), ("program_seconds", "start → wire s"),
-                   ("endpoint_change_ms", "endpoint change ms"))
+                   ("endpoint_change_ms", "endpoint change ms"),
+                   ("endpoint_change_api_ms", "… of it: API write ms"),
+                   ("endpoint_change_synced_ms", "… until proxy synced ms"),
+                   ("proxy_cpu_pct", "proxy CPU % in traffic"))
 
 
 def summary(data: dict) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from ebpfsvc.abi import be16, be32
 
-LB_HASH_SEED = 0x5EED1E55
+from ebpfsvc import abi
+
+LB_HASH_SEED = abi.LB_HASH_SEED
 _M = 0xFFFFFFFF
 
 

@@ -61,6 +61,7 @@ class Limits:
     maglev_slots: int = _limit("LB_MAGLEV_SLOTS_MAX")
     ct_entries: int = _limit("CT_ENTRIES_MAX")
     affinity_entries: int = _limit("AFFINITY_ENTRIES_MAX")
+    affinity_matches: int = _limit("AFFINITY_MATCH_MAX")
     frag_entries: int = _limit("FRAG_ENTRIES_MAX")
     snat_entries: int = _limit("SNAT_ENTRIES_MAX")
     source_ranges: int = _limit("SOURCE_RANGES_MAX")
@@ -171,7 +172,7 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
 
 def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
-         snat_keep_client_port: bool = True, host_clients: bool = True) -> Datapath:
+         snat_keep_client_port: bool = True, host_clients: bool = True, migrate: bool = False) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -184,6 +185,8 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
     `host_clients` False leaves the node's own packets to externalIPs and
     LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h).
+    `migrate`: when the pins must be recreated (another size or layout), carry their entries into
+    the new maps (datapath/migrate.py) instead of starting empty.
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
@@ -202,13 +205,16 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     if stale:
         # bcc reuses a pinned map without comparing it with the declaration, so
         # after a limits or ABI change the program would run on maps of the old
-        # shape. Start clean instead: the maps are rebuilt from the next
-        # LBState; established TCP flows mostly keep their backend (a mid-stream
-        # packet creates a flow again, and Maglev picks the same backend when
-        # the backend set is unchanged); UDP flows are balanced again.
-        log.warning("pinned maps in %s do not match the program (%s): recreating all of them",
-                    pin_dir, ", ".join(stale))
+        # shape. Recreate them: with `migrate` their entries are carried over
+        # (datapath/migrate.py: flows, affinity, ids, tables stay); without, the
+        # maps are rebuilt from the next LBState; established TCP flows mostly
+        # keep their backend (a mid-stream packet creates a flow again, and
+        # Maglev picks the same backend when the backend set is unchanged); UDP
+        # flows are balanced again.
+        log.warning("pinned maps in %s do not match the program (%s): recreating all of them%s",
+                    pin_dir, ", ".join(stale), ", carrying their entries over" if migrate else "")
         bpf.cleanup()
+        saved = _save_pins(pin_dir) if migrate else None
         _remove_pins(pin_dir)
         bpf = BPF(text=text.encode(), cflags=list(cflags))
         still = stale_pins(bpf, pin_dir)
@@ -220,6 +226,8 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
         dp.programs[name] = bpf.load_func(name.encode(), getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS")))
     for name in MAPS:
         dp.maps[name] = bpf.get_table(name.encode())
+    if stale and migrate:
+        _restore_pins(dp, saved)
     _fill_sctp_crc_shift(bpf)
     if cache:
         dp.cache_key = key
@@ -258,7 +266,7 @@ def _fill_sctp_crc_shift(bpf) -> None:
 def stale_pins(bpf, pin_dir: Path) -> list[str]:
     """Maps of `bpf` whose pinned object differs from the program's declaration
     (type, key size, value size, max entries)."""
-    from ebpfsvc.inspect.bpfmap import MAP_TYPES as KERNEL_MAP_TYPES, PinnedMap
+    from ebpfsvc.datapath.bpfsys import MAP_TYPES as KERNEL_MAP_TYPES, PinnedMap
 
     stale = []
     for name in MAPS:
@@ -272,6 +280,16 @@ def stale_pins(bpf, pin_dir: Path) -> list[str]:
         if actual != declared:
             stale.append(f"{name}: pinned {actual}, declared {declared}")
     return stale
+
+
+def _save_pins(pin_dir: Path):
+    from ebpfsvc.datapath import migrate
+    return migrate.save(pin_dir, MAPS)
+
+
+def _restore_pins(dp: "Datapath", saved) -> None:
+    from ebpfsvc.datapath import migrate
+    migrate.restore(dp.maps, saved)
 
 
 def _remove_pins(pin_dir: Path) -> None:

@@ -6,8 +6,11 @@ endpoints between slices), and each slice carries, per Service port *name*,
 the port number its endpoints listen on (that is where a named targetPort is
 resolved).  So endpoints are grouped by ServicePortName (service, port name,
 protocol), each with the port number of its own slice, and an address that
-appears in two slices counts once: a ready copy wins over a not-ready one,
-otherwise the first slice by name, so the result does not depend on event order.
+appears in two slices counts once: a ready copy wins over a not-ready one, then
+a copy that is not terminating over a terminating one (kube-proxy v1.37.2 keeps
+the non-terminating copy: the pod network may reuse the address of a pod still
+terminating for a new, running pod), otherwise the first slice by name, so the
+result does not depend on event order.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Endpoint:
     node_name: str = ""
     zone: str = ""
     zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
 
     @property
     def sort_key(self) -> tuple[int, int]:
@@ -52,8 +56,13 @@ def merge_endpoint_slices(namespace: str, service_name: str,
             by_addr = merged.setdefault(spn, {})
             for ep in sl.endpoints:
                 key = (int(ep.address), port.port)      # an int hashes in C, an IPv4Address in Python
-                if key in by_addr and (by_addr[key].ready or not ep.ready):
+                if key in by_addr and _precedence(by_addr[key]) >= _precedence(ep):
                     continue
                 by_addr[key] = Endpoint(ep.address, port.port, ep.ready, ep.serving, ep.terminating,
-                                        ep.node_name, ep.zone, ep.zone_hints)
+                                        ep.node_name, ep.zone, ep.zone_hints, ep.node_hints)
     return {spn: tuple(sorted(eps.values(), key=lambda e: e.sort_key)) for spn, eps in merged.items()}
+
+
+def _precedence(ep) -> tuple[bool, bool]:
+    """Which copy of a duplicated address wins: ready first, then not terminating."""
+    return (ep.ready, not ep.terminating)

@@ -3,9 +3,14 @@
 The model is kube-proxy's CategorizeEndpoints (pkg/proxy/topology.go):
 
 - usable = ready endpoints (publishNotReadyAddresses makes every endpoint count as ready);
-- "cluster" endpoints serve Cluster traffic policies: the usable ones, narrowed to this node's
-  zone by topology hints when the Service asks for it and every usable endpoint carries hints,
-  unless no endpoint is hinted for this zone (then all: hints must never black-hole a zone);
+- "cluster" endpoints serve Cluster traffic policies: the usable ones, narrowed by topology hints
+  as kube-proxy's topologyModeFromHints decides (v1.37.2), whatever the Service's annotation or
+  trafficDistribution says (the EndpointSlice controller writes hints only when the Service asks,
+  so the hints are the one source of truth): to the endpoints hinted for this node when every
+  ready endpoint has node hints (PreferSameNode) and one is for this node; else to those hinted
+  for this node's zone when every ready endpoint has zone hints and one is for this zone
+  (PreferSameZone, PreferClose, topology-mode Auto); else all of them (hints must never
+  black-hole a node or a zone);
 - "local" endpoints serve Local traffic policies: the usable ones on this node, never narrowed
   by hints (Local already is the tightest topology);
 - when a set is empty, endpoints that are serving but terminating fill it, so connections
@@ -36,27 +41,31 @@ class EndpointSet:
     not_ready: tuple[Endpoint, ...] = ()
 
 
+#: kube-proxy's topology modes (v1.ServiceTrafficDistribution* values); "" = no topology.
+PREFER_SAME_NODE = "PreferSameNode"
+PREFER_SAME_ZONE = "PreferSameZone"
+
+
 @dataclass(frozen=True)
 class CategorizedEndpoints:
     cluster: EndpointSet
     local: EndpointSet
-    topology_used: bool = False    # zone hints narrowed `cluster` (for display and tests)
+    topology_mode: str = ""        # the hints that narrowed `cluster` (for display and tests)
 
 
 def categorize_endpoints(endpoints: Iterable[Endpoint], *, node_name: str, zone: str,
-                         topology_aware: bool = False,
                          publish_not_ready: bool = False) -> CategorizedEndpoints:
     endpoints = tuple(endpoints)
 
     def ready(ep: Endpoint) -> bool:
         return ep.ready or publish_not_ready
 
-    use_hints = topology_aware and _can_use_hints([ep for ep in endpoints if ready(ep)], zone)
-    cluster = _select(endpoints, lambda ep: ready(ep) and (not use_hints or zone in ep.zone_hints),
+    mode = topology_mode_from_hints([ep for ep in endpoints if ready(ep)], node_name, zone)
+    cluster = _select(endpoints, lambda ep: ready(ep) and _available(ep, mode, node_name, zone),
                       lambda ep: True, ready)
     local = _select(endpoints, lambda ep: ready(ep) and ep.node_name == node_name,
                     lambda ep: ep.node_name == node_name, ready)
-    return CategorizedEndpoints(cluster, local, use_hints)
+    return CategorizedEndpoints(cluster, local, mode)
 
 
 def _select(endpoints: tuple[Endpoint, ...], usable: Callable[[Endpoint], bool],
@@ -71,12 +80,25 @@ def _select(endpoints: tuple[Endpoint, ...], usable: Callable[[Endpoint], bool],
     return EndpointSet(draining, terminating=bool(draining), not_ready=not_ready)
 
 
-def _can_use_hints(usable: list[Endpoint], zone: str) -> bool:
-    # All or nothing, as in kube-proxy: one endpoint without hints means the EndpointSlice
-    # controller is mid-way through (re)assigning them, and a partial view would overload
-    # the hinted endpoints.
-    if not zone or not usable:
-        return False
-    if any(not ep.zone_hints for ep in usable):
-        return False
-    return any(zone in ep.zone_hints for ep in usable)
+def topology_mode_from_hints(ready: list[Endpoint], node_name: str, zone: str) -> str:
+    """kube-proxy's topologyModeFromHints over the ready endpoints: PreferSameNode when all have
+    node hints and one is for this node, else PreferSameZone when all have zone hints and one is
+    for this zone, else "". All or nothing per kind of hint: one endpoint without them means the
+    EndpointSlice controller is mid-way through (re)assigning them, and a partial view would
+    overload the hinted endpoints."""
+    if not ready:
+        return ""
+    if all(ep.node_hints for ep in ready) and any(node_name in ep.node_hints for ep in ready):
+        return PREFER_SAME_NODE
+    if zone and all(ep.zone_hints for ep in ready) and any(zone in ep.zone_hints for ep in ready):
+        return PREFER_SAME_ZONE
+    return ""
+
+
+def _available(ep: Endpoint, mode: str, node_name: str, zone: str) -> bool:
+    # No fallback here: it happened when the mode was chosen (kube-proxy's availableForTopology).
+    if mode == PREFER_SAME_NODE:
+        return node_name in ep.node_hints
+    if mode == PREFER_SAME_ZONE:
+        return zone in ep.zone_hints
+    return True

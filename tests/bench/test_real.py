@@ -62,6 +62,26 @@ def test_process_logs_give_the_sync_times():
     assert real.agent_full_sync_ms(agent) == [(12, 7.4)]
 
 
+def test_logs_tell_when_each_sync_finished():
+    """The endpoint change's breakdown: wall-clock end of every sync, from both proxies' own formats."""
+    import datetime as dt
+
+    log = ('2026-12-02 06:40:38,901 INFO ebpfsvc.agent: synced 2 frontends in 0.8 ms: ApplyStats()\n'
+           '2026-12-02 06:40:38,905 INFO ebpfsvc.agent: attached to pod interface lxc0 (ifindex 5)\n'
+           'I1202 06:40:39.250000   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv6" elapsed="5ms"\n'
+           'I1202 06:40:39.500000   77 proxier.go:800] "SyncProxyRules complete" ipFamily="IPv4" elapsed="12.5ms"\n')
+    got = real.sync_completions(log, 2026)
+    assert got == [(dt.datetime(2026, 12, 2, 6, 40, 38, 901000).timestamp(), 0.8),
+                   (dt.datetime(2026, 12, 2, 6, 40, 39, 500000).timestamp(), pytest.approx(12.5))]
+
+
+def test_a_process_cpu_is_read_and_a_gone_one_is_none():
+    import os
+
+    assert real.process_cpu_seconds(os.getpid()) > 0
+    assert real.process_cpu_seconds(None) is None and real.process_cpu_seconds(2 ** 22 + 1) is None
+
+
 def test_the_measured_service_is_found_in_kube_services():
     save = "\n".join(["*nat", ":KUBE-SERVICES - [0:0]",
                       "-A KUBE-SERVICES -d 198.19.0.7/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-A",
@@ -155,7 +175,8 @@ def test_a_tiny_run_against_the_real_kube_proxy(tmp_path):
     for dp in real.NAMES:
         assert {(dp, "tcp_crr_cps"), (dp, "tcp_rr_p99_us"), (dp, "udp_pps")} <= got, dp
         if dp != "direct":
-            assert {(dp, "program_seconds"), (dp, "endpoint_change_ms")} <= got, dp
+            assert {(dp, "program_seconds"), (dp, "endpoint_change_ms"), (dp, "endpoint_change_api_ms"),
+                    (dp, "endpoint_change_synced_ms"), (dp, "proxy_cpu_pct"), (dp, "settle_seconds")} <= got, dp
     assert ("ebpfsvc", "map_write_seconds") in got and ("kube-proxy-iptables", "first_sync_seconds") in got
     assert "## Summary" in report.read_text()
     assert not Path(f"/run/ebpfsvc-lab/{data['meta']['lab']['prefix']}").exists()

@@ -7,7 +7,7 @@ namespace, `<prefix>-np`, that looks like node-1 of the lab: an uplink with
 198.18.0.11/24 and a fixed MAC, permanent neighbours for node-2 and the
 external client, a route to node-2's pod CIDR. BPF_PROG_TEST_RUN resolves
 routes in the caller's namespace, so the run happens on a thread inside it
-(ebpfsvc.lab.nsenter.run_in); nothing touches the root namespace.
+(ebpfsvc.datapath.nsenter.run_in); nothing touches the root namespace.
 
 Address plan (198.18.0.0/15 only): node 198.18.0.11 (uplink, NodePort and SNAT
 address), node-2 198.18.0.12, external client 198.18.0.100 (second client
@@ -30,7 +30,7 @@ from ebpfsvc.datapath import loader
 from ebpfsvc.datapath.flowhash import flow_hash
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName
 
 from .conftest import TEST_LIMITS

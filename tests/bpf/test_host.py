@@ -1,6 +1,6 @@
 """Clients in the node's own namespace (hostNetwork pods, node daemons) to ClusterIPs: bpf/lib/host.h.
 
-from_host runs at the egress of the agent's dummy device, where the node routes the service
+from_host runs at the egress of the agent's node-client device (a veth), where the node routes the service
 CIDR: it DNATs and sends the packet on itself (no hop: the packet is the node's own). Replies
 come back addressed to the node, through the uplink (remote backend) or a pod veth (local
 backend), and get the ClusterIP back as their source.
@@ -23,7 +23,7 @@ from .packets import CLIENT, HAIRPIN, VIP, be, frontend, from_pod, tcp, udp
 
 pytestmark = pytest.mark.root
 
-DUMMY_MAC = "02:00:00:00:00:99"        # the dummy device's own address: both ends of its frames
+DUMMY_MAC = "02:00:00:00:00:99"        # the node-client device's own address: both ends of its frames
 WEB = frontend(VIP, 80, [be(REMOTE_BE)])
 DNS = frontend(VIP, 53, [be(REMOTE_BE, 5353, Protocol.UDP)], proto=Protocol.UDP, name="dns")
 

@@ -28,7 +28,7 @@ from ebpfsvc.config import NodeConfig
 from ebpfsvc.datapath import loader
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.desired import desired_state
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lbmodel import Frontend, FrontendKey, FrontendKind, LBState, Protocol, Scope, ServicePortName
 from ebpfsvc.sources.base import Event, EventType
 from ebpfsvc.tracker import ClusterState
@@ -315,7 +315,7 @@ def test_setup_attaches_to_lo_and_cleanup_removes_everything(uplink, pin_dir):
     from pathlib import Path
 
     from ebpfsvc.datapath import hostpath, tc
-    from ebpfsvc.inspect.cleanup import cleanup
+    from ebpfsvc.datapath.cleanup import cleanup
 
     ns = uplink.netns
     lo = uplink.ifindex("lo")

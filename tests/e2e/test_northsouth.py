@@ -16,7 +16,7 @@ import pytest
 
 from ebpfsvc.lab import Lab, apps
 
-from .helpers import drops, node_maps, service, wait_for, wait_ready
+from .helpers import add_clients, cluster_ip, connect_outcome, drops, node_maps, service, wait_for, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -123,6 +123,24 @@ def test_nodeport_local_policy_keeps_client_and_drops_without_local_backend(lab)
     before = drops(lab, "node-2").get("no_local_backend", 0)
     assert curl(lab, "http://198.18.0.12:30182/", timeout=2) is None     # dropped: no answer at all
     assert drops(lab, "node-2").get("no_local_backend", 0) > before
+
+
+def test_local_policies_without_any_endpoint_are_refused(lab):
+    """Both traffic policies Local and no endpoint anywhere: refused at once (a RST), from outside
+    through the NodePort and from a pod to the clusterIP, as kube-proxy v1.37.2 rejects a Service
+    with no endpoints whatever its policies; a drop would leave the clients hanging."""
+    add_clients(lab, {"ns-none-cl": "node-1"})
+    lab.apply([service("np-none", [{"port": 80, "targetPort": 8080, "nodePort": 30183}],
+                       selector={"pod": "nobody-has-this-label"}, type="NodePort",
+                       externalTrafficPolicy="Local", internalTrafficPolicy="Local")])
+    wait_external(lab, "node-1", NODES["node-1"], 30183, backends=0)
+    before = drops(lab, "node-1")
+    out = lab.external_exec("client", ["curl", "-sS", "--max-time", "3", "http://198.18.0.11:30183/"])
+    assert out.returncode == 7, out.stderr    # curl: connection refused
+    assert connect_outcome(lab, "ns-none-cl", cluster_ip(lab, "np-none"), 80) == "refused"
+    after = drops(lab, "node-1")
+    assert after.get("no_backend", 0) >= before.get("no_backend", 0) + 2     # ours, not the kernel's RST
+    assert after.get("no_local_backend", 0) == before.get("no_local_backend", 0)
 
 
 def test_external_ip_and_load_balancer(lab):

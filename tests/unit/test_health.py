@@ -15,7 +15,8 @@ import pytest
 from ebpfsvc.health import (HealthServer, ProxierHealth, ServiceHealthServers, local_endpoint_counts,
                             parse_bind_address)
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, LBState, Scope, ServicePortName
-from ebpfsvc.metrics import Telemetry
+from ebpfsvc.collectors import AgentReadings
+from ebpfsvc.telemetry import Telemetry
 
 
 class FakeClock:
@@ -90,6 +91,33 @@ def test_healthz_states_with_a_fake_clock():
     assert h.status()[:2] == (False, "stopping")
 
 
+def test_livez_fails_only_on_stale_updates_as_kube_proxy():
+    """kube-proxy v1.37.2's livezHandler answers 503 exactly when its proxier is unhealthy (an update
+    waited past the timeout): not while starting, not for the Node, not for a configuration fault."""
+    clock = FakeClock()
+    h = ProxierHealth(timeout=60, clock=clock)
+    srv = HealthServer(h, alive=lambda: True, host="127.0.0.1", port=0)
+    try:
+        h.queued()
+        clock.advance(600)                                   # a slow first sync is not killed
+        assert get(srv.port, "/livez")[0] == 200 and h.stale() == ""
+        h.updated()
+        h.node_changed(parse_node(node_obj(taints=[TO_BE_DELETED])))
+        h.set_fault("uplinks", "uplink bond0 not found")
+        assert get(srv.port, "/healthz")[0] == 503
+        assert get(srv.port, "/livez")[0] == 200             # a restart would change neither
+        h.queued()
+        clock.advance(60)
+        code, body, _ = get(srv.port, "/livez")
+        assert (code, body["state"]) == (503, "stale") and "nodeEligible" not in body
+        assert body["reason"] == "no sync for 60.0s, an update queued 60.0s ago is not programmed"
+        assert get(srv.port, "/healthz")[1]["reason"] == "uplink bond0 not found"
+        h.updated()
+        assert get(srv.port, "/livez")[0] == 200
+    finally:
+        srv.close()
+
+
 def test_bind_address_forms():
     assert parse_bind_address("0.0.0.0:10256", 1) == ("0.0.0.0", 10256)
     assert parse_bind_address(":10249", 1) == ("0.0.0.0", 10249)
@@ -114,12 +142,14 @@ def test_health_server_http_answers():
         assert code == 200 and body["source"] == {"Service": {"errors": 2}}
         clock.advance(61)
         assert get(srv.port, "/healthz")[0] == 503
-        assert get(srv.port, "/livez")[0] == 200          # stale but alive: kube-proxy's livez
+        code, body, _ = get(srv.port, "/livez")           # stale: kube-proxy v1.37.2's livez fails too
+        assert (code, body["state"], body["reason"]) == (503, "stale", "no sync for 61.0s")
+        h.updated()                                       # fresh again: the next 503 is the dead loops
         alive.clear()
         assert get(srv.port, "/livez")[0] == 503
         assert get(srv.port, "/nope")[0] == 404
         assert probes == [("/healthz", 503), ("/livez", 200), ("/healthz", 200), ("/healthz", 503),
-                          ("/livez", 200), ("/livez", 503), ("/nope", 404)]
+                          ("/livez", 503), ("/livez", 503), ("/nope", 404)]
     finally:
         srv.close()
 
@@ -220,10 +250,21 @@ class FakeAgent:
     desired: object = None
 
 
+def telemetry(agent: FakeAgent, clock=None) -> Telemetry:
+    """A Telemetry reading the fake agent as the real one hands itself over (agent.Agent)."""
+    state = lambda: agent.state  # noqa: E731
+    readings = AgentReadings(
+        loops_alive=lambda: agent.runner.alive, sync_failures=lambda: agent.runner.failures,
+        source_stats=lambda: agent.source.stats, invalid_objects=lambda: agent.invalid_objects,
+        problems=lambda: state().problems if state() is not None else [],
+        pending_changes=(lambda: state().pending_changes()) if agent.state is not None else None)
+    return Telemetry(agent.config, readings, **({"clock": clock} if clock is not None else {}))
+
+
 def test_agent_states_starting_synced_api_lost_stale_stopping():
     clock = FakeClock()
     agent = FakeAgent()
-    t = Telemetry(agent, clock=clock)
+    t = telemetry(agent, clock)
     t.start()
     port = t.healthz_server.port
     try:
@@ -256,7 +297,7 @@ def test_agent_states_starting_synced_api_lost_stale_stopping():
         clock.advance(1)
         code, body, _ = get(port, "/healthz")
         assert (code, body["state"]) == (503, "stale")
-        assert get(port, "/livez")[0] == 200
+        assert get(port, "/livez")[0] == 503     # kube-proxy: a stuck sync loop is restarted by the kubelet
         t.sync_started()
         t.sync_done(0.002)
         assert get(port, "/healthz")[0] == 200
@@ -305,7 +346,7 @@ def test_taken_addresses_are_retried_in_the_background_not_fatal(monkeypatch, ca
     hport, mport = healthz.getsockname()[1], metrics.getsockname()[1]
     agent = FakeAgent(config=FakeConfig(healthz_bind_address=f"127.0.0.1:{hport}",
                                         metrics_bind_address=f"127.0.0.1:{mport}"))
-    t = Telemetry(agent, clock=FakeClock())
+    t = telemetry(agent, FakeClock())
     caplog.set_level(logging.INFO, logger="ebpfsvc.health")
     try:
         t.start()                                    # no exception: the agent goes on and programs Services
@@ -338,7 +379,7 @@ def test_bind_address_hard_fail_is_one_clear_error():
     held = hold_port()
     port = held.getsockname()[1]
     agent = FakeAgent(config=FakeConfig(healthz_bind_address=f"127.0.0.1:{port}", bind_address_hard_fail=True))
-    t = Telemetry(agent, clock=FakeClock())
+    t = telemetry(agent, FakeClock())
     try:
         with pytest.raises(BindError) as err:
             t.start()
@@ -401,6 +442,7 @@ from ebpfsvc.config import NodeConfig  # noqa: E402
 from ebpfsvc.desired import DesiredStateBuilder  # noqa: E402
 from ebpfsvc.health import serving_problems  # noqa: E402
 from ebpfsvc.k8s.fields import Problem  # noqa: E402
+from ebpfsvc.k8s.node import parse_node  # noqa: E402
 from ebpfsvc.sources.base import Event, EventType  # noqa: E402
 from ebpfsvc.tracker import ClusterState  # noqa: E402
 
@@ -420,16 +462,17 @@ def test_node_eligible_follows_the_node_as_kube_proxy_decides():
     h.updated()
     ok, state, _, body = h.status()
     assert ok and body["nodeEligible"] is True                 # eligible until a Node event says otherwise
-    h.node_changed(node_obj(taints=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]))
+    h.node_changed(parse_node(node_obj(taints=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}])))
     assert h.status()[0] is True                               # cordoned is still eligible
-    h.node_changed(node_obj(taints=[TO_BE_DELETED]))
+    h.node_changed(parse_node(node_obj(taints=[TO_BE_DELETED])))
     ok, state, reason, body = h.status()
     assert (ok, state, body["nodeEligible"]) == (False, "node-ineligible", False)
+    assert body["healthy"] is True                             # kube-proxy's body: the proxier's health alone
     assert reason == "tainted ToBeDeletedByClusterAutoscaler (the cluster autoscaler is removing it)"
     assert h.proxier_healthy() is True                         # serviceProxyHealthy ignores the Node
-    h.node_changed(node_obj())
+    h.node_changed(parse_node(node_obj()))
     assert h.status()[0] is True and h.status()[3]["nodeEligible"] is True
-    h.node_changed(node_obj(deleting=True))
+    h.node_changed(parse_node(node_obj(deleting=True)))
     assert h.status()[2] == "its Node object is being deleted"
     h.node_changed(None)
     assert h.status()[2] == "its Node object is deleted"
@@ -439,8 +482,8 @@ def test_node_eligible_follows_the_node_as_kube_proxy_decides():
 
 def test_healthz_body_carries_node_eligible_and_the_node_events_reach_it():
     agent = FakeAgent(config=FakeConfig(node=NodeConfig(node_name="node-a")))
-    t = Telemetry(agent, clock=FakeClock())
-    tap = t.sink(ClusterState())
+    t = telemetry(agent, FakeClock())
+    tracker = ClusterState(agent.config.node, on_node=t.health.node_changed)    # as the agent wires them
     t.start()
     port = t.healthz_server.port
     try:
@@ -448,16 +491,16 @@ def test_healthz_body_carries_node_eligible_and_the_node_events_reach_it():
         t.sync_done(0.001)
         code, body, _ = get(port, "/healthz")
         assert code == 200 and body["nodeEligible"] is True
-        tap.on_relist("Node", [node_obj("node-b", taints=[TO_BE_DELETED]), node_obj("node-a")])
+        tracker.on_relist("Node", [node_obj("node-b", taints=[TO_BE_DELETED]), node_obj("node-a")])
         assert get(port, "/healthz")[0] == 200                 # another node's taint is not ours
-        tap.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a", taints=[TO_BE_DELETED])))
+        tracker.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a", taints=[TO_BE_DELETED])))
         code, body, _ = get(port, "/healthz")
         assert (code, body["nodeEligible"], body["state"]) == (503, False, "node-ineligible")
         code, body, _ = get(port, "/livez")
         assert code == 200 and "nodeEligible" not in body     # kube-proxy's /livez: alive, whatever the Node
-        tap.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a")))
+        tracker.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a")))
         assert get(port, "/healthz")[0] == 200
-        tap.on_event(Event("Node", EventType.DELETED, node_obj("node-a")))
+        tracker.on_event(Event("Node", EventType.DELETED, node_obj("node-a")))
         assert get(port, "/healthz")[1]["nodeEligible"] is False
     finally:
         t.close()
@@ -486,11 +529,11 @@ def service(name, cluster_ip, *, node_port=None):
 def synced_telemetry(node: NodeConfig, services: list[dict]):
     """A Telemetry over a real tracker and desired-state builder, the Services listed and synced once."""
     agent = FakeAgent(config=FakeConfig(node=node), state=ClusterState(node), desired=DesiredStateBuilder(node))
-    t = Telemetry(agent, clock=FakeClock())
-    tap = t.sink(agent.state)
-    tap.on_relist("Service", services)
-    agent.last_applied = agent.desired.build(agent.state.snapshot()).state
-    t.sync_done(0.001)
+    t = telemetry(agent, FakeClock())
+    agent.state.on_relist("Service", services)
+    snapshot = agent.state.snapshot()
+    agent.last_applied = agent.desired.build(snapshot).state
+    t.sync_done(0.001, snapshot=snapshot, node=agent.desired.node, applied=agent.last_applied)
     return t
 
 
@@ -516,3 +559,32 @@ def test_nodeport_services_without_a_nodeport_address_make_healthz_fail():
     assert t.health.proxier_healthy() is True      # healthCheckNodePorts still answer by local endpoints
     served = synced_telemetry(NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",)), services)
     assert served.health.status()[:2] == (True, "synced")
+
+
+def test_health_check_node_ports_only_for_services_this_proxy_serves():
+    """kube-proxy v1.37.2 never sees a Service labelled service-proxy-name (even with an empty value)
+    or headless, so it opens no healthCheckNodePort for them; neither do we (a Service not in the
+    snapshot, e.g. rejected, gets none either). The agent's wiring: tests/e2e/test_oracle.py."""
+    from ebpfsvc.health import served_health_check_ports
+    from ebpfsvc.k8s.service import parse_service
+
+    node = NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",))
+    labels = {"web": {}, "other": {"service.kubernetes.io/service-proxy-name": "other-proxy"},
+              "empty": {"service.kubernetes.io/service-proxy-name": ""},
+              "headless": {"service.kubernetes.io/headless": ""}}
+    services = {}
+    for name, svc_labels in labels.items():
+        obj = service(name, "198.19.0.20", node_port=30090)
+        obj["metadata"]["labels"] = svc_labels
+        obj["spec"].update(type="LoadBalancer", externalTrafficPolicy="Local")
+        services[("default", name)] = parse_service(obj, node)
+    ports = {("default", name): 31000 + i for i, name in enumerate([*labels, "rejected"])}
+    assert served_health_check_ports(ports, services, node) == {("default", "web"): 31000}
+    servers = ServiceHealthServers("127.0.0.1")
+    port = _free_port()
+    try:
+        servers.sync(served_health_check_ports({("default", "web"): port, ("default", "empty"): _free_port()},
+                                               services, node), {})
+        assert servers.ports == {("default", "web"): port} and get(port, "/")[0] == 503
+    finally:
+        servers.close()

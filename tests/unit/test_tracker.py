@@ -160,6 +160,23 @@ def test_invalid_add_is_skipped_and_reported_once(caplog):
     assert state.snapshot().services == {}
 
 
+def test_lone_surrogate_name_is_one_line_naming_the_object_and_costs_only_that_object(caplog):
+    # A name with a lone surrogate cannot be encoded: it used to reach the writer and stop every
+    # sync with UnicodeEncodeError.  Now the model refuses it, in one printable line.
+    seen: list[Problem] = []
+    state = ClusterState(NodeConfig("node-1"), on_invalid=seen.append)
+    with caplog.at_level(logging.WARNING, logger="ebpfsvc.tracker"):
+        send(state, ADDED, service(name="bad\ud800"))
+        send(state, ADDED, service(name="ok", cluster_ip="198.19.0.11"))
+    assert [p.field for p in seen] == ["metadata.name"]
+    line = caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "\n" not in line
+    assert line.startswith("skipping invalid object (last good version stays in force): "
+                           "Service default/bad\\ud800: metadata.name: ")
+    line.encode("utf-8")            # printable as it is
+    assert list(state.snapshot().services) == [("default", "ok")]
+
+
 def test_invalid_update_keeps_last_good_version(state):
     send(state, ADDED, service())
     state.snapshot()
@@ -270,6 +287,20 @@ def test_endpoints_merge_across_slices_dedup_ready_copy_wins(state):
     send(state, ADDED, slice_("web-c", endpoint("198.18.1.12", ready=False)))
     assert addresses(state.snapshot()) == [
         ("198.18.1.10", 8080, True), ("198.18.1.11", 8080, True), ("198.18.1.12", 8080, False)]
+
+
+def test_duplicate_address_prefers_the_copy_that_is_not_terminating(state):
+    """The pod network reused the address of a pod still terminating for a new pod, not ready yet:
+    as kube-proxy v1.37.2, the new pod's (not terminating) copy counts, whatever the slices' names."""
+    old = endpoint("198.18.1.10", ready=False, node="node-2", serving=True, terminating=True)
+    new = endpoint("198.18.1.10", ready=False, node="node-1")
+    for first, second in (("web-a", "web-b"), ("web-b", "web-a")):
+        send(state, ADDED, slice_(first, old))
+        send(state, ADDED, slice_(second, new))
+        (ep,) = state.snapshot().endpoints[WEB_HTTP]
+        assert (ep.node_name, ep.terminating) == ("node-1", False)
+        send(state, DELETED, slice_(first, old))
+        send(state, DELETED, slice_(second, new))
 
 
 def test_slices_of_other_services_and_namespaces_stay_apart(state):

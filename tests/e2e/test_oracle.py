@@ -1,0 +1,313 @@
+"""The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
+builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
+compared (issue 17): 15 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
+for DIFFERENCES.
+
+Four rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
+TCP connection whose endpoint leaves the Service (a selector change) goes on with kube-proxy and is
+reset by ebpfsvc (#3); the legacy source-ranges annotation, which kube-proxy ignores, fences a
+LoadBalancer IP with ebpfsvc; publishNotReadyAddresses on a hand-written slice that says
+`ready: false`, which kube-proxy leaves to the EndpointSlice controller; the client address a
+backend on the receiving node sees with externalTrafficPolicy Cluster (#8).
+
+One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
+and `kube-proxy --cleanup` removes its rules (docs/deploy.md); the ebpfsvc agents start and
+every row is observed again. An observation is what a client sees: "refused" (a RST or an ICMP
+port unreachable), "timeout" (dropped), an HTTP status and the body fields kube-proxy defines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import pytest
+from pyroute2 import IPRoute
+
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, apps, kubeproxy
+from ebpfsvc.lab.network import UPLINK
+
+from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, http_get, service, wait_agents_attached,
+                      wait_for, wait_programmed, wait_ready)
+
+pytestmark = pytest.mark.root
+
+CLIENT = "or-client"             # a client pod on node-1
+EXTERNAL = "client"              # the lab's external client (outside the cluster)
+NODE1 = "198.18.0.11"
+SERVICE_CIDR, UPSTREAM = "198.19.0.0/16", "198.18.0.100"     # the lab's service CIDR; its external client
+TO_BE_DELETED = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1764650000", "effect": "NoSchedule"}
+
+
+def echo(name: str, node: str) -> dict:
+    return apps.pod(name, "http-echo", 8080, node=node, labels={"pod": name, "app": "or-echo"})
+
+
+def hinted(lab: Lab, svc: str, field: str) -> bool:
+    """The controller has written `field` hints on both of the Service's endpoints."""
+    eps = [ep for sl in lab.endpoint_slices(svc) for ep in sl.get("endpoints") or []]
+    return len(eps) == 2 and all((ep.get("hints") or {}).get(field) for ep in eps)
+
+
+def answering(lab: Lab, svc: str) -> str:
+    vip = cluster_ip(lab, svc)
+    return " ".join(sorted({http_get(lab, CLIENT, vip, 80)["pod"] for _ in range(CONNECTIONS)}))
+
+
+SERVICES = [
+    # Both traffic policies Local, no endpoint anywhere (nothing has this label).
+    service("or-none", [{"port": 80, "targetPort": 8080, "nodePort": 30470}], selector={"pod": "nobody"},
+            type="NodePort", externalTrafficPolicy="Local", internalTrafficPolicy="Local"),
+    # Both traffic policies Local, the only endpoint on node-2.
+    service("or-remote", [{"port": 80, "targetPort": 8080, "nodePort": 30471}], selector={"pod": "or-b"},
+            type="NodePort", externalTrafficPolicy="Local", internalTrafficPolicy="Local"),
+    # healthCheckNodePorts: a LoadBalancer Service with ETP Local and an endpoint on node-1, and the
+    # same labelled service-proxy-name with an empty value (kube-proxy: not its Service).
+    service("or-lb", [{"port": 80, "targetPort": 8080, "nodePort": 30472}], selector={"pod": "or-a"},
+            type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=30473),
+    {**service("or-other", [{"port": 80, "targetPort": 8080, "nodePort": 30474}], selector={"pod": "or-a"},
+               type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=30475),
+     "metadata": {"name": "or-other", "labels": {"service.kubernetes.io/service-proxy-name": ""}}},
+]
+
+# trafficDistribution: the EndpointSlice controller writes node hints (PreferSameNode) or zone hints
+# (PreferSameZone); both endpoints, or-a on node-1 (zone-a) and or-b on node-2 (zone-b).
+TOPOLOGY = {"or-same-node": ("PreferSameNode", "forNodes"), "or-same-zone": ("PreferSameZone", "forZones")}
+SERVICES += [service(name, [{"port": 80, "targetPort": 8080}], selector={"app": "or-echo"},
+                     trafficDistribution=mode) for name, (mode, _) in TOPOLOGY.items()]
+CONNECTIONS = 12    # a backend of two missed 12 times by plain balancing: 2 * 2^-12
+
+
+def moved(selector: dict) -> dict:
+    """The Service whose only endpoint (tcp-echo pod or-c) leaves it when its selector changes."""
+    return service("or-moved", [{"port": 7000}], selector=selector)
+
+
+SERVICES.append(moved({"pod": "or-c"}))
+LB_IP = "198.18.200.20"          # the lab's external client routes 198.18.200.0/24 via node-1
+SERVICES += [
+    # The legacy annotation only (the field empty), a range without the external client.
+    {**service("or-fenced", [{"port": 80, "targetPort": 8080}], selector={"pod": "or-a"}, type="LoadBalancer"),
+     "metadata": {"name": "or-fenced", "annotations": {
+         "lab.ebpfsvc.io/lb-ip": LB_IP, "service.beta.kubernetes.io/load-balancer-source-ranges": "198.18.0.200/32"}}},
+    # externalTrafficPolicy Cluster, the only endpoint on node-1, reached through node-1's NodePort.
+    service("or-cluster", [{"port": 80, "targetPort": 8080, "nodePort": 30476}], selector={"pod": "or-a"},
+            type="NodePort"),
+    # Selectorless: its slice is hand-written (pnr_slice), or-a listed as not ready.
+    service("or-pnr", [{"port": 80, "targetPort": 8080}], publishNotReadyAddresses=True),
+]
+
+
+def pnr_slice(address: str) -> dict:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "or-pnr-1", "labels": {"kubernetes.io/service-name": "or-pnr"}},
+            "addressType": "IPv4", "ports": [{"name": "", "protocol": "TCP", "port": 8080}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": False}, "nodeName": "node-1"}]}
+
+# What both proxies must show (kube-proxy v1.37.2's behaviour, checked against it by this test).
+EXPECTED = {
+    "Local policies, no endpoint anywhere: pod -> clusterIP": "refused",
+    "Local policies, no endpoint anywhere: outside -> NodePort": "refused",
+    "Local policies, endpoint on node-2 only: pod on node-1 -> clusterIP": "timeout",
+    "Local policies, endpoint on node-2 only: outside -> node-1's NodePort": "timeout",
+    "healthCheckNodePort, ETP Local, endpoint on node-1": "200 localEndpoints=1",
+    "healthCheckNodePort, service-proxy-name label with an empty value": "refused",
+    "trafficDistribution PreferSameNode: who answers a pod on node-1": "or-a",
+    "trafficDistribution PreferSameZone: who answers a pod on node-1": "or-a",
+    "established TCP, its endpoint leaves the Service (selector change)": "survives",
+    "legacy source-ranges annotation without the client: outside -> LoadBalancer IP": "HTTP 200",
+    "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP": "refused",
+    "ETP Cluster, backend on the receiving node: the source it sees": "masqueraded",
+    "/healthz on node-1": "200 nodeEligible=True",
+    "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
+    "/healthz on node-1, taint removed": "200 nodeEligible=True",
+}
+
+
+# Where ebpfsvc observes something else on purpose (docs/semantics.md, "Kept on purpose").
+DIFFERENCES = {
+    "established TCP, its endpoint leaves the Service (selector change)": "reset",     # item 3
+    "legacy source-ranges annotation without the client: outside -> LoadBalancer IP": "timeout",
+    "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP": "connected",
+    "ETP Cluster, backend on the receiving node: the source it sees": "the client",
+}
+
+
+def http(lab: Lab, url: str, where: str = "external") -> tuple[int, dict]:
+    """(status, JSON body) of a GET from the external client or, where="node-1", the node itself;
+    (0, {"outcome": ...}) when nothing answers with HTTP."""
+    argv = ["curl", "-s", "--max-time", "3", "-w", "\n%{http_code}", url]
+    out = lab.external_exec(EXTERNAL, argv) if where == "external" else lab.node_exec(where, argv)
+    if out.returncode:
+        return 0, {"outcome": {7: "refused", 28: "timeout"}.get(out.returncode, f"curl exit {out.returncode}")}
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code), json.loads(body or "{}")
+
+
+def source_seen(lab: Lab, url: str) -> str:
+    """Whom the http-echo backend saw as its client, for a GET from the external client."""
+    code, body = http(lab, url)
+    if code != 200:
+        return body.get("outcome", f"HTTP {code}")
+    return "the client" if body["client"] == UPSTREAM else "masqueraded"
+
+
+def outside(lab: Lab, url: str) -> str:
+    code, body = http(lab, url)
+    return body["outcome"] if code == 0 else f"HTTP {code}"
+
+
+def health_check(lab: Lab, port: int) -> str:
+    code, body = http(lab, f"http://{NODE1}:{port}/")
+    return body["outcome"] if code == 0 else f"{code} localEndpoints={body.get('localEndpoints')}"
+
+
+def healthz(lab: Lab) -> str:
+    code, body = http(lab, "http://127.0.0.1:10256/healthz", where="node-1")
+    return body["outcome"] if code == 0 else f"{code} nodeEligible={body.get('nodeEligible')}"
+
+
+def settle(observe: Callable[[], str], want: str, timeout: float = 20.0) -> str:
+    """The observation once it shows `want`, or the last one after `timeout` (a proxy that never
+    reacts shows its own answer in the comparison)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = observe()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def taint(lab: Lab, node: str, taints: list | None) -> None:
+    lab.api.request("PATCH", f"/api/v1/nodes/{node}", {"spec": {"taints": taints}},
+                    content_type="application/merge-patch+json")
+
+
+@contextmanager
+def upstream_route(lab: Lab) -> Iterator[None]:
+    """A real node has a default route to its upstream router, so a pod's packet to a ClusterIP
+    that kube-proxy does not DNAT (no endpoints; a Local policy without one here) is routed and
+    then meets kube-proxy's filter rules (REJECT, DROP). Lab nodes have no default route: the
+    kernel would answer "network unreachable" before kube-proxy's rules see the packet. So, for
+    kube-proxy's turn, the service CIDR is routed to the external client as the nodes' upstream
+    (in the lab's node namespaces); gone before the agents start, which route it to their device."""
+    def route(action: str) -> None:
+        with IPRoute() as ipr:
+            ipr.route(action, dst=SERVICE_CIDR, gateway=UPSTREAM, oif=ipr.link_lookup(ifname=UPLINK)[0])
+
+    nodes = [lab.node_netns(n.name) for n in lab.spec.nodes]
+    for netns in nodes:
+        nsenter.run_in(netns, lambda: route("add"))
+    try:
+        yield
+    finally:
+        for netns in nodes:
+            nsenter.run_in(netns, lambda: route("del"))
+
+
+def stream_after_endpoint_left(lab: Lab) -> str:
+    """A stream to or-c through or-moved; the selector changes so or-c leaves the Service; once
+    the proxy has synced that (a new connection is refused: no endpoint left), what the stream
+    gets for its next line. The selector is put back afterwards."""
+    vip = cluster_ip(lab, "or-moved")
+    stream = TcpStream(lab, CLIENT, vip, 7000, timeout=5)
+    try:
+        assert stream.backend() == "or-c"
+        lab.apply([moved({"pod": "nobody"})])
+        wait_for(lambda: connect_outcome(lab, CLIENT, vip, 7000, timeout=1) == "refused",
+                 what="the proxy has removed or-c from or-moved")
+        try:
+            answer = stream.ask("still there?")
+        except TimeoutError:
+            return "timeout"
+        except OSError:                  # ConnectionError: reset or closed
+            return "reset"
+        return "survives" if answer == "or-c: still there?" else f"answered {answer!r}"
+    finally:
+        stream.close()
+        lab.apply([moved({"pod": "or-c"})])
+        wait_for(lambda: connect_outcome(lab, CLIENT, vip, 7000, timeout=1) == "connected",
+                 what="or-c back in or-moved")
+
+
+def observe(lab: Lab, proxy: str) -> dict[str, str]:
+    none_vip, remote_vip = cluster_ip(lab, "or-none"), cluster_ip(lab, "or-remote")
+
+    def expected(row: str) -> str:
+        return DIFFERENCES.get(row, EXPECTED[row]) if proxy == "ebpfsvc" else EXPECTED[row]
+
+    fenced = "legacy source-ranges annotation without the client: outside -> LoadBalancer IP"
+    pnr = "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP"
+    got = {
+        fenced: settle(lambda: outside(lab, f"http://{LB_IP}/"), expected(fenced)),
+        pnr: connect_outcome(lab, CLIENT, cluster_ip(lab, "or-pnr"), 80),
+        "ETP Cluster, backend on the receiving node: the source it sees": source_seen(lab, f"http://{NODE1}:30476/"),
+        "Local policies, no endpoint anywhere: pod -> clusterIP": connect_outcome(lab, CLIENT, none_vip, 80),
+        "Local policies, no endpoint anywhere: outside -> NodePort": outside(lab, f"http://{NODE1}:30470/"),
+        "Local policies, endpoint on node-2 only: pod on node-1 -> clusterIP":
+            connect_outcome(lab, CLIENT, remote_vip, 80, timeout=2),
+        "Local policies, endpoint on node-2 only: outside -> node-1's NodePort": outside(lab, f"http://{NODE1}:30471/"),
+        "healthCheckNodePort, ETP Local, endpoint on node-1":
+            settle(lambda: health_check(lab, 30473), EXPECTED["healthCheckNodePort, ETP Local, endpoint on node-1"]),
+        "healthCheckNodePort, service-proxy-name label with an empty value": health_check(lab, 30475),
+        "trafficDistribution PreferSameNode: who answers a pod on node-1": answering(lab, "or-same-node"),
+        "trafficDistribution PreferSameZone: who answers a pod on node-1": answering(lab, "or-same-zone"),
+        "established TCP, its endpoint leaves the Service (selector change)": stream_after_endpoint_left(lab),
+        "/healthz on node-1": settle(lambda: healthz(lab), EXPECTED["/healthz on node-1"]),
+    }
+    try:
+        taint(lab, "node-1", [TO_BE_DELETED])
+        key = "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler"
+        got[key] = settle(lambda: healthz(lab), EXPECTED[key])
+    finally:
+        taint(lab, "node-1", None)
+    key = "/healthz on node-1, taint removed"
+    got[key] = settle(lambda: healthz(lab), EXPECTED[key])
+    return got
+
+
+def table(results: dict[str, dict[str, str]]) -> str:
+    width = max(map(len, EXPECTED))
+    lines = [f"{'scenario':<{width}}  {'kube-proxy':<24} ebpfsvc"]
+    lines += [f"{row:<{width}}  {results['kube-proxy'][row]:<24} {results['ebpfsvc'][row]}" for row in EXPECTED]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("mode", kubeproxy.MODES)
+def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
+    with Lab.up(prefix=unique_prefix, agents=False) as lab:
+        lab.apply([bare_pod(CLIENT, "node-1"), echo("or-a", "node-1"), echo("or-b", "node-2"),
+                   apps.pod("or-c", "tcp-echo", 7000, node="node-2", labels={"pod": "or-c"}), *SERVICES])
+        wait_ready(lab, ["or-a", "or-b", "or-c"])
+        lab.apply([pnr_slice(lab.pod_ip("or-a"))])
+        for svc, (_, field) in TOPOLOGY.items():
+            wait_for(lambda: hinted(lab, svc, field), what=f"{field} hints on {svc}'s endpoints")
+        results: dict[str, dict[str, str]] = {}
+
+        began = time.monotonic()
+        for node in ("node-1", "node-2"):
+            kubeproxy.start(lab, node, mode)
+        for node in ("node-1", "node-2"):
+            kubeproxy.wait_serving(lab, node, mode, cluster_ip(lab, "or-lb"), 80, since=began)
+        with upstream_route(lab):
+            results["kube-proxy"] = observe(lab, "kube-proxy")
+
+        for node in ("node-1", "node-2"):
+            kubeproxy.stop(lab, node)
+            cleaned = kubeproxy.cleanup(lab, node)
+            assert cleaned.returncode == 0, cleaned.stderr[-2000:]
+            lab.agent("start", node)
+        # Every object was there before the agents started: their first sync programs them all.
+        wait_programmed(lab, "or-lb", 80, backends=1)
+        wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"])
+        wait_agents_attached(lab, [CLIENT, "or-a", "or-b", "or-c"])
+        results["ebpfsvc"] = observe(lab, "ebpfsvc")
+
+        print(f"\nkube-proxy --proxy-mode={mode}\n" + table(results))
+        assert results["kube-proxy"] == EXPECTED, "kube-proxy v1.37.2 is not what docs/semantics.md says\n" + \
+            table(results)
+        assert results["ebpfsvc"] == {**results["kube-proxy"], **DIFFERENCES}, \
+            "ebpfsvc differs from kube-proxy other than as documented\n" + table(results)
