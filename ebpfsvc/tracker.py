@@ -61,7 +61,7 @@ SERVICE_KINDS = frozenset({"Service", "EndpointSlice", "Endpoints"})
 
 
 _GONE = object()        # an Overlay's "deleted" value
-_OVERLAY_MAX = 1024     # changed entries an Overlay carries before a new base is copied
+_OVERLAY_MIN = 64       # changed entries an Overlay may always carry before a new base is copied
 
 
 class Overlay(Mapping):
@@ -103,10 +103,10 @@ class Overlay(Mapping):
 def overlay_view(base: dict, current: dict, since: set) -> tuple[Mapping, dict]:
     """`current` as a mapping to hand out, without copying it each time: `base` (a copy taken
     earlier, never changed once handed out) with the keys in `since` (changed after it) on top.
-    When the changes outgrow an eighth of the base, a new base is copied and `since` emptied, so
-    a change costs at most about eight of its own entries.  Returns (mapping, the base to keep);
+    When the changes outgrow an eighth of the mapping (or _OVERLAY_MIN), a new base is copied and
+    `since` emptied, so a change costs at most about eight of its own entries.  Returns (mapping, the base to keep);
     the mapping is the base itself when nothing changed since."""
-    if len(since) > max(_OVERLAY_MAX, len(base) // 8):
+    if len(since) > max(_OVERLAY_MIN, len(current) // 8):
         base = dict(current)
         since.clear()
     if not since:

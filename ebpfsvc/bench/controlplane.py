@@ -2,7 +2,7 @@
 
 The agent's path, stage by stage, on real pinned maps:
 
-    raw API objects --on_relist--> ClusterState --snapshot--> desired_state --apply--> BPF maps
+    raw API objects --on_relist--> ClusterState --snapshot--> desired_state --admit--> --apply--> BPF maps
 
 - full sync: N Services x K endpoints from an empty datapath (what an agent does
   on its first start on a busy cluster);
@@ -131,13 +131,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _full_sync(dp, services, slices) -> tuple[dict, tuple]:
+def _full_sync(dp, limits, services, slices) -> tuple[dict, tuple]:
     """One full sync from an empty datapath, as a starting agent does it."""
+    from ebpfsvc.admission import Admission, Capacity
     from ebpfsvc.datapath.writer import MapWriter
 
     writer = MapWriter(dp.maps)
     state = ClusterState(NODE)
     builder = DesiredStateBuilder(NODE)
+    admission = Admission(Capacity.of(limits))
     t0, c0 = time.perf_counter(), time.process_time()
     state.on_relist("Service", services)
     state.on_relist("EndpointSlice", slices)
@@ -145,15 +147,24 @@ def _full_sync(dp, services, slices) -> tuple[dict, tuple]:
         state.on_synced(kind)
     ingest = _ms(t0)
     t1 = time.perf_counter()
-    result = builder.build(state.snapshot())
+    snap = state.snapshot()
+    result = builder.build(snap)
     desired = _ms(t1)
+    t1 = time.perf_counter()
+    admitted = _admit(admission, writer, result, snap)
+    admit = _ms(t1)
     t2 = time.perf_counter()
-    stats = writer.apply(result.state, delta=result.delta)
+    stats = writer.apply(admitted.state, delta=admitted.delta)
     apply = _ms(t2)
-    timing = {"ingest": ingest, "desired": desired, "apply": apply, "total": _ms(t0),
+    timing = {"ingest": ingest, "desired": desired, "admit": admit, "apply": apply, "total": _ms(t0),
               "cpu": round((time.process_time() - c0) * 1000, 2),
               "writes": stats.writes, "frontends": len(result.state.frontends)}
-    return timing, (writer, state, builder)
+    return timing, (writer, state, builder, admission)
+
+
+def _admit(admission, writer, result, snap):
+    """The agent's admission step (ebpfsvc/admission.py): which Services fit in the maps."""
+    return admission.admit(result, snap.services, lambda spn: writer.service_id(spn) is not None)
 
 
 def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path("/sys/fs/bpf"),
@@ -165,21 +176,22 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
     pin_dir = pin_root / f"esbench-cp-{uuid.uuid4().hex[:6]}"
     out: dict = {"services": n_services, "endpoints_per_service": endpoints,
                  "load_average": round(os.getloadavg()[0], 2)}
-    dp = loader.load(pin_dir, limits=limits_for(n_services, endpoints), cache=False)
+    limits = limits_for(n_services, endpoints)
+    dp = loader.load(pin_dir, limits=limits, cache=False)
     try:
         # Full syncs from an empty datapath, each with a new tracker, builder and writer (a
         # starting agent); between them the maps are emptied by applying an empty state.
         fulls = []
         for i in range(full_repeats):
-            timing, (writer, state, builder) = _full_sync(dp, services, slices)
+            timing, (writer, state, builder, admission) = _full_sync(dp, limits, services, slices)
             fulls.append(timing)
             if i + 1 < full_repeats:
                 writer.apply(LBState())
-                del writer, state, builder
+                del writer, state, builder, admission
                 gc.unfreeze()       # heap.bulk froze that state: let this collection free it
                 gc.collect()
         out["full"] = {stage: _spread([f[stage] for f in fulls])
-                       for stage in ("total", "cpu", "ingest", "desired", "apply")}
+                       for stage in ("total", "cpu", "ingest", "desired", "admit", "apply")}
         out["full_repeats"] = full_repeats
         out["full_writes"] = fulls[-1]["writes"]
         out["frontends"] = fulls[-1]["frontends"]
@@ -206,11 +218,14 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
             t2 = time.perf_counter()
             result = builder.build(snap)
             t3 = time.perf_counter()
-            stats = writer.apply(result.state, delta=result.delta)
+            admitted = _admit(admission, writer, result, snap)
+            t3a = time.perf_counter()
+            stats = writer.apply(admitted.state, delta=admitted.delta)
             t4 = time.perf_counter()
             cpu.append((time.process_time() - c0) * 1000)
             totals.append((t4 - t0) * 1000)
-            stages.append([(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000, (t4 - t3) * 1000])
+            stages.append([(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000, (t3a - t3) * 1000,
+                           (t4 - t3a) * 1000])
             if i == 0:
                 out["change_writes"] = stats.writes
                 out["change_stats"] = {k: v for k, v in vars(stats).items() if v}
@@ -220,12 +235,13 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
         out["change_cpu_ms"] = round(statistics.median(cpu), 3)
         out["change_repeats"] = repeats
         out["change_stages_ms"] = {name: round(statistics.median(s[j] for s in stages), 3)
-                                   for j, name in enumerate(("event", "snapshot", "desired", "apply"))}
+                                   for j, name in enumerate(("event", "snapshot", "desired", "admit", "apply"))}
 
         # And nothing at all: a sync of an unchanged cluster.
         t0 = time.perf_counter()
-        result = builder.build(state.snapshot())
-        stats = writer.apply(result.state, delta=result.delta)
+        snap = state.snapshot()
+        admitted = _admit(admission, writer, builder.build(snap), snap)
+        stats = writer.apply(admitted.state, delta=admitted.delta)
         out["noop_total_ms"] = _ms(t0)
         out["noop_writes"] = stats.writes
 
@@ -263,7 +279,8 @@ def report(r: dict) -> list[str]:
         f"{n} services x {k} endpoints ({r['frontends']} frontends), load average {r['load_average']}",
         f"  full sync from empty: {full['total']['median']:.0f} ms median ({full['total']['min']:.0f}-"
         f"{full['total']['max']:.0f}, {r['full_repeats']} runs; CPU {full['cpu']['median']:.0f} ms; ingest {full['ingest']['median']:.0f}, "
-        f"desired {full['desired']['median']:.0f}, map writes {full['apply']['median']:.0f}; {r['full_writes']} entries)",
+        f"desired {full['desired']['median']:.0f}, admission {full['admit']['median']:.0f}, "
+        f"map writes {full['apply']['median']:.0f}; {r['full_writes']} entries)",
         f"  one endpoint change:  {r['change_total_ms']:.3f} ms median, p99 {r['change_p99_ms']:.3f}, "
         f"worst {r['change_max_ms']:.2f} ({r['change_repeats']} changes; CPU {r['change_cpu_ms']:.3f} ms median); "
         f"{r['change_writes']} entries written {r['change_stats']}",

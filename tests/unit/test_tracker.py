@@ -461,7 +461,7 @@ def test_a_parser_bug_costs_one_object_not_the_stream(state, caplog):
 
 def test_a_snapshot_keeps_its_endpoints_while_later_changes_and_new_bases_come(state, monkeypatch):
     import ebpfsvc.tracker as tracker_mod
-    monkeypatch.setattr(tracker_mod, "_OVERLAY_MAX", 3)     # a new base after a few changes
+    monkeypatch.setattr(tracker_mod, "_OVERLAY_MIN", 3)     # a new base after a few changes
     names = [f"svc{i}" for i in range(6)]
     for i, name in enumerate(names):
         send(state, ADDED, service(name, f"198.19.0.{10 + i}"))
@@ -482,3 +482,17 @@ def test_a_snapshot_keeps_its_endpoints_while_later_changes_and_new_bases_come(s
     last = seen[-1][1]
     assert last[names[0]] == [("198.18.4.1", 8080, True)] and last[names[-1]] == []
     assert spn[names[-1]] not in seen[-1][0].endpoints and spn[names[-1]] in seen[0][0].endpoints
+
+
+def test_a_change_after_the_first_sync_carries_only_its_own_entries():
+    # The first snapshot after a full list must take a new base: else every later snapshot would
+    # carry all the endpoints as changes (what a small cluster did before).
+    from ebpfsvc.tracker import Overlay, overlay_view
+    current = {i: (i,) for i in range(1000)}
+    view, base = overlay_view({}, current, set(current))
+    assert base == current and view is base
+    since = {7}
+    current[7] = ("new",)
+    view, base2 = overlay_view(base, current, since)
+    assert base2 is base and isinstance(view, Overlay) and view._changes == {7: ("new",)}
+    assert view[7] == ("new",) and view[8] == (8,) and len(view) == 1000
