@@ -11,7 +11,9 @@ compiled program (its ctypes Key/Leaf types), map by map.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from pathlib import Path
 
 import cffi
@@ -84,3 +86,30 @@ def struct_fields(ctype: str) -> dict[str, tuple[int, int]]:
     """Field name -> (offset, size) of a struct type, for layout checks."""
     t = ffi.typeof(ctype)
     return {name: (f.offset, ffi.sizeof(f.type)) for name, f in t.fields}
+
+
+# ---- __be32 / __be16 fields --------------------------------------------------------------------
+# A network-order field read or written as a native integer (as bcc's ctypes and cffi see it)
+# holds the byte-swapped value on a little-endian host: htonl/htons of the address or port.
+# The one home of that conversion, for the writer, the loader's -D values and the inspection side.
+
+def be32(addr) -> int:
+    """An IPv4 address (IPv4Address, str or int) as the u32 a __be32 field holds."""
+    if not isinstance(addr, ipaddress.IPv4Address):
+        addr = ipaddress.IPv4Address(addr if isinstance(addr, int) else str(addr))
+    return socket.htonl(int(addr))
+
+
+def be16(port: int) -> int:
+    """A port as the u16 a __be16 field holds."""
+    return socket.htons(port)
+
+
+def ip_of_be32(raw: int) -> str:
+    """A __be32 field's value -> dotted quad."""
+    return str(ipaddress.IPv4Address(socket.ntohl(raw)))
+
+
+def port_of_be16(raw: int) -> int:
+    """A __be16 field's value -> port number."""
+    return socket.ntohs(raw)

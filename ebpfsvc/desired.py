@@ -27,10 +27,12 @@ cost of what changed in between, and says which frontends changed (LBDelta) for 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
+from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s.endpointmerge import Endpoint
 from ebpfsvc.k8s.fields import Problem
@@ -38,7 +40,10 @@ from ebpfsvc.k8s.service import Service, ServicePort, TrafficPolicy
 from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints
 from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, LBState, Scope,
                              ServicePortName)
-from ebpfsvc.tracker import ClusterSnapshot, ServiceKey
+from ebpfsvc.tracker import ClusterSnapshot, ServiceKey, overlay_view
+
+# Builds that recompute more Services than this pause the cycle collector (ebpfsvc.heap).
+_BULK_SERVICES = 256
 
 # The field a frontend comes from, to name it when two Services collide.
 _KIND_FIELD = {
@@ -111,6 +116,10 @@ class DesiredStateBuilder:
         self._services: dict[ServiceKey, tuple[Service, tuple[_PortResult, ...]]] = {}
         self._claims: dict[FrontendKey, list[_Claim]] = {}
         self._frontends: dict[FrontendKey, Frontend] = {}          # the winning claim per key
+        # What results hand out (LBState.frontends): a base copy, never changed once handed out,
+        # plus the keys changed since (tracker.Overlay): one change costs its keys, not a copy.
+        self._frontends_base: dict[FrontendKey, Frontend] = {}
+        self._frontends_since: set[FrontendKey] = set()
         self._conflicts: dict[FrontendKey, tuple[Problem, ...]] = {}
         self._failures: dict[ServiceKey, Problem] = {}
 
@@ -145,17 +154,19 @@ class DesiredStateBuilder:
         todo = sorted(todo)
         touched: set[FrontendKey] = set()
         failures_touched = False
-        for key in todo:
-            try:
-                self._update_service(snapshot, zone, key, touched)
-            except Exception as err:    # one Service's bad luck must not stop the others
-                self._drop_service(key, touched)
-                problem = Problem("Service", key[0], key[1], "", f"frontends cannot be computed "
-                                  f"({type(err).__name__}: {err}); not programmed")
-                failures_touched |= self._failures.get(key) != problem
-                self._failures[key] = problem
-            else:
-                failures_touched |= self._failures.pop(key, None) is not None
+        # A full build makes the whole state at once: no cycle collection meanwhile (ebpfsvc.heap).
+        with heap.bulk() if len(todo) > _BULK_SERVICES else contextlib.nullcontext():
+            for key in todo:
+                try:
+                    self._update_service(snapshot, zone, key, touched)
+                except Exception as err:    # one Service's bad luck must not stop the others
+                    self._drop_service(key, touched)
+                    problem = Problem("Service", key[0], key[1], "", f"frontends cannot be computed "
+                                      f"({type(err).__name__}: {err}); not programmed")
+                    failures_touched |= self._failures.get(key) != problem
+                    self._failures[key] = problem
+                else:
+                    failures_touched |= self._failures.pop(key, None) is not None
         changed: set[FrontendKey] = set()
         conflicts_touched = False
         for fkey in touched:
@@ -186,10 +197,15 @@ class DesiredStateBuilder:
         conflicts = (tuple(sorted({p for ps in self._conflicts.values() for p in ps}))
                      if conflicts_touched or last is None else last.conflicts)
         failures = tuple(sorted(self._failures.values()))
-        state = LBState(dict(self._frontends)) if changed or last is None else last.state
+        state = LBState(self._frontends_view(changed)) if changed or last is None else last.state
         delta = LBDelta(last.state, frozenset(changed)) if last is not None else None
         self._result = DesiredState(state, conflicts, delta=delta, failures=failures)
         return self._result
+
+    def _frontends_view(self, changed: set[FrontendKey]) -> Mapping[FrontendKey, Frontend]:
+        self._frontends_since |= changed
+        view, self._frontends_base = overlay_view(self._frontends_base, self._frontends, self._frontends_since)
+        return view
 
     def _differing(self, snapshot: ClusterSnapshot) -> set[ServiceKey]:
         """Services whose object or endpoints differ from what the last build used (or that came or went)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -33,7 +34,10 @@ class Protocol(str, enum.Enum):
     @property
     def number(self) -> int:
         """IANA protocol number, as in the IP header."""
-        return {"TCP": 6, "UDP": 17, "SCTP": 132}[self.value]
+        return _PROTOCOL_NUMBERS[self._value_]
+
+
+_PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
 
 class Scope(enum.IntEnum):
@@ -103,8 +107,14 @@ class Backend:
 
     @property
     def name(self) -> str:
-        """Stable name Maglev sorts and hashes by, so every node builds the same table."""
-        return f"{self.address}:{self.port}/{self.protocol.value}"
+        """Stable name Maglev sorts and hashes by, so every node builds the same table.  Computed
+        once per object (desired state sorts by it, the writer hashes it; functools.cached_property
+        takes a lock per read), the dotted quad by inet_ntoa, as str(IPv4Address) writes it, in C."""
+        name = self.__dict__.get("_name")
+        if name is None:
+            name = f"{socket.inet_ntoa(self.address.packed)}:{self.port}/{self.protocol._value_}"
+            object.__setattr__(self, "_name", name)     # a cache, not a field: eq, hash, repr ignore it
+        return name
 
 
 def table_backends(backends: Iterable[Backend]) -> list[Backend]:

@@ -12,14 +12,28 @@ slots, perm[i][j] = (offset_i + j * skip_i) mod M (M prime, so every skip
 visits every slot); backends take turns, in sorted-name order, each claiming
 the first slot of its permutation not already taken, until the table is full.
 See docs/maglev.md for the measured balance and disruption figures.
+
+The population loop runs in C (maglev_fill.c, through cffi, built once per machine into a cache
+directory) when a compiler is there, many tables per call: a full sync of 10,000 Services builds
+10 M slots.  Without one, the same loop in Python gives the same tables, only slower.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Slots per backend the paper recommends (M > 100 * N): a backend's share of new
 # flows then differs from 1/N by at most 1%, and a backend change moves few
@@ -67,6 +81,7 @@ def next_prime(n: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=4096, typed=True)     # typed: table_size(True) must still refuse
 def table_size(backend_count: int) -> int:
     """Prime table size M for N backends; 0 for N == 0.
 
@@ -97,10 +112,28 @@ def _hash64(name: str, person: bytes) -> int:
     return int.from_bytes(digest, "little")
 
 
+@functools.lru_cache(maxsize=1 << 20)
+def name_hashes(name: str) -> tuple[int, int]:
+    """The two 64-bit hashes of a backend name, before reduction to a table size: a backend's
+    offset and skip in a table of size M are these modulo M and M - 1 (+1).  Cached: a backend
+    is in several tables (one per frontend) and every rebuild of its Service's tables."""
+    data = name.encode("utf-8")
+    # Copies of two keyed-up hashers: the same digests as new blake2b objects, at half the cost.
+    off, skip = _OFFSET_HASHER.copy(), _SKIP_HASHER.copy()
+    off.update(data)
+    skip.update(data)
+    return int.from_bytes(off.digest(), "little"), int.from_bytes(skip.digest(), "little")
+
+
+_OFFSET_HASHER = hashlib.blake2b(digest_size=8, person=_OFFSET_PERSON)
+_SKIP_HASHER = hashlib.blake2b(digest_size=8, person=_SKIP_PERSON)
+
+
 def permutation_params(names: Sequence[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(offset, skip) per name, int64: offset in [0, M), skip in [1, M)."""
-    offset = np.array([_hash64(n, _OFFSET_PERSON) % size for n in names], dtype=np.int64)
-    skip = np.array([_hash64(n, _SKIP_PERSON) % (size - 1) + 1 for n in names], dtype=np.int64)
+    hashes = [name_hashes(n) for n in names]
+    offset = np.array([h % size for h, _ in hashes], dtype=np.int64)
+    skip = np.array([h % (size - 1) + 1 for _, h in hashes], dtype=np.int64)
     return offset, skip
 
 
@@ -139,10 +172,95 @@ def build_table(names: Sequence[str], size: int) -> np.ndarray:
     if size == 0:
         return np.empty(0, dtype=np.int32)
     order = sorted(range(len(names)), key=names.__getitem__)
+    if native() is not None:
+        return build_tables([([names[i] for i in order], size, order)]).view(np.int32)
     offset, skip = permutation_params([names[i] for i in order], size)
     fill = _fill_sequential if len(names) < SEQUENTIAL_BELOW else _fill_by_rounds
     by_sorted_rank = fill(offset, skip, size)
     return np.asarray(order, dtype=np.int32)[by_sorted_rank]
+
+
+def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> np.ndarray:
+    """Many Maglev tables in one pass, back to back: for each (names, size, values), `size`
+    uint32 slots, each the value of the backend that owns it (values[i] is names[i]'s: a backend
+    id), i.e. values[build_table(names, size)].  `names` must be sorted and distinct, `size` as
+    table_size() gives (prime, >= len(names)); the map writer passes what it derived so."""
+    total = sum(size for _, size, _ in tables)
+    out = np.empty(total, dtype=np.uint32)
+    lib = native()
+    if lib is None:
+        pos = 0
+        for names, size, values in tables:
+            if size:
+                out[pos:pos + size] = np.asarray(values, dtype=np.uint32)[build_table(names, size)]
+            pos += size
+        return out
+    counts = np.fromiter((len(names) for names, _, _ in tables), dtype=np.uint32, count=len(tables))
+    sizes = np.fromiter((size for _, size, _ in tables), dtype=np.uint32, count=len(tables))
+    hashes = np.array([name_hashes(n) for names, _, _ in tables for n in names], dtype=np.uint64).reshape(-1, 2)
+    h_offset, h_skip = np.ascontiguousarray(hashes[:, 0]), np.ascontiguousarray(hashes[:, 1])
+    values = np.fromiter((v for _, _, vs in tables for v in vs), dtype=np.uint32, count=int(counts.sum()))
+    ffi = lib.ffi
+    if lib.lib.maglev_fill(len(tables), ffi.from_buffer("uint32_t[]", counts), ffi.from_buffer("uint32_t[]", sizes),
+                           ffi.from_buffer("uint64_t[]", h_offset), ffi.from_buffer("uint64_t[]", h_skip),
+                           ffi.from_buffer("uint32_t[]", values), ffi.from_buffer("uint32_t[]", out)) != 0:
+        raise MemoryError("maglev_fill: out of memory")
+    return out
+
+
+# ---- the C population loop (maglev_fill.c), built once per machine -----------------------------
+
+_FILL_C = Path(__file__).with_name("maglev_fill.c")
+_FILL_CDEF = """int maglev_fill(uint64_t tables, const uint32_t *n, const uint32_t *size, const uint64_t *h_offset,
+                const uint64_t *h_skip, const uint32_t *value, uint32_t *out);"""
+_UNSET = object()
+_native = _UNSET
+
+
+def cache_dir() -> Path:
+    """Where the compiled fill is kept: $EBPFSVC_CACHE_DIR, else ~/.cache/ebpfsvc."""
+    return Path(os.environ.get("EBPFSVC_CACHE_DIR") or Path.home() / ".cache" / "ebpfsvc")
+
+
+def native():
+    """The compiled fill (a cffi module: .ffi, .lib), or None where it cannot be built (then the
+    Python loop serves, with the same tables).  Built on first use, keyed by the source and the
+    interpreter, so a changed maglev_fill.c is rebuilt and never mixed up with an old one."""
+    global _native
+    if _native is _UNSET:
+        try:
+            _native = _load_native()
+        except Exception as exc:       # no compiler, no headers, read-only cache: slower, not wrong
+            log.warning("Maglev tables are built in Python, slower: the C fill could not be built (%s)", exc)
+            _native = None
+    return _native
+
+
+def _load_native():
+    import cffi
+
+    source = _FILL_C.read_text()
+    tag = hashlib.sha256((source + _FILL_CDEF + sys.implementation.cache_tag).encode()).hexdigest()[:16]
+    name = f"_ebpfsvc_maglev_{tag}"
+    where = cache_dir()
+    built = sorted(where.glob(f"{name}.*.so")) if where.is_dir() else []
+    if not built:
+        where.mkdir(parents=True, exist_ok=True)
+        builder = cffi.FFI()
+        builder.cdef(_FILL_CDEF)
+        builder.set_source(name, source, extra_compile_args=["-O2"])
+        # Built aside and renamed in: a concurrent start never imports a half-written file.
+        tmp = tempfile.mkdtemp(dir=where, prefix=".build-")
+        try:
+            so = Path(builder.compile(tmpdir=tmp, verbose=False))
+            os.replace(so, where / so.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        built = [where / so.name]
+    spec = importlib.util.spec_from_file_location(name, built[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _fill_sequential(offset: np.ndarray, skip: np.ndarray, size: int) -> np.ndarray:

@@ -27,6 +27,7 @@ Thread-safe: sources call in from their own threads, the agent takes snapshots.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Generic, Hashable, Mapping, TypeVar
 
+from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s.endpointmerge import Endpoint, merge_endpoint_slices
 from ebpfsvc.k8s.endpoints import Endpoints, parse_endpoints
@@ -56,6 +58,60 @@ T = TypeVar("T")
 REQUIRED_KINDS = frozenset({"Service", "EndpointSlice"})
 # The kinds whose changes kube-proxy counts and times (sync_proxy_rules_*_changes, programming latency).
 SERVICE_KINDS = frozenset({"Service", "EndpointSlice", "Endpoints"})
+
+
+_GONE = object()        # an Overlay's "deleted" value
+_OVERLAY_MIN = 64       # changed entries an Overlay may always carry before a new base is copied
+
+
+class Overlay(Mapping):
+    """A read-only mapping: `base` with `changes` on top (a change to _GONE deletes).  Neither is
+    changed after it was handed in; lookups cost two dict probes."""
+
+    __slots__ = ("_base", "_changes")
+
+    def __init__(self, base: Mapping, changes: dict):
+        self._base, self._changes = base, changes
+
+    def __getitem__(self, key):
+        value = self._changes.get(key, self)
+        if value is self:
+            return self._base[key]
+        if value is _GONE:
+            raise KeyError(key)
+        return value
+
+    def get(self, key, default=None):
+        value = self._changes.get(key, self)
+        if value is self:
+            return self._base.get(key, default)
+        return default if value is _GONE else value
+
+    def __contains__(self, key) -> bool:
+        value = self._changes.get(key, self)
+        return key in self._base if value is self else value is not _GONE
+
+    def __iter__(self):
+        changes = self._changes
+        yield from (k for k in self._base if k not in changes)
+        yield from (k for k, v in changes.items() if v is not _GONE)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def overlay_view(base: dict, current: dict, since: set) -> tuple[Mapping, dict]:
+    """`current` as a mapping to hand out, without copying it each time: `base` (a copy taken
+    earlier, never changed once handed out) with the keys in `since` (changed after it) on top.
+    When the changes outgrow an eighth of the mapping (or _OVERLAY_MIN), a new base is copied and
+    `since` emptied, so a change costs at most about eight of its own entries.  Returns (mapping, the base to keep);
+    the mapping is the base itself when nothing changed since."""
+    if len(since) > max(_OVERLAY_MIN, len(current) // 8):
+        base = dict(current)
+        since.clear()
+    if not since:
+        return base, base
+    return Overlay(base, {k: current.get(k, _GONE) for k in since}), base
 
 
 @dataclass(frozen=True)
@@ -159,6 +215,11 @@ class ClusterState:
         self._slices_by_service: dict[ServiceKey, set[Hashable]] = {}
         self._merged: dict[ServiceKey, dict[ServicePortName, tuple[Endpoint, ...]]] = {}
         self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        # What snapshots hand out for the endpoints: a base copy, shared and never changed again,
+        # plus the service ports remerged since it was taken (an Overlay), so one endpoint change
+        # costs its own entries and not a copy of every Service's.
+        self._endpoints_base: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        self._endpoints_since: set[ServicePortName] = set()
         self._problems: dict[tuple[str, str, str], Problem] = {}
         self._synced_kinds: set[str] = set()
         self._sync_news = False          # `synced` became true and no snapshot has shown it yet
@@ -196,7 +257,7 @@ class ClusterState:
     def on_relist(self, kind: str, objects: list[dict[str, Any]]) -> None:
         new_problems: list[Problem] = []
         node: list[Node | None] = []
-        with self._cond:
+        with self._cond, heap.bulk():
             if self._known(kind):
                 seen = set()
                 for obj in objects:
@@ -249,7 +310,9 @@ class ClusterState:
 
     def snapshot(self) -> ClusterSnapshot:
         """The current state; also marks every change so far as seen (see wait_changed)."""
-        with self._cond:
+        with self._cond, (heap.bulk() if self._slices.pending_count + self._services.pending_count > 256
+                          else contextlib.nullcontext()):
+            # After a relist every Service is remerged: no cycle collection meanwhile (ebpfsvc.heap).
             services_changed = set(self._services.take())
             dirty: set[ServiceKey] = set()
             for prev, cur in self._slices.take().values():
@@ -261,7 +324,7 @@ class ClusterState:
             if services_changed or "services" not in views:
                 views["services"] = MappingProxyType(dict(self._services.current))
             if remerged or "endpoints" not in views:
-                views["endpoints"] = MappingProxyType(dict(self._endpoints))
+                views["endpoints"] = self._endpoints_view()
             if self._nodes.take() or "nodes" not in views:
                 views["nodes"] = MappingProxyType({key[1]: n for key, n in self._nodes.current.items()})
             if self._service_cidrs.take() or "service_cidrs" not in views:
@@ -350,6 +413,10 @@ class ClusterState:
                 self._slices_by_service.setdefault(obj.service_key, set()).add(key)
         self._trackers[kind].update(key, obj)
 
+    def _endpoints_view(self) -> Mapping[ServicePortName, tuple[Endpoint, ...]]:
+        view, self._endpoints_base = overlay_view(self._endpoints_base, self._endpoints, self._endpoints_since)
+        return MappingProxyType(view) if view is self._endpoints_base else view
+
     def _remerge(self, svc: ServiceKey) -> bool:
         """Recompute a Service's endpoints; True if they changed."""
         slice_keys = self._slices_by_service.get(svc)
@@ -367,6 +434,8 @@ class ClusterState:
         for spn in old:
             self._endpoints.pop(spn, None)
         self._endpoints.update(merged)
+        self._endpoints_since.update(old)
+        self._endpoints_since.update(merged)
         if merged:
             self._merged[svc] = merged
         else:

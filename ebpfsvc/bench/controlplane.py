@@ -2,7 +2,7 @@
 
 The agent's path, stage by stage, on real pinned maps:
 
-    raw API objects --on_relist--> ClusterState --snapshot--> desired_state --apply--> BPF maps
+    raw API objects --on_relist--> ClusterState --snapshot--> desired_state --admit--> --apply--> BPF maps
 
 - full sync: N Services x K endpoints from an empty datapath (what an agent does
   on its first start on a busy cluster);
@@ -16,7 +16,10 @@ The agent's path, stage by stage, on real pinned maps:
 As the agent does (Agent.sync): one DesiredStateBuilder across syncs, its LBDelta passed to
 MapWriter.apply.
 
-    python -m ebpfsvc.bench.controlplane [N] [K]      # needs root (BPF maps)
+    python -m ebpfsvc.bench.controlplane [N] [K] [FULL_REPEATS]      # needs root (BPF maps)
+
+Each target of issue 12 is printed with its figure, met or missed; full syncs are repeated
+(median, min-max) and the endpoint change 201 times (median, p99, worst).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import copy
 import gc
 import ipaddress
+import os
 import statistics
 import sys
 import time
@@ -40,7 +44,9 @@ NODE = NodeConfig(node_name="node-1", node_addresses=("198.18.0.11",), zone="zon
 
 def cluster_objects(n_services: int, endpoints: int) -> tuple[list[dict], list[dict]]:
     """N ClusterIP Services with one EndpointSlice of K ready endpoints each (API-shaped dicts)."""
-    vips = ipaddress.IPv4Network("198.19.0.0/17").hosts()
+    # 32,766 ClusterIPs in 198.19.0.0/17; past that (100,000 Services) the same addresses again
+    # with another service port, so every frontend stays distinct within 198.18.0.0/15.
+    vips = [str(a) for a in ipaddress.IPv4Network("198.19.0.0/17").hosts()]
     # 98k pod addresses in the rest of 198.18.0.0/15; past that, the same addresses again on
     # another target port, so every (address, port) backend stays distinct.
     pool = [*ipaddress.IPv4Network("198.18.0.0/16").hosts(), *ipaddress.IPv4Network("198.19.128.0/17").hosts()]
@@ -54,8 +60,8 @@ def cluster_objects(n_services: int, endpoints: int) -> tuple[list[dict], list[d
         services.append({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "bench", "resourceVersion": "1"},
-            "spec": {"clusterIP": str(next(vips)), "selector": {"app": name},
-                     "ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}]},
+            "spec": {"clusterIP": vips[i % len(vips)], "selector": {"app": name},
+                     "ports": [{"name": "http", "port": 80 + i // len(vips), "targetPort": port, "protocol": "TCP"}]},
         })
         slices.append({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -73,71 +79,169 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
 
 
-def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path("/sys/fs/bpf"),
-            repeats: int = 21) -> dict:
+# Issue 12's targets.  The memory budget is for 100,000 Services x 10 endpoints: the maps are
+# sized for that load (Limits below: 1.25 x the Maglev slots it needs), the agent's RSS is its
+# Python heap (objects, trackers, desired state, writer bookkeeping) at that load.
+TARGET_FULL_SYNC_MS = 1000.0          # 10,000 Services x 10 endpoints from empty
+TARGET_CHANGE_MEDIAN_MS = 1.0         # one endpoint change at 10,000 Services, event to maps
+# At 100,000 x 10 the Maglev array alone is 100,000 tables of 1009 slots, 8 bytes each in the
+# kernel (array elements are 8-byte aligned), 0.8 GiB, plus a quarter of room for churn.
+BUDGET_MAP_MIB_PER_100K = 1536        # map memory at 100,000 Services x 10 endpoints
+BUDGET_RSS_MIB_PER_100K = 6144        # agent RSS at 100,000 Services x 10 endpoints
+
+
+def limits_for(n_services: int, endpoints: int):
+    """Map sizes for N Services x K endpoints: what they need with room for churn, not more
+    (array maps are allocated in full at load, the Maglev one is the largest)."""
+    from ebpfsvc import maglev
     from ebpfsvc.datapath import loader
+
+    slots = n_services * maglev.table_size(endpoints)
+    return loader.Limits(frontends=max(2 * n_services, 1024), services=max(2 * n_services, 1024),
+                         backends=max(2 * n_services * endpoints, 1024),
+                         maglev_slots=max(slots + slots // 4, 1 << 16))
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current, peak) resident set of this process, MiB (/proc/self/status VmRSS, VmHWM)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line[:5]] = int(line.split()[1]) / 1024
+    return round(out["VmRSS"], 1), round(out["VmHWM"], 1)
+
+
+def map_memory_mib(maps) -> float:
+    """Kernel memory charged to the datapath's maps (the `memlock` of each map fd's fdinfo)."""
+    total = 0
+    for table in maps.values():
+        for line in Path(f"/proc/self/fdinfo/{table.map_fd}").read_text().splitlines():
+            if line.startswith("memlock:"):
+                total += int(line.split()[1])
+    return round(total / (1 << 20), 1)
+
+
+def _spread(values: list[float], digits: int = 1) -> dict:
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _full_sync(dp, limits, services, slices) -> tuple[dict, tuple]:
+    """One full sync from an empty datapath, as a starting agent does it."""
+    from ebpfsvc.admission import Admission, Capacity
     from ebpfsvc.datapath.writer import MapWriter
+
+    writer = MapWriter(dp.maps)
+    state = ClusterState(NODE)
+    builder = DesiredStateBuilder(NODE)
+    admission = Admission(Capacity.of(limits))
+    t0, c0 = time.perf_counter(), time.process_time()
+    state.on_relist("Service", services)
+    state.on_relist("EndpointSlice", slices)
+    for kind in ("Service", "EndpointSlice", "Endpoints", "Node"):
+        state.on_synced(kind)
+    ingest = _ms(t0)
+    t1 = time.perf_counter()
+    snap = state.snapshot()
+    result = builder.build(snap)
+    desired = _ms(t1)
+    t1 = time.perf_counter()
+    admitted = _admit(admission, writer, result, snap)
+    admit = _ms(t1)
+    t2 = time.perf_counter()
+    stats = writer.apply(admitted.state, delta=admitted.delta)
+    apply = _ms(t2)
+    timing = {"ingest": ingest, "desired": desired, "admit": admit, "apply": apply, "total": _ms(t0),
+              "cpu": round((time.process_time() - c0) * 1000, 2),
+              "writes": stats.writes, "frontends": len(result.state.frontends)}
+    return timing, (writer, state, builder, admission)
+
+
+def _admit(admission, writer, result, snap):
+    """The agent's admission step (ebpfsvc/admission.py): which Services fit in the maps."""
+    return admission.admit(result, snap.services, lambda spn: writer.service_id(spn) is not None)
+
+
+def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path("/sys/fs/bpf"),
+            repeats: int = 201, full_repeats: int = 3) -> dict:
+    from ebpfsvc.datapath import loader
+    from ebpfsvc.lbmodel import LBState
 
     services, slices = cluster_objects(n_services, endpoints)
     pin_dir = pin_root / f"esbench-cp-{uuid.uuid4().hex[:6]}"
-    limits = loader.Limits(frontends=max(4 * n_services, 1024), services=max(2 * n_services, 1024),
-                           backends=max(2 * n_services * endpoints, 1024),
-                           maglev_slots=max(4 * n_services * 1009, 1 << 16))
-    out: dict = {"services": n_services, "endpoints_per_service": endpoints}
+    out: dict = {"services": n_services, "endpoints_per_service": endpoints,
+                 "load_average": round(os.getloadavg()[0], 2)}
+    limits = limits_for(n_services, endpoints)
     dp = loader.load(pin_dir, limits=limits, cache=False)
     try:
-        writer = MapWriter(dp.maps)
-        state = ClusterState(NODE)
-        builder = DesiredStateBuilder(NODE)
-
-        t0 = time.perf_counter()
-        state.on_relist("Service", services)
-        state.on_relist("EndpointSlice", slices)
-        for kind in ("Service", "EndpointSlice", "Endpoints", "Node"):
-            state.on_synced(kind)
-        out["full_ingest_ms"] = _ms(t0)
-        t1 = time.perf_counter()
-        result = builder.build(state.snapshot())
-        out["full_desired_ms"] = _ms(t1)
-        t2 = time.perf_counter()
-        stats = writer.apply(result.state, delta=result.delta)
-        out["full_apply_ms"] = _ms(t2)
-        out["full_total_ms"] = _ms(t0)
-        out["full_writes"] = stats.writes
-        out["frontends"] = len(result.state.frontends)
+        # Full syncs from an empty datapath, each with a new tracker, builder and writer (a
+        # starting agent); between them the maps are emptied by applying an empty state.
+        fulls = []
+        for i in range(full_repeats):
+            timing, (writer, state, builder, admission) = _full_sync(dp, limits, services, slices)
+            fulls.append(timing)
+            if i + 1 < full_repeats:
+                writer.apply(LBState())
+                del writer, state, builder, admission
+                gc.unfreeze()       # heap.bulk froze that state: let this collection free it
+                gc.collect()
+        out["full"] = {stage: _spread([f[stage] for f in fulls])
+                       for stage in ("total", "cpu", "ingest", "desired", "admit", "apply")}
+        out["full_repeats"] = full_repeats
+        out["full_writes"] = fulls[-1]["writes"]
+        out["frontends"] = fulls[-1]["frontends"]
+        # As the agent does after its first full apply (Agent.sync): the long-lived heap is frozen,
+        # so Python's full collections no longer walk it during an endpoint change.
+        gc.collect()
+        gc.freeze()
+        out["rss_mib"], out["peak_rss_mib"] = rss_mib()
+        out["map_mib"] = map_memory_mib(dp.maps)
 
         # One endpoint of one service moves to a new address (a pod was replaced), and back,
-        # `repeats` times: median and worst reported (a shared machine is noisy).
-        totals, stages = [], []
+        # `repeats` times: median, p99 and worst reported (a shared machine is noisy).
+        totals, stages, cpu = [], [], []
         for i in range(repeats):
             changed = copy.deepcopy(slices[n_services // 2])
             changed["metadata"]["resourceVersion"] = str(2 + i)
             # The pool's last, unused address (every other time: back to the original one).
             if i % 2 == 0:
                 changed["endpoints"][0]["addresses"] = ["198.19.255.254"]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             state.on_event(Event("EndpointSlice", EventType.MODIFIED, changed))
             t1 = time.perf_counter()
             snap = state.snapshot()
             t2 = time.perf_counter()
             result = builder.build(snap)
             t3 = time.perf_counter()
-            stats = writer.apply(result.state, delta=result.delta)
+            admitted = _admit(admission, writer, result, snap)
+            t3a = time.perf_counter()
+            stats = writer.apply(admitted.state, delta=admitted.delta)
             t4 = time.perf_counter()
+            cpu.append((time.process_time() - c0) * 1000)
             totals.append((t4 - t0) * 1000)
-            stages.append([(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000, (t4 - t3) * 1000])
+            stages.append([(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000, (t3a - t3) * 1000,
+                           (t4 - t3a) * 1000])
             if i == 0:
                 out["change_writes"] = stats.writes
                 out["change_stats"] = {k: v for k, v in vars(stats).items() if v}
         out["change_total_ms"] = round(statistics.median(totals), 3)
+        out["change_p99_ms"] = round(_percentile(totals, 0.99), 3)
         out["change_max_ms"] = round(max(totals), 3)
+        out["change_cpu_ms"] = round(statistics.median(cpu), 3)
+        out["change_repeats"] = repeats
         out["change_stages_ms"] = {name: round(statistics.median(s[j] for s in stages), 3)
-                                   for j, name in enumerate(("event", "snapshot", "desired", "apply"))}
+                                   for j, name in enumerate(("event", "snapshot", "desired", "admit", "apply"))}
 
         # And nothing at all: a sync of an unchanged cluster.
         t0 = time.perf_counter()
-        result = builder.build(state.snapshot())
-        stats = writer.apply(result.state, delta=result.delta)
+        snap = state.snapshot()
+        admitted = _admit(admission, writer, builder.build(snap), snap)
+        stats = writer.apply(admitted.state, delta=admitted.delta)
         out["noop_total_ms"] = _ms(t0)
         out["noop_writes"] = stats.writes
 
@@ -147,30 +251,74 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
         out["verify_total_ms"] = _ms(t0)
         out["verify_writes"] = stats.writes
         # Python's own pause at this heap size: a full (generation 2) collection, which the
-        # interpreter runs now and then whatever the agent does.
+        # interpreter runs now and then whatever the agent does; frozen objects are not walked.
         t0 = time.perf_counter()
         gc.collect()
         out["gc_full_ms"] = _ms(t0)
+        gc.unfreeze()
+        out["gc_unfrozen_ms"] = None
+        if n_services <= 10_000:
+            t0 = time.perf_counter()
+            gc.collect()
+            out["gc_unfrozen_ms"] = _ms(t0)
     finally:
         dp.close()
         loader.unpin(pin_dir)
     return out
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def report(r: dict) -> list[str]:
+    """The figures and, for each of issue 12's targets that this run measures, met or missed."""
+    n, k = r["services"], r["endpoints_per_service"]
+    full = r["full"]
+    lines = [
+        f"{n} services x {k} endpoints ({r['frontends']} frontends), load average {r['load_average']}",
+        f"  full sync from empty: {full['total']['median']:.0f} ms median ({full['total']['min']:.0f}-"
+        f"{full['total']['max']:.0f}, {r['full_repeats']} runs; CPU {full['cpu']['median']:.0f} ms; ingest {full['ingest']['median']:.0f}, "
+        f"desired {full['desired']['median']:.0f}, admission {full['admit']['median']:.0f}, "
+        f"map writes {full['apply']['median']:.0f}; {r['full_writes']} entries)",
+        f"  one endpoint change:  {r['change_total_ms']:.3f} ms median, p99 {r['change_p99_ms']:.3f}, "
+        f"worst {r['change_max_ms']:.2f} ({r['change_repeats']} changes; CPU {r['change_cpu_ms']:.3f} ms median); "
+        f"{r['change_writes']} entries written {r['change_stats']}",
+        f"    stages, median ms: {r['change_stages_ms']}",
+        f"  unchanged resync:     {r['noop_total_ms']:.2f} ms, {r['noop_writes']} entries written",
+        f"  periodic full apply:  {r['verify_total_ms']:.0f} ms, {r['verify_writes']} entries written",
+        f"  memory: maps {r['map_mib']:.0f} MiB, agent RSS {r['rss_mib']:.0f} MiB (peak {r['peak_rss_mib']:.0f})",
+        f"  full Python GC pass: {r['gc_full_ms']:.0f} ms with the state frozen"
+        + (f", {r['gc_unfrozen_ms']:.0f} ms unfrozen" if r.get("gc_unfrozen_ms") is not None else ""),
+        "targets (issue 12):",
+    ]
+    if (n, k) == (10_000, 10):
+        t = full["total"]["median"]
+        lines.append(f"  full sync 10,000 x 10 <= {TARGET_FULL_SYNC_MS:.0f} ms: {t:.0f} ms median "
+                     f"({full['total']['min']:.0f}-{full['total']['max']:.0f}): {_verdict(t <= TARGET_FULL_SYNC_MS)}")
+        c = r["change_total_ms"]
+        lines.append(f"  endpoint change at 10,000 <= {TARGET_CHANGE_MEDIAN_MS} ms median: {c:.3f} ms "
+                     f"(p99 {r['change_p99_ms']:.3f}): {_verdict(c <= TARGET_CHANGE_MEDIAN_MS)}")
+    if n >= 100_000:
+        scale = n * k / 1_000_000
+        map_budget, rss_budget = BUDGET_MAP_MIB_PER_100K * scale, BUDGET_RSS_MIB_PER_100K * scale
+        lines.append(f"  {n:,} x {k} programs: {r['frontends']} frontends, {r['full_writes']} entries: met")
+        lines.append(f"  map memory <= {map_budget:.0f} MiB: {r['map_mib']:.0f} MiB: "
+                     f"{_verdict(r['map_mib'] <= map_budget)}")
+        lines.append(f"  agent RSS <= {rss_budget:.0f} MiB: {r['rss_mib']:.0f} MiB (peak {r['peak_rss_mib']:.0f}): "
+                     f"{_verdict(r['peak_rss_mib'] <= rss_budget)}")
+    if lines[-1] == "targets (issue 12):":
+        lines.append("  (measured at 10,000 x 10 and at >= 100,000 x 10)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     n = int(argv[0]) if argv else 10_000
     k = int(argv[1]) if len(argv) > 1 else 10
-    r = measure(n, k)
-    print(f"{r['services']} services x {r['endpoints_per_service']} endpoints ({r['frontends']} frontends)")
-    print(f"  full sync from empty: {r['full_total_ms']:.0f} ms (ingest {r['full_ingest_ms']:.0f}, "
-          f"desired {r['full_desired_ms']:.0f}, map writes {r['full_apply_ms']:.0f}; {r['full_writes']} entries)")
-    print(f"  one endpoint change:  {r['change_total_ms']:.2f} ms median (worst {r['change_max_ms']:.1f}), "
-          f"{r['change_writes']} entries written {r['change_stats']}")
-    print(f"    stages, median ms: {r['change_stages_ms']}")
-    print(f"  unchanged resync:     {r['noop_total_ms']:.2f} ms, {r['noop_writes']} entries written")
-    print(f"  periodic full apply:  {r['verify_total_ms']:.0f} ms, {r['verify_writes']} entries written")
-    print(f"  (a full Python GC pass at this heap size: {r['gc_full_ms']:.0f} ms)")
+    full_repeats = int(argv[2]) if len(argv) > 2 else (3 if n <= 10_000 else 1)
+    r = measure(n, k, full_repeats=full_repeats)
+    print("\n".join(report(r)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import mmap
 import os
 
 import numpy as np
@@ -92,6 +93,65 @@ def read_u32_array(table, n: int) -> np.ndarray:
         token.value = next_token.value
         first = False
     return out
+
+
+def update_records(table, keys: list, values: list) -> None:
+    """Many entries in one BPF_MAP_UPDATE_BATCH from plain values, packed by numpy in the layout
+    of bcc's ctypes Key/Leaf (no ctypes object per entry): a key is an int or a tuple of the Key
+    struct's fields, a value a tuple of the Leaf struct's leading fields (the rest, padding, 0)."""
+    if not keys:
+        return
+    karr, varr = _records(table.Key, keys), _records(table.Leaf, values)
+    count = ct.c_uint32(len(keys))
+    if _lib().bpf_update_batch(table.map_fd, karr.ctypes.data, varr.ctypes.data, ct.byref(count)) == 0:
+        return
+    for i in range(len(keys)):  # e.g. a kernel without batch ops for this map type
+        table[table.Key.from_buffer_copy(karr[i:i + 1].tobytes())] = table.Leaf.from_buffer_copy(varr[i:i + 1].tobytes())
+
+
+_DTYPES: dict = {}      # ctypes type -> numpy dtype (numpy derives it in Python: 0.1 ms each time)
+
+
+def _records(ctype, rows: list) -> np.ndarray:
+    dtype = _DTYPES.get(ctype)
+    if dtype is None:
+        dtype = _DTYPES[ctype] = np.dtype(ctype)
+    out = np.zeros(len(rows), dtype=dtype)
+    if dtype.names is None:
+        out[:] = rows
+    else:
+        for name, column in zip(dtype.names, zip(*rows)):
+            out[name] = column
+    return out
+
+
+def zero_percpu_ids(table, idents: list[int]) -> None:
+    """zero_percpu for many ids in one BPF_MAP_UPDATE_BATCH (bcc's Leaf of a per-CPU map is the
+    kernel's whole value: a slot per possible CPU)."""
+    if not idents:
+        return
+    keys = np.asarray(idents, dtype=np.uint32)
+    zeros = np.zeros(len(idents) * ct.sizeof(table.Leaf), dtype=np.uint8)
+    count = ct.c_uint32(len(idents))
+    if _lib().bpf_update_batch(table.map_fd, keys.ctypes.data, zeros.ctypes.data, ct.byref(count)) == 0:
+        return
+    for ident in idents:
+        zero_percpu(table, ident)
+
+
+def map_u32_array(table) -> np.ndarray | None:
+    """A writable view of a u32 ARRAY map's slots in place (the map was created BPF_F_MMAPABLE,
+    as lb_maglev is), or None when the kernel refuses (a map pinned by an older build without the
+    flag): then update_u32_array serves.  A store to the view is what a packet reads next: no
+    syscall, no copy; millions of Maglev slots are written in milliseconds.  The kernel keeps
+    array elements 8-byte aligned, so slot i is the u32 at byte 8 * i."""
+    n = table.max_entries
+    stride = (ct.sizeof(table.Leaf) + 7) & ~7
+    try:
+        area = mmap.mmap(table.map_fd, n * stride, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return None
+    return np.ndarray((n,), dtype=np.uint32, buffer=area, strides=(stride,))
 
 
 def zero_percpu(table, ident: int) -> None:

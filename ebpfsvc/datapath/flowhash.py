@@ -7,8 +7,7 @@ native-endian u32 / u16, exactly as the BPF program reads them.
 
 from __future__ import annotations
 
-import socket
-import struct
+from ebpfsvc.abi import be16, be32
 
 from ebpfsvc import abi
 
@@ -36,8 +35,4 @@ def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
 
 def flow_hash(saddr: str, daddr: str, sport: int, dport: int, proto: int, seed: int = LB_HASH_SEED) -> int:
     """Hash of a client's 5-tuple (addresses dotted, ports host order)."""
-    a = struct.unpack("=I", socket.inet_aton(saddr))[0]
-    b = struct.unpack("=I", socket.inet_aton(daddr))[0]
-    sp = struct.unpack("=H", struct.pack("!H", sport))[0]
-    dp = struct.unpack("=H", struct.pack("!H", dport))[0]
-    return jhash_3words(a, b, (sp << 16) | dp, seed ^ proto)
+    return jhash_3words(be32(saddr), be32(daddr), (be16(sport) << 16) | be16(dport), seed ^ proto)

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import ipaddress
 import logging
 import os
 import re
-import socket
-import struct
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from ebpfsvc import abi
+from ebpfsvc.abi import be32        # re-exported: tests and callers use loader.be32
 from ebpfsvc.datapath.batch import update_u32_array
 
 log = logging.getLogger(__name__)
@@ -108,11 +106,6 @@ def conntrack_limits(*, max_per_core: int = 0, minimum: int = 0, tcp_established
         if seconds:
             out[name] = int(seconds)
     return out
-
-
-def be32(addr) -> int:
-    """An IPv4 address as the u32 the datapath compares with (network byte order in memory)."""
-    return struct.unpack("=I", socket.inet_aton(str(ipaddress.IPv4Address(addr))))[0]
 
 
 def expand_source(path: Path = SOURCE) -> str:

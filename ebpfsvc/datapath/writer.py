@@ -28,22 +28,24 @@ then their old ranges are released, then backends and names nobody uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
-import struct
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import quote
 
 import numpy as np
 
-from ebpfsvc import abi, maglev
+from ebpfsvc import abi, heap, maglev
 # Module-level names, looked up at each call: tests probe every write by patching them.
 from ebpfsvc.datapath.batch import delete_batch as _delete_batch
+from ebpfsvc.datapath.batch import map_u32_array as _map_u32_array
 from ebpfsvc.datapath.batch import read_u32_array as _read_u32_array
 from ebpfsvc.datapath.batch import update_batch as _update_batch
+from ebpfsvc.datapath.batch import update_records as _update_records
 from ebpfsvc.datapath.batch import update_u32_array as _update_u32_array
-from ebpfsvc.datapath.batch import zero_percpu as _zero_percpu
+from ebpfsvc.datapath.batch import zero_percpu_ids as _zero_percpu_ids
 from ebpfsvc.datapath.affinitymatch import AffinityMatch
 from ebpfsvc.datapath.ids import IdAllocator, SlotRanges
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, LBState, ServicePortName, table_backends
@@ -83,14 +85,6 @@ class ApplyStats:
         return self.writes > 0
 
 
-def _raw_be32(addr: ipaddress.IPv4Address) -> int:
-    return struct.unpack("=I", addr.packed)[0]
-
-
-def _raw_be16(port: int) -> int:
-    return struct.unpack("=H", struct.pack("!H", port))[0]
-
-
 def service_name(spn: ServicePortName) -> str:
     """Name stored in lb_service_names: "namespace/name:port/PROTO" (hashed when too long).
 
@@ -110,12 +104,46 @@ def service_name(spn: ServicePortName) -> str:
     return text
 
 
-# Map-level tuples the writer compares: raw values exactly as stored.
-FeKey = tuple  # (address, port, proto, scope), address/port in wire order as u32/u16
-FeVal = tuple  # (service_id, frontend_id, maglev_offset, maglev_size, backend_count, affinity_timeout, flags)
-BeKey = tuple  # (address, port, proto)
+# Map keys the writer compares, raw as stored (address and port in wire order, abi.be32/be16).
+FeKey = tuple  # lb4_frontends key: (address, port, proto, scope)
+BeKey = tuple  # what identifies a backend entry: (address, port, proto)
 
-_MARKER_VAL = (0, 0, 0, 0, 0, 0, abi.LB_SVC_F_ADDRESS)
+
+class FrontendEntry(NamedTuple):
+    """An lb4_frontends value as stored (struct lb4_service)."""
+
+    service_id: int
+    frontend_id: int
+    maglev_offset: int      # the frontend's table: slots [offset, offset + size) of lb_maglev
+    maglev_size: int        # 0: no table (no usable backend)
+    backend_count: int
+    affinity_timeout: int
+    flags: int              # LB_SVC_F_*
+
+
+class BackendEntry(NamedTuple):
+    """An lb4_backends value as stored (struct lb4_backend)."""
+
+    address: int
+    port: int
+    proto: int
+    flags: int              # LB_BE_F_*
+
+    @property
+    def key(self) -> BeKey:
+        return (self.address, self.port, self.proto)
+
+
+class _TableSource(NamedTuple):
+    """What a Maglev table was built from: rebuilt only when one of these changes."""
+
+    names: tuple            # backend names, sorted (maglev hashes them)
+    ids: tuple              # their backend ids, the values the slots hold
+    size: int
+
+
+# An address marker (port 0): the datapath's "is this one of our addresses" entry.
+_MARKER = FrontendEntry(0, 0, 0, 0, 0, 0, abi.LB_SVC_F_ADDRESS)
 
 # Incremental applies sort the changed frontends (deterministic id allocation) up to this many;
 # past it they go in the state's order, which costs no comparisons.
@@ -135,6 +163,38 @@ class _FeWant(NamedTuple):
     table_size: int                 # maglev.table_size(len(table_names))
 
 
+class _Touched(NamedTuple):
+    """The entries whose reference counts moved in an apply: only these can need a write or a delete."""
+
+    backends: dict                  # BeKey -> None (a dict: insertion-ordered, deterministic ids)
+    names: set                      # service names
+    frontends: dict                 # FeKey -> None (entries and address markers)
+
+
+@dataclass(slots=True)
+class _Planned:
+    """One wanted frontend in phase 3: its id, table source, current entry and, once its table
+    was written into a new range, that range's offset."""
+
+    key: FeKey
+    want: _FeWant
+    frontend_id: int
+    table: _TableSource
+    old: FrontendEntry | None
+    new_offset: int | None = None
+
+
+class _FrontendPlan(NamedTuple):
+    """Phase 3's work list, computed before anything of it is written."""
+
+    entries: list                   # _Planned per wanted frontend
+    rebuild: list                   # indices into `entries` whose Maglev table must be (re)built
+    markers: list                   # (key, _MARKER) address markers to write
+    stale: list                     # FeKeys nothing wants any more
+    src_add: set                    # loadBalancerSourceRanges entries to add,
+    src_drop: set                   # and to drop once no frontend enforces them
+
+
 class MapWriter:
     """Diff-and-apply writer over a loaded datapath's maps (ebpfsvc.datapath.loader.Datapath.maps)."""
 
@@ -147,6 +207,8 @@ class MapWriter:
         self.be_stats_map = maps["lb_backend_stats"]
         self.src_ranges_map = maps.get("lb4_source_ranges")   # loadBalancerSourceRanges (LPM trie)
         self.affinity_match_map = maps.get("lb4_affinity_match")   # affinity's membership check
+        # lb_maglev's slots in place (None: written by batch syscalls, with a copy kept here).
+        self._slots_view = _map_u32_array(self.maglev_map)
         self._load()
 
     # ---- state read back from the maps -------------------------------------------------
@@ -155,33 +217,36 @@ class MapWriter:
         self._svc_id: dict[str, int] = {}
         for k, v in self.names_map.items():
             self._svc_id[v.name.decode(errors="replace")] = k.value
-        self._be_val: dict[int, tuple] = {}
+        self._be_val: dict[int, BackendEntry] = {}
         self._be_id: dict[BeKey, int] = {}
         for k, v in self.backends_map.items():
-            self._be_val[k.value] = (v.address, v.port, v.proto, v.flags)
+            self._be_val[k.value] = BackendEntry(v.address, v.port, v.proto, v.flags)
             self._be_id[(v.address, v.port, v.proto)] = k.value
-        self._fe: dict[FeKey, FeVal] = {}
+        self._fe: dict[FeKey, FrontendEntry] = {}
         for k, v in self.frontends_map.items():
-            self._fe[(k.address, k.port, k.proto, k.scope)] = (
+            self._fe[(k.address, k.port, k.proto, k.scope)] = FrontendEntry(
                 v.service_id, v.frontend_id, v.maglev_offset, v.maglev_size,
                 v.backend_count, v.affinity_timeout, v.flags)
 
         capacity = self.maglev_map.max_entries
-        ranges = [(v[2], v[3]) for v in self._fe.values() if v[3] > 0]
+        ranges = [(v.maglev_offset, v.maglev_size) for v in self._fe.values() if v.maglev_size > 0]
         self._ranges = SlotRanges(capacity, ranges)
-        high = max((off + size for off, size in ranges), default=0)
-        slots = _read_u32_array(self.maglev_map, high)
-        # Table contents as they are now, to compare with what a state wants.
-        self._table: dict[FeKey, np.ndarray] = {
-            k: slots[v[2]: v[2] + v[3]] for k, v in self._fe.items() if v[3] > 0}
-        # (backend names and ids, size) each table was last built from: skips
-        # rebuilding a table whose inputs did not change.
-        self._table_src: dict[FeKey, tuple] = {}
+        # The slots as they are now, to compare a frontend's table with what a state wants: the
+        # map itself when it is mapped, else a copy (zeros beyond what frontends use: calloc'ed
+        # pages cost no memory until written).
+        if self._slots_view is not None:
+            self._slots = self._slots_view
+        else:
+            high = max((off + size for off, size in ranges), default=0)
+            self._slots = np.zeros(capacity, dtype=np.uint32)
+            self._slots[:high] = _read_u32_array(self.maglev_map, high)
+        # What each table was last built from: skips rebuilding a table whose inputs did not change.
+        self._table_src: dict[FeKey, _TableSource] = {}
 
         self._svc_ids = IdAllocator(self.names_map.max_entries, self._svc_id.values())
         self._be_ids = IdAllocator(self.be_stats_map.max_entries, self._be_val)
         self._fe_ids = IdAllocator(self.fe_stats_map.max_entries,
-                                   (v[1] for v in self._fe.values() if v[1]))
+                                   (v.frontend_id for v in self._fe.values() if v.frontend_id))
         self._reset_refs()          # the next apply is a full one
         # (frontend id, LPM prefix length, address) of every loadBalancerSourceRanges entry.
         self._src_ranges: set[tuple[int, int, int]] = set()
@@ -209,9 +274,11 @@ class MapWriter:
         """
         full = full or self._state is None
         try:
-            stats = self._apply(state, full, delta)
-            if self._affinity_match is not None:     # after the ids exist (datapath/affinitymatch.py)
-                self._affinity_match.sync(state, self, full=full, delta=delta)
+            # A full apply derives every frontend's entries at once: no cycle collection meanwhile.
+            with heap.bulk() if full else contextlib.nullcontext():
+                stats = self._apply(state, full, delta)
+                if self._affinity_match is not None:     # after the ids exist (datapath/affinitymatch.py)
+                    self._affinity_match.sync(state, self, full=full, delta=delta)
             return stats
         except Exception:
             self._load()
@@ -260,191 +327,227 @@ class MapWriter:
         return old, new
 
     def _apply(self, state: LBState, full: bool, delta) -> ApplyStats:
+        """The phases of the module docstring, in their order; each writes one map (or two)."""
         stats = ApplyStats()
+        known = self._by_fe
         if full:
-            known = self._by_fe
             self._reset_refs()
             old: list[Frontend] = []
             new = list(state.frontends.values())
         elif state is self._state:
             return stats
         else:
-            known = self._by_fe
             old, new = self._changes(state, delta)
         # Derived before anything changes: a bad frontend raises before any write.
         wants = [w if (w := known.get(id(fe))) is not None and w.fe is fe else _frontend_want(fe) for fe in new]
+        touched = self._recount(old, wants, full)
+        # 1. Backends (new ids get zeroed stats before anything can count on them), 2. service
+        # names (their ids are what affinity and CT entries carry).
+        stale_be = self._write_backends(touched.backends, stats)
+        self._write_service_names(touched.names, stats)
+        # 3. Maglev tables into new ranges, source ranges, then frontend entries (the switch).
+        plan = self._plan_frontends(touched.frontends, full, stats)
+        retired = self._write_tables(plan, stats)
+        self._write_source_ranges(plan.src_add, stats)
+        self._switch_frontends(plan, stats)
+        # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
+        self._delete_frontends(plan, retired, stats)
+        self._delete_backends(stale_be, stats)
+        self._delete_service_names(touched.names, stats)
+        self._state = state
+        return stats
 
-        # Reference counts: drop the old frontends' references, take the new ones'.  Everything
-        # whose count moved is "touched": only those entries can need a write or a delete.
-        touched_be: dict[BeKey, None] = {}
-        touched_names: set[str] = set()
-        touched_fe: dict[FeKey, None] = {}
+    def _recount(self, old: list[Frontend], wants: list[_FeWant], full: bool) -> _Touched:
+        """Reference counts: drop the old frontends' references, take the new ones'."""
+        touched = _Touched({}, set(), {})
         for fe in old:
             w = self._want.pop(_frontend_key(fe))
             del self._by_fe[id(w.fe)]
-            self._count(w, -1, touched_be, touched_names)
-            touched_fe[w.key] = None
-            touched_fe[w.marker] = None
+            self._count(w, -1, touched.backends, touched.names)
+            touched.frontends[w.key] = None
+            touched.frontends[w.marker] = None
         for w in wants:
             self._want[w.key] = w
             self._by_fe[id(w.fe)] = w
-            self._count(w, 1, touched_be, touched_names)
-            touched_fe[w.key] = None
-            touched_fe[w.marker] = None
+            self._count(w, 1, touched.backends, touched.names)
+            touched.frontends[w.key] = None
+            touched.frontends[w.marker] = None
         if full:
             # Whatever the maps hold is a candidate too: a previous run's leftovers go now.
-            touched_be.update(dict.fromkeys(self._be_id))
-            touched_names.update(self._svc_id)
-            touched_fe.update(dict.fromkeys(self._fe))
+            touched.backends.update(dict.fromkeys(self._be_id))
+            touched.names.update(self._svc_id)
+            touched.frontends.update(dict.fromkeys(self._fe))
+        return touched
 
-        # 1. Backends (new ids get zeroed stats before anything can count on them).
-        be_writes = []
-        stale_be = []
-        for bkey in touched_be:
+    def _write_backends(self, touched: dict, stats: ApplyStats) -> list[int]:
+        """Write the backends whose entry changed; return the ids nothing references any more."""
+        be_writes: list[tuple[int, BackendEntry]] = []
+        stale: list[int] = []
+        fresh: list[int] = []
+        for bkey in touched:
             refs = self._be_refs.get(bkey)
             ident = self._be_id.get(bkey)
             if refs is None:
                 if ident is not None:
-                    stale_be.append(ident)
+                    stale.append(ident)
                 continue
             if ident is None:
                 ident = self._be_ids.allocate()
                 self._be_id[bkey] = ident
-                _zero_percpu(self.be_stats_map, ident)
-                stats.stats_zeroed += 1
+                fresh.append(ident)
+            # A plain tuple to compare (a BackendEntry equals it): the entry object only for a write.
             val = bkey + ((abi.LB_BE_F_TERMINATING if bkey in self._be_terminating else 0)
                           | (abi.LB_BE_F_LOCAL if bkey in self._be_local else 0)
                           | (abi.LB_BE_F_NOT_READY if self._be_not_ready.get(bkey) == refs else 0),)
             if self._be_val.get(ident) != val:
-                be_writes.append((ident, val))
-        _update_batch(self.backends_map, [
-            (self.backends_map.Key(i), self.backends_map.Leaf(*v)) for i, v in be_writes])
-        for ident, val in be_writes:
-            self._be_val[ident] = val
+                be_writes.append((ident, BackendEntry._make(val)))
+        _zero_percpu_ids(self.be_stats_map, fresh)
+        stats.stats_zeroed += len(fresh)
+        _update_records(self.backends_map, [i for i, _ in be_writes], [v for _, v in be_writes])
+        self._be_val.update(be_writes)
         stats.backends_written = len(be_writes)
+        return stale
 
-        # 2. Service names (their ids are what affinity and CT entries carry).
+    def _write_service_names(self, touched: set, stats: ApplyStats) -> None:
         name_writes = []
-        for name in sorted(n for n in touched_names if n in self._svc_refs and n not in self._svc_id):
+        for name in sorted(n for n in touched if n in self._svc_refs and n not in self._svc_id):
             ident = self._svc_ids.allocate()
             self._svc_id[name] = ident
             name_writes.append((ident, name))
-        _update_batch(self.names_map, [
-            (self.names_map.Key(i), self.names_map.Leaf(n.encode())) for i, n in name_writes])
+        m = self.names_map
+        _update_batch(m, [(m.Key(i), m.Leaf(n.encode())) for i, n in name_writes])
         stats.services_written = len(name_writes)
 
-        # 3. Maglev tables into new ranges, then frontend entries (the switch).
-        fe_writes: list[tuple[FeKey, FeVal]] = []
-        slot_keys: list[np.ndarray] = []
-        slot_vals: list[np.ndarray] = []
-        retired: list[tuple[int, int]] = []
-        new_tables: dict[FeKey, np.ndarray] = {}
-        src_add: set[tuple[int, int, int]] = set()
-        src_drop: set[tuple[int, int, int]] = set()
-        stale_fe: list[FeKey] = []
-        for key in touched_fe:
+    def _plan_frontends(self, touched: dict, full: bool, stats: ApplyStats) -> _FrontendPlan:
+        """Ids, table sources and source ranges of the touched frontends; nothing written yet
+        but the zeroed stats of new frontend ids."""
+        plan = _FrontendPlan([], [], [], [], set(), set())
+        fresh: list[int] = []
+        for key in touched:
             w = self._want.get(key)
             if w is None:
                 if key in self._marker_refs:
-                    if self._fe.get(key) != _MARKER_VAL:
-                        fe_writes.append((key, _MARKER_VAL))
+                    if self._fe.get(key) != _MARKER:
+                        plan.markers.append((key, _MARKER))
                 elif key in self._fe:
-                    stale_fe.append(key)
+                    plan.stale.append(key)
                 continue
-            fe, names = w.fe, w.table_names
-            old_val = self._fe.get(key)
-            if old_val is not None and old_val[1]:
-                fid = old_val[1]
+            old = self._fe.get(key)
+            if old is not None and old.frontend_id:
+                fid = old.frontend_id
             else:
                 fid = self._fe_ids.allocate()
-                _zero_percpu(self.fe_stats_map, fid)
-                stats.stats_zeroed += 1
-            ids = [self._be_id[k] for k in w.table_keys]
-            size = w.table_size
-            src = (names, tuple(ids), size)
-            offset = 0
-            if size:
-                if old_val is not None and old_val[3] == size and self._table_src.get(key) == src:
-                    offset = old_val[2]
-                else:
-                    table = np.asarray(ids, dtype=np.uint32)[maglev.build_table(names, size)]
-                    current = self._table.get(key)
-                    if old_val is not None and current is not None and old_val[3] == size \
-                            and np.array_equal(current, table):
-                        offset = old_val[2]
-                    else:
-                        offset = self._ranges.allocate(size)
-                        slot_keys.append(np.arange(offset, offset + size, dtype=np.uint32))
-                        slot_vals.append(table)
-                        new_tables[key] = table
-                        stats.tables_written += 1
-                        if old_val is not None and old_val[3]:
-                            retired.append((old_val[2], old_val[3]))
-                    self._table_src[key] = src
-            elif old_val is not None and old_val[3]:
-                retired.append((old_val[2], old_val[3]))
-            val = (self._svc_id[w.name], fid, offset, size, len(ids),
-                   fe.affinity_timeout, _service_flags(fe))
-            if old_val != val:
-                fe_writes.append((key, val))
-            ranges = _source_ranges(fe, fid)
+                fresh.append(fid)
+            src = _TableSource(w.table_names, tuple([self._be_id[k] for k in w.table_keys]), w.table_size)
+            if src.size and not (old is not None and old.maglev_size == src.size and self._table_src.get(key) == src):
+                plan.rebuild.append(len(plan.entries))
+            plan.entries.append(_Planned(key, w, fid, src, old))
+            ranges = _source_ranges(w.fe, fid)
             was = self._fe_src.get(key, set())
             if ranges != was:
-                src_add |= ranges - self._src_ranges
-                src_drop |= was - ranges
+                plan.src_add.update(ranges - self._src_ranges)
+                plan.src_drop.update(was - ranges)
                 if ranges:
                     self._fe_src[key] = ranges
                 else:
                     del self._fe_src[key]
-
-        if slot_keys:
-            keys = np.concatenate(slot_keys)
-            vals = np.concatenate(slot_vals)
-            _update_u32_array(self.maglev_map, keys, vals)
-            stats.slots_written = int(keys.size)
-        self._table.update(new_tables)
-        # Source ranges before the frontend entries that enforce them (bpf/lib/srcrange.h).
+        _zero_percpu_ids(self.fe_stats_map, fresh)
+        stats.stats_zeroed += len(fresh)
         if full:
             want_src = set().union(*self._fe_src.values())
-            src_add, src_drop = want_src - self._src_ranges, self._src_ranges - want_src
-        self._write_source_ranges(src_add, stats)
-        _update_batch(self.frontends_map, [
-            (self.frontends_map.Key(*k), self.frontends_map.Leaf(*v)) for k, v in fe_writes])
-        for key, val in fe_writes:
-            self._fe[key] = val
+            plan.src_add.clear()
+            plan.src_add.update(want_src - self._src_ranges)
+            plan.src_drop.update(self._src_ranges - want_src)
+        return plan
+
+    def _write_tables(self, plan: _FrontendPlan, stats: ApplyStats) -> list[tuple[int, int]]:
+        """Build the tables to rebuild (one maglev.build_tables pass), write each one that differs
+        from its frontend's current table into a NEW range; return the (offset, size) ranges the
+        frontend switch retires."""
+        retired: list[tuple[int, int]] = []
+        todo = [plan.entries[i] for i in plan.rebuild]
+        built = maglev.build_tables([(p.table.names, p.table.size, p.table.ids) for p in todo])
+        slot_keys: list[np.ndarray] = []
+        pos = 0
+        for p in todo:
+            src, old = p.table, p.old
+            table = built[pos:pos + src.size]
+            pos += src.size
+            self._table_src[p.key] = src
+            if old is not None and old.maglev_size == src.size and np.array_equal(
+                    self._slots[old.maglev_offset:old.maglev_offset + src.size], table):
+                continue            # same slots (e.g. only a name changed): keep the range
+            offset = self._ranges.allocate(src.size)
+            self._slots[offset:offset + src.size] = table
+            if self._slots_view is None:
+                slot_keys.append(np.arange(offset, offset + src.size, dtype=np.uint32))
+            p.new_offset = offset
+            stats.tables_written += 1
+            stats.slots_written += src.size
+            if old is not None and old.maglev_size:
+                retired.append((old.maglev_offset, old.maglev_size))
+        if slot_keys:
+            keys = np.concatenate(slot_keys)
+            _update_u32_array(self.maglev_map, keys, self._slots[keys])
+        # Frontends that lose their table (no usable backend left) retire their range too.
+        for p in plan.entries:
+            if not p.table.size:
+                self._table_src.pop(p.key, None)
+                if p.old is not None and p.old.maglev_size:
+                    retired.append((p.old.maglev_offset, p.old.maglev_size))
+        return retired
+
+    def _switch_frontends(self, plan: _FrontendPlan, stats: ApplyStats) -> None:
+        """The frontend entries and address markers: the single write that switches each frontend
+        to its new table (and backends, flags)."""
+        fe_writes = list(plan.markers)
+        for p in plan.entries:
+            if p.new_offset is not None:
+                offset = p.new_offset                   # its table in a new range
+            elif p.table.size and p.old is not None:
+                offset = p.old.maglev_offset            # the table it has
+            else:
+                offset = 0
+            fe = p.want.fe
+            val = FrontendEntry(self._svc_id[p.want.name], p.frontend_id, offset, p.table.size,
+                                len(p.table.ids), fe.affinity_timeout, _service_flags(fe))
+            if p.old != val:
+                fe_writes.append((p.key, val))
+        _update_records(self.frontends_map, [k for k, _ in fe_writes], [v for _, v in fe_writes])
+        self._fe.update(fe_writes)
         stats.frontends_written = len(fe_writes)
 
-        # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
-        _delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in stale_fe])
-        for key in stale_fe:
+    def _delete_frontends(self, plan: _FrontendPlan, retired: list, stats: ApplyStats) -> None:
+        """Frontends nothing wants, then the Maglev ranges and source ranges they used."""
+        _delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in plan.stale])
+        src_drop = plan.src_drop
+        for key in plan.stale:
             val = self._fe.pop(key)
-            if val[3]:
-                retired.append((val[2], val[3]))
-            if val[1]:
-                self._fe_ids.release(val[1])
-            self._table.pop(key, None)
+            if val.maglev_size:
+                retired.append((val.maglev_offset, val.maglev_size))
+            if val.frontend_id:
+                self._fe_ids.release(val.frontend_id)
             self._table_src.pop(key, None)
             src_drop |= self._fe_src.pop(key, set())
-        stats.frontends_deleted = len(stale_fe)
+        stats.frontends_deleted = len(plan.stale)
         for off, size in retired:
             self._ranges.release(off, size)
         # Ranges no frontend enforces any more: only now that the frontends stopped using them.
         self._prune_source_ranges(src_drop & self._src_ranges, stats)
 
-        _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale_be])
-        for ident in stale_be:
-            val = self._be_val.pop(ident)
-            del self._be_id[val[:3]]
+    def _delete_backends(self, stale: list[int], stats: ApplyStats) -> None:
+        _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale])
+        for ident in stale:
+            del self._be_id[self._be_val.pop(ident).key]
             self._be_ids.release(ident)
-        stats.backends_deleted = len(stale_be)
+        stats.backends_deleted = len(stale)
 
-        stale_svc = [n for n in touched_names if n not in self._svc_refs and n in self._svc_id]
-        _delete_batch(self.names_map, [self.names_map.Key(self._svc_id[n]) for n in stale_svc])
-        for name in stale_svc:
+    def _delete_service_names(self, touched: set, stats: ApplyStats) -> None:
+        stale = [n for n in touched if n not in self._svc_refs and n in self._svc_id]
+        _delete_batch(self.names_map, [self.names_map.Key(self._svc_id[n]) for n in stale])
+        for name in stale:
             self._svc_ids.release(self._svc_id.pop(name))
-        stats.services_deleted = len(stale_svc)
-        self._state = state
-        return stats
+        stats.services_deleted = len(stale)
 
     def _count(self, w: _FeWant, sign: int, touched_be: dict, touched_names: set) -> None:
         """Add (sign 1) or drop (-1) the references one frontend holds."""
@@ -513,11 +616,11 @@ def _add(counts: dict, key, sign: int) -> None:
 
 def _frontend_key(fe: Frontend) -> FeKey:
     k = fe.key
-    return (_raw_be32(k.address), _raw_be16(k.port), k.protocol.number, int(k.scope))
+    return (abi.be32(k.address), abi.be16(k.port), k.protocol.number, int(k.scope))
 
 
 def _backend_key(b: Backend) -> BeKey:
-    return (_raw_be32(b.address), _raw_be16(b.port), b.protocol.number)
+    return (abi.be32(b.address), abi.be16(b.port), b.protocol.number)
 
 
 def _frontend_want(fe: Frontend) -> _FeWant:
@@ -534,7 +637,8 @@ def _frontend_want(fe: Frontend) -> _FeWant:
         # frontend is so in all of them (not ready only if so in all: _count).
         be_flags[bkey] = be_flags.get(bkey, 0) | flags
         unique.setdefault(bkey, b)
-    table = sorted((b.name, _backend_key(b)) for b in table_backends(unique.values()))
+    keys = {id(b): k for k, b in unique.items()}
+    table = sorted((b.name, keys[id(b)]) for b in table_backends(unique.values()))
     return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags,
                    tuple(n for n, _ in table), tuple(k for _, k in table), maglev.table_size(len(table)))
 
@@ -544,7 +648,7 @@ def _source_ranges(fe: Frontend, fid: int) -> set[tuple[int, int, int]]:
     out = set()
     for net in fe.source_ranges:
         net = ipaddress.IPv4Network(net, strict=False)
-        out.add((fid, 32 + net.prefixlen, _raw_be32(net.network_address)))
+        out.add((fid, 32 + net.prefixlen, abi.be32(net.network_address)))
     return out
 
 

@@ -13,8 +13,6 @@ time: the CLI and the metrics collector (ebpfsvc/collectors.py) share it.
 from __future__ import annotations
 
 import ipaddress
-import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,21 +44,11 @@ def flag_names(value: int, table) -> list[str]:
     return names + ([f"{rest:#x}"] if rest else [])
 
 
-def ip_str(raw_be32: int) -> str:
-    """A __be32 field as cffi reads it (native-endian int of network-order bytes) -> dotted quad."""
-    return socket.inet_ntoa(struct.pack("=I", raw_be32))
-
-
-def port_int(raw_be16: int) -> int:
-    return struct.unpack("!H", struct.pack("=H", raw_be16))[0]
-
-
-def raw_ip(addr) -> int:
-    return struct.unpack("=I", ipaddress.IPv4Address(str(addr)).packed)[0]
-
-
-def raw_port(port: int) -> int:
-    return struct.unpack("=H", struct.pack("!H", port))[0]
+# The __be32/__be16 conversions have their home in ebpfsvc.abi; these are the inspection side's names.
+ip_str = abi.ip_of_be32          # a __be32 field -> dotted quad
+port_int = abi.port_of_be16      # a __be16 field -> port
+raw_ip = abi.be32                # an address -> the __be32 field's value
+raw_port = abi.be16              # a port -> the __be16 field's value
 
 
 def _decode(ctype: str, data: bytes):

@@ -55,7 +55,7 @@ def merge_endpoint_slices(namespace: str, service_name: str,
             spn = ServicePortName(namespace, service_name, port.name, port.protocol)
             by_addr = merged.setdefault(spn, {})
             for ep in sl.endpoints:
-                key = (ep.address, port.port)
+                key = (int(ep.address), port.port)      # an int hashes in C, an IPv4Address in Python
                 if key in by_addr and _precedence(by_addr[key]) >= _precedence(ep):
                     continue
                 by_addr[key] = Endpoint(ep.address, port.port, ep.ready, ep.serving, ep.terminating,

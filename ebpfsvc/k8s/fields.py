@@ -16,7 +16,9 @@ the last good version in force.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -65,7 +67,9 @@ class Fields:
     def __init__(self, data: Any, path: str = ""):
         if data is None:
             data = {}
-        if not isinstance(data, Mapping):
+        # A dict (what every source hands in) first: the Mapping check goes through the ABC
+        # machinery, a microsecond per object at 100,000 endpoints.
+        if type(data) is not dict and not isinstance(data, Mapping):
             raise Invalid(path, f"must be an object, not {_describe(data)}")
         self._data = data
         self.path = path
@@ -169,7 +173,18 @@ def _parse_text(value: Any, path: str, parse: Callable[[str], Any], what: str) -
 
 def parse_ip(value: Any, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IP address of either family (callers decide what IPv6 means for them)."""
-    return _parse_text(value, path, ipaddress.ip_address, "an IP address")
+    return _parse_text(value, path, _ip_address, "an IP address")
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """ipaddress.ip_address, with dotted quads parsed in C first: inet_pton takes exactly what
+    ipaddress takes for IPv4 (four decimal octets, none over 255, no leading zero).  Cached:
+    endpoint addresses come again with every change of their slice (a slice is re-read whole)."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        return ipaddress.ip_address(text)
 
 
 def parse_ipv4(value: Any, path: str) -> ipaddress.IPv4Address:

@@ -63,7 +63,7 @@ def test_no_ranges_admit_everyone(uplink):
 def probe_every_write(monkeypatch, uplink):
     """After each batch write or delete the writer makes, run `probe` (set by the test)."""
     probes = {"fn": None, "count": 0}
-    update, delete = writer_mod._update_batch, writer_mod._delete_batch
+    update, delete, records = writer_mod._update_batch, writer_mod._delete_batch, writer_mod._update_records
 
     def after(fn):
         def wrapped(*args, **kwargs):
@@ -75,6 +75,7 @@ def probe_every_write(monkeypatch, uplink):
 
     monkeypatch.setattr(writer_mod, "_update_batch", after(update))
     monkeypatch.setattr(writer_mod, "_delete_batch", after(delete))
+    monkeypatch.setattr(writer_mod, "_update_records", after(records))
     return probes
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from ebpfsvc import abi, maglev
 from ebpfsvc.datapath import loader, stats
+from ebpfsvc.datapath import writer as writer_mod
 from ebpfsvc.datapath.writer import ApplyStats, MapWriter, service_name
 from ebpfsvc.lbmodel import Algorithm, FrontendKind, Protocol
 
@@ -228,3 +229,38 @@ def test_out_of_maglev_space_fails_loudly_and_keeps_a_true_view(pin_dir):
         assert w.apply(fits) == ApplyStats() and MapWriter(dp.maps).apply(fits) == ApplyStats()
     finally:
         dp.close()
+
+
+def expected_slots(writer, fe):
+    ordered = sorted(fe.backends, key=lambda b: b.name)
+    ids = [writer.backend_id(b) for b in ordered]
+    return [ids[i] for i in maglev.build_table([b.name for b in ordered], maglev.table_size(len(ordered)))]
+
+
+def test_maglev_slots_are_stored_in_place_through_the_mapped_array(datapath, writer):
+    # lb_maglev is BPF_F_MMAPABLE: the writer stores slots into the map's memory, and the kernel's
+    # own lookups (what a packet reads) see them.
+    assert writer._slots_view is not None
+    fe = web(1, [1, 2, 3])
+    writer.apply(state(fe))
+    assert table_of(datapath, fe)[1] == expected_slots(writer, fe)
+    fe2 = web(1, [1, 2, 4])
+    st = writer.apply(state(fe2))
+    assert st.tables_written == 1 and table_of(datapath, fe2)[1] == expected_slots(writer, fe2)
+
+
+def test_without_a_mapped_array_slots_go_by_batch_syscalls(datapath, monkeypatch):
+    # A lb_maglev pinned by a build without BPF_F_MMAPABLE cannot be mapped: same tables, by syscalls.
+    monkeypatch.setattr(writer_mod, "_map_u32_array", lambda table: None)
+    w = MapWriter(datapath.maps)
+    assert w._slots_view is None
+    fe = web(1, [1, 2, 3])
+    st = w.apply(state(fe, web(2, [4])))
+    assert st.tables_written == 2 and table_of(datapath, fe)[1] == expected_slots(w, fe)
+    fe2 = web(1, [1, 3])
+    st = w.apply(state(fe2, web(2, [4])))
+    assert st.tables_written == 1 and table_of(datapath, fe2)[1] == expected_slots(w, fe2)
+    # A restarted writer (mapped, as normal) reads the same state back and has nothing to write.
+    monkeypatch.undo()
+    again = MapWriter(datapath.maps)
+    assert again._slots_view is not None and not again.apply(state(fe2, web(2, [4])))

@@ -88,3 +88,13 @@ def test_clear_puts_every_datapath_map_back_as_created(datapath):
             assert len(list(table.keys())) == table.max_entries
         else:
             assert list(table.keys()) == [], f"{name}: entries left"
+
+
+def test_records_and_zeroed_ids_fall_back_per_entry():
+    t = FakeTable()
+    batch.update_records(t, [1, 2], [10, 20])
+    assert dict(t) == {1: 10, 2: 20}
+    batch.zero_percpu_ids(t, [2, 3])
+    assert dict(t) == {1: 10, 2: 0, 3: 0}
+    batch.update_records(t, [], [])
+    assert dict(t) == {1: 10, 2: 0, 3: 0}

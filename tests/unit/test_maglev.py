@@ -143,3 +143,62 @@ def test_changed_slots_for_delta_writes():
     assert set(np.flatnonzero(old == 109)) <= set(changed.tolist())
     assert maglev.changed_slots(old, old).size == 0
     assert np.array_equal(maglev.changed_slots(old, new[:-1]), np.arange(size - 1))
+
+
+def test_the_c_fill_is_built_here_and_fills_as_the_python_loop():
+    # The agent's tables come from maglev_fill.c; the Python loop is the fallback and the reference.
+    assert maglev.native() is not None, "the C fill could not be built (gcc and Python headers: make setup)"
+    rng = random.Random(12)
+    for n in (1, 2, 3, 7, 10, 64, 255, 256, 700):
+        size = maglev.table_size(n)
+        names = sorted(f"198.18.{rng.randrange(256)}.{i % 256}:{rng.randrange(1, 65536)}/TCP#{i}" for i in range(n))
+        offset, skip = maglev.permutation_params(names, size)
+        assert np.array_equal(maglev.build_table(names, size), maglev._fill_sequential(offset, skip, size)), n
+
+
+def test_build_tables_many_at_once_equals_one_by_one():
+    rng = random.Random(7)
+    tables = []
+    for t in range(40):
+        n = rng.choice([0, 1, 2, 3, 10, 30])
+        names = sorted({f"10.{t}.{rng.randrange(256)}.{rng.randrange(256)}:80/TCP" for _ in range(n)})
+        tables.append((names, maglev.table_size(len(names)), [rng.randrange(1, 1 << 20) for _ in names]))
+    out = maglev.build_tables(tables)
+    expected = [np.asarray(values, dtype=np.uint32)[maglev.build_table(names, size)]
+                for names, size, values in tables if size]
+    assert out.dtype == np.uint32 and np.array_equal(out, np.concatenate(expected))
+
+
+@pytest.mark.parametrize("n,size", [(1, 2), (2, 2), (3, 3), (5, 13), (7, 7)])
+def test_the_c_fill_at_the_smallest_sizes(n, size):
+    names = sorted(backend_names(n))
+    offset, skip = maglev.permutation_params(names, size)
+    assert np.array_equal(maglev.build_table(names, size), maglev._fill_sequential(offset, skip, size))
+
+
+def test_without_the_c_fill_the_python_loop_gives_the_same_tables(monkeypatch):
+    tables = [(sorted(backend_names(n)), maglev.table_size(n), list(range(100, 100 + n))) for n in (1, 4, 10, 300)]
+    with_c = maglev.build_tables(tables)
+    monkeypatch.setattr(maglev, "_native", None)
+    assert maglev.native() is None
+    assert np.array_equal(maglev.build_tables(tables), with_c)
+    assert maglev.build_table(list("abcde"), 13).tolist() == GOLDEN_ABCDE_13
+
+
+def test_the_c_fill_is_built_into_the_cache_directory_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("EBPFSVC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(maglev, "_native", maglev._UNSET)
+    assert maglev.native() is not None
+    built = list(tmp_path.glob("_ebpfsvc_maglev_*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob(".build-*"))
+    monkeypatch.setattr(maglev, "_native", maglev._UNSET)
+    assert maglev.native() is not None and list(tmp_path.glob("_ebpfsvc_maglev_*.so")) == built
+    assert maglev.build_table(list("abcde"), 13).tolist() == GOLDEN_ABCDE_13
+
+
+def test_cached_name_hashes_are_the_two_personalised_blake2b_digests():
+    import hashlib
+    for name in ["a", "198.18.0.1:8080/TCP", "ünï:1/UDP"]:
+        expected = tuple(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8, person=p).digest(), "little")
+                         for p in (b"ebpfsvc/mgl/off", b"ebpfsvc/mgl/skip"))
+        assert maglev.name_hashes(name) == expected

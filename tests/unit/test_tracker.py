@@ -455,3 +455,44 @@ def test_a_parser_bug_costs_one_object_not_the_stream(state, caplog):
     send(state, ADDED, service())
     assert [(p.name, p.message) for p in state.problems] == [("boom", "cannot be parsed (KeyError: 'surprise')")]
     assert list(state.snapshot().services) == [("default", "web")]
+
+
+# --- snapshots' endpoints: a shared base plus what changed (tracker.Overlay) -----------------
+
+def test_a_snapshot_keeps_its_endpoints_while_later_changes_and_new_bases_come(state, monkeypatch):
+    import ebpfsvc.tracker as tracker_mod
+    monkeypatch.setattr(tracker_mod, "_OVERLAY_MIN", 3)     # a new base after a few changes
+    names = [f"svc{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        send(state, ADDED, service(name, f"198.19.0.{10 + i}"))
+        send(state, ADDED, slice_(f"{name}-a", endpoint(f"198.18.0.{i + 1}"), service=name))
+    first = state.snapshot()
+    spn = {name: ServicePortName("default", name, "http", Protocol.TCP) for name in names}
+    seen = [(first, {n: addresses(first, spn[n]) for n in names})]
+    for round_ in range(4):
+        for i, name in enumerate(names[:round_ + 2]):
+            send(state, MODIFIED, slice_(f"{name}-a", endpoint(f"198.18.{round_ + 1}.{i + 1}"), service=name))
+        send(state, DELETED, slice_(f"{names[-1]}-a", service=names[-1]))
+        snap = state.snapshot()
+        seen.append((snap, {n: addresses(snap, spn[n]) for n in names}))
+    for snap, expected in seen:                 # every snapshot still shows what it showed
+        assert {n: addresses(snap, spn[n]) for n in names} == expected
+        assert set(snap.endpoints) == {spn[n] for n in names if expected[n]}
+        assert len(snap.endpoints) == sum(1 for n in names if expected[n])
+    last = seen[-1][1]
+    assert last[names[0]] == [("198.18.4.1", 8080, True)] and last[names[-1]] == []
+    assert spn[names[-1]] not in seen[-1][0].endpoints and spn[names[-1]] in seen[0][0].endpoints
+
+
+def test_a_change_after_the_first_sync_carries_only_its_own_entries():
+    # The first snapshot after a full list must take a new base: else every later snapshot would
+    # carry all the endpoints as changes (what a small cluster did before).
+    from ebpfsvc.tracker import Overlay, overlay_view
+    current = {i: (i,) for i in range(1000)}
+    view, base = overlay_view({}, current, set(current))
+    assert base == current and view is base
+    since = {7}
+    current[7] = ("new",)
+    view, base2 = overlay_view(base, current, since)
+    assert base2 is base and isinstance(view, Overlay) and view._changes == {7: ("new",)}
+    assert view[7] == ("new",) and view[8] == (8,) and len(view) == 1000
