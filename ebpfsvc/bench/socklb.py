@@ -30,7 +30,6 @@ import uuid
 from pathlib import Path
 
 from ebpfsvc.bench import tools, traffic
-from ebpfsvc.datapath import nsenter
 from ebpfsvc.lab import agents, cgroups
 
 IPERF, NGINX, SOCKPERF = 5201, 8080, 11111
@@ -46,19 +45,9 @@ SERVICES = {"bench-same": "bench-srv", "bench-cross": "bench-srv2"}
 DATAPATHS = ("direct", "tc", "socket")
 
 
-def _argv_in(netns: str, cgroup: Path | None):
-    enter_netns = nsenter.preexec(netns)
-
-    def enter() -> None:
-        if cgroup is not None:
-            cgroups.join(cgroup)
-        enter_netns()
-
-    return enter
-
-
 def _run(netns: str, cgroup: Path | None, argv: list[str], seconds: int) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=_argv_in(netns, cgroup))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
+                          preexec_fn=cgroups.preexec(netns, cgroup))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {(proc.stderr or proc.stdout)[-500:]}")
     return proc.stdout + proc.stderr

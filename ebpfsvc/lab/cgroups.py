@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.datapath.socklb import cgroup2_mount
 
 log = logging.getLogger(__name__)
@@ -83,3 +84,16 @@ def host_cgroup(prefix: str, node: str) -> Path:
 
 
 __all__ = ["lab_root", "node_cgroup", "pod_cgroup", "host_cgroup", "create", "join", "remove", "remove_dir"]
+
+
+def preexec(netns: str, cgroup: Path | None):
+    """A subprocess preexec_fn: join `cgroup` (created if needed) when given, then enter `netns`
+    (cgroup first: the child's sockets belong to the cgroup it is in when it makes them)."""
+    enter_netns = nsenter.preexec(netns)
+
+    def enter() -> None:
+        if cgroup is not None:
+            join(cgroup)
+        enter_netns()
+
+    return enter

@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from ebpfsvc.datapath import nsenter
 from ebpfsvc.lab import (agents as agentlib, cgroups, controlplane, labfile, names, network, pods as podlib, processes,
                          rpc, teardown)
 from ebpfsvc.lab.api import RESOURCES, APIError, LabAPI
@@ -366,25 +365,13 @@ def _run(netns: str, argv: list[str], timeout: float, cgroup: Path | None = None
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
     kwargs.setdefault("env", base_env())
-    return subprocess.run(podlib.interpreter(argv), preexec_fn=_enter(netns, cgroup), timeout=timeout,
+    return subprocess.run(podlib.interpreter(argv), preexec_fn=cgroups.preexec(netns, cgroup), timeout=timeout,
                           check=False, **kwargs)
 
 
 def _popen(netns: str, argv: list[str], cgroup: Path | None = None, **kwargs: Any) -> subprocess.Popen:
     kwargs.setdefault("env", base_env())
-    return subprocess.Popen(podlib.interpreter(argv), preexec_fn=_enter(netns, cgroup), **kwargs)
-
-
-def _enter(netns: str, cgroup: Path | None):
-    """preexec_fn: join `cgroup` (created if needed), then enter `netns`."""
-    enter_netns = nsenter.preexec(netns)
-
-    def enter() -> None:
-        if cgroup is not None:
-            cgroups.join(cgroup)
-        enter_netns()
-
-    return enter
+    return subprocess.Popen(podlib.interpreter(argv), preexec_fn=cgroups.preexec(netns, cgroup), **kwargs)
 
 
 def _build(state: State, spec: labfile.LabSpec) -> None:
