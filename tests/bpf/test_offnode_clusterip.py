@@ -104,7 +104,8 @@ def test_clusterip_policies_from_off_the_node(uplink):
     assert uplink.drops(abi.REASON_NO_LOCAL_BACKEND) == before + 1
     uplink.check("no endpoints at all: RST from ClusterIP:port, back out the uplink", "from_uplink",
                  from_client(tcp(CLIENT, VIP, 40000, 83, "S", seq=5)), REDIRECT,
-                 to_client(IP(src=VIP, dst=CLIENT, id=0) / TCP(sport=83, dport=40000, flags="RA", seq=0, ack=6, window=0)))
+                 to_client(IP(src=VIP, dst=CLIENT, id=0) / TCP(sport=83, dport=40000, flags="RA", seq=0, ack=6,
+                                                               window=0)))
     uplink.check("another port of the ClusterIP: not a Service port, passes untouched", "from_uplink",
                  from_client(tcp(CLIENT, VIP, 40000, 8443, "S")), OK)
 
