@@ -4,7 +4,7 @@
  * LoadBalancer ingress addresses), replacing kube-proxy for traffic from
  * outside the cluster:
  *
- *   from_uplink  TC ingress: new flows to EXTERNAL frontends (DNAT, plus SNAT
+ *   from_uplink  TC ingress: new flows to EXTERNAL frontends and ClusterIPs (DNAT, plus SNAT
  *                when the backend is on another node), tracked flows, replies
  *                of SNATed flows, ICMP errors about them.
  *   to_uplink    TC egress: replies of source-preserving flows (local backend)

@@ -6,8 +6,8 @@
  *
  *   np4_from_uplink  TC ingress. Tracked flows keep their backend; replies
  *     of SNATed flows are translated back and sent to the client; a packet to
- *     an EXTERNAL frontend (exactly its address, port and protocol) starts a
- *     flow, if it can start one (a TCP SYN, any datagram: ct4_starts_flow; a
+ *     an EXTERNAL frontend or a ClusterIP (np4_lookup_frontend: exactly its
+ *     address, port and protocol) starts a flow, if it can start one (a TCP SYN, any datagram: ct4_starts_flow; a
  *     connection kube-proxy translated stays the kernel's): source ranges,
  *     Local policy, backend choice, then
  *       - backend on this node, or externalTrafficPolicy Local: DNAT only, the
@@ -289,7 +289,30 @@ static __always_inline int np4_forward_xlate(struct __sk_buff *skb, struct lb4_p
 	return nat ? np4_redirect(skb, p) : TC_ACT_OK;
 }
 
-/* A new flow to an EXTERNAL frontend, or a packet that is not ours (passes). */
+/* The frontend kinds that have an EXTERNAL twin: never looked up by their INTERNAL entry here. */
+#define NP4_SVC_F_EXTERNAL_KINDS (LB_SVC_F_NODEPORT | LB_SVC_F_EXTERNAL_IP | LB_SVC_F_LOADBALANCER | LB_SVC_F_ADDRESS)
+
+/*
+ * The frontend a packet arriving from outside starts a flow to: an EXTERNAL
+ * one (NodePort, externalIP, LoadBalancer IP), else a ClusterIP. kube-proxy
+ * matches ClusterIPs in PREROUTING from any interface, so a static route or a
+ * BGP-advertised service range that sends a ClusterIP to a node's uplink is
+ * served (issue 17 item 2). The ClusterIP's own frontend is used, so its
+ * backends follow internalTrafficPolicy, as kube-proxy's internal chain does;
+ * the flow is then a north-south one like any other (DNAT for a local backend,
+ * SNAT + DNAT for a remote one, whose reply must come back through this node).
+ */
+static __always_inline struct lb4_service *np4_lookup_frontend(const struct lb4_pkt *p)
+{
+	struct lb4_service *svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_EXTERNAL);
+
+	if (svc)
+		return svc;
+	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
+	return svc && !(svc->flags & NP4_SVC_F_EXTERNAL_KINDS) ? svc : 0;
+}
+
+/* A new flow to an EXTERNAL frontend or a ClusterIP, or a packet that is not ours (passes). */
 static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt *p,
 					   struct ct4_key *fk, __u64 now)
 {
@@ -299,7 +322,7 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 	struct snat4_entry nat;
 	int ret;
 
-	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_EXTERNAL);
+	svc = np4_lookup_frontend(p);
 	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
 		return TC_ACT_OK;                       /* another port of a node address: the node's own */
 	if (p->frag == LB_FRAG_LATER)

@@ -234,7 +234,7 @@ static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, st
 	struct ct4_entry e = {};
 	struct snat4_entry nat;
 
-	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_EXTERNAL);
+	svc = np4_lookup_frontend(p);
 	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
 		return XDP_PASS;
 	if (!lb4_source_allowed(svc, p->saddr)) {

@@ -10,13 +10,16 @@ address adds a /32 route in the client's namespace (a lab namespace, never the r
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 
 import pytest
 
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lab import Lab, apps
 
-from .helpers import add_clients, cluster_ip, connect_outcome, drops, node_maps, service, wait_for, wait_ready
+from .helpers import (add_clients, cluster_ip, connect_outcome, drops, node_maps, service, udp_ask, wait_for,
+                      wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
 
@@ -168,6 +171,65 @@ def test_external_ip_and_load_balancer(lab):
         assert via_2["pod"] == "ext" and via_2["client"] == CLIENT
     finally:
         lab.external_exec("client", ["ip", "route", "del", "198.18.200.32/32"])
+
+
+def _udp_from_client(lab: Lab, host: str, port: int) -> dict:
+    """One datagram from the external client on a new flow; the udp-echo answer (raises if none)."""
+    sock = nsenter.socket_in(lab.external_netns("client"), socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(2)
+        sock.bind(("0.0.0.0", 0))
+        return udp_ask(sock, host, port)
+    finally:
+        sock.close()
+
+
+def test_clusterip_routed_from_outside_the_cluster(lab):
+    """Issue 17 item 2: an upstream router (here the client's own route for the service CIDR,
+    in its lab namespace) sends ClusterIP traffic to node-1, which serves it as kube-proxy does
+    in PREROUTING: the backend on node-1 sees the client (DNAT only, as for NodePorts), the one
+    on node-2 sees node-1 (SNAT: its reply must come back through node-1); TCP and UDP, and
+    every answer comes from the ClusterIP (curl and udp_ask would not take it otherwise)."""
+    pods = {"offnode-1": "node-1", "offnode-2": "node-2"}
+    upods = {"offnode-u1": "node-1", "offnode-u2": "node-2"}
+    lab.apply([*(apps.pod(n, "http-echo", 8080, node=node, labels={"app": "offnode"}) for n, node in pods.items()),
+               *(apps.pod(n, "udp-echo", 5353, node=node, labels={"app": "offnode-u"}) for n, node in upods.items()),
+               service("offnode", [{"port": 80, "targetPort": 8080}], selector={"app": "offnode"}),
+               service("offnode-u", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
+                       selector={"app": "offnode-u"})])
+    wait_ready(lab, [*pods, *upods])
+    wait_programmed(lab, "offnode", 80, backends=2, nodes=["node-1"])
+    wait_programmed(lab, "offnode-u", 53, backends=2, nodes=["node-1"], proto="UDP")
+    vip, uvip = cluster_ip(lab, "offnode"), cluster_ip(lab, "offnode-u")
+
+    cidr = str(lab.spec.service_cidr)
+    added = lab.external_exec("client", ["ip", "route", "replace", cidr, "via", NODES["node-1"]])
+    assert added.returncode == 0, added.stderr
+    try:
+        seen: dict[str, dict] = {}
+        wait_for(lambda: curl(lab, f"http://{vip}/"), what="a first answer from the ClusterIP")
+        for port in range(43100, 43164):              # new flows until Maglev has sent one to each
+            answer = curl(lab, f"http://{vip}/", local_port=port)
+            assert answer is not None, f"no answer from {vip}:80 from client port {port}"
+            seen.setdefault(answer["pod"], answer)
+            if len(seen) == 2:
+                break
+        assert set(seen) == set(pods), seen
+        assert seen["offnode-1"]["client"] == CLIENT              # local backend: client kept
+        assert seen["offnode-2"]["client"] == NODES["node-1"]     # remote backend: SNAT to node-1
+
+        useen: dict[str, dict] = {}
+        wait_for(lambda: _udp_from_client(lab, uvip, 53), what="a first UDP answer from the ClusterIP")
+        for _ in range(64):
+            answer = _udp_from_client(lab, uvip, 53)
+            useen.setdefault(answer["pod"], answer)
+            if len(useen) == 2:
+                break
+        assert set(useen) == set(upods), useen
+        assert useen["offnode-u1"]["client"] == CLIENT
+        assert useen["offnode-u2"]["client"] == NODES["node-1"]
+    finally:
+        lab.external_exec("client", ["ip", "route", "del", cidr])
 
 
 def _iperf3(lab: Lab, pod: str, target: str, port: int, seconds: int = 3) -> dict:

@@ -1,14 +1,15 @@
 """The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
 builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
-compared (issue 17): 15 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
+compared (issue 17): 17 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
 for DIFFERENCES.
 
-Four rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
+Five rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
 TCP connection whose endpoint leaves the Service (a selector change) goes on with kube-proxy and is
 reset by ebpfsvc (#3); the legacy source-ranges annotation, which kube-proxy ignores, fences a
 LoadBalancer IP with ebpfsvc; publishNotReadyAddresses on a hand-written slice that says
 `ready: false`, which kube-proxy leaves to the EndpointSlice controller; the client address a
-backend on the receiving node sees with externalTrafficPolicy Cluster (#8).
+backend on the receiving node sees with externalTrafficPolicy Cluster (#8), and for the same
+reason with a ClusterIP routed to the node from outside (#2).
 
 One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
 and `kube-proxy --cleanup` removes its rules (docs/deploy.md); the ebpfsvc agents start and
@@ -98,6 +99,9 @@ SERVICES += [
             type="NodePort"),
     # Selectorless: its slice is hand-written (pnr_slice), or-a listed as not ready.
     service("or-pnr", [{"port": 80, "targetPort": 8080}], publishNotReadyAddresses=True),
+    # A plain ClusterIP whose only endpoint is or-b on node-2, reached from outside through node-1
+    # (with or-cluster for an endpoint on node-1): issue 17 item 2.
+    service("or-offnode", [{"port": 80, "targetPort": 8080}], selector={"pod": "or-b"}),
 ]
 
 
@@ -121,6 +125,8 @@ EXPECTED = {
     "legacy source-ranges annotation without the client: outside -> LoadBalancer IP": "HTTP 200",
     "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP": "refused",
     "ETP Cluster, backend on the receiving node: the source it sees": "masqueraded",
+    "ClusterIP routed to node-1 from outside, backend on node-1: the source it sees": "masqueraded",
+    "ClusterIP routed to node-1 from outside, backend on node-2: the source it sees": "masqueraded",
     "/healthz on node-1": "200 nodeEligible=True",
     "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
     "/healthz on node-1, taint removed": "200 nodeEligible=True",
@@ -133,6 +139,7 @@ DIFFERENCES = {
     "legacy source-ranges annotation without the client: outside -> LoadBalancer IP": "timeout",
     "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP": "connected",
     "ETP Cluster, backend on the receiving node: the source it sees": "the client",
+    "ClusterIP routed to node-1 from outside, backend on node-1: the source it sees": "the client",   # as #8
 }
 
 
@@ -208,6 +215,22 @@ def upstream_route(lab: Lab) -> Iterator[None]:
             nsenter.run_in(netns, lambda: route("del"))
 
 
+@contextmanager
+def service_cidr_via_node1(lab: Lab) -> Iterator[None]:
+    """The external client's upstream sends the service CIDR to node-1 (a static route, or a
+    BGP-advertised service range): a route in the client's lab namespace, removed after."""
+    def route(action: str) -> None:
+        with IPRoute() as ipr:
+            ipr.route(action, dst=SERVICE_CIDR, gateway=NODE1)
+
+    netns = lab.external_netns(EXTERNAL)
+    nsenter.run_in(netns, lambda: route("add"))
+    try:
+        yield
+    finally:
+        nsenter.run_in(netns, lambda: route("del"))
+
+
 def stream_after_endpoint_left(lab: Lab) -> str:
     """A stream to or-c through or-moved; the selector changes so or-c leaves the Service; once
     the proxy has synced that (a new connection is refused: no endpoint left), what the stream
@@ -258,6 +281,10 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
         "established TCP, its endpoint leaves the Service (selector change)": stream_after_endpoint_left(lab),
         "/healthz on node-1": settle(lambda: healthz(lab), EXPECTED["/healthz on node-1"]),
     }
+    with service_cidr_via_node1(lab):
+        for node, svc in (("node-1", "or-cluster"), ("node-2", "or-offnode")):
+            row = f"ClusterIP routed to node-1 from outside, backend on {node}: the source it sees"
+            got[row] = source_seen(lab, f"http://{cluster_ip(lab, svc)}/")
     try:
         taint(lab, "node-1", [TO_BE_DELETED])
         key = "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler"
