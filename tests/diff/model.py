@@ -1,0 +1,493 @@
+"""A reference model of the pod-side datapath (bpf/lb_pod.c: from_pod, to_pod) in plain Python.
+
+Written from what a Service load balancer must do (docs/datapath.md, docs/semantics.md) and the
+map layouts of bpf/include/abi.h, not from the C: given the maps' contents and one packet, it says
+what comes out (verdict and exact bytes) and which conntrack, affinity and fragment entries a
+packet creates, updates or deletes. tests/diff/runner.py feeds the same packets to the real
+programs through BPF_PROG_TEST_RUN and to this model and compares the two.
+
+What it models: IPv4 TCP/UDP to ClusterIPs (scope INTERNAL) balanced by Maglev (the exact slot
+from the flow hash, ebpfsvc/datapath/flowhash.py), at random (any backend of the table is right:
+the caller says which one the kernel drew) and by ClientIP affinity; replies through to_pod
+(reverse NAT); packets that are not for a Service (untouched); frontends without backends
+(TCP RST, ICMP port unreachable; traffic policy Local: drop); TCP segments of connections never
+balanced here (untouched); closing flows reused by a new SYN; first and later fragments;
+truncated and inconsistent headers (dropped); ICMP errors about translated flows (translated back).
+
+Timestamps are not modelled: a run is far shorter than the shortest lifetime (10 s), and affinity
+timeouts are hours. Hairpin flows (a pod balanced to itself) are not generated.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+
+from ebpfsvc.datapath.flowhash import flow_hash
+
+OK, SHOT, REDIRECT = 0, 2, 7
+TCP, UDP, ICMP, SCTP = 6, 17, 1, 132
+FWD, REPLY = 0, 1                       # ct4_key.dir
+
+# ct4_entry.flags, as abi.h names them.
+F_SYN, F_FIN_FWD, F_FIN_REV, F_RST, F_ESTABLISHED = 0x01, 0x02, 0x04, 0x08, 0x10
+# lb4_service.flags / lb4_backend.flags
+SVC_AFFINITY, SVC_RANDOM, SVC_LOCAL_ONLY, SVC_ADDRESS = 0x0001, 0x0002, 0x0004, 0x0040
+BE_TERMINATING, BE_NOT_READY = 0x01, 0x04
+BE_NO_NEW_FLOWS = BE_TERMINATING | BE_NOT_READY
+SCOPE_INTERNAL = 1
+TERMINATING_PROBES = 4                  # slots looked at past a backend that takes no new flows
+ICMP_ERRORS = (3, 11, 12)               # destination unreachable, time exceeded, parameter problem
+
+# TCP header flag bits
+T_FIN, T_SYN, T_RST, T_ACK = 0x01, 0x02, 0x04, 0x10
+
+
+# ---------------------------------------------------------------- checksums (RFC 1071 / 1624)
+
+def _fold(s: int) -> int:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def csum(data: bytes) -> int:
+    """The Internet checksum of `data` (what goes into the header)."""
+    if len(data) % 2:
+        data += b"\0"
+    return ~_fold(sum(struct.unpack(f"!{len(data) // 2}H", data))) & 0xFFFF
+
+
+def csum_update(hc: int, old: bytes, new: bytes) -> int:
+    """RFC 1624 eqn. 3: the checksum after 16-bit words `old` became `new`. A NAT keeps a
+    checksum exactly as right, or as wrong, as it came in."""
+    s = (~hc) & 0xFFFF
+    for i in range(0, len(old), 2):
+        s += (~int.from_bytes(old[i:i + 2], "big")) & 0xFFFF
+        s += int.from_bytes(new[i:i + 2], "big")
+    return (~_fold(s)) & 0xFFFF
+
+
+# ---------------------------------------------------------------- the maps, as the model keeps them
+
+@dataclass(frozen=True)
+class Service:
+    """lb4_service: what a frontend resolves to."""
+    service_id: int
+    frontend_id: int
+    maglev_offset: int
+    maglev_size: int
+    backend_count: int
+    affinity_timeout: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    address: bytes          # 4 bytes, wire order
+    port: int               # host order
+    proto: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A ct4_entry without its timestamp: both entries of a flow hold this value."""
+    backend_id: int
+    service_id: int
+    frontend_id: int
+    frontend_addr: bytes
+    backend_addr: bytes
+    frontend_port: int
+    backend_port: int
+    flags: int
+
+
+CtKey = tuple  # (saddr: bytes, daddr: bytes, sport: int, dport: int, proto: int, dir: int)
+
+
+@dataclass
+class Maps:
+    frontends: dict = field(default_factory=dict)    # (addr, port, proto, scope) -> Service
+    backends: dict = field(default_factory=dict)     # id -> BackendEntry
+    maglev: dict = field(default_factory=dict)       # slot -> backend id
+    ct: dict = field(default_factory=dict)           # CtKey -> Flow
+    affinity: dict = field(default_factory=dict)     # (client addr, service id) -> backend id
+    frag: dict = field(default_factory=dict)         # (saddr, daddr, ip id, proto) -> (sport, dport)
+
+
+# ---------------------------------------------------------------- parsing
+
+class Malformed(Exception):
+    """IPv4 whose header fields contradict each other or the frame: dropped."""
+
+
+@dataclass
+class Pkt:
+    ihl: int
+    tot_len: int
+    saddr: bytes
+    daddr: bytes
+    proto: int
+    ip_id: int
+    later_fragment: bool     # fragment offset > 0: no L4 header
+    first_fragment: bool     # MF set, offset 0
+    sport: int = 0
+    dport: int = 0
+    tcp_flags: int = 0
+    tcp_doff: int = 0
+    seq: int = 0
+    ack: int = 0
+    icmp_type: int = -1
+
+
+L3 = 14
+
+
+def parse(frame: bytes) -> Pkt | None:
+    """None: not IPv4, not ours. Raises Malformed for IPv4 we cannot trust."""
+    if len(frame) < L3 or frame[12:14] != b"\x08\x00":
+        return None
+    ip = frame[L3:]
+    if len(ip) < 20 or ip[0] >> 4 != 4:
+        raise Malformed("version")
+    ihl = (ip[0] & 0xF) * 4
+    if ihl < 20 or ihl > len(ip):
+        raise Malformed("IHL")
+    tot_len = int.from_bytes(ip[2:4], "big")
+    if tot_len < ihl or tot_len > len(ip):
+        raise Malformed("total length")
+    frag = int.from_bytes(ip[6:8], "big")
+    p = Pkt(ihl=ihl, tot_len=tot_len, saddr=ip[12:16], daddr=ip[16:20], proto=ip[9],
+            ip_id=int.from_bytes(ip[4:6], "big"), later_fragment=bool(frag & 0x1FFF),
+            first_fragment=not (frag & 0x1FFF) and bool(frag & 0x2000))
+    if p.later_fragment:
+        return p
+    l4 = ip[ihl:tot_len]
+    if p.proto == TCP:
+        if len(l4) < 20 or (l4[12] >> 4) < 5 or (l4[12] >> 4) * 4 > len(l4):
+            raise Malformed("TCP header")
+        p.sport, p.dport, p.seq, p.ack = struct.unpack("!HHII", l4[:12])
+        p.tcp_doff = (l4[12] >> 4) * 4
+        p.tcp_flags = l4[13]
+    elif p.proto == UDP:
+        if len(l4) < 8:
+            raise Malformed("UDP header")
+        p.sport, p.dport = struct.unpack("!HH", l4[:4])
+    elif p.proto == SCTP:
+        if len(l4) < 12:
+            raise Malformed("SCTP header")
+        p.sport, p.dport = struct.unpack("!HH", l4[:4])
+    elif p.proto == ICMP:
+        if len(l4) < 8:
+            raise Malformed("ICMP header")
+        p.icmp_type = l4[0]
+    return p
+
+
+# ---------------------------------------------------------------- rewriting
+
+def _l4_csum_off(p: Pkt) -> int | None:
+    """Offset (from the L4 header) of the checksum a NAT must fix; None: nothing to fix."""
+    if p.later_fragment:
+        return None              # the first fragment's checksum already covers the new addresses
+    return {TCP: 16, UDP: 6}.get(p.proto)
+
+
+def _fix_l4(buf: bytearray, p: Pkt, old: bytes, new: bytes) -> None:
+    off = _l4_csum_off(p)
+    if off is None:
+        return
+    at = L3 + p.ihl + off
+    hc = int.from_bytes(buf[at:at + 2], "big")
+    if p.proto == UDP and hc == 0:
+        return                   # UDP checksum 0: the sender computed none
+    nc = csum_update(hc, old, new)
+    if p.proto == UDP and nc == 0:
+        nc = 0xFFFF              # RFC 768: a computed 0 is sent as all ones
+    buf[at:at + 2] = nc.to_bytes(2, "big")
+
+
+def rewrite(buf: bytearray, p: Pkt, *, src: tuple | None = None, dst: tuple | None = None) -> None:
+    """NAT one or both ends: (address, port). The IP header checksum and the L4 checksum
+    (pseudo-header and port) follow; a later fragment has no ports."""
+    for end, nat in (("src", src), ("dst", dst)):
+        if nat is None:
+            continue
+        addr, port = nat
+        a_off = L3 + (12 if end == "src" else 16)
+        old = bytes(buf[a_off:a_off + 4])
+        if old != addr:
+            buf[a_off:a_off + 4] = addr
+            ipc = int.from_bytes(buf[L3 + 10:L3 + 12], "big")
+            buf[L3 + 10:L3 + 12] = csum_update(ipc, old, addr).to_bytes(2, "big")
+            _fix_l4(buf, p, old, addr)
+        if not p.later_fragment:
+            p_off = L3 + p.ihl + (0 if end == "src" else 2)
+            oldp = bytes(buf[p_off:p_off + 2])
+            newp = port.to_bytes(2, "big")
+            if oldp != newp:
+                buf[p_off:p_off + 2] = newp
+                _fix_l4(buf, p, oldp, newp)
+
+
+def _swap_macs(frame: bytes) -> bytes:
+    return frame[6:12] + frame[0:6] + b"\x08\x00"
+
+
+def _ip_header(tos: int, total: int, proto: int, src: bytes, dst: bytes) -> bytes:
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, tos, total, 0, 0, 64, proto, 0, src, dst)
+    return h[:10] + csum(h).to_bytes(2, "big") + h[12:]
+
+
+def reject(frame: bytes, p: Pkt) -> tuple[int, bytes]:
+    """kube-proxy's REJECT for a frontend without endpoints, answered from the VIP back out the
+    same interface: TCP RST as Linux's tcp_v4_send_reset, else ICMP port unreachable quoting
+    the IP header and 8 bytes (TOS 0xc0 as Linux's icmp_send). An RST is never answered."""
+    eth = _swap_macs(frame)
+    if p.proto == TCP:
+        if p.tcp_flags & T_RST:
+            return SHOT, b""
+        if p.tcp_flags & T_ACK:
+            seq, ack, flags = p.ack, 0, T_RST
+        else:
+            seglen = p.tot_len - p.ihl - p.tcp_doff
+            seglen += bool(p.tcp_flags & T_SYN) + bool(p.tcp_flags & T_FIN)
+            seq, ack, flags = 0, (p.seq + seglen) & 0xFFFFFFFF, T_RST | T_ACK
+        th = struct.pack("!HHIIBBHHH", p.dport, p.sport, seq, ack, 5 << 4, flags, 0, 0, 0)
+        pseudo = p.daddr + p.saddr + struct.pack("!BBH", 0, TCP, len(th))
+        th = th[:16] + csum(pseudo + th).to_bytes(2, "big") + th[18:]
+        return REDIRECT, eth + _ip_header(0, 20 + len(th), TCP, p.daddr, p.saddr) + th
+    quote = frame[L3:L3 + p.ihl + 8]
+    icmp = struct.pack("!BBHI", 3, 3, 0, 0) + quote
+    icmp = icmp[:2] + csum(icmp).to_bytes(2, "big") + icmp[4:]
+    return REDIRECT, eth + _ip_header(0xC0, 20 + len(icmp), ICMP, p.daddr, p.saddr) + icmp
+
+
+# ---------------------------------------------------------------- the model
+
+def tcp_state(p: Pkt, direction: int) -> int:
+    """What a segment tells conntrack: SYN, RST, and FIN per direction."""
+    if p.proto != TCP:
+        return 0
+    f = 0
+    if p.tcp_flags & T_SYN:
+        f |= F_SYN
+    if p.tcp_flags & T_RST:
+        f |= F_RST
+    if p.tcp_flags & T_FIN:
+        f |= F_FIN_FWD if direction == FWD else F_FIN_REV
+    return f
+
+
+def starts_flow(p: Pkt) -> bool:
+    """Any datagram; of TCP only a SYN without ACK (a mid-stream segment is the kernel's)."""
+    return p.proto != TCP or (p.tcp_flags & (T_SYN | T_ACK)) == T_SYN
+
+
+def closing(flags: int) -> bool:
+    return bool(flags & F_RST) or (flags & (F_FIN_FWD | F_FIN_REV)) == (F_FIN_FWD | F_FIN_REV)
+
+
+class NeedPick(Exception):
+    """Raised by a RandomPick that cannot say which backend the kernel drew."""
+
+
+class Model:
+    """The datapath's behaviour over `maps`. `pick(candidates)` tells which backend id a random
+    frontend drew (the kernel's bpf_get_prandom_u32): any member of `candidates` is right."""
+
+    def __init__(self, maps: Maps, hairpin_addr: bytes):
+        self.m = maps
+        self.hairpin = hairpin_addr
+        self.touched: set = set()             # ("ct"|"affinity"|"frag", key) this packet changed
+
+    # -- helpers over the maps
+    def _frontend(self, addr, port, proto) -> Service | None:
+        return self.m.frontends.get((addr, port, proto, SCOPE_INTERNAL))
+
+    def _set_ct(self, key, flow: Flow | None):
+        self.touched.add(("ct", key))
+        if flow is None:
+            self.m.ct.pop(key, None)
+        else:
+            self.m.ct[key] = flow
+
+    def _reply_key(self, fk, flow: Flow) -> CtKey:
+        return (flow.backend_addr, fk[0], flow.backend_port, fk[2], fk[4], REPLY)
+
+    def _forward_key(self, rk, flow: Flow) -> CtKey:
+        return (rk[1], flow.frontend_addr, rk[3], flow.frontend_port, rk[4], FWD)
+
+    def _delete_flow(self, fk, flow: Flow):
+        self._set_ct(self._reply_key(fk, flow), None)
+        self._set_ct(fk, None)
+
+    def _frag_record(self, p: Pkt, sport: int, dport: int):
+        if p.first_fragment:
+            k = (p.saddr, p.daddr, p.ip_id, p.proto)
+            self.m.frag[k] = (sport, dport)
+            self.touched.add(("frag", k))
+
+    def _usable(self, bid: int, proto: int) -> bool:
+        """May a tracked flow stay on backend `bid`? Not when it was removed; a datagram flow
+        also moves off a not-ready backend (kube-proxy clears its UDP conntrack)."""
+        be = self.m.backends.get(bid)
+        if be is None:
+            return False
+        return not (proto != TCP and be.flags & BE_NOT_READY)
+
+    def _select(self, svc: Service, p: Pkt, pick) -> int | None:
+        """Affinity first, then the table: Maglev's slot from the flow hash (or any slot at random),
+        skipping a few slots past a backend that takes no new flows; a terminating one is the
+        fallback, a not-ready one never."""
+        if svc.flags & SVC_AFFINITY and svc.affinity_timeout:
+            bid = self.m.affinity.get((p.saddr, svc.service_id))
+            be = self.m.backends.get(bid) if bid is not None else None
+            if be is not None and not be.flags & BE_NO_NEW_FLOWS:
+                return bid
+        size = svc.maglev_size
+
+        def walk(slot):
+            fallback = None
+            for _ in range(TERMINATING_PROBES):
+                bid = self.m.maglev.get(svc.maglev_offset + slot)
+                if bid is None:
+                    break
+                be = self.m.backends.get(bid)
+                if be is not None:
+                    if not be.flags & BE_NO_NEW_FLOWS:
+                        return bid
+                    if fallback is None and not be.flags & BE_NOT_READY:
+                        fallback = bid
+                slot = (slot + 1) % size
+            return fallback
+
+        if svc.flags & SVC_RANDOM:
+            candidates = {walk(s) for s in range(size)} - {None}
+            return pick(candidates) if candidates else None
+        h = flow_hash(_dotted(p.saddr), _dotted(p.daddr), p.sport, p.dport, p.proto)
+        return walk(h % size)
+
+    # -- from_pod
+    def from_pod(self, frame: bytes, pick=None) -> tuple[int, bytes]:
+        self.touched = set()
+        try:
+            p = parse(frame)
+        except Malformed:
+            return SHOT, b""
+        if p is None:
+            return OK, frame
+        if p.proto == ICMP:
+            return self._icmp(frame, p, FWD)
+        if p.proto not in (TCP, UDP, SCTP):
+            return OK, frame
+        if p.later_fragment:
+            ports = self.m.frag.get((p.saddr, p.daddr, p.ip_id, p.proto))
+            if ports is None:
+                # Its ports are unknown: if it was sent to a frontend address it must not
+                # wander off untranslated.
+                if any(k[0] == p.daddr and k[2] == p.proto and k[3] == SCOPE_INTERNAL
+                       for k in self.m.frontends):
+                    return SHOT, b""
+                return OK, frame
+            p.sport, p.dport = ports
+        fk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, FWD)
+        flow = self.m.ct.get(fk)
+        if flow is not None and p.proto == TCP and closing(flow.flags) and starts_flow(p):
+            self._delete_flow(fk, flow)      # a new SYN on a closed connection's ports
+            flow = None
+        if flow is not None:
+            if not self._usable(flow.backend_id, p.proto):
+                self._delete_flow(fk, flow)
+                if p.proto == TCP:
+                    return reject(frame, p) if not p.later_fragment else (SHOT, b"")
+                if p.later_fragment:
+                    return SHOT, b""
+                return self._new(frame, p, fk, pick)
+            flags = flow.flags | tcp_state(p, FWD)
+            if flags != flow.flags:
+                flow = replace(flow, flags=flags)
+                self._set_ct(fk, flow)
+                rk = self._reply_key(fk, flow)
+                if rk in self.m.ct:
+                    self._set_ct(rk, replace(self.m.ct[rk], flags=self.m.ct[rk].flags | flags))
+            return self._forward(frame, p, flow)
+        return self._new(frame, p, fk, pick)
+
+    def _forward(self, frame, p, flow: Flow):
+        self._frag_record(p, p.sport, p.dport)
+        buf = bytearray(frame)
+        rewrite(buf, p, dst=(flow.backend_addr, flow.backend_port))
+        return OK, bytes(buf)
+
+    def _new(self, frame, p: Pkt, fk, pick):
+        svc = self._frontend(p.daddr, p.dport, p.proto)
+        if svc is None or svc.flags & SVC_ADDRESS:
+            return OK, frame
+        if p.later_fragment:
+            return SHOT, b""
+        if not svc.backend_count or not svc.maglev_size:
+            if svc.flags & SVC_LOCAL_ONLY:
+                return SHOT, b""
+            return reject(frame, p)
+        if not starts_flow(p):
+            return OK, frame
+        bid = self._select(svc, p, pick)
+        if bid is None:
+            return SHOT, b""
+        be = self.m.backends[bid]
+        flow = Flow(backend_id=bid, service_id=svc.service_id, frontend_id=svc.frontend_id,
+                    frontend_addr=p.daddr, backend_addr=be.address, frontend_port=p.dport,
+                    backend_port=be.port, flags=tcp_state(p, FWD))
+        self._set_ct(fk, flow)
+        self._set_ct(self._reply_key(fk, flow), flow)
+        if svc.flags & SVC_AFFINITY and svc.affinity_timeout:
+            k = (p.saddr, svc.service_id)
+            self.m.affinity[k] = bid
+            self.touched.add(("affinity", k))
+        return self._forward(frame, p, flow)
+
+    # -- to_pod
+    def to_pod(self, frame: bytes, pick=None) -> tuple[int, bytes]:
+        self.touched = set()
+        try:
+            p = parse(frame)
+        except Malformed:
+            return SHOT, b""
+        if p is None:
+            return OK, frame
+        if p.proto == ICMP:
+            return self._icmp(frame, p, REPLY)
+        if p.proto not in (TCP, UDP, SCTP):
+            return OK, frame
+        if p.later_fragment:
+            ports = self.m.frag.get((p.saddr, p.daddr, p.ip_id, p.proto))
+            if ports is None:
+                return OK, frame
+            p.sport, p.dport = ports
+        rk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, REPLY)
+        flow = self.m.ct.get(rk)
+        if flow is None:
+            return OK, frame
+        flags = flow.flags | F_ESTABLISHED | tcp_state(p, REPLY)
+        if flags != flow.flags:
+            flow = replace(flow, flags=flags)
+            self._set_ct(rk, flow)
+            fk = self._forward_key(rk, flow)
+            if fk in self.m.ct:
+                self._set_ct(fk, replace(self.m.ct[fk], flags=self.m.ct[fk].flags | flags))
+        self._frag_record(p, p.sport, p.dport)
+        buf = bytearray(frame)
+        rewrite(buf, p, src=(flow.frontend_addr, flow.frontend_port))
+        return OK, bytes(buf)
+
+    # -- ICMP
+    def _icmp(self, frame, p: Pkt, direction: int) -> tuple[int, bytes]:
+        if p.icmp_type not in ICMP_ERRORS:
+            return OK, frame
+        return OK, frame
+
+
+def _dotted(a: bytes) -> str:
+    return ".".join(str(b) for b in a)

@@ -1,0 +1,292 @@
+"""Differential run: the same packets through the real pod-side programs (BPF_PROG_TEST_RUN) and
+through the reference model (tests/diff/model.py), compared packet by packet: verdict, output
+bytes, and the conntrack / affinity / fragment entries the packet touched (every map compared
+whole at the end of each epoch).
+
+Used by tests/diff/test_differential.py (a short run in the bpf tier) and by `make fuzz`
+(`python -m tests.diff.runner --packets 1000000`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import struct
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ebpfsvc.datapath import loader
+from ebpfsvc.datapath.testrun import prog_test_run
+from ebpfsvc.datapath.writer import MapWriter
+from ebpfsvc.lbmodel import (
+    Algorithm, Backend, Frontend, FrontendKey, LBState, Protocol, ServicePortName,
+)
+
+from . import model as M
+from .generator import Generator
+
+HAIRPIN = "198.18.0.1"
+# Flows per epoch stay far below the LRU sizes, so no entry is ever evicted behind the model's back.
+LIMITS = loader.Limits(
+    frontends=1024, services=1024, backends=1024, maglev_slots=1 << 16,
+    ct_entries=65536, affinity_entries=16384, frag_entries=16384, snat_entries=4096, source_ranges=256,
+)
+EPOCH = 4000          # packets between map resets (both sides start again from empty flow maps)
+
+
+def _be(addr, port, proto=Protocol.TCP, **kw):
+    return Backend(ipaddress.IPv4Address(addr), port, proto, **kw)
+
+
+def _fe(vip, port, backends, proto=Protocol.TCP, name="web", **kw):
+    return Frontend(key=FrontendKey(ipaddress.IPv4Address(vip), port, proto),
+                    service=ServicePortName("default", name, "", proto), backends=tuple(backends), **kw)
+
+
+def scenario() -> LBState:
+    """The Services the run is against: every kind of frontend the pod hook serves."""
+    T, U = Protocol.TCP, Protocol.UDP
+    b3 = ["198.18.2.1", "198.18.2.2", "198.18.2.3"]
+    return LBState.of([
+        _fe("198.19.0.10", 80, [_be(a, 8080) for a in b3], name="web"),
+        _fe("198.19.0.10", 53, [_be(a, 5353, U) for a in b3[:2]], proto=U, name="dns"),
+        _fe("198.19.0.11", 80, [_be(a, 8081) for a in b3], name="rnd", algorithm=Algorithm.RANDOM),
+        _fe("198.19.0.11", 53, [_be(a, 5354, U) for a in b3], proto=U, name="rndu", algorithm=Algorithm.RANDOM),
+        _fe("198.19.0.12", 443, [_be(a, 8443) for a in b3] + [_be("198.18.2.4", 8443)],
+            name="sticky", affinity_timeout=10800),
+        _fe("198.19.0.12", 53, [_be(a, 53, U) for a in b3], proto=U, name="stickyu", affinity_timeout=10800),
+        _fe("198.19.0.13", 80, [], name="empty"),
+        _fe("198.19.0.13", 53, [], proto=U, name="emptyu"),
+        _fe("198.19.0.14", 80, [], name="local", local_only=True),
+        _fe("198.19.0.15", 80, [_be("198.18.2.1", 8080), _be("198.18.2.5", 8080, terminating=True),
+                                _be("198.18.2.6", 8080, not_ready=True)], name="drain"),
+    ])
+
+
+# ---------------------------------------------------------------- reading the real maps
+
+def _a(v: int) -> bytes:
+    return struct.pack("=I", v)
+
+
+def _p(v: int) -> int:
+    return int.from_bytes(struct.pack("=H", v), "big")
+
+
+def read_config(dp) -> tuple[dict, dict, dict]:
+    frontends = {}
+    for k, v in dp.maps["lb4_frontends"].items():
+        frontends[(_a(k.address), _p(k.port), k.proto, k.scope)] = M.Service(
+            v.service_id, v.frontend_id, v.maglev_offset, v.maglev_size, v.backend_count,
+            v.affinity_timeout, v.flags)
+    backends = {k.value: M.BackendEntry(_a(v.address), _p(v.port), v.proto, v.flags)
+                for k, v in dp.maps["lb4_backends"].items()}
+    maglev = {}
+    table = dp.maps["lb_maglev"]
+    for svc in frontends.values():
+        for slot in range(svc.maglev_offset, svc.maglev_offset + svc.maglev_size):
+            maglev[slot] = table[table.Key(slot)].value
+    return frontends, backends, maglev
+
+
+def _ct_key(t, k: tuple):
+    key = t.Key()
+    key.saddr, key.daddr = struct.unpack("=I", k[0])[0], struct.unpack("=I", k[1])[0]
+    key.sport, key.dport = struct.unpack("=H", k[2].to_bytes(2, "big"))[0], \
+        struct.unpack("=H", k[3].to_bytes(2, "big"))[0]
+    key.proto, key.dir, key.pad0 = k[4], k[5], 0
+    return key
+
+
+def _flow(v) -> M.Flow:
+    return M.Flow(v.backend_id, v.service_id, v.frontend_id, _a(v.frontend_addr), _a(v.backend_addr),
+                  _p(v.frontend_port), _p(v.backend_port), v.flags)
+
+
+def real_entry(dp, kind: str, k):
+    """The real map's value for the model's key, in the model's terms; None when absent."""
+    if kind == "ct":
+        t = dp.maps["ct4"]
+        v = t.get(_ct_key(t, k))
+        return None if v is None else _flow(v)
+    if kind == "affinity":
+        t = dp.maps["lb4_affinity"]
+        key = t.Key()
+        key.client_addr, key.service_id = struct.unpack("=I", k[0])[0], k[1]
+        v = t.get(key)
+        return None if v is None else v.backend_id
+    t = dp.maps["frag4"]
+    key = t.Key()
+    key.saddr, key.daddr = struct.unpack("=I", k[0])[0], struct.unpack("=I", k[1])[0]
+    key.id = struct.unpack("=H", k[2].to_bytes(2, "big"))[0]
+    key.proto, key.pad0 = k[3], 0
+    v = t.get(key)
+    return None if v is None else (_p(v.sport), _p(v.dport))
+
+
+def real_maps(dp) -> tuple[dict, dict, dict]:
+    ct = {(_a(k.saddr), _a(k.daddr), _p(k.sport), _p(k.dport), k.proto, k.dir): _flow(v)
+          for k, v in dp.maps["ct4"].items()}
+    aff = {(_a(k.client_addr), k.service_id): v.backend_id for k, v in dp.maps["lb4_affinity"].items()}
+    frag = {(_a(k.saddr), _a(k.daddr), _p(k.id), k.proto): (_p(v.sport), _p(v.dport))
+            for k, v in dp.maps["frag4"].items()}
+    return ct, aff, frag
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class Mismatch:
+    index: int
+    prog: str
+    what: str
+    packet: bytes
+    detail: str
+
+    def __str__(self):
+        return f"#{self.index} {self.prog} {self.what}: {self.detail}\n  packet {self.packet.hex()}"
+
+
+@dataclass
+class Result:
+    packets: int = 0
+    seconds: float = 0.0
+    mismatches: list = field(default_factory=list)
+    kinds: dict = field(default_factory=dict)       # generator kind -> packets
+    verdicts: dict = field(default_factory=dict)    # verdict -> packets
+
+    @property
+    def pps(self) -> float:
+        return self.packets / self.seconds if self.seconds else 0.0
+
+
+class Runner:
+    def __init__(self, dp, hairpin=HAIRPIN):
+        self.dp = dp
+        frontends, backends, maglev = read_config(dp)
+        self.maps = M.Maps(frontends=frontends, backends=backends, maglev=maglev)
+        self.model = M.Model(self.maps, ipaddress.IPv4Address(hairpin).packed)
+        self.fds = {name: dp.programs[name].fd for name in ("from_pod", "to_pod")}
+
+    def reset_flows(self):
+        """Both sides start from empty flow maps (an epoch boundary)."""
+        for name in ("ct4", "lb4_affinity", "frag4"):
+            self.dp.maps[name].clear()
+        self.maps.ct.clear()
+        self.maps.affinity.clear()
+        self.maps.frag.clear()
+
+    def compare_all(self, index: int) -> list[Mismatch]:
+        ct, aff, frag = real_maps(self.dp)
+        out = []
+        for name, real, mine in (("ct4", ct, self.maps.ct), ("lb4_affinity", aff, self.maps.affinity),
+                                 ("frag4", frag, self.maps.frag)):
+            if real != mine:
+                extra = {k: real[k] for k in real.keys() - mine.keys()}
+                missing = {k: mine[k] for k in mine.keys() - real.keys()}
+                diff = {k: (real[k], mine[k]) for k in real.keys() & mine.keys() if real[k] != mine[k]}
+                out.append(Mismatch(index, "-", f"map {name}", b"",
+                                    f"only in kernel {list(extra.items())[:3]}, only in model "
+                                    f"{list(missing.items())[:3]}, differ {list(diff.items())[:3]}"))
+        return out
+
+    def one(self, index: int, prog: str, frame: bytes) -> tuple[list[Mismatch], int]:
+        res = prog_test_run(self.fds[prog], frame)
+        drawn = {}
+
+        def pick(candidates):
+            # The kernel drew a random slot: its forward conntrack entry says which backend.
+            p = M.parse(frame)
+            k = (p.saddr, p.daddr, p.sport, p.dport, p.proto, M.FWD)
+            flow = real_entry(self.dp, "ct", k)
+            bid = flow.backend_id if flow else None
+            drawn["bid"] = bid
+            return bid if bid in candidates else min(candidates)
+
+        verdict, data = getattr(self.model, prog)(frame, pick)
+        out = []
+        if "bid" in drawn:
+            p = M.parse(frame)
+            fe = self.maps.frontends[(p.daddr, p.dport, p.proto, M.SCOPE_INTERNAL)]
+            members = {self.maps.maglev[s] for s in range(fe.maglev_offset, fe.maglev_offset + fe.maglev_size)}
+            if drawn["bid"] not in members:
+                out.append(Mismatch(index, prog, "random backend", frame,
+                                    f"kernel drew backend {drawn['bid']}, not in the table {sorted(members)}"))
+        if res.retval != verdict:
+            out.append(Mismatch(index, prog, "verdict", frame, f"kernel {res.retval}, model {verdict}"))
+        elif verdict != M.SHOT and res.data != data:
+            out.append(Mismatch(index, prog, "bytes", frame, f"kernel {res.data.hex()}\n  model  {data.hex()}"))
+        for kind, key in self.model.touched:
+            mine = {"ct": self.maps.ct, "affinity": self.maps.affinity, "frag": self.maps.frag}[kind].get(key)
+            real = real_entry(self.dp, kind, key)
+            if real != mine:
+                out.append(Mismatch(index, prog, f"{kind} entry", frame, f"key {key}: kernel {real}, model {mine}"))
+        return out, res.retval
+
+
+def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None) -> Result:
+    runner = Runner(dp)
+    gen = Generator(seed, runner.maps)
+    result = Result()
+    t0 = time.monotonic()
+    runner.reset_flows()
+    for i in range(packets):
+        if i and i % EPOCH == 0:
+            result.mismatches += runner.compare_all(i)
+            runner.reset_flows()
+            gen.forget_flows()
+            if progress:
+                progress(i, result, time.monotonic() - t0)
+        kind, prog, frame = gen.next()
+        result.kinds[kind] = result.kinds.get(kind, 0) + 1
+        found, verdict = runner.one(i, prog, frame)
+        result.verdicts[verdict] = result.verdicts.get(verdict, 0) + 1
+        for m in found:
+            m.what = f"{m.what} [{kind}]"
+        result.mismatches += found
+        if len(result.mismatches) >= max_mismatches:
+            break
+        result.packets = i + 1
+    result.mismatches += runner.compare_all(result.packets)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "little"))
+    ap.add_argument("--max-mismatches", type=int, default=20)
+    args = ap.parse_args(argv)
+    pin = Path("/sys/fs/bpf") / ("esfz" + uuid.uuid4().hex[:6])
+    dp = loader.load(pin, limits=LIMITS, hairpin_addr=HAIRPIN, cache=False)
+    try:
+        MapWriter(dp.maps).apply(scenario())
+
+        def progress(i, res, secs):
+            if i % 100_000 == 0:
+                print(f"  {i:>9,} packets  {i / secs:,.0f} packets/s  {len(res.mismatches)} mismatches",
+                      flush=True)
+
+        print(f"differential run: {args.packets:,} packets, seed {args.seed}", flush=True)
+        res = run(dp, args.packets, args.seed, max_mismatches=args.max_mismatches, progress=progress)
+    finally:
+        dp.close()
+        loader.unpin(pin)
+    print(f"{res.packets:,} packets in {res.seconds:.1f} s ({res.pps:,.0f} packets/s), "
+          f"{len(res.mismatches)} mismatches, seed {args.seed}")
+    print("verdicts: " + ", ".join(f"{M_VERDICT.get(k, k)} {v:,}" for k, v in sorted(res.verdicts.items())))
+    print("kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted(res.kinds.items())))
+    for m in res.mismatches:
+        print(m)
+    return 1 if res.mismatches else 0
+
+
+M_VERDICT = {M.OK: "TC_ACT_OK", M.SHOT: "TC_ACT_SHOT", M.REDIRECT: "TC_ACT_REDIRECT"}
+
+if __name__ == "__main__":
+    sys.exit(main())
