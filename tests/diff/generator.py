@@ -23,7 +23,7 @@ BACKENDS = [bytes([198, 18, 2, i]) for i in range(1, 7)]
 # kind -> weight; each a method _k_<kind> returning (prog, frame)
 KINDS = {
     "syn": 14, "datagram": 10, "data": 20, "reply": 20, "stray_reply": 3, "midstream": 3,
-    "other": 3, "fragments": 6, "orphan_fragment": 2, "icmp_echo": 2, "not_ipv4": 1, "hostile": 16,
+    "other": 3, "fragments": 6, "orphan_fragment": 2, "icmp_echo": 2, "icmp_error": 8, "not_ipv4": 1, "hostile": 16,
 }
 
 
@@ -237,6 +237,33 @@ class Generator:
         icmp = icmp[:2] + M.csum(icmp).to_bytes(2, "big") + icmp[4:]
         return self._from_pod(ip_packet(c, vip, M.ICMP, icmp, ip_id=self._ip_id()))
 
+    def _k_icmp_error(self):
+        """An ICMP error about a packet of a flow (or of no flow): to the client about its packet
+        to the backend, from the backend or a router on the way (to_pod); or from the client about
+        a reply it got from the VIP (from_pod). The quote is the IP header and 8 bytes, or more."""
+        f = self._flow()
+        if f is None:
+            c, sp, vip, vport, proto = self._choice(CLIENTS), self._sport(), *self._target(M.TCP), M.TCP
+        else:
+            c, sp, vip, vport, proto = f
+        b, bp = self._backend_of((c, sp, vip, vport, proto))
+        to_client = self.rng.random() < 0.6
+        if to_client:          # the client's packet, after DNAT: client -> backend
+            qsrc, qdst, qs, qd = c, b, sp, bp
+        else:                  # the reply the client got, after reverse NAT: VIP -> client
+            qsrc, qdst, qs, qd = vip, c, vport, sp
+        l4 = (tcp_seg(qsrc, qdst, qs, qd, 0x18, payload=self._payload(40)) if proto == M.TCP
+              else udp_dgram(qsrc, qdst, qs, qd, self._payload(40), no_csum=self.rng.random() < 0.1))
+        quoted = ip_packet(qsrc, qdst, proto, l4, ip_id=self._ip_id(), options=self._options())
+        qlen = ((quoted[0] & 0xF) * 4) + self._choice([8, 8, 8, 12, 20, len(l4)])
+        icmp_type, code = self._choice([(3, 3), (3, 1), (3, 4), (11, 0), (12, 0)])
+        icmp = struct.pack("!BBHI", icmp_type, code, 0, 1400 if (icmp_type, code) == (3, 4) else 0) + quoted[:qlen]
+        icmp = icmp[:2] + M.csum(icmp).to_bytes(2, "big") + icmp[4:]
+        if to_client:
+            sender = b if self.rng.random() < 0.6 else self._choice(OTHER)
+            return self._to_pod(ip_packet(sender, c, M.ICMP, icmp, ip_id=self._ip_id(), tos=0xC0))
+        return self._from_pod(ip_packet(c, vip, M.ICMP, icmp, ip_id=self._ip_id(), tos=0xC0))
+
     def _k_not_ipv4(self):
         ethertype = self._choice([0x86DD, 0x0806, 0x88CC, 0x8100])
         prog = self._choice(["from_pod", "to_pod"])
@@ -244,12 +271,12 @@ class Generator:
 
     def _k_hostile(self):
         """A packet of another kind with its headers made to lie."""
-        base = self._choice(["syn", "datagram", "data", "reply", "midstream"])
+        base = self._choice(["syn", "datagram", "data", "reply", "midstream", "icmp_error"])
         saved = list(self.flows)
         prog, frame = getattr(self, "_k_" + base)()
         self.flows = saved                     # a broken packet starts no flow the generator follows
         b = bytearray(frame)
-        how = int(self.rng.integers(7))
+        how = int(self.rng.integers(8))
         if how == 0:                           # IHL anything
             b[14] = 0x40 | int(self.rng.integers(0, 16))
         elif how == 1:                         # total length anything
@@ -263,13 +290,16 @@ class Generator:
             ihl = (b[14] & 0xF) * 4
             if 14 + ihl + 13 <= len(b):
                 b[14 + ihl + 12] = int(self.rng.integers(0, 256))
+        elif how == 6:                         # total length a little short: the rest reads as padding
+            tot = int.from_bytes(b[16:18], "big")
+            b[16:18] = max(0, tot - int(self.rng.integers(1, 40))).to_bytes(2, "big")
         elif how == 5:                         # version anything
             b[14] = (int(self.rng.integers(0, 16)) << 4) | (b[14] & 0xF)
         else:                                  # a few random bytes of the headers flipped
             for _ in range(int(self.rng.integers(1, 4))):
                 i = int(self.rng.integers(14, min(len(b), 14 + 60 + 20)))
                 b[i] = int(self.rng.integers(0, 256))
-        if self.rng.random() < 0.5 and how in (0, 1, 4, 5):     # and sometimes an honest IP checksum
+        if self.rng.random() < 0.5 and how in (0, 1, 4, 5, 6):     # and sometimes an honest IP checksum
             ihl = (b[14] & 0xF) * 4
             if ihl >= 20 and 14 + ihl <= len(b):
                 b[24:26] = b"\0\0"

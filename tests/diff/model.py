@@ -484,9 +484,61 @@ class Model:
 
     # -- ICMP
     def _icmp(self, frame, p: Pkt, direction: int) -> tuple[int, bytes]:
-        if p.icmp_type not in ICMP_ERRORS:
+        """An ICMP error about a translated flow is translated back, so its receiver can match it
+        with its own socket: the packet it quotes went the other way, so its flow is found by the
+        quoted tuple reversed, in `direction`.
+
+        to_pod (REPLY): an error for a client about its packet to a VIP quotes client -> backend;
+        the quote becomes client -> VIP, and the outer source the VIP when the backend itself sent
+        it. from_pod (FORWARD): an error a client sends about a reply from the VIP quotes
+        VIP -> client; the quote becomes backend -> client, and the outer destination the backend.
+        The quoted IP checksum, the quoted L4 checksum when it was quoted, the ICMP checksum and
+        the outer IP checksum stay as right as they were. Anything else passes untouched."""
+        if p.icmp_type not in ICMP_ERRORS or p.first_fragment or p.later_fragment:
             return OK, frame
-        return OK, frame
+        end = L3 + p.tot_len                    # the quote is inside the ICMP message
+        icmp_off = L3 + p.ihl
+        q = icmp_off + 8                        # the quoted IP header
+        if q + 20 > end:
+            return OK, frame
+        qihl = (frame[q] & 0xF) * 4
+        qproto = frame[q + 9]
+        if frame[q] >> 4 != 4 or qihl < 20 or qproto not in (TCP, UDP, SCTP) or q + qihl + 4 > end:
+            return OK, frame
+        ql4 = q + qihl
+        qsrc, qdst = frame[q + 12:q + 16], frame[q + 16:q + 20]
+        qsport, qdport = struct.unpack("!HH", frame[ql4:ql4 + 4])
+        flow = self.m.ct.get((qdst, qsrc, qdport, qsport, qproto, direction))
+        if flow is None or flow.flags & 0x20:   # CT_F_HAIRPIN: not translated here
+            return OK, frame
+        buf = bytearray(frame)
+        if direction == REPLY:
+            a_off, p_off, frm, to, outer_off = 16, 2, (qdst, qdport), (flow.frontend_addr, flow.frontend_port), 12
+        else:
+            a_off, p_off, frm, to, outer_off = 12, 0, (qsrc, qsport), (flow.backend_addr, flow.backend_port), 16
+        old_icmp = bytes(buf[icmp_off:end])
+        # The quoted L4 checksum, if the quote reaches it (RFC 792 asks for 8 bytes only).
+        l4c = {TCP: 16, UDP: 6}.get(qproto)
+        if l4c is not None and ql4 + l4c + 2 <= end:
+            hc = int.from_bytes(buf[ql4 + l4c:ql4 + l4c + 2], "big")
+            if not (qproto == UDP and hc == 0):
+                hc = csum_update(hc, frm[0] + frm[1].to_bytes(2, "big"), to[0] + to[1].to_bytes(2, "big"))
+                buf[ql4 + l4c:ql4 + l4c + 2] = hc.to_bytes(2, "big")
+        buf[ql4 + p_off:ql4 + p_off + 2] = to[1].to_bytes(2, "big")
+        qc = int.from_bytes(buf[q + 10:q + 12], "big")
+        buf[q + 10:q + 12] = csum_update(qc, frm[0], to[0]).to_bytes(2, "big")
+        buf[q + a_off:q + a_off + 4] = to[0]
+        ic = int.from_bytes(buf[icmp_off + 2:icmp_off + 4], "big")
+        new_icmp = bytes(buf[icmp_off:end])
+        if len(old_icmp) % 2:
+            old_icmp, new_icmp = old_icmp + b"\0", new_icmp + b"\0"
+        buf[icmp_off + 2:icmp_off + 4] = csum_update(ic, old_icmp, new_icmp).to_bytes(2, "big")
+        outer = bytes(buf[L3 + outer_off:L3 + outer_off + 4])
+        if outer == frm[0]:
+            buf[L3 + outer_off:L3 + outer_off + 4] = to[0]
+            oc = int.from_bytes(buf[L3 + 10:L3 + 12], "big")
+            buf[L3 + 10:L3 + 12] = csum_update(oc, outer, to[0]).to_bytes(2, "big")
+        return OK, bytes(buf)
 
 
 def _dotted(a: bytes) -> str:
