@@ -15,7 +15,7 @@ from ebpfsvc.datapath import stats
 from ebpfsvc.lbmodel import Protocol
 
 from .packets import (
-    BACKEND1, CLIENT, HOST_MAC, OK, POD_MAC, SHOT, VIP, Case, be, check, from_pod, frontend, state, tcp, to_pod, udp,
+    BACKEND1, CLIENT, OK, SHOT, VIP, Case, be, check, from_pod, frontend, state, tcp, to_pod, udp,
 )
 
 pytestmark = pytest.mark.root

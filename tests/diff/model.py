@@ -114,6 +114,7 @@ class Maps:
     ct: dict = field(default_factory=dict)           # CtKey -> Flow
     affinity: dict = field(default_factory=dict)     # (client addr, service id) -> backend id
     frag: dict = field(default_factory=dict)         # (saddr, daddr, ip id, proto) -> (sport, dport)
+    version: int = 0                                 # bumped whenever backends change (caches)
 
 
 # ---------------------------------------------------------------- parsing
@@ -294,15 +295,27 @@ class NeedPick(Exception):
 
 
 class Model:
-    """The datapath's behaviour over `maps`. `pick(candidates)` tells which backend id a random
-    frontend drew (the kernel's bpf_get_prandom_u32): any member of `candidates` is right."""
+    """The datapath's behaviour over `maps`. `pick(outcomes)` tells which backend id a random
+    frontend drew (the kernel's bpf_get_prandom_u32): any member of `outcomes` is right (None:
+    no backend, the packet is dropped)."""
 
     def __init__(self, maps: Maps, hairpin_addr: bytes):
         self.m = maps
         self.hairpin = hairpin_addr
         self.touched: set = set()             # ("ct"|"affinity"|"frag", key) this packet changed
+        self.drops: dict = {}                 # reason (lb_drops' names) -> packets dropped, rejected or reset
+        self._outcomes: dict = {}             # (frontend id, maps version) -> outcomes of a random draw
 
     # -- helpers over the maps
+    def _drop(self, reason: str, verdict=SHOT, data=b""):
+        """Every packet dropped, rejected or reset is counted under its reason."""
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        return verdict, data
+
+    def _reject(self, frame, p, reason: str):
+        verdict, data = reject(frame, p)
+        return self._drop(reason, verdict, data)
+
     def _frontend(self, addr, port, proto) -> Service | None:
         return self.m.frontends.get((addr, port, proto, SCOPE_INTERNAL))
 
@@ -364,8 +377,12 @@ class Model:
             return fallback
 
         if svc.flags & SVC_RANDOM:
-            candidates = {walk(s) for s in range(size)} - {None}
-            return pick(candidates) if candidates else None
+            # Any slot may be drawn: every outcome of a walk is right, None (no backend within the
+            # probes: dropped) included.
+            key = (svc.frontend_id, svc.maglev_offset, self.m.version)
+            if key not in self._outcomes:
+                self._outcomes[key] = {walk(s) for s in range(size)}
+            return pick(self._outcomes[key])
         h = flow_hash(_dotted(p.saddr), _dotted(p.daddr), p.sport, p.dport, p.proto)
         return walk(h % size)
 
@@ -375,7 +392,7 @@ class Model:
         try:
             p = parse(frame)
         except Malformed:
-            return SHOT, b""
+            return self._drop("malformed")
         if p is None:
             return OK, frame
         if p.proto == ICMP:
@@ -389,7 +406,7 @@ class Model:
                 # wander off untranslated.
                 if any(k[0] == p.daddr and k[2] == p.proto and k[3] == SCOPE_INTERNAL
                        for k in self.m.frontends):
-                    return SHOT, b""
+                    return self._drop("frag_untracked")
                 return OK, frame
             p.sport, p.dport = ports
         fk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, FWD)
@@ -400,10 +417,10 @@ class Model:
         if flow is not None:
             if not self._usable(flow.backend_id, p.proto):
                 self._delete_flow(fk, flow)
-                if p.proto == TCP:
-                    return reject(frame, p) if not p.later_fragment else (SHOT, b"")
+                if p.proto == TCP:       # it cannot move: reset it now (a later fragment: drop)
+                    return self._reject(frame, p, "backend_gone")
                 if p.later_fragment:
-                    return SHOT, b""
+                    return self._drop("backend_gone")
                 return self._new(frame, p, fk, pick)
             flags = flow.flags | tcp_state(p, FWD)
             if flags != flow.flags:
@@ -426,16 +443,16 @@ class Model:
         if svc is None or svc.flags & SVC_ADDRESS:
             return OK, frame
         if p.later_fragment:
-            return SHOT, b""
+            return self._drop("frag_untracked")
         if not svc.backend_count or not svc.maglev_size:
             if svc.flags & SVC_LOCAL_ONLY:
-                return SHOT, b""
-            return reject(frame, p)
+                return self._drop("no_local_backend")
+            return self._reject(frame, p, "no_backend")
         if not starts_flow(p):
             return OK, frame
         bid = self._select(svc, p, pick)
         if bid is None:
-            return SHOT, b""
+            return self._drop("no_backend")
         be = self.m.backends[bid]
         flow = Flow(backend_id=bid, service_id=svc.service_id, frontend_id=svc.frontend_id,
                     frontend_addr=p.daddr, backend_addr=be.address, frontend_port=p.dport,
@@ -454,7 +471,7 @@ class Model:
         try:
             p = parse(frame)
         except Malformed:
-            return SHOT, b""
+            return self._drop("malformed")
         if p is None:
             return OK, frame
         if p.proto == ICMP:

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ebpfsvc.datapath import loader
+from ebpfsvc.datapath import loader, stats
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lbmodel import (
@@ -35,6 +35,7 @@ LIMITS = loader.Limits(
     frontends=1024, services=1024, backends=1024, maglev_slots=1 << 16,
     ct_entries=65536, affinity_entries=16384, frag_entries=16384, snat_entries=4096, source_ranges=256,
 )
+CHURN = 0.002         # chance, per packet, that a backend changes first (Runner.churn)
 EPOCH = 4000          # packets between map resets (both sides start again from empty flow maps)
 
 
@@ -49,7 +50,7 @@ def _fe(vip, port, backends, proto=Protocol.TCP, name="web", **kw):
 
 def scenario() -> LBState:
     """The Services the run is against: every kind of frontend the pod hook serves."""
-    T, U = Protocol.TCP, Protocol.UDP
+    U = Protocol.UDP
     b3 = ["198.18.2.1", "198.18.2.2", "198.18.2.3"]
     return LBState.of([
         _fe("198.19.0.10", 80, [_be(a, 8080) for a in b3], name="web"),
@@ -158,6 +159,7 @@ class Result:
     mismatches: list = field(default_factory=list)
     kinds: dict = field(default_factory=dict)       # generator kind -> packets
     verdicts: dict = field(default_factory=dict)    # verdict -> packets
+    translated: int = 0                             # packets passed on rewritten (DNAT, reverse NAT, ICMP)
 
     @property
     def pps(self) -> float:
@@ -171,6 +173,39 @@ class Runner:
         self.maps = M.Maps(frontends=frontends, backends=backends, maglev=maglev)
         self.model = M.Model(self.maps, ipaddress.IPv4Address(hairpin).packed)
         self.fds = {name: dp.programs[name].fd for name in ("from_pod", "to_pod")}
+        table = dp.maps["lb4_backends"]
+        self.original_backends = {k.value: (k, v) for k, v in table.items()}
+        self.drops_before = stats.drops(dp.maps)       # counters are never reset: compare the increase
+
+    def churn(self, rng) -> str:
+        """Change one backend behind the tables' back, as the moments between the writer's steps
+        (and a removed endpoint) look to packets: it turns terminating or not ready, is removed,
+        or comes back as it was. Both sides see the same change."""
+        table = self.dp.maps["lb4_backends"]
+        bid = sorted(self.original_backends)[int(rng.integers(len(self.original_backends)))]
+        key, leaf = self.original_backends[bid]
+        action = ["terminating", "not_ready", "removed", "restored", "restored"][int(rng.integers(5))]
+        if action == "removed":
+            try:
+                del table[key]
+            except KeyError:
+                pass
+            self.maps.backends.pop(bid, None)
+            self.maps.version += 1
+            return action
+        new = table.Leaf(leaf.address, leaf.port, leaf.proto,
+                         {"terminating": M.BE_TERMINATING, "not_ready": M.BE_NOT_READY}.get(action, leaf.flags))
+        table[key] = new
+        self.maps.backends[bid] = M.BackendEntry(_a(new.address), _p(new.port), new.proto, new.flags)
+        self.maps.version += 1
+        return action
+
+    def restore_backends(self):
+        table = self.dp.maps["lb4_backends"]
+        for bid, (key, leaf) in self.original_backends.items():
+            table[key] = leaf
+            self.maps.backends[bid] = M.BackendEntry(_a(leaf.address), _p(leaf.port), leaf.proto, leaf.flags)
+        self.maps.version += 1
 
     def reset_flows(self):
         """Both sides start from empty flow maps (an epoch boundary)."""
@@ -183,6 +218,12 @@ class Runner:
     def compare_all(self, index: int) -> list[Mismatch]:
         ct, aff, frag = real_maps(self.dp)
         out = []
+        real_drops = {k: v - self.drops_before[k] for k, v in stats.drops(self.dp.maps).items()
+                      if v != self.drops_before[k]}
+        if real_drops != self.model.drops:
+            out.append(Mismatch(index, "-", "drop counters", b"",
+                                f"kernel {sorted(real_drops.items())}, model {sorted(self.model.drops.items())}"))
+            self.model.drops = dict(real_drops)        # report a difference once
         for name, real, mine in (("ct4", ct, self.maps.ct), ("lb4_affinity", aff, self.maps.affinity),
                                  ("frag4", frag, self.maps.frag)):
             if real != mine:
@@ -194,28 +235,27 @@ class Runner:
                                     f"{list(missing.items())[:3]}, differ {list(diff.items())[:3]}"))
         return out
 
-    def one(self, index: int, prog: str, frame: bytes) -> tuple[list[Mismatch], int]:
+    def one(self, index: int, prog: str, frame: bytes) -> tuple[list[Mismatch], int, bytes]:
         res = prog_test_run(self.fds[prog], frame)
         drawn = {}
 
-        def pick(candidates):
-            # The kernel drew a random slot: its forward conntrack entry says which backend.
+        def pick(outcomes):
+            # The kernel drew a random slot: its forward conntrack entry says which backend
+            # (none: the walk from its slot found no backend, and the packet was dropped).
             p = M.parse(frame)
             k = (p.saddr, p.daddr, p.sport, p.dport, p.proto, M.FWD)
             flow = real_entry(self.dp, "ct", k)
-            bid = flow.backend_id if flow else None
-            drawn["bid"] = bid
-            return bid if bid in candidates else min(candidates)
+            drawn["bid"], drawn["outcomes"] = (flow.backend_id if flow else None), outcomes
+            if drawn["bid"] in outcomes:
+                return drawn["bid"]
+            return min((o for o in outcomes if o is not None), default=None)
 
         verdict, data = getattr(self.model, prog)(frame, pick)
         out = []
-        if "bid" in drawn:
-            p = M.parse(frame)
-            fe = self.maps.frontends[(p.daddr, p.dport, p.proto, M.SCOPE_INTERNAL)]
-            members = {self.maps.maglev[s] for s in range(fe.maglev_offset, fe.maglev_offset + fe.maglev_size)}
-            if drawn["bid"] not in members:
-                out.append(Mismatch(index, prog, "random backend", frame,
-                                    f"kernel drew backend {drawn['bid']}, not in the table {sorted(members)}"))
+        if "bid" in drawn and drawn["bid"] not in drawn["outcomes"]:
+            out.append(Mismatch(index, prog, "random backend", frame,
+                                f"kernel drew backend {drawn['bid']}, not a possible outcome "
+                                f"{sorted(drawn['outcomes'], key=str)}"))
         if res.retval != verdict:
             out.append(Mismatch(index, prog, "verdict", frame, f"kernel {res.retval}, model {verdict}"))
         elif verdict != M.SHOT and res.data != data:
@@ -225,7 +265,7 @@ class Runner:
             real = real_entry(self.dp, kind, key)
             if real != mine:
                 out.append(Mismatch(index, prog, f"{kind} entry", frame, f"key {key}: kernel {real}, model {mine}"))
-        return out, res.retval
+        return out, res.retval, res.data
 
 
 def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None) -> Result:
@@ -238,13 +278,18 @@ def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None)
         if i and i % EPOCH == 0:
             result.mismatches += runner.compare_all(i)
             runner.reset_flows()
+            runner.restore_backends()
             gen.forget_flows()
             if progress:
                 progress(i, result, time.monotonic() - t0)
+        if gen.rng.random() < CHURN:
+            action = "churn_" + runner.churn(gen.rng)
+            result.kinds[action] = result.kinds.get(action, 0) + 1
         kind, prog, frame = gen.next()
         result.kinds[kind] = result.kinds.get(kind, 0) + 1
-        found, verdict = runner.one(i, prog, frame)
+        found, verdict, data = runner.one(i, prog, frame)
         result.verdicts[verdict] = result.verdicts.get(verdict, 0) + 1
+        result.translated += verdict == M.OK and data != frame
         for m in found:
             m.what = f"{m.what} [{kind}]"
         result.mismatches += found
@@ -252,6 +297,7 @@ def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None)
             break
         result.packets = i + 1
     result.mismatches += runner.compare_all(result.packets)
+    runner.restore_backends()
     result.seconds = time.monotonic() - t0
     return result
 
@@ -279,6 +325,7 @@ def main(argv=None) -> int:
         loader.unpin(pin)
     print(f"{res.packets:,} packets in {res.seconds:.1f} s ({res.pps:,.0f} packets/s), "
           f"{len(res.mismatches)} mismatches, seed {args.seed}")
+    print(f"translated: {res.translated:,}")
     print("verdicts: " + ", ".join(f"{M_VERDICT.get(k, k)} {v:,}" for k, v in sorted(res.verdicts.items())))
     print("kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted(res.kinds.items())))
     for m in res.mismatches:
