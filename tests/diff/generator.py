@@ -19,10 +19,11 @@ HOST_MAC = bytes.fromhex("0200000000fe")
 CLIENTS = [bytes([198, 18, 1, i]) for i in range(1, 17)]
 OTHER = [bytes([198, 18, 3, i]) for i in range(1, 5)] + [bytes([198, 19, 0, 99])]
 BACKENDS = [bytes([198, 18, 2, i]) for i in range(1, 7)]
+HAIRPIN = bytes([198, 18, 0, 1])          # the node's hairpin address (tests/diff/runner.py HAIRPIN)
 
 # kind -> weight; each a method _k_<kind> returning (prog, frame)
 KINDS = {
-    "syn": 14, "datagram": 10, "data": 20, "reply": 20, "stray_reply": 3, "midstream": 3,
+    "syn": 14, "datagram": 10, "hairpin": 3, "data": 20, "reply": 20, "stray_reply": 3, "midstream": 3,
     "other": 3, "fragments": 6, "orphan_fragment": 2, "icmp_echo": 2, "icmp_error": 8, "not_ipv4": 1, "hostile": 16,
 }
 
@@ -127,6 +128,17 @@ class Generator:
         return self._from_pod(ip_packet(c, vip, M.TCP, tcp_seg(c, vip, sp, vport, 0x02, seq=seq),
                                         ip_id=self._ip_id(), options=self._options()))
 
+    def _k_hairpin(self):
+        """A backend pod reaching a Service it is a backend of: balanced to itself or not."""
+        c = self._choice(BACKENDS[:4])
+        proto = self._choice([M.TCP, M.UDP])
+        vip, vport = self._target(proto)
+        sp = self._sport()
+        self.flows.append((c, sp, vip, vport, proto))
+        l4 = (tcp_seg(c, vip, sp, vport, 0x02, seq=int(self.rng.integers(0, 1 << 32))) if proto == M.TCP
+              else udp_dgram(c, vip, sp, vport, self._payload()))
+        return self._from_pod(ip_packet(c, vip, proto, l4, ip_id=self._ip_id(), options=self._options()))
+
     def _k_datagram(self):
         c, sp = self._choice(CLIENTS), self._sport()
         vip, vport = self._target(M.UDP)
@@ -159,19 +171,29 @@ class Generator:
             return self._choice(BACKENDS), int(self.rng.integers(1, 65536))
         return flow.backend_addr, flow.backend_port
 
+    def _reply_to(self, f):
+        """Where a backend's reply goes, and through which program: to the client, into its pod
+        (to_pod); for a pod balanced to itself, to the hairpin address, out of the pod (from_pod)."""
+        c, sp, vip, vport, proto = f
+        flow = self.maps.ct.get((c, vip, sp, vport, proto, M.FWD))
+        if flow is not None and flow.flags & M.F_HAIRPIN:
+            return HAIRPIN, self._from_pod
+        return c, self._to_pod
+
     def _k_reply(self):
         f = self._flow()
         if f is None:
             return self._k_stray_reply()
         c, sp, vip, vport, proto = f
         b, bp = self._backend_of(f)
+        c, wrap = self._reply_to(f)
         if proto == M.TCP:
             l4 = tcp_seg(b, c, bp, sp, self._choice([0x12, 0x10, 0x18, 0x11, 0x14, 0x04]),
                          seq=int(self.rng.integers(0, 1 << 32)), ack=int(self.rng.integers(0, 1 << 32)),
                          payload=self._payload(200))
         else:
             l4 = udp_dgram(b, c, bp, sp, self._payload(200))
-        return self._to_pod(ip_packet(b, c, proto, l4, ip_id=self._ip_id(), options=self._options()))
+        return wrap(ip_packet(b, c, proto, l4, ip_id=self._ip_id(), options=self._options()))
 
     def _k_stray_reply(self):
         b, c = self._choice(BACKENDS), self._choice(CLIENTS)
@@ -201,7 +223,8 @@ class Generator:
             if f[4] == M.UDP:
                 c, sp, vip, vport, _ = f
                 b, bp = self._backend_of(f)
-                return self._fragmented("to_pod", b, c, bp, sp)
+                c, wrap = self._reply_to(f)
+                return self._fragmented("to_pod" if wrap == self._to_pod else "from_pod", b, c, bp, sp)
         c, sp = self._choice(CLIENTS), self._sport()
         vip, vport = self._target(M.UDP)
         self.flows.append((c, sp, vip, vport, M.UDP))

@@ -10,12 +10,12 @@ What it models: IPv4 TCP/UDP to ClusterIPs (scope INTERNAL) balanced by Maglev (
 from the flow hash, ebpfsvc/datapath/flowhash.py), at random (any backend of the table is right:
 the caller says which one the kernel drew) and by ClientIP affinity; replies through to_pod
 (reverse NAT); packets that are not for a Service (untouched); frontends without backends
-(TCP RST, ICMP port unreachable; traffic policy Local: drop); TCP segments of connections never
+(TCP RST, ICMP port unreachable; traffic policy Local: drop); hairpin flows; TCP segments of connections never
 balanced here (untouched); closing flows reused by a new SYN; first and later fragments;
 truncated and inconsistent headers (dropped); ICMP errors about translated flows (translated back).
 
 Timestamps are not modelled: a run is far shorter than the shortest lifetime (10 s), and affinity
-timeouts are hours. Hairpin flows (a pod balanced to itself) are not generated.
+timeouts are hours. Hairpin flows (a pod balanced to itself) are SNATed to the hairpin address.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ TCP, UDP, ICMP, SCTP = 6, 17, 1, 132
 FWD, REPLY = 0, 1                       # ct4_key.dir
 
 # ct4_entry.flags, as abi.h names them.
-F_SYN, F_FIN_FWD, F_FIN_REV, F_RST, F_ESTABLISHED = 0x01, 0x02, 0x04, 0x08, 0x10
+F_SYN, F_FIN_FWD, F_FIN_REV, F_RST, F_ESTABLISHED, F_HAIRPIN = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 # lb4_service.flags / lb4_backend.flags
 SVC_AFFINITY, SVC_RANDOM, SVC_LOCAL_ONLY, SVC_ADDRESS = 0x0001, 0x0002, 0x0004, 0x0040
 BE_TERMINATING, BE_NOT_READY = 0x01, 0x04
@@ -327,10 +327,9 @@ class Model:
             self.m.ct[key] = flow
 
     def _reply_key(self, fk, flow: Flow) -> CtKey:
-        return (flow.backend_addr, fk[0], flow.backend_port, fk[2], fk[4], REPLY)
-
-    def _forward_key(self, rk, flow: Flow) -> CtKey:
-        return (rk[1], flow.frontend_addr, rk[3], flow.frontend_port, rk[4], FWD)
+        """A backend answers its client, or the node's hairpin address when it is the client."""
+        client = self.hairpin if flow.flags & F_HAIRPIN else fk[0]
+        return (flow.backend_addr, client, flow.backend_port, fk[2], fk[4], REPLY)
 
     def _delete_flow(self, fk, flow: Flow):
         self._set_ct(self._reply_key(fk, flow), None)
@@ -430,13 +429,43 @@ class Model:
                 if rk in self.m.ct:
                     self._set_ct(rk, replace(self.m.ct[rk], flags=self.m.ct[rk].flags | flags))
             return self._forward(frame, p, flow)
+        if self.hairpin != bytes(4) and p.daddr == self.hairpin:
+            out = self._hairpin_reply(frame, p)
+            if out is not None:
+                return out
         return self._new(frame, p, fk, pick)
 
     def _forward(self, frame, p, flow: Flow):
         self._frag_record(p, p.sport, p.dport)
         buf = bytearray(frame)
-        rewrite(buf, p, dst=(flow.backend_addr, flow.backend_port))
+        # A pod balanced to itself: its source becomes the node's hairpin address (port kept), as
+        # kube-proxy masquerades, or the reply would come back from itself and be a martian.
+        src = (self.hairpin, p.sport) if flow.flags & F_HAIRPIN else None
+        rewrite(buf, p, src=src, dst=(flow.backend_addr, flow.backend_port))
         return OK, bytes(buf)
+
+    def _hairpin_reply(self, frame, p: Pkt):
+        """The pod answering itself (backend -> hairpin address): VIP:port -> the pod again.
+        None when it is no reply of a hairpin flow."""
+        rk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, REPLY)
+        flow = self.m.ct.get(rk)
+        if flow is None or not flow.flags & F_HAIRPIN:
+            return None
+        self._note_reply(rk, flow, p, client=(p.saddr, p.dport))
+        self._frag_record(p, p.sport, p.dport)
+        buf = bytearray(frame)
+        rewrite(buf, p, src=(flow.frontend_addr, flow.frontend_port), dst=(p.saddr, p.dport))
+        return OK, bytes(buf)
+
+    def _note_reply(self, rk, flow: Flow, p: Pkt, client):
+        """A reply was seen: the flow is established (and the segment's TCP state), on both entries."""
+        flags = flow.flags | F_ESTABLISHED | tcp_state(p, REPLY)
+        if flags == flow.flags:
+            return
+        self._set_ct(rk, replace(flow, flags=flags))
+        fk = (client[0], flow.frontend_addr, client[1], flow.frontend_port, p.proto, FWD)
+        if fk in self.m.ct:
+            self._set_ct(fk, replace(self.m.ct[fk], flags=self.m.ct[fk].flags | flags))
 
     def _new(self, frame, p: Pkt, fk, pick):
         svc = self._frontend(p.daddr, p.dport, p.proto)
@@ -454,9 +483,10 @@ class Model:
         if bid is None:
             return self._drop("no_backend")
         be = self.m.backends[bid]
+        hairpin = F_HAIRPIN if self.hairpin != bytes(4) and be.address == p.saddr else 0
         flow = Flow(backend_id=bid, service_id=svc.service_id, frontend_id=svc.frontend_id,
                     frontend_addr=p.daddr, backend_addr=be.address, frontend_port=p.dport,
-                    backend_port=be.port, flags=tcp_state(p, FWD))
+                    backend_port=be.port, flags=tcp_state(p, FWD) | hairpin)
         self._set_ct(fk, flow)
         self._set_ct(self._reply_key(fk, flow), flow)
         if svc.flags & SVC_AFFINITY and svc.affinity_timeout:
@@ -487,13 +517,7 @@ class Model:
         flow = self.m.ct.get(rk)
         if flow is None:
             return OK, frame
-        flags = flow.flags | F_ESTABLISHED | tcp_state(p, REPLY)
-        if flags != flow.flags:
-            flow = replace(flow, flags=flags)
-            self._set_ct(rk, flow)
-            fk = self._forward_key(rk, flow)
-            if fk in self.m.ct:
-                self._set_ct(fk, replace(self.m.ct[fk], flags=self.m.ct[fk].flags | flags))
+        self._note_reply(rk, flow, p, client=(p.daddr, p.dport))
         self._frag_record(p, p.sport, p.dport)
         buf = bytearray(frame)
         rewrite(buf, p, src=(flow.frontend_addr, flow.frontend_port))
@@ -526,7 +550,7 @@ class Model:
         qsrc, qdst = frame[q + 12:q + 16], frame[q + 16:q + 20]
         qsport, qdport = struct.unpack("!HH", frame[ql4:ql4 + 4])
         flow = self.m.ct.get((qdst, qsrc, qdport, qsport, qproto, direction))
-        if flow is None or flow.flags & 0x20:   # CT_F_HAIRPIN: not translated here
+        if flow is None or flow.flags & F_HAIRPIN:   # a pod's error about itself: not translated
             return OK, frame
         buf = bytearray(frame)
         if direction == REPLY:
