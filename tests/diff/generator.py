@@ -23,7 +23,7 @@ HAIRPIN = bytes([198, 18, 0, 1])          # the node's hairpin address (tests/di
 
 # kind -> weight; each a method _k_<kind> returning (prog, frame)
 KINDS = {
-    "syn": 14, "datagram": 10, "hairpin": 3, "data": 20, "reply": 20, "stray_reply": 3, "midstream": 3,
+    "syn": 14, "datagram": 10, "hairpin": 3, "sctp": 4, "data": 20, "reply": 20, "stray_reply": 3, "midstream": 3,
     "other": 3, "fragments": 6, "orphan_fragment": 2, "icmp_echo": 2, "icmp_error": 8, "not_ipv4": 1, "hostile": 16,
 }
 
@@ -65,7 +65,7 @@ class Generator:
         self.flows: list[tuple] = []       # (client, sport, vip, vport, proto) the run started
         self.pending: list[tuple] = []     # later fragments still to send: (prog, frame)
         # Frontends pods can reach, by protocol (the address markers are not balanced).
-        self.frontends = {M.TCP: [], M.UDP: []}
+        self.frontends = {M.TCP: [], M.UDP: [], M.SCTP: []}
         for (addr, port, proto, scope), svc in maps.frontends.items():
             if scope == M.SCOPE_INTERNAL and not svc.flags & M.SVC_ADDRESS and proto in self.frontends:
                 self.frontends[proto].append((addr, port))
@@ -128,6 +128,32 @@ class Generator:
         return self._from_pod(ip_packet(c, vip, M.TCP, tcp_seg(c, vip, sp, vport, 0x02, seq=seq),
                                         ip_id=self._ip_id(), options=self._options()))
 
+    def _k_sctp(self):
+        """SCTP: a packet of an association (new or known) or the backend's answer; the CRC32c
+        right, or now and then wrong (it must stay as wrong)."""
+        f = self._flow()
+        if f is not None and f[4] == M.SCTP and self.rng.random() < 0.6:
+            c, sp, vip, vport, _ = f
+            if self.rng.random() < 0.5:
+                b, bp = self._backend_of(f)
+                c, wrap = self._reply_to(f)
+                return wrap(ip_packet(b, c, M.SCTP, self._sctp(bp, sp), ip_id=self._ip_id()))
+        else:
+            c, sp = self._choice(CLIENTS), self._sport()
+            vip, vport = self._target(M.SCTP)
+            self.flows.append((c, sp, vip, vport, M.SCTP))
+        return self._from_pod(ip_packet(c, vip, M.SCTP, self._sctp(sp, vport), ip_id=self._ip_id(),
+                                        options=self._options()))
+
+    def _sctp(self, sport, dport) -> bytes:
+        from scapy.layers.sctp import crc32c
+        chunk = self._payload(120)
+        body = struct.pack("!HHI", sport, dport, int(self.rng.integers(0, 1 << 32))) + b"\0\0\0\0" + chunk
+        crc = crc32c(body)
+        if self.rng.random() < 0.1:
+            crc ^= int(self.rng.integers(1, 1 << 32))
+        return body[:8] + struct.pack(">I", crc) + body[12:]
+
     def _k_hairpin(self):
         """A backend pod reaching a Service it is a backend of: balanced to itself or not."""
         c = self._choice(BACKENDS[:4])
@@ -160,8 +186,10 @@ class Generator:
         if proto == M.TCP:
             l4 = tcp_seg(c, vip, sp, vport, self._tcp_flags(), seq=int(self.rng.integers(0, 1 << 32)),
                          ack=int(self.rng.integers(0, 1 << 32)), payload=self._payload(200))
-        else:
+        elif proto == M.UDP:
             l4 = udp_dgram(c, vip, sp, vport, self._payload(200))
+        else:
+            l4 = self._sctp(sp, vport)
         return self._from_pod(ip_packet(c, vip, proto, l4, ip_id=self._ip_id(), options=self._options()))
 
     def _backend_of(self, f):
@@ -191,8 +219,10 @@ class Generator:
             l4 = tcp_seg(b, c, bp, sp, self._choice([0x12, 0x10, 0x18, 0x11, 0x14, 0x04]),
                          seq=int(self.rng.integers(0, 1 << 32)), ack=int(self.rng.integers(0, 1 << 32)),
                          payload=self._payload(200))
-        else:
+        elif proto == M.UDP:
             l4 = udp_dgram(b, c, bp, sp, self._payload(200))
+        else:
+            l4 = self._sctp(bp, sp)
         return wrap(ip_packet(b, c, proto, l4, ip_id=self._ip_id(), options=self._options()))
 
     def _k_stray_reply(self):

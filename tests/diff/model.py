@@ -6,7 +6,7 @@ what comes out (verdict and exact bytes) and which conntrack, affinity and fragm
 packet creates, updates or deletes. tests/diff/runner.py feeds the same packets to the real
 programs through BPF_PROG_TEST_RUN and to this model and compares the two.
 
-What it models: IPv4 TCP/UDP to ClusterIPs (scope INTERNAL) balanced by Maglev (the exact slot
+What it models: IPv4 TCP/UDP/SCTP to ClusterIPs (scope INTERNAL) balanced by Maglev (the exact slot
 from the flow hash, ebpfsvc/datapath/flowhash.py), at random (any backend of the table is right:
 the caller says which one the kernel drew) and by ClientIP affinity; replies through to_pod
 (reverse NAT); packets that are not for a Service (untouched); frontends without backends
@@ -209,6 +209,35 @@ def _fix_l4(buf: bytearray, p: Pkt, old: bytes, new: bytes) -> None:
     buf[at:at + 2] = nc.to_bytes(2, "big")
 
 
+SCTP_CRC_MAX_LEN = 16384     # longest SCTP packet whose CRC the datapath fixes (bpf/lib/maps.h)
+
+
+def _sctp_crc(buf: bytearray, p: Pkt) -> int | None:
+    """CRC32c of a whole (unfragmented) SCTP packet as its sender computes it (checksum zeroed),
+    or None when the CRC is not to be fixed: a fragment's CRC covers a datagram the first fragment
+    does not hold, and longer packets (GSO) get theirs computed after us."""
+    if p.proto != SCTP or p.first_fragment or p.later_fragment:
+        return None
+    length = p.tot_len - p.ihl
+    if length - 4 >= SCTP_CRC_MAX_LEN:
+        return None
+    from scapy.layers.sctp import crc32c
+    at = L3 + p.ihl
+    return crc32c(bytes(buf[at:at + 8]) + b"\0\0\0\0" + bytes(buf[at + 12:at + length]))
+
+
+def _fix_sctp_crc(buf: bytearray, p: Pkt, before: int | None) -> None:
+    """SCTP's CRC32c covers no pseudo-header (addresses change nothing) but does cover the
+    ports: a port rewrite keeps the CRC exactly as right, or as wrong, as it came (CRC32c is
+    linear: the stored value moves by the difference of the true CRCs)."""
+    if before is None:
+        return
+    after = _sctp_crc(buf, p)
+    at = L3 + p.ihl + 8
+    stored = int.from_bytes(buf[at:at + 4], "big")
+    buf[at:at + 4] = (stored ^ before ^ after).to_bytes(4, "big")
+
+
 def rewrite(buf: bytearray, p: Pkt, *, src: tuple | None = None, dst: tuple | None = None) -> None:
     """NAT one or both ends: (address, port). The IP header checksum and the L4 checksum
     (pseudo-header and port) follow; a later fragment has no ports."""
@@ -228,8 +257,10 @@ def rewrite(buf: bytearray, p: Pkt, *, src: tuple | None = None, dst: tuple | No
             oldp = bytes(buf[p_off:p_off + 2])
             newp = port.to_bytes(2, "big")
             if oldp != newp:
+                crc_before = _sctp_crc(buf, p)
                 buf[p_off:p_off + 2] = newp
                 _fix_l4(buf, p, oldp, newp)
+                _fix_sctp_crc(buf, p, crc_before)
 
 
 def _swap_macs(frame: bytes) -> bytes:
@@ -342,12 +373,13 @@ class Model:
             self.touched.add(("frag", k))
 
     def _usable(self, bid: int, proto: int) -> bool:
-        """May a tracked flow stay on backend `bid`? Not when it was removed; a datagram flow
-        also moves off a not-ready backend (kube-proxy clears its UDP conntrack)."""
+        """May a tracked flow stay on backend `bid`? Not when it was removed; a UDP flow also
+        moves off a not-ready backend (kube-proxy clears a not-ready endpoint's UDP conntrack
+        entries, and only UDP's: TCP and SCTP associations carry on)."""
         be = self.m.backends.get(bid)
         if be is None:
             return False
-        return not (proto != TCP and be.flags & BE_NOT_READY)
+        return not (proto == UDP and be.flags & BE_NOT_READY)
 
     def _select(self, svc: Service, p: Pkt, pick) -> int | None:
         """Affinity first, then the table: Maglev's slot from the flow hash (or any slot at random),

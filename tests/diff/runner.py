@@ -63,6 +63,9 @@ def scenario() -> LBState:
         _fe("198.19.0.13", 80, [], name="empty"),
         _fe("198.19.0.13", 53, [], proto=U, name="emptyu"),
         _fe("198.19.0.14", 80, [], name="local", local_only=True),
+        _fe("198.19.0.16", 3868, [_be(a, 13868, Protocol.SCTP) for a in b3[:2]] + [_be("198.18.2.4", 3868, Protocol.SCTP)],
+            proto=Protocol.SCTP, name="diameter"),
+        _fe("198.19.0.13", 3868, [], proto=Protocol.SCTP, name="emptys"),
         _fe("198.19.0.15", 80, [_be("198.18.2.1", 8080), _be("198.18.2.5", 8080, terminating=True),
                                 _be("198.18.2.6", 8080, not_ready=True)], name="drain"),
     ])
