@@ -6,16 +6,18 @@ what comes out (verdict and exact bytes) and which conntrack, affinity and fragm
 packet creates, updates or deletes. tests/diff/runner.py feeds the same packets to the real
 programs through BPF_PROG_TEST_RUN and to this model and compares the two.
 
-What it models: IPv4 TCP/UDP/SCTP to ClusterIPs (scope INTERNAL) balanced by Maglev (the exact slot
-from the flow hash, ebpfsvc/datapath/flowhash.py), at random (any backend of the table is right:
-the caller says which one the kernel drew) and by ClientIP affinity; replies through to_pod
-(reverse NAT); packets that are not for a Service (untouched); frontends without backends
-(TCP RST, ICMP port unreachable; traffic policy Local: drop); hairpin flows; TCP segments of connections never
-balanced here (untouched); closing flows reused by a new SYN; first and later fragments;
-truncated and inconsistent headers (dropped); ICMP errors about translated flows (translated back).
+What it models: IPv4 TCP, UDP and SCTP to ClusterIPs (scope INTERNAL) balanced by Maglev (the
+exact slot from the flow hash, ebpfsvc/datapath/flowhash.py), at random (any outcome of a random
+slot is right: the caller says which one the kernel drew) and by ClientIP affinity; replies through
+to_pod (reverse NAT); hairpin flows (a pod balanced to itself: SNAT to the hairpin address);
+packets that are not for a Service (untouched); frontends without backends (TCP RST, ICMP port
+unreachable; traffic policy Local: drop); TCP segments of connections never balanced here
+(untouched); closing flows reused by a new SYN; backends that are terminating, not ready or
+removed; first and later fragments; truncated and inconsistent headers (dropped); ICMP errors
+about translated flows (translated back); the drop counters.
 
 Timestamps are not modelled: a run is far shorter than the shortest lifetime (10 s), and affinity
-timeouts are hours. Hairpin flows (a pod balanced to itself) are SNATed to the hairpin address.
+timeouts are hours.
 """
 
 from __future__ import annotations
@@ -23,20 +25,23 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field, replace
 
+from ebpfsvc import abi
 from ebpfsvc.datapath.flowhash import flow_hash
 
-OK, SHOT, REDIRECT = 0, 2, 7
+OK, SHOT, REDIRECT = 0, 2, 7             # TC_ACT_*
 TCP, UDP, ICMP, SCTP = 6, 17, 1, 132
-FWD, REPLY = 0, 1                       # ct4_key.dir
-
-# ct4_entry.flags, as abi.h names them.
-F_SYN, F_FIN_FWD, F_FIN_REV, F_RST, F_ESTABLISHED, F_HAIRPIN = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-# lb4_service.flags / lb4_backend.flags
-SVC_AFFINITY, SVC_RANDOM, SVC_LOCAL_ONLY, SVC_ADDRESS = 0x0001, 0x0002, 0x0004, 0x0040
-BE_TERMINATING, BE_NOT_READY = 0x01, 0x04
+# The map vocabulary (flags, directions, scopes) is abi.h's, read through ebpfsvc/abi.py.
+FWD, REPLY = abi.CT_DIR_FORWARD, abi.CT_DIR_REPLY
+F_SYN, F_FIN_FWD, F_FIN_REV = abi.CT_F_SEEN_SYN, abi.CT_F_SEEN_FIN_FWD, abi.CT_F_SEEN_FIN_REV
+F_RST, F_ESTABLISHED, F_HAIRPIN = abi.CT_F_SEEN_RST, abi.CT_F_ESTABLISHED, abi.CT_F_HAIRPIN
+SVC_AFFINITY, SVC_RANDOM = abi.LB_SVC_F_AFFINITY, abi.LB_SVC_F_RANDOM
+SVC_LOCAL_ONLY, SVC_ADDRESS = abi.LB_SVC_F_LOCAL_ONLY, abi.LB_SVC_F_ADDRESS
+BE_TERMINATING, BE_NOT_READY = abi.LB_BE_F_TERMINATING, abi.LB_BE_F_NOT_READY
 BE_NO_NEW_FLOWS = BE_TERMINATING | BE_NOT_READY
-SCOPE_INTERNAL = 1
-TERMINATING_PROBES = 4                  # slots looked at past a backend that takes no new flows
+SCOPE_INTERNAL = abi.LB_SCOPE_INTERNAL
+# How far past a backend that takes no new flows a new flow looks (docs/datapath.md, "Backend
+# choice": the moment between a backend changing and its table switch).
+TERMINATING_PROBES = 4
 ICMP_ERRORS = (3, 11, 12)               # destination unreachable, time exceeded, parameter problem
 
 # TCP header flag bits
@@ -319,10 +324,6 @@ def starts_flow(p: Pkt) -> bool:
 
 def closing(flags: int) -> bool:
     return bool(flags & F_RST) or (flags & (F_FIN_FWD | F_FIN_REV)) == (F_FIN_FWD | F_FIN_REV)
-
-
-class NeedPick(Exception):
-    """Raised by a RandomPick that cannot say which backend the kernel drew."""
 
 
 class Model:

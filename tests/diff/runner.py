@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import struct
 import sys
 import time
@@ -311,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "little"))
     ap.add_argument("--max-mismatches", type=int, default=20)
     args = ap.parse_args(argv)
+    # A run stopped with SIGTERM still removes its pins (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     pin = Path("/sys/fs/bpf") / ("esfz" + uuid.uuid4().hex[:6])
     dp = loader.load(pin, limits=LIMITS, hairpin_addr=HAIRPIN, cache=False)
     try:
