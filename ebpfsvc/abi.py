@@ -33,6 +33,8 @@ def _parse(text: str) -> tuple[dict[str, int], str]:
     constants: dict[str, int] = {}
     body: list[str] = []
     for line in text.splitlines():
+        if line.lstrip().startswith("ABI_SIZE("):
+            continue        # the C compiler's size checks: nothing for cffi
         if line.lstrip().startswith("#"):
             m = _DEFINE.match(line)
             if m:
@@ -72,6 +74,8 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_drops": ("__u32", "__u64"),
     "lb4_snat": ("struct ct4_key", "struct snat4_entry"),
     "lb4_source_ranges": ("struct lb4_src_range_key", "__u32"),
+    "lb4_affinity_match": ("struct lb4_affinity_match_key", "__u32"),
+    "lb_service_status": ("struct lb_service_name", "struct lb_service_status"),
 }
 
 

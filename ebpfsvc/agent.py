@@ -1,7 +1,8 @@
 """The node agent: Kubernetes objects in, BPF maps out.
 
     source (API server | manifest dir) -> ClusterState (trackers) -> desired_state() (pure)
-        -> MapWriter.apply() (diff, batched writes) -> pinned BPF maps <- TC programs on pod veths
+        -> Admission.admit() (what fits, conflicts told) -> MapWriter.apply() (diff, batched writes)
+        -> pinned BPF maps <- TC programs on pod veths
 
 One sync costs what changed: the snapshot names the Services that changed, the
 DesiredStateBuilder recomputes only those and names the frontends that changed, and the
@@ -16,6 +17,11 @@ Restart safety: maps are pinned, programs are replaced in place (never detached
 first), and stopping the agent leaves everything attached, so established and
 new connections keep being served while the agent is down or upgrading.
 
+A fast start: compiling the programs takes seconds (lb_node.c the most), the maps alone a
+fraction of one (loader.open_maps). So the agent opens the pinned maps first and syncs into them
+while the programs compile: after a restart the programs still attached serve the changes made
+meanwhile within moments, and a new node has its maps written by the time its programs attach.
+
 Zero configuration: the node's addresses, NodePort addresses, uplinks and the source of its own
 translated traffic come from its Node object and interfaces (ebpfsvc/nodeinfo.py).  The Node may
 arrive after start, or change: every sync checks, and when the result differs the programs that
@@ -28,14 +34,18 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from ebpfsvc import nodeinfo
-from ebpfsvc.config import NodeConfig
+from ebpfsvc.admission import Admission, Capacity, ServiceStatusMap
+from ebpfsvc.config import AgentConfig
+from ebpfsvc.datapath.loader import Limits
+from ebpfsvc.datapath.pinned import pinned_frontends
 from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.interfaces import InterfaceWatcher
 from ebpfsvc.lbmodel import LBState
@@ -49,32 +59,20 @@ log = logging.getLogger(__name__)
 NODE_WAIT_SECONDS = 5.0
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    node: NodeConfig                          # node_addresses: --node-address (always NodePort addresses)
-    pin_dir: str = "/sys/fs/bpf/ebpfsvc"
-    manifests: str | None = None             # a manifest directory instead of the API server
-    kubeconfig: str | None = None
-    in_cluster: bool = False
-    pod_interfaces: tuple[str, ...] = ("lxc*",)
-    uplinks: tuple[str, ...] | None = ()      # None: the interfaces of the node addresses (nodeinfo.py)
-    uplink_mode: str = "tc"                   # "tc" | "xdp": programs on the uplinks (datapath/uplink.py)
-    nodeport_addresses: tuple[str, ...] = ()  # kube-proxy's: () = every node address, CIDRs, ("primary",)
-    hairpin_address: IPv4Address | None = None   # None: the node's primary address
-    snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
-    host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
-    min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
-    sync_period: float = 30.0                # periodic full resync (repairs any drift)
-    limits: dict[str, int] = field(default_factory=dict)   # map sizes: abi.h names -> value
-    healthz_bind_address: str = "0.0.0.0:10256"   # /healthz, /livez ("" = off); kube-proxy's default
-    metrics_bind_address: str = "127.0.0.1:10249"  # /metrics ("" = off); kube-proxy's default
-    bind_address_hard_fail: bool = False      # a taken address is fatal, not retried (health.Listener)
-
-
 class Agent:
     def __init__(self, config: AgentConfig):
+        from ebpfsvc.collectors import AgentReadings
+        from ebpfsvc.telemetry import Telemetry
+
         self.config = config
-        self.state = ClusterState(config.node, on_invalid=self._invalid)
+        # Metrics, /healthz, /livez, healthCheckNodePorts: handed what they read, as they read it.
+        self.telemetry = Telemetry(config, AgentReadings(
+            loops_alive=lambda: self.runner.alive, sync_failures=lambda: self.runner.failures,
+            source_stats=self._source_stats, invalid_objects=lambda: self.invalid_objects,
+            problems=lambda: self.state.problems, pending_changes=lambda: self.state.pending_changes(),
+            admission=lambda: self.admission.details()))
+        self.state = ClusterState(config.node, on_invalid=self._invalid, on_received=self.telemetry.metrics.changed,
+                                  on_node=self.telemetry.health.node_changed)
         self.datapath = None
         self.uplink_datapath = None     # bpf/lb_node.c, when there are uplinks
         self.writer = None
@@ -94,38 +92,87 @@ class Agent:
         self._datapath_lock = threading.RLock()           # pod attaches vs. a reload for new addresses
         self._pod_snat = None                             # the node address the pod datapath has
         self._uplinks_attached: dict[str, int] = {}       # name -> ifindex
-        self._host_routes = None                          # hostpath.NodeClientRoutes, once set up
-        self._routed: set = set()                         # destinations routed to the node-client device
+        self._host_routes = None                          # hostpath.NodeClientRoutes, fed from the first sync
+        self._routed: set | None = None                   # destinations routed to the node-client device, once set up
+        self._routes_lock = threading.Lock()              # start's setup vs. the first syncs
+        self._maps_bpf = None                             # the maps-only object the writer's tables belong to
         self._next_full_apply = 0.0                       # monotonic time of the next full (verifying) apply
         self.synced_once = threading.Event()
         self._stopped = threading.Event()
         self.syncs = 0
         self.invalid_objects = 0
-        from ebpfsvc.metrics import Telemetry
-        self.telemetry = Telemetry(self)     # metrics, /healthz, /livez, healthCheckNodePorts
+        # Which Services go into the maps: capacity from the map sizes, conflicts told (admission.py).
+        self.admission = Admission(Capacity.of(Limits(**config.limits)))
+        self.telemetry.metrics.registry.register(self.admission.collector())
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        from ebpfsvc.datapath.writer import MapWriter
+        from pathlib import Path
 
-        cfg = self.config
+        from ebpfsvc.datapath import loader
+
+        started = time.monotonic()
+        # bcc changes the process's working directory while it compiles, and it compiles on another
+        # thread below: every path the agent opens must be absolute from here on.
+        self.config = cfg = replace(self.config, pin_dir=os.path.abspath(self.config.pin_dir), **{
+            name: os.path.abspath(getattr(self.config, name))
+            for name in ("manifests", "kubeconfig") if getattr(self.config, name)})
         self.telemetry.start()      # /healthz answers 503 "starting" until the first sync
-        # The source first: a manifest directory is read at once, and the API's Node list usually
-        # comes within moments, so the datapath is compiled once, with the node's addresses.
-        self.source = self._make_source()
-        self.source.start()
+        # The maps before the programs, opened (a maps-only compile, the GIL released) while the source
+        # is made and lists: syncs write them while the programs compile. Pins of another shape (new
+        # limits) are recreated by the programs' load, so then nothing is written before it.
+        t0 = time.monotonic()
+        restart = Path(cfg.pin_dir, "lb4_frontends").exists()   # a previous run's programs still serve
+        with ThreadPoolExecutor(1, thread_name_prefix="open-maps") as pool:
+            opening = pool.submit(loader.open_maps, cfg.pin_dir, limits=loader.Limits(**cfg.limits))
+            # The source: a manifest directory is read at once, and the API's Node list usually comes
+            # within moments, so the programs are compiled once, with the node's addresses.
+            self.source = self._make_source()
+            self.source.start()
+            opened = opening.result()
+        log.info("maps opened in %.2fs", time.monotonic() - t0)
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         while "Node" not in self.state.synced_kinds and time.monotonic() < deadline and not self._stopped.is_set():
             self._stopped.wait(0.05)
-        t0 = time.monotonic()
+        if opened is not None:
+            self._maps_bpf, maps = opened
+            self._adopt_maps(maps)
+        # Without its Node the node's NodePort addresses are unknown: a sync now would take the NodePorts
+        # the previous run wrote out of the maps the attached programs serve. Then sync after the compile.
+        early = opened is not None and "Node" in self.state.synced_kinds
+        if early:
+            node = self.state.node(cfg.node.node_name)
+            self._set_node_context(nodeinfo.resolve(self.settings, self.read_interfaces(), node,
+                                                    "Node" in self.state.synced_kinds))
+            if not restart:     # nothing serves these maps until the programs attach
+                self.telemetry.health.set_fault("programs", "the datapath programs are being compiled")
+            self._start_syncing()
+            log.info("syncing while the programs compile (%.2fs since start)", time.monotonic() - started)
+        t1 = time.monotonic()
         self._refresh_node(force=True)
-        self.writer = MapWriter(self.datapath.maps)
-        log.info("datapath loaded in %.2fs (pins in %s)", time.monotonic() - t0, cfg.pin_dir)
+        if self.writer is None:
+            self._adopt_maps(self.datapath.maps)
+        self.telemetry.health.set_fault("programs", None)
+        log.info("datapath loaded in %.2fs (compiling and attaching %.2fs; %.2fs since start; pins in %s)",
+                 time.monotonic() - t0, time.monotonic() - t1, time.monotonic() - started, cfg.pin_dir)
 
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
         self.watcher.start()
+        if not early:
+            self._start_syncing()
 
+    def _adopt_maps(self, maps) -> None:
+        """Write `maps` from now on: the maps-only object's tables while the programs compile, else the
+        programs' own. Admission reads them first: the last good state survives restarts, what the maps
+        serve now standing for Services that turn out to be invalid in the first list (admission.py)."""
+        from ebpfsvc.datapath.writer import MapWriter
+
+        self.writer = MapWriter(maps)
+        self.admission.status = ServiceStatusMap(maps["lb_service_status"])
+        self.admission.hold(pinned_frontends(maps))
+
+    def _start_syncing(self) -> None:
         self.runner.start()
         threading.Thread(target=self._forward_changes, name="changes", daemon=True).start()
 
@@ -141,10 +188,10 @@ class Agent:
         cfg = self.config
         if cfg.manifests:
             from ebpfsvc.sources.manifests import ManifestSource
-            return ManifestSource(cfg.manifests, self.telemetry.sink(self.state))
+            return ManifestSource(cfg.manifests, self.state)
         from ebpfsvc.sources.kube import KubeSource
         # Services, EndpointSlices, this node's Node and ServiceCIDRs: what kube-proxy watches.
-        return KubeSource(self.telemetry.sink(self.state), kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None,
+        return KubeSource(self.state, kubeconfig=cfg.kubeconfig, in_cluster=cfg.in_cluster or None,
                           node_name=cfg.node.node_name)
 
     def stop(self) -> None:
@@ -207,8 +254,9 @@ class Agent:
         # address their replies from local backends are addressed to (bpf/lib/flow.h).
         snat = info.primary if cfg.host_clients and info.uplinks else None
         if old is None or (old.hairpin, self._pod_snat) != (info.hairpin, snat):
+            # migrate: a limit changed since the maps were pinned: their entries are carried over.
             datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
-                                   snat_addr=snat)
+                                   snat_addr=snat, migrate=True)
             with self._datapath_lock:       # pods attached from now on get the new programs...
                 self.datapath, self._pod_snat, self.node_info = datapath, snat, info
                 # ...and the ones attached before get them too (replaced in place).
@@ -219,10 +267,14 @@ class Agent:
         self.telemetry.health.set_fault("uplinks", (
             f"uplink {', '.join(info.missing_uplinks)} not found: NodePorts, externalIPs, LoadBalancer IPs "
             f"and node clients are not served on it" if info.missing_uplinks else None))
-        node = replace(cfg.node, node_addresses=info.nodeport_addresses)
+        self._set_node_context(info)
+        self._configured = info
+        loader.release_compiler_memory()    # LLVM is needed again only for the next compile
+
+    def _set_node_context(self, info: nodeinfo.NodeInfo) -> None:
+        node = replace(self.config.node, node_addresses=info.nodeport_addresses)
         if node != self.desired.node:
             self.desired.node = node        # a new node context: the next build recomputes everything
-        self._configured = info
 
     def _configure_uplinks(self, info: nodeinfo.NodeInfo, old: nodeinfo.NodeInfo | None) -> None:
         """North-south programs on every uplink, and the node clients' path (hostpath.py)."""
@@ -258,9 +310,9 @@ class Agent:
         if cfg.host_clients and snat is not None and reload:
             from ebpfsvc.datapath import hostpath
             hostpath.setup(self.uplink_datapath, snat)
-            if self._host_routes is None:
-                self._host_routes = hostpath.NodeClientRoutes()
-                self._routed = hostpath.routes()    # a previous run's routes: kept or removed by the diff
+            with self._routes_lock:
+                if self._routed is None:
+                    self._routed = hostpath.routes()    # a previous run's routes: kept or removed by the diff
             self._route_node_clients(rewrite=True)
 
     def _route_node_clients(self, snapshot=None, result=None, rewrite: bool = False) -> None:
@@ -268,22 +320,35 @@ class Agent:
         outside them to the node-client device."""
         from ebpfsvc.datapath import hostpath
 
-        routes = self._host_routes
-        if routes is None or (result is None and not routes.ready):
-            return          # nothing known yet: a previous run's routes stay until the first sync
-        if snapshot is not None:
-            cidrs = [c for obj in snapshot.service_cidrs.values() for c in obj.cidrs]
-            if not cidrs and self.config.node.service_cidr is not None:
-                cidrs = [self.config.node.service_cidr]
-            routes.set_cidrs(cidrs)
-        if result is not None:
-            routes.update(result.state, result.delta)
-        if routes.dirty or rewrite:
-            self._routed = hostpath.sync_routes(self._routed, routes.take_wanted(), self.node_info.primary,
-                                                rewrite=rewrite)
+        if not self.config.host_clients:
+            return
+        with self._routes_lock:     # the first syncs may run while start() sets the device up
+            if self._host_routes is None:
+                self._host_routes = hostpath.NodeClientRoutes()
+            routes = self._host_routes
+            if snapshot is not None:
+                cidrs = [c for obj in snapshot.service_cidrs.values() for c in obj.cidrs]
+                if not cidrs and self.config.node.service_cidr is not None:
+                    cidrs = [self.config.node.service_cidr]
+                routes.set_cidrs(cidrs)
+            if result is not None:
+                routes.update(result.state, result.delta)
+            if self._routed is None or not routes.ready:
+                return      # no device yet, or nothing known yet: a previous run's routes stay until then
+            if routes.dirty or rewrite:
+                self._routed = hostpath.sync_routes(self._routed, routes.take_wanted(), self.node_info.primary,
+                                                    rewrite=rewrite)
+
+    def _served(self, spn) -> bool:
+        """Whether the maps serve that service port now (admission never evicts such a Service)."""
+        return self.writer.service_id(spn) is not None
 
     def _detach_pod(self, ifindex: int, ifname: str) -> None:
         log.info("pod interface %s (ifindex %d) is gone", ifname, ifindex)
+
+    def _source_stats(self) -> dict | None:
+        # The API source's watch statistics; a manifest directory keeps none.
+        return getattr(self.source, "stats", None)
 
     def _invalid(self, problem) -> None:
         # The tracker has logged it; keep a count for the metrics endpoint.
@@ -296,20 +361,25 @@ class Agent:
         # of trusting its incremental bookkeeping (and deletes whatever nothing wants); the node's
         # addresses and uplinks are read again then too.
         full = t0 >= self._next_full_apply
-        if self.node_info is not None:          # start() configured the datapath once
+        if self._configured is not None:        # start() configured the datapath once (it may be compiling)
             self._refresh_node(force=full and self.last_applied is not None)
         if not self.state.synced:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")
             return
-        self.telemetry.sync_started()
         snapshot = self.state.snapshot()
+        self.telemetry.sync_started(snapshot.trigger_times)
         result = self.desired.build(snapshot)
-        desired = result.state
+        invalid = {(p.namespace, p.name) for p in self.state.problems if p.kind == "Service"}
+        admitted = self.admission.admit(result, snapshot.services, self._served, invalid)
+        desired = admitted.state
         if desired is self.last_applied and not full:
             self._route_node_clients(snapshot)
-            self.telemetry.sync_done(time.monotonic() - t0)
+            self.telemetry.sync_done(time.monotonic() - t0, snapshot=snapshot, node=self.desired.node,
+                                     applied=desired)
             return
-        stats = self.writer.apply(desired, full=full, delta=result.delta)
+        stats = self.writer.apply(desired, full=full, delta=admitted.delta)
+        if admitted.deferred:
+            self.runner.run()       # the slots this apply released are free now: admit the waiting ones
         self._route_node_clients(snapshot, result)
         if full:
             self._next_full_apply = t0 + self.config.sync_period
@@ -321,7 +391,8 @@ class Agent:
         self.last_applied = desired
         self.syncs += 1
         self.synced_once.set()
-        self.telemetry.sync_done(time.monotonic() - t0, stats)
+        self.telemetry.sync_done(time.monotonic() - t0, stats, snapshot=snapshot, node=self.desired.node,
+                                 applied=desired)
         log.info("synced %d frontends in %.1f ms%s: %s", len(desired.frontends),
                  (time.monotonic() - t0) * 1000, " (full)" if full else "", stats)
 

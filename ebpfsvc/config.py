@@ -1,4 +1,13 @@
-"""What this node is and the cluster-wide limits it validates Services against.
+"""The agent's configuration, and the one home of its defaults.
+
+AgentConfig is everything `ebpfsvc agent` is told (flags, --config file); NodeConfig the part
+that describes this node and the cluster-wide limits Services are validated against.  The
+defaults below are the agent's, and the inspection commands (`drift`, `why`, `service list`...)
+take theirs from here too, so they cannot disagree with the agent they inspect.  Map sizes and
+conntrack lifetimes are AgentConfig.limits (names of datapath/loader.Limits; their defaults are
+bpf/include/abi.h's, the one place the datapath's limits are written).
+
+NodeConfig is what this node is and the cluster-wide limits it validates Services against.
 
 The counterpart of kube-proxy's command line: which addresses serve NodePorts
 (--nodeport-addresses, already resolved to addresses: ebpfsvc/nodeinfo.py), the
@@ -11,10 +20,32 @@ CIDR: without one every valid clusterIP is served.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from ebpfsvc.lbmodel import Algorithm
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpfsvc"          # bpffs directory of the pinned maps (--pin-dir)
+DEFAULT_NODEPORT_RANGE = (30000, 32767)          # the API server's --service-node-port-range default
+
+
+def parse_port_range(text) -> tuple[int, int]:
+    """"LOW-HIGH" (or a (low, high) pair) -> (low, high), 1 <= low <= high <= 65535; ValueError else."""
+    if isinstance(text, tuple):
+        lo, hi = text
+    else:
+        try:
+            lo, hi = (int(x) for x in str(text).split("-"))
+        except ValueError:
+            raise ValueError(f"{text}: not LOW-HIGH (like {format_port_range(DEFAULT_NODEPORT_RANGE)})") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"{text if not isinstance(text, tuple) else format_port_range(text)}: "
+                         f"not a port range (1 <= LOW <= HIGH <= 65535)")
+    return int(lo), int(hi)
+
+
+def format_port_range(r: tuple[int, int]) -> str:
+    return f"{r[0]}-{r[1]}"
 
 
 @dataclass(frozen=True)
@@ -23,7 +54,7 @@ class NodeConfig:
     node_addresses: tuple[IPv4Address, ...] = ()    # NodePort addresses (kube-proxy --nodeport-addresses result)
     zone: str = ""                                    # topology.kubernetes.io/zone; "" = take it from the Node object
     service_cidr: IPv4Network | None = None           # set: clusterIPs outside it are refused
-    nodeport_range: tuple[int, int] = (30000, 32767)
+    nodeport_range: tuple[int, int] = DEFAULT_NODEPORT_RANGE
     proxy_name: str = ""     # service.kubernetes.io/service-proxy-name we answer to ("" = only unlabelled Services)
     default_algorithm: Algorithm = Algorithm.MAGLEV
 
@@ -33,7 +64,30 @@ class NodeConfig:
         if self.service_cidr is not None:
             object.__setattr__(self, "service_cidr", IPv4Network(self.service_cidr))
         object.__setattr__(self, "default_algorithm", Algorithm(self.default_algorithm))
-        lo, hi = self.nodeport_range
-        if not 1 <= lo <= hi <= 65535:
-            raise ValueError(f"nodeport_range {lo}-{hi} is not a port range")
-        object.__setattr__(self, "nodeport_range", (int(lo), int(hi)))
+        try:
+            object.__setattr__(self, "nodeport_range", parse_port_range(self.nodeport_range))
+        except ValueError as e:
+            raise ValueError(f"nodeport_range {e}") from None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: NodeConfig                          # node_addresses: --node-address (always NodePort addresses)
+    pin_dir: str = DEFAULT_PIN_DIR
+    manifests: str | None = None             # a manifest directory instead of the API server
+    kubeconfig: str | None = None
+    in_cluster: bool = False
+    pod_interfaces: tuple[str, ...] = ("lxc*",)
+    uplinks: tuple[str, ...] | None = ()      # None: the interfaces of the node addresses (nodeinfo.py)
+    uplink_mode: str = "tc"                   # "tc" | "xdp": programs on the uplinks (datapath/uplink.py)
+    nodeport_addresses: tuple[str, ...] = ()  # kube-proxy's: () = every node address, CIDRs, ("primary",)
+    hairpin_address: IPv4Address | None = None   # None: the node's primary address
+    snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
+    host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
+    min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
+    sync_period: float = 30.0                # periodic full resync (repairs any drift)
+    # Map sizes and conntrack lifetimes: datapath/loader.Limits field names -> value (absent: abi.h's).
+    limits: dict[str, int] = field(default_factory=dict)
+    healthz_bind_address: str = "0.0.0.0:10256"   # /healthz, /livez ("" = off); kube-proxy's default
+    metrics_bind_address: str = "127.0.0.1:10249"  # /metrics ("" = off); kube-proxy's default
+    bind_address_hard_fail: bool = False      # a taken address is fatal, not retried (health.Listener)

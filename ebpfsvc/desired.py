@@ -13,9 +13,11 @@ Per Service port it emits kube-proxy's rules, one frontend per address:port/prot
     status.loadBalancer.ingress[].ip:port                external-address traffic, so a pod on a node
                                                          without a local endpoint is still served
 
-Two Services claiming the same frontend (a duplicated externalIP, a clusterIP typo) cannot both
-be served: the first by namespace/name keeps it, so every node agrees, and the loser is reported
-by build_desired_state().
+Two Services claiming the same frontend (a duplicated NodePort or externalIP, a clusterIP typo)
+cannot both be served: the oldest (creationTimestamp, then namespace/name: Service.seniority) keeps
+it, so every node agrees, and the loser is reported by build_desired_state().  A Service whose
+frontends cannot be computed (a bug meeting an odd object) costs that Service only: it is left out
+and reported in DesiredState.failures.
 
 desired_state() / build_desired_state() compute from nothing; the agent keeps a
 DesiredStateBuilder, which gives exactly the same result from one snapshot to the next at the
@@ -61,6 +63,7 @@ class LBDelta:
 class DesiredState:
     state: LBState
     conflicts: tuple[Problem, ...] = ()    # frontends not served because another Service holds them
+    failures: tuple[Problem, ...] = ()     # Services left out because computing their frontends failed
     delta: LBDelta | None = field(default=None, compare=False)   # vs the builder's previous result
 
 
@@ -77,9 +80,9 @@ def build_desired_state(snapshot: ClusterSnapshot, node: NodeConfig) -> DesiredS
 # One Service's contribution: the Service object and, per port, the inputs and the frontends built
 # from them.  A skipped Service (headless, ExternalName, another proxy's) contributes no ports.
 _PortResult = tuple[ServicePortName, tuple[Endpoint, ...], tuple[Frontend, ...]]
-# A claim on a frontend key: (order, frontend, Service).  The order (Service key, port index,
-# position) is the order the full computation meets the claims in: the first one wins.
-_Claim = tuple[tuple[ServiceKey, int, int], Frontend, Service]
+# A claim on a frontend key: (order, frontend, Service).  The order (Service.seniority, port index,
+# position): the oldest Service's claim wins.
+_Claim = tuple[tuple[tuple[str, str, str], int, int], Frontend, Service]
 
 
 class DesiredStateBuilder:
@@ -109,6 +112,7 @@ class DesiredStateBuilder:
         self._claims: dict[FrontendKey, list[_Claim]] = {}
         self._frontends: dict[FrontendKey, Frontend] = {}          # the winning claim per key
         self._conflicts: dict[FrontendKey, tuple[Problem, ...]] = {}
+        self._failures: dict[ServiceKey, Problem] = {}
 
     @property
     def result(self) -> DesiredState | None:
@@ -140,8 +144,18 @@ class DesiredStateBuilder:
         # sorted either way: the first claim of a key is the full computation's winner).
         todo = sorted(todo)
         touched: set[FrontendKey] = set()
+        failures_touched = False
         for key in todo:
-            self._update_service(snapshot, zone, key, touched)
+            try:
+                self._update_service(snapshot, zone, key, touched)
+            except Exception as err:    # one Service's bad luck must not stop the others
+                self._drop_service(key, touched)
+                problem = Problem("Service", key[0], key[1], "", f"frontends cannot be computed "
+                                  f"({type(err).__name__}: {err}); not programmed")
+                failures_touched |= self._failures.get(key) != problem
+                self._failures[key] = problem
+            else:
+                failures_touched |= self._failures.pop(key, None) is not None
         changed: set[FrontendKey] = set()
         conflicts_touched = False
         for fkey in touched:
@@ -167,13 +181,14 @@ class DesiredStateBuilder:
                 else:
                     del self._conflicts[fkey]
         last = self._result
-        if last is not None and not changed and not conflicts_touched:
+        if last is not None and not changed and not conflicts_touched and not failures_touched:
             return last
         conflicts = (tuple(sorted({p for ps in self._conflicts.values() for p in ps}))
                      if conflicts_touched or last is None else last.conflicts)
+        failures = tuple(sorted(self._failures.values()))
         state = LBState(dict(self._frontends)) if changed or last is None else last.state
         delta = LBDelta(last.state, frozenset(changed)) if last is not None else None
-        self._result = DesiredState(state, conflicts, delta)
+        self._result = DesiredState(state, conflicts, delta=delta, failures=failures)
         return self._result
 
     def _differing(self, snapshot: ClusterSnapshot) -> set[ServiceKey]:
@@ -201,7 +216,7 @@ class DesiredStateBuilder:
                 for fe in fes:
                     claims = self._claims.get(fe.key)
                     if claims:
-                        claims[:] = [c for c in claims if c[0][0] != key]
+                        claims[:] = [c for c in claims if c[2].key != key]
                     touched.add(fe.key)
         svc = snapshot.services.get(key)
         if svc is None:
@@ -221,7 +236,7 @@ class DesiredStateBuilder:
                         fes = hit[2]        # equal: keep the old objects, so consumers compare by identity
                 ports.append((spn, endpoints, fes))
                 for j, fe in enumerate(fes):
-                    claim = ((key, i, j), fe, svc)
+                    claim = ((svc.seniority, i, j), fe, svc)
                     claims = self._claims.setdefault(fe.key, [])
                     if not claims or claims[-1][0] < claim[0]:
                         claims.append(claim)
@@ -229,6 +244,14 @@ class DesiredStateBuilder:
                         bisect.insort(claims, claim, key=lambda c: c[0])
                     touched.add(fe.key)
         self._services[key] = (svc, tuple(ports))
+
+    def _drop_service(self, key: ServiceKey, touched: set[FrontendKey]) -> None:
+        """Forget whatever a failed _update_service(key) left half-done: its claims and its ports."""
+        self._services.pop(key, None)
+        for fkey in touched:
+            claims = self._claims.get(fkey)
+            if claims:
+                claims[:] = [c for c in claims if c[2].key != key]
 
 
 def node_zone(snapshot: ClusterSnapshot, node: NodeConfig) -> str:

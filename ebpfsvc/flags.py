@@ -177,20 +177,17 @@ class BindAddress(_Checked):
 
 
 class PortRange(_Checked):
-    """LOW-HIGH -> (low, high), 1 <= low <= high <= 65535."""
+    """LOW-HIGH -> (low, high), 1 <= low <= high <= 65535 (config.parse_port_range)."""
 
     name = "low-high"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
+        from ebpfsvc.config import parse_port_range
+
         try:
-            lo, hi = (int(x) for x in str(value).split("-"))
-        except ValueError:
-            self.fail(f"{value}: not LOW-HIGH (like 30000-32767)", param, ctx)
-        if not 1 <= lo <= hi <= 65535:
-            self.fail(f"{value}: not a port range (1 <= LOW <= HIGH <= 65535)", param, ctx)
-        return lo, hi
+            return parse_port_range(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 # ---- one-line errors ------------------------------------------------------------------------------

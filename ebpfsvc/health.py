@@ -63,6 +63,8 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from ebpfsvc.k8s.node import Node
+
 log = logging.getLogger(__name__)
 
 STARTING = "starting"
@@ -219,9 +221,9 @@ class ProxierHealth:
         with self._lock:
             self.stopping = True
 
-    def node_changed(self, node: dict | None) -> None:
-        """This node's own v1 Node object was added or changed (None: deleted); kube-proxy's SyncNode.
-        Called by whatever watches the Node (metrics.SourceTap does, for the agent's source)."""
+    def node_changed(self, node: Node | None) -> None:
+        """This node's own Node was added or changed (None: deleted); kube-proxy's SyncNode.
+        Called by whatever watches the Node (the agent's ClusterState does, through on_node)."""
         reason = node_ineligible(node)
         with self._lock:
             changed, self.ineligible = reason != self.ineligible, reason
@@ -287,7 +289,7 @@ class ProxierHealth:
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 
-def node_ineligible(node: dict | None) -> str:
+def node_ineligible(node: Node | None) -> str:
     """Why this node should get no load-balancer traffic, from its v1 Node ("" = it should): it is
     being deleted or is tainted ToBeDeletedByClusterAutoscaler, as kube-proxy's SyncNode decides.
     A deleted Node (None) counts as being deleted: kube-proxy looks at the last state it had, which
@@ -295,11 +297,10 @@ def node_ineligible(node: dict | None) -> str:
     is gone is on its way out either way."""
     if node is None:
         return "its Node object is deleted"
-    if (node.get("metadata") or {}).get("deletionTimestamp"):
+    if node.deleting:
         return "its Node object is being deleted"
-    for taint in (node.get("spec") or {}).get("taints") or ():
-        if isinstance(taint, dict) and taint.get("key") == TO_BE_DELETED_TAINT:
-            return f"tainted {TO_BE_DELETED_TAINT} (the cluster autoscaler is removing it)"
+    if TO_BE_DELETED_TAINT in node.taints:
+        return f"tainted {TO_BE_DELETED_TAINT} (the cluster autoscaler is removing it)"
     return ""
 
 

@@ -13,8 +13,10 @@ import logging
 import threading
 from typing import Callable, Iterable
 
-from pyroute2 import IPRoute, NetNS
+from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+from ebpfsvc.datapath import nsenter
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,9 @@ class InterfaceWatcher:
     def __init__(self, patterns: Iterable[str], on_add: Callback, on_remove: Callback | None = None,
                  netns: str | None = None):
         self.patterns = tuple(patterns)
-        self.netns = netns    # None: the agent's own namespace (the normal case)
+        # None: the agent's own namespace (the normal case). Else the watcher's thread enters it, so
+        # the callbacks run there too: the ifindexes they get belong to that namespace.
+        self.netns = netns
         self._on_add = on_add
         self._on_remove = on_remove
         self._known: dict[int, str] = {}
@@ -49,7 +53,9 @@ class InterfaceWatcher:
         ready.wait(10)
 
     def _socket(self):
-        return NetNS(self.netns) if self.netns else IPRoute()
+        if self.netns:
+            nsenter.setns(self.netns)       # this thread only: it exists for the watch
+        return IPRoute()
 
     def stop(self) -> None:
         self._stop.set()

@@ -103,7 +103,7 @@ def parse_nodeport_addresses(values) -> tuple[str, ...]:
 
 def read_interfaces(netns=None) -> tuple[Interface, ...]:
     """Every interface of this namespace (or `netns`) with its IPv4 addresses, in index order."""
-    from ebpfsvc.datapath.uplink import _netlink
+    from ebpfsvc.datapath import nsenter
 
     def read(ipr) -> tuple[Interface, ...]:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
@@ -112,7 +112,7 @@ def read_interfaces(netns=None) -> tuple[Interface, ...]:
             addrs.setdefault(msg["index"], []).append(IPv4Address(msg.get_attr("IFA_ADDRESS")))
         return tuple(Interface(names[i], tuple(addrs.get(i, ()))) for i in sorted(names) if names[i])
 
-    return _netlink(netns, read)
+    return nsenter.netlink(netns, read)
 
 
 def resolve(settings: NodeSettings, interfaces: tuple[Interface, ...], node: Node | None,

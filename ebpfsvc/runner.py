@@ -6,7 +6,10 @@ since each sync computes the whole desired state anyway.  The runner calls its
 function when asked, but never more often than `min_interval`, and at least
 every `max_interval` (a periodic resync that repairs anything the diff missed).
 A failing sync is retried after `retry_interval` rather than waiting for the
-next change.
+next change, backing off (doubling, up to `max_interval`) while it keeps failing, so a
+failure that needs an operator (a map too small) never turns into a busy loop; a new
+change retries at once.  The first failure of a run of them is logged with its traceback,
+the next ones in one line.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class BoundedFrequencyRunner:
         self._thread: threading.Thread | None = None
         self.runs = 0
         self.failures = 0
+        self.consecutive_failures = 0
 
     @property
     def alive(self) -> bool:
@@ -75,9 +79,17 @@ class BoundedFrequencyRunner:
             try:
                 self._fn()
                 self.runs += 1
-            except Exception:  # a sync must never kill the loop: the datapath keeps its last state
+                self.consecutive_failures = 0
+            except Exception as err:  # a sync must never kill the loop: the datapath keeps its last state
                 self.failures += 1
-                log.exception("%s: sync failed; retrying in %.1fs", self.name, self._retry)
-                if self._stop.wait(self._retry):
+                self.consecutive_failures += 1
+                delay = min(self._retry * 2 ** min(self.consecutive_failures - 1, 30), self._max)
+                if self.consecutive_failures == 1:
+                    log.exception("%s: sync failed; retrying in %.1fs, or at the next change", self.name, delay)
+                else:
+                    log.error("%s: sync failed again (%d in a row): %s: %s; retrying in %.1fs, or at the next "
+                              "change", self.name, self.consecutive_failures, type(err).__name__, err, delay)
+                self._pending.wait(delay)       # a change retries at once
+                if self._stop.is_set():
                     return
                 self._pending.set()

@@ -16,7 +16,11 @@ kube-proxy's ServiceChangeTracker + EndpointsChangeTracker:
   Endpoints when it has no slice (selectorless Services with manual Endpoints);
 - nothing should be programmed before Services and EndpointSlices have both
   synced once (`synced`), or the first sync would briefly drop every backend
-  that has not been listed yet.
+  that has not been listed yet;
+- like kube-proxy's trackers it notes when each change was triggered (the
+  endpoints controllers' last-change-trigger-time annotation, else when it
+  arrived), and a snapshot checks those times out with the changes it takes,
+  for the network programming latency metric.
 
 Thread-safe: sources call in from their own threads, the agent takes snapshots.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Generic, Hashable, Mapping, TypeVar
@@ -32,7 +37,7 @@ from typing import Any, Callable, Generic, Hashable, Mapping, TypeVar
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s.endpointmerge import Endpoint, merge_endpoint_slices
 from ebpfsvc.k8s.endpoints import Endpoints, parse_endpoints
-from ebpfsvc.k8s.endpointslice import EndpointSlice, parse_endpoint_slice
+from ebpfsvc.k8s.endpointslice import EndpointSlice, last_change_trigger_time, parse_endpoint_slice
 from ebpfsvc.k8s.fields import Invalid, Problem, object_key
 from ebpfsvc.k8s.node import Node, parse_node
 from ebpfsvc.k8s.service import Service, parse_service
@@ -49,6 +54,8 @@ T = TypeVar("T")
 # Service and EndpointSlice informers).  Endpoints, Node and ServiceCIDR sync are reported but not
 # waited for: not every source serves them.
 REQUIRED_KINDS = frozenset({"Service", "EndpointSlice"})
+# The kinds whose changes kube-proxy counts and times (sync_proxy_rules_*_changes, programming latency).
+SERVICE_KINDS = frozenset({"Service", "EndpointSlice", "Endpoints"})
 
 
 @dataclass(frozen=True)
@@ -66,12 +73,18 @@ class ClusterSnapshot:
     # may look at `changed` only; any other must compare the objects.  0/None: a standalone snapshot.
     origin: object | None = field(default=None, compare=False, repr=False)
     generation: int = field(default=0, compare=False)
+    # When the changes this snapshot is the first to show were triggered (Unix times; see ClusterState).
+    trigger_times: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def of(cls, services=(), endpoints=None, nodes=(), synced=True) -> "ClusterSnapshot":
         """Build a snapshot directly (tests, the lab): services/nodes as iterables, endpoints by ServicePortName."""
         return cls(MappingProxyType({s.key: s for s in services}), MappingProxyType(dict(endpoints or {})),
                    MappingProxyType({n.name: n for n in nodes}), synced)
+
+    def health_check_node_ports(self) -> dict[ServiceKey, int]:
+        """healthCheckNodePort of every Service that has one (LoadBalancer, externalTrafficPolicy Local)."""
+        return {key: svc.health_check_node_port for key, svc in self.services.items() if svc.health_check_node_port}
 
 
 class ChangeTracker(Generic[T]):
@@ -111,10 +124,23 @@ class ClusterState:
     """Implements sources.base.Sink.  See the module docstring."""
 
     def __init__(self, config: NodeConfig | None = None,
-                 on_invalid: Callable[[Problem], None] | None = None):
+                 on_invalid: Callable[[Problem], None] | None = None, *,
+                 on_received: Callable[[str], None] | None = None,
+                 on_node: Callable[[Node | None], None] | None = None,
+                 clock: Callable[[], float] = time.time):
+        """on_invalid: every new validation problem; on_received: the kind of every Service,
+        EndpointSlice or Endpoints object received (a re-list's included, as kube-proxy counts them);
+        on_node: this node's own Node (config.node_name) as a valid version arrives, None when an
+        event deletes it (a re-list without it changes nothing: kube-proxy keeps the last state it saw)."""
         # Validation needs the cluster's service CIDR and NodePort range, which come from the node config.
         self.config = config or NodeConfig(node_name="")
         self.on_invalid = on_invalid
+        self.on_received = on_received
+        self.on_node = on_node
+        self.clock = clock
+        # Like kube-proxy, changes triggered before we started are not ours to time.
+        self._started = clock()
+        self._trigger_times: list[float] = []
         self._parsers: dict[str, Callable[[dict], Any]] = {
             "Service": lambda obj: parse_service(obj, self.config),
             "EndpointSlice": parse_endpoint_slice,
@@ -147,14 +173,17 @@ class ClusterState:
 
     def on_event(self, event: Event) -> None:
         new_problems: list[Problem] = []
+        node: list[Node | None] = []
         with self._cond:
             if self._known(event.kind):
+                key = object_key(event.kind, event.obj)
                 if event.type is EventType.DELETED:
-                    self._delete(event.kind, object_key(event.kind, event.obj))
+                    self._delete(event.kind, key)
                 else:
                     self._upsert(event.kind, event.obj, new_problems)
+                self._received(event.kind, event.obj, key, node, listed=False)
                 self._notify()
-        self._report(new_problems)
+        self._report(new_problems, node)
 
     def on_synced(self, kind: str) -> None:
         with self._cond:
@@ -166,17 +195,21 @@ class ClusterState:
 
     def on_relist(self, kind: str, objects: list[dict[str, Any]]) -> None:
         new_problems: list[Problem] = []
+        node: list[Node | None] = []
         with self._cond:
             if self._known(kind):
-                seen = {object_key(kind, obj) for obj in objects}
+                seen = set()
                 for obj in objects:
+                    key = object_key(kind, obj)
+                    seen.add(key)
                     self._upsert(kind, obj, new_problems)
+                    self._received(kind, obj, key, node, listed=True)
                 for key in [k for k in self._trackers[kind].current if k not in seen]:
                     self._delete(kind, key)
                 for pkey in [p for p in self._problems if p[0] == kind and p[1:] not in seen]:
                     del self._problems[pkey]
                 self._notify()
-        self._report(new_problems)
+        self._report(new_problems, node)
 
     # --- agent side -------------------------------------------------------------------------
 
@@ -235,6 +268,7 @@ class ClusterState:
                 views["service_cidrs"] = MappingProxyType({key[1]: c for key, c in self._service_cidrs.current.items()})
             self._sync_news = False
             self._generation += 1
+            triggers, self._trigger_times = tuple(self._trigger_times), []
             return ClusterSnapshot(
                 services=views["services"],
                 endpoints=views["endpoints"],
@@ -244,9 +278,28 @@ class ClusterState:
                 changed=frozenset(changed),
                 origin=self,
                 generation=self._generation,
+                trigger_times=triggers,
             )
 
     # --- internals (called with the lock held) ------------------------------------------------
+
+    def _received(self, kind: str, obj: Any, key: tuple[str, str], node: list, listed: bool) -> None:
+        """Note what the data plane's telemetry wants of an object just received (event or re-list)."""
+        if kind == "Node":
+            if self.on_node is not None and key[1] == self.config.node_name and key[1]:
+                current = self._nodes.current.get(key)
+                if current is not None or not listed:
+                    node.append(current)     # reported outside the lock, like problems
+            return
+        if kind not in SERVICE_KINDS:
+            return
+        if self.on_received is not None:
+            self.on_received(kind)
+        t = last_change_trigger_time(obj) if kind != "Service" else None
+        if t is None and not listed:
+            t = self.clock()            # no annotation: from when we received the change
+        if t is not None and t >= self._started:
+            self._trigger_times.append(t)
 
     def _known(self, kind: str) -> bool:
         if kind not in self._trackers:
@@ -320,8 +373,13 @@ class ClusterState:
             self._merged.pop(svc, None)
         return True
 
-    def _report(self, problems: list[Problem]) -> None:
-        # Outside the lock: the callback may well read `problems`.
+    def _report(self, problems: list[Problem], node: list[Node | None] = ()) -> None:
+        # Outside the lock: the callbacks may well read `problems`.
+        for current in node:
+            try:
+                self.on_node(current)
+            except Exception:  # a broken health hook must not stop event delivery
+                log.exception("on_node callback failed")
         for problem in problems:
             log.warning("skipping invalid object (last good version stays in force): %s", problem)
             if self.on_invalid is not None:

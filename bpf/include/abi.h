@@ -19,7 +19,11 @@
 #ifndef EBPFSVC_ABI_H
 #define EBPFSVC_ABI_H
 
-/* ---- Limits: the loader overrides these with -D, so map sizes are config. ---- */
+/* ---- Limits: the loader overrides these with -D, so map sizes are config (the agent's --max-*
+ * flags). The defaults serve 10,000 ClusterIP Services of 10 endpoints with room to spare:
+ * 10,000 frontends, 100,000 backends, 10,000 x 1,009 Maglev slots (a table is the rung of a prime
+ * ladder >= 100 x its backends: 251, 503, 1009, 2011...) = 10.1 M of 16.8 M.
+ * docs/operations.md "Capacity" has the formula. ---- */
 #ifndef LB_FRONTENDS_MAX
 #define LB_FRONTENDS_MAX 65536        /* (address, port, proto, scope) entries */
 #endif
@@ -27,16 +31,19 @@
 #define LB_SERVICES_MAX 65536         /* service ports (namespace/name:port) */
 #endif
 #ifndef LB_BACKENDS_MAX
-#define LB_BACKENDS_MAX 65536         /* distinct (address, port, proto) backends */
+#define LB_BACKENDS_MAX 131072        /* distinct (address, port, proto) backends */
 #endif
 #ifndef LB_MAGLEV_SLOTS_MAX
-#define LB_MAGLEV_SLOTS_MAX 4194304   /* all Maglev tables together, in slots */
+#define LB_MAGLEV_SLOTS_MAX 16777216  /* all Maglev tables together, in slots (4 bytes each: 64 MiB) */
 #endif
 #ifndef CT_ENTRIES_MAX
 #define CT_ENTRIES_MAX 262144         /* LRU: tracked flows, two entries each */
 #endif
 #ifndef AFFINITY_ENTRIES_MAX
 #define AFFINITY_ENTRIES_MAX 65536    /* LRU: (service, client) session affinity */
+#endif
+#ifndef AFFINITY_MATCH_MAX
+#define AFFINITY_MATCH_MAX 262144     /* (backend, service) pairs of sessionAffinity=ClientIP services */
 #endif
 #ifndef FRAG_ENTRIES_MAX
 #define FRAG_ENTRIES_MAX 8192         /* LRU: datagrams whose first fragment was seen */
@@ -46,6 +53,15 @@
 #endif
 #ifndef SOURCE_RANGES_MAX
 #define SOURCE_RANGES_MAX 16384       /* (frontend, prefix) pairs of loadBalancerSourceRanges */
+#endif
+
+/* ---- Backend selection (bpf/lib/lb.h); Python reads them too: ebpfsvc/datapath/flowhash.py
+ * predicts a flow's Maglev slot, `ebpfsvc why` walks the probes past terminating backends. ---- */
+#ifndef LB_HASH_SEED
+#define LB_HASH_SEED 0x5eed1e55       /* same on every node, so tables and hashes agree */
+#endif
+#ifndef LB_TERMINATING_PROBES
+#define LB_TERMINATING_PROBES 4       /* slots tried past a terminating backend */
 #endif
 
 /* ---- North-south SNAT source ports (externalTrafficPolicy Cluster, remote
@@ -178,6 +194,19 @@ struct lb_service_name {
 	char name[128];         /* "namespace/name:portname/PROTO" (portname may be empty), NUL-padded */
 };
 
+/* Why a Service is not in the maps (lb_service_status, keyed by struct
+ * lb_service_name holding "namespace/name"): written by the agent's admission
+ * (ebpfsvc/admission.py) for `ebpfsvc service list`; the datapath never reads it. */
+#define LB_STATUS_CONFLICT 1    /* another, older Service holds one of its frontends */
+#define LB_STATUS_CAPACITY 2    /* the maps are full (the agent's --max-* flags) */
+#define LB_STATUS_FAILURE  3    /* its frontends could not be computed */
+#define LB_STATUS_KEPT     4    /* current version invalid: the last good one (from these maps) stays */
+
+struct lb_service_status {
+	__u32 reason;           /* LB_STATUS_* */
+	char  detail[124];      /* one line, NUL-padded (cut to fit) */
+};
+
 /* Conntrack key: the 5-tuple as seen on the wire in one direction. */
 struct ct4_key {
 	__be32 saddr;
@@ -217,6 +246,15 @@ struct lb_affinity_val {
 	__u64 last_used_ns;     /* refreshed on every new flow; entry stale after the timeout */
 	__u32 backend_id;
 	__u32 pad0;
+};
+
+/* A backend that belongs to a service with session affinity (lb4_affinity_match,
+ * value unused: 1). An affinity entry's backend is used only while this pair
+ * exists: a backend that left the service, but still serves another one, must
+ * not keep receiving the first service's clients. */
+struct lb4_affinity_match_key {
+	__u32 backend_id;
+	__u32 service_id;
 };
 
 /* Fragment tracking: ports of a datagram, from its first fragment. */
@@ -260,5 +298,14 @@ struct lb_traffic {
 	__u64 packets;
 	__u64 bytes;
 };
+
+/* Every struct's size, checked when a program compiles: a layout change must be meant, and
+ * made in ebpfsvc/abi.py's users too (they decode pinned maps by these layouts). abi.py skips
+ * these lines; tests/unit/test_abi_sizes.py checks they match what cffi reads above. */
+#define ABI_SIZE(name, size) _Static_assert(sizeof(struct name) == (size), "struct " #name " is not " #size " bytes")
+ABI_SIZE(lb4_key, 8); ABI_SIZE(lb4_service, 32); ABI_SIZE(lb4_backend, 8); ABI_SIZE(lb_service_name, 128);
+ABI_SIZE(ct4_key, 16); ABI_SIZE(ct4_entry, 40); ABI_SIZE(lb4_affinity_key, 8); ABI_SIZE(lb_affinity_val, 16);
+ABI_SIZE(frag4_key, 12); ABI_SIZE(frag4_ports, 16); ABI_SIZE(snat4_entry, 8); ABI_SIZE(lb4_src_range_key, 12);
+ABI_SIZE(lb_traffic, 16); ABI_SIZE(lb4_affinity_match_key, 8); ABI_SIZE(lb_service_status, 128);
 
 #endif /* EBPFSVC_ABI_H */

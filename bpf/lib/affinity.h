@@ -8,10 +8,13 @@
 #ifndef EBPFSVC_AFFINITY_H
 #define EBPFSVC_AFFINITY_H
 
-/* Backend id remembered for (client, service), 0 when none or stale. */
+/* Backend id remembered for (client, service), 0 when none, stale, or no longer
+ * one of the service's backends (lb4_affinity_match: the backend may have left
+ * this service while another one keeps it in lb4_backends). */
 static __always_inline __u32 lb4_affinity_backend(const struct lb4_service *svc, __be32 client, __u64 now)
 {
 	struct lb4_affinity_key key = { .client_addr = client, .service_id = svc->service_id };
+	struct lb4_affinity_match_key match = {};
 	struct lb_affinity_val *val;
 
 	if (!(svc->flags & LB_SVC_F_AFFINITY) || !svc->affinity_timeout)
@@ -20,6 +23,10 @@ static __always_inline __u32 lb4_affinity_backend(const struct lb4_service *svc,
 	if (!val)
 		return 0;
 	if (lb_age_ns(now, val->last_used_ns) >= (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC)
+		return 0;
+	match.backend_id = val->backend_id;
+	match.service_id = svc->service_id;
+	if (!lb4_affinity_match.lookup(&match))
 		return 0;
 	return val->backend_id;
 }

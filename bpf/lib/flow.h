@@ -318,6 +318,22 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 	return lb4_forward_new(skb, &p, &fk, now);
 }
 
+/* A backend's reply of a tracked flow, on its way back to the client: noted in the
+ * flow's entry, its ports kept for later fragments, its source rewritten to the
+ * frontend (rev-NAT), counted. One helper, so a reply leaving through a pod veth
+ * (lb4_to_pod) and one of a source-preserving NodePort flow leaving through the
+ * uplink (np4_to_uplink) cannot be translated two ways. */
+static __always_inline int lb4_reply_rev_nat(struct __sk_buff *skb, struct lb4_pkt *p,
+					     struct ct4_entry *e, __u32 bytes, __u64 now)
+{
+	ct4_note_reply(e, p, p->daddr, p->dport, now);
+	frag4_record(p);
+	if (lb4_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
 static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 {
 	struct lb4_pkt p = {};
@@ -342,12 +358,7 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 	e = ct4_lookup(&rk, now);
 	if (!e)
 		return TC_ACT_OK;
-	ct4_note_reply(e, &p, p.daddr, p.dport, now);
-	frag4_record(&p);
-	if (lb4_rewrite_src(skb, &p, e->frontend_addr, e->frontend_port))
-		return lb_drop(REASON_MALFORMED);
-	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
-	return TC_ACT_OK;
+	return lb4_reply_rev_nat(skb, &p, e, bytes, now);
 }
 
 #endif /* EBPFSVC_FLOW_H */

@@ -11,17 +11,12 @@
 #ifndef EBPFSVC_LB_H
 #define EBPFSVC_LB_H
 
-#ifndef LB_HASH_SEED
-#define LB_HASH_SEED 0x5eed1e55       /* same on every node, so tables and hashes agree */
-#endif
-#ifndef LB_TERMINATING_PROBES
-#define LB_TERMINATING_PROBES 4       /* slots tried past a terminating backend */
-#endif
+/* LB_HASH_SEED and LB_TERMINATING_PROBES are in abi.h: Python predicts slots with them too. */
 
 #define lb_rol32(x, k) (((x) << (k)) | ((x) >> (32 - (k))))
 
 /* Bob Jenkins' lookup3 final mix over three words (the kernel's jhash_3words).
- * ebpfsvc/datapath/ids.py has the Python twin, so tests can predict a slot. */
+ * ebpfsvc/datapath/flowhash.py has the Python twin, so tests can predict a slot. */
 static __always_inline __u32 lb_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
 {
 	a += 0xdeadbeef + (3 << 2) + initval;

@@ -552,12 +552,7 @@ static __always_inline int np4_to_uplink(struct __sk_buff *skb)
 	 * client reaching the pod directly with the same ports: not ours. */
 	if (p.proto == IPPROTO_TCP && ct4_closing(e->flags) && (p.tcp_flags & LB_TCP_SYN))
 		return TC_ACT_OK;
-	ct4_note_reply(e, &p, p.daddr, p.dport, now);
-	frag4_record(&p);
-	if (lb4_rewrite_src(skb, &p, e->frontend_addr, e->frontend_port))
-		return lb_drop(REASON_MALFORMED);
-	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
-	return TC_ACT_OK;
+	return lb4_reply_rev_nat(skb, &p, e, bytes, now);
 }
 
 #endif /* EBPFSVC_NODEPORT_H */

@@ -39,7 +39,9 @@ _PASS_SOURCE = b"int pass(struct __sk_buff *skb) { return 0; /* TC_ACT_OK */ }\n
 
 def services_state(n: int, backends_per_service: int = 2) -> LBState:
     """n ClusterIP services 198.19.x.y:80, each with its own backends in 198.18.128.0/17."""
-    vips = ipaddress.IPv4Network("198.19.0.0/16").hosts()
+    from ebpfsvc.lab.labfile import DEFAULT_SERVICE_CIDR
+
+    vips = ipaddress.IPv4Network(DEFAULT_SERVICE_CIDR).hosts()
     bes = ipaddress.IPv4Network("198.18.128.0/17").hosts()
     fes = []
     for i in range(n):

@@ -35,12 +35,12 @@ import sys
 import time
 import uuid
 
-from pyroute2 import NetNS
 
 from ebpfsvc.bench import traffic
 from ebpfsvc.datapath import uplink
 from ebpfsvc.inspect.node import NodeMaps
-from ebpfsvc.lab import Lab, names, nsenter
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, names
 
 NODE1 = "198.18.0.11"
 PATHS = {"remote": ("np-remote", "node-2"), "local": ("np-local", "node-1")}   # path -> (pod, its node)
@@ -174,10 +174,12 @@ def measure(lab: Lab, seconds: float, conns: int, modes=MODES) -> dict:
                 iperf, crr, _, _ = ports(path, mode)
                 servers.append(traffic.iperf3_server(lab.pod_netns(pod), iperf))
                 servers.append(traffic.echo_server(lab.pod_netns(pod), crr))
-        with NetNS(client_ns) as ns:         # "direct": the pods' /32 via node-1, like an upstream router
+        def direct(ns) -> None:             # "direct": the pods' /32 via node-1, like an upstream router
             idx = ns.link_lookup(ifname="eth0")[0]
             for pod, _ in PATHS.values():
                 ns.route("replace", dst=f"{lab.pod_ip(pod)}/32", gateway=NODE1, oif=idx)
+
+        nsenter.netlink(client_ns, direct)
         _wait_programmed(lab)
 
         senders = [(client_ns, "eth0")] + [(lab.pod_netns(pod), "eth0") for pod, _ in PATHS.values()]

@@ -699,7 +699,7 @@ def execute(config: Config, out_dir: str | Path | None = None, log=print) -> Pat
 def command_line() -> str:
     """How this run was started, as a reader would retype it."""
     args = sys.argv[1:]
-    if sys.argv and sys.argv[0].endswith(("ebpfsvc/cli.py", "ebpfsvc")):
+    if sys.argv and sys.argv[0].endswith(("ebpfsvc/cli/__main__.py", "ebpfsvc/__main__.py", "ebpfsvc")):
         text = " ".join(["python -m ebpfsvc.cli", *map(shlex.quote, args)])
     else:
         text = " ".join(map(shlex.quote, sys.argv))

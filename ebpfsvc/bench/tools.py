@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ebpfsvc.bench.traffic import busy_seconds, cpu_times, stop_process
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 
 _SLACK = 20.0
 

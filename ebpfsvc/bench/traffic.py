@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 
 # The last byte of a request tells the echo server what to do after replying.
 OP_KEEP = b"r"     # reply, keep the connection (request/response)

@@ -1,6 +1,8 @@
 """The kernel datapath from Python: compile and load (loader), attach to TC
-(tc), keep the maps equal to the desired state (writer), run programs on test
-packets (testrun).
+(tc) and uplinks (uplink), keep the maps equal to the desired state (writer), run
+programs on test packets (testrun), remove what the agent left (cleanup). The
+kernel interfaces have one home each: bpf(2) in bpfsys, network namespaces in
+nsenter, netlink through pyroute2 entered there.
 
     from ebpfsvc.datapath import load, MapWriter, tc
     dp = load(pin_dir, hairpin_addr="198.18.0.1")

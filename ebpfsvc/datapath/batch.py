@@ -96,3 +96,23 @@ def read_u32_array(table, n: int) -> np.ndarray:
 
 def zero_percpu(table, ident: int) -> None:
     table[table.Key(ident)] = table.Leaf()
+
+
+_ARRAY_MAP_TYPES = (2, 6)       # BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY: slots cannot be deleted
+
+
+def clear(table) -> None:
+    """Put a table back to the state of a freshly created map: every key of a hash-like map
+    (hash, LRU, LPM trie) deleted, every slot of an array (per-CPU ones: on every CPU) zeroed.
+    One syscall for an array, one lookup per key and one batch delete for the others."""
+    if table.ttype in _ARRAY_MAP_TYPES:
+        n = table.max_entries
+        keys = np.arange(n, dtype=np.uint32)
+        # bcc's Leaf of a per-CPU map is the kernel's whole value: one 8-byte aligned slot per possible CPU.
+        zeros = np.zeros(n * ct.sizeof(table.Leaf), dtype=np.uint8)
+        count = ct.c_uint32(n)
+        if _lib().bpf_update_batch(table.map_fd, keys.ctypes.data, zeros.ctypes.data, ct.byref(count)) != 0:
+            for k in range(n):
+                table[table.Key(k)] = table.Leaf()
+        return
+    delete_batch(table, list(table.keys()))

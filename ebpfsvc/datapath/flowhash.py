@@ -10,7 +10,9 @@ from __future__ import annotations
 import socket
 import struct
 
-LB_HASH_SEED = 0x5EED1E55
+from ebpfsvc import abi
+
+LB_HASH_SEED = abi.LB_HASH_SEED
 _M = 0xFFFFFFFF
 
 

@@ -36,8 +36,7 @@ import os
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
-from ebpfsvc.datapath import tc
-from ebpfsvc.datapath.uplink import _netlink
+from ebpfsvc.datapath import nsenter, tc
 from ebpfsvc.lbmodel import FrontendKind, LBState
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def setup(dp, node_address: ipaddress.IPv4Address, netns=None) -> int:
         ipr.link("set", index=index, flags=_IFF_UP | _IFF_NOARP, change=_IFF_UP | _IFF_NOARP)
         return index, ipr.link_lookup(ifname=LOOPBACK)[0]
 
-    index, lo = _netlink(netns, configure)
+    index, lo = nsenter.netlink(netns, configure)
     tc.attach(index, dp.programs[PROGRAM].fd, PROGRAM, tc.EGRESS, netns)
     set_accept_local(lo, 1, netns)
     tc.attach(lo, dp.programs[LOOPBACK_PROGRAM].fd, LOOPBACK_PROGRAM, tc.EGRESS, netns)
@@ -112,8 +111,7 @@ def set_accept_local(ifindex: int, value: int, netns=None) -> None:
     if not netns:
         send()
     else:
-        from ebpfsvc.lab import nsenter
-        nsenter.run_in(str(netns), send)
+        nsenter.run_in(netns, send)
 
 
 def routes(netns=None) -> set[IPv4Network]:
@@ -125,7 +123,7 @@ def routes(netns=None) -> set[IPv4Network]:
         return {IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}")
                 for r in ipr.get_routes(family=2, oif=found[0], table=254)}
 
-    return _netlink(netns, read)
+    return nsenter.netlink(netns, read)
 
 
 def sync_routes(installed: set[IPv4Network], wanted: set[IPv4Network], node_address: IPv4Address,
@@ -148,7 +146,7 @@ def sync_routes(installed: set[IPv4Network], wanted: set[IPv4Network], node_addr
             except Exception as e:           # gone already: what we wanted
                 log.debug("route %s via %s: %s", dst, DEVICE, e)
 
-    _netlink(netns, configure)
+    nsenter.netlink(netns, configure)
     if len(add) + len(remove) <= 8:
         log.info("node clients: routed %s to %s%s", ", ".join(map(str, sorted(add))) or "nothing new", DEVICE,
                  f", unrouted {', '.join(map(str, sorted(remove)))}" if remove else "")
@@ -237,7 +235,7 @@ def teardown(netns=None) -> bool:
         ipr.link("del", index=found[0])
         return True, lo
 
-    removed, lo = _netlink(netns, remove)
+    removed, lo = nsenter.netlink(netns, remove)
     if any(f.prio == tc.PRIO and f.handle == tc.HANDLE for f in tc.list_filters(lo, netns) if f.direction == tc.EGRESS):
         tc.detach(lo, tc.EGRESS, netns)
         tc.drop_empty_clsact(lo, netns)

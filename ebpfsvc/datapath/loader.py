@@ -42,6 +42,8 @@ PROGRAMS = ("from_pod", "to_pod")
 #: The uplink (north-south) datapath, bpf/lb_node.c: load(..., source=NODE_SOURCE, programs=NODE_PROGRAMS).
 NODE_SOURCE = BPF_DIR / "lb_node.c"
 NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink", "from_host", "from_loopback")
+#: The maps without programs (bpf/lb_maps.c): open_maps().
+MAPS_SOURCE = BPF_DIR / "lb_maps.c"
 _PROGRAM_TYPES = {"xdp_uplink": "XDP"}     # everything else is SCHED_CLS (TC)
 MAPS = tuple(abi.MAP_TYPES)
 
@@ -63,6 +65,7 @@ class Limits:
     maglev_slots: int = _limit("LB_MAGLEV_SLOTS_MAX")
     ct_entries: int = _limit("CT_ENTRIES_MAX")
     affinity_entries: int = _limit("AFFINITY_ENTRIES_MAX")
+    affinity_matches: int = _limit("AFFINITY_MATCH_MAX")
     frag_entries: int = _limit("FRAG_ENTRIES_MAX")
     snat_entries: int = _limit("SNAT_ENTRIES_MAX")
     source_ranges: int = _limit("SOURCE_RANGES_MAX")
@@ -178,7 +181,7 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
 
 def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
-         snat_keep_client_port: bool = True, host_clients: bool = True) -> Datapath:
+         snat_keep_client_port: bool = True, host_clients: bool = True, migrate: bool = False) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -191,6 +194,8 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
     `host_clients` False leaves the node's own packets to externalIPs and
     LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h).
+    `migrate`: when the pins must be recreated (another size or layout), carry their entries into
+    the new maps (datapath/migrate.py) instead of starting empty.
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
@@ -209,13 +214,16 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     if stale:
         # bcc reuses a pinned map without comparing it with the declaration, so
         # after a limits or ABI change the program would run on maps of the old
-        # shape. Start clean instead: the maps are rebuilt from the next
-        # LBState; established TCP flows mostly keep their backend (a mid-stream
-        # packet creates a flow again, and Maglev picks the same backend when
-        # the backend set is unchanged); UDP flows are balanced again.
-        log.warning("pinned maps in %s do not match the program (%s): recreating all of them",
-                    pin_dir, ", ".join(stale))
+        # shape. Recreate them: with `migrate` their entries are carried over
+        # (datapath/migrate.py: flows, affinity, ids, tables stay); without, the
+        # maps are rebuilt from the next LBState; established TCP flows mostly
+        # keep their backend (a mid-stream packet creates a flow again, and
+        # Maglev picks the same backend when the backend set is unchanged); UDP
+        # flows are balanced again.
+        log.warning("pinned maps in %s do not match the program (%s): recreating all of them%s",
+                    pin_dir, ", ".join(stale), ", carrying their entries over" if migrate else "")
         bpf.cleanup()
+        saved = _save_pins(pin_dir) if migrate else None
         _remove_pins(pin_dir)
         bpf = BPF(text=text.encode(), cflags=list(cflags))
         still = stale_pins(bpf, pin_dir)
@@ -227,11 +235,41 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
         dp.programs[name] = bpf.load_func(name.encode(), getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS")))
     for name in MAPS:
         dp.maps[name] = bpf.get_table(name.encode())
+    if stale and migrate:
+        _restore_pins(dp, saved)
     _fill_sctp_crc_shift(bpf)
     if cache:
         dp.cache_key = key
         _CACHE[key] = dp
     return dp
+
+
+def open_maps(pin_dir, *, limits: Limits | None = None):
+    """The datapath's pinned maps as bcc tables, without compiling a program (bpf/lb_maps.c:
+    a fraction of a second, where load() takes seconds), so a starting agent can write them
+    while the programs compile. Maps not pinned yet are created and pinned, as load() would.
+    Returns (bpf object, {name: table}), or None when pins of another shape are in the way:
+    load() then recreates them, so nothing must be written before it."""
+    from bcc import BPF
+
+    pin_dir = Path(pin_dir)
+    text = expand_source(MAPS_SOURCE)
+    os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    bpf = BPF(text=text.encode(), cflags=cflags_for(pin_dir, limits or Limits()))
+    if stale_pins(bpf, pin_dir):
+        bpf.cleanup()
+        return None
+    return bpf, {name: bpf.get_table(name.encode()) for name in MAPS}
+
+
+def release_compiler_memory() -> None:
+    """Give the heap that LLVM freed after compiling back to the system (glibc keeps it otherwise:
+    50-65 MB of an agent's RSS after compiling lb_pod.c and lb_node.c, measured). Not glibc: no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def crc32c_shift_table(n: int) -> np.ndarray:
@@ -265,7 +303,7 @@ def _fill_sctp_crc_shift(bpf) -> None:
 def stale_pins(bpf, pin_dir: Path) -> list[str]:
     """Maps of `bpf` whose pinned object differs from the program's declaration
     (type, key size, value size, max entries)."""
-    from ebpfsvc.inspect.bpfmap import MAP_TYPES as KERNEL_MAP_TYPES, PinnedMap
+    from ebpfsvc.datapath.bpfsys import MAP_TYPES as KERNEL_MAP_TYPES, PinnedMap
 
     stale = []
     for name in MAPS:
@@ -279,6 +317,16 @@ def stale_pins(bpf, pin_dir: Path) -> list[str]:
         if actual != declared:
             stale.append(f"{name}: pinned {actual}, declared {declared}")
     return stale
+
+
+def _save_pins(pin_dir: Path):
+    from ebpfsvc.datapath import migrate
+    return migrate.save(pin_dir, MAPS)
+
+
+def _restore_pins(dp: "Datapath", saved) -> None:
+    from ebpfsvc.datapath import migrate
+    migrate.restore(dp.maps, saved)
 
 
 def _remove_pins(pin_dir: Path) -> None:
@@ -310,5 +358,5 @@ def drop_cache() -> None:
     _CACHE.clear()
 
 
-__all__ = ["Datapath", "Limits", "conntrack_limits", "load", "unpin", "expand_source", "be32", "PROGRAMS", "MAPS",
-           "NODE_SOURCE", "NODE_PROGRAMS"]
+__all__ = ["Datapath", "Limits", "conntrack_limits", "load", "open_maps", "unpin", "expand_source", "be32", "PROGRAMS",
+           "MAPS", "NODE_SOURCE", "NODE_PROGRAMS"]

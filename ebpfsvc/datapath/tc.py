@@ -7,17 +7,17 @@ program serves packets until the new one takes over, there is no window
 without a program (never detach first).
 
 Interfaces are named by ifindex, in the current network namespace or in the
-one given by `netns` (a name under /var/run/netns, or a path).
+one given by `netns` (a name under /run/netns, or a path), entered through nsenter.netlink.
 """
 
 from __future__ import annotations
 
 import errno
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from ebpfsvc.datapath.nsenter import netlink
 
 INGRESS = "ingress"
 EGRESS = "egress"
@@ -55,37 +55,33 @@ class TcFilter:
     prog_id: int        # kernel BPF program id (0 if the kernel did not report it)
 
 
-@contextmanager
-def _ipr(netns=None):
-    ipr = IPRoute(netns=netns) if netns else IPRoute()
-    try:
-        yield ipr
-    finally:
-        ipr.close()
-
-
 def ensure_clsact(ifindex: int, netns=None) -> None:
     """Add the clsact qdisc to the interface unless it has one."""
-    with _ipr(netns) as ipr:
-        try:
-            ipr.tc("add", "clsact", ifindex)
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise
+    netlink(netns, lambda ipr: _ensure_clsact(ipr, ifindex))
+
+
+def _ensure_clsact(ipr, ifindex: int) -> None:
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
 
 
 def attach(ifindex: int, prog_fd: int, name: str, direction: str, netns=None) -> None:
     """Attach (or atomically replace) our filter at `direction` with program `prog_fd`."""
-    ensure_clsact(ifindex, netns)
-    with _ipr(netns) as ipr:
+    def work(ipr) -> None:
+        _ensure_clsact(ipr, ifindex)
         ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=prog_fd, name=name,
                parent=_PARENT[direction], prio=PRIO, protocol=0x0003,   # ETH_P_ALL
                direct_action=True)
 
+    netlink(netns, work)
+
 
 def detach(ifindex: int, direction: str, netns=None) -> bool:
     """Remove our filter from `direction`; False if there was none."""
-    with _ipr(netns) as ipr:
+    def work(ipr) -> bool:
         try:
             ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=_PARENT[direction],
                    prio=PRIO, protocol=0x0003)
@@ -93,12 +89,14 @@ def detach(ifindex: int, direction: str, netns=None) -> bool:
             if e.code in (errno.ENOENT, errno.EINVAL):
                 return False
             raise
-    return True
+        return True
+
+    return netlink(netns, work)
 
 
 def drop_empty_clsact(ifindex: int, netns=None) -> None:
     """Remove the clsact qdisc if no filter is left on it (anyone else's keeps it)."""
-    with _ipr(netns) as ipr:
+    def work(ipr) -> None:
         for parent in _PARENT.values():
             try:
                 if any(m.get_attr("TCA_KIND") for m in ipr.get_filters(index=ifindex, parent=parent)):
@@ -112,11 +110,14 @@ def drop_empty_clsact(ifindex: int, netns=None) -> None:
             if e.code not in (errno.ENOENT, errno.EINVAL):
                 raise
 
+    netlink(netns, work)
+
 
 def list_filters(ifindex: int, netns=None) -> list[TcFilter]:
     """BPF filters on the interface's clsact hooks (ours and anyone else's)."""
     out: list[TcFilter] = []
-    with _ipr(netns) as ipr:
+
+    def work(ipr) -> None:
         for direction, parent in _PARENT.items():
             try:
                 msgs = list(ipr.get_filters(index=ifindex, parent=parent))
@@ -138,4 +139,6 @@ def list_filters(ifindex: int, netns=None) -> list[TcFilter]:
                     name=opts.get_attr("TCA_BPF_NAME") or "",
                     prog_id=opts.get_attr("TCA_BPF_ID") or 0,
                 ))
+
+    netlink(netns, work)
     return out

@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import errno
 import logging
-from pathlib import Path
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ebpfsvc.datapath import loader, tc
+from ebpfsvc.datapath import bpfsys, loader, nsenter, tc
 
 log = logging.getLogger(__name__)
 
 MODES = ("tc", "xdp")
 XDP_FLAGS_DRV_MODE = 1 << 2      # include/uapi/linux/if_link.h: native XDP, fail rather than fall back
 XDP_PROG_NAME = "xdp_uplink"
-NETNS_RUN_DIR = Path("/run/netns")
 
 
 def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_addr=None, cache: bool = True,
@@ -44,32 +41,8 @@ def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_add
                        snat_keep_client_port=snat_keep_client_port, host_clients=host_clients)
 
 
-def _netlink(netns, fn):
-    """fn(IPRoute) on a netlink socket of namespace `netns` (None: this one).
-
-    Not IPRoute(netns=...): pyroute2 forks a helper for that and ends it with
-    SIGTERM, and a forked copy of a caller that turns SIGTERM into an exception
-    (pytest's e2e conftest, the benchmark) would run the caller's cleanup in the
-    child. A thread that setns()es (ebpfsvc.lab.nsenter.run_in) forks nothing.
-    Also, pyroute2 would create a named namespace that does not exist: refused here.
-    """
-    def work():
-        ipr = IPRoute()
-        try:
-            return fn(ipr)
-        finally:
-            ipr.close()
-
-    if not netns:
-        return work()
-    if "/" not in str(netns) and not (NETNS_RUN_DIR / str(netns)).exists():
-        raise FileNotFoundError(f"network namespace {netns} does not exist")
-    from ebpfsvc.lab import nsenter
-    return nsenter.run_in(str(netns), work)
-
-
 def ifindex_of(ifname: str, netns=None) -> int | None:
-    found = _netlink(netns, lambda ipr: ipr.link_lookup(ifname=ifname))
+    found = nsenter.netlink(netns, lambda ipr: ipr.link_lookup(ifname=ifname))
     return found[0] if found else None
 
 
@@ -99,19 +72,19 @@ def detach(ifindex: int, netns=None) -> None:
 
 def link_kind(ifindex: int, netns=None) -> str:
     """The link's kind ("veth", "bridge", ...), "" for a physical device."""
-    link = _netlink(netns, lambda ipr: ipr.get_links(ifindex)[0])
+    link = nsenter.netlink(netns, lambda ipr: ipr.get_links(ifindex)[0])
     info = link.get_attr("IFLA_LINKINFO")
     return (info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
 
 
 def attach_xdp(ifindex: int, prog_fd: int, netns=None) -> None:
     """Attach (or replace) the XDP program of an interface, native mode only."""
-    _netlink(netns, lambda ipr: ipr.link("set", index=ifindex, xdp_fd=prog_fd, xdp_flags=XDP_FLAGS_DRV_MODE))
+    nsenter.netlink(netns, lambda ipr: ipr.link("set", index=ifindex, xdp_fd=prog_fd, xdp_flags=XDP_FLAGS_DRV_MODE))
 
 
 def detach_xdp(ifindex: int, netns=None) -> None:
     try:
-        _netlink(netns, lambda ipr: ipr.link("set", index=ifindex, xdp_fd=-1, xdp_flags=XDP_FLAGS_DRV_MODE))
+        nsenter.netlink(netns, lambda ipr: ipr.link("set", index=ifindex, xdp_fd=-1, xdp_flags=XDP_FLAGS_DRV_MODE))
     except NetlinkError as e:
         if e.code not in (errno.ENOENT, errno.EINVAL):
             raise
@@ -119,7 +92,7 @@ def detach_xdp(ifindex: int, netns=None) -> None:
 
 def xdp_prog_id(ifindex: int, netns=None) -> int:
     """Id of the XDP program attached to the interface, 0 when none."""
-    link = _netlink(netns, lambda ipr: ipr.get_links(ifindex)[0])
+    link = nsenter.netlink(netns, lambda ipr: ipr.get_links(ifindex)[0])
     xdp = link.get_attr("IFLA_XDP")
     if xdp is None:
         return 0
@@ -131,32 +104,4 @@ def xdp_program(ifindex: int, netns=None) -> str | None:
     prog_id = xdp_prog_id(ifindex, netns)
     if not prog_id:
         return None
-    return _prog_name(prog_id)
-
-
-def _prog_name(prog_id: int) -> str:
-    """bpf(BPF_PROG_GET_FD_BY_ID) + BPF_OBJ_GET_INFO_BY_FD: the program's name."""
-    import ctypes
-    import os
-    import platform
-
-    from ebpfsvc.datapath.testrun import _SYS_BPF
-
-    nr = _SYS_BPF[platform.machine()]
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = (ctypes.c_uint8 * 128)()
-    ctypes.c_uint32.from_buffer(attr, 0).value = prog_id
-    fd = libc.syscall(nr, 13, attr, 128)             # BPF_PROG_GET_FD_BY_ID
-    if fd < 0:
-        return ""
-    try:
-        info = (ctypes.c_uint8 * 256)()               # struct bpf_prog_info; name at offset 64
-        iattr = (ctypes.c_uint8 * 128)()
-        ctypes.c_uint32.from_buffer(iattr, 0).value = fd
-        ctypes.c_uint32.from_buffer(iattr, 4).value = 256
-        ctypes.c_uint64.from_buffer(iattr, 8).value = ctypes.addressof(info)
-        if libc.syscall(nr, 15, iattr, 128) != 0:     # BPF_OBJ_GET_INFO_BY_FD
-            return ""
-        return bytes(info[64:80]).split(b"\0", 1)[0].decode()
-    finally:
-        os.close(fd)
+    return bpfsys.prog_name(prog_id)

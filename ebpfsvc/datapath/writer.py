@@ -33,6 +33,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping, NamedTuple
+from urllib.parse import quote
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from ebpfsvc.datapath.batch import read_u32_array as _read_u32_array
 from ebpfsvc.datapath.batch import update_batch as _update_batch
 from ebpfsvc.datapath.batch import update_u32_array as _update_u32_array
 from ebpfsvc.datapath.batch import zero_percpu as _zero_percpu
+from ebpfsvc.datapath.affinitymatch import AffinityMatch
 from ebpfsvc.datapath.ids import IdAllocator, SlotRanges
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, LBState, ServicePortName, table_backends
 
@@ -90,12 +92,22 @@ def _raw_be16(port: int) -> int:
 
 
 def service_name(spn: ServicePortName) -> str:
-    """Name stored in lb_service_names: "namespace/name:port/PROTO" (hashed when too long)."""
-    name = f"{spn}/{spn.protocol.value}"
-    if len(name.encode()) > _NAME_MAX:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-        name = name.encode()[: _NAME_MAX - 17].decode(errors="ignore") + "#" + digest
-    return name
+    """Name stored in lb_service_names: "namespace/name:port/PROTO" (hashed when too long).
+
+    A service's identity is its ServicePortName (namespace, name, port name, protocol); this text is
+    that key's encoding in the map, and it must be one-to-one: each part is percent-escaped except
+    for the characters Kubernetes names consist of, so a separator inside a part ("h-coll:x", or a
+    name that slipped past validation) can never make two keys one text, one id, one affinity
+    entry.  Valid names are unchanged by the escaping, so ids pinned by earlier versions stay.
+    The text is ASCII whatever the names hold (a lone surrogate included): it can always be written.
+    """
+    ns, name, port = (quote(part.encode("utf-8", "surrogatepass"), safe="") for part in
+                      (spn.namespace, spn.name, spn.port))
+    text = f"{ns}/{name}:{port}/{spn.protocol.value}" if port else f"{ns}/{name}/{spn.protocol.value}"
+    if len(text) > _NAME_MAX:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        text = text[: _NAME_MAX - 17] + "#" + digest
+    return text
 
 
 # Map-level tuples the writer compares: raw values exactly as stored.
@@ -134,6 +146,7 @@ class MapWriter:
         self.fe_stats_map = maps["lb_frontend_stats"]
         self.be_stats_map = maps["lb_backend_stats"]
         self.src_ranges_map = maps.get("lb4_source_ranges")   # loadBalancerSourceRanges (LPM trie)
+        self.affinity_match_map = maps.get("lb4_affinity_match")   # affinity's membership check
         self._load()
 
     # ---- state read back from the maps -------------------------------------------------
@@ -175,6 +188,8 @@ class MapWriter:
         if self.src_ranges_map is not None:
             for k in self.src_ranges_map.keys():
                 self._src_ranges.add((k.frontend_id, k.prefixlen, k.address))
+        self._affinity_match = (AffinityMatch(self.affinity_match_map)
+                                if self.affinity_match_map is not None else None)
 
     # ---- the public operation --------------------------------------------------------
 
@@ -192,8 +207,12 @@ class MapWriter:
         order guarantees that a partial apply never leaves a frontend pointing
         at missing backends or slots.
         """
+        full = full or self._state is None
         try:
-            return self._apply(state, full or self._state is None, delta)
+            stats = self._apply(state, full, delta)
+            if self._affinity_match is not None:     # after the ids exist (datapath/affinitymatch.py)
+                self._affinity_match.sync(state, self, full=full, delta=delta)
+            return stats
         except Exception:
             self._load()
             raise

@@ -1,2 +1,4 @@
-"""Inspection of a node's live datapath: pinned maps read by path (bpfmap), decoded into rows
-(node), turned into what the CLI and the metrics show (views); drift and cleanup."""
+"""Inspection of a node's live datapath, read-only: pinned maps (read through
+ebpfsvc/datapath/bpfsys.py) decoded into rows (node), turned into what the CLI and the metrics
+show (views), drift against the desired state (desired). Removing what the agent left is
+ebpfsvc/datapath/cleanup.py."""

@@ -18,8 +18,11 @@ from ebpfsvc.tracker import ClusterState
 
 def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: str | None = None,
                  in_cluster: bool = False, timeout: float = 30.0,
-                 settings: nodeinfo.NodeSettings | None = None, netns: str | None = None) -> LBState:
-    """`netns`: read the node's interfaces there (a lab node's namespace) rather than here."""
+                 settings: nodeinfo.NodeSettings | None = None, netns: str | None = None,
+                 problems: list | None = None) -> LBState:
+    """`netns`: read the node's interfaces there (a lab node's namespace) rather than here.
+    `problems`, when given, receives the validation problems of the objects listed (an invalid
+    Service keeps its last good version in the agent's maps: drift says so)."""
     state = ClusterState(node)
     if manifests:
         from ebpfsvc.sources.manifests import ManifestSource
@@ -40,6 +43,8 @@ def load_desired(node: NodeConfig, *, manifests: str | None = None, kubeconfig: 
             source.stop()
     if not state.synced:
         raise ValueError("the source did not list Services and EndpointSlices")
+    if problems is not None:
+        problems.extend(state.problems)
     if settings is not None:
         info = nodeinfo.resolve(settings, nodeinfo.read_interfaces(netns), state.node(node.node_name),
                                 "Node" in state.synced_kinds)

@@ -1,13 +1,13 @@
 """A node's live datapath state, read from its pinned maps and decoded into rows.
 
     with NodeMaps.open("/sys/fs/bpf/ebpfsvc") as node:
-        node.frontends()      # [Frontend row], with the service port name
-        node.backends()       # {id: Backend row}
+        node.frontends()      # [FrontendRow], with the service port name
+        node.backends()       # {id: BackendRow}
         node.ct()             # [CtEntry], with age
         node.traffic("frontend", fid)   # (packets, bytes) summed over CPUs
 
 Everything here is read-only and reads the kernel's current values at call
-time: the CLI and the metrics collector (ebpfsvc/metrics.py) share it.
+time: the CLI and the metrics collector (ebpfsvc/collectors.py) share it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ebpfsvc import abi
-from ebpfsvc.inspect.bpfmap import PinnedMap
+from ebpfsvc.datapath.bpfsys import PinnedMap
 
 ffi = abi.ffi
 PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
@@ -78,7 +78,9 @@ def monotonic_ns() -> int:
 
 
 @dataclass(frozen=True)
-class Frontend:
+class FrontendRow:
+    """A frontend as the pinned maps hold it, decoded for display (lbmodel.Frontend is the desired one)."""
+
     address: str
     port: int
     proto: str
@@ -127,7 +129,9 @@ class Frontend:
 
 
 @dataclass(frozen=True)
-class Backend:
+class BackendRow:
+    """A backend as the pinned maps hold it, decoded for display (lbmodel.Backend is the desired one)."""
+
     id: int
     address: str
     port: int
@@ -267,7 +271,7 @@ class NodeMaps:
             out[_decode("__u32", k)[0]] = ffi.string(name.name).decode(errors="replace")
         return out
 
-    def frontends(self, names: dict[int, str] | None = None) -> list[Frontend]:
+    def frontends(self, names: dict[int, str] | None = None) -> list[FrontendRow]:
         names = self.service_names() if names is None else names
         self._slots = None
         out = []
@@ -275,9 +279,9 @@ class NodeMaps:
             out.append(self._frontend(k, v, names))
         return sorted(out, key=lambda f: (f.service, ipaddress.IPv4Address(f.address), f.port, f.proto, f.scope))
 
-    def frontend(self, address: str, port: int, proto: str, scope: str) -> Frontend | None:
+    def frontend(self, address: str, port: int, proto: str, scope: str) -> FrontendRow | None:
         self._slots = None
-        probe = Frontend(address, port, proto, scope, 0, 0, 0, 0, 0, 0, 0)
+        probe = FrontendRow(address, port, proto, scope, 0, 0, 0, 0, 0, 0, 0)
         key = probe.key_bytes()
         v = self.maps["lb4_frontends"].lookup(key)
         if v is None:
@@ -288,10 +292,10 @@ class NodeMaps:
         return self._frontend(key, v, names)
 
     @staticmethod
-    def _frontend(k: bytes, v: bytes, names: dict[int, str]) -> Frontend:
+    def _frontend(k: bytes, v: bytes, names: dict[int, str]) -> FrontendRow:
         key = _decode("struct lb4_key", k)
         val = _decode("struct lb4_service", v)
-        return Frontend(
+        return FrontendRow(
             address=ip_str(key.address), port=port_int(key.port),
             proto=PROTO_NAMES.get(key.proto, str(key.proto)), scope=SCOPES.get(key.scope, str(key.scope)),
             service_id=val.service_id, frontend_id=val.frontend_id, maglev_offset=val.maglev_offset,
@@ -299,30 +303,30 @@ class NodeMaps:
             affinity_timeout=val.affinity_timeout, flags=val.flags,
             service=names.get(val.service_id, "") if not val.flags & abi.LB_SVC_F_ADDRESS else "")
 
-    def backends(self) -> dict[int, Backend]:
+    def backends(self) -> dict[int, BackendRow]:
         out = {}
         for k, v in self.maps["lb4_backends"].items():
             ident = _decode("__u32", k)[0]
             b = _decode("struct lb4_backend", v)
-            out[ident] = Backend(ident, ip_str(b.address), port_int(b.port),
+            out[ident] = BackendRow(ident, ip_str(b.address), port_int(b.port),
                                  PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
         return dict(sorted(out.items()))
 
-    def backend(self, ident: int) -> Backend | None:
+    def backend(self, ident: int) -> BackendRow | None:
         v = self.maps["lb4_backends"].lookup(_encode(ffi.new("__u32 *", ident)))
         if v is None:
             return None
         b = _decode("struct lb4_backend", v)
-        return Backend(ident, ip_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
+        return BackendRow(ident, ip_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
 
-    def maglev_table(self, fe: Frontend) -> list[int]:
+    def maglev_table(self, fe: FrontendRow) -> list[int]:
         """Backend id per slot of a frontend's Maglev table (from prefetch_maglev's copy when it has one)."""
         slots = self._slots
         if slots is not None and fe.maglev_offset + fe.maglev_size <= len(slots):
             return slots[fe.maglev_offset:fe.maglev_offset + fe.maglev_size].tolist()
         return self.maps["lb_maglev"].read_u32_range(fe.maglev_offset, fe.maglev_size).tolist()
 
-    def prefetch_maglev(self, fes: list[Frontend]) -> None:
+    def prefetch_maglev(self, fes: list[FrontendRow]) -> None:
         """Read every slot the frontends own in one pass, for commands that look at all tables."""
         high = max((f.maglev_offset + f.maglev_size for f in fes), default=0)
         self._slots = self.maps["lb_maglev"].read_u32_range(0, high)
@@ -367,6 +371,23 @@ class NodeMaps:
         now_ns = monotonic_ns() if now_ns is None else now_ns
         return Affinity(client, service_id, val.backend_id, val.last_used_ns, _age_s(now_ns, val.last_used_ns))
 
+    def affinity_matches(self, backend_id: int, service_id: int) -> bool:
+        """Whether the backend belongs to the (affinity) service: lb4_affinity_match (bpf/lib/affinity.h)."""
+        key = ffi.new("struct lb4_affinity_match_key *", {"backend_id": backend_id, "service_id": service_id})
+        return self.maps["lb4_affinity_match"].lookup(_encode(key)) is not None
+
+    def service_status(self) -> dict[str, tuple[str, str]]:
+        """"namespace/name" -> (reason, detail) of every Service the agent left out of the maps
+        (lb_service_status, written by its admission)."""
+        reasons = {abi.LB_STATUS_CONFLICT: "conflict", abi.LB_STATUS_CAPACITY: "capacity",
+                   abi.LB_STATUS_FAILURE: "failure", abi.LB_STATUS_KEPT: "kept"}
+        out = {}
+        for k, v in self.maps["lb_service_status"].items():
+            name = ffi.string(_decode("struct lb_service_name", k).name).decode(errors="replace")
+            val = _decode("struct lb_service_status", v)
+            out[name] = (reasons.get(val.reason, str(val.reason)), ffi.string(val.detail).decode(errors="replace"))
+        return dict(sorted(out.items()))
+
     def affinities(self, now_ns: int | None = None) -> list[Affinity]:
         now_ns = monotonic_ns() if now_ns is None else now_ns
         out = []
@@ -377,7 +398,7 @@ class NodeMaps:
                                 _age_s(now_ns, val.last_used_ns)))
         return out
 
-    def source_allowed(self, fe: Frontend, client: str) -> bool:
+    def source_allowed(self, fe: FrontendRow, client: str) -> bool:
         """bpf/lib/srcrange.h lb4_source_allowed: may `client` start a flow to `fe`?"""
         flag = getattr(abi, "LB_SVC_F_SOURCE_RANGES", 0)
         if not flag or not fe.flags & flag or "lb4_source_ranges" not in self.maps:
@@ -437,7 +458,7 @@ class NodeMaps:
             out[name] = int(sum(_decode("__u64", raw)[0] for raw in vals))
         return out
 
-    def fill(self, frontends: list[Frontend] | None = None) -> dict[str, tuple[int, int]]:
+    def fill(self, frontends: list[FrontendRow] | None = None) -> dict[str, tuple[int, int]]:
         """Map -> (entries in use, max_entries), the kernel's count (Maglev: slots owned by frontends;
         per-CPU stats arrays are indexed by ids and have no fill level of their own)."""
         out = {}

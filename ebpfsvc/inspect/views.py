@@ -1,6 +1,6 @@
 """What the inspection commands show, as plain data (dicts and lists, JSON-ready).
 
-Each function takes an open NodeMaps and returns rows; ebpfsvc/inspect_cli.py
+Each function takes an open NodeMaps and returns rows; ebpfsvc/cli/inspect.py
 renders them as tables or JSON, tests compare them with the traffic they sent.
 """
 
@@ -10,21 +10,21 @@ from collections import Counter
 
 from ebpfsvc import abi
 from ebpfsvc.datapath.flowhash import flow_hash
-from ebpfsvc.inspect.node import (PROTO_NUMBERS, Backend, CtEntry, Frontend, NodeMaps, ct_closing,
+from ebpfsvc.inspect.node import (PROTO_NUMBERS, BackendRow, CtEntry, FrontendRow, NodeMaps, ct_closing,
                                   monotonic_ns)
 from ebpfsvc.lbmodel import table_backends
 
-# bpf/lib/lb.h LB_TERMINATING_PROBES: slots tried past a terminating backend.
-TERMINATING_PROBES = 4
+# Slots the datapath tries past a terminating backend (bpf/lib/lb.h, defined in abi.h).
+TERMINATING_PROBES = abi.LB_TERMINATING_PROBES
 
 
-def _backend_row(b: Backend | None, ident: int) -> dict:
+def _backend_row(b: BackendRow | None, ident: int) -> dict:
     if b is None:
         return {"id": ident, "backend": None, "state": "missing", "local": False}
     return {"id": ident, "backend": b.name, "state": b.state, "local": b.local}
 
 
-def _frontend_row(fe: Frontend) -> dict:
+def _frontend_row(fe: FrontendRow) -> dict:
     return {"frontend": fe.name, "scope": fe.scope, "kind": fe.kind, "flags": fe.flag_names,
             "algorithm": fe.algorithm, "affinity_timeout": fe.affinity_timeout, "id": fe.frontend_id,
             "service_id": fe.service_id, "backend_count": fe.backend_count, "maglev_size": fe.maglev_size,
@@ -67,7 +67,12 @@ def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
             rows.append(r)
         row["backends"] = rows
         svc["frontends"].append(row)
-    return list(services.values())
+    out = list(services.values())
+    # Services the agent left out of the maps (a conflict, full maps, a failure): said, not hidden.
+    for name, (reason, detail) in node.service_status().items():
+        out.append({"service": name, "service_id": 0, "frontends": [], "packets": 0, "bytes": 0,
+                    "not_programmed": f"{reason}: {detail}"})
+    return out
 
 
 def lb_list(node: NodeMaps) -> list[dict]:
@@ -97,7 +102,7 @@ def ct_list(node: NodeMaps, *, include_expired: bool = True) -> list[dict]:
     return out
 
 
-def find_frontends(node: NodeMaps, service: str) -> list[Frontend]:
+def find_frontends(node: NodeMaps, service: str) -> list[FrontendRow]:
     """Frontends of a service port, by name: "ns/name[:port][/PROTO]", or a frontend "addr:port[/PROTO]"."""
     fes = [f for f in node.frontends() if not f.is_marker]
     exact = [f for f in fes if f.service == service or f.name == service]
@@ -108,7 +113,7 @@ def find_frontends(node: NodeMaps, service: str) -> list[Frontend]:
             or f.name.startswith(service + "/")]
 
 
-def maglev_show(node: NodeMaps, fe: Frontend, *, first: int = 32) -> dict:
+def maglev_show(node: NodeMaps, fe: FrontendRow, *, first: int = 32) -> dict:
     table = node.maglev_table(fe)
     backends = node.backends()
     counts = Counter(table)
@@ -143,7 +148,7 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
     def step(name: str, outcome: str, **detail) -> None:
         steps.append({"step": name, "outcome": outcome, **detail})
 
-    def result(verdict: str, reason: str, backend: Backend | None = None, backend_id: int = 0) -> dict:
+    def result(verdict: str, reason: str, backend: BackendRow | None = None, backend_id: int = 0) -> dict:
         if external and verdict == "dnat" and backend is not None and reason != "conntrack":
             if backend.local or fe_flags[0] & abi.LB_SVC_F_LOCAL_ONLY:
                 step("source", "local backend (or policy Local): the client address is kept")
@@ -243,6 +248,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
                 step("affinity", f"ClientIP: backend {a.backend_id} of the fresh entry is gone")
             elif not be.takes_new_flows:
                 step("affinity", f"ClientIP: backend {a.backend_id} is {be.state}: affinity ignored")
+            elif not node.affinity_matches(a.backend_id, fe.service_id):
+                step("affinity", f"ClientIP: backend {a.backend_id} is no longer one of this service's: "
+                     f"affinity ignored")
             else:
                 step("affinity", f"ClientIP: fresh entry ({a.age_s:.1f}s < {fe.affinity_timeout}s) "
                      f"-> backend {a.backend_id}")
@@ -262,7 +270,7 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         return result("dnat", "maglev (source port unknown)")
     h = flow_hash(src, dst, sport, dport, PROTO_NUMBERS[proto])
     slot = h % fe.maglev_size
-    fallback: tuple[int, Backend] | None = None
+    fallback: tuple[int, BackendRow] | None = None
     for i in range(TERMINATING_PROBES):
         ident = table[slot]
         be = node.backend(ident)
@@ -287,12 +295,17 @@ def _ct_brief(e: CtEntry) -> dict:
 
 # ---- drift: desired state against the maps ---------------------------------------------------------
 
-def drift(desired, node: NodeMaps, fes: list[Frontend] | None = None,
-          backends: dict[int, Backend] | None = None) -> list[dict]:
+def drift(desired, node: NodeMaps, fes: list[FrontendRow] | None = None,
+          backends: dict[int, BackendRow] | None = None, problems=()) -> list[dict]:
     """Differences between an LBState (what the control plane wants) and the maps: frontends missing
     or unexpected, and frontends whose service, flags or backend set differ. [] = no drift.
-    `fes` and `backends`, when given, are the maps' contents just read (saves reading them again)."""
+    `fes` and `backends`, when given, are the maps' contents just read (saves reading them again).
+    `problems`: validation problems of the listed objects; a frontend in the maps of a Service
+    whose current version is invalid is the last good version the agent keeps, and is said so."""
+    from ebpfsvc.datapath.pinned import parse_service_name
     from ebpfsvc.datapath.writer import service_name
+
+    invalid = {(p.namespace, p.name): p for p in problems if p.kind == "Service"}
 
     fes = node.frontends() if fes is None else fes
     node.prefetch_maglev(fes)
@@ -330,10 +343,20 @@ def drift(desired, node: NodeMaps, fes: list[Frontend] | None = None,
             problems.append(f"backend count {got.backend_count}, want {len(want)}")
         if problems:
             out.append({"frontend": name, "service": str(fe.service), "problem": "; ".join(problems)})
+    kept = {}
     for k, f in have.items():
-        if k not in want_keys:
-            out.append({"frontend": f"{k[0]}:{k[1]}/{k[2]} ({k[3]})", "service": f.service,
-                        "problem": "in the maps, not desired"})
+        spn = parse_service_name(f.service) if k not in want_keys else None
+        bad = invalid.get((spn.namespace, spn.name)) if spn is not None else None
+        if bad is not None:
+            kept[k] = bad
+            want_keys.add((k[0], 0, k[2], k[3]))      # its address marker goes with it
+    for k, f in have.items():
+        if k not in want_keys or k in kept:
+            bad = kept.get(k)
+            problem = (f"kept in the maps: the Service's current version is invalid "
+                       f"({bad.field + ': ' if bad.field else ''}{bad.message}); the agent keeps its last good "
+                       f"version" if bad is not None else "in the maps, not desired")
+            out.append({"frontend": f"{k[0]}:{k[1]}/{k[2]} ({k[3]})", "service": f.service, "problem": problem})
     return sorted(out, key=lambda d: d["frontend"])
 
 

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from datetime import datetime
 
-from ebpfsvc.k8s.fields import Fields, Invalid, read_meta, parse_ipv4
+from ebpfsvc.k8s.fields import Fields, Invalid, check_name, read_meta, parse_ipv4
 from ebpfsvc.lbmodel import Protocol
 
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
+# Set by the EndpointSlice and Endpoints controllers: when the change this version carries was
+# triggered (a Pod or Service changed); kube-proxy measures network programming latency from it.
+ANNOTATION_TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 MAX_ENDPOINTS = 1000      # the API allows 1000 per slice; the controller writes at most 100
 MAX_PORTS = 100           # the API's limit per slice
 MAX_ADDRESSES = 100
@@ -74,6 +78,8 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
     if not address_type:
         raise Invalid("addressType", "is required")
     service_name = meta.labels.get(LABEL_SERVICE_NAME, "")
+    if service_name:
+        check_name(service_name, f"metadata.labels[{LABEL_SERVICE_NAME}]", "label-value")
     if address_type != "IPv4":
         return EndpointSlice(meta.namespace, meta.name, service_name, address_type)
     ports = tuple(parse_endpoint_port(p) for p in top.objects("ports", MAX_PORTS))
@@ -85,7 +91,7 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
 def parse_endpoint_port(p: Fields) -> EndpointPort:
     """A port of an EndpointSlice or of a v1 Endpoints subset (same shape)."""
     protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
-    return EndpointPort(p.str("name"), protocol, p.int("port", 1, 65535), p.str("appProtocol"))
+    return EndpointPort(p.name("name", "dns1123-label"), protocol, p.int("port", 1, 65535), p.str("appProtocol"))
 
 
 def _check_unique_ports(ports: tuple[EndpointPort, ...], path: str) -> None:
@@ -119,3 +125,17 @@ def _endpoint(e: Fields) -> SliceEndpoint:
         node_hints=node_hints,
         hostname=e.str("hostname"),
     )
+
+
+def last_change_trigger_time(obj: dict) -> float | None:
+    """ANNOTATION_TRIGGER_TIME of an EndpointSlice or Endpoints as a Unix time; None when absent or
+    unreadable (it only times the change: a bad one costs the measurement, not the object)."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    value = annotations.get(ANNOTATION_TRIGGER_TIME) if isinstance(annotations, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

@@ -15,9 +15,12 @@ the last good version in force.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
+
+from ebpfsvc.k8s.names import name_problem
 
 
 class Invalid(ValueError):
@@ -41,7 +44,10 @@ class Problem:
 
     @property
     def object_ref(self) -> str:
-        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+        ref = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        # A name the API would refuse may not even be encodable (a lone surrogate): the one line
+        # that reports it must still print, so such characters are shown escaped.
+        return ref.encode("utf-8", "backslashreplace").decode("utf-8")
 
     def __str__(self) -> str:
         where = f"{self.field}: " if self.field else ""
@@ -117,6 +123,13 @@ class Fields:
         for path, item in self.list(key, limit):
             yield Fields(item, path)
 
+    def name(self, key: str, rule: str) -> str:
+        """A name field (k8s/names.py RULES); absent = ""."""
+        value = self.str(key)
+        if value:
+            check_name(value, self._sub(key), rule)
+        return value
+
     def string_map(self, key: str) -> dict[str, str]:
         """labels / annotations / selector: a map of strings."""
         path = self._sub(key)
@@ -126,6 +139,14 @@ class Fields:
                 raise Invalid(f"{path}[{k}]", f"must be a string, not {_describe(v)}")
             out[str(k)] = v
         return out
+
+
+def check_name(value: str, path: str, rule: str) -> str:
+    """`value` if it follows Kubernetes' naming `rule` (k8s/names.py), else Invalid naming `path`."""
+    problem = name_problem(value, rule)
+    if problem:
+        raise Invalid(path, problem)
+    return value
 
 
 def check_int(value: Any, path: str, lo: int, hi: int) -> int:
@@ -172,10 +193,24 @@ class ObjectMeta:
     name: str
     labels: Mapping[str, str]
     annotations: Mapping[str, str]
+    created: str = ""       # creationTimestamp as UTC "YYYY-MM-DDTHH:MM:SSZ" (sorts by age); "" = absent
 
 
-def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bool = True) -> tuple[Fields, ObjectMeta]:
-    """Check kind/apiVersion and read metadata; returns the object's top-level Fields."""
+def parse_timestamp(value: Any, path: str) -> str:
+    """An RFC 3339 time (the API's metav1.Time) as UTC "YYYY-MM-DDTHH:MM:SSZ", so strings sort by time."""
+    def parse(text: str) -> str:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        if when.tzinfo is None:
+            raise ValueError(text)
+        return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _parse_text(value, path, parse, "an RFC 3339 time")
+
+
+def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bool = True,
+              name_rule: str = "dns1123-subdomain") -> tuple[Fields, ObjectMeta]:
+    """Check kind/apiVersion and read metadata; returns the object's top-level Fields.
+    The name must follow `name_rule` (k8s/names.py: the rule the API server applies to `kind`),
+    the namespace is a DNS-1123 label."""
     top = Fields(obj)
     got_kind = top.str("kind", kind)
     if got_kind != kind:
@@ -187,9 +222,14 @@ def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bo
     name = meta.str("name")
     if not name:
         raise Invalid("metadata.name", "is required")
+    check_name(name, "metadata.name", name_rule)
     # kubectl defaults an absent namespace to "default"; manifests rely on that.
     namespace = (meta.str("namespace") or "default") if namespaced else ""
-    return top, ObjectMeta(namespace, name, meta.string_map("labels"), meta.string_map("annotations"))
+    if namespace:
+        check_name(namespace, "metadata.namespace", "dns1123-label")
+    created = meta.raw("creationTimestamp")
+    created = parse_timestamp(created, "metadata.creationTimestamp") if created is not None else ""
+    return top, ObjectMeta(namespace, name, meta.string_map("labels"), meta.string_map("annotations"), created)
 
 
 # Kinds without a namespace: their key is ("", name).

@@ -1,4 +1,5 @@
-"""v1 Node -> the little the data plane needs: its zone (for topology hints) and addresses."""
+"""v1 Node -> the little the data plane needs: its zone (for topology hints), addresses, and
+whether it is on its way out (being deleted, or tainted so: /healthz nodeEligible)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ebpfsvc.k8s.fields import parse_ip, read_meta
 LABEL_ZONE = "topology.kubernetes.io/zone"
 LABEL_ZONE_BETA = "failure-domain.beta.kubernetes.io/zone"   # still set by some older clusters
 MAX_ADDRESSES = 100
+MAX_TAINTS = 1000
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,8 @@ class Node:
     name: str
     zone: str = ""
     addresses: tuple[tuple[str, ipaddress.IPv4Address], ...] = ()   # (type, address), IPv4 only
+    deleting: bool = False                  # metadata.deletionTimestamp is set
+    taints: tuple[str, ...] = ()            # spec.taints[].key, in order
 
     @property
     def key(self) -> tuple[str, str]:
@@ -34,4 +38,6 @@ def parse_node(obj: dict) -> Node:
         addr = parse_ip(a.str("address"), f"{a.path}.address")
         if addr.version == 4:
             addresses.append((a.str("type"), addr))
-    return Node(meta.name, zone, tuple(addresses))
+    taints = tuple(t.str("key") for t in top.obj("spec").objects("taints", MAX_TAINTS))
+    deleting = bool(top.obj("metadata").str("deletionTimestamp"))
+    return Node(meta.name, zone, tuple(addresses), deleting, taints)

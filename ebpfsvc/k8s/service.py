@@ -82,6 +82,15 @@ class Service:
     external_ip_source_ranges: bool = False           # ANNOTATION_EXTERNAL_IP_SOURCE_RANGES: "true"
     proxy_name: str | None = None                     # value of service.kubernetes.io/service-proxy-name; None: no label
     headless_label: bool = False                      # service.kubernetes.io/headless present
+    health_check_node_port: int = 0                   # LoadBalancer + externalTrafficPolicy Local; 0 = none
+    created: str = ""                                 # metadata.creationTimestamp (UTC, sortable); "" = absent
+
+    @property
+    def seniority(self) -> tuple[str, str, str]:
+        """Sort key of "oldest first": creationTimestamp, then namespace/name.  Two Services claiming
+        one frontend, or competing for the last room in the maps, are decided by it, the same way on
+        every node (objects without a timestamp, from a manifest directory, go by name)."""
+        return (self.created, self.namespace, self.name)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -107,7 +116,7 @@ class Service:
 
 def parse_service(obj: dict, config: NodeConfig) -> Service:
     """Validate a v1 Service; raises Invalid naming the first bad field."""
-    top, meta = read_meta(obj, "Service", ("v1",))
+    top, meta = read_meta(obj, "Service", ("v1",), name_rule="dns1035-label")
     spec = top.obj("spec")
     svc_type = ServiceType(spec.str("type", "ClusterIP", tuple(t.value for t in ServiceType)))
     cluster_ip, headless = _cluster_ip(spec, svc_type, config)
@@ -115,6 +124,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
     if not ports and not headless and svc_type is not ServiceType.EXTERNAL_NAME:
         raise Invalid("spec.ports", "is required: a Service with a clusterIP needs at least one port")
     lb_ips = _load_balancer_ips(top) if svc_type is ServiceType.LOAD_BALANCER else ()
+    external_policy = _policy(spec, "externalTrafficPolicy")
     return Service(
         namespace=meta.namespace,
         name=meta.name,
@@ -127,7 +137,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         load_balancer_ips=lb_ips,
         source_ranges=_source_ranges(spec, meta),
         affinity_timeout=_affinity_timeout(spec),
-        external_traffic_policy=_policy(spec, "externalTrafficPolicy"),
+        external_traffic_policy=external_policy,
         internal_traffic_policy=_policy(spec, "internalTrafficPolicy"),
         publish_not_ready_addresses=spec.bool("publishNotReadyAddresses", False),
         topology_aware=_topology_aware(spec, meta),
@@ -135,6 +145,8 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         external_ip_source_ranges=_opt_in(meta, ANNOTATION_EXTERNAL_IP_SOURCE_RANGES),
         proxy_name=meta.labels.get(LABEL_PROXY_NAME),
         headless_label=LABEL_HEADLESS in meta.labels,
+        health_check_node_port=_health_check_node_port(spec, svc_type, external_policy),
+        created=meta.created,
     )
 
 
@@ -178,7 +190,7 @@ def _ports(spec: Fields, svc_type: ServiceType, config: NodeConfig) -> tuple[Ser
     names: dict[str, str] = {}
     items = list(spec.objects("ports", MAX_PORTS))
     for p in items:
-        name = p.str("name")
+        name = p.name("name", "dns1123-label")
         protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
         port = p.int("port", 1, 65535)
         if port is None:
@@ -221,6 +233,14 @@ def _node_port(p: Fields, svc_type: ServiceType, config: NodeConfig) -> int:
                           "a manifest must set it)")
         return 0                         # LoadBalancer with allocateLoadBalancerNodePorts: false
     return node_port
+
+
+def _health_check_node_port(spec: Fields, svc_type: ServiceType, policy: TrafficPolicy) -> int:
+    # The API server allocates one only for a LoadBalancer Service that keeps traffic on local
+    # endpoints (and drops it when the Service stops being one): elsewhere a leftover is not served.
+    if svc_type is not ServiceType.LOAD_BALANCER or policy is not TrafficPolicy.LOCAL:
+        return 0
+    return spec.int("healthCheckNodePort", 1, 65535, 0)
 
 
 def _external_ips(spec: Fields) -> tuple[ipaddress.IPv4Address, ...]:

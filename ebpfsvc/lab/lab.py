@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from ebpfsvc.lab import agents as agentlib, controlplane, labfile, names, network, nsenter, pods as podlib, processes, rpc, teardown
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import agents as agentlib, controlplane, labfile, names, network, pods as podlib, processes, rpc, teardown
 from ebpfsvc.lab.api import RESOURCES, APIError, LabAPI
 from ebpfsvc.lab.processes import ProcRecord, base_env
 from ebpfsvc.lab.store import State, object_key

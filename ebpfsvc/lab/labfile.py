@@ -24,6 +24,8 @@ LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
 # Nodes and external clients share one L2 segment, the fabric.
 FABRIC_CIDR = ipaddress.ip_network("198.18.0.0/24")
 DEFAULT_LABFILE = "default.yaml"
+#: The lab's address plan for clusterIPs (kube-apiserver --service-cluster-ip-range); benches use it too.
+DEFAULT_SERVICE_CIDR = "198.19.0.0/16"
 
 # Names become parts of namespace names and file names: keep them DNS-label-like.
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -120,7 +122,7 @@ def parse(doc: Any) -> LabSpec:
     if not isinstance(doc, dict):
         raise LabFileError("a lab file is a mapping with name, serviceCIDR, nodes, external")
     name = _name(doc.get("name", "demo"), "name")
-    service_cidr = _network(doc.get("serviceCIDR", "198.19.0.0/16"), "serviceCIDR")
+    service_cidr = _network(doc.get("serviceCIDR", DEFAULT_SERVICE_CIDR), "serviceCIDR")
     raw_nodes = doc.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise LabFileError("nodes: at least one node is required")

@@ -25,7 +25,7 @@ from typing import Callable, TypeVar
 
 from pyroute2 import IPRoute, netns
 
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 
 BRIDGE = "br0"            # in the fabric namespace
 UPLINK = "eth0"           # a node's / client's side of its fabric veth (the agent's --uplink)

@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Hashable
 
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 
 TIMEOUT = 0.4     # below the 0.5 s probe period, so rounds never overlap
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 
 # The package root, so pods and agents can import ebpfsvc whatever their working directory.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])

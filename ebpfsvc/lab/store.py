@@ -33,7 +33,8 @@ from typing import Any, Iterator
 
 import yaml
 
-from ebpfsvc.lab import labfile, names, nsenter
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import labfile, names
 from ebpfsvc.lab.processes import ProcRecord
 
 KINDS = ("Pod",)   # the kubelet's records; every other object lives in the API server

@@ -15,7 +15,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from ebpfsvc.lab import names, network, nsenter, processes, rpc
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import names, network, processes, rpc
 from ebpfsvc.lab.pods import process as pod_process
 from ebpfsvc.lab.store import State
 

@@ -16,6 +16,11 @@ saving a half-edited file never withdraws its Services.  An object with a field
 the API does not have (`port:` for `ports:`) is refused the same way, as
 `kubectl apply` would refuse it (ebpfsvc.k8s.schema).  Validation of the values
 happens downstream, in the tracker, as for every source.
+
+A file is bounded before it is parsed: larger than MAX_FILE_BYTES, or holding a YAML alias
+(`*name`), it is refused in one line, like a file that does not parse.  Aliases are what a "billion
+laughs" document is made of: a few hundred bytes that expand to millions of nodes and stall every
+manifest update behind them; Kubernetes manifests never need them.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from .base import KINDS, Event, EventType, Sink
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
+# Far above any hand-written manifest (10,000 Services with their slices take about 8 MiB in YAML).
+MAX_FILE_BYTES = 16 * 1024 * 1024
 NAMESPACED = frozenset(KINDS) - CLUSTER_SCOPED
 
 ObjectKey = tuple[str, str, str]      # (kind, namespace, name)
@@ -190,12 +197,20 @@ def load_manifest_file(path: Path) -> tuple[dict[ObjectKey, dict[str, Any]], dic
     other kinds (Pods, Deployments...) are ignored, a document that is not an object is an error
     for that document only.
     """
-    text = path.read_text(encoding="utf-8", errors="replace")
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ManifestError(f"{path}: larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; not read "
+                            f"(split it into several files)")
+    text = data.decode("utf-8", errors="replace")
     try:
         if path.suffix.lower() == ".json":
             docs = [json.loads(text)] if text.strip() else []
         else:
-            docs = list(yaml.safe_load_all(text))
+            docs = list(yaml.load_all(text, Loader=_NoAliasLoader))
+    except _AliasRefused as err:
+        raise ManifestError(f"{path}:{err.line}: YAML alias *{err.anchor} refused: aliases can expand a few "
+                            f"bytes into millions of nodes; write the value out") from None
     except yaml.MarkedYAMLError as err:
         raise ManifestError(f"{path}{_yaml_error(err)}") from None
     except yaml.YAMLError as err:
@@ -220,6 +235,23 @@ def load_manifest_file(path: Path) -> tuple[dict[ObjectKey, dict[str, Any]], dic
             rejected.pop(key, None)
             objects[key] = obj
     return objects, rejected
+
+
+class _AliasRefused(Exception):
+    def __init__(self, anchor: str, line: int):
+        super().__init__(anchor)
+        self.anchor, self.line = anchor, line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that stops at the first alias instead of expanding it (anchors alone are
+    harmless and left alone)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(str(event.anchor), event.start_mark.line + 1)
+        return super().compose_node(parent, index)
 
 
 def _yaml_error(err: yaml.MarkedYAMLError) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 from pyroute2 import NetNS, netns
 
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 
 BACKENDS = ("198.18.2.11", "198.18.2.12", "198.18.2.13")
 CLIENT = "198.18.1.2"

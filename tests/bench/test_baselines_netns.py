@@ -18,7 +18,7 @@ import pytest
 from ebpfsvc.bench import traffic
 from ebpfsvc.bench.baselines import synthetic_state
 from ebpfsvc.bench.baselines.load import KINDS, clear, load_baseline
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, LBState, ServicePortName
 from tests.bench.conftest import ECHO_PORT
 

@@ -16,7 +16,8 @@ import pytest
 
 from ebpfsvc.bench import run
 from ebpfsvc.bench.datapaths import NAMES
-from ebpfsvc.lab import names, nsenter
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import names
 
 TINY_BOUNDS = {"throughput": 1.0, "rr": (0.3, 2_000), "crr": (0.3, 500), "udp": (0.3, 20_000)}
 SUITE = ("tcp_throughput_gbps", "tcp_throughput_cross_node_gbps", "tcp_rr_p50_us", "tcp_rr_p99_us",

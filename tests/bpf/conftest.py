@@ -1,38 +1,137 @@
-"""Fixtures for datapath tests: a freshly compiled datapath per test, pinned
-under /sys/fs/bpf/<unique_prefix> and removed afterwards (also on failure)."""
+"""Fixtures for datapath tests.
+
+Each program (lb_pod.c, lb_node.c) is compiled once per configuration (limits, hairpin and
+SNAT addresses, flags) for the whole pytest run, not once per test: a compile takes seconds
+and the tier has hundreds of tests. The pin directory is compiled in (-DLB_PIN_DIR), so each
+set of maps has a pin directory of the run's own, /sys/fs/bpf/<prefix>-<n>, unpinned when the
+run ends (also after a failure; every pytest process, xdist workers too, has its own prefix).
+Every test starts from freshly created maps all the same: the first time a test is handed a
+datapath, its maps are emptied (hash and LRU maps) or zeroed (arrays, per-CPU ones on every
+CPU), and pins a test removed (`ebpfsvc cleanup`, loader.unpin) are put back. The MapWriter
+rebuilds its ids from the maps, so a new writer on emptied maps starts as on new ones.
+
+Tests about compiling itself (tests/bpf/test_loader.py: the load cache, stale pins) and the
+agent's own start still compile, into a fresh per-test `pin_dir`.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
 
-from ebpfsvc.datapath import loader
+from ebpfsvc.datapath import batch, loader
 from ebpfsvc.datapath.writer import MapWriter
+from ebpfsvc.datapath.bpfsys import PinnedMap
 
 from .packets import HAIRPIN
 
-# Small maps: each test compiles its own datapath, and LRU maps preallocate.
+BPFFS = Path("/sys/fs/bpf")
+
+# Small maps: LRU maps preallocate, and every array is zeroed before each test.
 TEST_LIMITS = loader.Limits(
     frontends=1024, services=1024, backends=1024, maglev_slots=1 << 16,
     ct_entries=4096, affinity_entries=1024, frag_entries=256, snat_entries=4096, source_ranges=256,
 )
 
 
-@pytest.fixture
-def pin_dir(unique_prefix):
-    path = Path("/sys/fs/bpf") / unique_prefix
-    yield path
-    loader.unpin(path)
+class CompiledDatapaths:
+    """The run's compiled datapaths: one per (program, pin directory, flags), one pin directory
+    per (limits, maps) where `maps` names a set of maps (tests comparing two sets ask for two)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.compiles = 0
+        self._dirs: dict[tuple, Path] = {}
+        self._loaded: dict[tuple, loader.Datapath] = {}
+
+    def pin_dir(self, limits: loader.Limits, maps: str = "shared") -> Path:
+        key = (limits, maps)
+        if key not in self._dirs:
+            self._dirs[key] = BPFFS / f"{self.prefix}-{len(self._dirs)}"
+        return self._dirs[key]
+
+    def load(self, limits: loader.Limits = TEST_LIMITS, maps: str = "shared", **kw) -> loader.Datapath:
+        """loader.load(...)'s Datapath for this configuration, compiled the first time it is asked for."""
+        pin_dir = self.pin_dir(limits, maps)
+        key = (pin_dir, tuple(sorted(kw.items())))
+        dp = self._loaded.get(key)
+        if dp is None:
+            self.restore_pins(pin_dir)     # a new program must find the maps the others use
+            dp = loader.load(pin_dir, limits=limits, cache=False, **kw)
+            self.compiles += 1
+            self._loaded[key] = dp
+        return dp
+
+    def restore_pins(self, pin_dir: Path) -> None:
+        """Pin again, from a loaded program's fds, every map whose pin a test removed or replaced."""
+        dp = next((d for d in self._loaded.values() if d.pin_dir == pin_dir), None)
+        if dp is None:
+            return
+        from bcc.libbcc import lib
+
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        for name in loader.MAPS:
+            path = pin_dir / name
+            if path.exists():
+                with PinnedMap.open(path) as pinned, PinnedMap(os.dup(dp.maps[name].map_fd), "") as ours:
+                    if pinned.info.id == ours.info.id:
+                        continue
+                path.unlink()
+            if lib.bpf_obj_pin(dp.maps[name].map_fd, str(path).encode()) != 0:
+                raise OSError(f"cannot pin {name} again at {path}")
+
+    def reset(self, pin_dir: Path) -> None:
+        """Every map of `pin_dir` as freshly created, with its pins in place."""
+        self.restore_pins(pin_dir)
+        dp = next(d for d in self._loaded.values() if d.pin_dir == pin_dir)
+        for name in loader.MAPS:
+            batch.clear(dp.maps[name])
+
+    def close(self) -> None:
+        for dp in self._loaded.values():
+            dp.close()
+        self._loaded.clear()
+        for path in self._dirs.values():
+            loader.unpin(path)
 
 
-@pytest.fixture
-def datapath(pin_dir):
-    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False)
+class DatapathsOfATest:
+    """A test's view of the run's datapaths: maps reset the first time the test asks for them."""
+
+    def __init__(self, run: CompiledDatapaths):
+        self.run = run
+        self._reset: set[Path] = set()
+
+    def load(self, limits: loader.Limits = TEST_LIMITS, maps: str = "shared", **kw) -> loader.Datapath:
+        dp = self.run.load(limits, maps, **kw)
+        if dp.pin_dir not in self._reset:
+            self.run.reset(dp.pin_dir)
+            self._reset.add(dp.pin_dir)
+        return dp
+
+
+@pytest.fixture(scope="session")
+def compiled_datapaths():
+    run = CompiledDatapaths("es" + uuid.uuid4().hex[:6])
     try:
-        yield dp
+        yield run
     finally:
-        dp.close()
+        run.close()
+
+
+@pytest.fixture
+def compiled(compiled_datapaths):
+    """compiled.load(limits=..., hairpin_addr=..., source=..., ...): the datapath of that configuration,
+    compiled once per run, its maps as new for this test."""
+    return DatapathsOfATest(compiled_datapaths)
+
+
+@pytest.fixture
+def datapath(compiled):
+    return compiled.load(TEST_LIMITS, hairpin_addr=HAIRPIN)
 
 
 @pytest.fixture
@@ -41,11 +140,25 @@ def writer(datapath):
 
 
 @pytest.fixture
-def uplink(request, pin_dir, unique_prefix):
+def pin_dir(request, unique_prefix):
+    """The pin directory of the test's `datapath` or `uplink` when it uses one; otherwise a fresh
+    one, removed afterwards (also on failure), for tests that compile and load themselves."""
+    for shared in ("datapath", "uplink"):
+        if shared in request.fixturenames:
+            value = request.getfixturevalue(shared)
+            yield value.pin_dir if shared == "datapath" else value.dp.pin_dir
+            return
+    path = BPFFS / unique_prefix
+    yield path
+    loader.unpin(path)
+
+
+@pytest.fixture
+def uplink(request, compiled, unique_prefix):
     """The north-south programs (bpf/lb_node.c) in a private namespace: tests/bpf/northsouth.py.
     Indirect parameters (a dict) go to uplink_fixture, e.g. {"snat_keep_client_port": False}."""
     from .northsouth import uplink_fixture
-    yield from uplink_fixture(pin_dir, unique_prefix, **(getattr(request, "param", None) or {}))
+    yield from uplink_fixture(compiled, unique_prefix, **(getattr(request, "param", None) or {}))
 
 
 

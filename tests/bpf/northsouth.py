@@ -7,7 +7,7 @@ namespace, `<prefix>-np`, that looks like node-1 of the lab: an uplink with
 198.18.0.11/24 and a fixed MAC, permanent neighbours for node-2 and the
 external client, a route to node-2's pod CIDR. BPF_PROG_TEST_RUN resolves
 routes in the caller's namespace, so the run happens on a thread inside it
-(ebpfsvc.lab.nsenter.run_in); nothing touches the root namespace.
+(ebpfsvc.datapath.nsenter.run_in); nothing touches the root namespace.
 
 Address plan (198.18.0.0/15 only): node 198.18.0.11 (uplink, NodePort and SNAT
 address), node-2 198.18.0.12, external client 198.18.0.100 (second client
@@ -30,7 +30,7 @@ from ebpfsvc.datapath import loader
 from ebpfsvc.datapath.flowhash import flow_hash
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName
 
 from .conftest import TEST_LIMITS
@@ -185,25 +185,22 @@ class Uplink:
         return sum(self.dp.maps["lb_drops"][self.dp.maps["lb_drops"].Key(reason)])
 
 
-def uplink_fixture(pin_dir, unique_prefix, snat_keep_client_port: bool = True):
-    """The `uplink` fixture (registered in conftest.py): programs loaded, test namespace built, both removed after."""
+def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True):
+    """The `uplink` fixture (registered in conftest.py): the run's compiled uplink programs on maps
+    as new (conftest.compiled), and a test namespace built, removed after."""
+    dp = compiled.load(LIMITS, hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
+                       snat_addr=NODE, snat_keep_client_port=snat_keep_client_port)
     name = f"{unique_prefix}-np"
     build_netns(name)
-    dp = None
     try:
-        dp = loader.load(pin_dir, limits=LIMITS, hairpin_addr=HAIRPIN, cache=False,
-                         source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=NODE,
-                         snat_keep_client_port=snat_keep_client_port)
         yield Uplink(dp, name)
     finally:
-        if dp is not None:
-            dp.close()
         netns.remove(name)
 
 
 # Also importable as a fixture (`from .northsouth import uplink`); conftest.py registers it for every module.
-def _uplink(pin_dir, unique_prefix):
-    yield from uplink_fixture(pin_dir, unique_prefix)
+def _uplink(compiled, unique_prefix):
+    yield from uplink_fixture(compiled, unique_prefix)
 
 
 uplink = pytest.fixture(_uplink, name="uplink")

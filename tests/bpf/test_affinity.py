@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from ipaddress import IPv4Address as A
+
+from ebpfsvc.lbmodel import Frontend, FrontendKey, Protocol
+
 from .conftest import age
 from .packets import (
-    BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, OK, VIP, Case, be, check, expected_backend,
+    BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, OK, VIP, VIP2, Case, be, check, expected_backend,
     from_pod, frontend, state, tcp,
 )
 
@@ -98,3 +102,59 @@ def test_affinity_to_removed_backend_falls_back_to_table(datapath, writer):
                     affinity_timeout=TIMEOUT)
     writer.apply(state(rest))
     check(datapath, syn(CLIENT, 40001, expected_backend(rest, CLIENT, 40001)))
+
+
+def test_affinity_backend_that_left_the_service_is_not_used(datapath, writer):
+    """A backend removed from a Service but still listed by another Service stays in lb4_backends:
+    the first Service's affinity entries must not keep sending its clients there
+    (lb4_affinity_match, bpf/lib/affinity.h)."""
+    other = frontend(VIP2, 80, [be(BACKEND1), be(BACKEND2), be(BACKEND3)], name="other")
+    writer.apply(state(STICKY, other))
+    first = expected_backend(STICKY, CLIENT, 40000)
+    check(datapath, syn(CLIENT, 40000, first))
+    rest = frontend(VIP, 80, [be(a) for a in (BACKEND1, BACKEND2, BACKEND3) if a != first],
+                    affinity_timeout=TIMEOUT)
+    writer.apply(state(rest, other))
+    assert writer.backend_id(be(first)) is not None          # still in lb4_backends, for "other"
+    for sport in (40001, 40002, 40003):
+        check(datapath, syn(CLIENT, sport, expected_backend(rest, CLIENT, sport)))
+    # ... and the new backend becomes the client's affinity.
+    b = expected_backend(rest, CLIENT, 40001)
+    q = next(x for x in range(40004, 46000) if expected_backend(rest, CLIENT, x) != b)
+    check(datapath, syn(CLIENT, q, b))
+
+
+def test_services_whose_joined_names_collide_have_their_own_affinity(datapath, writer):
+    """Service `h-coll:x` (no port name) and Service `h-coll` port `x` were one service id (one
+    joined string): a client's affinity on one sent it to the other's backend."""
+    from ebpfsvc.lbmodel import ServicePortName
+
+    a = Frontend(key=FrontendKey(A(VIP), 80, Protocol.TCP), service=ServicePortName("default", "h-coll:x"),
+                 backends=(be(BACKEND1),), affinity_timeout=TIMEOUT)
+    b = Frontend(key=FrontendKey(A(VIP2), 80, Protocol.TCP),
+                 service=ServicePortName("default", "h-coll", "x"),
+                 backends=(be(BACKEND2), be(BACKEND3)), affinity_timeout=TIMEOUT)
+    writer.apply(state(a, b))
+    assert writer.service_id(a.service) != writer.service_id(b.service)
+    check(datapath, syn(CLIENT, 40000, BACKEND1))         # affinity on a: BACKEND1
+    for sport in (40001, 40002, 40003):
+        want = expected_backend(b, CLIENT, sport) if sport == 40001 else expected_backend(b, CLIENT, 40001)
+        check(datapath, Case(f"SYN {CLIENT}:{sport} -> {want}", "from_pod",
+                             from_pod(tcp(CLIENT, VIP2, sport, 80, "S")), OK,
+                             from_pod(tcp(CLIENT, want, sport, 8080, "S"))))
+
+
+def test_affinity_match_map_follows_the_services(datapath, writer):
+    other = frontend(VIP2, 80, [be(BACKEND1)], name="other")        # no affinity: no pairs
+    writer.apply(state(STICKY, other))
+    sid = writer.service_id(STICKY.service)
+    pairs = {(k.backend_id, k.service_id) for k in datapath.maps["lb4_affinity_match"].keys()}
+    assert pairs == {(writer.backend_id(be(x)), sid) for x in (BACKEND1, BACKEND2, BACKEND3)}
+    writer.apply(state(other))
+    assert len(list(datapath.maps["lb4_affinity_match"].keys())) == 0
+    # A new writer (agent restart) reads the pairs back and a full apply removes leftovers.
+    writer.apply(state(STICKY, other))
+    from ebpfsvc.datapath.writer import MapWriter
+    again = MapWriter(datapath.maps)
+    again.apply(state(other))
+    assert len(list(datapath.maps["lb4_affinity_match"].keys())) == 0

@@ -162,17 +162,13 @@ def test_udp_lifetimes_follow_replies(datapath, writer):
 
 
 @pytest.fixture
-def tuned(pin_dir):
+def tuned(compiled):
     """A datapath compiled with lifetimes set the way the agent's --conntrack-* flags set them:
     --conntrack-udp-timeout 5s, --conntrack-udp-timeout-stream 20s, --conntrack-tcp-timeout-close-wait 9s,
     --conntrack-tcp-timeout-established 40s (each far below abi.h's default)."""
     changed = loader.conntrack_limits(udp=5, udp_stream=20, tcp_close_wait=9, tcp_established=40)
-    dp = loader.load(pin_dir, limits=loader.Limits(**{**TEST_LIMITS.__dict__, **changed}), hairpin_addr=HAIRPIN,
-                     cache=False)
-    try:
-        yield dp, MapWriter(dp.maps)
-    finally:
-        dp.close()
+    dp = compiled.load(loader.Limits(**{**TEST_LIMITS.__dict__, **changed}), hairpin_addr=HAIRPIN)
+    return dp, MapWriter(dp.maps)
 
 
 def test_configured_lifetimes_take_effect(tuned):

@@ -1,6 +1,6 @@
 """Clients in the node's own namespace (hostNetwork pods, node daemons) to ClusterIPs: bpf/lib/host.h.
 
-from_host runs at the egress of the agent's dummy device, where the node routes the service
+from_host runs at the egress of the agent's node-client device (a veth), where the node routes the service
 CIDR: it DNATs and sends the packet on itself (no hop: the packet is the node's own). Replies
 come back addressed to the node, through the uplink (remote backend) or a pod veth (local
 backend), and get the ClusterIP back as their source.
@@ -15,7 +15,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from ebpfsvc import abi
-from ebpfsvc.datapath import hostpath, loader
+from ebpfsvc.datapath import hostpath
 from ebpfsvc.lbmodel import LBState, Protocol
 
 from .northsouth import A, LIMITS, NODE, NODE2_MAC, NODE_MAC, OK, REDIRECT, REMOTE_BE, SHOT, from_node2
@@ -23,7 +23,7 @@ from .packets import CLIENT, HAIRPIN, VIP, be, frontend, from_pod, tcp, udp
 
 pytestmark = pytest.mark.root
 
-DUMMY_MAC = "02:00:00:00:00:99"        # the dummy device's own address: both ends of its frames
+DUMMY_MAC = "02:00:00:00:00:99"        # the node-client device's own address: both ends of its frames
 WEB = frontend(VIP, 80, [be(REMOTE_BE)])
 DNS = frontend(VIP, 53, [be(REMOTE_BE, 5353, Protocol.UDP)], proto=Protocol.UDP, name="dns")
 
@@ -73,57 +73,51 @@ def test_no_backend_is_refused_into_the_host(uplink):
                  from_host(tcp(NODE, "198.19.0.99", 45003, 80, "S")), SHOT)
 
 
-def test_a_local_backend_answers_through_its_veth(uplink, pin_dir):
+def test_a_local_backend_answers_through_its_veth(uplink, compiled):
     """The reply of a backend on this node arrives on its pod veth (from_pod), addressed to the node."""
-    pod_side = loader.load(pin_dir, limits=LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE, cache=False)
-    try:
-        uplink.writer.apply(LBState.of([WEB]))
-        uplink.check("SYN", "from_host", from_host(tcp(NODE, VIP, 45004, 80, "S")), REDIRECT,
-                     out_to_node2(tcp(NODE, REMOTE_BE, 45004, 8080, "S")))
-        from ebpfsvc.datapath.testrun import prog_test_run
-        res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(from_pod(tcp(REMOTE_BE, NODE, 8080, 45004, "SA"))))
-        assert res.verdict == "TC_ACT_OK"
-        assert res.data == bytes(from_pod(tcp(VIP, NODE, 80, 45004, "SA")))
-        # A pod's packet to the node that belongs to no such flow passes untouched (kubelet probes...).
-        probe = from_pod(tcp(REMOTE_BE, NODE, 8080, 45999, "SA"))
-        res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(probe))
-        assert (res.verdict, res.data) == ("TC_ACT_OK", bytes(probe))
-    finally:
-        pod_side.close()
+    pod_side = compiled.load(LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE)    # on the uplink's maps
+    uplink.writer.apply(LBState.of([WEB]))
+    uplink.check("SYN", "from_host", from_host(tcp(NODE, VIP, 45004, 80, "S")), REDIRECT,
+                 out_to_node2(tcp(NODE, REMOTE_BE, 45004, 8080, "S")))
+    from ebpfsvc.datapath.testrun import prog_test_run
+    res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(from_pod(tcp(REMOTE_BE, NODE, 8080, 45004, "SA"))))
+    assert res.verdict == "TC_ACT_OK"
+    assert res.data == bytes(from_pod(tcp(VIP, NODE, 80, 45004, "SA")))
+    # A pod's packet to the node that belongs to no such flow passes untouched (kubelet probes...).
+    probe = from_pod(tcp(REMOTE_BE, NODE, 8080, 45999, "SA"))
+    res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(probe))
+    assert (res.verdict, res.data) == ("TC_ACT_OK", bytes(probe))
 
 
-def test_with_the_node_address_as_hairpin_source_both_replies_to_the_node_are_told_apart(uplink, pin_dir):
+def test_with_the_node_address_as_hairpin_source_both_replies_to_the_node_are_told_apart(uplink, compiled):
     """No --hairpin-address: hairpin flows take the node address as source, as kube-proxy's
     masquerade does, so a pod's packet to the node address may be a hairpin reply, a local
     backend's reply to a node client, or a new connection to a NodePort on that address."""
-    pod_side = loader.load(pin_dir, limits=LIMITS, hairpin_addr=NODE, snat_addr=NODE, cache=False)
+    pod_side = compiled.load(LIMITS, hairpin_addr=NODE, snat_addr=NODE)      # on the uplink's maps
     from ebpfsvc.datapath.testrun import prog_test_run
 
     def from_pod_prog(packet):
         res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(packet))
         return res.verdict, res.data
 
-    try:
-        node_port = frontend(NODE, 30080, [be(CLIENT)], name="np")
-        uplink.writer.apply(LBState.of([WEB, frontend(VIP, 81, [be(CLIENT)], name="self"), node_port]))
-        # Hairpin: the pod reaches itself through its Service and sees the node address.
-        assert from_pod_prog(from_pod(tcp(CLIENT, VIP, 40000, 81, "S"))) == \
-            ("TC_ACT_OK", bytes(from_pod(tcp(NODE, CLIENT, 40000, 8080, "S"))))
-        assert from_pod_prog(from_pod(tcp(CLIENT, NODE, 8080, 40000, "SA"))) == \
-            ("TC_ACT_OK", bytes(from_pod(tcp(VIP, CLIENT, 81, 40000, "SA"))))
-        # A node client's flow to a backend on this node: its reply, addressed to the node too.
-        uplink.check("SYN from the node", "from_host", from_host(tcp(NODE, VIP, 45004, 80, "S")), REDIRECT,
-                     out_to_node2(tcp(NODE, REMOTE_BE, 45004, 8080, "S")))
-        assert from_pod_prog(from_pod(tcp(REMOTE_BE, NODE, 8080, 45004, "SA"))) == \
-            ("TC_ACT_OK", bytes(from_pod(tcp(VIP, NODE, 80, 45004, "SA"))))
-        # A pod's new connection to a NodePort on the node address is balanced like any frontend.
-        verdict, data = from_pod_prog(from_pod(tcp("198.18.1.9", NODE, 41000, 30080, "S")))
-        assert (verdict, data) == ("TC_ACT_OK", bytes(from_pod(tcp("198.18.1.9", CLIENT, 41000, 8080, "S"))))
-        # Anything else to the node (a kubelet probe's answer) passes untouched.
-        probe = from_pod(tcp(REMOTE_BE, NODE, 8080, 45999, "SA"))
-        assert from_pod_prog(probe) == ("TC_ACT_OK", bytes(probe))
-    finally:
-        pod_side.close()
+    node_port = frontend(NODE, 30080, [be(CLIENT)], name="np")
+    uplink.writer.apply(LBState.of([WEB, frontend(VIP, 81, [be(CLIENT)], name="self"), node_port]))
+    # Hairpin: the pod reaches itself through its Service and sees the node address.
+    assert from_pod_prog(from_pod(tcp(CLIENT, VIP, 40000, 81, "S"))) == \
+        ("TC_ACT_OK", bytes(from_pod(tcp(NODE, CLIENT, 40000, 8080, "S"))))
+    assert from_pod_prog(from_pod(tcp(CLIENT, NODE, 8080, 40000, "SA"))) == \
+        ("TC_ACT_OK", bytes(from_pod(tcp(VIP, CLIENT, 81, 40000, "SA"))))
+    # A node client's flow to a backend on this node: its reply, addressed to the node too.
+    uplink.check("SYN from the node", "from_host", from_host(tcp(NODE, VIP, 45004, 80, "S")), REDIRECT,
+                 out_to_node2(tcp(NODE, REMOTE_BE, 45004, 8080, "S")))
+    assert from_pod_prog(from_pod(tcp(REMOTE_BE, NODE, 8080, 45004, "SA"))) == \
+        ("TC_ACT_OK", bytes(from_pod(tcp(VIP, NODE, 80, 45004, "SA"))))
+    # A pod's new connection to a NodePort on the node address is balanced like any frontend.
+    verdict, data = from_pod_prog(from_pod(tcp("198.18.1.9", NODE, 41000, 30080, "S")))
+    assert (verdict, data) == ("TC_ACT_OK", bytes(from_pod(tcp("198.18.1.9", CLIENT, 41000, 8080, "S"))))
+    # Anything else to the node (a kubelet probe's answer) passes untouched.
+    probe = from_pod(tcp(REMOTE_BE, NODE, 8080, 45999, "SA"))
+    assert from_pod_prog(probe) == ("TC_ACT_OK", bytes(probe))
 
 
 def test_node_client_routes_follow_the_wanted_set(uplink):

@@ -25,10 +25,9 @@ from scapy.layers.l2 import Ether
 
 from ebpfsvc import abi
 from ebpfsvc.config import NodeConfig
-from ebpfsvc.datapath import loader
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.desired import desired_state
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lbmodel import Frontend, FrontendKey, FrontendKind, LBState, Protocol, Scope, ServicePortName
 from ebpfsvc.sources.base import Event, EventType
 from ebpfsvc.tracker import ClusterState
@@ -94,13 +93,9 @@ def pod_veth(uplink):
 
 
 @pytest.fixture
-def pod_side(pin_dir):
+def pod_side(uplink, compiled):
     """The pod programs (lb_pod.c) on the same maps, compiled with the node address, as the agent does."""
-    dp = loader.load(pin_dir, limits=LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE, cache=False)
-    try:
-        yield dp
-    finally:
-        dp.close()
+    return compiled.load(LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE)
 
 
 def run_from_pod(dp, packet):
@@ -315,7 +310,7 @@ def test_setup_attaches_to_lo_and_cleanup_removes_everything(uplink, pin_dir):
     from pathlib import Path
 
     from ebpfsvc.datapath import hostpath, tc
-    from ebpfsvc.inspect.cleanup import cleanup
+    from ebpfsvc.datapath.cleanup import cleanup
 
     ns = uplink.netns
     lo = uplink.ifindex("lo")

@@ -303,3 +303,41 @@ def test_why_names_the_hairpin_case(datapath, writer, pin_dir):
     res = run(datapath, "from_pod", from_pod(tcp(CLIENT, VIP, 49000, 80, "S")))
     out = Ether(res.data)[IP]
     assert (out.src, out.dst) == (HAIRPIN, CLIENT)
+
+
+def test_service_list_shows_services_not_programmed_and_why(datapath, writer, pin_dir):
+    """A NodePort claimed by two Services: the older serves it, and `service list` names the other,
+    read from the pinned lb_service_status that admission writes; full maps the same way."""
+    from ebpfsvc.admission import Admission, Capacity, ServiceStatusMap
+    from ebpfsvc.config import NodeConfig
+    from ebpfsvc.desired import DesiredStateBuilder
+    from ebpfsvc.sources.base import Event, EventType
+    from ebpfsvc.tracker import ClusterState
+
+    node = NodeConfig("node-1", node_addresses=("198.18.0.11",))
+    cluster = ClusterState(node)
+    for name, ip, created in (("old", VIP, "2026-01-01T00:00:00Z"), ("new", VIP2, "2026-01-02T00:00:00Z")):
+        cluster.on_event(Event("Service", EventType.ADDED, {
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default", "creationTimestamp": created},
+            "spec": {"type": "NodePort", "clusterIP": ip, "ports": [{"port": 80, "nodePort": 30080}]}}))
+    snap = cluster.snapshot()
+    admission = Admission(Capacity(frontends=100, service_ports=100, backends=100, maglev_slots=10,
+                                   source_ranges=10, affinity_backends=10),
+                          status=ServiceStatusMap(datapath.maps["lb_service_status"]))
+    admitted = admission.admit(DesiredStateBuilder(node).build(snap), snap.services,
+                               lambda spn: writer.service_id(spn) is not None)
+    writer.apply(admitted.state, delta=admitted.delta)
+    rows = {r["service"]: r for r in cli_json(pin_dir, "service", "list")}
+    assert rows["default/new"]["not_programmed"] == (
+        "conflict: spec.ports[0].nodePort: 198.18.0.11:30080/TCP is already served by default/old; not programmed")
+    # The conflict costs the newer Service the contested frontend only: its clusterIP is served.
+    assert {f["kind"] for f in rows["default/old/TCP"]["frontends"]} == {"ClusterIP", "NodePort"}
+    assert {f["kind"] for f in rows["default/new/TCP"]["frontends"]} == {"ClusterIP"}
+    assert "NOT PROGRAMMED" in cli(pin_dir, "service", "list")
+    # The conflict resolved (the newer Service deleted): the status entry goes.
+    cluster.on_event(Event("Service", EventType.DELETED, {"kind": "Service", "metadata": {"name": "new",
+                                                                                           "namespace": "default"}}))
+    snap = cluster.snapshot()
+    admission.admit(DesiredStateBuilder(node).build(snap), snap.services, lambda spn: True)
+    assert "default/new" not in {r["service"] for r in cli_json(pin_dir, "service", "list")}

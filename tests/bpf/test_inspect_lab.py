@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ebpfsvc.cli import main
-from ebpfsvc.lab import Lab, apps, names, nsenter
-from ebpfsvc.metrics import DatapathCollector
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, apps, names
+from ebpfsvc.collectors import DatapathCollector
 
 from e2e.helpers import (add_clients, cluster_ip, service,  # noqa: I001
                          wait_programmed, wait_ready, wait_udp_bound)

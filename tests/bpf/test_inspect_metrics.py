@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
 
-from ebpfsvc.metrics import DatapathCollector
+from ebpfsvc.collectors import DatapathCollector
 from ebpfsvc.lbmodel import Protocol
 
 from .conftest import TEST_LIMITS

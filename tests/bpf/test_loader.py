@@ -71,3 +71,27 @@ def test_pins_of_other_limits_are_recreated(pin_dir, caplog):
         assert w.free_slots() == bigger.maglev_slots - maglev.table_size(1)
     finally:
         b.close()
+
+
+def test_open_maps_writes_what_the_programs_then_read_and_refuses_pins_of_other_limits(pin_dir):
+    """open_maps (the agent's start: maps before programs) creates the pins on a new node; what a
+    writer puts through its tables is what the programs loaded afterwards forward with."""
+    bpf, maps = loader.open_maps(pin_dir, limits=TEST_LIMITS)
+    try:
+        assert sorted(maps) == sorted(loader.MAPS) and (pin_dir / "lb4_frontends").exists()
+        MapWriter(maps).apply(state(frontend(VIP, 80, [be(BACKEND1)])))
+        dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+        try:
+            assert run(dp, "from_pod", from_pod(tcp(CLIENT, VIP, 40000, 80))).data == \
+                bytes(from_pod(tcp(CLIENT, BACKEND1, 40000, 8080)))
+        finally:
+            dp.close()
+    finally:
+        bpf.cleanup()
+    bigger = loader.Limits(**{**TEST_LIMITS.__dict__, "maglev_slots": TEST_LIMITS.maglev_slots * 2})
+    assert loader.open_maps(pin_dir, limits=bigger) is None        # load() recreates those: write nothing before
+    again, maps = loader.open_maps(pin_dir, limits=TEST_LIMITS)       # the pins were left as they were
+    try:
+        assert MapWriter(maps).apply(state(frontend(VIP, 80, [be(BACKEND1)]))) == ApplyStats()
+    finally:
+        again.cleanup()

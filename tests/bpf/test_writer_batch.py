@@ -6,8 +6,9 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+import pytest
 
-from ebpfsvc.datapath import batch
+from ebpfsvc.datapath import batch, loader
 
 
 class FakeTable(dict):
@@ -52,3 +53,38 @@ def test_empty_batches_touch_nothing():
     batch.update_batch(t, [])
     batch.delete_batch(t, [])
     assert batch.read_u32_array(t, 0).size == 0 and dict(t) == {}
+
+
+def test_clear_falls_back_to_zeroing_every_array_slot():
+    t = FakeTable({0: 5, 2: 7})
+    t.ttype, t.max_entries = 2, 3        # BPF_MAP_TYPE_ARRAY
+    batch.clear(t)
+    assert dict(t) == {0: 0, 1: 0, 2: 0}
+
+
+@pytest.mark.root
+def test_clear_puts_every_datapath_map_back_as_created(datapath):
+    """One entry in every map of the datapath (hash, LRU, LPM trie, array, per-CPU array), with
+    every byte of key and value set where the type allows; after clear() hash-like maps are empty
+    and every array slot reads zero on every CPU."""
+    for name in loader.MAPS:
+        table = datapath.maps[name]
+        key, leaf = table.Key(), table.Leaf()
+        ctypes.memset(ctypes.addressof(leaf), 0x5A, ctypes.sizeof(leaf))
+        if table.ttype in (2, 6):        # arrays: the last slot
+            key = table.Key(table.max_entries - 1)
+        elif name == "lb4_source_ranges":
+            key.prefixlen, key.frontend_id, key.address = 64, 7, 0x0A000000
+        else:
+            ctypes.memset(ctypes.addressof(key), 0x5A, ctypes.sizeof(key))
+        table[key] = leaf
+        assert bytes(table[key]) == bytes(leaf), name
+    for name in loader.MAPS:
+        batch.clear(datapath.maps[name])
+    for name in loader.MAPS:
+        table = datapath.maps[name]
+        if table.ttype in (2, 6):
+            assert all(not any(bytes(v)) for _, v in table.items()), f"{name}: a slot is not zero"
+            assert len(list(table.keys())) == table.max_entries
+        else:
+            assert list(table.keys()) == [], f"{name}: entries left"

@@ -16,7 +16,6 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from ebpfsvc.datapath import loader
 from ebpfsvc.datapath.writer import ApplyStats, MapWriter
 from ebpfsvc.desired import LBDelta
 from ebpfsvc.lbmodel import Algorithm, FrontendKind, LBState, Protocol, Scope
@@ -68,14 +67,9 @@ def maps_agree(dp, st: LBState) -> bool:
 
 
 @pytest.fixture
-def second_datapath(pin_dir):
-    path = pin_dir.with_name(pin_dir.name + "-full")
-    dp = loader.load(path, limits=TEST_LIMITS, cache=False)
-    try:
-        yield dp
-    finally:
-        dp.close()
-        loader.unpin(path)
+def second_datapath(compiled):
+    """A datapath on maps of its own, for the writer applying full states."""
+    return compiled.load(TEST_LIMITS, maps="second")
 
 
 @pytest.mark.parametrize("seed", range(3))

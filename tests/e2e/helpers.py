@@ -1,7 +1,7 @@
 """Helpers for the Service e2e tests: manifests, clients in pod namespaces, bounded polls, map reads.
 
 Clients are real sockets created inside a pod's network namespace from the test
-process (ebpfsvc.lab.nsenter.socket_in): the kernel treats them exactly like a
+process (ebpfsvc.datapath.nsenter.socket_in): the kernel treats them exactly like a
 program running in the pod, the packets cross the pod's veth and the node's TC
 programs, and the test needs no helper process per connection.
 
@@ -24,8 +24,9 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from ebpfsvc.inspect.node import Frontend, NodeMaps
-from ebpfsvc.lab import Lab, names, nsenter
+from ebpfsvc.inspect.node import FrontendRow, NodeMaps
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, names
 
 T = TypeVar("T")
 
@@ -283,13 +284,13 @@ def node_maps(lab: Lab, node: str) -> Iterator[NodeMaps]:
         yield maps
 
 
-def frontend(lab: Lab, node: str, address: str, port: int, proto: str = "TCP") -> Frontend | None:
+def frontend(lab: Lab, node: str, address: str, port: int, proto: str = "TCP") -> FrontendRow | None:
     """The pod-facing (internal scope) frontend address:port/proto on `node`, or None."""
     with node_maps(lab, node) as maps:
         return maps.frontend(address, port, proto, "internal")
 
 
-def table_backends(lab: Lab, node: str, fe: Frontend) -> set[tuple[str, int]]:
+def table_backends(lab: Lab, node: str, fe: FrontendRow) -> set[tuple[str, int]]:
     """(address, port) of every backend in a frontend's Maglev table on `node`."""
     with node_maps(lab, node) as maps:
         backends = maps.backends()
@@ -375,6 +376,29 @@ def wait_agents_attached(lab: Lab, pods: Iterable[str], timeout: float = SYNC_TI
 
 def wait_ready(lab: Lab, pods: Iterable[str]) -> None:
     lab.wait_ready(list(pods), timeout=READY_TIMEOUT)
+
+
+def tcp_udp_chatter(lab: Lab, prefix: str, client: str) -> tuple["Chatter", "TcpStream", socket.socket]:
+    """Pod `client` on node-1; a TCP echo Service `prefix`-tcp (port 7000) and a UDP echo Service
+    `prefix`-udp (port 53) with their pod on node-2, programmed everywhere; a long-lived TCP stream
+    and a UDP socket from the client to them, and a Chatter over both (not started yet)."""
+    from ebpfsvc.lab import apps
+
+    tcp_app, udp_app = f"{prefix}-tcp", f"{prefix}-udp"
+    lab.apply([bare_pod(client, "node-1"),
+               apps.pod(tcp_app, "tcp-echo", 7000, node="node-2", labels={"app": tcp_app}),
+               apps.pod(udp_app, "udp-echo", 5353, node="node-2", labels={"app": udp_app}),
+               service(tcp_app, [{"port": 7000}], selector={"app": tcp_app}),
+               service(udp_app, [{"port": 53, "targetPort": 5353, "protocol": "UDP"}], selector={"app": udp_app})])
+    wait_ready(lab, [tcp_app, udp_app])
+    wait_programmed(lab, tcp_app, 7000, backends=1)
+    wait_programmed(lab, udp_app, 53, backends=1, proto="UDP")
+    tcp_vip, udp_vip = cluster_ip(lab, tcp_app), cluster_ip(lab, udp_app)
+    stream = wait_for(lambda: TcpStream(lab, client, tcp_vip, 7000), what="a stream")
+    udp = udp_socket(lab, client, timeout=1)
+    wait_for(lambda: udp_ask(udp, udp_vip, 53), what="a UDP answer (app binding)")
+    udp.settimeout(5)
+    return Chatter({"tcp": stream.backend, "udp": lambda: udp_ask(udp, udp_vip, 53)["pod"]}), stream, udp
 
 
 def add_clients(lab: Lab, clients: dict[str, str]) -> Lab:

@@ -33,7 +33,8 @@ import time
 
 import pytest
 
-from ebpfsvc.lab import Lab, apps, names, nsenter, processes
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, apps, names, processes
 from ebpfsvc.lab.api import APIError
 
 from .helpers import (bare_pod, cluster_ip, frontend, http_get, service, wait_agents_attached, wait_for,

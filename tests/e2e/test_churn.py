@@ -16,8 +16,8 @@ import pytest
 from ebpfsvc.lab import Lab, apps, names
 from ebpfsvc.lab.pods import READY_ANNOTATION
 
-from .helpers import (Chatter, TcpStream, add_clients, bare_pod, cluster_ip, connect_outcome, service, udp_ask,
-                      udp_socket, wait_backend_gone, wait_for, wait_programmed, wait_ready, wait_udp_bound)
+from .helpers import (Chatter, TcpStream, add_clients, cluster_ip, connect_outcome, service, tcp_udp_chatter,
+                      udp_ask, udp_socket, wait_backend_gone, wait_for, wait_programmed, wait_ready, wait_udp_bound)
 
 pytestmark = pytest.mark.root
 
@@ -264,21 +264,7 @@ def test_agent_restart_keeps_streams(unique_prefix, node):
     """Restart an agent while a TCP stream and a UDP flow run through a Service: no reset, no
     lost exchange, same backend; the new agent serves changes afterwards."""
     with Lab.up(prefix=unique_prefix, agents=True) as lab:
-        lab.apply([bare_pod(CLIENT, "node-1"),
-                   apps.pod("rs-tcp", "tcp-echo", 7000, node="node-2", labels={"app": "rs-tcp"}),
-                   apps.pod("rs-udp", "udp-echo", 5353, node="node-2", labels={"app": "rs-udp"}),
-                   service("rs-tcp", [{"port": 7000}], selector={"app": "rs-tcp"}),
-                   service("rs-udp", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
-                           selector={"app": "rs-udp"})])
-        wait_ready(lab, ["rs-tcp", "rs-udp"])
-        wait_programmed(lab, "rs-tcp", 7000, backends=1)
-        wait_programmed(lab, "rs-udp", 53, backends=1, proto="UDP")
-        tcp_vip, udp_vip = cluster_ip(lab, "rs-tcp"), cluster_ip(lab, "rs-udp")
-        stream = wait_for(lambda: TcpStream(lab, CLIENT, tcp_vip, 7000), what="a stream")
-        udp = udp_socket(lab, CLIENT, timeout=1)
-        wait_for(lambda: udp_ask(udp, udp_vip, 53), what="a UDP answer (app binding)")
-        udp.settimeout(5)
-        chatter = Chatter({"tcp": stream.backend, "udp": lambda: udp_ask(udp, udp_vip, 53)["pod"]})
+        chatter, stream, udp = tcp_udp_chatter(lab, "rs", CLIENT)
         pod = lab.pod("rs-tcp" if node == "node-2" else CLIENT)
         link = names.pod_host_link("default", pod["metadata"]["name"])
         before = _tc_program_ids(lab, node, link)

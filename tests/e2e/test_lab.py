@@ -17,7 +17,8 @@ import time
 import pytest
 import yaml
 
-from ebpfsvc.lab import Lab, LabError, apps, controlplane, labfile, names, nsenter, processes
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, LabError, apps, controlplane, labfile, names, processes
 from ebpfsvc.lab.pods import READY_ANNOTATION, process as pod_process
 
 from .helpers import wait_for

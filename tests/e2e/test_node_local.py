@@ -21,7 +21,8 @@ import sys
 
 import pytest
 
-from ebpfsvc.lab import Lab, apps, nsenter
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, apps
 
 from .helpers import NODE_UDP_QUERY, node_maps, service, wait_for, wait_ready
 

@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 import pytest
 from pyroute2 import IPRoute
 
-from ebpfsvc.lab import Lab, apps, kubeproxy, nsenter
+from ebpfsvc.datapath import nsenter
+from ebpfsvc.lab import Lab, apps, kubeproxy
 from ebpfsvc.lab.network import UPLINK
 
 from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, http_get, service, wait_agents_attached,

@@ -146,7 +146,7 @@ def test_udp_service(lab):
 
 def test_node_clients_reach_clusterips(lab):
     """A process in node-1's own namespace (a hostNetwork pod, a node daemon) reaches ClusterIPs
-    through the dummy device the agent routes the service CIDR to: TCP to a backend on node-1
+    through the node-client device (a veth) the agent routes the service CIDR to: TCP to a backend on node-1
     and one on node-2, UDP, and an empty Service refused at once. Backends see the node address."""
     lab.apply([echo("host-be-1", "node-1"), echo("host-be-2", "node-2"),
                echo("host-dns", "node-2", 5353, "udp-echo"),

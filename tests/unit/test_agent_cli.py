@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from ebpfsvc import agent_cli
+from ebpfsvc.cli import agent as agent_cli
 
 
 def _run(tmp_path, monkeypatch, text, *args):
@@ -145,3 +145,33 @@ def test_service_cidr_is_optional(tmp_path, monkeypatch):
     result, cfg = _run(tmp_path, monkeypatch, "{}\n", "--node-name=n1")
     assert result.exit_code == 0, result.output
     assert cfg.node.service_cidr is None
+
+
+def test_map_sizes_from_flags_and_the_config_file_reach_the_datapath_limits(tmp_path, monkeypatch):
+    from ebpfsvc.datapath import loader
+    result, cfg = _run(tmp_path, monkeypatch, "max-maglev-slots: 33554432\nmax-backends: 200000\n",
+                       "--node-name=n1", "--max-frontends=100000", "--max-backends=300000")
+    assert result.exit_code == 0, result.output
+    assert (cfg.limits["maglev_slots"], cfg.limits["backends"], cfg.limits["frontends"]) == (33554432, 300000, 100000)
+    defines = loader.Limits(**cfg.limits).defines()
+    assert (defines["LB_MAGLEV_SLOTS_MAX"], defines["LB_BACKENDS_MAX"]) == (33554432, 300000)
+    result, cfg = _run(tmp_path, monkeypatch, "", "--node-name=n1", "--max-backends=0")
+    assert result.exit_code != 0 and "--max-backends" in result.output and "Traceback" not in result.output
+
+
+def test_defaults_live_in_one_place():
+    """The agent, `drift` and the inspection commands take --pin-dir and --service-node-port-range
+    defaults from ebpfsvc.config, and parse port ranges one way."""
+    from ebpfsvc import config
+    from ebpfsvc.cli import agent as agent_cli, inspect as inspect_cli
+
+    def default(cmd, name):
+        return next(p.default for p in cmd.params if p.name == name)
+
+    assert default(agent_cli.agent, "pin_dir") == default(inspect_cli.drift, "pin_dir") == config.DEFAULT_PIN_DIR
+    assert default(inspect_cli.why, "pin_dir") == config.DEFAULT_PIN_DIR
+    assert default(agent_cli.agent, "service_node_port_range") == default(
+        inspect_cli.drift, "service_node_port_range") == "30000-32767"
+    assert type(next(p for p in inspect_cli.drift.params if p.name == "service_node_port_range").type) is \
+        type(next(p for p in agent_cli.agent.params if p.name == "service_node_port_range").type)
+    assert config.NodeConfig("n").nodeport_range == config.parse_port_range("30000-32767") == (30000, 32767)

@@ -264,7 +264,7 @@ def test_only_the_bpffs_mount_runs_privileged():
 # --- the agent's command line and config file, through the real CLI --------------------------------
 
 def _agent_command():
-    cli = pytest.importorskip("ebpfsvc.agent_cli", reason="ebpfsvc agent not there yet")
+    cli = pytest.importorskip("ebpfsvc.cli.agent", reason="ebpfsvc agent not there yet")
     return cli
 
 
@@ -715,3 +715,16 @@ def test_kernel_headers_init_with_no_capability_yields_a_tree_bcc_compiles_the_d
         assert r.returncode == 0 and "from_pod" in r.stdout, r.stderr[-2000:]
     finally:
         shutil.rmtree(pins, ignore_errors=True)
+
+
+def test_configmap_documents_the_map_size_flags_the_agent_has():
+    """The ConfigMap's commented map-size keys are real flags, and every --max-* flag is in the docs."""
+    import re
+
+    cli = _agent_command()
+    text = (DEPLOY / "configmap.yaml").read_text()
+    shown = re.findall(r"#\s+(max-[a-z-]+):", text)
+    known = {opt.lstrip("-") for p in cli.agent.params for opt in p.opts}
+    assert shown and set(shown) <= known
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    assert all(f"`{flag}`" in ops for flag, _, _ in cli.MAP_LIMIT_FLAGS)

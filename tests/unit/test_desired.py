@@ -418,3 +418,63 @@ def test_external_ip_source_ranges_annotation_must_be_a_boolean():
     (problem,) = state.problems
     assert problem.field == "metadata.annotations[ebpfsvc.io/external-ips-source-ranges]"
     assert "Service default/bad" in str(problem)
+
+
+def _svc(name, created=None, cluster_ip="198.19.1.20", node_port=None, external_ips=()):
+    port = {"name": "http", "port": 80, "targetPort": 8080}
+    spec = {"clusterIP": cluster_ip, "ports": [port], "externalIPs": list(external_ips)}
+    if node_port:
+        spec["type"], port["nodePort"] = "NodePort", node_port
+    meta = {"name": name, "namespace": "default"}
+    if created:
+        meta["creationTimestamp"] = created
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+
+
+def _snapshot(*objs) -> ClusterSnapshot:
+    state = ClusterState(NodeConfig("any"))
+    for obj in objs:
+        state.on_event(Event(obj["kind"], EventType.ADDED, obj))
+    assert state.problems == []
+    return state.snapshot()
+
+
+def test_conflicts_oldest_service_wins_whatever_its_name():
+    # "a-newer" sorts first by name but was created later: the older "z-older" keeps the clusterIP,
+    # the NodePort and the externalIP, on every node, whatever order the events came in.
+    older = _svc("z-older", "2026-01-01T00:00:00Z", node_port=30080, external_ips=["198.18.200.71"])
+    newer = _svc("a-newer", "2026-01-02T10:00:00+02:00", node_port=30080, external_ips=["198.18.200.71"])
+    for objs in ((older, newer), (newer, older)):
+        result = build_desired_state(_snapshot(*objs), NODE1)
+        assert {fe.service.name for fe in result.state.frontends.values()} == {"z-older"}
+        assert sorted({p.field for p in result.conflicts}) == ["spec.clusterIP", "spec.externalIPs",
+                                                              "spec.ports[0].nodePort"]
+        assert {p.name for p in result.conflicts} == {"a-newer"}
+        assert ("Service default/a-newer: spec.ports[0].nodePort: 198.18.0.11:30080/TCP is already served by "
+                "default/z-older; not programmed") in [str(p) for p in result.conflicts]
+
+
+def test_same_creation_time_goes_by_name():
+    a, b = _svc("b-svc", "2026-01-01T00:00:00Z"), _svc("a-svc", "2026-01-01T00:00:00Z")
+    result = build_desired_state(_snapshot(a, b), NODE1)
+    assert {fe.service.name for fe in result.state.frontends.values()} == {"a-svc"}
+
+
+def test_a_service_whose_frontends_fail_costs_only_itself(monkeypatch):
+    real = desired._port_frontends
+
+    def flaky(snapshot, node, zone, svc, *args):
+        if svc.name == "broken":
+            raise RuntimeError("boom")
+        return real(snapshot, node, zone, svc, *args)
+
+    monkeypatch.setattr(desired, "_port_frontends", flaky)
+    builder = desired.DesiredStateBuilder(NODE1)
+    first = builder.build(_snapshot(_svc("broken", cluster_ip="198.19.1.21"), _svc("fine")))
+    assert {fe.service.name for fe in first.state.frontends.values()} == {"fine"}
+    assert [str(p) for p in first.failures] == [
+        "Service default/broken: frontends cannot be computed (RuntimeError: boom); not programmed"]
+    monkeypatch.setattr(desired, "_port_frontends", real)
+    again = builder.build(_snapshot(_svc("broken", cluster_ip="198.19.1.22"), _svc("fine")))
+    assert {fe.service.name for fe in again.state.frontends.values()} == {"fine", "broken"}
+    assert again.failures == ()

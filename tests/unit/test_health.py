@@ -15,7 +15,8 @@ import pytest
 from ebpfsvc.health import (HealthServer, ProxierHealth, ServiceHealthServers, local_endpoint_counts,
                             parse_bind_address)
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, LBState, Scope, ServicePortName
-from ebpfsvc.metrics import Telemetry
+from ebpfsvc.collectors import AgentReadings
+from ebpfsvc.telemetry import Telemetry
 
 
 class FakeClock:
@@ -101,7 +102,7 @@ def test_livez_fails_only_on_stale_updates_as_kube_proxy():
         clock.advance(600)                                   # a slow first sync is not killed
         assert get(srv.port, "/livez")[0] == 200 and h.stale() == ""
         h.updated()
-        h.node_changed(node_obj(taints=[TO_BE_DELETED]))
+        h.node_changed(parse_node(node_obj(taints=[TO_BE_DELETED])))
         h.set_fault("uplinks", "uplink bond0 not found")
         assert get(srv.port, "/healthz")[0] == 503
         assert get(srv.port, "/livez")[0] == 200             # a restart would change neither
@@ -249,10 +250,21 @@ class FakeAgent:
     desired: object = None
 
 
+def telemetry(agent: FakeAgent, clock=None) -> Telemetry:
+    """A Telemetry reading the fake agent as the real one hands itself over (agent.Agent)."""
+    state = lambda: agent.state  # noqa: E731
+    readings = AgentReadings(
+        loops_alive=lambda: agent.runner.alive, sync_failures=lambda: agent.runner.failures,
+        source_stats=lambda: agent.source.stats, invalid_objects=lambda: agent.invalid_objects,
+        problems=lambda: state().problems if state() is not None else [],
+        pending_changes=(lambda: state().pending_changes()) if agent.state is not None else None)
+    return Telemetry(agent.config, readings, **({"clock": clock} if clock is not None else {}))
+
+
 def test_agent_states_starting_synced_api_lost_stale_stopping():
     clock = FakeClock()
     agent = FakeAgent()
-    t = Telemetry(agent, clock=clock)
+    t = telemetry(agent, clock)
     t.start()
     port = t.healthz_server.port
     try:
@@ -334,7 +346,7 @@ def test_taken_addresses_are_retried_in_the_background_not_fatal(monkeypatch, ca
     hport, mport = healthz.getsockname()[1], metrics.getsockname()[1]
     agent = FakeAgent(config=FakeConfig(healthz_bind_address=f"127.0.0.1:{hport}",
                                         metrics_bind_address=f"127.0.0.1:{mport}"))
-    t = Telemetry(agent, clock=FakeClock())
+    t = telemetry(agent, FakeClock())
     caplog.set_level(logging.INFO, logger="ebpfsvc.health")
     try:
         t.start()                                    # no exception: the agent goes on and programs Services
@@ -367,7 +379,7 @@ def test_bind_address_hard_fail_is_one_clear_error():
     held = hold_port()
     port = held.getsockname()[1]
     agent = FakeAgent(config=FakeConfig(healthz_bind_address=f"127.0.0.1:{port}", bind_address_hard_fail=True))
-    t = Telemetry(agent, clock=FakeClock())
+    t = telemetry(agent, FakeClock())
     try:
         with pytest.raises(BindError) as err:
             t.start()
@@ -430,6 +442,7 @@ from ebpfsvc.config import NodeConfig  # noqa: E402
 from ebpfsvc.desired import DesiredStateBuilder  # noqa: E402
 from ebpfsvc.health import serving_problems  # noqa: E402
 from ebpfsvc.k8s.fields import Problem  # noqa: E402
+from ebpfsvc.k8s.node import parse_node  # noqa: E402
 from ebpfsvc.sources.base import Event, EventType  # noqa: E402
 from ebpfsvc.tracker import ClusterState  # noqa: E402
 
@@ -449,17 +462,17 @@ def test_node_eligible_follows_the_node_as_kube_proxy_decides():
     h.updated()
     ok, state, _, body = h.status()
     assert ok and body["nodeEligible"] is True                 # eligible until a Node event says otherwise
-    h.node_changed(node_obj(taints=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]))
+    h.node_changed(parse_node(node_obj(taints=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}])))
     assert h.status()[0] is True                               # cordoned is still eligible
-    h.node_changed(node_obj(taints=[TO_BE_DELETED]))
+    h.node_changed(parse_node(node_obj(taints=[TO_BE_DELETED])))
     ok, state, reason, body = h.status()
     assert (ok, state, body["nodeEligible"]) == (False, "node-ineligible", False)
     assert body["healthy"] is True                             # kube-proxy's body: the proxier's health alone
     assert reason == "tainted ToBeDeletedByClusterAutoscaler (the cluster autoscaler is removing it)"
     assert h.proxier_healthy() is True                         # serviceProxyHealthy ignores the Node
-    h.node_changed(node_obj())
+    h.node_changed(parse_node(node_obj()))
     assert h.status()[0] is True and h.status()[3]["nodeEligible"] is True
-    h.node_changed(node_obj(deleting=True))
+    h.node_changed(parse_node(node_obj(deleting=True)))
     assert h.status()[2] == "its Node object is being deleted"
     h.node_changed(None)
     assert h.status()[2] == "its Node object is deleted"
@@ -469,8 +482,8 @@ def test_node_eligible_follows_the_node_as_kube_proxy_decides():
 
 def test_healthz_body_carries_node_eligible_and_the_node_events_reach_it():
     agent = FakeAgent(config=FakeConfig(node=NodeConfig(node_name="node-a")))
-    t = Telemetry(agent, clock=FakeClock())
-    tap = t.sink(ClusterState())
+    t = telemetry(agent, FakeClock())
+    tracker = ClusterState(agent.config.node, on_node=t.health.node_changed)    # as the agent wires them
     t.start()
     port = t.healthz_server.port
     try:
@@ -478,16 +491,16 @@ def test_healthz_body_carries_node_eligible_and_the_node_events_reach_it():
         t.sync_done(0.001)
         code, body, _ = get(port, "/healthz")
         assert code == 200 and body["nodeEligible"] is True
-        tap.on_relist("Node", [node_obj("node-b", taints=[TO_BE_DELETED]), node_obj("node-a")])
+        tracker.on_relist("Node", [node_obj("node-b", taints=[TO_BE_DELETED]), node_obj("node-a")])
         assert get(port, "/healthz")[0] == 200                 # another node's taint is not ours
-        tap.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a", taints=[TO_BE_DELETED])))
+        tracker.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a", taints=[TO_BE_DELETED])))
         code, body, _ = get(port, "/healthz")
         assert (code, body["nodeEligible"], body["state"]) == (503, False, "node-ineligible")
         code, body, _ = get(port, "/livez")
         assert code == 200 and "nodeEligible" not in body     # kube-proxy's /livez: alive, whatever the Node
-        tap.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a")))
+        tracker.on_event(Event("Node", EventType.MODIFIED, node_obj("node-a")))
         assert get(port, "/healthz")[0] == 200
-        tap.on_event(Event("Node", EventType.DELETED, node_obj("node-a")))
+        tracker.on_event(Event("Node", EventType.DELETED, node_obj("node-a")))
         assert get(port, "/healthz")[1]["nodeEligible"] is False
     finally:
         t.close()
@@ -516,11 +529,11 @@ def service(name, cluster_ip, *, node_port=None):
 def synced_telemetry(node: NodeConfig, services: list[dict]):
     """A Telemetry over a real tracker and desired-state builder, the Services listed and synced once."""
     agent = FakeAgent(config=FakeConfig(node=node), state=ClusterState(node), desired=DesiredStateBuilder(node))
-    t = Telemetry(agent, clock=FakeClock())
-    tap = t.sink(agent.state)
-    tap.on_relist("Service", services)
-    agent.last_applied = agent.desired.build(agent.state.snapshot()).state
-    t.sync_done(0.001)
+    t = telemetry(agent, FakeClock())
+    agent.state.on_relist("Service", services)
+    snapshot = agent.state.snapshot()
+    agent.last_applied = agent.desired.build(snapshot).state
+    t.sync_done(0.001, snapshot=snapshot, node=agent.desired.node, applied=agent.last_applied)
     return t
 
 

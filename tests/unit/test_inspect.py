@@ -10,19 +10,19 @@ from click.testing import CliRunner
 
 from ebpfsvc import abi
 from ebpfsvc.cli import main
-from ebpfsvc.inspect import bpfmap
-from ebpfsvc.inspect.node import (Frontend, ct_closing, ct_lifetime_s, flag_names, ip_str, port_int, raw_ip,
+from ebpfsvc.datapath import bpfsys
+from ebpfsvc.inspect.node import (FrontendRow, ct_closing, ct_lifetime_s, flag_names, ip_str, port_int, raw_ip,
                                   raw_port, _SVC_FLAGS, _CT_FLAGS)
 
 CT_H = Path(abi.__file__).resolve().parent.parent / "bpf" / "lib" / "ct.h"
-LB_H = Path(abi.__file__).resolve().parent.parent / "bpf" / "lib" / "lb.h"
+LB_H = abi.ABI_H      # where bpf/lib/lb.h's LB_TERMINATING_PROBES is defined, for Python to read
 
 
 def test_wire_order_round_trips():
     assert ip_str(raw_ip("198.19.0.10")) == "198.19.0.10"
     assert port_int(raw_port(30080)) == 30080
     # A __be32 holds the address bytes in network order, whatever the host's byte order.
-    assert raw_ip("1.2.3.4").to_bytes(4, bpfmap._BYTEORDER) == bytes([1, 2, 3, 4])
+    assert raw_ip("1.2.3.4").to_bytes(4, bpfsys._BYTEORDER) == bytes([1, 2, 3, 4])
 
 
 def test_every_abi_flag_has_a_name():
@@ -36,7 +36,7 @@ def test_every_abi_flag_has_a_name():
 
 def test_frontend_kind_and_algorithm_from_flags():
     def fe(flags):
-        return Frontend("198.19.0.10", 80, "TCP", "internal", 1, 1, 0, 251, 2, 0, flags)
+        return FrontendRow("198.19.0.10", 80, "TCP", "internal", 1, 1, 0, 251, 2, 0, flags)
     assert (fe(0).kind, fe(0).algorithm) == ("ClusterIP", "maglev")
     assert fe(abi.LB_SVC_F_NODEPORT | abi.LB_SVC_F_RANDOM).kind == "NodePort"
     assert fe(abi.LB_SVC_F_RANDOM).algorithm == "random"
@@ -70,7 +70,7 @@ def test_terminating_probes_match_lb_h():
 
 
 def test_cpu_lists():
-    assert [bpfmap.count_cpu_list(t) for t in ("0", "0-1\n", "0,2-3", "0-3,8-11")] == [1, 2, 3, 8]
+    assert [bpfsys.count_cpu_list(t) for t in ("0", "0-1\n", "0,2-3", "0-3,8-11")] == [1, 2, 3, 8]
 
 
 def test_cli_argument_errors():

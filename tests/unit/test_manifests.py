@@ -282,3 +282,56 @@ def test_invalid_seed_directory_reports_each_problem(tmp_path, caplog):
         "Service default/my-service: spec.ports[0].protocol: 'http' is not one of TCP, UDP, SCTP"]
     assert state.snapshot().services == {}
     assert len(caplog.records) == 5      # one line per broken object or file
+
+
+# A "billion laughs" in a Service's annotations (kept small here: each level multiplies by 9).
+ALIAS_BOMB = """apiVersion: v1
+kind: Service
+metadata:
+  name: bomb
+  annotations:
+    a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+    b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+    c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+spec:
+  clusterIP: 198.19.0.12
+  ports:
+  - port: 80
+"""
+
+
+def test_yaml_aliases_are_refused_in_one_line_and_the_files_objects_kept(tmp_path, sink, caplog):
+    write(tmp_path / "a.yaml", svc("web", "198.19.0.10"))
+    write(tmp_path / "b.yaml", svc("api", "198.19.0.11"))
+    source = ManifestSource(tmp_path, sink)
+    scan(source)
+    sink.take()
+    write(tmp_path / "a.yaml", ALIAS_BOMB)
+    write(tmp_path / "b.yaml", svc("api", "198.19.0.11", port=8080))
+    with caplog.at_level(logging.WARNING, logger="ebpfsvc.sources.manifests"):
+        scan(source)
+    assert sink.take() == [("MODIFIED", "Service", "default", "api")]   # the other file still counts
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"{tmp_path / 'a.yaml'}:7: YAML alias *a refused: aliases can expand a few bytes into millions of "
+        f"nodes; write the value out; keeping the 1 object(s) it held before")
+
+
+def test_anchor_without_alias_is_fine(tmp_path, sink):
+    write(tmp_path / "a.yaml", svc("web", "198.19.0.10").replace("spec:", "spec: &s", 1))
+    ManifestSource(tmp_path, sink).resync_now()
+    assert sink.take()[0] == ("ADDED", "Service", "default", "web")
+
+
+def test_oversized_file_is_refused_in_one_line(tmp_path, sink, caplog, monkeypatch):
+    from ebpfsvc.sources import manifests
+
+    monkeypatch.setattr(manifests, "MAX_FILE_BYTES", 1024 * 1024)
+    write(tmp_path / "big.yaml", svc("big", "198.19.0.10") + "# " + "x" * (1024 * 1024) + "\n")
+    write(tmp_path / "ok.yaml", svc("web", "198.19.0.11"))
+    with caplog.at_level(logging.WARNING, logger="ebpfsvc.sources.manifests"):
+        ManifestSource(tmp_path, sink).resync_now()
+    assert sink.take() == [("ADDED", "Service", "default", "web")] + SYNCED_ALL
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'big.yaml'}: larger than 1 MiB; not read (split it into several files); "
+        f"keeping the 0 object(s) it held before"]

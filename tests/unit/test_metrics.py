@@ -1,6 +1,6 @@
 """Agent-side metrics without a kernel: sync and network-programming histograms
-with a fake clock, watch statistics, invalid objects, healthCheckNodePorts seen
-by the source tap; and /metrics served on 127.0.0.1."""
+with a fake clock, watch statistics, invalid objects, healthCheckNodePorts in the
+tracker's snapshots; and /metrics served on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ebpfsvc.metrics import PROGRAMMING_BUCKETS, SYNC_BUCKETS, SourceTap, Telemetry
+from ebpfsvc.metrics import PROGRAMMING_BUCKETS, SYNC_BUCKETS
 from ebpfsvc.sources.base import Event, EventType
 from ebpfsvc.tracker import ClusterState
 
-from test_health import FakeAgent, FakeClock, FakeConfig
+from test_health import FakeAgent, FakeClock, FakeConfig, telemetry
 
 
 def samples(registry) -> dict[tuple, float]:
@@ -57,39 +57,42 @@ def test_buckets_are_kube_proxys():
     assert len(PROGRAMMING_BUCKETS) == 2 + 59 + 12 + 7
 
 
-def test_source_tap_health_check_node_ports():
-    state = ClusterState()
-    tap = SourceTap(state)
-    tap.on_event(Event("Service", EventType.ADDED, svc("web", hcnp=31000)))
-    tap.on_event(Event("Service", EventType.ADDED, svc("cluster", hcnp=31001, etp="Cluster")))
-    tap.on_event(Event("Service", EventType.ADDED, svc("np", hcnp=31002, type_="NodePort")))
-    tap.on_event(Event("Service", EventType.ADDED, svc("bad", hcnp="31003")))
-    assert tap.ports() == {("default", "web"): 31000}
-    tap.on_event(Event("Service", EventType.MODIFIED, svc("web", hcnp=31005)))
-    assert tap.ports() == {("default", "web"): 31005}
-    tap.on_relist("Service", [svc("api", hcnp=31010)])        # a re-list replaces what we knew
-    assert tap.ports() == {("default", "api"): 31010}
-    tap.on_event(Event("Service", EventType.DELETED, svc("api", hcnp=31010)))
-    assert tap.ports() == {}
+def test_health_check_node_ports_in_the_tracker():
+    tracker = ClusterState()
+
+    def ports():        # what a sync hands to telemetry's healthCheckNodePort servers
+        return tracker.snapshot().health_check_node_ports()
+
+    tracker.on_event(Event("Service", EventType.ADDED, svc("web", hcnp=31000)))
+    tracker.on_event(Event("Service", EventType.ADDED, svc("cluster", hcnp=31001, etp="Cluster")))
+    tracker.on_event(Event("Service", EventType.ADDED, svc("np", hcnp=31002, type_="NodePort")))
+    tracker.on_event(Event("Service", EventType.ADDED, svc("bad", hcnp="31003")))
+    assert ports() == {("default", "web"): 31000}
+    tracker.on_event(Event("Service", EventType.MODIFIED, svc("web", hcnp=31005)))
+    assert ports() == {("default", "web"): 31005}
+    tracker.on_relist("Service", [svc("api", hcnp=31010)])        # a re-list replaces what we knew
+    assert ports() == {("default", "api"): 31010}
+    tracker.on_event(Event("Service", EventType.DELETED, svc("api", hcnp=31010)))
+    assert ports() == {}
     # Everything still reaches the tracker.
-    tap.on_synced("Service")
-    assert "Service" in state.synced_kinds
+    tracker.on_synced("Service")
+    assert "Service" in tracker.synced_kinds
 
 
 def test_sync_and_programming_latency_histograms():
     clock = FakeClock(1_700_000_000.0)
     agent = FakeAgent(config=FakeConfig(healthz_bind_address=""))
-    t = Telemetry(agent, clock=clock)
-    tap = t.sink(ClusterState())             # started at 1_700_000_000 = 2023-11-14T22:13:20Z
+    t = telemetry(agent, clock)
+    tracker = ClusterState(clock=clock)          # started at 1_700_000_000 = 2023-11-14T22:13:20Z
     clock.advance(5)
     # Triggered 2.5 s before we receive it (annotation); another without annotation, received now;
     # one triggered before the agent started (not ours to time, like kube-proxy).
-    tap.on_event(Event("EndpointSlice", EventType.ADDED, eps("web", "2023-11-14T22:13:22.5Z")))
-    tap.on_event(Event("Service", EventType.ADDED, svc("web")))
-    tap.on_event(Event("EndpointSlice", EventType.ADDED, eps("old", "2020-01-01T00:00:00Z")))
+    tracker.on_event(Event("EndpointSlice", EventType.ADDED, eps("web", "2023-11-14T22:13:22.5Z")))
+    tracker.on_event(Event("Service", EventType.ADDED, svc("web")))
+    tracker.on_event(Event("EndpointSlice", EventType.ADDED, eps("old", "2020-01-01T00:00:00Z")))
     clock.advance(0.5)
     t.queued()
-    t.sync_started()
+    t.sync_started(tracker.snapshot().trigger_times)
     clock.advance(0.5)
     t.sync_done(0.003, Stats(writes=7))
     m = samples(t.metrics.registry)
@@ -105,7 +108,7 @@ def test_sync_and_programming_latency_histograms():
     assert v(m, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") == clock.t - 0.5
     assert v(m, "ebpfsvc_sync_proxy_rules_map_writes_total") == 7
     # A no-op periodic sync: a duration, no programming latency (nothing was pending).
-    t.sync_started()
+    t.sync_started(tracker.snapshot().trigger_times)
     t.sync_done(0.0005)
     m = samples(t.metrics.registry)
     assert v(m, "kubeproxy_sync_proxy_rules_duration_seconds_count") == 2
@@ -122,7 +125,7 @@ def test_watch_stats_invalid_objects_and_failures_are_exported():
     agent.invalid_objects = 3
     agent.state = ClusterState()
     agent.runner.failures = 2
-    t = Telemetry(agent)
+    t = telemetry(agent)
     m = samples(t.metrics.registry)
     assert v(m, "ebpfsvc_watch_relists_total", kind="Service") == 2
     assert v(m, "ebpfsvc_watch_restarts_total", kind="Service") == 4
@@ -137,7 +140,7 @@ def test_watch_stats_invalid_objects_and_failures_are_exported():
 
 def test_metrics_endpoint_serves_the_registry_on_the_bind_address():
     agent = FakeAgent(config=FakeConfig(healthz_bind_address="127.0.0.1:0", metrics_bind_address="127.0.0.1:0"))
-    t = Telemetry(agent)
+    t = telemetry(agent)
     t.start()
     try:
         port = t.metrics_server.port
@@ -157,19 +160,20 @@ def test_kube_proxy_change_counters_and_pending_gauges():
     re-list's too); _pending counts the net changes a sync has not taken yet."""
     agent = FakeAgent(config=FakeConfig(healthz_bind_address=""))
     agent.state = ClusterState()
-    t = Telemetry(agent)
-    tap = t.sink(agent.state)
-    tap.on_relist("Service", [svc("web"), svc("api")])
-    tap.on_event(Event("EndpointSlice", EventType.ADDED, eps("web")))
-    tap.on_event(Event("Service", EventType.MODIFIED, svc("web", etp="Cluster")))
+    t = telemetry(agent)
+    tracker = agent.state
+    tracker.on_received = t.metrics.changed         # as the agent wires them
+    tracker.on_relist("Service", [svc("web"), svc("api")])
+    tracker.on_event(Event("EndpointSlice", EventType.ADDED, eps("web")))
+    tracker.on_event(Event("Service", EventType.MODIFIED, svc("web", etp="Cluster")))
     m = samples(t.metrics.registry)
     assert v(m, "kubeproxy_sync_proxy_rules_service_changes_total") == 3
     assert v(m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 1
     assert v(m, "kubeproxy_sync_proxy_rules_service_changes_pending") == 2
     assert v(m, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 1
     agent.state.snapshot()                                     # what a sync takes
-    tap.on_event(Event("EndpointSlice", EventType.DELETED, eps("web")))
-    tap.on_event(Event("EndpointSlice", EventType.ADDED, eps("web")))   # nets to nothing: not pending
+    tracker.on_event(Event("EndpointSlice", EventType.DELETED, eps("web")))
+    tracker.on_event(Event("EndpointSlice", EventType.ADDED, eps("web")))   # nets to nothing: not pending
     m = samples(t.metrics.registry)
     assert v(m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 3
     assert v(m, "kubeproxy_sync_proxy_rules_service_changes_pending") == 0
@@ -178,7 +182,7 @@ def test_kube_proxy_change_counters_and_pending_gauges():
 
 
 def test_kube_proxy_metric_names_and_process_metrics_are_exported():
-    t = Telemetry(FakeAgent(config=FakeConfig(healthz_bind_address="")))
+    t = telemetry(FakeAgent(config=FakeConfig(healthz_bind_address="")))
     t.sync_done(0.01)
     names = {fam.name for fam in text_string_to_metric_families(generate_latest(t.metrics.registry).decode())}
     # prometheus_client drops _total from counter family names; kube-proxy's full names are below.

@@ -262,6 +262,59 @@ INVALID_SERVICES = [
 ]
 
 
+# Names follow Kubernetes' rules (k8s/names.py): what the API server would refuse stops here, so it
+# can never reach a map key, a log line or a metric label the rest of the agent relies on.
+INVALID_NAMES = [
+    ("colon in the Service name", {"name": "h-coll:x"},
+     "metadata.name: 'h-coll:x' is not a DNS-1035 label"),
+    ("slash in the Service name", {"name": "a/b"}, "metadata.name: 'a/b' is not a DNS-1035 label"),
+    ("Service name starting with a digit", {"name": "1web"}, "metadata.name: '1web' is not a DNS-1035 label"),
+    ("upper case", {"name": "Web"}, "metadata.name: 'Web' is not a DNS-1035 label"),
+    ("Service name too long", {"name": "a" * 64}, "metadata.name: '" + "a" * 64 + "' is longer than 63"),
+    ("lone surrogate in the name", {"name": "web\ud800"},
+     "metadata.name: 'web\\ud800' is not a DNS-1035 label"),
+    ("namespace with a dot", {"namespace": "a.b"}, "metadata.namespace: 'a.b' is not a DNS-1123 label"),
+    ("creationTimestamp not a time", {"creationTimestamp": "yesterday"},
+     "metadata.creationTimestamp: 'yesterday' is not an RFC 3339 time"),
+    ("creationTimestamp without a zone", {"creationTimestamp": "2026-01-01T00:00:00"},
+     "metadata.creationTimestamp: '2026-01-01T00:00:00' is not an RFC 3339 time"),
+]
+
+
+@pytest.mark.parametrize("meta,message", [c[1:] for c in INVALID_NAMES], ids=[c[0] for c in INVALID_NAMES])
+def test_invalid_service_name(meta, message):
+    obj = service()
+    obj["metadata"].update(meta)
+    assert message in error_of(lambda o: parse_service(o, CONFIG), obj)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("x:y", "spec.ports[0].name: 'x:y' is not a DNS-1123 label"),
+    ("HTTP", "spec.ports[0].name: 'HTTP' is not a DNS-1123 label"),
+    ("-a", "spec.ports[0].name: '-a' is not a DNS-1123 label"),
+    ("p" * 64, "spec.ports[0].name: '" + "p" * 64 + "' is longer than 63 characters"),
+])
+def test_invalid_service_port_name(name, message):
+    assert message in error_of(lambda o: parse_service(o, CONFIG), service(ports=[{"name": name, "port": 80}]))
+
+
+def test_invalid_endpoint_slice_names():
+    obj = example("13-example-endpointslice.yaml", "EndpointSlice")
+    bad = copy.deepcopy(obj)
+    bad["metadata"]["name"] = "Slice_1"
+    assert "metadata.name: 'Slice_1' is not a DNS-1123 subdomain" in error_of(parse_endpoint_slice, bad)
+    bad = copy.deepcopy(obj)
+    bad["ports"][0]["name"] = "a/b"
+    assert "ports[0].name: 'a/b' is not a DNS-1123 label" in error_of(parse_endpoint_slice, bad)
+    bad = copy.deepcopy(obj)
+    bad["metadata"]["labels"]["kubernetes.io/service-name"] = "-web"
+    assert "metadata.labels[kubernetes.io/service-name]: '-web' is not a label value" \
+        in error_of(parse_endpoint_slice, bad)
+    dotted = copy.deepcopy(obj)
+    dotted["metadata"]["name"] = "web.abc12"           # subdomains may have dots
+    assert parse_endpoint_slice(dotted).name == "web.abc12"
+
+
 @pytest.mark.parametrize("spec,message", [c[1:] for c in INVALID_SERVICES], ids=[c[0] for c in INVALID_SERVICES])
 def test_invalid_service(spec, message):
     assert message in error_of(lambda o: parse_service(o, CONFIG), service(**spec))

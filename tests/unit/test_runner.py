@@ -61,3 +61,30 @@ def test_bad_intervals_are_rejected():
     import pytest
     with pytest.raises(ValueError, match="min_interval"):
         BoundedFrequencyRunner("t", lambda: None, min_interval=5, max_interval=1)
+
+
+def test_failures_back_off_and_a_change_retries_at_once():
+    """A sync that keeps failing (a map too small) is retried ever less often, not in a busy loop;
+    a change asks for a retry at once.  (Counts of calls: the back-off is 1000 s, far beyond the test.)"""
+    import threading as _threading
+
+    calls = []
+    gate = _threading.Event()
+
+    def failing():
+        calls.append(1)
+        gate.set()
+        raise RuntimeError("map full")
+
+    r = BoundedFrequencyRunner("t", failing, min_interval=0.0, max_interval=3600.0, retry_interval=1000.0)
+    r.start()
+    r.run()
+    try:
+        assert gate.wait(5)
+        gate.clear()
+        # The first retry is 1000 s away: nothing happens until a change comes.
+        assert not gate.wait(0.3) and len(calls) == 1
+        r.run()
+        assert gate.wait(5) and len(calls) == 2 and r.consecutive_failures == 2
+    finally:
+        r.stop()

@@ -160,6 +160,23 @@ def test_invalid_add_is_skipped_and_reported_once(caplog):
     assert state.snapshot().services == {}
 
 
+def test_lone_surrogate_name_is_one_line_naming_the_object_and_costs_only_that_object(caplog):
+    # A name with a lone surrogate cannot be encoded: it used to reach the writer and stop every
+    # sync with UnicodeEncodeError.  Now the model refuses it, in one printable line.
+    seen: list[Problem] = []
+    state = ClusterState(NodeConfig("node-1"), on_invalid=seen.append)
+    with caplog.at_level(logging.WARNING, logger="ebpfsvc.tracker"):
+        send(state, ADDED, service(name="bad\ud800"))
+        send(state, ADDED, service(name="ok", cluster_ip="198.19.0.11"))
+    assert [p.field for p in seen] == ["metadata.name"]
+    line = caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "\n" not in line
+    assert line.startswith("skipping invalid object (last good version stays in force): "
+                           "Service default/bad\\ud800: metadata.name: ")
+    line.encode("utf-8")            # printable as it is
+    assert list(state.snapshot().services) == [("default", "ok")]
+
+
 def test_invalid_update_keeps_last_good_version(state):
     send(state, ADDED, service())
     state.snapshot()

@@ -17,7 +17,7 @@ import time
 
 from ebpfsvc.bench.baselines.iptables import iptables_restore_payload
 from ebpfsvc.bench.baselines.nftables import nft_script
-from ebpfsvc.lab import nsenter
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lbmodel import LBState
 
 IPTABLES_RESTORE = {"nft": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}

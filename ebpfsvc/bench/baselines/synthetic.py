@@ -17,9 +17,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from ebpfsvc.lab.labfile import DEFAULT_SERVICE_CIDR
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, LBState, Protocol, ServicePortName
 
-SERVICE_CIDR = ipaddress.IPv4Network("198.19.0.0/16")
+SERVICE_CIDR = ipaddress.IPv4Network(DEFAULT_SERVICE_CIDR)
 NAMESPACE = "bench"
 
 

@@ -8,7 +8,7 @@
     ebpfsvc drift --manifests DIR | --kubeconfig FILE    (exit 1 on drift)
     ebpfsvc cleanup --pin-dir DIR [--netns NAME]
 
-All of them read the pinned maps directly (ebpfsvc/inspect/bpfmap.py): no
+All of them read the pinned maps directly (ebpfsvc/datapath/bpfsys.py): no
 compiler, nothing created, so they are safe to run against a busy node.
 """
 
@@ -20,7 +20,8 @@ import sys
 import click
 from click.core import ParameterSource
 
-DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpfsvc"
+from ebpfsvc.config import DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, format_port_range
+from ebpfsvc.flags import PortRange
 
 pin_dir_option = click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True, envvar="EBPFSVC_PIN_DIR",
                               help="The node's pin directory (the agent's --pin-dir).")
@@ -86,6 +87,8 @@ def service_list(pin_dir, output) -> None:
         return _json(rows)
     t = _table("SERVICE", "FRONTEND", "SCOPE", "KIND", "FLAGS", "ALGO", "AFFINITY", "PKTS", "BYTES", "BACKENDS")
     for svc in rows:
+        if "not_programmed" in svc:
+            t.add_row(svc["service"], "NOT PROGRAMMED", "-", "-", "-", "-", "-", "0", "0", svc["not_programmed"])
         for i, fe in enumerate(svc["frontends"]):
             t.add_row(svc["service"] if i == 0 else "", fe["frontend"], fe["scope"], fe["kind"],
                       ",".join(fe["flags"]) or "-", fe["algorithm"],
@@ -236,7 +239,8 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @click.option("--nodeport-addresses", multiple=True, help="As given to the agent; default: every node address, "
               "found as the agent finds them (its Node object, this namespace's interfaces).")
 @click.option("--service-cidr", default=None, help="As given to the agent, if it was.")
-@click.option("--service-node-port-range", default="30000-32767", show_default=True)
+@click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
+              type=PortRange())
 @click.option("--proxy-name", default="")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the API lists.")
@@ -253,17 +257,18 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
         kubeconfig = None       # $KUBECONFIG is a default, not a second choice
     if bool(manifests) + bool(kubeconfig) + bool(in_cluster) != 1:
         raise click.UsageError("give exactly one of --manifests, --kubeconfig, --in-cluster")
-    lo, _, hi = service_node_port_range.partition("-")
     node_cfg = NodeConfig(node_name=node_name, node_addresses=node_addresses, service_cidr=service_cidr,
-                          nodeport_range=(int(lo), int(hi)), proxy_name=proxy_name, default_algorithm=lb_algorithm)
+                          nodeport_range=service_node_port_range, proxy_name=proxy_name,
+                          default_algorithm=lb_algorithm)
     try:
         settings = NodeSettings(node_addresses=node_cfg.node_addresses, nodeport_addresses=nodeport_addresses)
+        problems: list = []
         desired = load_desired(node_cfg, manifests=manifests, kubeconfig=kubeconfig, in_cluster=in_cluster,
-                               timeout=timeout, settings=settings)
+                               timeout=timeout, settings=settings, problems=problems)
     except (OSError, TimeoutError, ValueError) as e:
         raise click.ClickException(str(e))
     with _open(pin_dir) as node:
-        diffs = views.drift(desired, node)
+        diffs = views.drift(desired, node, problems=problems)
     if output == "json":
         _json({"drift": bool(diffs), "frontends": len(desired.frontends), "differences": diffs})
     elif diffs:
@@ -285,7 +290,7 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
 def cleanup(pin_dir, netns, dry_run) -> None:
     """Remove what the agent attached (its TC filters, found by their fixed priority and handle) and
     pinned. Established Service connections stop being translated: run it only with the agent gone."""
-    from ebpfsvc.inspect.cleanup import cleanup as do_cleanup
+    from ebpfsvc.datapath.cleanup import cleanup as do_cleanup
     try:
         report = do_cleanup(pin_dir, netns=netns, dry_run=dry_run)
     except (OSError, ValueError) as e:

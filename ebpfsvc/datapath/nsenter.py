@@ -1,10 +1,18 @@
-"""Entering a lab's network namespaces: for a thread, a child process, or one socket.
+"""Entering network namespaces, the one way the project does it: for a thread, a child process,
+one socket, or a netlink conversation (pyroute2).
 
 A network namespace is a property of a thread (setns(2) moves only the caller),
 so everything here either runs in a short-lived thread that enters the namespace
 and exits, or in a freshly forked child before exec.  The caller's own thread
 never changes namespace, which keeps the root namespace safe from a lab that
-misroutes: code that forgot to come back cannot exist.
+misroutes: code that forgot to come back cannot exist.  The agent's datapath
+code (tc, uplink, hostpath, nodeinfo, interfaces) takes an optional namespace for
+the tests and the lab, and enters it here; so does the lab.
+
+Not pyroute2's IPRoute(netns=...) or NetNS: they fork a helper and end it with
+SIGTERM, and a forked copy of a caller that turns SIGTERM into an exception
+(pytest's e2e conftest, the benchmark) would run the caller's cleanup in the
+child; they would also create a named namespace that does not exist.
 
 Python 3.11 has no os.setns, hence the libc call.
 """
@@ -26,15 +34,16 @@ T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def netns_path(name: str) -> Path:
-    return NETNS_RUN_DIR / name
+def netns_path(name: str | os.PathLike) -> Path:
+    """A named namespace (under /run/netns), or a path to one (/proc/PID/ns/net)."""
+    return Path(name) if "/" in str(name) else NETNS_RUN_DIR / str(name)
 
 
 def exists(name: str) -> bool:
     return netns_path(name).exists()
 
 
-def setns(name: str) -> None:
+def setns(name: str | os.PathLike) -> None:
     """Move the calling thread into network namespace `name` (never creates one)."""
     fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -45,7 +54,7 @@ def setns(name: str) -> None:
         os.close(fd)
 
 
-def run_in(name: str, fn: Callable[..., T], *args: Any) -> T:
+def run_in(name: str | os.PathLike, fn: Callable[..., T], *args: Any) -> T:
     """Run fn(*args) in a throw-away thread inside namespace `name`; return or raise its result."""
     result: list[Any] = []
     error: list[BaseException] = []
@@ -63,6 +72,27 @@ def run_in(name: str, fn: Callable[..., T], *args: Any) -> T:
     if error:
         raise error[0]
     return result[0]
+
+
+def netlink(netns: str | os.PathLike | None, fn: Callable[[Any], T]) -> T:
+    """fn(IPRoute) on a netlink socket of namespace `netns` (None: the caller's), closed after.
+
+    pyroute2 0.9 sockets belong to the thread (event loop) that made them, so the socket is
+    made, used and closed in the thread that entered the namespace."""
+    from pyroute2 import IPRoute
+
+    def work() -> T:
+        ipr = IPRoute()
+        try:
+            return fn(ipr)
+        finally:
+            ipr.close()
+
+    if not netns:
+        return work()
+    if not netns_path(netns).exists():
+        raise FileNotFoundError(f"network namespace {netns} does not exist")
+    return run_in(netns, work)
 
 
 def write_sysctls(name: str, values: dict[str, str | int]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ebpfsvc.datapath import tc
+from ebpfsvc.datapath import nsenter, tc
 
 
 @dataclass
@@ -37,10 +37,8 @@ def our_filters(netns=None) -> list[tuple[str, tc.TcFilter]]:
 
 
 def _links(netns) -> list[tuple[int, str]]:
-    from pyroute2 import IPRoute
-
-    with (IPRoute(netns=netns) if netns else IPRoute()) as ipr:
-        return [(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+    return nsenter.netlink(netns, lambda ipr: [(link["index"], link.get_attr("IFLA_IFNAME"))
+                                               for link in ipr.get_links()])
 
 
 def cleanup(pin_dir, *, netns=None, dry_run: bool = False) -> CleanupReport:

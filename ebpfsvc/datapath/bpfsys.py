@@ -1,4 +1,8 @@
-"""Pinned BPF maps opened by path and read with bpf(2): no compiler, no bcc.
+"""The bpf(2) system call, the one place the project calls it directly (bcc covers the rest):
+pinned maps opened by path and read (PinnedMap), program names by id (prog_name), and programs
+run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py).
+
+Pinned BPF maps are opened by path and read with bpf(2): no compiler, no bcc.
 
 Why not ebpfsvc.datapath.loader.load(pin_dir) for inspection: load() compiles
 the datapath (about a second, and it needs kernel headers), and it CREATES and
@@ -30,6 +34,8 @@ from typing import Iterator
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 
@@ -40,6 +46,7 @@ MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru
 PERCPU_TYPES = {"percpu_hash", "percpu_array", "lru_percpu_hash"}
 ARRAY_TYPES = {"array", "percpu_array"}
 
+# bpf(2) syscall numbers; the architectures Debian builds bcc for.
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -64,6 +71,29 @@ class _InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
 
 
+class _IdAttr(ctypes.Structure):
+    """The *_GET_FD_BY_ID member of union bpf_attr."""
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _TestAttr(ctypes.Structure):
+    """The `test` member of union bpf_attr (BPF_PROG_TEST_RUN)."""
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("data_size_in", ctypes.c_uint32),
+                ("data_size_out", ctypes.c_uint32), ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+class _ProgInfo(ctypes.Structure):
+    """The head of struct bpf_prog_info, up to its name."""
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
 class _MapInfo(ctypes.Structure):
     """The head of struct bpf_map_info: all we need."""
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
@@ -84,6 +114,41 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     if ret < 0:
         raise OSError(err, os.strerror(err))
     return ret
+
+
+def _obj_info(fd: int, info: ctypes.Structure) -> None:
+    """BPF_OBJ_GET_INFO_BY_FD into `info` (the head of a struct bpf_*_info: the kernel fills what fits)."""
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+
+
+def prog_name(prog_id: int) -> str:
+    """The name of the loaded program with id `prog_id` ("" when there is none)."""
+    try:
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+    except OSError:
+        return ""
+    try:
+        info = _ProgInfo()
+        _obj_info(fd, info)
+        return info.name.decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def prog_test_run(prog_fd: int, data_in, data_size_in: int, data_out, data_size_out: int, *, repeat: int = 1,
+                  ctx_in=None, ctx_size_in: int = 0) -> tuple[int, int, int]:
+    """BPF_PROG_TEST_RUN on ctypes buffers: (the program's return value, bytes written to
+    data_out, mean ns per run). ebpfsvc/datapath/testrun.py wraps it for packets."""
+    attr = _TestAttr(prog_fd=prog_fd, data_size_in=data_size_in, data_size_out=data_size_out,
+                     data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out), repeat=repeat,
+                     ctx_in=ctypes.addressof(ctx_in) if ctx_in is not None else 0, ctx_size_in=ctx_size_in)
+    try:
+        _bpf(BPF_PROG_TEST_RUN, attr)
+    except OSError as e:
+        raise OSError(e.errno, f"BPF_PROG_TEST_RUN: {e.strerror}") from None
+    return attr.retval, attr.data_size_out, attr.duration
 
 
 @lru_cache(maxsize=1)
@@ -119,8 +184,7 @@ class PinnedMap:
         self.fd = fd
         self.path = path
         raw = _MapInfo()
-        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(raw), info=ctypes.addressof(raw))
-        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+        _obj_info(fd, raw)
         self.info = MapInfo(MAP_TYPES.get(raw.type, str(raw.type)), raw.id, raw.key_size, raw.value_size,
                             raw.max_entries, raw.name.decode(errors="replace"))
         self.percpu = self.info.type in PERCPU_TYPES

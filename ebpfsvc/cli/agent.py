@@ -10,8 +10,8 @@ import click
 import yaml
 
 from ebpfsvc import abi
-from ebpfsvc.agent import Agent, AgentConfig
-from ebpfsvc.config import NodeConfig
+from ebpfsvc.agent import Agent
+from ebpfsvc.config import DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, AgentConfig, NodeConfig, format_port_range
 from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPv4Address, IPv4Network,
                            NodePortAddress, OneLineErrors, PortRange, format_duration)
 from ebpfsvc.health import BindError
@@ -69,6 +69,34 @@ def _lifetime_option(flag: str, macro: str, what: str):
                         type=Duration(whole=True), help=f"Idle lifetime of {what} (0: the datapath's default).")
 
 
+#: --max-* flags: the datapath's map sizes (datapath/loader.Limits field, what it counts). Their
+#: defaults are bpf/include/abi.h's; docs/operations.md ("Capacity") gives the formula to size them.
+MAP_LIMIT_FLAGS = (
+    ("--max-frontends", "frontends", "frontends (address:port/protocol and scope; a ClusterIP port is one, a "
+                                     "NodePort two per node address)"),
+    ("--max-service-ports", "services", "service ports (namespace/name:port/protocol)"),
+    ("--max-backends", "backends", "distinct backends (endpoint address:port/protocol)"),
+    ("--max-maglev-slots", "maglev_slots", "Maglev slots of all frontends together (a frontend with n usable "
+                                           "backends takes maglev.table_size(n): 251, 503, 1009, 2011... >= 100 x n)"),
+    ("--max-affinity-entries", "affinity_entries", "(client, service port) session-affinity entries (LRU)"),
+    ("--max-affinity-backends", "affinity_matches", "(backend, service port) pairs of ClientIP-affinity Services"),
+    ("--max-snat-entries", "snat_entries", "NodePort SNAT entries, two per SNATed flow (LRU)"),
+    ("--max-source-ranges", "source_ranges", "(frontend, prefix) loadBalancerSourceRanges entries"),
+    ("--max-fragment-entries", "frag_entries", "datagrams whose first fragment was seen (LRU)"),
+)
+
+
+def _map_limit_options(fn):
+    from ebpfsvc.datapath.loader import Limits
+
+    defaults = Limits()
+    for flag, name, what in reversed(MAP_LIMIT_FLAGS):
+        # No click default: an unset size is left out of AgentConfig.limits (abi.h's then applies).
+        fn = click.option(flag, name, default=None, show_default=str(getattr(defaults, name)),
+                          type=click.IntRange(min=1), help=f"Map size: {what}.")(fn)
+    return fn
+
+
 @click.command("agent", cls=OneLineErrors)
 @click.option("--config", callback=_load_config_file, is_eager=True, expose_value=False,
               type=click.Path(exists=True, dir_okay=False), help="YAML file with any of these options.")
@@ -77,7 +105,7 @@ def _lifetime_option(flag: str, macro: str, what: str):
 @click.option("--manifests", type=click.Path(file_okay=False),
               help="Read Services/EndpointSlices from this directory instead of the API server.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig; default: in-cluster.")
-@click.option("--pin-dir", default="/sys/fs/bpf/ebpfsvc", show_default=True, help="bpffs directory for pinned maps.")
+@click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True, help="bpffs directory for pinned maps.")
 @click.option("--node-address", "node_addresses", multiple=True, type=IPv4Address(),
               help="A NodePort address (repeatable); alone, it replaces the node's own (an override).")
 @click.option("--nodeport-addresses", multiple=True, type=NodePortAddress(), callback=_nodeport_addresses,
@@ -88,7 +116,8 @@ def _lifetime_option(flag: str, macro: str, what: str):
               help="Optional: refuse clusterIPs outside it, and route it for node clients when the API has "
                    "no ServiceCIDR objects. Default: every valid clusterIP is served.")
 @click.option("--cluster-cidr", default=None, type=IPv4Network(), help="Pod CIDR of the cluster (informational for now).")
-@click.option("--service-node-port-range", default="30000-32767", show_default=True, type=PortRange())
+@click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
+              type=PortRange())
 @click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--pod-interfaces", multiple=True, default=("lxc*",), show_default=True,
@@ -128,12 +157,13 @@ def _lifetime_option(flag: str, macro: str, what: str):
                   "a TCP flow closed in one direction")
 @_lifetime_option("--conntrack-udp-timeout", "CT_TIMEOUT_UDP_S", "a UDP flow with no reply yet")
 @_lifetime_option("--conntrack-udp-timeout-stream", "CT_TIMEOUT_UDP_STREAM_S", "a UDP flow that had a reply")
+@_map_limit_options
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
           uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
           conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
-          conntrack_udp_timeout_stream):
+          conntrack_udp_timeout_stream, **map_limits):
     """Run the node agent: program this node's Service data plane and keep it in sync."""
     from ebpfsvc.datapath.loader import conntrack_limits
 
@@ -149,10 +179,12 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
                       bind_address_hard_fail=bind_address_hard_fail,
-                      limits=conntrack_limits(max_per_core=conntrack_max_per_core, minimum=conntrack_min,
-                                              tcp_established=conntrack_tcp_timeout_established,
-                                              tcp_close_wait=conntrack_tcp_timeout_close_wait,
-                                              udp=conntrack_udp_timeout, udp_stream=conntrack_udp_timeout_stream))
+                      limits={**conntrack_limits(max_per_core=conntrack_max_per_core, minimum=conntrack_min,
+                                                 tcp_established=conntrack_tcp_timeout_established,
+                                                 tcp_close_wait=conntrack_tcp_timeout_close_wait,
+                                                 udp=conntrack_udp_timeout,
+                                                 udp_stream=conntrack_udp_timeout_stream),
+                              **{k: v for k, v in map_limits.items() if v is not None}})
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     log.info("ebpfsvc agent on node %s (pid %d)", node_name, os.getpid())
     try:

@@ -1,0 +1,5 @@
+"""`python -m ebpfsvc`: the `ebpfsvc` command."""
+
+from ebpfsvc.cli import main
+
+main()

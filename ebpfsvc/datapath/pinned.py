@@ -1,0 +1,89 @@
+"""The frontends the pinned maps hold, read back as lbmodel objects, per Service.
+
+The maps outlive the agent: after a restart they still hold the last state the previous run
+applied.  A Service whose current version is invalid has no good version in the new process's
+memory, yet the maps hold its last good one; admission (ebpfsvc/admission.py) keeps that in
+force until the Service becomes valid again or the API says it is gone, instead of letting the
+first full apply withdraw it.
+
+What is read back is what the datapath serves: each frontend's key, kind and flags, affinity,
+source ranges, and the backends of its Maglev table (backends kept only for their established
+flows are not in a table, and are not recovered).  A service name too long for the map (stored
+hashed, writer.service_name) cannot be read back; its frontends are not recovered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from urllib.parse import unquote
+
+from ebpfsvc import abi
+from ebpfsvc.datapath.batch import read_u32_array
+from ebpfsvc.lbmodel import (Algorithm, Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope,
+                             ServicePortName)
+
+ServiceKey = tuple[str, str]
+
+_PROTOCOLS = {p.number: p for p in Protocol}
+_KINDS = ((abi.LB_SVC_F_NODEPORT, FrontendKind.NODE_PORT), (abi.LB_SVC_F_EXTERNAL_IP, FrontendKind.EXTERNAL_IP),
+          (abi.LB_SVC_F_LOADBALANCER, FrontendKind.LOAD_BALANCER))
+
+
+def parse_service_name(text: str) -> ServicePortName | None:
+    """The inverse of writer.service_name ("ns/name:port/PROTO", parts percent-escaped); None for
+    a hashed (too long) or foreign name."""
+    if "#" in text:
+        return None
+    head, _, proto = text.rpartition("/")
+    ns, _, rest = head.partition("/")
+    name, _, port = rest.partition(":")
+    if not (ns and name and proto in Protocol.__members__):
+        return None
+    return ServicePortName(unquote(ns, errors="surrogatepass"), unquote(name, errors="surrogatepass"),
+                           unquote(port, errors="surrogatepass"), Protocol(proto))
+
+
+def _addr(raw: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(struct.pack("=I", raw))
+
+
+def pinned_frontends(maps) -> dict[ServiceKey, tuple[Frontend, ...]]:
+    """Service (namespace, name) -> the frontends the maps serve for it."""
+    names = {k.value: v.name.decode(errors="replace") for k, v in maps["lb_service_names"].items()}
+    backends = {k.value: v for k, v in maps["lb4_backends"].items()}
+    ranges: dict[int, list] = {}
+    if "lb4_source_ranges" in maps:
+        for k in maps["lb4_source_ranges"].keys():
+            ranges.setdefault(k.frontend_id, []).append(
+                ipaddress.IPv4Network((_addr(k.address), k.prefixlen - 32)))
+    entries = [(k, v) for k, v in maps["lb4_frontends"].items() if not v.flags & abi.LB_SVC_F_ADDRESS]
+    high = max((v.maglev_offset + v.maglev_size for _, v in entries), default=0)
+    slots = read_u32_array(maps["lb_maglev"], high) if high else None
+    out: dict[ServiceKey, list[Frontend]] = {}
+    for k, v in entries:
+        spn = parse_service_name(names.get(v.service_id, ""))
+        proto = _PROTOCOLS.get(k.proto)
+        if spn is None or proto is None:
+            continue
+        ids = sorted(set(slots[v.maglev_offset: v.maglev_offset + v.maglev_size].tolist())) if v.maglev_size else []
+        bes = []
+        for i in ids:
+            b = backends.get(i)
+            if b is None or b.proto != k.proto:
+                continue
+            bes.append(Backend(_addr(b.address), socket.ntohs(b.port), proto,
+                               terminating=bool(b.flags & abi.LB_BE_F_TERMINATING),
+                               local=bool(b.flags & abi.LB_BE_F_LOCAL)))
+        kind = next((kd for flag, kd in _KINDS if v.flags & flag), FrontendKind.CLUSTER_IP)
+        fe = Frontend(
+            key=FrontendKey(_addr(k.address), socket.ntohs(k.port), proto, Scope(k.scope)),
+            service=spn, kind=kind, backends=tuple(sorted(bes, key=lambda b: b.name)),
+            algorithm=Algorithm.RANDOM if v.flags & abi.LB_SVC_F_RANDOM else Algorithm.MAGLEV,
+            affinity_timeout=v.affinity_timeout if v.flags & abi.LB_SVC_F_AFFINITY else 0,
+            local_only=bool(v.flags & abi.LB_SVC_F_LOCAL_ONLY),
+            source_ranges=tuple(sorted(ranges.get(v.frontend_id, ()))) if v.flags & abi.LB_SVC_F_SOURCE_RANGES
+            else ())
+        out.setdefault((spn.namespace, spn.name), []).append(fe)
+    return {key: tuple(fes) for key, fes in out.items()}
