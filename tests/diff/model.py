@@ -41,7 +41,7 @@ BE_NO_NEW_FLOWS = BE_TERMINATING | BE_NOT_READY
 SCOPE_INTERNAL = abi.LB_SCOPE_INTERNAL
 # How far past a backend that takes no new flows a new flow looks (docs/datapath.md, "Backend
 # choice": the moment between a backend changing and its table switch).
-TERMINATING_PROBES = 4
+TERMINATING_PROBES = abi.LB_TERMINATING_PROBES
 ICMP_ERRORS = (3, 11, 12)               # destination unreachable, time exceeded, parameter problem
 
 # TCP header flag bits
@@ -119,6 +119,7 @@ class Maps:
     ct: dict = field(default_factory=dict)           # CtKey -> Flow
     affinity: dict = field(default_factory=dict)     # (client addr, service id) -> backend id
     frag: dict = field(default_factory=dict)         # (saddr, daddr, ip id, proto) -> (sport, dport)
+    members: set = field(default_factory=set)        # (backend id, service id) of affinity services
     version: int = 0                                 # bumped whenever backends change (caches)
 
 
@@ -387,9 +388,11 @@ class Model:
         skipping a few slots past a backend that takes no new flows; a terminating one is the
         fallback, a not-ready one never."""
         if svc.flags & SVC_AFFINITY and svc.affinity_timeout:
+            # The remembered backend, while it is still one of this service's (another service
+            # may keep the same backend alive after it left this one) and takes new flows.
             bid = self.m.affinity.get((p.saddr, svc.service_id))
             be = self.m.backends.get(bid) if bid is not None else None
-            if be is not None and not be.flags & BE_NO_NEW_FLOWS:
+            if be is not None and (bid, svc.service_id) in self.m.members and not be.flags & BE_NO_NEW_FLOWS:
                 return bid
         size = svc.maglev_size
 

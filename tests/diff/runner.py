@@ -82,7 +82,7 @@ def _p(v: int) -> int:
     return int.from_bytes(struct.pack("=H", v), "big")
 
 
-def read_config(dp) -> tuple[dict, dict, dict]:
+def read_config(dp) -> tuple[dict, dict, dict, set]:
     frontends = {}
     for k, v in dp.maps["lb4_frontends"].items():
         frontends[(_a(k.address), _p(k.port), k.proto, k.scope)] = M.Service(
@@ -95,7 +95,8 @@ def read_config(dp) -> tuple[dict, dict, dict]:
     for svc in frontends.values():
         for slot in range(svc.maglev_offset, svc.maglev_offset + svc.maglev_size):
             maglev[slot] = table[table.Key(slot)].value
-    return frontends, backends, maglev
+    members = {(k.backend_id, k.service_id) for k in dp.maps["lb4_affinity_match"].keys()}
+    return frontends, backends, maglev, members
 
 
 def _ct_key(t, k: tuple):
@@ -173,22 +174,36 @@ class Result:
 class Runner:
     def __init__(self, dp, hairpin=HAIRPIN):
         self.dp = dp
-        frontends, backends, maglev = read_config(dp)
-        self.maps = M.Maps(frontends=frontends, backends=backends, maglev=maglev)
+        frontends, backends, maglev, members = read_config(dp)
+        self.maps = M.Maps(frontends=frontends, backends=backends, maglev=maglev, members=members)
         self.model = M.Model(self.maps, ipaddress.IPv4Address(hairpin).packed)
         self.fds = {name: dp.programs[name].fd for name in ("from_pod", "to_pod")}
         table = dp.maps["lb4_backends"]
         self.original_backends = {k.value: (k, v) for k, v in table.items()}
+        matches = dp.maps["lb4_affinity_match"]
+        self.original_members = {(k.backend_id, k.service_id): (k, v) for k, v in matches.items()}
         self.drops_before = stats.drops(dp.maps)       # counters are never reset: compare the increase
 
     def churn(self, rng) -> str:
         """Change one backend behind the tables' back, as the moments between the writer's steps
         (and a removed endpoint) look to packets: it turns terminating or not ready, is removed,
-        or comes back as it was. Both sides see the same change."""
+        leaves an affinity service while staying in the backends map, or comes back as it was.
+        Both sides see the same change."""
         table = self.dp.maps["lb4_backends"]
         bid = sorted(self.original_backends)[int(rng.integers(len(self.original_backends)))]
         key, leaf = self.original_backends[bid]
-        action = ["terminating", "not_ready", "removed", "restored", "restored"][int(rng.integers(5))]
+        action = ["terminating", "not_ready", "removed", "restored", "restored", "left_service"][
+            int(rng.integers(6))]
+        if action == "left_service":
+            # The backend left an affinity service but stays in lb4_backends (another service
+            # keeps it): remembered affinity to it must no longer be used.
+            pair = sorted(self.original_members)[int(rng.integers(len(self.original_members)))]
+            try:
+                del self.dp.maps["lb4_affinity_match"][self.original_members[pair][0]]
+            except KeyError:
+                pass
+            self.maps.members.discard(pair)
+            return action
         if action == "removed":
             try:
                 del table[key]
@@ -205,6 +220,10 @@ class Runner:
         return action
 
     def restore_backends(self):
+        matches = self.dp.maps["lb4_affinity_match"]
+        for pair, (key, leaf) in self.original_members.items():
+            matches[key] = leaf
+            self.maps.members.add(pair)
         table = self.dp.maps["lb4_backends"]
         for bid, (key, leaf) in self.original_backends.items():
             table[key] = leaf

@@ -41,7 +41,8 @@ def test_twenty_thousand_packets_agree(datapath):
     # The run went everywhere it should: every kind of packet, every verdict, translations.
     assert set(KINDS) <= set(res.kinds), res.kinds
     assert {M.OK, M.SHOT, M.REDIRECT} <= set(res.verdicts), res.verdicts
-    assert {"churn_removed", "churn_terminating", "churn_not_ready"} <= set(res.kinds), res.kinds
+    assert {"churn_removed", "churn_terminating", "churn_not_ready", "churn_left_service"} <= set(res.kinds), \
+        res.kinds
     assert res.translated > 5_000, res.translated
 
 
