@@ -16,8 +16,12 @@ unreachable; traffic policy Local: drop); TCP segments of connections never bala
 removed; first and later fragments; truncated and inconsistent headers (dropped); ICMP errors
 about translated flows (translated back); the drop counters.
 
-Timestamps are not modelled: a run is far shorter than the shortest lifetime (10 s), and affinity
-timeouts are hours.
+Time is modelled in jumps: the runner moves every conntrack and fragment timestamp back by
+`Lifetimes.jump_s` at once (as tests/bpf/conftest.py's `age`), and the model counts the jumps each
+entry has missed since it was last refreshed (a packet refreshes only its own direction's entry).
+An entry older than its lifetime (TCP by state, UDP before and after a reply, SCTP; fragments) is
+treated as absent. The run's lifetimes are set far above the seconds a run takes, so only the
+jumps age anything; affinity timeouts are hours and are not aged.
 """
 
 from __future__ import annotations
@@ -120,6 +124,8 @@ class Maps:
     affinity: dict = field(default_factory=dict)     # (client addr, service id) -> backend id
     frag: dict = field(default_factory=dict)         # (saddr, daddr, ip id, proto) -> (sport, dport)
     members: set = field(default_factory=set)        # (backend id, service id) of affinity services
+    age: dict = field(default_factory=dict)          # ct key -> time jumps since it was last refreshed
+    frag_age: dict = field(default_factory=dict)     # frag key -> time jumps since it was recorded
     version: int = 0                                 # bumped whenever backends change (caches)
 
 
@@ -327,13 +333,44 @@ def closing(flags: int) -> bool:
     return bool(flags & F_RST) or (flags & (F_FIN_FWD | F_FIN_REV)) == (F_FIN_FWD | F_FIN_REV)
 
 
+@dataclass(frozen=True)
+class Lifetimes:
+    """Conntrack lifetimes in seconds (loader.Limits' ct_* fields), the fragment timeout, and how
+    far one time jump moves the clock."""
+    tcp_syn: int
+    tcp_established: int
+    tcp_close_wait: int
+    tcp_close: int
+    udp: int
+    udp_stream: int
+    other: int
+    frag: int
+    jump_s: int
+
+    def of(self, proto: int, flags: int) -> int:
+        """How long an entry with `flags` lives: UDP by whether a reply was seen (a stream), TCP by
+        its state (closing, half-closed, established, SYN only), anything else idle only."""
+        if proto == UDP:
+            return self.udp_stream if flags & F_ESTABLISHED else self.udp
+        if proto != TCP:
+            return self.other
+        if closing(flags):
+            return self.tcp_close
+        if flags & (F_FIN_FWD | F_FIN_REV):
+            return self.tcp_close_wait
+        if flags & F_ESTABLISHED:
+            return self.tcp_established
+        return self.tcp_syn
+
+
 class Model:
     """The datapath's behaviour over `maps`. `pick(outcomes)` tells which backend id a random
     frontend drew (the kernel's bpf_get_prandom_u32): any member of `outcomes` is right (None:
     no backend, the packet is dropped)."""
 
-    def __init__(self, maps: Maps, hairpin_addr: bytes):
+    def __init__(self, maps: Maps, hairpin_addr: bytes, lifetimes: Lifetimes):
         self.m = maps
+        self.life = lifetimes
         self.hairpin = hairpin_addr
         self.touched: set = set()             # ("ct"|"affinity"|"frag", key) this packet changed
         self.drops: dict = {}                 # reason (lb_drops' names) -> packets dropped, rejected or reset
@@ -356,8 +393,32 @@ class Model:
         self.touched.add(("ct", key))
         if flow is None:
             self.m.ct.pop(key, None)
+            self.m.age.pop(key, None)
         else:
             self.m.ct[key] = flow
+
+    def _live(self, key) -> Flow | None:
+        """The entry under `key` unless it outlived its lifetime (then it is as good as absent)."""
+        flow = self.m.ct.get(key)
+        if flow is None or self.m.age.get(key, 0) * self.life.jump_s > self.life.of(key[4], flow.flags):
+            return None
+        return flow
+
+    def _refresh(self, key):
+        self.m.age[key] = 0
+
+    def _frag_ports(self, p: Pkt):
+        k = (p.saddr, p.daddr, p.ip_id, p.proto)
+        if k not in self.m.frag or self.m.frag_age.get(k, 0) * self.life.jump_s > self.life.frag:
+            return None
+        return self.m.frag[k]
+
+    def time_passes(self):
+        """One time jump: every conntrack and fragment entry is `jump_s` older."""
+        for k in self.m.age:
+            self.m.age[k] += 1
+        for k in self.m.frag_age:
+            self.m.frag_age[k] += 1
 
     def _reply_key(self, fk, flow: Flow) -> CtKey:
         """A backend answers its client, or the node's hairpin address when it is the client."""
@@ -372,6 +433,7 @@ class Model:
         if p.first_fragment:
             k = (p.saddr, p.daddr, p.ip_id, p.proto)
             self.m.frag[k] = (sport, dport)
+            self.m.frag_age[k] = 0
             self.touched.add(("frag", k))
 
     def _usable(self, bid: int, proto: int) -> bool:
@@ -435,7 +497,7 @@ class Model:
         if p.proto not in (TCP, UDP, SCTP):
             return OK, frame
         if p.later_fragment:
-            ports = self.m.frag.get((p.saddr, p.daddr, p.ip_id, p.proto))
+            ports = self._frag_ports(p)
             if ports is None:
                 # Its ports are unknown: if it was sent to a frontend address it must not
                 # wander off untranslated.
@@ -446,8 +508,9 @@ class Model:
             p.sport, p.dport = ports
         fk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, FWD)
         flow = self.m.ct.get(fk)
-        if flow is not None and p.proto == TCP and closing(flow.flags) and starts_flow(p):
-            self._delete_flow(fk, flow)      # a new SYN on a closed connection's ports
+        if flow is not None and (self._live(fk) is None or
+                                 (p.proto == TCP and closing(flow.flags) and starts_flow(p))):
+            self._delete_flow(fk, flow)      # over: expired, or a new SYN on a closed connection's ports
             flow = None
         if flow is not None:
             if not self._usable(flow.backend_id, p.proto):
@@ -457,6 +520,7 @@ class Model:
                 if p.later_fragment:
                     return self._drop("backend_gone")
                 return self._new(frame, p, fk, pick)
+            self._refresh(fk)
             flags = flow.flags | tcp_state(p, FWD)
             if flags != flow.flags:
                 flow = replace(flow, flags=flags)
@@ -484,7 +548,7 @@ class Model:
         """The pod answering itself (backend -> hairpin address): VIP:port -> the pod again.
         None when it is no reply of a hairpin flow."""
         rk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, REPLY)
-        flow = self.m.ct.get(rk)
+        flow = self._live(rk)
         if flow is None or not flow.flags & F_HAIRPIN:
             return None
         self._note_reply(rk, flow, p, client=(p.saddr, p.dport))
@@ -494,7 +558,9 @@ class Model:
         return OK, bytes(buf)
 
     def _note_reply(self, rk, flow: Flow, p: Pkt, client):
-        """A reply was seen: the flow is established (and the segment's TCP state), on both entries."""
+        """A reply was seen: the flow is established (and the segment's TCP state), on both entries;
+        only the reply entry is refreshed."""
+        self._refresh(rk)
         flags = flow.flags | F_ESTABLISHED | tcp_state(p, REPLY)
         if flags == flow.flags:
             return
@@ -525,6 +591,8 @@ class Model:
                     backend_port=be.port, flags=tcp_state(p, FWD) | hairpin)
         self._set_ct(fk, flow)
         self._set_ct(self._reply_key(fk, flow), flow)
+        self._refresh(fk)
+        self._refresh(self._reply_key(fk, flow))
         if svc.flags & SVC_AFFINITY and svc.affinity_timeout:
             k = (p.saddr, svc.service_id)
             self.m.affinity[k] = bid
@@ -545,12 +613,12 @@ class Model:
         if p.proto not in (TCP, UDP, SCTP):
             return OK, frame
         if p.later_fragment:
-            ports = self.m.frag.get((p.saddr, p.daddr, p.ip_id, p.proto))
+            ports = self._frag_ports(p)
             if ports is None:
                 return OK, frame
             p.sport, p.dport = ports
         rk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, REPLY)
-        flow = self.m.ct.get(rk)
+        flow = self._live(rk)
         if flow is None:
             return OK, frame
         self._note_reply(rk, flow, p, client=(p.daddr, p.dport))
@@ -585,7 +653,7 @@ class Model:
         ql4 = q + qihl
         qsrc, qdst = frame[q + 12:q + 16], frame[q + 16:q + 20]
         qsport, qdport = struct.unpack("!HH", frame[ql4:ql4 + 4])
-        flow = self.m.ct.get((qdst, qsrc, qdport, qsport, qproto, direction))
+        flow = self._live((qdst, qsrc, qdport, qsport, qproto, direction))
         if flow is None or flow.flags & F_HAIRPIN:   # a pod's error about itself: not translated
             return OK, frame
         buf = bytearray(frame)

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ebpfsvc import abi
 from ebpfsvc.datapath import loader, stats
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
@@ -32,10 +33,18 @@ from .generator import Generator
 
 HAIRPIN = "198.18.0.1"
 # Flows per epoch stay far below the LRU sizes, so no entry is ever evicted behind the model's back.
+# Lifetimes far above the seconds a run takes, so that only the runner's time jumps age entries
+# (a slow run on a busy machine must not see a closed flow expire behind the model's back); each
+# jump expires some states and not others (TCP closing 1 jump, UDP 2, SYN and SCTP 3, UDP stream 5,
+# half-closed 10, established 87).
 LIMITS = loader.Limits(
     frontends=1024, services=1024, backends=1024, maglev_slots=1 << 16,
     ct_entries=65536, affinity_entries=16384, frag_entries=16384, snat_entries=4096, source_ranges=256,
+    ct_tcp_close_s=600, ct_udp_s=1200, ct_tcp_syn_s=2400, ct_other_s=2400, ct_udp_stream_s=4800,
+    ct_tcp_close_wait_s=9600, ct_tcp_established_s=86400,
 )
+JUMP_S = 1000         # one time jump (Runner.time_passes)
+TIME_JUMP = 0.0008    # chance, per packet, of a time jump
 CHURN = 0.002         # chance, per packet, that a backend changes first (Runner.churn)
 EPOCH = 4000          # packets between map resets (both sides start again from empty flow maps)
 
@@ -176,7 +185,10 @@ class Runner:
         self.dp = dp
         frontends, backends, maglev, members = read_config(dp)
         self.maps = M.Maps(frontends=frontends, backends=backends, maglev=maglev, members=members)
-        self.model = M.Model(self.maps, ipaddress.IPv4Address(hairpin).packed)
+        life = M.Lifetimes(LIMITS.ct_tcp_syn_s, LIMITS.ct_tcp_established_s, LIMITS.ct_tcp_close_wait_s,
+                           LIMITS.ct_tcp_close_s, LIMITS.ct_udp_s, LIMITS.ct_udp_stream_s, LIMITS.ct_other_s,
+                           abi.FRAG_TIMEOUT_S, JUMP_S)
+        self.model = M.Model(self.maps, ipaddress.IPv4Address(hairpin).packed, life)
         self.fds = {name: dp.programs[name].fd for name in ("from_pod", "to_pod")}
         table = dp.maps["lb4_backends"]
         self.original_backends = {k.value: (k, v) for k, v in table.items()}
@@ -230,6 +242,16 @@ class Runner:
             self.maps.backends[bid] = M.BackendEntry(_a(leaf.address), _p(leaf.port), leaf.proto, leaf.flags)
         self.maps.version += 1
 
+    def time_passes(self):
+        """Every conntrack and fragment entry gets JUMP_S older, in the kernel (timestamps moved
+        back, as tests/bpf/conftest.py's `age`) and in the model."""
+        for name, stamp in (("ct4", "last_seen_ns"), ("frag4", "first_seen_ns")):
+            table = self.dp.maps[name]
+            for k, v in list(table.items()):
+                setattr(v, stamp, (getattr(v, stamp) - JUMP_S * 10**9) % (1 << 64))
+                table[k] = v
+        self.model.time_passes()
+
     def reset_flows(self):
         """Both sides start from empty flow maps (an epoch boundary)."""
         for name in ("ct4", "lb4_affinity", "frag4"):
@@ -237,6 +259,8 @@ class Runner:
         self.maps.ct.clear()
         self.maps.affinity.clear()
         self.maps.frag.clear()
+        self.maps.age.clear()
+        self.maps.frag_age.clear()
 
     def compare_all(self, index: int) -> list[Mismatch]:
         ct, aff, frag = real_maps(self.dp)
@@ -308,6 +332,9 @@ def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None)
         if gen.rng.random() < CHURN:
             action = "churn_" + runner.churn(gen.rng)
             result.kinds[action] = result.kinds.get(action, 0) + 1
+        if gen.rng.random() < TIME_JUMP:
+            runner.time_passes()
+            result.kinds["time_jump"] = result.kinds.get("time_jump", 0) + 1
         kind, prog, frame = gen.next()
         result.kinds[kind] = result.kinds.get(kind, 0) + 1
         found, verdict, data = runner.one(i, prog, frame)

@@ -41,25 +41,26 @@ def test_twenty_thousand_packets_agree(datapath):
     # The run went everywhere it should: every kind of packet, every verdict, translations.
     assert set(KINDS) <= set(res.kinds), res.kinds
     assert {M.OK, M.SHOT, M.REDIRECT} <= set(res.verdicts), res.verdicts
-    assert {"churn_removed", "churn_terminating", "churn_not_ready", "churn_left_service"} <= set(res.kinds), \
-        res.kinds
+    assert {"churn_removed", "churn_terminating", "churn_not_ready", "churn_left_service", "time_jump"} \
+        <= set(res.kinds), res.kinds
     assert res.translated > 5_000, res.translated
 
 
-@pytest.mark.parametrize("fault", ["flow hash", "checksum", "reply state", "affinity"])
+@pytest.mark.parametrize("fault", ["flow hash", "checksum", "reply state", "affinity", "expiry"])
 def test_a_wrong_model_is_caught(datapath, fault):
-    """The comparison can fail: a model with one fault disagrees with the kernel within 2,000 packets."""
+    """The comparison can fail: a model with one fault disagrees with the kernel within 10,000 packets."""
     patches = {
         "flow hash": (M, "flow_hash", lambda *a, **k: 7),
         "checksum": (M, "csum_update", lambda hc, old, new: hc),
         "reply state": (M, "F_ESTABLISHED", 0x20),
         "affinity": (M, "SVC_AFFINITY", 0x100),
+        "expiry": (M.Lifetimes, "of", lambda self, proto, flags: 1 << 40),
     }
     obj, name, value = patches[fault]
     saved = getattr(obj, name)
     setattr(obj, name, value)
     try:
-        res = runner.run(datapath, 2_000, SEED, max_mismatches=1)
+        res = runner.run(datapath, 10_000, SEED, max_mismatches=1)
     finally:
         setattr(obj, name, saved)
     assert res.mismatches, f"a model with a wrong {fault} went unnoticed"
