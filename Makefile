@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export BCC_KERNEL_SOURCE ?= /var/lib/ebpfsvc/kernel-headers
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-unit test-bpf test-e2e demo bench bench-quick bench-rulesets bench-rulesets-quick lint clean
+.PHONY: setup test test-unit test-bpf test-e2e fuzz demo bench bench-quick bench-rulesets bench-rulesets-quick lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,7 +17,12 @@ test-unit: setup
 	$(PY) -m pytest tests/unit
 
 test-bpf: setup
-	$(PY) -m pytest tests/bpf
+	$(PY) -m pytest tests/bpf tests/diff
+
+# The differential run: a million generated packets through the pod-side programs and the reference
+# model (tests/diff); SEED=n to replay one.
+fuzz: setup
+	$(PY) -m tests.diff.runner --packets $${PACKETS:-1000000} $${SEED:+--seed $$SEED}
 
 test-e2e: setup
 	$(PY) -m pytest tests/e2e

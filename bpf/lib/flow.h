@@ -251,6 +251,7 @@ static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_p
 	__u32 bytes = skb->len;
 
 	ct4_note_reply(e, p, p->saddr, p->dport, now);
+	frag4_record(p);        /* a fragmented reply: its later fragments need the same translation */
 	if (lb4_rewrite_dst(skb, p, p->saddr, p->dport) ||
 	    lb4_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
 		return lb_drop(REASON_MALFORMED);

@@ -206,13 +206,13 @@ static __always_inline int lb4_icmp_store(struct __sk_buff *skb, __u32 icmp_csum
  * is still in place to be read.
  */
 static __always_inline int lb4_icmp_quote_rewrite(struct __sk_buff *skb, __u32 icmp_csum, __u32 in_off,
-						  __u32 in_l4, __u8 in_proto, __u32 addr_off, __u32 port_off,
+						  __u32 in_l4, __u32 end, __u8 in_proto, __u32 addr_off, __u32 port_off,
 						  __be32 old_addr, __be32 new_addr, __be16 old_port, __be16 new_port)
 {
 	__u32 l4c = lb4_l4_csum_off(in_proto);
 	__u16 old_csum = 0, new_csum = 0;
 
-	if (l4c && in_l4 + l4c + 2 <= skb->len &&
+	if (l4c && in_l4 + l4c + 2 <= end &&
 	    !bpf_skb_load_bytes(skb, in_l4 + l4c, &old_csum, 2) &&
 	    !(in_proto == IPPROTO_UDP && old_csum == 0)) {
 		if (bpf_l4_csum_replace(skb, in_l4 + l4c, old_addr, new_addr, sizeof(new_addr)) < 0 ||
@@ -239,6 +239,7 @@ struct lb4_icmp_quote {
 	__be16 ports[2];        /* its source and destination ports */
 	__u32 off;              /* offset of the quoted IP header */
 	__u32 l4_off;           /* offset of the quoted ports */
+	__u32 end;              /* end of the ICMP message (the outer total length): past it is padding */
 };
 
 /*
@@ -252,13 +253,17 @@ static __always_inline int lb4_icmp_quote(struct __sk_buff *skb, const struct lb
 {
 	if (!lb4_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
 		return -1;
+	/* The quote is read, and rewritten, only inside the ICMP message: bytes past
+	 * the outer total length are Ethernet padding, which the receiver trims
+	 * (found by the differential run, tests/diff). */
+	q->end = p->l3_off + p->ip_len;
 	q->off = p->l4_off + sizeof(struct icmphdr);
-	if (bpf_skb_load_bytes(skb, q->off, &q->ip, sizeof(q->ip)))
+	if (q->off + sizeof(q->ip) > q->end || bpf_skb_load_bytes(skb, q->off, &q->ip, sizeof(q->ip)))
 		return -1;
 	if (q->ip.version != 4 || q->ip.ihl < 5 || !lb4_proto_has_ports(q->ip.protocol))
 		return -1;
 	q->l4_off = q->off + q->ip.ihl * 4;
-	if (bpf_skb_load_bytes(skb, q->l4_off, q->ports, sizeof(q->ports)))
+	if (q->l4_off + sizeof(q->ports) > q->end || bpf_skb_load_bytes(skb, q->l4_off, q->ports, sizeof(q->ports)))
 		return -1;
 	k->saddr = q->ip.daddr;
 	k->daddr = q->ip.saddr;
@@ -312,7 +317,7 @@ static __always_inline int lb4_icmp_error_xlate(struct __sk_buff *skb, struct lb
 	in_port_off = reply ? 2 : 0;
 	outer_off = reply ? IP_SADDR_OFF : IP_DADDR_OFF;
 	outer = reply ? p->saddr : p->daddr;
-	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, in_addr_off, in_port_off,
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.end, q.ip.protocol, in_addr_off, in_port_off,
 				   from_addr, to_addr, from_port, to_port))
 		return -1;
 	if (outer == from_addr &&

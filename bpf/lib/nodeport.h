@@ -429,9 +429,9 @@ static __always_inline int np4_icmp_error_snat(struct __sk_buff *skb, struct lb4
 	if (!client)
 		return -1;
 
-	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, IP_SADDR_OFF, 0,
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.end, q.ip.protocol, IP_SADDR_OFF, 0,
 				   q.ip.saddr, client->address, q.ports[0], client->port) ||
-	    lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, IP_DADDR_OFF, 2,
+	    lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.end, q.ip.protocol, IP_DADDR_OFF, 2,
 				   q.ip.daddr, e->frontend_addr, q.ports[1], e->frontend_port))
 		return lb_drop(REASON_MALFORMED);
 	/* Outer header: to the client; from the frontend when the backend itself complained. */
@@ -477,9 +477,9 @@ static __always_inline int np4_icmp_error_reply(struct __sk_buff *skb, struct lb
 	nat = lb4_snat.lookup(&k);
 	if (!nat)
 		return -1;
-	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, IP_SADDR_OFF, 0,
+	if (lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.end, q.ip.protocol, IP_SADDR_OFF, 0,
 				   q.ip.saddr, e->backend_addr, q.ports[0], e->backend_port) ||
-	    lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.ip.protocol, IP_DADDR_OFF, 2,
+	    lb4_icmp_quote_rewrite(skb, icmp_csum, q.off, q.l4_off, q.end, q.ip.protocol, IP_DADDR_OFF, 2,
 				   q.ip.daddr, nat->address, q.ports[1], nat->port) ||
 	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_DADDR_OFF, p->daddr, e->backend_addr, 0, 0) ||
 	    lb4_csum_store_addr(skb, p->l3_off, p->l3_off + IP_SADDR_OFF, p->saddr, nat->address, 0, 0))

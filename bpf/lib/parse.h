@@ -200,7 +200,7 @@ static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_pkt *p)
 	} else if (p->proto == IPPROTO_ICMP) {
 		struct icmphdr *ih = l4;
 
-		if ((void *)(ih + 1) > data_end)
+		if ((void *)(ih + 1) > data_end || ihl + sizeof(*ih) > p->ip_len)
 			return LB_PARSE_MALFORMED;
 		p->icmp_type = ih->type;
 	}
