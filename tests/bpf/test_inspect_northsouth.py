@@ -17,9 +17,8 @@ from ebpfsvc.cli import main
 from ebpfsvc.inspect.node import NodeMaps
 from ebpfsvc.lbmodel import FrontendKind, LBState
 
-from .northsouth import (  # noqa: F401  (uplink is a fixture)
+from .northsouth import (
     CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, NODE, REMOTE_BE, REMOTE_BE2, be, ext_frontend, from_client,
-    uplink,
 )
 from .packets import tcp
 
