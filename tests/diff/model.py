@@ -12,7 +12,8 @@ slot is right: the caller says which one the kernel drew) and by ClientIP affini
 to_pod (reverse NAT); hairpin flows (a pod balanced to itself: SNAT to the hairpin address);
 packets that are not for a Service (untouched); frontends without backends (TCP RST, ICMP port
 unreachable; traffic policy Local: drop); TCP segments of connections never balanced here
-(untouched); closing flows reused by a new SYN; backends that are terminating, not ready or
+(untouched); closing flows reused by a new SYN, and a SYN-ACK on a closed flow (another
+connection's, untouched); backends that are terminating, not ready or
 removed; first and later fragments; truncated and inconsistent headers (dropped); ICMP errors
 about translated flows (translated back); the drop counters.
 
@@ -620,6 +621,11 @@ class Model:
         rk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, REPLY)
         flow = self._live(rk)
         if flow is None:
+            return OK, frame
+        if p.proto == TCP and closing(flow.flags) and p.tcp_flags & (T_SYN | T_ACK) == T_SYN | T_ACK:
+            # A handshake answer on a flow that is over answers another connection: the client reused
+            # the ports to reach the backend directly (pod to pod, or through the socket path), and
+            # a new connection through the frontend would have replaced the flow. Untouched.
             return OK, frame
         self._note_reply(rk, flow, p, client=(p.daddr, p.dport))
         self._frag_record(p, p.sport, p.dport)
