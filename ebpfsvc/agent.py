@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 # At start, how long to wait for the API's list of this node's Node, so the datapath is compiled
 # once, with the node's addresses; if it takes longer they are configured when it comes.
 NODE_WAIT_SECONDS = 5.0
+#: /healthz's reason while a new node's programs compile: its maps may already hold every Service
+#: (it syncs meanwhile), but nothing attached serves them yet (the lab waits for this to clear).
+PROGRAMS_COMPILING = "the datapath programs are being compiled"
 
 
 class Agent:
@@ -146,7 +149,7 @@ class Agent:
             self._set_node_context(nodeinfo.resolve(self.settings, self.read_interfaces(), node,
                                                     "Node" in self.state.synced_kinds))
             if not restart:     # nothing serves these maps until the programs attach
-                self.telemetry.health.set_fault("programs", "the datapath programs are being compiled")
+                self.telemetry.health.set_fault("programs", PROGRAMS_COMPILING)
             self._start_syncing()
             log.info("syncing while the programs compile (%.2fs since start)", time.monotonic() - started)
         t1 = time.monotonic()

@@ -32,6 +32,7 @@ import yaml
 from ebpfsvc.lab import (agents as agentlib, cgroups, controlplane, labfile, names, network, pods as podlib, processes,
                          rpc, teardown)
 from ebpfsvc.lab.api import RESOURCES, APIError, LabAPI
+from ebpfsvc.lab.kubeproxy import HEALTHZ_PORT      # the agent binds kube-proxy's (deploy/)
 from ebpfsvc.lab.processes import ProcRecord, base_env
 from ebpfsvc.lab.store import State, object_key
 
@@ -286,6 +287,8 @@ class Lab:
         while True:
             nodes = [n.name for n in self.spec.nodes if processes.alive(self.agent_record(n.name))]
             behind = {node: diffs for node in nodes if (diffs := self.drift(node))}
+            behind.update({node: [{"service": "", "frontend": "(every frontend)", "problem": "programs compiling"}]
+                           for node in nodes if node not in behind and self.programs_compiling(node)})
             settled = 0 if behind else settled + 1
             if settled >= 2:
                 return
@@ -296,6 +299,29 @@ class Lab:
                                f"e.g. {first['service'] or first['frontend']}: {first['problem']} "
                                f"(see `ebpfsvc lab logs agent/{node}`)")
             time.sleep(0.3)
+
+    def programs_compiling(self, node: str) -> bool:
+        """Whether the agent of `node`, new on it, is still compiling its programs. It writes its
+        maps meanwhile (agent.py), so drift can be nil while nothing attached serves them yet;
+        its /healthz says so. An agent not answering yet counts as compiling."""
+        import http.client
+        import json
+
+        from ebpfsvc.agent import PROGRAMS_COMPILING
+        from ebpfsvc.datapath import nsenter
+
+        def reason() -> str:
+            conn = http.client.HTTPConnection("127.0.0.1", HEALTHZ_PORT, timeout=2)
+            try:
+                conn.request("GET", "/healthz")
+                return json.loads(conn.getresponse().read() or b"{}").get("reason", "")
+            finally:
+                conn.close()
+
+        try:
+            return PROGRAMS_COMPILING in nsenter.run_in(self.node_netns(node), reason)
+        except (OSError, ValueError):
+            return True
 
     # -- running things ------------------------------------------------------------------
 

@@ -320,7 +320,8 @@ def wait_programmed(lab: Lab, svc: str, port: int, backends: int, nodes: Iterabl
     for node in nodes or [n.name for n in lab.spec.nodes]:
         def done() -> bool:
             fe = frontend(lab, node, vip, port, proto)
-            return fe is not None and fe.backend_count == backends
+            # A new node's agent writes its maps while its programs compile: served once they load.
+            return fe is not None and fe.backend_count == backends and not lab.programs_compiling(node)
 
         wait_for(done, timeout, what=f"{node}: {svc} {vip}:{port}/{proto} with {backends} backends")
 

@@ -53,7 +53,7 @@ def wait_served(lab: Lab, address: str, port: int, backends: int, proto: str = "
     def done() -> bool:
         with node_maps(lab, node) as maps:
             fe = maps.frontend(address, port, proto, scope)
-        return fe is not None and fe.backend_count == backends
+        return fe is not None and fe.backend_count == backends and not lab.programs_compiling(node)
 
     wait_for(done, what=f"{node}: {scope} frontend {address}:{port}/{proto} with {backends} backends")
 

@@ -60,7 +60,7 @@ def wait_external(lab: Lab, node: str, address: str, port: int, backends: int, p
     def done() -> bool:
         with node_maps(lab, node) as maps:
             fe = maps.frontend(address, port, proto, "external")
-        return fe is not None and fe.backend_count == backends
+        return fe is not None and fe.backend_count == backends and not lab.programs_compiling(node)
 
     wait_for(done, what=f"{node}: external frontend {address}:{port}/{proto} with {backends} backends")
 
