@@ -484,8 +484,10 @@ class Model:
         h = flow_hash(_dotted(p.saddr), _dotted(p.daddr), p.sport, p.dport, p.proto)
         return walk(h % size)
 
-    # -- from_pod
-    def from_pod(self, frame: bytes, pick=None) -> tuple[int, bytes]:
+    def _begin(self, frame: bytes, direction: int):
+        """What both programs do first: drop a malformed packet, pass what is not IPv4 TCP, UDP,
+        SCTP or ICMP, translate ICMP errors back. The (verdict, bytes) when that decided it, else
+        the parsed packet."""
         self.touched = set()
         try:
             p = parse(frame)
@@ -494,9 +496,16 @@ class Model:
         if p is None:
             return OK, frame
         if p.proto == ICMP:
-            return self._icmp(frame, p, FWD)
+            return self._icmp(frame, p, direction)
         if p.proto not in (TCP, UDP, SCTP):
             return OK, frame
+        return p
+
+    # -- from_pod
+    def from_pod(self, frame: bytes, pick=None) -> tuple[int, bytes]:
+        p = self._begin(frame, FWD)
+        if isinstance(p, tuple):
+            return p
         if p.later_fragment:
             ports = self._frag_ports(p)
             if ports is None:
@@ -602,17 +611,9 @@ class Model:
 
     # -- to_pod
     def to_pod(self, frame: bytes, pick=None) -> tuple[int, bytes]:
-        self.touched = set()
-        try:
-            p = parse(frame)
-        except Malformed:
-            return self._drop("malformed")
-        if p is None:
-            return OK, frame
-        if p.proto == ICMP:
-            return self._icmp(frame, p, REPLY)
-        if p.proto not in (TCP, UDP, SCTP):
-            return OK, frame
+        p = self._begin(frame, REPLY)
+        if isinstance(p, tuple):
+            return p
         if p.later_fragment:
             ports = self._frag_ports(p)
             if ports is None:
