@@ -155,7 +155,21 @@ class Lab:
                     raise LabError(str(exc)) from None
         finally:
             self._reconcile()
+        self._raise_cannot_run(stored)
         return stored
+
+    def _raise_cannot_run(self, stored: list[dict[str, Any]]) -> None:
+        """A new Pod the kubelet could not start is this apply's error, whichever of the
+        controller's passes found it: its periodic pass may realize the Pod before our
+        reconcile request arrives, and then reports the failure only in its log."""
+        for obj in stored:
+            if obj.get("kind") != "Pod":
+                continue
+            meta = obj["metadata"]
+            pod = self.api.get("Pod", meta["namespace"], meta["name"])
+            status = (pod or {}).get("status") or {}
+            if pod and pod["metadata"]["uid"] == meta["uid"] and status.get("reason") == "ContainerCannotRun":
+                raise LabError(f"Pod {meta['namespace']}/{meta['name']}: {status.get('message', '')}")
 
     def _admit(self, doc: dict[str, Any]) -> dict[str, Any]:
         """The lab's own checks before the API server's: what a lab pod can be."""
