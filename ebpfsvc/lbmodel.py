@@ -21,7 +21,11 @@ import enum
 import ipaddress
 import socket
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Union
+
+# Either family: a dual-stack Service has one frontend per family, each with backends of its own family.
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 class Protocol(str, enum.Enum):
@@ -96,7 +100,7 @@ class Backend:
     in the backends map.
     """
 
-    address: ipaddress.IPv4Address
+    address: IPAddress
     port: int
     protocol: Protocol = Protocol.TCP
     terminating: bool = False
@@ -109,10 +113,14 @@ class Backend:
     def name(self) -> str:
         """Stable name Maglev sorts and hashes by, so every node builds the same table.  Computed
         once per object (desired state sorts by it, the writer hashes it; functools.cached_property
-        takes a lock per read), the dotted quad by inet_ntoa, as str(IPv4Address) writes it, in C."""
+        takes a lock per read), the dotted quad by inet_ntoa, as str(IPv4Address) writes it, in C.
+        An IPv6 address is bracketed, as in a URL: [2001:2::1]:80/TCP."""
         name = self.__dict__.get("_name")
         if name is None:
-            name = f"{socket.inet_ntoa(self.address.packed)}:{self.port}/{self.protocol._value_}"
+            if self.address.version == 4:
+                name = f"{socket.inet_ntoa(self.address.packed)}:{self.port}/{self.protocol._value_}"
+            else:
+                name = f"[{self.address}]:{self.port}/{self.protocol._value_}"
             object.__setattr__(self, "_name", name)     # a cache, not a field: eq, hash, repr ignore it
         return name
 
@@ -127,9 +135,9 @@ def table_backends(backends: Iterable[Backend]) -> list[Backend]:
 
 @dataclass(frozen=True, order=True)
 class FrontendKey:
-    """What a packet's destination is matched against (struct lb4_key)."""
+    """What a packet's destination is matched against (struct lb4_key, or lb6_key for IPv6)."""
 
-    address: ipaddress.IPv4Address
+    address: IPAddress
     port: int
     protocol: Protocol = Protocol.TCP
     scope: Scope = Scope.INTERNAL
@@ -146,7 +154,7 @@ class Frontend:
     algorithm: Algorithm = Algorithm.MAGLEV
     affinity_timeout: int = 0                # seconds; 0 = sessionAffinity None
     local_only: bool = False                 # traffic policy Local with endpoints elsewhere: drop, don't reject, when empty
-    source_ranges: tuple[ipaddress.IPv4Network, ...] = ()  # loadBalancerSourceRanges; () = all
+    source_ranges: tuple[IPNetwork, ...] = ()  # loadBalancerSourceRanges; () = all
     app_protocol: str = ""                   # carried through for display
 
 
