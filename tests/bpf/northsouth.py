@@ -34,7 +34,7 @@ from ebpfsvc.datapath import nsenter
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName
 
 from .conftest import TEST_LIMITS
-from .packets import HAIRPIN, OK, REDIRECT, SHOT
+from .packets import HAIRPIN, OK, REDIRECT, SHOT, tcp, udp
 
 NODE = "198.18.0.11"
 NODE2 = "198.18.0.12"
@@ -183,6 +183,61 @@ class Uplink:
 
     def drops(self, reason: int) -> int:
         return sum(self.dp.maps["lb_drops"][self.dp.maps["lb_drops"].Key(reason)])
+
+
+def remote_tcp_flow(uplink: Uplink, frontend: str, fport: int, *, xdp: bool = False,
+                    payload: bytes = b"GET / HTTP/1.1\r\n\r\n") -> int:
+    """The client's connection to frontend:fport, served by REMOTE_BE:8080 on node-2, at TC or
+    at XDP: SYN, the backend's SYN-ACK, a data segment. The client's packets are SNATed to the
+    node and DNATed out to node-2, the backend's come back to the client from frontend:fport.
+    Every frontend kind served on the uplink must walk this the same way; returns the SNAT port."""
+    port = snat_port(CLIENT, frontend, 40000, fport)
+    forward = _forwarder(uplink, xdp)
+    forward(f"SYN to {frontend}:{fport}, backend on node-2: SNAT to the node + DNAT, out to node-2",
+            from_client(tcp(CLIENT, frontend, 40000, fport, "S")), to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+    forward(f"SYN-ACK from the backend to the SNAT port: back to the client from {frontend}:{fport}",
+            from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)),
+            forwarded_to_client(tcp(frontend, CLIENT, fport, 40000, "SA", seq=7000, ack=1001)))
+    forward("a later segment keeps its SNAT port and backend",
+            from_client(tcp(CLIENT, frontend, 40000, fport, "PA", seq=1001, ack=7001, payload=payload)),
+            to_node2(tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, ack=7001, payload=payload)))
+    return port
+
+
+def remote_udp_exchange(uplink: Uplink, frontend: str, fport: int, *, xdp: bool = False) -> int:
+    """remote_tcp_flow's UDP twin: a query from CLIENT:5000 to frontend:fport goes to
+    REMOTE_BE:5353 on node-2 from the node's SNAT port; the answer comes back from frontend:fport."""
+    port = snat_port(CLIENT, frontend, 5000, fport, 17)
+    forward = _forwarder(uplink, xdp)
+    forward(f"UDP to {frontend}:{fport}, backend on node-2: SNAT to the node + DNAT",
+            from_client(udp(CLIENT, frontend, 5000, fport, b"query")),
+            to_node2(udp(NODE, REMOTE_BE, port, 5353, b"query")))
+    forward(f"UDP answer: to the client from {frontend}:{fport}",
+            from_node2(udp(REMOTE_BE, NODE, 5353, port, b"answer")),
+            forwarded_to_client(udp(frontend, CLIENT, fport, 5000, b"answer")))
+    return port
+
+
+def _forwarder(uplink: Uplink, xdp: bool):
+    """Check a packet the uplink forwards itself: XDP_REDIRECT at XDP, TC_ACT_REDIRECT at TC."""
+    if xdp:
+        return lambda desc, packet, expect: uplink.check_xdp(desc, packet, XDP_REDIRECT, expect)
+    return lambda desc, packet, expect: uplink.check(desc, "from_uplink", packet, REDIRECT, expect)
+
+
+def local_tcp_flow(uplink: Uplink, frontend: str, fport: int, backend: str = LOCAL_BE) -> None:
+    """The client's connection to frontend:fport, served by a pod on this node at backend:8080:
+    DNAT only (the client address kept) for the kernel to deliver, the pod's reply leaving the
+    uplink from frontend:fport again, and the next client segment following the flow."""
+    uplink.check(f"SYN to {frontend}:{fport}, backend on this node: DNAT only, the kernel delivers it",
+                 "from_uplink", from_client(tcp(CLIENT, frontend, 40000, fport, "S")), OK,
+                 from_client(tcp(CLIENT, backend, 40000, 8080, "S")))
+    uplink.check(f"the pod's reply leaving the uplink gets {frontend}:{fport} back", "to_uplink",
+                 to_client(tcp(backend, CLIENT, 8080, 40000, "SA")), OK,
+                 to_client(tcp(frontend, CLIENT, fport, 40000, "SA")))
+    uplink.check("the next client segment follows the flow", "from_uplink",
+                 from_client(tcp(CLIENT, frontend, 40000, fport, "A", seq=1001)), OK,
+                 from_client(tcp(CLIENT, backend, 40000, 8080, "A", seq=1001)))
 
 
 def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True):

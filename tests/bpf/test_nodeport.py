@@ -18,7 +18,8 @@ from ebpfsvc.lbmodel import FrontendKind, LBState, Protocol
 
 from .northsouth import (
     CLIENT, CLIENT2, CLIENT2_MAC, EXT_IP, LOCAL_BE, LOCAL_BE2, NODE, NODE2, OK, REDIRECT, REMOTE_BE, SHOT,
-    be, ext_frontend, forwarded_to_client, from_client, from_node2, snat_port, to_client, to_node2,
+    be, ext_frontend, forwarded_to_client, from_client, from_node2, local_tcp_flow, remote_tcp_flow,
+    remote_udp_exchange, snat_port, to_client, to_node2,
 )
 from .packets import expected_backend, tcp, udp
 
@@ -40,42 +41,19 @@ def state(*fes) -> LBState:
 
 def test_nodeport_remote_backend_is_snated_and_the_reply_reversed(uplink):
     uplink.writer.apply(state(REMOTE))
-    port = snat_port(CLIENT, NODE, 40000, 30080)
-    uplink.check("SYN to NodePort, backend on node-2: SNAT to the node + DNAT, sent to node-2", "from_uplink",
-                 from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
-                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
-    uplink.check("SYN-ACK from the backend to the SNAT port: back to the client from NodeIP:nodePort",
-                 "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), REDIRECT,
-                 forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
-    payload = b"GET / HTTP/1.1\r\n\r\n"
-    uplink.check("a later segment keeps its SNAT port and backend", "from_uplink",
-                 from_client(tcp(CLIENT, NODE, 40000, 30080, "PA", seq=1001, ack=7001, payload=payload)), REDIRECT,
-                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, ack=7001, payload=payload)))
+    port = remote_tcp_flow(uplink, NODE, 30080)
     uplink.check("the egress program leaves SNATed packets alone", "to_uplink",
                  to_node2(tcp(NODE, REMOTE_BE, port, 8080, "A")), OK)
 
 
 def test_nodeport_udp_snat(uplink):
     uplink.writer.apply(state(DNS))
-    port = snat_port(CLIENT, NODE, 5000, 30053, 17)
-    uplink.check("UDP to NodePort, remote backend", "from_uplink",
-                 from_client(udp(CLIENT, NODE, 5000, 30053, b"query")), REDIRECT,
-                 to_node2(udp(NODE, REMOTE_BE, port, 5353, b"query")))
-    uplink.check("UDP answer", "from_uplink", from_node2(udp(REMOTE_BE, NODE, 5353, port, b"answer")), REDIRECT,
-                 forwarded_to_client(udp(NODE, CLIENT, 30053, 5000, b"answer")))
+    remote_udp_exchange(uplink, NODE, 30053)
 
 
 def test_nodeport_local_backend_keeps_the_client_address(uplink):
     uplink.writer.apply(state(LOCAL))
-    uplink.check("SYN to NodePort, backend on this node: DNAT only, the kernel delivers it", "from_uplink",
-                 from_client(tcp(CLIENT, NODE, 40000, 30081, "S")), OK,
-                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S")))
-    uplink.check("the pod's reply leaving the uplink gets NodeIP:nodePort back", "to_uplink",
-                 to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "SA")), OK,
-                 to_client(tcp(NODE, CLIENT, 30081, 40000, "SA")))
-    uplink.check("the next client segment follows the flow", "from_uplink",
-                 from_client(tcp(CLIENT, NODE, 40000, 30081, "A", seq=1001)), OK,
-                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "A", seq=1001)))
+    local_tcp_flow(uplink, NODE, 30081)
 
 
 def test_local_policy_balances_over_local_backends_only(uplink):
@@ -105,12 +83,7 @@ def test_cluster_policy_without_backends_is_rejected(uplink):
 
 def test_external_ip(uplink):
     uplink.writer.apply(state(EXTERNAL_IP))
-    uplink.check("TCP to an externalIP:port: DNAT to the backend", "from_uplink",
-                 from_client(tcp(CLIENT, EXT_IP, 40000, 80, "S")), OK,
-                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S")))
-    uplink.check("the reply leaves from the externalIP", "to_uplink",
-                 to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "SA")), OK,
-                 to_client(tcp(EXT_IP, CLIENT, 80, 40000, "SA")))
+    local_tcp_flow(uplink, EXT_IP, 80)
 
 
 def test_a_tcp_flow_keeps_the_client_port_and_two_clients_never_share_it(uplink):

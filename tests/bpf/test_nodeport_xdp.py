@@ -16,7 +16,8 @@ from ebpfsvc.lbmodel import FrontendKind, LBState
 
 from .northsouth import (
     CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, NODE, OK, REDIRECT, REMOTE_BE, SHOT, XDP_DROP, XDP_PASS,
-    XDP_REDIRECT, be, ext_frontend, forwarded_to_client, from_client, from_node2, snat_port, to_client, to_node2,
+    XDP_REDIRECT, be, ext_frontend, forwarded_to_client, from_client, from_node2, remote_tcp_flow, snat_port,
+    to_client, to_node2,
 )
 from .packets import expected_backend, tcp, udp
 from .test_nodeport import DNS, EMPTY_LOCAL_POLICY, LOCAL, MIXED_LOCAL_POLICY, REMOTE
@@ -27,16 +28,7 @@ N = __import__("ipaddress").IPv4Network
 
 def test_snat_flow_both_ways(uplink):
     uplink.writer.apply(LBState.of([REMOTE]))
-    port = snat_port(CLIENT, NODE, 40000, 30080)
-    uplink.check_xdp("SYN to NodePort, remote backend: SNAT + DNAT at XDP, out to node-2",
-                     from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), XDP_REDIRECT,
-                     to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
-    uplink.check_xdp("SYN-ACK from the backend: back to the client from NodeIP:nodePort",
-                     from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), XDP_REDIRECT,
-                     forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
-    payload = b"y" * 300
-    uplink.check_xdp("data segment", from_client(tcp(CLIENT, NODE, 40000, 30080, "PA", seq=1001, payload=payload)),
-                     XDP_REDIRECT, to_node2(tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, payload=payload)))
+    port = remote_tcp_flow(uplink, NODE, 30080, xdp=True, payload=b"y" * 300)
     # TC continues the flow XDP created: same port, same backend.
     uplink.check("TC on a packet XDP passed up (e.g. unresolved neighbour)", "from_uplink",
                  from_client(tcp(CLIENT, NODE, 40000, 30080, "A", seq=1301)), REDIRECT,

@@ -19,8 +19,8 @@ from ebpfsvc import abi
 from ebpfsvc.lbmodel import Frontend, FrontendKey, FrontendKind, LBState, Protocol, Scope, ServicePortName
 
 from .northsouth import (
-    CLIENT, LOCAL_BE, NODE, OK, REDIRECT, REMOTE_BE, SHOT, XDP_PASS, XDP_REDIRECT, be, ext_frontend,
-    forwarded_to_client, from_client, from_node2, snat_port, to_client, to_node2,
+    CLIENT, LOCAL_BE, NODE, OK, REDIRECT, REMOTE_BE, SHOT, XDP_PASS, be, ext_frontend, from_client,
+    local_tcp_flow, remote_tcp_flow, remote_udp_exchange, to_client, to_node2,
 )
 from .packets import tcp, udp
 
@@ -47,43 +47,19 @@ EMPTY = cluster_ip(83, [], name="empty")
 
 def test_tcp_to_a_clusterip_remote_backend_is_snated_and_the_reply_reversed(uplink):
     uplink.writer.apply(LBState.of([REMOTE]))
-    port = snat_port(CLIENT, VIP, 40000, 80)
-    uplink.check("SYN to a ClusterIP routed to the node, backend on node-2: SNAT to the node + DNAT",
-                 "from_uplink", from_client(tcp(CLIENT, VIP, 40000, 80, "S")), REDIRECT,
-                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
-    uplink.check("SYN-ACK from the backend to the SNAT port: back to the client from ClusterIP:port",
-                 "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), REDIRECT,
-                 forwarded_to_client(tcp(VIP, CLIENT, 80, 40000, "SA", seq=7000, ack=1001)))
-    payload = b"GET / HTTP/1.1\r\n\r\n"
-    uplink.check("a later segment keeps its SNAT port and backend", "from_uplink",
-                 from_client(tcp(CLIENT, VIP, 40000, 80, "PA", seq=1001, ack=7001, payload=payload)), REDIRECT,
-                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, ack=7001, payload=payload)))
+    port = remote_tcp_flow(uplink, VIP, 80)
     uplink.check("the egress program leaves SNATed packets alone", "to_uplink",
                  to_node2(tcp(NODE, REMOTE_BE, port, 8080, "A")), OK)
 
 
 def test_udp_to_a_clusterip_remote_backend_is_snated_and_the_answer_reversed(uplink):
     uplink.writer.apply(LBState.of([DNS_REMOTE]))
-    port = snat_port(CLIENT, VIP, 5000, 53, 17)
-    uplink.check("UDP to a ClusterIP, backend on node-2", "from_uplink",
-                 from_client(udp(CLIENT, VIP, 5000, 53, b"query")), REDIRECT,
-                 to_node2(udp(NODE, REMOTE_BE, port, 5353, b"query")))
-    uplink.check("UDP answer: to the client from ClusterIP:port", "from_uplink",
-                 from_node2(udp(REMOTE_BE, NODE, 5353, port, b"answer")), REDIRECT,
-                 forwarded_to_client(udp(VIP, CLIENT, 53, 5000, b"answer")))
+    remote_udp_exchange(uplink, VIP, 53)
 
 
 def test_tcp_to_a_clusterip_local_backend_keeps_the_client_address(uplink):
     uplink.writer.apply(LBState.of([LOCAL]))
-    uplink.check("SYN to a ClusterIP, backend on this node: DNAT only, the kernel delivers it", "from_uplink",
-                 from_client(tcp(CLIENT, VIP, 40000, 81, "S")), OK,
-                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "S")))
-    uplink.check("the pod's reply leaving the uplink gets ClusterIP:port back", "to_uplink",
-                 to_client(tcp(LOCAL_BE, CLIENT, 8080, 40000, "SA")), OK,
-                 to_client(tcp(VIP, CLIENT, 81, 40000, "SA")))
-    uplink.check("the next client segment follows the flow", "from_uplink",
-                 from_client(tcp(CLIENT, VIP, 40000, 81, "A", seq=1001)), OK,
-                 from_client(tcp(CLIENT, LOCAL_BE, 40000, 8080, "A", seq=1001)))
+    local_tcp_flow(uplink, VIP, 81)
 
 
 def test_udp_to_a_clusterip_local_backend_and_its_answer(uplink):
@@ -125,13 +101,7 @@ def test_an_externalip_internal_entry_is_not_served_as_a_clusterip(uplink):
 
 def test_xdp_serves_a_clusterip_as_tc_does(uplink):
     uplink.writer.apply(LBState.of([REMOTE, LOCAL]))
-    port = snat_port(CLIENT, VIP, 40000, 80)
-    uplink.check_xdp("SYN to a ClusterIP, remote backend: SNAT + DNAT at XDP, out to node-2",
-                     from_client(tcp(CLIENT, VIP, 40000, 80, "S")), XDP_REDIRECT,
-                     to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
-    uplink.check_xdp("SYN-ACK from the backend: back to the client from ClusterIP:port",
-                     from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), XDP_REDIRECT,
-                     forwarded_to_client(tcp(VIP, CLIENT, 80, 40000, "SA", seq=7000, ack=1001)))
+    remote_tcp_flow(uplink, VIP, 80, xdp=True)
     uplink.check_xdp("SYN to a ClusterIP, local backend: DNAT at XDP, passed to the kernel",
                      from_client(tcp(CLIENT, VIP, 40001, 81, "S")), XDP_PASS,
                      from_client(tcp(CLIENT, LOCAL_BE, 40001, 8080, "S")))
