@@ -379,10 +379,13 @@ def wait_ready(lab: Lab, pods: Iterable[str]) -> None:
     lab.wait_ready(list(pods), timeout=READY_TIMEOUT)
 
 
-def tcp_udp_chatter(lab: Lab, prefix: str, client: str) -> tuple["Chatter", "TcpStream", socket.socket]:
+@contextmanager
+def tcp_udp_chatter(lab: Lab, prefix: str, client: str) -> Iterator["Chatter"]:
     """Pod `client` on node-1; a TCP echo Service `prefix`-tcp (port 7000) and a UDP echo Service
     `prefix`-udp (port 53) with their pod on node-2, programmed everywhere; a long-lived TCP stream
-    and a UDP socket from the client to them, and a Chatter over both (not started yet)."""
+    and a UDP socket from the client to them, and a Chatter over both, running (5 rounds through)
+    while the block runs. On the way out, also on failure, the chatter halts and both flows close,
+    so a failed test leaves no thread talking into the lab it tears down."""
     from ebpfsvc.lab import apps
 
     tcp_app, udp_app = f"{prefix}-tcp", f"{prefix}-udp"
@@ -397,9 +400,19 @@ def tcp_udp_chatter(lab: Lab, prefix: str, client: str) -> tuple["Chatter", "Tcp
     tcp_vip, udp_vip = cluster_ip(lab, tcp_app), cluster_ip(lab, udp_app)
     stream = wait_for(lambda: TcpStream(lab, client, tcp_vip, 7000), what="a stream")
     udp = udp_socket(lab, client, timeout=1)
-    wait_for(lambda: udp_ask(udp, udp_vip, 53), what="a UDP answer (app binding)")
-    udp.settimeout(5)
-    return Chatter({"tcp": stream.backend, "udp": lambda: udp_ask(udp, udp_vip, 53)["pod"]}), stream, udp
+    try:
+        wait_for(lambda: udp_ask(udp, udp_vip, 53), what="a UDP answer (app binding)")
+        udp.settimeout(5)
+        chatter = Chatter({"tcp": stream.backend, "udp": lambda: udp_ask(udp, udp_vip, 53)["pod"]})
+        chatter.start()
+        try:
+            chatter.wait_rounds(5)
+            yield chatter
+        finally:
+            chatter.halt()
+    finally:
+        stream.close()
+        udp.close()
 
 
 def add_clients(lab: Lab, clients: dict[str, str]) -> Lab:

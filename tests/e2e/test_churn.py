@@ -264,14 +264,11 @@ def test_agent_restart_keeps_streams(unique_prefix, node):
     """Restart an agent while a TCP stream and a UDP flow run through a Service: no reset, no
     lost exchange, same backend; the new agent serves changes afterwards."""
     with Lab.up(prefix=unique_prefix, agents=True) as lab:
-        chatter, stream, udp = tcp_udp_chatter(lab, "rs", CLIENT)
-        pod = lab.pod("rs-tcp" if node == "node-2" else CLIENT)
-        link = names.pod_host_link("default", pod["metadata"]["name"])
-        before = _tc_program_ids(lab, node, link)
-        old_agent = lab.agent_record(node)
-        try:
-            chatter.start()
-            chatter.wait_rounds(5)
+        with tcp_udp_chatter(lab, "rs", CLIENT) as chatter:
+            pod = lab.pod("rs-tcp" if node == "node-2" else CLIENT)
+            link = names.pod_host_link("default", pod["metadata"]["name"])
+            before = _tc_program_ids(lab, node, link)
+            old_agent = lab.agent_record(node)
             lab.agent("restart", node)
             assert lab.agent_record(node) != old_agent
             # The new agent has replaced the programs on the veth (new program ids) ...
@@ -280,9 +277,5 @@ def test_agent_restart_keeps_streams(unique_prefix, node):
             lab.apply([service("rs-after", [{"port": 7000}], selector={"app": "rs-tcp"})])
             wait_programmed(lab, "rs-after", 7000, backends=1, nodes=[node])
             chatter.wait_rounds(5)
-        finally:
-            chatter.halt()
-            stream.close()
-            udp.close()
         assert chatter.error is None, repr(chatter.error)
         assert chatter.who_answered() == {"tcp": {"rs-tcp"}, "udp": {"rs-udp"}}

@@ -20,27 +20,20 @@ CLIENT = "rz-client"
 
 def test_agent_restart_with_larger_maps_keeps_streams(unique_prefix):
     with Lab.up(prefix=unique_prefix, agents=True) as lab:
-        chatter, stream, udp = tcp_udp_chatter(lab, "rz", CLIENT)
-        # The operator doubles the maps in the ConfigMap; the client node's agent restarts with them.
-        config = lab.state.path / CONFIG_FILE
-        settings = yaml.safe_load(config.read_text()) or {}
-        settings.update({"max-maglev-slots": 2 * 16777216, "max-backends": 2 * 131072,
-                         "max-frontends": 2 * 65536})
-        config.write_text(yaml.safe_dump(settings))
-        old_agent = lab.agent_record("node-1")
-        try:
-            chatter.start()
-            chatter.wait_rounds(5)
+        with tcp_udp_chatter(lab, "rz", CLIENT) as chatter:
+            # The operator doubles the maps in the ConfigMap; the client node's agent restarts with them.
+            config = lab.state.path / CONFIG_FILE
+            settings = yaml.safe_load(config.read_text()) or {}
+            settings.update({"max-maglev-slots": 2 * 16777216, "max-backends": 2 * 131072,
+                             "max-frontends": 2 * 65536})
+            config.write_text(yaml.safe_dump(settings))
+            old_agent = lab.agent_record("node-1")
             lab.agent("restart", "node-1")
             assert lab.agent_record("node-1") != old_agent
             # The new agent runs with the new sizes, and serves changes.
             lab.apply([service("rz-after", [{"port": 7000}], selector={"app": "rz-tcp"})])
             wait_programmed(lab, "rz-after", 7000, backends=1, nodes=["node-1"])
             chatter.wait_rounds(5)
-        finally:
-            chatter.halt()
-            stream.close()
-            udp.close()
         assert chatter.error is None, repr(chatter.error)
         assert chatter.who_answered() == {"tcp": {"rz-tcp"}, "udp": {"rz-udp"}}
         # The maps were recreated with the new sizes, their entries carried over.
