@@ -23,7 +23,7 @@ from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.bpfsys import PinnedMap
 
 from .packets import from_pod, tcp
-from .test_inspect_agent import LIMITS, NODE, NODE_IP, free_port, get, manifests, wait_for
+from .test_inspect_agent import LIMITS, NODE, NODE_IP, endpoint_slice, free_port, get, manifests, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -38,17 +38,7 @@ spec:
   clusterIP: {NEW_VIP}
   ports: [{{name: http, port: 80}}]
 ---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: api-abc
-  namespace: default
-  labels: {{kubernetes.io/service-name: api}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:
-- {{addresses: ["{NEW_EP}"], nodeName: node-2}}
-"""
+{endpoint_slice("api", [f'- {{addresses: ["{NEW_EP}"], nodeName: node-2}}'])}"""
 
 
 def config(pin_dir, mdir, unique_prefix) -> AgentConfig:
@@ -58,10 +48,11 @@ def config(pin_dir, mdir, unique_prefix) -> AgentConfig:
 
 
 class HeldCompile:
-    """loader.load replaced by one that waits until release(): the programs 'compile' for as long
-    as the test needs. Loads are uncached, so an earlier agent's programs stay open as they were."""
+    """`agent` started on a thread with loader.load replaced by one that waits until finish(): the
+    programs 'compile' for as long as the test needs. Loads are uncached, so an earlier agent's
+    programs stay open as they were. Returns once the agent is compiling and has synced once."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, agent: Agent, who: str):
         self.entered = threading.Event()
         self._go = threading.Event()
         real = loader.load
@@ -72,9 +63,15 @@ class HeldCompile:
             return real(*args, **{**kw, "cache": False})
 
         monkeypatch.setattr(loader, "load", held)
+        self.starting = start_in_background(agent)
+        wait_for(self.entered.is_set, f"{who} compiling its programs")
+        wait_for(agent.synced_once.is_set, f"{who}'s first sync")
 
-    def release(self):
+    def finish(self):
+        """Let the compile go on, and the start end without error."""
         self._go.set()
+        self.starting.join(60)
+        assert not self.starting.is_alive() and not self.starting.failed, self.starting.failed
 
 
 @pytest.fixture
@@ -121,22 +118,17 @@ def test_a_restarted_agent_writes_the_maps_while_its_programs_compile(tmp_path, 
     assert Ether(syn_to_new_service(attached))[IP].dst == NEW_VIP          # not a Service yet: untouched
 
     (mdir / "api.yaml").write_text(NEW_SERVICE)                            # a change while no agent runs
-    held = HeldCompile(monkeypatch)
     second = Agent(config(pin_dir, mdir, unique_prefix))
     agents.append(second)
-    starting = start_in_background(second)
-    wait_for(held.entered.is_set, "the restarted agent compiling its programs")
-    wait_for(second.synced_once.is_set, "the restarted agent's first sync")
-    assert second.datapath is None, "synced before its programs were loaded (held until release())"
+    held = HeldCompile(monkeypatch, second, "the restarted agent")
+    assert second.datapath is None, "synced before its programs were loaded (held until finish())"
     # The previous run's programs serve the change already.
     out = Ether(syn_to_new_service(attached))
     assert (out[IP].dst, out[TCP].dport) == (NEW_EP, 8080)
     healthz = f"http://127.0.0.1:{second.telemetry.healthz_server.port}/healthz"
     assert get(healthz)[0] == 200                  # a restart: the attached programs serve the maps
 
-    held.release()
-    starting.join(60)
-    assert not starting.is_alive() and not starting.failed, starting.failed
+    held.finish()
     out = Ether(syn_to_new_service(second.datapath.programs["from_pod"].fd))
     assert (out[IP].dst, out[TCP].dport) == (NEW_EP, 8080)
 
@@ -146,12 +138,9 @@ def test_a_new_node_fills_its_maps_and_is_unhealthy_until_its_programs_load(tmp_
     mdir = tmp_path / "manifests"
     mdir.mkdir()
     (mdir / "api.yaml").write_text(NEW_SERVICE)
-    held = HeldCompile(monkeypatch)
     agent = Agent(config(pin_dir, mdir, unique_prefix))
     agents.append(agent)
-    starting = start_in_background(agent)
-    wait_for(held.entered.is_set, "the agent compiling its programs")
-    wait_for(agent.synced_once.is_set, "the first sync")
+    held = HeldCompile(monkeypatch, agent, "the agent")
     assert agent.datapath is None
     with PinnedMap.open(pin_dir / "lb4_frontends") as frontends:
         assert frontends.count() > 0                       # the api Service's ClusterIP, written already
@@ -159,9 +148,7 @@ def test_a_new_node_fills_its_maps_and_is_unhealthy_until_its_programs_load(tmp_
     code, body = get(healthz)
     assert code == 503 and "being compiled" in json.loads(body)["reason"], body
 
-    held.release()
-    starting.join(60)
-    assert not starting.is_alive() and not starting.failed, starting.failed
+    held.finish()
     assert wait_for(lambda: get(healthz)[0] == 200, "/healthz 200 once the programs are loaded")
     out = Ether(syn_to_new_service(agent.datapath.programs["from_pod"].fd))
     assert (out[IP].dst, out[TCP].dport) == (NEW_EP, 8080)

@@ -62,16 +62,23 @@ spec:
   healthCheckNodePort: {hcnp}
   ports: [{{name: http, port: 80, nodePort: 30080}}]
 ---
+{endpoint_slice("web", eps)}"""
+
+
+def endpoint_slice(service: str, endpoints: list[str]) -> str:
+    """The EndpointSlice of `service`'s port http (8080/TCP) as a manifest; `endpoints` are its
+    list items, one YAML line each."""
+    return f"""\
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: web-abc
+  name: {service}-abc
   namespace: default
-  labels: {{kubernetes.io/service-name: web}}
+  labels: {{kubernetes.io/service-name: {service}}}
 addressType: IPv4
 ports: [{{name: http, port: 8080, protocol: TCP}}]
 endpoints:
-{chr(10).join(eps)}
+{chr(10).join(endpoints)}
 """
 
 
