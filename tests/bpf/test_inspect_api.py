@@ -51,15 +51,7 @@ def api():
 
 @pytest.fixture
 def kubeconfig(api, tmp_path):
-    path = tmp_path / "kubeconfig"
-    path.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{api.url}"}}}}]
-users: [{{name: me, user: {{token: not-a-secret}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: me}}}}]
-current-context: fake
-""")
-    return str(path)
+    return api.write_kubeconfig(tmp_path / "kubeconfig")
 
 
 def drift(pin_dir, kubeconfig):

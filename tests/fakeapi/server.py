@@ -178,6 +178,19 @@ class FakeApiServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def write_kubeconfig(self, path) -> str:
+        """A kubeconfig at `path` pointing at this server (a token it never checks), for code under
+        test that loads one the way a user's tools do; returns the path as a string."""
+        with open(path, "w") as f:
+            f.write(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{self.url}"}}}}]
+users: [{{name: me, user: {{token: not-a-secret}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: me}}}}]
+current-context: fake
+""")
+        return str(path)
+
     def start(self) -> "FakeApiServer":
         self._httpd = _HTTPServer(("127.0.0.1", self.port), self)
         self.port = self._httpd.server_address[1]

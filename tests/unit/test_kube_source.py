@@ -514,15 +514,8 @@ def test_stop_interrupts_a_long_backoff(api, sink, make_source):
 def test_kubeconfig_file_is_honoured(api, sink, tmp_path):
     """Proves: without an api_client the source loads the given kubeconfig (the path a user
     without a cluster-internal service account takes)."""
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{api.url}"}}}}]
-users: [{{name: me, user: {{token: not-a-secret}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: me}}}}]
-current-context: fake
-""")
-    source = KubeSource(sink, kubeconfig=str(kubeconfig), in_cluster=False, kinds=("Node",))
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    source = KubeSource(sink, kubeconfig=kubeconfig, in_cluster=False, kinds=("Node",))
     try:
         source.start()
         sink.wait(lambda: sink.synced("Node"), "Node synced")
