@@ -107,14 +107,21 @@ def test_changes_become_added_modified_deleted(tmp_path, sink):
     assert sink.take() == []                                        # nothing changed, nothing sent
 
 
-def test_yaml_error_is_one_line_and_keeps_the_files_objects(tmp_path, sink, caplog):
+def break_one_of_two(tmp_path: Path, sink, broken: str) -> ManifestSource:
+    """a.yaml (Service web) and b.yaml (Service api) listed, then a.yaml rewritten as `broken` while
+    api's port changes in b.yaml: the next scan must drop neither file's objects and deliver api's."""
     write(tmp_path / "a.yaml", svc("web", "198.19.0.10"))
     write(tmp_path / "b.yaml", svc("api", "198.19.0.11"))
     source = ManifestSource(tmp_path, sink)
     scan(source)
     sink.take()
-    write(tmp_path / "a.yaml", svc("web", "198.19.0.10") + "  - port: [81\n")
+    write(tmp_path / "a.yaml", broken)
     write(tmp_path / "b.yaml", svc("api", "198.19.0.11", port=8080))
+    return source
+
+
+def test_yaml_error_is_one_line_and_keeps_the_files_objects(tmp_path, sink, caplog):
+    source = break_one_of_two(tmp_path, sink, svc("web", "198.19.0.10") + "  - port: [81\n")
     with caplog.at_level(logging.WARNING, logger="ebpfsvc.sources.manifests"):
         scan(source)
         scan(source)                                   # unchanged broken file: not reported again
@@ -301,13 +308,7 @@ spec:
 
 
 def test_yaml_aliases_are_refused_in_one_line_and_the_files_objects_kept(tmp_path, sink, caplog):
-    write(tmp_path / "a.yaml", svc("web", "198.19.0.10"))
-    write(tmp_path / "b.yaml", svc("api", "198.19.0.11"))
-    source = ManifestSource(tmp_path, sink)
-    scan(source)
-    sink.take()
-    write(tmp_path / "a.yaml", ALIAS_BOMB)
-    write(tmp_path / "b.yaml", svc("api", "198.19.0.11", port=8080))
+    source = break_one_of_two(tmp_path, sink, ALIAS_BOMB)
     with caplog.at_level(logging.WARNING, logger="ebpfsvc.sources.manifests"):
         scan(source)
     assert sink.take() == [("MODIFIED", "Service", "default", "api")]   # the other file still counts
