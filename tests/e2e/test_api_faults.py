@@ -30,6 +30,8 @@ import socket
 import struct
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -135,6 +137,21 @@ class Traffic(threading.Thread):
     def halt(self) -> None:
         self._halt.set()
         self.join(timeout=30)
+
+
+@contextmanager
+def service_traffic(lab: Lab, vip: str) -> Iterator[Traffic]:
+    """Traffic to `vip` for the whole block, 5 answers through before it runs; halted on the way
+    out, also on failure (no thread left talking into a lab coming down); then no request may have
+    failed: the one promise every fault here keeps."""
+    traffic = Traffic(lab, vip)
+    traffic.start()
+    try:
+        traffic.wait_answers(5)
+        yield traffic
+    finally:
+        traffic.halt()
+    assert not traffic.failures(), f"requests failed: {traffic.failures()[:5]}"
 
 
 # -- the agents' own endpoints, asked from inside their node ------------------------------------------
@@ -272,6 +289,16 @@ def start_and_converge(lab: Lab, traffic: Traffic, component: str, counters: dic
     return times
 
 
+def end_outage(lab: Lab, traffic: Traffic, component: str, counters: dict[str, dict], t_stop: float,
+               label: str) -> None:
+    """Both backends answered while `component` was down (since `t_stop`, from the maps alone); then
+    start_and_converge(), and the change made once it is back reaches the wire in bounded time."""
+    answered_while_down = traffic.answers(since=t_stop)
+    times = start_and_converge(lab, traffic, component, counters, label)
+    assert {"af-1", "af-2"} <= set(answered_while_down)
+    assert times["wire"] < CONVERGE_TIMEOUT
+
+
 def converge_after(lab: Lab, traffic: Traffic, t_ready: float, label: str) -> dict[str, float]:
     """Once the API is back: a new Service (selectorless, hand-written slice naming af-1) and a
     third backend af-3 for af (kube-controller-manager's EndpointSlice controller in between).
@@ -303,10 +330,6 @@ def converge_after(lab: Lab, traffic: Traffic, t_ready: float, label: str) -> di
     return times
 
 
-def assert_no_failures(traffic: Traffic) -> None:
-    assert not traffic.failures(), f"requests failed: {traffic.failures()[:5]}"
-
-
 # -- the tests ---------------------------------------------------------------------------------------
 
 
@@ -316,10 +339,7 @@ def test_api_server_restart_mid_watch(lab):
     because the periodic resync goes on with the last state, and a new Service and a new backend made
     once the API is back reach the wire."""
     vip = start_lab_with_service(lab)
-    traffic = Traffic(lab, vip)
-    traffic.start()
-    try:
-        traffic.wait_answers(5)
+    with service_traffic(lab, vip) as traffic:
         errors = {node: source_errors(lab, node) for node in NODES}
         counters = {node: watch_counters(lab, node) for node in NODES}
         synced = {node: healthz(lab, node)[1]["lastUpdated"] for node in NODES}
@@ -333,14 +353,7 @@ def test_api_server_restart_mid_watch(lab):
             # A resync completed while the API was away: that is what keeps /healthz fresh.
             assert bodies[node][-1]["lastUpdated"] > synced[node], bodies[node][-1]
             assert bodies[node][-1]["state"] == "synced"
-        answered_while_down = traffic.answers(since=t_stop)
-
-        times = start_and_converge(lab, traffic, "kube-apiserver", counters, "API server restart (65 s outage)")
-    finally:
-        traffic.halt()
-    assert_no_failures(traffic)
-    assert {"af-1", "af-2"} <= set(answered_while_down)
-    assert times["wire"] < CONVERGE_TIMEOUT
+        end_outage(lab, traffic, "kube-apiserver", counters, t_stop, "API server restart (65 s outage)")
 
 
 def test_expired_watch_relists_and_converges(lab):
@@ -356,11 +369,8 @@ def test_expired_watch_relists_and_converges(lab):
     before = {node: watch_counters(lab, node) for node in NODES}
     log_offsets = {node: agent_log_size(lab, node) for node in NODES}
     agents = {node: lab.agent_record(node) for node in NODES}
-    traffic = Traffic(lab, vip)
-    traffic.start()
     frozen = []
-    try:
-        traffic.wait_answers(5)
+    with service_traffic(lab, vip) as traffic:
         for node, rec in agents.items():
             assert processes.alive(rec)
             os.kill(rec.pid, signal.SIGSTOP)       # by the agent's pid record, never by name
@@ -399,12 +409,9 @@ def test_expired_watch_relists_and_converges(lab):
         wait_programmed(lab, "af", 80, backends=3, timeout=CONVERGE_TIMEOUT)
         wait_for(lambda: traffic.first_answer_from("af-3", t_thaw), CONVERGE_TIMEOUT, 0.1, "af-3 answers")
         t_backend = traffic.first_answer_from("af-3", t_thaw)
-    finally:
-        traffic.halt()
     print(f"CONVERGENCE expired watches (etcd compacted at revision {revision}): agents woken -> "
           f"maps {t_maps - t_thaw:.2f}s, wire {t_wire - t_thaw:.2f}s, backend {t_backend - t_thaw:.2f}s")
     assert answer["pod"] == "af-2"
-    assert_no_failures(traffic)
     assert lab.agent_record("node-1") == agents["node-1"] and lab.agent_record("node-2") == agents["node-2"]
     for node in NODES:
         log = agent_log_since(lab, node, log_offsets[node])
@@ -420,20 +427,10 @@ def test_etcd_restart(lab):
     same data dir: no request fails, /healthz stays 200, and once the API is ready a new Service and a
     new backend reach the wire."""
     vip = start_lab_with_service(lab)
-    traffic = Traffic(lab, vip)
-    traffic.start()
-    try:
-        traffic.wait_answers(5)
+    with service_traffic(lab, vip) as traffic:
         counters = {node: watch_counters(lab, node) for node in NODES}
         t_stop = time.monotonic()
         lab.control_plane("stop", "etcd")
         wait_for(lambda: not api_ready(lab), 30, 0.5, "the API server to turn not ready without etcd")
         hold_outage(lab, traffic, 20 - (time.monotonic() - t_stop))
-        answered_while_down = traffic.answers(since=t_stop)
-
-        times = start_and_converge(lab, traffic, "etcd", counters, "etcd restart (20 s outage)")
-    finally:
-        traffic.halt()
-    assert_no_failures(traffic)
-    assert {"af-1", "af-2"} <= set(answered_while_down)
-    assert times["wire"] < CONVERGE_TIMEOUT
+        end_outage(lab, traffic, "etcd", counters, t_stop, "etcd restart (20 s outage)")
