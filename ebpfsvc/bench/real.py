@@ -274,11 +274,7 @@ class Run:
         self.filled = want
 
     def teardown(self) -> None:
-        for s in self.servers:
-            try:
-                s.stop()
-            except Exception:
-                pass
+        traffic.stop_servers(self.servers)
         self.servers = []
         if self.lab is not None:
             self.lab.down()

@@ -256,11 +256,7 @@ class Run:
                                     "probes": VIP, "datapath_node": NODE, "attached_to": links}
 
     def teardown(self) -> None:
-        for server in self.servers:
-            try:
-                server.stop()
-            except Exception:
-                pass
+        traffic.stop_servers(self.servers)
         self.servers = []
         for dp in getattr(self, "datapaths", {}).values():
             try:

@@ -119,6 +119,16 @@ class Server:
         self.stop()
 
 
+def stop_servers(servers) -> None:
+    """stop() each of `servers` (Server, tools.Proc) on its own: a teardown goes on past one that
+    fails to stop (say, its namespace went first), so none of the others is left running."""
+    for server in servers:
+        try:
+            server.stop()
+        except Exception:
+            pass
+
+
 def echo_server(netns: str, port: int, address: str = "0.0.0.0") -> Server:
     """This module's TCP echo server (see serve_echo) in `netns`, listening when this returns."""
     argv = [sys.executable, "-m", "ebpfsvc.bench.traffic", "serve", "--address", address, "--port", str(port)]
