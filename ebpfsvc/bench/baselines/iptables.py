@@ -142,11 +142,10 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
     svc, svl, ext, fw = chains
     internal_chain = svl if view.internal_local else svc
     uses_ext, uses_fw = view.uses_external_chain, view.uses_firewall
+    selections = view.endpoint_selections(svc, svl)
     # Declarations first (iptables-restore needs a chain before a rule jumps to it).
-    if view.uses_cluster_chain:
-        t.chain("nat", svc)
-    if view.uses_local_chain:
-        t.chain("nat", svl)
+    for chain, _ in selections:
+        t.chain("nat", chain)
     if uses_ext:
         t.chain("nat", ext)
     if uses_fw and view.has_endpoints:
@@ -161,10 +160,13 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
     external_filter = _FILTER_TARGET.get(view.external_no_endpoints)
     no_eps = "has no endpoints" if not view.has_endpoints else "has no local endpoints"
 
+    def no_endpoints(chain: str, address: str, port: int, target: str) -> None:
+        # kube-proxy's filter-table answer to a Service address with no (local) endpoints.
+        t.add("filter", chain, f"-m comment --comment \"{label} {no_eps}\" {_match(view, address, port)} -j {target}")
+
     for address, port in view.cluster_ips:
         if internal_filter:
-            t.add("filter", "KUBE-SERVICES", f"-m comment --comment \"{label} {no_eps}\" "
-                  f"{_match(view, address, port)} -j {internal_filter}")
+            no_endpoints("KUBE-SERVICES", address, port, internal_filter)
             continue
         t.add("nat", "KUBE-SERVICES", f"-m comment --comment \"{label} cluster IP\" "
               f"{_match(view, address, port)} -j {internal_chain}")
@@ -182,8 +184,7 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
             t.add("nat", "KUBE-SERVICES", f"-m comment --comment \"{label} external IP\" "
                   f"{_match(view, address, port)} -j {ext}")
         if external_filter:
-            t.add("filter", "KUBE-EXTERNAL-SERVICES", f"-m comment --comment \"{label} {no_eps}\" "
-                  f"{_match(view, address, port)} -j {external_filter}")
+            no_endpoints("KUBE-EXTERNAL-SERVICES", address, port, external_filter)
 
     for address, port in view.load_balancer_ips:
         if uses_ext:
@@ -194,8 +195,7 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
             t.add("filter", "KUBE-PROXY-FIREWALL", f"-m comment --comment \"{label} traffic not accepted by "
                   f"{fw}\" {_match(view, address, port)} -j DROP")
         if external_filter:
-            t.add("filter", "KUBE-EXTERNAL-SERVICES", f"-m comment --comment \"{label} {no_eps}\" "
-                  f"{_match(view, address, port)} -j {external_filter}")
+            no_endpoints("KUBE-EXTERNAL-SERVICES", address, port, external_filter)
     if uses_fw and view.has_endpoints:
         for cidr in view.source_ranges:
             t.add("nat", fw, f"-m comment --comment \"{label} loadbalancer IP\" -s {cidr} -j {ext}")
@@ -213,10 +213,8 @@ def _service_port(t: _Tables, view: ServicePortView, cluster_cidr: str | None, m
 
     if uses_ext:
         _external_chain(t, view, chains, cluster_cidr)
-    if view.uses_cluster_chain:
-        _endpoint_selection(t, view, svc, view.cluster, seps)
-    if view.uses_local_chain:
-        _endpoint_selection(t, view, svl, view.local, seps)
+    for chain, selected in selections:
+        _endpoint_selection(t, view, chain, selected, seps)
     for b in endpoints:
         _endpoint_chain(t, view, b, seps[b.address, b.port])
 

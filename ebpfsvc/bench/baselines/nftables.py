@@ -153,10 +153,9 @@ def _service_port(s: _Script, view: ServicePortView, cluster_cidr: str | None, m
     bases = {(b.address, b.port): names.nft_endpoint_base(view.name, b) for b in endpoints}
     for ep_base in bases.values():
         s.chain(f"endpoint-{ep_base}")
-    if view.uses_cluster_chain:
-        s.chain(cluster_chain)
-    if view.uses_local_chain:
-        s.chain(local_chain)
+    selections = view.endpoint_selections(cluster_chain, local_chain)
+    for chain, _ in selections:
+        s.chain(chain)
     if uses_ext:
         s.chain(ext_chain)
 
@@ -175,31 +174,27 @@ def _service_port(s: _Script, view: ServicePortView, cluster_cidr: str | None, m
             s.rule(internal_chain, f"ip daddr {address} {proto} dport {port} ip saddr != {cluster_cidr} "
                    "jump mark-for-masquerade")
 
-    for address, port in view.external_ips:
-        key = f"{address} . {proto} . {port}"
+    def external_entry(service_set: str, no_endpoint_set: str, key: str, firewall: bool = False) -> None:
+        # An address or NodePort reached from outside: to the external chain (an LB IP with
+        # loadBalancerSourceRanges through the firewall chain first), or the no-endpoints verdict.
         if uses_ext:
-            s.element("service-ips", key, f"goto {ext_chain}")
+            s.element(service_set, key, f"goto {ext_chain}")
+        if firewall:
+            s.element("firewall-ips", key, f"goto {fw_chain}", label)
         if external_verdict:
-            s.element("no-endpoint-services", key, external_verdict, label)
+            s.element(no_endpoint_set, key, external_verdict, label)
+
+    for address, port in view.external_ips:
+        external_entry("service-ips", "no-endpoint-services", f"{address} . {proto} . {port}")
 
     if uses_fw:
         s.chain(fw_chain)
         s.rule(fw_chain, f"ip saddr != {{ {', '.join(view.source_ranges)} }} drop")
     for address, port in view.load_balancer_ips:
-        key = f"{address} . {proto} . {port}"
-        if uses_ext:
-            s.element("service-ips", key, f"goto {ext_chain}")
-        if uses_fw:
-            s.element("firewall-ips", key, f"goto {fw_chain}", label)
-        if external_verdict:
-            s.element("no-endpoint-services", key, external_verdict, label)
+        external_entry("service-ips", "no-endpoint-services", f"{address} . {proto} . {port}", firewall=uses_fw)
 
     for node_port in view.node_ports:
-        key = f"{proto} . {node_port}"
-        if uses_ext:
-            s.element("service-nodeports", key, f"goto {ext_chain}")
-        if external_verdict:
-            s.element("no-endpoint-nodeports", key, external_verdict, label)
+        external_entry("service-nodeports", "no-endpoint-nodeports", f"{proto} . {node_port}")
 
     if uses_ext:
         if not view.external_local:
@@ -218,10 +213,8 @@ def _service_port(s: _Script, view: ServicePortView, cluster_cidr: str | None, m
         for ep_base in bases.values():
             s.lines.append(f"add set {TABLE} affinity-{ep_base} "
                            f"{{ type ipv4_addr ; flags dynamic,timeout ; timeout {view.affinity_timeout}s ; }}")
-    if view.uses_cluster_chain:
-        _endpoint_selection(s, view, cluster_chain, view.cluster, bases)
-    if view.uses_local_chain:
-        _endpoint_selection(s, view, local_chain, view.local, bases)
+    for chain, selected in selections:
+        _endpoint_selection(s, view, chain, selected, bases)
     for b in endpoints:
         _endpoint_chain(s, view, b, bases[b.address, b.port])
 

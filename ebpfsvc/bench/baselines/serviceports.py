@@ -91,6 +91,13 @@ class ServicePortView:
         return bool(self.local) and (self.internal_local or
                                      (self.external_local and self.externally_accessible))
 
+    def endpoint_selections(self, cluster_chain: str, local_chain: str) -> list[tuple[str, tuple[Backend, ...]]]:
+        """(chain, endpoints) for each endpoint-selection chain this port uses, cluster then local:
+        what both renderers declare and fill, named in each one's own scheme."""
+        chains = ((cluster_chain, self.cluster, self.uses_cluster_chain),
+                  (local_chain, self.local, self.uses_local_chain))
+        return [(chain, endpoints) for chain, endpoints, used in chains if used]
+
     @property
     def uses_external_chain(self) -> bool:
         return self.has_endpoints and self.externally_accessible
