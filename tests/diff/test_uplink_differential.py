@@ -35,6 +35,14 @@ def test_ten_thousand_north_south_packets_agree(node):
     assert res.translated > 3_000, res.translated
 
 
+def test_through_xdp_first_the_outcome_is_the_same(node):
+    """xdp_uplink does the common translations earlier and passes the rest to from_uplink: together
+    they must do exactly what the model (and TC alone) does."""
+    res = node.run(5_000, SEED + 1, xdp=True)
+    assert not res.mismatches, "\n".join(str(m) for m in res.mismatches)
+    assert res.packets == 5_000 and res.translated > 1_500, res.translated
+
+
 @pytest.mark.parametrize("fault", ["kept port", "snat probe", "source range", "internal twin", "hop"])
 def test_a_wrong_uplink_model_is_caught(node, fault):
     """The comparison can fail: a model with one fault disagrees with the kernel within 5,000 packets."""

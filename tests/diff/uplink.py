@@ -26,7 +26,10 @@ pod-side model's parsing, checksums, conntrack states and backend choice (tests/
   the client (TTL - 1);
 - flows carry CT_F_NODEPORT (| CT_F_SNAT), keep their backend, end and restart as on the pod side.
 
-Not modelled (the generator sends none): ICMP errors, fragments, affinity, random frontends, XDP,
+With `--xdp` (run(xdp=True)) packets from the uplink meet xdp_uplink first and from_uplink only if
+passed: the two together must do what the model does.
+
+Not modelled (the generator sends none): ICMP errors, fragments, affinity, random frontends,
 node clients.  `make fuzz` runs the pod side; `python -m tests.diff.uplink --packets 200000` this.
 """
 
@@ -62,6 +65,7 @@ SVC_SOURCE_RANGES = abi.LB_SVC_F_SOURCE_RANGES
 SVC_KINDS = abi.LB_SVC_F_NODEPORT | abi.LB_SVC_F_EXTERNAL_IP | abi.LB_SVC_F_LOADBALANCER | abi.LB_SVC_F_ADDRESS
 SCOPE_EXTERNAL = abi.LB_SCOPE_EXTERNAL
 PORT_RANGE = abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN + 1
+XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
 
 # node-1 of the lab, as tests/bpf/northsouth.py builds its namespace.
 NODE, NODE2 = "198.18.0.11", "198.18.0.12"
@@ -430,8 +434,9 @@ class UplinkGenerator:
 class UplinkRunner(R.Runner):
     """The pod-side runner's comparison over the uplink programs and lb4_snat."""
 
-    def __init__(self, dp):
+    def __init__(self, dp, xdp: bool = False):
         self.dp = dp
+        self.xdp = xdp
         frontends, backends, maglev, members = R.read_config(dp)
         self.maps = M.Maps(frontends=frontends, backends=backends, maglev=maglev, members=members)
         life = M.Lifetimes(R.LIMITS.ct_tcp_syn_s, R.LIMITS.ct_tcp_established_s, R.LIMITS.ct_tcp_close_wait_s,
@@ -441,7 +446,7 @@ class UplinkRunner(R.Runner):
         for k in dp.maps["lb4_source_ranges"].keys():
             ranges.add((k.frontend_id, ipaddress.IPv4Network((A(struct.pack("=I", k.address)), k.prefixlen - 32))))
         self.model = UplinkModel(self.maps, ranges, life)
-        self.fds = {name: dp.programs[name].fd for name in ("from_uplink", "to_uplink")}
+        self.fds = {name: dp.programs[name].fd for name in ("from_uplink", "to_uplink", "xdp_uplink")}
         self.drops_before = stats.drops(dp.maps)
 
     def reset_flows(self):
@@ -465,14 +470,32 @@ class UplinkRunner(R.Runner):
         v = t.get(R._ct_key(t, key))
         return None if v is None else (R._a(v.address), R._p(v.port))
 
-    def one(self, index: int, prog: str, frame: bytes):
+    def kernel(self, prog: str, frame: bytes) -> tuple[int, bytes]:
+        """The real programs' (verdict, bytes): with `xdp`, a packet from the uplink meets xdp_uplink
+        first and from_uplink only if passed (XDP_PASS, as rewritten); XDP_TX and XDP_REDIRECT send it
+        out as TC's redirect does, XDP_DROP drops it. Either way the outcome must be the model's."""
+        if prog == "from_uplink" and self.xdp:
+            res = prog_test_run(self.fds["xdp_uplink"], frame)
+            if res.retval == XDP_DROP:
+                return M.SHOT, b""
+            if res.retval in (XDP_TX, XDP_REDIRECT):
+                return M.REDIRECT, res.data
+            if res.retval != XDP_PASS:
+                return 1000 + res.retval, res.data
+            frame = res.data
         res = prog_test_run(self.fds[prog], frame)
+        return res.retval, res.data
+
+    def one(self, index: int, prog: str, frame: bytes):
+        kverdict, kdata = self.kernel(prog, frame)
         verdict, data = getattr(self.model, prog)(frame)
+        if self.xdp and prog == "from_uplink":
+            prog = "xdp_uplink+from_uplink"
         out = []
-        if res.retval != verdict:
-            out.append(R.Mismatch(index, prog, "verdict", frame, f"kernel {res.retval}, model {verdict}"))
-        elif verdict != M.SHOT and res.data != data:
-            out.append(R.Mismatch(index, prog, "bytes", frame, f"kernel {res.data.hex()}\n  model  {data.hex()}"))
+        if kverdict != verdict:
+            out.append(R.Mismatch(index, prog, "verdict", frame, f"kernel {kverdict}, model {verdict}"))
+        elif verdict != M.SHOT and kdata != data:
+            out.append(R.Mismatch(index, prog, "bytes", frame, f"kernel {kdata.hex()}\n  model  {data.hex()}"))
         for kind, key in self.model.touched:
             if kind == "snat":
                 mine, real = self.model.snat.get(key), self.real_snat(key)
@@ -480,7 +503,7 @@ class UplinkRunner(R.Runner):
                 mine, real = self.maps.ct.get(key), R.real_entry(self.dp, "ct", key)
             if real != mine:
                 out.append(R.Mismatch(index, prog, f"{kind} entry", frame, f"key {key}: kernel {real}, model {mine}"))
-        return out, res.retval, res.data
+        return out, kverdict, kdata
 
     def compare_all(self, index: int) -> list:
         out = []
@@ -505,9 +528,10 @@ class UplinkRunner(R.Runner):
         return out
 
 
-def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None) -> R.Result:
-    """`packets` generated packets through both sides; call inside the node namespace (FIB lookups)."""
-    runner = UplinkRunner(dp)
+def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None, xdp: bool = False) -> R.Result:
+    """`packets` generated packets through both sides; call inside the node namespace (FIB lookups).
+    `xdp`: packets from the uplink meet xdp_uplink before from_uplink (UplinkRunner.kernel)."""
+    runner = UplinkRunner(dp, xdp)
     gen = UplinkGenerator(seed, runner.model)
     result = R.Result()
     t0 = time.monotonic()
@@ -577,6 +601,7 @@ def main(argv=None) -> int:
     ap.add_argument("--packets", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "little"))
     ap.add_argument("--max-mismatches", type=int, default=20)
+    ap.add_argument("--xdp", action="store_true", help="packets from the uplink meet xdp_uplink first")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     node = NodeDatapath("esfu" + uuid.uuid4().hex[:6])
@@ -585,8 +610,9 @@ def main(argv=None) -> int:
             if i % 100_000 == 0:
                 print(f"  {i:>9,} packets  {i / secs:,.0f} packets/s  {len(res.mismatches)} mismatches", flush=True)
 
-        print(f"uplink differential run: {args.packets:,} packets, seed {args.seed}", flush=True)
-        res = node.run(args.packets, args.seed, max_mismatches=args.max_mismatches, progress=progress)
+        print(f"uplink differential run{' (XDP, then TC)' if args.xdp else ''}: {args.packets:,} packets, "
+              f"seed {args.seed}", flush=True)
+        res = node.run(args.packets, args.seed, max_mismatches=args.max_mismatches, progress=progress, xdp=args.xdp)
     finally:
         node.close()
     print(f"{res.packets:,} packets in {res.seconds:.1f} s ({res.pps:,.0f} packets/s), "
