@@ -151,3 +151,19 @@ def test_a_failure_that_is_not_one_services_propagates(datapath, writer, monkeyp
     assert served_by(datapath, fes[0]) == "198.18.2.1"
     writer.apply(state(*fes), isolate=True)
     assert exactly(datapath, state(*fes))
+
+
+def test_right_after_a_restart_the_last_good_version_is_what_the_maps_serve(datapath, refuse_backend):
+    """A new writer (the agent restarted) has applied nothing yet: a failing Service keeps what the
+    pinned maps serve for it (datapath/pinned.py), the others get their new version."""
+    fes = [web(i, [1, 2]) for i in range(1, 4)]
+    refuse_backend["on"] = False
+    MapWriter(datapath.maps).apply(state(*fes))
+    refuse_backend["on"] = True
+    restarted = MapWriter(datapath.maps)
+    new = [web(1, [3]), web(2, [99]), web(3, [1, 2]), web(4, [4])]
+    st = restarted.apply(state(*new), isolate=True)
+    assert set(st.failed) == {("default", "web2")}
+    assert exactly(datapath, state(new[0], fes[1], *new[2:]))
+    assert served_by(datapath, fes[1]) in {"198.18.2.1", "198.18.2.2"}
+    assert served_by(datapath, new[3]) == "198.18.2.4"

@@ -32,6 +32,7 @@ def test_ten_thousand_north_south_packets_agree(node):
     assert res.packets == 10_000
     assert set(U.UplinkGenerator.KINDS) <= set(res.kinds), res.kinds
     assert {M.OK, M.SHOT, M.REDIRECT} <= set(res.verdicts), res.verdicts
+    assert {"churn_removed", "churn_terminating", "churn_not_ready", "time_jump"} <= set(res.kinds), res.kinds
     assert res.translated > 3_000, res.translated
 
 
@@ -43,7 +44,8 @@ def test_through_xdp_first_the_outcome_is_the_same(node):
     assert res.packets == 5_000 and res.translated > 1_500, res.translated
 
 
-@pytest.mark.parametrize("fault", ["kept port", "snat probe", "source range", "internal twin", "hop"])
+@pytest.mark.parametrize("fault", ["kept port", "snat probe", "source range", "internal twin", "hop",
+                                   "removed backend"])
 def test_a_wrong_uplink_model_is_caught(node, fault):
     """The comparison can fail: a model with one fault disagrees with the kernel within 5,000 packets."""
     patches = {
@@ -52,6 +54,7 @@ def test_a_wrong_uplink_model_is_caught(node, fault):
         "source range": (U.UplinkModel, "_admitted", lambda self, svc, client: True),
         "internal twin": (U, "SVC_KINDS", 0),                        # a NodePort's INTERNAL twin matched
         "hop": (U.UplinkModel, "_hop", lambda self, buf: True),      # TTL left alone
+        "removed backend": (U.UplinkModel, "_usable", lambda self, bid, proto: True),   # flows never move
     }
     obj, name, value = patches[fault]
     saved = getattr(obj, name)

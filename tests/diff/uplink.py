@@ -24,7 +24,9 @@ pod-side model's parsing, checksums, conntrack states and backend choice (tests/
   again.  lb4_snat holds FORWARD (client -> frontend) -> (node, port) and REPLY (backend -> node:port)
   -> (client, port); the backend's reply is found by that and becomes frontend -> client, sent to
   the client (TTL - 1);
-- flows carry CT_F_NODEPORT (| CT_F_SNAT), keep their backend, end and restart as on the pod side.
+- flows carry CT_F_NODEPORT (| CT_F_SNAT), keep their backend, end and restart as on the pod side;
+  a removed backend resets a TCP flow (RST from the frontend) and moves a datagram's (also off a
+  not-ready one), removing every entry of the flow, SNAT halves included.
 
 With `--xdp` (run(xdp=True)) packets from the uplink meet xdp_uplink first and from_uplink only if
 passed: the two together must do what the model does.
@@ -66,6 +68,7 @@ SVC_KINDS = abi.LB_SVC_F_NODEPORT | abi.LB_SVC_F_EXTERNAL_IP | abi.LB_SVC_F_LOAD
 SCOPE_EXTERNAL = abi.LB_SCOPE_EXTERNAL
 PORT_RANGE = abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN + 1
 XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
+CHURN = 0.01          # chance, per packet, that a backend changes first (UplinkRunner.churn)
 
 # node-1 of the lab, as tests/bpf/northsouth.py builds its namespace.
 NODE, NODE2 = "198.18.0.11", "198.18.0.12"
@@ -324,7 +327,8 @@ class UplinkGenerator:
     """Seeded north-south traffic: clients open flows to every frontend (and to ports of nobody),
     carry data, close or reset them and reuse their ports; backends answer (remote ones to the SNAT
     port, local ones through to_uplink); segments of flows never seen, TTLs of 1 and 2, stray
-    replies to the SNAT range."""
+    replies to the SNAT range.  (The runner turns backends terminating, not ready, removed and
+    back now and then.)"""
 
     KINDS = {"new": 20, "data": 22, "reply": 26, "close": 8, "midstream": 4, "stray": 4, "ttl": 3, "other": 4}
 
@@ -448,6 +452,36 @@ class UplinkRunner(R.Runner):
         self.model = UplinkModel(self.maps, ranges, life)
         self.fds = {name: dp.programs[name].fd for name in ("from_uplink", "to_uplink", "xdp_uplink")}
         self.drops_before = stats.drops(dp.maps)
+        self.original_backends = {k.value: (k, v) for k, v in dp.maps["lb4_backends"].items()}
+
+    def churn(self, rng) -> str:
+        """One backend changes behind the tables' back (as between the writer's steps, or an endpoint
+        removed): terminating, not ready, removed, or back as it was; both sides see the same."""
+        table = self.dp.maps["lb4_backends"]
+        bid = sorted(self.original_backends)[int(rng.integers(len(self.original_backends)))]
+        key, leaf = self.original_backends[bid]
+        action = ["terminating", "not_ready", "removed", "restored", "restored"][int(rng.integers(5))]
+        if action == "removed":
+            try:
+                del table[key]
+            except KeyError:
+                pass
+            self.maps.backends.pop(bid, None)
+        else:
+            flags = {"terminating": M.BE_TERMINATING | leaf.flags,
+                     "not_ready": M.BE_NOT_READY | leaf.flags}.get(action, leaf.flags)
+            new = table.Leaf(leaf.address, leaf.port, leaf.proto, flags)
+            table[key] = new
+            self.maps.backends[bid] = M.BackendEntry(R._a(new.address), R._p(new.port), new.proto, new.flags)
+        self.maps.version += 1
+        return action
+
+    def restore_backends(self):
+        table = self.dp.maps["lb4_backends"]
+        for bid, (key, leaf) in self.original_backends.items():
+            table[key] = leaf
+            self.maps.backends[bid] = M.BackendEntry(R._a(leaf.address), R._p(leaf.port), leaf.proto, leaf.flags)
+        self.maps.version += 1
 
     def reset_flows(self):
         for name in ("ct4", "lb4_snat"):
@@ -540,9 +574,13 @@ def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None,
         if i and i % R.EPOCH == 0:
             result.mismatches += runner.compare_all(i)
             runner.reset_flows()
+            runner.restore_backends()
             gen.forget_flows()
             if progress:
                 progress(i, result, time.monotonic() - t0)
+        if gen.rng.random() < CHURN:
+            action = "churn_" + runner.churn(gen.rng)
+            result.kinds[action] = result.kinds.get(action, 0) + 1
         if gen.rng.random() < R.TIME_JUMP:
             runner.time_passes_ct()
             result.kinds["time_jump"] = result.kinds.get("time_jump", 0) + 1
@@ -558,6 +596,7 @@ def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None,
             break
         result.packets = i + 1
     result.mismatches += runner.compare_all(result.packets)
+    runner.restore_backends()
     result.seconds = time.monotonic() - t0
     return result
 
