@@ -45,7 +45,7 @@ def test_through_xdp_first_the_outcome_is_the_same(node):
 
 
 @pytest.mark.parametrize("fault", ["kept port", "snat probe", "source range", "internal twin", "hop",
-                                   "removed backend"])
+                                   "removed backend", "icmp error"])
 def test_a_wrong_uplink_model_is_caught(node, fault):
     """The comparison can fail: a model with one fault disagrees with the kernel within 5,000 packets."""
     patches = {
@@ -55,6 +55,7 @@ def test_a_wrong_uplink_model_is_caught(node, fault):
         "internal twin": (U, "SVC_KINDS", 0),                        # a NodePort's INTERNAL twin matched
         "hop": (U.UplinkModel, "_hop", lambda self, buf: True),      # TTL left alone
         "removed backend": (U.UplinkModel, "_usable", lambda self, bid, proto: True),   # flows never move
+        "icmp error": (U.UplinkModel, "_icmp", lambda self, frame, p, d: (M.OK, frame)),  # never translated
     }
     obj, name, value = patches[fault]
     saved = getattr(obj, name)

@@ -31,7 +31,9 @@ pod-side model's parsing, checksums, conntrack states and backend choice (tests/
 With `--xdp` (run(xdp=True)) packets from the uplink meet xdp_uplink first and from_uplink only if
 passed: the two together must do what the model does.
 
-Not modelled (the generator sends none): ICMP errors, fragments, affinity, random frontends,
+ICMP errors about SNATed flows (fragmentation needed, unreachable; from the backend or a router)
+are translated back to the client.  Not modelled (the generator sends none): other ICMP errors
+(a local backend's, a client's about a reply), fragments, affinity, random frontends,
 node clients.  `make fuzz` runs the pod side; `python -m tests.diff.uplink --packets 200000` this.
 """
 
@@ -304,6 +306,60 @@ class UplinkModel(M.Model):
         self._refresh(rk)
         return self._forward_nodeport(frame, p, fk, flow)
 
+    # -- ICMP errors
+    def _icmp(self, frame, p: M.Pkt, direction: int) -> tuple[int, bytes]:
+        """An ICMP error arriving for the node about a SNATed flow's packet (node:port -> backend;
+        fragmentation needed on the way, the backend's port unreachable) is made to be about
+        client -> frontend: quoted addresses, ports, quoted IP and L4 checksums, the ICMP checksum;
+        its destination becomes the client, its source the frontend when the backend itself sent
+        it; sent on to the client (a hop). Every other ICMP packet passes untouched here."""
+        if direction != M.FWD or p.icmp_type not in M.ICMP_ERRORS or p.first_fragment or p.later_fragment:
+            return M.OK, frame
+        end = M.L3 + p.tot_len
+        icmp_off = M.L3 + p.ihl
+        q = icmp_off + 8
+        if q + 20 > end or p.daddr != self.node:
+            return M.OK, frame
+        qihl = (frame[q] & 0xF) * 4
+        qproto = frame[q + 9]
+        if frame[q] >> 4 != 4 or qihl < 20 or qproto not in (M.TCP, M.UDP, M.SCTP) or q + qihl + 4 > end:
+            return M.OK, frame
+        ql4 = q + qihl
+        qsrc, qdst = frame[q + 12:q + 16], frame[q + 16:q + 20]
+        qsport, qdport = struct.unpack("!HH", frame[ql4:ql4 + 4])
+        rk = (qdst, qsrc, qdport, qsport, qproto, M.REPLY)
+        client = self.snat.get(rk)
+        flow = self._live(rk)
+        if client is None or flow is None or not flow.flags & F_SNAT:
+            return M.OK, frame
+        buf = bytearray(frame)
+        old_icmp = bytes(buf[icmp_off:end])
+        new_src, new_dst = (client[0], client[1]), (flow.frontend_addr, flow.frontend_port)
+        l4c = {M.TCP: 16, M.UDP: 6}.get(qproto)
+        if l4c is not None and ql4 + l4c + 2 <= end:
+            hc = int.from_bytes(buf[ql4 + l4c:ql4 + l4c + 2], "big")
+            if not (qproto == M.UDP and hc == 0):
+                old = qsrc + qsport.to_bytes(2, "big") + qdst + qdport.to_bytes(2, "big")
+                new = new_src[0] + new_src[1].to_bytes(2, "big") + new_dst[0] + new_dst[1].to_bytes(2, "big")
+                buf[ql4 + l4c:ql4 + l4c + 2] = M.csum_update(hc, old, new).to_bytes(2, "big")
+        buf[ql4:ql4 + 4] = struct.pack("!HH", new_src[1], new_dst[1])
+        qc = int.from_bytes(buf[q + 10:q + 12], "big")
+        buf[q + 10:q + 12] = M.csum_update(qc, qsrc + qdst, new_src[0] + new_dst[0]).to_bytes(2, "big")
+        buf[q + 12:q + 16], buf[q + 16:q + 20] = new_src[0], new_dst[0]
+        ic = int.from_bytes(buf[icmp_off + 2:icmp_off + 4], "big")
+        new_icmp = bytes(buf[icmp_off:end])
+        if len(old_icmp) % 2:
+            old_icmp, new_icmp = old_icmp + b"\0", new_icmp + b"\0"
+        buf[icmp_off + 2:icmp_off + 4] = M.csum_update(ic, old_icmp, new_icmp).to_bytes(2, "big")
+        outer_src = bytes(buf[M.L3 + 12:M.L3 + 16])
+        new_outer_src = flow.frontend_addr if outer_src == flow.backend_addr else outer_src
+        oc = int.from_bytes(buf[M.L3 + 10:M.L3 + 12], "big")
+        buf[M.L3 + 10:M.L3 + 12] = M.csum_update(oc, outer_src + self.node, new_outer_src + client[0]).to_bytes(2, "big")
+        buf[M.L3 + 12:M.L3 + 16], buf[M.L3 + 16:M.L3 + 20] = new_outer_src, client[0]
+        if not self._hop(buf):
+            return self._drop("ttl_exceeded")
+        return self._send(buf, client[0])
+
     # -- to_uplink
     def to_uplink(self, frame: bytes, pick=None) -> tuple[int, bytes]:
         p = self._begin(frame, M.REPLY)
@@ -330,7 +386,8 @@ class UplinkGenerator:
     replies to the SNAT range.  (The runner turns backends terminating, not ready, removed and
     back now and then.)"""
 
-    KINDS = {"new": 20, "data": 22, "reply": 26, "close": 8, "midstream": 4, "stray": 4, "ttl": 3, "other": 4}
+    KINDS = {"new": 20, "data": 22, "reply": 26, "close": 8, "midstream": 4, "stray": 4, "ttl": 3, "other": 4,
+             "icmp_error": 5}
 
     def __init__(self, seed: int, model: UplinkModel):
         self.rng = np.random.default_rng(seed)
@@ -412,6 +469,35 @@ class UplinkGenerator:
               if proto == M.TCP else udp_dgram(flow.backend_addr, client, flow.backend_port, sport, b"answer"))
         return "to_uplink", MAC[_dotted(client)] + MAC["node"] + b"\x08\x00" + ip_packet(flow.backend_addr, client,
                                                                                          proto, l4)
+
+    def _k_icmp_error(self):
+        """An ICMP error for the node about a packet it sent for a flow (mostly a SNATed one, as the
+        backend or node-2 on the way answers it), quoting 8 bytes of L4 or all of it; or an echo."""
+        flows = [fk for fk in self.flows if fk in self.model.snat]
+        if not flows or self.rng.random() < 0.1:
+            echo = struct.pack("!BBHI", 8, 0, 0, 1) + b"ping"
+            echo = echo[:2] + M.csum(echo).to_bytes(2, "big") + echo[4:]
+            return "from_uplink", self._client_pkt_raw(_ab(self._pick(CLIENTS)), _ab(NODE), M.ICMP, echo)
+        fk = self._pick(flows)
+        flow = self.model.m.ct.get(fk)
+        node, port = self.model.snat[fk]
+        if flow is None:
+            return self._k_stray()
+        proto = fk[4]
+        l4 = (tcp_seg(node, flow.backend_addr, port, flow.backend_port, M.T_ACK | 0x08, payload=b"z" * 24)
+              if proto == M.TCP else udp_dgram(node, flow.backend_addr, port, flow.backend_port, b"z" * 24))
+        quoted = ip_packet(node, flow.backend_addr, proto, l4, ttl=63)
+        if self.rng.random() < 0.5:
+            quoted = quoted[:28]                        # RFC 792: the IP header and 8 bytes
+        code, rest = self._pick([(4, 1400), (3, 0), (1, 0)])     # frag needed, port / host unreachable
+        icmp = struct.pack("!BBHHH", 3, code, 0, 0, rest) + quoted
+        icmp = icmp[:2] + M.csum(icmp).to_bytes(2, "big") + icmp[4:]
+        sender = flow.backend_addr if self.rng.random() < 0.5 else _ab(NODE2)
+        return "from_uplink", self._frame(MAC[NODE2], ip_packet(sender, node, M.ICMP, icmp,
+                                                                ttl=self._pick([64, 64, 64, 1])))
+
+    def _client_pkt_raw(self, client, dst, proto, l4):
+        return self._frame(MAC[_dotted(client)], ip_packet(client, dst, proto, l4))
 
     def _k_stray(self):
         be = _ab(self._pick(REMOTE))
