@@ -19,10 +19,14 @@ test-unit: setup
 test-bpf: setup
 	$(PY) -m pytest tests/bpf tests/diff
 
-# The differential run: a million generated packets through the pod-side programs and the reference
-# model (tests/diff); SEED=n to replay one.
+# The differential runs: a million generated packets through the pod-side programs and the reference
+# model (tests/diff), then 200,000 through the uplink programs and theirs (tests/diff/uplink.py), TC
+# alone and XDP then TC;
+# SEED=n to replay one.
 fuzz: setup
 	$(PY) -m tests.diff.runner --packets $${PACKETS:-1000000} $${SEED:+--seed $$SEED}
+	$(PY) -m tests.diff.uplink --packets $${UPLINK_PACKETS:-200000} $${SEED:+--seed $$SEED}
+	$(PY) -m tests.diff.uplink --xdp --packets $${UPLINK_PACKETS:-200000} $${SEED:+--seed $$SEED}
 
 test-e2e: setup
 	$(PY) -m pytest tests/e2e

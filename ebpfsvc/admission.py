@@ -19,7 +19,10 @@ desired.py) or a failure (its frontends could not be computed): a log line, a co
 per map (ebpfsvc_map_pressure{map}: what the desired state needs over what the map holds), the
 /healthz body ("notProgrammed"), and the pinned lb_service_status map that `ebpfsvc service list`
 reads.  Nothing is retried in a loop: admission runs again when the cluster changes, and at
-every periodic resync.
+every periodic resync.  A Service whose writes the kernel refuses (MapWriter.apply(isolate=True):
+the others are written, it keeps its last good entries) is told the same way, reason "failure",
+with the map named (Admission.written), and counted per map (ebpfsvc_map_write_failures_total);
+the agent retries it with back-off (BoundedFrequencyRunner.retry_later).
 
 Last good state across restarts: at start the agent hands admission what the pinned maps hold,
 per Service (datapath/pinned.py).  A Service the maps serve whose current version is invalid (the
@@ -39,7 +42,7 @@ deferral costs at most one more sync, never a map write that fails.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from ebpfsvc import maglev
@@ -164,6 +167,10 @@ class Admission:
         self.reported: dict[ServiceKey, tuple[str, str]] = {}     # what was logged, to log changes only
         self.counts: dict[str, int] = {CONFLICT: 0, CAPACITY: 0, FAILURE: 0}   # not-programmed events
         self.held: dict[ServiceKey, tuple[Frontend, ...]] = {}   # what the pinned maps held at start
+        # Services whose map writes the kernel refused at the last apply (MapWriter.apply(isolate=True)),
+        # -> detail naming the map; and how many times a write failed, per map.
+        self.write_failures: dict[ServiceKey, str] = {}
+        self.write_failures_by_map: dict[str, int] = {}
 
     def hold(self, pinned: Mapping[ServiceKey, tuple[Frontend, ...]]) -> None:
         """What the pinned maps held at start (datapath/pinned.py), per Service."""
@@ -197,6 +204,9 @@ class Admission:
             out.setdefault((problem.namespace, problem.name), (CONFLICT, _detail(problem)))
         for problem in getattr(result, "failures", ()):
             out.setdefault((problem.namespace, problem.name), (FAILURE, _detail(problem)))
+        for key, detail in self.write_failures.items():     # until the next apply says otherwise
+            if key in services:
+                out.setdefault(key, (FAILURE, detail))
         for key in kept:
             out.setdefault(key, (KEPT, "its current version is invalid; the last good version, from the pinned "
                                        "maps, stays in force"))
@@ -204,6 +214,28 @@ class Admission:
         self._admitted = state
         self.last = Admitted(state, delta, out, demand, deferred)
         return self.last
+
+    def written(self, failed: Mapping[ServiceKey, tuple[str, str]]) -> None:
+        """After an apply: the Services whose writes failed (ApplyStats.failed: -> (map, detail)), each
+        told once per change of its detail: a log line naming it and the map, the counters (by reason,
+        and ebpfsvc_map_write_failures_total by map), /healthz and lb_service_status."""
+        now = {key: detail for key, (_, detail) in failed.items()}
+        if now == self.write_failures:
+            return
+        for key, (map_name, detail) in failed.items():
+            if map_name and self.write_failures.get(key) != detail:
+                self.write_failures_by_map[map_name] = self.write_failures_by_map.get(map_name, 0) + 1
+        last = self.last
+        if last is None:
+            self.write_failures = now
+            return
+        out = {k: v for k, v in last.not_programmed.items()
+               if not (v[0] == FAILURE and self.write_failures.get(k) == v[1])}
+        for key, detail in now.items():
+            out.setdefault(key, (FAILURE, detail))
+        self.write_failures = now
+        self._report(out)
+        self.last = replace(last, not_programmed=out)
 
     def _crowded(self, demand: Mapping[str, int], releasing: Mapping[str, int]) -> str:
         """The first resource whose `demand` does not fit beside what this apply releases only at its
@@ -435,7 +467,8 @@ class _AdmissionCollector:
         total = CounterMetricFamily("ebpfsvc_sync_proxy_rules_services_not_programmed",
                                     "Times a Service was left out of the maps, by reason (conflict: another "
                                     "Service holds its frontend; capacity: the maps are full; failure: its "
-                                    "frontends could not be computed).", labels=["reason"])
+                                    "frontends could not be computed, or the kernel refused their writes).",
+                                    labels=["reason"])
         current = GaugeMetricFamily("ebpfsvc_services_not_programmed", "Services not in the maps now, by reason.",
                                     labels=["reason"])
         now = list(a.reported.values())
@@ -446,4 +479,9 @@ class _AdmissionCollector:
                                      "admission may use of it (above 1: Services are left out).", labels=["map"])
         for name, p in sorted(a.pressure().items()):
             pressure.add_metric([name], p)
-        yield from (total, current, pressure)
+        refused = CounterMetricFamily("ebpfsvc_map_write_failures", "Times a Service's writes to a map failed "
+                                      "(the kernel refused them, or no id was left), by map; the Service keeps "
+                                      "its last good entries and is retried with back-off.", labels=["map"])
+        for name, n in sorted(a.write_failures_by_map.items()):
+            refused.add_metric([name], n)
+        yield from (total, current, pressure, refused)

@@ -412,12 +412,18 @@ class Agent:
         invalid = {(p.namespace, p.name) for p in self.state.problems if p.kind == "Service"}
         admitted = self.admission.admit(result, snapshot.services, self._served, invalid)
         desired = admitted.state
-        if desired is self.last_applied and not full:
+        if desired is self.last_applied and not full and not self.admission.write_failures:
             self._route_node_clients(snapshot)
             self.telemetry.sync_done(time.monotonic() - t0, snapshot=snapshot, node=self.desired.node,
                                      applied=desired)
             return
-        stats = self.writer.apply(desired, full=full, delta=admitted.delta)
+        # One Service whose writes the kernel refuses costs that Service only (kept at its last good
+        # entries, told by admission); it is retried with back-off, not in a loop.
+        stats = self.writer.apply(desired, full=full, delta=admitted.delta, isolate=True)
+        self.admission.written(stats.failed)
+        if stats.failed:
+            log.info("%d Services not written; retrying them in %.1fs, or at the next change",
+                     len(stats.failed), self.runner.retry_later())
         if admitted.deferred:
             self.runner.run()       # the slots this apply released are free now: admit the waiting ones
         self._route_node_clients(snapshot, result)

@@ -9,7 +9,9 @@ A failing sync is retried after `retry_interval` rather than waiting for the
 next change, backing off (doubling, up to `max_interval`) while it keeps failing, so a
 failure that needs an operator (a map too small) never turns into a busy loop; a new
 change retries at once.  The first failure of a run of them is logged with its traceback,
-the next ones in one line.
+the next ones in one line.  A sync that did its work but for a part that failed (a Service
+whose writes the kernel refused) is no failure of the loop: it asks for `retry_later()`, the
+same back-off without an error.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class BoundedFrequencyRunner:
         self.runs = 0
         self.failures = 0
         self.consecutive_failures = 0
+        self._retries = 0                   # retry_later() calls by the runs in a row that made them
+        self._retry_at: float | None = None
+        self._asked_retry = False
 
     @property
     def alive(self) -> bool:
@@ -49,6 +54,15 @@ class BoundedFrequencyRunner:
     def run(self) -> None:
         """Ask for a sync soon. Cheap and safe to call from any thread, as often as you like."""
         self._pending.set()
+
+    def retry_later(self) -> float:
+        """From inside a sync: run again after a back-off (retry_interval, doubling while the runs in
+        a row keep asking, up to max_interval), or at the next change; returns the delay."""
+        self._asked_retry = True
+        self._retries += 1
+        delay = min(self._retry * 2 ** min(self._retries - 1, 30), self._max)
+        self._retry_at = self._clock() + delay
+        return delay
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.loop, name=self.name, daemon=True)
@@ -65,6 +79,8 @@ class BoundedFrequencyRunner:
         while not self._stop.is_set():
             # Sleep until asked, or until the periodic resync is due.
             due = self._max if last is None else max(0.0, last + self._max - self._clock())
+            if self._retry_at is not None:
+                due = min(due, max(0.0, self._retry_at - self._clock()))
             self._pending.wait(due)
             if self._stop.is_set():
                 return
@@ -76,10 +92,13 @@ class BoundedFrequencyRunner:
                     return
             self._pending.clear()
             last = self._clock()
+            self._asked_retry, self._retry_at = False, None
             try:
                 self._fn()
                 self.runs += 1
                 self.consecutive_failures = 0
+                if not self._asked_retry:
+                    self._retries = 0
             except Exception as err:  # a sync must never kill the loop: the datapath keeps its last state
                 self.failures += 1
                 self.consecutive_failures += 1

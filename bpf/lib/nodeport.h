@@ -40,6 +40,22 @@ static long (*np4_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 f
 	(void *)BPF_FUNC_redirect_neigh;
 
 /*
+ * Whether a new flow's first packet can be sent on at all (np4_hop would drop
+ * it: TTL 1), asked before the flow is created: a packet that never leaves must
+ * leave no flow behind, above all no claimed SNAT port (a stream of TTL-1 SYNs
+ * would hold the ports of a backend for CT_TIMEOUT_TCP_SYN_S each), as the
+ * kernel's conntrack never confirms the entry of a packet it then drops.
+ */
+static __always_inline __u32 np4_hop_left(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	__u8 ttl;
+
+	if (bpf_skb_load_bytes(skb, p->l3_off + IP_TTL_OFF, &ttl, 1))
+		return REASON_MALFORMED;
+	return ttl <= 1 ? REASON_TTL_EXCEEDED : 0;
+}
+
+/*
  * The hop a router owes a packet it forwards, which bpf_redirect skips
  * (the kernel's ip_forward would do it): a packet that arrived with TTL 1 is not
  * forwarded, so routing loops end (the kernel would also answer "time
@@ -350,7 +366,9 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 		return np4_forward_xlate(skb, p, &e, 0);
 	}
 
-	ret = np4_snat_create(skb, p, fk, &e, &nat, now);
+	ret = np4_hop_left(skb, p);
+	if (!ret)
+		ret = np4_snat_create(skb, p, fk, &e, &nat, now);
 	if (ret)
 		return lb_drop(ret);
 	lb4_affinity_update(svc, p->saddr, e.backend_id, now);

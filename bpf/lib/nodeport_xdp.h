@@ -255,7 +255,8 @@ static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, st
 		lb4_affinity_update(svc, p->saddr, e.backend_id, now);
 		return np4_xdp_forward(ctx, p, &e, 0);
 	}
-	if (np4_snat_create(ctx, p, fk, &e, &nat, now))
+	/* No hop left: TC drops it, and no flow (no SNAT port) may be left behind (np4_hop_left). */
+	if (np4_xdp_ttl_spent(ctx) || np4_snat_create(ctx, p, fk, &e, &nat, now))
 		return XDP_PASS;
 	lb4_affinity_update(svc, p->saddr, e.backend_id, now);
 	return np4_xdp_forward(ctx, p, &e, &nat);

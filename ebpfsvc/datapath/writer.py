@@ -31,7 +31,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
-from dataclasses import dataclass, fields
+import logging
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import quote
 
@@ -47,8 +48,10 @@ from ebpfsvc.datapath.batch import update_records as _update_records
 from ebpfsvc.datapath.batch import update_u32_array as _update_u32_array
 from ebpfsvc.datapath.batch import zero_percpu_ids as _zero_percpu_ids
 from ebpfsvc.datapath.affinitymatch import AffinityMatch
-from ebpfsvc.datapath.ids import IdAllocator, SlotRanges
+from ebpfsvc.datapath.ids import IdAllocator, IdExhausted, SlotRanges
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, LBState, ServicePortName, table_backends
+
+log = logging.getLogger(__name__)
 
 _NAME_MAX = 127      # lb_service_name.name is 128 bytes, NUL-terminated
 
@@ -75,11 +78,19 @@ class ApplyStats:
     stats_zeroed: int = 0         # per-CPU stats slots reset for a (re)allocated id
     ranges_written: int = 0       # lb4_source_ranges entries written (loadBalancerSourceRanges)
     ranges_deleted: int = 0
+    # Services whose writes the kernel refused (apply(isolate=True)): (namespace, name) -> (the map,
+    # what failed).  They keep their last good entries (or stay out, if new).
+    failed: dict = field(default_factory=dict, compare=False)
 
     @property
     def writes(self) -> int:
         """Every map entry written or deleted."""
-        return sum(getattr(self, f.name) for f in fields(self) if f.name != "tables_written")
+        return sum(getattr(self, f.name) for f in fields(self) if f.name not in ("tables_written", "failed"))
+
+    def add(self, other: "ApplyStats") -> None:
+        for f in fields(self):
+            if f.name != "failed":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def __bool__(self) -> bool:
         return self.writes > 0
@@ -102,6 +113,54 @@ def service_name(spn: ServicePortName) -> str:
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         text = text[: _NAME_MAX - 17] + "#" + digest
     return text
+
+
+class MapWriteError(OSError):
+    """A map write the kernel refused (or no id or slot left for it), naming the map."""
+
+    def __init__(self, map_name: str, cause: BaseException):
+        text = getattr(cause, "strerror", None) or str(cause)
+        # bcc's per-entry fallback raises a bare Exception("Could not update table: <strerror>").
+        super().__init__(getattr(cause, "errno", None), text.removeprefix("Could not update table: "))
+        self.map_name = map_name
+
+    def __str__(self) -> str:
+        return f"{self.map_name}: {self.strerror}"
+
+
+@contextlib.contextmanager
+def _writing(map_name: str):
+    """Name the map in a failure of the writes inside: an OSError, an id or slot range
+    exhausted, or bcc's bare Exception for a refused update (anything else is a bug, left alone)."""
+    try:
+        yield
+    except MapWriteError:
+        raise
+    except IdExhausted as err:      # keeps its type (callers without isolation catch it), gains the map
+        err.map_name = getattr(err, "map_name", map_name)
+        raise
+    except OSError as err:
+        raise MapWriteError(map_name, err) from err
+    except Exception as err:
+        if type(err) is not Exception:
+            raise
+        raise MapWriteError(map_name, err) from err
+
+
+# What apply(isolate=True) pins on the Services whose changes raise it: the kernel refused a write
+# (MapWriteError), no id or slot range was left (IdExhausted), or a frontend could not be turned
+# into entries (ValueError).
+_ISOLABLE = (MapWriteError, IdExhausted, ValueError)
+# Services that may fail one by one in one apply before the rest wait for the next try: each costs
+# a full apply (the writer re-reads the maps and rewrites the last good state).
+_ISOLATE_MAX = 16
+
+
+def _failure(err: Exception, existing: bool) -> str:
+    """A failed Service's detail, for the log line, the metric and `service list`."""
+    name = getattr(err, "map_name", "")
+    text = f"{name}: {err}" if name and not isinstance(err, MapWriteError) else str(err)
+    return f"{text}; " + ("its last good version stays" if existing else "not programmed")
 
 
 # Map keys the writer compares, raw as stored (address and port in wire order, abi.be32/be16).
@@ -207,6 +266,7 @@ class MapWriter:
         self.be_stats_map = maps["lb_backend_stats"]
         self.src_ranges_map = maps.get("lb4_source_ranges")   # loadBalancerSourceRanges (LPM trie)
         self.affinity_match_map = maps.get("lb4_affinity_match")   # affinity's membership check
+        self._maps = maps
         # lb_maglev's slots in place (None: written by batch syscalls, with a copy kept here).
         self._slots_view = _map_u32_array(self.maglev_map)
         self._load()
@@ -258,7 +318,7 @@ class MapWriter:
 
     # ---- the public operation --------------------------------------------------------
 
-    def apply(self, state: LBState, *, full: bool = False, delta=None) -> ApplyStats:
+    def apply(self, state: LBState, *, full: bool = False, delta=None, isolate: bool = False) -> ApplyStats:
         """Make the maps hold exactly `state`; return what was written.
 
         Looks at the frontends that changed since the last apply only: the keys of `delta`
@@ -266,23 +326,97 @@ class MapWriter:
         those whose Frontend object differs.  `full` (and the first apply after a (re)load)
         recomputes everything from the state and deletes whatever nothing wants.
 
-        If a write fails (a map is full, the kernel refuses), the exception
-        propagates after the writer re-reads the maps, so its view matches what
-        was actually written and the next apply() diffs from there (in full). The write
-        order guarantees that a partial apply never leaves a frontend pointing
-        at missing backends or slots.
+        If a write fails (a map is full, the kernel refuses), the writer re-reads the maps, so
+        its view matches what was actually written and the next apply() diffs from there (in
+        full); the write order guarantees that a partial apply never leaves a frontend pointing
+        at missing backends or slots.  Then, without `isolate`, the exception propagates.  With
+        `isolate` (the agent), one Service's failure costs that Service only: the maps go back
+        to the last good state and the changes are written again Service by Service
+        (_apply_per_service); the Services that still fail keep their last good entries (or
+        stay out, if new) and are returned in ApplyStats.failed.
         """
         full = full or self._state is None
+        last_good = self._state
         try:
             # A full apply derives every frontend's entries at once: no cycle collection meanwhile.
             with heap.bulk() if full else contextlib.nullcontext():
                 stats = self._apply(state, full, delta)
                 if self._affinity_match is not None:     # after the ids exist (datapath/affinitymatch.py)
-                    self._affinity_match.sync(state, self, full=full, delta=delta)
+                    with _writing("lb4_affinity_match"):
+                        self._affinity_match.sync(state, self, full=full, delta=delta)
             return stats
+        except _ISOLABLE as err:
+            if not isolate:
+                self._load()
+                raise
+            with heap.bulk():       # (the maps are re-read first)
+                return self._apply_per_service(state, last_good, err)
         except Exception:
             self._load()
             raise
+
+    def _apply_per_service(self, state: LBState, last_good: LBState | None, first: Exception) -> ApplyStats:
+        """After a failed batch (the maps re-read): the last good state again, then each Service whose
+        frontends differ from it, one at a time and in name order (the same on every node).  A Service
+        whose writes fail is put back to where it was (re-read, last good state again) and reported;
+        past _ISOLATE_MAX of them the rest wait for the next try, so a failure that is not one
+        Service's (every write refused) costs a bounded number of full applies, and one that hits
+        the last good state itself propagates as before."""
+        stats = ApplyStats()
+        good = dict(last_good.frontends if last_good is not None else self._pinned())
+        self._restore(good, first, stats)
+        log.warning("a batch write failed (%s): writing the changes Service by Service", first)
+        want: dict[tuple[str, str], dict[FrontendKey, Frontend]] = {}
+        for key, fe in state.frontends.items():
+            want.setdefault((fe.service.namespace, fe.service.name), {})[key] = fe
+        have: dict[tuple[str, str], dict[FrontendKey, Frontend]] = {}
+        for key, fe in good.items():
+            have.setdefault((fe.service.namespace, fe.service.name), {})[key] = fe
+        for svc in sorted(k for k in want.keys() | have.keys() if want.get(k, {}) != have.get(k, {})):
+            if len(stats.failed) >= _ISOLATE_MAX:
+                stats.failed[svc] = ("", f"not tried: {_ISOLATE_MAX} Services failed before it")
+                continue
+            new = want.get(svc, {})
+            # Its frontends as they are now (a key another Service took over in this loop is not its
+            # own any more), and what will be at its new keys.
+            touched = [k for k, fe in have.get(svc, {}).items() if good.get(k) is fe] + list(new)
+            old = [good[k] for k in dict.fromkeys(touched) if k in good]
+            step = ApplyStats()
+            try:
+                self._write_changes(old, list(new.values()), False, step)
+            except _ISOLABLE as err:
+                stats.failed[svc] = (getattr(err, "map_name", ""), _failure(err, svc in have))
+                self._restore(good, first, stats)
+                continue
+            stats.add(step)
+            for k in touched:
+                good.pop(k, None)
+            good.update(new)
+        self._state = LBState(good)
+        if self._affinity_match is not None:
+            try:
+                with _writing("lb4_affinity_match"):
+                    self._affinity_match.sync(self._state, self, full=True)
+            except Exception:
+                self._load()
+                raise
+        return stats
+
+    def _restore(self, good: dict, first: Exception, stats: ApplyStats) -> None:
+        """The maps (re-read) made to hold `good` again, in full; if even that fails, the failure is
+        not one Service's: the first one propagates."""
+        self._load()
+        try:
+            stats.add(self._apply(LBState(dict(good)), True, None))
+        except _ISOLABLE:
+            self._load()
+            raise first from None
+
+    def _pinned(self) -> dict[FrontendKey, Frontend]:
+        """The frontends the maps serve (no state applied yet by this writer: right after a start)."""
+        from ebpfsvc.datapath.pinned import pinned_frontends
+
+        return {fe.key: fe for fes in pinned_frontends(self._maps).values() for fe in fes}
 
     def _reset_refs(self) -> None:
         self._state: LBState | None = None             # the state applied last; None: next apply is full
@@ -327,9 +461,8 @@ class MapWriter:
         return old, new
 
     def _apply(self, state: LBState, full: bool, delta) -> ApplyStats:
-        """The phases of the module docstring, in their order; each writes one map (or two)."""
+        """The phases of the module docstring, in their order (_write_changes); each writes one map (or two)."""
         stats = ApplyStats()
-        known = self._by_fe
         if full:
             self._reset_refs()
             old: list[Frontend] = []
@@ -338,24 +471,37 @@ class MapWriter:
             return stats
         else:
             old, new = self._changes(state, delta)
+        self._write_changes(old, new, full, stats)
+        self._state = state
+        return stats
+
+    def _write_changes(self, old: list[Frontend], new: list[Frontend], full: bool, stats: ApplyStats) -> None:
+        """The `old` frontends replaced by the `new` ones, phase by phase; a failure names its map."""
+        known = self._by_fe
         # Derived before anything changes: a bad frontend raises before any write.
         wants = [w if (w := known.get(id(fe))) is not None and w.fe is fe else _frontend_want(fe) for fe in new]
         touched = self._recount(old, wants, full)
         # 1. Backends (new ids get zeroed stats before anything can count on them), 2. service
         # names (their ids are what affinity and CT entries carry).
-        stale_be = self._write_backends(touched.backends, stats)
-        self._write_service_names(touched.names, stats)
+        with _writing("lb4_backends"):
+            stale_be = self._write_backends(touched.backends, stats)
+        with _writing("lb_service_names"):
+            self._write_service_names(touched.names, stats)
         # 3. Maglev tables into new ranges, source ranges, then frontend entries (the switch).
-        plan = self._plan_frontends(touched.frontends, full, stats)
-        retired = self._write_tables(plan, stats)
-        self._write_source_ranges(plan.src_add, stats)
-        self._switch_frontends(plan, stats)
-        # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
-        self._delete_frontends(plan, retired, stats)
-        self._delete_backends(stale_be, stats)
-        self._delete_service_names(touched.names, stats)
-        self._state = state
-        return stats
+        with _writing("lb4_frontends"):
+            plan = self._plan_frontends(touched.frontends, full, stats)
+        with _writing("lb_maglev"):
+            retired = self._write_tables(plan, stats)
+        with _writing("lb4_source_ranges"):
+            self._write_source_ranges(plan.src_add, stats)
+        with _writing("lb4_frontends"):
+            self._switch_frontends(plan, stats)
+            # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
+            self._delete_frontends(plan, retired, stats)
+        with _writing("lb4_backends"):
+            self._delete_backends(stale_be, stats)
+        with _writing("lb_service_names"):
+            self._delete_service_names(touched.names, stats)
 
     def _recount(self, old: list[Frontend], wants: list[_FeWant], full: bool) -> _Touched:
         """Reference counts: drop the old frontends' references, take the new ones'."""
@@ -405,7 +551,7 @@ class MapWriter:
         stats.stats_zeroed += len(fresh)
         _update_records(self.backends_map, [i for i, _ in be_writes], [v for _, v in be_writes])
         self._be_val.update(be_writes)
-        stats.backends_written = len(be_writes)
+        stats.backends_written += len(be_writes)
         return stale
 
     def _write_service_names(self, touched: set, stats: ApplyStats) -> None:
@@ -416,7 +562,7 @@ class MapWriter:
             name_writes.append((ident, name))
         m = self.names_map
         _update_batch(m, [(m.Key(i), m.Leaf(n.encode())) for i, n in name_writes])
-        stats.services_written = len(name_writes)
+        stats.services_written += len(name_writes)
 
     def _plan_frontends(self, touched: dict, full: bool, stats: ApplyStats) -> _FrontendPlan:
         """Ids, table sources and source ranges of the touched frontends; nothing written yet
@@ -515,7 +661,7 @@ class MapWriter:
                 fe_writes.append((p.key, val))
         _update_records(self.frontends_map, [k for k, _ in fe_writes], [v for _, v in fe_writes])
         self._fe.update(fe_writes)
-        stats.frontends_written = len(fe_writes)
+        stats.frontends_written += len(fe_writes)
 
     def _delete_frontends(self, plan: _FrontendPlan, retired: list, stats: ApplyStats) -> None:
         """Frontends nothing wants, then the Maglev ranges and source ranges they used."""
@@ -529,7 +675,7 @@ class MapWriter:
                 self._fe_ids.release(val.frontend_id)
             self._table_src.pop(key, None)
             src_drop |= self._fe_src.pop(key, set())
-        stats.frontends_deleted = len(plan.stale)
+        stats.frontends_deleted += len(plan.stale)
         for off, size in retired:
             self._ranges.release(off, size)
         # Ranges no frontend enforces any more: only now that the frontends stopped using them.
@@ -540,14 +686,14 @@ class MapWriter:
         for ident in stale:
             del self._be_id[self._be_val.pop(ident).key]
             self._be_ids.release(ident)
-        stats.backends_deleted = len(stale)
+        stats.backends_deleted += len(stale)
 
     def _delete_service_names(self, touched: set, stats: ApplyStats) -> None:
         stale = [n for n in touched if n not in self._svc_refs and n in self._svc_id]
         _delete_batch(self.names_map, [self.names_map.Key(self._svc_id[n]) for n in stale])
         for name in stale:
             self._svc_ids.release(self._svc_id.pop(name))
-        stats.services_deleted = len(stale)
+        stats.services_deleted += len(stale)
 
     def _count(self, w: _FeWant, sign: int, touched_be: dict, touched_names: set) -> None:
         """Add (sign 1) or drop (-1) the references one frontend holds."""

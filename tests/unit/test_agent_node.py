@@ -83,7 +83,7 @@ class Kernel:
 
 
 class FakeWriter:
-    def apply(self, state, *, full=False, delta=None):
+    def apply(self, state, *, full=False, delta=None, isolate=False):
         return ApplyStats()
 
 

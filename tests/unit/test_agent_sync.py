@@ -32,7 +32,7 @@ def endpoints(name, *ips):
 class FakeWriter:
     calls: list = field(default_factory=list)
 
-    def apply(self, state, *, full=False, delta=None):
+    def apply(self, state, *, full=False, delta=None, isolate=False):
         self.calls.append((state, full, delta))
         return ApplyStats(frontends_written=1)
 

@@ -88,3 +88,24 @@ def test_failures_back_off_and_a_change_retries_at_once():
         assert gate.wait(5) and len(calls) == 2 and r.consecutive_failures == 2
     finally:
         r.stop()
+
+
+def test_a_partial_sync_asks_for_a_retry_with_back_off_and_no_failure():
+    """A sync that wrote all but one refused Service asks retry_later(): it runs again without a request,
+    the delays double while the runs in a row keep asking, and a run that does not ask resets them."""
+    delays = []
+    r = BoundedFrequencyRunner("t", lambda: None, min_interval=0.0, max_interval=60.0, retry_interval=0.02)
+
+    def partial():
+        if len(delays) < 3:
+            delays.append(r.retry_later())
+
+    r._fn = partial
+    r.start()
+    try:
+        r.run()
+        assert _wait_for(lambda: len(delays) == 3 and r.runs >= 4)
+        assert delays == [0.02, 0.04, 0.08] and r.failures == 0
+        assert r._retries == 0 and r._retry_at is None          # the run that did not ask reset the back-off
+    finally:
+        r.stop()
