@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpfsvc.lab import Lab, apps, labfile
+from ebpfsvc.lab import Lab, LabError, apps, labfile
 
 from .helpers import http_get, service, wait_for, wait_programmed, wait_ready
 from .test_lab import lab_leftovers
@@ -220,6 +220,13 @@ def test_dual_stack_lab(lab):
     wait_for(lambda: slices_by_family(lab, "web4") == {"IPv4": web["IPv4"]}, what="only an IPv4 slice of web4")
     # The `kubernetes` Service stays single-stack, of the primary family (the API server's rule).
     assert lab.service("default/kubernetes")["spec"]["ipFamilies"] == ["IPv4"]
+
+    # Fixed pod IPs, one per family (status.podIPs in a manifest, the pod-ip annotation).
+    fixed = apps.pod("fixed", "http-echo", 8080, node="node-2")
+    lab.apply([{**fixed, "status": {"podIPs": [{"ip": "198.18.2.50"}, {"ip": "2001:2:0:2::50"}]}}])
+    assert pod_ips(lab, "fixed") == ["198.18.2.50", "2001:2:0:2::50"]
+    with pytest.raises(LabError, match="pod-ip: 2001:2:0:1::50 is not a pod address of node node-2"):
+        lab.apply([{**apps.pod("wrong", "http-echo", 8080, node="node-2"), "status": {"podIP": "2001:2:0:1::50"}}])
     assert "2001:2:" not in root_namespace_ipv6()
 
 
