@@ -150,11 +150,13 @@ def add_routes_via(member: str, routes: list[tuple[ipaddress._BaseNetwork, ipadd
     _in(member, configure)
 
 
-def add_pod(node: str, pod: str, host_link: str, pod_ips: list[ipaddress._BaseAddress | str],
+def add_pod(node: str, pod: str, host_link: str,
+            pod_ips: list[ipaddress._BaseAddress | str] | ipaddress._BaseAddress | str,
             gateway: ipaddress.IPv4Address | None) -> None:
-    """Give pod namespace `pod` an `eth0` with each of `pod_ips` as a host route (/32, /128),
-    its host side `host_link` in `node`; `gateway` is the IPv4 one (IPv6: POD_GATEWAY6)."""
-    ips = [ipaddress.ip_address(str(ip)) for ip in pod_ips]
+    """Give pod namespace `pod` an `eth0` with `pod_ips` (one address, or one per family) as
+    host routes (/32, /128), its host side `host_link` in `node`; `gateway` is the IPv4 one
+    (IPv6: POD_GATEWAY6)."""
+    ips = [ipaddress.ip_address(str(ip)) for ip in (pod_ips if isinstance(pod_ips, (list, tuple)) else [pod_ips])]
 
     def node_side(ipr: IPRoute) -> None:
         ipr.link("add", ifname=host_link, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
