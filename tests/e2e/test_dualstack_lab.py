@@ -193,6 +193,11 @@ def test_dual_stack_lab(lab):
     assert tcp.stdout.splitlines() == ["echo: one", "echo: two"]
     udp = udp_answer(from_caller, v6(lab, "dns"), 5353)
     assert udp["pod"] == "dns" and udp["client"] == v6(lab, "caller")
+    # The socket-path probe (sockprobe.py) speaks IPv6 too: what the socket sees, as JSON.
+    probe = lab.exec("caller", ["python", "-m", "ebpfsvc.lab.sockprobe", "udp", v6(lab, "dns"), "5353"], timeout=10)
+    assert json.loads(probe.stdout)["src"][:2] == [v6(lab, "dns"), 5353], probe.stderr
+    probe = lab.exec("caller", ["python", "-m", "ebpfsvc.lab.sockprobe", "tcp", v6(lab, "web-2"), "8080"], timeout=10)
+    assert '"pod": "web-2"' in json.loads(probe.stdout)["data"], probe.stdout
     # The same apps still answer IPv4 with the IPv4 client address (one dual-stack socket each).
     assert curl_json(from_caller, lab.pod_ip("web-2"), 8080)["client"] == lab.pod_ip("caller")
     assert udp_answer(from_caller, lab.pod_ip("dns"), 5353)["client"] == lab.pod_ip("caller")
