@@ -237,9 +237,8 @@ def parse(doc: Any) -> LabSpec:
     raw_cp = doc.get("controlPlane") or {}
     if not isinstance(raw_cp, dict):
         raise LabFileError("controlPlane: must be a mapping with address")
-    control_plane = ControlPlaneSpec(_per_family(raw_cp.get("address", DEFAULT_CONTROL_PLANE[versions[0]]),
-                                                 "controlPlane.address", versions, _fabric_address,
-                                                 defaults=DEFAULT_CONTROL_PLANE))
+    control_plane = ControlPlaneSpec(_per_family(raw_cp.get("address", [DEFAULT_CONTROL_PLANE[v] for v in versions]),
+                                                 "controlPlane.address", versions, _fabric_address))
     _check_unique(nodes, external, control_plane)
     _check_no_overlap(service_cidrs, nodes)
     return LabSpec(name, service_cidrs, nodes, external, control_plane, families)

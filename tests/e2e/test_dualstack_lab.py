@@ -108,6 +108,14 @@ def test_labfile_families():
     assert (example.nodes, example.service_cidrs, example.external, example.control_plane) == \
         (dual.nodes, dual.service_cidrs, dual.external, dual.control_plane)
 
+    doc["ipFamilies"] = ["IPv6", "IPv4"]            # IPv6 primary: every list in that order
+    doc.pop("controlPlane")
+    first6 = labfile.parse(doc)
+    assert [str(a) for a in first6.control_plane.addresses] == ["2001:2::2", "198.18.0.2"]
+    assert [str(c) for c in first6.service_cidrs] == ["2001:2:0:ffff::/108", "198.19.0.0/16"]
+    assert [str(a) for a in first6.node("node-1").addresses] == ["2001:2::11", "198.18.0.11"]
+    assert labfile.parse(first6.to_dict()) == first6
+
     doc["ipFamilies"] = ["IPv6"]
     ipv6 = labfile.parse(doc)
     example = labfile.load(IPV6_ONLY)
