@@ -183,6 +183,7 @@ def test_dual_stack_lab(lab):
     assert ipaddress.ip_address(ip6) in ipaddress.ip_network("2001:2:0:2::/64")
     eth0 = lab.exec("web-2", ["ip", "-o", "addr", "show", "eth0"]).stdout
     assert f"{ip4}/32" in eth0 and f"{ip6}/128" in eth0 and "tentative" not in eth0
+    assert f"{ip6}/128 scope global nodad" in eth0          # IFA_F_NODAD, beside accept_dad=0
     assert "default via fe80::1 dev eth0" in lab.exec("web-2", ["ip", "-6", "route", "show", "default"]).stdout
     assert "2001:2:0:2::/64 via 2001:2::12 dev eth0" in lab.node_exec("node-1", ["ip", "-6", "route"]).stdout
     for key, value in (("ipv6/conf/all/forwarding", "1"), ("ipv6/conf/eth0/accept_dad", "0"),
