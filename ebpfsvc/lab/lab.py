@@ -466,12 +466,15 @@ def _start_controller(state: State) -> subprocess.Popen:
     rec = ProcRecord.of(proc.pid)
     if rec:
         state.write_pid(names.CONTROLLER, rec)
-    deadline = time.monotonic() + 15
+    # The controller answers once it has spawned the control plane (controller.run): on a loaded
+    # machine (load 11 on 2 cores) that took more than a 5 s ping, so a silent ping is "not yet"
+    # as long as the controller lives, within a deadline that still ends a hung start.
+    deadline = time.monotonic() + 60
     while True:
         try:
             rpc.call(state.path, {"op": "ping"}, timeout=5)
             return proc
-        except rpc.ControllerError:
+        except (rpc.ControllerError, TimeoutError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise LabError(f"the lab controller did not start; see {state.log_path(names.CONTROLLER)}")
             time.sleep(0.05)
