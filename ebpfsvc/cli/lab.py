@@ -190,15 +190,17 @@ def _status(lab_: Lab) -> dict:
             sync = "in sync" if not diffs else f"{len(diffs)} frontend(s) differ"
         else:
             sync = ""
-        nodes.append({"node": n.name, "address": str(n.address), "podCIDR": str(n.pod_cidr), "zone": n.zone,
+        nodes.append({"node": n.name, "address": ", ".join(map(str, n.addresses)),
+                      "podCIDR": ", ".join(map(str, n.pod_cidrs)), "zone": n.zone,
                       "agent": agent, "pid": rec.pid if agent == "running" else None, "sync": sync})
     for e in lab_.spec.external:
-        nodes.append({"node": e.name, "address": str(e.address), "podCIDR": "", "zone": "", "agent": "(external)",
+        nodes.append({"node": e.name, "address": ", ".join(map(str, e.addresses)), "podCIDR": "", "zone": "",
+                      "agent": "(external)",
                       "pid": None, "sync": ""})
     pods = []
     for pod in lab_.pods():
         status_ = pod.get("status") or {}
-        pods.append({"pod": podlib.label(pod), "ip": status_.get("podIP", ""),
+        pods.append({"pod": podlib.label(pod), "ip": ", ".join(podlib.pod_ips(pod)),
                      "node": pod["spec"].get("nodeName", ""), "phase": status_.get("phase", ""),
                      "ready": podlib.is_ready(pod), "terminating": podlib.is_terminating(pod)})
     endpoints: dict[tuple[str, str], list[dict]] = {}
@@ -214,7 +216,7 @@ def _status(lab_: Lab) -> dict:
         eps = endpoints.get((svc["metadata"]["namespace"], svc["metadata"]["name"]), [])
         ready = sum(1 for e in eps if (e.get("conditions") or {}).get("ready"))
         services.append({"service": podlib.label(svc), "type": spec.get("type", ""),
-                         "clusterIP": spec.get("clusterIP", ""), "ports": ports,
+                         "clusterIP": ", ".join(spec.get("clusterIPs") or [spec.get("clusterIP", "")]), "ports": ports,
                          "endpoints": f"{ready}/{len(eps)} ready"})
     return {"lab": lab_.prefix, "nodes": nodes, "pods": pods, "services": services}
 

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     listener = socket.socket(fileno=int(argv[0]))
     host, _, port = argv[1].rpartition(":")
+    host = host.strip("[]")          # an IPv6 address is bracketed (controlplane.host_port)
     target = (host, int(port))
     while True:
         client, _ = listener.accept()

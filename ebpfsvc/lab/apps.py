@@ -9,11 +9,15 @@ Service picked and whether the client address survived (no NAT) or not:
              for long-lived stream tests (a flow must keep its backend)
 
 The pod name comes from POD_NAME and the IP from POD_IP, which the lab sets.
+Every app listens on both families (one `::` socket with IPV6_V6ONLY off, so IPv4 clients
+arrive as ::ffff:a.b.c.d and are reported as a.b.c.d), in IPv4, dual-stack and IPv6 labs alike;
+on a kernel without IPv6 it falls back to 0.0.0.0.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
@@ -22,10 +26,38 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def identity(client: tuple[str, int], local_port: int) -> dict:
+def _family() -> tuple[int, str]:
+    """(family, wildcard address) to listen on: both families if the kernel has IPv6."""
+    return (socket.AF_INET6, "::") if socket.has_ipv6 and _ipv6_available() else (socket.AF_INET, "0.0.0.0")
+
+
+def _ipv6_available() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+        return True
+    except OSError:
+        return False
+
+
+def _dual_stack(sock: socket.socket) -> None:
+    """Accept IPv4 too on an IPv6 socket, whatever net.ipv6.bindv6only says."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+
+
+def client_address(address: str) -> str:
+    """An IPv4 client on a dual-stack socket (::ffff:a.b.c.d) as a.b.c.d, as an IPv4 socket shows it."""
+    try:
+        mapped = ipaddress.IPv6Address(address.split("%")[0]).ipv4_mapped
+    except ValueError:
+        return address
+    return str(mapped) if mapped else address
+
+
+def identity(client: tuple, local_port: int) -> dict:
     return {"pod": os.environ.get("POD_NAME", socket.gethostname()),
             "podIP": os.environ.get("POD_IP", ""),
-            "client": client[0], "clientPort": client[1], "localPort": local_port}
+            "client": client_address(client[0]), "clientPort": client[1], "localPort": local_port}
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
@@ -45,20 +77,40 @@ class _EchoHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_HEAD = _answer
 
     def log_message(self, fmt: str, *args: object) -> None:  # one line per request on stdout
-        print(f"{self.client_address[0]}:{self.client_address[1]} {fmt % args}", flush=True)
+        print(f"{client_address(self.client_address[0])}:{self.client_address[1]} {fmt % args}", flush=True)
+
+
+class _DualStackServer:
+    """socketserver mixin: the family of _family(), IPV6_V6ONLY off before the bind."""
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        _dual_stack(self.socket)
+        super().server_bind()
+
+
+class _HTTPServer(_DualStackServer, ThreadingHTTPServer):
+    pass
+
+
+class _TCPServer(_DualStackServer, socketserver.ThreadingTCPServer):
+    pass
 
 
 def http_echo(port: int) -> None:
-    ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer(("0.0.0.0", port), _EchoHandler)
-    server.daemon_threads = True
+    family, wildcard = _family()
+    _HTTPServer.address_family = family
+    server = _HTTPServer((wildcard, port), _EchoHandler)
     print(f"http-echo listening on :{port}", flush=True)
     server.serve_forever()
 
 
 def udp_echo(port: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", port))
+    family, wildcard = _family()
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    _dual_stack(sock)
+    sock.bind((wildcard, port))
     print(f"udp-echo listening on :{port}", flush=True)
     while True:
         _, client = sock.recvfrom(65535)
@@ -74,9 +126,9 @@ class _LineEchoHandler(socketserver.StreamRequestHandler):
 
 
 def tcp_echo(port: int) -> None:
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    socketserver.ThreadingTCPServer.daemon_threads = True
-    server = socketserver.ThreadingTCPServer(("0.0.0.0", port), _LineEchoHandler)
+    family, wildcard = _family()
+    _TCPServer.address_family = family
+    server = _TCPServer((wildcard, port), _LineEchoHandler)
     print(f"tcp-echo listening on :{port}", flush=True)
     server.serve_forever()
 

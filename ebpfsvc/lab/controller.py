@@ -144,7 +144,7 @@ class Controller:
         cp = self.spec.control_plane
         netns = names.member_netns(self.state.prefix, names.CONTROL_PLANE)
         env = base_env()
-        for component, argv in controlplane.commands(paths, cp.address, self.spec.service_cidr).items():
+        for component, argv in controlplane.commands(paths, cp.address, self.spec.service_cidrs).items():
             self._start(component, argv, netns, env)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -153,7 +153,7 @@ class Controller:
         listener.set_inheritable(True)
         port = listener.getsockname()[1]
         self._start(controlplane.API_PROXY, [sys.executable, "-m", "ebpfsvc.lab.apiproxy", str(listener.fileno()),
-                                             f"{cp.address}:{controlplane.API_PORT}"], netns, env)
+                                             controlplane.host_port(cp.address, controlplane.API_PORT)], netns, env)
         listener.close()
         token = paths.admin_token.read_text().strip()
         controlplane.write_kubeconfig(paths.kubeconfig, f"https://127.0.0.1:{port}", paths.ca, token,
@@ -167,7 +167,7 @@ class Controller:
         `lab down` finds whatever runs.  Returns once the process is gone or started; waiting for
         the API to be ready again is the caller's job (Lab.wait_api_ready)."""
         paths = controlplane.Paths(self.state.path)
-        argvs = controlplane.commands(paths, self.spec.control_plane.address, self.spec.service_cidr)
+        argvs = controlplane.commands(paths, self.spec.control_plane.address, self.spec.service_cidrs)
         if component not in argvs:
             raise ValueError(f"unknown control-plane component {component!r} ({', '.join(argvs)})")
         if action not in ("start", "stop", "restart"):
@@ -353,22 +353,25 @@ class Controller:
         node = self.spec.node(pod["spec"]["nodeName"])
         status = pod["status"]
         lab = status["lab"]
-        used = {ipaddress.IPv4Address(p["status"]["podIP"]) for p in self.state.list("Pod")
-                if p["spec"].get("nodeName") == node.name and p["status"].get("podIP")}
-        ip = str(podlib.allocate_ip(pod, node, used))
+        used = {ipaddress.ip_address(ip) for p in self.state.list("Pod") if p["spec"].get("nodeName") == node.name
+                for ip in podlib.pod_ips(p)}
+        ips = [str(ip) for ip in podlib.allocate_ips(pod, node, used)]
+        ip = ips[0]      # the primary, of the lab's first family
         netns = names.pod_netns(self.state.prefix, namespace, name)
         host_link = names.pod_host_link(namespace, name)
         self.state.claim_namespace(netns)   # before creating: a crash must not orphan it
         lab.update({"netns": netns, "hostLink": host_link})    # from now on, ours to remove
-        status.update({"podIP": ip, "podIPs": [{"ip": ip}], "hostIP": str(node.address),
-                       "hostIPs": [{"ip": str(node.address)}]})
+        status.update({"podIP": ip, "podIPs": [{"ip": i} for i in ips], "hostIP": str(node.address),
+                       "hostIPs": [{"ip": str(a)} for a in node.addresses]})
         self.state.put(pod)
-        network.create_namespace(netns)
-        network.add_pod(names.member_netns(self.state.prefix, node.name), netns, host_link, ip, node.gateway)
+        network.create_namespace(netns, ipv6=self.spec.has_ipv6)
+        network.add_pod(names.member_netns(self.state.prefix, node.name), netns, host_link, ips, node.gateway)
         argv = podlib.command(pod)
         if argv:
             env = base_env()
-            env.update({"POD_NAME": name, "POD_NAMESPACE": namespace, "POD_IP": ip, "NODE_NAME": node.name})
+            # POD_IPS: what the downward API's status.podIPs gives a container (every family).
+            env.update({"POD_NAME": name, "POD_NAMESPACE": namespace, "POD_IP": ip, "POD_IPS": ",".join(ips),
+                        "NODE_NAME": node.name})
             for var in (pod["spec"]["containers"][0].get("env") or []):
                 if "value" in var:
                     env[var["name"]] = str(var["value"])
@@ -379,7 +382,7 @@ class Controller:
         status.update({"phase": "Running", "startTime": api_time()})
         status["conditions"] = [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}]
         lab["realized"] = True
-        log.info("pod %s running on %s with IP %s", podlib.label(pod), node.name, ip)
+        log.info("pod %s running on %s with IP %s", podlib.label(pod), node.name, ", ".join(ips))
 
     def _remove_pod(self, pod: dict[str, Any]) -> None:
         self._stop_pod(pod)

@@ -104,12 +104,22 @@ class Paths:
 
 # -- PKI --------------------------------------------------------------------------------------
 
-def make_pki(paths: Paths, address: ipaddress.IPv4Address, service_ip: ipaddress.IPv4Address) -> None:
+def host_port(address, port: int) -> str:
+    """`address:port`, an IPv6 address in brackets (URLs, the API proxy's target)."""
+    return f"[{address}]:{port}" if ipaddress.ip_address(str(address)).version == 6 else f"{address}:{port}"
+
+
+def api_url(address) -> str:
+    """The API server's URL at `address` (the control plane's fabric address, or loopback)."""
+    return f"https://{host_port(address, API_PORT)}"
+
+
+def make_pki(paths: Paths, addresses, service_ip) -> None:
     """A CA, the API server's serving certificate, the ServiceAccount signing key, an admin token.
 
-    The serving certificate names every address a client dials: the fabric address (agents),
-    127.0.0.1 (the proxy and the controller manager) and the `kubernetes` Service's ClusterIP
-    (pods), so every client verifies TLS against the lab's CA.
+    The serving certificate names every address a client dials: the fabric addresses (agents;
+    one per family), 127.0.0.1 (the proxy and the controller manager) and the `kubernetes`
+    Service's ClusterIP (pods), so every client verifies TLS against the lab's CA.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -135,7 +145,7 @@ def make_pki(paths: Paths, address: ipaddress.IPv4Address, service_ip: ipaddress
     key = ec.generate_private_key(ec.SECP256R1())
     sans = [x509.DNSName(n) for n in ("kubernetes", "kubernetes.default", "kubernetes.default.svc",
                                       "kubernetes.default.svc.cluster.local", "localhost")]
-    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in (address, "127.0.0.1", service_ip)]
+    sans += [x509.IPAddress(ipaddress.ip_address(str(a))) for a in (*addresses, "127.0.0.1", service_ip)]
     cert = (x509.CertificateBuilder().subject_name(name("kube-apiserver")).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
@@ -171,10 +181,20 @@ def write_kubeconfig(path: Path, server: str, ca: Path, token: str, user: str) -
 
 # -- command lines ------------------------------------------------------------------------------
 
-def commands(paths: Paths, address: ipaddress.IPv4Address, service_cidr: ipaddress.IPv4Network,
-             node_port_range: str = "30000-32767") -> dict[str, list[str]]:
-    """Component -> argv, for the processes that run inside the cp namespace."""
+def commands(paths: Paths, address, service_cidrs, node_port_range: str = "30000-32767") -> dict[str, list[str]]:
+    """Component -> argv, for the processes that run inside the cp namespace.
+
+    `address` is the primary fabric address (--advertise-address: the API server requires it
+    of the primary service range's family, as the `kubernetes` Service is single-stack);
+    `service_cidrs` one range per lab family, primary first: with two, the cluster is
+    dual-stack and a PreferDualStack or RequireDualStack Service gets a ClusterIP of each.
+    The controller manager needs no family flag: its EndpointSlice controller makes a slice
+    per family of the Service's spec.ipFamilies from the Pods' status.podIPs (its
+    --service-cluster-ip-range only serves node IPAM, which the lab does not run)."""
     pki = paths.pki
+    service_cidrs = [service_cidrs] if isinstance(service_cidrs, ipaddress._BaseNetwork) else list(service_cidrs)
+    # "::" listens on both families; 0.0.0.0 (IPv4 labs, as before) too in Go, but say what is meant.
+    bind = "::" if any(c.version == 6 for c in service_cidrs) else "0.0.0.0"
     return {
         ETCD: [
             binary("etcd"), "--name", "lab", "--data-dir", str(paths.etcd_data),
@@ -188,8 +208,9 @@ def commands(paths: Paths, address: ipaddress.IPv4Address, service_cidr: ipaddre
         APISERVER: [
             binary("kube-apiserver"),
             "--etcd-servers", ETCD_CLIENT,
-            "--bind-address", "0.0.0.0", "--secure-port", str(API_PORT), "--advertise-address", str(address),
-            "--service-cluster-ip-range", str(service_cidr), "--service-node-port-range", node_port_range,
+            "--bind-address", bind, "--secure-port", str(API_PORT), "--advertise-address", str(address),
+            "--service-cluster-ip-range", ",".join(map(str, service_cidrs)),
+            "--service-node-port-range", node_port_range,
             "--tls-cert-file", str(pki / "apiserver.crt"), "--tls-private-key-file", str(pki / "apiserver.key"),
             "--client-ca-file", str(pki / "ca.crt"),
             "--token-auth-file", str(pki / "tokens.csv"),
@@ -243,13 +264,14 @@ def node_object(node) -> dict:
     return {"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name,
                                                         "kubernetes.io/os": "linux", ZONE_LABEL: node.zone}},
-            "spec": {"podCIDR": str(node.pod_cidr), "podCIDRs": [str(node.pod_cidr)]}}
+            "spec": {"podCIDR": str(node.pod_cidr), "podCIDRs": [str(c) for c in node.pod_cidrs]}}
 
 
 def node_status(node) -> dict:
-    """What a kubelet reports: addresses, Ready, and the capacity topology hints weigh zones by."""
+    """What a kubelet reports: addresses (an InternalIP per family, the primary first, as a
+    dual-stack kubelet's --node-ip lists them), Ready, and the capacity topology hints weigh zones by."""
     resources = {"cpu": "2", "memory": "4Gi", "pods": "110"}
-    return {"addresses": [{"type": "InternalIP", "address": str(node.address)},
+    return {"addresses": [*({"type": "InternalIP", "address": str(a)} for a in node.addresses),
                           {"type": "Hostname", "address": node.name}],
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                             "message": "lab node", "lastHeartbeatTime": api_time(),
@@ -270,7 +292,7 @@ def deploy_documents(*files: str) -> list[dict]:
     return docs
 
 
-def install_agent_identity(api, paths: Paths, spec, address: ipaddress.IPv4Address) -> None:
+def install_agent_identity(api, paths: Paths, spec, address) -> None:
     """deploy/'s ServiceAccount, ClusterRole(Binding) and ConfigMap, then one kubeconfig per node
     with a token of that ServiceAccount: the agents can do exactly what deploy/ grants."""
     for doc in deploy_documents("serviceaccount.yaml", "rbac.yaml", "configmap.yaml"):
@@ -281,5 +303,5 @@ def install_agent_identity(api, paths: Paths, spec, address: ipaddress.IPv4Addre
                   f"{AGENT_SERVICE_ACCOUNT}/token")
     for node in spec.nodes:
         token = api.request("POST", token_path, request)["status"]["token"]
-        write_kubeconfig(paths.agent_kubeconfig(node.name), f"https://{address}:{API_PORT}", paths.ca, token,
+        write_kubeconfig(paths.agent_kubeconfig(node.name), api_url(address), paths.ca, token,
                          f"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}")

@@ -114,7 +114,7 @@ def install_identity(lab: "Lab") -> None:
     for node in lab.spec.nodes:
         token = api.request("POST", token_path, request)["status"]["token"]
         controlplane.write_kubeconfig(kubeconfig_path(lab.state, node.name),
-                                      f"https://{address}:{controlplane.API_PORT}", paths.ca, token,
+                                      controlplane.api_url(address), paths.ca, token,
                                       f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}")
 
 

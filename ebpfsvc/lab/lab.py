@@ -106,7 +106,7 @@ class Lab:
         try:
             _build(state, spec)
             paths = controlplane.Paths(state.path)
-            controlplane.make_pki(paths, spec.control_plane.address, spec.service_cidr.network_address + 1)
+            controlplane.make_pki(paths, spec.control_plane.addresses, spec.service_cidr.network_address + 1)
             lab = cls(state, _start_controller(state))
             controlplane.wait_ready(lab.api, log_hint=f"; see {state.path}/kube-apiserver.log")
             controlplane.register_nodes(lab.api, spec)
@@ -415,30 +415,45 @@ def _popen(netns: str, argv: list[str], cgroup: Path | None = None, **kwargs: An
 
 
 def _build(state: State, spec: labfile.LabSpec) -> None:
-    """Fabric, nodes, external clients; each namespace recorded before it is created."""
+    """Fabric, nodes, external clients; each namespace recorded before it is created.
+    Every family of the lab gets the same wiring: addresses, routes via the peer's address
+    of the same family."""
     fabric = names.fabric_netns(state.prefix)
     state.claim_namespace(fabric)
-    network.build_fabric(fabric)
-    prefixlen = labfile.FABRIC_CIDR.prefixlen
+    ipv6 = spec.has_ipv6
+    network.build_fabric(fabric, ipv6=ipv6)
+
+    def on_fabric(addresses) -> list:
+        return [(a, labfile.FABRIC_CIDRS[a.version].prefixlen) for a in addresses]
+
+    def via(node: labfile.NodeSpec, to) -> tuple:
+        return (to, node.address_of(to.version))
+
     for node in spec.nodes:
         netns = names.member_netns(state.prefix, node.name)
         state.claim_namespace(netns)
-        network.create_namespace(netns, forwarding=True)
-        network.plug_into_fabric(fabric, netns, names.fabric_port(node.name), node.address, prefixlen)
-        network.add_pod_gateway(netns, node.gateway)
-        network.add_routes_via(netns, [(peer.pod_cidr, peer.address) for peer in spec.nodes if peer != node])
+        network.create_namespace(netns, forwarding=True, ipv6=ipv6)
+        network.plug_into_fabric(fabric, netns, names.fabric_port(node.name), on_fabric(node.addresses))
+        if node.gateway is not None:
+            network.add_pod_gateway(netns, node.gateway)
+        network.add_routes_via(netns, [via(peer, cidr) for peer in spec.nodes if peer != node for cidr in peer.pod_cidrs])
     cp = names.member_netns(state.prefix, names.CONTROL_PLANE)
     state.claim_namespace(cp)
-    network.create_namespace(cp)
-    network.plug_into_fabric(fabric, cp, names.fabric_port(names.CONTROL_PLANE), spec.control_plane.address, prefixlen)
+    network.create_namespace(cp, ipv6=ipv6)
+    network.plug_into_fabric(fabric, cp, names.fabric_port(names.CONTROL_PLANE), on_fabric(spec.control_plane.addresses))
     # Pods reach the API server through the `kubernetes` Service, so it must route back to them.
-    network.add_routes_via(cp, [(node.pod_cidr, node.address) for node in spec.nodes])
+    network.add_routes_via(cp, [via(node, cidr) for node in spec.nodes for cidr in node.pod_cidrs])
     for ext in spec.external:
         netns = names.member_netns(state.prefix, ext.name)
         state.claim_namespace(netns)
-        network.create_namespace(netns)
-        network.plug_into_fabric(fabric, netns, names.fabric_port(ext.name), ext.address, prefixlen)
-        network.add_routes_via(netns, [(r.to, spec.node(r.via).address) for r in ext.routes])
+        network.create_namespace(netns, ipv6=ipv6)
+        network.plug_into_fabric(fabric, netns, names.fabric_port(ext.name), on_fabric(ext.addresses))
+        routes = [via(spec.node(r.via), r.to) for r in ext.routes]
+        # IPv6 pod addresses are routed from outside the cluster, as an upstream router that
+        # learns each node's IPv6 pod CIDR (BGP, static routes) makes them: there is no NAT66,
+        # so in IPv6 clusters pods are commonly reachable directly. IPv4 pod CIDRs stay private.
+        routes += [via(node, cidr) for node in spec.nodes for cidr in node.pod_cidrs if cidr.version == 6]
+        network.add_routes_via(netns, routes)
 
 
 def _start_controller(state: State) -> subprocess.Popen:
@@ -451,12 +466,15 @@ def _start_controller(state: State) -> subprocess.Popen:
     rec = ProcRecord.of(proc.pid)
     if rec:
         state.write_pid(names.CONTROLLER, rec)
-    deadline = time.monotonic() + 15
+    # The controller answers once it has spawned the control plane (controller.run): on a loaded
+    # machine (load 11 on 2 cores) that took more than a 5 s ping, so a silent ping is "not yet"
+    # as long as the controller lives, within a deadline that still ends a hung start.
+    deadline = time.monotonic() + 60
     while True:
         try:
             rpc.call(state.path, {"op": "ping"}, timeout=5)
             return proc
-        except rpc.ControllerError:
+        except (rpc.ControllerError, TimeoutError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise LabError(f"the lab controller did not start; see {state.log_path(names.CONTROLLER)}")
             time.sleep(0.05)

@@ -11,6 +11,13 @@ This is the host-gw CNI of the lab (see docs/lab.md for the picture):
   pod CIDR via that node's fabric address;
 - a pod's `eth0` carries its /32 and a default route via the gateway, onlink.
 
+IPv6 (dual-stack and IPv6 labs, docs/lab.md) follows the same plan with one difference: a
+node answers neighbour solicitations only for addresses on the interface they arrive on (no
+`arp_ignore=0` for NDP), so the IPv6 pod gateway is the link-local fe80::1 on every host veth
+(as Calico and Cilium do), and a pod's IPv6 default route goes via fe80::1 on its `eth0`.
+DAD is off in every lab namespace (accept_dad=0, and IFA_F_NODAD on each address), so an
+address is usable the moment it is added instead of ~1 s later, tentative until then.
+
 Every link is created inside a lab namespace (a veth's peer is created directly
 in its target namespace), so nothing ever appears in the root namespace, even
 for a moment.  Nothing here shells out to ip(8): pyroute2 speaks netlink, from
@@ -39,6 +46,17 @@ _NAMESPACE_SYSCTLS = {
     "net.ipv4.conf.default.rp_filter": 0,
 }
 
+# What a lab with IPv6 adds: IPv6 on (whatever the host's default), no DAD on any link made later.
+_IPV6_SYSCTLS = {
+    "net.ipv6.conf.all.disable_ipv6": 0,
+    "net.ipv6.conf.default.disable_ipv6": 0,
+    "net.ipv6.conf.all.accept_dad": 0,
+    "net.ipv6.conf.default.accept_dad": 0,
+}
+IFA_F_NODAD = 0x02
+# The IPv6 gateway of every pod: on each host veth, link-local, so the same on all of them.
+POD_GATEWAY6 = "fe80::1"
+
 T = TypeVar("T")
 
 
@@ -58,12 +76,17 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return found[0]
 
 
-def create_namespace(name: str, forwarding: bool = False) -> None:
-    """A new network namespace with `lo` up and rp_filter off (and routing on if `forwarding`)."""
+def create_namespace(name: str, forwarding: bool = False, ipv6: bool = False) -> None:
+    """A new network namespace with `lo` up and rp_filter off (and routing on if `forwarding`);
+    with `ipv6`, IPv6 on without DAD (and IPv6 routing on if `forwarding`)."""
     netns.create(name)
     sysctls = dict(_NAMESPACE_SYSCTLS)
+    if ipv6:
+        sysctls.update(_IPV6_SYSCTLS)
     if forwarding:
         sysctls["net.ipv4.ip_forward"] = 1
+        if ipv6:
+            sysctls["net.ipv6.conf.all.forwarding"] = 1
 
     def configure(ipr: IPRoute) -> None:
         ipr.link("set", index=_index(ipr, "lo"), state="up")
@@ -78,23 +101,31 @@ def remove_namespace(name: str) -> None:
         netns.remove(name)
 
 
-def build_fabric(fabric: str) -> None:
-    create_namespace(fabric)
+def _add_address(ipr: IPRoute, index: int, address, prefixlen: int) -> None:
+    flags = IFA_F_NODAD if ipaddress.ip_address(str(address)).version == 6 else 0
+    ipr.addr("add", index=index, address=str(address), prefixlen=prefixlen, flags=flags)
+
+
+def build_fabric(fabric: str, ipv6: bool = False) -> None:
+    create_namespace(fabric, ipv6=ipv6)
 
     def configure(ipr: IPRoute) -> None:
-        ipr.link("add", ifname=BRIDGE, kind="bridge")
+        # No multicast snooping: the bridge floods neighbour solicitations to every port
+        # rather than trusting MLD reports it may not have seen yet.
+        ipr.link("add", ifname=BRIDGE, kind="bridge", **({"br_mcast_snooping": 0} if ipv6 else {}))
         ipr.link("set", index=_index(ipr, BRIDGE), state="up")
 
     _in(fabric, configure)
 
 
-def plug_into_fabric(fabric: str, member: str, port: str, address: ipaddress.IPv4Address,
-                     prefixlen: int) -> None:
-    """Connect namespace `member` to the fabric bridge: `eth0` there, `port` on the bridge."""
+def plug_into_fabric(fabric: str, member: str, port: str, addresses: list[tuple[ipaddress._BaseAddress, int]]) -> None:
+    """Connect namespace `member` to the fabric bridge: `eth0` there with `addresses`
+    ((address, prefixlen) per family), `port` on the bridge."""
     def member_side(ipr: IPRoute) -> None:
         ipr.link("add", ifname=UPLINK, kind="veth", peer={"ifname": port, "net_ns_fd": fabric})
         idx = _index(ipr, UPLINK)
-        ipr.addr("add", index=idx, address=str(address), prefixlen=prefixlen)
+        for address, prefixlen in addresses:
+            _add_address(ipr, idx, address, prefixlen)
         ipr.link("set", index=idx, state="up")
 
     def fabric_side(ipr: IPRoute) -> None:
@@ -109,7 +140,7 @@ def add_pod_gateway(node: str, gateway: ipaddress.IPv4Address) -> None:
     _in(node, lambda ipr: ipr.addr("add", index=_index(ipr, "lo"), address=str(gateway), prefixlen=32))
 
 
-def add_routes_via(member: str, routes: list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]) -> None:
+def add_routes_via(member: str, routes: list[tuple[ipaddress._BaseNetwork, ipaddress._BaseAddress]]) -> None:
     """Routes `dst via gateway` on the uplink: a node's peers' pod CIDRs, a client's upstream."""
     def configure(ipr: IPRoute) -> None:
         idx = _index(ipr, UPLINK)
@@ -119,21 +150,34 @@ def add_routes_via(member: str, routes: list[tuple[ipaddress.IPv4Network, ipaddr
     _in(member, configure)
 
 
-def add_pod(node: str, pod: str, host_link: str, pod_ip: ipaddress.IPv4Address | str,
-            gateway: ipaddress.IPv4Address) -> None:
-    """Give pod namespace `pod` an `eth0` with `pod_ip`/32, its host side `host_link` in `node`."""
+def add_pod(node: str, pod: str, host_link: str,
+            pod_ips: list[ipaddress._BaseAddress | str] | ipaddress._BaseAddress | str,
+            gateway: ipaddress.IPv4Address | None) -> None:
+    """Give pod namespace `pod` an `eth0` with `pod_ips` (one address, or one per family) as
+    host routes (/32, /128), its host side `host_link` in `node`; `gateway` is the IPv4 one
+    (IPv6: POD_GATEWAY6)."""
+    ips = [ipaddress.ip_address(str(ip)) for ip in (pod_ips if isinstance(pod_ips, (list, tuple)) else [pod_ips])]
+
     def node_side(ipr: IPRoute) -> None:
         ipr.link("add", ifname=host_link, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
         idx = _index(ipr, host_link)
+        if any(ip.version == 6 for ip in ips):
+            _add_address(ipr, idx, POD_GATEWAY6, 64)
         ipr.link("set", index=idx, state="up")
-        ipr.route("add", dst=f"{pod_ip}/32", oif=idx, scope=SCOPE_LINK)
+        for ip in ips:
+            ipr.route("add", dst=f"{ip}/{ip.max_prefixlen}", oif=idx, scope=SCOPE_LINK if ip.version == 4 else 0)
 
     def pod_side(ipr: IPRoute) -> None:
         idx = _index(ipr, "eth0")
-        ipr.addr("add", index=idx, address=str(pod_ip), prefixlen=32)
+        for ip in ips:
+            _add_address(ipr, idx, ip, ip.max_prefixlen)
         ipr.link("set", index=idx, state="up")
-        # onlink: the gateway is not in the pod's (/32) subnet, but it is one hop away on eth0.
-        ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=idx, flags=["onlink"])
+        for ip in ips:
+            if ip.version == 4:
+                # onlink: the gateway is not in the pod's (/32) subnet, but it is one hop away on eth0.
+                ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=idx, flags=["onlink"])
+            else:
+                ipr.route("add", dst="::/0", gateway=POD_GATEWAY6, oif=idx)
 
     _in(node, node_side)
     _in(pod, pod_side)

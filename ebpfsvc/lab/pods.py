@@ -18,8 +18,9 @@ from ebpfsvc.lab.processes import ProcRecord
 # Annotation that fixes a pod's readiness by hand: for pods without a process (the
 # EndpointSlice scale tests need hundreds of endpoints, not hundreds of processes).
 READY_ANNOTATION = "lab.ebpfsvc.io/ready"
-# A fixed pod IP (manual Endpoints name pods by address); `status.podIP` in a lab manifest
-# becomes this annotation, since the API server ignores status on apply.
+# A fixed pod IP, or one per family comma-separated (manual Endpoints name pods by address);
+# `status.podIP` / `status.podIPs` in a lab manifest become this annotation, since the API
+# server ignores status on apply.
 POD_IP_ANNOTATION = "lab.ebpfsvc.io/pod-ip"
 # Lab pods run a command in a namespace: no image is pulled, but the API requires a name.
 LAB_IMAGE = "lab.ebpfsvc.io/process"
@@ -140,6 +141,13 @@ def process(pod: dict[str, Any]) -> ProcRecord | None:
     return ProcRecord.from_dict(((pod.get("status") or {}).get("lab") or {}).get("process"))
 
 
+def pod_ips(pod: dict[str, Any]) -> list[str]:
+    """status.podIPs (every family, the primary first), else status.podIP."""
+    status = pod.get("status") or {}
+    ips = [p["ip"] for p in status.get("podIPs") or [] if p.get("ip")]
+    return ips or ([status["podIP"]] if status.get("podIP") else [])
+
+
 def is_terminating(pod: dict[str, Any]) -> bool:
     return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
 
@@ -175,9 +183,11 @@ def admit(pod: dict[str, Any], prefix: str, spec: LabSpec) -> dict[str, Any]:
     members = [*(n.name for n in spec.nodes), *(e.name for e in spec.external), names.CONTROL_PLANE, "fabric"]
     if names.pod_netns(prefix, namespace, name) in {names.member_netns(prefix, m) for m in members}:
         raise PodError(f"Pod {label(pod)}: metadata.name clashes with a lab node or client name")
-    wanted = (pod.pop("status", None) or {}).get("podIP")
+    status = pod.pop("status", None) or {}
+    wanted = [str(p.get("ip")) for p in status.get("podIPs") or [] if isinstance(p, dict) and p.get("ip")]
+    wanted = wanted or ([str(status["podIP"])] if status.get("podIP") else [])
     if wanted:
-        pod["metadata"].setdefault("annotations", {})[POD_IP_ANNOTATION] = str(wanted)
+        pod["metadata"].setdefault("annotations", {})[POD_IP_ANNOTATION] = ",".join(wanted)
     for container in _containers(pod):
         container.setdefault("image", LAB_IMAGE)
     probe_port(pod)
@@ -186,22 +196,36 @@ def admit(pod: dict[str, Any], prefix: str, spec: LabSpec) -> dict[str, Any]:
     return pod
 
 
-def allocate_ip(pod: dict[str, Any], node: NodeSpec, used: set[ipaddress.IPv4Address]) -> ipaddress.IPv4Address:
-    """The lab.ebpfsvc.io/pod-ip annotation if the manifest sets one (it must be in the node's
-    pod CIDR), else the lowest free address from .2 up (.1 is the node's gateway)."""
-    wanted = ((pod.get("metadata") or {}).get("annotations") or {}).get(POD_IP_ANNOTATION)
-    if wanted:
+def allocate_ips(pod: dict[str, Any], node: NodeSpec, used: set) -> list:
+    """One address per pod CIDR of the node (per lab family, the primary first): the
+    lab.ebpfsvc.io/pod-ip annotation's address of that family if it names one (it must be a
+    pod address of the node's CIDR), else the lowest free address from .2 / ::2 up (.1 / ::1
+    are kept for the node's gateway)."""
+    wanted: dict[int, Any] = {}
+    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(POD_IP_ANNOTATION)
+    for text in (raw.split(",") if raw else []):
         try:
-            ip = ipaddress.IPv4Address(wanted)
+            ip = ipaddress.ip_address(text.strip())
         except ValueError:
-            raise PodError(f"Pod {label(pod)}: {POD_IP_ANNOTATION}: {wanted!r} is not an IPv4 address") from None
-        if ip not in node.pod_cidr or ip in (node.gateway, node.pod_cidr.broadcast_address):
+            raise PodError(f"Pod {label(pod)}: {POD_IP_ANNOTATION}: {text.strip()!r} is not an IP address") from None
+        cidr = node.pod_cidr_of(ip.version)
+        if cidr is None or ip not in cidr or ip in node.reserved(cidr):
+            where = f"{cidr}" if cidr is not None else f"no IPv{ip.version} pod CIDR"
             raise PodError(f"Pod {label(pod)}: {POD_IP_ANNOTATION}: {ip} is not a pod address of "
-                           f"node {node.name} ({node.pod_cidr})")
+                           f"node {node.name} ({where})")
+        if ip.version in wanted:
+            raise PodError(f"Pod {label(pod)}: {POD_IP_ANNOTATION}: two IPv{ip.version} addresses")
         if ip in used:
             raise PodError(f"Pod {label(pod)}: {POD_IP_ANNOTATION}: {ip} is already in use")
-        return ip
-    for ip in node.pod_cidr.hosts():
-        if ip != node.gateway and ip not in used:
-            return ip
-    raise PodError(f"Pod {label(pod)}: node {node.name}'s pod CIDR {node.pod_cidr} is full")
+        wanted[ip.version] = ip
+    ips = []
+    for cidr in node.pod_cidrs:
+        if cidr.version in wanted:
+            ips.append(wanted[cidr.version])
+            continue
+        reserved = node.reserved(cidr)
+        free = next((ip for ip in cidr.hosts() if ip not in reserved and ip not in used), None)
+        if free is None:
+            raise PodError(f"Pod {label(pod)}: node {node.name}'s pod CIDR {cidr} is full")
+        ips.append(free)
+    return ips

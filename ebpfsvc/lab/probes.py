@@ -3,11 +3,13 @@
 All probes of a round run concurrently: one non-blocking connect per pod, from a
 socket created in the pod's node namespace, then one select() over all of them.
 A connect that completes within the timeout means ready; refused or silent, not.
+The probe dials the pod's primary IP (status.podIP), of whichever family, as kubelet does.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import select
 import socket
 import time
@@ -30,7 +32,9 @@ def probe_all(targets: dict[Hashable, tuple[str, str, int]], timeout: float = TI
         for netns, keys in by_netns.items():
             if not nsenter.exists(netns):
                 continue
-            socks = nsenter.run_in(netns, lambda n: [socket.socket() for _ in range(n)], len(keys))
+            families = [socket.AF_INET6 if ipaddress.ip_address(targets[k][1]).version == 6 else socket.AF_INET
+                        for k in keys]
+            socks = nsenter.run_in(netns, lambda fs: [socket.socket(f) for f in fs], families)
             for sock, key in zip(socks, keys):
                 sock.setblocking(False)
                 _, ip, port = targets[key]

@@ -9,7 +9,8 @@ test process opens in a namespace.
 
 `peer` is what getpeername() says, `src` what recvfrom() says, `data` the server's first
 answer (up to 4 KiB; TCP: a line or an HTTP request's answer, the server sends first or
-answers a GET). A failure is {"errno": "ECONNREFUSED"} (or "TimeoutError").
+answers a GET). A failure is {"errno": "ECONNREFUSED"} (or "TimeoutError"). ADDRESS is of
+either family (an IPv6 peer or source is [address, port, flowinfo, scope_id]).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def probe(op: str, address: str, port: int) -> dict:
         if op == "tcp":
             with socket.create_connection((address, port), timeout=TIMEOUT) as s:
                 out["peer"] = list(s.getpeername())
-                s.sendall(f"GET / HTTP/1.0\r\nHost: {address}\r\n\r\n".encode())
+                host = f"[{address}]" if ":" in address else address
+                s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
                 out["data"] = _read(s).decode(errors="replace")
         elif op in ("udp", "udp-connected"):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.settimeout(TIMEOUT)
                 if op == "udp":
                     s.sendto(b"ping", (address, port))
