@@ -91,7 +91,7 @@ MAP_LIMIT_FLAGS = (
     ("--max-maglev-slots", "maglev_slots", "Maglev slots of all frontends together (a frontend with n usable "
                                            "backends takes maglev.table_size(n): 251, 503, 1009, 2011... >= 100 x n)"),
     ("--max-affinity-entries", "affinity_entries", "(client, service port) session-affinity entries (LRU)"),
-    ("--max-affinity-backends", "affinity_matches", "(backend, service port) pairs of ClientIP-affinity Services"),
+    ("--max-affinity-backends", "affinity_matches", "(backend, frontend) pairs of ClientIP-affinity Services"),
     ("--max-snat-entries", "snat_entries", "NodePort SNAT entries, two per SNATed flow (LRU)"),
     ("--max-source-ranges", "source_ranges", "(frontend, prefix) loadBalancerSourceRanges entries"),
     ("--max-fragment-entries", "frag_entries", "datagrams whose first fragment was seen (LRU)"),
