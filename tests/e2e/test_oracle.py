@@ -1,6 +1,6 @@
 """The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
 builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
-compared (issue 17): 17 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
+compared (issue 17): 19 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
 for DIFFERENCES.
 
 Five rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
@@ -103,6 +103,19 @@ SERVICES += [
     # (with or-cluster for an endpoint on node-1): issue 17 item 2.
     service("or-offnode", [{"port": 80, "targetPort": 8080}], selector={"pod": "or-b"}),
 ]
+STICKY_NODE_PORT = 30477
+
+
+def sticky(selector: dict) -> dict:
+    """sessionAffinity ClientIP, internalTrafficPolicy Local (its clusterIP: node-local endpoints),
+    a NodePort with externalTrafficPolicy Cluster (all endpoints): two sets in use for one Service."""
+    return service("or-sticky", [{"port": 80, "targetPort": 8080, "nodePort": STICKY_NODE_PORT}], selector=selector,
+                   type="NodePort", internalTrafficPolicy="Local", sessionAffinity="ClientIP")
+
+
+SERVICES.append(sticky({"pod": "or-b"}))
+AFFINITY_ROWS = ("sessionAffinity ClientIP: pod on node-1 -> node-1's NodePort (ETP Cluster), or-b the only endpoint",
+                 "... or-a added; the same pod -> the clusterIP (ITP Local): who answers")
 
 
 def pnr_slice(address: str) -> dict:
@@ -127,6 +140,8 @@ EXPECTED = {
     "ETP Cluster, backend on the receiving node: the source it sees": "masqueraded",
     "ClusterIP routed to node-1 from outside, backend on node-1: the source it sees": "masqueraded",
     "ClusterIP routed to node-1 from outside, backend on node-2: the source it sees": "masqueraded",
+    AFFINITY_ROWS[0]: "or-b",
+    AFFINITY_ROWS[1]: "or-a",
     "/healthz on node-1": "200 nodeEligible=True",
     "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
     "/healthz on node-1, taint removed": "200 nodeEligible=True",
@@ -256,6 +271,31 @@ def stream_after_endpoint_left(lab: Lab) -> str:
                  what="or-c back in or-moved")
 
 
+def answers(lab: Lab, host: str, port: int) -> str:
+    """The pods answering CONNECTIONS new connections from CLIENT, or the first failure."""
+    try:
+        return " ".join(sorted({http_get(lab, CLIENT, host, port, timeout=2)["pod"] for _ in range(CONNECTIONS)}))
+    except (OSError, ValueError) as exc:
+        return type(exc).__name__
+
+
+def affinity_scope(lab: Lab) -> tuple[str, str]:
+    """Item 7: the pod is pinned to or-b through the NodePort (the cluster-wide set); or-a (node-1)
+    joins the Service; through the clusterIP, whose set is node-1's endpoints only, the pin must not
+    take the pod to or-b (kube-proxy's affinity lives in the KUBE-SVL chain of the set in use).
+    The selector is put back afterwards."""
+    pinned = settle(lambda: answers(lab, NODE1, STICKY_NODE_PORT), "or-b")
+    try:
+        lab.apply([sticky({"app": "or-echo"})])
+        wait_for(lambda: sum(len(sl.get("endpoints") or []) for sl in lab.endpoint_slices("or-sticky")) == 2,
+                 what="or-a and or-b in or-sticky's slices")
+        return pinned, settle(lambda: answers(lab, cluster_ip(lab, "or-sticky"), 80), "or-a")
+    finally:
+        lab.apply([sticky({"pod": "or-b"})])
+        wait_for(lambda: sum(len(sl.get("endpoints") or []) for sl in lab.endpoint_slices("or-sticky")) == 1,
+                 what="or-b alone in or-sticky's slices again")
+
+
 def observe(lab: Lab, proxy: str) -> dict[str, str]:
     none_vip, remote_vip = cluster_ip(lab, "or-none"), cluster_ip(lab, "or-remote")
 
@@ -281,6 +321,8 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
         "established TCP, its endpoint leaves the Service (selector change)": stream_after_endpoint_left(lab),
         "/healthz on node-1": settle(lambda: healthz(lab), EXPECTED["/healthz on node-1"]),
     }
+    pin, scope = AFFINITY_ROWS
+    got[pin], got[scope] = affinity_scope(lab)
     with service_cidr_via_node1(lab):
         for node, svc in (("node-1", "or-cluster"), ("node-2", "or-offnode")):
             row = f"ClusterIP routed to node-1 from outside, backend on {node}: the source it sees"
