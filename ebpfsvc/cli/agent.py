@@ -149,6 +149,11 @@ def _map_limit_options(fn):
 @click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
               help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
                    "docs/northsouth.md); off: always a port of 61000-65535.")
+@click.option("--reset-removed-endpoint-tcp/--no-reset-removed-endpoint-tcp",
+              default=AgentConfig.reset_removed_endpoint_tcp, show_default=True,
+              help="Reset an established TCP connection whose endpoint left its EndpointSlice at its next "
+                   "segment; off: it goes on to the endpoint's address until it closes or expires, as with "
+                   "kube-proxy (docs/semantics.md).")
 @click.option("--socket-lb/--no-socket-lb", default=False, show_default=True,
               help="Translate ClusterIP connections at the socket (connect/sendmsg hooks on --socket-lb-cgroup) "
                    "instead of every packet at TC (docs/socklb.md). Off by default for now.")
@@ -178,7 +183,8 @@ def _map_limit_options(fn):
 @_map_limit_options
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
-          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, socket_lb, socket_lb_cgroup,
+          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, reset_removed_endpoint_tcp,
+          socket_lb, socket_lb_cgroup,
           min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
           conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
@@ -197,6 +203,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
                       hairpin_address=hairpin_address,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
+                      reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
                       socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
