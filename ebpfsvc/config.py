@@ -57,6 +57,9 @@ class NodeConfig:
     nodeport_range: tuple[int, int] = DEFAULT_NODEPORT_RANGE
     proxy_name: str = ""     # service.kubernetes.io/service-proxy-name we answer to ("" = only unlabelled Services)
     default_algorithm: Algorithm = Algorithm.MAGLEV
+    # service.beta.kubernetes.io/load-balancer-source-ranges enforced when the field is empty (as the
+    # API's validation and cloud load balancers read it); False: ignored, as kube-proxy does.
+    legacy_source_ranges: bool = True
 
     def __post_init__(self) -> None:
         # Accept strings and lists from callers (CLI, tests) but store the typed, hashable form.

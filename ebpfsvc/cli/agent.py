@@ -131,6 +131,10 @@ def _map_limit_options(fn):
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
 @click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")
+@click.option("--legacy-source-ranges-annotation/--no-legacy-source-ranges-annotation",
+              default=NodeConfig.legacy_source_ranges, show_default=True,
+              help="Enforce service.beta.kubernetes.io/load-balancer-source-ranges on LoadBalancer IPs when "
+                   "spec.loadBalancerSourceRanges is empty; off: ignored, as kube-proxy does (docs/semantics.md).")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--pod-interfaces", multiple=True, default=("lxc*",), show_default=True,
               help="Name patterns of the host side of pod veths (followed as they come and go).")
@@ -182,7 +186,8 @@ def _map_limit_options(fn):
 @_lifetime_option("--conntrack-udp-timeout-stream", "CT_TIMEOUT_UDP_STREAM_S", "a UDP flow that had a reply")
 @_map_limit_options
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
-          cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
+          cluster_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
+          pod_interfaces, uplinks,
           uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, reset_removed_endpoint_tcp,
           socket_lb, socket_lb_cgroup,
           min_sync_period, sync_period,
@@ -197,7 +202,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
     addrs = tuple(node_addresses)
     node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
                       service_cidr=service_cidr, nodeport_range=service_node_port_range, proxy_name=proxy_name,
-                      default_algorithm=lb_algorithm)
+                      default_algorithm=lb_algorithm, legacy_source_ranges=legacy_source_ranges_annotation)
     cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
