@@ -13,7 +13,8 @@ reason with a ClusterIP routed to the node from outside (#2).
 
 One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
 and `kube-proxy --cleanup` removes its rules (docs/deploy.md); the ebpfsvc agents start and
-every row is observed again. An observation is what a client sees: "refused" (a RST or an ICMP
+every row is observed again; then once more with the options that give kube-proxy's behaviour
+(KUBE_PROXY_OPTIONS in the ConfigMap), where two of the five differences must vanish. An observation is what a client sees: "refused" (a RST or an ICMP
 port unreachable), "timeout" (dropped), an HTTP status and the body fields kube-proxy defines.
 """
 
@@ -25,10 +26,11 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import pytest
+import yaml
 from pyroute2 import IPRoute
 
 from ebpfsvc.datapath import nsenter
-from ebpfsvc.lab import Lab, apps, kubeproxy
+from ebpfsvc.lab import Lab, agents, apps, kubeproxy
 from ebpfsvc.lab.network import UPLINK
 
 from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, http_get, service, wait_agents_attached,
@@ -156,6 +158,14 @@ DIFFERENCES = {
     "ETP Cluster, backend on the receiving node: the source it sees": "the client",
     "ClusterIP routed to node-1 from outside, backend on node-1: the source it sees": "the client",   # as #8
 }
+
+
+# The agent options (the ConfigMap's config.yaml keys) that give kube-proxy's behaviour where ebpfsvc
+# differs on purpose, and the rows they make the same (docs/semantics.md, "Kept on purpose").
+KUBE_PROXY_OPTIONS = {"reset-removed-endpoint-tcp": False, "legacy-source-ranges-annotation": False}
+MADE_THE_SAME_BY_OPTIONS = ("established TCP, its endpoint leaves the Service (selector change)",
+                            "legacy source-ranges annotation without the client: outside -> LoadBalancer IP")
+WITH_OPTIONS = "ebpfsvc with kube-proxy's options"
 
 
 def http(lab: Lab, url: str, where: str = "external") -> tuple[int, dict]:
@@ -300,7 +310,9 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
     none_vip, remote_vip = cluster_ip(lab, "or-none"), cluster_ip(lab, "or-remote")
 
     def expected(row: str) -> str:
-        return DIFFERENCES.get(row, EXPECTED[row]) if proxy == "ebpfsvc" else EXPECTED[row]
+        if proxy == "kube-proxy" or (proxy == WITH_OPTIONS and row in MADE_THE_SAME_BY_OPTIONS):
+            return EXPECTED[row]
+        return DIFFERENCES.get(row, EXPECTED[row])
 
     fenced = "legacy source-ranges annotation without the client: outside -> LoadBalancer IP"
     pnr = "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP"
@@ -340,9 +352,23 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
 
 def table(results: dict[str, dict[str, str]]) -> str:
     width = max(map(len, EXPECTED))
-    lines = [f"{'scenario':<{width}}  {'kube-proxy':<24} ebpfsvc"]
-    lines += [f"{row:<{width}}  {results['kube-proxy'][row]:<24} {results['ebpfsvc'][row]}" for row in EXPECTED]
+    lines = [f"{'scenario':<{width}}  " + "".join(f"{name:<24} " for name in results).rstrip()]
+    lines += [f"{row:<{width}}  " + "".join(f"{got.get(row, ''):<24} " for got in results.values()).rstrip()
+              for row in EXPECTED]
     return "\n".join(lines)
+
+
+def restart_agents_with(lab: Lab, options: dict) -> None:
+    """The operator sets `options` in the ConfigMap; every agent restarts with them and serves."""
+    config = lab.state.path / agents.CONFIG_FILE
+    config.write_text(yaml.safe_dump({**(yaml.safe_load(config.read_text()) or {}), **options}))
+    for node in ("node-1", "node-2"):
+        lab.agent("stop", node)
+    for node in ("node-1", "node-2"):
+        lab.agent("start", node)
+    for node in ("node-1", "node-2"):       # the old agents are gone: a 200 is the new one's first sync
+        wait_for(lambda: lab.node_exec(node, ["curl", "-sf", "--max-time", "2", "http://127.0.0.1:10256/healthz"]
+                                       ).returncode == 0, what=f"{node}'s agent serving with {options}")
 
 
 @pytest.mark.parametrize("mode", kubeproxy.MODES)
@@ -374,9 +400,14 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"])
         wait_agents_attached(lab, [CLIENT, "or-a", "or-b", "or-c"])
         results["ebpfsvc"] = observe(lab, "ebpfsvc")
+        restart_agents_with(lab, KUBE_PROXY_OPTIONS)
+        results[WITH_OPTIONS] = observe(lab, WITH_OPTIONS)
 
         print(f"\nkube-proxy --proxy-mode={mode}\n" + table(results))
         assert results["kube-proxy"] == EXPECTED, "kube-proxy v1.37.2 is not what docs/semantics.md says\n" + \
             table(results)
         assert results["ebpfsvc"] == {**results["kube-proxy"], **DIFFERENCES}, \
             "ebpfsvc differs from kube-proxy other than as documented\n" + table(results)
+        kept = {row: got for row, got in DIFFERENCES.items() if row not in MADE_THE_SAME_BY_OPTIONS}
+        assert results[WITH_OPTIONS] == {**results["kube-proxy"], **kept}, \
+            f"ebpfsvc with {KUBE_PROXY_OPTIONS} differs from kube-proxy other than as documented\n" + table(results)
