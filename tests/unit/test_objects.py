@@ -492,6 +492,16 @@ def test_not_ready_addresses_are_not_ready_nor_serving():
         [("198.18.1.1", True, True, "node-1"), ("198.18.2.1", False, False, "")]
 
 
+def test_endpoints_labelled_skip_mirror_give_no_slice_as_the_mirroring_controller():
+    obj = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "db"},
+           "subsets": [{"addresses": [{"ip": "198.18.1.1"}], "ports": [{"port": 5432}]}]}
+    assert len(parse_endpoints(obj).slices) == 1
+    obj["metadata"]["labels"] = {"endpointslice.kubernetes.io/skip-mirror": "true"}
+    assert parse_endpoints(obj).slices == ()
+    obj["metadata"]["labels"]["endpointslice.kubernetes.io/skip-mirror"] = "false"     # only "true" skips
+    assert len(parse_endpoints(obj).slices) == 1
+
+
 @pytest.mark.parametrize("subsets,message", [
     ([{"addresses": [{"ip": "11.11.11"}], "ports": [{"port": 6379}]}], "subsets[0].addresses[0].ip: '11.11.11' is not an IP address"),
     ([{"addresses": [{"hostname": "a"}], "ports": [{"port": 6379}]}], "subsets[0].addresses[0].ip: is required"),
