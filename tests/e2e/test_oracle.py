@@ -1,6 +1,6 @@
 """The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
 builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
-compared (issue 17): 19 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
+compared (issue 17): 21 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
 for DIFFERENCES.
 
 Five rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
@@ -21,6 +21,7 @@ port unreachable), "timeout" (dropped), an HTTP status and the body fields kube-
 from __future__ import annotations
 
 import json
+import re
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -30,7 +31,7 @@ import yaml
 from pyroute2 import IPRoute
 
 from ebpfsvc.datapath import nsenter
-from ebpfsvc.lab import Lab, agents, apps, kubeproxy
+from ebpfsvc.lab import Lab, agents, apps, kubeproxy, names
 from ebpfsvc.lab.network import UPLINK
 
 from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, http_get, service, wait_agents_attached,
@@ -116,6 +117,10 @@ def sticky(selector: dict) -> dict:
 
 
 SERVICES.append(sticky({"pod": "or-b"}))
+# Selectorless, each with a manual v1 Endpoints naming or-a (manual_endpoints): the mirroring
+# controller copies the first into an EndpointSlice, not the second (labelled skip-mirror); kube-proxy
+# reads EndpointSlices only.
+SERVICES += [service(name, [{"port": 80, "targetPort": 8080}]) for name in ("or-manual", "or-skip-mirror")]
 AFFINITY_ROWS = ("sessionAffinity ClientIP: pod on node-1 -> node-1's NodePort (ETP Cluster), or-b the only endpoint",
                  "... or-a added; the same pod -> the clusterIP (ITP Local): who answers")
 
@@ -125,6 +130,12 @@ def pnr_slice(address: str) -> dict:
             "metadata": {"name": "or-pnr-1", "labels": {"kubernetes.io/service-name": "or-pnr"}},
             "addressType": "IPv4", "ports": [{"name": "", "protocol": "TCP", "port": 8080}],
             "endpoints": [{"addresses": [address], "conditions": {"ready": False}, "nodeName": "node-1"}]}
+
+def manual_endpoints(name: str, address: str, skip_mirror: bool) -> dict:
+    labels = {"endpointslice.kubernetes.io/skip-mirror": "true"} if skip_mirror else {}
+    return {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": name, "labels": labels},
+            "subsets": [{"addresses": [{"ip": address, "nodeName": "node-1"}], "ports": [{"port": 8080}]}]}
+
 
 # What both proxies must show (kube-proxy v1.37.2's behaviour, checked against it by this test).
 EXPECTED = {
@@ -142,6 +153,8 @@ EXPECTED = {
     "ETP Cluster, backend on the receiving node: the source it sees": "masqueraded",
     "ClusterIP routed to node-1 from outside, backend on node-1: the source it sees": "masqueraded",
     "ClusterIP routed to node-1 from outside, backend on node-2: the source it sees": "masqueraded",
+    "manual Endpoints, mirrored to an EndpointSlice: pod -> clusterIP": "connected",
+    "manual Endpoints labelled skip-mirror: pod -> clusterIP": "refused",
     AFFINITY_ROWS[0]: "or-b",
     AFFINITY_ROWS[1]: "or-a",
     "/healthz on node-1": "200 nodeEligible=True",
@@ -332,6 +345,10 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
         "trafficDistribution PreferSameZone: who answers a pod on node-1": answering(lab, "or-same-zone"),
         "established TCP, its endpoint leaves the Service (selector change)": stream_after_endpoint_left(lab),
         "/healthz on node-1": settle(lambda: healthz(lab), EXPECTED["/healthz on node-1"]),
+        "manual Endpoints, mirrored to an EndpointSlice: pod -> clusterIP":
+            connect_outcome(lab, CLIENT, cluster_ip(lab, "or-manual"), 80),
+        "manual Endpoints labelled skip-mirror: pod -> clusterIP":
+            connect_outcome(lab, CLIENT, cluster_ip(lab, "or-skip-mirror"), 80),
     }
     pin, scope = AFFINITY_ROWS
     got[pin], got[scope] = affinity_scope(lab)
@@ -358,8 +375,20 @@ def table(results: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def from_pod_program(lab: Lab, pod: str) -> str:
+    """The id of the program on the ingress of `pod`'s host-side veth ("" if none)."""
+    obj = lab.pod(pod)
+    link = names.pod_host_link(obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
+    out = lab.node_exec(obj["spec"]["nodeName"], ["tc", "filter", "show", "dev", link, "ingress"]).stdout
+    found = re.search(r"\bid (\d+)", out)
+    return found.group(1) if found else ""
+
+
 def restart_agents_with(lab: Lab, options: dict) -> None:
-    """The operator sets `options` in the ConfigMap; every agent restarts with them and serves."""
+    """The operator sets `options` in the ConfigMap; every agent restarts with them and serves,
+    with its newly compiled programs (a restarted agent serves its maps through the attached
+    programs of the old one while it compiles: /healthz does not wait for those)."""
+    before = from_pod_program(lab, CLIENT)
     config = lab.state.path / agents.CONFIG_FILE
     config.write_text(yaml.safe_dump({**(yaml.safe_load(config.read_text()) or {}), **options}))
     for node in ("node-1", "node-2"):
@@ -369,6 +398,8 @@ def restart_agents_with(lab: Lab, options: dict) -> None:
     for node in ("node-1", "node-2"):       # the old agents are gone: a 200 is the new one's first sync
         wait_for(lambda: lab.node_exec(node, ["curl", "-sf", "--max-time", "2", "http://127.0.0.1:10256/healthz"]
                                        ).returncode == 0, what=f"{node}'s agent serving with {options}")
+    wait_for(lambda: from_pod_program(lab, CLIENT) not in ("", before), timeout=120,
+             what=f"the new agent's programs on {CLIENT}'s veth")
 
 
 @pytest.mark.parametrize("mode", kubeproxy.MODES)
@@ -377,7 +408,9 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         lab.apply([bare_pod(CLIENT, "node-1"), echo("or-a", "node-1"), echo("or-b", "node-2"),
                    apps.pod("or-c", "tcp-echo", 7000, node="node-2", labels={"pod": "or-c"}), *SERVICES])
         wait_ready(lab, ["or-a", "or-b", "or-c"])
-        lab.apply([pnr_slice(lab.pod_ip("or-a"))])
+        lab.apply([pnr_slice(lab.pod_ip("or-a")), manual_endpoints("or-manual", lab.pod_ip("or-a"), False),
+                   manual_endpoints("or-skip-mirror", lab.pod_ip("or-a"), True)])
+        wait_for(lambda: lab.endpoint_slices("or-manual"), what="the mirroring controller's slice of or-manual")
         for svc, (_, field) in TOPOLOGY.items():
             wait_for(lambda: hinted(lab, svc, field), what=f"{field} hints on {svc}'s endpoints")
         results: dict[str, dict[str, str]] = {}
@@ -404,6 +437,7 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         results[WITH_OPTIONS] = observe(lab, WITH_OPTIONS)
 
         print(f"\nkube-proxy --proxy-mode={mode}\n" + table(results))
+        assert not lab.endpoint_slices("or-skip-mirror"), "the mirroring controller skipped the labelled Endpoints"
         assert results["kube-proxy"] == EXPECTED, "kube-proxy v1.37.2 is not what docs/semantics.md says\n" + \
             table(results)
         assert results["ebpfsvc"] == {**results["kube-proxy"], **DIFFERENCES}, \
