@@ -93,6 +93,7 @@ class Agent:
         self.node_info: nodeinfo.NodeInfo | None = None   # what the datapath is (being) configured with
         self._configured: nodeinfo.NodeInfo | None = None # the last node_info configured in full
         self._node_seen: tuple | None = None              # (Node object, listed) last resolved
+        self._addresses_changed = threading.Event()       # a netlink address event since the last resolve
         self._datapath_lock = threading.RLock()           # pod attaches vs. a reload for new addresses
         self._pod_snat = None                             # the node address the pod datapath has
         self._uplinks_attached: dict[str, int] = {}       # name -> ifindex
@@ -165,7 +166,8 @@ class Agent:
             self._stop_socket_lb()
 
         # Attach to pod interfaces as they come; attaching replaces in place.
-        self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod)
+        self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod,
+                                        on_address=self._address_changed)
         self.watcher.start()
         if not early:
             self._start_syncing()
@@ -267,6 +269,12 @@ class Agent:
         log.info("attached to pod interface %s (ifindex %d)", ifname, ifindex)
 
     # -- the node: addresses, uplinks, node clients (nodeinfo.py) ----------------
+    def _address_changed(self) -> None:
+        """An address came or went on some interface: resolve the node again at the next sync, as
+        kube-proxy re-reads its NodePort addresses at every sync (a new one serves NodePorts)."""
+        self._addresses_changed.set()
+        self.runner.run()
+
     def _refresh_node(self, force: bool = False) -> None:
         """Resolve this node's addresses and uplinks again if its Node object changed (or
         `force`: at start and every full resync, for interfaces that changed), and reconfigure
@@ -296,7 +304,8 @@ class Agent:
         if old is None or (old.hairpin, self._pod_snat) != (info.hairpin, snat):
             # migrate: a limit changed since the maps were pinned: their entries are carried over.
             datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
-                                   snat_addr=snat, migrate=True)
+                                   snat_addr=snat, reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
+                                   migrate=True)
             with self._datapath_lock:       # pods attached from now on get the new programs...
                 self.datapath, self._pod_snat, self.node_info = datapath, snat, info
                 # ...and the ones attached before get them too (replaced in place).
@@ -337,7 +346,8 @@ class Agent:
             self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
                                                hairpin_addr=info.hairpin,
                                                snat_keep_client_port=cfg.snat_keep_client_port,
-                                               host_clients=cfg.host_clients)
+                                               host_clients=cfg.host_clients,
+                                               reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp)
         for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)
             if ifindex is None:
@@ -402,7 +412,9 @@ class Agent:
         # addresses and uplinks are read again then too.
         full = t0 >= self._next_full_apply
         if self._configured is not None:        # start() configured the datapath once (it may be compiling)
-            self._refresh_node(force=full and self.last_applied is not None)
+            moved = self._addresses_changed.is_set()
+            self._addresses_changed.clear()     # before reading: an event meanwhile brings another pass
+            self._refresh_node(force=(full and self.last_applied is not None) or moved)
         if not self.state.synced:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")
             return

@@ -57,6 +57,9 @@ class NodeConfig:
     nodeport_range: tuple[int, int] = DEFAULT_NODEPORT_RANGE
     proxy_name: str = ""     # service.kubernetes.io/service-proxy-name we answer to ("" = only unlabelled Services)
     default_algorithm: Algorithm = Algorithm.MAGLEV
+    # service.beta.kubernetes.io/load-balancer-source-ranges enforced when the field is empty (as the
+    # API's validation and cloud load balancers read it); False: ignored, as kube-proxy does.
+    legacy_source_ranges: bool = True
 
     def __post_init__(self) -> None:
         # Accept strings and lists from callers (CLI, tests) but store the typed, hashable form.
@@ -84,6 +87,9 @@ class AgentConfig:
     hairpin_address: IPv4Address | None = None   # None: the node's primary address
     snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
     host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
+    # An established TCP flow whose endpoint left its slice: reset (True) or left to go on, as
+    # kube-proxy leaves its conntrack entry (bpf/lib/lb.h; docs/semantics.md "Kept on purpose").
+    reset_removed_endpoint_tcp: bool = True
     socket_lb: bool = False                  # socket-level LB (datapath/socklb.py) on socket_lb_cgroup
     socket_lb_cgroup: str | None = None      # where; with socket_lb off, a previous run's programs are detached
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps

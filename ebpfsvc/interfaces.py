@@ -1,9 +1,13 @@
-"""Follow network interfaces by name pattern, as pods come and go.
+"""Follow network interfaces by name pattern, as pods come and go, and the node's addresses.
 
 The agent attaches its pod-side programs to the host end of every pod veth
 (e.g. `lxc*`).  Pods are created after the agent starts, so a one-off scan is
 not enough: we subscribe to netlink link events first and only then list the
 existing links, so that no interface can appear unseen between the two.
+
+With `on_address`, IPv4 address events too: kube-proxy reads the node's addresses again at
+every sync (its --nodeport-addresses), so an address added at runtime serves NodePorts without
+a restart; the agent re-reads them when the kernel says they changed instead of on every sync.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import threading
 from typing import Callable, Iterable
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import RTMGRP_LINK
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
 
 from ebpfsvc.datapath import nsenter
 
@@ -25,13 +29,14 @@ Callback = Callable[[int, str], None]
 
 class InterfaceWatcher:
     def __init__(self, patterns: Iterable[str], on_add: Callback, on_remove: Callback | None = None,
-                 netns: str | None = None):
+                 netns: str | None = None, on_address: Callable[[], None] | None = None):
         self.patterns = tuple(patterns)
         # None: the agent's own namespace (the normal case). Else the watcher's thread enters it, so
         # the callbacks run there too: the ifindexes they get belong to that namespace.
         self.netns = netns
         self._on_add = on_add
         self._on_remove = on_remove
+        self._on_address = on_address           # an IPv4 address was added or removed, any interface
         self._known: dict[int, str] = {}
         self._ipr: IPRoute | None = None
         self._stop = threading.Event()
@@ -67,7 +72,8 @@ class InterfaceWatcher:
     def _loop(self, ready: threading.Event) -> None:
         try:
             self._ipr = self._socket()
-            self._ipr.bind(groups=RTMGRP_LINK)   # subscribe before listing: no gap
+            # Subscribe before listing: no gap.
+            self._ipr.bind(groups=RTMGRP_LINK | (RTMGRP_IPV4_IFADDR if self._on_address else 0))
             for link in self._ipr.get_links():
                 self._seen(link)
         finally:
@@ -89,6 +95,11 @@ class InterfaceWatcher:
                     self._seen(msg)
                 elif msg.get("event") == "RTM_DELLINK":
                     self._gone(msg)
+                elif msg.get("event") in ("RTM_NEWADDR", "RTM_DELADDR") and self._on_address:
+                    try:
+                        self._on_address()
+                    except Exception:
+                        log.exception("handling an address change failed")
 
     def _seen(self, link) -> None:
         ifname = link.get_attr("IFLA_IFNAME") or ""

@@ -251,13 +251,15 @@ struct lb_affinity_val {
 	__u32 pad0;
 };
 
-/* A backend that belongs to a service with session affinity (lb4_affinity_match,
- * value unused: 1). An affinity entry's backend is used only while this pair
- * exists: a backend that left the service, but still serves another one, must
- * not keep receiving the first service's clients. */
+/* A backend in the set a session-affinity frontend currently balances to (its
+ * Maglev table's backends; lb4_affinity_match, value unused: 1). An affinity
+ * entry's backend is used only while this pair exists: as kube-proxy's affinity
+ * lives inside the chain of the set in use, a backend outside that set (it left
+ * the service but serves another one, or this frontend uses the local set, or
+ * the terminating fallback ended) must not keep receiving the client. */
 struct lb4_affinity_match_key {
 	__u32 backend_id;
-	__u32 service_id;
+	__u32 frontend_id;      /* per frontend, not per service: its scope and traffic policy pick the set */
 };
 
 /* Fragment tracking: ports of a datagram, from its first fragment. */

@@ -8,9 +8,11 @@
 #ifndef EBPFSVC_AFFINITY_H
 #define EBPFSVC_AFFINITY_H
 
-/* Backend id remembered for (client, service), 0 when none, stale, or no longer
- * one of the service's backends (lb4_affinity_match: the backend may have left
- * this service while another one keeps it in lb4_backends). */
+/* Backend id remembered for (client, service), 0 when none, stale, or not in the
+ * set this frontend balances to now (lb4_affinity_match: the backend may have left
+ * this service while another one keeps it in lb4_backends, or be one of the
+ * service's backends that this frontend's traffic policy leaves out: the entry is
+ * shared by the service's frontends, the set in use is not). */
 static __always_inline __u32 lb4_affinity_backend(const struct lb4_service *svc, __be32 client, __u64 now)
 {
 	struct lb4_affinity_key key = { .client_addr = client, .service_id = svc->service_id };
@@ -25,7 +27,7 @@ static __always_inline __u32 lb4_affinity_backend(const struct lb4_service *svc,
 	if (lb_age_ns(now, val->last_used_ns) >= (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC)
 		return 0;
 	match.backend_id = val->backend_id;
-	match.service_id = svc->service_id;
+	match.frontend_id = svc->frontend_id;
 	if (!lb4_affinity_match.lookup(&match))
 		return 0;
 	return val->backend_id;

@@ -64,16 +64,30 @@ static __always_inline int lb4_is_frontend_address(__be32 addr, __u8 proto, __u8
 #define LB_BE_F_NO_NEW_FLOWS (LB_BE_F_TERMINATING | LB_BE_F_NOT_READY)
 
 /*
+ * Whether a tracked TCP flow whose backend left its EndpointSlice is reset
+ * (1, the default: the client learns at once that the pod is gone) or goes on
+ * to the address its conntrack entry holds until it closes or expires, as
+ * kube-proxy never flushes TCP conntrack (0: the agent's
+ * --no-reset-removed-endpoint-tcp; docs/semantics.md).
+ */
+#ifndef LB_RESET_REMOVED_TCP
+#define LB_RESET_REMOVED_TCP 1
+#endif
+
+/*
  * May an established flow of protocol `proto` stay on backend `id`? Not when
- * the backend was removed; not for a UDP flow when the backend is not ready
- * (kube-proxy clears a not-ready endpoint's UDP conntrack entries, so the next
- * datagram is balanced again, while TCP connections carry on).
+ * the backend was removed (unless TCP and !LB_RESET_REMOVED_TCP); not for a UDP
+ * flow when the backend is not ready (kube-proxy clears a not-ready endpoint's
+ * UDP conntrack entries, so the next datagram is balanced again, while TCP
+ * connections carry on).
  */
 static __always_inline int lb4_flow_keeps_backend(__u32 id, __u8 proto)
 {
 	struct lb4_backend *be = lb4_backends.lookup(&id);
 
-	return be && !(proto == IPPROTO_UDP && (be->flags & LB_BE_F_NOT_READY));
+	if (!be)
+		return !LB_RESET_REMOVED_TCP && proto == IPPROTO_TCP;
+	return !(proto == IPPROTO_UDP && (be->flags & LB_BE_F_NOT_READY));
 }
 
 /*

@@ -25,7 +25,7 @@ BPF_TABLE_PINNED("array", __u32, __u32, lb_maglev, LB_MAGLEV_SLOTS_MAX, LB_PIN_D
 BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct ct4_entry, ct4, CT_ENTRIES_MAX, LB_PIN_DIR "/ct4");
 /* (client address, service id) -> last backend, for sessionAffinity=ClientIP. */
 BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb_affinity_val, lb4_affinity, AFFINITY_ENTRIES_MAX, LB_PIN_DIR "/lb4_affinity");
-/* (backend id, service id) -> 1 for every backend of a sessionAffinity=ClientIP service: affinity's membership check. */
+/* (backend id, frontend id) -> 1 for every backend in a sessionAffinity=ClientIP frontend's table: affinity's membership check. */
 BPF_TABLE_PINNED("hash", struct lb4_affinity_match_key, __u32, lb4_affinity_match, AFFINITY_MATCH_MAX, LB_PIN_DIR "/lb4_affinity_match");
 /* (saddr, daddr, IP id, proto) -> L4 ports, learnt from a datagram's first fragment. */
 BPF_TABLE_PINNED("lru_hash", struct frag4_key, struct frag4_ports, frag4, FRAG_ENTRIES_MAX, LB_PIN_DIR "/frag4");

@@ -91,7 +91,7 @@ MAP_LIMIT_FLAGS = (
     ("--max-maglev-slots", "maglev_slots", "Maglev slots of all frontends together (a frontend with n usable "
                                            "backends takes maglev.table_size(n): 251, 503, 1009, 2011... >= 100 x n)"),
     ("--max-affinity-entries", "affinity_entries", "(client, service port) session-affinity entries (LRU)"),
-    ("--max-affinity-backends", "affinity_matches", "(backend, service port) pairs of ClientIP-affinity Services"),
+    ("--max-affinity-backends", "affinity_matches", "(backend, frontend) pairs of ClientIP-affinity Services"),
     ("--max-snat-entries", "snat_entries", "NodePort SNAT entries, two per SNATed flow (LRU)"),
     ("--max-source-ranges", "source_ranges", "(frontend, prefix) loadBalancerSourceRanges entries"),
     ("--max-fragment-entries", "frag_entries", "datagrams whose first fragment was seen (LRU)"),
@@ -131,6 +131,10 @@ def _map_limit_options(fn):
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
 @click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")
+@click.option("--legacy-source-ranges-annotation/--no-legacy-source-ranges-annotation",
+              default=NodeConfig.legacy_source_ranges, show_default=True,
+              help="Enforce service.beta.kubernetes.io/load-balancer-source-ranges on LoadBalancer IPs when "
+                   "spec.loadBalancerSourceRanges is empty; off: ignored, as kube-proxy does (docs/semantics.md).")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--pod-interfaces", multiple=True, default=("lxc*",), show_default=True,
               help="Name patterns of the host side of pod veths (followed as they come and go).")
@@ -149,6 +153,11 @@ def _map_limit_options(fn):
 @click.option("--nodeport-snat-keep-client-port/--no-nodeport-snat-keep-client-port", default=True, show_default=True,
               help="SNATed NodePort TCP flows keep the client's source port when free (as Linux NAT does; "
                    "docs/northsouth.md); off: always a port of 61000-65535.")
+@click.option("--reset-removed-endpoint-tcp/--no-reset-removed-endpoint-tcp",
+              default=AgentConfig.reset_removed_endpoint_tcp, show_default=True,
+              help="Reset an established TCP connection whose endpoint left its EndpointSlice at its next "
+                   "segment; off: it goes on to the endpoint's address until it closes or expires, as with "
+                   "kube-proxy (docs/semantics.md).")
 @click.option("--socket-lb/--no-socket-lb", default=False, show_default=True,
               help="Translate ClusterIP connections at the socket (connect/sendmsg hooks on --socket-lb-cgroup) "
                    "instead of every packet at TC (docs/socklb.md). Off by default for now.")
@@ -177,8 +186,10 @@ def _map_limit_options(fn):
 @_lifetime_option("--conntrack-udp-timeout-stream", "CT_TIMEOUT_UDP_STREAM_S", "a UDP flow that had a reply")
 @_map_limit_options
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
-          cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
-          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, socket_lb, socket_lb_cgroup,
+          cluster_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
+          pod_interfaces, uplinks,
+          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, reset_removed_endpoint_tcp,
+          socket_lb, socket_lb_cgroup,
           min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
           conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
@@ -191,12 +202,13 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
     addrs = tuple(node_addresses)
     node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
                       service_cidr=service_cidr, nodeport_range=service_node_port_range, proxy_name=proxy_name,
-                      default_algorithm=lb_algorithm)
+                      default_algorithm=lb_algorithm, legacy_source_ranges=legacy_source_ranges_annotation)
     cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
                       hairpin_address=hairpin_address,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
+                      reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
                       socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
                       min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,

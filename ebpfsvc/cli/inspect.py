@@ -20,7 +20,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from ebpfsvc.config import DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, format_port_range
+from ebpfsvc.config import DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, NodeConfig, format_port_range
 from ebpfsvc.flags import PortRange
 
 pin_dir_option = click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True, envvar="EBPFSVC_PIN_DIR",
@@ -242,12 +242,14 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
 @click.option("--proxy-name", default="")
+@click.option("--legacy-source-ranges-annotation/--no-legacy-source-ranges-annotation",
+              default=NodeConfig.legacy_source_ranges, show_default=True, help="As given to the agent.")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the API lists.")
 def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_addresses, nodeport_addresses,
-          service_cidr, service_node_port_range, proxy_name, lb_algorithm, timeout) -> None:
+          service_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
+          timeout) -> None:
     """Compare the desired state (manifests or API) with the node's maps; exit 1 on drift."""
-    from ebpfsvc.config import NodeConfig
     from ebpfsvc.inspect import views
     from ebpfsvc.inspect.desired import load_desired
     from ebpfsvc.nodeinfo import NodeSettings
@@ -259,7 +261,7 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
         raise click.UsageError("give exactly one of --manifests, --kubeconfig, --in-cluster")
     node_cfg = NodeConfig(node_name=node_name, node_addresses=node_addresses, service_cidr=service_cidr,
                           nodeport_range=service_node_port_range, proxy_name=proxy_name,
-                          default_algorithm=lb_algorithm)
+                          default_algorithm=lb_algorithm, legacy_source_ranges=legacy_source_ranges_annotation)
     try:
         settings = NodeSettings(node_addresses=node_cfg.node_addresses, nodeport_addresses=nodeport_addresses)
         problems: list = []

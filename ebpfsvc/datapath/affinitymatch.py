@@ -1,15 +1,19 @@
-"""lb4_affinity_match: which backends belong to which sessionAffinity=ClientIP service.
+"""lb4_affinity_match: which backends each sessionAffinity=ClientIP frontend balances to now.
 
-An affinity entry (client, service id) -> backend id outlives the backend's membership: the
-backend may leave the Service and stay in lb4_backends because another Service still lists it.
-The datapath uses an affinity entry's backend only while (backend id, service id) is in this map
-(bpf/lib/affinity.h), as Cilium's LB_AFFINITY_MATCH does.
+An affinity entry (client, service id) -> backend id outlives the backend's place in the set a
+frontend uses: the backend may leave the Service and stay in lb4_backends because another Service
+still lists it; or the service's frontends use different sets (a Local traffic policy on one
+scope, the terminating fallback), while the entry is shared by all of them. kube-proxy's affinity
+lives inside the chain of the set in use (its "recent" checks are in the KUBE-SVC or KUBE-SVL
+chain the packet took), so the datapath uses an affinity entry's backend only while (backend id,
+frontend id) is in this map (bpf/lib/affinity.h), as Cilium's LB_AFFINITY_MATCH does per service.
+The pairs are a frontend's Maglev table's backends (`table_backends`), not every backend it lists.
 
 Kept by MapWriter.apply() after the frontends are written, from the same LBState: a pair is added
-once the backend's id exists and removed once no affinity frontend of the service lists the
-backend.  The moment in between errs on the safe side for additions (a new backend's affinity is
-not honoured yet: the flow is balanced by the table, which holds the backend); a removal lags the
-frontend switch by one batch write.
+once the backend's and frontend's ids exist and removed once the frontend's table no longer holds
+the backend. The moment in between errs on the safe side for additions (a new backend's affinity
+is not honoured yet: the flow is balanced by the table, which holds the backend); a removal lags
+the frontend switch by one batch write.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ from __future__ import annotations
 from typing import Iterable
 
 from ebpfsvc.datapath.batch import delete_batch, update_batch
-from ebpfsvc.lbmodel import Frontend, FrontendKey, LBState
+from ebpfsvc.lbmodel import Frontend, FrontendKey, LBState, table_backends
 
-Pair = tuple[int, int]      # (backend id, service id)
+Pair = tuple[int, int]      # (backend id, frontend id)
 
 
 class AffinityMatch:
     def __init__(self, table):
         self.table = table
-        self._in_map: set[Pair] = {(k.backend_id, k.service_id) for k in table.keys()}
+        self._in_map: set[Pair] = {(k.backend_id, k.frontend_id) for k in table.keys()}
         self._state: LBState | None = None
         self._pairs: dict[FrontendKey, frozenset[Pair]] = {}
         self._refs: dict[Pair, int] = {}
@@ -72,10 +76,8 @@ class AffinityMatch:
 def _pairs(fe: Frontend, writer) -> frozenset[Pair]:
     if fe.affinity_timeout <= 0:
         return frozenset()
-    sid = writer.service_id(fe.service)
-    out = set()
-    for b in fe.backends:
-        bid = writer.backend_id(b)
-        if bid is not None and sid is not None:
-            out.add((bid, sid))
-    return frozenset(out)
+    fid = writer.frontend_id(fe)
+    if fid is None:
+        return frozenset()
+    ids = (writer.backend_id(b) for b in table_backends(fe.backends))
+    return frozenset((bid, fid) for bid in ids if bid is not None)

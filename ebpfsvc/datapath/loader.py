@@ -158,7 +158,8 @@ _CACHE: dict[tuple, Datapath] = {}
 
 
 def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
-               snat_keep_client_port: bool = True, host_clients: bool = True) -> list[str]:
+               snat_keep_client_port: bool = True, host_clients: bool = True,
+               reset_removed_endpoint_tcp: bool = True) -> list[str]:
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
@@ -170,12 +171,15 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
         flags.append("-DSNAT_KEEP_PORT_MIN=65536")      # no port is that high: always the range
     if not host_clients:
         flags.append("-DLB_HOST_CLIENTS=0")             # to_uplink leaves the node's own packets alone
+    if not reset_removed_endpoint_tcp:
+        flags.append("-DLB_RESET_REMOVED_TCP=0")        # kube-proxy's: TCP to a removed endpoint goes on
     return flags
 
 
 def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
-         snat_keep_client_port: bool = True, host_clients: bool = True, migrate: bool = False) -> Datapath:
+         snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
+         migrate: bool = False) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -187,7 +191,8 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     north-south flows to remote backends are SNATed to; `snat_keep_client_port`
     False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
     `host_clients` False leaves the node's own packets to externalIPs and
-    LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h).
+    LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h); `reset_removed_endpoint_tcp`
+    False lets a TCP flow whose backend was removed go on to its address (bpf/lib/lb.h).
     `migrate`: when the pins must be recreated (another size or layout), carry their entries into
     the new maps (datapath/migrate.py) instead of starting empty.
     """
@@ -196,7 +201,8 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     pin_dir = Path(pin_dir)
     limits = limits or Limits()
     text = expand_source(source)
-    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr, snat_keep_client_port, host_clients))
+    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr, snat_keep_client_port, host_clients,
+                              reset_removed_endpoint_tcp))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]

@@ -359,9 +359,10 @@ class NodeMaps:
         now_ns = monotonic_ns() if now_ns is None else now_ns
         return Affinity(client, service_id, val.backend_id, val.last_used_ns, _age_s(now_ns, val.last_used_ns))
 
-    def affinity_matches(self, backend_id: int, service_id: int) -> bool:
-        """Whether the backend belongs to the (affinity) service: lb4_affinity_match (bpf/lib/affinity.h)."""
-        key = ffi.new("struct lb4_affinity_match_key *", {"backend_id": backend_id, "service_id": service_id})
+    def affinity_matches(self, backend_id: int, frontend_id: int) -> bool:
+        """Whether the backend is in the set the (affinity) frontend balances to now:
+        lb4_affinity_match (bpf/lib/affinity.h)."""
+        key = ffi.new("struct lb4_affinity_match_key *", {"backend_id": backend_id, "frontend_id": frontend_id})
         return self.maps["lb4_affinity_match"].lookup(_encode(key)) is not None
 
     def service_status(self) -> dict[str, tuple[str, str]]:

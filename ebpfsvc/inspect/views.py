@@ -248,9 +248,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
                 step("affinity", f"ClientIP: backend {a.backend_id} of the fresh entry is gone")
             elif not be.takes_new_flows:
                 step("affinity", f"ClientIP: backend {a.backend_id} is {be.state}: affinity ignored")
-            elif not node.affinity_matches(a.backend_id, fe.service_id):
-                step("affinity", f"ClientIP: backend {a.backend_id} is no longer one of this service's: "
-                     f"affinity ignored")
+            elif not node.affinity_matches(a.backend_id, fe.frontend_id):
+                step("affinity", f"ClientIP: backend {a.backend_id} is not in this frontend's set in use "
+                     f"(left the service, or out of its traffic policy's set): affinity ignored")
             else:
                 step("affinity", f"ClientIP: fresh entry ({a.age_s:.1f}s < {fe.affinity_timeout}s) "
                      f"-> backend {a.backend_id}")

@@ -6,6 +6,11 @@ EndpointSliceMirroring controller): one slice per subset, `addresses` ready,
 Endpoints work even from a manifest directory or a cluster with mirroring off,
 and everything downstream sees one endpoint form.  When a Service has real
 EndpointSlices too, those win (the tracker decides; see ClusterState).
+
+On an API server the agent does not read Endpoints at all (sources/kube.py AGENT_KINDS): like
+kube-proxy it sees the controller's slices only. This conversion serves manifest directories, so
+it skips what the controller skips: Endpoints labelled `endpointslice.kubernetes.io/skip-mirror:
+"true"` give no slice.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ebpfsvc.k8s.endpointslice import (MAX_ENDPOINTS, MAX_PORTS, EndpointSlice, 
 from ebpfsvc.k8s.fields import Fields, Invalid, parse_ipv4, read_meta
 
 MAX_SUBSETS = 100
+LABEL_SKIP_MIRROR = "endpointslice.kubernetes.io/skip-mirror"     # "true": not mirrored to slices
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ def parse_endpoints(obj: dict) -> Endpoints:
             raise Invalid("subsets", f"hold more than {MAX_ENDPOINTS} addresses")
         slices.append(EndpointSlice(meta.namespace, f"{meta.name}/subsets[{i}]", meta.name, "IPv4",
                                     ports, tuple(endpoints)))
+    if meta.labels.get(LABEL_SKIP_MIRROR) == "true":
+        return Endpoints(meta.namespace, meta.name)      # validated all the same: a typo is still named
     return Endpoints(meta.namespace, meta.name, tuple(slices))
 
 

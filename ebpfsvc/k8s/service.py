@@ -135,7 +135,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         has_selector=bool(spec.string_map("selector")),
         external_ips=_external_ips(spec),
         load_balancer_ips=lb_ips,
-        source_ranges=_source_ranges(spec, meta),
+        source_ranges=_source_ranges(spec, meta, config.legacy_source_ranges),
         affinity_timeout=_affinity_timeout(spec),
         external_traffic_policy=external_policy,
         internal_traffic_policy=_policy(spec, "internalTrafficPolicy"),
@@ -265,9 +265,9 @@ def _load_balancer_ips(top: Fields) -> tuple[ipaddress.IPv4Address, ...]:
     return tuple(out)
 
 
-def _source_ranges(spec: Fields, meta: ObjectMeta) -> tuple[ipaddress.IPv4Network, ...]:
+def _source_ranges(spec: Fields, meta: ObjectMeta, legacy: bool) -> tuple[ipaddress.IPv4Network, ...]:
     items = spec.list("loadBalancerSourceRanges", MAX_SOURCE_RANGES)
-    if not items and meta.annotations.get(ANNOTATION_SOURCE_RANGES, "").strip():
+    if legacy and not items and meta.annotations.get(ANNOTATION_SOURCE_RANGES, "").strip():
         # The older annotation counts only when the field is empty (as in the API's validation).
         field = f"metadata.annotations[{ANNOTATION_SOURCE_RANGES}]"
         items = [(field, part) for part in meta.annotations[ANNOTATION_SOURCE_RANGES].split(",")]

@@ -240,11 +240,12 @@ def local_tcp_flow(uplink: Uplink, frontend: str, fport: int, backend: str = LOC
                  from_client(tcp(CLIENT, backend, 40000, 8080, "A", seq=1001)))
 
 
-def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True):
+def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True, **options):
     """The `uplink` fixture (registered in conftest.py): the run's compiled uplink programs on maps
-    as new (conftest.compiled), and a test namespace built, removed after."""
+    as new (conftest.compiled), and a test namespace built, removed after. `options`: more of
+    loader.load's (reset_removed_endpoint_tcp)."""
     dp = compiled.load(LIMITS, hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
-                       snat_addr=NODE, snat_keep_client_port=snat_keep_client_port)
+                       snat_addr=NODE, snat_keep_client_port=snat_keep_client_port, **options)
     name = f"{unique_prefix}-np"
     build_netns(name)
     try:

@@ -7,7 +7,7 @@ import pytest
 
 from ipaddress import IPv4Address as A
 
-from ebpfsvc.lbmodel import Frontend, FrontendKey, Protocol
+from ebpfsvc.lbmodel import Frontend, FrontendKey, FrontendKind, Protocol
 
 from .conftest import age
 from .packets import (
@@ -147,9 +147,9 @@ def test_services_whose_joined_names_collide_have_their_own_affinity(datapath, w
 def test_affinity_match_map_follows_the_services(datapath, writer):
     other = frontend(VIP2, 80, [be(BACKEND1)], name="other")        # no affinity: no pairs
     writer.apply(state(STICKY, other))
-    sid = writer.service_id(STICKY.service)
-    pairs = {(k.backend_id, k.service_id) for k in datapath.maps["lb4_affinity_match"].keys()}
-    assert pairs == {(writer.backend_id(be(x)), sid) for x in (BACKEND1, BACKEND2, BACKEND3)}
+    fid = writer.frontend_id(STICKY)
+    pairs = {(k.backend_id, k.frontend_id) for k in datapath.maps["lb4_affinity_match"].keys()}
+    assert pairs == {(writer.backend_id(be(x)), fid) for x in (BACKEND1, BACKEND2, BACKEND3)}
     writer.apply(state(other))
     assert len(list(datapath.maps["lb4_affinity_match"].keys())) == 0
     # A new writer (agent restart) reads the pairs back and a full apply removes leftovers.
@@ -158,3 +158,46 @@ def test_affinity_match_map_follows_the_services(datapath, writer):
     again = MapWriter(datapath.maps)
     again.apply(state(other))
     assert len(list(datapath.maps["lb4_affinity_match"].keys())) == 0
+
+
+NODE_ADDR, NODE_PORT = "198.18.0.2", 30080
+
+
+def _syn_to(vip, port, client, sport, backend):
+    return Case(f"SYN {client}:{sport} -> {vip}:{port} -> {backend}", "from_pod",
+                from_pod(tcp(client, vip, sport, port, "S")), OK, from_pod(tcp(client, backend, sport, 8080, "S")))
+
+
+def test_affinity_stays_inside_the_set_the_frontend_uses(datapath, writer):
+    """One Service, internalTrafficPolicy Local and a NodePort (externalTrafficPolicy Cluster): its
+    clusterIP balances to the local endpoint only, its NodePort to all. A pod pinned to a remote
+    endpoint through the NodePort, still listed by the Service, goes to the local one through the
+    clusterIP, as kube-proxy's affinity lives inside the KUBE-SVL chain of the set in use."""
+    local = be(BACKEND1, local=True)
+    everyone = (local, be(BACKEND2), be(BACKEND3))
+    cluster_ip = frontend(VIP, 80, [local], affinity_timeout=TIMEOUT, local_only=True)
+    node_port = Frontend(key=FrontendKey(A(NODE_ADDR), NODE_PORT, Protocol.TCP), service=cluster_ip.service,
+                         kind=FrontendKind.NODE_PORT, backends=everyone, affinity_timeout=TIMEOUT)
+    writer.apply(state(cluster_ip, node_port))
+    assert writer.service_id(cluster_ip.service) == writer.service_id(node_port.service)   # one affinity entry
+    sport = next(p for p in range(40000, 42000) if expected_backend(node_port, CLIENT, p) == BACKEND2)
+    check(datapath, _syn_to(NODE_ADDR, NODE_PORT, CLIENT, sport, BACKEND2))             # pinned to BACKEND2
+    check(datapath, _syn_to(NODE_ADDR, NODE_PORT, CLIENT, sport + 1, BACKEND2))         # the pin holds there
+    check(datapath, _syn_to(VIP, 80, CLIENT, sport + 2, BACKEND1))      # outside the clusterIP's set: ignored
+    # ... and the clusterIP's pick is the client's affinity now, which the NodePort's set holds.
+    check(datapath, _syn_to(NODE_ADDR, NODE_PORT, CLIENT, sport + 3, BACKEND1))
+
+
+def test_affinity_ends_with_the_terminating_fallback(datapath, writer):
+    """A pin made while only a terminating endpoint served (the fallback) is not followed once a
+    ready endpoint is back, although the terminating one is still listed (it keeps its flows)."""
+    draining = be(BACKEND1, terminating=True)
+    fallback = frontend(VIP, 80, [draining], affinity_timeout=TIMEOUT)
+    writer.apply(state(fallback))
+    check(datapath, syn(CLIENT, 40000, BACKEND1))
+    back = frontend(VIP, 80, [draining, be(BACKEND2)], affinity_timeout=TIMEOUT)
+    writer.apply(state(back))
+    fid = writer.frontend_id(back)
+    pairs = {(k.backend_id, k.frontend_id) for k in datapath.maps["lb4_affinity_match"].keys()}
+    assert pairs == {(writer.backend_id(be(BACKEND2)), fid)}            # the table's backends only
+    check(datapath, syn(CLIENT, 40001, BACKEND2))

@@ -86,6 +86,46 @@ def test_removed_backend_resets_tcp(datapath, writer):
     assert flows[abi.CT_DIR_FORWARD] == [] and flows[abi.CT_DIR_REPLY] == [], "both CT entries deleted"
 
 
+def test_removed_backend_keeps_tcp_as_kube_proxy_with_the_option(compiled):
+    """--no-reset-removed-endpoint-tcp (LB_RESET_REMOVED_TCP=0): the flow goes on to the address its
+    conntrack entry holds, both ways, as kube-proxy never flushes TCP conntrack; new connections
+    never reach the removed backend; UDP still moves on."""
+    dp = compiled.load(TEST_LIMITS, hairpin_addr=HAIRPIN, reset_removed_endpoint_tcp=False)
+    writer = MapWriter(dp.maps)
+    writer.apply(state(WEB3))
+    b = expected_backend(WEB3, CLIENT, 40000)
+    syn, syn_out = dnat(CLIENT, b, 40000, "S", seq=1000, ack=0)
+    check(dp, Case("SYN", "from_pod", syn, OK, syn_out))
+    check(dp, Case("SYN-ACK", "to_pod", to_pod(tcp(b, CLIENT, 8080, 40000, "SA", seq=7000, ack=1001)), OK,
+                   to_pod(tcp(VIP, CLIENT, 80, 40000, "SA", seq=7000, ack=1001))))
+    remaining = frontend(VIP, 80, [x for x in (B1, B2, B3) if str(x.address) != b])
+    writer.apply(state(remaining))
+    assert writer.backend_id(be(b)) is None                 # gone from lb4_backends
+
+    seg, seg_out = dnat(CLIENT, b, 40000, "PA", payload=b"data")
+    check(dp, Case("segment of a flow whose backend is gone: still to it", "from_pod", seg, OK, seg_out))
+    check(dp, Case("its reply: reverse-NATed", "to_pod",
+                   to_pod(tcp(b, CLIENT, 8080, 40000, "A", seq=7001, ack=1005)), OK,
+                   to_pod(tcp(VIP, CLIENT, 80, 40000, "A", seq=7001, ack=1005))))
+    assert stats.drops(dp.maps)["backend_gone"] == 0
+    flows = ct_flows(dp)
+    assert len(flows[abi.CT_DIR_FORWARD]) == 1 and len(flows[abi.CT_DIR_REPLY]) == 1, "the flow is kept"
+    sport = next(p for p in range(41000, 45000) if expected_backend(WEB3, CLIENT, p) == b)
+    new, new_out = dnat(CLIENT, expected_backend(remaining, CLIENT, sport), sport, "S", seq=1000, ack=0)
+    check(dp, Case("a new connection: a remaining backend", "from_pod", new, OK, new_out))
+
+    dns = [be(a, 5353, Protocol.UDP) for a in (BACKEND1, BACKEND2)]
+    writer.apply(state(remaining, frontend(VIP, 53, dns, proto=Protocol.UDP, name="dns")))
+    first = expected_backend(frontend(VIP, 53, dns, proto=Protocol.UDP), CLIENT, 5000)
+    check(dp, Case("a datagram", "from_pod", from_pod(udp(CLIENT, VIP, 5000, 53)), OK,
+                   from_pod(udp(CLIENT, first, 5000, 5353))))
+    rest = frontend(VIP, 53, [x for x in dns if str(x.address) != first], proto=Protocol.UDP, name="dns")
+    writer.apply(state(remaining, rest))
+    nb = expected_backend(rest, CLIENT, 5000)
+    check(dp, Case("UDP to a removed backend still moves on", "from_pod", from_pod(udp(CLIENT, VIP, 5000, 53)),
+                   OK, from_pod(udp(CLIENT, nb, 5000, 5353))))
+
+
 def udp_flow_to_one_of_three(datapath, writer):
     """A DNS-like Service with three UDP backends and one flow (client port 5000) through it:
     (the backends, the address of the one the flow reached)."""

@@ -46,6 +46,41 @@ def test_nodeport_remote_backend_is_snated_and_the_reply_reversed(uplink):
                  to_node2(tcp(NODE, REMOTE_BE, port, 8080, "A")), OK)
 
 
+def _snated_flow_whose_backend_is_removed(uplink):
+    """A NodePort TCP flow SNATed to REMOTE_BE, established; then REMOTE_BE leaves the Service.
+    The flow's next client segment and its SNAT port."""
+    uplink.writer.apply(state(REMOTE))
+    port = snat_port(CLIENT, NODE, 40000, 30080)
+    uplink.check("SYN", "from_uplink", from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+    uplink.check("SYN-ACK", "from_uplink", from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)),
+                 REDIRECT, forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "SA", seq=7000, ack=1001)))
+    uplink.writer.apply(state(ext_frontend(NODE, 30080, [be(LOCAL_BE, local=True)])))
+    assert uplink.writer.backend_id(be(REMOTE_BE)) is None
+    return from_client(tcp(CLIENT, NODE, 40000, 30080, "PA", seq=1001, ack=7001, payload=b"data")), port
+
+
+def test_nodeport_removed_backend_resets_tcp(uplink):
+    seg, _ = _snated_flow_whose_backend_is_removed(uplink)
+    uplink.check("the next segment: RST from NodeIP:nodePort", "from_uplink", seg, REDIRECT,
+                 to_client(IP(src=NODE, dst=CLIENT, id=0, ttl=64) /
+                           TCP(sport=30080, dport=40000, flags="R", seq=7001, ack=0, window=0)))
+    assert uplink.drops(abi.REASON_BACKEND_GONE) == 1
+
+
+@pytest.mark.parametrize("uplink", [{"reset_removed_endpoint_tcp": False}], indirect=True)
+def test_nodeport_removed_backend_keeps_tcp_with_the_option(uplink):
+    """--no-reset-removed-endpoint-tcp: the SNATed flow goes on to the removed backend, both ways,
+    as kube-proxy leaves its conntrack entry."""
+    seg, port = _snated_flow_whose_backend_is_removed(uplink)
+    uplink.check("the next segment: still to REMOTE_BE, same SNAT port", "from_uplink", seg, REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "PA", seq=1001, ack=7001, payload=b"data")))
+    uplink.check("its reply: back to the client", "from_uplink",
+                 from_node2(tcp(REMOTE_BE, NODE, 8080, port, "A", seq=7001, ack=1005)), REDIRECT,
+                 forwarded_to_client(tcp(NODE, CLIENT, 30080, 40000, "A", seq=7001, ack=1005)))
+    assert uplink.drops(abi.REASON_BACKEND_GONE) == 0
+
+
 def test_nodeport_udp_snat(uplink):
     uplink.writer.apply(state(DNS))
     remote_udp_exchange(uplink, NODE, 30053)

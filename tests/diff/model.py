@@ -124,7 +124,7 @@ class Maps:
     ct: dict = field(default_factory=dict)           # CtKey -> Flow
     affinity: dict = field(default_factory=dict)     # (client addr, service id) -> backend id
     frag: dict = field(default_factory=dict)         # (saddr, daddr, ip id, proto) -> (sport, dport)
-    members: set = field(default_factory=set)        # (backend id, service id) of affinity services
+    members: set = field(default_factory=set)        # (backend id, frontend id): affinity frontends' tables
     age: dict = field(default_factory=dict)          # ct key -> time jumps since it was last refreshed
     frag_age: dict = field(default_factory=dict)     # frag key -> time jumps since it was recorded
     version: int = 0                                 # bumped whenever backends change (caches)
@@ -451,11 +451,12 @@ class Model:
         skipping a few slots past a backend that takes no new flows; a terminating one is the
         fallback, a not-ready one never."""
         if svc.flags & SVC_AFFINITY and svc.affinity_timeout:
-            # The remembered backend, while it is still one of this service's (another service
-            # may keep the same backend alive after it left this one) and takes new flows.
+            # The remembered backend, while it is still in this frontend's set in use (another
+            # service may keep the same backend alive after it left this one; the service's other
+            # frontends may use another set) and takes new flows.
             bid = self.m.affinity.get((p.saddr, svc.service_id))
             be = self.m.backends.get(bid) if bid is not None else None
-            if be is not None and (bid, svc.service_id) in self.m.members and not be.flags & BE_NO_NEW_FLOWS:
+            if be is not None and (bid, svc.frontend_id) in self.m.members and not be.flags & BE_NO_NEW_FLOWS:
                 return bid
         size = svc.maglev_size
 

@@ -104,7 +104,7 @@ def read_config(dp) -> tuple[dict, dict, dict, set]:
     for svc in frontends.values():
         for slot in range(svc.maglev_offset, svc.maglev_offset + svc.maglev_size):
             maglev[slot] = table[table.Key(slot)].value
-    members = {(k.backend_id, k.service_id) for k in dp.maps["lb4_affinity_match"].keys()}
+    members = {(k.backend_id, k.frontend_id) for k in dp.maps["lb4_affinity_match"].keys()}
     return frontends, backends, maglev, members
 
 
@@ -193,7 +193,7 @@ class Runner:
         table = dp.maps["lb4_backends"]
         self.original_backends = {k.value: (k, v) for k, v in table.items()}
         matches = dp.maps["lb4_affinity_match"]
-        self.original_members = {(k.backend_id, k.service_id): (k, v) for k, v in matches.items()}
+        self.original_members = {(k.backend_id, k.frontend_id): (k, v) for k, v in matches.items()}
         self.drops_before = stats.drops(dp.maps)       # counters are never reset: compare the increase
 
     def churn(self, rng) -> str:

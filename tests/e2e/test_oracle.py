@@ -1,6 +1,6 @@
 """The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
 builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
-compared (issue 17): 17 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
+compared (issue 17): 21 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
 for DIFFERENCES.
 
 Five rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
@@ -13,22 +13,25 @@ reason with a ClusterIP routed to the node from outside (#2).
 
 One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
 and `kube-proxy --cleanup` removes its rules (docs/deploy.md); the ebpfsvc agents start and
-every row is observed again. An observation is what a client sees: "refused" (a RST or an ICMP
+every row is observed again; then once more with the options that give kube-proxy's behaviour
+(KUBE_PROXY_OPTIONS in the ConfigMap), where two of the five differences must vanish. An observation is what a client sees: "refused" (a RST or an ICMP
 port unreachable), "timeout" (dropped), an HTTP status and the body fields kube-proxy defines.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import pytest
+import yaml
 from pyroute2 import IPRoute
 
 from ebpfsvc.datapath import nsenter
-from ebpfsvc.lab import Lab, apps, kubeproxy
+from ebpfsvc.lab import Lab, agents, apps, kubeproxy, names
 from ebpfsvc.lab.network import UPLINK
 
 from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, http_get, service, wait_agents_attached,
@@ -103,6 +106,23 @@ SERVICES += [
     # (with or-cluster for an endpoint on node-1): issue 17 item 2.
     service("or-offnode", [{"port": 80, "targetPort": 8080}], selector={"pod": "or-b"}),
 ]
+STICKY_NODE_PORT = 30477
+
+
+def sticky(selector: dict) -> dict:
+    """sessionAffinity ClientIP, internalTrafficPolicy Local (its clusterIP: node-local endpoints),
+    a NodePort with externalTrafficPolicy Cluster (all endpoints): two sets in use for one Service."""
+    return service("or-sticky", [{"port": 80, "targetPort": 8080, "nodePort": STICKY_NODE_PORT}], selector=selector,
+                   type="NodePort", internalTrafficPolicy="Local", sessionAffinity="ClientIP")
+
+
+SERVICES.append(sticky({"pod": "or-b"}))
+# Selectorless, each with a manual v1 Endpoints naming or-a (manual_endpoints): the mirroring
+# controller copies the first into an EndpointSlice, not the second (labelled skip-mirror); kube-proxy
+# reads EndpointSlices only.
+SERVICES += [service(name, [{"port": 80, "targetPort": 8080}]) for name in ("or-manual", "or-skip-mirror")]
+AFFINITY_ROWS = ("sessionAffinity ClientIP: pod on node-1 -> node-1's NodePort (ETP Cluster), or-b the only endpoint",
+                 "... or-a added; the same pod -> the clusterIP (ITP Local): who answers")
 
 
 def pnr_slice(address: str) -> dict:
@@ -110,6 +130,12 @@ def pnr_slice(address: str) -> dict:
             "metadata": {"name": "or-pnr-1", "labels": {"kubernetes.io/service-name": "or-pnr"}},
             "addressType": "IPv4", "ports": [{"name": "", "protocol": "TCP", "port": 8080}],
             "endpoints": [{"addresses": [address], "conditions": {"ready": False}, "nodeName": "node-1"}]}
+
+def manual_endpoints(name: str, address: str, skip_mirror: bool) -> dict:
+    labels = {"endpointslice.kubernetes.io/skip-mirror": "true"} if skip_mirror else {}
+    return {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": name, "labels": labels},
+            "subsets": [{"addresses": [{"ip": address, "nodeName": "node-1"}], "ports": [{"port": 8080}]}]}
+
 
 # What both proxies must show (kube-proxy v1.37.2's behaviour, checked against it by this test).
 EXPECTED = {
@@ -127,6 +153,10 @@ EXPECTED = {
     "ETP Cluster, backend on the receiving node: the source it sees": "masqueraded",
     "ClusterIP routed to node-1 from outside, backend on node-1: the source it sees": "masqueraded",
     "ClusterIP routed to node-1 from outside, backend on node-2: the source it sees": "masqueraded",
+    "manual Endpoints, mirrored to an EndpointSlice: pod -> clusterIP": "connected",
+    "manual Endpoints labelled skip-mirror: pod -> clusterIP": "refused",
+    AFFINITY_ROWS[0]: "or-b",
+    AFFINITY_ROWS[1]: "or-a",
     "/healthz on node-1": "200 nodeEligible=True",
     "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
     "/healthz on node-1, taint removed": "200 nodeEligible=True",
@@ -141,6 +171,14 @@ DIFFERENCES = {
     "ETP Cluster, backend on the receiving node: the source it sees": "the client",
     "ClusterIP routed to node-1 from outside, backend on node-1: the source it sees": "the client",   # as #8
 }
+
+
+# The agent options (the ConfigMap's config.yaml keys) that give kube-proxy's behaviour where ebpfsvc
+# differs on purpose, and the rows they make the same (docs/semantics.md, "Kept on purpose").
+KUBE_PROXY_OPTIONS = {"reset-removed-endpoint-tcp": False, "legacy-source-ranges-annotation": False}
+MADE_THE_SAME_BY_OPTIONS = ("established TCP, its endpoint leaves the Service (selector change)",
+                            "legacy source-ranges annotation without the client: outside -> LoadBalancer IP")
+WITH_OPTIONS = "ebpfsvc with kube-proxy's options"
 
 
 def http(lab: Lab, url: str, where: str = "external") -> tuple[int, dict]:
@@ -256,11 +294,38 @@ def stream_after_endpoint_left(lab: Lab) -> str:
                  what="or-c back in or-moved")
 
 
+def answers(lab: Lab, host: str, port: int) -> str:
+    """The pods answering CONNECTIONS new connections from CLIENT, or the first failure."""
+    try:
+        return " ".join(sorted({http_get(lab, CLIENT, host, port, timeout=2)["pod"] for _ in range(CONNECTIONS)}))
+    except (OSError, ValueError) as exc:
+        return type(exc).__name__
+
+
+def affinity_scope(lab: Lab) -> tuple[str, str]:
+    """Item 7: the pod is pinned to or-b through the NodePort (the cluster-wide set); or-a (node-1)
+    joins the Service; through the clusterIP, whose set is node-1's endpoints only, the pin must not
+    take the pod to or-b (kube-proxy's affinity lives in the KUBE-SVL chain of the set in use).
+    The selector is put back afterwards."""
+    pinned = settle(lambda: answers(lab, NODE1, STICKY_NODE_PORT), "or-b")
+    try:
+        lab.apply([sticky({"app": "or-echo"})])
+        wait_for(lambda: sum(len(sl.get("endpoints") or []) for sl in lab.endpoint_slices("or-sticky")) == 2,
+                 what="or-a and or-b in or-sticky's slices")
+        return pinned, settle(lambda: answers(lab, cluster_ip(lab, "or-sticky"), 80), "or-a")
+    finally:
+        lab.apply([sticky({"pod": "or-b"})])
+        wait_for(lambda: sum(len(sl.get("endpoints") or []) for sl in lab.endpoint_slices("or-sticky")) == 1,
+                 what="or-b alone in or-sticky's slices again")
+
+
 def observe(lab: Lab, proxy: str) -> dict[str, str]:
     none_vip, remote_vip = cluster_ip(lab, "or-none"), cluster_ip(lab, "or-remote")
 
     def expected(row: str) -> str:
-        return DIFFERENCES.get(row, EXPECTED[row]) if proxy == "ebpfsvc" else EXPECTED[row]
+        if proxy == "kube-proxy" or (proxy == WITH_OPTIONS and row in MADE_THE_SAME_BY_OPTIONS):
+            return EXPECTED[row]
+        return DIFFERENCES.get(row, EXPECTED[row])
 
     fenced = "legacy source-ranges annotation without the client: outside -> LoadBalancer IP"
     pnr = "publishNotReadyAddresses, hand-written slice with ready: false: pod -> clusterIP"
@@ -280,7 +345,13 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
         "trafficDistribution PreferSameZone: who answers a pod on node-1": answering(lab, "or-same-zone"),
         "established TCP, its endpoint leaves the Service (selector change)": stream_after_endpoint_left(lab),
         "/healthz on node-1": settle(lambda: healthz(lab), EXPECTED["/healthz on node-1"]),
+        "manual Endpoints, mirrored to an EndpointSlice: pod -> clusterIP":
+            connect_outcome(lab, CLIENT, cluster_ip(lab, "or-manual"), 80),
+        "manual Endpoints labelled skip-mirror: pod -> clusterIP":
+            connect_outcome(lab, CLIENT, cluster_ip(lab, "or-skip-mirror"), 80),
     }
+    pin, scope = AFFINITY_ROWS
+    got[pin], got[scope] = affinity_scope(lab)
     with service_cidr_via_node1(lab):
         for node, svc in (("node-1", "or-cluster"), ("node-2", "or-offnode")):
             row = f"ClusterIP routed to node-1 from outside, backend on {node}: the source it sees"
@@ -298,9 +369,37 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
 
 def table(results: dict[str, dict[str, str]]) -> str:
     width = max(map(len, EXPECTED))
-    lines = [f"{'scenario':<{width}}  {'kube-proxy':<24} ebpfsvc"]
-    lines += [f"{row:<{width}}  {results['kube-proxy'][row]:<24} {results['ebpfsvc'][row]}" for row in EXPECTED]
+    lines = [f"{'scenario':<{width}}  " + "".join(f"{name:<24} " for name in results).rstrip()]
+    lines += [f"{row:<{width}}  " + "".join(f"{got.get(row, ''):<24} " for got in results.values()).rstrip()
+              for row in EXPECTED]
     return "\n".join(lines)
+
+
+def from_pod_program(lab: Lab, pod: str) -> str:
+    """The id of the program on the ingress of `pod`'s host-side veth ("" if none)."""
+    obj = lab.pod(pod)
+    link = names.pod_host_link(obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
+    out = lab.node_exec(obj["spec"]["nodeName"], ["tc", "filter", "show", "dev", link, "ingress"]).stdout
+    found = re.search(r"\bid (\d+)", out)
+    return found.group(1) if found else ""
+
+
+def restart_agents_with(lab: Lab, options: dict) -> None:
+    """The operator sets `options` in the ConfigMap; every agent restarts with them and serves,
+    with its newly compiled programs (a restarted agent serves its maps through the attached
+    programs of the old one while it compiles: /healthz does not wait for those)."""
+    before = from_pod_program(lab, CLIENT)
+    config = lab.state.path / agents.CONFIG_FILE
+    config.write_text(yaml.safe_dump({**(yaml.safe_load(config.read_text()) or {}), **options}))
+    for node in ("node-1", "node-2"):
+        lab.agent("stop", node)
+    for node in ("node-1", "node-2"):
+        lab.agent("start", node)
+    for node in ("node-1", "node-2"):       # the old agents are gone: a 200 is the new one's first sync
+        wait_for(lambda: lab.node_exec(node, ["curl", "-sf", "--max-time", "2", "http://127.0.0.1:10256/healthz"]
+                                       ).returncode == 0, what=f"{node}'s agent serving with {options}")
+    wait_for(lambda: from_pod_program(lab, CLIENT) not in ("", before), timeout=120,
+             what=f"the new agent's programs on {CLIENT}'s veth")
 
 
 @pytest.mark.parametrize("mode", kubeproxy.MODES)
@@ -309,7 +408,9 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         lab.apply([bare_pod(CLIENT, "node-1"), echo("or-a", "node-1"), echo("or-b", "node-2"),
                    apps.pod("or-c", "tcp-echo", 7000, node="node-2", labels={"pod": "or-c"}), *SERVICES])
         wait_ready(lab, ["or-a", "or-b", "or-c"])
-        lab.apply([pnr_slice(lab.pod_ip("or-a"))])
+        lab.apply([pnr_slice(lab.pod_ip("or-a")), manual_endpoints("or-manual", lab.pod_ip("or-a"), False),
+                   manual_endpoints("or-skip-mirror", lab.pod_ip("or-a"), True)])
+        wait_for(lambda: lab.endpoint_slices("or-manual"), what="the mirroring controller's slice of or-manual")
         for svc, (_, field) in TOPOLOGY.items():
             wait_for(lambda: hinted(lab, svc, field), what=f"{field} hints on {svc}'s endpoints")
         results: dict[str, dict[str, str]] = {}
@@ -332,9 +433,15 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"])
         wait_agents_attached(lab, [CLIENT, "or-a", "or-b", "or-c"])
         results["ebpfsvc"] = observe(lab, "ebpfsvc")
+        restart_agents_with(lab, KUBE_PROXY_OPTIONS)
+        results[WITH_OPTIONS] = observe(lab, WITH_OPTIONS)
 
         print(f"\nkube-proxy --proxy-mode={mode}\n" + table(results))
+        assert not lab.endpoint_slices("or-skip-mirror"), "the mirroring controller skipped the labelled Endpoints"
         assert results["kube-proxy"] == EXPECTED, "kube-proxy v1.37.2 is not what docs/semantics.md says\n" + \
             table(results)
         assert results["ebpfsvc"] == {**results["kube-proxy"], **DIFFERENCES}, \
             "ebpfsvc differs from kube-proxy other than as documented\n" + table(results)
+        kept = {row: got for row, got in DIFFERENCES.items() if row not in MADE_THE_SAME_BY_OPTIONS}
+        assert results[WITH_OPTIONS] == {**results["kube-proxy"], **kept}, \
+            f"ebpfsvc with {KUBE_PROXY_OPTIONS} differs from kube-proxy other than as documented\n" + table(results)

@@ -265,3 +265,25 @@ def test_an_address_that_appears_later_serves_nodeports_from_the_next_full_resyn
     agent._next_full_apply = 0.0                              # the periodic full resync is due
     agent.sync()
     assert ports() == {"198.18.0.11", "198.18.9.5"}
+
+
+def test_an_address_added_at_runtime_serves_nodeports_at_the_next_sync(kernel):
+    """kube-proxy re-reads its NodePort addresses at every sync: an address added to an interface
+    (here inside --nodeport-addresses' CIDR) serves NodePorts at the next sync after the kernel's
+    address event, not only at the next full resync or a restart."""
+    agent = make_agent(nodeport_addresses=("198.18.0.0/24",))
+    agent.runner.run = lambda: None                           # the test calls sync() itself
+    agent.read_interfaces = lambda: INTERFACES[:2] + (Interface("eth1", (IPv4Address("198.18.0.11"),)),)
+    send(agent, node_obj("198.18.0.11"))
+    send(agent, service("np", "10.96.0.20", node_port=30080))
+    list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
+    agent.sync()
+    ports = lambda: {str(k.address) for k in agent.last_applied.frontends if k.port == 30080}  # noqa: E731
+    assert ports() == {"198.18.0.11"}
+    agent._next_full_apply = float("inf")                     # no periodic resync in this test
+    agent.read_interfaces = lambda: INTERFACES                # 198.18.0.21 added to eth1
+    agent.sync()
+    assert ports() == {"198.18.0.11"}, "no address event yet: the interfaces are not read again"
+    agent._address_changed()                                  # the watcher's RTM_NEWADDR
+    agent.sync()
+    assert ports() == {"198.18.0.11", "198.18.0.21"}

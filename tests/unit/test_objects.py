@@ -179,6 +179,21 @@ def test_source_ranges_from_field_or_legacy_annotation():
     assert parse_service(obj, CONFIG).source_ranges == (IPv4Network("198.18.0.0/24"), IPv4Network("10.0.0.0/8"))
 
 
+def test_legacy_source_ranges_annotation_ignored_as_kube_proxy_with_the_option():
+    """--no-legacy-source-ranges-annotation: the annotation fences nothing (kube-proxy reads the
+    field only), and a bad value in it is no error; the field still counts."""
+    kube_proxy_like = NodeConfig("node-1", legacy_source_ranges=False)
+    obj = service(type="LoadBalancer", ports=[{"port": 80, "nodePort": 30001}])
+    obj["metadata"]["annotations"] = {"service.beta.kubernetes.io/load-balancer-source-ranges": "198.18.0.0/24"}
+    assert parse_service(obj, kube_proxy_like).source_ranges == ()
+    obj["metadata"]["annotations"]["service.beta.kubernetes.io/load-balancer-source-ranges"] = "not-a-cidr"
+    assert parse_service(obj, kube_proxy_like).source_ranges == ()
+    with pytest.raises(Invalid, match="load-balancer-source-ranges"):
+        parse_service(obj, CONFIG)
+    obj["spec"]["loadBalancerSourceRanges"] = ["198.18.1.0/24"]
+    assert parse_service(obj, kube_proxy_like).source_ranges == (IPv4Network("198.18.1.0/24"),)
+
+
 def test_load_balancer_ingress_proxy_mode_and_hostname_are_not_captured():
     obj = service(type="LoadBalancer", ports=[{"port": 80, "nodePort": 30001}])
     obj["status"] = {"loadBalancer": {"ingress": [{"ip": "198.18.200.1", "ipMode": "Proxy"},
@@ -475,6 +490,16 @@ def test_not_ready_addresses_are_not_ready_nor_serving():
     first = eps.slices[0].endpoints
     assert [(str(e.address), e.ready, e.serving, e.node_name) for e in first] == \
         [("198.18.1.1", True, True, "node-1"), ("198.18.2.1", False, False, "")]
+
+
+def test_endpoints_labelled_skip_mirror_give_no_slice_as_the_mirroring_controller():
+    obj = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "db"},
+           "subsets": [{"addresses": [{"ip": "198.18.1.1"}], "ports": [{"port": 5432}]}]}
+    assert len(parse_endpoints(obj).slices) == 1
+    obj["metadata"]["labels"] = {"endpointslice.kubernetes.io/skip-mirror": "true"}
+    assert parse_endpoints(obj).slices == ()
+    obj["metadata"]["labels"]["endpointslice.kubernetes.io/skip-mirror"] = "false"     # only "true" skips
+    assert len(parse_endpoints(obj).slices) == 1
 
 
 @pytest.mark.parametrize("subsets,message", [
