@@ -81,6 +81,7 @@ class Lab:
         self._controller = controller   # set when this process started it, so it can reap it
         self._api: LabAPI | None = None
         self._namespaces: set[str] = set()
+        self._pod_namespaces: set[str] = set()     # whose `default` ServiceAccount exists
 
     @property
     def kubeconfig(self) -> Path:
@@ -197,6 +198,20 @@ class Lab:
             if self.api.get("Namespace", None, namespace) is None:
                 self.api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
             self._namespaces.add(namespace)
+        if obj["kind"] == "Pod" and namespace not in self._pod_namespaces:
+            self._wait_default_service_account(namespace)
+            self._pod_namespaces.add(namespace)
+
+    def _wait_default_service_account(self, namespace: str, timeout: float = 30.0) -> None:
+        """The API server's ServiceAccount admission refuses a Pod until the namespace's `default`
+        ServiceAccount exists, which kube-controller-manager creates a moment after the namespace
+        (also `default`'s own, just after `lab up`): wait for it, as a fresh cluster's user would."""
+        deadline = time.monotonic() + timeout
+        while self.api.get("ServiceAccount", namespace, "default") is None:
+            if time.monotonic() >= deadline:
+                raise LabError(f"namespace {namespace}: no `default` ServiceAccount after {timeout:.0f} s "
+                               f"(is kube-controller-manager running? `lab status`)")
+            time.sleep(0.2)
 
     def delete(self, docs: Iterable[dict[str, Any]], grace: float | None = None) -> None:
         """Delete objects. A Pod terminates: serving but not ready for its grace period
