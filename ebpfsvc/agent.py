@@ -238,6 +238,20 @@ class Agent:
             return
         log.info("socket-level load balancing attached to cgroup %s", cfg.socket_lb_cgroup)
 
+    def _reset_socket_flows(self) -> None:
+        """A backend left (or, for UDP, turned not ready): end the socket path's connections to it,
+        as the TC path resets a flow whose conntrack entry names it (docs/socklb.md)."""
+        from ebpfsvc.datapath import socklb
+
+        report = socklb.reset_removed(self.config.socket_lb_cgroup, self.socket_datapath.maps["lb4_sock_revnat"],
+                                      socklb.keeps_in_maps(self.writer))
+        for error in report.errors:
+            log.warning("socket-level load balancing: cannot reset sockets in %s", error)
+        if report:
+            log.info("socket-level load balancing: reset %d TCP and %d UDP sockets to removed backends "
+                     "(%d namespaces)", report.destroyed["TCP"], report.destroyed["UDP"], report.namespaces)
+        self.telemetry.metrics.socket_resets(report.destroyed)
+
     def _stop_socket_lb(self) -> None:
         """--no-socket-lb on a cgroup a previous run attached to: off means off (the TC path
         serves new connections; established ones keep their backend, they need no translation)."""
@@ -418,6 +432,8 @@ class Agent:
                                      applied=desired)
             return
         stats = self.writer.apply(desired, full=full, delta=admitted.delta)
+        if self.socket_datapath is not None and (stats.backends_deleted or stats.backends_written):
+            self._reset_socket_flows()
         if admitted.deferred:
             self.runner.run()       # the slots this apply released are free now: admit the waiting ones
         self._route_node_clients(snapshot, result)

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -172,6 +173,30 @@ class _Node:
     def flows(self) -> int:
         return len(list(self.pod_dp.maps["ct4"].keys()))
 
+    def hold(self, kind, addr, port, count) -> tuple[subprocess.Popen, list[int]]:
+        """`count` sockets held open by a client process in the node's cgroup (sockprobe hold);
+        returns the process and the sockets' cookies."""
+        cg = cgroups.pod_cgroup(self.prefix, "node-1", "default", "cli")
+        ns = self.client_ns
+
+        def enter():
+            cgroups.join(cg)
+            nsenter.setns(ns)
+
+        proc = subprocess.Popen([sys.executable, "-m", "ebpfsvc.lab.sockprobe", "hold", kind, addr, str(port),
+                                 str(count)], preexec_fn=enter, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        line = proc.stdout.readline()
+        assert line, f"sockprobe hold {kind} {addr}:{port} failed (exit {proc.poll()})"
+        return proc, json.loads(line)["cookies"]
+
+    def backend_of(self, cookie) -> str | None:
+        """The backend the socket path sent the socket `cookie` to (its lb4_sock_revnat entry)."""
+        for key in self.sock_dp.maps["lb4_sock_revnat"].keys():
+            if key.cookie == cookie:
+                return str(ipaddress.IPv4Address(socket.ntohl(key.address)))
+        return None
+
 
 def test_prog_test_run_does_not_run_sock_addr_programs(node):
     # Why these tests use real sockets: the kernel refuses to test-run this program type.
@@ -265,6 +290,90 @@ def test_cleanup_detaches_the_socket_programs(node, pin_dir):
     cleanup(pin_dir, netns=f"{node.prefix}-node", socket_lb_cgroup=node.cgroup)
     assert all(v == [] for v in socklb.attached(node.cgroup).values())
     assert not pin_dir.exists()
+
+
+class Holders:
+    """A TCP server on port 8081 in each backend pod that keeps every connection open."""
+
+    def __init__(self, netns_of: dict[str, str]):
+        self.listeners, self.conns = [], []
+        for addr, ns in netns_of.items():
+            s = nsenter.socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((addr, 8081))
+            s.listen(64)
+            self.listeners.append(s)
+            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, s):
+        while True:
+            try:
+                self.conns.append(s.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        for s in self.listeners + self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def _command(proc, command: str) -> list:
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())["sockets"]
+
+
+def test_removed_backend_resets_socket_path_sockets(node):
+    """B2 leaves both Services: the socket path's TCP connections and connected UDP sockets to it
+    are destroyed (SOCK_DESTROY), as the TC path resets flows whose conntrack entry names it; the
+    ones to B1, and a connection straight to B2's address (never translated), are left alone."""
+    held = frontend(VIP, 81, [be(B1, 8081), be(B2, 8081)], name="held")
+    dns = frontend(VIP, 53, [be(B1, 5353, Protocol.UDP), be(B2, 5353, Protocol.UDP)], proto=Protocol.UDP, name="dns")
+    writer = MapWriter(node.pod_dp.maps)
+    writer.apply(state(held, dns))
+    holders = Holders({B1: f"{node.prefix}-b1", B2: f"{node.prefix}-b2"})
+    procs = []
+    try:
+        (tcp_proc, tcp_cookies), (udp_proc, udp_cookies), (direct_proc, _) = (
+            procs.append(h) or h for h in (node.hold("tcp", VIP, 81, 16), node.hold("udp", VIP, 53, 16),
+                                           node.hold("tcp", B2, 8081, 1)))
+        tcp_to = [node.backend_of(c) for c in tcp_cookies]
+        udp_to = [node.backend_of(c) for c in udp_cookies]
+        # 16 sockets over two backends with ~half the table each: one unused, p = 2 * 2^-16.
+        assert set(tcp_to) == {B1, B2} and set(udp_to) == {B1, B2}, (tcp_to, udp_to)
+        revnat = node.sock_dp.maps["lb4_sock_revnat"]
+        keeps = socklb.keeps_in_maps(writer)
+
+        report = socklb.reset_removed(node.cgroup, revnat, keeps)
+        assert not report and report.namespaces == 1 and report.errors == [], "nothing removed: nothing reset"
+
+        stats = writer.apply(state(replace(held, backends=(be(B1, 8081),)),
+                                   replace(dns, backends=(be(B1, 5353, Protocol.UDP),))))
+        assert stats.backends_deleted == 2
+        report = socklb.reset_removed(node.cgroup, revnat, keeps)
+        assert report.errors == []
+        assert report.destroyed == {"TCP": tcp_to.count(B2), "UDP": udp_to.count(B2)}
+
+        for kind, proc, backends, port in (("TCP", tcp_proc, tcp_to, 81), ("UDP", udp_proc, udp_to, 53)):
+            for backend, sock in zip(backends, _command(proc, "check")):
+                if backend == B2:
+                    assert sock == {"error": "ECONNABORTED", "peer": "ENOTCONN"}, (kind, sock)
+                else:
+                    assert sock == {"error": None, "peer": [VIP, port]}, (kind, sock)
+        assert _command(direct_proc, "check") == [{"error": None, "peer": [B2, 8081]}], \
+            "a pod's own connection to a pod address is no socket-path socket"
+        # The UDP sockets that lived on answer through B1 still.
+        answers = _command(udp_proc, "ask")
+        assert {a for a, backend in zip(answers, udp_to) if backend == B1} == {"b1"}, answers
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+            proc.wait()
+        holders.close()
 
 
 def test_the_cgroup2_root_is_refused(node):
