@@ -31,6 +31,8 @@ Metric names:
   ebpfsvc_service_packets_total / _bytes_total          {service_port}
   ebpfsvc_frontend_packets_total / _bytes_total         {service_port, frontend, scope, kind}
   ebpfsvc_backend_packets_total / _bytes_total          {backend}
+  ebpfsvc_service_socket_connects_total                 {service_port}: the socket path's translations
+  ebpfsvc_frontend_socket_connects_total                {service_port, frontend, scope, kind}
   ebpfsvc_drops_total                                   {reason}
   ebpfsvc_socket_resets_total                           {protocol}: socket-path sockets to removed backends
   ebpfsvc_map_entries / ebpfsvc_map_max_entries         {map}

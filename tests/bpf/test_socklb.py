@@ -376,6 +376,51 @@ def test_removed_backend_resets_socket_path_sockets(node):
         holders.close()
 
 
+def test_socket_connects_counted_per_frontend_and_path_shown(node, pin_dir):
+    """lb_sock_stats counts what the socket path translated per frontend (the TC counters never see
+    these flows); `service list` and `why` read it and say which path east-west traffic takes."""
+    from click.testing import CliRunner
+
+    from ebpfsvc.cli import main
+    from ebpfsvc.inspect import views
+    from ebpfsvc.inspect.node import NodeMaps
+
+    for _ in range(5):
+        assert "errno" not in node.client("tcp", VIP, 80)
+    for op in ("udp", "udp", "udp", "udp-connected", "udp-connected"):
+        assert "errno" not in node.client(op, VIP, 53)
+    assert node.client("tcp", EMPTY_VIP, 80) == {"errno": "ECONNREFUSED"}      # refused: a drop, no connect
+    out = CliRunner().invoke(main, ["service", "list", "--pin-dir", str(pin_dir), "-o", "json"])
+    assert out.exit_code == 0, out.output
+    rows = {fe["frontend"]: fe for svc in json.loads(out.output) for fe in svc["frontends"]}
+    assert (rows[f"{VIP}:80/TCP"]["path"], rows[f"{VIP}:80/TCP"]["socket_connects"]) == ("socket", 5)
+    # three datagrams of unconnected sockets, two connect()s
+    assert (rows[f"{VIP}:53/UDP"]["path"], rows[f"{VIP}:53/UDP"]["socket_connects"]) == ("socket", 5)
+    assert rows[f"{VIP}:80/TCP"]["packets"] == 0, "no packet of theirs met a TC program"
+    assert (rows[f"{EMPTY_VIP}:80/TCP"]["path"], rows[f"{EMPTY_VIP}:80/TCP"]["socket_connects"]) == ("socket", 0)
+    assert rows[f"{STICKY_VIP}:80/TCP"]["path"] == "tc (sessionAffinity)"
+    assert rows[f"{LOCAL_VIP}:80/TCP"]["path"] == "tc (Local, no local endpoint)"
+    with NodeMaps.open(pin_dir) as maps:
+        # the two that translate (recvmsg4 and getpeername4 read lb4_sock_revnat only)
+        assert maps.socket_programs() == ["connect4", "sendmsg4"]
+        (sock_step,) = [s for s in views.why(maps, CLIENT, VIP, 80, "TCP")["steps"] if s["step"] == "socket path"]
+        assert sock_step["path"] == "socket" and "connect()" in sock_step["outcome"]
+        (sock_step,) = [s for s in views.why(maps, CLIENT, STICKY_VIP, 80, "TCP")["steps"]
+                        if s["step"] == "socket path"]
+        assert sock_step["path"] == "tc (sessionAffinity)"
+
+
+def test_without_socket_programs_east_west_takes_tc(datapath, writer):
+    from ebpfsvc.inspect import views
+    from ebpfsvc.inspect.node import NodeMaps
+
+    writer.apply(state(frontend(VIP, 80, [be(B1)])))
+    with NodeMaps.open(datapath.pin_dir) as maps:
+        assert maps.socket_programs() == []
+        (fe,) = views.service_list(maps)[0]["frontends"]
+        assert (fe["path"], fe["socket_connects"]) == ("tc", 0)
+
+
 def test_the_cgroup2_root_is_refused(node):
     with pytest.raises(socklb.CgroupError, match="cgroup2 root"):
         socklb.attach(node.sock_dp, socklb.cgroup2_mount())
