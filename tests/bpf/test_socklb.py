@@ -400,6 +400,21 @@ def test_socket_connects_counted_per_frontend_and_path_shown(node, pin_dir):
     assert (rows[f"{EMPTY_VIP}:80/TCP"]["path"], rows[f"{EMPTY_VIP}:80/TCP"]["socket_connects"]) == ("socket", 0)
     assert rows[f"{STICKY_VIP}:80/TCP"]["path"] == "tc (sessionAffinity)"
     assert rows[f"{LOCAL_VIP}:80/TCP"]["path"] == "tc (Local, no local endpoint)"
+    from prometheus_client import CollectorRegistry
+
+    from ebpfsvc.collectors import DatapathCollector
+
+    registry = CollectorRegistry()
+    collector = DatapathCollector(pin_dir)
+    registry.register(collector)
+    try:
+        assert registry.get_sample_value("ebpfsvc_service_socket_connects_total",
+                                         {"service_port": "default/dns/UDP"}) == 5
+        assert registry.get_sample_value("ebpfsvc_frontend_socket_connects_total", {
+            "service_port": "default/web/TCP", "frontend": f"{VIP}:80/TCP", "scope": "internal",
+            "kind": "ClusterIP"}) == 5
+    finally:
+        collector.close()
     with NodeMaps.open(pin_dir) as maps:
         # the two that translate (recvmsg4 and getpeername4 read lb4_sock_revnat only)
         assert maps.socket_programs() == ["connect4", "sendmsg4"]
