@@ -243,8 +243,12 @@ class Agent:
         as the TC path resets a flow whose conntrack entry names it (docs/socklb.md)."""
         from ebpfsvc.datapath import socklb
 
-        report = socklb.reset_removed(self.config.socket_lb_cgroup, self.socket_datapath.maps["lb4_sock_revnat"],
-                                      socklb.keeps_in_maps(self.writer))
+        try:
+            report = socklb.reset_removed(self.config.socket_lb_cgroup, self.socket_datapath.maps["lb4_sock_revnat"],
+                                          socklb.keeps_in_maps(self.writer))
+        except Exception as exc:    # noqa: BLE001 - the maps are written: this sync succeeded whatever happens here
+            log.error("socket-level load balancing: resetting sockets to removed backends failed: %s", exc)
+            return
         for error in report.errors:
             log.warning("socket-level load balancing: cannot reset sockets in %s", error)
         if report:
