@@ -240,6 +240,24 @@ class Agent:
             return
         log.info("socket-level load balancing attached to cgroup %s", cfg.socket_lb_cgroup)
 
+    def _reset_socket_flows(self) -> None:
+        """A backend left (or, for UDP, turned not ready): end the socket path's connections to it,
+        as the TC path resets a flow whose conntrack entry names it (docs/socklb.md)."""
+        from ebpfsvc.datapath import socklb
+
+        try:
+            report = socklb.reset_removed(self.config.socket_lb_cgroup, self.socket_datapath.maps["lb4_sock_revnat"],
+                                          socklb.keeps_in_maps(self.writer))
+        except Exception as exc:    # noqa: BLE001 - the maps are written: this sync succeeded whatever happens here
+            log.error("socket-level load balancing: resetting sockets to removed backends failed: %s", exc)
+            return
+        for error in report.errors:
+            log.warning("socket-level load balancing: cannot reset sockets in %s", error)
+        if report:
+            log.info("socket-level load balancing: reset %d TCP and %d UDP sockets to removed backends "
+                     "(%d namespaces)", report.destroyed["TCP"], report.destroyed["UDP"], report.namespaces)
+        self.telemetry.metrics.socket_resets(report.destroyed)
+
     def _stop_socket_lb(self) -> None:
         """--no-socket-lb on a cgroup a previous run attached to: off means off (the TC path
         serves new connections; established ones keep their backend, they need no translation)."""
@@ -436,6 +454,8 @@ class Agent:
         if stats.failed:
             log.info("%d Services not written; retrying them in %.1fs, or at the next change",
                      len(stats.failed), self.runner.retry_later())
+        if self.socket_datapath is not None and (stats.backends_deleted or stats.backends_written):
+            self._reset_socket_flows()
         if admitted.deferred:
             self.runner.run()       # the slots this apply released are free now: admit the waiting ones
         self._route_node_clients(snapshot, result)

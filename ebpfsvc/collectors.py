@@ -91,21 +91,33 @@ class DatapathCollector(Collector):
                                    labels=["service_port", "frontend", "scope", "kind"])
         fe_b = CounterMetricFamily("ebpfsvc_frontend_bytes", "Bytes translated for a frontend.",
                                    labels=["service_port", "frontend", "scope", "kind"])
+        # The socket path's flows (--socket-lb) never meet a TC program: counted per socket instead.
+        sock = node.socket_connects_all(max((f.frontend_id for f in fes), default=0))
+        svc_s = CounterMetricFamily("ebpfsvc_service_socket_connects", "Sockets translated at connect() (and "
+                                    "unconnected UDP datagrams at sendmsg()) by the socket path for a service "
+                                    "port; their packets are not in ebpfsvc_service_packets.",
+                                    labels=["service_port"])
+        fe_s = CounterMetricFamily("ebpfsvc_frontend_socket_connects", "Sockets translated by the socket path "
+                                   "for a frontend.", labels=["service_port", "frontend", "scope", "kind"])
         per_service: dict[str, list[int]] = {}
         for fe in fes:
             if fe.is_marker:
                 continue
             pk, by = fe_traffic.get(fe.frontend_id, (0, 0))
+            connects = sock.get(fe.frontend_id, 0)
             labels = [fe.service, fe.name, fe.scope, fe.kind]
             fe_p.add_metric(labels, pk)
             fe_b.add_metric(labels, by)
-            acc = per_service.setdefault(fe.service, [0, 0])
+            fe_s.add_metric(labels, connects)
+            acc = per_service.setdefault(fe.service, [0, 0, 0])
             acc[0] += pk
             acc[1] += by
-        for svc, (pk, by) in sorted(per_service.items()):
+            acc[2] += connects
+        for svc, (pk, by, connects) in sorted(per_service.items()):
             svc_p.add_metric([svc], pk)
             svc_b.add_metric([svc], by)
-        yield from (svc_p, svc_b, fe_p, fe_b)
+            svc_s.add_metric([svc], connects)
+        yield from (svc_p, svc_b, fe_p, fe_b, svc_s, fe_s)
 
         be_p = CounterMetricFamily("ebpfsvc_backend_packets", "Packets translated to or from a backend.",
                                    labels=["backend"])

@@ -31,7 +31,10 @@ Metric names:
   ebpfsvc_service_packets_total / _bytes_total          {service_port}
   ebpfsvc_frontend_packets_total / _bytes_total         {service_port, frontend, scope, kind}
   ebpfsvc_backend_packets_total / _bytes_total          {backend}
+  ebpfsvc_service_socket_connects_total                 {service_port}: the socket path's translations
+  ebpfsvc_frontend_socket_connects_total                {service_port, frontend, scope, kind}
   ebpfsvc_drops_total                                   {reason}
+  ebpfsvc_socket_resets_total                           {protocol}: socket-path sockets to removed backends
   ebpfsvc_map_entries / ebpfsvc_map_max_entries         {map}
   ebpfsvc_drift_frontends                               gauge (0 = maps equal the applied state)
   ebpfsvc_watch_{lists,relists,restarts,errors,events}_total {kind}
@@ -73,6 +76,10 @@ class Metrics:
                                         "received).", registry=r)
         self.map_writes = Counter("ebpfsvc_sync_proxy_rules_map_writes",
                                   "Map entries written or deleted by syncs.", registry=r)
+        self.socket_resets_total = Counter(
+            "ebpfsvc_socket_resets", "Sockets the socket path (--socket-lb) had sent to a backend that left its "
+            "Service, destroyed by the agent (SOCK_DESTROY), as the TC path resets such flows.", ["protocol"],
+            registry=r)
         self.healthz = Counter("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status.", ["code"],
                                registry=r)
         self.livez = Counter("kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status.", ["code"], registry=r)
@@ -88,6 +95,12 @@ class Metrics:
             self.service_changes.inc()
         elif kind in ("EndpointSlice", "Endpoints"):
             self.endpoint_changes.inc()
+
+    def socket_resets(self, destroyed: dict[str, int]) -> None:
+        """Sockets reset per protocol ("TCP", "UDP") by one pass of socklb.reset_removed."""
+        for protocol, n in destroyed.items():
+            if n:
+                self.socket_resets_total.labels(protocol).inc(n)
 
     def on_probe(self, path: str, code: int) -> None:
         if path == "/healthz":

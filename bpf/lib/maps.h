@@ -44,6 +44,8 @@ BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct snat4_entry, lb4_snat, SNAT_
 BPF_TABLE_PINNED("lpm_trie", struct lb4_src_range_key, __u32, lb4_source_ranges, SOURCE_RANGES_MAX, LB_PIN_DIR "/lb4_source_ranges", BPF_F_NO_PREALLOC);
 /* (socket cookie, backend) -> frontend the socket asked for: getpeername/recvmsg of the socket path (lb_sock.c). */
 BPF_TABLE_PINNED("lru_hash", struct lb4_sock_key, struct lb4_sock_revnat, lb4_sock_revnat, SOCK_REVNAT_ENTRIES_MAX, LB_PIN_DIR "/lb4_sock_revnat");
+/* frontend id -> sockets the socket path translated to it: connect() and unconnected sendmsg() (per CPU). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_sock_stats, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb_sock_stats");
 /* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
 

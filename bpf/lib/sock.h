@@ -124,6 +124,7 @@ static __always_inline int lb4_sock_xlate(struct bpf_sock_addr *ctx, int refuse_
 		return LB_SYS_PROCEED;
 	ctx->user_ip4 = be->address;
 	ctx->user_port = (__u32)be->port;
+	lb_count_sock(svc->frontend_id);
 	return LB_SYS_PROCEED;
 }
 

@@ -36,6 +36,16 @@ static __always_inline void lb_count_traffic(__u32 frontend_id, __u32 backend_id
 	}
 }
 
+/* Count a connect() (or unconnected sendmsg()) the socket path translated for `frontend_id`:
+ * its packets never meet a TC program, so lb_count_traffic never sees them. */
+static __always_inline void lb_count_sock(__u32 frontend_id)
+{
+	__u64 *cnt = lb_sock_stats.lookup(&frontend_id);
+
+	if (cnt)
+		*cnt += 1;
+}
+
 /* Drop a packet and say why: the one way the datapath drops. */
 static __always_inline int lb_drop(__u32 reason)
 {

@@ -5,7 +5,9 @@
 Datapaths, one active at a time on node-1 (the client's node), each programmed by a real
 process watching the lab's API server:
 
-    ebpfsvc               the agent (lab.agent start), the node's ebpfsvc
+    ebpfsvc               the agent (lab.agent start), the node's ebpfsvc: the TC path
+    ebpfsvc-socket        the same agent with `socket-lb: true` (docs/socklb.md), the client a process
+                          in its pod's cgroup (pod cli-s): translated at connect()
     kube-proxy-iptables   the kube-proxy binary, --proxy-mode=iptables (lab/kubeproxy.py)
     kube-proxy-nftables   the same, --proxy-mode=nftables
     direct                nothing: the client uses pod IPs
@@ -50,9 +52,13 @@ from pathlib import Path
 
 from ebpfsvc.bench import report, tools, traffic
 
-NAMES = ("ebpfsvc", "kube-proxy-iptables", "kube-proxy-nftables", "direct")
+NAMES = ("ebpfsvc", "ebpfsvc-socket", "kube-proxy-iptables", "kube-proxy-nftables", "direct")
 NODE = "node-1"
-PODS = {"cli": "node-1", "srv-a": "node-1", "srv-b": "node-2"}
+# cli-s: the socket path's client, a pod of its own. A client that reaches a backend port both
+# through a ClusterIP translated at TC and straight meets the server's TIME_WAIT of the other
+# way's connections and loses most of its connection rate for a while (docs/socklb.md).
+PODS = {"cli": "node-1", "cli-s": "node-1", "srv-a": "node-1", "srv-b": "node-2"}
+SOCKET_LB = "socket-lb: true\n"   # the line of the agents' config.yaml (the ConfigMap's) that turns it on
 NAMESPACE = "bench"
 MANAGED_BY = "bench.ebpfsvc.io"
 # Server ports in the pods. Distinct ports for the direct view and the service view keep their
@@ -301,6 +307,8 @@ class Run:
             return {}
         record = names.kube_proxy_record(NODE) if dp.startswith("kube-proxy") else names.agent_record(NODE)
         offset = self._log_size(record)
+        if dp == "ebpfsvc-socket":
+            self._socket_lb(True)
         with traffic.BackendWatch(self.ns["cli"], self.vip["watch"], 80, self.ips[self.watch_at],
                                   duration=self.cfg.program_timeout) as watch:
             t0 = time.monotonic()
@@ -312,6 +320,20 @@ class Run:
         if seen is None:
             raise RuntimeError(f"{dp} did not serve the watch probe within {self.cfg.program_timeout:.0f} s")
         out = {"program_seconds": seen - t0}
+        if dp == "ebpfsvc-socket":
+            # The watch probe (a client outside the pods' cgroups) answered through TC; the socket
+            # programs are compiled and attached after the TC ones.
+            from ebpfsvc.datapath import socklb
+            from ebpfsvc.lab import cgroups
+
+            cgroup = cgroups.node_cgroup(self.lab.prefix, NODE)
+            deadline = time.monotonic() + self.cfg.program_timeout
+            while not all(socklb.attached(cgroup).values()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"socket programs not attached to {cgroup} within "
+                                       f"{self.cfg.program_timeout:.0f} s")
+                time.sleep(0.2)
+            out["socket_attach_seconds"] = time.monotonic() - t0
         # What the rules or maps cost alone, from the process's own log (written by the time traffic flows).
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -343,11 +365,23 @@ class Run:
         if dp.startswith("kube-proxy"):
             kubeproxy.stop(self.lab, NODE)
             kubeproxy.cleanup(self.lab, NODE, timeout=300)
-        elif dp == "ebpfsvc":
+        elif dp.startswith("ebpfsvc"):
+            from ebpfsvc.lab import cgroups
+
             self.lab.agent("stop", NODE)
             subprocess.run([sys.executable, "-m", "ebpfsvc.cli", "cleanup", "--pin-dir",
-                            str(names.pin_dir(self.lab.prefix, NODE)), "--netns", self.lab.node_netns(NODE)],
+                            str(names.pin_dir(self.lab.prefix, NODE)), "--netns", self.lab.node_netns(NODE),
+                            "--socket-lb-cgroup", str(cgroups.node_cgroup(self.lab.prefix, NODE))],
                            capture_output=True, text=True, timeout=60, check=True)
+            self._socket_lb(False)
+
+    def _socket_lb(self, on: bool) -> None:
+        """The agents' config.yaml with or without `socket-lb: true` (read when an agent starts)."""
+        from ebpfsvc.lab import agents
+
+        config = self.lab.state.path / agents.CONFIG_FILE
+        text = config.read_text().replace(SOCKET_LB, "")
+        config.write_text(text + SOCKET_LB if on else text)
 
     def proxy_pid(self, dp: str) -> int | None:
         """The pid of the proxy process serving node-1 (the agent or kube-proxy); None for direct."""
@@ -422,20 +456,25 @@ class Run:
     def _traffic(self, dp: str) -> dict:
         cli, s = self.ns["cli"], self.cfg.seconds
         direct = dp == "direct"
+        # The socket path serves processes in the node's cgroup: its client runs in its pod's.
+        cg = self.lab.pod_cgroup("cli-s") if dp == "ebpfsvc-socket" else None
+        if cg is not None:
+            cli = self.ns["cli-s"]
         web = (self.ips["srv-a"], NGINX_DIRECT) if direct else (self.vip["web"], 80)
         rr = (self.ips["srv-a"], SOCKPERF) if direct else (self.vip["rr"], 80)
         local = self.ips["srv-a"] if direct else self.vip["iperf-local"]
         remote = self.ips["srv-b"] if direct else self.vip["iperf-remote"]
         m: dict = {}
-        w = tools.wrk_connection_rate(cli, *web, duration=s)
+        w = tools.wrk_connection_rate(cli, *web, duration=s, cgroup=cg)
         m["tcp_crr_cps"], m["cpu_us_per_conn"] = w["requests_per_s"], w["cpu_us_per_conn"]
         m["wrk_errors"] = w["socket_errors"] + w["non_2xx"]
-        p = tools.sockperf_latency(cli, *rr, duration=s)
+        p = tools.sockperf_latency(cli, *rr, duration=s, cgroup=cg)
         m["tcp_rr_p50_us"], m["tcp_rr_p99_us"] = p["p50_us"], p["p99_us"]
-        t = traffic.tcp_throughput(cli, local, IPERF, duration=s)
+        t = traffic.tcp_throughput(cli, local, IPERF, duration=s, cgroup=cg)
         m["tcp_throughput_gbps"], m["cpu_s_per_gb"] = t["gbit_per_s"], t["cpu_seconds_per_gb"]
-        m["tcp_throughput_cross_node_gbps"] = traffic.tcp_throughput(cli, remote, IPERF, duration=s)["gbit_per_s"]
-        m["udp_pps"] = tools.iperf3_udp(cli, local, IPERF, duration=s)["arrived_pps"]
+        m["tcp_throughput_cross_node_gbps"] = traffic.tcp_throughput(cli, remote, IPERF, duration=s,
+                                                                     cgroup=cg)["gbit_per_s"]
+        m["udp_pps"] = tools.iperf3_udp(cli, local, IPERF, duration=s, cgroup=cg)["arrived_pps"]
         return m
 
     def point(self, dp: str, n: int, repeat: int) -> None:
@@ -525,7 +564,7 @@ def summary(data: dict) -> str:
     """One screen: each metric × N, the four datapaths side by side (median and min-max)."""
     s = report.summarize(data["results"])
     sizes = sorted({r["services"] for r in data["results"]})
-    lines = ["## Summary: ebpfsvc / kube-proxy-iptables / kube-proxy-nftables / direct", "",
+    lines = [f"## Summary: {' / '.join(NAMES)}", "",
              "Medians of the repeats, min–max in parentheses. Baseline: the real kube-proxy binary "
              "(v1.37, lab/kubeproxy.py) against the lab's API server; IPVS not measured (no IP_VS in this kernel).", ""]
     header = ["metric", "services", *NAMES]
@@ -582,6 +621,19 @@ def targets(data: dict) -> list[tuple[str, str, str]]:
                         "; ".join(f"{n:,}: {fmt(r)}" for n, r in rs.items())))
     out.append(("conn/s at 50,000: flat against 1 service (≤ 3%)", "not measured", "no 50,000 row in this run"
                 if 50_000 not in sizes else "see the tcp_crr_cps table"))
+    # Issue 15's, for the socket path (ebpfsvc-socket): median ratios, with the spread beside them.
+    for metric, what, ok in (
+            ("tcp_throughput_gbps", "issue 15: throughput same node: ebpfsvc-socket ≥ 0.99 × direct",
+             lambda r: r >= 0.99),
+            ("tcp_throughput_cross_node_gbps", "issue 15: throughput cross node: ebpfsvc-socket ≥ 0.99 × direct",
+             lambda r: r >= 0.99),
+            ("tcp_crr_cps", "issue 15: conn/s: ebpfsvc-socket within 2% of direct", lambda r: r >= 0.98),
+            ("tcp_rr_p50_us", "issue 15: request/response p50: ebpfsvc-socket within 2% of direct",
+             lambda r: r <= 1.02)):
+        rs = {n: _range_ratio(s, metric, "ebpfsvc-socket", "direct", n) for n in sizes}
+        rs = {n: r for n, r in rs.items() if r}
+        out.append((what, ("met" if all(ok(r[0]) for r in rs.values()) else "**missed**") if rs else "not measured",
+                    "; ".join(f"{n:,}: {fmt(r)}" for n, r in rs.items()) or "no ebpfsvc-socket and direct rows"))
     return out
 
 

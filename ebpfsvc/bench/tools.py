@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ebpfsvc.bench.traffic import busy_seconds, cpu_times, stop_process
+from ebpfsvc.bench.traffic import busy_seconds, client_preexec, cpu_times, stop_process
 from ebpfsvc.datapath import nsenter
 
 _SLACK = 20.0
@@ -97,10 +97,10 @@ def sockperf_server(netns: str, port: int, state_dir: Path) -> Proc:
                 lambda: listening(netns, port), log=state_dir / f"sockperf-{port}.log")
 
 
-def _run(netns: str, argv: list[str], duration: float) -> tuple[str, dict]:
+def _run(netns: str, argv: list[str], duration: float, cgroup=None) -> tuple[str, dict]:
     before = cpu_times()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + _SLACK,
-                          preexec_fn=nsenter.preexec(netns))
+                          preexec_fn=client_preexec(netns, cgroup))
     cpu = busy_seconds(before, cpu_times())
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} in {netns}: exit {proc.returncode}: "
@@ -120,11 +120,11 @@ def parse_wrk(text: str) -> dict:
 
 
 def wrk_connection_rate(netns: str, address: str, port: int, *, duration: float = 5.0, connections: int = 8,
-                        threads: int = 1) -> dict:
+                        threads: int = 1, cgroup=None) -> dict:
     """wrk with `Connection: close`: every request a new TCP connection (nginx closes after answering)."""
     seconds = max(1, round(duration))
     text, cpu = _run(netns, ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-H", "Connection: close",
-                             f"http://{address}:{port}/"], seconds)
+                             f"http://{address}:{port}/"], seconds, cgroup)
     out = parse_wrk(text)
     out["cpu_seconds"] = cpu["total"]
     out["cpu_us_per_conn"] = cpu["total"] / out["requests"] * 1e6 if out["requests"] else float("nan")
@@ -142,22 +142,23 @@ def parse_sockperf(text: str) -> dict:
             "observations": int(obs.group(1)) if obs else None}
 
 
-def sockperf_latency(netns: str, address: str, port: int, *, duration: float = 5.0, size: int = 64) -> dict:
+def sockperf_latency(netns: str, address: str, port: int, *, duration: float = 5.0, size: int = 64,
+                     cgroup=None) -> dict:
     seconds = max(1, round(duration))
     text, cpu = _run(netns, ["sockperf", "ping-pong", "--tcp", "-i", address, "-p", str(port), "-t", str(seconds),
-                             "-m", str(size)], seconds)
+                             "-m", str(size)], seconds, cgroup)
     out = parse_sockperf(text)
     out["cpu_seconds"] = cpu["total"]
     return out
 
 
-def iperf3_udp(netns: str, address: str, port: int, *, duration: float = 3.0, size: int = 64) -> dict:
+def iperf3_udp(netns: str, address: str, port: int, *, duration: float = 3.0, size: int = 64, cgroup=None) -> dict:
     """One UDP flow at full speed (-b 0): datagrams/s that arrived at the server (iperf3's own count)."""
     import json
 
     seconds = max(1, round(duration))
     text, cpu = _run(netns, ["iperf3", "-c", address, "-p", str(port), "-u", "-b", "0", "-l", str(size),
-                             "-t", str(seconds), "-J"], seconds)
+                             "-t", str(seconds), "-J"], seconds, cgroup)
     result = json.loads(text[text.index("{"):text.rindex("}") + 1])
     if result.get("error"):
         raise RuntimeError(f"iperf3 -u: {result['error']}")

@@ -441,13 +441,22 @@ def backend_spread(client_netns: str, address: str, port: int, *, count: int = 3
                    duration)
 
 
-def _iperf3(client_netns: str, args: list[str], duration: float) -> tuple[dict, dict[str, float]]:
+def client_preexec(netns: str, cgroup=None):
+    """A client's preexec_fn: its pod's namespace, and its pod's cgroup when given (the socket path,
+    --socket-lb, serves only processes in the node's cgroup: docs/socklb.md)."""
+    if cgroup is None:
+        return nsenter.preexec(netns)
+    from ebpfsvc.lab import cgroups
+    return cgroups.preexec(netns, cgroup)
+
+
+def _iperf3(client_netns: str, args: list[str], duration: float, cgroup=None) -> tuple[dict, dict[str, float]]:
     """Run an iperf3 client; its JSON result and the machine's busy CPU seconds meanwhile."""
     before = cpu_times()
     # iperf3 reads -t as whole seconds, and 0 means "forever": never pass less than 1.
     seconds = str(max(1, round(duration)))
     proc = subprocess.run(["iperf3", *args, "-t", seconds, "-J"], capture_output=True, text=True,
-                          timeout=duration + _CLIENT_SLACK, preexec_fn=nsenter.preexec(client_netns))
+                          timeout=duration + _CLIENT_SLACK, preexec_fn=client_preexec(client_netns, cgroup))
     cpu = busy_seconds(before, cpu_times())
     try:
         result = json.loads(proc.stdout)
@@ -459,14 +468,14 @@ def _iperf3(client_netns: str, args: list[str], duration: float) -> tuple[dict, 
     return result, cpu
 
 
-def tcp_throughput(client_netns: str, address: str, port: int, *, duration: float = 5.0) -> dict:
+def tcp_throughput(client_netns: str, address: str, port: int, *, duration: float = 5.0, cgroup=None) -> dict:
     """One TCP stream client -> server with iperf3: Gbit/s received, retransmits, CPU seconds per GB.
 
     CPU is the whole machine's busy time over the run (/proc/stat), because the
     datapath's work happens in softirq context, in no process's rusage.  Run
     nothing else meanwhile.
     """
-    result, cpu = _iperf3(client_netns, ["-c", address, "-p", str(port)], duration)
+    result, cpu = _iperf3(client_netns, ["-c", address, "-p", str(port)], duration, cgroup)
     end = result["end"]
     received = end["sum_received"]
     gbytes = received["bytes"] / 1e9

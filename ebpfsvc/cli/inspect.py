@@ -79,21 +79,25 @@ def service() -> None:
 @output_option
 def service_list(pin_dir, output) -> None:
     """Per service port: frontends (scope, kind, flags, algorithm, affinity) with packet/byte counters,
-    and backends with state, locality, Maglev slots, tracked flows and counters."""
+    the path east-west connections take on this node (socket: translated at connect() by --socket-lb,
+    counted per socket; tc: every packet), and backends with state, locality, Maglev slots, tracked
+    flows and counters."""
     from ebpfsvc.inspect import views
     with _open(pin_dir) as node:
         rows = views.service_list(node)
     if output == "json":
         return _json(rows)
-    t = _table("SERVICE", "FRONTEND", "SCOPE", "KIND", "FLAGS", "ALGO", "AFFINITY", "PKTS", "BYTES", "BACKENDS")
+    t = _table("SERVICE", "FRONTEND", "SCOPE", "KIND", "FLAGS", "ALGO", "AFFINITY", "PATH", "SOCK CONNS", "PKTS",
+               "BYTES", "BACKENDS")
     for svc in rows:
         if "not_programmed" in svc:
-            t.add_row(svc["service"], "NOT PROGRAMMED", "-", "-", "-", "-", "-", "0", "0", svc["not_programmed"])
+            t.add_row(svc["service"], "NOT PROGRAMMED", "-", "-", "-", "-", "-", "-", "0", "0", "0",
+                      svc["not_programmed"])
         for i, fe in enumerate(svc["frontends"]):
             t.add_row(svc["service"] if i == 0 else "", fe["frontend"], fe["scope"], fe["kind"],
                       ",".join(fe["flags"]) or "-", fe["algorithm"],
                       f"{fe['affinity_timeout']}s" if fe["affinity_timeout"] else "-",
-                      str(fe["packets"]), str(fe["bytes"]),
+                      fe["path"], str(fe["socket_connects"]), str(fe["packets"]), str(fe["bytes"]),
                       "\n".join(_be_line(b) for b in fe["backends"]) or "(none: rejects)")
     _console().print(t)
 

@@ -37,6 +37,7 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_GET = 7
 BPF_PROG_DETACH = 9
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_NEXT_ID = 11
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
@@ -169,6 +170,40 @@ def prog_name(prog_id: int) -> str:
         return ""
     finally:
         os.close(fd)
+
+
+def programs_using_map(map_id: int, prog_type: int | None = None) -> list[tuple[int, str]]:
+    """(id, name) of every loaded program (of `prog_type`, a BPF_PROG_TYPE_*) that uses map `map_id`:
+    whether some program serves a pinned map, without knowing where it is attached."""
+    out = []
+    attr = _IdAttr(id=0)
+    while True:
+        try:
+            _bpf(BPF_PROG_GET_NEXT_ID, attr)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return out
+            raise
+        attr.id = attr.next_id
+        try:
+            fd = _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=attr.id))
+        except OSError:
+            continue            # unloaded meanwhile
+        try:
+            info = _ProgInfo()
+            _obj_info(fd, info)
+            if prog_type is not None and info.type != prog_type or not info.nr_map_ids:
+                continue
+            ids = (ctypes.c_uint32 * info.nr_map_ids)()
+            count = info.nr_map_ids
+            info = _ProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
+            _obj_info(fd, info)
+            if map_id in ids[:min(count, info.nr_map_ids)]:
+                out.append((attr.id, info.name.decode(errors="replace")))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
 
 
 def prog_test_run(prog_fd: int, data_in, data_size_in: int, data_out, data_size_out: int, *, repeat: int = 1,

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _HASH, _LPM_TRIE = 1, 11           # BPF_MAP_TYPE_*: full maps refuse inserts (LRU ones evict)
 
 # Derived or short-lived: not worth carrying (counters restart at 0, fragments last seconds).
-NOT_CARRIED = frozenset({"lb_frontend_stats", "lb_backend_stats", "lb_drops", "frag4"})
+NOT_CARRIED = frozenset({"lb_frontend_stats", "lb_backend_stats", "lb_drops", "lb_sock_stats", "frag4"})
 
 
 @dataclass

@@ -14,14 +14,26 @@ cleanup` can remove what a crashed agent left.
 
 bcc attaches (BPF.attach_func) but cannot list or detach without the program;
 those two are bpf(2) commands (datapath/bpfsys.py: prog_query, prog_detach).
+
+    socklb.reset_removed(cgroup, revnat, keeps)   # sockets to removed backends destroyed
+
+A socket the programs translated carries no conntrack entry that could go stale, so the agent
+itself ends the ones whose backend left: netlink SOCK_DESTROY (inet_diag,
+CONFIG_INET_DIAG_DESTROY) in each network namespace of the cgroup's processes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ebpfsvc.datapath import bpfsys, loader
+from ebpfsvc import abi
+from ebpfsvc.datapath import bpfsys, loader, nsenter
 
 SOURCE = loader.BPF_DIR / "lb_sock.c"
 
@@ -129,5 +141,146 @@ def attached(cgroup) -> dict[str, list[int]]:
     return out
 
 
+# ---- sockets to removed backends --------------------------------------------------------------
+
+#: (protocol number, backend address, backend port) -> whether a flow of that protocol may stay on
+#: that backend: the TC path's lb4_flow_keeps_backend (bpf/lib/lb.h), asked of the same maps.
+KeepsBackend = Callable[[int, str, int], bool]
+
+# TCP states that still carry a connection (inet_diag's SS_* bits): not LISTEN, CLOSE, TIME_WAIT
+# or SYN_RECV (a server's half-open socket: never one the programs translated).
+_TCP_CONNECTED = sum(1 << s for s in (1, 2, 4, 5, 8, 9, 11))
+_ALL_STATES = 0xFFFFFFFF
+_PROTOCOLS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+_NLMSG_ERROR = 2
+
+
+@dataclass
+class ResetReport:
+    """What reset_removed did: sockets destroyed per protocol, namespaces searched, failures."""
+
+    destroyed: dict[str, int] = field(default_factory=lambda: {"TCP": 0, "UDP": 0})
+    namespaces: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any(self.destroyed.values())
+
+
+def keeps_in_maps(writer) -> KeepsBackend:
+    """`keeps` for reset_removed from what `writer` (the MapWriter) wrote: the TC path's rule over the
+    same lb4_backends (bpf/lib/lb.h, lb4_flow_keeps_backend): a backend still in the map keeps its
+    TCP connections; its UDP flows only while it is ready."""
+    import ipaddress
+
+    from ebpfsvc.lbmodel import Backend, Protocol
+
+    def keeps(proto: int, address: str, port: int) -> bool:
+        protocol = Protocol.TCP if proto == socket.IPPROTO_TCP else Protocol.UDP
+        be_id = writer.backend_id(Backend(ipaddress.IPv4Address(address), port, protocol))
+        if be_id is None:
+            return False
+        if protocol is Protocol.UDP:
+            try:
+                return not writer.backends_map[writer.backends_map.Key(be_id)].flags & abi.LB_BE_F_NOT_READY
+            except KeyError:
+                return False
+        return True
+
+    return keeps
+
+
+def cgroup_netns(cgroup) -> dict[int, str]:
+    """The network namespaces of the processes in `cgroup`'s subtree: inode -> a /proc path to it.
+
+    The sockets the programs translated were made by those processes, in their namespaces (a pod's,
+    or the node's for its own processes). A process gone meanwhile is skipped."""
+    found: dict[int, str] = {}
+    for procs in Path(cgroup).rglob("cgroup.procs"):
+        try:
+            pids = procs.read_text().split()
+        except OSError:
+            continue            # the cgroup went with its pod
+        for pid in pids:
+            path = f"/proc/{pid}/ns/net"
+            try:
+                found.setdefault(os.stat(path).st_ino, path)
+            except OSError:
+                continue
+    return found
+
+
+def reset_removed(cgroup, revnat, keeps: KeepsBackend) -> ResetReport:
+    """Destroy the sockets of `cgroup`'s processes that the programs sent to a backend which may no
+    longer keep them (`keeps`), as the TC path resets a flow whose conntrack entry names one.
+
+    A socket counts as translated when `revnat` (lb4_sock_revnat) holds (its cookie, its peer):
+    a pod's own connections straight to a pod address are left alone. TCP: the kernel sends the
+    backend a RST and the application's next call fails with ECONNABORTED. Connected UDP: the
+    socket is disconnected (ECONNABORTED pending, then EDESTADDRREQ on send) so the application
+    connects again, to a live backend; an unconnected one needs nothing, each datagram is
+    balanced anew."""
+    report = ResetReport()
+    for path in cgroup_netns(cgroup).values():
+        try:
+            counts = nsenter.run_in(path, _reset_in_netns, revnat, keeps)
+        except OSError as exc:     # the namespace went with its pod, or netlink refused
+            report.errors.append(f"{path}: {exc}")
+            continue
+        report.namespaces += 1
+        for proto, n in counts.items():
+            report.destroyed[proto] += n
+    return report
+
+
+def _reset_in_netns(revnat, keeps: KeepsBackend) -> dict[str, int]:
+    from pyroute2 import DiagSocket
+
+    counts = {"TCP": 0, "UDP": 0}
+    key = revnat.Key()
+    with DiagSocket() as diag:
+        diag.bind()
+        for proto in _PROTOCOLS:
+            states = _TCP_CONNECTED if proto == socket.IPPROTO_TCP else _ALL_STATES
+            for msg in diag.get_sock_stats(family=socket.AF_INET, protocol=proto, states=states):
+                peer, port = msg["idiag_dst"], msg["idiag_dport"]
+                if not port or peer == "0.0.0.0":
+                    continue                    # an unconnected UDP socket, a listener
+                key.cookie, key.address, key.port = msg["idiag_cookie"], abi.be32(peer), abi.be16(port)
+                try:
+                    revnat[key]
+                except KeyError:
+                    continue                    # not translated by the socket path
+                if keeps(proto, peer, port):
+                    continue
+                _destroy(diag, proto, msg)
+                counts["TCP" if proto == socket.IPPROTO_TCP else "UDP"] += 1
+    return counts
+
+
+def _destroy(diag, proto: int, msg) -> None:
+    """SOCK_DESTROY the socket `msg` (an inet_diag dump entry) names, cookie included."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.diag import SOCK_DESTROY, inet_diag_req
+
+    req = inet_diag_req()
+    req["sdiag_family"], req["sdiag_protocol"] = socket.AF_INET, proto
+    req["idiag_states"] = _ALL_STATES
+    req["idiag_sport"], req["idiag_dport"] = msg["idiag_sport"], msg["idiag_dport"]
+    req["idiag_src"] = (struct.unpack(">I", socket.inet_aton(msg["idiag_src"]))[0], 0, 0, 0)
+    req["idiag_dst"] = (struct.unpack(">I", socket.inet_aton(msg["idiag_dst"]))[0], 0, 0, 0)
+    req["idiag_if"], req["idiag_cookie"] = msg["idiag_if"], msg["idiag_cookie"]
+    for answer in diag.nlm_request(req, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK):
+        # DiagSocket leaves NLMSG_ERROR undecoded (its marshal keys on the family byte): the
+        # errno is the s32 after the 16-byte header, 0 for the ACK.
+        if answer["header"]["type"] != _NLMSG_ERROR:
+            continue
+        code = -struct.unpack_from("i", answer.data, answer.offset + 16)[0]
+        # ENOENT: the socket closed since the dump; anything else (EOPNOTSUPP: a kernel without
+        # CONFIG_INET_DIAG_DESTROY) is the caller's to report.
+        if code not in (0, errno.ENOENT):
+            raise OSError(code, f"SOCK_DESTROY {msg['idiag_dst']}:{msg['idiag_dport']}: {os.strerror(code)}")
+
+
 __all__ = ["HOOKS", "PROGRAMS", "SOURCE", "CgroupError", "load", "attach", "detach", "attached", "cgroup2_mount",
-           "resolve_cgroup"]
+           "resolve_cgroup", "reset_removed", "keeps_in_maps", "cgroup_netns", "ResetReport"]

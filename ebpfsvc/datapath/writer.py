@@ -264,6 +264,7 @@ class MapWriter:
         self.names_map = maps["lb_service_names"]
         self.fe_stats_map = maps["lb_frontend_stats"]
         self.be_stats_map = maps["lb_backend_stats"]
+        self.sock_stats_map = maps.get("lb_sock_stats")   # the socket path's translations per frontend id
         self.src_ranges_map = maps.get("lb4_source_ranges")   # loadBalancerSourceRanges (LPM trie)
         self.affinity_match_map = maps.get("lb4_affinity_match")   # affinity's membership check
         self._maps = maps
@@ -598,6 +599,8 @@ class MapWriter:
                 else:
                     del self._fe_src[key]
         _zero_percpu_ids(self.fe_stats_map, fresh)
+        if self.sock_stats_map is not None:
+            _zero_percpu_ids(self.sock_stats_map, fresh)
         stats.stats_zeroed += len(fresh)
         if full:
             want_src = set().union(*self._fe_src.values())

@@ -65,6 +65,10 @@ def monotonic_ns() -> int:
     return time.monotonic_ns()
 
 
+# enum bpf_prog_type (uapi/linux/bpf.h): the socket path's programs (datapath/socklb.py).
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+
 @dataclass(frozen=True)
 class FrontendRow:
     """A frontend as the pinned maps hold it, decoded for display (lbmodel.Frontend is the desired one)."""
@@ -439,6 +443,25 @@ class NodeMaps:
             out[ident] = (int(pk), int(by))
         return out
 
+    def socket_programs(self) -> list[str]:
+        """Names of the socket path's programs (bpf/lb_sock.c: cgroup sock_addr programs) loaded on
+        these maps: the agent holds them while it runs and a cgroup holds them once attached, so
+        they are loaded exactly while --socket-lb serves (or an agent failed to attach them, which
+        it logs)."""
+        from ebpfsvc.datapath.bpfsys import programs_using_map
+
+        return sorted(name for _, name in programs_using_map(self.maps["lb4_frontends"].info.id,
+                                                             BPF_PROG_TYPE_CGROUP_SOCK_ADDR))
+
+    def socket_connects_all(self, high: int) -> dict[int, int]:
+        """Sockets the socket path translated (connect(), unconnected sendmsg()) per frontend id in
+        [0, high], summed over CPUs."""
+        m = self.maps["lb_sock_stats"]
+        size = min(high + 1, m.max_entries)
+        ncpu = m.value_bytes // 8
+        vals = ffi.from_buffer("__u64[]", m.read_array(0, size))
+        return {ident: int(sum(vals[ident * ncpu:(ident + 1) * ncpu])) for ident in range(size)}
+
     def drops(self) -> dict[str, int]:
         m = self.maps["lb_drops"]
         out = {}
@@ -452,7 +475,7 @@ class NodeMaps:
         per-CPU stats arrays are indexed by ids and have no fill level of their own)."""
         out = {}
         for name, m in self.maps.items():
-            if name in ("lb_frontend_stats", "lb_backend_stats", "lb_drops"):
+            if name in ("lb_frontend_stats", "lb_backend_stats", "lb_drops", "lb_sock_stats"):
                 continue
             if name == "lb_maglev":
                 fes = self.frontends(names={}) if frontends is None else frontends

@@ -31,6 +31,23 @@ def _frontend_row(fe: FrontendRow) -> dict:
             "maglev_offset": fe.maglev_offset}
 
 
+def east_west_path(fe: FrontendRow, socket_on: bool) -> str:
+    """Which path a pod's (or a node process's) connection to `fe` takes on this node: the rules of
+    bpf/lib/sock.h lb4_sock_frontend and lb4_sock_xlate, for processes in the agent's
+    --socket-lb-cgroup (anything outside it takes TC)."""
+    if fe.scope != "internal":
+        return "uplink"                         # north-south: the uplink programs
+    if not socket_on:
+        return "tc"
+    if fe.proto not in ("TCP", "UDP"):
+        return "tc (protocol)"
+    if fe.flags & abi.LB_SVC_F_AFFINITY:
+        return "tc (sessionAffinity)"
+    if (not fe.backend_count or not fe.maglev_size) and fe.flags & abi.LB_SVC_F_LOCAL_ONLY:
+        return "tc (Local, no local endpoint)"
+    return "socket"
+
+
 def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
     """Per service port: its frontends with counters, each with its backends (from the Maglev table,
     plus backends no longer in the table that still carry tracked flows of this frontend)."""
@@ -44,6 +61,8 @@ def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
                 flows.setdefault(e.frontend_id, Counter())[e.backend_id] += 1
     fe_traffic = node.traffic_all("frontend", max((f.frontend_id for f in fes), default=0))
     be_traffic = node.traffic_all("backend", max(backends, default=0))
+    socket_on = bool(node.socket_programs())
+    connects = node.socket_connects_all(max((f.frontend_id for f in fes), default=0))
     services: dict[str, dict] = {}
     for fe in fes:
         svc = services.setdefault(fe.service or f"<unnamed service id {fe.service_id}>",
@@ -51,6 +70,8 @@ def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
                                    "packets": 0, "bytes": 0})
         row = _frontend_row(fe)
         row["packets"], row["bytes"] = fe_traffic.get(fe.frontend_id, (0, 0))
+        # The socket path's flows are counted per socket at connect(), not per packet.
+        row["path"], row["socket_connects"] = east_west_path(fe, socket_on), connects.get(fe.frontend_id, 0)
         svc["packets"] += row["packets"]
         svc["bytes"] += row["bytes"]
         slots = Counter(node.maglev_table(fe)) if fe.maglev_size else Counter()
@@ -217,6 +238,14 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         return result("pass", "not a service")
     step("frontend", f"{fe.name} ({fe.scope}, {fe.kind}) of {fe.service or 'service ' + str(fe.service_id)}",
          flags=fe.flag_names, backend_count=fe.backend_count, maglev_size=fe.maglev_size)
+    if not external:
+        path = east_west_path(fe, bool(node.socket_programs()))
+        if path == "socket":
+            step("socket path", "on: a process in the node's --socket-lb-cgroup is translated at connect() "
+                 "(unconnected UDP: each sendmsg()), the same table slotted by its socket cookie (its 5-tuple "
+                 "when bound); the steps below are the TC path's, for the rest", path=path)
+        else:
+            step("socket path", f"not taken: {path}", path=path)
     fe_flags[0] = fe.flags
     if external and fe.flags & getattr(abi, "LB_SVC_F_SOURCE_RANGES", 0):
         if not node.source_allowed(fe, src):

@@ -11,6 +11,13 @@ test process opens in a namespace.
 answer (up to 4 KiB; TCP: a line or an HTTP request's answer, the server sends first or
 answers a GET). A failure is {"errno": "ECONNREFUSED"} (or "TimeoutError"). ADDRESS is of
 either family (an IPv6 peer or source is [address, port, flowinfo, scope_id]).
+
+    python -m ebpfsvc.lab.sockprobe hold tcp|udp ADDRESS PORT N
+
+holds N connected sockets (for a backend's removal while they are open): prints
+{"cookies": [...]} (SO_COOKIE, the socket path's key), then answers each line of stdin:
+`check` -> {"sockets": [{"error": SO_ERROR or null, "peer": [a, p] or "ENOTCONN"}, ...]};
+`ask` -> {"sockets": [the tcp-echo/udp-echo answer's pod, or {"errno": ...}, ...]}.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import socket
 import sys
 
 TIMEOUT = 3.0
+SO_COOKIE = 57          # asm-generic/socket.h; Python names it from 3.12 on only
 
 
 def probe(op: str, address: str, port: int) -> dict:
@@ -50,6 +58,53 @@ def probe(op: str, address: str, port: int) -> dict:
     return out
 
 
+def _errno(e: OSError) -> str:
+    return errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
+
+
+def hold(kind: str, address: str, port: int, count: int) -> None:
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+        s.settimeout(TIMEOUT)
+        s.connect((address, port))
+        socks.append(s)
+    print(json.dumps({"cookies": [int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)
+                                  for s in socks]}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        out = [(_check if command == "check" else _ask)(kind, s) for s in socks]
+        print(json.dumps({"sockets": out}), flush=True)
+
+
+def _check(kind: str, s: socket.socket) -> dict:
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    out: dict = {"error": errno.errorcode.get(err, str(err)) if err else None}
+    try:
+        out["peer"] = list(s.getpeername())
+    except OSError as e:
+        out["peer"] = _errno(e)
+    return out
+
+
+def _ask(kind: str, s: socket.socket):
+    try:
+        if kind == "tcp":
+            s.sendall(b"who\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    return {"errno": "EOF"}
+                data += chunk
+            return data.decode().split(":", 1)[0]
+        s.send(b"ping")
+        data = s.recv(4096).decode(errors="replace")
+        return json.loads(data)["pod"] if data.startswith("{") else data     # udp-echo's JSON, or a name
+    except OSError as e:
+        return {"errno": _errno(e)}
+
+
 def _read(s: socket.socket) -> bytes:
     data = b""
     while len(data) < 4096:
@@ -65,6 +120,11 @@ def _read(s: socket.socket) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["hold"]:
+        if len(args) != 5 or args[1] not in ("tcp", "udp") or not args[3].isdigit() or not args[4].isdigit():
+            raise SystemExit("usage: python -m ebpfsvc.lab.sockprobe hold tcp|udp ADDRESS PORT N")
+        hold(args[1], args[2], int(args[3]), int(args[4]))
+        return
     if len(args) != 3 or not args[2].isdigit():
         raise SystemExit("usage: python -m ebpfsvc.lab.sockprobe tcp|udp|udp-connected ADDRESS PORT")
     print(json.dumps(probe(args[0], args[1], int(args[2]))), flush=True)

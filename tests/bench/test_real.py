@@ -134,6 +134,17 @@ def test_targets_are_met_or_missed_with_the_spread():
     assert verdicts["conn/s at 50,000: flat against 1 service (≤ 3%)"][0] == "not measured"
 
 
+def test_the_socket_path_targets_are_judged_against_direct():
+    data = _data({("ebpfsvc-socket", "tcp_throughput_gbps", 1): [9.95, 10.0, 10.1],
+                  ("direct", "tcp_throughput_gbps", 1): [10.0, 10.0, 10.0],
+                  ("ebpfsvc-socket", "tcp_crr_cps", 1): [90.0, 95.0, 97.0],
+                  ("direct", "tcp_crr_cps", 1): [100.0, 100.0, 100.0]})
+    verdicts = {t[0]: (t[1], t[2]) for t in real.targets(data)}
+    assert verdicts["issue 15: throughput same node: ebpfsvc-socket ≥ 0.99 × direct"] == ("met", "1: 1.000 (0.995–1.010)")
+    assert verdicts["issue 15: conn/s: ebpfsvc-socket within 2% of direct"][0] == "**missed**"
+    assert verdicts["issue 15: request/response p50: ebpfsvc-socket within 2% of direct"][0] == "not measured"
+
+
 def test_the_report_leads_with_the_summary_and_never_judges_issue_6(tmp_path):
     data = _data({(d, "tcp_crr_cps", 1): [v] for d, v in zip(real.NAMES, (4.0, 2.0, 3.0, 4.0))})
     data["points"] = [{"datapath": "ebpfsvc", "services": 1, "repeat": 0, "load_before": [4.5, 4, 4],

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -172,6 +173,30 @@ class _Node:
     def flows(self) -> int:
         return len(list(self.pod_dp.maps["ct4"].keys()))
 
+    def hold(self, kind, addr, port, count) -> tuple[subprocess.Popen, list[int]]:
+        """`count` sockets held open by a client process in the node's cgroup (sockprobe hold);
+        returns the process and the sockets' cookies."""
+        cg = cgroups.pod_cgroup(self.prefix, "node-1", "default", "cli")
+        ns = self.client_ns
+
+        def enter():
+            cgroups.join(cg)
+            nsenter.setns(ns)
+
+        proc = subprocess.Popen([sys.executable, "-m", "ebpfsvc.lab.sockprobe", "hold", kind, addr, str(port),
+                                 str(count)], preexec_fn=enter, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        line = proc.stdout.readline()
+        assert line, f"sockprobe hold {kind} {addr}:{port} failed (exit {proc.poll()})"
+        return proc, json.loads(line)["cookies"]
+
+    def backend_of(self, cookie) -> str | None:
+        """The backend the socket path sent the socket `cookie` to (its lb4_sock_revnat entry)."""
+        for key in self.sock_dp.maps["lb4_sock_revnat"].keys():
+            if key.cookie == cookie:
+                return str(ipaddress.IPv4Address(socket.ntohl(key.address)))
+        return None
+
 
 def test_prog_test_run_does_not_run_sock_addr_programs(node):
     # Why these tests use real sockets: the kernel refuses to test-run this program type.
@@ -265,6 +290,150 @@ def test_cleanup_detaches_the_socket_programs(node, pin_dir):
     cleanup(pin_dir, netns=f"{node.prefix}-node", socket_lb_cgroup=node.cgroup)
     assert all(v == [] for v in socklb.attached(node.cgroup).values())
     assert not pin_dir.exists()
+
+
+class Holders:
+    """A TCP server on port 8081 in each backend pod that keeps every connection open."""
+
+    def __init__(self, netns_of: dict[str, str]):
+        self.listeners, self.conns = [], []
+        for addr, ns in netns_of.items():
+            s = nsenter.socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((addr, 8081))
+            s.listen(64)
+            self.listeners.append(s)
+            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, s):
+        while True:
+            try:
+                self.conns.append(s.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        for s in self.listeners + self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def _command(proc, command: str) -> list:
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())["sockets"]
+
+
+def test_removed_backend_resets_socket_path_sockets(node):
+    """B2 leaves both Services: the socket path's TCP connections and connected UDP sockets to it
+    are destroyed (SOCK_DESTROY), as the TC path resets flows whose conntrack entry names it; the
+    ones to B1, and a connection straight to B2's address (never translated), are left alone."""
+    held = frontend(VIP, 81, [be(B1, 8081), be(B2, 8081)], name="held")
+    dns = frontend(VIP, 53, [be(B1, 5353, Protocol.UDP), be(B2, 5353, Protocol.UDP)], proto=Protocol.UDP, name="dns")
+    writer = MapWriter(node.pod_dp.maps)
+    writer.apply(state(held, dns))
+    holders = Holders({B1: f"{node.prefix}-b1", B2: f"{node.prefix}-b2"})
+    procs = []
+    try:
+        (tcp_proc, tcp_cookies), (udp_proc, udp_cookies), (direct_proc, _) = (
+            procs.append(h) or h for h in (node.hold("tcp", VIP, 81, 16), node.hold("udp", VIP, 53, 16),
+                                           node.hold("tcp", B2, 8081, 1)))
+        tcp_to = [node.backend_of(c) for c in tcp_cookies]
+        udp_to = [node.backend_of(c) for c in udp_cookies]
+        # 16 sockets over two backends with ~half the table each: one unused, p = 2 * 2^-16.
+        assert set(tcp_to) == {B1, B2} and set(udp_to) == {B1, B2}, (tcp_to, udp_to)
+        revnat = node.sock_dp.maps["lb4_sock_revnat"]
+        keeps = socklb.keeps_in_maps(writer)
+
+        report = socklb.reset_removed(node.cgroup, revnat, keeps)
+        assert not report and report.namespaces == 1 and report.errors == [], "nothing removed: nothing reset"
+
+        stats = writer.apply(state(replace(held, backends=(be(B1, 8081),)),
+                                   replace(dns, backends=(be(B1, 5353, Protocol.UDP),))))
+        assert stats.backends_deleted == 2
+        report = socklb.reset_removed(node.cgroup, revnat, keeps)
+        assert report.errors == []
+        assert report.destroyed == {"TCP": tcp_to.count(B2), "UDP": udp_to.count(B2)}
+
+        for kind, proc, backends, port in (("TCP", tcp_proc, tcp_to, 81), ("UDP", udp_proc, udp_to, 53)):
+            for backend, sock in zip(backends, _command(proc, "check")):
+                if backend == B2:
+                    assert sock == {"error": "ECONNABORTED", "peer": "ENOTCONN"}, (kind, sock)
+                else:
+                    assert sock == {"error": None, "peer": [VIP, port]}, (kind, sock)
+        assert _command(direct_proc, "check") == [{"error": None, "peer": [B2, 8081]}], \
+            "a pod's own connection to a pod address is no socket-path socket"
+        # The UDP sockets that lived on answer through B1 still.
+        answers = _command(udp_proc, "ask")
+        assert {a for a, backend in zip(answers, udp_to) if backend == B1} == {"b1"}, answers
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+            proc.wait()
+        holders.close()
+
+
+def test_socket_connects_counted_per_frontend_and_path_shown(node, pin_dir):
+    """lb_sock_stats counts what the socket path translated per frontend (the TC counters never see
+    these flows); `service list` and `why` read it and say which path east-west traffic takes."""
+    from click.testing import CliRunner
+
+    from ebpfsvc.cli import main
+    from ebpfsvc.inspect import views
+    from ebpfsvc.inspect.node import NodeMaps
+
+    for _ in range(5):
+        assert "errno" not in node.client("tcp", VIP, 80)
+    for op in ("udp", "udp", "udp", "udp-connected", "udp-connected"):
+        assert "errno" not in node.client(op, VIP, 53)
+    assert node.client("tcp", EMPTY_VIP, 80) == {"errno": "ECONNREFUSED"}      # refused: a drop, no connect
+    out = CliRunner().invoke(main, ["service", "list", "--pin-dir", str(pin_dir), "-o", "json"])
+    assert out.exit_code == 0, out.output
+    rows = {fe["frontend"]: fe for svc in json.loads(out.output) for fe in svc["frontends"]}
+    assert (rows[f"{VIP}:80/TCP"]["path"], rows[f"{VIP}:80/TCP"]["socket_connects"]) == ("socket", 5)
+    # three datagrams of unconnected sockets, two connect()s
+    assert (rows[f"{VIP}:53/UDP"]["path"], rows[f"{VIP}:53/UDP"]["socket_connects"]) == ("socket", 5)
+    assert rows[f"{VIP}:80/TCP"]["packets"] == 0, "no packet of theirs met a TC program"
+    assert (rows[f"{EMPTY_VIP}:80/TCP"]["path"], rows[f"{EMPTY_VIP}:80/TCP"]["socket_connects"]) == ("socket", 0)
+    assert rows[f"{STICKY_VIP}:80/TCP"]["path"] == "tc (sessionAffinity)"
+    assert rows[f"{LOCAL_VIP}:80/TCP"]["path"] == "tc (Local, no local endpoint)"
+    from prometheus_client import CollectorRegistry
+
+    from ebpfsvc.collectors import DatapathCollector
+
+    registry = CollectorRegistry()
+    collector = DatapathCollector(pin_dir)
+    registry.register(collector)
+    try:
+        assert registry.get_sample_value("ebpfsvc_service_socket_connects_total",
+                                         {"service_port": "default/dns/UDP"}) == 5
+        assert registry.get_sample_value("ebpfsvc_frontend_socket_connects_total", {
+            "service_port": "default/web/TCP", "frontend": f"{VIP}:80/TCP", "scope": "internal",
+            "kind": "ClusterIP"}) == 5
+    finally:
+        collector.close()
+    with NodeMaps.open(pin_dir) as maps:
+        # the two that translate (recvmsg4 and getpeername4 read lb4_sock_revnat only)
+        assert maps.socket_programs() == ["connect4", "sendmsg4"]
+        (sock_step,) = [s for s in views.why(maps, CLIENT, VIP, 80, "TCP")["steps"] if s["step"] == "socket path"]
+        assert sock_step["path"] == "socket" and "connect()" in sock_step["outcome"]
+        (sock_step,) = [s for s in views.why(maps, CLIENT, STICKY_VIP, 80, "TCP")["steps"]
+                        if s["step"] == "socket path"]
+        assert sock_step["path"] == "tc (sessionAffinity)"
+
+
+def test_without_socket_programs_east_west_takes_tc(datapath, writer):
+    from ebpfsvc.inspect import views
+    from ebpfsvc.inspect.node import NodeMaps
+
+    writer.apply(state(frontend(VIP, 80, [be(B1)])))
+    with NodeMaps.open(datapath.pin_dir) as maps:
+        assert maps.socket_programs() == []
+        (fe,) = views.service_list(maps)[0]["frontends"]
+        assert (fe["path"], fe["socket_connects"]) == ("tc", 0)
 
 
 def test_the_cgroup2_root_is_refused(node):

@@ -13,13 +13,15 @@ One lab for the module; every test brings its own pods and Services.
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 
 import pytest
 
 from ebpfsvc.lab import Lab, agents, apps, cgroups
 
-from .helpers import bare_pod, cluster_ip, http_get, node_maps, service, wait_for, wait_programmed, wait_ready
+from .helpers import bare_pod, cluster_ip, http_get, node_maps, service, wait_for, wait_programmed, wait_ready, \
+    wait_udp_bound
 
 pytestmark = pytest.mark.root
 
@@ -185,3 +187,72 @@ def test_turned_off_the_agent_detaches_and_tc_serves(lab):
         config.write_text(on)
         lab.agent("restart", "node-1")
     wait_for(lambda: all(socklb.attached(cg).values()), what=f"socket programs back on {cg}")
+
+
+class Held:
+    """Sockets to a Service held open by a process in the client pod (sockprobe hold)."""
+
+    def __init__(self, lab: Lab, kind: str, vip: str, port: int, count: int):
+        self.proc = lab.popen(CLIENT, ["python", "-m", "ebpfsvc.lab.sockprobe", "hold", kind, vip, str(port),
+                                       str(count)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line, f"sockprobe hold {kind} {vip}:{port} failed (exit {self.proc.poll()})"
+        self.cookies = json.loads(line)["cookies"]
+
+    def command(self, what: str) -> list:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["sockets"]
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_removed_backend_resets_socket_path_connections(lab):
+    """A backend leaves its Service (its pod, still running, no longer selected): the agent destroys
+    the socket path's TCP connections and connected UDP sockets to it (ECONNABORTED at once; its
+    server never closed them), as the TC path resets such flows; the ones to the remaining backend
+    carry on, and a UDP client that connects again reaches it."""
+    tcp_pods, udp_pods = ["sl-held-1", "sl-held-2"], ["sl-heldu-1", "sl-heldu-2"]
+
+    def services(member: dict):
+        return [service("sl-held", [{"port": 7000}], selector={"app": "sl-held", **member}),
+                service("sl-heldu", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}],
+                        selector={"app": "sl-heldu", **member})]
+
+    lab.apply([apps.pod(name, app, port, node=f"node-{i}", labels={"app": name[:-2], "member": str(i)})
+               for app, port, pods in (("tcp-echo", 7000, tcp_pods), ("udp-echo", 5353, udp_pods))
+               for i, name in enumerate(pods, 1)] + services({}))
+    wait_ready(lab, tcp_pods + udp_pods)
+    wait_udp_bound(lab, CLIENT, udp_pods, 5353)
+    wait_programmed(lab, "sl-held", 7000, backends=2)
+    wait_programmed(lab, "sl-heldu", 53, backends=2, proto="UDP")
+    vip, uvip = cluster_ip(lab, "sl-held"), cluster_ip(lab, "sl-heldu")
+    from ebpfsvc.datapath import socklb
+    cg = cgroups.node_cgroup(lab.prefix, "node-1")
+    wait_for(lambda: all(socklb.attached(cg).values()), what=f"socket programs on {cg}")
+    held = []
+    try:
+        # 16 sockets each, over two backends with ~half the table each: one unused, p = 2 * 2^-16.
+        held = [Held(lab, "tcp", vip, 7000, 16), Held(lab, "udp", uvip, 53, 16)]
+        tcp_to, udp_to = (h.command("ask") for h in held)
+        assert set(tcp_to) == set(tcp_pods) and set(udp_to) == set(udp_pods), (tcp_to, udp_to)
+        tc_flows = [e for e in flows_from(lab, "node-1", lab.pod_ip(CLIENT)) if e.frontend.split(":")[0] in (vip, uvip)]
+        assert tc_flows == [], "the socket path took every one of them"
+
+        lab.apply(services({"member": "1"}))
+        wait_programmed(lab, "sl-held", 7000, backends=1)
+        wait_programmed(lab, "sl-heldu", 53, backends=1, proto="UDP")
+        gone = {"error": "ECONNABORTED", "peer": "ENOTCONN"}
+        for h, to, port, (alive, removed), svc in ((held[0], tcp_to, 7000, tcp_pods, vip),
+                                                    (held[1], udp_to, 53, udp_pods, uvip)):
+            want = [gone if who == removed else {"error": None, "peer": [svc, port]} for who in to]
+            wait_for(lambda h=h, want=want: h.command("check") == want, what=f"sockets to {removed} reset")
+            answers = h.command("ask")
+            assert [a for a, who in zip(answers, to) if who == alive] == [alive] * to.count(alive), answers
+        again = probe(lab, "udp-connected", uvip, 53)        # connecting again: the live backend
+        assert again["src"] == [uvip, 53] and json.loads(again["data"])["pod"] == udp_pods[0], again
+    finally:
+        for h in held:
+            h.close()
