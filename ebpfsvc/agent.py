@@ -88,7 +88,8 @@ class Agent:
         self.desired = DesiredStateBuilder(config.node)   # keeps the last result; sync() feeds it snapshots
         self.settings = nodeinfo.NodeSettings(
             node_addresses=config.node.node_addresses, nodeport_addresses=config.nodeport_addresses,
-            uplinks=config.uplinks, hairpin_address=config.hairpin_address, pod_interfaces=config.pod_interfaces)
+            uplinks=config.uplinks, hairpin_address=config.hairpin_address, pod_interfaces=config.pod_interfaces,
+            ip_families=config.node.ip_families)
         self.read_interfaces = nodeinfo.read_interfaces   # replaceable in tests
         self.node_info: nodeinfo.NodeInfo | None = None   # what the datapath is (being) configured with
         self._configured: nodeinfo.NodeInfo | None = None # the last node_info configured in full

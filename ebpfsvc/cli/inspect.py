@@ -20,7 +20,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from ebpfsvc.config import DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, format_port_range
+from ebpfsvc.config import DEFAULT_IP_FAMILIES, DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, format_port_range
 from ebpfsvc.flags import PortRange
 
 pin_dir_option = click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True, envvar="EBPFSVC_PIN_DIR",
@@ -239,13 +239,15 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @click.option("--nodeport-addresses", multiple=True, help="As given to the agent; default: every node address, "
               "found as the agent finds them (its Node object, this namespace's interfaces).")
 @click.option("--service-cidr", default=None, help="As given to the agent, if it was.")
+@click.option("--ip-families", default=",".join(DEFAULT_IP_FAMILIES), show_default=True,
+              help="As given to the agent (IPv4, IPv6, IPv4,IPv6).")
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
 @click.option("--proxy-name", default="")
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the API lists.")
 def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_addresses, nodeport_addresses,
-          service_cidr, service_node_port_range, proxy_name, lb_algorithm, timeout) -> None:
+          service_cidr, ip_families, service_node_port_range, proxy_name, lb_algorithm, timeout) -> None:
     """Compare the desired state (manifests or API) with the node's maps; exit 1 on drift."""
     from ebpfsvc.config import NodeConfig
     from ebpfsvc.inspect import views
@@ -257,11 +259,15 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
         kubeconfig = None       # $KUBECONFIG is a default, not a second choice
     if bool(manifests) + bool(kubeconfig) + bool(in_cluster) != 1:
         raise click.UsageError("give exactly one of --manifests, --kubeconfig, --in-cluster")
-    node_cfg = NodeConfig(node_name=node_name, node_addresses=node_addresses, service_cidr=service_cidr,
-                          nodeport_range=service_node_port_range, proxy_name=proxy_name,
-                          default_algorithm=lb_algorithm)
     try:
-        settings = NodeSettings(node_addresses=node_cfg.node_addresses, nodeport_addresses=nodeport_addresses)
+        node_cfg = NodeConfig(node_name=node_name, node_addresses=node_addresses, service_cidr=service_cidr,
+                              nodeport_range=service_node_port_range, proxy_name=proxy_name,
+                              default_algorithm=lb_algorithm, ip_families=ip_families)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        settings = NodeSettings(node_addresses=node_cfg.node_addresses, nodeport_addresses=nodeport_addresses,
+                                ip_families=node_cfg.ip_families)
         problems: list = []
         desired = load_desired(node_cfg, manifests=manifests, kubeconfig=kubeconfig, in_cluster=in_cluster,
                                timeout=timeout, settings=settings, problems=problems)
