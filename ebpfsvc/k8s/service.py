@@ -197,8 +197,8 @@ def _cluster_ips(spec: Fields, svc_type: ServiceType, config: NodeConfig
     ips = spec.list("clusterIPs", 2)
     if primary and ips and ips[0][1] != primary:
         raise Invalid(ips[0][0], f"{ips[0][1]} must equal spec.clusterIP {primary}")
-    if not ips and primary:
-        ips = [("spec.clusterIP", primary)]
+    if primary:     # clusterIPs[0] is spec.clusterIP: named as before dual-stack, when both are set
+        ips = [("spec.clusterIP", primary), *ips[1:]]
     if not ips:
         raise Invalid("spec.clusterIP", "is required (the API server allocates it; a manifest must set it, "
                       "or None for a headless Service)")

@@ -160,7 +160,7 @@ def test_mixed_families_and_foreign_clusterips_are_refused_per_object():
     state = state_of(V4_ONLY, mixed, v6_in_v4)
     assert sorted(str(p) for p in state.problems) == [
         "EndpointSlice default/web-ipv4: endpoints[1].addresses[0]: 2001:2:0:2::10 is not an IPv4 address",
-        f"Service default/v6: spec.clusterIPs[0]: {V6_CIP} is an IPv6 clusterIP, but this cluster serves IPv4 only "
+        f"Service default/v6: spec.clusterIP: {V6_CIP} is an IPv6 clusterIP, but this cluster serves IPv4 only "
         f"(--ip-families)",
     ]
     assert build_desired_state(state.snapshot(), V4_ONLY).state.frontends == {}

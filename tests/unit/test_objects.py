@@ -244,7 +244,7 @@ INVALID_DUAL_STACK = [
      "spec.clusterIPs[0]: 198.19.0.11 must equal spec.clusterIP 198.19.0.10"),
     ("mismatch with ipFamilies", DUAL, {"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv6", "IPv4"],
                                         "clusterIPs": ["198.19.0.10", V6_IP]},
-     "spec.clusterIPs[0]: 198.19.0.10 is IPv4, but spec.ipFamilies[0] is IPv6"),
+     "spec.clusterIP: 198.19.0.10 is IPv4, but spec.ipFamilies[0] is IPv6"),
     ("bad second address", DUAL, {"clusterIPs": ["198.19.0.10", "2001:2::zz"]},
      "spec.clusterIPs[1]: '2001:2::zz' is not an IP address"),
     ("SingleStack with two", DUAL, {"ipFamilyPolicy": "SingleStack", "clusterIPs": ["198.19.0.10", V6_IP]},
