@@ -554,6 +554,17 @@ def test_manual_endpoints_become_slices():
     assert [(e.address, e.ready) for e in sl.endpoints] == [(IPv4Address("198.18.1.109"), True)]
 
 
+def test_manual_endpoints_of_both_families_become_a_slice_per_family():
+    # As the EndpointSliceMirroring controller does: a slice holds one address family (issue 14).
+    obj = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "db"},
+           "subsets": [{"addresses": [{"ip": "198.18.1.1"}, {"ip": "2001:2:0:1::1"}], "ports": [{"port": 5432}]},
+                       {"addresses": [{"ip": "2001:2:0:1::2"}], "ports": [{"port": 5433}]}]}
+    slices = parse_endpoints(obj).slices
+    assert [(sl.name, sl.address_type, [str(e.address) for e in sl.endpoints]) for sl in slices] == [
+        ("db/subsets[0]", "IPv4", ["198.18.1.1"]), ("db/subsets[0]/IPv6", "IPv6", ["2001:2:0:1::1"]),
+        ("db/subsets[1]/IPv6", "IPv6", ["2001:2:0:1::2"])]
+
+
 def test_not_ready_addresses_are_not_ready_nor_serving():
     obj = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "db"},
            "subsets": [{"addresses": [{"ip": "198.18.1.1", "nodeName": "node-1"}],
