@@ -39,8 +39,15 @@ def _open(pin_dir):
 
 def _console():
     from rich.console import Console
-    # Tables are wide; never wrap them to an 80-column pipe.
-    return Console(width=None if sys.stdout.isatty() else 1000, highlight=False)
+    # Tables are wide; never wrap them to an 80-column pipe.  No emoji codes: an IPv6 address holds
+    # some (2001:db8::b:1 has ":b:").
+    return Console(width=None if sys.stdout.isatty() else 1000, highlight=False, emoji=False)
+
+
+def _esc(value) -> str:
+    """A value printed inside markup: [2001:2::1]:80/TCP or [fd00::1] are text, not style tags."""
+    from rich.markup import escape
+    return escape(str(value))
 
 
 def _json(data) -> None:
@@ -49,9 +56,13 @@ def _json(data) -> None:
 
 def _table(*columns: str, title: str | None = None):
     from rich.table import Table
+    from rich.text import Text
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for c in columns:
         t.add_column(c, overflow="fold")
+    # Cells are data, never markup (a bracketed IPv6 frontend would read as a style tag).
+    add_row = t.add_row
+    t.add_row = lambda *cells, **kw: add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kw)
     return t
 
 
@@ -177,8 +188,8 @@ def maglev_show(service_name, pin_dir, output, first) -> None:
         return _json(rows)
     con = _console()
     for r in rows:
-        con.print(f"[bold]{r['service']} {r['frontend']} ({r['scope']})[/bold]: table size {r['table_size']} "
-                  f"at offset {r['maglev_offset']}")
+        con.print(f"[bold]{_esc(r['service'])} {_esc(r['frontend'])} ({r['scope']})[/bold]: "
+                  f"table size {r['table_size']} at offset {r['maglev_offset']}")
         t = _table("BACKEND", "STATE", "SLOTS", "SHARE")
         for b in r["backends"]:
             t.add_row(f"{b['id']}) {b['backend']}", b["state"] + (", local" if b["local"] else ""),
@@ -218,11 +229,11 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
     if output == "json":
         return _json(r)
     con = _console()
-    con.print(f"[bold]{r['flow']}[/bold] ({r['scope']})")
+    con.print(f"[bold]{_esc(r['flow'])}[/bold] ({r['scope']})")
     for i, s in enumerate(r["steps"], 1):
-        con.print(f"  {i}. {s['step']:<15} {s['outcome']}")
-    target = f" -> {r['backend']} (id {r['backend_id']})" if r["backend"] else ""
-    con.print(f"[bold]verdict: {r['verdict']}{target}[/bold], because: {r['reason']}")
+        con.print(f"  {i}. {s['step']:<15} {_esc(s['outcome'])}")
+    target = f" -> {_esc(r['backend'])} (id {r['backend_id']})" if r["backend"] else ""
+    con.print(f"[bold]verdict: {r['verdict']}{target}[/bold], because: {_esc(r['reason'])}")
 
 
 # ---- drift --------------------------------------------------------------------------------------

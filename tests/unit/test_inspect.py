@@ -151,3 +151,18 @@ spec: {type: NodePort, ipFamilyPolicy: PreferDualStack, clusterIP: 198.19.0.10,
                          settings=NodeSettings(ip_families=both))
     assert {(str(k.address), k.port) for k in state.frontends} == {
         ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}
+
+
+def test_tables_print_ipv6_frontends_as_text(capsys):
+    """A bracketed IPv6 frontend is not a style tag, and ':b:' in an address is not an emoji code."""
+    from ebpfsvc.cli.inspect import _console, _esc, _table
+
+    t = _table("FRONTEND", "SERVICE")
+    t.add_row("[fd00::10]:80/TCP", "default/web")
+    t.add_row("[2001:2:0:ffff::b:b51f]:80/TCP", "default/web")
+    con = _console()
+    con.print(t)
+    con.print(f"[bold]{_esc('[fd00::10]:80/TCP')}[/bold]")
+    out = capsys.readouterr().out
+    assert "[fd00::10]:80/TCP" in out and "[2001:2:0:ffff::b:b51f]:80/TCP" in out
+    assert out.count("[fd00::10]:80/TCP") == 2
