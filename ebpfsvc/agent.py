@@ -88,7 +88,8 @@ class Agent:
         self.desired = DesiredStateBuilder(config.node)   # keeps the last result; sync() feeds it snapshots
         self.settings = nodeinfo.NodeSettings(
             node_addresses=config.node.node_addresses, nodeport_addresses=config.nodeport_addresses,
-            uplinks=config.uplinks, hairpin_address=config.hairpin_address, pod_interfaces=config.pod_interfaces)
+            uplinks=config.uplinks, hairpin_address=config.hairpin_address, pod_interfaces=config.pod_interfaces,
+            ip_families=config.node.ip_families)
         self.read_interfaces = nodeinfo.read_interfaces   # replaceable in tests
         self.node_info: nodeinfo.NodeInfo | None = None   # what the datapath is (being) configured with
         self._configured: nodeinfo.NodeInfo | None = None # the last node_info configured in full
@@ -372,7 +373,12 @@ class Agent:
                     cidrs = [self.config.node.service_cidr]
                 routes.set_cidrs(cidrs)
             if result is not None:
-                routes.update(result.state, result.delta)
+                state, delta = result.state, result.delta
+                if "IPv6" in self.config.node.ip_families:
+                    # Until hostpath routes IPv6, node clients reach the IPv4 ClusterIPs only.
+                    state = LBState({k: fe for k, fe in state.frontends.items() if k.address.version == 4})
+                    delta = None
+                routes.update(state, delta)
             if self._routed is None or not routes.ready:
                 return      # no device yet, or nothing known yet: a previous run's routes stay until then
             if routes.dirty or rewrite:

@@ -154,6 +154,22 @@ class NodePortAddress(_Checked):
             self.fail(f"{value}: not an IPv4 CIDR", param, ctx)
 
 
+class IPFamilies(_Checked):
+    """--ip-families: IPv4, IPv6 or IPv4,IPv6 -> a tuple of family names (config.parse_ip_families)."""
+
+    name = "families"
+
+    def convert(self, value, param, ctx):
+        from ebpfsvc.config import parse_ip_families
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_ip_families(value if isinstance(value, list) else str(value))
+        except ValueError as e:
+            self.fail(f"{value}: {e}", param, ctx)
+
+
 class BindAddress(_Checked):
     """kube-proxy's bind address: IP:PORT, :PORT or IP; "" disables the server. Stays a string."""
 

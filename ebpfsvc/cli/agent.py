@@ -11,8 +11,9 @@ import yaml
 
 from ebpfsvc import abi
 from ebpfsvc.agent import Agent
-from ebpfsvc.config import DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, AgentConfig, NodeConfig, format_port_range
-from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPv4Address, IPv4Network,
+from ebpfsvc.config import (DEFAULT_IP_FAMILIES, DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, AgentConfig, NodeConfig,
+                            format_port_range)
+from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPFamilies, IPv4Address, IPv4Network,
                            NodePortAddress, OneLineErrors, PortRange, format_duration)
 from ebpfsvc.health import BindError
 from ebpfsvc.nodeinfo import parse_nodeport_addresses
@@ -127,6 +128,9 @@ def _map_limit_options(fn):
 @click.option("--service-cidr", default=None, type=IPv4Network(),
               help="Optional: refuse clusterIPs outside it, and route it for node clients when the API has "
                    "no ServiceCIDR objects. Default: every valid clusterIP is served.")
+@click.option("--ip-families", default=",".join(DEFAULT_IP_FAMILIES), show_default=True, type=IPFamilies(),
+              help="The IP families of the cluster's service CIDRs that this node serves: IPv4, IPv6 or IPv4,IPv6 "
+                   "(dual-stack). A Service with a clusterIP of another family is refused.")
 @click.option("--cluster-cidr", default=None, type=IPv4Network(), help="Pod CIDR of the cluster (informational for now).")
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
@@ -177,7 +181,7 @@ def _map_limit_options(fn):
 @_lifetime_option("--conntrack-udp-timeout-stream", "CT_TIMEOUT_UDP_STREAM_S", "a UDP flow that had a reply")
 @_map_limit_options
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
-          cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
+          ip_families, cluster_cidr, service_node_port_range, proxy_name, lb_algorithm, pod_interfaces, uplinks,
           uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, socket_lb, socket_lb_cgroup,
           min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
@@ -191,7 +195,12 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
     addrs = tuple(node_addresses)
     node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
                       service_cidr=service_cidr, nodeport_range=service_node_port_range, proxy_name=proxy_name,
-                      default_algorithm=lb_algorithm)
+                      default_algorithm=lb_algorithm, ip_families=ip_families)
+    if "IPv4" not in ip_families:
+        for flag, value in (("--service-cidr", service_cidr), ("--node-address", addrs[:1] and addrs[0])):
+            if value:
+                raise AgentError(f"{flag} {value}: an IPv4 setting, but --ip-families {','.join(ip_families)} "
+                                 f"serves no IPv4")
     cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,

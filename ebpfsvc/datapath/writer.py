@@ -269,6 +269,10 @@ class MapWriter:
         self._maps = maps
         # lb_maglev's slots in place (None: written by batch syscalls, with a copy kept here).
         self._slots_view = _map_u32_array(self.maglev_map)
+        # The last state apply() was given, whether it had IPv6 frontends, and its IPv4 ones.
+        self._given: LBState | None = None
+        self._given_v6 = False
+        self._given_v4: LBState | None = None
         self._load()
 
     # ---- state read back from the maps -------------------------------------------------
@@ -335,6 +339,16 @@ class MapWriter:
         (_apply_per_service); the Services that still fail keep their last good entries (or
         stay out, if new) and are returned in ApplyStats.failed.
         """
+        # Until the lb6 maps exist: IPv6 frontends (dual-stack Services) are left out of the maps.  Only
+        # the delta's keys are looked at when it follows the state given last, so IPv4-only stays O(delta).
+        if state is not self._given:
+            follows = delta is not None and not full and delta.base is self._given
+            self._given_v6 = (follows and self._given_v6) or any(
+                k.address.version == 6 for k in (delta.keys if follows else state.frontends))
+            self._given, self._given_v4 = state, (LBState({k: fe for k, fe in state.frontends.items()
+                                                           if k.address.version == 4}) if self._given_v6 else state)
+        if self._given_v6:
+            state, delta = self._given_v4, None
         full = full or self._state is None
         last_good = self._state
         try:

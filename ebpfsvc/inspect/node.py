@@ -65,6 +65,17 @@ def monotonic_ns() -> int:
     return time.monotonic_ns()
 
 
+def _address_order(address: str) -> tuple[int, int]:
+    """Sort key of an address of either family: IPv4 first, then by value."""
+    addr = ipaddress.ip_address(address)
+    return (addr.version, int(addr))
+
+
+def address_port_name(address: str, port: int, proto: str) -> str:
+    """ADDRESS:PORT/PROTO, an IPv6 address bracketed as in a URL ([2001:2::1]:80/TCP, as Backend.name)."""
+    return f"[{address}]:{port}/{proto}" if ":" in address else f"{address}:{port}/{proto}"
+
+
 @dataclass(frozen=True)
 class FrontendRow:
     """A frontend as the pinned maps hold it, decoded for display (lbmodel.Frontend is the desired one)."""
@@ -107,7 +118,7 @@ class FrontendRow:
 
     @property
     def name(self) -> str:
-        return f"{self.address}:{self.port}/{self.proto}"
+        return address_port_name(self.address, self.port, self.proto)
 
     def key_bytes(self) -> bytes:
         k = ffi.new("struct lb4_key *", {"address": raw_ip(self.address), "port": raw_port(self.port),
@@ -149,7 +160,7 @@ class BackendRow:
 
     @property
     def name(self) -> str:
-        return f"{self.address}:{self.port}/{self.proto}"
+        return address_port_name(self.address, self.port, self.proto)
 
 
 @dataclass(frozen=True)
@@ -265,7 +276,7 @@ class NodeMaps:
         out = []
         for k, v in self.maps["lb4_frontends"].items():
             out.append(self._frontend(k, v, names))
-        return sorted(out, key=lambda f: (f.service, ipaddress.IPv4Address(f.address), f.port, f.proto, f.scope))
+        return sorted(out, key=lambda f: (f.service, _address_order(f.address), f.port, f.proto, f.scope))
 
     def frontend(self, address: str, port: int, proto: str, scope: str) -> FrontendRow | None:
         self._slots = None

@@ -10,8 +10,8 @@ from collections import Counter
 
 from ebpfsvc import abi
 from ebpfsvc.datapath.flowhash import flow_hash
-from ebpfsvc.inspect.node import (PROTO_NUMBERS, BackendRow, CtEntry, FrontendRow, NodeMaps, ct_closing,
-                                  monotonic_ns)
+from ebpfsvc.inspect.node import (PROTO_NUMBERS, BackendRow, CtEntry, FrontendRow, NodeMaps, address_port_name,
+                                  ct_closing, monotonic_ns)
 from ebpfsvc.lbmodel import table_backends
 
 # Slots the datapath tries past a terminating backend (bpf/lib/lb.h, defined in abi.h).
@@ -317,7 +317,7 @@ def drift(desired, node: NodeMaps, fes: list[FrontendRow] | None = None,
         k = (str(key.address), key.port, key.protocol.value, "internal" if int(key.scope) else "external")
         want_keys.add(k)
         want_keys.add((k[0], 0, k[2], k[3]))          # its address marker
-        name = f"{k[0]}:{k[1]}/{k[2]} ({k[3]})"
+        name = f"{address_port_name(k[0], k[1], k[2])} ({k[3]})"
         got = have.get(k)
         if got is None:
             out.append({"frontend": name, "service": str(fe.service), "problem": "missing from the maps"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from types import SimpleNamespace
 
 import pytest
@@ -265,3 +265,26 @@ def test_an_address_that_appears_later_serves_nodeports_from_the_next_full_resyn
     agent._next_full_apply = 0.0                              # the periodic full resync is due
     agent.sync()
     assert ports() == {"198.18.0.11", "198.18.9.5"}
+
+
+def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_address_and_keeps_an_ipv4_primary(kernel):
+    """Issue 14: with --ip-families IPv4,IPv6 the Node's IPv6 address serves NodePorts beside its IPv4
+    one; the datapath's hairpin and SNAT source stays the IPv4 primary."""
+    v6 = ip_address("2001:2::11")
+    agent = make_agent(node=NodeConfig("node-1", ip_families=("IPv4", "IPv6")))
+    agent.read_interfaces = lambda: (*INTERFACES[:2], Interface("eth1", (IPv4Address("198.18.0.11"), v6)),
+                                     INTERFACES[3])
+    applied = []
+    agent.writer.apply = lambda state, **_: applied.append(state) or ApplyStats()
+    send(agent, node_obj("198.18.0.11", "2001:2::11"))
+    send(agent, {**service("web", "198.19.0.10", node_port=30080), "spec": {
+        "clusterIPs": ["198.19.0.10", "2001:2:0:ff::10"], "ipFamilyPolicy": "RequireDualStack",
+        "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})
+    list_all(agent, "Node", "Service", "EndpointSlice")
+    agent.sync()
+    node = IPv4Address("198.18.0.11")
+    assert kernel.loads[1:] == [("pod", node, node), ("uplink", node, node)]
+    assert agent.desired.node.node_addresses == (node, v6)
+    assert {(str(k.address), k.port) for k in applied[-1].frontends} == {
+        ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}
+    assert {str(n) for n in kernel.routes} == {"198.19.0.10/32"}     # node-client routes: IPv4 for now
