@@ -49,8 +49,8 @@ static __always_inline void lb4_reply_ip(struct iphdr *ip, __u8 tos, __u16 tot_l
 	ip->check = lb4_ip_hdr_csum(ip);
 }
 
-/* Resize the packet to `len` and write Ethernet (MACs swapped) + IPv4 header. */
-static __always_inline int lb4_reply_l2l3(struct __sk_buff *skb, __u32 len, struct iphdr *ip)
+/* Resize the packet to `len` and swap its MACs (the ethertype stays): a reply's L2. */
+static __always_inline int lb_reply_l2(struct __sk_buff *skb, __u32 len)
 {
 	__u8 mac[2 * ETH_ALEN];
 	__u8 swapped[2 * ETH_ALEN];
@@ -66,6 +66,14 @@ static __always_inline int lb4_reply_l2l3(struct __sk_buff *skb, __u32 len, stru
 	if (bpf_skb_change_tail(skb, len, 0))
 		return -1;
 	if (bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0))
+		return -1;
+	return 0;
+}
+
+/* Resize the packet to `len` and write Ethernet (MACs swapped) + IPv4 header. */
+static __always_inline int lb4_reply_l2l3(struct __sk_buff *skb, __u32 len, struct iphdr *ip)
+{
+	if (lb_reply_l2(skb, len))
 		return -1;
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, ip, sizeof(*ip), 0))
 		return -1;
@@ -330,6 +338,143 @@ static __always_inline int lb4_icmp_error_xlate(struct __sk_buff *skb, struct lb
 static __always_inline int lb4_icmp_error_rev_nat(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
 {
 	return lb4_icmp_error_xlate(skb, p, now, CT_DIR_REPLY);
+}
+
+/* ---- IPv6 rejects: the same answers, over IPv6 (RFC 4443: ICMPv6 destination
+ * unreachable, code 4 port unreachable). No IPv6 header checksum; the TCP and
+ * ICMPv6 checksums cover the IPv6 pseudo-header. ---- */
+
+#define LB_ICMP6_DEST_UNREACH 1
+#define LB_ICMP6_PORT_UNREACH 4
+/* Bytes of the invoking packet an ICMPv6 error quotes: its IPv6 header, a
+ * usual extension header chain and the L4 header. RFC 4443 asks for as much as
+ * fits in 1280 bytes; a bounded quote keeps the checksum one csum_diff over a
+ * fixed buffer (the sender needs only the headers to find its socket). */
+#define LB_ICMP6_QUOTE_MAX 128
+
+/* IPv6 pseudo-header (RFC 8200 8.1), then the upper-layer header. */
+struct lb6_pseudo_hdr {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be32 len;
+	__u8   zero[3];
+	__u8   nexthdr;
+};
+
+struct lb6_tcp_csum_buf {
+	struct lb6_pseudo_hdr ph;
+	struct tcphdr th;
+};
+
+struct lb6_icmp_buf {
+	struct lb6_pseudo_hdr ph;
+	__u8   type;
+	__u8   code;
+	__sum16 checksum;
+	__be32 unused;
+	__u8   quote[LB_ICMP6_QUOTE_MAX];
+};
+
+static __always_inline void lb6_reply_ip(struct ipv6hdr *ip, __u16 payload_len, __u8 nexthdr,
+					 const __be32 *saddr, const __be32 *daddr)
+{
+	ip->version = 6;
+	ip->priority = 0;
+	ip->flow_lbl[0] = 0;
+	ip->flow_lbl[1] = 0;
+	ip->flow_lbl[2] = 0;
+	ip->payload_len = lb_htons(payload_len);
+	ip->nexthdr = nexthdr;
+	ip->hop_limit = LB_REPLY_TTL;
+	__builtin_memcpy(&ip->saddr, saddr, 16);
+	__builtin_memcpy(&ip->daddr, daddr, 16);
+}
+
+/* As lb4_build_tcp_rst, from [VIP]:port, extension headers left behind. */
+static __always_inline int lb6_build_tcp_rst(struct __sk_buff *skb, const struct lb6_pkt *p)
+{
+	struct lb6_tcp_csum_buf b = {};
+	struct ipv6hdr ip = {};
+	__u8 *th = (__u8 *)&b.th;
+	__u32 seglen;
+
+	lb6_addr_copy(b.ph.saddr, p->daddr);
+	lb6_addr_copy(b.ph.daddr, p->saddr);
+	b.ph.len = lb_htonl(sizeof(struct tcphdr));
+	b.ph.nexthdr = IPPROTO_TCP;
+	b.th.source = p->dport;
+	b.th.dest = p->sport;
+	th[12] = (sizeof(struct tcphdr) / 4) << 4;
+	if (p->tcp_flags & LB_TCP_ACK) {
+		b.th.seq = lb_htonl(p->tcp_ack_seq);
+		th[13] = LB_TCP_RST;
+	} else {
+		seglen = p->l3_off + p->ip_len - p->l4_off - p->tcp_doff;
+		if (p->tcp_flags & LB_TCP_SYN)
+			seglen++;
+		if (p->tcp_flags & LB_TCP_FIN)
+			seglen++;
+		b.th.ack_seq = lb_htonl(p->tcp_seq + seglen);
+		th[13] = LB_TCP_RST | LB_TCP_ACK;
+	}
+	b.th.check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&b, sizeof(b), 0));
+
+	lb6_reply_ip(&ip, sizeof(b.th), IPPROTO_TCP, p->daddr, p->saddr);
+	if (lb_reply_l2(skb, ETH_HLEN + sizeof(ip) + sizeof(b.th)) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &b.th, sizeof(b.th), 0))
+		return -1;
+	return 0;
+}
+
+/* A datagram to the VIP becomes the ICMPv6 port unreachable the VIP would send,
+ * quoting the first LB_ICMP6_QUOTE_MAX bytes of the invoking packet. */
+static __always_inline int lb6_build_icmp_port_unreach(struct __sk_buff *skb, const struct lb6_pkt *p)
+{
+	struct lb6_icmp_buf b = {};
+	struct ipv6hdr ip = {};
+	__u32 qlen = p->ip_len;
+	__u32 icmp_len;
+
+	if (qlen > LB_ICMP6_QUOTE_MAX)
+		qlen = LB_ICMP6_QUOTE_MAX;
+	if (qlen < LB_IP6_HLEN)
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, b.quote, qlen))
+		return -1;
+	icmp_len = 8 + qlen;
+	lb6_addr_copy(b.ph.saddr, p->daddr);
+	lb6_addr_copy(b.ph.daddr, p->saddr);
+	b.ph.len = lb_htonl(icmp_len);
+	b.ph.nexthdr = LB_IPPROTO_ICMPV6;
+	b.type = LB_ICMP6_DEST_UNREACH;
+	b.code = LB_ICMP6_PORT_UNREACH;
+	/* The quote is zero-padded to the buffer's size: zeros add nothing to the sum. */
+	b.checksum = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&b, sizeof(b), 0));
+
+	lb6_reply_ip(&ip, icmp_len, LB_IPPROTO_ICMPV6, p->daddr, p->saddr);
+	if (lb_reply_l2(skb, ETH_HLEN + sizeof(ip) + icmp_len) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &b.type, icmp_len, 0))
+		return -1;
+	return 0;
+}
+
+/* As lb4_reject_build and lb4_reject: answered back out the interface it came from. */
+static __always_inline int lb6_reject(struct __sk_buff *skb, const struct lb6_pkt *p, __u32 reason)
+{
+	int err;
+
+	if (p->frag == LB_FRAG_LATER || (p->proto == IPPROTO_TCP && (p->tcp_flags & LB_TCP_RST)))
+		return lb_drop(reason);
+	if (p->proto == IPPROTO_TCP)
+		err = lb6_build_tcp_rst(skb, p);
+	else
+		err = lb6_build_icmp_port_unreach(skb, p);
+	if (err)
+		return lb_drop(REASON_REJECT_FAILED);
+	lb_count_drop(reason);
+	return bpf_redirect(skb->ifindex, 0);
 }
 
 #endif /* EBPFSVC_ICMP_H */
