@@ -372,7 +372,7 @@ struct lb6_icmp_buf {
 	__u8   code;
 	__sum16 checksum;
 	__be32 unused;
-	__u8   quote[LB_ICMP6_QUOTE_MAX];
+	__u8   quote[256];          /* LB_ICMP6_QUOTE_MAX used; the rest stays zero (see the mask below) */
 };
 
 static __always_inline void lb6_reply_ip(struct ipv6hdr *ip, __u16 payload_len, __u8 nexthdr,
@@ -427,35 +427,48 @@ static __always_inline int lb6_build_tcp_rst(struct __sk_buff *skb, const struct
 	return 0;
 }
 
+/* The ICMPv6 reject is built in a per-CPU scratch buffer, not on the stack: with the
+ * IPv4 path in the same program, the 512-byte BPF stack has no room for it. */
+BPF_PERCPU_ARRAY(lb6_icmp_scratch, struct lb6_icmp_buf, 1);
+
 /* A datagram to the VIP becomes the ICMPv6 port unreachable the VIP would send,
  * quoting the first LB_ICMP6_QUOTE_MAX bytes of the invoking packet. */
 static __always_inline int lb6_build_icmp_port_unreach(struct __sk_buff *skb, const struct lb6_pkt *p)
 {
-	struct lb6_icmp_buf b = {};
+	__u32 zero = 0;
+	struct lb6_icmp_buf *bp = lb6_icmp_scratch.lookup(&zero);
 	struct ipv6hdr ip = {};
-	__u32 qlen = p->ip_len;
+	__u64 qlen = p->ip_len;        /* 64-bit: no zero-extension copy between the check and the use */
 	__u32 icmp_len;
+
+	if (!bp)
+		return -1;
+	__builtin_memset(bp, 0, sizeof(*bp));
 
 	if (qlen > LB_ICMP6_QUOTE_MAX)
 		qlen = LB_ICMP6_QUOTE_MAX;
+	/* A mask the compiler cannot see through, then the lower bound: else clang hands the
+	 * helpers below a copy of the length it never clamped, and the verifier refuses an
+	 * unbounded size. The buffer has room for what the mask lets through. */
+	asm volatile("%0 &= 0xff" : "+r"(qlen));
 	if (qlen < LB_IP6_HLEN)
 		return -1;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, b.quote, qlen))
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, bp->quote, qlen))
 		return -1;
 	icmp_len = 8 + qlen;
-	lb6_addr_copy(b.ph.saddr, p->daddr);
-	lb6_addr_copy(b.ph.daddr, p->saddr);
-	b.ph.len = lb_htonl(icmp_len);
-	b.ph.nexthdr = LB_IPPROTO_ICMPV6;
-	b.type = LB_ICMP6_DEST_UNREACH;
-	b.code = LB_ICMP6_PORT_UNREACH;
+	lb6_addr_copy(bp->ph.saddr, p->daddr);
+	lb6_addr_copy(bp->ph.daddr, p->saddr);
+	bp->ph.len = lb_htonl(icmp_len);
+	bp->ph.nexthdr = LB_IPPROTO_ICMPV6;
+	bp->type = LB_ICMP6_DEST_UNREACH;
+	bp->code = LB_ICMP6_PORT_UNREACH;
 	/* The quote is zero-padded to the buffer's size: zeros add nothing to the sum. */
-	b.checksum = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&b, sizeof(b), 0));
+	bp->checksum = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)bp, sizeof(*bp), 0));
 
 	lb6_reply_ip(&ip, icmp_len, LB_IPPROTO_ICMPV6, p->daddr, p->saddr);
 	if (lb_reply_l2(skb, ETH_HLEN + sizeof(ip) + icmp_len) ||
 	    bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &b.type, icmp_len, 0))
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &bp->type, icmp_len, 0))
 		return -1;
 	return 0;
 }
