@@ -287,3 +287,30 @@ def test_ipv4_is_served_beside_ipv6(datapath, writer):
     # Both families' backends hold ids of one space (one lb_backend_stats): no clash.
     ids = [writer.backend_id(x) for x in web4.backends + WEB6.backends]
     assert len(set(ids)) == len(ids)
+
+
+def test_bpf_lb_list_and_ct_list_show_ipv6_entries(datapath, writer, pin_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from ebpfsvc.cli import main
+
+    def cli_json(*args):
+        res = CliRunner().invoke(main, [*args, "--pin-dir", str(pin_dir), "-o", "json"])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        return json.loads(res.output)
+
+    web4 = frontend(VIP, 80, [be(BACKEND1)])
+    writer.apply(state(web4, WEB6))
+    b = expected_backend(WEB6, CLIENT6, 43000)
+    check(datapath, Case("SYN", "from_pod", from_pod(tcp6(CLIENT6, VIP6, 43000, 80)), OK,
+                         from_pod(tcp6(CLIENT6, b, 43000, 8080))))
+    by_fe = {r["frontend"]: r for r in cli_json("bpf", "lb", "list")}
+    assert set(by_fe) == {f"{VIP}:80/TCP", f"{VIP}:0/TCP", f"[{VIP6}]:80/TCP", f"[{VIP6}]:0/TCP"}
+    assert {x["backend"] for x in by_fe[f"[{VIP6}]:80/TCP"]["backends"]} == \
+        {f"[{a}]:8080/TCP" for a in (BACKEND6_1, BACKEND6_2, BACKEND6_3)}
+    ct = cli_json("bpf", "ct", "list")
+    assert {(e["direction"], e["src"], e["dst"], e["frontend"], e["backend"]) for e in ct} == {
+        ("forward", f"[{CLIENT6}]:43000", f"[{VIP6}]:80", f"[{VIP6}]:80", f"[{b}]:8080"),
+        ("reply", f"[{b}]:8080", f"[{CLIENT6}]:43000", f"[{VIP6}]:80", f"[{b}]:8080")}
