@@ -363,9 +363,17 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 
 /* ---- IPv6 twins of the pod-side path: DNAT, conntrack, reverse NAT, affinity,
  * reject, fragments. Not yet for IPv6: hairpin SNAT (no IPv6 node address is
- * configured), clients in the node's namespace (host.h), and ICMPv6 errors about
- * translated flows (passed as they are). ICMPv6, neighbour discovery included,
- * and whatever is not for a Service pass untouched. ---- */
+ * configured) and clients in the node's namespace (host.h). ICMPv6 errors about
+ * translated flows are translated back; other ICMPv6 (neighbour discovery
+ * included) and whatever is not for a Service pass untouched. ---- */
+
+/* ICMPv6 on a pod hook: as lb4_icmp. */
+static __always_inline int lb6_icmp(struct __sk_buff *skb, struct lb6_pkt *p, __u8 dir)
+{
+	if (lb6_icmp_error_xlate(skb, p, bpf_ktime_get_ns(), dir) < 0)
+		return lb_drop(REASON_MALFORMED);
+	return TC_ACT_OK;
+}
 
 static __always_inline int lb6_forward_xlate(struct __sk_buff *skb, struct lb6_pkt *p,
 					     const struct ct6_entry *e)
@@ -481,8 +489,10 @@ static __always_inline int lb6_from_pod(struct __sk_buff *skb)
 	ret = lb6_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
+	if (p.proto == LB_IPPROTO_ICMPV6)
+		return lb6_icmp(skb, &p, CT_DIR_FORWARD);
 	if (!lb4_proto_has_ports(p.proto))
-		return TC_ACT_OK;                       /* ICMPv6 (neighbour discovery too), ... */
+		return TC_ACT_OK;
 	if (p.frag == LB_FRAG_LATER && frag6_lookup_ports(&p)) {
 		if (lb6_is_frontend_address(p.daddr, p.proto, LB_SCOPE_INTERNAL))
 			return lb_drop(REASON_FRAG_UNTRACKED);
@@ -508,6 +518,8 @@ static __always_inline int lb6_to_pod(struct __sk_buff *skb)
 	ret = lb6_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
+	if (p.proto == LB_IPPROTO_ICMPV6)
+		return lb6_icmp(skb, &p, CT_DIR_REPLY);
 	if (!lb4_proto_has_ports(p.proto))
 		return TC_ACT_OK;
 	if (p.frag == LB_FRAG_LATER && frag6_lookup_ports(&p))

@@ -490,4 +490,122 @@ static __always_inline int lb6_reject(struct __sk_buff *skb, const struct lb6_pk
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* ---- ICMPv6 errors about translated flows (destination unreachable, packet too
+ * big, time exceeded, parameter problem), translated as lb4_icmp_error_xlate does.
+ * The ICMPv6 checksum covers a pseudo-header, so an outer address change goes in
+ * with BPF_F_PSEUDO_HDR; a quoted address or port is plain data to it. A quote
+ * whose packet carries extension headers is left as it is. ---- */
+
+static __always_inline int lb6_icmp_is_error(__u8 type)
+{
+	return type >= 1 && type <= 4;
+}
+
+/* The packet an ICMPv6 error quotes: its addresses and ports, and where they are. */
+struct lb6_icmp_quote {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 ports[2];
+	__u8   proto;
+	__u8   pad0[3];
+	__u32  off;             /* offset of the quoted IPv6 header */
+	__u32  l4_off;          /* offset of the quoted ports */
+	__u32  end;             /* end of the ICMPv6 message: past it is padding */
+};
+
+/* Replace 16 bytes inside the ICMPv6 message (no pseudo-header part), checksum kept right. */
+static __always_inline int lb6_icmp_store_addr(struct __sk_buff *skb, __u32 icmp_csum, __u32 off,
+					       const __be32 *old, const __be32 *new)
+{
+	__be32 from[4], to[4];
+	__s64 diff;
+
+	lb6_addr_copy(from, old);
+	lb6_addr_copy(to, new);
+	diff = bpf_csum_diff(from, sizeof(from), to, sizeof(to), 0);
+	if (diff < 0 || bpf_l4_csum_replace(skb, icmp_csum, 0, diff, 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, to, sizeof(to), 0) < 0 ? -1 : 0;
+}
+
+static __always_inline int lb6_icmp_error_xlate(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now, __u8 dir)
+{
+	struct lb6_icmp_quote q = {};
+	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
+	__u32 in_addr_off, in_port_off, l4c;
+	struct ct6_key k = {};
+	struct ct6_entry *e;
+	const __be32 *from_addr, *to_addr, *outer;
+	__be16 from_port, to_port;
+	__u16 old_csum = 0, new_csum = 0;
+	__u8 nexthdr;
+	int reply;
+
+	if (!lb6_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+		return 0;
+	q.end = p->l3_off + p->ip_len;
+	q.off = p->l4_off + 8;
+	q.l4_off = q.off + LB_IP6_HLEN;
+	if (q.l4_off + sizeof(q.ports) > q.end ||
+	    bpf_skb_load_bytes(skb, q.off + 6, &nexthdr, 1) ||
+	    bpf_skb_load_bytes(skb, q.off + IP6_SADDR_OFF, q.saddr, 32) ||
+	    bpf_skb_load_bytes(skb, q.l4_off, q.ports, sizeof(q.ports)))
+		return 0;
+	if (!lb4_proto_has_ports(nexthdr))
+		return 0;
+	q.proto = nexthdr;
+	/* The quoted packet travelled the other way: its tuple reversed is the flow's key. */
+	lb6_addr_copy(k.saddr, q.daddr);
+	lb6_addr_copy(k.daddr, q.saddr);
+	k.sport = q.ports[1];
+	k.dport = q.ports[0];
+	k.proto = q.proto;
+	k.dir = dir;
+	e = ct6_lookup(&k, now);
+	if (!e)
+		return 0;
+
+	/* REPLY: quoted client -> backend becomes client -> VIP, outer source.
+	 * FORWARD: quoted VIP -> client becomes backend -> client, outer destination. */
+	reply = dir == CT_DIR_REPLY;
+	from_addr = reply ? q.daddr : q.saddr;
+	from_port = reply ? q.ports[1] : q.ports[0];
+	to_addr = reply ? e->frontend_addr : e->backend_addr;
+	to_port = reply ? e->frontend_port : e->backend_port;
+	in_addr_off = reply ? IP6_DADDR_OFF : IP6_SADDR_OFF;
+	in_port_off = reply ? 2 : 0;
+	outer = reply ? p->saddr : p->daddr;
+
+	/* The quoted L4 checksum first, while its old value is in place (when it was quoted). */
+	l4c = lb4_l4_csum_off(q.proto);
+	if (l4c && q.l4_off + l4c + 2 <= q.end &&
+	    !bpf_skb_load_bytes(skb, q.l4_off + l4c, &old_csum, 2) &&
+	    !(q.proto == IPPROTO_UDP && old_csum == 0)) {
+		__be32 f[4], t[4];
+		__s64 diff;
+
+		lb6_addr_copy(f, from_addr);
+		lb6_addr_copy(t, to_addr);
+		diff = bpf_csum_diff(f, sizeof(f), t, sizeof(t), 0);
+		if (diff < 0 ||
+		    bpf_l4_csum_replace(skb, q.l4_off + l4c, 0, diff, 0) < 0 ||
+		    bpf_l4_csum_replace(skb, q.l4_off + l4c, from_port, to_port, sizeof(to_port)) < 0 ||
+		    bpf_skb_load_bytes(skb, q.l4_off + l4c, &new_csum, 2) ||
+		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
+			return -1;
+	}
+	if (from_port != to_port &&
+	    lb4_icmp_store(skb, icmp_csum, q.l4_off + in_port_off, from_port, to_port, sizeof(to_port)))
+		return -1;
+	if (lb6_icmp_store_addr(skb, icmp_csum, q.off + in_addr_off, from_addr, to_addr))
+		return -1;
+	/* The outer address, when the error came from (went to) the translated end itself:
+	 * part of the ICMPv6 pseudo-header. */
+	if (lb6_addr_equal(outer, from_addr) &&
+	    lb6_csum_store_addr(skb, p->l3_off + (reply ? IP6_SADDR_OFF : IP6_DADDR_OFF), outer, to_addr,
+				icmp_csum, 0))
+		return -1;
+	return 1;
+}
+
 #endif /* EBPFSVC_ICMP_H */

@@ -314,3 +314,38 @@ def test_bpf_lb_list_and_ct_list_show_ipv6_entries(datapath, writer, pin_dir):
     assert {(e["direction"], e["src"], e["dst"], e["frontend"], e["backend"]) for e in ct} == {
         ("forward", f"[{CLIENT6}]:43000", f"[{VIP6}]:80", f"[{VIP6}]:80", f"[{b}]:8080"),
         ("reply", f"[{b}]:8080", f"[{CLIENT6}]:43000", f"[{VIP6}]:80", f"[{b}]:8080")}
+
+
+def test_icmpv6_errors_about_translated_flows_are_translated_back(datapath, writer):
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+
+    writer.apply(state(WEB6, DNS6))
+    b = expected_backend(DNS6, CLIENT6, 5400)
+    t = expected_backend(WEB6, CLIENT6, 40700)
+    check(datapath, Case("datagram", "from_pod", from_pod(udp6(CLIENT6, VIP6, 5400, 53, b"q")), OK,
+                         from_pod(udp6(CLIENT6, b, 5400, 5353, b"q"))))
+    check(datapath, Case("SYN", "from_pod", from_pod(tcp6(CLIENT6, VIP6, 40700, 80, payload=b"x" * 40)), OK,
+                         from_pod(tcp6(CLIENT6, t, 40700, 8080, payload=b"x" * 40))))
+    rows = [
+        Case("the backend's port unreachable: outer source and quote become the VIP's", "to_pod",
+             to_pod(IPv6(src=b, dst=CLIENT6) / ICMPv6DestUnreach(code=4) / udp6(CLIENT6, b, 5400, 5353, b"q")), OK,
+             to_pod(IPv6(src=VIP6, dst=CLIENT6) / ICMPv6DestUnreach(code=4) / udp6(CLIENT6, VIP6, 5400, 53, b"q"))),
+        Case("a router's packet too big: only the quote changes", "to_pod",
+             to_pod(IPv6(src=OTHER6, dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280) /
+                    tcp6(CLIENT6, t, 40700, 8080, payload=b"x" * 40)), OK,
+             to_pod(IPv6(src=OTHER6, dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280) /
+                    tcp6(CLIENT6, VIP6, 40700, 80, payload=b"x" * 40))),
+        Case("the client's port unreachable about a reply goes to the backend, about the backend", "from_pod",
+             from_pod(IPv6(src=CLIENT6, dst=VIP6) / ICMPv6DestUnreach(code=4) / udp6(VIP6, CLIENT6, 53, 5400, b"a")), OK,
+             from_pod(IPv6(src=CLIENT6, dst=b) / ICMPv6DestUnreach(code=4) / udp6(b, CLIENT6, 5353, 5400, b"a"))),
+        Case("an error about a flow nobody translated passes untouched", "to_pod",
+             to_pod(IPv6(src=OTHER6, dst=CLIENT6) / ICMPv6DestUnreach(code=4) / udp6(CLIENT6, OTHER6, 5401, 53)), OK),
+        Case("a quote cut inside the TCP header (no checksum quoted): addresses and ports still translated",
+             "to_pod",
+             to_pod(IPv6(src=OTHER6, dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280) /
+                    Raw(bytes(tcp6(CLIENT6, t, 40700, 8080))[:40 + 8])), OK,
+             to_pod(IPv6(src=OTHER6, dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280) /
+                    Raw(bytes(tcp6(CLIENT6, VIP6, 40700, 80))[:40 + 8]))),
+    ]
+    for row in rows:
+        check(datapath, row)
