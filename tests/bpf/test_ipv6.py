@@ -310,6 +310,9 @@ def test_bpf_lb_list_and_ct_list_show_ipv6_entries(datapath, writer, pin_dir):
     assert set(by_fe) == {f"{VIP}:80/TCP", f"{VIP}:0/TCP", f"[{VIP6}]:80/TCP", f"[{VIP6}]:0/TCP"}
     assert {x["backend"] for x in by_fe[f"[{VIP6}]:80/TCP"]["backends"]} == \
         {f"[{a}]:8080/TCP" for a in (BACKEND6_1, BACKEND6_2, BACKEND6_3)}
+    services = {s["service"]: s for s in cli_json("service", "list")}
+    fe6 = next(f for s in services.values() for f in s["frontends"] if f["frontend"] == f"[{VIP6}]:80/TCP")
+    assert {x["backend"]: x["flows"] for x in fe6["backends"]}[f"[{b}]:8080/TCP"] == 1
     ct = cli_json("bpf", "ct", "list")
     assert {(e["direction"], e["src"], e["dst"], e["frontend"], e["backend"]) for e in ct} == {
         ("forward", f"[{CLIENT6}]:43000", f"[{VIP6}]:80", f"[{VIP6}]:80", f"[{b}]:8080"),
