@@ -11,7 +11,7 @@ from collections import Counter
 from ebpfsvc import abi
 from ebpfsvc.datapath.flowhash import flow_hash
 from ebpfsvc.inspect.node import (PROTO_NUMBERS, BackendRow, CtEntry, FrontendRow, NodeMaps, address_port_name,
-                                  ct_closing, monotonic_ns)
+                                  ct_closing, hostport, monotonic_ns)
 from ebpfsvc.lbmodel import table_backends
 
 # Slots the datapath tries past a terminating backend (bpf/lib/lb.h, defined in abi.h).
@@ -95,8 +95,8 @@ def ct_list(node: NodeMaps, *, include_expired: bool = True) -> list[dict]:
     for e in node.ct():
         if e.expired and not include_expired:
             continue
-        out.append({"direction": e.direction, "proto": e.proto, "src": f"{e.saddr}:{e.sport}",
-                    "dst": f"{e.daddr}:{e.dport}", "frontend": e.frontend, "backend": e.backend,
+        out.append({"direction": e.direction, "proto": e.proto, "src": hostport(e.saddr, e.sport),
+                    "dst": hostport(e.daddr, e.dport), "frontend": e.frontend, "backend": e.backend,
                     "backend_id": e.backend_id, "service_id": e.service_id, "frontend_id": e.frontend_id,
                     "flags": e.flag_names, "age_s": round(e.age_s, 3), "expired": e.expired})
     return out
