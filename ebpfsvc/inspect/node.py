@@ -56,6 +56,10 @@ def ip6_str(words) -> str:
     return abi.ip_of_be128(list(words))
 
 
+# The IPv6 twins: read when pinned (the views skip them otherwise).
+_IPV6_MAPS = frozenset(name for name in abi.MAP_TYPES if name.startswith(("lb6_", "ct6", "frag6")))
+
+
 def hostport(address: str, port: int) -> str:
     """address:port, an IPv6 address bracketed (as in a URL, and a Maglev backend name)."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -254,6 +258,8 @@ class NodeMaps:
         node = cls(pin_dir)
         try:
             for name in names or abi.MAP_TYPES:
+                if names is None and name in _IPV6_MAPS and not (pin_dir / name).exists():
+                    continue        # an agent of a version before IPv6: its IPv4 maps are all there is
                 m = PinnedMap.open(pin_dir / name)
                 key_t, val_t = abi.MAP_TYPES[name]
                 if (m.info.key_size, m.info.value_size) != (ffi.sizeof(key_t), ffi.sizeof(val_t)):
@@ -300,7 +306,8 @@ class NodeMaps:
         self._slots = None
         probe = FrontendRow(address, port, proto, scope, 0, 0, 0, 0, 0, 0, 0)
         key = probe.key_bytes()
-        v = self.maps["lb6_frontends" if probe.is_ipv6 else "lb4_frontends"].lookup(key)
+        table = self.maps.get("lb6_frontends" if probe.is_ipv6 else "lb4_frontends")
+        v = table.lookup(key) if table is not None else None
         if v is None:
             return None
         sid = _decode("struct lb4_service", v).service_id

@@ -352,3 +352,20 @@ def test_icmpv6_errors_about_translated_flows_are_translated_back(datapath, writ
     ]
     for row in rows:
         check(datapath, row)
+
+
+def test_inspection_of_pins_without_the_ipv6_maps(datapath, writer, pin_dir):
+    """An agent of a version before IPv6 pinned no lb6_* map: the views read what is there."""
+    from click.testing import CliRunner
+
+    from ebpfsvc.cli import main
+    from ebpfsvc.inspect.node import NodeMaps
+
+    writer.apply(state(frontend(VIP, 80, [be(BACKEND1)])))
+    for name in ("lb6_frontends", "lb6_backends", "ct6", "lb6_affinity", "frag6", "lb6_source_ranges"):
+        (pin_dir / name).unlink()           # put back for the next test by the tier's fixtures
+    with NodeMaps.open(pin_dir) as node:
+        assert {f.name for f in node.frontends()} == {f"{VIP}:80/TCP", f"{VIP}:0/TCP"}
+        assert node.frontend(VIP6, 80, "TCP", "internal") is None and node.ct() == []
+    res = CliRunner().invoke(main, ["bpf", "lb", "list", "--pin-dir", str(pin_dir)])
+    assert res.exit_code == 0 and f"{VIP}:80/TCP" in res.output, res.output
