@@ -28,9 +28,13 @@ from ebpfsvc.lbmodel import Algorithm, IPAddress
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpfsvc"          # bpffs directory of the pinned maps (--pin-dir)
 DEFAULT_NODEPORT_RANGE = (30000, 32767)          # the API server's --service-node-port-range default
 # The IP families of the cluster's service CIDRs (the API server's --service-cluster-ip-range) that
-# this node serves (--ip-families).  IPv4 alone, as before dual-stack: an IPv6 Service is then refused.
+# this node serves.  By default (--ip-families auto) the agent takes them from the cluster's
+# ServiceCIDR objects (k8s/servicecidr.py), so a dual-stack cluster needs no flag; DEFAULT_IP_FAMILIES
+# stands in while there is none (an API before Kubernetes 1.33, a manifest directory without any):
+# IPv4 alone, as before dual-stack.  An explicit --ip-families overrides them.
 IP_FAMILIES = ("IPv4", "IPv6")                   # v1 IPFamily values
 DEFAULT_IP_FAMILIES = ("IPv4",)
+AUTO_IP_FAMILIES = "auto"                        # --ip-families default: the ServiceCIDRs' families
 
 
 def family_name(version: int) -> str:
@@ -107,7 +111,10 @@ class NodeConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     node: NodeConfig                          # node_addresses: --node-address (always NodePort addresses);
-                                              # ip_families: --ip-families, default DEFAULT_IP_FAMILIES
+                                              # ip_families: --ip-families, or the ones to start with (auto)
+    # --ip-families auto (the default): node.ip_families follow the families of the cluster's ServiceCIDRs
+    # (DEFAULT_IP_FAMILIES while the API serves none) as they change; False: node.ip_families as given.
+    ip_families_auto: bool = True
     pin_dir: str = DEFAULT_PIN_DIR
     manifests: str | None = None             # a manifest directory instead of the API server
     kubeconfig: str | None = None

@@ -155,14 +155,18 @@ class NodePortAddress(_Checked):
 
 
 class IPFamilies(_Checked):
-    """--ip-families: IPv4, IPv6 or IPv4,IPv6 -> a tuple of family names (config.parse_ip_families)."""
+    """--ip-families: IPv4, IPv6 or IPv4,IPv6 -> a tuple of family names (config.parse_ip_families);
+    with auto=True also "auto" (config.AUTO_IP_FAMILIES), kept as that string."""
 
     name = "families"
 
-    def convert(self, value, param, ctx):
-        from ebpfsvc.config import parse_ip_families
+    def __init__(self, auto: bool = False):
+        self.auto = auto
 
-        if isinstance(value, tuple):
+    def convert(self, value, param, ctx):
+        from ebpfsvc.config import AUTO_IP_FAMILIES, parse_ip_families
+
+        if isinstance(value, tuple) or (self.auto and value == AUTO_IP_FAMILIES):
             return value
         try:
             return parse_ip_families(value if isinstance(value, list) else str(value))

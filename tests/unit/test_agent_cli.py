@@ -180,14 +180,20 @@ def test_defaults_live_in_one_place():
 # ---- --ip-families (issue 14) -------------------------------------------------------------------
 
 def test_ip_families_default_to_ipv4_and_take_dual_stack_from_flag_or_file(tmp_path, monkeypatch):
+    # The default is auto: IPv4 to start with, then the families of the cluster's ServiceCIDRs.
     result, cfg = _run(tmp_path, monkeypatch, "", "--node-name=n1")
     assert result.exit_code == 0, result.output
-    assert cfg.node.ip_families == ("IPv4",)
+    assert cfg.node.ip_families == ("IPv4",) and cfg.ip_families_auto
+    result, cfg = _run(tmp_path, monkeypatch, "ip-families: auto\n", "--node-name=n1")
+    assert result.exit_code == 0, result.output
+    assert cfg.node.ip_families == ("IPv4",) and cfg.ip_families_auto
     result, cfg = _run(tmp_path, monkeypatch, "ip-families: IPv4,IPv6\n", "--node-name=n1")
     assert result.exit_code == 0, result.output
-    assert cfg.node.ip_families == ("IPv4", "IPv6")
+    assert cfg.node.ip_families == ("IPv4", "IPv6") and not cfg.ip_families_auto     # an override
     result, cfg = _run(tmp_path, monkeypatch, "ip-families: IPv4,IPv6\n", "--node-name=n1", "--ip-families=IPv6")
     assert cfg.node.ip_families == ("IPv6",)                         # the flag beats the file
+    result, cfg = _run(tmp_path, monkeypatch, "ip-families: IPv6\n", "--node-name=n1", "--ip-families=auto")
+    assert cfg.ip_families_auto and cfg.node.ip_families == ("IPv4",)
 
 
 @pytest.mark.parametrize("args, line", [

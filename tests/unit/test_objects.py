@@ -17,7 +17,7 @@ from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s import (Invalid, ServiceType, TrafficPolicy, parse_endpoint_slice, parse_endpoints,
                          parse_node, parse_service)
 from ebpfsvc.k8s.schema import unknown_fields
-from ebpfsvc.k8s.servicecidr import parse_service_cidr
+from ebpfsvc.k8s.servicecidr import cluster_ip_families, parse_service_cidr
 from ebpfsvc.lbmodel import Algorithm, Protocol
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -621,7 +621,21 @@ def test_service_cidr_keeps_its_ipv4_ranges():
     assert unknown_fields("ServiceCIDR", service_cidr("10.96.0.0/12")) == []
 
 
+def test_service_cidr_ranges_of_both_families_give_the_cluster_ip_families_primary_first():
+    """--ip-families auto: the `kubernetes` ServiceCIDR (kube-apiserver's range, primary family first)
+    orders the families; another ServiceCIDR adds its own; none gives ()."""
+    dual = parse_service_cidr(service_cidr("fd00:10:96::/112", "10.96.0.0/12"))
+    assert dual.ranges == (IPv6Network("fd00:10:96::/112"), IPv4Network("10.96.0.0/12"))
+    assert dual.families == ("IPv6", "IPv4") and dual.cidrs == (IPv4Network("10.96.0.0/12"),)
+    extra = parse_service_cidr(service_cidr("10.100.0.0/16", name="added"))
+    v6_only = parse_service_cidr(service_cidr("fd00:10:96::/112"))
+    assert cluster_ip_families([extra, dual]) == ("IPv6", "IPv4")
+    assert cluster_ip_families([extra, v6_only]) == ("IPv6", "IPv4")
+    assert cluster_ip_families([extra]) == ("IPv4",) and cluster_ip_families([]) == ()
+
+
 @pytest.mark.parametrize("cidrs,message", [
+    (("::/0",), "spec.cidrs[0]: ::/0 is every IPv6 address, not a range of clusterIPs"),
     (("10.96.0.0/33",), "spec.cidrs[0]: '10.96.0.0/33' is not a CIDR"),
     (("0.0.0.0/0",), "spec.cidrs[0]: 0.0.0.0/0 would route every address to the node-client device"),
     (("10.96.0.0/12", "10.100.0.0/16", "fd00::/112"), "spec.cidrs: has 3 items, more than the limit of 2"),
