@@ -205,10 +205,14 @@ def _parse_dst(value: str) -> tuple[str, int, str]:
     try:
         hostport, _, proto = value.partition("/")
         host, _, port = hostport.rpartition(":")
-        ipaddress.IPv4Address(host)
+        if host.startswith("[") and host.endswith("]"):
+            host = str(ipaddress.IPv6Address(host[1:-1]))      # [IPv6]:PORT, as in a URL
+        else:
+            ipaddress.IPv4Address(host)
         return host, int(port), (proto or "TCP").upper()
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not ADDRESS:PORT[/PROTO]", param_hint="DST:PORT/PROTO")
+        raise click.BadParameter(f"{value!r} is not ADDRESS:PORT[/PROTO] ([ADDRESS]:PORT for IPv6)",
+                                 param_hint="DST:PORT/PROTO")
 
 
 @click.command("why")

@@ -342,11 +342,18 @@ class NodeMaps:
         return dict(sorted(out.items()))
 
     def backend(self, ident: int) -> BackendRow | None:
-        v = self.maps["lb4_backends"].lookup(_encode(ffi.new("__u32 *", ident)))
+        """Backend `ident` of either family (ids are one space)."""
+        key = _encode(ffi.new("__u32 *", ident))
+        v = self.maps["lb4_backends"].lookup(key)
+        if v is not None:
+            b = _decode("struct lb4_backend", v)
+            return BackendRow(ident, ip_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)),
+                              b.flags)
+        v = self.maps["lb6_backends"].lookup(key) if "lb6_backends" in self.maps else None
         if v is None:
             return None
-        b = _decode("struct lb4_backend", v)
-        return BackendRow(ident, ip_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
+        b = _decode("struct lb6_backend", v)
+        return BackendRow(ident, ip6_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
 
     def maglev_table(self, fe: FrontendRow) -> list[int]:
         """Backend id per slot of a frontend's Maglev table (from prefetch_maglev's copy when it has one)."""
@@ -370,12 +377,15 @@ class NodeMaps:
 
     def ct_lookup(self, saddr: str, daddr: str, sport: int, dport: int, proto: str, direction: str,
                   now_ns: int | None = None) -> CtEntry | None:
-        key = ffi.new("struct ct4_key *", {
-            "saddr": raw_ip(saddr), "daddr": raw_ip(daddr), "sport": raw_port(sport), "dport": raw_port(dport),
-            "proto": PROTO_NUMBERS[proto],
+        six = ":" in saddr
+        if six and "ct6" not in self.maps:
+            return None
+        key = ffi.new("struct ct6_key *" if six else "struct ct4_key *", {
+            "saddr": abi.be128(saddr) if six else raw_ip(saddr), "daddr": abi.be128(daddr) if six else raw_ip(daddr),
+            "sport": raw_port(sport), "dport": raw_port(dport), "proto": PROTO_NUMBERS[proto],
             "dir": abi.CT_DIR_FORWARD if direction == "forward" else abi.CT_DIR_REPLY})
-        v = self.maps["ct4"].lookup(_encode(key))
-        return None if v is None else self._ct(_encode(key), v, monotonic_ns() if now_ns is None else now_ns)
+        v = self.maps["ct6" if six else "ct4"].lookup(_encode(key))
+        return None if v is None else self._ct(_encode(key), v, monotonic_ns() if now_ns is None else now_ns, six=six)
 
     @staticmethod
     def _ct(k: bytes, v: bytes, now_ns: int, six: bool = False) -> CtEntry:
@@ -397,8 +407,12 @@ class NodeMaps:
             age_s=age, expired=age > ct_lifetime_s(proto, e.flags))
 
     def affinity(self, client: str, service_id: int, now_ns: int | None = None) -> Affinity | None:
-        key = ffi.new("struct lb4_affinity_key *", {"client_addr": raw_ip(client), "service_id": service_id})
-        v = self.maps["lb4_affinity"].lookup(_encode(key))
+        six = ":" in client         # IPv6: per /128 client (lb6_affinity)
+        if six and "lb6_affinity" not in self.maps:
+            return None
+        key = ffi.new("struct lb6_affinity_key *" if six else "struct lb4_affinity_key *",
+                      {"client_addr": abi.be128(client) if six else raw_ip(client), "service_id": service_id})
+        v = self.maps["lb6_affinity" if six else "lb4_affinity"].lookup(_encode(key))
         if v is None:
             return None
         val = _decode("struct lb_affinity_val", v)

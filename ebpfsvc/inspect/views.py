@@ -169,6 +169,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
     if proto not in PROTO_NUMBERS:
         step("parse", f"{proto} has no ports: passes untouched")
         return result("pass", "not load-balanced protocol")
+    if external and ":" in dst:
+        step("parse", "IPv6 entering from an uplink: the uplink programs serve IPv4 only, it passes untouched")
+        return result("pass", "not a service")
 
     # 1. Conntrack: an established flow keeps its backend whatever the tables say now.
     if sport is None:

@@ -369,3 +369,32 @@ def test_inspection_of_pins_without_the_ipv6_maps(datapath, writer, pin_dir):
         assert node.frontend(VIP6, 80, "TCP", "internal") is None and node.ct() == []
     res = CliRunner().invoke(main, ["bpf", "lb", "list", "--pin-dir", str(pin_dir)])
     assert res.exit_code == 0 and f"{VIP}:80/TCP" in res.output, res.output
+
+
+def test_why_follows_an_ipv6_flow(datapath, writer, pin_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from ebpfsvc.cli import main
+
+    def why(*args):
+        res = CliRunner().invoke(main, ["why", *args, "--pin-dir", str(pin_dir), "-o", "json"])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        return json.loads(res.output)
+
+    fe = frontend6(VIP6, 80, [be6(BACKEND6_1), be6(BACKEND6_2), be6(BACKEND6_3)], affinity_timeout=600)
+    writer.apply(state(fe))
+    b = expected_backend(fe, CLIENT6, 43100)
+    r = why(CLIENT6, f"[{VIP6}]:80/TCP", "--sport", "43100")
+    assert (r["verdict"], r["reason"], r["backend"]) == ("dnat", "maglev", f"[{b}]:8080/TCP")
+    check(datapath, Case("SYN", "from_pod", from_pod(tcp6(CLIENT6, VIP6, 43100, 80)), OK,
+                         from_pod(tcp6(CLIENT6, b, 43100, 8080))))
+    r = why(CLIENT6, f"[{VIP6}]:80/TCP", "--sport", "43100")
+    assert (r["reason"], r["backend"]) == ("conntrack", f"[{b}]:8080/TCP")
+    r = why(CLIENT6, f"[{VIP6}]:80/TCP", "--sport", "43101")
+    assert (r["reason"], r["backend"]) == ("affinity", f"[{b}]:8080/TCP")
+    r = why(CLIENT6, f"[{VIP6}]:80/TCP", "--sport", "43101", "--scope", "external")
+    assert (r["verdict"], r["reason"]) == ("pass", "not a service")
+    bad = CliRunner().invoke(main, ["why", CLIENT6, f"{VIP6}:80/TCP", "--pin-dir", str(pin_dir)])
+    assert bad.exit_code == 2 and "[ADDRESS]:PORT for IPv6" in bad.output and "Traceback" not in bad.output

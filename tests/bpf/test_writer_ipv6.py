@@ -123,3 +123,20 @@ def test_pinned_maps_read_back_ipv6_frontends(datapath, writer):
     writer.apply(state(v4, v6))
     got = pinned_frontends(datapath.maps)[("default", "web")]
     assert sorted(got, key=lambda f: f.key.address.version) == [v4, v6]
+
+
+def test_drift_and_metrics_see_both_families(datapath, writer, pin_dir):
+    from ebpfsvc.inspect import views
+    from ebpfsvc.inspect.node import NodeMaps
+
+    v4 = frontend(VIP, 80, [be(BACKEND1)], name="web")
+    v6 = frontend6(VIP6, 80, [be6(BACKEND6_1), be6(BACKEND6_2)], name="web")
+    writer.apply(state(v4, v6))
+    with NodeMaps.open(pin_dir) as node:
+        assert views.drift(state(v4, v6), node) == []
+        # A desired IPv6 backend the maps do not hold is named, bracketed.
+        missing = frontend6(VIP6, 80, [be6(BACKEND6_1), be6(BACKEND6_3)], name="web")
+        (row,) = views.drift(state(v4, missing), node)
+        assert f"[{BACKEND6_3}]:8080/TCP" in row["problem"] and f"[{BACKEND6_2}]:8080/TCP" in row["problem"]
+        assert {"lb6_frontends", "lb6_backends", "ct6"} <= set(node.fill())
+        assert node.fill()["lb6_backends"][0] == 2
