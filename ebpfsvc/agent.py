@@ -56,7 +56,7 @@ from ebpfsvc.datapath.loader import Limits
 from ebpfsvc.datapath.pinned import pinned_frontends
 from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.interfaces import InterfaceWatcher
-from ebpfsvc.k8s.servicecidr import cluster_ip_families
+from ebpfsvc.k8s.servicecidr import served_ip_families
 from ebpfsvc.lbmodel import LBState
 from ebpfsvc.runner import BoundedFrequencyRunner
 from ebpfsvc.tracker import ClusterState
@@ -195,7 +195,7 @@ class Agent:
         build recomputes every Service (a new node context)."""
         if not self.config.ip_families_auto:
             return False
-        families = cluster_ip_families(self.state.service_cidrs()) or DEFAULT_IP_FAMILIES
+        families = served_ip_families(self.state.service_cidrs())
         if families == self.settings.ip_families:
             return False
         log.info("IP families %s (%s)", ",".join(families), "the cluster's ServiceCIDRs"

@@ -20,7 +20,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from ebpfsvc.config import DEFAULT_IP_FAMILIES, DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, format_port_range
+from ebpfsvc.config import AUTO_IP_FAMILIES, DEFAULT_IP_FAMILIES, DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, format_port_range
 from ebpfsvc.flags import PortRange
 
 pin_dir_option = click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True, envvar="EBPFSVC_PIN_DIR",
@@ -254,8 +254,8 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @click.option("--nodeport-addresses", multiple=True, help="As given to the agent; default: every node address, "
               "found as the agent finds them (its Node object, this namespace's interfaces).")
 @click.option("--service-cidr", default=None, help="As given to the agent, if it was.")
-@click.option("--ip-families", default=",".join(DEFAULT_IP_FAMILIES), show_default=True,
-              help="As given to the agent (IPv4, IPv6, IPv4,IPv6).")
+@click.option("--ip-families", default=AUTO_IP_FAMILIES, show_default=True,
+              help="As given to the agent (auto: the ServiceCIDRs' families; IPv4, IPv6, IPv4,IPv6).")
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
 @click.option("--proxy-name", default="")
@@ -274,10 +274,11 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
         kubeconfig = None       # $KUBECONFIG is a default, not a second choice
     if bool(manifests) + bool(kubeconfig) + bool(in_cluster) != 1:
         raise click.UsageError("give exactly one of --manifests, --kubeconfig, --in-cluster")
+    auto = ip_families == AUTO_IP_FAMILIES
     try:
         node_cfg = NodeConfig(node_name=node_name, node_addresses=node_addresses, service_cidr=service_cidr,
                               nodeport_range=service_node_port_range, proxy_name=proxy_name,
-                              default_algorithm=lb_algorithm, ip_families=ip_families)
+                              default_algorithm=lb_algorithm, ip_families=DEFAULT_IP_FAMILIES if auto else ip_families)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
@@ -285,7 +286,7 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
                                 ip_families=node_cfg.ip_families)
         problems: list = []
         desired = load_desired(node_cfg, manifests=manifests, kubeconfig=kubeconfig, in_cluster=in_cluster,
-                               timeout=timeout, settings=settings, problems=problems)
+                               timeout=timeout, settings=settings, problems=problems, ip_families_auto=auto)
     except (OSError, TimeoutError, ValueError) as e:
         raise click.ClickException(str(e))
     with _open(pin_dir) as node:

@@ -20,7 +20,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
 
-from ebpfsvc.config import family_name
+from ebpfsvc.config import DEFAULT_IP_FAMILIES, family_name
 from ebpfsvc.k8s.fields import Invalid, parse_cidr, read_meta
 
 API_VERSIONS = ("networking.k8s.io/v1", "networking.k8s.io/v1beta1")
@@ -66,3 +66,9 @@ def cluster_ip_families(service_cidrs: Iterable[ServiceCIDR]) -> tuple[str, ...]
     cluster's primary family), then any other family an added ServiceCIDR brings. () without any."""
     ordered = sorted(service_cidrs, key=lambda c: (c.name != DEFAULT_NAME, c.name))
     return tuple(dict.fromkeys(f for c in ordered for f in c.families))
+
+
+def served_ip_families(service_cidrs: Iterable[ServiceCIDR]) -> tuple[str, ...]:
+    """--ip-families auto: the cluster's families (cluster_ip_families), DEFAULT_IP_FAMILIES without
+    any ServiceCIDR (an API before Kubernetes 1.33, a manifest directory with none)."""
+    return cluster_ip_families(service_cidrs) or DEFAULT_IP_FAMILIES

@@ -152,6 +152,20 @@ spec: {type: NodePort, ipFamilyPolicy: PreferDualStack, clusterIP: 198.19.0.10,
     assert {(str(k.address), k.port) for k in state.frontends} == {
         ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}
 
+    # drift's default, as the agent's: --ip-families auto takes the ServiceCIDRs' families; IPv4 without.
+    assert {(str(k.address), k.port) for k in load_desired(
+        NodeConfig("node-1"), manifests=str(tmp_path), settings=NodeSettings(), ip_families_auto=True).frontends} == {
+        ("198.19.0.10", 80), ("198.18.0.11", 30080)}
+    (tmp_path / "cidr.yaml").write_text("""
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [198.19.0.0/16, "2001:2:0:ff::/108"]}
+""")
+    state = load_desired(NodeConfig("node-1"), manifests=str(tmp_path), settings=NodeSettings(), ip_families_auto=True)
+    assert {(str(k.address), k.port) for k in state.frontends} == {
+        ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}
+
 
 def test_tables_print_ipv6_frontends_as_text(capsys):
     """A bracketed IPv6 frontend is not a style tag, and ':b:' in an address is not an emoji code."""
