@@ -6,6 +6,8 @@
  *   from_pod  ingress: packets leaving the pod. DNAT to a backend.
  *   to_pod    egress:  packets entering the pod. Reverse NAT of replies.
  *
+ * One object serves both families: IPv6 frames go to the lb6_* twins.
+ *
  * The logic lives in lib/ (one header per concern); these stay thin.
  * ebpfsvc/datapath/loader.py compiles this file with bcc, passing limits,
  * LB_PIN_DIR and HAIRPIN_ADDR as -D.
@@ -29,10 +31,14 @@
 
 int from_pod(struct __sk_buff *skb)
 {
+	if (skb->protocol == lb_htons(ETH_P_IPV6))
+		return lb6_from_pod(skb);
 	return lb4_from_pod(skb);
 }
 
 int to_pod(struct __sk_buff *skb)
 {
+	if (skb->protocol == lb_htons(ETH_P_IPV6))
+		return lb6_to_pod(skb);
 	return lb4_to_pod(skb);
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import struct
 from pathlib import Path
 
 import cffi
@@ -80,6 +81,12 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_service_status": ("struct lb_service_name", "struct lb_service_status"),
     "lb4_sock_revnat": ("struct lb4_sock_key", "struct lb4_sock_revnat"),
     "lb_sock_stats": ("__u32", "__u64"),
+    "lb6_frontends": ("struct lb6_key", "struct lb4_service"),
+    "lb6_backends": ("__u32", "struct lb6_backend"),
+    "ct6": ("struct ct6_key", "struct ct6_entry"),
+    "lb6_affinity": ("struct lb6_affinity_key", "struct lb_affinity_val"),
+    "frag6": ("struct frag6_key", "struct frag4_ports"),
+    "lb6_source_ranges": ("struct lb6_src_range_key", "__u32"),
 }
 
 
@@ -114,3 +121,19 @@ def ip_of_be32(raw: int) -> str:
 def port_of_be16(raw: int) -> int:
     """A __be16 field's value -> port number."""
     return socket.ntohs(raw)
+
+
+# ---- IPv6 addresses: __be32[4] fields ------------------------------------------------------------
+# An IPv6 address field is four network-order words; read natively (bcc's ctypes arrays, cffi,
+# numpy records) each holds its 4 wire bytes as a native u32.
+
+def be128(addr) -> tuple[int, int, int, int]:
+    """An IPv6 address (IPv6Address or str) as the four u32 a __be32[4] field holds."""
+    if not isinstance(addr, ipaddress.IPv6Address):
+        addr = ipaddress.IPv6Address(str(addr))
+    return struct.unpack("=4I", addr.packed)
+
+
+def ip_of_be128(words) -> str:
+    """A __be32[4] field's value (any sequence of four u32) -> IPv6 text."""
+    return str(ipaddress.IPv6Address(struct.pack("=4I", *words)))

@@ -27,6 +27,14 @@ translated traffic come from its Node object and interfaces (ebpfsvc/nodeinfo.py
 arrive after start, or change: every sync checks, and when the result differs the programs that
 compile those addresses in are loaded again and replace the attached ones in place, uplinks are
 attached (or released) and the node-client routes rewritten.
+
+The IP families too (--ip-families auto, the default): the node serves the families of the
+cluster's ServiceCIDRs (IPv4 while the API serves none), so a dual-stack cluster needs no flag.
+The first sync waits for the ServiceCIDR list, so a restart never drops the IPv6 frontends the
+previous run served; when the families change later, the node is resolved again (its addresses of
+the new family) and the desired state recomputed.  Services are then validated as the API server
+of a dual-stack cluster validates them: it allocated every clusterIP from a ServiceCIDR, and one
+of a family the cluster has no ServiceCIDR of is not served.
 """
 
 from __future__ import annotations
@@ -43,11 +51,12 @@ from dataclasses import replace
 
 from ebpfsvc import nodeinfo
 from ebpfsvc.admission import Admission, Capacity, ServiceStatusMap
-from ebpfsvc.config import AgentConfig
+from ebpfsvc.config import DEFAULT_IP_FAMILIES, IP_FAMILIES, AgentConfig
 from ebpfsvc.datapath.loader import Limits
 from ebpfsvc.datapath.pinned import pinned_frontends
 from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.interfaces import InterfaceWatcher
+from ebpfsvc.k8s.servicecidr import served_ip_families
 from ebpfsvc.lbmodel import LBState
 from ebpfsvc.runner import BoundedFrequencyRunner
 from ebpfsvc.tracker import ClusterState
@@ -74,7 +83,10 @@ class Agent:
             source_stats=self._source_stats, invalid_objects=lambda: self.invalid_objects,
             problems=lambda: self.state.problems, pending_changes=lambda: self.state.pending_changes(),
             admission=lambda: self.admission.details()))
-        self.state = ClusterState(config.node, on_invalid=self._invalid, on_received=self.telemetry.metrics.changed,
+        # With the families followed from the ServiceCIDRs, the API server judges a clusterIP's family
+        # (it allocated it from one): validation takes either, desired state serves the cluster's.
+        validation = replace(config.node, ip_families=IP_FAMILIES) if config.ip_families_auto else config.node
+        self.state = ClusterState(validation, on_invalid=self._invalid, on_received=self.telemetry.metrics.changed,
                                   on_node=self.telemetry.health.node_changed)
         self.datapath = None
         self.uplink_datapath = None     # bpf/lb_node.c, when there are uplinks
@@ -88,7 +100,8 @@ class Agent:
         self.desired = DesiredStateBuilder(config.node)   # keeps the last result; sync() feeds it snapshots
         self.settings = nodeinfo.NodeSettings(
             node_addresses=config.node.node_addresses, nodeport_addresses=config.nodeport_addresses,
-            uplinks=config.uplinks, hairpin_address=config.hairpin_address, pod_interfaces=config.pod_interfaces)
+            uplinks=config.uplinks, hairpin_address=config.hairpin_address, pod_interfaces=config.pod_interfaces,
+            ip_families=config.node.ip_families)
         self.read_interfaces = nodeinfo.read_interfaces   # replaceable in tests
         self.node_info: nodeinfo.NodeInfo | None = None   # what the datapath is (being) configured with
         self._configured: nodeinfo.NodeInfo | None = None # the last node_info configured in full
@@ -137,8 +150,10 @@ class Agent:
             opened = opening.result()
         log.info("maps opened in %.2fs", time.monotonic() - t0)
         deadline = time.monotonic() + NODE_WAIT_SECONDS
-        while "Node" not in self.state.synced_kinds and time.monotonic() < deadline and not self._stopped.is_set():
+        while not self._start_kinds() <= self.state.synced_kinds and time.monotonic() < deadline \
+                and not self._stopped.is_set():
             self._stopped.wait(0.05)
+        self._follow_service_cidrs()
         if opened is not None:
             self._maps_bpf, maps = opened
             self._adopt_maps(maps)
@@ -171,6 +186,26 @@ class Agent:
         self.watcher.start()
         if not early:
             self._start_syncing()
+
+    def _start_kinds(self) -> set[str]:
+        """What the node's configuration is made of: its Node and, families followed, the ServiceCIDRs."""
+        return {"Node", "ServiceCIDR"} if self.config.ip_families_auto else {"Node"}
+
+    def _follow_service_cidrs(self) -> bool:
+        """--ip-families auto: serve the families of the cluster's ServiceCIDRs (DEFAULT_IP_FAMILIES
+        while there is none). True when they changed: the node is then resolved again and the next
+        build recomputes every Service (a new node context)."""
+        if not self.config.ip_families_auto:
+            return False
+        families = served_ip_families(self.state.service_cidrs())
+        if families == self.settings.ip_families:
+            return False
+        log.info("IP families %s (%s)", ",".join(families), "the cluster's ServiceCIDRs"
+                 if families != DEFAULT_IP_FAMILIES or self.state.service_cidrs() else "no ServiceCIDR: the default")
+        self.config = replace(self.config, node=replace(self.config.node, ip_families=families))
+        self.settings = replace(self.settings, ip_families=families)
+        self.desired.node = replace(self.desired.node, ip_families=families)
+        return True
 
     def _adopt_maps(self, maps) -> None:
         """Write `maps` from now on: the maps-only object's tables while the programs compile, else the
@@ -400,7 +435,12 @@ class Agent:
                     cidrs = [self.config.node.service_cidr]
                 routes.set_cidrs(cidrs)
             if result is not None:
-                routes.update(result.state, result.delta)
+                state, delta = result.state, result.delta
+                if "IPv6" in self.config.node.ip_families:
+                    # Until hostpath routes IPv6, node clients reach the IPv4 ClusterIPs only.
+                    state = LBState({k: fe for k, fe in state.frontends.items() if k.address.version == 4})
+                    delta = None
+                routes.update(state, delta)
             if self._routed is None or not routes.ready:
                 return      # no device yet, or nothing known yet: a previous run's routes stay until then
             if routes.dirty or rewrite:
@@ -429,12 +469,18 @@ class Agent:
         # of trusting its incremental bookkeeping (and deletes whatever nothing wants); the node's
         # addresses and uplinks are read again then too.
         full = t0 >= self._next_full_apply
+        families_changed = self._follow_service_cidrs()
         if self._configured is not None:        # start() configured the datapath once (it may be compiling)
             moved = self._addresses_changed.is_set()
             self._addresses_changed.clear()     # before reading: an event meanwhile brings another pass
-            self._refresh_node(force=(full and self.last_applied is not None) or moved)
+            self._refresh_node(force=(full and self.last_applied is not None) or moved or families_changed)
         if not self.state.synced:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")
+            return
+        if not self._start_kinds() - {"Node"} <= self.state.synced_kinds:
+            # Which families to serve is not known yet: a sync now could take a previous run's
+            # IPv6 frontends out of the maps the attached programs serve.
+            log.debug("not synced yet: the ServiceCIDRs (the cluster's IP families) have not listed")
             return
         snapshot = self.state.snapshot()
         self.telemetry.sync_started(snapshot.trigger_times)

@@ -21,12 +21,43 @@ CIDR: without one every valid clusterIP is served.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 
-from ebpfsvc.lbmodel import Algorithm
+from ebpfsvc.lbmodel import Algorithm, IPAddress
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpfsvc"          # bpffs directory of the pinned maps (--pin-dir)
 DEFAULT_NODEPORT_RANGE = (30000, 32767)          # the API server's --service-node-port-range default
+# The IP families of the cluster's service CIDRs (the API server's --service-cluster-ip-range) that
+# this node serves.  By default (--ip-families auto) the agent takes them from the cluster's
+# ServiceCIDR objects (k8s/servicecidr.py), so a dual-stack cluster needs no flag; DEFAULT_IP_FAMILIES
+# stands in while there is none (an API before Kubernetes 1.33, a manifest directory without any):
+# IPv4 alone, as before dual-stack.  An explicit --ip-families overrides them.
+IP_FAMILIES = ("IPv4", "IPv6")                   # v1 IPFamily values
+DEFAULT_IP_FAMILIES = ("IPv4",)
+AUTO_IP_FAMILIES = "auto"                        # --ip-families default: the ServiceCIDRs' families
+
+
+def family_name(version: int) -> str:
+    """4 -> "IPv4", 6 -> "IPv6": an address's version as the API names its family."""
+    return f"IPv{version}"
+
+
+def parse_ip_families(values) -> tuple[str, ...]:
+    """"IPv4", "IPv6", "IPv4,IPv6" (or a list of them) -> the families in order, each once; ValueError else."""
+    if isinstance(values, str):
+        values = [values]
+    out: list[str] = []
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if part not in IP_FAMILIES:
+                raise ValueError(f"{part or value!r}: not an IP family (IPv4, IPv6, or IPv4,IPv6)")
+            if part in out:
+                raise ValueError(f"{part} is given twice")
+            out.append(part)
+    if not out:
+        raise ValueError("needs at least one IP family (IPv4, IPv6)")
+    return tuple(out)
 
 
 def parse_port_range(text) -> tuple[int, int]:
@@ -51,9 +82,12 @@ def format_port_range(r: tuple[int, int]) -> str:
 @dataclass(frozen=True)
 class NodeConfig:
     node_name: str
-    node_addresses: tuple[IPv4Address, ...] = ()    # NodePort addresses (kube-proxy --nodeport-addresses result)
+    node_addresses: tuple[IPAddress, ...] = ()      # NodePort addresses (kube-proxy --nodeport-addresses result)
     zone: str = ""                                    # topology.kubernetes.io/zone; "" = take it from the Node object
-    service_cidr: IPv4Network | None = None           # set: clusterIPs outside it are refused
+    service_cidr: IPv4Network | None = None           # set: IPv4 clusterIPs outside it are refused
+    # The families this node serves (DEFAULT_IP_FAMILIES): a clusterIP of another family is refused,
+    # and externalIPs, LoadBalancer IPs and NodePort addresses of another family are not served.
+    ip_families: tuple[str, ...] = DEFAULT_IP_FAMILIES
     nodeport_range: tuple[int, int] = DEFAULT_NODEPORT_RANGE
     proxy_name: str = ""     # service.kubernetes.io/service-proxy-name we answer to ("" = only unlabelled Services)
     default_algorithm: Algorithm = Algorithm.MAGLEV
@@ -63,7 +97,11 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         # Accept strings and lists from callers (CLI, tests) but store the typed, hashable form.
-        object.__setattr__(self, "node_addresses", tuple(IPv4Address(a) for a in self.node_addresses))
+        object.__setattr__(self, "node_addresses", tuple(ip_address(a) for a in self.node_addresses))
+        try:
+            object.__setattr__(self, "ip_families", parse_ip_families(self.ip_families))
+        except ValueError as e:
+            raise ValueError(f"ip_families {e}") from None
         if self.service_cidr is not None:
             object.__setattr__(self, "service_cidr", IPv4Network(self.service_cidr))
         object.__setattr__(self, "default_algorithm", Algorithm(self.default_algorithm))
@@ -75,7 +113,11 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    node: NodeConfig                          # node_addresses: --node-address (always NodePort addresses)
+    node: NodeConfig                          # node_addresses: --node-address (always NodePort addresses);
+                                              # ip_families: --ip-families, or the ones to start with (auto)
+    # --ip-families auto (the default): node.ip_families follow the families of the cluster's ServiceCIDRs
+    # (DEFAULT_IP_FAMILIES while the API serves none) as they change; False: node.ip_families as given.
+    ip_families_auto: bool = True
     pin_dir: str = DEFAULT_PIN_DIR
     manifests: str | None = None             # a manifest directory instead of the API server
     kubeconfig: str | None = None

@@ -13,6 +13,14 @@ Per Service port it emits kube-proxy's rules, one frontend per address:port/prot
     status.loadBalancer.ingress[].ip:port                external-address traffic, so a pod on a node
                                                          without a local endpoint is still served
 
+Dual-stack (KEP-563) is two single-stack Services side by side, as kube-proxy runs one proxier per
+family: per family of the Service's clusterIPs that this node serves (NodeConfig.ip_families), the
+clusterIP, the NodePorts on the node addresses of that family, and the externalIPs and load balancer
+addresses of that family, each with the endpoints of that family only (from the slices of its
+addressType) and the loadBalancerSourceRanges of that family.  So a PreferDualStack Service with
+IPv4 endpoints only serves its IPv4 clusterIP and rejects on its IPv6 one, and an externalIP of a
+family the Service has no clusterIP of is not served.
+
 Two Services claiming the same frontend (a duplicated NodePort or externalIP, a clusterIP typo)
 cannot both be served: the oldest (creationTimestamp, then namespace/name: Service.seniority) keeps
 it, so every node agrees, and the loser is reported by build_desired_state().  A Service whose
@@ -28,17 +36,16 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
 
 from ebpfsvc import heap
-from ebpfsvc.config import NodeConfig
+from ebpfsvc.config import NodeConfig, family_name
 from ebpfsvc.k8s.endpointmerge import Endpoint
 from ebpfsvc.k8s.fields import Problem
 from ebpfsvc.k8s.service import Service, ServicePort, TrafficPolicy
 from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints
-from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, LBState, Scope,
+from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, IPAddress, LBState, Scope,
                              ServicePortName)
 from ebpfsvc.tracker import ClusterSnapshot, ServiceKey, overlay_view
 
@@ -280,6 +287,23 @@ def node_zone(snapshot: ClusterSnapshot, node: NodeConfig) -> str:
 
 def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc: Service, port: ServicePort,
                     spn: ServicePortName, endpoints: tuple[Endpoint, ...]) -> Iterator[Frontend]:
+    """Every frontend of one Service port: those of each family the Service has and the node serves."""
+    for cluster_ip in svc.cluster_ips:
+        if family_name(cluster_ip.version) in node.ip_families:
+            yield from _family_frontends(snapshot, node, zone, svc, port, spn, cluster_ip,
+                                         _of_family(endpoints, cluster_ip.version))
+
+
+def _of_family(endpoints: tuple[Endpoint, ...], version: int) -> tuple[Endpoint, ...]:
+    """The endpoints of one family: merge_endpoint_slices sorts IPv4 ones first, so a single-stack
+    list (the usual case) is returned whole after two comparisons."""
+    if not endpoints or (endpoints[0].address.version == version and endpoints[-1].address.version == version):
+        return endpoints
+    return tuple(ep for ep in endpoints if ep.address.version == version)
+
+
+def _family_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc: Service, port: ServicePort,
+                      spn: ServicePortName, cluster_ip, endpoints: tuple[Endpoint, ...]) -> Iterator[Frontend]:
     sets = categorize_endpoints(endpoints, node_name=node.node_name, zone=zone,
                                 publish_not_ready=svc.publish_not_ready_addresses)
     itp_local = svc.internal_traffic_policy is TrafficPolicy.LOCAL
@@ -304,24 +328,31 @@ def _port_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, svc:
             app_protocol=port.app_protocol,
         )
 
-    yield frontend(svc.cluster_ip, port.port, Scope.INTERNAL, FrontendKind.CLUSTER_IP,
+    yield frontend(cluster_ip, port.port, Scope.INTERNAL, FrontendKind.CLUSTER_IP,
                    local if itp_local else cluster, itp_local and has_endpoints)
-    for addr, number, kind, ranges in _external_addresses(svc, port, node):
+    for addr, number, kind, ranges in _external_addresses(svc, port, node, cluster_ip.version):
         yield frontend(addr, number, Scope.EXTERNAL, kind, local if etp_local else cluster,
                        etp_local and has_endpoints, ranges)
         yield frontend(addr, number, Scope.INTERNAL, kind, cluster, False, ranges)
 
 
-def _external_addresses(svc: Service, port: ServicePort, node: NodeConfig
-                        ) -> Iterator[tuple[ipaddress.IPv4Address, int, FrontendKind, tuple]]:
+def _external_addresses(svc: Service, port: ServicePort, node: NodeConfig, version: int
+                        ) -> Iterator[tuple[IPAddress, int, FrontendKind, tuple]]:
+    """The node's, the Service's external and its load balancer addresses of one family."""
     if port.node_port:
         for addr in node.node_addresses:
-            yield addr, port.node_port, FrontendKind.NODE_PORT, ()
+            if addr.version == version:
+                yield addr, port.node_port, FrontendKind.NODE_PORT, ()
+    # A source range of the other family could never match a packet of this one (kube-proxy keeps
+    # those of its own family too).
+    ranges = tuple(net for net in svc.source_ranges if net.version == version)
     for addr in svc.external_ips:
-        yield addr, port.port, FrontendKind.EXTERNAL_IP, svc.source_ranges if svc.external_ip_source_ranges else ()
+        if addr.version == version:
+            yield addr, port.port, FrontendKind.EXTERNAL_IP, ranges if svc.external_ip_source_ranges else ()
     for addr in svc.load_balancer_ips:
         # loadBalancerSourceRanges guard the load balancer's address only (kube-proxy's KUBE-FW chain).
-        yield addr, port.port, FrontendKind.LOAD_BALANCER, svc.source_ranges
+        if addr.version == version:
+            yield addr, port.port, FrontendKind.LOAD_BALANCER, ranges
 
 
 def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
@@ -350,7 +381,10 @@ def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
 
 def _conflict(svc: Service, index: int, fe: Frontend, holder: Frontend) -> Problem:
     k = fe.key
-    return Problem("Service", svc.namespace, svc.name, _KIND_FIELD[fe.kind].format(i=index),
+    field = _KIND_FIELD[fe.kind].format(i=index)
+    if fe.kind is FrontendKind.CLUSTER_IP and k.address != svc.cluster_ip:     # the secondary family's
+        field = f"spec.clusterIPs[{svc.cluster_ips.index(k.address)}]"
+    return Problem("Service", svc.namespace, svc.name, field,
                    f"{k.address}:{k.port}/{k.protocol.value} is already served by "
                    f"{holder.service.namespace}/{holder.service.name}; not programmed")
 

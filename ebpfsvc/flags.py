@@ -154,6 +154,26 @@ class NodePortAddress(_Checked):
             self.fail(f"{value}: not an IPv4 CIDR", param, ctx)
 
 
+class IPFamilies(_Checked):
+    """--ip-families: IPv4, IPv6 or IPv4,IPv6 -> a tuple of family names (config.parse_ip_families);
+    with auto=True also "auto" (config.AUTO_IP_FAMILIES), kept as that string."""
+
+    name = "families"
+
+    def __init__(self, auto: bool = False):
+        self.auto = auto
+
+    def convert(self, value, param, ctx):
+        from ebpfsvc.config import AUTO_IP_FAMILIES, parse_ip_families
+
+        if isinstance(value, tuple) or (self.auto and value == AUTO_IP_FAMILIES):
+            return value
+        try:
+            return parse_ip_families(value if isinstance(value, list) else str(value))
+        except ValueError as e:
+            self.fail(f"{value}: {e}", param, ctx)
+
+
 class BindAddress(_Checked):
     """kube-proxy's bind address: IP:PORT, :PORT or IP; "" disables the server. Stays a string."""
 

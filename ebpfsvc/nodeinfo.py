@@ -3,10 +3,12 @@
 From the node's own Node object (status.addresses), the addresses its interfaces carry and the
 agent's cluster-wide settings, resolve() derives:
 
-- the node addresses: the Node's InternalIP/ExternalIP (IPv4) that are really on an interface
+- the node addresses: the Node's InternalIP/ExternalIP of the families this node serves
+  (--ip-families: IPv4 by default, IPv6 too on a dual-stack node) that are really on an interface
   here; without a Node object (a manifest directory that has none, or an API server with no such
-  Node), every non-loopback interface address;
-- the primary address: the Node's first InternalIP (else the first node address). The source of
+  Node), every non-loopback interface address of those families (IPv6: not link-local, which
+  needs a zone a frontend cannot carry);
+- the primary address: the Node's first IPv4 InternalIP (else the first IPv4 node address). The source of
   the node's own translated traffic: NodePort SNAT, node clients to ClusterIPs (hostpath.py), and
   hairpin flows when no --hairpin-address is given, as kube-proxy's masquerade picks a node
   address;
@@ -31,7 +33,9 @@ import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from ebpfsvc.config import DEFAULT_IP_FAMILIES, family_name
 from ebpfsvc.k8s.node import Node
+from ebpfsvc.lbmodel import IPAddress
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +46,22 @@ LOOPBACK_DEVICE = "lo"
 @dataclass(frozen=True)
 class Interface:
     name: str
-    addresses: tuple[IPv4Address, ...] = ()
+    addresses: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)
 class NodeSettings:
     """The agent's cluster-wide settings that resolve() applies (flags or --config keys)."""
 
-    node_addresses: tuple[IPv4Address, ...] = ()     # --node-address: NodePort addresses, always served
+    node_addresses: tuple[IPAddress, ...] = ()       # --node-address: NodePort addresses, always served
     nodeport_addresses: tuple[str, ...] = ()         # --nodeport-addresses: CIDRs, ("primary",) or () = all
     uplinks: tuple[str, ...] | None = None           # --uplink; None: the interfaces of the node addresses
     hairpin_address: IPv4Address | None = None       # --hairpin-address; None: the primary address
     pod_interfaces: tuple[str, ...] = ()             # patterns of pod veths: never uplinks
+    ip_families: tuple[str, ...] = DEFAULT_IP_FAMILIES   # --ip-families: node addresses of these only
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "node_addresses", tuple(IPv4Address(a) for a in self.node_addresses))
+        object.__setattr__(self, "node_addresses", tuple(ipaddress.ip_address(a) for a in self.node_addresses))
         object.__setattr__(self, "nodeport_addresses", parse_nodeport_addresses(self.nodeport_addresses))
         if self.hairpin_address is not None:
             object.__setattr__(self, "hairpin_address", IPv4Address(self.hairpin_address))
@@ -66,9 +71,9 @@ class NodeSettings:
 class NodeInfo:
     """Everything resolve() found; equal results mean nothing needs reconfiguring."""
 
-    addresses: tuple[IPv4Address, ...] = ()          # the node's own addresses
+    addresses: tuple[IPAddress, ...] = ()            # the node's own addresses (served families)
     primary: IPv4Address | None = None               # SNAT / node-client source address
-    nodeport_addresses: tuple[IPv4Address, ...] = ()
+    nodeport_addresses: tuple[IPAddress, ...] = ()
     hairpin: IPv4Address | None = None               # source of hairpin flows
     uplinks: tuple[str, ...] = ()                    # existing uplink interfaces
     missing_uplinks: tuple[str, ...] = ()            # --uplink names with no such interface
@@ -84,7 +89,7 @@ class NodeInfo:
 
 
 def parse_nodeport_addresses(values) -> tuple[str, ...]:
-    """Validate --nodeport-addresses: CIDRs (IPv6 ones accepted and ignored), or `primary` alone.
+    """Validate --nodeport-addresses: CIDRs (of a family the node does not serve: ignored), or `primary` alone.
     Returns the normalised values; raises ValueError naming the bad one."""
     values = tuple(str(v).strip() for v in values)
     if PRIMARY in values:
@@ -102,14 +107,18 @@ def parse_nodeport_addresses(values) -> tuple[str, ...]:
 
 
 def read_interfaces(netns=None) -> tuple[Interface, ...]:
-    """Every interface of this namespace (or `netns`) with its IPv4 addresses, in index order."""
+    """Every interface of this namespace (or `netns`) with its IPv4, then IPv6 addresses (link-local
+    ones left out), in index order."""
     from ebpfsvc.datapath import nsenter
 
     def read(ipr) -> tuple[Interface, ...]:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        addrs: dict[int, list[IPv4Address]] = {}
-        for msg in ipr.get_addr(family=socket.AF_INET):
-            addrs.setdefault(msg["index"], []).append(IPv4Address(msg.get_attr("IFA_ADDRESS")))
+        addrs: dict[int, list[IPAddress]] = {}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.get_addr(family=family):
+                addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+                if not addr.is_link_local:
+                    addrs.setdefault(msg["index"], []).append(addr)
         return tuple(Interface(names[i], tuple(addrs.get(i, ()))) for i in sorted(names) if names[i])
 
     return nsenter.netlink(netns, read)
@@ -122,24 +131,29 @@ def resolve(settings: NodeSettings, interfaces: tuple[Interface, ...], node: Nod
     `node`: the node's own Node object, if known; `node_listed`: whether the source has listed
     Nodes at all (False while the API's first list is pending: the addresses are then left
     empty rather than guessed from the interfaces, and come with the Node)."""
+    # Addresses of a family this node does not serve are not node addresses here at all.
+    families = settings.ip_families
+    interfaces = tuple(Interface(i.name, tuple(a for a in i.addresses if family_name(a.version) in families))
+                       for i in interfaces)
     local = {a for i in interfaces for a in i.addresses}
-    addresses: list[IPv4Address] = []
+    addresses: list[IPAddress] = []
     primary = None
     origin = ""
     if node is not None:
         addresses = _unique(a for _, a in node.addresses if a in local)
-        internal = [a for t, a in node.addresses if t == "InternalIP" and a in local]
-        primary = internal[0] if internal else (addresses[0] if addresses else None)
+        # The source of the node's own translated traffic is IPv4 (the datapath's SNAT and hairpin).
+        internal = [a for t, a in node.addresses if t == "InternalIP" and a in local and a.version == 4]
+        primary = internal[0] if internal else next((a for a in addresses if a.version == 4), None)
         origin = f"Node {node.name}"
         if not addresses:
             origin += (" has no address on this node's interfaces"
-                       if node.addresses else " has no IPv4 address") + "; using the interfaces'"
+                       if node.addresses else " has no address") + "; using the interfaces'"
     if not addresses and (node is not None or node_listed):
         addresses = _unique(a for i in interfaces if i.name != LOOPBACK_DEVICE
                             for a in i.addresses if not a.is_loopback)
         origin = origin or "no Node object; the interfaces'"
     if primary is None:
-        primary = _first_explicit(settings, interfaces) or (addresses[0] if addresses else None)
+        primary = _first_explicit(settings, interfaces) or next((a for a in addresses if a.version == 4), None)
     if not origin:
         origin = "the Node is not listed yet"
 
@@ -150,7 +164,7 @@ def resolve(settings: NodeSettings, interfaces: tuple[Interface, ...], node: Nod
     elif selection:
         nets = [ipaddress.ip_network(c) for c in selection]
         nodeports += [a for a in _unique(a for i in interfaces for a in i.addresses)
-                      if not a.is_loopback and any(a in n for n in nets if n.version == 4)]
+                      if not a.is_loopback and any(a in n for n in nets if n.version == a.version)]
     elif not settings.node_addresses:
         nodeports += addresses
 
@@ -174,9 +188,10 @@ def _first_explicit(settings: NodeSettings, interfaces: tuple[Interface, ...]) -
     by_name = {i.name: i for i in interfaces}
     for name in settings.uplinks or ():
         iface = by_name.get(name)
-        if iface is not None and iface.addresses:
-            return iface.addresses[0]
-    return settings.node_addresses[0] if settings.node_addresses else None
+        first = next((a for a in iface.addresses if a.version == 4), None) if iface is not None else None
+        if first is not None:
+            return first
+    return next((a for a in settings.node_addresses if a.version == 4), None)
 
 
 def _unique(items) -> list:
@@ -186,7 +201,7 @@ def _unique(items) -> list:
 def node_problem(node: Node, interfaces: tuple[Interface, ...]) -> str:
     """A line for the log when some of the Node's addresses are on no interface here ("" if none)."""
     local = {a for i in interfaces for a in i.addresses}
-    away = [f"{t} {a}" for t, a in node.addresses if a not in local and t == "InternalIP"]
+    away = [f"{t} {a}" for t, a in node.addresses if a not in local and t == "InternalIP" and a.version == 4]
     if not away:
         return ""
     return (f"Node {node.name}: status.addresses: {', '.join(away)} is on no interface of this node; "

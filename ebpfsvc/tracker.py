@@ -303,6 +303,11 @@ class ClusterState:
         with self._cond:
             return self._nodes.current.get(("", name))
 
+    def service_cidrs(self) -> tuple[ServiceCIDR, ...]:
+        """The current (valid) ServiceCIDR objects, without taking a snapshot."""
+        with self._cond:
+            return tuple(self._service_cidrs.current.values())
+
     def wait_changed(self, timeout: float) -> bool:
         """Block until something relevant changed since the last snapshot(); False on timeout."""
         with self._cond:

@@ -10,8 +10,12 @@
  * Rules for this file:
  *  - plain fixed-width types only (__u8.. __u64, __be16, __be32), no pointers;
  *  - explicit padding, so no compiler ever inserts its own;
- *  - IPv4 structs are named lb4_* / ct4_*; IPv6 twins (lb6_* / ct6_*) will sit
- *    beside them with the same field order, as in Cilium.
+ *  - IPv4 structs are named lb4_* / ct4_*; their IPv6 twins (lb6_* / ct6_*) sit
+ *    beside them with the same field order, as in Cilium. An IPv6 address is
+ *    __be32[4] (wire order, compared a word at a time). Structs without an
+ *    address (lb4_service, lb_affinity_val, lb4_affinity_match_key) serve both
+ *    families: service, frontend and backend ids, and Maglev slots, are one
+ *    space shared by IPv4 and IPv6 (one lb_maglev, one set of stats arrays).
  *
  * The preprocessor lines are kept to #ifndef/#define/#endif of constants so that
  * ebpfsvc/abi.py can read them without a C preprocessor.
@@ -314,6 +318,77 @@ struct lb4_sock_revnat {
 	__u16  pad0;
 };
 
+/* ---- IPv6 twins. The value of lb6_frontends is struct lb4_service (it holds no
+ * address); lb6_affinity's is struct lb_affinity_val; affinity membership is
+ * lb4_affinity_match for both families (backend and frontend ids are shared). ---- */
+
+/* Frontend: (ClusterIP, port, proto, scope), as struct lb4_key. */
+struct lb6_key {
+	__be32 address[4];
+	__be16 port;
+	__u8   proto;
+	__u8   scope;          /* LB_SCOPE_* */
+};
+
+/* An IPv6 backend, keyed by backend id (__u32, the same id space as lb4_backends). */
+struct lb6_backend {
+	__be32 address[4];
+	__be16 port;            /* resolved targetPort */
+	__u8   proto;
+	__u8   flags;           /* LB_BE_F_* */
+};
+
+/* Conntrack key of an IPv6 flow, as struct ct4_key. */
+struct ct6_key {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8   proto;
+	__u8   dir;             /* CT_DIR_* */
+	__u16  pad0;
+};
+
+/* Conntrack entry of an IPv6 flow, as struct ct4_entry (same meaning, same order). */
+struct ct6_entry {
+	__u64  last_seen_ns;
+	__u32  backend_id;
+	__u32  service_id;
+	__u32  frontend_id;
+	__be32 frontend_addr[4];
+	__be32 backend_addr[4];
+	__be16 frontend_port;
+	__be16 backend_port;
+	__u8   flags;           /* CT_F_* */
+	__u8   pad0;
+	__u16  pad1;
+	__u32  pad2;
+};
+
+/* Session affinity of an IPv6 client: per /128 (kube-proxy's ip6tables "recent" match
+ * is per source address too; a /64 would merge the clients of a node-wide prefix). */
+struct lb6_affinity_key {
+	__be32 client_addr[4];
+	__u32  service_id;
+};
+
+/* IPv6 fragment tracking: the fragment header's 32-bit identification. */
+struct frag6_key {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be32 id;
+	__u8   proto;
+	__u8   pad0;
+	__u16  pad1;
+};
+
+/* loadBalancerSourceRanges of IPv6 frontends: prefixlen = 32 + the range's prefix length. */
+struct lb6_src_range_key {
+	__u32  prefixlen;
+	__u32  frontend_id;
+	__be32 address[4];
+};
+
 /* Per-CPU traffic counters (per frontend id, per backend id). */
 struct lb_traffic {
 	__u64 packets;
@@ -329,5 +404,7 @@ ABI_SIZE(ct4_key, 16); ABI_SIZE(ct4_entry, 40); ABI_SIZE(lb4_affinity_key, 8); A
 ABI_SIZE(frag4_key, 12); ABI_SIZE(frag4_ports, 16); ABI_SIZE(snat4_entry, 8); ABI_SIZE(lb4_src_range_key, 12);
 ABI_SIZE(lb_traffic, 16); ABI_SIZE(lb4_affinity_match_key, 8); ABI_SIZE(lb_service_status, 128);
 ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8);
+ABI_SIZE(lb6_key, 20); ABI_SIZE(lb6_backend, 20); ABI_SIZE(ct6_key, 40); ABI_SIZE(ct6_entry, 64);
+ABI_SIZE(lb6_affinity_key, 20); ABI_SIZE(frag6_key, 40); ABI_SIZE(lb6_src_range_key, 24);
 
 #endif /* EBPFSVC_ABI_H */

@@ -44,4 +44,39 @@ static __always_inline void lb4_affinity_update(const struct lb4_service *svc, _
 	lb4_affinity.update(&key, &val);
 }
 
+/* IPv6: per /128 client (struct lb6_affinity_key says why); membership in the shared
+ * lb4_affinity_match (backend and frontend ids are one space for both families). */
+static __always_inline __u32 lb6_affinity_backend(const struct lb4_service *svc, const __be32 *client, __u64 now)
+{
+	struct lb6_affinity_key key = { .service_id = svc->service_id };
+	struct lb4_affinity_match_key match = {};
+	struct lb_affinity_val *val;
+
+	if (!(svc->flags & LB_SVC_F_AFFINITY) || !svc->affinity_timeout)
+		return 0;
+	lb6_addr_copy(key.client_addr, client);
+	val = lb6_affinity.lookup(&key);
+	if (!val)
+		return 0;
+	if (lb_age_ns(now, val->last_used_ns) >= (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC)
+		return 0;
+	match.backend_id = val->backend_id;
+	match.frontend_id = svc->frontend_id;
+	if (!lb4_affinity_match.lookup(&match))
+		return 0;
+	return val->backend_id;
+}
+
+static __always_inline void lb6_affinity_update(const struct lb4_service *svc, const __be32 *client,
+						__u32 backend_id, __u64 now)
+{
+	struct lb6_affinity_key key = { .service_id = svc->service_id };
+	struct lb_affinity_val val = { .last_used_ns = now, .backend_id = backend_id };
+
+	if (!(svc->flags & LB_SVC_F_AFFINITY) || !svc->affinity_timeout)
+		return;
+	lb6_addr_copy(key.client_addr, client);
+	lb6_affinity.update(&key, &val);
+}
+
 #endif /* EBPFSVC_AFFINITY_H */

@@ -153,4 +153,29 @@ static __always_inline __u16 lb4_ip_hdr_csum(struct iphdr *iph)
 	return lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)iph, sizeof(*iph), 0));
 }
 
+/*
+ * IPv6: replace a 16-byte address at `off` (absolute). IPv6 has no header
+ * checksum; the L4 checksum (TCP, UDP: mandatory over IPv6) covers the
+ * pseudo-header, so it gets the difference of the two addresses, summed once
+ * by csum_diff and applied as a precomputed diff (size 0 in the flags).
+ */
+static __always_inline int lb6_csum_store_addr(struct __sk_buff *skb, __u32 off, const __be32 *old,
+					       const __be32 *new, __u32 l4_csum_off, __u64 l4_flags)
+{
+	__be32 from[4], to[4];
+	__s64 diff;
+
+	lb6_addr_copy(from, old);       /* csum_diff reads the stack: map values and ctx copied first */
+	lb6_addr_copy(to, new);
+	if (l4_csum_off) {
+		diff = bpf_csum_diff(from, sizeof(from), to, sizeof(to), 0);
+		if (diff < 0 ||
+		    bpf_l4_csum_replace(skb, l4_csum_off, 0, diff, BPF_F_PSEUDO_HDR | l4_flags) < 0)
+			return -1;
+	}
+	if (bpf_skb_store_bytes(skb, off, to, sizeof(to), 0) < 0)
+		return -1;
+	return 0;
+}
+
 #endif /* EBPFSVC_CSUM_H */

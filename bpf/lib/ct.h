@@ -252,4 +252,157 @@ static __always_inline void ct4_note_reply(struct ct4_entry *re, const struct lb
 		fe->flags |= flags;
 }
 
+/* ---- IPv6 twins (ct6): the same two entries per flow, lifetimes and rules; the
+ * state helpers above that take flags (ct4_closing, ct4_lifetime_ns) serve both. ---- */
+
+static __always_inline void ct6_key_forward(struct ct6_key *k, const struct lb6_pkt *p)
+{
+	lb6_addr_copy(k->saddr, p->saddr);
+	lb6_addr_copy(k->daddr, p->daddr);
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+	k->dir = CT_DIR_FORWARD;
+	k->pad0 = 0;
+}
+
+static __always_inline void ct6_key_reply(struct ct6_key *k, const struct lb6_pkt *p)
+{
+	ct6_key_forward(k, p);
+	k->dir = CT_DIR_REPLY;
+}
+
+static __always_inline void ct6_key_reply_of(struct ct6_key *k, const struct ct6_entry *e,
+					     const __be32 *client_addr, __be16 client_port, __u8 proto)
+{
+	lb6_addr_copy(k->saddr, e->backend_addr);
+	lb6_addr_copy(k->daddr, client_addr);
+	k->sport = e->backend_port;
+	k->dport = client_port;
+	k->proto = proto;
+	k->dir = CT_DIR_REPLY;
+	k->pad0 = 0;
+}
+
+static __always_inline void ct6_key_forward_of(struct ct6_key *k, const struct ct6_entry *e,
+					       const __be32 *client_addr, __be16 client_port, __u8 proto)
+{
+	lb6_addr_copy(k->saddr, client_addr);
+	lb6_addr_copy(k->daddr, e->frontend_addr);
+	k->sport = client_port;
+	k->dport = e->frontend_port;
+	k->proto = proto;
+	k->dir = CT_DIR_FORWARD;
+	k->pad0 = 0;
+}
+
+static __always_inline void ct6_touch(struct ct6_entry *e, __u64 now)
+{
+	if (lb_age_ns(now, e->last_seen_ns) > CT_REFRESH_NS)
+		e->last_seen_ns = now;
+}
+
+static __always_inline int ct6_expired(const struct ct6_entry *e, __u8 proto, __u64 now)
+{
+	return lb_age_ns(now, e->last_seen_ns) > ct4_lifetime_ns(proto, e->flags);
+}
+
+/* As ct4_starts_flow: only a SYN (or any datagram) starts a flow. */
+static __always_inline int ct6_starts_flow(const struct lb6_pkt *p)
+{
+	return p->proto != IPPROTO_TCP || (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
+}
+
+static __always_inline int ct6_flow_over(const struct ct6_entry *e, const struct lb6_pkt *p, __u64 now)
+{
+	return ct6_expired(e, p->proto, now) ||
+	       (p->proto == IPPROTO_TCP && ct4_closing(e->flags) && ct6_starts_flow(p));
+}
+
+/* As ct4_reply_of_other_flow. */
+static __always_inline int ct6_reply_of_other_flow(const struct ct6_entry *e, const struct lb6_pkt *p)
+{
+	return p->proto == IPPROTO_TCP && ct4_closing(e->flags) &&
+	       (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK);
+}
+
+static __always_inline struct ct6_entry *ct6_lookup(struct ct6_key *k, __u64 now)
+{
+	struct ct6_entry *e = ct6.lookup(k);
+
+	if (e && ct6_expired(e, k->proto, now))
+		return 0;
+	return e;
+}
+
+static __always_inline __u8 ct6_tcp_flags(const struct lb6_pkt *p, __u8 dir)
+{
+	__u8 f = 0;
+
+	if (p->proto != IPPROTO_TCP)
+		return 0;
+	if (p->tcp_flags & LB_TCP_SYN)
+		f |= CT_F_SEEN_SYN;
+	if (p->tcp_flags & LB_TCP_RST)
+		f |= CT_F_SEEN_RST;
+	if (p->tcp_flags & LB_TCP_FIN)
+		f |= dir == CT_DIR_FORWARD ? CT_F_SEEN_FIN_FWD : CT_F_SEEN_FIN_REV;
+	return f;
+}
+
+/* Both entries of a flow (no IPv6 hairpin yet: the reply always goes to the client). */
+static __always_inline void ct6_delete_flow(struct ct6_key *fwd, const struct ct6_entry *e)
+{
+	struct ct6_key rk;
+
+	ct6_key_reply_of(&rk, e, fwd->saddr, fwd->sport, fwd->proto);
+	ct6.delete(&rk);
+	ct6.delete(fwd);
+}
+
+static __always_inline struct ct6_entry *ct6_flow_of(struct ct6_key *fk, const struct lb6_pkt *p, __u64 now)
+{
+	struct ct6_entry *e;
+
+	ct6_key_forward(fk, p);
+	e = ct6.lookup(fk);
+	if (e && ct6_flow_over(e, p, now)) {
+		ct6_delete_flow(fk, e);
+		return 0;
+	}
+	return e;
+}
+
+/* As ct4_create: both entries, or neither (fail closed). */
+static __always_inline int ct6_create(struct ct6_key *fwd, struct ct6_entry *e)
+{
+	struct ct6_key rk;
+
+	ct6_key_reply_of(&rk, e, fwd->saddr, fwd->sport, fwd->proto);
+	if (ct6.update(fwd, e))
+		return -1;
+	if (ct6.update(&rk, e)) {
+		ct6.delete(fwd);
+		return -1;
+	}
+	return 0;
+}
+
+static __always_inline void ct6_note_reply(struct ct6_entry *re, const struct lb6_pkt *p,
+					   const __be32 *client_addr, __be16 client_port, __u64 now)
+{
+	__u8 flags = re->flags | CT_F_ESTABLISHED | ct6_tcp_flags(p, CT_DIR_REPLY);
+	struct ct6_key fk;
+	struct ct6_entry *fe;
+
+	ct6_touch(re, now);
+	if (flags == re->flags)
+		return;
+	re->flags = flags;
+	ct6_key_forward_of(&fk, re, client_addr, client_port, p->proto);
+	fe = ct6.lookup(&fk);
+	if (fe)
+		fe->flags |= flags;
+}
+
 #endif /* EBPFSVC_CT_H */

@@ -361,4 +361,181 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 	return lb4_reply_rev_nat(skb, &p, e, bytes, now);
 }
 
+/* ---- IPv6 twins of the pod-side path: DNAT, conntrack, reverse NAT, affinity,
+ * reject, fragments. Not yet for IPv6: hairpin SNAT (no IPv6 node address is
+ * configured) and clients in the node's namespace (host.h). ICMPv6 errors about
+ * translated flows are translated back; other ICMPv6 (neighbour discovery
+ * included) and whatever is not for a Service pass untouched. ---- */
+
+/* ICMPv6 on a pod hook: as lb4_icmp. */
+static __always_inline int lb6_icmp(struct __sk_buff *skb, struct lb6_pkt *p, __u8 dir)
+{
+	if (lb6_icmp_error_xlate(skb, p, bpf_ktime_get_ns(), dir) < 0)
+		return lb_drop(REASON_MALFORMED);
+	return TC_ACT_OK;
+}
+
+static __always_inline int lb6_forward_xlate(struct __sk_buff *skb, struct lb6_pkt *p,
+					     const struct ct6_entry *e)
+{
+	__u32 bytes = skb->len;
+
+	frag6_record(p);
+	if (lb6_rewrite_dst(skb, p, e->backend_addr, e->backend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
+/* As lb4_flow_begin. */
+static __always_inline struct lb6_backend *lb6_flow_begin(const struct lb4_service *svc,
+							  const struct lb6_pkt *p, __u64 now,
+							  struct ct6_entry *e)
+{
+	struct lb6_backend *be = 0;
+	__u32 id;
+
+	id = lb6_affinity_backend(svc, p->saddr, now);
+	if (id) {
+		be = lb6_backends.lookup(&id);
+		if (be && (be->flags & LB_BE_F_NO_NEW_FLOWS))
+			be = 0;
+	}
+	if (!be)
+		be = lb6_select_backend(svc, p, &id);
+	if (!be)
+		return 0;
+
+	e->last_seen_ns = now;
+	e->backend_id = id;
+	e->service_id = svc->service_id;
+	e->frontend_id = svc->frontend_id;
+	lb6_addr_copy(e->frontend_addr, p->daddr);
+	e->frontend_port = p->dport;
+	lb6_addr_copy(e->backend_addr, be->address);
+	e->backend_port = be->port;
+	e->flags = ct6_tcp_flags(p, CT_DIR_FORWARD);
+	return be;
+}
+
+static __always_inline int lb6_forward_new(struct __sk_buff *skb, struct lb6_pkt *p,
+					   struct ct6_key *fk, __u64 now)
+{
+	struct lb4_service *svc;
+	struct ct6_entry e = {};
+
+	svc = lb6_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
+	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
+		return TC_ACT_OK;
+	if (p->frag == LB_FRAG_LATER)
+		return lb_drop(REASON_FRAG_UNTRACKED);
+	if (!svc->backend_count || !svc->maglev_size) {
+		if (svc->flags & LB_SVC_F_LOCAL_ONLY)
+			return lb_drop(REASON_NO_LOCAL_BACKEND);
+		return lb6_reject(skb, p, REASON_NO_BACKEND);
+	}
+	if (!ct6_starts_flow(p))
+		return TC_ACT_OK;
+
+	if (!lb6_flow_begin(svc, p, now, &e))
+		return lb_drop(REASON_NO_BACKEND);
+	if (ct6_create(fk, &e))
+		return lb_drop(REASON_CT_CREATE_FAILED);
+	lb6_affinity_update(svc, p->saddr, e.backend_id, now);
+	return lb6_forward_xlate(skb, p, &e);
+}
+
+static __always_inline void lb6_note_forward(const struct lb6_pkt *p, struct ct6_entry *e, __u64 now)
+{
+	struct ct6_key rk;
+	struct ct6_entry *re;
+	__u8 flags;
+
+	ct6_touch(e, now);
+	flags = e->flags | ct6_tcp_flags(p, CT_DIR_FORWARD);
+	if (flags == e->flags)
+		return;
+	e->flags = flags;
+	ct6_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
+	re = ct6.lookup(&rk);
+	if (re)
+		re->flags |= flags;
+}
+
+/* As lb4_forward_tracked and lb4_backend_gone. */
+static __always_inline int lb6_forward_tracked(struct __sk_buff *skb, struct lb6_pkt *p,
+					       struct ct6_key *fk, struct ct6_entry *e, __u64 now)
+{
+	if (!lb6_flow_keeps_backend(e->backend_id, p->proto)) {
+		ct6_delete_flow(fk, e);
+		if (p->proto == IPPROTO_TCP)
+			return lb6_reject(skb, p, REASON_BACKEND_GONE);
+		if (p->frag == LB_FRAG_LATER)
+			return lb_drop(REASON_BACKEND_GONE);
+		return lb6_forward_new(skb, p, fk, now);
+	}
+	lb6_note_forward(p, e, now);
+	return lb6_forward_xlate(skb, p, e);
+}
+
+static __always_inline int lb6_from_pod(struct __sk_buff *skb)
+{
+	struct lb6_pkt p = {};
+	struct ct6_key fk;
+	struct ct6_entry *e;
+	__u64 now;
+	int ret;
+
+	ret = lb6_parse(skb, &p);
+	if (ret != LB_PARSE_OK)
+		return lb4_unparsed(ret);
+	if (p.proto == LB_IPPROTO_ICMPV6)
+		return lb6_icmp(skb, &p, CT_DIR_FORWARD);
+	if (!lb4_proto_has_ports(p.proto))
+		return TC_ACT_OK;
+	if (p.frag == LB_FRAG_LATER && frag6_lookup_ports(&p)) {
+		if (lb6_is_frontend_address(p.daddr, p.proto, LB_SCOPE_INTERNAL))
+			return lb_drop(REASON_FRAG_UNTRACKED);
+		return TC_ACT_OK;
+	}
+
+	now = bpf_ktime_get_ns();
+	e = ct6_flow_of(&fk, &p, now);
+	if (e)
+		return lb6_forward_tracked(skb, &p, &fk, e, now);
+	return lb6_forward_new(skb, &p, &fk, now);
+}
+
+static __always_inline int lb6_to_pod(struct __sk_buff *skb)
+{
+	struct lb6_pkt p = {};
+	struct ct6_key rk;
+	struct ct6_entry *e;
+	__u64 now;
+	__u32 bytes = skb->len;
+	int ret;
+
+	ret = lb6_parse(skb, &p);
+	if (ret != LB_PARSE_OK)
+		return lb4_unparsed(ret);
+	if (p.proto == LB_IPPROTO_ICMPV6)
+		return lb6_icmp(skb, &p, CT_DIR_REPLY);
+	if (!lb4_proto_has_ports(p.proto))
+		return TC_ACT_OK;
+	if (p.frag == LB_FRAG_LATER && frag6_lookup_ports(&p))
+		return TC_ACT_OK;
+
+	now = bpf_ktime_get_ns();
+	ct6_key_reply(&rk, &p);
+	e = ct6_lookup(&rk, now);
+	if (!e || ct6_reply_of_other_flow(e, &p))
+		return TC_ACT_OK;
+	ct6_note_reply(e, &p, p.daddr, p.dport, now);
+	frag6_record(&p);
+	if (lb6_rewrite_src(skb, &p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
 #endif /* EBPFSVC_FLOW_H */

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * IPv4 fragments of translated flows.
+ * Fragments of translated flows (IPv4, and IPv6's fragment header alike).
  *
  * Only the first fragment carries the ports, so the ports of a fragmented
  * datagram are remembered under (saddr, daddr, IP id, proto) when its first
@@ -46,6 +46,43 @@ static __always_inline int frag4_lookup_ports(struct lb4_pkt *p)
 
 	frag4_key_of(&k, p);
 	ports = frag4.lookup(&k);
+	if (!ports || lb_age_ns(bpf_ktime_get_ns(), ports->first_seen_ns) > FRAG_TIMEOUT_S * LB_NSEC_PER_SEC)
+		return -1;
+	p->sport = ports->sport;
+	p->dport = ports->dport;
+	return 0;
+}
+
+/* IPv6: the same, keyed by the fragment header's 32-bit identification. */
+static __always_inline void frag6_key_of(struct frag6_key *k, const struct lb6_pkt *p)
+{
+	lb6_addr_copy(k->saddr, p->saddr);
+	lb6_addr_copy(k->daddr, p->daddr);
+	k->id = p->frag_id;
+	k->proto = p->proto;
+	k->pad0 = 0;
+	k->pad1 = 0;
+}
+
+static __always_inline void frag6_record(const struct lb6_pkt *p)
+{
+	struct frag6_key k;
+	struct frag4_ports ports = { .sport = p->sport, .dport = p->dport };
+
+	if (p->frag != LB_FRAG_FIRST)
+		return;
+	ports.first_seen_ns = bpf_ktime_get_ns();
+	frag6_key_of(&k, p);
+	frag6.update(&k, &ports);
+}
+
+static __always_inline int frag6_lookup_ports(struct lb6_pkt *p)
+{
+	struct frag6_key k;
+	struct frag4_ports *ports;
+
+	frag6_key_of(&k, p);
+	ports = frag6.lookup(&k);
 	if (!ports || lb_age_ns(bpf_ktime_get_ns(), ports->first_seen_ns) > FRAG_TIMEOUT_S * LB_NSEC_PER_SEC)
 		return -1;
 	p->sport = ports->sport;

@@ -49,8 +49,8 @@ static __always_inline void lb4_reply_ip(struct iphdr *ip, __u8 tos, __u16 tot_l
 	ip->check = lb4_ip_hdr_csum(ip);
 }
 
-/* Resize the packet to `len` and write Ethernet (MACs swapped) + IPv4 header. */
-static __always_inline int lb4_reply_l2l3(struct __sk_buff *skb, __u32 len, struct iphdr *ip)
+/* Resize the packet to `len` and swap its MACs (the ethertype stays): a reply's L2. */
+static __always_inline int lb_reply_l2(struct __sk_buff *skb, __u32 len)
 {
 	__u8 mac[2 * ETH_ALEN];
 	__u8 swapped[2 * ETH_ALEN];
@@ -66,6 +66,14 @@ static __always_inline int lb4_reply_l2l3(struct __sk_buff *skb, __u32 len, stru
 	if (bpf_skb_change_tail(skb, len, 0))
 		return -1;
 	if (bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0))
+		return -1;
+	return 0;
+}
+
+/* Resize the packet to `len` and write Ethernet (MACs swapped) + IPv4 header. */
+static __always_inline int lb4_reply_l2l3(struct __sk_buff *skb, __u32 len, struct iphdr *ip)
+{
+	if (lb_reply_l2(skb, len))
 		return -1;
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, ip, sizeof(*ip), 0))
 		return -1;
@@ -330,6 +338,274 @@ static __always_inline int lb4_icmp_error_xlate(struct __sk_buff *skb, struct lb
 static __always_inline int lb4_icmp_error_rev_nat(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
 {
 	return lb4_icmp_error_xlate(skb, p, now, CT_DIR_REPLY);
+}
+
+/* ---- IPv6 rejects: the same answers, over IPv6 (RFC 4443: ICMPv6 destination
+ * unreachable, code 4 port unreachable). No IPv6 header checksum; the TCP and
+ * ICMPv6 checksums cover the IPv6 pseudo-header. ---- */
+
+#define LB_ICMP6_DEST_UNREACH 1
+#define LB_ICMP6_PORT_UNREACH 4
+/* Bytes of the invoking packet an ICMPv6 error quotes: its IPv6 header, a
+ * usual extension header chain and the L4 header. RFC 4443 asks for as much as
+ * fits in 1280 bytes; a bounded quote keeps the checksum one csum_diff over a
+ * fixed buffer (the sender needs only the headers to find its socket). */
+#define LB_ICMP6_QUOTE_MAX 128
+
+/* IPv6 pseudo-header (RFC 8200 8.1), then the upper-layer header. */
+struct lb6_pseudo_hdr {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be32 len;
+	__u8   zero[3];
+	__u8   nexthdr;
+};
+
+struct lb6_tcp_csum_buf {
+	struct lb6_pseudo_hdr ph;
+	struct tcphdr th;
+};
+
+struct lb6_icmp_buf {
+	struct lb6_pseudo_hdr ph;
+	__u8   type;
+	__u8   code;
+	__sum16 checksum;
+	__be32 unused;
+	__u8   quote[256];          /* LB_ICMP6_QUOTE_MAX used; the rest stays zero (see the mask below) */
+};
+
+static __always_inline void lb6_reply_ip(struct ipv6hdr *ip, __u16 payload_len, __u8 nexthdr,
+					 const __be32 *saddr, const __be32 *daddr)
+{
+	ip->version = 6;
+	ip->priority = 0;
+	ip->flow_lbl[0] = 0;
+	ip->flow_lbl[1] = 0;
+	ip->flow_lbl[2] = 0;
+	ip->payload_len = lb_htons(payload_len);
+	ip->nexthdr = nexthdr;
+	ip->hop_limit = LB_REPLY_TTL;
+	__builtin_memcpy(&ip->saddr, saddr, 16);
+	__builtin_memcpy(&ip->daddr, daddr, 16);
+}
+
+/* As lb4_build_tcp_rst, from [VIP]:port, extension headers left behind. */
+static __always_inline int lb6_build_tcp_rst(struct __sk_buff *skb, const struct lb6_pkt *p)
+{
+	struct lb6_tcp_csum_buf b = {};
+	struct ipv6hdr ip = {};
+	__u8 *th = (__u8 *)&b.th;
+	__u32 seglen;
+
+	lb6_addr_copy(b.ph.saddr, p->daddr);
+	lb6_addr_copy(b.ph.daddr, p->saddr);
+	b.ph.len = lb_htonl(sizeof(struct tcphdr));
+	b.ph.nexthdr = IPPROTO_TCP;
+	b.th.source = p->dport;
+	b.th.dest = p->sport;
+	th[12] = (sizeof(struct tcphdr) / 4) << 4;
+	if (p->tcp_flags & LB_TCP_ACK) {
+		b.th.seq = lb_htonl(p->tcp_ack_seq);
+		th[13] = LB_TCP_RST;
+	} else {
+		seglen = p->l3_off + p->ip_len - p->l4_off - p->tcp_doff;
+		if (p->tcp_flags & LB_TCP_SYN)
+			seglen++;
+		if (p->tcp_flags & LB_TCP_FIN)
+			seglen++;
+		b.th.ack_seq = lb_htonl(p->tcp_seq + seglen);
+		th[13] = LB_TCP_RST | LB_TCP_ACK;
+	}
+	b.th.check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&b, sizeof(b), 0));
+
+	lb6_reply_ip(&ip, sizeof(b.th), IPPROTO_TCP, p->daddr, p->saddr);
+	if (lb_reply_l2(skb, ETH_HLEN + sizeof(ip) + sizeof(b.th)) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &b.th, sizeof(b.th), 0))
+		return -1;
+	return 0;
+}
+
+/* The ICMPv6 reject is built in a per-CPU scratch buffer, not on the stack: with the
+ * IPv4 path in the same program, the 512-byte BPF stack has no room for it. */
+BPF_PERCPU_ARRAY(lb6_icmp_scratch, struct lb6_icmp_buf, 1);
+
+/* A datagram to the VIP becomes the ICMPv6 port unreachable the VIP would send,
+ * quoting the first LB_ICMP6_QUOTE_MAX bytes of the invoking packet. */
+static __always_inline int lb6_build_icmp_port_unreach(struct __sk_buff *skb, const struct lb6_pkt *p)
+{
+	__u32 zero = 0;
+	struct lb6_icmp_buf *bp = lb6_icmp_scratch.lookup(&zero);
+	struct ipv6hdr ip = {};
+	__u64 qlen = p->ip_len;        /* 64-bit: no zero-extension copy between the check and the use */
+	__u32 icmp_len;
+
+	if (!bp)
+		return -1;
+	__builtin_memset(bp, 0, sizeof(*bp));
+
+	if (qlen > LB_ICMP6_QUOTE_MAX)
+		qlen = LB_ICMP6_QUOTE_MAX;
+	/* A mask the compiler cannot see through, then the lower bound: else clang hands the
+	 * helpers below a copy of the length it never clamped, and the verifier refuses an
+	 * unbounded size. The buffer has room for what the mask lets through. */
+	asm volatile("%0 &= 0xff" : "+r"(qlen));
+	if (qlen < LB_IP6_HLEN)
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, bp->quote, qlen))
+		return -1;
+	icmp_len = 8 + qlen;
+	lb6_addr_copy(bp->ph.saddr, p->daddr);
+	lb6_addr_copy(bp->ph.daddr, p->saddr);
+	bp->ph.len = lb_htonl(icmp_len);
+	bp->ph.nexthdr = LB_IPPROTO_ICMPV6;
+	bp->type = LB_ICMP6_DEST_UNREACH;
+	bp->code = LB_ICMP6_PORT_UNREACH;
+	/* The quote is zero-padded to the buffer's size: zeros add nothing to the sum. */
+	bp->checksum = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)bp, sizeof(*bp), 0));
+
+	lb6_reply_ip(&ip, icmp_len, LB_IPPROTO_ICMPV6, p->daddr, p->saddr);
+	if (lb_reply_l2(skb, ETH_HLEN + sizeof(ip) + icmp_len) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &bp->type, icmp_len, 0))
+		return -1;
+	return 0;
+}
+
+/* As lb4_reject_build and lb4_reject: answered back out the interface it came from. */
+static __always_inline int lb6_reject(struct __sk_buff *skb, const struct lb6_pkt *p, __u32 reason)
+{
+	int err;
+
+	if (p->frag == LB_FRAG_LATER || (p->proto == IPPROTO_TCP && (p->tcp_flags & LB_TCP_RST)))
+		return lb_drop(reason);
+	if (p->proto == IPPROTO_TCP)
+		err = lb6_build_tcp_rst(skb, p);
+	else
+		err = lb6_build_icmp_port_unreach(skb, p);
+	if (err)
+		return lb_drop(REASON_REJECT_FAILED);
+	lb_count_drop(reason);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* ---- ICMPv6 errors about translated flows (destination unreachable, packet too
+ * big, time exceeded, parameter problem), translated as lb4_icmp_error_xlate does.
+ * The ICMPv6 checksum covers a pseudo-header, so an outer address change goes in
+ * with BPF_F_PSEUDO_HDR; a quoted address or port is plain data to it. A quote
+ * whose packet carries extension headers is left as it is. ---- */
+
+static __always_inline int lb6_icmp_is_error(__u8 type)
+{
+	return type >= 1 && type <= 4;
+}
+
+/* The packet an ICMPv6 error quotes: its addresses and ports, and where they are. */
+struct lb6_icmp_quote {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 ports[2];
+	__u8   proto;
+	__u8   pad0[3];
+	__u32  off;             /* offset of the quoted IPv6 header */
+	__u32  l4_off;          /* offset of the quoted ports */
+	__u32  end;             /* end of the ICMPv6 message: past it is padding */
+};
+
+/* Replace 16 bytes inside the ICMPv6 message (no pseudo-header part), checksum kept right. */
+static __always_inline int lb6_icmp_store_addr(struct __sk_buff *skb, __u32 icmp_csum, __u32 off,
+					       const __be32 *old, const __be32 *new)
+{
+	__be32 from[4], to[4];
+	__s64 diff;
+
+	lb6_addr_copy(from, old);
+	lb6_addr_copy(to, new);
+	diff = bpf_csum_diff(from, sizeof(from), to, sizeof(to), 0);
+	if (diff < 0 || bpf_l4_csum_replace(skb, icmp_csum, 0, diff, 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, to, sizeof(to), 0) < 0 ? -1 : 0;
+}
+
+static __always_inline int lb6_icmp_error_xlate(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now, __u8 dir)
+{
+	struct lb6_icmp_quote q = {};
+	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
+	__u32 in_addr_off, in_port_off, l4c;
+	struct ct6_key k = {};
+	struct ct6_entry *e;
+	const __be32 *from_addr, *to_addr, *outer;
+	__be16 from_port, to_port;
+	__u16 old_csum = 0, new_csum = 0;
+	__u8 nexthdr;
+	int reply;
+
+	if (!lb6_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+		return 0;
+	q.end = p->l3_off + p->ip_len;
+	q.off = p->l4_off + 8;
+	q.l4_off = q.off + LB_IP6_HLEN;
+	if (q.l4_off + sizeof(q.ports) > q.end ||
+	    bpf_skb_load_bytes(skb, q.off + 6, &nexthdr, 1) ||
+	    bpf_skb_load_bytes(skb, q.off + IP6_SADDR_OFF, q.saddr, 32) ||
+	    bpf_skb_load_bytes(skb, q.l4_off, q.ports, sizeof(q.ports)))
+		return 0;
+	if (!lb4_proto_has_ports(nexthdr))
+		return 0;
+	q.proto = nexthdr;
+	/* The quoted packet travelled the other way: its tuple reversed is the flow's key. */
+	lb6_addr_copy(k.saddr, q.daddr);
+	lb6_addr_copy(k.daddr, q.saddr);
+	k.sport = q.ports[1];
+	k.dport = q.ports[0];
+	k.proto = q.proto;
+	k.dir = dir;
+	e = ct6_lookup(&k, now);
+	if (!e)
+		return 0;
+
+	/* REPLY: quoted client -> backend becomes client -> VIP, outer source.
+	 * FORWARD: quoted VIP -> client becomes backend -> client, outer destination. */
+	reply = dir == CT_DIR_REPLY;
+	from_addr = reply ? q.daddr : q.saddr;
+	from_port = reply ? q.ports[1] : q.ports[0];
+	to_addr = reply ? e->frontend_addr : e->backend_addr;
+	to_port = reply ? e->frontend_port : e->backend_port;
+	in_addr_off = reply ? IP6_DADDR_OFF : IP6_SADDR_OFF;
+	in_port_off = reply ? 2 : 0;
+	outer = reply ? p->saddr : p->daddr;
+
+	/* The quoted L4 checksum first, while its old value is in place (when it was quoted). */
+	l4c = lb4_l4_csum_off(q.proto);
+	if (l4c && q.l4_off + l4c + 2 <= q.end &&
+	    !bpf_skb_load_bytes(skb, q.l4_off + l4c, &old_csum, 2) &&
+	    !(q.proto == IPPROTO_UDP && old_csum == 0)) {
+		__be32 f[4], t[4];
+		__s64 diff;
+
+		lb6_addr_copy(f, from_addr);
+		lb6_addr_copy(t, to_addr);
+		diff = bpf_csum_diff(f, sizeof(f), t, sizeof(t), 0);
+		if (diff < 0 ||
+		    bpf_l4_csum_replace(skb, q.l4_off + l4c, 0, diff, 0) < 0 ||
+		    bpf_l4_csum_replace(skb, q.l4_off + l4c, from_port, to_port, sizeof(to_port)) < 0 ||
+		    bpf_skb_load_bytes(skb, q.l4_off + l4c, &new_csum, 2) ||
+		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
+			return -1;
+	}
+	if (from_port != to_port &&
+	    lb4_icmp_store(skb, icmp_csum, q.l4_off + in_port_off, from_port, to_port, sizeof(to_port)))
+		return -1;
+	if (lb6_icmp_store_addr(skb, icmp_csum, q.off + in_addr_off, from_addr, to_addr))
+		return -1;
+	/* The outer address, when the error came from (went to) the translated end itself:
+	 * part of the ICMPv6 pseudo-header. */
+	if (lb6_addr_equal(outer, from_addr) &&
+	    lb6_csum_store_addr(skb, p->l3_off + (reply ? IP6_SADDR_OFF : IP6_DADDR_OFF), outer, to_addr,
+				icmp_csum, 0))
+		return -1;
+	return 1;
 }
 
 #endif /* EBPFSVC_ICMP_H */

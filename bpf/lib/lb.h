@@ -146,4 +146,91 @@ static __always_inline struct lb4_backend *lb4_select_backend(const struct lb4_s
 	return lb4_select_backend_by_hash(svc, (svc->flags & LB_SVC_F_RANDOM) ? 0 : lb4_flow_hash(p), backend_id);
 }
 
+/* ---- IPv6 twins: the same tables (lb_maglev holds backend ids of either family),
+ * frontends in lb6_frontends, backends in lb6_backends. ---- */
+
+/* An IPv6 address folded to one word for the flow hash (ebpfsvc/datapath/flowhash.py folds alike). */
+static __always_inline __u32 lb6_addr_fold(const __be32 *a)
+{
+	return a[0] ^ a[1] ^ a[2] ^ a[3];
+}
+
+static __always_inline __u32 lb6_flow_hash(const struct lb6_pkt *p)
+{
+	return lb_jhash_3words(lb6_addr_fold(p->saddr), lb6_addr_fold(p->daddr),
+			       ((__u32)p->sport << 16) | p->dport, LB_HASH_SEED ^ p->proto);
+}
+
+static __always_inline struct lb4_service *lb6_lookup_frontend(const __be32 *addr, __be16 port, __u8 proto,
+							       __u8 scope)
+{
+	struct lb6_key key = {
+		.port = port,
+		.proto = proto,
+		.scope = scope,
+	};
+
+	lb6_addr_copy(key.address, addr);
+	return lb6_frontends.lookup(&key);
+}
+
+static __always_inline int lb6_is_frontend_address(const __be32 *addr, __u8 proto, __u8 scope)
+{
+	struct lb4_service *svc = lb6_lookup_frontend(addr, 0, proto, scope);
+
+	return svc && (svc->flags & LB_SVC_F_ADDRESS);
+}
+
+/* As lb4_flow_keeps_backend. */
+static __always_inline int lb6_flow_keeps_backend(__u32 id, __u8 proto)
+{
+	struct lb6_backend *be = lb6_backends.lookup(&id);
+
+	return be && !(proto == IPPROTO_UDP && (be->flags & LB_BE_F_NOT_READY));
+}
+
+/* As lb4_select_backend_by_hash, over lb6_backends. */
+static __always_inline struct lb6_backend *lb6_select_backend_by_hash(const struct lb4_service *svc,
+								     __u32 hash, __u32 *backend_id)
+{
+	struct lb6_backend *fallback = 0, *be;
+	__u32 fallback_id = 0, size = svc->maglev_size, slot, idx, i;
+	__u32 *id;
+
+	if (!size)
+		return 0;
+	if (svc->flags & LB_SVC_F_RANDOM)
+		slot = bpf_get_prandom_u32() % size;
+	else
+		slot = hash % size;
+
+#pragma unroll
+	for (i = 0; i < LB_TERMINATING_PROBES; i++) {
+		idx = svc->maglev_offset + slot;
+		id = lb_maglev.lookup(&idx);
+		if (!id)
+			break;
+		be = lb6_backends.lookup(id);
+		if (be) {
+			if (!(be->flags & LB_BE_F_NO_NEW_FLOWS)) {
+				*backend_id = *id;
+				return be;
+			}
+			if (!fallback && !(be->flags & LB_BE_F_NOT_READY)) {
+				fallback = be;
+				fallback_id = *id;
+			}
+		}
+		slot = slot + 1 == size ? 0 : slot + 1;
+	}
+	*backend_id = fallback_id;
+	return fallback;
+}
+
+static __always_inline struct lb6_backend *lb6_select_backend(const struct lb4_service *svc,
+							     const struct lb6_pkt *p, __u32 *backend_id)
+{
+	return lb6_select_backend_by_hash(svc, (svc->flags & LB_SVC_F_RANDOM) ? 0 : lb6_flow_hash(p), backend_id);
+}
+
 #endif /* EBPFSVC_LB_H */

@@ -46,6 +46,22 @@ BPF_TABLE_PINNED("lpm_trie", struct lb4_src_range_key, __u32, lb4_source_ranges,
 BPF_TABLE_PINNED("lru_hash", struct lb4_sock_key, struct lb4_sock_revnat, lb4_sock_revnat, SOCK_REVNAT_ENTRIES_MAX, LB_PIN_DIR "/lb4_sock_revnat");
 /* frontend id -> sockets the socket path translated to it: connect() and unconnected sendmsg() (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_sock_stats, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb_sock_stats");
+/* ---- IPv6 twins, sized by the same limits (ids, lb_maglev and the stats arrays are shared).
+ * The two control-plane hash maps are not preallocated: at the default limits that is 27 MiB an
+ * IPv4-only node would hold for nothing; only the agent writes them, so no packet pays for it
+ * (LRU maps cannot opt out: ct6 and lb6_affinity are preallocated). ---- */
+/* (VIP, port, proto, scope) -> service entry, as lb4_frontends (port-0 address markers included). */
+BPF_TABLE_PINNED("hash", struct lb6_key, struct lb4_service, lb6_frontends, 2 * LB_FRONTENDS_MAX, LB_PIN_DIR "/lb6_frontends", BPF_F_NO_PREALLOC);
+/* backend id -> IPv6 endpoint address, target port and state (ids unique across both families). */
+BPF_TABLE_PINNED("hash", __u32, struct lb6_backend, lb6_backends, LB_BACKENDS_MAX, LB_PIN_DIR "/lb6_backends", BPF_F_NO_PREALLOC);
+/* IPv6 5-tuple + direction -> flow, as ct4. */
+BPF_TABLE_PINNED("lru_hash", struct ct6_key, struct ct6_entry, ct6, CT_ENTRIES_MAX, LB_PIN_DIR "/ct6");
+/* (IPv6 client /128, service id) -> last backend, for sessionAffinity=ClientIP. */
+BPF_TABLE_PINNED("lru_hash", struct lb6_affinity_key, struct lb_affinity_val, lb6_affinity, AFFINITY_ENTRIES_MAX, LB_PIN_DIR "/lb6_affinity");
+/* (saddr, daddr, fragment id, proto) -> L4 ports, learnt from an IPv6 datagram's first fragment. */
+BPF_TABLE_PINNED("lru_hash", struct frag6_key, struct frag4_ports, frag6, FRAG_ENTRIES_MAX, LB_PIN_DIR "/frag6");
+/* (frontend id, IPv6 client prefix) -> 1: loadBalancerSourceRanges of IPv6 frontends. */
+BPF_TABLE_PINNED("lpm_trie", struct lb6_src_range_key, __u32, lb6_source_ranges, SOURCE_RANGES_MAX, LB_PIN_DIR "/lb6_source_ranges", BPF_F_NO_PREALLOC);
 /* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
 

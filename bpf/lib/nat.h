@@ -67,4 +67,50 @@ static __always_inline int lb4_rewrite_src(struct __sk_buff *skb, struct lb4_pkt
 	return lb4_rewrite(skb, p, IP_SADDR_OFF, 0, &p->saddr, &p->sport, addr, port);
 }
 
+/* ---- IPv6 twins. No hairpin SNAT yet for IPv6 (no IPv6 node address is
+ * configured): a pod reaching itself through an IPv6 Service is not served. ---- */
+
+static __always_inline __u32 lb6_pkt_csum_off(const struct lb6_pkt *p)
+{
+	__u32 off = lb4_l4_csum_off(p->proto);
+
+	if (!off || p->frag == LB_FRAG_LATER)
+		return 0;
+	return p->l4_off + off;
+}
+
+/* As lb4_rewrite: one side of an IPv6 packet, `cur_addr` / `cur_port` kept current in `p`. */
+static __always_inline int lb6_rewrite(struct __sk_buff *skb, struct lb6_pkt *p, __u32 addr_off, __u32 port_off,
+				       __be32 *cur_addr, __be16 *cur_port, const __be32 *addr, __be16 port)
+{
+	__u32 csum_off = lb6_pkt_csum_off(p);
+	__u64 flags = lb4_l4_csum_flags(p->proto);
+
+	if (!lb6_addr_equal(cur_addr, addr)) {
+		if (lb6_csum_store_addr(skb, p->l3_off + addr_off, cur_addr, addr, csum_off, flags))
+			return -1;
+		lb6_addr_copy(cur_addr, addr);
+	}
+	if (p->frag != LB_FRAG_LATER && *cur_port != port) {
+		if (lb4_csum_store_port(skb, p->l4_off + port_off, *cur_port, port, csum_off, flags))
+			return -1;
+		if (p->proto == IPPROTO_SCTP && p->frag == LB_FRAG_NONE &&
+		    lb4_sctp_crc_port_update(skb, p->l4_off, p->l3_off + p->ip_len - p->l4_off, port_off,
+					     *cur_port, port))
+			return -1;
+		*cur_port = port;
+	}
+	return 0;
+}
+
+static __always_inline int lb6_rewrite_dst(struct __sk_buff *skb, struct lb6_pkt *p, const __be32 *addr, __be16 port)
+{
+	return lb6_rewrite(skb, p, IP6_DADDR_OFF, 2, p->daddr, &p->dport, addr, port);
+}
+
+static __always_inline int lb6_rewrite_src(struct __sk_buff *skb, struct lb6_pkt *p, const __be32 *addr, __be16 port)
+{
+	return lb6_rewrite(skb, p, IP6_SADDR_OFF, 0, p->saddr, &p->sport, addr, port);
+}
+
 #endif /* EBPFSVC_NAT_H */

@@ -16,6 +16,7 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 #include <uapi/linux/icmp.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 
 /* Byte order helpers: the datapath compares wire values (network order) with
@@ -58,7 +59,7 @@
 #define ICMP_CSUM_OFF 2
 
 enum lb_parse_result {
-	LB_PARSE_OK = 0,        /* IPv4 with L4 ports (or ICMP) parsed */
+	LB_PARSE_OK = 0,        /* IPv4 / IPv6 with L4 ports (or ICMP / ICMPv6) parsed */
 	LB_PARSE_PASS,          /* not ours to look at (ARP, IPv6, ...): leave untouched */
 	LB_PARSE_MALFORMED,     /* truncated or inconsistent: drop, REASON_MALFORMED */
 };
@@ -203,6 +204,183 @@ static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_pkt *p)
 		if ((void *)(ih + 1) > data_end || ihl + sizeof(*ih) > p->ip_len)
 			return LB_PARSE_MALFORMED;
 		p->icmp_type = ih->type;
+	}
+	return LB_PARSE_OK;
+}
+
+/* ---- IPv6 ---- */
+
+/* Extension headers walked before the parser gives up on a packet (Cilium's
+ * IPV6_MAX_HEADERS): each costs a load, and real traffic carries one or two.
+ * A longer chain is passed untouched (LB_PARSE_PASS): not translated, never
+ * rewritten at a guessed offset. */
+#ifndef IPV6_MAX_HEADERS
+#define IPV6_MAX_HEADERS 4
+#endif
+
+#define LB_NEXTHDR_HOP      0     /* hop-by-hop options */
+#define LB_NEXTHDR_ROUTING  43
+#define LB_NEXTHDR_FRAGMENT 44
+#define LB_NEXTHDR_AUTH     51
+#define LB_NEXTHDR_NONE     59
+#define LB_NEXTHDR_DEST     60    /* destination options */
+#define LB_IPPROTO_ICMPV6   58
+
+#define LB_IP6_HLEN    40
+#define IP6_SADDR_OFF  8
+#define IP6_DADDR_OFF  24
+#define LB_IP6_MF      0x0001   /* fragment header: more fragments, host order */
+#define LB_IP6_OFFSET  0xfff8   /* fragment header: offset in 8-byte units << 3, host order */
+
+/* The IPv6 twin of struct lb4_pkt. */
+struct lb6_pkt {
+	__u32  l3_off;          /* IPv6 header offset (ETH_HLEN) */
+	__u32  l4_off;          /* past the extension headers */
+	__u32  ip_len;          /* 40 + payload length, host order */
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be32 frag_id;         /* fragment header's identification (fragments only) */
+	__be16 sport;           /* 0 for protocols without ports and for later fragments */
+	__be16 dport;
+	__u8   proto;           /* upper-layer protocol, the last next-header */
+	__u8   frag;            /* enum lb_frag */
+	__u8   tcp_flags;       /* LB_TCP_* (TCP only) */
+	__u8   tcp_doff;        /* TCP header length in bytes (TCP only) */
+	__u8   icmp_type;       /* ICMPv6 only */
+	__u8   pad0[3];
+	__u32  tcp_seq;         /* host order (TCP only) */
+	__u32  tcp_ack_seq;
+};
+
+static __always_inline int lb6_addr_equal(const __be32 *a, const __be32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline void lb6_addr_copy(__be32 *dst, const __be32 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+}
+
+static __always_inline int lb6_is_ext_header(__u8 nexthdr)
+{
+	return nexthdr == LB_NEXTHDR_HOP || nexthdr == LB_NEXTHDR_ROUTING || nexthdr == LB_NEXTHDR_FRAGMENT ||
+	       nexthdr == LB_NEXTHDR_AUTH || nexthdr == LB_NEXTHDR_DEST;
+}
+
+/* The first 8 bytes of any extension header (a fragment header is exactly these). */
+struct lb6_ext_hdr {
+	__u8   nexthdr;
+	__u8   len;             /* in 8-byte units past the first 8 (AH: 4-byte units past the first 8, minus 2) */
+	__be16 frag_off;        /* fragment header only */
+	__be32 frag_id;         /* fragment header only */
+};
+
+/*
+ * Parse Ethernet + IPv6 + its extension headers (at most IPV6_MAX_HEADERS) +
+ * the L4 header start, into `p`. Headers are read with bpf_skb_load_bytes (the
+ * chain's offsets are data-dependent; the helper checks each read), and no
+ * header may reach past the payload length: a truncated or overlong header is
+ * MALFORMED, as for IPv4. A payload length of 0 on a GSO packet is BIG TCP's
+ * (the length is the skb's).
+ */
+static __always_inline int lb6_parse(struct __sk_buff *skb, struct lb6_pkt *p)
+{
+	struct ipv6hdr ip6;
+	struct lb6_ext_hdr eh;
+	__be16 h_proto;
+	__u32 off, end;
+	__u8 nexthdr;
+	int i;
+
+	if (bpf_skb_load_bytes(skb, 12, &h_proto, sizeof(h_proto)) || h_proto != lb_htons(ETH_P_IPV6))
+		return LB_PARSE_PASS;
+	p->l3_off = ETH_HLEN;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) || ip6.version != 6)
+		return LB_PARSE_MALFORMED;
+	p->ip_len = LB_IP6_HLEN + lb_ntohs(ip6.payload_len);
+	if (!ip6.payload_len && skb->gso_size)
+		p->ip_len = skb->len - ETH_HLEN;
+	if (ETH_HLEN + p->ip_len > skb->len)
+		return LB_PARSE_MALFORMED;
+	end = ETH_HLEN + p->ip_len;
+	__builtin_memcpy(p->saddr, &ip6.saddr, 16);
+	__builtin_memcpy(p->daddr, &ip6.daddr, 16);
+	p->frag = LB_FRAG_NONE;
+	p->frag_id = 0;
+
+	nexthdr = ip6.nexthdr;
+	off = ETH_HLEN + LB_IP6_HLEN;
+#pragma unroll
+	for (i = 0; i < IPV6_MAX_HEADERS; i++) {
+		if (!lb6_is_ext_header(nexthdr) || p->frag == LB_FRAG_LATER)
+			break;
+		if (off + sizeof(eh) > end || bpf_skb_load_bytes(skb, off, &eh, sizeof(eh)))
+			return LB_PARSE_MALFORMED;
+		if (nexthdr == LB_NEXTHDR_FRAGMENT) {
+			__u16 fo = lb_ntohs(eh.frag_off);
+
+			p->frag_id = eh.frag_id;
+			if (fo & LB_IP6_OFFSET)
+				p->frag = LB_FRAG_LATER;        /* what follows is payload, not headers */
+			else if (fo & LB_IP6_MF)
+				p->frag = LB_FRAG_FIRST;
+			off += sizeof(eh);
+		} else if (nexthdr == LB_NEXTHDR_AUTH) {
+			off += ((__u32)eh.len + 2) * 4;
+		} else {
+			off += ((__u32)eh.len + 1) * 8;
+		}
+		nexthdr = eh.nexthdr;
+	}
+	if (p->frag != LB_FRAG_LATER && lb6_is_ext_header(nexthdr))
+		return LB_PARSE_PASS;           /* a longer chain than we walk: left to the kernel */
+	if (off > end)
+		return LB_PARSE_MALFORMED;
+
+	p->l4_off = off;
+	p->proto = nexthdr;
+	p->sport = 0;
+	p->dport = 0;
+	p->tcp_flags = 0;
+	p->tcp_doff = 0;
+	p->icmp_type = 0;
+	p->tcp_seq = 0;
+	p->tcp_ack_seq = 0;
+	if (p->frag == LB_FRAG_LATER)
+		return LB_PARSE_OK;             /* no L4 header in this one */
+
+	if (p->proto == IPPROTO_TCP) {
+		struct tcphdr th;
+
+		if (off + sizeof(th) > end || bpf_skb_load_bytes(skb, off, &th, sizeof(th)))
+			return LB_PARSE_MALFORMED;
+		if (th.doff < 5 || off + th.doff * 4 > end)
+			return LB_PARSE_MALFORMED;
+		p->sport = th.source;
+		p->dport = th.dest;
+		p->tcp_doff = th.doff * 4;
+		p->tcp_flags = ((const __u8 *)&th)[13];
+		p->tcp_seq = lb_ntohl(th.seq);
+		p->tcp_ack_seq = lb_ntohl(th.ack_seq);
+	} else if (p->proto == IPPROTO_UDP || p->proto == IPPROTO_SCTP) {
+		/* UDP header, or SCTP's common header: source port, destination port first. */
+		__be16 ports[2];
+		__u32 need = p->proto == IPPROTO_UDP ? 8 : 12;
+
+		if (off + need > end || bpf_skb_load_bytes(skb, off, ports, sizeof(ports)))
+			return LB_PARSE_MALFORMED;
+		p->sport = ports[0];
+		p->dport = ports[1];
+	} else if (p->proto == LB_IPPROTO_ICMPV6) {
+		__u8 type;
+
+		if (off + 8 > end || bpf_skb_load_bytes(skb, off, &type, 1))
+			return LB_PARSE_MALFORMED;
+		p->icmp_type = type;
 	}
 	return LB_PARSE_OK;
 }

@@ -11,8 +11,9 @@ import yaml
 
 from ebpfsvc import abi
 from ebpfsvc.agent import Agent
-from ebpfsvc.config import DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, AgentConfig, NodeConfig, format_port_range
-from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPv4Address, IPv4Network,
+from ebpfsvc.config import (AUTO_IP_FAMILIES, DEFAULT_IP_FAMILIES, DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, AgentConfig, NodeConfig,
+                            format_port_range)
+from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPFamilies, IPv4Address, IPv4Network,
                            NodePortAddress, OneLineErrors, PortRange, format_duration)
 from ebpfsvc.health import BindError
 from ebpfsvc.nodeinfo import parse_nodeport_addresses
@@ -127,6 +128,10 @@ def _map_limit_options(fn):
 @click.option("--service-cidr", default=None, type=IPv4Network(),
               help="Optional: refuse clusterIPs outside it, and route it for node clients when the API has "
                    "no ServiceCIDR objects. Default: every valid clusterIP is served.")
+@click.option("--ip-families", default=AUTO_IP_FAMILIES, show_default=True, type=IPFamilies(auto=True),
+              help="The IP families this node serves: auto (the families of the cluster's ServiceCIDRs, followed "
+                   "as they change; IPv4 when the API serves none), or IPv4, IPv6, IPv4,IPv6 (an override: then a "
+                   "Service with a clusterIP of another family is refused).")
 @click.option("--cluster-cidr", default=None, type=IPv4Network(), help="Pod CIDR of the cluster (informational for now).")
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
@@ -186,7 +191,7 @@ def _map_limit_options(fn):
 @_lifetime_option("--conntrack-udp-timeout-stream", "CT_TIMEOUT_UDP_STREAM_S", "a UDP flow that had a reply")
 @_map_limit_options
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
-          cluster_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
+          ip_families, cluster_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
           pod_interfaces, uplinks,
           uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, reset_removed_endpoint_tcp,
           socket_lb, socket_lb_cgroup,
@@ -200,10 +205,17 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
     if socket_lb and not socket_lb_cgroup:
         raise AgentError("--socket-lb: needs --socket-lb-cgroup (the cgroup v2 directory of the node's pods)")
     addrs = tuple(node_addresses)
+    auto = ip_families == AUTO_IP_FAMILIES      # the ServiceCIDRs' families, from DEFAULT_IP_FAMILIES on
     node = NodeConfig(node_name=node_name, node_addresses=tuple(dict.fromkeys(addrs)), zone=zone,
                       service_cidr=service_cidr, nodeport_range=service_node_port_range, proxy_name=proxy_name,
-                      default_algorithm=lb_algorithm, legacy_source_ranges=legacy_source_ranges_annotation)
-    cfg = AgentConfig(node=node, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
+                      default_algorithm=lb_algorithm, legacy_source_ranges=legacy_source_ranges_annotation,
+                      ip_families=DEFAULT_IP_FAMILIES if auto else ip_families)
+    if not auto and "IPv4" not in ip_families:
+        for flag, value in (("--service-cidr", service_cidr), ("--node-address", addrs[:1] and addrs[0])):
+            if value:
+                raise AgentError(f"{flag} {value}: an IPv4 setting, but --ip-families {','.join(ip_families)} "
+                                 f"serves no IPv4")
+    cfg = AgentConfig(node=node, ip_families_auto=auto, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
                       hairpin_address=hairpin_address,

@@ -20,7 +20,8 @@ import sys
 import click
 from click.core import ParameterSource
 
-from ebpfsvc.config import DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, NodeConfig, format_port_range
+from ebpfsvc.config import (AUTO_IP_FAMILIES, DEFAULT_IP_FAMILIES, DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, NodeConfig,
+                            format_port_range)
 from ebpfsvc.flags import PortRange
 
 pin_dir_option = click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True, envvar="EBPFSVC_PIN_DIR",
@@ -39,8 +40,15 @@ def _open(pin_dir):
 
 def _console():
     from rich.console import Console
-    # Tables are wide; never wrap them to an 80-column pipe.
-    return Console(width=None if sys.stdout.isatty() else 1000, highlight=False)
+    # Tables are wide; never wrap them to an 80-column pipe.  No emoji codes: an IPv6 address holds
+    # some (2001:db8::b:1 has ":b:").
+    return Console(width=None if sys.stdout.isatty() else 1000, highlight=False, emoji=False)
+
+
+def _esc(value) -> str:
+    """A value printed inside markup: [2001:2::1]:80/TCP or [fd00::1] are text, not style tags."""
+    from rich.markup import escape
+    return escape(str(value))
 
 
 def _json(data) -> None:
@@ -49,9 +57,13 @@ def _json(data) -> None:
 
 def _table(*columns: str, title: str | None = None):
     from rich.table import Table
+    from rich.text import Text
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for c in columns:
         t.add_column(c, overflow="fold")
+    # Cells are data, never markup (a bracketed IPv6 frontend would read as a style tag).
+    add_row = t.add_row
+    t.add_row = lambda *cells, **kw: add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kw)
     return t
 
 
@@ -181,8 +193,8 @@ def maglev_show(service_name, pin_dir, output, first) -> None:
         return _json(rows)
     con = _console()
     for r in rows:
-        con.print(f"[bold]{r['service']} {r['frontend']} ({r['scope']})[/bold]: table size {r['table_size']} "
-                  f"at offset {r['maglev_offset']}")
+        con.print(f"[bold]{_esc(r['service'])} {_esc(r['frontend'])} ({r['scope']})[/bold]: "
+                  f"table size {r['table_size']} at offset {r['maglev_offset']}")
         t = _table("BACKEND", "STATE", "SLOTS", "SHARE")
         for b in r["backends"]:
             t.add_row(f"{b['id']}) {b['backend']}", b["state"] + (", local" if b["local"] else ""),
@@ -198,10 +210,14 @@ def _parse_dst(value: str) -> tuple[str, int, str]:
     try:
         hostport, _, proto = value.partition("/")
         host, _, port = hostport.rpartition(":")
-        ipaddress.IPv4Address(host)
+        if host.startswith("[") and host.endswith("]"):
+            host = str(ipaddress.IPv6Address(host[1:-1]))      # [IPv6]:PORT, as in a URL
+        else:
+            ipaddress.IPv4Address(host)
         return host, int(port), (proto or "TCP").upper()
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not ADDRESS:PORT[/PROTO]", param_hint="DST:PORT/PROTO")
+        raise click.BadParameter(f"{value!r} is not ADDRESS:PORT[/PROTO] ([ADDRESS]:PORT for IPv6)",
+                                 param_hint="DST:PORT/PROTO")
 
 
 @click.command("why")
@@ -222,11 +238,11 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
     if output == "json":
         return _json(r)
     con = _console()
-    con.print(f"[bold]{r['flow']}[/bold] ({r['scope']})")
+    con.print(f"[bold]{_esc(r['flow'])}[/bold] ({r['scope']})")
     for i, s in enumerate(r["steps"], 1):
-        con.print(f"  {i}. {s['step']:<15} {s['outcome']}")
-    target = f" -> {r['backend']} (id {r['backend_id']})" if r["backend"] else ""
-    con.print(f"[bold]verdict: {r['verdict']}{target}[/bold], because: {r['reason']}")
+        con.print(f"  {i}. {s['step']:<15} {_esc(s['outcome'])}")
+    target = f" -> {_esc(r['backend'])} (id {r['backend_id']})" if r["backend"] else ""
+    con.print(f"[bold]verdict: {r['verdict']}{target}[/bold], because: {_esc(r['reason'])}")
 
 
 # ---- drift --------------------------------------------------------------------------------------
@@ -243,6 +259,8 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @click.option("--nodeport-addresses", multiple=True, help="As given to the agent; default: every node address, "
               "found as the agent finds them (its Node object, this namespace's interfaces).")
 @click.option("--service-cidr", default=None, help="As given to the agent, if it was.")
+@click.option("--ip-families", default=AUTO_IP_FAMILIES, show_default=True,
+              help="As given to the agent (auto: the ServiceCIDRs' families; IPv4, IPv6, IPv4,IPv6).")
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
 @click.option("--proxy-name", default="")
@@ -251,8 +269,8 @@ def why(src, dst, sport, scope, pin_dir, output) -> None:
 @click.option("--lb-algorithm", type=click.Choice(["maglev", "random"]), default="maglev", show_default=True)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the API lists.")
 def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_addresses, nodeport_addresses,
-          service_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
-          timeout) -> None:
+          service_cidr, ip_families, service_node_port_range, proxy_name, legacy_source_ranges_annotation,
+          lb_algorithm, timeout) -> None:
     """Compare the desired state (manifests or API) with the node's maps; exit 1 on drift."""
     from ebpfsvc.inspect import views
     from ebpfsvc.inspect.desired import load_desired
@@ -263,14 +281,20 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
         kubeconfig = None       # $KUBECONFIG is a default, not a second choice
     if bool(manifests) + bool(kubeconfig) + bool(in_cluster) != 1:
         raise click.UsageError("give exactly one of --manifests, --kubeconfig, --in-cluster")
-    node_cfg = NodeConfig(node_name=node_name, node_addresses=node_addresses, service_cidr=service_cidr,
-                          nodeport_range=service_node_port_range, proxy_name=proxy_name,
-                          default_algorithm=lb_algorithm, legacy_source_ranges=legacy_source_ranges_annotation)
+    auto = ip_families == AUTO_IP_FAMILIES
     try:
-        settings = NodeSettings(node_addresses=node_cfg.node_addresses, nodeport_addresses=nodeport_addresses)
+        node_cfg = NodeConfig(node_name=node_name, node_addresses=node_addresses, service_cidr=service_cidr,
+                              nodeport_range=service_node_port_range, proxy_name=proxy_name,
+                              default_algorithm=lb_algorithm, legacy_source_ranges=legacy_source_ranges_annotation,
+                              ip_families=DEFAULT_IP_FAMILIES if auto else ip_families)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        settings = NodeSettings(node_addresses=node_cfg.node_addresses, nodeport_addresses=nodeport_addresses,
+                                ip_families=node_cfg.ip_families)
         problems: list = []
         desired = load_desired(node_cfg, manifests=manifests, kubeconfig=kubeconfig, in_cluster=in_cluster,
-                               timeout=timeout, settings=settings, problems=problems)
+                               timeout=timeout, settings=settings, problems=problems, ip_families_auto=auto)
     except (OSError, TimeoutError, ValueError) as e:
         raise click.ClickException(str(e))
     with _open(pin_dir) as node:

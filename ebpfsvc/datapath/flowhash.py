@@ -1,13 +1,16 @@
-"""Python twin of the datapath's flow hash (bpf/lib/lb.h lb4_flow_hash).
+"""Python twin of the datapath's flow hash (bpf/lib/lb.h lb4_flow_hash, lb6_flow_hash).
 
 Lets tests and tools predict which Maglev slot, hence which backend, a new flow
 gets: slot = flow_hash(...) % maglev_size. Words are the packet's bytes read as
-native-endian u32 / u16, exactly as the BPF program reads them.
+native-endian u32 / u16, exactly as the BPF program reads them; an IPv6 address is
+its four words xor-folded into one (lb6_addr_fold).
 """
 
 from __future__ import annotations
 
-from ebpfsvc.abi import be16, be32
+import ipaddress
+
+from ebpfsvc.abi import be16, be32, be128
 
 from ebpfsvc import abi
 
@@ -33,6 +36,15 @@ def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
     return c
 
 
+def _word(addr) -> int:
+    """An address as the hash reads it: an IPv4 address's __be32, an IPv6 address's words folded."""
+    a = ipaddress.ip_address(str(addr))
+    if a.version == 4:
+        return be32(a)
+    w = be128(a)
+    return w[0] ^ w[1] ^ w[2] ^ w[3]
+
+
 def flow_hash(saddr: str, daddr: str, sport: int, dport: int, proto: int, seed: int = LB_HASH_SEED) -> int:
-    """Hash of a client's 5-tuple (addresses dotted, ports host order)."""
-    return jhash_3words(be32(saddr), be32(daddr), (be16(sport) << 16) | be16(dport), seed ^ proto)
+    """Hash of a client's 5-tuple (addresses of either family as text, ports host order)."""
+    return jhash_3words(_word(saddr), _word(daddr), (be16(sport) << 16) | be16(dport), seed ^ proto)

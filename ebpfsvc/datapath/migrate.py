@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 _HASH, _LPM_TRIE = 1, 11           # BPF_MAP_TYPE_*: full maps refuse inserts (LRU ones evict)
 
 # Derived or short-lived: not worth carrying (counters restart at 0, fragments last seconds).
-NOT_CARRIED = frozenset({"lb_frontend_stats", "lb_backend_stats", "lb_drops", "lb_sock_stats", "frag4"})
+NOT_CARRIED = frozenset({"lb_frontend_stats", "lb_backend_stats", "lb_drops", "lb_sock_stats", "frag4", "frag6"})
+# Frontend maps of both families: their entries own the ranges of the one lb_maglev.
+_FRONTEND_MAPS = ("lb4_frontends", "lb6_frontends")
 
 
 @dataclass
@@ -60,12 +62,12 @@ def save(pin_dir: Path, names) -> Saved:
                 out.entries[name] = (m.info.key_size, m.info.value_size, m.items())
         except OSError as err:
             log.warning("cannot read %s to carry it over: %s", path, err)
-    fes = out.entries.get("lb4_frontends")
+    fes = [v for name in _FRONTEND_MAPS if name in out.entries for _, v in out.entries[name][2]]
     maglev = Path(pin_dir) / "lb_maglev"
     if fes and maglev.exists():
         from ebpfsvc import abi
         high = 0
-        for _, v in fes[2]:
+        for v in fes:
             val = abi.ffi.from_buffer("struct lb4_service *", v)
             high = max(high, val.maglev_offset + val.maglev_size)
         with PinnedMap.open(maglev) as m:
@@ -89,7 +91,7 @@ def restore(maps, saved: Saved) -> dict[str, int]:
             log.warning("%s: entries of %d/%d bytes, the new map's are %d/%d: not carried (a new layout)",
                         name, key_size, value_size, ctypes.sizeof(table.Key), ctypes.sizeof(leaf))
             continue
-        if name == "lb4_frontends":     # a frontend whose table no longer fits is written again later
+        if name in _FRONTEND_MAPS:      # a frontend whose table no longer fits is written again later
             items = [(k, v) for k, v in items if _range_end(abi, v) <= slots]
         if table.ttype in (_HASH, _LPM_TRIE) and len(items) > table.max_entries:   # what fits
             items = items[: table.max_entries]

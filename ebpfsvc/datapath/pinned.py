@@ -45,24 +45,33 @@ def parse_service_name(text: str) -> ServicePortName | None:
                            unquote(port, errors="surrogatepass"), Protocol(proto))
 
 
-def _addr(raw: int) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(struct.pack("=I", raw))
+def _addr(raw) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A __be32 field (int) or a __be32[4] one (four words) as an address."""
+    if isinstance(raw, int):
+        return ipaddress.IPv4Address(struct.pack("=I", raw))
+    return ipaddress.IPv6Address(struct.pack("=4I", *raw))
 
 
 def pinned_frontends(maps) -> dict[ServiceKey, tuple[Frontend, ...]]:
     """Service (namespace, name) -> the frontends the maps serve for it."""
     names = {k.value: v.name.decode(errors="replace") for k, v in maps["lb_service_names"].items()}
-    backends = {k.value: v for k, v in maps["lb4_backends"].items()}
+    # Both families: ids are one space, an IPv6 address is a tuple of four words (_addr).
+    backends = {k.value: (v.address, v) for k, v in maps["lb4_backends"].items()}
+    if "lb6_backends" in maps:
+        backends.update((k.value, (tuple(v.address), v)) for k, v in maps["lb6_backends"].items())
     ranges: dict[int, list] = {}
-    if "lb4_source_ranges" in maps:
-        for k in maps["lb4_source_ranges"].keys():
+    for name, words in (("lb4_source_ranges", lambda a: a), ("lb6_source_ranges", tuple)):
+        for k in maps[name].keys() if name in maps else ():
             ranges.setdefault(k.frontend_id, []).append(
-                ipaddress.IPv4Network((_addr(k.address), k.prefixlen - 32)))
-    entries = [(k, v) for k, v in maps["lb4_frontends"].items() if not v.flags & abi.LB_SVC_F_ADDRESS]
-    high = max((v.maglev_offset + v.maglev_size for _, v in entries), default=0)
+                ipaddress.ip_network((_addr(words(k.address)), k.prefixlen - 32)))
+    entries = [(k.address, k, v) for k, v in maps["lb4_frontends"].items() if not v.flags & abi.LB_SVC_F_ADDRESS]
+    if "lb6_frontends" in maps:
+        entries += [(tuple(k.address), k, v) for k, v in maps["lb6_frontends"].items()
+                    if not v.flags & abi.LB_SVC_F_ADDRESS]
+    high = max((v.maglev_offset + v.maglev_size for _, _, v in entries), default=0)
     slots = read_u32_array(maps["lb_maglev"], high) if high else None
     out: dict[ServiceKey, list[Frontend]] = {}
-    for k, v in entries:
+    for fe_addr, k, v in entries:
         spn = parse_service_name(names.get(v.service_id, ""))
         proto = _PROTOCOLS.get(k.proto)
         if spn is None or proto is None:
@@ -70,15 +79,15 @@ def pinned_frontends(maps) -> dict[ServiceKey, tuple[Frontend, ...]]:
         ids = sorted(set(slots[v.maglev_offset: v.maglev_offset + v.maglev_size].tolist())) if v.maglev_size else []
         bes = []
         for i in ids:
-            b = backends.get(i)
+            addr, b = backends.get(i, (None, None))
             if b is None or b.proto != k.proto:
                 continue
-            bes.append(Backend(_addr(b.address), socket.ntohs(b.port), proto,
+            bes.append(Backend(_addr(addr), socket.ntohs(b.port), proto,
                                terminating=bool(b.flags & abi.LB_BE_F_TERMINATING),
                                local=bool(b.flags & abi.LB_BE_F_LOCAL)))
         kind = next((kd for flag, kd in _KINDS if v.flags & flag), FrontendKind.CLUSTER_IP)
         fe = Frontend(
-            key=FrontendKey(_addr(k.address), socket.ntohs(k.port), proto, Scope(k.scope)),
+            key=FrontendKey(_addr(fe_addr), socket.ntohs(k.port), proto, Scope(k.scope)),
             service=spn, kind=kind, backends=tuple(sorted(bes, key=lambda b: b.name)),
             algorithm=Algorithm.RANDOM if v.flags & abi.LB_SVC_F_RANDOM else Algorithm.MAGLEV,
             affinity_timeout=v.affinity_timeout if v.flags & abi.LB_SVC_F_AFFINITY else 0,

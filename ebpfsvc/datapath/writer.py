@@ -19,6 +19,10 @@ affects.  The first apply after a (re)load, and apply(state, full=True) (the age
 resync), recompute everything from the state and also remove what nothing wants any more,
 e.g. entries a previous agent run left behind.
 
+Both families: an IPv6 frontend or backend goes to the lb6_* twin of its map (its address, in the
+keys compared here, is the tuple of four words of a __be32[4] field, where an IPv4 one is an int);
+service, frontend and backend ids, lb_maglev's ranges and the stats arrays are one space for both.
+
 Write order, so that no packet ever sees a reference to something missing:
 backends and service names first, then Maglev tables (each changed table
 into a NEW range of lb_maglev), then frontend entries (the single write that
@@ -163,13 +167,19 @@ def _failure(err: Exception, existing: bool) -> str:
     return f"{text}; " + ("its last good version stays" if existing else "not programmed")
 
 
-# Map keys the writer compares, raw as stored (address and port in wire order, abi.be32/be16).
-FeKey = tuple  # lb4_frontends key: (address, port, proto, scope)
+# Map keys the writer compares, raw as stored (address and port in wire order, abi.be32/be16; an
+# IPv6 address as abi.be128's four words, so the address's type tells the family: _is6).
+FeKey = tuple  # lb4_frontends / lb6_frontends key: (address, port, proto, scope)
 BeKey = tuple  # what identifies a backend entry: (address, port, proto)
 
 
+def _is6(address) -> bool:
+    """Is a stored address (an FeKey's or BeKey's first field) IPv6?"""
+    return type(address) is tuple
+
+
 class FrontendEntry(NamedTuple):
-    """An lb4_frontends value as stored (struct lb4_service)."""
+    """An lb4_frontends or lb6_frontends value as stored (struct lb4_service)."""
 
     service_id: int
     frontend_id: int
@@ -181,7 +191,7 @@ class FrontendEntry(NamedTuple):
 
 
 class BackendEntry(NamedTuple):
-    """An lb4_backends value as stored (struct lb4_backend)."""
+    """An lb4_backends value as stored (struct lb4_backend), or lb6_backends' (struct lb6_backend)."""
 
     address: int
     port: int
@@ -260,6 +270,10 @@ class MapWriter:
     def __init__(self, maps: Mapping[str, Any]):
         self.frontends_map = maps["lb4_frontends"]
         self.backends_map = maps["lb4_backends"]
+        # The IPv6 twins (None: a datapath without them; an IPv6 frontend is then refused).
+        self.frontends6_map = maps.get("lb6_frontends")
+        self.backends6_map = maps.get("lb6_backends")
+        self.src_ranges6_map = maps.get("lb6_source_ranges")
         self.maglev_map = maps["lb_maglev"]
         self.names_map = maps["lb_service_names"]
         self.fe_stats_map = maps["lb_frontend_stats"]
@@ -283,11 +297,18 @@ class MapWriter:
         for k, v in self.backends_map.items():
             self._be_val[k.value] = BackendEntry(v.address, v.port, v.proto, v.flags)
             self._be_id[(v.address, v.port, v.proto)] = k.value
+        if self.backends6_map is not None:
+            for k, v in self.backends6_map.items():
+                entry = BackendEntry(tuple(v.address), v.port, v.proto, v.flags)
+                self._be_val[k.value] = entry
+                self._be_id[entry.key] = k.value
         self._fe: dict[FeKey, FrontendEntry] = {}
-        for k, v in self.frontends_map.items():
-            self._fe[(k.address, k.port, k.proto, k.scope)] = FrontendEntry(
-                v.service_id, v.frontend_id, v.maglev_offset, v.maglev_size,
-                v.backend_count, v.affinity_timeout, v.flags)
+        for m in (self.frontends_map, self.frontends6_map):
+            for k, v in (m.items() if m is not None else ()):
+                address = tuple(k.address) if m is self.frontends6_map else k.address
+                self._fe[(address, k.port, k.proto, k.scope)] = FrontendEntry(
+                    v.service_id, v.frontend_id, v.maglev_offset, v.maglev_size,
+                    v.backend_count, v.affinity_timeout, v.flags)
 
         capacity = self.maglev_map.max_entries
         ranges = [(v.maglev_offset, v.maglev_size) for v in self._fe.values() if v.maglev_size > 0]
@@ -314,6 +335,9 @@ class MapWriter:
         if self.src_ranges_map is not None:
             for k in self.src_ranges_map.keys():
                 self._src_ranges.add((k.frontend_id, k.prefixlen, k.address))
+        if self.src_ranges6_map is not None:
+            for k in self.src_ranges6_map.keys():
+                self._src_ranges.add((k.frontend_id, k.prefixlen, tuple(k.address)))
         self._affinity_match = (AffinityMatch(self.affinity_match_map)
                                 if self.affinity_match_map is not None else None)
 
@@ -444,7 +468,7 @@ class MapWriter:
         if delta is not None and getattr(delta, "base", None) is self._state:
             keys: Iterable[FrontendKey] = delta.keys
             if len(keys) <= _SORT_CHANGED_MAX:
-                keys = sorted(keys)
+                keys = sorted(keys, key=_family_first)
         elif after == before:        # in C, by identity first: the usual "nothing changed"
             return [], []
         else:
@@ -550,7 +574,10 @@ class MapWriter:
                 be_writes.append((ident, BackendEntry._make(val)))
         _zero_percpu_ids(self.be_stats_map, fresh)
         stats.stats_zeroed += len(fresh)
-        _update_records(self.backends_map, [i for i, _ in be_writes], [v for _, v in be_writes])
+        four, six = _split(be_writes, lambda w: w[1].address)
+        _update_records(self.backends_map, [i for i, _ in four], [v for _, v in four])
+        if six:
+            _update_records(self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
         self._be_val.update(be_writes)
         stats.backends_written += len(be_writes)
         return stale
@@ -662,13 +689,19 @@ class MapWriter:
                                 len(p.table.ids), fe.affinity_timeout, _service_flags(fe))
             if p.old != val:
                 fe_writes.append((p.key, val))
-        _update_records(self.frontends_map, [k for k, _ in fe_writes], [v for _, v in fe_writes])
+        four, six = _split(fe_writes, lambda w: w[0][0])
+        _update_records(self.frontends_map, [k for k, _ in four], [v for _, v in four])
+        if six:
+            _update_records(self._v6(self.frontends6_map), [k for k, _ in six], [v for _, v in six])
         self._fe.update(fe_writes)
         stats.frontends_written += len(fe_writes)
 
     def _delete_frontends(self, plan: _FrontendPlan, retired: list, stats: ApplyStats) -> None:
         """Frontends nothing wants, then the Maglev ranges and source ranges they used."""
-        _delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in plan.stale])
+        four, six = _split(plan.stale, lambda k: k[0])
+        _delete_batch(self.frontends_map, [self.frontends_map.Key(*k) for k in four])
+        if six:
+            _delete_batch(self.frontends6_map, [self.frontends6_map.Key(*k) for k in six])
         src_drop = plan.src_drop
         for key in plan.stale:
             val = self._fe.pop(key)
@@ -685,7 +718,10 @@ class MapWriter:
         self._prune_source_ranges(src_drop & self._src_ranges, stats)
 
     def _delete_backends(self, stale: list[int], stats: ApplyStats) -> None:
-        _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in stale])
+        four, six = _split(stale, lambda i: self._be_val[i].address)
+        _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in four])
+        if six:
+            _delete_batch(self.backends6_map, [self.backends6_map.Key(i) for i in six])
         for ident in stale:
             del self._be_id[self._be_val.pop(ident).key]
             self._be_ids.release(ident)
@@ -720,24 +756,26 @@ class MapWriter:
     # for the moment between; removed ranges: the flag goes first, as the user asked).
 
     def _write_source_ranges(self, new: set[tuple[int, int, int]], stats: "ApplyStats") -> None:
-        new = sorted(new)
+        new = sorted(new, key=_range_order)
         if not new:
             return
-        if self.src_ranges_map is None:
+        four, six = _split(new, lambda r: r[2])
+        if four and self.src_ranges_map is None:
             raise RuntimeError("loadBalancerSourceRanges wanted but the datapath has no lb4_source_ranges map")
-        m = self.src_ranges_map
-        _update_batch(m, [(m.Key(plen, fid, addr), m.Leaf(1)) for fid, plen, addr in new])
+        for m, rows in ((self.src_ranges_map, four), (self._v6(self.src_ranges6_map) if six else None, six)):
+            if rows:
+                _update_batch(m, [(m.Key(plen, fid, addr), m.Leaf(1)) for fid, plen, addr in rows])
         self._src_ranges.update(new)
         stats.ranges_written += len(new)
 
     def _prune_source_ranges(self, stale: set[tuple[int, int, int]], stats: "ApplyStats") -> None:
-        stale = sorted(stale)
-        if not stale or self.src_ranges_map is None:
-            return
-        m = self.src_ranges_map
-        _delete_batch(m, [m.Key(plen, fid, addr) for fid, plen, addr in stale])
-        self._src_ranges.difference_update(stale)
-        stats.ranges_deleted += len(stale)
+        stale = sorted(stale, key=_range_order)
+        four, six = _split(stale, lambda r: r[2])
+        for m, rows in ((self.src_ranges_map, four), (self.src_ranges6_map, six)):
+            if rows and m is not None:
+                _delete_batch(m, [m.Key(plen, fid, addr) for fid, plen, addr in rows])
+                self._src_ranges.difference_update(rows)
+                stats.ranges_deleted += len(rows)
 
     # ---- ids, for inspection and tests ------------------------------------------------
 
@@ -754,6 +792,14 @@ class MapWriter:
     def free_slots(self) -> int:
         return self._ranges.free_slots
 
+    @staticmethod
+    def _v6(table):
+        """An IPv6 map, which a datapath without the lb6_* maps cannot offer."""
+        if table is None:
+            raise RuntimeError("an IPv6 frontend or backend wanted but the datapath has no lb6_* maps")
+        return table
+
+
 def _add(counts: dict, key, sign: int) -> None:
     """Move a reference count; a count of 0 leaves the dict (absent = unreferenced)."""
     n = counts.get(key, 0) + sign
@@ -763,13 +809,36 @@ def _add(counts: dict, key, sign: int) -> None:
         del counts[key]
 
 
+def _split(items: list, address_of) -> tuple[list, list]:
+    """(IPv4 items, IPv6 items), by the stored address `address_of` each one names."""
+    four, six = [], []
+    for item in items:
+        (six if _is6(address_of(item)) else four).append(item)
+    return four, six
+
+
+def _family_first(key: FrontendKey):
+    """Sort key of FrontendKeys of both families (IPv4Address and IPv6Address do not compare)."""
+    return (key.address.version, key)
+
+
+def _range_order(r: tuple):
+    """Sort key of (frontend id, prefix length, address) source-range entries of both families."""
+    return (r[0], r[1], _is6(r[2]), r[2])
+
+
+def _address(addr):
+    """An lbmodel address as its map fields hold it: abi.be32 (IPv4) or abi.be128 (IPv6)."""
+    return abi.be128(addr) if addr.version == 6 else abi.be32(addr)
+
+
 def _frontend_key(fe: Frontend) -> FeKey:
     k = fe.key
-    return (abi.be32(k.address), abi.be16(k.port), k.protocol.number, int(k.scope))
+    return (_address(k.address), abi.be16(k.port), k.protocol.number, int(k.scope))
 
 
 def _backend_key(b: Backend) -> BeKey:
-    return (abi.be32(b.address), abi.be16(b.port), b.protocol.number)
+    return (_address(b.address), abi.be16(b.port), b.protocol.number)
 
 
 def _frontend_want(fe: Frontend) -> _FeWant:
@@ -779,6 +848,8 @@ def _frontend_want(fe: Frontend) -> _FeWant:
     be_flags: dict[BeKey, int] = {}
     unique: dict[BeKey, Backend] = {}
     for b in fe.backends:
+        if b.address.version != fe.key.address.version:
+            raise ValueError(f"frontend {fe.key}: backend {b.name} is not of the frontend's IP family")
         bkey = _backend_key(b)
         flags = ((abi.LB_BE_F_TERMINATING if b.terminating else 0) | (abi.LB_BE_F_LOCAL if b.local else 0)
                  | (abi.LB_BE_F_NOT_READY if b.not_ready else 0))
@@ -795,15 +866,22 @@ def _frontend_want(fe: Frontend) -> _FeWant:
 def _source_ranges(fe: Frontend, fid: int) -> set[tuple[int, int, int]]:
     """(frontend id, LPM prefix length, address) for every source range of a frontend."""
     out = set()
-    for net in fe.source_ranges:
-        net = ipaddress.IPv4Network(net, strict=False)
-        out.add((fid, 32 + net.prefixlen, abi.be32(net.network_address)))
+    for net in _family_ranges(fe):
+        out.add((fid, 32 + net.prefixlen, _address(net.network_address)))
     return out
+
+
+def _family_ranges(fe: Frontend) -> list:
+    """A frontend's loadBalancerSourceRanges of its own family, as kube-proxy filters them per family
+    (a dual-stack Service lists both): a range of the other family can match none of its clients."""
+    version = fe.key.address.version
+    nets = (ipaddress.ip_network(net, strict=False) for net in fe.source_ranges)
+    return [net for net in nets if net.version == version]
 
 
 def _service_flags(fe: Frontend) -> int:
     flags = _KIND_FLAGS[fe.kind]
-    if fe.source_ranges:
+    if fe.source_ranges and _family_ranges(fe):
         flags |= abi.LB_SVC_F_SOURCE_RANGES
     if fe.affinity_timeout > 0:
         flags |= abi.LB_SVC_F_AFFINITY

@@ -51,6 +51,20 @@ raw_ip = abi.be32                # an address -> the __be32 field's value
 raw_port = abi.be16              # a port -> the __be16 field's value
 
 
+def ip6_str(words) -> str:
+    """A __be32[4] field (a cffi array) -> IPv6 text."""
+    return abi.ip_of_be128(list(words))
+
+
+# The IPv6 twins: read when pinned (the views skip them otherwise).
+_IPV6_MAPS = frozenset(name for name in abi.MAP_TYPES if name.startswith(("lb6_", "ct6", "frag6")))
+
+
+def hostport(address: str, port: int) -> str:
+    """address:port, an IPv6 address bracketed (as in a URL, and a Maglev backend name)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def _decode(ctype: str, data: bytes):
     """A struct view of raw map bytes: no copy, and the view keeps `data` alive."""
     return ffi.from_buffer(ctype + " *", data)
@@ -67,6 +81,17 @@ def monotonic_ns() -> int:
 
 # enum bpf_prog_type (uapi/linux/bpf.h): the socket path's programs (datapath/socklb.py).
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+
+def _address_order(address: str) -> tuple[int, int]:
+    """Sort key of an address of either family: IPv4 first, then by value."""
+    addr = ipaddress.ip_address(address)
+    return (addr.version, int(addr))
+
+
+def address_port_name(address: str, port: int, proto: str) -> str:
+    """ADDRESS:PORT/PROTO, as Backend.name ([2001:2::1]:80/TCP)."""
+    return f"{hostport(address, port)}/{proto}"
 
 
 @dataclass(frozen=True)
@@ -111,12 +136,18 @@ class FrontendRow:
 
     @property
     def name(self) -> str:
-        return f"{self.address}:{self.port}/{self.proto}"
+        return address_port_name(self.address, self.port, self.proto)
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.address
 
     def key_bytes(self) -> bytes:
-        k = ffi.new("struct lb4_key *", {"address": raw_ip(self.address), "port": raw_port(self.port),
-                                         "proto": PROTO_NUMBERS[self.proto],
-                                         "scope": {v: k for k, v in SCOPES.items()}[self.scope]})
+        """The frontend's key in its family's map (struct lb4_key, or lb6_key)."""
+        six = self.is_ipv6
+        k = ffi.new("struct lb6_key *" if six else "struct lb4_key *", {
+            "address": abi.be128(self.address) if six else raw_ip(self.address), "port": raw_port(self.port),
+            "proto": PROTO_NUMBERS[self.proto], "scope": {v: k for k, v in SCOPES.items()}[self.scope]})
         return _encode(k)
 
 
@@ -153,7 +184,7 @@ class BackendRow:
 
     @property
     def name(self) -> str:
-        return f"{self.address}:{self.port}/{self.proto}"
+        return address_port_name(self.address, self.port, self.proto)
 
 
 @dataclass(frozen=True)
@@ -231,6 +262,8 @@ class NodeMaps:
         node = cls(pin_dir)
         try:
             for name in names or abi.MAP_TYPES:
+                if names is None and name in _IPV6_MAPS and not (pin_dir / name).exists():
+                    continue        # an agent of a version before IPv6: its IPv4 maps are all there is
                 m = PinnedMap.open(pin_dir / name)
                 key_t, val_t = abi.MAP_TYPES[name]
                 if (m.info.key_size, m.info.value_size) != (ffi.sizeof(key_t), ffi.sizeof(val_t)):
@@ -269,26 +302,29 @@ class NodeMaps:
         out = []
         for k, v in self.maps["lb4_frontends"].items():
             out.append(self._frontend(k, v, names))
-        return sorted(out, key=lambda f: (f.service, ipaddress.IPv4Address(f.address), f.port, f.proto, f.scope))
+        for k, v in self.maps["lb6_frontends"].items() if "lb6_frontends" in self.maps else ():
+            out.append(self._frontend(k, v, names, six=True))
+        return sorted(out, key=lambda f: (f.service, _address_order(f.address), f.port, f.proto, f.scope))
 
     def frontend(self, address: str, port: int, proto: str, scope: str) -> FrontendRow | None:
         self._slots = None
         probe = FrontendRow(address, port, proto, scope, 0, 0, 0, 0, 0, 0, 0)
         key = probe.key_bytes()
-        v = self.maps["lb4_frontends"].lookup(key)
+        table = self.maps.get("lb6_frontends" if probe.is_ipv6 else "lb4_frontends")
+        v = table.lookup(key) if table is not None else None
         if v is None:
             return None
         sid = _decode("struct lb4_service", v).service_id
         raw = self.maps["lb_service_names"].lookup(_encode(ffi.new("__u32 *", sid)))
         names = {sid: ffi.string(_decode("struct lb_service_name", raw).name).decode()} if raw else {}
-        return self._frontend(key, v, names)
+        return self._frontend(key, v, names, six=probe.is_ipv6)
 
     @staticmethod
-    def _frontend(k: bytes, v: bytes, names: dict[int, str]) -> FrontendRow:
-        key = _decode("struct lb4_key", k)
+    def _frontend(k: bytes, v: bytes, names: dict[int, str], six: bool = False) -> FrontendRow:
+        key = _decode("struct lb6_key" if six else "struct lb4_key", k)
         val = _decode("struct lb4_service", v)
         return FrontendRow(
-            address=ip_str(key.address), port=port_int(key.port),
+            address=ip6_str(key.address) if six else ip_str(key.address), port=port_int(key.port),
             proto=PROTO_NAMES.get(key.proto, str(key.proto)), scope=SCOPES.get(key.scope, str(key.scope)),
             service_id=val.service_id, frontend_id=val.frontend_id, maglev_offset=val.maglev_offset,
             maglev_size=val.maglev_size, backend_count=val.backend_count,
@@ -302,14 +338,26 @@ class NodeMaps:
             b = _decode("struct lb4_backend", v)
             out[ident] = BackendRow(ident, ip_str(b.address), port_int(b.port),
                                  PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
+        for k, v in self.maps["lb6_backends"].items() if "lb6_backends" in self.maps else ():
+            ident = _decode("__u32", k)[0]
+            b = _decode("struct lb6_backend", v)
+            out[ident] = BackendRow(ident, ip6_str(b.address), port_int(b.port),
+                                    PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
         return dict(sorted(out.items()))
 
     def backend(self, ident: int) -> BackendRow | None:
-        v = self.maps["lb4_backends"].lookup(_encode(ffi.new("__u32 *", ident)))
+        """Backend `ident` of either family (ids are one space)."""
+        key = _encode(ffi.new("__u32 *", ident))
+        v = self.maps["lb4_backends"].lookup(key)
+        if v is not None:
+            b = _decode("struct lb4_backend", v)
+            return BackendRow(ident, ip_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)),
+                              b.flags)
+        v = self.maps["lb6_backends"].lookup(key) if "lb6_backends" in self.maps else None
         if v is None:
             return None
-        b = _decode("struct lb4_backend", v)
-        return BackendRow(ident, ip_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
+        b = _decode("struct lb6_backend", v)
+        return BackendRow(ident, ip6_str(b.address), port_int(b.port), PROTO_NAMES.get(b.proto, str(b.proto)), b.flags)
 
     def maglev_table(self, fe: FrontendRow) -> list[int]:
         """Backend id per slot of a frontend's Maglev table (from prefetch_maglev's copy when it has one)."""
@@ -327,36 +375,48 @@ class NodeMaps:
 
     def ct(self, now_ns: int | None = None) -> list[CtEntry]:
         now_ns = monotonic_ns() if now_ns is None else now_ns
-        return sorted((self._ct(k, v, now_ns) for k, v in self.maps["ct4"].items()),
-                      key=lambda e: (e.age_s, e.saddr, e.sport, e.direction))
+        rows = [self._ct(k, v, now_ns) for k, v in self.maps["ct4"].items()]
+        rows += [self._ct(k, v, now_ns, six=True) for k, v in self.maps["ct6"].items()] if "ct6" in self.maps else []
+        return sorted(rows, key=lambda e: (e.age_s, e.saddr, e.sport, e.direction))
 
     def ct_lookup(self, saddr: str, daddr: str, sport: int, dport: int, proto: str, direction: str,
                   now_ns: int | None = None) -> CtEntry | None:
-        key = ffi.new("struct ct4_key *", {
-            "saddr": raw_ip(saddr), "daddr": raw_ip(daddr), "sport": raw_port(sport), "dport": raw_port(dport),
-            "proto": PROTO_NUMBERS[proto],
+        six = ":" in saddr
+        if six and "ct6" not in self.maps:
+            return None
+        key = ffi.new("struct ct6_key *" if six else "struct ct4_key *", {
+            "saddr": abi.be128(saddr) if six else raw_ip(saddr), "daddr": abi.be128(daddr) if six else raw_ip(daddr),
+            "sport": raw_port(sport), "dport": raw_port(dport), "proto": PROTO_NUMBERS[proto],
             "dir": abi.CT_DIR_FORWARD if direction == "forward" else abi.CT_DIR_REPLY})
-        v = self.maps["ct4"].lookup(_encode(key))
-        return None if v is None else self._ct(_encode(key), v, monotonic_ns() if now_ns is None else now_ns)
+        v = self.maps["ct6" if six else "ct4"].lookup(_encode(key))
+        return None if v is None else self._ct(_encode(key), v, monotonic_ns() if now_ns is None else now_ns, six=six)
 
     @staticmethod
-    def _ct(k: bytes, v: bytes, now_ns: int) -> CtEntry:
-        key = _decode("struct ct4_key", k)
-        e = _decode("struct ct4_entry", v)
+    def _ct(k: bytes, v: bytes, now_ns: int, six: bool = False) -> CtEntry:
+        key = _decode("struct ct6_key" if six else "struct ct4_key", k)
+        e = _decode("struct ct6_entry" if six else "struct ct4_entry", v)
         proto = PROTO_NAMES.get(key.proto, str(key.proto))
         age = _age_s(now_ns, e.last_seen_ns)
+        ip = ip6_str if six else ip_str
+        # An IPv6 endpoint is bracketed before its port, as in a URL (and a Maglev name).
+        fe_addr, be_addr = (f"[{ip(e.frontend_addr)}]", f"[{ip(e.backend_addr)}]") if six else \
+            (ip(e.frontend_addr), ip(e.backend_addr))
         return CtEntry(
-            saddr=ip_str(key.saddr), daddr=ip_str(key.daddr), sport=port_int(key.sport),
+            saddr=ip(key.saddr), daddr=ip(key.daddr), sport=port_int(key.sport),
             dport=port_int(key.dport), proto=proto,
             direction="forward" if key.dir == abi.CT_DIR_FORWARD else "reply",
             last_seen_ns=e.last_seen_ns, backend_id=e.backend_id, service_id=e.service_id,
-            frontend_id=e.frontend_id, frontend=f"{ip_str(e.frontend_addr)}:{port_int(e.frontend_port)}",
-            backend=f"{ip_str(e.backend_addr)}:{port_int(e.backend_port)}", flags=e.flags,
+            frontend_id=e.frontend_id, frontend=f"{fe_addr}:{port_int(e.frontend_port)}",
+            backend=f"{be_addr}:{port_int(e.backend_port)}", flags=e.flags,
             age_s=age, expired=age > ct_lifetime_s(proto, e.flags))
 
     def affinity(self, client: str, service_id: int, now_ns: int | None = None) -> Affinity | None:
-        key = ffi.new("struct lb4_affinity_key *", {"client_addr": raw_ip(client), "service_id": service_id})
-        v = self.maps["lb4_affinity"].lookup(_encode(key))
+        six = ":" in client         # IPv6: per /128 client (lb6_affinity)
+        if six and "lb6_affinity" not in self.maps:
+            return None
+        key = ffi.new("struct lb6_affinity_key *" if six else "struct lb4_affinity_key *",
+                      {"client_addr": abi.be128(client) if six else raw_ip(client), "service_id": service_id})
+        v = self.maps["lb6_affinity" if six else "lb4_affinity"].lookup(_encode(key))
         if v is None:
             return None
         val = _decode("struct lb_affinity_val", v)

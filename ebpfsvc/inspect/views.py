@@ -10,8 +10,8 @@ from collections import Counter
 
 from ebpfsvc import abi
 from ebpfsvc.datapath.flowhash import flow_hash
-from ebpfsvc.inspect.node import (PROTO_NUMBERS, BackendRow, CtEntry, FrontendRow, NodeMaps, ct_closing,
-                                  monotonic_ns)
+from ebpfsvc.inspect.node import (PROTO_NUMBERS, BackendRow, CtEntry, FrontendRow, NodeMaps, address_port_name,
+                                  ct_closing, hostport, monotonic_ns)
 from ebpfsvc.lbmodel import table_backends
 
 # Slots the datapath tries past a terminating backend (bpf/lib/lb.h, defined in abi.h).
@@ -116,8 +116,8 @@ def ct_list(node: NodeMaps, *, include_expired: bool = True) -> list[dict]:
     for e in node.ct():
         if e.expired and not include_expired:
             continue
-        out.append({"direction": e.direction, "proto": e.proto, "src": f"{e.saddr}:{e.sport}",
-                    "dst": f"{e.daddr}:{e.dport}", "frontend": e.frontend, "backend": e.backend,
+        out.append({"direction": e.direction, "proto": e.proto, "src": hostport(e.saddr, e.sport),
+                    "dst": hostport(e.daddr, e.dport), "frontend": e.frontend, "backend": e.backend,
                     "backend_id": e.backend_id, "service_id": e.service_id, "frontend_id": e.frontend_id,
                     "flags": e.flag_names, "age_s": round(e.age_s, 3), "expired": e.expired})
     return out
@@ -190,6 +190,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
     if proto not in PROTO_NUMBERS:
         step("parse", f"{proto} has no ports: passes untouched")
         return result("pass", "not load-balanced protocol")
+    if external and ":" in dst:
+        step("parse", "IPv6 entering from an uplink: the uplink programs serve IPv4 only, it passes untouched")
+        return result("pass", "not a service")
 
     # 1. Conntrack: an established flow keeps its backend whatever the tables say now.
     if sport is None:
@@ -346,7 +349,7 @@ def drift(desired, node: NodeMaps, fes: list[FrontendRow] | None = None,
         k = (str(key.address), key.port, key.protocol.value, "internal" if int(key.scope) else "external")
         want_keys.add(k)
         want_keys.add((k[0], 0, k[2], k[3]))          # its address marker
-        name = f"{k[0]}:{k[1]}/{k[2]} ({k[3]})"
+        name = f"{address_port_name(k[0], k[1], k[2])} ({k[3]})"
         got = have.get(k)
         if got is None:
             out.append({"frontend": name, "service": str(fe.service), "problem": "missing from the maps"})

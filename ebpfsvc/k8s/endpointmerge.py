@@ -11,23 +11,26 @@ a copy that is not terminating over a terminating one (kube-proxy v1.37.2 keeps
 the non-terminating copy: the pod network may reuse the address of a pod still
 terminating for a new, running pod), otherwise the first slice by name, so the
 result does not depend on event order.
+
+A dual-stack Service has IPv4 and IPv6 slices; their endpoints share the port's list, IPv4 ones
+first, and never merge with each other (an address is keyed with its family): each frontend takes
+those of its own family (ebpfsvc/desired.py).  FQDN slices have nothing to forward to.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
 
 from ebpfsvc.k8s.endpointslice import EndpointSlice
-from ebpfsvc.lbmodel import ServicePortName
+from ebpfsvc.lbmodel import IPAddress, ServicePortName
 
 
 @dataclass(frozen=True)
 class Endpoint:
     """One endpoint of one service port, with its resolved port (kube-proxy's Endpoint)."""
 
-    address: ipaddress.IPv4Address
+    address: IPAddress
     port: int
     ready: bool = True
     serving: bool = True
@@ -38,8 +41,8 @@ class Endpoint:
     node_hints: frozenset[str] = frozenset()
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        return (int(self.address), self.port)
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.address.version, int(self.address), self.port)
 
 
 def merge_endpoint_slices(namespace: str, service_name: str,
@@ -47,7 +50,7 @@ def merge_endpoint_slices(namespace: str, service_name: str,
     """Endpoints per ServicePortName of one Service, deduplicated and sorted by (address, port)."""
     merged: dict[ServicePortName, dict[tuple, Endpoint]] = {}
     for sl in sorted(slices, key=lambda s: s.name):
-        if sl.address_type != "IPv4":
+        if sl.address_type == "FQDN":
             continue
         for port in sl.ports:
             if port.port is None:
@@ -55,7 +58,8 @@ def merge_endpoint_slices(namespace: str, service_name: str,
             spn = ServicePortName(namespace, service_name, port.name, port.protocol)
             by_addr = merged.setdefault(spn, {})
             for ep in sl.endpoints:
-                key = (int(ep.address), port.port)      # an int hashes in C, an IPv4Address in Python
+                # ints hash in C, an IPv4Address in Python; the version keeps ::a.b.c.d apart from a.b.c.d
+                key = (ep.address.version, int(ep.address), port.port)
                 if key in by_addr and _precedence(by_addr[key]) >= _precedence(ep):
                     continue
                 by_addr[key] = Endpoint(ep.address, port.port, ep.ready, ep.serving, ep.terminating,

@@ -2,7 +2,8 @@
 
 Kubernetes mirrors a hand-written Endpoints object into EndpointSlices (the
 EndpointSliceMirroring controller): one slice per subset, `addresses` ready,
-`notReadyAddresses` not ready.  We do the same conversion ourselves, so manual
+`notReadyAddresses` not ready, and a slice per address family, since a slice holds one
+(a subset's IPv6 addresses go to a second slice).  We do the same conversion ourselves, so manual
 Endpoints work even from a manifest directory or a cluster with mirroring off,
 and everything downstream sees one endpoint form.  When a Service has real
 EndpointSlices too, those win (the tracker decides; see ClusterState).
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from ebpfsvc.k8s.endpointslice import (MAX_ENDPOINTS, MAX_PORTS, EndpointSlice, SliceEndpoint,
                                        parse_endpoint_port)
-from ebpfsvc.k8s.fields import Fields, Invalid, parse_ipv4, read_meta
+from ebpfsvc.k8s.fields import Fields, Invalid, parse_ip, read_meta
 
 MAX_SUBSETS = 100
 LABEL_SKIP_MIRROR = "endpointslice.kubernetes.io/skip-mirror"     # "true": not mirrored to slices
@@ -50,8 +51,13 @@ def parse_endpoints(obj: dict) -> Endpoints:
         total += len(endpoints)
         if total > MAX_ENDPOINTS:
             raise Invalid("subsets", f"hold more than {MAX_ENDPOINTS} addresses")
-        slices.append(EndpointSlice(meta.namespace, f"{meta.name}/subsets[{i}]", meta.name, "IPv4",
-                                    ports, tuple(endpoints)))
+        v4 = tuple(ep for ep in endpoints if ep.address.version == 4)
+        v6 = tuple(ep for ep in endpoints if ep.address.version == 6)
+        if v4 or not v6:
+            slices.append(EndpointSlice(meta.namespace, f"{meta.name}/subsets[{i}]", meta.name, "IPv4", ports, v4))
+        if v6:
+            slices.append(EndpointSlice(meta.namespace, f"{meta.name}/subsets[{i}]/IPv6", meta.name, "IPv6",
+                                        ports, v6))
     if meta.labels.get(LABEL_SKIP_MIRROR) == "true":
         return Endpoints(meta.namespace, meta.name)      # validated all the same: a typo is still named
     return Endpoints(meta.namespace, meta.name, tuple(slices))
@@ -62,5 +68,5 @@ def _endpoint(addr: Fields, ready: bool) -> SliceEndpoint:
     if ip is None:
         raise Invalid(f"{addr.path}.ip", "is required")
     # notReadyAddresses are neither ready nor serving: v1 Endpoints cannot say "terminating".
-    return SliceEndpoint(address=parse_ipv4(ip, f"{addr.path}.ip"), ready=ready, serving=ready,
+    return SliceEndpoint(address=parse_ip(ip, f"{addr.path}.ip"), ready=ready, serving=ready,
                          terminating=False, node_name=addr.str("nodeName"), hostname=addr.str("hostname"))

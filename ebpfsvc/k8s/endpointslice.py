@@ -5,19 +5,20 @@ EndpointSlice controller writes, per Service port name, the port number the
 selected Pods really listen on.  So a slice's ports are authoritative for its
 endpoints, exactly as in kube-proxy.
 
-Only IPv4 slices are read: this data plane is IPv4-only, so IPv6 and FQDN
-slices are kept as empty placeholders (valid, just nothing to program), not
+IPv4 and IPv6 slices are read (a dual-stack Service has a slice of each, and its
+frontends of each family take the endpoints of that family: ebpfsvc/desired.py);
+every address of a slice must be of its addressType, as the API server checks.
+FQDN slices are kept as empty placeholders (valid, just nothing to program), not
 reported as errors.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from datetime import datetime
 
-from ebpfsvc.k8s.fields import Fields, Invalid, check_name, read_meta, parse_ipv4
-from ebpfsvc.lbmodel import Protocol
+from ebpfsvc.k8s.fields import Fields, Invalid, check_name, parse_ip, read_meta
+from ebpfsvc.lbmodel import IPAddress, Protocol
 
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 # Set by the EndpointSlice and Endpoints controllers: when the change this version carries was
@@ -42,7 +43,7 @@ class EndpointPort:
 class SliceEndpoint:
     """One endpoint of a slice, with its conditions decoded as the API defines them."""
 
-    address: ipaddress.IPv4Address   # addresses[0]: the API says consumers use the first
+    address: IPAddress               # addresses[0]: the API says consumers use the first
     ready: bool = True               # unset = ready
     serving: bool = True             # unset = serving (discovery/v1)
     terminating: bool = False        # unset = not terminating
@@ -80,11 +81,12 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
     service_name = meta.labels.get(LABEL_SERVICE_NAME, "")
     if service_name:
         check_name(service_name, f"metadata.labels[{LABEL_SERVICE_NAME}]", "label-value")
-    if address_type != "IPv4":
+    if address_type == "FQDN":
         return EndpointSlice(meta.namespace, meta.name, service_name, address_type)
     ports = tuple(parse_endpoint_port(p) for p in top.objects("ports", MAX_PORTS))
     _check_unique_ports(ports, "ports")
-    endpoints = tuple(_endpoint(e) for e in top.objects("endpoints", MAX_ENDPOINTS))
+    version = 4 if address_type == "IPv4" else 6
+    endpoints = tuple(_endpoint(e, version) for e in top.objects("endpoints", MAX_ENDPOINTS))
     return EndpointSlice(meta.namespace, meta.name, service_name, address_type, ports, endpoints)
 
 
@@ -102,14 +104,13 @@ def _check_unique_ports(ports: tuple[EndpointPort, ...], path: str) -> None:
         seen.add((port.name, port.protocol))
 
 
-def _endpoint(e: Fields) -> SliceEndpoint:
+def _endpoint(e: Fields, version: int) -> SliceEndpoint:
     addresses = e.list("addresses", MAX_ADDRESSES)
     if not addresses:
         raise Invalid(f"{e.path}.addresses", "needs at least one address")
-    path, first = addresses[0]
-    address = parse_ipv4(first, path)
+    address = _address(*addresses[0], version)
     for path, other in addresses[1:]:
-        parse_ipv4(other, path)
+        _address(path, other, version)
     cond = e.obj("conditions")
     ready = cond.bool("ready", True)
     hints = frozenset(z.str("name") for z in e.obj("hints").objects("forZones", MAX_ZONE_HINTS)) - {""}
@@ -125,6 +126,14 @@ def _endpoint(e: Fields) -> SliceEndpoint:
         node_hints=node_hints,
         hostname=e.str("hostname"),
     )
+
+
+def _address(path: str, value, version: int) -> IPAddress:
+    """An address of the slice's addressType: one slice never mixes families."""
+    addr = parse_ip(value, path)
+    if addr.version != version:
+        raise Invalid(path, f"{value} is not an IPv{version} address")
+    return addr
 
 
 def last_change_trigger_time(obj: dict) -> float | None:

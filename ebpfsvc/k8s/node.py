@@ -18,7 +18,8 @@ MAX_TAINTS = 1000
 class Node:
     name: str
     zone: str = ""
-    addresses: tuple[tuple[str, ipaddress.IPv4Address], ...] = ()   # (type, address), IPv4 only
+    # (type, address) of either family; which ones serve NodePorts is the agent's --ip-families (nodeinfo.py)
+    addresses: tuple[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address], ...] = ()
     deleting: bool = False                  # metadata.deletionTimestamp is set
     taints: tuple[str, ...] = ()            # spec.taints[].key, in order
 
@@ -35,9 +36,7 @@ def parse_node(obj: dict) -> Node:
     for a in top.obj("status").objects("addresses", MAX_ADDRESSES):
         if a.str("type") in ("Hostname", "InternalDNS", "ExternalDNS"):
             continue
-        addr = parse_ip(a.str("address"), f"{a.path}.address")
-        if addr.version == 4:
-            addresses.append((a.str("type"), addr))
+        addresses.append((a.str("type"), parse_ip(a.str("address"), f"{a.path}.address")))
     taints = tuple(t.str("key") for t in top.obj("spec").objects("taints", MAX_TAINTS))
     deleting = bool(top.obj("metadata").str("deletionTimestamp"))
     return Node(meta.name, zone, tuple(addresses), deleting, taints)

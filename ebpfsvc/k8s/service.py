@@ -7,17 +7,26 @@ only there compare equal, so the change tracker drops the update.
 Things the API server would allocate (clusterIP, nodePort) must be present:
 here they can only be missing because a manifest left them out, and guessing
 one would program an address nobody asked for.
+
+Dual-stack (KEP-563) is read as the API server validates it: `ipFamilyPolicy`
+(SingleStack by default; PreferDualStack; RequireDualStack), `ipFamilies` and
+`clusterIPs` (at most one per family, clusterIPs[0] == clusterIP, clusterIPs[i] of
+family ipFamilies[i]).  The node's families (NodeConfig.ip_families, the agent's
+--ip-families) stand for the cluster's: a clusterIP of another family, or
+RequireDualStack on a single-stack node, is refused as the API server of such a
+cluster would refuse it.  externalIPs, load balancer ingress and source ranges
+of either family are kept; ebpfsvc/desired.py serves each with the clusterIP of
+its family.
 """
 
 from __future__ import annotations
 
 import enum
-import ipaddress
 from dataclasses import dataclass
 
-from ebpfsvc.config import NodeConfig
+from ebpfsvc.config import IP_FAMILIES, NodeConfig, family_name
 from ebpfsvc.k8s.fields import Fields, Invalid, ObjectMeta, check_int, parse_cidr, parse_ip, read_meta
-from ebpfsvc.lbmodel import Algorithm, Protocol
+from ebpfsvc.lbmodel import Algorithm, IPAddress, IPNetwork, Protocol
 
 MAX_PORTS = 100                 # far above any real Service; a bigger list is a generator gone wrong
 MAX_EXTERNAL_IPS = 100
@@ -48,6 +57,12 @@ class TrafficPolicy(str, enum.Enum):
     LOCAL = "Local"
 
 
+class IPFamilyPolicy(str, enum.Enum):
+    SINGLE_STACK = "SingleStack"
+    PREFER_DUAL_STACK = "PreferDualStack"     # both families where the cluster has both
+    REQUIRE_DUAL_STACK = "RequireDualStack"   # both families, or the Service is refused
+
+
 @dataclass(frozen=True)
 class ServicePort:
     name: str                       # "" for a single unnamed port
@@ -63,13 +78,13 @@ class Service:
     namespace: str
     name: str
     type: ServiceType = ServiceType.CLUSTER_IP
-    cluster_ip: ipaddress.IPv4Address | None = None   # None: headless, ExternalName or IPv6-only
+    cluster_ip: IPAddress | None = None               # clusterIPs[0], the primary family; None: headless, ExternalName
     headless: bool = False                            # clusterIP: None
     ports: tuple[ServicePort, ...] = ()
     has_selector: bool = False
-    external_ips: tuple[ipaddress.IPv4Address, ...] = ()
-    load_balancer_ips: tuple[ipaddress.IPv4Address, ...] = ()   # status.loadBalancer.ingress[].ip (ipMode VIP)
-    source_ranges: tuple[ipaddress.IPv4Network, ...] = ()
+    external_ips: tuple[IPAddress, ...] = ()          # either family: served with the clusterIP of theirs
+    load_balancer_ips: tuple[IPAddress, ...] = ()     # status.loadBalancer.ingress[].ip (ipMode VIP)
+    source_ranges: tuple[IPNetwork, ...] = ()
     affinity_timeout: int = 0                         # seconds of ClientIP affinity; 0 = sessionAffinity None
     external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
     internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
@@ -84,6 +99,18 @@ class Service:
     headless_label: bool = False                      # service.kubernetes.io/headless present
     health_check_node_port: int = 0                   # LoadBalancer + externalTrafficPolicy Local; 0 = none
     created: str = ""                                 # metadata.creationTimestamp (UTC, sortable); "" = absent
+    # spec.clusterIPs: one per family, primary first (() with cluster_ip set: just that one).
+    cluster_ips: tuple[IPAddress, ...] = ()
+    ip_family_policy: IPFamilyPolicy = IPFamilyPolicy.SINGLE_STACK
+
+    def __post_init__(self) -> None:
+        if not self.cluster_ips and self.cluster_ip is not None:
+            object.__setattr__(self, "cluster_ips", (self.cluster_ip,))
+
+    @property
+    def ip_families(self) -> tuple[str, ...]:
+        """spec.ipFamilies as allocated: the families of the clusterIPs, primary first."""
+        return tuple(family_name(a.version) for a in self.cluster_ips)
 
     @property
     def seniority(self) -> tuple[str, str, str]:
@@ -109,8 +136,8 @@ class Service:
             label = "no service-proxy-name label" if self.proxy_name is None else \
                 f"service-proxy-name {self.proxy_name!r}"
             return f"{label}: not ours ({ours})"
-        if self.cluster_ip is None:
-            return "no IPv4 clusterIP"
+        if not self.cluster_ips:
+            return "no clusterIP"
         return ""
 
 
@@ -119,7 +146,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
     top, meta = read_meta(obj, "Service", ("v1",), name_rule="dns1035-label")
     spec = top.obj("spec")
     svc_type = ServiceType(spec.str("type", "ClusterIP", tuple(t.value for t in ServiceType)))
-    cluster_ip, headless = _cluster_ip(spec, svc_type, config)
+    cluster_ips, policy, headless = _cluster_ips(spec, svc_type, config)
     ports = _ports(spec, svc_type, config)
     if not ports and not headless and svc_type is not ServiceType.EXTERNAL_NAME:
         raise Invalid("spec.ports", "is required: a Service with a clusterIP needs at least one port")
@@ -129,7 +156,9 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         namespace=meta.namespace,
         name=meta.name,
         type=svc_type,
-        cluster_ip=cluster_ip,
+        cluster_ip=cluster_ips[0] if cluster_ips else None,
+        cluster_ips=cluster_ips,
+        ip_family_policy=policy,
         headless=headless,
         ports=ports,
         has_selector=bool(spec.string_map("selector")),
@@ -150,31 +179,67 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
     )
 
 
-def _cluster_ip(spec: Fields, svc_type: ServiceType, config: NodeConfig):
+def _cluster_ips(spec: Fields, svc_type: ServiceType, config: NodeConfig
+                 ) -> tuple[tuple[IPAddress, ...], IPFamilyPolicy, bool]:
+    """(clusterIPs, ipFamilyPolicy, headless), validated as the API server validates them (module docstring)."""
+    policy_text = spec.str("ipFamilyPolicy", "", tuple(p.value for p in IPFamilyPolicy))
+    families = spec.list("ipFamilies", 2)
+    for i, (path, value) in enumerate(families):
+        if value not in IP_FAMILIES:
+            raise Invalid(path, f"{value!r} is not one of {', '.join(IP_FAMILIES)}")
+        if any(value == other for _, other in families[:i]):
+            raise Invalid(path, f"{value} appears twice: at most one of each family")
     if svc_type is ServiceType.EXTERNAL_NAME:
         if not spec.str("externalName"):
             raise Invalid("spec.externalName", "is required for type ExternalName")
-        return None, False
-    value = spec.str("clusterIP")
-    field = "spec.clusterIP"
-    if not value:
-        # Dual-stack objects may carry only clusterIPs; the first one is the primary family.
-        ips = spec.list("clusterIPs", 2)
-        if ips:
-            field, value = ips[0][0], ips[0][1]
-    if value == "None":
-        return None, True
-    if not value:
+        return (), IPFamilyPolicy.SINGLE_STACK, False
+    primary = spec.str("clusterIP")
+    ips = spec.list("clusterIPs", 2)
+    if primary and ips and ips[0][1] != primary:
+        raise Invalid(ips[0][0], f"{ips[0][1]} must equal spec.clusterIP {primary}")
+    if primary:     # clusterIPs[0] is spec.clusterIP: named as before dual-stack, when both are set
+        ips = [("spec.clusterIP", primary), *ips[1:]]
+    if not ips:
         raise Invalid("spec.clusterIP", "is required (the API server allocates it; a manifest must set it, "
                       "or None for a headless Service)")
-    addr = parse_ip(value, field)
-    if addr.version == 6:
-        return None, False      # an IPv4 data plane has nothing to program for an IPv6 Service
-    if config.service_cidr is not None and addr not in config.service_cidr:
-        raise Invalid(field, f"{addr} is outside the service CIDR {config.service_cidr}")
-    if not _assignable(addr):
-        raise Invalid(field, f"{addr} cannot be a clusterIP (loopback, link-local, multicast or reserved)")
-    return addr, False
+    # Without a policy, the API server defaults SingleStack, or RequireDualStack for two clusterIPs.
+    policy = IPFamilyPolicy(policy_text) if policy_text else (
+        IPFamilyPolicy.REQUIRE_DUAL_STACK if len(ips) == 2 or len(families) == 2 else IPFamilyPolicy.SINGLE_STACK)
+    if ips[0][1] == "None":
+        if len(ips) > 1:
+            raise Invalid(ips[1][0], "must not be set: a headless Service (clusterIP None) has no other clusterIP")
+        return (), policy, True     # headless: no frontend, so no family to check
+    if policy is IPFamilyPolicy.SINGLE_STACK and (len(ips) == 2 or len(families) == 2):
+        what = "clusterIPs" if len(ips) == 2 else "ipFamilies"
+        raise Invalid("spec.ipFamilyPolicy", f"SingleStack, but spec.{what} has two; "
+                      f"use PreferDualStack or RequireDualStack")
+    if policy is IPFamilyPolicy.REQUIRE_DUAL_STACK and len(config.ip_families) < 2:
+        raise Invalid("spec.ipFamilyPolicy", f"RequireDualStack, but this cluster serves "
+                      f"{config.ip_families[0]} only (--ip-families)")
+    if policy is IPFamilyPolicy.REQUIRE_DUAL_STACK and len(ips) < 2:
+        raise Invalid("spec.clusterIPs", "RequireDualStack needs a clusterIP of each family (the API server "
+                      "allocates them; a manifest must set both)")
+    if families and families[0][1] not in config.ip_families:
+        raise Invalid(families[0][0], f"{families[0][1]} is not a family of this cluster "
+                      f"({','.join(config.ip_families)}: --ip-families)")
+    out: list[IPAddress] = []
+    for i, (path, value) in enumerate(ips):
+        addr = parse_ip(value, path)
+        family = family_name(addr.version)
+        if any(a.version == addr.version for a in out):
+            raise Invalid(path, f"{addr} is of the same family as spec.clusterIPs[0] ({family}): "
+                          f"at most one clusterIP per family")
+        if i < len(families) and families[i][1] != family:
+            raise Invalid(path, f"{addr} is {family}, but {families[i][0]} is {families[i][1]}")
+        if family not in config.ip_families:
+            raise Invalid(path, f"{addr} is an {family} clusterIP, but this cluster serves "
+                          f"{','.join(config.ip_families)} only (--ip-families)")
+        if addr.version == 4 and config.service_cidr is not None and addr not in config.service_cidr:
+            raise Invalid(path, f"{addr} is outside the service CIDR {config.service_cidr}")
+        if not _assignable(addr):
+            raise Invalid(path, f"{addr} cannot be a clusterIP (loopback, link-local, multicast or reserved)")
+        out.append(addr)
+    return tuple(out), policy, False
 
 
 def _assignable(addr) -> bool:
@@ -243,16 +308,16 @@ def _health_check_node_port(spec: Fields, svc_type: ServiceType, policy: Traffic
     return spec.int("healthCheckNodePort", 1, 65535, 0)
 
 
-def _external_ips(spec: Fields) -> tuple[ipaddress.IPv4Address, ...]:
+def _external_ips(spec: Fields) -> tuple[IPAddress, ...]:
     out = []
     for path, value in spec.list("externalIPs", MAX_EXTERNAL_IPS):
         addr = parse_ip(value, path)
-        if addr.version == 4 and addr not in out:
+        if addr not in out:
             out.append(addr)
     return tuple(out)
 
 
-def _load_balancer_ips(top: Fields) -> tuple[ipaddress.IPv4Address, ...]:
+def _load_balancer_ips(top: Fields) -> tuple[IPAddress, ...]:
     out = []
     for ing in top.obj("status").obj("loadBalancer").objects("ingress", MAX_EXTERNAL_IPS):
         if not ing.str("ip"):
@@ -260,12 +325,12 @@ def _load_balancer_ips(top: Fields) -> tuple[ipaddress.IPv4Address, ...]:
         addr = parse_ip(ing.str("ip"), f"{ing.path}.ip")
         # ipMode Proxy: the load balancer rewrites the destination to the node itself, so
         # kube-proxy must not capture the LB IP (KEP-1860).
-        if ing.str("ipMode", "VIP", ("VIP", "Proxy")) == "VIP" and addr.version == 4 and addr not in out:
+        if ing.str("ipMode", "VIP", ("VIP", "Proxy")) == "VIP" and addr not in out:
             out.append(addr)
     return tuple(out)
 
 
-def _source_ranges(spec: Fields, meta: ObjectMeta, legacy: bool) -> tuple[ipaddress.IPv4Network, ...]:
+def _source_ranges(spec: Fields, meta: ObjectMeta, legacy: bool) -> tuple[IPNetwork, ...]:
     items = spec.list("loadBalancerSourceRanges", MAX_SOURCE_RANGES)
     if legacy and not items and meta.annotations.get(ANNOTATION_SOURCE_RANGES, "").strip():
         # The older annotation counts only when the field is empty (as in the API's validation).
@@ -274,7 +339,7 @@ def _source_ranges(spec: Fields, meta: ObjectMeta, legacy: bool) -> tuple[ipaddr
     nets = []
     for path, value in items:
         net = parse_cidr(value, path)
-        if net.version == 4 and net not in nets:
+        if net not in nets:
             nets.append(net)
     return tuple(nets)
 

@@ -300,7 +300,7 @@ class Lab:
         from ebpfsvc.nodeinfo import NodeSettings
 
         desired = load_desired(NodeConfig(node_name=node), kubeconfig=str(self.kubeconfig), settings=NodeSettings(),
-                               netns=self.node_netns(node))
+                               netns=self.node_netns(node), ip_families_auto=True)     # deploy/'s default
         try:
             maps = NodeMaps.open(names.pin_dir(self.prefix, node))
         except (OSError, ValueError):

@@ -127,3 +127,47 @@ def expected_backend(fe: Frontend, client: str, sport: int) -> str:
 
 def backend_port(fe: Frontend, addr: str) -> int:
     return next(b.port for b in fe.backends if str(b.address) == addr)
+
+
+# ---- IPv6 (2001:2::/48, RFC 5180): clients 2001:2:0:1::x, backends 2001:2:0:2::x, ClusterIPs 2001:2:0:ff::x.
+CLIENT6 = "2001:2:0:1::5"
+CLIENT6_2 = "2001:2:0:1::6"
+VIP6 = "2001:2:0:ff::10"
+BACKEND6_1 = "2001:2:0:2::1"
+BACKEND6_2 = "2001:2:0:2::2"
+BACKEND6_3 = "2001:2:0:2::3"
+OTHER6 = "2001:2:0:3::9"
+A6 = ipaddress.IPv6Address
+
+
+def tcp6(src, dst, sport, dport, flags="S", seq=1000, ack=0, payload=b"", ext=()):
+    """An IPv6 TCP segment; `ext`: extension headers (scapy layers) between IPv6 and TCP."""
+    from scapy.layers.inet6 import IPv6
+
+    pkt = IPv6(src=src, dst=dst)
+    for h in ext:
+        pkt = pkt / h
+    pkt = pkt / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack)
+    return pkt / Raw(payload) if payload else pkt
+
+
+def udp6(src, dst, sport, dport, payload=b"hello", ext=()):
+    from scapy.layers.inet6 import IPv6
+
+    pkt = IPv6(src=src, dst=dst)
+    for h in ext:
+        pkt = pkt / h
+    return pkt / UDP(sport=sport, dport=dport) / Raw(payload)
+
+
+def be6(addr, port=8080, proto=Protocol.TCP, **kw) -> Backend:
+    return Backend(A6(addr), port, proto, **kw)
+
+
+def frontend6(vip=VIP6, port=80, backends=(), proto=Protocol.TCP, name="web6", **kw) -> Frontend:
+    return Frontend(
+        key=FrontendKey(A6(vip), port, proto),
+        service=ServicePortName("default", name, "", proto),
+        backends=tuple(backends),
+        **kw,
+    )

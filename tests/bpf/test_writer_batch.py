@@ -75,6 +75,9 @@ def test_clear_puts_every_datapath_map_back_as_created(datapath):
             key = table.Key(table.max_entries - 1)
         elif name == "lb4_source_ranges":
             key.prefixlen, key.frontend_id, key.address = 64, 7, 0x0A000000
+        elif name == "lb6_source_ranges":      # an LPM key's prefix length must fit the key
+            key.prefixlen, key.frontend_id = 32 + 64, 7
+            key.address[:] = (0x02000120, 0, 0, 0)
         else:
             ctypes.memset(ctypes.addressof(key), 0x5A, ctypes.sizeof(key))
         table[key] = leaf

@@ -24,7 +24,7 @@ HAIRPIN = bytes([198, 18, 0, 1])          # the node's hairpin address (tests/di
 # kind -> weight; each a method _k_<kind> returning (prog, frame)
 KINDS = {
     "syn": 14, "datagram": 10, "hairpin": 3, "sctp": 4, "data": 20, "reply": 20, "stray_reply": 3, "midstream": 3,
-    "other": 3, "fragments": 6, "orphan_fragment": 2, "icmp_echo": 2, "icmp_error": 8, "not_ipv4": 1, "hostile": 16,
+    "other": 3, "fragments": 6, "orphan_fragment": 2, "icmp_echo": 2, "icmp_error": 8, "not_ipv4": 1, "ipv6": 2, "hostile": 16,
 }
 
 
@@ -321,6 +321,34 @@ class Generator:
         ethertype = self._choice([0x86DD, 0x0806, 0x88CC, 0x8100])
         prog = self._choice(["from_pod", "to_pod"])
         return prog, struct.pack("!6s6sH", HOST_MAC, POD_MAC, ethertype) + self._payload(80) + b"\0" * 40
+
+    def _k_ipv6(self):
+        """An IPv6 packet (the run's states have no IPv6 frontend: passed, or dropped when its
+        headers lie): a chain of 0-6 extension headers, some L4 header, sometimes cut short or
+        with a payload length that does not fit."""
+        body = b""
+        kinds = [self._choice([0, 43, 44, 51, 60]) for _ in range(int(self.rng.integers(0, 7)))]
+        last = self._choice([M.TCP, M.UDP, M.SCTP, 58, 59])
+        for i, kind in enumerate(kinds):
+            nh = kinds[i + 1] if i + 1 < len(kinds) else last
+            if kind == 44:
+                frag = (int(self.rng.integers(0, 4)) << 3) | int(self.rng.integers(0, 2))
+                body += struct.pack("!BBHI", nh, 0, frag, int(self.rng.integers(0, 1 << 32)))
+            elif kind == 51:
+                body += struct.pack("!BB", nh, 1) + bytes(10)         # AH: (1 + 2) * 4 bytes
+            else:
+                body += struct.pack("!BB", nh, 0) + bytes(6)
+        l4 = bytearray(self._payload(40))
+        if last == M.TCP and len(l4) >= 13:
+            l4[12] = self._choice([4, 5, 5, 5, 8, 15]) << 4
+        body += bytes(l4)
+        plen = len(body) if self.rng.random() < 0.8 else int(self.rng.integers(0, len(body) + 16))
+        first = kinds[0] if kinds else last
+        ip6 = struct.pack("!IHBB16s16s", 6 << 28, plen, first, 64, b"\x20\x01\x00\x02" + bytes(11) + b"\x05",
+                          b"\x20\x01\x00\x02" + bytes(11) + b"\x10")
+        prog = self._choice(["from_pod", "to_pod"])
+        src, dst = (POD_MAC, HOST_MAC) if prog == "from_pod" else (HOST_MAC, POD_MAC)
+        return prog, struct.pack("!6s6sH", dst, src, 0x86DD) + ip6 + body
 
     def _k_hostile(self):
         """A packet of another kind with its headers made to lie."""

@@ -15,7 +15,9 @@ unreachable; traffic policy Local: drop); TCP segments of connections never bala
 (untouched); closing flows reused by a new SYN, and a SYN-ACK on a closed flow (another
 connection's, untouched); backends that are terminating, not ready or
 removed; first and later fragments; truncated and inconsistent headers (dropped); ICMP errors
-about translated flows (translated back); the drop counters.
+about translated flows (translated back); the drop counters. IPv6 only as far as the run's states
+reach it: they hold no IPv6 frontend, so an IPv6 frame is passed untouched, or dropped when its
+headers cannot be trusted (`check_ipv6`, the parser's rules).
 
 Time is modelled in jumps: the runner moves every conntrack and fragment timestamp back by
 `Lifetimes.jump_s` at once (as tests/bpf/conftest.py's `age`), and the model counts the jumps each
@@ -197,6 +199,45 @@ def parse(frame: bytes) -> Pkt | None:
             raise Malformed("ICMP header")
         p.icmp_type = l4[0]
     return p
+
+
+IPV6_MAX_HEADERS = 4             # extension headers the datapath walks (bpf/lib/parse.h)
+_IPV6_EXT = {0, 43, 44, 51, 60}  # hop-by-hop, routing, fragment, authentication, destination options
+
+
+def check_ipv6(frame: bytes) -> None:
+    """An IPv6 frame's headers as the datapath trusts them: raises Malformed for a fixed header,
+    extension header (at most IPV6_MAX_HEADERS walked; a longer chain is not looked into) or L4
+    header that is cut short or lies about its length."""
+    ip = frame[L3:]
+    if len(ip) < 40 or ip[0] >> 4 != 6:
+        raise Malformed("IPv6 version")
+    end = 40 + int.from_bytes(ip[4:6], "big")
+    if end > len(ip):
+        raise Malformed("IPv6 payload length")
+    nexthdr, off, later = ip[6], 40, False
+    for _ in range(IPV6_MAX_HEADERS):
+        if nexthdr not in _IPV6_EXT or later:
+            break
+        if off + 8 > end:
+            raise Malformed("IPv6 extension header")
+        if nexthdr == 44:
+            later = bool(int.from_bytes(ip[off + 2:off + 4], "big") & 0xFFF8)
+            step = 8
+        else:
+            step = (ip[off + 1] + 2) * 4 if nexthdr == 51 else (ip[off + 1] + 1) * 8
+        nexthdr, off = ip[off], off + step
+    if not later and nexthdr in _IPV6_EXT:
+        return                      # a longer chain: not parsed, passed
+    if off > end:
+        raise Malformed("IPv6 extension header")
+    if later:
+        return
+    need = {TCP: 20, UDP: 8, SCTP: 12, 58: 8}.get(nexthdr, 0)
+    if off + need > end:
+        raise Malformed("IPv6 L4 header")
+    if nexthdr == TCP and ((ip[off + 12] >> 4) < 5 or off + (ip[off + 12] >> 4) * 4 > end):
+        raise Malformed("TCP header")
 
 
 # ---------------------------------------------------------------- rewriting
@@ -495,6 +536,11 @@ class Model:
         except Malformed:
             return self._drop("malformed")
         if p is None:
+            if frame[12:14] == b"\x86\xdd":
+                try:
+                    check_ipv6(frame)
+                except Malformed:
+                    return self._drop("malformed")
             return OK, frame
         if p.proto == ICMP:
             return self._icmp(frame, p, direction)

@@ -46,7 +46,7 @@ def test_twenty_thousand_packets_agree(datapath):
     assert res.translated > 5_000, res.translated
 
 
-@pytest.mark.parametrize("fault", ["flow hash", "checksum", "reply state", "affinity", "expiry"])
+@pytest.mark.parametrize("fault", ["flow hash", "checksum", "reply state", "affinity", "expiry", "ipv6 walk"])
 def test_a_wrong_model_is_caught(datapath, fault):
     """The comparison can fail: a model with one fault disagrees with the kernel within 10,000 packets."""
     patches = {
@@ -55,6 +55,7 @@ def test_a_wrong_model_is_caught(datapath, fault):
         "reply state": (M, "F_ESTABLISHED", 0x20),
         "affinity": (M, "SVC_AFFINITY", 0x100),
         "expiry": (M.Lifetimes, "of", lambda self, proto, flags: 1 << 40),
+        "ipv6 walk": (M, "IPV6_MAX_HEADERS", 6),
     }
     obj, name, value = patches[fault]
     saved = getattr(obj, name)

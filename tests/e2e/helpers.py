@@ -98,19 +98,29 @@ def _linger_rst(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def tcp_socket(lab: Lab, pod: str, sport: int | None = None, timeout: float = 10.0) -> socket.socket:
-    sock = nsenter.socket_in(lab.pod_netns(pod), socket.AF_INET, socket.SOCK_STREAM)
+def family_of(host: str) -> socket.AddressFamily:
+    """The socket family a client of `host` (an IPv4 or IPv6 literal) needs."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _any(family: socket.AddressFamily) -> str:
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
+def tcp_socket(lab: Lab, pod: str, sport: int | None = None, timeout: float = 10.0,
+               family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+    sock = nsenter.socket_in(lab.pod_netns(pod), family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     if sport is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", sport))
+        sock.bind((_any(family), sport))
     return sock
 
 
 def exchange(lab: Lab, pod: str, host: str, port: int, request: bytes = b"", sport: int | None = None,
              timeout: float = 10.0) -> bytes:
-    """A new TCP connection from `pod`: send `request`, read until the server closes, reset."""
-    sock = tcp_socket(lab, pod, sport, timeout)
+    """A new TCP connection from `pod` (of `host`'s family): send `request`, read until the server closes, reset."""
+    sock = tcp_socket(lab, pod, sport, timeout, family_of(host))
     try:
         sock.connect((host, port))
         if request:
@@ -130,7 +140,8 @@ def exchange(lab: Lab, pod: str, host: str, port: int, request: bytes = b"", spo
 def http_get(lab: Lab, pod: str, host: str, port: int, sport: int | None = None,
              timeout: float = 10.0) -> dict:
     """One HTTP request on a new connection from `pod`; the http-echo JSON answer."""
-    request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    authority = f"[{host}]" if ":" in host else host
+    request = f"GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode()
     data = exchange(lab, pod, host, port, request, sport, timeout)
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0]:
@@ -145,7 +156,7 @@ def line_get(lab: Lab, pod: str, host: str, port: int, timeout: float = 10.0) ->
 
 def connect_outcome(lab: Lab, pod: str, host: str, port: int, timeout: float = 3.0) -> str:
     """'connected', 'refused' (RST), 'timeout' (no answer: dropped) or another errno name."""
-    sock = tcp_socket(lab, pod, None, timeout)
+    sock = tcp_socket(lab, pod, None, timeout, family_of(host))
     try:
         sock.connect((host, port))
         _linger_rst(sock)
@@ -160,10 +171,11 @@ def connect_outcome(lab: Lab, pod: str, host: str, port: int, timeout: float = 3
         sock.close()
 
 
-def udp_socket(lab: Lab, pod: str, timeout: float = 5.0) -> socket.socket:
-    sock = nsenter.socket_in(lab.pod_netns(pod), socket.AF_INET, socket.SOCK_DGRAM)
+def udp_socket(lab: Lab, pod: str, timeout: float = 5.0,
+               family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+    sock = nsenter.socket_in(lab.pod_netns(pod), family, socket.SOCK_DGRAM)
     sock.settimeout(timeout)
-    sock.bind(("0.0.0.0", 0))
+    sock.bind((_any(family), 0))
     return sock
 
 
@@ -172,14 +184,15 @@ def udp_ask(sock: socket.socket, host: str, port: int, payload: bytes = b"hi") -
     sock.sendto(payload, (host, port))
     data, source = sock.recvfrom(65535)
     # The answer must come from the address the client sent to (reverse NAT), or the
-    # client's socket could not tell it from an unrelated datagram.
-    if source != (host, port):
+    # client's socket could not tell it from an unrelated datagram. (An IPv6 source is
+    # (address, port, flowinfo, scope id).)
+    if source[:2] != (host, port):
         raise ValueError(f"answer from {source}, expected {(host, port)}")
     return json.loads(data)
 
 
 def udp_ask_once(lab: Lab, pod: str, host: str, port: int, timeout: float = 5.0) -> dict:
-    sock = udp_socket(lab, pod, timeout)
+    sock = udp_socket(lab, pod, timeout, family_of(host))
     try:
         return udp_ask(sock, host, port)
     finally:
@@ -203,10 +216,10 @@ class TcpStream:
 
     def __init__(self, lab: Lab, pod: str, host: str, port: int, timeout: float = 10.0, external: bool = False):
         if external:
-            self.sock = nsenter.socket_in(lab.external_netns(pod), socket.AF_INET, socket.SOCK_STREAM)
+            self.sock = nsenter.socket_in(lab.external_netns(pod), family_of(host), socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
         else:
-            self.sock = tcp_socket(lab, pod, None, timeout)
+            self.sock = tcp_socket(lab, pod, None, timeout, family_of(host))
         self.sock.connect((host, port))
         self.local = self.sock.getsockname()
         self._buf = b""
@@ -309,14 +322,22 @@ def programmed_services(lab: Lab, node: str) -> set[str]:
         return {fe.service for fe in maps.frontends() if fe.service}
 
 
-def cluster_ip(lab: Lab, svc: str) -> str:
-    return lab.service(svc)["spec"]["clusterIP"]
+def cluster_ip(lab: Lab, svc: str, family: int | None = None) -> str:
+    """The Service's clusterIP: the primary, or the one of IP version `family` (4, 6) of its clusterIPs."""
+    spec = lab.service(svc)["spec"]
+    if family is None:
+        return spec["clusterIP"]
+    found = [ip for ip in spec.get("clusterIPs") or [spec["clusterIP"]] if (":" in ip) == (family == 6)]
+    if not found:
+        raise AssertionError(f"{svc} has no IPv{family} clusterIP: {spec.get('clusterIPs')}")
+    return found[0]
 
 
 def wait_programmed(lab: Lab, svc: str, port: int, backends: int, nodes: Iterable[str] | None = None,
-                    proto: str = "TCP", timeout: float = SYNC_TIMEOUT) -> None:
-    """Wait until every node's agent serves svc's clusterIP:port with `backends` backends in its table."""
-    vip = cluster_ip(lab, svc)
+                    proto: str = "TCP", timeout: float = SYNC_TIMEOUT, family: int | None = None) -> None:
+    """Wait until every node's agent serves svc's clusterIP:port (the primary, or that of IP version
+    `family`) with `backends` backends in its table."""
+    vip = cluster_ip(lab, svc, family)
     for node in nodes or [n.name for n in lab.spec.nodes]:
         def done() -> bool:
             fe = frontend(lab, node, vip, port, proto)
@@ -350,8 +371,8 @@ def wait_backend_gone(lab: Lab, address: str, nodes: Iterable[str] | None = None
 
 
 def wait_affinity(lab: Lab, svc: str, port: int, seconds: int, nodes: Iterable[str] | None = None,
-                  timeout: float = SYNC_TIMEOUT) -> None:
-    vip = cluster_ip(lab, svc)
+                  timeout: float = SYNC_TIMEOUT, family: int | None = None) -> None:
+    vip = cluster_ip(lab, svc, family)
     for node in nodes or [n.name for n in lab.spec.nodes]:
         def done() -> bool:
             fe = frontend(lab, node, vip, port)

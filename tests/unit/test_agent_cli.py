@@ -175,3 +175,36 @@ def test_defaults_live_in_one_place():
     assert type(next(p for p in inspect_cli.drift.params if p.name == "service_node_port_range").type) is \
         type(next(p for p in agent_cli.agent.params if p.name == "service_node_port_range").type)
     assert config.NodeConfig("n").nodeport_range == config.parse_port_range("30000-32767") == (30000, 32767)
+
+
+# ---- --ip-families (issue 14) -------------------------------------------------------------------
+
+def test_ip_families_default_to_ipv4_and_take_dual_stack_from_flag_or_file(tmp_path, monkeypatch):
+    # The default is auto: IPv4 to start with, then the families of the cluster's ServiceCIDRs.
+    result, cfg = _run(tmp_path, monkeypatch, "", "--node-name=n1")
+    assert result.exit_code == 0, result.output
+    assert cfg.node.ip_families == ("IPv4",) and cfg.ip_families_auto
+    result, cfg = _run(tmp_path, monkeypatch, "ip-families: auto\n", "--node-name=n1")
+    assert result.exit_code == 0, result.output
+    assert cfg.node.ip_families == ("IPv4",) and cfg.ip_families_auto
+    result, cfg = _run(tmp_path, monkeypatch, "ip-families: IPv4,IPv6\n", "--node-name=n1")
+    assert result.exit_code == 0, result.output
+    assert cfg.node.ip_families == ("IPv4", "IPv6") and not cfg.ip_families_auto     # an override
+    result, cfg = _run(tmp_path, monkeypatch, "ip-families: IPv4,IPv6\n", "--node-name=n1", "--ip-families=IPv6")
+    assert cfg.node.ip_families == ("IPv6",)                         # the flag beats the file
+    result, cfg = _run(tmp_path, monkeypatch, "ip-families: IPv6\n", "--node-name=n1", "--ip-families=auto")
+    assert cfg.ip_families_auto and cfg.node.ip_families == ("IPv4",)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--ip-families", "IPv5"], "--ip-families IPv5: 'IPv5': not an IP family (IPv4, IPv6, or IPv4,IPv6)"),
+    (["--ip-families", "IPv4,IPv4"], "--ip-families IPv4,IPv4: IPv4 is given twice"),
+    (["--ip-families", "IPv6", "--service-cidr", "198.19.0.0/16"],
+     "--service-cidr 198.19.0.0/16: an IPv4 setting, but --ip-families IPv6 serves no IPv4"),
+    (["--ip-families", "IPv6", "--node-address", "198.18.0.11"],
+     "--node-address 198.18.0.11: an IPv4 setting, but --ip-families IPv6 serves no IPv4"),
+])
+def test_a_bad_ip_family_setting_is_one_line(tmp_path, monkeypatch, args, line):
+    result, cfg = _run(tmp_path, monkeypatch, "", "--node-name=n1", *args)
+    assert result.exit_code != 0 and cfg is None
+    assert result.output == f"ebpfsvc agent: {line}\n", result.output

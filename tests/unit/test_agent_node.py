@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from types import SimpleNamespace
 
 import pytest
@@ -287,3 +287,104 @@ def test_an_address_added_at_runtime_serves_nodeports_at_the_next_sync(kernel):
     agent._address_changed()                                  # the watcher's RTM_NEWADDR
     agent.sync()
     assert ports() == {"198.18.0.11", "198.18.0.21"}
+
+
+def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_address_and_keeps_an_ipv4_primary(kernel):
+    """Issue 14: with --ip-families IPv4,IPv6 the Node's IPv6 address serves NodePorts beside its IPv4
+    one; the datapath's hairpin and SNAT source stays the IPv4 primary."""
+    v6 = ip_address("2001:2::11")
+    agent = make_agent(node=NodeConfig("node-1", ip_families=("IPv4", "IPv6")), ip_families_auto=False)
+    agent.read_interfaces = lambda: (*INTERFACES[:2], Interface("eth1", (IPv4Address("198.18.0.11"), v6)),
+                                     INTERFACES[3])
+    applied = []
+    agent.writer.apply = lambda state, **_: applied.append(state) or ApplyStats()
+    send(agent, node_obj("198.18.0.11", "2001:2::11"))
+    send(agent, {**service("web", "198.19.0.10", node_port=30080), "spec": {
+        "clusterIPs": ["198.19.0.10", "2001:2:0:ff::10"], "ipFamilyPolicy": "RequireDualStack",
+        "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})
+    list_all(agent, "Node", "Service", "EndpointSlice")
+    agent.sync()
+    node = IPv4Address("198.18.0.11")
+    assert kernel.loads[1:] == [("pod", node, node), ("uplink", node, node)]
+    assert agent.desired.node.node_addresses == (node, v6)
+    assert {(str(k.address), k.port) for k in applied[-1].frontends} == {
+        ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}
+    assert {str(n) for n in kernel.routes} == {"198.19.0.10/32"}     # node-client routes: IPv4 for now
+
+
+# ---- --ip-families auto: the cluster's ServiceCIDRs say which families (issue 14) -------------------
+
+def dual_stack_agent(kernel):
+    """A default agent (no --ip-families) on a dual-stack node: eth1 carries both families."""
+    agent = make_agent()
+    agent.read_interfaces = lambda: (*INTERFACES[:2], Interface("eth1", (IPv4Address("198.18.0.11"),
+                                                                         ip_address("2001:2::11"))), INTERFACES[3])
+    applied = []
+    agent.writer.apply = lambda state, **_: applied.append(state) or ApplyStats()
+    send(agent, node_obj("198.18.0.11", "2001:2::11"))
+    send(agent, {**service("web", "198.19.0.10", node_port=30080), "spec": {
+        "clusterIPs": ["198.19.0.10", "2001:2:0:ff::10"], "ipFamilyPolicy": "PreferDualStack",
+        "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})
+    send(agent, service("web6", "2001:2:0:ff::11"))
+    return agent, applied
+
+
+def served(applied) -> set:
+    return {(str(k.address), k.port) for k in applied[-1].frontends}
+
+
+def test_default_families_are_the_servicecidrs_and_need_no_flag(kernel):
+    """kube-apiserver's `kubernetes` ServiceCIDR of both families: the default agent serves both, the
+    IPv6 node address serves NodePorts, node-client routes stay IPv4 (hostpath routes IPv4 only)."""
+    agent, applied = dual_stack_agent(kernel)
+    send(agent, service_cidr("198.19.0.0/16", "2001:2:0:ff::/108"))
+    list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
+    agent.sync()
+    v6 = ip_address("2001:2::11")
+    assert agent.config.node.ip_families == agent.desired.node.ip_families == ("IPv4", "IPv6")
+    assert agent.desired.node.node_addresses == (IPv4Address("198.18.0.11"), v6)
+    assert served(applied) == {("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("2001:2:0:ff::11", 80),
+                               ("198.18.0.11", 30080), ("2001:2::11", 30080)}
+    assert kernel.routes == {IPv4Network("198.19.0.0/16")}
+    assert agent.state.problems == []
+
+
+def test_no_servicecidr_means_ipv4_and_a_new_family_is_served_when_its_servicecidr_comes(kernel):
+    """An API without ServiceCIDRs (listed empty): IPv4, as before dual-stack. Nothing is written
+    before the ServiceCIDR list (a restart must not drop what the previous run served for IPv6);
+    an IPv6 range arriving later recomputes the desired state and adds the node's IPv6 address."""
+    agent, applied = dual_stack_agent(kernel)
+    list_all(agent, "Node", "Service", "EndpointSlice")
+    agent.sync()
+    assert applied == []                                   # the families are not known yet
+    list_all(agent, "ServiceCIDR")
+    agent.sync()
+    assert agent.desired.node.ip_families == ("IPv4",)
+    assert served(applied) == {("198.19.0.10", 80), ("198.18.0.11", 30080)}
+    assert agent.desired.node.node_addresses == (IPv4Address("198.18.0.11"),)
+
+    send(agent, service_cidr("198.19.0.0/16", "2001:2:0:ff::/108"))
+    agent.sync()
+    assert agent.desired.node.ip_families == ("IPv4", "IPv6")
+    assert served(applied) == {("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("2001:2:0:ff::11", 80),
+                               ("198.18.0.11", 30080), ("2001:2::11", 30080)}
+    send(agent, service_cidr("198.19.0.0/16"), type_=EventType.MODIFIED)     # and back
+    agent.sync()
+    assert served(applied) == {("198.19.0.10", 80), ("198.18.0.11", 30080)}
+
+
+def test_an_ipv6_primary_cluster_lists_ipv6_first_and_an_explicit_flag_wins(kernel):
+    agent, applied = dual_stack_agent(kernel)
+    send(agent, {**service_cidr("2001:2:0:ff::/108", "198.19.0.0/16")})
+    list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
+    agent.sync()
+    assert agent.desired.node.ip_families == ("IPv6", "IPv4")
+
+    # --ip-families IPv4: the ServiceCIDRs are not followed; an IPv6 clusterIP refuses its Service.
+    fixed = make_agent(node=NodeConfig("node-1", ip_families=("IPv4",)), ip_families_auto=False)
+    send(fixed, service_cidr("198.19.0.0/16", "2001:2:0:ff::/108"))
+    send(fixed, service("web6", "2001:2:0:ff::11"))
+    list_all(fixed, "Node", "Service", "EndpointSlice")
+    fixed.sync()
+    assert fixed.desired.node.ip_families == ("IPv4",)
+    assert [(p.name, p.field) for p in fixed.state.problems] == [("web6", "spec.clusterIP")]

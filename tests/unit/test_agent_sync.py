@@ -46,7 +46,7 @@ def test_sync_passes_the_delta_and_goes_full_first_and_every_period(monkeypatch)
     assert writer.calls == []                                  # nothing before both kinds have synced
     for obj in (service("a", "198.19.0.1"), endpoints("a", "198.18.2.1"), service("b", "198.19.0.2")):
         agent.state.on_event(Event(obj["kind"], EventType.ADDED, obj))
-    for kind in ("Service", "EndpointSlice"):
+    for kind in ("Service", "EndpointSlice", "ServiceCIDR"):     # ServiceCIDR: the cluster's IP families
         agent.state.on_synced(kind)
 
     agent.sync()

@@ -108,3 +108,75 @@ spec: {type: NodePort, clusterIP: 198.19.0.10, ports: [{port: 80, nodePort: 3008
                         lambda netns=None: (Interface("eth0", (IPv4Address("198.18.0.11"),)),))
     state = load_desired(NodeConfig("node-1"), manifests=str(tmp_path), settings=NodeSettings())
     assert {(str(k.address), k.port) for k in state.frontends} >= {("198.18.0.11", 30080), ("198.19.0.10", 80)}
+
+
+def test_frontends_and_backends_of_either_family_are_named_as_backend_names_are():
+    from ebpfsvc.inspect.node import BackendRow, _address_order
+
+    def fe(address):
+        return FrontendRow(address, 80, "TCP", "internal", 1, 1, 0, 251, 2, 0, 0)
+    assert fe("198.19.0.10").name == "198.19.0.10:80/TCP"
+    assert fe("2001:2:0:ff::10").name == "[2001:2:0:ff::10]:80/TCP"      # as lbmodel.Backend.name brackets it
+    assert BackendRow(1, "2001:2:0:2::10", 8080, "TCP", 0).name == "[2001:2:0:2::10]:8080/TCP"
+    assert sorted(["2001:2::1", "198.19.0.10", "10.0.0.1"], key=_address_order) == [
+        "10.0.0.1", "198.19.0.10", "2001:2::1"]
+
+
+def test_drift_desired_side_has_both_families_of_a_dual_stack_node(tmp_path, monkeypatch):
+    """drift computes what the agent computes: on a dual-stack node (--ip-families IPv4,IPv6) the
+    Service's IPv6 clusterIP and the NodePort on the node's IPv6 address are wanted too."""
+    from ipaddress import IPv4Address, IPv6Address
+
+    from ebpfsvc import nodeinfo
+    from ebpfsvc.config import NodeConfig
+    from ebpfsvc.inspect.desired import load_desired
+    from ebpfsvc.nodeinfo import Interface, NodeSettings
+
+    (tmp_path / "objects.yaml").write_text("""
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 198.18.0.11}, {type: InternalIP, address: "2001:2::11"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {type: NodePort, ipFamilyPolicy: PreferDualStack, clusterIP: 198.19.0.10,
+       clusterIPs: [198.19.0.10, "2001:2:0:ff::10"], ports: [{port: 80, nodePort: 30080}]}
+""")
+    monkeypatch.setattr(nodeinfo, "read_interfaces", lambda netns=None: (
+        Interface("eth0", (IPv4Address("198.18.0.11"), IPv6Address("2001:2::11"))),))
+    both = ("IPv4", "IPv6")
+    state = load_desired(NodeConfig("node-1", ip_families=both), manifests=str(tmp_path),
+                         settings=NodeSettings(ip_families=both))
+    assert {(str(k.address), k.port) for k in state.frontends} == {
+        ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}
+
+    # drift's default, as the agent's: --ip-families auto takes the ServiceCIDRs' families; IPv4 without.
+    assert {(str(k.address), k.port) for k in load_desired(
+        NodeConfig("node-1"), manifests=str(tmp_path), settings=NodeSettings(), ip_families_auto=True).frontends} == {
+        ("198.19.0.10", 80), ("198.18.0.11", 30080)}
+    (tmp_path / "cidr.yaml").write_text("""
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [198.19.0.0/16, "2001:2:0:ff::/108"]}
+""")
+    state = load_desired(NodeConfig("node-1"), manifests=str(tmp_path), settings=NodeSettings(), ip_families_auto=True)
+    assert {(str(k.address), k.port) for k in state.frontends} == {
+        ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}
+
+
+def test_tables_print_ipv6_frontends_as_text(capsys):
+    """A bracketed IPv6 frontend is not a style tag, and ':b:' in an address is not an emoji code."""
+    from ebpfsvc.cli.inspect import _console, _esc, _table
+
+    t = _table("FRONTEND", "SERVICE")
+    t.add_row("[fd00::10]:80/TCP", "default/web")
+    t.add_row("[2001:2:0:ffff::b:b51f]:80/TCP", "default/web")
+    con = _console()
+    con.print(t)
+    con.print(f"[bold]{_esc('[fd00::10]:80/TCP')}[/bold]")
+    out = capsys.readouterr().out
+    assert "[fd00::10]:80/TCP" in out and "[2001:2:0:ffff::b:b51f]:80/TCP" in out
+    assert out.count("[fd00::10]:80/TCP") == 2

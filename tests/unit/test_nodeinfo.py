@@ -3,7 +3,7 @@ Node object, its interfaces and the agent's cluster-wide settings (no per-node f
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
 import pytest
 
@@ -111,3 +111,48 @@ def test_bad_nodeport_addresses_are_refused_with_the_value(values, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_nodeport_addresses(values)
     assert parse_nodeport_addresses(["10.1.2.3/8"]) == ("10.0.0.0/8",)
+
+
+# --- dual-stack (issue 14) -------------------------------------------------------------------------
+
+DUAL_INTERFACES = (
+    Interface("lo", (IPv4Address("127.0.0.1"), ip_address("::1"))),
+    Interface("eth1", (IPv4Address("198.18.0.11"), ip_address("2001:2::11"))),
+    Interface("eth2", (ip_address("2001:2:0:1::11"),)),          # an IPv6-only link
+    Interface("lxc1234"),
+)
+DUAL_NODE = node(("InternalIP", "198.18.0.11"), ("InternalIP", "2001:2::11"), ("ExternalIP", "2001:2:0:1::11"))
+BOTH = ("IPv4", "IPv6")
+
+
+def test_an_ipv4_node_ignores_its_ipv6_addresses():
+    info = resolve(NodeSettings(), DUAL_INTERFACES, DUAL_NODE, True)
+    assert info.addresses == info.nodeport_addresses == ips("198.18.0.11")
+    assert info.uplinks == ("eth1",)
+
+
+def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_addresses_with_an_ipv4_primary():
+    info = resolve(NodeSettings(ip_families=BOTH), DUAL_INTERFACES, DUAL_NODE, True)
+    assert info.addresses == info.nodeport_addresses == (
+        IPv4Address("198.18.0.11"), ip_address("2001:2::11"), ip_address("2001:2:0:1::11"))
+    assert info.primary == info.hairpin == IPv4Address("198.18.0.11")     # SNAT and hairpin stay IPv4
+    assert info.uplinks == ("eth1", "eth2")
+    # Without a Node object: the interfaces' addresses of both families (never loopback).
+    bare = resolve(NodeSettings(ip_families=BOTH), DUAL_INTERFACES, None, True)
+    assert bare.addresses == info.addresses
+
+
+@pytest.mark.parametrize("selection,wanted", [
+    (("2001:2:0:1::/64",), ("2001:2:0:1::11",)),                   # an IPv6 CIDR selects IPv6 addresses
+    (("198.18.0.0/24", "2001:2::/64"), ("198.18.0.11", "2001:2::11")),
+    (("primary",), ("198.18.0.11",)),
+])
+def test_nodeport_addresses_select_either_family(selection, wanted):
+    info = resolve(NodeSettings(nodeport_addresses=selection, ip_families=BOTH), DUAL_INTERFACES, DUAL_NODE, True)
+    assert info.nodeport_addresses == tuple(ip_address(a) for a in wanted)
+
+
+def test_an_ipv6_only_node_has_ipv6_node_addresses_only():
+    info = resolve(NodeSettings(ip_families=("IPv6",)), DUAL_INTERFACES, DUAL_NODE, True)
+    assert info.nodeport_addresses == (ip_address("2001:2::11"), ip_address("2001:2:0:1::11"))
+    assert info.primary is None

@@ -7,7 +7,7 @@ one-field mutations, each with the exact field path and message we promise.
 from __future__ import annotations
 
 import copy
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s import (Invalid, ServiceType, TrafficPolicy, parse_endpoint_slice, parse_endpoints,
                          parse_node, parse_service)
 from ebpfsvc.k8s.schema import unknown_fields
-from ebpfsvc.k8s.servicecidr import parse_service_cidr
+from ebpfsvc.k8s.servicecidr import cluster_ip_families, parse_service_cidr
 from ebpfsvc.lbmodel import Algorithm, Protocol
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,9 +202,94 @@ def test_load_balancer_ingress_proxy_mode_and_hostname_are_not_captured():
     assert parse_service(obj, CONFIG).load_balancer_ips == (IPv4Address("198.18.200.2"),)
 
 
-def test_ipv6_cluster_ip_is_not_an_error_but_not_programmed():
-    svc = parse_service(service(clusterIP="fd00::10"), CONFIG)
-    assert svc.cluster_ip is None and svc.skip_reason(CONFIG) == "no IPv4 clusterIP"
+def test_ipv6_cluster_ip_in_an_ipv4_only_cluster_is_refused():
+    # Issue 14: IPv6 Services are served now, where the node serves IPv6 (--ip-families); in an
+    # IPv4-only cluster (the default) the API server could not have allocated one.
+    assert error_of(lambda o: parse_service(o, CONFIG), service(clusterIP="fd00::10")) == (
+        "spec.clusterIP: fd00::10 is an IPv6 clusterIP, but this cluster serves IPv4 only (--ip-families)")
+
+
+# --- Service: dual-stack (issue 14) ----------------------------------------------------------
+
+DUAL = NodeConfig("node-1", ip_families=("IPv4", "IPv6"))
+V6_ONLY = NodeConfig("node-1", ip_families=("IPv6",))
+V6_IP = "2001:2:0:ff::10"
+
+
+def test_dual_stack_service_keeps_both_families_primary_first():
+    obj = service(type="LoadBalancer", ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv4", "IPv6"],
+                  clusterIPs=["198.19.0.10", V6_IP], ports=[{"port": 80, "nodePort": 30001}],
+                  externalIPs=["198.18.100.1", "2001:2:0:100::1"],
+                  loadBalancerSourceRanges=["198.18.50.0/24", "2001:2:0:50::/64"])
+    obj["status"] = {"loadBalancer": {"ingress": [{"ip": "198.18.200.1"}, {"ip": "2001:2:0:200::1"}]}}
+    svc = parse_service(obj, DUAL)
+    assert svc.cluster_ip == IPv4Address("198.19.0.10")
+    assert svc.cluster_ips == (IPv4Address("198.19.0.10"), IPv6Address(V6_IP))
+    assert svc.ip_families == ("IPv4", "IPv6") and svc.ip_family_policy.value == "RequireDualStack"
+    assert svc.external_ips == (IPv4Address("198.18.100.1"), IPv6Address("2001:2:0:100::1"))
+    assert svc.load_balancer_ips == (IPv4Address("198.18.200.1"), IPv6Address("2001:2:0:200::1"))
+    assert svc.source_ranges == (IPv4Network("198.18.50.0/24"), IPv6Network("2001:2:0:50::/64"))
+    assert svc.skip_reason(DUAL) == ""
+
+
+def test_ipv6_primary_and_defaults_of_the_family_policy():
+    # IPv6 first: clusterIP is clusterIPs[0]; two clusterIPs and no policy: RequireDualStack, as the
+    # API server defaults it; one clusterIP and no policy: SingleStack.
+    svc = parse_service(service(clusterIP=V6_IP, clusterIPs=[V6_IP, "198.19.0.10"]), DUAL)
+    assert svc.cluster_ip == IPv6Address(V6_IP) and svc.ip_families == ("IPv6", "IPv4")
+    assert svc.ip_family_policy.value == "RequireDualStack"
+    single = parse_service(service(clusterIP=V6_IP), V6_ONLY)
+    assert single.cluster_ips == (IPv6Address(V6_IP),) and single.ip_family_policy.value == "SingleStack"
+    # PreferDualStack in a single-stack cluster: the API server allocated the one family it has.
+    prefer = parse_service(service(ipFamilyPolicy="PreferDualStack", ipFamilies=["IPv4", "IPv6"]), CONFIG)
+    assert prefer.cluster_ips == (IPv4Address("198.19.0.10"),)
+    # Only clusterIPs (no clusterIP): the first is the primary.
+    only = parse_service({**service(), "spec": {"clusterIPs": ["198.19.0.10", V6_IP], "ports": [{"port": 80}]}},
+                         DUAL)
+    assert only.cluster_ips == (IPv4Address("198.19.0.10"), IPv6Address(V6_IP))
+
+
+INVALID_DUAL_STACK = [
+    ("same family twice", DUAL, {"ipFamilyPolicy": "RequireDualStack", "clusterIPs": ["198.19.0.10", "198.19.0.11"]},
+     "spec.clusterIPs[1]: 198.19.0.11 is of the same family as spec.clusterIPs[0] (IPv4): at most one clusterIP "
+     "per family"),
+    ("more than two", DUAL, {"clusterIPs": ["198.19.0.10", V6_IP, "198.19.0.12"]},
+     "spec.clusterIPs: has 3 items, more than the limit of 2"),
+    ("clusterIPs[0] is not clusterIP", DUAL, {"clusterIPs": ["198.19.0.11", V6_IP]},
+     "spec.clusterIPs[0]: 198.19.0.11 must equal spec.clusterIP 198.19.0.10"),
+    ("mismatch with ipFamilies", DUAL, {"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv6", "IPv4"],
+                                        "clusterIPs": ["198.19.0.10", V6_IP]},
+     "spec.clusterIP: 198.19.0.10 is IPv4, but spec.ipFamilies[0] is IPv6"),
+    ("bad second address", DUAL, {"clusterIPs": ["198.19.0.10", "2001:2::zz"]},
+     "spec.clusterIPs[1]: '2001:2::zz' is not an IP address"),
+    ("SingleStack with two", DUAL, {"ipFamilyPolicy": "SingleStack", "clusterIPs": ["198.19.0.10", V6_IP]},
+     "spec.ipFamilyPolicy: SingleStack, but spec.clusterIPs has two; use PreferDualStack or RequireDualStack"),
+    ("RequireDualStack in an IPv4-only cluster", CONFIG, {"ipFamilyPolicy": "RequireDualStack"},
+     "spec.ipFamilyPolicy: RequireDualStack, but this cluster serves IPv4 only (--ip-families)"),
+    ("RequireDualStack with one clusterIP", DUAL, {"ipFamilyPolicy": "RequireDualStack"},
+     "spec.clusterIPs: RequireDualStack needs a clusterIP of each family"),
+    ("IPv4 clusterIP in an IPv6-only cluster", V6_ONLY, {},
+     "spec.clusterIP: 198.19.0.10 is an IPv4 clusterIP, but this cluster serves IPv6 only (--ip-families)"),
+    ("IPv6 second clusterIP in an IPv4-only cluster", CONFIG,
+     {"ipFamilyPolicy": "PreferDualStack", "clusterIPs": ["198.19.0.10", V6_IP]},
+     f"spec.clusterIPs[1]: {V6_IP} is an IPv6 clusterIP, but this cluster serves IPv4 only (--ip-families)"),
+    ("primary family not of the cluster", CONFIG, {"ipFamilies": ["IPv6"]},
+     "spec.ipFamilies[0]: IPv6 is not a family of this cluster (IPv4: --ip-families)"),
+    ("family twice", DUAL, {"ipFamilies": ["IPv4", "IPv4"]},
+     "spec.ipFamilies[1]: IPv4 appears twice: at most one of each family"),
+    ("unknown family", DUAL, {"ipFamilies": ["IPv5"]}, "spec.ipFamilies[0]: 'IPv5' is not one of IPv4, IPv6"),
+    ("unknown policy", DUAL, {"ipFamilyPolicy": "DualStack"}, "spec.ipFamilyPolicy: 'DualStack' is not one of"),
+    ("headless with a second clusterIP", DUAL, {"clusterIP": "None", "clusterIPs": ["None", V6_IP]},
+     "spec.clusterIPs[1]: must not be set: a headless Service (clusterIP None) has no other clusterIP"),
+    ("loopback IPv6 clusterIP", DUAL, {"clusterIPs": ["198.19.0.10", "::1"]},
+     "spec.clusterIPs[1]: ::1 cannot be a clusterIP"),
+]
+
+
+@pytest.mark.parametrize("config,spec,message", [c[1:] for c in INVALID_DUAL_STACK],
+                         ids=[c[0] for c in INVALID_DUAL_STACK])
+def test_invalid_dual_stack_service_is_one_line_naming_the_field(config, spec, message):
+    assert error_of(lambda o: parse_service(o, config), service(**spec)).startswith(message)
 
 
 def test_irrelevant_fields_do_not_change_the_parsed_service():
@@ -435,15 +520,19 @@ def test_endpoint_conditions_defaults(conditions, expected):
     assert (ep.ready, ep.serving, ep.terminating) == expected
 
 
-def test_ipv6_and_fqdn_slices_are_ignored_not_errors():
-    for address_type, address in (("IPv6", "fd00::5"), ("FQDN", "db.example.com")):
-        sl = parse_endpoint_slice(slice_obj([{"addresses": [address]}], address_type=address_type))
-        assert sl.endpoints == () and sl.address_type == address_type
+def test_fqdn_slices_are_ignored_not_errors_and_ipv6_slices_are_read():
+    sl = parse_endpoint_slice(slice_obj([{"addresses": ["db.example.com"]}], address_type="FQDN"))
+    assert sl.endpoints == () and sl.address_type == "FQDN"
+    # Issue 14: IPv6 slices are read like IPv4 ones (they were placeholders while IPv4-only).
+    sl = parse_endpoint_slice(slice_obj([{"addresses": ["2001:2::5"]}], address_type="IPv6"))
+    assert sl.address_type == "IPv6" and [str(e.address) for e in sl.endpoints] == ["2001:2::5"]
 
 
 INVALID_SLICES = [
     ("IPv6 address in an IPv4 slice", slice_obj([{"addresses": ["198.18.1.5"]}, {"addresses": ["fd00::1"]}]),
      "endpoints[1].addresses[0]: fd00::1 is not an IPv4 address"),
+    ("IPv4 address in an IPv6 slice", slice_obj([{"addresses": ["2001:2::5", "198.18.1.5"]}], address_type="IPv6"),
+     "endpoints[0].addresses[1]: 198.18.1.5 is not an IPv6 address"),
     ("not an address", slice_obj([{"addresses": ["pod-1"]}]), "endpoints[0].addresses[0]: 'pod-1' is not an IP address"),
     ("no address", slice_obj([{"addresses": []}]), "endpoints[0].addresses: needs at least one address"),
     ("too many endpoints", slice_obj([{"addresses": ["198.18.1.5"]}] * 1001),
@@ -478,6 +567,17 @@ def test_manual_endpoints_become_slices():
     assert sl.service_name == "plat-dev"
     assert [(p.name, p.protocol, p.port) for p in sl.ports] == [("", Protocol.TCP, 3306)]
     assert [(e.address, e.ready) for e in sl.endpoints] == [(IPv4Address("198.18.1.109"), True)]
+
+
+def test_manual_endpoints_of_both_families_become_a_slice_per_family():
+    # As the EndpointSliceMirroring controller does: a slice holds one address family (issue 14).
+    obj = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "db"},
+           "subsets": [{"addresses": [{"ip": "198.18.1.1"}, {"ip": "2001:2:0:1::1"}], "ports": [{"port": 5432}]},
+                       {"addresses": [{"ip": "2001:2:0:1::2"}], "ports": [{"port": 5433}]}]}
+    slices = parse_endpoints(obj).slices
+    assert [(sl.name, sl.address_type, [str(e.address) for e in sl.endpoints]) for sl in slices] == [
+        ("db/subsets[0]", "IPv4", ["198.18.1.1"]), ("db/subsets[0]/IPv6", "IPv6", ["2001:2:0:1::1"]),
+        ("db/subsets[1]/IPv6", "IPv6", ["2001:2:0:1::2"])]
 
 
 def test_not_ready_addresses_are_not_ready_nor_serving():
@@ -522,7 +622,8 @@ def test_node_zone_and_addresses():
                                                 {"type": "Hostname", "address": "node-1"},
                                                 {"type": "InternalIP", "address": "fd00::11"}]}})
     assert (node.name, node.zone) == ("node-1", "zone-a")
-    assert node.addresses == (("InternalIP", IPv4Address("198.18.0.11")),)
+    # Issue 14: a Node's IPv6 addresses are kept too (which serve is the agent's --ip-families).
+    assert node.addresses == (("InternalIP", IPv4Address("198.18.0.11")), ("InternalIP", IPv6Address("fd00::11")))
 
 
 def test_node_beta_zone_label_and_bad_address():
@@ -545,7 +646,21 @@ def test_service_cidr_keeps_its_ipv4_ranges():
     assert unknown_fields("ServiceCIDR", service_cidr("10.96.0.0/12")) == []
 
 
+def test_service_cidr_ranges_of_both_families_give_the_cluster_ip_families_primary_first():
+    """--ip-families auto: the `kubernetes` ServiceCIDR (kube-apiserver's range, primary family first)
+    orders the families; another ServiceCIDR adds its own; none gives ()."""
+    dual = parse_service_cidr(service_cidr("fd00:10:96::/112", "10.96.0.0/12"))
+    assert dual.ranges == (IPv6Network("fd00:10:96::/112"), IPv4Network("10.96.0.0/12"))
+    assert dual.families == ("IPv6", "IPv4") and dual.cidrs == (IPv4Network("10.96.0.0/12"),)
+    extra = parse_service_cidr(service_cidr("10.100.0.0/16", name="added"))
+    v6_only = parse_service_cidr(service_cidr("fd00:10:96::/112"))
+    assert cluster_ip_families([extra, dual]) == ("IPv6", "IPv4")
+    assert cluster_ip_families([extra, v6_only]) == ("IPv6", "IPv4")
+    assert cluster_ip_families([extra]) == ("IPv4",) and cluster_ip_families([]) == ()
+
+
 @pytest.mark.parametrize("cidrs,message", [
+    (("::/0",), "spec.cidrs[0]: ::/0 is every IPv6 address, not a range of clusterIPs"),
     (("10.96.0.0/33",), "spec.cidrs[0]: '10.96.0.0/33' is not a CIDR"),
     (("0.0.0.0/0",), "spec.cidrs[0]: 0.0.0.0/0 would route every address to the node-client device"),
     (("10.96.0.0/12", "10.100.0.0/16", "fd00::/112"), "spec.cidrs: has 3 items, more than the limit of 2"),
