@@ -296,7 +296,8 @@ class Agent:
         if old is None or (old.hairpin, self._pod_snat) != (info.hairpin, snat):
             # migrate: a limit changed since the maps were pinned: their entries are carried over.
             datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
-                                   snat_addr=snat, migrate=True)
+                                   snat_addr=snat, migrate=True, program_cache=cfg.program_cache,
+                                   maps_unit=self._maps_bpf)
             with self._datapath_lock:       # pods attached from now on get the new programs...
                 self.datapath, self._pod_snat, self.node_info = datapath, snat, info
                 # ...and the ones attached before get them too (replaced in place).
@@ -337,7 +338,8 @@ class Agent:
             self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
                                                hairpin_addr=info.hairpin,
                                                snat_keep_client_port=cfg.snat_keep_client_port,
-                                               host_clients=cfg.host_clients)
+                                               host_clients=cfg.host_clients, program_cache=cfg.program_cache,
+                                               maps_unit=self._maps_bpf)
         for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)
             if ifindex is None:

@@ -86,6 +86,7 @@ class AgentConfig:
     host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
     socket_lb: bool = False                  # socket-level LB (datapath/socklb.py) on socket_lb_cgroup
     socket_lb_cgroup: str | None = None      # where; with socket_lb off, a previous run's programs are detached
+    program_cache: bool = True               # compiled programs reused across starts (datapath/progcache.py)
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
     # Map sizes and conntrack lifetimes: datapath/loader.Limits field names -> value (absent: abi.h's).
