@@ -1,8 +1,9 @@
 """The compiled-program cache (ebpfsvc/datapath/progcache.py): programs loaded from it translate
-byte for byte as the ones bcc compiled (test_clusterip.py's fixtures run here against them), a
-changed #define or flag is a miss, a corrupt entry falls back to bcc, and a restarted agent on a
-warm cache serves from its first sync. Each test has a cache directory of its own
-($EBPFSVC_PROGRAM_CACHE), so nothing here reads or writes the machine's cache.
+byte for byte as the ones bcc compiled (fixtures of test_clusterip.py, test_nodeport.py and
+test_nodeport_xdp.py run here against them), a changed #define or flag is a miss, a corrupt
+entry falls back to bcc, and a restarted agent on a warm cache serves from its first sync. Each
+test has a cache directory of its own ($EBPFSVC_PROGRAM_CACHE), so nothing here reads or writes
+the machine's cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ebpfsvc.datapath import loader, progcache
 
 from .conftest import TEST_LIMITS
 from .packets import HAIRPIN
-from . import test_clusterip as clusterip
+from . import northsouth, test_clusterip as clusterip, test_nodeport as nodeport, test_nodeport_xdp as nodeport_xdp
 
 pytestmark = pytest.mark.root
 
@@ -27,32 +28,63 @@ test_udp_dnat_and_reply = clusterip.test_udp_dnat_and_reply
 test_ip_options_shift_l4_header = clusterip.test_ip_options_shift_l4_header
 test_untouched = clusterip.test_untouched
 test_sctp_translation_keeps_crc32c_valid = clusterip.test_sctp_translation_keeps_crc32c_valid     # lb_sctp_crc_shift
+# And north-south ones, on lb_node.c's programs (TC and XDP) from the cache.
+test_nodeport_remote_backend_is_snated_and_the_reply_reversed = nodeport.test_nodeport_remote_backend_is_snated_and_the_reply_reversed
+test_nodeport_local_backend_keeps_the_client_address = nodeport.test_nodeport_local_backend_keeps_the_client_address
+test_external_ip = nodeport.test_external_ip
+test_xdp_snat_flow_both_ways = nodeport_xdp.test_snat_flow_both_ways
+test_xdp_local_backend_dnat_then_kernel = nodeport_xdp.test_local_backend_dnat_then_kernel
+
+
+def _cache_loaded(compiled_datapaths, directory, limits, **kw):
+    """The programs of `kw`'s object loaded from a cache entry that a compile filled, on the maps of
+    the run's shared pin directory for `limits` (the one the other tests' fixtures use)."""
+    compiled_datapaths.load(limits, **kw)      # the pins, as the other tests have them
+    pin_dir = compiled_datapaths.pin_dir(limits)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EBPFSVC_PROGRAM_CACHE", str(directory))
+        filled = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
+        assert isinstance(filled.bpf, BPF)          # a miss: compiled, and stored
+        filled.close()
+        dp = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
+    assert isinstance(dp.bpf, progcache.CachedObject)
+    return dp
 
 
 @pytest.fixture(scope="module")
 def cache_loaded(compiled_datapaths, tmp_path_factory):
-    """lb_pod.c's programs loaded from a cache entry that a compile filled, on the maps of the
-    run's shared TEST_LIMITS pin directory."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EBPFSVC_PROGRAM_CACHE", str(tmp_path_factory.mktemp("programs")))
-    compiled_datapaths.load(TEST_LIMITS, hairpin_addr=HAIRPIN)      # the pins, as the other tests have them
-    pin_dir = compiled_datapaths.pin_dir(TEST_LIMITS)
-    filled = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
-    assert isinstance(filled.bpf, BPF)          # a miss: compiled, and stored
-    filled.close()
-    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
-    try:
-        assert isinstance(dp.bpf, progcache.CachedObject)
-        yield dp
-    finally:
-        dp.close()
-        mp.undo()
+    dp = _cache_loaded(compiled_datapaths, tmp_path_factory.mktemp("programs"), TEST_LIMITS, hairpin_addr=HAIRPIN)
+    yield dp
+    dp.close()
 
 
 @pytest.fixture
 def datapath(compiled, cache_loaded):
     compiled.load(TEST_LIMITS, hairpin_addr=HAIRPIN)    # this test's maps, emptied
     return cache_loaded
+
+
+UPLINK = dict(hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
+              snat_addr=northsouth.NODE, snat_keep_client_port=True)
+
+
+@pytest.fixture(scope="module")
+def cache_loaded_uplink(compiled_datapaths, tmp_path_factory):
+    dp = _cache_loaded(compiled_datapaths, tmp_path_factory.mktemp("programs"), northsouth.LIMITS, **UPLINK)
+    yield dp
+    dp.close()
+
+
+@pytest.fixture
+def uplink(compiled, cache_loaded_uplink, unique_prefix):
+    """northsouth.uplink_fixture with lb_node.c's programs (XDP too) from the cache."""
+    compiled.load(northsouth.LIMITS, **UPLINK)          # this test's maps, emptied
+    name = f"{unique_prefix}-np"
+    northsouth.build_netns(name)
+    try:
+        yield northsouth.Uplink(cache_loaded_uplink, name)
+    finally:
+        northsouth.netns.remove(name)
 
 
 @pytest.fixture
