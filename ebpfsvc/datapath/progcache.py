@@ -18,7 +18,8 @@ only for global functions and callbacks (bpf_loop): the datapath has none (every
 __always_inline). store() refuses to keep a program with a BPF-to-BPF call or a reference to
 a map value (globals), so such a program would always be compiled, never loaded half right.
 
-Entries are written atomically (a temporary file renamed), so concurrent agents of one machine
+The directory must be the process's own and writable by no one else (else it is not used): its
+entries are programs loaded into the kernel. Entries are written atomically (a temporary file renamed), so concurrent agents of one machine
 (the lab's nodes) share a directory safely: $EBPFSVC_PROGRAM_CACHE, else programs/ in the
 cache directory of the Maglev fill (ebpfsvc/maglev.py).
 """
@@ -144,7 +145,7 @@ def store(directory, key: str, bpf, programs: dict[str, int], pinned) -> bool:
     entry["digest"] = _digest(entry)
     directory = Path(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key[:16]}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
@@ -159,6 +160,20 @@ def store(directory, key: str, bpf, programs: dict[str, int], pinned) -> bool:
     return True
 
 
+def _unsafe(directory: Path) -> str | None:
+    """Why `directory` cannot be trusted with programs this process loads into the kernel: another
+    user owns it or may write it (as ssh judges ~/.ssh). None when it is ours alone, or absent."""
+    try:
+        st = directory.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
 def _digest(entry: dict) -> str:
     body = {k: v for k, v in entry.items() if k != "digest"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -171,6 +186,10 @@ def load(directory, key: str, map_fds: dict[str, int],
     (derived data; an unpinned map without a filler is not served from the cache).
     Returns ({name: LoadedProgram}, [every fd opened]) or None (a miss, logged in one line)."""
     path = _entry_path(directory, key)
+    unsafe = _unsafe(Path(directory))
+    if unsafe:
+        log.warning("program cache: %s not used: %s: compiling", directory, unsafe)
+        return None
     try:
         entry = json.loads(path.read_text())
         if entry.get("format") != FORMAT or entry.get("key") != key or entry.get("digest") != _digest(entry):

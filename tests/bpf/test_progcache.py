@@ -155,6 +155,19 @@ def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(cache_dir, pin_d
         dp.close()
 
 
+def test_a_directory_others_may_write_is_not_used(cache_dir, pin_dir, caplog):
+    loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True).close()
+    assert cache_dir.stat().st_mode & 0o777 == 0o700
+    cache_dir.chmod(0o777)
+    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
+    try:
+        assert isinstance(dp.bpf, BPF)
+        assert any("writable by others" in r.getMessage() for r in caplog.records)
+    finally:
+        dp.close()
+
+
 def test_a_restarted_agent_on_a_warm_cache_loads_without_compiling(cache_dir, tmp_path, pin_dir, unique_prefix,
                                                                     monkeypatch):
     from .test_agent_start import NEW_EP, NEW_SERVICE, config, syn_to_new_service
