@@ -358,7 +358,7 @@ class Agent:
             # migrate: a limit changed since the maps were pinned: their entries are carried over.
             datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
                                    snat_addr=snat, reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
-                                   migrate=True)
+                                   migrate=True, program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
             with self._datapath_lock:       # pods attached from now on get the new programs...
                 self.datapath, self._pod_snat, self.node_info = datapath, snat, info
                 # ...and the ones attached before get them too (replaced in place).
@@ -400,7 +400,8 @@ class Agent:
                                                hairpin_addr=info.hairpin,
                                                snat_keep_client_port=cfg.snat_keep_client_port,
                                                host_clients=cfg.host_clients,
-                                               reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp)
+                                               reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
+                                               program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
         for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)
             if ifindex is None:

@@ -134,6 +134,7 @@ class AgentConfig:
     reset_removed_endpoint_tcp: bool = True
     socket_lb: bool = False                  # socket-level LB (datapath/socklb.py) on socket_lb_cgroup
     socket_lb_cgroup: str | None = None      # where; with socket_lb off, a previous run's programs are detached
+    program_cache: bool = True               # compiled programs reused across starts (datapath/progcache.py)
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic full resync (repairs any drift)
     # Map sizes and conntrack lifetimes: datapath/loader.Limits field names -> value (absent: abi.h's).

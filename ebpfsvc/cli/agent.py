@@ -169,6 +169,9 @@ def _map_limit_options(fn):
 @click.option("--socket-lb-cgroup", default="", callback=_socket_lb_cgroup,
               help="cgroup v2 directory whose processes get the socket path (the kubelet's pods' parent), "
                    "absolute or relative to the cgroup2 mount; never the hierarchy's root.")
+@click.option("--program-cache/--no-program-cache", default=True, show_default=True,
+              help="Load the datapath programs compiled by an earlier start when source, flags, kernel and bcc "
+                   "are unchanged ($EBPFSVC_PROGRAM_CACHE; docs/operations.md), instead of compiling them again.")
 @click.option("--min-sync-period", default=format_duration(0.05), show_default=True, type=Duration(),
               help="Time between syncs, at least (a Go duration like 50ms, or seconds).")
 @click.option("--sync-period", default=format_duration(30.0), show_default=True, type=Duration(positive=True),
@@ -195,7 +198,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
           pod_interfaces, uplinks,
           uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, reset_removed_endpoint_tcp,
           socket_lb, socket_lb_cgroup,
-          min_sync_period, sync_period,
+          program_cache, min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
           conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
           conntrack_udp_timeout_stream, **map_limits):
@@ -222,7 +225,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
                       socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
-                      min_sync_interval=min_sync_period, sync_period=sync_period,
+                      program_cache=program_cache, min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
                       bind_address_hard_fail=bind_address_hard_fail,
                       limits={**conntrack_limits(max_per_core=conntrack_max_per_core, minimum=conntrack_min,

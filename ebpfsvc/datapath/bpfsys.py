@@ -1,7 +1,8 @@
 """The bpf(2) system call, the one place the project calls it directly (bcc covers the rest):
 pinned maps opened by path and read (PinnedMap), program names by id (prog_name), programs
-run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py), and cgroup
-programs listed and detached (prog_query, prog_detach: datapath/socklb.py).
+run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py), cgroup
+programs listed and detached (prog_query, prog_detach: datapath/socklb.py), and compiled programs
+loaded from the program cache (prog_load, map_create, map_update_batch: datapath/progcache.py).
 
 Pinned BPF maps are opened by path and read with bpf(2): no compiler, no bcc.
 
@@ -32,6 +33,7 @@ from functools import lru_cache
 from typing import Iterator
 
 # bpf(2) commands (include/uapi/linux/bpf.h)
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_GET = 7
@@ -41,7 +43,9 @@ BPF_PROG_GET_NEXT_ID = 11
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_PROG_LOAD = 5
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
 
 BPF_F_RDONLY = 1 << 3
 
@@ -103,6 +107,22 @@ class _MapInfo(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
                 ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
                 ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    """The BPF_PROG_LOAD member of union bpf_attr, up to expected_attach_type."""
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32), ("insns", ctypes.c_uint64),
+                ("license", ctypes.c_uint64), ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
+                ("prog_name", ctypes.c_char * 16), ("prog_ifindex", ctypes.c_uint32),
+                ("expected_attach_type", ctypes.c_uint32)]
+
+
+class _MapCreateAttr(ctypes.Structure):
+    """The BPF_MAP_CREATE member of union bpf_attr, up to map_name."""
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
+                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16)]
 
 
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
@@ -218,6 +238,58 @@ def prog_test_run(prog_fd: int, data_in, data_size_in: int, data_out, data_size_
     except OSError as e:
         raise OSError(e.errno, f"BPF_PROG_TEST_RUN: {e.strerror}") from None
     return attr.retval, attr.data_size_out, attr.duration
+
+
+def prog_load(prog_type: int, insns: bytes, *, license: str, name: str, kern_version: int = 0) -> int:
+    """BPF_PROG_LOAD: the fd of the verified program. Its map references (BPF_PSEUDO_MAP_FD) must
+    already hold this process's map fds. A refusal raises OSError with the verifier log's last line."""
+    code = ctypes.create_string_buffer(bytes(insns), len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
+                         license=ctypes.addressof(lic), kern_version=kern_version,
+                         prog_name=name.encode()[:15])     # BPF_OBJ_NAME_LEN, as bcc truncates
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except OSError as first:
+        # Again with the verifier's log, only to say why: a log costs time and memory on success.
+        log_buf = ctypes.create_string_buffer(1 << 20)
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log_buf), ctypes.addressof(log_buf)
+        try:
+            fd = _bpf(BPF_PROG_LOAD, attr)
+        except OSError:
+            lines = log_buf.value.decode(errors="replace").strip().splitlines()
+            raise OSError(first.errno, f"BPF_PROG_LOAD {name}: {first.strerror}"
+                          + (f" ({lines[-1]})" if lines else "")) from None
+        return fd       # refused once, accepted with a log: keep it
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, *, flags: int = 0,
+               name: str = "") -> int:
+    """BPF_MAP_CREATE of an unpinned map: its fd."""
+    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size, max_entries=max_entries,
+                          map_flags=flags, map_name=name.encode()[:15])
+    try:
+        return _bpf(BPF_MAP_CREATE, attr)
+    except OSError as e:
+        raise OSError(e.errno, f"BPF_MAP_CREATE {name}: {e.strerror}") from None
+
+
+def map_shape(fd: int) -> tuple[int, int, int, int, int]:
+    """(type, key size, value size, max entries, flags) of map `fd`: what map_create needs to make
+    another like it."""
+    info = _MapInfo()
+    _obj_info(fd, info)
+    return info.type, info.key_size, info.value_size, info.max_entries, info.map_flags
+
+
+def map_update_batch(map_fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """BPF_MAP_UPDATE_BATCH: `count` packed keys and values written in one call."""
+    kbuf = ctypes.create_string_buffer(bytes(keys), len(keys))
+    vbuf = ctypes.create_string_buffer(bytes(values), len(values))
+    attr = _BatchAttr(keys=ctypes.addressof(kbuf), values=ctypes.addressof(vbuf), count=count, map_fd=map_fd)
+    _bpf(BPF_MAP_UPDATE_BATCH, attr)
+    if attr.count != count:
+        raise OSError(errno.EIO, f"BPF_MAP_UPDATE_BATCH wrote {attr.count} of {count} entries")
 
 
 @lru_cache(maxsize=1)

@@ -28,6 +28,7 @@ import numpy as np
 
 from ebpfsvc import abi
 from ebpfsvc.abi import be32        # re-exported: tests and callers use loader.be32
+from ebpfsvc.datapath import bpfsys, progcache
 from ebpfsvc.datapath.batch import update_u32_array
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
 def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         migrate: bool = False) -> Datapath:
+         migrate: bool = False, program_cache: bool = False, maps_unit=None) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -195,6 +196,9 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     False lets a TCP flow whose backend was removed go on to its address (bpf/lib/lb.h).
     `migrate`: when the pins must be recreated (another size or layout), carry their entries into
     the new maps (datapath/migrate.py) instead of starting empty.
+    `program_cache`: load the programs from the compiled-program cache (datapath/progcache.py)
+    when it holds this source and flags, else compile and fill it. On a hit the maps are the
+    tables of `maps_unit` (what open_maps() returned; opened here when None).
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
@@ -209,6 +213,15 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
 
     os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
     pin_dir.mkdir(parents=True, exist_ok=True)
+    types = {name: getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS")) for name in programs}
+    program_key = progcache.cache_key(text, cflags, types) if program_cache and programs else None
+    if program_key:
+        dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit)
+        if dp is not None:
+            if cache:
+                dp.cache_key = key
+                _CACHE[key] = dp
+            return dp
     bpf = BPF(text=text.encode(), cflags=list(cflags))
     stale = stale_pins(bpf, pin_dir)
     if stale:
@@ -232,15 +245,41 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
             raise RuntimeError(f"pinned maps in {pin_dir} still differ after recreating them: {still}")
     dp = Datapath(bpf=bpf, pin_dir=pin_dir, cflags=cflags)
     for name in programs:
-        dp.programs[name] = bpf.load_func(name.encode(), getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS")))
+        dp.programs[name] = bpf.load_func(name.encode(), types[name])
     for name in MAPS:
         dp.maps[name] = bpf.get_table(name.encode())
     if stale and migrate:
         _restore_pins(dp, saved)
     _fill_sctp_crc_shift(bpf)
+    if program_key:     # verified by the kernel just now: what the next start loads
+        progcache.store(progcache.cache_dir(), program_key, bpf, types, MAPS)
     if cache:
         dp.cache_key = key
         _CACHE[key] = dp
+    return dp
+
+
+def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_unit) -> Datapath | None:
+    """The Datapath with programs from the program cache, on the maps of `maps_unit` (opened here
+    when None), or None: a miss, or pins of another shape (load() recreates them)."""
+    owned = maps_unit is None
+    if owned:
+        opened = open_maps(pin_dir, limits=limits)
+        if opened is None:
+            return None
+        maps_unit = opened[0]
+    map_fds = {name: maps_unit.get_table(name.encode()).map_fd for name in MAPS}
+    found = progcache.load(progcache.cache_dir(), program_key, map_fds,
+                           fillers={"lb_sctp_crc_shift": _fill_crc_shift_fd})
+    if found is None:
+        if owned:
+            maps_unit.cleanup()
+        return None
+    programs, fds = found
+    dp = Datapath(bpf=progcache.CachedObject(maps_unit, owned, fds), pin_dir=pin_dir, cflags=cflags)
+    dp.programs.update(programs)
+    dp.maps.update({name: maps_unit.get_table(name.encode()) for name in MAPS})
+    log.info("programs %s loaded from the program cache", ", ".join(programs))
     return dp
 
 
@@ -298,6 +337,11 @@ def _fill_sctp_crc_shift(bpf) -> None:
         return
     n = table.max_entries
     update_u32_array(table, np.arange(n, dtype=np.uint32), crc32c_shift_table(n))
+
+
+def _fill_crc_shift_fd(fd: int, n: int) -> None:
+    """_fill_sctp_crc_shift for the map a program-cache load made (no bcc table)."""
+    bpfsys.map_update_batch(fd, np.arange(n, dtype=np.uint32).tobytes(), crc32c_shift_table(n).tobytes(), n)
 
 
 def stale_pins(bpf, pin_dir: Path) -> list[str]:

@@ -273,6 +273,11 @@ def test_agent_restart_keeps_streams(unique_prefix, node):
             assert lab.agent_record(node) != old_agent
             # The new agent has replaced the programs on the veth (new program ids) ...
             wait_for(lambda: _tc_program_ids(lab, node, link) != before, what="programs replaced")
+            # ... loaded from the program cache that the first start filled: nothing compiled again.
+            new_agent = lab.agent_record(node)
+            log = lab.state.log_path(names.agent_record(node)).read_text()
+            assert "programs from_pod, to_pod loaded from the program cache" in \
+                log.split(f"(pid {new_agent.pid})", 1)[1]
             # ... and syncs changes: a new Service gets programmed.
             lab.apply([service("rs-after", [{"port": 7000}], selector={"app": "rs-tcp"})])
             wait_programmed(lab, "rs-after", 7000, backends=1, nodes=[node])

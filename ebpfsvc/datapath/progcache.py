@@ -1,0 +1,235 @@
+"""Compiled datapath programs kept on disk, so that only the first compile on a machine pays bcc.
+
+bcc compiles lb_pod.c in seconds and lb_node.c in more, at every agent start. Once bcc has
+compiled a program and the kernel has accepted it, store() keeps its instructions with, for
+each map reference (BPF_LD_IMM64 with src_reg BPF_PSEUDO_MAP_FD), the name of the map it was.
+A later start with the same key (load()) writes the fds of the maps opened now into those
+instructions and loads them with BPF_PROG_LOAD (ebpfsvc/datapath/bpfsys.py): milliseconds.
+
+The key covers every input of the compile: the translation unit (the source with the project's
+headers inlined), the compiler flags except the pin directory (it names where maps are pinned,
+which is in no instruction: nodes of one machine share entries), the kernel release and headers
+tree, bcc's version, the programs and their types, and FORMAT. A changed #define or limit is
+another key. A miss, an unreadable or corrupt entry (a digest covers it), or a load the kernel
+refuses is one log line, and the caller compiles with bcc as before.
+
+What a raw load lacks compared with bcc's is BTF (function and line info). The kernel needs it
+only for global functions and callbacks (bpf_loop): the datapath has none (every helper is
+__always_inline). store() refuses to keep a program with a BPF-to-BPF call or a reference to
+a map value (globals), so such a program would always be compiled, never loaded half right.
+
+The directory must be the process's own and writable by no one else (else it is not used): its
+entries are programs loaded into the kernel. Entries are written atomically (a temporary file renamed), so concurrent agents of one machine
+(the lab's nodes) share a directory safely: $EBPFSVC_PROGRAM_CACHE, else programs/ in the
+cache directory of the Maglev fill (ebpfsvc/maglev.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ebpfsvc.datapath import bpfsys
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1      # of an entry and of the key: changed, every old entry is a miss
+_LD_IMM64 = 0x18                # BPF_LD | BPF_IMM | BPF_DW: two slots, imm of the first is the fd
+_CALL = 0x85                    # BPF_JMP | BPF_CALL
+_PSEUDO_MAP_FD = 1              # src_reg of an LD_IMM64 that loads a map by fd
+_PSEUDO_CALL = 1                # src_reg of a CALL to a BPF-to-BPF function
+_INSN = struct.Struct("<BBhi")  # struct bpf_insn: code, dst_reg:4|src_reg:4, off, imm
+
+
+def cache_dir() -> Path:
+    from ebpfsvc import maglev
+    return Path(os.environ.get("EBPFSVC_PROGRAM_CACHE") or maglev.cache_dir() / "programs")
+
+
+def cache_key(text: str, cflags, programs: dict[str, int]) -> str:
+    """sha256 of every input of the compile (the module docstring lists them)."""
+    import bcc
+    inputs = {
+        "format": FORMAT,
+        "source": hashlib.sha256(text.encode()).hexdigest(),
+        "cflags": [f for f in cflags if not f.startswith("-DLB_PIN_DIR=")],
+        "kernel": os.uname().release,
+        "headers": os.environ.get("BCC_KERNEL_SOURCE", ""),
+        "bcc": getattr(bcc, "__version__", "?"),
+        "programs": sorted(programs.items()),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class LoadedProgram:
+    """A program loaded from the cache: what callers use of bcc's BPF.Function."""
+    name: str
+    fd: int
+
+
+@dataclass
+class CachedObject:
+    """Stands in for a bcc object in a Datapath whose programs came from the cache: tables are the
+    maps unit's (loader.open_maps), cleanup() closes what this load opened."""
+    maps_unit: object
+    owns_maps_unit: bool
+    fds: list[int] = field(default_factory=list)
+
+    def get_table(self, name):
+        return self.maps_unit.get_table(name)
+
+    def cleanup(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        if self.owns_maps_unit:
+            self.maps_unit.cleanup()
+
+
+def _entry_path(directory: Path, key: str) -> Path:
+    return Path(directory) / f"{key}.json"
+
+
+def _map_refs(insns: bytes) -> list[tuple[int, int]] | str:
+    """(instruction index, fd) of every map reference, or why the program cannot be kept."""
+    refs = []
+    for i in range(0, len(insns) // 8):
+        code, regs, _off, imm = _INSN.unpack_from(insns, i * 8)
+        src = regs >> 4
+        if code == _LD_IMM64 and src:
+            if src != _PSEUDO_MAP_FD:
+                return f"instruction {i} references a map value (src_reg {src})"
+            refs.append((i, imm))
+        elif code == _CALL and src == _PSEUDO_CALL:
+            return f"instruction {i} calls a BPF function (its BTF would be needed)"
+    return refs
+
+
+def store(directory, key: str, bpf, programs: dict[str, int], pinned) -> bool:
+    """Keep the programs `bpf` (a bcc object that compiled and loaded them) has, under `key`.
+    `programs`: name -> BPF_PROG_TYPE; `pinned`: names of the maps the loader opens by pin; any
+    other map is recorded by shape and made anew at load. False (and a log line) if not kept."""
+    import ctypes
+
+    from bcc import libbcc
+    lib = libbcc.lib
+    lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_size_t]
+    tables = {}
+    for i in range(lib.bpf_num_tables(bpf.module)):
+        name = lib.bpf_table_name(bpf.module, i)
+        tables[lib.bpf_table_fd(bpf.module, name)] = name.decode()
+    entry = {"format": FORMAT, "key": key, "license": lib.bpf_module_license(bpf.module).decode(),
+             "kern_version": lib.bpf_module_kern_version(bpf.module), "programs": {}, "unpinned": {}}
+    for name, prog_type in programs.items():
+        insns = bpf.dump_func(name.encode())
+        refs = _map_refs(insns)
+        if isinstance(refs, str) or any(fd not in tables for _, fd in refs):
+            why = refs if isinstance(refs, str) else "a map reference is not one of the object's maps"
+            log.info("program cache: %s not kept: %s", name, why)
+            return False
+        for _, fd in refs:
+            if tables[fd] not in pinned:
+                entry["unpinned"][tables[fd]] = list(bpfsys.map_shape(fd))
+        entry["programs"][name] = {"type": prog_type, "insns": base64.b64encode(insns).decode(),
+                                   "maps": [[i, tables[fd]] for i, fd in refs]}
+    entry["digest"] = _digest(entry)
+    directory = Path(directory)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key[:16]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entry, f)
+            os.replace(tmp, _entry_path(directory, key))      # readers see the whole entry or none
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        log.warning("program cache: cannot write %s: %s", directory, e)
+        return False
+    return True
+
+
+def _unsafe(directory: Path) -> str | None:
+    """Why `directory` cannot be trusted with programs this process loads into the kernel: another
+    user owns it or may write it (as ssh judges ~/.ssh). None when it is ours alone, or absent."""
+    try:
+        st = directory.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def _digest(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def load(directory, key: str, map_fds: dict[str, int],
+         fillers: dict[str, Callable[[int, int], None]] | None = None):
+    """The programs kept under `key`, loaded on the maps `map_fds` (name -> fd, the pinned ones);
+    maps the entry names as unpinned are created and filled by `fillers[name](fd, max_entries)`
+    (derived data; an unpinned map without a filler is not served from the cache).
+    Returns ({name: LoadedProgram}, [every fd opened]) or None (a miss, logged in one line)."""
+    path = _entry_path(directory, key)
+    unsafe = _unsafe(Path(directory))
+    if unsafe:
+        log.warning("program cache: %s not used: %s: compiling", directory, unsafe)
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        if entry.get("format") != FORMAT or entry.get("key") != key or entry.get("digest") != _digest(entry):
+            raise ValueError("digest or format does not match")
+        programs = {name: (int(p["type"]), base64.b64decode(p["insns"], validate=True), p["maps"])
+                    for name, p in entry["programs"].items()}
+    except FileNotFoundError:
+        log.info("program cache: miss (%s): compiling", path)
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("program cache: entry %s unusable (%s): compiling", path, e)
+        return None
+    fillers = fillers or {}
+    opened: list[int] = []
+    try:
+        fds = dict(map_fds)
+        for name, (map_type, key_size, value_size, max_entries, flags) in entry["unpinned"].items():
+            if name not in fillers:
+                raise ValueError(f"unpinned map {name} has no filler")
+            fd = bpfsys.map_create(map_type, key_size, value_size, max_entries, flags=flags, name=name)
+            opened.append(fd)
+            fillers[name](fd, max_entries)
+            fds[name] = fd
+        loaded = {}
+        for name, (prog_type, insns, refs) in programs.items():
+            code = bytearray(insns)
+            for index, map_name in refs:
+                if map_name not in fds:
+                    raise ValueError(f"program {name} references map {map_name}, not opened")
+                c, regs, off, _imm = _INSN.unpack_from(code, index * 8)
+                if c != _LD_IMM64 or regs >> 4 != _PSEUDO_MAP_FD:
+                    raise ValueError(f"program {name}: instruction {index} is no map reference")
+                _INSN.pack_into(code, index * 8, c, regs, off, fds[map_name])
+            fd = bpfsys.prog_load(prog_type, bytes(code), license=entry["license"], name=name,
+                                  kern_version=int(entry["kern_version"]))
+            opened.append(fd)
+            loaded[name] = LoadedProgram(name, fd)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        for fd in opened:
+            os.close(fd)
+        log.warning("program cache: entry %s not loaded (%s): compiling", path.name, e)
+        return None
+    return loaded, opened

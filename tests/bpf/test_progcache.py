@@ -1,0 +1,217 @@
+"""The compiled-program cache (ebpfsvc/datapath/progcache.py): programs loaded from it translate
+byte for byte as the ones bcc compiled (fixtures of test_clusterip.py, test_nodeport.py and
+test_nodeport_xdp.py run here against them), a changed #define or flag is a miss, a corrupt
+entry falls back to bcc, and a restarted agent on a warm cache serves from its first sync. Each
+test has a cache directory of its own ($EBPFSVC_PROGRAM_CACHE), so nothing here reads or writes
+the machine's cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from bcc import BPF
+
+from ebpfsvc.agent import Agent
+from ebpfsvc.datapath import loader, progcache
+
+from .conftest import TEST_LIMITS
+from .packets import HAIRPIN
+from . import northsouth, test_clusterip as clusterip, test_nodeport as nodeport, test_nodeport_xdp as nodeport_xdp
+
+pytestmark = pytest.mark.root
+
+# The ClusterIP fixtures, collected here again: their `datapath` is the cache-loaded one below.
+test_tcp_flow_dnat_and_reply_rev_nat = clusterip.test_tcp_flow_dnat_and_reply_rev_nat
+test_udp_dnat_and_reply = clusterip.test_udp_dnat_and_reply
+test_ip_options_shift_l4_header = clusterip.test_ip_options_shift_l4_header
+test_untouched = clusterip.test_untouched
+test_sctp_translation_keeps_crc32c_valid = clusterip.test_sctp_translation_keeps_crc32c_valid     # lb_sctp_crc_shift
+# And north-south ones, on lb_node.c's programs (TC and XDP) from the cache.
+test_nodeport_remote_backend_is_snated_and_the_reply_reversed = nodeport.test_nodeport_remote_backend_is_snated_and_the_reply_reversed
+test_nodeport_local_backend_keeps_the_client_address = nodeport.test_nodeport_local_backend_keeps_the_client_address
+test_external_ip = nodeport.test_external_ip
+test_xdp_snat_flow_both_ways = nodeport_xdp.test_snat_flow_both_ways
+test_xdp_local_backend_dnat_then_kernel = nodeport_xdp.test_local_backend_dnat_then_kernel
+
+
+def _cache_loaded(compiled_datapaths, directory, limits, **kw):
+    """The programs of `kw`'s object loaded from a cache entry that a compile filled, on the maps of
+    the run's shared pin directory for `limits` (the one the other tests' fixtures use)."""
+    compiled_datapaths.load(limits, **kw)      # the pins, as the other tests have them
+    pin_dir = compiled_datapaths.pin_dir(limits)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EBPFSVC_PROGRAM_CACHE", str(directory))
+        filled = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
+        assert isinstance(filled.bpf, BPF)          # a miss: compiled, and stored
+        filled.close()
+        dp = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
+    assert isinstance(dp.bpf, progcache.CachedObject)
+    return dp
+
+
+@pytest.fixture(scope="module")
+def cache_loaded(compiled_datapaths, tmp_path_factory):
+    dp = _cache_loaded(compiled_datapaths, tmp_path_factory.mktemp("programs"), TEST_LIMITS, hairpin_addr=HAIRPIN)
+    yield dp
+    dp.close()
+
+
+@pytest.fixture
+def datapath(compiled, cache_loaded):
+    compiled.load(TEST_LIMITS, hairpin_addr=HAIRPIN)    # this test's maps, emptied
+    return cache_loaded
+
+
+UPLINK = dict(hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
+              snat_addr=northsouth.NODE, snat_keep_client_port=True)
+
+
+@pytest.fixture(scope="module")
+def cache_loaded_uplink(compiled_datapaths, tmp_path_factory):
+    dp = _cache_loaded(compiled_datapaths, tmp_path_factory.mktemp("programs"), northsouth.LIMITS, **UPLINK)
+    yield dp
+    dp.close()
+
+
+@pytest.fixture
+def uplink(compiled, cache_loaded_uplink, unique_prefix):
+    """northsouth.uplink_fixture with lb_node.c's programs (XDP too) from the cache."""
+    compiled.load(northsouth.LIMITS, **UPLINK)          # this test's maps, emptied
+    name = f"{unique_prefix}-np"
+    northsouth.build_netns(name)
+    try:
+        yield northsouth.Uplink(cache_loaded_uplink, name)
+    finally:
+        northsouth.netns.remove(name)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "programs"
+    monkeypatch.setenv("EBPFSVC_PROGRAM_CACHE", str(path))
+    return path
+
+
+def test_cached_programs_carry_the_compiled_names(datapath):
+    from ebpfsvc.datapath import bpfsys
+    for name, prog in datapath.programs.items():
+        info = bpfsys._ProgInfo()
+        bpfsys._obj_info(prog.fd, info)
+        assert info.name.decode() == name       # what `bpftool prog`, drift and uplink.py's XDP check read
+
+
+def test_key_covers_source_and_flags_but_not_the_pin_directory():
+    text = loader.expand_source()
+    types = {"from_pod": BPF.SCHED_CLS, "to_pod": BPF.SCHED_CLS}
+    flags = loader.cflags_for("/sys/fs/bpf/a", TEST_LIMITS, HAIRPIN)
+    key = progcache.cache_key(text, flags, types)
+    assert progcache.cache_key(text, loader.cflags_for("/sys/fs/bpf/b", TEST_LIMITS, HAIRPIN), types) == key
+    assert progcache.cache_key(text, loader.cflags_for("/sys/fs/bpf/a", TEST_LIMITS, "198.18.0.77"), types) != key
+    other_limits = loader.Limits(**{**TEST_LIMITS.__dict__, "ct_udp_s": TEST_LIMITS.ct_udp_s + 1})
+    assert progcache.cache_key(text, loader.cflags_for("/sys/fs/bpf/a", other_limits, HAIRPIN), types) != key
+    assert progcache.cache_key(text.replace("#define", "#define LB_X 1\n#define", 1), flags, types) != key
+    assert progcache.cache_key(text, flags, {"from_pod": BPF.SCHED_CLS}) != key
+
+
+def test_a_changed_define_is_a_miss(cache_dir, pin_dir, tmp_path, caplog):
+    loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True).close()
+    changed = tmp_path / "lb_pod.c"
+    text = loader.SOURCE.read_text()
+    assert "#define LB_SCTP_PORT_CRC 1" in text
+    changed.write_text(text.replace("#define LB_SCTP_PORT_CRC 1", "#define LB_SCTP_PORT_CRC 1\n#define LB_X 1"))
+    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True,
+                     source=changed)
+    try:
+        assert isinstance(dp.bpf, BPF)
+        assert any("miss" in r.getMessage() for r in caplog.records)
+    finally:
+        dp.close()
+    assert len(list(cache_dir.glob("*.json"))) == 2       # both kept: each its own key
+
+
+@pytest.mark.parametrize("damage", ["truncated", "an instruction changed", "not JSON"])
+def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(cache_dir, pin_dir, damage, caplog):
+    loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True).close()
+    (entry,) = cache_dir.glob("*.json")
+    good = entry.read_text()
+    entry.write_text({"truncated": good[:len(good) // 2],
+                      "an instruction changed": good.replace('"insns": "', '"insns": "AAAA', 1),
+                      "not JSON": "\0\1garbage"}[damage])
+    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
+    try:
+        assert isinstance(dp.bpf, BPF)
+        assert [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+    finally:
+        dp.close()
+    assert entry.read_text() == good            # the compile stored it again
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
+    try:
+        assert isinstance(dp.bpf, progcache.CachedObject)
+    finally:
+        dp.close()
+
+
+def test_a_directory_others_may_write_is_not_used(cache_dir, pin_dir, caplog):
+    loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True).close()
+    assert cache_dir.stat().st_mode & 0o777 == 0o700
+    cache_dir.chmod(0o777)
+    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
+    try:
+        assert isinstance(dp.bpf, BPF)
+        assert any("writable by others" in r.getMessage() for r in caplog.records)
+    finally:
+        dp.close()
+
+
+def test_a_restarted_agent_on_a_warm_cache_loads_without_compiling(cache_dir, tmp_path, pin_dir, unique_prefix,
+                                                                    monkeypatch):
+    from .test_agent_start import NEW_EP, NEW_SERVICE, config, syn_to_new_service
+    from .test_inspect_agent import free_port, manifests, wait_for
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    mdir = tmp_path / "manifests"
+    mdir.mkdir()
+    (mdir / "web.yaml").write_text(manifests(free_port()))
+    agents = []
+    try:
+        first = Agent(config(pin_dir, mdir, unique_prefix))
+        agents.append(first)
+        first.start()
+        assert isinstance(first.datapath.bpf, BPF)          # an empty cache: compiled, and stored
+        first.stop()
+        first.datapath.close()
+        loader.drop_cache()
+
+        (mdir / "api.yaml").write_text(NEW_SERVICE)
+        compiles = []
+        import bcc      # loader imports BPF from it at each load: counted there
+        monkeypatch.setattr(bcc, "BPF", _counting(bcc.BPF, compiles))
+        second = Agent(config(pin_dir, mdir, unique_prefix))
+        agents.append(second)
+        second.start()
+        wait_for(second.synced_once.is_set, "the restarted agent's first sync")
+        assert isinstance(second.datapath.bpf, progcache.CachedObject)
+        # Only the maps-only unit (lb_maps.c) was compiled: no program source.
+        assert [c for c in compiles if b"lb_maps.c" not in c] == []
+        out = Ether(syn_to_new_service(second.datapath.programs["from_pod"].fd))
+        assert (out[IP].dst, out[TCP].dport) == (NEW_EP, 8080)
+    finally:
+        for a in agents:
+            a.stop()
+            if a.datapath is not None:
+                a.datapath.close()
+        loader.drop_cache()
+
+
+def _counting(real, calls: list):
+    class Counting(real):
+        def __init__(self, *args, text=b"", **kw):
+            calls.append(text.split(b"\n", 1)[0])       # `#line 1 "<source>"`: which unit
+            super().__init__(*args, text=text, **kw)
+    return Counting
