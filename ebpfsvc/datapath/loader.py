@@ -270,7 +270,7 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
         maps_unit = opened[0]
     map_fds = {name: maps_unit.get_table(name.encode()).map_fd for name in MAPS}
     found = progcache.load(progcache.cache_dir(), program_key, map_fds,
-                           fillers={"lb_sctp_crc_shift": _fill_crc_shift_fd})
+                           fillers={"lb_sctp_crc_shift": _fill_crc_shift_fd, "lb6_icmp_scratch": _scratch})
     if found is None:
         if owned:
             maps_unit.cleanup()
@@ -342,6 +342,11 @@ def _fill_sctp_crc_shift(bpf) -> None:
 def _fill_crc_shift_fd(fd: int, n: int) -> None:
     """_fill_sctp_crc_shift for the map a program-cache load made (no bcc table)."""
     bpfsys.map_update_batch(fd, np.arange(n, dtype=np.uint32).tobytes(), crc32c_shift_table(n).tobytes(), n)
+
+
+def _scratch(fd: int, n: int) -> None:
+    """lb6_icmp_scratch (bpf/lib/icmp.h): a per-CPU work buffer the program writes before it reads;
+    a new map's zeroes are all it needs."""
 
 
 def stale_pins(bpf, pin_dir: Path) -> list[str]:
