@@ -86,11 +86,16 @@ static __always_inline void ct4_key_forward_of(struct ct4_key *k, const struct c
 	k->pad0 = 0;
 }
 
-/* A packet was seen in this entry's direction. */
+/* A packet was seen in an entry's direction (either family): its last_seen_ns moves. */
+static __always_inline void ct_touch(__u64 *last_seen_ns, __u64 now)
+{
+	if (lb_age_ns(now, *last_seen_ns) > CT_REFRESH_NS)
+		*last_seen_ns = now;
+}
+
 static __always_inline void ct4_touch(struct ct4_entry *e, __u64 now)
 {
-	if (lb_age_ns(now, e->last_seen_ns) > CT_REFRESH_NS)
-		e->last_seen_ns = now;
+	ct_touch(&e->last_seen_ns, now);
 }
 
 static __always_inline int ct4_closing(__u8 flags)
@@ -131,17 +136,28 @@ static __always_inline int ct4_expired(const struct ct4_entry *e, __u8 proto, __
  * `kube-proxy --cleanup`, since entries outlive rules. Calico's eBPF dataplane
  * does the same ("CT mid-flow miss; fall through to iptables").
  */
-static __always_inline int ct4_starts_flow(const struct lb4_pkt *p)
+static __always_inline int ct_starts_flow(__u8 proto, __u8 tcp_flags)
 {
-	return p->proto != IPPROTO_TCP || (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
+	return proto != IPPROTO_TCP || (tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
 }
 
-/* Is a client packet the end of tracked flow `e`: the entry expired, or a
- * fresh SYN on a closed TCP flow (port reuse: it starts a new one)? */
+static __always_inline int ct4_starts_flow(const struct lb4_pkt *p)
+{
+	return ct_starts_flow(p->proto, p->tcp_flags);
+}
+
+/* Is a client packet (`proto`, `tcp_flags`) the end of a tracked flow whose entry
+ * has `last_seen_ns` and `flags`: the entry expired, or a fresh SYN on a closed
+ * TCP flow (port reuse: it starts a new one)? Both families. */
+static __always_inline int ct_flow_over(__u64 last_seen_ns, __u8 flags, __u8 proto, __u8 tcp_flags, __u64 now)
+{
+	return lb_age_ns(now, last_seen_ns) > ct4_lifetime_ns(proto, flags) ||
+	       (proto == IPPROTO_TCP && ct4_closing(flags) && ct_starts_flow(proto, tcp_flags));
+}
+
 static __always_inline int ct4_flow_over(const struct ct4_entry *e, const struct lb4_pkt *p, __u64 now)
 {
-	return ct4_expired(e, p->proto, now) ||
-	       (p->proto == IPPROTO_TCP && ct4_closing(e->flags) && ct4_starts_flow(p));
+	return ct_flow_over(e->last_seen_ns, e->flags, p->proto, p->tcp_flags, now);
 }
 
 /*
@@ -153,10 +169,15 @@ static __always_inline int ct4_flow_over(const struct ct4_entry *e, const struct
  * the entry (ct4_flow_over). Translated, that SYN-ACK would come from the
  * frontend and the client would answer it with a reset.
  */
+static __always_inline int ct_reply_of_other_flow(__u8 flags, __u8 proto, __u8 tcp_flags)
+{
+	return proto == IPPROTO_TCP && ct4_closing(flags) &&
+	       (tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK);
+}
+
 static __always_inline int ct4_reply_of_other_flow(const struct ct4_entry *e, const struct lb4_pkt *p)
 {
-	return p->proto == IPPROTO_TCP && ct4_closing(e->flags) &&
-	       (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK);
+	return ct_reply_of_other_flow(e->flags, p->proto, p->tcp_flags);
 }
 
 /* Look up an entry, treating an expired one as absent. */
@@ -169,20 +190,25 @@ static __always_inline struct ct4_entry *ct4_lookup(struct ct4_key *k, __u64 now
 	return e;
 }
 
-/* CT_F_* bits a TCP segment adds, seen in direction `dir`. */
-static __always_inline __u8 ct4_tcp_flags(const struct lb4_pkt *p, __u8 dir)
+/* CT_F_* bits a TCP segment (LB_TCP_* `tcp_flags`) adds, seen in direction `dir`. */
+static __always_inline __u8 ct_tcp_flags(__u8 proto, __u8 tcp_flags, __u8 dir)
 {
 	__u8 f = 0;
 
-	if (p->proto != IPPROTO_TCP)
+	if (proto != IPPROTO_TCP)
 		return 0;
-	if (p->tcp_flags & LB_TCP_SYN)
+	if (tcp_flags & LB_TCP_SYN)
 		f |= CT_F_SEEN_SYN;
-	if (p->tcp_flags & LB_TCP_RST)
+	if (tcp_flags & LB_TCP_RST)
 		f |= CT_F_SEEN_RST;
-	if (p->tcp_flags & LB_TCP_FIN)
+	if (tcp_flags & LB_TCP_FIN)
 		f |= dir == CT_DIR_FORWARD ? CT_F_SEEN_FIN_FWD : CT_F_SEEN_FIN_REV;
 	return f;
+}
+
+static __always_inline __u8 ct4_tcp_flags(const struct lb4_pkt *p, __u8 dir)
+{
+	return ct_tcp_flags(p->proto, p->tcp_flags, dir);
 }
 
 /* Remove both entries of a flow, given its forward key and entry. */
@@ -298,8 +324,7 @@ static __always_inline void ct6_key_forward_of(struct ct6_key *k, const struct c
 
 static __always_inline void ct6_touch(struct ct6_entry *e, __u64 now)
 {
-	if (lb_age_ns(now, e->last_seen_ns) > CT_REFRESH_NS)
-		e->last_seen_ns = now;
+	ct_touch(&e->last_seen_ns, now);
 }
 
 static __always_inline int ct6_expired(const struct ct6_entry *e, __u8 proto, __u64 now)
@@ -310,20 +335,18 @@ static __always_inline int ct6_expired(const struct ct6_entry *e, __u8 proto, __
 /* As ct4_starts_flow: only a SYN (or any datagram) starts a flow. */
 static __always_inline int ct6_starts_flow(const struct lb6_pkt *p)
 {
-	return p->proto != IPPROTO_TCP || (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
+	return ct_starts_flow(p->proto, p->tcp_flags);
 }
 
 static __always_inline int ct6_flow_over(const struct ct6_entry *e, const struct lb6_pkt *p, __u64 now)
 {
-	return ct6_expired(e, p->proto, now) ||
-	       (p->proto == IPPROTO_TCP && ct4_closing(e->flags) && ct6_starts_flow(p));
+	return ct_flow_over(e->last_seen_ns, e->flags, p->proto, p->tcp_flags, now);
 }
 
 /* As ct4_reply_of_other_flow. */
 static __always_inline int ct6_reply_of_other_flow(const struct ct6_entry *e, const struct lb6_pkt *p)
 {
-	return p->proto == IPPROTO_TCP && ct4_closing(e->flags) &&
-	       (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK);
+	return ct_reply_of_other_flow(e->flags, p->proto, p->tcp_flags);
 }
 
 static __always_inline struct ct6_entry *ct6_lookup(struct ct6_key *k, __u64 now)
@@ -337,17 +360,7 @@ static __always_inline struct ct6_entry *ct6_lookup(struct ct6_key *k, __u64 now
 
 static __always_inline __u8 ct6_tcp_flags(const struct lb6_pkt *p, __u8 dir)
 {
-	__u8 f = 0;
-
-	if (p->proto != IPPROTO_TCP)
-		return 0;
-	if (p->tcp_flags & LB_TCP_SYN)
-		f |= CT_F_SEEN_SYN;
-	if (p->tcp_flags & LB_TCP_RST)
-		f |= CT_F_SEEN_RST;
-	if (p->tcp_flags & LB_TCP_FIN)
-		f |= dir == CT_DIR_FORWARD ? CT_F_SEEN_FIN_FWD : CT_F_SEEN_FIN_REV;
-	return f;
+	return ct_tcp_flags(p->proto, p->tcp_flags, dir);
 }
 
 /* Both entries of a flow (no IPv6 hairpin yet: the reply always goes to the client). */

@@ -76,31 +76,9 @@ static __always_inline int hs4_reject(struct __sk_buff *skb, const struct lb4_pk
  */
 static __always_inline int hs4_send(struct __sk_buff *skb, const struct lb4_pkt *p, __u8 where)
 {
-	struct bpf_fib_lookup fib = {};
-	int rc;
-
 	if (p->daddr == NODE_SNAT_ADDR)
 		return where == HS_LOOPBACK ? TC_ACT_OK : lb4_to_loopback(skb);
-	fib.family = AF_INET;
-	fib.l4_protocol = p->proto;
-	fib.sport = p->sport;
-	fib.dport = p->dport;
-	fib.ipv4_src = p->saddr;
-	fib.ipv4_dst = p->daddr;
-	fib.ifindex = skb->ifindex;     /* tot_len 0: the kernel checks the MTU itself (np4_send) */
-
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
-			return lb_drop(REASON_MALFORMED);
-		if (where == HS_UPLINK && fib.ifindex == skb->ifindex)
-			return TC_ACT_OK;
-		return bpf_redirect(fib.ifindex, 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return np4_redirect_neigh(fib.ifindex, 0, 0, 0);
-	return lb_drop(REASON_FIB_LOOKUP);
+	return np4_fib_send(skb, p, where == HS_UPLINK);
 }
 
 /* No flow yet: a node client's packet to a frontend starts one; anything else

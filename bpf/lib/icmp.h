@@ -81,6 +81,33 @@ static __always_inline int lb4_reply_l2l3(struct __sk_buff *skb, __u32 len, stru
 }
 
 /*
+ * The TCP header of the RST that answers a segment (both families): from its
+ * destination port back to its source; if the segment had ACK, the RST takes its
+ * sequence number from that ACK; otherwise it ACKs the segment, whose `payload_len`
+ * bytes, SYN and FIN count. Data offset 5 words, no options; no checksum yet.
+ */
+static __always_inline void lb_rst_tcp(struct tcphdr *rst, __be16 sport, __be16 dport, __u8 flags,
+				       __u32 seq, __u32 ack_seq, __u32 payload_len)
+{
+	__u8 *th = (__u8 *)rst;
+
+	rst->source = sport;
+	rst->dest = dport;
+	th[12] = (sizeof(struct tcphdr) / 4) << 4;
+	if (flags & LB_TCP_ACK) {
+		rst->seq = lb_htonl(ack_seq);
+		th[13] = LB_TCP_RST;
+	} else {
+		if (flags & LB_TCP_SYN)
+			payload_len++;
+		if (flags & LB_TCP_FIN)
+			payload_len++;
+		rst->ack_seq = lb_htonl(seq + payload_len);
+		th[13] = LB_TCP_RST | LB_TCP_ACK;
+	}
+}
+
+/*
  * Turn a TCP segment to VIP:port into the RST the VIP would answer with
  * (RFC 793 reset generation, as Linux's tcp_v4_send_reset): if the segment had
  * ACK, the RST takes its sequence number from that ACK; otherwise it ACKs the
@@ -90,28 +117,13 @@ static __always_inline int lb4_build_tcp_rst(struct __sk_buff *skb, const struct
 {
 	struct lb4_tcp_csum_buf b = {};
 	struct iphdr ip = {};
-	__u8 *th = (__u8 *)&b.th;
-	__u32 seglen;
 
 	b.saddr = p->daddr;
 	b.daddr = p->saddr;
 	b.proto = IPPROTO_TCP;
 	b.len = lb_htons(sizeof(struct tcphdr));
-	b.th.source = p->dport;
-	b.th.dest = p->sport;
-	th[12] = (sizeof(struct tcphdr) / 4) << 4;     /* data offset: 5 words, no options */
-	if (p->tcp_flags & LB_TCP_ACK) {
-		b.th.seq = lb_htonl(p->tcp_ack_seq);
-		th[13] = LB_TCP_RST;
-	} else {
-		seglen = p->ip_len - p->ihl - p->tcp_doff;
-		if (p->tcp_flags & LB_TCP_SYN)
-			seglen++;
-		if (p->tcp_flags & LB_TCP_FIN)
-			seglen++;
-		b.th.ack_seq = lb_htonl(p->tcp_seq + seglen);
-		th[13] = LB_TCP_RST | LB_TCP_ACK;
-	}
+	lb_rst_tcp(&b.th, p->dport, p->sport, p->tcp_flags, p->tcp_seq, p->tcp_ack_seq,
+		   p->ip_len - p->ihl - p->tcp_doff);
 	b.th.check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&b, sizeof(b), 0));
 
 	lb4_reply_ip(&ip, 0, sizeof(ip) + sizeof(b.th), IPPROTO_TCP, p->daddr, p->saddr);
@@ -395,28 +407,13 @@ static __always_inline int lb6_build_tcp_rst(struct __sk_buff *skb, const struct
 {
 	struct lb6_tcp_csum_buf b = {};
 	struct ipv6hdr ip = {};
-	__u8 *th = (__u8 *)&b.th;
-	__u32 seglen;
 
 	lb6_addr_copy(b.ph.saddr, p->daddr);
 	lb6_addr_copy(b.ph.daddr, p->saddr);
 	b.ph.len = lb_htonl(sizeof(struct tcphdr));
 	b.ph.nexthdr = IPPROTO_TCP;
-	b.th.source = p->dport;
-	b.th.dest = p->sport;
-	th[12] = (sizeof(struct tcphdr) / 4) << 4;
-	if (p->tcp_flags & LB_TCP_ACK) {
-		b.th.seq = lb_htonl(p->tcp_ack_seq);
-		th[13] = LB_TCP_RST;
-	} else {
-		seglen = p->l3_off + p->ip_len - p->l4_off - p->tcp_doff;
-		if (p->tcp_flags & LB_TCP_SYN)
-			seglen++;
-		if (p->tcp_flags & LB_TCP_FIN)
-			seglen++;
-		b.th.ack_seq = lb_htonl(p->tcp_seq + seglen);
-		th[13] = LB_TCP_RST | LB_TCP_ACK;
-	}
+	lb_rst_tcp(&b.th, p->dport, p->sport, p->tcp_flags, p->tcp_seq, p->tcp_ack_seq,
+		   p->l3_off + p->ip_len - p->l4_off - p->tcp_doff);
 	b.th.check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&b, sizeof(b), 0));
 
 	lb6_reply_ip(&ip, sizeof(b.th), IPPROTO_TCP, p->daddr, p->saddr);

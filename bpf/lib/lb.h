@@ -100,12 +100,13 @@ static __always_inline int lb4_flow_keeps_backend(__u32 id, __u8 proto)
  * first one is used (kube-proxy's terminating fallback); a not-ready backend
  * is never a fallback.
  */
-static __always_inline struct lb4_backend *lb4_select_backend_by_hash(const struct lb4_service *svc,
-								     __u32 hash, __u32 *backend_id)
+static __always_inline void *lb_select_backend_by_hash(const struct lb4_service *svc, __u32 hash,
+							 __u32 *backend_id, int ipv6)
 {
-	struct lb4_backend *fallback = 0, *be;
+	void *fallback = 0, *be;
 	__u32 fallback_id = 0, size = svc->maglev_size, slot, idx, i;
 	__u32 *id;
+	__u8 flags;
 
 	if (!size)
 		return 0;
@@ -120,13 +121,20 @@ static __always_inline struct lb4_backend *lb4_select_backend_by_hash(const stru
 		id = lb_maglev.lookup(&idx);
 		if (!id)
 			break;
-		be = lb4_backends.lookup(id);
+		/* `ipv6` is a constant at every call: the other family's branch is compiled out. */
+		if (ipv6) {
+			be = lb6_backends.lookup(id);
+			flags = be ? ((struct lb6_backend *)be)->flags : 0;
+		} else {
+			be = lb4_backends.lookup(id);
+			flags = be ? ((struct lb4_backend *)be)->flags : 0;
+		}
 		if (be) {
-			if (!(be->flags & LB_BE_F_NO_NEW_FLOWS)) {
+			if (!(flags & LB_BE_F_NO_NEW_FLOWS)) {
 				*backend_id = *id;
 				return be;
 			}
-			if (!fallback && !(be->flags & LB_BE_F_NOT_READY)) {
+			if (!fallback && !(flags & LB_BE_F_NOT_READY)) {
 				fallback = be;
 				fallback_id = *id;
 			}
@@ -135,6 +143,12 @@ static __always_inline struct lb4_backend *lb4_select_backend_by_hash(const stru
 	}
 	*backend_id = fallback_id;
 	return fallback;
+}
+
+static __always_inline struct lb4_backend *lb4_select_backend_by_hash(const struct lb4_service *svc,
+								     __u32 hash, __u32 *backend_id)
+{
+	return lb_select_backend_by_hash(svc, hash, backend_id, 0);
 }
 
 /* The same for a packet: the slot of its 5-tuple hash. The socket hooks
@@ -189,48 +203,11 @@ static __always_inline int lb6_flow_keeps_backend(__u32 id, __u8 proto)
 	return be && !(proto == IPPROTO_UDP && (be->flags & LB_BE_F_NOT_READY));
 }
 
-/* As lb4_select_backend_by_hash, over lb6_backends. */
-static __always_inline struct lb6_backend *lb6_select_backend_by_hash(const struct lb4_service *svc,
-								     __u32 hash, __u32 *backend_id)
-{
-	struct lb6_backend *fallback = 0, *be;
-	__u32 fallback_id = 0, size = svc->maglev_size, slot, idx, i;
-	__u32 *id;
-
-	if (!size)
-		return 0;
-	if (svc->flags & LB_SVC_F_RANDOM)
-		slot = bpf_get_prandom_u32() % size;
-	else
-		slot = hash % size;
-
-#pragma unroll
-	for (i = 0; i < LB_TERMINATING_PROBES; i++) {
-		idx = svc->maglev_offset + slot;
-		id = lb_maglev.lookup(&idx);
-		if (!id)
-			break;
-		be = lb6_backends.lookup(id);
-		if (be) {
-			if (!(be->flags & LB_BE_F_NO_NEW_FLOWS)) {
-				*backend_id = *id;
-				return be;
-			}
-			if (!fallback && !(be->flags & LB_BE_F_NOT_READY)) {
-				fallback = be;
-				fallback_id = *id;
-			}
-		}
-		slot = slot + 1 == size ? 0 : slot + 1;
-	}
-	*backend_id = fallback_id;
-	return fallback;
-}
-
+/* As lb4_select_backend, over lb6_backends. */
 static __always_inline struct lb6_backend *lb6_select_backend(const struct lb4_service *svc,
 							     const struct lb6_pkt *p, __u32 *backend_id)
 {
-	return lb6_select_backend_by_hash(svc, (svc->flags & LB_SVC_F_RANDOM) ? 0 : lb6_flow_hash(p), backend_id);
+	return lb_select_backend_by_hash(svc, (svc->flags & LB_SVC_F_RANDOM) ? 0 : lb6_flow_hash(p), backend_id, 1);
 }
 
 #endif /* EBPFSVC_LB_H */

@@ -17,14 +17,37 @@
 #define HAIRPIN_ADDR 0
 #endif
 
-/* Absolute offset of the L4 checksum to fix, 0 when this packet has none. */
+/* Absolute offset of the L4 checksum to fix, 0 when this packet has none (either family:
+ * its protocol, fragment state and L4 offset). */
+static __always_inline __u32 lb_pkt_csum_off(__u8 proto, __u8 frag, __u32 l4_off)
+{
+	__u32 off = lb4_l4_csum_off(proto);
+
+	if (!off || frag == LB_FRAG_LATER)
+		return 0;
+	return l4_off + off;
+}
+
 static __always_inline __u32 lb4_pkt_csum_off(const struct lb4_pkt *p)
 {
-	__u32 off = lb4_l4_csum_off(p->proto);
+	return lb_pkt_csum_off(p->proto, p->frag, p->l4_off);
+}
 
-	if (!off || p->frag == LB_FRAG_LATER)
-		return 0;
-	return p->l4_off + off;
+/* The port half of a rewrite, either family: the port at `port_off` from the L4 header
+ * (`l4_len` bytes, SCTP's CRC over them), not in later fragments; `cur_port` is updated. */
+static __always_inline int lb_rewrite_port(struct __sk_buff *skb, __u8 proto, __u8 frag, __u32 l4_off,
+					   __u32 l4_len, __u32 port_off, __be16 *cur_port, __be16 port,
+					   __u32 csum_off, __u64 flags)
+{
+	if (frag != LB_FRAG_LATER && *cur_port != port) {
+		if (lb4_csum_store_port(skb, l4_off + port_off, *cur_port, port, csum_off, flags))
+			return -1;
+		if (proto == IPPROTO_SCTP && frag == LB_FRAG_NONE &&
+		    lb4_sctp_crc_port_update(skb, l4_off, l4_len, port_off, *cur_port, port))
+			return -1;
+		*cur_port = port;
+	}
+	return 0;
 }
 
 /*
@@ -44,15 +67,8 @@ static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct lb4_pkt *p,
 			return -1;
 		*cur_addr = addr;
 	}
-	if (p->frag != LB_FRAG_LATER && *cur_port != port) {
-		if (lb4_csum_store_port(skb, p->l4_off + port_off, *cur_port, port, csum_off, flags))
-			return -1;
-		if (p->proto == IPPROTO_SCTP && p->frag == LB_FRAG_NONE &&
-		    lb4_sctp_crc_port_update(skb, p->l4_off, p->ip_len - p->ihl, port_off, *cur_port, port))
-			return -1;
-		*cur_port = port;
-	}
-	return 0;
+	return lb_rewrite_port(skb, p->proto, p->frag, p->l4_off, p->ip_len - p->ihl, port_off, cur_port, port,
+			       csum_off, flags);
 }
 
 /* DNAT side: destination address and port. */
@@ -72,11 +88,7 @@ static __always_inline int lb4_rewrite_src(struct __sk_buff *skb, struct lb4_pkt
 
 static __always_inline __u32 lb6_pkt_csum_off(const struct lb6_pkt *p)
 {
-	__u32 off = lb4_l4_csum_off(p->proto);
-
-	if (!off || p->frag == LB_FRAG_LATER)
-		return 0;
-	return p->l4_off + off;
+	return lb_pkt_csum_off(p->proto, p->frag, p->l4_off);
 }
 
 /* As lb4_rewrite: one side of an IPv6 packet, `cur_addr` / `cur_port` kept current in `p`. */
@@ -91,16 +103,8 @@ static __always_inline int lb6_rewrite(struct __sk_buff *skb, struct lb6_pkt *p,
 			return -1;
 		lb6_addr_copy(cur_addr, addr);
 	}
-	if (p->frag != LB_FRAG_LATER && *cur_port != port) {
-		if (lb4_csum_store_port(skb, p->l4_off + port_off, *cur_port, port, csum_off, flags))
-			return -1;
-		if (p->proto == IPPROTO_SCTP && p->frag == LB_FRAG_NONE &&
-		    lb4_sctp_crc_port_update(skb, p->l4_off, p->l3_off + p->ip_len - p->l4_off, port_off,
-					     *cur_port, port))
-			return -1;
-		*cur_port = port;
-	}
-	return 0;
+	return lb_rewrite_port(skb, p->proto, p->frag, p->l4_off, p->l3_off + p->ip_len - p->l4_off, port_off,
+			       cur_port, port, csum_off, flags);
 }
 
 static __always_inline int lb6_rewrite_dst(struct __sk_buff *skb, struct lb6_pkt *p, const __be32 *addr, __be16 port)

@@ -78,36 +78,51 @@ static __always_inline __u32 np4_hop(struct __sk_buff *skb, const struct lb4_pkt
 	return 0;
 }
 
+/* The FIB lookup of a translated packet, from the interface it came in on. tot_len is
+ * left 0: the kernel then checks the skb against the egress MTU itself, GSO-aware
+ * (a GRO'd 64k skb is forwardable, its IP length is not). */
+static __always_inline void np4_fib_params(struct bpf_fib_lookup *fib, const struct __sk_buff *skb,
+					   const struct lb4_pkt *p)
+{
+	fib->family = AF_INET;
+	fib->l4_protocol = p->proto;
+	fib->sport = p->sport;
+	fib->dport = p->dport;
+	fib->ipv4_src = p->saddr;
+	fib->ipv4_dst = p->daddr;
+	fib->ifindex = skb->ifindex;
+}
+
 /*
  * Send a translated packet straight to its next hop: FIB lookup for the
  * egress interface and MACs; when the neighbour is not resolved yet, let the
  * kernel resolve it (bpf_redirect_neigh).
  */
-static __always_inline int np4_send(struct __sk_buff *skb, const struct lb4_pkt *p)
+static __always_inline int np4_fib_send(struct __sk_buff *skb, const struct lb4_pkt *p, int stay)
 {
 	struct bpf_fib_lookup fib = {};
 	int rc;
 
-	fib.family = AF_INET;
-	fib.l4_protocol = p->proto;
-	fib.sport = p->sport;
-	fib.dport = p->dport;
-	/* tot_len left 0: the kernel then checks the skb against the egress MTU
-	 * itself, GSO-aware (a GRO'd 64k skb is forwardable, its IP length is not). */
-	fib.ipv4_src = p->saddr;
-	fib.ipv4_dst = p->daddr;
-	fib.ifindex = skb->ifindex;
+	np4_fib_params(&fib, skb, p);
 
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
 		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
 			return lb_drop(REASON_MALFORMED);
+		/* `stay`: a next hop out of the interface it came in on is left to the kernel. */
+		if (stay && fib.ifindex == skb->ifindex)
+			return TC_ACT_OK;
 		return bpf_redirect(fib.ifindex, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return np4_redirect_neigh(fib.ifindex, 0, 0, 0);
 	return lb_drop(REASON_FIB_LOOKUP);
+}
+
+static __always_inline int np4_send(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	return np4_fib_send(skb, p, 0);
 }
 
 /*

@@ -90,15 +90,32 @@ struct lb4_pkt {
 	__u32  tcp_ack_seq;
 };
 
+/* The L4 fields of struct lb4_pkt and struct lb6_pkt (the same names in both), as
+ * macros so that one definition serves either packet type: cleared before the L4
+ * header is read, and set from a bounds-checked TCP header. */
+#define LB_PKT_CLEAR_L4(p) do {					\
+	(p)->sport = 0;							\
+	(p)->dport = 0;							\
+	(p)->tcp_flags = 0;						\
+	(p)->tcp_doff = 0;						\
+	(p)->icmp_type = 0;						\
+	(p)->tcp_seq = 0;						\
+	(p)->tcp_ack_seq = 0;						\
+} while (0)
+
+#define LB_PKT_SET_TCP(p, th) do {					\
+	(p)->sport = (th)->source;					\
+	(p)->dport = (th)->dest;					\
+	(p)->tcp_doff = (th)->doff * 4;					\
+	(p)->tcp_flags = ((const __u8 *)(th))[13];			\
+	(p)->tcp_seq = lb_ntohl((th)->seq);				\
+	(p)->tcp_ack_seq = lb_ntohl((th)->ack_seq);			\
+} while (0)
+
 /* Record a bounds-checked TCP header's ports and state in `p` (TC parser and XDP fast path). */
 static __always_inline void lb4_pkt_set_tcp(struct lb4_pkt *p, const struct tcphdr *th)
 {
-	p->sport = th->source;
-	p->dport = th->dest;
-	p->tcp_doff = th->doff * 4;
-	p->tcp_flags = ((const __u8 *)th)[13];
-	p->tcp_seq = lb_ntohl(th->seq);
-	p->tcp_ack_seq = lb_ntohl(th->ack_seq);
+	LB_PKT_SET_TCP(p, th);
 }
 
 /* Has L4 ports the load balancer translates. */
@@ -158,13 +175,7 @@ static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_pkt *p)
 	p->daddr = iph->daddr;
 	p->proto = iph->protocol;
 	p->ip_id = iph->id;
-	p->sport = 0;
-	p->dport = 0;
-	p->tcp_flags = 0;
-	p->tcp_doff = 0;
-	p->icmp_type = 0;
-	p->tcp_seq = 0;
-	p->tcp_ack_seq = 0;
+	LB_PKT_CLEAR_L4(p);
 
 	frag_off = lb_ntohs(iph->frag_off);
 	if (frag_off & LB_IP_OFFSET) {
@@ -343,13 +354,7 @@ static __always_inline int lb6_parse(struct __sk_buff *skb, struct lb6_pkt *p)
 
 	p->l4_off = off;
 	p->proto = nexthdr;
-	p->sport = 0;
-	p->dport = 0;
-	p->tcp_flags = 0;
-	p->tcp_doff = 0;
-	p->icmp_type = 0;
-	p->tcp_seq = 0;
-	p->tcp_ack_seq = 0;
+	LB_PKT_CLEAR_L4(p);
 	if (p->frag == LB_FRAG_LATER)
 		return LB_PARSE_OK;             /* no L4 header in this one */
 
@@ -360,12 +365,7 @@ static __always_inline int lb6_parse(struct __sk_buff *skb, struct lb6_pkt *p)
 			return LB_PARSE_MALFORMED;
 		if (th.doff < 5 || off + th.doff * 4 > end)
 			return LB_PARSE_MALFORMED;
-		p->sport = th.source;
-		p->dport = th.dest;
-		p->tcp_doff = th.doff * 4;
-		p->tcp_flags = ((const __u8 *)&th)[13];
-		p->tcp_seq = lb_ntohl(th.seq);
-		p->tcp_ack_seq = lb_ntohl(th.ack_seq);
+		LB_PKT_SET_TCP(p, &th);
 	} else if (p->proto == IPPROTO_UDP || p->proto == IPPROTO_SCTP) {
 		/* UDP header, or SCTP's common header: source port, destination port first. */
 		__be16 ports[2];

@@ -151,16 +151,21 @@ class _QueryAttr(ctypes.Structure):        # BPF_PROG_QUERY
                 ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32)]
 
 
-def prog_detach(target_fd: int, attach_type: int) -> bool:
-    """Detach the program (attached without BPF_F_ALLOW_MULTI) on `attach_type` of `target_fd`, a
-    cgroup directory's fd; False when none was attached there."""
+def _bpf_found(cmd: int, attr) -> bool:
+    """bpf(2) `cmd`; False when it answers ENOENT (no such element, no next one, nothing attached)."""
     try:
-        _bpf(BPF_PROG_DETACH, _AttachAttr(target_fd=target_fd, attach_type=attach_type))
+        _bpf(cmd, attr)
     except OSError as e:
         if e.errno != errno.ENOENT:
             raise
         return False
     return True
+
+
+def prog_detach(target_fd: int, attach_type: int) -> bool:
+    """Detach the program (attached without BPF_F_ALLOW_MULTI) on `attach_type` of `target_fd`, a
+    cgroup directory's fd; False when none was attached there."""
+    return _bpf_found(BPF_PROG_DETACH, _AttachAttr(target_fd=target_fd, attach_type=attach_type))
 
 
 def prog_query(target_fd: int, attach_type: int, most: int = 64) -> list[int]:
@@ -198,12 +203,8 @@ def programs_using_map(map_id: int, prog_type: int | None = None) -> list[tuple[
     out = []
     attr = _IdAttr(id=0)
     while True:
-        try:
-            _bpf(BPF_PROG_GET_NEXT_ID, attr)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return out
-            raise
+        if not _bpf_found(BPF_PROG_GET_NEXT_ID, attr):
+            return out
         attr.id = attr.next_id
         try:
             fd = _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=attr.id))
@@ -383,12 +384,8 @@ class PinnedMap:
         kbuf = ctypes.create_string_buffer(bytes(key), len(key))
         vbuf = ctypes.create_string_buffer(self.value_bytes)
         attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
-        try:
-            _bpf(BPF_MAP_LOOKUP_ELEM, attr)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise
+        if not _bpf_found(BPF_MAP_LOOKUP_ELEM, attr):
+            return None
         return self._split(vbuf.raw)
 
     def keys(self) -> Iterator[bytes]:
@@ -399,12 +396,8 @@ class PinnedMap:
         while True:
             attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(cur) if cur is not None else 0,
                              value=ctypes.addressof(nxt))
-            try:
-                _bpf(BPF_MAP_GET_NEXT_KEY, attr)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    return
-                raise
+            if not _bpf_found(BPF_MAP_GET_NEXT_KEY, attr):
+                return
             yield nxt.raw
             cur = ctypes.create_string_buffer(nxt.raw, ks)
 
@@ -507,13 +500,8 @@ class PinnedMap:
             kbuf = ctypes.create_string_buffer(_u32(offset + i), 4)
             vbuf = ctypes.create_string_buffer(vb)
             attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
-            try:
-                _bpf(BPF_MAP_LOOKUP_ELEM, attr)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-                continue
-            out[i * vb:(i + 1) * vb] = vbuf.raw
+            if _bpf_found(BPF_MAP_LOOKUP_ELEM, attr):
+                out[i * vb:(i + 1) * vb] = vbuf.raw
         return bytes(out)
 
     def read_u32_range(self, offset: int, size: int) -> array:

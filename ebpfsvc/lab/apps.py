@@ -98,12 +98,17 @@ class _TCPServer(_DualStackServer, socketserver.ThreadingTCPServer):
     pass
 
 
-def http_echo(port: int) -> None:
+def _serve(server_cls, handler, port: int, app: str) -> None:
+    """Serve `handler` on `port` of every address of the Pod's family, announced as `app`."""
     family, wildcard = _family()
-    _HTTPServer.address_family = family
-    server = _HTTPServer((wildcard, port), _EchoHandler)
-    print(f"http-echo listening on :{port}", flush=True)
+    server_cls.address_family = family
+    server = server_cls((wildcard, port), handler)
+    print(f"{app} listening on :{port}", flush=True)
     server.serve_forever()
+
+
+def http_echo(port: int) -> None:
+    _serve(_HTTPServer, _EchoHandler, port, "http-echo")
 
 
 def udp_echo(port: int) -> None:
@@ -126,11 +131,7 @@ class _LineEchoHandler(socketserver.StreamRequestHandler):
 
 
 def tcp_echo(port: int) -> None:
-    family, wildcard = _family()
-    _TCPServer.address_family = family
-    server = _TCPServer((wildcard, port), _LineEchoHandler)
-    print(f"tcp-echo listening on :{port}", flush=True)
-    server.serve_forever()
+    _serve(_TCPServer, _LineEchoHandler, port, "tcp-echo")
 
 
 APPS = {"http-echo": http_echo, "udp-echo": udp_echo, "tcp-echo": tcp_echo}

@@ -64,12 +64,14 @@ def udp(src, dst, sport, dport, payload=b"hello", ip_id=1, options=None, **ipkw)
 
 
 def be(addr, port=8080, proto=Protocol.TCP, **kw) -> Backend:
-    return Backend(A(addr), port, proto, **kw)
+    """A backend at an IPv4 or IPv6 address."""
+    return Backend(ipaddress.ip_address(addr), port, proto, **kw)
 
 
 def frontend(vip=VIP, port=80, backends=(), proto=Protocol.TCP, name="web", **kw) -> Frontend:
+    """A ClusterIP frontend at an IPv4 or IPv6 address."""
     return Frontend(
-        key=FrontendKey(A(vip), port, proto),
+        key=FrontendKey(ipaddress.ip_address(vip), port, proto),
         service=ServicePortName("default", name, "", proto),
         backends=tuple(backends),
         **kw,
@@ -160,14 +162,42 @@ def udp6(src, dst, sport, dport, payload=b"hello", ext=()):
     return pkt / UDP(sport=sport, dport=dport) / Raw(payload)
 
 
-def be6(addr, port=8080, proto=Protocol.TCP, **kw) -> Backend:
-    return Backend(A6(addr), port, proto, **kw)
+be6 = be
 
 
 def frontend6(vip=VIP6, port=80, backends=(), proto=Protocol.TCP, name="web6", **kw) -> Frontend:
-    return Frontend(
-        key=FrontendKey(A6(vip), port, proto),
-        service=ServicePortName("default", name, "", proto),
-        backends=tuple(backends),
-        **kw,
-    )
+    return frontend(vip, port, backends, proto, name, **kw)
+
+
+def tcp_exchange_rows(client: str, vip: str, backend: str, segment=tcp, at="{}:80") -> list[Case]:
+    """A TCP flow through a ClusterIP's port 80, both ways: the SYN DNATed to `backend`:8080, its
+    SYN-ACK reverse-NATed, then a request and a reply with payload following the tracked flow.
+    `segment` builds the packets (tcp, tcp6); `at` writes an address with port 80 (IPv6: "[{}]:80")."""
+    req, resp = b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n"
+    return [
+        Case(f"SYN to {at.format('ClusterIP')} is DNATed to the Maglev backend's :8080", "from_pod",
+             from_pod(segment(client, vip, 40000, 80, "S")), OK,
+             from_pod(segment(client, backend, 40000, 8080, "S"))),
+        Case(f"SYN-ACK from the backend gets {at.format('VIP')} back as its source", "to_pod",
+             to_pod(segment(backend, client, 8080, 40000, "SA", seq=7000, ack=1001)), OK,
+             to_pod(segment(vip, client, 80, 40000, "SA", seq=7000, ack=1001))),
+        Case("a later segment with payload follows the tracked flow", "from_pod",
+             from_pod(segment(client, vip, 40000, 80, "PA", seq=1001, ack=7001, payload=req)), OK,
+             from_pod(segment(client, backend, 40000, 8080, "PA", seq=1001, ack=7001, payload=req))),
+        Case("the reply with payload is reverse-NATed", "to_pod",
+             to_pod(segment(backend, client, 8080, 40000, "PA", seq=7001, ack=1019, payload=resp)), OK,
+             to_pod(segment(vip, client, 80, 40000, "PA", seq=7001, ack=1019, payload=resp))),
+    ]
+
+
+def udp_exchange_rows(client: str, vip: str, backend: str, datagram=udp, at="{}:53") -> list[Case]:
+    """A UDP query to a ClusterIP's port 53 DNATed to `backend`:5353 and its answer reverse-NATed
+    (from client port 5000). `datagram` builds the packets (udp, udp6)."""
+    return [
+        Case(f"UDP datagram to {at.format('ClusterIP')}", "from_pod",
+             from_pod(datagram(client, vip, 5000, 53, b"query")), OK,
+             from_pod(datagram(client, backend, 5000, 5353, b"query"))),
+        Case("UDP answer reverse-NATed", "to_pod",
+             to_pod(datagram(backend, client, 5353, 5000, b"answer")), OK,
+             to_pod(datagram(vip, client, 53, 5000, b"answer"))),
+    ]

@@ -16,7 +16,7 @@ from ebpfsvc.lbmodel import Algorithm, Frontend, FrontendKey, Protocol, Scope, S
 
 from .packets import (
     A, BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, OK, OTHER, VIP, VIP2, Case, be, check,
-    expected_backend, from_pod, frontend, run, state, tcp, to_pod, udp,
+    expected_backend, from_pod, frontend, run, state, tcp, tcp_exchange_rows, to_pod, udp, udp_exchange_rows,
 )
 
 pytestmark = pytest.mark.root
@@ -29,20 +29,7 @@ DNS = frontend(VIP, 53, [be(BACKEND1, 5353, Protocol.UDP), be(BACKEND2, 5353, Pr
 def test_tcp_flow_dnat_and_reply_rev_nat(datapath, writer):
     writer.apply(state(WEB))
     b = expected_backend(WEB, CLIENT, 40000)
-    rows = [
-        Case("SYN to ClusterIP:80 is DNATed to the Maglev backend's :8080", "from_pod",
-             from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
-             from_pod(tcp(CLIENT, b, 40000, 8080, "S"))),
-        Case("SYN-ACK from the backend gets VIP:80 back as its source", "to_pod",
-             to_pod(tcp(b, CLIENT, 8080, 40000, "SA", seq=7000, ack=1001)), OK,
-             to_pod(tcp(VIP, CLIENT, 80, 40000, "SA", seq=7000, ack=1001))),
-        Case("a later segment with payload follows the tracked flow", "from_pod",
-             from_pod(tcp(CLIENT, VIP, 40000, 80, "PA", seq=1001, ack=7001, payload=b"GET / HTTP/1.1\r\n\r\n")), OK,
-             from_pod(tcp(CLIENT, b, 40000, 8080, "PA", seq=1001, ack=7001, payload=b"GET / HTTP/1.1\r\n\r\n"))),
-        Case("the reply with payload is reverse-NATed", "to_pod",
-             to_pod(tcp(b, CLIENT, 8080, 40000, "PA", seq=7001, ack=1019, payload=b"HTTP/1.1 200 OK\r\n")), OK,
-             to_pod(tcp(VIP, CLIENT, 80, 40000, "PA", seq=7001, ack=1019, payload=b"HTTP/1.1 200 OK\r\n"))),
-    ]
+    rows = tcp_exchange_rows(CLIENT, VIP, b)
     for row in rows:
         check(datapath, row)
 
@@ -66,13 +53,8 @@ def test_second_flow_from_same_client_is_balanced_on_its_own(datapath, writer):
 
 def test_udp_dnat_and_reply(datapath, writer):
     writer.apply(state(DNS))
-    b = expected_backend(DNS, CLIENT2, 5000)
-    check(datapath, Case("UDP datagram to ClusterIP:53", "from_pod",
-                         from_pod(udp(CLIENT2, VIP, 5000, 53, b"query")), OK,
-                         from_pod(udp(CLIENT2, b, 5000, 5353, b"query"))))
-    check(datapath, Case("UDP answer reverse-NATed", "to_pod",
-                         to_pod(udp(b, CLIENT2, 5353, 5000, b"answer")), OK,
-                         to_pod(udp(VIP, CLIENT2, 53, 5000, b"answer"))))
+    for row in udp_exchange_rows(CLIENT2, VIP, expected_backend(DNS, CLIENT2, 5000)):
+        check(datapath, row)
 
 
 def test_udp_without_checksum_keeps_zero_checksum(datapath, writer):

@@ -25,7 +25,7 @@ from ebpfsvc.lbmodel import Algorithm, Protocol
 from .packets import (
     BACKEND1, BACKEND2, BACKEND6_1, BACKEND6_2, BACKEND6_3, CLIENT, CLIENT6, CLIENT6_2, OK, OTHER6, REDIRECT,
     SHOT, VIP, VIP6, Case, be, be6, check, expected_backend, from_pod, frontend, frontend6, run, state, tcp,
-    tcp6, to_pod, udp6,
+    tcp6, tcp_exchange_rows, to_pod, udp6, udp_exchange_rows,
 )
 
 pytestmark = pytest.mark.root
@@ -40,21 +40,7 @@ EMPTY6_UDP = frontend6(VIP6, 54, [], proto=Protocol.UDP, name="empty6-udp")
 def test_tcp_flow_dnat_and_reply_rev_nat(datapath, writer):
     writer.apply(state(WEB6))
     b = expected_backend(WEB6, CLIENT6, 40000)
-    rows = [
-        Case("SYN to [ClusterIP]:80 is DNATed to the Maglev backend's :8080", "from_pod",
-             from_pod(tcp6(CLIENT6, VIP6, 40000, 80, "S")), OK,
-             from_pod(tcp6(CLIENT6, b, 40000, 8080, "S"))),
-        Case("SYN-ACK from the backend gets [VIP]:80 back as its source", "to_pod",
-             to_pod(tcp6(b, CLIENT6, 8080, 40000, "SA", seq=7000, ack=1001)), OK,
-             to_pod(tcp6(VIP6, CLIENT6, 80, 40000, "SA", seq=7000, ack=1001))),
-        Case("a later segment with payload follows the tracked flow", "from_pod",
-             from_pod(tcp6(CLIENT6, VIP6, 40000, 80, "PA", seq=1001, ack=7001, payload=b"GET / HTTP/1.1\r\n\r\n")),
-             OK,
-             from_pod(tcp6(CLIENT6, b, 40000, 8080, "PA", seq=1001, ack=7001, payload=b"GET / HTTP/1.1\r\n\r\n"))),
-        Case("the reply with payload is reverse-NATed", "to_pod",
-             to_pod(tcp6(b, CLIENT6, 8080, 40000, "PA", seq=7001, ack=1019, payload=b"HTTP/1.1 200 OK\r\n")), OK,
-             to_pod(tcp6(VIP6, CLIENT6, 80, 40000, "PA", seq=7001, ack=1019, payload=b"HTTP/1.1 200 OK\r\n"))),
-    ]
+    rows = tcp_exchange_rows(CLIENT6, VIP6, b, tcp6, "[{}]:80")
     for row in rows:
         check(datapath, row)
     fid, bid = writer.frontend_id(WEB6), writer.backend_id(next(x for x in WEB6.backends if str(x.address) == b))
@@ -66,13 +52,8 @@ def test_tcp_flow_dnat_and_reply_rev_nat(datapath, writer):
 
 def test_udp_dnat_and_reply(datapath, writer):
     writer.apply(state(DNS6))
-    b = expected_backend(DNS6, CLIENT6_2, 5000)
-    check(datapath, Case("UDP datagram to [ClusterIP]:53", "from_pod",
-                         from_pod(udp6(CLIENT6_2, VIP6, 5000, 53, b"query")), OK,
-                         from_pod(udp6(CLIENT6_2, b, 5000, 5353, b"query"))))
-    check(datapath, Case("UDP answer reverse-NATed", "to_pod",
-                         to_pod(udp6(b, CLIENT6_2, 5353, 5000, b"answer")), OK,
-                         to_pod(udp6(VIP6, CLIENT6_2, 53, 5000, b"answer"))))
+    for row in udp_exchange_rows(CLIENT6_2, VIP6, expected_backend(DNS6, CLIENT6_2, 5000), udp6, "[{}]:53"):
+        check(datapath, row)
 
 
 def test_maglev_spreads_flows_as_predicted(datapath, writer):

@@ -15,7 +15,6 @@ datapath's own proof with real traffic.)
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 from pyroute2 import IPRoute
@@ -27,6 +26,7 @@ from ebpfsvc.lbmodel import Protocol
 
 from .conftest import TEST_LIMITS
 from .packets import HAIRPIN, be6, frontend6, state
+from .podservers import Servers
 
 pytestmark = pytest.mark.root
 
@@ -37,54 +37,13 @@ NAMES = {B1: "b1", B2: "b2"}
 _NO_DAD = {"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0}
 
 
-def _servers(netns_of: dict[str, str]):
-    """A TCP (8080) and a UDP (5353) server in each backend pod, answering with the pod's name."""
-    socks = []
-
-    def tcp_loop(s, name):
-        while True:
-            try:
-                conn, _ = s.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(3)
-                try:
-                    conn.recv(4096)
-                    conn.sendall(name.encode() * 2000)      # several segments: GSO / offloads on the way back
-                except OSError:
-                    pass
-
-    def udp_loop(s, name):
-        while True:
-            try:
-                _, src = s.recvfrom(64)
-                if src is None:             # shut down
-                    return
-                s.sendto(name.encode(), src)
-            except OSError:
-                return
-
-    for addr, ns in netns_of.items():
-        t = nsenter.socket_in(ns, socket.AF_INET6, socket.SOCK_STREAM)
-        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        t.bind((addr, 8080))
-        t.listen(16)
-        u = nsenter.socket_in(ns, socket.AF_INET6, socket.SOCK_DGRAM)
-        u.bind((addr, 5353))
-        socks += [t, u]
-        threading.Thread(target=tcp_loop, args=(t, NAMES[addr]), daemon=True).start()
-        threading.Thread(target=udp_loop, args=(u, NAMES[addr]), daemon=True).start()
-    return socks
-
-
 @pytest.fixture
 def pods6(unique_prefix, pin_dir):
     node = f"{unique_prefix}-n6"
     pods = {CLIENT6: (f"{unique_prefix}-c6", "h-cli"), B1: (f"{unique_prefix}-b61", "h-b1"),
             B2: (f"{unique_prefix}-b62", "h-b2")}
     made: list[str] = []
-    socks: list = []
+    servers = None
     dp = None
     try:
         for ns in [node] + [ns for ns, _ in pods.values()]:
@@ -108,15 +67,11 @@ def pods6(unique_prefix, pin_dir):
                 ipr.addr("add", index=idx, address=addr, prefixlen=128)
                 ipr.link("set", index=idx, state="up")
                 ipr.route("add", dst="::/0", gateway=GATEWAY, oif=idx)
-        socks = _servers({B1: pods[B1][0], B2: pods[B2][0]})
+        servers = Servers({B1: pods[B1][0], B2: pods[B2][0]}, NAMES, repeat=2000)
         yield dp, pods[CLIENT6][0]
     finally:
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        if servers:
+            servers.close()
         if dp is not None:
             dp.close()
         for ns in made:

@@ -31,7 +31,9 @@ WEB_EP, API_EP = "198.18.1.50", "198.18.1.51"
 CLIENT = "198.18.1.9"
 
 
-def service(name: str, vip: str, port: int = 80) -> str:
+def service(name: str, vip: str, port: int = 80, ep: str | None = None) -> str:
+    """A Service's manifest with its EndpointSlice: one endpoint, `ep` (web's and api's by default)."""
+    ep = ep or (WEB_EP if name == "web" else API_EP)
     return f"""\
 apiVersion: v1
 kind: Service
@@ -45,7 +47,7 @@ kind: EndpointSlice
 metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
 addressType: IPv4
 ports: [{{port: 8080}}]
-endpoints: [{{addresses: ["{WEB_EP if name == 'web' else API_EP}"]}}]
+endpoints: [{{addresses: ["{ep}"]}}]
 """
 
 

@@ -37,6 +37,7 @@ from ebpfsvc.lbmodel import Protocol
 from .conftest import TEST_LIMITS
 from .packets import CLIENT as FIXTURE_CLIENT, HAIRPIN, OK, Case, be, check, expected_backend, from_pod, frontend, \
     state, tcp, to_pod
+from .podservers import Servers
 
 pytestmark = pytest.mark.root
 
@@ -45,61 +46,6 @@ CLIENT, B1, B2 = "198.18.1.5", "198.18.2.1", "198.18.2.2"
 GATEWAY = ipaddress.IPv4Address(HAIRPIN)
 NAMES = {B1: "b1", B2: "b2"}
 ENOTSUPP = 524      # the kernel's own errno for "operation not supported" (no Python name)
-
-class Servers:
-    """A TCP and a UDP server in each backend pod, answering with the pod's name."""
-
-    def __init__(self, netns_of: dict[str, str]):
-        self.sockets = []
-        self.threads = []
-        for addr, ns in netns_of.items():
-            tcp_sock = nsenter.socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
-            tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp_sock.bind((addr, 8080))
-            tcp_sock.listen(16)
-            udp_sock = nsenter.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
-            udp_sock.bind((addr, 5353))
-            self.sockets += [tcp_sock, udp_sock]
-            for target, s in ((self._tcp, tcp_sock), (self._udp, udp_sock)):
-                t = threading.Thread(target=target, args=(s, NAMES[addr]), daemon=True)
-                t.start()
-                self.threads.append(t)
-
-    @staticmethod
-    def _tcp(s, name):
-        while True:
-            try:
-                conn, _ = s.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(3)
-                try:
-                    conn.recv(4096)         # the probe's request
-                    conn.sendall(name.encode())
-                except OSError:
-                    pass
-
-    @staticmethod
-    def _udp(s, name):
-        while True:
-            try:
-                _, src = s.recvfrom(64)
-                if src is None:             # shut down
-                    return
-                s.sendto(name.encode(), src)
-            except OSError:
-                return
-
-    def close(self):
-        for s in self.sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-        for t in self.threads:
-            t.join(timeout=2)
 
 
 @pytest.fixture
@@ -127,7 +73,7 @@ def node(unique_prefix, pin_dir):
             tc.attach(idx, pod_dp.programs["to_pod"].fd, "to_pod", tc.EGRESS, netns=node_ns)
         cgroups.create(node_cg)
         socklb.attach(sock_dp, node_cg)
-        servers = Servers({B1: pods[B1], B2: pods[B2]})
+        servers = Servers({B1: pods[B1], B2: pods[B2]}, NAMES)
         MapWriter(pod_dp.maps).apply(state(
             frontend(VIP, 80, [be(B1), be(B2)]),
             frontend(VIP, 53, [be(B1, 5353, Protocol.UDP), be(B2, 5353, Protocol.UDP)], proto=Protocol.UDP,
@@ -211,13 +157,20 @@ def test_programs_attached_to_the_node_cgroup_only(node):
     assert all(v == [] for v in socklb.attached(node.cgroup.parent).values())
 
 
-def test_tcp_connect_is_translated_at_the_socket(node):
+def _answers(node, mode: str, vip: str, port: int, times: int, shown: str, why: str) -> set:
+    """The names of the backends that answered `times` requests of the client (`mode`); each
+    answer succeeded and its `shown` address is the Service's (`why`)."""
     seen = set()
-    for _ in range(12):
-        out = node.client("tcp", VIP, 80)
+    for _ in range(times):
+        out = node.client(mode, vip, port)
         assert "errno" not in out, out
-        assert out["peer"] == [VIP, 80], "getpeername shows the Service, not the backend"
+        assert out[shown] == [vip, port], why
         seen.add(out["data"])
+    return seen
+
+
+def test_tcp_connect_is_translated_at_the_socket(node):
+    seen = _answers(node, "tcp", VIP, 80, 12, "peer", "getpeername shows the Service, not the backend")
     assert seen == {"b1", "b2"}, "sockets spread over both backends by the Maglev table"
     assert node.flows() == 0, "the TC path saw backend addresses only: no conntrack entry"
     assert len(list(node.sock_dp.maps["lb4_sock_revnat"].keys())) == 12
@@ -236,12 +189,7 @@ def test_local_policy_without_local_endpoint_left_to_tc_which_drops(node):
 
 
 def test_udp_unconnected_sendto_and_recvfrom_show_the_service(node):
-    seen = set()
-    for _ in range(8):
-        out = node.client("udp", VIP, 53)
-        assert "errno" not in out, out
-        assert out["src"] == [VIP, 53], "recvfrom shows the Service as the reply's source"
-        seen.add(out["data"])
+    seen = _answers(node, "udp", VIP, 53, 8, "src", "recvfrom shows the Service as the reply's source")
     assert seen <= {"b1", "b2"} and seen
     assert node.flows() == 0
 

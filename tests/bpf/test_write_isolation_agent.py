@@ -20,7 +20,7 @@ from ebpfsvc.cli import main
 from ebpfsvc.datapath import writer as writer_mod
 
 from .test_inspect_agent import wait_for
-from .test_last_good import start_agent, syn_goes_to
+from .test_last_good import service as last_good_service, start_agent, syn_goes_to
 
 pytestmark = pytest.mark.root
 
@@ -28,21 +28,7 @@ REFUSED = "198.18.1.99"         # the backend lb4_backends refuses (ENOSPC), as 
 
 
 def service(name: str, vip: str, ep: str) -> str:
-    return f"""\
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {vip}
-  ports: [{{port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{port: 8080}}]
-endpoints: [{{addresses: ["{ep}"]}}]
-"""
+    return last_good_service(name, vip, ep=ep)
 
 
 def test_a_refused_service_costs_only_itself_and_is_retried(tmp_path, pin_dir, unique_prefix, monkeypatch,

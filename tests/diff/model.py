@@ -548,21 +548,27 @@ class Model:
             return OK, frame
         return p
 
+    def _begin_flow(self, frame: bytes, direction: int):
+        """_begin, and a later fragment given its first fragment's ports (a tuple: the outcome
+        of a fragment whose ports are unknown)."""
+        p = self._begin(frame, direction)
+        if isinstance(p, tuple) or not p.later_fragment:
+            return p
+        ports = self._frag_ports(p)
+        if ports is None:
+            # From a pod, sent to a frontend address: it must not wander off untranslated.
+            if direction == FWD and any(k[0] == p.daddr and k[2] == p.proto and k[3] == SCOPE_INTERNAL
+                                        for k in self.m.frontends):
+                return self._drop("frag_untracked")
+            return OK, frame
+        p.sport, p.dport = ports
+        return p
+
     # -- from_pod
     def from_pod(self, frame: bytes, pick=None) -> tuple[int, bytes]:
-        p = self._begin(frame, FWD)
+        p = self._begin_flow(frame, FWD)
         if isinstance(p, tuple):
             return p
-        if p.later_fragment:
-            ports = self._frag_ports(p)
-            if ports is None:
-                # Its ports are unknown: if it was sent to a frontend address it must not
-                # wander off untranslated.
-                if any(k[0] == p.daddr and k[2] == p.proto and k[3] == SCOPE_INTERNAL
-                       for k in self.m.frontends):
-                    return self._drop("frag_untracked")
-                return OK, frame
-            p.sport, p.dport = ports
         fk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, FWD)
         flow = self.m.ct.get(fk)
         if flow is not None and (self._live(fk) is None or
@@ -658,14 +664,9 @@ class Model:
 
     # -- to_pod
     def to_pod(self, frame: bytes, pick=None) -> tuple[int, bytes]:
-        p = self._begin(frame, REPLY)
+        p = self._begin_flow(frame, REPLY)
         if isinstance(p, tuple):
             return p
-        if p.later_fragment:
-            ports = self._frag_ports(p)
-            if ports is None:
-                return OK, frame
-            p.sport, p.dport = ports
         rk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, REPLY)
         flow = self._live(rk)
         if flow is None:

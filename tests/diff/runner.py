@@ -152,6 +152,19 @@ def real_maps(dp) -> tuple[dict, dict, dict]:
     return ct, aff, frag
 
 
+def read_model_maps(dp) -> M.Maps:
+    """The model's maps, starting from the configuration the writer put in the real ones."""
+    frontends, backends, maglev, members = read_config(dp)
+    return M.Maps(frontends=frontends, backends=backends, maglev=maglev, members=members)
+
+
+def lifetimes() -> M.Lifetimes:
+    """The model's conntrack and fragment lifetimes: the ones LIMITS gives the kernel."""
+    return M.Lifetimes(LIMITS.ct_tcp_syn_s, LIMITS.ct_tcp_established_s, LIMITS.ct_tcp_close_wait_s,
+                       LIMITS.ct_tcp_close_s, LIMITS.ct_udp_s, LIMITS.ct_udp_stream_s, LIMITS.ct_other_s,
+                       abi.FRAG_TIMEOUT_S, JUMP_S)
+
+
 # ---------------------------------------------------------------- the run
 
 @dataclass
@@ -183,12 +196,8 @@ class Result:
 class Runner:
     def __init__(self, dp, hairpin=HAIRPIN):
         self.dp = dp
-        frontends, backends, maglev, members = read_config(dp)
-        self.maps = M.Maps(frontends=frontends, backends=backends, maglev=maglev, members=members)
-        life = M.Lifetimes(LIMITS.ct_tcp_syn_s, LIMITS.ct_tcp_established_s, LIMITS.ct_tcp_close_wait_s,
-                           LIMITS.ct_tcp_close_s, LIMITS.ct_udp_s, LIMITS.ct_udp_stream_s, LIMITS.ct_other_s,
-                           abi.FRAG_TIMEOUT_S, JUMP_S)
-        self.model = M.Model(self.maps, ipaddress.IPv4Address(hairpin).packed, life)
+        self.maps = read_model_maps(dp)
+        self.model = M.Model(self.maps, ipaddress.IPv4Address(hairpin).packed, lifetimes())
         self.fds = {name: dp.programs[name].fd for name in ("from_pod", "to_pod")}
         table = dp.maps["lb4_backends"]
         self.original_backends = {k.value: (k, v) for k, v in table.items()}
@@ -217,35 +226,38 @@ class Runner:
             self.maps.members.discard(pair)
             return action
         if action == "removed":
-            try:
-                del table[key]
-            except KeyError:
-                pass
-            self.maps.backends.pop(bid, None)
-            self.maps.version += 1
-            return action
-        new = table.Leaf(leaf.address, leaf.port, leaf.proto,
-                         {"terminating": M.BE_TERMINATING, "not_ready": M.BE_NOT_READY}.get(action, leaf.flags))
-        table[key] = new
-        self.maps.backends[bid] = M.BackendEntry(_a(new.address), _p(new.port), new.proto, new.flags)
+            self.put_backend(bid, None)
+        else:
+            self.put_backend(bid, table.Leaf(leaf.address, leaf.port, leaf.proto, {
+                "terminating": M.BE_TERMINATING, "not_ready": M.BE_NOT_READY}.get(action, leaf.flags)))
         self.maps.version += 1
         return action
+
+    def put_backend(self, bid: int, leaf) -> None:
+        """Backend `bid` as `leaf` in the kernel's lb4_backends and the model's (None: removed)."""
+        key = self.original_backends[bid][0]
+        if leaf is None:
+            self.dp.maps["lb4_backends"].pop(key, None)
+            self.maps.backends.pop(bid, None)
+        else:
+            self.dp.maps["lb4_backends"][key] = leaf
+            self.maps.backends[bid] = M.BackendEntry(_a(leaf.address), _p(leaf.port), leaf.proto, leaf.flags)
 
     def restore_backends(self):
         matches = self.dp.maps["lb4_affinity_match"]
         for pair, (key, leaf) in self.original_members.items():
             matches[key] = leaf
             self.maps.members.add(pair)
-        table = self.dp.maps["lb4_backends"]
-        for bid, (key, leaf) in self.original_backends.items():
-            table[key] = leaf
-            self.maps.backends[bid] = M.BackendEntry(_a(leaf.address), _p(leaf.port), leaf.proto, leaf.flags)
+        for bid, (_, leaf) in self.original_backends.items():
+            self.put_backend(bid, leaf)
         self.maps.version += 1
 
+    AGED = (("ct4", "last_seen_ns"), ("frag4", "first_seen_ns"))     # (map, its entries' timestamp)
+
     def time_passes(self):
-        """Every conntrack and fragment entry gets JUMP_S older, in the kernel (timestamps moved
-        back, as tests/bpf/conftest.py's `age`) and in the model."""
-        for name, stamp in (("ct4", "last_seen_ns"), ("frag4", "first_seen_ns")):
+        """Every conntrack and fragment entry (AGED) gets JUMP_S older, in the kernel (timestamps
+        moved back, as tests/bpf/conftest.py's `age`) and in the model."""
+        for name, stamp in self.AGED:
             table = self.dp.maps[name]
             for k, v in list(table.items()):
                 setattr(v, stamp, (getattr(v, stamp) - JUMP_S * 10**9) % (1 << 64))
@@ -264,6 +276,15 @@ class Runner:
 
     def compare_all(self, index: int) -> list[Mismatch]:
         ct, aff, frag = real_maps(self.dp)
+        return self.compare_maps(index, (("ct4", ct, self.maps.ct), ("lb4_affinity", aff, self.maps.affinity),
+                                         ("frag4", frag, self.maps.frag)))
+
+    def passed_on(self, verdict: int) -> bool:
+        """Whether a packet with this verdict leaves the program (its bytes are compared)."""
+        return verdict == M.OK
+
+    def compare_maps(self, index: int, maps) -> list[Mismatch]:
+        """The drop counters' increase and each (name, kernel's, model's) map, compared whole."""
         out = []
         real_drops = {k: v - self.drops_before[k] for k, v in stats.drops(self.dp.maps).items()
                       if v != self.drops_before[k]}
@@ -271,8 +292,7 @@ class Runner:
             out.append(Mismatch(index, "-", "drop counters", b"",
                                 f"kernel {sorted(real_drops.items())}, model {sorted(self.model.drops.items())}"))
             self.model.drops = dict(real_drops)        # report a difference once
-        for name, real, mine in (("ct4", ct, self.maps.ct), ("lb4_affinity", aff, self.maps.affinity),
-                                 ("frag4", frag, self.maps.frag)):
+        for name, real, mine in maps:
             if real != mine:
                 extra = {k: real[k] for k in real.keys() - mine.keys()}
                 missing = {k: mine[k] for k in mine.keys() - real.keys()}
@@ -303,21 +323,37 @@ class Runner:
             out.append(Mismatch(index, prog, "random backend", frame,
                                 f"kernel drew backend {drawn['bid']}, not a possible outcome "
                                 f"{sorted(drawn['outcomes'], key=str)}"))
-        if res.retval != verdict:
-            out.append(Mismatch(index, prog, "verdict", frame, f"kernel {res.retval}, model {verdict}"))
-        elif verdict != M.SHOT and res.data != data:
-            out.append(Mismatch(index, prog, "bytes", frame, f"kernel {res.data.hex()}\n  model  {data.hex()}"))
+        out += self.compare_packet(index, prog, frame, (res.retval, res.data), (verdict, data))
+        return out, res.retval, res.data
+
+    def touched_entries(self):
+        """(kind, key, model's value, kernel's value) of each flow entry the last packet touched."""
         for kind, key in self.model.touched:
             mine = {"ct": self.maps.ct, "affinity": self.maps.affinity, "frag": self.maps.frag}[kind].get(key)
-            real = real_entry(self.dp, kind, key)
+            yield kind, key, mine, real_entry(self.dp, kind, key)
+
+    def compare_packet(self, index: int, prog: str, frame: bytes, kernel, model) -> list[Mismatch]:
+        """One packet's outcome, the kernel's and the model's (verdict, bytes), and the entries it touched."""
+        (kverdict, kdata), (verdict, data) = kernel, model
+        out = []
+        if kverdict != verdict:
+            out.append(Mismatch(index, prog, "verdict", frame, f"kernel {kverdict}, model {verdict}"))
+        elif verdict != M.SHOT and kdata != data:
+            out.append(Mismatch(index, prog, "bytes", frame, f"kernel {kdata.hex()}\n  model  {data.hex()}"))
+        for kind, key, mine, real in self.touched_entries():
             if real != mine:
                 out.append(Mismatch(index, prog, f"{kind} entry", frame, f"key {key}: kernel {real}, model {mine}"))
-        return out, res.retval, res.data
+        return out
 
 
 def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None) -> Result:
     runner = Runner(dp)
-    gen = Generator(seed, runner.maps)
+    return drive(runner, Generator(seed, runner.maps), packets, CHURN, max_mismatches, progress)
+
+
+def drive(runner: Runner, gen, packets: int, churn: float, max_mismatches: int, progress) -> Result:
+    """`packets` of the generator's packets through the runner's two sides, epoch by epoch, with
+    backend churn (chance `churn` per packet) and time jumps; the pod side's and the uplink's run."""
     result = Result()
     t0 = time.monotonic()
     runner.reset_flows()
@@ -329,7 +365,7 @@ def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None)
             gen.forget_flows()
             if progress:
                 progress(i, result, time.monotonic() - t0)
-        if gen.rng.random() < CHURN:
+        if gen.rng.random() < churn:
             action = "churn_" + runner.churn(gen.rng)
             result.kinds[action] = result.kinds.get(action, 0) + 1
         if gen.rng.random() < TIME_JUMP:
@@ -339,7 +375,7 @@ def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None)
         result.kinds[kind] = result.kinds.get(kind, 0) + 1
         found, verdict, data = runner.one(i, prog, frame)
         result.verdicts[verdict] = result.verdicts.get(verdict, 0) + 1
-        result.translated += verdict == M.OK and data != frame
+        result.translated += runner.passed_on(verdict) and data != frame
         for m in found:
             m.what = f"{m.what} [{kind}]"
         result.mismatches += found
@@ -364,19 +400,23 @@ def main(argv=None) -> int:
     dp = loader.load(pin, limits=LIMITS, hairpin_addr=HAIRPIN, cache=False)
     try:
         MapWriter(dp.maps).apply(scenario())
-
-        def progress(i, res, secs):
-            if i % 100_000 == 0:
-                print(f"  {i:>9,} packets  {i / secs:,.0f} packets/s  {len(res.mismatches)} mismatches",
-                      flush=True)
-
         print(f"differential run: {args.packets:,} packets, seed {args.seed}", flush=True)
-        res = run(dp, args.packets, args.seed, max_mismatches=args.max_mismatches, progress=progress)
+        res = run(dp, args.packets, args.seed, max_mismatches=args.max_mismatches, progress=print_progress)
     finally:
         dp.close()
         loader.unpin(pin)
+    return report(res, args.seed)
+
+
+def print_progress(i: int, res: Result, secs: float) -> None:
+    if i % 100_000 == 0:
+        print(f"  {i:>9,} packets  {i / secs:,.0f} packets/s  {len(res.mismatches)} mismatches", flush=True)
+
+
+def report(res: Result, seed: int) -> int:
+    """A run's summary and mismatches printed; the exit status (1: any mismatch)."""
     print(f"{res.packets:,} packets in {res.seconds:.1f} s ({res.pps:,.0f} packets/s), "
-          f"{len(res.mismatches)} mismatches, seed {args.seed}")
+          f"{len(res.mismatches)} mismatches, seed {seed}")
     print(f"translated: {res.translated:,}")
     print("verdicts: " + ", ".join(f"{M_VERDICT.get(k, k)} {v:,}" for k, v in sorted(res.verdicts.items())))
     print("kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted(res.kinds.items())))

@@ -45,7 +45,6 @@ import os
 import signal
 import struct
 import sys
-import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -527,15 +526,11 @@ class UplinkRunner(R.Runner):
     def __init__(self, dp, xdp: bool = False):
         self.dp = dp
         self.xdp = xdp
-        frontends, backends, maglev, members = R.read_config(dp)
-        self.maps = M.Maps(frontends=frontends, backends=backends, maglev=maglev, members=members)
-        life = M.Lifetimes(R.LIMITS.ct_tcp_syn_s, R.LIMITS.ct_tcp_established_s, R.LIMITS.ct_tcp_close_wait_s,
-                           R.LIMITS.ct_tcp_close_s, R.LIMITS.ct_udp_s, R.LIMITS.ct_udp_stream_s, R.LIMITS.ct_other_s,
-                           abi.FRAG_TIMEOUT_S, R.JUMP_S)
+        self.maps = R.read_model_maps(dp)
         ranges = set()
         for k in dp.maps["lb4_source_ranges"].keys():
             ranges.add((k.frontend_id, ipaddress.IPv4Network((A(struct.pack("=I", k.address)), k.prefixlen - 32))))
-        self.model = UplinkModel(self.maps, ranges, life)
+        self.model = UplinkModel(self.maps, ranges, R.lifetimes())
         self.fds = {name: dp.programs[name].fd for name in ("from_uplink", "to_uplink", "xdp_uplink")}
         self.drops_before = stats.drops(dp.maps)
         self.original_backends = {k.value: (k, v) for k, v in dp.maps["lb4_backends"].items()}
@@ -548,25 +543,17 @@ class UplinkRunner(R.Runner):
         key, leaf = self.original_backends[bid]
         action = ["terminating", "not_ready", "removed", "restored", "restored"][int(rng.integers(5))]
         if action == "removed":
-            try:
-                del table[key]
-            except KeyError:
-                pass
-            self.maps.backends.pop(bid, None)
+            self.put_backend(bid, None)
         else:
             flags = {"terminating": M.BE_TERMINATING | leaf.flags,
                      "not_ready": M.BE_NOT_READY | leaf.flags}.get(action, leaf.flags)
-            new = table.Leaf(leaf.address, leaf.port, leaf.proto, flags)
-            table[key] = new
-            self.maps.backends[bid] = M.BackendEntry(R._a(new.address), R._p(new.port), new.proto, new.flags)
+            self.put_backend(bid, table.Leaf(leaf.address, leaf.port, leaf.proto, flags))
         self.maps.version += 1
         return action
 
     def restore_backends(self):
-        table = self.dp.maps["lb4_backends"]
-        for bid, (key, leaf) in self.original_backends.items():
-            table[key] = leaf
-            self.maps.backends[bid] = M.BackendEntry(R._a(leaf.address), R._p(leaf.port), leaf.proto, leaf.flags)
+        for bid, (_, leaf) in self.original_backends.items():
+            self.put_backend(bid, leaf)
         self.maps.version += 1
 
     def reset_flows(self):
@@ -576,14 +563,7 @@ class UplinkRunner(R.Runner):
         self.maps.age.clear()
         self.model.snat.clear()
 
-    def time_passes_ct(self):
-        """Every conntrack entry gets JUMP_S older, in the kernel and in the model (lb4_snat has no
-        clock: a port's flow is judged by its conntrack entry)."""
-        table = self.dp.maps["ct4"]
-        for k, v in list(table.items()):
-            v.last_seen_ns = (v.last_seen_ns - R.JUMP_S * 10**9) % (1 << 64)
-            table[k] = v
-        self.model.time_passes()
+    AGED = (("ct4", "last_seen_ns"),)     # lb4_snat has no clock: a port's flow is judged by its conntrack entry
 
     def real_snat(self, key):
         t = self.dp.maps["lb4_snat"]
@@ -606,85 +586,36 @@ class UplinkRunner(R.Runner):
         res = prog_test_run(self.fds[prog], frame)
         return res.retval, res.data
 
+    def touched_entries(self):
+        for kind, key in self.model.touched:
+            if kind == "snat":
+                yield kind, key, self.model.snat.get(key), self.real_snat(key)
+            else:
+                yield kind, key, self.maps.ct.get(key), R.real_entry(self.dp, "ct", key)
+
+    def passed_on(self, verdict: int) -> bool:
+        return verdict != M.SHOT       # TC_ACT_OK, or sent by the program (TC_ACT_REDIRECT)
+
     def one(self, index: int, prog: str, frame: bytes):
         kverdict, kdata = self.kernel(prog, frame)
         verdict, data = getattr(self.model, prog)(frame)
         if self.xdp and prog == "from_uplink":
             prog = "xdp_uplink+from_uplink"
-        out = []
-        if kverdict != verdict:
-            out.append(R.Mismatch(index, prog, "verdict", frame, f"kernel {kverdict}, model {verdict}"))
-        elif verdict != M.SHOT and kdata != data:
-            out.append(R.Mismatch(index, prog, "bytes", frame, f"kernel {kdata.hex()}\n  model  {data.hex()}"))
-        for kind, key in self.model.touched:
-            if kind == "snat":
-                mine, real = self.model.snat.get(key), self.real_snat(key)
-            else:
-                mine, real = self.maps.ct.get(key), R.real_entry(self.dp, "ct", key)
-            if real != mine:
-                out.append(R.Mismatch(index, prog, f"{kind} entry", frame, f"key {key}: kernel {real}, model {mine}"))
-        return out, kverdict, kdata
+        return self.compare_packet(index, prog, frame, (kverdict, kdata), (verdict, data)), kverdict, kdata
 
     def compare_all(self, index: int) -> list:
-        out = []
-        real_drops = {k: v - self.drops_before[k] for k, v in stats.drops(self.dp.maps).items()
-                      if v != self.drops_before[k]}
-        if real_drops != self.model.drops:
-            out.append(R.Mismatch(index, "-", "drop counters", b"",
-                                  f"kernel {sorted(real_drops.items())}, model {sorted(self.model.drops.items())}"))
-            self.model.drops = dict(real_drops)
         ct = {(R._a(k.saddr), R._a(k.daddr), R._p(k.sport), R._p(k.dport), k.proto, k.dir): R._flow(v)
               for k, v in self.dp.maps["ct4"].items()}
         snat = {(R._a(k.saddr), R._a(k.daddr), R._p(k.sport), R._p(k.dport), k.proto, k.dir):
                 (R._a(v.address), R._p(v.port)) for k, v in self.dp.maps["lb4_snat"].items()}
-        for name, real, mine in (("ct4", ct, self.maps.ct), ("lb4_snat", snat, self.model.snat)):
-            if real != mine:
-                extra = {k: real[k] for k in real.keys() - mine.keys()}
-                missing = {k: mine[k] for k in mine.keys() - real.keys()}
-                diff = {k: (real[k], mine[k]) for k in real.keys() & mine.keys() if real[k] != mine[k]}
-                out.append(R.Mismatch(index, "-", f"map {name}", b"",
-                                      f"only in kernel {list(extra.items())[:3]}, only in model "
-                                      f"{list(missing.items())[:3]}, differ {list(diff.items())[:3]}"))
-        return out
+        return self.compare_maps(index, (("ct4", ct, self.maps.ct), ("lb4_snat", snat, self.model.snat)))
 
 
 def run(dp, packets: int, seed: int, *, max_mismatches: int = 20, progress=None, xdp: bool = False) -> R.Result:
     """`packets` generated packets through both sides; call inside the node namespace (FIB lookups).
     `xdp`: packets from the uplink meet xdp_uplink before from_uplink (UplinkRunner.kernel)."""
     runner = UplinkRunner(dp, xdp)
-    gen = UplinkGenerator(seed, runner.model)
-    result = R.Result()
-    t0 = time.monotonic()
-    runner.reset_flows()
-    for i in range(packets):
-        if i and i % R.EPOCH == 0:
-            result.mismatches += runner.compare_all(i)
-            runner.reset_flows()
-            runner.restore_backends()
-            gen.forget_flows()
-            if progress:
-                progress(i, result, time.monotonic() - t0)
-        if gen.rng.random() < CHURN:
-            action = "churn_" + runner.churn(gen.rng)
-            result.kinds[action] = result.kinds.get(action, 0) + 1
-        if gen.rng.random() < R.TIME_JUMP:
-            runner.time_passes_ct()
-            result.kinds["time_jump"] = result.kinds.get("time_jump", 0) + 1
-        kind, prog, frame = gen.next()
-        result.kinds[kind] = result.kinds.get(kind, 0) + 1
-        found, verdict, data = runner.one(i, prog, frame)
-        result.verdicts[verdict] = result.verdicts.get(verdict, 0) + 1
-        result.translated += verdict != M.SHOT and data != frame
-        for m in found:
-            m.what = f"{m.what} [{kind}]"
-        result.mismatches += found
-        if len(result.mismatches) >= max_mismatches:
-            break
-        result.packets = i + 1
-    result.mismatches += runner.compare_all(result.packets)
-    runner.restore_backends()
-    result.seconds = time.monotonic() - t0
-    return result
+    return R.drive(runner, UplinkGenerator(seed, runner.model), packets, CHURN, max_mismatches, progress)
 
 
 class NodeDatapath:
@@ -731,23 +662,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     node = NodeDatapath("esfu" + uuid.uuid4().hex[:6])
     try:
-        def progress(i, res, secs):
-            if i % 100_000 == 0:
-                print(f"  {i:>9,} packets  {i / secs:,.0f} packets/s  {len(res.mismatches)} mismatches", flush=True)
-
         print(f"uplink differential run{' (XDP, then TC)' if args.xdp else ''}: {args.packets:,} packets, "
               f"seed {args.seed}", flush=True)
-        res = node.run(args.packets, args.seed, max_mismatches=args.max_mismatches, progress=progress, xdp=args.xdp)
+        res = node.run(args.packets, args.seed, max_mismatches=args.max_mismatches, progress=R.print_progress,
+                       xdp=args.xdp)
     finally:
         node.close()
-    print(f"{res.packets:,} packets in {res.seconds:.1f} s ({res.pps:,.0f} packets/s), "
-          f"{len(res.mismatches)} mismatches, seed {args.seed}")
-    print(f"translated: {res.translated:,}")
-    print("verdicts: " + ", ".join(f"{R.M_VERDICT.get(k, k)} {v:,}" for k, v in sorted(res.verdicts.items())))
-    print("kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted(res.kinds.items())))
-    for m in res.mismatches:
-        print(m)
-    return 1 if res.mismatches else 0
+    return R.report(res, args.seed)
 
 
 if __name__ == "__main__":

@@ -289,19 +289,26 @@ def test_an_address_added_at_runtime_serves_nodeports_at_the_next_sync(kernel):
     assert ports() == {"198.18.0.11", "198.18.0.21"}
 
 
+def on_dual_stack_node(agent, policy: str) -> list:
+    """The agent on a dual-stack node (eth1 carries both families) with a dual-stack NodePort Service
+    web (ipFamilyPolicy `policy`); the list of the states it applies."""
+    agent.read_interfaces = lambda: (*INTERFACES[:2], Interface("eth1", (IPv4Address("198.18.0.11"),
+                                                                         ip_address("2001:2::11"))), INTERFACES[3])
+    applied = []
+    agent.writer.apply = lambda state, **_: applied.append(state) or ApplyStats()
+    send(agent, node_obj("198.18.0.11", "2001:2::11"))
+    send(agent, {**service("web", "198.19.0.10", node_port=30080), "spec": {
+        "clusterIPs": ["198.19.0.10", "2001:2:0:ff::10"], "ipFamilyPolicy": policy,
+        "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})
+    return applied
+
+
 def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_address_and_keeps_an_ipv4_primary(kernel):
     """Issue 14: with --ip-families IPv4,IPv6 the Node's IPv6 address serves NodePorts beside its IPv4
     one; the datapath's hairpin and SNAT source stays the IPv4 primary."""
     v6 = ip_address("2001:2::11")
     agent = make_agent(node=NodeConfig("node-1", ip_families=("IPv4", "IPv6")), ip_families_auto=False)
-    agent.read_interfaces = lambda: (*INTERFACES[:2], Interface("eth1", (IPv4Address("198.18.0.11"), v6)),
-                                     INTERFACES[3])
-    applied = []
-    agent.writer.apply = lambda state, **_: applied.append(state) or ApplyStats()
-    send(agent, node_obj("198.18.0.11", "2001:2::11"))
-    send(agent, {**service("web", "198.19.0.10", node_port=30080), "spec": {
-        "clusterIPs": ["198.19.0.10", "2001:2:0:ff::10"], "ipFamilyPolicy": "RequireDualStack",
-        "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})
+    applied = on_dual_stack_node(agent, "RequireDualStack")
     list_all(agent, "Node", "Service", "EndpointSlice")
     agent.sync()
     node = IPv4Address("198.18.0.11")
@@ -317,14 +324,7 @@ def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_address_and_keeps_an_ipv
 def dual_stack_agent(kernel):
     """A default agent (no --ip-families) on a dual-stack node: eth1 carries both families."""
     agent = make_agent()
-    agent.read_interfaces = lambda: (*INTERFACES[:2], Interface("eth1", (IPv4Address("198.18.0.11"),
-                                                                         ip_address("2001:2::11"))), INTERFACES[3])
-    applied = []
-    agent.writer.apply = lambda state, **_: applied.append(state) or ApplyStats()
-    send(agent, node_obj("198.18.0.11", "2001:2::11"))
-    send(agent, {**service("web", "198.19.0.10", node_port=30080), "spec": {
-        "clusterIPs": ["198.19.0.10", "2001:2:0:ff::10"], "ipFamilyPolicy": "PreferDualStack",
-        "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})
+    applied = on_dual_stack_node(agent, "PreferDualStack")
     send(agent, service("web6", "2001:2:0:ff::11"))
     return agent, applied
 
