@@ -18,10 +18,11 @@ node), wrk against nginx with `Connection: close` (new connections/s), sockperf 
 shared machine moves every figure.
 
 --ipv6: the lab is the dual-stack one (examples/lab/dual-stack.yaml; the agents serve IPv6 from
-its ServiceCIDRs) and two more rows measure iperf3 over IPv6, same node and cross node, through
-IPv6-only Services `bench-same6` and `bench-cross6` (tc) against the server pod's IPv6 address
-(direct), interleaved with the rest. The socket path has no IPv6 hooks (connect6/sendmsg6), so
-those rows have no socket column.
+its ServiceCIDRs) and three more rows measure over IPv6: iperf3 same node and cross node, and wrk's
+connection rate, through IPv6-only Services `bench-same6` and `bench-cross6` (tc) against the server
+pod's IPv6 address (direct), interleaved with the rest. The socket path has no IPv6 hooks
+(connect6/sendmsg6), so those rows have no socket column; sockperf 3.7 takes no IPv6 address, so
+latency has no IPv6 row.
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ class Bench:
                     "spec": {"selector": {"app": pod}, "ports": ports}} for svc, pod in SERVICES.items()])
         if self.ipv6:
             lab.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc},
-                        "spec": {"selector": {"app": pod}, "ports": ports[:1], "ipFamilies": ["IPv6"]}}
+                        "spec": {"selector": {"app": pod}, "ports": ports[:2], "ipFamilies": ["IPv6"]}}
                        for svc, pod in SERVICES6.items()])
         for pod in SERVICES.values():
             ns = lab.pod_netns(pod)
-            self.servers += [tools.nginx_server(ns, [NGINX], lab.state.path),
+            self.servers += [tools.nginx_server(ns, [NGINX], lab.state.path, ipv6=self.ipv6),
                              tools.sockperf_server(ns, SOCKPERF, lab.state.path), traffic.iperf3_server(ns, IPERF)]
         lab.wait_synced()
         self.client_ns = {d: lab.pod_netns(pod) for d, pod in CLIENTS.items()}
@@ -119,10 +120,11 @@ class Bench:
                             "-J"], self.seconds)
         return json.loads(out[: out.rindex("}") + 1])["end"]["sum_received"]["bits_per_second"] / 1e9
 
-    def wrk(self, datapath: str) -> float:
+    def wrk(self, datapath: str, svc: str = "bench-same") -> float:
         ns, cg = self._client(datapath)
+        host = self.target[svc][datapath]
         out = _run(ns, cg, ["wrk", "-t1", "-c8", f"-d{self.seconds}s", "-H", "Connection: close",
-                            f"http://{self.target['bench-same'][datapath]}:{NGINX}/"], self.seconds)
+                            f"http://{f'[{host}]' if ':' in host else host}:{NGINX}/"], self.seconds)
         parsed = tools.parse_wrk(out)
         if parsed["socket_errors"] or parsed["non_2xx"]:
             raise RuntimeError(f"wrk {datapath}: errors {parsed}")
@@ -152,7 +154,7 @@ def run(repeats: int, seconds: int, ipv6: bool = False) -> dict:
     results: dict = {m: {d: [] for d in DATAPATHS} for m in
                      ("gbit_same", "gbit_cross", "conn_per_s", "p50_us", "p99_us")}
     if ipv6:
-        results.update({m: {d: [] for d in DATAPATHS6} for m in ("gbit_same_v6", "gbit_cross_v6")})
+        results.update({m: {d: [] for d in DATAPATHS6} for m in ("gbit_same_v6", "gbit_cross_v6", "conn_per_s_v6")})
     meta = {"seconds": seconds, "repeats": repeats, "cpus": os.cpu_count(), "loadavg": [], "ipv6": ipv6,
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     try:
@@ -172,6 +174,8 @@ def run(repeats: int, seconds: int, ipv6: bool = False) -> dict:
             for metric, svc in (("gbit_same_v6", "bench-same6"), ("gbit_cross_v6", "bench-cross6")) if ipv6 else ():
                 for d in DATAPATHS6[r % 2:] + DATAPATHS6[: r % 2]:
                     results[metric][d].append(bench.iperf3(svc, d))
+            for d in (DATAPATHS6[r % 2:] + DATAPATHS6[: r % 2]) if ipv6 else ():
+                results["conn_per_s_v6"][d].append(bench.wrk(d, "bench-same6"))
         meta["tc_flows_node1_after"] = bench.flows()
     finally:
         bench.close()
