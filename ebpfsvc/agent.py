@@ -51,7 +51,7 @@ from dataclasses import replace
 
 from ebpfsvc import nodeinfo
 from ebpfsvc.admission import Admission, Capacity, ServiceStatusMap
-from ebpfsvc.config import DEFAULT_IP_FAMILIES, IP_FAMILIES, AgentConfig
+from ebpfsvc.config import DEFAULT_IP_FAMILIES, IP_FAMILIES, AgentConfig, family_name
 from ebpfsvc.datapath.loader import Limits
 from ebpfsvc.datapath.pinned import pinned_frontends
 from ebpfsvc.desired import DesiredStateBuilder
@@ -115,6 +115,7 @@ class Agent:
         self._routes_lock = threading.Lock()              # start's setup vs. the first syncs
         self._maps_bpf = None                             # the maps-only object the writer's tables belong to
         self._next_full_apply = 0.0                       # monotonic time of the next full (verifying) apply
+        self._told_unserved: set = set()                  # (Service, clusterIP, families) logged as unserved
         self.synced_once = threading.Event()
         self._stopped = threading.Event()
         self.syncs = 0
@@ -206,6 +207,21 @@ class Agent:
         self.settings = replace(self.settings, ip_families=families)
         self.desired.node = replace(self.desired.node, ip_families=families)
         return True
+
+    def _tell_unserved_families(self, snapshot, everything: bool) -> None:
+        """--ip-families auto validates a clusterIP of either family (the API server allocated it),
+        so one of a family the cluster has no ServiceCIDR of (from a manifest, or an API without
+        ServiceCIDRs) is told here, once per Service and address: its frontends are left out."""
+        families = self.desired.node.ip_families
+        for key in snapshot.services if everything else snapshot.changed:
+            svc = snapshot.services.get(key)
+            for i, ip in enumerate(svc.cluster_ips if svc is not None else ()):
+                told = (key, ip, families)
+                if family_name(ip.version) not in families and told not in self._told_unserved:
+                    self._told_unserved.add(told)
+                    log.warning("Service %s/%s: spec.clusterIPs[%d]: %s is %s, a family the cluster has no "
+                                "ServiceCIDR of (serving %s): not served", *key, i, ip,
+                                family_name(ip.version), ",".join(families))
 
     def _adopt_maps(self, maps) -> None:
         """Write `maps` from now on: the maps-only object's tables while the programs compile, else the
@@ -485,6 +501,8 @@ class Agent:
             return
         snapshot = self.state.snapshot()
         self.telemetry.sync_started(snapshot.trigger_times)
+        if self.config.ip_families_auto:
+            self._tell_unserved_families(snapshot, everything=families_changed or self.last_applied is None)
         result = self.desired.build(snapshot)
         invalid = {(p.namespace, p.name) for p in self.state.problems if p.kind == "Service"}
         admitted = self.admission.admit(result, snapshot.services, self._served, invalid)

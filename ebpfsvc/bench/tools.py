@@ -82,10 +82,12 @@ def listening(netns: str, port: int, udp: bool = False) -> bool:
     return bool(out.stdout.strip())
 
 
-def nginx_server(netns: str, ports: list[int], state_dir: Path) -> Proc:
-    """nginx listening on `ports` in `netns`, answering every request with 200 "ok" and closing."""
+def nginx_server(netns: str, ports: list[int], state_dir: Path, ipv6: bool = False) -> Proc:
+    """nginx listening on `ports` in `netns` (IPv4; `ipv6`: IPv6 too), answering every request with
+    200 "ok" and closing."""
     workdir = Path(tempfile.mkdtemp(prefix="nginx-", dir=state_dir))
-    servers = "\n".join(f"    server {{ listen {p}; location / {{ return 200 \"ok\\n\"; }} }}" for p in ports)
+    listen = (lambda p: f"listen {p}; listen [::]:{p};") if ipv6 else (lambda p: f"listen {p};")
+    servers = "\n".join(f"    server {{ {listen(p)} location / {{ return 200 \"ok\\n\"; }} }}" for p in ports)
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=workdir, servers=servers))
     return Proc(["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")], netns,

@@ -3,8 +3,8 @@
 IPv6 addresses come from 2001:2::/48 only (RFC 5180), in lab namespaces only; the lab files
 are the shipped examples (examples/lab/dual-stack.yaml, ipv6.yaml). Traffic is real (echo
 apps in pod namespaces, curl and Python sockets); the Services' clusterIPs and EndpointSlices
-are the real kube-apiserver's and kube-controller-manager's. The agents do not program IPv6
-yet: with agents on, a dual-stack lab must still serve IPv4 as before.
+are the real kube-apiserver's and kube-controller-manager's. With agents on, a dual-stack lab
+still serves IPv4 as before; the agents' IPv6 Services are tests/e2e/test_ipv6.py's.
 """
 
 from __future__ import annotations
@@ -298,8 +298,8 @@ def test_ipv6_only_lab_and_down_leaves_nothing(unique_prefix):
 @pytest.mark.root
 @AGENTS_DUAL
 def test_ipv4_service_in_dual_stack_lab_with_agents(lab):
-    """The agents (IPv4 data plane) in a dual-stack lab: a PreferDualStack Service's IPv4 clusterIP is
-    served from both nodes; IPv6 pod-to-pod traffic passes their programs untouched."""
+    """The agents in a dual-stack lab: a PreferDualStack Service's IPv4 clusterIP is served from both
+    nodes as before; IPv6 pod-to-pod traffic passes their programs untouched."""
     lab.apply([
         apps.pod("cl", "http-echo", 9000, node="node-1"),
         apps.pod("ds-1", "http-echo", 8080, node="node-1", labels={"app": "ds"}),

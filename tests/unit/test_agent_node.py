@@ -373,6 +373,24 @@ def test_no_servicecidr_means_ipv4_and_a_new_family_is_served_when_its_serviceci
     assert served(applied) == {("198.19.0.10", 80), ("198.18.0.11", 30080)}
 
 
+def test_a_clusterip_of_a_family_without_servicecidr_is_one_line(kernel, caplog):
+    """Auto: the API server is the judge of a clusterIP's family, so the Service is not refused; a
+    clusterIP of a family no ServiceCIDR has (a manifest's) is told once, naming Service and field."""
+    agent, applied = dual_stack_agent(kernel)
+    list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
+    with caplog.at_level(logging.WARNING, logger="ebpfsvc.agent"):
+        agent.sync()
+        send(agent, service("other", "198.19.0.12"))
+        agent.sync()
+    lines = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+    assert lines == [
+        "Service default/web: spec.clusterIPs[1]: 2001:2:0:ff::10 is IPv6, a family the cluster has no "
+        "ServiceCIDR of (serving IPv4): not served",
+        "Service default/web6: spec.clusterIPs[0]: 2001:2:0:ff::11 is IPv6, a family the cluster has no "
+        "ServiceCIDR of (serving IPv4): not served"]
+    assert agent.state.problems == [] and ("2001:2:0:ff::11", 80) not in served(applied)
+
+
 def test_an_ipv6_primary_cluster_lists_ipv6_first_and_an_explicit_flag_wins(kernel):
     agent, applied = dual_stack_agent(kernel)
     send(agent, {**service_cidr("2001:2:0:ff::/108", "198.19.0.0/16")})

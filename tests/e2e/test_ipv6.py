@@ -1,0 +1,195 @@
+"""IPv6 Services end to end (issue 14): agents started exactly as deploy/ runs them, no flag.
+
+The lab is the dual-stack example (examples/lab/dual-stack.yaml) on a real kube-apiserver, whose
+`kubernetes` ServiceCIDR has both families: the agents take their IP families from it (--ip-families
+auto) and find their IPv6 node addresses on their Node. Services get their IPv6 clusterIPs from the
+API server and their IPv6 EndpointSlices from the real controller; clients are curl and sockets in
+pod namespaces, servers the lab's echo apps, so every packet crosses the agents' TC programs.
+Backends see the client pod's own IPv6 address: pod traffic is never SNATed.
+
+Not here, because the datapath does not serve it yet for IPv6 (docs/datapath.md): hairpin (a pod
+reaching itself through an IPv6 clusterIP: no IPv6 hairpin source), NodePort and external traffic
+on the uplinks, node clients, the socket path.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from ebpfsvc.lab import Lab, apps
+
+from .helpers import (add_clients, cluster_ip, connect_outcome, frontend, http_get, service, table_backends,
+                      udp_ask_once, wait_affinity, wait_for, wait_programmed, wait_ready)
+from .test_dualstack_lab import DUAL_STACK, IPV6_ONLY, curl, pod_ips, root_namespace_ipv6, v6
+from .test_lab import lab_leftovers
+
+pytestmark = pytest.mark.root
+
+CLIENTS = {"node-1": "c6-1", "node-2": "c6-2"}     # process-less pods with an address of each family
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """One dual-stack lab with agents for the module; each test brings its own pods and Services."""
+    prefix = "es" + uuid.uuid4().hex[:6]
+    instance = Lab.up(DUAL_STACK, prefix=prefix, agents=True)
+    try:
+        yield add_clients(instance, {name: node for node, name in CLIENTS.items()})
+    finally:
+        instance.down()
+    assert lab_leftovers(prefix) == []
+
+
+def echo(name: str, node: str, kind: str = "http-echo", port: int = 8080, **labels: str) -> dict:
+    return apps.pod(name, kind, port, node=node, labels={"pod": name, **labels})
+
+
+def curl_answer(lab: Lab, client: str, ip: str, port: int) -> dict:
+    result = curl(lambda argv, **kw: lab.exec(client, argv, **kw), ip, port, max_time=10)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_agents_serve_both_families_without_a_flag(lab):
+    """deploy/'s arguments carry no --ip-families: each agent took IPv4,IPv6 from the ServiceCIDRs
+    and found its Node's IPv6 address on its interfaces."""
+    for node in ("node-1", "node-2"):
+        log = (lab.state.path / f"agent-{node}.log").read_text()
+        assert "IP families IPv4,IPv6 (the cluster's ServiceCIDRs)" in log, node
+        n = node[-1]
+        assert f"node addresses 198.18.0.1{n}, 2001:2::1{n} (Node {node})" in log, node
+    argv = open(f"/proc/{lab.agent_record('node-1').pid}/cmdline").read().split("\0")
+    assert "agent" in argv and not any("ip-families" in a for a in argv), argv
+
+
+@pytest.mark.parametrize("client_node", ["node-1", "node-2"], ids=["same-node", "cross-node"])
+def test_ipv6_clusterip_curl_and_udp_without_snat(lab, client_node):
+    """An IPv6 single-stack Service, TCP (curl -g) and UDP, its backends on node-1: from a pod on the
+    same node and from one on the other. The backend sees the client pod's own IPv6 address."""
+    n = client_node[-1]
+    web, dns, svc = f"w6-{n}", f"d6-{n}", f"s6-{n}"
+    lab.apply([echo(web, "node-1"), echo(dns, "node-1", "udp-echo", 5353),
+               service(svc, [{"port": 80, "targetPort": 8080}], selector={"pod": web}, ipFamilies=["IPv6"]),
+               service(f"{svc}u", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}], selector={"pod": dns},
+                       ipFamilies=["IPv6"])])
+    wait_ready(lab, [web, dns])
+    vip, udp_vip = cluster_ip(lab, svc), cluster_ip(lab, f"{svc}u")
+    assert ":" in vip and lab.service(svc)["spec"]["ipFamilies"] == ["IPv6"]
+    wait_programmed(lab, svc, 80, backends=1)
+    wait_programmed(lab, f"{svc}u", 53, backends=1, proto="UDP")
+    client = CLIENTS[client_node]
+
+    answer = curl_answer(lab, client, vip, 80)
+    assert answer["pod"] == web and answer["client"] == v6(lab, client) and answer["localPort"] == 8080
+    # Only the service port is a frontend: the clusterIP on the target port is nobody.
+    assert connect_outcome(lab, client, vip, 8080) != "connected"
+    # UDP: the answer comes back from the clusterIP (udp_ask checks it), sent by the backend.
+    udp = wait_for(lambda: udp_ask_once(lab, client, udp_vip, 53, timeout=2), what="a UDP answer over IPv6")
+    assert udp["pod"] == dns and udp["client"] == v6(lab, client) and udp["localPort"] == 5353
+
+
+def test_prefer_dual_stack_service_reached_by_both_families(lab):
+    """A PreferDualStack Service has a clusterIP of each family: the IPv4 one reaches the backends
+    over IPv4 only, the IPv6 one over IPv6 only (each frontend's table holds its family's endpoints)."""
+    lab.apply([echo("ds6-1", "node-1", app="ds6"), echo("ds6-2", "node-2", app="ds6"),
+               service("ds6", [{"port": 80, "targetPort": 8080}], selector={"app": "ds6"},
+                       ipFamilyPolicy="PreferDualStack")])
+    wait_ready(lab, ["ds6-1", "ds6-2"])
+    vip4, vip6 = cluster_ip(lab, "ds6", 4), cluster_ip(lab, "ds6", 6)
+    assert lab.service("ds6")["spec"]["clusterIPs"] == [vip4, vip6]
+    wait_programmed(lab, "ds6", 80, backends=2, family=4)
+    wait_programmed(lab, "ds6", 80, backends=2, family=6)
+    for node in ("node-1", "node-2"):
+        assert table_backends(lab, node, frontend(lab, node, vip6, 80)) == {
+            (v6(lab, p), 8080) for p in ("ds6-1", "ds6-2")}
+        assert table_backends(lab, node, frontend(lab, node, vip4, 80)) == {
+            (lab.pod_ip(p), 8080) for p in ("ds6-1", "ds6-2")}
+
+    client = "c6-1"
+    for vip, own in ((vip4, lab.pod_ip(client)), (vip6, v6(lab, client))):
+        seen = set()
+        for _ in range(40):      # a new source port each time: Maglev spreads them over both backends
+            answer = http_get(lab, client, vip, 80)
+            assert answer["client"] == own and answer["localPort"] == 8080, (vip, answer)
+            seen.add(answer["pod"])
+            if seen == {"ds6-1", "ds6-2"}:
+                break
+        assert seen == {"ds6-1", "ds6-2"}, vip
+
+
+def test_client_ip_affinity_over_ipv6(lab):
+    """sessionAffinity ClientIP on an IPv6 clusterIP: without it the source port decides (at least
+    two backends over 30 ports); with it every new connection from the client goes where the first went."""
+    pods = [f"af6-{i}" for i in (1, 2, 3)]
+    lab.apply([echo(p, node, app="af6") for p, node in zip(pods, ("node-1", "node-2", "node-2"))])
+    svc = service("af6", [{"port": 80, "targetPort": 8080}], selector={"app": "af6"}, ipFamilies=["IPv6"])
+    lab.apply([svc])
+    wait_ready(lab, pods)
+    wait_programmed(lab, "af6", 80, backends=3)
+    vip = cluster_ip(lab, "af6")
+    ports = range(42000, 42030)
+
+    def backends_by_port() -> dict[int, str]:
+        return {p: http_get(lab, "c6-1", vip, 80, sport=p)["pod"] for p in ports}
+
+    hashed = backends_by_port()
+    assert len(set(hashed.values())) >= 2, hashed     # all 30 on one of three: below 1e-13
+
+    lab.apply([{**svc, "spec": {**svc["spec"], "sessionAffinity": "ClientIP",
+                                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}}])
+    wait_affinity(lab, "af6", 80, 600, nodes=["node-1"])
+    first = http_get(lab, "c6-1", vip, 80, sport=ports[-1])["pod"]
+    sticky = backends_by_port()
+    assert set(sticky.values()) == {first}, sticky
+    # Per client: the other node's client has its own entry (it sticks too, wherever it went first).
+    other = {http_get(lab, "c6-2", vip, 80)["pod"] for _ in range(10)}
+    assert len(other) == 1, other
+
+
+def test_ipv6_service_without_endpoints_is_refused_at_once(lab):
+    """No endpoints: a connection to the IPv6 clusterIP is refused (a TCP RST from the datapath), not
+    left to time out; it serves once a pod is ready, nothing else re-applied."""
+    lab.apply([service("none6", [{"port": 80, "targetPort": 8080}], selector={"app": "none6"},
+                       ipFamilies=["IPv6"])])
+    wait_programmed(lab, "none6", 80, backends=0)
+    vip = cluster_ip(lab, "none6")
+    for client in CLIENTS.values():
+        assert connect_outcome(lab, client, vip, 80) == "refused"
+    result = curl(lambda argv, **kw: lab.exec("c6-1", argv, **kw), vip, 80)
+    assert result.returncode == 7, result.stderr            # curl: couldn't connect (refused)
+
+    lab.apply([echo("none6-1", "node-2", app="none6")])
+    wait_ready(lab, ["none6-1"])
+    wait_programmed(lab, "none6", 80, backends=1)
+    assert http_get(lab, "c6-1", vip, 80)["pod"] == "none6-1"
+
+
+def test_ipv6_only_lab_serves_a_service(unique_prefix):
+    """A single-stack IPv6 lab with agents (no IPv4 anywhere, no flag): the agents follow the IPv6
+    ServiceCIDR, and a Service's clusterIP reaches a backend on the other node, the client's address kept."""
+    lab = Lab.up(IPV6_ONLY, prefix=unique_prefix, agents=True)
+    try:
+        lab.apply([apps.pod("caller", "http-echo", 9000, node="node-1"),
+                   echo("web", "node-2"), echo("dns", "node-2", "udp-echo", 5353),
+                   service("web", [{"port": 80, "targetPort": 8080}], selector={"pod": "web"}),
+                   service("dns", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}], selector={"pod": "dns"})])
+        wait_ready(lab, ["caller", "web", "dns"])
+        vip, udp_vip = cluster_ip(lab, "web"), cluster_ip(lab, "dns")
+        assert ":" in vip and pod_ips(lab, "caller") == [lab.pod_ip("caller")]
+        wait_programmed(lab, "web", 80, backends=1)
+        wait_programmed(lab, "dns", 53, backends=1, proto="UDP")
+        log = (lab.state.path / "agent-node-1.log").read_text()
+        assert "IP families IPv6 (the cluster's ServiceCIDRs)" in log
+
+        answer = curl_answer(lab, "caller", vip, 80)
+        assert answer["pod"] == "web" and answer["client"] == lab.pod_ip("caller")
+        udp = wait_for(lambda: udp_ask_once(lab, "caller", udp_vip, 53, timeout=2), what="a UDP answer")
+        assert udp["pod"] == "dns" and udp["client"] == lab.pod_ip("caller")
+        assert connect_outcome(lab, "caller", vip, 8080) != "connected"
+        assert "2001:2:" not in root_namespace_ipv6()
+    finally:
+        lab.down()
+    assert lab_leftovers(unique_prefix) == []
