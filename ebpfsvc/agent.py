@@ -452,12 +452,7 @@ class Agent:
                     cidrs = [self.config.node.service_cidr]
                 routes.set_cidrs(cidrs)
             if result is not None:
-                state, delta = result.state, result.delta
-                if "IPv6" in self.config.node.ip_families:
-                    # Until hostpath routes IPv6, node clients reach the IPv4 ClusterIPs only.
-                    state = LBState({k: fe for k, fe in state.frontends.items() if k.address.version == 4})
-                    delta = None
-                routes.update(state, delta)
+                routes.update(result.state, result.delta)     # IPv4 ClusterIPs only: hostpath._routed
             if self._routed is None or not routes.ready:
                 return      # no device yet, or nothing known yet: a previous run's routes stay until then
             if routes.dirty or rewrite:

@@ -155,6 +155,14 @@ def sync_routes(installed: set[IPv4Network], wanted: set[IPv4Network], node_addr
     return set(wanted)
 
 
+def _routed(fe) -> bool:
+    """A frontend whose address the node-client device is routed for: an IPv4 ClusterIP. The
+    device and its routes are IPv4 only (ServiceCIDR.cidrs gives the IPv4 ranges), so on a
+    dual-stack node the IPv6 ClusterIPs are left out here, and the agent hands over its states
+    and deltas as they are: no copy of the state, and a change stays O(delta)."""
+    return fe is not None and fe.kind is FrontendKind.CLUSTER_IP and fe.key.address.version == 4
+
+
 class NodeClientRoutes:
     """What to route to DEVICE: the service CIDRs, and a /32 for each ClusterIP outside them.
 
@@ -187,14 +195,14 @@ class NodeClientRoutes:
         if delta is not None and delta.base is self._state and self._state is not None:
             for key in delta.keys:
                 old, new = delta.base.frontends.get(key), state.frontends.get(key)
-                if old is not None and old.kind is FrontendKind.CLUSTER_IP:
+                if _routed(old):
                     self._unref(key.address)
-                if new is not None and new.kind is FrontendKind.CLUSTER_IP:
+                if _routed(new):
                     self._ref(key.address)
         else:
             self._refs, self._uncovered, self.dirty = {}, set(), True
             for fe in state.frontends.values():
-                if fe.kind is FrontendKind.CLUSTER_IP:
+                if _routed(fe):
                     self._ref(fe.key.address)
         self._state = state
 
