@@ -29,7 +29,6 @@ import numpy as np
 from ebpfsvc import abi
 from ebpfsvc.abi import be32        # re-exported: tests and callers use loader.be32
 from ebpfsvc.datapath import bpfsys, progcache
-from ebpfsvc.datapath.batch import update_u32_array
 
 log = logging.getLogger(__name__)
 
@@ -335,12 +334,11 @@ def _fill_sctp_crc_shift(bpf) -> None:
         table = bpf.get_table(b"lb_sctp_crc_shift")
     except KeyError:
         return
-    n = table.max_entries
-    update_u32_array(table, np.arange(n, dtype=np.uint32), crc32c_shift_table(n))
+    _fill_crc_shift_fd(table.map_fd, table.max_entries)
 
 
 def _fill_crc_shift_fd(fd: int, n: int) -> None:
-    """_fill_sctp_crc_shift for the map a program-cache load made (no bcc table)."""
+    """lb_sctp_crc_shift by its fd: a bcc table's, or the map a program-cache load made."""
     bpfsys.map_update_batch(fd, np.arange(n, dtype=np.uint32).tobytes(), crc32c_shift_table(n).tobytes(), n)
 
 
