@@ -62,6 +62,8 @@ BPF_TABLE_PINNED("lru_hash", struct lb6_affinity_key, struct lb_affinity_val, lb
 BPF_TABLE_PINNED("lru_hash", struct frag6_key, struct frag4_ports, frag6, FRAG_ENTRIES_MAX, LB_PIN_DIR "/frag6");
 /* (frontend id, IPv6 client prefix) -> 1: loadBalancerSourceRanges of IPv6 frontends. */
 BPF_TABLE_PINNED("lpm_trie", struct lb6_src_range_key, __u32, lb6_source_ranges, SOURCE_RANGES_MAX, LB_PIN_DIR "/lb6_source_ranges", BPF_F_NO_PREALLOC);
+/* 0 -> the node's own addresses (struct lb_node_addrs; bpf/lib/nodeaddr.h reads it, the agent writes it). */
+BPF_TABLE_PINNED("array", __u32, struct lb_node_addrs, lb_node_addrs, 1, LB_PIN_DIR "/lb_node_addrs");
 /* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
 
