@@ -41,6 +41,8 @@
 
 int from_uplink(struct __sk_buff *skb)
 {
+	if (skb->protocol == lb_htons(ETH_P_IPV6))
+		return hs6_uplink_reply(skb);    /* node clients' replies; IPv6 NodePorts: not yet */
 	return np4_from_uplink(skb);
 }
 
@@ -56,6 +58,8 @@ int xdp_uplink(struct xdp_md *ctx)
 
 int from_host(struct __sk_buff *skb)
 {
+	if (skb->protocol == lb_htons(ETH_P_IPV6))
+		return hs6_from_host(skb);
 	return hs4_from_host(skb);
 }
 

@@ -367,8 +367,12 @@ static __always_inline __u8 ct6_tcp_flags(const struct lb6_pkt *p, __u8 dir)
 static __always_inline void ct6_delete_flow(struct ct6_key *fwd, const struct ct6_entry *e)
 {
 	struct ct6_key rk;
+	__be32 hairpin[4];
 
-	ct6_key_reply_of(&rk, e, fwd->saddr, fwd->sport, fwd->proto);
+	if ((e->flags & CT_F_HAIRPIN) && !node_hairpin6(hairpin))
+		ct6_key_reply_of(&rk, e, hairpin, fwd->sport, fwd->proto);
+	else
+		ct6_key_reply_of(&rk, e, fwd->saddr, fwd->sport, fwd->proto);
 	ct6.delete(&rk);
 	ct6.delete(fwd);
 }
@@ -386,12 +390,12 @@ static __always_inline struct ct6_entry *ct6_flow_of(struct ct6_key *fk, const s
 	return e;
 }
 
-/* As ct4_create: both entries, or neither (fail closed). */
-static __always_inline int ct6_create(struct ct6_key *fwd, struct ct6_entry *e)
+/* As ct4_create: both entries, or neither (fail closed); replies come to `reply_daddr`. */
+static __always_inline int ct6_create(struct ct6_key *fwd, struct ct6_entry *e, const __be32 *reply_daddr)
 {
 	struct ct6_key rk;
 
-	ct6_key_reply_of(&rk, e, fwd->saddr, fwd->sport, fwd->proto);
+	ct6_key_reply_of(&rk, e, reply_daddr, fwd->sport, fwd->proto);
 	if (ct6.update(fwd, e))
 		return -1;
 	if (ct6.update(&rk, e)) {

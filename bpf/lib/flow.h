@@ -356,8 +356,7 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 }
 
 /* ---- IPv6 twins of the pod-side path: DNAT, conntrack, reverse NAT, affinity,
- * reject, fragments. Not yet for IPv6: hairpin SNAT (no IPv6 node address is
- * configured) and clients in the node's namespace (host.h). ICMPv6 errors about
+ * reject, fragments, hairpin SNAT (to node_hairpin6()). ICMPv6 errors about
  * translated flows are translated back; other ICMPv6 (neighbour discovery
  * included) and whatever is not for a Service pass untouched. ---- */
 
@@ -373,8 +372,11 @@ static __always_inline int lb6_forward_xlate(struct __sk_buff *skb, struct lb6_p
 					     const struct ct6_entry *e)
 {
 	__u32 bytes = skb->len;
+	__be32 hairpin[4];
 
 	frag6_record(p);
+	if ((e->flags & CT_F_HAIRPIN) && !node_hairpin6(hairpin) && lb6_rewrite_src(skb, p, hairpin, p->sport))
+		return lb_drop(REASON_MALFORMED);
 	if (lb6_rewrite_dst(skb, p, e->backend_addr, e->backend_port))
 		return lb_drop(REASON_MALFORMED);
 	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
@@ -415,8 +417,11 @@ static __always_inline struct lb6_backend *lb6_flow_begin(const struct lb4_servi
 static __always_inline int lb6_forward_new(struct __sk_buff *skb, struct lb6_pkt *p,
 					   struct ct6_key *fk, __u64 now)
 {
+	const __be32 *reply_daddr = p->saddr;
 	struct lb4_service *svc;
+	struct lb6_backend *be;
 	struct ct6_entry e = {};
+	__be32 hairpin[4];
 
 	svc = lb6_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
 	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
@@ -431,9 +436,14 @@ static __always_inline int lb6_forward_new(struct __sk_buff *skb, struct lb6_pkt
 	if (!ct6_starts_flow(p))
 		return TC_ACT_OK;
 
-	if (!lb6_flow_begin(svc, p, now, &e))
+	be = lb6_flow_begin(svc, p, now, &e);
+	if (!be)
 		return lb_drop(REASON_NO_BACKEND);
-	if (ct6_create(fk, &e))
+	if (!node_addr6_diff(be->address, p->saddr) && !node_hairpin6(hairpin)) {
+		e.flags |= CT_F_HAIRPIN;        /* as lb4_forward_new: the pod is its own backend */
+		reply_daddr = hairpin;
+	}
+	if (ct6_create(fk, &e, reply_daddr))
 		return lb_drop(REASON_CT_CREATE_FAILED);
 	lb6_affinity_update(svc, p->saddr, e.backend_id, now);
 	return lb6_forward_xlate(skb, p, &e);
@@ -443,6 +453,7 @@ static __always_inline void lb6_note_forward(const struct lb6_pkt *p, struct ct6
 {
 	struct ct6_key rk;
 	struct ct6_entry *re;
+	__be32 hairpin[4];
 	__u8 flags;
 
 	ct6_touch(e, now);
@@ -450,7 +461,10 @@ static __always_inline void lb6_note_forward(const struct lb6_pkt *p, struct ct6
 	if (flags == e->flags)
 		return;
 	e->flags = flags;
-	ct6_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
+	if ((flags & CT_F_HAIRPIN) && !node_hairpin6(hairpin))
+		ct6_key_reply_of(&rk, e, hairpin, p->sport, p->proto);
+	else
+		ct6_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
 	re = ct6.lookup(&rk);
 	if (re)
 		re->flags |= flags;
@@ -470,6 +484,71 @@ static __always_inline int lb6_forward_tracked(struct __sk_buff *skb, struct lb6
 	}
 	lb6_note_forward(p, e, now);
 	return lb6_forward_xlate(skb, p, e);
+}
+
+/* As lb4_hairpin_reply: the pod's reply to the hairpin address becomes VIP:port -> the pod. */
+static __always_inline int lb6_hairpin_reply(struct __sk_buff *skb, struct lb6_pkt *p, struct ct6_entry *e,
+					     __u64 now)
+{
+	__u32 bytes = skb->len;
+
+	ct6_note_reply(e, p, p->saddr, p->dport, now);
+	frag6_record(p);
+	if (lb6_rewrite_dst(skb, p, p->saddr, p->dport) ||
+	    lb6_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
+/* As lb4_is_host_flow. */
+static __always_inline int lb6_is_host_flow(const struct ct6_entry *e)
+{
+	return !(e->flags & (CT_F_NODEPORT | CT_F_HAIRPIN));
+}
+
+/* As lb4_host_reply_xlate: a backend's reply to a node client (host.h hs6_*), reply
+ * entry `e`, gets the frontend back as its source; the kernel delivers it to the
+ * client's socket. 0, or -1 when the packet cannot be rewritten. */
+static __always_inline int lb6_host_reply_xlate(struct __sk_buff *skb, struct lb6_pkt *p, struct ct6_entry *e,
+						__u64 now)
+{
+	__u32 bytes = skb->len;
+
+	ct6_note_reply(e, p, p->daddr, p->dport, now);
+	if (lb6_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
+		return -1;
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return 0;
+}
+
+/* As lb4_reply_to_node: a pod's packet to the node's IPv6 hairpin address that is
+ * the reply of a hairpin flow, or to its IPv6 node address (node_snat6()) that is
+ * a local backend's reply to a node client; LB_NOT_A_REPLY otherwise. */
+static __always_inline int lb6_reply_to_node(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now)
+{
+	const struct lb_node_addrs *a = node_addrs();
+	struct ct6_key rk;
+	struct ct6_entry *e;
+	__u32 to_hairpin, to_node;      /* 0: the packet is addressed to it */
+
+	if (!a)
+		return LB_NOT_A_REPLY;
+	/* An unset (all-zero) node address matches only the unspecified address, which
+	 * no reply is sent to: no separate "is it set" test needed. */
+	to_hairpin = node_addr6_diff(p->daddr, a->hairpin6);
+	to_node = node_addr6_diff(p->daddr, a->snat6);
+	if (to_hairpin && to_node)
+		return LB_NOT_A_REPLY;
+	ct6_key_reply(&rk, p);
+	e = ct6_lookup(&rk, now);
+	if (!e)
+		return LB_NOT_A_REPLY;
+	if (e->flags & CT_F_HAIRPIN)
+		return to_hairpin ? LB_NOT_A_REPLY : lb6_hairpin_reply(skb, p, e, now);
+	if (!to_node && lb6_is_host_flow(e))
+		return lb6_host_reply_xlate(skb, p, e, now) ? lb_drop(REASON_MALFORMED) : TC_ACT_OK;
+	return LB_NOT_A_REPLY;
 }
 
 static __always_inline int lb6_from_pod(struct __sk_buff *skb)
@@ -497,6 +576,9 @@ static __always_inline int lb6_from_pod(struct __sk_buff *skb)
 	e = ct6_flow_of(&fk, &p, now);
 	if (e)
 		return lb6_forward_tracked(skb, &p, &fk, e, now);
+	ret = lb6_reply_to_node(skb, &p, now);
+	if (ret != LB_NOT_A_REPLY)
+		return ret;
 	return lb6_forward_new(skb, &p, &fk, now);
 }
 

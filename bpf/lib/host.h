@@ -205,4 +205,120 @@ static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *
 	return hs4_forward(skb, p, now, HS_UPLINK);
 }
 
+/* ---- IPv6 twins, for ClusterIPs (the agent routes the IPv6 service CIDRs to
+ * ebpfsvc0 too, with the node's IPv6 address, node_snat6(), as source). Replies
+ * come back through a pod veth (lb6_from_pod: lb6_reply_to_node) or the uplink
+ * (hs6_uplink_reply). Not yet for IPv6: the node's own address through lo,
+ * externalIPs and LoadBalancer IPs routed out of an uplink, a backend on the
+ * node's own address, loadBalancerSourceRanges (ClusterIPs have none). ---- */
+
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+/* As hs4_send, for ebpfsvc0: FIB lookup, MACs, redirect (the kernel resolves a
+ * missing neighbour). */
+static __always_inline int hs6_send(struct __sk_buff *skb, const struct lb6_pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	fib.family = AF_INET6;
+	fib.l4_protocol = p->proto;
+	fib.sport = p->sport;
+	fib.dport = p->dport;
+	lb6_addr_copy((__be32 *)fib.ipv6_src, p->saddr);
+	lb6_addr_copy((__be32 *)fib.ipv6_dst, p->daddr);
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
+			return lb_drop(REASON_MALFORMED);
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return np4_redirect_neigh(fib.ifindex, 0, 0, 0);
+	return lb_drop(REASON_FIB_LOOKUP);
+}
+
+/* As hs4_new on ebpfsvc0: a node client's packet to an IPv6 frontend starts a flow. */
+static __always_inline int hs6_new(struct __sk_buff *skb, struct lb6_pkt *p, struct ct6_key *fk, __u64 now)
+{
+	struct lb4_service *svc;
+	struct ct6_entry e = {};
+	__u32 bytes = skb->len;
+
+	svc = lb6_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
+	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
+		return TC_ACT_SHOT;                     /* only service addresses are routed here */
+	if (!svc->backend_count || !svc->maglev_size) {
+		if (svc->flags & LB_SVC_F_LOCAL_ONLY)
+			return lb_drop(REASON_NO_LOCAL_BACKEND);
+		return lb6_reject_via(skb, p, REASON_NO_BACKEND, BPF_F_INGRESS);
+	}
+	if (!lb6_flow_begin(svc, p, now, &e))
+		return lb_drop(REASON_NO_BACKEND);
+	if (ct6_create(fk, &e, p->saddr))
+		return lb_drop(REASON_CT_CREATE_FAILED);
+	lb6_affinity_update(svc, p->saddr, e.backend_id, now);
+	if (lb6_rewrite_dst(skb, p, e.backend_addr, e.backend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e.frontend_id, e.backend_id, bytes);
+	return hs6_send(skb, p);
+}
+
+/* ebpfsvc0 egress, IPv6: as hs4_from_host (a tracked flow keeps its backend, a
+ * removed one resets TCP into the host and balances a datagram flow again). */
+static __always_inline int hs6_from_host(struct __sk_buff *skb)
+{
+	struct lb6_pkt p = {};
+	struct ct6_entry *e;
+	struct ct6_key fk;
+	__u32 bytes = skb->len;
+	__u64 now;
+
+	if (lb6_parse(skb, &p) != LB_PARSE_OK || !lb4_proto_has_ports(p.proto))
+		return TC_ACT_SHOT;                     /* the device would drop it anyway */
+	if (p.frag != LB_FRAG_NONE)
+		return lb_drop(REASON_FRAG_UNTRACKED);
+	now = bpf_ktime_get_ns();
+	e = ct6_flow_of(&fk, &p, now);
+	if (!e)
+		return hs6_new(skb, &p, &fk, now);
+	if (!lb6_flow_keeps_backend(e->backend_id, p.proto)) {
+		ct6_delete_flow(&fk, e);
+		if (p.proto == IPPROTO_TCP)
+			return lb6_reject_via(skb, &p, REASON_BACKEND_GONE, BPF_F_INGRESS);
+		return hs6_new(skb, &p, &fk, now);
+	}
+	lb6_note_forward(&p, e, now);
+	if (lb6_rewrite_dst(skb, &p, e->backend_addr, e->backend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return hs6_send(skb, &p);
+}
+
+/* Uplink ingress, IPv6: a remote backend's reply to a node client (addressed to
+ * node_snat6()) gets its frontend back as source, as np4_from_uplink does for
+ * IPv4 (lb4_host_reply); anything else passes. */
+static __always_inline int hs6_uplink_reply(struct __sk_buff *skb)
+{
+	struct lb6_pkt p = {};
+	struct ct6_entry *e;
+	struct ct6_key rk;
+	__be32 node[4];
+	__u64 now;
+
+	if (lb6_parse(skb, &p) != LB_PARSE_OK || !lb4_proto_has_ports(p.proto) || p.frag == LB_FRAG_LATER ||
+	    node_snat6(node) || node_addr6_diff(p.daddr, node))
+		return TC_ACT_OK;
+	now = bpf_ktime_get_ns();
+	ct6_key_reply(&rk, &p);
+	e = ct6_lookup(&rk, now);
+	if (!e || !lb6_is_host_flow(e))
+		return TC_ACT_OK;
+	return lb6_host_reply_xlate(skb, &p, e, now) ? lb_drop(REASON_MALFORMED) : TC_ACT_OK;
+}
+
 #endif /* EBPFSVC_HOST_H */

@@ -470,8 +470,10 @@ static __always_inline int lb6_build_icmp_port_unreach(struct __sk_buff *skb, co
 	return 0;
 }
 
-/* As lb4_reject_build and lb4_reject: answered back out the interface it came from. */
-static __always_inline int lb6_reject(struct __sk_buff *skb, const struct lb6_pkt *p, __u32 reason)
+/* As lb4_reject_build and lb4_reject_via: the reject sent back through the interface the packet came
+ * from, `redirect_flags` saying which way (BPF_F_INGRESS: into the host). */
+static __always_inline int lb6_reject_via(struct __sk_buff *skb, const struct lb6_pkt *p, __u32 reason,
+					  __u64 redirect_flags)
 {
 	int err;
 
@@ -484,7 +486,13 @@ static __always_inline int lb6_reject(struct __sk_buff *skb, const struct lb6_pk
 	if (err)
 		return lb_drop(REASON_REJECT_FAILED);
 	lb_count_drop(reason);
-	return bpf_redirect(skb->ifindex, 0);
+	return bpf_redirect(skb->ifindex, redirect_flags);
+}
+
+/* Reject back out of the interface the packet came from (to the client). */
+static __always_inline int lb6_reject(struct __sk_buff *skb, const struct lb6_pkt *p, __u32 reason)
+{
+	return lb6_reject_via(skb, p, reason, 0);
 }
 
 /* ---- ICMPv6 errors about translated flows (destination unreachable, packet too

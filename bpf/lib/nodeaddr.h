@@ -36,6 +36,15 @@ static __always_inline __be32 node_snat4(void)
 	return a ? a->snat4 : 0;
 }
 
+/* 0 when IPv6 addresses `a` and `b` are the same, else not 0, computed without
+ * branches: the datapath compares a packet's address with two node addresses on
+ * every pod packet to the node, and each branch would multiply the paths the
+ * verifier walks through what follows. */
+static __always_inline __u32 node_addr6_diff(const __be32 *a, const __be32 *b)
+{
+	return (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]);
+}
+
 /* The IPv6 address at offset `off` of struct lb_node_addrs into `out`: 0 when set, -1 when
  * none (all zero; `out` zeroed). */
 static __always_inline int node_addr6(__u32 off, __be32 out[4])

@@ -132,3 +132,100 @@ def test_node_client_routes_follow_the_wanted_set(uplink):
     installed = hostpath.sync_routes(hostpath.routes(ns), {ipaddress.IPv4Network("10.96.0.10/32")}, A(NODE), ns)
     assert hostpath.routes(ns) == installed == {ipaddress.IPv4Network("10.96.0.10/32")}
     assert hostpath.teardown(ns) and hostpath.routes(ns) == set()
+
+
+# ---- IPv6 node clients: ClusterIPs through ebpfsvc0 (hs6_from_host), source the node's IPv6 address ----
+
+NODE6 = "2001:2::11"
+NODE2_6 = "2001:2::12"
+REMOTE_BE6 = "2001:2:0:2::2"
+VIP6 = "2001:2:0:ff::10"
+WEB6 = frontend(VIP6, 80, [be(REMOTE_BE6)], name="web6")
+
+
+@pytest.fixture
+def uplink6(uplink):
+    """The uplink namespace with node-1's IPv6 view of the fabric too (its address, a route to node-2's
+    pod prefix, node-2 resolved, forwarding on: an IPv6 FIB lookup needs it), and the node's IPv6
+    address in lb_node_addrs."""
+    from pyroute2 import IPRoute
+
+    from ebpfsvc.datapath import nodeaddrs, nsenter
+
+    def configure():
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=idx, address=NODE6, prefixlen=64, flags=0x02)      # IFA_F_NODAD
+            ipr.neigh("add", dst=NODE2_6, lladdr=NODE2_MAC, ifindex=idx, state=0x80, family=10)
+            ipr.route("add", dst="2001:2:0:2::/64", gateway=NODE2_6, oif=idx, family=10)
+
+    nsenter.run_in(uplink.netns, configure)
+    nsenter.write_sysctls(uplink.netns, {"net.ipv6.conf.all.forwarding": 1})
+    nodeaddrs.write(uplink.dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN, snat4=NODE, snat6=NODE6))
+    return uplink
+
+
+def tcp6(src, dst, sport, dport, flags="S", seq=1000, ack=0):
+    from scapy.layers.inet6 import IPv6
+    return IPv6(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack)
+
+
+def udp6(src, dst, sport, dport, payload):
+    from scapy.layers.inet import UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.packet import Raw
+    return IPv6(src=src, dst=dst) / UDP(sport=sport, dport=dport) / Raw(payload)
+
+
+def test_an_ipv6_node_client_reaches_a_remote_backend_and_gets_the_clusterip_back(uplink6):
+    uplink6.writer.apply(LBState.of([WEB6]))
+    uplink6.check("SYN from the node to the IPv6 ClusterIP: DNAT, straight to node-2", "from_host",
+                  from_host(tcp6(NODE6, VIP6, 45000, 80, "S")), REDIRECT,
+                  out_to_node2(tcp6(NODE6, REMOTE_BE6, 45000, 8080, "S")))
+    uplink6.check("SYN-ACK from the backend, on the uplink: the ClusterIP as source", "from_uplink",
+                  from_node2(tcp6(REMOTE_BE6, NODE6, 8080, 45000, "SA", seq=7000, ack=1001)), OK,
+                  from_node2(tcp6(VIP6, NODE6, 80, 45000, "SA", seq=7000, ack=1001)))
+    uplink6.check("the next segment keeps its backend", "from_host",
+                  from_host(tcp6(NODE6, VIP6, 45000, 80, "A", seq=1001, ack=7001)), REDIRECT,
+                  out_to_node2(tcp6(NODE6, REMOTE_BE6, 45000, 8080, "A", seq=1001, ack=7001)))
+    flows = {k.dir: v for k, v in uplink6.dp.maps["ct6"].items()}
+    assert flows[abi.CT_DIR_FORWARD].flags & abi.CT_F_ESTABLISHED
+    assert not flows[abi.CT_DIR_FORWARD].flags & (abi.CT_F_NODEPORT | abi.CT_F_HAIRPIN)
+    stray = from_node2(tcp6(REMOTE_BE6, NODE6, 8080, 45999, "SA"))
+    uplink6.check("an IPv6 packet to the node of no such flow passes the uplink untouched", "from_uplink",
+                  stray, OK, stray)
+
+
+def test_an_ipv6_node_client_udp_flow(uplink6):
+    uplink6.writer.apply(LBState.of([frontend(VIP6, 53, [be(REMOTE_BE6, 5353, Protocol.UDP)],
+                                              proto=Protocol.UDP, name="dns6")]))
+    uplink6.check("query", "from_host", from_host(udp6(NODE6, VIP6, 45001, 53, b"q")), REDIRECT,
+                  out_to_node2(udp6(NODE6, REMOTE_BE6, 45001, 5353, b"q")))
+    uplink6.check("answer", "from_uplink", from_node2(udp6(REMOTE_BE6, NODE6, 5353, 45001, b"a")), OK,
+                  from_node2(udp6(VIP6, NODE6, 53, 45001, b"a")))
+
+
+def test_an_ipv6_clusterip_without_backend_is_refused_into_the_host(uplink6):
+    from scapy.layers.inet6 import IPv6
+    uplink6.writer.apply(LBState.of([frontend(VIP6, 80, [], name="web6")]))
+    before = uplink6.drops(abi.REASON_NO_BACKEND)
+    uplink6.check("SYN: RST from the ClusterIP, redirected into the host", "from_host",
+                  from_host(tcp6(NODE6, VIP6, 45002, 80, "S", seq=1000)), REDIRECT,
+                  from_host(IPv6(src=VIP6, dst=NODE6, hlim=64) /
+                            TCP(sport=80, dport=45002, flags="RA", seq=0, ack=1001, window=0)))
+    assert uplink6.drops(abi.REASON_NO_BACKEND) == before + 1
+    uplink6.check("an address of the service CIDR that is no Service: dropped", "from_host",
+                  from_host(tcp6(NODE6, "2001:2:0:ff::99", 45003, 80, "S")), SHOT)
+
+
+def test_an_ipv6_local_backend_answers_a_node_client_through_its_veth(uplink6, compiled):
+    from ebpfsvc.datapath.testrun import prog_test_run
+    pod_side = compiled.load(LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE, snat6=NODE6)   # on the uplink's maps
+    uplink6.writer.apply(LBState.of([WEB6]))
+    uplink6.check("SYN", "from_host", from_host(tcp6(NODE6, VIP6, 45004, 80, "S")), REDIRECT,
+                  out_to_node2(tcp6(NODE6, REMOTE_BE6, 45004, 8080, "S")))
+    res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(from_pod(tcp6(REMOTE_BE6, NODE6, 8080, 45004, "SA"))))
+    assert (res.verdict, res.data) == ("TC_ACT_OK", bytes(from_pod(tcp6(VIP6, NODE6, 80, 45004, "SA"))))
+    probe = from_pod(tcp6(REMOTE_BE6, NODE6, 8080, 45999, "SA"))
+    res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(probe))
+    assert (res.verdict, res.data) == ("TC_ACT_OK", bytes(probe))
