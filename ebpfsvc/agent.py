@@ -433,9 +433,11 @@ class Agent:
                 self._uplinks_attached[name] = ifindex
                 log.info("attached to uplink %s (ifindex %d, mode %s, SNAT address %s)", name, ifindex,
                          cfg.uplink_mode, snat)
-        if cfg.host_clients and snat is not None and (reload or old is None or old.primary != snat):
+        sources = (info.primary, info.primary6)     # node clients' source per family (lb_node_addrs too)
+        if cfg.host_clients and sources != (None, None) and (
+                reload or old is None or (old.primary, old.primary6) != sources):
             from ebpfsvc.datapath import hostpath
-            hostpath.setup(self.uplink_datapath, snat)
+            hostpath.setup(self.uplink_datapath, info.primary or info.primary6)
             with self._routes_lock:
                 if self._routed is None:
                     self._routed = hostpath.routes()    # a previous run's routes: kept or removed by the diff
@@ -458,12 +460,12 @@ class Agent:
                     cidrs = [self.config.node.service_cidr]
                 routes.set_cidrs(cidrs)
             if result is not None:
-                routes.update(result.state, result.delta)     # IPv4 ClusterIPs only: hostpath._routed
+                routes.update(result.state, result.delta)     # ClusterIPs of both families: hostpath._routed
             if self._routed is None or not routes.ready:
                 return      # no device yet, or nothing known yet: a previous run's routes stay until then
             if routes.dirty or rewrite:
-                self._routed = hostpath.sync_routes(self._routed, routes.take_wanted(), self.node_info.primary,
-                                                    rewrite=rewrite)
+                self._routed = hostpath.sync_routes(self._routed, routes.take_wanted(),
+                                                    (self.node_info.primary, self.node_info.primary6), rewrite=rewrite)
 
     def _served(self, spn) -> bool:
         """Whether the maps serve that service port now (admission never evicts such a Service)."""

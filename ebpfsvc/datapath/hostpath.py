@@ -19,22 +19,25 @@ meets those packets where they leave instead (docs/northsouth.md, "Node clients"
   `to_uplink` (uplink.py), on their service ports only; nothing to set up here.
 
 Which addresses are routed to ebpfsvc0 (NodeClientRoutes): the cluster's service CIDRs (its
-ServiceCIDR objects, else the agent's --service-cidr), plus a /32 for every ClusterIP outside
-them, so with neither known every ClusterIP still gets its own route; they follow the objects
-and Services as they change.
+ServiceCIDR objects, else the agent's --service-cidr), plus a /32 (/128) for every ClusterIP
+outside them, so with neither known every ClusterIP still gets its own route; they follow the
+objects and Services as they change. Both families: each route has the node's address of its
+family as preferred source (the address from_host's flows and their replies use, node_snat4/6 in
+lb_node_addrs); a family the node has no address of is not routed.
 
     index = hostpath.setup(uplink_dp, node_address)             # idempotent
-    installed = hostpath.sync_routes(installed, wanted, node_address)
+    installed = hostpath.sync_routes(installed, wanted, (node_address, node_address6))
     hostpath.teardown()                                          # `ebpfsvc cleanup`
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Iterable
+
+from ebpfsvc.lbmodel import IPAddress
 
 from ebpfsvc.datapath import nsenter, tc
 from ebpfsvc.lbmodel import FrontendKind, LBState
@@ -54,7 +57,7 @@ _IFF_UP, _IFF_NOARP = 0x1, 0x80
 _SCOPE_LINK = 253
 
 
-def setup(dp, node_address: ipaddress.IPv4Address, netns=None) -> int:
+def setup(dp, node_address: IPAddress, netns=None) -> int:
     """Create the device (if missing), attach from_host at its egress and from_loopback at lo's
     egress, and let lo accept the node's replies to itself. Returns the device's ifindex."""
     def configure(ipr) -> tuple[int, int]:
@@ -114,22 +117,32 @@ def set_accept_local(ifindex: int, value: int, netns=None) -> None:
         nsenter.run_in(netns, send)
 
 
-def routes(netns=None) -> set[IPv4Network]:
-    """The destinations routed to DEVICE now (none if it does not exist)."""
-    def read(ipr) -> set[IPv4Network]:
+Network = IPv4Network | IPv6Network
+
+
+def routes(netns=None) -> set[Network]:
+    """The destinations routed to DEVICE now, both families (none if it does not exist; IPv6's
+    link-local and multicast routes the kernel gives every device are not ours)."""
+    def read(ipr) -> set[Network]:
         found = ipr.link_lookup(ifname=DEVICE)
         if not found:
             return set()
-        return {IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}")
-                for r in ipr.get_routes(family=2, oif=found[0], table=254)}
+        nets = {ip_network(f"{r.get_attr('RTA_DST') or ('::' if r['family'] == 10 else '0.0.0.0')}/{r['dst_len']}")
+                for family in (2, 10) for r in ipr.get_routes(family=family, oif=found[0], table=254)}
+        return {n for n in nets if not (n.is_link_local or n.is_multicast)}
 
     return nsenter.netlink(netns, read)
 
 
-def sync_routes(installed: set[IPv4Network], wanted: set[IPv4Network], node_address: IPv4Address,
-                netns=None, *, rewrite: bool = False) -> set[IPv4Network]:
-    """Route `wanted` to DEVICE from `node_address` and remove the rest of `installed`; returns
-    what is routed now. rewrite: replace every wanted route (a new node address)."""
+def sync_routes(installed: set[Network], wanted: set[Network], node_addresses: IPAddress | Iterable[IPAddress],
+                netns=None, *, rewrite: bool = False) -> set[Network]:
+    """Route `wanted` to DEVICE, each from the node address of its family in `node_addresses` (one
+    address or several; a destination of a family without one is not routed), and remove the rest
+    of `installed`; returns what is routed now. rewrite: replace every wanted route (a new node
+    address)."""
+    one = isinstance(node_addresses, (IPv4Address, IPv6Address))
+    sources = {a.version: a for a in ([node_addresses] if one else node_addresses) if a is not None}
+    wanted = {dst for dst in wanted if dst.version in sources}
     add = set(wanted) if rewrite else wanted - installed
     remove = installed - wanted
     if not add and not remove:
@@ -137,10 +150,10 @@ def sync_routes(installed: set[IPv4Network], wanted: set[IPv4Network], node_addr
 
     def configure(ipr) -> None:
         index = ipr.link_lookup(ifname=DEVICE)[0]
-        for dst in sorted(add):
+        for dst in sorted(add, key=_order):
             # replace: a restarted agent (or a changed node address) rewrites the same route.
-            ipr.route("replace", dst=str(dst), oif=index, prefsrc=str(node_address), scope=_SCOPE_LINK)
-        for dst in sorted(remove):
+            ipr.route("replace", dst=str(dst), oif=index, prefsrc=str(sources[dst.version]), scope=_SCOPE_LINK)
+        for dst in sorted(remove, key=_order):
             try:
                 ipr.route("del", dst=str(dst), oif=index, scope=_SCOPE_LINK)
             except Exception as e:           # gone already: what we wanted
@@ -148,42 +161,44 @@ def sync_routes(installed: set[IPv4Network], wanted: set[IPv4Network], node_addr
 
     nsenter.netlink(netns, configure)
     if len(add) + len(remove) <= 8:
-        log.info("node clients: routed %s to %s%s", ", ".join(map(str, sorted(add))) or "nothing new", DEVICE,
-                 f", unrouted {', '.join(map(str, sorted(remove)))}" if remove else "")
+        log.info("node clients: routed %s to %s%s", ", ".join(map(str, sorted(add, key=_order))) or "nothing new",
+                 DEVICE, f", unrouted {', '.join(map(str, sorted(remove, key=_order)))}" if remove else "")
     else:
         log.info("node clients: %d routes to %s added, %d removed", len(add), DEVICE, len(remove))
     return set(wanted)
 
 
+def _order(net: Network) -> tuple:
+    return net.version, net          # IPv4 and IPv6 networks do not compare with each other
+
+
 def _routed(fe) -> bool:
-    """A frontend whose address the node-client device is routed for: an IPv4 ClusterIP. The
-    device and its routes are IPv4 only (ServiceCIDR.cidrs gives the IPv4 ranges), so on a
-    dual-stack node the IPv6 ClusterIPs are left out here, and the agent hands over its states
-    and deltas as they are: no copy of the state, and a change stays O(delta)."""
-    return fe is not None and fe.kind is FrontendKind.CLUSTER_IP and fe.key.address.version == 4
+    """A frontend whose address the node-client device is routed for: a ClusterIP, of either
+    family (sync_routes leaves out a family the node has no address of)."""
+    return fe is not None and fe.kind is FrontendKind.CLUSTER_IP
 
 
 class NodeClientRoutes:
-    """What to route to DEVICE: the service CIDRs, and a /32 for each ClusterIP outside them.
+    """What to route to DEVICE: the service CIDRs, and a /32 (/128) for each ClusterIP outside them.
 
     Kept up to date from each LBState at the cost of what changed (the DesiredStateBuilder's
     delta), since with no service CIDR known there is one route per ClusterIP; `dirty` says
     whether `wanted` changed since the last take_wanted()."""
 
     def __init__(self) -> None:
-        self.cidrs: tuple[IPv4Network, ...] = ()
+        self.cidrs: tuple[Network, ...] = ()
         self.dirty = True
         self._state: LBState | None = None
-        self._refs: dict[IPv4Address, int] = {}      # ClusterIP -> frontends with it
-        self._uncovered: set[IPv4Address] = set()     # ClusterIPs in no CIDR
+        self._refs: dict[IPAddress, int] = {}        # ClusterIP -> frontends with it
+        self._uncovered: set[IPAddress] = set()       # ClusterIPs in no CIDR
 
     @property
     def ready(self) -> bool:
         """Has it seen a state (before, `wanted` holds the CIDRs only)?"""
         return self._state is not None
 
-    def set_cidrs(self, cidrs: Iterable[IPv4Network]) -> None:
-        cidrs = tuple(sorted(set(cidrs)))
+    def set_cidrs(self, cidrs: Iterable[Network]) -> None:
+        cidrs = tuple(sorted(set(cidrs), key=_order))
         if cidrs != self.cidrs:
             self.cidrs, self.dirty = cidrs, True
             self._uncovered = {ip for ip in self._refs if not self._covered(ip)}
@@ -206,22 +221,22 @@ class NodeClientRoutes:
                     self._ref(fe.key.address)
         self._state = state
 
-    def take_wanted(self) -> set[IPv4Network]:
+    def take_wanted(self) -> set[Network]:
         """Every destination to route now; clears `dirty`."""
         self.dirty = False
-        return set(self.cidrs) | {IPv4Network(f"{ip}/32") for ip in self._uncovered}
+        return set(self.cidrs) | {ip_network(f"{ip}/{ip.max_prefixlen}") for ip in self._uncovered}
 
-    def _covered(self, ip: IPv4Address) -> bool:
-        return any(ip in c for c in self.cidrs)
+    def _covered(self, ip: IPAddress) -> bool:
+        return any(ip.version == c.version and ip in c for c in self.cidrs)
 
-    def _ref(self, ip: IPv4Address) -> None:
+    def _ref(self, ip: IPAddress) -> None:
         n = self._refs.get(ip, 0)
         self._refs[ip] = n + 1
         if not n and not self._covered(ip):
             self._uncovered.add(ip)
             self.dirty = True
 
-    def _unref(self, ip: IPv4Address) -> None:
+    def _unref(self, ip: IPAddress) -> None:
         n = self._refs.get(ip, 0) - 1
         if n > 0:
             self._refs[ip] = n

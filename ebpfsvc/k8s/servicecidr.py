@@ -6,9 +6,9 @@ one range per IP family.  Two things follow from them:
 
 - the IP families the cluster serves (cluster_ip_families): the agent serves those
   by default, so a dual-stack cluster needs no flag (AgentConfig.ip_families_auto);
-- the IPv4 ranges (`cidrs`), which the agent routes to its node-client device
-  (ebpfsvc/datapath/hostpath.py), so a process on the node reaches every ClusterIP;
-  hostpath routes IPv4 only, so the IPv6 ranges are not routed.
+- the ranges (`cidrs`), which the agent routes to its node-client device
+  (ebpfsvc/datapath/hostpath.py), so a process on the node reaches every ClusterIP
+  (those of a family the node has no address of are left out there).
 
 The agent never refuses a clusterIP for lying outside them (the API server already
 did that check).
@@ -38,9 +38,9 @@ class ServiceCIDR:
         return ("", self.name)
 
     @property
-    def cidrs(self) -> tuple[ipaddress.IPv4Network, ...]:
-        """The IPv4 ranges: what the node-client device is routed for (hostpath.py routes IPv4 only)."""
-        return tuple(r for r in self.ranges if r.version == 4)
+    def cidrs(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The ranges the node-client device is routed for (hostpath.py), both families."""
+        return self.ranges
 
     @property
     def families(self) -> tuple[str, ...]:

@@ -229,3 +229,26 @@ def test_an_ipv6_local_backend_answers_a_node_client_through_its_veth(uplink6, c
     probe = from_pod(tcp6(REMOTE_BE6, NODE6, 8080, 45999, "SA"))
     res = prog_test_run(pod_side.programs["from_pod"].fd, bytes(probe))
     assert (res.verdict, res.data) == ("TC_ACT_OK", bytes(probe))
+
+
+def test_ipv6_node_client_routes_have_the_nodes_ipv6_address_as_source(uplink6):
+    """hostpath routes both families to the device, each from the node's address of its family; a
+    family without a node address is not routed."""
+    from pyroute2 import IPRoute
+
+    from ebpfsvc.datapath import nsenter
+
+    ns = uplink6.netns
+    hostpath.setup(uplink6.dp, A(NODE), netns=ns)
+    v4, v6 = ipaddress.IPv4Network("198.19.0.0/16"), ipaddress.IPv6Network("2001:2:0:ff::/108")
+    assert hostpath.sync_routes(set(), {v4, v6}, A(NODE), ns) == {v4}            # no IPv6 address given
+    installed = hostpath.sync_routes({v4}, {v4, v6}, (A(NODE), ipaddress.IPv6Address(NODE6)), ns)
+    assert installed == {v4, v6} and hostpath.routes(ns) == {v4, v6}
+
+    def source_of(dst):
+        with IPRoute() as ipr:
+            return ipr.route("get", dst=dst)[0].get_attr("RTA_PREFSRC")
+    assert nsenter.run_in(ns, lambda: (source_of("2001:2:0:ff::10"), source_of("198.19.0.10"))) == (NODE6, NODE)
+    assert hostpath.sync_routes(installed, {v4}, (A(NODE), ipaddress.IPv6Address(NODE6)), ns) == {v4}
+    assert hostpath.routes(ns) == {v4}
+    assert hostpath.teardown(ns) and hostpath.routes(ns) == set()

@@ -7,9 +7,9 @@ API server and their IPv6 EndpointSlices from the real controller; clients are c
 pod namespaces, servers the lab's echo apps, so every packet crosses the agents' TC programs.
 Backends see the client pod's own IPv6 address: pod traffic is never SNATed.
 
-Not here, because the datapath does not serve it yet for IPv6 (docs/datapath.md): hairpin (a pod
-reaching itself through an IPv6 clusterIP: no IPv6 hairpin source), NodePort and external traffic
-on the uplinks, node clients, the socket path.
+A pod reaching itself through an IPv6 clusterIP (hairpin) is SNATed to its node's IPv6 address.
+Not here, because the datapath does not serve it yet for IPv6 (docs/datapath.md): NodePort and
+external traffic on the uplinks, node clients, the socket path.
 """
 
 from __future__ import annotations
@@ -165,6 +165,24 @@ def test_ipv6_service_without_endpoints_is_refused_at_once(lab):
     wait_ready(lab, ["none6-1"])
     wait_programmed(lab, "none6", 80, backends=1)
     assert http_get(lab, "c6-1", vip, 80)["pod"] == "none6-1"
+
+
+def test_ipv6_hairpin_pod_reaches_itself_through_its_service(lab):
+    """The only backend of an IPv6 Service calls the Service: the answer comes from itself, and the
+    backend saw its node's IPv6 address (the agent's IPv6 primary address, no flag), as the IPv4
+    hairpin test sees the IPv4 one. Without the SNAT the pod would answer itself directly from its
+    own address and the socket, connected to the clusterIP, would drop it: a timeout."""
+    lab.apply([echo("hp6", "node-1"),
+               service("hp6", [{"port": 80, "targetPort": 8080}], selector={"pod": "hp6"}, ipFamilies=["IPv6"])])
+    wait_ready(lab, ["hp6"])
+    wait_programmed(lab, "hp6", 80, backends=1)
+    vip = cluster_ip(lab, "hp6")
+    assert ":" in vip
+
+    answer = http_get(lab, "hp6", vip, 80)
+
+    assert answer["pod"] == "hp6" and answer["localPort"] == 8080
+    assert answer["client"] == "2001:2::11"       # node-1's IPv6 InternalIP (examples/lab/dual-stack.yaml)
 
 
 def test_ipv6_only_lab_serves_a_service(unique_prefix):

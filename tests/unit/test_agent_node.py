@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address
 from types import SimpleNamespace
 
 import pytest
@@ -68,10 +68,11 @@ class Kernel:
             self.loads.append("uplink")
             return SimpleNamespace(programs={}, maps={}, n=len(self.loads) - 1)
 
-        def sync_routes(installed, wanted, node_address, netns=None, rewrite=False):
-            self.routes = set(wanted)
-            self.route_sources.add(node_address)
-            return set(wanted)
+        def sync_routes(installed, wanted, node_addresses, netns=None, rewrite=False):
+            sources = {a.version: a for a in node_addresses if a is not None}
+            self.routes = {dst for dst in wanted if dst.version in sources}     # as hostpath.sync_routes
+            self.route_sources.update(sources[dst.version] for dst in self.routes)
+            return set(self.routes)
 
         monkeypatch.setattr(loader, "load", pod_load)
         monkeypatch.setattr(uplink, "load", uplink_load)
@@ -310,7 +311,7 @@ def on_dual_stack_node(agent, policy: str) -> list:
     return applied
 
 
-def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_address_and_keeps_an_ipv4_primary(kernel):
+def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_address_with_a_primary_of_each_family(kernel):
     """Issue 14: with --ip-families IPv4,IPv6 the Node's IPv6 address serves NodePorts beside its IPv4
     one; the datapath's hairpin and SNAT source is the primary address of each family."""
     v6 = ip_address("2001:2::11")
@@ -324,7 +325,8 @@ def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_address_and_keeps_an_ipv
     assert agent.desired.node.node_addresses == (node, v6)
     assert {(str(k.address), k.port) for k in applied[-1].frontends} == {
         ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}
-    assert {str(n) for n in kernel.routes} == {"198.19.0.10/32"}     # node-client routes: IPv4 for now
+    assert {str(n) for n in kernel.routes} == {"198.19.0.10/32", "2001:2:0:ff::10/128"}    # node clients: both
+    assert kernel.route_sources == {node, v6}                        # each from the node's address of its family
 
 
 # ---- --ip-families auto: the cluster's ServiceCIDRs say which families (issue 14) -------------------
@@ -343,7 +345,7 @@ def served(applied) -> set:
 
 def test_default_families_are_the_servicecidrs_and_need_no_flag(kernel):
     """kube-apiserver's `kubernetes` ServiceCIDR of both families: the default agent serves both, the
-    IPv6 node address serves NodePorts, node-client routes stay IPv4 (hostpath routes IPv4 only)."""
+    IPv6 node address serves NodePorts, node-client routes cover both families' ServiceCIDRs."""
     agent, applied = dual_stack_agent(kernel)
     send(agent, service_cidr("198.19.0.0/16", "2001:2:0:ff::/108"))
     list_all(agent, "Node", "Service", "EndpointSlice", "ServiceCIDR")
@@ -353,7 +355,7 @@ def test_default_families_are_the_servicecidrs_and_need_no_flag(kernel):
     assert agent.desired.node.node_addresses == (IPv4Address("198.18.0.11"), v6)
     assert served(applied) == {("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("2001:2:0:ff::11", 80),
                                ("198.18.0.11", 30080), ("2001:2::11", 30080)}
-    assert kernel.routes == {IPv4Network("198.19.0.0/16")}
+    assert kernel.routes == {IPv4Network("198.19.0.0/16"), IPv6Network("2001:2:0:ff::/108")}
     assert agent.state.problems == []
 
 
