@@ -31,6 +31,7 @@ from .podservers import Servers
 pytestmark = pytest.mark.root
 
 VIP6, EMPTY6 = "2001:2:0:ff::10", "2001:2:0:ff::11"
+HAIRPIN6 = "2001:2::1"          # the node's IPv6 address (on its lo here): the hairpin source
 CLIENT6, B1, B2 = "2001:2:0:1::5", "2001:2:0:2::1", "2001:2:0:2::2"
 GATEWAY = "fe80::1"
 NAMES = {B1: "b1", B2: "b2"}
@@ -51,8 +52,11 @@ def pods6(unique_prefix, pin_dir):
             made.append(ns)
             nsenter.write_sysctls(ns, {**_NO_DAD, **({"net.ipv6.conf.all.forwarding": 1} if ns == node else {})})
         dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
-        nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN))
+        nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN, hairpin6=HAIRPIN6))
         with IPRoute(netns=node) as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            ipr.addr("add", index=lo, address=HAIRPIN6, prefixlen=128)
             for addr, (ns, host) in pods.items():
                 ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
                 idx = ipr.link_lookup(ifname=host)[0]
@@ -127,4 +131,25 @@ def test_ipv6_clusterip_serves_real_tcp_and_udp_and_refuses_when_empty(pods6, pi
     with pytest.raises(ConnectionRefusedError):
         _udp_ask(client_ns, EMPTY6, 53)                 # ICMPv6 port unreachable, as the kernel reads it
     assert stats.drops(dp.maps)["no_backend"] == 2
+    assert stats.drops(dp.maps)["malformed"] == 0
+
+
+def test_ipv6_hairpin_a_pod_reaches_itself_through_its_service(pods6):
+    """b1, the only backend of a Service, connects to the Service's IPv6 clusterIP from its own
+    namespace: the answer comes back whole (without hairpin SNAT b1 would answer itself from its
+    own address and its socket, connected to the clusterIP, would drop it), and the flow's reply
+    entry is addressed to the node's IPv6 hairpin address."""
+    from ebpfsvc import abi
+
+    dp, _ = pods6
+    MapWriter(dp.maps).apply(state(frontend6(VIP6, 80, [be6(B1)], name="self6"),
+                                   frontend6(VIP6, 53, [be6(B1, 5353, Protocol.UDP)], proto=Protocol.UDP,
+                                             name="self6-dns")))
+    b1_ns = f"{pods6[1].rsplit('-', 1)[0]}-b61"
+    for _ in range(3):
+        assert _tcp_get(b1_ns, VIP6, 80) == b"b1" * 2000
+    data, src = _udp_ask(b1_ns, VIP6, 53)
+    assert (data, src) == (b"b1", VIP6)
+    replies = {abi.ip_of_be128(k.daddr) for k in dp.maps["ct6"].keys() if k.dir == abi.CT_DIR_REPLY}
+    assert replies == {HAIRPIN6}
     assert stats.drops(dp.maps)["malformed"] == 0
