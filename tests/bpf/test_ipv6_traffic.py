@@ -153,3 +153,35 @@ def test_ipv6_hairpin_a_pod_reaches_itself_through_its_service(pods6):
     replies = {abi.ip_of_be128(k.daddr) for k in dp.maps["ct6"].keys() if k.dir == abi.CT_DIR_REPLY}
     assert replies == {HAIRPIN6}
     assert stats.drops(dp.maps)["malformed"] == 0
+
+
+def test_ipv6_node_client_reaches_a_clusterip_with_real_sockets(pods6, pin_dir):
+    """A process in the node's own namespace connects to an IPv6 clusterIP (TCP and UDP): the agent's
+    node-client path as hostpath sets it up (ebpfsvc0 routed for the clusterIP from the node's IPv6
+    address, lb_node.c's from_host at its egress); the backends are the local pods, whose replies
+    to the node address get the clusterIP back on their veths (from_pod)."""
+    from ipaddress import IPv6Address, IPv6Network
+
+    from ebpfsvc.datapath import hostpath, uplink
+
+    dp, client_ns = pods6
+    node = client_ns.rsplit("-", 1)[0] + "-n6"
+    nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN, hairpin6=HAIRPIN6, snat6=HAIRPIN6))
+    node_dp = uplink.load(pin_dir, limits=TEST_LIMITS, cache=False)
+    try:
+        hostpath.setup(node_dp, IPv6Address(HAIRPIN6), netns=node)
+        routed = hostpath.sync_routes(set(), {IPv6Network(f"{VIP6}/128")}, (None, IPv6Address(HAIRPIN6)), node)
+        assert routed == {IPv6Network(f"{VIP6}/128")}
+        MapWriter(dp.maps).apply(state(frontend6(VIP6, 80, [be6(B1), be6(B2)], name="web6"),
+                                       frontend6(VIP6, 53, [be6(B1, 5353, Protocol.UDP)], proto=Protocol.UDP,
+                                                 name="dns6")))
+        seen = set()
+        for _ in range(12):
+            body = _tcp_get(node, VIP6, 80)
+            seen.add(body[:2].decode())
+            assert body == body[:2] * 2000
+        assert seen == {"b1", "b2"}
+        assert _udp_ask(node, VIP6, 53) == (b"b1", VIP6)
+        assert stats.drops(dp.maps)["malformed"] == 0 and stats.drops(dp.maps)["fib_lookup"] == 0
+    finally:
+        node_dp.close()
