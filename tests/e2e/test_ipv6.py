@@ -7,14 +7,16 @@ API server and their IPv6 EndpointSlices from the real controller; clients are c
 pod namespaces, servers the lab's echo apps, so every packet crosses the agents' TC programs.
 Backends see the client pod's own IPv6 address: pod traffic is never SNATed.
 
-A pod reaching itself through an IPv6 clusterIP (hairpin) is SNATed to its node's IPv6 address.
+A pod reaching itself through an IPv6 clusterIP (hairpin) is SNATed to its node's IPv6 address, and
+a process in a node's own namespace reaches IPv6 clusterIPs (node clients, the socket path off).
 Not here, because the datapath does not serve it yet for IPv6 (docs/datapath.md): NodePort and
-external traffic on the uplinks, node clients, the socket path.
+external traffic on the uplinks, the socket path.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 
 import pytest
@@ -183,6 +185,50 @@ def test_ipv6_hairpin_pod_reaches_itself_through_its_service(lab):
 
     assert answer["pod"] == "hp6" and answer["localPort"] == 8080
     assert answer["client"] == "2001:2::11"       # node-1's IPv6 InternalIP (examples/lab/dual-stack.yaml)
+
+
+NODE_UDP6_QUERY = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"from the node")
+print(s.recv(65535).decode())
+"""
+
+
+def test_ipv6_node_clients_reach_clusterips(lab):
+    """A process in node-1's own namespace reaches IPv6 clusterIPs through the node-client device the
+    agent routes the IPv6 service CIDR to: curl to a backend on node-1 and one on node-2, UDP, an
+    empty Service refused at once. Backends see node-1's IPv6 address."""
+    lab.apply([echo("h6-be-1", "node-1"), echo("h6-be-2", "node-2"), echo("h6-dns", "node-2", "udp-echo", 5353),
+               service("h6-1", [{"port": 80, "targetPort": 8080}], selector={"pod": "h6-be-1"}, ipFamilies=["IPv6"]),
+               service("h6-2", [{"port": 80, "targetPort": 8080}], selector={"pod": "h6-be-2"}, ipFamilies=["IPv6"]),
+               service("h6-dns", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}], selector={"pod": "h6-dns"},
+                       ipFamilies=["IPv6"]),
+               service("h6-none", [{"port": 80, "targetPort": 8080}], selector={"pod": "nobody"},
+                       ipFamilies=["IPv6"])])
+    wait_ready(lab, ["h6-be-1", "h6-be-2", "h6-dns"])
+    for name in ("h6-1", "h6-2"):
+        wait_programmed(lab, name, 80, backends=1)
+    wait_programmed(lab, "h6-dns", 53, backends=1, proto="UDP")
+    wait_programmed(lab, "h6-none", 80, backends=0)
+    node1 = "2001:2::11"      # node-1's IPv6 InternalIP (examples/lab/dual-stack.yaml)
+
+    for name, backend in (("h6-1", "h6-be-1"), ("h6-2", "h6-be-2")):
+        out = lab.node_exec("node-1", ["curl", "-gsS", "--max-time", "5", f"http://[{cluster_ip(lab, name)}]/"])
+        assert out.returncode == 0, (name, out.stderr)
+        answer = json.loads(out.stdout)
+        assert (answer["pod"], answer["client"], answer["localPort"]) == (backend, node1, 8080)
+
+    query = lambda: lab.node_exec("node-1", [sys.executable, "-c", NODE_UDP6_QUERY,  # noqa: E731
+                                             cluster_ip(lab, "h6-dns"), "53"])
+    out = wait_for(lambda: (r := query()).returncode == 0 and r, what="a UDP answer over IPv6 from node-1")
+    answer = json.loads(out.stdout)
+    assert answer["pod"] == "h6-dns" and answer["client"] == node1
+
+    refused = lab.node_exec("node-1", ["curl", "-gsS", "--max-time", "5", f"http://[{cluster_ip(lab, 'h6-none')}]/"])
+    assert refused.returncode == 7, refused.stderr          # connection refused, not a timeout
 
 
 def test_ipv6_only_lab_serves_a_service(unique_prefix):
