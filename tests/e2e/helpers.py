@@ -347,10 +347,10 @@ def wait_programmed(lab: Lab, svc: str, port: int, backends: int, nodes: Iterabl
         wait_for(done, timeout, what=f"{node}: {svc} {vip}:{port}/{proto} with {backends} backends")
 
 
-# The UDP query a hostNetwork client sends (a Python one-liner run in a node's namespace).
+# The UDP query a hostNetwork client sends (a Python one-liner run in a node's namespace), either family.
 NODE_UDP_QUERY = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(3)
 s.connect((sys.argv[1], int(sys.argv[2])))
 s.send(b"from the node")

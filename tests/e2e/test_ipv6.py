@@ -23,8 +23,8 @@ import pytest
 
 from ebpfsvc.lab import Lab, apps
 
-from .helpers import (add_clients, cluster_ip, connect_outcome, frontend, http_get, service, table_backends,
-                      udp_ask_once, wait_affinity, wait_for, wait_programmed, wait_ready)
+from .helpers import (NODE_UDP_QUERY, add_clients, cluster_ip, connect_outcome, frontend, http_get, service,
+                      table_backends, udp_ask_once, wait_affinity, wait_for, wait_programmed, wait_ready)
 from .test_dualstack_lab import DUAL_STACK, IPV6_ONLY, curl, pod_ips, root_namespace_ipv6, v6
 from .test_lab import lab_leftovers
 
@@ -187,16 +187,6 @@ def test_ipv6_hairpin_pod_reaches_itself_through_its_service(lab):
     assert answer["client"] == "2001:2::11"       # node-1's IPv6 InternalIP (examples/lab/dual-stack.yaml)
 
 
-NODE_UDP6_QUERY = """
-import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.settimeout(3)
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.send(b"from the node")
-print(s.recv(65535).decode())
-"""
-
-
 def test_ipv6_node_clients_reach_clusterips(lab):
     """A process in node-1's own namespace reaches IPv6 clusterIPs through the node-client device the
     agent routes the IPv6 service CIDR to: curl to a backend on node-1 and one on node-2, UDP, an
@@ -221,7 +211,7 @@ def test_ipv6_node_clients_reach_clusterips(lab):
         answer = json.loads(out.stdout)
         assert (answer["pod"], answer["client"], answer["localPort"]) == (backend, node1, 8080)
 
-    query = lambda: lab.node_exec("node-1", [sys.executable, "-c", NODE_UDP6_QUERY,  # noqa: E731
+    query = lambda: lab.node_exec("node-1", [sys.executable, "-c", NODE_UDP_QUERY,  # noqa: E731
                                              cluster_ip(lab, "h6-dns"), "53"])
     out = wait_for(lambda: (r := query()).returncode == 0 and r, what="a UDP answer over IPv6 from node-1")
     answer = json.loads(out.stdout)
