@@ -22,7 +22,10 @@ its ServiceCIDRs) and three more rows measure over IPv6: iperf3 same node and cr
 connection rate, through IPv6-only Services `bench-same6` and `bench-cross6` (tc) against the server
 pod's IPv6 address (direct), interleaved with the rest. The socket path has no IPv6 hooks
 (connect6/sendmsg6), so those rows have no socket column; sockperf 3.7 takes no IPv6 address, so
-latency has no IPv6 row.
+latency has no IPv6 row yet. The tool for it: Debian's qperf (0.4.11, C) does request/response over
+IPv6 (`tcp_lat`, `udp_lat`: one-way latency, half the round trip, as sockperf reports; checked between
+two namespaces on 2026-12-02). Through a Service it needs two service ports, its control port (-lp)
+and its data port (-ip), both forwarded to the server pod; not wired in.
 """
 
 from __future__ import annotations
