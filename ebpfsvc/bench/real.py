@@ -226,6 +226,18 @@ def sync_completions(log_text: str, year: int) -> list[tuple[float, float]]:
     return out
 
 
+def process_peak_rss_mib(pid: int | None) -> float | None:
+    """The peak resident memory (VmHWM) of one process, in MiB; None when it is gone."""
+    if pid is None:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M)
+    return int(found.group(1)) / 1024 if found else None
+
+
 def tc_programs(netns: str) -> dict[int, str]:
     """Every BPF program attached at TC in namespace `netns` (a node's): program id -> name."""
     from ebpfsvc.datapath import tc
@@ -515,6 +527,7 @@ class Run:
         cpu1 = process_cpu_seconds(pid)
         if cpu0 is not None and cpu1 is not None:
             m["proxy_cpu_pct"] = (cpu1 - cpu0) / (time.monotonic() - t0) * 100
+        m["proxy_peak_rss_mib"] = process_peak_rss_mib(pid)    # what surviving N services costs
         return m
 
     @contextlib.contextmanager
@@ -659,7 +672,7 @@ SUMMARY_METRICS = (("tcp_crr_cps", "conn/s (wrk)"), ("cpu_us_per_conn", "CPU µs
                    ("endpoint_change_ms", "endpoint change ms (API write → wire)"),
                    ("endpoint_change_api_ms", "… of it: API write ms"),
                    ("endpoint_change_synced_ms", "… until proxy synced ms"),
-                   ("proxy_cpu_pct", "proxy CPU % in traffic"))
+                   ("proxy_cpu_pct", "proxy CPU % in traffic"), ("proxy_peak_rss_mib", "proxy peak RSS MiB"))
 
 
 def summary(data: dict) -> str:

@@ -64,6 +64,7 @@ METRICS: dict[str, Metric] = {
     "bpf_runs_per_conn": Metric("ebpfsvc: BPF program runs per new connection", "", None, plot=False),
     "bpf_ns_per_run": Metric("ebpfsvc: BPF run time per program run", "ns", False, plot=False),
     "proxy_cpu_pct": Metric("The proxy process's own CPU during the traffic", "% of a core", False),
+    "proxy_peak_rss_mib": Metric("The proxy process's peak resident memory", "MiB", False),
     "first_sync_seconds": Metric("kube-proxy's first sync (its own log)", "s", False),
     "bpf_load_seconds": Metric("ebpfsvc agent: compiling and loading its BPF object at start", "s", False),
     "map_write_seconds": Metric("ebpfsvc agent's first full sync (its own log)", "s", False),

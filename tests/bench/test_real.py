@@ -267,3 +267,10 @@ def test_a_tiny_run_against_the_real_kube_proxy(tmp_path):
     assert ("ebpfsvc", "map_write_seconds") in got and ("kube-proxy-iptables", "first_sync_seconds") in got
     assert "## Summary" in report.read_text()
     assert not Path(f"/run/ebpfsvc-lab/{data['meta']['lab']['prefix']}").exists()
+
+
+def test_a_process_peak_memory_is_read_and_a_gone_one_is_none():
+    import os
+
+    assert real.process_peak_rss_mib(os.getpid()) > 1
+    assert real.process_peak_rss_mib(None) is None and real.process_peak_rss_mib(2**22 + 1) is None
