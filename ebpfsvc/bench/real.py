@@ -305,6 +305,11 @@ class Run:
         from ebpfsvc.lab import Lab
 
         self.lab = Lab.up(prefix="bench-" + uuid.uuid4().hex[:6], agents=False)
+        # On a loaded machine the API server's start-up hooks (RBAC bootstrap roles...) can outlast
+        # kube-controller-manager's wait for a healthy API server, and it exits: no ServiceAccounts,
+        # no pods. Once the API server is ready, start it again if so (a no-op while it runs).
+        self.lab.wait_api_ready(timeout=300)
+        self.lab.control_plane("start", "kube-controller-manager")
         self.lab.apply([{"apiVersion": "v1", "kind": "Pod",
                          "metadata": {"name": p, "annotations": {"lab.ebpfsvc.io/ready": "true"}},
                          "spec": {"nodeName": n, "containers": [{"name": "c"}]}} for p, n in PODS.items()])
