@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -167,9 +167,10 @@ def create_fillers(kubeconfig: str, indexes: range, ips: dict[str, str], process
         return _create_some(kubeconfig, parts[0], ips, threads)
     from ebpfsvc.bench import real    # by its module name, also when this runs as __main__ (-m)
 
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return sum(pool.map(real._create_some, [kubeconfig] * processes, parts, [ips] * processes,
-                            [threads] * processes))
+    # A Pool, not a ProcessPoolExecutor: leaving its block terminates the workers, so an interrupted
+    # fill (SIGTERM) goes on to the lab's teardown instead of waiting for them to finish writing.
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return sum(pool.starmap(real._create_some, [(kubeconfig, part, ips, threads) for part in parts]))
 
 
 def order(names: tuple[str, ...], repeat: int) -> list[str]:
