@@ -6,9 +6,13 @@
 
 One sync costs what changed: the snapshot names the Services that changed, the
 DesiredStateBuilder recomputes only those and names the frontends that changed, and the
-writer writes only their entries.  The first sync, and then one every sync_period, is a
-full apply instead: the writer re-derives every entry from the state rather than trusting
-its incremental bookkeeping, and removes whatever nothing wants (a previous run's leftovers).
+writer writes only their entries.  The first sync, and then one every FULL_APPLY_PERIOD (an
+hour, kube-proxy's FullSyncPeriod), is a full apply instead: the writer re-derives every entry
+from the state rather than trusting its incremental bookkeeping, and removes whatever nothing
+wants (a previous run's leftovers).  The periodic resync every sync_period is cheap, as
+kube-proxy's (a canary check there): the node's interfaces read again and an incremental sync,
+which writes nothing when nothing changed.  A full apply at 10,000 Services costs seconds of CPU
+on a small node, which every 30 s took connections from the pods it serves (docs/bench.md).
 The BoundedFrequencyRunner coalesces bursts of events into one sync.  Nothing is written
 before Services and EndpointSlices have both synced once, because a partial view would
 delete live frontends.
@@ -64,6 +68,10 @@ from ebpfsvc.tracker import ClusterState
 
 log = logging.getLogger(__name__)
 
+# How often a full (verifying) apply re-derives every map entry: kube-proxy's FullSyncPeriod
+# (pkg/proxy/util), a constant there too. Never more often than the periodic resync.
+FULL_APPLY_PERIOD = 3600.0
+
 # At start, how long to wait for the API's list of this node's Node, so the datapath is compiled
 # once, with the node's addresses; if it takes longer they are configured when it comes.
 NODE_WAIT_SECONDS = 5.0
@@ -117,6 +125,7 @@ class Agent:
         self._routes_lock = threading.Lock()              # start's setup vs. the first syncs
         self._maps_bpf = None                             # the maps-only object the writer's tables belong to
         self._next_full_apply = 0.0                       # monotonic time of the next full (verifying) apply
+        self._next_resync = 0.0                           # ... of the next periodic resync (interfaces re-read)
         self._told_unserved: set = set()                  # (Service, clusterIP, families) logged as unserved
         self.synced_once = threading.Event()
         self._stopped = threading.Event()
@@ -348,7 +357,7 @@ class Agent:
 
     def _refresh_node(self, force: bool = False) -> None:
         """Resolve this node's addresses and uplinks again if its Node object changed (or
-        `force`: at start and every full resync, for interfaces that changed), and reconfigure
+        `force`: at start and every periodic resync, for interfaces that changed), and reconfigure
         the datapath if the result differs."""
         node = self.state.node(self.config.node.node_name)
         seen = (node, "Node" in self.state.synced_kinds)
@@ -485,15 +494,18 @@ class Agent:
     # -- sync ------------------------------------------------------------------
     def sync(self) -> None:
         t0 = time.monotonic()
-        # On the first apply and then every sync_period the writer recomputes everything instead
-        # of trusting its incremental bookkeeping (and deletes whatever nothing wants); the node's
-        # addresses and uplinks are read again then too.
+        # On the first apply and then every FULL_APPLY_PERIOD the writer recomputes everything
+        # instead of trusting its incremental bookkeeping (and deletes whatever nothing wants);
+        # every sync_period the node's addresses and uplinks are read again (cheap).
         full = t0 >= self._next_full_apply
+        resync = full or t0 >= self._next_resync
         families_changed = self._follow_service_cidrs()
         if self._configured is not None:        # start() configured the datapath once (it may be compiling)
             moved = self._addresses_changed.is_set()
             self._addresses_changed.clear()     # before reading: an event meanwhile brings another pass
-            self._refresh_node(force=(full and self.last_applied is not None) or moved or families_changed)
+            self._refresh_node(force=(resync and self.last_applied is not None) or moved or families_changed)
+            if resync and self.last_applied is not None:
+                self._next_resync = t0 + self.config.sync_period
         if not self.state.synced:
             log.debug("not synced yet: Services and EndpointSlices must both have listed once")
             return
@@ -528,7 +540,7 @@ class Agent:
             self.runner.run()       # the slots this apply released are free now: admit the waiting ones
         self._route_node_clients(snapshot, result)
         if full:
-            self._next_full_apply = t0 + self.config.sync_period
+            self._next_full_apply = t0 + max(FULL_APPLY_PERIOD, self.config.sync_period)
             if self.last_applied is None:
                 # The first full state is a large, long-lived heap (10k Services: millions of
                 # objects). Freezing it keeps Python's full garbage collections, which would walk it

@@ -137,7 +137,7 @@ class AgentConfig:
     socket_lb_cgroup: str | None = None      # where; with socket_lb off, a previous run's programs are detached
     program_cache: bool = True               # compiled programs reused across starts (datapath/progcache.py)
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
-    sync_period: float = 30.0                # periodic full resync (repairs any drift)
+    sync_period: float = 30.0                # periodic resync (interfaces re-read; full apply hourly: agent.py)
     # Map sizes and conntrack lifetimes: datapath/loader.Limits field names -> value (absent: abi.h's).
     limits: dict[str, int] = field(default_factory=dict)
     healthz_bind_address: str = "0.0.0.0:10256"   # /healthz, /livez ("" = off); kube-proxy's default

@@ -51,6 +51,7 @@ IP_PKTINFO = 8           # linux/in.h; the socket module does not export it
 UDP_QUERY = b"?count"   # a datagram asking the echo server how many it counted from this source
 
 _CLIENT_SLACK = 30.0     # seconds a child may run beyond its duration bound before it is killed
+WATCH_INTERVAL = 0.001   # a backend watch's pace: the resolution of what it times (run_watch)
 
 
 # --- CPU accounting ----------------------------------------------------------------
@@ -348,23 +349,33 @@ def run_udp(address: str, port: int, count: int, duration: float, size: int) -> 
             "received_packets": received}
 
 
-def run_watch(address: str, port: int, backend: str, duration: float) -> dict:
-    """Short "who" connections back to back until `backend` answers; when it first did (CLOCK_MONOTONIC)."""
+def run_watch(address: str, port: int, backend: str, duration: float, interval: float = WATCH_INTERVAL) -> dict:
+    """Short "who" connections, one every `interval` at most, until `backend` answers; when it first
+    did and when the last one before it started (CLOCK_MONOTONIC): the change reached the wire
+    between the two.
+
+    Paced, not back to back: on a 2-core machine a watcher spinning a core would take it from the
+    proxy whose change it times (and from the API server)."""
     attempts, others, errors = 0, Counter(), Counter()
     deadline = time.monotonic() + duration
+    last_start = None
     print("watching", flush=True)
-    while time.monotonic() < deadline:
+    while (start := time.monotonic()) < deadline:
         attempts += 1
         try:
             reply = _one_short_connection(address, port, OP_WHO).decode(errors="replace")
         except OSError as exc:
             errors[type(exc).__name__] += 1
-            time.sleep(0.0005)      # a refused or unreachable target answers at once: do not spin
-            continue
+            reply = None
         if reply == backend:
-            return {"seen_at": time.monotonic(), "attempts": attempts, "before": dict(others), "errors": dict(errors)}
-        others[reply] += 1
-    return {"seen_at": None, "attempts": attempts, "before": dict(others), "errors": dict(errors)}
+            return {"seen_at": time.monotonic(), "previous_attempt_at": last_start, "attempts": attempts,
+                    "before": dict(others), "errors": dict(errors)}
+        if reply is not None:
+            others[reply] += 1
+        last_start = start
+        time.sleep(max(0.0, start + interval - time.monotonic()))
+    return {"seen_at": None, "previous_attempt_at": last_start, "attempts": attempts, "before": dict(others),
+            "errors": dict(errors)}
 
 
 class BackendWatch:
@@ -381,9 +392,10 @@ class BackendWatch:
     clock in every process, so the child's timestamp compares with the caller's.
     """
 
-    def __init__(self, client_netns: str, address: str, port: int, backend: str, *, duration: float = 10.0):
+    def __init__(self, client_netns: str, address: str, port: int, backend: str, *, duration: float = 10.0,
+                 interval: float = WATCH_INTERVAL):
         argv = [sys.executable, "-m", "ebpfsvc.bench.traffic", "client", "watch", address, str(port),
-                "--backend", backend, "--count", "0", "--duration", str(duration)]
+                "--backend", backend, "--count", "0", "--duration", str(duration), "--interval", str(interval)]
         self.duration = duration
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=nsenter.preexec(client_netns))
@@ -586,13 +598,14 @@ def main(argv: list[str] | None = None) -> None:
     client.add_argument("--duration", type=float, required=True)
     client.add_argument("--size", type=int, default=1)
     client.add_argument("--backend", help="watch: the backend address to wait for")
+    client.add_argument("--interval", type=float, default=WATCH_INTERVAL, help="watch: seconds between attempts")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         serve_echo(args.address, args.port)
     elif args.mode == "rr":
         print(json.dumps(run_rr(args.address, args.port, args.count, args.duration, max(1, args.size))))
     elif args.mode == "watch":
-        print(json.dumps(run_watch(args.address, args.port, args.backend, args.duration)))
+        print(json.dumps(run_watch(args.address, args.port, args.backend, args.duration, args.interval)))
     elif args.mode == "udp":
         print(json.dumps(run_udp(args.address, args.port, args.count, args.duration, max(1, args.size))))
     else:

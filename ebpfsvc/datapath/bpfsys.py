@@ -1,6 +1,7 @@
 """The bpf(2) system call, the one place the project calls it directly (bcc covers the rest):
 pinned maps opened by path and read (PinnedMap), program names by id (prog_name), programs
-run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py), cgroup
+run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py), their run-time
+statistics (run_time_stats, prog_run_stats: the benchmark's cost per connection), cgroup
 programs listed and detached (prog_query, prog_detach: datapath/socklb.py), and compiled programs
 loaded from the program cache (prog_load, map_create, map_update_batch: datapath/progcache.py).
 
@@ -46,6 +47,8 @@ BPF_PROG_QUERY = 16
 BPF_PROG_LOAD = 5
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0      # enum bpf_stats_type
 
 BPF_F_RDONLY = 1 << 3
 
@@ -100,6 +103,12 @@ class _ProgInfo(ctypes.Structure):
                 ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
                 ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
                 ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
+class _ProgRunInfo(ctypes.Structure):
+    """struct bpf_prog_info up to run_cnt (the fields between the name and run_time_ns unread)."""
+    _fields_ = [("head", _ProgInfo), ("_middle", ctypes.c_uint8 * 112),
+                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64)]
 
 
 class _MapInfo(ctypes.Structure):
@@ -195,6 +204,32 @@ def prog_name(prog_id: int) -> str:
         return ""
     finally:
         os.close(fd)
+
+
+def prog_run_stats(prog_id: int) -> tuple[int, int] | None:
+    """(run_time_ns, run_cnt) of program `prog_id`: counted only while run-time statistics are
+    on (run_time_stats()); None when there is no such program."""
+    try:
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+    except OSError:
+        return None
+    try:
+        info = _ProgRunInfo()
+        _obj_info(fd, info)
+        return info.run_time_ns, info.run_cnt
+    finally:
+        os.close(fd)
+
+
+class _StatsAttr(ctypes.Structure):         # BPF_ENABLE_STATS
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+def run_time_stats() -> int:
+    """Turn on every program's run-time statistics (run_time_ns, run_cnt) until the returned fd is
+    closed: kernel.bpf_stats_enabled without writing the sysctl, so a crash cannot leave it on
+    (statistics cost every program run a clock read, on every program on the machine)."""
+    return _bpf(BPF_ENABLE_STATS, _StatsAttr(type=BPF_STATS_RUN_TIME))
 
 
 def programs_using_map(map_id: int, prog_type: int | None = None) -> list[tuple[int, str]]:

@@ -232,7 +232,7 @@ def test_a_configured_uplink_that_does_not_exist_fails_healthz_naming_it(kernel)
     assert not healthy and state == "fault" and "uplink bond0 not found" in reason
     assert body["reason"] == reason
 
-    kernel.links["bond0"] = 7                          # created later: found at the next full resync
+    kernel.links["bond0"] = 7                          # created later: found at the next periodic resync
     agent.read_interfaces = lambda: (*INTERFACES, Interface("bond0"))
     agent._refresh_node(force=True)
     assert set(kernel.attached) == {"eth1", "bond0"}
@@ -258,8 +258,8 @@ def test_a_failed_reconfiguration_is_tried_again_at_the_next_sync(kernel, monkey
     assert set(kernel.attached) == {"eth1"} and len(calls) == 2
 
 
-def test_an_address_that_appears_later_serves_nodeports_from_the_next_full_resync(kernel):
-    """Interfaces are read again at every full resync: a Node address that was on no interface
+def test_an_address_that_appears_later_serves_nodeports_from_the_next_resync(kernel):
+    """Interfaces are read again at every periodic resync (sync_period): a Node address that was on no interface
     (DHCP late, a VIP moved in) starts serving NodePorts, though the Node object is unchanged."""
     agent = make_agent()
     agent.read_interfaces = lambda: INTERFACES[:2]            # eth1 not up yet
@@ -270,7 +270,7 @@ def test_an_address_that_appears_later_serves_nodeports_from_the_next_full_resyn
     ports = lambda: {str(k.address) for k in agent.last_applied.frontends if k.port == 30080}  # noqa: E731
     assert ports() == {"198.18.9.5"}
     agent.read_interfaces = lambda: INTERFACES
-    agent._next_full_apply = 0.0                              # the periodic full resync is due
+    agent._next_resync = 0.0                                  # the periodic resync is due
     agent.sync()
     assert ports() == {"198.18.0.11", "198.18.9.5"}
 
@@ -288,7 +288,7 @@ def test_an_address_added_at_runtime_serves_nodeports_at_the_next_sync(kernel):
     agent.sync()
     ports = lambda: {str(k.address) for k in agent.last_applied.frontends if k.port == 30080}  # noqa: E731
     assert ports() == {"198.18.0.11"}
-    agent._next_full_apply = float("inf")                     # no periodic resync in this test
+    agent._next_resync = agent._next_full_apply = float("inf")   # no periodic resync in this test
     agent.read_interfaces = lambda: INTERFACES                # 198.18.0.21 added to eth1
     agent.sync()
     assert ports() == {"198.18.0.11"}, "no address event yet: the interfaces are not read again"
