@@ -62,6 +62,8 @@ BPF_TABLE_PINNED("lru_hash", struct lb6_affinity_key, struct lb_affinity_val, lb
 BPF_TABLE_PINNED("lru_hash", struct frag6_key, struct frag4_ports, frag6, FRAG_ENTRIES_MAX, LB_PIN_DIR "/frag6");
 /* (frontend id, IPv6 client prefix) -> 1: loadBalancerSourceRanges of IPv6 frontends. */
 BPF_TABLE_PINNED("lpm_trie", struct lb6_src_range_key, __u32, lb6_source_ranges, SOURCE_RANGES_MAX, LB_PIN_DIR "/lb6_source_ranges", BPF_F_NO_PREALLOC);
+/* (socket cookie, IPv6 backend) -> frontend the socket asked for, as lb4_sock_revnat (LRU: preallocated). */
+BPF_TABLE_PINNED("lru_hash", struct lb6_sock_key, struct lb6_sock_revnat, lb6_sock_revnat, SOCK_REVNAT_ENTRIES_MAX, LB_PIN_DIR "/lb6_sock_revnat");
 /* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
 
