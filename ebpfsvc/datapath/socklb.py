@@ -227,8 +227,10 @@ def reset_removed(cgroup, maps, keeps: KeepsBackend) -> ResetReport:
     A socket counts as translated when the reverse map of `maps` (the socket datapath's:
     lb4_sock_revnat, lb6_sock_revnat) holds (its cookie, its peer): a pod's own connections
     straight to a pod address are left alone. IPv6 sockets are searched too; one whose peer is
-    IPv4-mapped (a dual-stack socket sent to an IPv4 backend) is found in lb4_sock_revnat. TCP: the kernel sends the
-    backend a RST and the application's next call fails with ECONNABORTED. Connected UDP: the
+    IPv4-mapped (a dual-stack socket sent to an IPv4 backend) is found in lb4_sock_revnat.
+
+    TCP: the kernel sends the backend a RST and the application's next call fails with
+    ECONNABORTED. Connected UDP: the
     socket is disconnected (ECONNABORTED pending, then EDESTADDRREQ on send) so the application
     connects again, to a live backend; an unconnected one needs nothing, each datagram is
     balanced anew."""
