@@ -9,7 +9,7 @@ Backends see the client pod's own IPv6 address: pod traffic is never SNATed.
 
 Not here, because the datapath does not serve it yet for IPv6 (docs/datapath.md): hairpin (a pod
 reaching itself through an IPv6 clusterIP: no IPv6 hairpin source), NodePort and external traffic
-on the uplinks, node clients, the socket path.
+on the uplinks, node clients. The socket path's IPv6 hooks: test_socklb_ipv6.py.
 """
 
 from __future__ import annotations
