@@ -31,13 +31,23 @@ def lab():
         config.write_text(config.read_text() + "socket-lb: true\n")
         for node in instance.spec.nodes:
             instance.agent("start", node.name)
+        # kube-controller-manager makes `default`'s ServiceAccount; on a loaded machine it can take
+        # longer than the lab's own 30 s wait before the first Pod.
+        wait_for(lambda: instance.api.get("ServiceAccount", "default", "default"), 300,
+                 what="the default ServiceAccount")
         instance.apply([bare_pod(CLIENT, "node-1")])
         wait_ready(instance, [CLIENT])
         from ebpfsvc.datapath import socklb
 
         for node in instance.spec.nodes:
             cg = cgroups.node_cgroup(instance.prefix, node.name)
-            wait_for(lambda cg=cg: all(socklb.attached(cg).values()), what=f"socket programs on {cg}")
+            # Two agents compile lb_pod.c and lb_sock.c on a loaded machine: a generous wait, and
+            # the agent's own words if it never attaches.
+            try:
+                wait_for(lambda cg=cg: all(socklb.attached(cg).values()), 300, what=f"socket programs on {cg}")
+            except AssertionError as exc:
+                log = (instance.state.path / f"agent-{node.name}.log").read_text()[-3000:]
+                raise AssertionError(f"{exc}\n{node.name}'s agent log ends:\n{log}") from None
         yield instance
     finally:
         instance.down()
