@@ -20,7 +20,9 @@ from .helpers import bare_pod, cluster_ip, service, wait_for, wait_programmed, w
 from .test_dualstack_lab import DUAL_STACK, v6
 from .test_socklb import CLIENT, Held, check_udp_through_socket_path, flows_from, http_body, probe
 
-pytestmark = pytest.mark.root
+# The module's lab comes up inside the first test's time: a dual-stack control plane and two agents
+# compiling on a loaded machine took more than pytest-timeout's 300 s.
+pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
