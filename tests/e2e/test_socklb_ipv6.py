@@ -88,9 +88,11 @@ def test_ipv6_udp_unconnected_and_connected(lab):
 
 
 def test_ipv6_empty_service_refused_at_connect(lab):
-    lab.apply([service("s6-empty", [{"port": 80, "targetPort": 8080}], selector={"app": "s6-nobody"},
-                       ipFamilies=["IPv6"])])
+    lab.apply([service("s6-empty", [{"name": "web", "port": 80, "targetPort": 8080},
+                                    {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}],
+                       selector={"app": "s6-nobody"}, ipFamilies=["IPv6"])])
     wait_programmed(lab, "s6-empty", 80, backends=0, family=6)
+    wait_programmed(lab, "s6-empty", 53, backends=0, proto="UDP", family=6)
     vip = cluster_ip(lab, "s6-empty", 6)
     assert probe(lab, "tcp", vip, 80) == {"errno": "ECONNREFUSED"}
     assert probe(lab, "udp-connected", vip, 53) == {"errno": "ECONNREFUSED"}
