@@ -9,8 +9,11 @@
  *   sendmsg4      BPF_CGROUP_UDP4_SENDMSG       unconnected UDP
  *   recvmsg4      BPF_CGROUP_UDP4_RECVMSG       reply source -> Service
  *   getpeername4  BPF_CGROUP_INET4_GETPEERNAME  peer -> Service
+ *   connect6      BPF_CGROUP_INET6_CONNECT      the same for IPv6 sockets, over lb6_* maps;
+ *   sendmsg6      BPF_CGROUP_UDP6_SENDMSG       an IPv4-mapped address (::ffff:a.b.c.d)
+ *   recvmsg6      BPF_CGROUP_UDP6_RECVMSG       takes the IPv4 logic and maps
+ *   getpeername6  BPF_CGROUP_INET6_GETPEERNAME
  *
- * The IPv6 twins (connect6, ...) will sit beside these over lb6_* maps.
  * ebpfsvc/datapath/socklb.py compiles this file and attaches the programs.
  */
 
@@ -23,20 +26,40 @@
 
 int connect4(struct bpf_sock_addr *ctx)
 {
-	return lb4_sock_connect(ctx);
+	return lb4_sock_hook(ctx, LB_SOCK_CONNECT);
 }
 
 int sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return lb4_sock_sendmsg(ctx);
+	return lb4_sock_hook(ctx, LB_SOCK_SENDMSG);
 }
 
 int recvmsg4(struct bpf_sock_addr *ctx)
 {
-	return lb4_sock_recvmsg(ctx);
+	return lb4_sock_hook(ctx, LB_SOCK_REVERSE);
 }
 
 int getpeername4(struct bpf_sock_addr *ctx)
 {
-	return lb4_sock_getpeername(ctx);
+	return lb4_sock_hook(ctx, LB_SOCK_REVERSE);
+}
+
+int connect6(struct bpf_sock_addr *ctx)
+{
+	return lb6_sock_hook(ctx, LB_SOCK_CONNECT);
+}
+
+int sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return lb6_sock_hook(ctx, LB_SOCK_SENDMSG);
+}
+
+int recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return lb6_sock_hook(ctx, LB_SOCK_REVERSE);
+}
+
+int getpeername6(struct bpf_sock_addr *ctx)
+{
+	return lb6_sock_hook(ctx, LB_SOCK_REVERSE);
 }

@@ -88,6 +88,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "frag6": ("struct frag6_key", "struct frag4_ports"),
     "lb6_source_ranges": ("struct lb6_src_range_key", "__u32"),
     "lb_node_addrs": ("__u32", "struct lb_node_addrs"),
+    "lb6_sock_revnat": ("struct lb6_sock_key", "struct lb6_sock_revnat"),
 }
 
 

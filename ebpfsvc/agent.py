@@ -308,7 +308,7 @@ class Agent:
         from ebpfsvc.datapath import socklb
 
         try:
-            report = socklb.reset_removed(self.config.socket_lb_cgroup, self.socket_datapath.maps["lb4_sock_revnat"],
+            report = socklb.reset_removed(self.config.socket_lb_cgroup, self.socket_datapath.maps,
                                           socklb.keeps_in_maps(self.writer))
         except Exception as exc:    # noqa: BLE001 - the maps are written: this sync succeeded whatever happens here
             log.error("socket-level load balancing: resetting sockets to removed backends failed: %s", exc)

@@ -382,6 +382,23 @@ struct frag6_key {
 	__u16  pad1;
 };
 
+/* Socket-level load balancing of IPv6 sockets (bpf/lb_sock.c), as struct lb4_sock_key and
+ * lb4_sock_revnat. A dual-stack socket naming an IPv4 Service (::ffff:a.b.c.d) goes through
+ * the IPv4 logic and its lb4_sock_revnat entry. */
+struct lb6_sock_key {
+	__u64  cookie;          /* bpf_get_socket_cookie() */
+	__be32 address[4];      /* backend address */
+	__be16 port;            /* backend port */
+	__u16  pad0;
+	__u32  pad1;
+};
+
+struct lb6_sock_revnat {
+	__be32 address[4];      /* the frontend (ClusterIP) the application named */
+	__be16 port;
+	__u16  pad0;
+};
+
 /* loadBalancerSourceRanges of IPv6 frontends: prefixlen = 32 + the range's prefix length. */
 struct lb6_src_range_key {
 	__u32  prefixlen;
@@ -418,5 +435,6 @@ ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8);
 ABI_SIZE(lb6_key, 20); ABI_SIZE(lb6_backend, 20); ABI_SIZE(ct6_key, 40); ABI_SIZE(ct6_entry, 64);
 ABI_SIZE(lb6_affinity_key, 20); ABI_SIZE(frag6_key, 40); ABI_SIZE(lb6_src_range_key, 24);
 ABI_SIZE(lb_node_addrs, 40);
+ABI_SIZE(lb6_sock_key, 32); ABI_SIZE(lb6_sock_revnat, 20);
 
 #endif /* EBPFSVC_ABI_H */

@@ -64,6 +64,8 @@ BPF_TABLE_PINNED("lru_hash", struct frag6_key, struct frag4_ports, frag6, FRAG_E
 BPF_TABLE_PINNED("lpm_trie", struct lb6_src_range_key, __u32, lb6_source_ranges, SOURCE_RANGES_MAX, LB_PIN_DIR "/lb6_source_ranges", BPF_F_NO_PREALLOC);
 /* 0 -> the node's own addresses (struct lb_node_addrs; bpf/lib/nodeaddr.h reads it, the agent writes it). */
 BPF_TABLE_PINNED("array", __u32, struct lb_node_addrs, lb_node_addrs, 1, LB_PIN_DIR "/lb_node_addrs");
+/* (socket cookie, IPv6 backend) -> frontend the socket asked for, as lb4_sock_revnat (LRU: preallocated). */
+BPF_TABLE_PINNED("lru_hash", struct lb6_sock_key, struct lb6_sock_revnat, lb6_sock_revnat, SOCK_REVNAT_ENTRIES_MAX, LB_PIN_DIR "/lb6_sock_revnat");
 /* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
 

@@ -4,14 +4,19 @@
  * is translated once, when the application names a Service, instead of every
  * packet at TC.
  *
- *   lb4_sock_connect   connect() of TCP and UDP sockets: ClusterIP:port ->
+ *   LB_SOCK_CONNECT    connect() of TCP and UDP sockets: ClusterIP:port ->
  *                      backend, or ECONNREFUSED for a Service with no endpoints.
- *   lb4_sock_sendmsg   sendto()/sendmsg() of an unconnected UDP socket, per
+ *   LB_SOCK_SENDMSG    sendto()/sendmsg() of an unconnected UDP socket, per
  *                      datagram (no conntrack: a removed backend is simply
  *                      not chosen for the next one).
- *   lb4_sock_recvmsg   recvfrom() of UDP: a backend's datagram shows the
- *                      Service address it was sent to as its source.
- *   lb4_sock_getpeername  getpeername(): the Service, not the backend.
+ *   LB_SOCK_REVERSE    recvfrom() of UDP: a backend's datagram shows the
+ *                      Service address it was sent to as its source;
+ *                      getpeername(): the Service, not the backend.
+ *
+ * lb4_sock_hook serves IPv4 sockets; lb6_sock_hook IPv6 ones, over lb6_frontends,
+ * lb6_backends and lb6_sock_revnat. An IPv4-mapped address (::ffff:a.b.c.d: a
+ * dual-stack socket naming an IPv4 ClusterIP) is served by the IPv4 logic and
+ * maps, as Cilium does, since its packets are IPv4 on the wire.
  *
  * The packets of such a socket then carry the backend's address: the TC
  * programs find no frontend (from_pod) and no flow (to_pod) and let them pass,
@@ -23,6 +28,10 @@
  * from the socket cookie (one socket, one backend; sockets spread like
  * connections). A socket already bound to an address and port hashes its
  * 5-tuple exactly as the TC path does and lands on the same backend.
+ *
+ * One core for both families (lb_sock_xlate, lb_sock_revnat_xlate, the family a
+ * constant argument as in lb_select_backend_by_hash); lb4_sock_hook and
+ * lb6_sock_hook are the only code that knows the context's user_ip4/user_ip6.
  */
 #ifndef EBPFSVC_SOCK_H
 #define EBPFSVC_SOCK_H
@@ -35,6 +44,7 @@
 #define LB_SYS_PROCEED 1
 
 #define LB_AF_INET 2                  /* the uapi headers bcc sees do not carry AF_* */
+#define LB_AF_INET6 10
 
 #ifndef ECONNREFUSED
 #define ECONNREFUSED 111
@@ -43,33 +53,65 @@
 /* bcc's declaration returns u32; the kernel's cookie is 64 bits. */
 static __u64 (*lb_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
-/* Slot key of a socket to `svc` (see the top of this file). */
-static __always_inline __u32 lb4_sock_hash(struct bpf_sock_addr *ctx, __u64 cookie, __u8 proto)
-{
-	struct bpf_sock *sk = ctx->sk;
-	__u32 ports;
+/* What the family-neutral core (lb_sock_xlate, lb_sock_revnat_xlate) did with a call. */
+#define LB_SOCK_UNTOUCHED 0   /* not a Service port the socket path serves: goes on as named */
+#define LB_SOCK_REWRITTEN 1   /* address and port now the backend's (or, reversed, the Service's) */
+#define LB_SOCK_REFUSED   2   /* a Service with no endpoints: the call fails with ECONNREFUSED */
 
-	if (sk && sk->src_ip4 && sk->src_port) {
-		/* lb4_flow_hash's words: wire-order addresses and ports */
-		ports = ((__u32)lb_htons((__u16)sk->src_port) << 16) | (__u16)ctx->user_port;
-		return lb_jhash_3words(sk->src_ip4, ctx->user_ip4, ports, LB_HASH_SEED ^ proto);
-	}
-	return lb_jhash_3words((__u32)cookie, (__u32)(cookie >> 32), (__u16)ctx->user_port,
-			       LB_HASH_SEED ^ proto);
+/* A sock_addr call's address, as the core reads and rewrites it: an IPv4 address
+ * in address[0] (`ipv6` 0), or an IPv6 one. The hooks copy it from and back to
+ * their own context field (user_ip4, user_ip6), the only family-specific part. */
+struct lb_sock_addr {
+	__be32 address[4];
+	__be16 port;
+};
+
+static __always_inline int lb_sock_verdict(int done)
+{
+	return done == LB_SOCK_REFUSED ? LB_SYS_REJECT : LB_SYS_PROCEED;
 }
 
-/* The frontend `ctx` names, for the socket's protocol; 0 when it is no Service port
- * the socket path serves (then the TC path, if any, sees the packets as before). */
-static __always_inline struct lb4_service *lb4_sock_frontend(struct bpf_sock_addr *ctx, __u8 *proto)
+static __always_inline int lb6_addr_is_v4mapped(const __be32 *a)
+{
+	return !a[0] && !a[1] && a[2] == lb_htonl(0x0000ffff);
+}
+
+/* Slot key of a socket to `dst` (see the top of this file); `ipv6` is a constant at every
+ * call, so the other family's branch is compiled out. A socket bound to an address and a
+ * port hashes as lb4_flow_hash / lb6_flow_hash hash its first packet. */
+static __always_inline __u32 lb_sock_hash(struct bpf_sock_addr *ctx, __u64 cookie,
+					  const struct lb_sock_addr *dst, __u8 proto, int ipv6)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 ports = 0, src = 0;
+
+	if (sk && sk->src_port) {
+		/* the flow hash's words: wire-order addresses and ports */
+		ports = ((__u32)lb_htons((__u16)sk->src_port) << 16) | dst->port;
+		if (ipv6)
+			src = sk->src_ip6[0] | sk->src_ip6[1] | sk->src_ip6[2] | sk->src_ip6[3] ?
+			      sk->src_ip6[0] ^ sk->src_ip6[1] ^ sk->src_ip6[2] ^ sk->src_ip6[3] : 0;
+		else
+			src = sk->src_ip4;  /* also a dual-stack socket's IPv4 source (skc_rcv_saddr) */
+	}
+	if (src)
+		return lb_jhash_3words(src, ipv6 ? lb6_addr_fold(dst->address) : dst->address[0], ports,
+				       LB_HASH_SEED ^ proto);
+	return lb_jhash_3words((__u32)cookie, (__u32)(cookie >> 32), dst->port, LB_HASH_SEED ^ proto);
+}
+
+/* The frontend `dst` names, for protocol `proto`; 0 when it is no Service port the socket
+ * path serves (then the TC path, if any, sees the packets as before). */
+static __always_inline struct lb4_service *lb_sock_frontend(const struct lb_sock_addr *dst, __u8 proto, int ipv6)
 {
 	struct lb4_service *svc;
 
-	if (ctx->user_family != LB_AF_INET)
-		return 0;
-	*proto = ctx->protocol;
-	if (*proto != IPPROTO_TCP && *proto != IPPROTO_UDP)
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 0;                       /* SCTP and the rest: the TC path */
-	svc = lb4_lookup_frontend(ctx->user_ip4, (__be16)ctx->user_port, *proto, LB_SCOPE_INTERNAL);
+	if (ipv6)
+		svc = lb6_lookup_frontend(dst->address, dst->port, proto, LB_SCOPE_INTERNAL);
+	else
+		svc = lb4_lookup_frontend(dst->address[0], dst->port, proto, LB_SCOPE_INTERNAL);
 	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
 		return 0;
 	/* sessionAffinity ClientIP is keyed by the client's address, which an
@@ -80,94 +122,169 @@ static __always_inline struct lb4_service *lb4_sock_frontend(struct bpf_sock_add
 	return svc;
 }
 
-/*
- * Translate ctx's destination to a backend of its frontend. `refuse_empty`:
- * a Service with no endpoints fails the call with ECONNREFUSED (connect(), as
- * the TC path's RST or ICMP port unreachable would make it fail); otherwise
- * the call goes on untranslated and the TC path answers as before.
- */
-static __always_inline int lb4_sock_xlate(struct bpf_sock_addr *ctx, int refuse_empty)
+/* Remember which Service (`svc_addr`) the socket asked for, under (cookie, backend).
+ * 0, or nonzero when the entry cannot be written. */
+static __always_inline int lb_sock_revnat_remember(__u64 cookie, const struct lb_sock_addr *backend,
+						   const struct lb_sock_addr *svc_addr, int ipv6)
 {
-	struct lb4_sock_revnat rev = {};
-	struct lb4_sock_key key = {};
-	struct lb4_backend *be;
+	if (ipv6) {
+		struct lb6_sock_revnat rev = { .port = svc_addr->port };
+		struct lb6_sock_key key = { .cookie = cookie, .port = backend->port };
+
+		lb6_addr_copy(key.address, backend->address);
+		lb6_addr_copy(rev.address, svc_addr->address);
+		return lb6_sock_revnat.update(&key, &rev);
+	} else {
+		struct lb4_sock_revnat rev = { .address = svc_addr->address[0], .port = svc_addr->port };
+		struct lb4_sock_key key = { .cookie = cookie, .address = backend->address[0],
+					    .port = backend->port };
+
+		return lb4_sock_revnat.update(&key, &rev);
+	}
+}
+
+/*
+ * Translate `dst` to a backend of its frontend (family `ipv6`, a constant).
+ * `refuse_empty`: a Service with no endpoints fails the call with ECONNREFUSED
+ * (connect(), as the TC path's RST or ICMP port unreachable would make it fail);
+ * otherwise the call goes on untranslated and the TC path answers as before.
+ */
+static __always_inline int lb_sock_xlate(struct bpf_sock_addr *ctx, struct lb_sock_addr *dst, int ipv6,
+					 int refuse_empty)
+{
+	struct lb_sock_addr backend = {};
 	struct lb4_service *svc;
+	void *be;
 	__u64 cookie;
 	__u32 id;
-	__u8 proto = 0;
+	__u8 proto = ctx->protocol;
 
-	svc = lb4_sock_frontend(ctx, &proto);
+	svc = lb_sock_frontend(dst, proto, ipv6);
 	if (!svc)
-		return LB_SYS_PROCEED;
+		return LB_SOCK_UNTOUCHED;
 	if (!svc->backend_count || !svc->maglev_size) {
 		/* Traffic policy Local with no local endpoint: the TC path drops,
 		 * as kube-proxy does; a refusal here would tell the client more. */
 		if (!refuse_empty || (svc->flags & LB_SVC_F_LOCAL_ONLY))
-			return LB_SYS_PROCEED;
+			return LB_SOCK_UNTOUCHED;
 		lb_count_drop(REASON_NO_BACKEND);
 		bpf_set_retval(-ECONNREFUSED);
-		return LB_SYS_REJECT;
+		return LB_SOCK_REFUSED;
 	}
 	cookie = lb_get_socket_cookie(ctx);
-	be = lb4_select_backend_by_hash(svc, lb4_sock_hash(ctx, cookie, proto), &id);
+	be = lb_select_backend_by_hash(svc, lb_sock_hash(ctx, cookie, dst, proto, ipv6), &id, ipv6);
 	if (!be)
-		return LB_SYS_PROCEED;          /* table names a missing backend: leave it to TC */
-
-	key.cookie = cookie;
-	key.address = be->address;
-	key.port = be->port;
-	rev.address = ctx->user_ip4;
-	rev.port = (__be16)ctx->user_port;
+		return LB_SOCK_UNTOUCHED;       /* table names a missing backend: leave it to TC */
+	if (ipv6) {
+		lb6_addr_copy(backend.address, ((struct lb6_backend *)be)->address);
+		backend.port = ((struct lb6_backend *)be)->port;
+	} else {
+		backend.address[0] = ((struct lb4_backend *)be)->address;
+		backend.port = ((struct lb4_backend *)be)->port;
+	}
 	/* Without the reverse entry getpeername/recvmsg would show the backend:
 	 * rather than that, leave this socket to the TC path. */
-	if (lb4_sock_revnat.update(&key, &rev))
-		return LB_SYS_PROCEED;
-	ctx->user_ip4 = be->address;
-	ctx->user_port = (__u32)be->port;
+	if (lb_sock_revnat_remember(cookie, &backend, dst, ipv6))
+		return LB_SOCK_UNTOUCHED;
+	*dst = backend;
 	lb_count_sock(svc->frontend_id);
-	return LB_SYS_PROCEED;
-}
-
-static __always_inline int lb4_sock_connect(struct bpf_sock_addr *ctx)
-{
-	return lb4_sock_xlate(ctx, 1);
-}
-
-/* An unconnected UDP datagram. No endpoints: the datagram goes on to the TC
- * path, which answers with ICMP port unreachable as before (an unconnected
- * socket does not see it, so sendto() succeeds either way). */
-static __always_inline int lb4_sock_sendmsg(struct bpf_sock_addr *ctx)
-{
-	return lb4_sock_xlate(ctx, 0);
+	return LB_SOCK_REWRITTEN;
 }
 
 /* A backend address:port this socket was sent to -> the Service it named. */
-static __always_inline int lb4_sock_revnat_xlate(struct bpf_sock_addr *ctx)
+static __always_inline int lb_sock_revnat_xlate(struct bpf_sock_addr *ctx, struct lb_sock_addr *peer, int ipv6)
 {
-	struct lb4_sock_key key = {};
-	struct lb4_sock_revnat *rev;
+	__u64 cookie = lb_get_socket_cookie(ctx);
+
+	if (ipv6) {
+		struct lb6_sock_key key = { .cookie = cookie, .port = peer->port };
+		struct lb6_sock_revnat *rev;
+
+		lb6_addr_copy(key.address, peer->address);
+		rev = lb6_sock_revnat.lookup(&key);
+		if (!rev)
+			return LB_SOCK_UNTOUCHED;
+		lb6_addr_copy(peer->address, rev->address);
+		peer->port = rev->port;
+	} else {
+		struct lb4_sock_key key = { .cookie = cookie, .address = peer->address[0], .port = peer->port };
+		struct lb4_sock_revnat *rev;
+
+		rev = lb4_sock_revnat.lookup(&key);
+		if (!rev)
+			return LB_SOCK_UNTOUCHED;
+		peer->address[0] = rev->address;
+		peer->port = rev->port;
+	}
+	return LB_SOCK_REWRITTEN;
+}
+
+/* What a hook does with the call's address. */
+#define LB_SOCK_CONNECT 0     /* connect() of TCP and UDP: Service -> backend; no endpoints: ECONNREFUSED */
+#define LB_SOCK_SENDMSG 1     /* an unconnected UDP datagram: Service -> backend; no endpoints: the
+			       * datagram goes on to the TC path, which answers ICMP port unreachable
+			       * as before (an unconnected socket does not see it: sendto() succeeds
+			       * either way) */
+#define LB_SOCK_REVERSE 2     /* recvfrom() and getpeername(): backend -> the Service the socket named */
+
+static __always_inline int lb_sock_work(struct bpf_sock_addr *ctx, struct lb_sock_addr *a, int ipv6, int op)
+{
+	if (op == LB_SOCK_REVERSE)
+		return lb_sock_revnat_xlate(ctx, a, ipv6);
+	return lb_sock_xlate(ctx, a, ipv6, op == LB_SOCK_CONNECT);
+}
+
+/*
+ * The hooks of either family (`op` LB_SOCK_*): the call's address read from the context
+ * field of its family, the core's work on it, the result written back. Only these two
+ * know user_ip4 / user_ip6.
+ */
+static __always_inline int lb4_sock_hook(struct bpf_sock_addr *ctx, int op)
+{
+	struct lb_sock_addr a = { .address = { ctx->user_ip4 }, .port = (__be16)ctx->user_port };
+	int done;
 
 	if (ctx->user_family != LB_AF_INET)
 		return LB_SYS_PROCEED;
-	key.cookie = lb_get_socket_cookie(ctx);
-	key.address = ctx->user_ip4;
-	key.port = (__be16)ctx->user_port;
-	rev = lb4_sock_revnat.lookup(&key);
-	if (rev) {
-		ctx->user_ip4 = rev->address;
-		ctx->user_port = (__u32)rev->port;
+	done = lb_sock_work(ctx, &a, 0, op);
+	if (done == LB_SOCK_REWRITTEN) {
+		ctx->user_ip4 = a.address[0];
+		ctx->user_port = (__u32)a.port;
 	}
-	return LB_SYS_PROCEED;
+	return lb_sock_verdict(done);
 }
 
-static __always_inline int lb4_sock_recvmsg(struct bpf_sock_addr *ctx)
+/* An IPv4-mapped address (a dual-stack socket and an IPv4 Service, or an IPv4 backend's
+ * datagram) takes the IPv4 logic on its last word, which alone is rewritten. */
+static __always_inline int lb6_sock_hook(struct bpf_sock_addr *ctx, int op)
 {
-	return lb4_sock_revnat_xlate(ctx);
-}
+	struct lb_sock_addr a = { .port = (__be16)ctx->user_port };
+	int done;
 
-static __always_inline int lb4_sock_getpeername(struct bpf_sock_addr *ctx)
-{
-	return lb4_sock_revnat_xlate(ctx);
+	if (ctx->user_family != LB_AF_INET6)
+		return LB_SYS_PROCEED;
+	a.address[0] = ctx->user_ip6[0];
+	a.address[1] = ctx->user_ip6[1];
+	a.address[2] = ctx->user_ip6[2];
+	a.address[3] = ctx->user_ip6[3];
+	if (lb6_addr_is_v4mapped(a.address)) {
+		a.address[0] = a.address[3];
+		done = lb_sock_work(ctx, &a, 0, op);
+		if (done == LB_SOCK_REWRITTEN) {
+			ctx->user_ip6[3] = a.address[0];
+			ctx->user_port = (__u32)a.port;
+		}
+		return lb_sock_verdict(done);
+	}
+	done = lb_sock_work(ctx, &a, 1, op);
+	if (done == LB_SOCK_REWRITTEN) {
+		ctx->user_ip6[0] = a.address[0];
+		ctx->user_ip6[1] = a.address[1];
+		ctx->user_ip6[2] = a.address[2];
+		ctx->user_ip6[3] = a.address[3];
+		ctx->user_port = (__u32)a.port;
+	}
+	return lb_sock_verdict(done);
 }
 
 #endif /* EBPFSVC_SOCK_H */

@@ -15,16 +15,20 @@ cleanup` can remove what a crashed agent left.
 bcc attaches (BPF.attach_func) but cannot list or detach without the program;
 those two are bpf(2) commands (datapath/bpfsys.py: prog_query, prog_detach).
 
-    socklb.reset_removed(cgroup, revnat, keeps)   # sockets to removed backends destroyed
+    socklb.reset_removed(cgroup, dp.maps, keeps)  # sockets to removed backends destroyed
 
 A socket the programs translated carries no conntrack entry that could go stale, so the agent
 itself ends the ones whose backend left: netlink SOCK_DESTROY (inet_diag,
 CONFIG_INET_DIAG_DESTROY) in each network namespace of the cgroup's processes.
+
+IPv6 sockets have the same four hooks (connect6, ...) over the lb6_* maps; a dual-stack socket
+naming an IPv4 Service by its IPv4-mapped address (::ffff:a.b.c.d) takes the IPv4 logic and maps.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -43,6 +47,10 @@ HOOKS = {
     "sendmsg4": 14,        # BPF_CGROUP_UDP4_SENDMSG
     "recvmsg4": 19,        # BPF_CGROUP_UDP4_RECVMSG
     "getpeername4": 29,    # BPF_CGROUP_INET4_GETPEERNAME
+    "connect6": 11,        # BPF_CGROUP_INET6_CONNECT
+    "sendmsg6": 15,        # BPF_CGROUP_UDP6_SENDMSG
+    "recvmsg6": 20,        # BPF_CGROUP_UDP6_RECVMSG
+    "getpeername6": 30,    # BPF_CGROUP_INET6_GETPEERNAME
 }
 PROGRAMS = tuple(HOOKS)
 
@@ -143,8 +151,9 @@ def attached(cgroup) -> dict[str, list[int]]:
 
 # ---- sockets to removed backends --------------------------------------------------------------
 
-#: (protocol number, backend address, backend port) -> whether a flow of that protocol may stay on
-#: that backend: the TC path's lb4_flow_keeps_backend (bpf/lib/lb.h), asked of the same maps.
+#: (protocol number, backend address of either family, backend port) -> whether a flow of that
+#: protocol may stay on that backend: the TC path's lb4_flow_keeps_backend / lb6_flow_keeps_backend
+#: (bpf/lib/lb.h), asked of the same maps.
 KeepsBackend = Callable[[int, str, int], bool]
 
 # TCP states that still carry a connection (inet_diag's SS_* bits): not LISTEN, CLOSE, TIME_WAIT
@@ -152,6 +161,7 @@ KeepsBackend = Callable[[int, str, int], bool]
 _TCP_CONNECTED = sum(1 << s for s in (1, 2, 4, 5, 8, 9, 11))
 _ALL_STATES = 0xFFFFFFFF
 _PROTOCOLS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _NLMSG_ERROR = 2
 
 
@@ -169,20 +179,20 @@ class ResetReport:
 
 def keeps_in_maps(writer) -> KeepsBackend:
     """`keeps` for reset_removed from what `writer` (the MapWriter) wrote: the TC path's rule over the
-    same lb4_backends (bpf/lib/lb.h, lb4_flow_keeps_backend): a backend still in the map keeps its
-    TCP connections; its UDP flows only while it is ready."""
-    import ipaddress
-
+    same lb4_backends / lb6_backends (bpf/lib/lb.h, lb4_flow_keeps_backend): a backend still in the
+    map keeps its TCP connections; its UDP flows only while it is ready."""
     from ebpfsvc.lbmodel import Backend, Protocol
 
     def keeps(proto: int, address: str, port: int) -> bool:
         protocol = Protocol.TCP if proto == socket.IPPROTO_TCP else Protocol.UDP
-        be_id = writer.backend_id(Backend(ipaddress.IPv4Address(address), port, protocol))
+        addr = ipaddress.ip_address(address)
+        be_id = writer.backend_id(Backend(addr, port, protocol))
         if be_id is None:
             return False
         if protocol is Protocol.UDP:
+            table = writer.backends6_map if addr.version == 6 else writer.backends_map
             try:
-                return not writer.backends_map[writer.backends_map.Key(be_id)].flags & abi.LB_BE_F_NOT_READY
+                return not table[table.Key(be_id)].flags & abi.LB_BE_F_NOT_READY
             except KeyError:
                 return False
         return True
@@ -210,20 +220,24 @@ def cgroup_netns(cgroup) -> dict[int, str]:
     return found
 
 
-def reset_removed(cgroup, revnat, keeps: KeepsBackend) -> ResetReport:
+def reset_removed(cgroup, maps, keeps: KeepsBackend) -> ResetReport:
     """Destroy the sockets of `cgroup`'s processes that the programs sent to a backend which may no
     longer keep them (`keeps`), as the TC path resets a flow whose conntrack entry names one.
 
-    A socket counts as translated when `revnat` (lb4_sock_revnat) holds (its cookie, its peer):
-    a pod's own connections straight to a pod address are left alone. TCP: the kernel sends the
-    backend a RST and the application's next call fails with ECONNABORTED. Connected UDP: the
+    A socket counts as translated when the reverse map of `maps` (the socket datapath's:
+    lb4_sock_revnat, lb6_sock_revnat) holds (its cookie, its peer): a pod's own connections
+    straight to a pod address are left alone. IPv6 sockets are searched too; one whose peer is
+    IPv4-mapped (a dual-stack socket sent to an IPv4 backend) is found in lb4_sock_revnat.
+
+    TCP: the kernel sends the backend a RST and the application's next call fails with
+    ECONNABORTED. Connected UDP: the
     socket is disconnected (ECONNABORTED pending, then EDESTADDRREQ on send) so the application
     connects again, to a live backend; an unconnected one needs nothing, each datagram is
     balanced anew."""
     report = ResetReport()
     for path in cgroup_netns(cgroup).values():
         try:
-            counts = nsenter.run_in(path, _reset_in_netns, revnat, keeps)
+            counts = nsenter.run_in(path, _reset_in_netns, _Translated(maps), keeps)
         except OSError as exc:     # the namespace went with its pod, or netlink refused
             report.errors.append(f"{path}: {exc}")
             continue
@@ -233,42 +247,79 @@ def reset_removed(cgroup, revnat, keeps: KeepsBackend) -> ResetReport:
     return report
 
 
-def _reset_in_netns(revnat, keeps: KeepsBackend) -> dict[str, int]:
+class _Translated:
+    """Whether the socket path translated a socket: its (cookie, peer) in lb4_sock_revnat, or in
+    lb6_sock_revnat for an IPv6 peer that is not IPv4-mapped (bpf/lib/sock.h lb6_sock_hook)."""
+
+    def __init__(self, maps):
+        self.revnat4, self.revnat6 = maps["lb4_sock_revnat"], maps.get("lb6_sock_revnat")
+
+    def __call__(self, cookie: int, peer: str, port: int) -> bool:
+        addr = ipaddress.ip_address(peer)
+        if addr.version == 6 and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        if addr.version == 4:
+            key = self.revnat4.Key(cookie=cookie, address=abi.be32(addr), port=abi.be16(port))
+            table = self.revnat4
+        elif self.revnat6 is None:
+            return False
+        else:
+            key = self.revnat6.Key(cookie=cookie, port=abi.be16(port))
+            key.address[:] = abi.be128(addr)
+            table = self.revnat6
+        try:
+            table[key]
+        except KeyError:
+            return False
+        return True
+
+
+def _reset_in_netns(translated: _Translated, keeps: KeepsBackend) -> dict[str, int]:
     from pyroute2 import DiagSocket
 
     counts = {"TCP": 0, "UDP": 0}
-    key = revnat.Key()
     with DiagSocket() as diag:
         diag.bind()
-        for proto in _PROTOCOLS:
-            states = _TCP_CONNECTED if proto == socket.IPPROTO_TCP else _ALL_STATES
-            for msg in diag.get_sock_stats(family=socket.AF_INET, protocol=proto, states=states):
-                peer, port = msg["idiag_dst"], msg["idiag_dport"]
-                if not port or peer == "0.0.0.0":
-                    continue                    # an unconnected UDP socket, a listener
-                key.cookie, key.address, key.port = msg["idiag_cookie"], abi.be32(peer), abi.be16(port)
-                try:
-                    revnat[key]
-                except KeyError:
-                    continue                    # not translated by the socket path
-                if keeps(proto, peer, port):
-                    continue
-                _destroy(diag, proto, msg)
-                counts["TCP" if proto == socket.IPPROTO_TCP else "UDP"] += 1
+        for family in _FAMILIES:
+            for proto in _PROTOCOLS:
+                states = _TCP_CONNECTED if proto == socket.IPPROTO_TCP else _ALL_STATES
+                for msg in diag.get_sock_stats(family=family, protocol=proto, states=states):
+                    peer, port = msg["idiag_dst"], msg["idiag_dport"]
+                    if not port or ipaddress.ip_address(peer).is_unspecified:
+                        continue                    # an unconnected UDP socket, a listener
+                    if not translated(msg["idiag_cookie"], peer, port):
+                        continue                    # not translated by the socket path
+                    if keeps(proto, _unmapped(peer), port):
+                        continue
+                    _destroy(diag, family, proto, msg)
+                    counts["TCP" if proto == socket.IPPROTO_TCP else "UDP"] += 1
     return counts
 
 
-def _destroy(diag, proto: int, msg) -> None:
-    """SOCK_DESTROY the socket `msg` (an inet_diag dump entry) names, cookie included."""
+def _unmapped(address: str) -> str:
+    """An IPv4-mapped IPv6 address as the IPv4 address it carries (the backend's, in lb4_backends)."""
+    addr = ipaddress.ip_address(address)
+    return str(addr.ipv4_mapped) if addr.version == 6 and addr.ipv4_mapped else address
+
+
+def _diag_words(family: int, address: str) -> tuple[int, int, int, int]:
+    """An inet_diag address field (four big-endian words; IPv4 in the first)."""
+    if family == socket.AF_INET6:
+        return struct.unpack(">4I", socket.inet_pton(socket.AF_INET6, address))
+    return (struct.unpack(">I", socket.inet_aton(address))[0], 0, 0, 0)
+
+
+def _destroy(diag, family: int, proto: int, msg) -> None:
+    """SOCK_DESTROY the socket `msg` (an inet_diag dump entry of `family`) names, cookie included."""
     from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
     from pyroute2.netlink.diag import SOCK_DESTROY, inet_diag_req
 
     req = inet_diag_req()
-    req["sdiag_family"], req["sdiag_protocol"] = socket.AF_INET, proto
+    req["sdiag_family"], req["sdiag_protocol"] = family, proto
     req["idiag_states"] = _ALL_STATES
     req["idiag_sport"], req["idiag_dport"] = msg["idiag_sport"], msg["idiag_dport"]
-    req["idiag_src"] = (struct.unpack(">I", socket.inet_aton(msg["idiag_src"]))[0], 0, 0, 0)
-    req["idiag_dst"] = (struct.unpack(">I", socket.inet_aton(msg["idiag_dst"]))[0], 0, 0, 0)
+    req["idiag_src"] = _diag_words(family, msg["idiag_src"])
+    req["idiag_dst"] = _diag_words(family, msg["idiag_dst"])
     req["idiag_if"], req["idiag_cookie"] = msg["idiag_if"], msg["idiag_cookie"]
     for answer in diag.nlm_request(req, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK):
         # DiagSocket leaves NLMSG_ERROR undecoded (its marshal keys on the family byte): the

@@ -504,14 +504,18 @@ class NodeMaps:
         return out
 
     def socket_programs(self) -> list[str]:
-        """Names of the socket path's programs (bpf/lb_sock.c: cgroup sock_addr programs) loaded on
-        these maps: the agent holds them while it runs and a cgroup holds them once attached, so
-        they are loaded exactly while --socket-lb serves (or an agent failed to attach them, which
-        it logs)."""
+        """Names of the socket path's programs (bpf/lb_sock.c: cgroup sock_addr programs) that look
+        up these maps' frontends (lb4_frontends or lb6_frontends: connect4/6, sendmsg4/6): the agent
+        holds them while it runs and a cgroup holds them once attached, so they are loaded exactly
+        while --socket-lb serves (or an agent failed to attach them, which it logs)."""
         from ebpfsvc.datapath.bpfsys import programs_using_map
 
-        return sorted(name for _, name in programs_using_map(self.maps["lb4_frontends"].info.id,
-                                                             BPF_PROG_TYPE_CGROUP_SOCK_ADDR))
+        names = set()
+        for table in ("lb4_frontends", "lb6_frontends"):
+            if table in self.maps:
+                names.update(name for _, name in programs_using_map(self.maps[table].info.id,
+                                                                    BPF_PROG_TYPE_CGROUP_SOCK_ADDR))
+        return sorted(names)
 
     def socket_connects_all(self, high: int) -> dict[int, int]:
         """Sockets the socket path translated (connect(), unconnected sendmsg()) per frontend id in

@@ -31,13 +31,14 @@ def _frontend_row(fe: FrontendRow) -> dict:
             "maglev_offset": fe.maglev_offset}
 
 
-def east_west_path(fe: FrontendRow, socket_on: bool) -> str:
+def east_west_path(fe: FrontendRow, socket_programs) -> str:
     """Which path a pod's (or a node process's) connection to `fe` takes on this node: the rules of
-    bpf/lib/sock.h lb4_sock_frontend and lb4_sock_xlate, for processes in the agent's
-    --socket-lb-cgroup (anything outside it takes TC)."""
+    bpf/lib/sock.h lb_sock_frontend and lb_sock_xlate, for processes in the agent's
+    --socket-lb-cgroup (anything outside it takes TC). `socket_programs`: the names
+    NodeMaps.socket_programs found loaded; an IPv6 frontend needs connect6 among them."""
     if fe.scope != "internal":
         return "uplink"                         # north-south: the uplink programs
-    if not socket_on:
+    if ("connect6" if fe.is_ipv6 else "connect4") not in socket_programs:
         return "tc"
     if fe.proto not in ("TCP", "UDP"):
         return "tc (protocol)"
@@ -61,7 +62,7 @@ def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
                 flows.setdefault(e.frontend_id, Counter())[e.backend_id] += 1
     fe_traffic = node.traffic_all("frontend", max((f.frontend_id for f in fes), default=0))
     be_traffic = node.traffic_all("backend", max(backends, default=0))
-    socket_on = bool(node.socket_programs())
+    socket_programs = node.socket_programs()
     connects = node.socket_connects_all(max((f.frontend_id for f in fes), default=0))
     services: dict[str, dict] = {}
     for fe in fes:
@@ -71,7 +72,7 @@ def service_list(node: NodeMaps, *, with_ct: bool = True) -> list[dict]:
         row = _frontend_row(fe)
         row["packets"], row["bytes"] = fe_traffic.get(fe.frontend_id, (0, 0))
         # The socket path's flows are counted per socket at connect(), not per packet.
-        row["path"], row["socket_connects"] = east_west_path(fe, socket_on), connects.get(fe.frontend_id, 0)
+        row["path"], row["socket_connects"] = east_west_path(fe, socket_programs), connects.get(fe.frontend_id, 0)
         svc["packets"] += row["packets"]
         svc["bytes"] += row["bytes"]
         slots = Counter(node.maglev_table(fe)) if fe.maglev_size else Counter()
@@ -242,7 +243,7 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
     step("frontend", f"{fe.name} ({fe.scope}, {fe.kind}) of {fe.service or 'service ' + str(fe.service_id)}",
          flags=fe.flag_names, backend_count=fe.backend_count, maglev_size=fe.maglev_size)
     if not external:
-        path = east_west_path(fe, bool(node.socket_programs()))
+        path = east_west_path(fe, node.socket_programs())
         if path == "socket":
             step("socket path", "on: a process in the node's --socket-lb-cgroup is translated at connect() "
                  "(unconnected UDP: each sendmsg()), the same table slotted by its socket cookie (its 5-tuple "

@@ -65,7 +65,8 @@ def _errno(e: OSError) -> str:
 def hold(kind: str, address: str, port: int, count: int) -> None:
     socks = []
     for _ in range(count):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                          socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
         s.settimeout(TIMEOUT)
         s.connect((address, port))
         socks.append(s)

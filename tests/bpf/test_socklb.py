@@ -7,7 +7,10 @@ cgroup of the test's own, under the cgroup2 mount:
 
     node namespace  <prefix>-node: the pod veths' host sides, with the TC
                     programs (from_pod/to_pod) attached as the agent does
-    pods            <prefix>-cli (client), <prefix>-b1, <prefix>-b2 (backends)
+    pods            <prefix>-cli (client), <prefix>-b1, <prefix>-b2 (backends),
+                    dual-stack (198.18.x and 2001:2:0:x::), so the IPv6 hooks
+                    (connect6...) and a dual-stack socket's IPv4-mapped
+                    addresses are tested beside the IPv4 ones
     cgroup          <cgroup2>/ebpfsvc-<prefix>/node-1, socket programs attached;
                     the client process joins .../node-1/pods/default_cli
 
@@ -27,6 +30,7 @@ from dataclasses import replace
 
 import pytest
 
+from ebpfsvc import abi
 from ebpfsvc.datapath import loader, nodeaddrs, socklb, tc
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
@@ -43,8 +47,11 @@ pytestmark = pytest.mark.root
 
 VIP, EMPTY_VIP, LOCAL_VIP, STICKY_VIP = "198.19.0.10", "198.19.0.11", "198.19.0.12", "198.19.0.13"
 CLIENT, B1, B2 = "198.18.1.5", "198.18.2.1", "198.18.2.2"
+VIP6, EMPTY6, LOCAL6, STICKY6 = "2001:2:0:ff::10", "2001:2:0:ff::11", "2001:2:0:ff::12", "2001:2:0:ff::13"
+CLIENT6, B16, B26 = "2001:2:0:1::5", "2001:2:0:2::1", "2001:2:0:2::2"
+MAPPED_VIP = f"::ffff:{VIP}"     # what a dual-stack socket names an IPv4 ClusterIP by
 GATEWAY = ipaddress.IPv4Address(HAIRPIN)
-NAMES = {B1: "b1", B2: "b2"}
+NAMES = {B1: "b1", B2: "b2", B16: "b1", B26: "b2"}
 ENOTSUPP = 524      # the kernel's own errno for "operation not supported" (no Python name)
 
 
@@ -54,36 +61,30 @@ def node(unique_prefix, pin_dir):
     the node's cgroup; maps written by MapWriter. Everything removed afterwards."""
     node_ns = f"{unique_prefix}-node"
     pods = {CLIENT: f"{unique_prefix}-cli", B1: f"{unique_prefix}-b1", B2: f"{unique_prefix}-b2"}
+    pod6 = {CLIENT: CLIENT6, B1: B16, B2: B26}
     made: list[str] = []
     pod_dp = sock_dp = servers = None
     node_cg = cgroups.node_cgroup(unique_prefix, "node-1")
     try:
-        network.create_namespace(node_ns, forwarding=True)
+        network.create_namespace(node_ns, forwarding=True, ipv6=True)
         made.append(node_ns)
         network.add_pod_gateway(node_ns, GATEWAY)
         pod_dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
         nodeaddrs.write(pod_dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN))
         sock_dp = socklb.load(pin_dir, limits=TEST_LIMITS, cache=False)
         for i, (addr, ns) in enumerate(pods.items()):
-            network.create_namespace(ns)
+            network.create_namespace(ns, ipv6=True)
             made.append(ns)
             link = f"lxc{unique_prefix[2:]}{i}"
-            network.add_pod(node_ns, ns, link, addr, GATEWAY)
+            network.add_pod(node_ns, ns, link, [addr, pod6[addr]], GATEWAY)
             idx = nsenter.run_in(node_ns, lambda link=link: socket.if_nametoindex(link))
             tc.attach(idx, pod_dp.programs["from_pod"].fd, "from_pod", tc.INGRESS, netns=node_ns)
             tc.attach(idx, pod_dp.programs["to_pod"].fd, "to_pod", tc.EGRESS, netns=node_ns)
         cgroups.create(node_cg)
         socklb.attach(sock_dp, node_cg)
-        servers = Servers({B1: pods[B1], B2: pods[B2]}, NAMES)
-        MapWriter(pod_dp.maps).apply(state(
-            frontend(VIP, 80, [be(B1), be(B2)]),
-            frontend(VIP, 53, [be(B1, 5353, Protocol.UDP), be(B2, 5353, Protocol.UDP)], proto=Protocol.UDP,
-                     name="dns"),
-            frontend(EMPTY_VIP, 80, [], name="empty"),
-            frontend(EMPTY_VIP, 53, [], proto=Protocol.UDP, name="empty-dns"),
-            frontend(LOCAL_VIP, 80, [], name="local", local_only=True),
-            frontend(STICKY_VIP, 80, [be(B1), be(B2)], name="sticky", affinity_timeout=60),
-        ))
+        servers = Servers({B1: pods[B1], B2: pods[B2], B16: pods[B1], B26: pods[B2]}, NAMES)
+        MapWriter(pod_dp.maps).apply(state(*_services((VIP, EMPTY_VIP, LOCAL_VIP, STICKY_VIP), (B1, B2), ""),
+                                           *_services((VIP6, EMPTY6, LOCAL6, STICKY6), (B16, B26), "6")))
         yield _Node(unique_prefix, pods[CLIENT], node_cg, pod_dp, sock_dp)
     finally:
         if servers:
@@ -95,6 +96,20 @@ def node(unique_prefix, pin_dir):
         for dp in (sock_dp, pod_dp):
             if dp:
                 dp.close()
+
+
+def _services(vips, backends, suffix: str) -> list:
+    """The fixture's Services of one family: web (TCP 80) and dns (UDP 53) on `vips[0]`, both empty on
+    `vips[1]`, Local with no local endpoint on `vips[2]`, ClientIP affinity on `vips[3]`; the names
+    end in `suffix`."""
+    vip, empty, local, sticky = vips
+    tcp_be = [be(b) for b in backends]
+    return [frontend(vip, 80, tcp_be, name=f"web{suffix}"),
+            frontend(vip, 53, [be(b, 5353, Protocol.UDP) for b in backends], proto=Protocol.UDP, name=f"dns{suffix}"),
+            frontend(empty, 80, [], name=f"empty{suffix}"),
+            frontend(empty, 53, [], proto=Protocol.UDP, name=f"empty{suffix}-dns"),
+            frontend(local, 80, [], name=f"local{suffix}", local_only=True),
+            frontend(sticky, 80, tcp_be, name=f"sticky{suffix}", affinity_timeout=60)]
 
 
 class _Node:
@@ -117,8 +132,12 @@ class _Node:
                              capture_output=True, text=True, timeout=20, check=True)
         return json.loads(out.stdout)
 
-    def flows(self) -> int:
-        return len(list(self.pod_dp.maps["ct4"].keys()))
+    def flows(self, table="ct4") -> int:
+        return len(list(self.pod_dp.maps[table].keys()))
+
+    def revnat(self, table="lb4_sock_revnat") -> int:
+        """Entries of the socket path's reverse map: the sockets it translated."""
+        return len(list(self.sock_dp.maps[table].keys()))
 
     def hold(self, kind, addr, port, count) -> tuple[subprocess.Popen, list[int]]:
         """`count` sockets held open by a client process in the node's cgroup (sockprobe hold);
@@ -138,10 +157,14 @@ class _Node:
         return proc, json.loads(line)["cookies"]
 
     def backend_of(self, cookie) -> str | None:
-        """The backend the socket path sent the socket `cookie` to (its lb4_sock_revnat entry)."""
+        """The backend the socket path sent the socket `cookie` to (its lb4_sock_revnat or
+        lb6_sock_revnat entry)."""
         for key in self.sock_dp.maps["lb4_sock_revnat"].keys():
             if key.cookie == cookie:
-                return str(ipaddress.IPv4Address(socket.ntohl(key.address)))
+                return abi.ip_of_be32(key.address)
+        for key in self.sock_dp.maps["lb6_sock_revnat"].keys():
+            if key.cookie == cookie:
+                return abi.ip_of_be128(key.address)
         return None
 
 
@@ -165,7 +188,7 @@ def _answers(node, mode: str, vip: str, port: int, times: int, shown: str, why: 
     for _ in range(times):
         out = node.client(mode, vip, port)
         assert "errno" not in out, out
-        assert out[shown] == [vip, port], why
+        assert out[shown][:2] == [vip, port], why     # IPv6: [address, port, flowinfo, scope]
         seen.add(out["data"])
     return seen
 
@@ -200,6 +223,58 @@ def test_udp_connected(node):
     assert out.get("data") in ("b1", "b2"), out
     assert out["peer"] == [VIP, 53] and out["src"] == [VIP, 53]
     assert node.flows() == 0
+
+
+# ---- IPv6 sockets: connect6, sendmsg6, recvmsg6, getpeername6 over the lb6_* maps ----
+
+def test_ipv6_tcp_connect_is_translated_at_the_socket(node):
+    seen = _answers(node, "tcp", VIP6, 80, 12, "peer", "getpeername shows the IPv6 Service, not the backend")
+    assert seen == {"b1", "b2"}, "sockets spread over both backends by the Maglev table"
+    assert node.flows("ct6") == 0, "the TC path saw backend addresses only: no conntrack entry"
+    assert node.revnat("lb6_sock_revnat") == 12 and node.revnat() == 0
+
+
+def test_ipv6_udp_sendto_recvfrom_and_connected_show_the_service(node):
+    seen = _answers(node, "udp", VIP6, 53, 8, "src", "recvfrom shows the IPv6 Service as the reply's source")
+    assert seen <= {"b1", "b2"} and seen
+    out = node.client("udp-connected", VIP6, 53)
+    assert out.get("data") in ("b1", "b2"), out
+    assert out["peer"] == [VIP6, 53, 0, 0] and out["src"] == [VIP6, 53, 0, 0]
+    assert node.flows("ct6") == 0 and node.revnat("lb6_sock_revnat") >= 2
+
+
+def test_ipv6_empty_service_refused_at_connect(node):
+    assert node.client("tcp", EMPTY6, 80) == {"errno": "ECONNREFUSED"}
+    assert node.client("udp-connected", EMPTY6, 53) == {"errno": "ECONNREFUSED"}
+    assert node.flows("ct6") == 0
+
+
+def test_ipv6_local_policy_and_affinity_left_to_tc(node):
+    # As for IPv4: Local with no local endpoint is the TC path's drop; ClientIP affinity its entry.
+    assert node.client("tcp", LOCAL6, 80) == {"errno": "TimeoutError"}
+    answers = {node.client("tcp", STICKY6, 80)["data"] for _ in range(4)}
+    assert len(answers) == 1 and node.revnat("lb6_sock_revnat") == 0
+    assert node.flows("ct6") >= 2
+
+
+def test_ipv6_client_outside_the_node_cgroup_still_served_by_tc(node):
+    out = node.client("tcp", VIP6, 80, in_cgroup=False)
+    assert out.get("data") in ("b1", "b2") and out["peer"] == [VIP6, 80, 0, 0], out
+    assert node.flows("ct6") == 2 and node.revnat("lb6_sock_revnat") == 0
+
+
+def test_ipv4_mapped_address_takes_the_ipv4_logic(node):
+    """A dual-stack (AF_INET6) socket naming the IPv4 ClusterIP as ::ffff:a.b.c.d: connect6 serves
+    it with the IPv4 frontend and lb4_sock_revnat, and getpeername6/recvmsg6 show the mapped
+    Service; its packets are IPv4, untouched by TC."""
+    seen = _answers(node, "tcp", MAPPED_VIP, 80, 8, "peer", "getpeername shows the mapped Service")
+    assert seen == {"b1", "b2"}
+    assert node.revnat() == 8 and node.revnat("lb6_sock_revnat") == 0
+    _answers(node, "udp", MAPPED_VIP, 53, 3, "src", "recvfrom shows the mapped Service")
+    out = node.client("udp-connected", MAPPED_VIP, 53)
+    assert out["peer"] == [MAPPED_VIP, 53, 0, 0] and out["src"] == [MAPPED_VIP, 53, 0, 0], out
+    assert node.client("tcp", f"::ffff:{EMPTY_VIP}", 80) == {"errno": "ECONNREFUSED"}
+    assert node.flows() == 0 and node.flows("ct6") == 0
 
 
 def test_client_ip_affinity_stays_with_the_tc_path(node):
@@ -247,7 +322,7 @@ class Holders:
     def __init__(self, netns_of: dict[str, str]):
         self.listeners, self.conns = [], []
         for addr, ns in netns_of.items():
-            s = nsenter.socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+            s = nsenter.socket_in(ns, socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((addr, 8081))
             s.listen(64)
@@ -276,48 +351,57 @@ def _command(proc, command: str) -> list:
     return json.loads(proc.stdout.readline())["sockets"]
 
 
-def test_removed_backend_resets_socket_path_sockets(node):
+@pytest.mark.parametrize("vip,b1,b2,named", [
+    (VIP, B1, B2, VIP),
+    (VIP6, B16, B26, VIP6),
+    (VIP, B1, B2, MAPPED_VIP),        # dual-stack sockets (AF_INET6) on the IPv4 Service
+], ids=["ipv4", "ipv6", "ipv4-mapped"])
+def test_removed_backend_resets_socket_path_sockets(node, vip, b1, b2, named):
     """B2 leaves both Services: the socket path's TCP connections and connected UDP sockets to it
     are destroyed (SOCK_DESTROY), as the TC path resets flows whose conntrack entry names it; the
-    ones to B1, and a connection straight to B2's address (never translated), are left alone."""
-    held = frontend(VIP, 81, [be(B1, 8081), be(B2, 8081)], name="held")
-    dns = frontend(VIP, 53, [be(B1, 5353, Protocol.UDP), be(B2, 5353, Protocol.UDP)], proto=Protocol.UDP, name="dns")
+    ones to B1, and a connection straight to B2's address (never translated), are left alone.
+    The client names the Service `named`: IPv6 sockets are found in lb6_sock_revnat, dual-stack
+    ones on an IPv4 Service (an IPv4-mapped peer) in lb4_sock_revnat."""
+    held = frontend(vip, 81, [be(b1, 8081), be(b2, 8081)], name="held")
+    dns = frontend(vip, 53, [be(b1, 5353, Protocol.UDP), be(b2, 5353, Protocol.UDP)], proto=Protocol.UDP, name="dns")
     writer = MapWriter(node.pod_dp.maps)
     writer.apply(state(held, dns))
-    holders = Holders({B1: f"{node.prefix}-b1", B2: f"{node.prefix}-b2"})
+    holders = Holders({b1: f"{node.prefix}-b1", b2: f"{node.prefix}-b2"})
+    direct = f"::ffff:{b2}" if named == MAPPED_VIP else b2
+    # getpeername of an AF_INET6 socket: [address, port, flowinfo, scope id]
+    tail = [0, 0] if ":" in named else []
     procs = []
     try:
         (tcp_proc, tcp_cookies), (udp_proc, udp_cookies), (direct_proc, _) = (
-            procs.append(h) or h for h in (node.hold("tcp", VIP, 81, 16), node.hold("udp", VIP, 53, 16),
-                                           node.hold("tcp", B2, 8081, 1)))
+            procs.append(h) or h for h in (node.hold("tcp", named, 81, 16), node.hold("udp", named, 53, 16),
+                                           node.hold("tcp", direct, 8081, 1)))
         tcp_to = [node.backend_of(c) for c in tcp_cookies]
         udp_to = [node.backend_of(c) for c in udp_cookies]
         # 16 sockets over two backends with ~half the table each: one unused, p = 2 * 2^-16.
-        assert set(tcp_to) == {B1, B2} and set(udp_to) == {B1, B2}, (tcp_to, udp_to)
-        revnat = node.sock_dp.maps["lb4_sock_revnat"]
+        assert set(tcp_to) == {b1, b2} and set(udp_to) == {b1, b2}, (tcp_to, udp_to)
         keeps = socklb.keeps_in_maps(writer)
 
-        report = socklb.reset_removed(node.cgroup, revnat, keeps)
+        report = socklb.reset_removed(node.cgroup, node.sock_dp.maps, keeps)
         assert not report and report.namespaces == 1 and report.errors == [], "nothing removed: nothing reset"
 
-        stats = writer.apply(state(replace(held, backends=(be(B1, 8081),)),
-                                   replace(dns, backends=(be(B1, 5353, Protocol.UDP),))))
+        stats = writer.apply(state(replace(held, backends=(be(b1, 8081),)),
+                                   replace(dns, backends=(be(b1, 5353, Protocol.UDP),))))
         assert stats.backends_deleted == 2
-        report = socklb.reset_removed(node.cgroup, revnat, keeps)
+        report = socklb.reset_removed(node.cgroup, node.sock_dp.maps, keeps)
         assert report.errors == []
-        assert report.destroyed == {"TCP": tcp_to.count(B2), "UDP": udp_to.count(B2)}
+        assert report.destroyed == {"TCP": tcp_to.count(b2), "UDP": udp_to.count(b2)}
 
         for kind, proc, backends, port in (("TCP", tcp_proc, tcp_to, 81), ("UDP", udp_proc, udp_to, 53)):
             for backend, sock in zip(backends, _command(proc, "check")):
-                if backend == B2:
+                if backend == b2:
                     assert sock == {"error": "ECONNABORTED", "peer": "ENOTCONN"}, (kind, sock)
                 else:
-                    assert sock == {"error": None, "peer": [VIP, port]}, (kind, sock)
-        assert _command(direct_proc, "check") == [{"error": None, "peer": [B2, 8081]}], \
+                    assert sock == {"error": None, "peer": [named, port, *tail]}, (kind, sock)
+        assert _command(direct_proc, "check") == [{"error": None, "peer": [direct, 8081, *tail]}], \
             "a pod's own connection to a pod address is no socket-path socket"
         # The UDP sockets that lived on answer through B1 still.
         answers = _command(udp_proc, "ask")
-        assert {a for a, backend in zip(answers, udp_to) if backend == B1} == {"b1"}, answers
+        assert {a for a, backend in zip(answers, udp_to) if backend == b1} == {"b1"}, answers
     finally:
         for proc, _ in procs:
             proc.kill()
@@ -336,6 +420,8 @@ def test_socket_connects_counted_per_frontend_and_path_shown(node, pin_dir):
 
     for _ in range(5):
         assert "errno" not in node.client("tcp", VIP, 80)
+    for _ in range(2):
+        assert "errno" not in node.client("tcp", VIP6, 80)
     for op in ("udp", "udp", "udp", "udp-connected", "udp-connected"):
         assert "errno" not in node.client(op, VIP, 53)
     assert node.client("tcp", EMPTY_VIP, 80) == {"errno": "ECONNREFUSED"}      # refused: a drop, no connect
@@ -349,6 +435,9 @@ def test_socket_connects_counted_per_frontend_and_path_shown(node, pin_dir):
     assert (rows[f"{EMPTY_VIP}:80/TCP"]["path"], rows[f"{EMPTY_VIP}:80/TCP"]["socket_connects"]) == ("socket", 0)
     assert rows[f"{STICKY_VIP}:80/TCP"]["path"] == "tc (sessionAffinity)"
     assert rows[f"{LOCAL_VIP}:80/TCP"]["path"] == "tc (Local, no local endpoint)"
+    assert (rows[f"[{VIP6}]:80/TCP"]["path"], rows[f"[{VIP6}]:80/TCP"]["socket_connects"]) == ("socket", 2)
+    assert rows[f"[{STICKY6}]:80/TCP"]["path"] == "tc (sessionAffinity)"
+    assert rows[f"[{LOCAL6}]:80/TCP"]["path"] == "tc (Local, no local endpoint)"
     from prometheus_client import CollectorRegistry
 
     from ebpfsvc.collectors import DatapathCollector
@@ -365,13 +454,15 @@ def test_socket_connects_counted_per_frontend_and_path_shown(node, pin_dir):
     finally:
         collector.close()
     with NodeMaps.open(pin_dir) as maps:
-        # the two that translate (recvmsg4 and getpeername4 read lb4_sock_revnat only)
-        assert maps.socket_programs() == ["connect4", "sendmsg4"]
+        # the four that translate (recvmsg and getpeername read the reverse maps only)
+        assert maps.socket_programs() == ["connect4", "connect6", "sendmsg4", "sendmsg6"]
         (sock_step,) = [s for s in views.why(maps, CLIENT, VIP, 80, "TCP")["steps"] if s["step"] == "socket path"]
         assert sock_step["path"] == "socket" and "connect()" in sock_step["outcome"]
         (sock_step,) = [s for s in views.why(maps, CLIENT, STICKY_VIP, 80, "TCP")["steps"]
                         if s["step"] == "socket path"]
         assert sock_step["path"] == "tc (sessionAffinity)"
+        (sock_step,) = [s for s in views.why(maps, CLIENT6, VIP6, 80, "TCP")["steps"] if s["step"] == "socket path"]
+        assert sock_step["path"] == "socket"
 
 
 def test_without_socket_programs_east_west_takes_tc(datapath, writer):

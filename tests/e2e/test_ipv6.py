@@ -10,7 +10,7 @@ Backends see the client pod's own IPv6 address: pod traffic is never SNATed.
 A pod reaching itself through an IPv6 clusterIP (hairpin) is SNATed to its node's IPv6 address, and
 a process in a node's own namespace reaches IPv6 clusterIPs (node clients, the socket path off).
 Not here, because the datapath does not serve it yet for IPv6 (docs/datapath.md): NodePort and
-external traffic on the uplinks, the socket path.
+external traffic on the uplinks. The socket path's IPv6 hooks: test_socklb_ipv6.py.
 """
 
 from __future__ import annotations

@@ -101,21 +101,29 @@ def test_pod_tcp_is_translated_at_connect(lab):
     assert flows_from(lab, "node-1", client_ip) == [], "the TC path translated nothing"
 
 
-def test_pod_udp_unconnected_and_connected(lab):
-    pods = ["sl-dns-1", "sl-dns-2"]
-    lab.apply([apps.pod(pods[0], "udp-echo", 5353, node="node-1", labels={"app": "sl-dns"}),
-               apps.pod(pods[1], "udp-echo", 5353, node="node-2", labels={"app": "sl-dns"}),
-               service("sl-dns", [{"port": 53, "targetPort": 5353, "protocol": "UDP"}], selector={"app": "sl-dns"})])
+def check_udp_through_socket_path(lab: Lab, name: str, family: int | None = None, **spec) -> None:
+    """udp-echo pods <name>-1 on node-1 and <name>-2 on node-2 behind Service <name>:53/UDP (its
+    clusterIP of IP version `family`, or the primary): unconnected and connected UDP from the client
+    pod answered, recvfrom and getpeername showing the Service, no TC flow."""
+    pods = [f"{name}-1", f"{name}-2"]
+    lab.apply([apps.pod(pods[0], "udp-echo", 5353, node="node-1", labels={"app": name}),
+               apps.pod(pods[1], "udp-echo", 5353, node="node-2", labels={"app": name}),
+               service(name, [{"port": 53, "targetPort": 5353, "protocol": "UDP"}], selector={"app": name}, **spec)])
     wait_ready(lab, pods)
-    wait_programmed(lab, "sl-dns", 53, backends=2, proto="UDP")
-    vip = cluster_ip(lab, "sl-dns")
+    wait_programmed(lab, name, 53, backends=2, proto="UDP", family=family)
+    vip = cluster_ip(lab, name, family)
     for op in ("udp", "udp-connected"):
         result = wait_for(lambda: "errno" not in (r := probe(lab, op, vip, 53)) and r, what=f"{op} answer")
-        assert result["src"] == [vip, 53], result                # recvfrom: the Service
+        assert result["src"][:2] == [vip, 53], result            # recvfrom: the Service
         assert json.loads(result["data"])["pod"] in pods
         if op == "udp-connected":
-            assert result["peer"] == [vip, 53]
-    assert flows_from(lab, "node-1", lab.pod_ip(CLIENT)) == []
+            assert result["peer"][:2] == [vip, 53]              # IPv6: [address, port, flowinfo, scope]
+    client = json.loads(result["data"])["client"]               # the pod's address of the Service's family
+    assert flows_from(lab, "node-1", client) == []
+
+
+def test_pod_udp_unconnected_and_connected(lab):
+    check_udp_through_socket_path(lab, "sl-dns")
 
 
 def test_empty_service_refused_at_connect(lab):
