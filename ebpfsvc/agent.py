@@ -367,9 +367,11 @@ class Agent:
 
         cfg, old = self.config, self._configured
         log.info("node %s: %s", cfg.node.node_name, info.describe())
-        # The pod datapath compiles in the hairpin source and, with node clients served, the node
-        # address their replies from local backends are addressed to (bpf/lib/flow.h).
-        snat = info.primary if cfg.host_clients and info.uplinks else None
+        # The pod datapath compiles in the hairpin source and, with node clients served or external
+        # traffic masqueraded to local backends, the node address their replies from local backends
+        # are addressed to (bpf/lib/flow.h).
+        snat = info.primary if (cfg.host_clients or cfg.masquerade_external_to_local_backends) and info.uplinks \
+            else None
         if old is None or (old.hairpin, self._pod_snat) != (info.hairpin, snat):
             # migrate: a limit changed since the maps were pinned: their entries are carried over.
             datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
@@ -386,6 +388,9 @@ class Agent:
             f"uplink {', '.join(info.missing_uplinks)} not found: NodePorts, externalIPs, LoadBalancer IPs "
             f"and node clients are not served on it" if info.missing_uplinks else None))
         self._set_node_context(info)
+        # What the programs were compiled with, for `ebpfsvc why` (the one place that reads it back).
+        loader.publish_options(self.datapath.maps, reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
+                               masquerade_external_to_local_backends=cfg.masquerade_external_to_local_backends)
         self._configured = info
         loader.release_compiler_memory()    # LLVM is needed again only for the next compile
 
@@ -417,6 +422,8 @@ class Agent:
                                                snat_keep_client_port=cfg.snat_keep_client_port,
                                                host_clients=cfg.host_clients,
                                                reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
+                                               masquerade_external_to_local_backends=(
+                                                   cfg.masquerade_external_to_local_backends),
                                                program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
         for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)

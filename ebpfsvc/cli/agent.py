@@ -163,6 +163,11 @@ def _map_limit_options(fn):
               help="Reset an established TCP connection whose endpoint left its EndpointSlice at its next "
                    "segment; off: it goes on to the endpoint's address until it closes or expires, as with "
                    "kube-proxy (docs/semantics.md).")
+@click.option("--masquerade-external-to-local-backends/--no-masquerade-external-to-local-backends",
+              default=AgentConfig.masquerade_external_to_local_backends, show_default=True,
+              help="SNAT external traffic under externalTrafficPolicy Cluster to the node address also when the "
+                   "backend is on this node, as kube-proxy does; off: that backend sees the client's address "
+                   "(docs/semantics.md).")
 @click.option("--socket-lb/--no-socket-lb", default=False, show_default=True,
               help="Translate ClusterIP connections at the socket (connect/sendmsg hooks on --socket-lb-cgroup) "
                    "instead of every packet at TC (docs/socklb.md). Off by default for now.")
@@ -197,7 +202,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
           ip_families, cluster_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
           pod_interfaces, uplinks,
           uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, reset_removed_endpoint_tcp,
-          socket_lb, socket_lb_cgroup,
+          masquerade_external_to_local_backends, socket_lb, socket_lb_cgroup,
           program_cache, min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
           conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
@@ -224,6 +229,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       hairpin_address=hairpin_address,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
+                      masquerade_external_to_local_backends=masquerade_external_to_local_backends,
                       socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
                       program_cache=program_cache, min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
