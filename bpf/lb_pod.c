@@ -28,8 +28,9 @@
 #include "affinity.h"
 #include "icmp.h"
 #include "flow.h"
+/* np4_snat_reply_to: a local pod's reply to external traffic the uplink masqueraded to it. */
 #include "srcrange.h"
-#include "nodeport.h"           /* np4_snat_reply_to: a local pod's reply to a masqueraded external flow */
+#include "nodeport.h"
 
 /* nodeport.h's to_uplink path asks host.h about the node's own packets; this
  * object has no uplink program, so nothing calls it: a stub, no host.h. */
