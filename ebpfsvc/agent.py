@@ -424,6 +424,7 @@ class Agent:
                                                reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
                                                masquerade_external_to_local_backends=(
                                                    cfg.masquerade_external_to_local_backends),
+                                               cluster_cidr=cfg.cluster_cidr,
                                                program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
         for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)

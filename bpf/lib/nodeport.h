@@ -334,10 +334,36 @@ static __always_inline int np4_forward_xlate(struct __sk_buff *skb, struct lb4_p
  * the flow is then a north-south one like any other (DNAT for a local backend,
  * SNAT + DNAT for a remote one, whose reply must come back through this node).
  */
+/*
+ * The cluster's pod CIDR, kube-proxy's --cluster-cidr under its default
+ * --detect-local-mode ClusterCIDR (the agent's --cluster-cidr; a loader -D,
+ * __be32 network and mask): traffic from it is "pod traffic", which kube-proxy's
+ * external chain sends to the cluster-wide endpoints even under
+ * externalTrafficPolicy Local. Mask 0 (no --cluster-cidr, kube-proxy's no-op
+ * detector): no source is, and Local stays Local for everyone.
+ */
+#ifndef NP_CLUSTER_CIDR_MASK
+#define NP_CLUSTER_CIDR_NET 0
+#define NP_CLUSTER_CIDR_MASK 0
+#endif
+
+static __always_inline int np4_from_cluster(__be32 saddr)
+{
+	return NP_CLUSTER_CIDR_MASK && (saddr & NP_CLUSTER_CIDR_MASK) == NP_CLUSTER_CIDR_NET;
+}
+
 static __always_inline struct lb4_service *np4_lookup_frontend(const struct lb4_pkt *p)
 {
 	struct lb4_service *svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_EXTERNAL);
+	struct lb4_service *twin;
 
+	/* A pod of another node to a Local-policy NodePort, externalIP or LB IP
+	 * here: its INTERNAL twin, whose backends are the cluster-wide set (kube-proxy:
+	 * "route traffic from within the cluster to cluster endpoints"). */
+	if (svc && (svc->flags & LB_SVC_F_LOCAL_ONLY) && np4_from_cluster(p->saddr)) {
+		twin = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
+		return twin ? twin : svc;
+	}
 	if (svc)
 		return svc;
 	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);

@@ -132,7 +132,10 @@ def _map_limit_options(fn):
               help="The IP families this node serves: auto (the families of the cluster's ServiceCIDRs, followed "
                    "as they change; IPv4 when the API serves none), or IPv4, IPv6, IPv4,IPv6 (an override: then a "
                    "Service with a clusterIP of another family is refused).")
-@click.option("--cluster-cidr", default=None, type=IPv4Network(), help="Pod CIDR of the cluster (informational for now).")
+@click.option("--cluster-cidr", default=None, type=IPv4Network(),
+              help="The cluster's pod CIDR, as kube-proxy's (its default --detect-local-mode ClusterCIDR): pods of "
+                   "other nodes reaching a NodePort, externalIP or LoadBalancer IP of this node with "
+                   "externalTrafficPolicy Local get the cluster-wide endpoints (docs/semantics.md).")
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
 @click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")
@@ -230,7 +233,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
                       masquerade_external_to_local_backends=masquerade_external_to_local_backends,
-                      socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
+                      cluster_cidr=cluster_cidr, socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
                       program_cache=program_cache, min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
                       bind_address_hard_fail=bind_address_hard_fail,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -159,8 +160,8 @@ _CACHE: dict[tuple, Datapath] = {}
 
 def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
                snat_keep_client_port: bool = True, host_clients: bool = True,
-               reset_removed_endpoint_tcp: bool = True, masquerade_external_to_local_backends: bool = False
-               ) -> list[str]:
+               reset_removed_endpoint_tcp: bool = True, masquerade_external_to_local_backends: bool = False,
+               cluster_cidr=None) -> list[str]:
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
@@ -176,6 +177,10 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
         flags.append("-DLB_RESET_REMOVED_TCP=0")        # kube-proxy's: TCP to a removed endpoint goes on
     if masquerade_external_to_local_backends:
         flags.append("-DNP_MASQUERADE_LOCAL_BACKENDS=1")  # kube-proxy's: ETP Cluster to a local pod is SNATed
+    if cluster_cidr is not None:                         # pods' traffic to Local-policy frontends: cluster-wide
+        net = ipaddress.IPv4Network(cluster_cidr)
+        flags += [f"-DNP_CLUSTER_CIDR_NET={be32(net.network_address):#x}U",
+                  f"-DNP_CLUSTER_CIDR_MASK={be32(net.netmask):#x}U"]
     return flags
 
 
@@ -197,7 +202,7 @@ def publish_options(maps, **options) -> None:
 def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         masquerade_external_to_local_backends: bool = False, migrate: bool = False, program_cache: bool = False, maps_unit=None) -> Datapath:
+         masquerade_external_to_local_backends: bool = False, cluster_cidr=None, migrate: bool = False, program_cache: bool = False, maps_unit=None) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -212,7 +217,9 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h); `reset_removed_endpoint_tcp`
     False lets a TCP flow whose backend was removed go on to its address (bpf/lib/lb.h);
     `masquerade_external_to_local_backends` SNATs external traffic under externalTrafficPolicy
-    Cluster to a backend on this node too, as kube-proxy (bpf/lib/nodeport.h; uplink programs only).
+    Cluster to a backend on this node too, as kube-proxy (bpf/lib/nodeport.h; uplink programs only);
+    `cluster_cidr` (kube-proxy's --cluster-cidr) sends its sources to the cluster-wide endpoints of
+    a Local-policy external frontend (bpf/lib/nodeport.h np4_from_cluster).
     `migrate`: when the pins must be recreated (another size or layout), carry their entries into
     the new maps (datapath/migrate.py) instead of starting empty.
     `program_cache`: load the programs from the compiled-program cache (datapath/progcache.py)
@@ -225,7 +232,7 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     limits = limits or Limits()
     text = expand_source(source)
     cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr, snat_keep_client_port, host_clients,
-                              reset_removed_endpoint_tcp, masquerade_external_to_local_backends))
+                              reset_removed_endpoint_tcp, masquerade_external_to_local_backends, cluster_cidr))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]
