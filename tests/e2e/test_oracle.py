@@ -471,9 +471,10 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
             cleaned = kubeproxy.cleanup(lab, node)
             assert cleaned.returncode == 0, cleaned.stderr[-2000:]
             lab.agent("start", node)
-        # Every object was there before the agents started: their first sync programs them all.
-        wait_programmed(lab, "or-lb", 80, backends=1)
-        wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"])
+        # Every object was there before the agents started: their first sync programs them all. Generous:
+        # a first start compiles both programs (no program cache yet), minutes on a loaded machine.
+        wait_programmed(lab, "or-lb", 80, backends=1, timeout=300)
+        wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"], timeout=300)
         wait_agents_attached(lab, [CLIENT, "or-a", "or-b", "or-c"])
         results["ebpfsvc"] = observe(lab, "ebpfsvc")
         restart_agents_with(lab, KUBE_PROXY_OPTIONS)
