@@ -444,6 +444,8 @@ def restart_agents_with(lab: Lab, options: dict) -> None:
              what=f"the new agent's programs on {CLIENT}'s veth")
 
 
+# Three observations of 22 rows, two agent starts that compile: past pytest's 300 s on a loaded machine.
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("mode", kubeproxy.MODES)
 def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
     with Lab.up(prefix=unique_prefix, agents=False) as lab:
