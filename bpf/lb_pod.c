@@ -29,6 +29,16 @@
 #include "affinity.h"
 #include "icmp.h"
 #include "flow.h"
+/* np4_snat_reply_to: a local pod's reply to external traffic the uplink masqueraded to it. */
+#include "srcrange.h"
+#include "nodeport.h"
+
+/* nodeport.h's to_uplink path asks host.h about the node's own packets; this
+ * object has no uplink program, so nothing calls it: a stub, no host.h. */
+static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	return -1;
+}
 
 int from_pod(struct __sk_buff *skb)
 {

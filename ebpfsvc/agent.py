@@ -402,6 +402,9 @@ class Agent:
             f"uplink {', '.join(info.missing_uplinks)} not found: NodePorts, externalIPs, LoadBalancer IPs "
             f"and node clients are not served on it" if info.missing_uplinks else None))
         self._set_node_context(info)
+        # What the programs were compiled with, for `ebpfsvc why` (the one place that reads it back).
+        loader.publish_options(self.datapath.maps, reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
+                               masquerade_external_to_local_backends=cfg.masquerade_external_to_local_backends)
         self._configured = info
         loader.release_compiler_memory()    # LLVM is needed again only for the next compile
 
@@ -432,6 +435,9 @@ class Agent:
                                                snat_keep_client_port=cfg.snat_keep_client_port,
                                                host_clients=cfg.host_clients,
                                                reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
+                                               masquerade_external_to_local_backends=(
+                                                   cfg.masquerade_external_to_local_backends),
+                                               cluster_cidr=cfg.cluster_cidr,
                                                program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
         for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)

@@ -133,6 +133,12 @@ class AgentConfig:
     # An established TCP flow whose endpoint left its slice: reset (True) or left to go on, as
     # kube-proxy leaves its conntrack entry (bpf/lib/lb.h; docs/semantics.md "Kept on purpose").
     reset_removed_endpoint_tcp: bool = True
+    # External traffic (externalTrafficPolicy Cluster) to a backend on this node: the client's address
+    # kept (False) or masqueraded to the node, as kube-proxy (bpf/lib/nodeport.h; docs/semantics.md).
+    masquerade_external_to_local_backends: bool = False
+    # kube-proxy's --cluster-cidr (its default --detect-local-mode ClusterCIDR): sources in it reaching
+    # an externalTrafficPolicy Local frontend on the uplink get the cluster-wide endpoints. None: none.
+    cluster_cidr: IPv4Network | None = None
     socket_lb: bool = False                  # socket-level LB (datapath/socklb.py) on socket_lb_cgroup
     socket_lb_cgroup: str | None = None      # where; with socket_lb off, a previous run's programs are detached
     program_cache: bool = True               # compiled programs reused across starts (datapath/progcache.py)

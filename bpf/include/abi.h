@@ -214,6 +214,13 @@ struct lb_service_status {
 	char  detail[124];      /* one line, NUL-padded (cut to fit) */
 };
 
+/* lb_agent_config[0]: the agent options its programs were compiled with (loader
+ * -D flags), published by the agent for `ebpfsvc why`; the datapath never reads
+ * it. 0 (no LB_CFG_PUBLISHED): an agent that publishes nothing. */
+#define LB_CFG_PUBLISHED                 0x1   /* the word below was written */
+#define LB_CFG_RESET_REMOVED_TCP         0x2   /* LB_RESET_REMOVED_TCP: --reset-removed-endpoint-tcp */
+#define LB_CFG_MASQUERADE_LOCAL_BACKENDS 0x4   /* NP_MASQUERADE_LOCAL_BACKENDS: --masquerade-external-to-local-backends */
+
 /* Conntrack key: the 5-tuple as seen on the wire in one direction. */
 struct ct4_key {
 	__be32 saddr;

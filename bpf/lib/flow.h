@@ -262,9 +262,14 @@ static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_p
  */
 #define LB_NOT_A_REPLY (-1001)   /* not a TC verdict */
 
+/* nodeport.h: a backend's reply to a SNATed north-south flow, back to its client. */
+static __always_inline int np4_snat_reply_to(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
+					     const struct snat4_entry *client, __u64 now);
+
 static __always_inline int lb4_reply_to_node(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
 {
 	__be32 hairpin = node_hairpin4(), node = node_snat4();
+	struct snat4_entry *client;
 	struct ct4_key rk;
 	struct ct4_entry *e;
 
@@ -278,6 +283,13 @@ static __always_inline int lb4_reply_to_node(struct __sk_buff *skb, struct lb4_p
 		return lb4_hairpin_reply(skb, p, e, now);
 	if (node && p->daddr == node && lb4_is_host_flow(e))
 		return lb4_host_reply(skb, p, e, now);
+	/* A local pod answering external traffic the uplink masqueraded to it
+	 * (--masquerade-external-to-local-backends): to the client, from the frontend. */
+	if (node && p->daddr == node &&
+	    (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) == (CT_F_NODEPORT | CT_F_SNAT)) {
+		client = lb4_snat.lookup(&rk);
+		return client ? np4_snat_reply_to(skb, p, e, client, now) : TC_ACT_OK;
+	}
 	return LB_NOT_A_REPLY;
 }
 

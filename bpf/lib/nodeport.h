@@ -12,7 +12,8 @@
  *     Local policy, backend choice, then
  *       - backend on this node, or externalTrafficPolicy Local: DNAT only, the
  *         backend sees the client's address, the kernel delivers it to the pod;
- *       - backend on another node (Cluster policy): SNAT to node_snat4() with
+ *       - backend on another node (Cluster policy), or on this one with
+ *         NP_MASQUERADE_LOCAL_BACKENDS (kube-proxy's masquerade): SNAT to node_snat4() with
  *         a source port of our own (np4_snat_alloc) + DNAT, sent out directly
  *         (np4_redirect): the kernel would refuse to forward a packet whose
  *         source is one of its own addresses (martian source).
@@ -333,14 +334,63 @@ static __always_inline int np4_forward_xlate(struct __sk_buff *skb, struct lb4_p
  * the flow is then a north-south one like any other (DNAT for a local backend,
  * SNAT + DNAT for a remote one, whose reply must come back through this node).
  */
+/*
+ * The cluster's pod CIDR, kube-proxy's --cluster-cidr under its default
+ * --detect-local-mode ClusterCIDR (the agent's --cluster-cidr; a loader -D,
+ * __be32 network and mask): traffic from it is "pod traffic", which kube-proxy's
+ * external chain sends to the cluster-wide endpoints even under
+ * externalTrafficPolicy Local. Mask 0 (no --cluster-cidr, kube-proxy's no-op
+ * detector): no source is, and Local stays Local for everyone.
+ */
+#ifndef NP_CLUSTER_CIDR_MASK
+#define NP_CLUSTER_CIDR_NET 0
+#define NP_CLUSTER_CIDR_MASK 0
+#endif
+
+static __always_inline int np4_from_cluster(__be32 saddr)
+{
+	return NP_CLUSTER_CIDR_MASK && (saddr & NP_CLUSTER_CIDR_MASK) == NP_CLUSTER_CIDR_NET;
+}
+
 static __always_inline struct lb4_service *np4_lookup_frontend(const struct lb4_pkt *p)
 {
 	struct lb4_service *svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_EXTERNAL);
+	struct lb4_service *twin;
 
+	/* A pod of another node to a Local-policy NodePort, externalIP or LB IP
+	 * here: its INTERNAL twin, whose backends are the cluster-wide set (kube-proxy:
+	 * "route traffic from within the cluster to cluster endpoints"). */
+	if (svc && (svc->flags & LB_SVC_F_LOCAL_ONLY) && np4_from_cluster(p->saddr)) {
+		twin = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
+		return twin ? twin : svc;
+	}
 	if (svc)
 		return svc;
 	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
 	return svc && !(svc->flags & NP4_SVC_F_EXTERNAL_KINDS) ? svc : 0;
+}
+
+/*
+ * Whether external traffic to a backend on this node under externalTrafficPolicy
+ * Cluster is masqueraded to node_snat4(), as kube-proxy does (1: the agent's
+ * --masquerade-external-to-local-backends), or keeps the client's address (0,
+ * the default: better for the backend's logs and policies; docs/semantics.md).
+ * A masqueraded flow to a local pod is sent to the pod's veth like a remote one
+ * to the uplink (np4_redirect); its reply is translated back where it leaves
+ * the pod (flow.h lb4_reply_to_node -> np4_snat_reply).
+ */
+#ifndef NP_MASQUERADE_LOCAL_BACKENDS
+#define NP_MASQUERADE_LOCAL_BACKENDS 0
+#endif
+
+/* Does a new north-south flow to backend `be` of `svc` keep the client's address
+ * (DNAT only)? Always under a Local policy; for a backend on this node unless
+ * NP_MASQUERADE_LOCAL_BACKENDS. Otherwise it is SNATed to the node. */
+static __always_inline int np4_keeps_client(const struct lb4_service *svc, const struct lb4_backend *be)
+{
+	if (svc->flags & LB_SVC_F_LOCAL_ONLY)
+		return 1;
+	return (be->flags & LB_BE_F_LOCAL) && !NP_MASQUERADE_LOCAL_BACKENDS;
 }
 
 /* A new flow to an EXTERNAL frontend or a ClusterIP, or a packet that is not ours (passes). */
@@ -373,7 +423,7 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 		return lb_drop(REASON_NO_BACKEND);
 	e.flags |= CT_F_NODEPORT;
 
-	if ((be->flags & LB_BE_F_LOCAL) || (svc->flags & LB_SVC_F_LOCAL_ONLY)) {
+	if (np4_keeps_client(svc, be)) {
 		/* Source-preserving: the reply leaves through to_uplink, which restores the frontend. */
 		if (ct4_create(fk, &e, p->saddr))
 			return lb_drop(REASON_CT_CREATE_FAILED);
@@ -417,16 +467,15 @@ static __always_inline int np4_forward_tracked(struct __sk_buff *skb, struct lb4
 	return np4_forward_xlate(skb, p, e, nat);
 }
 
-/* A backend's reply to a SNATed flow (backend -> node address:SNAT port):
- * back to client <- frontend, and out towards the client. */
-static __always_inline int np4_snat_reply(struct __sk_buff *skb, struct lb4_pkt *p,
-					  struct ct4_entry *e, struct ct4_key *rk, __u64 now)
+/* A backend's reply to a SNATed flow (backend -> node address:SNAT port), whose
+ * client is `client`: back to client <- frontend, and out towards the client.
+ * No map method calls of its own: flow.h calls it through a forward declaration,
+ * and bcc rewrites `map.lookup()` only in functions defined before their first use. */
+static __always_inline int np4_snat_reply_to(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
+					     const struct snat4_entry *client, __u64 now)
 {
-	struct snat4_entry *client = lb4_snat.lookup(rk);
 	__u32 bytes = skb->len;
 
-	if (!client)
-		return TC_ACT_OK;
 	ct4_note_reply(e, p, client->address, client->port, now);
 	frag4_record(p);
 	if (lb4_rewrite_dst(skb, p, client->address, client->port) ||
@@ -434,6 +483,15 @@ static __always_inline int np4_snat_reply(struct __sk_buff *skb, struct lb4_pkt 
 		return lb_drop(REASON_MALFORMED);
 	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
 	return np4_redirect(skb, p);
+}
+
+/* A backend's reply to a SNATed flow (reply key `rk`): to its client (np4_snat_reply_to). */
+static __always_inline int np4_snat_reply(struct __sk_buff *skb, struct lb4_pkt *p,
+					  struct ct4_entry *e, struct ct4_key *rk, __u64 now)
+{
+	struct snat4_entry *client = lb4_snat.lookup(rk);
+
+	return client ? np4_snat_reply_to(skb, p, e, client, now) : TC_ACT_OK;
 }
 
 /*

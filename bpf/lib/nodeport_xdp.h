@@ -227,6 +227,15 @@ static __always_inline int np4_xdp_forward(struct xdp_md *ctx, struct lb4_pkt *p
 	return nat ? np4_xdp_tx(ctx, &fib) : XDP_PASS;   /* local backend: the kernel delivers it */
 }
 
+/* The backend of tracked flow `e` is on this node (only asked with NP_MASQUERADE_LOCAL_BACKENDS). */
+static __always_inline int np4_xdp_backend_is_local(const struct ct4_entry *e)
+{
+	__u32 id = e->backend_id;
+	struct lb4_backend *be = lb4_backends.lookup(&id);
+
+	return !be || (be->flags & LB_BE_F_LOCAL);
+}
+
 static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, struct ct4_key *fk, __u64 now)
 {
 	struct lb4_service *svc;
@@ -249,7 +258,9 @@ static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, st
 	if (!be)
 		return XDP_PASS;
 	e.flags |= CT_F_NODEPORT;
-	if ((be->flags & LB_BE_F_LOCAL) || (svc->flags & LB_SVC_F_LOCAL_ONLY)) {
+	if (NP_MASQUERADE_LOCAL_BACKENDS && (be->flags & LB_BE_F_LOCAL) && !np4_keeps_client(svc, be))
+		return XDP_PASS;                        /* masqueraded to a local pod: TC's (np4_redirect to its veth) */
+	if (np4_keeps_client(svc, be)) {
 		if (ct4_create(fk, &e, p->saddr))
 			return XDP_PASS;                /* TC tries again, and counts a failure */
 		lb4_affinity_update(svc, p->saddr, e.backend_id, now);
@@ -301,8 +312,8 @@ static __always_inline int np4_xdp_uplink(struct xdp_md *ctx)
 			return XDP_PASS;                /* the flow restarts or ends: TC decides how */
 		if (e->flags & CT_F_SNAT) {
 			nat = lb4_snat.lookup(&fk);
-			if (!nat)
-				return XDP_PASS;
+			if (!nat || (NP_MASQUERADE_LOCAL_BACKENDS && np4_xdp_backend_is_local(e)))
+				return XDP_PASS;        /* a masqueraded flow to a local pod stays TC's */
 		}
 		np4_note_forward(&p, e, nat, now);
 		return np4_xdp_forward(ctx, &p, e, nat);

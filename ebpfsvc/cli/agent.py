@@ -132,7 +132,10 @@ def _map_limit_options(fn):
               help="The IP families this node serves: auto (the families of the cluster's ServiceCIDRs, followed "
                    "as they change; IPv4 when the API serves none), or IPv4, IPv6, IPv4,IPv6 (an override: then a "
                    "Service with a clusterIP of another family is refused).")
-@click.option("--cluster-cidr", default=None, type=IPv4Network(), help="Pod CIDR of the cluster (informational for now).")
+@click.option("--cluster-cidr", default=None, type=IPv4Network(),
+              help="The cluster's pod CIDR, as kube-proxy's (its default --detect-local-mode ClusterCIDR): pods of "
+                   "other nodes reaching a NodePort, externalIP or LoadBalancer IP of this node with "
+                   "externalTrafficPolicy Local get the cluster-wide endpoints (docs/semantics.md).")
 @click.option("--service-node-port-range", default=format_port_range(DEFAULT_NODEPORT_RANGE), show_default=True,
               type=PortRange())
 @click.option("--proxy-name", default="", help="Answer Services labelled service.kubernetes.io/service-proxy-name=NAME.")
@@ -165,6 +168,11 @@ def _map_limit_options(fn):
               help="Reset an established TCP connection whose endpoint left its EndpointSlice at its next "
                    "segment; off: it goes on to the endpoint's address until it closes or expires, as with "
                    "kube-proxy (docs/semantics.md).")
+@click.option("--masquerade-external-to-local-backends/--no-masquerade-external-to-local-backends",
+              default=AgentConfig.masquerade_external_to_local_backends, show_default=True,
+              help="SNAT external traffic under externalTrafficPolicy Cluster to the node address also when the "
+                   "backend is on this node, as kube-proxy does; off: that backend sees the client's address "
+                   "(docs/semantics.md).")
 @click.option("--socket-lb/--no-socket-lb", default=False, show_default=True,
               help="Translate ClusterIP connections at the socket (connect/sendmsg hooks on --socket-lb-cgroup) "
                    "instead of every packet at TC (docs/socklb.md). Off by default for now.")
@@ -199,7 +207,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
           ip_families, cluster_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
           pod_interfaces, uplinks,
           uplink_mode, hairpin_address, hairpin_address6, host_clients, nodeport_snat_keep_client_port,
-          reset_removed_endpoint_tcp,
+          reset_removed_endpoint_tcp, masquerade_external_to_local_backends,
           socket_lb, socket_lb_cgroup,
           program_cache, min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
@@ -227,7 +235,8 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       hairpin_address=hairpin_address, hairpin_address6=hairpin_address6,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
-                      socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
+                      masquerade_external_to_local_backends=masquerade_external_to_local_backends,
+                      cluster_cidr=cluster_cidr, socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
                       program_cache=program_cache, min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
                       bind_address_hard_fail=bind_address_hard_fail,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -162,7 +163,8 @@ _CACHE: dict[tuple, Datapath] = {}
 
 
 def cflags_for(pin_dir: Path, limits: Limits, snat_keep_client_port: bool = True, host_clients: bool = True,
-               reset_removed_endpoint_tcp: bool = True) -> list[str]:
+               reset_removed_endpoint_tcp: bool = True, masquerade_external_to_local_backends: bool = False,
+               cluster_cidr=None) -> list[str]:
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
@@ -172,13 +174,34 @@ def cflags_for(pin_dir: Path, limits: Limits, snat_keep_client_port: bool = True
         flags.append("-DLB_HOST_CLIENTS=0")             # to_uplink leaves the node's own packets alone
     if not reset_removed_endpoint_tcp:
         flags.append("-DLB_RESET_REMOVED_TCP=0")        # kube-proxy's: TCP to a removed endpoint goes on
+    if masquerade_external_to_local_backends:
+        flags.append("-DNP_MASQUERADE_LOCAL_BACKENDS=1")  # kube-proxy's: ETP Cluster to a local pod is SNATed
+    if cluster_cidr is not None:                         # pods' traffic to Local-policy frontends: cluster-wide
+        net = ipaddress.IPv4Network(cluster_cidr)
+        flags += [f"-DNP_CLUSTER_CIDR_NET={be32(net.network_address):#x}U",
+                  f"-DNP_CLUSTER_CIDR_MASK={be32(net.netmask):#x}U"]
     return flags
+
+
+def agent_options(*, reset_removed_endpoint_tcp: bool = True,
+                  masquerade_external_to_local_backends: bool = False) -> int:
+    """The LB_CFG_* word of lb_agent_config: the options cflags_for compiles in, as the agent
+    publishes them for `ebpfsvc why` (inspect/node.py NodeMaps.agent_options reads it back)."""
+    return (abi.LB_CFG_PUBLISHED
+            | (abi.LB_CFG_RESET_REMOVED_TCP if reset_removed_endpoint_tcp else 0)
+            | (abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS if masquerade_external_to_local_backends else 0))
+
+
+def publish_options(maps, **options) -> None:
+    """Write agent_options(**options) into lb_agent_config (bcc tables by name, as Datapath.maps)."""
+    table = maps["lb_agent_config"]
+    table[table.Key(0)] = table.Leaf(agent_options(**options))
 
 
 def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         migrate: bool = False, program_cache: bool = False, maps_unit=None) -> Datapath:
+         masquerade_external_to_local_backends: bool = False, cluster_cidr=None, migrate: bool = False, program_cache: bool = False, maps_unit=None) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -191,7 +214,11 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
     `host_clients` False leaves the node's own packets to externalIPs and
     LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h); `reset_removed_endpoint_tcp`
-    False lets a TCP flow whose backend was removed go on to its address (bpf/lib/lb.h).
+    False lets a TCP flow whose backend was removed go on to its address (bpf/lib/lb.h);
+    `masquerade_external_to_local_backends` SNATs external traffic under externalTrafficPolicy
+    Cluster to a backend on this node too, as kube-proxy (bpf/lib/nodeport.h; uplink programs only);
+    `cluster_cidr` (kube-proxy's --cluster-cidr) sends its sources to the cluster-wide endpoints of
+    a Local-policy external frontend (bpf/lib/nodeport.h np4_from_cluster).
     `migrate`: when the pins must be recreated (another size or layout), carry their entries into
     the new maps (datapath/migrate.py) instead of starting empty.
     `program_cache`: load the programs from the compiled-program cache (datapath/progcache.py)
@@ -203,7 +230,8 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     pin_dir = Path(pin_dir)
     limits = limits or Limits()
     text = expand_source(source)
-    cflags = tuple(cflags_for(pin_dir, limits, snat_keep_client_port, host_clients, reset_removed_endpoint_tcp))
+    cflags = tuple(cflags_for(pin_dir, limits, snat_keep_client_port, host_clients, reset_removed_endpoint_tcp,
+                              masquerade_external_to_local_backends, cluster_cidr))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]

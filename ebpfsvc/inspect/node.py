@@ -58,6 +58,17 @@ def ip6_str(words) -> str:
 
 # The IPv6 twins: read when pinned (the views skip them otherwise).
 _IPV6_MAPS = frozenset(name for name in abi.MAP_TYPES if name.startswith(("lb6_", "ct6", "frag6")))
+# Read when pinned: absent with an agent of a version before them.
+_OPTIONAL_MAPS = _IPV6_MAPS | {"lb_agent_config"}
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """The agent options its programs were compiled with, as it publishes them (lb_agent_config,
+    loader.agent_options); None from NodeMaps.agent_options when it published nothing."""
+
+    reset_removed_endpoint_tcp: bool
+    masquerade_external_to_local_backends: bool
 
 
 def hostport(address: str, port: int) -> str:
@@ -262,8 +273,8 @@ class NodeMaps:
         node = cls(pin_dir)
         try:
             for name in names or abi.MAP_TYPES:
-                if names is None and name in _IPV6_MAPS and not (pin_dir / name).exists():
-                    continue        # an agent of a version before IPv6: its IPv4 maps are all there is
+                if names is None and name in _OPTIONAL_MAPS and not (pin_dir / name).exists():
+                    continue        # an agent of a version before IPv6 (or before the map): not there
                 m = PinnedMap.open(pin_dir / name)
                 key_t, val_t = abi.MAP_TYPES[name]
                 if (m.info.key_size, m.info.value_size) != (ffi.sizeof(key_t), ffi.sizeof(val_t)):
@@ -525,6 +536,16 @@ class NodeMaps:
         ncpu = m.value_bytes // 8
         vals = ffi.from_buffer("__u64[]", m.read_array(0, size))
         return {ident: int(sum(vals[ident * ncpu:(ident + 1) * ncpu])) for ident in range(size)}
+
+    def agent_options(self) -> AgentOptions | None:
+        """The options the agent published (lb_agent_config), or None: it published nothing."""
+        m = self.maps.get("lb_agent_config")
+        raw = m.lookup(_encode(ffi.new("__u32 *", 0))) if m is not None else None
+        word = _decode("__u32", raw)[0] if raw is not None else 0
+        if not word & abi.LB_CFG_PUBLISHED:
+            return None
+        return AgentOptions(bool(word & abi.LB_CFG_RESET_REMOVED_TCP),
+                            bool(word & abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS))
 
     def drops(self) -> dict[str, int]:
         m = self.maps["lb_drops"]

@@ -162,6 +162,11 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
     frontend, source ranges, traffic policy, affinity, Maglev slot. Returns the steps and the
     outcome: verdict, backend and reason."""
     external = scope == "external"
+    # The settings the agent compiled its programs with, as it publishes them (None: an agent that
+    # publishes none, whose defaults then hold).
+    options = node.agent_options()
+    resets_removed_tcp = options is None or options.reset_removed_endpoint_tcp
+    masquerades_local = options is not None and options.masquerade_external_to_local_backends
     now_ns = monotonic_ns() if now_ns is None else now_ns
     proto = proto.upper()
     steps: list[dict] = []
@@ -172,15 +177,22 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
 
     def result(verdict: str, reason: str, backend: BackendRow | None = None, backend_id: int = 0) -> dict:
         if external and verdict == "dnat" and backend is not None and reason != "conntrack":
-            if backend.local or fe_flags[0] & abi.LB_SVC_F_LOCAL_ONLY:
-                step("source", "local backend (or policy Local): the client address is kept")
+            if fe_flags[0] & abi.LB_SVC_F_LOCAL_ONLY:
+                step("source", "policy Local: the client address is kept")
+            elif backend.local and not masquerades_local:
+                step("source", "local backend: the client address is kept (kube-proxy's masquerade: "
+                     "--masquerade-external-to-local-backends)")
             else:
                 ports = f"one of {abi.SNAT_PORT_MIN}-{abi.SNAT_PORT_MAX}"
                 if proto == "TCP" and (sport is None or sport >= abi.SNAT_KEEP_PORT_MIN):
                     kept = sport if sport is not None else "the client's"
                     ports = (f"the port stays {kept} unless another flow or a node socket to this backend "
                              f"holds it, then {ports} (always {ports} with --no-nodeport-snat-keep-client-port)")
-                step("source", f"remote backend: source SNATed to the node, so the reply comes back here; {ports}")
+                who = ("local backend, masqueraded as kube-proxy (the agent runs with --masquerade-external-to-"
+                       "local-backends): source SNATed to the node, sent to the pod's veth, its reply translated "
+                       "back where it leaves the pod" if backend.local else
+                       "remote backend: source SNATed to the node, so the reply comes back here")
+                step("source", f"{who}; {ports}")
         elif verdict == "dnat" and backend is not None and backend.address == src and reason != "conntrack":
             step("source", "hairpin: the client is the backend; its source becomes the node's hairpin "
                  "address (if the agent has one), so the reply returns through the datapath")
@@ -225,8 +237,16 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
                 step("conntrack", f"tracked flow ({', '.join(e.flag_names) or 'no flags'}, "
                      f"{e.age_s:.1f}s idle) pinned to backend {e.backend_id}", entry=_ct_brief(e))
                 return result("dnat", "conntrack", be, e.backend_id)
+            elif proto == "TCP" and not resets_removed_tcp:
+                # lb4_flow_keeps_backend with LB_RESET_REMOVED_TCP 0: the entry's address, as kube-proxy.
+                step("conntrack", f"tracked flow, backend {e.backend_id} was removed from its slice: the flow goes "
+                     f"on to {e.backend} (its conntrack entry) until it closes or expires, as kube-proxy "
+                     f"(the agent runs with --no-reset-removed-endpoint-tcp)", entry=_ct_brief(e))
+                return {**result("dnat", "conntrack"), "backend": f"{e.backend}/{proto}", "backend_id": e.backend_id}
             elif proto == "TCP":
-                step("conntrack", f"tracked flow, but backend {e.backend_id} was removed: reset",
+                setting = ("the agent's --reset-removed-endpoint-tcp, the default" if options is not None else
+                           "the default; the agent publishes no setting")
+                step("conntrack", f"tracked flow, but backend {e.backend_id} was removed: reset ({setting})",
                      entry=_ct_brief(e))
                 return result("reject", "backend_gone")
             else:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from ebpfsvc.k8s.fields import parse_ip, read_meta
 
+# The one zone label, as kube-proxy v1.37.2 reads it (pkg/proxy/config: v1.LabelTopologyZone only).
+# The beta failure-domain.beta.kubernetes.io/zone is not a fallback: a node that has only that one
+# has no zone for kube-proxy, which then ignores zone hints there (docs/semantics.md).
 LABEL_ZONE = "topology.kubernetes.io/zone"
-LABEL_ZONE_BETA = "failure-domain.beta.kubernetes.io/zone"   # still set by some older clusters
 MAX_ADDRESSES = 100
 MAX_TAINTS = 1000
 
@@ -31,7 +33,7 @@ class Node:
 def parse_node(obj: dict) -> Node:
     """Validate a v1 Node; raises Invalid naming the first bad field."""
     top, meta = read_meta(obj, "Node", ("v1",), namespaced=False)
-    zone = meta.labels.get(LABEL_ZONE) or meta.labels.get(LABEL_ZONE_BETA, "")
+    zone = meta.labels.get(LABEL_ZONE, "")
     addresses = []
     for a in top.obj("status").objects("addresses", MAX_ADDRESSES):
         if a.str("type") in ("Hostname", "InternalDNS", "ExternalDNS"):

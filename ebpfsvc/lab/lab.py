@@ -202,10 +202,11 @@ class Lab:
             self._wait_default_service_account(namespace)
             self._pod_namespaces.add(namespace)
 
-    def _wait_default_service_account(self, namespace: str, timeout: float = 30.0) -> None:
+    def _wait_default_service_account(self, namespace: str, timeout: float = 120.0) -> None:
         """The API server's ServiceAccount admission refuses a Pod until the namespace's `default`
         ServiceAccount exists, which kube-controller-manager creates a moment after the namespace
-        (also `default`'s own, just after `lab up`): wait for it, as a fresh cluster's user would."""
+        (also `default`'s own, just after `lab up`): wait for it, as a fresh cluster's user would.
+        Generous: on a shared machine at load 20 the controller manager took over 30 s to start."""
         deadline = time.monotonic() + timeout
         while self.api.get("ServiceAccount", namespace, "default") is None:
             if time.monotonic() >= deadline:

@@ -48,6 +48,8 @@ LB_IP = "198.18.200.10"
 EXT_IP = "198.18.200.32"
 
 NODE_MAC = "02:00:00:00:00:11"
+POD_VETH_MAC = "02:00:00:00:02:fe"    # the host side of a test's pod veth (pod_veth)
+LOCAL_POD_MAC = "02:00:00:00:02:01"   # the local pod behind it
 NODE2_MAC = "02:00:00:00:00:12"
 CLIENT_MAC = "02:00:00:00:01:00"
 CLIENT2_MAC = "02:00:00:00:01:01"
@@ -107,6 +109,11 @@ def forwarded_to_client(l3: Packet, mac: str = CLIENT_MAC) -> Packet:
 
 def from_node2(l3: Packet) -> Packet:
     return Ether(src=NODE2_MAC, dst=NODE_MAC) / l3
+
+
+def to_local_pod(l3: Packet) -> Packet:
+    """A packet sent into the local pod behind the test's pod veth (pod_veth)."""
+    return Ether(src=POD_VETH_MAC, dst=LOCAL_POD_MAC) / l3
 
 
 def to_node2(l3: Packet) -> Packet:
@@ -252,6 +259,24 @@ def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True, 
         yield Uplink(dp, name)
     finally:
         netns.remove(name)
+
+
+@pytest.fixture
+def pod_veth(uplink):
+    """A pod veth in the `uplink` test namespace: LOCAL_BE/32 routed to it, its neighbour
+    resolved; its ifindex (a test imports the fixture: `from .northsouth import pod_veth`)."""
+    def build():
+        with IPRoute() as ipr:
+            ipr.link("add", ifname="pod0", kind="veth", peer={"ifname": "pod0p"})
+            idx = ipr.link_lookup(ifname="pod0")[0]
+            ipr.link("set", index=idx, address=POD_VETH_MAC)
+            ipr.link("set", index=ipr.link_lookup(ifname="pod0p")[0], state="up")
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst=f"{LOCAL_BE}/32", oif=idx, scope=253)
+            ipr.neigh("add", dst=LOCAL_BE, lladdr=LOCAL_POD_MAC, ifindex=idx, state=0x80)    # NUD_PERMANENT
+            return idx
+
+    return nsenter.run_in(uplink.netns, build)
 
 
 # Also importable as a fixture (`from .northsouth import uplink`); conftest.py registers it for every module.

@@ -34,15 +34,13 @@ from ebpfsvc.tracker import ClusterState
 
 from .northsouth import (
     CLIENT, CLIENT_MAC, EXT_IP, LB_IP, LIMITS, LOCAL_BE, NODE, NODE2_MAC, NODE_MAC, OK, REDIRECT, REMOTE_BE,
-    REMOTE_BE2, SHOT, A, be, ext_frontend, from_client, from_node2, snat_port, to_node2,
+    REMOTE_BE2, SHOT, A, be, ext_frontend, from_client, from_node2, pod_veth, snat_port, to_local_pod, to_node2,
 )
 from .packets import HAIRPIN, VIP, expected_backend, frontend, from_pod, tcp, udp
 
 pytestmark = pytest.mark.root
 
 LO_MAC = "00:00:00:00:00:00"          # lo's address: frames it carries, and frames handed in to it
-POD_VETH_MAC = "02:00:00:00:02:fe"    # the host side of the test's pod veth
-POD_MAC = "02:00:00:00:02:01"         # the pod behind it
 NODE_PORT = 30080
 
 
@@ -53,10 +51,6 @@ def on_lo(l3):
 def out_to_node2(l3):
     """Sent on by the program itself: the node's own packet, TTL untouched."""
     return Ether(src=NODE_MAC, dst=NODE2_MAC) / l3
-
-
-def to_local_pod(l3):
-    return Ether(src=POD_VETH_MAC, dst=POD_MAC) / l3
 
 
 def leaving_uplink(l3):
@@ -73,23 +67,6 @@ def internal(addr, port, backends, kind, proto=Protocol.TCP, name="web", **kw) -
 
 def node_port(backends, proto=Protocol.TCP, name="web", **kw) -> Frontend:
     return internal(NODE, NODE_PORT, backends, FrontendKind.NODE_PORT, proto, name, **kw)
-
-
-@pytest.fixture
-def pod_veth(uplink):
-    """A pod veth in the test namespace: LOCAL_BE/32 routed to it, its neighbour resolved."""
-    def build():
-        with IPRoute() as ipr:
-            ipr.link("add", ifname="pod0", kind="veth", peer={"ifname": "pod0p"})
-            idx = ipr.link_lookup(ifname="pod0")[0]
-            ipr.link("set", index=idx, address=POD_VETH_MAC)
-            ipr.link("set", index=ipr.link_lookup(ifname="pod0p")[0], state="up")
-            ipr.link("set", index=idx, state="up")
-            ipr.route("add", dst=f"{LOCAL_BE}/32", oif=idx, scope=253)
-            ipr.neigh("add", dst=LOCAL_BE, lladdr=POD_MAC, ifindex=idx, state=0x80)    # NUD_PERMANENT
-            return idx
-
-    return nsenter.run_in(uplink.netns, build)
 
 
 @pytest.fixture

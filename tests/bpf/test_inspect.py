@@ -18,13 +18,14 @@ from scapy.layers.l2 import Ether
 
 from ebpfsvc import abi, maglev
 from ebpfsvc.cli import main
+from ebpfsvc.datapath import loader
 from ebpfsvc.inspect import views
 from ebpfsvc.inspect.node import NodeMaps
 from ebpfsvc.lbmodel import Algorithm, Protocol
 
-from .conftest import age
+from .conftest import TEST_LIMITS, age
 from .packets import (
-    BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, OTHER, VIP, VIP2, be, from_pod, frontend, run, state, tcp,
+    BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, HAIRPIN, OTHER, VIP, VIP2, be, from_pod, frontend, run, state, tcp,
     to_pod, udp,
 )
 
@@ -341,3 +342,30 @@ def test_service_list_shows_services_not_programmed_and_why(datapath, writer, pi
     snap = cluster.snapshot()
     admission.admit(DesiredStateBuilder(node).build(snap), snap.services, lambda spn: True)
     assert "default/new" not in {r["service"] for r in cli_json(pin_dir, "service", "list")}
+
+
+def test_why_follows_the_agents_setting_for_tcp_to_a_removed_backend(datapath, compiled, writer, pin_dir):
+    """`why` says what happens to an established TCP flow whose backend left its slice under the
+    setting the agent published (lb_agent_config, as the agent writes it: loader.publish_options),
+    and the program compiled with that setting does just that (issue 17 item 2)."""
+    kept = compiled.load(TEST_LIMITS, hairpin_addr=HAIRPIN, reset_removed_endpoint_tcp=False)  # same maps
+    writer.apply(state(WEB))
+    b = dnat_target(kept, from_pod(tcp(CLIENT, VIP, 46100, 80, "S")))
+    writer.apply(state(frontend(VIP, 80, [x for x in WEB.backends if str(x.address) != b])))
+
+    w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", 46100)        # nothing published: the default
+    assert (w["verdict"], w["reason"]) == ("reject", "backend_gone")
+    assert "publishes no setting" in w["steps"][0]["outcome"]
+
+    loader.publish_options(datapath.maps, reset_removed_endpoint_tcp=False)
+    w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", 46100)
+    assert (w["verdict"], w["reason"], w["backend"]) == ("dnat", "conntrack", f"{b}:8080/TCP")
+    assert "--no-reset-removed-endpoint-tcp" in w["steps"][0]["outcome"]
+    assert dnat_target(kept, from_pod(tcp(CLIENT, VIP, 46100, 80, "A", seq=1001))) == b
+
+    loader.publish_options(datapath.maps, reset_removed_endpoint_tcp=True)
+    w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", 46100)
+    assert (w["verdict"], w["reason"]) == ("reject", "backend_gone")
+    assert "--reset-removed-endpoint-tcp" in w["steps"][0]["outcome"]
+    res = run(datapath, "from_pod", from_pod(tcp(CLIENT, VIP, 46100, 80, "A", seq=1001)))
+    assert Ether(res.data)[IP].proto == 6 and "R" in str(Ether(res.data)["TCP"].flags)

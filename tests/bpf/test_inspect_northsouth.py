@@ -19,10 +19,12 @@ from ebpfsvc.lbmodel import FrontendKind, LBState
 
 from .northsouth import (
     CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, NODE, REMOTE_BE, REMOTE_BE2, be, ext_frontend, from_client,
+    pod_veth,
 )
 from .packets import tcp
 
 pytestmark = pytest.mark.root
+__all__ = ["pod_veth"]      # a fixture
 
 MIXED = ext_frontend(NODE, 30090, [be(LOCAL_BE, local=True), be(REMOTE_BE), be(REMOTE_BE2)], name="mixed")
 GUARDED = ext_frontend(LB_IP, 443, [be(LOCAL_BE, local=True)], kind=FrontendKind.LOAD_BALANCER, name="lb",
@@ -66,3 +68,22 @@ def test_why_external_names_the_backend_and_the_snat_decision(uplink, pin_dir):
     assert res.verdict == "TC_ACT_SHOT"
     with NodeMaps.open(pin_dir) as node:
         assert node.drops()["source_range"] == 1
+
+
+@pytest.mark.parametrize("uplink", [{"masquerade_external_to_local_backends": True}], indirect=True)
+def test_why_external_says_a_local_backend_is_masqueraded_when_the_agent_does(uplink, pod_veth, pin_dir):
+    """With --masquerade-external-to-local-backends published (as the agent does), `why` says the
+    local backend's flow is SNATed to the node, and the program compiled with it does so."""
+    from ebpfsvc.datapath import loader
+
+    local = ext_frontend(NODE, 30091, [be(LOCAL_BE, local=True)], name="local")
+    uplink.writer.apply(LBState.of([local]))
+    w = why(pin_dir, CLIENT, f"{NODE}:30091/TCP", 42100)
+    assert "kept" in [s for s in w["steps"] if s["step"] == "source"][0]["outcome"]     # nothing published
+    loader.publish_options(uplink.dp.maps, masquerade_external_to_local_backends=True)
+    w = why(pin_dir, CLIENT, f"{NODE}:30091/TCP", 42100)
+    (src_step,) = [s for s in w["steps"] if s["step"] == "source"]
+    assert w["backend"] == f"{LOCAL_BE}:8080/TCP" and "masqueraded" in src_step["outcome"]
+    res = uplink.run("from_uplink", from_client(tcp(CLIENT, NODE, 42100, 30091, "S")))
+    out = Ether(res.data)[IP]
+    assert (res.verdict, out.src, out.dst) == ("TC_ACT_REDIRECT", NODE, LOCAL_BE)

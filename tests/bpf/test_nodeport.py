@@ -342,3 +342,46 @@ def test_a_connection_kube_proxy_translated_is_left_to_the_kernel(uplink):
     uplink.check("a SYN: ebpfsvc's flow, SNAT + DNAT", "from_uplink",
                  from_client(tcp(CLIENT, NODE, 40002, 30080, "S")), REDIRECT,
                  to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+
+
+# ---- externalTrafficPolicy Local and pods of other nodes (--cluster-cidr, issue 17 item 3) ------
+
+NODE2_POD = "198.18.2.50"          # a client pod on node-2: inside the cluster CIDR below
+CLUSTER_CIDR = "198.18.2.0/23"     # node-2's pods (the fixture's fabric routes 198.18.2.0/24 via node-2)
+
+
+def _local_policy_with_only_a_remote_endpoint():
+    """ETP Local on node-1's NodePort 30085 with no endpoint here; its INTERNAL twin (as desired.py
+    makes it) has the cluster-wide one, REMOTE_BE on node-2."""
+    from ebpfsvc.lbmodel import Frontend, FrontendKey, Scope, ServicePortName
+    from .northsouth import A
+    external = ext_frontend(NODE, 30085, [], local_only=True, name="etp-local-remote")
+    internal = Frontend(key=FrontendKey(A(NODE), 30085, Protocol.TCP, Scope.INTERNAL),
+                        service=ServicePortName("default", "etp-local-remote", "", Protocol.TCP),
+                        kind=FrontendKind.NODE_PORT, backends=(be(REMOTE_BE),))
+    return state(external, internal)
+
+
+@pytest.mark.parametrize("uplink", [{"cluster_cidr": CLUSTER_CIDR}], indirect=True)
+def test_local_policy_sends_pods_of_other_nodes_to_cluster_endpoints_with_a_cluster_cidr(uplink):
+    """kube-proxy (--cluster-cidr, detect-local-mode ClusterCIDR): "pod traffic" to a Local-policy
+    external address goes to the cluster-wide endpoints; anyone else still gets the Local set."""
+    uplink.writer.apply(_local_policy_with_only_a_remote_endpoint())
+    port = snat_port(NODE2_POD, NODE, 40000, 30085)
+    uplink.check("a pod of node-2 -> node-1's NodePort: the cluster-wide endpoint, SNATed so the reply comes back",
+                 "from_uplink", from_node2(tcp(NODE2_POD, NODE, 40000, 30085, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
+    uplink.check("its reply: back to the pod from node:nodePort", "from_uplink",
+                 from_node2(tcp(REMOTE_BE, NODE, 8080, port, "SA", seq=7000, ack=1001)), REDIRECT,
+                 to_node2(tcp(NODE, NODE2_POD, 30085, 40000, "SA", seq=7000, ack=1001)))
+    before = uplink.drops(abi.REASON_NO_LOCAL_BACKEND)
+    uplink.check("the external client (not in the cluster CIDR): Local, no endpoint here: dropped", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30085, "S")), SHOT)
+    assert uplink.drops(abi.REASON_NO_LOCAL_BACKEND) == before + 1
+
+
+def test_local_policy_without_a_cluster_cidr_is_local_for_pods_of_other_nodes_too(uplink):
+    """No --cluster-cidr (kube-proxy's default: its local-traffic detector is a no-op): Local for all."""
+    uplink.writer.apply(_local_policy_with_only_a_remote_endpoint())
+    uplink.check("a pod of node-2 -> node-1's NodePort: no endpoint here: dropped", "from_uplink",
+                 from_node2(tcp(NODE2_POD, NODE, 40000, 30085, "S")), SHOT)

@@ -1,6 +1,6 @@
 """The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
 builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
-compared (issue 17): 21 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
+compared (issue 17): 22 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
 for DIFFERENCES.
 
 Five rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
@@ -14,7 +14,8 @@ reason with a ClusterIP routed to the node from outside (#2).
 One lab without agents: kube-proxy runs on both nodes, every row is observed; kube-proxy stops
 and `kube-proxy --cleanup` removes its rules (docs/deploy.md); the ebpfsvc agents start and
 every row is observed again; then once more with the options that give kube-proxy's behaviour
-(KUBE_PROXY_OPTIONS in the ConfigMap), where two of the five differences must vanish. An observation is what a client sees: "refused" (a RST or an ICMP
+(KUBE_PROXY_OPTIONS in the ConfigMap), where four of the five differences must vanish (all but
+publishNotReadyAddresses, which has no option). An observation is what a client sees: "refused" (a RST or an ICMP
 port unreachable), "timeout" (dropped), an HTTP status and the body fields kube-proxy defines.
 """
 
@@ -121,6 +122,11 @@ SERVICES.append(sticky({"pod": "or-b"}))
 # controller copies the first into an EndpointSlice, not the second (labelled skip-mirror); kube-proxy
 # reads EndpointSlices only.
 SERVICES += [service(name, [{"port": 80, "targetPort": 8080}]) for name in ("or-manual", "or-skip-mirror")]
+# Selectorless, its slice hand-written with zone hints (zone_hinted_slice): or-a for zone-a, or-b
+# for zone-b. Observed while node-1 carries only the beta zone label (issue 17 item 4).
+SERVICES.append(service("or-beta-zone", [{"port": 80, "targetPort": 8080}]))
+ZONE_LABEL, BETA_ZONE_LABEL = "topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone"
+BETA_ZONE_ROW = "zone hints, node-1 with the beta zone label only: who answers a pod on node-1"
 AFFINITY_ROWS = ("sessionAffinity ClientIP: pod on node-1 -> node-1's NodePort (ETP Cluster), or-b the only endpoint",
                  "... or-a added; the same pod -> the clusterIP (ITP Local): who answers")
 
@@ -130,6 +136,18 @@ def pnr_slice(address: str) -> dict:
             "metadata": {"name": "or-pnr-1", "labels": {"kubernetes.io/service-name": "or-pnr"}},
             "addressType": "IPv4", "ports": [{"name": "", "protocol": "TCP", "port": 8080}],
             "endpoints": [{"addresses": [address], "conditions": {"ready": False}, "nodeName": "node-1"}]}
+
+def zone_hinted_slice(zone_a: str, zone_b: str) -> dict:
+    """or-beta-zone's slice: `zone_a` (or-a, node-1) hinted for zone-a, `zone_b` (or-b) for zone-b."""
+    def endpoint(address: str, node: str, zone: str) -> dict:
+        return {"addresses": [address], "conditions": {"ready": True}, "nodeName": node, "zone": zone,
+                "hints": {"forZones": [{"name": zone}]}}
+
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "or-beta-zone-1", "labels": {"kubernetes.io/service-name": "or-beta-zone"}},
+            "addressType": "IPv4", "ports": [{"name": "", "protocol": "TCP", "port": 8080}],
+            "endpoints": [endpoint(zone_a, "node-1", "zone-a"), endpoint(zone_b, "node-2", "zone-b")]}
+
 
 def manual_endpoints(name: str, address: str, skip_mirror: bool) -> dict:
     labels = {"endpointslice.kubernetes.io/skip-mirror": "true"} if skip_mirror else {}
@@ -157,6 +175,7 @@ EXPECTED = {
     "manual Endpoints labelled skip-mirror: pod -> clusterIP": "refused",
     AFFINITY_ROWS[0]: "or-b",
     AFFINITY_ROWS[1]: "or-a",
+    BETA_ZONE_ROW: "or-a or-b",
     "/healthz on node-1": "200 nodeEligible=True",
     "/healthz on node-1, Node tainted ToBeDeletedByClusterAutoscaler": "503 nodeEligible=False",
     "/healthz on node-1, taint removed": "200 nodeEligible=True",
@@ -175,9 +194,12 @@ DIFFERENCES = {
 
 # The agent options (the ConfigMap's config.yaml keys) that give kube-proxy's behaviour where ebpfsvc
 # differs on purpose, and the rows they make the same (docs/semantics.md, "Kept on purpose").
-KUBE_PROXY_OPTIONS = {"reset-removed-endpoint-tcp": False, "legacy-source-ranges-annotation": False}
+KUBE_PROXY_OPTIONS = {"reset-removed-endpoint-tcp": False, "legacy-source-ranges-annotation": False,
+                      "masquerade-external-to-local-backends": True}
 MADE_THE_SAME_BY_OPTIONS = ("established TCP, its endpoint leaves the Service (selector change)",
-                            "legacy source-ranges annotation without the client: outside -> LoadBalancer IP")
+                            "legacy source-ranges annotation without the client: outside -> LoadBalancer IP",
+                            "ETP Cluster, backend on the receiving node: the source it sees",
+                            "ClusterIP routed to node-1 from outside, backend on node-1: the source it sees")
 WITH_OPTIONS = "ebpfsvc with kube-proxy's options"
 
 
@@ -229,6 +251,25 @@ def settle(observe: Callable[[], str], want: str, timeout: float = 20.0) -> str:
 def taint(lab: Lab, node: str, taints: list | None) -> None:
     lab.api.request("PATCH", f"/api/v1/nodes/{node}", {"spec": {"taints": taints}},
                     content_type="application/merge-patch+json")
+
+
+def zone_labels(lab: Lab, node: str, labels: dict) -> None:
+    """Set (a value) or remove (None) zone labels of `node`'s Node."""
+    lab.api.request("PATCH", f"/api/v1/nodes/{node}", {"metadata": {"labels": labels}},
+                    content_type="application/merge-patch+json")
+
+
+def answers_with_the_beta_zone_label_only(lab: Lab) -> str:
+    """Item 4: node-1's zone label replaced by the beta one (an older cluster's); who answers a pod on
+    node-1 through or-beta-zone, whose endpoints are hinted zone-a (or-a) and zone-b (or-b). The
+    labels are put back afterwards, and the controller's hints of or-same-zone awaited again."""
+    zone_labels(lab, "node-1", {ZONE_LABEL: None, BETA_ZONE_LABEL: "zone-a"})
+    try:
+        return settle(lambda: answering(lab, "or-beta-zone"), EXPECTED[BETA_ZONE_ROW])
+    finally:
+        zone_labels(lab, "node-1", {ZONE_LABEL: "zone-a", BETA_ZONE_LABEL: None})
+        wait_for(lambda: hinted(lab, "or-same-zone", "forZones"), what="or-same-zone's zone hints back")
+        settle(lambda: answering(lab, "or-beta-zone"), "or-a")
 
 
 @contextmanager
@@ -352,6 +393,7 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
     }
     pin, scope = AFFINITY_ROWS
     got[pin], got[scope] = affinity_scope(lab)
+    got[BETA_ZONE_ROW] = answers_with_the_beta_zone_label_only(lab)
     with service_cidr_via_node1(lab):
         for node, svc in (("node-1", "or-cluster"), ("node-2", "or-offnode")):
             row = f"ClusterIP routed to node-1 from outside, backend on {node}: the source it sees"
@@ -402,6 +444,8 @@ def restart_agents_with(lab: Lab, options: dict) -> None:
              what=f"the new agent's programs on {CLIENT}'s veth")
 
 
+# Three observations of 22 rows, two agent starts that compile: past pytest's 300 s on a loaded machine.
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("mode", kubeproxy.MODES)
 def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
     with Lab.up(prefix=unique_prefix, agents=False) as lab:
@@ -409,7 +453,8 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
                    apps.pod("or-c", "tcp-echo", 7000, node="node-2", labels={"pod": "or-c"}), *SERVICES])
         wait_ready(lab, ["or-a", "or-b", "or-c"])
         lab.apply([pnr_slice(lab.pod_ip("or-a")), manual_endpoints("or-manual", lab.pod_ip("or-a"), False),
-                   manual_endpoints("or-skip-mirror", lab.pod_ip("or-a"), True)])
+                   manual_endpoints("or-skip-mirror", lab.pod_ip("or-a"), True),
+                   zone_hinted_slice(lab.pod_ip("or-a"), lab.pod_ip("or-b"))])
         wait_for(lambda: lab.endpoint_slices("or-manual"), what="the mirroring controller's slice of or-manual")
         for svc, (_, field) in TOPOLOGY.items():
             wait_for(lambda: hinted(lab, svc, field), what=f"{field} hints on {svc}'s endpoints")
@@ -428,9 +473,10 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
             cleaned = kubeproxy.cleanup(lab, node)
             assert cleaned.returncode == 0, cleaned.stderr[-2000:]
             lab.agent("start", node)
-        # Every object was there before the agents started: their first sync programs them all.
-        wait_programmed(lab, "or-lb", 80, backends=1)
-        wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"])
+        # Every object was there before the agents started: their first sync programs them all. Generous:
+        # a first start compiles both programs (no program cache yet), minutes on a loaded machine.
+        wait_programmed(lab, "or-lb", 80, backends=1, timeout=300)
+        wait_programmed(lab, "or-remote", 80, backends=1, nodes=["node-2"], timeout=300)
         wait_agents_attached(lab, [CLIENT, "or-a", "or-b", "or-c"])
         results["ebpfsvc"] = observe(lab, "ebpfsvc")
         restart_agents_with(lab, KUBE_PROXY_OPTIONS)

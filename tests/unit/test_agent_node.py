@@ -58,6 +58,7 @@ class Kernel:
     routes: set = field(default_factory=set)
     route_sources: set = field(default_factory=set)
     links: dict = field(default_factory=lambda: {"eth0": 2, "eth1": 3})
+    published: list = field(default_factory=list)        # loader.publish_options(**options) calls
 
     def install(self, monkeypatch):
         def pod_load(pin_dir, *, limits=None, **_):
@@ -75,6 +76,7 @@ class Kernel:
             return set(self.routes)
 
         monkeypatch.setattr(loader, "load", pod_load)
+        monkeypatch.setattr(loader, "publish_options", lambda maps, **options: self.published.append(options))
         monkeypatch.setattr(uplink, "load", uplink_load)
         monkeypatch.setattr(nodeaddrs, "write", lambda maps, addrs: self.node_addrs.append(addrs))
         monkeypatch.setattr(uplink, "ifindex_of", lambda name, netns=None: self.links.get(name))
@@ -148,6 +150,27 @@ def test_the_node_arriving_after_start_configures_hairpin_snat_uplinks_and_nodep
     send(agent, node_obj("198.18.0.21"), type_=EventType.MODIFIED)       # eth0 is no node address any more
     agent.sync()
     assert kernel.detached == [2] and agent._uplinks_attached == {"eth1": 3}
+
+
+def test_the_agent_publishes_its_compiled_options_and_masquerade_needs_the_node_address_on_pods(kernel):
+    """The options the programs are compiled with are published for `ebpfsvc why` (loader.publish_options);
+    with --masquerade-external-to-local-backends the pod programs get the node address even without
+    node clients: a local pod's reply to a masqueraded flow is addressed to it (bpf/lib/flow.h)."""
+    agent = make_agent(host_clients=False, masquerade_external_to_local_backends=True,
+                       reset_removed_endpoint_tcp=False)
+    send(agent, node_obj("198.18.0.11"))
+    list_all(agent, "Node")
+    agent.sync()
+    node = IPv4Address("198.18.0.11")
+    assert kernel.loads[-2:] == [("pod", node, node), ("uplink", node, node)]
+    assert kernel.published[-1] == {"reset_removed_endpoint_tcp": False, "masquerade_external_to_local_backends": True}
+
+    plain = make_agent(host_clients=False)
+    send(plain, node_obj("198.18.0.11"))
+    list_all(plain, "Node")
+    plain.sync()
+    assert kernel.loads[-2] == ("pod", node, None)          # no node clients, no masquerade: no node address
+    assert kernel.published[-1] == {"reset_removed_endpoint_tcp": True, "masquerade_external_to_local_backends": False}
 
 
 def test_a_bad_node_is_one_log_line_and_its_last_good_version_stays(kernel, caplog):

@@ -151,6 +151,10 @@ SCENARIOS = [
     ("hints: zone from the Node object", ("14-topology-aware-hints.yaml", "nodes.yaml"), NodeConfig("node-2"), {
         "198.19.0.32:80/TCP internal": ["198.18.2.4:80/TCP"],
     }),
+    ("hints: a Node with the beta zone label only -> all, as kube-proxy",
+     ("14-topology-aware-hints.yaml", "node-beta-zone.yaml"), NodeConfig("node-beta"), {
+        "198.19.0.32:80/TCP internal": ["198.18.1.4:80/TCP", "198.18.2.4:80/TCP"],
+    }),
     ("hints: one usable endpoint without hints -> all", ("partial-hints.yaml",), NODE1, {
         "198.19.1.1:80/TCP internal": ["198.18.1.60:8080/TCP", "198.18.2.60:8080/TCP",
                                        "198.18.2.61:8080/TCP not-ready"],

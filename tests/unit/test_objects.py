@@ -626,9 +626,15 @@ def test_node_zone_and_addresses():
     assert node.addresses == (("InternalIP", IPv4Address("198.18.0.11")), ("InternalIP", IPv6Address("fd00::11")))
 
 
-def test_node_beta_zone_label_and_bad_address():
-    node = parse_node({"kind": "Node", "metadata": {"name": "n", "labels": {"failure-domain.beta.kubernetes.io/zone": "z"}}})
-    assert node.zone == "z"
+def test_node_beta_zone_label_is_no_zone_as_kube_proxy_and_bad_address():
+    """kube-proxy v1.37.2 reads topology.kubernetes.io/zone only (issue 17 item 4): a Node with the
+    beta label alone has no zone, so zone hints are not used there; with both, the GA one counts."""
+    beta = "failure-domain.beta.kubernetes.io/zone"
+    node = parse_node({"kind": "Node", "metadata": {"name": "n", "labels": {beta: "z"}}})
+    assert node.zone == ""
+    both = parse_node({"kind": "Node", "metadata": {"name": "n", "labels": {
+        beta: "z", "topology.kubernetes.io/zone": "zone-a"}}})
+    assert both.zone == "zone-a"
     bad = {"kind": "Node", "metadata": {"name": "n"}, "status": {"addresses": [{"type": "InternalIP", "address": "x"}]}}
     assert error_of(parse_node, bad) == "status.addresses[0].address: 'x' is not an IP address"
 
