@@ -152,24 +152,26 @@ def test_the_node_arriving_after_start_configures_hairpin_snat_uplinks_and_nodep
     assert kernel.detached == [2] and agent._uplinks_attached == {"eth1": 3}
 
 
-def test_the_agent_publishes_its_compiled_options_and_masquerade_needs_the_node_address_on_pods(kernel):
-    """The options the programs are compiled with are published for `ebpfsvc why` (loader.publish_options);
-    with --masquerade-external-to-local-backends the pod programs get the node address even without
-    node clients: a local pod's reply to a masqueraded flow is addressed to it (bpf/lib/flow.h)."""
+def test_the_agent_publishes_its_compiled_options_and_masquerade_finds_the_node_address_in_the_map(kernel):
+    """The options the programs are compiled with are published for `ebpfsvc why` (loader.publish_options).
+    With --masquerade-external-to-local-backends and no node clients, a local pod's reply to a masqueraded
+    flow is addressed to the node (bpf/lib/flow.h): the pod programs read that address from lb_node_addrs,
+    written whatever the options, so neither option changes what is loaded."""
     agent = make_agent(host_clients=False, masquerade_external_to_local_backends=True,
                        reset_removed_endpoint_tcp=False)
     send(agent, node_obj("198.18.0.11"))
     list_all(agent, "Node")
     agent.sync()
     node = IPv4Address("198.18.0.11")
-    assert kernel.loads[-2:] == [("pod", node, node), ("uplink", node, node)]
+    assert kernel.loads[-2:] == ["pod", "uplink"]
+    assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node)
     assert kernel.published[-1] == {"reset_removed_endpoint_tcp": False, "masquerade_external_to_local_backends": True}
 
     plain = make_agent(host_clients=False)
     send(plain, node_obj("198.18.0.11"))
     list_all(plain, "Node")
     plain.sync()
-    assert kernel.loads[-2] == ("pod", node, None)          # no node clients, no masquerade: no node address
+    assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node)
     assert kernel.published[-1] == {"reset_removed_endpoint_tcp": True, "masquerade_external_to_local_backends": False}
 
 
