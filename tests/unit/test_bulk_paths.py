@@ -1,0 +1,125 @@
+"""The full sync's fast paths give exactly what the per-object paths give (issue 12).
+
+A full sync reads 100,000 endpoints and derives 100,000 backends: the bulk paths skip the generic
+field readers and the dataclass constructors for the usual shapes.  Each is compared here with the
+path it shortcuts, over generated inputs that vary what those paths read (conditions, hints,
+families, odd types, bad values), so a shortcut can only ever decide what the slow path decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+
+import pytest
+
+from ebpfsvc import heap
+from ebpfsvc.k8s import endpointslice
+from ebpfsvc.k8s.endpointmerge import Endpoint
+from ebpfsvc.k8s.endpointslice import SliceEndpoint, _endpoint, _plain_endpoint
+from ebpfsvc.k8s.fields import Fields, Invalid
+from ebpfsvc.lbmodel import Backend, Protocol
+
+
+def _outcome(fn):
+    try:
+        return ("ok", fn())
+    except Invalid as err:
+        return ("invalid", err.field, err.message)
+
+
+# Values each endpoint field may take: (usual ones, odd types or bad values).
+_FIELDS = {
+    "addresses": ([["198.18.0.1"], ["198.18.0.2", "198.18.0.3"], [" 198.18.0.4 "], ["2001:2::1"],
+                   ["2001:2::2", "2001:2::3"]],
+                  [[], None, ["198.18.0.300"], [5], "198.18.0.1", ["198.18.0.1", "2001:2::1"], ["01.2.3.4"],
+                   ["198.18.0.1"] * 101]),
+    "conditions": ([None, {}, {"ready": True}, {"ready": False},
+                    {"ready": False, "serving": True, "terminating": True},
+                    {"ready": False, "serving": False, "terminating": True}, {"serving": None, "terminating": False}],
+                   [{"ready": "true"}, {"ready": 1}, [], "ready"]),
+    "nodeName": ([None, "", "node-1", "node-2"], [7, ["x"]]),
+    "zone": ([None, "", "zone-a"], [7]),
+    "hostname": ([None, "", "pod-1"], [False]),
+    "hints": ([None], [{}, {"forZones": [{"name": "zone-a"}]}, {"forNodes": [{"name": "node-1"}]},
+                       {"forZones": "x"}]),
+}
+
+
+def _random_endpoint(rng: random.Random):
+    e = {}
+    for key, (usual, odd) in _FIELDS.items():
+        if rng.random() < 0.85:
+            e[key] = rng.choice(usual if rng.random() < 0.9 else odd)
+    return e if rng.random() < 0.97 else rng.choice([None, [], "endpoint"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_endpoint_decides_as_the_field_reader(seed):
+    rng = random.Random(seed)
+    fast_hits = 0
+    for i in range(2000):
+        e = _random_endpoint(rng)
+        version = rng.choice((4, 6))
+        slow = _outcome(lambda: _endpoint(Fields(e, f"endpoints[{i}]"), version))
+        fast = _plain_endpoint(e, version)
+        if fast is not None:
+            fast_hits += 1
+            assert slow == ("ok", fast), e
+            assert type(fast) is SliceEndpoint and hash(fast) == hash(slow[1]) and repr(fast) == repr(slow[1])
+    assert fast_hits > 200        # the generator does reach the fast path
+
+
+def test_endpoints_of_a_slice_equal_the_field_readers_and_name_the_bad_one():
+    rng = random.Random(7)
+    for _ in range(300):
+        items = [_random_endpoint(rng) for _ in range(rng.randint(0, 5))]
+        version = rng.choice((4, 6))
+        top = Fields({"endpoints": items})
+        want = _outcome(lambda: tuple(_endpoint(e, version) for e in top.objects("endpoints", 1000)))
+        assert _outcome(lambda: endpointslice._endpoints(top, version)) == want
+
+
+def test_too_many_or_not_a_list_of_endpoints_is_the_field_readers_problem():
+    for value in ([{"addresses": ["198.18.0.1"]}] * 1001, {"addresses": ["198.18.0.1"]}, "x"):
+        top = Fields({"endpoints": value})
+        with pytest.raises(Invalid) as fast:
+            endpointslice._endpoints(top, 4)
+        with pytest.raises(Invalid) as slow:
+            tuple(top.objects("endpoints", endpointslice.MAX_ENDPOINTS))
+        assert (fast.value.field, fast.value.message) == (slow.value.field, slow.value.message)
+
+
+@pytest.mark.parametrize("cls", [SliceEndpoint, Endpoint, Backend])
+def test_heap_maker_builds_what_the_constructor_builds(cls):
+    values = {
+        SliceEndpoint: (ipaddress.ip_address("198.18.0.1"), False, True, True, "n", "z",
+                        frozenset({"z"}), frozenset(), "h"),
+        Endpoint: (ipaddress.ip_address("2001:2::1"), 80, True, True, False, "n", "", frozenset(), frozenset({"n"})),
+        Backend: (ipaddress.ip_address("198.18.0.1"), 8080, Protocol.UDP, False, True, True, "n", "z"),
+    }[cls]
+    made, built = heap.maker(cls)(*values), cls(*values)
+    assert made == built and hash(made) == hash(built) and repr(made) == repr(built)
+    assert dataclasses.astuple(made) == dataclasses.astuple(built)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.port = 1
+    with pytest.raises(TypeError):
+        heap.maker(cls)(*values[:-1])        # every field, always
+
+
+def test_heap_maker_refuses_what_it_cannot_build_alike():
+    @dataclasses.dataclass
+    class Mutable:
+        a: int
+
+    @dataclasses.dataclass(frozen=True)
+    class Checked:
+        a: int
+
+        def __post_init__(self):
+            pass
+
+    for cls in (Mutable, Checked):
+        with pytest.raises(TypeError):
+            heap.maker(cls)
