@@ -123,3 +123,62 @@ def test_heap_maker_refuses_what_it_cannot_build_alike():
     for cls in (Mutable, Checked):
         with pytest.raises(TypeError):
             heap.maker(cls)
+
+
+def _random_endpoints(rng: random.Random) -> tuple[Endpoint, ...]:
+    """Endpoints of one service port: conditions, nodes, zones and hints varied, usually all plain."""
+    plain = rng.random() < 0.5
+    out = []
+    for i in range(rng.randint(0, 6)):
+        ready = plain or rng.random() < 0.7
+        terminating = not plain and rng.random() < 0.2
+        out.append(Endpoint(ipaddress.ip_address(f"198.18.0.{i + 1}"), 8080, ready,
+                            ready or rng.random() < 0.5, terminating,
+                            rng.choice(("", "node-1", "node-2")), rng.choice(("", "zone-a", "zone-b")),
+                            frozenset() if plain or rng.random() < 0.6 else frozenset({rng.choice(("zone-a", "zone-b"))}),
+                            frozenset() if plain or rng.random() < 0.7 else frozenset({rng.choice(("node-1", "node-2"))})))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_categorize_of_plain_endpoints_equals_the_general_rules(seed):
+    from ebpfsvc.k8s import topology
+
+    rng = random.Random(seed)
+    plain = 0
+    for _ in range(1500):
+        eps = _random_endpoints(rng)
+        pnr = rng.random() < 0.3
+        node, zone = rng.choice(("node-1", "node-2", "")), rng.choice(("zone-a", ""))
+        got = topology.categorize_endpoints(eps, node_name=node, zone=zone, publish_not_ready=pnr)
+        assert got == topology._categorize(eps, node, zone, pnr), eps
+        plain += topology._plain(eps, pnr)
+    assert 300 < plain < 1500         # both paths are exercised
+
+
+def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
+    from ebpfsvc.k8s.endpointmerge import merge_endpoint_slices
+    from ebpfsvc.k8s.endpointslice import EndpointPort, EndpointSlice
+    from ebpfsvc.lbmodel import ServicePortName
+
+    rng = random.Random(3)
+    addrs = [ipaddress.ip_address(a) for a in ("198.18.0.9", "198.18.0.10", "198.18.1.1", "2001:2::1", "2001:2::a")]
+    for _ in range(300):
+        slices = []
+        for n in range(rng.randint(1, 3)):
+            family = rng.choice((4, 6))
+            eps = tuple(SliceEndpoint(a, rng.random() < 0.7, True, rng.random() < 0.2)
+                        for a in rng.sample([a for a in addrs if a.version == family], rng.randint(0, 2)))
+            slices.append(EndpointSlice("ns", f"s-{n}", "svc", f"IPv{family}",
+                                        (EndpointPort("http", Protocol.TCP, rng.choice((80, 81))),), eps))
+        merged = merge_endpoint_slices("ns", "svc", slices)
+        for spn, eps in merged.items():
+            assert spn == ServicePortName("ns", "svc", "http", Protocol.TCP)
+            assert list(eps) == sorted(eps, key=lambda e: e.sort_key)
+            assert len({e.sort_key for e in eps}) == len(eps)
+            for e in eps:           # the winner of a duplicated address: ready, then not terminating
+                copies = [se for sl in slices for se in sl.endpoints
+                          if se.address == e.address and sl.ports[0].port == e.port]
+                assert (e.ready, not e.terminating) == max((c.ready, not c.terminating) for c in copies)
+                assert type(e) is Endpoint and e == Endpoint(e.address, e.port, e.ready, e.serving, e.terminating,
+                                                              e.node_name, e.zone, e.zone_hints, e.node_hints)
