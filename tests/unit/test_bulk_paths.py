@@ -182,3 +182,35 @@ def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
                 assert (e.ready, not e.terminating) == max((c.ready, not c.terminating) for c in copies)
                 assert type(e) is Endpoint and e == Endpoint(e.address, e.port, e.ready, e.serving, e.terminating,
                                                               e.node_name, e.zone, e.zone_hints, e.node_hints)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_frontend_want_table_and_flags_as_defined(seed):
+    """The writer's per-frontend derivation (its shortcut for frontends without terminating or not-ready
+    backends included) against the definition: the table from table_backends() of the distinct
+    backends, sorted by name; a backend's flags OR'ed over its copies."""
+    from ebpfsvc import abi
+    from ebpfsvc.datapath import writer
+    from ebpfsvc.lbmodel import Frontend, FrontendKey, ServicePortName, table_backends
+
+    rng = random.Random(seed)
+    for _ in range(500):
+        family = rng.choice((4, 6))
+        base = "198.18.0." if family == 4 else "2001:2::"
+        backends = tuple(Backend(ipaddress.ip_address(f"{base}{rng.randint(1, 6)}"), rng.choice((80, 8080)),
+                                 rng.choice((Protocol.TCP, Protocol.UDP)), rng.random() < 0.15,
+                                 rng.random() < 0.1, rng.random() < 0.5) for _ in range(rng.randint(0, 8)))
+        fe = Frontend(FrontendKey(ipaddress.ip_address("198.19.0.1" if family == 4 else "2001:2::ff"), 80),
+                      ServicePortName("ns", "svc"), backends=backends)
+        w = writer._frontend_want(fe)
+        distinct = {}
+        flags = {}
+        for b in backends:
+            k = writer._backend_key(b)
+            distinct.setdefault(k, b)
+            flags[k] = flags.get(k, 0) | ((abi.LB_BE_F_TERMINATING if b.terminating else 0)
+                                          | (abi.LB_BE_F_LOCAL if b.local else 0)
+                                          | (abi.LB_BE_F_NOT_READY if b.not_ready else 0))
+        table = sorted((b.name, writer._backend_key(b)) for b in table_backends(distinct.values()))
+        assert w.table_names == tuple(n for n, _ in table) and w.table_keys == tuple(k for _, k in table)
+        assert w.be_flags == flags and list(w.be_flags) == list(distinct)
