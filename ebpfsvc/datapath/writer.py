@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import quote
@@ -111,13 +112,18 @@ def service_name(spn: ServicePortName) -> str:
     entry.  Valid names are unchanged by the escaping, so ids pinned by earlier versions stay.
     The text is ASCII whatever the names hold (a lone surrogate included): it can always be written.
     """
-    ns, name, port = (quote(part.encode("utf-8", "surrogatepass"), safe="") for part in
-                      (spn.namespace, spn.name, spn.port))
+    ns, name, port = (part if _UNRESERVED.fullmatch(part) else quote(part.encode("utf-8", "surrogatepass"), safe="")
+                      for part in (spn.namespace, spn.name, spn.port))
     text = f"{ns}/{name}:{port}/{spn.protocol.value}" if port else f"{ns}/{name}/{spn.protocol.value}"
     if len(text) > _NAME_MAX:
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         text = text[: _NAME_MAX - 17] + "#" + digest
     return text
+
+
+# What quote() leaves as it is (RFC 3986's unreserved characters): a valid Kubernetes name is
+# all of them, and checking costs a tenth of quoting (a full sync names 10,000 service ports).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
 class MapWriteError(OSError):

@@ -214,3 +214,20 @@ def test_frontend_want_table_and_flags_as_defined(seed):
         table = sorted((b.name, writer._backend_key(b)) for b in table_backends(distinct.values()))
         assert w.table_names == tuple(n for n, _ in table) and w.table_keys == tuple(k for _, k in table)
         assert w.be_flags == flags and list(w.be_flags) == list(distinct)
+
+
+def test_service_name_skips_quoting_only_what_quoting_leaves_alone():
+    import string
+    from urllib.parse import quote
+
+    from ebpfsvc.datapath.writer import service_name
+    from ebpfsvc.lbmodel import ServicePortName
+
+    rng = random.Random(5)
+    odd = string.printable + "é\udc80/:%"
+    for _ in range(5000):
+        parts = ["".join(rng.choice(odd if rng.random() < 0.3 else "abc-.9_~") for _ in range(rng.randint(0, 8)))
+                 for _ in range(3)]
+        ns, name, port = (quote(p.encode("utf-8", "surrogatepass"), safe="") for p in parts)
+        want = f"{ns}/{name}:{port}/UDP" if parts[2] else f"{ns}/{name}/UDP"
+        assert service_name(ServicePortName(*parts, Protocol.UDP)) == want
