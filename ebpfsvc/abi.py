@@ -106,7 +106,7 @@ def struct_fields(ctype: str) -> dict[str, tuple[int, int]]:
 
 def be32(addr) -> int:
     """An IPv4 address (IPv4Address, str or int) as the u32 a __be32 field holds."""
-    if not isinstance(addr, ipaddress.IPv4Address):
+    if type(addr) is not ipaddress.IPv4Address and not isinstance(addr, ipaddress.IPv4Address):
         addr = ipaddress.IPv4Address(addr if isinstance(addr, int) else str(addr))
     return socket.htonl(int(addr))
 

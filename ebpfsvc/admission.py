@@ -101,11 +101,12 @@ class _Need:
 
     def __init__(self, fe: Frontend):
         self.fe = fe
-        # A backend as the writer keys it (address, port, protocol); the address as an int, whose
-        # hash is far cheaper than IPv4Address's (this runs for every backend at a full sync).
-        keys = frozenset((int(b.address), b.port, b.protocol) for b in fe.backends)
+        # A backend as the writer keys it (address, port, protocol), by its name, which says just
+        # that and is already computed (desired state sorted by it): this runs for every backend of
+        # a full sync, and a str keeps its hash.
+        keys = frozenset([b.name for b in fe.backends])
         if any(b.terminating or b.not_ready for b in fe.backends):
-            usable = len({(int(b.address), b.port, b.protocol) for b in table_backends(fe.backends)})
+            usable = len({b.name for b in table_backends(fe.backends)})
         else:
             usable = len(keys)
         self.backends = keys
@@ -120,7 +121,7 @@ class _Totals:
     def __init__(self) -> None:
         self.frontends = self.slots = self.ranges = self.matches = 0
         self.ports: dict[ServicePortName, int] = {}
-        self.backends: dict[tuple, int] = {}
+        self.backends: dict[str, int] = {}     # by Backend.name
 
     def add(self, n: _Need, sign: int) -> None:
         self.frontends += sign
@@ -128,8 +129,13 @@ class _Totals:
         self.ranges += sign * n.ranges
         self.matches += sign * n.matches
         _count(self.ports, n.fe.service, sign)
+        backends = self.backends
         for b in n.backends:
-            _count(self.backends, b, sign)
+            c = backends.get(b, 0) + sign       # _count, inline: every backend of a full sync
+            if c:
+                backends[b] = c
+            else:
+                del backends[b]
 
     def demand(self) -> dict[str, int]:
         return {"frontends": self.frontends, "service_ports": len(self.ports), "backends": len(self.backends),

@@ -361,22 +361,24 @@ def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
     # the writer keeps them out of the Maglev table (draining ones while others serve), but
     # keeps them in the backends map, so the datapath does not reset their established flows
     # as flows to a removed backend.
+    make, nodes, me = _make_backend, snapshot.nodes, node.node_name
+    protocol = port.protocol
     backends = []
-    for ep, terminating, not_ready in [*((ep, chosen.terminating, False) for ep in chosen.endpoints),
-                                       *((ep, True, False) for ep in chosen.draining),
-                                       *((ep, False, True) for ep in chosen.not_ready)]:
-        known = snapshot.nodes.get(ep.node_name)
-        backends.append(Backend(
-            address=ep.address,
-            port=ep.port,
-            protocol=port.protocol,
-            terminating=terminating,
-            not_ready=not_ready,
-            local=bool(ep.node_name) and ep.node_name == node.node_name,
-            node=ep.node_name,
-            zone=ep.zone or (known.zone if known else ""),
-        ))
-    return tuple(sorted(backends, key=lambda b: b.name))
+    for eps, terminating, not_ready in ((chosen.endpoints, chosen.terminating, False),
+                                        (chosen.draining, True, False), (chosen.not_ready, False, True)):
+        for ep in eps:
+            zone = ep.zone
+            if not zone:
+                known = nodes.get(ep.node_name)
+                zone = known.zone if known else ""
+            backends.append(make(ep.address, ep.port, protocol, terminating, not_ready,
+                                 bool(ep.node_name) and ep.node_name == me, ep.node_name, zone))
+    backends.sort(key=_backend_name)
+    return tuple(backends)
+
+
+_make_backend = heap.maker(Backend)
+_backend_name = Backend.name.fget
 
 
 def _conflict(svc: Service, index: int, fe: Frontend, holder: Frontend) -> Problem:

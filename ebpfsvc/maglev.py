@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import itertools
 import logging
 import os
 import shutil
@@ -197,9 +198,11 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
         return out
     counts = np.fromiter((len(names) for names, _, _ in tables), dtype=np.uint32, count=len(tables))
     sizes = np.fromiter((size for _, size, _ in tables), dtype=np.uint32, count=len(tables))
-    hashes = np.array([name_hashes(n) for names, _, _ in tables for n in names], dtype=np.uint64).reshape(-1, 2)
+    total_names = int(counts.sum())
+    hashes = np.fromiter(itertools.chain.from_iterable(map(name_hashes, itertools.chain.from_iterable(
+        names for names, _, _ in tables))), dtype=np.uint64, count=2 * total_names).reshape(-1, 2)
     h_offset, h_skip = np.ascontiguousarray(hashes[:, 0]), np.ascontiguousarray(hashes[:, 1])
-    values = np.fromiter((v for _, _, vs in tables for v in vs), dtype=np.uint32, count=int(counts.sum()))
+    values = np.fromiter((v for _, _, vs in tables for v in vs), dtype=np.uint32, count=total_names)
     ffi = lib.ffi
     if lib.lib.maglev_fill(len(tables), ffi.from_buffer("uint32_t[]", counts), ffi.from_buffer("uint32_t[]", sizes),
                            ffi.from_buffer("uint64_t[]", h_offset), ffi.from_buffer("uint64_t[]", h_skip),

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from ebpfsvc import heap
 from ebpfsvc.k8s.endpointslice import EndpointSlice
 from ebpfsvc.lbmodel import IPAddress, ServicePortName
 
@@ -48,6 +49,7 @@ class Endpoint:
 def merge_endpoint_slices(namespace: str, service_name: str,
                           slices: Iterable[EndpointSlice]) -> dict[ServicePortName, tuple[Endpoint, ...]]:
     """Endpoints per ServicePortName of one Service, deduplicated and sorted by (address, port)."""
+    make = _make_endpoint
     merged: dict[ServicePortName, dict[tuple, Endpoint]] = {}
     for sl in sorted(slices, key=lambda s: s.name):
         if sl.address_type == "FQDN":
@@ -62,9 +64,13 @@ def merge_endpoint_slices(namespace: str, service_name: str,
                 key = (ep.address.version, int(ep.address), port.port)
                 if key in by_addr and _precedence(by_addr[key]) >= _precedence(ep):
                     continue
-                by_addr[key] = Endpoint(ep.address, port.port, ep.ready, ep.serving, ep.terminating,
-                                        ep.node_name, ep.zone, ep.zone_hints, ep.node_hints)
-    return {spn: tuple(sorted(eps.values(), key=lambda e: e.sort_key)) for spn, eps in merged.items()}
+                by_addr[key] = make(ep.address, port.port, ep.ready, ep.serving, ep.terminating,
+                                    ep.node_name, ep.zone, ep.zone_hints, ep.node_hints)
+    # The keys are the endpoints' sort keys, and unique: sorting them sorts the endpoints.
+    return {spn: tuple([eps[k] for k in sorted(eps)]) for spn, eps in merged.items()}
+
+
+_make_endpoint = heap.maker(Endpoint)
 
 
 def _precedence(ep) -> tuple[bool, bool]:

@@ -56,6 +56,17 @@ class CategorizedEndpoints:
 def categorize_endpoints(endpoints: Iterable[Endpoint], *, node_name: str, zone: str,
                          publish_not_ready: bool = False) -> CategorizedEndpoints:
     endpoints = tuple(endpoints)
+    if _plain(endpoints, publish_not_ready):
+        # What the general path gives when every endpoint is usable, none terminating and none
+        # hinted: all of them for Cluster, this node's for Local.  The usual service port.
+        return CategorizedEndpoints(EndpointSet(endpoints),
+                                    EndpointSet(tuple([ep for ep in endpoints if ep.node_name == node_name])))
+    return _categorize(endpoints, node_name, zone, publish_not_ready)
+
+
+def _categorize(endpoints: tuple[Endpoint, ...], node_name: str, zone: str,
+                publish_not_ready: bool) -> CategorizedEndpoints:
+    """categorize_endpoints() for any endpoints: kube-proxy's rules one by one."""
 
     def ready(ep: Endpoint) -> bool:
         return ep.ready or publish_not_ready
@@ -66,6 +77,14 @@ def categorize_endpoints(endpoints: Iterable[Endpoint], *, node_name: str, zone:
     local = _select(endpoints, lambda ep: ready(ep) and ep.node_name == node_name,
                     lambda ep: ep.node_name == node_name, ready)
     return CategorizedEndpoints(cluster, local, mode)
+
+
+def _plain(endpoints: tuple[Endpoint, ...], publish_not_ready: bool) -> bool:
+    """Every endpoint ready (or published not ready), not terminating, without topology hints."""
+    for ep in endpoints:
+        if not (ep.ready or publish_not_ready) or ep.terminating or ep.zone_hints or ep.node_hints:
+            return False
+    return True
 
 
 def _select(endpoints: tuple[Endpoint, ...], usable: Callable[[Endpoint], bool],

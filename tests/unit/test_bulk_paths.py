@@ -1,0 +1,233 @@
+"""The full sync's fast paths give exactly what the per-object paths give (issue 12).
+
+A full sync reads 100,000 endpoints and derives 100,000 backends: the bulk paths skip the generic
+field readers and the dataclass constructors for the usual shapes.  Each is compared here with the
+path it shortcuts, over generated inputs that vary what those paths read (conditions, hints,
+families, odd types, bad values), so a shortcut can only ever decide what the slow path decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+
+import pytest
+
+from ebpfsvc import heap
+from ebpfsvc.k8s import endpointslice
+from ebpfsvc.k8s.endpointmerge import Endpoint
+from ebpfsvc.k8s.endpointslice import SliceEndpoint, _endpoint, _plain_endpoint
+from ebpfsvc.k8s.fields import Fields, Invalid
+from ebpfsvc.lbmodel import Backend, Protocol
+
+
+def _outcome(fn):
+    try:
+        return ("ok", fn())
+    except Invalid as err:
+        return ("invalid", err.field, err.message)
+
+
+# Values each endpoint field may take: (usual ones, odd types or bad values).
+_FIELDS = {
+    "addresses": ([["198.18.0.1"], ["198.18.0.2", "198.18.0.3"], [" 198.18.0.4 "], ["2001:2::1"],
+                   ["2001:2::2", "2001:2::3"]],
+                  [[], None, ["198.18.0.300"], [5], "198.18.0.1", ["198.18.0.1", "2001:2::1"], ["01.2.3.4"],
+                   ["198.18.0.1"] * 101]),
+    "conditions": ([None, {}, {"ready": True}, {"ready": False},
+                    {"ready": False, "serving": True, "terminating": True},
+                    {"ready": False, "serving": False, "terminating": True}, {"serving": None, "terminating": False}],
+                   [{"ready": "true"}, {"ready": 1}, [], "ready"]),
+    "nodeName": ([None, "", "node-1", "node-2"], [7, ["x"]]),
+    "zone": ([None, "", "zone-a"], [7]),
+    "hostname": ([None, "", "pod-1"], [False]),
+    "hints": ([None], [{}, {"forZones": [{"name": "zone-a"}]}, {"forNodes": [{"name": "node-1"}]},
+                       {"forZones": "x"}]),
+}
+
+
+def _random_endpoint(rng: random.Random):
+    e = {}
+    for key, (usual, odd) in _FIELDS.items():
+        if rng.random() < 0.85:
+            e[key] = rng.choice(usual if rng.random() < 0.9 else odd)
+    return e if rng.random() < 0.97 else rng.choice([None, [], "endpoint"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_endpoint_decides_as_the_field_reader(seed):
+    rng = random.Random(seed)
+    fast_hits = 0
+    for i in range(2000):
+        e = _random_endpoint(rng)
+        version = rng.choice((4, 6))
+        slow = _outcome(lambda: _endpoint(Fields(e, f"endpoints[{i}]"), version))
+        fast = _plain_endpoint(e, version)
+        if fast is not None:
+            fast_hits += 1
+            assert slow == ("ok", fast), e
+            assert type(fast) is SliceEndpoint and hash(fast) == hash(slow[1]) and repr(fast) == repr(slow[1])
+    assert fast_hits > 200        # the generator does reach the fast path
+
+
+def test_endpoints_of_a_slice_equal_the_field_readers_and_name_the_bad_one():
+    rng = random.Random(7)
+    for _ in range(300):
+        items = [_random_endpoint(rng) for _ in range(rng.randint(0, 5))]
+        version = rng.choice((4, 6))
+        top = Fields({"endpoints": items})
+        want = _outcome(lambda: tuple(_endpoint(e, version) for e in top.objects("endpoints", 1000)))
+        assert _outcome(lambda: endpointslice._endpoints(top, version)) == want
+
+
+def test_too_many_or_not_a_list_of_endpoints_is_the_field_readers_problem():
+    for value in ([{"addresses": ["198.18.0.1"]}] * 1001, {"addresses": ["198.18.0.1"]}, "x"):
+        top = Fields({"endpoints": value})
+        with pytest.raises(Invalid) as fast:
+            endpointslice._endpoints(top, 4)
+        with pytest.raises(Invalid) as slow:
+            tuple(top.objects("endpoints", endpointslice.MAX_ENDPOINTS))
+        assert (fast.value.field, fast.value.message) == (slow.value.field, slow.value.message)
+
+
+@pytest.mark.parametrize("cls", [SliceEndpoint, Endpoint, Backend])
+def test_heap_maker_builds_what_the_constructor_builds(cls):
+    values = {
+        SliceEndpoint: (ipaddress.ip_address("198.18.0.1"), False, True, True, "n", "z",
+                        frozenset({"z"}), frozenset(), "h"),
+        Endpoint: (ipaddress.ip_address("2001:2::1"), 80, True, True, False, "n", "", frozenset(), frozenset({"n"})),
+        Backend: (ipaddress.ip_address("198.18.0.1"), 8080, Protocol.UDP, False, True, True, "n", "z"),
+    }[cls]
+    made, built = heap.maker(cls)(*values), cls(*values)
+    assert made == built and hash(made) == hash(built) and repr(made) == repr(built)
+    assert dataclasses.astuple(made) == dataclasses.astuple(built)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.port = 1
+    with pytest.raises(TypeError):
+        heap.maker(cls)(*values[:-1])        # every field, always
+
+
+def test_heap_maker_refuses_what_it_cannot_build_alike():
+    @dataclasses.dataclass
+    class Mutable:
+        a: int
+
+    @dataclasses.dataclass(frozen=True)
+    class Checked:
+        a: int
+
+        def __post_init__(self):
+            pass
+
+    for cls in (Mutable, Checked):
+        with pytest.raises(TypeError):
+            heap.maker(cls)
+
+
+def _random_endpoints(rng: random.Random) -> tuple[Endpoint, ...]:
+    """Endpoints of one service port: conditions, nodes, zones and hints varied, usually all plain."""
+    plain = rng.random() < 0.5
+    out = []
+    for i in range(rng.randint(0, 6)):
+        ready = plain or rng.random() < 0.7
+        terminating = not plain and rng.random() < 0.2
+        out.append(Endpoint(ipaddress.ip_address(f"198.18.0.{i + 1}"), 8080, ready,
+                            ready or rng.random() < 0.5, terminating,
+                            rng.choice(("", "node-1", "node-2")), rng.choice(("", "zone-a", "zone-b")),
+                            frozenset() if plain or rng.random() < 0.6 else frozenset({rng.choice(("zone-a", "zone-b"))}),
+                            frozenset() if plain or rng.random() < 0.7 else frozenset({rng.choice(("node-1", "node-2"))})))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_categorize_of_plain_endpoints_equals_the_general_rules(seed):
+    from ebpfsvc.k8s import topology
+
+    rng = random.Random(seed)
+    plain = 0
+    for _ in range(1500):
+        eps = _random_endpoints(rng)
+        pnr = rng.random() < 0.3
+        node, zone = rng.choice(("node-1", "node-2", "")), rng.choice(("zone-a", ""))
+        got = topology.categorize_endpoints(eps, node_name=node, zone=zone, publish_not_ready=pnr)
+        assert got == topology._categorize(eps, node, zone, pnr), eps
+        plain += topology._plain(eps, pnr)
+    assert 300 < plain < 1500         # both paths are exercised
+
+
+def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
+    from ebpfsvc.k8s.endpointmerge import merge_endpoint_slices
+    from ebpfsvc.k8s.endpointslice import EndpointPort, EndpointSlice
+    from ebpfsvc.lbmodel import ServicePortName
+
+    rng = random.Random(3)
+    addrs = [ipaddress.ip_address(a) for a in ("198.18.0.9", "198.18.0.10", "198.18.1.1", "2001:2::1", "2001:2::a")]
+    for _ in range(300):
+        slices = []
+        for n in range(rng.randint(1, 3)):
+            family = rng.choice((4, 6))
+            eps = tuple(SliceEndpoint(a, rng.random() < 0.7, True, rng.random() < 0.2)
+                        for a in rng.sample([a for a in addrs if a.version == family], rng.randint(0, 2)))
+            slices.append(EndpointSlice("ns", f"s-{n}", "svc", f"IPv{family}",
+                                        (EndpointPort("http", Protocol.TCP, rng.choice((80, 81))),), eps))
+        merged = merge_endpoint_slices("ns", "svc", slices)
+        for spn, eps in merged.items():
+            assert spn == ServicePortName("ns", "svc", "http", Protocol.TCP)
+            assert list(eps) == sorted(eps, key=lambda e: e.sort_key)
+            assert len({e.sort_key for e in eps}) == len(eps)
+            for e in eps:           # the winner of a duplicated address: ready, then not terminating
+                copies = [se for sl in slices for se in sl.endpoints
+                          if se.address == e.address and sl.ports[0].port == e.port]
+                assert (e.ready, not e.terminating) == max((c.ready, not c.terminating) for c in copies)
+                assert type(e) is Endpoint and e == Endpoint(e.address, e.port, e.ready, e.serving, e.terminating,
+                                                              e.node_name, e.zone, e.zone_hints, e.node_hints)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_frontend_want_table_and_flags_as_defined(seed):
+    """The writer's per-frontend derivation (its shortcut for frontends without terminating or not-ready
+    backends included) against the definition: the table from table_backends() of the distinct
+    backends, sorted by name; a backend's flags OR'ed over its copies."""
+    from ebpfsvc import abi
+    from ebpfsvc.datapath import writer
+    from ebpfsvc.lbmodel import Frontend, FrontendKey, ServicePortName, table_backends
+
+    rng = random.Random(seed)
+    for _ in range(500):
+        family = rng.choice((4, 6))
+        base = "198.18.0." if family == 4 else "2001:2::"
+        backends = tuple(Backend(ipaddress.ip_address(f"{base}{rng.randint(1, 6)}"), rng.choice((80, 8080)),
+                                 rng.choice((Protocol.TCP, Protocol.UDP)), rng.random() < 0.15,
+                                 rng.random() < 0.1, rng.random() < 0.5) for _ in range(rng.randint(0, 8)))
+        fe = Frontend(FrontendKey(ipaddress.ip_address("198.19.0.1" if family == 4 else "2001:2::ff"), 80),
+                      ServicePortName("ns", "svc"), backends=backends)
+        w = writer._frontend_want(fe)
+        distinct = {}
+        flags = {}
+        for b in backends:
+            k = writer._backend_key(b)
+            distinct.setdefault(k, b)
+            flags[k] = flags.get(k, 0) | ((abi.LB_BE_F_TERMINATING if b.terminating else 0)
+                                          | (abi.LB_BE_F_LOCAL if b.local else 0)
+                                          | (abi.LB_BE_F_NOT_READY if b.not_ready else 0))
+        table = sorted((b.name, writer._backend_key(b)) for b in table_backends(distinct.values()))
+        assert w.table_names == tuple(n for n, _ in table) and w.table_keys == tuple(k for _, k in table)
+        assert w.be_flags == flags and list(w.be_flags) == list(distinct)
+
+
+def test_service_name_skips_quoting_only_what_quoting_leaves_alone():
+    import string
+    from urllib.parse import quote
+
+    from ebpfsvc.datapath.writer import service_name
+    from ebpfsvc.lbmodel import ServicePortName
+
+    rng = random.Random(5)
+    odd = string.printable + "é\udc80/:%"
+    for _ in range(5000):
+        parts = ["".join(rng.choice(odd if rng.random() < 0.3 else "abc-.9_~") for _ in range(rng.randint(0, 8)))
+                 for _ in range(3)]
+        ns, name, port = (quote(p.encode("utf-8", "surrogatepass"), safe="") for p in parts)
+        want = f"{ns}/{name}:{port}/UDP" if parts[2] else f"{ns}/{name}/UDP"
+        assert service_name(ServicePortName(*parts, Protocol.UDP)) == want
