@@ -27,6 +27,7 @@
 #include "lb.h"
 #include "affinity.h"
 #include "icmp.h"
+#include "sock.h"
 #include "flow.h"
 
 int from_pod(struct __sk_buff *skb)

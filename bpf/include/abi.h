@@ -318,6 +318,16 @@ struct lb4_sock_revnat {
 	__u16  pad0;
 };
 
+/* Socket-local storage of the socket path (lb_sock_path, BPF_MAP_TYPE_SK_STORAGE):
+ * what connect() did to this socket, so the TC programs can let its packets pass
+ * without parsing them into lookups (bpf/lib/sock.h, lb_sock_path_sk). Either
+ * family: the IPv6 hooks mark their sockets the same way. */
+#define LB_SOCK_F_TRANSLATED 1  /* connect() went to a backend chosen by the socket path */
+
+struct lb_sock_path {
+	__u32  flags;           /* LB_SOCK_F_*; 0 after a later connect() the socket path left alone */
+};
+
 /* ---- IPv6 twins. The value of lb6_frontends is struct lb4_service (it holds no
  * address); lb6_affinity's is struct lb_affinity_val; affinity membership is
  * lb4_affinity_match for both families (backend and frontend ids are shared). ---- */
@@ -403,7 +413,7 @@ ABI_SIZE(lb4_key, 8); ABI_SIZE(lb4_service, 32); ABI_SIZE(lb4_backend, 8); ABI_S
 ABI_SIZE(ct4_key, 16); ABI_SIZE(ct4_entry, 40); ABI_SIZE(lb4_affinity_key, 8); ABI_SIZE(lb_affinity_val, 16);
 ABI_SIZE(frag4_key, 12); ABI_SIZE(frag4_ports, 16); ABI_SIZE(snat4_entry, 8); ABI_SIZE(lb4_src_range_key, 12);
 ABI_SIZE(lb_traffic, 16); ABI_SIZE(lb4_affinity_match_key, 8); ABI_SIZE(lb_service_status, 128);
-ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8);
+ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8); ABI_SIZE(lb_sock_path, 4);
 ABI_SIZE(lb6_key, 20); ABI_SIZE(lb6_backend, 20); ABI_SIZE(ct6_key, 40); ABI_SIZE(ct6_entry, 64);
 ABI_SIZE(lb6_affinity_key, 20); ABI_SIZE(frag6_key, 40); ABI_SIZE(lb6_src_range_key, 24);
 

@@ -298,6 +298,8 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
+	if (lb4_sock_path_packet(skb, &p))
+		return TC_ACT_OK;               /* translated at connect() (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_FORWARD);
 	if (!lb4_proto_has_ports(p.proto))
@@ -346,6 +348,8 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
+	if (lb4_sock_path_packet(skb, &p))
+		return TC_ACT_OK;               /* a node process's translated socket (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_REPLY);
 	now = bpf_ktime_get_ns();

@@ -13,9 +13,10 @@
  *                      Service address it was sent to as its source.
  *   lb4_sock_getpeername  getpeername(): the Service, not the backend.
  *
- * The packets of such a socket then carry the backend's address: the TC
- * programs find no frontend (from_pod) and no flow (to_pod) and let them pass,
- * so nothing is translated twice and no conntrack entry is made.
+ * The packets of such a socket then carry the backend's address, and connect4
+ * marks the socket (lb_sock_path_set): the TC programs let its packets pass at
+ * once (lb4_sock_path_packet), so nothing is translated twice, no conntrack
+ * entry is made and no lookup is paid per packet.
  *
  * The frontend lookup, Maglev table, backend states and counters are the TC
  * path's (lb.h, maps.h), fed by the same writer; only the table key differs:
@@ -42,6 +43,62 @@
 
 /* bcc's declaration returns u32; the kernel's cookie is 64 bits. */
 static __u64 (*lb_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+/* ---- Marking a translated socket, and the TC programs' fast exit for its packets ---- */
+
+/*
+ * Remember on the socket whether this connect() was translated (socket-local
+ * storage: it goes with the socket, nothing to expire). A later connect() that
+ * the socket path leaves alone (a UDP socket may connect again, elsewhere)
+ * clears it; a socket never translated gets no storage at all.
+ */
+static __always_inline void lb_sock_path_set(struct bpf_sock *sk, int translated)
+{
+	struct lb_sock_path *m;
+
+	if (!sk)
+		return;
+	m = lb_sock_path.sk_storage_get(sk, 0, translated ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+	if (m)
+		m->flags = translated ? LB_SOCK_F_TRANSLATED : 0;
+}
+
+/*
+ * The socket that sent `skb` when the socket path translated its connect(), else 0.
+ * For either family (lb4_sock_path_packet, and the IPv6 twin's).
+ * skb->sk is still the sender's socket at TC ingress of the pod veth's host side
+ * (the kernel orphans a forwarded packet only in ip_rcv, after TC) and at egress for
+ * the node's own sockets. What the kernel sends on a socket's behalf (a RST, a
+ * TIME_WAIT ACK) carries no socket or a control socket: it takes the TC path.
+ */
+static __always_inline struct bpf_sock *lb_sock_path_sk(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct lb_sock_path *m;
+
+	if (!sk)
+		return 0;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 0;
+	m = lb_sock_path.sk_storage_get(sk, 0, 0);
+	return (m && (m->flags & LB_SOCK_F_TRANSLATED)) ? sk : 0;
+}
+
+/*
+ * A packet of a translated socket to the backend its connect() chose: nothing
+ * for the TC programs to do, whatever their maps say. Only to that peer: a
+ * connected UDP socket may still sendto() another address, which sendmsg4 may
+ * have left to TC (sessionAffinity, SCTP's neighbours...).
+ */
+static __always_inline int lb4_sock_path_packet(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	struct bpf_sock *sk = lb_sock_path_sk(skb);
+
+	return sk && sk->dst_ip4 == p->daddr && (__be16)sk->dst_port == p->dport;
+}
+
+/* ---- The sock_addr hooks ---- */
 
 /* Slot key of a socket to `svc` (see the top of this file). */
 static __always_inline __u32 lb4_sock_hash(struct bpf_sock_addr *ctx, __u64 cookie, __u8 proto)
@@ -86,7 +143,7 @@ static __always_inline struct lb4_service *lb4_sock_frontend(struct bpf_sock_add
  * the TC path's RST or ICMP port unreachable would make it fail); otherwise
  * the call goes on untranslated and the TC path answers as before.
  */
-static __always_inline int lb4_sock_xlate(struct bpf_sock_addr *ctx, int refuse_empty)
+static __always_inline int lb4_sock_xlate(struct bpf_sock_addr *ctx, int refuse_empty, int *translated)
 {
 	struct lb4_sock_revnat rev = {};
 	struct lb4_sock_key key = {};
@@ -125,12 +182,17 @@ static __always_inline int lb4_sock_xlate(struct bpf_sock_addr *ctx, int refuse_
 	ctx->user_ip4 = be->address;
 	ctx->user_port = (__u32)be->port;
 	lb_count_sock(svc->frontend_id);
+	*translated = 1;
 	return LB_SYS_PROCEED;
 }
 
 static __always_inline int lb4_sock_connect(struct bpf_sock_addr *ctx)
 {
-	return lb4_sock_xlate(ctx, 1);
+	int translated = 0;
+	int verdict = lb4_sock_xlate(ctx, 1, &translated);
+
+	lb_sock_path_set(ctx->sk, translated);
+	return verdict;
 }
 
 /* An unconnected UDP datagram. No endpoints: the datagram goes on to the TC
@@ -138,7 +200,9 @@ static __always_inline int lb4_sock_connect(struct bpf_sock_addr *ctx)
  * socket does not see it, so sendto() succeeds either way). */
 static __always_inline int lb4_sock_sendmsg(struct bpf_sock_addr *ctx)
 {
-	return lb4_sock_xlate(ctx, 0);
+	int translated = 0;
+
+	return lb4_sock_xlate(ctx, 0, &translated);
 }
 
 /* A backend address:port this socket was sent to -> the Service it named. */
