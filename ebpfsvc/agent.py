@@ -514,7 +514,9 @@ class Agent:
         if stats.failed:
             log.info("%d Services not written; retrying them in %.1fs, or at the next change",
                      len(stats.failed), self.runner.retry_later())
-        if self.socket_datapath is not None and (stats.backends_deleted or stats.backends_written):
+        # Only a backend that left or changed (UDP: turned not ready) can leave a socket on a backend
+        # that no longer keeps it; a sync that only added backends has nothing to reset.
+        if self.socket_datapath is not None and (stats.backends_deleted or stats.backends_changed):
             self._reset_socket_flows()
         if admitted.deferred:
             self.runner.run()       # the slots this apply released are free now: admit the waiting ones
