@@ -9,11 +9,3 @@
 
 #include "abi.h"
 #include "maps.h"
-
-/* Never loaded. bcc emits BTF only for a unit with a function in it, and the
- * socket-local storage map (lb_sock_path) cannot be created without BTF for its
- * key and value (the kernel answers EINVAL): this gives the unit one. */
-int lb_maps_btf(void *ctx)
-{
-	return 0;
-}

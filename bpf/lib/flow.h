@@ -287,7 +287,8 @@ static __always_inline int lb4_reply_to_node(struct __sk_buff *skb, struct lb4_p
 	return LB_NOT_A_REPLY;
 }
 
-static __always_inline int lb4_from_pod(struct __sk_buff *skb)
+/* `m`: the sending socket's mark when the socket path translated it (lib/sock.h), else 0. */
+static __always_inline int lb4_from_pod(struct __sk_buff *skb, const struct lb_sock_path *m)
 {
 	struct lb4_pkt p = {};
 	struct ct4_key fk;
@@ -298,7 +299,7 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
-	if (lb4_sock_path_packet(skb, &p))
+	if (lb4_sock_path_packet(skb, m, &p))
 		return TC_ACT_OK;               /* translated at connect() (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_FORWARD);
@@ -336,7 +337,7 @@ static __always_inline int lb4_reply_rev_nat(struct __sk_buff *skb, struct lb4_p
 	return TC_ACT_OK;
 }
 
-static __always_inline int lb4_to_pod(struct __sk_buff *skb)
+static __always_inline int lb4_to_pod(struct __sk_buff *skb, const struct lb_sock_path *m)
 {
 	struct lb4_pkt p = {};
 	struct ct4_key rk;
@@ -348,7 +349,7 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
-	if (lb4_sock_path_packet(skb, &p))
+	if (lb4_sock_path_packet(skb, m, &p))
 		return TC_ACT_OK;               /* a node process's translated socket (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_REPLY);

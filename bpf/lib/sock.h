@@ -15,8 +15,8 @@
  *
  * The packets of such a socket then carry the backend's address, and connect4
  * marks the socket (lb_sock_path_set): the TC programs let its packets pass at
- * once (lb4_sock_path_packet), so nothing is translated twice, no conntrack
- * entry is made and no lookup is paid per packet.
+ * once (lb_sock_path_of), so nothing is translated twice, no conntrack entry is
+ * made and neither a conntrack nor a frontend lookup is paid per packet.
  *
  * The frontend lookup, Maglev table, backend states and counters are the TC
  * path's (lb.h, maps.h), fed by the same writer; only the table key differs:
@@ -41,60 +41,81 @@
 #define ECONNREFUSED 111
 #endif
 
-/* bcc's declaration returns u32; the kernel's cookie is 64 bits. */
-static __u64 (*lb_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
-
 /* ---- Marking a translated socket, and the TC programs' fast exit for its packets ---- */
 
-/*
- * Remember on the socket whether this connect() was translated (socket-local
- * storage: it goes with the socket, nothing to expire). A later connect() that
- * the socket path leaves alone (a UDP socket may connect again, elsewhere)
- * clears it; a socket never translated gets no storage at all.
- */
-static __always_inline void lb_sock_path_set(struct bpf_sock *sk, int translated)
-{
-	struct lb_sock_path *m;
+/* bcc's declaration returns u32; the kernel's cookie is 64 bits. Any context with a
+ * socket: sock_addr (the socket being connected), skb (skb->sk, 0 without one). */
+static __u64 (*lb_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
-	if (!sk)
+/*
+ * Remember whether this connect() was translated, in the socket's cookie slot
+ * (lb_sock_path: a store, no allocation). A later connect() that the socket path
+ * leaves alone (a UDP socket may connect again, elsewhere) frees the slot if it is
+ * still this socket's.
+ */
+static __always_inline void lb_sock_path_set(__u64 cookie, __u8 proto, int translated)
+{
+	__u32 slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
+	struct lb_sock_path *m = lb_sock_path.lookup(&slot);
+
+	if (!m)
 		return;
-	m = lb_sock_path.sk_storage_get(sk, 0, translated ? BPF_SK_STORAGE_GET_F_CREATE : 0);
-	if (m)
-		m->flags = translated ? LB_SOCK_F_TRANSLATED : 0;
+	if (translated) {
+		m->cookie = cookie;
+		m->proto = proto;
+	} else if (m->cookie == cookie) {
+		m->cookie = 0;
+	}
 }
 
 /*
- * The socket that sent `skb` when the socket path translated its connect(), else 0.
- * For either family (lb4_sock_path_packet, and the IPv6 twin's).
- * skb->sk is still the sender's socket at TC ingress of the pod veth's host side
- * (the kernel orphans a forwarded packet only in ip_rcv, after TC) and at egress for
- * the node's own sockets. What the kernel sends on a socket's behalf (a RST, a
- * TIME_WAIT ACK) carries no socket or a control socket: it takes the TC path.
+ * The socket path's mark of the socket that sent `skb`, when its connect() was
+ * translated; else 0. For either family (lb4_sock_path_packet, and the IPv6
+ * twin's). skb->sk is still the sender's socket at TC ingress of the pod veth's
+ * host side (the kernel orphans a forwarded packet only in ip_rcv, after TC) and at
+ * egress for the node's own sockets. What the kernel sends on a socket's behalf
+ * (a RST, a TIME_WAIT ACK) carries no socket or a control socket: no mark.
  */
-static __always_inline struct bpf_sock *lb_sock_path_sk(struct __sk_buff *skb)
+static __always_inline struct lb_sock_path *lb_sock_path_of(struct __sk_buff *skb)
 {
-	struct bpf_sock *sk = skb->sk;
+	__u64 cookie = lb_get_socket_cookie(skb);
+	__u32 slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
 	struct lb_sock_path *m;
 
+	if (!cookie)
+		return 0;
+	m = lb_sock_path.lookup(&slot);
+	return (m && m->cookie == cookie) ? m : 0;
+}
+
+/*
+ * `m` (lb_sock_path_of) marks a TCP socket: its packets can only go to the peer
+ * connect() chose (a TCP socket sends to no one else), so the TC programs let
+ * them pass before even parsing them. For either family; UDP needs the packet's
+ * destination (lb4_sock_path_packet).
+ */
+static __always_inline int lb_sock_path_stream(const struct lb_sock_path *m)
+{
+	return m && m->proto == IPPROTO_TCP;
+}
+
+/*
+ * A packet of a marked UDP socket (`m`) to the backend its connect() chose: nothing
+ * for the TC programs to do, whatever their maps say. Only to that peer: a
+ * connected UDP socket may still sendto() another address, which sendmsg4 may
+ * have left to TC (a Service with sessionAffinity).
+ */
+static __always_inline int lb4_sock_path_packet(struct __sk_buff *skb, const struct lb_sock_path *m,
+						const struct lb4_pkt *p)
+{
+	struct bpf_sock *sk;
+
+	if (!m)
+		return 0;
+	sk = skb->sk;
 	if (!sk)
 		return 0;
 	sk = bpf_sk_fullsock(sk);
-	if (!sk)
-		return 0;
-	m = lb_sock_path.sk_storage_get(sk, 0, 0);
-	return (m && (m->flags & LB_SOCK_F_TRANSLATED)) ? sk : 0;
-}
-
-/*
- * A packet of a translated socket to the backend its connect() chose: nothing
- * for the TC programs to do, whatever their maps say. Only to that peer: a
- * connected UDP socket may still sendto() another address, which sendmsg4 may
- * have left to TC (sessionAffinity, SCTP's neighbours...).
- */
-static __always_inline int lb4_sock_path_packet(struct __sk_buff *skb, const struct lb4_pkt *p)
-{
-	struct bpf_sock *sk = lb_sock_path_sk(skb);
-
 	return sk && sk->dst_ip4 == p->daddr && (__be16)sk->dst_port == p->dport;
 }
 
@@ -191,7 +212,7 @@ static __always_inline int lb4_sock_connect(struct bpf_sock_addr *ctx)
 	int translated = 0;
 	int verdict = lb4_sock_xlate(ctx, 1, &translated);
 
-	lb_sock_path_set(ctx->sk, translated);
+	lb_sock_path_set(lb_get_socket_cookie(ctx), (__u8)ctx->protocol, translated);
 	return verdict;
 }
 

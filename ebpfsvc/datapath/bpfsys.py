@@ -353,13 +353,6 @@ class MapInfo:
     name: str
 
 
-def obj_get(path: str | os.PathLike) -> int:
-    """A read-write fd of the pinned object at `path` (BPF_OBJ_GET): for a program that uses the map."""
-    p = os.fsencode(str(path)) + b"\0"
-    buf = ctypes.create_string_buffer(p, len(p))
-    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(buf)))
-
-
 class PinnedMap:
     """One pinned map, opened read-only. Keys and values are bytes; per-CPU values are lists of bytes."""
 

@@ -86,7 +86,7 @@ def cleanup(pin_dir, *, netns=None, dry_run: bool = False, socket_lb_cgroup=None
             socklb.detach(cgroup)
     pin_dir = Path(pin_dir)
     if pin_dir.exists():
-        report.pins = [str(pin_dir / n) for n in loader.PINS if (pin_dir / n).exists()]
+        report.pins = [str(pin_dir / n) for n in loader.MAPS if (pin_dir / n).exists()]
         if not dry_run:
             loader.unpin(pin_dir)
     return report

@@ -44,11 +44,6 @@ NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink", "from_host", "from_lo
 MAPS_SOURCE = BPF_DIR / "lb_maps.c"
 _PROGRAM_TYPES = {"xdp_uplink": "XDP"}     # everything else is SCHED_CLS (TC)
 MAPS = tuple(abi.MAP_TYPES)
-#: Pinned maps that are no bcc table (bcc makes no Python type for socket-local storage, and it has
-#: nothing to write or read from user space): pinned and removed with MAPS, and handed to programs
-#: loaded from the program cache by their pin.
-SOCKET_STORAGE = ("lb_sock_path",)
-PINS = MAPS + SOCKET_STORAGE
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
@@ -256,7 +251,7 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
         _restore_pins(dp, saved)
     _fill_sctp_crc_shift(bpf)
     if program_key:     # verified by the kernel just now: what the next start loads
-        progcache.store(progcache.cache_dir(), program_key, bpf, types, PINS)
+        progcache.store(progcache.cache_dir(), program_key, bpf, types, MAPS)
     if cache:
         dp.cache_key = key
         _CACHE[key] = dp
@@ -273,14 +268,8 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
             return None
         maps_unit = opened[0]
     map_fds = {name: maps_unit.get_table(name.encode()).map_fd for name in MAPS}
-    storage_fds = _open_socket_storage(pin_dir)
-    map_fds.update(storage_fds)
-    try:
-        found = progcache.load(progcache.cache_dir(), program_key, map_fds,
-                               fillers={"lb_sctp_crc_shift": _fill_crc_shift_fd, "lb6_icmp_scratch": _scratch})
-    finally:
-        for fd in storage_fds.values():     # the loaded programs hold their own references
-            os.close(fd)
+    found = progcache.load(progcache.cache_dir(), program_key, map_fds,
+                           fillers={"lb_sctp_crc_shift": _fill_crc_shift_fd, "lb6_icmp_scratch": _scratch})
     if found is None:
         if owned:
             maps_unit.cleanup()
@@ -291,24 +280,6 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
     dp.maps.update({name: maps_unit.get_table(name.encode()) for name in MAPS})
     log.info("programs %s loaded from the program cache", ", ".join(programs))
     return dp
-
-
-def _open_socket_storage(pin_dir: Path) -> dict[str, int]:
-    """Fds of the SOCKET_STORAGE pins that exist (the maps unit pinned them), for cached programs."""
-    fds = {}
-    for name in SOCKET_STORAGE:
-        try:
-            fds[name] = bpfsys.obj_get(Path(pin_dir) / name)
-        except OSError:
-            continue            # not pinned: the cached programs cannot be served (progcache says so)
-    return fds
-
-
-def socket_storage_fd(dp: "Datapath", name: str) -> int:
-    """The fd of SOCKET_STORAGE map `name` in a Datapath bcc compiled (not a table: no dp.maps entry)."""
-    from bcc.libbcc import lib
-
-    return lib.bpf_table_fd(dp.bpf.module, name.encode())
 
 
 def open_maps(pin_dir, *, limits: Limits | None = None):
@@ -406,7 +377,7 @@ def _restore_pins(dp: "Datapath", saved) -> None:
 
 
 def _remove_pins(pin_dir: Path) -> None:
-    for name in PINS:
+    for name in MAPS:
         (pin_dir / name).unlink(missing_ok=True)
 
 
@@ -435,4 +406,4 @@ def drop_cache() -> None:
 
 
 __all__ = ["Datapath", "Limits", "conntrack_limits", "load", "open_maps", "unpin", "expand_source", "be32", "PROGRAMS",
-           "MAPS", "SOCKET_STORAGE", "PINS", "NODE_SOURCE", "NODE_PROGRAMS"]
+           "MAPS", "NODE_SOURCE", "NODE_PROGRAMS"]

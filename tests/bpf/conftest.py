@@ -73,15 +73,14 @@ class CompiledDatapaths:
         from bcc.libbcc import lib
 
         pin_dir.mkdir(parents=True, exist_ok=True)
-        for name in loader.PINS:
-            fd = dp.maps[name].map_fd if name in dp.maps else loader.socket_storage_fd(dp, name)
+        for name in loader.MAPS:
             path = pin_dir / name
             if path.exists():
-                with PinnedMap.open(path) as pinned, PinnedMap(os.dup(fd), "") as ours:
+                with PinnedMap.open(path) as pinned, PinnedMap(os.dup(dp.maps[name].map_fd), "") as ours:
                     if pinned.info.id == ours.info.id:
                         continue
                 path.unlink()
-            if lib.bpf_obj_pin(fd, str(path).encode()) != 0:
+            if lib.bpf_obj_pin(dp.maps[name].map_fd, str(path).encode()) != 0:
                 raise OSError(f"cannot pin {name} again at {path}")
 
     def reset(self, pin_dir: Path) -> None:

@@ -40,15 +40,7 @@ def test_every_map_in_maps_h_is_described():
     import re
     text = (loader.BPF_DIR / "lib" / "maps.h").read_text()
     declared = re.findall(r'^BPF_TABLE_PINNED\("[a-z_]+",\s*[^,]+,\s*[^,]+,\s*(\w+),', text, flags=re.M)
-    assert declared and set(declared) == set(abi.MAP_TYPES) | set(loader.SOCKET_STORAGE)
-
-
-def test_socket_storage_value_matches_header(datapath):
-    # lb_sock_path is no bcc table (no ctypes Leaf to compare): its pinned map's value size is.
-    from ebpfsvc.datapath.bpfsys import PinnedMap
-
-    with PinnedMap.open(datapath.pin_dir / "lb_sock_path") as m:
-        assert (m.info.key_size, m.info.value_size) == (4, abi.ffi.sizeof("struct lb_sock_path"))
+    assert declared and set(declared) == set(abi.MAP_TYPES)
 
 
 def test_structs_have_no_implicit_padding():
