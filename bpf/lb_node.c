@@ -33,6 +33,7 @@
 #include "lb.h"
 #include "affinity.h"
 #include "icmp.h"
+#include "sock.h"
 #include "flow.h"
 #include "srcrange.h"
 #include "nodeport.h"

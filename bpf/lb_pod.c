@@ -28,6 +28,7 @@
 #include "lb.h"
 #include "affinity.h"
 #include "icmp.h"
+#include "sock.h"
 #include "flow.h"
 /* np4_snat_reply_to: a local pod's reply to external traffic the uplink masqueraded to it. */
 #include "srcrange.h"
@@ -40,16 +41,28 @@ static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *
 	return -1;
 }
 
+/* The socket path's fast exit (lib/sock.h) first: the sending socket's mark, when
+ * connect() translated it, is looked up once per packet; a TCP socket's packet passes
+ * unparsed, a UDP one's is checked against its peer once parsed. to_pod sees sockets
+ * of the node's own processes only (a forwarded packet lost its socket in ip_rcv). */
 int from_pod(struct __sk_buff *skb)
 {
+	struct lb_sock_path *m = lb_sock_path_of(skb);
+
+	if (lb_sock_path_stream(m))
+		return TC_ACT_OK;
 	if (skb->protocol == lb_htons(ETH_P_IPV6))
 		return lb6_from_pod(skb);
-	return lb4_from_pod(skb);
+	return lb4_from_pod(skb, m);
 }
 
 int to_pod(struct __sk_buff *skb)
 {
+	struct lb_sock_path *m = lb_sock_path_of(skb);
+
+	if (lb_sock_path_stream(m))
+		return TC_ACT_OK;
 	if (skb->protocol == lb_htons(ETH_P_IPV6))
 		return lb6_to_pod(skb);
-	return lb4_to_pod(skb);
+	return lb4_to_pod(skb, m);
 }

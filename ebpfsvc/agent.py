@@ -100,6 +100,7 @@ class Agent:
         self.datapath = None
         self.uplink_datapath = None     # bpf/lb_node.c, when there are uplinks
         self.socket_datapath = None     # bpf/lb_sock.c, with --socket-lb
+        self.socket_lb_cgroup = None    # the cgroup it is attached to (--socket-lb-cgroup, `auto` resolved)
         self.writer = None
         self.source = None
         self.watcher: InterfaceWatcher | None = None
@@ -294,13 +295,16 @@ class Agent:
 
         cfg = self.config
         try:
+            cgroup = socklb.resolve_cgroup(cfg.socket_lb_cgroup)      # `auto`: found now, on this node
             self.socket_datapath = socklb.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits))
-            socklb.attach(self.socket_datapath, cfg.socket_lb_cgroup)
-        except Exception as exc:    # noqa: BLE001 - compile, load or attach: the TC path stays
+            socklb.attach(self.socket_datapath, cgroup)
+        except Exception as exc:    # noqa: BLE001 - no cgroup, compile, load or attach: the TC path stays
+            self.socket_datapath = None
             log.error("socket-level load balancing not started on cgroup %s: %s (the TC path serves pods)",
                       cfg.socket_lb_cgroup, exc)
             return
-        log.info("socket-level load balancing attached to cgroup %s", cfg.socket_lb_cgroup)
+        self.socket_lb_cgroup = cgroup
+        log.info("socket-level load balancing attached to cgroup %s", cgroup)
 
     def _reset_socket_flows(self) -> None:
         """A backend left (or, for UDP, turned not ready): end the socket path's connections to it,
@@ -308,7 +312,7 @@ class Agent:
         from ebpfsvc.datapath import socklb
 
         try:
-            report = socklb.reset_removed(self.config.socket_lb_cgroup, self.socket_datapath.maps,
+            report = socklb.reset_removed(self.socket_lb_cgroup, self.socket_datapath.maps,
                                           socklb.keeps_in_maps(self.writer))
         except Exception as exc:    # noqa: BLE001 - the maps are written: this sync succeeded whatever happens here
             log.error("socket-level load balancing: resetting sockets to removed backends failed: %s", exc)
@@ -326,8 +330,8 @@ class Agent:
         from ebpfsvc.datapath import socklb
 
         try:
-            detached = socklb.detach(self.config.socket_lb_cgroup)
-        except OSError as exc:
+            detached = socklb.detach(socklb.resolve_cgroup(self.config.socket_lb_cgroup))
+        except (OSError, socklb.CgroupError) as exc:
             log.error("cannot detach socket-level load balancing from cgroup %s: %s",
                       self.config.socket_lb_cgroup, exc)
             return
@@ -540,7 +544,9 @@ class Agent:
         if stats.failed:
             log.info("%d Services not written; retrying them in %.1fs, or at the next change",
                      len(stats.failed), self.runner.retry_later())
-        if self.socket_datapath is not None and (stats.backends_deleted or stats.backends_written):
+        # Only a backend that left or changed (UDP: turned not ready) can leave a socket on a backend
+        # that no longer keeps it; a sync that only added backends has nothing to reset.
+        if self.socket_datapath is not None and (stats.backends_deleted or stats.backends_changed):
             self._reset_socket_flows()
         if admitted.deferred:
             self.runner.run()       # the slots this apply released are free now: admit the waiting ones

@@ -61,6 +61,9 @@
 #ifndef SOCK_REVNAT_ENTRIES_MAX
 #define SOCK_REVNAT_ENTRIES_MAX 65536 /* LRU: (socket, backend) pairs the socket path translated */
 #endif
+#ifndef SOCK_PATH_SLOTS
+#define SOCK_PATH_SLOTS 65536         /* lb_sock_path: slots by socket cookie (a power of 2) */
+#endif
 
 /* ---- Backend selection (bpf/lib/lb.h); Python reads them too: ebpfsvc/datapath/flowhash.py
  * predicts a flow's Maglev slot, `ebpfsvc why` walks the probes past terminating backends. ---- */
@@ -325,6 +328,17 @@ struct lb4_sock_revnat {
 	__u16  pad0;
 };
 
+/* A socket whose connect() the socket path translated (lb_sock_path, an array
+ * indexed by socket cookie % SOCK_PATH_SLOTS), so the TC programs let its packets
+ * pass without a lookup (bpf/lib/sock.h, lb_sock_path_of). A cookie is never
+ * reused: a slot names one socket or none, and a later socket taking the slot
+ * only costs the earlier one its fast exit. Either family. */
+struct lb_sock_path {
+	__u64  cookie;          /* bpf_get_socket_cookie() of the socket; 0: free */
+	__u8   proto;           /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad0[7];
+};
+
 /* ---- IPv6 twins. The value of lb6_frontends is struct lb4_service (it holds no
  * address); lb6_affinity's is struct lb_affinity_val; affinity membership is
  * lb4_affinity_match for both families (backend and frontend ids are shared). ---- */
@@ -438,7 +452,7 @@ ABI_SIZE(lb4_key, 8); ABI_SIZE(lb4_service, 32); ABI_SIZE(lb4_backend, 8); ABI_S
 ABI_SIZE(ct4_key, 16); ABI_SIZE(ct4_entry, 40); ABI_SIZE(lb4_affinity_key, 8); ABI_SIZE(lb_affinity_val, 16);
 ABI_SIZE(frag4_key, 12); ABI_SIZE(frag4_ports, 16); ABI_SIZE(snat4_entry, 8); ABI_SIZE(lb4_src_range_key, 12);
 ABI_SIZE(lb_traffic, 16); ABI_SIZE(lb4_affinity_match_key, 8); ABI_SIZE(lb_service_status, 128);
-ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8);
+ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8); ABI_SIZE(lb_sock_path, 16);
 ABI_SIZE(lb6_key, 20); ABI_SIZE(lb6_backend, 20); ABI_SIZE(ct6_key, 40); ABI_SIZE(ct6_entry, 64);
 ABI_SIZE(lb6_affinity_key, 20); ABI_SIZE(frag6_key, 40); ABI_SIZE(lb6_src_range_key, 24);
 ABI_SIZE(lb_node_addrs, 40);

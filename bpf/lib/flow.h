@@ -293,7 +293,8 @@ static __always_inline int lb4_reply_to_node(struct __sk_buff *skb, struct lb4_p
 	return LB_NOT_A_REPLY;
 }
 
-static __always_inline int lb4_from_pod(struct __sk_buff *skb)
+/* `m`: the sending socket's mark when the socket path translated it (lib/sock.h), else 0. */
+static __always_inline int lb4_from_pod(struct __sk_buff *skb, const struct lb_sock_path *m)
 {
 	struct lb4_pkt p = {};
 	struct ct4_key fk;
@@ -304,6 +305,8 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
+	if (lb4_sock_path_packet(skb, m, &p))
+		return TC_ACT_OK;               /* translated at connect() (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_FORWARD);
 	if (!lb4_proto_has_ports(p.proto))
@@ -340,7 +343,7 @@ static __always_inline int lb4_reply_rev_nat(struct __sk_buff *skb, struct lb4_p
 	return TC_ACT_OK;
 }
 
-static __always_inline int lb4_to_pod(struct __sk_buff *skb)
+static __always_inline int lb4_to_pod(struct __sk_buff *skb, const struct lb_sock_path *m)
 {
 	struct lb4_pkt p = {};
 	struct ct4_key rk;
@@ -352,6 +355,8 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
+	if (lb4_sock_path_packet(skb, m, &p))
+		return TC_ACT_OK;               /* a node process's translated socket (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_REPLY);
 	now = bpf_ktime_get_ns();

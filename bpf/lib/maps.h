@@ -48,6 +48,9 @@ BPF_TABLE_PINNED("lpm_trie", struct lb4_src_range_key, __u32, lb4_source_ranges,
 BPF_TABLE_PINNED("lru_hash", struct lb4_sock_key, struct lb4_sock_revnat, lb4_sock_revnat, SOCK_REVNAT_ENTRIES_MAX, LB_PIN_DIR "/lb4_sock_revnat");
 /* frontend id -> sockets the socket path translated to it: connect() and unconnected sendmsg() (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_sock_stats, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb_sock_stats");
+/* socket cookie % SOCK_PATH_SLOTS -> the socket whose connect() the socket path translated, for the
+ * TC programs' fast exit (sock.h). An array: marking a socket is a store, no allocation, no lock. */
+BPF_TABLE_PINNED("array", __u32, struct lb_sock_path, lb_sock_path, SOCK_PATH_SLOTS, LB_PIN_DIR "/lb_sock_path");
 /* ---- IPv6 twins, sized by the same limits (ids, lb_maglev and the stats arrays are shared).
  * The two control-plane hash maps are not preallocated: at the default limits that is 27 MiB an
  * IPv4-only node would hold for nothing; only the agent writes them, so no packet pays for it

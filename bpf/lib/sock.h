@@ -18,9 +18,10 @@
  * dual-stack socket naming an IPv4 ClusterIP) is served by the IPv4 logic and
  * maps, as Cilium does, since its packets are IPv4 on the wire.
  *
- * The packets of such a socket then carry the backend's address: the TC
- * programs find no frontend (from_pod) and no flow (to_pod) and let them pass,
- * so nothing is translated twice and no conntrack entry is made.
+ * The packets of such a socket then carry the backend's address, and connect()
+ * marks the socket (lb_sock_path_set): the TC programs let its packets pass at
+ * once (lb_sock_path_of), so nothing is translated twice, no conntrack entry is
+ * made and neither a conntrack nor a frontend lookup is paid per packet.
  *
  * The frontend lookup, Maglev table, backend states and counters are the TC
  * path's (lb.h, maps.h), fed by the same writer; only the table key differs:
@@ -50,8 +51,85 @@
 #define ECONNREFUSED 111
 #endif
 
-/* bcc's declaration returns u32; the kernel's cookie is 64 bits. */
+/* ---- Marking a translated socket, and the TC programs' fast exit for its packets ---- */
+
+/* bcc's declaration returns u32; the kernel's cookie is 64 bits. Any context with a
+ * socket: sock_addr (the socket being connected), skb (skb->sk, 0 without one). */
 static __u64 (*lb_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+/*
+ * Remember whether this connect() was translated, in the socket's cookie slot
+ * (lb_sock_path: a store, no allocation). A later connect() that the socket path
+ * leaves alone (a UDP socket may connect again, elsewhere) frees the slot if it is
+ * still this socket's.
+ */
+static __always_inline void lb_sock_path_set(__u64 cookie, __u8 proto, int translated)
+{
+	__u32 slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
+	struct lb_sock_path *m = lb_sock_path.lookup(&slot);
+
+	if (!m)
+		return;
+	if (translated) {
+		m->cookie = cookie;
+		m->proto = proto;
+	} else if (m->cookie == cookie) {
+		m->cookie = 0;
+	}
+}
+
+/*
+ * The socket path's mark of the socket that sent `skb`, when its connect() was
+ * translated; else 0. For either family (lb4_sock_path_packet, and the IPv6
+ * twin's). skb->sk is still the sender's socket at TC ingress of the pod veth's
+ * host side (the kernel orphans a forwarded packet only in ip_rcv, after TC) and at
+ * egress for the node's own sockets. What the kernel sends on a socket's behalf
+ * (a RST, a TIME_WAIT ACK) carries no socket or a control socket: no mark.
+ */
+static __always_inline struct lb_sock_path *lb_sock_path_of(struct __sk_buff *skb)
+{
+	__u64 cookie = lb_get_socket_cookie(skb);
+	__u32 slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
+	struct lb_sock_path *m;
+
+	if (!cookie)
+		return 0;
+	m = lb_sock_path.lookup(&slot);
+	return (m && m->cookie == cookie) ? m : 0;
+}
+
+/*
+ * `m` (lb_sock_path_of) marks a TCP socket: its packets can only go to the peer
+ * connect() chose (a TCP socket sends to no one else), so the TC programs let
+ * them pass before even parsing them. For either family; UDP needs the packet's
+ * destination (lb4_sock_path_packet).
+ */
+static __always_inline int lb_sock_path_stream(const struct lb_sock_path *m)
+{
+	return m && m->proto == IPPROTO_TCP;
+}
+
+/*
+ * A packet of a marked UDP socket (`m`) to the backend its connect() chose: nothing
+ * for the TC programs to do, whatever their maps say. Only to that peer: a
+ * connected UDP socket may still sendto() another address, which sendmsg4 may
+ * have left to TC (a Service with sessionAffinity).
+ */
+static __always_inline int lb4_sock_path_packet(struct __sk_buff *skb, const struct lb_sock_path *m,
+						const struct lb4_pkt *p)
+{
+	struct bpf_sock *sk;
+
+	if (!m)
+		return 0;
+	sk = skb->sk;
+	if (!sk)
+		return 0;
+	sk = bpf_sk_fullsock(sk);
+	return sk && sk->dst_ip4 == p->daddr && (__be16)sk->dst_port == p->dport;
+}
+
+/* ---- The sock_addr hooks ---- */
 
 /* What the family-neutral core (lb_sock_xlate, lb_sock_revnat_xlate) did with a call. */
 #define LB_SOCK_UNTOUCHED 0   /* not a Service port the socket path serves: goes on as named */
@@ -229,9 +307,16 @@ static __always_inline int lb_sock_revnat_xlate(struct bpf_sock_addr *ctx, struc
 
 static __always_inline int lb_sock_work(struct bpf_sock_addr *ctx, struct lb_sock_addr *a, int ipv6, int op)
 {
+	int done;
+
 	if (op == LB_SOCK_REVERSE)
 		return lb_sock_revnat_xlate(ctx, a, ipv6);
-	return lb_sock_xlate(ctx, a, ipv6, op == LB_SOCK_CONNECT);
+	done = lb_sock_xlate(ctx, a, ipv6, op == LB_SOCK_CONNECT);
+	/* connect() marks the socket it translated, for the TC programs' fast exit (and
+	 * unmarks one it leaves alone: a UDP socket may connect again, elsewhere). */
+	if (op == LB_SOCK_CONNECT)
+		lb_sock_path_set(lb_get_socket_cookie(ctx), (__u8)ctx->protocol, done == LB_SOCK_REWRITTEN);
+	return done;
 }
 
 /*

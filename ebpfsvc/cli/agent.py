@@ -65,10 +65,12 @@ def _nodeport_addresses(_ctx, _param, values):
 
 
 def _socket_lb_cgroup(_ctx, _param, value):
-    """--socket-lb-cgroup: an existing cgroup v2 directory below the mount (read from mountinfo)."""
-    if not value:
-        return ""
+    """--socket-lb-cgroup: an existing cgroup v2 directory below a cgroup2 mount (read from mountinfo), or
+    `auto`: the kubelet's, found when the agent starts (where there is none, the TC path serves)."""
     from ebpfsvc.datapath import socklb
+
+    if not value or value == socklb.AUTO:
+        return value or ""
     try:
         path = socklb.resolve_cgroup(value)
     except socklb.CgroupError as e:
@@ -178,7 +180,8 @@ def _map_limit_options(fn):
                    "instead of every packet at TC (docs/socklb.md). Off by default for now.")
 @click.option("--socket-lb-cgroup", default="", callback=_socket_lb_cgroup,
               help="cgroup v2 directory whose processes get the socket path (the kubelet's pods' parent), "
-                   "absolute or relative to the cgroup2 mount; never the hierarchy's root.")
+                   "absolute or relative to the cgroup2 mount; never the hierarchy's root. `auto`: the "
+                   "kubelet's kubepods.slice or kubepods below any cgroup2 mount, the last mounted first.")
 @click.option("--program-cache/--no-program-cache", default=True, show_default=True,
               help="Load the datapath programs compiled by an earlier start when source, flags, kernel and bcc "
                    "are unchanged ($EBPFSVC_PROGRAM_CACHE; docs/operations.md), instead of compiling them again.")

@@ -190,6 +190,40 @@ def _obj_info(fd: int, info: ctypes.Structure) -> None:
     _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
 
 
+class _ProgRunInfo(ctypes.Structure):
+    """struct bpf_prog_info up to its run-time statistics (run_time_ns, run_cnt: kernel >= 5.1)."""
+    _fields_ = _ProgInfo._fields_ + [
+        ("ifindex", ctypes.c_uint32), ("gpl_compatible", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64), ("nr_jited_ksyms", ctypes.c_uint32), ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64), ("jited_func_lens", ctypes.c_uint64), ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64), ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32), ("line_info", ctypes.c_uint64), ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32), ("nr_prog_tags", ctypes.c_uint32), ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64)]
+
+
+class _EnableStatsAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_run_stats() -> int:
+    """Turn on the kernel's per-program run time and count (BPF_ENABLE_STATS) for as long as the
+    returned fd is open: machine-wide, a clock read per program run, so only around a measurement."""
+    return _bpf(BPF_ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of program `fd` since it was loaded, counted while stats are on."""
+    info = _ProgRunInfo()
+    _obj_info(fd, info)
+    return info.run_time_ns, info.run_cnt
+
+
 def prog_name(prog_id: int) -> str:
     """The name of the loaded program with id `prog_id` ("" when there is none)."""
     try:

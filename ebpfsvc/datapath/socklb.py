@@ -73,33 +73,67 @@ def load(pin_dir, *, limits: loader.Limits | None = None, cache: bool = True) ->
     return dp
 
 
-def cgroup2_mount(mountinfo: str | Path = "/proc/self/mountinfo") -> Path:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or .../unified
-    on a hybrid v1/v2 machine): read, not assumed."""
+#: --socket-lb-cgroup's value that finds the kubelet's cgroup (find_kubelet_cgroup) instead of naming it.
+AUTO = "auto"
+#: The kubelet's parent cgroup of all pods, by cgroup driver: systemd, then cgroupfs.
+KUBELET_CGROUPS = ("kubepods.slice", "kubepods")
+
+
+def cgroup2_mounts(mountinfo: str | Path = "/proc/self/mountinfo") -> list[Path]:
+    """Every place a cgroup v2 hierarchy is mounted, in mount order: /sys/fs/cgroup, or .../unified on
+    a hybrid v1/v2 machine; in a container also the host's, mounted from a hostPath (deploy/). Read,
+    not assumed."""
+    found = []
     for line in Path(mountinfo).read_text().splitlines():
         left, _, right = line.partition(" - ")
         if right.split()[:1] == ["cgroup2"]:
-            return Path(left.split()[4])
-    raise CgroupError("no cgroup2 file system mounted (/proc/self/mountinfo): socket-level load balancing needs one")
+            found.append(Path(left.split()[4]))
+    return found
 
 
-def resolve_cgroup(path) -> Path:
-    """A cgroup given as absolute path or relative to the cgroup2 mount, checked as a target."""
+def cgroup2_mount(mountinfo: str | Path = "/proc/self/mountinfo") -> Path:
+    """The first cgroup v2 mount (cgroup2_mounts): where a relative --socket-lb-cgroup is."""
+    mounts = cgroup2_mounts(mountinfo)
+    if not mounts:
+        raise CgroupError("no cgroup2 file system mounted (/proc/self/mountinfo): socket-level load balancing "
+                          "needs one")
+    return mounts[0]
+
+
+def find_kubelet_cgroup(mountinfo: str | Path = "/proc/self/mountinfo") -> Path:
+    """The kubelet's pods cgroup (KUBELET_CGROUPS) right below a cgroup2 mount, the last mount first: in
+    the DaemonSet the host's hierarchy is mounted after the container's own (deploy/daemonset.yaml)."""
+    mounts = cgroup2_mounts(mountinfo)
+    for mount in reversed(mounts):
+        for name in KUBELET_CGROUPS:
+            if (mount / name / "cgroup.procs").is_file():
+                return mount / name
+    raise CgroupError(f"--socket-lb-cgroup {AUTO}: no {' or '.join(KUBELET_CGROUPS)} below the cgroup2 mounts "
+                      f"({', '.join(map(str, mounts)) or 'none'})")
+
+
+def resolve_cgroup(path, mountinfo: str | Path = "/proc/self/mountinfo") -> Path:
+    """A cgroup given as absolute path, relative to the first cgroup2 mount, or AUTO (the kubelet's),
+    checked as a target."""
+    if str(path) == AUTO:
+        path = find_kubelet_cgroup(mountinfo)
     path = Path(path)
     if not path.is_absolute():
-        path = cgroup2_mount() / path
-    _check_target(path)
+        path = cgroup2_mount(mountinfo) / path
+    _check_target(path, mountinfo)
     return path
 
 
-def _check_target(cgroup: Path) -> None:
-    # Programs at the hierarchy's root would serve every process of the machine:
-    # only a cgroup the project created below it is a target.
-    if cgroup.resolve() == cgroup2_mount().resolve():
+def _check_target(cgroup: Path, mountinfo: str | Path = "/proc/self/mountinfo") -> None:
+    # Programs at a hierarchy's root would serve every process of the machine:
+    # only a cgroup below it (the kubelet's, the lab's) is a target.
+    mounts = [m.resolve() for m in cgroup2_mounts(mountinfo)]
+    target = cgroup.resolve()
+    if target in mounts:
         raise CgroupError(f"cgroup {cgroup}: the cgroup2 root; attach to a node's own cgroup below it")
-    mount = cgroup2_mount().resolve()
-    if mount not in cgroup.resolve().parents or not (cgroup / "cgroup.procs").is_file():
-        raise CgroupError(f"cgroup {cgroup}: not a cgroup v2 directory (the cgroup2 mount is {mount})")
+    if not any(m in target.parents for m in mounts) or not (cgroup / "cgroup.procs").is_file():
+        raise CgroupError(f"cgroup {cgroup}: not a cgroup v2 directory (the cgroup2 mounts are "
+                          f"{', '.join(map(str, mounts)) or 'none'})")
 
 
 def _open(cgroup: Path) -> int:
@@ -333,5 +367,5 @@ def _destroy(diag, family: int, proto: int, msg) -> None:
             raise OSError(code, f"SOCK_DESTROY {msg['idiag_dst']}:{msg['idiag_dport']}: {os.strerror(code)}")
 
 
-__all__ = ["HOOKS", "PROGRAMS", "SOURCE", "CgroupError", "load", "attach", "detach", "attached", "cgroup2_mount",
-           "resolve_cgroup", "reset_removed", "keeps_in_maps", "cgroup_netns", "ResetReport"]
+__all__ = ["HOOKS", "PROGRAMS", "SOURCE", "AUTO", "KUBELET_CGROUPS", "CgroupError", "load", "attach", "detach",
+           "attached", "cgroup2_mount", "cgroup2_mounts", "find_kubelet_cgroup", "resolve_cgroup", "reset_removed", "keeps_in_maps", "cgroup_netns", "ResetReport"]

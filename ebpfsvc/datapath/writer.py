@@ -75,6 +75,10 @@ class ApplyStats:
 
     backends_written: int = 0
     backends_deleted: int = 0
+    # Of backends_written: entries that replaced a backend's previous one (its flags changed: not
+    # ready, terminating, local), not new backends. With backends_deleted, what may leave a
+    # connection on a backend that no longer keeps it (the socket path's reset pass, agent.py).
+    backends_changed: int = 0
     services_written: int = 0
     services_deleted: int = 0
     tables_written: int = 0       # Maglev tables written into a new range
@@ -91,7 +95,8 @@ class ApplyStats:
     @property
     def writes(self) -> int:
         """Every map entry written or deleted."""
-        return sum(getattr(self, f.name) for f in fields(self) if f.name not in ("tables_written", "failed"))
+        return sum(getattr(self, f.name) for f in fields(self)
+                   if f.name not in ("tables_written", "backends_changed", "failed"))
 
     def add(self, other: "ApplyStats") -> None:
         for f in fields(self):
@@ -581,8 +586,10 @@ class MapWriter:
             val = bkey + ((abi.LB_BE_F_TERMINATING if bkey in terminating else 0)
                           | (abi.LB_BE_F_LOCAL if bkey in local else 0)
                           | (abi.LB_BE_F_NOT_READY if not_ready.get(bkey) == refs else 0),)
-            if be_val.get(ident) != val:
+            old = be_val.get(ident)
+            if old != val:
                 be_writes.append((ident, make(val)))
+                stats.backends_changed += old is not None
         _zero_percpu_ids(self.be_stats_map, fresh)
         stats.stats_zeroed += len(fresh)
         four, six = _split(be_writes, lambda w: w[1].address)

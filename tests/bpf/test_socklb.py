@@ -46,6 +46,7 @@ from .podservers import Servers
 pytestmark = pytest.mark.root
 
 VIP, EMPTY_VIP, LOCAL_VIP, STICKY_VIP = "198.19.0.10", "198.19.0.11", "198.19.0.12", "198.19.0.13"
+ONE_VIP = "198.19.0.14"         # one backend, b1
 CLIENT, B1, B2 = "198.18.1.5", "198.18.2.1", "198.18.2.2"
 VIP6, EMPTY6, LOCAL6, STICKY6 = "2001:2:0:ff::10", "2001:2:0:ff::11", "2001:2:0:ff::12", "2001:2:0:ff::13"
 CLIENT6, B16, B26 = "2001:2:0:1::5", "2001:2:0:2::1", "2001:2:0:2::2"
@@ -83,9 +84,11 @@ def node(unique_prefix, pin_dir):
         cgroups.create(node_cg)
         socklb.attach(sock_dp, node_cg)
         servers = Servers({B1: pods[B1], B2: pods[B2], B16: pods[B1], B26: pods[B2]}, NAMES)
-        MapWriter(pod_dp.maps).apply(state(*_services((VIP, EMPTY_VIP, LOCAL_VIP, STICKY_VIP), (B1, B2), ""),
-                                           *_services((VIP6, EMPTY6, LOCAL6, STICKY6), (B16, B26), "6")))
-        yield _Node(unique_prefix, pods[CLIENT], node_cg, pod_dp, sock_dp)
+        frontends = (*_services((VIP, EMPTY_VIP, LOCAL_VIP, STICKY_VIP), (B1, B2), ""),
+                     *_services((VIP6, EMPTY6, LOCAL6, STICKY6), (B16, B26), "6"))
+        writer = MapWriter(pod_dp.maps)
+        writer.apply(state(*frontends))
+        yield _Node(unique_prefix, pods[CLIENT], node_cg, pod_dp, sock_dp, writer, frontends)
     finally:
         if servers:
             servers.close()
@@ -113,9 +116,14 @@ def _services(vips, backends, suffix: str) -> list:
 
 
 class _Node:
-    def __init__(self, prefix, client_ns, node_cg, pod_dp, sock_dp):
+    def __init__(self, prefix, client_ns, node_cg, pod_dp, sock_dp, writer, frontends):
         self.prefix, self.client_ns, self.cgroup = prefix, client_ns, node_cg
         self.pod_dp, self.sock_dp = pod_dp, sock_dp
+        self.writer, self.frontends = writer, frontends
+
+    def add(self, *frontends) -> None:
+        """The fixture's frontends and these, written by the same MapWriter."""
+        self.writer.apply(state(*self.frontends, *frontends))
 
     def client(self, op, addr, port, *, in_cgroup=True) -> dict:
         """One client operation (ebpfsvc/lab/sockprobe.py) in the client pod, a process in the
@@ -295,6 +303,30 @@ def test_client_outside_the_node_cgroup_still_served_by_tc(node):
     assert out.get("data") in ("b1", "b2") and out["peer"] == [VIP, 80], out
     assert node.flows() == 2, "forward and reply entries of the TC path's flow"
     assert len(list(node.sock_dp.maps["lb4_sock_revnat"].keys())) == 0
+
+
+def test_translated_socket_passes_the_tc_programs_untouched(node):
+    """connect4 marks the socket it translated (lb_sock_path); from_pod lets that socket's packets to
+    its backend pass before any lookup. Shown with a frontend the TC path would otherwise apply to
+    them: b1's own address and port, balanced to b2. A socket that was not translated (a process
+    outside the cgroup) meets the same frontend and is translated by TC."""
+    node.add(frontend(ONE_VIP, 80, [be(B1)], name="one"),
+             frontend(ONE_VIP, 53, [be(B1, 5353, Protocol.UDP)], proto=Protocol.UDP, name="one-dns"),
+             frontend(B1, 8080, [be(B2)], name="pod-address"),
+             frontend(B1, 5353, [be(B2, 5353, Protocol.UDP)], proto=Protocol.UDP, name="pod-address-dns"))
+    for _ in range(3):
+        out = node.client("tcp", ONE_VIP, 80)
+        assert (out.get("data"), out.get("peer")) == ("b1", [ONE_VIP, 80]), out
+        out = node.client("udp-connected", ONE_VIP, 53)
+        assert (out.get("data"), out.get("src")) == ("b1", [ONE_VIP, 53]), out
+    assert node.flows() == 0, "no TC flow for the marked sockets' packets, though they matched a frontend"
+    # Unconnected UDP is balanced per datagram by sendmsg4 and not marked: its datagram to b1 meets
+    # the frontend at b1's address in from_pod, which sends it on to b2.
+    out = node.client("udp", ONE_VIP, 53)
+    assert out.get("data") == "b2" and node.flows() == 2, out
+    out = node.client("tcp", B1, 8080, in_cgroup=False)
+    assert (out.get("data"), out.get("peer")) == ("b2", [B1, 8080]), "an unmarked socket: TC translates"
+    assert node.flows() == 4
 
 
 def test_detach_leaves_no_program(node):
@@ -507,3 +539,16 @@ def test_syn_ack_on_a_closed_flow_is_not_translated(datapath, writer):
     check(datapath, Case("its SYN-ACK: from the Service", "to_pod",
                          to_pod(tcp(b, FIXTURE_CLIENT, 8080, 40000, "SA", seq=9500, ack=7001)), OK,
                          to_pod(tcp(VIP, FIXTURE_CLIENT, 80, 40000, "SA", seq=9500, ack=7001))))
+
+
+def test_fast_exit_never_fires_for_a_packet_without_a_marked_socket(datapath, writer):
+    """BPF_PROG_TEST_RUN's packet has no socket of ours (the kernel gives it a dummy one without
+    storage), so the fast exit cannot be shown here, only that it leaves everything else to the
+    full path: a packet to a frontend at a pod's own address is translated as before. The marked
+    case is test_translated_socket_passes_the_tc_programs_untouched, with real sockets."""
+    writer.apply(state(frontend(B1, 8080, [be(B2)], name="pod-address")))
+    check(datapath, Case("SYN to a frontend at a pod address, no marked socket", "from_pod",
+                         from_pod(tcp(FIXTURE_CLIENT, B1, 40000, 8080, "S")), OK,
+                         from_pod(tcp(FIXTURE_CLIENT, B2, 40000, 8080, "S"))))
+    check(datapath, Case("its SYN-ACK reverse-NATed", "to_pod", to_pod(tcp(B2, FIXTURE_CLIENT, 8080, 40000, "SA")),
+                         OK, to_pod(tcp(B1, FIXTURE_CLIENT, 8080, 40000, "SA"))))

@@ -115,7 +115,19 @@ def test_endpoint_not_ready_in_every_service_using_it(datapath, writer):
 
     st = writer.apply(state(frontend("198.19.0.1", 80, [blip, be("198.18.2.2")], name="web1")))
     assert st.backends_written == 1 and st.backends_deleted == 0
+    assert st.backends_changed == 1, "an existing backend's entry rewritten: the socket path's reset pass runs"
     assert b[b.Key(tid)].flags & abi.LB_BE_F_NOT_READY
+
+
+def test_new_backends_are_written_but_not_changed(datapath, writer):
+    """backends_changed counts rewrites of a backend already there, never new ones: a sync that only
+    adds endpoints gives the socket path's reset pass nothing to do (agent.py)."""
+    st = writer.apply(state(frontend("198.19.0.1", 80, [be("198.18.2.1")])))
+    assert (st.backends_written, st.backends_changed) == (1, 0)
+    st = writer.apply(state(frontend("198.19.0.1", 80, [be("198.18.2.1"), be("198.18.2.2")])))
+    assert (st.backends_written, st.backends_changed, st.backends_deleted) == (1, 0, 0)
+    st = writer.apply(state(frontend("198.19.0.1", 80, [be("198.18.2.1", terminating=True), be("198.18.2.2")])))
+    assert (st.backends_written, st.backends_changed) == (1, 1)
 
 
 def test_restart_renumbers_nothing_and_writes_nothing(datapath, writer, pin_dir):

@@ -73,3 +73,30 @@ def test_sync_passes_the_delta_and_goes_full_first_and_every_hour(monkeypatch):
     now[0] += 30                                               # an hour after the first: full again, even unchanged
     agent.sync()
     assert writer.calls[-1][0] is second and writer.calls[-1][1] is True
+
+
+def test_socket_reset_pass_only_after_a_backend_left_or_changed(monkeypatch):
+    """The socket path's reset pass (a socket dump per pod namespace) runs after a sync that deleted
+    a backend or rewrote one (a UDP backend turning not ready), never after one that only added
+    backends: a new backend cannot be one a socket must leave."""
+    now = [1000.0]
+    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: now[0])
+    agent = Agent(AgentConfig(node=NODE, healthz_bind_address="", metrics_bind_address="", sync_period=3600.0))
+    answers = [ApplyStats(backends_written=1, frontends_written=1),                        # the first, full sync
+               ApplyStats(backends_written=1, tables_written=1),                           # a backend added
+               ApplyStats(backends_written=1, backends_changed=1),                         # one turned not ready
+               ApplyStats(backends_deleted=1, tables_written=1)]                           # one removed
+    agent.writer = type("W", (), {"apply": lambda self, state, **_: answers.pop(0)})()
+    agent.socket_datapath = object()
+    resets = []
+    agent._reset_socket_flows = lambda: resets.append(len(answers))
+    for obj in (service("a", "198.19.0.1"), endpoints("a", "198.18.2.1")):
+        agent.state.on_event(Event(obj["kind"], EventType.ADDED, obj))
+    for kind in ("Service", "EndpointSlice", "ServiceCIDR"):
+        agent.state.on_synced(kind)
+    agent.sync()
+    for ips in (("198.18.2.1", "198.18.2.2"), ("198.18.2.1", "198.18.2.2", "198.18.2.3"), ("198.18.2.1",)):
+        now[0] += 1
+        agent.state.on_event(Event("EndpointSlice", EventType.MODIFIED, endpoints("a", *ips)))
+        agent.sync()
+    assert answers == [] and resets == [1, 0], "after the changed and the removed backend only"

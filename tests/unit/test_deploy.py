@@ -37,7 +37,10 @@ VAGRANT = ROOT / "vagrant"
 DOCS = ROOT / "docs" / "deploy.md"
 
 # The agent container's capabilities: this set, no more, no less (deploy/daemonset.yaml says why).
-AGENT_CAPS = {"BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"}
+AGENT_CAPS = {"BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE", "SYS_ADMIN", "SYS_PTRACE"}
+# Of those, what only the socket path's reset pass needs (setns, /proc/PID/ns of other users). SYS_ADMIN
+# also grants BPF, NET_ADMIN and PERFMON: the TC path's own set is checked without these.
+SOCKET_RESET_CAPS = {"SYS_ADMIN", "SYS_PTRACE"}
 HEALTHZ_PORT = 10256
 READ_VERBS = {"get", "list", "watch"}
 EVENT_WRITE_VERBS = {"create", "patch"}
@@ -245,8 +248,26 @@ def test_agent_capabilities_are_exactly_the_documented_set_each_with_its_reason(
         assert lines[i - 1].strip().startswith("#"), f"{cap} has no comment saying why"
     # And the operator's doc names each one.
     doc = DOCS.read_text()
-    for cap in AGENT_CAPS | {"SYS_ADMIN"}:
+    for cap in AGENT_CAPS:
         assert f"CAP_{cap}" in doc, f"docs/deploy.md does not explain CAP_{cap}"
+
+
+def test_the_socket_path_is_on_with_what_it_needs():
+    """socket-lb on by default (issue 15), with what its programs and its reset pass need: the host's
+    cgroup hierarchy (the kubelet's cgroup found in it, not named), the host's PIDs, SYS_ADMIN and
+    SYS_PTRACE (docs/deploy.md says what for)."""
+    (cm,) = load_docs(DEPLOY / "configmap.yaml")
+    conf = yaml.safe_load(cm["data"]["config.yaml"])
+    assert conf["socket-lb"] is True and conf["socket-lb-cgroup"] == "auto"
+    spec = pod_spec()
+    assert spec["hostPID"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in agent_container()["volumeMounts"] if m["name"] == "host-cgroup"]
+    assert volumes["host-cgroup"]["hostPath"]["path"] == "/sys/fs/cgroup" and mount["readOnly"] is True
+    assert not mount["mountPath"].startswith("/sys/fs/cgroup"), "the container's own cgroup mount stays"
+    assert SOCKET_RESET_CAPS <= set(agent_container()["securityContext"]["capabilities"]["add"])
+    doc = DOCS.read_text()
+    assert "hostPID" in doc and "host-cgroup" in doc and "socket-lb" in doc
 
 
 def test_only_the_bpffs_mount_runs_privileged():
@@ -548,14 +569,15 @@ def test_documented_capabilities_load_the_datapath_and_fewer_do_not(netns, uniqu
     pins = Path("/sys/fs/bpf") / unique_prefix
     pins.mkdir()
     # CAP_SYS_RESOURCE only matters before Linux 5.11 (memlock accounting): not provable here.
+    tc_caps = AGENT_CAPS - SOCKET_RESET_CAPS
     try:
-        ok = _with_caps(netns, AGENT_CAPS, pins / "ok")
+        ok = _with_caps(netns, tc_caps, pins / "ok")
         assert ok.returncode == 0 and "loaded pinned attached" in ok.stdout, ok.stderr[-2000:]
         subprocess.run(["tc", "-n", netns, "qdisc", "del", "dev", "lo", "clsact"], check=False)
         # Without CAP_PERFMON the verifier rejects the datapath's variable-offset packet pointer
         # arithmetic ("prohibited for !root").
         for missing in ("BPF", "NET_ADMIN", "PERFMON"):
-            r = _with_caps(netns, AGENT_CAPS - {missing}, pins / missing)
+            r = _with_caps(netns, tc_caps - {missing}, pins / missing)
             assert r.returncode != 0, f"worked without CAP_{missing}: then it need not be granted"
             subprocess.run(["tc", "-n", netns, "qdisc", "del", "dev", "lo", "clsact"], check=False,
                            capture_output=True)

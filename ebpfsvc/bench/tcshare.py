@@ -1,0 +1,236 @@
+"""What the TC programs cost the socket path, without a lab: namespaces, the real programs, real tools.
+
+    python -m ebpfsvc.bench.tcshare [--repeats 5] [--seconds 3] [--out FILE.json]
+
+One node namespace with three pods on veths (client `cli` in the node's cgroup, client `cli-t`
+outside it, server `srv` with nginx and sockperf), the TC programs (bpf/lb_pod.c) on every pod veth
+and the socket programs (bpf/lb_sock.c) on the node's cgroup, maps written by the real MapWriter:
+a ClusterIP with port 80 -> srv:8080 (nginx) and 11111 -> srv:11111 (sockperf). No API server and
+no agent, so nothing but the measured traffic and the machine's other load moves the figures.
+
+Datapaths, interleaved in an order rotated every repeat:
+
+    direct-bare   cli -> srv's address, no program on the veths (`make bench`'s direct)
+    direct        cli -> srv's address, TC programs attached: an unmarked socket's packets take the
+                  full TC path (parse, conntrack and frontend lookups, all missing). This is what
+                  every socket-path packet paid before the fast exit.
+    socket        cli -> the ClusterIP, translated at connect(); its packets skip the TC work
+    socket-bare   the same with no program on the veths: the fast exit's floor
+    tc            cli-t (outside the cgroup) -> the ClusterIP, translated per packet at TC
+
+Metrics: wrk `Connection: close` connections/s (8 connections, 1 thread) with the connect4 hook's run
+time per connect(), sockperf ping-pong p50/p99 (64 bytes, TCP); and, during the sockperf runs, the kernel's run time per run of the programs on
+the client's veth (BPF_ENABLE_STATS, on only while measuring): a second load of lb_pod.c on the same
+maps is attached there, so its counts are the client's packets (from_pod: requests; to_pod: replies)
+and nobody else's. Medians with min-max; the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from ebpfsvc.bench import tools
+from ebpfsvc.datapath import bpfsys, loader, nsenter, socklb, tc
+from ebpfsvc.datapath.writer import MapWriter
+from ebpfsvc.lab import cgroups, network
+from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, LBState, Protocol, ServicePortName
+
+VIP = "198.19.0.10"
+GATEWAY = ipaddress.IPv4Address("198.18.0.1")
+PODS = {"cli": "198.18.1.5", "cli-t": "198.18.1.6", "srv": "198.18.2.1"}
+NGINX, SOCKPERF = 8080, 11111
+DATAPATHS = ("direct-bare", "direct", "socket", "socket-bare", "tc")
+PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}
+
+
+class Node:
+    """The namespaces, programs and servers; close() removes them all."""
+
+    def __init__(self, state_dir: Path):
+        self.prefix = "es" + uuid.uuid4().hex[:6]
+        self.node_ns = f"{self.prefix}-node"
+        self.pod_ns = {name: f"{self.prefix}-{name}" for name in PODS}
+        self.cgroup = cgroups.node_cgroup(self.prefix, "node-1")
+        self.pin_dir = Path("/sys/fs/bpf") / self.prefix
+        self.links: list[int] = []
+        self.servers: list = []
+        self.made: list[str] = []
+        self.pod_dp = self.sock_dp = self.cli_dp = None
+        try:
+            self._build(state_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, state_dir: Path) -> None:
+        network.create_namespace(self.node_ns, forwarding=True)
+        self.made.append(self.node_ns)
+        network.add_pod_gateway(self.node_ns, GATEWAY)
+        self.pod_dp = loader.load(self.pin_dir, hairpin_addr=str(GATEWAY), cache=False)
+        # The client's veth gets programs of its own (same source, same maps): their run statistics
+        # are the client's packets only.
+        self.cli_dp = loader.load(self.pin_dir, hairpin_addr=str(GATEWAY), cache=False)
+        self.sock_dp = socklb.load(self.pin_dir, cache=False)
+        for i, (name, addr) in enumerate(PODS.items()):
+            ns = self.pod_ns[name]
+            network.create_namespace(ns)
+            self.made.append(ns)
+            link = f"lxc{self.prefix[2:]}{i}"
+            network.add_pod(self.node_ns, ns, link, addr, GATEWAY)
+            self.links.append(nsenter.run_in(self.node_ns, lambda link=link: socket.if_nametoindex(link)))
+        self.attach_tc()
+        cgroups.create(self.cgroup / "pods" / "cli")
+        socklb.attach(self.sock_dp, self.cgroup)
+        srv = ipaddress.IPv4Address(PODS["srv"])
+        MapWriter(self.pod_dp.maps).apply(LBState.of([
+            Frontend(key=FrontendKey(ipaddress.IPv4Address(VIP), port, Protocol.TCP),
+                     service=ServicePortName("default", "bench", name, Protocol.TCP),
+                     backends=(Backend(srv, target, Protocol.TCP),))
+            for name, port, target in (("http", 80, NGINX), ("rr", SOCKPERF, SOCKPERF))]))
+        self.servers = [tools.nginx_server(self.pod_ns["srv"], [NGINX], state_dir),
+                        tools.sockperf_server(self.pod_ns["srv"], SOCKPERF, state_dir)]
+
+    def attach_tc(self) -> None:
+        for idx, pod in zip(self.links, PODS):
+            dp = self.cli_dp if pod == "cli" else self.pod_dp
+            for name, direction in PROGRAMS.items():
+                tc.attach(idx, dp.programs[name].fd, name, direction, netns=self.node_ns)
+
+    def detach_tc(self) -> None:
+        for idx in self.links:
+            for direction in PROGRAMS.values():
+                tc.detach(idx, direction, netns=self.node_ns)
+
+    def client(self, datapath: str) -> tuple[str, Path | None, str]:
+        """(namespace, cgroup or None, destination address) of `datapath`'s client."""
+        if datapath == "tc":
+            return self.pod_ns["cli-t"], None, VIP
+        target = PODS["srv"] if datapath.startswith("direct") else VIP
+        return self.pod_ns["cli"], self.cgroup / "pods" / "cli", target
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.stop()
+        socklb.detach(self.cgroup)
+        cgroups.remove(self.prefix)
+        for ns in reversed(self.made):
+            network.remove_namespace(ns)
+        for dp in (self.sock_dp, self.cli_dp, self.pod_dp):
+            if dp:
+                dp.close()
+        loader.unpin(self.pin_dir)
+
+
+def _ns_per_run(fds: dict[str, int], before: dict[str, tuple[int, int]]) -> dict[str, float]:
+    out = {}
+    for name, fd in fds.items():
+        ns, cnt = bpfsys.prog_run_stats(fd)
+        ns0, cnt0 = before[name]
+        out[name] = (ns - ns0) / (cnt - cnt0) if cnt > cnt0 else float("nan")
+        out[f"{name}_runs"] = cnt - cnt0
+    return out
+
+
+def run(repeats: int, seconds: int) -> dict:
+    metrics = ("conn_per_s", "p50_us", "p99_us", "from_pod_ns", "to_pod_ns", "from_pod_runs_per_rt", "connect4_ns")
+    # from_pod_ns: ns per run of the client veth's from_pod (its requests), to_pod_ns: of its to_pod
+    # (the replies); from_pod_runs_per_rt: its runs per sockperf observation (a request, and ACKs);
+    # connect4_ns: ns per run of the socket path's connect hook during wrk (every connect() in the
+    # cgroup: translated for socket, found no frontend for direct).
+    results: dict = {m: {d: [] for d in DATAPATHS} for m in metrics}
+    meta = {"seconds": seconds, "repeats": repeats, "cpus": os.cpu_count(), "loadavg": [],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "kernel": os.uname().release}
+    with tempfile.TemporaryDirectory(prefix="tcshare-") as tmp:
+        node = Node(Path(tmp))
+        fds = {name: node.cli_dp.programs[name].fd for name in PROGRAMS}
+        try:
+            for r in range(repeats):
+                k = r % len(DATAPATHS)
+                order = DATAPATHS[k:] + DATAPATHS[:k]
+                meta["loadavg"].append(os.getloadavg()[0])
+                for d in order:
+                    ns, cg, dst = node.client(d)
+                    if d.endswith("-bare"):
+                        node.detach_tc()
+                    try:
+                        connect_fd = node.sock_dp.programs["connect4"].fd
+                        stats_fd = bpfsys.enable_run_stats()
+                        try:
+                            before = {"connect4": bpfsys.prog_run_stats(connect_fd)}
+                            w = tools.wrk_connection_rate(ns, dst, 80 if dst == VIP else NGINX, duration=seconds,
+                                                          cgroup=cg)
+                            connects = _ns_per_run({"connect4": connect_fd}, before)
+                        finally:
+                            os.close(stats_fd)
+                        if w["socket_errors"] or w["non_2xx"]:
+                            raise RuntimeError(f"wrk {d}: errors {w}")
+                        results["conn_per_s"][d].append(w["requests_per_s"])
+                        if cg is not None:              # connect4 runs for the cgroup's sockets only
+                            results["connect4_ns"][d].append(connects["connect4"])
+                        stats_fd = bpfsys.enable_run_stats()
+                        try:
+                            before = {name: bpfsys.prog_run_stats(fd) for name, fd in fds.items()}
+                            p = tools.sockperf_latency(ns, dst, SOCKPERF, duration=seconds, cgroup=cg)
+                            runs = _ns_per_run(fds, before)
+                        finally:
+                            os.close(stats_fd)
+                    finally:
+                        if d.endswith("-bare"):
+                            node.attach_tc()
+                    results["p50_us"][d].append(p["p50_us"])
+                    results["p99_us"][d].append(p["p99_us"])
+                    if d in ("direct", "socket"):        # the client veth's own programs ran
+                        results["from_pod_ns"][d].append(runs["from_pod"])
+                        results["to_pod_ns"][d].append(runs["to_pod"])
+                        if p.get("observations"):
+                            results["from_pod_runs_per_rt"][d].append(runs["from_pod_runs"] / p["observations"])
+        finally:
+            meta["loadavg"].append(os.getloadavg()[0])
+            node.close()
+    return {"meta": meta, "results": results}
+
+
+RATIOS = (("socket", "direct-bare"), ("direct", "direct-bare"), ("socket", "direct"), ("socket-bare", "direct-bare"),
+          ("tc", "direct-bare"))
+
+
+def report(data: dict) -> str:
+    lines = [f"{'metric':<22}" + "".join(f"{d:>24}" for d in DATAPATHS) + "".join(f"{a + '/' + b:>24}"
+                                                                                  for a, b in RATIOS)]
+    for metric, by_dp in data["results"].items():
+        med = {d: statistics.median(v) for d, v in by_dp.items() if v}
+        cells = "".join((f"{med[d]:.4g} ({min(by_dp[d]):.4g}-{max(by_dp[d]):.4g})" if d in med else "-").rjust(24)
+                        for d in DATAPATHS)
+        cells += "".join((f"{med[a] / med[b]:.3f}" if a in med and b in med and med[b] else "-").rjust(24)
+                         for a, b in RATIOS)
+        lines.append(f"{metric:<22}{cells}")
+    meta = data["meta"]
+    lines.append(f"{meta['repeats']} interleaved repeats of {meta['seconds']} s, started {meta['started']}, "
+                 f"{meta['cpus']} CPUs, kernel {meta['kernel']}, load average "
+                 f"{min(meta['loadavg']):.1f}-{max(meta['loadavg']):.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="write the raw results here (JSON)")
+    args = parser.parse_args(argv)
+    data = run(args.repeats, args.seconds)
+    if args.out:
+        args.out.write_text(json.dumps(data, indent=1))
+    print(report(data))
+
+
+if __name__ == "__main__":
+    main()
