@@ -249,7 +249,7 @@ static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, st
 	if (!be)
 		return XDP_PASS;
 	e.flags |= CT_F_NODEPORT;
-	if ((be->flags & LB_BE_F_LOCAL) || (svc->flags & LB_SVC_F_LOCAL_ONLY)) {
+	if (np_flow_keeps_source(svc, be->flags)) {
 		if (ct4_create(fk, &e, p->saddr))
 			return XDP_PASS;                /* TC tries again, and counts a failure */
 		lb4_affinity_update(svc, p->saddr, e.backend_id, now);

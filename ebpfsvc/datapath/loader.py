@@ -159,7 +159,7 @@ _CACHE: dict[tuple, Datapath] = {}
 
 def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
                snat_keep_client_port: bool = True, host_clients: bool = True,
-               reset_removed_endpoint_tcp: bool = True) -> list[str]:
+               reset_removed_endpoint_tcp: bool = True, snat_addr6=None) -> list[str]:
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
@@ -167,6 +167,8 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
         flags.append(f"-DHAIRPIN_ADDR={be32(hairpin_addr):#x}U")
     if snat_addr is not None:
         flags.append(f"-DNODE_SNAT_ADDR={be32(snat_addr):#x}U")
+    if snat_addr6 is not None:      # temporary until v6node's node-address map (bpf/lib/nodeaddr6_tmp.h)
+        flags += [f"-DNODE_SNAT_ADDR6_{i}={w:#x}U" for i, w in enumerate(abi.be128(snat_addr6))]
     if not snat_keep_client_port:
         flags.append("-DSNAT_KEEP_PORT_MIN=65536")      # no port is that high: always the range
     if not host_clients:
@@ -179,7 +181,7 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
 def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         migrate: bool = False, program_cache: bool = False, maps_unit=None) -> Datapath:
+         migrate: bool = False, program_cache: bool = False, maps_unit=None, snat_addr6=None) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -188,7 +190,8 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     flows (pod -> Service -> same pod); None disables hairpin SNAT.
     `source`/`programs` select the object (NODE_SOURCE/NODE_PROGRAMS: the uplink
     programs, sharing the same pinned maps); `snat_addr` is the node address
-    north-south flows to remote backends are SNATed to; `snat_keep_client_port`
+    north-south flows to remote backends are SNATed to (`snat_addr6`: its IPv6 twin, temporary
+    until the node-address map, bpf/lib/nodeaddr6_tmp.h); `snat_keep_client_port`
     False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
     `host_clients` False leaves the node's own packets to externalIPs and
     LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h); `reset_removed_endpoint_tcp`
@@ -205,7 +208,7 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     limits = limits or Limits()
     text = expand_source(source)
     cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr, snat_keep_client_port, host_clients,
-                              reset_removed_endpoint_tcp))
+                              reset_removed_endpoint_tcp, snat_addr6))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]
