@@ -58,6 +58,11 @@ int to_uplink(struct __sk_buff *skb)
 
 int xdp_uplink(struct xdp_md *ctx)
 {
+	void *data = (void *)(long)ctx->data;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) <= (void *)(long)ctx->data_end && eth->h_proto == lb_htons(ETH_P_IPV6))
+		return np6_xdp_uplink(ctx);
 	return np4_xdp_uplink(ctx);
 }
 

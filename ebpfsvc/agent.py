@@ -410,9 +410,14 @@ class Agent:
         if not info.uplinks:
             return
         snat = info.primary
+        # Temporary, until branch v6node's NodeInfo.primary6 and node-address map: the node's first
+        # IPv6 address is its IPv6 SNAT source (bpf/lib/nodeaddr6_tmp.h).
+        snat6 = next((a for a in info.addresses if a.version == 6), None)
         reload = old is None or (old.primary, old.hairpin) != (snat, info.hairpin) or self.uplink_datapath is None
+        reload = reload or snat6 != next((a for a in old.addresses if a.version == 6), None)
         if reload:
-            self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, limits=loader.Limits(**cfg.limits),
+            self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, snat_addr6=snat6,
+                                               limits=loader.Limits(**cfg.limits),
                                                hairpin_addr=info.hairpin,
                                                snat_keep_client_port=cfg.snat_keep_client_port,
                                                host_clients=cfg.host_clients,

@@ -35,14 +35,14 @@ XDP_PROG_NAME = "xdp_uplink"
 
 def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_addr=None, cache: bool = True,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         program_cache: bool = False, maps_unit=None):
+         program_cache: bool = False, maps_unit=None, snat_addr6=None):
     """Compile (or take from the program cache: loader.load) and load bpf/lb_node.c against the maps
-    pinned in `pin_dir`."""
+    pinned in `pin_dir`. `snat_addr6`: the node's IPv6 SNAT source (temporary, loader.load)."""
     return loader.load(pin_dir, limits=limits, hairpin_addr=hairpin_addr, cache=cache,
                        source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=snat_addr,
                        snat_keep_client_port=snat_keep_client_port, host_clients=host_clients,
                        reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
-                       program_cache=program_cache, maps_unit=maps_unit)
+                       program_cache=program_cache, maps_unit=maps_unit, snat_addr6=snat_addr6)
 
 
 def ifindex_of(ifname: str, netns=None) -> int | None:

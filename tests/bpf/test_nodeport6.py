@@ -4,7 +4,7 @@ backend (SNAT to the node's IPv6 address, the client's port kept when free) and 
 replies, a local backend and externalTrafficPolicy Local (DNAT only, the reply's source
 restored on to_uplink), loadBalancerSourceRanges refusing and admitting, ICMPv6 errors
 about translated flows, a truncated header, and what passes untouched (neighbour
-discovery, other destinations, and IPv6 at XDP, which leaves it to TC).
+discovery, other destinations), and the same at XDP for plain IPv6 TCP/UDP.
 
 Maps are filled through MapWriter.apply(LBState) only; each row names its input packet,
 the exact output packet (scapy computes every checksum; a packet we forward ourselves
@@ -16,8 +16,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from scapy.layers.inet import TCP
-from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt
 from scapy.layers.l2 import Ether
 
 from ebpfsvc import abi
@@ -25,7 +25,7 @@ from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, FrontendKind, LBStat
 
 from .northsouth import (
     CLIENT2_6, CLIENT2_MAC, CLIENT6, CLIENT_MAC, LB_IP6, LOCAL_BE6, LOCAL_BE6_2, NODE2_MAC, NODE6, NODE_MAC, OK,
-    REDIRECT, REMOTE_BE6, SHOT, XDP_PASS, from_client, snat_port, to_client,
+    REDIRECT, REMOTE_BE6, SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT, from_client, snat_port, to_client,
 )
 from .packets import tcp6, udp6
 
@@ -217,10 +217,43 @@ def test_truncated_and_untouched(uplink):
                  from_client(udp6(CLIENT6, "2001:2:0:9::1", 5000, 30080)), OK)
 
 
-def test_xdp_leaves_ipv6_to_tc(uplink):
-    """xdp_uplink has no IPv6 fast path yet: it passes IPv6 up untouched, and from_uplink
-    (checked above) is the complete path."""
+def test_xdp_snat_flow_both_ways(uplink):
+    """At XDP: the SNATed TCP flow and its reply, as at TC (same maps, same bytes out)."""
     uplink.writer.apply(state(REMOTE))
-    uplink.check_xdp("IPv6 NodePort SYN: passed up untouched", from_client(tcp6(CLIENT6, NODE6, 40000, 30080, "S")),
+    uplink.check_xdp("SYN: SNAT + DNAT, redirected to node-2 with one hop less",
+                     from_client(tcp6(CLIENT6, NODE6, 40000, 30080, "S")), XDP_REDIRECT,
+                     to_node2(tcp6(NODE6, REMOTE_BE6, 40000, 8080, "S")))
+    uplink.check_xdp("SYN-ACK: back to the client from [node]:30080",
+                     from_node2(tcp6(REMOTE_BE6, NODE6, 8080, 40000, "SA", seq=7000, ack=1001)), XDP_REDIRECT,
+                     forwarded_to_client(tcp6(NODE6, CLIENT6, 30080, 40000, "SA", seq=7000, ack=1001)))
+    uplink.check_xdp("a data segment follows the flow",
+                     from_client(tcp6(CLIENT6, NODE6, 40000, 30080, "PA", seq=1001, ack=7001, payload=b"hi")),
+                     XDP_REDIRECT, to_node2(tcp6(NODE6, REMOTE_BE6, 40000, 8080, "PA", seq=1001, ack=7001,
+                                                 payload=b"hi")))
+    uplink.check("TC sees the flow XDP made: the same translation", "from_uplink",
+                 from_client(tcp6(CLIENT6, NODE6, 40000, 30080, "A", seq=1003, ack=7001)), REDIRECT,
+                 to_node2(tcp6(NODE6, REMOTE_BE6, 40000, 8080, "A", seq=1003, ack=7001)))
+
+
+def test_xdp_udp_local_backend_and_what_it_passes(uplink):
+    uplink.writer.apply(state(DNS, LOCAL, lb6(["2001:2::100/128"])))
+    port = snat_port(CLIENT6, NODE6, 5000, 30053, 17)
+    uplink.check_xdp("UDP, remote backend: SNAT + DNAT", from_client(udp6(CLIENT6, NODE6, 5000, 30053, b"q")),
+                     XDP_REDIRECT, to_node2(udp6(NODE6, REMOTE_BE6, port, 5353, b"q")))
+    uplink.check_xdp("UDP answer", from_node2(udp6(REMOTE_BE6, NODE6, 5353, port, b"a")), XDP_REDIRECT,
+                     forwarded_to_client(udp6(NODE6, CLIENT6, 30053, 5000, b"a")))
+    uplink.check_xdp("local backend: DNAT in place, passed up for the kernel to deliver",
+                     from_client(tcp6(CLIENT6, NODE6, 40000, 30081, "S")), XDP_PASS,
+                     from_client(tcp6(CLIENT6, LOCAL_BE6, 40000, 8080, "S")))
+    before = uplink.drops(abi.REASON_SOURCE_RANGE)
+    uplink.check_xdp("outside the source ranges: dropped at XDP",
+                     from_client(tcp6(CLIENT2_6, LB_IP6, 40000, 443, "S"), mac=CLIENT2_MAC), XDP_DROP)
+    assert uplink.drops(abi.REASON_SOURCE_RANGE) == before + 1
+    uplink.check_xdp("an extension header: left to TC, untouched",
+                     from_client(tcp6(CLIENT6, NODE6, 40001, 30081, "S", ext=[IPv6ExtHdrDestOpt()])), XDP_PASS)
+    uplink.check_xdp("neighbour solicitation: untouched",
+                     from_client(IPv6(src=CLIENT6, dst="ff02::1:ff00:11", hlim=255) / ICMPv6ND_NS(tgt=NODE6)),
                      XDP_PASS)
-    assert not list(uplink.dp.maps["ct6"].keys())
+    uplink.check_xdp("hop limit 1 to a remote backend: left to TC (which drops and counts it)",
+                     from_client(IPv6(src=CLIENT6, dst=NODE6, hlim=1) / UDP(sport=5001, dport=30053) / b"q"),
+                     XDP_PASS)
