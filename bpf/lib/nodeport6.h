@@ -412,6 +412,18 @@ static __always_inline int np6_snat_reply(struct __sk_buff *skb, struct lb6_pkt 
 	return np6_redirect(skb, p);
 }
 
+/* Both ends of the packet an ICMPv6 error about a SNATed flow quotes (s->q): its source
+ * becomes saddr:sport and its destination daddr:dport. 0, or -1 on failure. */
+static __always_inline int np6_icmp_quote_rewrite_both(struct __sk_buff *skb, __u32 icmp_csum,
+						       const struct np6_scratch *s, const __be32 *saddr,
+						       __be16 sport, const __be32 *daddr, __be16 dport)
+{
+	if (lb6_icmp_quote_rewrite(skb, icmp_csum, &s->q, IP6_SADDR_OFF, 0, s->q.saddr, saddr, s->q.ports[0], sport))
+		return -1;
+	return lb6_icmp_quote_rewrite(skb, icmp_csum, &s->q, IP6_DADDR_OFF, 2, s->q.daddr, daddr, s->q.ports[1],
+				      dport);
+}
+
 /* As np4_icmp_error_snat: an error about a packet we sent node:port -> backend of a SNATed
  * flow becomes the client's error about its packet to the frontend, sent to the client.
  * A verdict, or -1 when not about such a flow. */
@@ -432,10 +444,8 @@ static __always_inline int np6_icmp_error_snat(struct __sk_buff *skb, struct lb6
 	if (!client)
 		return -1;
 
-	if (lb6_icmp_quote_rewrite(skb, icmp_csum, &s->q, IP6_SADDR_OFF, 0, s->q.saddr, client->address,
-				   s->q.ports[0], client->port) ||
-	    lb6_icmp_quote_rewrite(skb, icmp_csum, &s->q, IP6_DADDR_OFF, 2, s->q.daddr, e->frontend_addr,
-				   s->q.ports[1], e->frontend_port))
+	if (np6_icmp_quote_rewrite_both(skb, icmp_csum, s, client->address, client->port, e->frontend_addr,
+					e->frontend_port))
 		return lb_drop(REASON_MALFORMED);
 	/* Outer header (in the ICMPv6 pseudo-header): to the client; from the frontend when
 	 * the backend itself complained. */
@@ -473,10 +483,8 @@ static __always_inline int np6_icmp_error_reply(struct __sk_buff *skb, struct lb
 	nat = lb6_snat.lookup(&s->k);
 	if (!nat)
 		return -1;
-	if (lb6_icmp_quote_rewrite(skb, icmp_csum, &s->q, IP6_SADDR_OFF, 0, s->q.saddr, e->backend_addr,
-				   s->q.ports[0], e->backend_port) ||
-	    lb6_icmp_quote_rewrite(skb, icmp_csum, &s->q, IP6_DADDR_OFF, 2, s->q.daddr, nat->address,
-				   s->q.ports[1], nat->port) ||
+	if (np6_icmp_quote_rewrite_both(skb, icmp_csum, s, e->backend_addr, e->backend_port, nat->address,
+					nat->port) ||
 	    lb6_csum_store_addr(skb, p->l3_off + IP6_DADDR_OFF, p->daddr, e->backend_addr, icmp_csum, 0) ||
 	    lb6_csum_store_addr(skb, p->l3_off + IP6_SADDR_OFF, p->saddr, nat->address, icmp_csum, 0))
 		return lb_drop(REASON_MALFORMED);

@@ -34,6 +34,14 @@ static __always_inline __u16 np4_csum_add(__u16 check, __s64 diff)
 	return (__u16)~s;
 }
 
+/* Is `check` the folded 16-bit sum `s` (a pseudo-header's, either family)? */
+static __always_inline int np_csum_is_sum(__u32 s, __u16 check)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s == check;
+}
+
 /*
  * Does this L4 checksum field hold only the pseudo-header sum, i.e. was the
  * packet sent with checksum offload (CHECKSUM_PARTIAL) and never completed?
@@ -45,12 +53,8 @@ static __always_inline __u16 np4_csum_add(__u16 check, __s64 diff)
  */
 static __always_inline int np4_csum_partial(__be32 saddr, __be32 daddr, __u8 proto, __u16 l4_len, __u16 check)
 {
-	__u32 s = (saddr >> 16) + (saddr & 0xffff) + (daddr >> 16) + (daddr & 0xffff) +
-		  lb_htons((__u16)proto) + lb_htons(l4_len);
-
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return (__u16)s == check;
+	return np_csum_is_sum(lb_htons((__u16)proto) + lb_htons(l4_len) +
+			      (saddr >> 16) + (saddr & 0xffff) + (daddr >> 16) + (daddr & 0xffff), check);
 }
 
 /* Plain IPv4 TCP/UDP into `p`; -1 for anything XDP leaves to TC. */
@@ -171,7 +175,6 @@ static __always_inline int np4_xdp_fib(struct xdp_md *ctx, const struct lb4_pkt 
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
-/* Send a rewritten frame to the FIB's next hop: back out (XDP_TX) or to another device. */
 /* Will forwarding this packet ourselves need a hop it has no TTL left for?
  * Asked before anything is rewritten, so TC gets the packet as it came and
  * drops and counts it there (np4_hop). */
@@ -182,6 +185,17 @@ static __always_inline int np4_xdp_ttl_spent(struct xdp_md *ctx)
 	struct iphdr *iph = data + ETH_HLEN;
 
 	return (void *)(iph + 1) > data_end || iph->ttl <= 1;
+}
+
+/* The frame to `fib`'s next hop (either family; `eth` bounds-checked by the caller):
+ * back out (XDP_TX) or to another device. */
+static __always_inline int np_xdp_send(struct xdp_md *ctx, struct ethhdr *eth, const struct bpf_fib_lookup *fib)
+{
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib->ifindex, 0);
 }
 
 /* Out towards `fib`'s next hop, with the hop a router owes the packet: TTL - 1
@@ -201,11 +215,7 @@ static __always_inline int np4_xdp_tx(struct xdp_md *ctx, const struct bpf_fib_l
 	check += lb_htons(0x0100);
 	iph->check = (__u16)(check + (check >= 0xFFFF));
 	iph->ttl--;
-	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	if (fib->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	return bpf_redirect(fib->ifindex, 0);
+	return np_xdp_send(ctx, eth, fib);
 }
 
 /* Translate a client packet of flow `e` (DNAT, plus SNAT to `nat`); XDP_PASS untouched when the next hop is unknown. */
@@ -331,9 +341,7 @@ static __always_inline int np6_csum_partial(const struct ipv6hdr *ip6, __u8 prot
 #pragma unroll
 	for (i = 0; i < 16; i++)        /* saddr and daddr, adjacent */
 		s += w[i];
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return (__u16)s == check;
+	return np_csum_is_sum(s, check);
 }
 
 /* Plain IPv6 TCP/UDP into `p`; -1 for anything XDP leaves to TC. */
@@ -472,11 +480,7 @@ static __always_inline int np6_xdp_tx(struct xdp_md *ctx, const struct bpf_fib_l
 	if ((void *)(ip6 + 1) > data_end)
 		return XDP_DROP;
 	ip6->hop_limit--;
-	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	if (fib->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	return bpf_redirect(fib->ifindex, 0);
+	return np_xdp_send(ctx, eth, fib);
 }
 
 /* As np4_xdp_forward. */
