@@ -21,11 +21,13 @@
  *                (NodePorts on it; host.h).
  *
  * Shares every pinned map with lb_pod.c (ebpfsvc/datapath/loader.py loads it
- * with NODE_SOURCE, passing NODE_SNAT_ADDR as -D). See docs/northsouth.md.
+ * with NODE_SOURCE; the node address is read from lb_node_addrs, lib/nodeaddr.h).
+ * See docs/northsouth.md.
  */
 #include "abi.h"
 #include "parse.h"
 #include "maps.h"
+#include "nodeaddr.h"
 #include "stats.h"
 #include "csum.h"
 #include "nat.h"
@@ -37,7 +39,6 @@
 #include "flow.h"
 #include "srcrange.h"
 #include "nodeport.h"
-#include "nodeaddr6_tmp.h"
 #include "nodeport6.h"
 #include "nodeport_xdp.h"
 #include "host.h"

@@ -10,7 +10,7 @@
  *
  * The logic lives in lib/ (one header per concern); these stay thin.
  * ebpfsvc/datapath/loader.py compiles this file with bcc, passing limits,
- * LB_PIN_DIR and HAIRPIN_ADDR as -D.
+ * LB_PIN_DIR as -D; the node's addresses are read from a map (lib/nodeaddr.h).
  */
 
 /* SCTP service port != targetPort: keep the CRC32c right (lib/csum.h). */
@@ -19,6 +19,7 @@
 #include "abi.h"
 #include "parse.h"
 #include "maps.h"
+#include "nodeaddr.h"
 #include "stats.h"
 #include "csum.h"
 #include "nat.h"

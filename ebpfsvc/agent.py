@@ -24,9 +24,10 @@ meanwhile within moments, and a new node has its maps written by the time its pr
 
 Zero configuration: the node's addresses, NodePort addresses, uplinks and the source of its own
 translated traffic come from its Node object and interfaces (ebpfsvc/nodeinfo.py).  The Node may
-arrive after start, or change: every sync checks, and when the result differs the programs that
-compile those addresses in are loaded again and replace the attached ones in place, uplinks are
-attached (or released) and the node-client routes rewritten.
+arrive after start, or change: every sync checks, and when the result differs the node's addresses
+are written into the map the programs read them from (datapath/nodeaddrs.py: no compile, no
+reload; the programs are the same on every node), uplinks are attached (or released) and the
+node-client routes rewritten.
 
 The IP families too (--ip-families auto, the default): the node serves the families of the
 cluster's ServiceCIDRs (IPv4 while the API serves none), so a dual-stack cluster needs no flag.
@@ -100,15 +101,16 @@ class Agent:
         self.desired = DesiredStateBuilder(config.node)   # keeps the last result; sync() feeds it snapshots
         self.settings = nodeinfo.NodeSettings(
             node_addresses=config.node.node_addresses, nodeport_addresses=config.nodeport_addresses,
-            uplinks=config.uplinks, hairpin_address=config.hairpin_address, pod_interfaces=config.pod_interfaces,
+            uplinks=config.uplinks, hairpin_address=config.hairpin_address,
+            hairpin_address6=config.hairpin_address6, pod_interfaces=config.pod_interfaces,
             ip_families=config.node.ip_families)
         self.read_interfaces = nodeinfo.read_interfaces   # replaceable in tests
         self.node_info: nodeinfo.NodeInfo | None = None   # what the datapath is (being) configured with
         self._configured: nodeinfo.NodeInfo | None = None # the last node_info configured in full
         self._node_seen: tuple | None = None              # (Node object, listed) last resolved
         self._addresses_changed = threading.Event()       # a netlink address event since the last resolve
-        self._datapath_lock = threading.RLock()           # pod attaches vs. a reload for new addresses
-        self._pod_snat = None                             # the node address the pod datapath has
+        self._datapath_lock = threading.RLock()           # pod attaches vs. a new hairpin source (accept_local)
+        self._node_addrs = None                           # what lb_node_addrs holds (nodeaddrs.py)
         self._uplinks_attached: dict[str, int] = {}       # name -> ifindex
         self._host_routes = None                          # hostpath.NodeClientRoutes, fed from the first sync
         self._routed: set | None = None                   # destinations routed to the node-client device, once set up
@@ -333,7 +335,7 @@ class Agent:
             progs = self.datapath.programs
             tc.attach(ifindex, progs["from_pod"].fd, "from_pod", tc.INGRESS)
             tc.attach(ifindex, progs["to_pod"].fd, "to_pod", tc.EGRESS)
-            if self.node_info.hairpin is not None:
+            if self.node_info.hairpin is not None or self.node_info.hairpin6 is not None:
                 _accept_local(ifindex, ifname)
         log.info("attached to pod interface %s (ifindex %d)", ifname, ifindex)
 
@@ -363,24 +365,29 @@ class Agent:
         self._node_seen = seen
 
     def _configure(self, info: nodeinfo.NodeInfo) -> None:
-        from ebpfsvc.datapath import loader
+        from ebpfsvc.datapath import loader, nodeaddrs
 
         cfg, old = self.config, self._configured
         log.info("node %s: %s", cfg.node.node_name, info.describe())
-        # The pod datapath compiles in the hairpin source and, with node clients served, the node
-        # address their replies from local backends are addressed to (bpf/lib/flow.h).
-        snat = info.primary if cfg.host_clients and info.uplinks else None
-        if old is None or (old.hairpin, self._pod_snat) != (info.hairpin, snat):
+        if self.datapath is None:
             # migrate: a limit changed since the maps were pinned: their entries are carried over.
-            datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits), hairpin_addr=info.hairpin,
-                                   snat_addr=snat, reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
-                                   migrate=True, program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
-            with self._datapath_lock:       # pods attached from now on get the new programs...
-                self.datapath, self._pod_snat, self.node_info = datapath, snat, info
-                # ...and the ones attached before get them too (replaced in place).
-                for ifindex, ifname in sorted(self.watcher.interfaces.items() if self.watcher else ()):
-                    self._attach_pod(ifindex, ifname)
-        self.node_info = info
+            self.datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
+                                        reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
+                                        migrate=True, program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
+        # The node's addresses are a map the programs read (not compiled in): written before anything
+        # is attached, and again whenever they change, with no reload.
+        addrs = nodeaddrs.NodeAddrs(hairpin4=info.hairpin, snat4=info.primary, hairpin6=info.hairpin6,
+                                    snat6=info.primary6)
+        if old is None or addrs != self._node_addrs:
+            nodeaddrs.write(self.datapath.maps, addrs)
+            self._node_addrs = addrs
+        with self._datapath_lock:
+            attach_all = self.node_info is None or (
+                (self.node_info.hairpin, self.node_info.hairpin6) == (None, None) != (info.hairpin, info.hairpin6))
+            self.node_info = info
+            # A hairpin source that appears needs accept_local on the pods attached before.
+            for ifindex, ifname in sorted(self.watcher.interfaces.items() if self.watcher and attach_all else ()):
+                self._attach_pod(ifindex, ifname)
         self._configure_uplinks(info, old)
         self.telemetry.health.set_fault("uplinks", (
             f"uplink {', '.join(info.missing_uplinks)} not found: NodePorts, externalIPs, LoadBalancer IPs "
@@ -409,16 +416,10 @@ class Agent:
                 log.info("released uplink %s (ifindex %d)", name, ifindex)
         if not info.uplinks:
             return
-        snat = info.primary
-        # Temporary, until branch v6node's NodeInfo.primary6 and node-address map: the node's first
-        # IPv6 address is its IPv6 SNAT source (bpf/lib/nodeaddr6_tmp.h).
-        snat6 = next((a for a in info.addresses if a.version == 6), None)
-        reload = old is None or (old.primary, old.hairpin) != (snat, info.hairpin) or self.uplink_datapath is None
-        reload = reload or snat6 != next((a for a in old.addresses if a.version == 6), None)
+        snat = info.primary         # in lb_node_addrs already (_configure)
+        reload = self.uplink_datapath is None
         if reload:
-            self.uplink_datapath = uplink.load(cfg.pin_dir, snat_addr=snat, snat_addr6=snat6,
-                                               limits=loader.Limits(**cfg.limits),
-                                               hairpin_addr=info.hairpin,
+            self.uplink_datapath = uplink.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
                                                snat_keep_client_port=cfg.snat_keep_client_port,
                                                host_clients=cfg.host_clients,
                                                reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
@@ -432,7 +433,7 @@ class Agent:
                 self._uplinks_attached[name] = ifindex
                 log.info("attached to uplink %s (ifindex %d, mode %s, SNAT address %s)", name, ifindex,
                          cfg.uplink_mode, snat)
-        if cfg.host_clients and snat is not None and reload:
+        if cfg.host_clients and snat is not None and (reload or old is None or old.primary != snat):
             from ebpfsvc.datapath import hostpath
             hostpath.setup(self.uplink_datapath, snat)
             with self._routes_lock:

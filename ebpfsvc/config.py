@@ -21,7 +21,7 @@ CIDR: without one every valid clusterIP is served.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 
 from ebpfsvc.lbmodel import Algorithm, IPAddress
 
@@ -127,6 +127,7 @@ class AgentConfig:
     uplink_mode: str = "tc"                   # "tc" | "xdp": programs on the uplinks (datapath/uplink.py)
     nodeport_addresses: tuple[str, ...] = ()  # kube-proxy's: () = every node address, CIDRs, ("primary",)
     hairpin_address: IPv4Address | None = None   # None: the node's primary address
+    hairpin_address6: IPv6Address | None = None  # None: the node's IPv6 primary address
     snat_keep_client_port: bool = True       # NodePort SNAT: a TCP client's port first (nodeport.h)
     host_clients: bool = True                # node-namespace clients to Services (datapath/hostpath.py)
     # An established TCP flow whose endpoint left its slice: reset (True) or left to go on, as

@@ -108,14 +108,19 @@ class Duration(_Checked):
 
 class IPv4Address(_Checked):
     name = "address"
+    family = ipaddress.IPv4Address
 
     def convert(self, value, param, ctx):
-        if isinstance(value, ipaddress.IPv4Address):
+        if isinstance(value, self.family):
             return value
         try:
-            return ipaddress.IPv4Address(str(value).strip())
+            return self.family(str(value).strip())
         except ValueError:
-            self.fail(f"{value}: not an IPv4 address", param, ctx)
+            self.fail(f"{value}: not an {self.family.__name__[:4]} address", param, ctx)
+
+
+class IPv6Address(IPv4Address):
+    family = ipaddress.IPv6Address
 
 
 class IPv4Network(_Checked):

@@ -11,7 +11,8 @@ agent's cluster-wide settings, resolve() derives:
 - the primary address: the Node's first IPv4 InternalIP (else the first IPv4 node address). The source of
   the node's own translated traffic: NodePort SNAT, node clients to ClusterIPs (hostpath.py), and
   hairpin flows when no --hairpin-address is given, as kube-proxy's masquerade picks a node
-  address;
+  address; `primary6` is its IPv6 twin, chosen the same way among the IPv6 addresses (on a node that
+  serves IPv6), the source of IPv6 hairpin flows unless --hairpin-address6 names another;
 - the NodePort addresses (kube-proxy's --nodeport-addresses): empty = every node address; CIDRs =
   the interface addresses inside them; `primary` = the primary address. Explicit --node-address
   values are always served, and alone when nodeport-addresses is empty (an override);
@@ -31,7 +32,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from ebpfsvc.config import DEFAULT_IP_FAMILIES, family_name
 from ebpfsvc.k8s.node import Node
@@ -57,6 +58,7 @@ class NodeSettings:
     nodeport_addresses: tuple[str, ...] = ()         # --nodeport-addresses: CIDRs, ("primary",) or () = all
     uplinks: tuple[str, ...] | None = None           # --uplink; None: the interfaces of the node addresses
     hairpin_address: IPv4Address | None = None       # --hairpin-address; None: the primary address
+    hairpin_address6: IPv6Address | None = None      # --hairpin-address6; None: the IPv6 primary address
     pod_interfaces: tuple[str, ...] = ()             # patterns of pod veths: never uplinks
     ip_families: tuple[str, ...] = DEFAULT_IP_FAMILIES   # --ip-families: node addresses of these only
 
@@ -65,6 +67,8 @@ class NodeSettings:
         object.__setattr__(self, "nodeport_addresses", parse_nodeport_addresses(self.nodeport_addresses))
         if self.hairpin_address is not None:
             object.__setattr__(self, "hairpin_address", IPv4Address(self.hairpin_address))
+        if self.hairpin_address6 is not None:
+            object.__setattr__(self, "hairpin_address6", IPv6Address(self.hairpin_address6))
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,16 @@ class NodeInfo:
     uplinks: tuple[str, ...] = ()                    # existing uplink interfaces
     missing_uplinks: tuple[str, ...] = ()            # --uplink names with no such interface
     origin: str = ""                                 # where the addresses came from, for logs
+    primary6: IPv6Address | None = None              # IPv6 twin of primary (IPv6 served)
+    hairpin6: IPv6Address | None = None              # source of IPv6 hairpin flows
 
     def describe(self) -> str:
         addrs = ", ".join(map(str, self.addresses)) or "none"
         nodeports = ", ".join(map(str, self.nodeport_addresses)) or "none"
-        return (f"node addresses {addrs} ({self.origin}); primary {self.primary or 'none'}; "
-                f"NodePorts on {nodeports}; hairpin source {self.hairpin or 'none'}; "
+        primary6 = f", {self.primary6}" if self.primary6 else ""
+        hairpin6 = f", {self.hairpin6}" if self.hairpin6 else ""
+        return (f"node addresses {addrs} ({self.origin}); primary {self.primary or 'none'}{primary6}; "
+                f"NodePorts on {nodeports}; hairpin source {self.hairpin or 'none'}{hairpin6}; "
                 f"uplinks {', '.join(self.uplinks) or 'none'}"
                 + (f"; missing uplinks {', '.join(self.missing_uplinks)}" if self.missing_uplinks else ""))
 
@@ -137,13 +145,12 @@ def resolve(settings: NodeSettings, interfaces: tuple[Interface, ...], node: Nod
                        for i in interfaces)
     local = {a for i in interfaces for a in i.addresses}
     addresses: list[IPAddress] = []
-    primary = None
+    primary = primary6 = None
     origin = ""
     if node is not None:
         addresses = _unique(a for _, a in node.addresses if a in local)
-        # The source of the node's own translated traffic is IPv4 (the datapath's SNAT and hairpin).
-        internal = [a for t, a in node.addresses if t == "InternalIP" and a in local and a.version == 4]
-        primary = internal[0] if internal else next((a for a in addresses if a.version == 4), None)
+        # The source of the node's own translated traffic, per family (the datapath's SNAT and hairpin).
+        primary, primary6 = (_primary_of(node, local, addresses, version) for version in (4, 6))
         origin = f"Node {node.name}"
         if not addresses:
             origin += (" has no address on this node's interfaces"
@@ -153,7 +160,9 @@ def resolve(settings: NodeSettings, interfaces: tuple[Interface, ...], node: Nod
                             for a in i.addresses if not a.is_loopback)
         origin = origin or "no Node object; the interfaces'"
     if primary is None:
-        primary = _first_explicit(settings, interfaces) or next((a for a in addresses if a.version == 4), None)
+        primary = _first_explicit(settings, interfaces, 4) or next((a for a in addresses if a.version == 4), None)
+    if primary6 is None:
+        primary6 = _first_explicit(settings, interfaces, 6) or next((a for a in addresses if a.version == 6), None)
     if not origin:
         origin = "the Node is not listed yet"
 
@@ -179,19 +188,27 @@ def resolve(settings: NodeSettings, interfaces: tuple[Interface, ...], node: Nod
                         and not any(fnmatch.fnmatchcase(i.name, p) for p in settings.pod_interfaces))
         missing = ()
     hairpin = settings.hairpin_address if settings.hairpin_address is not None else primary
-    return NodeInfo(tuple(addresses), primary, tuple(_unique(nodeports)), hairpin, uplinks, missing, origin)
+    hairpin6 = settings.hairpin_address6 if settings.hairpin_address6 is not None else primary6
+    return NodeInfo(tuple(addresses), primary, tuple(_unique(nodeports)), hairpin, uplinks, missing, origin,
+                    primary6, hairpin6)
 
 
-def _first_explicit(settings: NodeSettings, interfaces: tuple[Interface, ...]) -> IPv4Address | None:
-    """Without a usable Node: the first address of the first named uplink (the address flows
-    leaving through it carry), else the first --node-address."""
+def _primary_of(node: Node, local: set, addresses: list, version: int) -> IPAddress | None:
+    """The Node's first InternalIP of that IP version found here, else its first node address of it."""
+    internal = [a for t, a in node.addresses if t == "InternalIP" and a in local and a.version == version]
+    return internal[0] if internal else next((a for a in addresses if a.version == version), None)
+
+
+def _first_explicit(settings: NodeSettings, interfaces: tuple[Interface, ...], version: int) -> IPAddress | None:
+    """Without a usable Node: the first address of that IP version of the first named uplink (the
+    address flows leaving through it carry), else the first --node-address of it."""
     by_name = {i.name: i for i in interfaces}
     for name in settings.uplinks or ():
         iface = by_name.get(name)
-        first = next((a for a in iface.addresses if a.version == 4), None) if iface is not None else None
+        first = next((a for a in iface.addresses if a.version == version), None) if iface is not None else None
         if first is not None:
             return first
-    return next((a for a in settings.node_addresses if a.version == 4), None)
+    return next((a for a in settings.node_addresses if a.version == version), None)
 
 
 def _unique(items) -> list:

@@ -147,7 +147,7 @@
 #define CT_F_SEEN_FIN_REV  0x04
 #define CT_F_SEEN_RST      0x08
 #define CT_F_ESTABLISHED   0x10   /* a packet was seen in the reply direction */
-#define CT_F_HAIRPIN       0x20   /* client == backend: source was SNATed to HAIRPIN_ADDR */
+#define CT_F_HAIRPIN       0x20   /* client == backend: source was SNATed to the node's hairpin address */
 #define CT_F_NODEPORT      0x40   /* north-south flow, created by the uplink program (lb_node.c) */
 #define CT_F_SNAT          0x80   /* north-south, remote backend: source SNATed to the node (lb4_snat) */
 
@@ -227,7 +227,7 @@ struct ct4_key {
 
 /* Conntrack entry. Both entries of a flow carry the same values, so either
  * one finds the other: the forward entry's key is (client, frontend), the reply
- * entry's key is (backend, client, or HAIRPIN_ADDR for a hairpin flow). */
+ * entry's key is (backend, client, or the hairpin address for a hairpin flow). */
 struct ct4_entry {
 	__u64  last_seen_ns;    /* bpf_ktime_get_ns() of the last packet in this entry's direction */
 	__u32  backend_id;      /* chosen backend: a flow keeps it whatever the tables say now */
@@ -398,6 +398,17 @@ struct snat6_entry {
 	__u16  pad0;
 };
 
+/* The node's own addresses the programs translate to and from (lb_node_addrs, one entry, key 0),
+ * written by the agent whenever the node's addresses change (ebpfsvc/datapath/nodeaddrs.py), read
+ * through bpf/lib/nodeaddr.h. A map, not -D constants, so a program is the same on every node: one
+ * compiled-program cache entry serves them all, and a new address needs no reload. All zero = none. */
+struct lb_node_addrs {
+	__be32 hairpin4;        /* source of IPv4 hairpin flows (pod -> Service -> same pod) */
+	__be32 snat4;           /* IPv4 source of the node's translated traffic: NodePort SNAT, node clients */
+	__be32 hairpin6[4];     /* IPv6 twin of hairpin4 */
+	__be32 snat6[4];        /* IPv6 twin of snat4 */
+};
+
 /* Per-CPU traffic counters (per frontend id, per backend id). */
 struct lb_traffic {
 	__u64 packets;
@@ -416,5 +427,6 @@ ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8);
 ABI_SIZE(lb6_key, 20); ABI_SIZE(lb6_backend, 20); ABI_SIZE(ct6_key, 40); ABI_SIZE(ct6_entry, 64);
 ABI_SIZE(lb6_affinity_key, 20); ABI_SIZE(frag6_key, 40); ABI_SIZE(lb6_src_range_key, 24);
 ABI_SIZE(snat6_entry, 20);
+ABI_SIZE(lb_node_addrs, 40);
 
 #endif /* EBPFSVC_ABI_H */

@@ -60,7 +60,7 @@ static __always_inline void ct4_key_reply(struct ct4_key *k, const struct lb4_pk
 	k->dir = CT_DIR_REPLY;
 }
 
-/* The key a reply of this flow will carry: backend -> client (or -> HAIRPIN_ADDR). */
+/* The key a reply of this flow will carry: backend -> client (or -> the hairpin address). */
 static __always_inline void ct4_key_reply_of(struct ct4_key *k, const struct ct4_entry *e,
 					     __be32 client_addr, __be16 client_port, __u8 proto)
 {
@@ -215,7 +215,7 @@ static __always_inline __u8 ct4_tcp_flags(const struct lb4_pkt *p, __u8 dir)
 static __always_inline void ct4_delete_flow(struct ct4_key *fwd, const struct ct4_entry *e)
 {
 	struct ct4_key rk;
-	__be32 client = (e->flags & CT_F_HAIRPIN) ? HAIRPIN_ADDR : fwd->saddr;
+	__be32 client = (e->flags & CT_F_HAIRPIN) ? node_hairpin4() : fwd->saddr;
 
 	ct4_key_reply_of(&rk, e, client, fwd->sport, fwd->proto);
 	ct4.delete(&rk);

@@ -15,15 +15,6 @@
 #ifndef EBPFSVC_FLOW_H
 #define EBPFSVC_FLOW_H
 
-/* The node's address (__be32 as a number; a loader -D): the source SNATed
- * north-south flows leave with, and the one clients in the node's own
- * namespace use (host.h). 0: none configured, and a flow that would need SNAT
- * is dropped (REASON_SNAT_EXHAUSTED) rather than sent with a source replies
- * cannot follow. */
-#ifndef NODE_SNAT_ADDR
-#define NODE_SNAT_ADDR 0
-#endif
-
 /* Verdict for what the parser refused: pass what is not ours (ARP, IPv6...), drop
  * what is broken, since offsets from a lying header would make us write blind. */
 static __always_inline int lb4_unparsed(int ret)
@@ -47,7 +38,7 @@ static __always_inline int lb4_forward_xlate(struct __sk_buff *skb, struct lb4_p
 	__u32 bytes = skb->len;
 
 	frag4_record(p);
-	if ((e->flags & CT_F_HAIRPIN) && lb4_rewrite_src(skb, p, HAIRPIN_ADDR, p->sport))
+	if ((e->flags & CT_F_HAIRPIN) && lb4_rewrite_src(skb, p, node_hairpin4(), p->sport))
 		return lb_drop(REASON_MALFORMED);
 	if (lb4_rewrite_dst(skb, p, e->backend_addr, e->backend_port))
 		return lb_drop(REASON_MALFORMED);
@@ -99,6 +90,7 @@ static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 	struct lb4_backend *be = 0;
 	struct ct4_entry e = {};
 	__be32 reply_daddr = p->saddr;
+	__be32 hairpin;
 	__u32 id;
 
 	svc = lb4_lookup_frontend(p->daddr, p->dport, p->proto, LB_SCOPE_INTERNAL);
@@ -118,9 +110,10 @@ static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 	if (!be)
 		return lb_drop(REASON_NO_BACKEND);      /* table names a missing backend: writer bug */
 	id = e.backend_id;
-	if (HAIRPIN_ADDR && be->address == p->saddr) {
+	hairpin = node_hairpin4();
+	if (hairpin && be->address == p->saddr) {
 		e.flags |= CT_F_HAIRPIN;
-		reply_daddr = HAIRPIN_ADDR;
+		reply_daddr = hairpin;
 	}
 	if (ct4_create(fk, &e, reply_daddr))
 		return lb_drop(REASON_CT_CREATE_FAILED);
@@ -160,7 +153,7 @@ static __always_inline void lb4_note_forward(const struct lb4_pkt *p, struct ct4
 	if (flags == e->flags)
 		return;
 	e->flags = flags;
-	ct4_key_reply_of(&rk, e, (flags & CT_F_HAIRPIN) ? HAIRPIN_ADDR : p->saddr, p->sport, p->proto);
+	ct4_key_reply_of(&rk, e, (flags & CT_F_HAIRPIN) ? node_hairpin4() : p->saddr, p->sport, p->proto);
 	re = ct4.lookup(&rk);
 	if (re)
 		re->flags |= flags;
@@ -220,7 +213,7 @@ static __always_inline int lb4_host_reply(struct __sk_buff *skb, struct lb4_pkt 
 }
 
 /* Is `e`, found by a reply key addressed to the node, a host.h flow? Pod-side
- * flows answer pods (or HAIRPIN_ADDR); north-south ones carry CT_F_NODEPORT. */
+ * flows answer pods (or the hairpin address); north-south ones carry CT_F_NODEPORT. */
 static __always_inline int lb4_is_host_flow(const struct ct4_entry *e)
 {
 	return !(e->flags & (CT_F_NODEPORT | CT_F_HAIRPIN));
@@ -242,7 +235,7 @@ static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4
 	return lb4_forward_xlate(skb, p, e);
 }
 
-/* A hairpin reply (backend -> HAIRPIN_ADDR), reply entry `e`, leaves the pod
+/* A hairpin reply (backend -> the hairpin address), reply entry `e`, leaves the pod
  * that is also the client: restore VIP:port as source and the pod itself as
  * destination. */
 static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
@@ -260,8 +253,8 @@ static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_p
 }
 
 /*
- * A pod's packet to a node-owned address we translate for: HAIRPIN_ADDR, or the
- * node address (NODE_SNAT_ADDR), often the same one (the agent's default, as
+ * A pod's packet to a node-owned address we translate for: the hairpin address, or the
+ * node address (node_snat4()), often the same one (the agent's default, as
  * kube-proxy masquerades hairpin flows to a node address). Its reply entry says
  * whose reply it is: a hairpin flow's, or a node client's (host.h) to a local
  * backend. LB_NOT_A_REPLY: neither; the caller goes on (a new connection to a
@@ -271,18 +264,19 @@ static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_p
 
 static __always_inline int lb4_reply_to_node(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
 {
+	__be32 hairpin = node_hairpin4(), node = node_snat4();
 	struct ct4_key rk;
 	struct ct4_entry *e;
 
-	if (!((HAIRPIN_ADDR && p->daddr == HAIRPIN_ADDR) || (NODE_SNAT_ADDR && p->daddr == NODE_SNAT_ADDR)))
+	if (!((hairpin && p->daddr == hairpin) || (node && p->daddr == node)))
 		return LB_NOT_A_REPLY;
 	ct4_key_reply(&rk, p);
 	e = ct4_lookup(&rk, now);
 	if (!e)
 		return LB_NOT_A_REPLY;
-	if (HAIRPIN_ADDR && p->daddr == HAIRPIN_ADDR && (e->flags & CT_F_HAIRPIN))
+	if (hairpin && p->daddr == hairpin && (e->flags & CT_F_HAIRPIN))
 		return lb4_hairpin_reply(skb, p, e, now);
-	if (NODE_SNAT_ADDR && p->daddr == NODE_SNAT_ADDR && lb4_is_host_flow(e))
+	if (node && p->daddr == node && lb4_is_host_flow(e))
 		return lb4_host_reply(skb, p, e, now);
 	return LB_NOT_A_REPLY;
 }

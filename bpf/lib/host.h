@@ -7,8 +7,8 @@
  *
  *   hs4_from_host      egress of the agent's device ebpfsvc0, where the agent
  *                      routes the service CIDRs (source: the node address,
- *                      NODE_SNAT_ADDR): ClusterIPs;
- *   hs4_from_loopback  egress of lo: the node's own address, NODE_SNAT_ADDR,
+ *                      node_snat4()): ClusterIPs;
+ *   hs4_from_loopback  egress of lo: the node's own address, node_snat4(),
  *                      from itself (NodePorts on it, an externalIP or
  *                      LoadBalancer IP that is that address);
  *   hs4_to_uplink      egress of an uplink (called by np4_to_uplink): the
@@ -76,7 +76,7 @@ static __always_inline int hs4_reject(struct __sk_buff *skb, const struct lb4_pk
  */
 static __always_inline int hs4_send(struct __sk_buff *skb, const struct lb4_pkt *p, __u8 where)
 {
-	if (p->daddr == NODE_SNAT_ADDR)
+	if (p->daddr == node_snat4())
 		return where == HS_LOOPBACK ? TC_ACT_OK : lb4_to_loopback(skb);
 	return np4_fib_send(skb, p, where == HS_UPLINK);
 }
@@ -175,7 +175,7 @@ static __always_inline int hs4_from_loopback(struct __sk_buff *skb)
 	ret = lb4_parse(skb, &p);
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
-	if (!NODE_SNAT_ADDR || p.saddr != NODE_SNAT_ADDR || p.daddr != NODE_SNAT_ADDR ||
+	if (!p.saddr || p.saddr != node_snat4() || p.daddr != p.saddr ||
 	    !lb4_proto_has_ports(p.proto) || p.frag != LB_FRAG_NONE)
 		return TC_ACT_OK;                       /* lo's MTU is 64k: the node's own datagrams are whole */
 	now = bpf_ktime_get_ns();
@@ -199,7 +199,7 @@ static __always_inline int hs4_from_loopback(struct __sk_buff *skb)
  */
 static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
 {
-	if (!LB_HOST_CLIENTS || !NODE_SNAT_ADDR || p->saddr != NODE_SNAT_ADDR || p->frag != LB_FRAG_NONE ||
+	if (!LB_HOST_CLIENTS || !p->saddr || p->saddr != node_snat4() || p->frag != LB_FRAG_NONE ||
 	    !lb4_is_frontend_address(p->daddr, p->proto, LB_SCOPE_INTERNAL))
 		return -1;
 	return hs4_forward(skb, p, now, HS_UPLINK);

@@ -65,6 +65,8 @@ BPF_TABLE_PINNED("lpm_trie", struct lb6_src_range_key, __u32, lb6_source_ranges,
 /* North-south SNAT of IPv6 flows, as lb4_snat: (client -> frontend) -> node address:port given,
  * (backend -> node address:port) -> client address:port. */
 BPF_TABLE_PINNED("lru_hash", struct ct6_key, struct snat6_entry, lb6_snat, SNAT_ENTRIES_MAX, LB_PIN_DIR "/lb6_snat");
+/* 0 -> the node's own addresses (struct lb_node_addrs; bpf/lib/nodeaddr.h reads it, the agent writes it). */
+BPF_TABLE_PINNED("array", __u32, struct lb_node_addrs, lb_node_addrs, 1, LB_PIN_DIR "/lb_node_addrs");
 /* REASON_* -> packets dropped, rejected or reset for that reason (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_drops, REASON_MAX, LB_PIN_DIR "/lb_drops");
 

@@ -11,11 +11,8 @@
 
 /* Hairpin: a pod reaching itself through a Service. Without SNAT the packet
  * would come back into the pod with source == destination and be dropped as a
- * martian, so, like kube-proxy's masquerade, its source becomes this node-owned
- * address (__be32 as a number, 0 = hairpin SNAT off). */
-#ifndef HAIRPIN_ADDR
-#define HAIRPIN_ADDR 0
-#endif
+ * martian, so, like kube-proxy's masquerade, its source becomes a node-owned
+ * address: node_hairpin4() / node_hairpin6() (nodeaddr.h; none = hairpin SNAT off). */
 
 /* Absolute offset of the L4 checksum to fix, 0 when this packet has none (either family:
  * its protocol, fragment state and L4 offset). */

@@ -12,7 +12,7 @@
  *     Local policy, backend choice, then
  *       - backend on this node, or externalTrafficPolicy Local: DNAT only, the
  *         backend sees the client's address, the kernel delivers it to the pod;
- *       - backend on another node (Cluster policy): SNAT to NODE_SNAT_ADDR with
+ *       - backend on another node (Cluster policy): SNAT to node_snat4() with
  *         a source port of our own (np4_snat_alloc) + DNAT, sent out directly
  *         (np4_redirect): the kernel would refuse to forward a packet whose
  *         source is one of its own addresses (martian source).
@@ -200,7 +200,7 @@ static __always_inline int np4_snat_port_is_free(void *ctx, const struct ct4_ent
 	int free;
 
 	t.ipv4.saddr = e->backend_addr;         /* as the backend's replies arrive */
-	t.ipv4.daddr = NODE_SNAT_ADDR;
+	t.ipv4.daddr = node_snat4();
 	t.ipv4.sport = e->backend_port;
 	t.ipv4.dport = port;
 	sk = bpf_skc_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
@@ -212,7 +212,7 @@ static __always_inline int np4_snat_port_is_free(void *ctx, const struct ct4_ent
 }
 
 /*
- * Give a new flow to backend `e` a source port on NODE_SNAT_ADDR that no live
+ * Give a new flow to backend `e` a source port on the node address that no live
  * flow to the same backend address:port holds. A TCP flow first tries the
  * client's own port, as Linux NAT does: the backend then sees one client
  * connection per (node address, port), so when the backend closes first and
@@ -231,7 +231,7 @@ static __always_inline int np4_snat_alloc(void *ctx, const struct lb4_pkt *p, co
 	__u32 off = lb4_flow_hash(p) % NP4_SNAT_PORTS;
 	int i;
 
-	nat->address = NODE_SNAT_ADDR;
+	nat->address = node_snat4();
 	nat->pad0 = 0;
 	nat->port = p->sport;
 	if (p->proto == IPPROTO_TCP && lb_ntohs(p->sport) >= SNAT_KEEP_PORT_MIN &&
@@ -258,8 +258,8 @@ static __always_inline __u32 np4_snat_create(void *ctx, const struct lb4_pkt *p,
 {
 	struct ct4_key rk;
 
-	if (!NODE_SNAT_ADDR)
-		return REASON_SNAT_EXHAUSTED;
+	if (!node_snat4())
+		return REASON_SNAT_EXHAUSTED;           /* no node address: no source replies could follow */
 	e->flags |= CT_F_SNAT;
 	if (np4_snat_alloc(ctx, p, e, &rk, nat, now))
 		return REASON_SNAT_EXHAUSTED;
@@ -467,10 +467,10 @@ static __always_inline int np4_icmp_error_snat(struct __sk_buff *skb, struct lb4
 	struct snat4_entry *client;
 	struct ct4_entry *e;
 	struct ct4_key k;
+	__be32 node = node_snat4();
 
 	/* The quoted packet went node:port -> backend; its flow's reply key is the reverse. */
-	if (!NODE_SNAT_ADDR || p->daddr != NODE_SNAT_ADDR || lb4_icmp_quote(skb, p, CT_DIR_REPLY, &q, &k) ||
-	    q.ip.saddr != NODE_SNAT_ADDR)
+	if (!node || p->daddr != node || lb4_icmp_quote(skb, p, CT_DIR_REPLY, &q, &k) || q.ip.saddr != node)
 		return -1;
 	e = ct4_lookup(&k, now);
 	if (!e || !(e->flags & CT_F_SNAT))
@@ -576,7 +576,7 @@ static __always_inline int np4_from_uplink(struct __sk_buff *skb)
 	if (e)
 		return np4_forward_tracked(skb, &p, &fk, e, now);
 
-	if (NODE_SNAT_ADDR && p.daddr == NODE_SNAT_ADDR) {
+	if (p.daddr && p.daddr == node_snat4()) {
 		ct4_key_reply(&rk, &p);
 		e = ct4_lookup(&rk, now);
 		if (e && (e->flags & CT_F_SNAT))

@@ -317,7 +317,7 @@ static __always_inline int np4_xdp_uplink(struct xdp_md *ctx)
 		np4_note_forward(&p, e, nat, now);
 		return np4_xdp_forward(ctx, &p, e, nat);
 	}
-	if (NODE_SNAT_ADDR && p.daddr == NODE_SNAT_ADDR) {
+	if (p.daddr && p.daddr == node_snat4()) {
 		ct4_key_reply(&rk, &p);
 		e = ct4_lookup(&rk, now);
 		if (e && (e->flags & CT_F_SNAT))

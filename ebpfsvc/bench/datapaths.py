@@ -163,7 +163,7 @@ class Ebpfsvc(Datapath):
         self.frontends = 0
 
     def activate(self, state: LBState) -> dict:
-        from ebpfsvc.datapath import loader, tc, uplink
+        from ebpfsvc.datapath import loader, nodeaddrs, tc, uplink
         from ebpfsvc.datapath.writer import MapWriter
 
         if self.dp is not None:
@@ -171,7 +171,8 @@ class Ebpfsvc(Datapath):
         loader.unpin(self.pin_dir)       # from nothing: no maps left by an earlier activation
         self.limits = limits_for(state)
         start = time.perf_counter()
-        self.dp = loader.load(self.pin_dir, limits=self.limits, hairpin_addr=self.hairpin_addr, cache=False)
+        self.dp = loader.load(self.pin_dir, limits=self.limits, cache=False)
+        nodeaddrs.write(self.dp.maps, nodeaddrs.NodeAddrs(hairpin4=self.hairpin_addr))
         load_seconds = time.perf_counter() - start
         try:
             self.writer = MapWriter(self.dp.maps)

@@ -37,7 +37,7 @@ import uuid
 
 
 from ebpfsvc.bench import traffic
-from ebpfsvc.datapath import uplink
+from ebpfsvc.datapath import nodeaddrs, uplink
 from ebpfsvc.inspect.node import NodeMaps
 from ebpfsvc.datapath import nsenter
 from ebpfsvc.lab import Lab, names
@@ -119,7 +119,8 @@ class XdpMode:
 
         self.node_ns = lab.node_netns("node-1")
         self.fabric_ns = names.fabric_netns(lab.prefix)
-        self.dp = uplink.load(names.pin_dir(lab.prefix, "node-1"), snat_addr=NODE1, cache=False)
+        self.dp = uplink.load(names.pin_dir(lab.prefix, "node-1"), cache=False)
+        nodeaddrs.write(self.dp.maps, nodeaddrs.NodeAddrs(snat4=NODE1))
         self.passer = BPF(text=XDP_PASS_SRC)
         self.pass_fn = self.passer.load_func(b"xdp_pass", BPF.XDP)
         self.eth0 = uplink.ifindex_of("eth0", self.node_ns)

@@ -14,7 +14,7 @@ from ebpfsvc.agent import Agent
 from ebpfsvc.config import (AUTO_IP_FAMILIES, DEFAULT_IP_FAMILIES, DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, AgentConfig, NodeConfig,
                             format_port_range)
 from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPFamilies, IPv4Address, IPv4Network,
-                           NodePortAddress, OneLineErrors, PortRange, format_duration)
+                           IPv6Address, NodePortAddress, OneLineErrors, PortRange, format_duration)
 from ebpfsvc.health import BindError
 from ebpfsvc.nodeinfo import parse_nodeport_addresses
 
@@ -151,6 +151,8 @@ def _map_limit_options(fn):
 @click.option("--hairpin-address", default=None, type=IPv4Address(),
               help="Node-owned address pods see when they reach themselves via a Service; default: the node's "
                    "primary address.")
+@click.option("--hairpin-address6", default=None, type=IPv6Address(),
+              help="The IPv6 twin of --hairpin-address (IPv6 Services); default: the node's IPv6 primary address.")
 @click.option("--host-clients/--no-host-clients", default=True, show_default=True,
               help="Serve Services to clients in the node's own namespace (hostNetwork pods): ClusterIPs "
                    "through a device the service addresses are routed to, ebpfsvc0; the node's own NodePorts "
@@ -196,7 +198,8 @@ def _map_limit_options(fn):
 def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_addresses, zone, service_cidr,
           ip_families, cluster_cidr, service_node_port_range, proxy_name, legacy_source_ranges_annotation, lb_algorithm,
           pod_interfaces, uplinks,
-          uplink_mode, hairpin_address, host_clients, nodeport_snat_keep_client_port, reset_removed_endpoint_tcp,
+          uplink_mode, hairpin_address, hairpin_address6, host_clients, nodeport_snat_keep_client_port,
+          reset_removed_endpoint_tcp,
           socket_lb, socket_lb_cgroup,
           program_cache, min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
@@ -221,7 +224,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
     cfg = AgentConfig(node=node, ip_families_auto=auto, pin_dir=pin_dir, manifests=manifests, kubeconfig=kubeconfig,
                       in_cluster=not manifests and not kubeconfig, pod_interfaces=tuple(pod_interfaces),
                       uplinks=tuple(uplinks) or None, uplink_mode=uplink_mode, nodeport_addresses=nodeport_addresses,
-                      hairpin_address=hairpin_address,
+                      hairpin_address=hairpin_address, hairpin_address6=hairpin_address6,
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
                       socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,

@@ -5,7 +5,8 @@ kernel interfaces have one home each: bpf(2) in bpfsys, network namespaces in
 nsenter, netlink through pyroute2 entered there.
 
     from ebpfsvc.datapath import load, MapWriter, tc
-    dp = load(pin_dir, hairpin_addr="198.18.0.1")
+    dp = load(pin_dir)
+    nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4="198.18.0.1"))    # the node's addresses: a map
     MapWriter(dp.maps).apply(state)
     tc.attach(ifindex, dp.programs["from_pod"].fd, "from_pod", tc.INGRESS, netns="node1")
     tc.attach(ifindex, dp.programs["to_pod"].fd, "to_pod", tc.EGRESS, netns="node1")

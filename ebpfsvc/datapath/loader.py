@@ -1,8 +1,12 @@
 """Compile and load the ClusterIP datapath (bpf/lb_pod.c) with bcc.
 
-    dp = load("/sys/fs/bpf/ebpfsvc/node1", hairpin_addr="198.18.0.1")
+    dp = load("/sys/fs/bpf/ebpfsvc/node1")
+    nodeaddrs.write(dp.maps, NodeAddrs(hairpin4="198.18.0.1"))   # the node's addresses: a map
     dp.programs["from_pod"].fd   # SCHED_CLS program fds, for tc.attach()
     dp.maps["lb4_frontends"]     # bcc tables, for MapWriter
+
+Nothing of the node is compiled in (its addresses are the map lb_node_addrs, nodeaddrs.py), so
+the programs of every node are the same and the program cache (progcache.py) serves them all.
 
 Maps are pinned under the pin directory (one per node) and reused by the next
 load, so flows and ids survive an agent restart.
@@ -157,18 +161,11 @@ class Datapath:
 _CACHE: dict[tuple, Datapath] = {}
 
 
-def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
-               snat_keep_client_port: bool = True, host_clients: bool = True,
-               reset_removed_endpoint_tcp: bool = True, snat_addr6=None) -> list[str]:
+def cflags_for(pin_dir: Path, limits: Limits, snat_keep_client_port: bool = True, host_clients: bool = True,
+               reset_removed_endpoint_tcp: bool = True) -> list[str]:
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
-    if hairpin_addr is not None:
-        flags.append(f"-DHAIRPIN_ADDR={be32(hairpin_addr):#x}U")
-    if snat_addr is not None:
-        flags.append(f"-DNODE_SNAT_ADDR={be32(snat_addr):#x}U")
-    if snat_addr6 is not None:      # temporary until v6node's node-address map (bpf/lib/nodeaddr6_tmp.h)
-        flags += [f"-DNODE_SNAT_ADDR6_{i}={w:#x}U" for i, w in enumerate(abi.be128(snat_addr6))]
     if not snat_keep_client_port:
         flags.append("-DSNAT_KEEP_PORT_MIN=65536")      # no port is that high: always the range
     if not host_clients:
@@ -178,20 +175,19 @@ def cflags_for(pin_dir: Path, limits: Limits, hairpin_addr=None, snat_addr=None,
     return flags
 
 
-def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: bool = True,
-         source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, snat_addr=None,
+def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
+         source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         migrate: bool = False, program_cache: bool = False, maps_unit=None, snat_addr6=None) -> Datapath:
+         migrate: bool = False, program_cache: bool = False, maps_unit=None) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
     second load (another process, or cache=False) sees the same contents.
-    `hairpin_addr` is a node-owned IPv4 address used as the source of hairpin
-    flows (pod -> Service -> same pod); None disables hairpin SNAT.
+    The node's addresses (hairpin source, SNAT address) are not load arguments: they are
+    the map lb_node_addrs, written by nodeaddrs.write() (all zero until then: hairpin SNAT,
+    NodePort SNAT and node clients off).
     `source`/`programs` select the object (NODE_SOURCE/NODE_PROGRAMS: the uplink
-    programs, sharing the same pinned maps); `snat_addr` is the node address
-    north-south flows to remote backends are SNATed to (`snat_addr6`: its IPv6 twin, temporary
-    until the node-address map, bpf/lib/nodeaddr6_tmp.h); `snat_keep_client_port`
+    programs, sharing the same pinned maps); `snat_keep_client_port`
     False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
     `host_clients` False leaves the node's own packets to externalIPs and
     LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h); `reset_removed_endpoint_tcp`
@@ -207,8 +203,7 @@ def load(pin_dir, *, limits: Limits | None = None, hairpin_addr=None, cache: boo
     pin_dir = Path(pin_dir)
     limits = limits or Limits()
     text = expand_source(source)
-    cflags = tuple(cflags_for(pin_dir, limits, hairpin_addr, snat_addr, snat_keep_client_port, host_clients,
-                              reset_removed_endpoint_tcp, snat_addr6))
+    cflags = tuple(cflags_for(pin_dir, limits, snat_keep_client_port, host_clients, reset_removed_endpoint_tcp))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]

@@ -1,6 +1,6 @@
 """The north-south programs (bpf/lb_node.c) on a node's uplinks: load, attach, detach.
 
-    dp = uplink.load(pin_dir, snat_addr="198.18.0.11")        # shares the pod datapath's pinned maps
+    dp = uplink.load(pin_dir)          # shares the pod datapath's pinned maps (lb_node_addrs too)
     uplink.attach(dp, ifindex, mode="tc")                       # TC ingress + egress
     uplink.attach(dp, ifindex, mode="xdp")                      # + XDP (native) in front of TC ingress
 
@@ -33,16 +33,16 @@ XDP_FLAGS_DRV_MODE = 1 << 2      # include/uapi/linux/if_link.h: native XDP, fai
 XDP_PROG_NAME = "xdp_uplink"
 
 
-def load(pin_dir, *, snat_addr, limits: loader.Limits | None = None, hairpin_addr=None, cache: bool = True,
+def load(pin_dir, *, limits: loader.Limits | None = None, cache: bool = True,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         program_cache: bool = False, maps_unit=None, snat_addr6=None):
+         program_cache: bool = False, maps_unit=None):
     """Compile (or take from the program cache: loader.load) and load bpf/lb_node.c against the maps
-    pinned in `pin_dir`. `snat_addr6`: the node's IPv6 SNAT source (temporary, loader.load)."""
-    return loader.load(pin_dir, limits=limits, hairpin_addr=hairpin_addr, cache=cache,
-                       source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_addr=snat_addr,
+    pinned in `pin_dir`. The SNAT address is the node's, from lb_node_addrs (nodeaddrs.write)."""
+    return loader.load(pin_dir, limits=limits, cache=cache,
+                       source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
                        snat_keep_client_port=snat_keep_client_port, host_clients=host_clients,
                        reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
-                       program_cache=program_cache, maps_unit=maps_unit, snat_addr6=snat_addr6)
+                       program_cache=program_cache, maps_unit=maps_unit)
 
 
 def ifindex_of(ifname: str, netns=None) -> int | None:

@@ -1,7 +1,7 @@
 """Fixtures for datapath tests.
 
-Each program (lb_pod.c, lb_node.c) is compiled once per configuration (limits, hairpin and
-SNAT addresses, flags) for the whole pytest run, not once per test: a compile takes seconds
+Each program (lb_pod.c, lb_node.c) is compiled once per configuration (limits and flags) for
+the whole pytest run, not once per test: a compile takes seconds
 and the tier has hundreds of tests. The pin directory is compiled in (-DLB_PIN_DIR), so each
 set of maps has a pin directory of the run's own, /sys/fs/bpf/<prefix>-<n>, unpinned when the
 run ends (also after a failure; every pytest process, xdist workers too, has its own prefix).
@@ -9,6 +9,9 @@ Every test starts from freshly created maps all the same: the first time a test 
 datapath, its maps are emptied (hash and LRU maps) or zeroed (arrays, per-CPU ones on every
 CPU), and pins a test removed (`ebpfsvc cleanup`, loader.unpin) are put back. The MapWriter
 rebuilds its ids from the maps, so a new writer on emptied maps starts as on new ones.
+The node's addresses are no part of a configuration (the programs read them from lb_node_addrs):
+`compiled.load(..., hairpin_addr=..., snat_addr=...)` writes them into the maps
+(datapath/nodeaddrs.py) each time it is called, after the reset.
 
 Tests about compiling itself (tests/bpf/test_loader.py: the load cache, stale pins) and the
 agent's own start still compile, into a fresh per-test `pin_dir`.
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpfsvc.datapath import batch, loader
+from ebpfsvc.datapath import batch, loader, nodeaddrs
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.datapath.bpfsys import PinnedMap
 
@@ -105,11 +108,14 @@ class DatapathsOfATest:
         self.run = run
         self._reset: set[Path] = set()
 
-    def load(self, limits: loader.Limits = TEST_LIMITS, maps: str = "shared", **kw) -> loader.Datapath:
+    def load(self, limits: loader.Limits = TEST_LIMITS, maps: str = "shared", hairpin_addr=None, snat_addr=None,
+             hairpin6=None, snat6=None, **kw) -> loader.Datapath:
         dp = self.run.load(limits, maps, **kw)
         if dp.pin_dir not in self._reset:
             self.run.reset(dp.pin_dir)
             self._reset.add(dp.pin_dir)
+        nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=hairpin_addr, snat4=snat_addr, hairpin6=hairpin6,
+                                                     snat6=snat6))
         return dp
 
 
@@ -125,7 +131,7 @@ def compiled_datapaths():
 @pytest.fixture
 def compiled(compiled_datapaths):
     """compiled.load(limits=..., hairpin_addr=..., source=..., ...): the datapath of that configuration,
-    compiled once per run, its maps as new for this test."""
+    compiled once per run, its maps as new for this test, the node's addresses as given."""
     return DatapathsOfATest(compiled_datapaths)
 
 

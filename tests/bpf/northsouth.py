@@ -260,7 +260,7 @@ def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True, 
     as new (conftest.compiled), and a test namespace built, removed after. `options`: more of
     loader.load's (reset_removed_endpoint_tcp)."""
     dp = compiled.load(LIMITS, hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
-                       snat_addr=NODE, snat_addr6=NODE6, snat_keep_client_port=snat_keep_client_port, **options)
+                       snat_addr=NODE, snat6=NODE6, snat_keep_client_port=snat_keep_client_port, **options)
     name = f"{unique_prefix}-np"
     build_netns(name)
     try:

@@ -20,7 +20,7 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as netns_mod
 
-from ebpfsvc.datapath import loader, nsenter, stats, tc
+from ebpfsvc.datapath import loader, nodeaddrs, nsenter, stats, tc
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lbmodel import Protocol
 
@@ -50,7 +50,8 @@ def pods6(unique_prefix, pin_dir):
             netns_mod.create(ns)
             made.append(ns)
             nsenter.write_sysctls(ns, {**_NO_DAD, **({"net.ipv6.conf.all.forwarding": 1} if ns == node else {})})
-        dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False)
+        dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+        nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN))
         with IPRoute(netns=node) as ipr:
             for addr, (ns, host) in pods.items():
                 ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from ebpfsvc.datapath import loader
+from ebpfsvc.datapath import loader, nodeaddrs
 from ebpfsvc.datapath.writer import ApplyStats, MapWriter
 from ebpfsvc.lbmodel import Protocol
 
@@ -35,8 +35,10 @@ def udp_case(sport, backend):
 
 
 def test_a_limit_change_carries_flows_affinity_ids_and_tables_over(pin_dir):
-    a = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False)
+    a = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+    node = nodeaddrs.NodeAddrs(hairpin4=HAIRPIN, snat4=HAIRPIN, hairpin6="2001:2::1", snat6="2001:2::1")
     try:
+        nodeaddrs.write(a.maps, node)
         writer = MapWriter(a.maps)
         writer.apply(state(WEB, DNS))
         ids = (writer.service_id(WEB.service), writer.frontend_id(WEB), writer.backend_id(be(BACKEND2)))
@@ -51,9 +53,10 @@ def test_a_limit_change_carries_flows_affinity_ids_and_tables_over(pin_dir):
     # The agent restarts with larger maps: every pin is recreated.
     bigger = dataclasses.replace(TEST_LIMITS, maglev_slots=TEST_LIMITS.maglev_slots * 2,
                                  ct_entries=TEST_LIMITS.ct_entries * 2, backends=TEST_LIMITS.backends * 2)
-    b = loader.load(pin_dir, limits=bigger, hairpin_addr=HAIRPIN, cache=False, migrate=True)
+    b = loader.load(pin_dir, limits=bigger, cache=False, migrate=True)
     try:
         assert loader.stale_pins(b.bpf, pin_dir) == []
+        assert nodeaddrs.read(b.maps) == node          # the node's addresses came along too
         assert b.maps["lb_maglev"].max_entries == bigger.maglev_slots
         assert len(list(b.maps["ct4"].items())) == flows
         # The established TCP flow goes on to its backend, whatever the hash of a new flow says...

@@ -53,7 +53,7 @@ def _cache_loaded(compiled_datapaths, directory, limits, **kw):
 
 @pytest.fixture(scope="module")
 def cache_loaded(compiled_datapaths, tmp_path_factory):
-    dp = _cache_loaded(compiled_datapaths, tmp_path_factory.mktemp("programs"), TEST_LIMITS, hairpin_addr=HAIRPIN)
+    dp = _cache_loaded(compiled_datapaths, tmp_path_factory.mktemp("programs"), TEST_LIMITS)
     yield dp
     dp.close()
 
@@ -64,8 +64,8 @@ def datapath(compiled, cache_loaded):
     return cache_loaded
 
 
-UPLINK = dict(hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
-              snat_addr=northsouth.NODE, snat_keep_client_port=True)
+UPLINK = dict(source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_keep_client_port=True)
+UPLINK_NODE = dict(hairpin_addr=HAIRPIN, snat_addr=northsouth.NODE)     # lb_node_addrs, written per test
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def cache_loaded_uplink(compiled_datapaths, tmp_path_factory):
 @pytest.fixture
 def uplink(compiled, cache_loaded_uplink, unique_prefix):
     """northsouth.uplink_fixture with lb_node.c's programs (XDP too) from the cache."""
-    compiled.load(northsouth.LIMITS, **UPLINK)          # this test's maps, emptied
+    compiled.load(northsouth.LIMITS, **UPLINK, **UPLINK_NODE)     # this test's maps, emptied
     name = f"{unique_prefix}-np"
     northsouth.build_netns(name)
     try:
@@ -105,24 +105,50 @@ def test_cached_programs_carry_the_compiled_names(datapath):
 def test_key_covers_source_and_flags_but_not_the_pin_directory():
     text = loader.expand_source()
     types = {"from_pod": BPF.SCHED_CLS, "to_pod": BPF.SCHED_CLS}
-    flags = loader.cflags_for("/sys/fs/bpf/a", TEST_LIMITS, HAIRPIN)
+    flags = loader.cflags_for("/sys/fs/bpf/a", TEST_LIMITS)
     key = progcache.cache_key(text, flags, types)
-    assert progcache.cache_key(text, loader.cflags_for("/sys/fs/bpf/b", TEST_LIMITS, HAIRPIN), types) == key
-    assert progcache.cache_key(text, loader.cflags_for("/sys/fs/bpf/a", TEST_LIMITS, "198.18.0.77"), types) != key
+    assert progcache.cache_key(text, loader.cflags_for("/sys/fs/bpf/b", TEST_LIMITS), types) == key
     other_limits = loader.Limits(**{**TEST_LIMITS.__dict__, "ct_udp_s": TEST_LIMITS.ct_udp_s + 1})
-    assert progcache.cache_key(text, loader.cflags_for("/sys/fs/bpf/a", other_limits, HAIRPIN), types) != key
+    assert progcache.cache_key(text, loader.cflags_for("/sys/fs/bpf/a", other_limits), types) != key
     assert progcache.cache_key(text.replace("#define", "#define LB_X 1\n#define", 1), flags, types) != key
     assert progcache.cache_key(text, flags, {"from_pod": BPF.SCHED_CLS}) != key
 
 
+def test_nothing_of_the_node_is_compiled_in():
+    """Issue 12: a new node must find its programs in the cache, so no compiler input names the
+    node (its addresses are lb_node_addrs, datapath/nodeaddrs.py): the flags of two nodes of
+    different addresses are the same but for the pin directory, which the key leaves out."""
+    for source in (loader.SOURCE, loader.NODE_SOURCE):
+        text = loader.expand_source(source)
+        assert "HAIRPIN_ADDR" not in text and "NODE_SNAT_ADDR" not in text
+    flags = loader.cflags_for("/sys/fs/bpf/node-1", TEST_LIMITS)
+    assert all("198.18." not in f and "2001:2:" not in f for f in flags)
+
+
+def test_one_cache_entry_serves_nodes_of_different_addresses(compiled, cache_loaded):
+    """The cached programs (compiled with the fixtures' node in the map) SNAT a hairpin flow to
+    whatever hairpin address the map holds now: another node's, with no compile."""
+    from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
+    from ebpfsvc.datapath.writer import MapWriter
+    other = "198.18.0.77"
+    compiled.load(TEST_LIMITS, hairpin_addr=other)      # this test's maps, emptied; another node's address
+    MapWriter(cache_loaded.maps).apply(state(frontend(VIP, 80, [be(CLIENT, 8080)])))
+    check(cache_loaded, Case("hairpin SYN: source becomes the map's hairpin address", "from_pod",
+                             from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
+                             from_pod(tcp(other, CLIENT, 40000, 8080, "S"))))
+    check(cache_loaded, Case("the pod's reply to that address is turned into VIP -> pod", "from_pod",
+                             from_pod(tcp(CLIENT, other, 8080, 40000, "SA", seq=7000, ack=1001)), OK,
+                             from_pod(tcp(VIP, CLIENT, 80, 40000, "SA", seq=7000, ack=1001))))
+
+
 def test_a_changed_define_is_a_miss(cache_dir, pin_dir, tmp_path, caplog):
-    loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True).close()
+    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
     changed = tmp_path / "lb_pod.c"
     text = loader.SOURCE.read_text()
     assert "#define LB_SCTP_PORT_CRC 1" in text
     changed.write_text(text.replace("#define LB_SCTP_PORT_CRC 1", "#define LB_SCTP_PORT_CRC 1\n#define LB_X 1"))
     caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
-    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True,
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True,
                      source=changed)
     try:
         assert isinstance(dp.bpf, BPF)
@@ -134,21 +160,21 @@ def test_a_changed_define_is_a_miss(cache_dir, pin_dir, tmp_path, caplog):
 
 @pytest.mark.parametrize("damage", ["truncated", "an instruction changed", "not JSON"])
 def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(cache_dir, pin_dir, damage, caplog):
-    loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True).close()
+    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
     (entry,) = cache_dir.glob("*.json")
     good = entry.read_text()
     entry.write_text({"truncated": good[:len(good) // 2],
                       "an instruction changed": good.replace('"insns": "', '"insns": "AAAA', 1),
                       "not JSON": "\0\1garbage"}[damage])
     caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
-    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
     try:
         assert isinstance(dp.bpf, BPF)
         assert [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
     finally:
         dp.close()
     assert entry.read_text() == good            # the compile stored it again
-    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
     try:
         assert isinstance(dp.bpf, progcache.CachedObject)
     finally:
@@ -156,11 +182,11 @@ def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(cache_dir, pin_d
 
 
 def test_a_directory_others_may_write_is_not_used(cache_dir, pin_dir, caplog):
-    loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True).close()
+    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
     assert cache_dir.stat().st_mode & 0o777 == 0o700
     cache_dir.chmod(0o777)
     caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
-    dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False, program_cache=True)
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
     try:
         assert isinstance(dp.bpf, BPF)
         assert any("writable by others" in r.getMessage() for r in caplog.records)

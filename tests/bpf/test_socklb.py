@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import pytest
 
-from ebpfsvc.datapath import loader, socklb, tc
+from ebpfsvc.datapath import loader, nodeaddrs, socklb, tc
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.datapath import nsenter
@@ -61,7 +61,8 @@ def node(unique_prefix, pin_dir):
         network.create_namespace(node_ns, forwarding=True)
         made.append(node_ns)
         network.add_pod_gateway(node_ns, GATEWAY)
-        pod_dp = loader.load(pin_dir, limits=TEST_LIMITS, hairpin_addr=HAIRPIN, cache=False)
+        pod_dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+        nodeaddrs.write(pod_dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN))
         sock_dp = socklb.load(pin_dir, limits=TEST_LIMITS, cache=False)
         for i, (addr, ns) in enumerate(pods.items()):
             network.create_namespace(ns)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ebpfsvc import abi
-from ebpfsvc.datapath import loader, stats
+from ebpfsvc.datapath import loader, nodeaddrs, stats
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lbmodel import (
@@ -397,8 +397,9 @@ def main(argv=None) -> int:
     # A run stopped with SIGTERM still removes its pins (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     pin = Path("/sys/fs/bpf") / ("esfz" + uuid.uuid4().hex[:6])
-    dp = loader.load(pin, limits=LIMITS, hairpin_addr=HAIRPIN, cache=False)
+    dp = loader.load(pin, limits=LIMITS, cache=False)
     try:
+        nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN))
         MapWriter(dp.maps).apply(scenario())
         print(f"differential run: {args.packets:,} packets, seed {args.seed}", flush=True)
         res = run(dp, args.packets, args.seed, max_mismatches=args.max_mismatches, progress=print_progress)

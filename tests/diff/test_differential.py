@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpfsvc.datapath import loader
+from ebpfsvc.datapath import loader, nodeaddrs
 from ebpfsvc.datapath.writer import MapWriter
 
 from . import model as M
@@ -25,8 +25,9 @@ def datapath():
     """One compile for the module; each test starts from fresh pins and the scenario's maps."""
     import uuid
     pin = Path("/sys/fs/bpf") / ("esdf" + uuid.uuid4().hex[:6])
-    dp = loader.load(pin, limits=runner.LIMITS, hairpin_addr=runner.HAIRPIN, cache=False)
+    dp = loader.load(pin, limits=runner.LIMITS, cache=False)
     try:
+        nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=runner.HAIRPIN))
         MapWriter(dp.maps).apply(runner.scenario())
         yield dp
     finally:

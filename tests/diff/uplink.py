@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from ebpfsvc import abi
-from ebpfsvc.datapath import loader, nsenter, stats
+from ebpfsvc.datapath import loader, nodeaddrs, nsenter, stats
 from ebpfsvc.datapath.flowhash import flow_hash
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
@@ -629,8 +629,9 @@ class NodeDatapath:
         self.netns = f"{prefix}-np"
         limits = loader.Limits(**{**R.LIMITS.__dict__, "snat_entries": 16384})
         self.dp = loader.load(self.pin, limits=limits, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
-                              snat_addr=NODE, cache=False)
+                              cache=False)
         try:
+            nodeaddrs.write(self.dp.maps, nodeaddrs.NodeAddrs(snat4=NODE))
             MapWriter(self.dp.maps).apply(scenario())
             build_netns(self.netns)
         except BaseException:

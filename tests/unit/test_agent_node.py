@@ -1,6 +1,7 @@
 """The agent configures itself from its Node object (issue 10: no per-node flag): the datapath pieces
 that need the node address (hairpin and SNAT source, uplinks, node-client routes) are configured
-when the Node arrives, after start, and again when it changes.  The kernel side is faked here: what
+when the Node arrives, after start, and again when it changes. The addresses are a map the programs
+read (lb_node_addrs), so a change writes it and never compiles or reloads the programs.  The kernel side is faked here: what
 is checked is what the agent asks of it (the bpf and e2e tiers run the real thing)."""
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest
 
 from ebpfsvc.agent import Agent, AgentConfig
 from ebpfsvc.config import NodeConfig
-from ebpfsvc.datapath import hostpath, loader, uplink
+from ebpfsvc.datapath import hostpath, loader, nodeaddrs, uplink
+from ebpfsvc.datapath.nodeaddrs import NodeAddrs
 from ebpfsvc.datapath.writer import ApplyStats
 from ebpfsvc.nodeinfo import Interface
 from ebpfsvc.sources.base import Event, EventType
@@ -48,7 +50,8 @@ def service_cidr(*cidrs):
 class Kernel:
     """Records what the agent asks of loader, uplink and hostpath."""
 
-    loads: list = field(default_factory=list)           # ("pod"|"uplink", hairpin, snat)
+    loads: list = field(default_factory=list)           # "pod" | "uplink": programs loaded
+    node_addrs: list = field(default_factory=list)      # every NodeAddrs written to lb_node_addrs
     attached: dict = field(default_factory=dict)        # uplink name -> loads index of its programs
     detached: list = field(default_factory=list)
     host_setups: list = field(default_factory=list)
@@ -57,12 +60,12 @@ class Kernel:
     links: dict = field(default_factory=lambda: {"eth0": 2, "eth1": 3})
 
     def install(self, monkeypatch):
-        def pod_load(pin_dir, *, limits=None, hairpin_addr=None, snat_addr=None, **_):
-            self.loads.append(("pod", hairpin_addr, snat_addr))
+        def pod_load(pin_dir, *, limits=None, **_):
+            self.loads.append("pod")
             return SimpleNamespace(programs={}, maps={}, n=len(self.loads) - 1)
 
-        def uplink_load(pin_dir, *, snat_addr, hairpin_addr=None, **_):
-            self.loads.append(("uplink", hairpin_addr, snat_addr))
+        def uplink_load(pin_dir, **_):
+            self.loads.append("uplink")
             return SimpleNamespace(programs={}, maps={}, n=len(self.loads) - 1)
 
         def sync_routes(installed, wanted, node_address, netns=None, rewrite=False):
@@ -72,6 +75,7 @@ class Kernel:
 
         monkeypatch.setattr(loader, "load", pod_load)
         monkeypatch.setattr(uplink, "load", uplink_load)
+        monkeypatch.setattr(nodeaddrs, "write", lambda maps, addrs: self.node_addrs.append(addrs))
         monkeypatch.setattr(uplink, "ifindex_of", lambda name, netns=None: self.links.get(name))
         monkeypatch.setattr(uplink, "attach", lambda dp, ifindex, mode="tc", netns=None: self.attached.update(
             {next(n for n, i in self.links.items() if i == ifindex): dp.n}))
@@ -114,27 +118,30 @@ def list_all(agent, *kinds):
 def test_the_node_arriving_after_start_configures_hairpin_snat_uplinks_and_nodeports(kernel):
     agent = make_agent()
     # API mode, before the Node list: ClusterIPs from pods work, nothing node-specific is guessed.
-    assert kernel.loads == [("pod", None, None)] and kernel.attached == {}
+    assert kernel.loads == ["pod"] and kernel.attached == {}
+    assert kernel.node_addrs == [NodeAddrs()]
     assert agent.desired.node.node_addresses == ()
 
     send(agent, node_obj("198.18.0.11"))
     list_all(agent, "Node")
     agent.sync()
     node = IPv4Address("198.18.0.11")
-    assert kernel.loads[1:] == [("pod", node, node), ("uplink", node, node)]
-    assert kernel.attached == {"eth1": 2} and kernel.host_setups == [node]
+    assert kernel.loads == ["pod", "uplink"]                             # the pod programs stay
+    assert kernel.node_addrs[1:] == [NodeAddrs(hairpin4=node, snat4=node)]
+    assert kernel.attached == {"eth1": 1} and kernel.host_setups == [node]
     assert agent.desired.node.node_addresses == (node,)                 # NodePorts: every node address
-    assert agent.datapath.n == 1                                         # pods get the new programs
 
     agent.sync()                                                         # nothing changed: nothing redone
-    assert len(kernel.loads) == 3
+    assert len(kernel.loads) == 2 and len(kernel.node_addrs) == 2
 
-    # The Node's address moves to the other address of eth1 (and a second one joins on eth0).
+    # The Node's address moves to the other address of eth1 (and a second one joins on eth0): a map
+    # write, no program loaded again.
     send(agent, node_obj("198.18.0.21", "198.18.9.5"), type_=EventType.MODIFIED)
     agent.sync()
     new = IPv4Address("198.18.0.21")
-    assert kernel.loads[3:] == [("pod", new, new), ("uplink", new, new)]
-    assert kernel.attached == {"eth1": 4, "eth0": 4} and kernel.host_setups[-1] == new
+    assert kernel.loads == ["pod", "uplink"]
+    assert kernel.node_addrs[2:] == [NodeAddrs(hairpin4=new, snat4=new)]
+    assert kernel.attached == {"eth1": 1, "eth0": 1} and kernel.host_setups[-1] == new
     assert agent.desired.node.node_addresses == (new, IPv4Address("198.18.9.5"))
 
     send(agent, node_obj("198.18.0.21"), type_=EventType.MODIFIED)       # eth0 is no node address any more
@@ -305,14 +312,15 @@ def on_dual_stack_node(agent, policy: str) -> list:
 
 def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_address_and_keeps_an_ipv4_primary(kernel):
     """Issue 14: with --ip-families IPv4,IPv6 the Node's IPv6 address serves NodePorts beside its IPv4
-    one; the datapath's hairpin and SNAT source stays the IPv4 primary."""
+    one; the datapath's hairpin and SNAT source is the primary address of each family."""
     v6 = ip_address("2001:2::11")
     agent = make_agent(node=NodeConfig("node-1", ip_families=("IPv4", "IPv6")), ip_families_auto=False)
     applied = on_dual_stack_node(agent, "RequireDualStack")
     list_all(agent, "Node", "Service", "EndpointSlice")
     agent.sync()
     node = IPv4Address("198.18.0.11")
-    assert kernel.loads[1:] == [("pod", node, node), ("uplink", node, node)]
+    assert kernel.loads == ["pod", "uplink"]
+    assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node, hairpin6=v6, snat6=v6)
     assert agent.desired.node.node_addresses == (node, v6)
     assert {(str(k.address), k.port) for k in applied[-1].frontends} == {
         ("198.19.0.10", 80), ("2001:2:0:ff::10", 80), ("198.18.0.11", 30080), ("2001:2::11", 30080)}

@@ -131,15 +131,29 @@ def test_an_ipv4_node_ignores_its_ipv6_addresses():
     assert info.uplinks == ("eth1",)
 
 
-def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_addresses_with_an_ipv4_primary():
+def test_a_dual_stack_node_serves_nodeports_on_its_ipv6_addresses_with_a_primary_of_each_family():
     info = resolve(NodeSettings(ip_families=BOTH), DUAL_INTERFACES, DUAL_NODE, True)
     assert info.addresses == info.nodeport_addresses == (
         IPv4Address("198.18.0.11"), ip_address("2001:2::11"), ip_address("2001:2:0:1::11"))
-    assert info.primary == info.hairpin == IPv4Address("198.18.0.11")     # SNAT and hairpin stay IPv4
+    assert info.primary == info.hairpin == IPv4Address("198.18.0.11")
+    assert info.primary6 == info.hairpin6 == ip_address("2001:2::11")       # the first IPv6 InternalIP
     assert info.uplinks == ("eth1", "eth2")
     # Without a Node object: the interfaces' addresses of both families (never loopback).
     bare = resolve(NodeSettings(ip_families=BOTH), DUAL_INTERFACES, None, True)
     assert bare.addresses == info.addresses
+    assert bare.primary6 == ip_address("2001:2::11")
+
+
+def test_the_ipv6_primary_is_an_external_ip_without_an_ipv6_internal_ip_and_the_v6_flag_wins():
+    node_ext = node(("InternalIP", "198.18.0.11"), ("ExternalIP", "2001:2:0:1::11"))
+    info = resolve(NodeSettings(ip_families=BOTH), DUAL_INTERFACES, node_ext, True)
+    assert info.primary6 == info.hairpin6 == ip_address("2001:2:0:1::11")
+    flagged = resolve(NodeSettings(ip_families=BOTH, hairpin_address6="2001:2::99"), DUAL_INTERFACES, node_ext, True)
+    assert flagged.hairpin6 == ip_address("2001:2::99") and flagged.primary6 == ip_address("2001:2:0:1::11")
+    assert flagged.hairpin == IPv4Address("198.18.0.11")
+    assert "hairpin source 198.18.0.11, 2001:2::99" in flagged.describe()
+    # An IPv4-only node has no IPv6 twin.
+    assert resolve(NodeSettings(), DUAL_INTERFACES, node_ext, True).primary6 is None
 
 
 @pytest.mark.parametrize("selection,wanted", [
@@ -155,4 +169,4 @@ def test_nodeport_addresses_select_either_family(selection, wanted):
 def test_an_ipv6_only_node_has_ipv6_node_addresses_only():
     info = resolve(NodeSettings(ip_families=("IPv6",)), DUAL_INTERFACES, DUAL_NODE, True)
     assert info.nodeport_addresses == (ip_address("2001:2::11"), ip_address("2001:2:0:1::11"))
-    assert info.primary is None
+    assert info.primary is None and info.primary6 == ip_address("2001:2::11")
