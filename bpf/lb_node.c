@@ -4,6 +4,9 @@
  * LoadBalancer ingress addresses), replacing kube-proxy for traffic from
  * outside the cluster:
  *
+ * Both families: IPv4 (nodeport.h np4_*) and IPv6 (nodeport6.h np6_*), chosen
+ * by the EtherType.
+ *
  *   from_uplink  TC ingress: new flows to EXTERNAL frontends and ClusterIPs (DNAT, plus SNAT
  *                when the backend is on another node), tracked flows, replies
  *                of SNATed flows, ICMP errors about them.
@@ -37,23 +40,35 @@
 #include "flow.h"
 #include "srcrange.h"
 #include "nodeport.h"
+#include "nodeport6.h"
 #include "nodeport_xdp.h"
 #include "host.h"
 
 int from_uplink(struct __sk_buff *skb)
 {
-	if (skb->protocol == lb_htons(ETH_P_IPV6))
-		return hs6_uplink_reply(skb);    /* node clients' replies; IPv6 NodePorts: not yet */
+	int ret;
+
+	if (skb->protocol == lb_htons(ETH_P_IPV6)) {
+		ret = hs6_uplink_reply(skb);    /* a node client's reply (host.h), else NodePorts */
+		return ret >= 0 ? ret : np6_from_uplink(skb);
+	}
 	return np4_from_uplink(skb);
 }
 
 int to_uplink(struct __sk_buff *skb)
 {
+	if (skb->protocol == lb_htons(ETH_P_IPV6))
+		return np6_to_uplink(skb);
 	return np4_to_uplink(skb);
 }
 
 int xdp_uplink(struct xdp_md *ctx)
 {
+	void *data = (void *)(long)ctx->data;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) <= (void *)(long)ctx->data_end && eth->h_proto == lb_htons(ETH_P_IPV6))
+		return np6_xdp_uplink(ctx);
 	return np4_xdp_uplink(ctx);
 }
 

@@ -89,6 +89,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb6_affinity": ("struct lb6_affinity_key", "struct lb_affinity_val"),
     "frag6": ("struct frag6_key", "struct frag4_ports"),
     "lb6_source_ranges": ("struct lb6_src_range_key", "__u32"),
+    "lb6_snat": ("struct ct6_key", "struct snat6_entry"),
     "lb_node_addrs": ("__u32", "struct lb_node_addrs"),
     "lb6_sock_revnat": ("struct lb6_sock_key", "struct lb6_sock_revnat"),
 }

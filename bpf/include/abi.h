@@ -427,6 +427,15 @@ struct lb6_src_range_key {
 	__be32 address[4];
 };
 
+/* North-south SNAT of IPv6 flows (lb6_snat), keyed by struct ct6_key, as struct
+ * snat4_entry: the FORWARD entry holds the node address and port the flow was
+ * given, the REPLY entry (backend -> node address:port) the client's. */
+struct snat6_entry {
+	__be32 address[4];
+	__be16 port;
+	__u16  pad0;
+};
+
 /* The node's own addresses the programs translate to and from (lb_node_addrs, one entry, key 0),
  * written by the agent whenever the node's addresses change (ebpfsvc/datapath/nodeaddrs.py), read
  * through bpf/lib/nodeaddr.h. A map, not -D constants, so a program is the same on every node: one
@@ -455,6 +464,7 @@ ABI_SIZE(lb_traffic, 16); ABI_SIZE(lb4_affinity_match_key, 8); ABI_SIZE(lb_servi
 ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8); ABI_SIZE(lb_sock_path, 16);
 ABI_SIZE(lb6_key, 20); ABI_SIZE(lb6_backend, 20); ABI_SIZE(ct6_key, 40); ABI_SIZE(ct6_entry, 64);
 ABI_SIZE(lb6_affinity_key, 20); ABI_SIZE(frag6_key, 40); ABI_SIZE(lb6_src_range_key, 24);
+ABI_SIZE(snat6_entry, 20);
 ABI_SIZE(lb_node_addrs, 40);
 ABI_SIZE(lb6_sock_key, 32); ABI_SIZE(lb6_sock_revnat, 20);
 

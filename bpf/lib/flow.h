@@ -599,6 +599,18 @@ static __always_inline int lb6_from_pod(struct __sk_buff *skb)
 	return lb6_forward_new(skb, &p, &fk, now);
 }
 
+/* As lb4_reply_rev_nat: one translation of a reply for lb6_to_pod and np6_to_uplink. */
+static __always_inline int lb6_reply_rev_nat(struct __sk_buff *skb, struct lb6_pkt *p,
+					     struct ct6_entry *e, __u32 bytes, __u64 now)
+{
+	ct6_note_reply(e, p, p->daddr, p->dport, now);
+	frag6_record(p);
+	if (lb6_rewrite_src(skb, p, e->frontend_addr, e->frontend_port))
+		return lb_drop(REASON_MALFORMED);
+	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
+	return TC_ACT_OK;
+}
+
 static __always_inline int lb6_to_pod(struct __sk_buff *skb)
 {
 	struct lb6_pkt p = {};
@@ -623,12 +635,7 @@ static __always_inline int lb6_to_pod(struct __sk_buff *skb)
 	e = ct6_lookup(&rk, now);
 	if (!e || ct6_reply_of_other_flow(e, &p))
 		return TC_ACT_OK;
-	ct6_note_reply(e, &p, p.daddr, p.dport, now);
-	frag6_record(&p);
-	if (lb6_rewrite_src(skb, &p, e->frontend_addr, e->frontend_port))
-		return lb_drop(REASON_MALFORMED);
-	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
-	return TC_ACT_OK;
+	return lb6_reply_rev_nat(skb, &p, e, bytes, now);
 }
 
 #endif /* EBPFSVC_FLOW_H */

@@ -301,7 +301,8 @@ static __always_inline int hs6_from_host(struct __sk_buff *skb)
 
 /* Uplink ingress, IPv6: a remote backend's reply to a node client (addressed to
  * node_snat6()) gets its frontend back as source, as np4_from_uplink does for
- * IPv4 (lb4_host_reply); anything else passes. */
+ * IPv4 (lb4_host_reply); anything else is not this function's: -1 (from_uplink
+ * then gives it to np6_from_uplink, NodePorts and the rest). */
 static __always_inline int hs6_uplink_reply(struct __sk_buff *skb)
 {
 	struct lb6_pkt p = {};
@@ -312,12 +313,12 @@ static __always_inline int hs6_uplink_reply(struct __sk_buff *skb)
 
 	if (lb6_parse(skb, &p) != LB_PARSE_OK || !lb4_proto_has_ports(p.proto) || p.frag == LB_FRAG_LATER ||
 	    node_snat6(node) || node_addr6_diff(p.daddr, node))
-		return TC_ACT_OK;
+		return -1;
 	now = bpf_ktime_get_ns();
 	ct6_key_reply(&rk, &p);
 	e = ct6_lookup(&rk, now);
 	if (!e || !lb6_is_host_flow(e))
-		return TC_ACT_OK;
+		return -1;
 	return lb6_host_reply_xlate(skb, &p, e, now) ? lb_drop(REASON_MALFORMED) : TC_ACT_OK;
 }
 

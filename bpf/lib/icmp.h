@@ -533,39 +533,85 @@ static __always_inline int lb6_icmp_store_addr(struct __sk_buff *skb, __u32 icmp
 	return bpf_skb_store_bytes(skb, off, to, sizeof(to), 0) < 0 ? -1 : 0;
 }
 
+/*
+ * Rewrite one end of the packet an ICMPv6 error quotes (source: address at
+ * IP6_SADDR_OFF, port at L4 offset 0; destination: IP6_DADDR_OFF, 2), keeping
+ * the quoted L4 checksum (when quoted) and the ICMPv6 checksum right: the
+ * IPv6 twin of lb4_icmp_quote_rewrite (no quoted IP header checksum).
+ */
+static __always_inline int lb6_icmp_quote_rewrite(struct __sk_buff *skb, __u32 icmp_csum,
+						  const struct lb6_icmp_quote *q, __u32 addr_off, __u32 port_off,
+						  const __be32 *old_addr, const __be32 *new_addr,
+						  __be16 old_port, __be16 new_port)
+{
+	__u32 l4c = lb4_l4_csum_off(q->proto);
+	__u16 old_csum = 0, new_csum = 0;
+
+	if (l4c && q->l4_off + l4c + 2 <= q->end &&
+	    !bpf_skb_load_bytes(skb, q->l4_off + l4c, &old_csum, 2) &&
+	    !(q->proto == IPPROTO_UDP && old_csum == 0)) {
+		__be32 f[4], t[4];
+		__s64 diff;
+
+		lb6_addr_copy(f, old_addr);
+		lb6_addr_copy(t, new_addr);
+		diff = bpf_csum_diff(f, sizeof(f), t, sizeof(t), 0);
+		if (diff < 0 ||
+		    bpf_l4_csum_replace(skb, q->l4_off + l4c, 0, diff, 0) < 0 ||
+		    bpf_l4_csum_replace(skb, q->l4_off + l4c, old_port, new_port, sizeof(new_port)) < 0 ||
+		    bpf_skb_load_bytes(skb, q->l4_off + l4c, &new_csum, 2) ||
+		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
+			return -1;
+	}
+	if (old_port != new_port &&
+	    lb4_icmp_store(skb, icmp_csum, q->l4_off + port_off, old_port, new_port, sizeof(new_port)))
+		return -1;
+	return lb6_icmp_store_addr(skb, icmp_csum, q->off + addr_off, old_addr, new_addr);
+}
+
+/* As lb4_icmp_quote: what ICMPv6 error `p` quotes (an IPv6 header without extension
+ * headers and the ports after it), and the key of the quoted packet's flow in
+ * direction `dir` (its tuple reversed). 0, or -1 when not such an error. */
+static __always_inline int lb6_icmp_quote(struct __sk_buff *skb, const struct lb6_pkt *p, __u8 dir,
+					  struct lb6_icmp_quote *q, struct ct6_key *k)
+{
+	__u8 nexthdr;
+
+	if (!lb6_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+		return -1;
+	q->end = p->l3_off + p->ip_len;
+	q->off = p->l4_off + 8;
+	q->l4_off = q->off + LB_IP6_HLEN;
+	if (q->l4_off + sizeof(q->ports) > q->end ||
+	    bpf_skb_load_bytes(skb, q->off + 6, &nexthdr, 1) ||
+	    bpf_skb_load_bytes(skb, q->off + IP6_SADDR_OFF, q->saddr, 32) ||
+	    bpf_skb_load_bytes(skb, q->l4_off, q->ports, sizeof(q->ports)))
+		return -1;
+	if (!lb4_proto_has_ports(nexthdr))
+		return -1;
+	q->proto = nexthdr;
+	lb6_addr_copy(k->saddr, q->daddr);
+	lb6_addr_copy(k->daddr, q->saddr);
+	k->sport = q->ports[1];
+	k->dport = q->ports[0];
+	k->proto = q->proto;
+	k->dir = dir;
+	k->pad0 = 0;
+	return 0;
+}
+
 static __always_inline int lb6_icmp_error_xlate(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now, __u8 dir)
 {
 	struct lb6_icmp_quote q = {};
 	__u32 icmp_csum = p->l4_off + ICMP_CSUM_OFF;
-	__u32 in_addr_off, in_port_off, l4c;
 	struct ct6_key k = {};
 	struct ct6_entry *e;
 	const __be32 *from_addr, *to_addr, *outer;
 	__be16 from_port, to_port;
-	__u16 old_csum = 0, new_csum = 0;
-	__u8 nexthdr;
 	int reply;
 
-	if (!lb6_icmp_is_error(p->icmp_type) || p->frag != LB_FRAG_NONE)
+	if (lb6_icmp_quote(skb, p, dir, &q, &k))
 		return 0;
-	q.end = p->l3_off + p->ip_len;
-	q.off = p->l4_off + 8;
-	q.l4_off = q.off + LB_IP6_HLEN;
-	if (q.l4_off + sizeof(q.ports) > q.end ||
-	    bpf_skb_load_bytes(skb, q.off + 6, &nexthdr, 1) ||
-	    bpf_skb_load_bytes(skb, q.off + IP6_SADDR_OFF, q.saddr, 32) ||
-	    bpf_skb_load_bytes(skb, q.l4_off, q.ports, sizeof(q.ports)))
-		return 0;
-	if (!lb4_proto_has_ports(nexthdr))
-		return 0;
-	q.proto = nexthdr;
-	/* The quoted packet travelled the other way: its tuple reversed is the flow's key. */
-	lb6_addr_copy(k.saddr, q.daddr);
-	lb6_addr_copy(k.daddr, q.saddr);
-	k.sport = q.ports[1];
-	k.dport = q.ports[0];
-	k.proto = q.proto;
-	k.dir = dir;
 	e = ct6_lookup(&k, now);
 	if (!e)
 		return 0;
@@ -577,32 +623,9 @@ static __always_inline int lb6_icmp_error_xlate(struct __sk_buff *skb, struct lb
 	from_port = reply ? q.ports[1] : q.ports[0];
 	to_addr = reply ? e->frontend_addr : e->backend_addr;
 	to_port = reply ? e->frontend_port : e->backend_port;
-	in_addr_off = reply ? IP6_DADDR_OFF : IP6_SADDR_OFF;
-	in_port_off = reply ? 2 : 0;
 	outer = reply ? p->saddr : p->daddr;
-
-	/* The quoted L4 checksum first, while its old value is in place (when it was quoted). */
-	l4c = lb4_l4_csum_off(q.proto);
-	if (l4c && q.l4_off + l4c + 2 <= q.end &&
-	    !bpf_skb_load_bytes(skb, q.l4_off + l4c, &old_csum, 2) &&
-	    !(q.proto == IPPROTO_UDP && old_csum == 0)) {
-		__be32 f[4], t[4];
-		__s64 diff;
-
-		lb6_addr_copy(f, from_addr);
-		lb6_addr_copy(t, to_addr);
-		diff = bpf_csum_diff(f, sizeof(f), t, sizeof(t), 0);
-		if (diff < 0 ||
-		    bpf_l4_csum_replace(skb, q.l4_off + l4c, 0, diff, 0) < 0 ||
-		    bpf_l4_csum_replace(skb, q.l4_off + l4c, from_port, to_port, sizeof(to_port)) < 0 ||
-		    bpf_skb_load_bytes(skb, q.l4_off + l4c, &new_csum, 2) ||
-		    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
-			return -1;
-	}
-	if (from_port != to_port &&
-	    lb4_icmp_store(skb, icmp_csum, q.l4_off + in_port_off, from_port, to_port, sizeof(to_port)))
-		return -1;
-	if (lb6_icmp_store_addr(skb, icmp_csum, q.off + in_addr_off, from_addr, to_addr))
+	if (lb6_icmp_quote_rewrite(skb, icmp_csum, &q, reply ? IP6_DADDR_OFF : IP6_SADDR_OFF, reply ? 2 : 0,
+				   from_addr, to_addr, from_port, to_port))
 		return -1;
 	/* The outer address, when the error came from (went to) the translated end itself:
 	 * part of the ICMPv6 pseudo-header. */

@@ -67,6 +67,9 @@ BPF_TABLE_PINNED("lru_hash", struct lb6_affinity_key, struct lb_affinity_val, lb
 BPF_TABLE_PINNED("lru_hash", struct frag6_key, struct frag4_ports, frag6, FRAG_ENTRIES_MAX, LB_PIN_DIR "/frag6");
 /* (frontend id, IPv6 client prefix) -> 1: loadBalancerSourceRanges of IPv6 frontends. */
 BPF_TABLE_PINNED("lpm_trie", struct lb6_src_range_key, __u32, lb6_source_ranges, SOURCE_RANGES_MAX, LB_PIN_DIR "/lb6_source_ranges", BPF_F_NO_PREALLOC);
+/* North-south SNAT of IPv6 flows, as lb4_snat: (client -> frontend) -> node address:port given,
+ * (backend -> node address:port) -> client address:port. */
+BPF_TABLE_PINNED("lru_hash", struct ct6_key, struct snat6_entry, lb6_snat, SNAT_ENTRIES_MAX, LB_PIN_DIR "/lb6_snat");
 /* 0 -> the node's own addresses (struct lb_node_addrs; bpf/lib/nodeaddr.h reads it, the agent writes it). */
 BPF_TABLE_PINNED("array", __u32, struct lb_node_addrs, lb_node_addrs, 1, LB_PIN_DIR "/lb_node_addrs");
 /* (socket cookie, IPv6 backend) -> frontend the socket asked for, as lb4_sock_revnat (LRU: preallocated). */

@@ -47,13 +47,18 @@ static long (*np4_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 f
  * would hold the ports of a backend for CT_TIMEOUT_TCP_SYN_S each), as the
  * kernel's conntrack never confirms the entry of a packet it then drops.
  */
-static __always_inline __u32 np4_hop_left(struct __sk_buff *skb, const struct lb4_pkt *p)
+static __always_inline __u32 np_hop_left(struct __sk_buff *skb, __u32 ttl_off)
 {
 	__u8 ttl;
 
-	if (bpf_skb_load_bytes(skb, p->l3_off + IP_TTL_OFF, &ttl, 1))
+	if (bpf_skb_load_bytes(skb, ttl_off, &ttl, 1))
 		return REASON_MALFORMED;
 	return ttl <= 1 ? REASON_TTL_EXCEEDED : 0;
+}
+
+static __always_inline __u32 np4_hop_left(struct __sk_buff *skb, const struct lb4_pkt *p)
+{
+	return np_hop_left(skb, p->l3_off + IP_TTL_OFF);
 }
 
 /*
@@ -95,30 +100,35 @@ static __always_inline void np4_fib_params(struct bpf_fib_lookup *fib, const str
 }
 
 /*
- * Send a translated packet straight to its next hop: FIB lookup for the
- * egress interface and MACs; when the neighbour is not resolved yet, let the
- * kernel resolve it (bpf_redirect_neigh).
+ * Send a translated packet straight to its next hop (either family, `fib` filled
+ * by np4_fib_params or np6_fib_params): FIB lookup for the egress interface and
+ * MACs; when the neighbour is not resolved yet, let the kernel resolve it
+ * (bpf_redirect_neigh).
  */
+static __always_inline int np_fib_send(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int stay)
+{
+	int rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0))
+			return lb_drop(REASON_MALFORMED);
+		/* `stay`: a next hop out of the interface it came in on is left to the kernel. */
+		if (stay && fib->ifindex == skb->ifindex)
+			return TC_ACT_OK;
+		return bpf_redirect(fib->ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return np4_redirect_neigh(fib->ifindex, 0, 0, 0);
+	return lb_drop(REASON_FIB_LOOKUP);
+}
+
 static __always_inline int np4_fib_send(struct __sk_buff *skb, const struct lb4_pkt *p, int stay)
 {
 	struct bpf_fib_lookup fib = {};
-	int rc;
 
 	np4_fib_params(&fib, skb, p);
-
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
-			return lb_drop(REASON_MALFORMED);
-		/* `stay`: a next hop out of the interface it came in on is left to the kernel. */
-		if (stay && fib.ifindex == skb->ifindex)
-			return TC_ACT_OK;
-		return bpf_redirect(fib.ifindex, 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return np4_redirect_neigh(fib.ifindex, 0, 0, 0);
-	return lb_drop(REASON_FIB_LOOKUP);
+	return np_fib_send(skb, &fib, stay);
 }
 
 static __always_inline int np4_send(struct __sk_buff *skb, const struct lb4_pkt *p)
@@ -383,14 +393,16 @@ static __always_inline struct lb4_service *np4_lookup_frontend(const struct lb4_
 #define NP_MASQUERADE_LOCAL_BACKENDS 0
 #endif
 
-/* Does a new north-south flow to backend `be` of `svc` keep the client's address
- * (DNAT only)? Always under a Local policy; for a backend on this node unless
- * NP_MASQUERADE_LOCAL_BACKENDS. Otherwise it is SNATed to the node. */
-static __always_inline int np4_keeps_client(const struct lb4_service *svc, const struct lb4_backend *be)
+/* Does a new north-south flow to `svc` on backend `be_flags` keep the client's address
+ * (DNAT only)? Always under a Local policy; for a backend on this node unless `masquerade`
+ * (NP_MASQUERADE_LOCAL_BACKENDS on the IPv4 path; IPv6 always keeps it). Otherwise it is
+ * SNATed to the node. A kept source's reply leaves through to_uplink, which restores the
+ * frontend. */
+static __always_inline int np_flow_keeps_source(const struct lb4_service *svc, __u8 be_flags, int masquerade)
 {
 	if (svc->flags & LB_SVC_F_LOCAL_ONLY)
 		return 1;
-	return (be->flags & LB_BE_F_LOCAL) && !NP_MASQUERADE_LOCAL_BACKENDS;
+	return (be_flags & LB_BE_F_LOCAL) && !masquerade;
 }
 
 /* A new flow to an EXTERNAL frontend or a ClusterIP, or a packet that is not ours (passes). */
@@ -423,7 +435,7 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 		return lb_drop(REASON_NO_BACKEND);
 	e.flags |= CT_F_NODEPORT;
 
-	if (np4_keeps_client(svc, be)) {
+	if (np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS)) {
 		/* Source-preserving: the reply leaves through to_uplink, which restores the frontend. */
 		if (ct4_create(fk, &e, p->saddr))
 			return lb_drop(REASON_CT_CREATE_FAILED);

@@ -47,6 +47,18 @@ REMOTE_BE2 = "198.18.2.3"
 LB_IP = "198.18.200.10"
 EXT_IP = "198.18.200.32"
 
+# IPv6 twins (2001:2::/48, RFC 5180): the uplink's 2001:2::/64, local pods 2001:2:0:1::/64,
+# node-2's pods 2001:2:0:2::/64 (routed via node-2), external addresses 2001:2:0:c8::/64.
+NODE6 = "2001:2::11"
+NODE2_6 = "2001:2::12"
+CLIENT6 = "2001:2::100"
+CLIENT2_6 = "2001:2::101"
+LOCAL_BE6 = "2001:2:0:1::2"
+LOCAL_BE6_2 = "2001:2:0:1::3"
+REMOTE_BE6 = "2001:2:0:2::2"
+LB_IP6 = "2001:2:0:c8::10"
+EXT_IP6 = "2001:2:0:c8::32"
+
 NODE_MAC = "02:00:00:00:00:11"
 POD_VETH_MAC = "02:00:00:00:02:fe"    # the host side of a test's pod veth (pod_veth)
 LOCAL_POD_MAC = "02:00:00:00:02:01"   # the local pod behind it
@@ -126,7 +138,7 @@ def build_netns(name: str) -> None:
     netns.create(name)
     try:
         nsenter.run_in(name, _configure_netns)
-        nsenter.write_sysctls(name, {"net.ipv4.ip_forward": 1})
+        nsenter.write_sysctls(name, {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1})
     except BaseException:
         netns.remove(name)
         raise
@@ -144,9 +156,12 @@ def _configure_netns() -> None:
         ns.addr("add", index=idx, address=NODE, prefixlen=24)
         ns.link("set", index=peer, state="up")
         ns.link("set", index=idx, state="up")
-        for addr, mac in ((NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC), (CLIENT2, CLIENT2_MAC)):
+        ns.addr("add", index=idx, address=NODE6, prefixlen=64, flags=0x02)      # IFA_F_NODAD
+        for addr, mac in ((NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC), (CLIENT2, CLIENT2_MAC),
+                          (NODE2_6, NODE2_MAC), (CLIENT6, CLIENT_MAC), (CLIENT2_6, CLIENT2_MAC)):
             ns.neigh("add", dst=addr, lladdr=mac, ifindex=idx, state=0x80)   # NUD_PERMANENT
         ns.route("add", dst="198.18.2.0/24", gateway=NODE2, oif=idx)
+        ns.route("add", dst="2001:2:0:2::/64", gateway=NODE2_6, oif=idx)
 
 
 class Uplink:
@@ -252,7 +267,7 @@ def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True, 
     as new (conftest.compiled), and a test namespace built, removed after. `options`: more of
     loader.load's (reset_removed_endpoint_tcp)."""
     dp = compiled.load(LIMITS, hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
-                       snat_addr=NODE, snat_keep_client_port=snat_keep_client_port, **options)
+                       snat_addr=NODE, snat6=NODE6, snat_keep_client_port=snat_keep_client_port, **options)
     name = f"{unique_prefix}-np"
     build_netns(name)
     try:

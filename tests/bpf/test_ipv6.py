@@ -343,7 +343,7 @@ def test_inspection_of_pins_without_the_ipv6_maps(datapath, writer, pin_dir):
     from ebpfsvc.inspect.node import NodeMaps
 
     writer.apply(state(frontend(VIP, 80, [be(BACKEND1)])))
-    for name in ("lb6_frontends", "lb6_backends", "ct6", "lb6_affinity", "frag6", "lb6_source_ranges"):
+    for name in ("lb6_frontends", "lb6_backends", "ct6", "lb6_affinity", "frag6", "lb6_source_ranges", "lb6_snat"):
         (pin_dir / name).unlink()           # put back for the next test by the tier's fixtures
     with NodeMaps.open(pin_dir) as node:
         assert {f.name for f in node.frontends()} == {f"{VIP}:80/TCP", f"{VIP}:0/TCP"}

@@ -9,8 +9,8 @@ Backends see the client pod's own IPv6 address: pod traffic is never SNATed.
 
 A pod reaching itself through an IPv6 clusterIP (hairpin) is SNATed to its node's IPv6 address, and
 a process in a node's own namespace reaches IPv6 clusterIPs (node clients, the socket path off).
-Not here, because the datapath does not serve it yet for IPv6 (docs/datapath.md): NodePort and
-external traffic on the uplinks. The socket path's IPv6 hooks: test_socklb_ipv6.py.
+IPv6 NodePorts from outside the cluster (SNAT to the node's IPv6 address, and policy Local) are
+served on the uplinks too. The socket path's IPv6 hooks: test_socklb_ipv6.py.
 """
 
 from __future__ import annotations
@@ -247,3 +247,58 @@ def test_ipv6_only_lab_serves_a_service(unique_prefix):
     finally:
         lab.down()
     assert lab_leftovers(unique_prefix) == []
+
+
+NODE1_6, CLIENT_6 = "2001:2::11", "2001:2::100"
+
+
+def _from_outside(lab: Lab, ip: str, port: int) -> dict | None:
+    """One HTTP GET from the external client (a new connection); the http-echo answer, None if none."""
+    result = curl(lambda argv, **kw: lab.external_exec("client", argv, **kw), ip, port, max_time=3)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def _udp_from_outside(lab: Lab, ip: str, port: int) -> dict | None:
+    """One datagram from the external client on a new flow; the udp-echo answer, None if none."""
+    from ebpfsvc.datapath import nsenter
+    import socket
+
+    from .helpers import udp_ask
+
+    sock = nsenter.socket_in(lab.external_netns("client"), socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(2)
+        sock.bind(("::", 0))
+        return udp_ask(sock, ip, port)
+    except (OSError, ValueError):
+        return None
+    finally:
+        sock.close()
+
+
+def test_ipv6_nodeport_from_outside_snat_and_local_policy(lab):
+    """IPv6 NodePorts reached from the external client on node-1's IPv6 address. Backends on node-2,
+    policy Cluster: node-1 SNATs to its own IPv6 address (the reply must come back through it) and the
+    answer comes from [node-1]:nodePort, over TCP (curl) and UDP. Policy Local with the backend on
+    node-1: DNAT only, the backend sees the client's own IPv6 address."""
+    lab.apply([echo("n6c", "node-2"), echo("n6d", "node-2", "udp-echo", 5353), echo("n6l", "node-1"),
+               service("n6c", [{"port": 80, "targetPort": 8080, "nodePort": 30280}], selector={"pod": "n6c"},
+                       type="NodePort", ipFamilies=["IPv6"]),
+               service("n6u", [{"port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30253}],
+                       selector={"pod": "n6d"}, type="NodePort", ipFamilies=["IPv6"]),
+               service("n6l", [{"port": 80, "targetPort": 8080, "nodePort": 30282}], selector={"pod": "n6l"},
+                       type="NodePort", ipFamilies=["IPv6"], externalTrafficPolicy="Local")])
+    wait_ready(lab, ["n6c", "n6d", "n6l"])
+    from .test_northsouth import wait_external
+
+    wait_external(lab, "node-1", NODE1_6, 30280, backends=1)
+    wait_external(lab, "node-1", NODE1_6, 30253, backends=1, proto="UDP")
+    wait_external(lab, "node-1", NODE1_6, 30282, backends=1)
+
+    tcp = wait_for(lambda: _from_outside(lab, NODE1_6, 30280), what="IPv6 NodePort answer through node-1")
+    assert tcp["pod"] == "n6c" and tcp["client"] == NODE1_6 and tcp["localPort"] == 8080   # SNAT to node-1
+    udp = wait_for(lambda: _udp_from_outside(lab, NODE1_6, 30253), what="IPv6 NodePort UDP answer")
+    assert udp["pod"] == "n6d" and udp["client"] == NODE1_6 and udp["localPort"] == 5353
+
+    local = wait_for(lambda: _from_outside(lab, NODE1_6, 30282), what="IPv6 NodePort answer, policy Local")
+    assert local["pod"] == "n6l" and local["client"] == CLIENT_6      # the client's address kept
