@@ -351,7 +351,7 @@ static __always_inline int np6_forward_new(struct __sk_buff *skb, struct lb6_pkt
 	e->flags |= CT_F_NODEPORT;
 
 	if (np_flow_keeps_source(svc, be->flags, 0)) {	/* IPv6: no masquerade to local pods yet */
-		if (ct6_create(fk, e))
+		if (ct6_create(fk, e, p->saddr))
 			return lb_drop(REASON_CT_CREATE_FAILED);
 		lb6_affinity_update(svc, p->saddr, e->backend_id, now);
 		return np6_forward_xlate(skb, p, e, 0);

@@ -537,7 +537,7 @@ static __always_inline int np6_xdp_new(struct xdp_md *ctx, struct lb6_pkt *p, st
 		return XDP_PASS;
 	e->flags |= CT_F_NODEPORT;
 	if (np_flow_keeps_source(svc, be->flags, 0)) {	/* IPv6: no masquerade to local pods yet */
-		if (ct6_create(&s->fk, e))
+		if (ct6_create(&s->fk, e, p->saddr))
 			return XDP_PASS;
 		lb6_affinity_update(svc, p->saddr, e->backend_id, now);
 		return np6_xdp_forward(ctx, p, e, 0, s);
