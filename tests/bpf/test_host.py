@@ -145,22 +145,11 @@ WEB6 = frontend(VIP6, 80, [be(REMOTE_BE6)], name="web6")
 
 @pytest.fixture
 def uplink6(uplink):
-    """The uplink namespace with node-1's IPv6 view of the fabric too (its address, a route to node-2's
-    pod prefix, node-2 resolved, forwarding on: an IPv6 FIB lookup needs it), and the node's IPv6
-    address in lb_node_addrs."""
-    from pyroute2 import IPRoute
+    """The uplink namespace, which has node-1's IPv6 view of the fabric too (northsouth.build_netns: its
+    address, a route to node-2's pod prefix, node-2 resolved, forwarding on: an IPv6 FIB lookup needs
+    it), with the node's IPv6 address in lb_node_addrs."""
+    from ebpfsvc.datapath import nodeaddrs
 
-    from ebpfsvc.datapath import nodeaddrs, nsenter
-
-    def configure():
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=idx, address=NODE6, prefixlen=64, flags=0x02)      # IFA_F_NODAD
-            ipr.neigh("add", dst=NODE2_6, lladdr=NODE2_MAC, ifindex=idx, state=0x80, family=10)
-            ipr.route("add", dst="2001:2:0:2::/64", gateway=NODE2_6, oif=idx, family=10)
-
-    nsenter.run_in(uplink.netns, configure)
-    nsenter.write_sysctls(uplink.netns, {"net.ipv6.conf.all.forwarding": 1})
     nodeaddrs.write(uplink.dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN, snat4=NODE, snat6=NODE6))
     return uplink
 

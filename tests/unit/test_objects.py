@@ -646,9 +646,11 @@ def service_cidr(*cidrs, name="kubernetes"):
             "spec": {"cidrs": list(cidrs)}}
 
 
-def test_service_cidr_keeps_its_ipv4_ranges():
+def test_service_cidr_routes_its_ranges_of_both_families():
+    """Node clients reach IPv6 ClusterIPs too: hostpath.py routes both families' ranges."""
     parsed = parse_service_cidr(service_cidr("10.96.0.0/12", "fd00:10:96::/112"))
-    assert parsed.key == ("", "kubernetes") and parsed.cidrs == (IPv4Network("10.96.0.0/12"),)
+    assert parsed.key == ("", "kubernetes")
+    assert parsed.cidrs == (IPv4Network("10.96.0.0/12"), IPv6Network("fd00:10:96::/112"))
     assert unknown_fields("ServiceCIDR", service_cidr("10.96.0.0/12")) == []
 
 
@@ -657,7 +659,7 @@ def test_service_cidr_ranges_of_both_families_give_the_cluster_ip_families_prima
     orders the families; another ServiceCIDR adds its own; none gives ()."""
     dual = parse_service_cidr(service_cidr("fd00:10:96::/112", "10.96.0.0/12"))
     assert dual.ranges == (IPv6Network("fd00:10:96::/112"), IPv4Network("10.96.0.0/12"))
-    assert dual.families == ("IPv6", "IPv4") and dual.cidrs == (IPv4Network("10.96.0.0/12"),)
+    assert dual.families == ("IPv6", "IPv4") and dual.cidrs == dual.ranges
     extra = parse_service_cidr(service_cidr("10.100.0.0/16", name="added"))
     v6_only = parse_service_cidr(service_cidr("fd00:10:96::/112"))
     assert cluster_ip_families([extra, dual]) == ("IPv6", "IPv4")
