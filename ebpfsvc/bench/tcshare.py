@@ -133,7 +133,7 @@ class Node:
 def _ns_per_run(fds: dict[str, int], before: dict[str, tuple[int, int]]) -> dict[str, float]:
     out = {}
     for name, fd in fds.items():
-        ns, cnt = bpfsys.prog_run_stats(fd)
+        ns, cnt = bpfsys.prog_fd_run_stats(fd)
         ns0, cnt0 = before[name]
         out[name] = (ns - ns0) / (cnt - cnt0) if cnt > cnt0 else float("nan")
         out[f"{name}_runs"] = cnt - cnt0
@@ -163,9 +163,9 @@ def run(repeats: int, seconds: int) -> dict:
                         node.detach_tc()
                     try:
                         connect_fd = node.sock_dp.programs["connect4"].fd
-                        stats_fd = bpfsys.enable_run_stats()
+                        stats_fd = bpfsys.run_time_stats()
                         try:
-                            before = {"connect4": bpfsys.prog_run_stats(connect_fd)}
+                            before = {"connect4": bpfsys.prog_fd_run_stats(connect_fd)}
                             w = tools.wrk_connection_rate(ns, dst, 80 if dst == VIP else NGINX, duration=seconds,
                                                           cgroup=cg)
                             connects = _ns_per_run({"connect4": connect_fd}, before)
@@ -176,9 +176,9 @@ def run(repeats: int, seconds: int) -> dict:
                         results["conn_per_s"][d].append(w["requests_per_s"])
                         if cg is not None:              # connect4 runs for the cgroup's sockets only
                             results["connect4_ns"][d].append(connects["connect4"])
-                        stats_fd = bpfsys.enable_run_stats()
+                        stats_fd = bpfsys.run_time_stats()
                         try:
-                            before = {name: bpfsys.prog_run_stats(fd) for name, fd in fds.items()}
+                            before = {name: bpfsys.prog_fd_run_stats(fd) for name, fd in fds.items()}
                             p = tools.sockperf_latency(ns, dst, SOCKPERF, duration=seconds, cgroup=cg)
                             runs = _ns_per_run(fds, before)
                         finally:

@@ -105,12 +105,6 @@ class _ProgInfo(ctypes.Structure):
                 ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
 
 
-class _ProgRunInfo(ctypes.Structure):
-    """struct bpf_prog_info up to run_cnt (the fields between the name and run_time_ns unread)."""
-    _fields_ = [("head", _ProgInfo), ("_middle", ctypes.c_uint8 * 112),
-                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64)]
-
-
 class _MapInfo(ctypes.Structure):
     """The head of struct bpf_map_info: all we need."""
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
@@ -203,22 +197,9 @@ class _ProgRunInfo(ctypes.Structure):
         ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64)]
 
 
-class _EnableStatsAttr(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32)]
-
-
-BPF_ENABLE_STATS = 32
-BPF_STATS_RUN_TIME = 0
-
-
-def enable_run_stats() -> int:
-    """Turn on the kernel's per-program run time and count (BPF_ENABLE_STATS) for as long as the
-    returned fd is open: machine-wide, a clock read per program run, so only around a measurement."""
-    return _bpf(BPF_ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))
-
-
-def prog_run_stats(fd: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of program `fd` since it was loaded, counted while stats are on."""
+def prog_fd_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of program `fd` since it was loaded, counted while run-time statistics
+    are on (run_time_stats())."""
     info = _ProgRunInfo()
     _obj_info(fd, info)
     return info.run_time_ns, info.run_cnt
@@ -248,9 +229,7 @@ def prog_run_stats(prog_id: int) -> tuple[int, int] | None:
     except OSError:
         return None
     try:
-        info = _ProgRunInfo()
-        _obj_info(fd, info)
-        return info.run_time_ns, info.run_cnt
+        return prog_fd_run_stats(fd)
     finally:
         os.close(fd)
 

@@ -38,6 +38,8 @@ from .northsouth import (
 )
 from .packets import HAIRPIN, VIP, expected_backend, frontend, from_pod, tcp, udp
 
+__all__ = ["pod_veth"]      # a fixture
+
 pytestmark = pytest.mark.root
 
 LO_MAC = "00:00:00:00:00:00"          # lo's address: frames it carries, and frames handed in to it

@@ -22,7 +22,7 @@ from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lbmodel import LBState
 
 from .northsouth import (
-    CLIENT, LIMITS, LOCAL_BE, NODE, OK, REDIRECT, XDP_PASS, be, ext_frontend, forwarded_to_client, from_client, hop,
+    CLIENT, LIMITS, LOCAL_BE, NODE, REDIRECT, XDP_PASS, be, ext_frontend, forwarded_to_client, from_client, hop,
     local_tcp_flow, pod_veth, snat_port, to_local_pod,
 )
 from .packets import HAIRPIN, from_pod, tcp
