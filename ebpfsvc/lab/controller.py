@@ -365,7 +365,8 @@ class Controller:
                        "hostIPs": [{"ip": str(a)} for a in node.addresses]})
         self.state.put(pod)
         network.create_namespace(netns, ipv6=self.spec.has_ipv6)
-        network.add_pod(names.member_netns(self.state.prefix, node.name), netns, host_link, ips, node.gateway)
+        network.add_pod(names.member_netns(self.state.prefix, node.name), netns, host_link, ips, node.gateway,
+                        node.addresses)
         argv = podlib.command(pod)
         if argv:
             env = base_env()

@@ -152,10 +152,13 @@ def add_routes_via(member: str, routes: list[tuple[ipaddress._BaseNetwork, ipadd
 
 def add_pod(node: str, pod: str, host_link: str,
             pod_ips: list[ipaddress._BaseAddress | str] | ipaddress._BaseAddress | str,
-            gateway: ipaddress.IPv4Address | None) -> None:
+            gateway: ipaddress.IPv4Address | None, node_addresses: tuple = ()) -> None:
     """Give pod namespace `pod` an `eth0` with `pod_ips` (one address, or one per family) as
     host routes (/32, /128), its host side `host_link` in `node`; `gateway` is the IPv4 one
-    (IPv6: POD_GATEWAY6)."""
+    (IPv6: POD_GATEWAY6). The host routes carry the node's address of their family as preferred
+    source (`node_addresses`): without it the kernel would pick the first global address of the
+    node, the pods' gateway on `lo`, for the node's own connections to its pods (a socket-path
+    node client's connect() goes straight to the backend's route)."""
     ips = [ipaddress.ip_address(str(ip)) for ip in (pod_ips if isinstance(pod_ips, (list, tuple)) else [pod_ips])]
 
     def node_side(ipr: IPRoute) -> None:
@@ -164,8 +167,11 @@ def add_pod(node: str, pod: str, host_link: str,
         if any(ip.version == 6 for ip in ips):
             _add_address(ipr, idx, POD_GATEWAY6, 64)
         ipr.link("set", index=idx, state="up")
+        sources = {ipaddress.ip_address(str(a)).version: str(a) for a in node_addresses}
         for ip in ips:
-            ipr.route("add", dst=f"{ip}/{ip.max_prefixlen}", oif=idx, scope=SCOPE_LINK if ip.version == 4 else 0)
+            extra = {"prefsrc": sources[ip.version]} if ip.version in sources else {}
+            ipr.route("add", dst=f"{ip}/{ip.max_prefixlen}", oif=idx, scope=SCOPE_LINK if ip.version == 4 else 0,
+                      **extra)
 
     def pod_side(ipr: IPRoute) -> None:
         idx = _index(ipr, "eth0")
