@@ -188,15 +188,19 @@ class Agent:
         self.telemetry.health.set_fault("programs", None)
         log.info("datapath loaded in %.2fs (compiling and attaching %.2fs; %.2fs since start; pins in %s)",
                  time.monotonic() - t0, time.monotonic() - t1, time.monotonic() - started, cfg.pin_dir)
-        if cfg.socket_lb_cgroup and cfg.socket_lb:
-            self._start_socket_lb()
-        elif cfg.socket_lb_cgroup:
-            self._stop_socket_lb()
-
         # Attach to pod interfaces as they come; attaching replaces in place.
         self.watcher = InterfaceWatcher(cfg.pod_interfaces, self._attach_pod, self._detach_pod,
                                         on_address=self._address_changed)
         self.watcher.start()
+        # An address added or removed after the resolve above and before the watcher subscribed sent
+        # no event to anyone: resolve once more at the next sync.
+        self._addresses_changed.set()
+        if early:
+            self.runner.run()
+        if cfg.socket_lb_cgroup and cfg.socket_lb:
+            self._start_socket_lb()
+        elif cfg.socket_lb_cgroup:
+            self._stop_socket_lb()
         if not early:
             self._start_syncing()
 
