@@ -14,6 +14,11 @@ network of the machine it runs on.
 a route's `to` take one value or a list with one per family.  An IPv6 value the file
 leaves out is the twin of its IPv4 one in the lab's address plan (`ipv6_twin`), so
 the default lab file plus `ipFamilies: [IPv4, IPv6]` is a dual-stack lab.
+
+`clusterCIDR` (optional, IPv4) is the cluster's pod range, kube-proxy's `--cluster-cidr`: every
+node's IPv4 podCIDR inside it, and nothing else of the lab (the fabric with its node and client
+addresses, the service range) in it, since kube-proxy and the agents take any source in it for
+a pod.  Without it the lab's kube-proxy tells pods by the Node's podCIDR (kubeproxy.py).
 """
 
 from __future__ import annotations
@@ -150,6 +155,7 @@ class LabSpec:
     external: tuple[ExternalSpec, ...] = field(default=())
     control_plane: ControlPlaneSpec = field(default_factory=ControlPlaneSpec)
     ip_families: tuple[str, ...] = ("IPv4",)
+    cluster_cidr: ipaddress.IPv4Network | None = None    # kube-proxy's --cluster-cidr; None: none
 
     @property
     def service_cidr(self) -> IPNetwork:
@@ -182,7 +188,7 @@ class LabSpec:
         def one_or_all(values) -> str | list[str]:
             return str(values[0]) if len(values) == 1 else [str(v) for v in values]
 
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "ipFamilies": list(self.ip_families),
             "serviceCIDR": one_or_all(self.service_cidrs),
@@ -193,6 +199,9 @@ class LabSpec:
                           "routes": [{"to": str(r.to), "via": r.via} for r in e.routes]}
                          for e in self.external],
         }
+        if self.cluster_cidr is not None:
+            doc["clusterCIDR"] = str(self.cluster_cidr)
+        return doc
 
 
 def default_labfile() -> Path:
@@ -241,7 +250,34 @@ def parse(doc: Any) -> LabSpec:
                                                  "controlPlane.address", versions, _fabric_address))
     _check_unique(nodes, external, control_plane)
     _check_no_overlap(service_cidrs, nodes)
-    return LabSpec(name, service_cidrs, nodes, external, control_plane, families)
+    cluster_cidr = None
+    if doc.get("clusterCIDR") is not None:
+        cluster_cidr = _cluster_cidr(doc["clusterCIDR"], versions, service_cidrs, nodes)
+    return LabSpec(name, service_cidrs, nodes, external, control_plane, families, cluster_cidr)
+
+
+def _cluster_cidr(value: Any, versions: tuple[int, ...], service_cidrs: tuple[IPNetwork, ...],
+                  nodes: tuple[NodeSpec, ...]) -> ipaddress.IPv4Network:
+    """kube-proxy's --cluster-cidr: it must hold every pod and nothing that is not a pod, or the
+    proxies would take a node or an external client for a pod (and skip its masquerade)."""
+    cidr = _network(value, "clusterCIDR")
+    if cidr.version != 4:
+        raise LabFileError(f"clusterCIDR: {cidr} is not IPv4 (the lab's cluster CIDR is IPv4 only)")
+    if 4 not in versions:
+        raise LabFileError(f"clusterCIDR: {cidr} is IPv4, and the lab's ipFamilies have no IPv4")
+    # Every node, external client and the control plane has its address on the fabric (_fabric_address).
+    if cidr.overlaps(FABRIC_CIDR):
+        raise LabFileError(f"clusterCIDR: {cidr} overlaps the fabric {FABRIC_CIDR} "
+                           "(the addresses of the nodes and the external clients)")
+    for i, service_cidr in enumerate(service_cidrs):
+        if service_cidr.version == 4 and service_cidr.overlaps(cidr):
+            where = "serviceCIDR" if len(service_cidrs) == 1 else f"serviceCIDR[{i}]"
+            raise LabFileError(f"clusterCIDR: {cidr} overlaps {where} ({service_cidr})")
+    for i, node in enumerate(nodes):
+        pod_cidr = node.pod_cidr_of(4)
+        if pod_cidr is not None and not pod_cidr.subnet_of(cidr):
+            raise LabFileError(f"nodes[{i}].podCIDR: {pod_cidr} is outside clusterCIDR ({cidr})")
+    return cidr
 
 
 def _families(value: Any) -> tuple[str, ...]:
