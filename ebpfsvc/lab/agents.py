@@ -15,7 +15,8 @@ Only what a container gets from its pod spec is mapped to the lab's files:
 Like a DaemonSet's agent, it is told nothing about its node but the name: the
 addresses, zone, uplink and hairpin source come from its Node object and the
 namespace's interfaces, and the service CIDRs from the API's ServiceCIDR objects
-(ebpfsvc/nodeinfo.py).
+(ebpfsvc/nodeinfo.py). A lab file's `clusterCIDR` (nothing in the API says it) is
+passed as `--cluster-cidr`, as kube-proxy's is.
 
 The controller starts and stops agents (it is their parent and reaps them).
 """
@@ -58,5 +59,10 @@ def command(state: State, spec: LabSpec, node_name: str) -> list[str]:
         argv.append(arg.replace("$(NODE_NAME)", node.name))
     # The node's cgroup stands for the host's cgroup root: the lab's pods and node processes are
     # below it (cgroups.py). It is where the socket path attaches when config.yaml turns it on.
-    return argv + [f"--kubeconfig={paths.agent_kubeconfig(node.name)}",
-                   f"--socket-lb-cgroup={cgroups.node_cgroup(state.prefix, node.name)}"]
+    argv += [f"--kubeconfig={paths.agent_kubeconfig(node.name)}",
+             f"--socket-lb-cgroup={cgroups.node_cgroup(state.prefix, node.name)}"]
+    # The lab file's cluster CIDR, as an operator whose cluster has one passes it (kube-proxy's
+    # --cluster-cidr; deploy/ cannot know it): the same one the lab's kube-proxy gets.
+    if spec.cluster_cidr is not None:
+        argv.append(f"--cluster-cidr={spec.cluster_cidr}")
+    return argv

@@ -23,11 +23,15 @@ Everything kube-proxy changes stays inside the node's namespace:
   cleaning IPVS leftovers, which would load ip_vs for the whole machine. kube-proxy runs with a
   PATH of its own (`<state>/kube-proxy-bin`: iptables, ip6tables, their -save/-restore, nft),
   without modprobe, and then skips IPVS, as it does on a host without modprobe.
-- Local traffic: kube-proxy accepts one cluster CIDR per IP family, and the lab's pod CIDRs
-  (one /24 per node) have no common prefix that leaves out the fabric's node addresses, so
-  it tells local traffic by the Node's own `spec.podCIDR` (`--detect-local-mode=NodeCIDR`),
-  which the lab's Nodes carry. For the ClusterIP path that is the same decision: a node only
-  ever sees its own pods' packets to a ClusterIP.
+- Local traffic: with a lab file's `clusterCIDR` (examples/lab/cluster-cidr.yaml), kube-proxy
+  runs in its default mode, `--detect-local-mode=ClusterCIDR --cluster-cidr=<it>`: any pod
+  source is local, so pods of other nodes reaching an externalTrafficPolicy Local NodePort,
+  externalIP or LB IP are sent to the cluster-wide endpoints (the agents get the same
+  `--cluster-cidr`, agents.py). Without one (the default lab: its /24s have no common prefix
+  that leaves out the fabric's node addresses) it tells local traffic by the Node's own
+  `spec.podCIDR` (`--detect-local-mode=NodeCIDR`), which the lab's Nodes carry. For the
+  ClusterIP path both are the same decision: a node only ever sees its own pods' packets to a
+  ClusterIP.
 - Ports, inside the node's namespace: /healthz on 0.0.0.0:10256 and /metrics on
   127.0.0.1:10249, kube-proxy's defaults (an ebpfsvc agent on the same node then retries
   them in the background until kube-proxy lets go: health.py `Listener`).
@@ -118,6 +122,13 @@ def install_identity(lab: "Lab") -> None:
                                       f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}")
 
 
+def local_traffic_flags(spec: "LabSpec") -> list[str]:
+    """How kube-proxy tells pod traffic (module docstring): the lab's cluster CIDR, else the Node's podCIDR."""
+    if spec.cluster_cidr is not None:
+        return ["--detect-local-mode=ClusterCIDR", f"--cluster-cidr={spec.cluster_cidr}"]
+    return ["--detect-local-mode=NodeCIDR"]
+
+
 def command(state: "State", spec: "LabSpec", node_name: str, mode: str = "iptables",
             args: Iterable[str] = ()) -> list[str]:
     """kube-proxy's argv for `node_name` (`args` last, so they win)."""
@@ -129,7 +140,7 @@ def command(state: "State", spec: "LabSpec", node_name: str, mode: str = "iptabl
         f"--kubeconfig={kubeconfig_path(state, node.name)}",
         f"--hostname-override={node.name}",
         f"--proxy-mode={mode}",
-        "--detect-local-mode=NodeCIDR",
+        *local_traffic_flags(spec),
         "--conntrack-max-per-core=0",          # no global sysctl (module docstring)
         f"--healthz-bind-address=0.0.0.0:{HEALTHZ_PORT}",
         f"--metrics-bind-address=127.0.0.1:{METRICS_PORT}",

@@ -9,11 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from ebpfsvc.lab import controlplane, kubeproxy, labfile
+from ebpfsvc.lab import agents, controlplane, kubeproxy, labfile
+
+CLUSTER_CIDR_LAB = Path(__file__).resolve().parents[2] / "examples" / "lab" / "cluster-cidr.yaml"
 
 
-def _command(tmp_path: Path, mode: str = "iptables", args=()) -> list[str]:
-    return kubeproxy.command(SimpleNamespace(path=tmp_path), labfile.load(), "node-2", mode, args)
+def _command(tmp_path: Path, mode: str = "iptables", args=(), lab: Path | None = None) -> list[str]:
+    return kubeproxy.command(SimpleNamespace(path=tmp_path), labfile.load(lab), "node-2", mode, args)
 
 
 def _binary() -> str:
@@ -40,10 +42,28 @@ def test_unknown_mode_is_refused(tmp_path, monkeypatch):
         _command(tmp_path, "ipvs")
 
 
+def test_a_lab_cluster_cidr_reaches_kube_proxy_and_the_agents_alike(tmp_path, monkeypatch):
+    """With the lab file's clusterCIDR kube-proxy runs in its default ClusterCIDR mode and every agent
+    gets the same --cluster-cidr; without one, NodeCIDR and no cluster CIDR (kubeproxy.py docstring)."""
+    monkeypatch.setattr(controlplane, "binary", lambda name: f"/k8s/{name}")
+    state = SimpleNamespace(path=tmp_path, prefix="t1")
+    argv = _command(tmp_path, lab=CLUSTER_CIDR_LAB)
+    assert "--detect-local-mode=ClusterCIDR" in argv and "--cluster-cidr=198.18.64.0/18" in argv
+    assert "--detect-local-mode=NodeCIDR" not in argv
+    spec = labfile.load(CLUSTER_CIDR_LAB)
+    for node in spec.nodes:
+        assert agents.command(state, spec, node.name)[-1] == "--cluster-cidr=198.18.64.0/18"
+    default = _command(tmp_path)
+    assert "--detect-local-mode=NodeCIDR" in default and not [a for a in default if a.startswith("--cluster-cidr")]
+    assert not [a for a in agents.command(state, labfile.load(), "node-1") if a.startswith("--cluster-cidr")]
+
+
+@pytest.mark.parametrize("lab", [None, CLUSTER_CIDR_LAB], ids=["default", "cluster-cidr"])
 @pytest.mark.parametrize("mode", kubeproxy.MODES)
-def test_the_real_kube_proxy_accepts_every_flag(tmp_path, mode):
+def test_the_real_kube_proxy_accepts_every_flag(tmp_path, mode, lab):
     """--version exits after the flags are parsed: an unknown or malformed flag fails first."""
     _binary()
-    out = subprocess.run([*_command(tmp_path, mode), "--version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([*_command(tmp_path, mode, lab=lab), "--version"], capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Kubernetes v")
