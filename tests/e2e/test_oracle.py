@@ -25,6 +25,7 @@ import json
 import re
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -491,3 +492,94 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
         kept = {row: got for row, got in DIFFERENCES.items() if row not in MADE_THE_SAME_BY_OPTIONS}
         assert results[WITH_OPTIONS] == {**results["kube-proxy"], **kept}, \
             f"ebpfsvc with {KUBE_PROXY_OPTIONS} differs from kube-proxy other than as documented\n" + table(results)
+
+
+# -- issue 17 item 8: externalTrafficPolicy Local traffic from pods, with a cluster CIDR ------------
+#
+# kube-proxy's external chain of an ETP Local Service sends sources its local-traffic detector
+# matches (here: --cluster-cidr, its default ClusterCIDR mode) to the cluster-wide chain, and does
+# not masquerade them. That needs a lab whose pod CIDRs share a prefix without the fabric:
+# examples/lab/cluster-cidr.yaml (node-1 .65, node-2 .66, node-3 .67 in 198.18.64.0/18), whose
+# agents get the same --cluster-cidr (ebpfsvc/lab/agents.py).
+
+CC_LAB = Path(__file__).resolve().parents[2] / "examples" / "lab" / "cluster-cidr.yaml"
+CC_NODES = ("node-1", "node-2", "node-3")
+CC_CLIENTS = {"cc-client-1": "node-1", "cc-client-2": "node-2"}
+# ETP Local NodePorts: the only endpoint on node-1 (cc-a), or on node-3 (cc-c).
+CC_SERVICES = [service("cc-local-1", [{"port": 80, "targetPort": 8080, "nodePort": 30480}], selector={"pod": "cc-a"},
+                       type="NodePort", externalTrafficPolicy="Local"),
+               service("cc-local-3", [{"port": 80, "targetPort": 8080, "nodePort": 30481}], selector={"pod": "cc-c"},
+                       type="NodePort", externalTrafficPolicy="Local")]
+CC_ROWS = {  # row -> (client pod, NodePort): always node-1's address
+    "ETP Local, endpoint on node-1 only: pod on node-2 -> node-1's NodePort": ("cc-client-2", 30480),
+    "ETP Local, endpoint on node-3 only: pod on node-2 -> node-1's NodePort": ("cc-client-2", 30481),
+    "ETP Local, endpoint on node-3 only: pod on node-1 -> node-1's NodePort": ("cc-client-1", 30481),
+}
+# kube-proxy v1.37.2 with --cluster-cidr (both modes): "<backend> sees <client address as the pod,
+# a node, or the address>", or refused / timeout.
+CC_EXPECTED = {
+    "ETP Local, endpoint on node-1 only: pod on node-2 -> node-1's NodePort": "cc-a sees the pod",
+    "ETP Local, endpoint on node-3 only: pod on node-2 -> node-1's NodePort": "timeout",
+    "ETP Local, endpoint on node-3 only: pod on node-1 -> node-1's NodePort": "cc-c sees the pod",
+}
+# ebpfsvc SNATs a pod's flow that the uplink sends to another node (docs/semantics.md, "Kept on purpose").
+CC_DIFFERENCES = {
+    "ETP Local, endpoint on node-3 only: pod on node-2 -> node-1's NodePort": "cc-c sees node-1",
+}
+
+
+def seen_by_backend(lab: Lab, client: str, host: str, port: int) -> str:
+    """Which backend answers `client`'s request and whom it sees as the client, or the failure."""
+    try:
+        body = http_get(lab, client, host, port, timeout=3)
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "timeout"
+    except (OSError, ValueError) as exc:
+        return type(exc).__name__
+    who = {lab.pod_ip(client): "the pod", **{str(n.address): n.name for n in lab.spec.nodes}}
+    return f"{body['pod']} sees {who.get(body['client'], body['client'])}"
+
+
+def observe_cluster_cidr(lab: Lab) -> dict[str, str]:
+    return {row: seen_by_backend(lab, client, NODE1, port) for row, (client, port) in CC_ROWS.items()}
+
+
+# One lab, kube-proxy in each mode (cleaned up in between), then the agents: one compile.
+@pytest.mark.timeout(900)
+def test_oracle_etp_local_from_pods_of_other_nodes_with_a_cluster_cidr(unique_prefix):
+    with Lab.up(CC_LAB, prefix=unique_prefix, agents=False) as lab:
+        assert str(lab.spec.cluster_cidr) == "198.18.64.0/18"
+        lab.apply([*(bare_pod(name, node) for name, node in CC_CLIENTS.items()),
+                   apps.pod("cc-a", "http-echo", 8080, node="node-1", labels={"pod": "cc-a"}),
+                   apps.pod("cc-c", "http-echo", 8080, node="node-3", labels={"pod": "cc-c"}), *CC_SERVICES])
+        wait_ready(lab, ["cc-a", "cc-c"])
+        results: dict[str, dict[str, str]] = {}
+        for mode in kubeproxy.MODES:
+            began = time.monotonic()
+            for node in CC_NODES:
+                kubeproxy.start(lab, node, mode)
+            for node in CC_NODES:
+                for svc in ("cc-local-1", "cc-local-3"):
+                    kubeproxy.wait_serving(lab, node, mode, cluster_ip(lab, svc), 80, since=began)
+            results[f"kube-proxy {mode}"] = observe_cluster_cidr(lab)
+            for node in CC_NODES:
+                kubeproxy.stop(lab, node)
+                cleaned = kubeproxy.cleanup(lab, node)
+                assert cleaned.returncode == 0, cleaned.stderr[-2000:]
+        for node in CC_NODES:
+            lab.agent("start", node)
+        for svc in ("cc-local-1", "cc-local-3"):
+            wait_programmed(lab, svc, 80, backends=1, timeout=300)
+        wait_agents_attached(lab, [*CC_CLIENTS, "cc-a", "cc-c"])
+        results["ebpfsvc"] = observe_cluster_cidr(lab)
+
+        text = "\n".join(f"{row:<72}  " + "".join(f"{got[row]:<20} " for got in results.values()).rstrip()
+                         for row in CC_EXPECTED)
+        print(f"\n{'scenario':<72}  " + "".join(f"{name:<20} " for name in results).rstrip() + "\n" + text)
+        for mode in kubeproxy.MODES:
+            assert results[f"kube-proxy {mode}"] == CC_EXPECTED, \
+                f"kube-proxy v1.37.2 ({mode}) is not what docs/semantics.md says\n{text}"
+        assert results["ebpfsvc"] == {**CC_EXPECTED, **CC_DIFFERENCES}, \
+            f"ebpfsvc differs from kube-proxy other than as documented\n{text}"
