@@ -17,6 +17,13 @@ every row is observed again; then once more with the options that give kube-prox
 (KUBE_PROXY_OPTIONS in the ConfigMap), where four of the five differences must vanish (all but
 publishNotReadyAddresses, which has no option). An observation is what a client sees: "refused" (a RST or an ICMP
 port unreachable), "timeout" (dropped), an HTTP status and the body fields kube-proxy defines.
+
+A second lab (examples/lab/cluster-cidr.yaml: three nodes, a cluster CIDR) checks issue 17 item 8,
+externalTrafficPolicy Local traffic from pods with kube-proxy's default `--detect-local-mode
+ClusterCIDR`: 4 rows (CC_EXPECTED), kube-proxy in both modes on the same lab, then ebpfsvc. Two
+differ on purpose (CC_DIFFERENCES): kube-proxy sends a pod of another node to an endpoint on a
+third node without masquerading it, so the reply bypasses the node that translated it (TCP never
+connects; a UDP answer comes from the backend's address), while ebpfsvc SNATs it to the node.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from ebpfsvc.datapath import nsenter
 from ebpfsvc.lab import Lab, agents, apps, kubeproxy, names
 from ebpfsvc.lab.network import UPLINK
 
-from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, http_get, service, wait_agents_attached,
-                      wait_for, wait_programmed, wait_ready)
+from .helpers import (TcpStream, bare_pod, cluster_ip, connect_outcome, http_get, service, udp_socket,
+                      wait_agents_attached, wait_for, wait_programmed, wait_ready, wait_udp_bound)
 
 pytestmark = pytest.mark.root
 
@@ -494,7 +501,7 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
             f"ebpfsvc with {KUBE_PROXY_OPTIONS} differs from kube-proxy other than as documented\n" + table(results)
 
 
-# -- issue 17 item 8: externalTrafficPolicy Local traffic from pods, with a cluster CIDR ------------
+# -- issue 17 item 8: externalTrafficPolicy Local traffic from pods, with a cluster CIDR -------------
 #
 # kube-proxy's external chain of an ETP Local Service sends sources its local-traffic detector
 # matches (here: --cluster-cidr, its default ClusterCIDR mode) to the cluster-wide chain, and does
@@ -505,27 +512,42 @@ def test_oracle_kube_proxy_and_ebpfsvc_observe_the_same(unique_prefix, mode):
 CC_LAB = Path(__file__).resolve().parents[2] / "examples" / "lab" / "cluster-cidr.yaml"
 CC_NODES = ("node-1", "node-2", "node-3")
 CC_CLIENTS = {"cc-client-1": "node-1", "cc-client-2": "node-2"}
-# ETP Local NodePorts: the only endpoint on node-1 (cc-a), or on node-3 (cc-c).
+CC_UDP_PORT = 9000
+# ETP Local NodePorts: the only endpoint on node-1 (cc-a), or on node-3 (cc-c; cc-u for UDP).
 CC_SERVICES = [service("cc-local-1", [{"port": 80, "targetPort": 8080, "nodePort": 30480}], selector={"pod": "cc-a"},
                        type="NodePort", externalTrafficPolicy="Local"),
                service("cc-local-3", [{"port": 80, "targetPort": 8080, "nodePort": 30481}], selector={"pod": "cc-c"},
-                       type="NodePort", externalTrafficPolicy="Local")]
+                       type="NodePort", externalTrafficPolicy="Local"),
+               service("cc-udp-3", [{"port": CC_UDP_PORT, "protocol": "UDP", "nodePort": 30482}],
+                       selector={"pod": "cc-u"}, type="NodePort", externalTrafficPolicy="Local")]
 CC_ROWS = {  # row -> (client pod, NodePort): always node-1's address
     "ETP Local, endpoint on node-1 only: pod on node-2 -> node-1's NodePort": ("cc-client-2", 30480),
     "ETP Local, endpoint on node-3 only: pod on node-2 -> node-1's NodePort": ("cc-client-2", 30481),
     "ETP Local, endpoint on node-3 only: pod on node-1 -> node-1's NodePort": ("cc-client-1", 30481),
 }
-# kube-proxy v1.37.2 with --cluster-cidr (both modes): "<backend> sees <client address as the pod,
-# a node, or the address>", or refused / timeout.
+# The TCP row above times out whether the flow was sent to node-3 (short-circuit) or dropped (Local,
+# no endpoint on node-1): a UDP datagram tells them apart, since an unconnected socket takes a reply
+# from any address and the answer names the backend and the source it saw.
+CC_UDP_ROW = "ETP Local, endpoint on node-3 only: pod on node-2 -> node-1's UDP NodePort"
+# kube-proxy v1.37.2 with --cluster-cidr (both modes): "<backend> sees <the pod | a node | the address>"
+# (UDP: and whence the answer came), or refused / timeout.
 CC_EXPECTED = {
     "ETP Local, endpoint on node-1 only: pod on node-2 -> node-1's NodePort": "cc-a sees the pod",
     "ETP Local, endpoint on node-3 only: pod on node-2 -> node-1's NodePort": "timeout",
     "ETP Local, endpoint on node-3 only: pod on node-1 -> node-1's NodePort": "cc-c sees the pod",
+    CC_UDP_ROW: "cc-u sees the pod, answers from the backend",
 }
-# ebpfsvc SNATs a pod's flow that the uplink sends to another node (docs/semantics.md, "Kept on purpose").
+# ebpfsvc SNATs a pod's flow that the uplink sends to another node, so the reply comes back through
+# node-1 (docs/semantics.md, "Kept on purpose").
 CC_DIFFERENCES = {
     "ETP Local, endpoint on node-3 only: pod on node-2 -> node-1's NodePort": "cc-c sees node-1",
+    CC_UDP_ROW: "cc-u sees node-1, answers from the NodePort",
 }
+
+
+def who(lab: Lab, client: str, address: str) -> str:
+    names_of = {lab.pod_ip(client): "the pod", **{str(n.address): n.name for n in lab.spec.nodes}}
+    return names_of.get(address, address)
 
 
 def seen_by_backend(lab: Lab, client: str, host: str, port: int) -> str:
@@ -538,12 +560,31 @@ def seen_by_backend(lab: Lab, client: str, host: str, port: int) -> str:
         return "timeout"
     except (OSError, ValueError) as exc:
         return type(exc).__name__
-    who = {lab.pod_ip(client): "the pod", **{str(n.address): n.name for n in lab.spec.nodes}}
-    return f"{body['pod']} sees {who.get(body['client'], body['client'])}"
+    return f"{body['pod']} sees {who(lab, client, body['client'])}"
+
+
+def udp_seen_by_backend(lab: Lab, client: str, host: str, port: int) -> str:
+    """One datagram from `client` on an unconnected socket: the backend, whom it saw, and whether
+    the answer came from host:port (translated back) or from the backend's own address."""
+    sock = udp_socket(lab, client, timeout=3)
+    try:
+        sock.sendto(b"hi", (host, port))
+        data, source = sock.recvfrom(65535)
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        sock.close()
+    body = json.loads(data)
+    whence = {(host, port): "the NodePort", (body["podIP"], CC_UDP_PORT): "the backend"}.get(source, str(source))
+    return f"{body['pod']} sees {who(lab, client, body['client'])}, answers from {whence}"
 
 
 def observe_cluster_cidr(lab: Lab) -> dict[str, str]:
-    return {row: seen_by_backend(lab, client, NODE1, port) for row, (client, port) in CC_ROWS.items()}
+    got = {row: seen_by_backend(lab, client, NODE1, port) for row, (client, port) in CC_ROWS.items()}
+    got[CC_UDP_ROW] = udp_seen_by_backend(lab, "cc-client-2", NODE1, 30482)
+    return got
 
 
 # One lab, kube-proxy in each mode (cleaned up in between), then the agents: one compile.
@@ -553,8 +594,10 @@ def test_oracle_etp_local_from_pods_of_other_nodes_with_a_cluster_cidr(unique_pr
         assert str(lab.spec.cluster_cidr) == "198.18.64.0/18"
         lab.apply([*(bare_pod(name, node) for name, node in CC_CLIENTS.items()),
                    apps.pod("cc-a", "http-echo", 8080, node="node-1", labels={"pod": "cc-a"}),
-                   apps.pod("cc-c", "http-echo", 8080, node="node-3", labels={"pod": "cc-c"}), *CC_SERVICES])
-        wait_ready(lab, ["cc-a", "cc-c"])
+                   apps.pod("cc-c", "http-echo", 8080, node="node-3", labels={"pod": "cc-c"}),
+                   apps.pod("cc-u", "udp-echo", CC_UDP_PORT, node="node-3", labels={"pod": "cc-u"}), *CC_SERVICES])
+        wait_ready(lab, ["cc-a", "cc-c", "cc-u"])
+        wait_udp_bound(lab, "cc-client-2", ["cc-u"], CC_UDP_PORT)
         results: dict[str, dict[str, str]] = {}
         for mode in kubeproxy.MODES:
             began = time.monotonic()
@@ -572,12 +615,15 @@ def test_oracle_etp_local_from_pods_of_other_nodes_with_a_cluster_cidr(unique_pr
             lab.agent("start", node)
         for svc in ("cc-local-1", "cc-local-3"):
             wait_programmed(lab, svc, 80, backends=1, timeout=300)
-        wait_agents_attached(lab, [*CC_CLIENTS, "cc-a", "cc-c"])
+        wait_programmed(lab, "cc-udp-3", CC_UDP_PORT, backends=1, proto="UDP")
+        wait_agents_attached(lab, [*CC_CLIENTS, "cc-a", "cc-c", "cc-u"])
         results["ebpfsvc"] = observe_cluster_cidr(lab)
 
-        text = "\n".join(f"{row:<72}  " + "".join(f"{got[row]:<20} " for got in results.values()).rstrip()
-                         for row in CC_EXPECTED)
-        print(f"\n{'scenario':<72}  " + "".join(f"{name:<20} " for name in results).rstrip() + "\n" + text)
+        width = max(map(len, CC_EXPECTED))
+        text = "\n".join([f"{'scenario':<{width}}  " + "".join(f"{name:<44} " for name in results).rstrip()] +
+                         [f"{row:<{width}}  " + "".join(f"{got[row]:<44} " for got in results.values()).rstrip()
+                          for row in CC_EXPECTED])
+        print("\n" + text)
         for mode in kubeproxy.MODES:
             assert results[f"kube-proxy {mode}"] == CC_EXPECTED, \
                 f"kube-proxy v1.37.2 ({mode}) is not what docs/semantics.md says\n{text}"
