@@ -1,6 +1,6 @@
 """The oracle: the same scenarios observed with the real kube-proxy (v1.37.2, the binary the lab
 builds; iptables and nftables mode) and with ebpfsvc on the same lab, and the observations
-compared (issue 17): 22 rows, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
+compared (issue 17): 22 rows on the default lab, kube-proxy's answers pinned in EXPECTED, ebpfsvc's the same but
 for DIFFERENCES.
 
 Five rows differ on purpose (DIFFERENCES, docs/semantics.md "Kept on purpose"): an established
