@@ -412,7 +412,8 @@ class Agent:
         self._set_node_context(info)
         # What the programs were compiled with, for `ebpfsvc why` (the one place that reads it back).
         loader.publish_options(self.datapath.maps, reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
-                               masquerade_external_to_local_backends=cfg.masquerade_external_to_local_backends)
+                               masquerade_external_to_local_backends=cfg.masquerade_external_to_local_backends,
+                               cluster_cidr=cfg.cluster_cidr)
         self._configured = info
         loader.release_compiler_memory()    # LLVM is needed again only for the next compile
 

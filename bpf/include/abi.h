@@ -223,6 +223,7 @@ struct lb_service_status {
 #define LB_CFG_PUBLISHED                 0x1   /* the word below was written */
 #define LB_CFG_RESET_REMOVED_TCP         0x2   /* LB_RESET_REMOVED_TCP: --reset-removed-endpoint-tcp */
 #define LB_CFG_MASQUERADE_LOCAL_BACKENDS 0x4   /* NP_MASQUERADE_LOCAL_BACKENDS: --masquerade-external-to-local-backends */
+#define LB_CFG_CLUSTER_CIDR              0x8   /* NP_CLUSTER_CIDR_*: --cluster-cidr, in lb_agent_cluster_cidr */
 
 /* Conntrack key: the 5-tuple as seen on the wire in one direction. */
 struct ct4_key {

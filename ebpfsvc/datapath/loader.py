@@ -184,18 +184,26 @@ def cflags_for(pin_dir: Path, limits: Limits, snat_keep_client_port: bool = True
 
 
 def agent_options(*, reset_removed_endpoint_tcp: bool = True,
-                  masquerade_external_to_local_backends: bool = False) -> int:
+                  masquerade_external_to_local_backends: bool = False, cluster_cidr=None) -> int:
     """The LB_CFG_* word of lb_agent_config: the options cflags_for compiles in, as the agent
     publishes them for `ebpfsvc why` (inspect/node.py NodeMaps.agent_options reads it back)."""
     return (abi.LB_CFG_PUBLISHED
             | (abi.LB_CFG_RESET_REMOVED_TCP if reset_removed_endpoint_tcp else 0)
-            | (abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS if masquerade_external_to_local_backends else 0))
+            | (abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS if masquerade_external_to_local_backends else 0)
+            | (abi.LB_CFG_CLUSTER_CIDR if cluster_cidr is not None else 0))
 
 
-def publish_options(maps, **options) -> None:
-    """Write agent_options(**options) into lb_agent_config (bcc tables by name, as Datapath.maps)."""
+def publish_options(maps, cluster_cidr=None, **options) -> None:
+    """Write agent_options(**options) into lb_agent_config, and the cluster CIDR (network, prefix
+    length) into lb_agent_cluster_cidr before the word that says it is there (bcc tables by name,
+    as Datapath.maps)."""
+    if cluster_cidr is not None:
+        net = ipaddress.IPv4Network(cluster_cidr)
+        cidr = maps["lb_agent_cluster_cidr"]
+        cidr[cidr.Key(0)] = cidr.Leaf(int(net.network_address))
+        cidr[cidr.Key(1)] = cidr.Leaf(net.prefixlen)
     table = maps["lb_agent_config"]
-    table[table.Key(0)] = table.Leaf(agent_options(**options))
+    table[table.Key(0)] = table.Leaf(agent_options(cluster_cidr=cluster_cidr, **options))
 
 
 def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,

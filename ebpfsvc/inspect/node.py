@@ -59,7 +59,7 @@ def ip6_str(words) -> str:
 # The IPv6 twins: read when pinned (the views skip them otherwise).
 _IPV6_MAPS = frozenset(name for name in abi.MAP_TYPES if name.startswith(("lb6_", "ct6", "frag6")))
 # Read when pinned: absent with an agent of a version before them.
-_OPTIONAL_MAPS = _IPV6_MAPS | {"lb_agent_config"}
+_OPTIONAL_MAPS = _IPV6_MAPS | {"lb_agent_config", "lb_agent_cluster_cidr"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class AgentOptions:
 
     reset_removed_endpoint_tcp: bool
     masquerade_external_to_local_backends: bool
+    cluster_cidr: ipaddress.IPv4Network | None = None     # --cluster-cidr (lb_agent_cluster_cidr)
 
 
 def hostport(address: str, port: int) -> str:
@@ -544,8 +545,13 @@ class NodeMaps:
         word = _decode("__u32", raw)[0] if raw is not None else 0
         if not word & abi.LB_CFG_PUBLISHED:
             return None
+        cidr = self.maps.get("lb_agent_cluster_cidr")
+        cluster_cidr = None
+        if word & abi.LB_CFG_CLUSTER_CIDR and cidr is not None:
+            net, prefix = (_decode("__u32", cidr.lookup(_encode(ffi.new("__u32 *", i))))[0] for i in (0, 1))
+            cluster_cidr = ipaddress.IPv4Network((int(net), int(prefix)))
         return AgentOptions(bool(word & abi.LB_CFG_RESET_REMOVED_TCP),
-                            bool(word & abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS))
+                            bool(word & abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS), cluster_cidr)
 
     def drops(self) -> dict[str, int]:
         m = self.maps["lb_drops"]

@@ -6,6 +6,7 @@ renders them as tables or JSON, tests compare them with the traffic they sent.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 
 from ebpfsvc import abi
@@ -270,6 +271,17 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
                  "when bound); the steps below are the TC path's, for the rest", path=path)
         else:
             step("socket path", f"not taken: {path}", path=path)
+    cluster_cidr = options.cluster_cidr if options is not None else None
+    if external and fe.flags & abi.LB_SVC_F_LOCAL_ONLY and cluster_cidr is not None \
+            and ipaddress.ip_address(src) in cluster_cidr:
+        # bpf/lib/nodeport.h np4_lookup_frontend: a pod (of another node) to a Local-policy external
+        # frontend takes its INTERNAL twin's cluster-wide set, as kube-proxy's short-circuit.
+        twin = node.frontend(dst, dport, proto, "internal")
+        if twin is not None and not twin.is_marker:
+            step("cluster CIDR", f"{src} is inside the agent's --cluster-cidr {cluster_cidr}: pod traffic, "
+                 f"served by {twin.name} (internal), the cluster-wide backends, as kube-proxy; a backend on "
+                 "another node is SNATed to this one (docs/semantics.md)")
+            fe = twin
     fe_flags[0] = fe.flags
     if external and fe.flags & getattr(abi, "LB_SVC_F_SOURCE_RANGES", 0):
         if not node.source_allowed(fe, src):

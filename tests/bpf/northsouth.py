@@ -86,6 +86,21 @@ def be(addr, port=8080, proto=Protocol.TCP, local=False, **kw) -> Backend:
     return Backend(A(addr), port, proto, local=local, **kw)
 
 
+# externalTrafficPolicy Local and pods of other nodes (--cluster-cidr, issue 17 item 8).
+NODE2_POD = "198.18.2.50"          # a client pod on node-2: inside the cluster CIDR below
+CLUSTER_CIDR = "198.18.2.0/23"     # node-2's pods (the fixture's fabric routes 198.18.2.0/24 via node-2)
+
+
+def local_policy_with_only_a_remote_endpoint() -> tuple[Frontend, Frontend]:
+    """ETP Local on node-1's NodePort 30085 with no endpoint here, and its INTERNAL twin (as desired.py
+    makes it) with the cluster-wide one, REMOTE_BE on node-2."""
+    external = ext_frontend(NODE, 30085, [], local_only=True, name="etp-local-remote")
+    internal = Frontend(key=FrontendKey(A(NODE), 30085, Protocol.TCP, Scope.INTERNAL),
+                        service=ServicePortName("default", "etp-local-remote", "", Protocol.TCP),
+                        kind=FrontendKind.NODE_PORT, backends=(be(REMOTE_BE),))
+    return external, internal
+
+
 def snat_port(client: str, frontend: str, sport: int, dport: int, proto: int = 6, probe: int | None = None) -> int:
     """The SNAT source port the datapath gives a new flow (np4_snat_alloc). `probe` None: its
     first choice, a TCP client's own port (from SNAT_KEEP_PORT_MIN) or else the range port its

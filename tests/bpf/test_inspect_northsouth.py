@@ -18,8 +18,8 @@ from ebpfsvc.inspect.node import NodeMaps
 from ebpfsvc.lbmodel import FrontendKind, LBState
 
 from .northsouth import (
-    CLIENT, CLIENT2, CLIENT2_MAC, LB_IP, LOCAL_BE, NODE, REMOTE_BE, REMOTE_BE2, be, ext_frontend, from_client,
-    pod_veth,
+    CLIENT, CLIENT2, CLIENT2_MAC, CLUSTER_CIDR, LB_IP, LOCAL_BE, NODE, NODE2_POD, REMOTE_BE, REMOTE_BE2, be,
+    ext_frontend, from_client, from_node2, local_policy_with_only_a_remote_endpoint, pod_veth,
 )
 from .packets import tcp
 
@@ -87,3 +87,28 @@ def test_why_external_says_a_local_backend_is_masqueraded_when_the_agent_does(up
     res = uplink.run("from_uplink", from_client(tcp(CLIENT, NODE, 42100, 30091, "S")))
     out = Ether(res.data)[IP]
     assert (res.verdict, out.src, out.dst) == ("TC_ACT_REDIRECT", NODE, LOCAL_BE)
+
+
+@pytest.mark.parametrize("uplink", [{"cluster_cidr": CLUSTER_CIDR}], indirect=True)
+def test_why_external_takes_the_cluster_wide_set_for_a_pod_in_the_agents_cluster_cidr(uplink, pin_dir):
+    """With --cluster-cidr published (as the agent does), `why` follows a pod of another node to a
+    Local-policy NodePort to the INTERNAL twin's cluster-wide backend, SNATed, as the program compiled
+    with it does; a client outside the cluster CIDR still meets the Local set (dropped here)."""
+    from ebpfsvc.datapath import loader
+
+    uplink.writer.apply(LBState.of(local_policy_with_only_a_remote_endpoint()))
+    w = why(pin_dir, NODE2_POD, f"{NODE}:30085/TCP", 40000)
+    assert (w["verdict"], w["reason"]) == ("drop", "no_local_backend"), "nothing published: no cluster CIDR"
+    loader.publish_options(uplink.dp.maps, cluster_cidr=CLUSTER_CIDR)
+    with NodeMaps.open(pin_dir) as node:
+        assert str(node.agent_options().cluster_cidr) == CLUSTER_CIDR
+    w = why(pin_dir, NODE2_POD, f"{NODE}:30085/TCP", 40000)
+    steps = {s["step"]: s["outcome"] for s in w["steps"]}
+    assert (w["verdict"], w["backend"]) == ("dnat", f"{REMOTE_BE}:8080/TCP")
+    assert CLUSTER_CIDR in steps["cluster CIDR"] and "SNAT" in steps["source"]
+    res = uplink.run("from_uplink", from_node2(tcp(NODE2_POD, NODE, 40000, 30085, "S")))
+    out = Ether(res.data)[IP]
+    assert (res.verdict, out.src, out.dst) == ("TC_ACT_REDIRECT", NODE, REMOTE_BE)
+    w = why(pin_dir, CLIENT, f"{NODE}:30085/TCP", 40001)
+    assert (w["verdict"], w["reason"]) == ("drop", "no_local_backend") and "cluster CIDR" not in str(w["steps"])
+    assert uplink.run("from_uplink", from_client(tcp(CLIENT, NODE, 40001, 30085, "S"))).verdict == "TC_ACT_SHOT"

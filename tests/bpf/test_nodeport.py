@@ -17,9 +17,10 @@ from ebpfsvc import abi
 from ebpfsvc.lbmodel import FrontendKind, LBState, Protocol
 
 from .northsouth import (
-    CLIENT, CLIENT2, CLIENT2_MAC, EXT_IP, LOCAL_BE, LOCAL_BE2, NODE, NODE2, OK, REDIRECT, REMOTE_BE, SHOT,
-    be, ext_frontend, forwarded_to_client, from_client, from_node2, local_tcp_flow, remote_tcp_flow,
-    remote_udp_exchange, snat_port, to_client, to_node2,
+    CLIENT, CLIENT2, CLIENT2_MAC, CLUSTER_CIDR, EXT_IP, LOCAL_BE, LOCAL_BE2, NODE, NODE2, NODE2_POD, OK, REDIRECT,
+    REMOTE_BE, SHOT, be, ext_frontend, forwarded_to_client, from_client, from_node2,
+    local_policy_with_only_a_remote_endpoint, local_tcp_flow, remote_tcp_flow, remote_udp_exchange, snat_port,
+    to_client, to_node2,
 )
 from .packets import expected_backend, tcp, udp
 
@@ -346,20 +347,8 @@ def test_a_connection_kube_proxy_translated_is_left_to_the_kernel(uplink):
 
 # ---- externalTrafficPolicy Local and pods of other nodes (--cluster-cidr, issue 17 item 3) ------
 
-NODE2_POD = "198.18.2.50"          # a client pod on node-2: inside the cluster CIDR below
-CLUSTER_CIDR = "198.18.2.0/23"     # node-2's pods (the fixture's fabric routes 198.18.2.0/24 via node-2)
-
-
 def _local_policy_with_only_a_remote_endpoint():
-    """ETP Local on node-1's NodePort 30085 with no endpoint here; its INTERNAL twin (as desired.py
-    makes it) has the cluster-wide one, REMOTE_BE on node-2."""
-    from ebpfsvc.lbmodel import Frontend, FrontendKey, Scope, ServicePortName
-    from .northsouth import A
-    external = ext_frontend(NODE, 30085, [], local_only=True, name="etp-local-remote")
-    internal = Frontend(key=FrontendKey(A(NODE), 30085, Protocol.TCP, Scope.INTERNAL),
-                        service=ServicePortName("default", "etp-local-remote", "", Protocol.TCP),
-                        kind=FrontendKind.NODE_PORT, backends=(be(REMOTE_BE),))
-    return state(external, internal)
+    return state(*local_policy_with_only_a_remote_endpoint())
 
 
 @pytest.mark.parametrize("uplink", [{"cluster_cidr": CLUSTER_CIDR}], indirect=True)

@@ -158,21 +158,23 @@ def test_the_agent_publishes_its_compiled_options_and_masquerade_finds_the_node_
     flow is addressed to the node (bpf/lib/flow.h): the pod programs read that address from lb_node_addrs,
     written whatever the options, so neither option changes what is loaded."""
     agent = make_agent(host_clients=False, masquerade_external_to_local_backends=True,
-                       reset_removed_endpoint_tcp=False)
+                       reset_removed_endpoint_tcp=False, cluster_cidr=IPv4Network("198.18.64.0/18"))
     send(agent, node_obj("198.18.0.11"))
     list_all(agent, "Node")
     agent.sync()
     node = IPv4Address("198.18.0.11")
     assert kernel.loads[-2:] == ["pod", "uplink"]
     assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node)
-    assert kernel.published[-1] == {"reset_removed_endpoint_tcp": False, "masquerade_external_to_local_backends": True}
+    assert kernel.published[-1] == {"reset_removed_endpoint_tcp": False, "masquerade_external_to_local_backends": True,
+                                    "cluster_cidr": IPv4Network("198.18.64.0/18")}
 
     plain = make_agent(host_clients=False)
     send(plain, node_obj("198.18.0.11"))
     list_all(plain, "Node")
     plain.sync()
     assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node)
-    assert kernel.published[-1] == {"reset_removed_endpoint_tcp": True, "masquerade_external_to_local_backends": False}
+    assert kernel.published[-1] == {"reset_removed_endpoint_tcp": True, "masquerade_external_to_local_backends": False,
+                                    "cluster_cidr": None}
 
 
 def test_a_bad_node_is_one_log_line_and_its_last_good_version_stays(kernel, caplog):
