@@ -90,8 +90,11 @@ def test_full_maps_program_what_fits_oldest_first_and_tell_the_rest(tmp_path, pi
         # An existing Service is never evicted: an older newcomer waits.
         syncs = agent.syncs
         (mdir / "old.yaml").write_text(service(10).replace("s10", "old").replace("2026-01-20", "2025-01-01"))
-        wait_for(lambda: ("default", "old") in agent.admission.reported, "the newcomer reported")
-        assert served(agent, 9, next(sports)) and agent.syncs > syncs
+        # The sync names the newcomer before it counts itself done: wait for both, or a loaded
+        # machine sees the name with agent.syncs not yet moved (CI, 2026-12-03).
+        wait_for(lambda: ("default", "old") in agent.admission.reported and agent.syncs > syncs,
+                 "the newcomer reported by a finished sync")
+        assert served(agent, 9, next(sports))
 
         # Room made: the next sync programs the oldest waiting ones (old, then s2). Recovery time
         # (deletion -> served) is printed, not asserted.
