@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,8 +233,10 @@ def plot_metric(summaries: dict[Key, Summary], metric: str, info: Metric, path: 
     if len(xs_all) > 1 and max(xs_all) / max(min(xs_all), 1) >= 10:
         ax.set_xscale("log")
     ax.set_xlabel("services in the tables")
-    ax.set_ylabel(f"{info.title} ({info.unit})" if info.unit else info.title)
-    ax.set_title(f"{info.title}: median, bars min–max")
+    # Wrapped: a long title (the endpoint change's) ran past both edges of the figure, and its
+    # y label past the top and bottom. The title names the metric; the y label needs only the unit.
+    ax.set_ylabel(info.unit or textwrap.fill(info.title, 40))
+    ax.set_title(textwrap.fill(f"{info.title}: median, bars min–max", 70), fontsize="medium")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
