@@ -19,17 +19,19 @@ IPVS is left out: this kernel has no IP_VS.  The Python-generated rule sets of r
 run's tables.
 
 Services: selectorless, in namespace `bench`, each with an EndpointSlice this run writes (so
-an endpoint change is one API write, and nothing else moves).  The probes (measured) and N
-fillers (two real backends each) are created through the API by server-side apply from a
-pool of threads, timed.  Every N is measured with every datapath in every repeat, in an order
+an endpoint change is one API write, and nothing else moves).  The probes (measured) are
+applied through the lab's API relay; the N fillers (two real backends each) are POSTed
+straight to the API server from worker processes inside the control-plane namespace
+(bench/fill.py), timed.  Every N is measured with every datapath in every repeat, in an order
 rotated by one per repeat.
 
 Per activation: start the process; the time until the watch probe answers on the wire
 (`program_seconds`, from start); kube-proxy's own "SyncProxyRules complete" time or the
 agent's first full sync time (the rule/map writing alone); traffic (wrk/nginx conn/s,
-sockperf p50/p99, iperf3 TCP same/cross node and UDP, CPU per connection and per GB from
-/proc/stat); endpoint changes (the watch probe's EndpointSlice moves srv-a -> srv-b and back,
-timed from the API write to the first new connection that reaches the new backend);
+sockperf p50/p99 with its client and server on one CPU (tools.LATENCY_CPU), iperf3 TCP
+same/cross node and UDP, CPU per connection and per GB from /proc/stat); endpoint changes
+(the watch probe's EndpointSlice moves srv-a -> srv-b and back, timed from the API write to
+the first new connection that reaches the new backend);
 then stop and clean the node (kube-proxy --cleanup, ebpfsvc cleanup).
 """
 
@@ -140,37 +142,39 @@ def filler_ports() -> list[tuple]:
     return [("http", 80, "TCP", FILLER, ["srv-a", "srv-b"])]
 
 
-def _create_some(kubeconfig: str, indexes: list[int], ips: dict[str, str], threads: int) -> int:
-    """In one worker process: each filler's Service and slice, from `threads` threads."""
-    from ebpfsvc.lab.api import LabAPI
-
-    local = threading.local()
-
-    def create(i: int) -> int:
-        if not hasattr(local, "api"):
-            local.api = LabAPI(kubeconfig)
-        local.api.create_or_apply(service(filler_name(i), filler_ports()))
-        local.api.create_or_apply(endpoint_slice(filler_name(i), filler_ports(), ips))
-        return 2
-
-    with ThreadPoolExecutor(threads) as pool:
-        return sum(pool.map(create, indexes))
+def filler_objects(indexes, ips: dict[str, str]) -> list[list[dict]]:
+    """Each filler's Service and its slice, in that order (the slice names the Service)."""
+    return [[service(filler_name(i), filler_ports()), endpoint_slice(filler_name(i), filler_ports(), ips)]
+            for i in indexes]
 
 
-def create_fillers(kubeconfig: str, indexes: range, ips: dict[str, str], processes: int, threads: int) -> int:
+def _create_some(cp_netns: str, kubeconfig: str, indexes: list[int], ips: dict[str, str], threads: int) -> int:
+    """In one worker process: each filler's Service and slice, from `threads` threads inside the
+    control-plane namespace `cp_netns`, straight to the API server (bench/fill.py)."""
+    from ebpfsvc.bench import fill
+    from ebpfsvc.datapath import nsenter
+
+    settings = fill.kubeconfig_settings(kubeconfig)     # read once, not per thread
+    return nsenter.run_in(cp_netns, fill.create_all, lambda: fill.Writer(**settings),
+                          filler_objects(indexes, ips), threads)
+
+
+def create_fillers(cp_netns: str, kubeconfig: str, indexes: range, ips: dict[str, str], processes: int,
+                   threads: int) -> int:
     """Fillers `indexes` created through the API from `processes` worker processes (spawned: the
-    bench's own threads are not forked); returns the objects created."""
+    bench's own threads are not forked), each in the lab's control-plane namespace `cp_netns` with
+    `kubeconfig` its API server's own (loopback) address; returns the objects created."""
     import multiprocessing
 
     parts = [list(indexes[k::processes]) for k in range(processes)]
     if processes <= 1:
-        return _create_some(kubeconfig, parts[0], ips, threads)
+        return _create_some(cp_netns, kubeconfig, parts[0], ips, threads)
     from ebpfsvc.bench import real    # by its module name, also when this runs as __main__ (-m)
 
     # A Pool, not a ProcessPoolExecutor: leaving its block terminates the workers, so an interrupted
     # fill (SIGTERM) goes on to the lab's teardown instead of waiting for them to finish writing.
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        return sum(pool.starmap(real._create_some, [(kubeconfig, part, ips, threads) for part in parts]))
+        return sum(pool.starmap(real._create_some, [(cp_netns, kubeconfig, part, ips, threads) for part in parts]))
 
 
 def order(names: tuple[str, ...], repeat: int) -> list[str]:
@@ -338,18 +342,24 @@ class Run:
     def fill(self, n: int) -> None:
         """Fillers up to n service ports in all (probes included), created through the API by
         cfg.apply_processes processes of cfg.apply_threads threads, each thread one kept-alive
-        connection (one Python process alone is held to one core by its interpreter lock)."""
+        connection straight to the API server in the cp namespace (bench/fill.py; one Python
+        process alone is held to one core by its interpreter lock)."""
         want = max(0, n - sum(len(p) for p in PROBES.values()))
         if want <= self.filled:
             return
+        from ebpfsvc.lab import controlplane, names
+
         procs, threads = self.cfg.apply_processes, self.cfg.apply_threads
         t0 = time.monotonic()
-        created = create_fillers(str(self.lab.kubeconfig), range(self.filled, want), self.ips, procs, threads)
+        created = create_fillers(names.member_netns(self.lab.prefix, names.CONTROL_PLANE),
+                                 str(controlplane.Paths(self.lab.state.path).inside_kubeconfig),
+                                 range(self.filled, want), self.ips, procs, threads)
         seconds = time.monotonic() - t0
         objects = 2 * (want - self.filled)
         assert created == objects, (created, objects)
         self.data["applies"].append({"objects": objects, "services_after": n, "seconds": seconds,
                                      "processes": procs, "threads": threads, "per_s": objects / seconds,
+                                     "via": "POST from the cp namespace to 127.0.0.1:6443",
                                      "load_after": loadavg()})
         self.log(f"  API: {objects:,} objects (Services + EndpointSlices) created in {seconds:.1f} s "
                  f"({objects / seconds:,.0f}/s, {procs} processes × {threads} threads)")
@@ -652,6 +662,9 @@ class Run:
                 for repeat in range(self.cfg.repeats):
                     for dp in order(here, repeat):
                         self.point(dp, n, repeat)
+        except Stopped as stop:
+            self.data["meta"]["stopped"] = f"by {stop} after {(time.monotonic() - t0) / 60:.1f} min"
+            raise
         finally:
             self.teardown()
             self.data["meta"]["load_end"] = loadavg()
@@ -807,6 +820,41 @@ def write(data: dict, out: Path) -> Path:
     return path
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT in the bench's own process: unwinds the run like Ctrl-C (every `finally`
+    runs, so the lab is torn down) but is no Exception, so point() does not record it as one
+    failed point and go on."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise Stopped once in this process; a second signal while the run
+    unwinds (the lab's teardown) is logged and ignored, so it cannot cut the cleanup short.
+    Children forked from this process (before they exec) just exit."""
+    owner, stopping = os.getpid(), []
+
+    def stop(signum, frame):
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        if stopping:
+            print(f"{signal.Signals(signum).name} again: still cleaning up", file=sys.stderr, flush=True)
+            return
+        stopping.append(signum)
+        print(f"{signal.Signals(signum).name}: stopping; tearing the lab down", file=sys.stderr, flush=True)
+        raise Stopped(signum)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ebpfsvc.bench.real", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 and 1,000 services, 2 repeats, 2 s per measurement")
@@ -852,15 +900,19 @@ def main(argv: list[str] | None = None) -> None:
     cfg.note = args.note
     cfg.command = " ".join(sys.argv)
     out = Path(args.out or Path("results") / ("real-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")))
-    owner = os.getpid()
-
-    def interrupt(signum, frame):
-        if os.getpid() != owner:
-            os._exit(128 + signum)
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    print(Run(cfg, out).run())
+    run = Run(cfg, out)
+    with stop_on_signals():
+        try:
+            print(run.run())
+        except Stopped as stop:
+            # Run.run has torn the lab down and saved results.json on the way out: say so, and
+            # report what was measured, without a traceback (a stop is not a failure of the bench).
+            done = len([p for p in run.data["points"] if p["metrics"]])
+            if run.data["results"]:
+                write(run.data, out)
+            print(f"stopped by {stop}: lab torn down; {done} points kept in {out / 'results.json'}",
+                  file=sys.stderr, flush=True)
+            sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ process's rusage).
     wrk_connection_rate   wrk -H "Connection: close" against nginx (keepalive_timeout 0): a new
                           TCP connection per request; requests/s = connections/s
     sockperf_latency      sockperf ping-pong on one TCP connection: p50 / p99 in µs (sockperf
-                          reports half the round trip, as every sockperf figure)
+                          reports half the round trip, as every sockperf figure); client and
+                          server pinned to one CPU (LATENCY_CPU, below)
     iperf3_udp            iperf3 -u -b 0 with 64-byte datagrams: packets/s that arrived
     traffic.tcp_throughput  iperf3, one TCP stream (kept from traffic.py)
 
@@ -19,6 +20,7 @@ and traffic.iperf3_server.  Each is stopped by its own pid.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -29,6 +31,26 @@ from ebpfsvc.bench.traffic import busy_seconds, client_preexec, cpu_times, stop_
 from ebpfsvc.datapath import nsenter
 
 _SLACK = 20.0
+
+# sockperf's client and server both run on this CPU (the last one this process may use). Left to
+# the scheduler, the two land on the same vCPU or on different ones from run to run; on different
+# ones every wake-up of the other side is an IPI to a halted vCPU (this VM's cpuidle is haltpoll
+# with guest_halt_poll_ns=0), and the half round trip jumps from 12-16 µs to 42-52 µs for any
+# datapath, direct included (docs/bench.md, "sockperf's two modes"). On one CPU the figure is the
+# path's own cost, and repeats agree.
+LATENCY_CPU = max(os.sched_getaffinity(0))
+
+
+def pinned(preexec, cpu: int | None):
+    """`preexec`, then the child bound to `cpu` (None: left to the scheduler)."""
+    if cpu is None:
+        return preexec
+
+    def enter() -> None:
+        preexec()
+        os.sched_setaffinity(0, {cpu})
+
+    return enter
 
 NGINX_CONF = """\
 daemon off;
@@ -53,11 +75,12 @@ http {{
 class Proc:
     """A server process started in a namespace; stop() ends it, by its pid only."""
 
-    def __init__(self, argv: list[str], netns: str, ready, timeout: float = 10.0, log: Path | None = None):
+    def __init__(self, argv: list[str], netns: str, ready, timeout: float = 10.0, log: Path | None = None,
+                 cpu: int | None = None):
         self.argv = argv
         out = open(log, "ab") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=nsenter.preexec(netns, new_session=True))
+                                     preexec_fn=pinned(nsenter.preexec(netns, new_session=True), cpu))
         deadline = time.monotonic() + timeout
         while not ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -94,15 +117,15 @@ def nginx_server(netns: str, ports: list[int], state_dir: Path, ipv6: bool = Fal
                 lambda: all(listening(netns, p) for p in ports), log=workdir / "stdout.log")
 
 
-def sockperf_server(netns: str, port: int, state_dir: Path) -> Proc:
+def sockperf_server(netns: str, port: int, state_dir: Path, cpu: int | None = LATENCY_CPU) -> Proc:
     return Proc(["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", str(port)], netns,
-                lambda: listening(netns, port), log=state_dir / f"sockperf-{port}.log")
+                lambda: listening(netns, port), log=state_dir / f"sockperf-{port}.log", cpu=cpu)
 
 
-def _run(netns: str, argv: list[str], duration: float, cgroup=None) -> tuple[str, dict]:
+def _run(netns: str, argv: list[str], duration: float, cgroup=None, cpu: int | None = None) -> tuple[str, dict]:
     before = cpu_times()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + _SLACK,
-                          preexec_fn=client_preexec(netns, cgroup))
+                          preexec_fn=pinned(client_preexec(netns, cgroup), cpu))
     cpu = busy_seconds(before, cpu_times())
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} in {netns}: exit {proc.returncode}: "
@@ -145,12 +168,13 @@ def parse_sockperf(text: str) -> dict:
 
 
 def sockperf_latency(netns: str, address: str, port: int, *, duration: float = 5.0, size: int = 64,
-                     cgroup=None) -> dict:
+                     cgroup=None, cpu: int | None = LATENCY_CPU) -> dict:
+    """Against a sockperf_server pinned to the same `cpu` (both None: wherever the scheduler puts them)."""
     seconds = max(1, round(duration))
-    text, cpu = _run(netns, ["sockperf", "ping-pong", "--tcp", "-i", address, "-p", str(port), "-t", str(seconds),
-                             "-m", str(size)], seconds, cgroup)
+    text, busy = _run(netns, ["sockperf", "ping-pong", "--tcp", "-i", address, "-p", str(port), "-t", str(seconds),
+                              "-m", str(size)], seconds, cgroup, cpu)
     out = parse_sockperf(text)
-    out["cpu_seconds"] = cpu["total"]
+    out["cpu_seconds"] = busy["total"]
     return out
 
 

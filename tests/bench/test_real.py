@@ -173,36 +173,6 @@ def test_a_datapath_past_its_most_services_is_skipped_and_said(tmp_path, monkeyp
     assert "kube-proxy-iptables at 50,000 services: --max-services" in real.extra(run.data)
 
 
-class FakeAPI:
-    """LabAPI's create and apply, recording; `existing` names answer create with 409."""
-    made: list = []
-
-    def __init__(self, kubeconfig, existing=()):
-        self.existing = set(existing)
-
-    def request(self, method, path, body=None, **kw):
-        from ebpfsvc.lab.api import APIError
-        if method == "POST" and body["metadata"]["name"] in self.existing:
-            raise APIError("already exists", 409)
-        FakeAPI.made.append((method, body["kind"], body["metadata"]["name"]))
-        return body
-
-
-def test_fillers_are_created_each_service_with_its_slice(monkeypatch):
-    from ebpfsvc.lab import api
-
-    FakeAPI.made = []
-    monkeypatch.setattr(api.LabAPI, "__init__", lambda self, kc: FakeAPI.__init__(self, kc, {"svc-00004"}))
-    monkeypatch.setattr(api.LabAPI, "request", FakeAPI.request)
-    ips = {"srv-a": "198.18.2.1", "srv-b": "198.18.3.1"}
-    assert real.create_fillers("kubeconfig", range(3, 6), ips, processes=1, threads=2) == 6
-    assert sorted(FakeAPI.made) == [("PATCH", "Service", "svc-00004"),      # it existed: applied
-                                    ("POST", "EndpointSlice", "svc-00003-bench"),
-                                    ("POST", "EndpointSlice", "svc-00004-bench"),
-                                    ("POST", "EndpointSlice", "svc-00005-bench"),
-                                    ("POST", "Service", "svc-00003"), ("POST", "Service", "svc-00005")]
-
-
 def test_bpf_run_time_is_summed_per_program_name():
     names = {7: "from_pod", 8: "from_pod", 9: "to_pod"}
     before = {7: (1000, 10), 8: (0, 0), 9: (500, 5)}
@@ -274,3 +244,40 @@ def test_a_process_peak_memory_is_read_and_a_gone_one_is_none():
 
     assert real.process_peak_rss_mib(os.getpid()) > 1
     assert real.process_peak_rss_mib(None) is None and real.process_peak_rss_mib(2**22 + 1) is None
+
+
+def test_sigterm_stops_the_run_cleanly_and_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    class SignalledRun(real.Run):
+        def run(self):
+            try:
+                self.data["points"].append({"datapath": "direct", "services": 1, "repeat": 0, "metrics": {"x": 1}})
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise AssertionError("SIGTERM did not stop the run")
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)     # a second one while it cleans up: ignored
+                self.save()
+
+    monkeypatch.setattr(real, "Run", SignalledRun)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        real.main(["--services", "1", "--out", str(tmp_path)])
+    assert stop.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping; tearing the lab down" in err and "SIGTERM again: still cleaning up" in err
+    assert f"stopped by SIGTERM: lab torn down; 1 points kept in {tmp_path / 'results.json'}" in err
+    assert "Traceback" not in err
+    assert json.loads((tmp_path / "results.json").read_text())["points"][0]["datapath"] == "direct"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sockperf_runs_pinned_to_the_one_cpu_asked():
+    import subprocess
+
+    cpu = tools.LATENCY_CPU
+    out = subprocess.run(["grep", "Cpus_allowed_list", "/proc/self/status"], capture_output=True, text=True,
+                         preexec_fn=tools.pinned(lambda: None, cpu), check=True).stdout
+    assert out.split()[-1] == str(cpu)
+    assert tools.pinned(print, None) is print
