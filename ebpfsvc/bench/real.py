@@ -47,11 +47,9 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
