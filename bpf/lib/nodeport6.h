@@ -18,7 +18,7 @@
  *
  * ICMPv6 errors about translated flows are translated back both ways. Neighbour
  * discovery, other ICMPv6 and whatever is not for a Service pass untouched.
- * Not yet for IPv6: the node's own clients (host.h's hs4_* paths).
+ * The node's own clients (host.h's hs6_* paths) meet np6_to_uplink too.
  *
  * Conntrack (ct6) and SNAT (lb6_snat) hold the same two entries per flow as
  * ct4 / lb4_snat, with CT_F_NODEPORT and CT_F_SNAT meaning the same.
@@ -542,6 +542,10 @@ static __always_inline int np6_from_uplink(struct __sk_buff *skb)
 	return np6_forward_new(skb, &p, &s->fk, now);
 }
 
+/* host.h: the node's own packet to an IPv6 externalIP or LoadBalancer IP it routes out here; -1 if not. */
+static __always_inline int hs6_to_uplink(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now,
+					 struct np6_scratch *s);
+
 static __always_inline int np6_to_uplink(struct __sk_buff *skb)
 {
 	struct lb6_pkt p = {};
@@ -569,8 +573,10 @@ static __always_inline int np6_to_uplink(struct __sk_buff *skb)
 
 	ct6_key_reply(&rk, &p);
 	e = ct6_lookup(&rk, now);
-	if (!e || (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) != CT_F_NODEPORT)
-		return TC_ACT_OK;
+	if (!e || (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) != CT_F_NODEPORT) {
+		ret = s ? hs6_to_uplink(skb, &p, now, s) : -1;
+		return ret < 0 ? TC_ACT_OK : ret;
+	}
 	/* As np4_to_uplink: a SYN-ACK on a flow that is over is not ours. */
 	if (p.proto == IPPROTO_TCP && ct4_closing(e->flags) && (p.tcp_flags & LB_TCP_SYN))
 		return TC_ACT_OK;

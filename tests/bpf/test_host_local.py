@@ -18,9 +18,12 @@ pod veth of its own when it needs a local backend.
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
 import pytest
 from pyroute2 import IPRoute
 from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 from scapy.layers.l2 import Ether
 
 from ebpfsvc import abi
@@ -36,7 +39,9 @@ from .northsouth import (
     CLIENT, CLIENT_MAC, EXT_IP, LB_IP, LIMITS, LOCAL_BE, NODE, NODE2_MAC, NODE_MAC, OK, REDIRECT, REMOTE_BE,
     REMOTE_BE2, SHOT, A, be, ext_frontend, from_client, from_node2, pod_veth, snat_port, to_local_pod, to_node2,
 )
-from .packets import HAIRPIN, VIP, expected_backend, frontend, from_pod, tcp, udp
+from .northsouth import EXT_IP6, LB_IP6, LOCAL_BE6, NODE2_6, NODE6, REMOTE_BE6
+from .packets import HAIRPIN, VIP, VIP6, expected_backend, frontend, frontend6, from_pod, tcp, tcp6, udp, udp6
+from .packets import be as be6
 
 __all__ = ["pod_veth"]      # a fixture
 
@@ -63,7 +68,7 @@ def leaving_uplink(l3):
 def internal(addr, port, backends, kind, proto=Protocol.TCP, name="web", **kw) -> Frontend:
     """An INTERNAL frontend as desired.py emits one for every NodePort address, externalIP and
     LoadBalancer IP: the Service's cluster-wide backends, whatever its traffic policies."""
-    return Frontend(key=FrontendKey(A(addr), port, proto, Scope.INTERNAL),
+    return Frontend(key=FrontendKey(ip_address(addr), port, proto, Scope.INTERNAL),
                     service=ServicePortName("default", name, "", proto), kind=kind, backends=tuple(backends), **kw)
 
 
@@ -278,6 +283,140 @@ def test_no_endpoint_behind_an_external_ip_is_refused_into_the_host(uplink):
           leaving_uplink(tcp(NODE, EXT_IP, 45126, 80, "S", seq=1000)), REDIRECT,
           Ether(src=CLIENT_MAC, dst=NODE_MAC) / IP(src=EXT_IP, dst=NODE, id=0, ttl=64) /
           TCP(sport=80, dport=45126, flags="RA", seq=0, ack=1001, window=0))
+
+
+# ---- IPv6: the same three places, the hs6_* twins (node_snat6(): NODE6) ------------------------------
+# Replies whose source becomes the node's own IPv6 address are delivered where they arrive: IPv6
+# input has no local-source check for lo to get round (host.h).
+
+def node_port6(backends, proto=Protocol.TCP, name="web6", **kw) -> Frontend:
+    return internal(NODE6, NODE_PORT, backends, FrontendKind.NODE_PORT, proto, name, **kw)
+
+
+def test_the_node_reaches_its_own_ipv6_nodeport_with_a_remote_backend(uplink):
+    uplink.writer.apply(LBState.of([node_port6([be6(REMOTE_BE6)])]))
+    uplink.check("SYN from the node to its own IPv6 NodePort, on lo: DNAT, straight to node-2", "from_loopback",
+                 on_lo(tcp6(NODE6, NODE6, 45100, NODE_PORT, "S")), REDIRECT,
+                 out_to_node2(tcp6(NODE6, REMOTE_BE6, 45100, 8080, "S")))
+    uplink.check("SYN-ACK on the uplink: source [node]:nodePort again, delivered where it arrives", "from_uplink",
+                 from_node2(tcp6(REMOTE_BE6, NODE6, 8080, 45100, "SA", seq=7000, ack=1001)), OK,
+                 from_node2(tcp6(NODE6, NODE6, NODE_PORT, 45100, "SA", seq=7000, ack=1001)))
+    uplink.check("the next segment keeps its backend", "from_loopback",
+                 on_lo(tcp6(NODE6, NODE6, 45100, NODE_PORT, "A", seq=1001, ack=7001)), REDIRECT,
+                 out_to_node2(tcp6(NODE6, REMOTE_BE6, 45100, 8080, "A", seq=1001, ack=7001)))
+    fwd = {k.dir: v for k, v in uplink.dp.maps["ct6"].items()}[abi.CT_DIR_FORWARD]
+    assert fwd.flags & abi.CT_F_ESTABLISHED and not fwd.flags & (abi.CT_F_NODEPORT | abi.CT_F_SNAT)
+
+
+def test_an_ipv6_udp_nodeport_from_the_node(uplink):
+    uplink.writer.apply(LBState.of([node_port6([be6(REMOTE_BE6, 5353, Protocol.UDP)], proto=Protocol.UDP,
+                                                name="dns6")]))
+    uplink.check("query", "from_loopback", on_lo(udp6(NODE6, NODE6, 45102, NODE_PORT, b"q")), REDIRECT,
+                 out_to_node2(udp6(NODE6, REMOTE_BE6, 45102, 5353, b"q")))
+    uplink.check("answer", "from_uplink", from_node2(udp6(REMOTE_BE6, NODE6, 5353, 45102, b"a")), OK,
+                 from_node2(udp6(NODE6, NODE6, NODE_PORT, 45102, b"a")))
+
+
+def test_an_ipv6_backend_on_the_node_address_is_served_through_lo(uplink):
+    host_be = be6(NODE6, 10250, local=True)
+    uplink.writer.apply(LBState.of([node_port6([host_be]), frontend6(VIP6, 80, [host_be], name="host6")]))
+    uplink.check("NodePort: DNAT to the node's own port, on through lo", "from_loopback",
+                 on_lo(tcp6(NODE6, NODE6, 45103, NODE_PORT, "S")), OK, on_lo(tcp6(NODE6, NODE6, 45103, 10250, "S")))
+    uplink.check("its reply on lo: the NodePort as source", "from_loopback",
+                 on_lo(tcp6(NODE6, NODE6, 10250, 45103, "SA")), OK, on_lo(tcp6(NODE6, NODE6, NODE_PORT, 45103, "SA")))
+    dummy = "02:00:00:00:00:99"
+    uplink.check("ClusterIP from ebpfsvc0: DNAT, handed in through lo", "from_host",
+                 Ether(src=dummy, dst=dummy) / tcp6(NODE6, VIP6, 45104, 80, "S"), REDIRECT,
+                 on_lo(tcp6(NODE6, NODE6, 45104, 10250, "S")))
+    uplink.check("its reply on lo: the ClusterIP as source", "from_loopback",
+                 on_lo(tcp6(NODE6, NODE6, 10250, 45104, "SA")), OK, on_lo(tcp6(VIP6, NODE6, 80, 45104, "SA")))
+
+
+def test_no_ipv6_endpoint_is_refused_on_lo(uplink):
+    uplink.writer.apply(LBState.of([node_port6([]), node_port6([], proto=Protocol.UDP, name="dns6")]))
+    before = uplink.drops(abi.REASON_NO_BACKEND)
+    uplink.check("SYN: the RST from [node]:nodePort carries on through lo to the client", "from_loopback",
+                 on_lo(tcp6(NODE6, NODE6, 45105, NODE_PORT, "S", seq=1000)), OK,
+                 on_lo(IPv6(src=NODE6, dst=NODE6, hlim=64) /
+                       TCP(sport=NODE_PORT, dport=45105, flags="RA", seq=0, ack=1001, window=0)))
+    query = udp6(NODE6, NODE6, 45106, NODE_PORT, b"q")
+    uplink.check("UDP: ICMPv6 port unreachable from [node]:nodePort", "from_loopback", on_lo(query), OK,
+                 on_lo(IPv6(src=NODE6, dst=NODE6, hlim=64) / ICMPv6DestUnreach(code=4) / bytes(query)))
+    assert uplink.drops(abi.REASON_NO_BACKEND) == before + 2
+
+
+def test_lo_passes_every_other_ipv6_packet(uplink):
+    uplink.writer.apply(LBState.of([node_port6([be6(REMOTE_BE6)])]))
+    for desc, packet in [
+        ("the loopback address", tcp6("::1", "::1", 45107, NODE_PORT, "S")),
+        ("another port of the node address", tcp6(NODE6, NODE6, 45107, 22, "S")),
+        ("the NodePort's port for another protocol", udp6(NODE6, NODE6, 45107, NODE_PORT)),
+        ("the NodePort from another local source", tcp6(NODE2_6, NODE6, 45107, NODE_PORT, "S")),
+        ("an answer of the node's own server", tcp6(NODE6, NODE6, 22, 45107, "SA")),
+    ]:
+        uplink.check(desc, "from_loopback", on_lo(packet), OK)
+    assert not list(uplink.dp.maps["ct6"].items())
+
+
+def test_an_ipv6_external_ip_from_the_node_is_served_on_its_port_only(uplink):
+    uplink.writer.apply(LBState.of([internal(EXT_IP6, 80, [be6(REMOTE_BE6)], FrontendKind.EXTERNAL_IP)]))
+    leave(uplink, "SYN to the externalIP leaving the uplink: DNAT, on to node-2 from here",
+          leaving_uplink(tcp6(NODE6, EXT_IP6, 45120, 80, "S")), OK,
+          out_to_node2(tcp6(NODE6, REMOTE_BE6, 45120, 8080, "S")))
+    uplink.check("SYN-ACK: the externalIP as source, for the node's socket", "from_uplink",
+                 from_node2(tcp6(REMOTE_BE6, NODE6, 8080, 45120, "SA")), OK,
+                 from_node2(tcp6(EXT_IP6, NODE6, 80, 45120, "SA")))
+    leave(uplink, "another port of the same address goes on untouched",
+          leaving_uplink(tcp6(NODE6, EXT_IP6, 45121, 22, "S")), OK)
+    leave(uplink, "a pod's packet to it, forwarded out of the uplink, is not the node's",
+          leaving_uplink(tcp6(LOCAL_BE6, EXT_IP6, 45122, 80, "S")), OK)
+
+
+def test_ipv6_load_balancer_source_ranges_hold_for_the_node(uplink):
+    from ipaddress import IPv6Network
+
+    def lb(ranges):
+        return internal(LB_IP6, 3000, [be6(REMOTE_BE6)], FrontendKind.LOAD_BALANCER, name="lb6",
+                        source_ranges=tuple(IPv6Network(r) for r in ranges))
+
+    uplink.writer.apply(LBState.of([lb(["2001:2:0:64::/64"])]))
+    before = uplink.drops(abi.REASON_SOURCE_RANGE)
+    leave(uplink, "the node address is in no range: dropped",
+          leaving_uplink(tcp6(NODE6, LB_IP6, 45124, 3000, "S")), SHOT)
+    assert uplink.drops(abi.REASON_SOURCE_RANGE) == before + 1
+    uplink.writer.apply(LBState.of([lb(["2001:2:0:64::/64", "2001:2::/64"])]))
+    leave(uplink, "a range holds the node address: served",
+          leaving_uplink(tcp6(NODE6, LB_IP6, 45125, 3000, "S")), OK,
+          out_to_node2(tcp6(NODE6, REMOTE_BE6, 45125, 8080, "S")))
+
+
+def test_no_endpoint_behind_an_ipv6_external_ip_is_refused_into_the_host(uplink):
+    uplink.writer.apply(LBState.of([internal(EXT_IP6, 80, [], FrontendKind.EXTERNAL_IP)]))
+    leave(uplink, "SYN: RST from the externalIP, back in through the uplink (addressed to it)",
+          leaving_uplink(tcp6(NODE6, EXT_IP6, 45126, 80, "S", seq=1000)), REDIRECT,
+          Ether(src=CLIENT_MAC, dst=NODE_MAC) / IPv6(src=EXT_IP6, dst=NODE6, hlim=64) /
+          TCP(sport=80, dport=45126, flags="RA", seq=0, ack=1001, window=0))
+
+
+def test_a_removed_ipv6_backend_resets_the_nodes_tcp_flow_and_rebalances_udp(uplink):
+    uplink.writer.apply(LBState.of([node_port6([be6(REMOTE_BE6)]),
+                                    node_port6([be6(REMOTE_BE6, 5353, Protocol.UDP)], proto=Protocol.UDP,
+                                               name="dns6")]))
+    uplink.check("SYN", "from_loopback", on_lo(tcp6(NODE6, NODE6, 45130, NODE_PORT, "S")), REDIRECT,
+                 out_to_node2(tcp6(NODE6, REMOTE_BE6, 45130, 8080, "S")))
+    uplink.check("query", "from_loopback", on_lo(udp6(NODE6, NODE6, 45131, NODE_PORT, b"q")), REDIRECT,
+                 out_to_node2(udp6(NODE6, REMOTE_BE6, 45131, 5353, b"q")))
+    other = "2001:2:0:2::3"
+    uplink.writer.apply(LBState.of([node_port6([be6(other)]),
+                                    node_port6([be6(other, 5353, Protocol.UDP)], proto=Protocol.UDP,
+                                               name="dns6")]))
+    uplink.check("TCP: the RST from [node]:nodePort, on through lo", "from_loopback",
+                 on_lo(tcp6(NODE6, NODE6, 45130, NODE_PORT, "A", seq=1001, ack=7001)), OK,
+                 on_lo(IPv6(src=NODE6, dst=NODE6, hlim=64) /
+                       TCP(sport=NODE_PORT, dport=45130, flags="R", seq=7001, ack=0, window=0)))
+    uplink.check("UDP: balanced again, to the backend left", "from_loopback",
+                 on_lo(udp6(NODE6, NODE6, 45131, NODE_PORT, b"q")), REDIRECT,
+                 out_to_node2(udp6(NODE6, other, 45131, 5353, b"q")))
 
 
 # ---- the agent's side: attach, and `ebpfsvc cleanup` -------------------------------------------------
