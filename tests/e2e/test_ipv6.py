@@ -8,7 +8,8 @@ pod namespaces, servers the lab's echo apps, so every packet crosses the agents'
 Backends see the client pod's own IPv6 address: pod traffic is never SNATed.
 
 A pod reaching itself through an IPv6 clusterIP (hairpin) is SNATed to its node's IPv6 address, and
-a process in a node's own namespace reaches IPv6 clusterIPs (node clients, the socket path off).
+a process in a node's own namespace reaches IPv6 clusterIPs, its node's own IPv6 NodePorts and
+IPv6 externalIPs routed out of the uplink (node clients, the socket path off).
 IPv6 NodePorts from outside the cluster (SNAT to the node's IPv6 address, and policy Local) are
 served on the uplinks too. The socket path's IPv6 hooks: test_socklb_ipv6.py.
 """
