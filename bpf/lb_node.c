@@ -16,9 +16,9 @@
  *   xdp_uplink   XDP: the same translations for the common case, earlier;
  *                whatever it does not handle it passes to from_uplink.
  *   from_host    TC egress of the agent's device ebpfsvc0: clients in the
- *                node's own namespace to ClusterIPs (host.h).
+ *                node's own namespace to ClusterIPs (host.h), both families.
  *   from_loopback TC egress of lo: the node's clients to its own address
- *                (NodePorts on it; host.h).
+ *                (NodePorts on it; host.h), both families.
  *
  * Shares every pinned map with lb_pod.c (ebpfsvc/datapath/loader.py loads it
  * with NODE_SOURCE; the node address is read from lb_node_addrs, lib/nodeaddr.h).
@@ -81,5 +81,7 @@ int from_host(struct __sk_buff *skb)
 
 int from_loopback(struct __sk_buff *skb)
 {
+	if (skb->protocol == lb_htons(ETH_P_IPV6))
+		return hs6_from_loopback(skb);
 	return hs4_from_loopback(skb);
 }

@@ -30,13 +30,21 @@
 #include "icmp.h"
 #include "sock.h"
 #include "flow.h"
-/* np4_snat_reply_to: a local pod's reply to external traffic the uplink masqueraded to it. */
+/* np4_snat_reply_to, np6_snat_reply_to: a local pod's reply to external traffic the uplink
+ * masqueraded to it (--masquerade-external-to-local-backends). */
 #include "srcrange.h"
 #include "nodeport.h"
+#include "nodeport6.h"
 
 /* nodeport.h's to_uplink path asks host.h about the node's own packets; this
  * object has no uplink program, so nothing calls it: a stub, no host.h. */
 static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+{
+	return -1;
+}
+
+static __always_inline int hs6_to_uplink(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now,
+					 struct np6_scratch *s)
 {
 	return -1;
 }

@@ -539,6 +539,43 @@ static __always_inline int lb6_host_reply_xlate(struct __sk_buff *skb, struct lb
 	return 0;
 }
 
+/* What lb6_merge_paths reads back; per CPU, filled and read by the same packet. */
+struct lb6_merge {
+	__u32 l4_off;
+	__u8  proto;
+	__u8  frag;
+};
+BPF_PERCPU_ARRAY(lb6_merge_scratch, struct lb6_merge, 1);
+
+/*
+ * The parser's walk of extension headers ends on many paths, each with its own
+ * constant L4 offset, protocol and fragment state, and the verifier checks what
+ * follows once per path. Read back through a per-CPU map they are values it
+ * does not know, and the paths merge. Used by the uplink's parse (nodeport6.h
+ * np6_parse) and where the pod path goes on to the replies to the node
+ * (lb6_reply_to_node), which would otherwise not fit the verifier's budget
+ * (E2BIG). -1: no scratch.
+ */
+static __always_inline int lb6_merge_paths(struct lb6_pkt *p)
+{
+	__u32 zero = 0;
+	struct lb6_merge *m = lb6_merge_scratch.lookup(&zero);
+
+	if (!m)
+		return -1;
+	*(volatile __u32 *)&m->l4_off = p->l4_off;
+	*(volatile __u8 *)&m->proto = p->proto;
+	*(volatile __u8 *)&m->frag = p->frag;
+	p->l4_off = *(volatile __u32 *)&m->l4_off;
+	p->proto = *(volatile __u8 *)&m->proto;
+	p->frag = *(volatile __u8 *)&m->frag;
+	return 0;
+}
+
+/* nodeport6.h: as np4_snat_reply_to. */
+static __always_inline int np6_snat_reply_to(struct __sk_buff *skb, struct lb6_pkt *p, struct ct6_entry *e,
+					     const struct snat6_entry *client, __u64 now);
+
 /* As lb4_reply_to_node: a pod's packet to the node's IPv6 hairpin address that is
  * the reply of a hairpin flow, or to its IPv6 node address (node_snat6()) that is
  * a local backend's reply to a node client; LB_NOT_A_REPLY otherwise. */
@@ -555,7 +592,7 @@ static __always_inline int lb6_reply_to_node(struct __sk_buff *skb, struct lb6_p
 	 * no reply is sent to: no separate "is it set" test needed. */
 	to_hairpin = node_addr6_diff(p->daddr, a->hairpin6);
 	to_node = node_addr6_diff(p->daddr, a->snat6);
-	if (to_hairpin && to_node)
+	if ((to_hairpin && to_node) || lb6_merge_paths(p))
 		return LB_NOT_A_REPLY;
 	ct6_key_reply(&rk, p);
 	e = ct6_lookup(&rk, now);
@@ -565,6 +602,14 @@ static __always_inline int lb6_reply_to_node(struct __sk_buff *skb, struct lb6_p
 		return to_hairpin ? LB_NOT_A_REPLY : lb6_hairpin_reply(skb, p, e, now);
 	if (!to_node && lb6_is_host_flow(e))
 		return lb6_host_reply_xlate(skb, p, e, now) ? lb_drop(REASON_MALFORMED) : TC_ACT_OK;
+	/* As lb4_reply_to_node: a local pod answering external traffic the uplink masqueraded
+	 * to it (--masquerade-external-to-local-backends, which compiles only the uplink's side). */
+	if (!to_node &&
+	    (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) == (CT_F_NODEPORT | CT_F_SNAT)) {
+		const struct snat6_entry *client = lb6_snat.lookup(&rk);
+
+		return client ? np6_snat_reply_to(skb, p, e, client, now) : TC_ACT_OK;
+	}
 	return LB_NOT_A_REPLY;
 }
 

@@ -470,22 +470,35 @@ static __always_inline int lb6_build_icmp_port_unreach(struct __sk_buff *skb, co
 	return 0;
 }
 
-/* As lb4_reject_build and lb4_reject_via: the reject sent back through the interface the packet came
- * from, `redirect_flags` saying which way (BPF_F_INGRESS: into the host). */
-static __always_inline int lb6_reject_via(struct __sk_buff *skb, const struct lb6_pkt *p, __u32 reason,
-					  __u64 redirect_flags)
+/* As lb4_reject_build: the answer built in place, counted under `reason`; 0, or -1 when
+ * there is nothing to answer or it could not be built (the packet is to be dropped). */
+static __always_inline int lb6_reject_build(struct __sk_buff *skb, const struct lb6_pkt *p, __u32 reason)
 {
 	int err;
 
-	if (p->frag == LB_FRAG_LATER || (p->proto == IPPROTO_TCP && (p->tcp_flags & LB_TCP_RST)))
-		return lb_drop(reason);
+	if (p->frag == LB_FRAG_LATER || (p->proto == IPPROTO_TCP && (p->tcp_flags & LB_TCP_RST))) {
+		lb_count_drop(reason);
+		return -1;
+	}
 	if (p->proto == IPPROTO_TCP)
 		err = lb6_build_tcp_rst(skb, p);
 	else
 		err = lb6_build_icmp_port_unreach(skb, p);
-	if (err)
-		return lb_drop(REASON_REJECT_FAILED);
+	if (err) {
+		lb_count_drop(REASON_REJECT_FAILED);
+		return -1;
+	}
 	lb_count_drop(reason);
+	return 0;
+}
+
+/* As lb4_reject_via: the reject sent back through the interface the packet came
+ * from, `redirect_flags` saying which way (BPF_F_INGRESS: into the host). */
+static __always_inline int lb6_reject_via(struct __sk_buff *skb, const struct lb6_pkt *p, __u32 reason,
+					  __u64 redirect_flags)
+{
+	if (lb6_reject_build(skb, p, reason))
+		return TC_ACT_SHOT;
 	return bpf_redirect(skb->ifindex, redirect_flags);
 }
 

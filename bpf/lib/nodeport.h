@@ -395,7 +395,7 @@ static __always_inline struct lb4_service *np4_lookup_frontend(const struct lb4_
 
 /* Does a new north-south flow to `svc` on backend `be_flags` keep the client's address
  * (DNAT only)? Always under a Local policy; for a backend on this node unless `masquerade`
- * (NP_MASQUERADE_LOCAL_BACKENDS on the IPv4 path; IPv6 always keeps it). Otherwise it is
+ * (NP_MASQUERADE_LOCAL_BACKENDS, either family). Otherwise it is
  * SNATed to the node. A kept source's reply leaves through to_uplink, which restores the
  * frontend. */
 static __always_inline int np_flow_keeps_source(const struct lb4_service *svc, __u8 be_flags, int masquerade)

@@ -18,7 +18,7 @@
  *
  * ICMPv6 errors about translated flows are translated back both ways. Neighbour
  * discovery, other ICMPv6 and whatever is not for a Service pass untouched.
- * Not yet for IPv6: the node's own clients (host.h's hs4_* paths).
+ * The node's own clients (host.h's hs6_* paths) meet np6_to_uplink too.
  *
  * Conntrack (ct6) and SNAT (lb6_snat) hold the same two entries per flow as
  * ct4 / lb4_snat, with CT_F_NODEPORT and CT_F_SNAT meaning the same.
@@ -46,9 +46,6 @@ struct np6_scratch {
 	struct snat6_entry nat;         /* np6_forward_new: its node address and port */
 	struct snat6_entry client;      /* np6_snat_alloc: the client's address and port */
 	struct bpf_sock_tuple t;        /* np6_snat_port_is_free */
-	__u32 l4_off;                   /* np6_parse */
-	__u8  proto;
-	__u8  frag;
 };
 BPF_PERCPU_ARRAY(np6_scratch, struct np6_scratch, 1);
 
@@ -59,13 +56,9 @@ static __always_inline struct np6_scratch *np6_scratch_get(void)
 	return np6_scratch.lookup(&zero);
 }
 
-/*
- * lb6_parse for the uplink, with the scratch. The parser's walk of extension headers
- * ends on one of many paths, each with its own constant L4 offset, fragment state and
- * protocol; the verifier would then check the whole uplink path once per such path and
- * give up (a million instructions). Read back through the per-CPU scratch, they are
- * values it does not know, and the paths merge.
- */
+/* lb6_parse for the uplink, with the scratch, the parser's paths merged (flow.h
+ * lb6_merge_paths): without it the verifier checks the whole uplink path once per
+ * way the extension-header walk ended and gives up (a million instructions). */
 static __always_inline int np6_parse(struct __sk_buff *skb, struct lb6_pkt *p, struct np6_scratch **sp)
 {
 	struct np6_scratch *s = np6_scratch_get();
@@ -73,14 +66,8 @@ static __always_inline int np6_parse(struct __sk_buff *skb, struct lb6_pkt *p, s
 
 	if (ret != LB_PARSE_OK)
 		return ret;
-	if (!s)
+	if (!s || lb6_merge_paths(p))
 		return LB_PARSE_PASS;
-	*(volatile __u32 *)&s->l4_off = p->l4_off;
-	*(volatile __u8 *)&s->proto = p->proto;
-	*(volatile __u8 *)&s->frag = p->frag;
-	p->l4_off = *(volatile __u32 *)&s->l4_off;
-	p->proto = *(volatile __u8 *)&s->proto;
-	p->frag = *(volatile __u8 *)&s->frag;
 	*sp = s;
 	return ret;
 }
@@ -350,7 +337,7 @@ static __always_inline int np6_forward_new(struct __sk_buff *skb, struct lb6_pkt
 		return lb_drop(REASON_NO_BACKEND);
 	e->flags |= CT_F_NODEPORT;
 
-	if (np_flow_keeps_source(svc, be->flags, 0)) {	/* IPv6: no masquerade to local pods yet */
+	if (np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS)) {
 		if (ct6_create(fk, e, p->saddr))
 			return lb_drop(REASON_CT_CREATE_FAILED);
 		lb6_affinity_update(svc, p->saddr, e->backend_id, now);
@@ -393,15 +380,13 @@ static __always_inline int np6_forward_tracked(struct __sk_buff *skb, struct lb6
 	return np6_forward_xlate(skb, p, e, nat);
 }
 
-/* As np4_snat_reply: backend -> node:SNAT port becomes frontend -> client, sent to the client. */
-static __always_inline int np6_snat_reply(struct __sk_buff *skb, struct lb6_pkt *p,
-					  struct ct6_entry *e, struct ct6_key *rk, __u64 now)
+/* As np4_snat_reply_to: backend -> node:SNAT port becomes frontend -> client, sent to the
+ * client. No map method calls of its own (flow.h calls it through a forward declaration). */
+static __always_inline int np6_snat_reply_to(struct __sk_buff *skb, struct lb6_pkt *p, struct ct6_entry *e,
+					     const struct snat6_entry *client, __u64 now)
 {
-	struct snat6_entry *client = lb6_snat.lookup(rk);
 	__u32 bytes = skb->len;
 
-	if (!client)
-		return TC_ACT_OK;
 	ct6_note_reply(e, p, client->address, client->port, now);
 	frag6_record(p);
 	if (lb6_rewrite_dst(skb, p, client->address, client->port) ||
@@ -409,6 +394,15 @@ static __always_inline int np6_snat_reply(struct __sk_buff *skb, struct lb6_pkt 
 		return lb_drop(REASON_MALFORMED);
 	lb_count_traffic(e->frontend_id, e->backend_id, bytes);
 	return np6_redirect(skb, p);
+}
+
+/* As np4_snat_reply: a backend's reply to a SNATed flow (reply key `rk`), to its client. */
+static __always_inline int np6_snat_reply(struct __sk_buff *skb, struct lb6_pkt *p,
+					  struct ct6_entry *e, struct ct6_key *rk, __u64 now)
+{
+	struct snat6_entry *client = lb6_snat.lookup(rk);
+
+	return client ? np6_snat_reply_to(skb, p, e, client, now) : TC_ACT_OK;
 }
 
 /* Both ends of the packet an ICMPv6 error about a SNATed flow quotes (s->q): its source
@@ -542,6 +536,10 @@ static __always_inline int np6_from_uplink(struct __sk_buff *skb)
 	return np6_forward_new(skb, &p, &s->fk, now);
 }
 
+/* host.h: the node's own packet to an IPv6 externalIP or LoadBalancer IP it routes out here; -1 if not. */
+static __always_inline int hs6_to_uplink(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now,
+					 struct np6_scratch *s);
+
 static __always_inline int np6_to_uplink(struct __sk_buff *skb)
 {
 	struct lb6_pkt p = {};
@@ -569,8 +567,10 @@ static __always_inline int np6_to_uplink(struct __sk_buff *skb)
 
 	ct6_key_reply(&rk, &p);
 	e = ct6_lookup(&rk, now);
-	if (!e || (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) != CT_F_NODEPORT)
-		return TC_ACT_OK;
+	if (!e || (e->flags & (CT_F_NODEPORT | CT_F_SNAT)) != CT_F_NODEPORT) {
+		ret = s ? hs6_to_uplink(skb, &p, now, s) : -1;
+		return ret < 0 ? TC_ACT_OK : ret;
+	}
 	/* As np4_to_uplink: a SYN-ACK on a flow that is over is not ours. */
 	if (p.proto == IPPROTO_TCP && ct4_closing(e->flags) && (p.tcp_flags & LB_TCP_SYN))
 		return TC_ACT_OK;

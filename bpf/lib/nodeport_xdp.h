@@ -513,6 +513,15 @@ static __always_inline int np6_xdp_forward(struct xdp_md *ctx, struct lb6_pkt *p
 	return nat ? np6_xdp_tx(ctx, &s->fib) : XDP_PASS;
 }
 
+/* As np4_xdp_backend_is_local. */
+static __always_inline int np6_xdp_backend_is_local(const struct ct6_entry *e)
+{
+	__u32 id = e->backend_id;
+	struct lb6_backend *be = lb6_backends.lookup(&id);
+
+	return !be || (be->flags & LB_BE_F_LOCAL);
+}
+
 /* As np4_xdp_new. */
 static __always_inline int np6_xdp_new(struct xdp_md *ctx, struct lb6_pkt *p, struct np6_scratch *s, __u64 now)
 {
@@ -536,7 +545,10 @@ static __always_inline int np6_xdp_new(struct xdp_md *ctx, struct lb6_pkt *p, st
 	if (!be)
 		return XDP_PASS;
 	e->flags |= CT_F_NODEPORT;
-	if (np_flow_keeps_source(svc, be->flags, 0)) {	/* IPv6: no masquerade to local pods yet */
+	if (NP_MASQUERADE_LOCAL_BACKENDS && (be->flags & LB_BE_F_LOCAL) &&
+	    !np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS))
+		return XDP_PASS;                        /* masqueraded to a local pod: TC's (np6_redirect to its veth) */
+	if (np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS)) {
 		if (ct6_create(&s->fk, e, p->saddr))
 			return XDP_PASS;
 		lb6_affinity_update(svc, p->saddr, e->backend_id, now);
@@ -587,8 +599,8 @@ static __always_inline int np6_xdp_uplink(struct xdp_md *ctx)
 			return XDP_PASS;                /* the flow restarts or ends: TC decides how */
 		if (e->flags & CT_F_SNAT) {
 			nat = lb6_snat.lookup(&s->fk);
-			if (!nat)
-				return XDP_PASS;
+			if (!nat || (NP_MASQUERADE_LOCAL_BACKENDS && np6_xdp_backend_is_local(e)))
+				return XDP_PASS;        /* a masqueraded flow to a local pod stays TC's */
 		}
 		np6_note_forward(&p, e, nat, now);
 		return np6_xdp_forward(ctx, &p, e, nat, s);

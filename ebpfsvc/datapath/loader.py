@@ -304,7 +304,7 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
     map_fds = {name: maps_unit.get_table(name.encode()).map_fd for name in MAPS}
     found = progcache.load(progcache.cache_dir(), program_key, map_fds,
                            fillers={"lb_sctp_crc_shift": _fill_crc_shift_fd, "lb6_icmp_scratch": _scratch,
-                                    "np6_scratch": _scratch})
+                                    "np6_scratch": _scratch, "lb6_merge_scratch": _scratch})
     if found is None:
         if owned:
             maps_unit.cleanup()
@@ -378,8 +378,9 @@ def _fill_crc_shift_fd(fd: int, n: int) -> None:
 
 
 def _scratch(fd: int, n: int) -> None:
-    """lb6_icmp_scratch (bpf/lib/icmp.h), np6_scratch (bpf/lib/nodeport6.h): per-CPU work buffers
-    the program writes before it reads; a new map's zeroes are all it needs."""
+    """lb6_icmp_scratch (bpf/lib/icmp.h), np6_scratch (bpf/lib/nodeport6.h), lb6_merge_scratch
+    (bpf/lib/flow.h): per-CPU work buffers the program writes before it reads; a new map's zeroes
+    are all it needs."""
 
 
 def stale_pins(bpf, pin_dir: Path) -> list[str]:

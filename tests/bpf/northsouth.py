@@ -118,8 +118,14 @@ def from_client(l3: Packet, mac: str = CLIENT_MAC) -> Packet:
 
 
 def hop(l3: Packet) -> Packet:
-    """`l3` after a router's hop: TTL - 1 (scapy recomputes the header checksum)."""
+    """`l3` after a router's hop: TTL - 1 (scapy recomputes the header checksum), or the hop limit
+    - 1 for IPv6."""
+    from scapy.layers.inet6 import IPv6
+
     out = l3.copy()
+    if IPv6 in out:
+        out[IPv6].hlim -= 1
+        return out
     out[IP].ttl -= 1
     del out[IP].chksum
     return out

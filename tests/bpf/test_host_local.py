@@ -18,9 +18,14 @@ pod veth of its own when it needs a local backend.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+from ipaddress import ip_address, ip_network
+
 import pytest
 from pyroute2 import IPRoute
 from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 from scapy.layers.l2 import Ether
 
 from ebpfsvc import abi
@@ -36,7 +41,9 @@ from .northsouth import (
     CLIENT, CLIENT_MAC, EXT_IP, LB_IP, LIMITS, LOCAL_BE, NODE, NODE2_MAC, NODE_MAC, OK, REDIRECT, REMOTE_BE,
     REMOTE_BE2, SHOT, A, be, ext_frontend, from_client, from_node2, pod_veth, snat_port, to_local_pod, to_node2,
 )
-from .packets import HAIRPIN, VIP, expected_backend, frontend, from_pod, tcp, udp
+from .northsouth import EXT_IP6, LB_IP6, LOCAL_BE6, NODE2_6, NODE6, REMOTE_BE6
+from .packets import HAIRPIN, VIP, VIP6, expected_backend, frontend, from_pod, tcp, tcp6, udp, udp6
+from .packets import be as any_be   # a backend of either family
 
 __all__ = ["pod_veth"]      # a fixture
 
@@ -63,7 +70,7 @@ def leaving_uplink(l3):
 def internal(addr, port, backends, kind, proto=Protocol.TCP, name="web", **kw) -> Frontend:
     """An INTERNAL frontend as desired.py emits one for every NodePort address, externalIP and
     LoadBalancer IP: the Service's cluster-wide backends, whatever its traffic policies."""
-    return Frontend(key=FrontendKey(A(addr), port, proto, Scope.INTERNAL),
+    return Frontend(key=FrontendKey(ip_address(addr), port, proto, Scope.INTERNAL),
                     service=ServicePortName("default", name, "", proto), kind=kind, backends=tuple(backends), **kw)
 
 
@@ -91,20 +98,62 @@ def flows(uplink):
     return {k.dir: v for k, v in uplink.dp.maps["ct4"].items()}
 
 
+@dataclass(frozen=True)
+class Family:
+    """One IP family's addresses and packets, for the tests that run the same walk on both (the hs4_ and
+    hs6_ twins share their decisions, host.h's hs_* helpers)."""
+    node: str
+    remote_be: str
+    local_be: str
+    vip: str
+    ext_ip: str
+    lb_ip: str
+    ranges: tuple[str, str]     # a source range without the node address, and one with it
+    tcp: Callable
+    udp: Callable
+    reply_ip: Callable          # (src, dst): the header of an answer we build (RST, port unreachable)
+    port_unreachable: Callable  # the answer to a datagram (ICMP / ICMPv6 port unreachable), from its destination
+    loopback: str
+    other_local: str            # a source other than the node address, to the node address
+    ct: str
+    # A remote backend's reply to the node's own NodePort, on the uplink, once translated (its source the
+    # node's own address again): IPv4 hands it in through lo (a martian elsewhere), IPv6 delivers it where
+    # it arrives (no local-source check in IPv6 input). (verdict, the packet out).
+    self_reply: Callable
+
+
+V4 = Family(node=NODE, remote_be=REMOTE_BE, local_be=LOCAL_BE, vip=VIP, ext_ip=EXT_IP, lb_ip=LB_IP,
+            ranges=("198.18.100.0/24", "198.18.0.0/24"), tcp=tcp, udp=udp,
+            reply_ip=lambda s, d: IP(src=s, dst=d, id=0, ttl=64),
+            port_unreachable=lambda q: IP(src=q[IP].dst, dst=q[IP].src, id=0, ttl=64, tos=0xc0) /
+            ICMP(type=3, code=3) / bytes(q)[:28],
+            loopback="127.0.0.1", other_local=HAIRPIN, ct="ct4",
+            self_reply=lambda l3: (REDIRECT, on_lo(l3)))
+V6 = Family(node=NODE6, remote_be=REMOTE_BE6, local_be=LOCAL_BE6, vip=VIP6, ext_ip=EXT_IP6, lb_ip=LB_IP6,
+            ranges=("2001:2:0:64::/64", "2001:2::/64"), tcp=tcp6, udp=udp6,
+            reply_ip=lambda s, d: IPv6(src=s, dst=d, hlim=64),
+            port_unreachable=lambda q: IPv6(src=q[IPv6].dst, dst=q[IPv6].src, hlim=64) /
+            ICMPv6DestUnreach(code=4) / bytes(q),
+            loopback="::1", other_local=NODE2_6, ct="ct6",
+            self_reply=lambda l3: (OK, from_node2(l3)))
+BOTH = pytest.mark.parametrize("fam", [V4, V6], ids=["ipv4", "ipv6"])
+
+
 # ---- the node's own NodePort: lo ------------------------------------------------------------------
 
-def test_the_node_reaches_its_own_nodeport_with_a_remote_backend(uplink):
-    uplink.writer.apply(LBState.of([node_port([be(REMOTE_BE)])]))
+@BOTH
+def test_the_node_reaches_its_own_nodeport_with_a_remote_backend(uplink, fam):
+    n, b, t = fam.node, fam.remote_be, fam.tcp
+    uplink.writer.apply(LBState.of([internal(n, NODE_PORT, [any_be(b)], FrontendKind.NODE_PORT)]))
     uplink.check("SYN from the node to its own NodePort, on lo: DNAT, straight to node-2", "from_loopback",
-                 on_lo(tcp(NODE, NODE, 45100, NODE_PORT, "S")), REDIRECT,
-                 out_to_node2(tcp(NODE, REMOTE_BE, 45100, 8080, "S")))
-    uplink.check("SYN-ACK on the uplink: source node:nodePort again, handed in through lo", "from_uplink",
-                 from_node2(tcp(REMOTE_BE, NODE, 8080, 45100, "SA", seq=7000, ack=1001)), REDIRECT,
-                 on_lo(tcp(NODE, NODE, NODE_PORT, 45100, "SA", seq=7000, ack=1001)))
+                 on_lo(t(n, n, 45100, NODE_PORT, "S")), REDIRECT, out_to_node2(t(n, b, 45100, 8080, "S")))
+    uplink.check("SYN-ACK on the uplink: source node:nodePort again (fam.self_reply)", "from_uplink",
+                 from_node2(t(b, n, 8080, 45100, "SA", seq=7000, ack=1001)),
+                 *fam.self_reply(t(n, n, NODE_PORT, 45100, "SA", seq=7000, ack=1001)))
     uplink.check("the next segment keeps its backend", "from_loopback",
-                 on_lo(tcp(NODE, NODE, 45100, NODE_PORT, "A", seq=1001, ack=7001)), REDIRECT,
-                 out_to_node2(tcp(NODE, REMOTE_BE, 45100, 8080, "A", seq=1001, ack=7001)))
-    fwd = flows(uplink)[abi.CT_DIR_FORWARD]
+                 on_lo(t(n, n, 45100, NODE_PORT, "A", seq=1001, ack=7001)), REDIRECT,
+                 out_to_node2(t(n, b, 45100, 8080, "A", seq=1001, ack=7001)))
+    fwd = {k.dir: v for k, v in uplink.dp.maps[fam.ct].items()}[abi.CT_DIR_FORWARD]
     assert fwd.flags & abi.CT_F_ESTABLISHED and not fwd.flags & (abi.CT_F_NODEPORT | abi.CT_F_SNAT)
 
 
@@ -118,57 +167,65 @@ def test_the_node_reaches_its_own_nodeport_with_a_local_backend(uplink, pod_veth
         ("TC_ACT_REDIRECT", bytes(on_lo(tcp(NODE, NODE, NODE_PORT, 45101, "SA"))))
 
 
-def test_a_udp_nodeport_from_the_node(uplink):
-    uplink.writer.apply(LBState.of([node_port([be(REMOTE_BE, 5353, Protocol.UDP)], proto=Protocol.UDP,
-                                              name="dns")]))
-    uplink.check("query", "from_loopback", on_lo(udp(NODE, NODE, 45102, NODE_PORT, b"q")), REDIRECT,
-                 out_to_node2(udp(NODE, REMOTE_BE, 45102, 5353, b"q")))
-    uplink.check("answer, handed in through lo", "from_uplink", from_node2(udp(REMOTE_BE, NODE, 5353, 45102, b"a")),
-                 REDIRECT, on_lo(udp(NODE, NODE, NODE_PORT, 45102, b"a")))
+@BOTH
+def test_a_udp_nodeport_from_the_node(uplink, fam):
+    n, b, u = fam.node, fam.remote_be, fam.udp
+    uplink.writer.apply(LBState.of([internal(n, NODE_PORT, [any_be(b, 5353, Protocol.UDP)], FrontendKind.NODE_PORT,
+                                             Protocol.UDP, "dns")]))
+    uplink.check("query", "from_loopback", on_lo(u(n, n, 45102, NODE_PORT, b"q")), REDIRECT,
+                 out_to_node2(u(n, b, 45102, 5353, b"q")))
+    uplink.check("answer, source node:nodePort", "from_uplink", from_node2(u(b, n, 5353, 45102, b"a")),
+                 *fam.self_reply(u(n, n, NODE_PORT, 45102, b"a")))
 
 
-def test_a_backend_on_the_node_address_is_served_through_lo(uplink):
+@BOTH
+def test_a_backend_on_the_node_address_is_served_through_lo(uplink, fam):
     """A hostNetwork endpoint of this node (its address is the node's): the packet carries on
     through lo to it, and its reply, on lo too, gets the frontend back. Through a ClusterIP
     (from_host on ebpfsvc0) the packet is handed in through lo, and the reply is the same."""
-    host_be = be(NODE, 10250, local=True)
-    uplink.writer.apply(LBState.of([node_port([host_be]), frontend(VIP, 80, [host_be], name="host")]))
+    n, v, t = fam.node, fam.vip, fam.tcp
+    host_be = any_be(n, 10250, local=True)
+    uplink.writer.apply(LBState.of([internal(n, NODE_PORT, [host_be], FrontendKind.NODE_PORT),
+                                    frontend(v, 80, [host_be], name="host")]))
     uplink.check("NodePort: DNAT to the node's own port, on through lo", "from_loopback",
-                 on_lo(tcp(NODE, NODE, 45103, NODE_PORT, "S")), OK, on_lo(tcp(NODE, NODE, 45103, 10250, "S")))
+                 on_lo(t(n, n, 45103, NODE_PORT, "S")), OK, on_lo(t(n, n, 45103, 10250, "S")))
     uplink.check("its reply on lo: the NodePort as source", "from_loopback",
-                 on_lo(tcp(NODE, NODE, 10250, 45103, "SA")), OK, on_lo(tcp(NODE, NODE, NODE_PORT, 45103, "SA")))
+                 on_lo(t(n, n, 10250, 45103, "SA")), OK, on_lo(t(n, n, NODE_PORT, 45103, "SA")))
     dummy = "02:00:00:00:00:99"
     uplink.check("ClusterIP from ebpfsvc0: DNAT, handed in through lo", "from_host",
-                 Ether(src=dummy, dst=dummy) / tcp(NODE, VIP, 45104, 80, "S"), REDIRECT,
-                 on_lo(tcp(NODE, NODE, 45104, 10250, "S")))
+                 Ether(src=dummy, dst=dummy) / t(n, v, 45104, 80, "S"), REDIRECT, on_lo(t(n, n, 45104, 10250, "S")))
     uplink.check("its reply on lo: the ClusterIP as source", "from_loopback",
-                 on_lo(tcp(NODE, NODE, 10250, 45104, "SA")), OK, on_lo(tcp(VIP, NODE, 80, 45104, "SA")))
+                 on_lo(t(n, n, 10250, 45104, "SA")), OK, on_lo(t(v, n, 80, 45104, "SA")))
 
 
-def test_no_endpoint_is_refused_on_lo(uplink):
-    uplink.writer.apply(LBState.of([node_port([]), node_port([], proto=Protocol.UDP, name="dns")]))
+@BOTH
+def test_no_endpoint_is_refused_on_lo(uplink, fam):
+    n = fam.node
+    uplink.writer.apply(LBState.of([internal(n, NODE_PORT, [], FrontendKind.NODE_PORT),
+                                    internal(n, NODE_PORT, [], FrontendKind.NODE_PORT, Protocol.UDP, "dns")]))
     before = uplink.drops(abi.REASON_NO_BACKEND)
     uplink.check("SYN: the RST from node:nodePort carries on through lo to the client", "from_loopback",
-                 on_lo(tcp(NODE, NODE, 45105, NODE_PORT, "S", seq=1000)), OK,
-                 on_lo(IP(src=NODE, dst=NODE, id=0, ttl=64) /
-                       TCP(sport=NODE_PORT, dport=45105, flags="RA", seq=0, ack=1001, window=0)))
-    query = udp(NODE, NODE, 45106, NODE_PORT, b"q")
+                 on_lo(fam.tcp(n, n, 45105, NODE_PORT, "S", seq=1000)), OK,
+                 on_lo(fam.reply_ip(n, n) / TCP(sport=NODE_PORT, dport=45105, flags="RA", seq=0, ack=1001, window=0)))
+    query = fam.udp(n, n, 45106, NODE_PORT, b"q")
     uplink.check("UDP: port unreachable from node:nodePort", "from_loopback", on_lo(query), OK,
-                 on_lo(IP(src=NODE, dst=NODE, id=0, ttl=64, tos=0xc0) / ICMP(type=3, code=3) / bytes(query)[:28]))
+                 on_lo(fam.port_unreachable(query)))
     assert uplink.drops(abi.REASON_NO_BACKEND) == before + 2
 
 
-def test_lo_passes_everything_else(uplink):
-    uplink.writer.apply(LBState.of([node_port([be(REMOTE_BE)])]))
+@BOTH
+def test_lo_passes_everything_else(uplink, fam):
+    n, t = fam.node, fam.tcp
+    uplink.writer.apply(LBState.of([internal(n, NODE_PORT, [any_be(fam.remote_be)], FrontendKind.NODE_PORT)]))
     for desc, packet in [
-        ("loopback addresses", tcp("127.0.0.1", "127.0.0.1", 45107, NODE_PORT, "S")),
-        ("another port of the node address", tcp(NODE, NODE, 45107, 22, "S")),
-        ("the NodePort's port for another protocol", udp(NODE, NODE, 45107, NODE_PORT)),
-        ("the NodePort from another local source", tcp(HAIRPIN, NODE, 45107, NODE_PORT, "S")),
-        ("an answer of the node's own server", tcp(NODE, NODE, 22, 45107, "SA")),
+        ("loopback addresses", t(fam.loopback, fam.loopback, 45107, NODE_PORT, "S")),
+        ("another port of the node address", t(n, n, 45107, 22, "S")),
+        ("the NodePort's port for another protocol", fam.udp(n, n, 45107, NODE_PORT)),
+        ("the NodePort from another local source", t(fam.other_local, n, 45107, NODE_PORT, "S")),
+        ("an answer of the node's own server", t(n, n, 22, 45107, "SA")),
     ]:
         uplink.check(desc, "from_loopback", on_lo(packet), OK)
-    assert not list(uplink.dp.maps["ct4"].items())
+    assert not list(uplink.dp.maps[fam.ct].items())
 
 
 # ---- Service semantics from the node ------------------------------------------------------------
@@ -231,18 +288,18 @@ def test_a_snated_flow_never_takes_a_node_clients_tuple(uplink):
 
 # ---- externalIPs and LoadBalancer IPs the node routes out: the uplink's egress ----------------------
 
-def test_an_external_ip_from_the_node_is_served_on_its_port_only(uplink):
-    uplink.writer.apply(LBState.of([internal(EXT_IP, 80, [be(REMOTE_BE)], FrontendKind.EXTERNAL_IP)]))
+@BOTH
+def test_an_external_ip_from_the_node_is_served_on_its_port_only(uplink, fam):
+    n, x, b, t = fam.node, fam.ext_ip, fam.remote_be, fam.tcp
+    uplink.writer.apply(LBState.of([internal(x, 80, [any_be(b)], FrontendKind.EXTERNAL_IP)]))
     leave(uplink, "SYN to the externalIP leaving the uplink: DNAT, on to node-2 from here",
-          leaving_uplink(tcp(NODE, EXT_IP, 45120, 80, "S")), OK,
-          out_to_node2(tcp(NODE, REMOTE_BE, 45120, 8080, "S")))
+          leaving_uplink(t(n, x, 45120, 80, "S")), OK, out_to_node2(t(n, b, 45120, 8080, "S")))
     uplink.check("SYN-ACK: the externalIP as source, for the node's socket", "from_uplink",
-                 from_node2(tcp(REMOTE_BE, NODE, 8080, 45120, "SA")), OK,
-                 from_node2(tcp(EXT_IP, NODE, 80, 45120, "SA")))
+                 from_node2(t(b, n, 8080, 45120, "SA")), OK, from_node2(t(x, n, 80, 45120, "SA")))
     leave(uplink, "another port of the same address (a real host's, maybe) goes on untouched",
-          leaving_uplink(tcp(NODE, EXT_IP, 45121, 22, "S")), OK)
+          leaving_uplink(t(n, x, 45121, 22, "S")), OK)
     leave(uplink, "a pod's packet to it, forwarded out of the uplink, is not the node's",
-          leaving_uplink(tcp(LOCAL_BE, EXT_IP, 45122, 80, "S")), OK)
+          leaving_uplink(t(fam.local_be, x, 45122, 80, "S")), OK)
 
 
 def test_a_load_balancer_ip_from_the_node_reaches_a_local_backend(uplink, pod_veth, pod_side):
@@ -254,30 +311,57 @@ def test_a_load_balancer_ip_from_the_node_reaches_a_local_backend(uplink, pod_ve
         ("TC_ACT_OK", bytes(from_pod(tcp(LB_IP, NODE, 3000, 45123, "SA"))))
 
 
-def test_load_balancer_source_ranges_hold_for_the_node(uplink):
-    from ipaddress import IPv4Network
+@BOTH
+def test_load_balancer_source_ranges_hold_for_the_node(uplink, fam):
+    n, lb_ip, t = fam.node, fam.lb_ip, fam.tcp
+    elsewhere, node_net = fam.ranges
 
     def lb(ranges):
-        return internal(LB_IP, 3000, [be(REMOTE_BE)], FrontendKind.LOAD_BALANCER,
-                        source_ranges=tuple(IPv4Network(r) for r in ranges))
+        return internal(lb_ip, 3000, [any_be(fam.remote_be)], FrontendKind.LOAD_BALANCER,
+                        source_ranges=tuple(ip_network(r) for r in ranges))
 
-    uplink.writer.apply(LBState.of([lb(["198.18.100.0/24"])]))
+    uplink.writer.apply(LBState.of([lb([elsewhere])]))
     before = uplink.drops(abi.REASON_SOURCE_RANGE)
-    leave(uplink, "the node address is in no range: dropped",
-          leaving_uplink(tcp(NODE, LB_IP, 45124, 3000, "S")), SHOT)
+    leave(uplink, "the node address is in no range: dropped", leaving_uplink(t(n, lb_ip, 45124, 3000, "S")), SHOT)
     assert uplink.drops(abi.REASON_SOURCE_RANGE) == before + 1
-    uplink.writer.apply(LBState.of([lb(["198.18.100.0/24", "198.18.0.0/24"])]))
+    uplink.writer.apply(LBState.of([lb([elsewhere, node_net])]))
     leave(uplink, "a range holds the node address: served",
-          leaving_uplink(tcp(NODE, LB_IP, 45125, 3000, "S")), OK,
-          out_to_node2(tcp(NODE, REMOTE_BE, 45125, 8080, "S")))
+          leaving_uplink(t(n, lb_ip, 45125, 3000, "S")), OK, out_to_node2(t(n, fam.remote_be, 45125, 8080, "S")))
 
 
-def test_no_endpoint_behind_an_external_ip_is_refused_into_the_host(uplink):
-    uplink.writer.apply(LBState.of([internal(EXT_IP, 80, [], FrontendKind.EXTERNAL_IP)]))
+@BOTH
+def test_no_endpoint_behind_an_external_ip_is_refused_into_the_host(uplink, fam):
+    n, x = fam.node, fam.ext_ip
+    uplink.writer.apply(LBState.of([internal(x, 80, [], FrontendKind.EXTERNAL_IP)]))
     leave(uplink, "SYN: RST from the externalIP, back in through the uplink (addressed to it)",
-          leaving_uplink(tcp(NODE, EXT_IP, 45126, 80, "S", seq=1000)), REDIRECT,
-          Ether(src=CLIENT_MAC, dst=NODE_MAC) / IP(src=EXT_IP, dst=NODE, id=0, ttl=64) /
+          leaving_uplink(fam.tcp(n, x, 45126, 80, "S", seq=1000)), REDIRECT,
+          Ether(src=CLIENT_MAC, dst=NODE_MAC) / fam.reply_ip(x, n) /
           TCP(sport=80, dport=45126, flags="RA", seq=0, ack=1001, window=0))
+
+
+# ---- a removed backend ---------------------------------------------------------------------------
+
+@BOTH
+def test_a_removed_backend_resets_the_nodes_tcp_flow_and_rebalances_udp(uplink, fam):
+    n, b, t, u = fam.node, fam.remote_be, fam.tcp, fam.udp
+    other = {V4.remote_be: REMOTE_BE2, V6.remote_be: "2001:2:0:2::3"}[b]
+
+    def node_ports(backend):
+        return LBState.of([internal(n, NODE_PORT, [any_be(backend)], FrontendKind.NODE_PORT),
+                           internal(n, NODE_PORT, [any_be(backend, 5353, Protocol.UDP)], FrontendKind.NODE_PORT,
+                                    Protocol.UDP, "dns")])
+
+    uplink.writer.apply(node_ports(b))
+    uplink.check("SYN", "from_loopback", on_lo(t(n, n, 45130, NODE_PORT, "S")), REDIRECT,
+                 out_to_node2(t(n, b, 45130, 8080, "S")))
+    uplink.check("query", "from_loopback", on_lo(u(n, n, 45131, NODE_PORT, b"q")), REDIRECT,
+                 out_to_node2(u(n, b, 45131, 5353, b"q")))
+    uplink.writer.apply(node_ports(other))
+    uplink.check("TCP: the RST from node:nodePort, on through lo", "from_loopback",
+                 on_lo(t(n, n, 45130, NODE_PORT, "A", seq=1001, ack=7001)), OK,
+                 on_lo(fam.reply_ip(n, n) / TCP(sport=NODE_PORT, dport=45130, flags="R", seq=7001, ack=0, window=0)))
+    uplink.check("UDP: balanced again, to the backend left", "from_loopback",
+                 on_lo(u(n, n, 45131, NODE_PORT, b"q")), REDIRECT, out_to_node2(u(n, other, 45131, 5353, b"q")))
 
 
 # ---- the agent's side: attach, and `ebpfsvc cleanup` -------------------------------------------------

@@ -9,9 +9,12 @@ Exact bytes through BPF_PROG_TEST_RUN, in the `uplink` fixture's namespace (node
 fabric) with a pod veth for LOCAL_BE; both programs on the same maps, compiled as the agent
 compiles them. The option off is tests/bpf/test_nodeport.py::test_nodeport_local_backend_keeps_the_client_address.
 The last test sends a real TCP connection through both programs attached in namespaces of its own.
+IPv6 takes the same walk, SNATed to the node's IPv6 address (np6_* / lb6_reply_to_node).
 """
 
 from __future__ import annotations
+
+from ipaddress import ip_address
 
 import pytest
 
@@ -19,13 +22,15 @@ from ebpfsvc import abi
 from ebpfsvc.datapath import loader, nsenter
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
-from ebpfsvc.lbmodel import LBState
+from ebpfsvc.lbmodel import Frontend, FrontendKey, FrontendKind, LBState, Protocol, Scope, ServicePortName
 
 from .northsouth import (
-    CLIENT, LIMITS, LOCAL_BE, NODE, REDIRECT, XDP_PASS, be, ext_frontend, forwarded_to_client, from_client, hop,
+    CLIENT, CLIENT6, LIMITS, LOCAL_BE, LOCAL_BE6, LOCAL_POD_MAC, NODE, NODE6, REDIRECT, XDP_PASS, be,
+    ext_frontend, forwarded_to_client, from_client, hop,
     local_tcp_flow, pod_veth, snat_port, to_local_pod,
 )
-from .packets import HAIRPIN, from_pod, tcp
+from .packets import HAIRPIN, from_pod, tcp, tcp6
+from .packets import be as any_be   # a backend of either family
 
 pytestmark = pytest.mark.root
 
@@ -89,6 +94,48 @@ def test_xdp_leaves_a_masqueraded_local_flow_to_tc(uplink, pod_veth):
     uplink.check("TC serves it", "from_uplink", syn, REDIRECT, to_local_pod(hop(tcp(NODE, LOCAL_BE, port, 8080, "S"))))
     uplink.check_xdp("a tracked segment: passed untouched too",
                      from_client(tcp(CLIENT, NODE, 40001, 30081, "A", seq=1001)), XDP_PASS)
+
+
+# ---- IPv6: the same option, the node's IPv6 address (node_snat6()) as source ----------------------------
+
+LOCAL6 = Frontend(key=FrontendKey(ip_address(NODE6), 30081, Protocol.TCP, Scope.EXTERNAL),
+                  service=ServicePortName("default", "local6", "", Protocol.TCP), kind=FrontendKind.NODE_PORT,
+                  backends=(any_be(LOCAL_BE6, local=True),))
+
+
+@pytest.fixture
+def pod_veth6(uplink, pod_veth):
+    """pod_veth with LOCAL_BE6/128 routed to it too, its neighbour resolved."""
+    from pyroute2 import IPRoute
+
+    def build():
+        with IPRoute() as ipr:
+            ipr.route("add", dst=f"{LOCAL_BE6}/128", oif=pod_veth)
+            ipr.neigh("add", dst=LOCAL_BE6, lladdr=LOCAL_POD_MAC, ifindex=pod_veth, state=0x80)  # NUD_PERMANENT
+
+    nsenter.run_in(uplink.netns, build)
+    return pod_veth
+
+
+@pytest.mark.parametrize("uplink", [MASQUERADE], indirect=True)
+def test_cluster_policy_to_a_local_ipv6_backend_is_masqueraded_with_the_option(uplink, pod_veth6, compiled):
+    pod_side = compiled.load(LIMITS, hairpin_addr=HAIRPIN, snat_addr=NODE, snat6=NODE6)
+    uplink.writer.apply(LBState.of([LOCAL6]))
+    syn = from_client(tcp6(CLIENT6, NODE6, 40000, 30081, "S"))
+    uplink.check_xdp("XDP leaves a masqueraded local flow to TC", syn, XDP_PASS)
+    uplink.check("SYN to [node]:30081, backend on this node: SNAT to the node (the client's port kept) + DNAT, "
+                 "sent to the pod's veth", "from_uplink", syn, REDIRECT,
+                 to_local_pod(hop(tcp6(NODE6, LOCAL_BE6, 40000, 8080, "S"))))
+    assert from_pod_veth(uplink, pod_side, pod_veth6, from_pod(tcp6(LOCAL_BE6, NODE6, 8080, 40000, "SA", seq=7000,
+                                                                    ack=1001))) == \
+        ("TC_ACT_REDIRECT", bytes(forwarded_to_client(tcp6(NODE6, CLIENT6, 30081, 40000, "SA", seq=7000, ack=1001)))), \
+        "the pod's SYN-ACK to the node: back to the client from [node]:nodePort, out of the uplink"
+    segment = from_client(tcp6(CLIENT6, NODE6, 40000, 30081, "A", seq=1001, ack=7001))
+    uplink.check_xdp("a tracked segment: to TC as well", segment, XDP_PASS)
+    uplink.check("the next client segment keeps its SNAT port and backend", "from_uplink", segment, REDIRECT,
+                 to_local_pod(hop(tcp6(NODE6, LOCAL_BE6, 40000, 8080, "A", seq=1001, ack=7001))))
+    fwd = {k.dir: v for k, v in uplink.dp.maps["ct6"].items()}[abi.CT_DIR_FORWARD]
+    assert fwd.flags & abi.CT_F_NODEPORT and fwd.flags & abi.CT_F_SNAT and fwd.flags & abi.CT_F_ESTABLISHED
 
 
 # ---- real traffic: the kernel's own packets through both programs, attached as the agent does ----

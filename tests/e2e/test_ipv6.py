@@ -8,7 +8,8 @@ pod namespaces, servers the lab's echo apps, so every packet crosses the agents'
 Backends see the client pod's own IPv6 address: pod traffic is never SNATed.
 
 A pod reaching itself through an IPv6 clusterIP (hairpin) is SNATed to its node's IPv6 address, and
-a process in a node's own namespace reaches IPv6 clusterIPs (node clients, the socket path off).
+a process in a node's own namespace reaches IPv6 clusterIPs, its node's own IPv6 NodePorts and
+IPv6 externalIPs routed out of the uplink (node clients, the socket path off).
 IPv6 NodePorts from outside the cluster (SNAT to the node's IPv6 address, and policy Local) are
 served on the uplinks too. The socket path's IPv6 hooks: test_socklb_ipv6.py.
 """
@@ -302,3 +303,55 @@ def test_ipv6_nodeport_from_outside_snat_and_local_policy(lab):
 
     local = wait_for(lambda: _from_outside(lab, NODE1_6, 30282), what="IPv6 NodePort answer, policy Local")
     assert local["pod"] == "n6l" and local["client"] == CLIENT_6      # the client's address kept
+
+
+def test_ipv6_node_clients_reach_their_own_nodeports_and_external_ips(lab):
+    """kube-proxy's OUTPUT chain over IPv6 (docs/northsouth.md, "Node clients"): a process in node-1's
+    own namespace reaches node-1's IPv6 NodePorts, which the kernel sends through lo (a backend on
+    node-1 and one on node-2, UDP, policy Local served by the endpoint on node-2, no endpoint refused
+    at once), and an IPv6 externalIP that node-1 routes out of its uplink (the route added in node-1's
+    namespace only, as test_node_local.py does for IPv4). Backends see node-1's IPv6 address."""
+    from .test_node_local import wait_served
+
+    ext = "2001:2:0:200::33"
+    lab.apply([echo("n6h-1", "node-1"), echo("n6h-2", "node-2"), echo("n6h-d", "node-2", "udp-echo", 5353),
+               service("n6h-1", [{"port": 80, "targetPort": 8080, "nodePort": 30290}], selector={"pod": "n6h-1"},
+                       type="NodePort", ipFamilies=["IPv6"]),
+               service("n6h-2", [{"port": 80, "targetPort": 8080, "nodePort": 30291}], selector={"pod": "n6h-2"},
+                       type="NodePort", ipFamilies=["IPv6"], externalTrafficPolicy="Local"),
+               service("n6h-u", [{"port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30292}],
+                       selector={"pod": "n6h-d"}, type="NodePort", ipFamilies=["IPv6"]),
+               service("n6h-none", [{"port": 80, "targetPort": 8080, "nodePort": 30293}], selector={"pod": "nobody"},
+                       type="NodePort", ipFamilies=["IPv6"]),
+               service("n6h-ext", [{"port": 80, "targetPort": 8080}], selector={"pod": "n6h-2"},
+                       ipFamilies=["IPv6"], externalIPs=[ext])])
+    wait_ready(lab, ["n6h-1", "n6h-2", "n6h-d"])
+    for port, backends, proto in ((30290, 1, "TCP"), (30291, 1, "TCP"), (30292, 1, "UDP"), (30293, 0, "TCP")):
+        wait_served(lab, NODE1_6, port, backends=backends, proto=proto)
+    wait_served(lab, ext, 80, backends=1)
+
+    def from_node1(address: str, port: int):
+        return curl(lambda argv, **kw: lab.node_exec("node-1", argv, **kw), address, port)
+
+    # Its own NodePorts: the backend on node-1 (a pod veth), the one on node-2 (the uplink), and
+    # policy Local with the only endpoint on node-2, served from node-1 all the same.
+    for port, pod in ((30290, "n6h-1"), (30291, "n6h-2")):
+        out = from_node1(NODE1_6, port)
+        assert out.returncode == 0, (port, out.stderr)
+        answer = json.loads(out.stdout)
+        assert (answer["pod"], answer["client"], answer["localPort"]) == (pod, NODE1_6, 8080)
+    query = lambda: lab.node_exec("node-1", [sys.executable, "-c", NODE_UDP_QUERY, NODE1_6, "30292"])  # noqa: E731
+    out = wait_for(lambda: (r := query()).returncode == 0 and r, what="a UDP answer from node-1's own IPv6 NodePort")
+    assert json.loads(out.stdout)["pod"] == "n6h-d" and json.loads(out.stdout)["client"] == NODE1_6
+    refused = from_node1(NODE1_6, 30293)
+    assert refused.returncode == 7, refused.stderr          # connection refused (the RST on lo), not a timeout
+
+    routed = lab.node_exec("node-1", ["ip", "-6", "route", "replace", "2001:2:0:200::/64", "via", CLIENT_6])
+    assert routed.returncode == 0, routed.stderr
+    try:
+        out = from_node1(ext, 80)
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        assert (answer["pod"], answer["client"]) == ("n6h-2", NODE1_6)
+    finally:
+        lab.node_exec("node-1", ["ip", "-6", "route", "del", "2001:2:0:200::/64"])
