@@ -112,16 +112,19 @@ def _map_limit_options(fn):
 
 
 def Agent(cfg: AgentConfig):
-    """The agent of `cfg`, its pinned maps already opening: ebpfsvc.agent and what it imports (numpy,
-    pyroute2, the Kubernetes client: most of a second, seconds on a busy node) load while bcc compiles
-    the maps-only unit, instead of before it (issue 12: a restart's first change)."""
+    """The agent of `cfg`, its pinned maps already opening: ebpfsvc.agent and what it imports (pyroute2,
+    the admission and Maglev modules: most of a second, seconds on a busy node), then the API source
+    (the Kubernetes client), load while bcc compiles the maps-only unit, instead of before it
+    (issue 12: a restart's first change)."""
     from dataclasses import replace
 
     cfg = replace(cfg, pin_dir=os.path.abspath(cfg.pin_dir), **{     # bcc changes the cwd while compiling
         name: os.path.abspath(getattr(cfg, name)) for name in ("manifests", "kubeconfig") if getattr(cfg, name)})
-    from ebpfsvc.datapath import loader      # numpy and bcc, needed for the compile anyway
+    opening = None
+    if not cfg.bind_address_hard_fail:      # that mode exits on a taken port before touching any map
+        from ebpfsvc.datapath import loader      # numpy and bcc, needed for the compile anyway
 
-    opening = loader.open_maps_early(cfg.pin_dir, loader.Limits(**cfg.limits))
+        opening = loader.open_maps_early(cfg.pin_dir, loader.Limits(**cfg.limits))
     from ebpfsvc.agent import Agent as NodeAgent
     return NodeAgent(cfg, opening=opening)
 
