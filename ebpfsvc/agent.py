@@ -51,7 +51,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from ebpfsvc import nodeinfo
@@ -81,11 +80,12 @@ PROGRAMS_COMPILING = "the datapath programs are being compiled"
 
 
 class Agent:
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig, opening=None):
         from ebpfsvc.collectors import AgentReadings
         from ebpfsvc.telemetry import Telemetry
 
         self.config = config
+        self._opening = opening     # loader.open_maps_early()'s (restart, future), when the command started it
         # Metrics, /healthz, /livez, healthCheckNodePorts: handed what they read, as they read it.
         self.telemetry = Telemetry(config, AgentReadings(
             loops_alive=lambda: self.runner.alive, sync_failures=lambda: self.runner.failures,
@@ -138,8 +138,6 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        from pathlib import Path
-
         from ebpfsvc.datapath import loader
 
         started = time.monotonic()
@@ -153,15 +151,14 @@ class Agent:
         # is made and lists: syncs write them while the programs compile. Pins of another shape (new
         # limits) are recreated by the programs' load, so then nothing is written before it.
         t0 = time.monotonic()
-        restart = Path(cfg.pin_dir, "lb4_frontends").exists()   # a previous run's programs still serve
-        with ThreadPoolExecutor(1, thread_name_prefix="open-maps") as pool:
-            opening = pool.submit(loader.open_maps, cfg.pin_dir, limits=loader.Limits(**cfg.limits))
-            # The source: a manifest directory is read at once, and the API's Node list usually comes
-            # within moments, so the programs are compiled once, with the node's addresses.
-            self.source = self._make_source()
-            self.source.start()
-            opened = opening.result()
-        log.info("maps opened in %.2fs", time.monotonic() - t0)
+        # restart: a previous run's programs still serve these maps.
+        restart, opening = self._opening or loader.open_maps_early(cfg.pin_dir, loader.Limits(**cfg.limits))
+        # The source: a manifest directory is read at once, and the API's Node list usually comes
+        # within moments, so the programs are compiled once, with the node's addresses.
+        self.source = self._make_source()
+        self.source.start()
+        opened = opening.result()
+        log.info("maps opened in %.2fs (%.2fs since start)", time.monotonic() - t0, time.monotonic() - started)
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         while not self._start_kinds() <= self.state.synced_kinds and time.monotonic() < deadline \
                 and not self._stopped.is_set():

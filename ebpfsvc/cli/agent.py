@@ -10,7 +10,6 @@ import click
 import yaml
 
 from ebpfsvc import abi
-from ebpfsvc.agent import Agent
 from ebpfsvc.config import (AUTO_IP_FAMILIES, DEFAULT_IP_FAMILIES, DEFAULT_NODEPORT_RANGE, DEFAULT_PIN_DIR, AgentConfig, NodeConfig,
                             format_port_range)
 from ebpfsvc.flags import (CONFIG_META, AgentError, BindAddress, Duration, IPFamilies, IPv4Address, IPv4Network,
@@ -110,6 +109,24 @@ def _map_limit_options(fn):
         fn = click.option(flag, name, default=None, show_default=str(getattr(defaults, name)),
                           type=click.IntRange(min=1), help=f"Map size: {what}.")(fn)
     return fn
+
+
+def Agent(cfg: AgentConfig):
+    """The agent of `cfg`, its pinned maps already opening: ebpfsvc.agent and what it imports (pyroute2,
+    the admission and Maglev modules: most of a second, seconds on a busy node), then the API source
+    (the Kubernetes client), load while bcc compiles the maps-only unit, instead of before it
+    (issue 12: a restart's first change)."""
+    from dataclasses import replace
+
+    cfg = replace(cfg, pin_dir=os.path.abspath(cfg.pin_dir), **{     # bcc changes the cwd while compiling
+        name: os.path.abspath(getattr(cfg, name)) for name in ("manifests", "kubeconfig") if getattr(cfg, name)})
+    opening = None
+    if not cfg.bind_address_hard_fail:      # that mode exits on a taken port before touching any map
+        from ebpfsvc.datapath import loader      # numpy and bcc, needed for the compile anyway
+
+        opening = loader.open_maps_early(cfg.pin_dir, loader.Limits(**cfg.limits))
+    from ebpfsvc.agent import Agent as NodeAgent
+    return NodeAgent(cfg, opening=opening)
 
 
 @click.command("agent", cls=OneLineErrors)

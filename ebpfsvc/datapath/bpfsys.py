@@ -3,7 +3,8 @@ pinned maps opened by path and read (PinnedMap), program names by id (prog_name)
 run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py), their run-time
 statistics (run_time_stats, prog_run_stats: the benchmark's cost per connection), cgroup
 programs listed and detached (prog_query, prog_detach: datapath/socklb.py), and compiled programs
-loaded from the program cache (prog_load, map_create, map_update_batch: datapath/progcache.py).
+loaded from the program cache (prog_load, map_create, map_update_batch: datapath/progcache.py),
+pinned and taken back by a restarted agent (obj_pin, obj_get, prog_map_ids, map_id).
 
 Pinned BPF maps are opened by path and read with bpf(2): no compiler, no bcc.
 
@@ -37,6 +38,7 @@ from typing import Iterator
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_DETACH = 9
 BPF_PROG_TEST_RUN = 10
@@ -321,6 +323,44 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, 
         return _bpf(BPF_MAP_CREATE, attr)
     except OSError as e:
         raise OSError(e.errno, f"BPF_MAP_CREATE {name}: {e.strerror}") from None
+
+
+def obj_pin(fd: int, path: str | os.PathLike) -> None:
+    """BPF_OBJ_PIN: pin object `fd` (a program) at `path` on a bpffs."""
+    p = os.fsencode(str(path)) + b"\0"
+    buf = ctypes.create_string_buffer(p, len(p))
+    try:
+        _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(buf), bpf_fd=fd))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot pin at {path}: {e.strerror}") from None
+
+
+def obj_get(path: str | os.PathLike) -> int:
+    """BPF_OBJ_GET, read-write: an fd of the object pinned at `path` (a program, to attach)."""
+    p = os.fsencode(str(path)) + b"\0"
+    buf = ctypes.create_string_buffer(p, len(p))
+    try:
+        return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(buf)))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot open pinned object {path}: {e.strerror}") from None
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """Ids of the maps program `fd` references."""
+    info = _ProgInfo()
+    _obj_info(fd, info)
+    count = info.nr_map_ids
+    ids = (ctypes.c_uint32 * max(count, 1))()
+    info = _ProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
+    _obj_info(fd, info)
+    return list(ids[:min(count, info.nr_map_ids)])
+
+
+def map_id(fd: int) -> int:
+    """The kernel's id of map `fd` (the same for every fd of one map)."""
+    info = _MapInfo()
+    _obj_info(fd, info)
+    return info.id
 
 
 def map_shape(fd: int) -> tuple[int, int, int, int, int]:

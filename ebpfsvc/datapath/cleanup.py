@@ -9,7 +9,8 @@ it. The node clients' device (ebpfsvc/datapath/hostpath.py) goes, and its routes
 with it, and lo's accept_local, which the agent sets for the node's replies to
 itself, goes back to the kernel's default (0). An XDP program is removed only
 when it is ours by name (ebpfsvc/datapath/uplink.py XDP_PROG_NAME). Pins are
-removed by loader.unpin(), which refuses to delete anything it does not know.
+removed by loader.unpin() (the maps', and the programs' the agent keeps for its next start),
+which refuses to delete anything it does not know.
 With --socket-lb-cgroup, the socket programs on that cgroup (datapath/socklb.py) are detached.
 """
 
@@ -86,7 +87,10 @@ def cleanup(pin_dir, *, netns=None, dry_run: bool = False, socket_lb_cgroup=None
             socklb.detach(cgroup)
     pin_dir = Path(pin_dir)
     if pin_dir.exists():
+        from ebpfsvc.datapath import progcache
+
         report.pins = [str(pin_dir / n) for n in loader.MAPS if (pin_dir / n).exists()]
+        report.pins += [str(p) for p in progcache.program_pins(pin_dir)]
         if not dry_run:
             loader.unpin(pin_dir)
     return report

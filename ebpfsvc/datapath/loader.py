@@ -9,7 +9,8 @@ Nothing of the node is compiled in (its addresses are the map lb_node_addrs, nod
 the programs of every node are the same and the program cache (progcache.py) serves them all.
 
 Maps are pinned under the pin directory (one per node) and reused by the next
-load, so flows and ids survive an agent restart.
+load, so flows and ids survive an agent restart. With the program cache the programs are pinned
+there too (programs/), so a restart with the same programs takes them without the verifier.
 
 Why the loader inlines the project's headers instead of passing -I: bcc only
 rewrites map operations (`map.lookup(&k)`) written in the main translation
@@ -284,8 +285,9 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     if stale and migrate:
         _restore_pins(dp, saved)
     _fill_sctp_crc_shift(bpf)
-    if program_key:     # verified by the kernel just now: what the next start loads
+    if program_key:     # verified by the kernel just now: what the next start loads, or takes as pinned
         progcache.store(progcache.cache_dir(), program_key, bpf, types, MAPS)
+        progcache.pin_programs(pin_dir, program_key, {name: dp.programs[name].fd for name in programs})
     if cache:
         dp.cache_key = key
         _CACHE[key] = dp
@@ -304,7 +306,7 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
     map_fds = {name: maps_unit.get_table(name.encode()).map_fd for name in MAPS}
     found = progcache.load(progcache.cache_dir(), program_key, map_fds,
                            fillers={"lb_sctp_crc_shift": _fill_crc_shift_fd, "lb6_icmp_scratch": _scratch,
-                                    "np6_scratch": _scratch, "lb6_merge_scratch": _scratch})
+                                    "np6_scratch": _scratch, "lb6_merge_scratch": _scratch}, pin_dir=pin_dir)
     if found is None:
         if owned:
             maps_unit.cleanup()
@@ -334,6 +336,28 @@ def open_maps(pin_dir, *, limits: Limits | None = None):
         bpf.cleanup()
         return None
     return bpf, {name: bpf.get_table(name.encode()) for name in MAPS}
+
+
+def open_maps_early(pin_dir, limits: Limits):
+    """open_maps() on a thread of its own (bcc compiles with the GIL released), so a starting agent
+    imports, reads its source and lists while the maps-only unit compiles. `pin_dir` must be
+    absolute: bcc changes the working directory while it compiles. Returns (restart, future of
+    open_maps()'s result): restart tells whether a previous run's maps were pinned there, read
+    before the open pins any."""
+    from concurrent.futures import Future
+    import threading
+
+    pin_dir = Path(pin_dir)
+    restart = (pin_dir / "lb4_frontends").exists()
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(open_maps(pin_dir, limits=limits))
+        except BaseException as e:      # raised again where the agent waits for the maps
+            future.set_exception(e)
+    threading.Thread(target=run, name="open-maps", daemon=True).start()
+    return restart, future
 
 
 def release_compiler_memory() -> None:
@@ -415,6 +439,12 @@ def _restore_pins(dp: "Datapath", saved) -> None:
 def _remove_pins(pin_dir: Path) -> None:
     for name in MAPS:
         (pin_dir / name).unlink(missing_ok=True)
+    # The programs pinned for the next start reference these maps: a load on new maps pins its own.
+    for path in progcache.program_pins(pin_dir):
+        path.unlink()
+    programs = pin_dir / progcache.PROGRAM_PINS
+    if programs.is_dir():
+        programs.rmdir()        # fails on a file that is not ours, as unpin() should
 
 
 def unpin(pin_dir) -> None:

@@ -8,9 +8,10 @@ instructions and loads them with BPF_PROG_LOAD (ebpfsvc/datapath/bpfsys.py): mil
 
 The key covers every input of the compile: the translation unit (the source with the project's
 headers inlined), the compiler flags except the pin directory (it names where maps are pinned,
-which is in no instruction: nodes of one machine share entries), the kernel release and headers
-tree, bcc's version, the programs and their types, and FORMAT. A changed #define or limit is
-another key. A miss, an unreadable or corrupt entry (a digest covers it), or a load the kernel
+which is in no instruction: nodes of one machine share entries) and the sizes of pinned maps
+(size_only_macros: in no instruction either, and the conntrack table's depends on the node's CPUs),
+the kernel release and headers tree, bcc's version, the programs and their types, and FORMAT. A
+changed #define, or a limit the code uses, is another key. A miss, an unreadable or corrupt entry (a digest covers it), or a load the kernel
 refuses is one log line, and the caller compiles with bcc as before.
 
 What a raw load lacks compared with bcc's is BTF (function and line info). The kernel needs it
@@ -31,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -54,13 +56,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EBPFSVC_PROGRAM_CACHE") or maglev.cache_dir() / "programs")
 
 
+def size_only_macros(text: str, cflags) -> set[str]:
+    """The -D names of `cflags` that `text` uses only as the size of a pinned map: each line naming
+    one is its own default (#ifndef/#define NAME) or a BPF_TABLE_PINNED declaration. Such a value is
+    in no instruction (a map reference is an fd; the verifier reads the size from the map at load),
+    so the key leaves it out: nodes of different sizes (--conntrack-max-per-core times the node's
+    CPUs sizes ct4/ct6) share one entry. A name used anywhere else stays in the key."""
+    names = {f[2:].split("=", 1)[0] for f in cflags if f.startswith("-D")}
+    out = set()
+    for name in names:
+        word = re.compile(rf"\b{re.escape(name)}\b")
+        own = re.compile(rf"^\s*#\s*(ifndef|define)\s+{re.escape(name)}\b")
+        lines = [line for line in text.splitlines() if word.search(line)]
+        if lines and all(own.match(line) or line.lstrip().startswith("BPF_TABLE_PINNED(") for line in lines):
+            out.add(name)
+    return out
+
+
 def cache_key(text: str, cflags, programs: dict[str, int]) -> str:
     """sha256 of every input of the compile (the module docstring lists them)."""
     import bcc
+    sizes = size_only_macros(text, cflags)
     inputs = {
         "format": FORMAT,
         "source": hashlib.sha256(text.encode()).hexdigest(),
-        "cflags": [f for f in cflags if not f.startswith("-DLB_PIN_DIR=")],
+        "cflags": [f for f in cflags if not f.startswith("-DLB_PIN_DIR=")
+                   and f[2:].split("=", 1)[0] not in sizes],
         "kernel": os.uname().release,
         "headers": os.environ.get("BCC_KERNEL_SOURCE", ""),
         "bcc": getattr(bcc, "__version__", "?"),
@@ -180,10 +201,12 @@ def _digest(entry: dict) -> str:
 
 
 def load(directory, key: str, map_fds: dict[str, int],
-         fillers: dict[str, Callable[[int, int], None]] | None = None):
+         fillers: dict[str, Callable[[int, int], None]] | None = None, pin_dir=None):
     """The programs kept under `key`, loaded on the maps `map_fds` (name -> fd, the pinned ones);
     maps the entry names as unpinned are created and filled by `fillers[name](fd, max_entries)`
-    (derived data; an unpinned map without a filler is not served from the cache).
+    (derived data; an unpinned map without a filler is not served from the cache). With `pin_dir`,
+    the programs a previous run pinned there under `key` are taken as they are (reuse_pinned), and
+    programs loaded here are pinned there for the next run (pin_programs).
     Returns ({name: LoadedProgram}, [every fd opened]) or None (a miss, logged in one line)."""
     path = _entry_path(directory, key)
     unsafe = _unsafe(Path(directory))
@@ -202,6 +225,12 @@ def load(directory, key: str, map_fds: dict[str, int],
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("program cache: entry %s unusable (%s): compiling", path, e)
         return None
+    if pin_dir is not None:
+        kept = reuse_pinned(pin_dir, key, {name: refs for name, (_t, _i, refs) in programs.items()}, map_fds)
+        if kept is not None:
+            log.info("program cache: programs %s kept from the previous run (pinned in %s): nothing loaded",
+                     ", ".join(kept), Path(pin_dir) / PROGRAM_PINS)
+            return {name: LoadedProgram(name, fd) for name, fd in kept.items()}, list(kept.values())
     fillers = fillers or {}
     opened: list[int] = []
     try:
@@ -213,7 +242,7 @@ def load(directory, key: str, map_fds: dict[str, int],
             opened.append(fd)
             fillers[name](fd, max_entries)
             fds[name] = fd
-        loaded = {}
+        patched = {}
         for name, (prog_type, insns, refs) in programs.items():
             code = bytearray(insns)
             for index, map_name in refs:
@@ -223,13 +252,109 @@ def load(directory, key: str, map_fds: dict[str, int],
                 if c != _LD_IMM64 or regs >> 4 != _PSEUDO_MAP_FD:
                     raise ValueError(f"program {name}: instruction {index} is no map reference")
                 _INSN.pack_into(code, index * 8, c, regs, off, fds[map_name])
-            fd = bpfsys.prog_load(prog_type, bytes(code), license=entry["license"], name=name,
-                                  kern_version=int(entry["kern_version"]))
-            opened.append(fd)
-            loaded[name] = LoadedProgram(name, fd)
+            patched[name] = (prog_type, bytes(code))
+        loaded = {name: LoadedProgram(name, fd) for name, fd in _load_all(patched, entry, opened).items()}
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         for fd in opened:
             os.close(fd)
         log.warning("program cache: entry %s not loaded (%s): compiling", path.name, e)
         return None
+    if pin_dir is not None:
+        pin_programs(pin_dir, key, {name: p.fd for name, p in loaded.items()})
     return loaded, opened
+
+
+def _load_all(patched: dict[str, tuple[int, bytes]], entry: dict, opened: list[int]) -> dict[str, int]:
+    """BPF_PROG_LOAD of every program at once, one thread each (the GIL is released in the syscall):
+    the verifier takes seconds per program (from_pod 4-11 s, from_uplink 3-6 s, measured at load
+    1-10), and the kernel verifies concurrent loads on as many CPUs. Every fd made goes into
+    `opened` (the caller closes them on failure); the first failure is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name):
+        prog_type, code = patched[name]
+        return bpfsys.prog_load(prog_type, code, license=entry["license"], name=name,
+                                kern_version=int(entry["kern_version"]))
+    with ThreadPoolExecutor(max(1, min(len(patched), os.cpu_count() or 1)), thread_name_prefix="prog-load") as pool:
+        futures = {name: pool.submit(one, name) for name in patched}
+    fds, error = {}, None
+    for name, future in futures.items():
+        try:
+            fds[name] = future.result()
+            opened.append(fds[name])
+        except OSError as e:
+            error = error or e
+    if error is not None:
+        raise error
+    return fds
+
+
+# -- programs kept across a restart -----------------------------------------------------------
+# The kernel verifies a program at every BPF_PROG_LOAD: seconds for lb_node.c's, on a small node more
+# than the whole rest of a warm start (measured: 5-6 s per object at load 1-4). A restarted agent
+# whose programs would be the same (same cache key) on the same maps takes the previous run's
+# instead: they are pinned beside the maps, under PROGRAM_PINS/<program>_<key>, and BPF_OBJ_GET
+# costs microseconds. The pins are the programs the previous run attached, so nothing changes for
+# a packet either.
+
+PROGRAM_PINS = "programs"       # the subdirectory of a pin directory the programs are pinned in
+_PIN_NAME = re.compile(r"^(?P<program>[a-z0-9_]+)_(?P<key>[0-9a-f]{32})$")
+
+
+def _pin_name(program: str, key: str) -> str:
+    return f"{program}_{key[:32]}"      # bpffs names take no dot; 128 bits of the key name it
+
+
+def program_pins(pin_dir) -> list[Path]:
+    """The program pins under `pin_dir` (what pin_programs made), for unpin and cleanup."""
+    directory = Path(pin_dir) / PROGRAM_PINS
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _PIN_NAME.match(p.name))
+
+
+def pin_programs(pin_dir, key: str, fds: dict[str, int]) -> None:
+    """Pin programs `fds` (name -> fd, loaded or compiled under `key`) for the next run of this pin
+    directory, in place of any earlier pin of the same program. A failure is one log line: the next
+    start then loads them again."""
+    directory = Path(pin_dir) / PROGRAM_PINS
+    try:
+        directory.mkdir(exist_ok=True)
+        for name, fd in fds.items():
+            wanted = directory / _pin_name(name, key)
+            for old in program_pins(pin_dir):
+                if _PIN_NAME.match(old.name)["program"] == name and old != wanted:
+                    old.unlink()
+            if not wanted.exists():
+                bpfsys.obj_pin(fd, wanted)
+    except OSError as e:
+        log.warning("program cache: programs not pinned in %s: %s", directory, e)
+
+
+def reuse_pinned(pin_dir, key: str, programs: dict[str, list], map_fds: dict[str, int]) -> dict[str, int] | None:
+    """{name: fd} of the programs pinned under `key` in `pin_dir`, when every one of `programs` (name ->
+    its [instruction, map name] references) is there and references exactly the maps of `map_fds`
+    that it names (pins recreated since, at another size, are other maps: then None, and they are
+    loaded again). Maps the entry creates unpinned are the previous run's, alive with its programs."""
+    directory = Path(pin_dir) / PROGRAM_PINS
+    fds: dict[str, int] = {}
+    try:
+        for name, refs in programs.items():
+            path = directory / _pin_name(name, key)
+            if not path.exists():
+                return None
+            fds[name] = fd = bpfsys.obj_get(path)
+            named = {map_name for _, map_name in refs}
+            wanted = {bpfsys.map_id(map_fds[m]) for m in named if m in map_fds}
+            ids = set(bpfsys.prog_map_ids(fd))
+            if not wanted <= ids or len(ids - wanted) != len(named - map_fds.keys()):
+                log.info("program cache: pinned %s references other maps than %s's: loading it again",
+                         name, pin_dir)
+                raise LookupError(name)
+    except (OSError, LookupError) as e:
+        for fd in fds.values():
+            os.close(fd)
+        if isinstance(e, OSError):
+            log.warning("program cache: pinned programs in %s not usable (%s): loading them", directory, e)
+        return None
+    return fds

@@ -1,7 +1,9 @@
 """The compiled-program cache (ebpfsvc/datapath/progcache.py): programs loaded from it translate
 byte for byte as the ones bcc compiled (fixtures of test_clusterip.py, test_nodeport.py and
 test_nodeport_xdp.py run here against them), a changed #define or flag is a miss, a corrupt
-entry falls back to bcc, and a restarted agent on a warm cache serves from its first sync. Each
+entry falls back to bcc, a restarted agent on a warm cache serves from its first sync and takes
+its previous run's programs (pinned) without loading them, and the sizes of the maps are no part
+of the key (a node with more CPUs has a bigger conntrack table and the same programs). Each
 test has a cache directory of its own ($EBPFSVC_PROGRAM_CACHE), so nothing here reads or writes
 the machine's cache.
 """
@@ -46,6 +48,8 @@ def _cache_loaded(compiled_datapaths, directory, limits, **kw):
         filled = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
         assert isinstance(filled.bpf, BPF)          # a miss: compiled, and stored
         filled.close()
+        for pin in progcache.program_pins(pin_dir):     # else the load takes bcc's programs back, pinned
+            pin.unlink()
         dp = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
     assert isinstance(dp.bpf, progcache.CachedObject)
     return dp
@@ -241,3 +245,84 @@ def _counting(real, calls: list):
             calls.append(text.split(b"\n", 1)[0])       # `#line 1 "<source>"`: which unit
             super().__init__(*args, text=text, **kw)
     return Counting
+
+
+def _prog_id(fd: int) -> int:
+    from ebpfsvc.datapath import bpfsys
+    info = bpfsys._ProgInfo()
+    bpfsys._obj_info(fd, info)
+    return info.id
+
+
+def test_a_restart_takes_the_pinned_programs_without_loading_them(cache_dir, pin_dir, monkeypatch, caplog):
+    """Issue 12: the verifier costs seconds per object at every BPF_PROG_LOAD; a restart with the same
+    programs on the same maps takes the previous run's from their pins, and loads nothing."""
+    from ebpfsvc.datapath import bpfsys
+    first = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
+    ids = {name: _prog_id(p.fd) for name, p in first.programs.items()}
+    first.close()
+    assert sorted(p.name.rsplit("_", 1)[0] for p in progcache.program_pins(pin_dir)) == sorted(loader.PROGRAMS)
+
+    def no_load(*a, **kw):
+        raise AssertionError("BPF_PROG_LOAD on a restart with the same programs")
+    with monkeypatch.context() as mp:
+        mp.setattr(bpfsys, "prog_load", no_load)
+        again = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
+    try:
+        assert isinstance(again.bpf, progcache.CachedObject)
+        assert {name: _prog_id(p.fd) for name, p in again.programs.items()} == ids
+    finally:
+        again.close()
+
+    # A map pinned anew (here removed behind the agent's back; in life, recreated at another size) is
+    # another map: the pinned programs still use the old one, so they are loaded again, on the new one.
+    (pin_dir / "lb4_frontends").unlink()
+    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
+    third = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
+    try:
+        assert isinstance(third.bpf, progcache.CachedObject)
+        assert any("references other maps" in r.getMessage() for r in caplog.records)
+        assert all(_prog_id(p.fd) != ids[name] for name, p in third.programs.items())
+        frontends = bpfsys.map_id(third.maps["lb4_frontends"].map_fd)
+        assert frontends in bpfsys.prog_map_ids(third.programs["from_pod"].fd)     # the new map
+    finally:
+        third.close()
+    # and pinned in place of the old ones: one pin per program
+    assert len(progcache.program_pins(pin_dir)) == len(loader.PROGRAMS)
+
+
+def test_map_sizes_are_no_part_of_the_key():
+    """A pinned map's size is in no instruction: nodes whose conntrack table differs (kube-proxy's
+    --conntrack-max-per-core times the node's CPUs) share one entry. A size the code uses is kept."""
+    text = loader.expand_source()
+    types = {"from_pod": BPF.SCHED_CLS, "to_pod": BPF.SCHED_CLS}
+    bigger = loader.Limits(**{**TEST_LIMITS.__dict__, "ct_entries": TEST_LIMITS.ct_entries * 4,
+                              "frontends": TEST_LIMITS.frontends * 2})
+    key = progcache.cache_key(text, loader.cflags_for("/a", TEST_LIMITS), types)
+    assert progcache.cache_key(text, loader.cflags_for("/a", bigger), types) == key
+    used = text.replace("#define LB_SCTP_PORT_CRC 1", "#define LB_SCTP_PORT_CRC 1\n#define LB_X (CT_ENTRIES_MAX / 2)")
+    assert "CT_ENTRIES_MAX" not in progcache.size_only_macros(used, loader.cflags_for("/a", TEST_LIMITS))
+    assert progcache.cache_key(used, loader.cflags_for("/a", bigger), types) != \
+        progcache.cache_key(used, loader.cflags_for("/a", TEST_LIMITS), types)
+
+
+def test_a_node_with_bigger_maps_loads_another_nodes_entry(cache_dir, pin_dir, tmp_path):
+    """The entry a node of TEST_LIMITS filled serves a new node whose conntrack table is four times
+    as big: no compile, and the programs run on the new node's maps."""
+    from ebpfsvc.datapath import bpfsys
+    from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
+    from ebpfsvc.datapath.writer import MapWriter
+    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
+    bigger = loader.Limits(**{**TEST_LIMITS.__dict__, "ct_entries": TEST_LIMITS.ct_entries * 4})
+    other = pin_dir.with_name(pin_dir.name + "-b")
+    dp = loader.load(other, limits=bigger, cache=False, program_cache=True)
+    try:
+        assert isinstance(dp.bpf, progcache.CachedObject)
+        assert bpfsys.map_shape(dp.maps["ct4"].map_fd)[3] == bigger.ct_entries
+        MapWriter(dp.maps).apply(state(frontend(VIP, 80, [be("198.18.2.50", 8080)])))
+        check(dp, Case("a SYN to the VIP goes to the backend", "from_pod",
+                       from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
+                       from_pod(tcp(CLIENT, "198.18.2.50", 40000, 8080, "S"))))
+    finally:
+        dp.close()
+        loader.unpin(other)
