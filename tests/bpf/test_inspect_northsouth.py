@@ -15,7 +15,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from ebpfsvc.cli import main
-from ebpfsvc.inspect.node import NodeMaps
+from ebpfsvc.inspect.node import NodeMaps, hostport
 from ebpfsvc.lbmodel import FrontendKind, LBState
 
 from .northsouth import (
@@ -44,34 +44,53 @@ def why(pin_dir, src, dst, sport):
     return json.loads(res.output)
 
 
-def test_why_external_names_the_backend_and_the_snat_decision(uplink, pin_dir):
-    uplink.writer.apply(LBState.of([MIXED, GUARDED]))
+def walk_nodeport(uplink, pin_dir, client, node_addr, local_be) -> set[str]:
+    """`why` for 30 new flows client -> node_addr:30090 (MIXED or MIXED6) held to what the program
+    does with each SYN: the backend it names, the client kept for the local one, SNAT to the node
+    keeping the client's port for a remote one (the SNAT entry read back), conntrack on the second
+    ask. Returns the backends the flows went to."""
+    six = ":" in client
     seen = set()
     for sport in range(42000, 42030):
-        w = why(pin_dir, CLIENT, f"{NODE}:30090/TCP", sport)
+        w = why(pin_dir, client, f"{hostport(node_addr, 30090)}/TCP", sport)
         assert w["verdict"] == "dnat" and w["reason"] == "maglev"
-        res = uplink.run("from_uplink", from_client(tcp(CLIENT, NODE, sport, 30090, "S")))
-        out = Ether(res.data)[IP]
-        assert w["backend"] == f"{out.dst}:8080/TCP"
+        res = uplink.run("from_uplink", from_client((tcp6 if six else tcp)(client, node_addr, sport, 30090, "S")))
+        out = Ether(res.data)[IPv6 if six else IP]
+        assert w["backend"] == f"{hostport(out.dst, 8080)}/TCP"
         (src_step,) = [s for s in w["steps"] if s["step"] == "source"]
-        if out.dst == LOCAL_BE:
-            assert res.verdict == "TC_ACT_OK" and out.src == CLIENT and "kept" in src_step["outcome"]
+        with NodeMaps.open(pin_dir) as node:
+            snat = node.snat_entry(client, node_addr, sport, 30090, "TCP")
+        if out.dst == local_be:
+            assert res.verdict == "TC_ACT_OK" and out.src == client and "kept" in src_step["outcome"]
+            assert snat is None
         else:
-            assert res.verdict == "TC_ACT_REDIRECT" and out.src == NODE and "SNAT" in src_step["outcome"]
+            assert res.verdict == "TC_ACT_REDIRECT" and out.src == node_addr and "SNAT" in src_step["outcome"]
             assert out.sport == sport and f"the port stays {sport}" in src_step["outcome"]
+            assert snat == (node_addr, sport)
         seen.add(out.dst)
-        again = why(pin_dir, CLIENT, f"{NODE}:30090/TCP", sport)
+        again = why(pin_dir, client, f"{hostport(node_addr, 30090)}/TCP", sport)
         assert (again["reason"], again["backend"]) == ("conntrack", w["backend"])
-    assert seen == {LOCAL_BE, REMOTE_BE, REMOTE_BE2}     # both SNAT and source-preserving paths checked
+    return seen
 
-    # loadBalancerSourceRanges: the client inside gets through, the one outside is dropped.
-    w = why(pin_dir, CLIENT, f"{LB_IP}:443/TCP", 43000)
+
+def refuse_outside_source_ranges(uplink, pin_dir, inside, outside, lb_ip) -> None:
+    """loadBalancerSourceRanges on lb_ip:443 (GUARDED or GUARDED6): `why` and the program let the
+    client inside through and drop the one outside."""
+    pkt = tcp6 if ":" in inside else tcp
+    w = why(pin_dir, inside, f"{hostport(lb_ip, 443)}/TCP", 43000)
     assert w["verdict"] == "dnat" and any(s["step"] == "source ranges" for s in w["steps"])
-    assert uplink.run("from_uplink", from_client(tcp(CLIENT, LB_IP, 43000, 443, "S"))).verdict == "TC_ACT_OK"
-    w = why(pin_dir, CLIENT2, f"{LB_IP}:443/TCP", 43000)
+    assert uplink.run("from_uplink", from_client(pkt(inside, lb_ip, 43000, 443, "S"))).verdict == "TC_ACT_OK"
+    w = why(pin_dir, outside, f"{hostport(lb_ip, 443)}/TCP", 43000)
     assert (w["verdict"], w["reason"]) == ("drop", "source_range")
-    res = uplink.run("from_uplink", from_client(tcp(CLIENT2, LB_IP, 43000, 443, "S"), mac=CLIENT2_MAC))
+    res = uplink.run("from_uplink", from_client(pkt(outside, lb_ip, 43000, 443, "S"), mac=CLIENT2_MAC))
     assert res.verdict == "TC_ACT_SHOT"
+
+
+def test_why_external_names_the_backend_and_the_snat_decision(uplink, pin_dir):
+    uplink.writer.apply(LBState.of([MIXED, GUARDED]))
+    # Both SNAT and source-preserving paths checked.
+    assert walk_nodeport(uplink, pin_dir, CLIENT, NODE, LOCAL_BE) == {LOCAL_BE, REMOTE_BE, REMOTE_BE2}
+    refuse_outside_source_ranges(uplink, pin_dir, CLIENT, CLIENT2, LB_IP)
     with NodeMaps.open(pin_dir) as node:
         assert node.drops()["source_range"] == 1
 
@@ -79,40 +98,12 @@ def test_why_external_names_the_backend_and_the_snat_decision(uplink, pin_dir):
 def test_why_external_follows_ipv6_as_the_program(uplink, pin_dir):
     """The IPv6 uplink (np6_from_uplink), walked by `why` as the program walks it: a local backend
     is DNAT only, a remote one SNATed to the node's IPv6 address (lb6_snat, which `why` reads back
-    for the tracked flow), a client outside the source ranges and a Local NodePort without a local
-    endpoint are dropped."""
+    for the tracked flow), a client outside the source ranges (lb6_source_ranges) and a Local
+    NodePort without a local endpoint are dropped."""
     empty_local = ext_frontend(NODE6, 30083, [], local_only=True, name="etp-local6-empty")
     uplink.writer.apply(LBState.of([MIXED6, GUARDED6, empty_local]))
-    seen = set()
-    for sport in range(42000, 42030):
-        w = why(pin_dir, CLIENT6, f"[{NODE6}]:30090/TCP", sport)
-        assert w["verdict"] == "dnat" and w["reason"] == "maglev"
-        res = uplink.run("from_uplink", from_client(tcp6(CLIENT6, NODE6, sport, 30090, "S")))
-        out = Ether(res.data)[IPv6]
-        assert w["backend"] == f"[{out.dst}]:8080/TCP"
-        (src_step,) = [s for s in w["steps"] if s["step"] == "source"]
-        with NodeMaps.open(pin_dir) as node:
-            snat = node.snat_entry(CLIENT6, NODE6, sport, 30090, "TCP")
-        if out.dst == LOCAL_BE6:
-            assert res.verdict == "TC_ACT_OK" and out.src == CLIENT6 and "kept" in src_step["outcome"]
-            assert snat is None
-        else:
-            assert res.verdict == "TC_ACT_REDIRECT" and out.src == NODE6 and "SNAT" in src_step["outcome"]
-            assert out.sport == sport and f"the port stays {sport}" in src_step["outcome"]
-            assert snat == (NODE6, sport)
-        seen.add(out.dst)
-        again = why(pin_dir, CLIENT6, f"[{NODE6}]:30090/TCP", sport)
-        assert (again["reason"], again["backend"]) == ("conntrack", w["backend"])
-    assert seen == {LOCAL_BE6, REMOTE_BE6}     # both SNAT and source-preserving paths checked
-
-    # loadBalancerSourceRanges (lb6_source_ranges): the client inside gets through, the one outside is dropped.
-    w = why(pin_dir, CLIENT6, f"[{LB_IP6}]:443/TCP", 43000)
-    assert w["verdict"] == "dnat" and any(s["step"] == "source ranges" for s in w["steps"])
-    assert uplink.run("from_uplink", from_client(tcp6(CLIENT6, LB_IP6, 43000, 443, "S"))).verdict == "TC_ACT_OK"
-    w = why(pin_dir, CLIENT2_6, f"[{LB_IP6}]:443/TCP", 43000)
-    assert (w["verdict"], w["reason"]) == ("drop", "source_range")
-    res = uplink.run("from_uplink", from_client(tcp6(CLIENT2_6, LB_IP6, 43000, 443, "S"), mac=CLIENT2_MAC))
-    assert res.verdict == "TC_ACT_SHOT"
+    assert walk_nodeport(uplink, pin_dir, CLIENT6, NODE6, LOCAL_BE6) == {LOCAL_BE6, REMOTE_BE6}
+    refuse_outside_source_ranges(uplink, pin_dir, CLIENT6, CLIENT2_6, LB_IP6)
 
     # externalTrafficPolicy Local with no endpoint on this node.
     w = why(pin_dir, CLIENT6, f"[{NODE6}]:30083/TCP", 44000)
