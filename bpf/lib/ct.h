@@ -363,7 +363,8 @@ static __always_inline __u8 ct6_tcp_flags(const struct lb6_pkt *p, __u8 dir)
 	return ct_tcp_flags(p->proto, p->tcp_flags, dir);
 }
 
-/* Both entries of a flow (no IPv6 hairpin yet: the reply always goes to the client). */
+/* Both entries of a flow: a hairpin flow's reply entry is keyed by node_hairpin6(), the
+ * address its reply goes to, the others' by the client's. */
 static __always_inline void ct6_delete_flow(struct ct6_key *fwd, const struct ct6_entry *e)
 {
 	struct ct6_key rk;

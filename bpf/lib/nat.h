@@ -80,8 +80,8 @@ static __always_inline int lb4_rewrite_src(struct __sk_buff *skb, struct lb4_pkt
 	return lb4_rewrite(skb, p, IP_SADDR_OFF, 0, &p->saddr, &p->sport, addr, port);
 }
 
-/* ---- IPv6 twins. No hairpin SNAT yet for IPv6 (no IPv6 node address is
- * configured): a pod reaching itself through an IPv6 Service is not served. ---- */
+/* ---- IPv6 twins. Hairpin SNAT writes the source with lb6_rewrite_src too: a pod
+ * reaching itself through an IPv6 Service is SNATed to node_hairpin6() (flow.h). ---- */
 
 static __always_inline __u32 lb6_pkt_csum_off(const struct lb6_pkt *p)
 {

@@ -86,6 +86,14 @@ def _encode(obj) -> bytes:
     return bytes(ffi.buffer(obj))
 
 
+def _ct_key(saddr: str, daddr: str, sport: int, dport: int, proto: str, direction: int) -> bytes:
+    """A flow's conntrack key (struct ct4_key, or ct6_key for IPv6), which keys lb4_snat/lb6_snat too."""
+    six = ":" in saddr
+    return _encode(ffi.new("struct ct6_key *" if six else "struct ct4_key *", {
+        "saddr": abi.be128(saddr) if six else raw_ip(saddr), "daddr": abi.be128(daddr) if six else raw_ip(daddr),
+        "sport": raw_port(sport), "dport": raw_port(dport), "proto": PROTO_NUMBERS[proto], "dir": direction}))
+
+
 def monotonic_ns() -> int:
     """bpf_ktime_get_ns() is CLOCK_MONOTONIC: comparable with the maps' timestamps."""
     return time.monotonic_ns()
@@ -396,12 +404,10 @@ class NodeMaps:
         six = ":" in saddr
         if six and "ct6" not in self.maps:
             return None
-        key = ffi.new("struct ct6_key *" if six else "struct ct4_key *", {
-            "saddr": abi.be128(saddr) if six else raw_ip(saddr), "daddr": abi.be128(daddr) if six else raw_ip(daddr),
-            "sport": raw_port(sport), "dport": raw_port(dport), "proto": PROTO_NUMBERS[proto],
-            "dir": abi.CT_DIR_FORWARD if direction == "forward" else abi.CT_DIR_REPLY})
-        v = self.maps["ct6" if six else "ct4"].lookup(_encode(key))
-        return None if v is None else self._ct(_encode(key), v, monotonic_ns() if now_ns is None else now_ns, six=six)
+        key = _ct_key(saddr, daddr, sport, dport, proto, abi.CT_DIR_FORWARD if direction == "forward" else
+                      abi.CT_DIR_REPLY)
+        v = self.maps["ct6" if six else "ct4"].lookup(key)
+        return None if v is None else self._ct(key, v, monotonic_ns() if now_ns is None else now_ns, six=six)
 
     @staticmethod
     def _ct(k: bytes, v: bytes, now_ns: int, six: bool = False) -> CtEntry:
@@ -464,26 +470,31 @@ class NodeMaps:
         return out
 
     def source_allowed(self, fe: FrontendRow, client: str) -> bool:
-        """bpf/lib/srcrange.h lb4_source_allowed: may `client` start a flow to `fe`?"""
+        """bpf/lib/srcrange.h lb4_source_allowed / lb6_source_allowed: may `client` start a flow to
+        `fe`? The client's family is the frontend's (a key of the frontend's family map)."""
         flag = getattr(abi, "LB_SVC_F_SOURCE_RANGES", 0)
-        if not flag or not fe.flags & flag or "lb4_source_ranges" not in self.maps:
+        six = ":" in client
+        table = "lb6_source_ranges" if six else "lb4_source_ranges"
+        if not flag or not fe.flags & flag or table not in self.maps:
             return True
-        key = ffi.new("struct lb4_src_range_key *", {"prefixlen": 64, "frontend_id": fe.frontend_id,
-                                                      "address": raw_ip(client)})
-        return self.maps["lb4_source_ranges"].lookup(_encode(key)) is not None
+        # prefixlen: the frontend id (32 bits) and the whole client address, as the program asks.
+        key = ffi.new("struct lb6_src_range_key *" if six else "struct lb4_src_range_key *", {
+            "prefixlen": 32 + (128 if six else 32), "frontend_id": fe.frontend_id,
+            "address": abi.be128(client) if six else raw_ip(client)})
+        return self.maps[table].lookup(_encode(key)) is not None
 
     def snat_entry(self, saddr: str, daddr: str, sport: int, dport: int, proto: str) -> tuple[str, int] | None:
-        """The node address:port a SNATed north-south flow (forward key) was given, None when absent."""
-        if "lb4_snat" not in self.maps:
+        """The node address:port a SNATed north-south flow (forward key) was given, None when absent
+        (lb4_snat, or lb6_snat for an IPv6 flow)."""
+        six = ":" in saddr
+        table = "lb6_snat" if six else "lb4_snat"
+        if table not in self.maps:
             return None
-        key = ffi.new("struct ct4_key *", {
-            "saddr": raw_ip(saddr), "daddr": raw_ip(daddr), "sport": raw_port(sport), "dport": raw_port(dport),
-            "proto": PROTO_NUMBERS[proto], "dir": abi.CT_DIR_FORWARD})
-        v = self.maps["lb4_snat"].lookup(_encode(key))
+        v = self.maps[table].lookup(_ct_key(saddr, daddr, sport, dport, proto, abi.CT_DIR_FORWARD))
         if v is None:
             return None
-        e = _decode("struct snat4_entry", v)
-        return ip_str(e.address), port_int(e.port)
+        e = _decode("struct snat6_entry" if six else "struct snat4_entry", v)
+        return (ip6_str if six else ip_str)(e.address), port_int(e.port)
 
     # ---- counters ---------------------------------------------------------------------------
 

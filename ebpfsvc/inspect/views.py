@@ -158,8 +158,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         scope: str = "internal", now_ns: int | None = None) -> dict:
     """Follow a new packet (the first of a connection: a SYN for TCP) from `src` to dst:dport/proto
     through the datapath: scope "internal" is a pod's packet (bpf/lib/flow.h lb4_from_pod), scope
-    "external" one entering from an uplink (bpf/lib/nodeport.h np4_from_uplink: north-south flows
-    only, loadBalancerSourceRanges, SNAT to the node for a remote backend). Steps: conntrack,
+    "external" one entering from an uplink (bpf/lib/nodeport.h np4_from_uplink, nodeport6.h
+    np6_from_uplink for IPv6: north-south flows only, loadBalancerSourceRanges, SNAT to the node for
+    a remote backend). Steps: conntrack,
     frontend, source ranges, traffic policy, affinity, Maglev slot. Returns the steps and the
     outcome: verdict, backend and reason."""
     external = scope == "external"
@@ -204,9 +205,6 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
     if proto not in PROTO_NUMBERS:
         step("parse", f"{proto} has no ports: passes untouched")
         return result("pass", "not load-balanced protocol")
-    if external and ":" in dst:
-        step("parse", "IPv6 entering from an uplink: the uplink programs serve IPv4 only, it passes untouched")
-        return result("pass", "not a service")
 
     # 1. Conntrack: an established flow keeps its backend whatever the tables say now.
     if sport is None:
@@ -272,7 +270,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         else:
             step("socket path", f"not taken: {path}", path=path)
     cluster_cidr = options.cluster_cidr if options is not None else None
-    if external and fe.flags & abi.LB_SVC_F_LOCAL_ONLY and cluster_cidr is not None \
+    # The cluster CIDR is IPv4 (the uplink's NP_CLUSTER_CIDR): np6_lookup_frontend has no such step,
+    # so an IPv6 source meets the Local set.
+    if external and fe.flags & abi.LB_SVC_F_LOCAL_ONLY and cluster_cidr is not None and ":" not in src \
             and ipaddress.ip_address(src) in cluster_cidr:
         # bpf/lib/nodeport.h np4_lookup_frontend: a pod (of another node) to a Local-policy external
         # frontend takes its INTERNAL twin's cluster-wide set, as kube-proxy's short-circuit.

@@ -77,13 +77,13 @@ __all__ = ["OK", "SHOT", "REDIRECT", "XDP_DROP", "XDP_PASS", "XDP_TX", "XDP_REDI
 
 def ext_frontend(addr=NODE, port=30080, backends=(), proto=Protocol.TCP, kind=FrontendKind.NODE_PORT,
                  name="web", **kw) -> Frontend:
-    return Frontend(key=FrontendKey(A(addr), port, proto, Scope.EXTERNAL),
+    return Frontend(key=FrontendKey(ipaddress.ip_address(addr), port, proto, Scope.EXTERNAL),
                     service=ServicePortName("default", name, "", proto), kind=kind,
                     backends=tuple(backends), **kw)
 
 
 def be(addr, port=8080, proto=Protocol.TCP, local=False, **kw) -> Backend:
-    return Backend(A(addr), port, proto, local=local, **kw)
+    return Backend(ipaddress.ip_address(addr), port, proto, local=local, **kw)
 
 
 # externalTrafficPolicy Local and pods of other nodes (--cluster-cidr, issue 17 item 8).
@@ -91,13 +91,13 @@ NODE2_POD = "198.18.2.50"          # a client pod on node-2: inside the cluster 
 CLUSTER_CIDR = "198.18.2.0/23"     # node-2's pods (the fixture's fabric routes 198.18.2.0/24 via node-2)
 
 
-def local_policy_with_only_a_remote_endpoint() -> tuple[Frontend, Frontend]:
+def local_policy_with_only_a_remote_endpoint(node: str = NODE, remote: str = REMOTE_BE) -> tuple[Frontend, Frontend]:
     """ETP Local on node-1's NodePort 30085 with no endpoint here, and its INTERNAL twin (as desired.py
-    makes it) with the cluster-wide one, REMOTE_BE on node-2."""
-    external = ext_frontend(NODE, 30085, [], local_only=True, name="etp-local-remote")
-    internal = Frontend(key=FrontendKey(A(NODE), 30085, Protocol.TCP, Scope.INTERNAL),
+    makes it) with the cluster-wide one, REMOTE_BE on node-2 (NODE6 and REMOTE_BE6: the IPv6 pair)."""
+    external = ext_frontend(node, 30085, [], local_only=True, name="etp-local-remote")
+    internal = Frontend(key=FrontendKey(ipaddress.ip_address(node), 30085, Protocol.TCP, Scope.INTERNAL),
                         service=ServicePortName("default", "etp-local-remote", "", Protocol.TCP),
-                        kind=FrontendKind.NODE_PORT, backends=(be(REMOTE_BE),))
+                        kind=FrontendKind.NODE_PORT, backends=(be(remote),))
     return external, internal
 
 
