@@ -42,20 +42,15 @@ static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *
 }
 
 /* The socket path's fast exit (lib/sock.h) first: the sending socket's mark, when
- * connect() translated it or it is a backend's end of such a TCP connection (the peer
- * mark), is looked up once per packet; a TCP socket's packet passes unparsed (a
- * translated one notes its connection for the peer mark once), a UDP one's is checked
- * against its peer once parsed. to_pod sees sockets of the node's own processes only (a
- * forwarded packet lost its socket in ip_rcv). */
+ * connect() translated it, is looked up once per packet; a TCP socket's packet passes
+ * unparsed, a UDP one's is checked against its peer once parsed. to_pod sees sockets
+ * of the node's own processes only (a forwarded packet lost its socket in ip_rcv). */
 int from_pod(struct __sk_buff *skb)
 {
 	struct lb_sock_path *m = lb_sock_path_of(skb);
 
-	if (lb_sock_path_stream(m)) {
-		if (skb->protocol == lb_htons(ETH_P_IP))
-			lb4_sock_peer_note(skb, m);
+	if (lb_sock_path_stream(m))
 		return TC_ACT_OK;
-	}
 	if (skb->protocol == lb_htons(ETH_P_IPV6))
 		return lb6_from_pod(skb);
 	return lb4_from_pod(skb, m);

@@ -21,8 +21,6 @@
 #include "parse.h"
 #include "maps.h"
 #include "stats.h"
-#include "nodeaddr.h"      /* sock.h's TC-side peer mark asks for the node's addresses */
-#include "ct.h"
 #include "lb.h"
 #include "sock.h"
 

@@ -84,7 +84,6 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb4_sock_revnat": ("struct lb4_sock_key", "struct lb4_sock_revnat"),
     "lb_sock_stats": ("__u32", "__u64"),
     "lb_sock_path": ("__u32", "struct lb_sock_path"),
-    "lb4_sock_peer": ("struct ct4_key", "__u32"),
     "lb6_frontends": ("struct lb6_key", "struct lb4_service"),
     "lb6_backends": ("__u32", "struct lb6_backend"),
     "ct6": ("struct ct6_key", "struct ct6_entry"),

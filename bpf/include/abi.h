@@ -337,16 +337,8 @@ struct lb4_sock_revnat {
 struct lb_sock_path {
 	__u64  cookie;          /* bpf_get_socket_cookie() of the socket; 0: free */
 	__u8   proto;           /* IPPROTO_TCP or IPPROTO_UDP */
-	__u8   flags;           /* LB_SOCK_PATH_F_*; 0: a socket connect() translated */
-	__u8   pad0[6];
+	__u8   pad0[7];
 };
-
-/* lb_sock_path.flags. Besides the sockets connect() translated, the slots name the server's
- * end of their TCP connections on this node (IPv4), whose packets need no TC program either,
- * and sockets from_pod looked at that are not such an end (so it looks them up once). */
-#define LB_SOCK_PATH_F_PEER  0x01   /* a backend's socket whose peer is a translated client socket */
-#define LB_SOCK_PATH_F_TC    0x02   /* looked at: no socket-path connection, the full TC path */
-#define LB_SOCK_PATH_F_NOTED 0x04   /* a translated TCP socket whose peer key lb4_sock_peer holds */
 
 /* ---- IPv6 twins. The value of lb6_frontends is struct lb4_service (it holds no
  * address); lb6_affinity's is struct lb_affinity_val; affinity membership is

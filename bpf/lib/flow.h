@@ -311,8 +311,6 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb, const struct lb_s
 		return lb4_unparsed(ret);
 	if (lb4_sock_path_packet(skb, m, &p))
 		return TC_ACT_OK;               /* translated at connect() (sock.h) */
-	if (lb4_sock_peer_packet(skb, m, &p))
-		return TC_ACT_OK;               /* a backend's reply to a translated socket (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_FORWARD);
 	if (!lb4_proto_has_ports(p.proto))

@@ -54,10 +54,6 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_sock_stats, LB_FRONTENDS_MAX, 
 /* socket cookie % SOCK_PATH_SLOTS -> the socket whose connect() the socket path translated, for the
  * TC programs' fast exit (sock.h). An array: marking a socket is a store, no allocation, no lock. */
 BPF_TABLE_PINNED("array", __u32, struct lb_sock_path, lb_sock_path, SOCK_PATH_SLOTS, LB_PIN_DIR "/lb_sock_path");
-/* (backend -> client, the 4-tuple a backend's reply carries, dir CT_DIR_REPLY) -> 1: a TCP connection
- * a translated socket of this node opened, noted at its first packet, taken (deleted) by the backend's
- * first packet, which marks the backend's socket in lb_sock_path (sock.h lb4_sock_peer_packet). */
-BPF_TABLE_PINNED("lru_hash", struct ct4_key, __u32, lb4_sock_peer, SOCK_PATH_SLOTS, LB_PIN_DIR "/lb4_sock_peer");
 /* ---- IPv6 twins, sized by the same limits (ids, lb_maglev and the stats arrays are shared).
  * The two control-plane hash maps are not preallocated: at the default limits that is 27 MiB an
  * IPv4-only node would hold for nothing; only the agent writes them, so no packet pays for it

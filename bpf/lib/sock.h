@@ -63,19 +63,6 @@ static __u64 (*lb_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_co
  * leaves alone (a UDP socket may connect again, elsewhere) frees the slot if it is
  * still this socket's.
  */
-/* Give slot `m` to socket `cookie`. Another CPU may read the slot meanwhile: it is freed
- * first and named last, so a reader never sees this cookie with the previous owner's kind
- * (x86 keeps stores in order; the barriers keep the compiler from reordering them). */
-static __always_inline void lb_sock_path_claim(struct lb_sock_path *m, __u64 cookie, __u8 proto, __u8 flags)
-{
-	m->cookie = 0;
-	asm volatile("" ::: "memory");
-	m->proto = proto;
-	m->flags = flags;
-	asm volatile("" ::: "memory");
-	m->cookie = cookie;
-}
-
 static __always_inline void lb_sock_path_set(__u64 cookie, __u8 proto, int translated)
 {
 	__u32 slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
@@ -83,10 +70,12 @@ static __always_inline void lb_sock_path_set(__u64 cookie, __u8 proto, int trans
 
 	if (!m)
 		return;
-	if (translated)
-		lb_sock_path_claim(m, cookie, proto, 0);
-	else if (m->cookie == cookie)
+	if (translated) {
+		m->cookie = cookie;
+		m->proto = proto;
+	} else if (m->cookie == cookie) {
 		m->cookie = 0;
+	}
 }
 
 /*
@@ -117,7 +106,7 @@ static __always_inline struct lb_sock_path *lb_sock_path_of(struct __sk_buff *sk
  */
 static __always_inline int lb_sock_path_stream(const struct lb_sock_path *m)
 {
-	return m && m->proto == IPPROTO_TCP && !(m->flags & LB_SOCK_PATH_F_TC);
+	return m && m->proto == IPPROTO_TCP;
 }
 
 /*
@@ -131,100 +120,13 @@ static __always_inline int lb4_sock_path_packet(struct __sk_buff *skb, const str
 {
 	struct bpf_sock *sk;
 
-	if (!m || (m->flags & LB_SOCK_PATH_F_TC))
+	if (!m)
 		return 0;
 	sk = skb->sk;
 	if (!sk)
 		return 0;
 	sk = bpf_sk_fullsock(sk);
 	return sk && sk->dst_ip4 == p->daddr && (__be16)sk->dst_port == p->dport;
-}
-
-/*
- * The peer mark (IPv4, TCP, within the node). A backend's replies to a translated socket need
- * no TC program either (no NAT applies), but the backend's socket was never translated and a
- * packet does not say which path its connection took. So the client's from_pod notes the
- * connection at its socket's first packet (the SYN), keyed as the backend's replies will be
- * (lb4_sock_peer_note), and the backend's from_pod, at the first packet of the backend's
- * socket, takes that note and marks the socket (lb4_sock_peer_packet): its later packets
- * pass in from_pod() on the slot lookup every packet already makes. One map update per
- * connection on each side, instead of two lookups on every reply.
- */
-static __always_inline void lb4_sock_peer_note(struct __sk_buff *skb, struct lb_sock_path *m)
-{
-	struct bpf_sock *sk;
-	struct ct4_key k = {};
-	__u32 one = 1;
-
-	if (m->flags & (LB_SOCK_PATH_F_NOTED | LB_SOCK_PATH_F_PEER))
-		return;
-	sk = skb->sk;
-	if (!sk)
-		return;
-	sk = bpf_sk_fullsock(sk);
-	if (!sk || !sk->dst_ip4 || !sk->src_port)
-		return;         /* an IPv6 connection (no IPv4 addresses), or no port yet */
-	k.saddr = sk->dst_ip4;
-	k.daddr = sk->src_ip4;
-	k.sport = (__be16)sk->dst_port;
-	k.dport = lb_htons((__u16)sk->src_port);
-	k.proto = IPPROTO_TCP;
-	k.dir = CT_DIR_REPLY;
-	lb4_sock_peer.update(&k, &one);
-	m->flags |= LB_SOCK_PATH_F_NOTED;
-}
-
-/*
- * Is TCP packet `p`, from a socket with no mark (`m` 0), a backend's packet of a connection a
- * translated socket of this node opened? The first packet of such a socket takes the note
- * (lb4_sock_peer_note) and marks the socket; its later packets never get here (lb_sock_path_stream).
- * A socket that is no such end is marked LB_SOCK_PATH_F_TC so this looks it up once, unless its
- * slot holds another socket's fast exit.
- * Never for:
- * - a SYN or SYN-ACK: the SYN-ACK comes from the listener's request socket, whose cookie is not
- *   the connection's;
- * - a packet that is not its socket's own connection: the kernel's per-CPU control socket sends
- *   RSTs and TIME_WAIT ACKs for any connection;
- * - a packet to the node's hairpin or SNAT address: this program reverse-NATs the TC path's
- *   hairpin and node-client replies there (lb4_reply_to_node), with the client's port kept, and
- *   a stale note (a SYN the backend refused) of a node process's connection could share it.
- * A stale note otherwise can only meet a pod-to-pod connection on the same 4-tuple, whose
- * backend packets need nothing from from_pod (their reverse NAT is the client's to_pod).
- */
-static __always_inline int lb4_sock_peer_packet(struct __sk_buff *skb, const struct lb_sock_path *m,
-						const struct lb4_pkt *p)
-{
-	struct lb_sock_path *slot_m;
-	struct bpf_sock *sk;
-	struct ct4_key k;
-	__u64 cookie;
-	__u32 slot;
-
-	if (m || p->proto != IPPROTO_TCP || (p->tcp_flags & LB_TCP_SYN))
-		return 0;
-	sk = skb->sk;
-	if (!sk)
-		return 0;
-	sk = bpf_sk_fullsock(sk);
-	if (!sk || sk->src_ip4 != p->saddr || sk->dst_ip4 != p->daddr ||
-	    (__be16)sk->dst_port != p->dport || lb_htons((__u16)sk->src_port) != p->sport)
-		return 0;
-	cookie = lb_get_socket_cookie(skb);
-	slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
-	slot_m = lb_sock_path.lookup(&slot);
-	if (!cookie || !slot_m)
-		return 0;
-	if (p->daddr != node_hairpin4() && p->daddr != node_snat4()) {
-		ct4_key_reply(&k, p);
-		if (lb4_sock_peer.lookup(&k)) {
-			lb4_sock_peer.delete(&k);
-			lb_sock_path_claim(slot_m, cookie, IPPROTO_TCP, LB_SOCK_PATH_F_PEER);
-			return 1;
-		}
-	}
-	if (!slot_m->cookie || (slot_m->flags & LB_SOCK_PATH_F_TC))
-		lb_sock_path_claim(slot_m, cookie, IPPROTO_TCP, LB_SOCK_PATH_F_TC);
-	return 0;
 }
 
 /* ---- The sock_addr hooks ---- */

@@ -34,9 +34,8 @@ _HASH, _LPM_TRIE = 1, 11           # BPF_MAP_TYPE_*: full maps refuse inserts (L
 
 # Derived or short-lived: not worth carrying (counters restart at 0, fragments last seconds).
 # lb_sock_path: the fast-exit marks of the socket path's sockets; without them those take the full TC path.
-# lb4_sock_peer: connections waiting for their backend's first packet (its fast exit, likewise).
-NOT_CARRIED = frozenset({"lb_frontend_stats", "lb_backend_stats", "lb_drops", "lb_sock_stats", "lb_sock_path",
-                         "lb4_sock_peer", "frag4", "frag6"})
+NOT_CARRIED = frozenset({"lb_frontend_stats", "lb_backend_stats", "lb_drops", "lb_sock_stats", "lb_sock_path", "frag4",
+                         "frag6"})
 # Frontend maps of both families: their entries own the ranges of the one lb_maglev.
 _FRONTEND_MAPS = ("lb4_frontends", "lb6_frontends")
 

@@ -329,33 +329,6 @@ def test_translated_socket_passes_the_tc_programs_untouched(node):
     assert node.flows() == 4
 
 
-def _sock_path_flags(node) -> list[int]:
-    """The flags of lb_sock_path's used slots (one per marked socket)."""
-    return [v.flags for v in node.pod_dp.maps["lb_sock_path"].values() if v.cookie]
-
-
-def test_backend_socket_of_a_translated_connection_gets_the_peer_mark(node):
-    """The peer mark (sock.h lb4_sock_peer_packet): a translated socket's first packet notes its
-    connection in lb4_sock_peer; the backend's socket takes the note with its first packet and is
-    marked, so its later replies pass from_pod before any conntrack or frontend lookup. A client
-    outside the cgroup (TC path) to the same backends leaves no note: its backend's socket is
-    looked at once (LB_SOCK_PATH_F_TC), and the TC path's reverse NAT still shows it the Service."""
-    for _ in range(4):
-        out = node.client("tcp", VIP, 80)
-        assert out.get("data") in ("b1", "b2") and out["peer"] == [VIP, 80], out
-    flags = _sock_path_flags(node)
-    assert sum(1 for f in flags if f & abi.LB_SOCK_PATH_F_NOTED) == 4, "each translated socket noted once"
-    assert sum(1 for f in flags if f & abi.LB_SOCK_PATH_F_PEER) == 4, "each backend socket marked as its peer"
-    assert len(list(node.pod_dp.maps["lb4_sock_peer"].keys())) == 0, "every note taken by its backend"
-    assert node.flows() == 0
-    for _ in range(2):
-        out = node.client("tcp", VIP, 80, in_cgroup=False)
-        assert out.get("data") in ("b1", "b2") and out["peer"] == [VIP, 80], "TC path: reverse NAT as before"
-    flags = _sock_path_flags(node)
-    assert sum(1 for f in flags if f & abi.LB_SOCK_PATH_F_PEER) == 4, "no peer mark for a TC-path connection"
-    assert sum(1 for f in flags if f & abi.LB_SOCK_PATH_F_TC) >= 2, "its sockets looked at once and marked"
-
-
 def test_detach_leaves_no_program(node):
     assert sorted(socklb.detach(node.cgroup)) == sorted(socklb.HOOKS)
     assert all(v == [] for v in socklb.attached(node.cgroup).values())
