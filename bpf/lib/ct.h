@@ -35,6 +35,24 @@ static __always_inline __u64 lb_age_ns(__u64 now, __u64 then)
 	return d > 0 ? (__u64)d : 0;
 }
 
+/*
+ * A packet's clock, read on first use. Most packets a pod hook sees need no time:
+ * a lookup that misses (pod-to-pod traffic, a Service-less port) decides nothing by
+ * it, so the TC paths read the clock only where a found entry's age or a new
+ * entry's stamp needs it (bpf_ktime_get_ns is a helper call on every packet
+ * otherwise). `ns` 0: not read yet (the monotonic clock is never 0 once booted).
+ */
+struct lb_clock {
+	__u64 ns;
+};
+
+static __always_inline __u64 lb_clock_ns(struct lb_clock *c)
+{
+	if (!c->ns)
+		c->ns = bpf_ktime_get_ns();
+	return c->ns;
+}
+
 /* How stale last_seen_ns may get before a packet rewrites it. Lifetimes are
  * 10 s and more, so a second of slack costs nothing, and most packets then
  * leave the entry's cache line clean instead of bouncing it between CPUs. */
@@ -180,14 +198,21 @@ static __always_inline int ct4_reply_of_other_flow(const struct ct4_entry *e, co
 	return ct_reply_of_other_flow(e->flags, p->proto, p->tcp_flags);
 }
 
-/* Look up an entry, treating an expired one as absent. */
-static __always_inline struct ct4_entry *ct4_lookup(struct ct4_key *k, __u64 now)
+/* Look up an entry, treating an expired one as absent; the clock is read only on a hit. */
+static __always_inline struct ct4_entry *ct4_lookup_at(struct ct4_key *k, struct lb_clock *clk)
 {
 	struct ct4_entry *e = ct4.lookup(k);
 
-	if (e && ct4_expired(e, k->proto, now))
+	if (e && ct4_expired(e, k->proto, lb_clock_ns(clk)))
 		return 0;
 	return e;
+}
+
+static __always_inline struct ct4_entry *ct4_lookup(struct ct4_key *k, __u64 now)
+{
+	struct lb_clock clk = { .ns = now };
+
+	return ct4_lookup_at(k, &clk);
 }
 
 /* CT_F_* bits a TCP segment (LB_TCP_* `tcp_flags`) adds, seen in direction `dir`. */
@@ -224,17 +249,25 @@ static __always_inline void ct4_delete_flow(struct ct4_key *fwd, const struct ct
 
 /* The tracked flow a client packet belongs to (its forward key in `fk`), or 0:
  * none, or one that is over, whose entries are then deleted. */
-static __always_inline struct ct4_entry *ct4_flow_of(struct ct4_key *fk, const struct lb4_pkt *p, __u64 now)
+static __always_inline struct ct4_entry *ct4_flow_of_at(struct ct4_key *fk, const struct lb4_pkt *p,
+						       struct lb_clock *clk)
 {
 	struct ct4_entry *e;
 
 	ct4_key_forward(fk, p);
 	e = ct4.lookup(fk);
-	if (e && ct4_flow_over(e, p, now)) {
+	if (e && ct4_flow_over(e, p, lb_clock_ns(clk))) {
 		ct4_delete_flow(fk, e);
 		return 0;
 	}
 	return e;
+}
+
+static __always_inline struct ct4_entry *ct4_flow_of(struct ct4_key *fk, const struct lb4_pkt *p, __u64 now)
+{
+	struct lb_clock clk = { .ns = now };
+
+	return ct4_flow_of_at(fk, p, &clk);
 }
 
 /*
@@ -349,13 +382,21 @@ static __always_inline int ct6_reply_of_other_flow(const struct ct6_entry *e, co
 	return ct_reply_of_other_flow(e->flags, p->proto, p->tcp_flags);
 }
 
-static __always_inline struct ct6_entry *ct6_lookup(struct ct6_key *k, __u64 now)
+/* As ct4_lookup_at. */
+static __always_inline struct ct6_entry *ct6_lookup_at(struct ct6_key *k, struct lb_clock *clk)
 {
 	struct ct6_entry *e = ct6.lookup(k);
 
-	if (e && ct6_expired(e, k->proto, now))
+	if (e && ct6_expired(e, k->proto, lb_clock_ns(clk)))
 		return 0;
 	return e;
+}
+
+static __always_inline struct ct6_entry *ct6_lookup(struct ct6_key *k, __u64 now)
+{
+	struct lb_clock clk = { .ns = now };
+
+	return ct6_lookup_at(k, &clk);
 }
 
 static __always_inline __u8 ct6_tcp_flags(const struct lb6_pkt *p, __u8 dir)
@@ -378,17 +419,26 @@ static __always_inline void ct6_delete_flow(struct ct6_key *fwd, const struct ct
 	ct6.delete(fwd);
 }
 
-static __always_inline struct ct6_entry *ct6_flow_of(struct ct6_key *fk, const struct lb6_pkt *p, __u64 now)
+/* As ct4_flow_of_at. */
+static __always_inline struct ct6_entry *ct6_flow_of_at(struct ct6_key *fk, const struct lb6_pkt *p,
+						       struct lb_clock *clk)
 {
 	struct ct6_entry *e;
 
 	ct6_key_forward(fk, p);
 	e = ct6.lookup(fk);
-	if (e && ct6_flow_over(e, p, now)) {
+	if (e && ct6_flow_over(e, p, lb_clock_ns(clk))) {
 		ct6_delete_flow(fk, e);
 		return 0;
 	}
 	return e;
+}
+
+static __always_inline struct ct6_entry *ct6_flow_of(struct ct6_key *fk, const struct lb6_pkt *p, __u64 now)
+{
+	struct lb_clock clk = { .ns = now };
+
+	return ct6_flow_of_at(fk, p, &clk);
 }
 
 /* As ct4_create: both entries, or neither (fail closed); replies come to `reply_daddr`. */

@@ -84,8 +84,9 @@ static __always_inline struct lb4_backend *lb4_flow_begin(const struct lb4_servi
 
 /* No flow yet: balance a packet to a frontend, or let it pass. */
 static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt *p,
-					   struct ct4_key *fk, __u64 now)
+					   struct ct4_key *fk, struct lb_clock *clk)
 {
+	__u64 now;
 	struct lb4_service *svc;
 	struct lb4_backend *be = 0;
 	struct ct4_entry e = {};
@@ -106,6 +107,7 @@ static __always_inline int lb4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 	if (!ct4_starts_flow(p))
 		return TC_ACT_OK;                       /* mid-stream, not ours: the kernel's (ct.h) */
 
+	now = lb_clock_ns(clk);            /* a Service's flow begins: stamp it */
 	be = lb4_flow_begin(svc, p, now, &e);
 	if (!be)
 		return lb_drop(REASON_NO_BACKEND);      /* table names a missing backend: writer bug */
@@ -228,7 +230,7 @@ static __always_inline int lb4_forward_tracked(struct __sk_buff *skb, struct lb4
 
 		ct4_delete_flow(fk, e);
 		ret = lb4_backend_gone(skb, p);
-		return ret == LB_REBALANCE ? lb4_forward_new(skb, p, fk, now) : ret;
+		return ret == LB_REBALANCE ? lb4_forward_new(skb, p, fk, &(struct lb_clock){ .ns = now }) : ret;
 	}
 
 	lb4_note_forward(p, e, now);
@@ -266,19 +268,21 @@ static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct lb4_p
 static __always_inline int np4_snat_reply_to(struct __sk_buff *skb, struct lb4_pkt *p, struct ct4_entry *e,
 					     const struct snat4_entry *client, __u64 now);
 
-static __always_inline int lb4_reply_to_node(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
+static __always_inline int lb4_reply_to_node(struct __sk_buff *skb, struct lb4_pkt *p, struct lb_clock *clk)
 {
 	__be32 hairpin = node_hairpin4(), node = node_snat4();
 	struct snat4_entry *client;
 	struct ct4_key rk;
 	struct ct4_entry *e;
+	__u64 now;
 
 	if (!((hairpin && p->daddr == hairpin) || (node && p->daddr == node)))
 		return LB_NOT_A_REPLY;
 	ct4_key_reply(&rk, p);
-	e = ct4_lookup(&rk, now);
+	e = ct4_lookup_at(&rk, clk);
 	if (!e)
 		return LB_NOT_A_REPLY;
+	now = lb_clock_ns(clk);
 	if (hairpin && p->daddr == hairpin && (e->flags & CT_F_HAIRPIN))
 		return lb4_hairpin_reply(skb, p, e, now);
 	if (node && p->daddr == node && lb4_is_host_flow(e))
@@ -299,7 +303,7 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb, const struct lb_s
 	struct lb4_pkt p = {};
 	struct ct4_key fk;
 	struct ct4_entry *e;
-	__u64 now;
+	struct lb_clock clk = {};        /* read only if a decision needs it */
 	int ret;
 
 	ret = lb4_parse(skb, &p);
@@ -317,14 +321,13 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb, const struct lb_s
 		return TC_ACT_OK;
 	}
 
-	now = bpf_ktime_get_ns();
-	e = ct4_flow_of(&fk, &p, now);
+	e = ct4_flow_of_at(&fk, &p, &clk);
 	if (e)
-		return lb4_forward_tracked(skb, &p, &fk, e, now);
-	ret = lb4_reply_to_node(skb, &p, now);
+		return lb4_forward_tracked(skb, &p, &fk, e, lb_clock_ns(&clk));
+	ret = lb4_reply_to_node(skb, &p, &clk);
 	if (ret != LB_NOT_A_REPLY)
 		return ret;
-	return lb4_forward_new(skb, &p, &fk, now);
+	return lb4_forward_new(skb, &p, &fk, &clk);
 }
 
 /* A backend's reply of a tracked flow, on its way back to the client: noted in the
@@ -348,7 +351,7 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb, const struct lb_soc
 	struct lb4_pkt p = {};
 	struct ct4_key rk;
 	struct ct4_entry *e;
-	__u64 now;
+	struct lb_clock clk = {};        /* read only if a decision needs it */
 	__u32 bytes = skb->len;
 	int ret;
 
@@ -359,17 +362,16 @@ static __always_inline int lb4_to_pod(struct __sk_buff *skb, const struct lb_soc
 		return TC_ACT_OK;               /* a node process's translated socket (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_REPLY);
-	now = bpf_ktime_get_ns();
 	if (!lb4_proto_has_ports(p.proto))
 		return TC_ACT_OK;
 	if (p.frag == LB_FRAG_LATER && frag4_lookup_ports(&p))
 		return TC_ACT_OK;                       /* cannot tell whose: leave it */
 
 	ct4_key_reply(&rk, &p);
-	e = ct4_lookup(&rk, now);
+	e = ct4_lookup_at(&rk, &clk);
 	if (!e || ct4_reply_of_other_flow(e, &p))
 		return TC_ACT_OK;
-	return lb4_reply_rev_nat(skb, &p, e, bytes, now);
+	return lb4_reply_rev_nat(skb, &p, e, bytes, lb_clock_ns(&clk));
 }
 
 /* ---- IPv6 twins of the pod-side path: DNAT, conntrack, reverse NAT, affinity,
@@ -432,8 +434,9 @@ static __always_inline struct lb6_backend *lb6_flow_begin(const struct lb4_servi
 }
 
 static __always_inline int lb6_forward_new(struct __sk_buff *skb, struct lb6_pkt *p,
-					   struct ct6_key *fk, __u64 now)
+					   struct ct6_key *fk, struct lb_clock *clk)
 {
+	__u64 now;
 	const __be32 *reply_daddr = p->saddr;
 	struct lb4_service *svc;
 	struct lb6_backend *be;
@@ -453,6 +456,7 @@ static __always_inline int lb6_forward_new(struct __sk_buff *skb, struct lb6_pkt
 	if (!ct6_starts_flow(p))
 		return TC_ACT_OK;
 
+	now = lb_clock_ns(clk);            /* a Service's flow begins: stamp it */
 	be = lb6_flow_begin(svc, p, now, &e);
 	if (!be)
 		return lb_drop(REASON_NO_BACKEND);
@@ -497,7 +501,7 @@ static __always_inline int lb6_forward_tracked(struct __sk_buff *skb, struct lb6
 			return lb6_reject(skb, p, REASON_BACKEND_GONE);
 		if (p->frag == LB_FRAG_LATER)
 			return lb_drop(REASON_BACKEND_GONE);
-		return lb6_forward_new(skb, p, fk, now);
+		return lb6_forward_new(skb, p, fk, &(struct lb_clock){ .ns = now });
 	}
 	lb6_note_forward(p, e, now);
 	return lb6_forward_xlate(skb, p, e);
@@ -579,12 +583,13 @@ static __always_inline int np6_snat_reply_to(struct __sk_buff *skb, struct lb6_p
 /* As lb4_reply_to_node: a pod's packet to the node's IPv6 hairpin address that is
  * the reply of a hairpin flow, or to its IPv6 node address (node_snat6()) that is
  * a local backend's reply to a node client; LB_NOT_A_REPLY otherwise. */
-static __always_inline int lb6_reply_to_node(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now)
+static __always_inline int lb6_reply_to_node(struct __sk_buff *skb, struct lb6_pkt *p, struct lb_clock *clk)
 {
 	const struct lb_node_addrs *a = node_addrs();
 	struct ct6_key rk;
 	struct ct6_entry *e;
 	__u32 to_hairpin, to_node;      /* 0: the packet is addressed to it */
+	__u64 now;
 
 	if (!a)
 		return LB_NOT_A_REPLY;
@@ -595,9 +600,10 @@ static __always_inline int lb6_reply_to_node(struct __sk_buff *skb, struct lb6_p
 	if ((to_hairpin && to_node) || lb6_merge_paths(p))
 		return LB_NOT_A_REPLY;
 	ct6_key_reply(&rk, p);
-	e = ct6_lookup(&rk, now);
+	e = ct6_lookup_at(&rk, clk);
 	if (!e)
 		return LB_NOT_A_REPLY;
+	now = lb_clock_ns(clk);
 	if (e->flags & CT_F_HAIRPIN)
 		return to_hairpin ? LB_NOT_A_REPLY : lb6_hairpin_reply(skb, p, e, now);
 	if (!to_node && lb6_is_host_flow(e))
@@ -618,7 +624,7 @@ static __always_inline int lb6_from_pod(struct __sk_buff *skb)
 	struct lb6_pkt p = {};
 	struct ct6_key fk;
 	struct ct6_entry *e;
-	__u64 now;
+	struct lb_clock clk = {};        /* read only if a decision needs it */
 	int ret;
 
 	ret = lb6_parse(skb, &p);
@@ -634,14 +640,13 @@ static __always_inline int lb6_from_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	now = bpf_ktime_get_ns();
-	e = ct6_flow_of(&fk, &p, now);
+	e = ct6_flow_of_at(&fk, &p, &clk);
 	if (e)
-		return lb6_forward_tracked(skb, &p, &fk, e, now);
-	ret = lb6_reply_to_node(skb, &p, now);
+		return lb6_forward_tracked(skb, &p, &fk, e, lb_clock_ns(&clk));
+	ret = lb6_reply_to_node(skb, &p, &clk);
 	if (ret != LB_NOT_A_REPLY)
 		return ret;
-	return lb6_forward_new(skb, &p, &fk, now);
+	return lb6_forward_new(skb, &p, &fk, &clk);
 }
 
 /* As lb4_reply_rev_nat: one translation of a reply for lb6_to_pod and np6_to_uplink. */
@@ -661,7 +666,7 @@ static __always_inline int lb6_to_pod(struct __sk_buff *skb)
 	struct lb6_pkt p = {};
 	struct ct6_key rk;
 	struct ct6_entry *e;
-	__u64 now;
+	struct lb_clock clk = {};        /* read only if a decision needs it */
 	__u32 bytes = skb->len;
 	int ret;
 
@@ -675,12 +680,11 @@ static __always_inline int lb6_to_pod(struct __sk_buff *skb)
 	if (p.frag == LB_FRAG_LATER && frag6_lookup_ports(&p))
 		return TC_ACT_OK;
 
-	now = bpf_ktime_get_ns();
 	ct6_key_reply(&rk, &p);
-	e = ct6_lookup(&rk, now);
+	e = ct6_lookup_at(&rk, &clk);
 	if (!e || ct6_reply_of_other_flow(e, &p))
 		return TC_ACT_OK;
-	return lb6_reply_rev_nat(skb, &p, e, bytes, now);
+	return lb6_reply_rev_nat(skb, &p, e, bytes, lb_clock_ns(&clk));
 }
 
 #endif /* EBPFSVC_FLOW_H */
