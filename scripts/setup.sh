@@ -17,7 +17,7 @@ venv=${VENV:-$here/.venv}
 headers=${EBPFSVC_HEADERS:-/var/lib/ebpfsvc/kernel-headers}
 
 apt_packages=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip
-              gcc python3-dev iproute2 iperf3 wrk sockperf nginx-light iptables nftables redis-server redis-tools socat curl ethtool procps
+              gcc python3-dev iproute2 iperf3 wrk sockperf qperf nginx-light iptables nftables redis-server redis-tools socat curl ethtool procps
               shellcheck ruby vagrant)   # the last three check deploy/ and vagrant/ (tests/unit/test_deploy.py)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }

@@ -1,4 +1,4 @@
-"""Load generators in C, from Debian: wrk against nginx, sockperf ping-pong, iperf3 (TCP and UDP).
+"""Load generators in C, from Debian: wrk against nginx, sockperf ping-pong, qperf, iperf3 (TCP and UDP).
 
 Each client runs in the client pod's namespace as a child process bounded by its own duration
 (and killed `_SLACK` seconds past it); each returns a dict with the machine's busy CPU seconds
@@ -10,12 +10,15 @@ process's rusage).
     sockperf_latency      sockperf ping-pong on one TCP connection: p50 / p99 in µs (sockperf
                           reports half the round trip, as every sockperf figure); client and
                           server pinned to one CPU (LATENCY_CPU, below)
+    qperf_latency         qperf tcp_lat, the same request/response over IPv4 or IPv6 (sockperf 3.7
+                          takes no IPv6 address): its mean in µs, half the round trip as sockperf's;
+                          no percentiles (qperf reports none); pinned the same way
     iperf3_udp            iperf3 -u -b 0 with 64-byte datagrams: packets/s that arrived
     traffic.tcp_throughput  iperf3, one TCP stream (kept from traffic.py)
 
 Servers: `nginx_server` (a pod process, its config in a temporary directory under the lab's
 state dir, `daemon off;`, no master process, so the pid we hold is the server), `sockperf_server`,
-and traffic.iperf3_server.  Each is stopped by its own pid.
+`qperf_server` and traffic.iperf3_server.  Each is stopped by its own pid.
 """
 
 from __future__ import annotations
@@ -122,6 +125,13 @@ def sockperf_server(netns: str, port: int, state_dir: Path, cpu: int | None = LA
                 lambda: listening(netns, port), log=state_dir / f"sockperf-{port}.log", cpu=cpu)
 
 
+def qperf_server(netns: str, port: int, state_dir: Path, cpu: int | None = LATENCY_CPU) -> Proc:
+    """qperf's server on control port `port` (both families); each client names the data port it
+    listens on for the test (qperf_latency's `data_port`), so a Service in front of it needs both."""
+    return Proc(["qperf", "-lp", str(port)], netns, lambda: listening(netns, port),
+                log=state_dir / f"qperf-{port}.log", cpu=cpu)
+
+
 def _run(netns: str, argv: list[str], duration: float, cgroup=None, cpu: int | None = None) -> tuple[str, dict]:
     before = cpu_times()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + _SLACK,
@@ -174,6 +184,40 @@ def sockperf_latency(netns: str, address: str, port: int, *, duration: float = 5
     text, busy = _run(netns, ["sockperf", "ping-pong", "--tcp", "-i", address, "-p", str(port), "-t", str(seconds),
                               "-m", str(size)], seconds, cgroup, cpu)
     out = parse_sockperf(text)
+    out["cpu_seconds"] = busy["total"]
+    return out
+
+
+# qperf prints each figure with a unit it picks by magnitude (its own output: "latency = 11.1 us",
+# "= 1.2 ms") and thousands separated by commas ("port = 19,766").
+_QPERF_TIME_US = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "sec": 1e6}
+_QPERF_RATE = {"/sec": 1.0, "K/sec": 1e3, "M/sec": 1e6, "G/sec": 1e9}
+
+
+def parse_qperf(text: str, test: str = "tcp_lat") -> dict:
+    """qperf's report of one latency test (-v or not): latency in µs (half the round trip) and,
+    with -v, the messages per second."""
+    body = re.search(rf"^{test}:\n((?:[ \t]+\S.*\n?)+)", text, re.M)
+    if not body:
+        raise RuntimeError(f"qperf: no {test} report in its output: {text.strip()[-500:]}")
+    fields = {k: (float(v.replace(",", "")), unit.strip())
+              for k, v, unit in re.findall(r"^\s+(\w+)\s*=\s*([\d.,]+)\s*(.*)$", body.group(1), re.M)}
+    if "latency" not in fields or fields["latency"][1] not in _QPERF_TIME_US:
+        raise RuntimeError(f"qperf: {test} has no latency in a known unit: {body.group(1).strip()[:300]}")
+    value, unit = fields["latency"]
+    rate = fields.get("msg_rate")
+    return {"latency_us": value * _QPERF_TIME_US[unit],
+            "msg_per_s": rate[0] * _QPERF_RATE[rate[1]] if rate and rate[1] in _QPERF_RATE else None}
+
+
+def qperf_latency(netns: str, address: str, port: int, data_port: int, *, duration: float = 5.0, size: int = 64,
+                  cgroup=None, cpu: int | None = LATENCY_CPU) -> dict:
+    """qperf tcp_lat against a qperf_server on control `port`, the test's data on `data_port`;
+    client and server on the same `cpu` (LATENCY_CPU's reason)."""
+    seconds = max(1, round(duration))
+    text, busy = _run(netns, ["qperf", "-v", "-lp", str(port), "-ip", str(data_port), "-t", str(seconds),
+                              "-m", str(size), address, "tcp_lat"], seconds, cgroup, cpu)
+    out = parse_qperf(text)
     out["cpu_seconds"] = busy["total"]
     return out
 

@@ -35,6 +35,25 @@ sockperf: ---> percentile 50.000 =    3.700
 sockperf: ---> <MIN> observation =    2.900
 """
 
+# qperf 0.4.11 (Debian bookworm), captured 2026-12-03 on this machine: `qperf -v -lp 19765 -ip 19766
+# -t 2 -m 64 ::1 tcp_lat`, client and server pinned to one CPU; then without -v, two tests in one run.
+QPERF_OUTPUT = """\
+tcp_lat:
+    latency        =    11.1 us
+    msg_rate       =    90.1 K/sec
+    msg_size       =      64 bytes
+    port           =  19,766 
+    time           =       2 sec
+    loc_cpus_used  =     200 % cpus
+    rem_cpus_used  =     200 % cpus
+"""
+QPERF_TWO_TESTS = """\
+tcp_lat:
+    latency  =  11.1 us
+udp_lat:
+    latency  =  9.47 us
+"""
+
 
 # --- no root ---------------------------------------------------------------------------------
 
@@ -48,6 +67,20 @@ def test_sockperf_percentiles_are_parsed():
     assert (out["p50_us"], out["p99_us"], out["avg_us"], out["observations"]) == (3.7, 10.25, 3.735, 250000)
     with pytest.raises(RuntimeError, match="no percentiles"):
         tools.parse_sockperf("sockperf: connection refused")
+
+
+def test_qperf_latency_is_parsed():
+    assert tools.parse_qperf(QPERF_OUTPUT) == {"latency_us": 11.1, "msg_per_s": pytest.approx(90100)}
+    assert tools.parse_qperf(QPERF_TWO_TESTS)["latency_us"] == 11.1
+    assert tools.parse_qperf(QPERF_TWO_TESTS, "udp_lat") == {"latency_us": 9.47, "msg_per_s": None}
+    # qperf picks the unit by magnitude: a slow path reads in ms, a fast one in ns.
+    assert tools.parse_qperf("tcp_lat:\n    latency  =  1.25 ms\n")["latency_us"] == pytest.approx(1250)
+    assert tools.parse_qperf("tcp_lat:\n    latency  =  950 ns\n")["latency_us"] == pytest.approx(0.95)
+    # Its refusal (captured: no server at ::2), and a unit it never printed, are errors, not a figure.
+    with pytest.raises(RuntimeError, match="no tcp_lat report"):
+        tools.parse_qperf("tcp_lat:\n::2: failed to connect\n")
+    with pytest.raises(RuntimeError, match="no latency in a known unit"):
+        tools.parse_qperf("tcp_lat:\n    latency  =  3 parsecs\n")
 
 
 def test_process_logs_give_the_sync_times():
@@ -206,13 +239,16 @@ def test_the_report_leads_with_the_summary_and_never_judges_issue_6(tmp_path):
 # --- root ------------------------------------------------------------------------------------
 
 @pytest.mark.root
-def test_wrk_sockperf_and_iperf3_udp_against_their_servers(topology, tmp_path):
+def test_wrk_sockperf_qperf_and_iperf3_udp_against_their_servers(topology, tmp_path):
     from ebpfsvc.bench import traffic
 
     server = topology.backends[0]
     with tools.nginx_server(topology.server, [8090], tmp_path) as _, \
             tools.sockperf_server(topology.server, 11111, tmp_path) as _, \
+            tools.qperf_server(topology.server, 19765, tmp_path) as _, \
             traffic.iperf3_server(topology.server, IPERF_PORT):
+        q = tools.qperf_latency(topology.client, server, 19765, 19766, duration=1)
+        assert q["latency_us"] > 0 and q["msg_per_s"] > 0
         w = tools.wrk_connection_rate(topology.client, server, 8090, duration=1)
         assert w["requests"] > 0 and w["non_2xx"] == 0 and w["cpu_us_per_conn"] > 0
         p = tools.sockperf_latency(topology.client, server, 11111, duration=1)
