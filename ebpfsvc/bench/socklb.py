@@ -18,14 +18,13 @@ node), wrk against nginx with `Connection: close` (new connections/s), sockperf 
 shared machine moves every figure.
 
 --ipv6: the lab is the dual-stack one (examples/lab/dual-stack.yaml; the agents serve IPv6 from
-its ServiceCIDRs) and three more rows measure over IPv6: iperf3 same node and cross node, and wrk's
-connection rate, through IPv6-only Services `bench-same6` and `bench-cross6` (tc) against the server
-pod's IPv6 address (direct), interleaved with the rest. The socket path has no IPv6 hooks
-(connect6/sendmsg6), so those rows have no socket column; sockperf 3.7 takes no IPv6 address, so
-latency has no IPv6 row yet. The tool for it: Debian's qperf (0.4.11, C) does request/response over
-IPv6 (`tcp_lat`, `udp_lat`: one-way latency, half the round trip, as sockperf reports; checked between
-two namespaces on 2026-12-02). Through a Service it needs two service ports, its control port (-lp)
-and its data port (-ip), both forwarded to the server pod; not wired in.
+its ServiceCIDRs) and four more rows measure over IPv6: iperf3 same node and cross node, wrk's
+connection rate, and qperf's latency (tcp_lat, 64-byte messages: its mean, half the round trip as
+sockperf's, no percentiles; sockperf 3.7 takes no IPv6 address), through IPv6-only Services
+`bench-same6` and `bench-cross6` (tc, and socket: the connect6/sendmsg6 hooks, docs/socklb.md)
+against the server pod's IPv6 address (direct), interleaved with the rest. qperf needs two service
+ports, its control port and the data port its client names (-lp, -ip); its client and server run
+on tools.LATENCY_CPU, as sockperf's server.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from ebpfsvc.lab import agents, cgroups
 DUAL_STACK = Path(__file__).resolve().parents[2] / "examples" / "lab" / "dual-stack.yaml"
 
 IPERF, NGINX, SOCKPERF = 5201, 8080, 11111
+QPERF, QPERF_DATA = 19765, 19766      # qperf's control port and the data port its client asks for
 # One client pod per datapath: a client that reaches one backend port both through the
 # frontend (the TC path: its kernel sees the ClusterIP) and straight (its kernel sees the pod
 # address) meets the server's TIME_WAIT of the other path's connections, whose TCP timestamps
@@ -56,7 +56,6 @@ PODS = {**{c: "node-1" for c in CLIENTS.values()}, "bench-srv": "node-1", "bench
 SERVICES = {"bench-same": "bench-srv", "bench-cross": "bench-srv2"}
 SERVICES6 = {"bench-same6": "bench-srv", "bench-cross6": "bench-srv2"}    # --ipv6: IPv6 single-stack
 DATAPATHS = ("direct", "tc", "socket")
-DATAPATHS6 = ("direct", "tc")       # no socket path for IPv6
 
 
 def _run(netns: str, cgroup: Path | None, argv: list[str], seconds: int) -> str:
@@ -96,13 +95,17 @@ class Bench:
         lab.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc},
                     "spec": {"selector": {"app": pod}, "ports": ports}} for svc, pod in SERVICES.items()])
         if self.ipv6:
+            ports6 = ports[:2] + [{"name": "qperf", "port": QPERF, "targetPort": QPERF},
+                                  {"name": "qperf-data", "port": QPERF_DATA, "targetPort": QPERF_DATA}]
             lab.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc},
-                        "spec": {"selector": {"app": pod}, "ports": ports[:2], "ipFamilies": ["IPv6"]}}
+                        "spec": {"selector": {"app": pod}, "ports": ports6, "ipFamilies": ["IPv6"]}}
                        for svc, pod in SERVICES6.items()])
         for pod in SERVICES.values():
             ns = lab.pod_netns(pod)
             self.servers += [tools.nginx_server(ns, [NGINX], lab.state.path, ipv6=self.ipv6),
                              tools.sockperf_server(ns, SOCKPERF, lab.state.path), traffic.iperf3_server(ns, IPERF)]
+            if self.ipv6:
+                self.servers.append(tools.qperf_server(ns, QPERF, lab.state.path))
         lab.wait_synced()
         self.client_ns = {d: lab.pod_netns(pod) for d, pod in CLIENTS.items()}
         self.client_cgroup = {d: lab.pod_cgroup(pod) for d, pod in CLIENTS.items()}
@@ -112,7 +115,8 @@ class Bench:
             self.target[svc] = {"direct": lab.pod_ip(pod), "tc": vip, "socket": vip}
         for svc, pod in SERVICES6.items() if self.ipv6 else ():
             pod6 = next(p["ip"] for p in lab.pod(pod)["status"]["podIPs"] if ":" in p["ip"])
-            self.target[svc] = {"direct": pod6, "tc": lab.service(svc)["spec"]["clusterIP"]}
+            vip6 = lab.service(svc)["spec"]["clusterIP"]
+            self.target[svc] = {"direct": pod6, "tc": vip6, "socket": vip6}
 
     def _client(self, datapath: str):
         return self.client_ns[datapath], (None if datapath == "tc" else self.client_cgroup[datapath])
@@ -139,6 +143,11 @@ class Bench:
                             str(SOCKPERF), "-t", str(self.seconds), "-m", "64"], self.seconds)
         return tools.parse_sockperf(out)
 
+    def qperf(self, datapath: str, svc: str = "bench-same6") -> float:
+        ns, cg = self._client(datapath)
+        return tools.qperf_latency(ns, self.target[svc][datapath], QPERF, QPERF_DATA, duration=self.seconds,
+                                   cgroup=cg)["latency_us"]
+
     def flows(self, node: str = "node-1") -> int:
         from ebpfsvc.inspect.node import NodeMaps
         from ebpfsvc.lab import names
@@ -157,7 +166,8 @@ def run(repeats: int, seconds: int, ipv6: bool = False) -> dict:
     results: dict = {m: {d: [] for d in DATAPATHS} for m in
                      ("gbit_same", "gbit_cross", "conn_per_s", "p50_us", "p99_us")}
     if ipv6:
-        results.update({m: {d: [] for d in DATAPATHS6} for m in ("gbit_same_v6", "gbit_cross_v6", "conn_per_s_v6")})
+        results.update({m: {d: [] for d in DATAPATHS} for m in
+                        ("gbit_same_v6", "gbit_cross_v6", "conn_per_s_v6", "lat_us_v6")})
     meta = {"seconds": seconds, "repeats": repeats, "cpus": os.cpu_count(), "loadavg": [], "ipv6": ipv6,
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     try:
@@ -175,10 +185,12 @@ def run(repeats: int, seconds: int, ipv6: bool = False) -> dict:
                 results["p50_us"][d].append(lat["p50_us"])
                 results["p99_us"][d].append(lat["p99_us"])
             for metric, svc in (("gbit_same_v6", "bench-same6"), ("gbit_cross_v6", "bench-cross6")) if ipv6 else ():
-                for d in DATAPATHS6[r % 2:] + DATAPATHS6[: r % 2]:
+                for d in order:
                     results[metric][d].append(bench.iperf3(svc, d))
-            for d in (DATAPATHS6[r % 2:] + DATAPATHS6[: r % 2]) if ipv6 else ():
+            for d in order if ipv6 else ():
                 results["conn_per_s_v6"][d].append(bench.wrk(d, "bench-same6"))
+            for d in order if ipv6 else ():
+                results["lat_us_v6"][d].append(bench.qperf(d))
         meta["tc_flows_node1_after"] = bench.flows()
     finally:
         bench.close()
@@ -203,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=3)
-    parser.add_argument("--ipv6", action="store_true", help="a dual-stack lab, and iperf3 rows over IPv6")
+    parser.add_argument("--ipv6", action="store_true",
+                        help="a dual-stack lab, and iperf3, wrk and qperf rows over IPv6")
     parser.add_argument("--out", type=Path, default=None, help="write the raw results here (JSON)")
     args = parser.parse_args(argv)
     data = run(args.repeats, args.seconds, args.ipv6)
