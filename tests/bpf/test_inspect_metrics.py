@@ -1,6 +1,6 @@
 """/metrics numbers read from the live maps at scrape time, after real packets
 through the real programs: they must be the packets and bytes sent, the drops
-caused, the kernel's entry counts, and the drift made."""
+caused, the kernel's entry counts, and the drift made; for both families."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from ebpfsvc.collectors import DatapathCollector
@@ -15,7 +16,8 @@ from ebpfsvc.lbmodel import Protocol
 
 from .conftest import TEST_LIMITS
 from .packets import (
-    BACKEND1, BACKEND2, CLIENT, CLIENT2, VIP, VIP2, be, from_pod, frontend, run, state, tcp, to_pod, udp,
+    BACKEND1, BACKEND2, BACKEND6_1, BACKEND6_2, CLIENT, CLIENT2, CLIENT6, VIP, VIP2, VIP6, be, from_pod, frontend,
+    run, state, tcp, tcp6, to_pod, udp,
 )
 
 pytestmark = pytest.mark.root
@@ -102,6 +104,50 @@ def test_traffic_drops_and_fill_levels_match_what_was_sent(datapath, writer, reg
     from ebpfsvc import maglev
     assert value(m, "ebpfsvc_map_entries", map="lb_maglev") == maglev.table_size(2) + maglev.table_size(1)
     assert value(m, "ebpfsvc_drift_frontends") == 0
+
+
+def test_ipv6_frontends_and_backends_have_their_own_unambiguous_series(datapath, writer, registry):
+    """A dual-stack Service port: its IPv6 frontend's label is bracketed as `bpf ct list` writes it
+    ([addr]:port, so the port cannot be read as part of the address), its IPv6 backends have their
+    own series, and the service-port series adds both families."""
+    web6 = frontend(VIP6, 80, [be(BACKEND6_1), be(BACKEND6_2)])          # same Service port as WEB
+    writer.apply(state(WEB, web6))
+    v6 = [0, 0]
+    per_backend: dict[str, list[int]] = {}
+    for sport in range(41000, 41008):
+        syn = from_pod(tcp6(CLIENT6, VIP6, sport, 80, "S"))
+        res = run(datapath, "from_pod", syn)
+        b = Ether(res.data)[IPv6].dst
+        reply = to_pod(tcp6(b, CLIENT6, 8080, sport, "SA", payload=b"y" * (sport % 5)))
+        assert run(datapath, "to_pod", reply).verdict == "TC_ACT_OK"
+        acc = per_backend.setdefault(b, [0, 0])
+        for total in (v6, acc):
+            total[0] += 2
+            total[1] += len(syn) + len(reply)
+    assert len(per_backend) == 2, "8 flows over Maglev reached only one backend"
+    syn4 = from_pod(tcp(CLIENT, VIP, 50000, 80, "S"))
+    run(datapath, "from_pod", syn4)
+
+    m = scrape(registry)
+    assert value(m, "ebpfsvc_frontend_packets_total", service_port="default/web/TCP",
+                 frontend=f"[{VIP6}]:80/TCP", scope="internal", kind="ClusterIP") == v6[0]
+    assert value(m, "ebpfsvc_frontend_bytes_total", service_port="default/web/TCP",
+                 frontend=f"[{VIP6}]:80/TCP", scope="internal", kind="ClusterIP") == v6[1]
+    assert value(m, "ebpfsvc_frontend_packets_total", service_port="default/web/TCP",
+                 frontend=f"{VIP}:80/TCP", scope="internal", kind="ClusterIP") == 1
+    assert value(m, "ebpfsvc_service_packets_total", service_port="default/web/TCP") == v6[0] + 1
+    assert value(m, "ebpfsvc_service_bytes_total", service_port="default/web/TCP") == v6[1] + len(syn4)
+    for addr, (pk, by) in per_backend.items():
+        assert value(m, "ebpfsvc_backend_packets_total", backend=f"[{addr}]:8080/TCP") == pk
+        assert value(m, "ebpfsvc_backend_bytes_total", backend=f"[{addr}]:8080/TCP") == by
+    frontends = {dict(k[1])["frontend"] for k in m if k[0] == "ebpfsvc_frontend_packets_total"}
+    assert frontends == {f"{VIP}:80/TCP", f"[{VIP6}]:80/TCP"}
+    # The IPv6 maps' fill levels: one frontend and its address marker, two backends, two
+    # conntrack entries per flow (as ct4).
+    assert value(m, "ebpfsvc_map_entries", map="lb6_frontends") == 1 + 1
+    assert value(m, "ebpfsvc_map_entries", map="lb6_backends") == 2
+    assert value(m, "ebpfsvc_map_entries", map="ct6") == 2 * 8
+    assert value(m, "ebpfsvc_map_max_entries", map="ct6") == TEST_LIMITS.ct_entries
 
 
 def test_drift_gauge_counts_frontends_that_differ(datapath, writer, registry):
