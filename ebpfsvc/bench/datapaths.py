@@ -134,6 +134,10 @@ def limits_for(state: LBState, headroom: float = 1.25):
     )
 
 
+# The IPv6 twins of the IPv4 maps (bpf/lib/maps.h): what the IPv6 datapath adds to a node's memory.
+IPV6_MAP_PREFIXES = ("lb6_", "ct6", "frag6")
+
+
 def map_memlock(table) -> dict:
     """max_entries and the kernel's memlock bytes for one bcc table, from /proc/self/fdinfo."""
     fields = {}
@@ -242,9 +246,10 @@ class Ebpfsvc(Datapath):
             maps[name] = {**info, "key_size": key, "value_size": value, "entries_written": written,
                           "entry_bytes": size}
         memlock = sum(m.get("memlock", 0) for m in maps.values())
+        memlock6 = sum(m.get("memlock", 0) for n, m in maps.items() if n.startswith(IPV6_MAP_PREFIXES))
         return {"frontends": self.frontends, "entry_bytes": entry_bytes,
                 "entry_bytes_per_service": entry_bytes / max(self.frontends, 1),
-                "memlock_bytes": memlock, "maps": maps}
+                "memlock_bytes": memlock, "memlock_ipv6_bytes": memlock6, "maps": maps}
 
 
 def make(name: str, node_netns: str, pin_dir: str | Path, pod_links: list[str],

@@ -492,6 +492,11 @@ def notes(data: dict, note: str = "") -> str:
     return "; ".join(parts)
 
 
+def _mib(n: int | None) -> str:
+    """Bytes as MiB for a table cell; "-" for a figure an older results file does not have."""
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
 def _table(header: list[str], rows: list[list], align: str = "---:") -> list[str]:
     return report._table(header, [[str(c) for c in row] for row in rows], align=align)
 
@@ -538,7 +543,9 @@ def extra_sections(data: dict) -> str:
                   "Entry bytes: key + value bytes of the entries written (frontends incl. address markers, "
                   "backends, service names, Maglev slots), per service port. memlock: what the kernel charges "
                   "for all the maps as created (preallocated: set by the Limits, not by N; the Maglev array grows "
-                  "past its default only when the state needs it).", ""]
+                  "past its default only when the state needs it); of which the IPv6 maps (lb6_*, ct6, frag6; "
+                  "lb6_frontends, lb6_backends and lb6_source_ranges are not preallocated, so they grow with "
+                  "their entries).", ""]
         seen = {}
         for m in data["memory"]:
             seen.setdefault(m["services"], m)
@@ -546,8 +553,10 @@ def extra_sections(data: dict) -> str:
         for n, m in sorted(seen.items()):
             maglev_map = m["maps"].get("lb_maglev", {})
             rows.append([f"{n:,}", f"{m['entry_bytes_per_service']:,.0f}", f"{m['entry_bytes'] / 2**20:,.1f}",
-                         f"{m['memlock_bytes'] / 2**20:,.0f}", f"{maglev_map.get('max_entries', 0):,}"])
-        lines += _table(["services", "entry bytes / service", "entry MiB", "memlock MiB", "Maglev slots limit"], rows)
+                         f"{m['memlock_bytes'] / 2**20:,.0f}", _mib(m.get("memlock_ipv6_bytes")),
+                         f"{maglev_map.get('max_entries', 0):,}"])
+        lines += _table(["services", "entry bytes / service", "entry MiB", "memlock MiB", "of which IPv6 maps MiB",
+                         "Maglev slots limit"], rows)
         lines.append("")
 
     if data.get("endpoint_change"):
