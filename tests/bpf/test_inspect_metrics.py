@@ -40,6 +40,22 @@ def value(samples, name, **labels):
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def handshakes(datapath, segment, layer, client: str, vip: str, sports) -> tuple[list[int], dict[str, list[int]]]:
+    """Per source port, a SYN to `vip`:80 through from_pod and its backend's SYN-ACK (a few bytes of
+    payload, so lengths differ) through to_pod: [packets, bytes] in all and per backend address."""
+    total: list[int] = [0, 0]
+    per_backend: dict[str, list[int]] = {}
+    for sport in sports:
+        syn = from_pod(segment(client, vip, sport, 80, "S"))
+        b = Ether(run(datapath, "from_pod", syn).data)[layer].dst
+        reply = to_pod(segment(b, client, 8080, sport, "SA", payload=b"z" * (sport % 7)))
+        assert run(datapath, "to_pod", reply).verdict == "TC_ACT_OK"
+        for acc in (total, per_backend.setdefault(b, [0, 0])):
+            acc[0] += 2
+            acc[1] += len(syn) + len(reply)
+    return total, per_backend
+
+
 @pytest.fixture
 def registry(pin_dir, datapath):
     applied = {"state": None}
@@ -55,20 +71,7 @@ def test_traffic_drops_and_fill_levels_match_what_was_sent(datapath, writer, reg
     s = state(WEB, DNS, EMPTY)
     writer.apply(s)
     registry.applied["state"] = s
-    per_backend: dict[str, list[int]] = {}
-    web = [0, 0]
-    for sport in range(50000, 50010):
-        syn = from_pod(tcp(CLIENT, VIP, sport, 80, "S"))
-        res = run(datapath, "from_pod", syn)
-        b = Ether(res.data)[IP].dst
-        reply = to_pod(tcp(b, CLIENT, 8080, sport, "SA", payload=b"z" * (sport % 7)))
-        assert run(datapath, "to_pod", reply).verdict == "TC_ACT_OK"
-        n = len(syn) + len(reply)
-        web[0] += 2
-        web[1] += n
-        acc = per_backend.setdefault(b, [0, 0])
-        acc[0] += 2
-        acc[1] += n
+    web, per_backend = handshakes(datapath, tcp, IP, CLIENT, VIP, range(50000, 50010))
     dns_pkt = from_pod(udp(CLIENT2, VIP, 6000, 53, b"query"))
     run(datapath, "from_pod", dns_pkt)
     for sport in (1, 2, 3):                       # no backend: rejected, three times
@@ -112,18 +115,7 @@ def test_ipv6_frontends_and_backends_have_their_own_unambiguous_series(datapath,
     own series, and the service-port series adds both families."""
     web6 = frontend(VIP6, 80, [be(BACKEND6_1), be(BACKEND6_2)])          # same Service port as WEB
     writer.apply(state(WEB, web6))
-    v6 = [0, 0]
-    per_backend: dict[str, list[int]] = {}
-    for sport in range(41000, 41008):
-        syn = from_pod(tcp6(CLIENT6, VIP6, sport, 80, "S"))
-        res = run(datapath, "from_pod", syn)
-        b = Ether(res.data)[IPv6].dst
-        reply = to_pod(tcp6(b, CLIENT6, 8080, sport, "SA", payload=b"y" * (sport % 5)))
-        assert run(datapath, "to_pod", reply).verdict == "TC_ACT_OK"
-        acc = per_backend.setdefault(b, [0, 0])
-        for total in (v6, acc):
-            total[0] += 2
-            total[1] += len(syn) + len(reply)
+    v6, per_backend = handshakes(datapath, tcp6, IPv6, CLIENT6, VIP6, range(41000, 41008))
     assert len(per_backend) == 2, "8 flows over Maglev reached only one backend"
     syn4 = from_pod(tcp(CLIENT, VIP, 50000, 80, "S"))
     run(datapath, "from_pod", syn4)
