@@ -271,16 +271,17 @@ def test_agent_restart_keeps_streams(unique_prefix, node):
             old_agent = lab.agent_record(node)
             lab.agent("restart", node)
             assert lab.agent_record(node) != old_agent
-            # The new agent has replaced the programs on the veth (new program ids) ...
-            wait_for(lambda: _tc_program_ids(lab, node, link) != before, what="programs replaced")
-            # ... loaded from the program cache that the first start filled: nothing compiled again.
+            # The new agent takes back the programs the first one left pinned (issue 12): nothing
+            # compiled, loaded or verified again ...
             new_agent = lab.agent_record(node)
-            log = lab.state.log_path(names.agent_record(node)).read_text()
-            assert "programs from_pod, to_pod loaded from the program cache" in \
-                log.split(f"(pid {new_agent.pid})", 1)[1]
+            log_path = lab.state.log_path(names.agent_record(node))
+            wait_for(lambda: "programs from_pod, to_pod kept from the previous run" in
+                     log_path.read_text().partition(f"(pid {new_agent.pid})")[2], what="pinned programs kept")
             # ... and syncs changes: a new Service gets programmed.
             lab.apply([service("rs-after", [{"port": 7000}], selector={"app": "rs-tcp"})])
             wait_programmed(lab, "rs-after", 7000, backends=1, nodes=[node])
+            # The veth kept the very same programs throughout (the same program ids).
+            assert _tc_program_ids(lab, node, link) == before
             chatter.wait_rounds(5)
         assert chatter.error is None, repr(chatter.error)
         assert chatter.who_answered() == {"tcp": {"rs-tcp"}, "udp": {"rs-udp"}}
