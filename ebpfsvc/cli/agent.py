@@ -111,7 +111,7 @@ def _map_limit_options(fn):
     return fn
 
 
-def Agent(cfg: AgentConfig):
+def start_agent(cfg: AgentConfig):
     """The agent of `cfg`, its pinned maps already opening: ebpfsvc.agent and what it imports (pyroute2,
     the admission and Maglev modules: most of a second, seconds on a busy node), then the API source
     (the Kubernetes client), load while bcc compiles the maps-only unit, instead of before it
@@ -125,8 +125,8 @@ def Agent(cfg: AgentConfig):
         from ebpfsvc.datapath import loader      # numpy and bcc, needed for the compile anyway
 
         opening = loader.open_maps_early(cfg.pin_dir, loader.Limits(**cfg.limits))
-    from ebpfsvc.agent import Agent as NodeAgent
-    return NodeAgent(cfg, opening=opening)
+    from ebpfsvc.agent import Agent
+    return Agent(cfg, opening=opening)
 
 
 @click.command("agent", cls=OneLineErrors)
@@ -269,6 +269,6 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     log.info("ebpfsvc agent on node %s (pid %d)", node_name, os.getpid())
     try:
-        Agent(cfg).run_forever()
+        start_agent(cfg).run_forever()
     except BindError as e:
         raise AgentError(str(e)) from None

@@ -16,7 +16,7 @@ either family (an IPv6 peer or source is [address, port, flowinfo, scope_id]).
 
 holds N connected sockets (for a backend's removal while they are open): prints
 {"cookies": [...]} (SO_COOKIE, the socket path's key), then answers each line of stdin:
-`check` -> {"sockets": [{"error": SO_ERROR or null, "peer": [a, p] or "ENOTCONN"}, ...]};
+`check` -> {"sockets": [{"error": the first SO_ERROR seen or null, "peer": [a, p] or "ENOTCONN"}, ...]};
 `ask` -> {"sockets": [the tcp-echo/udp-echo answer's pod, or {"errno": ...}, ...]}.
 """
 
@@ -72,15 +72,23 @@ def hold(kind: str, address: str, port: int, count: int) -> None:
         socks.append(s)
     print(json.dumps({"cookies": [int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)
                                   for s in socks]}), flush=True)
+    # Reading SO_ERROR clears it: a socket's first error is kept, so that a `check` made while the
+    # agent is still destroying the others does not lose the ones it already saw.
+    errors: list[str | None] = [None] * len(socks)
     for line in sys.stdin:
         command = line.strip()
-        out = [(_check if command == "check" else _ask)(kind, s) for s in socks]
+        if command == "check":
+            out = [_check(s, errors, i) for i, s in enumerate(socks)]
+        else:
+            out = [_ask(kind, s) for s in socks]
         print(json.dumps({"sockets": out}), flush=True)
 
 
-def _check(kind: str, s: socket.socket) -> dict:
+def _check(s: socket.socket, errors: list[str | None], i: int) -> dict:
     err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    out: dict = {"error": errno.errorcode.get(err, str(err)) if err else None}
+    if err and errors[i] is None:
+        errors[i] = errno.errorcode.get(err, str(err))
+    out: dict = {"error": errors[i]}
     try:
         out["peer"] = list(s.getpeername())
     except OSError as e:

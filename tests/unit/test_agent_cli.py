@@ -7,7 +7,7 @@ from ebpfsvc.cli import agent as agent_cli
 
 def _run(tmp_path, monkeypatch, text, *args):
     captured = {}
-    monkeypatch.setattr(agent_cli, "Agent", lambda cfg: type("A", (), {"run_forever": lambda self: captured.update(cfg=cfg)})())
+    monkeypatch.setattr(agent_cli, "start_agent", lambda cfg: type("A", (), {"run_forever": lambda self: captured.update(cfg=cfg)})())
     conf = tmp_path / "c.yaml"
     conf.write_text(text)
     result = CliRunner().invoke(agent_cli.agent, [f"--config={conf}", *args])

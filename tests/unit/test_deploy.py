@@ -302,7 +302,7 @@ def _run_agent(cli, args, monkeypatch):
         def run_forever(self):
             pass
 
-    monkeypatch.setattr(cli, "Agent", FakeAgent)
+    monkeypatch.setattr(cli, "start_agent", FakeAgent)
     result = CliRunner().invoke(cli.agent, args)
     assert result.exit_code == 0, result.output
     return captured["cfg"]

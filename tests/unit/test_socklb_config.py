@@ -30,7 +30,7 @@ def test_cgroup2_mount_is_read_not_assumed(tmp_path):
 
 def _run(monkeypatch, *args):
     captured = {}
-    monkeypatch.setattr(agent_cli, "Agent",
+    monkeypatch.setattr(agent_cli, "start_agent",
                         lambda cfg: type("A", (), {"run_forever": lambda self: captured.update(cfg=cfg)})())
     return CliRunner().invoke(agent_cli.agent, ["--node-name=n1", *args]), captured.get("cfg")
 
