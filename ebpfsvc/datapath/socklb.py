@@ -271,11 +271,12 @@ def reset_removed(cgroup, maps, keeps: KeepsBackend) -> ResetReport:
     report = ResetReport()
     for path in cgroup_netns(cgroup).values():
         try:
-            counts = nsenter.run_in(path, _reset_in_netns, _Translated(maps), keeps)
-        except OSError as exc:     # the namespace went with its pod, or netlink refused
+            counts, refused = nsenter.run_in(path, _reset_in_netns, _Translated(maps), keeps)
+        except OSError as exc:     # the namespace went with its pod, or netlink refused the dump
             report.errors.append(f"{path}: {exc}")
             continue
         report.namespaces += 1
+        report.errors.extend(f"{path}: {error}" for error in refused)
         for proto, n in counts.items():
             report.destroyed[proto] += n
     return report
@@ -308,10 +309,13 @@ class _Translated:
         return True
 
 
-def _reset_in_netns(translated: _Translated, keeps: KeepsBackend) -> dict[str, int]:
+def _reset_in_netns(translated: _Translated, keeps: KeepsBackend) -> tuple[dict[str, int], list[str]]:
+    """The sockets destroyed per protocol, and the ones the kernel refused to destroy: one refusal
+    does not keep the others on a backend that left."""
     from pyroute2 import DiagSocket
 
     counts = {"TCP": 0, "UDP": 0}
+    refused: list[str] = []
     with DiagSocket() as diag:
         diag.bind()
         for family in _FAMILIES:
@@ -325,9 +329,13 @@ def _reset_in_netns(translated: _Translated, keeps: KeepsBackend) -> dict[str, i
                         continue                    # not translated by the socket path
                     if keeps(proto, _unmapped(peer), port):
                         continue
-                    _destroy(diag, family, proto, msg)
+                    try:
+                        _destroy(diag, family, proto, msg)
+                    except OSError as exc:
+                        refused.append(str(exc))
+                        continue
                     counts["TCP" if proto == socket.IPPROTO_TCP else "UDP"] += 1
-    return counts
+    return counts, refused
 
 
 def _unmapped(address: str) -> str:
