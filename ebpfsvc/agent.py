@@ -147,12 +147,13 @@ class Agent:
             name: os.path.abspath(getattr(self.config, name))
             for name in ("manifests", "kubeconfig") if getattr(self.config, name)})
         self.telemetry.start()      # /healthz answers 503 "starting" until the first sync
-        # The maps before the programs, opened (a maps-only compile, the GIL released) while the source
+        # The maps before the programs, opened (a maps-only compile, the GIL released; none on a restart with a kept layout) while the source
         # is made and lists: syncs write them while the programs compile. Pins of another shape (new
         # limits) are recreated by the programs' load, so then nothing is written before it.
         t0 = time.monotonic()
         # restart: a previous run's programs still serve these maps.
-        restart, opening = self._opening or loader.open_maps_early(cfg.pin_dir, loader.Limits(**cfg.limits))
+        restart, opening = self._opening or loader.open_maps_early(
+            cfg.pin_dir, loader.Limits(**cfg.limits), cfg.program_cache)
         # The source: a manifest directory is read at once, and the API's Node list usually comes
         # within moments, so the programs are compiled once, with the node's addresses.
         self.source = self._make_source()

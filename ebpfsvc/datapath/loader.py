@@ -299,7 +299,7 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
     when None), or None: a miss, or pins of another shape (load() recreates them)."""
     owned = maps_unit is None
     if owned:
-        opened = open_maps(pin_dir, limits=limits)
+        opened = open_maps(pin_dir, limits=limits, program_cache=True)
         if opened is None:
             return None
         maps_unit = opened[0]
@@ -319,26 +319,35 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
     return dp
 
 
-def open_maps(pin_dir, *, limits: Limits | None = None):
+def open_maps(pin_dir, *, limits: Limits | None = None, program_cache: bool = False):
     """The datapath's pinned maps as bcc tables, without compiling a program (bpf/lb_maps.c:
     a fraction of a second, where load() takes seconds), so a starting agent can write them
     while the programs compile. Maps not pinned yet are created and pinned, as load() would.
+    With `program_cache`, maps all pinned in the shapes of a kept layout need no compile at all
+    (progcache.open_layout: a restart); a compile keeps the layout for the next start.
     Returns (bpf object, {name: table}), or None when pins of another shape are in the way:
     load() then recreates them, so nothing must be written before it."""
-    from bcc import BPF
-
     pin_dir = Path(pin_dir)
     text = expand_source(MAPS_SOURCE)
     os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
+    cflags = cflags_for(pin_dir, limits or Limits())
+    key = progcache.cache_key(text, cflags, {}, with_sizes=True) if program_cache else None
+    unit = progcache.open_layout(progcache.cache_dir(), key, pin_dir) if key else None
+    if unit is not None:
+        return unit, {name: unit.get_table(name) for name in MAPS}
+    from bcc import BPF
+
     pin_dir.mkdir(parents=True, exist_ok=True)
-    bpf = BPF(text=text.encode(), cflags=cflags_for(pin_dir, limits or Limits()))
+    bpf = BPF(text=text.encode(), cflags=cflags)
     if stale_pins(bpf, pin_dir):
         bpf.cleanup()
         return None
+    if key:
+        progcache.store_layout(progcache.cache_dir(), key, bpf, MAPS)
     return bpf, {name: bpf.get_table(name.encode()) for name in MAPS}
 
 
-def open_maps_early(pin_dir, limits: Limits):
+def open_maps_early(pin_dir, limits: Limits, program_cache: bool = False):
     """open_maps() on a thread of its own (bcc compiles with the GIL released), so a starting agent
     imports, reads its source and lists while the maps-only unit compiles. `pin_dir` must be
     absolute: bcc changes the working directory while it compiles. Returns (restart, future of
@@ -353,7 +362,7 @@ def open_maps_early(pin_dir, limits: Limits):
 
     def run():
         try:
-            future.set_result(open_maps(pin_dir, limits=limits))
+            future.set_result(open_maps(pin_dir, limits=limits, program_cache=program_cache))
         except BaseException as e:      # raised again where the agent waits for the maps
             future.set_exception(e)
     threading.Thread(target=run, name="open-maps", daemon=True).start()

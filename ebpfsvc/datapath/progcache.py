@@ -19,6 +19,12 @@ only for global functions and callbacks (bpf_loop): the datapath has none (every
 __always_inline). store() refuses to keep a program with a BPF-to-BPF call or a reference to
 a map value (globals), so such a program would always be compiled, never loaded half right.
 
+The maps unit (lb_maps.c, loader.open_maps) is kept too, as a layout rather than programs: each map's
+bcc type, flags, size and the key and leaf descriptions bcc's compile gives (store_layout). A
+restarted agent whose maps are all pinned in those shapes makes the writer's bcc tables from the
+layout and the pins (open_layout): no compile, where bcc's fixed cost for the unit is 1-2.5 s of a
+restart's first change (issue 12). The layout's key keeps every size: a table must say its map's.
+
 The directory must be the process's own and writable by no one else (else it is not used): its
 entries are programs loaded into the kernel. Entries are written atomically (a temporary file renamed), so concurrent agents of one machine
 (the lab's nodes) share a directory safely: $EBPFSVC_PROGRAM_CACHE, else programs/ in the
@@ -73,10 +79,11 @@ def size_only_macros(text: str, cflags) -> set[str]:
     return out
 
 
-def cache_key(text: str, cflags, programs: dict[str, int]) -> str:
-    """sha256 of every input of the compile (the module docstring lists them)."""
+def cache_key(text: str, cflags, programs: dict[str, int], *, with_sizes: bool = False) -> str:
+    """sha256 of every input of the compile (the module docstring lists them); `with_sizes` keeps
+    the sizes of pinned maps in it (a layout's key)."""
     import bcc
-    sizes = size_only_macros(text, cflags)
+    sizes = set() if with_sizes else size_only_macros(text, cflags)
     inputs = {
         "format": FORMAT,
         "source": hashlib.sha256(text.encode()).hexdigest(),
@@ -87,6 +94,8 @@ def cache_key(text: str, cflags, programs: dict[str, int]) -> str:
         "bcc": getattr(bcc, "__version__", "?"),
         "programs": sorted(programs.items()),
     }
+    if with_sizes:
+        inputs["sizes"] = True
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -116,8 +125,9 @@ class CachedObject:
             self.maps_unit.cleanup()
 
 
-def _entry_path(directory: Path, key: str) -> Path:
-    return Path(directory) / f"{key}.json"
+def _entry_path(directory: Path, key: str, kind: str = "") -> Path:
+    """`<key>.json` for programs, `<key>.maps.json` for a maps layout."""
+    return Path(directory) / f"{key}{'.' + kind if kind else ''}.json"
 
 
 def _map_refs(insns: bytes) -> list[tuple[int, int]] | str:
@@ -163,6 +173,11 @@ def store(directory, key: str, bpf, programs: dict[str, int], pinned) -> bool:
                 entry["unpinned"][tables[fd]] = list(bpfsys.map_shape(fd))
         entry["programs"][name] = {"type": prog_type, "insns": base64.b64encode(insns).decode(),
                                    "maps": [[i, tables[fd]] for i, fd in refs]}
+    return _write(directory, key, entry)
+
+
+def _write(directory, key: str, entry: dict, kind: str = "") -> bool:
+    """Write `entry` under `key`, with its digest, atomically; False (and a log line) if not."""
     entry["digest"] = _digest(entry)
     directory = Path(directory)
     try:
@@ -171,7 +186,7 @@ def store(directory, key: str, bpf, programs: dict[str, int], pinned) -> bool:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(entry, f)
-            os.replace(tmp, _entry_path(directory, key))      # readers see the whole entry or none
+            os.replace(tmp, _entry_path(directory, key, kind))      # readers see the whole entry or none
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -179,6 +194,27 @@ def store(directory, key: str, bpf, programs: dict[str, int], pinned) -> bool:
         log.warning("program cache: cannot write %s: %s", directory, e)
         return False
     return True
+
+
+def _read(directory, key: str, kind: str = "") -> dict | None:
+    """The entry under `key`, whole and of this FORMAT, or None: a miss or an unusable entry
+    (a log line; the caller compiles). A directory that is not safe is never read."""
+    path = _entry_path(directory, key, kind)
+    unsafe = _unsafe(Path(directory))
+    if unsafe:
+        log.warning("program cache: %s not used: %s: compiling", directory, unsafe)
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        if entry.get("format") != FORMAT or entry.get("key") != key or entry.get("digest") != _digest(entry):
+            raise ValueError("digest or format does not match")
+    except FileNotFoundError:
+        log.info("program cache: miss (%s): compiling", path)
+        return None
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("program cache: entry %s unusable (%s): compiling", path, e)
+        return None
+    return entry
 
 
 def _unsafe(directory: Path) -> str | None:
@@ -209,20 +245,13 @@ def load(directory, key: str, map_fds: dict[str, int],
     programs loaded here are pinned there for the next run (pin_programs).
     Returns ({name: LoadedProgram}, [every fd opened]) or None (a miss, logged in one line)."""
     path = _entry_path(directory, key)
-    unsafe = _unsafe(Path(directory))
-    if unsafe:
-        log.warning("program cache: %s not used: %s: compiling", directory, unsafe)
+    entry = _read(directory, key)
+    if entry is None:
         return None
     try:
-        entry = json.loads(path.read_text())
-        if entry.get("format") != FORMAT or entry.get("key") != key or entry.get("digest") != _digest(entry):
-            raise ValueError("digest or format does not match")
         programs = {name: (int(p["type"]), base64.b64decode(p["insns"], validate=True), p["maps"])
                     for name, p in entry["programs"].items()}
-    except FileNotFoundError:
-        log.info("program cache: miss (%s): compiling", path)
-        return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("program cache: entry %s unusable (%s): compiling", path, e)
         return None
     if pin_dir is not None:
@@ -299,6 +328,88 @@ def _load_all(patched: dict[str, tuple[int, bytes]], entry: dict, opened: list[i
 
 PROGRAM_PINS = "programs"       # the subdirectory of a pin directory the programs are pinned in
 _PIN_NAME = re.compile(r"^(?P<program>[a-z0-9_]+)_(?P<key>[0-9a-f]{32})$")
+
+
+def store_layout(directory, key: str, bpf, names) -> bool:
+    """Keep the layout of the maps `names` of `bpf` (the bcc object of the maps unit) under `key`:
+    what open_layout needs to make the same tables without compiling."""
+    from bcc import libbcc
+    lib = libbcc.lib
+
+    tables = {}
+    for name in names:
+        table = bpf.get_table(name.encode())
+        tables[name] = {"type": table.ttype, "flags": table.flags, "max_entries": table.max_entries,
+                        "key": json.loads(lib.bpf_table_key_desc(bpf.module, name.encode()).decode()),
+                        "leaf": json.loads(lib.bpf_table_leaf_desc(bpf.module, name.encode()).decode())}
+    return _write(directory, key, {"format": FORMAT, "key": key, "tables": tables}, kind="maps")
+
+
+class _NoModule:
+    """The `bpf` of a table made from a layout: no compiled module behind it."""
+    module = None
+
+
+class PinnedTables:
+    """Stands in for the maps unit's bcc object (loader.open_maps) when its tables were made from a
+    layout (open_layout): get_table() as bcc's, cleanup() closes the pins' fds."""
+
+    def __init__(self, tables: dict[str, object]):
+        self.tables = tables
+
+    def get_table(self, name):
+        return self.tables[name.decode() if isinstance(name, bytes) else name]
+
+    def cleanup(self) -> None:
+        for table in self.tables.values():
+            os.close(table.map_fd)
+        self.tables = {}
+
+
+def open_layout(directory, key: str, pin_dir) -> PinnedTables | None:
+    """The tables of the layout kept under `key`, on the maps pinned in `pin_dir`; None (a compile,
+    which also creates or recreates pins) when there is no usable layout, or a map is not pinned,
+    or pinned in another shape (type, key size, value size, max entries) than the layout's."""
+    import ctypes
+
+    from bcc import BPF, table as bcc_table
+
+    # bcc's table classes of the map types the datapath declares (bcc.table.Table picks them so)
+    classes = {bcc_table.BPF_MAP_TYPE_HASH: bcc_table.HashTable, bcc_table.BPF_MAP_TYPE_ARRAY: bcc_table.Array,
+               bcc_table.BPF_MAP_TYPE_LRU_HASH: bcc_table.LruHash, bcc_table.BPF_MAP_TYPE_LPM_TRIE: bcc_table.LpmTrie,
+               bcc_table.BPF_MAP_TYPE_PERCPU_ARRAY: bcc_table.PerCpuArray,
+               bcc_table.BPF_MAP_TYPE_PERCPU_HASH: bcc_table.PerCpuHash}
+    entry = _read(directory, key, kind="maps")
+    if entry is None:
+        return None
+    tables: dict[str, object] = {}
+    try:
+        for name, layout in entry["tables"].items():
+            cls = classes[layout["type"]]
+            keytype, leaftype = BPF._decode_table_type(layout["key"]), BPF._decode_table_type(layout["leaf"])
+            path = Path(pin_dir) / name
+            if not path.exists():
+                raise LookupError(f"{name} not pinned")
+            fd = bpfsys.obj_get(path)
+            try:
+                # bcc's constructors read type, flags and size from a compiled module; without one
+                # (NULL: libbcc answers -1) they are the layout's, set here.
+                t = cls(_NoModule(), -1, fd, keytype, leaftype)
+            except BaseException:
+                os.close(fd)
+                raise
+            t.ttype, t.flags, t.max_entries = layout["type"], layout["flags"], layout["max_entries"]
+            tables[name] = t
+            leaf = getattr(t, "sLeaf", t.Leaf)          # per-CPU maps: one CPU's value
+            want = (layout["type"], ctypes.sizeof(keytype), ctypes.sizeof(leaf), layout["max_entries"])
+            shape = bpfsys.map_shape(fd)[:4]
+            if shape != want:
+                raise LookupError(f"{name} pinned as {shape}, the layout's {want}")
+    except Exception as e:      # noqa: BLE001 - bcc's decoder raises plain Exceptions; any failure is a compile
+        PinnedTables(tables).cleanup()
+        log.info("program cache: maps layout %s not used (%s): compiling the maps unit", key[:16], e)
+        return None
+    return PinnedTables(tables)
 
 
 def _pin_name(program: str, key: str) -> str:

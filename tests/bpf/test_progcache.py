@@ -10,6 +10,7 @@ the machine's cache.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -91,6 +92,11 @@ def uplink(compiled, cache_loaded_uplink, unique_prefix):
         northsouth.netns.remove(name)
 
 
+def program_entries(directory) -> list:
+    """The programs' entries of a cache directory (not the maps layouts, <key>.maps.json)."""
+    return sorted(p for p in directory.glob("*.json") if not p.name.endswith(".maps.json"))
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "programs"
@@ -159,13 +165,13 @@ def test_a_changed_define_is_a_miss(cache_dir, pin_dir, tmp_path, caplog):
         assert any("miss" in r.getMessage() for r in caplog.records)
     finally:
         dp.close()
-    assert len(list(cache_dir.glob("*.json"))) == 2       # both kept: each its own key
+    assert len(program_entries(cache_dir)) == 2       # both kept: each its own key
 
 
 @pytest.mark.parametrize("damage", ["truncated", "an instruction changed", "not JSON"])
 def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(cache_dir, pin_dir, damage, caplog):
     loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
-    (entry,) = cache_dir.glob("*.json")
+    (entry,) = program_entries(cache_dir)
     good = entry.read_text()
     entry.write_text({"truncated": good[:len(good) // 2],
                       "an instruction changed": good.replace('"insns": "', '"insns": "AAAA', 1),
@@ -227,8 +233,8 @@ def test_a_restarted_agent_on_a_warm_cache_loads_without_compiling(cache_dir, tm
         second.start()
         wait_for(second.synced_once.is_set, "the restarted agent's first sync")
         assert isinstance(second.datapath.bpf, progcache.CachedObject)
-        # Only the maps-only unit (lb_maps.c) was compiled: no program source.
-        assert [c for c in compiles if b"lb_maps.c" not in c] == []
+        # Nothing compiled: the programs from the cache, the maps' tables from the kept layout.
+        assert compiles == []
         out = Ether(syn_to_new_service(second.datapath.programs["from_pod"].fd))
         assert (out[IP].dst, out[TCP].dport) == (NEW_EP, 8080)
     finally:
@@ -326,3 +332,80 @@ def test_a_node_with_bigger_maps_loads_another_nodes_entry(cache_dir, pin_dir, t
     finally:
         dp.close()
         loader.unpin(other)
+
+
+def _layout(t) -> tuple:
+    """A ctypes type's layout: size, and its fields' names and layouts (structures, unions, arrays)."""
+    import ctypes
+    fields = getattr(t, "_fields_", None)
+    if fields is not None:
+        return ctypes.sizeof(t), t.__name__, [(f[0], _layout(f[1])) + tuple(f[2:]) for f in fields]
+    if hasattr(t, "_length_"):
+        return ctypes.sizeof(t), t._length_, _layout(t._type_)
+    return ctypes.sizeof(t), t.__name__
+
+
+def test_a_kept_layout_opens_the_pinned_maps_without_compiling(cache_dir, pin_dir, monkeypatch, caplog):
+    """Issue 12: bcc's compile of the maps unit (lb_maps.c, 1-2.5 s) was most of a restart's first
+    change. The first open keeps the unit's layout; the next one, every map pinned in its shape,
+    makes the same bcc tables on the same pinned maps without compiling. A map pinned in another
+    shape, or not pinned, is a compile, as before."""
+    import bcc
+    from ebpfsvc.datapath import bpfsys
+
+    bpf, compiled = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
+    try:
+        assert isinstance(bpf, BPF)
+        assert len(list(cache_dir.glob("*.maps.json"))) == 1
+        compiles: list = []
+        with monkeypatch.context() as mp:
+            mp.setattr(bcc, "BPF", _counting(bcc.BPF, compiles))
+            unit, tables = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
+        assert compiles == [] and isinstance(unit, progcache.PinnedTables)
+        try:
+            assert tables.keys() == compiled.keys() == set(loader.MAPS)
+            for name, want in compiled.items():
+                got = tables[name]
+                assert type(got) is type(want), name
+                assert (got.ttype, got.flags, got.max_entries) == (want.ttype, want.flags, want.max_entries), name
+                assert _layout(got.Key) == _layout(want.Key) and _layout(got.Leaf) == _layout(want.Leaf), name
+                assert bpfsys.map_id(got.map_fd) == bpfsys.map_id(want.map_fd), name      # the same pinned map
+            # Written through one, read through the other: a Maglev slot, a per-CPU counter array's size.
+            slots = tables["lb_maglev"]
+            slots[slots.Key(7)] = slots.Leaf(4242)
+            assert compiled["lb_maglev"][compiled["lb_maglev"].Key(7)].value == 4242
+            slots[slots.Key(7)] = slots.Leaf(0)
+            percpu = [n for n, t in compiled.items() if hasattr(t, "sLeaf")]
+            assert percpu and all(tables[n].total_cpu == compiled[n].total_cpu for n in percpu)
+        finally:
+            unit.cleanup()
+    finally:
+        bpf.cleanup()
+
+    # A pin of another shape than the layout's (an older agent's size, here a layout changed behind
+    # the agent's back) is a compile, which takes it as before.
+    (layout,) = cache_dir.glob("*.maps.json")
+    entry = json.loads(layout.read_text())
+    entry["tables"]["lb4_frontends"]["max_entries"] += 1
+    key = entry.pop("key")
+    entry.pop("digest")
+    progcache._write(cache_dir, key, {"key": key, **entry}, kind="maps")
+    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
+    opened = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
+    try:
+        assert isinstance(opened[0], BPF)
+        assert any("lb4_frontends pinned as" in r.getMessage() for r in caplog.records)
+    finally:
+        opened[0].cleanup()
+    # ... and kept the right layout again; a map not pinned (a new node's) is a compile that pins it.
+    (pin_dir / "lb4_frontends").unlink()
+    opened = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
+    try:
+        assert isinstance(opened[0], BPF) and (pin_dir / "lb4_frontends").exists()
+    finally:
+        opened[0].cleanup()
+    opened = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
+    try:
+        assert isinstance(opened[0], progcache.PinnedTables)
+    finally:
+        opened[0].cleanup()
