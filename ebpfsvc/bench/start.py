@@ -66,7 +66,8 @@ class Agent:
                 "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"]
         self.log = log
         self.began = time.monotonic()
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=open(log, "wb"),
+        # cwd: `python -m` puts it first on sys.path, before PYTHONPATH
+        self.proc = subprocess.Popen(argv, env=env, cwd=tree, stdin=subprocess.DEVNULL, stdout=open(log, "wb"),
                                      stderr=subprocess.STDOUT, preexec_fn=nsenter.preexec(netns, new_session=True))
 
     def wait_attached(self, timeout: float = 300.0) -> float:
