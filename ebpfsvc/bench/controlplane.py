@@ -321,11 +321,17 @@ def report(r: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    n = int(argv[0]) if argv else 10_000
-    k = int(argv[1]) if len(argv) > 1 else 10
-    full_repeats = int(argv[2]) if len(argv) > 2 else (3 if n <= 10_000 else 1)
-    r = measure(n, k, full_repeats=full_repeats)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ebpfsvc.bench.controlplane",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("services", nargs="?", type=int, default=10_000, help="N Services (default 10,000)")
+    parser.add_argument("endpoints", nargs="?", type=int, default=10, help="K endpoints each (default 10)")
+    parser.add_argument("full_repeats", nargs="?", type=int, default=None,
+                        help="full syncs from empty (default 3 up to 10,000 Services, else 1)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    full_repeats = args.full_repeats or (3 if args.services <= 10_000 else 1)
+    r = measure(args.services, args.endpoints, full_repeats=full_repeats)
     print("\n".join(report(r)))
 
 
