@@ -332,7 +332,7 @@ def open_maps(pin_dir, *, limits: Limits | None = None, program_cache: bool = Fa
     os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
     cflags = cflags_for(pin_dir, limits or Limits())
     key = progcache.cache_key(text, cflags, {}, with_sizes=True) if program_cache else None
-    unit = progcache.open_layout(progcache.cache_dir(), key, pin_dir) if key else None
+    unit = progcache.open_layout(progcache.cache_dir(), key, pin_dir, MAPS) if key else None
     if unit is not None:
         return unit, {name: unit.get_table(name) for name in MAPS}
     from bcc import BPF

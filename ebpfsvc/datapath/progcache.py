@@ -366,10 +366,11 @@ class PinnedTables:
         self.tables = {}
 
 
-def open_layout(directory, key: str, pin_dir) -> PinnedTables | None:
-    """The tables of the layout kept under `key`, on the maps pinned in `pin_dir`; None (a compile,
-    which also creates or recreates pins) when there is no usable layout, or a map is not pinned,
-    or pinned in another shape (type, key size, value size, max entries) than the layout's."""
+def open_layout(directory, key: str, pin_dir, names) -> PinnedTables | None:
+    """The tables `names` of the layout kept under `key`, on the maps pinned in `pin_dir`; None (a
+    compile, which also creates or recreates pins) when there is no usable layout of exactly those
+    maps, or a map is not pinned, or pinned in another shape (type, key size, value size, max
+    entries) than the layout's."""
     import ctypes
 
     from bcc import BPF, table as bcc_table
@@ -384,6 +385,8 @@ def open_layout(directory, key: str, pin_dir) -> PinnedTables | None:
         return None
     tables: dict[str, object] = {}
     try:
+        if sorted(entry["tables"]) != sorted(names):
+            raise LookupError(f"it has maps {sorted(entry['tables'])}")
         for name, layout in entry["tables"].items():
             cls = classes[layout["type"]]
             keytype, leaftype = BPF._decode_table_type(layout["key"]), BPF._decode_table_type(layout["leaf"])

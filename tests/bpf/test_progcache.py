@@ -397,6 +397,17 @@ def test_a_kept_layout_opens_the_pinned_maps_without_compiling(cache_dir, pin_di
         assert any("lb4_frontends pinned as" in r.getMessage() for r in caplog.records)
     finally:
         opened[0].cleanup()
+    # A layout without one of the maps (none should be: the key covers the source) is a compile too.
+    entry = json.loads(layout.read_text())
+    del entry["tables"]["lb_maglev"]
+    key = entry.pop("key")
+    entry.pop("digest")
+    progcache._write(cache_dir, key, {"key": key, **entry}, kind="maps")
+    opened = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
+    try:
+        assert isinstance(opened[0], BPF) and set(opened[1]) == set(loader.MAPS)
+    finally:
+        opened[0].cleanup()
     # ... and kept the right layout again; a map not pinned (a new node's) is a compile that pins it.
     (pin_dir / "lb4_frontends").unlink()
     opened = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
