@@ -147,9 +147,10 @@ class Agent:
             name: os.path.abspath(getattr(self.config, name))
             for name in ("manifests", "kubeconfig") if getattr(self.config, name)})
         self.telemetry.start()      # /healthz answers 503 "starting" until the first sync
-        # The maps before the programs, opened (a maps-only compile, the GIL released; none on a restart with a kept layout) while the source
-        # is made and lists: syncs write them while the programs compile. Pins of another shape (new
-        # limits) are recreated by the programs' load, so then nothing is written before it.
+        # The maps before the programs, opened (on a thread: a maps-only compile, the GIL released, or on
+        # a restart none, from the kept layout) while the source is made and lists: syncs write them
+        # while the programs compile. Pins of another shape (new limits) are recreated by the
+        # programs' load, so then nothing is written before it.
         t0 = time.monotonic()
         # restart: a previous run's programs still serve these maps.
         restart, opening = self._opening or loader.open_maps_early(

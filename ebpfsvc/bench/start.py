@@ -31,7 +31,8 @@ import time
 import uuid
 from pathlib import Path
 
-from ebpfsvc.datapath import bpfsys, nsenter
+from ebpfsvc.datapath import bpfsys, loader, nsenter
+from ebpfsvc.lab import network
 
 SERVICE = """\
 apiVersion: v1
@@ -96,8 +97,6 @@ class Node:
     """One tree's node: its namespace, pins, manifests and program cache, under `work`."""
 
     def __init__(self, name: str, tree: Path, prefix: str, work: Path):
-        from pyroute2 import netns
-
         self.name, self.tree, self.work = name, tree, work / name
         self.netns = f"{prefix}-{name}"[:15]
         self.pins = Path("/sys/fs/bpf") / f"{prefix}-{name}"
@@ -106,8 +105,7 @@ class Node:
         self.manifests.mkdir(parents=True)
         self.cache.mkdir(mode=0o700)
         (self.manifests / "web.yaml").write_text(SERVICE.format(name="web", vip="198.18.100.1", backend=1))
-        netns.create(self.netns)
-        nsenter.run_in(self.netns, _lo_up)
+        network.create_namespace(self.netns)
         self.services = 1
         self.runs = 0
 
@@ -141,26 +139,11 @@ class Node:
             return agent.wait_attached()
         finally:
             agent.stop()
-            _unpin(pins)
+            loader.unpin(pins)
 
     def close(self) -> None:
-        from pyroute2 import netns
-        if nsenter.exists(self.netns):
-            netns.remove(self.netns)
-        _unpin(self.pins)
-
-
-def _lo_up() -> None:
-    from pyroute2 import IPRoute
-    with IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-
-def _unpin(pin_dir: Path) -> None:
-    """The pins an agent made, its programs' too (what `ebpfsvc cleanup` removes of a pin directory)."""
-    import shutil
-    if pin_dir.exists():
-        shutil.rmtree(pin_dir)
+        network.remove_namespace(self.netns)
+        loader.unpin(self.pins)
 
 
 def summary(values: list[float]) -> str:

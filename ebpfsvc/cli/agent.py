@@ -114,7 +114,8 @@ def _map_limit_options(fn):
 def start_agent(cfg: AgentConfig):
     """The agent of `cfg`, its pinned maps already opening: ebpfsvc.agent and what it imports (pyroute2,
     the admission and Maglev modules: most of a second, seconds on a busy node), then the API source
-    (the Kubernetes client), load while bcc compiles the maps-only unit, instead of before it
+    (the Kubernetes client), load while the maps open on another thread (bcc compiles the maps-only
+    unit on a new node; a restart makes the tables from the kept layout), instead of before it
     (issue 12: a restart's first change)."""
     from dataclasses import replace
 

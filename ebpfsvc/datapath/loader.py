@@ -334,7 +334,11 @@ def open_maps(pin_dir, *, limits: Limits | None = None, program_cache: bool = Fa
     key = progcache.cache_key(text, cflags, {}, with_sizes=True) if program_cache else None
     unit = progcache.open_layout(progcache.cache_dir(), key, pin_dir, MAPS) if key else None
     if unit is not None:
-        return unit, {name: unit.get_table(name) for name in MAPS}
+        stale = stale_pins(unit, pin_dir)
+        if not stale:
+            return unit, {name: unit.get_table(name) for name in MAPS}
+        unit.cleanup()
+        log.info("maps layout not used, pins of another shape (%s): compiling the maps unit", "; ".join(stale))
     from bcc import BPF
 
     pin_dir.mkdir(parents=True, exist_ok=True)

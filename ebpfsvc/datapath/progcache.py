@@ -21,8 +21,8 @@ a map value (globals), so such a program would always be compiled, never loaded 
 
 The maps unit (lb_maps.c, loader.open_maps) is kept too, as a layout rather than programs: each map's
 bcc type, flags, size and the key and leaf descriptions bcc's compile gives (store_layout). A
-restarted agent whose maps are all pinned in those shapes makes the writer's bcc tables from the
-layout and the pins (open_layout): no compile, where bcc's fixed cost for the unit is 1-2.5 s of a
+restarted agent whose maps are all pinned in those shapes (loader.stale_pins, as after a compile)
+makes the writer's bcc tables from the layout and the pins (open_layout): no compile, where bcc's fixed cost for the unit is 1-2.5 s of a
 restart's first change (issue 12). The layout's key keeps every size: a table must say its map's.
 
 The directory must be the process's own and writable by no one else (else it is not used): its
@@ -368,11 +368,9 @@ class PinnedTables:
 
 def open_layout(directory, key: str, pin_dir, names) -> PinnedTables | None:
     """The tables `names` of the layout kept under `key`, on the maps pinned in `pin_dir`; None (a
-    compile, which also creates or recreates pins) when there is no usable layout of exactly those
-    maps, or a map is not pinned, or pinned in another shape (type, key size, value size, max
-    entries) than the layout's."""
-    import ctypes
-
+    compile, which also creates pins) when there is no usable layout of exactly those maps, or a map
+    is not pinned. Whether the pins have the layout's shapes is the caller's to check, as after a
+    compile (loader.stale_pins)."""
     from bcc import BPF, table as bcc_table
 
     # bcc's table classes of the map types the datapath declares (bcc.table.Table picks them so)
@@ -390,10 +388,7 @@ def open_layout(directory, key: str, pin_dir, names) -> PinnedTables | None:
         for name, layout in entry["tables"].items():
             cls = classes[layout["type"]]
             keytype, leaftype = BPF._decode_table_type(layout["key"]), BPF._decode_table_type(layout["leaf"])
-            path = Path(pin_dir) / name
-            if not path.exists():
-                raise LookupError(f"{name} not pinned")
-            fd = bpfsys.obj_get(path)
+            fd = bpfsys.obj_get(Path(pin_dir) / name)       # OSError when not pinned
             try:
                 # bcc's constructors read type, flags and size from a compiled module; without one
                 # (NULL: libbcc answers -1) they are the layout's, set here.
@@ -403,11 +398,6 @@ def open_layout(directory, key: str, pin_dir, names) -> PinnedTables | None:
                 raise
             t.ttype, t.flags, t.max_entries = layout["type"], layout["flags"], layout["max_entries"]
             tables[name] = t
-            leaf = getattr(t, "sLeaf", t.Leaf)          # per-CPU maps: one CPU's value
-            want = (layout["type"], ctypes.sizeof(keytype), ctypes.sizeof(leaf), layout["max_entries"])
-            shape = bpfsys.map_shape(fd)[:4]
-            if shape != want:
-                raise LookupError(f"{name} pinned as {shape}, the layout's {want}")
     except Exception as e:      # noqa: BLE001 - bcc's decoder raises plain Exceptions; any failure is a compile
         PinnedTables(tables).cleanup()
         log.info("program cache: maps layout %s not used (%s): compiling the maps unit", key[:16], e)

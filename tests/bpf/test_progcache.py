@@ -390,11 +390,11 @@ def test_a_kept_layout_opens_the_pinned_maps_without_compiling(cache_dir, pin_di
     key = entry.pop("key")
     entry.pop("digest")
     progcache._write(cache_dir, key, {"key": key, **entry}, kind="maps")
-    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
+    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.loader")
     opened = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
     try:
         assert isinstance(opened[0], BPF)
-        assert any("lb4_frontends pinned as" in r.getMessage() for r in caplog.records)
+        assert any("lb4_frontends: pinned" in r.getMessage() for r in caplog.records)
     finally:
         opened[0].cleanup()
     # A layout without one of the maps (none should be: the key covers the source) is a compile too.
