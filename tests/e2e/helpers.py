@@ -66,6 +66,20 @@ def bare_pod(name: str, node: str, labels: dict | None = None, command: list[str
 # -- bounded waiting ---------------------------------------------------------------------------
 
 
+def answered_by(ask: Callable[[], str], want: Iterable[str], limit: int = 40) -> set[str]:
+    """The backends that answered `ask` (one new connection per call, returning the answering pod),
+    asked until every one of `want` has answered, at most `limit` times. New connections land on a
+    backend by a hash: a fixed count of, say, 12 leaves a 1 in 2,048 chance that two backends look
+    like one (a CI failure seen on 2026-12-03); 40 makes it 1 in 10^12, and a backend that is never
+    chosen still fails."""
+    want, seen = set(want), set()
+    for _ in range(limit):
+        seen.add(ask())
+        if seen >= want:
+            break
+    return seen
+
+
 def wait_for(check: Callable[[], T], timeout: float = SYNC_TIMEOUT, interval: float = 0.2, what: str = "") -> T:
     """Call `check` until it returns something truthy (returned), at most `timeout` seconds.
 

@@ -20,8 +20,8 @@ import pytest
 
 from ebpfsvc.lab import Lab, agents, apps, cgroups
 
-from .helpers import bare_pod, cluster_ip, http_get, node_maps, service, wait_for, wait_programmed, wait_ready, \
-    wait_udp_bound
+from .helpers import answered_by, bare_pod, cluster_ip, http_get, node_maps, service, wait_for, wait_programmed, \
+    wait_ready, wait_udp_bound
 
 pytestmark = pytest.mark.root
 
@@ -90,14 +90,15 @@ def test_pod_tcp_is_translated_at_connect(lab):
     pids = (cgroups.pod_cgroup(lab.prefix, "node-1", "default", pods[0]) / "cgroup.procs").read_text().split()
     assert [p for p in pids if b"http-echo" in open(f"/proc/{p}/cmdline", "rb").read()], pids
     client_ip = lab.pod_ip(CLIENT)
-    seen = set()
-    for _ in range(20):
+
+    def ask() -> str:
         result = probe(lab, "tcp", vip, 80)
         assert result.get("peer") == [vip, 80], result           # getpeername: the Service
         answer = http_body(result)
         assert answer["client"] == client_ip                     # no SNAT, as with TC
-        seen.add(answer["pod"])
-    assert seen == set(pods)
+        return answer["pod"]
+
+    assert answered_by(ask, pods) == set(pods)
     assert flows_from(lab, "node-1", client_ip) == [], "the TC path translated nothing"
 
 
@@ -141,18 +142,19 @@ def test_client_ip_affinity_holds(lab):
 
 def test_hairpin_through_the_socket_path(lab):
     vip, pods = web(lab, "sl-hp")
-    answers = {http_body(probe(lab, "tcp", vip, 80, pod=pods[0]))["pod"] for _ in range(12)}
+    answers = answered_by(lambda: http_body(probe(lab, "tcp", vip, 80, pod=pods[0]))["pod"], pods)
     assert answers == set(pods)          # itself included, reached on its own address
 
 
 def test_node_client_through_the_socket_path(lab):
     vip, pods = web(lab, "sl-node")
-    seen = set()
-    for _ in range(12):
+
+    def ask() -> str:
         result = probe(lab, "tcp", vip, 80, node="node-1")
         assert result.get("peer") == [vip, 80], result
-        seen.add(http_body(result)["pod"])
-    assert seen == set(pods)
+        return http_body(result)["pod"]
+
+    assert answered_by(ask, pods) == set(pods)
 
 
 def test_outside_the_node_cgroup_and_nodeport_still_use_tc(lab):

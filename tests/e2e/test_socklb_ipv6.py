@@ -16,7 +16,7 @@ import pytest
 
 from ebpfsvc.lab import Lab, agents, apps, cgroups
 
-from .helpers import bare_pod, cluster_ip, service, wait_for, wait_programmed, wait_ready, wait_udp_bound
+from .helpers import answered_by, bare_pod, cluster_ip, service, wait_for, wait_programmed, wait_ready, wait_udp_bound
 from .test_dualstack_lab import DUAL_STACK, v6
 from .test_socklb import CLIENT, Held, check_udp_through_socket_path, flows_from, http_body, probe
 
@@ -72,14 +72,15 @@ def web(lab: Lab, name: str, **spec) -> tuple[str, list[str]]:
 def test_ipv6_tcp_is_translated_at_connect(lab):
     vip, pods = web(lab, "s6-web")
     client = v6(lab, CLIENT)
-    seen = set()
-    for _ in range(20):
+
+    def ask() -> str:
         result = probe(lab, "tcp", vip, 80)
         assert result.get("peer", [])[:2] == [vip, 80], result      # getpeername: the Service
         answer = http_body(result)
         assert answer["client"] == client                          # the pod's own IPv6 address
-        seen.add(answer["pod"])
-    assert seen == set(pods)
+        return answer["pod"]
+
+    assert answered_by(ask, pods) == set(pods)
     assert flows_from(lab, "node-1", client) == [], "the TC path translated nothing"
 
 
@@ -107,14 +108,14 @@ def test_dual_stack_service_by_both_families_and_ipv4_mapped(lab):
     wait_programmed(lab, "s6-ds", 80, backends=2, family=4)
     mapped = f"::ffff:{vip4}"
     for named, client in ((vip6, v6(lab, CLIENT)), (vip4, lab.pod_ip(CLIENT)), (mapped, lab.pod_ip(CLIENT))):
-        seen = set()
-        for _ in range(12):
+        def ask() -> str:
             result = probe(lab, "tcp", named, 80)
             assert result.get("peer", [])[:2] == [named, 80], result
             answer = http_body(result)
             assert answer["client"] == client, (named, answer)
-            seen.add(answer["pod"])
-        assert seen == set(pods), named
+            return answer["pod"]
+
+        assert answered_by(ask, pods) == set(pods), named
     assert flows_from(lab, "node-1", v6(lab, CLIENT)) == [] and flows_from(lab, "node-1", lab.pod_ip(CLIENT)) == []
 
 
