@@ -444,7 +444,7 @@ class Run:
         return out
 
     def deactivate(self, dp: str) -> None:
-        from ebpfsvc.lab import kubeproxy, names
+        from ebpfsvc.lab import kubeproxy, names, network
 
         if dp.startswith("kube-proxy"):
             kubeproxy.stop(self.lab, NODE)
@@ -458,6 +458,15 @@ class Run:
                             "--socket-lb-cgroup", str(cgroups.node_cgroup(self.lab.prefix, NODE))],
                            capture_output=True, text=True, timeout=60, check=True)
             self._socket_lb(False)
+        # Each datapath starts on a node without the last one's connections in the kernel's
+        # conntrack. kube-proxy's entries (client:port -> VIP:80, the backend's replies) outlive
+        # it (TIME_WAIT, 120 s) and, with the nat hooks iptables' --cleanup leaves, make netfilter
+        # give a connection the next datapath translated before it (client:port -> backend)
+        # another source port; the backend's TIME_WAIT on that port then drops a later SYN (PAWS),
+        # retransmitted after 1 s. Measured on 2026-12-03: 168-257 such SYNs in a 2 s wrk run of
+        # ebpfsvc after kube-proxy-iptables, 20-44 the other way (docs/bench.md, "Method").
+        self.data.setdefault("conntrack_flushed", []).append(
+            {"after": dp, "entries": network.flush_conntrack(self.lab.node_netns(NODE))})
 
     def _socket_lb(self, on: bool) -> None:
         """The agents' config.yaml with or without `socket-lb: true` (read when an agent starts)."""
@@ -578,8 +587,13 @@ class Run:
         local = self.ips["srv-a"] if direct else self.vip["iperf-local"]
         remote = self.ips["srv-b"] if direct else self.vip["iperf-remote"]
         m: dict = {}
+        # A SYN the server drops (its TIME_WAIT of an earlier connection on the same 4-tuple
+        # rejects it, PAWS) costs wrk a 1 s retransmit timeout: counted, since a few of them
+        # halve a 2 s run's rate whatever the datapath.
+        syns = traffic.net_counters(cli, "netstat", "TcpExt")["TCPSynRetrans"]
         with self.bpf_cost(dp) as bpf:
             w = tools.wrk_connection_rate(cli, *web, duration=s, cgroup=cg)
+        m["syn_retransmits"] = traffic.net_counters(cli, "netstat", "TcpExt")["TCPSynRetrans"] - syns
         m["tcp_crr_cps"], m["cpu_us_per_conn"] = w["requests_per_s"], w["cpu_us_per_conn"]
         if bpf and w["requests"]:
             # The BPF programs' own time per connection (every program of node-1, both directions):

@@ -72,6 +72,7 @@ METRICS: dict[str, Metric] = {
     "kube_services_position": Metric("Measured service's position in KUBE-SERVICES", "", None, plot=False),
     "kube_services_rules": Metric("Rules in KUBE-SERVICES", "", None, plot=False),
     "wrk_errors": Metric("wrk socket errors and non-2xx answers", "", False, plot=False),
+    "syn_retransmits": Metric("wrk's SYNs retransmitted (1 s each: a dropped SYN)", "", False, plot=False),
 }
 
 

@@ -504,15 +504,21 @@ def tcp_throughput(client_netns: str, address: str, port: int, *, duration: floa
     }
 
 
-def _udp_in(netns: str) -> int:
-    """Datagrams that reached UDP in `netns`, delivered or dropped at a full socket (/proc/net/snmp)."""
-    def read() -> int:
-        lines = [ln.split() for ln in Path("/proc/thread-self/net/snmp").read_text().splitlines()
-                 if ln.startswith("Udp:")]
-        fields = dict(zip(lines[0][1:], map(int, lines[1][1:])))
-        return fields["InDatagrams"] + fields["InErrors"]
+def net_counters(netns: str, table: str, group: str) -> dict[str, int]:
+    """One group of a namespace's protocol counters: `table` "snmp" (Udp, Tcp, ...) or "netstat"
+    (TcpExt, IpExt), as nstat reads them (header line, then values)."""
+    def read() -> dict[str, int]:
+        lines = [ln.split() for ln in Path(f"/proc/thread-self/net/{table}").read_text().splitlines()
+                 if ln.startswith(f"{group}:")]
+        return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
     return nsenter.run_in(netns, read)
+
+
+def _udp_in(netns: str) -> int:
+    """Datagrams that reached UDP in `netns`, delivered or dropped at a full socket."""
+    fields = net_counters(netns, "snmp", "Udp")
+    return fields["InDatagrams"] + fields["InErrors"]
 
 
 def udp_packet_rate(client_netns: str, address: str, port: int, *, count: int = 3_000_000,

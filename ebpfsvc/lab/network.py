@@ -101,6 +101,23 @@ def remove_namespace(name: str) -> None:
         netns.remove(name)
 
 
+def flush_conntrack(name: str) -> int:
+    """Empty the kernel's conntrack table of namespace `name` (netlink, as `conntrack -F`); how many
+    entries it held."""
+    from pyroute2 import Conntrack
+
+    def flush() -> int:
+        ct = Conntrack()
+        try:
+            held = ct.count()
+            ct.flush()
+            return held
+        finally:
+            ct.close()
+
+    return nsenter.run_in(name, flush)
+
+
 def _add_address(ipr: IPRoute, index: int, address, prefixlen: int) -> None:
     flags = IFA_F_NODAD if ipaddress.ip_address(str(address)).version == 6 else 0
     ipr.addr("add", index=index, address=str(address), prefixlen=prefixlen, flags=flags)

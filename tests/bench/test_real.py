@@ -271,6 +271,9 @@ def test_a_tiny_run_against_the_real_kube_proxy(tmp_path):
             assert {(dp, "program_seconds"), (dp, "endpoint_change_ms"), (dp, "endpoint_change_api_ms"),
                     (dp, "endpoint_change_synced_ms"), (dp, "proxy_cpu_pct"), (dp, "settle_seconds")} <= got, dp
     assert ("ebpfsvc", "map_write_seconds") in got and ("kube-proxy-iptables", "first_sync_seconds") in got
+    assert {(dp, "syn_retransmits") for dp in real.NAMES} <= got
+    # The node's conntrack is emptied after every datapath, so none meets another's entries.
+    assert sorted(f["after"] for f in data["conntrack_flushed"]) == sorted(real.NAMES)
     assert "## Summary" in report.read_text()
     assert not Path(f"/run/ebpfsvc-lab/{data['meta']['lab']['prefix']}").exists()
 
