@@ -464,7 +464,7 @@ class Run:
         # give a connection the next datapath translated before it (client:port -> backend)
         # another source port; the backend's TIME_WAIT on that port then drops a later SYN (PAWS),
         # retransmitted after 1 s. Measured on 2026-12-03: 168-257 such SYNs in a 2 s wrk run of
-        # ebpfsvc after kube-proxy-iptables, 20-44 the other way (docs/bench.md, "Method").
+        # ebpfsvc after kube-proxy-iptables, 8-44 the other way (docs/bench.md, "Why the flush").
         self.data.setdefault("conntrack_flushed", []).append(
             {"after": dp, "entries": network.flush_conntrack(self.lab.node_netns(NODE))})
 
