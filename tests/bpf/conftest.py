@@ -119,7 +119,9 @@ class DatapathsOfATest:
         return dp
 
 
-@pytest.fixture(scope="session")
+# The tier's, not the whole run's: closed (maps and pins removed) once tests/bpf's last test is done,
+# so a `make test` run does not keep them through the e2e and unit tiers.
+@pytest.fixture(scope="package")
 def compiled_datapaths():
     run = CompiledDatapaths("es" + uuid.uuid4().hex[:6])
     try:

@@ -16,8 +16,9 @@ import pytest
 from ebpfsvc.lab import Lab, apps, names
 from ebpfsvc.lab.pods import READY_ANNOTATION
 
-from .helpers import (Chatter, TcpStream, add_clients, cluster_ip, connect_outcome, service, tcp_udp_chatter,
-                      udp_ask, udp_socket, wait_backend_gone, wait_for, wait_programmed, wait_ready, wait_udp_bound)
+from .helpers import (Chatter, TcpStream, add_clients, answered_by, cluster_ip, connect_outcome, service,
+                      tcp_udp_chatter, udp_ask, udp_socket, wait_backend_gone, wait_for, wait_programmed, wait_ready,
+                      wait_udp_bound)
 
 pytestmark = pytest.mark.root
 
@@ -103,11 +104,8 @@ def test_scale_down_and_up_under_tcp_traffic(lab):
         lab.apply(pods_of("scale", "tcp-echo", 7000, ["node-1", "node-2", "node-2", "node-1"])[3:])
         wait_ready(lab, ["scale-4"])
         wait_programmed(lab, "scale", 7000, backends=3)
-        seen: set[str] = set()
-        for _ in range(60):                  # scale-4 owns ~1/3: missing it 60 times: < 1e-10
-            seen |= new_connections(lab, vip, 7000, 1)
-            if "scale-4" in seen:
-                break
+        # scale-4 owns ~1/3: missing it 60 times: < 1e-10
+        seen = answered_by(lambda: new_connections(lab, vip, 7000, 1).pop(), ["scale-4"], limit=60)
         assert "scale-4" in seen and "scale-3" not in seen
         chatter.wait_rounds(3)               # the table changed twice; established flows did not move
     finally:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import (add_clients, bare_pod, cluster_ip, frontend, line_get, service, table_backends, wait_for,
-                      wait_programmed, wait_ready)
+from .helpers import (add_clients, answered_by, bare_pod, cluster_ip, frontend, line_get, service, table_backends,
+                      wait_for, wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
 
@@ -43,9 +43,5 @@ def test_more_than_100_endpoints_over_several_slices(lab):
     # Through the Service until every backend answered.  Each new connection hashes to one of
     # ~105 equal table shares; after 3000 the chance that one backend was never hit is below
     # 105 * (1 - 1/105)^3000 < 1e-10 (about 550 are needed on average).
-    seen: set[str] = set()
-    for _ in range(3000):
-        seen.add(line_get(lab, "many-client", vip, 80))
-        if len(seen) == COUNT:
-            break
+    seen = answered_by(lambda: line_get(lab, "many-client", vip, 80), pods, limit=3000)
     assert seen == set(pods), f"{COUNT - len(seen & set(pods))} backends never answered; strangers: {seen - set(pods)}"
