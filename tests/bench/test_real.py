@@ -272,6 +272,13 @@ def test_a_tiny_run_against_the_real_kube_proxy(tmp_path):
                     (dp, "endpoint_change_synced_ms"), (dp, "proxy_cpu_pct"), (dp, "settle_seconds")} <= got, dp
     assert ("ebpfsvc", "map_write_seconds") in got and ("kube-proxy-iptables", "first_sync_seconds") in got
     assert {(dp, "syn_retransmits") for dp in real.NAMES} <= got
+    # ebpfsvc's BPF cost, from a wrk run of its own: the TC programs both ways, split per program.
+    points = {p["datapath"]: p["metrics"] for p in data["points"]}
+    for dp in real.NAMES:
+        assert ((dp, "bpf_ns_per_conn") in got) == dp.startswith("ebpfsvc"), dp
+    by_program = points["ebpfsvc"]["bpf_by_program"]
+    assert {"from_pod", "to_pod"} <= set(by_program), by_program
+    assert all(v["ns_per_conn"] > 0 and v["runs_per_conn"] >= 1 for v in by_program.values()), by_program
     # The node's conntrack is emptied after every datapath, so none meets another's entries.
     assert sorted(f["after"] for f in data["conntrack_flushed"]) == sorted(real.NAMES)
     assert "## Summary" in report.read_text()
