@@ -116,6 +116,31 @@ static __always_inline void ct4_touch(struct ct4_entry *e, __u64 now)
 	ct_touch(&e->last_seen_ns, now);
 }
 
+/*
+ * Add CT_F_* bits to an entry's flags, atomically. The two directions of a flow run
+ * on different CPUs at once (in a simultaneous close the client's FIN and the
+ * backend's cross), and each adds its bits to both entries: a plain read-modify-write
+ * loses the other side's. Seen on 2026-12-03 under wrk: forward entries left
+ * "established" without the FIN their reply entries had, so when the reply entry
+ * expired, a new connection on the same ports kept the forward entry and its SYN-ACK
+ * went back untranslated (a reset, retried on every SYN). BPF before -mcpu=v3 has
+ * atomic OR on 64-bit words only: `flags` opens its entry's last 8 bytes (asserted
+ * below), whose other bytes, padding, are OR-ed with zero.
+ */
+static __always_inline void ct_flags_add(__u8 *flags, __u8 bits)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	__sync_fetch_and_or((__u64 *)flags, (__u64)bits);
+#else
+	__sync_fetch_and_or((__u64 *)flags, (__u64)bits << 56);
+#endif
+}
+
+_Static_assert(__builtin_offsetof(struct ct4_entry, flags) == sizeof(struct ct4_entry) - 8,
+	       "ct_flags_add: ct4_entry's flags must open its last 8 bytes");
+_Static_assert(__builtin_offsetof(struct ct6_entry, flags) == sizeof(struct ct6_entry) - 8,
+	       "ct_flags_add: ct6_entry's flags must open its last 8 bytes");
+
 static __always_inline int ct4_closing(__u8 flags)
 {
 	return (flags & CT_F_SEEN_RST) ||
@@ -165,12 +190,19 @@ static __always_inline int ct4_starts_flow(const struct lb4_pkt *p)
 }
 
 /* Is a client packet (`proto`, `tcp_flags`) the end of a tracked flow whose entry
- * has `last_seen_ns` and `flags`: the entry expired, or a fresh SYN on a closed
- * TCP flow (port reuse: it starts a new one)? Both families. */
+ * has `last_seen_ns` and `flags`: the entry expired, or a fresh SYN on a TCP flow
+ * that is closed or has seen a reply (port reuse: it starts a new one)? Both families.
+ * Not only a closed one: the two entries of a flow are separate LRU elements, and
+ * when the reply entry is gone (evicted, or expired before a forward entry that
+ * missed a FIN), keeping the forward entry would send every later SYN on these ports
+ * to a backend whose SYN-ACK nothing translates back. A SYN the client sends again
+ * because its SYN-ACK was lost starts over too: the same backend (the same 5-tuple
+ * hashes to the same Maglev slot; affinity names it again), new entries. */
 static __always_inline int ct_flow_over(__u64 last_seen_ns, __u8 flags, __u8 proto, __u8 tcp_flags, __u64 now)
 {
 	return lb_age_ns(now, last_seen_ns) > ct4_lifetime_ns(proto, flags) ||
-	       (proto == IPPROTO_TCP && ct4_closing(flags) && ct_starts_flow(proto, tcp_flags));
+	       (proto == IPPROTO_TCP && (ct4_closing(flags) || (flags & CT_F_ESTABLISHED)) &&
+		ct_starts_flow(proto, tcp_flags));
 }
 
 static __always_inline int ct4_flow_over(const struct ct4_entry *e, const struct lb4_pkt *p, __u64 now)
@@ -304,11 +336,11 @@ static __always_inline void ct4_note_reply(struct ct4_entry *re, const struct lb
 	ct4_touch(re, now);
 	if (flags == re->flags)
 		return;
-	re->flags = flags;
+	ct_flags_add(&re->flags, flags);
 	ct4_key_forward_of(&fk, re, client_addr, client_port, p->proto);
 	fe = ct4.lookup(&fk);
 	if (fe)
-		fe->flags |= flags;
+		ct_flags_add(&fe->flags, flags);
 }
 
 /* ---- IPv6 twins (ct6): the same two entries per flow, lifetimes and rules; the
@@ -466,11 +498,11 @@ static __always_inline void ct6_note_reply(struct ct6_entry *re, const struct lb
 	ct6_touch(re, now);
 	if (flags == re->flags)
 		return;
-	re->flags = flags;
+	ct_flags_add(&re->flags, flags);
 	ct6_key_forward_of(&fk, re, client_addr, client_port, p->proto);
 	fe = ct6.lookup(&fk);
 	if (fe)
-		fe->flags |= flags;
+		ct_flags_add(&fe->flags, flags);
 }
 
 #endif /* EBPFSVC_CT_H */

@@ -154,11 +154,11 @@ static __always_inline void lb4_note_forward(const struct lb4_pkt *p, struct ct4
 	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
 	if (flags == e->flags)
 		return;
-	e->flags = flags;
+	ct_flags_add(&e->flags, flags);
 	ct4_key_reply_of(&rk, e, (flags & CT_F_HAIRPIN) ? node_hairpin4() : p->saddr, p->sport, p->proto);
 	re = ct4.lookup(&rk);
 	if (re)
-		re->flags |= flags;
+		ct_flags_add(&re->flags, flags);
 }
 
 /* The loopback device's ifindex: 1 in every network namespace (the kernel's LOOPBACK_IFINDEX). */
@@ -481,14 +481,14 @@ static __always_inline void lb6_note_forward(const struct lb6_pkt *p, struct ct6
 	flags = e->flags | ct6_tcp_flags(p, CT_DIR_FORWARD);
 	if (flags == e->flags)
 		return;
-	e->flags = flags;
+	ct_flags_add(&e->flags, flags);
 	if ((flags & CT_F_HAIRPIN) && !node_hairpin6(hairpin))
 		ct6_key_reply_of(&rk, e, hairpin, p->sport, p->proto);
 	else
 		ct6_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
 	re = ct6.lookup(&rk);
 	if (re)
-		re->flags |= flags;
+		ct_flags_add(&re->flags, flags);
 }
 
 /* As lb4_forward_tracked and lb4_backend_gone. */

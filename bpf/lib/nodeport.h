@@ -286,14 +286,14 @@ static __always_inline void np4_note_forward(const struct lb4_pkt *p, struct ct4
 	flags = e->flags | ct4_tcp_flags(p, CT_DIR_FORWARD);
 	if (flags == e->flags)
 		return;
-	e->flags = flags;
+	ct_flags_add(&e->flags, flags);
 	if (nat)
 		np4_snat_reply_key(&rk, e, nat, p->proto);
 	else
 		ct4_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
 	re = ct4.lookup(&rk);
 	if (re)
-		re->flags |= flags;
+		ct_flags_add(&re->flags, flags);
 }
 
 /* Remove every entry of a north-south flow, given its forward key and entry. */

@@ -246,14 +246,14 @@ static __always_inline void np6_note_forward(const struct lb6_pkt *p, struct ct6
 	flags = e->flags | ct6_tcp_flags(p, CT_DIR_FORWARD);
 	if (flags == e->flags)
 		return;
-	e->flags = flags;
+	ct_flags_add(&e->flags, flags);
 	if (nat)
 		np6_snat_reply_key(&rk, e, nat, p->proto);
 	else
 		ct6_key_reply_of(&rk, e, p->saddr, p->sport, p->proto);
 	re = ct6.lookup(&rk);
 	if (re)
-		re->flags |= flags;
+		ct_flags_add(&re->flags, flags);
 }
 
 /* As np4_delete_flow. */

@@ -266,6 +266,79 @@ def test_syn_reusing_a_closed_flow_starts_a_new_one(datapath, writer):
     assert not fwd.flags & abi.CT_F_SEEN_RST and fwd.last_seen_ns >= before
 
 
+def _open_flow(datapath, b, sport):
+    check(datapath, Case("SYN", "from_pod", *flow(dnat(CLIENT, b, sport, "S", seq=1000, ack=0))))
+    check(datapath, Case("SYN-ACK", "to_pod", to_pod(tcp(b, CLIENT, 8080, sport, "SA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, sport, "SA"))))
+
+
+def _new_connection_on_the_same_ports(datapath, b, sport):
+    """A new SYN on the ports of an earlier flow is DNATed, and its SYN-ACK comes back from the VIP."""
+    check(datapath, Case("new SYN on the same 5-tuple", "from_pod",
+                         *flow(dnat(CLIENT, b, sport, "S", seq=90000, ack=0))))
+    check(datapath, Case("its SYN-ACK is translated back", "to_pod",
+                         to_pod(tcp(b, CLIENT, 8080, sport, "SA", seq=5000, ack=90001)), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, sport, "SA", seq=5000, ack=90001))))
+    fwd, rep = (ct_flows(datapath)[d][0][1] for d in (abi.CT_DIR_FORWARD, abi.CT_DIR_REPLY))
+    assert fwd.flags == rep.flags == abi.CT_F_SEEN_SYN | abi.CT_F_ESTABLISHED, (fwd.flags, rep.flags)
+
+
+def test_a_syn_on_a_flow_whose_reply_entry_expired_first_starts_a_new_one(datapath, writer):
+    """The state a lost flag update left (2026-12-03, wrk at ~9,000 connections/s): the forward
+    entry "established" without the client's FIN, its reply entry closed and, 10 s later, expired.
+    A new connection on the same ports must not keep the forward entry: nothing would translate
+    its SYN-ACK back (the client resets it, on every retry, for the forward entry's 24 h)."""
+    writer.apply(state(WEB2))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    _open_flow(datapath, b, 40000)
+    table = datapath.maps["ct4"]
+    for k, v in list(table.items()):
+        v.flags |= abi.CT_F_SEEN_FIN_REV | (abi.CT_F_SEEN_FIN_FWD if k.dir == abi.CT_DIR_REPLY else 0)
+        if k.dir == abi.CT_DIR_REPLY:
+            v.last_seen_ns -= 65 * 10**9        # closed 65 s ago: past the 10 s close lifetime
+        table[k] = v
+    _new_connection_on_the_same_ports(datapath, b, 40000)
+
+
+def test_a_syn_on_a_flow_whose_reply_entry_was_evicted_starts_a_new_one(datapath, writer):
+    """The two entries of a flow are separate LRU elements: the reply entry alone may go."""
+    writer.apply(state(WEB2))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    _open_flow(datapath, b, 40000)
+    table = datapath.maps["ct4"]
+    for k, _ in list(table.items()):
+        if k.dir == abi.CT_DIR_REPLY:
+            del table[k]
+    _new_connection_on_the_same_ports(datapath, b, 40000)
+
+
+def test_flags_both_directions_add_are_all_kept(datapath, writer):
+    """Each direction adds its TCP flags to both entries (ct_flags_add, atomic: in a
+    simultaneous close the two FINs are handled on two CPUs at once)."""
+    writer.apply(state(WEB2))
+    b = expected_backend(WEB2, CLIENT, 40000)
+    _open_flow(datapath, b, 40000)
+    check(datapath, Case("backend FIN", "to_pod", to_pod(tcp(b, CLIENT, 8080, 40000, "FA")), OK,
+                         to_pod(tcp(VIP, CLIENT, 80, 40000, "FA"))))
+    check(datapath, Case("client FIN", "from_pod", *flow(dnat(CLIENT, b, 40000, "FA"))))
+    closed = abi.CT_F_SEEN_SYN | abi.CT_F_ESTABLISHED | abi.CT_F_SEEN_FIN_FWD | abi.CT_F_SEEN_FIN_REV
+    fwd, rep = (ct_flows(datapath)[d][0][1] for d in (abi.CT_DIR_FORWARD, abi.CT_DIR_REPLY))
+    assert fwd.flags == rep.flags == closed, (fwd.flags, rep.flags)
+    assert (fwd.pad0, fwd.pad1, fwd.pad2, rep.pad0, rep.pad1, rep.pad2) == (0,) * 6   # the word's other bytes
+
+
+def test_a_syn_sent_again_after_its_syn_ack_was_translated_keeps_its_backend(datapath, writer):
+    """A client whose SYN-ACK was lost past the hook sends its SYN again: the flow starts over
+    (it saw a reply), on the same backend, and the backend's SYN-ACK is translated."""
+    writer.apply(state(WEB3))
+    for sport in range(40000, 40040):
+        b = expected_backend(WEB3, CLIENT, sport)
+        _open_flow(datapath, b, sport)
+        check(datapath, Case("the same SYN again", "from_pod", *flow(dnat(CLIENT, b, sport, "S", seq=1000, ack=0))))
+        check(datapath, Case("SYN-ACK again", "to_pod", to_pod(tcp(b, CLIENT, 8080, sport, "SA")), OK,
+                             to_pod(tcp(VIP, CLIENT, 80, sport, "SA"))))
+
+
 def test_an_entry_stamped_after_the_packet_read_the_clock_is_fresh(datapath, writer):
     """Another CPU may refresh a flow's entry between this packet's clock read and its lookup.
     That entry is fresh: an unsigned `now - last_seen` wrapped to ages ago and restarted busy

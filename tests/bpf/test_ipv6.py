@@ -19,6 +19,7 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from ebpfsvc import abi
 from ebpfsvc.datapath import stats
 from ebpfsvc.lbmodel import Algorithm, Protocol
 
@@ -237,6 +238,25 @@ def test_neighbour_discovery_and_other_traffic_pass_untouched(datapath, writer):
     for row in rows:
         check(datapath, row)
     assert sum(stats.drops(datapath.maps).values()) == 0
+
+
+def test_a_syn_on_a_flow_whose_reply_entry_is_gone_starts_a_new_one(datapath, writer):
+    """As test_conntrack's IPv4 case: the reply entry evicted, a new connection on the same
+    ports gets new entries, so its SYN-ACK is translated back."""
+    writer.apply(state(WEB6))
+    b = expected_backend(WEB6, CLIENT6, 40600)
+    check(datapath, Case("SYN", "from_pod", from_pod(tcp6(CLIENT6, VIP6, 40600, 80)), OK,
+                         from_pod(tcp6(CLIENT6, b, 40600, 8080))))
+    check(datapath, Case("SYN-ACK", "to_pod", to_pod(tcp6(b, CLIENT6, 8080, 40600, "SA")), OK,
+                         to_pod(tcp6(VIP6, CLIENT6, 80, 40600, "SA"))))
+    table = datapath.maps["ct6"]
+    for k in [k for k in table.keys() if k.dir == abi.CT_DIR_REPLY]:
+        del table[k]
+    check(datapath, Case("new SYN on the same ports", "from_pod", from_pod(tcp6(CLIENT6, VIP6, 40600, 80, seq=9)),
+                         OK, from_pod(tcp6(CLIENT6, b, 40600, 8080, seq=9))))
+    check(datapath, Case("its SYN-ACK is translated back", "to_pod",
+                         to_pod(tcp6(b, CLIENT6, 8080, 40600, "SA", seq=77, ack=10)), OK,
+                         to_pod(tcp6(VIP6, CLIENT6, 80, 40600, "SA", seq=77, ack=10))))
 
 
 def test_removed_backend_resets_its_tracked_tcp_flow(datapath, writer):

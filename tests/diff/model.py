@@ -12,7 +12,7 @@ slot is right: the caller says which one the kernel drew) and by ClientIP affini
 to_pod (reverse NAT); hairpin flows (a pod balanced to itself: SNAT to the hairpin address);
 packets that are not for a Service (untouched); frontends without backends (TCP RST, ICMP port
 unreachable; traffic policy Local: drop); TCP segments of connections never balanced here
-(untouched); closing flows reused by a new SYN, and a SYN-ACK on a closed flow (another
+(untouched); closing or answered flows reused by a new SYN, and a SYN-ACK on a closed flow (another
 connection's, untouched); backends that are terminating, not ready or
 removed; first and later fragments; truncated and inconsistent headers (dropped); ICMP errors
 about translated flows (translated back); the drop counters. IPv6 only as far as the run's states
@@ -375,6 +375,12 @@ def closing(flags: int) -> bool:
     return bool(flags & F_RST) or (flags & (F_FIN_FWD | F_FIN_REV)) == (F_FIN_FWD | F_FIN_REV)
 
 
+def restarts_flow(flags: int, p: Pkt) -> bool:
+    """A new SYN on the ports of a TCP flow that is closing or has seen a reply: a new connection
+    (port reuse, or the SYN sent again: same backend, new entries)."""
+    return p.proto == TCP and (closing(flags) or bool(flags & F_ESTABLISHED)) and starts_flow(p)
+
+
 @dataclass(frozen=True)
 class Lifetimes:
     """Conntrack lifetimes in seconds (loader.Limits' ct_* fields), the fragment timeout, and how
@@ -571,9 +577,8 @@ class Model:
             return p
         fk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, FWD)
         flow = self.m.ct.get(fk)
-        if flow is not None and (self._live(fk) is None or
-                                 (p.proto == TCP and closing(flow.flags) and starts_flow(p))):
-            self._delete_flow(fk, flow)      # over: expired, or a new SYN on a closed connection's ports
+        if flow is not None and (self._live(fk) is None or restarts_flow(flow.flags, p)):
+            self._delete_flow(fk, flow)      # over: expired, or a new SYN on a connection's ports
             flow = None
         if flow is not None:
             if not self._usable(flow.backend_id, p.proto):

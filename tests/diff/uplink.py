@@ -210,7 +210,7 @@ class UplinkModel(M.Model):
         fk = (p.saddr, p.daddr, p.sport, p.dport, p.proto, M.FWD)
         flow = self.m.ct.get(fk)
         if flow is not None and flow.flags & F_NODEPORT:
-            if self._live(fk) is None or (p.proto == M.TCP and M.closing(flow.flags) and M.starts_flow(p)):
+            if self._live(fk) is None or M.restarts_flow(flow.flags, p):
                 self._delete_nodeport_flow(fk, flow)
                 flow = None
         else:

@@ -10,12 +10,16 @@ starts a new flow on a fresh SYN over a closed one).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 
 import pytest
 
-from ebpfsvc.lab import Lab, apps
+from ebpfsvc import abi
+from ebpfsvc.bench.traffic import net_counters
+from ebpfsvc.datapath import bpfsys
+from ebpfsvc.lab import Lab, apps, names
 
 from .helpers import (add_clients, cluster_ip, frontend, http_get, service, table_backends,
                       wait_affinity, wait_for, wait_programmed, wait_ready)
@@ -100,3 +104,49 @@ def test_session_affinity_client_ip(lab):
     lab.apply([svc])
     wait_affinity(lab, "aff", 80, 0, nodes=["node-1"])
     assert wait_for(lambda: backends_by_port() == hashed, what="affinity off: hashed backends") is True
+
+
+def _lose_the_close(lab: Lab, node: str, client: str, sport: int) -> int:
+    """Leave `node`'s conntrack as a lost flag update did (2026-12-03, docs/datapath.md): the
+    forward entry of the flow from client:sport established, without its FIN or RST, and its reply
+    entry gone (evicted, or expired first). Returns the entries changed."""
+    path = names.pin_dir(lab.prefix, node) / "ct4"
+    fd = bpfsys.obj_get(path)
+    changed = 0
+    try:
+        table = bpfsys.PinnedMap(fd, str(path))
+        for kb, vb in table.items():
+            k = abi.ffi.from_buffer("struct ct4_key *", kb)
+            mine = (k.saddr == abi.be32(client) and k.sport == abi.be16(sport)) if k.dir == abi.CT_DIR_FORWARD \
+                else (k.daddr == abi.be32(client) and k.dport == abi.be16(sport))
+            if not mine:
+                continue
+            if k.dir == abi.CT_DIR_REPLY:
+                changed += bpfsys.map_delete(fd, kb)
+            else:
+                v = abi.ffi.from_buffer("struct ct4_entry *", bytearray(vb))
+                v.flags = abi.CT_F_SEEN_SYN | abi.CT_F_ESTABLISHED | abi.CT_F_SEEN_FIN_REV
+                bpfsys.map_update(fd, kb, bytes(abi.ffi.buffer(v)))
+                changed += 1
+    finally:
+        os.close(fd)
+    return changed
+
+
+def test_a_new_connection_on_the_ports_of_a_flow_that_lost_its_close_is_translated(lab):
+    """A forward entry that outlived its reply entry without being marked closed must not keep
+    a new connection on its ports: nothing would translate the SYN-ACK back, the client would
+    reset it and retry in vain (seen under wrk at ~9,000 connections/s, 2026-12-03). The new SYN
+    starts a new flow (the same backend): the connection is answered at once."""
+    lab.apply([apps.pod("reuse-1", "http-echo", 8080, node="node-1", labels={"app": "reuse"})])
+    wait_ready(lab, ["reuse-1"])
+    lab.apply([service("reuse", [{"port": 80, "targetPort": 8080}], selector={"app": "reuse"})])
+    wait_programmed(lab, "reuse", 80, backends=1)
+    vip, sport, client = cluster_ip(lab, "reuse"), 41900, lab.pod_ip(CLIENT)
+    assert http_get(lab, CLIENT, vip, 80, sport=sport)["pod"] == "reuse-1"
+    assert _lose_the_close(lab, "node-1", client, sport) == 2
+    # A SYN-ACK left untranslated is reset by the client, which sends its SYN again a second later,
+    # in vain: the first SYN must be answered.
+    syns = net_counters(lab.pod_netns(CLIENT), "netstat", "TcpExt")["TCPSynRetrans"]
+    assert http_get(lab, CLIENT, vip, 80, sport=sport, timeout=5)["pod"] == "reuse-1"
+    assert net_counters(lab.pod_netns(CLIENT), "netstat", "TcpExt")["TCPSynRetrans"] == syns
