@@ -53,7 +53,7 @@ import threading
 import time
 from dataclasses import replace
 
-from ebpfsvc import nodeinfo
+from ebpfsvc import nodeinfo, takeover
 from ebpfsvc.admission import Admission, Capacity, ServiceStatusMap
 from ebpfsvc.config import DEFAULT_IP_FAMILIES, IP_FAMILIES, AgentConfig, family_name
 from ebpfsvc.datapath.loader import Limits
@@ -124,6 +124,7 @@ class Agent:
         self._host_routes = None                          # hostpath.NodeClientRoutes, fed from the first sync
         self._routed: set | None = None                   # destinations routed to the node-client device, once set up
         self._routes_lock = threading.Lock()              # start's setup vs. the first syncs
+        self._takeover_pending = True                     # takeover.py, at the first sync once attached
         self._maps_bpf = None                             # the maps-only object the writer's tables belong to
         self._next_full_apply = 0.0                       # monotonic time of the next full (verifying) apply
         self._next_resync = 0.0                           # ... of the next periodic resync (interfaces re-read)
@@ -536,6 +537,13 @@ class Agent:
         invalid = {(p.namespace, p.name) for p in self.state.problems if p.kind == "Service"}
         admitted = self.admission.admit(result, snapshot.services, self._served, invalid)
         desired = admitted.state
+        if self._takeover_pending and self.watcher is not None:
+            # The first sync with the programs attached: from now on new connections are ours, and
+            # another proxy's closed ones in the kernel's conntrack would remap their source ports
+            # (takeover.py). A thread: the dump of a large table must not hold this sync up.
+            self._takeover_pending = False
+            threading.Thread(target=takeover.clear_after_takeover, args=(desired,), name="takeover",
+                             daemon=True).start()
         if desired is self.last_applied and not full and not self.admission.write_failures:
             self._route_node_clients(snapshot)
             self.telemetry.sync_done(time.monotonic() - t0, snapshot=snapshot, node=self.desired.node,

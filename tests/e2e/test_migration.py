@@ -8,7 +8,9 @@
      say so and program the datapath anyway;
   2. ebpfsvc takes over: new connections are balanced by ebpfsvc (its conntrack has them),
      while the streams kube-proxy translated stay with the kernel's conntrack (ebpfsvc's has
-     none of them) and keep their backends;
+     none of them) and keep their backends; the agent has deleted kube-proxy's closed
+     connections from the kernel's conntrack (takeover.py), so a new connection from a client
+     port kube-proxy's connection closed on keeps that port at the backend;
   3. kube-proxy stops: the agents bind 10256 and 10249;
   4. `kube-proxy --cleanup` in each node removes its chains / table. Established connections
      live on in the kernel's conntrack, whose NAT needs conntrack on (kubelet's rule) and a nat
@@ -28,16 +30,18 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
 import pytest
 from bcc import libbcc
 
+from ebpfsvc.datapath import nsenter
 from ebpfsvc.lab import Lab, apps, kubeproxy, names
 
-from .helpers import (Chatter, TcpStream, bare_pod, cluster_ip, node_maps, service, wait_agents_attached, wait_for,
-                      wait_programmed, wait_ready)
+from .helpers import (Chatter, TcpStream, bare_pod, cluster_ip, node_maps, service, tcp_socket, wait_agents_attached,
+                      wait_for, wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
 
@@ -97,6 +101,49 @@ def still_answering(chatter: Chatter, step: str, rounds: int = 10) -> None:
     assert chatter.error is None, f"a stream broke by the end of step {step!r}: {chatter.error!r}"
 
 
+REUSED_PORT = 41234     # a client port kube-proxy's connection closed on, used again once ebpfsvc serves
+# One backend (mig-1), so kube-proxy and ebpfsvc pick the same for a connection from REUSED_PORT.
+ALONE, ALONE_PORT = "mig-alone", 7001
+
+
+def close_through_kube_proxy(lab: Lab, vip: str) -> None:
+    """A connection from the client pod's REUSED_PORT through kube-proxy, closed both ways: node-1's
+    kernel conntrack keeps kube-proxy's entry in TIME_WAIT for 120 s. The pod may use the port
+    again at once (tcp_tw_reuse, as a busy client that opens many connections sets it)."""
+    def reuse() -> None:
+        Path("/proc/sys/net/ipv4/tcp_tw_reuse").write_text("1\n")
+    nsenter.run_in(lab.pod_netns(CLIENT), reuse)
+    sock = tcp_socket(lab, CLIENT, REUSED_PORT)
+    try:
+        sock.connect((vip, ALONE_PORT))
+        sock.sendall(b"who\n")
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(4096):          # the echo, then the server's FIN
+            pass
+    finally:
+        sock.close()
+
+
+def source_port_at_the_backend(lab: Lab) -> set[int]:
+    """The client ports the backends see for connections from the client pod's REUSED_PORT (the
+    destination ports of their replies in node-1's kernel conntrack): REUSED_PORT, unless
+    netfilter gave a new connection another one to keep its reply tuple unique."""
+    from pyroute2 import Conntrack
+
+    client = lab.pod_ip(CLIENT)
+
+    def ports() -> set[int]:
+        ct = Conntrack()
+        try:
+            return {e.tuple_reply.dport for e in ct.dump_entries()
+                    if e.tuple_orig.saddr == client and e.tuple_orig.sport == REUSED_PORT
+                    and e.tuple_orig.dport == PORT and e.protoinfo is not None
+                    and e.protoinfo.state == 3}                 # TCP_CONNTRACK_ESTABLISHED: the new one
+        finally:
+            ct.close()
+    return nsenter.run_in(lab.node_netns("node-1"), ports)
+
+
 def new_connections(lab: Lab, vip: str, node_address: str) -> None:
     """A new connection from the client pod to the ClusterIP and one from the external client to
     node-1's NodePort: each answers, and ebpfsvc on node-1 tracks it once its agent runs."""
@@ -119,12 +166,14 @@ def test_migration_from_kube_proxy_keeps_established_streams(unique_prefix, mode
         for node in NODES:
             kubeproxy.install_kubelet_firewall(lab, node)
         lab.apply([bare_pod(CLIENT, "node-1"),
-                   *[apps.pod(name, "tcp-echo", PORT, node=node, labels={"app": "mig"})
+                   *[apps.pod(name, "tcp-echo", PORT, node=node, labels={"app": "mig", "mig": name})
                      for name, node in BACKENDS.items()],
                    service("mig", [{"port": PORT, "nodePort": NODE_PORT}], selector={"app": "mig"},
-                           type="NodePort")])
+                           type="NodePort"),
+                   service(ALONE, [{"port": ALONE_PORT, "targetPort": PORT}], selector={"mig": "mig-1"})])
         wait_ready(lab, BACKENDS)
         vip, node_address = cluster_ip(lab, "mig"), str(lab.spec.node("node-1").address)
+        alone = cluster_ip(lab, ALONE)
 
         # 0. kube-proxy alone.
         began = time.monotonic()
@@ -147,6 +196,8 @@ def test_migration_from_kube_proxy_keeps_established_streams(unique_prefix, mode
             chatter.start()
             still_answering(chatter, "kube-proxy alone", 3)
 
+            close_through_kube_proxy(lab, alone)
+
             # 1. ebpfsvc beside kube-proxy: kube-proxy keeps its ports, the agents program anyway.
             began = time.monotonic()
             for node in NODES:
@@ -163,6 +214,23 @@ def test_migration_from_kube_proxy_keeps_established_streams(unique_prefix, mode
 
             # 2. ebpfsvc has taken over: new connections are its own, old ones stay the kernel's.
             new_connections(lab, vip, node_address)
+            # kube-proxy's closed connections are out of the kernel's conntrack (takeover.py): a new
+            # connection ebpfsvc translates from the same client port keeps that port at the
+            # backend, where netfilter would otherwise give it another one to keep its reply tuple
+            # apart from the old entry's (TCP timestamps of another socket then meet the backend's
+            # TIME_WAIT: SYNs dropped as old, docs/deploy.md).
+            log = wait_for(lambda: "takeover: deleted" in (text := lab.state.log_path(
+                names.agent_record("node-1")).read_text()) and text, what="node-1's takeover clear")
+            assert int(log.split("takeover: deleted ", 1)[1].split()[0]) >= 1
+            wait_programmed(lab, ALONE, ALONE_PORT, backends=1)
+            reused = tcp_socket(lab, CLIENT, REUSED_PORT)
+            try:
+                reused.connect((alone, ALONE_PORT))
+                reused.sendall(b"who\n")
+                assert reused.recv(4096).decode().split(":", 1)[0] == "mig-1"
+                assert source_port_at_the_backend(lab) == {REUSED_PORT}
+            finally:
+                reused.close()
             assert not any(ebpfsvc_tracks(lab, "node-1", s, vip) for s in streams[:STREAMS]), \
                 "ebpfsvc took over a connection kube-proxy had translated"
             assert not any(ebpfsvc_tracks(lab, "node-1", s, node_address, NODE_PORT) for s in outside), \
