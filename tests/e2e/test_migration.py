@@ -106,6 +106,19 @@ REUSED_PORT = 41234     # a client port kube-proxy's connection closed on, used 
 ALONE, ALONE_PORT = "mig-alone", 7001
 
 
+def alone_answers(lab: Lab, vip: str) -> bool:
+    """A connection to the one-backend Service is answered by mig-1 (its endpoints may come after
+    the other Service's, and kube-proxy rejects a Service without them)."""
+    try:
+        stream = TcpStream(lab, CLIENT, vip, ALONE_PORT, timeout=2)
+    except OSError:
+        return False
+    try:
+        return stream.backend() == "mig-1"
+    finally:
+        stream.close()
+
+
 def close_through_kube_proxy(lab: Lab, vip: str) -> None:
     """A connection from the client pod's REUSED_PORT through kube-proxy, closed both ways: node-1's
     kernel conntrack keeps kube-proxy's entry in TIME_WAIT for 120 s. The pod may use the port
@@ -196,6 +209,7 @@ def test_migration_from_kube_proxy_keeps_established_streams(unique_prefix, mode
             chatter.start()
             still_answering(chatter, "kube-proxy alone", 3)
 
+            wait_for(lambda: alone_answers(lab, alone), what=f"kube-proxy serving {ALONE}")
             close_through_kube_proxy(lab, alone)
 
             # 1. ebpfsvc beside kube-proxy: kube-proxy keeps its ports, the agents program anyway.
