@@ -537,17 +537,11 @@ class Agent:
         invalid = {(p.namespace, p.name) for p in self.state.problems if p.kind == "Service"}
         admitted = self.admission.admit(result, snapshot.services, self._served, invalid)
         desired = admitted.state
-        if self._takeover_pending and self.watcher is not None:
-            # The first sync with the programs attached: from now on new connections are ours, and
-            # another proxy's closed ones in the kernel's conntrack would remap their source ports
-            # (takeover.py). A thread: the dump of a large table must not hold this sync up.
-            self._takeover_pending = False
-            threading.Thread(target=takeover.clear_after_takeover, args=(desired,), name="takeover",
-                             daemon=True).start()
         if desired is self.last_applied and not full and not self.admission.write_failures:
             self._route_node_clients(snapshot)
             self.telemetry.sync_done(time.monotonic() - t0, snapshot=snapshot, node=self.desired.node,
                                      applied=desired)
+            self._take_over(desired)
             return
         # One Service whose writes the kernel refuses costs that Service only (kept at its last good
         # entries, told by admission); it is retried with back-off, not in a loop.
@@ -577,6 +571,17 @@ class Agent:
                                  applied=desired)
         log.info("synced %d frontends in %.1f ms%s: %s", len(desired.frontends),
                  (time.monotonic() - t0) * 1000, " (full)" if full else "", stats)
+        self._take_over(desired)
+
+    def _take_over(self, desired: LBState) -> None:
+        """Once, after the first sync with the programs attached: from then on new connections are
+        ours, and another proxy's closed ones in the kernel's conntrack would remap their source
+        ports (takeover.py). After the sync's writes, on a thread: parsing a large conntrack dump
+        must hold up neither this sync nor the next."""
+        if self._takeover_pending and self.watcher is not None:
+            self._takeover_pending = False
+            threading.Thread(target=takeover.clear_after_takeover, args=(desired,), name="takeover",
+                             daemon=True).start()
 
 
 def _accept_local(ifindex: int, ifname: str) -> None:

@@ -26,13 +26,12 @@ import socket
 import time
 from typing import Iterable
 
+from pyroute2.netlink.nfnetlink.nfctsocket import TCP_CONNTRACK_CLOSE, TCP_CONNTRACK_TIME_WAIT, NFCTAttrTuple
+
 from ebpfsvc.lbmodel import LBState, Protocol
 
 log = logging.getLogger(__name__)
 
-# enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
-TCP_CONNTRACK_TIME_WAIT = 7
-TCP_CONNTRACK_CLOSE = 8
 CLOSED_STATES = frozenset({TCP_CONNTRACK_TIME_WAIT, TCP_CONNTRACK_CLOSE})
 
 
@@ -62,7 +61,9 @@ def forget_closed_translations(frontends: set[tuple[str, int]],
     for family in families:
         ct = Conntrack(nfgen_family=family)
         try:
-            stale = [e for e in ct.dump_entries() if is_closed_translation(e, frontends)]
+            # TCP only, filtered by the kernel (5.8+): the UDP and ICMP entries are never parsed.
+            tcp = NFCTAttrTuple(family=family, proto=socket.IPPROTO_TCP)
+            stale = [e for e in ct.dump_entries(tuple_orig=tcp) if is_closed_translation(e, frontends)]
             for entry in stale:
                 try:
                     ct.delete(entry)

@@ -9,6 +9,9 @@ import socket
 
 import pytest
 from pyroute2 import netns
+from pyroute2.netlink.nfnetlink.nfctsocket import (TCP_CONNTRACK_CLOSE as CLOSE, TCP_CONNTRACK_ESTABLISHED as ESTABLISHED,
+                                                   TCP_CONNTRACK_FIN_WAIT as FIN_WAIT, TCP_CONNTRACK_TIME_WAIT as TIME_WAIT,
+                                                   NFCTAttrTuple)
 
 from ebpfsvc import takeover
 from ebpfsvc.datapath import nsenter
@@ -16,7 +19,6 @@ from ebpfsvc.lbmodel import Frontend, FrontendKey, LBState, Protocol, ServicePor
 
 VIP, VIP6, POD, POD6, CLIENT, CLIENT6 = ("198.19.0.10", "2001:2:0:1::10", "198.18.1.4", "2001:2:0:2::4",
                                         "198.18.1.2", "2001:2:0:2::2")
-TIME_WAIT, CLOSE, ESTABLISHED, FIN_WAIT = 7, 8, 3, 4
 
 
 def _state(*keys: FrontendKey) -> LBState:
@@ -24,8 +26,6 @@ def _state(*keys: FrontendKey) -> LBState:
 
 
 def _add(ct, family, orig: tuple, reply: tuple, proto: int = socket.IPPROTO_TCP, state: int | None = TIME_WAIT):
-    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
     kw = {}
     if proto == socket.IPPROTO_TCP:
         kw["protoinfo"] = {"attrs": [["CTA_PROTOINFO_TCP", {"attrs": [["CTA_PROTOINFO_TCP_STATE", state]]}]]}
