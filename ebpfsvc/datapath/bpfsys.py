@@ -37,8 +37,6 @@ from typing import Iterator
 # bpf(2) commands (include/uapi/linux/bpf.h)
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
-BPF_MAP_UPDATE_ELEM = 2
-BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
@@ -371,19 +369,6 @@ def map_shape(fd: int) -> tuple[int, int, int, int, int]:
     info = _MapInfo()
     _obj_info(fd, info)
     return info.type, info.key_size, info.value_size, info.max_entries, info.map_flags
-
-
-def map_update(map_fd: int, key: bytes, value: bytes) -> None:
-    """BPF_MAP_UPDATE_ELEM (BPF_ANY) of one entry of the map `map_fd` (a read-write fd, obj_get)."""
-    kbuf = ctypes.create_string_buffer(bytes(key), len(key))
-    vbuf = ctypes.create_string_buffer(bytes(value), len(value))
-    _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=map_fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf)))
-
-
-def map_delete(map_fd: int, key: bytes) -> bool:
-    """BPF_MAP_DELETE_ELEM of one key of the map `map_fd`; False when it was absent."""
-    kbuf = ctypes.create_string_buffer(bytes(key), len(key))
-    return _bpf_found(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=map_fd, key=ctypes.addressof(kbuf)))
 
 
 def map_update_batch(map_fd: int, keys: bytes, values: bytes, count: int) -> None:

@@ -311,6 +311,37 @@ def node_maps(lab: Lab, node: str) -> Iterator[NodeMaps]:
         yield maps
 
 
+def rewrite_ct4(lab: Lab, node: str, edit: Callable[[Any, Any], bool | None]) -> int:
+    """Change `node`'s ebpfsvc conntrack map in place, as eviction or a lost update would:
+    `edit(key, entry)` gets each entry's struct ct4_key and a writable struct ct4_entry (cffi) and
+    returns True to write the entry back, False to delete it, None to leave it. How many changed."""
+    import ctypes
+    import os
+
+    from bcc import libbcc
+
+    from ebpfsvc import abi
+
+    with node_maps(lab, node) as maps:
+        entries = list(maps.maps["ct4"].items())
+    fd = libbcc.lib.bpf_obj_get(str(names.pin_dir(lab.prefix, node) / "ct4").encode())
+    assert fd >= 0, "cannot open the pinned ct4 map"
+    changed = 0
+    try:
+        for kb, vb in entries:
+            entry = abi.ffi.from_buffer("struct ct4_entry *", bytearray(vb))
+            verdict = edit(abi.ffi.from_buffer("struct ct4_key *", kb), entry)
+            key = ctypes.create_string_buffer(kb, len(kb))
+            if verdict is False:
+                changed += libbcc.lib.bpf_delete_elem(fd, key) == 0
+            elif verdict:
+                value = bytes(abi.ffi.buffer(entry))
+                changed += libbcc.lib.bpf_update_elem(fd, key, ctypes.create_string_buffer(value, len(value)), 0) == 0
+    finally:
+        os.close(fd)
+    return changed
+
+
 def frontend(lab: Lab, node: str, address: str, port: int, proto: str = "TCP") -> FrontendRow | None:
     """The pod-facing (internal scope) frontend address:port/proto on `node`, or None."""
     with node_maps(lab, node) as maps:

@@ -10,7 +10,6 @@ starts a new flow on a fresh SYN over a closed one).
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 
@@ -18,10 +17,9 @@ import pytest
 
 from ebpfsvc import abi
 from ebpfsvc.bench.traffic import net_counters
-from ebpfsvc.datapath import bpfsys
-from ebpfsvc.lab import Lab, apps, names
+from ebpfsvc.lab import Lab, apps
 
-from .helpers import (add_clients, cluster_ip, frontend, http_get, service, table_backends,
+from .helpers import (add_clients, cluster_ip, frontend, http_get, rewrite_ct4, service, table_backends,
                       wait_affinity, wait_for, wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
@@ -110,27 +108,14 @@ def _lose_the_close(lab: Lab, node: str, client: str, sport: int) -> int:
     """Leave `node`'s conntrack as a lost flag update did (2026-12-03, docs/datapath.md): the
     forward entry of the flow from client:sport established, without its FIN or RST, and its reply
     entry gone (evicted, or expired first). Returns the entries changed."""
-    path = names.pin_dir(lab.prefix, node) / "ct4"
-    fd = bpfsys.obj_get(path)
-    changed = 0
-    try:
-        table = bpfsys.PinnedMap(fd, str(path))
-        for kb, vb in table.items():
-            k = abi.ffi.from_buffer("struct ct4_key *", kb)
-            mine = (k.saddr == abi.be32(client) and k.sport == abi.be16(sport)) if k.dir == abi.CT_DIR_FORWARD \
-                else (k.daddr == abi.be32(client) and k.dport == abi.be16(sport))
-            if not mine:
-                continue
-            if k.dir == abi.CT_DIR_REPLY:
-                changed += bpfsys.map_delete(fd, kb)
-            else:
-                v = abi.ffi.from_buffer("struct ct4_entry *", bytearray(vb))
-                v.flags = abi.CT_F_SEEN_SYN | abi.CT_F_ESTABLISHED | abi.CT_F_SEEN_FIN_REV
-                bpfsys.map_update(fd, kb, bytes(abi.ffi.buffer(v)))
-                changed += 1
-    finally:
-        os.close(fd)
-    return changed
+    def edit(key, entry) -> bool | None:
+        if key.dir == abi.CT_DIR_FORWARD and (key.saddr, key.sport) == (abi.be32(client), abi.be16(sport)):
+            entry.flags = abi.CT_F_SEEN_SYN | abi.CT_F_ESTABLISHED | abi.CT_F_SEEN_FIN_REV
+            return True
+        if key.dir == abi.CT_DIR_REPLY and (key.daddr, key.dport) == (abi.be32(client), abi.be16(sport)):
+            return False
+        return None
+    return rewrite_ct4(lab, node, edit)
 
 
 def test_a_new_connection_on_the_ports_of_a_flow_that_lost_its_close_is_translated(lab):

@@ -27,21 +27,17 @@ does a stream that answers from another backend. New connections must work at ev
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import socket
 import time
 from pathlib import Path
 
 import pytest
-from bcc import libbcc
-
 from ebpfsvc.datapath import nsenter
 from ebpfsvc.lab import Lab, apps, kubeproxy, names
 
-from .helpers import (Chatter, TcpStream, bare_pod, cluster_ip, node_maps, service, tcp_socket, wait_agents_attached,
-                      wait_for, wait_programmed, wait_ready)
+from .helpers import (Chatter, TcpStream, bare_pod, cluster_ip, node_maps, rewrite_ct4, service, tcp_socket,
+                      wait_agents_attached, wait_for, wait_programmed, wait_ready)
 
 pytestmark = pytest.mark.root
 
@@ -142,6 +138,7 @@ def source_port_at_the_backend(lab: Lab) -> set[int]:
     destination ports of their replies in node-1's kernel conntrack): REUSED_PORT, unless
     netfilter gave a new connection another one to keep its reply tuple unique."""
     from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import TCP_CONNTRACK_ESTABLISHED
 
     client = lab.pod_ip(CLIENT)
 
@@ -151,7 +148,7 @@ def source_port_at_the_backend(lab: Lab) -> set[int]:
             return {e.tuple_reply.dport for e in ct.dump_entries()
                     if e.tuple_orig.saddr == client and e.tuple_orig.sport == REUSED_PORT
                     and e.tuple_orig.dport == PORT and e.protoinfo is not None
-                    and e.protoinfo.state == 3}                 # TCP_CONNTRACK_ESTABLISHED: the new one
+                    and e.protoinfo.state == TCP_CONNTRACK_ESTABLISHED}         # the new one
         finally:
             ct.close()
     return nsenter.run_in(lab.node_netns("node-1"), ports)
@@ -293,19 +290,6 @@ def test_migration_from_kube_proxy_keeps_established_streams(unique_prefix, mode
     assert root_settings() == before, "kube-proxy changed a setting outside the lab's namespaces"
 
 
-def forget_flows(lab: Lab, node: str) -> int:
-    """Delete every entry of `node`'s ebpfsvc conntrack map, as LRU eviction under pressure would;
-    how many there were."""
-    with node_maps(lab, node) as maps:
-        keys = [k for k, _ in maps.maps["ct4"].items()]
-    fd = libbcc.lib.bpf_obj_get(str(names.pin_dir(lab.prefix, node) / "ct4").encode())
-    assert fd >= 0, "cannot open the pinned ct4 map"
-    try:
-        return sum(libbcc.lib.bpf_delete_elem(fd, ctypes.create_string_buffer(k, len(k))) == 0 for k in keys)
-    finally:
-        os.close(fd)
-
-
 def test_streams_survive_losing_their_conntrack_entries(unique_prefix):
     """The other side of leaving mid-stream segments to the kernel: a connection ebpfsvc balanced
     whose entries are gone (evicted from the LRU map, or expired) is not balanced again by the pod
@@ -324,7 +308,8 @@ def test_streams_survive_losing_their_conntrack_entries(unique_prefix):
         try:
             backends = {s.local: s.backend() for s in streams}
             assert all(ebpfsvc_tracks(lab, "node-1", s, vip) for s in streams)
-            assert forget_flows(lab, "node-1") >= 2 * STREAMS
+            # Every entry gone, as LRU eviction under pressure would do it.
+            assert rewrite_ct4(lab, "node-1", lambda key, entry: False) >= 2 * STREAMS
             assert {s.local: s.backend() for s in streams} == backends
             assert all(ebpfsvc_tracks(lab, "node-1", s, vip) for s in streams), "tracked again (host.h)"
         finally:
