@@ -278,7 +278,10 @@ def test_a_tiny_run_against_the_real_kube_proxy(tmp_path):
         assert ((dp, "bpf_ns_per_conn") in got) == dp.startswith("ebpfsvc"), dp
     by_program = points["ebpfsvc"]["bpf_by_program"]
     assert {"from_pod", "to_pod"} <= set(by_program), by_program
-    assert all(v["ns_per_conn"] > 0 and v["runs_per_conn"] >= 1 for v in by_program.values()), by_program
+    # Each connection runs the pod-side programs both ways. Others (from_host) may see stray node traffic, at
+    # a tiny rate per connection, so only the two on the path are held to a run per connection.
+    assert all(by_program[p]["ns_per_conn"] > 0 and by_program[p]["runs_per_conn"] >= 1
+               for p in ("from_pod", "to_pod")), by_program
     # The node's conntrack is emptied after every datapath, so none meets another's entries.
     assert sorted(f["after"] for f in data["conntrack_flushed"]) == sorted(real.NAMES)
     assert "## Summary" in report.read_text()
