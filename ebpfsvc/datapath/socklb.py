@@ -64,9 +64,14 @@ def load(pin_dir, *, limits: loader.Limits | None = None, cache: bool = True) ->
 
     cgroup sock_addr programs must name their hook at load time (the kernel's
     expected_attach_type), so they are loaded here rather than by loader.load."""
+    return load_hooks(loader.load(pin_dir, limits=limits, cache=cache, source=SOURCE, programs=()))
+
+
+def load_hooks(dp: loader.Datapath) -> loader.Datapath:
+    """Load the cgroup programs of a compiled lb_sock.c (once: a Datapath reused from a cache
+    has them already)."""
     from bcc import BPF
 
-    dp = loader.load(pin_dir, limits=limits, cache=cache, source=SOURCE, programs=())
     for name, hook in HOOKS.items():
         if name not in dp.programs:
             dp.programs[name] = dp.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=hook)
@@ -375,5 +380,5 @@ def _destroy(diag, family: int, proto: int, msg) -> None:
             raise OSError(code, f"SOCK_DESTROY {msg['idiag_dst']}:{msg['idiag_dport']}: {os.strerror(code)}")
 
 
-__all__ = ["HOOKS", "PROGRAMS", "SOURCE", "AUTO", "KUBELET_CGROUPS", "CgroupError", "load", "attach", "detach",
+__all__ = ["HOOKS", "PROGRAMS", "SOURCE", "AUTO", "KUBELET_CGROUPS", "CgroupError", "load", "load_hooks", "attach", "detach",
            "attached", "cgroup2_mount", "cgroup2_mounts", "find_kubelet_cgroup", "resolve_cgroup", "reset_removed", "keeps_in_maps", "cgroup_netns", "ResetReport"]

@@ -1,8 +1,10 @@
 """Fixtures for datapath tests.
 
-Each program (lb_pod.c, lb_node.c) is compiled once per configuration (limits and flags) for
+Each program (lb_pod.c, lb_node.c, lb_sock.c) is compiled once per configuration (flags) for
 the whole pytest run, not once per test: a compile takes seconds
-and the tier has hundreds of tests. The pin directory is compiled in (-DLB_PIN_DIR), so each
+and the tier has hundreds of tests. Loads go through a program cache of the run's own
+(datapath/progcache.py, as an agent loads), so configurations that differ only in map sizes
+or pin directory share one compile. The pin directory is compiled in (-DLB_PIN_DIR), so each
 set of maps has a pin directory of the run's own, /sys/fs/bpf/<prefix>-<n>, unpinned when the
 run ends (also after a failure; every pytest process, xdist workers too, has its own prefix).
 Every test starts from freshly created maps all the same: the first time a test is handed a
@@ -32,6 +34,7 @@ from ebpfsvc.datapath.bpfsys import PinnedMap
 from .packets import HAIRPIN
 
 BPFFS = Path("/sys/fs/bpf")
+PROGRAM_CACHE_ENV = "EBPFSVC_PROGRAM_CACHE"
 
 # Small maps: LRU maps preallocate, and every array is zeroed before each test.
 TEST_LIMITS = loader.Limits(
@@ -44,8 +47,9 @@ class CompiledDatapaths:
     """The run's compiled datapaths: one per (program, pin directory, flags), one pin directory
     per (limits, maps) where `maps` names a set of maps (tests comparing two sets ask for two)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, program_cache: Path):
         self.prefix = prefix
+        self.program_cache = program_cache
         self.compiles = 0
         self._dirs: dict[tuple, Path] = {}
         self._loaded: dict[tuple, loader.Datapath] = {}
@@ -63,7 +67,18 @@ class CompiledDatapaths:
         dp = self._loaded.get(key)
         if dp is None:
             self.restore_pins(pin_dir)     # a new program must find the maps the others use
-            dp = loader.load(pin_dir, limits=limits, cache=False, **kw)
+            # Through the run's own program cache, as an agent loads (datapath/progcache.py): a
+            # configuration whose programs differ from an earlier one's only in map sizes or pin
+            # directory loads that one's instructions instead of compiling again.
+            saved = os.environ.get(PROGRAM_CACHE_ENV)
+            os.environ[PROGRAM_CACHE_ENV] = str(self.program_cache)
+            try:
+                dp = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
+            finally:
+                if saved is None:
+                    os.environ.pop(PROGRAM_CACHE_ENV)
+                else:
+                    os.environ[PROGRAM_CACHE_ENV] = saved
             self.compiles += 1
             self._loaded[key] = dp
         return dp
@@ -122,8 +137,8 @@ class DatapathsOfATest:
 # The tier's, not the whole run's: closed (maps and pins removed) once tests/bpf's last test is done,
 # so a `make test` run does not keep them through the e2e and unit tiers.
 @pytest.fixture(scope="package")
-def compiled_datapaths():
-    run = CompiledDatapaths("es" + uuid.uuid4().hex[:6])
+def compiled_datapaths(tmp_path_factory):
+    run = CompiledDatapaths("es" + uuid.uuid4().hex[:6], tmp_path_factory.mktemp("programs"))
     try:
         yield run
     finally:

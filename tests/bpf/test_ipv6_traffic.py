@@ -20,7 +20,7 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as netns_mod
 
-from ebpfsvc.datapath import loader, nodeaddrs, nsenter, stats, tc
+from ebpfsvc.datapath import loader, nsenter, stats, tc
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lbmodel import Protocol
 
@@ -39,7 +39,7 @@ _NO_DAD = {"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad"
 
 
 @pytest.fixture
-def pods6(unique_prefix, pin_dir):
+def pods6(unique_prefix, compiled):
     node = f"{unique_prefix}-n6"
     pods = {CLIENT6: (f"{unique_prefix}-c6", "h-cli"), B1: (f"{unique_prefix}-b61", "h-b1"),
             B2: (f"{unique_prefix}-b62", "h-b2")}
@@ -51,8 +51,8 @@ def pods6(unique_prefix, pin_dir):
             netns_mod.create(ns)
             made.append(ns)
             nsenter.write_sysctls(ns, {**_NO_DAD, **({"net.ipv6.conf.all.forwarding": 1} if ns == node else {})})
-        dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
-        nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN, hairpin6=HAIRPIN6))
+        # The run's programs (tests/bpf/conftest.py) on maps of these tests' own, emptied per test.
+        dp = compiled.load(TEST_LIMITS, maps="ipv6-traffic", hairpin_addr=HAIRPIN, hairpin6=HAIRPIN6)
         with IPRoute(netns=node) as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             ipr.link("set", index=lo, state="up")
@@ -77,8 +77,6 @@ def pods6(unique_prefix, pin_dir):
     finally:
         if servers:
             servers.close()
-        if dp is not None:
-            dp.close()
         for ns in made:
             netns_mod.remove(ns)
 
@@ -106,7 +104,7 @@ def _udp_ask(ns: str, addr: str, port: int) -> tuple[bytes, str]:
         return data, src[0]
 
 
-def test_ipv6_clusterip_serves_real_tcp_and_udp_and_refuses_when_empty(pods6, pin_dir):
+def test_ipv6_clusterip_serves_real_tcp_and_udp_and_refuses_when_empty(pods6):
     dp, client_ns = pods6
     web = frontend6(VIP6, 80, [be6(B1), be6(B2)], name="web6")
     dns = frontend6(VIP6, 53, [be6(B1, 5353, Protocol.UDP), be6(B2, 5353, Protocol.UDP)],
@@ -155,33 +153,31 @@ def test_ipv6_hairpin_a_pod_reaches_itself_through_its_service(pods6):
     assert stats.drops(dp.maps)["malformed"] == 0
 
 
-def test_ipv6_node_client_reaches_a_clusterip_with_real_sockets(pods6, pin_dir):
+def test_ipv6_node_client_reaches_a_clusterip_with_real_sockets(pods6, compiled):
     """A process in the node's own namespace connects to an IPv6 clusterIP (TCP and UDP): the agent's
     node-client path as hostpath sets it up (ebpfsvc0 routed for the clusterIP from the node's IPv6
     address, lb_node.c's from_host at its egress); the backends are the local pods, whose replies
     to the node address get the clusterIP back on their veths (from_pod)."""
     from ipaddress import IPv6Address, IPv6Network
 
-    from ebpfsvc.datapath import hostpath, uplink
+    from ebpfsvc.datapath import hostpath
 
     dp, client_ns = pods6
     node = client_ns.rsplit("-", 1)[0] + "-n6"
-    nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN, hairpin6=HAIRPIN6, snat6=HAIRPIN6))
-    node_dp = uplink.load(pin_dir, limits=TEST_LIMITS, cache=False)
-    try:
-        hostpath.setup(node_dp, IPv6Address(HAIRPIN6), netns=node)
-        routed = hostpath.sync_routes(set(), {IPv6Network(f"{VIP6}/128")}, (None, IPv6Address(HAIRPIN6)), node)
-        assert routed == {IPv6Network(f"{VIP6}/128")}
-        MapWriter(dp.maps).apply(state(frontend6(VIP6, 80, [be6(B1), be6(B2)], name="web6"),
-                                       frontend6(VIP6, 53, [be6(B1, 5353, Protocol.UDP)], proto=Protocol.UDP,
-                                                 name="dns6")))
-        seen = set()
-        for _ in range(12):
-            body = _tcp_get(node, VIP6, 80)
-            seen.add(body[:2].decode())
-            assert body == body[:2] * 2000
-        assert seen == {"b1", "b2"}
-        assert _udp_ask(node, VIP6, 53) == (b"b1", VIP6)
-        assert stats.drops(dp.maps)["malformed"] == 0 and stats.drops(dp.maps)["fib_lookup"] == 0
-    finally:
-        node_dp.close()
+    # lb_node.c as uplink.load compiles it, on the pods' maps; the node's IPv6 address is its SNAT one.
+    node_dp = compiled.load(TEST_LIMITS, maps="ipv6-traffic", source=loader.NODE_SOURCE,
+                            programs=loader.NODE_PROGRAMS, hairpin_addr=HAIRPIN, hairpin6=HAIRPIN6, snat6=HAIRPIN6)
+    hostpath.setup(node_dp, IPv6Address(HAIRPIN6), netns=node)
+    routed = hostpath.sync_routes(set(), {IPv6Network(f"{VIP6}/128")}, (None, IPv6Address(HAIRPIN6)), node)
+    assert routed == {IPv6Network(f"{VIP6}/128")}
+    MapWriter(dp.maps).apply(state(frontend6(VIP6, 80, [be6(B1), be6(B2)], name="web6"),
+                                   frontend6(VIP6, 53, [be6(B1, 5353, Protocol.UDP)], proto=Protocol.UDP,
+                                             name="dns6")))
+    seen = set()
+    for _ in range(12):
+        body = _tcp_get(node, VIP6, 80)
+        seen.add(body[:2].decode())
+        assert body == body[:2] * 2000
+    assert seen == {"b1", "b2"}
+    assert _udp_ask(node, VIP6, 53) == (b"b1", VIP6)
+    assert stats.drops(dp.maps)["malformed"] == 0 and stats.drops(dp.maps)["fib_lookup"] == 0

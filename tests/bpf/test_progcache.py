@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import uuid
 
 import pytest
 from bcc import BPF
@@ -19,7 +21,7 @@ from bcc import BPF
 from ebpfsvc.agent import Agent
 from ebpfsvc.datapath import loader, progcache
 
-from .conftest import TEST_LIMITS
+from .conftest import BPFFS, TEST_LIMITS
 from .packets import HAIRPIN
 from . import northsouth, test_clusterip as clusterip, test_nodeport as nodeport, test_nodeport_xdp as nodeport_xdp
 
@@ -104,6 +106,30 @@ def cache_dir(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_entry(tmp_path_factory):
+    """A cache directory that one compile of lb_pod.c at TEST_LIMITS filled (its programs' entry and
+    the maps' layout), made once for the module: tests about what a load does with an entry start
+    from a copy instead of a compile of their own."""
+    path = tmp_path_factory.mktemp("one-entry") / "programs"
+    pin_dir = BPFFS / ("es" + uuid.uuid4().hex[:6])
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("EBPFSVC_PROGRAM_CACHE", str(path))
+            loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
+    finally:
+        loader.unpin(pin_dir)
+    assert len(program_entries(path)) == 1
+    return path
+
+
+@pytest.fixture
+def warm_cache_dir(cache_dir, one_entry):
+    """cache_dir holding one_entry's entry, as a node that compiled lb_pod.c once leaves it."""
+    shutil.copytree(one_entry, cache_dir)
+    return cache_dir
+
+
 def test_cached_programs_carry_the_compiled_names(datapath):
     from ebpfsvc.datapath import bpfsys
     for name, prog in datapath.programs.items():
@@ -151,8 +177,8 @@ def test_one_cache_entry_serves_nodes_of_different_addresses(compiled, cache_loa
                              from_pod(tcp(VIP, CLIENT, 80, 40000, "SA", seq=7000, ack=1001))))
 
 
-def test_a_changed_define_is_a_miss(cache_dir, pin_dir, tmp_path, caplog):
-    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
+def test_a_changed_define_is_a_miss(warm_cache_dir, pin_dir, tmp_path, caplog):
+    cache_dir = warm_cache_dir
     changed = tmp_path / "lb_pod.c"
     text = loader.SOURCE.read_text()
     assert "#define LB_SCTP_PORT_CRC 1" in text
@@ -169,8 +195,8 @@ def test_a_changed_define_is_a_miss(cache_dir, pin_dir, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "an instruction changed", "not JSON"])
-def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(cache_dir, pin_dir, damage, caplog):
-    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
+def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(warm_cache_dir, pin_dir, damage, caplog):
+    cache_dir = warm_cache_dir
     (entry,) = program_entries(cache_dir)
     good = entry.read_text()
     entry.write_text({"truncated": good[:len(good) // 2],
@@ -191,8 +217,8 @@ def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(cache_dir, pin_d
         dp.close()
 
 
-def test_a_directory_others_may_write_is_not_used(cache_dir, pin_dir, caplog):
-    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
+def test_a_directory_others_may_write_is_not_used(warm_cache_dir, pin_dir, caplog):
+    cache_dir = warm_cache_dir
     assert cache_dir.stat().st_mode & 0o777 == 0o700
     cache_dir.chmod(0o777)
     caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
@@ -312,13 +338,12 @@ def test_map_sizes_are_no_part_of_the_key():
         progcache.cache_key(used, loader.cflags_for("/a", TEST_LIMITS), types)
 
 
-def test_a_node_with_bigger_maps_loads_another_nodes_entry(cache_dir, pin_dir, tmp_path):
+def test_a_node_with_bigger_maps_loads_another_nodes_entry(warm_cache_dir, pin_dir, tmp_path):
     """The entry a node of TEST_LIMITS filled serves a new node whose conntrack table is four times
     as big: no compile, and the programs run on the new node's maps."""
     from ebpfsvc.datapath import bpfsys
     from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
     from ebpfsvc.datapath.writer import MapWriter
-    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
     bigger = loader.Limits(**{**TEST_LIMITS.__dict__, "ct_entries": TEST_LIMITS.ct_entries * 4})
     other = pin_dir.with_name(pin_dir.name + "-b")
     dp = loader.load(other, limits=bigger, cache=False, program_cache=True)

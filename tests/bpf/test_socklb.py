@@ -31,7 +31,7 @@ from dataclasses import replace
 import pytest
 
 from ebpfsvc import abi
-from ebpfsvc.datapath import loader, nodeaddrs, socklb, tc
+from ebpfsvc.datapath import loader, socklb, tc
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.datapath import nsenter
@@ -57,22 +57,25 @@ ENOTSUPP = 524      # the kernel's own errno for "operation not supported" (no P
 
 
 @pytest.fixture
-def node(unique_prefix, pin_dir):
+def node(unique_prefix, compiled):
     """The node namespace with three pods, TC programs on their veths, socket programs on
-    the node's cgroup; maps written by MapWriter. Everything removed afterwards."""
+    the node's cgroup; maps written by MapWriter. Everything removed afterwards. Both programs
+    are the run's (compiled once, tests/bpf/conftest.py), on maps emptied for this test."""
     node_ns = f"{unique_prefix}-node"
     pods = {CLIENT: f"{unique_prefix}-cli", B1: f"{unique_prefix}-b1", B2: f"{unique_prefix}-b2"}
     pod6 = {CLIENT: CLIENT6, B1: B16, B2: B26}
     made: list[str] = []
-    pod_dp = sock_dp = servers = None
+    servers = None
     node_cg = cgroups.node_cgroup(unique_prefix, "node-1")
     try:
         network.create_namespace(node_ns, forwarding=True, ipv6=True)
         made.append(node_ns)
         network.add_pod_gateway(node_ns, GATEWAY)
-        pod_dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
-        nodeaddrs.write(pod_dp.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN))
-        sock_dp = socklb.load(pin_dir, limits=TEST_LIMITS, cache=False)
+        # Maps of their own: while the run holds the socket programs, they use these maps, and
+        # the `datapath` fixture's stay those of a node without the socket path.
+        pod_dp = compiled.load(TEST_LIMITS, maps="socket-lb", hairpin_addr=HAIRPIN)
+        sock_dp = socklb.load_hooks(compiled.load(TEST_LIMITS, maps="socket-lb", hairpin_addr=HAIRPIN,
+                                                  source=socklb.SOURCE, programs=()))
         for i, (addr, ns) in enumerate(pods.items()):
             network.create_namespace(ns, ipv6=True)
             made.append(ns)
@@ -96,9 +99,6 @@ def node(unique_prefix, pin_dir):
         cgroups.remove(unique_prefix)
         for ns in reversed(made):
             network.remove_namespace(ns)
-        for dp in (sock_dp, pod_dp):
-            if dp:
-                dp.close()
 
 
 def _services(vips, backends, suffix: str) -> list:
@@ -119,6 +119,7 @@ class _Node:
     def __init__(self, prefix, client_ns, node_cg, pod_dp, sock_dp, writer, frontends):
         self.prefix, self.client_ns, self.cgroup = prefix, client_ns, node_cg
         self.pod_dp, self.sock_dp = pod_dp, sock_dp
+        self.pin_dir = pod_dp.pin_dir
         self.writer, self.frontends = writer, frontends
 
     def add(self, *frontends) -> None:
@@ -337,8 +338,10 @@ def test_detach_leaves_no_program(node):
     assert out["peer"] == [VIP, 80] and node.flows() == 2
 
 
-def test_cleanup_detaches_the_socket_programs(node, pin_dir):
+def test_cleanup_detaches_the_socket_programs(node):
     from ebpfsvc.datapath.cleanup import cleanup
+
+    pin_dir = node.pin_dir
 
     report = cleanup(pin_dir, netns=f"{node.prefix}-node", dry_run=True, socket_lb_cgroup=node.cgroup)
     assert sorted(f.split()[2] for f in report.filters if f.startswith("cgroup program")) == sorted(socklb.HOOKS)
@@ -441,7 +444,7 @@ def test_removed_backend_resets_socket_path_sockets(node, vip, b1, b2, named):
         holders.close()
 
 
-def test_socket_connects_counted_per_frontend_and_path_shown(node, pin_dir):
+def test_socket_connects_counted_per_frontend_and_path_shown(node):
     """lb_sock_stats counts what the socket path translated per frontend (the TC counters never see
     these flows); `service list` and `why` read it and say which path east-west traffic takes."""
     from click.testing import CliRunner
@@ -450,6 +453,7 @@ def test_socket_connects_counted_per_frontend_and_path_shown(node, pin_dir):
     from ebpfsvc.inspect import views
     from ebpfsvc.inspect.node import NodeMaps
 
+    pin_dir = node.pin_dir
     for _ in range(5):
         assert "errno" not in node.client("tcp", VIP, 80)
     for _ in range(2):
