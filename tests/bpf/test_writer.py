@@ -200,47 +200,41 @@ def test_local_backend_flag(datapath, writer):
     assert flags == {abi.LB_BE_F_LOCAL, 0}
 
 
-def test_reused_id_gets_zeroed_stats(pin_dir):
+def test_reused_id_gets_zeroed_stats(compiled):
     # Two frontend ids in all (ids 1..2): the third frontend must reuse a released one.
     tiny = loader.Limits(frontends=3, services=16, backends=16, maglev_slots=4096, ct_entries=256,
                          affinity_entries=16, frag_entries=16)
-    dp = loader.load(pin_dir, limits=tiny, cache=False)
-    try:
-        w = MapWriter(dp.maps)
-        a, b = web(1, [1]), frontend("198.19.0.1", 81, [be("198.18.2.1")], name="web1b")
-        w.apply(state(a))
-        assert run(dp, "from_pod", from_pod(tcp(CLIENT, "198.19.0.1", 40000, 80))).verdict == "TC_ACT_OK"
-        fid = w.frontend_id(a)
-        assert stats.traffic(dp.maps, "frontend", fid)[0] == 1
-        w.apply(state(b))                 # a's id released; b takes the other fresh id
-        assert w.frontend_id(b) != fid
-        w.apply(state(b, frontend("198.19.0.5", 80, [be("198.18.2.1")], name="web5")))
-        assert w.frontend_id(frontend("198.19.0.5", 80, [], name="web5")) == fid
-        assert stats.traffic(dp.maps, "frontend", fid) == (0, 0)
-    finally:
-        dp.close()
+    dp = compiled.load(tiny)
+    w = MapWriter(dp.maps)
+    a, b = web(1, [1]), frontend("198.19.0.1", 81, [be("198.18.2.1")], name="web1b")
+    w.apply(state(a))
+    assert run(dp, "from_pod", from_pod(tcp(CLIENT, "198.19.0.1", 40000, 80))).verdict == "TC_ACT_OK"
+    fid = w.frontend_id(a)
+    assert stats.traffic(dp.maps, "frontend", fid)[0] == 1
+    w.apply(state(b))                 # a's id released; b takes the other fresh id
+    assert w.frontend_id(b) != fid
+    w.apply(state(b, frontend("198.19.0.5", 80, [be("198.18.2.1")], name="web5")))
+    assert w.frontend_id(frontend("198.19.0.5", 80, [], name="web5")) == fid
+    assert stats.traffic(dp.maps, "frontend", fid) == (0, 0)
 
 
-def test_out_of_maglev_space_fails_loudly_and_keeps_a_true_view(pin_dir):
+def test_out_of_maglev_space_fails_loudly_and_keeps_a_true_view(compiled):
     # Room for two 3-backend tables, not for four.
     small = loader.Limits(frontends=64, services=64, backends=64, maglev_slots=2 * maglev.table_size(3) + 10,
                           ct_entries=256,
                           affinity_entries=16, frag_entries=16)
-    dp = loader.load(pin_dir, limits=small, cache=False)
-    try:
-        w = MapWriter(dp.maps)
-        from ebpfsvc.datapath.ids import IdExhausted
-        with pytest.raises(IdExhausted):
-            w.apply(state(*(web(i, [1, 2, 3]) for i in range(1, 5))))
-        # Nothing points at a table that was not written; a smaller state fits and
-        # then re-applies as a no-op, as from a fresh writer.
-        assert all(v.maglev_size == 0 or v.flags & abi.LB_SVC_F_ADDRESS
-                   for _, v in dp.maps["lb4_frontends"].items())
-        fits = state(*(web(i, [1, 2, 3]) for i in range(1, 3)))
-        w.apply(fits)
-        assert w.apply(fits) == ApplyStats() and MapWriter(dp.maps).apply(fits) == ApplyStats()
-    finally:
-        dp.close()
+    dp = compiled.load(small)
+    w = MapWriter(dp.maps)
+    from ebpfsvc.datapath.ids import IdExhausted
+    with pytest.raises(IdExhausted):
+        w.apply(state(*(web(i, [1, 2, 3]) for i in range(1, 5))))
+    # Nothing points at a table that was not written; a smaller state fits and
+    # then re-applies as a no-op, as from a fresh writer.
+    assert all(v.maglev_size == 0 or v.flags & abi.LB_SVC_F_ADDRESS
+               for _, v in dp.maps["lb4_frontends"].items())
+    fits = state(*(web(i, [1, 2, 3]) for i in range(1, 3)))
+    w.apply(fits)
+    assert w.apply(fits) == ApplyStats() and MapWriter(dp.maps).apply(fits) == ApplyStats()
 
 
 def expected_slots(writer, fe):
