@@ -229,16 +229,40 @@ def sync_completions(log_text: str, year: int) -> list[tuple[float, float]]:
     return out
 
 
-def process_peak_rss_mib(pid: int | None) -> float | None:
-    """The peak resident memory (VmHWM) of one process, in MiB; None when it is gone."""
+def _proc_file(pid: int | None, name: str) -> str | None:
+    """/proc/<pid>/<name>, or None when there is no such process."""
     if pid is None:
         return None
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        return Path(f"/proc/{pid}/{name}").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    found = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M)
+
+
+def process_peak_rss_mib(pid: int | None) -> float | None:
+    """The peak resident memory (VmHWM) of one process, in MiB; None when it is gone."""
+    text = _proc_file(pid, "status")
+    found = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M) if text is not None else None
     return int(found.group(1)) / 1024 if found else None
+
+
+def process_mapped_maps_mib(pid: int | None) -> float | None:
+    """Of a process's resident memory, the BPF maps it has mmap'ed (anon_inode:bpf-map: the agent's
+    writer stores Maglev slots into lb_maglev in place), in MiB; None when the process is gone. The
+    kernel maps every page of such a map at mmap (remap_vmalloc_range), so they are in its RSS
+    from the start, though they are the map's memory (in the maps' memlock), not the process's:
+    the agent's own peak is proxy_peak_rss_mib minus this."""
+    text = _proc_file(pid, "smaps")
+    if text is None:
+        return None
+    total, inside = 0, False
+    for line in text.splitlines():
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and ":" not in head:        # a mapping's first line: "start-end perms offset dev inode path"
+            inside = line.endswith("anon_inode:bpf-map")
+        elif inside and head == "Rss:":
+            total += int(line.split()[1])
+    return total / 1024
 
 
 def tc_programs(netns: str) -> dict[int, str]:
@@ -551,6 +575,7 @@ class Run:
         if cpu0 is not None and cpu1 is not None:
             m["proxy_cpu_pct"] = (cpu1 - cpu0) / (time.monotonic() - t0) * 100
         m["proxy_peak_rss_mib"] = process_peak_rss_mib(pid)    # what surviving N services costs
+        m["proxy_mapped_maps_mib"] = process_mapped_maps_mib(pid)
         return m
 
     def bpf_measured(self, dp: str) -> bool:
@@ -714,7 +739,8 @@ SUMMARY_METRICS = (("tcp_crr_cps", "conn/s (wrk)"), ("cpu_us_per_conn", "CPU µs
                    ("endpoint_change_ms", "endpoint change ms (API write → wire)"),
                    ("endpoint_change_api_ms", "… of it: API write ms"),
                    ("endpoint_change_synced_ms", "… until proxy synced ms"),
-                   ("proxy_cpu_pct", "proxy CPU % in traffic"), ("proxy_peak_rss_mib", "proxy peak RSS MiB"))
+                   ("proxy_cpu_pct", "proxy CPU % in traffic"), ("proxy_peak_rss_mib", "proxy peak RSS MiB"),
+                   ("proxy_mapped_maps_mib", "… of it: BPF maps mapped MiB"))
 
 
 def summary(data: dict) -> str:

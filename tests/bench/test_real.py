@@ -295,6 +295,29 @@ def test_a_process_peak_memory_is_read_and_a_gone_one_is_none():
     assert real.process_peak_rss_mib(None) is None and real.process_peak_rss_mib(2**22 + 1) is None
 
 
+@pytest.mark.root
+def test_mapped_bpf_maps_are_counted_apart_from_a_process_heap():
+    """An mmap'ed BPF array is resident in full from the mmap on (the kernel maps every page): the
+    bench tells it apart from the process's own memory."""
+    import ctypes
+    import os
+    from types import SimpleNamespace
+
+    from ebpfsvc.datapath import batch, bpfsys
+
+    before = real.process_mapped_maps_mib(os.getpid())
+    fd = bpfsys.map_create(2, 4, 4, 1 << 20, flags=1 << 10, name="esmmaptest")   # ARRAY, BPF_F_MMAPABLE: 8 MiB
+    try:
+        # what batch.map_u32_array reads of a bcc table
+        view = batch.map_u32_array(SimpleNamespace(map_fd=fd, max_entries=1 << 20, Leaf=ctypes.c_uint32))
+        assert view is not None and view.sum() == 0
+        assert real.process_mapped_maps_mib(os.getpid()) - before == 8
+        del view
+    finally:
+        os.close(fd)
+    assert real.process_mapped_maps_mib(None) is None
+
+
 def test_sigterm_stops_the_run_cleanly_and_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
     import os
     import signal
