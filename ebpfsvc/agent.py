@@ -155,7 +155,7 @@ class Agent:
         t0 = time.monotonic()
         # restart: a previous run's programs still serve these maps.
         restart, opening = self._opening or loader.open_maps_early(
-            cfg.pin_dir, loader.Limits(**cfg.limits), cfg.program_cache)
+            cfg.pin_dir, loader.Limits(**cfg.limits), cfg.program_cache, compile_apart=cfg.program_cache)
         # The source: a manifest directory is read at once, and the API's Node list usually comes
         # within moments, so the programs are compiled once, with the node's addresses.
         self.source = self._make_source()
@@ -300,7 +300,9 @@ class Agent:
         cfg = self.config
         try:
             cgroup = socklb.resolve_cgroup(cfg.socket_lb_cgroup)      # `auto`: found now, on this node
-            self.socket_datapath = socklb.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits))
+            self.socket_datapath = socklb.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
+                                               program_cache=cfg.program_cache, maps_unit=self._maps_bpf,
+                                               compile_apart=cfg.program_cache)
             socklb.attach(self.socket_datapath, cgroup)
         except Exception as exc:    # noqa: BLE001 - no cgroup, compile, load or attach: the TC path stays
             self.socket_datapath = None
@@ -390,7 +392,8 @@ class Agent:
             # migrate: a limit changed since the maps were pinned: their entries are carried over.
             self.datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
                                         reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
-                                        migrate=True, program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
+                                        migrate=True, program_cache=cfg.program_cache, maps_unit=self._maps_bpf,
+                                        compile_apart=cfg.program_cache)
         # The node's addresses are a map the programs read (not compiled in): written before anything
         # is attached, and again whenever they change, with no reload.
         addrs = nodeaddrs.NodeAddrs(hairpin4=info.hairpin, snat4=info.primary, hairpin6=info.hairpin6,
@@ -447,7 +450,8 @@ class Agent:
                                                masquerade_external_to_local_backends=(
                                                    cfg.masquerade_external_to_local_backends),
                                                cluster_cidr=cfg.cluster_cidr,
-                                               program_cache=cfg.program_cache, maps_unit=self._maps_bpf)
+                                               program_cache=cfg.program_cache, maps_unit=self._maps_bpf,
+                                               compile_apart=cfg.program_cache)
         for name in info.uplinks:
             ifindex = uplink.ifindex_of(name)
             if ifindex is None:

@@ -125,7 +125,8 @@ def start_agent(cfg: AgentConfig):
     if not cfg.bind_address_hard_fail:      # that mode exits on a taken port before touching any map
         from ebpfsvc.datapath import loader      # numpy and bcc, needed for the compile anyway
 
-        opening = loader.open_maps_early(cfg.pin_dir, loader.Limits(**cfg.limits), cfg.program_cache)
+        opening = loader.open_maps_early(cfg.pin_dir, loader.Limits(**cfg.limits), cfg.program_cache,
+                                         compile_apart=cfg.program_cache)
     from ebpfsvc.agent import Agent
     return Agent(cfg, opening=opening)
 

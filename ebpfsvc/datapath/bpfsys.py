@@ -40,6 +40,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_NEXT_ID = 11
@@ -145,7 +146,7 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     return ret
 
 
-class _AttachAttr(ctypes.Structure):       # BPF_PROG_DETACH
+class _AttachAttr(ctypes.Structure):       # BPF_PROG_ATTACH, BPF_PROG_DETACH
     _fields_ = [("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
                 ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32)]
 
@@ -165,6 +166,12 @@ def _bpf_found(cmd: int, attr) -> bool:
             raise
         return False
     return True
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """Attach program `prog_fd` on `attach_type` of `target_fd` (a cgroup directory's fd), without
+    BPF_F_ALLOW_MULTI: it replaces the program attached there in place, if any."""
+    _bpf(BPF_PROG_ATTACH, _AttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type))
 
 
 def prog_detach(target_fd: int, attach_type: int) -> bool:
@@ -291,14 +298,17 @@ def prog_test_run(prog_fd: int, data_in, data_size_in: int, data_out, data_size_
     return attr.retval, attr.data_size_out, attr.duration
 
 
-def prog_load(prog_type: int, insns: bytes, *, license: str, name: str, kern_version: int = 0) -> int:
+def prog_load(prog_type: int, insns: bytes, *, license: str, name: str, kern_version: int = 0,
+              expected_attach_type: int = 0) -> int:
     """BPF_PROG_LOAD: the fd of the verified program. Its map references (BPF_PSEUDO_MAP_FD) must
-    already hold this process's map fds. A refusal raises OSError with the verifier log's last line."""
+    already hold this process's map fds; a cgroup sock_addr program names its hook
+    (`expected_attach_type`). A refusal raises OSError with the verifier log's last line."""
     code = ctypes.create_string_buffer(bytes(insns), len(insns))
     lic = ctypes.create_string_buffer(license.encode())
     attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
                          license=ctypes.addressof(lic), kern_version=kern_version,
-                         prog_name=name.encode()[:15])     # BPF_OBJ_NAME_LEN, as bcc truncates
+                         prog_name=name.encode()[:15],     # BPF_OBJ_NAME_LEN, as bcc truncates
+                         expected_attach_type=expected_attach_type)
     try:
         return _bpf(BPF_PROG_LOAD, attr)
     except OSError as first:

@@ -34,7 +34,7 @@ import numpy as np
 
 from ebpfsvc import abi
 from ebpfsvc.abi import be32        # re-exported: tests and callers use loader.be32
-from ebpfsvc.datapath import bpfsys, progcache
+from ebpfsvc.datapath import bpfsys, compiler, progcache
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,9 @@ def publish_options(maps, cluster_cidr=None, **options) -> None:
 def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
          source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         masquerade_external_to_local_backends: bool = False, cluster_cidr=None, migrate: bool = False, program_cache: bool = False, maps_unit=None) -> Datapath:
+         masquerade_external_to_local_backends: bool = False, cluster_cidr=None, migrate: bool = False,
+         program_cache: bool = False, maps_unit=None, compile_apart: bool = False,
+         recreate_pins: bool = True, attach_types: dict[str, int] | None = None) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -233,6 +235,11 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     `program_cache`: load the programs from the compiled-program cache (datapath/progcache.py)
     when it holds this source and flags, else compile and fill it. On a hit the maps are the
     tables of `maps_unit` (what open_maps() returned; opened here when None).
+    `compile_apart` (with `program_cache`): a miss is compiled in a child process (compiler.py), so
+    that LLVM never grows this one; the programs are then taken from the cache and their pins.
+    `recreate_pins` False raises StalePins instead of recreating pins of another shape.
+    `attach_types` names the cgroup hook of each program that is a cgroup sock_addr program
+    (bpf/lb_sock.c: socklb.HOOKS): the kernel wants it at load.
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
@@ -247,10 +254,22 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
 
     os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
     pin_dir.mkdir(parents=True, exist_ok=True)
-    types = {name: getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS")) for name in programs}
-    program_key = progcache.cache_key(text, cflags, types) if program_cache and programs else None
+    attach_types = attach_types or {}
+    types = {name: BPF.CGROUP_SOCK_ADDR if name in attach_types else getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS"))
+             for name in programs}
+    # A hook is part of what the kernel verified: another hook is another entry.
+    kinds = {name: [t, attach_types[name]] if name in attach_types else t for name, t in types.items()}
+    program_key = progcache.cache_key(text, cflags, kinds) if program_cache and programs else None
     if program_key:
         dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit)
+        if dp is None and compile_apart and compiler.run(compiler.programs_request(
+                pin_dir, limits, source, programs, dict(
+                    snat_keep_client_port=snat_keep_client_port, host_clients=host_clients,
+                    reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
+                    masquerade_external_to_local_backends=masquerade_external_to_local_backends,
+                    cluster_cidr=None if cluster_cidr is None else str(cluster_cidr),
+                    attach_types=attach_types))):
+            dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit)
         if dp is not None:
             if cache:
                 dp.cache_key = key
@@ -258,6 +277,9 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
             return dp
     bpf = BPF(text=text.encode(), cflags=list(cflags))
     stale = stale_pins(bpf, pin_dir)
+    if stale and not recreate_pins:
+        bpf.cleanup()
+        raise StalePins(f"pinned maps in {pin_dir} do not match the program: {', '.join(stale)}")
     if stale:
         # bcc reuses a pinned map without comparing it with the declaration, so
         # after a limits or ABI change the program would run on maps of the old
@@ -279,19 +301,24 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
             raise RuntimeError(f"pinned maps in {pin_dir} still differ after recreating them: {still}")
     dp = Datapath(bpf=bpf, pin_dir=pin_dir, cflags=cflags)
     for name in programs:
-        dp.programs[name] = bpf.load_func(name.encode(), types[name])
+        hook = {"attach_type": attach_types[name]} if name in attach_types else {}
+        dp.programs[name] = bpf.load_func(name.encode(), types[name], **hook)
     for name in MAPS:
         dp.maps[name] = bpf.get_table(name.encode())
     if stale and migrate:
         _restore_pins(dp, saved)
     _fill_sctp_crc_shift(bpf)
     if program_key:     # verified by the kernel just now: what the next start loads, or takes as pinned
-        progcache.store(progcache.cache_dir(), program_key, bpf, types, MAPS)
+        progcache.store(progcache.cache_dir(), program_key, bpf, types, MAPS, attach_types)
         progcache.pin_programs(pin_dir, program_key, {name: dp.programs[name].fd for name in programs})
     if cache:
         dp.cache_key = key
         _CACHE[key] = dp
     return dp
+
+
+class StalePins(RuntimeError):
+    """Pins of another shape, where the caller asked load() not to recreate them."""
 
 
 def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_unit) -> Datapath | None:
@@ -319,12 +346,13 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
     return dp
 
 
-def open_maps(pin_dir, *, limits: Limits | None = None, program_cache: bool = False):
+def open_maps(pin_dir, *, limits: Limits | None = None, program_cache: bool = False, compile_apart: bool = False):
     """The datapath's pinned maps as bcc tables, without compiling a program (bpf/lb_maps.c:
     a fraction of a second, where load() takes seconds), so a starting agent can write them
     while the programs compile. Maps not pinned yet are created and pinned, as load() would.
     With `program_cache`, maps all pinned in the shapes of a kept layout need no compile at all
-    (progcache.open_layout: a restart); a compile keeps the layout for the next start.
+    (progcache.open_layout: a restart); a compile keeps the layout for the next start, and with
+    `compile_apart` it runs in a child process (compiler.py), whose layout and pins are then opened.
     Returns (bpf object, {name: table}), or None when pins of another shape are in the way:
     load() then recreates them, so nothing must be written before it."""
     pin_dir = Path(pin_dir)
@@ -333,6 +361,8 @@ def open_maps(pin_dir, *, limits: Limits | None = None, program_cache: bool = Fa
     cflags = cflags_for(pin_dir, limits or Limits())
     key = progcache.cache_key(text, cflags, {}, with_sizes=True) if program_cache else None
     unit = progcache.open_layout(progcache.cache_dir(), key, pin_dir, MAPS) if key else None
+    if unit is None and key and compile_apart and compiler.run(compiler.maps_request(pin_dir, limits or Limits())):
+        unit = progcache.open_layout(progcache.cache_dir(), key, pin_dir, MAPS)
     if unit is not None:
         stale = stale_pins(unit, pin_dir)
         if not stale:
@@ -351,7 +381,7 @@ def open_maps(pin_dir, *, limits: Limits | None = None, program_cache: bool = Fa
     return bpf, {name: bpf.get_table(name.encode()) for name in MAPS}
 
 
-def open_maps_early(pin_dir, limits: Limits, program_cache: bool = False):
+def open_maps_early(pin_dir, limits: Limits, program_cache: bool = False, compile_apart: bool = False):
     """open_maps() on a thread of its own (bcc compiles with the GIL released), so a starting agent
     imports, reads its source and lists while the maps-only unit compiles. `pin_dir` must be
     absolute: bcc changes the working directory while it compiles. Returns (restart, future of
@@ -366,7 +396,8 @@ def open_maps_early(pin_dir, limits: Limits, program_cache: bool = False):
 
     def run():
         try:
-            future.set_result(open_maps(pin_dir, limits=limits, program_cache=program_cache))
+            future.set_result(open_maps(pin_dir, limits=limits, program_cache=program_cache,
+                                        compile_apart=compile_apart))
         except BaseException as e:      # raised again where the agent waits for the maps
             future.set_exception(e)
     threading.Thread(target=run, name="open-maps", daemon=True).start()

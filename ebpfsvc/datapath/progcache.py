@@ -79,7 +79,7 @@ def size_only_macros(text: str, cflags) -> set[str]:
     return out
 
 
-def cache_key(text: str, cflags, programs: dict[str, int], *, with_sizes: bool = False) -> str:
+def cache_key(text: str, cflags, programs: dict[str, object], *, with_sizes: bool = False) -> str:
     """sha256 of every input of the compile (the module docstring lists them); `with_sizes` keeps
     the sizes of pinned maps in it (a layout's key)."""
     import bcc
@@ -145,10 +145,12 @@ def _map_refs(insns: bytes) -> list[tuple[int, int]] | str:
     return refs
 
 
-def store(directory, key: str, bpf, programs: dict[str, int], pinned) -> bool:
+def store(directory, key: str, bpf, programs: dict[str, int], pinned, attach_types: dict[str, int] | None = None) -> bool:
     """Keep the programs `bpf` (a bcc object that compiled and loaded them) has, under `key`.
     `programs`: name -> BPF_PROG_TYPE; `pinned`: names of the maps the loader opens by pin; any
-    other map is recorded by shape and made anew at load. False (and a log line) if not kept."""
+    other map is recorded by shape and made anew at load; `attach_types`: name -> the hook a
+    program was loaded for (cgroup programs: the kernel's expected_attach_type). False (and a log
+    line) if not kept."""
     import ctypes
 
     from bcc import libbcc
@@ -172,7 +174,8 @@ def store(directory, key: str, bpf, programs: dict[str, int], pinned) -> bool:
             if tables[fd] not in pinned:
                 entry["unpinned"][tables[fd]] = list(bpfsys.map_shape(fd))
         entry["programs"][name] = {"type": prog_type, "insns": base64.b64encode(insns).decode(),
-                                   "maps": [[i, tables[fd]] for i, fd in refs]}
+                                   "maps": [[i, tables[fd]] for i, fd in refs],
+                                   "attach_type": (attach_types or {}).get(name, 0)}
     return _write(directory, key, entry)
 
 
@@ -249,13 +252,13 @@ def load(directory, key: str, map_fds: dict[str, int],
     if entry is None:
         return None
     try:
-        programs = {name: (int(p["type"]), base64.b64decode(p["insns"], validate=True), p["maps"])
-                    for name, p in entry["programs"].items()}
+        programs = {name: (int(p["type"]), base64.b64decode(p["insns"], validate=True), p["maps"],
+                           int(p.get("attach_type", 0))) for name, p in entry["programs"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("program cache: entry %s unusable (%s): compiling", path, e)
         return None
     if pin_dir is not None:
-        kept = reuse_pinned(pin_dir, key, {name: refs for name, (_t, _i, refs) in programs.items()}, map_fds)
+        kept = reuse_pinned(pin_dir, key, {name: refs for name, (_t, _i, refs, _a) in programs.items()}, map_fds)
         if kept is not None:
             log.info("program cache: programs %s kept from the previous run (pinned in %s): nothing loaded",
                      ", ".join(kept), Path(pin_dir) / PROGRAM_PINS)
@@ -272,7 +275,7 @@ def load(directory, key: str, map_fds: dict[str, int],
             fillers[name](fd, max_entries)
             fds[name] = fd
         patched = {}
-        for name, (prog_type, insns, refs) in programs.items():
+        for name, (prog_type, insns, refs, attach_type) in programs.items():
             code = bytearray(insns)
             for index, map_name in refs:
                 if map_name not in fds:
@@ -281,7 +284,7 @@ def load(directory, key: str, map_fds: dict[str, int],
                 if c != _LD_IMM64 or regs >> 4 != _PSEUDO_MAP_FD:
                     raise ValueError(f"program {name}: instruction {index} is no map reference")
                 _INSN.pack_into(code, index * 8, c, regs, off, fds[map_name])
-            patched[name] = (prog_type, bytes(code))
+            patched[name] = (prog_type, bytes(code), attach_type)
         loaded = {name: LoadedProgram(name, fd) for name, fd in _load_all(patched, entry, opened).items()}
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         for fd in opened:
@@ -293,7 +296,7 @@ def load(directory, key: str, map_fds: dict[str, int],
     return loaded, opened
 
 
-def _load_all(patched: dict[str, tuple[int, bytes]], entry: dict, opened: list[int]) -> dict[str, int]:
+def _load_all(patched: dict[str, tuple[int, bytes, int]], entry: dict, opened: list[int]) -> dict[str, int]:
     """BPF_PROG_LOAD of every program at once, one thread each (the GIL is released in the syscall):
     the verifier takes seconds per program (from_pod 4-11 s, from_uplink 3-6 s, measured at load
     1-10), and the kernel verifies concurrent loads on as many CPUs. Every fd made goes into
@@ -301,9 +304,9 @@ def _load_all(patched: dict[str, tuple[int, bytes]], entry: dict, opened: list[i
     from concurrent.futures import ThreadPoolExecutor
 
     def one(name):
-        prog_type, code = patched[name]
+        prog_type, code, attach_type = patched[name]
         return bpfsys.prog_load(prog_type, code, license=entry["license"], name=name,
-                                kern_version=int(entry["kern_version"]))
+                                kern_version=int(entry["kern_version"]), expected_attach_type=attach_type)
     with ThreadPoolExecutor(max(1, min(len(patched), os.cpu_count() or 1)), thread_name_prefix="prog-load") as pool:
         futures = {name: pool.submit(one, name) for name in patched}
     fds, error = {}, None

@@ -12,8 +12,10 @@ BPF_F_ALLOW_MULTI): a restarted agent's programs take over from the old ones
 with no window, as at TC, and detaching needs no program fd, so `ebpfsvc
 cleanup` can remove what a crashed agent left.
 
-bcc attaches (BPF.attach_func) but cannot list or detach without the program;
-those two are bpf(2) commands (datapath/bpfsys.py: prog_query, prog_detach).
+The programs go through the program cache like the TC ones (loader.load with attach_types:
+each is verified for its hook); attaching, listing and detaching are bpf(2) commands
+(datapath/bpfsys.py: prog_attach, prog_query, prog_detach), so that a cached program attaches as a
+compiled one does and `ebpfsvc cleanup` needs no program fd.
 
     socklb.reset_removed(cgroup, dp.maps, keeps)  # sockets to removed backends destroyed
 
@@ -59,23 +61,13 @@ class CgroupError(RuntimeError):
     pass
 
 
-def load(pin_dir, *, limits: loader.Limits | None = None, cache: bool = True) -> loader.Datapath:
-    """Compile lb_sock.c on the maps pinned in `pin_dir` and load its programs.
-
-    cgroup sock_addr programs must name their hook at load time (the kernel's
-    expected_attach_type), so they are loaded here rather than by loader.load."""
-    return load_hooks(loader.load(pin_dir, limits=limits, cache=cache, source=SOURCE, programs=()))
-
-
-def load_hooks(dp: loader.Datapath) -> loader.Datapath:
-    """Load the cgroup programs of a compiled lb_sock.c (once: a Datapath reused from a cache
-    has them already)."""
-    from bcc import BPF
-
-    for name, hook in HOOKS.items():
-        if name not in dp.programs:
-            dp.programs[name] = dp.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=hook)
-    return dp
+def load(pin_dir, *, limits: loader.Limits | None = None, cache: bool = True, program_cache: bool = False,
+         maps_unit=None, compile_apart: bool = False) -> loader.Datapath:
+    """Compile (or take from the program cache) lb_sock.c on the maps pinned in `pin_dir` and load
+    its programs, each for its cgroup hook (the kernel's expected_attach_type: HOOKS). The other
+    arguments are loader.load's."""
+    return loader.load(pin_dir, limits=limits, cache=cache, source=SOURCE, programs=PROGRAMS, attach_types=HOOKS,
+                       program_cache=program_cache, maps_unit=maps_unit, compile_apart=compile_apart)
 
 
 #: --socket-lb-cgroup's value that finds the kubelet's cgroup (find_kubelet_cgroup) instead of naming it.
@@ -147,14 +139,12 @@ def _open(cgroup: Path) -> int:
 
 def attach(dp: loader.Datapath, cgroup) -> None:
     """Attach every program of `dp` (socklb.load) to `cgroup`, replacing ours in place."""
-    from bcc import BPF
-
     cgroup = Path(cgroup)
     _check_target(cgroup)
     fd = _open(cgroup)
     try:
         for name, hook in HOOKS.items():
-            BPF.attach_func(dp.programs[name], fd, hook)
+            bpfsys.prog_attach(dp.programs[name].fd, fd, hook)
     finally:
         os.close(fd)
 
@@ -380,5 +370,5 @@ def _destroy(diag, family: int, proto: int, msg) -> None:
             raise OSError(code, f"SOCK_DESTROY {msg['idiag_dst']}:{msg['idiag_dport']}: {os.strerror(code)}")
 
 
-__all__ = ["HOOKS", "PROGRAMS", "SOURCE", "AUTO", "KUBELET_CGROUPS", "CgroupError", "load", "load_hooks", "attach", "detach",
+__all__ = ["HOOKS", "PROGRAMS", "SOURCE", "AUTO", "KUBELET_CGROUPS", "CgroupError", "load", "attach", "detach",
            "attached", "cgroup2_mount", "cgroup2_mounts", "find_kubelet_cgroup", "resolve_cgroup", "reset_removed", "keeps_in_maps", "cgroup_netns", "ResetReport"]

@@ -63,7 +63,8 @@ class CompiledDatapaths:
     def load(self, limits: loader.Limits = TEST_LIMITS, maps: str = "shared", **kw) -> loader.Datapath:
         """loader.load(...)'s Datapath for this configuration, compiled the first time it is asked for."""
         pin_dir = self.pin_dir(limits, maps)
-        key = (pin_dir, tuple(sorted(kw.items())))
+        key = (pin_dir, tuple((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)     # attach_types
+                              for k, v in sorted(kw.items())))
         dp = self._loaded.get(key)
         if dp is None:
             self.restore_pins(pin_dir)     # a new program must find the maps the others use

@@ -241,19 +241,22 @@ def test_a_restarted_agent_on_a_warm_cache_loads_without_compiling(cache_dir, tm
     mdir.mkdir()
     (mdir / "web.yaml").write_text(manifests(free_port()))
     agents = []
+    compiles = []
+    import bcc      # loader imports BPF from it at each load: counted there
+    monkeypatch.setattr(bcc, "BPF", _counting(bcc.BPF, compiles))
     try:
         first = Agent(config(pin_dir, mdir, unique_prefix))
         agents.append(first)
         first.start()
-        assert isinstance(first.datapath.bpf, BPF)          # an empty cache: compiled, and stored
+        # An empty cache: compiled and stored by a child process (compiler.py), never in the agent's
+        # own, which took the result from the cache and the pins.
+        assert isinstance(first.datapath.bpf, progcache.CachedObject)
+        assert compiles == [] and len(program_entries(cache_dir)) == 1
         first.stop()
         first.datapath.close()
         loader.drop_cache()
 
         (mdir / "api.yaml").write_text(NEW_SERVICE)
-        compiles = []
-        import bcc      # loader imports BPF from it at each load: counted there
-        monkeypatch.setattr(bcc, "BPF", _counting(bcc.BPF, compiles))
         second = Agent(config(pin_dir, mdir, unique_prefix))
         agents.append(second)
         second.start()
@@ -445,3 +448,75 @@ def test_a_kept_layout_opens_the_pinned_maps_without_compiling(cache_dir, pin_di
         assert isinstance(opened[0], progcache.PinnedTables)
     finally:
         opened[0].cleanup()
+
+
+# ---- compiles in a child process (datapath/compiler.py) ----
+
+def test_compile_apart_never_compiles_in_the_process(cache_dir, pin_dir, unique_prefix, monkeypatch):
+    """An agent's compiles (the maps unit, lb_pod.c, lb_sock.c) run in a child: this process takes
+    the maps from the kept layout and the programs from the cache and their pins, compiling nothing,
+    and the programs it gets serve: a SYN is translated, the socket programs attach to a cgroup
+    for their hooks (the kernel checks each against the hook it was verified for)."""
+    import bcc
+    from ebpfsvc.datapath import socklb
+    from ebpfsvc.datapath.writer import MapWriter
+    from ebpfsvc.lab import cgroups
+    from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
+
+    compiles: list = []
+    monkeypatch.setattr(bcc, "BPF", _counting(bcc.BPF, compiles))
+    unit, _ = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True, compile_apart=True)
+    dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True, maps_unit=unit,
+                     compile_apart=True)
+    sock = socklb.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True, maps_unit=unit,
+                       compile_apart=True)
+    node_cg = cgroups.node_cgroup(unique_prefix, "node-1")
+    try:
+        assert compiles == []
+        assert isinstance(unit, progcache.PinnedTables)
+        assert isinstance(dp.bpf, progcache.CachedObject) and isinstance(sock.bpf, progcache.CachedObject)
+        assert len(program_entries(cache_dir)) == 2
+        MapWriter(dp.maps).apply(state(frontend(VIP, 80, [be("198.18.2.50", 8080)])))
+        check(dp, Case("a SYN to the VIP goes to the backend", "from_pod",
+                       from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
+                       from_pod(tcp(CLIENT, "198.18.2.50", 40000, 8080, "S"))))
+        cgroups.create(node_cg)
+        socklb.attach(sock, node_cg)
+        assert socklb.attached(node_cg) == {name: [_prog_id(sock.programs[name].fd)] for name in socklb.HOOKS}
+    finally:
+        socklb.detach(node_cg)
+        cgroups.remove(unique_prefix)
+        sock.close()
+        dp.close()
+        unit.cleanup()
+
+
+def test_a_child_that_fails_leaves_the_compile_to_the_process(cache_dir, pin_dir, monkeypatch, caplog):
+    import sys
+    caplog.set_level(logging.WARNING, logger="ebpfsvc.datapath.compiler")
+    with monkeypatch.context() as mp:
+        mp.setattr(sys, "executable", "/bin/false")       # the child exits 1 at once
+        dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True, compile_apart=True)
+    try:
+        assert isinstance(dp.bpf, BPF)
+        (line,) = [r.getMessage() for r in caplog.records]
+        assert "lb_pod.c in a child process failed (exit 1" in line and "compiling in the agent" in line
+    finally:
+        dp.close()
+
+
+def test_a_child_leaves_pins_of_another_shape_to_the_process(cache_dir, pin_dir, caplog):
+    """A changed limit: the child does not recreate the pins (the agent migrates their entries in
+    its own load); it says so by its exit code, and the load in this process recreates them."""
+    from ebpfsvc.datapath import bpfsys
+    loader.open_maps(pin_dir, limits=TEST_LIMITS)[0].cleanup()
+    bigger = loader.Limits(**{**TEST_LIMITS.__dict__, "ct_entries": TEST_LIMITS.ct_entries * 4})
+    caplog.set_level(logging.WARNING)
+    dp = loader.load(pin_dir, limits=bigger, cache=False, program_cache=True, compile_apart=True)
+    try:
+        assert isinstance(dp.bpf, BPF)
+        assert bpfsys.map_shape(dp.maps["ct4"].map_fd)[3] == bigger.ct_entries
+        assert not [r for r in caplog.records if r.name == "ebpfsvc.datapath.compiler"]
+        assert any("recreating all of them" in r.getMessage() for r in caplog.records)
+    finally:
+        dp.close()

@@ -74,8 +74,8 @@ def node(unique_prefix, compiled):
         # Maps of their own: while the run holds the socket programs, they use these maps, and
         # the `datapath` fixture's stay those of a node without the socket path.
         pod_dp = compiled.load(TEST_LIMITS, maps="socket-lb", hairpin_addr=HAIRPIN)
-        sock_dp = socklb.load_hooks(compiled.load(TEST_LIMITS, maps="socket-lb", hairpin_addr=HAIRPIN,
-                                                  source=socklb.SOURCE, programs=()))
+        sock_dp = compiled.load(TEST_LIMITS, maps="socket-lb", hairpin_addr=HAIRPIN, source=socklb.SOURCE,
+                                programs=socklb.PROGRAMS, attach_types=socklb.HOOKS)
         for i, (addr, ns) in enumerate(pods.items()):
             network.create_namespace(ns, ipv6=True)
             made.append(ns)
