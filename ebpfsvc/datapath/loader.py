@@ -212,7 +212,8 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
          snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
          masquerade_external_to_local_backends: bool = False, cluster_cidr=None, migrate: bool = False,
          program_cache: bool = False, maps_unit=None, compile_apart: bool = False,
-         recreate_pins: bool = True, attach_types: dict[str, int] | None = None) -> Datapath:
+         recreate_pins: bool = True, attach_types: dict[str, int] | None = None,
+         pin_programs: bool = True) -> Datapath:
     """Compile (or reuse from this process's cache) and load the datapath.
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
@@ -239,7 +240,8 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     that LLVM never grows this one; the programs are then taken from the cache and their pins.
     `recreate_pins` False raises StalePins instead of recreating pins of another shape.
     `attach_types` names the cgroup hook of each program that is a cgroup sock_addr program
-    (bpf/lb_sock.c: socklb.HOOKS): the kernel wants it at load.
+    (bpf/lb_sock.c: socklb.HOOKS): the kernel wants it at load. `pin_programs` (with
+    `program_cache`) pins the programs beside the maps for the next start to take back.
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
@@ -261,15 +263,15 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     kinds = {name: [t, attach_types[name]] if name in attach_types else t for name, t in types.items()}
     program_key = progcache.cache_key(text, cflags, kinds) if program_cache and programs else None
     if program_key:
-        dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit)
+        dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
         if dp is None and compile_apart and compiler.run(compiler.programs_request(
                 pin_dir, limits, source, programs, dict(
                     snat_keep_client_port=snat_keep_client_port, host_clients=host_clients,
                     reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
                     masquerade_external_to_local_backends=masquerade_external_to_local_backends,
                     cluster_cidr=None if cluster_cidr is None else str(cluster_cidr),
-                    attach_types=attach_types))):
-            dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit)
+                    attach_types=attach_types, pin_programs=pin_programs))):
+            dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
         if dp is not None:
             if cache:
                 dp.cache_key = key
@@ -310,7 +312,8 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     _fill_sctp_crc_shift(bpf)
     if program_key:     # verified by the kernel just now: what the next start loads, or takes as pinned
         progcache.store(progcache.cache_dir(), program_key, bpf, types, MAPS, attach_types)
-        progcache.pin_programs(pin_dir, program_key, {name: dp.programs[name].fd for name in programs})
+        if pin_programs:
+            progcache.pin_programs(pin_dir, program_key, {name: dp.programs[name].fd for name in programs})
     if cache:
         dp.cache_key = key
         _CACHE[key] = dp
@@ -321,7 +324,8 @@ class StalePins(RuntimeError):
     """Pins of another shape, where the caller asked load() not to recreate them."""
 
 
-def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_unit) -> Datapath | None:
+def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_unit,
+                 pin_programs: bool = True) -> Datapath | None:
     """The Datapath with programs from the program cache, on the maps of `maps_unit` (opened here
     when None), or None: a miss, or pins of another shape (load() recreates them)."""
     owned = maps_unit is None
@@ -333,7 +337,8 @@ def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_u
     map_fds = {name: maps_unit.get_table(name.encode()).map_fd for name in MAPS}
     found = progcache.load(progcache.cache_dir(), program_key, map_fds,
                            fillers={"lb_sctp_crc_shift": _fill_crc_shift_fd, "lb6_icmp_scratch": _scratch,
-                                    "np6_scratch": _scratch, "lb6_merge_scratch": _scratch}, pin_dir=pin_dir)
+                                    "np6_scratch": _scratch, "lb6_merge_scratch": _scratch},
+                           pin_dir=pin_dir if pin_programs else None)
     if found is None:
         if owned:
             maps_unit.cleanup()

@@ -65,9 +65,12 @@ def load(pin_dir, *, limits: loader.Limits | None = None, cache: bool = True, pr
          maps_unit=None, compile_apart: bool = False) -> loader.Datapath:
     """Compile (or take from the program cache) lb_sock.c on the maps pinned in `pin_dir` and load
     its programs, each for its cgroup hook (the kernel's expected_attach_type: HOOKS). The other
-    arguments are loader.load's."""
+    arguments are loader.load's. The programs are not pinned: a loaded socket program is how
+    `ebpfsvc why` and `service list` tell that the socket path serves (inspect/node.py
+    socket_programs), so they live only while an agent or a cgroup holds them."""
     return loader.load(pin_dir, limits=limits, cache=cache, source=SOURCE, programs=PROGRAMS, attach_types=HOOKS,
-                       program_cache=program_cache, maps_unit=maps_unit, compile_apart=compile_apart)
+                       program_cache=program_cache, maps_unit=maps_unit, compile_apart=compile_apart,
+                       pin_programs=False)
 
 
 #: --socket-lb-cgroup's value that finds the kubelet's cgroup (find_kubelet_cgroup) instead of naming it.

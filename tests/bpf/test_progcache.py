@@ -476,6 +476,8 @@ def test_compile_apart_never_compiles_in_the_process(cache_dir, pin_dir, unique_
         assert isinstance(unit, progcache.PinnedTables)
         assert isinstance(dp.bpf, progcache.CachedObject) and isinstance(sock.bpf, progcache.CachedObject)
         assert len(program_entries(cache_dir)) == 2
+        # The socket programs are not pinned: loaded, they say the socket path serves (inspect).
+        assert sorted(p.name.rsplit("_", 1)[0] for p in progcache.program_pins(pin_dir)) == sorted(loader.PROGRAMS)
         MapWriter(dp.maps).apply(state(frontend(VIP, 80, [be("198.18.2.50", 8080)])))
         check(dp, Case("a SYN to the VIP goes to the backend", "from_pod",
                        from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
