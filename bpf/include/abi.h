@@ -38,7 +38,7 @@
 #define LB_BACKENDS_MAX 131072        /* distinct (address, port, proto) backends */
 #endif
 #ifndef LB_MAGLEV_SLOTS_MAX
-#define LB_MAGLEV_SLOTS_MAX 16777216  /* all Maglev tables together, in slots (4 bytes each: 64 MiB) */
+#define LB_MAGLEV_SLOTS_MAX 16777216  /* all Maglev tables together, in slots (4 bytes, 8-byte aligned by the kernel: 128 MiB) */
 #endif
 #ifndef CT_ENTRIES_MAX
 #define CT_ENTRIES_MAX 262144         /* LRU: tracked flows, two entries each */
