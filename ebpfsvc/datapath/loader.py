@@ -355,8 +355,9 @@ def open_maps(pin_dir, *, limits: Limits | None = None, program_cache: bool = Fa
     """The datapath's pinned maps as bcc tables, without compiling a program (bpf/lb_maps.c:
     a fraction of a second, where load() takes seconds), so a starting agent can write them
     while the programs compile. Maps not pinned yet are created and pinned, as load() would.
-    With `program_cache`, maps all pinned in the shapes of a kept layout need no compile at all
-    (progcache.open_layout: a restart); a compile keeps the layout for the next start, and with
+    With `program_cache`, a kept layout needs no compile at all (progcache.open_layout): a restart
+    opens the maps pinned in its shapes, a new node creates and pins them from it. Without a layout
+    (the machine's first node, or new limits) the unit is compiled, which keeps the layout, and with
     `compile_apart` it runs in a child process (compiler.py), whose layout and pins are then opened.
     Returns (bpf object, {name: table}), or None when pins of another shape are in the way:
     load() then recreates them, so nothing must be written before it."""

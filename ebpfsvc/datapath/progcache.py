@@ -34,6 +34,7 @@ cache directory of the Maglev fill (ebpfsvc/maglev.py).
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -370,10 +371,11 @@ class PinnedTables:
 
 
 def open_layout(directory, key: str, pin_dir, names) -> PinnedTables | None:
-    """The tables `names` of the layout kept under `key`, on the maps pinned in `pin_dir`; None (a
-    compile, which also creates pins) when there is no usable layout of exactly those maps, or a map
-    is not pinned. Whether the pins have the layout's shapes is the caller's to check, as after a
-    compile (loader.stale_pins)."""
+    """The tables `names` of the layout kept under `key`, on the maps pinned in `pin_dir`; a map not
+    pinned yet (a new node) is created in the layout's shape and pinned, as the maps unit's compile
+    would (_create_pinned). None (a compile) when there is no usable layout of exactly those maps.
+    Whether the pins have the layout's shapes is the caller's to check, as after a compile
+    (loader.stale_pins)."""
     from bcc import BPF, table as bcc_table
 
     # bcc's table classes of the map types the datapath declares (bcc.table.Table picks them so)
@@ -391,7 +393,7 @@ def open_layout(directory, key: str, pin_dir, names) -> PinnedTables | None:
         for name, layout in entry["tables"].items():
             cls = classes[layout["type"]]
             keytype, leaftype = BPF._decode_table_type(layout["key"]), BPF._decode_table_type(layout["leaf"])
-            fd = bpfsys.obj_get(Path(pin_dir) / name)       # OSError when not pinned
+            fd = _open_or_create_pinned(Path(pin_dir) / name, layout, keytype, leaftype)
             try:
                 # bcc's constructors read type, flags and size from a compiled module; without one
                 # (NULL: libbcc answers -1) they are the layout's, set here.
@@ -406,6 +408,29 @@ def open_layout(directory, key: str, pin_dir, names) -> PinnedTables | None:
         log.info("program cache: maps layout %s not used (%s): compiling the maps unit", key[:16], e)
         return None
     return PinnedTables(tables)
+
+
+def _open_or_create_pinned(path: Path, layout: dict, keytype, leaftype) -> int:
+    """An fd of the map pinned at `path`, created in `layout`'s shape and pinned there first when
+    nothing is: what bcc does for a BPF_TABLE_PINNED declaration, without compiling the unit that
+    declares it. The map gets no BTF (bcc's has it for bpftool's pretty-printing only: the datapath
+    has no spin lock, timer or kptr, the only map fields the verifier needs BTF for)."""
+    import ctypes
+
+    try:
+        return bpfsys.obj_get(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = bpfsys.map_create(layout["type"], ctypes.sizeof(keytype), ctypes.sizeof(leaftype), layout["max_entries"],
+                           flags=layout["flags"], name=path.name)
+    try:
+        bpfsys.obj_pin(fd, path)
+    except OSError:
+        os.close(fd)
+        return bpfsys.obj_get(path)     # another process pinned it first: theirs, as bcc would take it
+    return fd
 
 
 def _pin_name(program: str, key: str) -> str:

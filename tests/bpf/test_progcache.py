@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import uuid
 
@@ -436,11 +437,11 @@ def test_a_kept_layout_opens_the_pinned_maps_without_compiling(cache_dir, pin_di
         assert isinstance(opened[0], BPF) and set(opened[1]) == set(loader.MAPS)
     finally:
         opened[0].cleanup()
-    # ... and kept the right layout again; a map not pinned (a new node's) is a compile that pins it.
+    # ... and kept the right layout again; a map not pinned (a new node's) is created from it and pinned.
     (pin_dir / "lb4_frontends").unlink()
     opened = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
     try:
-        assert isinstance(opened[0], BPF) and (pin_dir / "lb4_frontends").exists()
+        assert isinstance(opened[0], progcache.PinnedTables) and (pin_dir / "lb4_frontends").exists()
     finally:
         opened[0].cleanup()
     opened = loader.open_maps(pin_dir, limits=TEST_LIMITS, program_cache=True)
@@ -522,3 +523,58 @@ def test_a_child_leaves_pins_of_another_shape_to_the_process(cache_dir, pin_dir,
         assert any("recreating all of them" in r.getMessage() for r in caplog.records)
     finally:
         dp.close()
+
+
+def test_a_new_node_makes_its_maps_from_the_kept_layout(cache_dir, pin_dir, monkeypatch):
+    """A new node (nothing pinned) whose machine kept the maps unit's layout creates and pins its
+    maps from it, compiling nothing: the same shapes as the unit's compile gives (loader.stale_pins
+    against a compile finds none), and programs from the cache run on them."""
+    import bcc
+    from ebpfsvc.datapath import bpfsys
+    from ebpfsvc.datapath.writer import MapWriter
+    from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
+
+    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()   # fills layout and entry
+    other = pin_dir.with_name(pin_dir.name + "-n")
+    compiles: list = []
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(bcc, "BPF", _counting(bcc.BPF, compiles))
+            unit, tables = loader.open_maps(other, limits=TEST_LIMITS, program_cache=True)
+            dp = loader.load(other, limits=TEST_LIMITS, cache=False, program_cache=True, maps_unit=unit)
+        try:
+            assert compiles == [] and isinstance(unit, progcache.PinnedTables)
+            assert sorted(p.name for p in other.iterdir() if p.name in loader.MAPS) == sorted(loader.MAPS)
+            for name in loader.MAPS:
+                assert bpfsys.map_shape(tables[name].map_fd) == bpfsys.map_shape(dp.maps[name].map_fd), name
+            MapWriter(dp.maps).apply(state(frontend(VIP, 80, [be("198.18.2.50", 8080)])))
+            check(dp, Case("a SYN to the VIP goes to the backend", "from_pod",
+                           from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
+                           from_pod(tcp(CLIENT, "198.18.2.50", 40000, 8080, "S"))))
+        finally:
+            dp.close()
+            unit.cleanup()
+        # The maps bcc makes for the unit, in a third directory: the same type, sizes and flags
+        # (BPF_F_MMAPABLE, BPF_F_NO_PREALLOC), and bcc takes the created ones as its own.
+        third = pin_dir.with_name(pin_dir.name + "-c")
+        compiled = bcc.BPF(text=loader.expand_source(loader.MAPS_SOURCE).encode(),
+                           cflags=loader.cflags_for(third, TEST_LIMITS))
+        try:
+            for name in loader.MAPS:
+                made, by_bcc = bpfsys.obj_get(other / name), bpfsys.obj_get(third / name)
+                try:
+                    assert bpfsys.map_shape(made) == bpfsys.map_shape(by_bcc), name
+                finally:
+                    os.close(made)
+                    os.close(by_bcc)
+        finally:
+            compiled.cleanup()
+            loader.unpin(third)
+        compiled = bcc.BPF(text=loader.expand_source(loader.MAPS_SOURCE).encode(),
+                           cflags=loader.cflags_for(other, TEST_LIMITS))
+        try:
+            assert loader.stale_pins(compiled, other) == []
+        finally:
+            compiled.cleanup()
+    finally:
+        loader.unpin(other)
