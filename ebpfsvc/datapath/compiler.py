@@ -58,7 +58,7 @@ def programs_request(pin_dir, limits, source, programs, options: dict) -> dict:
 
 
 def _what(request: dict) -> str:
-    return Path(request.get("source", "lb_maps.c")).name if request.get("kind") == "programs" else "the maps unit"
+    return Path(request["source"]).name if request["kind"] == "programs" else "the maps unit"
 
 
 def main(argv: list[str]) -> int:

@@ -34,7 +34,6 @@ from ebpfsvc.datapath.bpfsys import PinnedMap
 from .packets import HAIRPIN
 
 BPFFS = Path("/sys/fs/bpf")
-PROGRAM_CACHE_ENV = "EBPFSVC_PROGRAM_CACHE"
 
 # Small maps: LRU maps preallocate, and every array is zeroed before each test.
 TEST_LIMITS = loader.Limits(
@@ -71,15 +70,9 @@ class CompiledDatapaths:
             # Through the run's own program cache, as an agent loads (datapath/progcache.py): a
             # configuration whose programs differ from an earlier one's only in map sizes or pin
             # directory loads that one's instructions instead of compiling again.
-            saved = os.environ.get(PROGRAM_CACHE_ENV)
-            os.environ[PROGRAM_CACHE_ENV] = str(self.program_cache)
-            try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("EBPFSVC_PROGRAM_CACHE", str(self.program_cache))
                 dp = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
-            finally:
-                if saved is None:
-                    os.environ.pop(PROGRAM_CACHE_ENV)
-                else:
-                    os.environ[PROGRAM_CACHE_ENV] = saved
             self.compiles += 1
             self._loaded[key] = dp
         return dp

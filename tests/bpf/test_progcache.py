@@ -346,21 +346,26 @@ def test_a_node_with_bigger_maps_loads_another_nodes_entry(warm_cache_dir, pin_d
     """The entry a node of TEST_LIMITS filled serves a new node whose conntrack table is four times
     as big: no compile, and the programs run on the new node's maps."""
     from ebpfsvc.datapath import bpfsys
-    from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
-    from ebpfsvc.datapath.writer import MapWriter
     bigger = loader.Limits(**{**TEST_LIMITS.__dict__, "ct_entries": TEST_LIMITS.ct_entries * 4})
     other = pin_dir.with_name(pin_dir.name + "-b")
     dp = loader.load(other, limits=bigger, cache=False, program_cache=True)
     try:
         assert isinstance(dp.bpf, progcache.CachedObject)
         assert bpfsys.map_shape(dp.maps["ct4"].map_fd)[3] == bigger.ct_entries
-        MapWriter(dp.maps).apply(state(frontend(VIP, 80, [be("198.18.2.50", 8080)])))
-        check(dp, Case("a SYN to the VIP goes to the backend", "from_pod",
-                       from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
-                       from_pod(tcp(CLIENT, "198.18.2.50", 40000, 8080, "S"))))
+        _serves_a_syn(dp)
     finally:
         dp.close()
         loader.unpin(other)
+
+
+def _serves_a_syn(dp) -> None:
+    """`dp`'s programs, on its maps, translate a SYN to a one-backend ClusterIP (exact bytes)."""
+    from ebpfsvc.datapath.writer import MapWriter
+    from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
+
+    MapWriter(dp.maps).apply(state(frontend(VIP, 80, [be("198.18.2.50", 8080)])))
+    check(dp, Case("a SYN to the VIP goes to the backend", "from_pod", from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
+                   from_pod(tcp(CLIENT, "198.18.2.50", 40000, 8080, "S"))))
 
 
 def _layout(t) -> tuple:
@@ -460,9 +465,7 @@ def test_compile_apart_never_compiles_in_the_process(cache_dir, pin_dir, unique_
     for their hooks (the kernel checks each against the hook it was verified for)."""
     import bcc
     from ebpfsvc.datapath import socklb
-    from ebpfsvc.datapath.writer import MapWriter
     from ebpfsvc.lab import cgroups
-    from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
 
     compiles: list = []
     monkeypatch.setattr(bcc, "BPF", _counting(bcc.BPF, compiles))
@@ -479,10 +482,7 @@ def test_compile_apart_never_compiles_in_the_process(cache_dir, pin_dir, unique_
         assert len(program_entries(cache_dir)) == 2
         # The socket programs are not pinned: loaded, they say the socket path serves (inspect).
         assert sorted(p.name.rsplit("_", 1)[0] for p in progcache.program_pins(pin_dir)) == sorted(loader.PROGRAMS)
-        MapWriter(dp.maps).apply(state(frontend(VIP, 80, [be("198.18.2.50", 8080)])))
-        check(dp, Case("a SYN to the VIP goes to the backend", "from_pod",
-                       from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
-                       from_pod(tcp(CLIENT, "198.18.2.50", 40000, 8080, "S"))))
+        _serves_a_syn(dp)
         cgroups.create(node_cg)
         socklb.attach(sock, node_cg)
         assert socklb.attached(node_cg) == {name: [_prog_id(sock.programs[name].fd)] for name in socklb.HOOKS}
@@ -531,8 +531,6 @@ def test_a_new_node_makes_its_maps_from_the_kept_layout(cache_dir, pin_dir, monk
     against a compile finds none), and programs from the cache run on them."""
     import bcc
     from ebpfsvc.datapath import bpfsys
-    from ebpfsvc.datapath.writer import MapWriter
-    from .packets import CLIENT, OK, VIP, Case, be, check, from_pod, frontend, state, tcp
 
     loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()   # fills layout and entry
     other = pin_dir.with_name(pin_dir.name + "-n")
@@ -547,10 +545,7 @@ def test_a_new_node_makes_its_maps_from_the_kept_layout(cache_dir, pin_dir, monk
             assert sorted(p.name for p in other.iterdir() if p.name in loader.MAPS) == sorted(loader.MAPS)
             for name in loader.MAPS:
                 assert bpfsys.map_shape(tables[name].map_fd) == bpfsys.map_shape(dp.maps[name].map_fd), name
-            MapWriter(dp.maps).apply(state(frontend(VIP, 80, [be("198.18.2.50", 8080)])))
-            check(dp, Case("a SYN to the VIP goes to the backend", "from_pod",
-                           from_pod(tcp(CLIENT, VIP, 40000, 80, "S")), OK,
-                           from_pod(tcp(CLIENT, "198.18.2.50", 40000, 8080, "S"))))
+            _serves_a_syn(dp)
         finally:
             dp.close()
             unit.cleanup()
