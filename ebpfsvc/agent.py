@@ -391,9 +391,17 @@ class Agent:
         if self.datapath is None:
             # migrate: a limit changed since the maps were pinned: their entries are carried over.
             self.datapath = loader.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
-                                        reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
                                         migrate=True, program_cache=cfg.program_cache, maps_unit=self._maps_bpf,
                                         compile_apart=cfg.program_cache)
+        if old is None:
+            # The datapath options are a word the programs read (not compiled in): written before
+            # anything of this run attaches. Programs a previous run left attached take it at
+            # their next packet, so a restart with other options needs no compile.
+            loader.publish_options(self.datapath.maps, snat_keep_client_port=cfg.snat_keep_client_port,
+                                   host_clients=cfg.host_clients,
+                                   reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
+                                   masquerade_external_to_local_backends=cfg.masquerade_external_to_local_backends,
+                                   cluster_cidr=cfg.cluster_cidr)
         # The node's addresses are a map the programs read (not compiled in): written before anything
         # is attached, and again whenever they change, with no reload.
         addrs = nodeaddrs.NodeAddrs(hairpin4=info.hairpin, snat4=info.primary, hairpin6=info.hairpin6,
@@ -413,10 +421,6 @@ class Agent:
             f"uplink {', '.join(info.missing_uplinks)} not found: NodePorts, externalIPs, LoadBalancer IPs "
             f"and node clients are not served on it" if info.missing_uplinks else None))
         self._set_node_context(info)
-        # What the programs were compiled with, for `ebpfsvc why` (the one place that reads it back).
-        loader.publish_options(self.datapath.maps, reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
-                               masquerade_external_to_local_backends=cfg.masquerade_external_to_local_backends,
-                               cluster_cidr=cfg.cluster_cidr)
         self._configured = info
         loader.release_compiler_memory()    # LLVM is needed again only for the next compile
 
@@ -444,12 +448,6 @@ class Agent:
         reload = self.uplink_datapath is None
         if reload:
             self.uplink_datapath = uplink.load(cfg.pin_dir, limits=loader.Limits(**cfg.limits),
-                                               snat_keep_client_port=cfg.snat_keep_client_port,
-                                               host_clients=cfg.host_clients,
-                                               reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
-                                               masquerade_external_to_local_backends=(
-                                                   cfg.masquerade_external_to_local_backends),
-                                               cluster_cidr=cfg.cluster_cidr,
                                                program_cache=cfg.program_cache, maps_unit=self._maps_bpf,
                                                compile_apart=cfg.program_cache)
         for name in info.uplinks:

@@ -217,13 +217,19 @@ struct lb_service_status {
 	char  detail[124];      /* one line, NUL-padded (cut to fit) */
 };
 
-/* lb_agent_config[0]: the agent options its programs were compiled with (loader
- * -D flags), published by the agent for `ebpfsvc why`; the datapath never reads
- * it. 0 (no LB_CFG_PUBLISHED): an agent that publishes nothing. */
+/* lb_agent_config[0]: the agent's datapath options, which the programs read at run
+ * time (lb.h lb_option), so that one compiled object serves every node whatever
+ * its options, and a restart with other options needs no compile. The agent
+ * writes the word before it attaches anything; `ebpfsvc why` reads it back.
+ * 0 (no LB_CFG_PUBLISHED: maps as created, or an agent that writes none): the
+ * defaults, LB_CFG_DEFAULTS. */
 #define LB_CFG_PUBLISHED                 0x1   /* the word below was written */
-#define LB_CFG_RESET_REMOVED_TCP         0x2   /* LB_RESET_REMOVED_TCP: --reset-removed-endpoint-tcp */
-#define LB_CFG_MASQUERADE_LOCAL_BACKENDS 0x4   /* NP_MASQUERADE_LOCAL_BACKENDS: --masquerade-external-to-local-backends */
-#define LB_CFG_CLUSTER_CIDR              0x8   /* NP_CLUSTER_CIDR_*: --cluster-cidr, in lb_agent_cluster_cidr */
+#define LB_CFG_RESET_REMOVED_TCP         0x2   /* --reset-removed-endpoint-tcp (lb.h lb4_flow_keeps_backend) */
+#define LB_CFG_MASQUERADE_LOCAL_BACKENDS 0x4   /* --masquerade-external-to-local-backends (nodeport.h) */
+#define LB_CFG_CLUSTER_CIDR              0x8   /* --cluster-cidr, in lb_agent_cluster_cidr (nodeport.h np4_from_cluster) */
+#define LB_CFG_SNAT_KEEP_CLIENT_PORT     0x10  /* --nodeport-snat-keep-client-port (nodeport.h np4_snat_alloc) */
+#define LB_CFG_HOST_CLIENTS              0x20  /* --host-clients (host.h) */
+#define LB_CFG_DEFAULTS (LB_CFG_RESET_REMOVED_TCP | LB_CFG_SNAT_KEEP_CLIENT_PORT | LB_CFG_HOST_CLIENTS)
 
 /* Conntrack key: the 5-tuple as seen on the wire in one direction. */
 struct ct4_key {

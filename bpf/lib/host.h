@@ -46,12 +46,10 @@
 #ifndef EBPFSVC_HOST_H
 #define EBPFSVC_HOST_H
 
-/* Feature gate: the agent's --no-host-clients compiles to_uplink with 0, so the
- * node's own packets to externalIPs and LoadBalancer IPs leave untranslated
- * (from_host and from_loopback are then simply not attached). */
-#ifndef LB_HOST_CLIENTS
-#define LB_HOST_CLIENTS 1
-#endif
+/* Feature gate: with the agent's --no-host-clients (no LB_CFG_HOST_CLIENTS),
+ * to_uplink lets the node's own packets to externalIPs and LoadBalancer IPs
+ * leave untranslated (from_host and from_loopback are then simply not attached).
+ * Asked last: only a node's own packet to a frontend address pays the lookup. */
 
 /* Where a node client's packet was met (how to answer and send it). */
 #define HS_HOST_DEVICE 0   /* ebpfsvc0 egress: only service addresses are routed there */
@@ -241,8 +239,8 @@ static __always_inline int hs4_from_loopback(struct __sk_buff *skb)
  */
 static __always_inline int hs4_to_uplink(struct __sk_buff *skb, struct lb4_pkt *p, __u64 now)
 {
-	if (!LB_HOST_CLIENTS || !p->saddr || p->saddr != node_snat4() || p->frag != LB_FRAG_NONE ||
-	    !lb4_is_frontend_address(p->daddr, p->proto, LB_SCOPE_INTERNAL))
+	if (!p->saddr || p->saddr != node_snat4() || p->frag != LB_FRAG_NONE ||
+	    !lb4_is_frontend_address(p->daddr, p->proto, LB_SCOPE_INTERNAL) || !lb_option(LB_CFG_HOST_CLIENTS))
 		return -1;
 	return hs4_forward(skb, p, now, HS_UPLINK);
 }
@@ -379,8 +377,8 @@ static __always_inline int hs6_from_loopback(struct __sk_buff *skb)
 static __always_inline int hs6_to_uplink(struct __sk_buff *skb, struct lb6_pkt *p, __u64 now,
 					 struct np6_scratch *s)
 {
-	if (!LB_HOST_CLIENTS || p->frag != LB_FRAG_NONE || !np6_is_node_addr(p->saddr) ||
-	    !lb6_is_frontend_address(p->daddr, p->proto, LB_SCOPE_INTERNAL))
+	if (p->frag != LB_FRAG_NONE || !np6_is_node_addr(p->saddr) ||
+	    !lb6_is_frontend_address(p->daddr, p->proto, LB_SCOPE_INTERNAL) || !lb_option(LB_CFG_HOST_CLIENTS))
 		return -1;
 	return hs6_forward(skb, p, now, HS_UPLINK, s);
 }

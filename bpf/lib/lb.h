@@ -64,19 +64,29 @@ static __always_inline int lb4_is_frontend_address(__be32 addr, __u8 proto, __u8
 #define LB_BE_F_NO_NEW_FLOWS (LB_BE_F_TERMINATING | LB_BE_F_NOT_READY)
 
 /*
- * Whether a tracked TCP flow whose backend left its EndpointSlice is reset
- * (1, the default: the client learns at once that the pod is gone) or goes on
- * to the address its conntrack entry holds until it closes or expires, as
- * kube-proxy never flushes TCP conntrack (0: the agent's
- * --no-reset-removed-endpoint-tcp; docs/semantics.md).
+ * Is the agent's option `flag` (LB_CFG_*, abi.h) on? Read at run time, not
+ * compiled in, so that one object serves every node; a word without
+ * LB_CFG_PUBLISHED (maps as created) means the defaults. An array lookup with a
+ * constant key: the verifier inlines it.
  */
-#ifndef LB_RESET_REMOVED_TCP
-#define LB_RESET_REMOVED_TCP 1
-#endif
+static __always_inline int lb_option(__u32 flag)
+{
+	__u32 k = 0;
+	__u32 *word = lb_agent_config.lookup(&k);
+	__u32 w = word ? *word : 0;
+
+	if (!(w & LB_CFG_PUBLISHED))
+		w = LB_CFG_DEFAULTS;
+	return (w & flag) != 0;
+}
 
 /*
  * May an established flow of protocol `proto` stay on backend `id`? Not when
- * the backend was removed (unless TCP and !LB_RESET_REMOVED_TCP); not for a UDP
+ * the backend was removed, unless TCP without LB_CFG_RESET_REMOVED_TCP (the
+ * agent's --no-reset-removed-endpoint-tcp: the flow goes on to the address its
+ * conntrack entry holds until it closes or expires, as kube-proxy never flushes
+ * TCP conntrack; by default the client learns at once that the pod is gone:
+ * docs/semantics.md); not for a UDP
  * flow when the backend is not ready (kube-proxy clears a not-ready endpoint's
  * UDP conntrack entries, so the next datagram is balanced again, while TCP
  * connections carry on).
@@ -86,7 +96,7 @@ static __always_inline int lb4_flow_keeps_backend(__u32 id, __u8 proto)
 	struct lb4_backend *be = lb4_backends.lookup(&id);
 
 	if (!be)
-		return !LB_RESET_REMOVED_TCP && proto == IPPROTO_TCP;
+		return proto == IPPROTO_TCP && !lb_option(LB_CFG_RESET_REMOVED_TCP);
 	return !(proto == IPPROTO_UDP && (be->flags & LB_BE_F_NOT_READY));
 }
 

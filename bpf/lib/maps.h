@@ -33,10 +33,10 @@ BPF_TABLE_PINNED("lru_hash", struct frag4_key, struct frag4_ports, frag4, FRAG_E
 BPF_TABLE_PINNED("hash", __u32, struct lb_service_name, lb_service_names, LB_SERVICES_MAX, LB_PIN_DIR "/lb_service_names");
 /* "namespace/name" -> why that Service is not programmed (agent admission; read by `service list`, never by programs). */
 BPF_TABLE_PINNED("hash", struct lb_service_name, struct lb_service_status, lb_service_status, LB_SERVICES_MAX, LB_PIN_DIR "/lb_service_status");
-/* 0 -> LB_CFG_* options the agent compiled the programs with (for `ebpfsvc why`; never read by programs). */
+/* 0 -> the agent's LB_CFG_* options (abi.h), read by the programs at run time (lb.h lb_option). */
 BPF_TABLE_PINNED("array", __u32, __u32, lb_agent_config, 1, LB_PIN_DIR "/lb_agent_config");
 /* 0 -> the agent's --cluster-cidr network (host order), 1 -> its prefix length, when lb_agent_config has
- * LB_CFG_CLUSTER_CIDR (for `ebpfsvc why`; the programs have it as -D NP_CLUSTER_CIDR_*, never read this). */
+ * LB_CFG_CLUSTER_CIDR (nodeport.h np4_from_cluster). */
 BPF_TABLE_PINNED("array", __u32, __u32, lb_agent_cluster_cidr, 2, LB_PIN_DIR "/lb_agent_cluster_cidr");
 /* frontend id -> packets/bytes of its translated flows, both directions (per CPU). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_traffic, lb_frontend_stats, LB_FRONTENDS_MAX, LB_PIN_DIR "/lb_frontend_stats");

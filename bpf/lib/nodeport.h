@@ -13,7 +13,7 @@
  *       - backend on this node, or externalTrafficPolicy Local: DNAT only, the
  *         backend sees the client's address, the kernel delivers it to the pod;
  *       - backend on another node (Cluster policy), or on this one with
- *         NP_MASQUERADE_LOCAL_BACKENDS (kube-proxy's masquerade): SNAT to node_snat4() with
+ *         LB_CFG_MASQUERADE_LOCAL_BACKENDS (kube-proxy's masquerade): SNAT to node_snat4() with
  *         a source port of our own (np4_snat_alloc) + DNAT, sent out directly
  *         (np4_redirect): the kernel would refuse to forward a packet whose
  *         source is one of its own addresses (martian source).
@@ -236,7 +236,7 @@ static __always_inline int np4_snat_alloc(void *ctx, const struct lb4_pkt *p, co
 	nat->pad0 = 0;
 	nat->port = p->sport;
 	if (p->proto == IPPROTO_TCP && lb_ntohs(p->sport) >= SNAT_KEEP_PORT_MIN &&
-	    np4_snat_port_is_free(ctx, e, p->sport) &&
+	    lb_option(LB_CFG_SNAT_KEEP_CLIENT_PORT) && np4_snat_port_is_free(ctx, e, p->sport) &&
 	    !np4_snat_claim(e, rk, nat, &client, p->proto, now))
 		return 0;
 #pragma unroll
@@ -346,20 +346,27 @@ static __always_inline int np4_forward_xlate(struct __sk_buff *skb, struct lb4_p
  */
 /*
  * The cluster's pod CIDR, kube-proxy's --cluster-cidr under its default
- * --detect-local-mode ClusterCIDR (the agent's --cluster-cidr; a loader -D,
- * __be32 network and mask): traffic from it is "pod traffic", which kube-proxy's
- * external chain sends to the cluster-wide endpoints even under
- * externalTrafficPolicy Local. Mask 0 (no --cluster-cidr, kube-proxy's no-op
- * detector): no source is, and Local stays Local for everyone.
+ * --detect-local-mode ClusterCIDR (the agent's --cluster-cidr: LB_CFG_CLUSTER_CIDR,
+ * network and prefix length in lb_agent_cluster_cidr): traffic from it is "pod
+ * traffic", which kube-proxy's external chain sends to the cluster-wide endpoints
+ * even under externalTrafficPolicy Local. Without it (or a /0, kube-proxy's no-op
+ * detector): no source is, and Local stays Local for everyone. Asked only for a
+ * Local-policy external frontend.
  */
-#ifndef NP_CLUSTER_CIDR_MASK
-#define NP_CLUSTER_CIDR_NET 0
-#define NP_CLUSTER_CIDR_MASK 0
-#endif
-
 static __always_inline int np4_from_cluster(__be32 saddr)
 {
-	return NP_CLUSTER_CIDR_MASK && (saddr & NP_CLUSTER_CIDR_MASK) == NP_CLUSTER_CIDR_NET;
+	__u32 k0 = 0, k1 = 1;
+	__u32 *net, *len;
+	__u32 mask;
+
+	if (!lb_option(LB_CFG_CLUSTER_CIDR))
+		return 0;
+	net = lb_agent_cluster_cidr.lookup(&k0);
+	len = lb_agent_cluster_cidr.lookup(&k1);
+	if (!net || !len || !*len || *len > 32)
+		return 0;
+	mask = 0xffffffffU << (32 - *len);
+	return (lb_ntohl(saddr) & mask) == (*net & mask);
 }
 
 static __always_inline struct lb4_service *np4_lookup_frontend(const struct lb4_pkt *p)
@@ -382,20 +389,21 @@ static __always_inline struct lb4_service *np4_lookup_frontend(const struct lb4_
 
 /*
  * Whether external traffic to a backend on this node under externalTrafficPolicy
- * Cluster is masqueraded to node_snat4(), as kube-proxy does (1: the agent's
- * --masquerade-external-to-local-backends), or keeps the client's address (0,
- * the default: better for the backend's logs and policies; docs/semantics.md).
+ * Cluster is masqueraded to node_snat4(), as kube-proxy does (the agent's
+ * --masquerade-external-to-local-backends), or keeps the client's address (the
+ * default: better for the backend's logs and policies; docs/semantics.md).
  * A masqueraded flow to a local pod is sent to the pod's veth like a remote one
  * to the uplink (np4_redirect); its reply is translated back where it leaves
  * the pod (flow.h lb4_reply_to_node -> np4_snat_reply).
  */
-#ifndef NP_MASQUERADE_LOCAL_BACKENDS
-#define NP_MASQUERADE_LOCAL_BACKENDS 0
-#endif
+static __always_inline int np_masquerades_local(void)
+{
+	return lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS);
+}
 
 /* Does a new north-south flow to `svc` on backend `be_flags` keep the client's address
  * (DNAT only)? Always under a Local policy; for a backend on this node unless `masquerade`
- * (NP_MASQUERADE_LOCAL_BACKENDS, either family). Otherwise it is
+ * (np_masquerades_local(), either family). Otherwise it is
  * SNATed to the node. A kept source's reply leaves through to_uplink, which restores the
  * frontend. */
 static __always_inline int np_flow_keeps_source(const struct lb4_service *svc, __u8 be_flags, int masquerade)
@@ -435,7 +443,7 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 		return lb_drop(REASON_NO_BACKEND);
 	e.flags |= CT_F_NODEPORT;
 
-	if (np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS)) {
+	if (np_flow_keeps_source(svc, be->flags, np_masquerades_local())) {
 		/* Source-preserving: the reply leaves through to_uplink, which restores the frontend. */
 		if (ct4_create(fk, &e, p->saddr))
 			return lb_drop(REASON_CT_CREATE_FAILED);

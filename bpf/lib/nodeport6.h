@@ -200,7 +200,7 @@ static __always_inline int np6_snat_alloc(void *ctx, const struct lb6_pkt *p, co
 	nat->pad0 = 0;
 	nat->port = p->sport;
 	if (p->proto == IPPROTO_TCP && lb_ntohs(p->sport) >= SNAT_KEEP_PORT_MIN &&
-	    np6_snat_port_is_free(ctx, e, nat, p->sport) &&
+	    lb_option(LB_CFG_SNAT_KEEP_CLIENT_PORT) && np6_snat_port_is_free(ctx, e, nat, p->sport) &&
 	    !np6_snat_claim(e, rk, nat, client, p->proto, now))
 		return 0;
 #pragma unroll
@@ -337,7 +337,7 @@ static __always_inline int np6_forward_new(struct __sk_buff *skb, struct lb6_pkt
 		return lb_drop(REASON_NO_BACKEND);
 	e->flags |= CT_F_NODEPORT;
 
-	if (np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS)) {
+	if (np_flow_keeps_source(svc, be->flags, np_masquerades_local())) {
 		if (ct6_create(fk, e, p->saddr))
 			return lb_drop(REASON_CT_CREATE_FAILED);
 		lb6_affinity_update(svc, p->saddr, e->backend_id, now);

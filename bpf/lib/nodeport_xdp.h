@@ -237,7 +237,7 @@ static __always_inline int np4_xdp_forward(struct xdp_md *ctx, struct lb4_pkt *p
 	return nat ? np4_xdp_tx(ctx, &fib) : XDP_PASS;   /* local backend: the kernel delivers it */
 }
 
-/* The backend of tracked flow `e` is on this node (only asked with NP_MASQUERADE_LOCAL_BACKENDS). */
+/* The backend of tracked flow `e` is on this node (only asked when np_masquerades_local()). */
 static __always_inline int np4_xdp_backend_is_local(const struct ct4_entry *e)
 {
 	__u32 id = e->backend_id;
@@ -252,6 +252,7 @@ static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, st
 	struct lb4_backend *be;
 	struct ct4_entry e = {};
 	struct snat4_entry nat;
+	int masquerade;
 
 	svc = np4_lookup_frontend(p);
 	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
@@ -268,10 +269,10 @@ static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, st
 	if (!be)
 		return XDP_PASS;
 	e.flags |= CT_F_NODEPORT;
-	if (NP_MASQUERADE_LOCAL_BACKENDS && (be->flags & LB_BE_F_LOCAL) &&
-	    !np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS))
+	masquerade = np_masquerades_local();
+	if (masquerade && (be->flags & LB_BE_F_LOCAL) && !np_flow_keeps_source(svc, be->flags, masquerade))
 		return XDP_PASS;                        /* masqueraded to a local pod: TC's (np4_redirect to its veth) */
-	if (np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS)) {
+	if (np_flow_keeps_source(svc, be->flags, masquerade)) {
 		if (ct4_create(fk, &e, p->saddr))
 			return XDP_PASS;                /* TC tries again, and counts a failure */
 		lb4_affinity_update(svc, p->saddr, e.backend_id, now);
@@ -323,7 +324,7 @@ static __always_inline int np4_xdp_uplink(struct xdp_md *ctx)
 			return XDP_PASS;                /* the flow restarts or ends: TC decides how */
 		if (e->flags & CT_F_SNAT) {
 			nat = lb4_snat.lookup(&fk);
-			if (!nat || (NP_MASQUERADE_LOCAL_BACKENDS && np4_xdp_backend_is_local(e)))
+			if (!nat || (np_masquerades_local() && np4_xdp_backend_is_local(e)))
 				return XDP_PASS;        /* a masqueraded flow to a local pod stays TC's */
 		}
 		np4_note_forward(&p, e, nat, now);
@@ -528,6 +529,7 @@ static __always_inline int np6_xdp_new(struct xdp_md *ctx, struct lb6_pkt *p, st
 	struct lb4_service *svc;
 	struct lb6_backend *be;
 	struct ct6_entry *e = &s->e;
+	int masquerade;
 
 	svc = np6_lookup_frontend(p);
 	if (!svc || (svc->flags & LB_SVC_F_ADDRESS))
@@ -545,10 +547,10 @@ static __always_inline int np6_xdp_new(struct xdp_md *ctx, struct lb6_pkt *p, st
 	if (!be)
 		return XDP_PASS;
 	e->flags |= CT_F_NODEPORT;
-	if (NP_MASQUERADE_LOCAL_BACKENDS && (be->flags & LB_BE_F_LOCAL) &&
-	    !np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS))
+	masquerade = np_masquerades_local();
+	if (masquerade && (be->flags & LB_BE_F_LOCAL) && !np_flow_keeps_source(svc, be->flags, masquerade))
 		return XDP_PASS;                        /* masqueraded to a local pod: TC's (np6_redirect to its veth) */
-	if (np_flow_keeps_source(svc, be->flags, NP_MASQUERADE_LOCAL_BACKENDS)) {
+	if (np_flow_keeps_source(svc, be->flags, masquerade)) {
 		if (ct6_create(&s->fk, e, p->saddr))
 			return XDP_PASS;
 		lb6_affinity_update(svc, p->saddr, e->backend_id, now);
@@ -599,7 +601,7 @@ static __always_inline int np6_xdp_uplink(struct xdp_md *ctx)
 			return XDP_PASS;                /* the flow restarts or ends: TC decides how */
 		if (e->flags & CT_F_SNAT) {
 			nat = lb6_snat.lookup(&s->fk);
-			if (!nat || (NP_MASQUERADE_LOCAL_BACKENDS && np6_xdp_backend_is_local(e)))
+			if (!nat || (np_masquerades_local() && np6_xdp_backend_is_local(e)))
 				return XDP_PASS;        /* a masqueraded flow to a local pod stays TC's */
 		}
 		np6_note_forward(&p, e, nat, now);

@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 
 from ebpfsvc.bench import tools
-from ebpfsvc.datapath import bpfsys, loader, nsenter, socklb, tc
+from ebpfsvc.datapath import bpfsys, loader, nodeaddrs, nsenter, socklb, tc
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lab import cgroups, network
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, LBState, Protocol, ServicePortName
@@ -75,10 +75,12 @@ class Node:
         network.create_namespace(self.node_ns, forwarding=True)
         self.made.append(self.node_ns)
         network.add_pod_gateway(self.node_ns, GATEWAY)
-        self.pod_dp = loader.load(self.pin_dir, hairpin_addr=str(GATEWAY), cache=False)
+        self.pod_dp = loader.load(self.pin_dir, cache=False)
+        # The hairpin source is a map the programs read (datapath/nodeaddrs.py), not a load argument.
+        nodeaddrs.write(self.pod_dp.maps, nodeaddrs.NodeAddrs(hairpin4=GATEWAY))
         # The client's veth gets programs of its own (same source, same maps): their run statistics
         # are the client's packets only.
-        self.cli_dp = loader.load(self.pin_dir, hairpin_addr=str(GATEWAY), cache=False)
+        self.cli_dp = loader.load(self.pin_dir, cache=False)
         self.sock_dp = socklb.load(self.pin_dir, cache=False)
         for i, (name, addr) in enumerate(PODS.items()):
             ns = self.pod_ns[name]

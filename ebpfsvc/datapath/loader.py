@@ -163,32 +163,32 @@ class Datapath:
 _CACHE: dict[tuple, Datapath] = {}
 
 
-def cflags_for(pin_dir: Path, limits: Limits, snat_keep_client_port: bool = True, host_clients: bool = True,
-               reset_removed_endpoint_tcp: bool = True, masquerade_external_to_local_backends: bool = False,
-               cluster_cidr=None) -> list[str]:
+def cflags_for(pin_dir: Path, limits: Limits) -> list[str]:
+    """The compiler's flags: map sizes and the pin directory only. The agent's datapath options are
+    no flags: the programs read them from lb_agent_config (publish_options), so that one compiled
+    object (and one program-cache entry) serves every node."""
     flags = [f"-I{d}" for d in INCLUDE_DIRS]
     flags += [f"-D{k}={v}" for k, v in limits.defines().items()]
     flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
-    if not snat_keep_client_port:
-        flags.append("-DSNAT_KEEP_PORT_MIN=65536")      # no port is that high: always the range
-    if not host_clients:
-        flags.append("-DLB_HOST_CLIENTS=0")             # to_uplink leaves the node's own packets alone
-    if not reset_removed_endpoint_tcp:
-        flags.append("-DLB_RESET_REMOVED_TCP=0")        # kube-proxy's: TCP to a removed endpoint goes on
-    if masquerade_external_to_local_backends:
-        flags.append("-DNP_MASQUERADE_LOCAL_BACKENDS=1")  # kube-proxy's: ETP Cluster to a local pod is SNATed
-    if cluster_cidr is not None:                         # pods' traffic to Local-policy frontends: cluster-wide
-        net = ipaddress.IPv4Network(cluster_cidr)
-        flags += [f"-DNP_CLUSTER_CIDR_NET={be32(net.network_address):#x}U",
-                  f"-DNP_CLUSTER_CIDR_MASK={be32(net.netmask):#x}U"]
     return flags
 
 
-def agent_options(*, reset_removed_endpoint_tcp: bool = True,
-                  masquerade_external_to_local_backends: bool = False, cluster_cidr=None) -> int:
-    """The LB_CFG_* word of lb_agent_config: the options cflags_for compiles in, as the agent
-    publishes them for `ebpfsvc why` (inspect/node.py NodeMaps.agent_options reads it back)."""
+def agent_options(*, snat_keep_client_port: bool = True, host_clients: bool = True,
+                  reset_removed_endpoint_tcp: bool = True, masquerade_external_to_local_backends: bool = False,
+                  cluster_cidr=None) -> int:
+    """The LB_CFG_* word of lb_agent_config (abi.h): the datapath options the programs read at run
+    time (bpf/lib/lb.h lb_option), and `ebpfsvc why` reads back (inspect/node.py NodeMaps.agent_options).
+    `snat_keep_client_port` False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
+    `host_clients` False leaves the node's own packets to externalIPs and LoadBalancer IPs
+    untranslated on the uplink (bpf/lib/host.h); `reset_removed_endpoint_tcp` False lets a TCP flow
+    whose backend was removed go on to its address (bpf/lib/lb.h);
+    `masquerade_external_to_local_backends` SNATs external traffic under externalTrafficPolicy
+    Cluster to a backend on this node too, as kube-proxy (bpf/lib/nodeport.h); `cluster_cidr`
+    (kube-proxy's --cluster-cidr) sends its sources to the cluster-wide endpoints of a Local-policy
+    external frontend (bpf/lib/nodeport.h np4_from_cluster)."""
     return (abi.LB_CFG_PUBLISHED
+            | (abi.LB_CFG_SNAT_KEEP_CLIENT_PORT if snat_keep_client_port else 0)
+            | (abi.LB_CFG_HOST_CLIENTS if host_clients else 0)
             | (abi.LB_CFG_RESET_REMOVED_TCP if reset_removed_endpoint_tcp else 0)
             | (abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS if masquerade_external_to_local_backends else 0)
             | (abi.LB_CFG_CLUSTER_CIDR if cluster_cidr is not None else 0))
@@ -197,7 +197,8 @@ def agent_options(*, reset_removed_endpoint_tcp: bool = True,
 def publish_options(maps, cluster_cidr=None, **options) -> None:
     """Write agent_options(**options) into lb_agent_config, and the cluster CIDR (network, prefix
     length) into lb_agent_cluster_cidr before the word that says it is there (bcc tables by name,
-    as Datapath.maps)."""
+    as Datapath.maps). The programs read the word at run time: written before they attach, it
+    holds from their first packet; written again, it holds from the next packet."""
     if cluster_cidr is not None:
         net = ipaddress.IPv4Network(cluster_cidr)
         cidr = maps["lb_agent_cluster_cidr"]
@@ -208,9 +209,7 @@ def publish_options(maps, cluster_cidr=None, **options) -> None:
 
 
 def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
-         source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS,
-         snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         masquerade_external_to_local_backends: bool = False, cluster_cidr=None, migrate: bool = False,
+         source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS, migrate: bool = False,
          program_cache: bool = False, maps_unit=None, compile_apart: bool = False,
          recreate_pins: bool = True, attach_types: dict[str, int] | None = None,
          pin_programs: bool = True) -> Datapath:
@@ -218,19 +217,12 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
 
     `pin_dir` is created if needed; maps already pinned there are reused, so a
     second load (another process, or cache=False) sees the same contents.
-    The node's addresses (hairpin source, SNAT address) are not load arguments: they are
-    the map lb_node_addrs, written by nodeaddrs.write() (all zero until then: hairpin SNAT,
-    NodePort SNAT and node clients off).
+    The node's addresses (hairpin source, SNAT address) and the agent's datapath options are not
+    load arguments: they are maps, lb_node_addrs written by nodeaddrs.write() (all zero until then:
+    hairpin SNAT, NodePort SNAT and node clients off) and lb_agent_config written by
+    publish_options() (the defaults until then).
     `source`/`programs` select the object (NODE_SOURCE/NODE_PROGRAMS: the uplink
-    programs, sharing the same pinned maps); `snat_keep_client_port`
-    False gives every SNATed flow a port of the SNAT range (bpf/lib/nodeport.h);
-    `host_clients` False leaves the node's own packets to externalIPs and
-    LoadBalancer IPs untranslated on the uplink (bpf/lib/host.h); `reset_removed_endpoint_tcp`
-    False lets a TCP flow whose backend was removed go on to its address (bpf/lib/lb.h);
-    `masquerade_external_to_local_backends` SNATs external traffic under externalTrafficPolicy
-    Cluster to a backend on this node too, as kube-proxy (bpf/lib/nodeport.h; uplink programs only);
-    `cluster_cidr` (kube-proxy's --cluster-cidr) sends its sources to the cluster-wide endpoints of
-    a Local-policy external frontend (bpf/lib/nodeport.h np4_from_cluster).
+    programs, sharing the same pinned maps).
     `migrate`: when the pins must be recreated (another size or layout), carry their entries into
     the new maps (datapath/migrate.py) instead of starting empty.
     `program_cache`: load the programs from the compiled-program cache (datapath/progcache.py)
@@ -248,8 +240,7 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     pin_dir = Path(pin_dir)
     limits = limits or Limits()
     text = expand_source(source)
-    cflags = tuple(cflags_for(pin_dir, limits, snat_keep_client_port, host_clients, reset_removed_endpoint_tcp,
-                              masquerade_external_to_local_backends, cluster_cidr))
+    cflags = tuple(cflags_for(pin_dir, limits))
     key = (hashlib.sha256(text.encode()).hexdigest(), cflags)
     if cache and key in _CACHE:
         return _CACHE[key]
@@ -265,12 +256,7 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     if program_key:
         dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
         if dp is None and compile_apart and compiler.run(compiler.programs_request(
-                pin_dir, limits, source, programs, dict(
-                    snat_keep_client_port=snat_keep_client_port, host_clients=host_clients,
-                    reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
-                    masquerade_external_to_local_backends=masquerade_external_to_local_backends,
-                    cluster_cidr=None if cluster_cidr is None else str(cluster_cidr),
-                    attach_types=attach_types, pin_programs=pin_programs))):
+                pin_dir, limits, source, programs, dict(attach_types=attach_types, pin_programs=pin_programs))):
             dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
         if dp is not None:
             if cache:

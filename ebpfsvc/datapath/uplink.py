@@ -33,18 +33,14 @@ XDP_FLAGS_DRV_MODE = 1 << 2      # include/uapi/linux/if_link.h: native XDP, fai
 XDP_PROG_NAME = "xdp_uplink"
 
 
-def load(pin_dir, *, limits: loader.Limits | None = None, cache: bool = True,
-         snat_keep_client_port: bool = True, host_clients: bool = True, reset_removed_endpoint_tcp: bool = True,
-         masquerade_external_to_local_backends: bool = False, cluster_cidr=None, program_cache: bool = False,
+def load(pin_dir, *, limits: loader.Limits | None = None, cache: bool = True, program_cache: bool = False,
          maps_unit=None, compile_apart: bool = False):
     """Compile (or take from the program cache: loader.load) and load bpf/lb_node.c against the maps
-    pinned in `pin_dir`. The SNAT address is the node's, from lb_node_addrs (nodeaddrs.write)."""
+    pinned in `pin_dir`. The SNAT address is the node's, from lb_node_addrs (nodeaddrs.write); the
+    options (SNAT port, node clients, masquerade, cluster CIDR) are lb_agent_config's
+    (loader.publish_options)."""
     return loader.load(pin_dir, limits=limits, cache=cache,
                        source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
-                       snat_keep_client_port=snat_keep_client_port, host_clients=host_clients,
-                       reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
-                       masquerade_external_to_local_backends=masquerade_external_to_local_backends,
-                       cluster_cidr=cluster_cidr,
                        program_cache=program_cache, maps_unit=maps_unit, compile_apart=compile_apart)
 
 

@@ -64,12 +64,14 @@ _OPTIONAL_MAPS = _IPV6_MAPS | {"lb_agent_config", "lb_agent_cluster_cidr"}
 
 @dataclass(frozen=True)
 class AgentOptions:
-    """The agent options its programs were compiled with, as it publishes them (lb_agent_config,
+    """The agent's datapath options, the word its programs read (lb_agent_config,
     loader.agent_options); None from NodeMaps.agent_options when it published nothing."""
 
     reset_removed_endpoint_tcp: bool
     masquerade_external_to_local_backends: bool
     cluster_cidr: ipaddress.IPv4Network | None = None     # --cluster-cidr (lb_agent_cluster_cidr)
+    snat_keep_client_port: bool = True
+    host_clients: bool = True
 
 
 def hostport(address: str, port: int) -> str:
@@ -562,7 +564,8 @@ class NodeMaps:
             net, prefix = (_decode("__u32", cidr.lookup(_encode(ffi.new("__u32 *", i))))[0] for i in (0, 1))
             cluster_cidr = ipaddress.IPv4Network((int(net), int(prefix)))
         return AgentOptions(bool(word & abi.LB_CFG_RESET_REMOVED_TCP),
-                            bool(word & abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS), cluster_cidr)
+                            bool(word & abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS), cluster_cidr,
+                            bool(word & abi.LB_CFG_SNAT_KEEP_CLIENT_PORT), bool(word & abi.LB_CFG_HOST_CLIENTS))
 
     def drops(self) -> dict[str, int]:
         m = self.maps["lb_drops"]

@@ -164,11 +164,12 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
     frontend, source ranges, traffic policy, affinity, Maglev slot. Returns the steps and the
     outcome: verdict, backend and reason."""
     external = scope == "external"
-    # The settings the agent compiled its programs with, as it publishes them (None: an agent that
-    # publishes none, whose defaults then hold).
+    # The agent's datapath options, the word its programs read (None: an agent that publishes
+    # none, whose defaults then hold).
     options = node.agent_options()
     resets_removed_tcp = options is None or options.reset_removed_endpoint_tcp
     masquerades_local = options is not None and options.masquerade_external_to_local_backends
+    keeps_client_port = options is None or options.snat_keep_client_port
     now_ns = monotonic_ns() if now_ns is None else now_ns
     proto = proto.upper()
     steps: list[dict] = []
@@ -186,7 +187,9 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
                      "--masquerade-external-to-local-backends)")
             else:
                 ports = f"one of {abi.SNAT_PORT_MIN}-{abi.SNAT_PORT_MAX}"
-                if proto == "TCP" and (sport is None or sport >= abi.SNAT_KEEP_PORT_MIN):
+                if proto == "TCP" and not keeps_client_port:
+                    ports = f"{ports} (the agent runs with --no-nodeport-snat-keep-client-port)"
+                elif proto == "TCP" and (sport is None or sport >= abi.SNAT_KEEP_PORT_MIN):
                     kept = sport if sport is not None else "the client's"
                     ports = (f"the port stays {kept} unless another flow or a node socket to this backend "
                              f"holds it, then {ports} (always {ports} with --no-nodeport-snat-keep-client-port)")
@@ -270,7 +273,7 @@ def why(node: NodeMaps, src: str, dst: str, dport: int, proto: str, sport: int |
         else:
             step("socket path", f"not taken: {path}", path=path)
     cluster_cidr = options.cluster_cidr if options is not None else None
-    # The cluster CIDR is IPv4 (the uplink's NP_CLUSTER_CIDR): np6_lookup_frontend has no such step,
+    # The cluster CIDR is IPv4 (the uplink's np4_from_cluster): np6_lookup_frontend has no such step,
     # so an IPv6 source meets the Local set.
     if external and fe.flags & abi.LB_SVC_F_LOCAL_ONLY and cluster_cidr is not None and ":" not in src \
             and ipaddress.ip_address(src) in cluster_cidr:

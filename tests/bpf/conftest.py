@@ -11,9 +11,11 @@ Every test starts from freshly created maps all the same: the first time a test 
 datapath, its maps are emptied (hash and LRU maps) or zeroed (arrays, per-CPU ones on every
 CPU), and pins a test removed (`ebpfsvc cleanup`, loader.unpin) are put back. The MapWriter
 rebuilds its ids from the maps, so a new writer on emptied maps starts as on new ones.
-The node's addresses are no part of a configuration (the programs read them from lb_node_addrs):
-`compiled.load(..., hairpin_addr=..., snat_addr=...)` writes them into the maps
-(datapath/nodeaddrs.py) each time it is called, after the reset.
+The node's addresses and the agent's datapath options are no part of a configuration (the programs
+read them from lb_node_addrs and lb_agent_config): `compiled.load(..., hairpin_addr=..., snat_addr=...,
+reset_removed_endpoint_tcp=False, ...)` writes them into the maps (datapath/nodeaddrs.py,
+loader.publish_options) each time it is called, after the reset; a test that names no option has the
+defaults (lb_agent_config zeroed).
 
 Tests about compiling itself (tests/bpf/test_loader.py: the load cache, stale pins) and the
 agent's own start still compile, into a fresh per-test `pin_dir`.
@@ -21,6 +23,7 @@ agent's own start still compile, into a fresh per-test `pin_dir`.
 
 from __future__ import annotations
 
+import inspect
 import os
 import uuid
 from pathlib import Path
@@ -110,6 +113,10 @@ class CompiledDatapaths:
             loader.unpin(path)
 
 
+# The agent's datapath options (loader.agent_options): a word in the maps, not a compile flag.
+OPTIONS = frozenset(inspect.signature(loader.agent_options).parameters)
+
+
 class DatapathsOfATest:
     """A test's view of the run's datapaths: maps reset the first time the test asks for them."""
 
@@ -119,12 +126,15 @@ class DatapathsOfATest:
 
     def load(self, limits: loader.Limits = TEST_LIMITS, maps: str = "shared", hairpin_addr=None, snat_addr=None,
              hairpin6=None, snat6=None, **kw) -> loader.Datapath:
+        options = {name: kw.pop(name) for name in OPTIONS & kw.keys()}
         dp = self.run.load(limits, maps, **kw)
         if dp.pin_dir not in self._reset:
             self.run.reset(dp.pin_dir)
             self._reset.add(dp.pin_dir)
         nodeaddrs.write(dp.maps, nodeaddrs.NodeAddrs(hairpin4=hairpin_addr, snat4=snat_addr, hairpin6=hairpin6,
                                                      snat6=snat6))
+        if options:
+            loader.publish_options(dp.maps, **options)
         return dp
 
 

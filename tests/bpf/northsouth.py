@@ -283,12 +283,12 @@ def local_tcp_flow(uplink: Uplink, frontend: str, fport: int, backend: str = LOC
                  from_client(tcp(CLIENT, backend, 40000, 8080, "A", seq=1001)))
 
 
-def uplink_fixture(compiled, unique_prefix, snat_keep_client_port: bool = True, **options):
+def uplink_fixture(compiled, unique_prefix, **options):
     """The `uplink` fixture (registered in conftest.py): the run's compiled uplink programs on maps
-    as new (conftest.compiled), and a test namespace built, removed after. `options`: more of
-    loader.load's (reset_removed_endpoint_tcp)."""
+    as new (conftest.compiled), and a test namespace built, removed after. `options`: the agent's
+    datapath options the test publishes (loader.agent_options: snat_keep_client_port, ...)."""
     dp = compiled.load(LIMITS, hairpin_addr=HAIRPIN, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
-                       snat_addr=NODE, snat6=NODE6, snat_keep_client_port=snat_keep_client_port, **options)
+                       snat_addr=NODE, snat6=NODE6, **options)
     name = f"{unique_prefix}-np"
     build_netns(name)
     try:

@@ -87,7 +87,7 @@ def test_removed_backend_resets_tcp(datapath, writer):
 
 
 def test_removed_backend_keeps_tcp_as_kube_proxy_with_the_option(compiled):
-    """--no-reset-removed-endpoint-tcp (LB_RESET_REMOVED_TCP=0): the flow goes on to the address its
+    """--no-reset-removed-endpoint-tcp (no LB_CFG_RESET_REMOVED_TCP in lb_agent_config): the flow goes on to the address its
     conntrack entry holds, both ways, as kube-proxy never flushes TCP conntrack; new connections
     never reach the removed backend; UDP still moves on."""
     dp = compiled.load(TEST_LIMITS, hairpin_addr=HAIRPIN, reset_removed_endpoint_tcp=False)

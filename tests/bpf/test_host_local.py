@@ -302,6 +302,23 @@ def test_an_external_ip_from_the_node_is_served_on_its_port_only(uplink, fam):
           leaving_uplink(t(fam.local_be, x, 45122, 80, "S")), OK)
 
 
+@BOTH
+def test_without_host_clients_the_nodes_own_packet_to_an_external_ip_leaves_untouched(uplink, fam):
+    """--no-host-clients (no LB_CFG_HOST_CLIENTS in lb_agent_config, which the programs read): to_uplink
+    leaves the node's own packets to externalIPs alone, and translates them again once the default
+    is published back, with the same programs."""
+    from ebpfsvc.datapath import loader
+
+    n, x, b, t = fam.node, fam.ext_ip, fam.remote_be, fam.tcp
+    uplink.writer.apply(LBState.of([internal(x, 80, [any_be(b)], FrontendKind.EXTERNAL_IP)]))
+    loader.publish_options(uplink.dp.maps, host_clients=False)
+    leave(uplink, "SYN to the externalIP leaving the uplink: untouched", leaving_uplink(t(n, x, 45130, 80, "S")), OK)
+    assert not uplink.dp.maps[fam.ct].items(), "no flow tracked"
+    loader.publish_options(uplink.dp.maps, host_clients=True)
+    leave(uplink, "the same SYN with node clients on: DNAT, on to node-2 from here",
+          leaving_uplink(t(n, x, 45130, 80, "S")), OK, out_to_node2(t(n, b, 45130, 8080, "S")))
+
+
 def test_a_load_balancer_ip_from_the_node_reaches_a_local_backend(uplink, pod_veth, pod_side):
     uplink.writer.apply(LBState.of([internal(LB_IP, 3000, [be(LOCAL_BE, local=True)], FrontendKind.LOAD_BALANCER)]))
     leave(uplink, "SYN to the LB IP: DNAT, to the pod's veth",

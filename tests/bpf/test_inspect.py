@@ -344,13 +344,12 @@ def test_service_list_shows_services_not_programmed_and_why(datapath, writer, pi
     assert "default/new" not in {r["service"] for r in cli_json(pin_dir, "service", "list")}
 
 
-def test_why_follows_the_agents_setting_for_tcp_to_a_removed_backend(datapath, compiled, writer, pin_dir):
+def test_why_follows_the_agents_setting_for_tcp_to_a_removed_backend(datapath, writer, pin_dir):
     """`why` says what happens to an established TCP flow whose backend left its slice under the
     setting the agent published (lb_agent_config, as the agent writes it: loader.publish_options),
-    and the program compiled with that setting does just that (issue 17 item 2)."""
-    kept = compiled.load(TEST_LIMITS, hairpin_addr=HAIRPIN, reset_removed_endpoint_tcp=False)  # same maps
+    and the same programs, which read that word at run time, do just that (issue 17 item 2)."""
     writer.apply(state(WEB))
-    b = dnat_target(kept, from_pod(tcp(CLIENT, VIP, 46100, 80, "S")))
+    b = dnat_target(datapath, from_pod(tcp(CLIENT, VIP, 46100, 80, "S")))
     writer.apply(state(frontend(VIP, 80, [x for x in WEB.backends if str(x.address) != b])))
 
     w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", 46100)        # nothing published: the default
@@ -361,7 +360,7 @@ def test_why_follows_the_agents_setting_for_tcp_to_a_removed_backend(datapath, c
     w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", 46100)
     assert (w["verdict"], w["reason"], w["backend"]) == ("dnat", "conntrack", f"{b}:8080/TCP")
     assert "--no-reset-removed-endpoint-tcp" in w["steps"][0]["outcome"]
-    assert dnat_target(kept, from_pod(tcp(CLIENT, VIP, 46100, 80, "A", seq=1001))) == b
+    assert dnat_target(datapath, from_pod(tcp(CLIENT, VIP, 46100, 80, "A", seq=1001))) == b
 
     loader.publish_options(datapath.maps, reset_removed_endpoint_tcp=True)
     w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", 46100)

@@ -113,16 +113,19 @@ def test_why_external_follows_ipv6_as_the_program(uplink, pin_dir):
         assert (node.drops()["source_range"], node.drops()["no_local_backend"]) == (1, 1)
 
 
-@pytest.mark.parametrize("uplink", [{"masquerade_external_to_local_backends": True}], indirect=True)
 def test_why_external_says_a_local_backend_is_masqueraded_when_the_agent_does(uplink, pod_veth, pin_dir):
     """With --masquerade-external-to-local-backends published (as the agent does), `why` says the
-    local backend's flow is SNATed to the node, and the program compiled with it does so."""
+    local backend's flow is SNATed to the node, and the same program, which reads the word at run
+    time, does so; before it, both keep the client's address."""
     from ebpfsvc.datapath import loader
 
     local = ext_frontend(NODE, 30091, [be(LOCAL_BE, local=True)], name="local")
     uplink.writer.apply(LBState.of([local]))
     w = why(pin_dir, CLIENT, f"{NODE}:30091/TCP", 42100)
     assert "kept" in [s for s in w["steps"] if s["step"] == "source"][0]["outcome"]     # nothing published
+    res = uplink.run("from_uplink", from_client(tcp(CLIENT, NODE, 42099, 30091, "S")))
+    out = Ether(res.data)[IP]
+    assert (res.verdict, out.src, out.dst) == ("TC_ACT_OK", CLIENT, LOCAL_BE)
     loader.publish_options(uplink.dp.maps, masquerade_external_to_local_backends=True)
     w = why(pin_dir, CLIENT, f"{NODE}:30091/TCP", 42100)
     (src_step,) = [s for s in w["steps"] if s["step"] == "source"]
@@ -132,18 +135,18 @@ def test_why_external_says_a_local_backend_is_masqueraded_when_the_agent_does(up
     assert (res.verdict, out.src, out.dst) == ("TC_ACT_REDIRECT", NODE, LOCAL_BE)
 
 
-@pytest.mark.parametrize("uplink", [{"cluster_cidr": CLUSTER_CIDR}], indirect=True)
 def test_why_external_takes_the_cluster_wide_set_for_a_pod_in_the_agents_cluster_cidr(uplink, pin_dir):
     """With --cluster-cidr published (as the agent does), `why` follows a pod of another node to a
-    Local-policy NodePort to the INTERNAL twin's cluster-wide backend, SNATed, as the program compiled
-    with it does; a client outside the cluster CIDR still meets the Local set (dropped here), and so
-    does an IPv6 client (the cluster CIDR is IPv4's)."""
+    Local-policy NodePort to the INTERNAL twin's cluster-wide backend, SNATed, as the same program
+    does once it reads the word (before, both drop it); a client outside the cluster CIDR still meets
+    the Local set (dropped here), and so does an IPv6 client (the cluster CIDR is IPv4's)."""
     from ebpfsvc.datapath import loader
 
     uplink.writer.apply(LBState.of([*local_policy_with_only_a_remote_endpoint(),
                                     *local_policy_with_only_a_remote_endpoint(NODE6, REMOTE_BE6)]))
     w = why(pin_dir, NODE2_POD, f"{NODE}:30085/TCP", 40000)
     assert (w["verdict"], w["reason"]) == ("drop", "no_local_backend"), "nothing published: no cluster CIDR"
+    assert uplink.run("from_uplink", from_node2(tcp(NODE2_POD, NODE, 40000, 30085, "S"))).verdict == "TC_ACT_SHOT"
     loader.publish_options(uplink.dp.maps, cluster_cidr=CLUSTER_CIDR)
     with NodeMaps.open(pin_dir) as node:
         assert str(node.agent_options().cluster_cidr) == CLUSTER_CIDR
@@ -157,7 +160,7 @@ def test_why_external_takes_the_cluster_wide_set_for_a_pod_in_the_agents_cluster
     w = why(pin_dir, CLIENT, f"{NODE}:30085/TCP", 40001)
     assert (w["verdict"], w["reason"]) == ("drop", "no_local_backend") and "cluster CIDR" not in str(w["steps"])
     assert uplink.run("from_uplink", from_client(tcp(CLIENT, NODE, 40001, 30085, "S"))).verdict == "TC_ACT_SHOT"
-    # The cluster CIDR is IPv4 (NP_CLUSTER_CIDR): an IPv6 client meets the IPv6 Local set, never the twin's.
+    # The cluster CIDR is IPv4 (np4_from_cluster): an IPv6 client meets the IPv6 Local set, never the twin's.
     w = why(pin_dir, CLIENT6, f"[{NODE6}]:30085/TCP", 40002)
     assert (w["verdict"], w["reason"]) == ("drop", "no_local_backend") and "cluster CIDR" not in str(w["steps"])
     assert uplink.run("from_uplink", from_client(tcp6(CLIENT6, NODE6, 40002, 30085, "S"))).verdict == "TC_ACT_SHOT"

@@ -10,6 +10,7 @@ the machine's cache.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ def datapath(compiled, cache_loaded):
     return cache_loaded
 
 
-UPLINK = dict(source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS, snat_keep_client_port=True)
+UPLINK = dict(source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS)
 UPLINK_NODE = dict(hairpin_addr=HAIRPIN, snat_addr=northsouth.NODE)     # lb_node_addrs, written per test
 
 
@@ -176,6 +177,23 @@ def test_one_cache_entry_serves_nodes_of_different_addresses(compiled, cache_loa
     check(cache_loaded, Case("the pod's reply to that address is turned into VIP -> pod", "from_pod",
                              from_pod(tcp(CLIENT, other, 8080, 40000, "SA", seq=7000, ack=1001)), OK,
                              from_pod(tcp(VIP, CLIENT, 80, 40000, "SA", seq=7000, ack=1001))))
+
+
+def test_one_cache_entry_serves_nodes_of_different_options(uplink):
+    """Nor are the agent's datapath options compiler inputs (a word in lb_agent_config,
+    loader.publish_options): the cached uplink programs give a SNATed flow the client's own port by
+    default, and a port of the range on a node that publishes --no-nodeport-snat-keep-client-port."""
+    from .northsouth import CLIENT, NODE, REDIRECT, REMOTE_BE, from_client, snat_port, tcp, to_node2
+    assert set(inspect.signature(loader.cflags_for).parameters) == {"pin_dir", "limits"}
+    uplink.writer.apply(nodeport.state(nodeport.REMOTE))
+    uplink.check("SYN: the client's port kept (the default)", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40000, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, 40000, 8080, "S")))
+    loader.publish_options(uplink.dp.maps, snat_keep_client_port=False)
+    port = snat_port(CLIENT, NODE, 40001, 30080, probe=0)
+    uplink.check("SYN: a range port, the option published", "from_uplink",
+                 from_client(tcp(CLIENT, NODE, 40001, 30080, "S")), REDIRECT,
+                 to_node2(tcp(NODE, REMOTE_BE, port, 8080, "S")))
 
 
 def test_a_changed_define_is_a_miss(warm_cache_dir, pin_dir, tmp_path, caplog):

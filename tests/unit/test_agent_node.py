@@ -76,7 +76,9 @@ class Kernel:
             return set(self.routes)
 
         monkeypatch.setattr(loader, "load", pod_load)
-        monkeypatch.setattr(loader, "publish_options", lambda maps, **options: self.published.append(options))
+        # With what was attached when it was written: the options must hold from the first packet.
+        monkeypatch.setattr(loader, "publish_options", lambda maps, **options: self.published.append(
+            {**options, "attached then": dict(self.attached)}))
         monkeypatch.setattr(uplink, "load", uplink_load)
         monkeypatch.setattr(nodeaddrs, "write", lambda maps, addrs: self.node_addrs.append(addrs))
         monkeypatch.setattr(uplink, "ifindex_of", lambda name, netns=None: self.links.get(name))
@@ -152,29 +154,34 @@ def test_the_node_arriving_after_start_configures_hairpin_snat_uplinks_and_nodep
     assert kernel.detached == [2] and agent._uplinks_attached == {"eth1": 3}
 
 
-def test_the_agent_publishes_its_compiled_options_and_masquerade_finds_the_node_address_in_the_map(kernel):
-    """The options the programs are compiled with are published for `ebpfsvc why` (loader.publish_options).
-    With --masquerade-external-to-local-backends and no node clients, a local pod's reply to a masqueraded
+def test_the_agent_writes_its_datapath_options_before_anything_attaches(kernel):
+    """The datapath options are a word the programs read (lb_agent_config, loader.publish_options), not
+    compiled in: written once after the programs load and before any uplink attaches. With
+    --masquerade-external-to-local-backends and no node clients, a local pod's reply to a masqueraded
     flow is addressed to the node (bpf/lib/flow.h): the pod programs read that address from lb_node_addrs,
     written whatever the options, so neither option changes what is loaded."""
     agent = make_agent(host_clients=False, masquerade_external_to_local_backends=True,
-                       reset_removed_endpoint_tcp=False, cluster_cidr=IPv4Network("198.18.64.0/18"))
+                       reset_removed_endpoint_tcp=False, cluster_cidr=IPv4Network("198.18.64.0/18"),
+                       snat_keep_client_port=False)
     send(agent, node_obj("198.18.0.11"))
     list_all(agent, "Node")
     agent.sync()
     node = IPv4Address("198.18.0.11")
-    assert kernel.loads[-2:] == ["pod", "uplink"]
+    assert kernel.loads[-2:] == ["pod", "uplink"] and kernel.attached
     assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node)
-    assert kernel.published[-1] == {"reset_removed_endpoint_tcp": False, "masquerade_external_to_local_backends": True,
-                                    "cluster_cidr": IPv4Network("198.18.64.0/18")}
+    assert kernel.published == [{"snat_keep_client_port": False, "host_clients": False,
+                                 "reset_removed_endpoint_tcp": False, "masquerade_external_to_local_backends": True,
+                                 "cluster_cidr": IPv4Network("198.18.64.0/18"), "attached then": {}}]
 
     plain = make_agent(host_clients=False)
     send(plain, node_obj("198.18.0.11"))
     list_all(plain, "Node")
     plain.sync()
     assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node)
-    assert kernel.published[-1] == {"reset_removed_endpoint_tcp": True, "masquerade_external_to_local_backends": False,
-                                    "cluster_cidr": None}
+    assert len(kernel.published) == 2 and kernel.published[-1] == {
+        "snat_keep_client_port": True, "host_clients": False, "reset_removed_endpoint_tcp": True,
+        "masquerade_external_to_local_backends": False, "cluster_cidr": None,
+        "attached then": {"eth1": 1}}      # the first agent's programs (loads[1]), none of this one's
 
 
 def test_a_bad_node_is_one_log_line_and_its_last_good_version_stays(kernel, caplog):
