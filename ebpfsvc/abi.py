@@ -67,7 +67,7 @@ REASONS: dict[int, str] = {
 MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb4_frontends": ("struct lb4_key", "struct lb4_service"),
     "lb4_backends": ("__u32", "struct lb4_backend"),
-    "lb_maglev": ("__u32", "__u32"),
+    "lb_maglev": ("__u32", "struct lb_maglev_pair"),
     "ct4": ("struct ct4_key", "struct ct4_entry"),
     "lb4_affinity": ("struct lb4_affinity_key", "struct lb_affinity_val"),
     "frag4": ("struct frag4_key", "struct frag4_ports"),
@@ -94,6 +94,12 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_node_addrs": ("__u32", "struct lb_node_addrs"),
     "lb6_sock_revnat": ("struct lb6_sock_key", "struct lb6_sock_revnat"),
 }
+
+
+def slots_per_element(value_size: int) -> int:
+    """Maglev slots per lb_maglev element of `value_size` bytes: two (struct lb_maglev_pair), or one
+    in a map pinned by a build before it (read only to carry its tables over, datapath/migrate.py)."""
+    return max(1, value_size // ffi.sizeof("__u32"))
 
 
 def struct_fields(ctype: str) -> dict[str, tuple[int, int]]:

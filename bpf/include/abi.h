@@ -38,7 +38,7 @@
 #define LB_BACKENDS_MAX 131072        /* distinct (address, port, proto) backends */
 #endif
 #ifndef LB_MAGLEV_SLOTS_MAX
-#define LB_MAGLEV_SLOTS_MAX 16777216  /* all Maglev tables together, in slots (4 bytes, 8-byte aligned by the kernel: 128 MiB) */
+#define LB_MAGLEV_SLOTS_MAX 16777216  /* all Maglev tables together, in slots (4 bytes, two to an lb_maglev element: 64 MiB) */
 #endif
 #ifndef CT_ENTRIES_MAX
 #define CT_ENTRIES_MAX 262144         /* LRU: tracked flows, two entries each */
@@ -181,7 +181,7 @@ struct lb4_key {
 struct lb4_service {
 	__u32 service_id;       /* service port id: affinity key and lb_service_names key */
 	__u32 frontend_id;      /* index into lb_frontend_stats */
-	__u32 maglev_offset;    /* first slot of this frontend's table in lb_maglev */
+	__u32 maglev_offset;    /* first slot of this frontend's table in lb_maglev (struct lb_maglev_pair) */
 	__u32 maglev_size;      /* prime table size M; 0 when backend_count is 0 */
 	__u32 backend_count;    /* usable backends behind the table */
 	__u32 affinity_timeout; /* sessionAffinityConfig.clientIP.timeoutSeconds; 0 = off */
@@ -211,6 +211,16 @@ struct lb_service_name {
 #define LB_STATUS_CAPACITY 2    /* the maps are full (the agent's --max-* flags) */
 #define LB_STATUS_FAILURE  3    /* its frontends could not be computed */
 #define LB_STATUS_KEPT     4    /* current version invalid: the last good one (from these maps) stays */
+
+/*
+ * lb_maglev's element: two consecutive Maglev slots (backend ids), slot s in
+ * element s / 2 at half s % 2. The kernel keeps array elements 8-byte aligned,
+ * so one slot an element would cost 8 bytes a slot; two cost 4. Mapped
+ * (BPF_F_MMAPABLE), the array is then one dense __u32 run of slots.
+ */
+struct lb_maglev_pair {
+	__u32 slot[2];
+};
 
 struct lb_service_status {
 	__u32 reason;           /* LB_STATUS_* */
@@ -467,7 +477,7 @@ struct lb_traffic {
 ABI_SIZE(lb4_key, 8); ABI_SIZE(lb4_service, 32); ABI_SIZE(lb4_backend, 8); ABI_SIZE(lb_service_name, 128);
 ABI_SIZE(ct4_key, 16); ABI_SIZE(ct4_entry, 40); ABI_SIZE(lb4_affinity_key, 8); ABI_SIZE(lb_affinity_val, 16);
 ABI_SIZE(frag4_key, 12); ABI_SIZE(frag4_ports, 16); ABI_SIZE(snat4_entry, 8); ABI_SIZE(lb4_src_range_key, 12);
-ABI_SIZE(lb_traffic, 16); ABI_SIZE(lb4_affinity_match_key, 8); ABI_SIZE(lb_service_status, 128);
+ABI_SIZE(lb_traffic, 16); ABI_SIZE(lb4_affinity_match_key, 8); ABI_SIZE(lb_service_status, 128); ABI_SIZE(lb_maglev_pair, 8);
 ABI_SIZE(lb4_sock_key, 16); ABI_SIZE(lb4_sock_revnat, 8); ABI_SIZE(lb_sock_path, 16);
 ABI_SIZE(lb6_key, 20); ABI_SIZE(lb6_backend, 20); ABI_SIZE(ct6_key, 40); ABI_SIZE(ct6_entry, 64);
 ABI_SIZE(lb6_affinity_key, 20); ABI_SIZE(frag6_key, 40); ABI_SIZE(lb6_src_range_key, 24);

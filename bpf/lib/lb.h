@@ -114,8 +114,8 @@ static __always_inline void *lb_select_backend_by_hash(const struct lb4_service 
 							 __u32 *backend_id, int ipv6)
 {
 	void *fallback = 0, *be;
-	__u32 fallback_id = 0, size = svc->maglev_size, slot, idx, i;
-	__u32 *id;
+	__u32 fallback_id = 0, size = svc->maglev_size, slot, idx, half, i, id;
+	struct lb_maglev_pair *pair;
 	__u8 flags;
 
 	if (!size)
@@ -128,25 +128,28 @@ static __always_inline void *lb_select_backend_by_hash(const struct lb4_service 
 #pragma unroll
 	for (i = 0; i < LB_TERMINATING_PROBES; i++) {
 		idx = svc->maglev_offset + slot;
-		id = lb_maglev.lookup(&idx);
-		if (!id)
+		half = idx & 1;
+		idx >>= 1;
+		pair = lb_maglev.lookup(&idx);
+		if (!pair)
 			break;
+		id = half ? pair->slot[1] : pair->slot[0];
 		/* `ipv6` is a constant at every call: the other family's branch is compiled out. */
 		if (ipv6) {
-			be = lb6_backends.lookup(id);
+			be = lb6_backends.lookup(&id);
 			flags = be ? ((struct lb6_backend *)be)->flags : 0;
 		} else {
-			be = lb4_backends.lookup(id);
+			be = lb4_backends.lookup(&id);
 			flags = be ? ((struct lb4_backend *)be)->flags : 0;
 		}
 		if (be) {
 			if (!(flags & LB_BE_F_NO_NEW_FLOWS)) {
-				*backend_id = *id;
+				*backend_id = id;
 				return be;
 			}
 			if (!fallback && !(flags & LB_BE_F_NOT_READY)) {
 				fallback = be;
-				fallback_id = *id;
+				fallback_id = id;
 			}
 		}
 		slot = slot + 1 == size ? 0 : slot + 1;

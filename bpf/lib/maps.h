@@ -19,8 +19,9 @@
 BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, lb4_frontends, 2 * LB_FRONTENDS_MAX, LB_PIN_DIR "/lb4_frontends");
 /* backend id -> endpoint address, target port and state. */
 BPF_TABLE_PINNED("hash", __u32, struct lb4_backend, lb4_backends, LB_BACKENDS_MAX, LB_PIN_DIR "/lb4_backends");
-/* Maglev slot -> backend id; one flat array, each frontend owns [offset, offset + size). */
-BPF_TABLE_PINNED("array", __u32, __u32, lb_maglev, LB_MAGLEV_SLOTS_MAX, LB_PIN_DIR "/lb_maglev", BPF_F_MMAPABLE);
+/* Maglev slot / 2 -> backend ids of slots 2k and 2k + 1 (abi.h struct lb_maglev_pair); one flat array of
+ * slots, each frontend owns slots [offset, offset + size). */
+BPF_TABLE_PINNED("array", __u32, struct lb_maglev_pair, lb_maglev, (LB_MAGLEV_SLOTS_MAX + 1) / 2, LB_PIN_DIR "/lb_maglev", BPF_F_MMAPABLE);
 /* 5-tuple + direction -> flow: forward entry (client -> VIP) and reply entry (backend -> client). */
 BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct ct4_entry, ct4, CT_ENTRIES_MAX, LB_PIN_DIR "/ct4");
 /* (client address, service id) -> last backend, for sessionAffinity=ClientIP. */

@@ -84,8 +84,9 @@ def _ms(t0: float) -> float:
 # Python heap (objects, trackers, desired state, writer bookkeeping) at that load.
 TARGET_FULL_SYNC_MS = 1000.0          # 10,000 Services x 10 endpoints from empty
 TARGET_CHANGE_MEDIAN_MS = 1.0         # one endpoint change at 10,000 Services, event to maps
-# At 100,000 x 10 the Maglev array alone is 100,000 tables of 1009 slots, 8 bytes each in the
-# kernel (array elements are 8-byte aligned), 0.8 GiB, plus a quarter of room for churn.
+# At 100,000 x 10 the Maglev array alone is 100,000 tables of 1009 slots, 4 bytes each in the
+# kernel (two to an 8-byte element, abi.h struct lb_maglev_pair), 0.4 GiB, plus a quarter of room
+# for churn; the budget was set when a slot took 8 bytes.
 BUDGET_MAP_MIB_PER_100K = 1536        # map memory at 100,000 Services x 10 endpoints
 BUDGET_RSS_MIB_PER_100K = 6144        # agent RSS at 100,000 Services x 10 endpoints
 

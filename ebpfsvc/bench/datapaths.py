@@ -38,7 +38,7 @@ import ctypes
 import time
 from pathlib import Path
 
-from ebpfsvc import maglev
+from ebpfsvc import abi, maglev
 from ebpfsvc.bench.baselines.load import clear, load_baseline
 from ebpfsvc.lbmodel import LBState
 
@@ -241,7 +241,8 @@ class Ebpfsvc(Datapath):
             info = map_memlock(table)
             key, value = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
             written = getattr(self.last_apply, _WRITTEN[name]) if name in _WRITTEN else 0
-            size = written * (value if name == "lb_maglev" else key + value)
+            # A Maglev slot is a u32, two to an lb_maglev element (abi.slots_per_element).
+            size = written * (value // abi.slots_per_element(value) if name == "lb_maglev" else key + value)
             entry_bytes += size
             maps[name] = {**info, "key_size": key, "value_size": value, "entries_written": written,
                           "entry_bytes": size}

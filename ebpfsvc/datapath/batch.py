@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from ebpfsvc.abi import slots_per_element
+
 
 def _lib():
     from bcc.libbcc import lib
@@ -50,23 +52,26 @@ def delete_batch(table, keys: list) -> None:
 
 
 def update_u32_array(table, keys: np.ndarray, vals: np.ndarray) -> None:
+    """Entries keys[i] -> vals[i] of an ARRAY map whose values are u32 words: `vals` has a row of
+    words per key (a plain vector for one-word values)."""
     keys = np.ascontiguousarray(keys, dtype=np.uint32)
     vals = np.ascontiguousarray(vals, dtype=np.uint32)
     count = ct.c_uint32(int(keys.size))
     if _lib().bpf_update_batch(table.map_fd, keys.ctypes.data, vals.ctypes.data, ct.byref(count)) == 0:
         return
-    for k, v in zip(keys.tolist(), vals.tolist()):
-        table[table.Key(k)] = table.Leaf(v)
+    for k, v in zip(keys.tolist(), vals.reshape(keys.size, -1)):
+        table[table.Key(k)] = table.Leaf.from_buffer_copy(v.tobytes())
 
 
-def read_u32_array(table, n: int) -> np.ndarray:
-    """Entries [0, n) of a u32 -> u32 ARRAY map, by batch lookup where possible."""
-    out = np.zeros(n, dtype=np.uint32)
+def read_u32_array(table, n: int, words: int = 1) -> np.ndarray:
+    """Entries [0, n) of a u32 -> u32 ARRAY map (`words` > 1: values of that many u32s, a row
+    each), by batch lookup where possible."""
+    out = np.zeros((n, words) if words > 1 else n, dtype=np.uint32)
     if n == 0:
         return out
     chunk = min(n, 1 << 16)
     keys = np.zeros(chunk, dtype=np.uint32)
-    vals = np.zeros(chunk, dtype=np.uint32)
+    vals = np.zeros((chunk, words) if words > 1 else chunk, dtype=np.uint32)
     lib = _lib()
     token = ct.c_uint32(0)
     next_token = ct.c_uint32(0)
@@ -79,8 +84,9 @@ def read_u32_array(table, n: int) -> np.ndarray:
         err = ct.get_errno()
         if res != 0 and err != errno.ENOENT:
             if pos == 0:        # no batch support: read element by element
+                rows = out.reshape(n, -1)       # a view: one row of words per entry
                 for i in range(n):
-                    out[i] = table[table.Key(i)].value
+                    rows[i] = np.frombuffer(bytes(table[table.Key(i)]), dtype=np.uint32)
                 return out
             raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
         got = count.value
@@ -139,18 +145,43 @@ def zero_percpu_ids(table, idents: list[int]) -> None:
         zero_percpu(table, ident)
 
 
+# ---- lb_maglev: Maglev slots, two to an element (abi.h struct lb_maglev_pair) ------------------
+
+def slot_capacity(table) -> int:
+    """Every slot of lb_maglev (a bcc table): max_entries elements of slots_per_element slots."""
+    return table.max_entries * slots_per_element(ct.sizeof(table.Leaf))
+
+
+def read_slots(table, n: int) -> np.ndarray:
+    """Slots [0, n) of lb_maglev (a bcc table), by batch lookup of the elements that hold them."""
+    per = slots_per_element(ct.sizeof(table.Leaf))
+    return read_u32_array(table, -(-n // per), per).reshape(-1)[:n]
+
+
+def write_slots(table, slots: np.ndarray, at: np.ndarray) -> None:
+    """Store slots[at] into lb_maglev (a bcc table), where `slots` is every slot of the map
+    (slot_capacity long) and `at` slot indices: each element holding one is written whole."""
+    per = slots_per_element(ct.sizeof(table.Leaf))
+    elements = np.unique(np.asarray(at, dtype=np.uint32) // per)
+    update_u32_array(table, elements, slots.reshape(-1, per)[elements])
+
+
 def map_u32_array(table) -> np.ndarray | None:
-    """A writable view of a u32 ARRAY map's slots in place (the map was created BPF_F_MMAPABLE,
-    as lb_maglev is), or None when the kernel refuses (a map pinned by an older build without the
-    flag): then update_u32_array serves.  A store to the view is what a packet reads next: no
+    """A writable view of lb_maglev's slots in place (the map was created BPF_F_MMAPABLE), every
+    slot of the map, or None when the kernel refuses (a map pinned by an older build without the
+    flag): then write_slots serves.  A store to the view is what a packet reads next: no
     syscall, no copy; millions of Maglev slots are written in milliseconds.  The kernel keeps
-    array elements 8-byte aligned, so slot i is the u32 at byte 8 * i."""
+    array elements 8-byte aligned: with two slots to an element the slots are one dense run of
+    u32s; with one (a 4-byte value) slot i is the u32 at byte 8 * i."""
     n = table.max_entries
-    stride = (ct.sizeof(table.Leaf) + 7) & ~7
+    size = ct.sizeof(table.Leaf)
+    stride = (size + 7) & ~7
     try:
         area = mmap.mmap(table.map_fd, n * stride, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError):
         return None
+    if size == stride:          # no padding: every u32 of the area is a slot
+        return np.ndarray((n * size // 4,), dtype=np.uint32, buffer=area)
     return np.ndarray((n,), dtype=np.uint32, buffer=area, strides=(stride,))
 
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
+from ebpfsvc.abi import slots_per_element
+
 # bpf(2) commands (include/uapi/linux/bpf.h)
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
@@ -602,9 +604,14 @@ class PinnedMap:
                 out[i * vb:(i + 1) * vb] = vbuf.raw
         return bytes(out)
 
-    def read_u32_range(self, offset: int, size: int) -> array:
-        """Values [offset, offset + size) of a u32 -> u32 ARRAY (Maglev slots)."""
-        return array("I", self.read_array(offset, size))
+    def read_slots(self, offset: int, size: int) -> array:
+        """Maglev slots [offset, offset + size) of lb_maglev: the elements holding them, read whole
+        (abi.slots_per_element slots each)."""
+        per = slots_per_element(self.info.value_size)
+        first, end = offset // per, -(-(offset + size) // per)
+        words = array("I", self.read_array(first, end - first))
+        skip = offset - first * per
+        return words[skip:skip + size]
 
 
 _NO_BATCH = {errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, 524}     # 524: the kernel's ENOTSUPP

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ebpfsvc.datapath.batch import update_batch, update_u32_array
+from ebpfsvc.abi import slots_per_element
+from ebpfsvc.datapath.batch import slot_capacity, update_batch, write_slots
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ def save(pin_dir: Path, names) -> Saved:
             val = abi.ffi.from_buffer("struct lb4_service *", v)
             high = max(high, val.maglev_offset + val.maglev_size)
         with PinnedMap.open(maglev) as m:
-            high = min(high, m.info.max_entries)
-            out.maglev = np.frombuffer(m.read_array(0, high), dtype=np.uint32).copy() if high else None
+            # Slots of the old map's layout: one to an element (a build before struct lb_maglev_pair)
+            # or two.
+            per = slots_per_element(m.info.value_size)
+            high = min(high, m.info.max_entries * per)
+            out.maglev = m.read_slots(0, high) if high else None
     return out
 
 
@@ -83,7 +87,7 @@ def restore(maps, saved: Saved) -> dict[str, int]:
     from ebpfsvc import abi
 
     carried: dict[str, int] = {}
-    slots = maps["lb_maglev"].max_entries if "lb_maglev" in maps else 0
+    slots = slot_capacity(maps["lb_maglev"]) if "lb_maglev" in maps else 0
     for name, (key_size, value_size, items) in saved.entries.items():
         table = maps.get(name)
         if table is None:
@@ -106,7 +110,9 @@ def restore(maps, saved: Saved) -> dict[str, int]:
         carried[name] = len(batch)
     if saved.maglev is not None and slots:
         n = min(len(saved.maglev), slots)
-        update_u32_array(maps["lb_maglev"], np.arange(n, dtype=np.uint32), saved.maglev[:n])
+        every = np.zeros(slots, dtype=np.uint32)
+        every[:n] = saved.maglev[:n]
+        write_slots(maps["lb_maglev"], every, np.arange(n, dtype=np.uint32))
         carried["lb_maglev"] = n
     log.info("carried over to the resized maps: %s",
              ", ".join(f"{name} {n}" for name, n in sorted(carried.items())) or "nothing")

@@ -20,7 +20,7 @@ import struct
 from urllib.parse import unquote
 
 from ebpfsvc import abi
-from ebpfsvc.datapath.batch import read_u32_array
+from ebpfsvc.datapath.batch import read_slots
 from ebpfsvc.lbmodel import (Algorithm, Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope,
                              ServicePortName)
 
@@ -69,7 +69,7 @@ def pinned_frontends(maps) -> dict[ServiceKey, tuple[Frontend, ...]]:
         entries += [(tuple(k.address), k, v) for k, v in maps["lb6_frontends"].items()
                     if not v.flags & abi.LB_SVC_F_ADDRESS]
     high = max((v.maglev_offset + v.maglev_size for _, _, v in entries), default=0)
-    slots = read_u32_array(maps["lb_maglev"], high) if high else None
+    slots = read_slots(maps["lb_maglev"], high) if high else None
     out: dict[ServiceKey, list[Frontend]] = {}
     for fe_addr, k, v in entries:
         spn = parse_service_name(names.get(v.service_id, ""))

@@ -47,10 +47,11 @@ from ebpfsvc import abi, heap, maglev
 # Module-level names, looked up at each call: tests probe every write by patching them.
 from ebpfsvc.datapath.batch import delete_batch as _delete_batch
 from ebpfsvc.datapath.batch import map_u32_array as _map_u32_array
-from ebpfsvc.datapath.batch import read_u32_array as _read_u32_array
+from ebpfsvc.datapath.batch import read_slots as _read_slots
+from ebpfsvc.datapath.batch import slot_capacity
 from ebpfsvc.datapath.batch import update_batch as _update_batch
 from ebpfsvc.datapath.batch import update_records as _update_records
-from ebpfsvc.datapath.batch import update_u32_array as _update_u32_array
+from ebpfsvc.datapath.batch import write_slots as _write_slots
 from ebpfsvc.datapath.batch import zero_percpu_ids as _zero_percpu_ids
 from ebpfsvc.datapath.affinitymatch import AffinityMatch
 from ebpfsvc.datapath.ids import IdAllocator, IdExhausted, SlotRanges
@@ -322,7 +323,7 @@ class MapWriter:
                     v.service_id, v.frontend_id, v.maglev_offset, v.maglev_size,
                     v.backend_count, v.affinity_timeout, v.flags)
 
-        capacity = self.maglev_map.max_entries
+        capacity = slot_capacity(self.maglev_map)
         ranges = [(v.maglev_offset, v.maglev_size) for v in self._fe.values() if v.maglev_size > 0]
         self._ranges = SlotRanges(capacity, ranges)
         # The slots as they are now, to compare a frontend's table with what a state wants: the
@@ -333,7 +334,7 @@ class MapWriter:
         else:
             high = max((off + size for off, size in ranges), default=0)
             self._slots = np.zeros(capacity, dtype=np.uint32)
-            self._slots[:high] = _read_u32_array(self.maglev_map, high)
+            self._slots[:high] = _read_slots(self.maglev_map, high)
         # What each table was last built from: skips rebuilding a table whose inputs did not change.
         self._table_src: dict[FeKey, _TableSource] = {}
 
@@ -682,7 +683,7 @@ class MapWriter:
                 retired.append((old.maglev_offset, old.maglev_size))
         if slot_keys:
             keys = np.concatenate(slot_keys)
-            _update_u32_array(self.maglev_map, keys, self._slots[keys])
+            _write_slots(self.maglev_map, self._slots, keys)
         # Frontends that lose their table (no usable backend left) retire their range too.
         for p in plan.entries:
             if not p.table.size:

@@ -386,12 +386,12 @@ class NodeMaps:
         slots = self._slots
         if slots is not None and fe.maglev_offset + fe.maglev_size <= len(slots):
             return slots[fe.maglev_offset:fe.maglev_offset + fe.maglev_size].tolist()
-        return self.maps["lb_maglev"].read_u32_range(fe.maglev_offset, fe.maglev_size).tolist()
+        return self.maps["lb_maglev"].read_slots(fe.maglev_offset, fe.maglev_size).tolist()
 
     def prefetch_maglev(self, fes: list[FrontendRow]) -> None:
         """Read every slot the frontends own in one pass, for commands that look at all tables."""
         high = max((f.maglev_offset + f.maglev_size for f in fes), default=0)
-        self._slots = self.maps["lb_maglev"].read_u32_range(0, high)
+        self._slots = self.maps["lb_maglev"].read_slots(0, high)
 
     # ---- datapath-owned maps ---------------------------------------------------------------
 
@@ -582,9 +582,9 @@ class NodeMaps:
         for name, m in self.maps.items():
             if name in ("lb_frontend_stats", "lb_backend_stats", "lb_drops", "lb_sock_stats"):
                 continue
-            if name == "lb_maglev":
+            if name == "lb_maglev":      # in slots, not elements (abi.slots_per_element)
                 fes = self.frontends(names={}) if frontends is None else frontends
-                out[name] = (sum(f.maglev_size for f in fes), m.max_entries)
+                out[name] = (sum(f.maglev_size for f in fes), m.max_entries * abi.slots_per_element(m.info.value_size))
             else:
                 out[name] = (m.count(), m.max_entries)
         return out

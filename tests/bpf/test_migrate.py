@@ -6,10 +6,12 @@ BPF_PROG_TEST_RUN before and after, exact bytes."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import numpy as np
 import pytest
 
-from ebpfsvc.datapath import loader, nodeaddrs
+from ebpfsvc.datapath import batch, bpfsys, loader, nodeaddrs
 from ebpfsvc.datapath.writer import ApplyStats, MapWriter
 from ebpfsvc.lbmodel import Protocol
 
@@ -18,6 +20,9 @@ from .packets import (BACKEND1, BACKEND2, BACKEND3, CLIENT, OK, VIP, VIP2, Case,
                       from_pod, frontend, state, tcp, udp)
 
 pytestmark = pytest.mark.root
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_F_MMAPABLE = 1 << 10       # include/uapi/linux/bpf.h
 
 WEB = frontend(VIP, 80, [be(BACKEND1), be(BACKEND2), be(BACKEND3)], affinity_timeout=600)
 DNS = frontend(VIP2, 53, [be(a, 5353, Protocol.UDP) for a in (BACKEND1, BACKEND2, BACKEND3)],
@@ -57,7 +62,7 @@ def test_a_limit_change_carries_flows_affinity_ids_and_tables_over(pin_dir):
     try:
         assert loader.stale_pins(b.bpf, pin_dir) == []
         assert nodeaddrs.read(b.maps) == node          # the node's addresses came along too
-        assert b.maps["lb_maglev"].max_entries == bigger.maglev_slots
+        assert batch.slot_capacity(b.maps["lb_maglev"]) == bigger.maglev_slots
         assert len(list(b.maps["ct4"].items())) == flows
         # The established TCP flow goes on to its backend, whatever the hash of a new flow says...
         other = next(p for p in range(40001, 45000) if expected_backend(WEB, CLIENT, p) != web_be)
@@ -69,5 +74,48 @@ def test_a_limit_change_carries_flows_affinity_ids_and_tables_over(pin_dir):
         again = MapWriter(b.maps)
         assert (again.service_id(WEB.service), again.frontend_id(WEB), again.backend_id(be(BACKEND2))) == ids
         assert again.apply(state(WEB, DNS)) == ApplyStats()
+    finally:
+        b.close()
+
+
+def test_an_upgrade_carries_the_tables_of_the_one_slot_maglev_layout_over(pin_dir):
+    """Before struct lb_maglev_pair, lb_maglev held one slot to an element (a 4-byte value, 8 bytes in
+    the kernel). An agent upgraded over such pins recreates the map in the new layout and carries
+    every table over (datapath/migrate.py reads the old layout): flows keep their backends, a new
+    flow finds the same table, and the writer has nothing to rewrite."""
+    a = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+    try:
+        nodeaddrs.write(a.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN))
+        writer = MapWriter(a.maps)
+        writer.apply(state(WEB, DNS))
+        high = max(e.maglev_offset + e.maglev_size for e in a.maps["lb4_frontends"].values())
+        slots = batch.read_slots(a.maps["lb_maglev"], high)
+        web_be = expected_backend(WEB, CLIENT, 40000)
+        check(a, tcp_case(40000, "S", web_be))
+    finally:
+        a.close()
+
+    # The old build's lb_maglev, holding the same tables: u32 -> u32, mapped, one slot an element.
+    old = bpfsys.map_create(BPF_MAP_TYPE_ARRAY, 4, 4, TEST_LIMITS.maglev_slots, flags=BPF_F_MMAPABLE,
+                            name="lb_maglev")
+    try:
+        bpfsys.map_update_batch(old, np.arange(high, dtype=np.uint32).tobytes(), slots.tobytes(), high)
+        (pin_dir / "lb_maglev").unlink()
+        bpfsys.obj_pin(old, pin_dir / "lb_maglev")
+    finally:
+        os.close(old)
+
+    b = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, migrate=True)
+    try:
+        assert loader.stale_pins(b.bpf, pin_dir) == []
+        assert batch.slot_capacity(b.maps["lb_maglev"]) == TEST_LIMITS.maglev_slots
+        assert batch.read_slots(b.maps["lb_maglev"], high).tolist() == slots.tolist()
+        check(b, tcp_case(40000, "A", web_be))
+        other = next(p for p in range(40001, 45000) if expected_backend(WEB, CLIENT, p) != web_be)
+        check(b, tcp_case(other, "S", web_be))          # affinity, carried too
+        fresh = next(p for p in range(41000, 45000) if expected_backend(DNS, CLIENT, p) != expected_backend(
+            DNS, CLIENT, 5000))
+        check(b, udp_case(fresh, expected_backend(DNS, CLIENT, fresh)))     # a new flow: the carried table
+        assert MapWriter(b.maps).apply(state(WEB, DNS)) == ApplyStats()
     finally:
         b.close()

@@ -422,11 +422,12 @@ def test_a_kept_layout_opens_the_pinned_maps_without_compiling(cache_dir, pin_di
                 assert (got.ttype, got.flags, got.max_entries) == (want.ttype, want.flags, want.max_entries), name
                 assert _layout(got.Key) == _layout(want.Key) and _layout(got.Leaf) == _layout(want.Leaf), name
                 assert bpfsys.map_id(got.map_fd) == bpfsys.map_id(want.map_fd), name      # the same pinned map
-            # Written through one, read through the other: a Maglev slot, a per-CPU counter array's size.
+            # Written through one, read through the other: Maglev slot 7 (element 3's second), a per-CPU
+            # counter array's size.
             slots = tables["lb_maglev"]
-            slots[slots.Key(7)] = slots.Leaf(4242)
-            assert compiled["lb_maglev"][compiled["lb_maglev"].Key(7)].value == 4242
-            slots[slots.Key(7)] = slots.Leaf(0)
+            slots[slots.Key(3)] = slots.Leaf((0, 4242))
+            assert compiled["lb_maglev"][compiled["lb_maglev"].Key(3)].slot[1] == 4242
+            slots[slots.Key(3)] = slots.Leaf()
             percpu = [n for n, t in compiled.items() if hasattr(t, "sLeaf")]
             assert percpu and all(tables[n].total_cpu == compiled[n].total_cpu for n in percpu)
         finally:

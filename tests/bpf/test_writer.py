@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ebpfsvc import abi, maglev
-from ebpfsvc.datapath import loader, stats
+from ebpfsvc.datapath import batch, loader, stats
 from ebpfsvc.datapath import writer as writer_mod
 from ebpfsvc.datapath.writer import ApplyStats, MapWriter, service_name
 from ebpfsvc.lbmodel import Algorithm, FrontendKind, Protocol
@@ -30,8 +30,7 @@ def fe_entry(dp, fe):
 
 def table_of(dp, fe):
     v = fe_entry(dp, fe)
-    m = dp.maps["lb_maglev"]
-    return v, [m[m.Key(i)].value for i in range(v.maglev_offset, v.maglev_offset + v.maglev_size)]
+    return v, batch.read_slots(dp.maps["lb_maglev"], v.maglev_offset + v.maglev_size)[v.maglev_offset:].tolist()
 
 
 def dump(dp):

@@ -8,6 +8,7 @@ import ipaddress
 import pytest
 
 from ebpfsvc import abi, maglev
+from ebpfsvc.datapath import batch
 from ebpfsvc.datapath.writer import ApplyStats, MapWriter, service_name
 from ebpfsvc.lbmodel import Protocol
 
@@ -48,8 +49,7 @@ def test_ipv6_frontend_lands_in_the_lb6_maps(datapath, writer):
     assert not list(datapath.maps["lb4_backends"].keys()) and not list(datapath.maps["lb4_frontends"].keys())
     # The table holds the ready backends' ids in Maglev order (names bracketed, sorted).
     ready = sorted((b for b in fe.backends if not b.terminating), key=lambda b: b.name)
-    m = datapath.maps["lb_maglev"]
-    slots = [m[m.Key(i)].value for i in range(v.maglev_offset, v.maglev_offset + size)]
+    slots = batch.read_slots(datapath.maps["lb_maglev"], v.maglev_offset + size)[v.maglev_offset:].tolist()
     assert slots == [writer.backend_id(ready[i]) for i in maglev.build_table([b.name for b in ready], size)]
     # The address marker (port 0) of the VIP.
     t = datapath.maps["lb6_frontends"]

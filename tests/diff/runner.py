@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ebpfsvc import abi
-from ebpfsvc.datapath import loader, nodeaddrs, stats
+from ebpfsvc.datapath import batch, loader, nodeaddrs, stats
 from ebpfsvc.datapath.testrun import prog_test_run
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lbmodel import (
@@ -100,10 +100,11 @@ def read_config(dp) -> tuple[dict, dict, dict, set]:
     backends = {k.value: M.BackendEntry(_a(v.address), _p(v.port), v.proto, v.flags)
                 for k, v in dp.maps["lb4_backends"].items()}
     maglev = {}
-    table = dp.maps["lb_maglev"]
+    high = max((svc.maglev_offset + svc.maglev_size for svc in frontends.values()), default=0)
+    slots = batch.read_slots(dp.maps["lb_maglev"], high).tolist()
     for svc in frontends.values():
         for slot in range(svc.maglev_offset, svc.maglev_offset + svc.maglev_size):
-            maglev[slot] = table[table.Key(slot)].value
+            maglev[slot] = slots[slot]
     members = {(k.backend_id, k.frontend_id) for k in dp.maps["lb4_affinity_match"].keys()}
     return frontends, backends, maglev, members
 
