@@ -29,7 +29,6 @@ connects; a UDP answer comes from the backend's address), while ebpfsvc SNATs it
 from __future__ import annotations
 
 import json
-import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +39,7 @@ import yaml
 from pyroute2 import IPRoute
 
 from ebpfsvc.datapath import nsenter
+from ebpfsvc.inspect.node import AgentOptions, NodeMaps
 from ebpfsvc.lab import Lab, agents, apps, kubeproxy, names
 from ebpfsvc.lab.network import UPLINK
 
@@ -429,22 +429,22 @@ def table(results: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def from_pod_program(lab: Lab, pod: str) -> str:
-    """The id of the program on the ingress of `pod`'s host-side veth ("" if none)."""
-    obj = lab.pod(pod)
-    link = names.pod_host_link(obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
-    out = lab.node_exec(obj["spec"]["nodeName"], ["tc", "filter", "show", "dev", link, "ingress"]).stdout
-    found = re.search(r"\bid (\d+)", out)
-    return found.group(1) if found else ""
+def published_options(lab: Lab, node: str):
+    """The datapath options `node`'s agent wrote for its programs to read (lb_agent_config), or None."""
+    with NodeMaps.open(names.pin_dir(lab.prefix, node)) as maps:
+        return maps.agent_options()
 
 
 def restart_agents_with(lab: Lab, options: dict) -> None:
-    """The operator sets `options` in the ConfigMap; every agent restarts with them and serves,
-    with its newly compiled programs (a restarted agent serves its maps through the attached
-    programs of the old one while it compiles: /healthz does not wait for those)."""
-    before = from_pod_program(lab, CLIENT)
+    """The operator sets `options` in the ConfigMap; every agent restarts with them and serves them.
+    The datapath options are a word the programs read (lb_agent_config), not compiled in: the new
+    agent writes it before it attaches anything, and the programs (the old agent's, still attached,
+    or the same ones again from the program cache) follow it from their next packet. A restarted agent
+    answers /healthz from its first sync, which may come before that write: wait for the word too."""
     config = lab.state.path / agents.CONFIG_FILE
     config.write_text(yaml.safe_dump({**(yaml.safe_load(config.read_text()) or {}), **options}))
+    want = {key.replace("-", "_"): value for key, value in options.items()
+            if key.replace("-", "_") in AgentOptions.__dataclass_fields__}
     for node in ("node-1", "node-2"):
         lab.agent("stop", node)
     for node in ("node-1", "node-2"):
@@ -452,8 +452,9 @@ def restart_agents_with(lab: Lab, options: dict) -> None:
     for node in ("node-1", "node-2"):       # the old agents are gone: a 200 is the new one's first sync
         wait_for(lambda: lab.node_exec(node, ["curl", "-sf", "--max-time", "2", "http://127.0.0.1:10256/healthz"]
                                        ).returncode == 0, what=f"{node}'s agent serving with {options}")
-    wait_for(lambda: from_pod_program(lab, CLIENT) not in ("", before), timeout=120,
-             what=f"the new agent's programs on {CLIENT}'s veth")
+        wait_for(lambda: (published := published_options(lab, node)) is not None and all(
+            getattr(published, name) == value for name, value in want.items()), timeout=120,
+            what=f"{node}'s agent's datapath options {want} in lb_agent_config")
 
 
 # Three observations of 22 rows, two agent starts that compile: past pytest's 300 s on a loaded machine.
