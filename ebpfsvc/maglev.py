@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -204,53 +203,12 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
         names for names, _, _ in tables))), dtype=np.uint64, count=2 * total_names).reshape(-1, 2)
     h_offset, h_skip = np.ascontiguousarray(hashes[:, 0]), np.ascontiguousarray(hashes[:, 1])
     values = np.fromiter((v for _, _, vs in tables for v in vs), dtype=np.uint32, count=total_names)
-    _fill_parts(lib, counts, sizes, h_offset, h_skip, values, out)
-    return out
-
-
-# A fill of at least this many slots (a full sync: 10 M at 10,000 Services) is cut into one part
-# per CPU (at most _MAX_PARTS), at table boundaries: cffi releases the GIL while maglev_fill runs,
-# so the parts fill on as many cores at once. Smaller fills (an endpoint change) stay one call.
-_PARALLEL_SLOTS = 1 << 20
-_MAX_PARTS = 4
-
-
-def _fill_parts(lib, counts, sizes, h_offset, h_skip, values, out) -> None:
     ffi = lib.ffi
-    table_end = np.cumsum(sizes, dtype=np.uint64)       # slots up to and including each table
-    name_end = np.cumsum(counts, dtype=np.uint64)
-    parts = min(_MAX_PARTS, len(os.sched_getaffinity(0))) if out.size >= _PARALLEL_SLOTS else 1
-    # Part k ends at the first table whose end reaches k/parts of the slots.
-    cuts = sorted({int(np.searchsorted(table_end, out.size * k // parts)) + 1 for k in range(1, parts)}
-                  | {len(sizes)})
-    bounds, t0 = [], 0
-    for t1 in cuts:
-        t1 = min(t1, len(sizes))
-        if t1 > t0:
-            bounds.append((t0, t1))
-        t0 = t1
-
-    def fill(t0: int, t1: int) -> int:
-        n0 = int(name_end[t0 - 1]) if t0 else 0
-        s0 = int(table_end[t0 - 1]) if t0 else 0
-        n1, s1 = int(name_end[t1 - 1]), int(table_end[t1 - 1])
-        if s1 == s0:
-            return 0
-        return lib.lib.maglev_fill(t1 - t0, ffi.from_buffer("uint32_t[]", counts[t0:t1]),
-                                   ffi.from_buffer("uint32_t[]", sizes[t0:t1]),
-                                   ffi.from_buffer("uint64_t[]", h_offset[n0:n1]),
-                                   ffi.from_buffer("uint64_t[]", h_skip[n0:n1]),
-                                   ffi.from_buffer("uint32_t[]", values[n0:n1]),
-                                   ffi.from_buffer("uint32_t[]", out[s0:s1]))
-
-    if len(bounds) <= 1:
-        results = [fill(*bounds[0])] if bounds else []
-    else:
-        with ThreadPoolExecutor(max_workers=len(bounds) - 1) as pool:
-            others = [pool.submit(fill, *b) for b in bounds[1:]]
-            results = [fill(*bounds[0])] + [f.result() for f in others]
-    if any(r != 0 for r in results):
+    if lib.lib.maglev_fill(len(tables), ffi.from_buffer("uint32_t[]", counts), ffi.from_buffer("uint32_t[]", sizes),
+                           ffi.from_buffer("uint64_t[]", h_offset), ffi.from_buffer("uint64_t[]", h_skip),
+                           ffi.from_buffer("uint32_t[]", values), ffi.from_buffer("uint32_t[]", out)) != 0:
         raise MemoryError("maglev_fill: out of memory")
+    return out
 
 
 # ---- the C population loop (maglev_fill.c), built once per machine -----------------------------
