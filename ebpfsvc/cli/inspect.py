@@ -3,6 +3,7 @@
     ebpfsvc service list   [--pin-dir DIR] [-o json]
     ebpfsvc bpf lb list    raw frontend -> backends
     ebpfsvc bpf ct list    conntrack entries, with age and state
+    ebpfsvc bpf options    the agent's datapath options, as the programs read them
     ebpfsvc maglev show SERVICE
     ebpfsvc why SRC DST:PORT/PROTO [--sport N]
     ebpfsvc drift --manifests DIR | --kubeconfig FILE    (exit 1 on drift)
@@ -141,6 +142,25 @@ def bpf_lb_list(pin_dir, output) -> None:
         t.add_row(r["frontend"], r["scope"], str(r["service_id"]), str(r["id"]), ",".join(r["flags"]) or "-",
                   f"{r['maglev_offset']}+{r['maglev_size']}" if r["maglev_size"] else "-",
                   "\n".join(_be_line(b, counters=False) for b in r["backends"]) or "-")
+    _console().print(t)
+
+
+@bpf.command("options")
+@pin_dir_option
+@output_option
+def bpf_options(pin_dir, output) -> None:
+    """The agent's datapath options as the programs read them (lb_agent_config), each with the
+    agent flag that sets it; the defaults when no agent has written them."""
+    from ebpfsvc.inspect import views
+    with _open(pin_dir) as node:
+        got = views.datapath_options(node)
+    if output == "json":
+        return _json(got)
+    title = ("as the agent wrote them (lb_agent_config)" if got["published"] else
+             "none written (lb_agent_config is empty): the programs run with the defaults")
+    t = _table("OPTION", "FLAG", "VALUE", title=title)
+    for o in got["options"]:
+        t.add_row(o["option"], o["flag"], "-" if o["value"] is None else str(o["value"]).lower())
     _console().print(t)
 
 

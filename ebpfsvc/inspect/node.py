@@ -65,13 +65,21 @@ _OPTIONAL_MAPS = _IPV6_MAPS | {"lb_agent_config", "lb_agent_cluster_cidr"}
 @dataclass(frozen=True)
 class AgentOptions:
     """The agent's datapath options, the word its programs read (lb_agent_config,
-    loader.agent_options); None from NodeMaps.agent_options when it published nothing."""
+    loader.agent_options); None from NodeMaps.agent_options when it published nothing, and then
+    the programs run with the defaults, AgentOptions() (abi.h LB_CFG_DEFAULTS)."""
 
-    reset_removed_endpoint_tcp: bool
-    masquerade_external_to_local_backends: bool
+    reset_removed_endpoint_tcp: bool = True
+    masquerade_external_to_local_backends: bool = False
     cluster_cidr: ipaddress.IPv4Network | None = None     # --cluster-cidr (lb_agent_cluster_cidr)
     snat_keep_client_port: bool = True
     host_clients: bool = True
+
+    @classmethod
+    def from_word(cls, word: int, cluster_cidr: ipaddress.IPv4Network | None = None) -> "AgentOptions":
+        """The options of an LB_CFG_* word (the cluster CIDR, when the word says there is one)."""
+        return cls(bool(word & abi.LB_CFG_RESET_REMOVED_TCP), bool(word & abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS),
+                   cluster_cidr if word & abi.LB_CFG_CLUSTER_CIDR else None,
+                   bool(word & abi.LB_CFG_SNAT_KEEP_CLIENT_PORT), bool(word & abi.LB_CFG_HOST_CLIENTS))
 
 
 def hostport(address: str, port: int) -> str:
@@ -563,9 +571,7 @@ class NodeMaps:
         if word & abi.LB_CFG_CLUSTER_CIDR and cidr is not None:
             net, prefix = (_decode("__u32", cidr.lookup(_encode(ffi.new("__u32 *", i))))[0] for i in (0, 1))
             cluster_cidr = ipaddress.IPv4Network((int(net), int(prefix)))
-        return AgentOptions(bool(word & abi.LB_CFG_RESET_REMOVED_TCP),
-                            bool(word & abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS), cluster_cidr,
-                            bool(word & abi.LB_CFG_SNAT_KEEP_CLIENT_PORT), bool(word & abi.LB_CFG_HOST_CLIENTS))
+        return AgentOptions.from_word(word, cluster_cidr)
 
     def drops(self) -> dict[str, int]:
         m = self.maps["lb_drops"]

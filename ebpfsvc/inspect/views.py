@@ -11,8 +11,8 @@ from collections import Counter
 
 from ebpfsvc import abi
 from ebpfsvc.datapath.flowhash import flow_hash
-from ebpfsvc.inspect.node import (PROTO_NUMBERS, BackendRow, CtEntry, FrontendRow, NodeMaps, address_port_name,
-                                  ct_closing, hostport, monotonic_ns)
+from ebpfsvc.inspect.node import (PROTO_NUMBERS, AgentOptions, BackendRow, CtEntry, FrontendRow, NodeMaps,
+                                  address_port_name, ct_closing, hostport, monotonic_ns)
 from ebpfsvc.lbmodel import table_backends
 
 # Slots the datapath tries past a terminating backend (bpf/lib/lb.h, defined in abi.h).
@@ -111,6 +111,26 @@ def lb_list(node: NodeMaps) -> list[dict]:
         row["backends"] = [_backend_row(backends.get(i), i) for i in ids]
         out.append(row)
     return out
+
+
+# The agent's datapath options (inspect/node.py AgentOptions) and the `ebpfsvc agent` flag of each.
+_OPTION_FLAGS = (("snat_keep_client_port", "--nodeport-snat-keep-client-port"),
+                 ("host_clients", "--host-clients"),
+                 ("reset_removed_endpoint_tcp", "--reset-removed-endpoint-tcp"),
+                 ("masquerade_external_to_local_backends", "--masquerade-external-to-local-backends"),
+                 ("cluster_cidr", "--cluster-cidr"))
+
+
+def datapath_options(node: NodeMaps) -> dict:
+    """The options the node's programs run with, as they read them (lb_agent_config, written by
+    the agent before it attaches anything): each with its agent flag. `published` False: no agent
+    wrote the word, and the programs run with the defaults (listed)."""
+    got = node.agent_options()
+    values = got if got is not None else AgentOptions()
+    return {"published": got is not None,
+            "options": [{"option": name, "flag": flag,
+                         "value": str(getattr(values, name)) if name == "cluster_cidr" and values.cluster_cidr
+                         else getattr(values, name)} for name, flag in _OPTION_FLAGS]}
 
 
 def ct_list(node: NodeMaps, *, include_expired: bool = True) -> list[dict]:

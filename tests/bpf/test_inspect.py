@@ -368,3 +368,24 @@ def test_why_follows_the_agents_setting_for_tcp_to_a_removed_backend(datapath, w
     assert "--reset-removed-endpoint-tcp" in w["steps"][0]["outcome"]
     res = run(datapath, "from_pod", from_pod(tcp(CLIENT, VIP, 46100, 80, "A", seq=1001)))
     assert Ether(res.data)[IP].proto == 6 and "R" in str(Ether(res.data)["TCP"].flags)
+
+
+def test_bpf_options_shows_the_word_the_programs_read(datapath, pin_dir):
+    """`ebpfsvc bpf options`: the defaults while no agent has written lb_agent_config, then what the
+    agent wrote (loader.publish_options), each option with its agent flag."""
+    got = cli_json(pin_dir, "bpf", "options")
+    assert got["published"] is False
+    assert {o["option"]: o["value"] for o in got["options"]} == {
+        "snat_keep_client_port": True, "host_clients": True, "reset_removed_endpoint_tcp": True,
+        "masquerade_external_to_local_backends": False, "cluster_cidr": None}
+    loader.publish_options(datapath.maps, reset_removed_endpoint_tcp=False, host_clients=False,
+                           cluster_cidr="198.18.64.0/18")
+    got = cli_json(pin_dir, "bpf", "options")
+    assert got["published"] is True
+    assert {o["option"]: (o["flag"], o["value"]) for o in got["options"]} == {
+        "snat_keep_client_port": ("--nodeport-snat-keep-client-port", True),
+        "host_clients": ("--host-clients", False),
+        "reset_removed_endpoint_tcp": ("--reset-removed-endpoint-tcp", False),
+        "masquerade_external_to_local_backends": ("--masquerade-external-to-local-backends", False),
+        "cluster_cidr": ("--cluster-cidr", "198.18.64.0/18")}
+    assert "none written" not in cli(pin_dir, "bpf", "options")

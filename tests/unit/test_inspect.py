@@ -3,6 +3,8 @@ CLI's argument handling, and the conntrack lifetimes it mirrors from ct.h."""
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import re
 from pathlib import Path
 
@@ -180,3 +182,20 @@ def test_tables_print_ipv6_frontends_as_text(capsys):
     out = capsys.readouterr().out
     assert "[fd00::10]:80/TCP" in out and "[2001:2:0:ffff::b:b51f]:80/TCP" in out
     assert out.count("[fd00::10]:80/TCP") == 2
+
+
+def test_the_default_options_word_reads_back_as_the_default_options():
+    """What the agent writes with its defaults (loader.agent_options()) reads back as AgentOptions(),
+    which `ebpfsvc bpf options` and `why` show when no word is written; each option alone flips
+    only its own field, and back."""
+    from ebpfsvc.datapath import loader
+    from ebpfsvc.inspect.node import AgentOptions
+
+    assert AgentOptions.from_word(loader.agent_options()) == AgentOptions()
+    flipped = {"snat_keep_client_port": False, "host_clients": False, "reset_removed_endpoint_tcp": False,
+               "masquerade_external_to_local_backends": True}
+    for name, value in flipped.items():
+        got = AgentOptions.from_word(loader.agent_options(**{name: value}))
+        assert got == dataclasses.replace(AgentOptions(), **{name: value}), name
+    cidr = ipaddress.IPv4Network("198.18.64.0/18")
+    assert AgentOptions.from_word(loader.agent_options(cluster_cidr=cidr), cidr).cluster_cidr == cidr
