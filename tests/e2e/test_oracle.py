@@ -393,9 +393,10 @@ def observe(lab: Lab, proxy: str) -> dict[str, str]:
             settle(lambda: health_check(lab, 30473), EXPECTED["healthCheckNodePort, ETP Local, endpoint on node-1"]),
         "healthCheckNodePort, service-proxy-name label with an empty value": health_check(lab, 30475),
         # kube-proxy learns its node's zone from its Node informer, which may deliver after the first
-        # sync (OnTopologyChange then syncs again): until then it ignores zone hints.
-        same_node: settle(lambda: answering(lab, "or-same-node"), expected(same_node)),
-        same_zone: settle(lambda: answering(lab, "or-same-zone"), expected(same_zone)),
+        # sync (OnTopologyChange then syncs again): until then it ignores zone hints. 20 s was not
+        # always enough in CI (2026-12-04: iptables mode still answered from both zones after it).
+        same_node: settle(lambda: answering(lab, "or-same-node"), expected(same_node), timeout=60),
+        same_zone: settle(lambda: answering(lab, "or-same-zone"), expected(same_zone), timeout=60),
         "established TCP, its endpoint leaves the Service (selector change)": stream_after_endpoint_left(lab),
         "/healthz on node-1": settle(lambda: healthz(lab), EXPECTED["/healthz on node-1"]),
         "manual Endpoints, mirrored to an EndpointSlice: pod -> clusterIP":
