@@ -395,17 +395,13 @@ static __always_inline struct lb4_service *np4_lookup_frontend(const struct lb4_
  * A masqueraded flow to a local pod is sent to the pod's veth like a remote one
  * to the uplink (np4_redirect); its reply is translated back where it leaves
  * the pod (flow.h lb4_reply_to_node -> np4_snat_reply).
- */
-static __always_inline int np_masquerades_local(void)
-{
-	return lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS);
-}
-
-/* Does a new north-south flow to `svc` on backend `be_flags` keep the client's address
+ *
+ * Does a new north-south flow to `svc` on backend `be_flags` keep the client's address
  * (DNAT only)? Always under a Local policy; for a backend on this node unless `masquerade`
- * (np_masquerades_local(), either family). Otherwise it is
+ * (lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS), either family). Otherwise it is
  * SNATed to the node. A kept source's reply leaves through to_uplink, which restores the
- * frontend. */
+ * frontend.
+ */
 static __always_inline int np_flow_keeps_source(const struct lb4_service *svc, __u8 be_flags, int masquerade)
 {
 	if (svc->flags & LB_SVC_F_LOCAL_ONLY)
@@ -443,7 +439,7 @@ static __always_inline int np4_forward_new(struct __sk_buff *skb, struct lb4_pkt
 		return lb_drop(REASON_NO_BACKEND);
 	e.flags |= CT_F_NODEPORT;
 
-	if (np_flow_keeps_source(svc, be->flags, np_masquerades_local())) {
+	if (np_flow_keeps_source(svc, be->flags, lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS))) {
 		/* Source-preserving: the reply leaves through to_uplink, which restores the frontend. */
 		if (ct4_create(fk, &e, p->saddr))
 			return lb_drop(REASON_CT_CREATE_FAILED);

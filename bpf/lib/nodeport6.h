@@ -337,7 +337,7 @@ static __always_inline int np6_forward_new(struct __sk_buff *skb, struct lb6_pkt
 		return lb_drop(REASON_NO_BACKEND);
 	e->flags |= CT_F_NODEPORT;
 
-	if (np_flow_keeps_source(svc, be->flags, np_masquerades_local())) {
+	if (np_flow_keeps_source(svc, be->flags, lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS))) {
 		if (ct6_create(fk, e, p->saddr))
 			return lb_drop(REASON_CT_CREATE_FAILED);
 		lb6_affinity_update(svc, p->saddr, e->backend_id, now);

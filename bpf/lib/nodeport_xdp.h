@@ -237,7 +237,7 @@ static __always_inline int np4_xdp_forward(struct xdp_md *ctx, struct lb4_pkt *p
 	return nat ? np4_xdp_tx(ctx, &fib) : XDP_PASS;   /* local backend: the kernel delivers it */
 }
 
-/* The backend of tracked flow `e` is on this node (only asked when np_masquerades_local()). */
+/* The backend of tracked flow `e` is on this node (only asked when lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS)). */
 static __always_inline int np4_xdp_backend_is_local(const struct ct4_entry *e)
 {
 	__u32 id = e->backend_id;
@@ -269,7 +269,7 @@ static __always_inline int np4_xdp_new(struct xdp_md *ctx, struct lb4_pkt *p, st
 	if (!be)
 		return XDP_PASS;
 	e.flags |= CT_F_NODEPORT;
-	masquerade = np_masquerades_local();
+	masquerade = lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS);
 	if (masquerade && (be->flags & LB_BE_F_LOCAL) && !np_flow_keeps_source(svc, be->flags, masquerade))
 		return XDP_PASS;                        /* masqueraded to a local pod: TC's (np4_redirect to its veth) */
 	if (np_flow_keeps_source(svc, be->flags, masquerade)) {
@@ -324,7 +324,7 @@ static __always_inline int np4_xdp_uplink(struct xdp_md *ctx)
 			return XDP_PASS;                /* the flow restarts or ends: TC decides how */
 		if (e->flags & CT_F_SNAT) {
 			nat = lb4_snat.lookup(&fk);
-			if (!nat || (np_masquerades_local() && np4_xdp_backend_is_local(e)))
+			if (!nat || (lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS) && np4_xdp_backend_is_local(e)))
 				return XDP_PASS;        /* a masqueraded flow to a local pod stays TC's */
 		}
 		np4_note_forward(&p, e, nat, now);
@@ -547,7 +547,7 @@ static __always_inline int np6_xdp_new(struct xdp_md *ctx, struct lb6_pkt *p, st
 	if (!be)
 		return XDP_PASS;
 	e->flags |= CT_F_NODEPORT;
-	masquerade = np_masquerades_local();
+	masquerade = lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS);
 	if (masquerade && (be->flags & LB_BE_F_LOCAL) && !np_flow_keeps_source(svc, be->flags, masquerade))
 		return XDP_PASS;                        /* masqueraded to a local pod: TC's (np6_redirect to its veth) */
 	if (np_flow_keeps_source(svc, be->flags, masquerade)) {
@@ -601,7 +601,7 @@ static __always_inline int np6_xdp_uplink(struct xdp_md *ctx)
 			return XDP_PASS;                /* the flow restarts or ends: TC decides how */
 		if (e->flags & CT_F_SNAT) {
 			nat = lb6_snat.lookup(&s->fk);
-			if (!nat || (np_masquerades_local() && np6_xdp_backend_is_local(e)))
+			if (!nat || (lb_option(LB_CFG_MASQUERADE_LOCAL_BACKENDS) && np6_xdp_backend_is_local(e)))
 				return XDP_PASS;        /* a masqueraded flow to a local pod stays TC's */
 		}
 		np6_note_forward(&p, e, nat, now);

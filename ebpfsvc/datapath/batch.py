@@ -159,14 +159,20 @@ def read_slots(table, n: int) -> np.ndarray:
 
 
 def write_slots(table, slots: np.ndarray, at: np.ndarray) -> None:
-    """Store slots[at] into lb_maglev (a bcc table), where `slots` is every slot of the map
-    (slot_capacity long) and `at` slot indices: each element holding one is written whole."""
+    """Store slots[at] into lb_maglev (a bcc table), where `slots` holds the map's slots from slot 0
+    (the writer's copy of all of them) and `at` slot indices: each element holding one is written
+    whole, its other slot from `slots` too (0 past its end)."""
     per = slots_per_element(ct.sizeof(table.Leaf))
     elements = np.unique(np.asarray(at, dtype=np.uint32) // per)
-    update_u32_array(table, elements, slots.reshape(-1, per)[elements])
+    if not elements.size:
+        return
+    need = (int(elements[-1]) + 1) * per
+    if slots.size < need:
+        slots = np.concatenate([slots, np.zeros(need - slots.size, dtype=np.uint32)])
+    update_u32_array(table, elements, slots[:need].reshape(-1, per)[elements])
 
 
-def map_u32_array(table) -> np.ndarray | None:
+def map_slots(table) -> np.ndarray | None:
     """A writable view of lb_maglev's slots in place (the map was created BPF_F_MMAPABLE), every
     slot of the map, or None when the kernel refuses (a map pinned by an older build without the
     flag): then write_slots serves.  A store to the view is what a packet reads next: no

@@ -78,7 +78,7 @@ def save(pin_dir: Path, names) -> Saved:
             # or two.
             per = slots_per_element(m.info.value_size)
             high = min(high, m.info.max_entries * per)
-            out.maglev = m.read_slots(0, high) if high else None
+            out.maglev = np.asarray(m.read_slots(0, high), dtype=np.uint32) if high else None
     return out
 
 
@@ -110,9 +110,7 @@ def restore(maps, saved: Saved) -> dict[str, int]:
         carried[name] = len(batch)
     if saved.maglev is not None and slots:
         n = min(len(saved.maglev), slots)
-        every = np.zeros(slots, dtype=np.uint32)
-        every[:n] = saved.maglev[:n]
-        write_slots(maps["lb_maglev"], every, np.arange(n, dtype=np.uint32))
+        write_slots(maps["lb_maglev"], saved.maglev[:n], np.arange(n, dtype=np.uint32))
         carried["lb_maglev"] = n
     log.info("carried over to the resized maps: %s",
              ", ".join(f"{name} {n}" for name, n in sorted(carried.items())) or "nothing")

@@ -46,7 +46,7 @@ import numpy as np
 from ebpfsvc import abi, heap, maglev
 # Module-level names, looked up at each call: tests probe every write by patching them.
 from ebpfsvc.datapath.batch import delete_batch as _delete_batch
-from ebpfsvc.datapath.batch import map_u32_array as _map_u32_array
+from ebpfsvc.datapath.batch import map_slots as _map_slots
 from ebpfsvc.datapath.batch import read_slots as _read_slots
 from ebpfsvc.datapath.batch import slot_capacity
 from ebpfsvc.datapath.batch import update_batch as _update_batch
@@ -296,7 +296,7 @@ class MapWriter:
         self.affinity_match_map = maps.get("lb4_affinity_match")   # affinity's membership check
         self._maps = maps
         # lb_maglev's slots in place (None: written by batch syscalls, with a copy kept here).
-        self._slots_view = _map_u32_array(self.maglev_map)
+        self._slots_view = _map_slots(self.maglev_map)
         self._load()
 
     # ---- state read back from the maps -------------------------------------------------

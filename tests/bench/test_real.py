@@ -308,8 +308,8 @@ def test_mapped_bpf_maps_are_counted_apart_from_a_process_heap():
     before = real.process_mapped_maps_mib(os.getpid())
     fd = bpfsys.map_create(2, 4, 4, 1 << 20, flags=1 << 10, name="esmmaptest")   # ARRAY, BPF_F_MMAPABLE: 8 MiB
     try:
-        # what batch.map_u32_array reads of a bcc table
-        view = batch.map_u32_array(SimpleNamespace(map_fd=fd, max_entries=1 << 20, Leaf=ctypes.c_uint32))
+        # what batch.map_slots reads of a bcc table
+        view = batch.map_slots(SimpleNamespace(map_fd=fd, max_entries=1 << 20, Leaf=ctypes.c_uint32))
         assert view is not None and view.sum() == 0
         assert real.process_mapped_maps_mib(os.getpid()) - before == 8
         del view

@@ -256,7 +256,7 @@ def test_maglev_slots_are_stored_in_place_through_the_mapped_array(datapath, wri
 
 def test_without_a_mapped_array_slots_go_by_batch_syscalls(datapath, monkeypatch):
     # A lb_maglev pinned by a build without BPF_F_MMAPABLE cannot be mapped: same tables, by syscalls.
-    monkeypatch.setattr(writer_mod, "_map_u32_array", lambda table: None)
+    monkeypatch.setattr(writer_mod, "_map_slots", lambda table: None)
     w = MapWriter(datapath.maps)
     assert w._slots_view is None
     fe = web(1, [1, 2, 3])
