@@ -125,6 +125,36 @@ static __always_inline int lb4_proto_has_ports(__u8 proto)
 }
 
 /*
+ * The bytes lb4_parse needs in the linear part of the skb. A TCP, UDP or SCTP
+ * packet needs its IP header and the fixed L4 header, no more: bpf_skb_pull_data
+ * also makes what it covers writable, and a packet a local TCP socket sent is a
+ * clone (the original waits in the retransmit queue) whose linear part ends
+ * where its payload begins, so pulling LB_PULL_LEN un-cloned every data segment
+ * (pskb_expand_head: an allocation and a copy of the head), also those that
+ * pass untouched, pod to pod. A packet that is translated is made writable by
+ * the rewrite anyway. ICMP errors (their quote is read too) and a head too
+ * short to tell keep LB_PULL_LEN.
+ */
+static __always_inline __u32 lb4_linear_want(const struct __sk_buff *skb, void *data, void *data_end)
+{
+	struct iphdr *iph = data + ETH_HLEN;
+	__u32 want = LB_PULL_LEN, l4 = 0;
+
+	if ((void *)(iph + 1) <= data_end && ((struct ethhdr *)data)->h_proto == lb_htons(ETH_P_IP) &&
+	    iph->ihl >= 5) {
+		if (iph->protocol == IPPROTO_TCP)
+			l4 = sizeof(struct tcphdr);
+		else if (iph->protocol == IPPROTO_UDP)
+			l4 = sizeof(struct udphdr);
+		else if (iph->protocol == IPPROTO_SCTP)
+			l4 = 12;
+		if (l4)
+			want = ETH_HLEN + iph->ihl * 4 + l4;
+	}
+	return skb->len < want ? skb->len : want;
+}
+
+/*
  * Parse Ethernet + IPv4 (with options) + the L4 header start.
  * Everything is checked against data_end before it is read; inconsistent
  * length fields are MALFORMED, because rewriting offsets computed from them
@@ -141,7 +171,7 @@ static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_pkt *p)
 	/* Direct packet access sees only the linear part of the skb. Headers are
 	 * normally there, but not always (GRO, header split): make them linear
 	 * rather than mistake a non-linear packet for a truncated one. */
-	want = skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN;
+	want = lb4_linear_want(skb, data, data_end);
 	if (data + want > data_end) {
 		if (bpf_skb_pull_data(skb, want))
 			return LB_PARSE_MALFORMED;
