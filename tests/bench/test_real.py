@@ -168,6 +168,18 @@ def test_targets_are_met_or_missed_with_the_spread():
     assert verdicts["conn/s at 50,000: ebpfsvc flat against 1 service (≤ 3%)"][0] == "not measured"
 
 
+def test_the_connection_rate_target_shows_its_ceiling_no_proxy_at_all():
+    """Direct (no proxy) against iptables bounds what any datapath can reach: a 3× target above
+    it cannot be met on that machine, and the evidence says so."""
+    data = _data({("ebpfsvc", "tcp_crr_cps", 10_000): [8.0, 8.5, 9.0],
+                  ("kube-proxy-iptables", "tcp_crr_cps", 10_000): [5.0, 6.0, 6.0],
+                  ("direct", "tcp_crr_cps", 10_000): [10.0, 10.0, 11.0]})
+    verdict, evidence = {t[0]: (t[1], t[2]) for t in real.targets(data)}[
+        "conn/s at 10,000 services: ebpfsvc ≥ 3 × kube-proxy-iptables"]
+    assert verdict == "**missed**"
+    assert evidence == "1.417 (1.333–1.800) ×; ceiling, direct ÷ kube-proxy-iptables: 1.667 (1.667–2.200) ×"
+
+
 def test_the_endpoint_change_is_judged_from_the_api_acknowledgement_when_measured():
     """The API write is the same for every proxy (and crosses the lab's relay): once a run has the
     ack → wire figure, the target is judged on it, and says so."""
