@@ -80,6 +80,16 @@ class CompiledDatapaths:
             self._loaded[key] = dp
         return dp
 
+    def load_elsewhere(self, pin_dir: Path, limits: loader.Limits = TEST_LIMITS, **kw) -> loader.Datapath:
+        """loader.load(pin_dir, ...) of a configuration's programs on a pin directory of the caller's
+        (its maps new, or the ones pinned there), as an agent loads them: from the run's program cache,
+        so with no compile once the run has compiled that configuration (a miss compiles and stores it,
+        as for load()). For a test whose load is setup, or whose subject is the maps rather than the
+        compiler; a test about compiling still calls loader.load itself. The caller closes it."""
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("EBPFSVC_PROGRAM_CACHE", str(self.program_cache))
+            return loader.load(pin_dir, limits=limits, **{"cache": False, "program_cache": True, **kw})
+
     def restore_pins(self, pin_dir: Path) -> None:
         """Pin again, from a loaded program's fds, every map whose pin a test removed or replaced."""
         dp = next((d for d in self._loaded.values() if d.pin_dir == pin_dir), None)
