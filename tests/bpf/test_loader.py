@@ -76,14 +76,15 @@ def test_pins_of_other_limits_are_recreated(pin_dir, caplog, compiled_datapaths)
         b.close()
 
 
-def test_open_maps_writes_what_the_programs_then_read_and_refuses_pins_of_other_limits(pin_dir):
+def test_open_maps_writes_what_the_programs_then_read_and_refuses_pins_of_other_limits(pin_dir, compiled_datapaths):
     """open_maps (the agent's start: maps before programs) creates the pins on a new node; what a
-    writer puts through its tables is what the programs loaded afterwards forward with."""
+    writer puts through its tables is what the programs loaded afterwards (the run's, as an agent
+    loads them) forward with."""
     bpf, maps = loader.open_maps(pin_dir, limits=TEST_LIMITS)
     try:
         assert sorted(maps) == sorted(loader.MAPS) and (pin_dir / "lb4_frontends").exists()
         MapWriter(maps).apply(state(frontend(VIP, 80, [be(BACKEND1)])))
-        dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+        dp = compiled_datapaths.load_elsewhere(pin_dir)
         try:
             assert run(dp, "from_pod", from_pod(tcp(CLIENT, VIP, 40000, 80))).data == \
                 bytes(from_pod(tcp(CLIENT, BACKEND1, 40000, 8080)))
