@@ -263,10 +263,11 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
                 dp.cache_key = key
                 _CACHE[key] = dp
             return dp
-    bpf = BPF(text=text.encode(), cflags=list(cflags))
-    stale = stale_pins(bpf, pin_dir)
+    # The pins are checked with the maps unit (the same declarations, in a fraction of a second)
+    # before the program's compile (seconds: lb_node.c's 10 and more), so that pins of another
+    # shape are recreated before it instead of after a compile that would be thrown away.
+    stale = _stale_pins_before_compile(pin_dir, cflags)
     if stale and not recreate_pins:
-        bpf.cleanup()
         raise StalePins(f"pinned maps in {pin_dir} do not match the program: {', '.join(stale)}")
     if stale:
         # bcc reuses a pinned map without comparing it with the declaration, so
@@ -279,14 +280,13 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
         # flows are balanced again.
         log.warning("pinned maps in %s do not match the program (%s): recreating all of them%s",
                     pin_dir, ", ".join(stale), ", carrying their entries over" if migrate else "")
-        bpf.cleanup()
         saved = _save_pins(pin_dir) if migrate else None
         _remove_pins(pin_dir)
-        bpf = BPF(text=text.encode(), cflags=list(cflags))
-        still = stale_pins(bpf, pin_dir)
-        if still:
-            bpf.cleanup()
-            raise RuntimeError(f"pinned maps in {pin_dir} still differ after recreating them: {still}")
+    bpf = BPF(text=text.encode(), cflags=list(cflags))
+    still = stale_pins(bpf, pin_dir)
+    if still:       # the maps unit and the program declare the maps differently: a bug of the sources
+        bpf.cleanup()
+        raise RuntimeError(f"pinned maps in {pin_dir} differ from the program's after the maps unit's check: {still}")
     dp = Datapath(bpf=bpf, pin_dir=pin_dir, cflags=cflags)
     for name in programs:
         hook = {"attach_type": attach_types[name]} if name in attach_types else {}
@@ -460,6 +460,21 @@ def stale_pins(bpf, pin_dir: Path) -> list[str]:
         if actual != declared:
             stale.append(f"{name}: pinned {actual}, declared {declared}")
     return stale
+
+
+def _stale_pins_before_compile(pin_dir: Path, cflags) -> list[str]:
+    """stale_pins() of the maps unit (bpf/lb_maps.c) compiled with `cflags`: the maps every program
+    declares, so what a program's compile would find, without compiling it. Nothing pinned yet:
+    nothing to compare, no compile."""
+    if not any((pin_dir / name).exists() for name in MAPS):
+        return []
+    from bcc import BPF
+
+    unit = BPF(text=expand_source(MAPS_SOURCE).encode(), cflags=list(cflags))
+    try:
+        return stale_pins(unit, pin_dir)
+    finally:
+        unit.cleanup()
 
 
 def _save_pins(pin_dir: Path):
