@@ -253,8 +253,13 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     # A hook is part of what the kernel verified: another hook is another entry.
     kinds = {name: [t, attach_types[name]] if name in attach_types else t for name, t in types.items()}
     program_key = progcache.cache_key(text, cflags, kinds) if program_cache and programs else None
+    pins_checked = False        # found in the program's shapes by the program cache's open_maps
     if program_key:
-        dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
+        try:
+            dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
+            pins_checked = True
+        except StalePins:
+            dp = None
         if dp is None and compile_apart and compiler.run(compiler.programs_request(
                 pin_dir, limits, source, programs, dict(attach_types=attach_types, pin_programs=pin_programs))):
             dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
@@ -266,7 +271,7 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     # The pins are checked with the maps unit (the same declarations, in a fraction of a second)
     # before the program's compile (seconds: lb_node.c's 10 and more), so that pins of another
     # shape are recreated before it instead of after a compile that would be thrown away.
-    stale = _stale_pins_before_compile(pin_dir, cflags)
+    stale = [] if pins_checked else _stale_pins_before_compile(pin_dir, cflags)
     if stale and not recreate_pins:
         raise StalePins(f"pinned maps in {pin_dir} do not match the program: {', '.join(stale)}")
     if stale:
@@ -313,12 +318,13 @@ class StalePins(RuntimeError):
 def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_unit,
                  pin_programs: bool = True) -> Datapath | None:
     """The Datapath with programs from the program cache, on the maps of `maps_unit` (opened here
-    when None), or None: a miss, or pins of another shape (load() recreates them)."""
+    when None), or None: a miss, the pins in the program's shapes (open_maps, which opened them,
+    refuses others). StalePins: pins of another shape (load() recreates them)."""
     owned = maps_unit is None
     if owned:
         opened = open_maps(pin_dir, limits=limits, program_cache=True)
         if opened is None:
-            return None
+            raise StalePins(f"pinned maps in {pin_dir} do not match the maps unit")
         maps_unit = opened[0]
     map_fds = {name: maps_unit.get_table(name.encode()).map_fd for name in MAPS}
     found = progcache.load(progcache.cache_dir(), program_key, map_fds,
