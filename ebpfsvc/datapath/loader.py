@@ -253,8 +253,13 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     # A hook is part of what the kernel verified: another hook is another entry.
     kinds = {name: [t, attach_types[name]] if name in attach_types else t for name, t in types.items()}
     program_key = progcache.cache_key(text, cflags, kinds) if program_cache and programs else None
+    pins_checked = False        # found in the program's shapes by the program cache's open_maps
     if program_key:
-        dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
+        try:
+            dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
+            pins_checked = True
+        except StalePins:
+            dp = None
         if dp is None and compile_apart and compiler.run(compiler.programs_request(
                 pin_dir, limits, source, programs, dict(attach_types=attach_types, pin_programs=pin_programs))):
             dp = _load_cached(pin_dir, limits, cflags, program_key, maps_unit, pin_programs)
@@ -263,10 +268,11 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
                 dp.cache_key = key
                 _CACHE[key] = dp
             return dp
-    bpf = BPF(text=text.encode(), cflags=list(cflags))
-    stale = stale_pins(bpf, pin_dir)
+    # The pins are checked with the maps unit (the same declarations, in a fraction of a second)
+    # before the program's compile (seconds: lb_node.c's 10 and more), so that pins of another
+    # shape are recreated before it instead of after a compile that would be thrown away.
+    stale = [] if pins_checked else _stale_pins_before_compile(pin_dir, cflags)
     if stale and not recreate_pins:
-        bpf.cleanup()
         raise StalePins(f"pinned maps in {pin_dir} do not match the program: {', '.join(stale)}")
     if stale:
         # bcc reuses a pinned map without comparing it with the declaration, so
@@ -279,14 +285,13 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
         # flows are balanced again.
         log.warning("pinned maps in %s do not match the program (%s): recreating all of them%s",
                     pin_dir, ", ".join(stale), ", carrying their entries over" if migrate else "")
-        bpf.cleanup()
         saved = _save_pins(pin_dir) if migrate else None
         _remove_pins(pin_dir)
-        bpf = BPF(text=text.encode(), cflags=list(cflags))
-        still = stale_pins(bpf, pin_dir)
-        if still:
-            bpf.cleanup()
-            raise RuntimeError(f"pinned maps in {pin_dir} still differ after recreating them: {still}")
+    bpf = BPF(text=text.encode(), cflags=list(cflags))
+    still = stale_pins(bpf, pin_dir)
+    if still:       # the maps unit and the program declare the maps differently: a bug of the sources
+        bpf.cleanup()
+        raise RuntimeError(f"pinned maps in {pin_dir} differ from the program's after the maps unit's check: {still}")
     dp = Datapath(bpf=bpf, pin_dir=pin_dir, cflags=cflags)
     for name in programs:
         hook = {"attach_type": attach_types[name]} if name in attach_types else {}
@@ -313,12 +318,13 @@ class StalePins(RuntimeError):
 def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_unit,
                  pin_programs: bool = True) -> Datapath | None:
     """The Datapath with programs from the program cache, on the maps of `maps_unit` (opened here
-    when None), or None: a miss, or pins of another shape (load() recreates them)."""
+    when None), or None: a miss, the pins in the program's shapes (open_maps, which opened them,
+    refuses others). StalePins: pins of another shape (load() recreates them)."""
     owned = maps_unit is None
     if owned:
         opened = open_maps(pin_dir, limits=limits, program_cache=True)
         if opened is None:
-            return None
+            raise StalePins(f"pinned maps in {pin_dir} do not match the maps unit")
         maps_unit = opened[0]
     map_fds = {name: maps_unit.get_table(name.encode()).map_fd for name in MAPS}
     found = progcache.load(progcache.cache_dir(), program_key, map_fds,
@@ -460,6 +466,21 @@ def stale_pins(bpf, pin_dir: Path) -> list[str]:
         if actual != declared:
             stale.append(f"{name}: pinned {actual}, declared {declared}")
     return stale
+
+
+def _stale_pins_before_compile(pin_dir: Path, cflags) -> list[str]:
+    """stale_pins() of the maps unit (bpf/lb_maps.c) compiled with `cflags`: the maps every program
+    declares, so what a program's compile would find, without compiling it. Nothing pinned yet:
+    nothing to compare, no compile."""
+    if not any((pin_dir / name).exists() for name in MAPS):
+        return []
+    from bcc import BPF
+
+    unit = BPF(text=expand_source(MAPS_SOURCE).encode(), cflags=list(cflags))
+    try:
+        return stale_pins(unit, pin_dir)
+    finally:
+        unit.cleanup()
 
 
 def _save_pins(pin_dir: Path):

@@ -171,10 +171,15 @@ def store(directory, key: str, bpf, programs: dict[str, int], pinned, attach_typ
             why = refs if isinstance(refs, str) else "a map reference is not one of the object's maps"
             log.info("program cache: %s not kept: %s", name, why)
             return False
-        for _, fd in refs:
+        code = bytearray(insns)
+        for i, fd in refs:
             if tables[fd] not in pinned:
                 entry["unpinned"][tables[fd]] = list(bpfsys.map_shape(fd))
-        entry["programs"][name] = {"type": prog_type, "insns": base64.b64encode(insns).decode(),
+            # The fd is this process's (load() writes the loading one's): left out, the same compile
+            # stores the same bytes whatever fds its process had open.
+            c, regs, off, _imm = _INSN.unpack_from(code, i * 8)
+            _INSN.pack_into(code, i * 8, c, regs, off, 0)
+        entry["programs"][name] = {"type": prog_type, "insns": base64.b64encode(bytes(code)).decode(),
                                    "maps": [[i, tables[fd]] for i, fd in refs],
                                    "attach_type": (attach_types or {}).get(name, 0)}
     return _write(directory, key, entry)

@@ -18,19 +18,25 @@ loader.publish_options) each time it is called, after the reset; a test that nam
 defaults (lb_agent_config zeroed).
 
 Tests about compiling itself (tests/bpf/test_loader.py: the load cache, stale pins) and the
-agent's own start still compile, into a fresh per-test `pin_dir`.
+agent's own start still compile, into a fresh per-test `pin_dir`; a load that only sets a test up
+takes the run's programs on a pin directory of its own (CompiledDatapaths.load_elsewhere).
+The uplink programs (lb_node.c), the run's longest compile, are compiled by a child process while
+the first modules run (CompiledDatapaths.compile_ahead).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from ebpfsvc.datapath import batch, loader, nodeaddrs
+from ebpfsvc.datapath import batch, compiler, loader, nodeaddrs
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.datapath.bpfsys import PinnedMap
 
@@ -55,6 +61,34 @@ class CompiledDatapaths:
         self.compiles = 0
         self._dirs: dict[tuple, Path] = {}
         self._loaded: dict[tuple, loader.Datapath] = {}
+        self._ahead: dict[Path, tuple[subprocess.Popen, Path]] = {}
+
+    def compile_ahead(self, source: Path, programs: tuple[str, ...], limits: loader.Limits = TEST_LIMITS) -> None:
+        """Have a child process compile `source` into the run's program cache while the tests before
+        its first use run (datapath/compiler.py, as an agent compiles: the same entry a compile here
+        would store): the tier is single-threaded, and the machine has a second CPU. load() of
+        `source` waits for the child, then finds the programs in the cache. If the child fails, that
+        load compiles, as without it. The child's maps are pinned in a directory of its own."""
+        pin_dir = BPFFS / f"{self.prefix}-ahead{len(self._ahead)}"
+        request = compiler.programs_request(pin_dir, limits, source, programs, {"pin_programs": False})
+        child = subprocess.Popen([sys.executable, "-m", compiler.__name__, json.dumps(request)],
+                                 env={**os.environ, "EBPFSVC_PROGRAM_CACHE": str(self.program_cache)},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._ahead[Path(source)] = (child, pin_dir)
+
+    def _wait_ahead(self, source: Path, kill: bool = False) -> None:
+        """The end of compile_ahead's child for `source`, if there is one (`kill`: ended by its PID)."""
+        if Path(source) not in self._ahead:
+            return
+        child, pin_dir = self._ahead.pop(Path(source))
+        try:
+            if kill:
+                child.kill()
+            child.wait(compiler.TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        loader.unpin(pin_dir)
 
     def pin_dir(self, limits: loader.Limits, maps: str = "shared") -> Path:
         key = (limits, maps)
@@ -69,6 +103,7 @@ class CompiledDatapaths:
                               for k, v in sorted(kw.items())))
         dp = self._loaded.get(key)
         if dp is None:
+            self._wait_ahead(kw.get("source", loader.SOURCE))
             self.restore_pins(pin_dir)     # a new program must find the maps the others use
             # Through the run's own program cache, as an agent loads (datapath/progcache.py): a
             # configuration whose programs differ from an earlier one's only in map sizes or pin
@@ -79,6 +114,16 @@ class CompiledDatapaths:
             self.compiles += 1
             self._loaded[key] = dp
         return dp
+
+    def load_elsewhere(self, pin_dir: Path, limits: loader.Limits = TEST_LIMITS, **kw) -> loader.Datapath:
+        """loader.load(pin_dir, ...) of a configuration's programs on a pin directory of the caller's
+        (its maps new, or the ones pinned there), as an agent loads them: from the run's program cache,
+        so with no compile once the run has compiled that configuration (a miss compiles and stores it,
+        as for load()). For a test whose load is setup, or whose subject is the maps rather than the
+        compiler; a test about compiling still calls loader.load itself. The caller closes it."""
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("EBPFSVC_PROGRAM_CACHE", str(self.program_cache))
+            return loader.load(pin_dir, limits=limits, **{"cache": False, "program_cache": True, **kw})
 
     def restore_pins(self, pin_dir: Path) -> None:
         """Pin again, from a loaded program's fds, every map whose pin a test removed or replaced."""
@@ -106,6 +151,8 @@ class CompiledDatapaths:
             batch.clear(dp.maps[name])
 
     def close(self) -> None:
+        for source in list(self._ahead):
+            self._wait_ahead(source, kill=True)
         for dp in self._loaded.values():
             dp.close()
         self._loaded.clear()
@@ -144,6 +191,9 @@ class DatapathsOfATest:
 def compiled_datapaths(tmp_path_factory):
     run = CompiledDatapaths("es" + uuid.uuid4().hex[:6], tmp_path_factory.mktemp("programs"))
     try:
+        # The uplink programs are the run's longest compile (lb_node.c: 10 s on a quiet 2-core machine,
+        # more on a busy one), and the first test to load them comes after a dozen modules.
+        run.compile_ahead(loader.NODE_SOURCE, loader.NODE_PROGRAMS)
         yield run
     finally:
         run.close()

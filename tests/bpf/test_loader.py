@@ -1,6 +1,8 @@
 """Loader: compile cache, source expansion, pinned maps reused across loads and
 recreated when they no longer match the program (bcc itself reuses a pinned map
-of any shape)."""
+of any shape). The load under test compiles; a load that only puts maps and entries in place
+before it takes the run's compiled programs (conftest.py load_elsewhere): a compile there would
+prove nothing more and cost seconds."""
 
 from __future__ import annotations
 
@@ -24,21 +26,22 @@ def test_expanded_source_has_no_local_includes():
     assert f'#line 1 "{loader.BPF_DIR / "lib" / "flow.h"}"' in text
 
 
-def test_cache_returns_the_loaded_object(pin_dir):
+def test_cache_returns_the_loaded_object(pin_dir, compiled_datapaths):
     a = loader.load(pin_dir, limits=TEST_LIMITS)
     try:
         assert loader.load(pin_dir, limits=TEST_LIMITS) is a
     finally:
         a.close()
-    b = loader.load(pin_dir, limits=TEST_LIMITS)
+    # Through the program cache or not, load() returns a cached object before it loads anything.
+    b = compiled_datapaths.load_elsewhere(pin_dir, cache=True)
     try:
         assert b is not a          # closing dropped it from the cache
     finally:
         b.close()
 
 
-def test_pins_survive_a_reload(pin_dir):
-    a = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+def test_pins_survive_a_reload(pin_dir, compiled_datapaths):
+    a = compiled_datapaths.load_elsewhere(pin_dir)
     try:
         MapWriter(a.maps).apply(state(frontend(VIP, 80, [be(BACKEND1)])))
         assert run(a, "from_pod", from_pod(tcp(CLIENT, VIP, 40000, 80))).verdict == "TC_ACT_OK"
@@ -52,8 +55,8 @@ def test_pins_survive_a_reload(pin_dir):
         b.close()
 
 
-def test_pins_of_other_limits_are_recreated(pin_dir, caplog):
-    a = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+def test_pins_of_other_limits_are_recreated(pin_dir, caplog, compiled_datapaths):
+    a = compiled_datapaths.load_elsewhere(pin_dir)
     try:
         MapWriter(a.maps).apply(state(frontend(VIP, 80, [be(BACKEND1)])))
     finally:
@@ -73,14 +76,15 @@ def test_pins_of_other_limits_are_recreated(pin_dir, caplog):
         b.close()
 
 
-def test_open_maps_writes_what_the_programs_then_read_and_refuses_pins_of_other_limits(pin_dir):
+def test_open_maps_writes_what_the_programs_then_read_and_refuses_pins_of_other_limits(pin_dir, compiled_datapaths):
     """open_maps (the agent's start: maps before programs) creates the pins on a new node; what a
-    writer puts through its tables is what the programs loaded afterwards forward with."""
+    writer puts through its tables is what the programs loaded afterwards (the run's, as an agent
+    loads them) forward with."""
     bpf, maps = loader.open_maps(pin_dir, limits=TEST_LIMITS)
     try:
         assert sorted(maps) == sorted(loader.MAPS) and (pin_dir / "lb4_frontends").exists()
         MapWriter(maps).apply(state(frontend(VIP, 80, [be(BACKEND1)])))
-        dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+        dp = compiled_datapaths.load_elsewhere(pin_dir)
         try:
             assert run(dp, "from_pod", from_pod(tcp(CLIENT, VIP, 40000, 80))).data == \
                 bytes(from_pod(tcp(CLIENT, BACKEND1, 40000, 8080)))

@@ -1,7 +1,8 @@
 """Resizing without loss (issue 11 #7): a limit change recreates the pinned maps, and the agent's
 load (migrate=True) carries their entries over: established TCP and UDP flows keep their backend,
 ClientIP affinity holds, ids and Maglev tables are not renumbered or rewritten.  Packets through
-BPF_PROG_TEST_RUN before and after, exact bytes."""
+BPF_PROG_TEST_RUN before and after, exact bytes. The agent before the change runs the run's compiled
+programs (conftest.py load_elsewhere); the load under test, after it, compiles."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def udp_case(sport, backend):
                 from_pod(udp(CLIENT, backend, sport, 5353)))
 
 
-def test_a_limit_change_carries_flows_affinity_ids_and_tables_over(pin_dir):
-    a = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+def test_a_limit_change_carries_flows_affinity_ids_and_tables_over(pin_dir, compiled_datapaths):
+    a = compiled_datapaths.load_elsewhere(pin_dir)
     node = nodeaddrs.NodeAddrs(hairpin4=HAIRPIN, snat4=HAIRPIN, hairpin6="2001:2::1", snat6="2001:2::1")
     try:
         nodeaddrs.write(a.maps, node)
@@ -78,12 +79,12 @@ def test_a_limit_change_carries_flows_affinity_ids_and_tables_over(pin_dir):
         b.close()
 
 
-def test_an_upgrade_carries_the_tables_of_the_one_slot_maglev_layout_over(pin_dir):
+def test_an_upgrade_carries_the_tables_of_the_one_slot_maglev_layout_over(pin_dir, compiled_datapaths):
     """Before struct lb_maglev_pair, lb_maglev held one slot to an element (a 4-byte value, 8 bytes in
     the kernel). An agent upgraded over such pins recreates the map in the new layout and carries
     every table over (datapath/migrate.py reads the old layout): flows keep their backends, a new
     flow finds the same table, and the writer has nothing to rewrite."""
-    a = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+    a = compiled_datapaths.load_elsewhere(pin_dir)
     try:
         nodeaddrs.write(a.maps, nodeaddrs.NodeAddrs(hairpin4=HAIRPIN))
         writer = MapWriter(a.maps)

@@ -5,7 +5,8 @@ entry falls back to bcc, a restarted agent on a warm cache serves from its first
 its previous run's programs (pinned) without loading them, and the sizes of the maps are no part
 of the key (a node with more CPUs has a bigger conntrack table and the same programs). Each
 test has a cache directory of its own ($EBPFSVC_PROGRAM_CACHE), so nothing here reads or writes
-the machine's cache.
+the machine's cache. The entries tests start from are the ones the run's compiles stored (its own
+cache, conftest.py), not compiled again here: a test compiles only where a compile is what it checks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 
 import pytest
 from bcc import BPF
@@ -23,7 +23,7 @@ from bcc import BPF
 from ebpfsvc.agent import Agent
 from ebpfsvc.datapath import loader, progcache
 
-from .conftest import BPFFS, TEST_LIMITS
+from .conftest import TEST_LIMITS
 from .packets import HAIRPIN
 from . import northsouth, test_clusterip as clusterip, test_nodeport as nodeport, test_nodeport_xdp as nodeport_xdp
 
@@ -43,26 +43,39 @@ test_xdp_snat_flow_both_ways = nodeport_xdp.test_snat_flow_both_ways
 test_xdp_local_backend_dnat_then_kernel = nodeport_xdp.test_local_backend_dnat_then_kernel
 
 
-def _cache_loaded(compiled_datapaths, directory, limits, **kw):
-    """The programs of `kw`'s object loaded from a cache entry that a compile filled, on the maps of
-    the run's shared pin directory for `limits` (the one the other tests' fixtures use)."""
-    compiled_datapaths.load(limits, **kw)      # the pins, as the other tests have them
+def run_entry(compiled_datapaths, limits, kind="", **kw):
+    """The run's cache entry of the programs of `kw`'s object (loader.load's source and programs) at
+    `limits`, or with kind "maps" of the maps unit's layout at `limits`. The run's first compile of
+    them stored it: the run's cache is a directory of its own, which only its compiles write
+    (conftest.py), so an entry there is a compile's."""
+    compiled_datapaths.load(limits, **kw)
+    flags = loader.cflags_for(compiled_datapaths.pin_dir(limits), limits)
+    if kind == "maps":
+        key = progcache.cache_key(loader.expand_source(loader.MAPS_SOURCE), flags, {}, with_sizes=True)
+    else:
+        key = progcache.cache_key(loader.expand_source(kw.get("source", loader.SOURCE)), flags,
+                                  {name: getattr(BPF, loader._PROGRAM_TYPES.get(name, "SCHED_CLS"))
+                                   for name in kw.get("programs", loader.PROGRAMS)})
+    entry = progcache._entry_path(compiled_datapaths.program_cache, key, kind)
+    assert entry.is_file(), f"the run's compile stored no entry {entry.name}"
+    return entry
+
+
+def _cache_loaded(compiled_datapaths, limits, **kw):
+    """The programs of `kw`'s object loaded from the cache entry the run's compile of them stored,
+    on the maps of the run's shared pin directory for `limits` (the one the other tests' fixtures use)."""
+    run_entry(compiled_datapaths, limits, **kw)       # compiled (a miss), and stored; the pins, as the other tests have them
     pin_dir = compiled_datapaths.pin_dir(limits)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EBPFSVC_PROGRAM_CACHE", str(directory))
-        filled = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
-        assert isinstance(filled.bpf, BPF)          # a miss: compiled, and stored
-        filled.close()
-        for pin in progcache.program_pins(pin_dir):     # else the load takes bcc's programs back, pinned
-            pin.unlink()
-        dp = loader.load(pin_dir, limits=limits, cache=False, program_cache=True, **kw)
+    for pin in progcache.program_pins(pin_dir):     # else the load takes the run's programs back, pinned
+        pin.unlink()
+    dp = compiled_datapaths.load_elsewhere(pin_dir, limits, **kw)
     assert isinstance(dp.bpf, progcache.CachedObject)
     return dp
 
 
 @pytest.fixture(scope="module")
-def cache_loaded(compiled_datapaths, tmp_path_factory):
-    dp = _cache_loaded(compiled_datapaths, tmp_path_factory.mktemp("programs"), TEST_LIMITS)
+def cache_loaded(compiled_datapaths):
+    dp = _cache_loaded(compiled_datapaths, TEST_LIMITS)
     yield dp
     dp.close()
 
@@ -78,8 +91,8 @@ UPLINK_NODE = dict(hairpin_addr=HAIRPIN, snat_addr=northsouth.NODE)     # lb_nod
 
 
 @pytest.fixture(scope="module")
-def cache_loaded_uplink(compiled_datapaths, tmp_path_factory):
-    dp = _cache_loaded(compiled_datapaths, tmp_path_factory.mktemp("programs"), northsouth.LIMITS, **UPLINK)
+def cache_loaded_uplink(compiled_datapaths):
+    dp = _cache_loaded(compiled_datapaths, northsouth.LIMITS, **UPLINK)
     yield dp
     dp.close()
 
@@ -109,18 +122,14 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def one_entry(tmp_path_factory):
-    """A cache directory that one compile of lb_pod.c at TEST_LIMITS filled (its programs' entry and
-    the maps' layout), made once for the module: tests about what a load does with an entry start
-    from a copy instead of a compile of their own."""
+def one_entry(compiled_datapaths, tmp_path_factory):
+    """A cache directory as one compile of lb_pod.c at TEST_LIMITS fills it (its programs' entry and
+    the maps' layout): the run's compile's, copied once for the module. Tests about what a load does
+    with an entry start from a copy instead of a compile of their own."""
     path = tmp_path_factory.mktemp("one-entry") / "programs"
-    pin_dir = BPFFS / ("es" + uuid.uuid4().hex[:6])
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("EBPFSVC_PROGRAM_CACHE", str(path))
-            loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()
-    finally:
-        loader.unpin(pin_dir)
+    path.mkdir(mode=0o700)
+    for kind in ("", "maps"):
+        shutil.copy(run_entry(compiled_datapaths, TEST_LIMITS, kind=kind), path)
     assert len(program_entries(path)) == 1
     return path
 
@@ -308,11 +317,11 @@ def _prog_id(fd: int) -> int:
     return info.id
 
 
-def test_a_restart_takes_the_pinned_programs_without_loading_them(cache_dir, pin_dir, monkeypatch, caplog):
+def test_a_restart_takes_the_pinned_programs_without_loading_them(warm_cache_dir, pin_dir, monkeypatch, caplog):
     """Issue 12: the verifier costs seconds per object at every BPF_PROG_LOAD; a restart with the same
     programs on the same maps takes the previous run's from their pins, and loads nothing."""
     from ebpfsvc.datapath import bpfsys
-    first = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
+    first = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)      # pins its programs
     ids = {name: _prog_id(p.fd) for name, p in first.programs.items()}
     first.close()
     assert sorted(p.name.rsplit("_", 1)[0] for p in progcache.program_pins(pin_dir)) == sorted(loader.PROGRAMS)
@@ -544,14 +553,14 @@ def test_a_child_leaves_pins_of_another_shape_to_the_process(cache_dir, pin_dir,
         dp.close()
 
 
-def test_a_new_node_makes_its_maps_from_the_kept_layout(cache_dir, pin_dir, monkeypatch):
-    """A new node (nothing pinned) whose machine kept the maps unit's layout creates and pins its
-    maps from it, compiling nothing: the same shapes as the unit's compile gives (loader.stale_pins
-    against a compile finds none), and programs from the cache run on them."""
+def test_a_new_node_makes_its_maps_from_the_kept_layout(warm_cache_dir, pin_dir, monkeypatch):
+    """A new node (nothing pinned) whose machine kept the maps unit's layout (warm_cache_dir: its
+    layout and entry) creates and pins its maps from it, compiling nothing: the same shapes as the
+    unit's compile gives (loader.stale_pins against a compile finds none), and programs from the
+    cache run on them."""
     import bcc
     from ebpfsvc.datapath import bpfsys
 
-    loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True).close()   # fills layout and entry
     other = pin_dir.with_name(pin_dir.name + "-n")
     compiles: list = []
     try:

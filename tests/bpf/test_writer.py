@@ -129,7 +129,7 @@ def test_new_backends_are_written_but_not_changed(datapath, writer):
     assert (st.backends_written, st.backends_changed) == (1, 1)
 
 
-def test_restart_renumbers_nothing_and_writes_nothing(datapath, writer, pin_dir):
+def test_restart_renumbers_nothing_and_writes_nothing(datapath, writer, pin_dir, compiled_datapaths):
     s = state(web(1, [1, 2]), web(2, [2, 3]), frontend(VIP, 53, [be("198.18.2.9", 53, Protocol.UDP)],
                                                        proto=Protocol.UDP, name="dns"))
     writer.apply(s)
@@ -137,8 +137,8 @@ def test_restart_renumbers_nothing_and_writes_nothing(datapath, writer, pin_dir)
                     [writer.backend_id(b) for b in fe.backends]) for fe in s.frontends.values()}
     snapshot = dump(datapath)
 
-    # A new agent process: compile and load again on the same pins, new writer.
-    again = loader.load(pin_dir, limits=TEST_LIMITS, cache=False)
+    # A new agent process: load again on the same pins (as an agent does, from the program cache), new writer.
+    again = compiled_datapaths.load_elsewhere(pin_dir)
     try:
         w2 = MapWriter(again.maps)
         assert w2.apply(s) == ApplyStats()
