@@ -112,11 +112,11 @@ def pods(unique_prefix, compiled):
                 ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=idx)
         recorder = BPF(text=RECORDER.encode())
         try:
-            fn = recorder.load_func("record", BPF.SCHED_CLS)
+            fn = recorder.load_func(b"record", BPF.SCHED_CLS)
             with IPRoute(netns=server_ns) as ipr:
                 eth0 = ipr.link_lookup(ifname="eth0")[0]
             tc.attach(eth0, fn.fd, "record", tc.INGRESS, netns=server_ns)
-            yield dp, client_ns, server_ns, recorder["seen"]
+            yield dp, client_ns, server_ns, recorder[b"seen"]
         finally:
             recorder.cleanup()
     finally:
