@@ -40,6 +40,9 @@
  * the fixed TCP header (the longest L4 header it reads). */
 #define LB_PULL_LEN (ETH_HLEN + 60 + 20)
 
+/* SCTP common header: source port, destination port, verification tag, CRC32c. */
+#define LB_SCTP_COMMON_HLEN 12
+
 #define LB_IP_MF     0x2000   /* more fragments, host order */
 #define LB_IP_OFFSET 0x1fff   /* fragment offset in 8-byte units, host order */
 
@@ -147,7 +150,7 @@ static __always_inline __u32 lb4_linear_want(const struct __sk_buff *skb, void *
 		else if (iph->protocol == IPPROTO_UDP)
 			l4 = sizeof(struct udphdr);
 		else if (iph->protocol == IPPROTO_SCTP)
-			l4 = 12;
+			l4 = LB_SCTP_COMMON_HLEN;
 		if (l4)
 			want = ETH_HLEN + iph->ihl * 4 + l4;
 	}
@@ -170,13 +173,18 @@ static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_pkt *p)
 
 	/* Direct packet access sees only the linear part of the skb. Headers are
 	 * normally there, but not always (GRO, header split): make them linear
-	 * rather than mistake a non-linear packet for a truncated one. */
-	want = lb4_linear_want(skb, data, data_end);
+	 * rather than mistake a non-linear packet for a truncated one. A head that
+	 * holds LB_PULL_LEN already is read as it is; a shorter one is pulled only
+	 * as far as the parser reads (lb4_linear_want). */
+	want = skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN;
 	if (data + want > data_end) {
-		if (bpf_skb_pull_data(skb, want))
-			return LB_PARSE_MALFORMED;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
+		want = lb4_linear_want(skb, data, data_end);
+		if (data + want > data_end) {
+			if (bpf_skb_pull_data(skb, want))
+				return LB_PARSE_MALFORMED;
+			data = (void *)(long)skb->data;
+			data_end = (void *)(long)skb->data_end;
+		}
 	}
 	eth = data;
 	if (data + ETH_HLEN > data_end)
@@ -232,10 +240,9 @@ static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_pkt *p)
 		p->sport = uh->source;
 		p->dport = uh->dest;
 	} else if (p->proto == IPPROTO_SCTP) {
-		/* SCTP common header: source port, destination port, tag, CRC32c. */
 		__be16 *ports = l4;
 
-		if (l4 + 12 > data_end || ihl + 12 > p->ip_len)
+		if (l4 + LB_SCTP_COMMON_HLEN > data_end || ihl + LB_SCTP_COMMON_HLEN > p->ip_len)
 			return LB_PARSE_MALFORMED;
 		p->sport = ports[0];
 		p->dport = ports[1];
