@@ -179,36 +179,46 @@ def map_slots(table) -> np.ndarray | None:
     syscall, no copy; millions of Maglev slots are written in milliseconds.  The kernel keeps
     array elements 8-byte aligned: with two slots to an element the slots are one dense run of
     u32s; with one (a 4-byte value) slot i is the u32 at byte 8 * i."""
-    n = table.max_entries
-    size = ct.sizeof(table.Leaf)
-    stride = (size + 7) & ~7
-    try:
-        area = mmap.mmap(table.map_fd, n * stride, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError):
+    area = _mapped(table)
+    if area is None:
         return None
+    n, size, stride = table.max_entries, ct.sizeof(table.Leaf), _stride(table)
     if size == stride:          # no padding: every u32 of the area is a slot
         return np.ndarray((n * size // 4,), dtype=np.uint32, buffer=area)
     return np.ndarray((n,), dtype=np.uint32, buffer=area, strides=(stride,))
+
+
+def _stride(table) -> int:
+    """Bytes from one element of an array map to the next: the kernel keeps them 8-byte aligned."""
+    return (ct.sizeof(table.Leaf) + 7) & ~7
+
+
+def _mapped(table) -> mmap.mmap | None:
+    """Every element of an array map created BPF_F_MMAPABLE, mapped writable; None when the kernel
+    refuses (a map without the flag) or there is no map (mmap's fd -1 is anonymous memory)."""
+    if table.map_fd < 0:
+        return None
+    try:
+        return mmap.mmap(table.map_fd, table.max_entries * _stride(table), mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return None
 
 
 def zero_percpu(table, ident: int) -> None:
     table[table.Key(ident)] = table.Leaf()
 
 
-_ARRAY_MAP_TYPES = (2, 6)       # BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY: slots cannot be deleted
+_ARRAY, _PERCPU_ARRAY = 2, 6     # BPF_MAP_TYPE_*: slots cannot be deleted
+_ARRAY_MAP_TYPES = (_ARRAY, _PERCPU_ARRAY)
 
 
 def _zero_mapped(table) -> bool:
-    """Zero every element of an array map created BPF_F_MMAPABLE (lb_maglev) through a mapping of
-    it: a memset, where a batch update copies every element through the kernel (0.1 ms against
-    6.5 ms at the tests' size). False, and nothing written, when the kernel does not map it."""
-    if table.map_fd < 0:        # mmap's -1 is an anonymous mapping, no map's
-        return False
-    stride = (ct.sizeof(table.Leaf) + 7) & ~7       # elements are 8-byte aligned (map_slots)
-    try:
-        area = mmap.mmap(table.map_fd, table.max_entries * stride, mmap.MAP_SHARED,
-                         mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError):
+    """Zero every element of an array map created BPF_F_MMAPABLE (lb_maglev) in place: a memset,
+    where a batch update copies every element through the kernel (0.1 ms against 6.5 ms at the
+    tests' size). False, and nothing written, when the kernel does not map it."""
+    area = _mapped(table)
+    if area is None:
         return False
     with area:
         area[:] = bytes(len(area))
@@ -221,7 +231,7 @@ def clear(table) -> None:
     A mapped array in place, another array in one syscall, one lookup per key and one batch
     delete for the others."""
     if table.ttype in _ARRAY_MAP_TYPES:
-        if table.ttype == _ARRAY_MAP_TYPES[0] and _zero_mapped(table):
+        if table.ttype == _ARRAY and _zero_mapped(table):
             return
         n = table.max_entries
         keys = np.arange(n, dtype=np.uint32)

@@ -29,12 +29,16 @@ TIMEOUT_SECONDS = 900       # lb_node.c takes 15-60 s on a busy 2-core node; a h
 STALE_PINS = 3              # the child's exit code for pins of another shape: left to the caller
 
 
+def command(request: dict) -> list[str]:
+    """The child's command line for `request` (main's argument)."""
+    return [sys.executable, "-m", __name__, json.dumps(request)]
+
+
 def run(request: dict) -> bool:
     """Have a child do `request` (main's argument); True when it did, and its output is then in
     the program cache and the pin directory."""
-    command = [sys.executable, "-m", __name__, json.dumps(request)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False)
+        done = subprocess.run(command(request), capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("compile of %s in a child process failed (%s): compiling in the agent", _what(request), e)
         return False

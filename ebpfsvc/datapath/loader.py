@@ -318,8 +318,8 @@ class StalePins(RuntimeError):
 def _load_cached(pin_dir: Path, limits: Limits, cflags, program_key: str, maps_unit,
                  pin_programs: bool = True) -> Datapath | None:
     """The Datapath with programs from the program cache, on the maps of `maps_unit` (opened here
-    when None), or None: a miss, the pins in the program's shapes (open_maps, which opened them,
-    refuses others). StalePins: pins of another shape (load() recreates them)."""
+    when None), or None on a miss; the pins are then known to be in the program's shapes (open_maps
+    opened them). StalePins when they are not (load() recreates them)."""
     owned = maps_unit is None
     if owned:
         opened = open_maps(pin_dir, limits=limits, program_cache=True)

@@ -27,10 +27,8 @@ the first modules run (CompiledDatapaths.compile_ahead).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -71,7 +69,7 @@ class CompiledDatapaths:
         load compiles, as without it. The child's maps are pinned in a directory of its own."""
         pin_dir = BPFFS / f"{self.prefix}-ahead{len(self._ahead)}"
         request = compiler.programs_request(pin_dir, limits, source, programs, {"pin_programs": False})
-        child = subprocess.Popen([sys.executable, "-m", compiler.__name__, json.dumps(request)],
+        child = subprocess.Popen(compiler.command(request),
                                  env={**os.environ, "EBPFSVC_PROGRAM_CACHE": str(self.program_cache)},
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._ahead[Path(source)] = (child, pin_dir)
