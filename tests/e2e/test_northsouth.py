@@ -48,11 +48,18 @@ def echo(name: str, node: str, port: int = 8080) -> dict:
 
 def curl(lab: Lab, url: str, timeout: float = 3.0, local_port: int | None = None) -> dict | None:
     """One HTTP GET from the external client (new connection); the http-echo answer, None if none."""
+    return curl_or_why(lab, url, timeout, local_port)[0]
+
+
+def curl_or_why(lab: Lab, url: str, timeout: float = 3.0,
+                local_port: int | None = None) -> tuple[dict | None, str]:
+    """curl(), and when there is no answer, why: curl's exit code (7 refused, 28 timed out) and
+    its message, for an assertion to show."""
     port = ["--local-port", str(local_port)] if local_port else []
     out = lab.external_exec("client", ["curl", "-sS", "--max-time", str(timeout), *port, url], timeout=timeout + 10)
     if out.returncode != 0:
-        return None
-    return json.loads(out.stdout)
+        return None, f"curl exit {out.returncode}: {out.stderr.strip()}"
+    return json.loads(out.stdout), ""
 
 
 def wait_external(lab: Lab, node: str, address: str, port: int, backends: int, proto: str = "TCP") -> None:
@@ -209,8 +216,11 @@ def test_clusterip_routed_from_outside_the_cluster(lab):
         seen: dict[str, dict] = {}
         wait_for(lambda: curl(lab, f"http://{vip}/"), what="a first answer from the ClusterIP")
         for port in range(43100, 43164):              # new flows until Maglev has sent one to each
-            answer = curl(lab, f"http://{vip}/", local_port=port)
-            assert answer is not None, f"no answer from {vip}:80 from client port {port}"
+            # 10 s: a SYN lost to a loaded machine is sent again after 1 s and 3 s; the answer
+            # names curl's failure and node-1's drop counters, so a fault shows what it was.
+            answer, why = curl_or_why(lab, f"http://{vip}/", timeout=10, local_port=port)
+            assert answer is not None, (f"no answer from {vip}:80 from client port {port} ({why}); "
+                                        f"node-1 drops {drops(lab, 'node-1')}")
             seen.setdefault(answer["pod"], answer)
             if len(seen) == 2:
                 break
