@@ -2,7 +2,8 @@
 pinned maps opened by path and read (PinnedMap), program names by id (prog_name), programs
 run on a test packet (prog_test_run, used through ebpfsvc/datapath/testrun.py), their run-time
 statistics (run_time_stats, prog_run_stats: the benchmark's cost per connection), cgroup
-programs listed and detached (prog_query, prog_detach: datapath/socklb.py), and compiled programs
+programs listed and detached (prog_query, prog_detach: datapath/socklb.py), TCX programs on a
+device's TC hooks (tcx_attach, tcx_detach: datapath/tc.py), and compiled programs
 loaded from the program cache (prog_load, map_create, map_update_batch: datapath/progcache.py),
 pinned and taken back by a restarted agent (obj_pin, obj_get, prog_map_ids, map_id).
 
@@ -56,6 +57,11 @@ BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0      # enum bpf_stats_type
 
 BPF_F_RDONLY = 1 << 3
+# TCX (bpf_mprog on a device's TC hooks, Linux >= 6.6): enum bpf_attach_type and the attach flag
+# that swaps one attached program for another in place (uapi bpf.h; Debian's 6.1 headers predate them).
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_F_REPLACE = 1 << 2
 
 # Map types we read (enum bpf_map_type)
 MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash"}
@@ -149,8 +155,10 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
 
 
 class _AttachAttr(ctypes.Structure):       # BPF_PROG_ATTACH, BPF_PROG_DETACH
+    # target_fd is target_ifindex for TCX; replace_bpf_fd is read with BPF_F_REPLACE only.
     _fields_ = [("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
-                ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32)]
+                ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("replace_bpf_fd", ctypes.c_uint32)]
 
 
 class _QueryAttr(ctypes.Structure):        # BPF_PROG_QUERY
@@ -183,11 +191,40 @@ def prog_detach(target_fd: int, attach_type: int) -> bool:
 
 
 def prog_query(target_fd: int, attach_type: int, most: int = 64) -> list[int]:
-    """Ids of the programs attached on `attach_type` of `target_fd` itself (a cgroup directory's fd)."""
+    """Ids of the programs attached on `attach_type` of `target_fd` itself (a cgroup directory's fd),
+    or of a device (`target_fd` its ifindex, the hook a BPF_TCX_* one), in their order of running."""
     ids = (ctypes.c_uint32 * most)()
     attr = _QueryAttr(target_fd=target_fd, attach_type=attach_type, prog_ids=ctypes.addressof(ids), prog_cnt=most)
     _bpf(BPF_PROG_QUERY, attr)
     return list(ids[:attr.prog_cnt])
+
+
+def tcx_attach(ifindex: int, prog_fd: int, attach_type: int, replace_fd: int | None = None) -> None:
+    """Attach program `prog_fd` at TCX hook `attach_type` (BPF_TCX_INGRESS/EGRESS) of device `ifindex`
+    of the caller's network namespace: after the programs already there, or in the place of the
+    program `replace_fd` in one step (no moment without either). It stays attached without an fd
+    held (not a link), until detached or the device goes, as a tc filter does."""
+    attr = _AttachAttr(target_fd=ifindex, attach_bpf_fd=prog_fd, attach_type=attach_type)
+    if replace_fd is not None:
+        attr.attach_flags, attr.replace_bpf_fd = BPF_F_REPLACE, replace_fd
+    _bpf(BPF_PROG_ATTACH, attr)
+
+
+def tcx_detach(ifindex: int, prog_fd: int, attach_type: int) -> bool:
+    """Detach program `prog_fd` from TCX hook `attach_type` of device `ifindex`; False if it was not there."""
+    return _bpf_found(BPF_PROG_DETACH, _AttachAttr(target_fd=ifindex, attach_bpf_fd=prog_fd, attach_type=attach_type))
+
+
+def prog_get_fd(prog_id: int) -> int:
+    """A new fd of the loaded program with id `prog_id` (OSError ENOENT when there is none)."""
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+
+
+def prog_fd_id_name(fd: int) -> tuple[int, str]:
+    """(id, name) of program `fd`."""
+    info = _ProgInfo()
+    _obj_info(fd, info)
+    return info.id, info.name.decode(errors="replace")
 
 
 def _obj_info(fd: int, info: ctypes.Structure) -> None:
@@ -219,13 +256,11 @@ def prog_fd_run_stats(fd: int) -> tuple[int, int]:
 def prog_name(prog_id: int) -> str:
     """The name of the loaded program with id `prog_id` ("" when there is none)."""
     try:
-        fd = _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+        fd = prog_get_fd(prog_id)
     except OSError:
         return ""
     try:
-        info = _ProgInfo()
-        _obj_info(fd, info)
-        return info.name.decode(errors="replace")
+        return prog_fd_id_name(fd)[1]
     except OSError:
         return ""
     finally:

@@ -1,11 +1,10 @@
 """`ebpfsvc cleanup`: remove what the agent attached and pinned.
 
-Our TC filters are recognised by the fixed priority and handle the datapath
-attaches with (ebpfsvc/datapath/tc.py PRIO / HANDLE), on every interface of the
-namespace (lo's `from_loopback` included), so interfaces that no longer match
-the agent's patterns are cleaned too; filters of anyone else (other priorities
-or handles) are left alone, and so is the clsact qdisc unless nothing is left on
-it. The node clients' device (ebpfsvc/datapath/hostpath.py) goes, and its routes
+Our TC programs are recognised as ebpfsvc/datapath/tc.py does (TcFilter.ours: at TCX by
+their names, on clsact by the fixed priority and handle the datapath attaches with), on every
+interface of the namespace (lo's `from_loopback` included), so interfaces that no longer match
+the agent's patterns are cleaned too; programs and filters of anyone else are left alone, and
+so is the clsact qdisc unless nothing is left on it. The node clients' device (ebpfsvc/datapath/hostpath.py) goes, and its routes
 with it, and lo's accept_local, which the agent sets for the node's replies to
 itself, goes back to the kernel's default (0). An XDP program is removed only
 when it is ours by name (ebpfsvc/datapath/uplink.py XDP_PROG_NAME). Pins are
@@ -24,16 +23,16 @@ from ebpfsvc.datapath import nsenter, tc
 
 @dataclass
 class CleanupReport:
-    filters: list[str] = field(default_factory=list)   # "tc filter IFNAME ingress NAME (prog id N)", "xdp program ..."
+    filters: list[str] = field(default_factory=list)   # "tc program IFNAME ingress NAME (prog id N, tcx)", "xdp program ..."
     pins: list[str] = field(default_factory=list)
 
 
 def our_filters(netns=None) -> list[tuple[str, tc.TcFilter]]:
-    """(ifname, filter) for every TC filter at our priority and handle in the namespace."""
+    """(ifname, program) for every TC program of ours in the namespace (at TCX or on clsact)."""
     out = []
     for ifindex, ifname in _links(netns):
         for f in tc.list_filters(ifindex, netns=netns):
-            if f.prio == tc.PRIO and f.handle == tc.HANDLE:
+            if f.ours:
                 out.append((ifname, f))
     return out
 
@@ -62,7 +61,8 @@ def cleanup(pin_dir, *, netns=None, dry_run: bool = False, socket_lb_cgroup=None
 
     on_lo = False
     for ifname, f in our_filters(netns):
-        report.filters.append(f"tc filter {ifname} {f.direction} {f.name or '?'} (prog id {f.prog_id})")
+        report.filters.append(f"tc program {ifname} {f.direction} {f.name or '?'} "
+                              f"(prog id {f.prog_id}, {'tcx' if f.tcx else 'clsact filter'})")
         on_lo |= ifname == hostpath.LOOPBACK
         if not dry_run:
             tc.detach(f.ifindex, f.direction, netns=netns)

@@ -259,7 +259,7 @@ def teardown(netns=None) -> bool:
         return True, lo
 
     removed, lo = nsenter.netlink(netns, remove)
-    if any(f.prio == tc.PRIO and f.handle == tc.HANDLE for f in tc.list_filters(lo, netns) if f.direction == tc.EGRESS):
+    if any(f.ours for f in tc.list_filters(lo, netns) if f.direction == tc.EGRESS):
         tc.detach(lo, tc.EGRESS, netns)
         tc.drop_empty_clsact(lo, netns)
     set_accept_local(lo, 0, netns)

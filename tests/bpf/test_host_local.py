@@ -401,7 +401,7 @@ def test_setup_attaches_to_lo_and_cleanup_removes_everything(uplink, pin_dir):
     assert accept_local() == "1"
 
     report = cleanup(pin_dir, netns=ns)
-    assert any(line.startswith("tc filter lo egress from_loopback") for line in report.filters), report.filters
+    assert any(line.startswith("tc program lo egress from_loopback") for line in report.filters), report.filters
     assert any(hostpath.LO_SYSCTL in line for line in report.filters), report.filters
     assert tc.list_filters(lo, netns=ns) == [] and accept_local() == "0"
 

@@ -221,12 +221,12 @@ def test_cleanup_removes_our_filters_and_pins_only(datapath, pin_dir, netns, uni
                parent=0xFFFFFFF2, prio=0x10, protocol=0x0003, direct_action=True)
 
     dry = CliRunner().invoke(main, ["cleanup", "--pin-dir", str(pin_dir), "--netns", netns, "--dry-run"])
-    assert dry.exit_code == 0 and dry.output.count("would remove tc filter") == 4, dry.output
+    assert dry.exit_code == 0 and dry.output.count("would remove tc program") == 4, dry.output
     assert len(tc.list_filters(idx["lxcA"], netns=netns)) == 2 and Path(pin_dir, "ct4").exists()
 
     res = CliRunner().invoke(main, ["cleanup", "--pin-dir", str(pin_dir), "--netns", netns])
     assert res.exit_code == 0, res.output
-    assert res.output.count("removed tc filter") == 4 and "removed pin" in res.output
+    assert res.output.count("removed tc program") == 4 and "removed pin" in res.output
     assert tc.list_filters(idx["lxcA"], netns=netns) == [] and tc.list_filters(idx["lxcB"], netns=netns) == []
     foreign = tc.list_filters(idx["other0"], netns=netns)
     assert [(f.prio, f.name) for f in foreign] == [(0x10, "foreign")]

@@ -426,6 +426,21 @@ def wait_affinity(lab: Lab, svc: str, port: int, seconds: int, nodes: Iterable[s
         wait_for(done, timeout, what=f"{node}: {svc} affinity timeout {seconds}")
 
 
+def tc_programs(lab: Lab, node: str, link: str) -> list:
+    """The BPF programs on `link`'s TC hooks in `node`'s namespace (TCX and clsact: tc.list_filters;
+    `tc filter show` lists clsact filters only); [] when the link is not there (yet)."""
+    import socket
+
+    from ebpfsvc.datapath import nsenter, tc
+
+    netns = lab.node_netns(node)
+    try:
+        ifindex = nsenter.run_in(netns, socket.if_nametoindex, link)
+    except OSError:
+        return []
+    return tc.list_filters(ifindex, netns=netns)
+
+
 def wait_agents_attached(lab: Lab, pods: Iterable[str], timeout: float = SYNC_TIMEOUT) -> None:
     """Wait until each pod's veth has the agent's TC programs (ingress and egress)."""
     for pod in pods:
@@ -434,9 +449,7 @@ def wait_agents_attached(lab: Lab, pods: Iterable[str], timeout: float = SYNC_TI
         node = obj["spec"]["nodeName"]
 
         def attached() -> bool:
-            out = lab.node_exec(node, ["tc", "filter", "show", "dev", link, "ingress"]).stdout + \
-                lab.node_exec(node, ["tc", "filter", "show", "dev", link, "egress"]).stdout
-            return out.count("from_pod") >= 1 and out.count("to_pod") >= 1
+            return {"from_pod", "to_pod"} <= {f.name for f in tc_programs(lab, node, link)}
 
         wait_for(attached, timeout, interval=0.3, what=f"TC programs on {link} ({pod})")
 

@@ -17,8 +17,8 @@ from ebpfsvc.lab import Lab, apps, names
 from ebpfsvc.lab.pods import READY_ANNOTATION
 
 from .helpers import (Chatter, TcpStream, add_clients, answered_by, cluster_ip, connect_outcome, service,
-                      tcp_udp_chatter, udp_ask, udp_socket, wait_backend_gone, wait_for, wait_programmed, wait_ready,
-                      wait_udp_bound)
+                      tc_programs, tcp_udp_chatter, udp_ask, udp_socket, wait_backend_gone, wait_for, wait_programmed,
+                      wait_ready, wait_udp_bound)
 
 pytestmark = pytest.mark.root
 
@@ -253,8 +253,8 @@ def test_no_endpoints_left_refuses_at_once(lab):
 # -- agent restart (own lab: restarting agents must not disturb other tests) ----------------------
 
 
-def _tc_program_ids(lab: Lab, node: str, link: str) -> str:
-    return lab.node_exec(node, ["tc", "filter", "show", "dev", link, "ingress"]).stdout
+def _tc_program_ids(lab: Lab, node: str, link: str) -> list[tuple[str, str, int]]:
+    return sorted((f.direction, f.name, f.prog_id) for f in tc_programs(lab, node, link))
 
 
 @pytest.mark.parametrize("node", ["node-1", "node-2"], ids=["client-node", "backend-node"])
@@ -266,6 +266,7 @@ def test_agent_restart_keeps_streams(unique_prefix, node):
             pod = lab.pod("rs-tcp" if node == "node-2" else CLIENT)
             link = names.pod_host_link("default", pod["metadata"]["name"])
             before = _tc_program_ids(lab, node, link)
+            assert [name for _, name, _ in before] == ["to_pod", "from_pod"], before     # egress, ingress
             old_agent = lab.agent_record(node)
             lab.agent("restart", node)
             assert lab.agent_record(node) != old_agent

@@ -550,6 +550,15 @@ def netns(unique_prefix):
     subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def _detach_lo(netns: str) -> None:
+    """Each probe starts from a lo with none of our programs (at TCX or on clsact)."""
+    from ebpfsvc.datapath import tc
+
+    for direction in (tc.INGRESS, tc.EGRESS):
+        tc.detach(1, direction, netns=netns)        # lo is ifindex 1 in every namespace
+    tc.drop_empty_clsact(1, netns)
+
+
 def _with_caps(netns: str, caps: set[str], pin: Path) -> subprocess.CompletedProcess:
     bounding = ",".join(["-all"] + [f"+{c.lower()}" for c in sorted(caps)])
     env = dict(os.environ, BCC_KERNEL_SOURCE=os.environ.get("BCC_KERNEL_SOURCE", "/var/lib/ebpfsvc/kernel-headers"),
@@ -573,14 +582,13 @@ def test_documented_capabilities_load_the_datapath_and_fewer_do_not(netns, uniqu
     try:
         ok = _with_caps(netns, tc_caps, pins / "ok")
         assert ok.returncode == 0 and "loaded pinned attached" in ok.stdout, ok.stderr[-2000:]
-        subprocess.run(["tc", "-n", netns, "qdisc", "del", "dev", "lo", "clsact"], check=False)
+        _detach_lo(netns)
         # Without CAP_PERFMON the verifier rejects the datapath's variable-offset packet pointer
         # arithmetic ("prohibited for !root").
         for missing in ("BPF", "NET_ADMIN", "PERFMON"):
             r = _with_caps(netns, tc_caps - {missing}, pins / missing)
             assert r.returncode != 0, f"worked without CAP_{missing}: then it need not be granted"
-            subprocess.run(["tc", "-n", netns, "qdisc", "del", "dev", "lo", "clsact"], check=False,
-                           capture_output=True)
+            _detach_lo(netns)
     finally:
         shutil.rmtree(pins, ignore_errors=True)
 
