@@ -17,6 +17,10 @@ Datapaths, interleaved in an order rotated every repeat:
     socket        cli -> the ClusterIP, translated at connect(); its packets skip the TC work
     socket-bare   the same with no program on the veths: the fast exit's floor
     tc            cli-t (outside the cgroup) -> the ClusterIP, translated per packet at TC
+    direct-clsact, socket-clsact
+                  direct and socket with the same programs attached as cls_bpf filters on clsact
+                  (as on kernels before 6.6, and as every agent before 2026-12-04) instead of at
+                  TCX: what the attachment itself costs (only where the kernel has TCX)
 
 Metrics: wrk `Connection: close` connections/s (8 connections, 1 thread) with the connect4 hook's run
 time per connect(), sockperf ping-pong p50/p99 (64 bytes, TCP); and, during the sockperf runs, the kernel's run time per run of the programs on
@@ -28,6 +32,7 @@ and nobody else's. Medians with min-max; the load average is recorded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -48,7 +53,7 @@ VIP = "198.19.0.10"
 GATEWAY = ipaddress.IPv4Address("198.18.0.1")
 PODS = {"cli": "198.18.1.5", "cli-t": "198.18.1.6", "srv": "198.18.2.1"}
 NGINX, SOCKPERF = 8080, 11111
-DATAPATHS = ("direct-bare", "direct", "socket", "socket-bare", "tc")
+DATAPATHS = ("direct-bare", "direct", "socket", "socket-bare", "tc", "direct-clsact", "socket-clsact")
 PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}
 
 
@@ -101,11 +106,14 @@ class Node:
         self.servers = [tools.nginx_server(self.pod_ns["srv"], [NGINX], state_dir),
                         tools.sockperf_server(self.pod_ns["srv"], SOCKPERF, state_dir)]
 
-    def attach_tc(self) -> None:
-        for idx, pod in zip(self.links, PODS):
-            dp = self.cli_dp if pod == "cli" else self.pod_dp
-            for name, direction in PROGRAMS.items():
-                tc.attach(idx, dp.programs[name].fd, name, direction, netns=self.node_ns)
+    def attach_tc(self, clsact: bool = False) -> None:
+        """The programs on every pod veth: as the agent attaches them (TCX where the kernel has it),
+        or as cls_bpf filters on clsact (`clsact`), as a kernel without TCX has them."""
+        with tc.without_tcx() if clsact else contextlib.nullcontext():
+            for idx, pod in zip(self.links, PODS):
+                dp = self.cli_dp if pod == "cli" else self.pod_dp
+                for name, direction in PROGRAMS.items():
+                    tc.attach(idx, dp.programs[name].fd, name, direction, netns=self.node_ns)
 
     def detach_tc(self) -> None:
         for idx in self.links:
@@ -154,15 +162,19 @@ def run(repeats: int, seconds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="tcshare-") as tmp:
         node = Node(Path(tmp))
         fds = {name: node.cli_dp.programs[name].fd for name in PROGRAMS}
+        datapaths = DATAPATHS if tc.tcx_supported() else tuple(d for d in DATAPATHS if not d.endswith("-clsact"))
+        meta["tcx"] = tc.tcx_supported()
         try:
             for r in range(repeats):
-                k = r % len(DATAPATHS)
-                order = DATAPATHS[k:] + DATAPATHS[:k]
+                k = r % len(datapaths)
+                order = datapaths[k:] + datapaths[:k]
                 meta["loadavg"].append(os.getloadavg()[0])
                 for d in order:
                     ns, cg, dst = node.client(d)
-                    if d.endswith("-bare"):
+                    if d.endswith(("-bare", "-clsact")):
                         node.detach_tc()
+                    if d.endswith("-clsact"):
+                        node.attach_tc(clsact=True)
                     try:
                         connect_fd = node.sock_dp.programs["connect4"].fd
                         stats_fd = bpfsys.run_time_stats()
@@ -186,11 +198,12 @@ def run(repeats: int, seconds: int) -> dict:
                         finally:
                             os.close(stats_fd)
                     finally:
-                        if d.endswith("-bare"):
+                        if d.endswith(("-bare", "-clsact")):
+                            node.detach_tc()
                             node.attach_tc()
                     results["p50_us"][d].append(p["p50_us"])
                     results["p99_us"][d].append(p["p99_us"])
-                    if d in ("direct", "socket"):        # the client veth's own programs ran
+                    if not d.endswith("-bare") and d != "tc":        # the client veth's own programs ran
                         results["from_pod_ns"][d].append(runs["from_pod"])
                         results["to_pod_ns"][d].append(runs["to_pod"])
                         if p.get("observations"):
@@ -202,7 +215,7 @@ def run(repeats: int, seconds: int) -> dict:
 
 
 RATIOS = (("socket", "direct-bare"), ("direct", "direct-bare"), ("socket", "direct"), ("socket-bare", "direct-bare"),
-          ("tc", "direct-bare"))
+          ("tc", "direct-bare"), ("socket-clsact", "direct-bare"), ("direct-clsact", "direct-bare"))
 
 
 def report(data: dict) -> str:
