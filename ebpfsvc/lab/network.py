@@ -31,6 +31,7 @@ import ipaddress
 from typing import Callable, TypeVar
 
 from pyroute2 import IPRoute, netns
+from pyroute2 import config as pyroute2_config
 
 from ebpfsvc.datapath import nsenter
 
@@ -79,6 +80,10 @@ def _index(ipr: IPRoute, ifname: str) -> int:
 def create_namespace(name: str, forwarding: bool = False, ipv6: bool = False) -> None:
     """A new network namespace with `lo` up and rp_filter off (and routing on if `forwarding`);
     with `ipv6`, IPv6 on without DAD (and IPv6 routing on if `forwarding`)."""
+    # pyroute2 creates the namespace in a child process and gives up on it after
+    # config.default_communicate_timeout (2 s): a busy 2-core machine took longer once in CI
+    # (2026-12-04, "no response from the child"). A lab waits for its namespace instead.
+    pyroute2_config.default_communicate_timeout = max(pyroute2_config.default_communicate_timeout, 30)
     netns.create(name)
     sysctls = dict(_NAMESPACE_SYSCTLS)
     if ipv6:
