@@ -340,7 +340,7 @@ def drift(pin_dir, output, manifests, kubeconfig, in_cluster, node_name, node_ad
 @click.option("--socket-lb-cgroup", default=None,
               help="The agent's --socket-lb-cgroup: detach the socket programs from it too.")
 def cleanup(pin_dir, netns, dry_run, socket_lb_cgroup) -> None:
-    """Remove what the agent attached (its TC filters, found by their fixed priority and handle) and
+    """Remove what the agent attached (its TC programs: at TCX by name, on clsact by priority and handle) and
     pinned. Established Service connections stop being translated: run it only with the agent gone."""
     from ebpfsvc.datapath.cleanup import cleanup as do_cleanup
     try:
