@@ -27,6 +27,7 @@ from typing import Iterator
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ebpfsvc.datapath import bpfsys
+from ebpfsvc.datapath.loader import NODE_PROGRAMS, PROGRAMS
 from ebpfsvc.datapath.nsenter import netlink, run_in
 
 INGRESS = "ingress"
@@ -35,9 +36,9 @@ _PARENT = {INGRESS: 0xFFFFFFF2, EGRESS: 0xFFFFFFF3}   # TC_H_MAKE(TC_H_CLSACT, T
 _DIRECTION = {v: k for k, v in _PARENT.items()}
 _TCX = {INGRESS: bpfsys.BPF_TCX_INGRESS, EGRESS: bpfsys.BPF_TCX_EGRESS}
 
-#: The programs the datapath attaches at TC (bpf/lb_pod.c, lb_node.c, lb_host.c): a TCX program
+#: The datapath's programs (bpf/lb_pod.c, lb_node.c; xdp_uplink never sits at TC): a TCX program
 #: of one of these names is ours (cleanup removes it, a re-attach replaces it).
-OURS = frozenset({"from_pod", "to_pod", "from_uplink", "to_uplink", "from_host", "from_loopback"})
+OURS = frozenset(PROGRAMS + NODE_PROGRAMS)
 
 def _decode_bpf_prog_ids() -> None:
     """Teach pyroute2 the cls_bpf attributes after TCA_BPF_FLAGS (uapi pkt_cls.h:
@@ -124,9 +125,13 @@ def attach(ifindex: int, prog_fd: int, name: str, direction: str, netns=None) ->
     if not tcx_supported():
         netlink(netns, lambda ipr: _attach_filter(ipr, ifindex, prog_fd, name, direction))
         return
-    _in(netns, lambda: _attach_tcx(ifindex, prog_fd, direction))
-    if _detach_filter(ifindex, direction, netns):      # an agent from before TCX left it
-        drop_empty_clsact(ifindex, netns)
+
+    def work() -> None:             # one entry into the namespace for both steps
+        _attach_tcx(ifindex, prog_fd, direction)
+        if _detach_filter(ifindex, direction, None):     # an agent from before TCX left it
+            drop_empty_clsact(ifindex, None)
+
+    _in(netns, work)
 
 
 def _in(netns, fn):
@@ -139,29 +144,29 @@ def _attach_tcx(ifindex: int, prog_fd: int, direction: str) -> None:
     takes the place of ours (or of one named as it is), else goes after everyone else's."""
     hook = _TCX[direction]
     prog_id, name = bpfsys.prog_fd_id_name(prog_fd)
-    attached = bpfsys.prog_query(ifindex, hook)
-    if prog_id in attached:
-        return                      # a restarted agent's pinned program: already in place
-    for other in attached:
-        old_fd = _program_fd(other)
-        if old_fd is None:
-            continue                # unloaded between the query and now
-        try:
-            if bpfsys.prog_fd_id_name(old_fd)[1] in OURS | {name}:
-                bpfsys.tcx_attach(ifindex, prog_fd, hook, replace_fd=old_fd)
-                return
-        finally:
-            os.close(old_fd)
+    for other_id, old_fd, other in _attached(ifindex, hook):
+        if other_id == prog_id:
+            return                  # a restarted agent's pinned program: already in place
+        if other in OURS | {name}:
+            bpfsys.tcx_attach(ifindex, prog_fd, hook, replace_fd=old_fd)
+            return
     bpfsys.tcx_attach(ifindex, prog_fd, hook)
 
 
-def _program_fd(prog_id: int) -> int | None:
-    try:
-        return bpfsys.prog_get_fd(prog_id)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
-        return None
+def _attached(ifindex: int, hook: int) -> Iterator[tuple[int, int, str]]:
+    """(id, fd, name) of each program at TCX `hook` of `ifindex`, in their order of running; the
+    fd is closed when the caller moves on. A program unloaded since the query is skipped."""
+    for prog_id in bpfsys.prog_query(ifindex, hook):
+        try:
+            fd = bpfsys.prog_get_fd(prog_id)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            continue
+        try:
+            yield prog_id, fd, bpfsys.prog_fd_id_name(fd)[1]
+        finally:
+            os.close(fd)
 
 
 def _attach_filter(ipr, ifindex: int, prog_fd: int, name: str, direction: str) -> None:
@@ -179,15 +184,9 @@ def detach(ifindex: int, direction: str, netns=None) -> bool:
 
 def _detach_tcx(ifindex: int, direction: str) -> bool:
     hook, done = _TCX[direction], False
-    for prog_id in bpfsys.prog_query(ifindex, hook):
-        fd = _program_fd(prog_id)
-        if fd is None:
-            continue
-        try:
-            if bpfsys.prog_fd_id_name(fd)[1] in OURS:
-                done |= bpfsys.tcx_detach(ifindex, fd, hook)
-        finally:
-            os.close(fd)
+    for _, fd, name in _attached(ifindex, hook):     # the ids were queried before the first detach
+        if name in OURS:
+            done |= bpfsys.tcx_detach(ifindex, fd, hook)
     return done
 
 
@@ -231,9 +230,9 @@ def list_filters(ifindex: int, netns=None) -> list[TcFilter]:
     out: list[TcFilter] = []
     if tcx_supported():
         out += _in(netns, lambda: [TcFilter(ifindex=ifindex, direction=direction, prio=0, handle=0,
-                                            name=bpfsys.prog_name(prog_id), prog_id=prog_id, tcx=True)
+                                            name=name, prog_id=prog_id, tcx=True)
                                    for direction, hook in _TCX.items()
-                                   for prog_id in bpfsys.prog_query(ifindex, hook)])
+                                   for prog_id, _, name in _attached(ifindex, hook)])
 
     def work(ipr) -> None:
         for direction, parent in _PARENT.items():
