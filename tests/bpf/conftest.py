@@ -20,73 +20,41 @@ defaults (lb_agent_config zeroed).
 Tests about compiling itself (tests/bpf/test_loader.py: the load cache, stale pins) and the
 agent's own start still compile, into a fresh per-test `pin_dir`; a load that only sets a test up
 takes the run's programs on a pin directory of its own (CompiledDatapaths.load_elsewhere).
-The uplink programs (lb_node.c), the run's longest compile, are compiled by a child process while
-the first modules run (CompiledDatapaths.compile_ahead).
+The uplink programs (lb_node.c), the run's longest compile, and the other configurations the tiers
+load later are compiled by a child process while the first modules run (tests/conftest.py
+AheadCompiles).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from ebpfsvc.datapath import batch, compiler, loader, nodeaddrs
+from ebpfsvc.datapath import batch, loader, nodeaddrs
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.datapath.bpfsys import PinnedMap
 
+from .limits import TEST_LIMITS
 from .packets import HAIRPIN
 
 BPFFS = Path("/sys/fs/bpf")
-
-# Small maps: LRU maps preallocate, and every array is zeroed before each test.
-TEST_LIMITS = loader.Limits(
-    frontends=1024, services=1024, backends=1024, maglev_slots=1 << 16,
-    ct_entries=4096, affinity_entries=1024, frag_entries=256, snat_entries=4096, source_ranges=256,
-)
 
 
 class CompiledDatapaths:
     """The run's compiled datapaths: one per (program, pin directory, flags), one pin directory
     per (limits, maps) where `maps` names a set of maps (tests comparing two sets ask for two)."""
 
-    def __init__(self, prefix: str, program_cache: Path):
+    def __init__(self, prefix: str, program_cache: Path, ahead=None):
         self.prefix = prefix
         self.program_cache = program_cache
+        self.ahead = ahead          # tests/conftest.py AheadCompiles: compiles a child does beforehand
         self.compiles = 0
         self._dirs: dict[tuple, Path] = {}
         self._loaded: dict[tuple, loader.Datapath] = {}
-        self._ahead: dict[Path, tuple[subprocess.Popen, Path]] = {}
-
-    def compile_ahead(self, source: Path, programs: tuple[str, ...], limits: loader.Limits = TEST_LIMITS) -> None:
-        """Have a child process compile `source` into the run's program cache while the tests before
-        its first use run (datapath/compiler.py, as an agent compiles: the same entry a compile here
-        would store): the tier is single-threaded, and the machine has a second CPU. load() of
-        `source` waits for the child, then finds the programs in the cache. If the child fails, that
-        load compiles, as without it. The child's maps are pinned in a directory of its own."""
-        pin_dir = BPFFS / f"{self.prefix}-ahead{len(self._ahead)}"
-        request = compiler.programs_request(pin_dir, limits, source, programs, {"pin_programs": False})
-        child = subprocess.Popen(compiler.command(request),
-                                 env={**os.environ, "EBPFSVC_PROGRAM_CACHE": str(self.program_cache)},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._ahead[Path(source)] = (child, pin_dir)
-
-    def _wait_ahead(self, source: Path, kill: bool = False) -> None:
-        """The end of compile_ahead's child for `source`, if there is one (`kill`: ended by its PID)."""
-        if Path(source) not in self._ahead:
-            return
-        child, pin_dir = self._ahead.pop(Path(source))
-        try:
-            if kill:
-                child.kill()
-            child.wait(compiler.TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        loader.unpin(pin_dir)
 
     def pin_dir(self, limits: loader.Limits, maps: str = "shared") -> Path:
         key = (limits, maps)
@@ -101,7 +69,8 @@ class CompiledDatapaths:
                               for k, v in sorted(kw.items())))
         dp = self._loaded.get(key)
         if dp is None:
-            self._wait_ahead(kw.get("source", loader.SOURCE))
+            if self.ahead is not None:
+                self.ahead.wait(kw.get("source", loader.SOURCE), limits)
             self.restore_pins(pin_dir)     # a new program must find the maps the others use
             # Through the run's own program cache, as an agent loads (datapath/progcache.py): a
             # configuration whose programs differ from an earlier one's only in map sizes or pin
@@ -149,8 +118,6 @@ class CompiledDatapaths:
             batch.clear(dp.maps[name])
 
     def close(self) -> None:
-        for source in list(self._ahead):
-            self._wait_ahead(source, kill=True)
         for dp in self._loaded.values():
             dp.close()
         self._loaded.clear()
@@ -186,12 +153,9 @@ class DatapathsOfATest:
 # The tier's, not the whole run's: closed (maps and pins removed) once tests/bpf's last test is done,
 # so a `make test` run does not keep them through the e2e and unit tiers.
 @pytest.fixture(scope="package")
-def compiled_datapaths(tmp_path_factory):
-    run = CompiledDatapaths("es" + uuid.uuid4().hex[:6], tmp_path_factory.mktemp("programs"))
+def compiled_datapaths(program_cache, ahead_compiles):
+    run = CompiledDatapaths("es" + uuid.uuid4().hex[:6], program_cache, ahead_compiles)
     try:
-        # The uplink programs are the run's longest compile (lb_node.c: 10 s on a quiet 2-core machine,
-        # more on a busy one), and the first test to load them comes after a dozen modules.
-        run.compile_ahead(loader.NODE_SOURCE, loader.NODE_PROGRAMS)
         yield run
     finally:
         run.close()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 
 from ebpfsvc import abi
-from ebpfsvc.datapath import loader, stats
+from ebpfsvc.datapath import stats
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lbmodel import Protocol
 
 from .conftest import TEST_LIMITS, age
+from .limits import TUNED_LIMITS
 from .packets import (
     BACKEND1, BACKEND2, BACKEND3, CLIENT, HAIRPIN, OK, REDIRECT, VIP, Case, be, check, expected_backend,
     from_pod, frontend, state, tcp, to_pod, udp,
@@ -203,11 +204,9 @@ def test_udp_lifetimes_follow_replies(datapath, writer):
 
 @pytest.fixture
 def tuned(compiled):
-    """A datapath compiled with lifetimes set the way the agent's --conntrack-* flags set them:
-    --conntrack-udp-timeout 5s, --conntrack-udp-timeout-stream 20s, --conntrack-tcp-timeout-close-wait 9s,
-    --conntrack-tcp-timeout-established 40s (each far below abi.h's default)."""
-    changed = loader.conntrack_limits(udp=5, udp_stream=20, tcp_close_wait=9, tcp_established=40)
-    dp = compiled.load(loader.Limits(**{**TEST_LIMITS.__dict__, **changed}), hairpin_addr=HAIRPIN)
+    """A datapath compiled with lifetimes set the way the agent's --conntrack-* flags set them
+    (limits.TUNED_LIMITS)."""
+    dp = compiled.load(TUNED_LIMITS, hairpin_addr=HAIRPIN)
     return dp, MapWriter(dp.maps)
 
 

@@ -23,7 +23,7 @@ from ebpfsvc.inspect import views
 from ebpfsvc.inspect.node import NodeMaps
 from ebpfsvc.lbmodel import Algorithm, Protocol
 
-from .conftest import TEST_LIMITS, age
+from .conftest import age
 from .packets import (
     BACKEND1, BACKEND2, BACKEND3, CLIENT, CLIENT2, HAIRPIN, OTHER, VIP, VIP2, be, from_pod, frontend, run, state, tcp,
     to_pod, udp,
@@ -296,7 +296,6 @@ def test_why_with_terminating_backends(datapath, writer, pin_dir):
 
 
 def test_why_names_the_hairpin_case(datapath, writer, pin_dir):
-    from .packets import HAIRPIN
     writer.apply(state(frontend(VIP, 80, [be(CLIENT)], name="self")))
     w = why(pin_dir, CLIENT, f"{VIP}:80/TCP", 49000)
     assert w["backend"] == f"{CLIENT}:8080/TCP"

@@ -9,7 +9,10 @@ import uuid
 
 import pytest
 
+from ebpfsvc.datapath import loader
+
 from . import model as M
+from . import runner
 from . import uplink as U
 
 pytestmark = pytest.mark.root
@@ -18,8 +21,9 @@ SEED = 20261202
 
 
 @pytest.fixture(scope="module")
-def node():
-    n = U.NodeDatapath("esdu" + uuid.uuid4().hex[:6])
+def node(through_program_cache, ahead_compiles):
+    ahead_compiles.wait(loader.NODE_SOURCE, runner.LIMITS)       # a child's compile: tests/conftest.py
+    n = U.NodeDatapath("esdu" + uuid.uuid4().hex[:6], program_cache=True)
     try:
         yield n
     finally:

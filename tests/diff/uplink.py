@@ -622,14 +622,16 @@ class NodeDatapath:
     """The uplink programs loaded on fresh pins, the scenario written, and node-1's namespace
     (tests/bpf/northsouth.py) to run them in; removed on close (also after a failure)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, program_cache: bool = False):
+        """`program_cache`: the programs from the compiled-program cache when it holds them
+        (loader.load), as the tests load them."""
         from tests.bpf.northsouth import build_netns
 
         self.pin = Path("/sys/fs/bpf") / prefix
         self.netns = f"{prefix}-np"
         limits = loader.Limits(**{**R.LIMITS.__dict__, "snat_entries": 16384})
         self.dp = loader.load(self.pin, limits=limits, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS,
-                              cache=False)
+                              cache=False, program_cache=program_cache)
         try:
             nodeaddrs.write(self.dp.maps, nodeaddrs.NodeAddrs(snat4=NODE))
             MapWriter(self.dp.maps).apply(scenario())
