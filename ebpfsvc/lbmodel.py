@@ -42,6 +42,9 @@ class Protocol(str, enum.Enum):
 
 
 _PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+# The members by their API spelling, and those spellings: what parsers look a field's value up in.
+PROTOCOLS = {p.value: p for p in Protocol}
+PROTOCOL_NAMES = tuple(PROTOCOLS)
 
 
 class Scope(enum.IntEnum):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import functools
 import mmap
 import os
 
@@ -126,9 +127,18 @@ def _records(ctype, rows: list) -> np.ndarray:
     if dtype.names is None:
         out[:] = rows
     else:
-        for name, column in zip(dtype.names, zip(*rows)):
-            out[name] = column
+        # The rows, whole, into a view of the struct's leading fields (numpy packs each tuple in C);
+        # the rest (padding) stays 0.
+        out.view(_leading(dtype, len(rows[0])))[:] = rows
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _leading(dtype: np.dtype, n: int) -> np.dtype:
+    """`dtype` with only its first `n` fields, at their offsets, of the same size."""
+    names = dtype.names[:n]
+    return np.dtype({"names": names, "formats": [dtype.fields[k][0] for k in names],
+                     "offsets": [dtype.fields[k][1] for k in names], "itemsize": dtype.itemsize})
 
 
 def zero_percpu_ids(table, idents: list[int]) -> None:

@@ -20,7 +20,7 @@ from sys import intern
 
 from ebpfsvc import heap
 from ebpfsvc.k8s.fields import Fields, Invalid, check_name, parse_ip, read_meta
-from ebpfsvc.lbmodel import IPAddress, Protocol
+from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, IPAddress, Protocol
 
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 # Set by the EndpointSlice and Endpoints controllers: when the change this version carries was
@@ -160,7 +160,7 @@ def _plain_endpoint(e, version: int) -> SliceEndpoint | None:
 
 def parse_endpoint_port(p: Fields) -> EndpointPort:
     """A port of an EndpointSlice or of a v1 Endpoints subset (same shape)."""
-    protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
+    protocol = PROTOCOLS[p.str("protocol", "TCP", PROTOCOL_NAMES)]
     return EndpointPort(p.name("name", "dns1123-label"), protocol, p.int("port", 1, 65535), p.str("appProtocol"))
 
 

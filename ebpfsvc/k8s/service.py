@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ebpfsvc.config import IP_FAMILIES, NodeConfig, family_name
 from ebpfsvc.k8s.fields import Fields, Invalid, ObjectMeta, check_int, parse_cidr, parse_ip, read_meta
-from ebpfsvc.lbmodel import Algorithm, IPAddress, IPNetwork, Protocol
+from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, Algorithm, IPAddress, IPNetwork, Protocol
 
 MAX_PORTS = 100                 # far above any real Service; a bigger list is a generator gone wrong
 MAX_EXTERNAL_IPS = 100
@@ -141,11 +141,18 @@ class Service:
         return ""
 
 
+# Each enum's members by value, and the values a field may take: looked up per Service and port,
+# not rebuilt (a full sync reads 10,000 Services).
+_SERVICE_TYPES = {t.value: t for t in ServiceType}
+_SERVICE_TYPE_NAMES = tuple(_SERVICE_TYPES)
+_IP_FAMILY_POLICY_NAMES = tuple(p.value for p in IPFamilyPolicy)
+
+
 def parse_service(obj: dict, config: NodeConfig) -> Service:
     """Validate a v1 Service; raises Invalid naming the first bad field."""
     top, meta = read_meta(obj, "Service", ("v1",), name_rule="dns1035-label")
     spec = top.obj("spec")
-    svc_type = ServiceType(spec.str("type", "ClusterIP", tuple(t.value for t in ServiceType)))
+    svc_type = _SERVICE_TYPES[spec.str("type", "ClusterIP", _SERVICE_TYPE_NAMES)]
     cluster_ips, policy, headless = _cluster_ips(spec, svc_type, config)
     ports = _ports(spec, svc_type, config)
     if not ports and not headless and svc_type is not ServiceType.EXTERNAL_NAME:
@@ -182,7 +189,7 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
 def _cluster_ips(spec: Fields, svc_type: ServiceType, config: NodeConfig
                  ) -> tuple[tuple[IPAddress, ...], IPFamilyPolicy, bool]:
     """(clusterIPs, ipFamilyPolicy, headless), validated as the API server validates them (module docstring)."""
-    policy_text = spec.str("ipFamilyPolicy", "", tuple(p.value for p in IPFamilyPolicy))
+    policy_text = spec.str("ipFamilyPolicy", "", _IP_FAMILY_POLICY_NAMES)
     families = spec.list("ipFamilies", 2)
     for i, (path, value) in enumerate(families):
         if value not in IP_FAMILIES:
@@ -256,7 +263,7 @@ def _ports(spec: Fields, svc_type: ServiceType, config: NodeConfig) -> tuple[Ser
     items = list(spec.objects("ports", MAX_PORTS))
     for p in items:
         name = p.name("name", "dns1123-label")
-        protocol = Protocol(p.str("protocol", "TCP", tuple(x.value for x in Protocol)))
+        protocol = PROTOCOLS[p.str("protocol", "TCP", PROTOCOL_NAMES)]
         port = p.int("port", 1, 65535)
         if port is None:
             raise Invalid(f"{p.path}.port", "is required")
