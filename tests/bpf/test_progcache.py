@@ -222,14 +222,28 @@ def test_a_changed_define_is_a_miss(warm_cache_dir, pin_dir, tmp_path, caplog):
     assert len(program_entries(cache_dir)) == 2       # both kept: each its own key
 
 
+def _damage(text: str, damage: str) -> str:
+    return {"truncated": text[:len(text) // 2],
+            "an instruction changed": text.replace('"insns": "', '"insns": "AAAA', 1),
+            "not JSON": "\0\1garbage"}[damage]
+
+
+# Finding an entry unusable is progcache's to check, with no compile; that loader.load then compiles
+# and stores the entry again is one path whatever the damage, checked once (a compile, seconds).
 @pytest.mark.parametrize("damage", ["truncated", "an instruction changed", "not JSON"])
-def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(warm_cache_dir, pin_dir, damage, caplog):
+def test_a_corrupt_entry_is_unusable(warm_cache_dir, damage, caplog):
+    (entry,) = program_entries(warm_cache_dir)
+    entry.write_text(_damage(entry.read_text(), damage))
+    caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
+    assert progcache.load(warm_cache_dir, entry.name.removesuffix(".json"), {}) is None
+    assert [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+
+
+def test_an_unusable_entry_falls_back_to_bcc_and_is_written_again(warm_cache_dir, pin_dir, caplog):
     cache_dir = warm_cache_dir
     (entry,) = program_entries(cache_dir)
     good = entry.read_text()
-    entry.write_text({"truncated": good[:len(good) // 2],
-                      "an instruction changed": good.replace('"insns": "', '"insns": "AAAA', 1),
-                      "not JSON": "\0\1garbage"}[damage])
+    entry.write_text(_damage(good, "an instruction changed"))
     caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
     dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
     try:
@@ -245,17 +259,15 @@ def test_a_corrupt_entry_falls_back_to_bcc_and_is_written_again(warm_cache_dir, 
         dp.close()
 
 
-def test_a_directory_others_may_write_is_not_used(warm_cache_dir, pin_dir, caplog):
+def test_a_directory_others_may_write_is_not_used(warm_cache_dir, caplog):
+    """Nothing is read from it (what a load does on a miss, compile, is the test above's)."""
     cache_dir = warm_cache_dir
     assert cache_dir.stat().st_mode & 0o777 == 0o700
+    (entry,) = program_entries(cache_dir)
     cache_dir.chmod(0o777)
     caplog.set_level(logging.INFO, logger="ebpfsvc.datapath.progcache")
-    dp = loader.load(pin_dir, limits=TEST_LIMITS, cache=False, program_cache=True)
-    try:
-        assert isinstance(dp.bpf, BPF)
-        assert any("writable by others" in r.getMessage() for r in caplog.records)
-    finally:
-        dp.close()
+    assert progcache.load(cache_dir, entry.name.removesuffix(".json"), {}) is None
+    assert any("writable by others" in r.getMessage() for r in caplog.records)
 
 
 def test_a_restarted_agent_on_a_warm_cache_loads_without_compiling(cache_dir, tmp_path, pin_dir, unique_prefix,
