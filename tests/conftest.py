@@ -87,9 +87,13 @@ class AheadCompiles:
                     self._thread = None
                     return
                 key, request = self._queue.pop(0)
-                self._child = subprocess.Popen(
-                    compiler.command(request), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    env={**os.environ, "EBPFSVC_PROGRAM_CACHE": str(self.program_cache)})
+                try:
+                    self._child = subprocess.Popen(
+                        compiler.command(request), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        env={**os.environ, "EBPFSVC_PROGRAM_CACHE": str(self.program_cache)})
+                except OSError:             # no child: the load compiles, as without one
+                    self._done[key].set()
+                    continue
             try:
                 self._child.wait(compiler.TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
@@ -108,6 +112,7 @@ class AheadCompiles:
                 if queued == key:
                     del self._queue[i]
                     self._done[key].set()
+                    break
             done = self._done.get(key)
         if done is not None:
             done.wait(compiler.TIMEOUT_SECONDS)
