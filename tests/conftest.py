@@ -39,17 +39,12 @@ def program_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("programs")
 
 
-def _configuration(source, limits) -> tuple:
-    """What tells two compiles apart in the program cache: the source and the lifetimes, which are
-    in the instructions. Map sizes are not (progcache.size_only_macros), nor the pin directory."""
-    return (Path(source).name, tuple(sorted((k, v) for k, v in vars(limits).items() if k.endswith("_s"))))
-
-
 class AheadCompiles:
     """Compiles of configurations the run loads later, done by a child process (datapath/compiler.py,
     as an agent compiles: the same program-cache entry a compile in the test process stores) on the
     machine's other CPU while the tests before their first use run: the tiers are single-threaded.
-    One child at a time, in the order asked. A load first calls wait() for its configuration: that
+    A configuration is known by its program-cache key (loader.program_key: map sizes and the pin
+    directory are no part of it). One child at a time, in the order asked. A load first calls wait() for its configuration: that
     waits for a running child, or takes a queued one off the queue (the load then compiles, as
     without it). A child that fails leaves the compile to the load. Children end by their PID."""
 
@@ -64,9 +59,9 @@ class AheadCompiles:
         self._thread: threading.Thread | None = None
 
     def add(self, source, programs, limits) -> None:
-        from ebpfsvc.datapath import compiler
+        from ebpfsvc.datapath import compiler, loader
 
-        key = _configuration(source, limits)
+        key = loader.program_key(limits, source, programs)
         with self._lock:
             if key in self._done or self._closed:
                 return
@@ -103,10 +98,12 @@ class AheadCompiles:
                 loader.unpin(Path(request["pin_dir"]))
                 self._done[key].set()
 
-    def wait(self, source, limits) -> None:
-        from ebpfsvc.datapath import compiler
+    def wait(self, limits, **kw) -> None:
+        """Before loader.load(pin_dir, limits=limits, program_cache=True, **kw) (its source, programs,
+        attach_types): the configuration's child done, or its compile left to that load."""
+        from ebpfsvc.datapath import compiler, loader
 
-        key = _configuration(source, limits)
+        key = loader.program_key(limits, **kw)
         with self._lock:
             for i, (queued, _) in enumerate(self._queue):
                 if queued == key:

@@ -248,11 +248,9 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     os.environ.setdefault("BCC_KERNEL_SOURCE", DEFAULT_KERNEL_SOURCE)
     pin_dir.mkdir(parents=True, exist_ok=True)
     attach_types = attach_types or {}
-    types = {name: BPF.CGROUP_SOCK_ADDR if name in attach_types else getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS"))
-             for name in programs}
-    # A hook is part of what the kernel verified: another hook is another entry.
-    kinds = {name: [t, attach_types[name]] if name in attach_types else t for name, t in types.items()}
-    program_key = progcache.cache_key(text, cflags, kinds) if program_cache and programs else None
+    types = _program_types(programs, attach_types)
+    program_key = (progcache.cache_key(text, cflags, _program_kinds(types, attach_types))
+                   if program_cache and programs else None)
     pins_checked = False        # found in the program's shapes by the program cache's open_maps
     if program_key:
         try:
@@ -309,6 +307,31 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
         dp.cache_key = key
         _CACHE[key] = dp
     return dp
+
+
+def _program_types(programs: tuple[str, ...], attach_types: dict[str, int]) -> dict[str, int]:
+    """bcc's program type of each program: a cgroup sock_addr program where it has a hook, XDP for
+    xdp_uplink, else SCHED_CLS (TC)."""
+    from bcc import BPF
+
+    return {name: BPF.CGROUP_SOCK_ADDR if name in attach_types else getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS"))
+            for name in programs}
+
+
+def _program_kinds(types: dict[str, int], attach_types: dict[str, int]) -> dict:
+    """What the program cache's key holds of each program: its type, and its hook where it has one
+    (a hook is part of what the kernel verified: another hook is another entry)."""
+    return {name: [t, attach_types[name]] if name in attach_types else t for name, t in types.items()}
+
+
+def program_key(limits: Limits, source: Path = SOURCE, programs: tuple[str, ...] = PROGRAMS,
+                attach_types: dict[str, int] | None = None) -> str:
+    """The program cache's key (progcache.cache_key) of the programs load() would compile with these
+    arguments: what a load with `program_cache` looks up, and what its compile stores. No pin
+    directory: -DLB_PIN_DIR is no part of the key, so any one serves here."""
+    attach_types = attach_types or {}
+    return progcache.cache_key(expand_source(source), cflags_for(Path("/"), limits),
+                               _program_kinds(_program_types(programs, attach_types), attach_types))
 
 
 class StalePins(RuntimeError):

@@ -48,7 +48,7 @@ class CompiledDatapaths:
     """The run's compiled datapaths: one per (program, pin directory, flags), one pin directory
     per (limits, maps) where `maps` names a set of maps (tests comparing two sets ask for two)."""
 
-    def __init__(self, prefix: str, program_cache: Path, ahead=None):
+    def __init__(self, prefix: str, program_cache: Path, ahead):
         self.prefix = prefix
         self.program_cache = program_cache
         self.ahead = ahead          # tests/conftest.py AheadCompiles: compiles a child does beforehand
@@ -69,8 +69,7 @@ class CompiledDatapaths:
                               for k, v in sorted(kw.items())))
         dp = self._loaded.get(key)
         if dp is None:
-            if self.ahead is not None:
-                self.ahead.wait(kw.get("source", loader.SOURCE), limits)
+            self.ahead.wait(limits, **{k: kw[k] for k in ("source", "programs", "attach_types") if k in kw})
             self.restore_pins(pin_dir)     # a new program must find the maps the others use
             # Through the run's own program cache, as an agent loads (datapath/progcache.py): a
             # configuration whose programs differ from an earlier one's only in map sizes or pin

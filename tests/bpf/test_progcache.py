@@ -49,13 +49,11 @@ def run_entry(compiled_datapaths, limits, kind="", **kw):
     them stored it: the run's cache is a directory of its own, which only its compiles write
     (conftest.py), so an entry there is a compile's."""
     compiled_datapaths.load(limits, **kw)
-    flags = loader.cflags_for(compiled_datapaths.pin_dir(limits), limits)
     if kind == "maps":
+        flags = loader.cflags_for(compiled_datapaths.pin_dir(limits), limits)
         key = progcache.cache_key(loader.expand_source(loader.MAPS_SOURCE), flags, {}, with_sizes=True)
     else:
-        key = progcache.cache_key(loader.expand_source(kw.get("source", loader.SOURCE)), flags,
-                                  {name: getattr(BPF, loader._PROGRAM_TYPES.get(name, "SCHED_CLS"))
-                                   for name in kw.get("programs", loader.PROGRAMS)})
+        key = loader.program_key(limits, **{k: kw[k] for k in ("source", "programs") if k in kw})
     entry = progcache._entry_path(compiled_datapaths.program_cache, key, kind)
     assert entry.is_file(), f"the run's compile stored no entry {entry.name}"
     return entry

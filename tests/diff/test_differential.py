@@ -25,7 +25,7 @@ def datapath(through_program_cache, ahead_compiles):
     """One load for the module, from the run's program cache (a child compiled it while the tests
     before ran: tests/conftest.py AheadCompiles); each test starts from fresh pins and the scenario's maps."""
     import uuid
-    ahead_compiles.wait(loader.SOURCE, runner.LIMITS)
+    ahead_compiles.wait(runner.LIMITS)
     pin = Path("/sys/fs/bpf") / ("esdf" + uuid.uuid4().hex[:6])
     dp = loader.load(pin, limits=runner.LIMITS, cache=False, program_cache=True)
     try:

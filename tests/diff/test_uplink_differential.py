@@ -22,7 +22,7 @@ SEED = 20261202
 
 @pytest.fixture(scope="module")
 def node(through_program_cache, ahead_compiles):
-    ahead_compiles.wait(loader.NODE_SOURCE, runner.LIMITS)       # a child's compile: tests/conftest.py
+    ahead_compiles.wait(runner.LIMITS, source=loader.NODE_SOURCE, programs=loader.NODE_PROGRAMS)  # tests/conftest.py
     n = U.NodeDatapath("esdu" + uuid.uuid4().hex[:6], program_cache=True)
     try:
         yield n
