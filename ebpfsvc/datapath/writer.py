@@ -37,7 +37,6 @@ import hashlib
 import ipaddress
 import logging
 import re
-import socket
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import quote
@@ -572,7 +571,7 @@ class MapWriter:
         # Locals: a full sync runs this loop for every backend.
         be_refs, be_id, be_val, allocate = self._be_refs, self._be_id, self._be_val, self._be_ids.allocate
         terminating, local, not_ready = self._be_terminating, self._be_local, self._be_not_ready
-        new = tuple.__new__         # BackendEntry._make without its length check: val has the four fields
+        make = BackendEntry._make
         for bkey in touched:
             refs = be_refs.get(bkey)
             ident = be_id.get(bkey)
@@ -585,13 +584,12 @@ class MapWriter:
                 be_id[bkey] = ident
                 fresh.append(ident)
             # A plain tuple to compare (a BackendEntry equals it): the entry object only for a write.
-            # Each flag's dict is asked only when it holds anything (most hold nothing).
-            val = bkey + (((terminating and bkey in terminating and _BE_TERMINATING) or 0)
-                          | ((local and bkey in local and _BE_LOCAL) or 0)
-                          | ((not_ready and not_ready.get(bkey) == refs and _BE_NOT_READY) or 0),)
+            val = bkey + ((_BE_TERMINATING if bkey in terminating else 0)
+                          | (_BE_LOCAL if bkey in local else 0)
+                          | (_BE_NOT_READY if not_ready.get(bkey) == refs else 0),)
             old = be_val.get(ident)
             if old != val:
-                be_writes.append((ident, new(BackendEntry, val)))
+                be_writes.append((ident, make(val)))
                 stats.backends_changed += old is not None
         _zero_percpu_ids(self.be_stats_map, fresh)
         stats.stats_zeroed += len(fresh)
@@ -838,10 +836,10 @@ def _add(counts: dict, key, sign: int) -> None:
 
 def _split(items: list, address_of) -> tuple[list, list]:
     """(IPv4 items, IPv6 items), by the stored address `address_of` each one names."""
-    six = [item for item in items if _is6(address_of(item))]
-    if not six:             # the usual single-stack cluster: no copy
-        return items, six
-    return [item for item in items if not _is6(address_of(item))], six
+    four, six = [], []
+    for item in items:
+        (six if _is6(address_of(item)) else four).append(item)
+    return four, six
 
 
 def _family_first(key: FrontendKey):
@@ -856,12 +854,7 @@ def _range_order(r: tuple):
 
 def _address(addr):
     """An lbmodel address as its map fields hold it: abi.be32 (IPv4) or abi.be128 (IPv6)."""
-    if type(addr) is ipaddress.IPv4Address:
-        return _htonl(int(addr))          # abi.be32's result, without its conversions (every backend)
     return abi.be128(addr) if addr.version == 6 else abi.be32(addr)
-
-
-_htonl, _htons = socket.htonl, socket.htons
 
 
 def _frontend_key(fe: Frontend) -> FeKey:
@@ -870,31 +863,26 @@ def _frontend_key(fe: Frontend) -> FeKey:
 
 
 def _backend_key(b: Backend) -> BeKey:
-    return (_address(b.address), _htons(b.port), _PROTOCOL_NUMBER[b.protocol])
+    return (_address(b.address), abi.be16(b.port), _PROTOCOL_NUMBER[b.protocol])
 
 
 _PROTOCOL_NUMBER = {p: p.number for p in Protocol}     # Protocol.number is a property: a call per backend
 
 
 def _frontend_want(fe: Frontend) -> _FeWant:
-    k = fe.key
-    if k.port <= 0 or k.port > 65535:
+    if fe.key.port <= 0 or fe.key.port > 65535:
         raise ValueError(f"frontend {fe.key}: port must be 1..65535")
     key = _frontend_key(fe)
-    family = type(k.address)
+    version = fe.key.address.version
     be_flags: dict[BeKey, int] = {}
     unique: dict[BeKey, Backend] = {}
     plain = True            # no backend terminating or not ready: the table is built from all of them
-    # _backend_key inline, locals: a full sync runs this loop for every backend.
-    address, htons, numbers = _address, _htons, _PROTOCOL_NUMBER
     for b in fe.backends:
-        a = b.address
-        if type(a) is not family and a.version != k.address.version:
+        if b.address.version != version:
             raise ValueError(f"frontend {fe.key}: backend {b.name} is not of the frontend's IP family")
-        bkey = (address(a), htons(b.port), numbers[b.protocol])
-        terminating, not_ready = b.terminating, b.not_ready
-        flags = ((_BE_TERMINATING if terminating else 0) | (_BE_LOCAL if b.local else 0)
-                 | (_BE_NOT_READY if not_ready else 0))
+        bkey = _backend_key(b)
+        flags = ((_BE_TERMINATING if b.terminating else 0) | (_BE_LOCAL if b.local else 0)
+                 | (_BE_NOT_READY if b.not_ready else 0))
         # One entry per (address, port, proto): a backend terminating or local in any
         # frontend is so in all of them (not ready only if so in all: _count).
         old = be_flags.get(bkey)
@@ -903,8 +891,7 @@ def _frontend_want(fe: Frontend) -> _FeWant:
             unique[bkey] = b
         else:
             be_flags[bkey] = old | flags
-        if terminating or not_ready:
-            plain = False
+        plain = plain and not (b.terminating or b.not_ready)
     if plain:
         table = sorted([(b.name, k) for k, b in unique.items()])
     else:
