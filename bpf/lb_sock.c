@@ -13,6 +13,9 @@
  *   sendmsg6      BPF_CGROUP_UDP6_SENDMSG       an IPv4-mapped address (::ffff:a.b.c.d)
  *   recvmsg6      BPF_CGROUP_UDP6_RECVMSG       takes the IPv4 logic and maps
  *   getpeername6  BPF_CGROUP_INET6_GETPEERNAME
+ *   sock_ops      BPF_CGROUP_SOCK_OPS           a server's accepted TCP connection that
+ *                                               no conntrack entry describes: marked, so
+ *                                               its replies pass from_pod at once
  *
  * ebpfsvc/datapath/socklb.py compiles this file and attaches the programs.
  */
@@ -20,6 +23,7 @@
 #include "abi.h"
 #include "parse.h"
 #include "maps.h"
+#include "nodeaddr.h"
 #include "stats.h"
 #include "lb.h"
 #include "sock.h"
@@ -62,4 +66,9 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 int getpeername6(struct bpf_sock_addr *ctx)
 {
 	return lb6_sock_hook(ctx, LB_SOCK_REVERSE);
+}
+
+int sock_ops(struct bpf_sock_ops *ctx)
+{
+	return lb_sock_ops(ctx);
 }

@@ -372,4 +372,101 @@ static __always_inline int lb6_sock_hook(struct bpf_sock_addr *ctx, int op)
 	return lb_sock_verdict(done);
 }
 
+/* ---- The server side: accepted sockets (sock_ops) ---- */
+
+#define LB_SOCK_OPS_PASSIVE_ESTABLISHED 5     /* BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB */
+#define LB_SOCK_OPS_OK 1                      /* a sock_ops program's "carry on" */
+
+/*
+ * Would the pod hooks leave every packet of this accepted TCP socket alone, for its
+ * whole life? Its packets go from `local` to `remote` (the peer the server sees), in
+ * the family `ipv6` (a constant). lb4_from_pod/lb6_from_pod would act on one of them
+ * only through a conntrack entry of this 5-tuple, or when it is addressed to the
+ * hairpin or node address (lb4_reply_to_node: a hairpin reply, a node client's, a
+ * masqueraded north-south one); lb4_to_pod (a node process serving a pod) only through
+ * the flow's reply entry. Entries of a flow are made by its first SYN, so by the time
+ * the handshake ends they exist or never will: with none, and a peer that is not the
+ * node, the socket is marked (lb_sock_path_set) and its packets pass the pod hooks
+ * unparsed, as a translated client socket's do.
+ * What the mark skips besides: lb4_forward_new's check that a packet to a frontend
+ * with no backends is refused, which could only apply if the peer's own address and
+ * source port were a Service's frontend.
+ */
+static __always_inline int lb_sock_accepted_untracked(const __be32 *local, __be16 lport, const __be32 *remote,
+						      __be16 rport, int ipv6)
+{
+	const struct lb_node_addrs *a = node_addrs();
+
+	if (!a)
+		return 0;               /* an array of one: never, but the verifier wants it checked */
+	if (ipv6) {
+		struct ct6_key k = { .sport = lport, .dport = rport, .proto = IPPROTO_TCP, .dir = CT_DIR_FORWARD };
+
+		if (!node_addr6_diff(remote, a->hairpin6) || !node_addr6_diff(remote, a->snat6))
+			return 0;
+		lb6_addr_copy(k.saddr, local);
+		lb6_addr_copy(k.daddr, remote);
+		if (ct6.lookup(&k))
+			return 0;
+		k.dir = CT_DIR_REPLY;
+		return !ct6.lookup(&k);
+	} else {
+		struct ct4_key k = { .saddr = local[0], .daddr = remote[0], .sport = lport, .dport = rport,
+				     .proto = IPPROTO_TCP, .dir = CT_DIR_FORWARD };
+
+		if ((a->hairpin4 && remote[0] == a->hairpin4) || (a->snat4 && remote[0] == a->snat4))
+			return 0;
+		if (ct4.lookup(&k))
+			return 0;
+		k.dir = CT_DIR_REPLY;
+		return !ct4.lookup(&k);
+	}
+}
+
+/*
+ * sock_ops at the node's cgroup: a server's accepted connection (PASSIVE_ESTABLISHED)
+ * that no conntrack entry of ours describes is marked, so the server veth's from_pod
+ * lets its replies pass at once (the request side, to_pod, still runs: a forwarded
+ * packet carries no socket there). A dual-stack socket's IPv4-mapped peer takes the
+ * IPv4 logic, as its packets are IPv4. Every other callback passes.
+ * remote_port is the peer's port in network order, in the field's upper half on a
+ * little-endian CPU (the kernel shifts it there); local_port is in host order.
+ */
+static __always_inline int lb_sock_ops(struct bpf_sock_ops *ctx)
+{
+	__be32 local[4], remote[4];
+	__be16 lport, rport;
+	int ipv6;
+
+	if (ctx->op != LB_SOCK_OPS_PASSIVE_ESTABLISHED)
+		return LB_SOCK_OPS_OK;
+	lport = lb_htons((__u16)ctx->local_port);
+	rport = (__be16)(ctx->remote_port >> 16);
+	if (ctx->family == LB_AF_INET) {
+		local[0] = ctx->local_ip4;
+		remote[0] = ctx->remote_ip4;
+		ipv6 = 0;
+	} else if (ctx->family == LB_AF_INET6) {
+		remote[0] = ctx->remote_ip6[0];
+		remote[1] = ctx->remote_ip6[1];
+		remote[2] = ctx->remote_ip6[2];
+		remote[3] = ctx->remote_ip6[3];
+		local[0] = ctx->local_ip6[0];
+		local[1] = ctx->local_ip6[1];
+		local[2] = ctx->local_ip6[2];
+		local[3] = ctx->local_ip6[3];
+		ipv6 = !lb6_addr_is_v4mapped(remote);
+		if (!ipv6) {
+			local[0] = local[3];
+			remote[0] = remote[3];
+		}
+	} else {
+		return LB_SOCK_OPS_OK;
+	}
+	if (ipv6 ? lb_sock_accepted_untracked(local, lport, remote, rport, 1)
+		 : lb_sock_accepted_untracked(local, lport, remote, rport, 0))
+		lb_sock_path_set(lb_get_socket_cookie(ctx), IPPROTO_TCP, 1);
+	return LB_SOCK_OPS_OK;
+}
+
 #endif /* EBPFSVC_SOCK_H */

@@ -345,10 +345,11 @@ class Run:
         self.ns = {p: self.lab.pod_netns(p) for p in PODS}
         state = self.lab.state.path
         for pod in ("srv-a", "srv-b"):
-            ns = self.ns[pod]
-            self.servers += [tools.nginx_server(ns, [NGINX_SVC, NGINX_DIRECT], state),
-                             tools.sockperf_server(ns, SOCKPERF, state),
-                             traffic.iperf3_server(ns, IPERF), traffic.echo_server(ns, WATCH),
+            # In the pod's cgroup, as a kubelet runs it: the socket path's sock_ops sees its sockets.
+            ns, cg = self.ns[pod], self.lab.pod_cgroup(pod)
+            self.servers += [tools.nginx_server(ns, [NGINX_SVC, NGINX_DIRECT], state, cgroup=cg),
+                             tools.sockperf_server(ns, SOCKPERF, state, cgroup=cg),
+                             traffic.iperf3_server(ns, IPERF, cgroup=cg), traffic.echo_server(ns, WATCH),
                              traffic.echo_server(ns, FILLER)]
         api = self.lab.api
         api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})

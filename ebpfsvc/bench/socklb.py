@@ -101,9 +101,11 @@ class Bench:
                         "spec": {"selector": {"app": pod}, "ports": ports6, "ipFamilies": ["IPv6"]}}
                        for svc, pod in SERVICES6.items()])
         for pod in SERVICES.values():
-            ns = lab.pod_netns(pod)
-            self.servers += [tools.nginx_server(ns, [NGINX], lab.state.path, ipv6=self.ipv6),
-                             tools.sockperf_server(ns, SOCKPERF, lab.state.path), traffic.iperf3_server(ns, IPERF)]
+            # In the pod's cgroup, as a kubelet runs it: the socket path's sock_ops sees its sockets.
+            ns, cg = lab.pod_netns(pod), lab.pod_cgroup(pod)
+            self.servers += [tools.nginx_server(ns, [NGINX], lab.state.path, ipv6=self.ipv6, cgroup=cg),
+                             tools.sockperf_server(ns, SOCKPERF, lab.state.path, cgroup=cg),
+                             traffic.iperf3_server(ns, IPERF, cgroup=cg)]
             if self.ipv6:
                 self.servers.append(tools.qperf_server(ns, QPERF, lab.state.path))
         lab.wait_synced()

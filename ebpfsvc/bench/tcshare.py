@@ -3,8 +3,9 @@
     python -m ebpfsvc.bench.tcshare [--repeats 5] [--seconds 3] [--out FILE.json]
 
 One node namespace with three pods on veths (client `cli` in the node's cgroup, client `cli-t`
-outside it, server `srv` with nginx and sockperf), the TC programs (bpf/lb_pod.c) on every pod veth
-and the socket programs (bpf/lb_sock.c) on the node's cgroup, maps written by the real MapWriter:
+outside it, server `srv` with nginx and sockperf, in the node's cgroup as a kubelet's pod is), the TC
+programs (bpf/lb_pod.c) on every pod veth and the socket programs (bpf/lb_sock.c) on the node's
+cgroup, maps written by the real MapWriter:
 a ClusterIP with port 80 -> srv:8080 (nginx) and 11111 -> srv:11111 (sockperf). No API server and
 no agent, so nothing but the measured traffic and the machine's other load moves the figures.
 
@@ -14,7 +15,11 @@ Datapaths, interleaved in an order rotated every repeat:
     direct        cli -> srv's address, TC programs attached: an unmarked socket's packets take the
                   full TC path (parse, conntrack and frontend lookups, all missing). This is what
                   every socket-path packet paid before the fast exit.
-    socket        cli -> the ClusterIP, translated at connect(); its packets skip the TC work
+    socket        cli -> the ClusterIP, translated at connect(); its packets skip the TC work, and
+                  so do the server's replies (sock_ops marked its accepted socket)
+    socket-unmarked
+                  the same with the sock_ops hook detached: the server's replies take the full
+                  from_pod (as before 2026-12-04 evening)
     socket-bare   the same with no program on the veths: the fast exit's floor
     tc            cli-t (outside the cgroup) -> the ClusterIP, translated per packet at TC
     direct-clsact, socket-clsact
@@ -26,7 +31,8 @@ Metrics: wrk `Connection: close` connections/s (8 connections, 1 thread) with th
 time per connect(), sockperf ping-pong p50/p99 (64 bytes, TCP); and, during the sockperf runs, the kernel's run time per run of the programs on
 the client's veth (BPF_ENABLE_STATS, on only while measuring): a second load of lb_pod.c on the same
 maps is attached there, so its counts are the client's packets (from_pod: requests; to_pod: replies)
-and nobody else's. Medians with min-max; the load average is recorded.
+and nobody else's; likewise on the server's veth (srv_from_pod: its replies, srv_to_pod: the requests).
+Medians with min-max; the load average is recorded.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ VIP = "198.19.0.10"
 GATEWAY = ipaddress.IPv4Address("198.18.0.1")
 PODS = {"cli": "198.18.1.5", "cli-t": "198.18.1.6", "srv": "198.18.2.1"}
 NGINX, SOCKPERF = 8080, 11111
-DATAPATHS = ("direct-bare", "direct", "socket", "socket-bare", "tc", "direct-clsact", "socket-clsact")
+DATAPATHS = ("direct-bare", "direct", "socket", "socket-unmarked", "socket-bare", "tc", "direct-clsact",
+             "socket-clsact")
 PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}
 
 
@@ -69,7 +76,7 @@ class Node:
         self.links: list[int] = []
         self.servers: list = []
         self.made: list[str] = []
-        self.pod_dp = self.sock_dp = self.cli_dp = None
+        self.pod_dp = self.sock_dp = self.cli_dp = self.srv_dp = None
         try:
             self._build(state_dir)
         except BaseException:
@@ -83,9 +90,10 @@ class Node:
         self.pod_dp = loader.load(self.pin_dir, cache=False)
         # The hairpin source is a map the programs read (datapath/nodeaddrs.py), not a load argument.
         nodeaddrs.write(self.pod_dp.maps, nodeaddrs.NodeAddrs(hairpin4=GATEWAY))
-        # The client's veth gets programs of its own (same source, same maps): their run statistics
-        # are the client's packets only.
+        # The client's and the server's veths get programs of their own (same source, same maps):
+        # their run statistics are that pod's packets only.
         self.cli_dp = loader.load(self.pin_dir, cache=False)
+        self.srv_dp = loader.load(self.pin_dir, cache=False)
         self.sock_dp = socklb.load(self.pin_dir, cache=False)
         for i, (name, addr) in enumerate(PODS.items()):
             ns = self.pod_ns[name]
@@ -103,15 +111,16 @@ class Node:
                      service=ServicePortName("default", "bench", name, Protocol.TCP),
                      backends=(Backend(srv, target, Protocol.TCP),))
             for name, port, target in (("http", 80, NGINX), ("rr", SOCKPERF, SOCKPERF))]))
-        self.servers = [tools.nginx_server(self.pod_ns["srv"], [NGINX], state_dir),
-                        tools.sockperf_server(self.pod_ns["srv"], SOCKPERF, state_dir)]
+        srv_cg = self.cgroup / "pods" / "srv"
+        self.servers = [tools.nginx_server(self.pod_ns["srv"], [NGINX], state_dir, cgroup=srv_cg),
+                        tools.sockperf_server(self.pod_ns["srv"], SOCKPERF, state_dir, cgroup=srv_cg)]
 
     def attach_tc(self, clsact: bool = False) -> None:
         """The programs on every pod veth: as the agent attaches them (TCX where the kernel has it),
         or as cls_bpf filters on clsact (`clsact`), as a kernel without TCX has them."""
         with tc.without_tcx() if clsact else contextlib.nullcontext():
             for idx, pod in zip(self.links, PODS):
-                dp = self.cli_dp if pod == "cli" else self.pod_dp
+                dp = {"cli": self.cli_dp, "srv": self.srv_dp}.get(pod, self.pod_dp)
                 for name, direction in PROGRAMS.items():
                     tc.attach(idx, dp.programs[name].fd, name, direction, netns=self.node_ns)
 
@@ -119,6 +128,17 @@ class Node:
         for idx in self.links:
             for direction in PROGRAMS.values():
                 tc.detach(idx, direction, netns=self.node_ns)
+
+    def mark_accepted(self, on: bool) -> None:
+        """The sock_ops hook (the server side's marks) attached, or detached for `socket-unmarked`."""
+        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if on:
+                bpfsys.prog_attach(self.sock_dp.programs["sock_ops"].fd, fd, socklb.HOOKS["sock_ops"])
+            else:
+                bpfsys.prog_detach(fd, socklb.HOOKS["sock_ops"])
+        finally:
+            os.close(fd)
 
     def client(self, datapath: str) -> tuple[str, Path | None, str]:
         """(namespace, cgroup or None, destination address) of `datapath`'s client."""
@@ -134,7 +154,7 @@ class Node:
         cgroups.remove(self.prefix)
         for ns in reversed(self.made):
             network.remove_namespace(ns)
-        for dp in (self.sock_dp, self.cli_dp, self.pod_dp):
+        for dp in (self.sock_dp, self.cli_dp, self.srv_dp, self.pod_dp):
             if dp:
                 dp.close()
         loader.unpin(self.pin_dir)
@@ -151,7 +171,8 @@ def _ns_per_run(fds: dict[str, int], before: dict[str, tuple[int, int]]) -> dict
 
 
 def run(repeats: int, seconds: int) -> dict:
-    metrics = ("conn_per_s", "p50_us", "p99_us", "from_pod_ns", "to_pod_ns", "from_pod_runs_per_rt", "connect4_ns")
+    metrics = ("conn_per_s", "p50_us", "p99_us", "from_pod_ns", "to_pod_ns", "srv_from_pod_ns", "srv_to_pod_ns",
+               "from_pod_runs_per_rt", "connect4_ns")
     # from_pod_ns: ns per run of the client veth's from_pod (its requests), to_pod_ns: of its to_pod
     # (the replies); from_pod_runs_per_rt: its runs per sockperf observation (a request, and ACKs);
     # connect4_ns: ns per run of the socket path's connect hook during wrk (every connect() in the
@@ -162,6 +183,7 @@ def run(repeats: int, seconds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="tcshare-") as tmp:
         node = Node(Path(tmp))
         fds = {name: node.cli_dp.programs[name].fd for name in PROGRAMS}
+        fds.update({f"srv_{name}": node.srv_dp.programs[name].fd for name in PROGRAMS})
         datapaths = DATAPATHS if tc.tcx_supported() else tuple(d for d in DATAPATHS if not d.endswith("-clsact"))
         meta["tcx"] = tc.tcx_supported()
         try:
@@ -175,6 +197,8 @@ def run(repeats: int, seconds: int) -> dict:
                         node.detach_tc()
                     if d.endswith("-clsact"):
                         node.attach_tc(clsact=True)
+                    if d == "socket-unmarked":
+                        node.mark_accepted(False)
                     try:
                         connect_fd = node.sock_dp.programs["connect4"].fd
                         stats_fd = bpfsys.run_time_stats()
@@ -201,11 +225,15 @@ def run(repeats: int, seconds: int) -> dict:
                         if d.endswith(("-bare", "-clsact")):
                             node.detach_tc()
                             node.attach_tc()
+                        if d == "socket-unmarked":
+                            node.mark_accepted(True)
                     results["p50_us"][d].append(p["p50_us"])
                     results["p99_us"][d].append(p["p99_us"])
                     if not d.endswith("-bare") and d != "tc":        # the client veth's own programs ran
                         results["from_pod_ns"][d].append(runs["from_pod"])
                         results["to_pod_ns"][d].append(runs["to_pod"])
+                        results["srv_from_pod_ns"][d].append(runs["srv_from_pod"])
+                        results["srv_to_pod_ns"][d].append(runs["srv_to_pod"])
                         if p.get("observations"):
                             results["from_pod_runs_per_rt"][d].append(runs["from_pod_runs"] / p["observations"])
         finally:
@@ -214,7 +242,8 @@ def run(repeats: int, seconds: int) -> dict:
     return {"meta": meta, "results": results}
 
 
-RATIOS = (("socket", "direct-bare"), ("direct", "direct-bare"), ("socket", "direct"), ("socket-bare", "direct-bare"),
+RATIOS = (("socket", "direct-bare"), ("socket-unmarked", "direct-bare"), ("socket", "socket-unmarked"),
+          ("direct", "direct-bare"), ("socket", "direct"), ("socket-bare", "direct-bare"),
           ("tc", "direct-bare"), ("socket-clsact", "direct-bare"), ("direct-clsact", "direct-bare"))
 
 

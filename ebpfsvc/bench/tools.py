@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ebpfsvc.bench.traffic import busy_seconds, client_preexec, cpu_times, stop_process
+from ebpfsvc.bench.traffic import busy_seconds, client_preexec, cpu_times, server_preexec, stop_process
 from ebpfsvc.datapath import nsenter
 
 _SLACK = 20.0
@@ -79,11 +79,11 @@ class Proc:
     """A server process started in a namespace; stop() ends it, by its pid only."""
 
     def __init__(self, argv: list[str], netns: str, ready, timeout: float = 10.0, log: Path | None = None,
-                 cpu: int | None = None):
+                 cpu: int | None = None, cgroup=None):
         self.argv = argv
         out = open(log, "ab") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=pinned(nsenter.preexec(netns, new_session=True), cpu))
+                                     preexec_fn=pinned(server_preexec(netns, cgroup), cpu))
         deadline = time.monotonic() + timeout
         while not ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -108,21 +108,21 @@ def listening(netns: str, port: int, udp: bool = False) -> bool:
     return bool(out.stdout.strip())
 
 
-def nginx_server(netns: str, ports: list[int], state_dir: Path, ipv6: bool = False) -> Proc:
+def nginx_server(netns: str, ports: list[int], state_dir: Path, ipv6: bool = False, cgroup=None) -> Proc:
     """nginx listening on `ports` in `netns` (IPv4; `ipv6`: IPv6 too), answering every request with
-    200 "ok" and closing."""
+    200 "ok" and closing; in its pod's `cgroup` when given (traffic.server_preexec)."""
     workdir = Path(tempfile.mkdtemp(prefix="nginx-", dir=state_dir))
     listen = (lambda p: f"listen {p}; listen [::]:{p};") if ipv6 else (lambda p: f"listen {p};")
     servers = "\n".join(f"    server {{ {listen(p)} location / {{ return 200 \"ok\\n\"; }} }}" for p in ports)
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=workdir, servers=servers))
     return Proc(["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")], netns,
-                lambda: all(listening(netns, p) for p in ports), log=workdir / "stdout.log")
+                lambda: all(listening(netns, p) for p in ports), log=workdir / "stdout.log", cgroup=cgroup)
 
 
-def sockperf_server(netns: str, port: int, state_dir: Path, cpu: int | None = LATENCY_CPU) -> Proc:
+def sockperf_server(netns: str, port: int, state_dir: Path, cpu: int | None = LATENCY_CPU, cgroup=None) -> Proc:
     return Proc(["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", str(port)], netns,
-                lambda: listening(netns, port), log=state_dir / f"sockperf-{port}.log", cpu=cpu)
+                lambda: listening(netns, port), log=state_dir / f"sockperf-{port}.log", cpu=cpu, cgroup=cgroup)
 
 
 def qperf_server(netns: str, port: int, state_dir: Path, cpu: int | None = LATENCY_CPU) -> Proc:

@@ -92,12 +92,12 @@ class Server:
     prints a report per test) never blocks on a full pipe.
     """
 
-    def __init__(self, argv: list[str], netns: str, ready_text: str, timeout: float = 10.0):
+    def __init__(self, argv: list[str], netns: str, ready_text: str, timeout: float = 10.0, cgroup=None):
         self.netns = netns
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._ready = threading.Event()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                     preexec_fn=nsenter.preexec(netns, new_session=True))
+                                     preexec_fn=server_preexec(netns, cgroup))
         threading.Thread(target=self._drain, args=(ready_text,), daemon=True).start()
         if not self._ready.wait(timeout) or self.proc.poll() is not None:
             self.stop()
@@ -136,9 +136,10 @@ def echo_server(netns: str, port: int, address: str = "0.0.0.0") -> Server:
     return Server(argv, netns, "listening")
 
 
-def iperf3_server(netns: str, port: int) -> Server:
-    """`iperf3 -s` in `netns`, listening when this returns; serves one test at a time."""
-    return Server(["iperf3", "-s", "-p", str(port), "--forceflush"], netns, "Server listening")
+def iperf3_server(netns: str, port: int, cgroup=None) -> Server:
+    """`iperf3 -s` in `netns` (and its pod's `cgroup`: server_preexec), listening when this returns;
+    serves one test at a time."""
+    return Server(["iperf3", "-s", "-p", str(port), "--forceflush"], netns, "Server listening", cgroup=cgroup)
 
 
 def serve_echo(address: str, port: int) -> None:
@@ -460,6 +461,19 @@ def client_preexec(netns: str, cgroup=None):
         return nsenter.preexec(netns)
     from ebpfsvc.lab import cgroups
     return cgroups.preexec(netns, cgroup)
+
+
+def server_preexec(netns: str, cgroup=None):
+    """A server's preexec_fn: its own session (ended by its pid alone), its pod's cgroup when given,
+    its pod's namespace. A pod's server is in the pod's cgroup on a kubelet's node, and the socket
+    path's sock_ops hook (bpf/lib/sock.h) sees its accepted connections only there."""
+    enter = client_preexec(netns, cgroup)
+
+    def start() -> None:
+        os.setsid()
+        enter()
+
+    return start
 
 
 def _iperf3(client_netns: str, args: list[str], duration: float, cgroup=None) -> tuple[dict, dict[str, float]]:

@@ -49,6 +49,9 @@ NODE_PROGRAMS = ("from_uplink", "to_uplink", "xdp_uplink", "from_host", "from_lo
 #: The maps without programs (bpf/lb_maps.c): open_maps().
 MAPS_SOURCE = BPF_DIR / "lb_maps.c"
 _PROGRAM_TYPES = {"xdp_uplink": "XDP"}     # everything else is SCHED_CLS (TC)
+#: enum bpf_attach_type BPF_CGROUP_SOCK_OPS: the one cgroup hook of a sock_ops program; a program on
+#: any other cgroup hook (socklb.HOOKS) is a sock_addr one.
+CGROUP_SOCK_OPS = 3
 MAPS = tuple(abi.MAP_TYPES)
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
@@ -231,8 +234,8 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     `compile_apart` (with `program_cache`): a miss is compiled in a child process (compiler.py), so
     that LLVM never grows this one; the programs are then taken from the cache and their pins.
     `recreate_pins` False raises StalePins instead of recreating pins of another shape.
-    `attach_types` names the cgroup hook of each program that is a cgroup sock_addr program
-    (bpf/lb_sock.c: socklb.HOOKS): the kernel wants it at load. `pin_programs` (with
+    `attach_types` names the cgroup hook of each program that is a cgroup program (bpf/lb_sock.c:
+    socklb.HOOKS; sock_addr ones, and sock_ops): the kernel wants a sock_addr program's at load. `pin_programs` (with
     `program_cache`) pins the programs beside the maps for the next start to take back.
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
@@ -310,12 +313,16 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
 
 
 def _program_types(programs: tuple[str, ...], attach_types: dict[str, int]) -> dict[str, int]:
-    """bcc's program type of each program: a cgroup sock_addr program where it has a hook, XDP for
-    xdp_uplink, else SCHED_CLS (TC)."""
+    """bcc's program type of each program: sock_ops on the sock_ops hook, a cgroup sock_addr program
+    on any other hook, XDP for xdp_uplink, else SCHED_CLS (TC)."""
     from bcc import BPF
 
-    return {name: BPF.CGROUP_SOCK_ADDR if name in attach_types else getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS"))
-            for name in programs}
+    def kind(name: str) -> int:
+        if name in attach_types:
+            return BPF.SOCK_OPS if attach_types[name] == CGROUP_SOCK_OPS else BPF.CGROUP_SOCK_ADDR
+        return getattr(BPF, _PROGRAM_TYPES.get(name, "SCHED_CLS"))
+
+    return {name: kind(name) for name in programs}
 
 
 def _program_kinds(types: dict[str, int], attach_types: dict[str, int]) -> dict:

@@ -25,6 +25,11 @@ CONFIG_INET_DIAG_DESTROY) in each network namespace of the cgroup's processes.
 
 IPv6 sockets have the same four hooks (connect6, ...) over the lb6_* maps; a dual-stack socket
 naming an IPv4 Service by its IPv4-mapped address (::ffff:a.b.c.d) takes the IPv4 logic and maps.
+
+The server side has one hook, sock_ops: an accepted TCP connection that no conntrack entry of ours
+describes (its client came by the socket path, or from another node) is marked like a translated
+client socket, so the server veth's from_pod lets its replies pass unparsed (bpf/lib/sock.h,
+lb_sock_ops).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ HOOKS = {
     "sendmsg6": 15,        # BPF_CGROUP_UDP6_SENDMSG
     "recvmsg6": 20,        # BPF_CGROUP_UDP6_RECVMSG
     "getpeername6": 30,    # BPF_CGROUP_INET6_GETPEERNAME
+    "sock_ops": loader.CGROUP_SOCK_OPS,     # a server's accepted connections (marked: from_pod's fast exit)
 }
 PROGRAMS = tuple(HOOKS)
 

@@ -18,6 +18,12 @@ holds N connected sockets (for a backend's removal while they are open): prints
 {"cookies": [...]} (SO_COOKIE, the socket path's key), then answers each line of stdin:
 `check` -> {"sockets": [{"error": the first SO_ERROR seen or null, "peer": [a, p] or "ENOTCONN"}, ...]};
 `ask` -> {"sockets": [the tcp-echo/udp-echo answer's pod, or {"errno": ...}, ...]}.
+
+    python -m ebpfsvc.lab.sockprobe serve ADDRESS PORT N
+
+a TCP server (for the socket path's server side, sock_ops, which sees a server's sockets only when
+the server is a process in the cgroup): prints {"listening": [a, p]}, then answers N connections
+with "served\n" after their first bytes, and prints {"accepted": [{"cookie": .., "peer": [a, p]}, ...]}.
 """
 
 from __future__ import annotations
@@ -70,8 +76,7 @@ def hold(kind: str, address: str, port: int, count: int) -> None:
         s.settimeout(TIMEOUT)
         s.connect((address, port))
         socks.append(s)
-    print(json.dumps({"cookies": [int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)
-                                  for s in socks]}), flush=True)
+    print(json.dumps({"cookies": [_cookie(s) for s in socks]}), flush=True)
     # Reading SO_ERROR clears it: a socket's first error is kept, so that a `check` made while the
     # agent is still destroying the others does not lose the ones it already saw.
     errors: list[str | None] = [None] * len(socks)
@@ -82,6 +87,28 @@ def hold(kind: str, address: str, port: int, count: int) -> None:
         else:
             out = [_ask(kind, s) for s in socks]
         print(json.dumps({"sockets": out}), flush=True)
+
+
+def serve(address: str, port: int, count: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as lsock:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((address, port))
+        lsock.listen(count)
+        lsock.settimeout(4 * TIMEOUT)
+        print(json.dumps({"listening": list(lsock.getsockname())}), flush=True)
+        accepted = []
+        for _ in range(count):
+            conn, peer = lsock.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                accepted.append({"cookie": _cookie(conn), "peer": list(peer)})
+                conn.recv(4096)
+                conn.sendall(b"served\n")
+        print(json.dumps({"accepted": accepted}), flush=True)
+
+
+def _cookie(s: socket.socket) -> int:
+    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)
 
 
 def _check(s: socket.socket, errors: list[str | None], i: int) -> dict:
@@ -133,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
         if len(args) != 5 or args[1] not in ("tcp", "udp") or not args[3].isdigit() or not args[4].isdigit():
             raise SystemExit("usage: python -m ebpfsvc.lab.sockprobe hold tcp|udp ADDRESS PORT N")
         hold(args[1], args[2], int(args[3]), int(args[4]))
+        return
+    if args[:1] == ["serve"]:
+        if len(args) != 4 or not args[2].isdigit() or not args[3].isdigit():
+            raise SystemExit("usage: python -m ebpfsvc.lab.sockprobe serve ADDRESS PORT N")
+        serve(args[1], int(args[2]), int(args[3]))
         return
     if len(args) != 3 or not args[2].isdigit():
         raise SystemExit("usage: python -m ebpfsvc.lab.sockprobe tcp|udp|udp-connected ADDRESS PORT")

@@ -47,6 +47,8 @@ pytestmark = pytest.mark.root
 
 VIP, EMPTY_VIP, LOCAL_VIP, STICKY_VIP = "198.19.0.10", "198.19.0.11", "198.19.0.12", "198.19.0.13"
 ONE_VIP = "198.19.0.14"         # one backend, b1
+SERVED_VIP, NODE_SERVED_VIP = "198.19.0.15", "198.19.0.16"      # a server in the cgroup: b1, the node
+SERVED6 = "2001:2:0:ff::15"
 CLIENT, B1, B2 = "198.18.1.5", "198.18.2.1", "198.18.2.2"
 VIP6, EMPTY6, LOCAL6, STICKY6 = "2001:2:0:ff::10", "2001:2:0:ff::11", "2001:2:0:ff::12", "2001:2:0:ff::13"
 CLIENT6, B16, B26 = "2001:2:0:1::5", "2001:2:0:2::1", "2001:2:0:2::2"
@@ -164,6 +166,25 @@ class _Node:
         line = proc.stdout.readline()
         assert line, f"sockprobe hold {kind} {addr}:{port} failed (exit {proc.poll()})"
         return proc, json.loads(line)["cookies"]
+
+    def serve(self, netns: str, cgroup, addr: str, port: int, count: int) -> subprocess.Popen:
+        """A TCP server (sockprobe serve) of `count` connections on addr:port, a process of `netns`
+        in `cgroup` (a kubelet's pod, or the node's own process), listening when this returns."""
+        def enter():
+            cgroups.join(cgroup)
+            nsenter.setns(netns)
+
+        proc = subprocess.Popen([sys.executable, "-m", "ebpfsvc.lab.sockprobe", "serve", addr, str(port), str(count)],
+                                preexec_fn=enter, stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        assert line, f"sockprobe serve {addr}:{port} failed (exit {proc.poll()})"
+        return proc
+
+    def marked(self, cookie: int) -> bool:
+        """Whether lb_sock_path marks the socket `cookie` (the TC programs' fast exit)."""
+        table = self.pod_dp.maps["lb_sock_path"]
+        m = table[table.Key(cookie % len(table))]
+        return m.cookie == cookie and m.proto == socket.IPPROTO_TCP
 
     def backend_of(self, cookie) -> str | None:
         """The backend the socket path sent the socket `cookie` to (its lb4_sock_revnat or
@@ -328,6 +349,57 @@ def test_translated_socket_passes_the_tc_programs_untouched(node):
     out = node.client("tcp", B1, 8080, in_cgroup=False)
     assert (out.get("data"), out.get("peer")) == ("b2", [B1, 8080]), "an unmarked socket: TC translates"
     assert node.flows() == 4
+
+
+def _accepted(server: subprocess.Popen) -> list[dict]:
+    out, _ = server.communicate(timeout=20)
+    assert out, f"the server did not accept every connection (exit {server.returncode})"
+    return json.loads(out)["accepted"]
+
+
+@pytest.mark.parametrize("vip,backend,client", [(SERVED_VIP, B1, CLIENT), (SERVED6, B16, CLIENT6)],
+                         ids=["ipv4", "ipv6"])
+def test_server_socket_marked_when_no_conntrack_entry_describes_it(node, vip, backend, client):
+    """sock_ops: b1's server is a process in the node's cgroup (as a kubelet's pod is). The socket
+    path's client leaves no conntrack entry, so the accepted socket is marked and its replies pass
+    from_pod unparsed; a TC-path client (outside the cgroup) leaves the flow's entries, so that
+    accepted socket is not. Both are answered, and see the Service as their peer."""
+    node.add(frontend(vip, 80, [be(backend, 8082)], name="served"))
+    server = node.serve(f"{node.prefix}-b1", cgroups.pod_cgroup(node.prefix, "node-1", "default", "b1"),
+                        backend, 8082, 2)
+    try:
+        socket_path = node.client("tcp", vip, 80)
+        tc_path = node.client("tcp", vip, 80, in_cgroup=False)
+        first, second = _accepted(server)
+    finally:
+        server.kill()
+        server.wait()
+    peer = [vip, 80] if ":" not in vip else [vip, 80, 0, 0]
+    assert socket_path == {"peer": peer, "data": "served\n"}, socket_path
+    assert tc_path == {"peer": peer, "data": "served\n"}, tc_path
+    assert first["peer"][0] == second["peer"][0] == client
+    assert node.marked(first["cookie"]), "the socket path's connection: marked on the server side"
+    assert not node.marked(second["cookie"]), "the TC path's connection: its entries describe it"
+    assert node.flows("ct6" if ":" in vip else "ct4") == 2
+
+
+def test_node_process_serving_a_tc_client_keeps_its_reverse_nat(node):
+    """A process of the node's own namespace, in its cgroup, is the backend (a hostNetwork pod on the
+    node's address): its replies to a TC-path client leave through the client's to_pod, which must
+    give them the Service's address back. Its accepted socket has the flow's reply entry, so it is
+    not marked; a socket-path client's is, and its replies need nothing."""
+    node.add(frontend(NODE_SERVED_VIP, 80, [be(HAIRPIN, 8083)], name="node-served"))
+    server = node.serve(f"{node.prefix}-node", node.cgroup, HAIRPIN, 8083, 2)
+    try:
+        tc_path = node.client("tcp", NODE_SERVED_VIP, 80, in_cgroup=False)
+        socket_path = node.client("tcp", NODE_SERVED_VIP, 80)
+        first, second = _accepted(server)
+    finally:
+        server.kill()
+        server.wait()
+    assert tc_path == {"peer": [NODE_SERVED_VIP, 80], "data": "served\n"}, "reverse NAT at to_pod"
+    assert socket_path == {"peer": [NODE_SERVED_VIP, 80], "data": "served\n"}, socket_path
+    assert not node.marked(first["cookie"]) and node.marked(second["cookie"])
 
 
 def test_detach_leaves_no_program(node):
