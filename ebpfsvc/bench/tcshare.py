@@ -27,9 +27,11 @@ Datapaths, interleaved in an order rotated every repeat:
                   (as on kernels before 6.6, and as every agent before 2026-12-04) instead of at
                   TCX: what the attachment itself costs (only where the kernel has TCX)
 
-Metrics: wrk `Connection: close` connections/s (8 connections, 1 thread) with the connect4 hook's run
-time per connect(), sockperf ping-pong p50/p99 (64 bytes, TCP); and, during the sockperf runs, the kernel's run time per run of the programs on
-the client's veth (BPF_ENABLE_STATS, on only while measuring): a second load of lb_pod.c on the same
+Metrics: wrk `Connection: close` connections/s (8 connections, 1 thread), sockperf ping-pong p50/p99
+(64 bytes, TCP), both with the kernel's run-time statistics off; then, in a one-second run of each
+with BPF_ENABLE_STATS on (it costs every program run ~30-45 ns, so it is off for the figures above:
+before 2026-12-04 evening it was on during them), the connect4 hook's run time per connect() and the
+run time per run of the programs on the client's veth: a second load of lb_pod.c on the same
 maps is attached there, so its counts are the client's packets (from_pod: requests; to_pod: replies)
 and nobody else's; likewise on the server's veth (srv_from_pod: its replies, srv_to_pod: the requests).
 Medians with min-max; the load average is recorded.
@@ -160,14 +162,22 @@ class Node:
         loader.unpin(self.pin_dir)
 
 
-def _ns_per_run(fds: dict[str, int], before: dict[str, tuple[int, int]]) -> dict[str, float]:
-    out = {}
-    for name, fd in fds.items():
-        ns, cnt = bpfsys.prog_fd_run_stats(fd)
-        ns0, cnt0 = before[name]
-        out[name] = (ns - ns0) / (cnt - cnt0) if cnt > cnt0 else float("nan")
-        out[f"{name}_runs"] = cnt - cnt0
-    return out
+@contextlib.contextmanager
+def _run_time_stats(fds: dict[str, int]):
+    """The kernel's run-time statistics on for the block only; yields a dict filled at its end with
+    ns per run of each program of `fds` (name -> fd), and its runs (`<name>_runs`)."""
+    out: dict[str, float] = {}
+    stats_fd = bpfsys.run_time_stats()
+    try:
+        before = {name: bpfsys.prog_fd_run_stats(fd) for name, fd in fds.items()}
+        yield out
+        for name, fd in fds.items():
+            ns, cnt = bpfsys.prog_fd_run_stats(fd)
+            ns0, cnt0 = before[name]
+            out[name] = (ns - ns0) / (cnt - cnt0) if cnt > cnt0 else float("nan")
+            out[f"{name}_runs"] = cnt - cnt0
+    finally:
+        os.close(stats_fd)
 
 
 def run(repeats: int, seconds: int) -> dict:
@@ -200,27 +210,22 @@ def run(repeats: int, seconds: int) -> dict:
                     if d == "socket-unmarked":
                         node.mark_accepted(False)
                     try:
-                        connect_fd = node.sock_dp.programs["connect4"].fd
-                        stats_fd = bpfsys.run_time_stats()
-                        try:
-                            before = {"connect4": bpfsys.prog_fd_run_stats(connect_fd)}
-                            w = tools.wrk_connection_rate(ns, dst, 80 if dst == VIP else NGINX, duration=seconds,
-                                                          cgroup=cg)
-                            connects = _ns_per_run({"connect4": connect_fd}, before)
-                        finally:
-                            os.close(stats_fd)
+                        port = 80 if dst == VIP else NGINX
+                        w = tools.wrk_connection_rate(ns, dst, port, duration=seconds, cgroup=cg)
                         if w["socket_errors"] or w["non_2xx"]:
                             raise RuntimeError(f"wrk {d}: errors {w}")
                         results["conn_per_s"][d].append(w["requests_per_s"])
+                        p = tools.sockperf_latency(ns, dst, SOCKPERF, duration=seconds, cgroup=cg)
+                        # The programs' run times in runs of their own, one second each: the statistics
+                        # cost every BPF program a clock read per run (~30-45 ns here), which the rates
+                        # and latencies above must not pay (bench/real.py measures the same way).
+                        connect_fd = node.sock_dp.programs["connect4"].fd
+                        with _run_time_stats({"connect4": connect_fd}) as connects:
+                            tools.wrk_connection_rate(ns, dst, port, duration=1, cgroup=cg)
                         if cg is not None:              # connect4 runs for the cgroup's sockets only
                             results["connect4_ns"][d].append(connects["connect4"])
-                        stats_fd = bpfsys.run_time_stats()
-                        try:
-                            before = {name: bpfsys.prog_fd_run_stats(fd) for name, fd in fds.items()}
-                            p = tools.sockperf_latency(ns, dst, SOCKPERF, duration=seconds, cgroup=cg)
-                            runs = _ns_per_run(fds, before)
-                        finally:
-                            os.close(stats_fd)
+                        with _run_time_stats(fds) as runs:
+                            stats_p = tools.sockperf_latency(ns, dst, SOCKPERF, duration=1, cgroup=cg)
                     finally:
                         if d.endswith(("-bare", "-clsact")):
                             node.detach_tc()
@@ -234,8 +239,8 @@ def run(repeats: int, seconds: int) -> dict:
                         results["to_pod_ns"][d].append(runs["to_pod"])
                         results["srv_from_pod_ns"][d].append(runs["srv_from_pod"])
                         results["srv_to_pod_ns"][d].append(runs["srv_to_pod"])
-                        if p.get("observations"):
-                            results["from_pod_runs_per_rt"][d].append(runs["from_pod_runs"] / p["observations"])
+                        if stats_p.get("observations"):
+                            results["from_pod_runs_per_rt"][d].append(runs["from_pod_runs"] / stats_p["observations"])
         finally:
             meta["loadavg"].append(os.getloadavg()[0])
             node.close()
