@@ -6,7 +6,7 @@ One node namespace with three pods on veths (client `cli` in the node's cgroup, 
 outside it, server `srv` with nginx and sockperf, in the node's cgroup as a kubelet's pod is), the TC
 programs (bpf/lb_pod.c) on every pod veth and the socket programs (bpf/lb_sock.c) on the node's
 cgroup, maps written by the real MapWriter:
-a ClusterIP with port 80 -> srv:8080 (nginx) and 11111 -> srv:11111 (sockperf). No API server and
+a ClusterIP with port 80 -> srv:8080 (nginx), 11111 -> srv:11111 (sockperf) and 5201 -> srv:5201 (iperf3). No API server and
 no agent, so nothing but the measured traffic and the machine's other load moves the figures.
 
 Datapaths, interleaved in an order rotated every repeat:
@@ -28,7 +28,7 @@ Datapaths, interleaved in an order rotated every repeat:
                   TCX: what the attachment itself costs (only where the kernel has TCX)
 
 Metrics: wrk `Connection: close` connections/s (8 connections, 1 thread), sockperf ping-pong p50/p99
-(64 bytes, TCP), both with the kernel's run-time statistics off; then, in a one-second run of each
+(64 bytes, TCP), iperf3 Gbit/s (one TCP stream, client to server), all with the kernel's run-time statistics off; then, in a one-second run of each
 with BPF_ENABLE_STATS on (it costs every program run ~30-45 ns, so it is off for the figures above:
 before 2026-12-04 evening it was on during them), the connect4 hook's run time per connect() and the
 run time per run of the programs on the client's veth: a second load of lb_pod.c on the same
@@ -51,7 +51,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ebpfsvc.bench import tools
+from ebpfsvc.bench import tools, traffic
 from ebpfsvc.datapath import bpfsys, loader, nodeaddrs, nsenter, socklb, tc
 from ebpfsvc.datapath.writer import MapWriter
 from ebpfsvc.lab import cgroups, network
@@ -60,7 +60,7 @@ from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, LBState, Protocol, S
 VIP = "198.19.0.10"
 GATEWAY = ipaddress.IPv4Address("198.18.0.1")
 PODS = {"cli": "198.18.1.5", "cli-t": "198.18.1.6", "srv": "198.18.2.1"}
-NGINX, SOCKPERF = 8080, 11111
+NGINX, SOCKPERF, IPERF = 8080, 11111, 5201
 DATAPATHS = ("direct-bare", "direct", "socket", "socket-unmarked", "socket-bare", "tc", "direct-clsact",
              "socket-clsact")
 PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}
@@ -112,10 +112,11 @@ class Node:
             Frontend(key=FrontendKey(ipaddress.IPv4Address(VIP), port, Protocol.TCP),
                      service=ServicePortName("default", "bench", name, Protocol.TCP),
                      backends=(Backend(srv, target, Protocol.TCP),))
-            for name, port, target in (("http", 80, NGINX), ("rr", SOCKPERF, SOCKPERF))]))
+            for name, port, target in (("http", 80, NGINX), ("rr", SOCKPERF, SOCKPERF), ("iperf", IPERF, IPERF))]))
         srv_cg = self.cgroup / "pods" / "srv"
         self.servers = [tools.nginx_server(self.pod_ns["srv"], [NGINX], state_dir, cgroup=srv_cg),
-                        tools.sockperf_server(self.pod_ns["srv"], SOCKPERF, state_dir, cgroup=srv_cg)]
+                        tools.sockperf_server(self.pod_ns["srv"], SOCKPERF, state_dir, cgroup=srv_cg),
+                        traffic.iperf3_server(self.pod_ns["srv"], IPERF, cgroup=srv_cg)]
 
     def attach_tc(self, clsact: bool = False) -> None:
         """The programs on every pod veth: as the agent attaches them (TCX where the kernel has it),
@@ -181,7 +182,7 @@ def _run_time_stats(fds: dict[str, int]):
 
 
 def run(repeats: int, seconds: int) -> dict:
-    metrics = ("conn_per_s", "p50_us", "p99_us", "from_pod_ns", "to_pod_ns", "srv_from_pod_ns", "srv_to_pod_ns",
+    metrics = ("conn_per_s", "p50_us", "p99_us", "gbit_per_s", "from_pod_ns", "to_pod_ns", "srv_from_pod_ns", "srv_to_pod_ns",
                "from_pod_runs_per_rt", "connect4_ns")
     # from_pod_ns: ns per run of the client veth's from_pod (its requests), to_pod_ns: of its to_pod
     # (the replies); from_pod_runs_per_rt: its runs per sockperf observation (a request, and ACKs);
@@ -216,6 +217,8 @@ def run(repeats: int, seconds: int) -> dict:
                             raise RuntimeError(f"wrk {d}: errors {w}")
                         results["conn_per_s"][d].append(w["requests_per_s"])
                         p = tools.sockperf_latency(ns, dst, SOCKPERF, duration=seconds, cgroup=cg)
+                        results["gbit_per_s"][d].append(
+                            traffic.tcp_throughput(ns, dst, IPERF, duration=seconds, cgroup=cg)["gbit_per_s"])
                         # The programs' run times in runs of their own, one second each: the statistics
                         # cost every BPF program a clock read per run (~30-45 ns here), which the rates
                         # and latencies above must not pay (bench/real.py measures the same way).
