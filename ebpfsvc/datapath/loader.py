@@ -235,8 +235,9 @@ def load(pin_dir, *, limits: Limits | None = None, cache: bool = True,
     that LLVM never grows this one; the programs are then taken from the cache and their pins.
     `recreate_pins` False raises StalePins instead of recreating pins of another shape.
     `attach_types` names the cgroup hook of each program that is a cgroup program (bpf/lb_sock.c:
-    socklb.HOOKS; sock_addr ones, and sock_ops): the kernel wants a sock_addr program's at load. `pin_programs` (with
-    `program_cache`) pins the programs beside the maps for the next start to take back.
+    socklb.HOOKS; sock_addr ones, and sock_ops): the kernel wants a sock_addr program's at load.
+    `pin_programs` (with `program_cache`) pins the programs beside the maps for the next start to
+    take back.
     """
     from bcc import BPF  # imported late: unit tests import this module without bcc
 
