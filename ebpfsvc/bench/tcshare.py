@@ -5,9 +5,9 @@
 One node namespace with three pods on veths (client `cli` in the node's cgroup, client `cli-t`
 outside it, server `srv` with nginx and sockperf, in the node's cgroup as a kubelet's pod is), the TC
 programs (bpf/lb_pod.c) on every pod veth and the socket programs (bpf/lb_sock.c) on the node's
-cgroup, maps written by the real MapWriter:
-a ClusterIP with port 80 -> srv:8080 (nginx), 11111 -> srv:11111 (sockperf) and 5201 -> srv:5201 (iperf3). No API server and
-no agent, so nothing but the measured traffic and the machine's other load moves the figures.
+cgroup, maps written by the real MapWriter: a ClusterIP with port 80 -> srv:8080 (nginx),
+11111 -> srv:11111 (sockperf) and 5201 -> srv:5201 (iperf3). No API server and no agent, so nothing
+but the measured traffic and the machine's other load moves the figures.
 
 Datapaths, interleaved in an order rotated every repeat:
 
@@ -28,8 +28,8 @@ Datapaths, interleaved in an order rotated every repeat:
                   TCX: what the attachment itself costs (only where the kernel has TCX)
 
 Metrics: wrk `Connection: close` connections/s (8 connections, 1 thread), sockperf ping-pong p50/p99
-(64 bytes, TCP), iperf3 Gbit/s (one TCP stream, client to server), all with the kernel's run-time statistics off; then, in a one-second run of each
-with BPF_ENABLE_STATS on (it costs every program run ~30-45 ns, so it is off for the figures above:
+(64 bytes, TCP), iperf3 Gbit/s (one TCP stream, client to server), all with the kernel's run-time
+statistics off; then, in a one-second run of wrk and of sockperf with BPF_ENABLE_STATS on (it costs every program run ~30-45 ns, so it is off for the figures above:
 before 2026-12-04 evening it was on during them), the connect4 hook's run time per connect() and the
 run time per run of the programs on the client's veth: a second load of lb_pod.c on the same
 maps is attached there, so its counts are the client's packets (from_pod: requests; to_pod: replies)
@@ -182,8 +182,8 @@ def _run_time_stats(fds: dict[str, int]):
 
 
 def run(repeats: int, seconds: int) -> dict:
-    metrics = ("conn_per_s", "p50_us", "p99_us", "gbit_per_s", "from_pod_ns", "to_pod_ns", "srv_from_pod_ns", "srv_to_pod_ns",
-               "from_pod_runs_per_rt", "connect4_ns")
+    metrics = ("conn_per_s", "p50_us", "p99_us", "gbit_per_s", "from_pod_ns", "to_pod_ns", "srv_from_pod_ns",
+               "srv_to_pod_ns", "from_pod_runs_per_rt", "connect4_ns")
     # from_pod_ns: ns per run of the client veth's from_pod (its requests), to_pod_ns: of its to_pod
     # (the replies); from_pod_runs_per_rt: its runs per sockperf observation (a request, and ACKs);
     # connect4_ns: ns per run of the socket path's connect hook during wrk (every connect() in the
