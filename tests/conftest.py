@@ -44,9 +44,10 @@ class AheadCompiles:
     as an agent compiles: the same program-cache entry a compile in the test process stores) on the
     machine's other CPU while the tests before their first use run: the tiers are single-threaded.
     A configuration is known by its program-cache key (loader.program_key: map sizes and the pin
-    directory are no part of it). One child at a time, in the order asked. A load first calls wait() for its configuration: that
-    waits for a running child, or takes a queued one off the queue (the load then compiles, as
-    without it). A child that fails leaves the compile to the load. Children end by their PID."""
+    directory are no part of it). One child at a time, in the order asked. A load first calls
+    wait() for its configuration: that waits for a running child, or takes a queued one off the
+    queue (the load then compiles, as without it). A child that fails leaves the compile to the
+    load. Children end by their PID."""
 
     def __init__(self, program_cache: Path, prefix: str):
         self.program_cache = program_cache

@@ -134,14 +134,10 @@ class Node:
 
     def mark_accepted(self, on: bool) -> None:
         """The sock_ops hook (the server side's marks) attached, or detached for `socket-unmarked`."""
-        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if on:
-                bpfsys.prog_attach(self.sock_dp.programs["sock_ops"].fd, fd, socklb.HOOKS["sock_ops"])
-            else:
-                bpfsys.prog_detach(fd, socklb.HOOKS["sock_ops"])
-        finally:
-            os.close(fd)
+        if on:
+            socklb.attach(self.sock_dp, self.cgroup, ("sock_ops",))
+        else:
+            socklb.detach(self.cgroup, ("sock_ops",))
 
     def client(self, datapath: str) -> tuple[str, Path | None, str]:
         """(namespace, cgroup or None, destination address) of `datapath`'s client."""

@@ -146,28 +146,30 @@ def _open(cgroup: Path) -> int:
     return os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def attach(dp: loader.Datapath, cgroup) -> None:
-    """Attach every program of `dp` (socklb.load) to `cgroup`, replacing ours in place."""
+def attach(dp: loader.Datapath, cgroup, programs: tuple[str, ...] = PROGRAMS) -> None:
+    """Attach the `programs` of `dp` (socklb.load; all of them unless named) to `cgroup`, each on
+    its hook, replacing ours in place."""
     cgroup = Path(cgroup)
     _check_target(cgroup)
     fd = _open(cgroup)
     try:
-        for name, hook in HOOKS.items():
-            bpfsys.prog_attach(dp.programs[name].fd, fd, hook)
+        for name in programs:
+            bpfsys.prog_attach(dp.programs[name].fd, fd, HOOKS[name])
     finally:
         os.close(fd)
 
 
-def detach(cgroup) -> list[str]:
-    """Detach whatever program sits on our hooks of `cgroup`; the hooks that had one."""
+def detach(cgroup, programs: tuple[str, ...] = PROGRAMS) -> list[str]:
+    """Detach whatever program sits on the hooks of our `programs` (all unless named) of `cgroup`;
+    the programs whose hook had one."""
     cgroup = Path(cgroup)
     if not cgroup.is_dir():
         return []
     done = []
     fd = _open(cgroup)
     try:
-        for name, hook in HOOKS.items():
-            if bpfsys.prog_detach(fd, hook):
+        for name in programs:
+            if bpfsys.prog_detach(fd, HOOKS[name]):
                 done.append(name)
     finally:
         os.close(fd)

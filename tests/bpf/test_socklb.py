@@ -132,14 +132,8 @@ class _Node:
         """One client operation (ebpfsvc/lab/sockprobe.py) in the client pod, a process in the
         node's cgroup or outside it."""
         cg = cgroups.pod_cgroup(self.prefix, "node-1", "default", "cli") if in_cgroup else None
-        ns = self.client_ns
-
-        def enter():
-            if cg is not None:
-                cgroups.join(cg)
-            nsenter.setns(ns)
-
-        out = subprocess.run([sys.executable, "-m", "ebpfsvc.lab.sockprobe", op, addr, str(port)], preexec_fn=enter,
+        out = subprocess.run([sys.executable, "-m", "ebpfsvc.lab.sockprobe", op, addr, str(port)],
+                             preexec_fn=cgroups.preexec(self.client_ns, cg),
                              capture_output=True, text=True, timeout=20, check=True)
         return json.loads(out.stdout)
 
@@ -154,14 +148,9 @@ class _Node:
         """`count` sockets held open by a client process in the node's cgroup (sockprobe hold);
         returns the process and the sockets' cookies."""
         cg = cgroups.pod_cgroup(self.prefix, "node-1", "default", "cli")
-        ns = self.client_ns
-
-        def enter():
-            cgroups.join(cg)
-            nsenter.setns(ns)
-
         proc = subprocess.Popen([sys.executable, "-m", "ebpfsvc.lab.sockprobe", "hold", kind, addr, str(port),
-                                 str(count)], preexec_fn=enter, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 str(count)], preexec_fn=cgroups.preexec(self.client_ns, cg), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE,
                                 text=True)
         line = proc.stdout.readline()
         assert line, f"sockprobe hold {kind} {addr}:{port} failed (exit {proc.poll()})"
@@ -170,12 +159,8 @@ class _Node:
     def serve(self, netns: str, cgroup, addr: str, port: int, count: int) -> subprocess.Popen:
         """A TCP server (sockprobe serve) of `count` connections on addr:port, a process of `netns`
         in `cgroup` (a kubelet's pod, or the node's own process), listening when this returns."""
-        def enter():
-            cgroups.join(cgroup)
-            nsenter.setns(netns)
-
         proc = subprocess.Popen([sys.executable, "-m", "ebpfsvc.lab.sockprobe", "serve", addr, str(port), str(count)],
-                                preexec_fn=enter, stdout=subprocess.PIPE, text=True)
+                                preexec_fn=cgroups.preexec(netns, cgroup), stdout=subprocess.PIPE, text=True)
         line = proc.stdout.readline()
         assert line, f"sockprobe serve {addr}:{port} failed (exit {proc.poll()})"
         return proc
