@@ -73,6 +73,7 @@ NGINX_SVC, NGINX_DIRECT = 8090, 8091
 SOCKPERF = 11111
 IPERF = 5201
 WATCH = 8082          # traffic.py's echo server (OP_WHO): which backend answered
+FILL_STEP = 5_000     # Services per recorded step of the fill (Run.fill)
 FILLER = 8083         # filler services' backends (an echo server, so they are real)
 PROBES = {            # name -> [(port name, service port, protocol, target port, backends)]
     "web": [("http", 80, "TCP", NGINX_SVC, ["srv-a"])],
@@ -366,27 +367,42 @@ class Run:
         """Fillers up to n service ports in all (probes included), created through the API by
         cfg.apply_processes processes of cfg.apply_threads threads, each thread one kept-alive
         connection straight to the API server in the cp namespace (bench/fill.py; one Python
-        process alone is held to one core by its interpreter lock)."""
+        process alone is held to one core by its interpreter lock).
+
+        In steps of FILL_STEP Services, each recorded with the CPU each control-plane process
+        spent per object: kube-apiserver's grows with the Services already there (its ClusterIP
+        allocator lists every IPAddress object twice per allocation, for its metrics:
+        docs/bench.md, "The fill"), so one figure for a whole fill would hide where it goes."""
         want = max(0, n - sum(len(p) for p in PROBES.values()))
         if want <= self.filled:
             return
         from ebpfsvc.lab import controlplane, names
 
         procs, threads = self.cfg.apply_processes, self.cfg.apply_threads
-        t0 = time.monotonic()
-        created = create_fillers(names.member_netns(self.lab.prefix, names.CONTROL_PLANE),
-                                 str(controlplane.Paths(self.lab.state.path).inside_kubeconfig),
-                                 range(self.filled, want), self.ips, procs, threads)
-        seconds = time.monotonic() - t0
-        objects = 2 * (want - self.filled)
-        assert created == objects, (created, objects)
-        self.data["applies"].append({"objects": objects, "services_after": n, "seconds": seconds,
-                                     "processes": procs, "threads": threads, "per_s": objects / seconds,
-                                     "via": "POST from the cp namespace to 127.0.0.1:6443",
-                                     "load_after": loadavg()})
-        self.log(f"  API: {objects:,} objects (Services + EndpointSlices) created in {seconds:.1f} s "
-                 f"({objects / seconds:,.0f}/s, {procs} processes × {threads} threads)")
-        self.filled = want
+        components = {c: rec.pid for c in (controlplane.ETCD, controlplane.APISERVER, controlplane.CONTROLLER_MANAGER)
+                      if (rec := self.lab.state.read_pid(c))}
+        for start in range(self.filled, want, FILL_STEP):
+            stop = min(want, start + FILL_STEP)
+            cpu0 = {c: process_cpu_seconds(pid) for c, pid in components.items()}
+            t0 = time.monotonic()
+            created = create_fillers(names.member_netns(self.lab.prefix, names.CONTROL_PLANE),
+                                     str(controlplane.Paths(self.lab.state.path).inside_kubeconfig),
+                                     range(start, stop), self.ips, procs, threads)
+            seconds = time.monotonic() - t0
+            objects = 2 * (stop - start)
+            assert created == objects, (created, objects)
+            cpu = {c: (b - a) * 1000 / objects for c, pid in components.items()
+                   if (a := cpu0[c]) is not None and (b := process_cpu_seconds(pid)) is not None}
+            after = stop + sum(len(p) for p in PROBES.values())
+            self.data["applies"].append({"objects": objects, "services_after": after, "seconds": seconds,
+                                         "processes": procs, "threads": threads, "per_s": objects / seconds,
+                                         "cpu_ms_per_object": cpu,
+                                         "via": "POST from the cp namespace to 127.0.0.1:6443",
+                                         "load_after": loadavg()})
+            self.log(f"  API: {objects:,} objects (Services + EndpointSlices) to {after:,} services in "
+                     f"{seconds:.1f} s ({objects / seconds:,.0f}/s, {procs} processes × {threads} threads; "
+                     "CPU ms per object: " + ", ".join(f"{c} {v:.2f}" for c, v in cpu.items()) + ")")
+            self.filled = stop
 
     def teardown(self) -> None:
         traffic.stop_servers(self.servers)
@@ -841,9 +857,13 @@ def extra(data: dict) -> str:
     lines += report._table(["target", "verdict", "evidence: ratio of medians (range from the extremes)"],
                            [list(t) for t in targets(data)], align=":---")
     lines += ["", "## Creating the Services through the API", ""]
-    lines += report._table(["services after", "objects", "seconds", "objects/s", "processes × threads"],
+    cpu_of = ("kube-apiserver", "etcd", "kube-controller-manager")
+    lines += report._table(["services after", "objects", "seconds", "objects/s", "processes × threads"]
+                           + [f"{c} CPU ms/object" for c in cpu_of],
                            [[f"{a.get('services_after', '-')}", f"{a['objects']:,}", f"{a['seconds']:.1f}",
                              f"{a['objects'] / a['seconds']:,.0f}", f"{a.get('processes', 1)} × {a['threads']}"]
+                            + [f"{a['cpu_ms_per_object'][c]:.2f}" if c in a.get("cpu_ms_per_object", {}) else "-"
+                               for c in cpu_of]
                             for a in data["applies"]])
     lines += ["", "## Each point: load average (1 min) before → after", ""]
     lines += report._table(["datapath", "services", "repeat", "load before", "load after", "ok"],

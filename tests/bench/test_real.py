@@ -240,12 +240,16 @@ def test_the_report_leads_with_the_summary_and_never_judges_issue_6(tmp_path):
     data = _data({(d, "tcp_crr_cps", 1): [v] for d, v in zip(real.NAMES, (4.0, 2.0, 3.0, 4.0))})
     data["points"] = [{"datapath": "ebpfsvc", "services": 1, "repeat": 0, "load_before": [4.5, 4, 4],
                        "load_after": [5.0, 4, 4], "metrics": {"tcp_crr_cps": 4.0}}]
-    data["applies"] = [{"objects": 12, "seconds": 0.5, "threads": 1}]
+    data["applies"] = [{"objects": 12, "seconds": 0.5, "threads": 1},
+                       {"objects": 10_000, "seconds": 50.0, "threads": 8, "processes": 2, "services_after": 5_003,
+                        "cpu_ms_per_object": {"kube-apiserver": 2.94, "etcd": 0.74}}]
     text = real.write(data, tmp_path).read_text()
     assert text.index("## Summary") < text.index("## Targets (issue 13)") < text.index("Figures are medians")
     assert "ebpfsvc ≥ 0.95 × direct" not in text          # issue 6's targets judge the generated rule sets
     assert "| 4.50 | 5.00 |" in text                        # load average before and after the point
     assert "ebpfsvc / kube-proxy-iptables" in text         # a ratio column
+    # Each step of the fill with what each control-plane process spent on an object (none recorded: -).
+    assert "| 5003 | 10,000 | 50.0 | 200 | 2 × 8 | 2.94 | 0.74 | - |" in text
 
 
 # --- root ------------------------------------------------------------------------------------
