@@ -600,16 +600,21 @@ class Run:
 
     @contextlib.contextmanager
     def bpf_cost(self, dp: str):
-        """For ebpfsvc: the run-time statistics of node-1's TC programs over the block, turned on
-        for it alone (bpfsys.run_time_stats: they cost every BPF program on the machine a clock read
-        per run); yields a dict filled at its end with program name -> (ns, runs)."""
+        """For ebpfsvc: the run-time statistics of node-1's TC programs, and of the socket
+        programs on its cgroup (connect4, sock_ops...: named by their hook) when the socket path
+        is on, over the block, turned on for it alone (bpfsys.run_time_stats: they cost every BPF
+        program on the machine a clock read per run); yields a dict filled at its end with
+        program name -> (ns, runs)."""
         out: dict[str, tuple[int, int]] = {}
         if not self.bpf_measured(dp):
             yield out
             return
-        from ebpfsvc.datapath import bpfsys
+        from ebpfsvc.datapath import bpfsys, socklb
+        from ebpfsvc.lab import cgroups
 
         names = tc_programs(self.lab.node_netns(NODE))
+        names.update({prog: hook for hook, progs in socklb.attached(cgroups.node_cgroup(self.lab.prefix, NODE)).items()
+                      for prog in progs})
         fd = bpfsys.run_time_stats()
         try:
             before = {p: bpfsys.prog_run_stats(p) for p in names}

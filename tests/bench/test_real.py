@@ -298,6 +298,11 @@ def test_a_tiny_run_against_the_real_kube_proxy(tmp_path):
     # a tiny rate per connection, so only the two on the path are held to a run per connection.
     assert all(by_program[p]["ns_per_conn"] > 0 and by_program[p]["runs_per_conn"] >= 1
                for p in ("from_pod", "to_pod")), by_program
+    # The socket path's own programs on the node's cgroup are counted too: connect4 once per
+    # connection (wrk's connect), sock_ops at least once (nginx's accepted socket).
+    socket = points["ebpfsvc-socket"]["bpf_by_program"]
+    assert 0.9 <= socket["connect4"]["runs_per_conn"] <= 1.1 and socket["sock_ops"]["runs_per_conn"] >= 1, socket
+    assert "connect4" not in by_program, by_program
     # The node's conntrack is emptied after every datapath, so none meets another's entries.
     assert sorted(f["after"] for f in data["conntrack_flushed"]) == sorted(real.NAMES)
     assert "## Summary" in report.read_text()

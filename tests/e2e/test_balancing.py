@@ -104,15 +104,19 @@ def test_session_affinity_client_ip(lab):
     assert wait_for(lambda: backends_by_port() == hashed, what="affinity off: hashed backends") is True
 
 
-def _lose_the_close(lab: Lab, node: str, client: str, sport: int) -> int:
+def _lose_the_close(lab: Lab, node: str, client: str, sport: int, vip: str, backend: str) -> int:
     """Leave `node`'s conntrack as a lost flag update did (2026-12-03, docs/datapath.md): the
-    forward entry of the flow from client:sport established, without its FIN or RST, and its reply
-    entry gone (evicted, or expired first). Returns the entries changed."""
+    forward entry of the flow client:sport -> vip established, without its FIN or RST, and its
+    reply entry (from `backend`) gone (evicted, or expired first). Returns the entries changed.
+    Only this flow's: an earlier test's connection from the same client port to another Service
+    may still have its entries."""
     def edit(key, entry) -> bool | None:
-        if key.dir == abi.CT_DIR_FORWARD and (key.saddr, key.sport) == (abi.be32(client), abi.be16(sport)):
+        if (key.dir == abi.CT_DIR_FORWARD and (key.saddr, key.sport) == (abi.be32(client), abi.be16(sport))
+                and key.daddr == abi.be32(vip)):
             entry.flags = abi.CT_F_SEEN_SYN | abi.CT_F_ESTABLISHED | abi.CT_F_SEEN_FIN_REV
             return True
-        if key.dir == abi.CT_DIR_REPLY and (key.daddr, key.dport) == (abi.be32(client), abi.be16(sport)):
+        if (key.dir == abi.CT_DIR_REPLY and (key.daddr, key.dport) == (abi.be32(client), abi.be16(sport))
+                and key.saddr == abi.be32(backend)):
             return False
         return None
     return rewrite_ct4(lab, node, edit)
@@ -129,7 +133,7 @@ def test_a_new_connection_on_the_ports_of_a_flow_that_lost_its_close_is_translat
     wait_programmed(lab, "reuse", 80, backends=1)
     vip, sport, client = cluster_ip(lab, "reuse"), 41900, lab.pod_ip(CLIENT)
     assert http_get(lab, CLIENT, vip, 80, sport=sport)["pod"] == "reuse-1"
-    assert _lose_the_close(lab, "node-1", client, sport) == 2
+    assert _lose_the_close(lab, "node-1", client, sport, vip, lab.pod_ip("reuse-1")) == 2
     # A SYN-ACK left untranslated is reset by the client, which sends its SYN again a second later,
     # in vain: the first SYN must be answered.
     syns = net_counters(lab.pod_netns(CLIENT), "netstat", "TcpExt")["TCPSynRetrans"]
