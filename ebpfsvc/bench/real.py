@@ -865,7 +865,7 @@ def extra(data: dict) -> str:
     cpu_of = ("kube-apiserver", "etcd", "kube-controller-manager")
     lines += report._table(["services after", "objects", "seconds", "objects/s", "processes × threads"]
                            + [f"{c} CPU ms/object" for c in cpu_of],
-                           [[f"{a.get('services_after', '-')}", f"{a['objects']:,}", f"{a['seconds']:.1f}",
+                           [[f"{a['services_after']:,}" if "services_after" in a else "-", f"{a['objects']:,}", f"{a['seconds']:.1f}",
                              f"{a['objects'] / a['seconds']:,.0f}", f"{a.get('processes', 1)} × {a['threads']}"]
                             + [f"{a['cpu_ms_per_object'][c]:.2f}" if c in a.get("cpu_ms_per_object", {}) else "-"
                                for c in cpu_of]

@@ -249,7 +249,7 @@ def test_the_report_leads_with_the_summary_and_never_judges_issue_6(tmp_path):
     assert "| 4.50 | 5.00 |" in text                        # load average before and after the point
     assert "ebpfsvc / kube-proxy-iptables" in text         # a ratio column
     # Each step of the fill with what each control-plane process spent on an object (none recorded: -).
-    assert "| 5003 | 10,000 | 50.0 | 200 | 2 × 8 | 2.94 | 0.74 | - |" in text
+    assert "| 5,003 | 10,000 | 50.0 | 200 | 2 × 8 | 2.94 | 0.74 | - |" in text
 
 
 # --- root ------------------------------------------------------------------------------------
