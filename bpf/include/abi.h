@@ -353,8 +353,14 @@ struct lb4_sock_revnat {
 struct lb_sock_path {
 	__u64  cookie;          /* bpf_get_socket_cookie() of the socket; 0: free */
 	__u8   proto;           /* IPPROTO_TCP or IPPROTO_UDP */
-	__u8   pad0[7];
+	__u8   flags;           /* LB_SOCK_PATH_F_* */
+	__u8   pad0[6];
 };
+
+/* A server's accepted socket, marked by sock_ops (no conntrack entry of ours describes it), not a
+ * socket connect() translated: getpeername4's reverse lookup (lb4_sock_revnat) can only miss for
+ * it, and is skipped (bpf/lib/sock.h lb_sock_revnat_xlate). */
+#define LB_SOCK_PATH_F_ACCEPTED 0x01
 
 /* ---- IPv6 twins. The value of lb6_frontends is struct lb4_service (it holds no
  * address); lb6_affinity's is struct lb_affinity_val; affinity membership is

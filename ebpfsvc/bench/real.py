@@ -432,8 +432,11 @@ class Run:
             return {}
         record = names.kube_proxy_record(NODE) if dp.startswith("kube-proxy") else names.agent_record(NODE)
         offset = self._log_size(record)
-        if dp == "ebpfsvc-socket":
-            self._socket_lb(True)
+        if dp.startswith("ebpfsvc"):
+            # Said for every start: the lab's agents begin with the DaemonSet's ConfigMap, whose
+            # socket-lb is on, so until 2026-12-05 a run's first ebpfsvc point (before any
+            # deactivate turned it off) had the socket programs on the servers' cgroup.
+            self._socket_lb(dp == "ebpfsvc-socket")
         with traffic.BackendWatch(self.ns["cli"], self.vip["watch"], 80, self.ips[self.watch_at],
                                   duration=self.cfg.program_timeout) as watch:
             t0 = time.monotonic()

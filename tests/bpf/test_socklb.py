@@ -171,6 +171,13 @@ class _Node:
         m = table[table.Key(cookie % len(table))]
         return m.cookie == cookie and m.proto == socket.IPPROTO_TCP
 
+    def marked_accepted(self, cookie: int) -> bool:
+        """Whether that mark says sock_ops' (a server's accepted socket): getpeername4 skips
+        its reverse lookup."""
+        table = self.pod_dp.maps["lb_sock_path"]
+        m = table[table.Key(cookie % len(table))]
+        return self.marked(cookie) and bool(m.flags & abi.LB_SOCK_PATH_F_ACCEPTED)
+
     def backend_of(self, cookie) -> str | None:
         """The backend the socket path sent the socket `cookie` to (its lb4_sock_revnat or
         lb6_sock_revnat entry)."""
@@ -364,6 +371,7 @@ def test_server_socket_marked_when_no_conntrack_entry_describes_it(node, vip, ba
     assert tc_path == {"peer": peer, "data": "served\n"}, tc_path
     assert first["peer"][0] == second["peer"][0] == client
     assert node.marked(first["cookie"]), "the socket path's connection: marked on the server side"
+    assert node.marked_accepted(first["cookie"]), "... as an accepted socket: accept()'s getpeername4 ends there"
     assert not node.marked(second["cookie"]), "the TC path's connection: its entries describe it"
     assert node.flows("ct6" if ":" in vip else "ct4") == 2
 
