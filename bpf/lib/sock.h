@@ -81,6 +81,19 @@ static __always_inline void lb_sock_path_set(__u64 cookie, __u8 proto, int trans
 	}
 }
 
+/* The slot of socket `cookie` when it holds that socket's mark; else 0 (a free slot, or another
+ * socket's: the mark is a cache, lossy by design). */
+static __always_inline struct lb_sock_path *lb_sock_path_find(__u64 cookie)
+{
+	__u32 slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
+	struct lb_sock_path *m;
+
+	if (!cookie)
+		return 0;
+	m = lb_sock_path.lookup(&slot);
+	return (m && m->cookie == cookie) ? m : 0;
+}
+
 /*
  * The socket path's mark of the socket that sent `skb`, when its connect() was
  * translated; else 0. For either family (lb4_sock_path_packet, and the IPv6
@@ -91,14 +104,7 @@ static __always_inline void lb_sock_path_set(__u64 cookie, __u8 proto, int trans
  */
 static __always_inline struct lb_sock_path *lb_sock_path_of(struct __sk_buff *skb)
 {
-	__u64 cookie = lb_get_socket_cookie(skb);
-	__u32 slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
-	struct lb_sock_path *m;
-
-	if (!cookie)
-		return 0;
-	m = lb_sock_path.lookup(&slot);
-	return (m && m->cookie == cookie) ? m : 0;
+	return lb_sock_path_find(lb_get_socket_cookie(skb));
 }
 
 /*
@@ -279,10 +285,9 @@ static __always_inline int lb_sock_xlate(struct bpf_sock_addr *ctx, struct lb_so
 static __always_inline int lb_sock_revnat_xlate(struct bpf_sock_addr *ctx, struct lb_sock_addr *peer, int ipv6)
 {
 	__u64 cookie = lb_get_socket_cookie(ctx);
-	__u32 slot = (__u32)cookie & (SOCK_PATH_SLOTS - 1);
-	struct lb_sock_path *m = lb_sock_path.lookup(&slot);
+	struct lb_sock_path *m = lb_sock_path_find(cookie);
 
-	if (m && m->cookie == cookie && (m->flags & LB_SOCK_PATH_F_ACCEPTED))
+	if (m && (m->flags & LB_SOCK_PATH_F_ACCEPTED))
 		return LB_SOCK_UNTOUCHED;
 
 	if (ipv6) {
