@@ -32,6 +32,10 @@ from ebpfsvc.lab.api import APPLY_PATCH, FIELD_MANAGER, APIError, path_of
 # keep-alive connection is retried, this many times, the wait doubling from RETRY_WAIT.
 RETRIES = 6
 RETRY_WAIT = 0.05
+# So is the API server's answer when its storage did not answer in time: a 500 "etcdserver: request
+# timed out" (a 2026-12-05 fill of 50,000 Services died of one at 25,000, the machine at load 4), or
+# a 503/504. A create that did land meanwhile comes back as 409 and is applied (create_or_apply).
+TRANSIENT = (500, 503, 504)
 
 
 def kubeconfig_settings(path: str | Path) -> dict[str, str]:
@@ -80,6 +84,8 @@ class Writer:
             else:
                 if response.status == 429 and attempt < RETRIES:
                     wait = max(wait, float(response.getheader("Retry-After") or 0))
+                elif response.status in TRANSIENT and attempt < RETRIES:
+                    pass
                 elif 200 <= response.status < 300 or response.status == 409:
                     return response.status
                 else:

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ebpfsvc.bench import report, tools, traffic
+from ebpfsvc.lab.api import APIError
 
 NAMES = ("ebpfsvc", "ebpfsvc-socket", "kube-proxy-iptables", "kube-proxy-nftables", "direct")
 # Not in the default run, for finding where a gap comes from (--datapaths): the agent's programs
@@ -738,6 +739,9 @@ class Run:
         except Stopped as stop:
             self.data["meta"]["stopped"] = f"by {stop} after {(time.monotonic() - t0) / 60:.1f} min"
             raise
+        except APIError as exc:     # the fill's or the probes' writes, after their retries
+            self.data["meta"]["failed"] = f"{exc} after {(time.monotonic() - t0) / 60:.1f} min"
+            raise
         finally:
             self.teardown()
             self.data["meta"]["load_end"] = loadavg()
@@ -995,6 +999,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stopped by {stop}: lab torn down; {done} points kept in {out / 'results.json'}",
                   file=sys.stderr, flush=True)
             sys.exit(128 + stop.signum)
+        except APIError as exc:
+            done = len([p for p in run.data["points"] if p["metrics"]])
+            if run.data["results"]:
+                write(run.data, out)
+            print(f"failed: {exc}: lab torn down; {done} points kept in {out / 'results.json'}",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ IPS = {"srv-a": "198.18.2.1", "srv-b": "198.18.3.1"}
 class FakeAPIServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, existing=(), throttle=(), drop=(), refuse=()):
+    def __init__(self, existing=(), throttle=(), drop=(), refuse=(), timeout=()):
         super().__init__(("127.0.0.1", 0), Handler)
         self.existing, self.throttle, self.drop, self.refuse = set(existing), set(throttle), set(drop), set(refuse)
+        self.timeout = set(timeout)
         self.made: list[tuple[str, str, str]] = []
         self.connections: set[tuple] = set()
         self.lock = threading.Lock()
@@ -58,6 +59,12 @@ class Handler(BaseHTTPRequestHandler):
             if name in srv.throttle:
                 srv.throttle.discard(name)
                 return self._answer(429, {"message": "too many requests"})
+            if name in srv.timeout:             # etcd did not answer in time, once; or it did, late
+                srv.timeout.discard(name)
+                if name.endswith("-late"):
+                    srv.existing.add(name)
+                    srv.made.append((self.command, body["kind"], name))
+                return self._answer(500, {"message": "etcdserver: request timed out"})
             if name in srv.refuse:
                 return self._answer(422, {"message": f'Service "{name}" is invalid: spec.ports[0].port: Invalid'})
             if self.command == "POST" and name in srv.existing:
@@ -119,6 +126,18 @@ def test_a_throttled_or_dropped_request_is_sent_again(api, monkeypatch):
     assert sorted(server.made) == [("POST", "EndpointSlice", "svc-00000-bench"),
                                    ("POST", "EndpointSlice", "svc-00001-bench"),
                                    ("POST", "Service", "svc-00000"), ("POST", "Service", "svc-00001")]
+
+
+def test_a_storage_timeout_is_sent_again_and_a_create_that_landed_is_applied(api, monkeypatch):
+    monkeypatch.setattr(fill, "RETRY_WAIT", 0.001)
+    server, settings = api(timeout={"svc-00000", "svc-00001-late"})
+    objects = real.filler_objects(range(2), IPS)
+    objects[1][0]["metadata"]["name"] = "svc-00001-late"
+    assert fill.create_all(lambda: fill.Writer(**settings), objects, threads=1) == 4
+    assert ("POST", "Service", "svc-00000") in server.made
+    # The late one was created by the request that timed out: the retry meets 409 and applies.
+    assert [m for m in server.made if m[2] == "svc-00001-late"] == [("POST", "Service", "svc-00001-late"),
+                                                                    ("PATCH", "Service", "svc-00001-late")]
 
 
 def test_a_refusal_names_the_object_and_the_field(api):

@@ -368,6 +368,34 @@ def test_sigterm_stops_the_run_cleanly_and_keeps_what_was_measured(tmp_path, mon
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_failed_fill_is_one_line_and_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
+    """An API error the writers gave up on (after their retries) ends the run with one line, the lab
+    torn down (Run.run's finally) and the points kept: no traceback."""
+    from ebpfsvc.lab.api import APIError
+
+    class FailingRun(real.Run):
+        def setup(self):
+            self.data["points"].append({"datapath": "direct", "services": 1, "repeat": 0, "metrics": {"x": 1}})
+
+        def fill(self, n):
+            raise APIError("POST /apis/discovery.k8s.io/v1/namespaces/bench/endpointslices: "
+                           "etcdserver: request timed out", 500)
+
+        def teardown(self):
+            self.data["torn_down"] = True
+
+    monkeypatch.setattr(real, "Run", FailingRun)
+    with pytest.raises(SystemExit) as stop:
+        real.main(["--services", "1", "--out", str(tmp_path)])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert ("failed: POST /apis/discovery.k8s.io/v1/namespaces/bench/endpointslices: etcdserver: request timed "
+            f"out: lab torn down; 1 points kept in {tmp_path / 'results.json'}") in err
+    assert "Traceback" not in err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["torn_down"] and "etcdserver: request timed out" in data["meta"]["failed"]
+
+
 def test_sockperf_runs_pinned_to_the_one_cpu_asked():
     import subprocess
 
