@@ -82,10 +82,8 @@ class Writer:
                 if attempt == RETRIES:
                     raise APIError(f"API server unreachable: {method} {path}: {exc}") from None
             else:
-                if response.status == 429 and attempt < RETRIES:
+                if (response.status == 429 or response.status in TRANSIENT) and attempt < RETRIES:
                     wait = max(wait, float(response.getheader("Retry-After") or 0))
-                elif response.status in TRANSIENT and attempt < RETRIES:
-                    pass
                 elif 200 <= response.status < 300 or response.status == 409:
                     return response.status
                 else:

@@ -75,6 +75,9 @@ SOCKPERF = 11111
 IPERF = 5201
 WATCH = 8082          # traffic.py's echo server (OP_WHO): which backend answered
 FILL_STEP = 5_000     # Services per recorded step of the fill (Run.fill)
+# The control-plane processes whose CPU per object each step of the fill records: their pid
+# records in the lab's state dir (lab/controlplane.py's names), in the report's column order.
+FILL_CPU_OF = ("kube-apiserver", "etcd", "kube-controller-manager")
 FILLER = 8083         # filler services' backends (an echo server, so they are real)
 PROBES = {            # name -> [(port name, service port, protocol, target port, backends)]
     "web": [("http", 80, "TCP", NGINX_SVC, ["srv-a"])],
@@ -374,27 +377,27 @@ class Run:
         spent per object: kube-apiserver's grows with the Services already there (its ClusterIP
         allocator lists every IPAddress object twice per allocation, for its metrics:
         docs/bench.md, "The fill"), so one figure for a whole fill would hide where it goes."""
-        want = max(0, n - sum(len(p) for p in PROBES.values()))
+        probes = sum(len(p) for p in PROBES.values())
+        want = max(0, n - probes)
         if want <= self.filled:
             return
         from ebpfsvc.lab import controlplane, names
 
         procs, threads = self.cfg.apply_processes, self.cfg.apply_threads
-        components = {c: rec.pid for c in (controlplane.ETCD, controlplane.APISERVER, controlplane.CONTROLLER_MANAGER)
-                      if (rec := self.lab.state.read_pid(c))}
+        netns = names.member_netns(self.lab.prefix, names.CONTROL_PLANE)
+        kubeconfig = str(controlplane.Paths(self.lab.state.path).inside_kubeconfig)
+        components = {c: rec.pid for c in FILL_CPU_OF if (rec := self.lab.state.read_pid(c))}
         for start in range(self.filled, want, FILL_STEP):
             stop = min(want, start + FILL_STEP)
             cpu0 = {c: process_cpu_seconds(pid) for c, pid in components.items()}
             t0 = time.monotonic()
-            created = create_fillers(names.member_netns(self.lab.prefix, names.CONTROL_PLANE),
-                                     str(controlplane.Paths(self.lab.state.path).inside_kubeconfig),
-                                     range(start, stop), self.ips, procs, threads)
+            created = create_fillers(netns, kubeconfig, range(start, stop), self.ips, procs, threads)
             seconds = time.monotonic() - t0
             objects = 2 * (stop - start)
             assert created == objects, (created, objects)
             cpu = {c: (b - a) * 1000 / objects for c, pid in components.items()
                    if (a := cpu0[c]) is not None and (b := process_cpu_seconds(pid)) is not None}
-            after = stop + sum(len(p) for p in PROBES.values())
+            after = stop + probes
             self.data["applies"].append({"objects": objects, "services_after": after, "seconds": seconds,
                                          "processes": procs, "threads": threads, "per_s": objects / seconds,
                                          "cpu_ms_per_object": cpu,
@@ -869,13 +872,12 @@ def extra(data: dict) -> str:
     lines += report._table(["target", "verdict", "evidence: ratio of medians (range from the extremes)"],
                            [list(t) for t in targets(data)], align=":---")
     lines += ["", "## Creating the Services through the API", ""]
-    cpu_of = ("kube-apiserver", "etcd", "kube-controller-manager")
     lines += report._table(["services after", "objects", "seconds", "objects/s", "processes × threads"]
-                           + [f"{c} CPU ms/object" for c in cpu_of],
+                           + [f"{c} CPU ms/object" for c in FILL_CPU_OF],
                            [[f"{a['services_after']:,}" if "services_after" in a else "-", f"{a['objects']:,}", f"{a['seconds']:.1f}",
                              f"{a['objects'] / a['seconds']:,.0f}", f"{a.get('processes', 1)} × {a['threads']}"]
                             + [f"{a['cpu_ms_per_object'][c]:.2f}" if c in a.get("cpu_ms_per_object", {}) else "-"
-                               for c in cpu_of]
+                               for c in FILL_CPU_OF]
                             for a in data["applies"]])
     lines += ["", "## Each point: load average (1 min) before → after", ""]
     lines += report._table(["datapath", "services", "repeat", "load before", "load after", "ok"],
@@ -991,22 +993,20 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(run.run())
         except Stopped as stop:
-            # Run.run has torn the lab down and saved results.json on the way out: say so, and
-            # report what was measured, without a traceback (a stop is not a failure of the bench).
-            done = len([p for p in run.data["points"] if p["metrics"]])
-            if run.data["results"]:
-                write(run.data, out)
-            print(f"stopped by {stop}: lab torn down; {done} points kept in {out / 'results.json'}",
-                  file=sys.stderr, flush=True)
-            sys.exit(128 + stop.signum)
+            # A stop is not a failure of the bench.
+            _ended(run, out, f"stopped by {stop}", 128 + stop.signum)
         except APIError as exc:
-            done = len([p for p in run.data["points"] if p["metrics"]])
-            if run.data["results"]:
-                write(run.data, out)
-            print(f"failed: {exc}: lab torn down; {done} points kept in {out / 'results.json'}",
-                  file=sys.stderr, flush=True)
-            sys.exit(1)
+            _ended(run, out, f"failed: {exc}", 1)
 
+
+def _ended(run: "Run", out: Path, why: str, code: int) -> None:
+    """A run that did not finish: Run.run has torn the lab down and saved results.json on the way
+    out; say so in one line, report what was measured, without a traceback, and exit `code`."""
+    done = len([p for p in run.data["points"] if p["metrics"]])
+    if run.data["results"]:
+        write(run.data, out)
+    print(f"{why}: lab torn down; {done} points kept in {out / 'results.json'}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 if __name__ == "__main__":
     main()

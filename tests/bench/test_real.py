@@ -368,6 +368,12 @@ def test_sigterm_stops_the_run_cleanly_and_keeps_what_was_measured(tmp_path, mon
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_the_fill_records_the_cpu_of_processes_the_lab_runs():
+    from ebpfsvc.lab import controlplane
+
+    assert set(real.FILL_CPU_OF) <= set(controlplane.COMPONENTS)
+
+
 def test_a_failed_fill_is_one_line_and_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
     """An API error the writers gave up on (after their retries) ends the run with one line, the lab
     torn down (Run.run's finally) and the points kept: no traceback."""

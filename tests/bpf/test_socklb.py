@@ -167,16 +167,17 @@ class _Node:
 
     def marked(self, cookie: int) -> bool:
         """Whether lb_sock_path marks the socket `cookie` (the TC programs' fast exit)."""
-        table = self.pod_dp.maps["lb_sock_path"]
-        m = table[table.Key(cookie % len(table))]
+        m = self._slot(cookie)
         return m.cookie == cookie and m.proto == socket.IPPROTO_TCP
 
     def marked_accepted(self, cookie: int) -> bool:
         """Whether that mark says sock_ops' (a server's accepted socket): getpeername4 skips
         its reverse lookup."""
+        return self.marked(cookie) and bool(self._slot(cookie).flags & abi.LB_SOCK_PATH_F_ACCEPTED)
+
+    def _slot(self, cookie: int):
         table = self.pod_dp.maps["lb_sock_path"]
-        m = table[table.Key(cookie % len(table))]
-        return self.marked(cookie) and bool(m.flags & abi.LB_SOCK_PATH_F_ACCEPTED)
+        return table[table.Key(cookie % len(table))]
 
     def backend_of(self, cookie) -> str | None:
         """The backend the socket path sent the socket `cookie` to (its lb4_sock_revnat or
