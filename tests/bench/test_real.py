@@ -200,6 +200,35 @@ def test_the_50000_row_is_judged_flat_against_1_service():
     assert {t[0]: t[1] for t in real.targets(slow)}[key] == "**missed**"
 
 
+def _repeats(values: dict) -> dict:
+    """As _data, the rows as a run writes them: one value per repeat, numbered."""
+    data = _data({})
+    data["results"] = [{"datapath": d, "metric": m, "services": n, "value": v, "repeat": i}
+                       for (d, m, n), vs in values.items() for i, v in enumerate(vs)]
+    return data
+
+
+def test_the_50000_row_is_also_judged_as_a_share_of_direct_in_each_repeat():
+    """The machine got 6% faster between the rows (direct too): the plain ratio is 6% apart, the
+    share of direct, paired by repeat, is flat. A datapath that loses rate while direct does not
+    is missed either way."""
+    plain = "conn/s at 50,000: ebpfsvc flat against 1 service (≤ 3%)"
+    paired = "conn/s at 50,000: ebpfsvc's share of direct flat against 1 service's (≤ 3%)"
+    drift = _repeats({("ebpfsvc", "tcp_crr_cps", 1): [80.0, 85.0, 90.0], ("direct", "tcp_crr_cps", 1): [100.0, 100.0, 100.0],
+                      ("ebpfsvc", "tcp_crr_cps", 50_000): [85.0, 90.0, 95.0],
+                      ("direct", "tcp_crr_cps", 50_000): [106.0, 106.0, 106.0]})
+    verdicts = {t[0]: (t[1], t[2]) for t in real.targets(drift)}
+    assert verdicts[plain][0] == "**missed**"
+    assert verdicts[paired] == ("met", "0.999 (0.891–1.120) × (50,000 ÷ 1; each repeat's ebpfsvc ÷ direct)")
+    slower = _repeats({("ebpfsvc", "tcp_crr_cps", 1): [85.0, 85.0], ("direct", "tcp_crr_cps", 1): [100.0, 100.0],
+                       ("ebpfsvc", "tcp_crr_cps", 50_000): [80.0, 80.0],
+                       ("direct", "tcp_crr_cps", 50_000): [100.0, 100.0]})
+    verdicts = {t[0]: t[1] for t in real.targets(slower)}
+    assert verdicts[plain] == verdicts[paired] == "**missed**"
+    assert {t[0]: t[1] for t in real.targets(_repeats({("ebpfsvc", "tcp_crr_cps", 1): [85.0]}))}[paired] == \
+        "not measured"
+
+
 def test_a_datapath_past_its_most_services_is_skipped_and_said(tmp_path, monkeypatch):
     cfg = real.Config(services=(1, 50_000), repeats=2, datapaths=("ebpfsvc", "kube-proxy-iptables"),
                       max_services={"kube-proxy-iptables": 10_000})
