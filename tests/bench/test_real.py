@@ -247,6 +247,23 @@ def test_a_datapath_past_its_most_services_is_skipped_and_said(tmp_path, monkeyp
     assert "kube-proxy-iptables at 50,000 services: --max-services" in real.extra(run.data)
 
 
+def test_iptables_worst_case_resyncs_until_the_rule_is_late(tmp_path, monkeypatch):
+    """--iptables-late: each endpoint change is a kube-proxy sync, which writes KUBE-SERVICES in a new
+    order; the run makes them until the measured Service's rule is past the fraction asked, and
+    gives up after `most` (then measures where it is), saying how many it made."""
+    run = real.Run(real.Config(iptables_late=0.9), tmp_path, log=lambda _: None)
+    places = iter([(3_000, 10_000), (9_500, 10_000), (100, 10_000)])
+    moved = []
+    monkeypatch.setattr(run, "_kube_services_position", lambda: next(places))
+    monkeypatch.setattr(run, "endpoint_change", lambda dp, to: moved.append(to) or setattr(run, "watch_at", to))
+    assert run._place_late((10, 10_000)) == ((9_500, 10_000), 2)
+    assert moved == ["srv-b", "srv-a"]
+    assert run._place_late((5, 10_000), most=1) == ((100, 10_000), 1)
+    assert run._place_late((9_001, 10_000)) == ((9_001, 10_000), 0)
+    with pytest.raises(SystemExit):
+        real.main(["--iptables-late", "2"])
+
+
 def test_bpf_run_time_is_summed_per_program_name():
     names = {7: "from_pod", 8: "from_pod", 9: "to_pod"}
     before = {7: (1000, 10), 8: (0, 0), 9: (500, 5)}
