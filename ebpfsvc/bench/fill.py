@@ -28,14 +28,14 @@ import yaml
 
 from ebpfsvc.lab.api import APPLY_PATCH, FIELD_MANAGER, APIError, path_of
 
-# A 429 (the API server's priority and fairness, or too many requests in flight) or a dropped
-# keep-alive connection is retried, this many times, the wait doubling from RETRY_WAIT.
+# A dropped keep-alive connection, or an answer of these statuses, is retried, this many times, the
+# wait doubling from RETRY_WAIT: 429 (the API server's priority and fairness, or too many requests
+# in flight); 500 when its storage did not answer in time, "etcdserver: request timed out" (a
+# 2026-12-05 fill of 50,000 Services died of one at 25,000, the machine at load 4); 503, 504. A
+# create that did land meanwhile comes back as 409 and is applied (create_or_apply).
+RETRIED = (429, 500, 503, 504)
 RETRIES = 6
 RETRY_WAIT = 0.05
-# So is the API server's answer when its storage did not answer in time: a 500 "etcdserver: request
-# timed out" (a 2026-12-05 fill of 50,000 Services died of one at 25,000, the machine at load 4), or
-# a 503/504. A create that did land meanwhile comes back as 409 and is applied (create_or_apply).
-TRANSIENT = (500, 503, 504)
 
 
 def kubeconfig_settings(path: str | Path) -> dict[str, str]:
@@ -82,7 +82,7 @@ class Writer:
                 if attempt == RETRIES:
                     raise APIError(f"API server unreachable: {method} {path}: {exc}") from None
             else:
-                if (response.status == 429 or response.status in TRANSIENT) and attempt < RETRIES:
+                if response.status in RETRIED and attempt < RETRIES:
                     wait = max(wait, float(response.getheader("Retry-After") or 0))
                 elif 200 <= response.status < 300 or response.status == 409:
                     return response.status

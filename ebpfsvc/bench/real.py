@@ -525,7 +525,6 @@ class Run:
                             str(names.pin_dir(self.lab.prefix, NODE)), "--netns", self.lab.node_netns(NODE),
                             "--socket-lb-cgroup", str(cgroups.node_cgroup(self.lab.prefix, NODE))],
                            capture_output=True, text=True, timeout=60, check=True)
-            self._socket_lb(False)
         # Each datapath starts on a node without the last one's connections in the kernel's
         # conntrack. kube-proxy's entries (client:port -> VIP:80, the backend's replies) outlive
         # it (TIME_WAIT, 120 s) and, with the nat hooks iptables' --cleanup leaves, make netfilter
@@ -814,12 +813,16 @@ def summary(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _range_ratio(s, metric: str, num: str, den: str, n: int) -> tuple[float, float, float] | None:
+def _ratio(a: report.Summary | None, b: report.Summary | None) -> tuple[float, float, float] | None:
     """Ratio of medians, with the ratio's range from the extremes (min/max, max/min)."""
-    a, b = s.get((metric, num, n)), s.get((metric, den, n))
     if a is None or b is None or not b.median or not b.low or not b.high:
         return None
     return a.median / b.median, a.low / b.high, a.high / b.low
+
+
+def _range_ratio(s, metric: str, num: str, den: str, n: int) -> tuple[float, float, float] | None:
+    """`num` ÷ `den` on `metric` at `n` services (_ratio)."""
+    return _ratio(s.get((metric, num, n)), s.get((metric, den, n)))
 
 
 def _share_of_direct(data: dict, dp: str, n: int, metric: str = "tcp_crr_cps") -> list[float]:
@@ -871,25 +874,19 @@ def targets(data: dict) -> list[tuple[str, str, str]]:
             ok = all(r[0] <= 1.03 for r in rs.values())
             out.append((f"{metric}: ebpfsvc within 3% of direct", "met" if ok else "**missed**",
                         "; ".join(f"{n:,}: {fmt(r)}" for n, r in rs.items())))
-    a, b = s.get(("tcp_crr_cps", "ebpfsvc", 50_000)), s.get(("tcp_crr_cps", "ebpfsvc", 1))
-    if a and b and b.median and b.low and b.high:
-        r = (a.median / b.median, a.low / b.high, a.high / b.low)
-        out.append(("conn/s at 50,000: ebpfsvc flat against 1 service (≤ 3%)",
-                    "met" if abs(r[0] - 1) <= 0.03 else "**missed**", fmt(r) + " × (50,000 ÷ 1)"))
-    else:
-        out.append(("conn/s at 50,000: ebpfsvc flat against 1 service (≤ 3%)", "not measured",
-                    "no 50,000 and 1 rows for ebpfsvc in this run"))
-    # The same target read through direct: the rows of 1 and 50,000 services are measured up to an
-    # hour apart, and the machine's own speed moves in between (2026-12-05: direct 1.037 × from
+    # Read twice: plainly, and through direct. The rows of 1 and 50,000 services are measured up to
+    # an hour apart, and the machine's own speed moves in between (2026-12-05: direct 1.037 × from
     # 1 to 50,000); each repeat's share of direct carries no such drift.
-    key = "conn/s at 50,000: ebpfsvc's share of direct flat against 1 service's (≤ 3%)"
-    a, b = _share_of_direct(data, "ebpfsvc", 50_000), _share_of_direct(data, "ebpfsvc", 1)
-    if a and b:
-        r = (statistics.median(a) / statistics.median(b), min(a) / max(b), max(a) / min(b))
-        out.append((key, "met" if abs(r[0] - 1) <= 0.03 else "**missed**",
-                    fmt(r) + " × (50,000 ÷ 1; each repeat's ebpfsvc ÷ direct)"))
-    else:
-        out.append((key, "not measured", "no 50,000 and 1 rows for ebpfsvc and direct in this run"))
+    shares = [_share_of_direct(data, "ebpfsvc", n) for n in (50_000, 1)]
+    for key, r, how, missing in (
+            ("conn/s at 50,000: ebpfsvc flat against 1 service (≤ 3%)",
+             _ratio(s.get(("tcp_crr_cps", "ebpfsvc", 50_000)), s.get(("tcp_crr_cps", "ebpfsvc", 1))),
+             "50,000 ÷ 1", "no 50,000 and 1 rows for ebpfsvc in this run"),
+            ("conn/s at 50,000: ebpfsvc's share of direct flat against 1 service's (≤ 3%)",
+             _ratio(*(report.Summary.of(v) for v in shares)) if all(shares) else None,
+             "50,000 ÷ 1; each repeat's ebpfsvc ÷ direct", "no 50,000 and 1 rows for ebpfsvc and direct in this run")):
+        out.append((key, ("met" if abs(r[0] - 1) <= 0.03 else "**missed**") if r else "not measured",
+                    f"{fmt(r)} × ({how})" if r else missing))
     # Issue 15's, for the socket path (ebpfsvc-socket): median ratios, with the spread beside them.
     for metric, what, ok in (
             ("tcp_throughput_gbps", "issue 15: throughput same node: ebpfsvc-socket ≥ 0.99 × direct",

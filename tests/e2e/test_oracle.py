@@ -74,7 +74,7 @@ def kube_proxy_topology(lab: Lab) -> str:
              for line in kubeproxy.log(lab, node).splitlines() if "topology" in line.lower()]
     hints = {ep["addresses"][0]: (ep.get("zone"), ep.get("hints")) for sl in lab.endpoint_slices("or-same-zone")
              for ep in sl.get("endpoints") or []}
-    labels = lab.api.request("GET", "/api/v1/nodes/node-1")["metadata"].get("labels")
+    labels = (lab.api.get("Node", None, "node-1") or {}).get("metadata", {}).get("labels")
     return "\n".join(["kube-proxy's log on topology:", *lines[-20:], f"or-same-zone's endpoints: {hints}",
                       f"node-1's labels: {labels}"])
 
