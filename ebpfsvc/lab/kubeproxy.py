@@ -183,6 +183,46 @@ def log(lab: "Lab", node: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+# -- kube-proxy's zone ------------------------------------------------------------------------------
+
+# proxier.go (both modes, v1.37.2) at --vmodule=proxier=4 logs this each time the node's topology
+# labels reach the proxier (OnTopologyChange).
+ZONE_GIVEN = '"Updated proxier node topology labels"'
+ZONE_FLAGS = ["--vmodule=proxier=4"]
+
+
+def zone_given(log_text: str, pid: int, zone: str) -> bool:
+    """Whether kube-proxy process `pid`'s proxier logged being given `zone` (klog's header carries the
+    pid: an appended log of earlier runs does not count)."""
+    mark = f" {pid} proxier.go:"
+    return any(mark in line and ZONE_GIVEN in line and f'"{zone}"' in line for line in log_text.splitlines())
+
+
+def start_knowing_zone(lab: "Lab", node: str, mode: str, zone: str, address: str, port: int,
+                       tries: int = 3, wait: float = 15.0) -> int:
+    """Start kube-proxy on `node` and wait until it serves address:port and its proxier has the node's
+    zone; restart it (at most `tries` starts) if the zone never comes. How many restarts it took.
+
+    kube-proxy v1.37.2 can lose the zone at start, and then ignores every zone hint ("node is
+    missing label") until the Node's zone label changes: cmd/kube-proxy/app/server.go adds its
+    node-topology handler to the node informer that the NodeManager has already started and synced,
+    and registers the proxier with that handler one statement later. The informer replays the Node
+    to the new handler at once, from another goroutine; if that runs first, the handler records the
+    zone with nobody to tell, and afterwards it passes on changes only. Seen twice in CI (a
+    PreferSameZone Service answered from both zones for 60 s), never on a quiet machine."""
+    for attempt in range(tries):
+        began = time.monotonic()
+        rec = start(lab, node, mode, args=ZONE_FLAGS)
+        wait_serving(lab, node, mode, address, port)
+        while time.monotonic() - began < wait:
+            if zone_given(log(lab, node), rec.pid, zone):
+                return attempt
+            time.sleep(0.2)
+        stop(lab, node)
+    raise KubeProxyError(f"kube-proxy on {node}: its proxier was not given zone {zone!r} in {tries} starts; "
+                         f"its log:\n{log(lab, node)[-3000:]}")
+
+
 # -- what kubelet adds to a real node ----------------------------------------------------------------
 
 # kubelet's own firewall rule (pkg/kubelet/kubelet_network_linux.go, v1.37), on every node where

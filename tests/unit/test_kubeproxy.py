@@ -67,3 +67,16 @@ def test_the_real_kube_proxy_accepts_every_flag(tmp_path, mode, lab):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Kubernetes v")
+
+
+def test_zone_given_reads_only_the_running_process_lines():
+    """start_knowing_zone's evidence: the proxier's "Updated proxier node topology labels" line with
+    the zone, from the kube-proxy process it started (klog's header carries the pid; the log appends)."""
+    earlier = ('I1205 04:09:50.101010   31000 proxier.go:909] "Updated proxier node topology labels" '
+               'ipFamily="IPv4" labels={"topology.kubernetes.io/zone":"zone-a"}')
+    lost = ('I1205 04:09:51.537749   31157 topology.go:209] "Ignoring same-zone topology hints for service '
+            'since node is missing label" service="198.19.64.79:80/TCP" label="topology.kubernetes.io/zone"')
+    given = earlier.replace("31000", "31157")
+    assert not kubeproxy.zone_given("\n".join([earlier, lost]), 31157, "zone-a")
+    assert kubeproxy.zone_given("\n".join([earlier, lost, given]), 31157, "zone-a")
+    assert not kubeproxy.zone_given(given, 31157, "zone-b")
