@@ -125,7 +125,9 @@ class CompiledDatapaths:
 
 
 # The agent's datapath options (loader.agent_options): a word in the maps, not a compile flag.
-OPTIONS = frozenset(inspect.signature(loader.agent_options).parameters)
+# What loader.publish_options writes: the LB_CFG_* word's options and the values beside it.
+OPTIONS = frozenset(inspect.signature(loader.agent_options).parameters) | {
+    name for name in inspect.signature(loader.publish_options).parameters if name not in ("maps", "options")}
 
 
 class DatapathsOfATest:

@@ -622,3 +622,67 @@ def test_fast_exit_never_fires_for_a_packet_without_a_marked_socket(datapath, wr
                          from_pod(tcp(FIXTURE_CLIENT, B2, 40000, 8080, "S"))))
     check(datapath, Case("its SYN-ACK reverse-NATed", "to_pod", to_pod(tcp(B2, FIXTURE_CLIENT, 8080, 40000, "SA")),
                          OK, to_pod(tcp(B1, FIXTURE_CLIENT, 8080, 40000, "SA"))))
+
+
+SOCK_MARK = 0x200       # an skb->mark bit given to the datapath (--socket-lb-mark)
+
+
+def test_to_pod_lets_a_packet_with_the_datapath_mark_bit_pass(datapath, writer):
+    """--socket-lb-mark: to_pod lets a packet carrying the datapath's bit pass untouched and clears the
+    bit, leaving the rest of the mark. Shown on a reply the full path reverse-NATs, so the bit is what
+    decides (a socket-path packet it lets pass has no conntrack entry to find). Without the option the
+    same bit is anybody's mark and the full path runs; with it, a packet without the bit still gets
+    the full path, and from_pod sets the bit only where its fast exit lets a socket's packet pass
+    (a packet without a marked socket, as every BPF_PROG_TEST_RUN packet, keeps its mark)."""
+    writer.apply(state(frontend(B1, 8080, [be(B2)], name="pod-address")))
+    check(datapath, Case("SYN to a frontend at a pod address", "from_pod",
+                         from_pod(tcp(FIXTURE_CLIENT, B1, 40000, 8080, "S")), OK,
+                         from_pod(tcp(FIXTURE_CLIENT, B2, 40000, 8080, "S"))))
+    reply = bytes(to_pod(tcp(B2, FIXTURE_CLIENT, 8080, 40000, "SA")))
+    natted = bytes(to_pod(tcp(B1, FIXTURE_CLIENT, 8080, 40000, "SA")))
+    to = datapath.programs["to_pod"].fd
+
+    res = prog_test_run(to, reply, mark=SOCK_MARK)
+    assert (res.verdict, res.data, res.mark) == ("TC_ACT_OK", natted, SOCK_MARK), "option off: the bit is not ours"
+    loader.publish_options(datapath.maps, socket_lb_mark=SOCK_MARK)
+    res = prog_test_run(to, reply, mark=SOCK_MARK | 0x1)
+    assert (res.verdict, res.data, res.mark) == ("TC_ACT_OK", reply, 0x1), "the bit: passed untouched, bit cleared"
+    res = prog_test_run(to, reply, mark=0x1)
+    assert (res.verdict, res.data, res.mark) == ("TC_ACT_OK", natted, 0x1), "another bit only: the full path"
+    res = prog_test_run(datapath.programs["from_pod"].fd,
+                        bytes(from_pod(tcp(FIXTURE_CLIENT, B1, 40001, 8080, "S"))), mark=0)
+    assert (res.data, res.mark) == (bytes(from_pod(tcp(FIXTURE_CLIENT, B2, 40001, 8080, "S"))), 0), \
+        "from_pod's full path sets no bit"
+
+
+def test_socket_path_packets_carry_the_datapath_mark_bit_across_the_node(node):
+    """--socket-lb-mark with real sockets: the client veth's from_pod lets the translated socket's
+    packets pass with the bit set (the fixture's servers are outside the node's cgroup, so their
+    replies take the full path, unmarked); an nftables counter in the node's forward path sees the
+    bit, and the connections work as without it. A TC-path client (outside the cgroup) gets no bit: its packets
+    are translated in full, and its flow's conntrack entries made."""
+    node_ns = f"{node.prefix}-node"
+    loader.publish_options(node.pod_dp.maps, socket_lb_mark=SOCK_MARK)
+    nft = ["ip", "netns", "exec", node_ns, "nft"]
+    subprocess.run([*nft, "-f", "-"], check=True, text=True, input=(
+        "table ip esmark {\n chain forwarded {\n  type filter hook forward priority 0; policy accept;\n"
+        f"  meta mark and {SOCK_MARK:#x} == {SOCK_MARK:#x} counter\n"
+        f"  meta mark and {SOCK_MARK:#x} == 0 counter\n }}\n}}\n"))
+
+    def counted() -> tuple[int, int]:
+        out = subprocess.run([*nft, "-j", "list", "chain", "ip", "esmark", "forwarded"], check=True,
+                             capture_output=True, text=True).stdout
+        rules = [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
+        return tuple(next(e["counter"]["packets"] for e in r["expr"] if "counter" in e) for r in rules)
+
+    for _ in range(3):
+        out = node.client("tcp", VIP, 80)
+        assert out.get("peer") == [VIP, 80] and out.get("data") in ("b1", "b2"), out
+    marked, unmarked = counted()
+    assert marked >= 3 * 3, f"the client's packets of three connections carried the bit: {marked} packets"
+    assert node.flows() == 0
+    out = node.client("tcp", VIP, 80, in_cgroup=False)
+    assert out.get("peer") == [VIP, 80], out
+    again, unmarked_after = counted()
+    assert again == marked and unmarked_after > unmarked, "the TC path's packets carry no bit"
+    assert node.flows() == 2
