@@ -58,7 +58,7 @@ int from_pod(struct __sk_buff *skb)
 	struct lb_sock_path *m = lb_sock_path_of(skb);
 
 	if (lb_sock_path_stream(m))
-		return lb_sock_path_pass(skb);
+		return TC_ACT_OK;
 	if (skb->protocol == lb_htons(ETH_P_IPV6))
 		return lb6_from_pod(skb);
 	return lb4_from_pod(skb, m);
@@ -66,11 +66,8 @@ int from_pod(struct __sk_buff *skb)
 
 int to_pod(struct __sk_buff *skb)
 {
-	struct lb_sock_path *m;
+	struct lb_sock_path *m = lb_sock_path_of(skb);
 
-	if (lb_sock_path_marked_skb(skb))
-		return TC_ACT_OK;               /* from_pod let it pass (lib/sock.h) */
-	m = lb_sock_path_of(skb);
 	if (lb_sock_path_stream(m))
 		return TC_ACT_OK;
 	if (skb->protocol == lb_htons(ETH_P_IPV6))

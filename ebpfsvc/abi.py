@@ -81,7 +81,6 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_service_status": ("struct lb_service_name", "struct lb_service_status"),
     "lb_agent_config": ("__u32", "__u32"),
     "lb_agent_cluster_cidr": ("__u32", "__u32"),
-    "lb_agent_sock_mark": ("__u32", "__u32"),
     "lb4_sock_revnat": ("struct lb4_sock_key", "struct lb4_sock_revnat"),
     "lb_sock_stats": ("__u32", "__u64"),
     "lb_sock_path": ("__u32", "struct lb_sock_path"),

@@ -401,7 +401,7 @@ class Agent:
                                    host_clients=cfg.host_clients,
                                    reset_removed_endpoint_tcp=cfg.reset_removed_endpoint_tcp,
                                    masquerade_external_to_local_backends=cfg.masquerade_external_to_local_backends,
-                                   cluster_cidr=cfg.cluster_cidr, socket_lb_mark=cfg.socket_lb_mark)
+                                   cluster_cidr=cfg.cluster_cidr)
         # The node's addresses are a map the programs read (not compiled in): written before anything
         # is attached, and again whenever they change, with no reload.
         addrs = nodeaddrs.NodeAddrs(hairpin4=info.hairpin, snat4=info.primary, hairpin6=info.hairpin6,

@@ -141,8 +141,6 @@ class AgentConfig:
     cluster_cidr: IPv4Network | None = None
     socket_lb: bool = False                  # socket-level LB (datapath/socklb.py) on socket_lb_cgroup
     socket_lb_cgroup: str | None = None      # where; with socket_lb off, a previous run's programs are detached
-    # An skb->mark bit of the datapath's (0: none): socket-path packets skip to_pod too (bpf/lib/sock.h).
-    socket_lb_mark: int = 0
     program_cache: bool = True               # compiled programs reused across starts (datapath/progcache.py)
     min_sync_interval: float = 0.05          # kube-proxy --iptables-min-sync-period, scaled to maps
     sync_period: float = 30.0                # periodic resync (interfaces re-read; full apply hourly: agent.py)

@@ -310,7 +310,7 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb, const struct lb_s
 	if (ret != LB_PARSE_OK)
 		return lb4_unparsed(ret);
 	if (lb4_sock_path_packet(skb, m, &p))
-		return lb_sock_path_pass(skb);  /* translated at connect() (sock.h) */
+		return TC_ACT_OK;               /* translated at connect() (sock.h) */
 	if (p.proto == IPPROTO_ICMP)
 		return lb4_icmp(skb, &p, CT_DIR_FORWARD);
 	if (!lb4_proto_has_ports(p.proto))

@@ -36,9 +36,6 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_service_name, lb_service_names, LB_SER
 BPF_TABLE_PINNED("hash", struct lb_service_name, struct lb_service_status, lb_service_status, LB_SERVICES_MAX, LB_PIN_DIR "/lb_service_status");
 /* 0 -> the agent's LB_CFG_* options (abi.h), read by the programs at run time (lb.h lb_option). */
 BPF_TABLE_PINNED("array", __u32, __u32, lb_agent_config, 1, LB_PIN_DIR "/lb_agent_config");
-/* 0 -> the skb->mark bit of --socket-lb-mark (0: off): set by from_pod on a socket-path packet it lets
- * pass, so to_pod on the other pod's veth lets it pass too (sock.h lb_sock_path_pass). */
-BPF_TABLE_PINNED("array", __u32, __u32, lb_agent_sock_mark, 1, LB_PIN_DIR "/lb_agent_sock_mark");
 /* 0 -> the agent's --cluster-cidr network (host order), 1 -> its prefix length, when lb_agent_config has
  * LB_CFG_CLUSTER_CIDR (nodeport.h np4_from_cluster). */
 BPF_TABLE_PINNED("array", __u32, __u32, lb_agent_cluster_cidr, 2, LB_PIN_DIR "/lb_agent_cluster_cidr");

@@ -108,52 +108,6 @@ static __always_inline struct lb_sock_path *lb_sock_path_of(struct __sk_buff *sk
 }
 
 /*
- * The forwarded half of the fast exit. A packet that from_pod lets pass as a
- * socket-path packet reaches to_pod on the other pod's veth without its socket
- * (the kernel orphans a forwarded skb in ip_rcv) and without anything else that
- * survives the node's forwarding and tells it apart: tc_index and cb[] are reset
- * on the way, priority is rewritten from the TOS. skb->mark survives (it is
- * cleared only when a packet crosses into another namespace), but belongs to the
- * node's firewall and routing: so only a bit the operator gives the datapath
- * (--socket-lb-mark, lb_agent_sock_mark; 0, the default, turns this off). from_pod
- * sets it on what it lets pass, to_pod lets a packet carrying it pass and clears it.
- * What to_pod skips for such a packet is a conntrack reply lookup that finds
- * nothing: the socket path makes no conntrack entry, and an accepted socket is
- * marked only when no entry of ours describes its flow (lb_sock_accepted_untracked).
- */
-static __always_inline __u32 lb_sock_mark_bit(void)
-{
-	__u32 k = 0;
-	__u32 *bit = lb_agent_sock_mark.lookup(&k);
-
-	return bit ? *bit : 0;
-}
-
-static __always_inline int lb_sock_path_pass(struct __sk_buff *skb)
-{
-	__u32 bit = lb_sock_mark_bit();
-
-	if (bit)
-		skb->mark |= bit;
-	return TC_ACT_OK;
-}
-
-/* The packet carries the datapath's bit: cleared, and to_pod lets it pass. A packet with no mark at
- * all (nearly every one) costs a read of the context, no lookup. */
-static __always_inline int lb_sock_path_marked_skb(struct __sk_buff *skb)
-{
-	__u32 bit;
-
-	if (!skb->mark)
-		return 0;
-	bit = lb_sock_mark_bit();
-	if (!bit || !(skb->mark & bit))
-		return 0;
-	skb->mark &= ~bit;
-	return 1;
-}
-
-/*
  * `m` (lb_sock_path_of) marks a TCP socket: its packets can only go to the peer
  * connect() chose (a TCP socket sends to no one else), so the TC programs let
  * them pass before even parsing them. For either family; UDP needs the packet's

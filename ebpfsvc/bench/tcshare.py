@@ -21,8 +21,6 @@ Datapaths, interleaved in an order rotated every repeat:
                   the same with the sock_ops hook detached: the server's replies take the full
                   from_pod (as before 2026-12-04 evening)
     socket-bare   the same with no program on the veths: the fast exit's floor
-    socket-mark   the socket path with --socket-lb-mark (SOCKET_LB_MARK): the packets from_pod lets
-                  pass carry the bit, and to_pod on the other veth lets them pass too
     tc            cli-t (outside the cgroup) -> the ClusterIP, translated per packet at TC
     direct-clsact, socket-clsact
                   direct and socket with the same programs attached as cls_bpf filters on clsact
@@ -63,9 +61,8 @@ VIP = "198.19.0.10"
 GATEWAY = ipaddress.IPv4Address("198.18.0.1")
 PODS = {"cli": "198.18.1.5", "cli-t": "198.18.1.6", "srv": "198.18.2.1"}
 NGINX, SOCKPERF, IPERF = 8080, 11111, 5201
-DATAPATHS = ("direct-bare", "direct", "socket", "socket-unmarked", "socket-bare", "socket-mark", "tc",
-             "direct-clsact", "socket-clsact")
-SOCKET_LB_MARK = 0x200
+DATAPATHS = ("direct-bare", "direct", "socket", "socket-unmarked", "socket-bare", "tc", "direct-clsact",
+             "socket-clsact")
 PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}
 
 
@@ -142,10 +139,6 @@ class Node:
         else:
             socklb.detach(self.cgroup, ("sock_ops",))
 
-    def socket_lb_mark(self, bit: int) -> None:
-        """--socket-lb-mark's bit for `socket-mark` (0: off), in the maps every program here reads."""
-        loader.publish_options(self.pod_dp.maps, socket_lb_mark=bit)
-
     def client(self, datapath: str) -> tuple[str, Path | None, str]:
         """(namespace, cgroup or None, destination address) of `datapath`'s client."""
         if datapath == "tc":
@@ -184,7 +177,7 @@ def _run_time_stats(fds: dict[str, int]):
         os.close(stats_fd)
 
 
-def run(repeats: int, seconds: int, only: tuple[str, ...] = DATAPATHS) -> dict:
+def run(repeats: int, seconds: int) -> dict:
     metrics = ("conn_per_s", "p50_us", "p99_us", "gbit_per_s", "from_pod_ns", "to_pod_ns", "srv_from_pod_ns",
                "srv_to_pod_ns", "from_pod_runs_per_rt", "connect4_ns")
     # from_pod_ns: ns per run of the client veth's from_pod (its requests), to_pod_ns: of its to_pod
@@ -198,7 +191,7 @@ def run(repeats: int, seconds: int, only: tuple[str, ...] = DATAPATHS) -> dict:
         node = Node(Path(tmp))
         fds = {name: node.cli_dp.programs[name].fd for name in PROGRAMS}
         fds.update({f"srv_{name}": node.srv_dp.programs[name].fd for name in PROGRAMS})
-        datapaths = tuple(d for d in DATAPATHS if d in only and (tc.tcx_supported() or not d.endswith("-clsact")))
+        datapaths = DATAPATHS if tc.tcx_supported() else tuple(d for d in DATAPATHS if not d.endswith("-clsact"))
         meta["tcx"] = tc.tcx_supported()
         try:
             for r in range(repeats):
@@ -213,8 +206,6 @@ def run(repeats: int, seconds: int, only: tuple[str, ...] = DATAPATHS) -> dict:
                         node.attach_tc(clsact=True)
                     if d == "socket-unmarked":
                         node.mark_accepted(False)
-                    if d == "socket-mark":
-                        node.socket_lb_mark(SOCKET_LB_MARK)
                     try:
                         port = 80 if dst == VIP else NGINX
                         w = tools.wrk_connection_rate(ns, dst, port, duration=seconds, cgroup=cg)
@@ -240,8 +231,6 @@ def run(repeats: int, seconds: int, only: tuple[str, ...] = DATAPATHS) -> dict:
                             node.attach_tc()
                         if d == "socket-unmarked":
                             node.mark_accepted(True)
-                        if d == "socket-mark":
-                            node.socket_lb_mark(0)
                     results["p50_us"][d].append(p["p50_us"])
                     results["p99_us"][d].append(p["p99_us"])
                     if not d.endswith("-bare") and d != "tc":        # the client veth's own programs ran
@@ -259,8 +248,7 @@ def run(repeats: int, seconds: int, only: tuple[str, ...] = DATAPATHS) -> dict:
 
 RATIOS = (("socket", "direct-bare"), ("socket-unmarked", "direct-bare"), ("socket", "socket-unmarked"),
           ("direct", "direct-bare"), ("socket", "direct"), ("socket-bare", "direct-bare"),
-          ("tc", "direct-bare"), ("socket-clsact", "direct-bare"), ("direct-clsact", "direct-bare"),
-          ("socket-mark", "direct-bare"), ("socket-mark", "socket"))
+          ("tc", "direct-bare"), ("socket-clsact", "direct-bare"), ("direct-clsact", "direct-bare"))
 
 
 def report(data: dict) -> str:
@@ -285,13 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the raw results here (JSON)")
-    parser.add_argument("--datapaths", default=",".join(DATAPATHS),
-                        help=f"a comma-separated subset of {','.join(DATAPATHS)}")
     args = parser.parse_args(argv)
-    only = tuple(args.datapaths.split(","))
-    if unknown := set(only) - set(DATAPATHS):
-        parser.error(f"--datapaths: unknown {','.join(sorted(unknown))}")
-    data = run(args.repeats, args.seconds, only)
+    data = run(args.repeats, args.seconds)
     if args.out:
         args.out.write_text(json.dumps(data, indent=1))
     print(report(data))

@@ -77,20 +77,6 @@ def _socket_lb_cgroup(_ctx, _param, value):
     return str(path)
 
 
-def _socket_lb_mark(_ctx, _param, value) -> int:
-    """--socket-lb-mark: an integer (0x200, 512) that is 0 or one bit (loader.check_socket_lb_mark)."""
-    from ebpfsvc.datapath.loader import check_socket_lb_mark
-
-    try:
-        number = value if isinstance(value, int) else int(str(value), 0)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an integer (0x200, 512)", param_hint="--socket-lb-mark") from None
-    try:
-        return check_socket_lb_mark(number)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--socket-lb-mark") from None
-
-
 def _lifetime_option(flag: str, macro: str, what: str):
     """A --conntrack-*-timeout flag (kube-proxy's): whole seconds as a duration; default abi.h's `macro`."""
     return click.option(flag, default=format_duration(getattr(abi, macro)), show_default=True,
@@ -215,10 +201,6 @@ def start_agent(cfg: AgentConfig):
               help="cgroup v2 directory whose processes get the socket path (the kubelet's pods' parent), "
                    "absolute or relative to the cgroup2 mount; never the hierarchy's root. `auto`: the "
                    "kubelet's kubepods.slice or kubepods below any cgroup2 mount, the last mounted first.")
-@click.option("--socket-lb-mark", default="0", callback=_socket_lb_mark,
-              help="One skb->mark bit (e.g. 0x200) left to the datapath, that nothing else on the node uses: "
-                   "socket-path packets that the sender's veth lets pass carry it, so the receiver's veth lets "
-                   "them pass too (docs/socklb.md, \"The forwarded half\"). 0, the default: off.")
 @click.option("--program-cache/--no-program-cache", default=True, show_default=True,
               help="Load the datapath programs compiled by an earlier start when source, flags, kernel and bcc "
                    "are unchanged ($EBPFSVC_PROGRAM_CACHE; docs/operations.md), instead of compiling them again.")
@@ -248,7 +230,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
           pod_interfaces, uplinks,
           uplink_mode, hairpin_address, hairpin_address6, host_clients, nodeport_snat_keep_client_port,
           reset_removed_endpoint_tcp, masquerade_external_to_local_backends,
-          socket_lb, socket_lb_cgroup, socket_lb_mark,
+          socket_lb, socket_lb_cgroup,
           program_cache, min_sync_period, sync_period,
           healthz_bind_address, metrics_bind_address, bind_address_hard_fail, conntrack_max_per_core, conntrack_min,
           conntrack_tcp_timeout_established, conntrack_tcp_timeout_close_wait, conntrack_udp_timeout,
@@ -276,7 +258,7 @@ def agent(node_name, manifests, kubeconfig, pin_dir, node_addresses, nodeport_ad
                       snat_keep_client_port=nodeport_snat_keep_client_port, host_clients=host_clients,
                       reset_removed_endpoint_tcp=reset_removed_endpoint_tcp,
                       masquerade_external_to_local_backends=masquerade_external_to_local_backends,
-                      cluster_cidr=cluster_cidr, socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None, socket_lb_mark=socket_lb_mark,
+                      cluster_cidr=cluster_cidr, socket_lb=socket_lb, socket_lb_cgroup=socket_lb_cgroup or None,
                       program_cache=program_cache, min_sync_interval=min_sync_period, sync_period=sync_period,
                       healthz_bind_address=healthz_bind_address, metrics_bind_address=metrics_bind_address,
                       bind_address_hard_fail=bind_address_hard_fail,

@@ -322,16 +322,12 @@ def programs_using_map(map_id: int, prog_type: int | None = None) -> list[tuple[
 
 
 def prog_test_run(prog_fd: int, data_in, data_size_in: int, data_out, data_size_out: int, *, repeat: int = 1,
-                  ctx_in=None, ctx_size_in: int = 0, ctx_out=None) -> tuple[int, int, int]:
+                  ctx_in=None, ctx_size_in: int = 0) -> tuple[int, int, int]:
     """BPF_PROG_TEST_RUN on ctypes buffers: (the program's return value, bytes written to
-    data_out, mean ns per run); the context after the run into `ctx_out` when given (the kernel
-    writes the whole context type, struct __sk_buff for TC: ENOSPC into less).
-    ebpfsvc/datapath/testrun.py wraps it for packets."""
+    data_out, mean ns per run). ebpfsvc/datapath/testrun.py wraps it for packets."""
     attr = _TestAttr(prog_fd=prog_fd, data_size_in=data_size_in, data_size_out=data_size_out,
                      data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out), repeat=repeat,
-                     ctx_in=ctypes.addressof(ctx_in) if ctx_in is not None else 0, ctx_size_in=ctx_size_in,
-                     ctx_out=ctypes.addressof(ctx_out) if ctx_out is not None else 0,
-                     ctx_size_out=ctypes.sizeof(ctx_out) if ctx_out is not None else 0)
+                     ctx_in=ctypes.addressof(ctx_in) if ctx_in is not None else 0, ctx_size_in=ctx_size_in)
     try:
         _bpf(BPF_PROG_TEST_RUN, attr)
     except OSError as e:

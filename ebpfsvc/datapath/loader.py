@@ -197,30 +197,11 @@ def agent_options(*, snat_keep_client_port: bool = True, host_clients: bool = Tr
             | (abi.LB_CFG_CLUSTER_CIDR if cluster_cidr is not None else 0))
 
 
-def check_socket_lb_mark(value: int) -> int:
-    """--socket-lb-mark: 0 (off) or one skb->mark bit the operator leaves to the datapath (bpf/lib/sock.h
-    lb_sock_path_pass); never kube-proxy's masquerade (0x4000) or drop (0x8000) bit, which a node
-    migrating from kube-proxy still has rules for. ValueError naming the problem."""
-    if value < 0 or value > 0xFFFFFFFF or value & (value - 1):
-        raise ValueError(f"{value:#x} is not a single bit of the 32-bit mark (or 0: off)")
-    if value in KUBE_PROXY_MARK_BITS:
-        raise ValueError(f"{value:#x} is kube-proxy's {KUBE_PROXY_MARK_BITS[value]} mark bit; choose a bit nothing "
-                         f"else on the node uses")
-    return value
-
-
-# kube-proxy's --iptables-masquerade-bit (14) and its drop bit (15), as iptables and nftables modes set them.
-KUBE_PROXY_MARK_BITS = {0x4000: "masquerade", 0x8000: "drop"}
-
-
-def publish_options(maps, cluster_cidr=None, socket_lb_mark: int = 0, **options) -> None:
+def publish_options(maps, cluster_cidr=None, **options) -> None:
     """Write agent_options(**options) into lb_agent_config, and the cluster CIDR (network, prefix
     length) into lb_agent_cluster_cidr before the word that says it is there (bcc tables by name,
     as Datapath.maps). The programs read the word at run time: written before they attach, it
-    holds from their first packet; written again, it holds from the next packet.
-    `socket_lb_mark` (check_socket_lb_mark) goes into lb_agent_sock_mark, 0 turning it off."""
-    mark = maps["lb_agent_sock_mark"]
-    mark[mark.Key(0)] = mark.Leaf(check_socket_lb_mark(socket_lb_mark))
+    holds from their first packet; written again, it holds from the next packet."""
     if cluster_cidr is not None:
         net = ipaddress.IPv4Network(cluster_cidr)
         cidr = maps["lb_agent_cluster_cidr"]

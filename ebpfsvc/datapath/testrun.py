@@ -25,7 +25,6 @@ class RunResult:
     retval: int          # the program's return value (TC_ACT_*)
     data: bytes          # the packet after the program
     duration_ns: int     # mean ns per run, as the kernel measured it
-    mark: int | None = None   # skb->mark after the run, when the run was given one
 
     @property
     def verdict(self) -> str:
@@ -33,29 +32,23 @@ class RunResult:
 
 
 # struct __sk_buff up to `ifindex` (include/uapi/linux/bpf.h: the 11th __u32); the kernel takes a
-# shorter context as zero-filled, and only a few fields may be non-zero (mark and ifindex are).
-_SKB_MARK_OFF, _SKB_IFINDEX_OFF = 8, 40
-_SKB_SIZE_MAX = 512     # room for the whole struct __sk_buff the kernel writes back (192 bytes in 6.18)
+# shorter context as zero-filled, and only a few fields may be non-zero (ifindex is one).
+_SKB_IFINDEX_OFF = 40
 
 
 def prog_test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, out_size: int | None = None,
-                  ifindex: int | None = None, mark: int | None = None) -> RunResult:
+                  ifindex: int | None = None) -> RunResult:
     """Run program `prog_fd` once (or `repeat` times) on `packet` (from its Ethernet header).
 
     `ifindex`: the device the packet is on (skb->ifindex), an interface of the caller's network
-    namespace; default: the kernel's choice, lo. `mark`: the packet's skb->mark; the result then
-    carries the mark the program left."""
+    namespace; default: the kernel's choice, lo."""
     out_size = out_size or max(len(packet) + 256, 1514)
     data_in = ctypes.create_string_buffer(bytes(packet), len(packet))
     data_out = ctypes.create_string_buffer(out_size)
-    ctx = ctx_out = None
-    if ifindex is not None or mark is not None:
+    ctx = None
+    if ifindex is not None:
         ctx = (ctypes.c_uint8 * (_SKB_IFINDEX_OFF + 4))()
-        ctypes.c_uint32.from_buffer(ctx, _SKB_IFINDEX_OFF).value = ifindex or 0
-        ctypes.c_uint32.from_buffer(ctx, _SKB_MARK_OFF).value = mark or 0
-        ctx_out = (ctypes.c_uint8 * _SKB_SIZE_MAX)() if mark is not None else None
+        ctypes.c_uint32.from_buffer(ctx, _SKB_IFINDEX_OFF).value = ifindex
     retval, size, duration = bpfsys.prog_test_run(prog_fd, data_in, len(packet), data_out, out_size, repeat=repeat,
-                                                  ctx_in=ctx, ctx_size_in=len(ctx) if ctx is not None else 0,
-                                                  ctx_out=ctx_out)
-    return RunResult(retval=retval, data=data_out.raw[:size], duration_ns=duration,
-                     mark=ctypes.c_uint32.from_buffer(ctx_out, _SKB_MARK_OFF).value if ctx_out is not None else None)
+                                                  ctx_in=ctx, ctx_size_in=len(ctx) if ctx is not None else 0)
+    return RunResult(retval=retval, data=data_out.raw[:size], duration_ns=duration)

@@ -59,7 +59,7 @@ def ip6_str(words) -> str:
 # The IPv6 twins: read when pinned (the views skip them otherwise).
 _IPV6_MAPS = frozenset(name for name in abi.MAP_TYPES if name.startswith(("lb6_", "ct6", "frag6")))
 # Read when pinned: absent with an agent of a version before them.
-_OPTIONAL_MAPS = _IPV6_MAPS | {"lb_agent_config", "lb_agent_cluster_cidr", "lb_agent_sock_mark"}
+_OPTIONAL_MAPS = _IPV6_MAPS | {"lb_agent_config", "lb_agent_cluster_cidr"}
 
 
 @dataclass(frozen=True)
@@ -73,16 +73,13 @@ class AgentOptions:
     cluster_cidr: ipaddress.IPv4Network | None = None     # --cluster-cidr (lb_agent_cluster_cidr)
     snat_keep_client_port: bool = True
     host_clients: bool = True
-    socket_lb_mark: int = 0          # --socket-lb-mark (lb_agent_sock_mark): 0 = off
 
     @classmethod
-    def from_word(cls, word: int, cluster_cidr: ipaddress.IPv4Network | None = None,
-                  socket_lb_mark: int = 0) -> "AgentOptions":
+    def from_word(cls, word: int, cluster_cidr: ipaddress.IPv4Network | None = None) -> "AgentOptions":
         """The options of an LB_CFG_* word (the cluster CIDR, when the word says there is one)."""
         return cls(bool(word & abi.LB_CFG_RESET_REMOVED_TCP), bool(word & abi.LB_CFG_MASQUERADE_LOCAL_BACKENDS),
                    cluster_cidr if word & abi.LB_CFG_CLUSTER_CIDR else None,
-                   bool(word & abi.LB_CFG_SNAT_KEEP_CLIENT_PORT), bool(word & abi.LB_CFG_HOST_CLIENTS),
-                   socket_lb_mark)
+                   bool(word & abi.LB_CFG_SNAT_KEEP_CLIENT_PORT), bool(word & abi.LB_CFG_HOST_CLIENTS))
 
 
 def hostport(address: str, port: int) -> str:
@@ -574,9 +571,7 @@ class NodeMaps:
         if word & abi.LB_CFG_CLUSTER_CIDR and cidr is not None:
             net, prefix = (_decode("__u32", cidr.lookup(_encode(ffi.new("__u32 *", i))))[0] for i in (0, 1))
             cluster_cidr = ipaddress.IPv4Network((int(net), int(prefix)))
-        mark = self.maps.get("lb_agent_sock_mark")
-        raw = mark.lookup(_encode(ffi.new("__u32 *", 0))) if mark is not None else None
-        return AgentOptions.from_word(word, cluster_cidr, int(_decode("__u32", raw)[0]) if raw is not None else 0)
+        return AgentOptions.from_word(word, cluster_cidr)
 
     def drops(self) -> dict[str, int]:
         m = self.maps["lb_drops"]

@@ -118,8 +118,7 @@ _OPTION_FLAGS = (("snat_keep_client_port", "--nodeport-snat-keep-client-port"),
                  ("host_clients", "--host-clients"),
                  ("reset_removed_endpoint_tcp", "--reset-removed-endpoint-tcp"),
                  ("masquerade_external_to_local_backends", "--masquerade-external-to-local-backends"),
-                 ("cluster_cidr", "--cluster-cidr"),
-                 ("socket_lb_mark", "--socket-lb-mark"))
+                 ("cluster_cidr", "--cluster-cidr"))
 
 
 def datapath_options(node: NodeMaps) -> dict:

@@ -125,9 +125,7 @@ class CompiledDatapaths:
 
 
 # The agent's datapath options (loader.agent_options): a word in the maps, not a compile flag.
-# What loader.publish_options writes: the LB_CFG_* word's options and the values beside it.
-OPTIONS = frozenset(inspect.signature(loader.agent_options).parameters) | {
-    name for name in inspect.signature(loader.publish_options).parameters if name not in ("maps", "options")}
+OPTIONS = frozenset(inspect.signature(loader.agent_options).parameters)
 
 
 class DatapathsOfATest:

@@ -376,9 +376,9 @@ def test_bpf_options_shows_the_word_the_programs_read(datapath, pin_dir):
     assert got["published"] is False
     assert {o["option"]: o["value"] for o in got["options"]} == {
         "snat_keep_client_port": True, "host_clients": True, "reset_removed_endpoint_tcp": True,
-        "masquerade_external_to_local_backends": False, "cluster_cidr": None, "socket_lb_mark": 0}
+        "masquerade_external_to_local_backends": False, "cluster_cidr": None}
     loader.publish_options(datapath.maps, reset_removed_endpoint_tcp=False, host_clients=False,
-                           cluster_cidr="198.18.64.0/18", socket_lb_mark=0x200)
+                           cluster_cidr="198.18.64.0/18")
     got = cli_json(pin_dir, "bpf", "options")
     assert got["published"] is True
     assert {o["option"]: (o["flag"], o["value"]) for o in got["options"]} == {
@@ -386,5 +386,5 @@ def test_bpf_options_shows_the_word_the_programs_read(datapath, pin_dir):
         "host_clients": ("--host-clients", False),
         "reset_removed_endpoint_tcp": ("--reset-removed-endpoint-tcp", False),
         "masquerade_external_to_local_backends": ("--masquerade-external-to-local-backends", False),
-        "cluster_cidr": ("--cluster-cidr", "198.18.64.0/18"), "socket_lb_mark": ("--socket-lb-mark", 0x200)}
+        "cluster_cidr": ("--cluster-cidr", "198.18.64.0/18")}
     assert "none written" not in cli(pin_dir, "bpf", "options")

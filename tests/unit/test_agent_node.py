@@ -162,7 +162,7 @@ def test_the_agent_writes_its_datapath_options_before_anything_attaches(kernel):
     written whatever the options, so neither option changes what is loaded."""
     agent = make_agent(host_clients=False, masquerade_external_to_local_backends=True,
                        reset_removed_endpoint_tcp=False, cluster_cidr=IPv4Network("198.18.64.0/18"),
-                       snat_keep_client_port=False, socket_lb_mark=0x200)
+                       snat_keep_client_port=False)
     send(agent, node_obj("198.18.0.11"))
     list_all(agent, "Node")
     agent.sync()
@@ -171,8 +171,7 @@ def test_the_agent_writes_its_datapath_options_before_anything_attaches(kernel):
     assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node)
     assert kernel.published == [{"snat_keep_client_port": False, "host_clients": False,
                                  "reset_removed_endpoint_tcp": False, "masquerade_external_to_local_backends": True,
-                                 "cluster_cidr": IPv4Network("198.18.64.0/18"), "socket_lb_mark": 0x200,
-                                 "attached then": {}}]
+                                 "cluster_cidr": IPv4Network("198.18.64.0/18"), "attached then": {}}]
 
     plain = make_agent(host_clients=False)
     send(plain, node_obj("198.18.0.11"))
@@ -181,7 +180,7 @@ def test_the_agent_writes_its_datapath_options_before_anything_attaches(kernel):
     assert kernel.node_addrs[-1] == NodeAddrs(hairpin4=node, snat4=node)
     assert len(kernel.published) == 2 and kernel.published[-1] == {
         "snat_keep_client_port": True, "host_clients": False, "reset_removed_endpoint_tcp": True,
-        "masquerade_external_to_local_backends": False, "cluster_cidr": None, "socket_lb_mark": 0,
+        "masquerade_external_to_local_backends": False, "cluster_cidr": None,
         "attached then": {"eth1": 1}}      # the first agent's programs (loads[1]), none of this one's
 
 

@@ -95,25 +95,3 @@ def test_auto_is_resolved_when_the_agent_starts(monkeypatch):
     result, cfg = _run(monkeypatch, "--socket-lb", "--socket-lb-cgroup=auto")
     assert result.exit_code == 0, result.output
     assert cfg.socket_lb is True and cfg.socket_lb_cgroup == "auto"
-
-
-def test_socket_lb_mark_is_one_bit_not_kube_proxys(monkeypatch, tmp_path):
-    """--socket-lb-mark (docs/socklb.md, "The forwarded half"): off (0) by default; one bit, given as
-    hex or decimal, on the command line or in --config (YAML reads 0x200 as a number); anything else
-    is one line naming the flag, kube-proxy's masquerade and drop bits included."""
-    result, cfg = _run(monkeypatch)
-    assert result.exit_code == 0 and cfg.socket_lb_mark == 0, result.output
-    for value in ("0x200", "512"):
-        result, cfg = _run(monkeypatch, f"--socket-lb-mark={value}")
-        assert result.exit_code == 0 and cfg.socket_lb_mark == 0x200, result.output
-    config = tmp_path / "config.yaml"
-    config.write_text("socket-lb-mark: 0x200\n")
-    result, cfg = _run(monkeypatch, f"--config={config}")
-    assert result.exit_code == 0 and cfg.socket_lb_mark == 0x200, result.output
-    for value, problem in (("0x300", "not a single bit"), ("0x4000", "kube-proxy's masquerade"),
-                           ("0x8000", "kube-proxy's drop"), ("-1", "not a single bit"), ("mark", "'mark' is not an integer")):
-        result, cfg = _run(monkeypatch, f"--socket-lb-mark={value}")
-        assert cfg is None and result.exit_code != 0
-        assert result.output.startswith("ebpfsvc agent: --socket-lb-mark: ") and problem in result.output, \
-            result.output
-        assert result.output.count("\n") == 1 and "Traceback" not in result.output
