@@ -28,12 +28,14 @@ import copy
 import gc
 import ipaddress
 import os
+import socket
 import statistics
 import sys
 import time
 import uuid
 from pathlib import Path
 
+from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.sources.base import Event, EventType
@@ -132,11 +134,23 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _cold_caches() -> None:
+    """Forget what an earlier full sync of this process taught its caches: a starting agent has
+    parsed no address and hashed no backend name yet (both caches grow with the cluster; warm,
+    they took 0.15 s off the figure at 10,000 x 10)."""
+    from ebpfsvc import maglev
+    from ebpfsvc.k8s import fields
+
+    fields.ip_address_cache_clear()
+    maglev.name_hashes.cache_clear()
+
+
 def _full_sync(dp, limits, services, slices) -> tuple[dict, tuple]:
-    """One full sync from an empty datapath, as a starting agent does it."""
+    """One full sync from an empty datapath, as a starting agent does it: cold caches included."""
     from ebpfsvc.admission import Admission, Capacity
     from ebpfsvc.datapath.writer import MapWriter
 
+    _cold_caches()
     writer = MapWriter(dp.maps)
     state = ClusterState(NODE)
     builder = DesiredStateBuilder(NODE)
@@ -168,6 +182,47 @@ def _full_sync(dp, limits, services, slices) -> tuple[dict, tuple]:
 _STAGES = ("ingest", "desired", "admit", "apply")
 
 
+def floor_sync(services: list[dict], slices: list[dict]) -> float:
+    """The least a full sync in Python costs, in ms: the baseline the agent's path is measured
+    against in the same run.  Each object's fields are read once (addresses parsed, nothing else
+    checked), every backend's name is made as Maglev hashes it, and the tables are hashed and
+    filled (caches cold, the fill in C, as the writer does); no validation, no objects per stage,
+    no bookkeeping for later changes, no map writes.  What the agent's path costs above it is the
+    price of those (docs/bench.md, "The floor")."""
+    from ebpfsvc import maglev
+
+    _cold_caches()
+    with heap.bulk():
+        t0 = time.perf_counter()
+        ports = {}
+        for svc in services:
+            meta, spec = svc["metadata"], svc["spec"]
+            socket.inet_pton(socket.AF_INET, spec["clusterIP"])
+            ports[(meta["namespace"], meta["name"])] = [
+                (p.get("name", ""), p.get("protocol", "TCP"), p["port"]) for p in spec["ports"]]
+        endpoints = {}
+        for sl in slices:
+            meta, rows = sl["metadata"], []
+            for ep in sl["endpoints"]:
+                cond = ep.get("conditions") or {}
+                rows.append((socket.inet_pton(socket.AF_INET, ep["addresses"][0]), cond.get("ready") is not False,
+                             cond.get("serving") is not False, cond.get("terminating") is True,
+                             ep.get("nodeName") or "", ep.get("zone") or ""))
+            key = (meta["namespace"], meta["labels"]["kubernetes.io/service-name"])
+            endpoints[key] = ({p.get("name", ""): p["port"] for p in sl["ports"]}, rows)
+        tables = []
+        for key, service_ports in ports.items():
+            numbers, rows = endpoints.get(key, ({}, []))
+            for name, protocol, _ in service_ports:
+                target = numbers.get(name)
+                if target is None or not rows:
+                    continue
+                names = sorted([f"{socket.inet_ntoa(r[0])}:{target}/{protocol}" for r in rows if r[1]])
+                tables.append((names, maglev.table_size(len(names)), range(len(names))))
+        maglev.build_tables(tables)
+        return (time.perf_counter() - t0) * 1000
+
+
 def _admit(admission, writer, result, snap):
     """The agent's admission step (ebpfsvc/admission.py): which Services fit in the maps."""
     return admission.admit(result, snap.services, lambda spn: writer.service_id(spn) is not None)
@@ -187,10 +242,12 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
     try:
         # Full syncs from an empty datapath, each with a new tracker, builder and writer (a
         # starting agent); between them the maps are emptied by applying an empty state.
-        fulls = []
+        fulls, floors = [], []
         for i in range(full_repeats):
+            # The floor and the agent's path in turns, so each ratio pairs two runs minutes apart.
             timing, (writer, state, builder, admission) = _full_sync(dp, limits, services, slices)
             fulls.append(timing)
+            floors.append(floor_sync(services, slices))
             if i + 1 < full_repeats:
                 writer.apply(LBState())
                 del writer, state, builder, admission
@@ -199,6 +256,8 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
         out["full"] = {stage: _spread([f[stage] for f in fulls])
                        for stage in ("total", "cpu", *_STAGES, *(f"{s}_cpu" for s in _STAGES))}
         out["full_repeats"] = full_repeats
+        out["floor"] = _spread(floors)
+        out["over_floor"] = _spread([f["total"] / fl for f, fl in zip(fulls, floors)], 2)
         out["full_writes"] = fulls[-1]["writes"]
         out["frontends"] = fulls[-1]["frontends"]
         # As the agent does after its first full apply (Agent.sync): the long-lived heap is frozen,
@@ -290,6 +349,9 @@ def report(r: dict) -> list[str]:
         f"    CPU per stage, median ms: ingest {full['ingest_cpu']['median']:.0f}, desired "
         f"{full['desired_cpu']['median']:.0f}, admission {full['admit_cpu']['median']:.0f}, "
         f"map writes {full['apply_cpu']['median']:.0f}",
+        f"    the floor (fields read once, names, Maglev tables; nothing else): {r['floor']['median']:.0f} ms "
+        f"({r['floor']['min']:.0f}-{r['floor']['max']:.0f}); the full sync is {r['over_floor']['median']:.2f}x it "
+        f"({r['over_floor']['min']:.2f}-{r['over_floor']['max']:.2f}, paired by run)",
         f"  one endpoint change:  {r['change_total_ms']:.3f} ms median, p99 {r['change_p99_ms']:.3f}, "
         f"worst {r['change_max_ms']:.2f} ({r['change_repeats']} changes; CPU {r['change_cpu_ms']:.3f} ms median); "
         f"{r['change_writes']} entries written {r['change_stats']}",
