@@ -21,7 +21,7 @@ import enum
 import ipaddress
 import socket
 from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import Iterable, NamedTuple, Union
 
 # Either family: a dual-stack Service has one frontend per family, each with backends of its own family.
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -75,9 +75,11 @@ class FrontendKind(str, enum.Enum):
     LOAD_BALANCER = "LoadBalancer"
 
 
-@dataclass(frozen=True, order=True)
-class ServicePortName:
-    """One port of one Service: the unit that owns a backend set (kube-proxy's ServicePortName)."""
+class ServicePortName(NamedTuple):
+    """One port of one Service: the unit that owns a backend set (kube-proxy's ServicePortName).
+
+    A NamedTuple, as FrontendKey: both are keys of every map of the control plane, and a
+    tuple's hash and comparisons run in C (a frozen dataclass builds a tuple in Python for each)."""
 
     namespace: str
     name: str
@@ -136,8 +138,7 @@ def table_backends(backends: Iterable[Backend]) -> list[Backend]:
     return [b for b in usable if not b.terminating] or usable
 
 
-@dataclass(frozen=True, order=True)
-class FrontendKey:
+class FrontendKey(NamedTuple):
     """What a packet's destination is matched against (struct lb4_key, or lb6_key for IPv6)."""
 
     address: IPAddress

@@ -19,17 +19,15 @@ those of its own family (ebpfsvc/desired.py).  FQDN slices have nothing to forwa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
-from ebpfsvc import heap
 from ebpfsvc.k8s.endpointslice import EndpointSlice
 from ebpfsvc.lbmodel import IPAddress, ServicePortName
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """One endpoint of one service port, with its resolved port (kube-proxy's Endpoint)."""
+class Endpoint(NamedTuple):
+    """One endpoint of one service port, with its resolved port (kube-proxy's Endpoint); a
+    NamedTuple, as SliceEndpoint."""
 
     address: IPAddress
     port: int
@@ -49,7 +47,19 @@ class Endpoint:
 def merge_endpoint_slices(namespace: str, service_name: str,
                           slices: Iterable[EndpointSlice]) -> dict[ServicePortName, tuple[Endpoint, ...]]:
     """Endpoints per ServicePortName of one Service, deduplicated and sorted by (address, port)."""
-    make = _make_endpoint
+    slices = [sl for sl in slices if sl.address_type != "FQDN"]
+    if len(slices) == 1:
+        merged = _one_slice(namespace, service_name, slices[0])
+        if merged is not None:
+            return merged
+    return _merge_general(namespace, service_name, slices)
+
+
+def _merge_general(namespace: str, service_name: str,
+                   slices: Iterable[EndpointSlice]) -> dict[ServicePortName, tuple[Endpoint, ...]]:
+    """merge_endpoint_slices() of any slices (FQDN ones skipped): each address once per port,
+    the winner by _precedence, then the first slice by name."""
+    make = Endpoint
     merged: dict[ServicePortName, dict[tuple, Endpoint]] = {}
     for sl in sorted(slices, key=lambda s: s.name):
         if sl.address_type == "FQDN":
@@ -70,7 +80,29 @@ def merge_endpoint_slices(namespace: str, service_name: str,
     return {spn: tuple([eps[k] for k in sorted(eps)]) for spn, eps in merged.items()}
 
 
-_make_endpoint = heap.maker(Endpoint)
+def _one_slice(namespace: str, service_name: str, sl: EndpointSlice
+               ) -> dict[ServicePortName, tuple[Endpoint, ...]] | None:
+    """merge_endpoint_slices() of a Service with one slice whose addresses are distinct (most
+    Services: a slice holds up to 100 endpoints), or None for the general path.  In one slice every
+    address is of the slice's family and a port's endpoints share its number, so the merge's
+    (family, address, port) order is the addresses' order and there is no duplicate to resolve:
+    one int per endpoint to sort by, and each Endpoint is its SliceEndpoint's fields with the port
+    put in, by tuple operations (both are NamedTuples: SliceEndpoint[1:8] are Endpoint[2:])."""
+    endpoints = sl.endpoints
+    numbers = [int(ep[0]) for ep in endpoints]
+    if len(set(numbers)) != len(numbers):
+        return None
+    ordered = [endpoints[i] for i in sorted(range(len(numbers)), key=numbers.__getitem__)]
+    heads, tails = [ep[0] for ep in ordered], [ep[1:8] for ep in ordered]
+    new = tuple.__new__         # NamedTuple._make without its length check: the lengths are the classes'
+    merged = {}
+    for port in sl.ports:
+        if port.port is None:
+            continue            # as in merge_endpoint_slices
+        number = port.port
+        merged[ServicePortName(namespace, service_name, port.name, port.protocol)] = tuple([
+            new(Endpoint, (address, number) + tail) for address, tail in zip(heads, tails)])
+    return merged
 
 
 def _precedence(ep) -> tuple[bool, bool]:

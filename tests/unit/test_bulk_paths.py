@@ -91,21 +91,15 @@ def test_too_many_or_not_a_list_of_endpoints_is_the_field_readers_problem():
         assert (fast.value.field, fast.value.message) == (slow.value.field, slow.value.message)
 
 
-@pytest.mark.parametrize("cls", [SliceEndpoint, Endpoint, Backend])
-def test_heap_maker_builds_what_the_constructor_builds(cls):
-    values = {
-        SliceEndpoint: (ipaddress.ip_address("198.18.0.1"), False, True, True, "n", "z",
-                        frozenset({"z"}), frozenset(), "h"),
-        Endpoint: (ipaddress.ip_address("2001:2::1"), 80, True, True, False, "n", "", frozenset(), frozenset({"n"})),
-        Backend: (ipaddress.ip_address("198.18.0.1"), 8080, Protocol.UDP, False, True, True, "n", "z"),
-    }[cls]
-    made, built = heap.maker(cls)(*values), cls(*values)
+def test_heap_maker_builds_what_the_constructor_builds():
+    values = (ipaddress.ip_address("198.18.0.1"), 8080, Protocol.UDP, False, True, True, "n", "z")
+    made, built = heap.maker(Backend)(*values), Backend(*values)
     assert made == built and hash(made) == hash(built) and repr(made) == repr(built)
     assert dataclasses.astuple(made) == dataclasses.astuple(built)
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.port = 1
     with pytest.raises(TypeError):
-        heap.maker(cls)(*values[:-1])        # every field, always
+        heap.maker(Backend)(*values[:-1])        # every field, always
 
 
 def test_heap_maker_refuses_what_it_cannot_build_alike():
@@ -157,6 +151,7 @@ def test_categorize_of_plain_endpoints_equals_the_general_rules(seed):
 
 
 def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
+    from ebpfsvc.k8s import endpointmerge
     from ebpfsvc.k8s.endpointmerge import merge_endpoint_slices
     from ebpfsvc.k8s.endpointslice import EndpointPort, EndpointSlice
     from ebpfsvc.lbmodel import ServicePortName
@@ -167,8 +162,10 @@ def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
         slices = []
         for n in range(rng.randint(1, 3)):
             family = rng.choice((4, 6))
-            eps = tuple(SliceEndpoint(a, rng.random() < 0.7, True, rng.random() < 0.2)
-                        for a in rng.sample([a for a in addrs if a.version == family], rng.randint(0, 2)))
+            chosen = rng.sample([a for a in addrs if a.version == family], rng.randint(0, 2))
+            if chosen and rng.random() < 0.2:
+                chosen.append(chosen[0])        # one address twice in one slice: the general path
+            eps = tuple(SliceEndpoint(a, rng.random() < 0.7, True, rng.random() < 0.2, "n", "z") for a in chosen)
             slices.append(EndpointSlice("ns", f"s-{n}", "svc", f"IPv{family}",
                                         (EndpointPort("http", Protocol.TCP, rng.choice((80, 81))),), eps))
         merged = merge_endpoint_slices("ns", "svc", slices)
@@ -182,6 +179,9 @@ def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
                 assert (e.ready, not e.terminating) == max((c.ready, not c.terminating) for c in copies)
                 assert type(e) is Endpoint and e == Endpoint(e.address, e.port, e.ready, e.serving, e.terminating,
                                                               e.node_name, e.zone, e.zone_hints, e.node_hints)
+                assert (e.node_name, e.zone) == ("n", "z")
+        if len(slices) == 1:            # the one-slice path, or the general one for a duplicate
+            assert merged == endpointmerge._merge_general("ns", "svc", slices)
 
 
 @pytest.mark.parametrize("seed", range(2))
