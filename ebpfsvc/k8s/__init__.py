@@ -1,4 +1,5 @@
-"""Kubernetes API objects as validated, frozen dataclasses: only what the data plane uses.
+"""Kubernetes API objects as validated, frozen dataclasses (NamedTuples per endpoint): only what the
+data plane uses.
 
     fields.py         path-aware field reading, Invalid / Problem (every error names its field)
     service.py        v1 Service
