@@ -244,7 +244,7 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
         # starting agent); between them the maps are emptied by applying an empty state.
         fulls, floors = [], []
         for i in range(full_repeats):
-            # The floor and the agent's path in turns, so each ratio pairs two runs minutes apart.
+            # The agent's path and the floor in turns, so each ratio pairs two runs a second apart.
             timing, (writer, state, builder, admission) = _full_sync(dp, limits, services, slices)
             fulls.append(timing)
             floors.append(floor_sync(services, slices))
