@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
 
@@ -361,7 +362,7 @@ def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
     # the writer keeps them out of the Maglev table (draining ones while others serve), but
     # keeps them in the backends map, so the datapath does not reset their established flows
     # as flows to a removed backend.
-    make, nodes, me = _make_backend, snapshot.nodes, node.node_name
+    make, nodes, me = Backend, snapshot.nodes, node.node_name
     protocol = port.protocol
     backends = []
     for eps, terminating, not_ready in ((chosen.endpoints, chosen.terminating, False),
@@ -377,8 +378,7 @@ def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
     return tuple(backends)
 
 
-_make_backend = heap.maker(Backend)
-_backend_name = Backend.name.fget
+_backend_name = operator.attrgetter("name")
 
 
 def _conflict(svc: Service, index: int, fe: Frontend, holder: Frontend) -> Problem:

@@ -91,8 +91,19 @@ class ServicePortName(NamedTuple):
         return f"{base}:{self.port}" if self.port else base
 
 
-@dataclass(frozen=True, order=True)
-class Backend:
+class _BackendFields(NamedTuple):
+    address: IPAddress
+    port: int
+    protocol: Protocol = Protocol.TCP
+    terminating: bool = False
+    not_ready: bool = False
+    local: bool = False     # the endpoint runs on this node
+    node: str = ""          # endpoint nodeName, for display
+    zone: str = ""
+    name: str = ""          # backend_name(address, port, protocol): made with the Backend
+
+
+class Backend(_BackendFields):
     """One endpoint address with its resolved target port.
 
     `terminating` backends (serving but terminating endpoints) keep their
@@ -103,31 +114,38 @@ class Backend:
     kube-proxy leaves their conntrack entries alone (UDP flows move on). The
     writer builds the Maglev table from `table_backends` and keeps every backend
     in the backends map.
+
+    A NamedTuple, as the endpoints it is made from (made, hashed and compared in C, no
+    __dict__).  Its last field, `name`, is derived: Backend(...) takes the others and makes it
+    (backend_name), and _replace makes it again, so it always says the address, port and protocol.
     """
 
-    address: IPAddress
-    port: int
-    protocol: Protocol = Protocol.TCP
-    terminating: bool = False
-    not_ready: bool = False
-    local: bool = False     # the endpoint runs on this node
-    node: str = ""          # endpoint nodeName, for display
-    zone: str = ""
+    __slots__ = ()
 
-    @property
-    def name(self) -> str:
-        """Stable name Maglev sorts and hashes by, so every node builds the same table.  Computed
-        once per object (desired state sorts by it, the writer hashes it; functools.cached_property
-        takes a lock per read), the dotted quad by inet_ntoa, as str(IPv4Address) writes it, in C.
-        An IPv6 address is bracketed, as in a URL: [2001:2::1]:80/TCP."""
-        name = self.__dict__.get("_name")
-        if name is None:
-            if self.address.version == 4:
-                name = f"{socket.inet_ntoa(self.address.packed)}:{self.port}/{self.protocol._value_}"
-            else:
-                name = f"[{self.address}]:{self.port}/{self.protocol._value_}"
-            object.__setattr__(self, "_name", name)     # a cache, not a field: eq, hash, repr ignore it
-        return name
+    def __new__(cls, address: IPAddress, port: int, protocol: Protocol = Protocol.TCP, terminating: bool = False,
+                not_ready: bool = False, local: bool = False, node: str = "", zone: str = "") -> "Backend":
+        return tuple.__new__(cls, (address, port, protocol, terminating, not_ready, local, node, zone,
+                                   backend_name(address, port, protocol)))
+
+    def __getnewargs__(self) -> tuple:
+        return tuple(self)[:-1]          # copy and pickle call __new__, which makes the name
+
+    def _replace(self, **changes) -> "Backend":
+        if "name" in changes:
+            raise ValueError("Backend.name is derived from the address, port and protocol")
+        made = Backend(*[changes.pop(f, v) for f, v in zip(self._fields[:-1], self)])
+        if changes:
+            raise ValueError(f"Got unexpected field names: {list(changes)!r}")
+        return made
+
+
+def backend_name(address: IPAddress, port: int, protocol: Protocol) -> str:
+    """The stable name Maglev sorts and hashes a backend by, so every node builds the same table:
+    ADDRESS:PORT/PROTO, the dotted quad by inet_ntoa (as str(IPv4Address) writes it, in C), an
+    IPv6 address bracketed as in a URL: [2001:2::1]:80/TCP."""
+    if address.version == 4:
+        return f"{socket.inet_ntoa(address.packed)}:{port}/{protocol._value_}"
+    return f"[{address}]:{port}/{protocol._value_}"
 
 
 def table_backends(backends: Iterable[Backend]) -> list[Backend]:

@@ -1,20 +1,20 @@
 """The full sync's fast paths give exactly what the per-object paths give (issue 12).
 
 A full sync reads 100,000 endpoints and derives 100,000 backends: the bulk paths skip the generic
-field readers and the dataclass constructors for the usual shapes.  Each is compared here with the
+field readers and the per-address merge for the usual shapes.  Each is compared here with the
 path it shortcuts, over generated inputs that vary what those paths read (conditions, hints,
 families, odd types, bad values), so a shortcut can only ever decide what the slow path decides.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import ipaddress
+import pickle
 import random
 
 import pytest
 
-from ebpfsvc import heap
 from ebpfsvc.k8s import endpointslice
 from ebpfsvc.k8s.endpointmerge import Endpoint
 from ebpfsvc.k8s.endpointslice import SliceEndpoint, _endpoint, _plain_endpoint
@@ -91,32 +91,18 @@ def test_too_many_or_not_a_list_of_endpoints_is_the_field_readers_problem():
         assert (fast.value.field, fast.value.message) == (slow.value.field, slow.value.message)
 
 
-def test_heap_maker_builds_what_the_constructor_builds():
-    values = (ipaddress.ip_address("198.18.0.1"), 8080, Protocol.UDP, False, True, True, "n", "z")
-    made, built = heap.maker(Backend)(*values), Backend(*values)
-    assert made == built and hash(made) == hash(built) and repr(made) == repr(built)
-    assert dataclasses.astuple(made) == dataclasses.astuple(built)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        made.port = 1
-    with pytest.raises(TypeError):
-        heap.maker(Backend)(*values[:-1])        # every field, always
-
-
-def test_heap_maker_refuses_what_it_cannot_build_alike():
-    @dataclasses.dataclass
-    class Mutable:
-        a: int
-
-    @dataclasses.dataclass(frozen=True)
-    class Checked:
-        a: int
-
-        def __post_init__(self):
-            pass
-
-    for cls in (Mutable, Checked):
-        with pytest.raises(TypeError):
-            heap.maker(cls)
+def test_a_backend_name_is_always_its_address_port_and_protocol():
+    b = Backend(ipaddress.ip_address("198.18.0.1"), 8080, Protocol.UDP, False, True, True, "n", "z")
+    assert b.name == "198.18.0.1:8080/UDP" and b == Backend(*b[:-1]) and hash(b) == hash(Backend(*b[:-1]))
+    assert b._replace(port=80, zone="y").name == "198.18.0.1:80/UDP"
+    assert Backend(ipaddress.ip_address("2001:2::1"), 80).name == "[2001:2::1]:80/TCP"
+    assert copy.deepcopy(b) == b and pickle.loads(pickle.dumps(b)) == b
+    with pytest.raises(ValueError):
+        b._replace(name="other:80/UDP")
+    with pytest.raises(ValueError):
+        b._replace(prot=1)
+    with pytest.raises(AttributeError):
+        b.port = 1
 
 
 def _random_endpoints(rng: random.Random) -> tuple[Endpoint, ...]:
