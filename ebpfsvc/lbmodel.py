@@ -165,8 +165,7 @@ class FrontendKey(NamedTuple):
     scope: Scope = Scope.INTERNAL
 
 
-@dataclass(frozen=True)
-class Frontend:
+class Frontend(NamedTuple):
     """A frontend and everything the datapath needs to serve it (struct lb4_service)."""
 
     key: FrontendKey

@@ -571,7 +571,7 @@ class MapWriter:
         # Locals: a full sync runs this loop for every backend.
         be_refs, be_id, be_val, allocate = self._be_refs, self._be_id, self._be_val, self._be_ids.allocate
         terminating, local, not_ready = self._be_terminating, self._be_local, self._be_not_ready
-        make = BackendEntry._make
+        entry = tuple.__new__     # BackendEntry._make without its length check: val has its 4 fields
         for bkey in touched:
             refs = be_refs.get(bkey)
             ident = be_id.get(bkey)
@@ -589,7 +589,7 @@ class MapWriter:
                           | (_BE_NOT_READY if not_ready.get(bkey) == refs else 0),)
             old = be_val.get(ident)
             if old != val:
-                be_writes.append((ident, make(val)))
+                be_writes.append((ident, entry(BackendEntry, val)))
                 stats.backends_changed += old is not None
         _zero_percpu_ids(self.be_stats_map, fresh)
         stats.stats_zeroed += len(fresh)

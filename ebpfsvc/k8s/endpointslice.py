@@ -33,8 +33,7 @@ MAX_ZONE_HINTS = 8        # the API's limit on hints.forZones
 MAX_NODE_HINTS = 8        # the API's limit on hints.forNodes
 
 
-@dataclass(frozen=True)
-class EndpointPort:
+class EndpointPort(NamedTuple):
     name: str                   # matches a ServicePort's name
     protocol: Protocol
     port: int | None            # None: the API allows it, kube-proxy ignores such ports

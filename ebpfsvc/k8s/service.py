@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ebpfsvc.config import IP_FAMILIES, NodeConfig, family_name
 from ebpfsvc.k8s.fields import Fields, Invalid, ObjectMeta, check_int, parse_cidr, parse_ip, read_meta
@@ -63,8 +64,7 @@ class IPFamilyPolicy(str, enum.Enum):
     REQUIRE_DUAL_STACK = "RequireDualStack"   # both families, or the Service is refused
 
 
-@dataclass(frozen=True)
-class ServicePort:
+class ServicePort(NamedTuple):
     name: str                       # "" for a single unnamed port
     protocol: Protocol
     port: int

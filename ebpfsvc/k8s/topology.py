@@ -24,14 +24,12 @@ The model is kube-proxy's CategorizeEndpoints (pkg/proxy/topology.go):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 from ebpfsvc.k8s.endpointmerge import Endpoint
 
 
-@dataclass(frozen=True)
-class EndpointSet:
+class EndpointSet(NamedTuple):
     endpoints: tuple[Endpoint, ...] = ()
     terminating: bool = False      # filled from the serving-terminating fallback
     # Serving+terminating endpoints left out of `endpoints` because ready ones exist: they get
@@ -46,8 +44,7 @@ PREFER_SAME_NODE = "PreferSameNode"
 PREFER_SAME_ZONE = "PreferSameZone"
 
 
-@dataclass(frozen=True)
-class CategorizedEndpoints:
+class CategorizedEndpoints(NamedTuple):
     cluster: EndpointSet
     local: EndpointSet
     topology_mode: str = ""        # the hints that narrowed `cluster` (for display and tests)

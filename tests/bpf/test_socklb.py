@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import replace
 
 import pytest
 
@@ -485,8 +484,8 @@ def test_removed_backend_resets_socket_path_sockets(node, vip, b1, b2, named):
         report = socklb.reset_removed(node.cgroup, node.sock_dp.maps, keeps)
         assert not report and report.namespaces == 1 and report.errors == [], "nothing removed: nothing reset"
 
-        stats = writer.apply(state(replace(held, backends=(be(b1, 8081),)),
-                                   replace(dns, backends=(be(b1, 5353, Protocol.UDP),))))
+        stats = writer.apply(state(held._replace(backends=(be(b1, 8081),)),
+                                   dns._replace(backends=(be(b1, 5353, Protocol.UDP),))))
         assert stats.backends_deleted == 2
         report = socklb.reset_removed(node.cgroup, node.sock_dp.maps, keeps)
         assert report.errors == []

@@ -42,7 +42,7 @@ def random_frontend(rng: random.Random, slot: tuple):
                   affinity_timeout=rng.choice([0, 0, 300]),
                   algorithm=rng.choice([Algorithm.MAGLEV, Algorithm.MAGLEV, Algorithm.RANDOM]),
                   local_only=rng.random() < 0.2, source_ranges=ranges)
-    return type(fe)(**{**fe.__dict__, "key": type(fe.key)(fe.key.address, port, proto, scope)})
+    return fe._replace(key=type(fe.key)(fe.key.address, port, proto, scope))
 
 
 SLOTS = [(f"198.19.0.{a}", port, proto, scope) for a in range(1, 5) for port, proto in
@@ -102,7 +102,7 @@ def test_equal_but_new_objects_write_nothing(datapath, writer):
     rng = random.Random(5)
     st = step(rng, LBState())
     writer.apply(st)
-    copies = LBState({k: type(fe)(**fe.__dict__) for k, fe in st.frontends.items()})
+    copies = LBState({k: type(fe)(*fe) for k, fe in st.frontends.items()})
     assert writer.apply(copies) == ApplyStats()
     assert writer.apply(copies, delta=LBDelta(st, frozenset(st.frontends))) == ApplyStats()
 
@@ -113,7 +113,7 @@ def test_a_failed_apply_is_followed_by_a_full_one(datapath, writer):
     writer.apply(st)
     bad = LBState({**st.frontends, **{fe.key: fe for fe in [frontend("198.19.0.9", 80, [be("198.18.2.1")])]}})
     broken = frontend("198.19.0.10", 80, [])
-    broken = type(broken)(**{**broken.__dict__, "key": type(broken.key)(broken.key.address, 0)})
+    broken = broken._replace(key=type(broken.key)(broken.key.address, 0))
     with pytest.raises(ValueError):
         writer.apply(LBState({**bad.frontends, broken.key: broken}))
     assert writer.apply(bad).frontends_written == 2             # the new frontend and its marker
