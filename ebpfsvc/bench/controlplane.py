@@ -217,6 +217,8 @@ def floor_sync(services: list[dict], slices: list[dict]) -> float:
                 target = numbers.get(name)
                 if target is None or not rows:
                     continue
+                # lbmodel.backend_name's text, from the packed address the floor keeps (no
+                # IPv4Address made: tests/unit/test_bench_controlplane.py checks they agree).
                 names = sorted([f"{socket.inet_ntoa(r[0])}:{target}/{protocol}" for r in rows if r[1]])
                 tables.append((names, maglev.table_size(len(names)), range(len(names))))
         maglev.build_tables(tables)

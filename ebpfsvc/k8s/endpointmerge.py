@@ -57,13 +57,11 @@ def merge_endpoint_slices(namespace: str, service_name: str,
 
 def _merge_general(namespace: str, service_name: str,
                    slices: Iterable[EndpointSlice]) -> dict[ServicePortName, tuple[Endpoint, ...]]:
-    """merge_endpoint_slices() of any slices (FQDN ones skipped): each address once per port,
-    the winner by _precedence, then the first slice by name."""
+    """merge_endpoint_slices() of any slices but FQDN ones (it leaves those out): each address
+    once per port, the winner by _precedence, then the first slice by name."""
     make = Endpoint
     merged: dict[ServicePortName, dict[tuple, Endpoint]] = {}
     for sl in sorted(slices, key=lambda s: s.name):
-        if sl.address_type == "FQDN":
-            continue
         for port in sl.ports:
             if port.port is None:
                 continue        # "all ports" is not something a Service can forward to; kube-proxy skips it too

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from ebpfsvc import maglev
 from ebpfsvc.bench import controlplane
 from ebpfsvc.k8s import fields
+from ebpfsvc.lbmodel import Protocol, backend_name
 
 
 def test_each_full_sync_starts_with_the_caches_a_starting_agent_has_not_filled():
@@ -26,7 +29,8 @@ def test_the_floor_reads_every_object_and_builds_every_table(monkeypatch):
     # One table per Service, of its ready endpoints' names as the writer names them, sorted.
     assert len(tables) == 5
     names, size, _ = tables[0]
-    assert names == sorted(f"{ep['addresses'][0]}:8080/TCP" for ep in slices[0]["endpoints"])
+    assert names == sorted(backend_name(ipaddress.ip_address(ep["addresses"][0]), 8080, Protocol.TCP)
+                           for ep in slices[0]["endpoints"])
     assert size == maglev.table_size(3)
 
 
