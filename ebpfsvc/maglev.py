@@ -15,7 +15,9 @@ See docs/maglev.md for the measured balance and disruption figures.
 
 The population loop runs in C (maglev_fill.c, through cffi, built once per machine into a cache
 directory) when a compiler is there, many tables per call: a full sync of 10,000 Services builds
-10 M slots.  Without one, the same loop in Python gives the same tables, only slower.
+10 M slots.  The backend names are hashed in C too (maglev_hash.c, with libb2), all of a call's
+at once.  Without a compiler or libb2, the same loop and hashlib in Python give the same tables,
+only slower.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def _hash64(name: str, person: bytes) -> int:
 @functools.lru_cache(maxsize=1 << 20)
 def name_hashes(name: str) -> tuple[int, int]:
     """The two 64-bit hashes of a backend name, before reduction to a table size: a backend's
-    offset and skip in a table of size M are these modulo M and M - 1 (+1).  Cached: a backend
+    offset and skip in a table of size M are these modulo M and M - 1 (+1).  hashlib's, the
+    reference maglev_hash.c is tested against and the fallback without it.  Cached: a backend
     is in several tables (one per frontend) and every rebuild of its Service's tables."""
     data = name.encode("utf-8")
     # Copies of two keyed-up hashers: the same digests as new blake2b objects, at half the cost.
@@ -130,11 +133,39 @@ _OFFSET_HASHER = hashlib.blake2b(digest_size=8, person=_OFFSET_PERSON)
 _SKIP_HASHER = hashlib.blake2b(digest_size=8, person=_SKIP_PERSON)
 
 
+def hash_names(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """name_hashes of every name, as two uint64 arrays (offset hashes, skip hashes): in one C call
+    when hasher() is built, else name by name through the cache."""
+    lib = hasher()
+    if lib is None:
+        hashes = np.fromiter(itertools.chain.from_iterable(map(name_hashes, names)), dtype=np.uint64,
+                             count=2 * len(names)).reshape(-1, 2)
+        return np.ascontiguousarray(hashes[:, 0]), np.ascontiguousarray(hashes[:, 1])
+    blob = "".join(names).encode("utf-8")
+    if len(blob) == sum(map(len, names)):       # all ASCII (every backend name): a char is a byte
+        lengths = np.fromiter(map(len, names), dtype=np.uint32, count=len(names))
+    else:
+        lengths = np.fromiter((len(n.encode("utf-8")) for n in names), dtype=np.uint32, count=len(names))
+    h_offset = np.empty(len(names), dtype=np.uint64)
+    h_skip = np.empty(len(names), dtype=np.uint64)
+    ffi = lib.ffi
+    if lib.lib.maglev_name_hashes(len(names), ffi.from_buffer("uint8_t[]", blob), ffi.from_buffer("uint32_t[]", lengths),
+                                  _PERSON_OFFSET_16, _PERSON_SKIP_16, ffi.from_buffer("uint64_t[]", h_offset),
+                                  ffi.from_buffer("uint64_t[]", h_skip)) != 0:
+        raise RuntimeError("maglev_name_hashes: libb2 refused the parameters")
+    return h_offset, h_skip
+
+
+# The personalisations as libb2's parameter block holds them (hashlib pads them the same way).
+_PERSON_OFFSET_16 = _OFFSET_PERSON.ljust(16, b"\0")
+_PERSON_SKIP_16 = _SKIP_PERSON.ljust(16, b"\0")
+
+
 def permutation_params(names: Sequence[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(offset, skip) per name, int64: offset in [0, M), skip in [1, M)."""
-    hashes = [name_hashes(n) for n in names]
-    offset = np.array([h % size for h, _ in hashes], dtype=np.int64)
-    skip = np.array([h % (size - 1) + 1 for _, h in hashes], dtype=np.int64)
+    h_offset, h_skip = hash_names(names)
+    offset = (h_offset % np.uint64(size)).astype(np.int64)
+    skip = (h_skip % np.uint64(size - 1) + np.uint64(1)).astype(np.int64)
     return offset, skip
 
 
@@ -199,9 +230,7 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
     counts = np.fromiter((len(names) for names, _, _ in tables), dtype=np.uint32, count=len(tables))
     sizes = np.fromiter((size for _, size, _ in tables), dtype=np.uint32, count=len(tables))
     total_names = int(counts.sum())
-    hashes = np.fromiter(itertools.chain.from_iterable(map(name_hashes, itertools.chain.from_iterable(
-        names for names, _, _ in tables))), dtype=np.uint64, count=2 * total_names).reshape(-1, 2)
-    h_offset, h_skip = np.ascontiguousarray(hashes[:, 0]), np.ascontiguousarray(hashes[:, 1])
+    h_offset, h_skip = hash_names(list(itertools.chain.from_iterable(names for names, _, _ in tables)))
     values = np.fromiter((v for _, _, vs in tables for v in vs), dtype=np.uint32, count=total_names)
     ffi = lib.ffi
     if lib.lib.maglev_fill(len(tables), ffi.from_buffer("uint32_t[]", counts), ffi.from_buffer("uint32_t[]", sizes),
@@ -211,13 +240,18 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
     return out
 
 
-# ---- the C population loop (maglev_fill.c), built once per machine -----------------------------
+# ---- the C population loop (maglev_fill.c) and name hashes (maglev_hash.c), built once per machine
 
 _FILL_C = Path(__file__).with_name("maglev_fill.c")
 _FILL_CDEF = """int maglev_fill(uint64_t tables, const uint32_t *n, const uint32_t *size, const uint64_t *h_offset,
                 const uint64_t *h_skip, const uint32_t *value, uint32_t *out);"""
+_HASH_C = Path(__file__).with_name("maglev_hash.c")
+_HASH_CDEF = """int maglev_name_hashes(uint64_t count, const uint8_t *blob, const uint32_t *length,
+                       const uint8_t *person_offset, const uint8_t *person_skip,
+                       uint64_t *h_offset, uint64_t *h_skip);"""
 _UNSET = object()
 _native = _UNSET
+_hasher = _UNSET
 
 
 def cache_dir() -> Path:
@@ -232,26 +266,39 @@ def native():
     global _native
     if _native is _UNSET:
         try:
-            _native = _load_native()
+            _native = _build("_ebpfsvc_maglev", _FILL_C, _FILL_CDEF)
         except Exception as exc:       # no compiler, no headers, read-only cache: slower, not wrong
             log.warning("Maglev tables are built in Python, slower: the C fill could not be built (%s)", exc)
             _native = None
     return _native
 
 
-def _load_native():
+def hasher():
+    """The compiled name hashes (maglev_hash.c, linked with libb2), or None where they cannot be
+    built (no libb2: hashlib serves, with the same digests).  Built and kept as native() is."""
+    global _hasher
+    if _hasher is _UNSET:
+        try:
+            _hasher = _build("_ebpfsvc_maglev_hash", _HASH_C, _HASH_CDEF, libraries=("b2",))
+        except Exception as exc:
+            log.warning("backend names are hashed in Python, slower: the C hashes could not be built (%s)", exc)
+            _hasher = None
+    return _hasher
+
+
+def _build(prefix: str, c_file: Path, cdef: str, libraries: tuple[str, ...] = ()):
     import cffi
 
-    source = _FILL_C.read_text()
-    tag = hashlib.sha256((source + _FILL_CDEF + sys.implementation.cache_tag).encode()).hexdigest()[:16]
-    name = f"_ebpfsvc_maglev_{tag}"
+    source = c_file.read_text()
+    tag = hashlib.sha256((source + cdef + repr(libraries) + sys.implementation.cache_tag).encode()).hexdigest()[:16]
+    name = f"{prefix}_{tag}"
     where = cache_dir()
     built = sorted(where.glob(f"{name}.*.so")) if where.is_dir() else []
     if not built:
         where.mkdir(parents=True, exist_ok=True)
         builder = cffi.FFI()
-        builder.cdef(_FILL_CDEF)
-        builder.set_source(name, source, extra_compile_args=["-O2"])
+        builder.cdef(cdef)
+        builder.set_source(name, source, extra_compile_args=["-O2"], libraries=list(libraries))
         # Built aside and renamed in: a concurrent start never imports a half-written file.
         tmp = tempfile.mkdtemp(dir=where, prefix=".build-")
         try:

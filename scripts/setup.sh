@@ -8,7 +8,8 @@
 #     headers, so bcc compiles against Debian's linux-headers-amd64, whose
 #     -common and arch halves must be merged into one tree;
 #   - a virtual environment from Debian's python3 that sees bcc (--system-site-packages);
-#   - gcc and the Python headers: cffi builds the Maglev fill (ebpfsvc/maglev_fill.c) once per machine;
+#   - gcc, the Python headers and libb2: cffi builds the Maglev fill and name hashes
+#     (ebpfsvc/maglev_fill.c, maglev_hash.c) once per machine;
 #   - bpffs mounted at /sys/fs/bpf (pinned maps outlive the agent).
 set -euo pipefail
 
@@ -17,7 +18,7 @@ venv=${VENV:-$here/.venv}
 headers=${EBPFSVC_HEADERS:-/var/lib/ebpfsvc/kernel-headers}
 
 apt_packages=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip
-              gcc python3-dev iproute2 iperf3 wrk sockperf qperf nginx-light iptables nftables redis-server redis-tools socat curl ethtool procps
+              gcc python3-dev libb2-dev iproute2 iperf3 wrk sockperf qperf nginx-light iptables nftables redis-server redis-tools socat curl ethtool procps
               shellcheck ruby vagrant)   # the last three check deploy/ and vagrant/ (tests/unit/test_deploy.py)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }

@@ -185,15 +185,38 @@ def test_without_the_c_fill_the_python_loop_gives_the_same_tables(monkeypatch):
     assert maglev.build_table(list("abcde"), 13).tolist() == GOLDEN_ABCDE_13
 
 
-def test_the_c_fill_is_built_into_the_cache_directory_once(monkeypatch, tmp_path):
+def test_the_c_fill_and_hashes_are_built_into_the_cache_directory_once(monkeypatch, tmp_path):
     monkeypatch.setenv("EBPFSVC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(maglev, "_native", maglev._UNSET)
-    assert maglev.native() is not None
-    built = list(tmp_path.glob("_ebpfsvc_maglev_*.so"))
-    assert len(built) == 1 and not list(tmp_path.glob(".build-*"))
+    monkeypatch.setattr(maglev, "_hasher", maglev._UNSET)
+    assert maglev.native() is not None and maglev.hasher() is not None
+    built = sorted(tmp_path.glob("_ebpfsvc_maglev_*.so"))
+    assert len(built) == 2 and not list(tmp_path.glob(".build-*"))
     monkeypatch.setattr(maglev, "_native", maglev._UNSET)
-    assert maglev.native() is not None and list(tmp_path.glob("_ebpfsvc_maglev_*.so")) == built
+    monkeypatch.setattr(maglev, "_hasher", maglev._UNSET)
+    assert maglev.native() is not None and maglev.hasher() is not None
+    assert sorted(tmp_path.glob("_ebpfsvc_maglev_*.so")) == built
     assert maglev.build_table(list("abcde"), 13).tolist() == GOLDEN_ABCDE_13
+
+
+def test_the_c_hashes_are_hashlibs_digests():
+    # The agent hashes through maglev_hash.c (libb2); name_hashes (hashlib) is the reference.
+    assert maglev.hasher() is not None, "the C hashes could not be built (libb2-dev: make setup)"
+    rng = random.Random(5)
+    names = ["", "a", "ünï:1/UDP", "x" * 300, *backend_names(50),
+             *(f"[2001:2::{rng.randrange(1 << 16):x}]:{rng.randrange(1, 65536)}/SCTP" for _ in range(50))]
+    h_offset, h_skip = maglev.hash_names(names)
+    assert h_offset.dtype == h_skip.dtype == np.uint64
+    assert [(int(o), int(s)) for o, s in zip(h_offset, h_skip)] == [maglev.name_hashes(n) for n in names]
+    assert [a.size for a in maglev.hash_names([])] == [0, 0]
+
+
+def test_without_the_c_hashes_hashlib_gives_the_same_tables(monkeypatch):
+    tables = [(sorted(backend_names(n)), maglev.table_size(n), list(range(100, 100 + n))) for n in (1, 4, 10, 300)]
+    with_c = maglev.build_tables(tables)
+    monkeypatch.setattr(maglev, "_hasher", None)
+    assert maglev.hasher() is None
+    assert np.array_equal(maglev.build_tables(tables), with_c)
 
 
 def test_cached_name_hashes_are_the_two_personalised_blake2b_digests():
