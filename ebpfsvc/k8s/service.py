@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ebpfsvc.config import IP_FAMILIES, NodeConfig, family_name
-from ebpfsvc.k8s.fields import Fields, Invalid, ObjectMeta, check_int, parse_cidr, parse_ip, read_meta
+from ebpfsvc.k8s.fields import (Fields, Invalid, ObjectMeta, check_int, parse_cidr, parse_ip, parse_timestamp,
+                                read_meta)
+from ebpfsvc.k8s.names import name_problem
 from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, Algorithm, IPAddress, IPNetwork, Protocol
 
 MAX_PORTS = 100                 # far above any real Service; a bigger list is a generator gone wrong
@@ -150,6 +152,12 @@ _IP_FAMILY_POLICY_NAMES = tuple(p.value for p in IPFamilyPolicy)
 
 def parse_service(obj: dict, config: NodeConfig) -> Service:
     """Validate a v1 Service; raises Invalid naming the first bad field."""
+    svc = _plain_service(obj, config)
+    return svc if svc is not None else _read_service(obj, config)
+
+
+def _read_service(obj: dict, config: NodeConfig) -> Service:
+    """parse_service through the field readers: every field read by path, the bad one named."""
     top, meta = read_meta(obj, "Service", ("v1",), name_rule="dns1035-label")
     spec = top.obj("spec")
     svc_type = _SERVICE_TYPES[spec.str("type", "ClusterIP", _SERVICE_TYPE_NAMES)]
@@ -184,6 +192,141 @@ def parse_service(obj: dict, config: NodeConfig) -> Service:
         health_check_node_port=_health_check_node_port(spec, svc_type, external_policy),
         created=meta.created,
     )
+
+
+# What the plain path reads, and how (_plain_service).  Annotations the field readers interpret,
+# and spec fields it leaves to them, send a Service their way when present.
+_PLAIN_TYPES = {None: ServiceType.CLUSTER_IP, "ClusterIP": ServiceType.CLUSTER_IP,
+                "NodePort": ServiceType.NODE_PORT}
+_PLAIN_POLICIES = {None: TrafficPolicy.CLUSTER, "Cluster": TrafficPolicy.CLUSTER, "Local": TrafficPolicy.LOCAL}
+_READ_ANNOTATIONS = frozenset({ANNOTATION_TOPOLOGY_MODE, ANNOTATION_TOPOLOGY_HINTS, ANNOTATION_SOURCE_RANGES,
+                               ANNOTATION_ALGORITHM, ANNOTATION_EXTERNAL_IP_SOURCE_RANGES})
+_EMPTY_LISTS = ("externalIPs", "loadBalancerSourceRanges")
+_ABSENT = ("trafficDistribution",)
+
+
+def _plain_service(obj, config: NodeConfig) -> Service | None:
+    """_read_service's result for a Service of the usual shape, or None for anything else, which
+    _read_service then reads (or rejects, naming the field): this only decides what it would decide.
+
+    The usual shape: type ClusterIP or NodePort; one clusterIP of a family of the cluster (clusterIPs,
+    ipFamilies and ipFamilyPolicy absent or saying the same, SingleStack); ports of the API's types;
+    sessionAffinity None; no externalIPs, source ranges, trafficDistribution or annotation that
+    ebpfsvc reads.  A full sync reads 10,000 Services: this costs about a third of the field readers
+    (tests/unit/test_bulk_paths.py compares the two)."""
+    if type(obj) is not dict:
+        return None
+    kind, version = obj.get("kind"), obj.get("apiVersion")
+    meta, spec = obj.get("metadata"), obj.get("spec")
+    if ((kind is not None and kind != "Service") or (version is not None and version != "v1")
+            or type(meta) is not dict or type(spec) is not dict):
+        return None
+    name, namespace = meta.get("name"), meta.get("namespace")
+    if type(name) is not str or not name or name_problem(name, "dns1035-label"):
+        return None
+    if namespace is None or namespace == "":
+        namespace = "default"
+    elif type(namespace) is not str or name_problem(namespace, "dns1123-label"):
+        return None
+    labels, annotations = _absent_as_empty(meta.get("labels")), _absent_as_empty(meta.get("annotations"))
+    if (type(labels) is not dict or type(annotations) is not dict
+            or not all(type(k) is str and type(v) is str for k, v in labels.items())
+            or not all(type(k) is str and type(v) is str for k, v in annotations.items())
+            or not _READ_ANNOTATIONS.isdisjoint(annotations)):
+        return None
+    created = meta.get("creationTimestamp")
+    if created is None:
+        created = ""
+    else:
+        try:
+            created = parse_timestamp(created, "")
+        except Invalid:
+            return None
+
+    svc_type = spec.get("type")
+    svc_type = _PLAIN_TYPES.get(svc_type) if svc_type is None or type(svc_type) is str else None
+    policies = [spec.get(f) for f in ("externalTrafficPolicy", "internalTrafficPolicy")]
+    policies = [_PLAIN_POLICIES.get(v) if v is None or type(v) is str else None for v in policies]
+    publish = spec.get("publishNotReadyAddresses")
+    publish = False if publish is None else publish
+    selector = _absent_as_empty(spec.get("selector"))
+    if (svc_type is None or None in policies or type(publish) is not bool
+            or spec.get("sessionAffinity") not in (None, "None") or type(selector) is not dict
+            or not all(type(v) is str for v in selector.values())
+            or any(spec.get(f) is not None and spec.get(f) != [] for f in _EMPTY_LISTS)
+            or any(spec.get(f) is not None for f in _ABSENT)):
+        return None
+
+    address = _plain_cluster_ip(spec, config)
+    ports = _plain_ports(spec.get("ports"), svc_type, config) if address is not None else None
+    if ports is None:
+        return None
+    return Service(namespace=namespace, name=name, type=svc_type, cluster_ip=address, cluster_ips=(address,),
+                   ports=ports, has_selector=bool(selector), external_traffic_policy=policies[0],
+                   internal_traffic_policy=policies[1], publish_not_ready_addresses=publish,
+                   proxy_name=labels.get(LABEL_PROXY_NAME), headless_label=LABEL_HEADLESS in labels,
+                   created=created)
+
+
+def _absent_as_empty(value):
+    """A map field as Fields.string_map reads it: absent (None) is empty; anything else is itself."""
+    return {} if value is None else value
+
+
+def _plain_cluster_ip(spec: dict, config: NodeConfig) -> IPAddress | None:
+    """The one clusterIP of a single-stack Service, when _cluster_ips would take it as it is."""
+    primary, ips, families = spec.get("clusterIP"), spec.get("clusterIPs"), spec.get("ipFamilies")
+    if (type(primary) is not str or primary == "None" or spec.get("ipFamilyPolicy") not in (None, "SingleStack")
+            or not (ips is None or ips == [] or ips == [primary])
+            or not (families is None or families == [] or (type(families) is list and len(families) == 1))):
+        return None
+    try:
+        address = parse_ip(primary, "")
+    except Invalid:
+        return None
+    family = family_name(address.version)
+    if ((families and families[0] != family) or family not in config.ip_families
+            or (address.version == 4 and config.service_cidr is not None and address not in config.service_cidr)
+            or not _assignable(address)):
+        return None
+    return address
+
+
+def _plain_ports(items, svc_type: ServiceType, config: NodeConfig) -> tuple[ServicePort, ...] | None:
+    """_ports' result for ports of the API's types, each valid, names and port/protocol distinct."""
+    if type(items) is not list or not 0 < len(items) <= MAX_PORTS:
+        return None
+    lo, hi = config.nodeport_range
+    ports, names, seen = [], set(), set()
+    for p in items:
+        if type(p) is not dict:
+            return None
+        name, protocol, port = p.get("name"), p.get("protocol"), p.get("port")
+        target, node_port, app = p.get("targetPort"), p.get("nodePort"), p.get("appProtocol")
+        name = "" if name is None else name
+        protocol = Protocol.TCP if protocol is None else PROTOCOLS.get(protocol) if type(protocol) is str else None
+        app = "" if app is None else app
+        if (type(name) is not str or (name and name_problem(name, "dns1123-label")) or (not name and len(items) > 1)
+                or name in names or protocol is None or type(port) is not int or not 0 < port <= 65535
+                or (port, protocol) in seen or type(app) is not str):
+            return None
+        if target is None or target == 0:
+            target = port
+        elif type(target) is int:
+            if not 0 < target <= 65535:
+                return None
+        elif type(target) is not str or not target or len(target) > 15 or target.isdigit():
+            return None
+        if svc_type is ServiceType.CLUSTER_IP:
+            if node_port is not None:
+                return None
+            node_port = 0
+        elif type(node_port) is not int or not lo <= node_port <= hi:
+            return None
+        names.add(name)
+        seen.add((port, protocol))
+        ports.append(ServicePort(name, protocol, port, target, node_port, app))
+    return tuple(ports)
 
 
 def _cluster_ips(spec: Fields, svc_type: ServiceType, config: NodeConfig

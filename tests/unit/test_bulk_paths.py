@@ -15,7 +15,8 @@ import random
 
 import pytest
 
-from ebpfsvc.k8s import endpointslice
+from ebpfsvc.config import NodeConfig
+from ebpfsvc.k8s import endpointslice, service
 from ebpfsvc.k8s.endpointmerge import Endpoint
 from ebpfsvc.k8s.endpointslice import SliceEndpoint, _endpoint, _plain_endpoint
 from ebpfsvc.k8s.fields import Fields, Invalid
@@ -89,6 +90,116 @@ def test_too_many_or_not_a_list_of_endpoints_is_the_field_readers_problem():
         with pytest.raises(Invalid) as slow:
             tuple(top.objects("endpoints", endpointslice.MAX_ENDPOINTS))
         assert (fast.value.field, fast.value.message) == (slow.value.field, slow.value.message)
+
+
+# Values each Service field may take: (usual ones, odd types or bad values), by where they sit.
+_SERVICE_TOP = {
+    "kind": (["Service", None], ["Endpoints", "", 5]),
+    "apiVersion": (["v1", None], ["v2", ["v1"]]),
+}
+_SERVICE_META = {
+    "name": (["svc-a", "b"], [None, "", "Svc", "1svc", "a" * 64, 5]),
+    "namespace": (["ns-a", None, ""], ["NS", 5, "a" * 64]),
+    "creationTimestamp": ([None, "2026-12-01T10:00:00Z", "2026-12-01T12:00:00+02:00"], ["yesterday", 5]),
+    "labels": ([None, {}, {"app": "a"}, {"service.kubernetes.io/service-proxy-name": "other"},
+                {"service.kubernetes.io/headless": ""}], [{"app": 5}, "", [], {5: "a"}]),
+    "annotations": ([None, {}, {"note": "x"}, {"ebpfsvc.io/lb-algorithm": "random"},
+                     {"service.kubernetes.io/topology-mode": "Auto"},
+                     {"ebpfsvc.io/external-ips-source-ranges": "true"},
+                     {"service.beta.kubernetes.io/load-balancer-source-ranges": "198.18.0.0/16"}],
+                    [{"note": 5}, "", {"ebpfsvc.io/lb-algorithm": "best"}]),
+}
+_SERVICE_SPEC = {
+    "type": ([None, "ClusterIP", "NodePort", "LoadBalancer"], ["ExternalName", "", "clusterip", 5, ["ClusterIP"]]),
+    "clusterIP": (["198.19.0.10", "198.19.0.11", "2001:2::10", None, "None"],
+                  ["198.19.0.300", "127.0.0.1", " 198.19.0.12", 5, "", "224.0.0.1"]),
+    "clusterIPs": ([None, [], ["198.19.0.10"], ["2001:2::10"], ["198.19.0.10", "2001:2::10"]],
+                   [["198.19.0.99"], "198.19.0.10", [5]]),
+    "ipFamilies": ([None, [], ["IPv4"], ["IPv6"], ["IPv4", "IPv6"]], [["IPv5"], ["IPv4", "IPv4"], "IPv4"]),
+    "ipFamilyPolicy": ([None, "SingleStack", "PreferDualStack", "RequireDualStack"], ["Dual", 5]),
+    "selector": ([None, {}, {"app": "a"}], [{"app": 5}, "", []]),
+    "sessionAffinity": ([None, "None", "ClientIP"], ["Sticky", 5]),
+    "sessionAffinityConfig": ([None, {"clientIP": {"timeoutSeconds": 60}}], [{"clientIP": {"timeoutSeconds": 0}}]),
+    "externalTrafficPolicy": ([None, "Cluster", "Local"], ["", "local", 5]),
+    "internalTrafficPolicy": ([None, "Cluster", "Local"], ["Global", ["Local"]]),
+    "publishNotReadyAddresses": ([None, False, True], ["true", 1]),
+    "externalIPs": ([None, [], ["198.18.5.5"]], [["x"], "198.18.5.5"]),
+    "loadBalancerSourceRanges": ([None, [], ["198.18.0.0/16"]], [["198.18.0.0/40"], ""]),
+    "trafficDistribution": ([None, "PreferClose", "Other"], [5]),
+    "healthCheckNodePort": ([None, 30500], [0, "x"]),
+    "externalName": ([None, "example.com"], [5]),
+}
+_SERVICE_PORT = {
+    "name": (["http", "", None, "metrics"], ["HTTP", "a_b", 5, "a" * 64]),
+    "protocol": ([None, "TCP", "UDP", "SCTP"], ["tcp", "", 6, ["TCP"]]),
+    "port": ([80, 8080, 53, 1, 65535], [0, 65536, "80", None, True, 80.0]),
+    "targetPort": ([None, 8080, "http", 0, "8443", False], [70000, "", "a-very-long-port-name", True, 8.5, [1]]),
+    "nodePort": ([None, 30080, 31000], [29999, 40000, "30080", True]),
+    "appProtocol": ([None, "http"], [5]),
+}
+
+
+def _pick(rng: random.Random, fields: dict, present: float = 0.8) -> dict:
+    out = {}
+    for key, (usual, odd) in fields.items():
+        if rng.random() < present:
+            out[key] = rng.choice(usual if rng.random() < 0.93 else odd)
+    return out
+
+
+def _random_service(rng: random.Random):
+    """Mostly a valid ClusterIP or NodePort Service with one to three fields changed (to another usual
+    value or to an odd one), so both paths are reached; else a Service of random fields."""
+    if rng.random() < 0.25:
+        obj = _pick(rng, _SERVICE_TOP, 0.9)
+        obj["metadata"] = _pick(rng, _SERVICE_META, 0.7)
+        obj["spec"] = _pick(rng, _SERVICE_SPEC, 0.35)
+        obj["spec"]["ports"] = [_pick(rng, _SERVICE_PORT, 0.75) for _ in range(rng.choice([0, 1, 2]))]
+        return obj if rng.random() < 0.95 else rng.choice([None, [], "Service"])
+    node_port = rng.random() < 0.3
+    ports = [{"name": name, "port": number, "protocol": "TCP", "targetPort": 8000 + number}
+             for name, number in rng.choice([[("", 80)], [("http", 80)], [("http", 80), ("https", 443)]])]
+    for i, p in enumerate(ports):
+        if node_port:
+            p["nodePort"] = 30080 + i
+    obj = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "svc-a", "namespace": "ns-a"},
+           "spec": {"type": "NodePort" if node_port else "ClusterIP",
+                    "clusterIP": rng.choice(["198.19.0.10", "198.19.1.7"]), "selector": {"app": "a"},
+                    "ports": ports}}
+    where = [(obj, _SERVICE_TOP), (obj["metadata"], _SERVICE_META), (obj["spec"], _SERVICE_SPEC),
+             *((p, _SERVICE_PORT) for p in ports)]
+    for _ in range(rng.randint(1, 3)):
+        target, fields = rng.choice(where)
+        key = rng.choice(list(fields))
+        usual, odd = fields[key]
+        value = rng.choice(usual if rng.random() < 0.7 else odd)
+        if value is None and rng.random() < 0.5:
+            target.pop(key, None)
+        else:
+            target[key] = copy.deepcopy(value)
+    return obj
+
+
+_NODES = [NodeConfig("node-1"), NodeConfig("node-1", service_cidr="198.19.0.0/24"),
+          NodeConfig("node-1", ip_families=("IPv6",)), NodeConfig("node-1", ip_families=("IPv4", "IPv6")),
+          NodeConfig("node-1", nodeport_range="30000-30100", legacy_source_ranges=False)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_service_decides_as_the_field_readers(seed):
+    rng = random.Random(seed)
+    fast_hits = 0
+    for _ in range(3000):
+        obj = _random_service(rng)
+        node = rng.choice(_NODES)
+        slow = _outcome(lambda: service._read_service(obj, node))
+        fast = service._plain_service(obj, node)
+        if fast is not None:
+            fast_hits += 1
+            assert slow == ("ok", fast), obj
+            assert repr(fast) == repr(slow[1])
+        assert _outcome(lambda: service.parse_service(obj, node)) == slow
+    assert fast_hits > 300        # the generator does reach the fast path
 
 
 def test_a_backend_name_is_always_its_address_port_and_protocol():
