@@ -35,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import itertools
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import quote
@@ -543,6 +545,35 @@ class MapWriter:
 
     def _recount(self, old: list[Frontend], wants: list[_FeWant], full: bool) -> _Touched:
         """Reference counts: drop the old frontends' references, take the new ones'."""
+        if full and not old and not self._want:
+            touched = self._count_all(wants)
+        else:
+            touched = self._recount_each(old, wants)
+        if full:
+            # Whatever the maps hold is a candidate too: a previous run's leftovers go now.
+            touched.backends.update(dict.fromkeys(self._be_id))
+            touched.names.update(self._svc_id)
+            touched.frontends.update(dict.fromkeys(self._fe))
+        return touched
+
+    def _count_all(self, wants: list[_FeWant]) -> _Touched:
+        """_recount_each([], wants) from empty counts (a full apply): every count at once, by
+        Counter over all the frontends (in C), where _count moves one count at a time."""
+        self._want = {w.key: w for w in wants}
+        self._by_fe = {id(w.fe): w for w in wants}
+        refs = Counter(itertools.chain.from_iterable(w.be_flags for w in wants))
+        self._be_refs = dict(refs)
+        flagged = [w for w in wants if any(w.be_flags.values())]
+        for flag, counts in ((_BE_TERMINATING, self._be_terminating), (_BE_LOCAL, self._be_local),
+                             (_BE_NOT_READY, self._be_not_ready)):
+            counts.update(Counter(k for w in flagged for k, f in w.be_flags.items() if f & flag))
+        self._svc_refs = dict(Counter(w.name for w in wants))
+        self._marker_refs = dict(Counter(w.marker for w in wants))
+        # The same touched entries, in the same order, as one _count after the other.
+        return _Touched(dict.fromkeys(refs), set(self._svc_refs),
+                        dict.fromkeys(itertools.chain.from_iterable((w.key, w.marker) for w in wants)))
+
+    def _recount_each(self, old: list[Frontend], wants: list[_FeWant]) -> _Touched:
         touched = _Touched({}, set(), {})
         for fe in old:
             w = self._want.pop(_frontend_key(fe))
@@ -556,11 +587,6 @@ class MapWriter:
             self._count(w, 1, touched.backends, touched.names)
             touched.frontends[w.key] = None
             touched.frontends[w.marker] = None
-        if full:
-            # Whatever the maps hold is a candidate too: a previous run's leftovers go now.
-            touched.backends.update(dict.fromkeys(self._be_id))
-            touched.names.update(self._svc_id)
-            touched.frontends.update(dict.fromkeys(self._fe))
         return touched
 
     def _write_backends(self, touched: dict, stats: ApplyStats) -> list[int]:

@@ -15,6 +15,7 @@ import random
 
 import pytest
 
+from ebpfsvc import maglev
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s import endpointslice, service
 from ebpfsvc.k8s.endpointmerge import Endpoint
@@ -294,12 +295,17 @@ def test_frontend_want_table_and_flags_as_defined(seed):
     for _ in range(500):
         family = rng.choice((4, 6))
         base = "198.18.0." if family == 4 else "2001:2::"
+        # Half the frontends with no flagged backend: the shortcut's.
+        p_term, p_not_ready, p_local = rng.choice(((0.15, 0.1, 0.5), (0, 0, 0)))
         backends = tuple(Backend(ipaddress.ip_address(f"{base}{rng.randint(1, 6)}"), rng.choice((80, 8080)),
-                                 rng.choice((Protocol.TCP, Protocol.UDP)), rng.random() < 0.15,
-                                 rng.random() < 0.1, rng.random() < 0.5) for _ in range(rng.randint(0, 8)))
+                                 rng.choice((Protocol.TCP, Protocol.UDP)), rng.random() < p_term,
+                                 rng.random() < p_not_ready, rng.random() < p_local)
+                         for _ in range(rng.randint(0, 8)))
         fe = Frontend(FrontendKey(ipaddress.ip_address("198.19.0.1" if family == 4 else "2001:2::ff"), 80),
                       ServicePortName("ns", "svc"), backends=backends)
         w = writer._frontend_want(fe)
+        assert w.key == writer._frontend_key(fe) and w.marker == (w.key[0], 0, w.key[2], w.key[3])
+        assert w.name == writer.service_name(fe.service) and w.table_size == maglev.table_size(len(w.table_names))
         distinct = {}
         flags = {}
         for b in backends:
@@ -311,6 +317,33 @@ def test_frontend_want_table_and_flags_as_defined(seed):
         table = sorted((b.name, writer._backend_key(b)) for b in table_backends(distinct.values()))
         assert w.table_names == tuple(n for n, _ in table) and w.table_keys == tuple(k for _, k in table)
         assert w.be_flags == flags and list(w.be_flags) == list(distinct)
+
+
+def test_counting_every_frontend_at_once_equals_counting_one_by_one():
+    """A full apply's reference counts (Counter over all frontends) against _count's, one frontend
+    at a time: the same counts, and the same touched entries in the same order (ids follow it)."""
+    from ebpfsvc.datapath import writer
+    from ebpfsvc.lbmodel import Frontend, FrontendKey, ServicePortName
+
+    rng = random.Random(3)
+    fes = []
+    for i in range(300):
+        backends = tuple(Backend(ipaddress.ip_address(f"198.18.{rng.randint(0, 3)}.{rng.randint(1, 9)}"),
+                                 rng.choice((80, 8080)), Protocol.TCP, rng.random() < 0.1, rng.random() < 0.1,
+                                 rng.random() < 0.2) for _ in range(rng.randint(0, 6)))
+        fes.append(Frontend(FrontendKey(ipaddress.ip_address(f"198.19.{i // 100}.{rng.randint(1, 3)}"), 80 + i),
+                            ServicePortName("ns", f"svc-{rng.randint(0, 99)}"), backends=backends))
+    wants = [writer._frontend_want(fe) for fe in fes]
+    at_once, each = writer.MapWriter.__new__(writer.MapWriter), writer.MapWriter.__new__(writer.MapWriter)
+    at_once._reset_refs()
+    each._reset_refs()
+    got, want = at_once._count_all(wants), each._recount_each([], wants)
+    assert list(got.backends) == list(want.backends) and got.names == want.names
+    assert list(got.frontends) == list(want.frontends)
+    for attr in ("_want", "_by_fe", "_be_refs", "_be_terminating", "_be_local", "_be_not_ready", "_svc_refs",
+                 "_marker_refs"):
+        assert getattr(at_once, attr) == getattr(each, attr), attr
+    assert each._be_terminating and each._be_local and each._be_not_ready
 
 
 def test_service_name_skips_quoting_only_what_quoting_leaves_alone():
