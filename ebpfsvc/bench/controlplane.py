@@ -136,12 +136,11 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _cold_caches() -> None:
     """Forget what an earlier full sync of this process taught its caches: a starting agent has
-    parsed no address and hashed no backend name yet (both caches grow with the cluster; warm,
-    they took 0.15 s off the figure at 10,000 x 10)."""
+    hashed no backend name yet.  Since 2026-12-05 that cache serves only where the C hashes cannot
+    be built (maglev.hasher), and addresses are no longer cached; warm, the two caches took 0.15 s
+    off the figure at 10,000 x 10."""
     from ebpfsvc import maglev
-    from ebpfsvc.k8s import fields
 
-    fields.ip_address_cache_clear()
     maglev.name_hashes.cache_clear()
 
 

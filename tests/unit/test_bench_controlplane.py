@@ -11,12 +11,12 @@ from ebpfsvc.lbmodel import Protocol, backend_name
 
 
 def test_each_full_sync_starts_with_the_caches_a_starting_agent_has_not_filled():
-    fields.parse_ip("198.18.0.1", "x")
     maglev.name_hashes("198.18.0.1:80/TCP")
-    assert fields._ip_address.cache_info().currsize and maglev.name_hashes.cache_info().currsize
+    assert maglev.name_hashes.cache_info().currsize
     controlplane._cold_caches()
-    assert fields._ip_address.cache_info().currsize == 0
     assert maglev.name_hashes.cache_info().currsize == 0
+    # Addresses are parsed afresh each time: nothing of them to warm up.
+    assert not hasattr(fields._ip_address, "cache_info")
 
 
 def test_the_floor_reads_every_object_and_builds_every_table(monkeypatch):
