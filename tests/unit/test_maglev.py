@@ -169,6 +169,25 @@ def test_build_tables_many_at_once_equals_one_by_one():
     assert out.dtype == np.uint32 and np.array_equal(out, np.concatenate(expected))
 
 
+@pytest.mark.parametrize("workers", [2, 3, 7])
+def test_tables_filled_on_several_cores_equal_one_core(monkeypatch, workers):
+    # A full sync's call fills (and hashes) in parts, one thread each: the same slots as in one run.
+    rng = random.Random(workers)
+    tables = [(sorted({f"198.18.{t}.{rng.randrange(256)}:80/TCP" for _ in range(rng.choice([0, 1, 3, 10, 40]))}),)
+              for t in range(60)]
+    tables = [(names, maglev.table_size(len(names)), [rng.randrange(1, 1 << 20) for _ in names])
+              for (names,) in tables]
+    one = maglev.build_tables(tables)
+    monkeypatch.setattr(maglev, "_fill_workers", lambda total: workers)
+    threads = []
+    real = maglev._parts
+    monkeypatch.setattr(maglev, "_parts", lambda *a: threads.append(real(*a)) or threads[-1])
+    assert np.array_equal(maglev.build_tables(tables), one)
+    (parts,) = threads
+    assert len(parts) == workers and [p[0] for p in parts[1:]] == [p[1] for p in parts[:-1]]
+    assert maglev.build_tables([]).size == 0 and maglev.build_tables([([], 0, [])]).size == 0
+
+
 @pytest.mark.parametrize("n,size", [(1, 2), (2, 2), (3, 3), (5, 13), (7, 7)])
 def test_the_c_fill_at_the_smallest_sizes(n, size):
     names = sorted(backend_names(n))
