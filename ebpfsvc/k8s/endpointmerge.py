@@ -85,21 +85,20 @@ def _one_slice(namespace: str, service_name: str, sl: EndpointSlice
     address is of the slice's family and a port's endpoints share its number, so the merge's
     (family, address, port) order is the addresses' order and there is no duplicate to resolve:
     one int per endpoint to sort by, and each Endpoint is its SliceEndpoint's fields with the port
-    put in, by tuple operations (both are NamedTuples: SliceEndpoint[1:8] are Endpoint[2:])."""
+    put in (both are NamedTuples: SliceEndpoint[1:8] are Endpoint[2:]), one tuple made per endpoint."""
     endpoints = sl.endpoints
     numbers = [int(ep[0]) for ep in endpoints]
     if len(set(numbers)) != len(numbers):
         return None
     ordered = [endpoints[i] for i in sorted(range(len(numbers)), key=numbers.__getitem__)]
-    heads, tails = [ep[0] for ep in ordered], [ep[1:8] for ep in ordered]
     new = tuple.__new__         # NamedTuple._make without its length check: the lengths are the classes'
     merged = {}
     for port in sl.ports:
         if port.port is None:
             continue            # as in merge_endpoint_slices
-        number = port.port
+        n = port.port
         merged[ServicePortName(namespace, service_name, port.name, port.protocol)] = tuple([
-            new(Endpoint, (address, number) + tail) for address, tail in zip(heads, tails)])
+            new(Endpoint, (ep[0], n, ep[1], ep[2], ep[3], ep[4], ep[5], ep[6], ep[7])) for ep in ordered])
     return merged
 
 
