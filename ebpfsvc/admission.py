@@ -41,11 +41,12 @@ deferral costs at most one more sync, never a map write that fails.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
-from ebpfsvc import maglev
+from ebpfsvc import heap, maglev
 from ebpfsvc.k8s.fields import Problem
 from ebpfsvc.lbmodel import Frontend, FrontendKey, LBState, ServicePortName, table_backends
 
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 ServiceKey = tuple[str, str]
 MAGLEV_RESERVE = 0.10           # of lb_maglev's slots, for tables being replaced (see above)
+_BULK_FRONTENDS = 256           # needs recomputed at once from this many frontends: with the collector paused
 
 # Reasons a Service is not programmed (metric label values, and lb_service_status codes).
 CONFLICT, CAPACITY, FAILURE = "conflict", "capacity", "failure"
@@ -298,15 +300,19 @@ class Admission:
         else:
             self._needs, self._totals = {}, _Totals()
             keys = desired.frontends
-        for key in keys:
-            old = self._needs.pop(key, None)
-            if old is not None:
-                self._totals.add(old, -1)
-            fe = desired.frontends.get(key)
-            if fe is not None:
-                need = _Need(fe)
-                self._needs[key] = need
-                self._totals.add(need, 1)
+        # Every frontend's needs at a full sync: long-lived objects made in bulk, no cycle
+        # collection meanwhile (ebpfsvc.heap; at 100,000 Services the collector's passes over the
+        # growing heap cost more than the needs themselves).
+        with heap.bulk() if len(keys) > _BULK_FRONTENDS else contextlib.nullcontext():
+            for key in keys:
+                old = self._needs.pop(key, None)
+                if old is not None:
+                    self._totals.add(old, -1)
+                fe = desired.frontends.get(key)
+                if fe is not None:
+                    need = _Need(fe)
+                    self._needs[key] = need
+                    self._totals.add(need, 1)
         self._seen = desired
 
     # ---- the slow path: something does not fit ---------------------------------------------------
