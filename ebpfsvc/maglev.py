@@ -138,13 +138,13 @@ _SKIP_HASHER = hashlib.blake2b(digest_size=8, person=_SKIP_PERSON)
 def hash_names(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """name_hashes of every name, as two uint64 arrays (offset hashes, skip hashes): in one C call
     when hasher() is built, else name by name through the cache."""
-    h_offset = np.empty(len(names), dtype=np.uint64)
-    h_skip = np.empty(len(names), dtype=np.uint64)
     lib = hasher()
     if lib is None:
-        h_offset[:] = [name_hashes(n)[0] for n in names]
-        h_skip[:] = [name_hashes(n)[1] for n in names]
-        return h_offset, h_skip
+        pairs = np.fromiter(itertools.chain.from_iterable(map(name_hashes, names)), dtype=np.uint64,
+                            count=2 * len(names))
+        return pairs[0::2].copy(), pairs[1::2].copy()
+    h_offset = np.empty(len(names), dtype=np.uint64)
+    h_skip = np.empty(len(names), dtype=np.uint64)
     blob, lengths = _name_blob(names)
     ffi = lib.ffi
     _hash_run(lib, ffi.from_buffer("uint8_t[]", blob), ffi.from_buffer("uint32_t[]", lengths),

@@ -220,7 +220,7 @@ def test_the_c_fill_and_hashes_are_built_into_the_cache_directory_once(monkeypat
     assert maglev.build_table(list("abcde"), 13).tolist() == GOLDEN_ABCDE_13
 
 
-def test_the_c_hashes_are_hashlibs_digests():
+def test_the_c_hashes_are_hashlibs_digests(monkeypatch):
     # The agent hashes through maglev_hash.c (libb2); name_hashes (hashlib) is the reference.
     assert maglev.hasher() is not None, "the C hashes could not be built (libb2-dev: make setup)"
     rng = random.Random(5)
@@ -230,6 +230,10 @@ def test_the_c_hashes_are_hashlibs_digests():
     assert h_offset.dtype == h_skip.dtype == np.uint64
     assert [(int(o), int(s)) for o, s in zip(h_offset, h_skip)] == [maglev.name_hashes(n) for n in names]
     assert [a.size for a in maglev.hash_names([])] == [0, 0]
+    monkeypatch.setattr(maglev, "_hasher", None)        # without libb2: the same arrays from hashlib
+    fallback = maglev.hash_names(names)
+    assert all(a.dtype == np.uint64 for a in fallback)
+    assert np.array_equal(fallback[0], h_offset) and np.array_equal(fallback[1], h_skip)
 
 
 def test_cached_name_hashes_are_the_two_personalised_blake2b_digests():
