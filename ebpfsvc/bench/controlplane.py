@@ -45,7 +45,11 @@ NODE = NodeConfig(node_name="node-1", node_addresses=("198.18.0.11",), zone="zon
 
 
 def cluster_objects(n_services: int, endpoints: int) -> tuple[list[dict], list[dict]]:
-    """N ClusterIP Services with one EndpointSlice of K ready endpoints each (API-shaped dicts)."""
+    """N ClusterIP Services with one EndpointSlice of K ready endpoints each, as the API server
+    returns them: with the fields it sets or defaults (uid, creationTimestamp, clusterIPs,
+    ipFamilies, ipFamilyPolicy, sessionAffinity, ...) and, on each slice, what the EndpointSlice
+    controller writes (its labels, owner, last-change-trigger-time, every condition, targetRef).
+    The agent reads or checks each of those; the fields nobody reads (managedFields) are left out."""
     # 32,766 ClusterIPs in 198.19.0.0/17; past that (100,000 Services) the same addresses again
     # with another service port, so every frontend stays distinct within 198.18.0.0/15.
     vips = [str(a) for a in ipaddress.IPv4Network("198.19.0.0/17").hosts()]
@@ -54,25 +58,42 @@ def cluster_objects(n_services: int, endpoints: int) -> tuple[list[dict], list[d
     pool = [*ipaddress.IPv4Network("198.18.0.0/16").hosts(), *ipaddress.IPv4Network("198.19.128.0/17").hosts()]
     pool = pool[:-1]       # the last address is kept free: measure() moves an endpoint there
     cycle = len(pool) // endpoints * endpoints
+    created = "2026-12-01T10:00:00Z"
     services, slices = [], []
     for i in range(n_services):
         name = f"svc-{i}"
+        uid = f"00000000-0000-4000-8000-{i:012d}"
         first = i * endpoints
         port = 8080 + first // cycle
+        vip = vips[i % len(vips)]
         services.append({
             "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "bench", "resourceVersion": "1"},
-            "spec": {"clusterIP": vips[i % len(vips)], "selector": {"app": name},
+            "metadata": {"name": name, "namespace": "bench", "uid": uid, "resourceVersion": "1",
+                         "creationTimestamp": created, "labels": {"app": name}},
+            "spec": {"type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip], "ipFamilies": ["IPv4"],
+                     "ipFamilyPolicy": "SingleStack", "internalTrafficPolicy": "Cluster",
+                     "sessionAffinity": "None", "selector": {"app": name},
                      "ports": [{"name": "http", "port": 80 + i // len(vips), "targetPort": port, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {}},
         })
         slices.append({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{name}-abcde", "namespace": "bench", "resourceVersion": "1",
-                         "labels": {"kubernetes.io/service-name": name}},
+            "metadata": {"name": f"{name}-abcde", "generateName": f"{name}-", "namespace": "bench",
+                         "uid": f"00000000-0000-4000-9000-{i:012d}", "resourceVersion": "1",
+                         "creationTimestamp": created,
+                         "labels": {"kubernetes.io/service-name": name, "app": name,
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                         "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": created},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": name, "uid": uid,
+                                              "controller": True, "blockOwnerDeletion": True}]},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [str(pool[(first + j) % cycle])], "conditions": {"ready": True},
-                           "nodeName": "node-2" if j % 2 else "node-1"} for j in range(endpoints)],
+            "endpoints": [{"addresses": [str(pool[(first + j) % cycle])],
+                           "conditions": {"ready": True, "serving": True, "terminating": False},
+                           "nodeName": "node-2" if j % 2 else "node-1",
+                           "targetRef": {"kind": "Pod", "namespace": "bench", "name": f"{name}-{j}",
+                                         "uid": f"00000000-0000-4000-a000-{first + j:012d}"}}
+                          for j in range(endpoints)],
         })
     return services, slices
 
