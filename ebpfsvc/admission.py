@@ -41,7 +41,6 @@ deferral costs at most one more sync, never a map write that fails.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 
 ServiceKey = tuple[str, str]
 MAGLEV_RESERVE = 0.10           # of lb_maglev's slots, for tables being replaced (see above)
-_BULK_FRONTENDS = 256           # needs recomputed at once from this many frontends: with the collector paused
 
 # Reasons a Service is not programmed (metric label values, and lb_service_status codes).
 CONFLICT, CAPACITY, FAILURE = "conflict", "capacity", "failure"
@@ -303,7 +301,7 @@ class Admission:
         # Every frontend's needs at a full sync: long-lived objects made in bulk, no cycle
         # collection meanwhile (ebpfsvc.heap; at 100,000 Services the collector's passes over the
         # growing heap cost more than the needs themselves).
-        with heap.bulk() if len(keys) > _BULK_FRONTENDS else contextlib.nullcontext():
+        with heap.bulk_for(len(keys)):
             for key in keys:
                 old = self._needs.pop(key, None)
                 if old is not None:

@@ -35,7 +35,6 @@ cost of what changed in between, and says which frontends changed (LBDelta) for 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
@@ -49,9 +48,6 @@ from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints
 from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, IPAddress, LBState, Scope,
                              ServicePortName)
 from ebpfsvc.tracker import ClusterSnapshot, ServiceKey, overlay_view
-
-# Builds that recompute more Services than this pause the cycle collector (ebpfsvc.heap).
-_BULK_SERVICES = 256
 
 # The field a frontend comes from, to name it when two Services collide.
 _KIND_FIELD = {
@@ -163,7 +159,7 @@ class DesiredStateBuilder:
         touched: set[FrontendKey] = set()
         failures_touched = False
         # A full build makes the whole state at once: no cycle collection meanwhile (ebpfsvc.heap).
-        with heap.bulk() if len(todo) > _BULK_SERVICES else contextlib.nullcontext():
+        with heap.bulk_for(len(todo)):
             for key in todo:
                 try:
                     self._update_service(snapshot, zone, key, touched)

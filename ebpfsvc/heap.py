@@ -40,3 +40,13 @@ def bulk():
                 # allocation (the counts grew meanwhile) does not walk it, now or later.
                 gc.freeze()
                 gc.enable()
+
+
+# Work on more objects than this (Services, slices, frontends) is bulk work: below it a section
+# costs more than the few collections it would spare (an endpoint change stays out of it).
+BULK_MIN = 256
+
+
+def bulk_for(count: int):
+    """bulk() for work on `count` objects when that is more than BULK_MIN, else a no-op section."""
+    return bulk() if count > BULK_MIN else contextlib.nullcontext()

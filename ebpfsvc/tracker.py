@@ -27,7 +27,6 @@ Thread-safe: sources call in from their own threads, the agent takes snapshots.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -315,8 +314,7 @@ class ClusterState:
 
     def snapshot(self) -> ClusterSnapshot:
         """The current state; also marks every change so far as seen (see wait_changed)."""
-        with self._cond, (heap.bulk() if self._slices.pending_count + self._services.pending_count > 256
-                          else contextlib.nullcontext()):
+        with self._cond, heap.bulk_for(self._slices.pending_count + self._services.pending_count):
             # After a relist every Service is remerged: no cycle collection meanwhile (ebpfsvc.heap).
             services_changed = set(self._services.take())
             dirty: set[ServiceKey] = set()

@@ -65,3 +65,14 @@ def test_what_a_bulk_section_made_is_frozen_when_it_ends():
         assert all(not any(o is m for o in gc.get_objects()) for m in made[:3])
     finally:
         gc.unfreeze()
+
+
+def test_bulk_for_pauses_only_for_more_than_the_bulk_minimum():
+    # One threshold for every stage (tracker, desired state, admission): small work, an endpoint
+    # change, keeps the collector; a full sync's does not.
+    assert gc.isenabled()
+    with heap.bulk_for(heap.BULK_MIN):
+        assert gc.isenabled()
+    with heap.bulk_for(heap.BULK_MIN + 1):
+        assert not gc.isenabled()
+    assert gc.isenabled()
