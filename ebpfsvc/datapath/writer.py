@@ -598,7 +598,7 @@ class MapWriter:
         be_refs, be_id, be_val, allocate = self._be_refs, self._be_id, self._be_val, self._be_ids.allocate
         terminating, local, not_ready = self._be_terminating, self._be_local, self._be_not_ready
         entry = tuple.__new__     # BackendEntry._make without its length check: val has its 4 fields
-        changed = six = 0
+        changed = 0
         for bkey in touched:
             refs = be_refs.get(bkey)
             ident = be_id.get(bkey)
@@ -618,12 +618,10 @@ class MapWriter:
             if old != val:
                 be_writes.append((ident, entry(BackendEntry, val)))
                 changed += old is not None
-                six += type(bkey[0]) is tuple       # _is6, inline
         stats.backends_changed += changed
         _zero_percpu_ids(self.be_stats_map, fresh)
         stats.stats_zeroed += len(fresh)
-        # Split by family only when there is an IPv6 one: a full sync writes 100,000 backends.
-        four, six = _split(be_writes, lambda w: w[1].address) if six else (be_writes, [])
+        four, six = _split(be_writes, lambda w: w[1].address)
         _update_records(self.backends_map, [i for i, _ in four], [v for _, v in four])
         if six:
             _update_records(self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
