@@ -112,11 +112,6 @@ def table_size(backend_count: int) -> int:
     return next_prime(rung)
 
 
-def _hash64(name: str, person: bytes) -> int:
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8, person=person).digest()
-    return int.from_bytes(digest, "little")
-
-
 @functools.lru_cache(maxsize=1 << 20)
 def name_hashes(name: str) -> tuple[int, int]:
     """The two 64-bit hashes of a backend name, before reduction to a table size: a backend's
@@ -143,30 +138,35 @@ def hash_names(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         pairs = np.fromiter(itertools.chain.from_iterable(map(name_hashes, names)), dtype=np.uint64,
                             count=2 * len(names))
         return pairs[0::2].copy(), pairs[1::2].copy()
-    h_offset = np.empty(len(names), dtype=np.uint64)
-    h_skip = np.empty(len(names), dtype=np.uint64)
-    blob, lengths = _name_blob(names)
-    ffi = lib.ffi
-    _hash_run(lib, ffi.from_buffer("uint8_t[]", blob), ffi.from_buffer("uint32_t[]", lengths),
-              ffi.from_buffer("uint64_t[]", h_offset), ffi.from_buffer("uint64_t[]", h_skip), 0, len(names), 0)
-    return h_offset, h_skip
+    run = _HashRun(lib, names)
+    run(0, len(names))
+    return run.h_offset, run.h_skip
 
 
-def _name_blob(names: Sequence[str]) -> tuple[bytes, np.ndarray]:
-    """The names back to back, UTF-8, and each one's length in bytes: what maglev_name_hashes reads."""
-    blob = "".join(names).encode("utf-8")
-    if len(blob) == sum(map(len, names)):       # all ASCII (every backend name): a char is a byte
-        lengths = np.fromiter(map(len, names), dtype=np.uint32, count=len(names))
-    else:
-        lengths = np.fromiter((len(n.encode("utf-8")) for n in names), dtype=np.uint32, count=len(names))
-    return blob, lengths
+class _HashRun:
+    """The names back to back (UTF-8, each one's length in bytes) and the two arrays their hashes
+    go to, as maglev_name_hashes reads and writes them; calling it hashes names [n0, n1), so the
+    parts of a full sync can each hash their own."""
 
+    def __init__(self, lib, names: Sequence[str]):
+        blob = "".join(names).encode("utf-8")
+        if len(blob) == sum(map(len, names)):       # all ASCII (every backend name): a char is a byte
+            lengths = np.fromiter(map(len, names), dtype=np.uint32, count=len(names))
+        else:
+            lengths = np.fromiter((len(n.encode("utf-8")) for n in names), dtype=np.uint32, count=len(names))
+        self.lib, self.lengths = lib, lengths
+        self.h_offset = np.empty(len(names), dtype=np.uint64)
+        self.h_skip = np.empty(len(names), dtype=np.uint64)
+        ffi = lib.ffi
+        self._buffers = (ffi.from_buffer("uint8_t[]", blob), ffi.from_buffer("uint32_t[]", lengths),
+                         ffi.from_buffer("uint64_t[]", self.h_offset), ffi.from_buffer("uint64_t[]", self.h_skip))
 
-def _hash_run(lib, blob, lengths, h_offset, h_skip, n0: int, n1: int, byte0: int) -> None:
-    """Names [n0, n1) hashed into h_offset/h_skip[n0:n1]; their bytes start at blob[byte0]."""
-    if lib.lib.maglev_name_hashes(n1 - n0, blob + byte0, lengths + n0, _PERSON_OFFSET_16, _PERSON_SKIP_16,
-                                  h_offset + n0, h_skip + n0) != 0:
-        raise RuntimeError("maglev_name_hashes: libb2 refused the parameters")
+    def __call__(self, n0: int, n1: int) -> None:
+        blob, lengths, h_offset, h_skip = self._buffers
+        byte0 = int(self.lengths[:n0].sum()) if n0 else 0
+        if self.lib.lib.maglev_name_hashes(n1 - n0, blob + byte0, lengths + n0, _PERSON_OFFSET_16, _PERSON_SKIP_16,
+                                           h_offset + n0, h_skip + n0) != 0:
+            raise RuntimeError("maglev_name_hashes: libb2 refused the parameters")
 
 
 # The personalisations as libb2's parameter block holds them (hashlib pads them the same way).
@@ -247,12 +247,11 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
     values = np.fromiter((v for _, _, vs in tables for v in vs), dtype=np.uint32, count=total_names)
     hashes = hasher()
     if hashes is None:
+        hash_run = None
         h_offset, h_skip = hash_names(names)
     else:       # each part hashes its own names, below
-        h_offset, h_skip = np.empty(total_names, dtype=np.uint64), np.empty(total_names, dtype=np.uint64)
-        blob, lengths = _name_blob(names)
-        named = (hashes.ffi.from_buffer("uint8_t[]", blob), hashes.ffi.from_buffer("uint32_t[]", lengths),
-                 hashes.ffi.from_buffer("uint64_t[]", h_offset), hashes.ffi.from_buffer("uint64_t[]", h_skip))
+        hash_run = _HashRun(hashes, names)
+        h_offset, h_skip = hash_run.h_offset, hash_run.h_skip
     ffi = lib.ffi
     args = [ffi.from_buffer("uint32_t[]", counts), ffi.from_buffer("uint32_t[]", sizes),
             ffi.from_buffer("uint64_t[]", h_offset), ffi.from_buffer("uint64_t[]", h_skip),
@@ -261,8 +260,8 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
     def fill(part: tuple[int, int, int, int, int]) -> int:
         """Tables [t0, t1), whose names are [n0, n1) and slots start at s0: hashed, then filled."""
         t0, t1, n0, n1, s0 = part
-        if hashes is not None:
-            _hash_run(hashes, *named, n0, n1, int(lengths[:n0].sum()) if n0 else 0)
+        if hash_run is not None:
+            hash_run(n0, n1)
         n, size, h_off, h_sk, value, slots = args
         return lib.lib.maglev_fill(t1 - t0, n + t0, size + t0, h_off + n0, h_sk + n0, value + n0, slots + s0)
 
