@@ -196,9 +196,8 @@ def _read_service(obj: dict, config: NodeConfig) -> Service:
 
 # What the plain path reads, and how (_plain_service).  Annotations the field readers interpret,
 # and spec fields it leaves to them, send a Service their way when present.
-_PLAIN_TYPES = {None: ServiceType.CLUSTER_IP, "ClusterIP": ServiceType.CLUSTER_IP,
-                "NodePort": ServiceType.NODE_PORT}
-_PLAIN_POLICIES = {None: TrafficPolicy.CLUSTER, "Cluster": TrafficPolicy.CLUSTER, "Local": TrafficPolicy.LOCAL}
+_PLAIN_TYPES = {None: ServiceType.CLUSTER_IP, **{t.value: t for t in (ServiceType.CLUSTER_IP, ServiceType.NODE_PORT)}}
+_PLAIN_POLICIES = {None: TrafficPolicy.CLUSTER, **{p.value: p for p in TrafficPolicy}}     # what _policy takes
 _READ_ANNOTATIONS = frozenset({ANNOTATION_TOPOLOGY_MODE, ANNOTATION_TOPOLOGY_HINTS, ANNOTATION_SOURCE_RANGES,
                                ANNOTATION_ALGORITHM, ANNOTATION_EXTERNAL_IP_SOURCE_RANGES})
 _EMPTY_LISTS = ("externalIPs", "loadBalancerSourceRanges")
