@@ -47,7 +47,7 @@ from typing import Iterable, Mapping
 
 from ebpfsvc import heap, maglev
 from ebpfsvc.k8s.fields import Problem
-from ebpfsvc.lbmodel import Frontend, FrontendKey, LBState, ServicePortName, table_backends
+from ebpfsvc.lbmodel import Frontend, FrontendKey, LBState, ServicePortName, backend_rows
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,11 @@ class _Need:
     def __init__(self, fe: Frontend):
         self.fe = fe
         # A backend as the writer keys it (address, port, protocol), by its name, which says just
-        # that and is already computed (desired state sorted by it): this runs for every backend of
-        # a full sync, and a str keeps its hash.
-        keys = frozenset([b.name for b in fe.backends])
-        if any(b.terminating or b.not_ready for b in fe.backends):
-            usable = len({b.name for b in table_backends(fe.backends)})
-        else:
-            usable = len(keys)
+        # that and is already computed (desired state's rows): this runs for every backend of a
+        # full sync, and a str keeps its hash.
+        rows = backend_rows(fe.backends)
+        keys = frozenset(rows.names)
+        usable = len(keys) if rows.plain else len(rows.table_rows())
         self.backends = keys
         self.slots = maglev.table_size(usable) if usable else 0
         self.ranges = len(fe.source_ranges)

@@ -35,7 +35,6 @@ cost of what changed in between, and says which frontends changed (LBDelta) for 
 from __future__ import annotations
 
 import bisect
-import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
 
@@ -45,8 +44,8 @@ from ebpfsvc.k8s.endpointmerge import Endpoint
 from ebpfsvc.k8s.fields import Problem
 from ebpfsvc.k8s.service import Service, ServicePort, TrafficPolicy
 from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints
-from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, IPAddress, LBState, Scope,
-                             ServicePortName)
+from ebpfsvc.lbmodel import (LOCAL, NOT_READY, TERMINATING, BackendRows, Frontend, FrontendKey, FrontendKind,
+                             IPAddress, LBState, Scope, ServicePortName, backend_names)
 from ebpfsvc.tracker import ClusterSnapshot, ServiceKey, overlay_view
 
 # The field a frontend comes from, to name it when two Services collide.
@@ -353,28 +352,36 @@ def _external_addresses(svc: Service, port: ServicePort, node: NodeConfig, versi
 
 
 def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
-              port: ServicePort) -> tuple[Backend, ...]:
+              port: ServicePort) -> BackendRows:
     # Draining endpoints are listed as terminating backends and not-ready ones as not ready:
     # the writer keeps them out of the Maglev table (draining ones while others serve), but
     # keeps them in the backends map, so the datapath does not reset their established flows
-    # as flows to a removed backend.
-    make, nodes, me = Backend, snapshot.nodes, node.node_name
-    protocol = port.protocol
-    backends = []
-    for eps, terminating, not_ready in ((chosen.endpoints, chosen.terminating, False),
-                                        (chosen.draining, True, False), (chosen.not_ready, False, True)):
-        for ep in eps:
-            zone = ep.zone
-            if not zone:
-                known = nodes.get(ep.node_name)
-                zone = known.zone if known else ""
-            backends.append(make(ep.address, ep.port, protocol, terminating, not_ready,
-                                 bool(ep.node_name) and ep.node_name == me, ep.node_name, zone))
-    backends.sort(key=_backend_name)
-    return tuple(backends)
+    # as flows to a removed backend.  Rows, not a Backend per endpoint (lbmodel.BackendRows):
+    # the endpoints of one set are distinct (merge_endpoint_slices) and of one family.
+    eps = chosen.endpoints + chosen.draining + chosen.not_ready
+    if not eps:
+        return BackendRows.of(())
+    base = TERMINATING if chosen.terminating else 0
+    states = ((base,) * len(chosen.endpoints) + (TERMINATING,) * len(chosen.draining)
+              + (NOT_READY,) * len(chosen.not_ready))
+    me, nodes = node.node_name, snapshot.nodes
+    addresses = [ep.address for ep in eps]
+    ports = [ep.port for ep in eps]
+    node_names = [ep.node_name for ep in eps]
+    flags = [f | LOCAL if n == me and n else f for f, n in zip(states, node_names)]
+    zones = [ep.zone for ep in eps]
+    if nodes:
+        # An endpoint without a zone of its own is in its Node's (topology.kubernetes.io/zone).
+        zones = [z or _node_zone(nodes, n) for z, n in zip(zones, node_names)]
+    rows = sorted(zip(backend_names(addresses, ports, port.protocol), addresses, ports, flags, node_names, zones))
+    names, addresses, ports, flags, node_names, zones = zip(*rows)
+    return BackendRows(names, addresses, ports, (port.protocol,) * len(names), flags, node_names, zones,
+                       addresses[0].version)
 
 
-_backend_name = operator.attrgetter("name")
+def _node_zone(nodes, name: str) -> str:
+    known = nodes.get(name)
+    return known.zone if known else ""
 
 
 def _conflict(svc: Service, index: int, fe: Frontend, holder: Frontend) -> Problem:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Union
 
@@ -148,12 +149,120 @@ def backend_name(address: IPAddress, port: int, protocol: Protocol) -> str:
     return f"[{address}]:{port}/{protocol._value_}"
 
 
+def backend_names(addresses: Sequence[IPAddress], ports: Sequence[int], protocol: Protocol) -> list[str]:
+    """backend_name() of each (address, port) of one family and one protocol, in a comprehension:
+    desired state names every backend of a full sync."""
+    proto = protocol._value_
+    if addresses and addresses[0].version == 4:
+        ntoa = socket.inet_ntoa
+        return [f"{ntoa(a.packed)}:{p}/{proto}" for a, p in zip(addresses, ports)]
+    return [f"[{a}]:{p}/{proto}" for a, p in zip(addresses, ports)]
+
+
 def table_backends(backends: Iterable[Backend]) -> list[Backend]:
     """The backends new flows may reach, which a frontend's Maglev table is built from: the
     ready ones, or the serving-but-terminating ones when none is ready (KEP-1669's fallback);
-    never the not-ready ones."""
-    usable = [b for b in backends if not b.not_ready]
-    return [b for b in usable if not b.terminating] or usable
+    never the not-ready ones.  In name order."""
+    rows = backend_rows(backends)
+    return [rows[i] for i in rows.table_rows()]
+
+
+# A backend's state in BackendRows.flags, one bit each (Backend.terminating, not_ready, local).
+TERMINATING, NOT_READY, LOCAL = 1, 2, 4
+
+
+class BackendRows(Sequence):
+    """A frontend's backends, as columns in name order (the order Maglev sorts them in).
+
+    What desired state hands on for every frontend: admission counts the names, the writer takes
+    the names, map keys and flags, and none of them needs a Backend object per endpoint (a full
+    sync has 100,000).  It is still a sequence of Backend: indexing or iterating makes them, one
+    at a time, for whoever wants objects (inspection, tests, the general paths), and it equals the
+    tuple of those Backends, with the same hash.
+
+    Columns: names (unique, sorted), addresses, ports, protocols, flags (TERMINATING | NOT_READY
+    | LOCAL), nodes, zones; `family` is the IP version of every address, 0 if empty or mixed."""
+
+    __slots__ = ("names", "addresses", "ports", "protocols", "flags", "nodes", "zones", "family")
+
+    def __init__(self, names: tuple, addresses: tuple, ports: tuple, protocols: tuple, flags: tuple,
+                 nodes: tuple, zones: tuple, family: int):
+        self.names, self.addresses, self.ports, self.protocols = names, addresses, ports, protocols
+        self.flags, self.nodes, self.zones, self.family = flags, nodes, zones, family
+
+    @classmethod
+    def of(cls, backends: Iterable[Backend]) -> "BackendRows":
+        """Rows of any Backends, sorted by name; one row per name.  A repeated name keeps its first
+        copy's node and zone; it is terminating or local if any copy is, and not ready only if
+        every copy is (as the writer merges a backend listed by several frontends)."""
+        by_name: dict[str, list] = {}
+        for b in backends:
+            flags = (TERMINATING if b.terminating else 0) | (NOT_READY if b.not_ready else 0) | (LOCAL if b.local else 0)
+            row = by_name.get(b.name)
+            if row is None:
+                by_name[b.name] = [b.name, b.address, b.port, b.protocol, flags, b.node, b.zone]
+            else:
+                row[4] = (row[4] | flags) & ~NOT_READY | (row[4] & flags & NOT_READY)
+        if not by_name:
+            return _NO_BACKENDS
+        columns = tuple(zip(*sorted(by_name.values())))
+        versions = {a.version for a in columns[1]}
+        return cls(*columns, versions.pop() if len(versions) == 1 else 0)
+
+    @property
+    def plain(self) -> bool:
+        """No backend terminating or not ready: the Maglev table is built from all of them."""
+        return not any(f & (TERMINATING | NOT_READY) for f in self.flags)
+
+    def table_rows(self) -> list[int]:
+        """The indices of table_backends(): not the not-ready, and not the terminating unless
+        nothing else is left."""
+        flags = self.flags
+        if self.plain:
+            return list(range(len(flags)))
+        usable = [i for i, f in enumerate(flags) if not f & NOT_READY]
+        return [i for i in usable if not flags[i] & TERMINATING] or usable
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self)[i]
+        f = self.flags[i]
+        return Backend(self.addresses[i], self.ports[i], self.protocols[i], bool(f & TERMINATING),
+                       bool(f & NOT_READY), bool(f & LOCAL), self.nodes[i], self.zones[i])
+
+    def __iter__(self):
+        for i in range(len(self.names)):
+            yield self[i]
+
+    def __eq__(self, other) -> bool:
+        if type(other) is BackendRows:
+            # A name says the address, port and protocol: the other columns need no comparing.
+            return (self.names == other.names and self.flags == other.flags and self.nodes == other.nodes
+                    and self.zones == other.zones)
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))        # as the equal tuple's
+
+    def __reduce__(self):
+        return BackendRows, (self.names, self.addresses, self.ports, self.protocols, self.flags, self.nodes,
+                             self.zones, self.family)
+
+    def __repr__(self) -> str:
+        return f"BackendRows({tuple(self)!r})"
+
+
+_NO_BACKENDS = BackendRows((), (), (), (), (), (), (), 0)
+
+
+def backend_rows(backends: Iterable[Backend]) -> BackendRows:
+    """`backends` as BackendRows: themselves if they are, else BackendRows.of them."""
+    return backends if type(backends) is BackendRows else BackendRows.of(backends)
 
 
 class FrontendKey(NamedTuple):
@@ -171,7 +280,7 @@ class Frontend(NamedTuple):
     key: FrontendKey
     service: ServicePortName
     kind: FrontendKind = FrontendKind.CLUSTER_IP
-    backends: tuple[Backend, ...] = ()       # usable backends; empty = reject new flows
+    backends: Sequence[Backend] = ()         # BackendRows from desired state (or a tuple); empty = reject new flows
     algorithm: Algorithm = Algorithm.MAGLEV
     affinity_timeout: int = 0                # seconds; 0 = sessionAffinity None
     local_only: bool = False                 # traffic policy Local with endpoints elsewhere: drop, don't reject, when empty

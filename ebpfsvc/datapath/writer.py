@@ -38,6 +38,7 @@ import ipaddress
 import itertools
 import logging
 import re
+import socket
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple
@@ -57,8 +58,8 @@ from ebpfsvc.datapath.batch import write_slots as _write_slots
 from ebpfsvc.datapath.batch import zero_percpu_ids as _zero_percpu_ids
 from ebpfsvc.datapath.affinitymatch import AffinityMatch
 from ebpfsvc.datapath.ids import IdAllocator, IdExhausted, SlotRanges
-from ebpfsvc.lbmodel import (Backend, Frontend, FrontendKey, FrontendKind, LBState, Protocol, ServicePortName,
-                             table_backends)
+from ebpfsvc.lbmodel import (LOCAL, NOT_READY, TERMINATING, Backend, BackendRows, Frontend, FrontendKey,
+                             FrontendKind, LBState, Protocol, ServicePortName, backend_rows)
 
 log = logging.getLogger(__name__)
 
@@ -897,39 +898,42 @@ def _backend_key(b: Backend) -> BeKey:
 _PROTOCOL_NUMBER = {p: p.number for p in Protocol}     # Protocol.number is a property: a call per backend
 
 
+def _backend_keys(rows: BackendRows) -> list[BeKey]:
+    """_backend_key() of every row, by columns (a full sync keys 100,000 backends)."""
+    protocols = map(_PROTOCOL_NUMBER.__getitem__, rows.protocols)
+    if rows.family == 4:
+        addresses = map(socket.htonl, map(int, rows.addresses))
+    else:
+        addresses = map(_address, rows.addresses)
+    return list(zip(addresses, map(socket.htons, rows.ports), protocols))
+
+
 def _frontend_want(fe: Frontend) -> _FeWant:
     if fe.key.port <= 0 or fe.key.port > 65535:
         raise ValueError(f"frontend {fe.key}: port must be 1..65535")
     key = _frontend_key(fe)
     version = fe.key.address.version
-    be_flags: dict[BeKey, int] = {}
-    unique: dict[BeKey, Backend] = {}
-    plain = True            # no backend terminating or not ready: the table is built from all of them
-    for b in fe.backends:
-        if b.address.version != version:
-            raise ValueError(f"frontend {fe.key}: backend {b.name} is not of the frontend's IP family")
-        bkey = _backend_key(b)
-        flags = ((_BE_TERMINATING if b.terminating else 0) | (_BE_LOCAL if b.local else 0)
-                 | (_BE_NOT_READY if b.not_ready else 0))
-        # One entry per (address, port, proto): a backend terminating or local in any
-        # frontend is so in all of them (not ready only if so in all: _count).
-        old = be_flags.get(bkey)
-        if old is None:
-            be_flags[bkey] = flags
-            unique[bkey] = b
-        else:
-            be_flags[bkey] = old | flags
-        plain = plain and not (b.terminating or b.not_ready)
-    if plain:
-        table = sorted([(b.name, k) for k, b in unique.items()])
+    rows = backend_rows(fe.backends)
+    if rows and rows.family != version:
+        bad = next(n for n, a in zip(rows.names, rows.addresses) if a.version != version)
+        raise ValueError(f"frontend {fe.key}: backend {bad} is not of the frontend's IP family")
+    keys = _backend_keys(rows)
+    # One entry per (address, port, proto), as rows have one per name: a backend terminating or
+    # local in any frontend is so in all of them (not ready only if so in all: _count).
+    be_flags = dict(zip(keys, map(_ENTRY_FLAGS.__getitem__, rows.flags)))
+    if rows.plain:          # the table is built from all of them, in the rows' (name) order
+        table_names, table_keys = rows.names, tuple(keys)
     else:
-        keys = {id(b): k for k, b in unique.items()}
-        table = sorted([(b.name, keys[id(b)]) for b in table_backends(unique.values())])
+        chosen = rows.table_rows()
+        table_names, table_keys = tuple([rows.names[i] for i in chosen]), tuple([keys[i] for i in chosen])
     return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags,
-                   tuple([n for n, _ in table]), tuple([k for _, k in table]), maglev.table_size(len(table)))
+                   table_names, table_keys, maglev.table_size(len(table_names)))
 
 
 _BE_TERMINATING, _BE_LOCAL, _BE_NOT_READY = abi.LB_BE_F_TERMINATING, abi.LB_BE_F_LOCAL, abi.LB_BE_F_NOT_READY
+# BackendRows.flags (lbmodel's bits) -> the entry's LB_BE_F_* bits, for each of the 8 values.
+_ENTRY_FLAGS = [(_BE_TERMINATING if f & TERMINATING else 0) | (_BE_NOT_READY if f & NOT_READY else 0)
+                | (_BE_LOCAL if f & LOCAL else 0) for f in range(8)]
 
 
 def _source_ranges(fe: Frontend, fid: int) -> set[tuple[int, int, int]]:

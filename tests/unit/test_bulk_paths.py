@@ -217,6 +217,95 @@ def test_a_backend_name_is_always_its_address_port_and_protocol():
         b.port = 1
 
 
+def _random_backends(rng: random.Random) -> list[Backend]:
+    """Backends of one family, in any order, some listed twice with other flags, nodes or zones."""
+    base = rng.choice(("198.18.0.", "2001:2::"))
+    out = []
+    for _ in range(rng.randint(0, 7)):
+        out.append(Backend(ipaddress.ip_address(f"{base}{rng.randint(1, 5)}"), rng.choice((80, 8080)),
+                           rng.choice((Protocol.TCP, Protocol.UDP)), rng.random() < 0.2, rng.random() < 0.2,
+                           rng.random() < 0.5, rng.choice(("", "node-1")), rng.choice(("", "zone-a"))))
+    return out
+
+
+def test_backend_rows_are_the_backends_they_list():
+    """BackendRows.of: one Backend per name, in name order, with a repeated name's flags merged as
+    the writer merges a backend several frontends list; equal to (and hashed as) the tuple of those
+    Backends; indexing, slicing, copying and pickling give the same Backends; table_rows() is
+    table_backends()'s rule."""
+    from ebpfsvc.lbmodel import BackendRows, backend_rows, table_backends
+
+    rng = random.Random(5)
+    for _ in range(1500):
+        backends = _random_backends(rng)
+        rows = BackendRows.of(backends)
+        copies: dict[str, list[Backend]] = {}
+        for b in backends:
+            copies.setdefault(b.name, []).append(b)
+        want = tuple(bs[0]._replace(terminating=any(b.terminating for b in bs), local=any(b.local for b in bs),
+                                    not_ready=all(b.not_ready for b in bs))
+                     for _, bs in sorted(copies.items()))
+        assert tuple(rows) == want and rows == want and want == rows and hash(rows) == hash(want)
+        assert len(rows) == len(want) and rows[1:3] == want[1:3] and all(rows[i] == want[i] for i in range(len(want)))
+        assert rows.names == tuple(b.name for b in want) and backend_rows(rows) is rows
+        assert rows.family == (want[0].address.version if want else 0)
+        assert copy.deepcopy(rows) == rows and pickle.loads(pickle.dumps(rows)) == rows
+        assert rows != want[:-1] if want else rows == ()
+        usable = [b for b in want if not b.not_ready]
+        table = [b for b in usable if not b.terminating] or usable
+        assert [rows[i] for i in rows.table_rows()] == table == table_backends(backends)
+        assert rows.plain == (not any(b.terminating or b.not_ready for b in want))
+    changed = BackendRows.of([Backend(ipaddress.ip_address("198.18.0.1"), 80, zone="zone-a")])
+    assert changed != BackendRows.of([Backend(ipaddress.ip_address("198.18.0.1"), 80, zone="zone-b")])
+    assert changed != BackendRows.of([Backend(ipaddress.ip_address("198.18.0.1"), 80, node="n", zone="zone-a")])
+
+
+def test_backend_names_in_bulk_are_backend_name():
+    from ebpfsvc.lbmodel import backend_name, backend_names
+
+    for base in ("198.18.0.", "2001:2::"):
+        addresses = [ipaddress.ip_address(f"{base}{i}") for i in range(1, 40)]
+        ports = [1 + 997 * i % 65535 for i in range(1, 40)]
+        for protocol in Protocol:
+            assert backend_names(addresses, ports, protocol) == [backend_name(a, p, protocol)
+                                                                 for a, p in zip(addresses, ports)]
+    assert backend_names([], [], Protocol.TCP) == []
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_desired_rows_are_the_backends_made_one_by_one(seed):
+    """desired._backends' rows against a Backend made for each endpoint of a set (the draining ones
+    terminating, the not-ready ones not ready, the zone from the Node when the endpoint has none),
+    sorted by name."""
+    from types import SimpleNamespace
+
+    from ebpfsvc import desired
+    from ebpfsvc.k8s import topology
+    from ebpfsvc.k8s.service import ServicePort
+
+    rng = random.Random(seed)
+    kinds = set()
+    for _ in range(1500):
+        eps = _random_endpoints(rng)
+        me = rng.choice(("node-1", "node-2"))
+        nodes = rng.choice(({}, {"node-1": SimpleNamespace(zone="zone-n1")}))
+        port = ServicePort("", rng.choice((Protocol.TCP, Protocol.UDP)), 80, 8080)
+        sets = topology.categorize_endpoints(eps, node_name=me, zone="zone-a", publish_not_ready=rng.random() < 0.2)
+        for chosen in (sets.cluster, sets.local):
+            made = [Backend(ep.address, ep.port, port.protocol, terminating, not_ready,
+                            bool(ep.node_name) and ep.node_name == me, ep.node_name,
+                            ep.zone or (nodes[ep.node_name].zone if ep.node_name in nodes else ""))
+                    for group, terminating, not_ready in ((chosen.endpoints, chosen.terminating, False),
+                                                          (chosen.draining, True, False),
+                                                          (chosen.not_ready, False, True))
+                    for ep in group]
+            snapshot = SimpleNamespace(nodes=nodes)
+            rows = desired._backends(snapshot, NodeConfig(node_name=me), chosen, port)
+            assert rows == tuple(sorted(made, key=lambda b: b.name)), chosen
+            kinds.update((b.terminating, b.not_ready, b.local) for b in made)
+    assert len(kinds) >= 5            # plain, draining, not ready and local backends all met
+
+
 def _random_endpoints(rng: random.Random) -> tuple[Endpoint, ...]:
     """Endpoints of one service port: conditions, nodes, zones and hints varied, usually all plain."""
     plain = rng.random() < 0.5
@@ -285,11 +374,12 @@ def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
 @pytest.mark.parametrize("seed", range(2))
 def test_frontend_want_table_and_flags_as_defined(seed):
     """The writer's per-frontend derivation (its shortcut for frontends without terminating or not-ready
-    backends included) against the definition: the table from table_backends() of the distinct
-    backends, sorted by name; a backend's flags OR'ed over its copies."""
+    backends included) against the definition: one entry per distinct backend, in name order,
+    terminating or local if any copy is, not ready only if every copy is; the table from those
+    neither not ready nor terminating, else from the terminating ones, sorted by name."""
     from ebpfsvc import abi
     from ebpfsvc.datapath import writer
-    from ebpfsvc.lbmodel import Frontend, FrontendKey, ServicePortName, table_backends
+    from ebpfsvc.lbmodel import Frontend, FrontendKey, ServicePortName
 
     rng = random.Random(seed)
     for _ in range(500):
@@ -306,17 +396,18 @@ def test_frontend_want_table_and_flags_as_defined(seed):
         w = writer._frontend_want(fe)
         assert w.key == writer._frontend_key(fe) and w.marker == (w.key[0], 0, w.key[2], w.key[3])
         assert w.name == writer.service_name(fe.service) and w.table_size == maglev.table_size(len(w.table_names))
-        distinct = {}
+        copies = {}
+        for b in sorted(backends, key=lambda b: b.name):
+            copies.setdefault((b.name, writer._backend_key(b)), []).append(b)
         flags = {}
-        for b in backends:
-            k = writer._backend_key(b)
-            distinct.setdefault(k, b)
-            flags[k] = flags.get(k, 0) | ((abi.LB_BE_F_TERMINATING if b.terminating else 0)
-                                          | (abi.LB_BE_F_LOCAL if b.local else 0)
-                                          | (abi.LB_BE_F_NOT_READY if b.not_ready else 0))
-        table = sorted((b.name, writer._backend_key(b)) for b in table_backends(distinct.values()))
+        for (_, k), bs in copies.items():
+            flags[k] = ((abi.LB_BE_F_TERMINATING if any(b.terminating for b in bs) else 0)
+                        | (abi.LB_BE_F_LOCAL if any(b.local for b in bs) else 0)
+                        | (abi.LB_BE_F_NOT_READY if all(b.not_ready for b in bs) else 0))
+        usable = [nk for nk in copies if not flags[nk[1]] & abi.LB_BE_F_NOT_READY]
+        table = [nk for nk in usable if not flags[nk[1]] & abi.LB_BE_F_TERMINATING] or usable
         assert w.table_names == tuple(n for n, _ in table) and w.table_keys == tuple(k for _, k in table)
-        assert w.be_flags == flags and list(w.be_flags) == list(distinct)
+        assert w.be_flags == flags and list(w.be_flags) == [k for _, k in copies]
 
 
 def test_counting_every_frontend_at_once_equals_counting_one_by_one():
