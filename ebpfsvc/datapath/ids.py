@@ -40,6 +40,16 @@ class IdAllocator:
             return self._released.popleft()
         raise IdExhausted(f"all {self.limit - 1} ids in use")
 
+    def allocate_many(self, count: int) -> list[int]:
+        """`count` ids at once, in the order allocate() would give them; none if they do not all fit."""
+        fresh = min(count, self.limit - self._next)
+        if count - fresh > len(self._released):
+            raise IdExhausted(f"all {self.limit - 1} ids in use")
+        out = list(range(self._next, self._next + fresh))
+        self._next += fresh
+        out += [self._released.popleft() for _ in range(count - fresh)]
+        return out
+
     def release(self, ident: int) -> None:
         self._released.append(ident)
 

@@ -592,29 +592,21 @@ class MapWriter:
 
     def _write_backends(self, touched: dict, stats: ApplyStats) -> list[int]:
         """Write the backends whose entry changed; return the ids nothing references any more."""
-        be_writes: list[tuple[int, BackendEntry]] = []
-        stale: list[int] = []
-        fresh: list[int] = []
-        # Locals: a full sync runs this loop for every backend.
-        be_refs, be_id, be_val, allocate = self._be_refs, self._be_id, self._be_val, self._be_ids.allocate
-        terminating, local, not_ready = self._be_terminating, self._be_local, self._be_not_ready
-        entry = tuple.__new__     # BackendEntry._make without its length check: val has its 4 fields
+        be_refs, be_id, be_val = self._be_refs, self._be_id, self._be_val
+        # Backends the maps do not hold yet (every one of a first sync) get their ids and entries at
+        # once; those they hold are compared with their entries, or freed.
+        held = [k for k in touched if k in be_id]
+        new = [k for k in touched if k in be_refs and k not in be_id]
+        fresh = self._be_ids.allocate_many(len(new))
+        be_id.update(zip(new, fresh))
+        entry = tuple.__new__     # BackendEntry._make without its length check: a value has its 4 fields
+        be_writes: list[tuple[int, BackendEntry]] = list(zip(fresh, map(entry, itertools.repeat(BackendEntry),
+                                                                        self._entry_values(new))))
+        stale = [be_id[k] for k in held if k not in be_refs]
+        held = [k for k in held if k in be_refs]
         changed = 0
-        for bkey in touched:
-            refs = be_refs.get(bkey)
-            ident = be_id.get(bkey)
-            if refs is None:
-                if ident is not None:
-                    stale.append(ident)
-                continue
-            if ident is None:
-                ident = allocate()
-                be_id[bkey] = ident
-                fresh.append(ident)
-            # A plain tuple to compare (a BackendEntry equals it): the entry object only for a write.
-            val = bkey + ((_BE_TERMINATING if bkey in terminating else 0)
-                          | (_BE_LOCAL if bkey in local else 0)
-                          | (_BE_NOT_READY if not_ready.get(bkey) == refs else 0),)
+        for bkey, val in zip(held, self._entry_values(held)):
+            ident = be_id[bkey]
             old = be_val.get(ident)
             if old != val:
                 be_writes.append((ident, entry(BackendEntry, val)))
@@ -626,9 +618,16 @@ class MapWriter:
         _update_records(self.backends_map, [i for i, _ in four], [v for _, v in four])
         if six:
             _update_records(self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
-        self._be_val.update(be_writes)
+        be_val.update(be_writes)
         stats.backends_written += len(be_writes)
         return stale
+
+    def _entry_values(self, keys: list) -> list[tuple]:
+        """Each backend's entry as a plain tuple (a BackendEntry equals it): its key, and the flags
+        its frontends want (terminating or local if one of them wants it so, not ready if all do)."""
+        terminating, local, not_ready, refs = self._be_terminating, self._be_local, self._be_not_ready, self._be_refs
+        return [k + ((_BE_TERMINATING if k in terminating else 0) | (_BE_LOCAL if k in local else 0)
+                     | (_BE_NOT_READY if k in not_ready and not_ready[k] == refs[k] else 0),) for k in keys]
 
     def _write_service_names(self, touched: set, stats: ApplyStats) -> None:
         name_writes = []
@@ -645,6 +644,7 @@ class MapWriter:
         but the zeroed stats of new frontend ids."""
         plan = _FrontendPlan([], [], [], [], set(), set())
         fresh: list[int] = []
+        be_id = self._be_id
         for key in touched:
             w = self._want.get(key)
             if w is None:
@@ -660,12 +660,13 @@ class MapWriter:
             else:
                 fid = self._fe_ids.allocate()
                 fresh.append(fid)
-            src = _TableSource(w.table_names, tuple([self._be_id[k] for k in w.table_keys]), w.table_size)
+            src = _TableSource(w.table_names, tuple(map(be_id.__getitem__, w.table_keys)), w.table_size)
             if src.size and not (old is not None and old.maglev_size == src.size and self._table_src.get(key) == src):
                 plan.rebuild.append(len(plan.entries))
             plan.entries.append(_Planned(key, w, fid, src, old))
-            ranges = _source_ranges(w.fe, fid)
-            was = self._fe_src.get(key, set())
+            # (Most frontends have no source ranges, and had none.)
+            ranges = _source_ranges(w.fe, fid) if w.fe.source_ranges else _NO_RANGES
+            was = self._fe_src.get(key, _NO_RANGES)
             if ranges != was:
                 plan.src_add.update(ranges - self._src_ranges)
                 plan.src_drop.update(was - ranges)
@@ -934,6 +935,9 @@ _BE_TERMINATING, _BE_LOCAL, _BE_NOT_READY = abi.LB_BE_F_TERMINATING, abi.LB_BE_F
 # BackendRows.flags (lbmodel's bits) -> the entry's LB_BE_F_* bits, for each of the 8 values.
 _ENTRY_FLAGS = [(_BE_TERMINATING if f & TERMINATING else 0) | (_BE_NOT_READY if f & NOT_READY else 0)
                 | (_BE_LOCAL if f & LOCAL else 0) for f in range(8)]
+
+
+_NO_RANGES: frozenset = frozenset()
 
 
 def _source_ranges(fe: Frontend, fid: int) -> set[tuple[int, int, int]]:

@@ -25,6 +25,22 @@ def test_ids_rebuilt_from_use():
     assert [ids.allocate() for _ in range(3)] == [1, 3, 4]   # holes left by a previous run
 
 
+def test_many_ids_at_once_are_the_ids_one_at_a_time():
+    for limit, used, releases, count in ((10, [2, 5], [], 7), (10, [2, 5], [7, 6], 6), (6, [], [3], 3), (4, [], [], 0)):
+        one, many = IdAllocator(limit, used), IdAllocator(limit, used)
+        if releases:
+            assert [one.allocate() for _ in range(3)] == many.allocate_many(3)
+        for ident in releases:
+            one.release(ident)
+            many.release(ident)
+        assert many.allocate_many(count) == [one.allocate() for _ in range(count)]
+        assert many.allocate_many(0) == [] and many._next == one._next and list(many._released) == list(one._released)
+    full = IdAllocator(4, [1])
+    with pytest.raises(IdExhausted):
+        full.allocate_many(3)
+    assert full.allocate_many(2) == [2, 3]     # nothing was taken by the refused call
+
+
 def test_ids_out_of_range_rejected():
     with pytest.raises(ValueError):
         IdAllocator(4, [4])
