@@ -19,7 +19,8 @@ from datetime import datetime
 from sys import intern
 from typing import NamedTuple
 
-from ebpfsvc.k8s.fields import Fields, Invalid, check_name, parse_ip, read_meta
+from ebpfsvc.k8s.fields import Fields, Invalid, check_name, parse_ip, plain_meta, read_meta
+from ebpfsvc.k8s.names import name_problem
 from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, IPAddress, Protocol
 
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
@@ -77,6 +78,46 @@ class EndpointSlice:
 
 def parse_endpoint_slice(obj: dict) -> EndpointSlice:
     """Validate an EndpointSlice; raises Invalid naming the first bad field."""
+    sl = _plain_slice(obj)
+    return sl if sl is not None else _read_slice(obj)
+
+
+def _plain_slice(obj) -> EndpointSlice | None:
+    """_read_slice's result for a slice of the usual shape, or None for anything else, which
+    _read_slice then reads (or rejects, naming the field): this only decides what it would decide.
+    The usual shape: metadata as fields.plain_meta takes it, addressType IPv4 or IPv6, ports that
+    are dicts of the API's types with a port number each.  Its endpoints are read as _read_slice
+    reads them (_endpoints), and a bad one is named the same way."""
+    head = plain_meta(obj, "EndpointSlice", "discovery.k8s.io/v1", "dns1123-subdomain")
+    address_type = obj.get("addressType") if head is not None else None
+    if address_type != "IPv4" and address_type != "IPv6":
+        return None
+    service_name = head.labels.get(LABEL_SERVICE_NAME, "")
+    if service_name and name_problem(service_name, "label-value"):
+        return None
+    items = obj.get("ports")
+    items = [] if items is None else items
+    if type(items) is not list or len(items) > MAX_PORTS:
+        return None
+    ports, seen = [], set()
+    for p in items:
+        if type(p) is not dict:
+            return None
+        name, protocol, port, app = p.get("name"), p.get("protocol"), p.get("port"), p.get("appProtocol")
+        name = "" if name is None else name
+        protocol = Protocol.TCP if protocol is None else PROTOCOLS.get(protocol) if type(protocol) is str else None
+        app = "" if app is None else app
+        if (type(name) is not str or (name and name_problem(name, "dns1123-label")) or protocol is None
+                or type(port) is not int or not 0 < port <= 65535 or type(app) is not str or (name, protocol) in seen):
+            return None
+        seen.add((name, protocol))
+        ports.append(EndpointPort(name, protocol, port, app))
+    return EndpointSlice(head.namespace, head.name, service_name, address_type, tuple(ports),
+                         _endpoints(Fields(obj), 4 if address_type == "IPv4" else 6))
+
+
+def _read_slice(obj: dict) -> EndpointSlice:
+    """parse_endpoint_slice through the field readers: every field read by path, the bad one named."""
     top, meta = read_meta(obj, "EndpointSlice", ("discovery.k8s.io/v1",))
     address_type = top.str("addressType", "", ("IPv4", "IPv6", "FQDN"))
     if not address_type:

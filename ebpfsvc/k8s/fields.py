@@ -20,7 +20,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from ebpfsvc.k8s.names import name_problem
 
@@ -260,6 +260,53 @@ def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bo
     created = meta.raw("creationTimestamp")
     created = parse_timestamp(created, "metadata.creationTimestamp") if created is not None else ""
     return top, ObjectMeta(namespace, name, meta.string_map("labels"), meta.string_map("annotations"), created)
+
+
+class PlainMeta(NamedTuple):
+    namespace: str
+    name: str
+    labels: dict            # the object's own maps, not copies: read them, never change them
+    annotations: dict
+    created: str
+
+
+def plain_meta(obj: Any, kind: str, api_version: str, name_rule: str) -> PlainMeta | None:
+    """read_meta's metadata for an object of the usual shape, or None for anything else, which
+    read_meta then reads (or rejects, naming the field): this only decides what it would decide.
+
+    The usual shape: a dict whose kind and apiVersion are absent or `kind` and `api_version`, whose
+    metadata is a dict with a valid name, a valid or absent namespace, labels and annotations that
+    are absent or maps of strings, and a valid or absent creationTimestamp.  The bulk paths of a
+    full sync (_plain_service, _plain_slice) start here: it costs about a third of read_meta."""
+    if type(obj) is not dict:
+        return None
+    got_kind, version, meta = obj.get("kind"), obj.get("apiVersion"), obj.get("metadata")
+    if (got_kind is not None and got_kind != kind) or (version is not None and version != api_version) \
+            or type(meta) is not dict:
+        return None
+    name, namespace = meta.get("name"), meta.get("namespace")
+    if type(name) is not str or not name or name_problem(name, name_rule):
+        return None
+    if namespace is None or namespace == "":
+        namespace = "default"
+    elif type(namespace) is not str or name_problem(namespace, "dns1123-label"):
+        return None
+    labels, annotations = meta.get("labels"), meta.get("annotations")
+    labels = {} if labels is None else labels           # absent is empty, as string_map reads it
+    annotations = {} if annotations is None else annotations
+    if (type(labels) is not dict or type(annotations) is not dict
+            or not all(type(k) is str and type(v) is str for k, v in labels.items())
+            or not all(type(k) is str and type(v) is str for k, v in annotations.items())):
+        return None
+    created = meta.get("creationTimestamp")
+    if created is None:
+        created = ""
+    else:
+        try:
+            created = parse_timestamp(created, "")
+        except Invalid:
+            return None
+    return PlainMeta(namespace, name, labels, annotations, created)
 
 
 # Kinds without a namespace: their key is ("", name).

@@ -59,13 +59,16 @@ def _random_endpoint(rng: random.Random):
 
 def _shortcut_agrees(cases, slow, fast, whole=None) -> int:
     """For each case (the arguments of both paths): the shortcut's result, where it gives one, is the
-    slow path's, of the same type, hash and repr; `whole` (the public entry) decides as the slow
-    path always.  Returns how many cases the shortcut took, for the caller to check it is reached."""
+    slow path's, of the same type, hash and repr, and where it raises (a slice's bad endpoint), it
+    names the slow path's field and problem; `whole` (the public entry) decides as the slow path
+    always.  Returns how many cases the shortcut took, for the caller to check it is reached."""
     hits = 0
     for args in cases:
         want = _outcome(lambda: slow(*args))
-        got = fast(*args)
-        if got is not None:
+        got = _outcome(lambda: fast(*args))
+        if got[0] == "invalid":
+            assert got == want, args
+        elif (got := got[1]) is not None:
             hits += 1
             assert want == ("ok", got), args
             assert type(got) is type(want[1]) and hash(got) == hash(want[1]) and repr(got) == repr(want[1])
@@ -201,6 +204,72 @@ def test_plain_service_decides_as_the_field_readers(seed):
     cases = [(_random_service(rng), rng.choice(_NODES)) for _ in range(3000)]
     hits = _shortcut_agrees(cases, service._read_service, service._plain_service, whole=service.parse_service)
     assert hits > 300        # the generator does reach the fast path
+
+
+# Values each EndpointSlice field may take, by where they sit (endpoints: _FIELDS).
+_SLICE_TOP = {
+    "kind": (["EndpointSlice", None], ["Endpoints", "", 5]),
+    "apiVersion": (["discovery.k8s.io/v1", None], ["discovery.k8s.io/v1beta1", "v1", 5]),
+    "addressType": (["IPv4", "IPv6"], ["FQDN", None, "ipv4", "", 4]),
+}
+_SLICE_META = {
+    "name": (["svc-a-x7k2p", "svc.a"], [None, "", "Svc-a", "-a", "a" * 254, 5]),
+    "namespace": (["ns-a", None, ""], ["NS", 5, "a.b"]),
+    "creationTimestamp": ([None, "2026-12-01T10:00:00Z", "2026-12-01T12:00:00+02:00"], ["0999-01-01T00:00:00Z", 5]),
+    "labels": ([None, {}, {"kubernetes.io/service-name": "svc-a"}, {"kubernetes.io/service-name": "svc-b", "x": "y"}],
+               [{"kubernetes.io/service-name": "-bad-"}, {"kubernetes.io/service-name": 5}, {5: "a"}, "", []]),
+    "annotations": ([None, {}, {"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-01T10:00:00Z"}],
+                    [{"note": 5}, ""]),
+}
+_SLICE_PORT = {
+    "name": (["http", "", None], ["HTTP", "a_b", 5]),
+    "protocol": ([None, "TCP", "UDP", "SCTP"], ["tcp", 6]),
+    "port": ([80, 8080, 1, 65535], [0, 65536, "80", None, True]),
+    "appProtocol": ([None, "http"], [5]),
+}
+
+
+def _random_slice(rng: random.Random):
+    """Mostly a valid slice with one to three fields changed (to another usual value or to an odd
+    one), its endpoints from _random_endpoint; else a slice of random fields."""
+    if rng.random() < 0.2:
+        obj = _pick(rng, _SLICE_TOP, 0.9)
+        obj["metadata"] = _pick(rng, _SLICE_META, 0.7)
+        obj["ports"] = [_pick(rng, _SLICE_PORT, 0.75) for _ in range(rng.choice([0, 1, 2]))]
+        obj["endpoints"] = [_random_endpoint(rng) for _ in range(rng.randint(0, 3))]
+        return obj if rng.random() < 0.95 else rng.choice([None, [], "EndpointSlice"])
+    ports = [{"name": name, "port": number, "protocol": "TCP"}
+             for name, number in rng.choice([[("", 8080)], [("http", 8080)], [("http", 8080), ("https", 8443)]])]
+    family = rng.choice((4, 6))
+    obj = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": f"IPv{family}",
+           "metadata": {"name": "svc-a-x7k2p", "namespace": "ns-a",
+                        "labels": {"kubernetes.io/service-name": "svc-a"}},
+           "ports": ports,
+           "endpoints": [{"addresses": [f"198.18.0.{i + 1}" if family == 4 else f"2001:2::{i + 1}"],
+                          "conditions": {"ready": True}, "nodeName": "node-1"} for i in range(rng.randint(0, 4))]}
+    where = [(obj, _SLICE_TOP), (obj["metadata"], _SLICE_META), *((p, _SLICE_PORT) for p in ports),
+             *((e, _FIELDS) for e in obj["endpoints"])]
+    for _ in range(rng.randint(1, 3)):
+        target, fields = rng.choice(where)
+        key = rng.choice(list(fields))
+        usual, odd = fields[key]
+        value = rng.choice(usual if rng.random() < 0.7 else odd)
+        if value is None and rng.random() < 0.5:
+            target.pop(key, None)
+        else:
+            target[key] = copy.deepcopy(value)
+    if rng.random() < 0.05:
+        obj["ports"] = rng.choice([None, "ports", [None], ports + ports])
+    return obj
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plain_slice_decides_as_the_field_readers(seed):
+    rng = random.Random(seed)
+    cases = [(_random_slice(rng),) for _ in range(3000)]
+    hits = _shortcut_agrees(cases, endpointslice._read_slice, endpointslice._plain_slice,
+                            whole=endpointslice.parse_endpoint_slice)
+    assert hits > 600        # the generator does reach the fast path
 
 
 def test_a_backend_name_is_always_its_address_port_and_protocol():
