@@ -19,7 +19,7 @@ from datetime import datetime
 from sys import intern
 from typing import NamedTuple
 
-from ebpfsvc.k8s.fields import Fields, Invalid, check_name, parse_ip, plain_meta, read_meta
+from ebpfsvc.k8s.fields import Fields, Invalid, check_name, ip_address, parse_ip, plain_meta, read_meta
 from ebpfsvc.k8s.names import name_problem
 from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, IPAddress, Protocol
 
@@ -166,9 +166,11 @@ def _plain_endpoint(e, version: int) -> SliceEndpoint | None:
         return None
     first = None
     for text in addresses:
+        # The parse itself, not parse_ip's checks around it: an address that is not a plain string
+        # (or has spaces to strip) is _endpoint's to read.
         try:
-            addr = parse_ip(text, "")
-        except Invalid:
+            addr = ip_address(text)
+        except (ValueError, TypeError):
             return None
         if addr.version != version:
             return None
@@ -194,9 +196,10 @@ def _plain_endpoint(e, version: int) -> SliceEndpoint | None:
     hostname = "" if hostname is None else hostname
     if type(node_name) is not str or type(zone) is not str or type(hostname) is not str:
         return None
-    # Interned: the same few node and zone names recur in every endpoint.
-    return SliceEndpoint(first, ready, serving, terminating, intern(node_name), intern(zone),
-                          _NO_HINTS, _NO_HINTS, hostname)
+    # Interned: the same few node and zone names recur in every endpoint.  SliceEndpoint._make
+    # without its length check (its fields are all here).
+    return tuple.__new__(SliceEndpoint, (first, ready, serving, terminating, intern(node_name), intern(zone),
+                                         _NO_HINTS, _NO_HINTS, hostname))
 
 
 def parse_endpoint_port(p: Fields) -> EndpointPort:

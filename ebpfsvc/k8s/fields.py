@@ -173,15 +173,16 @@ def _parse_text(value: Any, path: str, parse: Callable[[str], Any], what: str) -
 
 def parse_ip(value: Any, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IP address of either family (callers decide what IPv6 means for them)."""
-    return _parse_text(value, path, _ip_address, "an IP address")
+    return _parse_text(value, path, ip_address, "an IP address")
 
 
-def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """ipaddress.ip_address, with dotted quads parsed in C first: inet_pton takes exactly what
     ipaddress takes for IPv4 (four decimal octets, none over 255, no leading zero).  Not cached:
     a starting agent parses 100,000 distinct addresses, and filling a cache with them cost more
     than parsing them (85 of 350 ms at 10,000 x 10); a changed slice re-parses its own addresses
-    only, a few microseconds."""
+    only, a few microseconds.  Raises ValueError (TypeError for what is not a str), as
+    ipaddress.ip_address does: parse_ip is what names the field."""
     try:
         return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
     except OSError:

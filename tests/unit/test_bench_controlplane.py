@@ -16,7 +16,7 @@ def test_each_full_sync_starts_with_the_caches_a_starting_agent_has_not_filled()
     controlplane._cold_caches()
     assert maglev.name_hashes.cache_info().currsize == 0
     # Addresses are parsed afresh each time: nothing of them to warm up.
-    assert not hasattr(fields._ip_address, "cache_info")
+    assert not hasattr(fields.ip_address, "cache_info")
 
 
 def test_the_floor_reads_every_object_and_builds_every_table(monkeypatch):

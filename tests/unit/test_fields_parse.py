@@ -20,9 +20,9 @@ def test_fast_address_parse_agrees_with_ipaddress(text):
         expected = ipaddress.ip_address(text)
     except ValueError:
         with pytest.raises(ValueError):
-            fields._ip_address(text)
+            fields.ip_address(text)
     else:
-        got = fields._ip_address(text)
+        got = fields.ip_address(text)
         assert got == expected and type(got) is type(expected)
 
 
