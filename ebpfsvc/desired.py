@@ -182,10 +182,13 @@ class DesiredStateBuilder:
                 if old is not None:
                     changed.add(fkey)
                 continue
-            (holder_order, holder, _), *losers = claims
+            holder = claims[0][1]
             if old is not holder:
                 self._frontends[fkey] = holder
                 changed.add(fkey)
+            if len(claims) == 1 and fkey not in self._conflicts:
+                continue                # (the usual frontend: one Service claims it, and did)
+            (holder_order, _, _), *losers = claims
             problems = tuple(_conflict(svc, order[1], fe, holder)
                              for order, fe, svc in losers if order[0] != holder_order[0])
             if problems or fkey in self._conflicts:
@@ -326,6 +329,8 @@ def _family_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, sv
 
     yield frontend(cluster_ip, port.port, Scope.INTERNAL, FrontendKind.CLUSTER_IP,
                    local if itp_local else cluster, itp_local and has_endpoints)
+    if not (port.node_port or svc.external_ips or svc.load_balancer_ips):
+        return                  # (a ClusterIP Service's port: nothing more to serve)
     for addr, number, kind, ranges in _external_addresses(svc, port, node, cluster_ip.version):
         yield frontend(addr, number, Scope.EXTERNAL, kind, local if etp_local else cluster,
                        etp_local and has_endpoints, ranges)

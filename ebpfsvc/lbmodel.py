@@ -212,7 +212,8 @@ class BackendRows(Sequence):
     @property
     def plain(self) -> bool:
         """No backend terminating or not ready: the Maglev table is built from all of them."""
-        return not any(f & (TERMINATING | NOT_READY) for f in self.flags)
+        flags = self.flags
+        return flags.count(0) + flags.count(LOCAL) == len(flags)      # (counted in C)
 
     def table_rows(self) -> list[int]:
         """The indices of table_backends(): not the not-ready, and not the terminating unless

@@ -240,7 +240,7 @@ class ClusterState:
                 if event.type is EventType.DELETED:
                     self._delete(event.kind, key)
                 else:
-                    self._upsert(event.kind, event.obj, new_problems)
+                    self._upsert(event.kind, event.obj, key, new_problems)
                 self._received(event.kind, event.obj, key, node, listed=False)
                 self._notify()
         self._report(new_problems, node)
@@ -262,7 +262,7 @@ class ClusterState:
                 for obj in objects:
                     key = object_key(kind, obj)
                     seen.add(key)
-                    self._upsert(kind, obj, new_problems)
+                    self._upsert(kind, obj, key, new_problems)
                     self._received(kind, obj, key, node, listed=True)
                 for key in [k for k in self._trackers[kind].current if k not in seen]:
                     self._delete(kind, key)
@@ -383,8 +383,8 @@ class ClusterState:
         if self._has_changes():
             self._cond.notify_all()
 
-    def _upsert(self, kind: str, obj: Any, new_problems: list[Problem]) -> None:
-        key = object_key(kind, obj)
+    def _upsert(self, kind: str, obj: Any, key: tuple[str, str], new_problems: list[Problem]) -> None:
+        """The object at `key` (object_key(kind, obj)) parsed, or its problem noted."""
         pkey = (kind, *key)
         try:
             parsed = self._parsers[kind](obj)
