@@ -41,8 +41,11 @@ deferral costs at most one more sync, never a map write that fails.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections import Counter
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Iterable, Mapping
 
 from ebpfsvc import heap, maglev
@@ -120,6 +123,17 @@ class _Totals:
         self.frontends = self.slots = self.ranges = self.matches = 0
         self.ports: dict[ServicePortName, int] = {}
         self.backends: dict[str, int] = {}     # by Backend.name
+
+    @classmethod
+    def of(cls, needs: Iterable[_Need]) -> "_Totals":
+        """The totals of `needs`, as add(n, 1) for each would make them: counted in C (a full sync)."""
+        needs = list(needs)
+        out = cls()
+        out.frontends = len(needs)
+        out.slots, out.ranges, out.matches = (sum(map(attrgetter(f), needs)) for f in ("slots", "ranges", "matches"))
+        out.ports = dict(Counter(n.fe.service for n in needs))
+        out.backends = dict(Counter(itertools.chain.from_iterable(n.backends for n in needs)))
+        return out
 
     def add(self, n: _Need, sign: int) -> None:
         self.frontends += sign
@@ -291,14 +305,16 @@ class Admission:
     def _update_totals(self, desired: LBState, delta) -> None:
         if self._seen is not None and desired is self._seen:
             return
-        if self._seen is not None and delta is not None and getattr(delta, "base", None) is self._seen:
-            keys: Iterable[FrontendKey] = delta.keys
-        else:
-            self._needs, self._totals = {}, _Totals()
-            keys = desired.frontends
-        # Every frontend's needs at a full sync: long-lived objects made in bulk, no cycle
-        # collection meanwhile (ebpfsvc.heap; at 100,000 Services the collector's passes over the
-        # growing heap cost more than the needs themselves).
+        if self._seen is None or delta is None or getattr(delta, "base", None) is not self._seen:
+            # Every frontend's needs at a full sync: long-lived objects made in bulk, no cycle
+            # collection meanwhile (ebpfsvc.heap; at 100,000 Services the collector's passes over the
+            # growing heap cost more than the needs themselves), and the totals counted at once.
+            with heap.bulk_for(len(desired.frontends)):
+                self._needs = {key: _Need(fe) for key, fe in desired.frontends.items()}
+                self._totals = _Totals.of(self._needs.values())
+            self._seen = desired
+            return
+        keys: Iterable[FrontendKey] = delta.keys
         with heap.bulk_for(len(keys)):
             for key in keys:
                 old = self._needs.pop(key, None)

@@ -251,7 +251,7 @@ class _FeWant(NamedTuple):
 class _Touched(NamedTuple):
     """The entries whose reference counts moved in an apply: only these can need a write or a delete."""
 
-    backends: dict                  # BeKey -> None (a dict: insertion-ordered, deterministic ids)
+    backends: dict                  # BeKey -> anything (a dict: insertion-ordered, deterministic ids)
     names: set                      # service names
     frontends: dict                 # FeKey -> None (entries and address markers)
 
@@ -564,14 +564,15 @@ class MapWriter:
         self._by_fe = {id(w.fe): w for w in wants}
         refs = Counter(itertools.chain.from_iterable(w.be_flags for w in wants))
         self._be_refs = dict(refs)
-        flagged = [w for w in wants if any(w.be_flags.values())]
+        flagged = [(k, f) for w in wants for k, f in w.be_flags.items() if f]
         for flag, counts in ((_BE_TERMINATING, self._be_terminating), (_BE_LOCAL, self._be_local),
                              (_BE_NOT_READY, self._be_not_ready)):
-            counts.update(Counter(k for w in flagged for k, f in w.be_flags.items() if f & flag))
+            counts.update(Counter([k for k, f in flagged if f & flag]))
         self._svc_refs = dict(Counter(w.name for w in wants))
         self._marker_refs = dict(Counter(w.marker for w in wants))
         # The same touched entries, in the same order, as one _count after the other.
-        return _Touched(dict.fromkeys(refs), set(self._svc_refs),
+        # (A copy of the counts, not dict.fromkeys: the same keys without hashing each again.)
+        return _Touched(dict(refs), set(self._svc_refs),
                         dict.fromkeys(itertools.chain.from_iterable((w.key, w.marker) for w in wants)))
 
     def _recount_each(self, old: list[Frontend], wants: list[_FeWant]) -> _Touched:

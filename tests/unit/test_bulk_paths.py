@@ -506,6 +506,32 @@ def test_counting_every_frontend_at_once_equals_counting_one_by_one():
     assert each._be_terminating and each._be_local and each._be_not_ready
 
 
+def test_admission_totals_at_once_equal_adding_each_frontend():
+    """A full sync's totals (_Totals.of, counted in C) against adding each frontend's needs in turn:
+    the same counts, in the same order."""
+    from ebpfsvc.admission import _Need, _Totals
+    from ebpfsvc.lbmodel import Frontend, FrontendKey, ServicePortName
+
+    rng = random.Random(11)
+    needs = []
+    for i in range(400):
+        backends = tuple(b for b in _random_backends(rng) if b.address.version == 4)
+        fe = Frontend(FrontendKey(ipaddress.ip_address(f"198.19.0.{i % 250 + 1}"), 80 + i // 250),
+                      ServicePortName("ns", f"svc-{rng.randint(0, 60)}", rng.choice(("", "http"))),
+                      backends=backends, affinity_timeout=rng.choice((0, 0, 60)),
+                      source_ranges=rng.choice(((), (ipaddress.ip_network("198.18.0.0/16"),))))
+        needs.append(_Need(fe))
+    each = _Totals()
+    for n in needs:
+        each.add(n, 1)
+    at_once = _Totals.of(needs)
+    for attr in ("frontends", "slots", "ranges", "matches"):
+        assert getattr(at_once, attr) == getattr(each, attr), attr
+    assert list(at_once.ports.items()) == list(each.ports.items())
+    assert list(at_once.backends.items()) == list(each.backends.items())
+    assert each.slots and each.ranges and each.matches and len(each.backends) < sum(len(n.backends) for n in needs)
+
+
 def test_service_name_skips_quoting_only_what_quoting_leaves_alone():
     import string
     from urllib.parse import quote
