@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,14 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
     uint32 slots, each the value of the backend that owns it (values[i] is names[i]'s: a backend
     id), i.e. values[build_table(names, size)].  `names` must be sorted and distinct, `size` as
     table_size() gives (prime, >= len(names)); the map writer passes what it derived so."""
+    return start_tables(tables)()
+
+
+def start_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> Callable[[], np.ndarray]:
+    """build_tables(tables), begun: returns the call that waits for its result.  The tables of a
+    full sync (PARALLEL_SLOTS or more) are hashed and filled on threads, in C with the GIL let go,
+    while the caller goes on with its own work (the map writer writes backends and names
+    meanwhile); a change's few are built before this returns, as a thread costs more than they do."""
     total = sum(size for _, size, _ in tables)
     out = np.empty(total, dtype=np.uint32)
     lib = native()
@@ -239,7 +247,7 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
             if size:
                 out[pos:pos + size] = np.asarray(values, dtype=np.uint32)[build_table(names, size)]
             pos += size
-        return out
+        return lambda: out
     counts = np.fromiter((len(names) for names, _, _ in tables), dtype=np.uint32, count=len(tables))
     sizes = np.fromiter((size for _, size, _ in tables), dtype=np.uint32, count=len(tables))
     total_names = int(counts.sum())
@@ -265,17 +273,24 @@ def build_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
         n, size, h_off, h_sk, value, slots = args
         return lib.lib.maglev_fill(t1 - t0, n + t0, size + t0, h_off + n0, h_sk + n0, value + n0, slots + s0)
 
+    def done(results: list[int]) -> np.ndarray:
+        if any(results):
+            raise MemoryError("maglev_fill: out of memory")
+        return out
+
     workers = _fill_workers(total)
-    if workers == 1:        # (a change's few tables: no cutting up)
-        results = [fill((0, len(tables), 0, total_names, 0))]
-    else:
-        # cffi lets go of the GIL for the call: the parts fill side by side, one per core.
-        parts = _parts(counts, sizes, workers)
-        with concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="maglev-fill") as pool:
-            results = list(pool.map(fill, parts))
-    if any(results):
-        raise MemoryError("maglev_fill: out of memory")
-    return out
+    if workers == 1:        # (a change's few tables: no cutting up, no thread)
+        built = done([fill((0, len(tables), 0, total_names, 0))])
+        return lambda: built
+    # cffi lets go of the GIL for the calls: the parts fill side by side, one per core, and beside
+    # the caller.  (What allocates, above, ran in the caller's thread.)
+    parts = _parts(counts, sizes, workers)
+    pool = concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="maglev-fill")
+    try:
+        running = [pool.submit(fill, part) for part in parts]
+    finally:
+        pool.shutdown(wait=False)
+    return lambda: done([f.result() for f in running])
 
 
 # A build_tables call of this many slots or more fills on several cores: a full sync (10,000 tables

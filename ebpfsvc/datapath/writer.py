@@ -269,6 +269,15 @@ class _Planned:
     new_offset: int | None = None
 
 
+class _BackendWrites(NamedTuple):
+    """Phase 1's work, computed before anything of it is written."""
+
+    writes: list                    # (id, BackendEntry) to write
+    fresh: list                     # ids new to the maps (their stats zeroed first)
+    stale: list                     # ids nothing references any more (deleted in phase 4)
+    changed: int                    # entries of ids already in the maps that change
+
+
 class _FrontendPlan(NamedTuple):
     """Phase 3's work list, computed before anything of it is written."""
 
@@ -522,17 +531,28 @@ class MapWriter:
         # Derived before anything changes: a bad frontend raises before any write.
         wants = [w if (w := known.get(id(fe))) is not None and w.fe is fe else _frontend_want(fe) for fe in new]
         touched = self._recount(old, wants, full)
-        # 1. Backends (new ids get zeroed stats before anything can count on them), 2. service
+        # Backend ids, then the frontends' plan (their ids, which tables to rebuild): the Maglev
+        # tables are built from those, in C and on the other cores, while 1. the backends are
+        # written (new ids get zeroed stats before anything can count on them) and 2. the service
         # names (their ids are what affinity and CT entries carry).
         with _writing("lb4_backends"):
-            stale_be = self._write_backends(touched.backends, stats)
-        with _writing("lb_service_names"):
-            self._write_service_names(touched.names, stats)
-        # 3. Maglev tables into new ranges, source ranges, then frontend entries (the switch).
+            backends = self._backend_writes(touched.backends)
         with _writing("lb4_frontends"):
             plan = self._plan_frontends(touched.frontends, full, stats)
+        todo = [plan.entries[i] for i in plan.rebuild]
+        tables = maglev.start_tables([(p.table.names, p.table.size, p.table.ids) for p in todo])
+        try:
+            with _writing("lb4_backends"):
+                stale_be = self._write_backends(backends, stats)
+            with _writing("lb_service_names"):
+                self._write_service_names(touched.names, stats)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                tables()            # the build ends with the apply; the write's failure is the one told
+            raise
+        # 3. Maglev tables into new ranges, source ranges, then frontend entries (the switch).
         with _writing("lb_maglev"):
-            retired = self._write_tables(plan, stats)
+            retired = self._write_tables(plan, todo, tables(), stats)
         with _writing("lb4_source_ranges"):
             self._write_source_ranges(plan.src_add, stats)
         with _writing("lb4_frontends"):
@@ -591,18 +611,17 @@ class MapWriter:
             touched.frontends[w.marker] = None
         return touched
 
-    def _write_backends(self, touched: dict, stats: ApplyStats) -> list[int]:
-        """Write the backends whose entry changed; return the ids nothing references any more."""
+    def _backend_writes(self, touched: dict) -> "_BackendWrites":
+        """Ids for the backends new to the maps (every one of a first sync), at once; the entries
+        that changed, to write; the ids nothing references any more.  Nothing written yet."""
         be_refs, be_id, be_val = self._be_refs, self._be_id, self._be_val
-        # Backends the maps do not hold yet (every one of a first sync) get their ids and entries at
-        # once; those they hold are compared with their entries, or freed.
         held = [k for k in touched if k in be_id]
         new = [k for k in touched if k in be_refs and k not in be_id]
         fresh = self._be_ids.allocate_many(len(new))
         be_id.update(zip(new, fresh))
         entry = tuple.__new__     # BackendEntry._make without its length check: a value has its 4 fields
-        be_writes: list[tuple[int, BackendEntry]] = list(zip(fresh, map(entry, itertools.repeat(BackendEntry),
-                                                                        self._entry_values(new))))
+        writes: list[tuple[int, BackendEntry]] = list(zip(fresh, map(entry, itertools.repeat(BackendEntry),
+                                                                     self._entry_values(new))))
         stale = [be_id[k] for k in held if k not in be_refs]
         held = [k for k in held if k in be_refs]
         changed = 0
@@ -610,18 +629,22 @@ class MapWriter:
             ident = be_id[bkey]
             old = be_val.get(ident)
             if old != val:
-                be_writes.append((ident, entry(BackendEntry, val)))
+                writes.append((ident, entry(BackendEntry, val)))
                 changed += old is not None
-        stats.backends_changed += changed
-        _zero_percpu_ids(self.be_stats_map, fresh)
-        stats.stats_zeroed += len(fresh)
-        four, six = _split(be_writes, lambda w: w[1].address)
+        return _BackendWrites(writes, fresh, stale, changed)
+
+    def _write_backends(self, todo: "_BackendWrites", stats: ApplyStats) -> list[int]:
+        """Write _backend_writes' entries; return the ids nothing references any more."""
+        stats.backends_changed += todo.changed
+        _zero_percpu_ids(self.be_stats_map, todo.fresh)
+        stats.stats_zeroed += len(todo.fresh)
+        four, six = _split(todo.writes, lambda w: w[1].address)
         _update_records(self.backends_map, [i for i, _ in four], [v for _, v in four])
         if six:
             _update_records(self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
-        be_val.update(be_writes)
-        stats.backends_written += len(be_writes)
-        return stale
+        self._be_val.update(todo.writes)
+        stats.backends_written += len(todo.writes)
+        return todo.stale
 
     def _entry_values(self, keys: list) -> list[tuple]:
         """Each backend's entry as a plain tuple (a BackendEntry equals it): its key, and the flags
@@ -686,13 +709,12 @@ class MapWriter:
             plan.src_drop.update(self._src_ranges - want_src)
         return plan
 
-    def _write_tables(self, plan: _FrontendPlan, stats: ApplyStats) -> list[tuple[int, int]]:
-        """Build the tables to rebuild (one maglev.build_tables pass), write each one that differs
-        from its frontend's current table into a NEW range; return the (offset, size) ranges the
-        frontend switch retires."""
+    def _write_tables(self, plan: _FrontendPlan, todo: list, built: np.ndarray,
+                      stats: ApplyStats) -> list[tuple[int, int]]:
+        """Write each table rebuilt (`built`: the plan's entries to rebuild, `todo`, back to back)
+        that differs from its frontend's current table into a NEW range; return the (offset, size)
+        ranges the frontend switch retires."""
         retired: list[tuple[int, int]] = []
-        todo = [plan.entries[i] for i in plan.rebuild]
-        built = maglev.build_tables([(p.table.names, p.table.size, p.table.ids) for p in todo])
         slot_keys: list[np.ndarray] = []
         pos = 0
         for p in todo:

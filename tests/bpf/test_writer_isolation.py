@@ -13,9 +13,10 @@ from __future__ import annotations
 import errno
 import ipaddress
 
+import numpy as np
 import pytest
 
-from ebpfsvc import abi
+from ebpfsvc import abi, maglev
 from ebpfsvc.datapath import writer as writer_mod
 from ebpfsvc.datapath.writer import ApplyStats, MapWriteError, MapWriter
 from ebpfsvc.lbmodel import FrontendKind
@@ -98,6 +99,25 @@ def refuse_backend(monkeypatch, datapath):
 
     monkeypatch.setattr(writer_mod, "_update_records", update_records)
     return state
+
+
+def test_a_refused_write_while_the_tables_build_on_threads_is_told_and_isolated(datapath, writer, refuse_backend,
+                                                                                 monkeypatch):
+    # A full sync's tables are built on threads while the backends are written (maglev.start_tables):
+    # here every build is, so the refused batch meets a build under way.
+    monkeypatch.setattr(maglev, "PARALLEL_SLOTS", 1)
+    waits = []
+    real = maglev.start_tables
+    monkeypatch.setattr(maglev, "start_tables", lambda tables: waits.append(real(tables)) or waits[-1])
+    fes = [web(i, [1, 2]) for i in range(1, 6)]
+    writer.apply(state(*fes))
+    assert exactly(datapath, state(*fes)) and waits
+    new = [web(1, [1, 3]), web(2, [2, 3]), web(3, [3, 99]), web(4, [4]), web(5, [1, 2]), web(6, [6])]
+    with pytest.raises(MapWriteError, match="lb4_backends"):
+        MapWriter(datapath.maps).apply(state(*new))
+    st = writer.apply(state(*new), isolate=True)
+    assert set(st.failed) == {("default", "web3")} and exactly(datapath, state(*new[:2], fes[2], *new[3:]))
+    assert all(type(wait()) is np.ndarray for wait in waits)       # every build ended with its apply
 
 
 def test_a_refused_key_costs_only_its_services_and_is_retried(datapath, writer, refuse_backend):
