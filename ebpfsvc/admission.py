@@ -108,7 +108,7 @@ class _Need:
         # that and is already computed (desired state's rows): this runs for every backend of a
         # full sync, and a str keeps its hash.
         rows = backend_rows(fe.backends)
-        keys = frozenset(rows.names)
+        keys = rows.names               # (distinct: one row per name)
         usable = len(keys) if rows.plain else len(rows.table_rows())
         self.backends = keys
         self.slots = maglev.table_size(usable) if usable else 0
