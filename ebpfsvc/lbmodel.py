@@ -181,7 +181,8 @@ class BackendRows(Sequence):
     tuple of those Backends, with the same hash.
 
     Columns: names (unique, sorted), addresses, ports, protocols, flags (TERMINATING | NOT_READY
-    | LOCAL), nodes, zones; `family` is the IP version of every address, 0 if empty or mixed."""
+    | LOCAL), nodes, zones; `family` is the IP version of every address, 0 if empty or mixed.
+    Immutable as the model's other types are: nothing changes a column once the rows are made."""
 
     __slots__ = ("names", "addresses", "ports", "protocols", "flags", "nodes", "zones", "family")
 

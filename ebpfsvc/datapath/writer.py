@@ -540,7 +540,8 @@ class MapWriter:
         with _writing("lb4_frontends"):
             plan = self._plan_frontends(touched.frontends, full, stats)
         todo = [plan.entries[i] for i in plan.rebuild]
-        tables = maglev.start_tables([(p.table.names, p.table.size, p.table.ids) for p in todo])
+        with _writing("lb_maglev"):
+            tables = maglev.start_tables([(p.table.names, p.table.size, p.table.ids) for p in todo])
         try:
             with _writing("lb4_backends"):
                 stale_be = self._write_backends(backends, stats)
@@ -611,7 +612,7 @@ class MapWriter:
             touched.frontends[w.marker] = None
         return touched
 
-    def _backend_writes(self, touched: dict) -> "_BackendWrites":
+    def _backend_writes(self, touched: dict) -> _BackendWrites:
         """Ids for the backends new to the maps (every one of a first sync), at once; the entries
         that changed, to write; the ids nothing references any more.  Nothing written yet."""
         be_refs, be_id, be_val = self._be_refs, self._be_id, self._be_val
@@ -633,7 +634,7 @@ class MapWriter:
                 changed += old is not None
         return _BackendWrites(writes, fresh, stale, changed)
 
-    def _write_backends(self, todo: "_BackendWrites", stats: ApplyStats) -> list[int]:
+    def _write_backends(self, todo: _BackendWrites, stats: ApplyStats) -> list[int]:
         """Write _backend_writes' entries; return the ids nothing references any more."""
         stats.backends_changed += todo.changed
         _zero_percpu_ids(self.be_stats_map, todo.fresh)
@@ -926,7 +927,7 @@ def _backend_keys(rows: BackendRows) -> list[BeKey]:
     """_backend_key() of every row, by columns (a full sync keys 100,000 backends)."""
     protocols = map(_PROTOCOL_NUMBER.__getitem__, rows.protocols)
     if rows.family == 4:
-        addresses = map(socket.htonl, map(int, rows.addresses))
+        addresses = map(socket.htonl, map(int, rows.addresses))     # abi.be32, without its type checks
     else:
         addresses = map(_address, rows.addresses)
     return list(zip(addresses, map(socket.htons, rows.ports), protocols))

@@ -264,6 +264,8 @@ def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bo
 
 
 class PlainMeta(NamedTuple):
+    """What plain_meta reads: ObjectMeta's fields, without copying the maps."""
+
     namespace: str
     name: str
     labels: dict            # the object's own maps, not copies: read them, never change them
@@ -278,7 +280,8 @@ def plain_meta(obj: Any, kind: str, api_version: str, name_rule: str) -> PlainMe
     The usual shape: a dict whose kind and apiVersion are absent or `kind` and `api_version`, whose
     metadata is a dict with a valid name, a valid or absent namespace, labels and annotations that
     are absent or maps of strings, and a valid or absent creationTimestamp.  The bulk paths of a
-    full sync (_plain_service, _plain_slice) start here: it costs about a third of read_meta."""
+    full sync (_plain_service, _plain_slice) start here: it costs about 60% of read_meta (1.8
+    against 2.9 µs for a Service as the API server returns it)."""
     if type(obj) is not dict:
         return None
     got_kind, version, meta = obj.get("kind"), obj.get("apiVersion"), obj.get("metadata")

@@ -160,6 +160,20 @@ def _pick(rng: random.Random, fields: dict, present: float = 0.8) -> dict:
     return out
 
 
+def _change_some(rng: random.Random, where: list[tuple[dict, dict]]) -> None:
+    """One to three fields of a valid object changed, in place, to another usual value or to an odd
+    one (or removed): `where` pairs each part of the object with the values its fields may take."""
+    for _ in range(rng.randint(1, 3)):
+        target, fields = rng.choice(where)
+        key = rng.choice(list(fields))
+        usual, odd = fields[key]
+        value = rng.choice(usual if rng.random() < 0.7 else odd)
+        if value is None and rng.random() < 0.5:
+            target.pop(key, None)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
 def _random_service(rng: random.Random):
     """Mostly a valid ClusterIP or NodePort Service with one to three fields changed (to another usual
     value or to an odd one), so both paths are reached; else a Service of random fields."""
@@ -181,15 +195,7 @@ def _random_service(rng: random.Random):
                     "ports": ports}}
     where = [(obj, _SERVICE_TOP), (obj["metadata"], _SERVICE_META), (obj["spec"], _SERVICE_SPEC),
              *((p, _SERVICE_PORT) for p in ports)]
-    for _ in range(rng.randint(1, 3)):
-        target, fields = rng.choice(where)
-        key = rng.choice(list(fields))
-        usual, odd = fields[key]
-        value = rng.choice(usual if rng.random() < 0.7 else odd)
-        if value is None and rng.random() < 0.5:
-            target.pop(key, None)
-        else:
-            target[key] = copy.deepcopy(value)
+    _change_some(rng, where)
     return obj
 
 
@@ -249,15 +255,7 @@ def _random_slice(rng: random.Random):
                           "conditions": {"ready": True}, "nodeName": "node-1"} for i in range(rng.randint(0, 4))]}
     where = [(obj, _SLICE_TOP), (obj["metadata"], _SLICE_META), *((p, _SLICE_PORT) for p in ports),
              *((e, _FIELDS) for e in obj["endpoints"])]
-    for _ in range(rng.randint(1, 3)):
-        target, fields = rng.choice(where)
-        key = rng.choice(list(fields))
-        usual, odd = fields[key]
-        value = rng.choice(usual if rng.random() < 0.7 else odd)
-        if value is None and rng.random() < 0.5:
-            target.pop(key, None)
-        else:
-            target[key] = copy.deepcopy(value)
+    _change_some(rng, where)
     if rng.random() < 0.05:
         obj["ports"] = rng.choice([None, "ports", [None], ports + ports])
     return obj
