@@ -242,7 +242,8 @@ class _FeWant(NamedTuple):
     key: FeKey
     marker: FeKey                   # the address marker (port 0) it needs
     name: str                       # its service name in lb_service_names
-    be_flags: dict                  # BeKey -> LB_BE_F_* wanted by this frontend
+    backend_keys: tuple             # its backends' BeKeys (one each: its rows have one per name),
+    backend_flags: tuple            # and the LB_BE_F_* it wants each with
     table_names: tuple              # the backends its Maglev table is built from: names, sorted,
     table_keys: tuple               # and their BeKeys
     table_size: int                 # maglev.table_size(len(table_names))
@@ -583,9 +584,9 @@ class MapWriter:
         Counter over all the frontends (in C), where _count moves one count at a time."""
         self._want = {w.key: w for w in wants}
         self._by_fe = {id(w.fe): w for w in wants}
-        refs = Counter(itertools.chain.from_iterable(w.be_flags for w in wants))
+        refs = Counter(itertools.chain.from_iterable(w.backend_keys for w in wants))
         self._be_refs = dict(refs)
-        flagged = [(k, f) for w in wants for k, f in w.be_flags.items() if f]
+        flagged = [(k, f) for w in wants if any(w.backend_flags) for k, f in zip(w.backend_keys, w.backend_flags) if f]
         for flag, counts in ((_BE_TERMINATING, self._be_terminating), (_BE_LOCAL, self._be_local),
                              (_BE_NOT_READY, self._be_not_ready)):
             counts.update(Counter([k for k, f in flagged if f & flag]))
@@ -810,7 +811,7 @@ class MapWriter:
     def _count(self, w: _FeWant, sign: int, touched_be: dict, touched_names: set) -> None:
         """Add (sign 1) or drop (-1) the references one frontend holds."""
         refs = self._be_refs
-        for bkey, flags in w.be_flags.items():
+        for bkey, flags in zip(w.backend_keys, w.backend_flags):
             n = refs.get(bkey, 0) + sign          # _add, inline: this runs for every backend of a full sync
             if n:
                 refs[bkey] = n
@@ -823,7 +824,7 @@ class MapWriter:
                     _add(self._be_local, bkey, sign)
                 if flags & abi.LB_BE_F_NOT_READY:
                     _add(self._be_not_ready, bkey, sign)
-        touched_be.update(w.be_flags)         # (its values are not read: an ordered set)
+        touched_be.update(dict.fromkeys(w.backend_keys))      # (an ordered set)
         _add(self._svc_refs, w.name, sign)
         touched_names.add(w.name)
         _add(self._marker_refs, w.marker, sign)
@@ -923,14 +924,14 @@ def _backend_key(b: Backend) -> BeKey:
 _PROTOCOL_NUMBER = {p: p.number for p in Protocol}     # Protocol.number is a property: a call per backend
 
 
-def _backend_keys(rows: BackendRows) -> list[BeKey]:
+def _backend_keys(rows: BackendRows) -> tuple[BeKey, ...]:
     """_backend_key() of every row, by columns (a full sync keys 100,000 backends)."""
     protocols = map(_PROTOCOL_NUMBER.__getitem__, rows.protocols)
     if rows.family == 4:
         addresses = map(socket.htonl, map(int, rows.addresses))     # abi.be32, without its type checks
     else:
         addresses = map(_address, rows.addresses)
-    return list(zip(addresses, map(socket.htons, rows.ports), protocols))
+    return tuple(zip(addresses, map(socket.htons, rows.ports), protocols))
 
 
 def _frontend_want(fe: Frontend) -> _FeWant:
@@ -942,16 +943,16 @@ def _frontend_want(fe: Frontend) -> _FeWant:
     if rows and rows.family != version:
         bad = next(n for n, a in zip(rows.names, rows.addresses) if a.version != version)
         raise ValueError(f"frontend {fe.key}: backend {bad} is not of the frontend's IP family")
-    keys = _backend_keys(rows)
-    # One entry per (address, port, proto), as rows have one per name: a backend terminating or
+    # One key per (address, port, proto), as rows have one per name: a backend terminating or
     # local in any frontend is so in all of them (not ready only if so in all: _count).
-    be_flags = dict(zip(keys, map(_ENTRY_FLAGS.__getitem__, rows.flags)))
+    keys = _backend_keys(rows)
+    flags = tuple(map(_ENTRY_FLAGS.__getitem__, rows.flags))
     if rows.plain:          # the table is built from all of them, in the rows' (name) order
-        table_names, table_keys = rows.names, tuple(keys)
+        table_names, table_keys = rows.names, keys
     else:
         chosen = rows.table_rows()
         table_names, table_keys = tuple([rows.names[i] for i in chosen]), tuple([keys[i] for i in chosen])
-    return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), be_flags,
+    return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), keys, flags,
                    table_names, table_keys, maglev.table_size(len(table_names)))
 
 

@@ -474,7 +474,8 @@ def test_frontend_want_table_and_flags_as_defined(seed):
         usable = [nk for nk in copies if not flags[nk[1]] & abi.LB_BE_F_NOT_READY]
         table = [nk for nk in usable if not flags[nk[1]] & abi.LB_BE_F_TERMINATING] or usable
         assert w.table_names == tuple(n for n, _ in table) and w.table_keys == tuple(k for _, k in table)
-        assert w.be_flags == flags and list(w.be_flags) == [k for _, k in copies]
+        assert dict(zip(w.backend_keys, w.backend_flags)) == flags and list(w.backend_keys) == [k for _, k in copies]
+        assert len(w.backend_keys) == len(w.backend_flags)
 
 
 def test_counting_every_frontend_at_once_equals_counting_one_by_one():
