@@ -64,6 +64,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from ebpfsvc.k8s.node import Node
+from ebpfsvc.lbmodel import LOCAL, backend_rows
 
 log = logging.getLogger(__name__)
 
@@ -498,12 +499,19 @@ def served_health_check_ports(ports: dict[tuple[str, str], int], services, node)
             if (svc := services.get(key)) is not None and not svc.skip_reason(node)}
 
 
-def local_endpoint_counts(state) -> dict[tuple[str, str], int]:
+def local_endpoint_counts(state, services=None) -> dict[tuple[str, str], int]:
     """(namespace, name) -> distinct node-local, non-terminating backend addresses over all the
-    Service's frontends in an LBState: the endpoints a healthCheckNodePort probe counts."""
+    Service's frontends in an LBState: the endpoints a healthCheckNodePort probe counts.  Only of
+    `services` when given (those with a healthCheckNodePort: no other count is asked for), so a
+    sync of a cluster without any costs nothing here, however many backends it has."""
+    if services is not None and not services:
+        return {}
     seen: dict[tuple[str, str], set] = {}
     for fe in state.frontends.values():
         key = (fe.service.namespace, fe.service.name)
-        addrs = seen.setdefault(key, set())
-        addrs.update(b.address for b in fe.backends if b.local and not b.terminating and not b.not_ready)
+        if services is not None and key not in services:
+            continue
+        rows = backend_rows(fe.backends)
+        # LOCAL alone: on this node, neither terminating nor not ready.
+        seen.setdefault(key, set()).update(a for a, f in zip(rows.addresses, rows.flags) if f == LOCAL)
     return {k: len(v) for k, v in seen.items()}

@@ -177,4 +177,4 @@ class Telemetry:
             ports = snapshot.health_check_node_ports()
             if node is not None:
                 ports = served_health_check_ports(ports, snapshot.services, node)
-            self.service_health.sync(ports, local_endpoint_counts(self._applied) if self._applied else {})
+            self.service_health.sync(ports, local_endpoint_counts(self._applied, ports) if self._applied else {})

@@ -210,6 +210,9 @@ def test_local_endpoint_counts_from_the_applied_state():
     ])
     # The same pod on two ports is one endpoint; terminating ones are not ready.
     assert local_endpoint_counts(state) == {("default", "web"): 1, ("default", "other"): 0}
+    # Only the Services asked for (those with a healthCheckNodePort); none asked, none counted.
+    assert local_endpoint_counts(state, {("default", "web"): 30500}) == {("default", "web"): 1}
+    assert local_endpoint_counts(state, {}) == {}
 
 
 # ---- the agent's states, through Telemetry with a controllable agent ----------------------------
