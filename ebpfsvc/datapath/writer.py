@@ -58,8 +58,8 @@ from ebpfsvc.datapath.batch import write_slots as _write_slots
 from ebpfsvc.datapath.batch import zero_percpu_ids as _zero_percpu_ids
 from ebpfsvc.datapath.affinitymatch import AffinityMatch
 from ebpfsvc.datapath.ids import IdAllocator, IdExhausted, SlotRanges
-from ebpfsvc.lbmodel import (LOCAL, NOT_READY, TERMINATING, Backend, BackendRows, Frontend, FrontendKey,
-                             FrontendKind, LBState, Protocol, ServicePortName, backend_rows)
+from ebpfsvc.lbmodel import (LOCAL, NOT_READY, TERMINATING, Algorithm, Backend, BackendRows, Frontend,
+                             FrontendKey, FrontendKind, LBState, Protocol, ServicePortName, backend_rows)
 
 log = logging.getLogger(__name__)
 
@@ -987,7 +987,7 @@ def _service_flags(fe: Frontend) -> int:
         flags |= abi.LB_SVC_F_SOURCE_RANGES
     if fe.affinity_timeout > 0:
         flags |= abi.LB_SVC_F_AFFINITY
-    if fe.algorithm.value == "random":
+    if fe.algorithm is Algorithm.RANDOM:
         flags |= abi.LB_SVC_F_RANDOM
     if fe.local_only:
         flags |= abi.LB_SVC_F_LOCAL_ONLY

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ebpfsvc.config import IP_FAMILIES, NodeConfig, family_name
-from ebpfsvc.k8s.fields import Fields, Invalid, ObjectMeta, check_int, parse_cidr, parse_ip, plain_meta, read_meta
+from ebpfsvc.k8s.fields import (Fields, Invalid, ObjectMeta, check_int, ip_address, parse_cidr, parse_ip, plain_meta,
+                                read_meta)
 from ebpfsvc.k8s.names import name_problem
 from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, Algorithm, IPAddress, IPNetwork, Protocol
 
@@ -252,8 +253,8 @@ def _plain_cluster_ip(spec: dict, config: NodeConfig) -> IPAddress | None:
             or not (families is None or families == [] or (type(families) is list and len(families) == 1))):
         return None
     try:
-        address = parse_ip(primary, "")
-    except Invalid:
+        address = ip_address(primary)       # (one with spaces to strip is _cluster_ips' to read)
+    except ValueError:
         return None
     family = family_name(address.version)
     if ((families and families[0] != family) or family not in config.ip_families
