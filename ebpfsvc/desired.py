@@ -329,8 +329,6 @@ def _family_frontends(snapshot: ClusterSnapshot, node: NodeConfig, zone: str, sv
 
     yield frontend(cluster_ip, port.port, Scope.INTERNAL, FrontendKind.CLUSTER_IP,
                    local if itp_local else cluster, itp_local and has_endpoints)
-    if not (port.node_port or svc.external_ips or svc.load_balancer_ips):
-        return                  # (a ClusterIP Service's port: nothing more to serve)
     for addr, number, kind, ranges in _external_addresses(svc, port, node, cluster_ip.version):
         yield frontend(addr, number, Scope.EXTERNAL, kind, local if etp_local else cluster,
                        etp_local and has_endpoints, ranges)
@@ -344,6 +342,8 @@ def _external_addresses(svc: Service, port: ServicePort, node: NodeConfig, versi
         for addr in node.node_addresses:
             if addr.version == version:
                 yield addr, port.node_port, FrontendKind.NODE_PORT, ()
+    if not (svc.external_ips or svc.load_balancer_ips):
+        return                  # (most Services: no range to filter, nothing more to serve)
     # A source range of the other family could never match a packet of this one (kube-proxy keeps
     # those of its own family too).
     ranges = tuple(net for net in svc.source_ranges if net.version == version)
