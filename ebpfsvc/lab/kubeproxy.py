@@ -39,6 +39,7 @@ Everything kube-proxy changes stays inside the node's namespace:
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -292,24 +293,40 @@ def ruleset(lab: "Lab", node: str, mode: str) -> str:
     return lab.node_exec(node, ["nft", "list", "table", "ip", NFTABLES_TABLE], timeout=30).stdout
 
 
-def serves(lab: "Lab", node: str, mode: str, address: str, port: int) -> bool:
-    """kube-proxy has programmed rules for ClusterIP address:port on `node`."""
+def serves(lab: "Lab", node: str, mode: str, address: str, port: int, endpoints: Iterable[str] = ()) -> bool:
+    """kube-proxy has programmed rules for ClusterIP address:port on `node`, and DNATs to each of
+    `endpoints` ("ip:port") somewhere in its rules."""
     text = ruleset(lab, node, mode)
     if mode == "iptables":
-        return f"-d {address}/32" in text and f"--dport {port} " in text
-    return f"{address} . tcp . {port} " in text or f"{address} . tcp . {port}\n" in text
+        programmed = f"-d {address}/32" in text and f"--dport {port} " in text
+    else:
+        programmed = f"{address} . tcp . {port} " in text or f"{address} . tcp . {port}\n" in text
+    return programmed and all(re.search(_endpoint_pattern(endpoint), text) for endpoint in endpoints)
+
+
+def _endpoint_pattern(endpoint: str) -> str:
+    """ip:port as a DNAT target: iptables' --to-destination and nft's one-endpoint `dnat to` write
+    ip:port, nft's numgen map for several endpoints ip . port. Whole: 198.18.1.3 is not 198.18.1.30."""
+    ip, _, port = endpoint.rpartition(":")
+    return rf"(?<![\d.]){re.escape(ip)}(?::| \. ){port}(?!\d)"
 
 
 def wait_serving(lab: "Lab", node: str, mode: str, address: str, port: int, timeout: float = 60.0,
-                 since: float | None = None) -> float:
-    """Wait until kube-proxy on `node` has rules for address:port; seconds since `since` (or the call)."""
+                 since: float | None = None, endpoints: Iterable[str] = ()) -> float:
+    """Wait until kube-proxy on `node` has rules for address:port (and DNATs to each of `endpoints`);
+    seconds since `since` (or the call).
+
+    Rules for the address alone can come from a sync that saw an EndpointSlice before its last
+    endpoint was ready: a test that needs every backend to take connections passes `endpoints`."""
+    endpoints = tuple(endpoints)
     began = time.monotonic() if since is None else since
     deadline = time.monotonic() + timeout
-    while not serves(lab, node, mode, address, port):
+    while not serves(lab, node, mode, address, port, endpoints):
         if not running(lab, node):
             raise KubeProxyError(f"kube-proxy on {node} exited; its log:\n{log(lab, node)[-3000:]}")
         if time.monotonic() > deadline:
-            raise KubeProxyError(f"kube-proxy on {node} has no rules for {address}:{port} after {timeout}s; "
+            raise KubeProxyError(f"kube-proxy on {node} has no rules for {address}:{port} "
+                                 f"(to {', '.join(endpoints) or 'any endpoint'}) after {timeout}s; "
                                  f"its log:\n{log(lab, node)[-3000:]}")
         time.sleep(0.1)
     return time.monotonic() - began

@@ -189,7 +189,10 @@ def test_migration_from_kube_proxy_keeps_established_streams(unique_prefix, mode
         began = time.monotonic()
         for node in NODES:
             kubeproxy.start(lab, node, mode)
-        programmed = [kubeproxy.wait_serving(lab, node, mode, vip, PORT, since=began) for node in NODES]
+        # Every backend in the rules, not just the address: a first sync can predate mig-2's readiness.
+        endpoints = [f"{lab.pod_ip(name)}:{PORT}" for name in BACKENDS]
+        programmed = [kubeproxy.wait_serving(lab, node, mode, vip, PORT, since=began, endpoints=endpoints)
+                      for node in NODES]
         print(f"\n{mode}: kube-proxy started and programmed {vip}:{PORT} on both nodes in {max(programmed):.2f}s")
         assert kubeproxy.leftovers(lab, "node-1") - KUBELET_CHAINS, "kube-proxy programmed nothing to clean up"
         streams = [TcpStream(lab, CLIENT, vip, PORT) for _ in range(STREAMS)]

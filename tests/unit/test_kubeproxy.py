@@ -80,3 +80,33 @@ def test_zone_given_reads_only_the_running_process_lines():
     assert not kubeproxy.zone_given("\n".join([earlier, lost]), 31157, "zone-a")
     assert kubeproxy.zone_given("\n".join([earlier, lost, given]), 31157, "zone-a")
     assert not kubeproxy.zone_given(given, 31157, "zone-b")
+
+
+# Rule text as the two modes list it (iptables-save; `nft list table ip kube-proxy`), trimmed.
+IPTABLES_RULES = """-A KUBE-SERVICES -d 198.19.0.10/32 -p tcp -m comment --comment "default/mig cluster IP" -m tcp --dport 7000 -j KUBE-SVC-X
+-A KUBE-SEP-A -p tcp -m comment --comment "default/mig" -m tcp -j DNAT --to-destination 198.18.1.30:7000
+"""
+NFTABLES_RULES = """\tmap service-ips {
+\t\telements = { 198.19.0.10 . tcp . 7000 : goto service-X-default/mig/tcp/ }
+\t}
+\tchain service-X-default/mig/tcp/ {
+\t\tmeta l4proto tcp dnat ip to numgen random mod 2 map { 0 : 198.18.1.30 . 7000, 1 : 198.18.2.2 . 7000 }
+\t}
+"""
+NFTABLES_ONE_ENDPOINT = NFTABLES_RULES.replace(
+    "dnat ip to numgen random mod 2 map { 0 : 198.18.1.30 . 7000, 1 : 198.18.2.2 . 7000 }", "dnat to 198.18.1.30:7000")
+
+
+@pytest.mark.parametrize("mode, rules", [("iptables", IPTABLES_RULES), ("nftables", NFTABLES_RULES),
+                                         ("nftables", NFTABLES_ONE_ENDPOINT)])
+def test_serves_asks_for_every_endpoint_whole(monkeypatch, mode, rules):
+    """A first sync can list the ClusterIP before its last endpoint is ready: a test that waits
+    for every backend must see each one, and 198.18.1.3 is not 198.18.1.30."""
+    monkeypatch.setattr(kubeproxy, "ruleset", lambda lab, node, mode: rules)
+    assert kubeproxy.serves(None, "node-1", mode, "198.19.0.10", 7000)
+    assert kubeproxy.serves(None, "node-1", mode, "198.19.0.10", 7000, ["198.18.1.30:7000"])
+    assert not kubeproxy.serves(None, "node-1", mode, "198.19.0.10", 7000, ["198.18.1.30:7000", "198.18.2.3:7000"])
+    assert not kubeproxy.serves(None, "node-1", mode, "198.19.0.10", 7000, ["198.18.1.3:7000"])
+    both = ["198.18.1.30:7000", "198.18.2.2:7000"]
+    assert kubeproxy.serves(None, "node-1", mode, "198.19.0.10", 7000, both) == (rules is NFTABLES_RULES)
+    assert not kubeproxy.serves(None, "node-1", mode, "198.19.0.1", 7000)
