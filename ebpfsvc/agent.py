@@ -570,7 +570,7 @@ class Agent:
         self.syncs += 1
         self.synced_once.set()
         self.telemetry.sync_done(time.monotonic() - t0, stats, snapshot=snapshot, node=self.desired.node,
-                                 applied=desired)
+                                 applied=desired, delta=admitted.delta)
         log.info("synced %d frontends in %.1f ms%s: %s", len(desired.frontends),
                  (time.monotonic() - t0) * 1000, " (full)" if full else "", stats)
         self._take_over(desired)

@@ -42,7 +42,7 @@ class Telemetry:
     queued() when a change asks for a sync, sync_started(trigger_times) and sync_done(...)."""
 
     def __init__(self, config, readings: AgentReadings, *, clock: Callable[[], float] = time.time):
-        from ebpfsvc.health import ProxierHealth
+        from ebpfsvc.health import LocalEndpointCounts, ProxierHealth
 
         self.config = config
         self.readings = readings
@@ -57,6 +57,7 @@ class Telemetry:
         self.service_health = None
         self._triggers: list[float] = []
         self._applied = None                  # the LBState the last sync applied
+        self._local_endpoints = LocalEndpointCounts()   # its local endpoints, for healthCheckNodePorts
         self._served: tuple[Any, Any] | None = None   # (snapshot, node config) of the last sync
         self._serving_lock = threading.Lock()
         self._nodeports: tuple[Any, Any, int] | None = None   # (services view, node config, NodePort Services)
@@ -156,9 +157,10 @@ class Telemetry:
         show were triggered (ClusterSnapshot.trigger_times), timed when the sync completes."""
         self._triggers.extend(trigger_times)
 
-    def sync_done(self, duration: float, stats=None, *, snapshot=None, node=None, applied=None) -> None:
+    def sync_done(self, duration: float, stats=None, *, snapshot=None, node=None, applied=None, delta=None) -> None:
         """A sync completed (stats: the writer's ApplyStats, None when nothing had to change), from
-        `snapshot` with the node configuration `node`, leaving `applied` (an LBState) in the maps."""
+        `snapshot` with the node configuration `node`, leaving `applied` (an LBState) in the maps;
+        `delta`: how `applied` differs from an earlier state (desired.LBDelta), if known."""
         now = self.clock()
         self.metrics.sync_duration.observe(duration)
         self.metrics.last_sync.set(now)
@@ -173,8 +175,9 @@ class Telemetry:
             self._served = (snapshot, node)
         self.health.updated()
         if self.service_health is not None and snapshot is not None:
-            from ebpfsvc.health import local_endpoint_counts, served_health_check_ports
+            from ebpfsvc.health import served_health_check_ports
             ports = snapshot.health_check_node_ports()
             if node is not None:
                 ports = served_health_check_ports(ports, snapshot.services, node)
-            self.service_health.sync(ports, local_endpoint_counts(self._applied, ports) if self._applied else {})
+            counts = self._local_endpoints.counts(self._applied, ports, delta) if self._applied else {}
+            self.service_health.sync(ports, counts)

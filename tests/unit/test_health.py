@@ -4,6 +4,7 @@ fake clock and a controllable agent; real HTTP on 127.0.0.1, ephemeral ports."""
 from __future__ import annotations
 
 import json
+import random
 import threading
 import urllib.error
 import urllib.request
@@ -12,8 +13,9 @@ from ipaddress import IPv4Address as A
 
 import pytest
 
-from ebpfsvc.health import (HealthServer, ProxierHealth, ServiceHealthServers, local_endpoint_counts,
-                            parse_bind_address)
+from ebpfsvc.desired import LBDelta
+from ebpfsvc.health import (HealthServer, LocalEndpointCounts, ProxierHealth, ServiceHealthServers,
+                            local_endpoint_counts, parse_bind_address)
 from ebpfsvc.lbmodel import Backend, Frontend, FrontendKey, LBState, Scope, ServicePortName
 from ebpfsvc.collectors import AgentReadings
 from ebpfsvc.telemetry import Telemetry
@@ -213,6 +215,43 @@ def test_local_endpoint_counts_from_the_applied_state():
     # Only the Services asked for (those with a healthCheckNodePort); none asked, none counted.
     assert local_endpoint_counts(state, {("default", "web"): 30500}) == {("default", "web"): 1}
     assert local_endpoint_counts(state, {}) == {}
+
+
+def test_local_endpoint_counts_kept_by_delta_are_the_walks():
+    """LocalEndpointCounts (what telemetry asks after every sync) against local_endpoint_counts, over
+    500 random states in a row: frontends come, go, change backends and change Service; the delta
+    is right (its base the state counted last), absent, or of another base (then it indexes anew);
+    some syncs ask for no Service (then it is not told about that state at all)."""
+    rng = random.Random(12)
+    services = [ServicePortName("ns", f"s{i}", port) for i in range(6) for port in ("", "b")]
+    keys = [FrontendKey(A(f"198.19.0.{i}"), 80 + j) for i in range(1, 9) for j in range(3)]
+
+    def frontend(key):
+        backends = {Backend(A(f"198.18.{rng.randrange(3)}.{rng.randrange(1, 6)}"), 8080,
+                            local=rng.random() < 0.5, terminating=rng.random() < 0.2,
+                            not_ready=rng.random() < 0.1) for _ in range(rng.randrange(4))}
+        by_name = {b.name: b for b in backends}
+        return Frontend(key, rng.choice(services), backends=tuple(sorted(by_name.values(), key=lambda b: b.name)))
+
+    counter, counted = LocalEndpointCounts(), None
+    state = LBState({})
+    for step in range(500):
+        changed = set(rng.sample(keys, rng.randrange(1, 6)))
+        fes = dict(state.frontends)
+        for key in changed:
+            if key in fes and rng.random() < 0.3:
+                del fes[key]
+            else:
+                fes[key] = frontend(key)
+        previous, state = state, LBState(fes)
+        roll = rng.random()
+        delta = (LBDelta(previous, frozenset(changed)) if roll < 0.8
+                 else None if roll < 0.9 else LBDelta(LBState(dict(previous.frontends)), frozenset(changed)))
+        asked = {(s.namespace, s.name): 30000 for s in rng.sample(services, rng.randrange(len(services)))}
+        got = counter.counts(state, asked, delta)
+        assert got == local_endpoint_counts(state, asked), f"step {step}"
+        counted = state if asked else counted
+    assert counted is not None
 
 
 # ---- the agent's states, through Telemetry with a controllable agent ----------------------------
