@@ -175,9 +175,4 @@ class Telemetry:
             self._served = (snapshot, node)
         self.health.updated()
         if self.service_health is not None and snapshot is not None:
-            from ebpfsvc.health import served_health_check_ports
-            ports = snapshot.health_check_node_ports()
-            if node is not None:
-                ports = served_health_check_ports(ports, snapshot.services, node)
-            counts = self._local_endpoints.counts(self._applied, ports, delta) if self._applied else {}
-            self.service_health.sync(ports, counts)
+            self.service_health.sync(*self._local_endpoints.health_checks(snapshot, node, self._applied, delta))

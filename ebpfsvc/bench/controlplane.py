@@ -38,14 +38,20 @@ from pathlib import Path
 from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.desired import DesiredStateBuilder
+from ebpfsvc.health import LocalEndpointCounts
 from ebpfsvc.sources.base import Event, EventType
 from ebpfsvc.tracker import ClusterState
 
 NODE = NodeConfig(node_name="node-1", node_addresses=("198.18.0.11",), zone="zone-a")
 
 
+# One Service in a thousand is a LoadBalancer with externalTrafficPolicy Local; the others ClusterIP.
+LOAD_BALANCER_EVERY, NODE_PORTS, HEALTH_CHECK_PORTS = 1000, 30100, 31000
+
+
 def cluster_objects(n_services: int, endpoints: int) -> tuple[list[dict], list[dict]]:
-    """N ClusterIP Services with one EndpointSlice of K ready endpoints each, as the API server
+    """N Services (ClusterIP, one in LOAD_BALANCER_EVERY a LoadBalancer with externalTrafficPolicy
+    Local) with one EndpointSlice of K ready endpoints each, as the API server
     returns them: with the fields it sets or defaults (uid, creationTimestamp, clusterIPs,
     ipFamilies, ipFamilyPolicy, sessionAffinity, ...) and, on each slice, what the EndpointSlice
     controller writes (its labels, owner, last-change-trigger-time, every condition, targetRef).
@@ -76,6 +82,14 @@ def cluster_objects(n_services: int, endpoints: int) -> tuple[list[dict], list[d
                      "ports": [{"name": "http", "port": 80 + i // len(vips), "targetPort": port, "protocol": "TCP"}]},
             "status": {"loadBalancer": {}},
         })
+        if i % LOAD_BALANCER_EVERY == 1:
+            # As the API server completes a LoadBalancer Service with externalTrafficPolicy Local
+            # (no address assigned yet): a nodePort and a healthCheckNodePort, which every sync
+            # then serves (LocalEndpointCounts).
+            spec = services[-1]["spec"]
+            spec.update(type="LoadBalancer", externalTrafficPolicy="Local",
+                        healthCheckNodePort=HEALTH_CHECK_PORTS + i // LOAD_BALANCER_EVERY)
+            spec["ports"][0]["nodePort"] = NODE_PORTS + i // LOAD_BALANCER_EVERY
         slices.append({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": f"{name}-abcde", "generateName": f"{name}-", "namespace": "bench",
@@ -288,6 +302,12 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
         gc.freeze()
         out["rss_mib"], out["peak_rss_mib"] = rss_mib()
         out["map_mib"] = map_memory_mib(dp.maps)
+        # The agent's first sync ends as every one does (Telemetry.sync_done): the
+        # healthCheckNodePorts and their local endpoints, the frontends indexed anew.
+        health = LocalEndpointCounts()
+        t0 = time.perf_counter()
+        health.health_checks(state.snapshot(), NODE, admission.last.state)
+        out["health_checks_first_ms"] = _ms(t0)
 
         # One endpoint of one service moves to a new address (a pod was replaced), and back,
         # `repeats` times: median, p99 and worst reported (a shared machine is noisy).
@@ -309,10 +329,14 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
             t3a = time.perf_counter()
             stats = writer.apply(admitted.state, delta=admitted.delta)
             t4 = time.perf_counter()
+            # What the agent's telemetry then does with the sync (Telemetry.sync_done): the
+            # healthCheckNodePorts and their Services' local endpoints.
+            health.health_checks(snap, NODE, admitted.state, admitted.delta)
+            t5 = time.perf_counter()
             cpu.append((time.process_time() - c0) * 1000)
-            totals.append((t4 - t0) * 1000)
+            totals.append((t5 - t0) * 1000)
             stages.append([(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000, (t3a - t3) * 1000,
-                           (t4 - t3a) * 1000])
+                           (t4 - t3a) * 1000, (t5 - t4) * 1000])
             if i == 0:
                 out["change_writes"] = stats.writes
                 out["change_stats"] = {k: v for k, v in vars(stats).items() if v}
@@ -322,7 +346,8 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
         out["change_cpu_ms"] = round(statistics.median(cpu), 3)
         out["change_repeats"] = repeats
         out["change_stages_ms"] = {name: round(statistics.median(s[j] for s in stages), 3)
-                                   for j, name in enumerate(("event", "snapshot", "desired", "admit", "apply"))}
+                                   for j, name in enumerate(("event", "snapshot", "desired", "admit", "apply",
+                                                                   "health_checks"))}
 
         # And nothing at all: a sync of an unchanged cluster.
         t0 = time.perf_counter()
@@ -378,6 +403,8 @@ def report(r: dict) -> list[str]:
         f"worst {r['change_max_ms']:.2f} ({r['change_repeats']} changes; CPU {r['change_cpu_ms']:.3f} ms median); "
         f"{r['change_writes']} entries written {r['change_stats']}",
         f"    stages, median ms: {r['change_stages_ms']}",
+        f"  healthCheckNodePorts at the first sync (the applied frontends indexed): "
+        f"{r['health_checks_first_ms']:.1f} ms",
         f"  unchanged resync:     {r['noop_total_ms']:.2f} ms, {r['noop_writes']} entries written",
         f"  periodic full apply:  {r['verify_total_ms']:.0f} ms, {r['verify_writes']} entries written",
         f"  memory: maps {r['map_mib']:.0f} MiB, agent RSS {r['rss_mib']:.0f} MiB (peak {r['peak_rss_mib']:.0f})",

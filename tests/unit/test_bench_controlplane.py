@@ -41,7 +41,7 @@ def test_the_report_states_the_full_sync_against_its_floor():
          "full_repeats": 3, "full_writes": 1, "floor": {"median": 350.0, "min": 340.0, "max": 360.0},
          "over_floor": {"median": 5.5, "min": 5.4, "max": 5.7}, "change_total_ms": 0.3, "change_p99_ms": 0.4,
          "change_max_ms": 1.0, "change_cpu_ms": 0.3, "change_repeats": 201, "change_writes": 3, "change_stats": {},
-         "change_stages_ms": {}, "noop_total_ms": 0.0, "noop_writes": 0, "verify_total_ms": 1.0, "verify_writes": 0,
+         "change_stages_ms": {}, "health_checks_first_ms": 1.0, "noop_total_ms": 0.0, "noop_writes": 0, "verify_total_ms": 1.0, "verify_writes": 0,
          "map_mib": 1.0, "rss_mib": 1.0, "peak_rss_mib": 1.0, "gc_full_ms": 0.0, "gc_unfrozen_ms": None}
     text = "\n".join(controlplane.report(r))
     assert "the floor (fields read once, names, Maglev tables; nothing else): 350 ms (340-360)" in text
