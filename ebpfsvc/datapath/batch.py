@@ -105,7 +105,8 @@ def read_u32_array(table, n: int, words: int = 1) -> np.ndarray:
 def update_records(table, keys: list, values: list) -> None:
     """Many entries in one BPF_MAP_UPDATE_BATCH from plain values, packed by numpy in the layout
     of bcc's ctypes Key/Leaf (no ctypes object per entry): a key is an int or a tuple of the Key
-    struct's fields, a value a tuple of the Leaf struct's leading fields (the rest, padding, 0)."""
+    struct's fields, a value a tuple of the Leaf struct's leading fields (the rest, padding, 0),
+    or bytes: a whole Leaf of one char array (lb_service_names'), NUL-padded."""
     if not keys:
         return
     karr, varr = _records(table.Key, keys), _records(table.Leaf, values)
@@ -123,6 +124,11 @@ def _records(ctype, rows: list) -> np.ndarray:
     dtype = _DTYPES.get(ctype)
     if dtype is None:
         dtype = _DTYPES[ctype] = np.dtype(ctype)
+    if type(rows[0]) is bytes:
+        # numpy would cut a longer text to the size without a word: refuse it as ctypes does.
+        if max(map(len, rows)) > dtype.itemsize:
+            raise ValueError(f"a value longer than {dtype.itemsize} bytes")
+        return np.array(rows, dtype=f"S{dtype.itemsize}").view(dtype)
     out = np.zeros(len(rows), dtype=dtype)
     if dtype.names is None:
         out[:] = rows

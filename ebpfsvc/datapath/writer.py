@@ -656,14 +656,11 @@ class MapWriter:
                      | (_BE_NOT_READY if k in not_ready and not_ready[k] == refs[k] else 0),) for k in keys]
 
     def _write_service_names(self, touched: set, stats: ApplyStats) -> None:
-        name_writes = []
-        for name in sorted(n for n in touched if n in self._svc_refs and n not in self._svc_id):
-            ident = self._svc_ids.allocate()
-            self._svc_id[name] = ident
-            name_writes.append((ident, name))
-        m = self.names_map
-        _update_batch(m, [(m.Key(i), m.Leaf(n.encode())) for i, n in name_writes])
-        stats.services_written += len(name_writes)
+        names = sorted(n for n in touched if n in self._svc_refs and n not in self._svc_id)
+        idents = self._svc_ids.allocate_many(len(names))
+        self._svc_id.update(zip(names, idents))
+        _update_records(self.names_map, idents, [n.encode() for n in names])
+        stats.services_written += len(names)
 
     def _plan_frontends(self, touched: dict, full: bool, stats: ApplyStats) -> _FrontendPlan:
         """Ids, table sources and source ranges of the touched frontends; nothing written yet

@@ -101,3 +101,18 @@ def test_records_and_zeroed_ids_fall_back_per_entry():
     assert dict(t) == {1: 10, 2: 0, 3: 0}
     batch.update_records(t, [], [])
     assert dict(t) == {1: 10, 2: 0, 3: 0}
+
+
+def test_records_of_a_char_array_leaf_are_ctypes_bytes():
+    """lb_service_names' values go as bytes: NUL-padded as a ctypes Leaf is, and a text longer
+    than the field refused, as ctypes refuses it (numpy alone would cut it short)."""
+    class Name(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_char * 16)]
+
+    texts = [b"ns/a:http/TCP", b"", b"x" * 16]
+    packed = batch._records(Name, texts)
+    assert packed.tobytes() == b"".join(bytes(Name(t)) for t in texts)
+    with pytest.raises(ValueError):
+        batch._records(Name, [b"ns/a", b"x" * 17])
+    with pytest.raises(ValueError):
+        Name(b"x" * 17)
