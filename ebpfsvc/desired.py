@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Iterable, Iterator, Mapping
 
 from ebpfsvc import heap
@@ -370,16 +371,19 @@ def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
     states = ((base,) * len(chosen.endpoints) + (TERMINATING,) * len(chosen.draining)
               + (NOT_READY,) * len(chosen.not_ready))
     me, nodes = node.node_name, snapshot.nodes
-    addresses = [ep.address for ep in eps]
-    ports = [ep.port for ep in eps]
-    node_names = [ep.node_name for ep in eps]
+    # The endpoints' columns, at once (Endpoint's fields, in order).
+    addresses, ports, _, _, _, node_names, zones, _, _ = zip(*eps)
     flags = [f | LOCAL if n == me and n else f for f, n in zip(states, node_names)]
-    zones = [ep.zone for ep in eps]
     if nodes:
         # An endpoint without a zone of its own is in its Node's (topology.kubernetes.io/zone).
         zones = [z or _node_zone(nodes, n) for z, n in zip(zones, node_names)]
-    rows = sorted(zip(backend_names(addresses, ports, port.protocol), addresses, ports, flags, node_names, zones))
-    names, addresses, ports, flags, node_names, zones = zip(*rows)
+    names = backend_names(addresses, ports, port.protocol)
+    columns = (names, addresses, ports, flags, node_names, zones)
+    if len(names) > 1:
+        # Every column in name order: the order of the names' indices, picked from each (in C).
+        in_order = itemgetter(*sorted(range(len(names)), key=names.__getitem__))
+        columns = map(in_order, columns)
+    names, addresses, ports, flags, node_names, zones = map(tuple, columns)
     return BackendRows(names, addresses, ports, (port.protocol,) * len(names), flags, node_names, zones,
                        addresses[0].version)
 
