@@ -40,6 +40,7 @@ import logging
 import re
 import socket
 from collections import Counter
+from operator import itemgetter
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import quote
@@ -192,6 +193,14 @@ BeKey = tuple  # what identifies a backend entry: (address, port, proto)
 def _is6(address) -> bool:
     """Is a stored address (an FeKey's or BeKey's first field) IPv6?"""
     return type(address) is tuple
+
+
+def _all_ipv4(addresses: Iterable) -> bool:
+    """No stored address _is6: told in C, by their types (a full sync writes 100,000 backends)."""
+    return tuple not in set(map(type, addresses))
+
+
+_ENTRY, _ADDRESS = itemgetter(1), itemgetter(0)     # a (key, entry) write's entry; an entry's address
 
 
 class FrontendEntry(NamedTuple):
@@ -617,8 +626,11 @@ class MapWriter:
         """Ids for the backends new to the maps (every one of a first sync), at once; the entries
         that changed, to write; the ids nothing references any more.  Nothing written yet."""
         be_refs, be_id, be_val = self._be_refs, self._be_id, self._be_val
-        held = [k for k in touched if k in be_id]
-        new = [k for k in touched if k in be_refs and k not in be_id]
+        if be_id:
+            held = [k for k in touched if k in be_id]
+            new = [k for k in touched if k in be_refs and k not in be_id]
+        else:           # empty maps (a first sync): every referenced backend is new
+            held, new = [], [k for k in touched if k in be_refs]
         fresh = self._be_ids.allocate_many(len(new))
         be_id.update(zip(new, fresh))
         entry = tuple.__new__     # BackendEntry._make without its length check: a value has its 4 fields
@@ -640,10 +652,14 @@ class MapWriter:
         stats.backends_changed += todo.changed
         _zero_percpu_ids(self.be_stats_map, todo.fresh)
         stats.stats_zeroed += len(todo.fresh)
-        four, six = _split(todo.writes, lambda w: w[1].address)
-        _update_records(self.backends_map, [i for i, _ in four], [v for _, v in four])
-        if six:
-            _update_records(self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
+        if todo.writes and _all_ipv4(map(_ADDRESS, map(_ENTRY, todo.writes))):      # the usual case
+            ids, values = zip(*todo.writes)
+            _update_records(self.backends_map, ids, list(values))     # (numpy reads a tuple as one record)
+        else:
+            four, six = _split(todo.writes, lambda w: w[1].address)
+            _update_records(self.backends_map, [i for i, _ in four], [v for _, v in four])
+            if six:
+                _update_records(self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
         self._be_val.update(todo.writes)
         stats.backends_written += len(todo.writes)
         return todo.stale
