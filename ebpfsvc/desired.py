@@ -372,12 +372,12 @@ def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
               + (NOT_READY,) * len(chosen.not_ready))
     me, nodes = node.node_name, snapshot.nodes
     # The endpoints' columns, at once (Endpoint's fields, in order).
-    addresses, ports, _, _, _, node_names, zones, _, _ = zip(*eps)
+    addresses, ports, _, _, _, node_names, zones, _, _, texts = zip(*eps)
     flags = [f | LOCAL if n == me and n else f for f, n in zip(states, node_names)]
     if nodes:
         # An endpoint without a zone of its own is in its Node's (topology.kubernetes.io/zone).
         zones = [z or _node_zone(nodes, n) for z, n in zip(zones, node_names)]
-    names = backend_names(addresses, ports, port.protocol)
+    names = backend_names(texts, ports, port.protocol, addresses[0].version)
     columns = (names, addresses, ports, flags, node_names, zones)
     if len(names) > 1:
         # Every column in name order: the order of the names' indices, picked from each (in C).

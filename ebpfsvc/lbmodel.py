@@ -104,7 +104,27 @@ class _BackendFields(NamedTuple):
     name: str = ""          # backend_name(address, port, protocol): made with the Backend
 
 
-class Backend(_BackendFields):
+class DerivedLast:
+    """For a NamedTuple whose last field is derived from the others, which its __new__ takes
+    (Backend.name, the endpoints' address text): copy and pickle pass the others to __new__, and
+    _replace makes the field again, so it always says what it is derived from."""
+
+    __slots__ = ()
+
+    def __getnewargs__(self) -> tuple:
+        return tuple(self)[:-1]
+
+    def _replace(self, **changes):
+        derived = self._fields[-1]
+        if derived in changes:
+            raise ValueError(f"{type(self).__name__}.{derived} is derived from the other fields")
+        made = type(self)(*[changes.pop(f, v) for f, v in zip(self._fields[:-1], self)])
+        if changes:
+            raise ValueError(f"Got unexpected field names: {list(changes)!r}")
+        return made
+
+
+class Backend(DerivedLast, _BackendFields):
     """One endpoint address with its resolved target port.
 
     `terminating` backends (serving but terminating endpoints) keep their
@@ -128,17 +148,6 @@ class Backend(_BackendFields):
         return tuple.__new__(cls, (address, port, protocol, terminating, not_ready, local, node, zone,
                                    backend_name(address, port, protocol)))
 
-    def __getnewargs__(self) -> tuple:
-        return tuple(self)[:-1]          # copy and pickle call __new__, which makes the name
-
-    def _replace(self, **changes) -> "Backend":
-        if "name" in changes:
-            raise ValueError("Backend.name is derived from the address, port and protocol")
-        made = Backend(*[changes.pop(f, v) for f, v in zip(self._fields[:-1], self)])
-        if changes:
-            raise ValueError(f"Got unexpected field names: {list(changes)!r}")
-        return made
-
 
 def backend_name(address: IPAddress, port: int, protocol: Protocol) -> str:
     """The stable name Maglev sorts and hashes a backend by, so every node builds the same table:
@@ -149,14 +158,17 @@ def backend_name(address: IPAddress, port: int, protocol: Protocol) -> str:
     return f"[{address}]:{port}/{protocol._value_}"
 
 
-def backend_names(addresses: Sequence[IPAddress], ports: Sequence[int], protocol: Protocol) -> list[str]:
-    """backend_name() of each (address, port) of one family and one protocol, in a comprehension:
-    desired state names every backend of a full sync."""
+def backend_names(texts: Sequence[str], ports: Sequence[int], protocol: Protocol, family: int) -> list[str]:
+    """backend_name() of each (address, port) of one family and one protocol, from the addresses as
+    str() writes them (the endpoints carry that text: SliceEndpoint), in a comprehension: desired
+    state names every backend of a full sync."""
     proto = protocol._value_
-    if addresses and addresses[0].version == 4:
-        ntoa = socket.inet_ntoa
-        return [f"{ntoa(a.packed)}:{p}/{proto}" for a, p in zip(addresses, ports)]
-    return [f"[{a}]:{p}/{proto}" for a, p in zip(addresses, ports)]
+    if family == 6:
+        return [f"[{t}]:{p}/{proto}" for t, p in zip(texts, ports)]
+    if ports and ports.count(ports[0]) == len(ports):       # one port number (one slice's): one suffix
+        suffix = f":{ports[0]}/{proto}"
+        return [t + suffix for t in texts]
+    return [f"{t}:{p}/{proto}" for t, p in zip(texts, ports)]
 
 
 def table_backends(backends: Iterable[Backend]) -> list[Backend]:

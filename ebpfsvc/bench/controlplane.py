@@ -239,7 +239,9 @@ def floor_sync(services: list[dict], slices: list[dict]) -> float:
             meta, rows = sl["metadata"], []
             for ep in sl["endpoints"]:
                 cond = ep.get("conditions") or {}
-                rows.append((socket.inet_pton(socket.AF_INET, ep["addresses"][0]), cond.get("ready") is not False,
+                text = ep["addresses"][0]
+                socket.inet_pton(socket.AF_INET, text)          # parsed (checked), its text kept
+                rows.append((text, cond.get("ready") is not False,
                              cond.get("serving") is not False, cond.get("terminating") is True,
                              ep.get("nodeName") or "", ep.get("zone") or ""))
             key = (meta["namespace"], meta["labels"]["kubernetes.io/service-name"])
@@ -251,9 +253,10 @@ def floor_sync(services: list[dict], slices: list[dict]) -> float:
                 target = numbers.get(name)
                 if target is None or not rows:
                     continue
-                # lbmodel.backend_name's text, from the packed address the floor keeps (no
+                # lbmodel.backend_name's text, from the address's text as the agent makes it (no
                 # IPv4Address made: tests/unit/test_bench_controlplane.py checks they agree).
-                names = sorted([f"{socket.inet_ntoa(r[0])}:{target}/{protocol}" for r in rows if r[1]])
+                suffix = f":{target}/{protocol}"
+                names = sorted([r[0] + suffix for r in rows if r[1]])
                 tables.append((names, maglev.table_size(len(names)), range(len(names))))
         maglev.build_tables(tables)
         return (time.perf_counter() - t0) * 1000

@@ -22,13 +22,10 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple
 
 from ebpfsvc.k8s.endpointslice import EndpointSlice
-from ebpfsvc.lbmodel import IPAddress, ServicePortName
+from ebpfsvc.lbmodel import DerivedLast, IPAddress, ServicePortName
 
 
-class Endpoint(NamedTuple):
-    """One endpoint of one service port, with its resolved port (kube-proxy's Endpoint); a
-    NamedTuple, as SliceEndpoint."""
-
+class _EndpointFields(NamedTuple):
     address: IPAddress
     port: int
     ready: bool = True
@@ -38,6 +35,20 @@ class Endpoint(NamedTuple):
     zone: str = ""
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()
+    text: str = ""              # str(address): made with the endpoint
+
+
+class Endpoint(DerivedLast, _EndpointFields):
+    """One endpoint of one service port, with its resolved port (kube-proxy's Endpoint); a
+    NamedTuple, as SliceEndpoint, whose derived `text` it carries on (the merge copies it)."""
+
+    __slots__ = ()
+
+    def __new__(cls, address: IPAddress, port: int, ready: bool = True, serving: bool = True,
+                terminating: bool = False, node_name: str = "", zone: str = "",
+                zone_hints: frozenset[str] = frozenset(), node_hints: frozenset[str] = frozenset()) -> "Endpoint":
+        return tuple.__new__(cls, (address, port, ready, serving, terminating, node_name, zone, zone_hints,
+                                   node_hints, str(address)))
 
     @property
     def sort_key(self) -> tuple[int, int, int]:
@@ -59,7 +70,7 @@ def _merge_general(namespace: str, service_name: str,
                    slices: Iterable[EndpointSlice]) -> dict[ServicePortName, tuple[Endpoint, ...]]:
     """merge_endpoint_slices() of any slices but FQDN ones (it leaves those out): each address
     once per port, the winner by _precedence, then the first slice by name."""
-    make = Endpoint
+    new = tuple.__new__         # as in _one_slice: the slice endpoint's text is the Endpoint's
     merged: dict[ServicePortName, dict[tuple, Endpoint]] = {}
     for sl in sorted(slices, key=lambda s: s.name):
         for port in sl.ports:
@@ -72,8 +83,8 @@ def _merge_general(namespace: str, service_name: str,
                 key = (ep.address.version, int(ep.address), port.port)
                 if key in by_addr and _precedence(by_addr[key]) >= _precedence(ep):
                     continue
-                by_addr[key] = make(ep.address, port.port, ep.ready, ep.serving, ep.terminating,
-                                    ep.node_name, ep.zone, ep.zone_hints, ep.node_hints)
+                by_addr[key] = new(Endpoint, (ep.address, port.port, ep.ready, ep.serving, ep.terminating,
+                                              ep.node_name, ep.zone, ep.zone_hints, ep.node_hints, ep.text))
     # The keys are the endpoints' sort keys, and unique: sorting them sorts the endpoints.
     return {spn: tuple([eps[k] for k in sorted(eps)]) for spn, eps in merged.items()}
 
@@ -85,7 +96,8 @@ def _one_slice(namespace: str, service_name: str, sl: EndpointSlice
     address is of the slice's family and a port's endpoints share its number, so the merge's
     (family, address, port) order is the addresses' order and there is no duplicate to resolve:
     one int per endpoint to sort by, and each Endpoint is its SliceEndpoint's fields with the port
-    put in (both are NamedTuples: SliceEndpoint[1:8] are Endpoint[2:]), one tuple made per endpoint."""
+    put in (both are NamedTuples: SliceEndpoint[1:8] are Endpoint[2:9], and [9] is both texts), one
+    tuple made per endpoint."""
     endpoints = sl.endpoints
     numbers = [int(ep[0]) for ep in endpoints]
     if len(set(numbers)) != len(numbers):
@@ -98,7 +110,7 @@ def _one_slice(namespace: str, service_name: str, sl: EndpointSlice
             continue            # as in merge_endpoint_slices
         n = port.port
         merged[ServicePortName(namespace, service_name, port.name, port.protocol)] = tuple([
-            new(Endpoint, (ep[0], n, ep[1], ep[2], ep[3], ep[4], ep[5], ep[6], ep[7])) for ep in ordered])
+            new(Endpoint, (ep[0], n, ep[1], ep[2], ep[3], ep[4], ep[5], ep[6], ep[7], ep[9])) for ep in ordered])
     return merged
 
 

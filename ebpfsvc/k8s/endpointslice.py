@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from ebpfsvc.k8s.fields import Fields, Invalid, check_name, ip_address, parse_ip, plain_meta, read_meta
 from ebpfsvc.k8s.names import name_problem
-from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, IPAddress, Protocol
+from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, DerivedLast, IPAddress, Protocol
 
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 # Set by the EndpointSlice and Endpoints controllers: when the change this version carries was
@@ -41,12 +41,7 @@ class EndpointPort(NamedTuple):
     app_protocol: str = ""
 
 
-class SliceEndpoint(NamedTuple):
-    """One endpoint of a slice, with its conditions decoded as the API defines them.
-
-    A NamedTuple, as Endpoint: a full sync makes 100,000 of each, and a tuple is made, hashed and
-    compared in C, in about half the memory of a dataclass (no __dict__)."""
-
+class _SliceEndpointFields(NamedTuple):
     address: IPAddress               # addresses[0]: the API says consumers use the first
     ready: bool = True               # unset = ready
     serving: bool = True             # unset = serving (discovery/v1)
@@ -56,6 +51,25 @@ class SliceEndpoint(NamedTuple):
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()     # hints.forNodes (trafficDistribution: PreferSameNode)
     hostname: str = ""
+    text: str = ""                   # str(address): made with the endpoint
+
+
+class SliceEndpoint(DerivedLast, _SliceEndpointFields):
+    """One endpoint of a slice, with its conditions decoded as the API defines them.
+
+    A NamedTuple, as Endpoint: a full sync makes 100,000 of each, and a tuple is made, hashed and
+    compared in C, in about half the memory of a dataclass (no __dict__).  Its last field, `text`,
+    is derived, as Backend.name is: the address as str() writes it, which names the backend
+    (lbmodel.backend_names).  The plain path keeps the API's own text of an IPv4 address, which
+    inet_pton took (a dotted quad as str() writes it, nothing else): no text made per endpoint."""
+
+    __slots__ = ()
+
+    def __new__(cls, address: IPAddress, ready: bool = True, serving: bool = True, terminating: bool = False,
+                node_name: str = "", zone: str = "", zone_hints: frozenset[str] = frozenset(),
+                node_hints: frozenset[str] = frozenset(), hostname: str = "") -> "SliceEndpoint":
+        return tuple.__new__(cls, (address, ready, serving, terminating, node_name, zone, zone_hints, node_hints,
+                                   hostname, str(address)))
 
 
 @dataclass(frozen=True)
@@ -175,7 +189,7 @@ def _plain_endpoint(e, version: int) -> SliceEndpoint | None:
         if addr.version != version:
             return None
         if first is None:
-            first = addr
+            first, first_text = addr, text if version == 4 and type(text) is str else str(addr)
     cond = e.get("conditions")
     if cond is None:
         ready = serving = True
@@ -197,9 +211,9 @@ def _plain_endpoint(e, version: int) -> SliceEndpoint | None:
     if type(node_name) is not str or type(zone) is not str or type(hostname) is not str:
         return None
     # Interned: the same few node and zone names recur in every endpoint.  SliceEndpoint._make
-    # without its length check (its fields are all here).
+    # without its length check (its fields are all here, the text the API's: see SliceEndpoint).
     return tuple.__new__(SliceEndpoint, (first, ready, serving, terminating, intern(node_name), intern(zone),
-                                         _NO_HINTS, _NO_HINTS, hostname))
+                                         _NO_HINTS, _NO_HINTS, hostname, first_text))
 
 
 def parse_endpoint_port(p: Fields) -> EndpointPort:

@@ -332,11 +332,13 @@ def test_backend_names_in_bulk_are_backend_name():
 
     for base in ("198.18.0.", "2001:2::"):
         addresses = [ipaddress.ip_address(f"{base}{i}") for i in range(1, 40)]
-        ports = [1 + 997 * i % 65535 for i in range(1, 40)]
-        for protocol in Protocol:
-            assert backend_names(addresses, ports, protocol) == [backend_name(a, p, protocol)
-                                                                 for a, p in zip(addresses, ports)]
-    assert backend_names([], [], Protocol.TCP) == []
+        texts = [str(a) for a in addresses]
+        # Ports of each endpoint's own, and one port for all (one slice's: the suffix made once).
+        for ports in ([1 + 997 * i % 65535 for i in range(1, 40)], [8080] * 39, [8080] * 38 + [8081]):
+            for protocol in Protocol:
+                assert backend_names(texts, ports, protocol, addresses[0].version) == [
+                    backend_name(a, p, protocol) for a, p in zip(addresses, ports)]
+    assert backend_names([], [], Protocol.TCP, 4) == []
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -546,3 +548,30 @@ def test_service_name_skips_quoting_only_what_quoting_leaves_alone():
         ns, name, port = (quote(p.encode("utf-8", "surrogatepass"), safe="") for p in parts)
         want = f"{ns}/{name}:{port}/UDP" if parts[2] else f"{ns}/{name}/UDP"
         assert service_name(ServicePortName(*parts, Protocol.UDP)) == want
+
+
+@pytest.mark.parametrize("make", [lambda a: SliceEndpoint(a, False, node_name="n"),
+                                  lambda a: Endpoint(a, 8080, False, node_name="n"),
+                                  lambda a: Backend(a, 8080, not_ready=True, node="n")])
+def test_a_derived_last_field_says_what_it_is_derived_from(make):
+    """The endpoints' text (str(address)) and Backend.name are made with the tuple: copies, pickles
+    and _replace make them again, and they cannot be set to something else."""
+    for text in ("198.18.0.7", "2001:2::7"):
+        made = make(ipaddress.ip_address(text))
+        assert text in made[-1]
+        assert copy.deepcopy(made) == made and pickle.loads(pickle.dumps(made)) == made
+        other = ipaddress.ip_address(text[:-1] + "9")
+        assert made._replace(address=other) == make(other) and text not in make(other)[-1]
+        with pytest.raises(ValueError):
+            made._replace(**{made._fields[-1]: "x"})
+        with pytest.raises(ValueError):
+            made._replace(hostname_or_port="x")
+
+
+def test_the_plain_path_keeps_the_apis_text_of_an_ipv4_address():
+    """inet_pton takes a dotted quad only as str() writes it, so the API's text is the endpoint's;
+    an IPv6 address's is made (the API may write it otherwise: 2001:0002::1)."""
+    for text, want in (("198.18.0.7", "198.18.0.7"), ("2001:0002::0001", "2001:2::1")):
+        version = ipaddress.ip_address(text).version
+        ep = _plain_endpoint({"addresses": [text]}, version)
+        assert ep.text == want == str(ep.address) and ep == SliceEndpoint(ep.address)
