@@ -40,7 +40,6 @@ import logging
 import re
 import socket
 from collections import Counter
-from operator import itemgetter
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import quote
@@ -195,14 +194,6 @@ def _is6(address) -> bool:
     return type(address) is tuple
 
 
-def _all_ipv4(addresses: Iterable) -> bool:
-    """No stored address _is6: told in C, by their types (a full sync writes 100,000 backends)."""
-    return tuple not in set(map(type, addresses))
-
-
-_ENTRY, _ADDRESS = itemgetter(1), itemgetter(0)     # a (key, entry) write's entry; an entry's address
-
-
 class FrontendEntry(NamedTuple):
     """An lb4_frontends or lb6_frontends value as stored (struct lb4_service)."""
 
@@ -282,7 +273,8 @@ class _Planned:
 class _BackendWrites(NamedTuple):
     """Phase 1's work, computed before anything of it is written."""
 
-    writes: list                    # (id, BackendEntry) to write
+    ids: list                       # the ids to write, and
+    entries: list                   # their entries: BackendEntry's fields, as plain tuples
     fresh: list                     # ids new to the maps (their stats zeroed first)
     stale: list                     # ids nothing references any more (deleted in phase 4)
     changed: int                    # entries of ids already in the maps that change
@@ -327,7 +319,9 @@ class MapWriter:
         self._svc_id: dict[str, int] = {}
         for k, v in self.names_map.items():
             self._svc_id[v.name.decode(errors="replace")] = k.value
-        self._be_val: dict[int, BackendEntry] = {}
+        # id -> its entry as written: a BackendEntry, or (written since the start) a plain tuple of
+        # its fields, which equals it: a full sync writes 100,000, one tuple made for each.
+        self._be_val: dict[int, tuple] = {}
         self._be_id: dict[BeKey, int] = {}
         for k, v in self.backends_map.items():
             self._be_val[k.value] = BackendEntry(v.address, v.port, v.proto, v.flags)
@@ -491,6 +485,9 @@ class MapWriter:
         self._be_not_ready: dict[BeKey, int] = {}
         self._svc_refs: dict[str, int] = {}
         self._marker_refs: dict[FeKey, int] = {}
+        # An IPv6 frontend was counted since the counts were reset: only then can a backend to
+        # write be IPv6 (a frontend's backends are of its family), and the writes need a split.
+        self._ipv6_wanted = False
         self._fe_src: dict[FeKey, set[tuple[int, int, int]]] = {}   # source-range entries per frontend
         # id(Frontend) -> its _FeWant, for every frontend in _want: what a Frontend needs never
         # changes (it is frozen), so a full apply re-derives only new objects (the _FeWant holds
@@ -593,6 +590,7 @@ class MapWriter:
         Counter over all the frontends (in C), where _count moves one count at a time."""
         self._want = {w.key: w for w in wants}
         self._by_fe = {id(w.fe): w for w in wants}
+        self._ipv6_wanted = any(_is6(k[0]) for k in self._want)
         refs = Counter(itertools.chain.from_iterable(w.backend_keys for w in wants))
         self._be_refs = dict(refs)
         flagged = [(k, f) for w in wants if any(w.backend_flags) for k, f in zip(w.backend_keys, w.backend_flags) if f]
@@ -617,6 +615,8 @@ class MapWriter:
         for w in wants:
             self._want[w.key] = w
             self._by_fe[id(w.fe)] = w
+            if _is6(w.key[0]):
+                self._ipv6_wanted = True
             self._count(w, 1, touched.backends, touched.names)
             touched.frontends[w.key] = None
             touched.frontends[w.marker] = None
@@ -633,9 +633,7 @@ class MapWriter:
             held, new = [], [k for k in touched if k in be_refs]
         fresh = self._be_ids.allocate_many(len(new))
         be_id.update(zip(new, fresh))
-        entry = tuple.__new__     # BackendEntry._make without its length check: a value has its 4 fields
-        writes: list[tuple[int, BackendEntry]] = list(zip(fresh, map(entry, itertools.repeat(BackendEntry),
-                                                                     self._entry_values(new))))
+        ids, entries = list(fresh), self._entry_values(new)
         stale = [be_id[k] for k in held if k not in be_refs]
         held = [k for k in held if k in be_refs]
         changed = 0
@@ -643,25 +641,25 @@ class MapWriter:
             ident = be_id[bkey]
             old = be_val.get(ident)
             if old != val:
-                writes.append((ident, entry(BackendEntry, val)))
+                ids.append(ident)
+                entries.append(val)
                 changed += old is not None
-        return _BackendWrites(writes, fresh, stale, changed)
+        return _BackendWrites(ids, entries, fresh, stale, changed)
 
     def _write_backends(self, todo: _BackendWrites, stats: ApplyStats) -> list[int]:
         """Write _backend_writes' entries; return the ids nothing references any more."""
         stats.backends_changed += todo.changed
         _zero_percpu_ids(self.be_stats_map, todo.fresh)
         stats.stats_zeroed += len(todo.fresh)
-        if todo.writes and _all_ipv4(map(_ADDRESS, map(_ENTRY, todo.writes))):      # the usual case
-            ids, values = zip(*todo.writes)
-            _update_records(self.backends_map, ids, list(values))     # (numpy reads a tuple as one record)
+        if not self._ipv6_wanted:       # all IPv4 (the usual case): no split
+            _update_records(self.backends_map, todo.ids, todo.entries)
         else:
-            four, six = _split(todo.writes, lambda w: w[1].address)
+            four, six = _split(list(zip(todo.ids, todo.entries)), lambda w: w[1][0])
             _update_records(self.backends_map, [i for i, _ in four], [v for _, v in four])
             if six:
                 _update_records(self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
-        self._be_val.update(todo.writes)
-        stats.backends_written += len(todo.writes)
+        self._be_val.update(zip(todo.ids, todo.entries))
+        stats.backends_written += len(todo.ids)
         return todo.stale
 
     def _entry_values(self, keys: list) -> list[tuple]:
@@ -805,12 +803,12 @@ class MapWriter:
         self._prune_source_ranges(src_drop & self._src_ranges, stats)
 
     def _delete_backends(self, stale: list[int], stats: ApplyStats) -> None:
-        four, six = _split(stale, lambda i: self._be_val[i].address)
+        four, six = _split(stale, lambda i: self._be_val[i][0])       # (BackendEntry.address)
         _delete_batch(self.backends_map, [self.backends_map.Key(i) for i in four])
         if six:
             _delete_batch(self.backends6_map, [self.backends6_map.Key(i) for i in six])
         for ident in stale:
-            del self._be_id[self._be_val.pop(ident).key]
+            del self._be_id[self._be_val.pop(ident)[:3]]                # (BackendEntry.key)
             self._be_ids.release(ident)
         stats.backends_deleted += len(stale)
 

@@ -87,6 +87,25 @@ def test_dual_stack_state_update_and_removal(datapath, writer):
     assert not list(datapath.maps["lb_service_names"].keys())
 
 
+def test_an_ipv6_frontend_added_to_an_ipv4_only_state(datapath, writer):
+    """The first apply had IPv4 frontends only, so its backends went to lb4_backends without a
+    split; an IPv6 frontend added later (a change, not a full apply) puts its backends in
+    lb6_backends, and the IPv4 ones stay where they are."""
+    v4 = frontend(VIP, 80, [be(BACKEND1)], name="web")
+    writer.apply(state(v4))
+    v6 = frontend6(VIP6, 80, [be6(BACKEND6_1), be6(BACKEND6_2)], name="web")
+    st = writer.apply(state(v4, v6))
+    assert st.backends_written == 2
+    assert sorted(a for a, *_ in backends6(datapath).values()) == [BACKEND6_1, BACKEND6_2]
+    assert len(list(datapath.maps["lb4_backends"].keys())) == 1
+    # And a backend change of both families in one apply: each to its own map.
+    v4b = frontend(VIP, 80, [be(BACKEND1, terminating=True)], name="web")
+    v6b = frontend6(VIP6, 80, [be6(BACKEND6_1), be6(BACKEND6_2, terminating=True)], name="web")
+    assert writer.apply(state(v4b, v6b)).backends_written == 2
+    assert sorted(f for *_, f in backends6(datapath).values()) == [0, abi.LB_BE_F_TERMINATING]
+    assert [v.flags for v in datapath.maps["lb4_backends"].values()] == [abi.LB_BE_F_TERMINATING]
+
+
 def test_source_ranges_per_family(datapath, writer):
     nets = (ipaddress.ip_network("198.18.9.0/24"), ipaddress.ip_network("2001:2:0:9::/64"))
     v6 = frontend6(VIP6, 443, [be6(BACKEND6_1, 8443)], name="lb", source_ranges=nets)
