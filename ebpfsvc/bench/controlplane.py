@@ -210,7 +210,7 @@ def _full_sync(dp, limits, services, slices) -> tuple[dict, tuple]:
         timing[f"{stage}_cpu"] = round((marks[i + 1][1] - marks[i][1]) * 1000, 2)
     timing["total"] = round((marks[-1][0] - marks[0][0]) * 1000, 2)
     timing["cpu"] = round((marks[-1][1] - marks[0][1]) * 1000, 2)
-    return timing, (writer, state, builder, admission)
+    return timing, (writer, state, builder, admission, snap)
 
 
 _STAGES = ("ingest", "desired", "admit", "apply")
@@ -284,12 +284,12 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
         fulls, floors = [], []
         for i in range(full_repeats):
             # The agent's path and the floor in turns, so each ratio pairs two runs a second apart.
-            timing, (writer, state, builder, admission) = _full_sync(dp, limits, services, slices)
+            timing, (writer, state, builder, admission, snap) = _full_sync(dp, limits, services, slices)
             fulls.append(timing)
             floors.append(floor_sync(services, slices))
             if i + 1 < full_repeats:
                 writer.apply(LBState())
-                del writer, state, builder, admission
+                del writer, state, builder, admission, snap
                 gc.unfreeze()       # heap.bulk froze that state: let this collection free it
                 gc.collect()
         out["full"] = {stage: _spread([f[stage] for f in fulls])
@@ -306,10 +306,11 @@ def measure(n_services: int = 10_000, endpoints: int = 10, pin_root: Path = Path
         out["rss_mib"], out["peak_rss_mib"] = rss_mib()
         out["map_mib"] = map_memory_mib(dp.maps)
         # The agent's first sync ends as every one does (Telemetry.sync_done): the
-        # healthCheckNodePorts and their local endpoints, the frontends indexed anew.
+        # healthCheckNodePorts and their local endpoints, the frontends indexed anew.  (From the
+        # sync's own snapshot: another one now would make the next build compare every Service.)
         health = LocalEndpointCounts()
         t0 = time.perf_counter()
-        health.health_checks(state.snapshot(), NODE, admission.last.state)
+        health.health_checks(snap, NODE, admission.last.state)
         out["health_checks_first_ms"] = _ms(t0)
 
         # One endpoint of one service moves to a new address (a pod was replaced), and back,
