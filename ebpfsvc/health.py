@@ -528,21 +528,29 @@ class LocalEndpointCounts:
     MapWriter.apply takes it), so a sync costs its changed frontends and the asked Services' own.
     Walking them all cost 9.6 ms a sync at 10,000 Services as soon as one had a
     healthCheckNodePort, against an endpoint change of 0.3 ms.  Any other state (the first, one
-    after a sync that asked nothing) or a Service not asked before is indexed anew: one walk."""
+    after a sync that asked nothing) or a Service not asked before is indexed anew: one walk.
+    A Service's count is kept until one of its frontends changes, and the ports served until the
+    snapshot's Services (or the node) do: an endpoint change elsewhere recounts nothing."""
 
     def __init__(self) -> None:
         self._state = None
         self._asked: frozenset = frozenset()            # the Services _keys follows
         self._keys: dict[tuple[str, str], set] = {}     # such a Service -> its frontends' keys in _state
+        self._counts: dict[tuple[str, str], int] = {}   # counted in _state, until a frontend of it changes
+        self._served: tuple = (None, None, {})          # (Services view, node, the ports served) last asked
 
     def health_checks(self, snapshot, node, applied, delta=None) -> tuple[dict, dict]:
         """What a sync hands the healthCheckNodePort servers: the ports this node opens (of the
         Services it serves, when `node` is known) and their Services' local endpoints in `applied`,
         the LBState in the maps (None: nothing applied yet)."""
-        ports = snapshot.health_check_node_ports()
-        if node is not None:
-            ports = served_health_check_ports(ports, snapshot.services, node)
-        return ports, self.counts(applied, ports, delta) if applied is not None else {}
+        services, known_node, ports = self._served
+        if snapshot.services is not services or node is not known_node:
+            # (The same Services, the same ports: a snapshot reuses its view until a Service changes.)
+            ports = snapshot.health_check_node_ports()
+            if node is not None:
+                ports = served_health_check_ports(ports, snapshot.services, node)
+            self._served = (snapshot.services, node, ports)
+        return dict(ports), self.counts(applied, ports, delta) if applied is not None else {}
 
     def counts(self, state, services, delta=None) -> dict[tuple[str, str], int]:
         """local_endpoint_counts(state, services); `delta`: how `state` differs from an earlier one."""
@@ -556,21 +564,30 @@ class LocalEndpointCounts:
                 for key in delta.keys:
                     self._move(key, before.get(key), after.get(key))
             else:
-                self._keys = {}
+                self._keys, self._counts = {}, {}
                 for key, fe in state.frontends.items():
                     self._move(key, None, fe)
             self._state = state
-        frontends = state.frontends
-        return {svc: len(set().union(*(_local_addresses(frontends[k]) for k in keys)))
-                for svc in services if (keys := self._keys.get(svc))}
+        frontends, counts = state.frontends, self._counts
+        out = {}
+        for svc in services:
+            keys = self._keys.get(svc)
+            if keys:
+                count = counts.get(svc)
+                if count is None:
+                    count = counts[svc] = len(set().union(*(_local_addresses(frontends[k]) for k in keys)))
+                out[svc] = count
+        return out
 
     def _move(self, key, old, new) -> None:
         if old is not None:
             svc = (old.service.namespace, old.service.name)
+            self._counts.pop(svc, None)
             keys = self._keys.get(svc)
             if keys is not None:
                 keys.discard(key)
                 if not keys:
                     del self._keys[svc]
         if new is not None and (svc := (new.service.namespace, new.service.name)) in self._asked:
+            self._counts.pop(svc, None)
             self._keys.setdefault(svc, set()).add(key)

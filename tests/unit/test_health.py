@@ -632,3 +632,40 @@ def test_health_check_node_ports_only_for_services_this_proxy_serves():
         assert servers.ports == {("default", "web"): port} and get(port, "/")[0] == 503
     finally:
         servers.close()
+
+
+def test_health_checks_follow_the_services_across_syncs():
+    """LocalEndpointCounts.health_checks (what telemetry hands the servers after each sync) keeps
+    the ports served while the snapshot's Services stay the same object, and asks again when a
+    Service or the node changes: each sync's answer is the one made from scratch."""
+    from ebpfsvc.health import served_health_check_ports
+
+    node = NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",))
+    other = NodeConfig(node_name="node-a", node_addresses=("198.18.0.2",), proxy_name="other-proxy")
+    state, builder, counter = ClusterState(node), DesiredStateBuilder(node), LocalEndpointCounts()
+
+    def lb(name, hcnp, proxy=None):
+        obj = service(name, f"198.19.0.{20 + len(name)}", node_port=30090 + len(name))
+        obj["spec"].update(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=hcnp)
+        if proxy is not None:
+            obj["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": proxy}
+        return obj
+
+    def sync(with_node):
+        snap = state.snapshot()
+        applied = builder.build(snap)
+        ports, counts = counter.health_checks(snap, with_node, applied.state, applied.delta)
+        assert ports == served_health_check_ports(snap.health_check_node_ports(), snap.services, with_node)
+        assert counts == local_endpoint_counts(applied.state, ports)
+        return ports
+
+    state.on_relist("Service", [lb("web", 31000), service("plain", "198.19.0.9")])
+    assert sync(node) == {("default", "web"): 31000}
+    assert sync(node) == {("default", "web"): 31000}                 # nothing changed
+    state.on_event(Event("Service", EventType.MODIFIED, lb("web", 31001)))
+    assert sync(node) == {("default", "web"): 31001}
+    state.on_event(Event("Service", EventType.ADDED, lb("mine", 31002, proxy="other-proxy")))
+    assert sync(node) == {("default", "web"): 31001}                 # another proxy's
+    assert sync(other) == {("default", "mine"): 31002}              # ... which this node is
+    state.on_event(Event("Service", EventType.DELETED, lb("mine", 31002, proxy="other-proxy")))
+    assert sync(other) == {}
