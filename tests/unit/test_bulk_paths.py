@@ -575,3 +575,16 @@ def test_the_plain_path_keeps_the_apis_text_of_an_ipv4_address():
         version = ipaddress.ip_address(text).version
         ep = _plain_endpoint({"addresses": [text]}, version)
         assert ep.text == want == str(ep.address) and ep == SliceEndpoint(ep.address)
+
+
+def test_a_plain_service_is_a_service_as_its_constructor_makes_it():
+    """_plain makes a Service by its fields at once: equal, hashed and frozen as Service(...) is."""
+    import dataclasses
+
+    values = dict(namespace="ns", name="web", type=service.ServiceType.NODE_PORT,
+                  cluster_ip=ipaddress.ip_address("198.19.0.10"), cluster_ips=(ipaddress.ip_address("198.19.0.10"),),
+                  has_selector=True, created="2026-12-01T10:00:00Z")
+    made, want = service._plain(**values), service.Service(**values)
+    assert made == want and hash(made) == hash(want) and vars(made) == vars(want)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.name = "other"
