@@ -161,7 +161,8 @@ class ChangeTracker(Generic[T]):
         else:
             self.current[key] = obj
         first = self._pending[key][0] if key in self._pending else previous
-        if first == obj:
+        # (None first: a new object, which never equals None; asking its __eq__ costs a call each.)
+        if first is obj or (first is not None and first == obj):
             self._pending.pop(key, None)
         else:
             self._pending[key] = (first, obj)
