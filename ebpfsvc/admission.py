@@ -132,7 +132,7 @@ class _Totals:
         out.frontends = len(needs)
         out.slots, out.ranges, out.matches = (sum(map(attrgetter(f), needs)) for f in ("slots", "ranges", "matches"))
         out.ports = dict(Counter(n.fe.service for n in needs))
-        out.backends = dict(Counter(itertools.chain.from_iterable(n.backends for n in needs)))
+        out.backends = Counter(itertools.chain.from_iterable(n.backends for n in needs))   # (a dict: add uses get)
         return out
 
     def add(self, n: _Need, sign: int) -> None:

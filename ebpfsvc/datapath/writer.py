@@ -592,7 +592,7 @@ class MapWriter:
         self._by_fe = {id(w.fe): w for w in wants}
         self._ipv6_wanted = any(_is6(k[0]) for k in self._want)
         refs = Counter(itertools.chain.from_iterable(w.backend_keys for w in wants))
-        self._be_refs = dict(refs)
+        self._be_refs = refs            # (a Counter is a dict: _add and _count read it with get)
         flagged = [(k, f) for w in wants if any(w.backend_flags) for k, f in zip(w.backend_keys, w.backend_flags) if f]
         for flag, counts in ((_BE_TERMINATING, self._be_terminating), (_BE_LOCAL, self._be_local),
                              (_BE_NOT_READY, self._be_not_ready)):
@@ -666,6 +666,9 @@ class MapWriter:
         """Each backend's entry as a plain tuple (a BackendEntry equals it): its key, and the flags
         its frontends want (terminating or local if one of them wants it so, not ready if all do)."""
         terminating, local, not_ready, refs = self._be_terminating, self._be_local, self._be_not_ready, self._be_refs
+        if not terminating and not not_ready:
+            # (The usual cluster: no backend terminating or not ready, one lookup per backend.)
+            return [k + (_LOCAL_FLAGS if k in local else _NO_FLAGS) for k in keys]
         return [k + ((_BE_TERMINATING if k in terminating else 0) | (_BE_LOCAL if k in local else 0)
                      | (_BE_NOT_READY if k in not_ready and not_ready[k] == refs[k] else 0),) for k in keys]
 
@@ -968,6 +971,7 @@ def _frontend_want(fe: Frontend) -> _FeWant:
 
 
 _BE_TERMINATING, _BE_LOCAL, _BE_NOT_READY = abi.LB_BE_F_TERMINATING, abi.LB_BE_F_LOCAL, abi.LB_BE_F_NOT_READY
+_NO_FLAGS, _LOCAL_FLAGS = (0,), (_BE_LOCAL,)        # an entry's flags field, to append to its key
 # BackendRows.flags (lbmodel's bits) -> the entry's LB_BE_F_* bits, for each of the 8 values.
 _ENTRY_FLAGS = [(_BE_TERMINATING if f & TERMINATING else 0) | (_BE_NOT_READY if f & NOT_READY else 0)
                 | (_BE_LOCAL if f & LOCAL else 0) for f in range(8)]
