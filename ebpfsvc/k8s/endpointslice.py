@@ -15,6 +15,7 @@ reported as errors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from datetime import datetime
 from sys import intern
 from typing import NamedTuple
@@ -156,12 +157,10 @@ def _endpoints(top: Fields, version: int) -> tuple[SliceEndpoint, ...]:
     items = top.raw("endpoints")
     if type(items) is not list or len(items) > MAX_ENDPOINTS:
         items = [item for _, item in top.list("endpoints", MAX_ENDPOINTS)]     # raises the problem
-    out = []
-    for i, item in enumerate(items):
-        ep = _plain_endpoint(item, version)
-        if ep is None:
-            ep = _endpoint(Fields(item, f"endpoints[{i}]"), version)
-        out.append(ep)
+    out = list(map(_plain_endpoint, items, repeat(version)))
+    if None in out:     # one the plain path left to the field readers (to read, or to name)
+        out = [ep if ep is not None else _endpoint(Fields(item, f"endpoints[{i}]"), version)
+               for i, (ep, item) in enumerate(zip(out, items))]
     return tuple(out)
 
 
