@@ -536,6 +536,9 @@ class Agent:
         if self.config.ip_families_auto:
             self._tell_unserved_families(snapshot, everything=families_changed or self.last_applied is None)
         result = self.desired.build(snapshot)
+        # A starting agent's first apply builds every Maglev table: they begin now, on the other
+        # cores, while admission runs and the writer works out ids (a no-op after the first apply).
+        self.writer.prepare(result.state)
         invalid = {(p.namespace, p.name) for p in self.state.problems if p.kind == "Service"}
         admitted = self.admission.admit(result, snapshot.services, self._served, invalid)
         desired = admitted.state

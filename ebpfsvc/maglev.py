@@ -238,21 +238,68 @@ def start_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
     full sync (PARALLEL_SLOTS or more) are hashed and filled on threads, in C with the GIL let go,
     while the caller goes on with its own work (the map writer writes backends and names
     meanwhile); a change's few are built before this returns, as a thread costs more than they do."""
-    total = sum(size for _, size, _ in tables)
-    out = np.empty(total, dtype=np.uint32)
+    counts = np.fromiter((len(names) for names, _, _ in tables), dtype=np.uint32, count=len(tables))
+    values = np.fromiter((v for _, _, vs in tables for v in vs), dtype=np.uint32, count=int(counts.sum()))
+    workers = _fill_workers(sum(size for _, size, _ in tables))
+    return _start([(names, size) for names, size, _ in tables], counts, values, workers if workers > 1 else 0)
+
+
+def start_positions(tables: Sequence[tuple[Sequence[str], int]]) -> Callable[[], np.ndarray]:
+    """start_tables() of (names, size) tables whose values are not known yet: each slot holds its
+    backend's position in `names` (0 .. n-1), and take() makes them the values once they are.  So
+    a starting agent fills the tables on the other cores while it works out the backends' ids
+    (MapWriter.prepare).  As the caller goes on with its own work all along, the fill leaves it a
+    core: on 2 cores one thread fills (two beside the caller made its work 40-60% slower)."""
+    counts = np.fromiter((len(names) for names, _ in tables), dtype=np.uint32, count=len(tables))
+    starts = np.cumsum(counts, dtype=np.int64) - counts
+    values = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)).astype(np.uint32)
+    total = sum(size for _, size in tables)
+    return _start(tables, counts, values, max(1, _fill_workers(total) - 1) if total >= PARALLEL_SLOTS else 0)
+
+
+def take(positions: np.ndarray, tables: Sequence[tuple[int, int, Sequence[int]]]) -> np.ndarray:
+    """Tables that start_positions() filled, made tables of values: for each (offset, size,
+    values), the table at positions[offset:offset + size], each slot values[its position]; back to
+    back, as start_tables() of the same names, sizes and values builds them."""
+    sizes = np.fromiter((size for _, size, _ in tables), dtype=np.uint32, count=len(tables))
+    out = np.empty(int(sizes.sum()), dtype=np.uint32)
     lib = native()
     if lib is None:
         pos = 0
-        for names, size, values in tables:
-            if size:
-                out[pos:pos + size] = np.asarray(values, dtype=np.uint32)[build_table(names, size)]
+        for offset, size, values in tables:
+            out[pos:pos + size] = np.asarray(values, dtype=np.uint32)[positions[offset:offset + size]]
             pos += size
+        return out
+    counts = np.fromiter((len(values) for _, _, values in tables), dtype=np.uint64, count=len(tables))
+    first = np.cumsum(counts, dtype=np.uint64) - counts
+    src = np.fromiter((offset for offset, _, _ in tables), dtype=np.uint64, count=len(tables))
+    values = np.fromiter(itertools.chain.from_iterable(v for _, _, v in tables), dtype=np.uint32, count=int(counts.sum()))
+    positions = np.ascontiguousarray(positions, dtype=np.uint32)
+    ffi = lib.ffi
+    lib.lib.maglev_take(len(tables), ffi.from_buffer("uint32_t[]", sizes), ffi.from_buffer("uint64_t[]", src),
+                        ffi.from_buffer("uint64_t[]", first), ffi.from_buffer("uint32_t[]", values),
+                        ffi.from_buffer("uint32_t[]", positions), ffi.from_buffer("uint32_t[]", out))
+    return out
+
+
+def _start(tables: Sequence[tuple[Sequence[str], int]], counts: np.ndarray, values: np.ndarray,
+           workers: int) -> Callable[[], np.ndarray]:
+    """start_tables(), with each table's backend count and all the values made, on `workers`
+    threads (0: at once, in the caller's thread)."""
+    total = sum(size for _, size in tables)
+    out = np.empty(total, dtype=np.uint32)
+    lib = native()
+    if lib is None:
+        pos = first = 0
+        for (names, size), n in zip(tables, counts.tolist()):
+            if size:
+                out[pos:pos + size] = values[first:first + n][build_table(names, size)]
+            pos += size
+            first += n
         return lambda: out
-    counts = np.fromiter((len(names) for names, _, _ in tables), dtype=np.uint32, count=len(tables))
-    sizes = np.fromiter((size for _, size, _ in tables), dtype=np.uint32, count=len(tables))
+    sizes = np.fromiter((size for _, size in tables), dtype=np.uint32, count=len(tables))
     total_names = int(counts.sum())
-    names = list(itertools.chain.from_iterable(names for names, _, _ in tables))
-    values = np.fromiter((v for _, _, vs in tables for v in vs), dtype=np.uint32, count=total_names)
+    names = list(itertools.chain.from_iterable(names for names, _ in tables))
     hashes = hasher()
     if hashes is None:
         hash_run = None
@@ -278,8 +325,7 @@ def start_tables(tables: Sequence[tuple[Sequence[str], int, Sequence[int]]]) -> 
             raise MemoryError("maglev_fill: out of memory")
         return out
 
-    workers = _fill_workers(total)
-    if workers == 1:        # (a change's few tables: no cutting up, no thread)
+    if not workers:         # (a change's few tables: no cutting up, no thread)
         built = done([fill((0, len(tables), 0, total_names, 0))])
         return lambda: built
     # cffi lets go of the GIL for the calls: the parts fill side by side, one per core, and beside
@@ -325,7 +371,9 @@ def _parts(counts: np.ndarray, sizes: np.ndarray, workers: int) -> list[tuple[in
 
 _FILL_C = Path(__file__).with_name("maglev_fill.c")
 _FILL_CDEF = """int maglev_fill(uint64_t tables, const uint32_t *n, const uint32_t *size, const uint64_t *h_offset,
-                const uint64_t *h_skip, const uint32_t *value, uint32_t *out);"""
+                const uint64_t *h_skip, const uint32_t *value, uint32_t *out);
+int maglev_take(uint64_t tables, const uint32_t *size, const uint64_t *src, const uint64_t *first,
+                const uint32_t *value, const uint32_t *positions, uint32_t *out);"""
 _HASH_C = Path(__file__).with_name("maglev_hash.c")
 _HASH_CDEF = """int maglev_name_hashes(uint64_t count, const uint8_t *blob, const uint32_t *length,
                        const uint8_t *person_offset, const uint8_t *person_skip,

@@ -69,3 +69,18 @@ int maglev_fill(uint64_t tables, const uint32_t *n, const uint32_t *size,
     free(skip);
     return 0;
 }
+
+/* Tables filled with positions (value[i] = i: maglev_fill before the backends' ids are known, see
+ * maglev.start_positions) made tables of values: table t, whose positions are at
+ * positions[src[t] ..] and whose n values start at value[first[t]], goes to out back to back,
+ * slot j as value[first[t] + positions[src[t] + j]].  Returns 0. */
+int maglev_take(uint64_t tables, const uint32_t *size, const uint64_t *src, const uint64_t *first,
+                const uint32_t *value, const uint32_t *positions, uint32_t *out)
+{
+    for (uint64_t t = 0; t < tables; t++) {
+        const uint32_t *from = positions + src[t], *v = value + first[t];
+        for (uint32_t j = 0; j < size[t]; j++)
+            *out++ = v[from[j]];
+    }
+    return 0;
+}

@@ -41,7 +41,7 @@ import re
 import socket
 from collections import Counter
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 from urllib.parse import quote
 
 import numpy as np
@@ -280,6 +280,14 @@ class _BackendWrites(NamedTuple):
     changed: int                    # entries of ids already in the maps that change
 
 
+class _Prepared(NamedTuple):
+    """MapWriter.prepare's work, for the apply that follows it."""
+
+    wants: dict                     # id(Frontend) -> its _FeWant
+    offsets: dict                   # id(_FeWant) -> where its table starts in `positions`
+    positions: Callable             # maglev.start_positions' wait: the tables, of positions
+
+
 class _FrontendPlan(NamedTuple):
     """Phase 3's work list, computed before anything of it is written."""
 
@@ -369,8 +377,35 @@ class MapWriter:
                 self._src_ranges.add((k.frontend_id, k.prefixlen, tuple(k.address)))
         self._affinity_match = (AffinityMatch(self.affinity_match_map)
                                 if self.affinity_match_map is not None else None)
+        self._prepared: _Prepared | None = None
 
     # ---- the public operation --------------------------------------------------------
+
+    def prepare(self, state: LBState) -> None:
+        """Begin what the first apply() of `state` takes longest over, before it is called: every
+        frontend's derivation, and its Maglev table, filled on the other cores
+        (maglev.start_positions: the backends' ids do not exist yet) while the caller admits the
+        state and apply() works out the ids and entries.  Only before the first apply since the
+        maps were read (a starting agent, which builds every table then); apply() takes what it
+        finds of its own frontends and derives the rest, and anything wrong here is apply()'s to
+        find and name.  Since 2026-12-05 the agent and the control-plane bench call it."""
+        self._prepared = None
+        if self._state is not None:
+            return
+        with heap.bulk():       # (long-lived: apply keeps them)
+            try:
+                wants = [_frontend_want(fe) for fe in state.frontends.values()]
+            except Exception:
+                return
+            tables = [w for w in wants if w.table_size]
+            offsets, at = {}, 0
+            for w in tables:
+                offsets[id(w)] = at
+                at += w.table_size
+            if at < maglev.PARALLEL_SLOTS:
+                return          # (a few tables: apply builds them at once)
+            positions = maglev.start_positions([(w.table_names, w.table_size) for w in tables])
+            self._prepared = _Prepared({id(w.fe): w for w in wants}, offsets, positions)
 
     def apply(self, state: LBState, *, full: bool = False, delta=None, isolate: bool = False) -> ApplyStats:
         """Make the maps hold exactly `state`; return what was written.
@@ -408,6 +443,8 @@ class MapWriter:
         except Exception:
             self._load()
             raise
+        finally:
+            self._prepared = None       # (taken by the first _write_changes, or of no more use)
 
     def _apply_per_service(self, state: LBState, last_good: LBState | None, first: Exception) -> ApplyStats:
         """After a failed batch (the maps re-read): the last good state again, then each Service whose
@@ -534,7 +571,8 @@ class MapWriter:
 
     def _write_changes(self, old: list[Frontend], new: list[Frontend], full: bool, stats: ApplyStats) -> None:
         """The `old` frontends replaced by the `new` ones, phase by phase; a failure names its map."""
-        known = self._by_fe
+        prepared, self._prepared = self._prepared, None
+        known = self._by_fe if prepared is None else {**prepared.wants, **self._by_fe}
         # Derived before anything changes: a bad frontend raises before any write.
         wants = [w if (w := known.get(id(fe))) is not None and w.fe is fe else _frontend_want(fe) for fe in new]
         touched = self._recount(old, wants, full)
@@ -548,7 +586,10 @@ class MapWriter:
             plan = self._plan_frontends(touched.frontends, full, stats)
         todo = [plan.entries[i] for i in plan.rebuild]
         with _writing("lb_maglev"):
-            tables = maglev.start_tables([(p.table.names, p.table.size, p.table.ids) for p in todo])
+            if prepared is not None and todo and all(id(p.want) in prepared.offsets for p in todo):
+                tables = _taken(prepared, todo)         # filled since prepare(): their ids put in
+            else:
+                tables = maglev.start_tables([(p.table.names, p.table.size, p.table.ids) for p in todo])
         try:
             with _writing("lb4_backends"):
                 stale_be = self._write_backends(backends, stats)
@@ -892,6 +933,12 @@ class MapWriter:
         if table is None:
             raise RuntimeError("an IPv6 frontend or backend wanted but the datapath has no lb6_* maps")
         return table
+
+
+def _taken(prepared: _Prepared, todo: list) -> Callable[[], np.ndarray]:
+    """The wait for the plan's tables from prepare()'s positions (maglev.take), as start_tables'."""
+    return lambda: maglev.take(prepared.positions(), [(prepared.offsets[id(p.want)], p.table.size, p.table.ids)
+                                                      for p in todo])
 
 
 def _add(counts: dict, key, sign: int) -> None:

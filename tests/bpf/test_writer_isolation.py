@@ -187,3 +187,46 @@ def test_right_after_a_restart_the_last_good_version_is_what_the_maps_serve(data
     assert exactly(datapath, state(new[0], fes[1], *new[2:]))
     assert served_by(datapath, fes[1]) in {"198.18.2.1", "198.18.2.2"}
     assert served_by(datapath, new[3]) == "198.18.2.4"
+
+
+def test_tables_begun_before_the_first_apply_are_the_ones_it_would_build(datapath, writer, monkeypatch):
+    """MapWriter.prepare (a starting agent, before admission) fills every table on a thread with
+    the backends' positions; the first apply takes them and puts the ids in. The maps are what an
+    apply without it writes (a fresh writer reading them back has nothing to change); a frontend
+    apply has that prepare did not see is built as ever; after the first apply prepare does nothing;
+    a frontend prepare cannot derive is left for apply to name."""
+    monkeypatch.setattr(maglev, "PARALLEL_SLOTS", 1)
+    built, taken = [], []
+    real_start, real_take = maglev.start_tables, maglev.take
+    monkeypatch.setattr(maglev, "start_tables", lambda tables: built.append(len(tables)) or real_start(tables))
+    monkeypatch.setattr(maglev, "take", lambda positions, tables: taken.append(len(tables)) or
+                        real_take(positions, tables))
+    # Plain rows, a terminating backend (its table without it), and a frontend without backends.
+    fes = [web(1, [1, 2]), web(2, [3]), web(3, [4, 5, 6]), web(4, []),
+           frontend("198.19.0.5", 80, [be("198.18.2.7"), be("198.18.2.8", terminating=True)], name="web5")]
+    writer.prepare(state(*fes))
+    writer.apply(state(*fes))
+    assert taken == [4] and built == [] and exactly(datapath, state(*fes))
+    assert served_by(datapath, fes[1]) == "198.18.2.3" and served_by(datapath, fes[4]) == "198.18.2.7"
+    writer.prepare(state(*fes[:2]))
+    assert writer._prepared is None             # (only before the first apply)
+
+    # Prepared for one state, applied to another: what it has is taken, the rest built.
+    other = MapWriter(datapath.maps)
+    other.apply(state())
+    fresh = MapWriter(datapath.maps)
+    built.clear(), taken.clear()
+    fresh.prepare(state(*fes))
+    new = [fes[0], web(2, [3, 9]), fes[2], web(6, [1])]
+    fresh.apply(state(*new))
+    assert built == [4] and taken == [] and exactly(datapath, state(*new))
+
+    # A frontend prepare cannot derive (a backend of the other family): apply names it.
+    bad = frontend("198.19.0.7", 80, [be("2001:2::7")], name="bad")
+    last = MapWriter(datapath.maps)
+    last.apply(state())
+    last = MapWriter(datapath.maps)
+    last.prepare(state(bad, *fes))
+    assert last._prepared is None
+    with pytest.raises(ValueError, match="not of the frontend's IP family"):
+        last.apply(state(bad, *fes))

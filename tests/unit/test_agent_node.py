@@ -92,6 +92,9 @@ class Kernel:
 
 
 class FakeWriter:
+    def prepare(self, state):
+        pass
+
     def apply(self, state, *, full=False, delta=None, isolate=False):
         return ApplyStats()
 

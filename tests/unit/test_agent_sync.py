@@ -32,6 +32,10 @@ def endpoints(name, *ips):
 @dataclass
 class FakeWriter:
     calls: list = field(default_factory=list)
+    prepared: list = field(default_factory=list)
+
+    def prepare(self, state):
+        self.prepared.append(state)
 
     def apply(self, state, *, full=False, delta=None, isolate=False):
         self.calls.append((state, full, delta))
@@ -53,6 +57,7 @@ def test_sync_passes_the_delta_and_goes_full_first_and_every_hour(monkeypatch):
     agent.sync()
     (first, full, _), = writer.calls
     assert full and first == desired_state(agent.state.snapshot(), NODE)
+    assert writer.prepared == [first]       # the tables begun before admission (MapWriter.prepare)
 
     agent.sync()                                               # nothing changed: no apply at all
     assert len(writer.calls) == 1
@@ -86,7 +91,8 @@ def test_socket_reset_pass_only_after_a_backend_left_or_changed(monkeypatch):
                ApplyStats(backends_written=1, tables_written=1),                           # a backend added
                ApplyStats(backends_written=1, backends_changed=1),                         # one turned not ready
                ApplyStats(backends_deleted=1, tables_written=1)]                           # one removed
-    agent.writer = type("W", (), {"apply": lambda self, state, **_: answers.pop(0)})()
+    agent.writer = type("W", (), {"prepare": lambda self, state: None,
+                                  "apply": lambda self, state, **_: answers.pop(0)})()
     agent.socket_datapath = object()
     resets = []
     agent._reset_socket_flows = lambda: resets.append(len(answers))

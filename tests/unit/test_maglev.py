@@ -242,3 +242,26 @@ def test_cached_name_hashes_are_the_two_personalised_blake2b_digests():
         expected = tuple(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8, person=p).digest(), "little")
                          for p in (b"ebpfsvc/mgl/off", b"ebpfsvc/mgl/skip"))
         assert maglev.name_hashes(name) == expected
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_tables_of_positions_taken_are_the_tables_of_their_values(monkeypatch, workers):
+    """start_positions fills tables before their values exist (MapWriter.prepare); take() puts
+    the values in later, for any of those tables, in any order: the tables start_tables builds
+    from the values, on one thread or several."""
+    rng = random.Random(workers)
+    tables = [sorted({f"198.18.{t}.{rng.randrange(256)}:80/TCP" for _ in range(rng.choice([0, 1, 3, 10, 40]))})
+              for t in range(60)]
+    tables = [(names, maglev.table_size(len(names))) for names in tables]
+    values = [[rng.randrange(1, 1 << 20) for _ in names] for names, _ in tables]
+    monkeypatch.setattr(maglev, "PARALLEL_SLOTS", 1)
+    monkeypatch.setattr(maglev, "_fill_workers", lambda total: workers + 1)
+    positions = maglev.start_positions(tables)()
+    offsets = np.concatenate(([0], np.cumsum([size for _, size in tables])))[:-1].tolist()
+    chosen = rng.sample(range(len(tables)), 40)
+    want = maglev.build_tables([(*tables[i], values[i]) for i in chosen])
+    assert np.array_equal(maglev.take(positions, [(offsets[i], tables[i][1], values[i]) for i in chosen]), want)
+    # Without the C parts: the same.
+    monkeypatch.setattr(maglev, "_native", None)
+    assert np.array_equal(maglev.take(positions, [(offsets[i], tables[i][1], values[i]) for i in chosen]), want)
+    assert np.array_equal(maglev.start_positions(tables)(), positions)
