@@ -284,7 +284,7 @@ class _Prepared(NamedTuple):
     """MapWriter.prepare's work, for the apply that follows it."""
 
     wants: dict                     # id(Frontend) -> its _FeWant
-    offsets: dict                   # id(_FeWant) -> where its table starts in `positions`
+    offsets: dict                   # id(Frontend) -> where its table starts in `positions`
     positions: Callable             # maglev.start_positions' wait: the tables, of positions
 
 
@@ -394,18 +394,21 @@ class MapWriter:
             return
         with heap.bulk():       # (long-lived: apply keeps them)
             try:
-                wants = [_frontend_want(fe) for fe in state.frontends.values()]
+                fes = list(state.frontends.values())
+                # The tables first (each frontend's as _frontend_want chooses it), so that they
+                # fill while the wants are derived too.
+                tables = [(fe, names) for fe in fes if (names := _table_names(backend_rows(fe.backends)))]
+                offsets, at = {}, 0
+                for fe, names in tables:
+                    offsets[id(fe)] = at
+                    at += maglev.table_size(len(names))
+                if at < maglev.PARALLEL_SLOTS:
+                    return      # (a few tables: apply builds them at once)
+                positions = maglev.start_positions([(names, maglev.table_size(len(names))) for _, names in tables])
+                wants = {id(fe): _frontend_want(fe) for fe in fes}
             except Exception:
                 return
-            tables = [w for w in wants if w.table_size]
-            offsets, at = {}, 0
-            for w in tables:
-                offsets[id(w)] = at
-                at += w.table_size
-            if at < maglev.PARALLEL_SLOTS:
-                return          # (a few tables: apply builds them at once)
-            positions = maglev.start_positions([(w.table_names, w.table_size) for w in tables])
-            self._prepared = _Prepared({id(w.fe): w for w in wants}, offsets, positions)
+            self._prepared = _Prepared(wants, offsets, positions)
 
     def apply(self, state: LBState, *, full: bool = False, delta=None, isolate: bool = False) -> ApplyStats:
         """Make the maps hold exactly `state`; return what was written.
@@ -586,7 +589,7 @@ class MapWriter:
             plan = self._plan_frontends(touched.frontends, full, stats)
         todo = [plan.entries[i] for i in plan.rebuild]
         with _writing("lb_maglev"):
-            if prepared is not None and todo and all(id(p.want) in prepared.offsets for p in todo):
+            if prepared is not None and todo and all(id(p.want.fe) in prepared.offsets for p in todo):
                 tables = _taken(prepared, todo)         # filled since prepare(): their ids put in
             else:
                 tables = maglev.start_tables([(p.table.names, p.table.size, p.table.ids) for p in todo])
@@ -937,7 +940,7 @@ class MapWriter:
 
 def _taken(prepared: _Prepared, todo: list) -> Callable[[], np.ndarray]:
     """The wait for the plan's tables from prepare()'s positions (maglev.take), as start_tables'."""
-    return lambda: maglev.take(prepared.positions(), [(prepared.offsets[id(p.want)], p.table.size, p.table.ids)
+    return lambda: maglev.take(prepared.positions(), [(prepared.offsets[id(p.want.fe)], p.table.size, p.table.ids)
                                                       for p in todo])
 
 
@@ -995,6 +998,14 @@ def _backend_keys(rows: BackendRows) -> tuple[BeKey, ...]:
     return tuple(zip(addresses, map(socket.htons, rows.ports), protocols))
 
 
+def _table_names(rows: BackendRows, chosen: list[int] | None = None) -> tuple[str, ...]:
+    """The names a frontend's Maglev table is built from: all of them when every row serves
+    (BackendRows.plain), else those of BackendRows.table_rows() (`chosen`, when known)."""
+    if rows.plain:
+        return rows.names
+    return tuple([rows.names[i] for i in (rows.table_rows() if chosen is None else chosen)])
+
+
 def _frontend_want(fe: Frontend) -> _FeWant:
     if fe.key.port <= 0 or fe.key.port > 65535:
         raise ValueError(f"frontend {fe.key}: port must be 1..65535")
@@ -1012,7 +1023,7 @@ def _frontend_want(fe: Frontend) -> _FeWant:
         table_names, table_keys = rows.names, keys
     else:
         chosen = rows.table_rows()
-        table_names, table_keys = tuple([rows.names[i] for i in chosen]), tuple([keys[i] for i in chosen])
+        table_names, table_keys = _table_names(rows, chosen), tuple([keys[i] for i in chosen])
     return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), keys, flags,
                    table_names, table_keys, maglev.table_size(len(table_names)))
 
