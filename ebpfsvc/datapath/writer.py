@@ -941,7 +941,7 @@ class MapWriter:
 def _taken(prepared: _Prepared, todo: list) -> Callable[[], np.ndarray]:
     """The wait for the plan's tables from prepare()'s positions (maglev.take), as start_tables'."""
     return lambda: maglev.take(prepared.positions(), [(prepared.offsets[id(p.want.fe)], p.table.size, p.table.ids)
-                                                      for p in todo])
+                                                      for p in todo], reuse=True)
 
 
 def _add(counts: dict, key, sign: int) -> None:

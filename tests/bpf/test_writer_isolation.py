@@ -199,8 +199,8 @@ def test_tables_begun_before_the_first_apply_are_the_ones_it_would_build(datapat
     built, taken = [], []
     real_start, real_take = maglev.start_tables, maglev.take
     monkeypatch.setattr(maglev, "start_tables", lambda tables: built.append(len(tables)) or real_start(tables))
-    monkeypatch.setattr(maglev, "take", lambda positions, tables: taken.append(len(tables)) or
-                        real_take(positions, tables))
+    monkeypatch.setattr(maglev, "take", lambda positions, tables, **kw: taken.append(len(tables)) or
+                        real_take(positions, tables, **kw))
     # Plain rows, a terminating backend (its table without it), and a frontend without backends.
     fes = [web(1, [1, 2]), web(2, [3]), web(3, [4, 5, 6]), web(4, []),
            frontend("198.19.0.5", 80, [be("198.18.2.7"), be("198.18.2.8", terminating=True)], name="web5")]

@@ -261,6 +261,13 @@ def test_tables_of_positions_taken_are_the_tables_of_their_values(monkeypatch, w
     chosen = rng.sample(range(len(tables)), 40)
     want = maglev.build_tables([(*tables[i], values[i]) for i in chosen])
     assert np.array_equal(maglev.take(positions, [(offsets[i], tables[i][1], values[i]) for i in chosen]), want)
+    # All of them, in order: made in place when the caller lets them (MapWriter's first apply).
+    every = maglev.build_tables([(*tables[i], values[i]) for i in range(len(tables))])
+    spec = [(offsets[i], tables[i][1], values[i]) for i in range(len(tables))]
+    kept = positions.copy()
+    assert np.array_equal(maglev.take(kept, spec), every) and np.array_equal(kept, positions)
+    made = maglev.take(kept, spec, reuse=True)
+    assert made is kept and np.array_equal(made, every)
     # Without the C parts: the same.
     monkeypatch.setattr(maglev, "_native", None)
     assert np.array_equal(maglev.take(positions, [(offsets[i], tables[i][1], values[i]) for i in chosen]), want)
