@@ -388,7 +388,7 @@ class MapWriter:
         state and apply() works out the ids and entries.  Only before the first apply since the
         maps were read (a starting agent, which builds every table then); apply() takes what it
         finds of its own frontends and derives the rest, and anything wrong here is apply()'s to
-        find and name.  Since 2026-12-05 the agent and the control-plane bench call it."""
+        find and name.  Agent.sync and the control-plane bench call it after desired state."""
         self._prepared = None
         if self._state is not None:
             return

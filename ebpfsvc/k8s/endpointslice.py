@@ -15,8 +15,8 @@ reported as errors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import repeat
 from datetime import datetime
+from itertools import repeat
 from sys import intern
 from typing import NamedTuple
 
