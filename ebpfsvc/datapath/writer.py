@@ -397,14 +397,15 @@ class MapWriter:
                 fes = list(state.frontends.values())
                 # The tables first (each frontend's as _frontend_want chooses it), so that they
                 # fill while the wants are derived too.
-                tables = [(fe, names) for fe in fes if (names := _table_names(backend_rows(fe.backends)))]
+                tables = [(fe, names, maglev.table_size(len(names)))
+                          for fe in fes if (names := _table_names(backend_rows(fe.backends)))]
                 offsets, at = {}, 0
-                for fe, names in tables:
+                for fe, _, size in tables:
                     offsets[id(fe)] = at
-                    at += maglev.table_size(len(names))
+                    at += size
                 if at < maglev.PARALLEL_SLOTS:
                     return      # (a few tables: apply builds them at once)
-                positions = maglev.start_positions([(names, maglev.table_size(len(names))) for _, names in tables])
+                positions = maglev.start_positions([(names, size) for _, names, size in tables])
                 wants = {id(fe): _frontend_want(fe) for fe in fes}
             except Exception:
                 return
