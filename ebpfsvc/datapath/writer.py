@@ -121,9 +121,13 @@ def service_name(spn: ServicePortName) -> str:
     entry.  Valid names are unchanged by the escaping, so ids pinned by earlier versions stay.
     The text is ASCII whatever the names hold (a lone surrogate included): it can always be written.
     """
-    ns, name, port = (part if _UNRESERVED.fullmatch(part) else quote(part.encode("utf-8", "surrogatepass"), safe="")
-                      for part in (spn.namespace, spn.name, spn.port))
-    text = f"{ns}/{name}:{port}/{spn.protocol.value}" if port else f"{ns}/{name}/{spn.protocol.value}"
+    ns, name, port, protocol = spn
+    # (One check of the three parts at once: valid names, every one of a full sync's, pass it.)
+    if not _UNRESERVED.fullmatch(f"{ns}{name}{port}"):
+        ns, name, port = (part if _UNRESERVED.fullmatch(part) else quote(part.encode("utf-8", "surrogatepass"), safe="")
+                          for part in (ns, name, port))
+    protocol = _PROTOCOL_TEXT[protocol]
+    text = f"{ns}/{name}:{port}/{protocol}" if port else f"{ns}/{name}/{protocol}"
     if len(text) > _NAME_MAX:
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         text = text[: _NAME_MAX - 17] + "#" + digest
@@ -133,6 +137,7 @@ def service_name(spn: ServicePortName) -> str:
 # What quote() leaves as it is (RFC 3986's unreserved characters): a valid Kubernetes name is
 # all of them, and checking costs a tenth of quoting (a full sync names 10,000 service ports).
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+_PROTOCOL_TEXT = {p: p.value for p in Protocol}         # an Enum's .value is a property: a call each
 
 
 class MapWriteError(OSError):
@@ -1025,8 +1030,9 @@ def _frontend_want(fe: Frontend) -> _FeWant:
     else:
         chosen = rows.table_rows()
         table_names, table_keys = _table_names(rows, chosen), tuple([keys[i] for i in chosen])
-    return _FeWant(fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), keys, flags,
-                   table_names, table_keys, maglev.table_size(len(table_names)))
+    # (_FeWant._make without its length check: a NamedTuple's __new__ is a Python call.)
+    return tuple.__new__(_FeWant, (fe, key, (key[0], 0, key[2], key[3]), service_name(fe.service), keys, flags,
+                                   table_names, table_keys, maglev.table_size(len(table_names))))
 
 
 _BE_TERMINATING, _BE_LOCAL, _BE_NOT_READY = abi.LB_BE_F_TERMINATING, abi.LB_BE_F_LOCAL, abi.LB_BE_F_NOT_READY
