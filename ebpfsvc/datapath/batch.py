@@ -13,6 +13,7 @@ import errno
 import functools
 import mmap
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -102,18 +103,31 @@ def read_u32_array(table, n: int, words: int = 1) -> np.ndarray:
     return out
 
 
-def update_records(table, keys: list, values: list) -> None:
+def update_records(table, keys: list, values: list, later: Callable | None = None) -> None:
     """Many entries in one BPF_MAP_UPDATE_BATCH from plain values, packed by numpy in the layout
     of bcc's ctypes Key/Leaf (no ctypes object per entry): a key is an int or a tuple of the Key
     struct's fields, a value a tuple of the Leaf struct's leading fields (the rest, padding, 0),
-    or bytes: a whole Leaf of one char array (lb_service_names'), NUL-padded."""
+    or bytes: a whole Leaf of one char array (lb_service_names'), NUL-padded.
+
+    With `later`, the records are packed here and their write is handed to it,
+    `later(write_records, table, keys, values)` with the packed arrays (MapWriter's writes
+    behind a large apply, datapath/writer.py)."""
     if not keys:
         return
     karr, varr = _records(table.Key, keys), _records(table.Leaf, values)
-    count = ct.c_uint32(len(keys))
+    if later is not None:
+        later(write_records, table, karr, varr)
+    else:
+        write_records(table, karr, varr)
+
+
+def write_records(table, karr: np.ndarray, varr: np.ndarray) -> None:
+    """update_records' write of its packed keys and values: one syscall (ctypes lets go of the
+    GIL meanwhile), or an update per entry where the kernel has no batch op for the map."""
+    count = ct.c_uint32(len(karr))
     if _lib().bpf_update_batch(table.map_fd, karr.ctypes.data, varr.ctypes.data, ct.byref(count)) == 0:
         return
-    for i in range(len(keys)):  # e.g. a kernel without batch ops for this map type
+    for i in range(len(karr)):  # e.g. a kernel without batch ops for this map type
         table[table.Key.from_buffer_copy(karr[i:i + 1].tobytes())] = table.Leaf.from_buffer_copy(varr[i:i + 1].tobytes())
 
 
@@ -147,10 +161,14 @@ def _leading(dtype: np.dtype, n: int) -> np.dtype:
                      "offsets": [dtype.fields[k][1] for k in names], "itemsize": dtype.itemsize})
 
 
-def zero_percpu_ids(table, idents: list[int]) -> None:
+def zero_percpu_ids(table, idents: list[int], later: Callable | None = None) -> None:
     """zero_percpu for many ids in one BPF_MAP_UPDATE_BATCH (bcc's Leaf of a per-CPU map is the
-    kernel's whole value: a slot per possible CPU)."""
+    kernel's whole value: a slot per possible CPU); with `later`, handed to it as update_records'
+    write is."""
     if not idents:
+        return
+    if later is not None:
+        later(zero_percpu_ids, table, idents)
         return
     keys = np.asarray(idents, dtype=np.uint32)
     zeros = np.zeros(len(idents) * ct.sizeof(table.Leaf), dtype=np.uint8)

@@ -27,7 +27,9 @@ Write order, so that no packet ever sees a reference to something missing:
 backends and service names first, then Maglev tables (each changed table
 into a NEW range of lb_maglev), then frontend entries (the single write that
 switches a frontend to its new table); deletes go the other way: frontends,
-then their old ranges are released, then backends and names nobody uses.
+then their old ranges are released, then backends and names nobody uses.  A large apply (a full
+sync) has its writes up to the switch made on a thread behind it (_Behind), in that same order;
+the deletes wait for them.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ import hashlib
 import ipaddress
 import itertools
 import logging
+import queue
 import re
 import socket
+import threading
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -179,6 +183,47 @@ _ISOLABLE = (MapWriteError, IdExhausted, ValueError)
 # Services that may fail one by one in one apply before the rest wait for the next try: each costs
 # a full apply (the writer re-reads the maps and rewrites the last good state).
 _ISOLATE_MAX = 16
+# Frontends from which an apply's batch writes are made behind it, on a thread (_Behind): below
+# that, an apply writes a few entries, which a thread would only delay (an endpoint change).
+_BEHIND_MIN = 1000
+
+
+class _Behind:
+    """A large apply's batch writes, made on a thread of their own in the order they were asked
+    while the apply goes on: ctypes lets go of the GIL for the syscall, and a full sync's writes
+    take 40-50 ms of kernel time at 10,000 Services x 10 (lb4_backends' 100,000 entries, their
+    zeroed stats).  The caller packs the records (numpy, which holds the GIL); this thread only
+    makes the syscalls.  The first write that fails stops every one after it, so a frontend is
+    never switched to backends or names that were not written (the write order of the module
+    docstring holds); join() raises it, naming its map as _writing does."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ebpfsvc-map-writes", daemon=True)
+        self._thread.start()
+
+    def later(self, map_name: str) -> Callable:
+        """What batch.update_records and zero_percpu_ids hand their write to, for `map_name`."""
+        return lambda write, *args: self._jobs.put((map_name, write, args))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._failed is not None:
+                continue
+            map_name, write, args = job
+            try:
+                with _writing(map_name):
+                    write(*args)
+            except BaseException as err:        # raised by join(), in the apply's thread
+                self._failed = err
+
+    def join(self) -> None:
+        """Wait for every write asked so far; raise the first that failed."""
+        self._jobs.put(None)
+        self._thread.join()
+        if self._failed is not None:
+            raise self._failed
 
 
 def _failure(err: Exception, existing: bool) -> str:
@@ -383,6 +428,7 @@ class MapWriter:
         self._affinity_match = (AffinityMatch(self.affinity_match_map)
                                 if self.affinity_match_map is not None else None)
         self._prepared: _Prepared | None = None
+        self._behind: _Behind | None = None         # a large apply's writes, while it runs
 
     # ---- the public operation --------------------------------------------------------
 
@@ -585,6 +631,32 @@ class MapWriter:
         # Derived before anything changes: a bad frontend raises before any write.
         wants = [w if (w := known.get(id(fe))) is not None and w.fe is fe else _frontend_want(fe) for fe in new]
         touched = self._recount(old, wants, full)
+        # Up to the switch, a large apply's writes are made behind it, in their order (_Behind);
+        # the deletes after the switch wait for them.
+        behind = self._behind = _Behind() if len(wants) >= _BEHIND_MIN else None
+        try:
+            stale_be, retired, plan = self._write_up_to_switch(prepared, wants, touched, full, stats)
+        except BaseException:
+            if behind is not None:
+                with contextlib.suppress(BaseException):
+                    behind.join()           # the maps quiet before apply reads them back (_load)
+            raise
+        finally:
+            self._behind = None
+        if behind is not None:
+            behind.join()
+        # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
+        with _writing("lb4_frontends"):
+            self._delete_frontends(plan, retired, stats)
+        with _writing("lb4_backends"):
+            self._delete_backends(stale_be, stats)
+        with _writing("lb_service_names"):
+            self._delete_service_names(touched.names, stats)
+
+    def _write_up_to_switch(self, prepared, wants: list[_FeWant], touched: _Touched, full: bool,
+                            stats: ApplyStats) -> tuple[list[int], list, _FrontendPlan]:
+        """Phases 1-3 of _write_changes: (the backend ids nothing references any more, the Maglev
+        ranges the switch retires, the frontends' plan)."""
         # Backend ids, then the frontends' plan (their ids, which tables to rebuild): the Maglev
         # tables are built from those, in C and on the other cores, while 1. the backends are
         # written (new ids get zeroed stats before anything can count on them) and 2. the service
@@ -615,12 +687,21 @@ class MapWriter:
             self._write_source_ranges(plan.src_add, stats)
         with _writing("lb4_frontends"):
             self._switch_frontends(plan, stats)
-            # 4. Deletes, in reverse: frontends, their ranges, then unused backends and names.
-            self._delete_frontends(plan, retired, stats)
-        with _writing("lb4_backends"):
-            self._delete_backends(stale_be, stats)
-        with _writing("lb_service_names"):
-            self._delete_service_names(touched.names, stats)
+        return stale_be, retired, plan
+
+    def _update(self, map_name: str, table, keys: list, values: list) -> None:
+        """batch.update_records, made behind a large apply (_Behind) while one is under way."""
+        if self._behind is None:
+            _update_records(table, keys, values)
+        else:
+            _update_records(table, keys, values, later=self._behind.later(map_name))
+
+    def _zero_ids(self, map_name: str, table, idents: list[int]) -> None:
+        """batch.zero_percpu_ids, made behind a large apply as _update is."""
+        if self._behind is None:
+            _zero_percpu_ids(table, idents)
+        else:
+            _zero_percpu_ids(table, idents, later=self._behind.later(map_name))
 
     def _recount(self, old: list[Frontend], wants: list[_FeWant], full: bool) -> _Touched:
         """Reference counts: drop the old frontends' references, take the new ones'."""
@@ -699,15 +780,15 @@ class MapWriter:
     def _write_backends(self, todo: _BackendWrites, stats: ApplyStats) -> list[int]:
         """Write _backend_writes' entries; return the ids nothing references any more."""
         stats.backends_changed += todo.changed
-        _zero_percpu_ids(self.be_stats_map, todo.fresh)
+        self._zero_ids("lb4_backends", self.be_stats_map, todo.fresh)
         stats.stats_zeroed += len(todo.fresh)
         if not self._ipv6_wanted:       # all IPv4 (the usual case): no split
-            _update_records(self.backends_map, todo.ids, todo.entries)
+            self._update("lb4_backends", self.backends_map, todo.ids, todo.entries)
         else:
             four, six = _split(list(zip(todo.ids, todo.entries)), lambda w: w[1][0])
-            _update_records(self.backends_map, [i for i, _ in four], [v for _, v in four])
+            self._update("lb4_backends", self.backends_map, [i for i, _ in four], [v for _, v in four])
             if six:
-                _update_records(self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
+                self._update("lb4_backends", self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
         self._be_val.update(zip(todo.ids, todo.entries))
         stats.backends_written += len(todo.ids)
         return todo.stale
@@ -726,7 +807,7 @@ class MapWriter:
         names = sorted(n for n in touched if n in self._svc_refs and n not in self._svc_id)
         idents = self._svc_ids.allocate_many(len(names))
         self._svc_id.update(zip(names, idents))
-        _update_records(self.names_map, idents, [n.encode() for n in names])
+        self._update("lb_service_names", self.names_map, idents, [n.encode() for n in names])
         stats.services_written += len(names)
 
     def _plan_frontends(self, touched: dict, full: bool, stats: ApplyStats) -> _FrontendPlan:
@@ -764,9 +845,9 @@ class MapWriter:
                     self._fe_src[key] = ranges
                 else:
                     del self._fe_src[key]
-        _zero_percpu_ids(self.fe_stats_map, fresh)
+        self._zero_ids("lb4_frontends", self.fe_stats_map, fresh)
         if self.sock_stats_map is not None:
-            _zero_percpu_ids(self.sock_stats_map, fresh)
+            self._zero_ids("lb4_frontends", self.sock_stats_map, fresh)
         stats.stats_zeroed += len(fresh)
         if full:
             want_src = set().union(*self._fe_src.values())
@@ -828,9 +909,9 @@ class MapWriter:
             if p.old != val:
                 fe_writes.append((p.key, val))
         four, six = _split(fe_writes, lambda w: w[0][0])
-        _update_records(self.frontends_map, [k for k, _ in four], [v for _, v in four])
+        self._update("lb4_frontends", self.frontends_map, [k for k, _ in four], [v for _, v in four])
         if six:
-            _update_records(self._v6(self.frontends6_map), [k for k, _ in six], [v for _, v in six])
+            self._update("lb4_frontends", self._v6(self.frontends6_map), [k for k, _ in six], [v for _, v in six])
         self._fe.update(fe_writes)
         stats.frontends_written += len(fe_writes)
 

@@ -16,6 +16,7 @@ from ipaddress import IPv4Network
 
 import pytest
 
+from ebpfsvc.datapath import writer as writer_mod
 from ebpfsvc.datapath.writer import ApplyStats, MapWriter
 from ebpfsvc.desired import LBDelta
 from ebpfsvc.lbmodel import Algorithm, FrontendKind, LBState, Protocol, Scope
@@ -72,8 +73,11 @@ def second_datapath(compiled):
     return compiled.load(TEST_LIMITS, maps="second")
 
 
+@pytest.mark.parametrize("behind", [False, True], ids=["inline", "behind"])
 @pytest.mark.parametrize("seed", range(3))
-def test_incremental_applies_match_full_ones(datapath, second_datapath, seed):
+def test_incremental_applies_match_full_ones(datapath, second_datapath, seed, behind, monkeypatch):
+    if behind:      # every apply's writes made on the writer's thread (a large apply's way)
+        monkeypatch.setattr(writer_mod, "_BEHIND_MIN", 1)
     rng = random.Random(seed)
     inc, full = MapWriter(datapath.maps), MapWriter(second_datapath.maps)
     current = LBState()

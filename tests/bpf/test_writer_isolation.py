@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import threading
 
 import numpy as np
 import pytest
 
 from ebpfsvc import abi, maglev
+from ebpfsvc.datapath import batch
 from ebpfsvc.datapath import writer as writer_mod
 from ebpfsvc.datapath.writer import ApplyStats, MapWriteError, MapWriter
 from ebpfsvc.lbmodel import FrontendKind
@@ -171,6 +173,36 @@ def test_a_failure_that_is_not_one_services_propagates(datapath, writer, monkeyp
     assert served_by(datapath, fes[0]) == "198.18.2.1"
     writer.apply(state(*fes), isolate=True)
     assert exactly(datapath, state(*fes))
+
+
+def test_a_write_refused_behind_a_large_apply_stops_the_writes_after_it(datapath, writer, monkeypatch):
+    """A large apply's writes are made on a thread of their own (writer._Behind), while it goes on:
+    one refused there is told as one refused inline is, naming its map, and the writes after it
+    (the frontends' switch among them) are never made, so the last good data plane forwards."""
+    monkeypatch.setattr(writer_mod, "_BEHIND_MIN", 1)      # (the threshold is 1,000 frontends)
+    fes = [web(i, [1, 2]) for i in range(1, 6)]
+    writer.apply(state(*fes))
+    frontends = sorted((bytes(k), bytes(v)) for k, v in datapath.maps["lb4_frontends"].items())
+    real, bad, threads = batch.write_records, abi.be32(ipaddress.IPv4Address(BAD_BACKEND)), []
+
+    def write_records(table, karr, varr):
+        threads.append(threading.current_thread().name)
+        if table is datapath.maps["lb4_backends"] and bad in varr[varr.dtype.names[0]]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, karr, varr)
+
+    monkeypatch.setattr(batch, "write_records", write_records)
+    new = [web(1, [1, 3]), web(2, [2, 3]), web(3, [3, 99]), web(4, [4]), web(5, [1, 2]), web(6, [6])]
+    with pytest.raises(MapWriteError, match="lb4_backends: No space left on device"):
+        MapWriter(datapath.maps).apply(state(*new))
+    assert threads == ["ebpfsvc-map-writes"]            # the backends' write, and none after it
+    assert sorted((bytes(k), bytes(v)) for k, v in datapath.maps["lb4_frontends"].items()) == frontends
+    assert served_by(datapath, fes[2]) in {"198.18.2.1", "198.18.2.2"}
+    st = writer.apply(state(*new), isolate=True)
+    assert set(st.failed) == {("default", "web3")} and exactly(datapath, state(*new[:2], fes[2], *new[3:]))
+    assert served_by(datapath, new[5]) == "198.18.2.6"
+    monkeypatch.setattr(batch, "write_records", real)
+    assert not writer.apply(state(*new), isolate=True).failed and exactly(datapath, state(*new))
 
 
 def test_right_after_a_restart_the_last_good_version_is_what_the_maps_serve(datapath, refuse_backend):
