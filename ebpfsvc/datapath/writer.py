@@ -862,6 +862,15 @@ class MapWriter:
         that differs from its frontend's current table into a NEW range; return the (offset, size)
         ranges the frontend switch retires."""
         retired: list[tuple[int, int]] = []
+        if todo and not any(p.old is not None and p.old.maglev_size for p in todo):
+            # Tables of frontends that have none yet (a first sync's): one range for them all.
+            try:
+                start = self._ranges.allocate(sum(p.table.size for p in todo))
+            except IdExhausted:
+                pass                # no free run holds them all: table by table, below
+            else:
+                self._write_new_tables(todo, built, start, stats)
+                todo = ()
         slot_keys: list[np.ndarray] = []
         pos = 0
         for p in todo:
@@ -891,6 +900,21 @@ class MapWriter:
                 if p.old is not None and p.old.maglev_size:
                     retired.append((p.old.maglev_offset, p.old.maglev_size))
         return retired
+
+    def _write_new_tables(self, todo: list, built: np.ndarray, start: int, stats: ApplyStats) -> None:
+        """_write_tables' loop for tables of frontends that have none yet, into the one range at
+        `start` that holds them all, back to back as they were built: one copy, where the loop
+        makes one per table (a first sync's 10,000).  Each still retires on its own: SlotRanges
+        keeps the free runs, not the allocations."""
+        total = sum(p.table.size for p in todo)
+        self._slots[start:start + total] = built[:total]
+        for p, offset in zip(todo, itertools.accumulate((p.table.size for p in todo), initial=start)):
+            p.new_offset = offset
+        if self._slots_view is None:
+            _write_slots(self.maglev_map, self._slots, np.arange(start, start + total, dtype=np.uint32))
+        self._table_src.update((p.key, p.table) for p in todo)
+        stats.tables_written += len(todo)
+        stats.slots_written += total
 
     def _switch_frontends(self, plan: _FrontendPlan, stats: ApplyStats) -> None:
         """The frontend entries and address markers: the single write that switches each frontend

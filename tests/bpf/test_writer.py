@@ -254,6 +254,37 @@ def test_maglev_slots_are_stored_in_place_through_the_mapped_array(datapath, wri
     assert st.tables_written == 1 and table_of(datapath, fe2)[1] == expected_slots(writer, fe2)
 
 
+def test_new_tables_go_into_one_range_and_each_retires_on_its_own(datapath, writer, monkeypatch):
+    # Frontends that have no table yet (a first sync's) get one range for all their tables, one copy.
+    fes = [web(i, [i, i + 1, i + 2]) for i in range(1, 5)]
+    sizes = []
+    real = writer._ranges.allocate
+    monkeypatch.setattr(writer._ranges, "allocate", lambda size: sizes.append(size) or real(size))
+    free = writer._ranges.free_slots
+    st = writer.apply(state(*fes))
+    size = maglev.table_size(3)
+    assert sizes == [4 * size] and st.tables_written == 4 and st.slots_written == 4 * size
+    offsets = [fe_entry(datapath, fe).maglev_offset for fe in fes]
+    assert offsets == [offsets[0] + i * size for i in range(4)]
+    assert all(table_of(datapath, fe)[1] == expected_slots(writer, fe) for fe in fes)
+    # The second one's table changes: its old part of the range is free again, the others stay.
+    fes[1] = web(2, [2, 3, 9])
+    writer.apply(state(*fes))
+    assert writer._ranges.free_slots == free - 4 * size
+    assert [fe_entry(datapath, fe).maglev_offset for fe in fes[::2]] == offsets[::2]
+    assert MapWriter(datapath.maps).apply(state(*fes)) == ApplyStats()
+    # When no free run holds them all, table by table.
+    def fragmented(size):
+        if size > maglev.table_size(3):
+            raise writer_mod.IdExhausted(f"no free run of {size}")
+        return real(size)
+    monkeypatch.setattr(writer._ranges, "allocate", fragmented)
+    more = [web(i, [i, i + 1, i + 2]) for i in range(5, 8)]
+    st = writer.apply(state(*fes, *more))
+    assert st.tables_written == 3 and all(table_of(datapath, fe)[1] == expected_slots(writer, fe) for fe in more)
+    assert MapWriter(datapath.maps).apply(state(*fes, *more)) == ApplyStats()
+
+
 def test_without_a_mapped_array_slots_go_by_batch_syscalls(datapath, monkeypatch):
     # A lb_maglev pinned by a build without BPF_F_MMAPABLE cannot be mapped: same tables, by syscalls.
     monkeypatch.setattr(writer_mod, "_map_slots", lambda table: None)
