@@ -831,7 +831,7 @@ class MapWriter:
             else:
                 fid = self._fe_ids.allocate()
                 fresh.append(fid)
-            src = _TableSource(w.table_names, tuple(map(be_id.__getitem__, w.table_keys)), w.table_size)
+            src = tuple.__new__(_TableSource, (w.table_names, tuple(map(be_id.__getitem__, w.table_keys)), w.table_size))
             if src.size and not (old is not None and old.maglev_size == src.size and self._table_src.get(key) == src):
                 plan.rebuild.append(len(plan.entries))
             plan.entries.append(_Planned(key, w, fid, src, old))

@@ -588,3 +588,18 @@ def test_a_plain_service_is_a_service_as_its_constructor_makes_it():
     assert made == want and hash(made) == hash(want) and vars(made) == vars(want)
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.name = "other"
+
+
+def test_the_named_tuples_made_from_their_fields_in_order_have_those_fields():
+    """desired state makes Frontend and FrontendKey, the writer _TableSource and _FeWant, from a
+    tuple of their fields in order (tuple.__new__, without NamedTuple's __new__): a field added or
+    moved must be added or moved there too."""
+    from ebpfsvc.datapath import writer
+    from ebpfsvc.lbmodel import Frontend, FrontendKey
+
+    assert Frontend._fields == ("key", "service", "kind", "backends", "algorithm", "affinity_timeout",
+                                "local_only", "source_ranges", "app_protocol")
+    assert FrontendKey._fields == ("address", "port", "protocol", "scope")
+    assert writer._TableSource._fields == ("names", "ids", "size")
+    assert writer._FeWant._fields == ("fe", "key", "marker", "name", "backend_keys", "backend_flags",
+                                      "table_names", "table_keys", "table_size")
