@@ -88,13 +88,13 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
 
-    def changed(self, kind: str) -> None:
-        """A Service, EndpointSlice or Endpoints object was received (kube-proxy counts every update
-        its change trackers see, a re-list's included)."""
+    def changed(self, kind: str, count: int = 1) -> None:
+        """`count` Service, EndpointSlice or Endpoints objects were received (kube-proxy counts every
+        update its change trackers see, a re-list's included: ClusterState tells a re-list's at once)."""
         if kind == "Service":
-            self.service_changes.inc()
+            self.service_changes.inc(count)
         elif kind in ("EndpointSlice", "Endpoints"):
-            self.endpoint_changes.inc()
+            self.endpoint_changes.inc(count)
 
     def socket_resets(self, destroyed: dict[str, int]) -> None:
         """Sockets reset per protocol ("TCP", "UDP") by one pass of socklb.reset_removed."""

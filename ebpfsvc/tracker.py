@@ -184,8 +184,9 @@ class ClusterState:
                  on_received: Callable[[str], None] | None = None,
                  on_node: Callable[[Node | None], None] | None = None,
                  clock: Callable[[], float] = time.time):
-        """on_invalid: every new validation problem; on_received: the kind of every Service,
-        EndpointSlice or Endpoints object received (a re-list's included, as kube-proxy counts them);
+        """on_invalid: every new validation problem; on_received: (kind, how many) of the Service,
+        EndpointSlice or Endpoints objects received (a re-list's included, as kube-proxy counts them:
+        an event's one at a time, a re-list's at once);
         on_node: this node's own Node (config.node_name) as a valid version arrives, None when an
         event deletes it (a re-list without it changes nothing: kube-proxy keeps the last state it saw)."""
         # Validation needs the cluster's service CIDR and NodePort range, which come from the node config.
@@ -265,6 +266,8 @@ class ClusterState:
                     seen.add(key)
                     self._upsert(kind, obj, key, new_problems)
                     self._received(kind, obj, key, node, listed=True)
+                if self.on_received is not None and kind in SERVICE_KINDS and objects:
+                    self.on_received(kind, len(objects))
                 for key in [k for k in self._trackers[kind].current if k not in seen]:
                     self._delete(kind, key)
                 for pkey in [p for p in self._problems if p[0] == kind and p[1:] not in seen]:
@@ -360,7 +363,7 @@ class ClusterState:
             return
         if kind not in SERVICE_KINDS:
             return
-        if self.on_received is not None:
+        if self.on_received is not None and not listed:     # (a re-list's: on_relist tells them at once)
             self.on_received(kind)
         t = last_change_trigger_time(obj) if kind != "Service" else None
         if t is None and not listed:

@@ -39,6 +39,7 @@ from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.desired import DesiredStateBuilder
 from ebpfsvc.health import LocalEndpointCounts
+from ebpfsvc.metrics import Metrics
 from ebpfsvc.sources.base import Event, EventType
 from ebpfsvc.tracker import ClusterState
 
@@ -186,7 +187,8 @@ def _full_sync(dp, limits, services, slices) -> tuple[dict, tuple]:
 
     _cold_caches()
     writer = MapWriter(dp.maps)
-    state = ClusterState(NODE)
+    # Received objects counted as the agent counts them (its telemetry's Metrics.changed).
+    state = ClusterState(NODE, on_received=Metrics().changed)
     builder = DesiredStateBuilder(NODE)
     admission = Admission(Capacity.of(limits))
     # Wall and CPU time per stage: on a shared machine the wall time says how busy it was, the
