@@ -603,3 +603,18 @@ def test_the_named_tuples_made_from_their_fields_in_order_have_those_fields():
     assert writer._TableSource._fields == ("names", "ids", "size")
     assert writer._FeWant._fields == ("fe", "key", "marker", "name", "backend_keys", "backend_flags",
                                       "table_names", "table_keys", "table_size")
+
+
+def test_an_ipv4_clusterip_is_assignable_as_ipaddress_says():
+    """_assignable tells an IPv4 address by its int; ipaddress's properties are what it stands for."""
+    import ipaddress
+
+    from ebpfsvc.k8s.service import _assignable
+
+    rng = random.Random(7)
+    edges = [base + d for base in (0, 127 << 24, 128 << 24, 0xA9FE0000, 0xA9FF0000, 0xE0000000, 0xF0000000, 1 << 32)
+             for d in (-1, 0, 1)]
+    for ip in [e for e in edges if 0 <= e < 1 << 32] + [rng.getrandbits(32) for _ in range(20000)]:
+        a = ipaddress.IPv4Address(ip)
+        assert _assignable(a) == (not (a.is_unspecified or a.is_loopback or a.is_link_local or a.is_multicast
+                                       or a.is_reserved)), a
