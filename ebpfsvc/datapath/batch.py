@@ -163,19 +163,23 @@ def _leading(dtype: np.dtype, n: int) -> np.dtype:
 
 def zero_percpu_ids(table, idents: list[int], later: Callable | None = None) -> None:
     """zero_percpu for many ids in one BPF_MAP_UPDATE_BATCH (bcc's Leaf of a per-CPU map is the
-    kernel's whole value: a slot per possible CPU); with `later`, handed to it as update_records'
-    write is."""
+    kernel's whole value: a slot per possible CPU); with `later`, the keys and zeros are made here
+    and their write handed to it, as update_records' is."""
     if not idents:
-        return
-    if later is not None:
-        later(zero_percpu_ids, table, idents)
         return
     keys = np.asarray(idents, dtype=np.uint32)
     zeros = np.zeros(len(idents) * ct.sizeof(table.Leaf), dtype=np.uint8)
-    count = ct.c_uint32(len(idents))
+    if later is not None:
+        later(_write_zeros, table, keys, zeros)
+    else:
+        _write_zeros(table, keys, zeros)
+
+
+def _write_zeros(table, keys: np.ndarray, zeros: np.ndarray) -> None:
+    count = ct.c_uint32(len(keys))
     if _lib().bpf_update_batch(table.map_fd, keys.ctypes.data, zeros.ctypes.data, ct.byref(count)) == 0:
         return
-    for ident in idents:
+    for ident in keys.tolist():
         zero_percpu(table, ident)
 
 
