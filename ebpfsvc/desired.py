@@ -370,7 +370,7 @@ def _backends(snapshot: ClusterSnapshot, node: NodeConfig, chosen: EndpointSet,
               + (NOT_READY,) * len(chosen.not_ready))
     me, nodes = node.node_name, snapshot.nodes
     # The endpoints' columns, at once (Endpoint's fields, in order).
-    addresses, ports, _, _, _, node_names, zones, _, _, texts = zip(*eps)
+    addresses, ports, _, _, _, node_names, zones, _, _, _, texts = zip(*eps)
     flags = [f | LOCAL if n == me and n else f for f, n in zip(states, node_names)]
     if nodes:
         # An endpoint without a zone of its own is in its Node's (topology.kubernetes.io/zone).

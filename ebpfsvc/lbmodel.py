@@ -160,7 +160,7 @@ def backend_name(address: IPAddress, port: int, protocol: Protocol) -> str:
 
 def backend_names(texts: Sequence[str], ports: Sequence[int], protocol: Protocol, family: int) -> list[str]:
     """backend_name() of each (address, port) of one family and one protocol, from the addresses as
-    str() writes them (the endpoints carry that text: SliceEndpoint), in a comprehension: desired
+    str() writes them (the endpoints carry that text: Endpoint.text), in a comprehension: desired
     state names every backend of a full sync."""
     proto = protocol._value_
     if family == 6:

@@ -13,7 +13,7 @@ data plane uses.
 
 from ebpfsvc.k8s.endpointmerge import Endpoint, merge_endpoint_slices
 from ebpfsvc.k8s.endpoints import Endpoints, parse_endpoints
-from ebpfsvc.k8s.endpointslice import EndpointPort, EndpointSlice, SliceEndpoint, parse_endpoint_slice
+from ebpfsvc.k8s.endpointslice import EndpointPort, EndpointSlice, parse_endpoint_slice
 from ebpfsvc.k8s.fields import Invalid, Problem
 from ebpfsvc.k8s.node import Node, parse_node
 from ebpfsvc.k8s.service import Service, ServicePort, ServiceType, TrafficPolicy, parse_service
@@ -21,7 +21,7 @@ from ebpfsvc.k8s.servicecidr import ServiceCIDR, parse_service_cidr
 
 __all__ = [
     "Endpoint", "EndpointPort", "EndpointSlice", "Endpoints", "Invalid", "Node", "Problem", "Service",
-    "ServiceCIDR", "ServicePort", "ServiceType", "SliceEndpoint", "TrafficPolicy", "merge_endpoint_slices",
+    "ServiceCIDR", "ServicePort", "ServiceType", "TrafficPolicy", "merge_endpoint_slices",
     "parse_endpoint_slice", "parse_endpoints", "parse_node", "parse_service",
     "parse_service_cidr",
 ]

@@ -19,40 +19,13 @@ those of its own family (ebpfsvc/desired.py).  FQDN slices have nothing to forwa
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from operator import itemgetter
+from typing import Iterable
 
-from ebpfsvc.k8s.endpointslice import EndpointSlice
-from ebpfsvc.lbmodel import DerivedLast, IPAddress, ServicePortName
+from ebpfsvc.k8s.endpointslice import Endpoint, EndpointSlice
+from ebpfsvc.lbmodel import ServicePortName
 
-
-class _EndpointFields(NamedTuple):
-    address: IPAddress
-    port: int
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
-    node_name: str = ""
-    zone: str = ""
-    zone_hints: frozenset[str] = frozenset()
-    node_hints: frozenset[str] = frozenset()
-    text: str = ""              # str(address): made with the endpoint
-
-
-class Endpoint(DerivedLast, _EndpointFields):
-    """One endpoint of one service port, with its resolved port (kube-proxy's Endpoint); a
-    NamedTuple, as SliceEndpoint, whose derived `text` it carries on (the merge copies it)."""
-
-    __slots__ = ()
-
-    def __new__(cls, address: IPAddress, port: int, ready: bool = True, serving: bool = True,
-                terminating: bool = False, node_name: str = "", zone: str = "",
-                zone_hints: frozenset[str] = frozenset(), node_hints: frozenset[str] = frozenset()) -> "Endpoint":
-        return tuple.__new__(cls, (address, port, ready, serving, terminating, node_name, zone, zone_hints,
-                                   node_hints, str(address)))
-
-    @property
-    def sort_key(self) -> tuple[int, int, int]:
-        return (self.address.version, int(self.address), self.port)
+__all__ = ["Endpoint", "merge_endpoint_slices"]     # Endpoint: parsed with the slices, merged here
 
 
 def merge_endpoint_slices(namespace: str, service_name: str,
@@ -70,7 +43,6 @@ def _merge_general(namespace: str, service_name: str,
                    slices: Iterable[EndpointSlice]) -> dict[ServicePortName, tuple[Endpoint, ...]]:
     """merge_endpoint_slices() of any slices but FQDN ones (it leaves those out): each address
     once per port, the winner by _precedence, then the first slice by name."""
-    new = tuple.__new__         # as in _one_slice: the slice endpoint's text is the Endpoint's
     merged: dict[ServicePortName, dict[tuple, Endpoint]] = {}
     for sl in sorted(slices, key=lambda s: s.name):
         for port in sl.ports:
@@ -83,8 +55,7 @@ def _merge_general(namespace: str, service_name: str,
                 key = (ep.address.version, int(ep.address), port.port)
                 if key in by_addr and _precedence(by_addr[key]) >= _precedence(ep):
                     continue
-                by_addr[key] = new(Endpoint, (ep.address, port.port, ep.ready, ep.serving, ep.terminating,
-                                              ep.node_name, ep.zone, ep.zone_hints, ep.node_hints, ep.text))
+                by_addr[key] = ep if ep.port == port.port else _with_port(ep, port.port)
     # The keys are the endpoints' sort keys, and unique: sorting them sorts the endpoints.
     return {spn: tuple([eps[k] for k in sorted(eps)]) for spn, eps in merged.items()}
 
@@ -95,23 +66,32 @@ def _one_slice(namespace: str, service_name: str, sl: EndpointSlice
     Services: a slice holds up to 100 endpoints), or None for the general path.  In one slice every
     address is of the slice's family and a port's endpoints share its number, so the merge's
     (family, address, port) order is the addresses' order and there is no duplicate to resolve:
-    one int per endpoint to sort by, and each Endpoint is its SliceEndpoint's fields with the port
-    put in (both are NamedTuples: SliceEndpoint[1:8] are Endpoint[2:9], and [9] is both texts), one
-    tuple made per endpoint."""
+    one int per endpoint to sort by.  A slice with one port (most) parsed its endpoints with that
+    port's number (Endpoint.port): they are that service port's endpoints as they are, no new
+    tuple each; otherwise each is made again with its port."""
     endpoints = sl.endpoints
     numbers = [int(ep[0]) for ep in endpoints]
     if len(set(numbers)) != len(numbers):
         return None
-    ordered = [endpoints[i] for i in sorted(range(len(numbers)), key=numbers.__getitem__)]
-    new = tuple.__new__         # NamedTuple._make without its length check: the lengths are the classes'
+    ordered = tuple([endpoints[i] for i in sorted(range(len(numbers)), key=numbers.__getitem__)])
     merged = {}
     for port in sl.ports:
         if port.port is None:
             continue            # as in merge_endpoint_slices
         n = port.port
-        merged[ServicePortName(namespace, service_name, port.name, port.protocol)] = tuple([
-            new(Endpoint, (ep[0], n, ep[1], ep[2], ep[3], ep[4], ep[5], ep[6], ep[7], ep[9])) for ep in ordered])
+        carried = list(map(_PORT, ordered)).count(n) == len(ordered)     # (counted in C)
+        merged[ServicePortName(namespace, service_name, port.name, port.protocol)] = (
+            ordered if carried else tuple([_with_port(ep, n) for ep in ordered]))
     return merged
+
+
+def _with_port(ep: Endpoint, port: int) -> Endpoint:
+    """`ep` for the service port of number `port`: Endpoint._replace(port=port), made as one tuple
+    (without its length check and text made again: the fields are the endpoint's)."""
+    return tuple.__new__(Endpoint, (ep[0], port, ep[2], ep[3], ep[4], ep[5], ep[6], ep[7], ep[8], ep[9], ep[10]))
+
+
+_PORT = itemgetter(1)       # Endpoint.port, in C
 
 
 def _precedence(ep) -> tuple[bool, bool]:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ebpfsvc.k8s.endpointslice import (MAX_ENDPOINTS, MAX_PORTS, EndpointSlice, SliceEndpoint,
-                                       parse_endpoint_port)
+from ebpfsvc.k8s.endpointslice import MAX_ENDPOINTS, MAX_PORTS, Endpoint, EndpointSlice, parse_endpoint_port
 from ebpfsvc.k8s.fields import Fields, Invalid, parse_ip, read_meta
 
 MAX_SUBSETS = 100
@@ -63,10 +62,11 @@ def parse_endpoints(obj: dict) -> Endpoints:
     return Endpoints(meta.namespace, meta.name, tuple(slices))
 
 
-def _endpoint(addr: Fields, ready: bool) -> SliceEndpoint:
+def _endpoint(addr: Fields, ready: bool) -> Endpoint:
     ip = addr.raw("ip")
     if ip is None:
         raise Invalid(f"{addr.path}.ip", "is required")
     # notReadyAddresses are neither ready nor serving: v1 Endpoints cannot say "terminating".
-    return SliceEndpoint(address=parse_ip(ip, f"{addr.path}.ip"), ready=ready, serving=ready,
-                         terminating=False, node_name=addr.str("nodeName"), hostname=addr.str("hostname"))
+    # (No port: the merge gives each the port of each service port, endpointmerge.py.)
+    return Endpoint(address=parse_ip(ip, f"{addr.path}.ip"), ready=ready, serving=ready,
+                    terminating=False, node_name=addr.str("nodeName"), hostname=addr.str("hostname"))

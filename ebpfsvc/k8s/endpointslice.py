@@ -42,8 +42,9 @@ class EndpointPort(NamedTuple):
     app_protocol: str = ""
 
 
-class _SliceEndpointFields(NamedTuple):
+class _EndpointFields(NamedTuple):
     address: IPAddress               # addresses[0]: the API says consumers use the first
+    port: int | None = None          # the port number it serves (see Endpoint)
     ready: bool = True               # unset = ready
     serving: bool = True             # unset = serving (discovery/v1)
     terminating: bool = False        # unset = not terminating
@@ -55,22 +56,33 @@ class _SliceEndpointFields(NamedTuple):
     text: str = ""                   # str(address): made with the endpoint
 
 
-class SliceEndpoint(DerivedLast, _SliceEndpointFields):
-    """One endpoint of a slice, with its conditions decoded as the API defines them.
+class Endpoint(DerivedLast, _EndpointFields):
+    """One endpoint, with its conditions decoded as the API defines them: of a slice as parsed, and
+    of one service port as merged (kube-proxy's Endpoint, endpointmerge.py).
 
-    A NamedTuple, as Endpoint: a full sync makes 100,000 of each, and a tuple is made, hashed and
-    compared in C, in about half the memory of a dataclass (no __dict__).  Its last field, `text`,
-    is derived, as Backend.name is: the address as str() writes it, which names the backend
-    (lbmodel.backend_names).  The plain path keeps the API's own text of an IPv4 address, which
-    inet_pton took (a dotted quad as str() writes it, nothing else): no text made per endpoint."""
+    `port` is the port number it serves.  A merged endpoint always has one.  A slice's endpoints
+    carry the slice's port number when the slice has exactly one port (most slices, one per
+    Service port), else None: so the merge hands such a slice's endpoints on as they are, where it
+    would make an Endpoint of each for its port (a full sync's 100,000).
+
+    A NamedTuple: a tuple is made, hashed and compared in C, in about half the memory of a
+    dataclass (no __dict__).  Its last field, `text`, is derived, as Backend.name is: the address as
+    str() writes it, which names the backend (lbmodel.backend_names).  The plain path keeps the
+    API's own text of an IPv4 address, which inet_pton took (a dotted quad as str() writes it,
+    nothing else): no text made per endpoint."""
 
     __slots__ = ()
 
-    def __new__(cls, address: IPAddress, ready: bool = True, serving: bool = True, terminating: bool = False,
-                node_name: str = "", zone: str = "", zone_hints: frozenset[str] = frozenset(),
-                node_hints: frozenset[str] = frozenset(), hostname: str = "") -> "SliceEndpoint":
-        return tuple.__new__(cls, (address, ready, serving, terminating, node_name, zone, zone_hints, node_hints,
-                                   hostname, str(address)))
+    def __new__(cls, address: IPAddress, port: int | None = None, ready: bool = True, serving: bool = True,
+                terminating: bool = False, node_name: str = "", zone: str = "",
+                zone_hints: frozenset[str] = frozenset(), node_hints: frozenset[str] = frozenset(),
+                hostname: str = "") -> "Endpoint":
+        return tuple.__new__(cls, (address, port, ready, serving, terminating, node_name, zone, zone_hints,
+                                   node_hints, hostname, str(address)))
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.address.version, int(self.address), self.port)
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,7 @@ class EndpointSlice:
     service_name: str               # label kubernetes.io/service-name; "" = belongs to no Service
     address_type: str = "IPv4"
     ports: tuple[EndpointPort, ...] = ()
-    endpoints: tuple[SliceEndpoint, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()    # their `port` is the slice's when it has one (Endpoint)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -128,7 +140,7 @@ def _plain_slice(obj) -> EndpointSlice | None:
         seen.add((name, protocol))
         ports.append(EndpointPort(name, protocol, port, app))
     return EndpointSlice(head.namespace, head.name, service_name, address_type, tuple(ports),
-                         _endpoints(Fields(obj), 4 if address_type == "IPv4" else 6))
+                         _endpoints(Fields(obj), 4 if address_type == "IPv4" else 6, _slice_port(ports)))
 
 
 def _read_slice(obj: dict) -> EndpointSlice:
@@ -146,10 +158,15 @@ def _read_slice(obj: dict) -> EndpointSlice:
     _check_unique_ports(ports, "ports")
     version = 4 if address_type == "IPv4" else 6
     return EndpointSlice(meta.namespace, meta.name, service_name, address_type, ports,
-                         _endpoints(top, version))
+                         _endpoints(top, version, _slice_port(ports)))
 
 
-def _endpoints(top: Fields, version: int) -> tuple[SliceEndpoint, ...]:
+def _slice_port(ports) -> int | None:
+    """The port number a slice's endpoints carry (Endpoint.port): its one port's, else None."""
+    return ports[0].port if len(ports) == 1 else None
+
+
+def _endpoints(top: Fields, version: int, port: int | None) -> tuple[Endpoint, ...]:
     """The slice's endpoints: each one of the usual shape read by _plain_endpoint, anything else
     (a hint, a value of an odd type, a bad address) by _endpoint, which reads every field through
     Fields and names the bad one.  A full sync reads 100,000 endpoints: this costs about a
@@ -157,9 +174,9 @@ def _endpoints(top: Fields, version: int) -> tuple[SliceEndpoint, ...]:
     items = top.raw("endpoints")
     if type(items) is not list or len(items) > MAX_ENDPOINTS:
         items = [item for _, item in top.list("endpoints", MAX_ENDPOINTS)]     # raises the problem
-    out = list(map(_plain_endpoint, items, repeat(version)))
+    out = list(map(_plain_endpoint, items, repeat(version), repeat(port)))
     if None in out:     # one the plain path left to the field readers (to read, or to name)
-        out = [ep if ep is not None else _endpoint(Fields(item, f"endpoints[{i}]"), version)
+        out = [ep if ep is not None else _endpoint(Fields(item, f"endpoints[{i}]"), version, port)
                for i, (ep, item) in enumerate(zip(out, items))]
     return tuple(out)
 
@@ -167,7 +184,7 @@ def _endpoints(top: Fields, version: int) -> tuple[SliceEndpoint, ...]:
 _NO_HINTS: frozenset[str] = frozenset()
 
 
-def _plain_endpoint(e, version: int) -> SliceEndpoint | None:
+def _plain_endpoint(e, version: int, port: int | None = None) -> Endpoint | None:
     """_endpoint's result for an endpoint of the usual shape: a dict with one address or more of the
     slice's family, conditions of bools, string nodeName, zone and hostname, no hints.  None for
     anything else, which _endpoint then reads (or rejects, naming the field): this only decides
@@ -209,10 +226,10 @@ def _plain_endpoint(e, version: int) -> SliceEndpoint | None:
     hostname = "" if hostname is None else hostname
     if type(node_name) is not str or type(zone) is not str or type(hostname) is not str:
         return None
-    # Interned: the same few node and zone names recur in every endpoint.  SliceEndpoint._make
-    # without its length check (its fields are all here, the text the API's: see SliceEndpoint).
-    return tuple.__new__(SliceEndpoint, (first, ready, serving, terminating, intern(node_name), intern(zone),
-                                         _NO_HINTS, _NO_HINTS, hostname, first_text))
+    # Interned: the same few node and zone names recur in every endpoint.  Endpoint._make
+    # without its length check (its fields are all here, the text the API's: see Endpoint).
+    return tuple.__new__(Endpoint, (first, port, ready, serving, terminating, intern(node_name), intern(zone),
+                                    _NO_HINTS, _NO_HINTS, hostname, first_text))
 
 
 def parse_endpoint_port(p: Fields) -> EndpointPort:
@@ -229,7 +246,7 @@ def _check_unique_ports(ports: tuple[EndpointPort, ...], path: str) -> None:
         seen.add((port.name, port.protocol))
 
 
-def _endpoint(e: Fields, version: int) -> SliceEndpoint:
+def _endpoint(e: Fields, version: int, port: int | None = None) -> Endpoint:
     addresses = e.list("addresses", MAX_ADDRESSES)
     if not addresses:
         raise Invalid(f"{e.path}.addresses", "needs at least one address")
@@ -240,8 +257,9 @@ def _endpoint(e: Fields, version: int) -> SliceEndpoint:
     ready = cond.bool("ready", True)
     hints = frozenset(z.str("name") for z in e.obj("hints").objects("forZones", MAX_ZONE_HINTS)) - {""}
     node_hints = frozenset(n.str("name") for n in e.obj("hints").objects("forNodes", MAX_NODE_HINTS)) - {""}
-    return SliceEndpoint(
+    return Endpoint(
         address=address,
+        port=port,
         ready=ready,
         serving=cond.bool("serving", True),
         terminating=cond.bool("terminating", False),

@@ -19,7 +19,7 @@ from ebpfsvc import maglev
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s import endpointslice, service
 from ebpfsvc.k8s.endpointmerge import Endpoint
-from ebpfsvc.k8s.endpointslice import SliceEndpoint, _endpoint, _plain_endpoint
+from ebpfsvc.k8s.endpointslice import _endpoint, _plain_endpoint
 from ebpfsvc.k8s.fields import Fields, Invalid
 from ebpfsvc.lbmodel import Backend, Protocol
 
@@ -89,17 +89,17 @@ def test_endpoints_of_a_slice_equal_the_field_readers_and_name_the_bad_one():
     rng = random.Random(7)
     for _ in range(300):
         items = [_random_endpoint(rng) for _ in range(rng.randint(0, 5))]
-        version = rng.choice((4, 6))
+        version, port = rng.choice((4, 6)), rng.choice((None, 8080))
         top = Fields({"endpoints": items})
-        want = _outcome(lambda: tuple(_endpoint(e, version) for e in top.objects("endpoints", 1000)))
-        assert _outcome(lambda: endpointslice._endpoints(top, version)) == want
+        want = _outcome(lambda: tuple(_endpoint(e, version, port) for e in top.objects("endpoints", 1000)))
+        assert _outcome(lambda: endpointslice._endpoints(top, version, port)) == want
 
 
 def test_too_many_or_not_a_list_of_endpoints_is_the_field_readers_problem():
     for value in ([{"addresses": ["198.18.0.1"]}] * 1001, {"addresses": ["198.18.0.1"]}, "x"):
         top = Fields({"endpoints": value})
         with pytest.raises(Invalid) as fast:
-            endpointslice._endpoints(top, 4)
+            endpointslice._endpoints(top, 4, None)
         with pytest.raises(Invalid) as slow:
             tuple(top.objects("endpoints", endpointslice.MAX_ENDPOINTS))
         assert (fast.value.field, fast.value.message) == (slow.value.field, slow.value.message)
@@ -421,9 +421,13 @@ def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
             chosen = rng.sample([a for a in addrs if a.version == family], rng.randint(0, 2))
             if chosen and rng.random() < 0.2:
                 chosen.append(chosen[0])        # one address twice in one slice: the general path
-            eps = tuple(SliceEndpoint(a, rng.random() < 0.7, True, rng.random() < 0.2, "n", "z") for a in chosen)
+            # As parsed: a one-port slice's endpoints carry its port number (handed on as they are),
+            # or not (made again with it).
+            number = rng.choice((80, 81))
+            carried = number if rng.random() < 0.5 else None
+            eps = tuple(Endpoint(a, carried, rng.random() < 0.7, True, rng.random() < 0.2, "n", "z") for a in chosen)
             slices.append(EndpointSlice("ns", f"s-{n}", "svc", f"IPv{family}",
-                                        (EndpointPort("http", Protocol.TCP, rng.choice((80, 81))),), eps))
+                                        (EndpointPort("http", Protocol.TCP, number),), eps))
         merged = merge_endpoint_slices("ns", "svc", slices)
         for spn, eps in merged.items():
             assert spn == ServicePortName("ns", "svc", "http", Protocol.TCP)
@@ -435,6 +439,7 @@ def test_merged_endpoints_are_sorted_and_deduplicated_as_before():
                 assert (e.ready, not e.terminating) == max((c.ready, not c.terminating) for c in copies)
                 assert type(e) is Endpoint and e == Endpoint(e.address, e.port, e.ready, e.serving, e.terminating,
                                                               e.node_name, e.zone, e.zone_hints, e.node_hints)
+                assert e.port in {sl.ports[0].port for sl in slices if e.address in [x.address for x in sl.endpoints]}
                 assert (e.node_name, e.zone) == ("n", "z")
         if len(slices) == 1:            # the one-slice path, or the general one for a duplicate
             assert merged == endpointmerge._merge_general("ns", "svc", slices)
@@ -550,7 +555,7 @@ def test_service_name_skips_quoting_only_what_quoting_leaves_alone():
         assert service_name(ServicePortName(*parts, Protocol.UDP)) == want
 
 
-@pytest.mark.parametrize("make", [lambda a: SliceEndpoint(a, False, node_name="n"),
+@pytest.mark.parametrize("make", [lambda a: Endpoint(a, None, False, node_name="n"),
                                   lambda a: Endpoint(a, 8080, False, node_name="n"),
                                   lambda a: Backend(a, 8080, not_ready=True, node="n")])
 def test_a_derived_last_field_says_what_it_is_derived_from(make):
@@ -574,7 +579,7 @@ def test_the_plain_path_keeps_the_apis_text_of_an_ipv4_address():
     for text, want in (("198.18.0.7", "198.18.0.7"), ("2001:0002::0001", "2001:2::1")):
         version = ipaddress.ip_address(text).version
         ep = _plain_endpoint({"addresses": [text]}, version)
-        assert ep.text == want == str(ep.address) and ep == SliceEndpoint(ep.address)
+        assert ep.text == want == str(ep.address) and ep == Endpoint(ep.address)
 
 
 def test_a_plain_service_is_a_service_as_its_constructor_makes_it():
