@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Mapping
 
 from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig, family_name
-from ebpfsvc.k8s.endpointmerge import Endpoint
+from ebpfsvc.k8s.endpointslice import Endpoint
 from ebpfsvc.k8s.fields import Problem
 from ebpfsvc.k8s.service import Service, ServicePort, TrafficPolicy
 from ebpfsvc.k8s.topology import EndpointSet, categorize_endpoints

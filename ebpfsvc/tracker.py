@@ -36,9 +36,9 @@ from typing import Any, Callable, Generic, Hashable, Mapping, TypeVar
 
 from ebpfsvc import heap
 from ebpfsvc.config import NodeConfig
-from ebpfsvc.k8s.endpointmerge import Endpoint, merge_endpoint_slices
+from ebpfsvc.k8s.endpointmerge import merge_endpoint_slices
 from ebpfsvc.k8s.endpoints import Endpoints, parse_endpoints
-from ebpfsvc.k8s.endpointslice import EndpointSlice, last_change_trigger_time, parse_endpoint_slice
+from ebpfsvc.k8s.endpointslice import Endpoint, EndpointSlice, last_change_trigger_time, parse_endpoint_slice
 from ebpfsvc.k8s.fields import Invalid, Problem, object_key
 from ebpfsvc.k8s.node import Node, parse_node
 from ebpfsvc.k8s.service import Service, parse_service

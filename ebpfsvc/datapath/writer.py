@@ -689,19 +689,13 @@ class MapWriter:
             self._switch_frontends(plan, stats)
         return stale_be, retired, plan
 
-    def _update(self, map_name: str, table, keys: list, values: list) -> None:
-        """batch.update_records, made behind a large apply (_Behind) while one is under way."""
+    def _batch(self, map_name: str, write: Callable, table, *args) -> None:
+        """A batch write to `table` (_update_records, _zero_percpu_ids): made behind a large apply
+        (_Behind) while one is under way, else at once."""
         if self._behind is None:
-            _update_records(table, keys, values)
+            write(table, *args)
         else:
-            _update_records(table, keys, values, later=self._behind.later(map_name))
-
-    def _zero_ids(self, map_name: str, table, idents: list[int]) -> None:
-        """batch.zero_percpu_ids, made behind a large apply as _update is."""
-        if self._behind is None:
-            _zero_percpu_ids(table, idents)
-        else:
-            _zero_percpu_ids(table, idents, later=self._behind.later(map_name))
+            write(table, *args, later=self._behind.later(map_name))
 
     def _recount(self, old: list[Frontend], wants: list[_FeWant], full: bool) -> _Touched:
         """Reference counts: drop the old frontends' references, take the new ones'."""
@@ -780,15 +774,17 @@ class MapWriter:
     def _write_backends(self, todo: _BackendWrites, stats: ApplyStats) -> list[int]:
         """Write _backend_writes' entries; return the ids nothing references any more."""
         stats.backends_changed += todo.changed
-        self._zero_ids("lb4_backends", self.be_stats_map, todo.fresh)
+        self._batch("lb4_backends", _zero_percpu_ids, self.be_stats_map, todo.fresh)
         stats.stats_zeroed += len(todo.fresh)
         if not self._ipv6_wanted:       # all IPv4 (the usual case): no split
-            self._update("lb4_backends", self.backends_map, todo.ids, todo.entries)
+            self._batch("lb4_backends", _update_records, self.backends_map, todo.ids, todo.entries)
         else:
             four, six = _split(list(zip(todo.ids, todo.entries)), lambda w: w[1][0])
-            self._update("lb4_backends", self.backends_map, [i for i, _ in four], [v for _, v in four])
+            self._batch("lb4_backends", _update_records, self.backends_map,
+                        [i for i, _ in four], [v for _, v in four])
             if six:
-                self._update("lb4_backends", self._v6(self.backends6_map), [i for i, _ in six], [v for _, v in six])
+                self._batch("lb4_backends", _update_records, self._v6(self.backends6_map),
+                            [i for i, _ in six], [v for _, v in six])
         self._be_val.update(zip(todo.ids, todo.entries))
         stats.backends_written += len(todo.ids)
         return todo.stale
@@ -807,7 +803,7 @@ class MapWriter:
         names = sorted(n for n in touched if n in self._svc_refs and n not in self._svc_id)
         idents = self._svc_ids.allocate_many(len(names))
         self._svc_id.update(zip(names, idents))
-        self._update("lb_service_names", self.names_map, idents, [n.encode() for n in names])
+        self._batch("lb_service_names", _update_records, self.names_map, idents, [n.encode() for n in names])
         stats.services_written += len(names)
 
     def _plan_frontends(self, touched: dict, full: bool, stats: ApplyStats) -> _FrontendPlan:
@@ -831,7 +827,8 @@ class MapWriter:
             else:
                 fid = self._fe_ids.allocate()
                 fresh.append(fid)
-            src = tuple.__new__(_TableSource, (w.table_names, tuple(map(be_id.__getitem__, w.table_keys)), w.table_size))
+            src = tuple.__new__(_TableSource, (w.table_names, tuple(map(be_id.__getitem__, w.table_keys)),
+                                               w.table_size))
             if src.size and not (old is not None and old.maglev_size == src.size and self._table_src.get(key) == src):
                 plan.rebuild.append(len(plan.entries))
             plan.entries.append(_Planned(key, w, fid, src, old))
@@ -845,9 +842,9 @@ class MapWriter:
                     self._fe_src[key] = ranges
                 else:
                     del self._fe_src[key]
-        self._zero_ids("lb4_frontends", self.fe_stats_map, fresh)
+        self._batch("lb4_frontends", _zero_percpu_ids, self.fe_stats_map, fresh)
         if self.sock_stats_map is not None:
-            self._zero_ids("lb4_frontends", self.sock_stats_map, fresh)
+            self._batch("lb4_frontends", _zero_percpu_ids, self.sock_stats_map, fresh)
         stats.stats_zeroed += len(fresh)
         if full:
             want_src = set().union(*self._fe_src.values())
@@ -933,9 +930,10 @@ class MapWriter:
             if p.old != val:
                 fe_writes.append((p.key, val))
         four, six = _split(fe_writes, lambda w: w[0][0])
-        self._update("lb4_frontends", self.frontends_map, [k for k, _ in four], [v for _, v in four])
+        self._batch("lb4_frontends", _update_records, self.frontends_map, [k for k, _ in four], [v for _, v in four])
         if six:
-            self._update("lb4_frontends", self._v6(self.frontends6_map), [k for k, _ in six], [v for _, v in six])
+            self._batch("lb4_frontends", _update_records, self._v6(self.frontends6_map),
+                        [k for k, _ in six], [v for _, v in six])
         self._fe.update(fe_writes)
         stats.frontends_written += len(fe_writes)
 

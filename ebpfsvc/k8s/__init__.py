@@ -11,9 +11,9 @@ data plane uses.
     topology.py       which endpoints this node uses (conditions, traffic policy, zone hints)
 """
 
-from ebpfsvc.k8s.endpointmerge import Endpoint, merge_endpoint_slices
+from ebpfsvc.k8s.endpointmerge import merge_endpoint_slices
 from ebpfsvc.k8s.endpoints import Endpoints, parse_endpoints
-from ebpfsvc.k8s.endpointslice import EndpointPort, EndpointSlice, parse_endpoint_slice
+from ebpfsvc.k8s.endpointslice import Endpoint, EndpointPort, EndpointSlice, parse_endpoint_slice
 from ebpfsvc.k8s.fields import Invalid, Problem
 from ebpfsvc.k8s.node import Node, parse_node
 from ebpfsvc.k8s.service import Service, ServicePort, ServiceType, TrafficPolicy, parse_service

@@ -25,8 +25,6 @@ from typing import Iterable
 from ebpfsvc.k8s.endpointslice import Endpoint, EndpointSlice
 from ebpfsvc.lbmodel import ServicePortName
 
-__all__ = ["Endpoint", "merge_endpoint_slices"]     # Endpoint: parsed with the slices, merged here
-
 
 def merge_endpoint_slices(namespace: str, service_name: str,
                           slices: Iterable[EndpointSlice]) -> dict[ServicePortName, tuple[Endpoint, ...]]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, NamedTuple
 
-from ebpfsvc.k8s.endpointmerge import Endpoint
+from ebpfsvc.k8s.endpointslice import Endpoint
 
 
 class EndpointSet(NamedTuple):

@@ -18,7 +18,7 @@ import pytest
 from ebpfsvc import maglev
 from ebpfsvc.config import NodeConfig
 from ebpfsvc.k8s import endpointslice, service
-from ebpfsvc.k8s.endpointmerge import Endpoint
+from ebpfsvc.k8s.endpointslice import Endpoint
 from ebpfsvc.k8s.endpointslice import _endpoint, _plain_endpoint
 from ebpfsvc.k8s.fields import Fields, Invalid
 from ebpfsvc.lbmodel import Backend, Protocol
