@@ -623,3 +623,32 @@ def test_an_ipv4_clusterip_is_assignable_as_ipaddress_says():
         a = ipaddress.IPv4Address(ip)
         assert _assignable(a) == (not (a.is_unspecified or a.is_loopback or a.is_link_local or a.is_multicast
                                        or a.is_reserved)), a
+
+
+def test_an_objects_key_is_read_as_the_field_readers_default_it():
+    """object_key's usual-object path gives what its general one does (the reference below)."""
+    from collections import UserDict
+    from collections.abc import Mapping
+
+    from ebpfsvc.k8s.fields import CLUSTER_SCOPED, object_key
+
+    class Name(str):
+        pass
+
+    def reference(kind, obj):
+        meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        name = meta.get("name") if isinstance(meta.get("name"), str) else ""
+        if kind in CLUSTER_SCOPED:
+            return ("", name)
+        ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
+        return (ns or "default", name)
+
+    rng = random.Random(11)
+    values = [None, "", "web", "kube-system", Name("n"), 5, ["x"], {"a": 1}]
+    for _ in range(3000):
+        meta = {k: rng.choice(values) for k in ("name", "namespace") if rng.random() < 0.8}
+        meta = rng.choice([meta, UserDict(meta), None, "x"]) if rng.random() < 0.2 else meta
+        obj = {"metadata": meta} if rng.random() < 0.9 else rng.choice([UserDict({"metadata": meta}), [], "x"])
+        kind = rng.choice(["Service", "EndpointSlice", "Node", "ServiceCIDR"])
+        assert object_key(kind, obj) == reference(kind, obj), (kind, obj)
