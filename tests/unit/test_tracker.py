@@ -496,3 +496,31 @@ def test_a_change_after_the_first_sync_carries_only_its_own_entries():
     view, base2 = overlay_view(base, current, since)
     assert base2 is base and isinstance(view, Overlay) and view._changes == {7: ("new",)}
     assert view[7] == ("new",) and view[8] == (8,) and len(view) == 1000
+
+
+@pytest.mark.parametrize("started", [1_700_000_000.25, 1_700_000_000.0])     # 2023-11-14T22:13:20(.25)Z
+def test_a_relists_trigger_times_are_those_from_the_agents_start_on(started):
+    """A re-list's slices changed before the agent started are not timed (kube-proxy's rule): one in
+    the API's own form and a second or more earlier is left unparsed; every other form is parsed."""
+    from datetime import datetime
+
+    state = ClusterState(clock=lambda: started)
+    times = ["2023-11-14T22:13:19Z", "2023-11-14T22:13:20Z", "2023-11-14T22:13:21Z", "2020-01-01T00:00:00Z",
+             "2023-11-14T22:13:20.5Z", "2023-11-14T22:13:20.1Z", "2023-11-14T23:13:21+01:00",
+             "2023-11-14T23:13:19+01:00", "2023-11-14T22:13:19.999999Z", "not a time", "2023-13-45T00:00:00Z"]
+    slices = []
+    for i, when in enumerate(times):
+        sl = slice_(f"web-{i}", endpoint("198.18.1.1"))
+        sl["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": when}
+        slices.append(sl)
+    state.on_relist("EndpointSlice", slices)
+
+    def parsed(when):
+        try:
+            return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+
+    want = sorted(t for t in map(parsed, times) if t is not None and t >= started)
+    assert sorted(state.snapshot().trigger_times) == want
+    assert len(want) == (3 if started % 1 else 5)       # at an even second, its own second counts too
