@@ -22,7 +22,6 @@ its family.
 from __future__ import annotations
 
 import enum
-import ipaddress
 from dataclasses import MISSING, dataclass, fields
 from typing import NamedTuple
 
@@ -383,11 +382,6 @@ def _cluster_ips(spec: Fields, svc_type: ServiceType, config: NodeConfig
 def _assignable(addr) -> bool:
     """An address the API server could allocate from some service CIDR: a unicast one a packet
     can carry to another host (kube-apiserver refuses these ranges for ServiceCIDRs)."""
-    if type(addr) is ipaddress.IPv4Address:
-        # ipaddress's five properties, each a Python call (a full sync asks 10,000 clusterIPs):
-        # 0.0.0.0, 127.0.0.0/8, 169.254.0.0/16, and 224.0.0.0/4 with 240.0.0.0/4.
-        ip = int(addr)
-        return not (ip == 0 or ip >> 24 == 127 or ip >> 16 == 0xA9FE or ip >= 0xE0000000)
     return not (addr.is_unspecified or addr.is_loopback or addr.is_link_local or addr.is_multicast
                 or addr.is_reserved)
 

@@ -610,21 +610,6 @@ def test_the_named_tuples_made_from_their_fields_in_order_have_those_fields():
                                       "table_names", "table_keys", "table_size")
 
 
-def test_an_ipv4_clusterip_is_assignable_as_ipaddress_says():
-    """_assignable tells an IPv4 address by its int; ipaddress's properties are what it stands for."""
-    import ipaddress
-
-    from ebpfsvc.k8s.service import _assignable
-
-    rng = random.Random(7)
-    edges = [base + d for base in (0, 127 << 24, 128 << 24, 0xA9FE0000, 0xA9FF0000, 0xE0000000, 0xF0000000, 1 << 32)
-             for d in (-1, 0, 1)]
-    for ip in [e for e in edges if 0 <= e < 1 << 32] + [rng.getrandbits(32) for _ in range(20000)]:
-        a = ipaddress.IPv4Address(ip)
-        assert _assignable(a) == (not (a.is_unspecified or a.is_loopback or a.is_link_local or a.is_multicast
-                                       or a.is_reserved)), a
-
-
 def test_an_objects_key_is_read_as_the_field_readers_default_it():
     """object_key's usual-object path gives what its general one does (the reference below)."""
     from collections import UserDict
