@@ -1082,15 +1082,15 @@ def _range_order(r: tuple):
 
 def _address(addr):
     """An lbmodel address as its map fields hold it: abi.be32 (IPv4) or abi.be128 (IPv6)."""
+    if type(addr) is ipaddress.IPv4Address:     # (before `version`, a property: a Python call each)
+        return abi.be32(addr)
     return abi.be128(addr) if addr.version == 6 else abi.be32(addr)
 
 
 def _frontend_key(fe: Frontend) -> FeKey:
     address, port, protocol, scope = fe.key
-    # (An IPv4 address as abi.be32 makes it, without its type checks; the version, port and
-    # protocol number without a Python call each: a full sync keys 10,000 frontends.)
-    address = socket.htonl(int(address)) if type(address) is ipaddress.IPv4Address else _address(address)
-    return (address, socket.htons(port), _PROTOCOL_NUMBER[protocol], int(scope))
+    # (The port and protocol number without a Python call each: a full sync keys 10,000 frontends.)
+    return (_address(address), socket.htons(port), _PROTOCOL_NUMBER[protocol], int(scope))
 
 
 def _backend_key(b: Backend) -> BeKey:
