@@ -325,16 +325,14 @@ CLUSTER_SCOPED = frozenset({"Node", "ServiceCIDR"})
 
 def object_key(kind: str, obj: Any) -> tuple[str, str]:
     """(namespace, name) of a raw object, defaulted like read_meta, for indexing even invalid objects."""
-    if type(obj) is dict and type(meta := obj.get("metadata")) is dict:
-        # (The usual object, as the API returns it: each field read once; a full sync keys 20,000.)
-        name, ns = meta.get("name"), meta.get("namespace")
-        if type(name) is str and (ns is None or type(ns) is str):
-            return ("", name) if kind in CLUSTER_SCOPED else (ns or "default", name)
-    # type() first: isinstance against typing.Mapping takes the ABC machinery, microseconds per object.
+    # type() first: isinstance against typing.Mapping takes the ABC machinery, microseconds per object
+    # (a full sync keys 20,000 dicts); each field is read once.
     meta = obj.get("metadata") if type(obj) is dict or isinstance(obj, Mapping) else None
-    meta = meta if type(meta) is dict or isinstance(meta, Mapping) else {}
-    name = meta.get("name") if isinstance(meta.get("name"), str) else ""
+    if not (type(meta) is dict or isinstance(meta, Mapping)):
+        meta = {}
+    name = meta.get("name")
+    name = name if isinstance(name, str) else ""
     if kind in CLUSTER_SCOPED:
         return ("", name)
-    ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
-    return (ns or "default", name)
+    ns = meta.get("namespace")
+    return (ns if isinstance(ns, str) and ns else "default", name)
