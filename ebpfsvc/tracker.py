@@ -197,9 +197,6 @@ class ClusterState:
         self.clock = clock
         # Like kube-proxy, changes triggered before we started are not ours to time.
         self._started = clock()
-        # The same, as the API writes times (to the second, rounded down): a re-list's trigger time
-        # earlier than it needs no parse (last_change_trigger_time).
-        self._started_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._started))
         self._trigger_times: list[float] = []
         self._parsers: dict[str, Callable[[dict], Any]] = {
             "Service": lambda obj: parse_service(obj, self.config),
@@ -368,7 +365,7 @@ class ClusterState:
             return
         if self.on_received is not None and not listed:     # (a re-list's: on_relist tells them at once)
             self.on_received(kind)
-        t = last_change_trigger_time(obj, self._started_text if listed else "") if kind != "Service" else None
+        t = last_change_trigger_time(obj) if kind != "Service" else None
         if t is None and not listed:
             t = self.clock()            # no annotation: from when we received the change
         if t is not None and t >= self._started:

@@ -20,8 +20,7 @@ from itertools import repeat
 from sys import intern
 from typing import NamedTuple
 
-from ebpfsvc.k8s.fields import (Fields, Invalid, check_name, earlier_in_api_form, ip_address, parse_ip, plain_meta,
-                                read_meta)
+from ebpfsvc.k8s.fields import Fields, Invalid, check_name, ip_address, parse_ip, plain_meta, read_meta
 from ebpfsvc.k8s.names import name_problem
 from ebpfsvc.lbmodel import PROTOCOL_NAMES, PROTOCOLS, DerivedLast, IPAddress, Protocol
 
@@ -280,15 +279,13 @@ def _address(path: str, value, version: int) -> IPAddress:
     return addr
 
 
-def last_change_trigger_time(obj: dict, not_before: str = "") -> float | None:
+def last_change_trigger_time(obj: dict) -> float | None:
     """ANNOTATION_TRIGGER_TIME of an EndpointSlice or Endpoints as a Unix time; None when absent or
-    unreadable (it only times the change: a bad one costs the measurement, not the object), and
-    when it is in the API's own form and earlier than `not_before`, a time in that form (not
-    parsed: a re-list's slices changed before the agent started, which it does not time)."""
+    unreadable (it only times the change: a bad one costs the measurement, not the object)."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     annotations = meta.get("annotations") if isinstance(meta, dict) else None
     value = annotations.get(ANNOTATION_TRIGGER_TIME) if isinstance(annotations, dict) else None
-    if not isinstance(value, str) or (not_before and earlier_in_api_form(value, not_before)):
+    if not isinstance(value, str):
         return None
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()

@@ -237,12 +237,6 @@ def _utc_seconds(text: str) -> str:
 _UTC_SECONDS = re.compile(r"[1-9][0-9]{3}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
-def earlier_in_api_form(value: str, limit: str) -> bool:
-    """`value` is a time as the API writes it ("YYYY-MM-DDTHH:MM:SSZ", parse_timestamp's form) and
-    earlier than `limit`, a time in that form: compared as text, which sorts them by time."""
-    return value < limit and _UTC_SECONDS.fullmatch(value) is not None
-
-
 def read_meta(obj: Any, kind: str, api_versions: tuple[str, ...], namespaced: bool = True,
               name_rule: str = "dns1123-subdomain") -> tuple[Fields, ObjectMeta]:
     """Check kind/apiVersion and read metadata; returns the object's top-level Fields.
